@@ -1,0 +1,38 @@
+//! The Anthropic Messages API protocol: headers, errors, request metadata, usage and SSE parsing,
+//! the model catalogue, and API key ids.
+//!
+//! Everything here is pure parsing and data: no I/O, no clock other than values passed in.
+//! Every parser is total: malformed input gives `None`, a skipped field or a typed error,
+//! never a panic.
+
+mod error;
+mod headers;
+mod key;
+mod meta;
+mod models;
+mod usage;
+
+pub use error::{ApiError, ApiErrorKind};
+pub use headers::{
+    BucketSnapshot, RateLimitSnapshot, header_names, request_id, retry_after, should_retry,
+};
+pub use key::KeyId;
+pub use meta::{MetaError, MetaErrorKind, RequestMeta, rewrite_model};
+pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
+pub use usage::{SseEvent, SseParser, StreamTracker, Usage};
+
+/// Whether a request is a Messages API call (`POST .../v1/messages`), the requests this crate's
+/// layers apply their policies to. Everything else (`count_tokens`, model lists, ...) passes
+/// through them untouched.
+///
+/// ```
+/// use http::Method;
+/// use tower_claude::anthropic::is_messages_call;
+///
+/// assert!(is_messages_call(&Method::POST, "/v1/messages"));
+/// assert!(!is_messages_call(&Method::POST, "/v1/messages/count_tokens"));
+/// assert!(!is_messages_call(&Method::GET, "/v1/messages"));
+/// ```
+pub fn is_messages_call(method: &http::Method, path: &str) -> bool {
+    method == http::Method::POST && path.trim_end_matches('/').ends_with("/v1/messages")
+}

@@ -1,0 +1,26 @@
+//! # tower-claude
+//!
+//! Tower layers that keep programs calling the Claude API (Anthropic Messages API) working
+//! through rate limits: token buckets for requests and input / output tokens per minute,
+//! concurrency caps, 429-aware retries, model fallback, response caching, and `claude-proxy`,
+//! a local proxy built from the same layers.
+//!
+//! Every layer works on `http::Request<`[`RequestBody`](body::RequestBody)`>`: a buffered,
+//! cheaply cloneable body, so that retries and fallbacks can replay a request.
+#![deny(unsafe_code, missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod anthropic;
+pub mod body;
+pub mod quota;
+
+/// The boxed error type of every service in this crate (as in `tower`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub mod cache;
+pub mod concurrency;
+pub mod rate_limit;
+pub mod retry;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
