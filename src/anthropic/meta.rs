@@ -103,7 +103,11 @@ impl MetaError {
 
 impl std::fmt::Display for MetaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid request body at byte {}: {}", self.offset, self.detail)
+        write!(
+            f,
+            "invalid request body at byte {}: {}",
+            self.offset, self.detail
+        )
     }
 }
 
