@@ -76,10 +76,11 @@ fn request() -> Request<RequestBody> {
 }
 
 fn ready_inner()
--> impl Service<Request<RequestBody>, Response = Response<Full<Bytes>>, Error = BoxError> + Clone
-{
+-> impl Service<Request<RequestBody>, Response = Response<Full<Bytes>>, Error = BoxError> + Clone {
     tower::service_fn(|_req: Request<RequestBody>| async {
-        Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(ANSWER.as_bytes()))))
+        Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+            ANSWER.as_bytes(),
+        ))))
     })
 }
 

@@ -97,19 +97,27 @@ fn output_remaining(board: &QuotaBoard) -> u64 {
 async fn requests_wait_for_refill_and_report_the_wait() {
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = RateLimitLayer::new().limits(haiku(), Limits::new(2, 100_000, 100_000));
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(json_upstream(Duration::ZERO, 10, calls.clone()));
+    let svc = ServiceBuilder::new().layer(layer).service(json_upstream(
+        Duration::ZERO,
+        10,
+        calls.clone(),
+    ));
     let t0 = Instant::now();
     for _ in 0..2 {
         let r = svc.clone().oneshot(messages(100, false)).await.unwrap();
-        assert_eq!(r.extensions().get::<QueueWait>(), Some(&QueueWait(Duration::ZERO)));
+        assert_eq!(
+            r.extensions().get::<QueueWait>(),
+            Some(&QueueWait(Duration::ZERO))
+        );
     }
     let r = svc.clone().oneshot(messages(100, false)).await.unwrap();
     // 2 requests per minute: the third waits 30 s for one request unit to refill.
     let wait = r.extensions().get::<QueueWait>().unwrap().0;
     assert_eq!(wait, t0.elapsed());
-    assert!(wait >= Duration::from_secs(30) && wait <= Duration::from_millis(30_002), "{wait:?}");
+    assert!(
+        wait >= Duration::from_secs(30) && wait <= Duration::from_millis(30_002),
+        "{wait:?}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
@@ -118,9 +126,11 @@ async fn settling_from_usage_wakes_waiters_at_once() {
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = RateLimitLayer::new().limits(haiku(), Limits::new(1_000, 100_000, 4_000));
     let board = layer.quota_board().clone();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(json_upstream(Duration::from_secs(1), 10, calls.clone()));
+    let svc = ServiceBuilder::new().layer(layer).service(json_upstream(
+        Duration::from_secs(1),
+        10,
+        calls.clone(),
+    ));
     // Each request reserves max_tokens = 4 000: the whole output bucket.
     let first = tokio::spawn(svc.clone().oneshot(messages(4_000, false)));
     tokio::task::yield_now().await;
@@ -269,10 +279,17 @@ async fn inner_errors_refund_everything_and_error_statuses_keep_the_request_unit
     let layer = RateLimitLayer::new().limits(haiku(), Limits::new(10, 100_000, 8_000));
     let board = layer.quota_board().clone();
     let svc = ServiceBuilder::new().layer(layer).service(upstream);
-    let err = svc.clone().oneshot(messages(5_000, false)).await.unwrap_err();
+    let err = svc
+        .clone()
+        .oneshot(messages(5_000, false))
+        .await
+        .unwrap_err();
     assert_eq!(err.to_string(), "connection refused");
     let h = board.headroom(&key(), &haiku()).unwrap();
-    assert_eq!(h.fraction, 1.0, "a request that never reached the server costs nothing");
+    assert_eq!(
+        h.fraction, 1.0,
+        "a request that never reached the server costs nothing"
+    );
 
     fail.store(1, Ordering::SeqCst);
     let resp = svc.clone().oneshot(messages(5_000, false)).await.unwrap();
@@ -289,9 +306,11 @@ async fn queue_timeout_and_request_too_large_are_typed_errors() {
     let layer = RateLimitLayer::new()
         .limits(haiku(), Limits::new(1, 100, 8_000))
         .max_wait(Duration::from_secs(5));
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(json_upstream(Duration::ZERO, 10, calls.clone()));
+    let svc = ServiceBuilder::new().layer(layer).service(json_upstream(
+        Duration::ZERO,
+        10,
+        calls.clone(),
+    ));
     let _ = svc.clone().oneshot(messages(10, false)).await.unwrap();
     let t0 = Instant::now();
     let err = svc.clone().oneshot(messages(10, false)).await.unwrap_err();
@@ -299,7 +318,10 @@ async fn queue_timeout_and_request_too_large_are_typed_errors() {
     assert_eq!(err.kind(), AcquireErrorKind::QueueTimeout);
     assert_eq!(t0.elapsed(), Duration::from_secs(5));
     let eta = err.available_in().unwrap();
-    assert!(eta >= Duration::from_secs(54) && eta <= Duration::from_secs(55), "{eta:?}");
+    assert!(
+        eta >= Duration::from_secs(54) && eta <= Duration::from_secs(55),
+        "{eta:?}"
+    );
 
     let mut big = messages(10, false);
     *big.body_mut() = body("claude-haiku-4-5", 10, false, 2_000);
@@ -317,9 +339,11 @@ async fn other_requests_pass_through_untouched() {
         .limits(haiku(), Limits::new(1, 100, 100))
         .max_wait(Duration::ZERO);
     let board = layer.quota_board().clone();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(json_upstream(Duration::ZERO, 10, calls.clone()));
+    let svc = ServiceBuilder::new().layer(layer).service(json_upstream(
+        Duration::ZERO,
+        10,
+        calls.clone(),
+    ));
     for _ in 0..3 {
         let count = Request::post("/v1/messages/count_tokens")
             .body(body("claude-haiku-4-5", 10, false, 10))
@@ -377,7 +401,14 @@ async fn limits_are_learned_from_headers() {
     assert_eq!(status.headroom.output_tokens.unwrap().limit, 2_000);
     assert_eq!(status.queue_depth, 1);
     for t in tasks {
-        let _ = t.await.unwrap().unwrap().into_body().collect().await.unwrap();
+        let _ = t
+            .await
+            .unwrap()
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
     }
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
@@ -609,7 +640,10 @@ async fn workload_at_3x_quota_with_configured_limits_gets_no_429() {
     assert_eq!(o.upstream_429, 0);
     assert!(received > 300);
     assert!(steady >= 0.95, "utilisation {steady}");
-    assert!(o.queue_timeouts > 0, "3x the quota must overflow a 60 s queue");
+    assert!(
+        o.queue_timeouts > 0,
+        "3x the quota must overflow a 60 s queue"
+    );
 }
 
 #[tokio::test(start_paused = true)]

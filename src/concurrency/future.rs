@@ -27,12 +27,8 @@ pub struct ResponseFuture<S, F> {
 
 #[pin_project(project = StateProj)]
 enum State<S, F> {
-    Waiting {
-        acquire: AcquireFuture,
-        service: Option<S>,
-        request: Option<Request<RequestBody>>,
-        permit: Option<Permit>,
-    },
+    /// Boxed: only requests that have to wait pay for the allocation.
+    Waiting(Box<Waiting<S>>),
     Calling {
         #[pin]
         fut: F,
@@ -44,10 +40,17 @@ enum State<S, F> {
     },
 }
 
+struct Waiting<S> {
+    acquire: AcquireFuture,
+    service: Option<S>,
+    request: Option<Request<RequestBody>>,
+    permit: Option<Permit>,
+}
+
 impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Waiting { .. } => "waiting",
+            State::Waiting(_) => "waiting",
             State::Calling { .. } => "calling",
             State::Passthrough { .. } => "passthrough",
         };
@@ -79,12 +82,12 @@ impl<S, F> ResponseFuture<S, F> {
         request: Request<RequestBody>,
     ) -> Self {
         Self {
-            state: State::Waiting {
+            state: State::Waiting(Box::new(Waiting {
                 acquire,
                 service: Some(service),
                 request: Some(request),
                 permit: None,
-            },
+            })),
         }
     }
 }
@@ -101,12 +104,13 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let next = match self.as_mut().project().state.project() {
-                StateProj::Waiting {
-                    acquire,
-                    service,
-                    request,
-                    permit,
-                } => {
+                StateProj::Waiting(waiting) => {
+                    let Waiting {
+                        acquire,
+                        service,
+                        request,
+                        permit,
+                    } = &mut **waiting;
                     if permit.is_none() {
                         match ready!(acquire.as_mut().poll(cx)) {
                             Some(p) => *permit = Some(p),

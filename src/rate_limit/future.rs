@@ -31,15 +31,8 @@ pub struct ResponseFuture<S, F> {
 
 #[pin_project(project = StateProj)]
 enum State<S, F> {
-    Waiting {
-        acquire: Acquire,
-        service: Option<S>,
-        request: Option<Request<RequestBody>>,
-        reservation: Option<Reservation>,
-        started: Instant,
-        stream: bool,
-        config: Arc<Config>,
-    },
+    /// Boxed: only requests that have to wait pay for the allocation.
+    Waiting(Box<Waiting<S>>),
     Calling {
         #[pin]
         fut: F,
@@ -57,10 +50,20 @@ enum State<S, F> {
     },
 }
 
+struct Waiting<S> {
+    acquire: Acquire,
+    service: Option<S>,
+    request: Option<Request<RequestBody>>,
+    reservation: Option<Reservation>,
+    started: Instant,
+    stream: bool,
+    config: Arc<Config>,
+}
+
 impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Waiting { .. } => "waiting",
+            State::Waiting(_) => "waiting",
             State::Calling { .. } => "calling",
             State::Passthrough { .. } => "passthrough",
             State::Failed { .. } => "failed",
@@ -110,7 +113,7 @@ impl<S, F> ResponseFuture<S, F> {
         config: Arc<Config>,
     ) -> Self {
         Self {
-            state: State::Waiting {
+            state: State::Waiting(Box::new(Waiting {
                 acquire,
                 service: Some(service),
                 request: Some(request),
@@ -118,7 +121,7 @@ impl<S, F> ResponseFuture<S, F> {
                 started: Instant::now(),
                 stream,
                 config,
-            },
+            })),
         }
     }
 }
@@ -135,15 +138,16 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let next = match self.as_mut().project().state.project() {
-                StateProj::Waiting {
-                    acquire,
-                    service,
-                    request,
-                    reservation,
-                    started,
-                    stream,
-                    config,
-                } => {
+                StateProj::Waiting(waiting) => {
+                    let Waiting {
+                        acquire,
+                        service,
+                        request,
+                        reservation,
+                        started,
+                        stream,
+                        config,
+                    } = &mut **waiting;
                     if reservation.is_none() {
                         match ready!(Pin::new(acquire).poll(cx)) {
                             Ok(r) => *reservation = Some(r),
