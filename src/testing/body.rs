@@ -165,7 +165,9 @@ impl http_body::Body for MockBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             // Streams are sent chunked, like the real API's.
             Kind::Paced(_) => SizeHint::default(),
         }

@@ -134,7 +134,7 @@ impl MockClaudeBuilder {
     }
 
     /// Accepts only these API keys (others get 401 `authentication_error`). By default any
-    /// non-empty `x-api-key` is accepted. Only the keys' [`KeyId`]s are kept.
+    /// non-empty `x-api-key` (or `authorization: Bearer` key) is accepted. Only the keys' [`KeyId`]s are kept.
     pub fn api_keys<I, K>(mut self, keys: I) -> Self
     where
         I: IntoIterator<Item = K>,
@@ -235,5 +235,9 @@ impl MockClaudeBuilder {
 }
 
 fn clamp_rate(rate: f64) -> f64 {
-    if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) }
+    if rate.is_nan() {
+        0.0
+    } else {
+        rate.clamp(0.0, 1.0)
+    }
 }

@@ -10,8 +10,9 @@
 //!   usage, `message_stop`). `POST /v1/messages/count_tokens` answers `{"input_tokens": n}`.
 //!   Other paths get 404 `not_found_error`, other methods on these paths a 405 with the same
 //!   envelope.
-//! - Validation like the real API, answered with the official error envelope: a missing or
-//!   empty `x-api-key` (or one not in [`MockClaudeBuilder::api_keys`]) is 401
+//! - Validation like the real API, answered with the official error envelope: a request
+//!   without a non-empty `x-api-key` (or `authorization: Bearer <key>`, which recent official
+//!   SDKs send), or with a key not in [`MockClaudeBuilder::api_keys`], is 401
 //!   `authentication_error`; a missing `anthropic-version`, malformed JSON, a missing or
 //!   invalid `model`, `max_tokens` or `messages` is 400 `invalid_request_error`; a body over
 //!   32 MB is 413 `request_too_large`.
@@ -44,12 +45,12 @@
 //! ```
 //! use std::time::Duration;
 //! use http_body_util::BodyExt;
-//! use tower::{Service, ServiceExt};
+//! use tower::ServiceExt;
 //! use tower_claude::testing::{MockClaude, MockLimits};
 //!
 //! #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! async fn main() {
-//!     let mut mock = MockClaude::builder()
+//!     let mock = MockClaude::builder()
 //!         .limits("claude-sonnet-4-6", MockLimits { rpm: 1, itpm: 10_000, otpm: 1_000 })
 //!         .latency(Duration::from_millis(300), Duration::from_millis(10))
 //!         .output_tokens(20)
@@ -64,7 +65,7 @@
 //!     };
 //!
 //!     let start = tokio::time::Instant::now();
-//!     let res = mock.ready().await.unwrap().call(request()).await.unwrap();
+//!     let res = mock.clone().oneshot(request()).await.unwrap();
 //!     assert_eq!(res.status(), 200);
 //!     // 300 ms + 20 tokens * 10 ms, in virtual time.
 //!     assert_eq!(start.elapsed(), Duration::from_millis(500));
@@ -73,7 +74,7 @@
 //!     assert_eq!(json["usage"]["output_tokens"], 20);
 //!
 //!     // One request per minute: the second one is rate limited.
-//!     let res = mock.ready().await.unwrap().call(request()).await.unwrap();
+//!     let res = mock.clone().oneshot(request()).await.unwrap();
 //!     assert_eq!(res.status(), 429);
 //!     assert_eq!(res.headers()["retry-after"], "60");
 //!     assert_eq!(mock.stats().rate_limited, 1);

@@ -6,11 +6,17 @@ use serde_json::json;
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// The words of generated answers; each word is one output token.
+#[rustfmt::skip]
 const WORDS: &[&str] = &[
     "The", "simulator", "answers", "every", "request", "with", "a", "steady", "stream", "of",
     "plain", "words", "so", "that", "tests", "can", "count", "tokens", "and", "check", "each",
     "byte", "it", "sends", "back", "to", "the", "caller", "without", "surprises",
 ];
+
+/// Salt of `request-id` values.
+pub(crate) const SALT_REQUEST_ID: u64 = 1;
+/// Salt of message ids.
+pub(crate) const SALT_MESSAGE_ID: u64 = 2;
 
 /// Output tokens carried by one `content_block_delta`.
 pub(crate) const TOKENS_PER_DELTA: u64 = 5;
@@ -40,17 +46,20 @@ pub(crate) fn make_id(prefix: &str, seed: u64, seq: u64, salt: u64) -> String {
 }
 
 /// The text of `tokens` output tokens for request `seq`, as the pieces sent by successive
-/// deltas (their concatenation is the whole text).
-pub(crate) fn text_pieces(seq: u64, tokens: u64) -> Vec<String> {
+/// deltas with their token counts (the concatenation of the pieces is the whole text).
+pub(crate) fn text_pieces(seq: u64, tokens: u64) -> Vec<(String, u64)> {
     let mut pieces = Vec::new();
     let mut current = String::new();
+    let mut in_current = 0;
     for i in 0..tokens {
         if i > 0 {
             current.push(' ');
         }
         current.push_str(WORDS[((seq + i) % WORDS.len() as u64) as usize]);
-        if (i + 1) % TOKENS_PER_DELTA == 0 || i + 1 == tokens {
-            pieces.push(std::mem::take(&mut current));
+        in_current += 1;
+        if in_current == TOKENS_PER_DELTA || i + 1 == tokens {
+            pieces.push((std::mem::take(&mut current), in_current));
+            in_current = 0;
         }
     }
     pieces
@@ -183,11 +192,12 @@ mod tests {
     #[test]
     fn text_has_one_word_per_token_split_in_deltas() {
         let pieces = text_pieces(3, 12);
-        assert_eq!(pieces.len(), 3);
-        let text = pieces.concat();
+        let counts: Vec<u64> = pieces.iter().map(|p| p.1).collect();
+        assert_eq!(counts, [5, 5, 2]);
+        let text: String = pieces.into_iter().map(|p| p.0).collect();
         assert_eq!(text.split(' ').count(), 12);
         assert!(text_pieces(3, 0).is_empty());
-        assert_eq!(text_pieces(0, 1), vec!["The".to_string()]);
+        assert_eq!(text_pieces(0, 1), vec![("The".to_string(), 1)]);
     }
 
     #[test]

@@ -31,7 +31,10 @@ impl MockClaude {
     /// MockClaude::builder().build().serve(listener).await
     /// # }
     /// ```
-    pub fn serve(&self, listener: TcpListener) -> impl Future<Output = io::Result<()>> + Send + 'static {
+    pub fn serve(
+        &self,
+        listener: TcpListener,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static {
         let mock = self.clone();
         async move {
             loop {

@@ -21,9 +21,7 @@ use super::render::{self, Answer};
 use super::state::{Flight, Shared};
 use super::{Fault, MockClaudeBuilder, MockStats};
 use crate::BoxError;
-use crate::anthropic::{
-    ApiError, ApiErrorKind, KeyId, RateLimitGroup, RequestMeta, header_names,
-};
+use crate::anthropic::{ApiError, ApiErrorKind, KeyId, RateLimitGroup, RequestMeta, header_names};
 
 /// An in-process Anthropic Messages API simulator; see the [module docs](super).
 ///
@@ -166,7 +164,7 @@ where
     let mut res = Response::new(reply.body);
     *res.status_mut() = reply.status;
     *res.headers_mut() = reply.headers;
-    let request_id = render::make_id("req_", shared.config.seed, seq, 0x7265_71);
+    let request_id = render::make_id("req_", shared.config.seed, seq, render::SALT_REQUEST_ID);
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         res.headers_mut().insert(header_names::REQUEST_ID, value);
     }
@@ -202,13 +200,7 @@ where
     }
 
     // Authentication.
-    let key = parts
-        .headers
-        .get(header_names::X_API_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    let Some(key) = key else {
+    let Some(key) = api_key(&parts.headers) else {
         return Reply::error(&ApiError::new(
             ApiErrorKind::Authentication,
             "x-api-key header is required",
@@ -274,6 +266,29 @@ where
         }
         Endpoint::Messages => messages(shared, seq, key, parsed).await,
     }
+}
+
+/// The API key: `x-api-key`, else `authorization: Bearer <key>` (what recent official SDKs
+/// send). Empty values count as missing.
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get(header_names::X_API_KEY) {
+        return key.to_str().ok().and_then(non_empty);
+    }
+    let auth = headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = auth.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        non_empty(token)
+    } else {
+        None
+    }
+}
+
+fn non_empty(key: &str) -> Option<&str> {
+    Some(key.trim()).filter(|k| !k.is_empty())
 }
 
 /// Checks the body the way the real API does (required fields and their types).
@@ -434,14 +449,7 @@ async fn messages(shared: &Arc<Shared>, seq: u64, key: KeyId, parsed: Parsed) ->
         let decision = match early {
             Some(reply) => Decision::Reject(reply),
             None => admit(
-                shared,
-                &mut inner,
-                &key,
-                &group,
-                limits,
-                &parsed,
-                midstream,
-                now,
+                shared, &mut inner, &key, &group, limits, &parsed, midstream, now,
             ),
         };
         inner
@@ -456,7 +464,18 @@ async fn messages(shared: &Arc<Shared>, seq: u64, key: KeyId, parsed: Parsed) ->
             flight,
             output_tokens,
             midstream_error,
-        } => answer(shared, seq, &parsed, flight, output_tokens, midstream_error, now).await,
+        } => {
+            answer(
+                shared,
+                seq,
+                &parsed,
+                flight,
+                output_tokens,
+                midstream_error,
+                now,
+            )
+            .await
+        }
     };
     for (name, value) in &headers {
         reply.headers.insert(name.clone(), value.clone());
@@ -546,7 +565,7 @@ async fn answer(
     admitted: Instant,
 ) -> Reply {
     let config = &shared.config;
-    let id = render::make_id("msg_", config.seed, seq, 0x6d73_67);
+    let id = render::make_id("msg_", config.seed, seq, render::SALT_MESSAGE_ID);
     let stop_reason = if config.output_tokens > parsed.max_tokens {
         "max_tokens"
     } else {
@@ -562,12 +581,14 @@ async fn answer(
     let pieces = render::text_pieces(seq, output_tokens);
     let per_token = config.per_token_latency;
     let first_at = admitted + config.base_latency;
-    let done_at = first_at + per_token.saturating_mul(u32::try_from(output_tokens).unwrap_or(u32::MAX));
+    let done_at =
+        first_at + per_token.saturating_mul(u32::try_from(output_tokens).unwrap_or(u32::MAX));
     let mut headers = HeaderMap::new();
 
     if !parsed.stream {
         tokio::time::sleep_until(done_at).await;
-        let data = render::message_json(&answer, &pieces.concat());
+        let text: String = pieces.iter().map(|(piece, _)| piece.as_str()).collect();
+        let data = render::message_json(&answer, &text);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Reply {
             status: StatusCode::OK,
@@ -577,14 +598,14 @@ async fn answer(
     }
 
     let mut chunks = VecDeque::new();
-    let mut push = |at: Instant, data: Bytes, tokens: u64| chunks.push_back(Chunk { at, data, tokens });
+    let mut push =
+        |at: Instant, data: Bytes, tokens: u64| chunks.push_back(Chunk { at, data, tokens });
     push(first_at, render::sse_message_start(&answer), 0);
     push(first_at, render::sse_content_block_start(), 0);
     push(first_at, render::sse_ping(), 0);
     let mut sent = 0u64;
-    for piece in &pieces {
-        let words = piece.split(' ').count() as u64;
-        sent += words;
+    for (piece, tokens) in &pieces {
+        sent += tokens;
         let at = first_at + per_token.saturating_mul(u32::try_from(sent).unwrap_or(u32::MAX));
         push(at, render::sse_text_delta(piece), sent);
         if midstream_error {

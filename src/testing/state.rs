@@ -254,7 +254,10 @@ impl Flight {
             .output_tokens
             .entry(self.group.as_str().to_owned())
             .or_insert(0) += self.sent_output;
-        if let Some(buckets) = inner.buckets.get_mut(&(self.key.clone(), self.group.clone())) {
+        if let Some(buckets) = inner
+            .buckets
+            .get_mut(&(self.key.clone(), self.group.clone()))
+        {
             buckets
                 .output
                 .settle(self.reserved_output, self.sent_output, now);
