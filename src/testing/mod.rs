@@ -25,7 +25,9 @@
 //!   per minute ([`MockLimits`]). Output is reserved from `max_tokens` at admission (capped at
 //!   the output limit) and the unused part is refunded when the answer ends. A request that
 //!   does not fit gets 429 `rate_limit_error` with `retry-after` (whole seconds, rounded up:
-//!   waiting that long is always enough) and takes nothing from any bucket. Every Messages
+//!   waiting that long is always enough) and takes nothing from any bucket. A request larger
+//!   than a whole bucket (an input estimate above the input limit) can never be admitted: it
+//!   gets 429 with `retry-after: 60`. Every Messages
 //!   response that passed validation carries `anthropic-ratelimit-{requests,tokens,
 //!   input-tokens,output-tokens}-{limit,remaining,reset}` (token counts rounded down to
 //!   thousands, resets as RFC 3339 times rounded up to the second); every response carries a

@@ -631,3 +631,40 @@ async fn answer(
         body: MockBody::paced(chunks, flight),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn simulator_types_are_send_and_sync() {
+        assert_send_sync::<MockClaude>();
+        assert_send_sync::<MockBody>();
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<ResponseFuture>();
+    }
+
+    #[test]
+    fn api_key_from_either_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(api_key(&headers), None);
+        headers.insert("authorization", HeaderValue::from_static("Bearer  sk-1 "));
+        assert_eq!(api_key(&headers), Some("sk-1"));
+        headers.insert("authorization", HeaderValue::from_static("Basic sk-1"));
+        assert_eq!(api_key(&headers), None);
+        headers.insert("x-api-key", HeaderValue::from_static("sk-2"));
+        assert_eq!(api_key(&headers), Some("sk-2"));
+        headers.insert("x-api-key", HeaderValue::from_static("  "));
+        assert_eq!(api_key(&headers), None);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(20)), 20);
+        assert_eq!(ceil_secs(Duration::from_millis(20_001)), 21);
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+    }
+}
