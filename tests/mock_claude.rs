@@ -859,3 +859,53 @@ mod loopback {
         server.abort();
     }
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever the traffic, waiting the announced `retry-after` is always enough, and the
+        /// simulator never admits more than a token bucket allows: `limit + limit * t / 60`.
+        #[test]
+        fn retry_after_is_truthful_and_buckets_bound_admissions(
+            steps in proptest::collection::vec((0u64..4_000, 1u64..2_500, any::<bool>()), 1..40)
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let limits = MockLimits::new(5, 1_000_000, 3_000);
+                let mock = MockClaude::builder().limits(MODEL, limits).output_tokens(50).build();
+                let start = Instant::now();
+                for (advance_ms, max_tokens, stream) in steps {
+                    tokio::time::advance(Duration::from_millis(advance_ms)).await;
+                    let (status, headers, _) =
+                        read(call(&mock, request(body(max_tokens, stream))).await).await;
+                    match status.as_u16() {
+                        200 => {}
+                        429 => {
+                            let secs: u64 = header(&headers, "retry-after").parse().unwrap();
+                            assert!(secs >= 1);
+                            tokio::time::advance(Duration::from_secs(secs)).await;
+                            let (again, _, _) =
+                                read(call(&mock, request(body(max_tokens, stream))).await).await;
+                            assert_eq!(again, StatusCode::OK, "retry-after {secs} s was not enough");
+                        }
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                let minutes = start.elapsed().as_secs_f64() / 60.0;
+                let stats = mock.stats();
+                assert!(stats.accepted as f64 <= 5.0 * (1.0 + minutes) + 1e-6, "{stats:?}");
+                let delivered = stats.output_tokens[&group_name()] as f64;
+                assert!(delivered <= 3_000.0 * (1.0 + minutes) + 1e-6, "{stats:?}");
+                assert_eq!(stats.in_flight, 0);
+            });
+        }
+    }
+}
