@@ -1,7 +1,7 @@
 //! Deterministic ids, generated text, and the JSON / SSE renderings of an answer.
 
 use bytes::Bytes;
-use serde_json::json;
+use serde::Serialize;
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -74,95 +74,128 @@ pub(crate) struct Answer<'a> {
     pub(crate) stop_reason: &'static str,
 }
 
-fn usage(input: u64, output: u64) -> serde_json::Value {
-    json!({
-        "input_tokens": input,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "output_tokens": output,
-    })
+/// `usage`, with the fields in the real API's order.
+#[derive(Serialize)]
+struct UsageJson {
+    input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+    output_tokens: u64,
+}
+
+fn usage(input: u64, output: u64) -> UsageJson {
+    UsageJson {
+        input_tokens: input,
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: 0,
+        output_tokens: output,
+    }
+}
+
+#[derive(Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+/// A message object, with the fields in the real API's order (`id`, `type`, ...).
+#[derive(Serialize)]
+struct MessageJson<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<TextBlock<'a>>,
+    stop_reason: Option<&'static str>,
+    stop_sequence: Option<&'static str>,
+    usage: UsageJson,
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// The non-streaming JSON answer.
 pub(crate) fn message_json(answer: &Answer<'_>, text: &str) -> Bytes {
-    let value = json!({
-        "id": answer.id,
-        "type": "message",
-        "role": "assistant",
-        "model": answer.model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": answer.stop_reason,
-        "stop_sequence": null,
-        "usage": usage(answer.input_tokens, answer.output_tokens),
-    });
-    Bytes::from(value.to_string())
+    Bytes::from(to_json(&MessageJson {
+        id: answer.id,
+        kind: "message",
+        role: "assistant",
+        model: answer.model,
+        content: vec![TextBlock { kind: "text", text }],
+        stop_reason: Some(answer.stop_reason),
+        stop_sequence: None,
+        usage: usage(answer.input_tokens, answer.output_tokens),
+    }))
 }
 
-fn event(name: &str, data: &serde_json::Value) -> Bytes {
+fn event(name: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
 /// `message_start`: empty content, input usage, one output token (as the real API reports).
 pub(crate) fn sse_message_start(answer: &Answer<'_>) -> Bytes {
+    let message = to_json(&MessageJson {
+        id: answer.id,
+        kind: "message",
+        role: "assistant",
+        model: answer.model,
+        content: Vec::new(),
+        stop_reason: None,
+        stop_sequence: None,
+        usage: usage(answer.input_tokens, answer.output_tokens.min(1)),
+    });
     event(
         "message_start",
-        &json!({
-            "type": "message_start",
-            "message": {
-                "id": answer.id,
-                "type": "message",
-                "role": "assistant",
-                "model": answer.model,
-                "content": [],
-                "stop_reason": null,
-                "stop_sequence": null,
-                "usage": usage(answer.input_tokens, answer.output_tokens.min(1)),
-            }
-        }),
+        &format!(r#"{{"type":"message_start","message":{message}}}"#),
     )
 }
 
 pub(crate) fn sse_content_block_start() -> Bytes {
     event(
         "content_block_start",
-        &json!({"type": "content_block_start", "index": 0,
-                "content_block": {"type": "text", "text": ""}}),
+        r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
     )
 }
 
 pub(crate) fn sse_ping() -> Bytes {
-    event("ping", &json!({"type": "ping"}))
+    event("ping", r#"{"type": "ping"}"#)
 }
 
 pub(crate) fn sse_text_delta(text: &str) -> Bytes {
+    let text = to_json(&text);
     event(
         "content_block_delta",
-        &json!({"type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": text}}),
+        &format!(
+            r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{text}}}}}"#
+        ),
     )
 }
 
 pub(crate) fn sse_content_block_stop() -> Bytes {
     event(
         "content_block_stop",
-        &json!({"type": "content_block_stop", "index": 0}),
+        r#"{"type":"content_block_stop","index":0}"#,
     )
 }
 
 /// `message_delta` with the stop reason and the cumulative usage.
 pub(crate) fn sse_message_delta(answer: &Answer<'_>) -> Bytes {
+    let usage = to_json(&usage(answer.input_tokens, answer.output_tokens));
+    let stop_reason = answer.stop_reason;
     event(
         "message_delta",
-        &json!({
-            "type": "message_delta",
-            "delta": {"stop_reason": answer.stop_reason, "stop_sequence": null},
-            "usage": usage(answer.input_tokens, answer.output_tokens),
-        }),
+        &format!(
+            r#"{{"type":"message_delta","delta":{{"stop_reason":"{stop_reason}","stop_sequence":null}},"usage":{usage}}}"#
+        ),
     )
 }
 
 pub(crate) fn sse_message_stop() -> Bytes {
-    event("message_stop", &json!({"type": "message_stop"}))
+    event("message_stop", r#"{"type":"message_stop"}"#)
 }
 
 /// An `event: error` carrying an error envelope.
@@ -210,8 +243,19 @@ mod tests {
             stop_reason: "end_turn",
         };
         let start = sse_message_start(&answer);
-        assert!(start.starts_with(b"event: message_start\ndata: {"));
+        assert!(start.starts_with(b"event: message_start\ndata: {\"type\":\"message_start\""));
         assert!(start.ends_with(b"}\n\n"));
+        let json = message_json(&answer, "a \"quoted\" word");
+        assert!(json.starts_with(br#"{"id":"msg_1","type":"message","role":"assistant""#));
+        let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(parsed["content"][0]["text"], "a \"quoted\" word");
+        let delta: serde_json::Value = serde_json::from_slice(
+            sse_text_delta("x\ny")
+                .strip_prefix(b"event: content_block_delta\ndata: ".as_slice())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(delta["delta"]["text"], "x\ny");
         let delta = String::from_utf8(sse_message_delta(&answer).to_vec()).unwrap();
         assert!(delta.contains(r#""output_tokens":4"#));
         assert!(delta.contains(r#""stop_reason":"end_turn""#));
