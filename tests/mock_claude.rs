@@ -466,6 +466,31 @@ async fn buckets_are_per_key_and_per_group() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn limits_apply_to_the_whole_rate_limit_group() {
+    // Named by group ("claude-opus-4", as `ModelCatalog::group` names it) or by a model id.
+    let mock = MockClaude::builder()
+        .limits("claude-opus-4", MockLimits::new(1, 1_000_000, 1_000_000))
+        .limits(
+            "claude-haiku-4-5-20251001",
+            MockLimits::new(2, 1_000_000, 1_000_000),
+        )
+        .build();
+    let for_model = |model: &str| request(body(16, false).replace(MODEL, model));
+    let mut statuses = Vec::new();
+    for model in [
+        "claude-opus-4-7",
+        "claude-opus-4-1-20250805", // same group: pooled
+        "claude-haiku-4-5",
+        "claude-haiku-4-5",
+        "claude-haiku-4-5-20251001",
+        MODEL, // default limits
+    ] {
+        statuses.push(call(&mock, for_model(model)).await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 429, 200, 200, 429, 200]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn over_itpm_gets_429_and_refills() {
     let b = body(16, false);
     let est = input_estimate(&b);

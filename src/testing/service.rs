@@ -586,7 +586,9 @@ async fn answer(
     let mut headers = HeaderMap::new();
 
     if !parsed.stream {
-        tokio::time::sleep_until(done_at).await;
+        if done_at > Instant::now() {
+            tokio::time::sleep_until(done_at).await;
+        }
         let text: String = pieces.iter().map(|(piece, _)| piece.as_str()).collect();
         let data = render::message_json(&answer, &text);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
