@@ -99,7 +99,8 @@ where
                         Ok(collected) => collected,
                         Err(err) => {
                             return Poll::Ready(Err(BufferBodyError::from_body_error(
-                                err, *this.limit,
+                                err,
+                                *this.limit,
                             )
                             .into()));
                         }

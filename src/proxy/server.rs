@@ -118,7 +118,9 @@ fn upstream_service(config: &ProxyConfig) -> ProxyService {
     match &config.upstream {
         Upstream::Url(uri) => {
             let client = crate::client::HttpClient::new(uri.clone());
-            BoxCloneService::new(client.map_response(|r| r.map(|b| b.map_err(BoxError::from).boxed_unsync())))
+            BoxCloneService::new(
+                client.map_response(|r| r.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+            )
         }
         Upstream::Mock(m) => {
             use crate::testing::{MockClaude, MockLimits};
@@ -130,7 +132,10 @@ fn upstream_service(config: &ProxyConfig) -> ProxyService {
                 })
                 .seed(m.seed)
                 .overloaded_rate(m.overloaded_rate)
-                .latency(Duration::from_millis(m.latency_ms), Duration::from_millis(m.per_token_ms))
+                .latency(
+                    Duration::from_millis(m.latency_ms),
+                    Duration::from_millis(m.per_token_ms),
+                )
                 .output_tokens(m.output_tokens)
                 .build();
             BoxCloneService::new(mock.map_response(|r| r.map(|b| b.boxed_unsync())))
@@ -139,10 +144,16 @@ fn upstream_service(config: &ProxyConfig) -> ProxyService {
 }
 
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut resp = Response::new(Full::new(body.into()).map_err(|n| match n {}).boxed_unsync());
+    let mut resp = Response::new(
+        Full::new(body.into())
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -200,7 +211,10 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
                 req.headers_mut().insert("x-api-key", v);
             }
             Err(_) => {
-                return api_error(ApiErrorKind::Authentication, "the configured API key is not a valid header value");
+                return api_error(
+                    ApiErrorKind::Authentication,
+                    "the configured API key is not a valid header value",
+                );
             }
         }
     }

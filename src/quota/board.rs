@@ -104,6 +104,7 @@ impl Default for QuotaBoard {
 ///     .limits(RateLimitGroup::new("claude-opus-4"), Limits::new(50, 30_000, 8_000))
 ///     .default_limits(Limits::new(50, 50_000, 10_000))
 ///     .idle_timeout(Duration::from_secs(60))
+///     .local_share(0.5) // one of two processes sharing the key
 ///     .build();
 /// assert_eq!(board.limits(&RateLimitGroup::new("other")), Some(Limits::new(50, 50_000, 10_000)));
 /// ```
@@ -112,6 +113,7 @@ pub struct QuotaBoardBuilder {
     limits: HashMap<RateLimitGroup, Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
+    local_share: f64,
 }
 
 impl QuotaBoardBuilder {
@@ -134,6 +136,15 @@ impl QuotaBoardBuilder {
         self
     }
 
+    /// The part of a *learned* limit this board may use, in `(0, 1]` (1 by default). When
+    /// several processes share an API key without a shared backend, give each its share (two
+    /// proxy nodes: 0.5) so that together they stay under the key's limits. Configured limits
+    /// are used as given.
+    pub fn local_share(mut self, share: f64) -> Self {
+        self.local_share = share;
+        self
+    }
+
     /// Builds the board with the in-process backend.
     pub fn build(self) -> QuotaBoard {
         QuotaBoard {
@@ -141,6 +152,7 @@ impl QuotaBoardBuilder {
                 self.limits,
                 self.default_limits,
                 self.idle_timeout,
+                self.local_share,
             ))),
         }
     }
@@ -158,6 +170,7 @@ impl QuotaBoard {
             limits: HashMap::new(),
             default_limits: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            local_share: 1.0,
         }
     }
 
@@ -263,7 +276,8 @@ impl QuotaBoard {
     /// Re-seeds `(key, group)` from a response's rate-limit headers: learns limits that are not
     /// configured, and lowers local levels to the server's `remaining` (the server also sees
     /// other clients of the organisation). A token `remaining` of `R` is rounded down by the
-    /// server, so it only lowers a level above `R + 999`; levels are never raised from headers.
+    /// server (the truth is in `[R, R + 999]`): it only lowers a level above `R + 999`, and
+    /// then to `R`. Levels are never raised from headers.
     pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
         match &self.backend {
             Backend::Local(b) => b.observe(key, group, snapshot),

@@ -77,6 +77,21 @@ struct Slot {
     configured: bool,
 }
 
+impl Slot {
+    fn new(bucket: TokenBucket, configured: bool) -> Self {
+        Self { bucket, configured }
+    }
+
+    /// Re-seeds from a server `remaining` of `r`, exact within `rounding` above.
+    fn observe_remaining(&mut self, r: u64, rounding: u64, now: Instant) {
+        // Only a level above the range proves that someone else used the quota; the bucket
+        // is contended then, so take the low end.
+        if self.bucket.level(now) > r.saturating_add(rounding) as f64 {
+            self.bucket.lower_to(r, now);
+        }
+    }
+}
+
 #[derive(Debug)]
 enum WaitState {
     Waiting,
@@ -108,12 +123,9 @@ struct Entry {
 impl Entry {
     fn new(limits: Option<Limits>, now: Instant) -> Self {
         let slots = match limits {
-            Some(l) => l.as_array().map(|cap| {
-                Some(Slot {
-                    bucket: TokenBucket::per_minute(cap, now),
-                    configured: true,
-                })
-            }),
+            Some(l) => l
+                .as_array()
+                .map(|cap| Some(Slot::new(TokenBucket::per_minute(cap, now), true))),
             None => [None, None, None],
         };
         Self {
@@ -134,12 +146,7 @@ impl Entry {
                     s.bucket.set_capacity(cap, now);
                     s.configured = true;
                 }
-                None => {
-                    *slot = Some(Slot {
-                        bucket: TokenBucket::per_minute(cap, now),
-                        configured: true,
-                    })
-                }
+                None => *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), true)),
             }
         }
     }
@@ -246,7 +253,9 @@ impl Entry {
         self.last_used = now;
     }
 
-    fn observe(&mut self, snap: &RateLimitSnapshot, now: Instant) {
+    /// `share`: the part of a learned limit this board may use (see
+    /// `QuotaBoardBuilder::local_share`).
+    fn observe(&mut self, snap: &RateLimitSnapshot, share: f64, now: Instant) {
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
             let rounding = if i == REQUESTS { 0 } else { TOKEN_ROUNDING };
@@ -254,28 +263,28 @@ impl Entry {
                 Some(s) => {
                     if !s.configured {
                         if let Some(limit) = view.limit {
+                            let limit = shared(limit, share);
                             if limit != s.bucket.capacity() {
                                 s.bucket.set_capacity(limit, now);
                             }
                         }
                     }
                     if let Some(r) = view.remaining {
-                        // Never raise our level from the server's view: it cannot see our
-                        // reservations that are still in flight.
-                        s.bucket.lower_to(r.saturating_add(rounding), now);
+                        // Never raise our level from the server's view (it cannot see our
+                        // reservations still in flight). A rounded token count `R` means a
+                        // true level in `[R, R + 999]`: only a level above that range proves
+                        // that someone else used the quota.
+                        s.observe_remaining(r, rounding, now);
                     }
                 }
                 None => {
                     if let Some(limit) = view.limit {
-                        let mut bucket = TokenBucket::per_minute(limit, now);
+                        let mut bucket = TokenBucket::per_minute(shared(limit, share), now);
                         if let Some(r) = view.remaining {
                             // A fresh bucket starts from the low end of the rounded value.
                             bucket.set_level(r, now);
                         }
-                        *slot = Some(Slot {
-                            bucket,
-                            configured: false,
-                        });
+                        *slot = Some(Slot::new(bucket, false));
                     }
                 }
             }
@@ -384,9 +393,19 @@ struct State {
     default_limits: Option<Limits>,
     idle_timeout: Duration,
     next_sweep: usize,
+    /// Part of learned limits this board may use, in `(0, 1]`.
+    share: f64,
 }
 
 const MIN_SWEEP: usize = 1024;
+
+/// `share` of a learned `limit` (at least 1 when the limit is not 0).
+fn shared(limit: u64, share: f64) -> u64 {
+    if share >= 1.0 {
+        return limit;
+    }
+    ((limit as f64 * share).floor() as u64).max(limit.min(1))
+}
 
 impl State {
     fn limits_for(&self, group: &RateLimitGroup) -> Option<Limits> {
@@ -428,6 +447,7 @@ impl LocalBackend {
         group_limits: HashMap<RateLimitGroup, Limits>,
         default_limits: Option<Limits>,
         idle_timeout: Duration,
+        share: f64,
     ) -> Self {
         Self {
             state: Mutex::new(State {
@@ -436,6 +456,11 @@ impl LocalBackend {
                 default_limits,
                 idle_timeout,
                 next_sweep: MIN_SWEEP,
+                share: if share.is_finite() && share > 0.0 {
+                    share.min(1.0)
+                } else {
+                    1.0
+                },
             }),
             next_id: AtomicU64::new(1),
         }
@@ -619,8 +644,9 @@ impl LocalBackend {
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
         let now = Instant::now();
         let mut st = self.lock();
+        let share = st.share;
         let e = st.entry(key, group, now);
-        e.observe(snap, now);
+        e.observe(snap, share, now);
         e.drain(now, None);
     }
 

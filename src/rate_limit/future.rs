@@ -236,14 +236,18 @@ fn on_response<B>(
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
     };
     let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-    if !snapshot.is_empty() {
-        config
-            .board
-            .observe(reservation.key(), reservation.group(), &snapshot);
-    }
+    let (key, group) = (reservation.key().clone(), reservation.group().clone());
     if !parts.status.is_success() {
+        // Refund first: the server's snapshot of a refused request does not include it, so
+        // observing afterwards caps the refunded level at the server's view.
         reservation.settle_rejected();
+        if !snapshot.is_empty() {
+            config.board.observe(&key, &group, &snapshot);
+        }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
+    }
+    if !snapshot.is_empty() {
+        config.board.observe(&key, &group, &snapshot);
     }
     let sse = match parts
         .headers
