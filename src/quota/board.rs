@@ -35,7 +35,12 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// **Unknown limits.** Without configured limits for a group, the first request of a
 /// `(key, group)` is sent alone as a probe; the limits in its response headers then create the
 /// buckets. If the response carries no rate-limit headers at all, that `(key, group)` is not
-/// limited.
+/// limited. Processes sharing a key without a shared backend each declare their part of the
+/// learned limits with [`QuotaBoardBuilder::local_share`].
+///
+/// **The server's view.** Every response's `anthropic-ratelimit-*` headers lower local levels
+/// that are above the server's `remaining` (other clients of the organisation use the same
+/// quota); they never raise them.
 ///
 /// **Memory.** Entries that are idle (no waiter, nothing in flight, every bucket full) for the
 /// idle timeout (5 minutes by default) are evicted, amortised over insertions.
