@@ -120,12 +120,17 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
         Box::pin(async move {
             parts.uri = target?;
             parts.version = http::Version::HTTP_11;
-            for name in HOP_BY_HOP.iter().chain([&header::HOST, &header::TRANSFER_ENCODING, &header::CONTENT_LENGTH]) {
+            for name in HOP_BY_HOP.iter().chain([
+                &header::HOST,
+                &header::TRANSFER_ENCODING,
+                &header::CONTENT_LENGTH,
+            ]) {
                 parts.headers.remove(name);
             }
-            parts
-                .headers
-                .insert(header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
             let resp = client
                 .request(Request::from_parts(parts, body))
                 .await

@@ -313,13 +313,26 @@ impl ProxyConfig {
         };
 
         // Later sources override earlier ones: file < env (.env < process) < flags.
-        let pick = |flag: &Option<String>, flag_name: &str, var: &str, file_value: Option<String>, key: &str| {
+        let pick = |flag: &Option<String>,
+                    flag_name: &str,
+                    var: &str,
+                    file_value: Option<String>,
+                    key: &str| {
             if let Some(v) = flag {
-                Some(Setting { value: v.clone(), source: format!("--{flag_name}") })
+                Some(Setting {
+                    value: v.clone(),
+                    source: format!("--{flag_name}"),
+                })
             } else if let Some(v) = env.get(var).filter(|v| !v.is_empty()) {
-                Some(Setting { value: v.clone(), source: var.to_string() })
+                Some(Setting {
+                    value: v.clone(),
+                    source: var.to_string(),
+                })
             } else {
-                file_value.map(|v| Setting { value: v, source: format!("{key} (config file)") })
+                file_value.map(|v| Setting {
+                    value: v,
+                    source: format!("{key} (config file)"),
+                })
             }
         };
         let to_string = |v: &toml::Value| match v {
@@ -327,29 +340,57 @@ impl ProxyConfig {
             other => other.to_string(),
         };
 
-        let listen = match pick(&cli.listen, "listen", "CLAUDE_PROXY_LISTEN", file.listen.clone(), "listen") {
+        let listen = match pick(
+            &cli.listen,
+            "listen",
+            "CLAUDE_PROXY_LISTEN",
+            file.listen.clone(),
+            "listen",
+        ) {
             Some(s) => s.value.parse::<SocketAddr>().map_err(|e| {
-                ConfigError::new(s.source, format!("`{}` is not a socket address ({e})", s.value))
+                ConfigError::new(
+                    s.source,
+                    format!("`{}` is not a socket address ({e})", s.value),
+                )
             })?,
             None => SocketAddr::from(([127, 0, 0, 1], 8787)),
         };
 
         // Keys held by the proxy.
         let mut api_keys = Vec::new();
-        if let Some(s) = pick(&cli.api_key, "api-key", "ANTHROPIC_API_KEY", file.api_key.clone(), "api_key") {
+        if let Some(s) = pick(
+            &cli.api_key,
+            "api-key",
+            "ANTHROPIC_API_KEY",
+            file.api_key.clone(),
+            "api_key",
+        ) {
             api_keys.push(Secret::new(s.value.trim()));
         }
-        if let Some(s) = pick(&cli.api_keys, "api-keys", "ANTHROPIC_API_KEYS", file.api_keys.clone().map(|v| v.join(",")), "api_keys") {
+        if let Some(s) = pick(
+            &cli.api_keys,
+            "api-keys",
+            "ANTHROPIC_API_KEYS",
+            file.api_keys.clone().map(|v| v.join(",")),
+            "api_keys",
+        ) {
             api_keys.extend(split_list(&s.value).map(Secret::new));
         }
         let keys_file = cli
             .keys_file
             .clone()
-            .or_else(|| env.get("CLAUDE_PROXY_KEYS_FILE").filter(|v| !v.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                env.get("CLAUDE_PROXY_KEYS_FILE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
             .or(file.keys_file.clone());
         if let Some(path) = keys_file {
             let text = std::fs::read_to_string(&path).map_err(|e| {
-                ConfigError::new("--keys-file", format!("cannot read {}: {e}", path.display()))
+                ConfigError::new(
+                    "--keys-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             api_keys.extend(
                 text.lines()
@@ -360,11 +401,23 @@ impl ProxyConfig {
         }
         api_keys.dedup();
 
-        let client_tokens: Vec<Secret> = pick(&cli.client_tokens, "client-tokens", "CLAUDE_PROXY_TOKENS", file.client_tokens.clone().map(|v| v.join(",")), "client_tokens")
-            .map(|s| split_list(&s.value).map(Secret::new).collect())
-            .unwrap_or_default();
+        let client_tokens: Vec<Secret> = pick(
+            &cli.client_tokens,
+            "client-tokens",
+            "CLAUDE_PROXY_TOKENS",
+            file.client_tokens.clone().map(|v| v.join(",")),
+            "client_tokens",
+        )
+        .map(|s| split_list(&s.value).map(Secret::new).collect())
+        .unwrap_or_default();
 
-        let upstream = match pick(&cli.upstream, "upstream", "CLAUDE_PROXY_UPSTREAM", file.upstream.clone(), "upstream") {
+        let upstream = match pick(
+            &cli.upstream,
+            "upstream",
+            "CLAUDE_PROXY_UPSTREAM",
+            file.upstream.clone(),
+            "upstream",
+        ) {
             Some(s) => parse_upstream(&s, file.mock.clone())?,
             None if api_keys.is_empty() => Upstream::Mock(file.mock.clone().unwrap_or_default()),
             None => Upstream::Url(http::Uri::from_static("https://api.anthropic.com")),
@@ -374,12 +427,21 @@ impl ProxyConfig {
             Some(s) => s,
             None => match env.get("CLAUDE_RETRY_STRATEGY").filter(|v| !v.is_empty()) {
                 Some(v) => <RetryStrategy as clap::ValueEnum>::from_str(v, true).map_err(|_| {
-                    ConfigError::new("CLAUDE_RETRY_STRATEGY", format!("`{v}` is not one of patient, sdk, none"))
+                    ConfigError::new(
+                        "CLAUDE_RETRY_STRATEGY",
+                        format!("`{v}` is not one of patient, sdk, none"),
+                    )
                 })?,
                 None => file.retry_strategy.unwrap_or_default(),
             },
         };
-        let max_retries = match pick(&cli.max_retries.map(|v| v.to_string()), "max-retries", "MAX_RETRIES", file.max_retries.map(|v| v.to_string()), "max_retries") {
+        let max_retries = match pick(
+            &cli.max_retries.map(|v| v.to_string()),
+            "max-retries",
+            "MAX_RETRIES",
+            file.max_retries.map(|v| v.to_string()),
+            "max_retries",
+        ) {
             Some(s) => parse_num::<u32>(&s)?,
             None => match retry_strategy {
                 RetryStrategy::Patient => 7,
@@ -387,33 +449,82 @@ impl ProxyConfig {
                 RetryStrategy::None => 0,
             },
         };
-        let deadline = match pick(&cli.deadline, "deadline", "CLAUDE_PROXY_DEADLINE", file.deadline.as_ref().map(to_string), "deadline") {
+        let deadline = match pick(
+            &cli.deadline,
+            "deadline",
+            "CLAUDE_PROXY_DEADLINE",
+            file.deadline.as_ref().map(to_string),
+            "deadline",
+        ) {
             Some(s) => parse_duration_setting(&s)?,
             None => Duration::from_secs(600),
         };
-        let fallback = match pick(&cli.fallback.map(|v| v.to_string()), "fallback", "CLAUDE_PROXY_FALLBACK", file.fallback.map(|v| v.to_string()), "fallback") {
+        let fallback = match pick(
+            &cli.fallback.map(|v| v.to_string()),
+            "fallback",
+            "CLAUDE_PROXY_FALLBACK",
+            file.fallback.map(|v| v.to_string()),
+            "fallback",
+        ) {
             Some(s) => parse_bool(&s)?,
             None => true,
         };
-        let fallback_model = pick(&cli.fallback_model, "fallback-model", "FALLBACK_MODEL", file.fallback_model.clone(), "fallback_model").map(|s| s.value);
-        let cache = match pick(&cli.cache.map(|v| v.to_string()), "cache", "CLAUDE_PROXY_CACHE", file.cache.map(|v| v.to_string()), "cache") {
+        let fallback_model = pick(
+            &cli.fallback_model,
+            "fallback-model",
+            "FALLBACK_MODEL",
+            file.fallback_model.clone(),
+            "fallback_model",
+        )
+        .map(|s| s.value);
+        let cache = match pick(
+            &cli.cache.map(|v| v.to_string()),
+            "cache",
+            "CLAUDE_PROXY_CACHE",
+            file.cache.map(|v| v.to_string()),
+            "cache",
+        ) {
             Some(s) => parse_bool(&s)?,
             None => true,
         };
-        let cache_ttl = match pick(&cli.cache_ttl, "cache-ttl", "CACHE_TTL", file.cache_ttl.as_ref().map(to_string), "cache_ttl") {
+        let cache_ttl = match pick(
+            &cli.cache_ttl,
+            "cache-ttl",
+            "CACHE_TTL",
+            file.cache_ttl.as_ref().map(to_string),
+            "cache_ttl",
+        ) {
             Some(s) => parse_duration_setting(&s)?,
             None => Duration::from_secs(4 * 3600),
         };
-        let cache_path = match pick(&cli.cache_path, "cache-path", "CLAUDE_PROXY_CACHE_PATH", file.cache_path.clone(), "cache_path") {
+        let cache_path = match pick(
+            &cli.cache_path,
+            "cache-path",
+            "CLAUDE_PROXY_CACHE_PATH",
+            file.cache_path.clone(),
+            "cache_path",
+        ) {
             Some(s) if s.value == "memory" => None,
             Some(s) => Some(PathBuf::from(s.value)),
             None => Some(PathBuf::from(".tower-claude/cache.redb")),
         };
-        let cache_max_bytes = match pick(&cli.cache_max_bytes.map(|v| v.to_string()), "cache-max-bytes", "CLAUDE_PROXY_CACHE_MAX_BYTES", file.cache_max_bytes.map(|v| v.to_string()), "cache_max_bytes") {
+        let cache_max_bytes = match pick(
+            &cli.cache_max_bytes.map(|v| v.to_string()),
+            "cache-max-bytes",
+            "CLAUDE_PROXY_CACHE_MAX_BYTES",
+            file.cache_max_bytes.map(|v| v.to_string()),
+            "cache_max_bytes",
+        ) {
             Some(s) => parse_num::<u64>(&s)?,
             None => 256 * 1024 * 1024,
         };
-        let max_in_flight = match pick(&cli.max_in_flight.map(|v| v.to_string()), "max-in-flight", "CLAUDE_PROXY_MAX_IN_FLIGHT", file.max_in_flight.map(|v| v.to_string()), "max_in_flight") {
+        let max_in_flight = match pick(
+            &cli.max_in_flight.map(|v| v.to_string()),
+            "max-in-flight",
+            "CLAUDE_PROXY_MAX_IN_FLIGHT",
+            file.max_in_flight.map(|v| v.to_string()),
+            "max_in_flight",
+        ) {
             Some(s) => {
                 let n = parse_num::<usize>(&s)?;
                 if n == 0 {
@@ -423,19 +534,35 @@ impl ProxyConfig {
             }
             None => None,
         };
-        let redis_url = pick(&cli.redis_url, "redis-url", "REDIS_URL", file.redis_url.clone(), "redis_url").map(|s| s.value);
+        let redis_url = pick(
+            &cli.redis_url,
+            "redis-url",
+            "REDIS_URL",
+            file.redis_url.clone(),
+            "redis_url",
+        )
+        .map(|s| s.value);
 
         for (group, l) in &file.limits {
             if l.rpm == 0 || l.itpm == 0 || l.otpm == 0 {
-                return Err(ConfigError::new(format!("limits.{group}"), "rpm, itpm and otpm must be at least 1"));
+                return Err(ConfigError::new(
+                    format!("limits.{group}"),
+                    "rpm, itpm and otpm must be at least 1",
+                ));
             }
         }
         if let Upstream::Mock(m) = &upstream {
             if m.rpm == 0 || m.itpm == 0 || m.otpm == 0 {
-                return Err(ConfigError::new("mock", "rpm, itpm and otpm must be at least 1"));
+                return Err(ConfigError::new(
+                    "mock",
+                    "rpm, itpm and otpm must be at least 1",
+                ));
             }
             if !(0.0..=1.0).contains(&m.overloaded_rate) {
-                return Err(ConfigError::new("mock.overloaded_rate", "must be between 0 and 1"));
+                return Err(ConfigError::new(
+                    "mock.overloaded_rate",
+                    "must be between 0 and 1",
+                ));
             }
         }
         if !listen.ip().is_loopback() && client_tokens.is_empty() {
@@ -447,7 +574,10 @@ impl ProxyConfig {
                 ),
             ));
         }
-        if !client_tokens.is_empty() && api_keys.is_empty() && !matches!(upstream, Upstream::Mock(_)) {
+        if !client_tokens.is_empty()
+            && api_keys.is_empty()
+            && !matches!(upstream, Upstream::Mock(_))
+        {
             return Err(ConfigError::new(
                 "client_tokens",
                 "clients authenticate with proxy tokens, so the proxy must hold the upstream \
@@ -478,8 +608,9 @@ impl ProxyConfig {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
     toml::from_str(&text).map_err(|e| {
         let msg = e.message().to_string();
         let span = e.span().map(|s| text[..s.start].lines().count().max(1));
@@ -494,13 +625,18 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 fn split_list(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from)
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
 }
 
 fn parse_upstream(s: &Setting, mock: Option<MockSettings>) -> Result<Upstream, ConfigError> {
     match s.value.as_str() {
         "mock" => Ok(Upstream::Mock(mock.unwrap_or_default())),
-        "anthropic" => Ok(Upstream::Url(http::Uri::from_static("https://api.anthropic.com"))),
+        "anthropic" => Ok(Upstream::Url(http::Uri::from_static(
+            "https://api.anthropic.com",
+        ))),
         url => {
             let uri: http::Uri = url
                 .parse()
@@ -530,7 +666,10 @@ fn parse_bool(s: &Setting) -> Result<bool, ConfigError> {
     match s.value.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(ConfigError::new(&s.source, format!("`{other}` is not a boolean"))),
+        other => Err(ConfigError::new(
+            &s.source,
+            format!("`{other}` is not a boolean"),
+        )),
     }
 }
 
@@ -538,7 +677,10 @@ fn parse_duration_setting(s: &Setting) -> Result<Duration, ConfigError> {
     parse_duration(&s.value).ok_or_else(|| {
         ConfigError::new(
             &s.source,
-            format!("`{}` is not a duration (seconds, or a number with s, m, h or d)", s.value),
+            format!(
+                "`{}` is not a duration (seconds, or a number with s, m, h or d)",
+                s.value
+            ),
         )
     })
 }
@@ -561,7 +703,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     let secs = n * mult;
-    (secs.is_finite() && secs >= 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
+    (0.0..1e9).contains(&secs).then(|| Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
@@ -569,7 +711,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -585,10 +730,16 @@ mod tests {
     fn a_key_selects_anthropic_and_never_shows_in_debug() {
         let cfg = ProxyConfig::resolve(
             Cli::default(),
-            &env(&[("ANTHROPIC_API_KEY", "sk-ant-secret-1"), ("MAX_RETRIES", "3")]),
+            &env(&[
+                ("ANTHROPIC_API_KEY", "sk-ant-secret-1"),
+                ("MAX_RETRIES", "3"),
+            ]),
         )
         .unwrap();
-        assert_eq!(cfg.upstream, Upstream::Url(http::Uri::from_static("https://api.anthropic.com")));
+        assert_eq!(
+            cfg.upstream,
+            Upstream::Url(http::Uri::from_static("https://api.anthropic.com"))
+        );
         assert_eq!(cfg.max_retries, 3);
         assert!(!format!("{cfg:?}").contains("sk-ant-secret-1"));
     }
@@ -600,20 +751,27 @@ mod tests {
             cache_ttl: Some("30m".into()),
             ..Cli::default()
         };
-        let cfg = ProxyConfig::resolve(cli, &env(&[("MAX_RETRIES", "5"), ("CACHE_TTL", "60")])).unwrap();
+        let cfg =
+            ProxyConfig::resolve(cli, &env(&[("MAX_RETRIES", "5"), ("CACHE_TTL", "60")])).unwrap();
         assert_eq!(cfg.max_retries, 1);
         assert_eq!(cfg.cache_ttl, Duration::from_secs(1800));
     }
 
     #[test]
     fn bad_values_name_their_field() {
-        let err = ProxyConfig::resolve(Cli::default(), &env(&[("MAX_RETRIES", "lots")])).unwrap_err();
+        let err =
+            ProxyConfig::resolve(Cli::default(), &env(&[("MAX_RETRIES", "lots")])).unwrap_err();
         assert_eq!(err.field(), "MAX_RETRIES");
         let err = ProxyConfig::resolve(Cli::default(), &env(&[("CACHE_TTL", "soon")])).unwrap_err();
         assert_eq!(err.field(), "CACHE_TTL");
-        let err = ProxyConfig::resolve(Cli::default(), &env(&[("CLAUDE_RETRY_STRATEGY", "yolo")])).unwrap_err();
+        let err = ProxyConfig::resolve(Cli::default(), &env(&[("CLAUDE_RETRY_STRATEGY", "yolo")]))
+            .unwrap_err();
         assert_eq!(err.field(), "CLAUDE_RETRY_STRATEGY");
-        let err = ProxyConfig::resolve(Cli::default(), &env(&[("CLAUDE_PROXY_UPSTREAM", "ftp://x")])).unwrap_err();
+        let err = ProxyConfig::resolve(
+            Cli::default(),
+            &env(&[("CLAUDE_PROXY_UPSTREAM", "ftp://x")]),
+        )
+        .unwrap_err();
         assert_eq!(err.field(), "CLAUDE_PROXY_UPSTREAM");
     }
 

@@ -51,7 +51,10 @@ fn classify_kind(err: &BoxError) -> (ApiError, Option<std::time::Duration>) {
                 ApiError::new(ApiErrorKind::RequestTooLarge, e.to_string()),
                 None,
             ),
-            _ => (ApiError::new(ApiErrorKind::InvalidRequest, e.to_string()), None),
+            _ => (
+                ApiError::new(ApiErrorKind::InvalidRequest, e.to_string()),
+                None,
+            ),
         };
     }
     if let Some(e) = err.downcast_ref::<ApiError>() {
@@ -65,5 +68,8 @@ fn classify_kind(err: &BoxError) -> (ApiError, Option<std::time::Duration>) {
         };
         return (ApiError::new(ApiErrorKind::Api, msg), None);
     }
-    (ApiError::new(ApiErrorKind::Api, format!("proxy error: {err}")), None)
+    (
+        ApiError::new(ApiErrorKind::Api, format!("proxy error: {err}")),
+        None,
+    )
 }
