@@ -18,9 +18,15 @@ pub mod quota;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub mod cache;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod concurrency;
 pub mod rate_limit;
 pub mod retry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+#[cfg(feature = "proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
+pub mod proxy;
