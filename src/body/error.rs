@@ -39,7 +39,7 @@ pub struct BufferBodyError {
 }
 
 impl BufferBodyError {
-    pub(super) fn from_body_error(err: BoxError, limit: usize) -> Self {
+    pub(crate) fn from_body_error(err: BoxError, limit: usize) -> Self {
         if err.is::<http_body_util::LengthLimitError>() {
             Self {
                 kind: BufferBodyErrorKind::TooLarge,

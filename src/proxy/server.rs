@@ -8,25 +8,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 
 use super::config::{ProxyConfig, Secret, Upstream};
 use super::error_response::error_response;
 use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind};
-use crate::body::{BufferBody, RequestBody};
+use crate::body::{BufferBodyError, RequestBody};
 
 /// The response body type of the proxy.
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The boxed service the proxy sends requests to.
-pub(crate) type ProxyService = BoxCloneService<Request<RequestBody>, Response<ProxyBody>, BoxError>;
+pub(crate) type ProxyService =
+    BoxCloneSyncService<Request<RequestBody>, Response<ProxyBody>, BoxError>;
 
 /// A configured proxy, ready to serve.
 pub struct Proxy {
@@ -86,11 +87,7 @@ impl Proxy {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let state = self.state.clone();
-                    let svc = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(state, req).await) }
-                    });
+                    let svc = ConnService { state: self.state.clone() };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
@@ -114,11 +111,32 @@ impl Proxy {
     }
 }
 
+/// The per-connection hyper service. A named type (rather than `service_fn` over a closure)
+/// keeps the future's type concrete, which hyper-util's auto builder needs to prove `Send`.
+#[derive(Clone)]
+struct ConnService {
+    state: Arc<State>,
+}
+
+type HandleFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = HandleFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move { Ok(handle(state, req).await) })
+    }
+}
+
 fn upstream_service(config: &ProxyConfig) -> ProxyService {
     match &config.upstream {
         Upstream::Url(uri) => {
             let client = crate::client::HttpClient::new(uri.clone());
-            BoxCloneService::new(
+            BoxCloneSyncService::new(
                 client.map_response(|r| r.map(|b| b.map_err(BoxError::from).boxed_unsync())),
             )
         }
@@ -138,7 +156,10 @@ fn upstream_service(config: &ProxyConfig) -> ProxyService {
                 )
                 .output_tokens(m.output_tokens)
                 .build();
-            BoxCloneService::new(mock.map_response(|r| r.map(|b| b.boxed_unsync())))
+            BoxCloneSyncService::new(ServiceExt::<Request<RequestBody>>::map_response(
+                mock,
+                |r| r.map(|b| b.boxed_unsync()),
+            ))
         }
     }
 }
@@ -219,8 +240,20 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         }
     }
 
-    let svc = BufferBody::new(state.service.clone(), config.body_limit);
-    match svc.oneshot(req).await {
+    // Buffer the body here rather than through `BufferBody`: the same work, but with concrete
+    // types, which keeps this future provably `Send` for hyper (a rustc limitation with
+    // higher-ranked `Into<BoxError>` bounds in async blocks).
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, config.body_limit).collect().await {
+        Ok(collected) => RequestBody::from(collected.to_bytes()),
+        Err(err) => {
+            return error_response(
+                &BufferBodyError::from_body_error(err, config.body_limit).into(),
+            );
+        }
+    };
+    let req = Request::from_parts(parts, body);
+    match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
             for name in crate::client::HOP_BY_HOP.iter() {
                 resp.headers_mut().remove(name);
