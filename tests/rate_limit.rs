@@ -726,3 +726,58 @@ async fn a_429_refunds_first_then_takes_the_servers_view() {
     // the server's view (not 2 000 + 5 000).
     assert_eq!(output_remaining(&board), 2_000);
 }
+
+/// Ready on the first `poll_ready` only (shared by clones), never woken after.
+#[derive(Clone)]
+struct ReadyOnce {
+    polls: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<RequestBody>> for ReadyOnce {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(Response::new(json_usage(10, 10))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_granted_to_a_request_never_sent_is_refunded_when_it_is_dropped() {
+    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(100, 100_000, 1_000));
+    let board = layer.quota_board().clone();
+    let held = board
+        .try_acquire(&key(), &haiku(), Cost::new(1, 0, 1_000))
+        .unwrap();
+    let inner = ReadyOnce {
+        polls: Arc::default(),
+        calls: Arc::default(),
+    };
+    let calls = inner.calls.clone();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    // Queued behind `held`; granted by its refund; then the inner service is not ready.
+    let pending = tokio::spawn(tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.oneshot(messages(500, false)),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    held.refund();
+    let timed_out = pending.await.unwrap();
+    assert!(timed_out.is_err(), "{:?}", timed_out.map(|r| r.map(|resp| resp.status())));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let status = board.statuses().remove(0);
+    assert_eq!(status.in_flight, 0);
+    assert_eq!(status.headroom.output_tokens.unwrap().remaining, 1_000);
+    assert_eq!(status.headroom.requests.unwrap().remaining, 100);
+}

@@ -60,6 +60,16 @@ struct Waiting<S> {
     config: Arc<Config>,
 }
 
+impl<S> Drop for Waiting<S> {
+    fn drop(&mut self) {
+        // Quota granted but the request was never sent (the inner service did not become
+        // ready before the future was dropped): give everything back.
+        if let Some(r) = self.reservation.take() {
+            r.refund();
+        }
+    }
+}
+
 impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
