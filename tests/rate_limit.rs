@@ -774,7 +774,11 @@ async fn quota_granted_to_a_request_never_sent_is_refunded_when_it_is_dropped() 
     tokio::time::sleep(Duration::from_secs(1)).await;
     held.refund();
     let timed_out = pending.await.unwrap();
-    assert!(timed_out.is_err(), "{:?}", timed_out.map(|r| r.map(|resp| resp.status())));
+    assert!(
+        timed_out.is_err(),
+        "{:?}",
+        timed_out.map(|r| r.map(|resp| resp.status()))
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     let status = board.statuses().remove(0);
     assert_eq!(status.in_flight, 0);
