@@ -785,3 +785,77 @@ async fn quota_granted_to_a_request_never_sent_is_refunded_when_it_is_dropped() 
     assert_eq!(status.headroom.output_tokens.unwrap().remaining, 1_000);
     assert_eq!(status.headroom.requests.unwrap().remaining, 100);
 }
+
+/// Both layers in front of a hyper client talking to MockClaude over real loopback HTTP:
+/// streams hold their concurrency permit and their reservation until the body ends.
+#[tokio::test(start_paused = true)]
+async fn stacked_layers_over_loopback_http() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let mock = MockClaude::builder()
+        .limits(
+            "claude-haiku-4-5",
+            MockLimits {
+                rpm: 5,
+                itpm: 100_000,
+                otpm: 100_000,
+            },
+        )
+        .latency(Duration::from_millis(200), Duration::from_millis(10))
+        .output_tokens(50)
+        .build();
+    let (addr, server) = mock.serve_on_loopback().await.unwrap();
+    let client: Client<_, RequestBody> = Client::builder(TokioExecutor::new()).build_http();
+    let rate = RateLimitLayer::new().limits(haiku(), Limits::new(5, 100_000, 100_000));
+    let board = rate.quota_board().clone();
+    let conc = ConcurrencyLayer::new(2);
+    let handle = conc.handle();
+    let svc = ServiceBuilder::new()
+        .layer(rate)
+        .layer(conc)
+        .service(client);
+
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let req = Request::post(format!("http://{addr}/v1/messages"))
+                    .header("x-api-key", API_KEY)
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(body("claude-haiku-4-5", 256, i % 2 == 0, 20))
+                    .unwrap();
+                let resp = svc.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, bytes)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (status, bytes) = t.await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    let stats = mock.stats();
+    assert_eq!(stats.rate_limited, 0);
+    assert_eq!(stats.accepted, 8);
+    assert!(stats.max_in_flight <= 2, "{}", stats.max_in_flight);
+    // 5 per minute: the last 3 waited for refill (12 s each).
+    assert!(
+        start.elapsed() >= Duration::from_secs(36),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(handle.in_flight(), 0);
+    let status = board.statuses().remove(0);
+    assert_eq!(status.in_flight, 0);
+    assert!(status.last_snapshot.is_some());
+    server.abort();
+}
