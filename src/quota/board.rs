@@ -116,6 +116,7 @@ impl Default for QuotaBoard {
 #[derive(Debug, Clone)]
 pub struct QuotaBoardBuilder {
     limits: HashMap<RateLimitGroup, Limits>,
+    key_limits: HashMap<(KeyId, RateLimitGroup), Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
     local_share: f64,
@@ -125,6 +126,13 @@ impl QuotaBoardBuilder {
     /// Configured limits for `group` (for every key).
     pub fn limits(mut self, group: RateLimitGroup, limits: Limits) -> Self {
         self.limits.insert(group, limits);
+        self
+    }
+
+    /// Configured limits for one key in `group` (keys of different usage tiers); they take
+    /// precedence over the group's.
+    pub fn key_limits(mut self, key: KeyId, group: RateLimitGroup, limits: Limits) -> Self {
+        self.key_limits.insert((key, group), limits);
         self
     }
 
@@ -155,6 +163,7 @@ impl QuotaBoardBuilder {
         QuotaBoard {
             backend: Backend::Local(Arc::new(LocalBackend::new(
                 self.limits,
+                self.key_limits,
                 self.default_limits,
                 self.idle_timeout,
                 self.local_share,
@@ -173,6 +182,7 @@ impl QuotaBoard {
     pub fn builder() -> QuotaBoardBuilder {
         QuotaBoardBuilder {
             limits: HashMap::new(),
+            key_limits: HashMap::new(),
             default_limits: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             local_share: 1.0,
@@ -187,6 +197,13 @@ impl QuotaBoard {
         }
     }
 
+    /// Sets the configured limits of one key in `group` (over the group's limits).
+    pub fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        match &self.backend {
+            Backend::Local(b) => b.set_key_limits(key, group, limits),
+        }
+    }
+
     /// Sets the limits of every group without limits of its own.
     pub fn set_default_limits(&self, limits: Limits) {
         match &self.backend {
@@ -197,7 +214,14 @@ impl QuotaBoard {
     /// The configured limits of `group` (`None`: learned from headers).
     pub fn limits(&self, group: &RateLimitGroup) -> Option<Limits> {
         match &self.backend {
-            Backend::Local(b) => b.limits(group),
+            Backend::Local(b) => b.limits(None, group),
+        }
+    }
+
+    /// The configured limits of `key` in `group`: its own, else the group's.
+    pub fn key_limits(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
+        match &self.backend {
+            Backend::Local(b) => b.limits(Some(key), group),
         }
     }
 

@@ -390,6 +390,8 @@ impl Entry {
 struct State {
     entries: HashMap<EntryKey, Entry>,
     group_limits: HashMap<RateLimitGroup, Limits>,
+    /// Limits of one key (keys of different tiers), over the group's.
+    key_limits: HashMap<EntryKey, Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
     next_sweep: usize,
@@ -408,11 +410,20 @@ fn shared(limit: u64, share: f64) -> u64 {
 }
 
 impl State {
-    fn limits_for(&self, group: &RateLimitGroup) -> Option<Limits> {
+    fn group_limits_for(&self, group: &RateLimitGroup) -> Option<Limits> {
         self.group_limits
             .get(group)
             .copied()
             .or(self.default_limits)
+    }
+
+    fn limits_for(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
+        if !self.key_limits.is_empty() {
+            if let Some(l) = self.key_limits.get(&(key.clone(), group.clone())) {
+                return Some(*l);
+            }
+        }
+        self.group_limits_for(group)
     }
 
     fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
@@ -421,7 +432,7 @@ impl State {
         {
             self.sweep(now);
         }
-        let limits = self.limits_for(group);
+        let limits = self.limits_for(key, group);
         match self.entries.entry((key.clone(), group.clone())) {
             MapEntry::Occupied(e) => e.into_mut(),
             MapEntry::Vacant(v) => v.insert(Entry::new(limits, now)),
@@ -445,6 +456,7 @@ pub(crate) struct LocalBackend {
 impl LocalBackend {
     pub(crate) fn new(
         group_limits: HashMap<RateLimitGroup, Limits>,
+        key_limits: HashMap<EntryKey, Limits>,
         default_limits: Option<Limits>,
         idle_timeout: Duration,
         share: f64,
@@ -453,6 +465,7 @@ impl LocalBackend {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 group_limits,
+                key_limits,
                 default_limits,
                 idle_timeout,
                 next_sweep: MIN_SWEEP,
@@ -476,12 +489,28 @@ impl LocalBackend {
         let now = Instant::now();
         let mut st = self.lock();
         st.group_limits.insert(group.clone(), limits);
-        for ((_, g), e) in st.entries.iter_mut() {
-            if *g == group {
+        let State {
+            entries,
+            key_limits,
+            ..
+        } = &mut *st;
+        for (k, e) in entries.iter_mut() {
+            if k.1 == group && !key_limits.contains_key(k) {
                 e.configure(limits, now);
                 e.drain(now, None);
             }
         }
+    }
+
+    pub(crate) fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let k = (key, group);
+        if let Some(e) = st.entries.get_mut(&k) {
+            e.configure(limits, now);
+            e.drain(now, None);
+        }
+        st.key_limits.insert(k, limits);
     }
 
     pub(crate) fn set_default_limits(&self, limits: Limits) {
@@ -491,18 +520,23 @@ impl LocalBackend {
         let State {
             entries,
             group_limits,
+            key_limits,
             ..
         } = &mut *st;
-        for ((_, g), e) in entries.iter_mut() {
-            if !group_limits.contains_key(g) {
+        for (k, e) in entries.iter_mut() {
+            if !group_limits.contains_key(&k.1) && !key_limits.contains_key(k) {
                 e.configure(limits, now);
                 e.drain(now, None);
             }
         }
     }
 
-    pub(crate) fn limits(&self, group: &RateLimitGroup) -> Option<Limits> {
-        self.lock().limits_for(group)
+    pub(crate) fn limits(&self, key: Option<&KeyId>, group: &RateLimitGroup) -> Option<Limits> {
+        let st = self.lock();
+        match key {
+            Some(key) => st.limits_for(key, group),
+            None => st.group_limits_for(group),
+        }
     }
 
     pub(crate) fn try_acquire(
@@ -661,7 +695,7 @@ impl LocalBackend {
         match st.entries.get(&(key.clone(), group.clone())) {
             Some(e) => Some(f(e, now)),
             None => {
-                let limits = st.limits_for(group)?;
+                let limits = st.limits_for(key, group)?;
                 Some(f(&Entry::new(Some(limits), now), now))
             }
         }

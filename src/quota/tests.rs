@@ -335,3 +335,35 @@ async fn a_local_share_scales_learned_limits_only() {
     b.set_limits(g(), Limits::new(10, 10_000, 10_000));
     assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
 }
+
+#[tokio::test(start_paused = true)]
+async fn key_limits_take_precedence_over_group_limits() {
+    let tier4 = KeyId::named("tier-4");
+    let b = QuotaBoard::builder()
+        .limits(g(), Limits::new(50, 30_000, 8_000))
+        .key_limits(tier4.clone(), g(), Limits::new(4_000, 2_000_000, 400_000))
+        .build();
+    assert_eq!(
+        b.key_limits(&tier4, &g()),
+        Some(Limits::new(4_000, 2_000_000, 400_000))
+    );
+    assert_eq!(
+        b.key_limits(&k(), &g()),
+        Some(Limits::new(50, 30_000, 8_000))
+    );
+    assert!(b.fits_now(&tier4, &g(), &Cost::new(1, 100_000, 100_000)));
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 100_000, 100_000)));
+    // Changing the group's limits leaves the key's alone; changing the key's applies at once.
+    drop(b.try_acquire(&tier4, &g(), Cost::new(1, 0, 0)).unwrap());
+    b.set_limits(g(), Limits::new(10, 10_000, 1_000));
+    assert_eq!(
+        b.headroom(&tier4, &g()).unwrap().requests.unwrap().limit,
+        4_000
+    );
+    b.set_key_limits(tier4.clone(), g(), Limits::new(100, 100_000, 10_000));
+    assert_eq!(
+        b.headroom(&tier4, &g()).unwrap().requests.unwrap().limit,
+        100
+    );
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
+}
