@@ -413,7 +413,11 @@ async fn callers_told_the_same_retry_after_come_back_spread_out() {
             r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
         )
     }));
-    let svc = layer().jitter(Jitter::Decorrelated).layer(fake.clone());
+    // Without pacing, to see the spread alone (as between processes that cannot pace together).
+    let svc = layer()
+        .jitter(Jitter::Decorrelated)
+        .pacing(false)
+        .layer(fake.clone());
     let start = Instant::now();
     let tasks: Vec<_> = (0..100)
         .map(|_| tokio::spawn(svc.clone().oneshot(messages(BODY))))
@@ -431,6 +435,94 @@ async fn callers_told_the_same_retry_after_come_back_spread_out() {
         retries.iter().map(|d| d.as_millis() / 10).collect();
     // 100 callers land in many different 10 ms slots instead of one instant.
     assert!(distinct.len() >= 50, "{} slots", distinct.len());
+}
+
+const HAIKU_BODY: &str =
+    r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn rate_limited_60_rpm() -> Step {
+    Step::Reply(
+        429,
+        vec![
+            ("retry-after", "1".into()),
+            ("anthropic-ratelimit-requests-limit", "60".into()),
+            ("anthropic-ratelimit-requests-remaining", "0".into()),
+        ],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_429_requests_on_the_quota_are_paced_one_admission_apart() {
+    let fake = Fake::new([rate_limited_60_rpm()]);
+    let svc = layer().layer(fake.clone());
+    let start = Instant::now();
+    let first = tokio::spawn(svc.clone().oneshot(messages(BODY)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Four new requests on the same key and group while the first waits, and one on another
+    // group.
+    let queued: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(svc.clone().oneshot(messages(BODY))))
+        .collect();
+    let other = tokio::spawn(svc.clone().oneshot(messages(HAIKU_BODY)));
+    assert_eq!(other.await.unwrap().unwrap().status(), 200);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    for q in queued {
+        let resp = q.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.extensions().get::<RetryInfo>().unwrap().attempts(), 1);
+    }
+    let seen = fake.seen();
+    assert_eq!(
+        seen.len(),
+        7,
+        "no request was sent into the exhausted quota"
+    );
+    // The other group went at once.
+    assert_eq!(seen[1].at - start, Duration::from_millis(10));
+    let mut sends: Vec<Duration> = seen[2..].iter().map(|s| s.at - start).collect();
+    sends.sort();
+    // The retry after at least the server's second, then one 60 RPM admission (1 s, +10 %
+    // margin) apart.
+    assert!(sends[0] >= Duration::from_secs(1) && sends[0] <= Duration::from_secs(2));
+    for pair in sends.windows(2) {
+        assert_eq!(pair[1] - pair[0], Duration::from_millis(1100), "{sends:?}");
+    }
+
+    // Without pacing the new requests go at once (and would hit the exhausted quota).
+    let fake = Fake::new([rate_limited_60_rpm()]);
+    let svc = layer().pacing(false).layer(fake.clone());
+    let first = tokio::spawn(svc.clone().oneshot(messages(BODY)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let start = Instant::now();
+    svc.clone().oneshot(messages(BODY)).await.unwrap();
+    assert_eq!(fake.seen()[1].at, start);
+    first.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paced_request_never_waits_past_its_deadline() {
+    let fake = Fake::new([rate_limited_60_rpm()]);
+    let svc = layer().layer(fake.clone());
+    let first = tokio::spawn(svc.clone().oneshot(messages(BODY)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The next slot is a second away; this request may wait 100 ms at most: it goes at once.
+    let start = Instant::now();
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(100)));
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let info = resp.extensions().get::<RetryInfo>().unwrap();
+    assert_eq!(info.total_wait(), Duration::ZERO);
+    assert_eq!(fake.seen()[1].at, start);
+    // One that may wait long enough takes a slot.
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_secs(60)));
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    assert!(resp.extensions().get::<RetryInfo>().unwrap().total_wait() >= Duration::from_secs(1));
+    first.await.unwrap().unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -4,8 +4,11 @@
 //!
 //! 1. the server's delay: `retry-after-ms`, then `retry-after` (seconds or an HTTP date), read
 //!    with [`crate::anthropic::retry_after`];
-//! 2. the `anthropic-ratelimit-*-reset` time of the exhausted bucket(s) (those whose
-//!    `remaining` is 0; the latest reset wins, since the request needs all of them);
+//! 2. for a 429 only, the `anthropic-ratelimit-*-reset` time of the exhausted bucket(s) (those
+//!    whose `remaining` is 0; the latest reset wins, since the request needs all of them). Not
+//!    for a 529 or a 5xx: token counts are rounded down to thousands, so a `remaining` of 0
+//!    beside an overload does not mean the quota is the problem, and a reset is the time the
+//!    bucket is *full*, far longer than an overload lasts;
 //! 3. otherwise exponential backoff with [`Jitter`] (decorrelated by default).
 //!
 //! A server delay is a floor: the layer never waits less than the server asked (except when
@@ -15,19 +18,16 @@
 //! A precise `retry-after-ms` (or fractional `retry-after`) gets a smaller spread, at most a
 //! quarter of the delay.
 //!
-//! Consecutive 429s on one (API key, rate-limit group) raise a *penalty level* shared by every
-//! request of that key and group: the first 429 costs nothing, each further one doubles the
-//! backoff base (up to [`MAX_PENALTY_LEVEL`] doublings), and server-given delays get an extra
-//! random wait of up to the penalised base. Each success on the key and group takes one 429
-//! off the streak.
+//! The backoff base is lengthened by the 429 *penalty* of the request's (API key, rate-limit
+//! group): the first 429 costs nothing, each further consecutive one doubles the base (up to
+//! [`MAX_PENALTY_LEVEL`] doublings), and each success takes one 429 off the streak. A 429
+//! with a server delay is in addition paced: see the `pacing` module.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
-use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot, header_names, retry_after};
+use crate::anthropic::{RateLimitSnapshot, header_names, retry_after};
 
 /// The highest penalty level: the backoff base is multiplied by at most `2^4 = 16`.
 pub const MAX_PENALTY_LEVEL: u32 = 4;
@@ -73,6 +73,16 @@ pub(crate) struct BackoffConfig {
     pub(crate) jitter: Jitter,
 }
 
+impl BackoffState {
+    /// The state of a request needing `need`.
+    pub(crate) fn new(need: Need) -> Self {
+        Self {
+            need,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for BackoffConfig {
     fn default() -> Self {
         Self {
@@ -96,9 +106,20 @@ pub(crate) enum DelaySource {
     Backoff,
 }
 
+/// What one request needs from the quota (from its `RequestMeta`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Need {
+    /// Estimated input tokens.
+    pub(crate) input_tokens: u64,
+    /// `max_tokens` (what a limiter reserves for the output).
+    pub(crate) output_tokens: u64,
+}
+
 /// The per-request backoff state.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BackoffState {
+    /// What the request needs from the quota.
+    need: Need,
     /// Backoff-computed retries so far.
     retries: u32,
     /// The previous backoff wait (for decorrelated jitter).
@@ -159,27 +180,55 @@ pub(crate) fn reset_delay(headers: &HeaderMap, now: SystemTime) -> Option<Durati
     .max()
 }
 
+/// How long the limits in `headers` take to admit one request needing `need`: for each bucket
+/// with a known per-minute limit, the minute's share the request uses; the slowest bucket
+/// wins. `None` without any limit header.
+pub(crate) fn admission_interval(headers: &HeaderMap, need: Need) -> Option<Duration> {
+    let snap = RateLimitSnapshot::from_headers(headers);
+    let share = |limit: Option<u64>, amount: u64| -> Option<Duration> {
+        let limit = limit.filter(|l| *l > 0)?;
+        let amount = amount.min(limit) as f64;
+        Some(Duration::from_secs_f64(60.0 * amount / limit as f64))
+    };
+    [
+        share(snap.requests.limit, 1),
+        share(snap.input_tokens.limit, need.input_tokens),
+        share(snap.output_tokens.limit, need.output_tokens),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+}
+
+/// The next wait, and for a rate-limited request the time its quota needs to admit one
+/// request like it (for pacing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Delay {
+    /// How long to wait (capped at `max_delay`).
+    pub(crate) wait: Duration,
+    /// Where the wait came from.
+    pub(crate) source: DelaySource,
+    /// For a 429 with a server delay or an exhausted bucket's reset: the time to admit one
+    /// request, the largest share of a per-minute limit the request uses, at most `wait`.
+    pub(crate) admission: Option<Duration>,
+}
+
 /// Computes the next wait.
 ///
 /// `headers` are those of the failed response (none for a connection error or a mid-stream
-/// error), `penalty` the current penalty level of the request's key and group.
+/// error), `rate_limited` whether it was a 429, `penalty` the current penalty level of the
+/// request's key and group.
 pub(crate) fn next_delay(
     config: &BackoffConfig,
     state: &mut BackoffState,
     headers: Option<&HeaderMap>,
+    rate_limited: bool,
     penalty: u32,
     rng: &mut fastrand::Rng,
     now: SystemTime,
-) -> (Duration, DelaySource) {
+) -> Delay {
     let penalty = penalty.min(MAX_PENALTY_LEVEL);
     let base = scaled(config.base, penalty).min(config.max_backoff.max(config.base));
-    let penalty_extra = |rng: &mut fastrand::Rng| {
-        if penalty == 0 {
-            Duration::ZERO
-        } else {
-            uniform(rng, base)
-        }
-    };
     let server = headers.and_then(|h| server_delay(h, now));
     let (delay, source) = if let Some((delay, precise)) = server {
         let window = if precise {
@@ -187,11 +236,18 @@ pub(crate) fn next_delay(
         } else {
             config.spread
         };
-        let extra = uniform(rng, window) + penalty_extra(rng);
-        (delay.saturating_add(extra), DelaySource::Server)
-    } else if let Some(delay) = headers.and_then(|h| reset_delay(h, now)) {
-        let extra = uniform(rng, config.spread) + penalty_extra(rng);
-        (delay.saturating_add(extra), DelaySource::Reset)
+        (
+            delay.saturating_add(uniform(rng, window)),
+            DelaySource::Server,
+        )
+    } else if let Some(delay) = headers
+        .filter(|_| rate_limited)
+        .and_then(|h| reset_delay(h, now))
+    {
+        (
+            delay.saturating_add(uniform(rng, config.spread)),
+            DelaySource::Reset,
+        )
     } else {
         let cap = config.max_backoff;
         let exp = scaled(base, state.retries).min(cap);
@@ -208,45 +264,17 @@ pub(crate) fn next_delay(
         state.previous = Some(delay);
         (delay, DelaySource::Backoff)
     };
-    (delay.min(config.max_delay), source)
-}
-
-/// The 429 streaks per (key, rate-limit group), shared by every clone of a layer. The penalty
-/// level is the streak minus one.
-#[derive(Debug, Default)]
-pub(crate) struct Penalties {
-    levels: Mutex<HashMap<(KeyId, RateLimitGroup), u32>>,
-}
-
-impl Penalties {
-    fn with<R>(&self, f: impl FnOnce(&mut HashMap<(KeyId, RateLimitGroup), u32>) -> R) -> R {
-        let mut map = self.levels.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut map)
-    }
-
-    /// The current penalty level: consecutive 429s beyond the first.
-    pub(crate) fn level(&self, key: &(KeyId, RateLimitGroup)) -> u32 {
-        self.with(|m| m.get(key).copied().unwrap_or(0).saturating_sub(1))
-    }
-
-    /// A 429 (rate limit) on the key and group: the streak grows.
-    pub(crate) fn rate_limited(&self, key: &(KeyId, RateLimitGroup)) {
-        self.with(|m| {
-            let streak = m.entry(key.clone()).or_insert(0);
-            *streak = (*streak + 1).min(MAX_PENALTY_LEVEL + 1);
-        });
-    }
-
-    /// A success on the key and group: the streak shrinks by one.
-    pub(crate) fn succeeded(&self, key: &(KeyId, RateLimitGroup)) {
-        self.with(|m| {
-            if let Some(level) = m.get_mut(key) {
-                *level = level.saturating_sub(1);
-                if *level == 0 {
-                    m.remove(key);
-                }
-            }
-        });
+    let wait = delay.min(config.max_delay);
+    let admission = match (rate_limited, source, headers) {
+        (true, DelaySource::Server | DelaySource::Reset, Some(h)) => {
+            Some(admission_interval(h, state.need).map_or(wait, |interval| interval.min(wait)))
+        }
+        _ => None,
+    };
+    Delay {
+        wait,
+        source,
+        admission,
     }
 }
 
@@ -273,11 +301,17 @@ mod tests {
     }
 
     fn delay_for(h: &HeaderMap, seed: u64) -> (Duration, DelaySource) {
+        let d = delay_full(h, seed);
+        (d.wait, d.source)
+    }
+
+    fn delay_full(h: &HeaderMap, seed: u64) -> Delay {
         let mut rng = fastrand::Rng::with_seed(seed);
         next_delay(
             &BackoffConfig::default(),
             &mut BackoffState::default(),
             Some(h),
+            true,
             0,
             &mut rng,
             SystemTime::now(),
@@ -318,10 +352,15 @@ mod tests {
         let date = httpdate::fmt_http_date(now + Duration::from_secs(5));
         let h = headers(&[("retry-after", &date)]);
         let mut rng = fastrand::Rng::with_seed(1);
-        let (d, src) = next_delay(
+        let Delay {
+            wait: d,
+            source: src,
+            ..
+        } = next_delay(
             &BackoffConfig::default(),
             &mut BackoffState::default(),
             Some(&h),
+            true,
             0,
             &mut rng,
             now,
@@ -353,10 +392,15 @@ mod tests {
             ("anthropic-ratelimit-requests-reset", &later),
         ]);
         let mut rng = fastrand::Rng::with_seed(3);
-        let (d, src) = next_delay(
+        let Delay {
+            wait: d,
+            source: src,
+            ..
+        } = next_delay(
             &BackoffConfig::default(),
             &mut BackoffState::default(),
             Some(&h),
+            true,
             0,
             &mut rng,
             now,
@@ -366,6 +410,35 @@ mod tests {
             d >= Duration::from_secs(7) && d <= Duration::from_secs(8),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn reset_is_ignored_for_overloads() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let reset = time::OffsetDateTime::from_unix_timestamp(1_800_000_000 + 50)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let h = headers(&[
+            ("anthropic-ratelimit-output-tokens-remaining", "0"),
+            ("anthropic-ratelimit-output-tokens-reset", &reset),
+        ]);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let Delay {
+            wait: d,
+            source: src,
+            ..
+        } = next_delay(
+            &cfg(Jitter::None),
+            &mut BackoffState::default(),
+            Some(&h),
+            false,
+            0,
+            &mut rng,
+            now,
+        );
+        assert_eq!(src, DelaySource::Backoff);
+        assert_eq!(d, Duration::from_millis(500));
     }
 
     #[test]
@@ -380,8 +453,19 @@ mod tests {
             let mut state = BackoffState::default();
             let mut rng = fastrand::Rng::with_seed(9);
             for n in 0..20u32 {
-                let (d, src) =
-                    next_delay(&config, &mut state, None, 0, &mut rng, SystemTime::now());
+                let Delay {
+                    wait: d,
+                    source: src,
+                    ..
+                } = next_delay(
+                    &config,
+                    &mut state,
+                    None,
+                    false,
+                    0,
+                    &mut rng,
+                    SystemTime::now(),
+                );
                 assert_eq!(src, DelaySource::Backoff);
                 assert!(d <= config.max_backoff, "{jitter:?} {n} {d:?}");
                 if matches!(jitter, Jitter::Decorrelated | Jitter::None) {
@@ -403,7 +487,17 @@ mod tests {
             let mut state = BackoffState::default();
             let mut rng = fastrand::Rng::with_seed(seed);
             for i in 0..5 {
-                let (d, _) = next_delay(&config, &mut state, None, 0, &mut rng, SystemTime::now());
+                let Delay {
+                    wait: d, source: _, ..
+                } = next_delay(
+                    &config,
+                    &mut state,
+                    None,
+                    false,
+                    0,
+                    &mut rng,
+                    SystemTime::now(),
+                );
                 if i == 0 {
                     firsts.insert(d.as_millis());
                 }
@@ -421,18 +515,28 @@ mod tests {
     fn penalty_lengthens_waits_and_max_delay_caps_everything() {
         let config = cfg(Jitter::None);
         let mut rng = fastrand::Rng::with_seed(1);
-        let (plain, _) = next_delay(
+        let Delay {
+            wait: plain,
+            source: _,
+            ..
+        } = next_delay(
             &config,
             &mut BackoffState::default(),
             None,
+            false,
             0,
             &mut rng,
             SystemTime::now(),
         );
-        let (penalised, _) = next_delay(
+        let Delay {
+            wait: penalised,
+            source: _,
+            ..
+        } = next_delay(
             &config,
             &mut BackoffState::default(),
             None,
+            false,
             3,
             &mut rng,
             SystemTime::now(),
@@ -441,10 +545,15 @@ mod tests {
         assert_eq!(penalised, Duration::from_secs(4));
 
         let h = headers(&[("retry-after", "600")]);
-        let (capped, _) = next_delay(
+        let Delay {
+            wait: capped,
+            source: _,
+            ..
+        } = next_delay(
             &config,
             &mut BackoffState::default(),
             Some(&h),
+            true,
             0,
             &mut rng,
             SystemTime::now(),
@@ -453,25 +562,51 @@ mod tests {
     }
 
     #[test]
-    fn penalties_rise_with_429s_and_relax_with_successes() {
-        let p = Penalties::default();
-        let key = (KeyId::named("k"), RateLimitGroup::new("claude-opus-4"));
-        let other = (KeyId::named("k"), RateLimitGroup::new("claude-haiku-4"));
-        for _ in 0..10 {
-            p.rate_limited(&key);
-        }
-        assert_eq!(p.level(&key), MAX_PENALTY_LEVEL);
-        assert_eq!(p.level(&other), 0);
-        p.succeeded(&key);
-        assert_eq!(p.level(&key), MAX_PENALTY_LEVEL - 1);
-        let fresh = (KeyId::named("k2"), RateLimitGroup::new("claude-opus-4"));
-        p.rate_limited(&fresh);
-        assert_eq!(p.level(&fresh), 0, "a single 429 costs nothing");
-        p.rate_limited(&fresh);
-        assert_eq!(p.level(&fresh), 1);
-        for _ in 0..10 {
-            p.succeeded(&key);
-        }
-        assert_eq!(p.level(&key), 0);
+    fn rate_limited_delays_carry_the_admission_time() {
+        let h = headers(&[
+            ("retry-after", "2"),
+            ("anthropic-ratelimit-requests-limit", "120"),
+        ]);
+        let d = delay_full(&h, 1);
+        assert_eq!(d.admission, Some(Duration::from_millis(500)));
+        // Without a limit header: the wait itself.
+        let h = headers(&[("retry-after", "2")]);
+        let d = delay_full(&h, 1);
+        assert_eq!(d.admission, Some(d.wait));
+        // Not for an overload.
+        let mut rng = fastrand::Rng::with_seed(1);
+        let d = next_delay(
+            &BackoffConfig::default(),
+            &mut BackoffState::default(),
+            Some(&h),
+            false,
+            0,
+            &mut rng,
+            SystemTime::now(),
+        );
+        assert_eq!(d.source, DelaySource::Server);
+        assert_eq!(d.admission, None);
+    }
+
+    #[test]
+    fn admission_interval_takes_the_slowest_bucket() {
+        let h = headers(&[
+            ("anthropic-ratelimit-requests-limit", "600"),
+            ("anthropic-ratelimit-input-tokens-limit", "60000"),
+            ("anthropic-ratelimit-output-tokens-limit", "bogus"),
+        ]);
+        let need = Need {
+            input_tokens: 2000,
+            output_tokens: 4096,
+        };
+        // Requests: 0.1 s; input tokens: 2 s; output: unknown.
+        assert_eq!(admission_interval(&h, need), Some(Duration::from_secs(2)));
+        assert_eq!(admission_interval(&HeaderMap::new(), need), None);
+        // A request larger than the limit needs the whole minute, not more.
+        let need = Need {
+            input_tokens: 1_000_000,
+            output_tokens: 0,
+        };
+        assert_eq!(admission_interval(&h, need), Some(Duration::from_secs(60)));
     }
 }

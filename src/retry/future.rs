@@ -16,15 +16,16 @@ use pin_project::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::backoff::{BackoffState, next_delay};
+use super::backoff::{BackoffState, Need, next_delay};
 use super::layer::Shared;
+use super::pacing::{QuotaKey, Slot};
 use super::policy::{
     StatusVerdict, is_rate_limit, is_retryable_stream_error, is_spend_cap, needs_body,
     status_verdict,
 };
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
-use crate::anthropic::{ApiError, KeyId, RateLimitGroup, StreamTracker, header_names, request_id};
+use crate::anthropic::{ApiError, StreamTracker, header_names, request_id};
 use crate::body::RequestBody;
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
@@ -33,8 +34,9 @@ type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, Bo
 ///
 /// Requests the layer does not apply to (anything but `POST /v1/messages`, or a body that
 /// cannot be read) are polled in place, without allocation. A Messages API call runs the
-/// retry loop in one boxed `async` block: the loop alternates between five kinds of waiting
-/// (inner readiness, the call, reading an error body, holding back a stream, sleeping) and
+/// retry loop in one boxed `async` block: the loop alternates between six kinds of waiting
+/// (a pacing slot, inner readiness, the call, reading an error body, holding back a stream,
+/// sleeping) and
 /// carries the request template, the backoff state and the last outcome across them, which a
 /// hand-written state machine would spread over as many states with the same fields. The box
 /// is allocated once per request, next to an HTTP round trip.
@@ -146,10 +148,13 @@ impl Template {
 pub(crate) struct Attempts {
     pub(crate) shared: Arc<Shared>,
     pub(crate) template: Template,
-    pub(crate) key: (KeyId, RateLimitGroup),
+    pub(crate) key: QuotaKey,
     pub(crate) stream: bool,
+    pub(crate) need: Need,
     pub(crate) deadline: Option<Instant>,
     pub(crate) started: Instant,
+    /// The pacing slot a new request waits for before its first attempt.
+    pub(crate) gate: Option<Slot>,
 }
 
 /// The result of one attempt.
@@ -196,17 +201,27 @@ where
     let shared = ctx.shared;
     let config = &shared.config;
     let mut rng = shared.fork_rng();
-    let mut backoff = BackoffState::default();
+    let mut backoff = BackoffState::new(ctx.need);
     let mut total_wait = Duration::ZERO;
     let mut last_status: Option<StatusCode> = None;
     let mut last_message: Option<String> = None;
     if let Some(budget) = &config.budget {
         budget.deposit();
     }
+    // A new request on a quota being paced waits for its slot first (see `pacing`); the
+    // service it was given is then not ready (`Retry::call` dropped the readied one).
+    let mut needs_ready = false;
+    if let Some(slot) = ctx.gate {
+        let now = Instant::now();
+        let wake = slot.at.min(now + config.backoff.max_delay);
+        tokio::time::sleep_until(wake).await;
+        total_wait += wake.saturating_duration_since(now);
+        needs_ready = true;
+    }
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        if attempt > 1 {
+        if attempt > 1 || needs_ready {
             let ready: Result<(), BoxError> = std::future::poll_fn(|cx| service.poll_ready(cx))
                 .await
                 .map_err(Into::into);
@@ -226,13 +241,13 @@ where
             Err(err) => Outcome::Failed(err),
             Ok(response) => inspect(response, ctx.stream, &shared).await,
         };
-        let (failure, delay_headers) = match outcome {
+        let (failure, delay_headers, rate_limited) = match outcome {
             Outcome::Final {
                 mut response,
                 success,
             } => {
                 let (kind, status, message) = if success {
-                    shared.penalties.succeeded(&ctx.key);
+                    shared.pacer.succeeded(&ctx.key);
                     (RetryOutcome::Success, last_status, last_message)
                 } else {
                     (
@@ -275,7 +290,7 @@ where
                 }
                 last_status = None;
                 last_message = Some(err.to_string());
-                (Failure::Error(err), None)
+                (Failure::Error(err), None, false)
             }
             Outcome::Retryable {
                 response,
@@ -283,13 +298,14 @@ where
                 use_headers,
             } => {
                 let status = response.status();
-                if is_rate_limit(status, error.as_ref()) {
-                    shared.penalties.rate_limited(&ctx.key);
+                let rate_limited = is_rate_limit(status, error.as_ref());
+                if rate_limited {
+                    shared.pacer.rate_limited(&ctx.key);
                 }
                 last_status = Some(status);
                 last_message = error.as_ref().map(|e| e.message().to_string());
                 let headers = use_headers.then(|| response.headers().clone());
-                (Failure::Response { response, error }, headers)
+                (Failure::Response { response, error }, headers, rate_limited)
             }
         };
 
@@ -297,31 +313,50 @@ where
         let give_up = if attempt >= config.max_attempts {
             Some(RetryOutcome::Exhausted)
         } else {
-            let penalty = shared.penalties.level(&ctx.key);
-            let (delay, _source) = next_delay(
+            let delay = next_delay(
                 &config.backoff,
                 &mut backoff,
                 delay_headers.as_ref(),
-                penalty,
+                rate_limited,
+                shared.pacer.level(&ctx.key),
                 &mut rng,
                 SystemTime::now(),
             );
             let now = Instant::now();
-            if ctx.deadline.is_some_and(|deadline| now + delay > deadline) {
+            let mut wake = now + delay.wait;
+            let mut crosses = ctx.deadline.is_some_and(|deadline| wake > deadline);
+            let mut slot = None;
+            if let (false, true, Some(admission)) = (crosses, config.pacing, delay.admission) {
+                match shared
+                    .pacer
+                    .reserve(&ctx.key, wake, admission, ctx.deadline)
+                {
+                    Some(reserved) => {
+                        wake = reserved.at.min(now + config.backoff.max_delay);
+                        slot = Some(reserved);
+                    }
+                    None => crosses = true,
+                }
+            }
+            if crosses {
                 Some(RetryOutcome::DeadlineExceeded)
             } else if config.budget.as_ref().is_some_and(|b| !b.withdraw()) {
+                if let Some(slot) = slot {
+                    shared.pacer.release(&ctx.key, slot);
+                }
                 Some(RetryOutcome::BudgetExhausted)
             } else {
+                let wait = wake - now;
                 tracing::debug!(
                     attempt,
                     status = last_status.map(|s| s.as_u16()),
-                    delay_ms = delay.as_millis() as u64,
+                    wait_ms = wait.as_millis() as u64,
                     key = %ctx.key.0,
                     group = %ctx.key.1,
                     "retrying Messages API call"
                 );
-                tokio::time::sleep_until(now + delay).await;
-                total_wait += delay;
+                tokio::time::sleep_until(wake).await;
+                total_wait += wait;
                 None
             }
         };

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::backoff::{BackoffConfig, Jitter, Penalties};
+use super::backoff::{BackoffConfig, Jitter};
+use super::pacing::Pacer;
 use super::{Retry, RetryBudget};
 use crate::BoxError;
 use crate::anthropic::ModelCatalog;
@@ -26,6 +27,7 @@ pub(crate) struct Config {
     pub(crate) budget: Option<RetryBudget>,
     pub(crate) backoff: BackoffConfig,
     pub(crate) hold_back_stream: bool,
+    pub(crate) pacing: bool,
     pub(crate) catalog: ModelCatalog,
     pub(crate) retry_error: Option<ErrorPredicate>,
     pub(crate) max_error_body: usize,
@@ -35,7 +37,7 @@ pub(crate) struct Config {
 /// State shared by a layer and every service it builds (and their clones).
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) penalties: Arc<Penalties>,
+    pub(crate) pacer: Arc<Pacer>,
     pub(crate) rng: Arc<Mutex<fastrand::Rng>>,
 }
 
@@ -70,14 +72,14 @@ impl Shared {
 #[derive(Clone)]
 pub struct RetryLayer {
     config: Config,
-    penalties: Arc<Penalties>,
+    pacer: Arc<Pacer>,
     rng: Arc<Mutex<fastrand::Rng>>,
 }
 
 impl RetryLayer {
     /// A layer with the defaults: 8 attempts, waits capped at 90 s, no deadline, no budget,
     /// 500 ms backoff base doubling up to 30 s with decorrelated jitter, up to 1 s spread on
-    /// server delays, streams held back until their first content event.
+    /// server delays, pacing after 429s, streams held back until their first content event.
     pub fn new() -> Self {
         Self {
             config: Config {
@@ -86,12 +88,13 @@ impl RetryLayer {
                 budget: None,
                 backoff: BackoffConfig::default(),
                 hold_back_stream: true,
+                pacing: true,
                 catalog: ModelCatalog::default(),
                 retry_error: None,
                 max_error_body: DEFAULT_MAX_ERROR_BODY,
                 max_hold_back: DEFAULT_MAX_HOLD_BACK,
             },
-            penalties: Arc::new(Penalties::default()),
+            pacer: Arc::new(Pacer::default()),
             rng: Arc::new(Mutex::new(fastrand::Rng::new())),
         }
     }
@@ -165,8 +168,17 @@ impl RetryLayer {
         self
     }
 
+    /// Whether requests on an (API key, rate-limit group) that answered 429 are paced: each
+    /// waiting request gets its own admission slot, and new requests join the schedule while
+    /// it lasts, instead of all being sent at the instant the `retry-after` ends (default
+    /// true). See the [module docs](super#pacing-after-429s).
+    pub fn pacing(mut self, pacing: bool) -> Self {
+        self.config.pacing = pacing;
+        self
+    }
+
     /// The catalogue mapping models to rate-limit groups, which key the shared 429 penalty
-    /// (default [`ModelCatalog::default`]).
+    /// and pacing (default [`ModelCatalog::default`]).
     pub fn catalog(mut self, catalog: ModelCatalog) -> Self {
         self.config.catalog = catalog;
         self
@@ -208,6 +220,7 @@ impl fmt::Debug for RetryLayer {
             .field("budget", &self.config.budget)
             .field("backoff", &self.config.backoff)
             .field("hold_back_stream", &self.config.hold_back_stream)
+            .field("pacing", &self.config.pacing)
             .finish_non_exhaustive()
     }
 }
@@ -220,7 +233,7 @@ impl<S> Layer<S> for RetryLayer {
             inner,
             Arc::new(Shared {
                 config: self.config.clone(),
-                penalties: self.penalties.clone(),
+                pacer: self.pacer.clone(),
                 rng: self.rng.clone(),
             }),
         )

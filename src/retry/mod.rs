@@ -86,15 +86,35 @@
 //!
 //! # How long it waits
 //!
-//! `retry-after-ms`, then `retry-after` (seconds or an HTTP date), then the
+//! `retry-after-ms`, then `retry-after` (seconds or an HTTP date), then, for a 429, the
 //! `anthropic-ratelimit-*-reset` of the exhausted bucket, else exponential backoff with
 //! decorrelated [`Jitter`]. A server delay is a floor; a positive spread of up to 1 s is added
 //! so that callers told the same whole-second `retry-after` come back at different instants.
-//! Consecutive 429s on one (API key, rate-limit group) lengthen the waits of every request
-//! sharing them; successes relax it. Every wait is capped by `max_delay` (90 s by default, so
-//! one-minute quota resets are waited for). See [`Jitter`] and the `backoff` source for the
-//! exact rules.
+//! Consecutive 429s on one (API key, rate-limit group) lengthen the backoff base of every
+//! request sharing them; successes relax it. Every wait is capped by `max_delay` (90 s by
+//! default, so one-minute quota resets are waited for). See [`Jitter`] and the `backoff`
+//! source for the exact rules.
 //!
+//! # Pacing after 429s
+//!
+//! A `retry-after` says when the quota can admit *one* request. When many requests of the
+//! layer wait on the same quota, sending them all when it ends (even spread over a second)
+//! makes all but a few collide again, and under a tight quota an unlucky request collides on
+//! every attempt until `max_attempts` is spent: the task is lost. So after a 429 with a delay
+//! the layer paces what it sends on that (API key, rate-limit group): each waiting request
+//! reserves its own admission slot, no earlier than the server's delay and one step after the
+//! previous slot. The step is the time the quota needs to admit one request like it, the
+//! largest share of a per-minute `anthropic-ratelimit-*-limit` it uses (e.g.
+//! `60 s / requests-limit`; at most the server's delay), plus a 10 % margin doubled per
+//! consecutive 429, so an estimate that is too fast corrects itself. While slots are
+//! reserved, a *new* request on that key and group takes the next slot too rather than being
+//! sent into a quota known to be exhausted (it does not hold what the inner `poll_ready`
+//! reserved while it waits, and never waits past its deadline). When the last slot has
+//! passed, requests go straight through again. Turn it off with
+//! [`pacing(false)`](RetryLayer::pacing). A rate limiter below the layer
+//! ([`rate_limit`](crate::rate_limit)) avoids most 429s in the first place; pacing is what
+//! keeps the retry layer alone from losing tasks.
+
 //! # Limits
 //!
 //! `max_attempts` (default 8, the first attempt included); a deadline per request (a
@@ -130,6 +150,7 @@ mod budget;
 mod error;
 mod future;
 mod layer;
+mod pacing;
 mod policy;
 mod service;
 

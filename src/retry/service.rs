@@ -10,6 +10,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use super::backoff::Need;
 use super::future::{Attempts, ResponseFuture, Template};
 use super::layer::Shared;
 use super::{Deadline, RetryBody};
@@ -87,8 +88,15 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, stream) = match RequestMeta::get_or_scan(&mut req) {
-            Ok(meta) => (meta.model.clone(), meta.stream),
+        let (model, stream, need) = match RequestMeta::get_or_scan(&mut req) {
+            Ok(meta) => (
+                meta.model.clone(),
+                meta.stream,
+                Need {
+                    input_tokens: meta.input_tokens,
+                    output_tokens: meta.max_tokens.unwrap_or(0),
+                },
+            ),
             // Upstream answers 400: nothing to retry.
             Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
         };
@@ -108,16 +116,33 @@ where
             None => RateLimitGroup::new("unknown"),
         };
 
+        let key = (key, group);
+        let deadline = deadline.map(Deadline::instant);
+        let gate = if config.pacing {
+            self.shared.pacer.admit(&key, deadline)
+        } else {
+            None
+        };
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
-        let service = std::mem::replace(&mut self.inner, clone);
+        let readied = std::mem::replace(&mut self.inner, clone);
+        let service = if gate.is_some() {
+            // The request first waits for a pacing slot: do not sit on what `poll_ready`
+            // reserved (a concurrency permit, say) meanwhile; the future readies a clone.
+            drop(readied);
+            self.inner.clone()
+        } else {
+            readied
+        };
         let attempts = Attempts {
             shared: self.shared.clone(),
             template: Template::new(req),
-            key: (key, group),
+            key,
             stream,
-            deadline: deadline.map(Deadline::instant),
+            need,
+            deadline,
             started: now,
+            gate,
         };
         ResponseFuture::retrying(service, attempts)
     }
