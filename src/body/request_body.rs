@@ -1,9 +1,4 @@
-//! Buffered, cheaply cloneable request bodies.
-//!
-//! Retry and fallback replay requests, and the cache hashes them, so every layer of this crate
-//! works on [`RequestBody`]: a complete request body held in [`Bytes`]. Cloning it is a
-//! reference-count increment. [`BufferBodyLayer`](crate::body::BufferBodyLayer) turns any
-//! streaming body (such as hyper's `Incoming`) into it, with a size limit.
+//! [`RequestBody`]: a complete request body backed by `Bytes`.
 
 use std::convert::Infallible;
 use std::pin::Pin;

@@ -1,0 +1,41 @@
+//! Buffered, cheaply cloneable request bodies, and the layer that produces them.
+//!
+//! Retry and fallback replay requests, and the cache hashes them, so every layer of this crate
+//! works on [`RequestBody`]: a complete request body held in [`Bytes`](bytes::Bytes). Cloning it
+//! is a reference-count increment. [`BufferBodyLayer`] turns any streaming body (such as hyper's
+//! `Incoming`) into it, refusing bodies over a size limit (Anthropic's is 32 MB).
+//!
+//! ```
+//! use http::Request;
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_claude::body::{BufferBodyLayer, RequestBody};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_claude::BoxError> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(BufferBodyLayer::new(32 * 1024 * 1024))
+//!     .service(service_fn(|req: Request<RequestBody>| async move {
+//!         Ok::<_, tower_claude::BoxError>(req.body().len())
+//!     }));
+//! let req = Request::new(Full::new(Bytes::from_static(b"{\"model\":\"x\"}")));
+//! assert_eq!(svc.oneshot(req).await?, 13);
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod future;
+mod layer;
+mod request_body;
+mod service;
+
+pub use error::{BufferBodyError, BufferBodyErrorKind};
+pub use future::ResponseFuture;
+pub use layer::BufferBodyLayer;
+pub use request_body::RequestBody;
+pub use service::BufferBody;
+
+/// The largest request body the Anthropic API accepts for the Messages API: 32 MB.
+pub const ANTHROPIC_MAX_BODY: usize = 32 * 1024 * 1024;
