@@ -184,7 +184,7 @@ enum Outcome<B> {
 /// The last failed attempt, kept until the next one.
 enum Failure<B> {
     Response {
-        response: Response<RetryBody<B>>,
+        response: Box<Response<RetryBody<B>>>,
         error: Option<ApiError>,
     },
     Error(BoxError),
@@ -305,7 +305,14 @@ where
                 last_status = Some(status);
                 last_message = error.as_ref().map(|e| e.message().to_string());
                 let headers = use_headers.then(|| response.headers().clone());
-                (Failure::Response { response, error }, headers, rate_limited)
+                (
+                    Failure::Response {
+                        response: Box::new(response),
+                        error,
+                    },
+                    headers,
+                    rate_limited,
+                )
             }
         };
 
@@ -376,7 +383,7 @@ where
                     message,
                     outcome,
                 ));
-                Ok(response)
+                Ok(*response)
             }
             Failure::Error(err) => {
                 let kind = match outcome {
