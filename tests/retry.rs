@@ -50,6 +50,7 @@ fn status(code: u16) -> Step {
 #[derive(Clone, Debug)]
 struct Seen {
     at: Instant,
+    task: Option<String>,
     attempt: Option<String>,
     deadline: Option<Deadline>,
 }
@@ -105,6 +106,10 @@ impl Service<Request<RequestBody>> for Fake {
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         self.seen.lock().unwrap().push(Seen {
             at: Instant::now(),
+            task: req
+                .headers()
+                .get("x-task")
+                .map(|v| v.to_str().unwrap().to_string()),
             attempt: req
                 .headers()
                 .get("x-tower-claude-attempt")
@@ -710,6 +715,16 @@ mod deadline_property {
                 vec![("retry-after", s.to_string())],
                 r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
             )),
+            // A 429 with limits: paced.
+            (0u64..5, 1u64..120).prop_map(|(s, rpm)| Step::Reply(
+                429,
+                vec![
+                    ("retry-after", s.to_string()),
+                    ("anthropic-ratelimit-requests-limit", rpm.to_string()),
+                    ("anthropic-ratelimit-requests-remaining", "0".to_string()),
+                ],
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+            )),
             (0u64..20_000).prop_map(|ms| Step::Reply(
                 529,
                 vec![("retry-after-ms", ms.to_string())],
@@ -724,15 +739,16 @@ mod deadline_property {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever the upstream says, no wait crosses the deadline: every retry starts before
-        /// it, and the layer answers no later than the deadline plus one attempt's latency.
+        /// Whatever the upstream says, and however requests share the layer's pacing, no wait
+        /// crosses a request's deadline: every attempt after the first starts no later than
+        /// the deadline (the first is always sent, at once when its pacing slot would be
+        /// late), and each request is answered no later than its deadline plus one attempt.
         #[test]
         fn no_wait_crosses_the_deadline(
-            steps in proptest::collection::vec(step(), 1..12),
-            deadline_ms in 0u64..120_000,
+            steps in proptest::collection::vec(step(), 1..16),
+            tasks in proptest::collection::vec((0u64..120_000, 0u64..3_000, any::<bool>()), 1..5),
             latency_ms in 0u64..2_000,
             seed in any::<u64>(),
-            per_request in any::<bool>(),
         ) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -742,22 +758,46 @@ mod deadline_property {
             rt.block_on(async move {
                 let mut fake = Fake::new(steps);
                 fake.latency = Duration::from_millis(latency_ms);
-                let start = Instant::now();
-                let deadline = start + Duration::from_millis(deadline_ms);
-                let mut req = messages(BODY);
                 let layer = RetryLayer::new().seed(seed).max_attempts(12);
-                let layer = if per_request {
-                    req.extensions_mut().insert(Deadline::at(deadline));
-                    layer
-                } else {
-                    layer.deadline(Duration::from_millis(deadline_ms))
-                };
-                let _ = layer.layer(fake.clone()).oneshot(req).await;
-                let end = Instant::now();
-                for seen in &fake.seen()[1..] {
-                    prop_assert!(seen.at <= deadline, "a retry started after the deadline");
+                let mut handles = Vec::new();
+                for (i, (deadline_ms, start_ms, per_request)) in tasks.iter().copied().enumerate() {
+                    let deadline = Duration::from_millis(deadline_ms);
+                    // Per-request deadlines, or the layer's default (a layer of its own, sharing
+                    // nothing), on requests that start at different times.
+                    let svc = if per_request {
+                        layer.layer(fake.clone())
+                    } else {
+                        layer.clone().deadline(deadline).layer(fake.clone())
+                    };
+                    handles.push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(start_ms)).await;
+                        let start = Instant::now();
+                        let mut req = messages(BODY);
+                        req.headers_mut().insert("x-task", i.to_string().parse().unwrap());
+                        if per_request {
+                            req.extensions_mut().insert(Deadline::at(start + deadline));
+                        }
+                        let _ = svc.oneshot(req).await;
+                        (start, start + deadline, Instant::now())
+                    }));
                 }
-                prop_assert!(end <= deadline.max(start) + fake.latency);
+                let mut ends = Vec::new();
+                for h in handles {
+                    ends.push(h.await.unwrap());
+                }
+                let seen = fake.seen();
+                for (i, (start, deadline, end)) in ends.into_iter().enumerate() {
+                    let attempts: Vec<Instant> = seen
+                        .iter()
+                        .filter(|s| s.task.as_deref() == Some(i.to_string().as_str()))
+                        .map(|s| s.at)
+                        .collect();
+                    prop_assert!(!attempts.is_empty());
+                    for at in &attempts {
+                        prop_assert!(*at <= deadline.max(start), "an attempt started after the deadline");
+                    }
+                    prop_assert!(end <= deadline.max(start) + fake.latency);
+                }
                 Ok(())
             })?;
         }

@@ -30,7 +30,7 @@ use http::HeaderMap;
 use crate::anthropic::{RateLimitSnapshot, header_names, retry_after};
 
 /// The highest penalty level: the backoff base is multiplied by at most `2^4 = 16`.
-pub const MAX_PENALTY_LEVEL: u32 = 4;
+pub(crate) const MAX_PENALTY_LEVEL: u32 = 4;
 
 /// How exponential backoff is randomised when the server gave no delay.
 ///
@@ -213,6 +213,14 @@ pub(crate) struct Delay {
     pub(crate) admission: Option<Duration>,
 }
 
+/// Whether the request needs more than a whole per-minute limit of `headers`.
+fn exceeds_a_limit(headers: &HeaderMap, need: Need) -> bool {
+    let snap = RateLimitSnapshot::from_headers(headers);
+    let over = |limit: Option<u64>, amount: u64| limit.is_some_and(|l| amount > l);
+    over(snap.input_tokens.limit, need.input_tokens)
+        || over(snap.output_tokens.limit, need.output_tokens)
+}
+
 /// Computes the next wait.
 ///
 /// `headers` are those of the failed response (none for a connection error or a mid-stream
@@ -266,7 +274,11 @@ pub(crate) fn next_delay(
     };
     let wait = delay.min(config.max_delay);
     let admission = match (rate_limited, source, headers) {
-        (true, DelaySource::Server | DelaySource::Reset, Some(h)) => {
+        // A request larger than a whole limit is not paced: it would hold every other request
+        // of its key and group behind a slot it may never use.
+        (true, DelaySource::Server | DelaySource::Reset, Some(h))
+            if !exceeds_a_limit(h, state.need) =>
+        {
             Some(admission_interval(h, state.need).map_or(wait, |interval| interval.min(wait)))
         }
         _ => None,
@@ -585,6 +597,25 @@ mod tests {
             SystemTime::now(),
         );
         assert_eq!(d.source, DelaySource::Server);
+        assert_eq!(d.admission, None);
+        // Nor for a request larger than a whole limit.
+        let h = headers(&[
+            ("retry-after", "60"),
+            ("anthropic-ratelimit-input-tokens-limit", "30000"),
+        ]);
+        let mut state = BackoffState::new(Need {
+            input_tokens: 50_000,
+            output_tokens: 100,
+        });
+        let d = next_delay(
+            &BackoffConfig::default(),
+            &mut state,
+            Some(&h),
+            true,
+            0,
+            &mut rng,
+            SystemTime::now(),
+        );
         assert_eq!(d.admission, None);
     }
 

@@ -317,8 +317,8 @@ where
         };
 
         // Decide whether to try again, and after how long.
-        let give_up = if attempt >= config.max_attempts {
-            Some(RetryOutcome::Exhausted)
+        let next = if attempt >= config.max_attempts {
+            Err(RetryOutcome::Exhausted)
         } else {
             let delay = next_delay(
                 &config.backoff,
@@ -346,13 +346,20 @@ where
                 }
             }
             if crosses {
-                Some(RetryOutcome::DeadlineExceeded)
+                Err(RetryOutcome::DeadlineExceeded)
             } else if config.budget.as_ref().is_some_and(|b| !b.withdraw()) {
                 if let Some(slot) = slot {
                     shared.pacer.release(&ctx.key, slot);
                 }
-                Some(RetryOutcome::BudgetExhausted)
+                Err(RetryOutcome::BudgetExhausted)
             } else {
+                Ok((now, wake))
+            }
+        };
+        let outcome = match next {
+            Ok((now, wake)) => {
+                // Nothing of the failed attempt is kept while waiting (no connection held).
+                drop(failure);
                 let wait = wake - now;
                 tracing::debug!(
                     attempt,
@@ -364,10 +371,10 @@ where
                 );
                 tokio::time::sleep_until(wake).await;
                 total_wait += wait;
-                None
+                continue;
             }
+            Err(outcome) => outcome,
         };
-        let Some(outcome) = give_up else { continue };
         return match failure {
             Failure::Response {
                 mut response,

@@ -159,7 +159,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
-pub use backoff::{Jitter, MAX_PENALTY_LEVEL};
+pub use backoff::Jitter;
 pub use body::RetryBody;
 pub use budget::RetryBudget;
 pub use error::{RetryError, RetryErrorKind};
