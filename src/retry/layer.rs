@@ -53,7 +53,10 @@ impl Shared {
 /// Retries Messages API calls that failed for a transient reason, with server-directed delays,
 /// jittered backoff, a per-request deadline and an optional shared budget.
 ///
-/// See the [module docs](super) for what is retried and what is returned.
+/// See the [module docs](super) for what is retried and what is returned. Clones of the
+/// layer and every service it builds share one state: the 429 penalties and pacing schedules
+/// per (API key, rate-limit group), the jitter generator and the budget. Build one layer per
+/// upstream and clone it.
 ///
 /// ```
 /// use std::time::Duration;
