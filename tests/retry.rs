@@ -263,7 +263,7 @@ async fn inner_errors_are_retried_then_reported_with_source() {
         Some("connection refused")
     );
 
-    let fake = Fake::new(std::iter::repeat_n(Step::Fail, 10));
+    let fake = Fake::new(std::iter::once(status(529)).chain(std::iter::repeat_n(Step::Fail, 10)));
     let err = send(layer().max_attempts(3), &fake, messages(BODY))
         .await
         .unwrap_err();
@@ -275,6 +275,9 @@ async fn inner_errors_are_retried_then_reported_with_source() {
         std::error::Error::source(err).unwrap().to_string(),
         "connection refused"
     );
+    // The last HTTP answer seen is reported too.
+    assert_eq!(err.last_status().map(|s| s.as_u16()), Some(529));
+    assert_eq!(err.message(), Some("Overloaded"));
     assert_eq!(fake.attempts(), 3);
 
     // A predicate can refuse to retry some errors.
@@ -668,6 +671,15 @@ async fn stream_error_after_content_passes_through() {
     };
     assert_eq!(got, [SSE_START, SSE_BLOCK, SSE_DELTA].concat().as_bytes());
     assert_eq!(err.to_string(), "connection reset");
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_json_answer_to_a_streaming_request_is_not_held_back() {
+    let fake = Fake::new([ok()]);
+    let (resp, info) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(info.unwrap().attempts(), 1);
     assert_eq!(fake.attempts(), 1);
 }
 

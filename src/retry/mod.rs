@@ -132,9 +132,9 @@
 //!
 //! A stream can fail after HTTP 200 with `event: error` (`overloaded_error`). Such a failure
 //! can be retried only if nothing of the stream has reached the caller. So the layer holds a
-//! 2xx streaming response back (reading and buffering its events) until the first content
-//! event (`content_block_start` or anything after `message_start` other than `ping`), then
-//! forwards the held bytes and the rest of the stream. An `event: error`, a body failure, or
+//! 2xx `text/event-stream` response back (reading and buffering its events) until the first
+//! content event (`content_block_start` or anything after `message_start` other than `ping`),
+//! then forwards the held bytes and the rest of the stream. An `event: error`, a body failure, or
 //! an end of stream before any content is retried like any transient failure (after backoff:
 //! the 200's headers carry no delay). Once content has been forwarded, a later error passes to
 //! the caller as it is (a layer above, or the caller, must deal with a cut stream). Holding

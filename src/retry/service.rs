@@ -88,10 +88,9 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, stream, need) = match RequestMeta::get_or_scan(&mut req) {
+        let (model, need) = match RequestMeta::get_or_scan(&mut req) {
             Ok(meta) => (
                 meta.model.clone(),
-                meta.stream,
                 Need {
                     input_tokens: meta.input_tokens,
                     output_tokens: meta.max_tokens.unwrap_or(0),
@@ -138,7 +137,6 @@ where
             shared: self.shared.clone(),
             template: Template::new(req),
             key,
-            stream,
             need,
             deadline,
             started: now,
