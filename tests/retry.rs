@@ -602,6 +602,45 @@ async fn deadline_stops_at_once_instead_of_sleeping_past_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn extreme_settings_do_not_panic() {
+    let huge = RetryLayer::new()
+        .seed(1)
+        .max_attempts(0)
+        .max_delay(Duration::MAX)
+        .deadline(Duration::MAX)
+        .base_delay(Duration::MAX)
+        .max_backoff(Duration::MAX)
+        .spread(Duration::MAX);
+    let fake = Fake::new([Step::Reply(
+        429,
+        vec![
+            ("retry-after", "99999999999".into()),
+            ("anthropic-ratelimit-requests-limit", "1".into()),
+        ],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )]);
+    // max_attempts(0) means one attempt.
+    let (resp, info) = send(huge.clone(), &fake, messages(BODY)).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(info.unwrap().attempts(), 1);
+
+    let fake = Fake::new([
+        status(529),
+        Step::Reply(
+            429,
+            vec![("retry-after", "99999999999".into())],
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        ),
+    ]);
+    let mut req = messages(BODY);
+    req.extensions_mut().insert(Deadline::after(Duration::MAX));
+    let (resp, info) = send(huge.max_attempts(3), &fake, req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Every wait was capped at one day.
+    assert!(info.unwrap().total_wait() <= Duration::from_secs(2 * 24 * 3600));
+}
+
+#[tokio::test(start_paused = true)]
 async fn budget_holds_under_a_total_failure_storm() {
     let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.2);
     let fake = Fake::new(std::iter::repeat_n(status(529), 100_000));

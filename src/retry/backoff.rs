@@ -640,4 +640,59 @@ mod tests {
         };
         assert_eq!(admission_interval(&h, need), Some(Duration::from_secs(60)));
     }
+
+    mod bounds {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9]{0,12}",
+                "[0-9]{0,4}\\.[0-9]{0,4}",
+                "-?[0-9a-zA-Z ,.:+]{0,30}",
+            ]
+        }
+
+        proptest! {
+            /// Whatever the headers and state, a wait never exceeds `max_delay`, and a valid
+            /// server delay is honoured up to that cap.
+            #[test]
+            fn waits_are_capped_and_server_delays_honoured(
+                retry_after in proptest::option::of(value()),
+                retry_after_ms in proptest::option::of(value()),
+                limit in proptest::option::of(value()),
+                penalty in 0u32..10,
+                calls in 1usize..12,
+                rate_limited in any::<bool>(),
+                seed in any::<u64>(),
+                jitter in prop_oneof![Just(Jitter::None), Just(Jitter::Full), Just(Jitter::Equal), Just(Jitter::Decorrelated)],
+            ) {
+                let mut h = HeaderMap::new();
+                for (name, v) in [
+                    ("retry-after", &retry_after),
+                    ("retry-after-ms", &retry_after_ms),
+                    ("anthropic-ratelimit-requests-limit", &limit),
+                ] {
+                    if let Some(Ok(v)) = v.as_ref().map(|v| v.parse::<http::HeaderValue>()) {
+                        h.insert(name, v);
+                    }
+                }
+                let config = cfg(jitter);
+                let mut state = BackoffState::default();
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let now = SystemTime::now();
+                for _ in 0..calls {
+                    let d = next_delay(&config, &mut state, Some(&h), rate_limited, penalty, &mut rng, now);
+                    prop_assert!(d.wait <= config.max_delay);
+                    if let Some((server, _)) = server_delay(&h, now) {
+                        prop_assert_eq!(d.source, DelaySource::Server);
+                        prop_assert!(d.wait >= server.min(config.max_delay));
+                    }
+                    if let Some(admission) = d.admission {
+                        prop_assert!(rate_limited && admission <= d.wait);
+                    }
+                }
+            }
+        }
+    }
 }

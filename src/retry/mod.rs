@@ -190,9 +190,15 @@ impl Deadline {
         Self(instant)
     }
 
-    /// A deadline `timeout` from now.
+    /// A deadline `timeout` from now (about 30 years at most: a longer timeout is no deadline
+    /// in practice).
     pub fn after(timeout: Duration) -> Self {
-        Self(Instant::now() + timeout)
+        const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+        let now = Instant::now();
+        Self(
+            now.checked_add(timeout.min(FAR))
+                .unwrap_or_else(|| now + Duration::from_secs(24 * 60 * 60)),
+        )
     }
 
     /// The instant.

@@ -103,7 +103,10 @@ where
         let now = Instant::now();
         let deadline = match req.extensions().get::<Deadline>() {
             Some(deadline) => Some(*deadline),
-            None => config.deadline.map(|d| Deadline::at(now + d)),
+            None => config
+                .deadline
+                .and_then(|d| now.checked_add(d))
+                .map(Deadline::at),
         };
         if let Some(deadline) = deadline {
             // Layers below see the effective deadline too.
