@@ -305,7 +305,10 @@ mod tests {
             canon(r#"{ "b" : [ {"z":1, "a":2} ], "a": "x\"y\n" }"#),
             r#"{"a":"x\"y\n","b":[{"a":2,"z":1}]}"#
         );
-        assert_eq!(canon(r#"[1, -2, 1.5, 1.0, 1e3, true, null]"#), "[1,-2,1.5,1.0,1000.0,true,null]");
+        assert_eq!(
+            canon(r#"[1, -2, 1.5, 1.0, 1e3, true, null]"#),
+            "[1,-2,1.5,1.0,1000.0,true,null]"
+        );
     }
 
     #[test]
@@ -316,9 +319,18 @@ mod tests {
     #[test]
     fn reordered_keys_give_the_same_key_and_content_changes_it() {
         let h = HeaderMap::new();
-        let a = key(&h, r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#);
-        let b = key(&h, r#"{ "messages":[{"content":"hi","role":"user"}], "max_tokens":5, "model":"m" }"#);
-        let c = key(&h, r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi!"}]}"#);
+        let a = key(
+            &h,
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let b = key(
+            &h,
+            r#"{ "messages":[{"content":"hi","role":"user"}], "max_tokens":5, "model":"m" }"#,
+        );
+        let c = key(
+            &h,
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi!"}]}"#,
+        );
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -13,12 +13,12 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
 
+use super::CacheStatus;
 use super::body::{CacheBody, Tee};
 use super::future::ResponseFuture;
 use super::key::{CacheKey, Partition};
 use super::layer::{CacheLayer, Config};
 use super::store::{CacheStore, CachedResponse};
-use super::CacheStatus;
 use crate::BoxError;
 use crate::anthropic::{header_names, is_messages_call};
 use crate::body::RequestBody;
@@ -146,9 +146,7 @@ fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
     // JSON object is passed through (upstream answers 400).
     let body: Value = serde_json::from_slice(req.body().bytes()).ok()?;
     let object = body.as_object()?;
-    if config.only_deterministic
-        && object.get("temperature").and_then(Value::as_f64) != Some(0.0)
-    {
+    if config.only_deterministic && object.get("temperature").and_then(Value::as_f64) != Some(0.0) {
         return None;
     }
     let stream = object.get("stream").and_then(Value::as_bool) == Some(true);
@@ -229,7 +227,10 @@ where
         }
     }
     let res = inner.oneshot(req).await.map_err(Into::into)?;
-    Ok(mark(store_response(&config, key, res, guard).await, CacheStatus::Miss))
+    Ok(mark(
+        store_response(&config, key, res, guard).await,
+        CacheStatus::Miss,
+    ))
 }
 
 async fn lookup(config: &Config, key: &CacheKey) -> Option<CachedResponse> {
@@ -265,7 +266,13 @@ where
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     let (parts, body) = res.into_parts();
     if is_sse {
-        let tee = Tee::new(config.clone(), key, parts.status, parts.headers.clone(), guard);
+        let tee = Tee::new(
+            config.clone(),
+            key,
+            parts.status,
+            parts.headers.clone(),
+            guard,
+        );
         return Response::from_parts(parts, CacheBody::tee(body, tee));
     }
     let mut body = Box::pin(body);
@@ -293,7 +300,7 @@ where
     let data = buf.freeze();
     if let Some(pending) = pending {
         // Trailers or an error: forward them as they came, store nothing.
-        let rest = matches!(pending, Ok(_)).then_some(body);
+        let rest = pending.is_ok().then_some(body);
         return Response::from_parts(parts, CacheBody::chain(data, Some(pending), rest));
     }
     let entry = CachedResponse::new(parts.status, parts.headers.clone(), data.clone(), false);
@@ -406,9 +413,15 @@ mod tests {
     async fn followers_get_the_leaders_answer() {
         let flights = Arc::new(Flights::default());
         let k = CacheKey::from_bytes([1; 32]);
-        let Join::Lead(guard) = flights.join(k) else { panic!("first joins as leader") };
-        let Join::Follow(a) = flights.join(k) else { panic!("second follows") };
-        let Join::Follow(b) = flights.join(k) else { panic!("third follows") };
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("first joins as leader")
+        };
+        let Join::Follow(a) = flights.join(k) else {
+            panic!("second follows")
+        };
+        let Join::Follow(b) = flights.join(k) else {
+            panic!("third follows")
+        };
         guard.complete(entry());
         assert_eq!(a.await.unwrap(), entry());
         assert_eq!(b.await.unwrap(), entry());
@@ -419,20 +432,31 @@ mod tests {
     async fn a_dropped_leader_releases_followers_without_an_answer() {
         let flights = Arc::new(Flights::default());
         let k = CacheKey::from_bytes([1; 32]);
-        let Join::Lead(guard) = flights.join(k) else { panic!("leader") };
-        let Join::Follow(a) = flights.join(k) else { panic!("follower") };
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("leader")
+        };
+        let Join::Follow(a) = flights.join(k) else {
+            panic!("follower")
+        };
         drop(guard);
         assert!(a.await.is_err());
-        assert!(matches!(flights.join(k), Join::Lead(_)), "a follower can lead next");
+        assert!(
+            matches!(flights.join(k), Join::Lead(_)),
+            "a follower can lead next"
+        );
     }
 
     #[test]
     fn a_stale_guard_does_not_remove_a_newer_flight() {
         let flights = Arc::new(Flights::default());
         let k = CacheKey::from_bytes([1; 32]);
-        let Join::Lead(old) = flights.join(k) else { panic!("leader") };
+        let Join::Lead(old) = flights.join(k) else {
+            panic!("leader")
+        };
         flights.map.lock().unwrap().remove(&k);
-        let Join::Lead(_new) = flights.join(k) else { panic!("new leader") };
+        let Join::Lead(_new) = flights.join(k) else {
+            panic!("new leader")
+        };
         drop(old);
         assert_eq!(flights.len(), 1);
     }

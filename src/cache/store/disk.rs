@@ -178,7 +178,12 @@ impl Inner {
 
     /// Removes `key` with its order row (only if that row points back at it) and returns the
     /// new accounted total.
-    fn remove_in(&self, txn: &WriteTransaction, key: &[u8], mut total: u64) -> Result<u64, StoreError> {
+    fn remove_in(
+        &self,
+        txn: &WriteTransaction,
+        key: &[u8],
+        mut total: u64,
+    ) -> Result<u64, StoreError> {
         let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
         let mut order = txn.open_table(ORDER).map_err(backend)?;
         let old = entries
@@ -252,7 +257,8 @@ impl Inner {
     fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
         let encoded = value.encode();
         let size = KEY_LEN + (HEADER + encoded.len()) as u64;
-        let expires = unix_ms((self.clock)()).saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let expires = unix_ms((self.clock)())
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         self.write(|txn, inner| {
             let (total, seq) = inner.total(txn)?;
             let total = inner.remove_in(txn, &key.as_bytes()[..], total)?;
@@ -381,7 +387,10 @@ mod tests {
         store.put(&k(1), resp(10), HOUR).await.unwrap();
         store.put(&k(2), resp(10), HOUR).await.unwrap();
         let far_future = u64::MAX.to_le_bytes();
-        for garbage in [&b"xx"[..], &[&[0u8; 8][..], &far_future[..], b"not an entry"].concat()] {
+        for garbage in [
+            &b"xx"[..],
+            &[&[0u8; 8][..], &far_future[..], b"not an entry"].concat(),
+        ] {
             {
                 let txn = store.inner.db.begin_write().unwrap();
                 txn.open_table(ENTRIES)
@@ -391,7 +400,11 @@ mod tests {
                 txn.commit().unwrap();
             }
             assert_eq!(store.get(&k(1)).await.unwrap(), None);
-            assert_eq!(store.entry_count().unwrap(), 1, "garbage removed, k(2) kept");
+            assert_eq!(
+                store.entry_count().unwrap(),
+                1,
+                "garbage removed, k(2) kept"
+            );
             assert_eq!(store.get(&k(2)).await.unwrap(), Some(resp(10)));
         }
         // The store still works for that key.

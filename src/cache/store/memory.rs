@@ -140,14 +140,22 @@ mod tests {
     use http::{HeaderMap, StatusCode};
 
     fn resp(n: usize) -> CachedResponse {
-        CachedResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from(vec![b'x'; n]), false)
+        CachedResponse::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(vec![b'x'; n]),
+            false,
+        )
     }
 
     #[tokio::test(start_paused = true)]
     async fn ttl_follows_tokio_time() {
         let store = MemoryStore::new(1 << 20);
         let k = CacheKey::from_bytes([1; 32]);
-        store.put(&k, resp(10), Duration::from_secs(60)).await.unwrap();
+        store
+            .put(&k, resp(10), Duration::from_secs(60))
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(store.get(&k).await.unwrap().is_some());
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -158,9 +166,15 @@ mod tests {
     async fn put_replaces_and_renews_ttl() {
         let store = MemoryStore::new(1 << 20);
         let k = CacheKey::from_bytes([1; 32]);
-        store.put(&k, resp(1), Duration::from_secs(10)).await.unwrap();
+        store
+            .put(&k, resp(1), Duration::from_secs(10))
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(9)).await;
-        store.put(&k, resp(2), Duration::from_secs(10)).await.unwrap();
+        store
+            .put(&k, resp(2), Duration::from_secs(10))
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(store.get(&k).await.unwrap().unwrap().body().len(), 2);
     }
@@ -170,9 +184,16 @@ mod tests {
         let store = MemoryStore::new(100_000);
         for i in 0..100u8 {
             let k = CacheKey::from_bytes([i; 32]);
-            store.put(&k, resp(10_000), Duration::from_secs(60)).await.unwrap();
+            store
+                .put(&k, resp(10_000), Duration::from_secs(60))
+                .await
+                .unwrap();
         }
-        assert!(store.weighted_size() <= 100_000, "{}", store.weighted_size());
+        assert!(
+            store.weighted_size() <= 100_000,
+            "{}",
+            store.weighted_size()
+        );
         assert!(store.entry_count() <= 10);
     }
 

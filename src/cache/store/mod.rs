@@ -311,7 +311,10 @@ mod tests {
         h.insert("content-type", "text/event-stream".parse().unwrap());
         h.insert("request-id", "req_1".parse().unwrap());
         h.insert("anthropic-organization-id", "org".parse().unwrap());
-        h.insert("anthropic-ratelimit-requests-remaining", "3".parse().unwrap());
+        h.insert(
+            "anthropic-ratelimit-requests-remaining",
+            "3".parse().unwrap(),
+        );
         h.insert("set-cookie", "a=b".parse().unwrap());
         h.insert("retry-after", "3".parse().unwrap());
         h.insert("x-api-key", "sk-secret".parse().unwrap());
@@ -324,7 +327,10 @@ mod tests {
         let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(r.headers().contains_key("anthropic-organization-id"));
-        assert!(!r.headers().contains_key("anthropic-ratelimit-requests-remaining"));
+        assert!(
+            !r.headers()
+                .contains_key("anthropic-ratelimit-requests-remaining")
+        );
     }
 
     #[test]
