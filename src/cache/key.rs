@@ -380,4 +380,81 @@ mod tests {
             "ab".repeat(32)
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                // Exactly representable fractions: `serde_json`'s default float parser is not always
+                // correctly rounded, so arbitrary floats may not survive a print-parse cycle.
+                (-1_000_000i32..1_000_000).prop_map(|i| Value::from(f64::from(i) / 8.0)),
+                "[a-z\\\\\"\u{e9}\u{1f600} ]{0,8}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::btree_map("[a-z]{1,4}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Writes `v` as JSON with object members in reverse order and extra whitespace.
+        fn scrambled(v: &Value, out: &mut String) {
+            match v {
+                Value::Array(items) => {
+                    out.push_str("[ ");
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" ,\n ");
+                        }
+                        scrambled(item, out);
+                    }
+                    out.push_str(" ]");
+                }
+                Value::Object(map) => {
+                    out.push_str("{\t");
+                    let mut members: Vec<_> = map.iter().collect();
+                    members.sort_by(|a, b| b.0.cmp(a.0));
+                    for (i, (k, item)) in members.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" , ");
+                        }
+                        out.push_str(&serde_json::to_string(k).unwrap());
+                        out.push_str(" : ");
+                        scrambled(item, out);
+                    }
+                    out.push_str(" }");
+                }
+                other => out.push_str(&serde_json::to_string(other).unwrap()),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn member_order_and_whitespace_never_change_the_key(v in json()) {
+                let plain = serde_json::to_string(&v).unwrap();
+                let mut messy = String::new();
+                scrambled(&v, &mut messy);
+                let h = HeaderMap::new();
+                prop_assert_eq!(key(&h, &plain), key(&h, &messy));
+                // And the canonical form is itself valid JSON with the same value.
+                let c = canon(&messy);
+                prop_assert_eq!(serde_json::from_str::<Value>(&c).unwrap(), v);
+            }
+
+            #[test]
+            fn different_values_give_different_keys(a in json(), b in json()) {
+                prop_assume!(a != b);
+                let h = HeaderMap::new();
+                let (a, b) = (serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+                prop_assert_ne!(key(&h, &a), key(&h, &b));
+            }
+        }
+    }
 }

@@ -351,4 +351,22 @@ mod tests {
         assert!(CachedResponse::decode(&extra).is_err());
         assert!(CachedResponse::decode(b"garbage garbage garbage").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = CachedResponse::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_of_a_damaged_entry_never_panics(flip in 0usize..200, bit in 0u8..8) {
+            let mut enc = sample().encode();
+            let i = flip % enc.len();
+            enc[i] ^= 1 << bit;
+            if let Ok(r) = CachedResponse::decode(&enc) {
+                // A flip that still decodes gives a valid response (e.g. a changed body byte).
+                proptest::prop_assert_eq!(CachedResponse::decode(&r.encode()).unwrap(), r);
+            }
+        }
+    }
 }
