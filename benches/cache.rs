@@ -16,10 +16,10 @@ use tower_claude::cache::{CacheLayer, CacheStatus};
 use tower_layer::Layer;
 
 /// A realistic request: a system prompt and a few turns, about 4 KB.
-fn request_body() -> String {
+fn request_body(max_tokens: usize) -> String {
     let turn = "Refactor this function so that it returns an iterator instead of a Vec. ".repeat(8);
     format!(
-        r#"{{"model":"claude-sonnet-4-6","max_tokens":1024,"temperature":0,"system":"{}","messages":[{{"role":"user","content":"{turn}"}},{{"role":"assistant","content":"{turn}"}},{{"role":"user","content":"{turn}"}}]}}"#,
+        r#"{{"model":"claude-sonnet-4-6","max_tokens":{max_tokens},"temperature":0,"system":"{}","messages":[{{"role":"user","content":"{turn}"}},{{"role":"assistant","content":"{turn}"}},{{"role":"user","content":"{turn}"}}]}}"#,
         "You are a careful senior Rust engineer. ".repeat(20)
     )
 }
@@ -45,9 +45,10 @@ fn bench_hits(c: &mut Criterion, store_name: &str, layer: impl Fn() -> CacheLaye
         .enable_all()
         .build()
         .unwrap();
-    let body = Bytes::from(request_body());
     let mut group = c.benchmark_group(format!("cache_hit/{store_name}"));
     for size in [10 * 1024, 100 * 1024] {
+        // One request per answer size, so that a shared store holds both entries.
+        let body = Bytes::from(request_body(size));
         let answer = answer(size);
         let upstream = service_fn(move |_req: Request<RequestBody>| {
             let answer = answer.clone();
@@ -131,7 +132,7 @@ fn hashing(c: &mut Criterion) {
     group.finish();
 
     // The request parse that the key needs (part of every `cache_hit` sample).
-    let body = Bytes::from(request_body());
+    let body = Bytes::from(request_body(1024));
     let mut group = c.benchmark_group("key");
     group.throughput(Throughput::Bytes(body.len() as u64));
     group.bench_function("parse_request_json", |b| {
