@@ -18,7 +18,13 @@ pub mod quota;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub mod cache;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod concurrency;
+#[cfg(feature = "proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
+pub mod proxy;
 pub mod rate_limit;
 pub mod retry;
 #[cfg(feature = "testing")]

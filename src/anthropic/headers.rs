@@ -1,8 +1,10 @@
 //! Rate-limit and retry headers.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Header names used by the Anthropic API and by this crate.
 pub mod header_names {
@@ -78,7 +80,29 @@ pub struct RateLimitSnapshot {
 impl RateLimitSnapshot {
     /// Reads every rate-limit header; missing or malformed values are skipped.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        todo!()
+        let mut snap = Self::default();
+        for (name, bucket) in BUCKETS {
+            *snap.bucket_mut(name) = BucketSnapshot::read(headers, bucket);
+        }
+        snap
+    }
+
+    fn bucket_mut(&mut self, name: BucketName) -> &mut BucketSnapshot {
+        match name {
+            BucketName::Requests => &mut self.requests,
+            BucketName::Tokens => &mut self.tokens,
+            BucketName::InputTokens => &mut self.input_tokens,
+            BucketName::OutputTokens => &mut self.output_tokens,
+        }
+    }
+
+    fn bucket(&self, name: BucketName) -> &BucketSnapshot {
+        match name {
+            BucketName::Requests => &self.requests,
+            BucketName::Tokens => &self.tokens,
+            BucketName::InputTokens => &self.input_tokens,
+            BucketName::OutputTokens => &self.output_tokens,
+        }
     }
 
     /// Whether no rate-limit header was present.
@@ -87,16 +111,147 @@ impl RateLimitSnapshot {
     }
 
     /// Writes the snapshot as `anthropic-ratelimit-*` headers (used by the simulator and proxy).
+    ///
+    /// Only the fields that are set are written; `reset` is written with second precision in
+    /// UTC (`2026-01-01T00:00:01Z`). A reset time that cannot be represented is skipped.
+    ///
+    /// ```
+    /// use http::HeaderMap;
+    /// use tower_claude::anthropic::{BucketSnapshot, RateLimitSnapshot};
+    ///
+    /// let snap = RateLimitSnapshot {
+    ///     output_tokens: BucketSnapshot { limit: Some(8000), remaining: Some(7000), reset: None },
+    ///     ..Default::default()
+    /// };
+    /// let mut headers = HeaderMap::new();
+    /// snap.write_headers(&mut headers);
+    /// assert_eq!(headers["anthropic-ratelimit-output-tokens-remaining"], "7000");
+    /// assert_eq!(RateLimitSnapshot::from_headers(&headers), snap);
+    /// ```
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        todo!()
+        for (name, bucket) in BUCKETS {
+            self.bucket(name).write(headers, bucket);
+        }
     }
+}
+
+#[derive(Clone, Copy)]
+enum BucketName {
+    Requests,
+    Tokens,
+    InputTokens,
+    OutputTokens,
+}
+
+/// (bucket, header names: limit, remaining, reset)
+const BUCKETS: [(BucketName, [&str; 3]); 4] = [
+    (
+        BucketName::Requests,
+        [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ],
+    ),
+    (
+        BucketName::Tokens,
+        [
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+        ],
+    ),
+    (
+        BucketName::InputTokens,
+        [
+            "anthropic-ratelimit-input-tokens-limit",
+            "anthropic-ratelimit-input-tokens-remaining",
+            "anthropic-ratelimit-input-tokens-reset",
+        ],
+    ),
+    (
+        BucketName::OutputTokens,
+        [
+            "anthropic-ratelimit-output-tokens-limit",
+            "anthropic-ratelimit-output-tokens-remaining",
+            "anthropic-ratelimit-output-tokens-reset",
+        ],
+    ),
+];
+
+impl BucketSnapshot {
+    fn read(headers: &HeaderMap, names: [&str; 3]) -> Self {
+        let [limit, remaining, reset] = names;
+        Self {
+            limit: header_str(headers, limit).and_then(|v| v.parse().ok()),
+            remaining: header_str(headers, remaining).and_then(|v| v.parse().ok()),
+            reset: header_str(headers, reset).and_then(parse_rfc3339),
+        }
+    }
+
+    fn write(&self, headers: &mut HeaderMap, names: [&'static str; 3]) {
+        let [limit, remaining, reset] = names;
+        if let Some(v) = self.limit {
+            headers.insert(limit, HeaderValue::from(v));
+        }
+        if let Some(v) = self.remaining {
+            headers.insert(remaining, HeaderValue::from(v));
+        }
+        if let Some(v) = self.reset.and_then(format_rfc3339) {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(reset, v);
+            }
+        }
+    }
+}
+
+/// A header as trimmed UTF-8, when present and valid.
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name)?.to_str().ok().map(str::trim)
+}
+
+fn parse_rfc3339(value: &str) -> Option<SystemTime> {
+    let t = OffsetDateTime::parse(value, &Rfc3339).ok()?;
+    let secs = t.unix_timestamp();
+    let nanos = t.nanosecond();
+    if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::new(secs.unsigned_abs(), nanos))
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(secs.unsigned_abs()))?
+            .checked_add(Duration::from_nanos(u64::from(nanos)))
+    }
+}
+
+/// Second precision, UTC, `Z` suffix. `None` for times `time` cannot represent.
+fn format_rfc3339(at: SystemTime) -> Option<String> {
+    let secs = match at.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).ok()?,
+        Err(e) => {
+            // Round towards the past, like the non-negative case truncates.
+            let d = e.duration();
+            let whole = i64::try_from(d.as_secs()).ok()?;
+            if d.subsec_nanos() > 0 {
+                -whole - 1
+            } else {
+                -whole
+            }
+        }
+    };
+    let t = OffsetDateTime::from_unix_timestamp(secs).ok()?;
+    t.format(&Rfc3339).ok()
 }
 
 /// The delay the server asked for: `retry-after-ms`, then `retry-after` as (fractional) seconds
 /// or an HTTP date (measured from `now`). `None` when absent or malformed.
 ///
+/// Numbers must be plain non-negative decimals (`1500`, `0.25`); negative values, `NaN`, `inf`
+/// and exponents are malformed, and a malformed `retry-after-ms` falls through to
+/// `retry-after`. An HTTP date in the past gives [`Duration::ZERO`]. Delays longer than
+/// [`MAX_RETRY_AFTER`] (one day) are clamped to it.
+///
 /// ```
-/// use std::time::{Duration, SystemTime};
+/// use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// use http::HeaderMap;
 /// use tower_claude::anthropic::retry_after;
 ///
@@ -107,15 +262,324 @@ impl RateLimitSnapshot {
 /// assert_eq!(retry_after(&headers, SystemTime::now()), Some(Duration::from_millis(1500)));
 /// ```
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    todo!()
+    if let Some(ms) = header_str(headers, header_names::RETRY_AFTER_MS).and_then(parse_number) {
+        return Some(clamp_delay(ms / 1000.0));
+    }
+    let value = header_str(headers, header_names::RETRY_AFTER)?;
+    if let Some(secs) = parse_number(value) {
+        return Some(clamp_delay(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    // A date in the past means "now".
+    let delay = at.duration_since(now).unwrap_or(Duration::ZERO);
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
-/// The `x-should-retry` header: `Some(true)` / `Some(false)` when present and valid.
+/// The longest delay [`retry_after`] returns: one day. Larger (or infinite) values are clamped
+/// to it rather than dropped, so that a caller still sees that the server asked for a very long
+/// wait (and can decide by its own deadline) instead of retrying at once.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A finite or infinite non-negative number; negative numbers and NaN are malformed.
+fn parse_number(value: &str) -> Option<f64> {
+    // Plain decimal only: `f64::from_str` would also accept `inf`, `NaN` and exponents.
+    let digits = value.strip_prefix('+').unwrap_or(value);
+    let valid = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && digits.bytes().filter(|&b| b == b'.').count() <= 1
+        && digits.bytes().any(|b| b.is_ascii_digit());
+    if !valid {
+        return None;
+    }
+    digits.parse::<f64>().ok().filter(|v| *v >= 0.0)
+}
+
+fn clamp_delay(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        Duration::ZERO
+    } else if secs >= MAX_RETRY_AFTER.as_secs_f64() {
+        MAX_RETRY_AFTER
+    } else {
+        Duration::from_secs_f64(secs)
+    }
+}
+
+/// The `x-should-retry` header: `Some(true)` / `Some(false)` when present and valid
+/// (case-insensitive, surrounding whitespace ignored).
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_claude::anthropic::should_retry;
+///
+/// let mut headers = HeaderMap::new();
+/// assert_eq!(should_retry(&headers), None);
+/// headers.insert("x-should-retry", " False ".parse().unwrap());
+/// assert_eq!(should_retry(&headers), Some(false));
+/// ```
 pub fn should_retry(headers: &HeaderMap) -> Option<bool> {
-    todo!()
+    let value = header_str(headers, header_names::X_SHOULD_RETRY)?;
+    if value.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if value.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The `request-id` header, when present and valid UTF-8.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_claude::anthropic::request_id;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("request-id", "req_011CS".parse().unwrap());
+/// assert_eq!(request_id(&headers), Some("req_011CS"));
+/// ```
 pub fn request_id(headers: &HeaderMap) -> Option<&str> {
-    todo!()
+    headers.get(header_names::REQUEST_ID)?.to_str().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for &(name, value) in pairs {
+            map.append(name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn reads_all_four_buckets() {
+        let map = headers(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", "2026-01-01T00:00:01Z"),
+            ("anthropic-ratelimit-tokens-limit", "38000"),
+            ("anthropic-ratelimit-tokens-remaining", "37000"),
+            (
+                "anthropic-ratelimit-tokens-reset",
+                "2026-01-01T00:00:02.5+00:00",
+            ),
+            ("anthropic-ratelimit-input-tokens-limit", "30000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "29000"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2026-01-01T01:00:03+01:00",
+            ),
+            ("anthropic-ratelimit-output-tokens-limit", " 8000 "),
+            ("anthropic-ratelimit-output-tokens-remaining", "8000"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-01-01T00:00:04Z",
+            ),
+        ]);
+        let snap = RateLimitSnapshot::from_headers(&map);
+        let base = 1_767_225_600; // 2026-01-01T00:00:00Z
+        assert_eq!(
+            snap.requests,
+            BucketSnapshot {
+                limit: Some(50),
+                remaining: Some(49),
+                reset: Some(at(base + 1))
+            }
+        );
+        assert_eq!(snap.tokens.limit, Some(38_000));
+        assert_eq!(snap.tokens.remaining, Some(37_000));
+        assert_eq!(
+            snap.tokens.reset,
+            Some(at(base + 2) + Duration::from_millis(500))
+        );
+        assert_eq!(snap.input_tokens.remaining, Some(29_000));
+        assert_eq!(snap.input_tokens.reset, Some(at(base + 3)));
+        assert_eq!(
+            snap.output_tokens,
+            BucketSnapshot {
+                limit: Some(8000),
+                remaining: Some(8000),
+                reset: Some(at(base + 4))
+            }
+        );
+        assert!(!snap.is_empty());
+    }
+
+    #[test]
+    fn malformed_values_are_skipped() {
+        let map = headers(&[
+            ("anthropic-ratelimit-requests-limit", "-1"),
+            ("anthropic-ratelimit-requests-remaining", "1.5"),
+            ("anthropic-ratelimit-requests-reset", "tomorrow"),
+            (
+                "anthropic-ratelimit-tokens-limit",
+                "99999999999999999999999",
+            ),
+            ("anthropic-ratelimit-tokens-reset", "2026-13-01T00:00:00Z"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "Thu, 01 Jan 2026 00:00:00 GMT",
+            ),
+        ]);
+        let mut map = map;
+        map.insert(
+            "anthropic-ratelimit-output-tokens-limit",
+            HeaderValue::from_bytes(b"\xff10").unwrap(),
+        );
+        let snap = RateLimitSnapshot::from_headers(&map);
+        assert!(snap.is_empty(), "{snap:?}");
+        assert!(RateLimitSnapshot::from_headers(&HeaderMap::new()).is_empty());
+    }
+
+    #[test]
+    fn write_then_read_round_trips_at_second_precision() {
+        let snap = RateLimitSnapshot {
+            requests: BucketSnapshot {
+                limit: Some(50),
+                remaining: Some(0),
+                reset: Some(at(1_767_225_601)),
+            },
+            tokens: BucketSnapshot {
+                limit: None,
+                remaining: Some(1000),
+                reset: None,
+            },
+            input_tokens: BucketSnapshot {
+                limit: Some(u64::MAX),
+                remaining: None,
+                reset: Some(at(1_767_225_602) + Duration::from_millis(999)),
+            },
+            output_tokens: BucketSnapshot::default(),
+        };
+        let mut map = HeaderMap::new();
+        snap.write_headers(&mut map);
+        assert_eq!(
+            map["anthropic-ratelimit-requests-reset"],
+            "2026-01-01T00:00:01Z"
+        );
+        assert_eq!(
+            map["anthropic-ratelimit-input-tokens-reset"],
+            "2026-01-01T00:00:02Z"
+        );
+        assert_eq!(map.len(), 6);
+        let back = RateLimitSnapshot::from_headers(&map);
+        let mut expected = snap;
+        expected.input_tokens.reset = Some(at(1_767_225_602));
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn write_handles_times_before_the_epoch_and_far_future() {
+        let before = UNIX_EPOCH - Duration::from_millis(1500);
+        assert_eq!(
+            format_rfc3339(before).as_deref(),
+            Some("1969-12-31T23:59:58Z")
+        );
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(format_rfc3339(far), None);
+        let snap = RateLimitSnapshot {
+            requests: BucketSnapshot {
+                limit: None,
+                remaining: None,
+                reset: Some(far),
+            },
+            ..Default::default()
+        };
+        let mut map = HeaderMap::new();
+        snap.write_headers(&mut map);
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn retry_after_ms_wins_and_may_be_fractional() {
+        let now = at(1_000);
+        let map = headers(&[("retry-after-ms", "1500.5"), ("retry-after", "9")]);
+        assert_eq!(
+            retry_after(&map, now),
+            Some(Duration::from_micros(1_500_500))
+        );
+        let map = headers(&[("retry-after-ms", "0")]);
+        assert_eq!(retry_after(&map, now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_seconds_integer_and_fractional() {
+        let now = at(1_000);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7")]), now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", " 0.25 ")]), now),
+            Some(Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn retry_after_http_date_is_measured_from_now() {
+        let now = httpdate::parse_http_date("Thu, 01 Jan 2026 00:00:00 GMT").unwrap();
+        let map = headers(&[("retry-after", "Thu, 01 Jan 2026 00:00:30 GMT")]);
+        assert_eq!(retry_after(&map, now), Some(Duration::from_secs(30)));
+        let past = headers(&[("retry-after", "Wed, 31 Dec 2025 23:59:00 GMT")]);
+        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        let far = headers(&[("retry-after", "Fri, 01 Jan 2100 00:00:00 GMT")]);
+        assert_eq!(retry_after(&far, now), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn retry_after_rejects_nonsense_and_clamps_absurd_values() {
+        let now = at(1_000);
+        for bad in ["-1", "NaN", "inf", "1e3", "", "soon", "1.2.3", "."] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", bad)]), now),
+                None,
+                "{bad:?}"
+            );
+        }
+        // A malformed retry-after-ms falls through to retry-after.
+        let map = headers(&[("retry-after-ms", "-5"), ("retry-after", "3")]);
+        assert_eq!(retry_after(&map, now), Some(Duration::from_secs(3)));
+        let map = headers(&[("retry-after", "99999999999999999999999999")]);
+        assert_eq!(retry_after(&map, now), Some(MAX_RETRY_AFTER));
+        let map = headers(&[("retry-after-ms", "172800000")]);
+        assert_eq!(retry_after(&map, now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn should_retry_values() {
+        for (value, expected) in [
+            ("true", Some(true)),
+            ("TRUE", Some(true)),
+            (" false", Some(false)),
+            ("False ", Some(false)),
+            ("yes", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                should_retry(&headers(&[("x-should-retry", value)])),
+                expected,
+                "{value:?}"
+            );
+        }
+        assert_eq!(should_retry(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn request_id_requires_utf8() {
+        assert_eq!(
+            request_id(&headers(&[("request-id", "req_1")])),
+            Some("req_1")
+        );
+        let mut map = HeaderMap::new();
+        map.insert("request-id", HeaderValue::from_bytes(b"req_\xff").unwrap());
+        assert_eq!(request_id(&map), None);
+        assert_eq!(request_id(&HeaderMap::new()), None);
+    }
 }

@@ -2,6 +2,8 @@
 
 use http::HeaderMap;
 
+use super::header_names::X_API_KEY;
+
 /// A short id for an API key: the first 12 hex digits of a BLAKE3 keyed-derivation hash.
 ///
 /// It identifies a key in logs, metrics labels, status pages and quota state without revealing
@@ -20,13 +22,53 @@ pub struct KeyId(std::sync::Arc<str>);
 
 impl KeyId {
     /// The id of `api_key`.
+    ///
+    /// `"k-"` followed by the first 6 bytes, as 12 lowercase hex digits, of
+    /// `blake3::derive_key("tower-claude key id v1", api_key)`.
     pub fn from_api_key(api_key: &str) -> Self {
-        todo!()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let hash = blake3::derive_key("tower-claude key id v1", api_key.as_bytes());
+        let mut id = String::with_capacity(14);
+        id.push_str("k-");
+        for byte in &hash[..6] {
+            id.push(char::from(HEX[usize::from(byte >> 4)]));
+            id.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+        Self(std::sync::Arc::from(id))
     }
 
     /// The id of the key in `x-api-key` (or `authorization: Bearer ...`), when present.
+    ///
+    /// Surrounding whitespace is ignored; an empty key counts as absent.
+    ///
+    /// ```
+    /// use http::HeaderMap;
+    /// use tower_claude::anthropic::KeyId;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// assert_eq!(KeyId::from_headers(&headers), None);
+    /// headers.insert("authorization", "Bearer sk-ant-oat01-token".parse().unwrap());
+    /// assert_eq!(KeyId::from_headers(&headers), Some(KeyId::from_api_key("sk-ant-oat01-token")));
+    /// headers.insert("x-api-key", "sk-ant-api03-key".parse().unwrap());
+    /// assert_eq!(KeyId::from_headers(&headers), Some(KeyId::from_api_key("sk-ant-api03-key")));
+    /// ```
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        todo!()
+        let api_key = headers
+            .get(X_API_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        let key = api_key.or_else(|| {
+            let auth = headers
+                .get(http::header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .trim();
+            let (scheme, token) = auth.split_once(' ')?;
+            let token = token.trim();
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+        })?;
+        Some(Self::from_api_key(key))
     }
 
     /// An id with a given name (for tests, or requests with no key: [`KeyId::anonymous`]).
@@ -54,5 +96,43 @@ impl std::fmt::Debug for KeyId {
 impl std::fmt::Display for KeyId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_is_the_documented_derivation() {
+        let hash = blake3::derive_key("tower-claude key id v1", b"sk-ant-api03-secret");
+        let hex: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let id = KeyId::from_api_key("sk-ant-api03-secret");
+        assert_eq!(id.as_str(), format!("k-{hex}"));
+        assert_ne!(id, KeyId::from_api_key("sk-ant-api03-other"));
+        assert_eq!(id.to_string(), id.as_str());
+        assert!(!format!("{id:?}{id}").contains("sk-ant"));
+    }
+
+    #[test]
+    fn headers_prefer_x_api_key_and_ignore_empty_values() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", "  ".parse().unwrap());
+        assert_eq!(KeyId::from_headers(&headers), None);
+        headers.insert("authorization", "bearer tok".parse().unwrap());
+        assert_eq!(
+            KeyId::from_headers(&headers),
+            Some(KeyId::from_api_key("tok"))
+        );
+        headers.insert("authorization", "Basic dXNlcjpwYXNz".parse().unwrap());
+        assert_eq!(KeyId::from_headers(&headers), None);
+        headers.insert("authorization", "Bearer ".parse().unwrap());
+        assert_eq!(KeyId::from_headers(&headers), None);
+        headers.insert("x-api-key", " key ".parse().unwrap());
+        assert_eq!(
+            KeyId::from_headers(&headers),
+            Some(KeyId::from_api_key("key"))
+        );
+        assert_eq!(KeyId::anonymous().as_str(), "anonymous");
     }
 }

@@ -34,21 +34,82 @@ pub struct RequestMeta {
 impl RequestMeta {
     /// Scans a request body. Malformed JSON, or a top-level value that is not an object, gives a
     /// typed error.
+    ///
+    /// The whole document is validated (UTF-8, JSON syntax, nesting up to 256 levels) in one
+    /// pass. A top-level `model` that is not a string, `max_tokens` that is not a non-negative
+    /// integer, `stream` that is not a boolean or `temperature` that is not a number gives
+    /// [`MetaErrorKind::InvalidField`]. Duplicate members: the last one wins.
+    ///
+    /// # The input-token estimate
+    ///
+    /// The estimate must not be low: an under-estimate lets requests through that the server
+    /// then rejects with 429, while an over-estimate only delays a request a little (the limiter
+    /// settles from the actual usage afterwards). It is computed as
+    ///
+    /// * **text**: `ceil(units / 3)` where `units` counts every byte of every string (keys and
+    ///   values, raw, escapes included), number and literal inside the prompt-bearing members
+    ///   (everything except `model`, `max_tokens`, `stream`, `temperature`, `top_k`, `top_p`,
+    ///   `stop_sequences`, `metadata`, `service_tier`, `thinking`, `container` and
+    ///   `inference_geo`), plus one more unit per non-ASCII character. English averages about
+    ///   four bytes per token and CJK text about one token per character (three UTF-8 bytes),
+    ///   so three bytes per token stays above both;
+    /// * **structure**: 8 tokens per request, 8 per message (element of `messages`), 4 per
+    ///   content block (element of `system` or of any `content` array), 32 per tool (element of
+    ///   `tools`) and, when there is at least one tool, 400 for the tool-use system prompt the
+    ///   API adds (346 tokens for Claude 4 models);
+    /// * **media**: the base64 `data` of a `source` is not text and is not counted as such. An
+    ///   image (a `base64` source with an `image/*` media type, or an `image` block with a `url`
+    ///   or `file` source) counts 1,600 tokens, the most an image is charged at standard
+    ///   resolution. A base64 document (PDF) counts 3,000 tokens per page, with one page per
+    ///   started 50 KB of decoded data (at most 600 pages). A document given by `url` or `file`
+    ///   id, whose size is unknown here, counts 30,000 tokens (ten pages). `text` and `content`
+    ///   sources are ordinary text.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{MetaErrorKind, RequestMeta};
+    ///
+    /// let err = RequestMeta::scan(br#"{"model":"claude-haiku-4-5","max_tokens":"#).unwrap_err();
+    /// assert_eq!(err.kind(), MetaErrorKind::InvalidJson);
+    /// assert_eq!(err.offset(), 41); // the end of the input
+    /// let err = RequestMeta::scan(br#"{"max_tokens":-1}"#).unwrap_err();
+    /// assert_eq!(err.kind(), MetaErrorKind::InvalidField);
+    /// assert_eq!(RequestMeta::scan(b"[]").unwrap_err().kind(), MetaErrorKind::NotAnObject);
+    /// ```
     pub fn scan(body: &[u8]) -> Result<Self, MetaError> {
-        todo!()
+        Scanner::new(body, true).run().map(|scan| scan.meta)
     }
 
     /// Reads the extension from `req`, or scans its body and inserts the result, returning it.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::RequestMeta;
+    ///
+    /// let mut req = http::Request::new(br#"{"model":"claude-opus-4-7","max_tokens":5}"#.to_vec());
+    /// assert_eq!(RequestMeta::get_or_scan(&mut req).unwrap().max_tokens, Some(5));
+    /// assert!(req.extensions().get::<RequestMeta>().is_some());
+    /// ```
     pub fn get_or_scan<B>(req: &mut http::Request<B>) -> Result<&RequestMeta, MetaError>
     where
         B: AsRef<[u8]>,
     {
-        todo!()
+        if req.extensions().get::<RequestMeta>().is_none() {
+            let meta = Self::scan(req.body().as_ref())?;
+            req.extensions_mut().insert(meta);
+        }
+        req.extensions().get::<RequestMeta>().ok_or(MetaError::new(
+            MetaErrorKind::InvalidJson,
+            0,
+            "request extension lost",
+        ))
     }
 }
 
 /// Returns `body` with its top-level `model` value replaced by `model`; every other byte is
 /// identical. A body without a top-level `model` gets one inserted as the first member.
+///
+/// The body must be a valid JSON object (the types of its members are not checked); `model` is
+/// JSON-escaped. Every top-level `model` member is replaced when there are duplicates; nested
+/// `model` members (in `metadata`, tool schemas, ...) are never touched.
 ///
 /// ```
 /// use tower_claude::anthropic::rewrite_model;
@@ -56,9 +117,632 @@ impl RequestMeta {
 /// let body = br#"{"model": "claude-opus-4-7", "max_tokens":8, "metadata":{"model":"x"}}"#;
 /// let out = rewrite_model(body, "claude-haiku-4-5").unwrap();
 /// assert_eq!(&out[..], br#"{"model": "claude-haiku-4-5", "max_tokens":8, "metadata":{"model":"x"}}"#);
+/// assert_eq!(&rewrite_model(b" {} ", "m").unwrap()[..], br#" {"model":"m"} "#);
 /// ```
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, MetaError> {
-    todo!()
+    let scan = Scanner::new(body, false).run()?;
+    let value = json_string(model);
+    let mut out = Vec::with_capacity(body.len() + value.len() + 10);
+    if scan.model_spans.is_empty() {
+        let brace = scan.open_brace;
+        out.extend_from_slice(&body[..=brace]);
+        out.extend_from_slice(b"\"model\":");
+        out.extend_from_slice(value.as_bytes());
+        if scan.has_members {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[brace + 1..]);
+    } else {
+        let mut at = 0;
+        for &(start, end) in &scan.model_spans {
+            out.extend_from_slice(&body[at..start]);
+            out.extend_from_slice(value.as_bytes());
+            at = end;
+        }
+        out.extend_from_slice(&body[at..]);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+// Token-estimate constants; documented on `RequestMeta::scan`.
+const BASE_TOKENS: u64 = 8;
+const MESSAGE_TOKENS: u64 = 8;
+const BLOCK_TOKENS: u64 = 4;
+const TOOL_TOKENS: u64 = 32;
+const TOOL_PROMPT_TOKENS: u64 = 400;
+const IMAGE_TOKENS: u64 = 1_600;
+const PDF_PAGE_TOKENS: u64 = 3_000;
+const PDF_PAGE_BYTES: u64 = 50_000;
+const PDF_MAX_PAGES: u64 = 600;
+const EXTERNAL_DOCUMENT_TOKENS: u64 = 10 * PDF_PAGE_TOKENS;
+const TEXT_BYTES_PER_TOKEN: u64 = 3;
+
+/// Deepest nesting accepted (objects and arrays); deeper documents are rejected instead of
+/// recursing further.
+const MAX_DEPTH: u32 = 256;
+
+/// Top-level members that carry no prompt text.
+const UNCOUNTED: &[&[u8]] = &[
+    b"metadata",
+    b"stop_sequences",
+    b"top_k",
+    b"top_p",
+    b"service_tier",
+    b"thinking",
+    b"container",
+    b"inference_geo",
+];
+
+/// Bytes that end the fast path of a string: `"`, `\` and control characters.
+static STRING_SPECIAL: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        table[i] = true;
+        i += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// What an object is, for the structural overhead of the estimate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Plain,
+    Message,
+    Block,
+    Tool,
+}
+
+/// The `type` of an object, as far as the estimate cares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Other,
+    Base64,
+    Url,
+    File,
+    Image,
+}
+
+/// An object that is a media source (`{"type":"base64",...}`, `url`, `file`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    /// Base64 image data.
+    Image,
+    /// Base64 document data of this many (encoded) bytes.
+    Document(usize),
+    /// A `url` or `file` reference.
+    External,
+}
+
+struct Scan {
+    meta: RequestMeta,
+    /// Spans of the top-level `model` values.
+    model_spans: Vec<(usize, usize)>,
+    open_brace: usize,
+    has_members: bool,
+}
+
+// Why a hand-written scanner: the stack needs four top-level fields and a token estimate from
+// every Messages API request, and bodies routinely carry 100 KB+ of prompt and megabytes of
+// base64 images. Building a `serde_json::Value` tree would allocate a `String` per string and a
+// map per object only to throw it away, and a typed `Deserialize` model of the whole API would
+// break on every new content-block type. This scanner validates the document and computes the
+// estimate in a single pass over the bytes, allocating nothing but the `model` string (and the
+// span list `rewrite_model` needs); serde_json only decodes the `model` token when it has
+// escapes.
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+    check_fields: bool,
+    text_units: u64,
+    fixed_tokens: u64,
+    saw_tool: bool,
+}
+
+type Res<T> = Result<T, MetaError>;
+
+impl<'a> Scanner<'a> {
+    fn new(b: &'a [u8], check_fields: bool) -> Self {
+        Self {
+            b,
+            i: 0,
+            check_fields,
+            text_units: 0,
+            fixed_tokens: 0,
+            saw_tool: false,
+        }
+    }
+
+    fn err(&self, detail: &'static str) -> MetaError {
+        MetaError::new(MetaErrorKind::InvalidJson, self.i, detail)
+    }
+
+    fn field_err(at: usize, detail: &'static str) -> MetaError {
+        MetaError::new(MetaErrorKind::InvalidField, at, detail)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8, detail: &'static str) -> Res<()> {
+        self.ws();
+        if self.peek() == Some(byte) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(self.err(detail))
+        }
+    }
+
+    fn run(mut self) -> Res<Scan> {
+        if let Err(e) = std::str::from_utf8(self.b) {
+            return Err(MetaError::new(
+                MetaErrorKind::InvalidJson,
+                e.valid_up_to(),
+                "invalid UTF-8",
+            ));
+        }
+        self.ws();
+        match self.peek() {
+            Some(b'{') => {}
+            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+                return Err(MetaError::new(
+                    MetaErrorKind::NotAnObject,
+                    self.i,
+                    "the top-level value is not an object",
+                ));
+            }
+            Some(_) => return Err(self.err("expected a JSON object")),
+            None => return Err(self.err("empty body")),
+        }
+        let open_brace = self.i;
+        self.i += 1;
+        let mut meta = RequestMeta::default();
+        let mut model_spans = Vec::new();
+        self.ws();
+        let has_members = self.peek() != Some(b'}');
+        if has_members {
+            loop {
+                self.ws();
+                if self.peek() != Some(b'"') {
+                    return Err(self.err("expected a member name"));
+                }
+                let (ks, ke, _, _) = self.string()?;
+                self.expect(b':', "expected ':'")?;
+                self.ws();
+                let key = &self.b[ks..ke];
+                let start = self.i;
+                match key {
+                    b"model" => {
+                        self.value(false, Role::Plain, Role::Plain, 1)?;
+                        model_spans.push((start, self.i));
+                        if self.b[start] == b'"' {
+                            meta.model = Some(self.decode_string(start, self.i)?);
+                        } else if self.check_fields {
+                            return Err(Self::field_err(start, "`model` is not a string"));
+                        }
+                    }
+                    b"max_tokens" => {
+                        self.value(false, Role::Plain, Role::Plain, 1)?;
+                        let token = &self.b[start..self.i];
+                        let parsed = if token.iter().all(u8::is_ascii_digit) {
+                            std::str::from_utf8(token)
+                                .ok()
+                                .and_then(|t| t.parse::<u64>().ok())
+                        } else {
+                            None
+                        };
+                        match parsed {
+                            Some(v) => meta.max_tokens = Some(v),
+                            None if self.check_fields => {
+                                return Err(Self::field_err(
+                                    start,
+                                    "`max_tokens` is not a non-negative integer",
+                                ));
+                            }
+                            None => {}
+                        }
+                    }
+                    b"stream" => {
+                        self.value(false, Role::Plain, Role::Plain, 1)?;
+                        match &self.b[start..self.i] {
+                            b"true" => meta.stream = true,
+                            b"false" => meta.stream = false,
+                            _ if self.check_fields => {
+                                return Err(Self::field_err(start, "`stream` is not a boolean"));
+                            }
+                            _ => {}
+                        }
+                    }
+                    b"temperature" => {
+                        self.value(false, Role::Plain, Role::Plain, 1)?;
+                        let parsed = match self.b[start] {
+                            b'-' | b'0'..=b'9' => std::str::from_utf8(&self.b[start..self.i])
+                                .ok()
+                                .and_then(|t| t.parse::<f64>().ok()),
+                            _ => None,
+                        };
+                        match parsed {
+                            Some(v) => meta.temperature = Some(v),
+                            None if self.check_fields => {
+                                return Err(Self::field_err(
+                                    start,
+                                    "`temperature` is not a number",
+                                ));
+                            }
+                            None => {}
+                        }
+                    }
+                    b"messages" => {
+                        let src = self.value(true, Role::Plain, Role::Message, 1)?;
+                        self.charge(src, Tag::Other);
+                    }
+                    b"system" => {
+                        let src = self.value(true, Role::Plain, Role::Block, 1)?;
+                        self.charge(src, Tag::Other);
+                    }
+                    b"tools" => {
+                        let src = self.value(true, Role::Plain, Role::Tool, 1)?;
+                        self.charge(src, Tag::Other);
+                    }
+                    key if UNCOUNTED.contains(&key) => {
+                        self.value(false, Role::Plain, Role::Plain, 1)?;
+                    }
+                    _ => {
+                        let src = self.value(true, Role::Plain, Role::Plain, 1)?;
+                        self.charge(src, Tag::Other);
+                    }
+                }
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => break,
+                    _ => return Err(self.err("expected ',' or '}'")),
+                }
+            }
+        }
+        self.i += 1; // the closing brace
+        self.ws();
+        if self.i != self.b.len() {
+            return Err(self.err("trailing characters after the object"));
+        }
+        let text = self.text_units.div_ceil(TEXT_BYTES_PER_TOKEN);
+        let tools = if self.saw_tool { TOOL_PROMPT_TOKENS } else { 0 };
+        meta.input_tokens = BASE_TOKENS
+            .saturating_add(text)
+            .saturating_add(self.fixed_tokens)
+            .saturating_add(tools);
+        Ok(Scan {
+            meta,
+            model_spans,
+            open_brace,
+            has_members,
+        })
+    }
+
+    /// Decodes the string token `b[start..end]` (quotes included).
+    fn decode_string(&self, start: usize, end: usize) -> Res<String> {
+        let inner = &self.b[start + 1..end - 1];
+        if !inner.contains(&b'\\') {
+            if let Ok(s) = std::str::from_utf8(inner) {
+                return Ok(s.to_owned());
+            }
+        }
+        serde_json::from_slice::<String>(&self.b[start..end])
+            .map_err(|_| MetaError::new(MetaErrorKind::InvalidJson, start, "invalid string"))
+    }
+
+    /// Adds the cost of a media source found inside an object whose `type` is `block`.
+    fn charge(&mut self, src: Option<Source>, block: Tag) {
+        let Some(src) = src else { return };
+        let tokens = match src {
+            Source::Image => IMAGE_TOKENS,
+            Source::Document(encoded) => {
+                let decoded = (encoded as u64).saturating_mul(3) / 4;
+                decoded.div_ceil(PDF_PAGE_BYTES).clamp(1, PDF_MAX_PAGES) * PDF_PAGE_TOKENS
+            }
+            Source::External if block == Tag::Image => IMAGE_TOKENS,
+            Source::External => EXTERNAL_DOCUMENT_TOKENS,
+        };
+        self.fixed_tokens = self.fixed_tokens.saturating_add(tokens);
+    }
+
+    /// One value. `role` is what the value is when it is an object; `elems` what the elements
+    /// are when it is an array. Returns the media source the value is, if any (for the caller
+    /// to charge).
+    fn value(&mut self, count: bool, role: Role, elems: Role, depth: u32) -> Res<Option<Source>> {
+        match self.peek() {
+            Some(b'{') => self.object(count, role, depth + 1),
+            Some(b'[') => {
+                self.array(count, elems, depth + 1)?;
+                Ok(None)
+            }
+            Some(b'"') => {
+                let (_, _, units, _) = self.string()?;
+                if count {
+                    self.text_units += units;
+                }
+                Ok(None)
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.i;
+                self.number()?;
+                if count {
+                    self.text_units += (self.i - start) as u64;
+                }
+                Ok(None)
+            }
+            Some(b't') => self.literal(b"true", count),
+            Some(b'f') => self.literal(b"false", count),
+            Some(b'n') => self.literal(b"null", count),
+            Some(_) => Err(self.err("expected a value")),
+            None => Err(self.err("unexpected end of input")),
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8], count: bool) -> Res<Option<Source>> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            if count {
+                self.text_units += word.len() as u64;
+            }
+            Ok(None)
+        } else {
+            Err(self.err("invalid literal"))
+        }
+    }
+
+    fn number(&mut self) -> Res<()> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.err("invalid number")),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.err("invalid number"));
+            }
+            self.digits();
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.err("invalid number"));
+            }
+            self.digits();
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// A string starting at the current `"`. Returns the span of its contents (without the
+    /// quotes), its text units (bytes plus one per non-ASCII character) and whether it has
+    /// escapes; leaves the position after the closing quote.
+    fn string(&mut self) -> Res<(usize, usize, u64, bool)> {
+        let b = self.b;
+        let start = self.i + 1;
+        let mut j = start;
+        let mut non_ascii = 0u64;
+        let mut escaped = false;
+        loop {
+            while let Some(&c) = b.get(j) {
+                if STRING_SPECIAL[c as usize] {
+                    break;
+                }
+                non_ascii += u64::from(c >= 0xC0);
+                j += 1;
+            }
+            match b.get(j) {
+                Some(b'"') => break,
+                Some(b'\\') => {
+                    escaped = true;
+                    j += 1;
+                    match b.get(j) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => j += 1,
+                        Some(b'u') => {
+                            let hex = b.get(j + 1..j + 5);
+                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                self.i = j;
+                                return Err(self.err("invalid \\u escape"));
+                            }
+                            j += 5;
+                        }
+                        _ => {
+                            self.i = j;
+                            return Err(self.err("invalid escape"));
+                        }
+                    }
+                }
+                Some(_) => {
+                    self.i = j;
+                    return Err(self.err("control character in string"));
+                }
+                None => {
+                    self.i = j;
+                    return Err(self.err("unterminated string"));
+                }
+            }
+        }
+        self.i = j + 1;
+        Ok((start, j, (j - start) as u64 + non_ascii, escaped))
+    }
+
+    fn array(&mut self, count: bool, elems: Role, depth: u32) -> Res<()> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            let src = self.value(count, elems, Role::Plain, depth)?;
+            if count {
+                self.charge(src, Tag::Other);
+            }
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.err("expected ',' or ']'")),
+            }
+        }
+    }
+
+    fn object(&mut self, count: bool, role: Role, depth: u32) -> Res<Option<Source>> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        self.i += 1;
+        if count {
+            self.fixed_tokens += match role {
+                Role::Plain => 0,
+                Role::Message => MESSAGE_TOKENS,
+                Role::Block => BLOCK_TOKENS,
+                Role::Tool => {
+                    self.saw_tool = true;
+                    TOOL_TOKENS
+                }
+            };
+        }
+        let mut tag = Tag::Other;
+        let mut image_media = false;
+        // The `data` member: (text units, encoded length); counted as text unless this object
+        // turns out to be a base64 source.
+        let mut data: Option<(u64, usize)> = None;
+        let mut source: Option<Source> = None;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(None);
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected a member name"));
+            }
+            let (ks, ke, kunits, _) = self.string()?;
+            if count {
+                self.text_units += kunits;
+            }
+            self.expect(b':', "expected ':'")?;
+            self.ws();
+            let key = &self.b[ks..ke];
+            let is_string = self.peek() == Some(b'"');
+            match key {
+                b"type" | b"media_type" if is_string => {
+                    let (vs, ve, units, _) = self.string()?;
+                    if count {
+                        self.text_units += units;
+                    }
+                    let v = &self.b[vs..ve];
+                    if key == b"type" {
+                        tag = match v {
+                            b"base64" => Tag::Base64,
+                            b"url" => Tag::Url,
+                            b"file" => Tag::File,
+                            b"image" => Tag::Image,
+                            _ => Tag::Other,
+                        };
+                    } else {
+                        image_media = v.starts_with(b"image/");
+                    }
+                }
+                b"data" if is_string => {
+                    let (vs, ve, units, _) = self.string()?;
+                    data = Some((units, ve - vs));
+                }
+                b"source" => {
+                    source = self.value(count, Role::Plain, Role::Plain, depth)?;
+                }
+                b"content" => {
+                    let src = self.value(count, Role::Plain, Role::Block, depth)?;
+                    if count {
+                        self.charge(src, Tag::Other);
+                    }
+                }
+                _ => {
+                    let src = self.value(count, Role::Plain, Role::Plain, depth)?;
+                    if count {
+                        self.charge(src, Tag::Other);
+                    }
+                }
+            }
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    break;
+                }
+                _ => return Err(self.err("expected ',' or '}'")),
+            }
+        }
+        if !count {
+            return Ok(None);
+        }
+        let this = match tag {
+            Tag::Base64 if image_media => Some(Source::Image),
+            Tag::Base64 => Some(Source::Document(data.map_or(0, |(_, len)| len))),
+            Tag::Url | Tag::File => Some(Source::External),
+            Tag::Other | Tag::Image => None,
+        };
+        if tag != Tag::Base64 {
+            if let Some((units, _)) = data {
+                self.text_units += units;
+            }
+        }
+        self.charge(source, tag);
+        Ok(this)
+    }
 }
 
 /// What went wrong reading a request body.
@@ -103,8 +787,302 @@ impl MetaError {
 
 impl std::fmt::Display for MetaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid request body at byte {}: {}", self.offset, self.detail)
+        write!(
+            f,
+            "invalid request body at byte {}: {}",
+            self.offset, self.detail
+        )
     }
 }
 
 impl std::error::Error for MetaError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(body: &str) -> RequestMeta {
+        RequestMeta::scan(body.as_bytes()).unwrap()
+    }
+
+    fn err(body: &[u8]) -> (MetaErrorKind, usize) {
+        let e = RequestMeta::scan(body).unwrap_err();
+        (e.kind(), e.offset())
+    }
+
+    fn b64(len: usize) -> String {
+        "QUJD".repeat(len / 4)
+    }
+
+    #[test]
+    fn reads_the_top_level_fields() {
+        let meta = scan(
+            r#" {"metadata":{"model":"nested","stream":"x"},"model":"claude-opus-4-7","max_tokens":4096,
+                "stream":false,"temperature":0.7,"messages":[]} "#,
+        );
+        assert_eq!(meta.model.as_deref(), Some("claude-opus-4-7"));
+        assert_eq!(meta.max_tokens, Some(4096));
+        assert!(!meta.stream);
+        assert_eq!(meta.temperature, Some(0.7));
+        let meta =
+            scan(r#"{"model":"claude\u002dhaiku-4-5","stream":true,"stream":true,"max_tokens":0}"#);
+        assert_eq!(meta.model.as_deref(), Some("claude-haiku-4-5"));
+        assert!(meta.stream);
+        assert_eq!(meta.max_tokens, Some(0));
+        let meta = scan(r#"{"model":"a","model":"b","temperature":-1e-2}"#);
+        assert_eq!(meta.model.as_deref(), Some("b"));
+        assert_eq!(meta.temperature, Some(-0.01));
+        let meta = scan("{}");
+        assert_eq!(
+            meta,
+            RequestMeta {
+                input_tokens: BASE_TOKENS,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_reported_with_its_offset() {
+        let cases: [(&[u8], usize); 16] = [
+            (b"", 0),
+            (b"   ", 3),
+            (b"{", 1),
+            (br#"{"model":"x""#, 12),
+            (br#"{"model":"x",}"#, 13),
+            (br#"{"model" "x"}"#, 9),
+            (br#"{"a":[1,2,]}"#, 10),
+            (br#"{"a":"\q"}"#, 7),
+            (br#"{"a":"\u12g4"}"#, 7),
+            (b"{\"a\":\"tab\there\"}", 9),
+            (b"{\"a\":\"\xff\"}", 6),
+            (br#"{"a":01}"#, 6),
+            (br#"{"a":1.}"#, 7),
+            (br#"{"a":tru}"#, 5),
+            (br#"{"a":1} x"#, 8),
+            (br#"{"a":"unterminated"#, 18),
+        ];
+        for (body, offset) in cases {
+            assert_eq!(
+                err(body),
+                (MetaErrorKind::InvalidJson, offset),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(300), "]".repeat(300));
+        assert_eq!(err(deep.as_bytes()).0, MetaErrorKind::InvalidJson);
+        let ok = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(RequestMeta::scan(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn non_objects_and_wrong_field_types_are_typed_errors() {
+        for body in [&b"[]"[..], b"\"x\"", b"12", b"null", b" true"] {
+            assert_eq!(err(body).0, MetaErrorKind::NotAnObject);
+        }
+        let fields: [&[u8]; 11] = [
+            br#"{"model":5}"#,
+            br#"{"model":null}"#,
+            br#"{"max_tokens":"1"}"#,
+            br#"{"max_tokens":1.0}"#,
+            br#"{"max_tokens":-1}"#,
+            br#"{"max_tokens":1e3}"#,
+            br#"{"max_tokens":18446744073709551616}"#,
+            br#"{"stream":"true"}"#,
+            br#"{"stream":null}"#,
+            br#"{"temperature":"0.5"}"#,
+            br#"{"temperature":[1]}"#,
+        ];
+        for body in fields {
+            let (kind, offset) = err(body);
+            assert_eq!(
+                kind,
+                MetaErrorKind::InvalidField,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(body[offset - 1], b':');
+        }
+        let e = RequestMeta::scan(br#"{"stream":1}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid request body at byte 10: `stream` is not a boolean"
+        );
+    }
+
+    #[test]
+    fn estimate_of_a_short_message_is_a_small_overestimate() {
+        // The API charges about 10 tokens for this request.
+        let meta = scan(
+            r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"Hello, Claude"}]}"#,
+        );
+        assert!(
+            (10..=40).contains(&meta.input_tokens),
+            "{}",
+            meta.input_tokens
+        );
+    }
+
+    #[test]
+    fn estimate_of_long_text_is_between_one_token_per_four_and_per_three_bytes() {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(700); // 31,500 bytes
+        let body = format!(
+            r#"{{"model":"m","max_tokens":10,"system":"Be brief.","messages":[{{"role":"user","content":[{{"type":"text","text":"{text}"}}]}}]}}"#
+        );
+        let tokens = scan(&body).input_tokens;
+        assert!(tokens >= 31_500 / 3, "{tokens}");
+        assert!(tokens <= 31_500 / 3 + 100, "{tokens}");
+    }
+
+    #[test]
+    fn non_ascii_text_counts_at_least_one_token_per_character() {
+        let text = "日本語のテキスト".repeat(125); // 1,000 characters, 3,000 bytes
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{text}"}}]}}"#);
+        assert!(scan(&body).input_tokens >= 1_333);
+    }
+
+    #[test]
+    fn base64_images_cost_a_fixed_amount_whatever_their_size() {
+        for data in [b64(4_000), b64(1_400_000)] {
+            // `data` before `type`: the order of members does not matter.
+            let body = format!(
+                r#"{{"messages":[{{"role":"user","content":[{{"type":"image","source":{{"data":"{data}","media_type":"image/png","type":"base64"}}}},{{"type":"text","text":"What is this?"}}]}}]}}"#
+            );
+            let tokens = scan(&body).input_tokens;
+            assert!(
+                (IMAGE_TOKENS..IMAGE_TOKENS + 80).contains(&tokens),
+                "{tokens}"
+            );
+        }
+    }
+
+    #[test]
+    fn images_by_url_or_file_and_images_in_tool_results() {
+        let url = r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://example.com/a.png"}}]}]}"#;
+        let tokens = scan(url).input_tokens;
+        assert!(
+            (IMAGE_TOKENS..IMAGE_TOKENS + 60).contains(&tokens),
+            "{tokens}"
+        );
+        let data = b64(200_000);
+        let tool = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/jpeg","data":"{data}"}}}}]}}]}}]}}"#
+        );
+        let tokens = scan(&tool).input_tokens;
+        assert!(
+            (IMAGE_TOKENS..IMAGE_TOKENS + 80).contains(&tokens),
+            "{tokens}"
+        );
+    }
+
+    #[test]
+    fn documents_cost_per_estimated_page() {
+        // 400,000 base64 bytes = 300,000 bytes of PDF = 6 pages of 50 KB.
+        let data = b64(400_000);
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"base64","media_type":"application/pdf","data":"{data}"}}}}]}}]}}"#
+        );
+        let tokens = scan(&body).input_tokens;
+        assert!(
+            (6 * PDF_PAGE_TOKENS..6 * PDF_PAGE_TOKENS + 60).contains(&tokens),
+            "{tokens}"
+        );
+        let by_file = r#"{"messages":[{"role":"user","content":[{"type":"document","source":{"type":"file","file_id":"file_1"}}]}]}"#;
+        let tokens = scan(by_file).input_tokens;
+        assert!((EXTERNAL_DOCUMENT_TOKENS..EXTERNAL_DOCUMENT_TOKENS + 60).contains(&tokens));
+        // A plain-text document source is text.
+        let text = "x".repeat(30_000);
+        let plain = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"text","media_type":"text/plain","data":"{text}"}}}}]}}]}}"#
+        );
+        assert!(scan(&plain).input_tokens >= 10_000);
+    }
+
+    #[test]
+    fn tools_add_the_tool_prompt_and_their_schemas() {
+        let without = r#"{"messages":[{"role":"user","content":"Weather in Paris?"}]}"#;
+        let with = r#"{"tools":[{"name":"get_weather","description":"Get the weather for a city.","input_schema":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}],"messages":[{"role":"user","content":"Weather in Paris?"}]}"#;
+        let extra = scan(with).input_tokens - scan(without).input_tokens;
+        // 111 bytes of names, descriptions and schema: at least 37 tokens.
+        assert!(extra >= TOOL_PROMPT_TOKENS + TOOL_TOKENS + 37, "{extra}");
+    }
+
+    #[test]
+    fn non_prompt_members_are_not_counted() {
+        let base = scan(r#"{"messages":[{"role":"user","content":"hi"}]}"#).input_tokens;
+        let long = "x".repeat(3_000);
+        let body = format!(
+            r#"{{"metadata":{{"user_id":"{long}"}},"stop_sequences":["{long}"],"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        assert_eq!(scan(&body).input_tokens, base);
+        let counted = format!(
+            r#"{{"unknown_member":"{long}","messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        assert!(scan(&counted).input_tokens >= base + 1_000);
+    }
+
+    #[test]
+    fn rewrite_replaces_only_the_top_level_model() {
+        let body = br#"{ "metadata" : {"model":"keep"}, "model" : "claude-opus-4-7" ,"x":[{"model":"keep"}]}"#;
+        let out = rewrite_model(body, "claude-sonnet-4-6").unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{ "metadata" : {"model":"keep"}, "model" : "claude-sonnet-4-6" ,"x":[{"model":"keep"}]}"#
+        );
+        // Non-string values and duplicates are replaced too.
+        let out = rewrite_model(br#"{"model":5,"a":1,"model":null}"#, "m").unwrap();
+        assert_eq!(&out[..], br#"{"model":"m","a":1,"model":"m"}"#);
+    }
+
+    #[test]
+    fn rewrite_inserts_a_missing_model_first() {
+        assert_eq!(&rewrite_model(b"{}", "m").unwrap()[..], br#"{"model":"m"}"#);
+        assert_eq!(
+            &rewrite_model(b"\n{ }\n", "m").unwrap()[..],
+            b"\n{\"model\":\"m\" }\n"
+        );
+        assert_eq!(
+            &rewrite_model(br#"{"max_tokens":1}"#, "m").unwrap()[..],
+            br#"{"model":"m","max_tokens":1}"#
+        );
+    }
+
+    #[test]
+    fn rewrite_escapes_the_model_and_validates_the_body() {
+        let weird = "a\"b\\c\n\u{1}é";
+        let out = rewrite_model(br#"{"model":"x"}"#, weird).unwrap();
+        assert_eq!(
+            RequestMeta::scan(&out).unwrap().model.as_deref(),
+            Some(weird)
+        );
+        assert_eq!(
+            rewrite_model(br#"{"model":"x""#, "m").unwrap_err().kind(),
+            MetaErrorKind::InvalidJson
+        );
+        assert_eq!(
+            rewrite_model(b"[]", "m").unwrap_err().kind(),
+            MetaErrorKind::NotAnObject
+        );
+        // Field types are not checked by the rewrite.
+        assert!(rewrite_model(br#"{"max_tokens":"x"}"#, "m").is_ok());
+    }
+
+    #[test]
+    fn get_or_scan_scans_once() {
+        let mut req = http::Request::new(br#"{"model":"a","max_tokens":3}"#.to_vec());
+        assert_eq!(
+            RequestMeta::get_or_scan(&mut req).unwrap().model.as_deref(),
+            Some("a")
+        );
+        // The extension is reused even if the body changes afterwards.
+        *req.body_mut() = b"not json".to_vec();
+        assert_eq!(
+            RequestMeta::get_or_scan(&mut req).unwrap().max_tokens,
+            Some(3)
+        );
+        let mut bad = http::Request::new(b"not json".to_vec());
+        assert!(RequestMeta::get_or_scan(&mut bad).is_err());
+        assert!(bad.extensions().get::<RequestMeta>().is_none());
+    }
+}

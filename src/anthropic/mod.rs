@@ -14,7 +14,8 @@ mod usage;
 
 pub use error::{ApiError, ApiErrorKind};
 pub use headers::{
-    BucketSnapshot, RateLimitSnapshot, header_names, request_id, retry_after, should_retry,
+    BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
+    should_retry,
 };
 pub use key::KeyId;
 pub use meta::{MetaError, MetaErrorKind, RequestMeta, rewrite_model};

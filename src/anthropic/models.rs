@@ -75,56 +75,225 @@ struct CatalogInner {
     chain: Vec<String>,
 }
 
+/// Exact ids of the default catalogue: (id, group, family).
+const DEFAULT_MODELS: &[(&str, &str, Option<ModelFamily>)] = {
+    use ModelFamily::{Haiku, Opus, Sonnet};
+    &[
+        // Opus 4.x: one pooled limit.
+        ("claude-opus-4-7", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-6", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-5", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-5-20251101", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-1", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-1-20250805", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-0", "claude-opus-4", Some(Opus)),
+        ("claude-opus-4-20250514", "claude-opus-4", Some(Opus)),
+        ("claude-4-opus-20250514", "claude-opus-4", Some(Opus)),
+        // Sonnet 4.x: one pooled limit.
+        ("claude-sonnet-4-6", "claude-sonnet-4", Some(Sonnet)),
+        ("claude-sonnet-4-5", "claude-sonnet-4", Some(Sonnet)),
+        (
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4",
+            Some(Sonnet),
+        ),
+        ("claude-sonnet-4-0", "claude-sonnet-4", Some(Sonnet)),
+        ("claude-sonnet-4-20250514", "claude-sonnet-4", Some(Sonnet)),
+        ("claude-4-sonnet-20250514", "claude-sonnet-4", Some(Sonnet)),
+        // Haiku 4.5.
+        ("claude-haiku-4-5", "claude-haiku-4-5", Some(Haiku)),
+        ("claude-haiku-4-5-20251001", "claude-haiku-4-5", Some(Haiku)),
+        // A research preview outside the three families: its own group, never in the chain.
+        ("claude-mythos-preview", "claude-mythos", None),
+        // Claude 3.x (older code; each generation has its own limit).
+        (
+            "claude-3-7-sonnet-latest",
+            "claude-3-7-sonnet",
+            Some(Sonnet),
+        ),
+        (
+            "claude-3-7-sonnet-20250219",
+            "claude-3-7-sonnet",
+            Some(Sonnet),
+        ),
+        (
+            "claude-3-5-sonnet-latest",
+            "claude-3-5-sonnet",
+            Some(Sonnet),
+        ),
+        (
+            "claude-3-5-sonnet-20241022",
+            "claude-3-5-sonnet",
+            Some(Sonnet),
+        ),
+        (
+            "claude-3-5-sonnet-20240620",
+            "claude-3-5-sonnet",
+            Some(Sonnet),
+        ),
+        ("claude-3-5-haiku-latest", "claude-3-5-haiku", Some(Haiku)),
+        ("claude-3-5-haiku-20241022", "claude-3-5-haiku", Some(Haiku)),
+        ("claude-3-opus-latest", "claude-3-opus", Some(Opus)),
+        ("claude-3-opus-20240229", "claude-3-opus", Some(Opus)),
+        ("claude-3-sonnet-20240229", "claude-3-sonnet", Some(Sonnet)),
+        ("claude-3-haiku-20240307", "claude-3-haiku", Some(Haiku)),
+    ]
+};
+
+/// Prefix rules of the default catalogue (longest prefix wins): (prefix, group, family).
+const DEFAULT_PREFIXES: &[(&str, &str, ModelFamily)] = {
+    use ModelFamily::{Haiku, Opus, Sonnet};
+    &[
+        ("claude-opus-4-", "claude-opus-4", Opus),
+        ("claude-4-opus", "claude-opus-4", Opus),
+        ("claude-sonnet-4-", "claude-sonnet-4", Sonnet),
+        ("claude-4-sonnet", "claude-sonnet-4", Sonnet),
+        ("claude-haiku-4-5", "claude-haiku-4-5", Haiku),
+        ("claude-3-7-sonnet", "claude-3-7-sonnet", Sonnet),
+        ("claude-3-5-sonnet", "claude-3-5-sonnet", Sonnet),
+        ("claude-3-5-haiku", "claude-3-5-haiku", Haiku),
+        ("claude-3-opus", "claude-3-opus", Opus),
+        ("claude-3-sonnet", "claude-3-sonnet", Sonnet),
+        ("claude-3-haiku", "claude-3-haiku", Haiku),
+        // Unknown generations: family known, limit not shared with a known group.
+        ("claude-opus-", "claude-opus", Opus),
+        ("claude-sonnet-", "claude-sonnet", Sonnet),
+        ("claude-haiku-", "claude-haiku", Haiku),
+    ]
+};
+
+/// The default fallback chain: the best current (not deprecated) model of each family.
+const DEFAULT_CHAIN: [&str; 3] = ["claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"];
+
+/// The default catalogue.
+///
+/// Checked on 2026-11-28 against the official Python SDK (`anthropics/anthropic-sdk-python`,
+/// `src/anthropic/types/model_param.py`, whose current ids are `claude-opus-4-7`,
+/// `claude-mythos-preview`, `claude-opus-4-6`, `claude-sonnet-4-6`, `claude-haiku-4-5`, ...)
+/// and the SDKs' `DEPRECATED_MODELS` table (Claude 3 Opus / Sonnet, 3.5 Haiku, 3.7 Sonnet,
+/// `claude-opus-4-0` / `claude-sonnet-4-0` and their dated ids are deprecated). The deprecated
+/// ids stay in the catalogue so that older code is grouped correctly, but the chain is
+/// `claude-opus-4-7` -> `claude-sonnet-4-6` -> `claude-haiku-4-5`.
+///
+/// Groups: every Opus 4.x id shares `claude-opus-4`, every Sonnet 4.x id `claude-sonnet-4`
+/// (Anthropic pools these limits), Haiku 4.5 is `claude-haiku-4-5`, and each Claude 3.x line
+/// has its own group (`claude-3-opus`, `claude-3-5-sonnet`, ...).
 impl Default for ModelCatalog {
     fn default() -> Self {
-        todo!()
+        let mut catalog = Self::empty();
+        {
+            let inner = Arc::make_mut(&mut catalog.inner);
+            inner.models = DEFAULT_MODELS
+                .iter()
+                .map(|&(id, group, family)| (id.to_owned(), RateLimitGroup::new(group), family))
+                .collect();
+            inner.prefixes = DEFAULT_PREFIXES
+                .iter()
+                .map(|&(prefix, group, family)| {
+                    (prefix.to_owned(), RateLimitGroup::new(group), Some(family))
+                })
+                .collect();
+            inner.chain = DEFAULT_CHAIN.iter().map(|&m| m.to_owned()).collect();
+        }
+        catalog
     }
 }
 
 impl ModelCatalog {
     /// An empty catalogue: every model is its own group, the chain is empty.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::ModelCatalog;
+    ///
+    /// let catalog = ModelCatalog::empty();
+    /// assert_eq!(catalog.group("claude-opus-4-7").as_str(), "claude-opus-4-7");
+    /// assert!(catalog.chain().is_empty());
+    /// ```
     pub fn empty() -> Self {
-        todo!()
+        Self {
+            inner: Arc::new(CatalogInner {
+                models: Vec::new(),
+                prefixes: Vec::new(),
+                chain: Vec::new(),
+            }),
+        }
     }
 
     /// Adds (or replaces) an exact model id.
     pub fn with_model(
-        self,
+        mut self,
         id: impl Into<String>,
         group: impl AsRef<str>,
         family: ModelFamily,
     ) -> Self {
-        todo!()
+        let entry = (id.into(), RateLimitGroup::new(group), Some(family));
+        upsert(&mut Arc::make_mut(&mut self.inner).models, entry);
+        self
     }
 
     /// Adds (or replaces) a prefix rule: ids starting with `prefix` belong to `group`.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{ModelCatalog, ModelFamily};
+    ///
+    /// let catalog = ModelCatalog::default().with_prefix("claude-opus-5", "claude-opus-5", ModelFamily::Opus);
+    /// assert_eq!(catalog.group("claude-opus-5-20270101").as_str(), "claude-opus-5");
+    /// ```
     pub fn with_prefix(
-        self,
+        mut self,
         prefix: impl Into<String>,
         group: impl AsRef<str>,
         family: ModelFamily,
     ) -> Self {
-        todo!()
+        let entry = (prefix.into(), RateLimitGroup::new(group), Some(family));
+        upsert(&mut Arc::make_mut(&mut self.inner).prefixes, entry);
+        self
     }
 
     /// Replaces the fallback chain (best model first).
-    pub fn with_chain<I, T>(self, chain: I) -> Self
+    ///
+    /// ```
+    /// use tower_claude::anthropic::ModelCatalog;
+    ///
+    /// let catalog = ModelCatalog::default().with_chain(["claude-sonnet-4-6", "claude-haiku-4-5"]);
+    /// assert_eq!(catalog.chain_from("claude-opus-4-7"), ["claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"]);
+    /// ```
+    pub fn with_chain<I, T>(mut self, chain: I) -> Self
     where
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        todo!()
+        Arc::make_mut(&mut self.inner).chain = chain.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The exact entry or the longest matching prefix rule.
+    fn lookup(&self, model: &str) -> Option<&(String, RateLimitGroup, Option<ModelFamily>)> {
+        self.inner
+            .models
+            .iter()
+            .find(|(id, _, _)| id == model)
+            .or_else(|| {
+                self.inner
+                    .prefixes
+                    .iter()
+                    .filter(|(prefix, _, _)| model.starts_with(prefix.as_str()))
+                    .max_by_key(|(prefix, _, _)| prefix.len())
+            })
     }
 
     /// The rate-limit group of `model`: exact id, then longest prefix, else a group named
     /// after the id itself.
     pub fn group(&self, model: &str) -> RateLimitGroup {
-        todo!()
+        match self.lookup(model) {
+            Some((_, group, _)) => group.clone(),
+            None => RateLimitGroup::new(model),
+        }
     }
 
     /// The family of `model`, when known.
     pub fn family(&self, model: &str) -> Option<ModelFamily> {
-        todo!()
+        self.lookup(model).and_then(|(_, _, family)| *family)
     }
 
     /// The fallback chain, best model first.
@@ -136,7 +305,198 @@ impl ModelCatalog {
     /// with `model` itself (never an upgrade). A model outside the chain is placed by family
     /// (an unknown Opus id continues with the chain's Sonnet and Haiku); a model of unknown
     /// family gets only itself.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::ModelCatalog;
+    ///
+    /// let catalog = ModelCatalog::default();
+    /// assert_eq!(catalog.chain_from("claude-sonnet-4-6"), ["claude-sonnet-4-6", "claude-haiku-4-5"]);
+    /// assert_eq!(catalog.chain_from("claude-opus-4-1"), ["claude-opus-4-1", "claude-sonnet-4-6", "claude-haiku-4-5"]);
+    /// assert_eq!(catalog.chain_from("gpt-5"), ["gpt-5"]);
+    /// ```
     pub fn chain_from(&self, model: &str) -> Vec<String> {
-        todo!()
+        let chain = &self.inner.chain;
+        if let Some(at) = chain.iter().position(|m| m == model) {
+            return chain[at..].to_vec();
+        }
+        let mut out = vec![model.to_owned()];
+        if let Some(family) = self.family(model) {
+            out.extend(
+                chain
+                    .iter()
+                    .filter(|m| self.family(m).is_some_and(|f| f > family))
+                    .cloned(),
+            );
+        }
+        out
+    }
+}
+
+/// Replaces the entry with the same key, or appends.
+fn upsert(
+    entries: &mut Vec<(String, RateLimitGroup, Option<ModelFamily>)>,
+    entry: (String, RateLimitGroup, Option<ModelFamily>),
+) {
+    match entries.iter_mut().find(|(key, _, _)| *key == entry.0) {
+        Some(slot) => *slot = entry,
+        None => entries.push(entry),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opus_and_sonnet_4x_are_pooled() {
+        let c = ModelCatalog::default();
+        for id in [
+            "claude-opus-4-7",
+            "claude-opus-4-6",
+            "claude-opus-4-5-20251101",
+            "claude-opus-4-1",
+            "claude-opus-4-0",
+            "claude-4-opus-20250514",
+            "claude-opus-4-8", // unknown 4.x: prefix rule
+        ] {
+            assert_eq!(c.group(id).as_str(), "claude-opus-4", "{id}");
+            assert_eq!(c.family(id), Some(ModelFamily::Opus), "{id}");
+        }
+        for id in [
+            "claude-sonnet-4-6",
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4-20250514",
+        ] {
+            assert_eq!(c.group(id).as_str(), "claude-sonnet-4", "{id}");
+            assert_eq!(c.family(id), Some(ModelFamily::Sonnet), "{id}");
+        }
+        assert_eq!(
+            c.group("claude-haiku-4-5-20251001").as_str(),
+            "claude-haiku-4-5"
+        );
+        assert_eq!(c.family("claude-haiku-4-5"), Some(ModelFamily::Haiku));
+    }
+
+    #[test]
+    fn claude_3_ids_have_their_own_groups() {
+        let c = ModelCatalog::default();
+        let cases = [
+            ("claude-3-opus-20240229", "claude-3-opus", ModelFamily::Opus),
+            (
+                "claude-3-sonnet-20240229",
+                "claude-3-sonnet",
+                ModelFamily::Sonnet,
+            ),
+            (
+                "claude-3-haiku-20240307",
+                "claude-3-haiku",
+                ModelFamily::Haiku,
+            ),
+            (
+                "claude-3-5-sonnet-20241022",
+                "claude-3-5-sonnet",
+                ModelFamily::Sonnet,
+            ),
+            (
+                "claude-3-5-haiku-latest",
+                "claude-3-5-haiku",
+                ModelFamily::Haiku,
+            ),
+            (
+                "claude-3-7-sonnet-20250219",
+                "claude-3-7-sonnet",
+                ModelFamily::Sonnet,
+            ),
+        ];
+        for (id, group, family) in cases {
+            assert_eq!(c.group(id).as_str(), group, "{id}");
+            assert_eq!(c.family(id), Some(family), "{id}");
+        }
+    }
+
+    #[test]
+    fn unknown_ids_use_the_longest_prefix_or_themselves() {
+        let c = ModelCatalog::default();
+        assert_eq!(c.group("claude-opus-5-preview").as_str(), "claude-opus");
+        assert_eq!(c.family("claude-opus-5-preview"), Some(ModelFamily::Opus));
+        assert_eq!(c.group("claude-haiku-5").as_str(), "claude-haiku");
+        assert_eq!(c.group("gpt-5").as_str(), "gpt-5");
+        assert_eq!(c.family("gpt-5"), None);
+        assert_eq!(c.group("claude-mythos-preview").as_str(), "claude-mythos");
+        assert_eq!(c.family("claude-mythos-preview"), None);
+        let c = c.with_prefix("claude-opus-4-9", "opus-4-9", ModelFamily::Opus);
+        assert_eq!(c.group("claude-opus-4-9-x").as_str(), "opus-4-9");
+        assert_eq!(c.group("claude-opus-4-8").as_str(), "claude-opus-4");
+    }
+
+    #[test]
+    fn overrides_replace_entries_and_do_not_touch_clones() {
+        let base = ModelCatalog::default();
+        let custom = base
+            .clone()
+            .with_model("claude-opus-4-7", "dedicated", ModelFamily::Opus)
+            .with_prefix("claude-opus-", "opus-any", ModelFamily::Opus);
+        assert_eq!(custom.group("claude-opus-4-7").as_str(), "dedicated");
+        assert_eq!(custom.group("claude-opus-6").as_str(), "opus-any");
+        assert_eq!(base.group("claude-opus-4-7").as_str(), "claude-opus-4");
+        assert_eq!(base.group("claude-opus-6").as_str(), "claude-opus");
+        assert_eq!(
+            custom
+                .inner
+                .models
+                .iter()
+                .filter(|(id, _, _)| id == "claude-opus-4-7")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn default_chain_is_current_and_ordered() {
+        let c = ModelCatalog::default();
+        assert_eq!(
+            c.chain(),
+            ["claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"]
+        );
+        let families: Vec<_> = c.chain().iter().map(|m| c.family(m)).collect();
+        assert_eq!(
+            families,
+            [
+                Some(ModelFamily::Opus),
+                Some(ModelFamily::Sonnet),
+                Some(ModelFamily::Haiku)
+            ]
+        );
+    }
+
+    #[test]
+    fn chain_from_never_upgrades() {
+        let c = ModelCatalog::default();
+        assert_eq!(c.chain_from("claude-opus-4-7"), c.chain());
+        assert_eq!(c.chain_from("claude-haiku-4-5"), ["claude-haiku-4-5"]);
+        assert_eq!(
+            c.chain_from("claude-3-5-sonnet-latest"),
+            ["claude-3-5-sonnet-latest", "claude-haiku-4-5"]
+        );
+        assert_eq!(
+            c.chain_from("claude-3-haiku-20240307"),
+            ["claude-3-haiku-20240307"]
+        );
+        assert_eq!(
+            c.chain_from("claude-opus-5-preview"),
+            [
+                "claude-opus-5-preview",
+                "claude-sonnet-4-6",
+                "claude-haiku-4-5"
+            ]
+        );
+        assert_eq!(
+            c.chain_from("claude-mythos-preview"),
+            ["claude-mythos-preview"]
+        );
+        assert_eq!(
+            ModelCatalog::empty().chain_from("claude-opus-4-7"),
+            ["claude-opus-4-7"]
+        );
     }
 }

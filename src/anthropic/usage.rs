@@ -1,6 +1,6 @@
 //! Token usage from JSON responses and from SSE streams.
 
-use super::ApiError;
+use super::{ApiError, ApiErrorKind};
 
 /// Token usage of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -27,15 +27,56 @@ impl Usage {
     /// assert_eq!(usage.counted_input_tokens(), 112);
     /// assert_eq!(usage.output_tokens, 30);
     /// ```
+    ///
+    /// `None` when the body is not JSON or has no top-level `usage` object; missing (or `null`)
+    /// fields are 0. Only `usage` is decoded: the rest of the document is validated and skipped
+    /// without building a tree.
     pub fn from_json(body: &[u8]) -> Option<Usage> {
-        todo!()
+        #[derive(serde::Deserialize)]
+        struct Response {
+            usage: Option<UsageFields>,
+        }
+        let response: Response = serde_json::from_slice(body).ok()?;
+        let mut usage = Usage::default();
+        usage.apply(&response.usage?);
+        Some(usage)
+    }
+
+    /// Overrides the fields present in `fields`.
+    fn apply(&mut self, fields: &UsageFields) {
+        if let Some(v) = fields.input_tokens {
+            self.input_tokens = v;
+        }
+        if let Some(v) = fields.output_tokens {
+            self.output_tokens = v;
+        }
+        if let Some(v) = fields.cache_creation_input_tokens {
+            self.cache_creation_input_tokens = v;
+        }
+        if let Some(v) = fields.cache_read_input_tokens {
+            self.cache_read_input_tokens = v;
+        }
     }
 
     /// Input tokens that count toward the input-tokens-per-minute limit:
     /// `input_tokens + cache_creation_input_tokens` (cache reads do not count).
     pub fn counted_input_tokens(&self) -> u64 {
-        self.input_tokens + self.cache_creation_input_tokens
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens)
     }
+}
+
+/// A `usage` object as sent: every field optional (`message_delta` carries only some).
+#[derive(serde::Deserialize, Default)]
+struct UsageFields {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
 }
 
 /// One server-sent event.
@@ -59,9 +100,25 @@ pub struct SseEvent {
 /// assert_eq!(events.len(), 1);
 /// assert_eq!(events[0].event.as_deref(), Some("ping"));
 /// ```
+///
+/// It follows the [WHATWG event-stream rules](https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
+/// lines end with `\r\n`, `\n` or `\r`; `field: value` with one optional space after the
+/// colon; lines starting with `:` are comments; `data` lines are joined with `\n`; a blank line
+/// dispatches the event, and an event without any `data` line is dropped; `id`, `retry` and
+/// unknown fields are ignored; a leading byte-order mark is skipped; invalid UTF-8 is replaced
+/// with U+FFFD. Memory is bounded by the longest line and event, not by the stream.
 #[derive(Debug, Default)]
 pub struct SseParser {
+    /// The current, incomplete line.
     buf: Vec<u8>,
+    /// The `event` field of the event being built.
+    event: Option<String>,
+    /// The data buffer of the event being built: each `data` line followed by `\n`.
+    data: String,
+    /// The previous chunk ended with `\r`: a `\n` starting the next chunk belongs to it.
+    pending_cr: bool,
+    /// The first line has been seen (byte-order mark handled).
+    started: bool,
 }
 
 impl SseParser {
@@ -72,12 +129,85 @@ impl SseParser {
 
     /// Feeds a chunk; complete events are appended to `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
-        todo!()
+        let mut rest = chunk;
+        if self.pending_cr && !rest.is_empty() {
+            self.pending_cr = false;
+            if rest[0] == b'\n' {
+                rest = &rest[1..];
+            }
+        }
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            if self.buf.is_empty() {
+                self.line(&rest[..pos], out);
+            } else {
+                let mut line = std::mem::take(&mut self.buf);
+                line.extend_from_slice(&rest[..pos]);
+                self.line(&line, out);
+                line.clear();
+                self.buf = line;
+            }
+            let cr = rest[pos] == b'\r';
+            rest = &rest[pos + 1..];
+            if cr {
+                match rest.first() {
+                    Some(b'\n') => rest = &rest[1..],
+                    Some(_) => {}
+                    None => self.pending_cr = true,
+                }
+            }
+        }
+        self.buf.extend_from_slice(rest);
     }
 
     /// Ends the stream: a final event not followed by a blank line is dispatched.
+    ///
+    /// The parser is reset and can be used for a new stream.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
-        todo!()
+        if !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
+            self.line(&line, out);
+        }
+        self.dispatch(out);
+        *self = Self::default();
+    }
+
+    fn line(&mut self, mut line: &[u8], out: &mut Vec<SseEvent>) {
+        if !self.started {
+            self.started = true;
+            line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        }
+        if line.is_empty() {
+            self.dispatch(out);
+            return;
+        }
+        if line[0] == b':' {
+            return;
+        }
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
+        };
+        match name {
+            b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
+            b"data" => {
+                self.data.push_str(&String::from_utf8_lossy(value));
+                self.data.push('\n');
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
+        let event = self.event.take().filter(|e| !e.is_empty());
+        if self.data.is_empty() {
+            return;
+        }
+        let mut data = std::mem::take(&mut self.data);
+        data.pop(); // the `\n` after the last data line
+        out.push(SseEvent { event, data });
     }
 }
 
@@ -115,12 +245,83 @@ impl StreamTracker {
 
     /// Feeds a chunk of the stream.
     pub fn feed(&mut self, chunk: &[u8]) {
-        todo!()
+        self.parser.push(chunk, &mut self.events);
+        self.handle_events();
     }
 
     /// Ends the stream (dispatches a trailing event without blank line).
     pub fn finish(&mut self) {
-        todo!()
+        self.parser.finish(&mut self.events);
+        self.handle_events();
+    }
+
+    fn handle_events(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        for event in events.drain(..) {
+            self.handle(&event);
+        }
+        self.events = events;
+    }
+
+    fn handle(&mut self, event: &SseEvent) {
+        #[derive(serde::Deserialize)]
+        struct Data {
+            #[serde(rename = "type")]
+            ty: Option<String>,
+            message: Option<MessagePart>,
+            usage: Option<UsageFields>,
+        }
+        #[derive(serde::Deserialize)]
+        struct MessagePart {
+            usage: Option<UsageFields>,
+        }
+
+        let from_data;
+        let name = match event.event.as_deref() {
+            Some(name) => name,
+            None => {
+                // Unnamed event: fall back to the payload's `type`.
+                from_data = serde_json::from_str::<Data>(&event.data)
+                    .ok()
+                    .and_then(|d| d.ty);
+                from_data.as_deref().unwrap_or("")
+            }
+        };
+        match name {
+            "message_start" => {
+                if let Ok(Data {
+                    message: Some(MessagePart { usage: Some(u) }),
+                    ..
+                }) = serde_json::from_str::<Data>(&event.data)
+                {
+                    self.usage.apply(&u);
+                }
+            }
+            "message_delta" => {
+                self.content_started = true;
+                if let Ok(Data { usage: Some(u), .. }) = serde_json::from_str::<Data>(&event.data) {
+                    self.usage.apply(&u);
+                }
+            }
+            "content_block_start" | "content_block_delta" | "content_block_stop" => {
+                self.content_started = true;
+            }
+            "message_stop" => {
+                self.content_started = true;
+                self.complete = true;
+            }
+            // The first error is kept.
+            "error" if self.error.is_none() => {
+                let error = ApiError::from_sse_data(event.data.as_bytes()).unwrap_or_else(|| {
+                    ApiError::new(
+                        ApiErrorKind::Api,
+                        format!("malformed error event: {}", truncate(&event.data)),
+                    )
+                });
+                self.error = Some(error);
+            }
+            _ => {} // ping and unknown events
+        }
     }
 
     /// Usage so far (output tokens are cumulative: the latest `message_delta` wins).
@@ -142,5 +343,209 @@ impl StreamTracker {
     /// A mid-stream `event: error`, if one was seen.
     pub fn error(&self) -> Option<&ApiError> {
         self.error.as_ref()
+    }
+}
+
+/// At most 200 bytes of `s`, cut at a character boundary.
+fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(200);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut parser = SseParser::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            parser.push(chunk, &mut out);
+        }
+        parser.finish(&mut out);
+        out
+    }
+
+    fn ev(event: Option<&str>, data: &str) -> SseEvent {
+        SseEvent {
+            event: event.map(str::to_owned),
+            data: data.to_owned(),
+        }
+    }
+
+    #[test]
+    fn usage_from_json() {
+        let body = br#"{"id":"msg","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":5,"output_tokens":7,"cache_creation_input_tokens":null,"cache_creation":{"ephemeral_5m_input_tokens":0},"service_tier":"standard"}}"#;
+        let usage = Usage::from_json(body).unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                input_tokens: 5,
+                output_tokens: 7,
+                cache_creation_input_tokens: 0,
+                cache_read_input_tokens: 0
+            }
+        );
+        assert_eq!(Usage::from_json(br#"{"usage":{}}"#), Some(Usage::default()));
+        assert_eq!(Usage::from_json(br#"{"id":"msg"}"#), None);
+        assert_eq!(Usage::from_json(br#"{"usage":{"input_tokens":1}"#), None);
+        assert_eq!(Usage::from_json(b"garbage"), None);
+        assert_eq!(Usage::from_json(br#"{"usage":{"input_tokens":-1}}"#), None);
+    }
+
+    #[test]
+    fn counted_input_tokens_excludes_cache_reads() {
+        let usage = Usage {
+            input_tokens: 10,
+            output_tokens: 1,
+            cache_creation_input_tokens: 100,
+            cache_read_input_tokens: 1_000,
+        };
+        assert_eq!(usage.counted_input_tokens(), 110);
+    }
+
+    #[test]
+    fn sse_fields_comments_and_line_endings() {
+        let events = parse_all(&[
+            b": comment\r\nevent: a\r\ndata: 1\r\ndata:2\r\n\r\n",
+            b"event:b\rdata:  x\r\rdata\n\nid: 5\nretry: 10\nfoo: bar\ndata: y\n\n",
+        ]);
+        assert_eq!(
+            events,
+            [
+                ev(Some("a"), "1\n2"),
+                ev(Some("b"), " x"),
+                ev(None, ""),
+                ev(None, "y")
+            ]
+        );
+    }
+
+    #[test]
+    fn sse_events_without_data_are_dropped_and_names_reset() {
+        let events = parse_all(&[b"event: ping\n\nevent: x\nevent: y\ndata: d\n\ndata: e\n\n"]);
+        assert_eq!(events, [ev(Some("y"), "d"), ev(None, "e")]);
+        assert_eq!(parse_all(&[b"event: lonely\n\n\n\n"]), []);
+    }
+
+    #[test]
+    fn sse_crlf_split_between_chunks_is_one_line_end() {
+        let events = parse_all(&[b"data: a\r", b"\n", b"\r", b"\ndata: b\r", b"\r"]);
+        assert_eq!(events, [ev(None, "a"), ev(None, "b")]);
+    }
+
+    #[test]
+    fn sse_finish_dispatches_a_trailing_event_and_resets() {
+        let mut parser = SseParser::new();
+        let mut out = Vec::new();
+        parser.push(b"event: e\ndata: tail", &mut out);
+        assert!(out.is_empty());
+        parser.finish(&mut out);
+        assert_eq!(out, [ev(Some("e"), "tail")]);
+        parser.push(b"data: again\n\n", &mut out);
+        assert_eq!(out[1], ev(None, "again"));
+    }
+
+    #[test]
+    fn sse_bom_and_invalid_utf8() {
+        let events = parse_all(&[b"\xEF\xBB\xBFdata: \xE2\x82", b"\xAC \xff\n\n"]);
+        assert_eq!(events, [ev(None, "€ \u{FFFD}")]);
+    }
+
+    const STREAM: &str = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-opus-4-7\",\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":2000,\"output_tokens\":1}}}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\n\
+data: {\"type\": \"ping\"}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+
+    #[test]
+    fn tracker_follows_a_complete_stream() {
+        let mut t = StreamTracker::new();
+        t.feed(STREAM.as_bytes());
+        t.finish();
+        assert_eq!(
+            t.usage(),
+            Usage {
+                input_tokens: 25,
+                output_tokens: 15,
+                cache_creation_input_tokens: 100,
+                cache_read_input_tokens: 2000
+            }
+        );
+        assert!(t.content_started());
+        assert!(t.is_complete());
+        assert!(t.error().is_none());
+        assert!(t.events.is_empty());
+    }
+
+    #[test]
+    fn tracker_states_along_the_stream() {
+        let mut t = StreamTracker::new();
+        let (start, rest) = STREAM.split_at(STREAM.find("event: content_block_start").unwrap());
+        t.feed(start.as_bytes());
+        assert_eq!(t.usage().input_tokens, 25);
+        assert_eq!(t.usage().output_tokens, 1);
+        assert!(!t.content_started());
+        t.feed(b"event: ping\ndata: {\"type\":\"ping\"}\n\nevent: brand_new\ndata: {}\n\n");
+        assert!(!t.content_started());
+        t.feed(rest.as_bytes());
+        assert!(t.content_started());
+        assert!(t.is_complete());
+    }
+
+    #[test]
+    fn message_delta_overrides_only_the_fields_it_has() {
+        let mut t = StreamTracker::new();
+        t.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n");
+        t.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\n\n");
+        t.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":12,\"output_tokens\":9,\"cache_read_input_tokens\":null}}\n\n");
+        assert_eq!(
+            t.usage(),
+            Usage {
+                input_tokens: 12,
+                output_tokens: 9,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn tracker_reports_a_mid_stream_error() {
+        let mut t = StreamTracker::new();
+        let (head, _) = STREAM.split_at(STREAM.find("event: message_delta").unwrap());
+        t.feed(head.as_bytes());
+        t.feed(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
+        let err = t.error().unwrap();
+        assert_eq!(err.kind(), ApiErrorKind::Overloaded);
+        assert_eq!(err.message(), "Overloaded");
+        assert!(t.content_started());
+        assert!(!t.is_complete());
+        let mut t = StreamTracker::new();
+        t.feed(b"event: error\ndata: oops\n\n");
+        assert_eq!(t.error().unwrap().kind(), ApiErrorKind::Api);
+        assert!(!t.content_started());
+    }
+
+    #[test]
+    fn unnamed_events_fall_back_to_the_payload_type() {
+        let mut t = StreamTracker::new();
+        t.feed(
+            b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n",
+        );
+        t.feed(b"data: {\"type\":\"message_stop\"}\n\n");
+        assert_eq!(t.usage().input_tokens, 3);
+        assert!(t.is_complete());
     }
 }

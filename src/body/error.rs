@@ -39,7 +39,7 @@ pub struct BufferBodyError {
 }
 
 impl BufferBodyError {
-    pub(super) fn from_body_error(err: BoxError, limit: usize) -> Self {
+    pub(crate) fn from_body_error(err: BoxError, limit: usize) -> Self {
         if err.is::<http_body_util::LengthLimitError>() {
             Self {
                 kind: BufferBodyErrorKind::TooLarge,
@@ -78,7 +78,11 @@ impl std::fmt::Display for BufferBodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.kind {
             BufferBodyErrorKind::TooLarge => {
-                write!(f, "request body is larger than the limit of {} bytes", self.limit)
+                write!(
+                    f,
+                    "request body is larger than the limit of {} bytes",
+                    self.limit
+                )
             }
             BufferBodyErrorKind::Body => f.write_str("failed to read the request body"),
             BufferBodyErrorKind::PolledAfterCompletion => {

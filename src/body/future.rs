@@ -27,6 +27,9 @@ where
     limit: usize,
 }
 
+// The collecting state is the larger one; it is the state every request starts in, so
+// boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = StateProj)]
 enum State<S, B>
 where
@@ -99,7 +102,8 @@ where
                         Ok(collected) => collected,
                         Err(err) => {
                             return Poll::Ready(Err(BufferBodyError::from_body_error(
-                                err, *this.limit,
+                                err,
+                                *this.limit,
                             )
                             .into()));
                         }

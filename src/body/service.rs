@@ -59,6 +59,11 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
-        ResponseFuture::new(inner, parts, Limited::new(body, self.limit).collect(), self.limit)
+        ResponseFuture::new(
+            inner,
+            parts,
+            Limited::new(body, self.limit).collect(),
+            self.limit,
+        )
     }
 }

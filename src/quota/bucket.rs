@@ -207,7 +207,10 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::per_minute(60, t0);
         b.try_take(60, t0).unwrap();
-        assert_eq!(b.try_take(3, t0), Err(TakeError::Wait(Duration::from_secs(3))));
+        assert_eq!(
+            b.try_take(3, t0),
+            Err(TakeError::Wait(Duration::from_secs(3)))
+        );
         assert_eq!(b.try_take(61, t0), Err(TakeError::ExceedsCapacity));
         assert!(b.try_take(3, t0 + Duration::from_secs(3)).is_ok());
     }

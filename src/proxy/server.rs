@@ -1,0 +1,266 @@
+//! The hyper server of `claude-proxy`: routing, authentication, key injection, graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use super::config::{ProxyConfig, Secret, Upstream};
+use super::error_response::error_response;
+use crate::BoxError;
+use crate::anthropic::{ApiError, ApiErrorKind};
+use crate::body::{BufferBodyError, RequestBody};
+
+/// The response body type of the proxy.
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The boxed service the proxy sends requests to.
+pub(crate) type ProxyService =
+    BoxCloneSyncService<Request<RequestBody>, Response<ProxyBody>, BoxError>;
+
+/// A configured proxy, ready to serve.
+pub struct Proxy {
+    state: Arc<State>,
+}
+
+struct State {
+    config: ProxyConfig,
+    service: ProxyService,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.state.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Builds the upstream service and the stack from `config`.
+    pub fn new(config: ProxyConfig) -> Result<Self, BoxError> {
+        let upstream = upstream_service(&config);
+        Ok(Self {
+            state: Arc::new(State {
+                service: upstream,
+                config,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.state.config
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then stops accepting and
+    /// lets in-flight requests finish (for at most the configured deadline).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(conn) => conn,
+                        Err(err) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(%err, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let svc = ConnService { state: self.state.clone() };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        if let Err(err) = conn.await {
+                            tracing::debug!(%peer, error = %err, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: waiting for in-flight requests");
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(self.state.config.deadline) => {
+                tracing::warn!("in-flight requests still running at the deadline; closing");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The per-connection hyper service. A named type (rather than `service_fn` over a closure)
+/// keeps the future's type concrete, which hyper-util's auto builder needs to prove `Send`.
+#[derive(Clone)]
+struct ConnService {
+    state: Arc<State>,
+}
+
+type HandleFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = HandleFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move { Ok(handle(state, req).await) })
+    }
+}
+
+fn upstream_service(config: &ProxyConfig) -> ProxyService {
+    match &config.upstream {
+        Upstream::Url(uri) => {
+            let client = crate::client::HttpClient::new(uri.clone());
+            BoxCloneSyncService::new(
+                client.map_response(|r| r.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+            )
+        }
+        Upstream::Mock(m) => {
+            use crate::testing::{MockClaude, MockLimits};
+            let mock = MockClaude::builder()
+                .default_limits(MockLimits {
+                    rpm: m.rpm,
+                    itpm: m.itpm,
+                    otpm: m.otpm,
+                })
+                .seed(m.seed)
+                .overloaded_rate(m.overloaded_rate)
+                .latency(
+                    Duration::from_millis(m.latency_ms),
+                    Duration::from_millis(m.per_token_ms),
+                )
+                .output_tokens(m.output_tokens)
+                .build();
+            BoxCloneSyncService::new(ServiceExt::<Request<RequestBody>>::map_response(
+                mock,
+                |r| r.map(|b| b.boxed_unsync()),
+            ))
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(body.into())
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn api_error(kind: ApiErrorKind, message: &str) -> Response<ProxyBody> {
+    let err = ApiError::new(kind, message);
+    json_response(err.status(), err.to_envelope())
+}
+
+/// The token a client presented: `x-api-key`, else `Authorization: Bearer`.
+fn presented_token(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(v) = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &Secret) -> bool {
+    let b = b.expose().as_bytes();
+    let a = a.as_bytes();
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
+        }
+        _ if path.starts_with("/v1/") || path == "/v1" => {}
+        _ => return api_error(ApiErrorKind::NotFound, &format!("no route for {path}")),
+    }
+
+    let config = &state.config;
+    if !config.client_tokens.is_empty() {
+        let ok = presented_token(&req)
+            .is_some_and(|t| config.client_tokens.iter().any(|s| same_secret(t, s)));
+        if !ok {
+            return api_error(
+                ApiErrorKind::Authentication,
+                "invalid proxy token: send one of the proxy's client tokens as x-api-key",
+            );
+        }
+    }
+    if let Some(key) = config.api_keys.first() {
+        // The proxy holds the upstream key: the client's credential never goes upstream.
+        req.headers_mut().remove(header::AUTHORIZATION);
+        match HeaderValue::from_str(key.expose()) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                req.headers_mut().insert("x-api-key", v);
+            }
+            Err(_) => {
+                return api_error(
+                    ApiErrorKind::Authentication,
+                    "the configured API key is not a valid header value",
+                );
+            }
+        }
+    }
+
+    // Buffer the body here rather than through `BufferBody`: the same work, but with concrete
+    // types, which keeps this future provably `Send` for hyper (a rustc limitation with
+    // higher-ranked `Into<BoxError>` bounds in async blocks).
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, config.body_limit).collect().await {
+        Ok(collected) => RequestBody::from(collected.to_bytes()),
+        Err(err) => {
+            return error_response(&BufferBodyError::from_body_error(err, config.body_limit).into());
+        }
+    };
+    let req = Request::from_parts(parts, body);
+    match state.service.clone().oneshot(req).await {
+        Ok(mut resp) => {
+            for name in crate::client::HOP_BY_HOP.iter() {
+                resp.headers_mut().remove(name);
+            }
+            resp
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "request failed in the proxy");
+            error_response(&err)
+        }
+    }
+}
