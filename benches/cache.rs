@@ -1,5 +1,5 @@
 //! Cache hit path through `CacheLayer` (memory and disk stores, 10 KB and 100 KB answers), and
-//! the cost of the key: canonical JSON + BLAKE3, and BLAKE3 against SHA-256 on 10 KB.
+//! the cost of the key: the request parse, and BLAKE3 against SHA-256 on 10 KB.
 //!
 //! `cargo bench --bench cache --all-features -- --warm-up-time 1 --measurement-time 3`
 
@@ -15,7 +15,7 @@ use tower_claude::body::RequestBody;
 use tower_claude::cache::{CacheLayer, CacheStatus};
 use tower_layer::Layer;
 
-/// A realistic request: a system prompt and a few turns, about 4 KB.
+/// A realistic request: a system prompt and three turns, about 2.6 KB.
 fn request_body(max_tokens: usize) -> String {
     let turn = "Refactor this function so that it returns an iterator instead of a Vec. ".repeat(8);
     format!(

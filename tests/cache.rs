@@ -774,3 +774,168 @@ async fn disk_store_coalesces_too() {
     }
     assert_eq!(up.calls(), 1);
 }
+
+/// The layer in front of `MockClaude`, alone and stacked, in process and over loopback HTTP.
+///
+/// These futures are not `tokio::spawn`ed: `MockClaude`'s error type is `BoxError`, which trips
+/// rust-lang/rust#102211 in a spawned future; `join_all` runs them concurrently instead.
+#[cfg(feature = "testing")]
+mod with_mock {
+    use super::*;
+    use futures_util::future::join_all;
+    use tower::Layer;
+    use tower::limit::ConcurrencyLimitLayer;
+    use tower_claude::testing::{Fault, MockClaude, MockLimits};
+
+    const LIMITS: MockLimits = MockLimits {
+        rpm: 1000,
+        itpm: 1_000_000,
+        otpm: 1_000_000,
+    };
+
+    fn mock() -> MockClaude {
+        MockClaude::builder()
+            .default_limits(LIMITS)
+            .latency(Duration::from_millis(200), Duration::from_millis(5))
+            .output_tokens(30)
+            .build()
+    }
+
+    async fn send_to<S, B>(svc: &S, req: Request<RequestBody>) -> (CacheStatus, StatusCode, Bytes)
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>, Error = BoxError> + Clone,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let status = *res.extensions().get::<CacheStatus>().unwrap();
+        let code = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, code, body)
+    }
+
+    use tower_claude::BoxError;
+
+    #[tokio::test(start_paused = true)]
+    async fn stacked_over_a_concurrency_limit_json_and_stream() {
+        let mock = mock();
+        let svc = ServiceBuilder::new()
+            .layer(CacheLayer::memory(1 << 20))
+            .layer(ConcurrencyLimitLayer::new(2))
+            .service(mock.clone());
+        let (s, code, json) = send_to(&svc, request("sk", BODY)).await;
+        assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        let (s, _, again) = send_to(&svc, request("sk", BODY_REORDERED)).await;
+        assert_eq!((s, &again), (CacheStatus::Hit, &json));
+        assert_eq!(mock.stats().received, 1);
+
+        let (s, _, streamed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        let start = tokio::time::Instant::now();
+        let (s, _, replayed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Hit);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a hit does not wait for the model"
+        );
+        assert_eq!(replayed, streamed);
+        let (original, replay) = (track(&streamed), track(&replayed));
+        assert!(original.is_complete() && replay.is_complete());
+        assert_eq!(replay.usage(), original.usage());
+        assert_eq!(replay.usage().output_tokens, 30);
+        assert_eq!(mock.stats().received, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hits_cost_no_quota() {
+        let mock = MockClaude::builder()
+            .default_limits(MockLimits {
+                rpm: 1,
+                itpm: 1_000_000,
+                otpm: 1_000_000,
+            })
+            .latency(Duration::from_millis(10), Duration::ZERO)
+            .build();
+        let svc = CacheLayer::memory(1 << 20).layer(mock.clone());
+        assert_eq!(send_to(&svc, request("sk", BODY)).await.1, StatusCode::OK);
+        for _ in 0..5 {
+            let (s, code, _) = send_to(&svc, request("sk", BODY)).await;
+            assert_eq!((s, code), (CacheStatus::Hit, StatusCode::OK));
+        }
+        // The bucket is empty: a new prompt gets a 429, which is not stored.
+        let other = BODY.replace("hello", "goodbye");
+        let (s, code, _) = send_to(&svc, request("sk", &other)).await;
+        assert_eq!((s, code.as_u16()), (CacheStatus::Miss, 429));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let (s, code, _) = send_to(&svc, request("sk", &other)).await;
+        assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        assert_eq!(mock.stats().received, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_twins_reach_the_mock_once() {
+        let mock = mock();
+        let svc = CacheLayer::memory(1 << 20).layer(mock.clone());
+        let answers = join_all((0..16).map(|_| send_to(&svc, request("sk", BODY)))).await;
+        assert_eq!(mock.stats().received, 1);
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.1 == StatusCode::OK && a.2 == answers[0].2)
+        );
+        let misses = answers.iter().filter(|a| a.0 == CacheStatus::Miss).count();
+        assert_eq!(misses, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mock_faults_are_never_cached() {
+        let mock = mock();
+        let svc = CacheLayer::memory(1 << 20).layer(mock.clone());
+        mock.push_fault(Fault::MidStreamError);
+        let res = svc
+            .clone()
+            .oneshot(request("sk", STREAM_BODY))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let cut = res.into_body().collect().await.unwrap().to_bytes();
+        let t = track(&cut);
+        assert!(t.error().is_some() && !t.is_complete());
+        mock.push_fault(Fault::Overloaded);
+        assert_eq!(send_to(&svc, request("sk", BODY)).await.1.as_u16(), 529);
+        // Both go upstream again, and now succeed and are stored.
+        assert_eq!(
+            send_to(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(
+            send_to(&svc, request("sk", BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(
+            send_to(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Hit
+        );
+        assert_eq!(send_to(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+        assert_eq!(mock.stats().received, 4);
+    }
+
+    /// Cache -> hyper client -> loopback TCP -> MockClaude server.
+    #[cfg(feature = "client")]
+    #[tokio::test(start_paused = true)]
+    async fn over_loopback_http() {
+        use tower_claude::client::HttpClient;
+        let mock = mock();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(mock.serve(listener));
+        let svc = CacheLayer::memory(1 << 20).layer(HttpClient::new(base.parse().unwrap()));
+        let (s, _, streamed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        let (s, _, replayed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!((s, &replayed), (CacheStatus::Hit, &streamed));
+        assert!(track(&replayed).is_complete());
+        assert_eq!(mock.stats().received, 1);
+    }
+}
