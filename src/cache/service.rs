@@ -156,7 +156,14 @@ fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
         req.headers(),
         config.tenant.as_ref(),
     );
-    let key = CacheKey::compute(&partition, req.method(), req.uri(), req.headers(), &body);
+    let key = CacheKey::compute(
+        &partition,
+        req.method(),
+        req.uri(),
+        req.headers(),
+        &body,
+        req.body().len(),
+    );
     Some(Plan {
         key,
         read,
