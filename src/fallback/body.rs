@@ -157,7 +157,10 @@ mod tests {
 
     #[tokio::test]
     async fn replays_prefix_then_rest() {
-        let body = FallbackBody::replay(Bytes::from_static(b"ab"), Box::pin(Full::new(Bytes::from("cd"))));
+        let body = FallbackBody::replay(
+            Bytes::from_static(b"ab"),
+            Box::pin(Full::new(Bytes::from("cd"))),
+        );
         assert_eq!(body.size_hint().exact(), Some(4));
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"abcd");

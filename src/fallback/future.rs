@@ -124,7 +124,9 @@ where
                     return Poll::Ready(Ok(res.map(FallbackBody::new)));
                 }
                 StateProj::Done => {
-                    return Poll::Ready(Err("fallback response future polled after completion".into()));
+                    return Poll::Ready(Err(
+                        "fallback response future polled after completion".into()
+                    ));
                 }
                 _ => match this.walk.as_deref_mut() {
                     Some(walk) => walk,

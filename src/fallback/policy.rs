@@ -71,7 +71,8 @@ fn more_headroom(a: &View, b: &View) -> bool {
 }
 
 /// The models a request for `requested` may be served by: `catalog.chain_from(requested)`,
-/// truncated at `floor`.
+/// truncated at `floor`, each model once (a chain that names a model twice keeps its first
+/// place).
 ///
 /// The floor is found by exact id among the candidates; otherwise candidates of a family lower
 /// than the floor's family are dropped. A floor that can be placed neither way (unknown id of
@@ -83,6 +84,8 @@ pub(crate) fn candidates(
     floor: Option<&str>,
 ) -> Vec<String> {
     let mut chain = catalog.chain_from(requested);
+    let mut seen = std::collections::HashSet::new();
+    chain.retain(|m| seen.insert(m.clone()));
     let Some(floor) = floor else {
         return chain;
     };
@@ -218,11 +221,17 @@ mod tests {
     fn positions_not_indices_decide_thresholds() {
         // After a failover the remaining candidates keep their positions in the chain.
         assert_eq!(
-            select(&[(1, v(0.31, true, Some(0))), (2, v(1.0, true, Some(0)))], T),
+            select(
+                &[(1, v(0.31, true, Some(0))), (2, v(1.0, true, Some(0)))],
+                T
+            ),
             Some(0)
         );
         assert_eq!(
-            select(&[(1, v(0.29, true, Some(0))), (2, v(0.05, true, Some(0)))], T),
+            select(
+                &[(1, v(0.29, true, Some(0))), (2, v(0.05, true, Some(0)))],
+                T
+            ),
             Some(1)
         );
     }
@@ -277,6 +286,14 @@ mod tests {
             candidates(&c, "claude-sonnet-4-6", Some("claude-haiku-4-5")),
             all[1..]
         );
+        // Each model once.
+        let twice = c.clone().with_chain([
+            "claude-opus-4-7",
+            "claude-sonnet-4-6",
+            "claude-opus-4-7",
+            "claude-haiku-4-5",
+        ]);
+        assert_eq!(candidates(&twice, "claude-opus-4-7", None), all);
         // An unplaceable floor allows no fallback.
         assert_eq!(
             candidates(&c, "claude-opus-4-7", Some("gpt-5")),
@@ -295,11 +312,17 @@ mod tests {
         let rl = Some(ApiErrorKind::RateLimit);
         let secs = |s| Some(Duration::from_secs(s));
         assert_eq!(classify(&r, s429, rl, secs(10), 0, false), Verdict::Return);
-        assert_eq!(classify(&r, s429, rl, secs(11), 0, false), Verdict::FailOver);
+        assert_eq!(
+            classify(&r, s429, rl, secs(11), 0, false),
+            Verdict::FailOver
+        );
         assert_eq!(classify(&r, s429, rl, None, 0, false), Verdict::FailOver);
         assert_eq!(classify(&r, s429, rl, secs(1), 0, true), Verdict::FailOver);
         let cap = Some(ApiErrorKind::SpendLimit);
-        assert_eq!(classify(&r, s429, cap, secs(1), 0, false), Verdict::FailOver);
+        assert_eq!(
+            classify(&r, s429, cap, secs(1), 0, false),
+            Verdict::FailOver
+        );
         let ov = Some(ApiErrorKind::Overloaded);
         assert_eq!(classify(&r, s529, ov, None, 1, false), Verdict::Resend);
         assert_eq!(classify(&r, s529, ov, None, 2, false), Verdict::FailOver);

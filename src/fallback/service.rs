@@ -70,7 +70,8 @@ impl<S> Fallback<S> {
 /// (`off` or `false`, case-insensitive, surrounding whitespace ignored).
 fn take_opt_out(headers: &mut HeaderMap) -> bool {
     let mut off = false;
-    if let http::header::Entry::Occupied(entry) = headers.entry(header_names::X_TOWER_CLAUDE_FALLBACK)
+    if let http::header::Entry::Occupied(entry) =
+        headers.entry(header_names::X_TOWER_CLAUDE_FALLBACK)
     {
         for value in entry.remove_entry_mult().1 {
             if let Ok(v) = value.to_str() {

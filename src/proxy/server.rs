@@ -247,7 +247,9 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
     let body = match Limited::new(body, config.body_limit).collect().await {
         Ok(collected) => RequestBody::from(collected.to_bytes()),
         Err(err) => {
-            return error_response(&BufferBodyError::from_body_error(err, config.body_limit).into());
+            return error_response(
+                &BufferBodyError::from_body_error(err, config.body_limit).into(),
+            );
         }
     };
     let req = Request::from_parts(parts, body);
