@@ -249,10 +249,12 @@ struct Scan {
 // every Messages API request, and bodies routinely carry 100 KB+ of prompt and megabytes of
 // base64 images. Building a `serde_json::Value` tree would allocate a `String` per string and a
 // map per object only to throw it away, and a typed `Deserialize` model of the whole API would
-// break on every new content-block type. This scanner validates the document and computes the
-// estimate in a single pass over the bytes, allocating nothing but the `model` string (and the
-// span list `rewrite_model` needs); serde_json only decodes the `model` token when it has
-// escapes.
+// break on every new content-block type. After std's (vectorised) UTF-8 check, this scanner
+// validates the JSON syntax, reads the fields and computes the estimate in a single pass over
+// the bytes, allocating nothing but the `model` string (and the span list `rewrite_model`
+// needs); serde_json only decodes the `model` token when it has escapes. On realistic bodies it
+// runs at about 1.1-1.2 GB/s, 1.6-5x faster than parsing into a `serde_json::Value`
+// (`benches/meta.rs`).
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,

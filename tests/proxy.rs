@@ -1,0 +1,270 @@
+//! `claude-proxy` over real loopback HTTP: a hyper-util client talks to the proxy, which talks
+//! to the served simulator (or its built-in one).
+#![cfg(feature = "proxy")]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tower_claude::anthropic::{ApiError, ApiErrorKind, RateLimitSnapshot, StreamTracker, Usage};
+use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+use tower_claude::testing::MockClaude;
+
+type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("proxy stops")
+            .expect("proxy task")
+            .expect("proxy serve");
+    }
+}
+
+async fn start_proxy(cli: Cli, env: &[(&str, &str)]) -> Running {
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let config = ProxyConfig::resolve(cli, &env).expect("config");
+    let proxy = Proxy::new(config).expect("proxy");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn messages(addr: SocketAddr, key: &str, body: &str) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{addr}/v1/messages"))
+        .header("x-api-key", key)
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
+}
+
+const HELLO: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello"}]}"#;
+const HELLO_STREAM: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+async fn served_mock(mock: &MockClaude) -> SocketAddr {
+    let (addr, _task) = mock.serve_on_loopback().await.unwrap();
+    addr
+}
+
+fn cli_for(upstream: String) -> Cli {
+    Cli {
+        upstream: Some(upstream),
+        cache_path: Some("memory".into()),
+        ..Cli::default()
+    }
+}
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    let proxy = start_proxy(cli_for("mock".into()), &[]).await;
+    let c = client();
+    let resp = c
+        .get(format!("http://{}/healthz", proxy.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = c
+        .get(format!("http://{}/nope", proxy.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let err = ApiError::from_response(StatusCode::NOT_FOUND, &body);
+    assert_eq!(err.kind(), ApiErrorKind::NotFound);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn forwards_json_answers_and_every_upstream_header() {
+    let mock = MockClaude::builder().build();
+    let upstream = served_mock(&mock).await;
+    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let resp = client()
+        .request(messages(proxy.addr, "sk-client-1", HELLO))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("request-id"));
+    let snap = RateLimitSnapshot::from_headers(resp.headers());
+    assert!(snap.requests.limit.is_some() && snap.input_tokens.remaining.is_some());
+    assert!(snap.output_tokens.reset.is_some());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let usage = Usage::from_json(&body).expect("usage");
+    assert!(usage.output_tokens > 0);
+    assert_eq!(mock.stats().accepted, 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn streams_pass_through_event_by_event() {
+    let mock = MockClaude::builder()
+        .latency(Duration::from_millis(1), Duration::from_millis(1))
+        .build();
+    let upstream = served_mock(&mock).await;
+    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let resp = client()
+        .request(messages(proxy.addr, "sk-client-1", HELLO_STREAM))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut body = resp.into_body();
+    let mut tracker = StreamTracker::new();
+    let mut frames = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            frames += 1;
+            tracker.feed(&data);
+        }
+    }
+    tracker.finish();
+    assert!(tracker.is_complete());
+    assert!(tracker.usage().output_tokens > 0);
+    assert!(
+        frames > 1,
+        "the stream arrived in one piece: {frames} frame(s)"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_tokens_guard_the_proxy_and_the_proxy_key_goes_upstream() {
+    let mock = MockClaude::builder()
+        .api_keys(["sk-upstream-secret"])
+        .build();
+    let upstream = served_mock(&mock).await;
+    let proxy = start_proxy(
+        cli_for(format!("http://{upstream}")),
+        &[
+            ("CLAUDE_PROXY_TOKENS", "team-token"),
+            ("ANTHROPIC_API_KEY", "sk-upstream-secret"),
+        ],
+    )
+    .await;
+    let c = client();
+    let denied = c
+        .request(messages(proxy.addr, "wrong", HELLO))
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
+    let ok = c
+        .request(messages(proxy.addr, "team-token", HELLO))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(
+        mock.stats().received,
+        1,
+        "the denied request never went upstream"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_body_is_a_413_envelope() {
+    let proxy = start_proxy(cli_for("mock".into()), &[]).await;
+    let big = format!(
+        r#"{{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(33 * 1024 * 1024)
+    );
+    let resp = client()
+        .request(messages(proxy.addr, "sk-client-1", &big))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        ApiError::from_response(StatusCode::PAYLOAD_TOO_LARGE, &body).kind(),
+        ApiErrorKind::RequestTooLarge
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_502_envelope() {
+    // Bind then drop a listener: the port is (almost certainly) closed.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy(
+        cli_for(format!("http://{closed}")),
+        &[("CLAUDE_RETRY_STRATEGY", "none")],
+    )
+    .await;
+    let resp = client()
+        .request(messages(proxy.addr, "sk-client-1", HELLO))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        ApiError::from_response(StatusCode::BAD_GATEWAY, &body).kind(),
+        ApiErrorKind::Api
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let mock = MockClaude::builder()
+        .latency(Duration::from_millis(300), Duration::ZERO)
+        .build();
+    let upstream = served_mock(&mock).await;
+    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let c = client();
+    let req = messages(proxy.addr, "sk-client-1", HELLO);
+    let in_flight = tokio::spawn(async move { c.request(req).await });
+    // Let the request reach the simulator, then ask the proxy to stop.
+    while mock.stats().received == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.stop().await;
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completed");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(Usage::from_json(&body).is_some());
+}
