@@ -335,4 +335,79 @@ mod tests {
         assert!(may_move_on(s429) && may_move_on(s529));
         assert!(!may_move_on(StatusCode::OK) && !may_move_on(StatusCode::BAD_REQUEST));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn view() -> impl Strategy<Value = View> {
+            (0.0f64..=1.0, any::<bool>(), proptest::option::of(0u64..120)).prop_map(
+                |(fraction, fits, wait)| View {
+                    fraction,
+                    fits,
+                    wait: if fits {
+                        Some(Duration::ZERO)
+                    } else {
+                        wait.map(|w| Duration::from_secs(w + 1))
+                    },
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn select_picks_the_first_qualifier_or_the_most_headroom(
+                views in proptest::collection::vec(view(), 0..6),
+                thresholds in proptest::collection::vec(0.0f64..=1.0, 0..4),
+            ) {
+                let candidates: Vec<(usize, View)> = views.iter().copied().enumerate().collect();
+                let chosen = select(&candidates, &thresholds);
+                prop_assert_eq!(chosen.is_some(), !views.is_empty());
+                let Some(i) = chosen else { return Ok(()) };
+                let qualifies = |j: usize| {
+                    views[j].fits && views[j].fraction >= threshold(&thresholds, j)
+                };
+                match (0..views.len()).find(|&j| qualifies(j)) {
+                    Some(first) => prop_assert_eq!(i, first),
+                    None => {
+                        // Nothing has strictly more headroom than the choice.
+                        for (j, v) in views.iter().enumerate() {
+                            prop_assert!(!more_headroom(v, &views[i]), "{} beats {}", j, i);
+                        }
+                        // A candidate that fits now is preferred to one that does not.
+                        if views.iter().any(|v| v.fits) {
+                            prop_assert!(views[i].fits);
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn candidates_start_with_the_request_and_never_upgrade(
+                requested in prop::sample::select(vec![
+                    "claude-opus-4-7", "claude-opus-4-1", "claude-sonnet-4-6",
+                    "claude-3-5-sonnet-latest", "claude-haiku-4-5", "gpt-5",
+                ]),
+                floor in proptest::option::of(prop::sample::select(vec![
+                    "claude-opus-4-7", "claude-sonnet-4-5", "claude-sonnet-4-6",
+                    "claude-haiku-4-5", "unknown-model",
+                ])),
+            ) {
+                let catalog = ModelCatalog::default();
+                let out = candidates(&catalog, requested, floor);
+                prop_assert_eq!(out[0].as_str(), requested);
+                let full = catalog.chain_from(requested);
+                prop_assert!(out.iter().all(|m| full.contains(m)));
+                let mut seen = std::collections::HashSet::new();
+                prop_assert!(out.iter().all(|m| seen.insert(m)));
+                let families: Vec<_> = out.iter().filter_map(|m| catalog.family(m)).collect();
+                prop_assert!(families.windows(2).all(|w| w[0] <= w[1]));
+                if let (Some(floor), Some(last)) = (floor.and_then(|f| catalog.family(f)), out.last()) {
+                    if out.len() > 1 {
+                        prop_assert!(catalog.family(last).is_some_and(|f| f <= floor));
+                    }
+                }
+            }
+        }
+    }
 }
