@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_claude::BoxError;
-use tower_claude::anthropic::{KeyId, RateLimitGroup, RequestMeta};
+use tower_claude::anthropic::{ApiError, ApiErrorKind, KeyId, RateLimitGroup, RequestMeta};
 use tower_claude::body::RequestBody;
 use tower_claude::fallback::{
     FallbackError, FallbackErrorKind, FallbackLayer, NoFallback, ServedModel,
@@ -536,6 +536,52 @@ async fn inner_errors_are_typed_and_other_paths_pass_through() {
         "connection refused"
     );
     assert_eq!(*calls.lock().unwrap(), 1);
+
+    // A spend-cap error from a layer below moves the request on; the next model answers.
+    let mock = MockClaude::builder().build();
+    let upstream = {
+        let mock = mock.clone();
+        tower::service_fn(move |req: Request<RequestBody>| {
+            let model = req
+                .extensions()
+                .get::<RequestMeta>()
+                .and_then(|m| m.model.clone());
+            let fut = mock.clone().oneshot(req);
+            async move {
+                if model.as_deref() == Some(OPUS) {
+                    let cap = ApiError::new(ApiErrorKind::SpendLimit, "spend cap");
+                    return Err::<_, BoxError>(Box::new(cap));
+                }
+                fut.await
+            }
+        })
+    };
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new())
+        .service(upstream.clone());
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        (served.served.as_str(), served.attempts, served.failovers),
+        (SONNET, 2, 1)
+    );
+    // With nothing below, the same error is returned, typed.
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new().floor(OPUS))
+        .service(upstream);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(OPUS, 64, false))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<FallbackError>().expect("FallbackError");
+    let source = std::error::Error::source(err).unwrap();
+    assert_eq!(
+        source.downcast_ref::<ApiError>().unwrap().kind(),
+        ApiErrorKind::SpendLimit
+    );
 
     // count_tokens and unreadable bodies pass through untouched, without a ServedModel.
     let mock = MockClaude::builder().build();

@@ -8,9 +8,9 @@ use crate::BoxError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FallbackErrorKind {
-    /// The inner service failed (no HTTP answer) on the model the layer was trying; the layer
-    /// does not move on after such a failure. The inner error is the
-    /// [`source`](std::error::Error::source).
+    /// The inner service failed (no HTTP answer) on the last model the layer tried: an error
+    /// that does not move a request on (connection errors, timeouts, ...), or a spend-cap error
+    /// with no model left. The inner error is the [`source`](std::error::Error::source).
     Inner,
 }
 

@@ -141,8 +141,16 @@ where
                     let res = match ready!(fut.poll(cx)) {
                         Ok(res) => res,
                         Err(e) => {
+                            let e: BoxError = e.into();
+                            if walk.can_move_on()
+                                && policy::error_fails_over(&*e)
+                                && walk.fail_over()
+                            {
+                                this.state.set(State::Ready);
+                                continue;
+                            }
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(walk.error(e.into())));
+                            return Poll::Ready(Err(walk.error(e)));
                         }
                     };
                     walk.observe(res.headers());

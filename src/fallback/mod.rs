@@ -46,6 +46,10 @@
 //!   [`max_wait_before_failover`](FallbackLayer::max_wait_before_failover) (10 s by default),
 //!   or that gives no wait, at once. A shorter 429 is returned to the caller (a retry layer
 //!   below has already waited it out);
+//! * an **inner service error** whose source chain holds a spend-cap
+//!   [`ApiError`](crate::anthropic::ApiError) (a layer below that turns the spend-cap 429 into
+//!   an error), at once. Other inner errors (connection errors, timeouts) are not about the
+//!   model: they end the walk;
 //! * a **529** (`overloaded_error`): after [`max_overloaded`](FallbackLayer::max_overloaded)
 //!   529s from that model (2 by default); below that count the same model is sent again after
 //!   [`overloaded_pause`](FallbackLayer::overloaded_pause).

@@ -172,6 +172,22 @@ pub(crate) fn classify(
     }
 }
 
+/// Whether an inner service error (no HTTP answer) moves the request on: a spend-cap
+/// [`ApiError`](crate::anthropic::ApiError) anywhere in its source chain (a layer below that
+/// turns the spend-cap 429 into an error). Any other error is returned.
+pub(crate) fn error_fails_over(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(api) = e.downcast_ref::<crate::anthropic::ApiError>() {
+            if api.kind() == ApiErrorKind::SpendLimit {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Whether a response with `status` may lead to a failover or a re-send (and so its error
 /// envelope is worth reading).
 pub(crate) fn may_move_on(status: StatusCode) -> bool {
@@ -333,6 +349,25 @@ mod tests {
             Verdict::Return
         );
         assert!(may_move_on(s429) && may_move_on(s529));
+
+        #[derive(Debug)]
+        struct Wrapper(crate::anthropic::ApiError);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let cap = crate::anthropic::ApiError::new(ApiErrorKind::SpendLimit, "cap");
+        assert!(error_fails_over(&Wrapper(cap)));
+        let overloaded = crate::anthropic::ApiError::new(ApiErrorKind::Overloaded, "busy");
+        assert!(!error_fails_over(&Wrapper(overloaded)));
+        let io = std::io::Error::other("reset");
+        assert!(!error_fails_over(&io));
         assert!(!may_move_on(StatusCode::OK) && !may_move_on(StatusCode::BAD_REQUEST));
     }
 
