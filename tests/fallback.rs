@@ -607,6 +607,31 @@ async fn inner_errors_are_typed_and_other_paths_pass_through() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn unknown_quota_counts_as_full() {
+    // A shared board without configured limits: a rate limiter below has sent its probe for
+    // Opus (limits unknown until it answers), so nothing else "fits now" on Opus. The layer
+    // still treats Opus as full rather than scattering requests down the chain.
+    let board = QuotaBoard::new();
+    let probe = board
+        .try_acquire(&key(), &group("claude-opus-4"), Cost::new(1, 10, 64))
+        .unwrap();
+    assert!(!board.fits_now(&key(), &group("claude-opus-4"), &Cost::new(1, 10, 64)));
+    let mock = MockClaude::builder().build();
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new().board(board))
+        .service(mock);
+    assert_eq!(
+        send(&mut svc, request(OPUS, 64, false))
+            .await
+            .unwrap()
+            .1
+            .served,
+        OPUS
+    );
+    drop(probe);
+}
+
+#[tokio::test(start_paused = true)]
 async fn learns_quota_from_response_headers_when_alone() {
     // Opus: 10 requests per minute upstream; the layer's own board learns it from headers.
     let mock = MockClaude::builder()

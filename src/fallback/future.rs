@@ -303,17 +303,23 @@ impl<S> Walk<S> {
         }
     }
 
-    /// The board's view of candidate `idx` for this request.
+    /// The board's view of candidate `idx` for this request. A group whose limits the board
+    /// does not know yet counts as full (even while a rate limiter below holds requests back
+    /// until its first answer teaches it the limits).
     fn view(&self, idx: usize) -> View {
         let board = &self.config.board;
         let group = self.config.catalog.group(&self.candidates[idx]);
-        let fraction = board
-            .headroom(&self.key, &group)
-            .map_or(1.0, |h| h.fraction);
-        View {
-            fraction,
-            fits: board.fits_now(&self.key, &group, &self.cost),
-            wait: board.time_until_fits(&self.key, &group, &self.cost),
+        match board.headroom(&self.key, &group) {
+            None => View {
+                fraction: 1.0,
+                fits: true,
+                wait: Some(std::time::Duration::ZERO),
+            },
+            Some(headroom) => View {
+                fraction: headroom.fraction,
+                fits: board.fits_now(&self.key, &group, &self.cost),
+                wait: board.time_until_fits(&self.key, &group, &self.cost),
+            },
         }
     }
 
