@@ -19,6 +19,7 @@ use tower_claude::fallback::{
     FallbackError, FallbackErrorKind, FallbackLayer, NoFallback, ServedModel,
 };
 use tower_claude::quota::{Cost, Limits, QuotaBoard};
+use tower_claude::retry::{RetryError, RetryErrorKind, RetryLayer};
 use tower_claude::testing::{Fault, MockClaude, MockLimits};
 
 const API_KEY: &str = "sk-ant-fallback-test";
@@ -607,6 +608,72 @@ async fn inner_errors_are_typed_and_other_paths_pass_through() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn stacked_above_the_retry_layer() {
+    let mock = MockClaude::builder().build();
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new())
+        .layer(RetryLayer::new().max_attempts(3).seed(1))
+        .service(mock.clone());
+
+    // The retry layer turns the spend cap into an error: the request moves on.
+    mock.push_fault(Fault::SpendCap);
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        (served.served.as_str(), served.attempts, served.failovers),
+        (SONNET, 2, 1)
+    );
+    assert_eq!(mock.stats().received, 2);
+
+    // Three 529s: the retry layer gives up on Opus (RetryInfo: exhausted) and the layer moves
+    // on at once, without re-sending Opus itself.
+    for _ in 0..3 {
+        mock.push_fault(Fault::Overloaded);
+    }
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        (served.served.as_str(), served.attempts, served.failovers),
+        (SONNET, 2, 1)
+    );
+    assert_eq!(mock.stats().received, 2 + 4);
+
+    // A short 429 is the retry layer's business: Opus answers after the wait.
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(2),
+    });
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
+
+    // Every model capped: one attempt each, then the typed error with the retry layer's
+    // spend-limit error as its source.
+    let capped = MockClaude::builder().spend_cap(true).build();
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new())
+        .layer(RetryLayer::new().seed(1))
+        .service(capped.clone());
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(OPUS, 64, false))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<FallbackError>().expect("FallbackError");
+    assert_eq!(
+        (err.model(), err.attempts(), err.failovers()),
+        (HAIKU, 3, 2)
+    );
+    let source = std::error::Error::source(err).unwrap();
+    assert_eq!(
+        source.downcast_ref::<RetryError>().unwrap().kind(),
+        RetryErrorKind::SpendLimit
+    );
+    assert_eq!(capped.stats().received, 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn unknown_quota_counts_as_full() {
     // A shared board without configured limits: a rate limiter below has sent its probe for
     // Opus (limits unknown until it answers), so nothing else "fits now" on Opus. The layer
@@ -781,8 +848,32 @@ async fn batch_completes_when_the_opus_quota_runs_out() {
         .layer(FallbackLayer::new())
         .service(mock.clone());
     let report = run_batch(svc, &mock, TASKS, WORKERS).await;
-    println!("without fallback: {baseline:?}");
-    println!("with fallback:    {report:?}");
+
+    // A retry layer alone (patient, paced), every task on Opus.
+    let mock = batch_mock();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::new().seed(3))
+        .service(mock.clone());
+    let retry_only = run_batch(svc, &mock, TASKS, WORKERS).await;
+
+    // The recommended order: fallback outside retry.
+    let mock = batch_mock();
+    let svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new())
+        .layer(RetryLayer::new().seed(3))
+        .service(mock.clone());
+    let stacked = run_batch(svc, &mock, TASKS, WORKERS).await;
+
+    println!("without fallback:         {baseline:?}");
+    println!("with fallback:            {report:?}");
+    println!("retry layer only:         {retry_only:?}");
+    println!("fallback + retry layer:   {stacked:?}");
+    assert_eq!((stacked.completed, stacked.gave_up), (TASKS, 0));
+    assert!(stacked.served.get(OPUS).copied().unwrap_or(0) > 0);
+    assert!(
+        stacked.elapsed < retry_only.elapsed,
+        "{stacked:?} vs {retry_only:?}"
+    );
 
     assert_eq!((report.completed, report.gave_up), (TASKS, 0));
     assert!(report.upstream_requests < baseline.upstream_requests);

@@ -25,6 +25,7 @@ use crate::anthropic::{
 };
 use crate::body::RequestBody;
 use crate::quota::Cost;
+use crate::retry::{RetryInfo, RetryOutcome};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -471,7 +472,16 @@ impl<S> Walk<S> {
     }
 }
 
-/// Whether a retry layer below already retried this answer and gave up on it.
-fn retried_below(_extensions: &Extensions) -> bool {
-    false
+/// Whether a retry layer below already retried this answer and gave up on it (its
+/// [`RetryInfo`] says the attempts, the deadline or the budget ran out): waiting more on this
+/// model is what it just did, so the request moves on.
+fn retried_below(extensions: &Extensions) -> bool {
+    extensions.get::<RetryInfo>().is_some_and(|info| {
+        matches!(
+            info.outcome(),
+            RetryOutcome::Exhausted
+                | RetryOutcome::DeadlineExceeded
+                | RetryOutcome::BudgetExhausted
+        )
+    })
 }

@@ -46,13 +46,16 @@
 //!   [`max_wait_before_failover`](FallbackLayer::max_wait_before_failover) (10 s by default),
 //!   or that gives no wait, at once. A shorter 429 is returned to the caller (a retry layer
 //!   below has already waited it out);
-//! * an **inner service error** whose source chain holds a spend-cap
-//!   [`ApiError`](crate::anthropic::ApiError) (a layer below that turns the spend-cap 429 into
-//!   an error), at once. Other inner errors (connection errors, timeouts) are not about the
+//! * an **inner service error** that is a spend cap: the retry layer's
+//!   [`RetryErrorKind::SpendLimit`](crate::retry::RetryErrorKind::SpendLimit), or a spend-cap
+//!   [`ApiError`](crate::anthropic::ApiError) anywhere in the error's source chain, at once. Other inner errors (connection errors, timeouts) are not about the
 //!   model: they end the walk;
 //! * a **529** (`overloaded_error`): after [`max_overloaded`](FallbackLayer::max_overloaded)
 //!   529s from that model (2 by default); below that count the same model is sent again after
-//!   [`overloaded_pause`](FallbackLayer::overloaded_pause).
+//!   [`overloaded_pause`](FallbackLayer::overloaded_pause);
+//! * a **429 or 529 that a [`RetryLayer`](crate::retry::RetryLayer) below gave up on** (its
+//!   [`RetryInfo`](crate::retry::RetryInfo) outcome is `Exhausted`, `DeadlineExceeded` or
+//!   `BudgetExhausted`), at once: the retry layer has already waited on that model.
 //!
 //! Every other answer (success, 400, 401, 500, ...) is returned as it is. To classify a 429 or
 //! 529 the layer reads its body (at most 64 KiB) and replays it unchanged if it returns it.

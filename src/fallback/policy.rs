@@ -172,12 +172,18 @@ pub(crate) fn classify(
     }
 }
 
-/// Whether an inner service error (no HTTP answer) moves the request on: a spend-cap
-/// [`ApiError`](crate::anthropic::ApiError) anywhere in its source chain (a layer below that
-/// turns the spend-cap 429 into an error). Any other error is returned.
+/// Whether an inner service error (no HTTP answer) moves the request on: the retry layer's
+/// [`SpendLimit`](crate::retry::RetryErrorKind::SpendLimit) error, or a spend-cap
+/// [`ApiError`](crate::anthropic::ApiError), anywhere in its source chain. Any other error is
+/// returned.
 pub(crate) fn error_fails_over(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
+        if let Some(retry) = e.downcast_ref::<crate::retry::RetryError>() {
+            if retry.kind() == crate::retry::RetryErrorKind::SpendLimit {
+                return true;
+            }
+        }
         if let Some(api) = e.downcast_ref::<crate::anthropic::ApiError>() {
             if api.kind() == ApiErrorKind::SpendLimit {
                 return true;
