@@ -42,6 +42,9 @@ mod board;
 mod bucket;
 mod error;
 mod local;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod types;
 
 #[cfg(test)]
@@ -50,4 +53,6 @@ mod tests;
 pub use board::{Acquire, QuotaBoard, QuotaBoardBuilder, Reservation};
 pub use bucket::{TakeError, TokenBucket};
 pub use error::{AcquireError, AcquireErrorKind};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisStatus};
 pub use types::{BucketHeadroom, Cost, Headroom, Limits, OutputReservation, QuotaStatus};
