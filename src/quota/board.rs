@@ -214,7 +214,9 @@ impl QuotaBoard {
     pub fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
         #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
-            shared.fallback().set_limits(group.clone(), shared.share_of(limits));
+            shared
+                .fallback()
+                .set_limits(group.clone(), shared.share_of(limits));
         }
         match &self.backend {
             Backend::Local(b) => b.set_limits(group, limits),
@@ -238,7 +240,9 @@ impl QuotaBoard {
     pub fn set_default_limits(&self, limits: Limits) {
         #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
-            shared.fallback().set_default_limits(shared.share_of(limits));
+            shared
+                .fallback()
+                .set_default_limits(shared.share_of(limits));
         }
         match &self.backend {
             Backend::Local(b) => b.set_default_limits(limits),

@@ -773,7 +773,11 @@ impl LocalBackend {
     /// The capacities of the known buckets of `(key, group)` (creating the entry from the
     /// configured limits), or `None` when no limit is known yet or the server sent none.
     #[cfg(feature = "redis")]
-    pub(crate) fn capacities(&self, key: &KeyId, group: &RateLimitGroup) -> Option<[Option<u64>; 3]> {
+    pub(crate) fn capacities(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+    ) -> Option<[Option<u64>; 3]> {
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.entry(key, group, now);

@@ -50,9 +50,9 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisStatus};
 pub use board::{Acquire, QuotaBoard, QuotaBoardBuilder, Reservation};
 pub use bucket::{TakeError, TokenBucket};
 pub use error::{AcquireError, AcquireErrorKind};
-#[cfg(feature = "redis")]
-pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisStatus};
 pub use types::{BucketHeadroom, Cost, Headroom, Limits, OutputReservation, QuotaStatus};

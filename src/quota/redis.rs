@@ -480,9 +480,7 @@ impl RedisShared {
             return Err(StoreError::NotConnected);
         };
         let mut inv = self.script.key(self.redis_key(key, group));
-        inv.arg(mode)
-            .arg(PERIOD_US)
-            .arg(PERIOD_US / 1000 * 2);
+        inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
         for cap in caps {
             inv.arg(cap_arg(*cap));
         }
@@ -743,22 +741,24 @@ async fn acquire_shared(
                         ));
                     }
                     _ => {
+                        // Sleep until the buckets hold the cost (or the deadline), unless a
+                        // reservation of this process gives quota back first.
                         let wake = Instant::now() + reply.wait;
-                        if let Some(d) = deadline {
-                            if wake > d {
-                                tokio::time::sleep_until(d).await;
+                        let (until, last) = match deadline {
+                            Some(d) if wake > d => (d, true),
+                            _ => (wake, false),
+                        };
+                        let sleep = std::pin::pin!(tokio::time::sleep_until(until));
+                        let refunded = std::pin::pin!(refunded);
+                        if let Either::Left(_) = select(sleep, refunded).await {
+                            if last {
                                 return Err(AcquireError::new(
                                     AcquireErrorKind::QueueTimeout,
                                     key,
                                     group,
-                                    Some(reply.wait),
+                                    Some(wake.saturating_duration_since(Instant::now())),
                                 ));
                             }
-                        }
-                        let sleep = std::pin::pin!(tokio::time::sleep_until(wake));
-                        let refunded = std::pin::pin!(refunded);
-                        match select(sleep, refunded).await {
-                            Either::Left(_) | Either::Right(_) => {}
                         }
                     }
                 }
@@ -811,8 +811,11 @@ async fn connect(client: &redis::Client, options: &RedisOptions) -> Option<Conne
         .set_number_of_retries(1)
         .set_max_delay(100);
     let limit = options.connect_timeout.saturating_mul(3);
-    match tokio::time::timeout(limit, ConnectionManager::new_with_config(client.clone(), config))
-        .await
+    match tokio::time::timeout(
+        limit,
+        ConnectionManager::new_with_config(client.clone(), config),
+    )
+    .await
     {
         Ok(Ok(conn)) => Some(conn),
         Ok(Err(e)) => {
@@ -851,7 +854,11 @@ impl QuotaBoardBuilder {
             )
         };
         let fallback = QuotaBoardBuilder {
-            limits: self.limits.iter().map(|(g, l)| (g.clone(), scale(*l))).collect(),
+            limits: self
+                .limits
+                .iter()
+                .map(|(g, l)| (g.clone(), scale(*l)))
+                .collect(),
             key_limits: self
                 .key_limits
                 .iter()
@@ -929,7 +936,14 @@ mod tests {
         assert_eq!(r.levels, [Some(3.5), None, Some(-2.0)]);
         assert!(Reply::parse(vec!["ok".into()]).is_err());
         assert!(
-            Reply::parse(vec!["ok".into(), "x".into(), "".into(), "".into(), "".into()]).is_err()
+            Reply::parse(vec![
+                "ok".into(),
+                "x".into(),
+                "".into(),
+                "".into(),
+                "".into()
+            ])
+            .is_err()
         );
     }
 
