@@ -469,3 +469,116 @@ impl KeyPoolHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::quota::Limits;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Pick,
+        Done(usize),
+        CoolDown(usize, u64),
+        Remove(usize),
+        Restore(usize),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Pick),
+            2 => (0..4usize).prop_map(Op::Done),
+            1 => (0..4usize, 1..120u64).prop_map(|(k, s)| Op::CoolDown(k, s)),
+            1 => (0..4usize).prop_map(Op::Remove),
+            1 => (0..4usize).prop_map(Op::Restore),
+            1 => (1..90u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// A pick never returns a key out of rotation, fails only when every key is out, and
+        /// never returns a key that must wait while another key could take the request now.
+        #[test]
+        fn picks_respect_removals_and_cooldowns(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let pool = Pool::new(["k0", "k1", "k2", "k3"]).unwrap();
+                let handle = KeyPoolHandle { pool: Arc::new(pool) };
+                let pool = &handle.pool;
+                let group = RateLimitGroup::new("g");
+                let board = QuotaBoard::builder().default_limits(Limits::new(5, 1_000, 1_000)).build();
+                let cost = Cost::new(1, 10, 10);
+                let ids = handle.keys();
+                for op in ops {
+                    match op {
+                        Op::Pick => {
+                            let now = Instant::now();
+                            let statuses = handle.statuses();
+                            let free_now: Vec<_> = statuses.iter().filter(|s| {
+                                s.state == KeyState::Active
+                                    && s.cooldowns.is_empty()
+                                    && board.fits_now(&s.key, &group, &cost)
+                            }).map(|s| s.key.clone()).collect();
+                            match pool.pick(Some((&group, &cost)), &board, now) {
+                                Ok(pick) => {
+                                    let st = handle.status(&pick.id).unwrap();
+                                    prop_assert!(matches!(st.state, KeyState::Active));
+                                    if !free_now.is_empty() {
+                                        prop_assert!(free_now.contains(&pick.id));
+                                    }
+                                    if let Ok(r) = board.try_acquire(&pick.id, &group, cost) {
+                                        r.settle(cost);
+                                    }
+                                }
+                                Err(e) => {
+                                    prop_assert_eq!(e.kind(), super::super::KeyPoolErrorKind::AllKeysRemoved);
+                                    prop_assert_eq!(handle.active(), 0);
+                                }
+                            }
+                        }
+                        Op::Done(k) => pool.done(k),
+                        Op::CoolDown(k, s) => {
+                            pool.cool_down(k, &group, Instant::now() + Duration::from_secs(s))
+                        }
+                        Op::Remove(k) => {
+                            handle.remove(&ids[k]);
+                        }
+                        Op::Restore(k) => {
+                            handle.restore(&ids[k]);
+                        }
+                        Op::Advance(s) => tokio::time::advance(Duration::from_secs(s)).await,
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[test]
+    fn equal_keys_rotate() {
+        let pool = Pool::new(["a", "b", "c", " a "]).unwrap();
+        assert_eq!(pool.len(), 3, "duplicates are kept once");
+        let board = QuotaBoard::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut seen = Vec::new();
+            for _ in 0..6 {
+                let p = pool.pick(None, &board, Instant::now()).unwrap();
+                pool.done(p.index);
+                seen.push(p.index);
+            }
+            assert_eq!(seen, [0, 1, 2, 0, 1, 2]);
+        });
+    }
+}

@@ -289,7 +289,7 @@ pub enum RedisSetupErrorKind {
 /// The Redis backend could not be set up. An unreachable server is not an error: the board
 /// starts with local limits and switches to Redis when a probe reaches it.
 ///
-/// ```no_run
+/// ```
 /// use tower_claude::quota::{QuotaBoard, RedisOptions, RedisSetupErrorKind};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
