@@ -16,7 +16,9 @@
 //!   ([`RedisStatus::outages`]), and limits locally with a share of every limit
 //!   ([`RedisOptions::expected_nodes`] / [`RedisOptions::local_share`]) until a background
 //!   probe finds Redis again. [`RedisOptions::fail_closed`] refuses requests instead
-//!   ([`AcquireErrorKind::BackendUnavailable`]).
+//!   ([`AcquireErrorKind::BackendUnavailable`]). Requests admitted locally during the
+//!   outage are not carried over: a restarted Redis (without persistence) starts with full
+//!   buckets.
 //!
 //! ```no_run
 //! use tower_claude::anthropic::RateLimitGroup;
