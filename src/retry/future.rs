@@ -1,0 +1,566 @@
+//! The [`ResponseFuture`] of [`Retry`](super::Retry) and the retry loop it drives.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame};
+use pin_project::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::backoff::{BackoffState, Need, next_delay};
+use super::layer::Shared;
+use super::pacing::{QuotaKey, Slot};
+use super::policy::{
+    StatusVerdict, is_rate_limit, is_retryable_stream_error, is_spend_cap, needs_body,
+    status_verdict,
+};
+use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
+use crate::BoxError;
+use crate::anthropic::{ApiError, StreamTracker, header_names, request_id};
+use crate::body::RequestBody;
+
+type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
+
+/// The response future of [`Retry`](super::Retry).
+///
+/// Requests the layer does not apply to (anything but `POST /v1/messages`, or a body that
+/// cannot be read) are polled in place, without allocation. A Messages API call runs the
+/// retry loop in one boxed `async` block: the loop alternates between six kinds of waiting
+/// (a pacing slot, inner readiness, the call, reading an error body, holding back a stream,
+/// sleeping) and
+/// carries the request template, the backoff state and the last outcome across them, which a
+/// hand-written state machine would spread over as many states with the same fields. The box
+/// is allocated once per request, next to an HTTP round trip.
+#[pin_project]
+pub struct ResponseFuture<F, B> {
+    #[pin]
+    kind: Kind<F, B>,
+}
+
+#[pin_project(project = KindProj)]
+enum Kind<F, B> {
+    Passthrough(#[pin] F),
+    Retrying(BoxedRun<B>),
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Passthrough(_) => "passthrough",
+            Kind::Retrying(_) => "retrying",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    pub(crate) fn passthrough(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough(future),
+        }
+    }
+
+    pub(crate) fn retrying<S>(service: S, attempts: Attempts) -> Self
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>, Future = F> + Send + 'static,
+        S::Error: Into<BoxError>,
+        F: Future<Output = Result<Response<B>, S::Error>> + Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: Kind::Retrying(Box::pin(run(service, attempts))),
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<RetryBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough(future) => match future.poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(result) => {
+                    Poll::Ready(result.map(|r| r.map(RetryBody::new)).map_err(Into::into))
+                }
+            },
+            KindProj::Retrying(run) => run.as_mut().poll(cx),
+        }
+    }
+}
+
+/// What every attempt of a request is built from.
+pub(crate) struct Template {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: http::Extensions,
+    body: RequestBody,
+}
+
+impl Template {
+    pub(crate) fn new(req: Request<RequestBody>) -> Self {
+        let (parts, body) = req.into_parts();
+        Self {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            extensions: parts.extensions,
+            body,
+        }
+    }
+
+    /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
+    fn request(&self, attempt: u32) -> Request<RequestBody> {
+        let mut req = Request::new(self.body.clone());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        *req.extensions_mut() = self.extensions.clone();
+        req.headers_mut().insert(
+            header_names::X_TOWER_CLAUDE_ATTEMPT,
+            HeaderValue::from(attempt),
+        );
+        req
+    }
+}
+
+/// The per-request context of the retry loop.
+pub(crate) struct Attempts {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) template: Template,
+    pub(crate) key: QuotaKey,
+    pub(crate) stream: bool,
+    pub(crate) need: Need,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) started: Instant,
+    /// The pacing slot a new request waits for before its first attempt.
+    pub(crate) gate: Option<Slot>,
+}
+
+/// The result of one attempt.
+enum Outcome<B> {
+    /// Return this response (success, or an error the policy does not retry).
+    Final {
+        response: Response<RetryBody<B>>,
+        success: bool,
+    },
+    /// The monthly spend cap: fail at once.
+    SpendLimit {
+        status: StatusCode,
+        error: ApiError,
+        request_id: Option<String>,
+    },
+    /// A transient failure that produced a response; it is returned if the layer gives up.
+    Retryable {
+        response: Response<RetryBody<B>>,
+        error: Option<ApiError>,
+        /// Whether the response headers may carry a delay (false for a failed stream).
+        use_headers: bool,
+    },
+    /// The inner service failed.
+    Failed(BoxError),
+}
+
+/// The last failed attempt, kept until the next one.
+enum Failure<B> {
+    Response {
+        response: Response<RetryBody<B>>,
+        error: Option<ApiError>,
+    },
+    Error(BoxError),
+}
+
+/// The retry loop.
+async fn run<S, B>(mut service: S, ctx: Attempts) -> Result<Response<RetryBody<B>>, BoxError>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let shared = ctx.shared;
+    let config = &shared.config;
+    let mut rng = shared.fork_rng();
+    let mut backoff = BackoffState::new(ctx.need);
+    let mut total_wait = Duration::ZERO;
+    let mut last_status: Option<StatusCode> = None;
+    let mut last_message: Option<String> = None;
+    if let Some(budget) = &config.budget {
+        budget.deposit();
+    }
+    // A new request on a quota being paced waits for its slot first (see `pacing`); the
+    // service it was given is then not ready (`Retry::call` dropped the readied one).
+    let mut needs_ready = false;
+    if let Some(slot) = ctx.gate {
+        let now = Instant::now();
+        let wake = slot.at.min(now + config.backoff.max_delay);
+        tokio::time::sleep_until(wake).await;
+        total_wait += wake.saturating_duration_since(now);
+        needs_ready = true;
+    }
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        if attempt > 1 || needs_ready {
+            let ready: Result<(), BoxError> = std::future::poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(Into::into);
+            if let Err(err) = ready {
+                return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
+                    .with_timing(ctx.started.elapsed(), total_wait)
+                    .with_last_status(last_status)
+                    .with_source(err)
+                    .into());
+            }
+        }
+        let called: Result<Response<B>, BoxError> = service
+            .call(ctx.template.request(attempt))
+            .await
+            .map_err(Into::into);
+        let outcome = match called {
+            Err(err) => Outcome::Failed(err),
+            Ok(response) => inspect(response, ctx.stream, &shared).await,
+        };
+        let (failure, delay_headers, rate_limited) = match outcome {
+            Outcome::Final {
+                mut response,
+                success,
+            } => {
+                let (kind, status, message) = if success {
+                    shared.pacer.succeeded(&ctx.key);
+                    (RetryOutcome::Success, last_status, last_message)
+                } else {
+                    (
+                        RetryOutcome::NotRetryable,
+                        Some(response.status()),
+                        last_message,
+                    )
+                };
+                response.extensions_mut().insert(RetryInfo::new(
+                    attempt,
+                    total_wait,
+                    ctx.started.elapsed(),
+                    status,
+                    message,
+                    kind,
+                ));
+                return Ok(response);
+            }
+            Outcome::SpendLimit {
+                status,
+                error,
+                request_id,
+            } => {
+                return Err(RetryError::new(RetryErrorKind::SpendLimit, attempt)
+                    .with_timing(ctx.started.elapsed(), total_wait)
+                    .with_last_status(Some(status))
+                    .with_api_error(Some(error))
+                    .with_request_id(request_id)
+                    .into());
+            }
+            Outcome::Failed(err) => {
+                if let Some(retry) = &config.retry_error {
+                    if !retry(&err) {
+                        return Err(RetryError::new(RetryErrorKind::Inner, attempt)
+                            .with_timing(ctx.started.elapsed(), total_wait)
+                            .with_last_status(last_status)
+                            .with_source(err)
+                            .into());
+                    }
+                }
+                last_status = None;
+                last_message = Some(err.to_string());
+                (Failure::Error(err), None, false)
+            }
+            Outcome::Retryable {
+                response,
+                error,
+                use_headers,
+            } => {
+                let status = response.status();
+                let rate_limited = is_rate_limit(status, error.as_ref());
+                if rate_limited {
+                    shared.pacer.rate_limited(&ctx.key);
+                }
+                last_status = Some(status);
+                last_message = error.as_ref().map(|e| e.message().to_string());
+                let headers = use_headers.then(|| response.headers().clone());
+                (Failure::Response { response, error }, headers, rate_limited)
+            }
+        };
+
+        // Decide whether to try again, and after how long.
+        let give_up = if attempt >= config.max_attempts {
+            Some(RetryOutcome::Exhausted)
+        } else {
+            let delay = next_delay(
+                &config.backoff,
+                &mut backoff,
+                delay_headers.as_ref(),
+                rate_limited,
+                shared.pacer.level(&ctx.key),
+                &mut rng,
+                SystemTime::now(),
+            );
+            let now = Instant::now();
+            let mut wake = now + delay.wait;
+            let mut crosses = ctx.deadline.is_some_and(|deadline| wake > deadline);
+            let mut slot = None;
+            if let (false, true, Some(admission)) = (crosses, config.pacing, delay.admission) {
+                match shared
+                    .pacer
+                    .reserve(&ctx.key, wake, admission, ctx.deadline)
+                {
+                    Some(reserved) => {
+                        wake = reserved.at.min(now + config.backoff.max_delay);
+                        slot = Some(reserved);
+                    }
+                    None => crosses = true,
+                }
+            }
+            if crosses {
+                Some(RetryOutcome::DeadlineExceeded)
+            } else if config.budget.as_ref().is_some_and(|b| !b.withdraw()) {
+                if let Some(slot) = slot {
+                    shared.pacer.release(&ctx.key, slot);
+                }
+                Some(RetryOutcome::BudgetExhausted)
+            } else {
+                let wait = wake - now;
+                tracing::debug!(
+                    attempt,
+                    status = last_status.map(|s| s.as_u16()),
+                    wait_ms = wait.as_millis() as u64,
+                    key = %ctx.key.0,
+                    group = %ctx.key.1,
+                    "retrying Messages API call"
+                );
+                tokio::time::sleep_until(wake).await;
+                total_wait += wait;
+                None
+            }
+        };
+        let Some(outcome) = give_up else { continue };
+        return match failure {
+            Failure::Response {
+                mut response,
+                error,
+            } => {
+                let message = error.map(|e| e.message().to_string());
+                let status = Some(response.status());
+                response.extensions_mut().insert(RetryInfo::new(
+                    attempt,
+                    total_wait,
+                    ctx.started.elapsed(),
+                    status,
+                    message,
+                    outcome,
+                ));
+                Ok(response)
+            }
+            Failure::Error(err) => {
+                let kind = match outcome {
+                    RetryOutcome::DeadlineExceeded => RetryErrorKind::DeadlineExceeded,
+                    RetryOutcome::BudgetExhausted => RetryErrorKind::BudgetExhausted,
+                    _ => RetryErrorKind::Exhausted,
+                };
+                Err(RetryError::new(kind, attempt)
+                    .with_timing(ctx.started.elapsed(), total_wait)
+                    .with_source(err)
+                    .into())
+            }
+        };
+    }
+}
+
+/// Frames read ahead from a body, and what is left of it.
+struct ReadAhead<B> {
+    frames: VecDeque<Frame<Bytes>>,
+    /// A copy of the data read, for parsing (error bodies only).
+    data: BytesMut,
+    error: Option<BoxError>,
+    rest: Option<Pin<Box<B>>>,
+}
+
+impl<B> ReadAhead<B> {
+    fn into_body(self) -> RetryBody<B> {
+        RetryBody::replay(self.frames, self.error, self.rest)
+    }
+}
+
+/// Reads frames until the body ends, fails, `limit` data bytes were read, or `stop` (called
+/// with each data chunk) returns true.
+async fn read_ahead<B>(
+    body: B,
+    limit: usize,
+    keep_copy: bool,
+    mut stop: impl FnMut(&[u8]) -> bool,
+) -> ReadAhead<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = Box::pin(body);
+    let mut read = ReadAhead {
+        frames: VecDeque::new(),
+        data: BytesMut::new(),
+        error: None,
+        rest: None,
+    };
+    let mut len = 0usize;
+    loop {
+        if body.is_end_stream() {
+            return read;
+        }
+        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            None => return read,
+            Some(Err(err)) => {
+                read.error = Some(err.into());
+                return read;
+            }
+            Some(Ok(frame)) => {
+                let mut done = false;
+                if let Some(data) = frame.data_ref() {
+                    len = len.saturating_add(data.len());
+                    if keep_copy {
+                        read.data.extend_from_slice(data);
+                    }
+                    done = stop(data) || len >= limit;
+                }
+                read.frames.push_back(frame);
+                if done {
+                    read.rest = Some(body);
+                    return read;
+                }
+            }
+        }
+    }
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// Classifies one response, reading ahead in its body where the decision needs it.
+async fn inspect<B>(response: Response<B>, stream: bool, shared: &Shared) -> Outcome<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let status = response.status();
+    if status.is_success() {
+        let held = config.hold_back_stream && (stream || is_event_stream(response.headers()));
+        if !held {
+            return Outcome::Final {
+                response: response.map(RetryBody::new),
+                success: true,
+            };
+        }
+        return hold_back(response, config.max_hold_back).await;
+    }
+
+    let verdict = status_verdict(status, response.headers());
+    if verdict == StatusVerdict::Stop && !needs_body(status) {
+        return Outcome::Final {
+            response: response.map(RetryBody::new),
+            success: false,
+        };
+    }
+    let (parts, body) = response.into_parts();
+    let read = read_ahead(body, config.max_error_body, true, |_| false).await;
+    let error = ApiError::from_response(status, &read.data);
+    if needs_body(status) && is_spend_cap(&error) {
+        return Outcome::SpendLimit {
+            status,
+            error,
+            request_id: request_id(&parts.headers).map(str::to_string),
+        };
+    }
+    let response = Response::from_parts(parts, read.into_body());
+    match verdict {
+        StatusVerdict::Stop => Outcome::Final {
+            response,
+            success: false,
+        },
+        StatusVerdict::Retry => Outcome::Retryable {
+            response,
+            error: Some(error),
+            use_headers: true,
+        },
+    }
+}
+
+/// Holds a 2xx stream back until its first content event (or its end, or an error), then
+/// decides: content with no error before it is forwarded; an error, a body failure or an end
+/// before any content is a retryable failure (nothing reached the caller yet).
+async fn hold_back<B>(response: Response<B>, limit: usize) -> Outcome<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    let mut tracker = StreamTracker::new();
+    let read = read_ahead(body, limit, false, |chunk| {
+        tracker.feed(chunk);
+        // Once an error is seen, read on to the end of the (short) stream so nothing stays
+        // open while the layer waits.
+        tracker.content_started() && tracker.error().is_none()
+    })
+    .await;
+    if read.rest.is_none() && read.error.is_none() {
+        tracker.finish();
+    }
+    let error = tracker.error().cloned();
+    let body_failed = read.error.is_some();
+    let truncated = read.rest.is_none() && !tracker.is_complete();
+    let content = tracker.content_started();
+    let response = Response::from_parts(parts, read.into_body());
+    match error {
+        Some(error) if is_retryable_stream_error(&error) => Outcome::Retryable {
+            response,
+            error: Some(error),
+            use_headers: false,
+        },
+        Some(_) => Outcome::Final {
+            response,
+            success: false,
+        },
+        None if !content && (body_failed || truncated) => Outcome::Retryable {
+            response,
+            error: None,
+            use_headers: false,
+        },
+        None if body_failed => Outcome::Final {
+            response,
+            success: false,
+        },
+        None => Outcome::Final {
+            response,
+            success: true,
+        },
+    }
+}

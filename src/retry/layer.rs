@@ -1,0 +1,241 @@
+//! [`RetryLayer`]: builds [`Retry`] services.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::backoff::{BackoffConfig, Jitter};
+use super::pacing::Pacer;
+use super::{Retry, RetryBudget};
+use crate::BoxError;
+use crate::anthropic::ModelCatalog;
+
+/// Decides whether an inner service error is retried.
+pub(crate) type ErrorPredicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
+
+/// The largest error body the layer reads to classify a response (error envelopes are small).
+pub(crate) const DEFAULT_MAX_ERROR_BODY: usize = 64 * 1024;
+/// The most stream bytes held back while waiting for the first content event.
+pub(crate) const DEFAULT_MAX_HOLD_BACK: usize = 256 * 1024;
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) max_attempts: u32,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) hold_back_stream: bool,
+    pub(crate) pacing: bool,
+    pub(crate) catalog: ModelCatalog,
+    pub(crate) retry_error: Option<ErrorPredicate>,
+    pub(crate) max_error_body: usize,
+    pub(crate) max_hold_back: usize,
+}
+
+/// State shared by a layer and every service it builds (and their clones).
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) pacer: Arc<Pacer>,
+    pub(crate) rng: Arc<Mutex<fastrand::Rng>>,
+}
+
+impl Shared {
+    /// A random generator for one request, seeded from the layer's generator (so a seeded
+    /// layer is deterministic when requests start in a deterministic order).
+    pub(crate) fn fork_rng(&self) -> fastrand::Rng {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        fastrand::Rng::with_seed(rng.u64(..))
+    }
+}
+
+/// Retries Messages API calls that failed for a transient reason, with server-directed delays,
+/// jittered backoff, a per-request deadline and an optional shared budget.
+///
+/// See the [module docs](super) for what is retried and what is returned.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::retry::{Jitter, RetryBudget, RetryLayer};
+///
+/// let layer = RetryLayer::new()
+///     .max_attempts(6)
+///     .max_delay(Duration::from_secs(60))
+///     .deadline(Duration::from_secs(300))
+///     .base_delay(Duration::from_millis(250))
+///     .jitter(Jitter::Decorrelated)
+///     .budget(RetryBudget::default())
+///     .seed(42);
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct RetryLayer {
+    config: Config,
+    pacer: Arc<Pacer>,
+    rng: Arc<Mutex<fastrand::Rng>>,
+}
+
+impl RetryLayer {
+    /// A layer with the defaults: 8 attempts, waits capped at 90 s, no deadline, no budget,
+    /// 500 ms backoff base doubling up to 30 s with decorrelated jitter, up to 1 s spread on
+    /// server delays, pacing after 429s, streams held back until their first content event.
+    pub fn new() -> Self {
+        Self {
+            config: Config {
+                max_attempts: 8,
+                deadline: None,
+                budget: None,
+                backoff: BackoffConfig::default(),
+                hold_back_stream: true,
+                pacing: true,
+                catalog: ModelCatalog::default(),
+                retry_error: None,
+                max_error_body: DEFAULT_MAX_ERROR_BODY,
+                max_hold_back: DEFAULT_MAX_HOLD_BACK,
+            },
+            pacer: Arc::new(Pacer::default()),
+            rng: Arc::new(Mutex::new(fastrand::Rng::new())),
+        }
+    }
+
+    /// Total attempts per request, the first one included (default 8; at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The cap on any single wait (default 90 s: long enough to wait for a one-minute quota
+    /// reset instead of giving up). A longer server delay is shortened to this.
+    pub fn max_delay(mut self, max: Duration) -> Self {
+        self.config.backoff.max_delay = max;
+        self
+    }
+
+    /// The default deadline of a request, measured from when it reaches the layer. A
+    /// [`Deadline`](super::Deadline) request extension overrides it. No wait ever crosses the
+    /// deadline: when the next one would, the layer returns the last outcome at once.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.config.deadline = Some(deadline);
+        self
+    }
+
+    /// A shared [`RetryBudget`]; without one (the default) only `max_attempts` and the
+    /// deadline bound retries.
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.config.budget = Some(budget);
+        self
+    }
+
+    /// The base of the exponential backoff used when the server gives no delay
+    /// (default 500 ms, as the official SDKs).
+    pub fn base_delay(mut self, base: Duration) -> Self {
+        self.config.backoff.base = base;
+        self
+    }
+
+    /// The cap of the exponential backoff (default 30 s). Server delays are capped by
+    /// [`max_delay`](Self::max_delay) only.
+    pub fn max_backoff(mut self, max: Duration) -> Self {
+        self.config.backoff.max_backoff = max;
+        self
+    }
+
+    /// How the backoff is randomised (default [`Jitter::Decorrelated`]).
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.config.backoff.jitter = jitter;
+        self
+    }
+
+    /// The largest positive spread added to a server-given delay (default 1 s), so that
+    /// callers told the same `retry-after` do not all come back at the same instant.
+    /// `Duration::ZERO` waits exactly what the server said.
+    pub fn spread(mut self, spread: Duration) -> Self {
+        self.config.backoff.spread = spread;
+        self
+    }
+
+    /// Seeds the jitter (for reproducible tests). Unseeded layers use a random seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
+        self
+    }
+
+    /// Whether a streaming response is held back until its first content event so that an
+    /// `event: error` arriving before any content can still be retried (default true).
+    pub fn hold_back_stream(mut self, hold: bool) -> Self {
+        self.config.hold_back_stream = hold;
+        self
+    }
+
+    /// Whether requests on an (API key, rate-limit group) that answered 429 are paced: each
+    /// waiting request gets its own admission slot, and new requests join the schedule while
+    /// it lasts, instead of all being sent at the instant the `retry-after` ends (default
+    /// true). See the [module docs](super#pacing-after-429s).
+    pub fn pacing(mut self, pacing: bool) -> Self {
+        self.config.pacing = pacing;
+        self
+    }
+
+    /// The catalogue mapping models to rate-limit groups, which key the shared 429 penalty
+    /// and pacing (default [`ModelCatalog::default`]).
+    pub fn catalog(mut self, catalog: ModelCatalog) -> Self {
+        self.config.catalog = catalog;
+        self
+    }
+
+    /// Which inner service errors are retried (default: all of them, since a service below
+    /// the layer fails only before any response byte: connection errors and timeouts).
+    /// Errors for which `retry` returns false fail at once with
+    /// [`RetryErrorKind::Inner`](super::RetryErrorKind::Inner).
+    ///
+    /// ```
+    /// use tower_claude::retry::RetryLayer;
+    ///
+    /// // Do not retry errors from an inner timeout layer.
+    /// let layer = RetryLayer::new()
+    ///     .retry_errors_if(|err| !err.is::<tower::timeout::error::Elapsed>());
+    /// # let _ = layer;
+    /// ```
+    pub fn retry_errors_if<F>(mut self, retry: F) -> Self
+    where
+        F: Fn(&BoxError) -> bool + Send + Sync + 'static,
+    {
+        self.config.retry_error = Some(Arc::new(retry));
+        self
+    }
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for RetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("max_attempts", &self.config.max_attempts)
+            .field("deadline", &self.config.deadline)
+            .field("budget", &self.config.budget)
+            .field("backoff", &self.config.backoff)
+            .field("hold_back_stream", &self.config.hold_back_stream)
+            .field("pacing", &self.config.pacing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::from_shared(
+            inner,
+            Arc::new(Shared {
+                config: self.config.clone(),
+                pacer: self.pacer.clone(),
+                rng: self.rng.clone(),
+            }),
+        )
+    }
+}

@@ -1,0 +1,149 @@
+//! The [`Retry`] service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::backoff::Need;
+use super::future::{Attempts, ResponseFuture, Template};
+use super::layer::Shared;
+use super::{Deadline, RetryBody};
+use crate::BoxError;
+use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
+use crate::body::RequestBody;
+
+/// Retries transient failures of Messages API calls. Built by
+/// [`RetryLayer`](super::RetryLayer); see the [module docs](super).
+///
+/// Like [`tower::retry::Retry`], it needs a `Clone` inner service: each request takes the
+/// service that was polled ready and leaves a clone in its place, and calls
+/// [`ready`](tower::ServiceExt::ready) on it again before every further attempt.
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Retry<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the layer, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for Retry<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("max_attempts", &self.shared.config.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ResBody> Service<Request<RequestBody>> for Retry<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<RetryBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        if !is_messages_call(req.method(), req.uri().path()) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let (model, stream, need) = match RequestMeta::get_or_scan(&mut req) {
+            Ok(meta) => (
+                meta.model.clone(),
+                meta.stream,
+                Need {
+                    input_tokens: meta.input_tokens,
+                    output_tokens: meta.max_tokens.unwrap_or(0),
+                },
+            ),
+            // Upstream answers 400: nothing to retry.
+            Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
+        };
+        let config = &self.shared.config;
+        let now = Instant::now();
+        let deadline = match req.extensions().get::<Deadline>() {
+            Some(deadline) => Some(*deadline),
+            None => config.deadline.map(|d| Deadline::at(now + d)),
+        };
+        if let Some(deadline) = deadline {
+            // Layers below see the effective deadline too.
+            req.extensions_mut().insert(deadline);
+        }
+        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let group = match &model {
+            Some(model) => config.catalog.group(model),
+            None => RateLimitGroup::new("unknown"),
+        };
+
+        let key = (key, group);
+        let deadline = deadline.map(Deadline::instant);
+        let gate = if config.pacing {
+            self.shared.pacer.admit(&key, deadline)
+        } else {
+            None
+        };
+        // Take the service that was driven to readiness; leave a clone in its place.
+        let clone = self.inner.clone();
+        let readied = std::mem::replace(&mut self.inner, clone);
+        let service = if gate.is_some() {
+            // The request first waits for a pacing slot: do not sit on what `poll_ready`
+            // reserved (a concurrency permit, say) meanwhile; the future readies a clone.
+            drop(readied);
+            self.inner.clone()
+        } else {
+            readied
+        };
+        let attempts = Attempts {
+            shared: self.shared.clone(),
+            template: Template::new(req),
+            key,
+            stream,
+            need,
+            deadline,
+            started: now,
+            gate,
+        };
+        ResponseFuture::retrying(service, attempts)
+    }
+}

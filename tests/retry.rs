@@ -1,0 +1,764 @@
+//! Service-level tests of `RetryLayer` (paused time): classification, server delays, the
+//! deadline, the budget, streams, and a 1,000-task batch against a simulator.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+use tower_claude::BoxError;
+use tower_claude::body::RequestBody;
+use tower_claude::retry::{
+    Deadline, Jitter, RetryBudget, RetryError, RetryErrorKind, RetryInfo, RetryLayer, RetryOutcome,
+};
+
+type Body = BoxBody<Bytes, BoxError>;
+
+/// One scripted upstream outcome.
+#[derive(Clone, Debug)]
+enum Step {
+    /// A response: status, headers, body.
+    Reply(u16, Vec<(&'static str, String)>, &'static str),
+    /// An SSE 200 whose body is these chunks, optionally ending with a body error.
+    Stream(Vec<&'static str>, bool),
+    /// The inner service fails (connection refused).
+    Fail,
+}
+
+fn ok() -> Step {
+    Step::Reply(200, vec![], r#"{"type":"message","content":[]}"#)
+}
+
+fn status(code: u16) -> Step {
+    let body = match code {
+        429 => r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        529 => r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        500 => r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#,
+        _ => r#"{"type":"error","error":{"type":"invalid_request_error","message":"nope"}}"#,
+    };
+    Step::Reply(code, vec![], body)
+}
+
+/// What the fake saw of one attempt.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    attempt: Option<String>,
+    deadline: Option<Deadline>,
+}
+
+/// A scripted upstream: answers each call with the next step (then 200s), after `latency`.
+#[derive(Clone)]
+struct Fake {
+    script: Arc<Mutex<VecDeque<Step>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    ready_calls: Arc<Mutex<u32>>,
+    latency: Duration,
+}
+
+impl Fake {
+    fn new(steps: impl IntoIterator<Item = Step>) -> Self {
+        Self {
+            script: Arc::new(Mutex::new(steps.into_iter().collect())),
+            seen: Arc::default(),
+            ready_calls: Arc::default(),
+            latency: Duration::ZERO,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn attempts(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+const SSE_START: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-6\",\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n";
+const SSE_PING: &str = "event: ping\ndata: {\"type\": \"ping\"}\n\n";
+const SSE_BLOCK: &str = "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n";
+const SSE_DELTA: &str = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
+const SSE_ERROR: &str = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+const SSE_END: &str = "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+impl Service<Request<RequestBody>> for Fake {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        *self.ready_calls.lock().unwrap() += 1;
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        self.seen.lock().unwrap().push(Seen {
+            at: Instant::now(),
+            attempt: req
+                .headers()
+                .get("x-tower-claude-attempt")
+                .map(|v| v.to_str().unwrap().to_string()),
+            deadline: req.extensions().get::<Deadline>().copied(),
+        });
+        let step = self.script.lock().unwrap().pop_front().unwrap_or_else(ok);
+        let latency = self.latency;
+        Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            match step {
+                Step::Fail => Err("connection refused".into()),
+                Step::Reply(code, headers, body) => {
+                    let mut resp = Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .header("request-id", "req_test");
+                    for (k, v) in headers {
+                        resp = resp.header(k, v);
+                    }
+                    Ok(resp.body(
+                        Full::new(Bytes::from_static(body.as_bytes()))
+                            .map_err(|e| match e {})
+                            .boxed(),
+                    )?)
+                }
+                Step::Stream(chunks, fail) => {
+                    let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+                        .into_iter()
+                        .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+                        .collect();
+                    if fail {
+                        frames.push(Err("connection reset".into()));
+                    }
+                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    Ok(Response::builder()
+                        .status(200)
+                        .header("content-type", "text/event-stream")
+                        .body(BodyExt::boxed(body))?)
+                }
+            }
+        })
+    }
+}
+
+const BODY: &str =
+    r#"{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM_BODY: &str = r#"{"model":"claude-sonnet-4-6","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn messages(body: &'static str) -> Request<RequestBody> {
+    Request::post("https://api.anthropic.com/v1/messages")
+        .header("x-api-key", "sk-ant-test")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(body))
+        .unwrap()
+}
+
+fn layer() -> RetryLayer {
+    RetryLayer::new().seed(7)
+}
+
+async fn send(
+    layer: RetryLayer,
+    fake: &Fake,
+    req: Request<RequestBody>,
+) -> Result<(Response<Bytes>, Option<RetryInfo>), BoxError> {
+    let resp = layer.layer(fake.clone()).oneshot(req).await?;
+    let (parts, body) = resp.into_parts();
+    let info = parts.extensions.get::<RetryInfo>().cloned();
+    let bytes = body.collect().await?.to_bytes();
+    Ok((Response::from_parts(parts, bytes), info))
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_statuses_are_retried_until_success() {
+    for code in [408, 409, 429, 500, 502, 503, 504, 529] {
+        let fake = Fake::new([status(code), status(code)]);
+        let (resp, info) = send(layer(), &fake, messages(BODY)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{code}");
+        assert_eq!(fake.attempts(), 3, "{code}");
+        let info = info.unwrap();
+        assert_eq!(info.attempts(), 3);
+        assert_eq!(info.outcome(), RetryOutcome::Success);
+        assert_eq!(
+            info.last_failure_status(),
+            Some(StatusCode::from_u16(code).unwrap())
+        );
+        assert!(info.total_wait() > Duration::ZERO);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_errors_are_returned_at_once() {
+    for code in [400, 401, 403, 404, 413] {
+        let fake = Fake::new([status(code)]);
+        let (resp, info) = send(layer(), &fake, messages(BODY)).await.unwrap();
+        assert_eq!(resp.status(), code);
+        assert_eq!(fake.attempts(), 1, "{code}");
+        let info = info.unwrap();
+        assert_eq!(info.outcome(), RetryOutcome::NotRetryable);
+        assert_eq!(info.total_wait(), Duration::ZERO);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn x_should_retry_overrides_the_status() {
+    let fake = Fake::new([Step::Reply(
+        400,
+        vec![("x-should-retry", "true".into())],
+        r#"{"type":"error","error":{"type":"invalid_request_error","message":"transient"}}"#,
+    )]);
+    let (resp, _) = send(layer(), &fake, messages(BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(fake.attempts(), 2);
+
+    let fake = Fake::new([Step::Reply(
+        529,
+        vec![("x-should-retry", "false".into())],
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+    )]);
+    let (resp, info) = send(layer(), &fake, messages(BODY)).await.unwrap();
+    assert_eq!(resp.status(), 529);
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(info.unwrap().outcome(), RetryOutcome::NotRetryable);
+}
+
+#[tokio::test(start_paused = true)]
+async fn spend_cap_fails_at_once_with_a_typed_error() {
+    let fake = Fake::new([Step::Reply(
+        429,
+        vec![("x-should-retry", "true".into())],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits.","details":{"error_code":"enforced_spend_limit_reached"}}}"#,
+    )]);
+    let err = send(layer(), &fake, messages(BODY)).await.unwrap_err();
+    let err = err.downcast_ref::<RetryError>().expect("a RetryError");
+    assert_eq!(err.kind(), RetryErrorKind::SpendLimit);
+    assert_eq!(err.attempts(), 1);
+    assert_eq!(err.last_status(), Some(StatusCode::TOO_MANY_REQUESTS));
+    assert_eq!(err.request_id(), Some("req_test"));
+    assert!(err.message().unwrap().contains("usage limits"));
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_errors_are_retried_then_reported_with_source() {
+    let fake = Fake::new([Step::Fail, ok()]);
+    let (resp, info) = send(layer(), &fake, messages(BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        info.unwrap().last_error_message(),
+        Some("connection refused")
+    );
+
+    let fake = Fake::new(std::iter::repeat_n(Step::Fail, 10));
+    let err = send(layer().max_attempts(3), &fake, messages(BODY))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<RetryError>().unwrap();
+    assert_eq!(err.kind(), RetryErrorKind::Exhausted);
+    assert_eq!(err.attempts(), 3);
+    assert!(err.elapsed() >= err.total_wait() && err.total_wait() > Duration::ZERO);
+    assert_eq!(
+        std::error::Error::source(err).unwrap().to_string(),
+        "connection refused"
+    );
+    assert_eq!(fake.attempts(), 3);
+
+    // A predicate can refuse to retry some errors.
+    let fake = Fake::new([Step::Fail]);
+    let err = send(layer().retry_errors_if(|_| false), &fake, messages(BODY))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<RetryError>().unwrap().kind(),
+        RetryErrorKind::Inner
+    );
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_return_the_last_upstream_response_unchanged() {
+    let fake = Fake::new((0..3).map(|i| {
+        Step::Reply(
+            529,
+            vec![("retry-after", "1".into()), ("x-attempt", i.to_string())],
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        )
+    }));
+    let (resp, info) = send(layer().max_attempts(3), &fake, messages(BODY))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 529);
+    assert_eq!(resp.headers()["x-attempt"], "2");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(resp.headers()["request-id"], "req_test");
+    assert_eq!(
+        &resp.body()[..],
+        br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+    );
+    let info = info.unwrap();
+    assert_eq!(info.outcome(), RetryOutcome::Exhausted);
+    assert_eq!(info.attempts(), 3);
+    assert_eq!(info.last_error_message(), Some("Overloaded"));
+    assert!(info.total_wait() >= Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_are_numbered_and_the_service_is_readied_each_time() {
+    let fake = Fake::new([status(529), Step::Fail, status(500)]);
+    let mut svc = layer().layer(fake.clone());
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(messages(BODY))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let attempts: Vec<_> = fake
+        .seen()
+        .into_iter()
+        .map(|s| s.attempt.unwrap())
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3", "4"]);
+    // Once by the caller, then once before each of the three retries.
+    assert_eq!(*fake.ready_calls.lock().unwrap(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_endpoints_pass_through_untouched() {
+    let fake = Fake::new([status(529)]);
+    let req = Request::get("https://api.anthropic.com/v1/models")
+        .body(RequestBody::empty())
+        .unwrap();
+    let (resp, info) = send(layer(), &fake, req).await.unwrap();
+    assert_eq!(resp.status(), 529);
+    assert!(info.is_none());
+    assert_eq!(fake.attempts(), 1);
+    assert!(fake.seen()[0].attempt.is_none());
+
+    // An unreadable body is passed through as well: upstream answers 400.
+    let fake = Fake::new([status(529)]);
+    let (resp, _) = send(layer(), &fake, messages("not json")).await.unwrap();
+    assert_eq!(resp.status(), 529);
+    assert_eq!(fake.attempts(), 1);
+}
+
+/// The gap between the first two attempts for a 429 carrying `headers`.
+async fn first_wait(headers: Vec<(&'static str, String)>) -> Duration {
+    let fake = Fake::new([Step::Reply(
+        429,
+        headers,
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )]);
+    send(layer(), &fake, messages(BODY)).await.unwrap();
+    let seen = fake.seen();
+    seen[1].at - seen[0].at
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_in_all_three_forms_is_a_floor() {
+    let ms = first_wait(vec![
+        ("retry-after-ms", "2500".into()),
+        ("retry-after", "9".into()),
+    ])
+    .await;
+    assert!(
+        ms >= Duration::from_millis(2500) && ms <= Duration::from_millis(3500),
+        "{ms:?}"
+    );
+
+    let secs = first_wait(vec![("retry-after", "4".into())]).await;
+    assert!(
+        secs >= Duration::from_secs(4) && secs <= Duration::from_secs(5),
+        "{secs:?}"
+    );
+
+    // An HTTP date, measured against the wall clock (whole-second precision).
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(6));
+    let dated = first_wait(vec![("retry-after", date)]).await;
+    assert!(
+        dated >= Duration::from_secs(5) && dated <= Duration::from_secs(7),
+        "{dated:?}"
+    );
+
+    // No retry-after: the reset of the exhausted bucket.
+    let reset = time::OffsetDateTime::from(SystemTime::now() + Duration::from_secs(12))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let until_reset = first_wait(vec![
+        ("anthropic-ratelimit-requests-remaining", "0".into()),
+        ("anthropic-ratelimit-requests-reset", reset),
+    ])
+    .await;
+    assert!(
+        until_reset >= Duration::from_secs(11) && until_reset <= Duration::from_secs(13),
+        "{until_reset:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_told_the_same_retry_after_come_back_spread_out() {
+    let fake = Fake::new((0..100).map(|_| {
+        Step::Reply(
+            429,
+            vec![("retry-after", "1".into())],
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        )
+    }));
+    // Without pacing, to see the spread alone (as between processes that cannot pace together).
+    let svc = layer()
+        .jitter(Jitter::Decorrelated)
+        .pacing(false)
+        .layer(fake.clone());
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(messages(BODY))))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status(), 200);
+    }
+    let retries: Vec<Duration> = fake.seen()[100..].iter().map(|s| s.at - start).collect();
+    assert_eq!(retries.len(), 100);
+    assert!(
+        retries.iter().all(|d| *d >= Duration::from_secs(1)),
+        "never earlier than asked"
+    );
+    let distinct: std::collections::BTreeSet<u128> =
+        retries.iter().map(|d| d.as_millis() / 10).collect();
+    // 100 callers land in many different 10 ms slots instead of one instant.
+    assert!(distinct.len() >= 50, "{} slots", distinct.len());
+}
+
+const HAIKU_BODY: &str =
+    r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn rate_limited_60_rpm() -> Step {
+    Step::Reply(
+        429,
+        vec![
+            ("retry-after", "1".into()),
+            ("anthropic-ratelimit-requests-limit", "60".into()),
+            ("anthropic-ratelimit-requests-remaining", "0".into()),
+        ],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_429_requests_on_the_quota_are_paced_one_admission_apart() {
+    let fake = Fake::new([rate_limited_60_rpm()]);
+    let svc = layer().layer(fake.clone());
+    let start = Instant::now();
+    let first = tokio::spawn(svc.clone().oneshot(messages(BODY)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Four new requests on the same key and group while the first waits, and one on another
+    // group.
+    let queued: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(svc.clone().oneshot(messages(BODY))))
+        .collect();
+    let other = tokio::spawn(svc.clone().oneshot(messages(HAIKU_BODY)));
+    assert_eq!(other.await.unwrap().unwrap().status(), 200);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    for q in queued {
+        let resp = q.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.extensions().get::<RetryInfo>().unwrap().attempts(), 1);
+    }
+    let seen = fake.seen();
+    assert_eq!(
+        seen.len(),
+        7,
+        "no request was sent into the exhausted quota"
+    );
+    // The other group went at once.
+    assert_eq!(seen[1].at - start, Duration::from_millis(10));
+    let mut sends: Vec<Duration> = seen[2..].iter().map(|s| s.at - start).collect();
+    sends.sort();
+    // The retry after at least the server's second, then one 60 RPM admission (1 s, +10 %
+    // margin) apart.
+    assert!(sends[0] >= Duration::from_secs(1) && sends[0] <= Duration::from_secs(2));
+    for pair in sends.windows(2) {
+        assert_eq!(pair[1] - pair[0], Duration::from_millis(1100), "{sends:?}");
+    }
+
+    // Without pacing the new requests go at once (and would hit the exhausted quota).
+    let fake = Fake::new([rate_limited_60_rpm()]);
+    let svc = layer().pacing(false).layer(fake.clone());
+    let first = tokio::spawn(svc.clone().oneshot(messages(BODY)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let start = Instant::now();
+    svc.clone().oneshot(messages(BODY)).await.unwrap();
+    assert_eq!(fake.seen()[1].at, start);
+    first.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paced_request_never_waits_past_its_deadline() {
+    let fake = Fake::new([rate_limited_60_rpm()]);
+    let svc = layer().layer(fake.clone());
+    let first = tokio::spawn(svc.clone().oneshot(messages(BODY)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The next slot is a second away; this request may wait 100 ms at most: it goes at once.
+    let start = Instant::now();
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(100)));
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let info = resp.extensions().get::<RetryInfo>().unwrap();
+    assert_eq!(info.total_wait(), Duration::ZERO);
+    assert_eq!(fake.seen()[1].at, start);
+    // One that may wait long enough takes a slot.
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_secs(60)));
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    assert!(resp.extensions().get::<RetryInfo>().unwrap().total_wait() >= Duration::from_secs(1));
+    first.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_429s_lengthen_waits_for_the_whole_key_and_group() {
+    // Without server delays, the backoff base doubles per consecutive 429 on a key / group.
+    let storm = |n| Fake::new((0..n).map(|_| status(429)));
+    let quiet_layer = layer().jitter(Jitter::None).max_attempts(2);
+    let fake = storm(1);
+    send(quiet_layer.clone(), &fake, messages(BODY))
+        .await
+        .unwrap();
+    let first = fake.seen()[1].at - fake.seen()[0].at;
+
+    let hammered = layer().jitter(Jitter::None).max_attempts(2);
+    let fake = storm(40);
+    let svc = hammered.layer(fake.clone());
+    // Twenty requests on the same key and group, each failing twice.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.clone().oneshot(messages(BODY))))
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let fake = storm(1);
+    let svc = hammered.layer(fake.clone());
+    svc.oneshot(messages(BODY)).await.unwrap();
+    let later = fake.seen()[1].at - fake.seen()[0].at;
+    assert_eq!(first, Duration::from_millis(500));
+    assert!(later > first * 4, "{later:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_stops_at_once_instead_of_sleeping_past_it() {
+    let fake = Fake::new([Step::Reply(
+        429,
+        vec![("retry-after", "30".into())],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )]);
+    let start = Instant::now();
+    let (resp, info) = send(
+        layer().deadline(Duration::from_secs(10)),
+        &fake,
+        messages(BODY),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(Instant::now(), start, "returned at once");
+    assert_eq!(info.unwrap().outcome(), RetryOutcome::DeadlineExceeded);
+    // The attempt saw the effective deadline.
+    assert_eq!(
+        fake.seen()[0].deadline,
+        Some(Deadline::at(start + Duration::from_secs(10)))
+    );
+
+    // A request extension overrides the layer's default.
+    let fake = Fake::new([Step::Fail, Step::Fail]);
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(100)));
+    let err = send(layer().deadline(Duration::from_secs(3600)), &fake, req)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<RetryError>().unwrap().kind(),
+        RetryErrorKind::DeadlineExceeded
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_holds_under_a_total_failure_storm() {
+    let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.2);
+    let fake = Fake::new(std::iter::repeat_n(status(529), 100_000));
+    let svc = layer().budget(budget).layer(fake.clone());
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(svc.clone().oneshot(messages(BODY))))
+        .collect();
+    let mut budget_stops = 0;
+    for t in tasks {
+        let resp = t.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 529);
+        let info = resp.extensions().get::<RetryInfo>().unwrap();
+        if info.outcome() == RetryOutcome::BudgetExhausted {
+            budget_stops += 1;
+        }
+    }
+    let attempts = fake.attempts();
+    // 1,000 requests, at most 20 % retries on top.
+    assert!(attempts <= 1200, "{attempts} attempts");
+    assert!(attempts > 1000, "the budget allowed some retries");
+    assert!(budget_stops >= 800, "{budget_stops}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_error_before_content_is_retried_invisibly() {
+    let fake = Fake::new([
+        Step::Stream(vec![SSE_START, SSE_PING, SSE_ERROR], false),
+        // A stream cut before content is retried too.
+        Step::Stream(vec![SSE_START], true),
+        Step::Stream(vec![SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END], false),
+    ]);
+    let (resp, info) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(fake.attempts(), 3);
+    let text = std::str::from_utf8(resp.body()).unwrap();
+    assert_eq!(text, [SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END].concat());
+    assert_eq!(info.unwrap().last_error_message(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_error_after_content_passes_through() {
+    let fake = Fake::new([Step::Stream(
+        vec![SSE_START, SSE_BLOCK, SSE_DELTA, SSE_ERROR],
+        false,
+    )]);
+    let (resp, info) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(fake.attempts(), 1);
+    let text = std::str::from_utf8(resp.body()).unwrap();
+    assert_eq!(text, [SSE_START, SSE_BLOCK, SSE_DELTA, SSE_ERROR].concat());
+    assert_eq!(info.unwrap().attempts(), 1);
+
+    // Content and the body failure reach the caller in order.
+    let fake = Fake::new([Step::Stream(vec![SSE_START, SSE_BLOCK, SSE_DELTA], true)]);
+    let resp = layer()
+        .layer(fake.clone())
+        .oneshot(messages(STREAM_BODY))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let err = loop {
+        match body.frame().await {
+            Some(Ok(f)) => got.extend_from_slice(&f.into_data().unwrap()),
+            Some(Err(e)) => break e,
+            None => panic!("the body error was swallowed"),
+        }
+    };
+    assert_eq!(got, [SSE_START, SSE_BLOCK, SSE_DELTA].concat().as_bytes());
+    assert_eq!(err.to_string(), "connection reset");
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_hold_back_stream_errors_are_not_retried() {
+    let fake = Fake::new([Step::Stream(vec![SSE_START, SSE_ERROR], false)]);
+    let (resp, _) = send(
+        layer().hold_back_stream(false),
+        &fake,
+        messages(STREAM_BODY),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(resp.body(), [SSE_START, SSE_ERROR].concat().as_bytes());
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_error_on_the_last_attempt_is_returned_as_received() {
+    let fake = Fake::new([
+        Step::Stream(vec![SSE_START, SSE_ERROR], false),
+        Step::Stream(vec![SSE_START, SSE_PING, SSE_ERROR], false),
+    ]);
+    let (resp, info) = send(layer().max_attempts(2), &fake, messages(STREAM_BODY))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.body(),
+        [SSE_START, SSE_PING, SSE_ERROR].concat().as_bytes()
+    );
+    let info = info.unwrap();
+    assert_eq!(info.outcome(), RetryOutcome::Exhausted);
+    assert_eq!(info.last_error_message(), Some("Overloaded"));
+}
+
+mod deadline_property {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u64..40).prop_map(|s| Step::Reply(
+                429,
+                vec![("retry-after", s.to_string())],
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+            )),
+            (0u64..20_000).prop_map(|ms| Step::Reply(
+                529,
+                vec![("retry-after-ms", ms.to_string())],
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            )),
+            Just(status(529)),
+            Just(status(500)),
+            Just(Step::Fail),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the upstream says, no wait crosses the deadline: every retry starts before
+        /// it, and the layer answers no later than the deadline plus one attempt's latency.
+        #[test]
+        fn no_wait_crosses_the_deadline(
+            steps in proptest::collection::vec(step(), 1..12),
+            deadline_ms in 0u64..120_000,
+            latency_ms in 0u64..2_000,
+            seed in any::<u64>(),
+            per_request in any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut fake = Fake::new(steps);
+                fake.latency = Duration::from_millis(latency_ms);
+                let start = Instant::now();
+                let deadline = start + Duration::from_millis(deadline_ms);
+                let mut req = messages(BODY);
+                let layer = RetryLayer::new().seed(seed).max_attempts(12);
+                let layer = if per_request {
+                    req.extensions_mut().insert(Deadline::at(deadline));
+                    layer
+                } else {
+                    layer.deadline(Duration::from_millis(deadline_ms))
+                };
+                let _ = layer.layer(fake.clone()).oneshot(req).await;
+                let end = Instant::now();
+                for seen in &fake.seen()[1..] {
+                    prop_assert!(seen.at <= deadline, "a retry started after the deadline");
+                }
+                prop_assert!(end <= deadline.max(start) + fake.latency);
+                Ok(())
+            })?;
+        }
+    }
+}
