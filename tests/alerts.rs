@@ -45,7 +45,9 @@ async fn receiver(behaviour: Behaviour) -> (String, Received) {
     let state = received.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let state = state.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -59,7 +61,9 @@ async fn receiver(behaviour: Behaviour) -> (String, Received) {
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let status = match behaviour {
                             Behaviour::Ok => StatusCode::OK,
-                            Behaviour::FailTimes(n) if hit <= n => StatusCode::INTERNAL_SERVER_ERROR,
+                            Behaviour::FailTimes(n) if hit <= n => {
+                                StatusCode::INTERNAL_SERVER_ERROR
+                            }
                             Behaviour::FailTimes(_) => StatusCode::OK,
                             Behaviour::Hang => {
                                 std::future::pending::<()>().await;
@@ -67,11 +71,18 @@ async fn receiver(behaviour: Behaviour) -> (String, Received) {
                             }
                         };
                         if status == StatusCode::OK {
-                            state.bodies.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                            state
+                                .bodies
+                                .lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
                             state.notify.notify_one();
                         }
                         Ok::<_, Infallible>(
-                            Response::builder().status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from_static(b"ok")))
+                                .unwrap(),
                         )
                     }
                 });
@@ -111,16 +122,33 @@ async fn utilisation_alert_reaches_the_webhook_once_per_interval() {
     let alerts = Alerts::builder()
         .threshold(0.8)
         .interval(Duration::from_secs(3600))
-        .on_alert(move |a| sink.lock().unwrap().push((a.state(), a.bucket().to_owned())))
+        .on_alert(move |a| {
+            sink.lock()
+                .unwrap()
+                .push((a.state(), a.bucket().to_owned()))
+        })
         .webhook(Webhook::new(&url).unwrap())
         .build();
     let group = RateLimitGroup::new("claude-haiku-4-5");
     let limits = Limits::new(10, 1_000_000, 100_000);
     let board = QuotaBoard::new();
     let svc = ServiceBuilder::new()
-        .layer(MetricsLayer::new().board(board.clone()).alerts(alerts).quota_refresh(Duration::ZERO))
-        .layer(RateLimitLayer::new().board(board).limits(group.clone(), limits))
-        .service(MockClaude::builder().limits(group.as_str(), MockLimits::new(10, 1_000_000, 100_000)).build());
+        .layer(
+            MetricsLayer::new()
+                .board(board.clone())
+                .alerts(alerts)
+                .quota_refresh(Duration::ZERO),
+        )
+        .layer(
+            RateLimitLayer::new()
+                .board(board)
+                .limits(group.clone(), limits),
+        )
+        .service(
+            MockClaude::builder()
+                .limits(group.as_str(), MockLimits::new(10, 1_000_000, 100_000))
+                .build(),
+        );
     // 9 of 10 requests per minute: utilisation reaches 80 % at the 8th, and stays above.
     for _ in 0..9 {
         let response = svc.clone().oneshot(request()).await.unwrap();
@@ -138,10 +166,16 @@ async fn utilisation_alert_reaches_the_webhook_once_per_interval() {
     assert_eq!(bodies.len(), 1, "{bodies:?}");
     let text = bodies[0]["text"].as_str().unwrap();
     let key = KeyId::from_api_key("sk-ant-alerts");
-    assert!(text.contains(key.as_str()) && text.contains("claude-haiku-4-5"), "{text}");
+    assert!(
+        text.contains(key.as_str()) && text.contains("claude-haiku-4-5"),
+        "{text}"
+    );
     assert!(text.contains("requests per-minute limit"), "{text}");
     assert!(!text.contains("sk-ant-alerts"));
-    assert_eq!(*callback_alerts.lock().unwrap(), [(AlertState::Firing, "requests".to_owned())]);
+    assert_eq!(
+        *callback_alerts.lock().unwrap(),
+        [(AlertState::Firing, "requests".to_owned())]
+    );
 }
 
 #[tokio::test]
@@ -151,10 +185,15 @@ async fn failing_webhook_is_retried_a_bounded_number_of_times() {
     let _guard = metrics::set_default_local_recorder(&recorder);
     // Fails twice, then accepts: 3 attempts deliver.
     let (url, received) = receiver(Behaviour::FailTimes(2)).await;
-    let webhook = Webhook::new(&url).unwrap().attempts(3).backoff(Duration::from_millis(5));
+    let webhook = Webhook::new(&url)
+        .unwrap()
+        .attempts(3)
+        .backoff(Duration::from_millis(5));
     let alerts = Alerts::builder().webhook(webhook).build();
     let group = RateLimitGroup::new("g");
-    alerts.observe(&KeyId::named("k-1"), &group, "requests", 0.9).unwrap();
+    alerts
+        .observe(&KeyId::named("k-1"), &group, "requests", 0.9)
+        .unwrap();
     wait_for(&received, 3).await;
     tokio::time::timeout(Duration::from_secs(10), async {
         while received.bodies.lock().unwrap().is_empty() {
@@ -167,15 +206,26 @@ async fn failing_webhook_is_retried_a_bounded_number_of_times() {
 
     // Always failing: exactly `attempts` tries, then given up.
     let (url, received) = receiver(Behaviour::FailTimes(u32::MAX)).await;
-    let webhook = Webhook::new(&url).unwrap().attempts(2).backoff(Duration::from_millis(5));
+    let webhook = Webhook::new(&url)
+        .unwrap()
+        .attempts(2)
+        .backoff(Duration::from_millis(5));
     let alerts = Alerts::builder().webhook(webhook).build();
-    alerts.observe(&KeyId::named("k-2"), &group, "requests", 0.9).unwrap();
+    alerts
+        .observe(&KeyId::named("k-2"), &group, "requests", 0.9)
+        .unwrap();
     wait_for(&received, 2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(received.hits.load(Ordering::SeqCst), 2);
     let text = prometheus::render(&handle);
-    assert!(text.contains(r#"tower_claude_alert_deliveries_total{result="delivered"} 1"#), "{text}");
-    assert!(text.contains(r#"tower_claude_alert_deliveries_total{result="failed"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"tower_claude_alert_deliveries_total{result="delivered"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"tower_claude_alert_deliveries_total{result="failed"} 1"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -184,16 +234,27 @@ async fn a_hanging_webhook_never_slows_the_caller() {
     let handle = recorder.handle();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let (url, received) = receiver(Behaviour::Hang).await;
-    let webhook = Webhook::new(&url).unwrap().queue(4).timeout(Duration::from_secs(30));
+    let webhook = Webhook::new(&url)
+        .unwrap()
+        .queue(4)
+        .timeout(Duration::from_secs(30));
     let alerts = Alerts::builder().webhook(webhook).build();
     let group = RateLimitGroup::new("g");
     let started = Instant::now();
     for i in 0..1_000 {
         let key = KeyId::named(&format!("k-{i}"));
-        assert!(alerts.observe(&key, &group, "output_tokens", 0.95).is_some());
+        assert!(
+            alerts
+                .observe(&key, &group, "output_tokens", 0.95)
+                .is_some()
+        );
     }
     // 1 000 alerts raised without waiting for the webhook (generous bound for slow CI).
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     wait_for(&received, 1).await;
     let text = prometheus::render(&handle);
     // One in delivery, at most 4 queued: the rest were dropped, not waited for.

@@ -66,7 +66,9 @@ async fn json_and_stream_tokens_match_the_simulator() {
         .output_tokens(42)
         .latency(Duration::from_millis(100), Duration::from_millis(1))
         .build();
-    let svc = ServiceBuilder::new().layer(MetricsLayer::new()).service(mock.clone());
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new())
+        .service(mock.clone());
     for stream in [false, false, false, true, true] {
         let response = svc.clone().oneshot(request(MODEL, stream)).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -76,19 +78,43 @@ async fn json_and_stream_tokens_match_the_simulator() {
     let stats = mock.stats();
     let g = group();
     assert_eq!(
-        get(&m, &format!(r#"tower_claude_requests_total{{model="{MODEL}",status="200",outcome="success"}}"#)),
+        get(
+            &m,
+            &format!(
+                r#"tower_claude_requests_total{{model="{MODEL}",group="{g}",status="200",outcome="success"}}"#
+            )
+        ),
         5.0
     );
     let labels = format!(r#"{{model="{MODEL}",group="{g}"}}"#);
-    assert_eq!(get(&m, &format!("tower_claude_output_tokens_total{labels}")), 5.0 * 42.0);
-    assert_eq!(get(&m, &format!("tower_claude_output_tokens_total{labels}")), stats.output_tokens[&g] as f64);
-    assert_eq!(get(&m, &format!("tower_claude_input_tokens_total{labels}")), stats.input_tokens[&g] as f64);
     assert_eq!(
-        get(&m, &format!(r#"tower_claude_request_duration_seconds_count{{model="{MODEL}",outcome="success"}}"#)),
+        get(&m, &format!("tower_claude_output_tokens_total{labels}")),
+        5.0 * 42.0
+    );
+    assert_eq!(
+        get(&m, &format!("tower_claude_output_tokens_total{labels}")),
+        stats.output_tokens[&g] as f64
+    );
+    assert_eq!(
+        get(&m, &format!("tower_claude_input_tokens_total{labels}")),
+        stats.input_tokens[&g] as f64
+    );
+    assert_eq!(
+        get(
+            &m,
+            &format!(
+                r#"tower_claude_request_duration_seconds_count{{model="{MODEL}",outcome="success"}}"#
+            )
+        ),
         5.0
     );
     // 100 ms + 42 tokens * 1 ms each, at least.
-    let sum = get(&m, &format!(r#"tower_claude_request_duration_seconds_sum{{model="{MODEL}",outcome="success"}}"#));
+    let sum = get(
+        &m,
+        &format!(
+            r#"tower_claude_request_duration_seconds_sum{{model="{MODEL}",outcome="success"}}"#
+        ),
+    );
     assert!(sum >= 5.0 * 0.142 - 1e-9, "{sum}");
     assert_eq!(get(&m, "tower_claude_in_flight_requests"), 0.0);
 }
@@ -99,8 +125,12 @@ async fn statuses_and_outcomes() {
     let handle = recorder.handle();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let mock = MockClaude::builder().build();
-    let svc = ServiceBuilder::new().layer(MetricsLayer::new()).service(mock.clone());
-    mock.push_fault(Fault::RateLimited { retry_after: Duration::from_secs(3) });
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new())
+        .service(mock.clone());
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(3),
+    });
     mock.push_fault(Fault::Overloaded);
     mock.push_fault(Fault::ServerError);
     mock.push_fault(Fault::Status(400));
@@ -115,6 +145,7 @@ async fn statuses_and_outcomes() {
     response.into_body().collect().await.unwrap();
 
     let m = scrape(&handle);
+    let g = group();
     for (status, outcome) in [
         ("429", "rate_limited"),
         ("529", "overloaded"),
@@ -122,7 +153,9 @@ async fn statuses_and_outcomes() {
         ("400", "client_error"),
         ("200", "stream_error"),
     ] {
-        let series = format!(r#"tower_claude_requests_total{{model="{MODEL}",status="{status}",outcome="{outcome}"}}"#);
+        let series = format!(
+            r#"tower_claude_requests_total{{model="{MODEL}",group="{g}",status="{status}",outcome="{outcome}"}}"#
+        );
         assert_eq!(get(&m, &series), 1.0, "{series}");
     }
     assert_eq!(get(&m, "tower_claude_in_flight_requests"), 0.0);
@@ -137,20 +170,36 @@ async fn dropped_stream_is_cancelled_and_counts_tokens_so_far() {
         .output_tokens(200)
         .latency(Duration::from_millis(50), Duration::from_millis(10))
         .build();
-    let svc = ServiceBuilder::new().layer(MetricsLayer::new()).service(mock);
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new())
+        .service(mock);
     let response = svc.oneshot(request(MODEL, true)).await.unwrap();
     let mut body = response.into_body();
     // message_start carries the input tokens.
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.data_ref().is_some());
-    assert_eq!(get(&scrape(&handle), "tower_claude_in_flight_requests"), 1.0);
-    drop(body);
-    let m = scrape(&handle);
     assert_eq!(
-        get(&m, &format!(r#"tower_claude_requests_total{{model="{MODEL}",status="200",outcome="cancelled"}}"#)),
+        get(&scrape(&handle), "tower_claude_in_flight_requests"),
         1.0
     );
-    assert!(get(&m, &format!(r#"tower_claude_input_tokens_total{{model="{MODEL}",group="{}"}}"#, group())) > 0.0);
+    drop(body);
+    let m = scrape(&handle);
+    let g = group();
+    assert_eq!(
+        get(
+            &m,
+            &format!(
+                r#"tower_claude_requests_total{{model="{MODEL}",group="{g}",status="200",outcome="cancelled"}}"#
+            )
+        ),
+        1.0
+    );
+    assert!(
+        get(
+            &m,
+            &format!(r#"tower_claude_input_tokens_total{{model="{MODEL}",group="{g}"}}"#)
+        ) > 0.0
+    );
     assert_eq!(get(&m, "tower_claude_in_flight_requests"), 0.0);
 }
 
@@ -184,8 +233,12 @@ async fn labels_are_bounded_and_other_calls_pass_through() {
         .sum();
     assert_eq!(total, 3.0, "GET /v1/models is not counted");
     assert!(m.contains_key(r#"tower_claude_input_tokens_total{model="other",group="other"}"#));
-    assert!(m.contains_key(r#"tower_claude_input_tokens_total{model="other",group="claude-opus"}"#));
-    assert!(m.contains_key(r#"tower_claude_input_tokens_total{model="my-fine-tune",group="my-fine-tune"}"#));
+    assert!(
+        m.contains_key(r#"tower_claude_input_tokens_total{model="other",group="claude-opus"}"#)
+    );
+    assert!(m.contains_key(
+        r#"tower_claude_input_tokens_total{model="my-fine-tune",group="my-fine-tune"}"#
+    ));
 }
 
 /// Marks responses as the cache and fallback layers do (those layers are tested elsewhere).
@@ -208,7 +261,8 @@ async fn full_stack_retries_queue_quota_fallback_cache_and_every_name_renders() 
         .limits(group.as_str(), MockLimits::new(5, 100_000, 20_000))
         .build();
     let board = QuotaBoard::new();
-    let forecaster = Forecaster::with_config(Duration::from_secs(1), Duration::from_secs(5), 0.5, 0.3);
+    let forecaster =
+        Forecaster::with_config(Duration::from_secs(1), Duration::from_secs(5), 0.5, 0.3);
     let alerts = Alerts::builder().threshold(0.5).build();
     let svc = ServiceBuilder::new()
         .layer(
@@ -219,16 +273,30 @@ async fn full_stack_retries_queue_quota_fallback_cache_and_every_name_renders() 
                 .quota_refresh(Duration::ZERO),
         )
         .map_response(mark)
-        .layer(PacingLayer::new(forecaster).limits(group.clone(), limits).trigger(0.01))
+        .layer(
+            PacingLayer::new(forecaster)
+                .limits(group.clone(), limits)
+                .trigger(0.01),
+        )
         .layer(RetryLayer::new().max_attempts(3))
-        .layer(RateLimitLayer::new().board(board.clone()).limits(group.clone(), limits))
+        .layer(
+            RateLimitLayer::new()
+                .board(board.clone())
+                .limits(group.clone(), limits),
+        )
         .service(mock.clone());
     mock.push_fault(Fault::Overloaded);
     let mut handles = Vec::new();
     for _ in 0..7 {
         let mut svc = svc.clone();
         handles.push(tokio::spawn(async move {
-            let response = svc.ready().await.unwrap().call(request(MODEL, false)).await.unwrap();
+            let response = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(request(MODEL, false))
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
             response.into_body().collect().await.unwrap();
         }));
@@ -240,19 +308,42 @@ async fn full_stack_retries_queue_quota_fallback_cache_and_every_name_renders() 
     let m = scrape(&handle);
     let key = KeyId::from_api_key(KEY);
     let g = group.as_str();
-    assert_eq!(get(&m, r#"tower_claude_retries_total{reason="overloaded"}"#), 1.0);
-    assert_eq!(get(&m, r#"tower_claude_cache_requests_total{cache="miss"}"#), 7.0);
     assert_eq!(
-        get(&m, &format!(r#"tower_claude_fallbacks_total{{from="{MODEL}",to="claude-haiku-4-5"}}"#)),
+        get(&m, r#"tower_claude_retries_total{reason="overloaded"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(&m, r#"tower_claude_cache_requests_total{cache="miss"}"#),
+        7.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            &format!(r#"tower_claude_fallbacks_total{{from="{MODEL}",to="claude-haiku-4-5"}}"#)
+        ),
         7.0
     );
     // 7 requests against 5 RPM: some waited for quota. Served by the fallback model, they are
     // reported under its group.
     let served = r#"group="claude-haiku-4-5""#;
-    let waited = get(&m, &format!("tower_claude_queue_wait_seconds_sum{{{served}}}"));
+    let waited = get(
+        &m,
+        &format!("tower_claude_queue_wait_seconds_sum{{{served}}}"),
+    );
     assert!(waited > 1.0, "{waited}");
-    assert_eq!(get(&m, &format!("tower_claude_queue_wait_seconds_count{{{served}}}")), 7.0);
-    let quota = |name: &str| get(&m, &format!(r#"{name}{{key="{key}",group="{g}",bucket="requests"}}"#));
+    assert_eq!(
+        get(
+            &m,
+            &format!("tower_claude_queue_wait_seconds_count{{{served}}}")
+        ),
+        7.0
+    );
+    let quota = |name: &str| {
+        get(
+            &m,
+            &format!(r#"{name}{{key="{key}",group="{g}",bucket="requests"}}"#),
+        )
+    };
     assert_eq!(quota("tower_claude_quota_limit"), 5.0);
     assert!(quota("tower_claude_quota_remaining") < 5.0);
     assert!(quota("tower_claude_quota_utilisation") > 0.0);
@@ -341,4 +432,126 @@ async fn a_span_per_request_with_key_group_model_attempts_cache() {
     assert_eq!(span["status"], "200");
     assert_eq!(span["served_model"], "claude-haiku-4-5");
     assert!(!format!("{span:?}").contains(KEY));
+}
+
+/// Metric names (`tower_claude_*` identifiers) used in a PromQL expression.
+fn metric_names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("tower_claude_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        out.push(expr[start..end].to_owned());
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn grafana_dashboard_is_valid_and_uses_only_defined_metrics() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/grafana/tower-claude.json"
+    ))
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    for field in [
+        "title",
+        "uid",
+        "schemaVersion",
+        "panels",
+        "time",
+        "templating",
+    ] {
+        assert!(dash.get(field).is_some(), "dashboard field {field} missing");
+    }
+    assert!(dash["schemaVersion"].as_u64().unwrap() >= 30);
+    assert!(dash["uid"].as_str().unwrap().len() <= 40);
+    let defined: std::collections::HashSet<String> = names::METRICS
+        .iter()
+        .flat_map(names::rendered_names)
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let mut exprs = 0;
+    let mut used = std::collections::HashSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate panel id"
+        );
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(panel["type"].as_str().is_some());
+        let pos = &panel["gridPos"];
+        for k in ["h", "w", "x", "y"] {
+            assert!(
+                pos[k].as_u64().is_some(),
+                "gridPos.{k} of {}",
+                panel["title"]
+            );
+        }
+        assert!(pos["x"].as_u64().unwrap() + pos["w"].as_u64().unwrap() <= 24);
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty());
+        for target in targets {
+            assert!(target["refId"].as_str().is_some());
+            let expr = target["expr"].as_str().expect("expr");
+            let found = metric_names_in(expr);
+            assert!(!found.is_empty(), "{expr} uses no tower-claude metric");
+            for name in found {
+                assert!(
+                    defined.contains(&name),
+                    "{name} in {expr:?} is not a defined metric"
+                );
+                used.insert(name);
+            }
+            // Balanced brackets: a cheap syntax check.
+            for (open, close) in [('(', ')'), ('{', '}'), ('[', ']')] {
+                assert_eq!(
+                    expr.matches(open).count(),
+                    expr.matches(close).count(),
+                    "{expr}"
+                );
+            }
+            exprs += 1;
+        }
+    }
+    assert!(exprs >= 10);
+    // The issue's panels: RPM / TPM use vs limit, status codes, 429 rate, latency, forecast.
+    for name in [
+        names::QUOTA_LIMIT,
+        names::INPUT_TOKENS_TOTAL,
+        names::OUTPUT_TOKENS_TOTAL,
+        names::FORECAST_PER_MINUTE,
+        "tower_claude_request_duration_seconds_bucket",
+    ] {
+        assert!(used.contains(name), "{name} not on the dashboard");
+    }
+    assert!(text.contains(r#"status=\"429\""#));
+}
+
+#[test]
+fn docs_table_lists_every_metric_and_label() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    for def in names::METRICS {
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}` ", def.name)))
+            .unwrap_or_else(|| panic!("{} has no row in docs/metrics.md", def.name));
+        for label in def.labels {
+            assert!(
+                row.contains(&format!("`{label}`")),
+                "{} row lacks label {label}",
+                def.name
+            );
+        }
+    }
+    assert!(doc.contains("metrics-chart.svg"));
 }

@@ -548,8 +548,11 @@ impl Webhook {
         #[cfg(feature = "client")]
         if self.uri.scheme_str() == Some("https") {
             use tower::ServiceExt;
-            let base: Uri = format!("https://{}", self.uri.authority().map_or("", |a| a.as_str()))
-                .parse()?;
+            let base: Uri = format!(
+                "https://{}",
+                self.uri.authority().map_or("", |a| a.as_str())
+            )
+            .parse()?;
             let request = http::Request::post(path)
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(crate::body::RequestBody::from(payload))?;

@@ -193,6 +193,7 @@ impl Finish {
         metrics::gauge!(names::IN_FLIGHT_REQUESTS).decrement(1.0);
         metrics::counter!(names::REQUESTS_TOTAL,
             names::LABEL_MODEL => self.model_label.clone(),
+            names::LABEL_GROUP => self.group_label.clone(),
             names::LABEL_STATUS => self.status.clone(),
             names::LABEL_OUTCOME => self.outcome)
         .increment(1);

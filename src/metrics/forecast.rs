@@ -44,7 +44,13 @@ impl Holt {
     /// A model with level smoothing `alpha` and trend smoothing `beta` (each clamped to
     /// `0.01..=1.0`; a non-finite value becomes 0.5).
     pub fn new(alpha: f64, beta: f64) -> Self {
-        let clamp = |v: f64| if v.is_finite() { v.clamp(0.01, 1.0) } else { 0.5 };
+        let clamp = |v: f64| {
+            if v.is_finite() {
+                v.clamp(0.01, 1.0)
+            } else {
+                0.5
+            }
+        };
         Self {
             alpha: clamp(alpha),
             beta: clamp(beta),
@@ -354,7 +360,10 @@ mod tests {
         let truth = 30.0 * 10.0 + 50.0; // five steps after the last observation (290)
         let ma: f64 = series[24..].iter().sum::<f64>() / 6.0;
         let holt = h.forecast(6.0).unwrap();
-        assert!((holt - truth).abs() < (ma - truth).abs() / 4.0, "{holt} vs {ma}");
+        assert!(
+            (holt - truth).abs() < (ma - truth).abs() / 4.0,
+            "{holt} vs {ma}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

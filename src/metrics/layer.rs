@@ -65,7 +65,10 @@ impl MetricsLayer {
         Self {
             shared: Arc::new(Shared {
                 catalog: ModelCatalog::default(),
-                known: names::KNOWN_MODELS.iter().map(|m| (*m).to_owned()).collect(),
+                known: names::KNOWN_MODELS
+                    .iter()
+                    .map(|m| (*m).to_owned())
+                    .collect(),
                 board: None,
                 alerts: None,
                 forecaster: None,

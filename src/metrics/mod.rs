@@ -52,7 +52,7 @@
 //!
 //! let text = prometheus::render(&handle);
 //! assert!(text.contains(r#"tower_claude_output_tokens_total{model="claude-haiku-4-5",group="claude-haiku-4-5"} 5"#));
-//! assert!(text.contains(r#"tower_claude_requests_total{model="claude-haiku-4-5",status="200",outcome="success"} 1"#));
+//! assert!(text.contains(r#"tower_claude_requests_total{model="claude-haiku-4-5",group="claude-haiku-4-5",status="200",outcome="success"} 1"#));
 //! # Ok(())
 //! # }
 //! ```

@@ -199,7 +199,7 @@ pub const METRICS: &[MetricDef] = &[
     MetricDef {
         name: REQUESTS_TOTAL,
         kind: MetricKind::Counter,
-        labels: &[LABEL_MODEL, LABEL_STATUS, LABEL_OUTCOME],
+        labels: &[LABEL_MODEL, LABEL_GROUP, LABEL_STATUS, LABEL_OUTCOME],
         help: "Messages API requests, counted when the response ends.",
     },
     MetricDef {

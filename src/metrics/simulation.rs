@@ -97,7 +97,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     /// 12 minutes ramping from 20 to 100 requests per minute against 60 RPM, 100 000 ITPM,
-    /// 20 000 OTPM; 150-token answers, `max_tokens` 512, 8 attempts.
+    /// 20 000 OTPM; 150-token answers, `max_tokens` 512, 20 attempts (a patient caller).
     fn default() -> Self {
         Self {
             minutes: 12,
@@ -107,7 +107,7 @@ impl Default for SimConfig {
             background_rpm: 0.0,
             max_tokens: 512,
             output_tokens: 150,
-            attempts: 8,
+            attempts: 20,
         }
     }
 }
@@ -173,7 +173,12 @@ fn request(max_tokens: u64, key: &str) -> http::Request<RequestBody> {
         .unwrap_or_else(|_| http::Request::new(RequestBody::empty()))
 }
 
-fn build(strategy: Strategy, config: &SimConfig, mock: MockClaude, forecaster: &Forecaster) -> Client {
+fn build(
+    strategy: Strategy,
+    config: &SimConfig,
+    mock: MockClaude,
+    forecaster: &Forecaster,
+) -> Client {
     let group = RateLimitGroup::new(GROUP);
     let metrics = MetricsLayer::new().forecaster(forecaster.clone());
     let board = QuotaBoard::new();
@@ -188,13 +193,17 @@ fn build(strategy: Strategy, config: &SimConfig, mock: MockClaude, forecaster: &
     match strategy {
         Strategy::NoLimiter => BoxCloneService::new(
             ServiceBuilder::new()
-                .map_response(|r: http::Response<_>| r.map(|b: super::MetricsBody<_>| b.boxed_unsync()))
+                .map_response(|r: http::Response<_>| {
+                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                })
                 .layer(metrics)
                 .service(mock),
         ),
         Strategy::Buckets => BoxCloneService::new(
             ServiceBuilder::new()
-                .map_response(|r: http::Response<_>| r.map(|b: super::MetricsBody<_>| b.boxed_unsync()))
+                .map_response(|r: http::Response<_>| {
+                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                })
                 .layer(metrics)
                 .map_response(boxed)
                 .layer(buckets())
@@ -202,14 +211,18 @@ fn build(strategy: Strategy, config: &SimConfig, mock: MockClaude, forecaster: &
         ),
         Strategy::Pacing => BoxCloneService::new(
             ServiceBuilder::new()
-                .map_response(|r: http::Response<_>| r.map(|b: super::MetricsBody<_>| b.boxed_unsync()))
+                .map_response(|r: http::Response<_>| {
+                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                })
                 .layer(metrics)
                 .layer(pacing)
                 .service(mock),
         ),
         Strategy::PacingAndBuckets => BoxCloneService::new(
             ServiceBuilder::new()
-                .map_response(|r: http::Response<_>| r.map(|b: super::MetricsBody<_>| b.boxed_unsync()))
+                .map_response(|r: http::Response<_>| {
+                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                })
                 .layer(metrics)
                 .layer(pacing_on_board)
                 .map_response(boxed)
@@ -295,14 +308,27 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
         }));
         tokio::time::sleep(Duration::from_secs_f64(60.0 / rpm.max(0.1))).await;
     }
+    // Keep sampling while the backlog drains.
+    while !tasks.iter().all(|t| t.is_finished()) {
+        tokio::time::sleep_until(next_sample).await;
+        samples.push(sample_at(&forecaster, &group, next_sample - start));
+        next_sample += SAMPLE;
+    }
     for task in tasks {
         let _ = task.await;
     }
-    let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let tally = std::mem::take(
+        &mut *tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     let stats = mock.stats();
     let mut latencies = tally.latencies.clone();
     latencies.sort();
-    let median_latency = latencies.get(latencies.len() / 2).copied().unwrap_or_default();
+    let median_latency = latencies
+        .get(latencies.len() / 2)
+        .copied()
+        .unwrap_or_default();
     let bin = |ts: &[f64], i: usize| {
         ts.iter()
             .filter(|&&t| t >= i as f64 * 10.0 && t < (i + 1) as f64 * 10.0)
@@ -336,22 +362,40 @@ fn sample_at(forecaster: &Forecaster, group: &RateLimitGroup, t: Duration) -> Sa
     }
 }
 
-async fn caller(client: Client, attempts: u32, max_tokens: u64, tally: Arc<Mutex<Tally>>, start: Instant) {
+async fn caller(
+    client: Client,
+    attempts: u32,
+    max_tokens: u64,
+    tally: Arc<Mutex<Tally>>,
+    start: Instant,
+) {
     let arrived = Instant::now();
     let mut ok = false;
     for _ in 0..attempts.max(1) {
-        let Ok(response) = client.clone().oneshot(request(max_tokens, "sk-ant-sim")).await else {
+        let Ok(response) = client
+            .clone()
+            .oneshot(request(max_tokens, "sk-ant-sim"))
+            .await
+        else {
             break;
         };
-        let wait = response.extensions().get::<QueueWait>().map_or(Duration::ZERO, |w| w.0)
-            + response.extensions().get::<PacingDelay>().map_or(Duration::ZERO, |w| w.0);
+        let wait = response
+            .extensions()
+            .get::<QueueWait>()
+            .map_or(Duration::ZERO, |w| w.0)
+            + response
+                .extensions()
+                .get::<PacingDelay>()
+                .map_or(Duration::ZERO, |w| w.0);
         let status = response.status();
         let delay = retry_after(response.headers(), std::time::SystemTime::now())
             .unwrap_or(Duration::from_secs(1));
         let _ = response.into_body().collect().await;
         let at = Instant::now().duration_since(start).as_secs_f64();
         let retry = {
-            let mut t = tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut t = tally
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             t.worst_queue_wait = t.worst_queue_wait.max(wait);
             if status.is_success() {
                 t.served.push(at);
@@ -369,7 +413,9 @@ async fn caller(client: Client, attempts: u32, max_tokens: u64, tally: Arc<Mutex
         }
         tokio::time::sleep(delay).await;
     }
-    let mut t = tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut t = tally
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if ok {
         t.succeeded += 1;
     } else {
@@ -414,11 +460,20 @@ pub fn svg_chart(reports: &[SimReport], config: &SimConfig) -> String {
         .flat_map(|r| r.samples.last())
         .map(|s| s.t)
         .fold(60.0, f64::max);
+    let paced = reports
+        .iter()
+        .find(|r| matches!(r.strategy, Strategy::Pacing | Strategy::PacingAndBuckets));
     let y_max = reports
         .iter()
         .flat_map(|r| r.samples.iter())
-        .map(|s| s.demand_rpm.max(s.served_rpm).max(s.forecast_rpm))
-        .fold(config.limits.rpm as f64 * 1.5, f64::max);
+        .map(|s| s.demand_rpm.max(s.served_rpm))
+        .chain(
+            paced
+                .iter()
+                .flat_map(|r| r.samples.iter().map(|s| s.forecast_rpm)),
+        )
+        .fold(config.limits.rpm as f64 * 1.5, f64::max)
+        .ceil();
     let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t / t_max;
     let y = |v: f64| H - BOTTOM - (H - TOP - BOTTOM) * (v / y_max).min(1.0);
     let mut svg = String::new();
@@ -500,7 +555,14 @@ pub fn svg_chart(reports: &[SimReport], config: &SimConfig) -> String {
     };
     let mut legend: Vec<(String, String, &str)> = vec![
         ("#d62728".into(), format!("limit ({limit:.0} RPM)"), "6 4"),
-        ("#f4a3a3".into(), format!("429s ({}) x6", reports.first().map_or("", |r| r.strategy.name())), ""),
+        (
+            "#f4a3a3".into(),
+            format!(
+                "429s ({}) x6",
+                reports.first().map_or("", |r| r.strategy.name())
+            ),
+            "",
+        ),
     ];
     if let Some(first) = reports.first() {
         let demand = first.samples.iter().map(|s| (s.t, s.demand_rpm)).collect();
@@ -508,8 +570,12 @@ pub fn svg_chart(reports: &[SimReport], config: &SimConfig) -> String {
         svg.push('\n');
         legend.push(("#7f7f7f".into(), "demand".into(), ""));
     }
-    if let Some(paced) = reports.iter().find(|r| r.strategy != Strategy::NoLimiter && r.strategy != Strategy::Buckets) {
-        let forecast = paced.samples.iter().map(|s| (s.t, s.forecast_rpm)).collect();
+    if let Some(paced) = paced {
+        let forecast = paced
+            .samples
+            .iter()
+            .map(|s| (s.t, s.forecast_rpm))
+            .collect();
         svg.push_str(&polyline(forecast, "#9467bd", 1.5, "3 3"));
         svg.push('\n');
         legend.push(("#9467bd".into(), "Holt forecast (+1 min)".into(), "3 3"));

@@ -88,9 +88,14 @@ impl Config {
         // With a board, what is left in the buckets is spent evenly over the horizon on top
         // of the refill rate, instead of in one burst.
         let headroom = self.board.as_ref().and_then(|b| b.headroom(key, group));
-        let remaining = |b: Option<crate::quota::BucketHeadroom>| b.map_or(0.0, |b| b.remaining as f64);
+        let remaining =
+            |b: Option<crate::quota::BucketHeadroom>| b.map_or(0.0, |b| b.remaining as f64);
         let remaining = headroom.map_or([0.0; 3], |h| {
-            [remaining(h.requests), remaining(h.input_tokens), remaining(h.output_tokens)]
+            [
+                remaining(h.requests),
+                remaining(h.input_tokens),
+                remaining(h.output_tokens),
+            ]
         });
         let horizon = self.forecaster.horizon().as_secs_f64().max(1.0);
         let mut spacing = 0.0f64;
