@@ -189,7 +189,7 @@ fn build(
     };
     let pacing = PacingLayer::new(forecaster.clone()).limits(group.clone(), config.limits);
     let pacing_on_board = pacing.clone().board(board.clone());
-    let boxed = |r: http::Response<_>| r.map(|b: _| BodyExt::boxed_unsync(b));
+    let boxed = |r: http::Response<_>| r.map(BodyExt::boxed_unsync);
     match strategy {
         Strategy::NoLimiter => BoxCloneService::new(
             ServiceBuilder::new()

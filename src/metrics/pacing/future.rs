@@ -24,13 +24,8 @@ pub struct ResponseFuture<S, F> {
 
 #[pin_project(project = StateProj)]
 enum State<S, F> {
-    Sleeping {
-        #[pin]
-        sleep: Sleep,
-        delay: Duration,
-        service: Option<S>,
-        request: Option<Request<RequestBody>>,
-    },
+    /// Boxed: only paced requests pay for the allocation.
+    Sleeping(Box<Sleeping<S>>),
     Calling {
         #[pin]
         fut: F,
@@ -38,10 +33,17 @@ enum State<S, F> {
     },
 }
 
+struct Sleeping<S> {
+    sleep: Pin<Box<Sleep>>,
+    delay: Duration,
+    service: Option<S>,
+    request: Option<Request<RequestBody>>,
+}
+
 impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Sleeping { .. } => "sleeping",
+            State::Sleeping(_) => "sleeping",
             State::Calling { .. } => "calling",
         };
         f.debug_struct("ResponseFuture")
@@ -68,12 +70,12 @@ impl<S, F> ResponseFuture<S, F> {
 
     pub(crate) fn sleeping(delay: Duration, service: S, request: Request<RequestBody>) -> Self {
         Self {
-            state: State::Sleeping {
-                sleep: tokio::time::sleep(delay),
+            state: State::Sleeping(Box::new(Sleeping {
+                sleep: Box::pin(tokio::time::sleep(delay)),
                 delay,
                 service: Some(service),
                 request: Some(request),
-            },
+            })),
         }
     }
 }
@@ -88,16 +90,12 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project().state.project() {
-                StateProj::Sleeping {
-                    sleep,
-                    delay,
-                    service,
-                    request,
-                } => {
-                    ready!(sleep.poll(cx));
-                    let delay = *delay;
+                StateProj::Sleeping(sleeping) => {
+                    ready!(sleeping.sleep.as_mut().poll(cx));
+                    let delay = sleeping.delay;
                     // The service was made ready by the caller's `poll_ready` before `call`.
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    let (Some(mut service), Some(request)) =
+                        (sleeping.service.take(), sleeping.request.take())
                     else {
                         return Poll::Ready(Err("pacing future polled after completion".into()));
                     };
