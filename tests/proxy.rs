@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tower_claude::anthropic::{ApiError, ApiErrorKind, RateLimitSnapshot, StreamTracker, Usage};
 use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
-use tower_claude::testing::{MockClaude, MockLimits};
+use tower_claude::testing::MockClaude;
 
 type TestClient = Client<HttpConnector, Full<Bytes>>;
 

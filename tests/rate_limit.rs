@@ -520,7 +520,12 @@ struct Outcome {
 
 /// 10 simulated minutes at 3x the output quota: half the requests stream. Returns what the
 /// client saw and the upstream's view.
-async fn workload(configured: bool) -> (Outcome, tower_claude::testing::MockStats, Duration) {
+/// `nodes` independent limiters (each with its own board, like proxy nodes without a shared
+/// backend) share the key; requests are spread round-robin over them.
+async fn workload(
+    configured: bool,
+    nodes: usize,
+) -> (Outcome, tower_claude::testing::MockStats, Duration) {
     let limits = MockLimits {
         rpm: 50,
         itpm: 30_000,
@@ -532,11 +537,21 @@ async fn workload(configured: bool) -> (Outcome, tower_claude::testing::MockStat
         .latency(Duration::from_millis(400), Duration::from_millis(4))
         .output_tokens(200)
         .build();
-    let mut layer = RateLimitLayer::new().max_wait(Duration::from_secs(60));
-    if configured {
-        layer = layer.limits(haiku(), Limits::new(50, 30_000, 8_000));
-    }
-    let svc = ServiceBuilder::new().layer(layer).service(mock.clone());
+    let services: Vec<_> = (0..nodes)
+        .map(|_| {
+            // Several nodes without a shared backend each declare their share.
+            let board = QuotaBoard::builder()
+                .local_share(1.0 / nodes as f64)
+                .build();
+            let mut layer = RateLimitLayer::new()
+                .board(board)
+                .max_wait(Duration::from_secs(60));
+            if configured {
+                layer = layer.limits(haiku(), Limits::new(50, 30_000, 8_000));
+            }
+            ServiceBuilder::new().layer(layer).service(mock.clone())
+        })
+        .collect();
     let outcome = Arc::new(Mutex::new(Outcome::default()));
     // Binding limit: output, 8 000 / 200 = 40 answers a minute. Offer 120 a minute.
     let duration = Duration::from_secs(600);
@@ -544,7 +559,7 @@ async fn workload(configured: bool) -> (Outcome, tower_claude::testing::MockStat
     let mut tasks = Vec::new();
     let mut i = 0u64;
     while start.elapsed() < duration {
-        let svc = svc.clone();
+        let svc = services[i as usize % nodes].clone();
         let outcome = outcome.clone();
         let stream = i % 2 == 0;
         i += 1;
@@ -611,7 +626,7 @@ fn utilisation(o: &Outcome, start: Instant, from: u64, to: u64) -> f64 {
 
 async fn run_workload(configured: bool) -> (Outcome, f64, f64, u64) {
     let start = Instant::now();
-    let (o, stats, _) = workload(configured).await;
+    let (o, stats, _) = workload(configured, 1).await;
     // Steady state: minutes 1 to 10 (the first minute also spends the initial full bucket).
     let steady = utilisation(&o, start, 60, 600);
     let whole = utilisation(&o, start, 0, 600);
@@ -655,4 +670,192 @@ async fn workload_at_3x_quota_with_learned_limits_stays_under_one_percent_429() 
         o.upstream_429
     );
     assert!(steady >= 0.95, "utilisation {steady}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn workload_on_two_nodes_with_declared_local_shares_stays_under_one_percent_429() {
+    let (o, stats, elapsed) = workload(false, 2).await;
+    let sent = o.ok + o.upstream_429;
+    let total_out = stats
+        .output_tokens
+        .get("claude-haiku-4-5")
+        .copied()
+        .unwrap_or(0);
+    // Everything the upstream could deliver in the run: one full bucket plus the refill.
+    let possible = 8_000.0 * (1.0 + elapsed.as_secs_f64() / 60.0);
+    println!(
+        "workload[2 nodes, learned, share 0.5 each]: sent upstream {sent}, 429 {} ({:.2} %), queue_timeouts {}; \
+         output delivered {total_out} = {:.1} % of the possible {possible:.0}",
+        o.upstream_429,
+        100.0 * o.upstream_429 as f64 / sent.max(1) as f64,
+        o.queue_timeouts,
+        100.0 * total_out as f64 / possible,
+    );
+    assert!((o.upstream_429 as f64) < 0.01 * sent as f64);
+    assert!(total_out as f64 >= 0.95 * possible);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_refunds_first_then_takes_the_servers_view() {
+    let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        )));
+        *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let b = |limit: u64, remaining: u64| BucketSnapshot {
+            limit: Some(limit),
+            remaining: Some(remaining),
+            reset: Some(SystemTime::now()),
+        };
+        // Someone else used the key: 2 000 output tokens left on the server.
+        RateLimitSnapshot {
+            requests: b(100, 90),
+            tokens: BucketSnapshot::default(),
+            input_tokens: b(100_000, 90_000),
+            output_tokens: b(8_000, 2_000),
+        }
+        .write_headers(r.headers_mut());
+        Ok::<_, BoxError>(r)
+    });
+    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(100, 100_000, 8_000));
+    let board = layer.quota_board().clone();
+    let svc = ServiceBuilder::new().layer(layer).service(upstream);
+    let resp = svc.oneshot(messages(5_000, false)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // The refused request's 5 000 reserved tokens were refunded, and the level then capped at
+    // the server's view (not 2 000 + 5 000).
+    assert_eq!(output_remaining(&board), 2_000);
+}
+
+/// Ready on the first `poll_ready` only (shared by clones), never woken after.
+#[derive(Clone)]
+struct ReadyOnce {
+    polls: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<RequestBody>> for ReadyOnce {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _req: Request<RequestBody>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(Response::new(json_usage(10, 10))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_granted_to_a_request_never_sent_is_refunded_when_it_is_dropped() {
+    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(100, 100_000, 1_000));
+    let board = layer.quota_board().clone();
+    let held = board
+        .try_acquire(&key(), &haiku(), Cost::new(1, 0, 1_000))
+        .unwrap();
+    let inner = ReadyOnce {
+        polls: Arc::default(),
+        calls: Arc::default(),
+    };
+    let calls = inner.calls.clone();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    // Queued behind `held`; granted by its refund; then the inner service is not ready.
+    let pending = tokio::spawn(tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.oneshot(messages(500, false)),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    held.refund();
+    let timed_out = pending.await.unwrap();
+    assert!(
+        timed_out.is_err(),
+        "{:?}",
+        timed_out.map(|r| r.map(|resp| resp.status()))
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let status = board.statuses().remove(0);
+    assert_eq!(status.in_flight, 0);
+    assert_eq!(status.headroom.output_tokens.unwrap().remaining, 1_000);
+    assert_eq!(status.headroom.requests.unwrap().remaining, 100);
+}
+
+/// Both layers in front of a hyper client talking to MockClaude over real loopback HTTP:
+/// streams hold their concurrency permit and their reservation until the body ends.
+#[tokio::test(start_paused = true)]
+async fn stacked_layers_over_loopback_http() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let mock = MockClaude::builder()
+        .limits(
+            "claude-haiku-4-5",
+            MockLimits {
+                rpm: 5,
+                itpm: 100_000,
+                otpm: 100_000,
+            },
+        )
+        .latency(Duration::from_millis(200), Duration::from_millis(10))
+        .output_tokens(50)
+        .build();
+    let (addr, server) = mock.serve_on_loopback().await.unwrap();
+    let client: Client<_, RequestBody> = Client::builder(TokioExecutor::new()).build_http();
+    let rate = RateLimitLayer::new().limits(haiku(), Limits::new(5, 100_000, 100_000));
+    let board = rate.quota_board().clone();
+    let conc = ConcurrencyLayer::new(2);
+    let handle = conc.handle();
+    let svc = ServiceBuilder::new()
+        .layer(rate)
+        .layer(conc)
+        .service(client);
+
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let req = Request::post(format!("http://{addr}/v1/messages"))
+                    .header("x-api-key", API_KEY)
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(body("claude-haiku-4-5", 256, i % 2 == 0, 20))
+                    .unwrap();
+                let resp = svc.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, bytes)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (status, bytes) = t.await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    let stats = mock.stats();
+    assert_eq!(stats.rate_limited, 0);
+    assert_eq!(stats.accepted, 8);
+    assert!(stats.max_in_flight <= 2, "{}", stats.max_in_flight);
+    // 5 per minute: the last 3 waited for refill (12 s each).
+    assert!(
+        start.elapsed() >= Duration::from_secs(36),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(handle.in_flight(), 0);
+    let status = board.statuses().remove(0);
+    assert_eq!(status.in_flight, 0);
+    assert!(status.last_snapshot.is_some());
+    server.abort();
 }

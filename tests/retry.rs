@@ -1,5 +1,6 @@
-//! Service-level tests of `RetryLayer` (paused time): classification, server delays, the
-//! deadline, the budget, streams, and a 1,000-task batch against a simulator.
+//! Service-level tests of `RetryLayer` (paused time): classification, server delays, pacing,
+//! the deadline, the budget, streams, and a 1,000-task batch against `MockClaude` (feature
+//! `testing`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,7 @@ fn status(code: u16) -> Step {
 #[derive(Clone, Debug)]
 struct Seen {
     at: Instant,
+    task: Option<String>,
     attempt: Option<String>,
     deadline: Option<Deadline>,
 }
@@ -104,6 +106,10 @@ impl Service<Request<RequestBody>> for Fake {
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         self.seen.lock().unwrap().push(Seen {
             at: Instant::now(),
+            task: req
+                .headers()
+                .get("x-task")
+                .map(|v| v.to_str().unwrap().to_string()),
             attempt: req
                 .headers()
                 .get("x-tower-claude-attempt")
@@ -257,7 +263,7 @@ async fn inner_errors_are_retried_then_reported_with_source() {
         Some("connection refused")
     );
 
-    let fake = Fake::new(std::iter::repeat_n(Step::Fail, 10));
+    let fake = Fake::new(std::iter::once(status(529)).chain(std::iter::repeat_n(Step::Fail, 10)));
     let err = send(layer().max_attempts(3), &fake, messages(BODY))
         .await
         .unwrap_err();
@@ -269,6 +275,9 @@ async fn inner_errors_are_retried_then_reported_with_source() {
         std::error::Error::source(err).unwrap().to_string(),
         "connection refused"
     );
+    // The last HTTP answer seen is reported too.
+    assert_eq!(err.last_status().map(|s| s.as_u16()), Some(529));
+    assert_eq!(err.message(), Some("Overloaded"));
     assert_eq!(fake.attempts(), 3);
 
     // A predicate can refuse to retry some errors.
@@ -593,6 +602,45 @@ async fn deadline_stops_at_once_instead_of_sleeping_past_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn extreme_settings_do_not_panic() {
+    let huge = RetryLayer::new()
+        .seed(1)
+        .max_attempts(0)
+        .max_delay(Duration::MAX)
+        .deadline(Duration::MAX)
+        .base_delay(Duration::MAX)
+        .max_backoff(Duration::MAX)
+        .spread(Duration::MAX);
+    let fake = Fake::new([Step::Reply(
+        429,
+        vec![
+            ("retry-after", "99999999999".into()),
+            ("anthropic-ratelimit-requests-limit", "1".into()),
+        ],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )]);
+    // max_attempts(0) means one attempt.
+    let (resp, info) = send(huge.clone(), &fake, messages(BODY)).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(info.unwrap().attempts(), 1);
+
+    let fake = Fake::new([
+        status(529),
+        Step::Reply(
+            429,
+            vec![("retry-after", "99999999999".into())],
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        ),
+    ]);
+    let mut req = messages(BODY);
+    req.extensions_mut().insert(Deadline::after(Duration::MAX));
+    let (resp, info) = send(huge.max_attempts(3), &fake, req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Every wait was capped at one day.
+    assert!(info.unwrap().total_wait() <= Duration::from_secs(2 * 24 * 3600));
+}
+
+#[tokio::test(start_paused = true)]
 async fn budget_holds_under_a_total_failure_storm() {
     let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.2);
     let fake = Fake::new(std::iter::repeat_n(status(529), 100_000));
@@ -666,6 +714,15 @@ async fn stream_error_after_content_passes_through() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_json_answer_to_a_streaming_request_is_not_held_back() {
+    let fake = Fake::new([ok()]);
+    let (resp, info) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(info.unwrap().attempts(), 1);
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn without_hold_back_stream_errors_are_not_retried() {
     let fake = Fake::new([Step::Stream(vec![SSE_START, SSE_ERROR], false)]);
     let (resp, _) = send(
@@ -709,6 +766,16 @@ mod deadline_property {
                 vec![("retry-after", s.to_string())],
                 r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
             )),
+            // A 429 with limits: paced.
+            (0u64..5, 1u64..120).prop_map(|(s, rpm)| Step::Reply(
+                429,
+                vec![
+                    ("retry-after", s.to_string()),
+                    ("anthropic-ratelimit-requests-limit", rpm.to_string()),
+                    ("anthropic-ratelimit-requests-remaining", "0".to_string()),
+                ],
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+            )),
             (0u64..20_000).prop_map(|ms| Step::Reply(
                 529,
                 vec![("retry-after-ms", ms.to_string())],
@@ -723,15 +790,16 @@ mod deadline_property {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever the upstream says, no wait crosses the deadline: every retry starts before
-        /// it, and the layer answers no later than the deadline plus one attempt's latency.
+        /// Whatever the upstream says, and however requests share the layer's pacing, no wait
+        /// crosses a request's deadline: every attempt after the first starts no later than
+        /// the deadline (the first is always sent, at once when its pacing slot would be
+        /// late), and each request is answered no later than its deadline plus one attempt.
         #[test]
         fn no_wait_crosses_the_deadline(
-            steps in proptest::collection::vec(step(), 1..12),
-            deadline_ms in 0u64..120_000,
+            steps in proptest::collection::vec(step(), 1..16),
+            tasks in proptest::collection::vec((0u64..120_000, 0u64..3_000, any::<bool>()), 1..5),
             latency_ms in 0u64..2_000,
             seed in any::<u64>(),
-            per_request in any::<bool>(),
         ) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -741,24 +809,315 @@ mod deadline_property {
             rt.block_on(async move {
                 let mut fake = Fake::new(steps);
                 fake.latency = Duration::from_millis(latency_ms);
-                let start = Instant::now();
-                let deadline = start + Duration::from_millis(deadline_ms);
-                let mut req = messages(BODY);
                 let layer = RetryLayer::new().seed(seed).max_attempts(12);
-                let layer = if per_request {
-                    req.extensions_mut().insert(Deadline::at(deadline));
-                    layer
-                } else {
-                    layer.deadline(Duration::from_millis(deadline_ms))
-                };
-                let _ = layer.layer(fake.clone()).oneshot(req).await;
-                let end = Instant::now();
-                for seen in &fake.seen()[1..] {
-                    prop_assert!(seen.at <= deadline, "a retry started after the deadline");
+                let mut handles = Vec::new();
+                for (i, (deadline_ms, start_ms, per_request)) in tasks.iter().copied().enumerate() {
+                    let deadline = Duration::from_millis(deadline_ms);
+                    // Per-request deadlines, or the layer's default (a layer of its own, sharing
+                    // nothing), on requests that start at different times.
+                    let svc = if per_request {
+                        layer.layer(fake.clone())
+                    } else {
+                        layer.clone().deadline(deadline).layer(fake.clone())
+                    };
+                    handles.push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(start_ms)).await;
+                        let start = Instant::now();
+                        let mut req = messages(BODY);
+                        req.headers_mut().insert("x-task", i.to_string().parse().unwrap());
+                        if per_request {
+                            req.extensions_mut().insert(Deadline::at(start + deadline));
+                        }
+                        let _ = svc.oneshot(req).await;
+                        (start, start + deadline, Instant::now())
+                    }));
                 }
-                prop_assert!(end <= deadline.max(start) + fake.latency);
+                let mut ends = Vec::new();
+                for h in handles {
+                    ends.push(h.await.unwrap());
+                }
+                let seen = fake.seen();
+                for (i, (start, deadline, end)) in ends.into_iter().enumerate() {
+                    let attempts: Vec<Instant> = seen
+                        .iter()
+                        .filter(|s| s.task.as_deref() == Some(i.to_string().as_str()))
+                        .map(|s| s.at)
+                        .collect();
+                    prop_assert!(!attempts.is_empty());
+                    for at in &attempts {
+                        prop_assert!(*at <= deadline.max(start), "an attempt started after the deadline");
+                    }
+                    prop_assert!(end <= deadline.max(start) + fake.latency);
+                }
                 Ok(())
             })?;
         }
+    }
+}
+
+/// The same classifications against the simulator's real envelopes and headers.
+#[cfg(feature = "testing")]
+mod simulator {
+    use super::*;
+    use tower_claude::testing::{Fault, MockClaude};
+
+    fn mock() -> MockClaude {
+        MockClaude::builder().seed(3).build()
+    }
+
+    async fn call(
+        layer: RetryLayer,
+        mock: &MockClaude,
+        body: &'static str,
+    ) -> Result<(Response<Bytes>, RetryInfo), BoxError> {
+        let resp = layer.layer(mock.clone()).oneshot(messages(body)).await?;
+        let (parts, body) = resp.into_parts();
+        let info = parts.extensions.get::<RetryInfo>().cloned().unwrap();
+        let bytes = body.collect().await?.to_bytes();
+        Ok((Response::from_parts(parts, bytes), info))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_faults_are_retried_and_rate_limits_waited_for() {
+        let mock = mock();
+        for fault in [
+            Fault::Overloaded,
+            Fault::ServerError,
+            Fault::RateLimited {
+                retry_after: Duration::from_secs(3),
+            },
+            Fault::Status(503),
+            Fault::Status(408),
+        ] {
+            mock.push_fault(fault);
+        }
+        let (resp, info) = call(layer(), &mock, BODY).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(info.attempts(), 6);
+        assert!(info.total_wait() >= Duration::from_secs(3));
+        assert_eq!(mock.stats().by_status.get(&200), Some(&1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_errors_and_the_spend_cap_are_not_retried() {
+        let mock = mock();
+        mock.push_fault(Fault::Status(400));
+        let (resp, info) = call(layer(), &mock, BODY).await.unwrap();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(info.outcome(), RetryOutcome::NotRetryable);
+
+        mock.push_fault(Fault::SpendCap);
+        let err = call(layer(), &mock, BODY).await.unwrap_err();
+        let err = err.downcast_ref::<RetryError>().unwrap();
+        assert_eq!(err.kind(), RetryErrorKind::SpendLimit);
+        assert_eq!(
+            err.api_error().unwrap().error_code(),
+            Some("enforced_spend_limit_reached")
+        );
+        assert!(err.request_id().is_some());
+        assert_eq!(mock.stats().received, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_failing_after_content_is_forwarded_as_it_is() {
+        let mock = mock();
+        mock.push_fault(Fault::MidStreamError);
+        let (resp, info) = call(layer(), &mock, STREAM_BODY).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(info.attempts(), 1);
+        let text = std::str::from_utf8(resp.body()).unwrap();
+        assert!(text.contains("content_block_delta"), "{text}");
+        assert!(text.contains("event: error"), "{text}");
+        assert_eq!(mock.stats().received, 1);
+    }
+}
+
+/// 1,000 tasks against the simulator with 10 % 529s and a tight quota: this layer loses none;
+/// an SDK-like policy (2 retries, server delay honoured up to 60 s, else
+/// `min(0.5 * 2^n, 8)` s shortened by up to 25 %) measured on an identical simulator loses
+/// some.
+#[cfg(feature = "testing")]
+mod batch {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower_claude::testing::{MockBody, MockClaude, MockLimits};
+
+    const TASKS: usize = 1000;
+
+    /// The simulator: 10 % 529s, answers of 100 tokens in about 0.7 s, and `rpm` requests per
+    /// minute for the group.
+    fn simulator(rpm: u64) -> MockClaude {
+        MockClaude::builder()
+            .limits(
+                "claude-sonnet-4-6",
+                MockLimits {
+                    rpm,
+                    itpm: 400_000,
+                    otpm: 120_000,
+                },
+            )
+            .seed(2026)
+            .overloaded_rate(0.1)
+            .latency(Duration::from_millis(200), Duration::from_millis(5))
+            .output_tokens(100)
+            .build()
+    }
+
+    fn task(i: usize) -> Request<RequestBody> {
+        let stream = i % 4 == 0;
+        let body = format!(
+            r#"{{"model":"claude-sonnet-4-6","max_tokens":150,"stream":{stream},"messages":[{{"role":"user","content":"Task {i}: write a function that adds two numbers."}}]}}"#
+        );
+        Request::post("https://api.anthropic.com/v1/messages")
+            .header("x-api-key", "sk-ant-batch")
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(RequestBody::from(body))
+            .unwrap()
+    }
+
+    /// Whether a response is a finished task: 200 and a complete body.
+    async fn finished<B>(resp: Response<B>) -> bool
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        if resp.status() != StatusCode::OK {
+            return false;
+        }
+        match resp.into_body().collect().await {
+            Ok(body) => {
+                let body = body.to_bytes();
+                let text = String::from_utf8_lossy(&body);
+                text.contains("message_stop") || text.contains(r#""type":"message""#)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Runs `TASKS` tasks on `workers` workers; returns how many were lost.
+    async fn run_batch<F, Fut>(workers: usize, one: F) -> usize
+    where
+        F: Fn(usize) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
+        let next = Arc::new(AtomicUsize::new(0));
+        let lost = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..workers)
+            .map(|_| {
+                let (next, lost, one) = (next.clone(), lost.clone(), one.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= TASKS {
+                            break;
+                        }
+                        if !one(i).await {
+                            lost.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        lost.load(Ordering::SeqCst)
+    }
+
+    /// The official SDKs' policy, as a reference loop.
+    async fn sdk_like(
+        mock: MockClaude,
+        req: Request<RequestBody>,
+        rng: Arc<Mutex<fastrand::Rng>>,
+    ) -> bool {
+        let (parts, body) = req.into_parts();
+        for retries in 0..=2u32 {
+            let mut attempt = Request::new(body.clone());
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = parts.uri.clone();
+            *attempt.headers_mut() = parts.headers.clone();
+            let resp: Response<MockBody> = match mock.clone().oneshot(attempt).await {
+                Ok(resp) => resp,
+                Err(_) => continue,
+            };
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            if status.is_success() {
+                return finished(resp).await;
+            }
+            let retry = match headers.get("x-should-retry").and_then(|v| v.to_str().ok()) {
+                Some("true") => true,
+                Some("false") => false,
+                _ => matches!(status.as_u16(), 408 | 409 | 429) || status.as_u16() >= 500,
+            };
+            if !retry || retries == 2 {
+                return false;
+            }
+            let server = tower_claude::anthropic::retry_after(&headers, SystemTime::now())
+                .filter(|d| !d.is_zero() && *d <= Duration::from_secs(60));
+            let delay = server.unwrap_or_else(|| {
+                let jitter = 1.0 - 0.25 * rng.lock().unwrap().f64();
+                Duration::from_secs_f64((0.5 * 2f64.powi(retries as i32)).min(8.0) * jitter)
+            });
+            tokio::time::sleep(delay).await;
+        }
+        false
+    }
+
+    /// Runs the batch with both policies on identical simulators; returns (ours, sdk) lost.
+    async fn compare(workers: usize, rpm: u64) -> (usize, usize) {
+        let reference = simulator(rpm);
+        let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(11)));
+        let start = Instant::now();
+        let sdk_lost = {
+            let mock = reference.clone();
+            run_batch(workers, move |i| {
+                sdk_like(mock.clone(), task(i), rng.clone())
+            })
+            .await
+        };
+        let sdk_time = start.elapsed();
+
+        let mock = simulator(rpm);
+        let svc = RetryLayer::new().seed(11).layer(mock.clone());
+        let start = Instant::now();
+        let ours_lost = run_batch(workers, move |i| {
+            let svc = svc.clone();
+            async move {
+                match svc.oneshot(task(i)).await {
+                    Ok(resp) => finished(resp).await,
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        let ours_time = start.elapsed();
+        let (sdk_stats, our_stats) = (reference.stats(), mock.stats());
+        println!(
+            "{TASKS} tasks, {workers} workers, {rpm} RPM, 10% 529s: RetryLayer lost {ours_lost} \
+             ({:.0?} simulated, {} upstream calls, statuses {:?}); SDK-like policy lost \
+             {sdk_lost} ({:.0?} simulated, {} upstream calls, statuses {:?})",
+            ours_time,
+            our_stats.received,
+            our_stats.by_status,
+            sdk_time,
+            sdk_stats.received,
+            sdk_stats.by_status,
+        );
+        assert_eq!(our_stats.accepted as usize, TASKS - ours_lost);
+        (ours_lost, sdk_lost)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thousand_tasks_none_lost_versus_sdk_like_policy() {
+        // 32 workers want about 2,700 requests a minute from a 600 RPM quota.
+        let (ours, sdk) = compare(32, 600).await;
+        assert_eq!(ours, 0);
+        assert!(sdk > 0, "the reference policy should lose tasks here");
+        // 16 workers on 100 RPM: a quota fourteen times too small.
+        let (ours, sdk) = compare(16, 100).await;
+        assert_eq!(ours, 0);
+        assert!(sdk > 0, "the reference policy should lose tasks here");
     }
 }

@@ -35,7 +35,12 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// **Unknown limits.** Without configured limits for a group, the first request of a
 /// `(key, group)` is sent alone as a probe; the limits in its response headers then create the
 /// buckets. If the response carries no rate-limit headers at all, that `(key, group)` is not
-/// limited.
+/// limited. Processes sharing a key without a shared backend each declare their part of the
+/// learned limits with [`QuotaBoardBuilder::local_share`].
+///
+/// **The server's view.** Every response's `anthropic-ratelimit-*` headers lower local levels
+/// that are above the server's `remaining` (other clients of the organisation use the same
+/// quota); they never raise them.
 ///
 /// **Memory.** Entries that are idle (no waiter, nothing in flight, every bucket full) for the
 /// idle timeout (5 minutes by default) are evicted, amortised over insertions.
@@ -104,20 +109,30 @@ impl Default for QuotaBoard {
 ///     .limits(RateLimitGroup::new("claude-opus-4"), Limits::new(50, 30_000, 8_000))
 ///     .default_limits(Limits::new(50, 50_000, 10_000))
 ///     .idle_timeout(Duration::from_secs(60))
+///     .local_share(0.5) // one of two processes sharing the key
 ///     .build();
 /// assert_eq!(board.limits(&RateLimitGroup::new("other")), Some(Limits::new(50, 50_000, 10_000)));
 /// ```
 #[derive(Debug, Clone)]
 pub struct QuotaBoardBuilder {
     limits: HashMap<RateLimitGroup, Limits>,
+    key_limits: HashMap<(KeyId, RateLimitGroup), Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
+    local_share: f64,
 }
 
 impl QuotaBoardBuilder {
     /// Configured limits for `group` (for every key).
     pub fn limits(mut self, group: RateLimitGroup, limits: Limits) -> Self {
         self.limits.insert(group, limits);
+        self
+    }
+
+    /// Configured limits for one key in `group` (keys of different usage tiers); they take
+    /// precedence over the group's.
+    pub fn key_limits(mut self, key: KeyId, group: RateLimitGroup, limits: Limits) -> Self {
+        self.key_limits.insert((key, group), limits);
         self
     }
 
@@ -134,13 +149,24 @@ impl QuotaBoardBuilder {
         self
     }
 
+    /// The part of a *learned* limit this board may use, in `(0, 1]` (1 by default). When
+    /// several processes share an API key without a shared backend, give each its share (two
+    /// proxy nodes: 0.5) so that together they stay under the key's limits. Configured limits
+    /// are used as given.
+    pub fn local_share(mut self, share: f64) -> Self {
+        self.local_share = share;
+        self
+    }
+
     /// Builds the board with the in-process backend.
     pub fn build(self) -> QuotaBoard {
         QuotaBoard {
             backend: Backend::Local(Arc::new(LocalBackend::new(
                 self.limits,
+                self.key_limits,
                 self.default_limits,
                 self.idle_timeout,
+                self.local_share,
             ))),
         }
     }
@@ -156,8 +182,10 @@ impl QuotaBoard {
     pub fn builder() -> QuotaBoardBuilder {
         QuotaBoardBuilder {
             limits: HashMap::new(),
+            key_limits: HashMap::new(),
             default_limits: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            local_share: 1.0,
         }
     }
 
@@ -166,6 +194,13 @@ impl QuotaBoard {
     pub fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
         match &self.backend {
             Backend::Local(b) => b.set_limits(group, limits),
+        }
+    }
+
+    /// Sets the configured limits of one key in `group` (over the group's limits).
+    pub fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        match &self.backend {
+            Backend::Local(b) => b.set_key_limits(key, group, limits),
         }
     }
 
@@ -179,7 +214,14 @@ impl QuotaBoard {
     /// The configured limits of `group` (`None`: learned from headers).
     pub fn limits(&self, group: &RateLimitGroup) -> Option<Limits> {
         match &self.backend {
-            Backend::Local(b) => b.limits(group),
+            Backend::Local(b) => b.limits(None, group),
+        }
+    }
+
+    /// The configured limits of `key` in `group`: its own, else the group's.
+    pub fn key_limits(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
+        match &self.backend {
+            Backend::Local(b) => b.limits(Some(key), group),
         }
     }
 
@@ -263,7 +305,8 @@ impl QuotaBoard {
     /// Re-seeds `(key, group)` from a response's rate-limit headers: learns limits that are not
     /// configured, and lowers local levels to the server's `remaining` (the server also sees
     /// other clients of the organisation). A token `remaining` of `R` is rounded down by the
-    /// server, so it only lowers a level above `R + 999`; levels are never raised from headers.
+    /// server (the truth is in `[R, R + 999]`): it only lowers a level above `R + 999`, and
+    /// then to `R`. Levels are never raised from headers.
     pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
         match &self.backend {
             Backend::Local(b) => b.observe(key, group, snapshot),

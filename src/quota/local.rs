@@ -77,6 +77,21 @@ struct Slot {
     configured: bool,
 }
 
+impl Slot {
+    fn new(bucket: TokenBucket, configured: bool) -> Self {
+        Self { bucket, configured }
+    }
+
+    /// Re-seeds from a server `remaining` of `r`, exact within `rounding` above.
+    fn observe_remaining(&mut self, r: u64, rounding: u64, now: Instant) {
+        // Only a level above the range proves that someone else used the quota; the bucket
+        // is contended then, so take the low end.
+        if self.bucket.level(now) > r.saturating_add(rounding) as f64 {
+            self.bucket.lower_to(r, now);
+        }
+    }
+}
+
 #[derive(Debug)]
 enum WaitState {
     Waiting,
@@ -108,12 +123,9 @@ struct Entry {
 impl Entry {
     fn new(limits: Option<Limits>, now: Instant) -> Self {
         let slots = match limits {
-            Some(l) => l.as_array().map(|cap| {
-                Some(Slot {
-                    bucket: TokenBucket::per_minute(cap, now),
-                    configured: true,
-                })
-            }),
+            Some(l) => l
+                .as_array()
+                .map(|cap| Some(Slot::new(TokenBucket::per_minute(cap, now), true))),
             None => [None, None, None],
         };
         Self {
@@ -134,12 +146,7 @@ impl Entry {
                     s.bucket.set_capacity(cap, now);
                     s.configured = true;
                 }
-                None => {
-                    *slot = Some(Slot {
-                        bucket: TokenBucket::per_minute(cap, now),
-                        configured: true,
-                    })
-                }
+                None => *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), true)),
             }
         }
     }
@@ -246,7 +253,9 @@ impl Entry {
         self.last_used = now;
     }
 
-    fn observe(&mut self, snap: &RateLimitSnapshot, now: Instant) {
+    /// `share`: the part of a learned limit this board may use (see
+    /// `QuotaBoardBuilder::local_share`).
+    fn observe(&mut self, snap: &RateLimitSnapshot, share: f64, now: Instant) {
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
             let rounding = if i == REQUESTS { 0 } else { TOKEN_ROUNDING };
@@ -254,28 +263,28 @@ impl Entry {
                 Some(s) => {
                     if !s.configured {
                         if let Some(limit) = view.limit {
+                            let limit = shared(limit, share);
                             if limit != s.bucket.capacity() {
                                 s.bucket.set_capacity(limit, now);
                             }
                         }
                     }
                     if let Some(r) = view.remaining {
-                        // Never raise our level from the server's view: it cannot see our
-                        // reservations that are still in flight.
-                        s.bucket.lower_to(r.saturating_add(rounding), now);
+                        // Never raise our level from the server's view (it cannot see our
+                        // reservations still in flight). A rounded token count `R` means a
+                        // true level in `[R, R + 999]`: only a level above that range proves
+                        // that someone else used the quota.
+                        s.observe_remaining(r, rounding, now);
                     }
                 }
                 None => {
                     if let Some(limit) = view.limit {
-                        let mut bucket = TokenBucket::per_minute(limit, now);
+                        let mut bucket = TokenBucket::per_minute(shared(limit, share), now);
                         if let Some(r) = view.remaining {
                             // A fresh bucket starts from the low end of the rounded value.
                             bucket.set_level(r, now);
                         }
-                        *slot = Some(Slot {
-                            bucket,
-                            configured: false,
-                        });
+                        *slot = Some(Slot::new(bucket, false));
                     }
                 }
             }
@@ -381,19 +390,40 @@ impl Entry {
 struct State {
     entries: HashMap<EntryKey, Entry>,
     group_limits: HashMap<RateLimitGroup, Limits>,
+    /// Limits of one key (keys of different tiers), over the group's.
+    key_limits: HashMap<EntryKey, Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
     next_sweep: usize,
+    /// Part of learned limits this board may use, in `(0, 1]`.
+    share: f64,
 }
 
 const MIN_SWEEP: usize = 1024;
 
+/// `share` of a learned `limit` (at least 1 when the limit is not 0).
+fn shared(limit: u64, share: f64) -> u64 {
+    if share >= 1.0 {
+        return limit;
+    }
+    ((limit as f64 * share).floor() as u64).max(limit.min(1))
+}
+
 impl State {
-    fn limits_for(&self, group: &RateLimitGroup) -> Option<Limits> {
+    fn group_limits_for(&self, group: &RateLimitGroup) -> Option<Limits> {
         self.group_limits
             .get(group)
             .copied()
             .or(self.default_limits)
+    }
+
+    fn limits_for(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
+        if !self.key_limits.is_empty() {
+            if let Some(l) = self.key_limits.get(&(key.clone(), group.clone())) {
+                return Some(*l);
+            }
+        }
+        self.group_limits_for(group)
     }
 
     fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
@@ -402,7 +432,7 @@ impl State {
         {
             self.sweep(now);
         }
-        let limits = self.limits_for(group);
+        let limits = self.limits_for(key, group);
         match self.entries.entry((key.clone(), group.clone())) {
             MapEntry::Occupied(e) => e.into_mut(),
             MapEntry::Vacant(v) => v.insert(Entry::new(limits, now)),
@@ -426,16 +456,24 @@ pub(crate) struct LocalBackend {
 impl LocalBackend {
     pub(crate) fn new(
         group_limits: HashMap<RateLimitGroup, Limits>,
+        key_limits: HashMap<EntryKey, Limits>,
         default_limits: Option<Limits>,
         idle_timeout: Duration,
+        share: f64,
     ) -> Self {
         Self {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 group_limits,
+                key_limits,
                 default_limits,
                 idle_timeout,
                 next_sweep: MIN_SWEEP,
+                share: if share.is_finite() && share > 0.0 {
+                    share.min(1.0)
+                } else {
+                    1.0
+                },
             }),
             next_id: AtomicU64::new(1),
         }
@@ -451,12 +489,28 @@ impl LocalBackend {
         let now = Instant::now();
         let mut st = self.lock();
         st.group_limits.insert(group.clone(), limits);
-        for ((_, g), e) in st.entries.iter_mut() {
-            if *g == group {
+        let State {
+            entries,
+            key_limits,
+            ..
+        } = &mut *st;
+        for (k, e) in entries.iter_mut() {
+            if k.1 == group && !key_limits.contains_key(k) {
                 e.configure(limits, now);
                 e.drain(now, None);
             }
         }
+    }
+
+    pub(crate) fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let k = (key, group);
+        if let Some(e) = st.entries.get_mut(&k) {
+            e.configure(limits, now);
+            e.drain(now, None);
+        }
+        st.key_limits.insert(k, limits);
     }
 
     pub(crate) fn set_default_limits(&self, limits: Limits) {
@@ -466,18 +520,23 @@ impl LocalBackend {
         let State {
             entries,
             group_limits,
+            key_limits,
             ..
         } = &mut *st;
-        for ((_, g), e) in entries.iter_mut() {
-            if !group_limits.contains_key(g) {
+        for (k, e) in entries.iter_mut() {
+            if !group_limits.contains_key(&k.1) && !key_limits.contains_key(k) {
                 e.configure(limits, now);
                 e.drain(now, None);
             }
         }
     }
 
-    pub(crate) fn limits(&self, group: &RateLimitGroup) -> Option<Limits> {
-        self.lock().limits_for(group)
+    pub(crate) fn limits(&self, key: Option<&KeyId>, group: &RateLimitGroup) -> Option<Limits> {
+        let st = self.lock();
+        match key {
+            Some(key) => st.limits_for(key, group),
+            None => st.group_limits_for(group),
+        }
     }
 
     pub(crate) fn try_acquire(
@@ -619,8 +678,9 @@ impl LocalBackend {
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
         let now = Instant::now();
         let mut st = self.lock();
+        let share = st.share;
         let e = st.entry(key, group, now);
-        e.observe(snap, now);
+        e.observe(snap, share, now);
         e.drain(now, None);
     }
 
@@ -635,7 +695,7 @@ impl LocalBackend {
         match st.entries.get(&(key.clone(), group.clone())) {
             Some(e) => Some(f(e, now)),
             None => {
-                let limits = st.limits_for(group)?;
+                let limits = st.limits_for(key, group)?;
                 Some(f(&Entry::new(Some(limits), now), now))
             }
         }

@@ -211,8 +211,8 @@ async fn observe_learns_limits_and_lowers_levels_without_raising() {
     b.observe(&k(), &g(), &snap((50, 10), (30_000, 5_000), (8_000, 1_000)));
     let h = b.headroom(&k(), &g()).unwrap();
     assert_eq!(h.requests.unwrap().remaining, 10);
-    assert_eq!(h.input_tokens.unwrap().remaining, 5_999);
-    assert_eq!(h.output_tokens.unwrap().remaining, 1_999);
+    assert_eq!(h.input_tokens.unwrap().remaining, 5_000);
+    assert_eq!(h.output_tokens.unwrap().remaining, 1_000);
     drop(r2);
     let status = &b.statuses()[0];
     assert!(!status.configured);
@@ -309,4 +309,61 @@ async fn clones_share_one_queue() {
         "second in line jumped the queue"
     );
     assert!(w1.as_mut().poll(&mut cx).is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_share_scales_learned_limits_only() {
+    let b = QuotaBoard::builder().local_share(0.5).build();
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    b.observe(
+        &k(),
+        &g(),
+        &snap((50, 49), (30_000, 29_000), (8_000, 7_000)),
+    );
+    probe.settle(Cost::new(1, 1, 1));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.requests.unwrap().limit, 25);
+    assert_eq!(h.input_tokens.unwrap().limit, 15_000);
+    assert_eq!(h.output_tokens.unwrap().limit, 4_000);
+    assert_eq!(h.output_tokens.unwrap().remaining, 4_000);
+    // The server's remaining still lowers the level when it is below our share.
+    b.observe(&k(), &g(), &snap((50, 3), (30_000, 1_000), (8_000, 0)));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.requests.unwrap().remaining, 3);
+    assert_eq!(h.output_tokens.unwrap().remaining, 0);
+    // Configured limits are used as given.
+    b.set_limits(g(), Limits::new(10, 10_000, 10_000));
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_limits_take_precedence_over_group_limits() {
+    let tier4 = KeyId::named("tier-4");
+    let b = QuotaBoard::builder()
+        .limits(g(), Limits::new(50, 30_000, 8_000))
+        .key_limits(tier4.clone(), g(), Limits::new(4_000, 2_000_000, 400_000))
+        .build();
+    assert_eq!(
+        b.key_limits(&tier4, &g()),
+        Some(Limits::new(4_000, 2_000_000, 400_000))
+    );
+    assert_eq!(
+        b.key_limits(&k(), &g()),
+        Some(Limits::new(50, 30_000, 8_000))
+    );
+    assert!(b.fits_now(&tier4, &g(), &Cost::new(1, 100_000, 100_000)));
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 100_000, 100_000)));
+    // Changing the group's limits leaves the key's alone; changing the key's applies at once.
+    drop(b.try_acquire(&tier4, &g(), Cost::new(1, 0, 0)).unwrap());
+    b.set_limits(g(), Limits::new(10, 10_000, 1_000));
+    assert_eq!(
+        b.headroom(&tier4, &g()).unwrap().requests.unwrap().limit,
+        4_000
+    );
+    b.set_key_limits(tier4.clone(), g(), Limits::new(100, 100_000, 10_000));
+    assert_eq!(
+        b.headroom(&tier4, &g()).unwrap().requests.unwrap().limit,
+        100
+    );
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
 }

@@ -60,6 +60,16 @@ struct Waiting<S> {
     config: Arc<Config>,
 }
 
+impl<S> Drop for Waiting<S> {
+    fn drop(&mut self) {
+        // Quota granted but the request was never sent (the inner service did not become
+        // ready before the future was dropped): give everything back.
+        if let Some(r) = self.reservation.take() {
+            r.refund();
+        }
+    }
+}
+
 impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
@@ -236,14 +246,18 @@ fn on_response<B>(
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
     };
     let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-    if !snapshot.is_empty() {
-        config
-            .board
-            .observe(reservation.key(), reservation.group(), &snapshot);
-    }
+    let (key, group) = (reservation.key().clone(), reservation.group().clone());
     if !parts.status.is_success() {
+        // Refund first: the server's snapshot of a refused request does not include it, so
+        // observing afterwards caps the refunded level at the server's view.
         reservation.settle_rejected();
+        if !snapshot.is_empty() {
+            config.board.observe(&key, &group, &snapshot);
+        }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
+    }
+    if !snapshot.is_empty() {
+        config.board.observe(&key, &group, &snapshot);
     }
     let sse = match parts
         .headers

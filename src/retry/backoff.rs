@@ -30,7 +30,7 @@ use http::HeaderMap;
 use crate::anthropic::{RateLimitSnapshot, header_names, retry_after};
 
 /// The highest penalty level: the backoff base is multiplied by at most `2^4 = 16`.
-pub const MAX_PENALTY_LEVEL: u32 = 4;
+pub(crate) const MAX_PENALTY_LEVEL: u32 = 4;
 
 /// How exponential backoff is randomised when the server gave no delay.
 ///
@@ -213,6 +213,14 @@ pub(crate) struct Delay {
     pub(crate) admission: Option<Duration>,
 }
 
+/// Whether the request needs more than a whole per-minute limit of `headers`.
+fn exceeds_a_limit(headers: &HeaderMap, need: Need) -> bool {
+    let snap = RateLimitSnapshot::from_headers(headers);
+    let over = |limit: Option<u64>, amount: u64| limit.is_some_and(|l| amount > l);
+    over(snap.input_tokens.limit, need.input_tokens)
+        || over(snap.output_tokens.limit, need.output_tokens)
+}
+
 /// Computes the next wait.
 ///
 /// `headers` are those of the failed response (none for a connection error or a mid-stream
@@ -266,7 +274,11 @@ pub(crate) fn next_delay(
     };
     let wait = delay.min(config.max_delay);
     let admission = match (rate_limited, source, headers) {
-        (true, DelaySource::Server | DelaySource::Reset, Some(h)) => {
+        // A request larger than a whole limit is not paced: it would hold every other request
+        // of its key and group behind a slot it may never use.
+        (true, DelaySource::Server | DelaySource::Reset, Some(h))
+            if !exceeds_a_limit(h, state.need) =>
+        {
             Some(admission_interval(h, state.need).map_or(wait, |interval| interval.min(wait)))
         }
         _ => None,
@@ -586,6 +598,25 @@ mod tests {
         );
         assert_eq!(d.source, DelaySource::Server);
         assert_eq!(d.admission, None);
+        // Nor for a request larger than a whole limit.
+        let h = headers(&[
+            ("retry-after", "60"),
+            ("anthropic-ratelimit-input-tokens-limit", "30000"),
+        ]);
+        let mut state = BackoffState::new(Need {
+            input_tokens: 50_000,
+            output_tokens: 100,
+        });
+        let d = next_delay(
+            &BackoffConfig::default(),
+            &mut state,
+            Some(&h),
+            true,
+            0,
+            &mut rng,
+            SystemTime::now(),
+        );
+        assert_eq!(d.admission, None);
     }
 
     #[test]
@@ -608,5 +639,60 @@ mod tests {
             output_tokens: 0,
         };
         assert_eq!(admission_interval(&h, need), Some(Duration::from_secs(60)));
+    }
+
+    mod bounds {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9]{0,12}",
+                "[0-9]{0,4}\\.[0-9]{0,4}",
+                "-?[0-9a-zA-Z ,.:+]{0,30}",
+            ]
+        }
+
+        proptest! {
+            /// Whatever the headers and state, a wait never exceeds `max_delay`, and a valid
+            /// server delay is honoured up to that cap.
+            #[test]
+            fn waits_are_capped_and_server_delays_honoured(
+                retry_after in proptest::option::of(value()),
+                retry_after_ms in proptest::option::of(value()),
+                limit in proptest::option::of(value()),
+                penalty in 0u32..10,
+                calls in 1usize..12,
+                rate_limited in any::<bool>(),
+                seed in any::<u64>(),
+                jitter in prop_oneof![Just(Jitter::None), Just(Jitter::Full), Just(Jitter::Equal), Just(Jitter::Decorrelated)],
+            ) {
+                let mut h = HeaderMap::new();
+                for (name, v) in [
+                    ("retry-after", &retry_after),
+                    ("retry-after-ms", &retry_after_ms),
+                    ("anthropic-ratelimit-requests-limit", &limit),
+                ] {
+                    if let Some(Ok(v)) = v.as_ref().map(|v| v.parse::<http::HeaderValue>()) {
+                        h.insert(name, v);
+                    }
+                }
+                let config = cfg(jitter);
+                let mut state = BackoffState::default();
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let now = SystemTime::now();
+                for _ in 0..calls {
+                    let d = next_delay(&config, &mut state, Some(&h), rate_limited, penalty, &mut rng, now);
+                    prop_assert!(d.wait <= config.max_delay);
+                    if let Some((server, _)) = server_delay(&h, now) {
+                        prop_assert_eq!(d.source, DelaySource::Server);
+                        prop_assert!(d.wait >= server.min(config.max_delay));
+                    }
+                    if let Some(admission) = d.admission {
+                        prop_assert!(rate_limited && admission <= d.wait);
+                    }
+                }
+            }
+        }
     }
 }

@@ -149,7 +149,6 @@ pub(crate) struct Attempts {
     pub(crate) shared: Arc<Shared>,
     pub(crate) template: Template,
     pub(crate) key: QuotaKey,
-    pub(crate) stream: bool,
     pub(crate) need: Need,
     pub(crate) deadline: Option<Instant>,
     pub(crate) started: Instant,
@@ -184,7 +183,7 @@ enum Outcome<B> {
 /// The last failed attempt, kept until the next one.
 enum Failure<B> {
     Response {
-        response: Response<RetryBody<B>>,
+        response: Box<Response<RetryBody<B>>>,
         error: Option<ApiError>,
     },
     Error(BoxError),
@@ -205,6 +204,8 @@ where
     let mut total_wait = Duration::ZERO;
     let mut last_status: Option<StatusCode> = None;
     let mut last_message: Option<String> = None;
+    // The last attempt that got an HTTP response (for an error after a later inner failure).
+    let mut last_http: Option<(StatusCode, Option<ApiError>)> = None;
     if let Some(budget) = &config.budget {
         budget.deposit();
     }
@@ -226,9 +227,11 @@ where
                 .await
                 .map_err(Into::into);
             if let Err(err) = ready {
+                let (status, api_error) = last_http.unzip();
                 return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
                     .with_timing(ctx.started.elapsed(), total_wait)
-                    .with_last_status(last_status)
+                    .with_last_status(status)
+                    .with_api_error(api_error.flatten())
                     .with_source(err)
                     .into());
             }
@@ -239,7 +242,7 @@ where
             .map_err(Into::into);
         let outcome = match called {
             Err(err) => Outcome::Failed(err),
-            Ok(response) => inspect(response, ctx.stream, &shared).await,
+            Ok(response) => inspect(response, &shared).await,
         };
         let (failure, delay_headers, rate_limited) = match outcome {
             Outcome::Final {
@@ -250,11 +253,8 @@ where
                     shared.pacer.succeeded(&ctx.key);
                     (RetryOutcome::Success, last_status, last_message)
                 } else {
-                    (
-                        RetryOutcome::NotRetryable,
-                        Some(response.status()),
-                        last_message,
-                    )
+                    // Its body was not read: no message.
+                    (RetryOutcome::NotRetryable, Some(response.status()), None)
                 };
                 response.extensions_mut().insert(RetryInfo::new(
                     attempt,
@@ -281,9 +281,11 @@ where
             Outcome::Failed(err) => {
                 if let Some(retry) = &config.retry_error {
                     if !retry(&err) {
+                        let (status, api_error) = last_http.unzip();
                         return Err(RetryError::new(RetryErrorKind::Inner, attempt)
                             .with_timing(ctx.started.elapsed(), total_wait)
-                            .with_last_status(last_status)
+                            .with_last_status(status)
+                            .with_api_error(api_error.flatten())
                             .with_source(err)
                             .into());
                     }
@@ -304,14 +306,22 @@ where
                 }
                 last_status = Some(status);
                 last_message = error.as_ref().map(|e| e.message().to_string());
+                last_http = Some((status, error.clone()));
                 let headers = use_headers.then(|| response.headers().clone());
-                (Failure::Response { response, error }, headers, rate_limited)
+                (
+                    Failure::Response {
+                        response: Box::new(response),
+                        error,
+                    },
+                    headers,
+                    rate_limited,
+                )
             }
         };
 
         // Decide whether to try again, and after how long.
-        let give_up = if attempt >= config.max_attempts {
-            Some(RetryOutcome::Exhausted)
+        let next = if attempt >= config.max_attempts {
+            Err(RetryOutcome::Exhausted)
         } else {
             let delay = next_delay(
                 &config.backoff,
@@ -339,13 +349,20 @@ where
                 }
             }
             if crosses {
-                Some(RetryOutcome::DeadlineExceeded)
+                Err(RetryOutcome::DeadlineExceeded)
             } else if config.budget.as_ref().is_some_and(|b| !b.withdraw()) {
                 if let Some(slot) = slot {
                     shared.pacer.release(&ctx.key, slot);
                 }
-                Some(RetryOutcome::BudgetExhausted)
+                Err(RetryOutcome::BudgetExhausted)
             } else {
+                Ok((now, wake))
+            }
+        };
+        let outcome = match next {
+            Ok((now, wake)) => {
+                // Nothing of the failed attempt is kept while waiting (no connection held).
+                drop(failure);
                 let wait = wake - now;
                 tracing::debug!(
                     attempt,
@@ -357,10 +374,10 @@ where
                 );
                 tokio::time::sleep_until(wake).await;
                 total_wait += wait;
-                None
+                continue;
             }
+            Err(outcome) => outcome,
         };
-        let Some(outcome) = give_up else { continue };
         return match failure {
             Failure::Response {
                 mut response,
@@ -376,7 +393,7 @@ where
                     message,
                     outcome,
                 ));
-                Ok(response)
+                Ok(*response)
             }
             Failure::Error(err) => {
                 let kind = match outcome {
@@ -384,8 +401,11 @@ where
                     RetryOutcome::BudgetExhausted => RetryErrorKind::BudgetExhausted,
                     _ => RetryErrorKind::Exhausted,
                 };
+                let (status, api_error) = last_http.unzip();
                 Err(RetryError::new(kind, attempt)
                     .with_timing(ctx.started.elapsed(), total_wait)
+                    .with_last_status(status)
+                    .with_api_error(api_error.flatten())
                     .with_source(err)
                     .into())
             }
@@ -465,7 +485,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Classifies one response, reading ahead in its body where the decision needs it.
-async fn inspect<B>(response: Response<B>, stream: bool, shared: &Shared) -> Outcome<B>
+async fn inspect<B>(response: Response<B>, shared: &Shared) -> Outcome<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -473,7 +493,9 @@ where
     let config = &shared.config;
     let status = response.status();
     if status.is_success() {
-        let held = config.hold_back_stream && (stream || is_event_stream(response.headers()));
+        // Only an event stream is held back: a JSON answer to a streaming request is complete
+        // as it is.
+        let held = config.hold_back_stream && is_event_stream(response.headers());
         if !held {
             return Outcome::Final {
                 response: response.map(RetryBody::new),

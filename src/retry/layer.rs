@@ -15,6 +15,9 @@ use crate::anthropic::ModelCatalog;
 /// Decides whether an inner service error is retried.
 pub(crate) type ErrorPredicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
 
+/// The largest accepted `max_delay`.
+pub(crate) const MAX_DELAY_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The largest error body the layer reads to classify a response (error envelopes are small).
 pub(crate) const DEFAULT_MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most stream bytes held back while waiting for the first content event.
@@ -53,7 +56,10 @@ impl Shared {
 /// Retries Messages API calls that failed for a transient reason, with server-directed delays,
 /// jittered backoff, a per-request deadline and an optional shared budget.
 ///
-/// See the [module docs](super) for what is retried and what is returned.
+/// See the [module docs](super) for what is retried and what is returned. Clones of the
+/// layer and every service it builds share one state: the 429 penalties and pacing schedules
+/// per (API key, rate-limit group), the jitter generator and the budget. Build one layer per
+/// upstream and clone it.
 ///
 /// ```
 /// use std::time::Duration;
@@ -106,15 +112,17 @@ impl RetryLayer {
     }
 
     /// The cap on any single wait (default 90 s: long enough to wait for a one-minute quota
-    /// reset instead of giving up). A longer server delay is shortened to this.
+    /// reset instead of giving up). A longer server delay is shortened to this. Values above
+    /// one day are taken as one day.
     pub fn max_delay(mut self, max: Duration) -> Self {
-        self.config.backoff.max_delay = max;
+        self.config.backoff.max_delay = max.min(MAX_DELAY_LIMIT);
         self
     }
 
     /// The default deadline of a request, measured from when it reaches the layer. A
     /// [`Deadline`](super::Deadline) request extension overrides it. No wait ever crosses the
-    /// deadline: when the next one would, the layer returns the last outcome at once.
+    /// deadline: when the next one would, the layer returns the last outcome at once. A
+    /// deadline too far to represent means none.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.config.deadline = Some(deadline);
         self

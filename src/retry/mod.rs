@@ -113,13 +113,17 @@
 //! passed, requests go straight through again. Turn it off with
 //! [`pacing(false)`](RetryLayer::pacing). A rate limiter below the layer
 //! ([`rate_limit`](crate::rate_limit)) avoids most 429s in the first place; pacing is what
-//! keeps the retry layer alone from losing tasks.
-
+//! keeps the retry layer alone from losing tasks: in `tests/retry.rs`, 1,000 tasks on 32
+//! workers against a simulated 600 RPM quota with 10 % 529s lose none with this layer and 104
+//! with an SDK-like policy (2 retries, server delay honoured up to 60 s); on 16 workers at
+//! 100 RPM, none against 713.
+//!
 //! # Limits
 //!
 //! `max_attempts` (default 8, the first attempt included); a deadline per request (a
 //! [`Deadline`] extension, else the layer's [`deadline`](RetryLayer::deadline)): when the next
-//! wait would cross it, the layer stops at once and returns the last outcome; the deadline is
+//! wait would cross it, the layer stops at once and returns the last outcome (the first
+//! attempt is always sent); the deadline is
 //! also inserted into each attempt's extensions for the layers below. An optional shared
 //! [`RetryBudget`] bounds retries to a share of the traffic. The deadline bounds the layer's
 //! own waits; bound each attempt with a timeout layer below it.
@@ -128,9 +132,9 @@
 //!
 //! A stream can fail after HTTP 200 with `event: error` (`overloaded_error`). Such a failure
 //! can be retried only if nothing of the stream has reached the caller. So the layer holds a
-//! 2xx streaming response back (reading and buffering its events) until the first content
-//! event (`content_block_start` or anything after `message_start` other than `ping`), then
-//! forwards the held bytes and the rest of the stream. An `event: error`, a body failure, or
+//! 2xx `text/event-stream` response back (reading and buffering its events) until the first
+//! content event (`content_block_start` or anything after `message_start` other than `ping`),
+//! then forwards the held bytes and the rest of the stream. An `event: error`, a body failure, or
 //! an end of stream before any content is retried like any transient failure (after backoff:
 //! the 200's headers carry no delay). Once content has been forwarded, a later error passes to
 //! the caller as it is (a layer above, or the caller, must deal with a cut stream). Holding
@@ -159,7 +163,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
-pub use backoff::{Jitter, MAX_PENALTY_LEVEL};
+pub use backoff::Jitter;
 pub use body::RetryBody;
 pub use budget::RetryBudget;
 pub use error::{RetryError, RetryErrorKind};
@@ -186,9 +190,15 @@ impl Deadline {
         Self(instant)
     }
 
-    /// A deadline `timeout` from now.
+    /// A deadline `timeout` from now (about 30 years at most: a longer timeout is no deadline
+    /// in practice).
     pub fn after(timeout: Duration) -> Self {
-        Self(Instant::now() + timeout)
+        const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+        let now = Instant::now();
+        Self(
+            now.checked_add(timeout.min(FAR))
+                .unwrap_or_else(|| now + Duration::from_secs(24 * 60 * 60)),
+        )
     }
 
     /// The instant.

@@ -88,10 +88,9 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, stream, need) = match RequestMeta::get_or_scan(&mut req) {
+        let (model, need) = match RequestMeta::get_or_scan(&mut req) {
             Ok(meta) => (
                 meta.model.clone(),
-                meta.stream,
                 Need {
                     input_tokens: meta.input_tokens,
                     output_tokens: meta.max_tokens.unwrap_or(0),
@@ -104,7 +103,10 @@ where
         let now = Instant::now();
         let deadline = match req.extensions().get::<Deadline>() {
             Some(deadline) => Some(*deadline),
-            None => config.deadline.map(|d| Deadline::at(now + d)),
+            None => config
+                .deadline
+                .and_then(|d| now.checked_add(d))
+                .map(Deadline::at),
         };
         if let Some(deadline) = deadline {
             // Layers below see the effective deadline too.
@@ -138,7 +140,6 @@ where
             shared: self.shared.clone(),
             template: Template::new(req),
             key,
-            stream,
             need,
             deadline,
             started: now,
