@@ -25,12 +25,12 @@ use crate::anthropic::RateLimitGroup;
 /// use tower_claude::metrics::forecast::Holt;
 ///
 /// let mut holt = Holt::new(0.5, 0.3);
-/// for x in [10.0, 20.0, 30.0, 40.0] {
-///     holt.update(x);
+/// for step in 1..=20 {
+///     holt.update(f64::from(step) * 10.0); // 10, 20, ..., 200
 /// }
-/// // A steady ramp of +10 per step is extrapolated.
+/// // The ramp of +10 per step is extrapolated: the next value is about 210.
 /// let next = holt.forecast(1.0).unwrap();
-/// assert!(next > 40.0 && next < 55.0, "{next}");
+/// assert!((next - 210.0).abs() < 1.0, "{next}");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Holt {

@@ -1,4 +1,4 @@
-//! A paced-time workload simulation against [`MockClaude`](crate::testing::MockClaude):
+//! A paused-time workload simulation against [`MockClaude`]:
 //! rising demand through one of four stacks, to compare predictive pacing with plain token
 //! buckets and with no limiter (used by `tests/pacing.rs` and `examples/metrics_chart.rs`).
 //!
