@@ -555,3 +555,34 @@ fn docs_table_lists_every_metric_and_label() {
     }
     assert!(doc.contains("metrics-chart.svg"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn background_refresh_moves_quota_gauges_without_traffic() {
+    use tower_claude::quota::Cost;
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let group = RateLimitGroup::new("claude-opus-4");
+    let board = QuotaBoard::builder()
+        .limits(group.clone(), Limits::new(60, 30_000, 8_000))
+        .build();
+    let key = KeyId::named("k-batch");
+    // Another layer spends 30 requests' worth of the bucket.
+    let reservation = board
+        .acquire(key.clone(), group.clone(), Cost::new(30, 0, 0))
+        .await
+        .unwrap();
+    reservation.settle(Cost::new(30, 0, 0));
+    let layer = MetricsLayer::new().board(board);
+    let task = layer.spawn_refresh(Duration::from_secs(1));
+    let series =
+        r#"tower_claude_quota_remaining{key="k-batch",group="claude-opus-4",bucket="requests"}"#;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let first = get(&scrape(&handle), series);
+    assert!((30.0..=32.0).contains(&first), "{first}");
+    // The bucket refills at 1 request per second; the gauge follows with no request at all.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let later = get(&scrape(&handle), series);
+    assert!(later >= first + 9.0, "{first} -> {later}");
+    task.abort();
+}

@@ -122,10 +122,7 @@ impl Finish {
             shared: info.shared.clone(),
             start: info.start,
             model_label: info.model_label.clone(),
-            group: info
-                .shared
-                .group_of(info.model.as_deref())
-                .map(|(group, _)| group),
+            group: info.shared.group_of(info.model.as_deref()).0,
             group_label: info.group_label.clone(),
             status: names::STATUS_NONE.to_owned(),
             outcome: names::OUTCOME_CANCELLED,

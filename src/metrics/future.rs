@@ -146,10 +146,9 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
                 names::LABEL_FROM => info.model_label.clone(),
                 names::LABEL_TO => to.clone())
             .increment(1);
-            if let Some((group, label)) = shared.group_of(Some(served)) {
-                finish.group = Some(group);
-                finish.group_label = label;
-            }
+            let (group, label) = shared.group_of(Some(served));
+            finish.group = group;
+            finish.group_label = label;
             finish.model_label = to;
         }
     }

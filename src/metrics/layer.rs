@@ -181,17 +181,20 @@ impl Shared {
         }
     }
 
-    /// The rate-limit group of `model`, and its label (a catalogue group, or
-    /// [`names::OTHER`] for ids the catalogue places nowhere).
-    pub(crate) fn group_of(&self, model: Option<&str>) -> Option<(RateLimitGroup, String)> {
-        let model = model?;
-        let group = self.catalog.group(model);
-        let label = if self.known.contains(model) || group.as_str() != model {
-            group.as_str().to_owned()
-        } else {
-            names::OTHER.to_owned()
+    /// The rate-limit group of `model` and its label: a catalogue group, or `None` and
+    /// [`names::OTHER`] for ids the catalogue places nowhere (so that arbitrary model ids
+    /// create neither label values nor forecast state).
+    pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, String) {
+        let Some(model) = model else {
+            return (None, names::OTHER.to_owned());
         };
-        Some((group, label))
+        let group = self.catalog.group(model);
+        if self.known.contains(model) || group.as_str() != model {
+            let label = group.as_str().to_owned();
+            (Some(group), label)
+        } else {
+            (None, names::OTHER.to_owned())
+        }
     }
 
     /// Refreshes after a response, at most once per `refresh_every`.

@@ -72,14 +72,11 @@ where
         let stream = meta.stream;
         let shared = &self.shared;
         let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
-        let group = shared.group_of(model.as_deref());
-        if let (Some(forecaster), Some((group, _))) = (&shared.forecaster, &group) {
+        let (group, group_label) = shared.group_of(model.as_deref());
+        if let (Some(forecaster), Some(group)) = (&shared.forecaster, &group) {
             forecaster.record(group, 1, input_estimate, 0);
         }
         let model_label = shared.model_label(model.as_deref());
-        let group_label = group
-            .as_ref()
-            .map_or_else(|| names::OTHER.to_owned(), |(_, l)| l.clone());
         let span = tracing::info_span!(
             "claude_request",
             key = %key,

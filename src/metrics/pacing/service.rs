@@ -193,6 +193,12 @@ where
             _ => return ResponseFuture::passthrough(self.inner.call(req)),
         };
         let group = self.config.catalog.group(&model);
+        // An id the catalogue places nowhere is its own group: pace it only when it has
+        // limits of its own (arbitrary ids must not create pacing state).
+        let unknown = group.as_str() == model && self.config.catalog.family(&model).is_none();
+        if unknown && !self.config.limits.contains_key(&group) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
         let Some(limits) = self.config.limits_of(&group) else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
