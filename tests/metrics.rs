@@ -407,9 +407,44 @@ impl tracing::Subscriber for Spans {
 }
 
 #[tokio::test(start_paused = true)]
+async fn cache_hits_count_no_tokens() {
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let hit = |mut r: Response<_>| {
+        r.headers_mut()
+            .insert("x-tower-claude-cache", "hit".parse().unwrap());
+        r
+    };
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new())
+        .map_response(hit)
+        .service(MockClaude::builder().build());
+    let response = svc.oneshot(request(MODEL, false)).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let m = scrape(&handle);
+    assert_eq!(
+        get(&m, r#"tower_claude_cache_requests_total{cache="hit"}"#),
+        1.0
+    );
+    assert!(
+        !m.keys()
+            .any(|k| k.starts_with("tower_claude_output_tokens_total")),
+        "{m:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_span_per_request_with_key_group_model_attempts_cache() {
-    let spans = Spans::default();
-    let _subscriber = tracing::subscriber::set_default(spans.clone());
+    // A global subscriber: thread-local ones race with tracing's callsite interest cache
+    // while other tests run in parallel.
+    static SPANS: std::sync::OnceLock<Spans> = std::sync::OnceLock::new();
+    let spans = SPANS.get_or_init(|| {
+        let spans = Spans::default();
+        tracing::subscriber::set_global_default(spans.clone()).unwrap();
+        spans
+    });
+    const SPAN_KEY: &str = "sk-ant-span-test";
     let mock = MockClaude::builder().build();
     mock.push_fault(Fault::Overloaded);
     let svc = ServiceBuilder::new()
@@ -417,21 +452,27 @@ async fn a_span_per_request_with_key_group_model_attempts_cache() {
         .map_response(mark)
         .layer(RetryLayer::new().max_attempts(3))
         .service(mock);
-    let response = svc.oneshot(request(MODEL, false)).await.unwrap();
+    let mut req = request(MODEL, false);
+    req.headers_mut()
+        .insert("x-api-key", SPAN_KEY.parse().unwrap());
+    let response = svc.oneshot(req).await.unwrap();
     response.into_body().collect().await.unwrap();
+    let key = KeyId::from_api_key(SPAN_KEY);
     let spans = spans.0.lock().unwrap();
     let span = spans
         .iter()
-        .find(|s| s.get("name").map(String::as_str) == Some("claude_request"))
+        .find(|s| {
+            s.get("name").map(String::as_str) == Some("claude_request")
+                && s.get("key").map(String::as_str) == Some(key.as_str())
+        })
         .expect("a claude_request span");
-    assert_eq!(span["key"], KeyId::from_api_key(KEY).as_str());
     assert_eq!(span["group"], group());
     assert_eq!(span["model"], MODEL);
     assert_eq!(span["attempts"], "2");
     assert_eq!(span["cache"], "miss");
     assert_eq!(span["status"], "200");
     assert_eq!(span["served_model"], "claude-haiku-4-5");
-    assert!(!format!("{span:?}").contains(KEY));
+    assert!(!format!("{span:?}").contains(SPAN_KEY));
 }
 
 /// Metric names (`tower_claude_*` identifiers) used in a PromQL expression.

@@ -166,6 +166,10 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
             _ => names::OTHER,
         };
         span.record("cache", cache);
+        if cache == "hit" {
+            // A stored answer used no quota: its usage is not counted again.
+            finish.count_usage = false;
+        }
         metrics::counter!(names::CACHE_REQUESTS_TOTAL, names::LABEL_CACHE => cache).increment(1);
     }
 
