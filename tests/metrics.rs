@@ -627,3 +627,59 @@ async fn background_refresh_moves_quota_gauges_without_traffic() {
     assert!(later >= first + 9.0, "{first} -> {later}");
     task.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_the_real_cache_and_fallback_layers() {
+    use tower_claude::cache::CacheLayer;
+    use tower_claude::fallback::FallbackLayer;
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let mock = MockClaude::builder().build();
+    let board = QuotaBoard::new();
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new().board(board.clone()))
+        .layer(CacheLayer::memory(1 << 20))
+        .layer(FallbackLayer::new().board(board.clone()))
+        .layer(RetryLayer::new().max_attempts(2))
+        .layer(RateLimitLayer::new().board(board))
+        .service(mock.clone());
+    let body = r#"{"model":"claude-opus-4-7","max_tokens":50,"temperature":0,"messages":[{"role":"user","content":"Name a prime."}]}"#;
+    let req = || {
+        Request::post("/v1/messages")
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .body(RequestBody::from(body))
+            .unwrap()
+    };
+    // The Opus group hits its spend cap: the fallback layer moves down the chain.
+    mock.push_fault(Fault::SpendCap);
+    for _ in 0..2 {
+        let response = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    let m = scrape(&handle);
+    assert_eq!(
+        get(&m, r#"tower_claude_cache_requests_total{cache="miss"}"#),
+        1.0,
+        "{m:#?}"
+    );
+    assert_eq!(
+        get(&m, r#"tower_claude_cache_requests_total{cache="hit"}"#),
+        1.0
+    );
+    let fell_back: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with(r#"tower_claude_fallbacks_total{from="claude-opus-4-7""#))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(fell_back >= 1.0, "{m:#?}");
+    // Tokens counted once (the hit used no quota) and under the serving model's group.
+    let out: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("tower_claude_output_tokens_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(out, mock.stats().output_tokens.values().sum::<u64>() as f64);
+}

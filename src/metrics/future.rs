@@ -17,6 +17,7 @@ use super::names;
 use super::pacing::PacingDelay;
 use crate::BoxError;
 use crate::anthropic::header_names;
+use crate::fallback::ServedModel;
 use crate::rate_limit::QueueWait;
 
 /// What the service learned about a request when it was called.
@@ -133,17 +134,22 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
     let span = &info.span;
     span.record("status", status.as_u16());
 
-    // Fallback: the model that served, when the fallback layer says so.
-    if let Some(served) = response
-        .headers()
-        .get(header_names::X_TOWER_CLAUDE_MODEL)
-        .and_then(|v| v.to_str().ok())
-    {
+    // Fallback: the model that served, from the fallback layer's `ServedModel` extension or
+    // its `x-tower-claude-model` header.
+    let served = match response.extensions().get::<ServedModel>() {
+        Some(served) => Some((Some(served.requested.as_str()), served.served.as_str())),
+        None => response
+            .headers()
+            .get(header_names::X_TOWER_CLAUDE_MODEL)
+            .and_then(|v| v.to_str().ok())
+            .map(|served| (info.model.as_deref(), served)),
+    };
+    if let Some((requested, served)) = served {
         span.record("served_model", served);
-        if info.model.as_deref() != Some(served) {
+        if requested != Some(served) {
             let to = shared.model_label(Some(served));
             metrics::counter!(names::FALLBACKS_TOTAL,
-                names::LABEL_FROM => info.model_label.clone(),
+                names::LABEL_FROM => shared.model_label(requested),
                 names::LABEL_TO => to.clone())
             .increment(1);
             let (group, label) = shared.group_of(Some(served));

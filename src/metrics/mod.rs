@@ -12,7 +12,7 @@
 //! * tokens from the response's `usage` (JSON) or its `message_start` / `message_delta`
 //!   events (SSE), by model and group;
 //! * from the response head: retries ([`RetryInfo`](crate::retry::RetryInfo)), fallbacks
-//!   (`x-tower-claude-model`), cache decisions (`x-tower-claude-cache`), queue wait
+//!   ([`ServedModel`](crate::fallback::ServedModel) or `x-tower-claude-model`), cache decisions (`x-tower-claude-cache`), queue wait
 //!   ([`QueueWait`](crate::rate_limit::QueueWait) plus [`pacing::PacingDelay`]);
 //! * [`tower_claude_in_flight_requests`](names::IN_FLIGHT_REQUESTS);
 //! * with a [`QuotaBoard`](crate::quota::QuotaBoard), quota gauges per key id and group, and
