@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
 pub mod retry;
+pub mod stack;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
