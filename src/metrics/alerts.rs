@@ -655,4 +655,43 @@ mod tests {
         let dbg = format!("{:?}", Webhook::new("http://h/secret-token").unwrap());
         assert!(!dbg.contains("secret"));
     }
+
+    proptest::proptest! {
+        /// Whatever the utilisation sequence and timing: never two alerts for one
+        /// `(key, group)` within the interval, and an alert only after crossing the threshold
+        /// from below the clear level (or from the start).
+        #[test]
+        fn at_most_one_alert_per_interval(steps in proptest::collection::vec((0.0f64..1.0, 0u64..120), 1..200)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            rt.block_on(async {
+                let alerts = Alerts::builder()
+                    .threshold(0.8)
+                    .clear_below(0.6)
+                    .interval(Duration::from_secs(300))
+                    .notify_resolved(true)
+                    .build();
+                let (k, g) = ids();
+                let mut last: Option<Instant> = None;
+                let mut armed = true;
+                for (u, wait) in steps {
+                    tokio::time::advance(Duration::from_secs(wait)).await;
+                    let sent = alerts.observe(&k, &g, "requests", u);
+                    if let Some(alert) = &sent {
+                        let now = Instant::now();
+                        assert!(last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(300)));
+                        last = Some(now);
+                        match alert.state() {
+                            AlertState::Firing => assert!(armed && u >= 0.8),
+                            AlertState::Resolved => assert!(u < 0.6),
+                        }
+                    }
+                    if u >= 0.8 && armed {
+                        armed = false;
+                    } else if u < 0.6 {
+                        armed = true;
+                    }
+                }
+            });
+        }
+    }
 }

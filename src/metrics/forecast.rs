@@ -380,4 +380,17 @@ mod tests {
         assert_eq!(after.demand.requests, 0.0);
         assert!(after.forecast.requests < 1.0, "{after:?}");
     }
+
+    proptest::proptest! {
+        /// Any finite input keeps the model finite and the forecast non-negative.
+        #[test]
+        fn holt_stays_finite(xs in proptest::collection::vec(0.0f64..1e9, 1..300), steps in 0.0f64..100.0) {
+            let mut h = Holt::new(0.5, 0.3);
+            for x in xs {
+                h.update(x);
+            }
+            let f = h.forecast(steps).unwrap();
+            proptest::prop_assert!(f.is_finite() && f >= 0.0);
+        }
+    }
 }
