@@ -18,6 +18,7 @@
 //! ```
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ use super::pacing::{PacingDelay, PacingLayer};
 use crate::BoxError;
 use crate::anthropic::{RateLimitGroup, retry_after};
 use crate::body::RequestBody;
-use crate::quota::{Limits, QuotaBoard};
+use crate::quota::{Limits, QuotaBoard, TokenBucket};
 use crate::rate_limit::{QueueWait, RateLimitLayer};
 use crate::testing::{MockClaude, MockLimits};
 
@@ -93,11 +94,19 @@ pub struct SimConfig {
     /// Attempts per request (a caller retries an upstream 429 after its `retry-after`,
     /// like the official SDKs).
     pub attempts: u32,
+    /// Poisson arrivals (exponential gaps, seeded) instead of evenly spaced ones.
+    pub poisson: bool,
+    /// The upstream also enforces the RPM limit over this shorter window (Anthropic documents
+    /// that "60 RPM may be enforced as 1 request per second"): a bucket of
+    /// `rpm * window / 60` requests refilling at the same rate; a request it cannot hold gets
+    /// a 429 with `retry-after`.
+    pub short_window: Option<Duration>,
 }
 
 impl Default for SimConfig {
     /// 12 minutes ramping from 20 to 100 requests per minute against 60 RPM, 100 000 ITPM,
-    /// 20 000 OTPM; 150-token answers, `max_tokens` 512, 20 attempts (a patient caller).
+    /// 20 000 OTPM; 150-token answers, `max_tokens` 512, 20 attempts (a patient caller);
+    /// evenly spaced arrivals, per-minute enforcement only.
     fn default() -> Self {
         Self {
             minutes: 12,
@@ -108,6 +117,8 @@ impl Default for SimConfig {
             max_tokens: 512,
             output_tokens: 150,
             attempts: 20,
+            poisson: false,
+            short_window: None,
         }
     }
 }
@@ -173,12 +184,7 @@ fn request(max_tokens: u64, key: &str) -> http::Request<RequestBody> {
         .unwrap_or_else(|_| http::Request::new(RequestBody::empty()))
 }
 
-fn build(
-    strategy: Strategy,
-    config: &SimConfig,
-    mock: MockClaude,
-    forecaster: &Forecaster,
-) -> Client {
+fn build(strategy: Strategy, config: &SimConfig, mock: Client, forecaster: &Forecaster) -> Client {
     let group = RateLimitGroup::new(GROUP);
     let metrics = MetricsLayer::new().forecaster(forecaster.clone());
     let board = QuotaBoard::new();
@@ -232,6 +238,52 @@ fn build(
     }
 }
 
+/// The simulator, behind the optional short-window enforcement.
+fn upstream(mock: MockClaude, config: &SimConfig, rejected: Arc<AtomicU64>) -> Client {
+    let window = config.short_window.map(|window| {
+        let capacity = (config.limits.rpm as f64 * window.as_secs_f64() / 60.0).ceil() as u64;
+        Arc::new(Mutex::new(TokenBucket::new(
+            capacity.max(1),
+            window,
+            Instant::now(),
+        )))
+    });
+    BoxCloneService::new(tower::service_fn(move |req: http::Request<RequestBody>| {
+        let mock = mock.clone();
+        let window = window.clone();
+        let rejected = rejected.clone();
+        async move {
+            if let Some(bucket) = window {
+                let now = Instant::now();
+                let mut bucket = bucket
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if bucket.try_take(1, now).is_err() {
+                    let wait = bucket.time_until(1, now).unwrap_or(Duration::from_secs(1));
+                    drop(bucket);
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                    let body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of requests has exceeded your per-minute rate limit (enforced over a shorter window)."}}"#;
+                    let response = http::Response::builder()
+                        .status(429)
+                        .header("content-type", "application/json")
+                        .header(
+                            "retry-after",
+                            wait.as_secs_f64().ceil().max(1.0).to_string(),
+                        )
+                        .body(
+                            http_body_util::Full::new(Bytes::from_static(body.as_bytes()))
+                                .map_err(|never| match never {})
+                                .boxed_unsync(),
+                        )?;
+                    return Ok(response);
+                }
+            }
+            let response = mock.oneshot(req).await?;
+            Ok::<_, BoxError>(response.map(BodyExt::boxed_unsync))
+        }
+    }))
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     succeeded: u64,
@@ -253,7 +305,10 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
         .seed(1)
         .build();
     let forecaster = Forecaster::new();
-    let client = build(strategy, config, mock.clone(), &forecaster);
+    let short_429 = Arc::new(AtomicU64::new(0));
+    let upstream = upstream(mock.clone(), config, short_429.clone());
+    let client = build(strategy, config, upstream.clone(), &forecaster);
+    let mut rng = fastrand::Rng::with_seed(7);
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
     let end = start + Duration::from_secs(u64::from(config.minutes) * 60);
@@ -261,7 +316,7 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
 
     // Background traffic on the same key, straight to the simulator.
     if config.background_rpm > 0.0 {
-        let mock = mock.clone();
+        let mock = upstream.clone();
         let gap = Duration::from_secs_f64(60.0 / config.background_rpm);
         let max_tokens = config.max_tokens;
         tokio::spawn(async move {
@@ -306,7 +361,14 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
         tasks.push(tokio::spawn(async move {
             caller(client, attempts, max_tokens, tally, start).await;
         }));
-        tokio::time::sleep(Duration::from_secs_f64(60.0 / rpm.max(0.1))).await;
+        let mean = 60.0 / rpm.max(0.1);
+        let gap = if config.poisson {
+            // Exponential gap; 1 - f64() is in (0, 1].
+            -(1.0 - rng.f64()).ln() * mean
+        } else {
+            mean
+        };
+        tokio::time::sleep(Duration::from_secs_f64(gap)).await;
     }
     // Keep sampling while the backlog drains.
     while !tasks.iter().all(|t| t.is_finished()) {
@@ -344,7 +406,8 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
         requests,
         succeeded: tally.succeeded,
         failed: tally.failed,
-        upstream_429: stats.by_status.get(&429).copied().unwrap_or(0),
+        upstream_429: stats.by_status.get(&429).copied().unwrap_or(0)
+            + short_429.load(Ordering::Relaxed),
         worst_queue_wait: tally.worst_queue_wait,
         worst_latency: latencies.last().copied().unwrap_or_default(),
         median_latency,
