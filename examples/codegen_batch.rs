@@ -295,11 +295,15 @@ fn print_report(
     for (model, n) in &report.served_by {
         println!("  served by {model:<20} {n:>4}");
     }
-    println!(
-        "  output tokens         {:>6}   ({:.0} per minute)",
-        report.output_tokens,
-        report.output_tokens as f64 / elapsed.as_secs_f64().max(1e-9) * 60.0
-    );
+    if elapsed >= Duration::from_secs(1) {
+        println!(
+            "  output tokens         {:>6}   ({:.0} per minute)",
+            report.output_tokens,
+            report.output_tokens as f64 / elapsed.as_secs_f64() * 60.0
+        );
+    } else {
+        println!("  output tokens         {:>6}", report.output_tokens);
+    }
     println!(
         "  {}          {:>6.1} s",
         if simulated {
