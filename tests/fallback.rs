@@ -19,6 +19,7 @@ use tower_claude::fallback::{
     FallbackError, FallbackErrorKind, FallbackLayer, NoFallback, ServedModel,
 };
 use tower_claude::quota::{Cost, Limits, QuotaBoard};
+use tower_claude::rate_limit::RateLimitLayer;
 use tower_claude::retry::{RetryError, RetryErrorKind, RetryLayer};
 use tower_claude::testing::{Fault, MockClaude, MockLimits};
 
@@ -646,6 +647,23 @@ async fn stacked_above_the_retry_layer() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
 
+    // A long 429 (longer than max_wait_before_failover): the retry layer below does not sit
+    // it out (the fallback layer set MaxServerWait), the request moves on to Sonnet at once.
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(45),
+    });
+    let received = mock.stats().received;
+    let start = Instant::now();
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(mock.stats().received, received + 2);
+
     // Every model capped: one attempt each, then the typed error with the retry layer's
     // spend-limit error as its source.
     let capped = MockClaude::builder().spend_cap(true).build();
@@ -671,6 +689,43 @@ async fn stacked_above_the_retry_layer() {
         RetryErrorKind::SpendLimit
     );
     assert_eq!(capped.stats().received, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_board_counts_requests_in_flight() {
+    // Opus: 10 requests per minute, configured on the board the rate limiter writes.
+    let mock = MockClaude::builder()
+        .latency(Duration::from_secs(1), Duration::ZERO)
+        .build();
+    let board = QuotaBoard::builder()
+        .limits(
+            group("claude-opus-4"),
+            Limits::new(10, 1_000_000, 1_000_000),
+        )
+        .build();
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new().board(board.clone()))
+        .layer(RateLimitLayer::new().board(board))
+        .service(mock.clone());
+    // Five requests sent at once: the limiter's reservations lower Opus to 90, 80, 70, 60 %
+    // before any answer, so the fifth goes to Sonnet.
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        pending.push(svc.ready().await.unwrap().call(request(OPUS, 64, false)));
+    }
+    let mut served = Vec::new();
+    for res in futures_util::future::join_all(pending).await {
+        served.push(
+            res.unwrap()
+                .extensions()
+                .get::<ServedModel>()
+                .unwrap()
+                .served
+                .clone(),
+        );
+    }
+    assert_eq!(served, [OPUS, OPUS, OPUS, OPUS, SONNET]);
+    assert_eq!(mock.stats().rate_limited, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -864,10 +919,23 @@ async fn batch_completes_when_the_opus_quota_runs_out() {
         .service(mock.clone());
     let stacked = run_batch(svc, &mock, TASKS, WORKERS).await;
 
+    // The full order with a shared board: fallback, retry, rate limiter.
+    let mock = batch_mock();
+    let board = QuotaBoard::new();
+    let svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new().board(board.clone()))
+        .layer(RetryLayer::new().seed(3))
+        .layer(RateLimitLayer::new().board(board))
+        .service(mock.clone());
+    let limited = run_batch(svc, &mock, TASKS, WORKERS).await;
+
     println!("without fallback:         {baseline:?}");
     println!("with fallback:            {report:?}");
     println!("retry layer only:         {retry_only:?}");
     println!("fallback + retry layer:   {stacked:?}");
+    println!("fallback + retry + limit: {limited:?}");
+    assert_eq!((limited.completed, limited.gave_up), (TASKS, 0));
+    assert!(limited.upstream_429 < report.upstream_429, "{limited:?}");
     assert_eq!((stacked.completed, stacked.gave_up), (TASKS, 0));
     assert!(stacked.served.get(OPUS).copied().unwrap_or(0) > 0);
     assert!(

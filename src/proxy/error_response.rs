@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, BufferBodyErrorKind};
+use crate::quota::{AcquireError, AcquireErrorKind};
 use crate::retry::{RetryError, RetryErrorKind};
 
 /// How an error is shown to a client.
@@ -89,36 +90,58 @@ pub fn error_response(err: &BoxError) -> Response<UnsyncBoxBody<Bytes, BoxError>
     resp
 }
 
+/// Walks the error and its sources; the first error of a known kind decides (layers wrap the
+/// errors of the layers below them, e.g. fallback wraps a retry error that wraps a connect
+/// error).
 fn classify(err: &(dyn StdError + 'static)) -> Shown {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(shown) = classify_one(e) {
+            return shown;
+        }
+        current = e.source();
+    }
+    Shown::new(ApiError::new(
+        ApiErrorKind::Api,
+        format!("proxy error: {err}"),
+    ))
+}
+
+fn classify_one(err: &(dyn StdError + 'static)) -> Option<Shown> {
     if let Some(e) = err.downcast_ref::<BufferBodyError>() {
         let kind = match e.kind() {
             BufferBodyErrorKind::TooLarge => ApiErrorKind::RequestTooLarge,
             _ => ApiErrorKind::InvalidRequest,
         };
-        return Shown::new(ApiError::new(kind, e.to_string()));
+        return Some(Shown::new(ApiError::new(kind, e.to_string())));
     }
     if let Some(e) = err.downcast_ref::<ApiError>() {
-        return Shown::new(e.clone());
+        return Some(Shown::new(e.clone()));
+    }
+    if let Some(e) = err.downcast_ref::<AcquireError>() {
+        return Some(match e.kind() {
+            // Waiting longer locally was not allowed: tell the client when capacity returns.
+            AcquireErrorKind::QueueTimeout => {
+                Shown::new(ApiError::new(ApiErrorKind::RateLimit, e.to_string()))
+                    .retry_after(e.available_in())
+            }
+            // More than a whole minute of quota: no wait helps.
+            _ => Shown::new(ApiError::new(ApiErrorKind::RateLimit, e.to_string()))
+                .should_retry(false),
+        });
     }
     if let Some(e) = err.downcast_ref::<RetryError>() {
         if e.kind() == RetryErrorKind::SpendLimit {
             let api = e.api_error().cloned().unwrap_or_else(|| {
                 ApiError::new(ApiErrorKind::SpendLimit, "monthly spend limit reached")
             });
-            return Shown::new(api).should_retry(false);
+            return Some(Shown::new(api).should_retry(false));
+        }
+        if e.source().is_none() {
+            return e.api_error().map(|api| Shown::new(api.clone()));
         }
         // Otherwise the cause of the last failed attempt decides.
-        if let Some(source) = e.source() {
-            let shown = classify(source);
-            return if e.kind() == RetryErrorKind::DeadlineExceeded {
-                shown.should_retry(false)
-            } else {
-                shown
-            };
-        }
-        if let Some(api) = e.api_error() {
-            return Shown::new(api.clone());
-        }
+        return None;
     }
     if let Some(e) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
         let msg = if e.is_connect() {
@@ -126,11 +149,9 @@ fn classify(err: &(dyn StdError + 'static)) -> Shown {
         } else {
             "the upstream connection failed"
         };
-        return Shown::new(ApiError::new(ApiErrorKind::Api, msg)).status(StatusCode::BAD_GATEWAY);
+        return Some(
+            Shown::new(ApiError::new(ApiErrorKind::Api, msg)).status(StatusCode::BAD_GATEWAY),
+        );
     }
-    Shown::new(ApiError::new(
-        ApiErrorKind::Api,
-        format!("proxy error: {err}"),
-    ))
-    .retry_after(None)
+    None
 }
