@@ -400,3 +400,66 @@ async fn concurrent_requests_use_every_key() {
         assert_eq!(s.requests, 2);
     }
 }
+
+/// The recommended stack (retry, key pool, rate limiter) in front of a hyper client talking to
+/// MockClaude over loopback HTTP, with one revoked key in the pool. After one request has
+/// validated a key, a burst of 11 sends one request to the unknown keys each and the rest to
+/// the known one until they answer: only that one request gets the 401, every other request
+/// succeeds, and upstream never answers 429.
+#[tokio::test(start_paused = true)]
+async fn full_stack_over_loopback_http() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let mock = MockClaude::builder()
+        .default_limits(limits())
+        .api_keys(&KEYS[..2])
+        .latency(Duration::from_millis(100), Duration::from_millis(1))
+        .build();
+    let (addr, server) = mock.serve_on_loopback().await.unwrap();
+    let client: Client<_, RequestBody> = Client::builder(TokioExecutor::new()).build_http();
+    let board = board();
+    let pool = KeyPoolLayer::new(KEYS).unwrap().board(board.clone());
+    let handle = pool.handle();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(pool)
+        .layer(RateLimitLayer::new().board(board))
+        .service(client);
+    let spawn = |i: usize| {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let req = Request::post(format!("http://{addr}/v1/messages"))
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(RequestBody::from(format!(
+                        r#"{{"model":"{MODEL}","max_tokens":100,"stream":{},"messages":[{{"role":"user","content":"hi"}}]}}"#,
+                        i % 2 == 0
+                    )))
+                    .unwrap();
+            let res = svc.oneshot(req).await.unwrap();
+            let status = res.status();
+            res.into_body().collect().await.unwrap();
+            status
+        })
+    };
+    // One request first: it goes to the first key, which then counts as known.
+    assert_eq!(spawn(0).await.unwrap(), StatusCode::OK);
+    let tasks: Vec<_> = (1..12).map(spawn).collect();
+    let mut by_status = std::collections::BTreeMap::from([(200, 1)]);
+    for t in tasks {
+        *by_status.entry(t.await.unwrap().as_u16()).or_insert(0) += 1;
+    }
+    assert_eq!(by_status.get(&200), Some(&11), "{by_status:?}");
+    assert_eq!(by_status.get(&401), Some(&1), "{by_status:?}");
+    assert_eq!(mock.stats().rate_limited, 0);
+    assert_eq!(handle.active(), 2);
+    assert!(matches!(
+        handle.status(&id(KEYS[2])).unwrap().state,
+        KeyState::Removed {
+            reason: RemovalReason::Unauthorized,
+            ..
+        }
+    ));
+    server.abort();
+}

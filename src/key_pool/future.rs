@@ -70,6 +70,8 @@ impl Sent {
         }
         if status == StatusCode::UNAUTHORIZED {
             self.remove(RemovalReason::Unauthorized);
+        } else {
+            self.pool.validated(self.pick.index);
         }
     }
 

@@ -21,6 +21,10 @@ use crate::quota::{OutputReservation, QuotaBoard};
 ///   the one available soonest is used; the [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
 ///   below holds the request until it fits, and a [`RetryLayer`](crate::retry::RetryLayer)
 ///   above retries a 429 (with the next best key).
+/// * **New keys**: a key is trusted after its first answer (anything but a 401). Until that
+///   answer arrives, further requests go to other keys when there are any; a burst at start-up,
+///   before any answer, is spread over every key, so each request sent with a revoked key
+///   before its 401 came back gets that 401 too.
 /// * **Other requests** (`/v1/models`, token counting, ...) get the key with the fewest
 ///   requests in flight, so that they reach upstream authenticated.
 /// * **Header**: `x-api-key` is set to the chosen key (marked sensitive) and `authorization`

@@ -121,9 +121,17 @@ struct KeyRuntime {
     rate_limited: u64,
     /// Pick sequence number of the last use (0: never): the least recently used wins ties.
     last_pick: u64,
+    /// An answer other than 401 was seen with this key: it is known to work.
+    validated: bool,
 }
 
 impl KeyRuntime {
+    /// Not known to work yet and a request is already out with it: send others elsewhere
+    /// until that first answer shows whether the key is valid.
+    fn on_probation(&self) -> bool {
+        !self.validated && self.in_flight > 0
+    }
+
     fn cooldown_left(&self, group: &RateLimitGroup, now: Instant) -> Duration {
         self.cooldowns
             .get(group)
@@ -155,6 +163,8 @@ pub(crate) struct Pick {
 /// How good a candidate is; lower sorts first.
 #[derive(Debug, Clone, Copy)]
 struct Rank {
+    /// The key's first request is still out (see `KeyRuntime::on_probation`).
+    probation: bool,
     /// Time until the key can take the request (0: now).
     wait: Duration,
     /// Headroom fraction (higher is better).
@@ -165,6 +175,9 @@ struct Rank {
 
 impl Rank {
     fn better_than(&self, other: &Rank) -> bool {
+        if self.probation != other.probation {
+            return !self.probation;
+        }
         if self.wait != other.wait {
             return self.wait < other.wait;
         }
@@ -227,7 +240,8 @@ impl Pool {
     /// With a group (a Messages request): among keys in rotation, the one that can take `cost`
     /// soonest (cooldown after a 429, then the board's time until it fits), then the most
     /// headroom, then the fewest in flight, then the least recently used. Without a group
-    /// (other endpoints): the fewest in flight, then the least recently used.
+    /// (other endpoints): the fewest in flight, then the least recently used. A key whose
+    /// first request is still out comes after every other key in rotation.
     pub(crate) fn pick(
         &self,
         group: Option<(&RateLimitGroup, &Cost)>,
@@ -256,6 +270,7 @@ impl Pool {
                             .unwrap_or(Duration::MAX)
                     };
                     Rank {
+                        probation: rt.on_probation(),
                         wait: cooldown.max(quota_wait),
                         fraction,
                         in_flight: rt.in_flight,
@@ -263,6 +278,7 @@ impl Pool {
                     }
                 }
                 None => Rank {
+                    probation: rt.on_probation(),
                     wait: Duration::ZERO,
                     fraction: 1.0,
                     in_flight: rt.in_flight,
@@ -295,6 +311,14 @@ impl Pool {
         let mut state = self.lock();
         if let Some(rt) = state.keys.get_mut(index) {
             rt.in_flight = rt.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// An answer other than 401 arrived for key `index`: the key works.
+    pub(crate) fn validated(&self, index: usize) {
+        let mut state = self.lock();
+        if let Some(rt) = state.keys.get_mut(index) {
+            rt.validated = true;
         }
     }
 
@@ -484,6 +508,7 @@ mod tests {
         CoolDown(usize, u64),
         Remove(usize),
         Restore(usize),
+        Validate(usize),
         Advance(u64),
     }
 
@@ -494,13 +519,15 @@ mod tests {
             1 => (0..4usize, 1..120u64).prop_map(|(k, s)| Op::CoolDown(k, s)),
             1 => (0..4usize).prop_map(Op::Remove),
             1 => (0..4usize).prop_map(Op::Restore),
+            1 => (0..4usize).prop_map(Op::Validate),
             1 => (1..90u64).prop_map(Op::Advance),
         ]
     }
 
     proptest! {
-        /// A pick never returns a key out of rotation, fails only when every key is out, and
-        /// never returns a key that must wait while another key could take the request now.
+        /// A pick never returns a key out of rotation, fails only when every key is out,
+        /// prefers keys not on probation (first request still out), and among those never
+        /// returns a key that must wait while another could take the request now.
         #[test]
         fn picks_respect_removals_and_cooldowns(ops in proptest::collection::vec(op(), 1..60)) {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -516,20 +543,31 @@ mod tests {
                 let board = QuotaBoard::builder().default_limits(Limits::new(5, 1_000, 1_000)).build();
                 let cost = Cost::new(1, 10, 10);
                 let ids = handle.keys();
+                let mut validated = [false; 4];
                 for op in ops {
                     match op {
                         Op::Pick => {
                             let now = Instant::now();
                             let statuses = handle.statuses();
-                            let free_now: Vec<_> = statuses.iter().filter(|s| {
-                                s.state == KeyState::Active
-                                    && s.cooldowns.is_empty()
-                                    && board.fits_now(&s.key, &group, &cost)
-                            }).map(|s| s.key.clone()).collect();
+                            let active: Vec<_> = statuses
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, s)| s.state == KeyState::Active)
+                                .collect();
+                            let trusted: Vec<_> = active
+                                .iter()
+                                .filter(|(i, s)| validated[*i] || s.in_flight == 0)
+                                .collect();
+                            let candidates = if trusted.is_empty() { active.iter().collect() } else { trusted };
+                            let free_now: Vec<_> = candidates.iter().filter(|(_, s)| {
+                                s.cooldowns.is_empty() && board.fits_now(&s.key, &group, &cost)
+                            }).map(|(_, s)| s.key.clone()).collect();
+                            let allowed: Vec<_> = candidates.iter().map(|(_, s)| s.key.clone()).collect();
                             match pool.pick(Some((&group, &cost)), &board, now) {
                                 Ok(pick) => {
                                     let st = handle.status(&pick.id).unwrap();
                                     prop_assert!(matches!(st.state, KeyState::Active));
+                                    prop_assert!(allowed.contains(&pick.id));
                                     if !free_now.is_empty() {
                                         prop_assert!(free_now.contains(&pick.id));
                                     }
@@ -552,6 +590,10 @@ mod tests {
                         }
                         Op::Restore(k) => {
                             handle.restore(&ids[k]);
+                        }
+                        Op::Validate(k) => {
+                            pool.validated(k);
+                            validated[k] = true;
                         }
                         Op::Advance(s) => tokio::time::advance(Duration::from_secs(s)).await,
                     }

@@ -110,10 +110,14 @@ local function out(status, wait)
   return r
 end
 local function save()
-  redis.call('HSET', KEYS[1], 't', string.format('%.0f', now))
+  local fields = {'t', string.format('%.0f', now)}
   for i = 1, 3 do
-    if levels[i] then redis.call('HSET', KEYS[1], 'l' .. i, string.format('%.6f', levels[i])) end
+    if levels[i] then
+      fields[#fields + 1] = 'l' .. i
+      fields[#fields + 1] = string.format('%.6f', levels[i])
+    end
   end
+  redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 if mode == 'acquire' then
