@@ -118,6 +118,7 @@ async fn two_boards_never_admit_more_than_the_limit_together() {
         ta.failed.load(Ordering::Relaxed) + tb.failed.load(Ordering::Relaxed),
         0
     );
+    assert!(format!("{a:?}").contains("redis"));
     let (sa, sb) = (a.redis_status().unwrap(), b.redis_status().unwrap());
     assert!(!sa.degraded && !sb.degraded);
     assert_eq!(sa.shared_grants + sb.shared_grants, together);

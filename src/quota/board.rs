@@ -86,10 +86,18 @@ enum Backend {
 
 impl fmt::Debug for QuotaBoard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(feature = "redis")]
+        let name = if self.shared.is_some() {
+            "redis"
+        } else {
+            "local"
+        };
+        #[cfg(not(feature = "redis"))]
+        let name = "local";
         match &self.backend {
             Backend::Local(b) => f
                 .debug_struct("QuotaBoard")
-                .field("backend", &"local")
+                .field("backend", &name)
                 .field("entries", &b.len())
                 .finish(),
         }
