@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! caller
+//!   MetricsLayer      what the caller sees: latency, status, tokens, retries, cache, fallback
 //!   CacheLayer        identical request (same tenant) -> stored response; twins coalesce
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
@@ -163,6 +164,10 @@ pub struct StackConfig {
     pub cache_ttl: Duration,
     /// Model ids, groups and the fallback chain.
     pub catalog: ModelCatalog,
+    /// Whether requests are measured (`MetricsLayer`, feature `metrics`). Default: on when
+    /// the feature is enabled. The metrics go to whatever recorder the `metrics` facade has
+    /// (none installed: they cost next to nothing).
+    pub metrics: bool,
 }
 
 impl Default for StackConfig {
@@ -183,6 +188,7 @@ impl Default for StackConfig {
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
             catalog: ModelCatalog::default(),
+            metrics: cfg!(feature = "metrics"),
         }
     }
 }
@@ -194,6 +200,8 @@ impl Default for StackConfig {
 /// layers one by one; then wrap an inner service with [`ClaudeStack::service`].
 #[derive(Clone)]
 pub struct ClaudeStack {
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::MetricsLayer>,
     board: QuotaBoard,
     catalog: ModelCatalog,
     cache: Option<CacheLayer>,
@@ -205,8 +213,10 @@ pub struct ClaudeStack {
 
 impl std::fmt::Debug for ClaudeStack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClaudeStack")
-            .field("cache", &self.cache.is_some())
+        let mut d = f.debug_struct("ClaudeStack");
+        #[cfg(feature = "metrics")]
+        d.field("metrics", &self.metrics.is_some());
+        d.field("cache", &self.cache.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
             .field("rate_limit", &self.rate_limit.is_some())
@@ -289,7 +299,16 @@ impl ClaudeStack {
 
         let concurrency = config.max_in_flight.map(ConcurrencyLayer::new);
 
+        #[cfg(not(feature = "metrics"))]
+        if config.metrics {
+            return Err("metrics need the `metrics` feature".into());
+        }
+
         Ok(Self {
+            #[cfg(feature = "metrics")]
+            metrics: config
+                .metrics
+                .then(|| crate::metrics::MetricsLayer::new().board(board.clone())),
             board,
             catalog,
             cache,
@@ -315,6 +334,24 @@ impl ClaudeStack {
     pub fn catalog(mut self, catalog: ModelCatalog) -> Self {
         self.catalog = catalog;
         self
+    }
+
+    /// Replaces (or with `None` removes) the metrics layer. Its board and catalogue are the
+    /// stack's.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, layer: Option<crate::metrics::MetricsLayer>) -> Self {
+        self.metrics = layer;
+        self
+    }
+
+    /// The metrics layer, if any (e.g. to call its `spawn_refresh`).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics_layer(&self) -> Option<crate::metrics::MetricsLayer> {
+        self.metrics
+            .clone()
+            .map(|m| m.board(self.board.clone()).catalog(self.catalog.clone()))
     }
 
     /// Replaces (or with `None` removes) the cache layer.
@@ -378,6 +415,10 @@ impl ClaudeStack {
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {
+            svc = boxed(layer.layer(svc));
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(layer) = self.metrics_layer() {
             svc = boxed(layer.layer(svc));
         }
         svc

@@ -45,6 +45,7 @@ struct State {
     board: QuotaBoard,
     started: std::time::Instant,
     counters: Counters,
+    metrics: Option<crate::metrics::MetricsLayer>,
 }
 
 /// What the status page reports besides the board.
@@ -68,7 +69,21 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Builds the upstream service and the stack from `config`.
     pub fn new(config: ProxyConfig) -> Result<Self, BoxError> {
-        let stack = ClaudeStack::from_config(&stack_config(&config))?;
+        let mut stack = ClaudeStack::from_config(&stack_config(&config))?;
+        if config.metrics {
+            // Install the recorder before any request is measured.
+            let _ = prometheus_handle();
+            let mut alerts = crate::metrics::alerts::Alerts::builder()
+                .threshold(config.alert_threshold)
+                .on_alert(|alert| tracing::warn!(alert = %alert.text(), "quota alert"));
+            if let Some(url) = &config.alert_webhook {
+                alerts = alerts.webhook(crate::metrics::alerts::Webhook::new(url)?);
+            }
+            stack = stack.metrics(Some(
+                crate::metrics::MetricsLayer::new().alerts(alerts.build()),
+            ));
+        }
+        let metrics = stack.metrics_layer();
         let board = stack.quota_board().clone();
         let service = match &config.upstream {
             Upstream::Url(uri) => stack.service(crate::client::HttpClient::new(uri.clone())),
@@ -81,6 +96,7 @@ impl Proxy {
                 board,
                 started: std::time::Instant::now(),
                 counters: Counters::default(),
+                metrics,
             }),
         })
     }
@@ -102,6 +118,12 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        // Quota gauges and alerts move even while no response arrives.
+        let refresh = self
+            .state
+            .metrics
+            .as_ref()
+            .map(|m| m.spawn_refresh(Duration::from_secs(5)));
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
         tokio::pin!(shutdown);
@@ -131,6 +153,9 @@ impl Proxy {
             }
         }
         drop(listener);
+        if let Some(refresh) = refresh {
+            refresh.abort();
+        }
         tracing::info!("shutting down: waiting for in-flight requests");
         tokio::select! {
             () = graceful.shutdown() => {}
@@ -204,6 +229,7 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
         fallback_floor: config.fallback_model.clone(),
         cache,
         cache_ttl: config.cache_ttl,
+        metrics: config.metrics,
         ..StackConfig::default()
     }
 }
@@ -275,6 +301,49 @@ fn status_page(state: &State) -> Response<ProxyBody> {
     json_response(StatusCode::OK, body.to_string())
 }
 
+/// The process-wide Prometheus recorder, installed by the first proxy that asks for it (the
+/// `metrics` facade has one global recorder). `None` when another recorder was installed first.
+fn prometheus_handle() -> Option<&'static crate::metrics::prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<crate::metrics::prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| match crate::metrics::prometheus::install() {
+            Ok(handle) => Some(handle),
+            Err(err) => {
+                tracing::warn!(%err, "cannot install the Prometheus recorder; /metrics is off");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: every metric of `docs/metrics.md` in the Prometheus text format.
+fn metrics_page(state: &State) -> Response<ProxyBody> {
+    let handle = match (&state.metrics, state.config.metrics) {
+        (Some(_), true) => prometheus_handle(),
+        _ => None,
+    };
+    let Some(handle) = handle else {
+        return api_error(
+            ApiErrorKind::NotFound,
+            "metrics are off (CLAUDE_PROXY_METRICS=false)",
+        );
+    };
+    if let Some(m) = &state.metrics {
+        m.refresh();
+    }
+    let mut resp = Response::new(
+        Full::new(Bytes::from(crate::metrics::prometheus::render(handle)))
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::prometheus::CONTENT_TYPE),
+    );
+    resp
+}
+
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(
         Full::new(body.into())
@@ -320,6 +389,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
             return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
         (&Method::GET, "/v1/proxy/status") => return status_page(&state),
+        (&Method::GET, "/metrics") => return metrics_page(&state),
         _ if path.starts_with("/v1/") || path == "/v1" => {}
         _ => return api_error(ApiErrorKind::NotFound, &format!("no route for {path}")),
     }
