@@ -1044,10 +1044,10 @@ async fn acceleration_limit_accepts_a_gradual_ramp() {
 #[tokio::test(start_paused = true)]
 async fn acceleration_retry_after_is_enough() {
     use tower_claude::testing::AccelerationLimit;
-    // A 10 s window: growth 6 RPM per minute is one request more per window.
+    // A 10 s window: growth 6 RPM per minute is one request more per window, from one.
     let accel = AccelerationLimit::new(6, 6).with_window(Duration::from_secs(10));
     let mock = MockClaude::builder()
-        .limits(MODEL, MockLimits::new(12, 10_000_000, 1_000_000))
+        .limits(MODEL, MockLimits::new(60, 10_000_000, 1_000_000))
         .acceleration_limit(accel)
         .build();
     let start = Instant::now();
@@ -1068,12 +1068,46 @@ async fn acceleration_retry_after_is_enough() {
         admitted += 1;
     }
     let stats = mock.stats();
-    // 1 request in the first 10 s window, then 2 per window (the 12 RPM cap): the 12-request
-    // bucket alone would have let the first 12 through at once and taken 140 s for 40.
-    assert!(start.elapsed() >= Duration::from_secs(190), "{:?}", start.elapsed());
+    // Consecutive 10 s windows hold at most 1, 2, 3, ... requests: 40 need 9 windows, while
+    // the 60-request bucket alone would have let them all through at once.
+    assert!(
+        start.elapsed() >= Duration::from_secs(80),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(stats.accepted, 40);
     assert_eq!(stats.acceleration_limited, stats.rate_limited);
-    assert!(stats.acceleration_limited >= 19, "{stats:?}");
+    assert!(stats.acceleration_limited >= 8, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn acceleration_limit_steps_aside_at_the_rpm_limit() {
+    use tower_claude::testing::AccelerationLimit;
+    // 10 s windows, floor and growth 6 RPM, against 12 RPM: after one window at 6 RPM the
+    // allowance reaches the limit, then only the bucket (12 requests, one back every 5 s)
+    // applies.
+    let mock = MockClaude::builder()
+        .limits(MODEL, MockLimits::new(12, 10_000_000, 1_000_000))
+        .acceleration_limit(AccelerationLimit::new(6, 6).with_window(Duration::from_secs(10)))
+        .build();
+    let (statuses, refused) = burst(&mock, 3).await;
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 1);
+    assert_eq!(header(&refused.unwrap(), "retry-after"), "10");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // 6 RPM used + 6 = 12 RPM: the ceiling steps aside; the bucket holds 12 (11 left + 2 refilled, capped).
+    let (statuses, refused) = burst(&mock, 20).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        12
+    );
+    let headers = refused.unwrap();
+    assert_eq!(header(&headers, "retry-after"), "5");
+    assert_eq!(
+        header(&headers, "anthropic-ratelimit-requests-remaining"),
+        "0"
+    );
+    let stats = mock.stats();
+    assert_eq!((stats.rate_limited, stats.acceleration_limited), (10, 2));
 }
 
 #[tokio::test(start_paused = true)]

@@ -55,12 +55,15 @@ impl Default for MockLimits {
 /// request is admitted only if `recent + 1 <= ceiling`, with, in requests per window,
 ///
 /// ```text
-/// ceiling = max(1, min(rpm, max(floor_rpm, previous_rpm + growth_per_minute · window / 60 s)) · window / 60 s)
+/// rate    = max(floor_rpm, previous_rpm + growth_per_minute)
+/// ceiling = max(1, rate · window / 60 s)
 /// ```
 ///
 /// where `previous_rpm` is the rate actually admitted over the previous window. So the admitted
-/// rate may rise by at most `growth_per_minute` requests per minute every minute, starts again
-/// from `floor_rpm` after a quiet spell, and never exceeds the group's RPM limit. Refused
+/// rate may rise by at most `growth_per_minute` requests per minute every minute and starts
+/// again from `floor_rpm` after a quiet spell. Once `rate` reaches the group's RPM limit the
+/// ceiling no longer applies: the buckets alone decide (the model never limits more than the
+/// per-minute limit would at full rate). Refused
 /// requests take nothing and count for nothing; only admitted requests count as usage. Token
 /// buckets are checked as usual on top of it.
 ///

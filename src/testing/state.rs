@@ -121,9 +121,11 @@ impl Buckets {
         let recent = after(recent_start);
         let previous = after(previous_start) - recent;
         let previous_rpm = previous as f64 / per_window;
-        let rate = (previous_rpm + accel.growth_per_minute as f64)
-            .max(accel.floor_rpm as f64)
-            .min(rpm as f64);
+        let rate = (previous_rpm + accel.growth_per_minute as f64).max(accel.floor_rpm as f64);
+        if rate >= rpm as f64 {
+            // Ramped up to the limit: only the buckets apply.
+            return true;
+        }
         let ceiling = (rate * per_window).max(1.0);
         // A small tolerance so that rates that divide evenly are not lost to rounding.
         (recent + 1) as f64 <= ceiling + 1e-9
