@@ -7,6 +7,7 @@
 //!   CacheLayer        identical request (same tenant) -> stored response; twins coalesce
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
+//!   KeyPoolLayer      (optional) the API key with the most headroom; cool down keys on 429
 //!   RateLimitLayer    token buckets: requests, input and output tokens per (key, group)
 //!   ConcurrencyLayer  cap on in-flight requests, held until the response body ends
 //! inner service       HttpClient to api.anthropic.com, MockClaude, or anything
@@ -61,6 +62,7 @@ use crate::body::RequestBody;
 use crate::cache::CacheLayer;
 use crate::concurrency::ConcurrencyLayer;
 use crate::fallback::FallbackLayer;
+use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 use crate::rate_limit::RateLimitLayer;
 use crate::retry::RetryLayer;
@@ -207,6 +209,7 @@ pub struct ClaudeStack {
     cache: Option<CacheLayer>,
     fallback: Option<FallbackLayer>,
     retry: Option<RetryLayer>,
+    key_pool: Option<KeyPoolLayer>,
     rate_limit: Option<RateLimitLayer>,
     concurrency: Option<ConcurrencyLayer>,
 }
@@ -219,6 +222,7 @@ impl std::fmt::Debug for ClaudeStack {
         d.field("cache", &self.cache.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
+            .field("key_pool", &self.key_pool.is_some())
             .field("rate_limit", &self.rate_limit.is_some())
             .field("concurrency", &self.concurrency.is_some())
             .finish_non_exhaustive()
@@ -314,6 +318,7 @@ impl ClaudeStack {
             cache,
             fallback,
             retry,
+            key_pool: None,
             rate_limit,
             concurrency,
         })
@@ -372,6 +377,14 @@ impl ClaudeStack {
         self
     }
 
+    /// Adds (or with `None` removes) a key pool between retry and the rate limiter: each
+    /// request goes out with the pooled key that has the most headroom. Its board and
+    /// catalogue are the stack's. No pool by default: the caller's own `x-api-key` is used.
+    pub fn key_pool(mut self, layer: Option<KeyPoolLayer>) -> Self {
+        self.key_pool = layer;
+        self
+    }
+
     /// Replaces (or removes) the rate-limit layer. Its board and catalogue are the stack's.
     pub fn rate_limit(mut self, layer: Option<RateLimitLayer>) -> Self {
         self.rate_limit = layer;
@@ -398,6 +411,13 @@ impl ClaudeStack {
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.rate_limit {
+            let layer = layer
+                .clone()
+                .board(self.board.clone())
+                .catalog(self.catalog.clone());
+            svc = boxed(layer.layer(svc));
+        }
+        if let Some(layer) = &self.key_pool {
             let layer = layer
                 .clone()
                 .board(self.board.clone())

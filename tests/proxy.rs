@@ -284,10 +284,18 @@ async fn status_page_and_prometheus_metrics() {
         assert_eq!(resp.status(), StatusCode::OK);
         resp.into_body().collect().await.unwrap();
     }
-    assert_eq!(mock.stats().received, 1, "the second answer came from the cache");
+    assert_eq!(
+        mock.stats().received,
+        1,
+        "the second answer came from the cache"
+    );
 
     let resp = c
-        .get(format!("http://{}/v1/proxy/status", proxy.addr).parse().unwrap())
+        .get(
+            format!("http://{}/v1/proxy/status", proxy.addr)
+                .parse()
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -301,17 +309,35 @@ async fn status_page_and_prometheus_metrics() {
         .find(|q| q["group"] == "claude-haiku-4-5")
         .expect("the group is on the status page");
     assert!(entry["key_id"].as_str().unwrap().starts_with("k-"));
-    assert!(entry["requests"]["limit"].as_u64().unwrap() > 0, "limits learned from headers");
-    assert!(!String::from_utf8_lossy(&bytes).contains("sk-client-status"), "no key in clear");
+    assert!(
+        entry["requests"]["limit"].as_u64().unwrap() > 0,
+        "limits learned from headers"
+    );
+    assert!(
+        !String::from_utf8_lossy(&bytes).contains("sk-client-status"),
+        "no key in clear"
+    );
 
     let resp = c
         .get(format!("http://{}/metrics", proxy.addr).parse().unwrap())
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(text.contains("tower_claude_requests_total"), "{text}");
-    assert!(text.contains(r#"tower_claude_cache_requests_total{result="hit"}"#) || text.contains("tower_claude_cache_requests_total{"), "{text}");
+    assert!(
+        text.contains(r#"tower_claude_cache_requests_total{result="hit"}"#)
+            || text.contains("tower_claude_cache_requests_total{"),
+        "{text}"
+    );
     assert!(text.contains("tower_claude_quota_remaining{"), "{text}");
     assert!(!text.contains("sk-client-status"));
     proxy.stop().await;

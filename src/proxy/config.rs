@@ -148,6 +148,9 @@ pub struct ProxyConfig {
     pub body_limit: usize,
     /// Redis URL for shared quota and cache (`REDIS_URL`).
     pub redis_url: Option<String>,
+    /// How many proxy nodes share the quota: while Redis is down each limits locally to
+    /// `1 / expected_nodes` of every limit.
+    pub expected_nodes: u32,
     /// Whether `GET /metrics` (Prometheus) and the metrics layer are on.
     pub metrics: bool,
     /// Webhook (Slack-compatible) for quota utilisation alerts.
@@ -227,6 +230,9 @@ pub struct Cli {
     /// Redis URL for quota and cache shared by several proxies [env: REDIS_URL]
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// Proxy nodes sharing the quota through Redis (each keeps 1/N of the limits while Redis is down) [env: CLAUDE_PROXY_NODES] [default: 1]
+    #[arg(long, value_name = "N")]
+    pub expected_nodes: Option<u32>,
     /// Serve Prometheus metrics on GET /metrics [env: CLAUDE_PROXY_METRICS] [default: true]
     #[arg(long, value_name = "BOOL")]
     pub metrics: Option<bool>,
@@ -259,6 +265,7 @@ struct FileConfig {
     cache_max_bytes: Option<u64>,
     max_in_flight: Option<usize>,
     redis_url: Option<String>,
+    expected_nodes: Option<u32>,
     metrics: Option<bool>,
     alert_webhook: Option<String>,
     alert_threshold: Option<f64>,
@@ -597,6 +604,22 @@ impl ProxyConfig {
             }
             None => 0.8,
         };
+        let expected_nodes = match pick(
+            &cli.expected_nodes.map(|v| v.to_string()),
+            "expected-nodes",
+            "CLAUDE_PROXY_NODES",
+            file.expected_nodes.map(|v| v.to_string()),
+            "expected_nodes",
+        ) {
+            Some(s) => {
+                let n = parse_num::<u32>(&s)?;
+                if n == 0 {
+                    return Err(ConfigError::new(s.source, "must be at least 1"));
+                }
+                n
+            }
+            None => 1,
+        };
         let redis_url = pick(
             &cli.redis_url,
             "redis-url",
@@ -666,6 +689,7 @@ impl ProxyConfig {
             limits: file.limits,
             body_limit: crate::body::ANTHROPIC_MAX_BODY,
             redis_url,
+            expected_nodes,
             metrics,
             alert_webhook,
             alert_threshold,

@@ -22,10 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::error_response::error_response;
 use crate::BoxError;
+use crate::anthropic::KeyId;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, RequestBody};
-use crate::cache::CacheStatus;
+use crate::cache::{CacheStatus, Tenant};
+use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, QuotaBoard};
+use crate::retry::Deadline;
 use crate::stack::{CacheConfig, ClaudeStack, StackConfig};
 
 /// The response body type of the proxy.
@@ -69,7 +72,52 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Builds the upstream service and the stack from `config`.
     pub fn new(config: ProxyConfig) -> Result<Self, BoxError> {
+        if config.redis_url.is_some() {
+            return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
+        }
+        let stack = ClaudeStack::from_config(&stack_config(&config))?;
+        Self::assemble(config, stack)
+    }
+
+    /// Builds the proxy like [`Proxy::new`], and with a Redis URL in the configuration also
+    /// connects the shared quota board and cache (a Redis that is down at start is not an
+    /// error: the board limits locally with its share and reconnects in the background).
+    pub async fn connect(config: ProxyConfig) -> Result<Self, BoxError> {
         let mut stack = ClaudeStack::from_config(&stack_config(&config))?;
+        #[cfg(feature = "redis")]
+        if let Some(url) = &config.redis_url {
+            let mut board = QuotaBoard::builder();
+            for (group, l) in &config.limits {
+                board = board.limits(
+                    crate::anthropic::RateLimitGroup::new(group),
+                    Limits {
+                        rpm: l.rpm,
+                        itpm: l.itpm,
+                        otpm: l.otpm,
+                    },
+                );
+            }
+            let options = crate::quota::RedisOptions::new().expected_nodes(config.expected_nodes);
+            stack = stack.board(board.build_redis(url, options).await?);
+            if config.cache {
+                let store = crate::cache::RedisStore::connect(url).await?;
+                stack = stack.cache(Some(
+                    crate::cache::CacheLayer::new(store).ttl(config.cache_ttl),
+                ));
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        if config.redis_url.is_some() {
+            return Err("REDIS_URL needs claude-proxy built with the `redis` feature".into());
+        }
+        Self::assemble(config, stack)
+    }
+
+    fn assemble(config: ProxyConfig, mut stack: ClaudeStack) -> Result<Self, BoxError> {
+        if !config.api_keys.is_empty() {
+            let pool = KeyPoolLayer::new(config.api_keys.iter().map(Secret::expose))?;
+            stack = stack.key_pool(Some(pool));
+        }
         if config.metrics {
             // Install the recorder before any request is measured.
             let _ = prometheus_handle();
@@ -405,21 +453,17 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
             );
         }
     }
-    if let Some(key) = config.api_keys.first() {
-        // The proxy holds the upstream key: the client's credential never goes upstream.
+    if !config.api_keys.is_empty() {
+        // The proxy holds the upstream keys (the key pool picks one per request): the client's
+        // credential never goes upstream. It still names the cache tenant, so that clients
+        // with different proxy tokens never share cached answers.
+        let tenant = presented_token(&req)
+            .filter(|t| !t.is_empty())
+            .map(|t| KeyId::from_api_key(t).as_str().to_owned())
+            .unwrap_or_else(|| "proxy".to_owned());
+        req.extensions_mut().insert(Tenant::new(tenant));
         req.headers_mut().remove(header::AUTHORIZATION);
-        match HeaderValue::from_str(key.expose()) {
-            Ok(mut v) => {
-                v.set_sensitive(true);
-                req.headers_mut().insert("x-api-key", v);
-            }
-            Err(_) => {
-                return api_error(
-                    ApiErrorKind::Authentication,
-                    "the configured API key is not a valid header value",
-                );
-            }
-        }
+        req.headers_mut().remove("x-api-key");
     }
 
     // Buffer the body here rather than through `BufferBody`: the same work, but with concrete
@@ -435,6 +479,13 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         }
     };
     let req = Request::from_parts(parts, body);
+    // The proxy's deadline bounds every wait below (quota queue, retries), unless the
+    // request already carries an earlier one.
+    let mut req = req;
+    if req.extensions().get::<Deadline>().is_none() {
+        req.extensions_mut()
+            .insert(Deadline::after(config.deadline));
+    }
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
