@@ -40,7 +40,10 @@ async fn main() -> std::io::Result<()> {
     let mock = MockClaude::builder()
         .default_limits(limits)
         .overloaded_rate(arg("--overloaded", 0.0))
-        .latency(Duration::from_millis(arg("--latency-ms", 50)), Duration::ZERO)
+        .latency(
+            Duration::from_millis(arg("--latency-ms", 50)),
+            Duration::ZERO,
+        )
         .build();
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     eprintln!(
