@@ -33,6 +33,16 @@ async fn node(
         format!("[limits.claude-haiku-4-5]\nrpm = {LIMIT}\nitpm = 1000000\notpm = 1000000\n"),
     )
     .unwrap();
+    node_with(upstream, redis, Some(dir)).await
+}
+
+/// A node with this config file (`None`: no `[limits]`, every limit is learned from the
+/// `anthropic-ratelimit-*` headers).
+async fn node_with(
+    upstream: SocketAddr,
+    redis: Option<&str>,
+    config: Option<std::path::PathBuf>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let mut env = BTreeMap::new();
     env.insert("ANTHROPIC_API_KEY".to_owned(), "sk-ant-shared".to_owned());
     env.insert("CLAUDE_PROXY_DEADLINE".to_owned(), "2s".to_owned());
@@ -44,7 +54,7 @@ async fn node(
         env.insert("REDIS_URL".to_owned(), url.to_owned());
     }
     let cli = Cli {
-        config: Some(dir),
+        config,
         upstream: Some(format!("http://{upstream}")),
         ..Cli::default()
     };
@@ -135,4 +145,32 @@ async fn two_proxies_share_one_quota_through_redis() {
     );
     assert!(alone.received >= 2 * LIMIT - 2, "{alone:?}");
     assert!(alone.rate_limited >= LIMIT - 2, "{alone:?}");
+}
+
+/// No `[limits]` configured: the nodes learn the limits from the first answers' headers. Each
+/// node sends at most one probe alone; the requests that queued behind it, and every request
+/// after it, take their quota in Redis, so upstream sees the limit plus at most one probe per
+/// node, not a burst of twice the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_learned_limits_through_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const NODES: u64 = 2;
+    let mock = upstream();
+    let (up, _server) = mock.serve_on_loopback().await.unwrap();
+    let (a, ta) = node_with(up, Some(&redis.url()), None).await;
+    let (b, tb) = node_with(up, Some(&redis.url()), None).await;
+    let ok = burst([a, b], 2 * LIMIT as usize).await;
+    let stats = mock.stats();
+    ta.abort();
+    tb.abort();
+    println!(
+        "learned limits, with Redis: {ok} answered, upstream saw {} requests, {} refused (429)",
+        stats.received, stats.rate_limited
+    );
+    assert!(stats.received <= LIMIT + NODES, "{stats:?}");
+    assert!(stats.rate_limited <= NODES, "{stats:?}");
+    // The limit is used, not starved.
+    assert!(ok as u64 >= LIMIT - NODES, "{ok} answered; {stats:?}");
 }

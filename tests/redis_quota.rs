@@ -390,3 +390,90 @@ async fn two_rate_limited_nodes_share_the_upstream_limit() {
     assert!(ok_local <= rpm + 1, "{outcome:?}");
     assert!(refused_local >= 1, "{outcome:?}");
 }
+
+/// No configured limits: each node sends one probe, and the requests that queued behind it
+/// are released to Redis once its headers teach the limits (after Redis holds the server's
+/// view, which counts the probes). Granted from the local mirror instead, each node would
+/// admit the whole `remaining` on its own: twice the limit together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_limits_are_enforced_in_redis_for_requests_queued_behind_the_probe() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let limit = 10;
+    let a = QuotaBoard::builder()
+        .build_redis(&server.url(), options("t7:"))
+        .await
+        .unwrap();
+    let b = QuotaBoard::builder()
+        .build_redis(&server.url(), options("t7:"))
+        .await
+        .unwrap();
+    // The server's answers to the two probes.
+    let answer = |remaining| RateLimitSnapshot {
+        requests: BucketSnapshot {
+            limit: Some(limit),
+            remaining: Some(remaining),
+            reset: None,
+        },
+        ..Default::default()
+    };
+    let mut probes = Vec::new();
+    let mut waiters = Vec::new();
+    for board in [&a, &b] {
+        probes.push(
+            board
+                .try_acquire(&key(), &group(), Cost::new(1, 10, 10))
+                .unwrap(),
+        );
+        // Blocked behind the probe.
+        let err = board
+            .try_acquire(&key(), &group(), Cost::new(1, 10, 10))
+            .unwrap_err();
+        assert_eq!(err.kind(), AcquireErrorKind::QueueTimeout);
+        for _ in 0..limit {
+            let board = board.clone();
+            waiters.push(tokio::spawn(async move {
+                board
+                    .acquire(key(), group(), Cost::new(1, 10, 10))
+                    .max_wait(Duration::from_millis(400))
+                    .await
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        a.headroom(&key(), &group()).is_none(),
+        "nothing learned yet"
+    );
+    // Both probes are answered: 9 left after the first, 8 after the second.
+    for (i, (board, probe)) in [&a, &b].into_iter().zip(probes).enumerate() {
+        board.observe(&key(), &group(), &answer(limit - 1 - i as u64));
+        probe.settle(Cost::new(1, 10, 10));
+    }
+    let mut admitted = 0;
+    for w in waiters {
+        match w.await.unwrap() {
+            Ok(r) => {
+                admitted += 1;
+                r.settle(Cost::new(1, 10, 10));
+            }
+            Err(e) => assert_eq!(e.kind(), AcquireErrorKind::QueueTimeout),
+        }
+    }
+    // The two probes plus what Redis admitted: the limit, not twice it. The second node to
+    // seed Redis charges its probe there, but when the first node's waiters have drained
+    // Redis before that, the second probe was already sent: one over, never more. (When the
+    // second answer reaches Redis first, the first probe counts twice: one under.)
+    eprintln!("admitted {admitted} behind two probes (limit {limit})");
+    assert!(
+        admitted + 2 <= limit + 1,
+        "admitted {admitted} behind the probes"
+    );
+    assert!(
+        admitted + 2 >= limit - 1,
+        "admitted {admitted} behind the probes"
+    );
+    let grants = a.redis_status().unwrap().shared_grants + b.redis_status().unwrap().shared_grants;
+    assert_eq!(grants, admitted, "every waiter was admitted by Redis");
+}

@@ -623,6 +623,13 @@ impl Future for Acquire {
                         available_in,
                     )));
                 }
+                WaitPoll::Released => {
+                    // The limits are known now and live in the shared store: start over on
+                    // its path (at the next poll, which `poll_remote` takes).
+                    this.state = AcquireState::Start;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 WaitPoll::Pending(timer) => {
                     let wake_at = match (timer, this.deadline) {
                         (Some(t), Some(d)) => Some(t.min(d)),

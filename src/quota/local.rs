@@ -82,6 +82,9 @@ pub(crate) enum WaitPoll {
     /// Still waiting; wake up at this instant at the latest (head of the queue only).
     Pending(Option<Instant>),
     TimedOut(Option<Duration>),
+    /// The limits are known now and a shared store holds the buckets: take the quota there
+    /// (the waiter has left the queue).
+    Released,
 }
 
 #[derive(Debug)]
@@ -110,6 +113,8 @@ enum WaitState {
     Waiting,
     Granted(Grant),
     TooLarge,
+    /// Handed over to the shared store (see [`WaitPoll::Released`]).
+    Released,
 }
 
 #[derive(Debug)]
@@ -131,10 +136,17 @@ struct Entry {
     queue: VecDeque<Waiter>,
     outstanding: usize,
     last_used: Instant,
+    /// The board mirrors a shared store (Redis) that holds the buckets of known limits: this
+    /// entry grants locally only while its limits are unknown (the probe) or absent
+    /// (unlimited); once they are known, waiters are released to the shared store.
+    mirror: bool,
+    /// Limits were just learned and the shared store is being seeded with the server's view:
+    /// waiters stay queued until [`LocalBackend::seeded`].
+    seeding: bool,
 }
 
 impl Entry {
-    fn new(limits: Option<Limits>, now: Instant) -> Self {
+    fn new(limits: Option<Limits>, now: Instant, mirror: bool) -> Self {
         let slots = match limits {
             Some(l) => l
                 .as_array()
@@ -149,7 +161,14 @@ impl Entry {
             queue: VecDeque::new(),
             outstanding: 0,
             last_used: now,
+            mirror,
+            seeding: false,
         }
+    }
+
+    /// The quota of this entry is taken in the shared store, not here.
+    fn defers_to_store(&self) -> bool {
+        self.mirror && self.known()
     }
 
     fn configure(&mut self, limits: Limits, now: Instant) {
@@ -273,6 +292,7 @@ impl Entry {
     /// `share`: the part of a learned limit this board may use (see
     /// `QuotaBoardBuilder::local_share`).
     fn observe(&mut self, snap: &RateLimitSnapshot, share: f64, now: Instant) {
+        let was_known = self.known();
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
             let rounding = if i == REQUESTS { 0 } else { TOKEN_ROUNDING };
@@ -308,6 +328,9 @@ impl Entry {
         }
         self.snapshot = Some((*snap, now));
         self.last_used = self.last_used.max(now);
+        if self.mirror && !was_known && self.known() {
+            self.seeding = true;
+        }
     }
 
     fn has_waiting(&self) -> bool {
@@ -327,6 +350,24 @@ impl Entry {
     /// head (so that it re-arms its timer). `except` is the waiter currently polling, which is
     /// not woken.
     fn drain(&mut self, now: Instant, except: Option<u64>) {
+        if self.defers_to_store() {
+            // The shared store decides (FIFO does not span processes anyway); release every
+            // waiter once the store holds the learned limits and the server's view.
+            if self.seeding {
+                return;
+            }
+            for w in self.queue.iter_mut() {
+                if matches!(w.state, WaitState::Waiting) {
+                    w.state = WaitState::Released;
+                    if Some(w.id) != except {
+                        if let Some(waker) = w.waker.take() {
+                            waker.wake();
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for idx in 0..self.queue.len() {
             if !matches!(self.queue[idx].state, WaitState::Waiting) {
                 continue;
@@ -395,6 +436,7 @@ impl Entry {
         self.queue.is_empty()
             && self.outstanding == 0
             && !self.probe_out
+            && !self.seeding
             && now.saturating_duration_since(self.last_used) >= idle_timeout
             && self.slots.iter().flatten().all(|s| {
                 let mut b = s.bucket.clone();
@@ -414,6 +456,8 @@ struct State {
     next_sweep: usize,
     /// Part of learned limits this board may use, in `(0, 1]`.
     share: f64,
+    /// The board mirrors a shared store (see `Entry::mirror`).
+    mirror: bool,
 }
 
 const MIN_SWEEP: usize = 1024;
@@ -450,9 +494,10 @@ impl State {
             self.sweep(now);
         }
         let limits = self.limits_for(key, group);
+        let mirror = self.mirror;
         match self.entries.entry((key.clone(), group.clone())) {
             MapEntry::Occupied(e) => e.into_mut(),
-            MapEntry::Vacant(v) => v.insert(Entry::new(limits, now)),
+            MapEntry::Vacant(v) => v.insert(Entry::new(limits, now, mirror)),
         }
     }
 
@@ -491,9 +536,19 @@ impl LocalBackend {
                 } else {
                     1.0
                 },
+                mirror: false,
             }),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Makes this backend the mirror of a shared store: it grants only while limits are
+    /// unknown (the probe) or absent; requests for known limits go to the store, including
+    /// the ones that queued behind the probe.
+    #[cfg(feature = "redis")]
+    pub(crate) fn mirroring(self) -> Self {
+        self.lock().mirror = true;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -565,6 +620,9 @@ impl LocalBackend {
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.entry(key, group, now);
+        if e.defers_to_store() {
+            return Err(Check::Wait(Duration::ZERO));
+        }
         match e.check(cost, now) {
             Check::Ready if !e.has_waiting() => Ok(e.take(cost, now)),
             Check::Ready => Err(Check::Wait(Duration::ZERO)),
@@ -578,6 +636,9 @@ impl LocalBackend {
         let mut st = self.lock();
         let e = st.entry(key, group, now);
         match e.check(cost, now) {
+            // Known limits of a shared store: queue, to be released at the first poll (or
+            // once the store is seeded).
+            _ if e.defers_to_store() => {}
             Check::TooLarge => return Enqueued::TooLarge,
             Check::Ready if !e.has_waiting() => return Enqueued::Granted(e.take(cost, now)),
             _ => {}
@@ -626,10 +687,16 @@ impl LocalBackend {
                 e.drain(now, None);
                 return WaitPoll::TooLarge;
             }
+            WaitState::Released => {
+                e.queue.remove(pos);
+                return WaitPoll::Released;
+            }
             WaitState::Waiting => {}
         }
         let cost = e.queue[pos].cost;
         let estimate = match e.check(&cost, now) {
+            // Waiting for the shared store to be seeded: no timer helps.
+            _ if e.defers_to_store() => None,
             Check::Wait(d) => Some(d),
             Check::Ready => Some(Duration::ZERO),
             Check::Blocked | Check::TooLarge => None,
@@ -701,6 +768,30 @@ impl LocalBackend {
         e.drain(now, None);
     }
 
+    /// Whether `(key, group)` learned its limits in the last [`observe`](Self::observe) and
+    /// waits for [`seeded`](Self::seeded).
+    #[cfg(feature = "redis")]
+    pub(crate) fn is_seeding(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
+        let st = self.lock();
+        st.entries
+            .get(&(key.clone(), group.clone()))
+            .is_some_and(|e| e.seeding)
+    }
+
+    /// The shared store now holds the limits learned for `(key, group)` and the server's view
+    /// (or is unreachable): release the requests that queued behind the probe to it.
+    #[cfg(feature = "redis")]
+    pub(crate) fn seeded(&self, key: &KeyId, group: &RateLimitGroup) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+            if e.seeding {
+                e.seeding = false;
+                e.drain(now, None);
+            }
+        }
+    }
+
     fn with_view<T>(
         &self,
         key: &KeyId,
@@ -713,7 +804,7 @@ impl LocalBackend {
             Some(e) => Some(f(e, now)),
             None => {
                 let limits = st.limits_for(key, group)?;
-                Some(f(&Entry::new(Some(limits), now), now))
+                Some(f(&Entry::new(Some(limits), now, false), now))
             }
         }
     }

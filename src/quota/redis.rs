@@ -10,8 +10,11 @@
 //!   seen by every node) are sent in the background.
 //! * **Reads** ([`QuotaBoard::headroom`], [`fits_now`](QuotaBoard::fits_now), ...) come from a
 //!   local mirror updated with the levels every script call returns: no round trip.
-//! * **Unknown limits** are learned as with the in-process board (one probe request, then the
-//!   headers); from then on the `(key, group)` is limited in Redis.
+//! * **Unknown limits** are learned as with the in-process board (one probe request per
+//!   process, then the headers); from then on the `(key, group)` is limited in Redis. The
+//!   requests that queued behind the probe are not granted locally: once the headers have
+//!   re-seeded Redis (so the shared level counts the probes), they take their quota in Redis
+//!   like any other. Together the processes send at most the limit plus one probe each.
 //! * **Redis down** never fails a request: the board logs it (`tracing` warning), counts it
 //!   ([`RedisStatus::outages`]), and limits locally with a share of every limit
 //!   ([`RedisOptions::expected_nodes`] / [`RedisOptions::local_share`]) until a background
@@ -70,13 +73,16 @@ const PERIOD_US: u64 = 60_000_000;
 /// Token `remaining` headers are rounded down to thousands.
 const TOKEN_ROUNDING: u64 = 999;
 
-/// One script for the three operations, so that the hot path is a single `EVALSHA`.
+/// One script for every operation, so that the hot path is a single `EVALSHA`.
 ///
 /// `KEYS[1]`: the `(key, group)` hash (`t`: last update in µs, `l1..l3`: levels).
 /// `ARGV`: mode, period (µs), ttl (ms), cap1..3 (-1: unknown bucket), then per mode
 /// `acquire`: amount1..3; `settle`: delta1..3 (added, clamped to the capacity);
 /// `observe`: remaining1..3 (-1: none), rounding1..3 (a level above `remaining + rounding`
-/// is lowered to `remaining`).
+/// is lowered to `remaining`); `seed` (the first headers this process learned limits from):
+/// as `observe`, after taking probe1..3 from buckets that already existed (created by another
+/// process, they do not count this process's probe; new buckets start from `remaining`,
+/// which does).
 /// Returns `{status, wait_us, l1, l2, l3}` as strings (`''` for an unknown bucket).
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
@@ -148,7 +154,13 @@ elseif mode == 'settle' then
   end
   save()
   return out('ok', 0)
-elseif mode == 'observe' then
+elseif mode == 'observe' or mode == 'seed' then
+  if mode == 'seed' and last ~= nil then
+    -- Another process created these buckets: they do not count this process's probe.
+    for i = 1, 3 do
+      if levels[i] then levels[i] = levels[i] - tonumber(ARGV[12 + i]) end
+    end
+  end
   for i = 1, 3 do
     local r = tonumber(ARGV[6 + i])
     if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) then
@@ -424,9 +436,14 @@ fn share_limit(limit: u64, share: f64) -> u64 {
     ((limit as f64 * share).floor() as u64).max(limit.min(1))
 }
 
-fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(fut);
+/// Runs `fut` in the background; `false` outside a Tokio runtime (nothing runs).
+fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(fut);
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -638,31 +655,47 @@ impl RedisShared {
         snap: &RateLimitSnapshot,
     ) {
         self.fallback.observe(key, group, snap);
+        // When these headers taught the limits, the requests that queued behind the probe
+        // wait until Redis holds the server's view (which counts the probe): released
+        // earlier, they would take from a fresh, full bucket.
+        let seeding = self.mirror.is_seeding(key, group);
         if self.is_degraded() {
+            self.mirror.seeded(key, group);
             return;
         }
         let Some(caps) = self.mirror.capacities(key, group) else {
+            self.mirror.seeded(key, group);
             return;
         };
         let views = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         if views.iter().all(|v| v.remaining.is_none()) {
+            self.mirror.seeded(key, group);
             return;
         }
-        let mut extra = [0i64; 6];
+        let mut extra = [0i64; 9];
         for (i, v) in views.iter().enumerate() {
             extra[i] = v
                 .remaining
                 .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
             extra[3 + i] = if i == 0 { 0 } else { TOKEN_ROUNDING as i64 };
         }
+        // The probe's request unit (its tokens hide in the headers' rounding).
+        extra[6] = i64::from(seeding);
+        let mode = if seeding { "seed" } else { "observe" };
         let shared = self.clone();
-        let (key, group) = (key.clone(), group.clone());
-        spawn(async move {
-            match shared.eval(&key, &group, "observe", &caps, &extra).await {
-                Ok(reply) => shared.mirror.set_levels(&key, &group, reply.levels),
+        let (k, g) = (key.clone(), group.clone());
+        let task = async move {
+            match shared.eval(&k, &g, mode, &caps, &extra).await {
+                Ok(reply) => shared.mirror.set_levels(&k, &g, reply.levels),
                 Err(e) => shared.mark_down(&e),
             }
-        });
+            if seeding {
+                shared.mirror.seeded(&k, &g);
+            }
+        };
+        if !spawn(task) {
+            self.mirror.seeded(key, group);
+        }
     }
 
     fn status(&self) -> RedisStatus {
@@ -788,7 +821,12 @@ pub(crate) fn poll_remote(
         if !at_start {
             return None;
         }
-        if !shared.is_degraded() && shared.mirror.capacities(key, group).is_none() {
+        // Limits unknown (the probe gate), or just learned and Redis not yet seeded with the
+        // server's view: wait in the mirror's queue, which releases to this path.
+        if !shared.is_degraded()
+            && (shared.mirror.capacities(key, group).is_none()
+                || shared.mirror.is_seeding(key, group))
+        {
             return None;
         }
         *remote = Some(Box::pin(acquire_shared(
@@ -875,7 +913,7 @@ impl QuotaBoardBuilder {
             local_share: self.local_share * share,
         }
         .build();
-        let mirror = Arc::new(self.local_backend());
+        let mirror = Arc::new(self.local_backend().mirroring());
         let conn = connect(&client, &options).await;
         let connected = conn.is_some();
         let shared = Arc::new(RedisShared {

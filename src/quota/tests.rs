@@ -367,3 +367,75 @@ async fn key_limits_take_precedence_over_group_limits() {
     );
     assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
 }
+
+/// The mirror of a shared store grants only the probe: the requests queued behind it are
+/// released (not granted from the local buckets) once the store has been seeded, and later
+/// requests for the learned limits are never granted locally either.
+#[cfg(feature = "redis")]
+#[tokio::test(start_paused = true)]
+async fn a_mirror_releases_the_waiters_behind_the_probe_to_the_shared_store() {
+    use super::local::{Enqueued, LocalBackend, WaitPoll};
+    use std::collections::HashMap;
+
+    let m = LocalBackend::new(
+        HashMap::new(),
+        HashMap::new(),
+        None,
+        Duration::from_secs(300),
+        1.0,
+    )
+    .mirroring();
+    let cost = Cost::new(1, 10, 10);
+    let probe = m.try_acquire(&k(), &g(), &cost).ok().unwrap();
+    assert!(probe.probe);
+    let waker = std::task::Waker::noop();
+    let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost) else {
+        panic!("the second request must wait for the probe");
+    };
+    assert!(matches!(
+        m.poll_waiter(&k(), &g(), id, waker, None),
+        WaitPoll::Pending(None)
+    ));
+    // The headers teach the limits: the waiter stays queued until the store is seeded.
+    m.observe(
+        &k(),
+        &g(),
+        &snap((50, 49), (30_000, 29_000), (8_000, 7_000)),
+    );
+    assert!(m.is_seeding(&k(), &g()));
+    assert!(matches!(
+        m.poll_waiter(&k(), &g(), id, waker, None),
+        WaitPoll::Pending(None)
+    ));
+    m.seeded(&k(), &g());
+    assert!(!m.is_seeding(&k(), &g()));
+    assert!(matches!(
+        m.poll_waiter(&k(), &g(), id, waker, None),
+        WaitPoll::Released
+    ));
+    // Nothing was taken locally for it; new requests go to the store as well.
+    assert_eq!(
+        m.headroom(&k(), &g()).unwrap().requests.unwrap().remaining,
+        49
+    );
+    assert!(m.try_acquire(&k(), &g(), &cost).is_err());
+    let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost) else {
+        panic!("known limits of a shared store are never granted locally");
+    };
+    assert!(matches!(
+        m.poll_waiter(&k(), &g(), id, waker, None),
+        WaitPoll::Released
+    ));
+    // The same backend without a store grants the waiters from its buckets.
+    let local = QuotaBoard::new();
+    let probe = local.try_acquire(&k(), &g(), cost).unwrap();
+    let mut second = local.acquire(k(), g(), cost);
+    assert!(poll_once(&mut second).is_pending());
+    local.observe(
+        &k(),
+        &g(),
+        &snap((50, 49), (30_000, 29_000), (8_000, 7_000)),
+    );
+    assert!(matches!(poll_once(&mut second), Poll::Ready(Ok(_))));
+    probe.settle(cost);
+}
