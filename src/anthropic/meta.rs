@@ -391,7 +391,9 @@ impl<'a> Scanner<'a> {
                         let parsed = match self.b[start] {
                             b'-' | b'0'..=b'9' => std::str::from_utf8(&self.b[start..self.i])
                                 .ok()
-                                .and_then(|t| t.parse::<f64>().ok()),
+                                .and_then(|t| t.parse::<f64>().ok())
+                                // `1e999` parses as infinity: out of range, like serde_json.
+                                .filter(|v| v.is_finite()),
                             _ => None,
                         };
                         match parsed {

@@ -18,7 +18,7 @@ use http_body::{Frame, SizeHint};
 /// let body = RequestBody::from(r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[]}"#);
 /// let copy = body.clone();
 /// assert_eq!(copy.bytes(), body.bytes());
-/// assert_eq!(body.len(), 59);
+/// assert_eq!(body.len(), 58);
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct RequestBody {

@@ -1,5 +1,8 @@
 //! Errors of the stack as Anthropic-style error responses, so SDKs behave as with the real API.
 
+use std::error::Error as StdError;
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
@@ -7,58 +10,138 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, BufferBodyErrorKind};
+use crate::quota::{AcquireError, AcquireErrorKind};
+use crate::retry::{RetryError, RetryErrorKind};
+
+/// How an error is shown to a client.
+struct Shown {
+    error: ApiError,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    should_retry: Option<bool>,
+}
+
+impl Shown {
+    fn new(error: ApiError) -> Self {
+        Self {
+            status: error.status(),
+            error,
+            retry_after: None,
+            should_retry: None,
+        }
+    }
+
+    fn status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    fn retry_after(mut self, wait: Option<Duration>) -> Self {
+        self.retry_after = wait;
+        self
+    }
+
+    fn should_retry(mut self, retry: bool) -> Self {
+        self.should_retry = Some(retry);
+        self
+    }
+}
 
 /// The response a client sees for an error of the stack: the right status, the official
-/// envelope, and `retry-after` when a wait is known.
+/// envelope, `retry-after` / `retry-after-ms` when a wait is known, and `x-should-retry: false`
+/// when retrying cannot help (a spend cap, a request larger than the quota).
+///
+/// ```
+/// use tower_claude::BoxError;
+/// use tower_claude::anthropic::{ApiError, ApiErrorKind};
+/// use tower_claude::proxy::error_response;
+///
+/// let err: BoxError = Box::new(ApiError::new(ApiErrorKind::Overloaded, "busy"));
+/// let resp = error_response(&err);
+/// assert_eq!(resp.status().as_u16(), 529);
+/// ```
 pub fn error_response(err: &BoxError) -> Response<UnsyncBoxBody<Bytes, BoxError>> {
-    let (api, status, retry_after) = classify(err);
+    let shown = classify(err.as_ref());
     let mut resp = Response::new(
-        Full::new(api.to_envelope())
+        Full::new(shown.error.to_envelope())
             .map_err(|never| match never {})
             .boxed_unsync(),
     );
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
+    *resp.status_mut() = shown.status;
+    let headers = resp.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(wait) = retry_after {
+    if let Some(wait) = shown.retry_after {
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        resp.headers_mut()
-            .insert("retry-after", HeaderValue::from(secs.max(1)));
-        resp.headers_mut().insert(
+        headers.insert("retry-after", HeaderValue::from(secs.max(1)));
+        headers.insert(
             "retry-after-ms",
-            HeaderValue::from(wait.as_millis().min(u128::from(u64::MAX)) as u64),
+            HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        );
+    }
+    if let Some(retry) = shown.should_retry {
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if retry { "true" } else { "false" }),
         );
     }
     resp
 }
 
-fn classify(err: &BoxError) -> (ApiError, StatusCode, Option<std::time::Duration>) {
-    let (api, retry_after) = classify_kind(err);
-    let status = if err.is::<hyper_util::client::legacy::Error>() {
-        StatusCode::BAD_GATEWAY
-    } else {
-        api.status()
-    };
-    (api, status, retry_after)
+/// Walks the error and its sources; the first error of a known kind decides (layers wrap the
+/// errors of the layers below them, e.g. fallback wraps a retry error that wraps a connect
+/// error).
+fn classify(err: &(dyn StdError + 'static)) -> Shown {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(shown) = classify_one(e) {
+            return shown;
+        }
+        current = e.source();
+    }
+    Shown::new(ApiError::new(
+        ApiErrorKind::Api,
+        format!("proxy error: {err}"),
+    ))
 }
 
-fn classify_kind(err: &BoxError) -> (ApiError, Option<std::time::Duration>) {
+fn classify_one(err: &(dyn StdError + 'static)) -> Option<Shown> {
     if let Some(e) = err.downcast_ref::<BufferBodyError>() {
-        return match e.kind() {
-            BufferBodyErrorKind::TooLarge => (
-                ApiError::new(ApiErrorKind::RequestTooLarge, e.to_string()),
-                None,
-            ),
-            _ => (
-                ApiError::new(ApiErrorKind::InvalidRequest, e.to_string()),
-                None,
-            ),
+        let kind = match e.kind() {
+            BufferBodyErrorKind::TooLarge => ApiErrorKind::RequestTooLarge,
+            _ => ApiErrorKind::InvalidRequest,
         };
+        return Some(Shown::new(ApiError::new(kind, e.to_string())));
     }
     if let Some(e) = err.downcast_ref::<ApiError>() {
-        return (e.clone(), None);
+        return Some(Shown::new(e.clone()));
+    }
+    if let Some(e) = err.downcast_ref::<AcquireError>() {
+        return Some(match e.kind() {
+            // Waiting longer locally was not allowed: tell the client when capacity returns.
+            AcquireErrorKind::QueueTimeout => {
+                Shown::new(ApiError::new(ApiErrorKind::RateLimit, e.to_string()))
+                    .retry_after(e.available_in())
+            }
+            // More than a whole minute of quota: no wait helps.
+            _ => Shown::new(ApiError::new(ApiErrorKind::RateLimit, e.to_string()))
+                .should_retry(false),
+        });
+    }
+    if let Some(e) = err.downcast_ref::<RetryError>() {
+        if e.kind() == RetryErrorKind::SpendLimit {
+            let api = e.api_error().cloned().unwrap_or_else(|| {
+                ApiError::new(ApiErrorKind::SpendLimit, "monthly spend limit reached")
+            });
+            return Some(Shown::new(api).should_retry(false));
+        }
+        if e.source().is_none() {
+            return e.api_error().map(|api| Shown::new(api.clone()));
+        }
+        // Otherwise the cause of the last failed attempt decides.
+        return None;
     }
     if let Some(e) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
         let msg = if e.is_connect() {
@@ -66,10 +149,9 @@ fn classify_kind(err: &BoxError) -> (ApiError, Option<std::time::Duration>) {
         } else {
             "the upstream connection failed"
         };
-        return (ApiError::new(ApiErrorKind::Api, msg), None);
+        return Some(
+            Shown::new(ApiError::new(ApiErrorKind::Api, msg)).status(StatusCode::BAD_GATEWAY),
+        );
     }
-    (
-        ApiError::new(ApiErrorKind::Api, format!("proxy error: {err}")),
-        None,
-    )
+    None
 }

@@ -17,11 +17,16 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use super::config::{ProxyConfig, Secret, Upstream};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::error_response::error_response;
 use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, RequestBody};
+use crate::cache::CacheStatus;
+use crate::quota::{Limits, QuotaBoard};
+use crate::stack::{CacheConfig, ClaudeStack, StackConfig};
 
 /// The response body type of the proxy.
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -37,6 +42,19 @@ pub struct Proxy {
 struct State {
     config: ProxyConfig,
     service: ProxyService,
+    board: QuotaBoard,
+    started: std::time::Instant,
+    counters: Counters,
+}
+
+/// What the status page reports besides the board.
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    cache_bypass: AtomicU64,
+    errors: AtomicU64,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -50,13 +68,26 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Builds the upstream service and the stack from `config`.
     pub fn new(config: ProxyConfig) -> Result<Self, BoxError> {
-        let upstream = upstream_service(&config);
+        let stack = ClaudeStack::from_config(&stack_config(&config))?;
+        let board = stack.quota_board().clone();
+        let service = match &config.upstream {
+            Upstream::Url(uri) => stack.service(crate::client::HttpClient::new(uri.clone())),
+            Upstream::Mock(m) => stack.service(simulator(m)),
+        };
         Ok(Self {
             state: Arc::new(State {
-                service: upstream,
+                service,
                 config,
+                board,
+                started: std::time::Instant::now(),
+                counters: Counters::default(),
             }),
         })
+    }
+
+    /// The quota board shared by the proxy's layers (what `/v1/proxy/status` reports).
+    pub fn quota_board(&self) -> &QuotaBoard {
+        &self.state.board
     }
 
     /// The configuration.
@@ -132,36 +163,116 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     }
 }
 
-fn upstream_service(config: &ProxyConfig) -> ProxyService {
-    match &config.upstream {
-        Upstream::Url(uri) => {
-            let client = crate::client::HttpClient::new(uri.clone());
-            BoxCloneSyncService::new(
-                client.map_response(|r| r.map(|b| b.map_err(BoxError::from).boxed_unsync())),
-            )
-        }
-        Upstream::Mock(m) => {
-            use crate::testing::{MockClaude, MockLimits};
-            let mock = MockClaude::builder()
-                .default_limits(MockLimits {
-                    rpm: m.rpm,
-                    itpm: m.itpm,
-                    otpm: m.otpm,
-                })
-                .seed(m.seed)
-                .overloaded_rate(m.overloaded_rate)
-                .latency(
-                    Duration::from_millis(m.latency_ms),
-                    Duration::from_millis(m.per_token_ms),
+/// The stack configuration the proxy's settings describe.
+fn stack_config(config: &ProxyConfig) -> StackConfig {
+    let (retry, max_attempts, max_retry_delay) = match config.retry_strategy {
+        RetryStrategy::None => (false, 1, Duration::ZERO),
+        RetryStrategy::Sdk => (true, config.max_retries + 1, Duration::from_secs(60)),
+        RetryStrategy::Patient => (true, config.max_retries + 1, Duration::from_secs(90)),
+    };
+    let cache = match (&config.cache, &config.cache_path) {
+        (false, _) => CacheConfig::Off,
+        (true, None) => CacheConfig::Memory {
+            max_bytes: config.cache_max_bytes,
+        },
+        (true, Some(path)) => CacheConfig::Disk {
+            path: path.clone(),
+            max_bytes: config.cache_max_bytes,
+        },
+    };
+    StackConfig {
+        limits: config
+            .limits
+            .iter()
+            .map(|(group, l)| {
+                (
+                    group.clone(),
+                    Limits {
+                        rpm: l.rpm,
+                        itpm: l.itpm,
+                        otpm: l.otpm,
+                    },
                 )
-                .output_tokens(m.output_tokens)
-                .build();
-            BoxCloneSyncService::new(ServiceExt::<Request<RequestBody>>::map_response(
-                mock,
-                |r| r.map(|b| b.boxed_unsync()),
-            ))
-        }
+            })
+            .collect(),
+        max_in_flight: config.max_in_flight,
+        retry,
+        max_attempts: max_attempts.max(1),
+        max_retry_delay,
+        deadline: Some(config.deadline),
+        fallback: config.fallback,
+        fallback_floor: config.fallback_model.clone(),
+        cache,
+        cache_ttl: config.cache_ttl,
+        ..StackConfig::default()
     }
+}
+
+/// The built-in simulator with the configured limits, faults and latency.
+fn simulator(m: &MockSettings) -> crate::testing::MockClaude {
+    crate::testing::MockClaude::builder()
+        .default_limits(crate::testing::MockLimits {
+            rpm: m.rpm,
+            itpm: m.itpm,
+            otpm: m.otpm,
+        })
+        .seed(m.seed)
+        .overloaded_rate(m.overloaded_rate)
+        .latency(
+            Duration::from_millis(m.latency_ms),
+            Duration::from_millis(m.per_token_ms),
+        )
+        .output_tokens(m.output_tokens)
+        .build()
+}
+
+/// `GET /v1/proxy/status`: per key id and group, the limits, what is left, the queue; the
+/// cache hit rate. Key ids only, never keys.
+fn status_page(state: &State) -> Response<ProxyBody> {
+    let bucket = |b: Option<crate::quota::BucketHeadroom>| match b {
+        Some(b) => serde_json::json!({"limit": b.limit, "remaining": b.remaining,
+            "fraction": (b.fraction * 1000.0).round() / 1000.0, "full_in_s": b.full_in.as_secs_f64()}),
+        None => serde_json::Value::Null,
+    };
+    let quota: Vec<_> = state
+        .board
+        .statuses()
+        .into_iter()
+        .map(|s| {
+            serde_json::json!({
+                "key_id": s.key.as_str(),
+                "group": s.group.as_str(),
+                "limits_configured": s.configured,
+                "requests": bucket(s.headroom.requests),
+                "input_tokens": bucket(s.headroom.input_tokens),
+                "output_tokens": bucket(s.headroom.output_tokens),
+                "remaining_fraction": (s.headroom.fraction * 1000.0).round() / 1000.0,
+                "queue_depth": s.queue_depth,
+                "in_flight": s.in_flight,
+            })
+        })
+        .collect();
+    let c = &state.counters;
+    let hits = c.cache_hits.load(Ordering::Relaxed);
+    let misses = c.cache_misses.load(Ordering::Relaxed);
+    let body = serde_json::json!({
+        "uptime_s": state.started.elapsed().as_secs(),
+        "upstream": match &state.config.upstream {
+            Upstream::Url(uri) => uri.to_string(),
+            Upstream::Mock(_) => "mock".to_owned(),
+        },
+        "requests": c.requests.load(Ordering::Relaxed),
+        "errors": c.errors.load(Ordering::Relaxed),
+        "cache": {
+            "enabled": state.config.cache,
+            "hits": hits,
+            "misses": misses,
+            "bypass": c.cache_bypass.load(Ordering::Relaxed),
+            "hit_rate": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+        },
+        "quota": quota,
+    });
+    json_response(StatusCode::OK, body.to_string())
 }
 
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
@@ -208,6 +319,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         (&Method::GET, "/healthz") => {
             return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
+        (&Method::GET, "/v1/proxy/status") => return status_page(&state),
         _ if path.starts_with("/v1/") || path == "/v1" => {}
         _ => return api_error(ApiErrorKind::NotFound, &format!("no route for {path}")),
     }
@@ -253,14 +365,25 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         }
     };
     let req = Request::from_parts(parts, body);
+    state.counters.requests.fetch_add(1, Ordering::Relaxed);
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
             for name in crate::client::HOP_BY_HOP.iter() {
                 resp.headers_mut().remove(name);
             }
+            let counter = match resp.extensions().get::<CacheStatus>() {
+                Some(CacheStatus::Hit) => Some(&state.counters.cache_hits),
+                Some(CacheStatus::Miss) => Some(&state.counters.cache_misses),
+                Some(CacheStatus::Bypass) => Some(&state.counters.cache_bypass),
+                _ => None,
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             resp
         }
         Err(err) => {
+            state.counters.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %err, "request failed in the proxy");
             error_response(&err)
         }

@@ -1,0 +1,127 @@
+//! Cost of the quota board and of `RateLimitLayer`, next to `tower::limit::RateLimit`.
+//!
+//! `cargo bench --bench rate_limit -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_claude::BoxError;
+use tower_claude::anthropic::{KeyId, RateLimitGroup};
+use tower_claude::body::RequestBody;
+use tower_claude::quota::{Cost, Limits, QuotaBoard};
+use tower_claude::rate_limit::RateLimitLayer;
+
+const BIG: Limits = Limits::new(u64::MAX / 4, u64::MAX / 4, u64::MAX / 4);
+
+fn board() -> (QuotaBoard, KeyId, RateLimitGroup) {
+    let group = RateLimitGroup::new("claude-sonnet-4");
+    let board = QuotaBoard::builder().limits(group.clone(), BIG).build();
+    (board, KeyId::named("k"), group)
+}
+
+fn bench_board(c: &mut Criterion) {
+    let mut g = c.benchmark_group("board");
+    let (board, key, group) = board();
+    let cost = Cost::new(1, 1_000, 1_024);
+    let actual = Cost::new(1, 1_000, 200);
+    g.bench_function("acquire_settle_uncontended", |b| {
+        b.iter(|| {
+            let r = board.try_acquire(&key, &group, black_box(cost)).unwrap();
+            r.settle(black_box(actual));
+        })
+    });
+    g.bench_function("acquire_settle_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let barrier = Barrier::new(2);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                let r = board.try_acquire(&key, &group, cost).unwrap();
+                                r.settle(actual);
+                            }
+                            t.elapsed()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .max()
+                    .unwrap_or(Duration::ZERO)
+            })
+        })
+    });
+    g.finish();
+}
+
+const BODY: &str = r#"{"model":"claude-sonnet-4-6","max_tokens":1024,"messages":[{"role":"user","content":"Write a haiku about Rust and rate limits, please."}]}"#;
+const ANSWER: &str = r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"ok"}],"usage":{"input_tokens":25,"output_tokens":12}}"#;
+
+fn request() -> Request<RequestBody> {
+    Request::post("https://api.anthropic.com/v1/messages")
+        .header("x-api-key", "sk-ant-bench")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(BODY))
+        .unwrap()
+}
+
+fn ready_inner()
+-> impl Service<Request<RequestBody>, Response = Response<Full<Bytes>>, Error = BoxError> + Clone {
+    tower::service_fn(|_req: Request<RequestBody>| async {
+        Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+            ANSWER.as_bytes(),
+        ))))
+    })
+}
+
+async fn one<S, B>(svc: &mut S)
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let resp = svc.ready().await.unwrap().call(request()).await.unwrap();
+    black_box(resp.into_body().collect().await.unwrap());
+}
+
+fn bench_layer(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("layer_on_ready_service");
+    // Every variant runs one request to its end on the same current-thread runtime.
+    g.bench_function("inner_only", |b| {
+        let mut svc = ready_inner();
+        b.iter(|| rt.block_on(one(&mut svc)));
+    });
+    g.bench_function("tower_limit_RateLimit", |b| {
+        let _guard = rt.enter();
+        let mut svc = ServiceBuilder::new()
+            .rate_limit(u64::MAX / 4, Duration::from_secs(60))
+            .service(ready_inner());
+        b.iter(|| rt.block_on(one(&mut svc)));
+    });
+    g.bench_function("RateLimitLayer", |b| {
+        let (board, _, _) = board();
+        let mut svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new().board(board).default_limits(BIG))
+            .service(ready_inner());
+        b.iter(|| rt.block_on(one(&mut svc)));
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_board, bench_layer);
+criterion_main!(benches);

@@ -1,0 +1,332 @@
+//! The response body of [`Cache`](super::Cache).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project::pin_project;
+
+use super::key::CacheKey;
+use super::layer::Config;
+use super::service::FlightGuard;
+use super::store::CachedResponse;
+use crate::BoxError;
+use crate::anthropic::StreamTracker;
+
+/// The response body of [`Cache`](super::Cache): a stored body (hit), the inner body passed
+/// through (bypass, or a response that is not stored), or the inner body watched by a tee that
+/// records a streaming response as it is forwarded (miss).
+///
+/// The tee never holds chunks back: each one is forwarded as soon as the inner body yields
+/// it. After `message_stop` the recorded stream is stored; the end of the body is reported
+/// once the store has it (a caller that drops the body after `message_stop` does not prevent
+/// the store). A stream that fails, carries an `event: error`, is dropped before
+/// `message_stop`, or outgrows the entry size cap is not stored.
+#[pin_project]
+pub struct CacheBody<B> {
+    #[pin]
+    kind: Kind<B>,
+}
+
+#[pin_project(project = KindProj)]
+enum Kind<B> {
+    Full {
+        data: Option<Bytes>,
+    },
+    Inner {
+        #[pin]
+        body: B,
+    },
+    Tee {
+        #[pin]
+        body: B,
+        tee: Box<Tee>,
+    },
+    Chain {
+        prefix: Option<Bytes>,
+        pending: Option<Result<Frame<Bytes>, BoxError>>,
+        rest: Option<Pin<Box<B>>>,
+    },
+}
+
+impl<B> CacheBody<B> {
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn tee(body: B, tee: Tee) -> Self {
+        Self {
+            kind: Kind::Tee {
+                body,
+                tee: Box::new(tee),
+            },
+        }
+    }
+
+    /// `prefix` (already read from `rest`), then `pending` (a frame or error read after it),
+    /// then what remains of `rest`.
+    pub(crate) fn chain(
+        prefix: Bytes,
+        pending: Option<Result<Frame<Bytes>, BoxError>>,
+        rest: Option<Pin<Box<B>>>,
+    ) -> Self {
+        Self {
+            kind: Kind::Chain {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                pending,
+                rest,
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for CacheBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Full { .. } => "Full",
+            Kind::Inner { .. } => "Inner",
+            Kind::Tee { .. } => "Tee",
+            Kind::Chain { .. } => "Chain",
+        };
+        f.debug_struct("CacheBody").field("kind", &kind).finish()
+    }
+}
+
+impl<B> Body for CacheBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::Tee { body, tee } => tee.poll(body, cx),
+            KindProj::Chain {
+                prefix,
+                pending,
+                rest,
+            } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                if let Some(p) = pending.take() {
+                    return Poll::Ready(Some(p));
+                }
+                match rest {
+                    Some(body) => body.as_mut().poll_frame(cx).map_err(Into::into),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Inner { body } => body.is_end_stream(),
+            // The tee may still have to wait for the store before reporting the end.
+            Kind::Tee { .. } => false,
+            Kind::Chain {
+                prefix,
+                pending,
+                rest,
+            } => {
+                prefix.is_none()
+                    && pending.is_none()
+                    && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Tee { body, .. } => body.size_hint(),
+            Kind::Chain { .. } => SizeHint::default(),
+        }
+    }
+}
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+enum TeeState {
+    /// Recording chunks.
+    Recording,
+    /// `message_stop` seen: the entry is being stored.
+    Storing(Task),
+    /// Stored, or abandoned (not storable).
+    Done,
+}
+
+/// Records a streaming response while it is forwarded.
+pub(crate) struct Tee {
+    config: Arc<Config>,
+    key: CacheKey,
+    status: StatusCode,
+    headers: HeaderMap,
+    tracker: StreamTracker,
+    chunks: Vec<Bytes>,
+    size: usize,
+    state: TeeState,
+    guard: Option<FlightGuard>,
+    inner_done: bool,
+}
+
+impl Tee {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        key: CacheKey,
+        status: StatusCode,
+        headers: HeaderMap,
+        guard: Option<FlightGuard>,
+    ) -> Self {
+        Self {
+            config,
+            key,
+            status,
+            headers,
+            tracker: StreamTracker::new(),
+            chunks: Vec::new(),
+            size: 0,
+            state: TeeState::Recording,
+            guard,
+            inner_done: false,
+        }
+    }
+
+    fn poll<B>(
+        &mut self,
+        mut body: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        loop {
+            if let TeeState::Storing(task) = &mut self.state {
+                ready!(task.as_mut().poll(cx));
+                self.state = TeeState::Done;
+            }
+            if self.inner_done {
+                return Poll::Ready(None);
+            }
+            match ready!(body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.record(data);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Some(Err(e)) => {
+                    self.abandon();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => {
+                    self.inner_done = true;
+                    if matches!(self.state, TeeState::Recording) {
+                        self.tracker.finish();
+                        self.check();
+                        if matches!(self.state, TeeState::Recording) {
+                            // The stream ended without `message_stop`.
+                            self.abandon();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, data: &Bytes) {
+        if !matches!(self.state, TeeState::Recording) {
+            return;
+        }
+        self.size += data.len();
+        if self.size > self.config.max_entry_bytes {
+            self.abandon();
+            return;
+        }
+        self.chunks.push(data.clone());
+        self.tracker.feed(data);
+        self.check();
+    }
+
+    /// Starts storing once the stream is complete; abandons it on an `event: error`.
+    fn check(&mut self) {
+        if self.tracker.error().is_some() {
+            self.abandon();
+        } else if self.tracker.is_complete() {
+            let mut body = Vec::with_capacity(self.size);
+            for c in self.chunks.drain(..) {
+                body.extend_from_slice(&c);
+            }
+            let entry = CachedResponse::new(
+                self.status,
+                std::mem::take(&mut self.headers),
+                body.into(),
+                true,
+            );
+            let task = store_task(&self.config, self.key, entry, self.guard.take());
+            self.state = TeeState::Storing(task);
+        }
+    }
+
+    fn abandon(&mut self) {
+        self.chunks = Vec::new();
+        self.guard = None;
+        self.state = TeeState::Done;
+    }
+}
+
+/// Stores `entry` and then hands it to the followers of `guard`. The work is spawned when a
+/// tokio runtime is available, so that it completes even if the body is dropped.
+fn store_task(
+    config: &Arc<Config>,
+    key: CacheKey,
+    entry: CachedResponse,
+    guard: Option<FlightGuard>,
+) -> Task {
+    let put = config.store.put(&key, entry.clone(), config.ttl);
+    let work = async move {
+        if let Err(e) = put.await {
+            tracing::warn!(key = %key, error = %e, "cache store failed to store a response");
+        }
+        if let Some(guard) = guard {
+            guard.complete(entry);
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            let join = handle.spawn(work);
+            Box::pin(async move {
+                let _ = join.await;
+            })
+        }
+        Err(_) => Box::pin(work),
+    }
+}

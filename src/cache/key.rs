@@ -1,0 +1,451 @@
+//! Cache keys: a BLAKE3 hash over the tenant partition, the request line, the protocol headers
+//! and the canonical JSON body.
+
+use std::fmt;
+use std::io::{self, Write};
+
+use http::HeaderMap;
+use serde_json::Value;
+
+use crate::anthropic::header_names;
+
+/// The context string of the BLAKE3 key derivation used for cache keys. Changing it (or the
+/// layout of the hashed fields) changes every key, which makes old disk entries unreachable.
+const KEY_CONTEXT: &str = "tower-claude 2026-01 response cache key v1";
+
+/// The context string of the default tenant secret.
+const TENANT_SECRET_CONTEXT: &str = "tower-claude 2026-01 cache tenant secret v1";
+
+/// The default secret of the keyed tenant hash: a fixed derivation, the same in every process,
+/// so that a disk cache survives restarts. See [`CacheLayer::tenant_secret`] for the trade-off.
+///
+/// [`CacheLayer::tenant_secret`]: super::CacheLayer::tenant_secret
+pub(crate) fn default_tenant_secret() -> [u8; 32] {
+    blake3::derive_key(TENANT_SECRET_CONTEXT, b"")
+}
+
+/// A tenant id supplied by the application, as a request extension.
+///
+/// When a request carries this extension, its cache partition is derived from this id instead
+/// of from the API key, so that, for example, every key of one organisation shares entries, or
+/// so that an application that authenticates its users itself partitions by user.
+///
+/// ```
+/// use tower_claude::body::RequestBody;
+/// use tower_claude::cache::Tenant;
+///
+/// let mut req = http::Request::new(RequestBody::empty());
+/// req.extensions_mut().insert(Tenant::new("team-42"));
+/// assert_eq!(req.extensions().get::<Tenant>().unwrap().as_str(), "team-42");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Tenant(String);
+
+impl Tenant {
+    /// A tenant with the given id.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The tenant id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Tenant").field(&self.0).finish()
+    }
+}
+
+impl From<String> for Tenant {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl From<&str> for Tenant {
+    fn from(id: &str) -> Self {
+        Self(id.to_owned())
+    }
+}
+
+/// The partition of the cache a request belongs to: a keyed BLAKE3 hash of its tenant id or of
+/// its API key. The key itself is never stored; only this 32-byte hash enters the cache key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Partition([u8; 32]);
+
+impl fmt::Debug for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Partition({})", CacheKey(self.0))
+    }
+}
+
+impl Partition {
+    /// The partition of `req`: the [`Tenant`] extension, else `default_tenant`, else the API key
+    /// (`x-api-key`, or `authorization: Bearer ...`), else the shared anonymous partition.
+    pub(crate) fn of(
+        secret: &[u8; 32],
+        extensions: &http::Extensions,
+        headers: &HeaderMap,
+        default_tenant: Option<&Tenant>,
+    ) -> Self {
+        let mut h = blake3::Hasher::new_keyed(secret);
+        if let Some(t) = extensions.get::<Tenant>().or(default_tenant) {
+            h.update(b"tenant\0");
+            h.update(t.as_str().as_bytes());
+        } else if let Some(key) = api_key(headers) {
+            h.update(b"api-key\0");
+            h.update(key);
+        } else {
+            h.update(b"anonymous\0");
+        }
+        Self(*h.finalize().as_bytes())
+    }
+}
+
+fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get(header_names::X_API_KEY) {
+        let v = v.as_bytes().trim_ascii();
+        if !v.is_empty() {
+            return Some(v);
+        }
+    }
+    let auth = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let token = auth
+        .strip_prefix(b"Bearer ")
+        .or_else(|| auth.strip_prefix(b"bearer "))?
+        .trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A cache key: 32 bytes of BLAKE3 over the tenant partition, the method, the path and query,
+/// `anthropic-version`, `anthropic-beta` and the canonical JSON body.
+///
+/// It reveals nothing about the request; `Debug` and `Display` print it in hex.
+///
+/// ```
+/// use tower_claude::cache::CacheKey;
+///
+/// let key = CacheKey::from_bytes([7; 32]);
+/// assert_eq!(key.as_bytes(), &[7; 32]);
+/// assert_eq!(key.to_string().len(), 64);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// A key from its 32 bytes (for stores that read keys back).
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key's bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Computes the key of a request whose body is already parsed.
+    pub(crate) fn compute(
+        partition: &Partition,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        body: &Value,
+        body_len_hint: usize,
+    ) -> Self {
+        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        // Every variable-length field is length-prefixed, so that no two different field
+        // sequences hash the same bytes.
+        field(&mut h, &partition.0);
+        field(&mut h, method.as_str().as_bytes());
+        let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        field(&mut h, path.as_bytes());
+        let version = headers
+            .get(header_names::ANTHROPIC_VERSION)
+            .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
+        field(&mut h, version);
+        field(&mut h, canonical_betas(headers).as_bytes());
+        // The canonical body is written into one buffer and hashed in one call: many small
+        // `update`s (one per token of JSON) cost more than the copy.
+        let mut canonical = Vec::with_capacity(body_len_hint);
+        // Writing into a `Vec` cannot fail.
+        let _ = write_canonical(body, &mut canonical);
+        field(&mut h, &canonical);
+        Self(*h.finalize().as_bytes())
+    }
+}
+
+fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// `anthropic-beta` values: every header line split on commas, trimmed, sorted and
+/// deduplicated (the order of beta flags has no meaning).
+fn canonical_betas(headers: &HeaderMap) -> String {
+    let mut betas: Vec<&str> = headers
+        .get_all(header_names::ANTHROPIC_BETA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    betas.sort_unstable();
+    betas.dedup();
+    betas.join(",")
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the canonical form of a JSON value: object members sorted by key (byte order of the
+/// UTF-8 key, recursively), no insignificant whitespace, strings escaped as `serde_json` does.
+///
+/// Numbers are written from their parsed value, not from their source text: an integer that
+/// fits `u64` / `i64` as an integer, anything else as the shortest `f64` that round-trips. The
+/// result is the same whether or not another crate enables `serde_json`'s
+/// `arbitrary_precision` feature, and sorting is explicit, so `preserve_order` does not change
+/// it either. `1` and `1.0` stay different keys (a miss, never a wrong hit).
+pub(crate) fn write_canonical<W: Write>(value: &Value, w: &mut W) -> io::Result<()> {
+    match value {
+        Value::Null => w.write_all(b"null"),
+        Value::Bool(true) => w.write_all(b"true"),
+        Value::Bool(false) => w.write_all(b"false"),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                write!(w, "{u}")
+            } else if let Some(i) = n.as_i64() {
+                write!(w, "{i}")
+            } else if let Some(f) = n.as_f64() {
+                // `{:?}` keeps a `.0` or an exponent, so a float never looks like an integer.
+                write!(w, "{f:?}")
+            } else {
+                write!(w, "{n}")
+            }
+        }
+        Value::String(s) => serde_json::to_writer(&mut *w, s).map_err(io::Error::other),
+        Value::Array(items) => {
+            w.write_all(b"[")?;
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    w.write_all(b",")?;
+                }
+                write_canonical(item, w)?;
+            }
+            w.write_all(b"]")
+        }
+        Value::Object(map) => {
+            let mut members: Vec<(&String, &Value)> = map.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            w.write_all(b"{")?;
+            for (i, (k, v)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    w.write_all(b",")?;
+                }
+                serde_json::to_writer(&mut *w, k).map_err(io::Error::other)?;
+                w.write_all(b":")?;
+                write_canonical(v, w)?;
+            }
+            w.write_all(b"}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(s: &str) -> String {
+        let v: Value = serde_json::from_str(s).unwrap();
+        let mut out = Vec::new();
+        write_canonical(&v, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn key(headers: &HeaderMap, body: &str) -> CacheKey {
+        let p = Partition::of(&[1; 32], &http::Extensions::new(), headers, None);
+        let v: Value = serde_json::from_str(body).unwrap();
+        CacheKey::compute(
+            &p,
+            &http::Method::POST,
+            &"/v1/messages".parse().unwrap(),
+            headers,
+            &v,
+            body.len(),
+        )
+    }
+
+    #[test]
+    fn canonical_sorts_keys_recursively_and_drops_whitespace() {
+        assert_eq!(
+            canon(r#"{ "b" : [ {"z":1, "a":2} ], "a": "x\"y\n" }"#),
+            r#"{"a":"x\"y\n","b":[{"a":2,"z":1}]}"#
+        );
+        assert_eq!(
+            canon(r#"[1, -2, 1.5, 1.0, 1e3, true, null]"#),
+            "[1,-2,1.5,1.0,1000.0,true,null]"
+        );
+    }
+
+    #[test]
+    fn canonical_unicode_escapes_are_normalised() {
+        assert_eq!(canon(r#""\u00e9""#), canon("\"\u{e9}\""));
+    }
+
+    #[test]
+    fn reordered_keys_give_the_same_key_and_content_changes_it() {
+        let h = HeaderMap::new();
+        let a = key(
+            &h,
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let b = key(
+            &h,
+            r#"{ "messages":[{"content":"hi","role":"user"}], "max_tokens":5, "model":"m" }"#,
+        );
+        let c = key(
+            &h,
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi!"}]}"#,
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn beta_order_is_insignificant_but_version_is_not() {
+        let body = r#"{"model":"m"}"#;
+        let mut h1 = HeaderMap::new();
+        h1.insert("anthropic-beta", "b-2, a-1".parse().unwrap());
+        let mut h2 = HeaderMap::new();
+        h2.append("anthropic-beta", "a-1".parse().unwrap());
+        h2.append("anthropic-beta", "b-2".parse().unwrap());
+        assert_eq!(key(&h1, body), key(&h2, body));
+        let mut h3 = h2.clone();
+        h3.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        assert_ne!(key(&h2, body), key(&h3, body));
+        assert_ne!(key(&HeaderMap::new(), body), key(&h2, body));
+    }
+
+    #[test]
+    fn partitions_differ_by_key_tenant_and_secret() {
+        let ext = http::Extensions::new();
+        let mut k1 = HeaderMap::new();
+        k1.insert("x-api-key", "sk-one".parse().unwrap());
+        let mut k2 = HeaderMap::new();
+        k2.insert("x-api-key", "sk-two".parse().unwrap());
+        let mut bearer = HeaderMap::new();
+        bearer.insert("authorization", "Bearer sk-one".parse().unwrap());
+        let s = [3; 32];
+        let p1 = Partition::of(&s, &ext, &k1, None);
+        assert_ne!(p1, Partition::of(&s, &ext, &k2, None));
+        assert_eq!(p1, Partition::of(&s, &ext, &bearer, None));
+        assert_ne!(p1, Partition::of(&[4; 32], &ext, &k1, None));
+        assert_ne!(p1, Partition::of(&s, &ext, &HeaderMap::new(), None));
+        let mut with_tenant = http::Extensions::new();
+        with_tenant.insert(Tenant::new("t"));
+        let t = Partition::of(&s, &with_tenant, &k1, None);
+        assert_eq!(t, Partition::of(&s, &with_tenant, &k2, None));
+        assert_eq!(t, Partition::of(&s, &ext, &k2, Some(&Tenant::new("t"))));
+        assert_ne!(t, p1);
+    }
+
+    #[test]
+    fn key_display_is_hex() {
+        assert_eq!(
+            CacheKey::from_bytes([0xab; 32]).to_string(),
+            "ab".repeat(32)
+        );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                // Exactly representable fractions: `serde_json`'s default float parser is not always
+                // correctly rounded, so arbitrary floats may not survive a print-parse cycle.
+                (-1_000_000i32..1_000_000).prop_map(|i| Value::from(f64::from(i) / 8.0)),
+                "[a-z\\\\\"\u{e9}\u{1f600} ]{0,8}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::btree_map("[a-z]{1,4}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Writes `v` as JSON with object members in reverse order and extra whitespace.
+        fn scrambled(v: &Value, out: &mut String) {
+            match v {
+                Value::Array(items) => {
+                    out.push_str("[ ");
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" ,\n ");
+                        }
+                        scrambled(item, out);
+                    }
+                    out.push_str(" ]");
+                }
+                Value::Object(map) => {
+                    out.push_str("{\t");
+                    let mut members: Vec<_> = map.iter().collect();
+                    members.sort_by(|a, b| b.0.cmp(a.0));
+                    for (i, (k, item)) in members.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" , ");
+                        }
+                        out.push_str(&serde_json::to_string(k).unwrap());
+                        out.push_str(" : ");
+                        scrambled(item, out);
+                    }
+                    out.push_str(" }");
+                }
+                other => out.push_str(&serde_json::to_string(other).unwrap()),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn member_order_and_whitespace_never_change_the_key(v in json()) {
+                let plain = serde_json::to_string(&v).unwrap();
+                let mut messy = String::new();
+                scrambled(&v, &mut messy);
+                let h = HeaderMap::new();
+                prop_assert_eq!(key(&h, &plain), key(&h, &messy));
+                // And the canonical form is itself valid JSON with the same value.
+                let c = canon(&messy);
+                prop_assert_eq!(serde_json::from_str::<Value>(&c).unwrap(), v);
+            }
+
+            #[test]
+            fn different_values_give_different_keys(a in json(), b in json()) {
+                prop_assume!(a != b);
+                let h = HeaderMap::new();
+                let (a, b) = (serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+                prop_assert_ne!(key(&h, &a), key(&h, &b));
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::key::{Tenant, default_tenant_secret};
+use super::service::Cache;
+use super::store::{CacheStore, MemoryStore};
+
+/// The default time to live of an entry: 4 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(4 * 3600);
+
+/// The default size cap of one entry: 8 MiB.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
+
+/// The options of a [`Cache`], shared by its clones.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn CacheStore>,
+    pub(crate) ttl: Duration,
+    pub(crate) only_deterministic: bool,
+    pub(crate) max_entry_bytes: usize,
+    pub(crate) tenant_secret: [u8; 32],
+    pub(crate) tenant: Option<Tenant>,
+}
+
+/// Builds [`Cache`]: a response cache partitioned by tenant, with request coalescing.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::cache::CacheLayer;
+///
+/// let layer = CacheLayer::memory(256 * 1024 * 1024)
+///     .ttl(Duration::from_secs(3600))
+///     .only_deterministic(true)
+///     .max_entry_bytes(1024 * 1024);
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct CacheLayer {
+    config: Config,
+}
+
+impl CacheLayer {
+    /// A cache layer over `store`.
+    pub fn new(store: impl CacheStore) -> Self {
+        Self::with_shared_store(Arc::new(store))
+    }
+
+    /// A cache layer over a store shared with other code (to inspect or clear it).
+    pub fn with_shared_store(store: Arc<dyn CacheStore>) -> Self {
+        Self {
+            config: Config {
+                store,
+                ttl: DEFAULT_TTL,
+                only_deterministic: false,
+                max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+                tenant_secret: default_tenant_secret(),
+                tenant: None,
+            },
+        }
+    }
+
+    /// A cache layer over a new [`MemoryStore`] of at most `max_bytes`.
+    pub fn memory(max_bytes: u64) -> Self {
+        Self::new(MemoryStore::new(max_bytes))
+    }
+
+    /// How long an entry lives (default [`DEFAULT_TTL`], 4 hours).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// Cache only requests with `"temperature": 0` (default `false`: every request). Requests
+    /// without a `temperature` use the API default (1.0) and are then not cached.
+    pub fn only_deterministic(mut self, only: bool) -> Self {
+        self.config.only_deterministic = only;
+        self
+    }
+
+    /// The largest response body stored (default [`DEFAULT_MAX_ENTRY_BYTES`], 8 MiB). Larger
+    /// responses are forwarded without being stored.
+    pub fn max_entry_bytes(mut self, max: usize) -> Self {
+        self.config.max_entry_bytes = max;
+        self
+    }
+
+    /// The secret key of the keyed BLAKE3 hash that turns an API key into a cache partition.
+    ///
+    /// The default is a fixed derivation, the same in every process and every build of this
+    /// crate, so that a disk cache is still reachable after a restart. The trade-off: someone
+    /// who can read the cache file *and* holds a candidate API key can tell whether that key
+    /// has entries (API keys are high-entropy, so a key cannot be recovered from the hash).
+    /// With a secret of your own, partitions cannot be linked to keys without it, but entries
+    /// written under one secret are unreachable under another; keep it stable across restarts
+    /// for a persistent cache.
+    pub fn tenant_secret(mut self, secret: [u8; 32]) -> Self {
+        self.config.tenant_secret = secret;
+        self
+    }
+
+    /// Partitions every request as `tenant` instead of by API key (a request's own [`Tenant`]
+    /// extension still wins). For a single-tenant deployment where several keys should share
+    /// entries.
+    pub fn tenant(mut self, tenant: impl Into<Tenant>) -> Self {
+        self.config.tenant = Some(tenant.into());
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn CacheStore> {
+        &self.config.store
+    }
+}
+
+impl fmt::Debug for CacheLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("ttl", &self.config.ttl)
+            .field("only_deterministic", &self.config.only_deterministic)
+            .field("max_entry_bytes", &self.config.max_entry_bytes)
+            .field("tenant", &self.config.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for CacheLayer {
+    type Service = Cache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cache::from_config(inner, Arc::new(self.config.clone()))
+    }
+}

@@ -1,0 +1,470 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use super::CacheStatus;
+use super::body::{CacheBody, Tee};
+use super::future::ResponseFuture;
+use super::key::{CacheKey, Partition};
+use super::layer::{CacheLayer, Config};
+use super::store::{CacheStore, CachedResponse};
+use crate::BoxError;
+use crate::anthropic::{header_names, is_messages_call};
+use crate::body::RequestBody;
+
+/// A response cache in front of `S`: see the [module docs](super).
+///
+/// `poll_ready` is always ready: a hit never waits for the inner service's capacity (a hit
+/// skips the rate limiter and the concurrency cap). On a miss the request is sent to a clone
+/// of the inner service, driven with [`ServiceExt::oneshot`], so `S` must be `Clone`.
+pub struct Cache<S> {
+    inner: S,
+    config: Arc<Config>,
+    flights: Arc<Flights>,
+}
+
+impl<S> Cache<S> {
+    /// A cache over `store` in front of `inner`, with default options.
+    pub fn new(inner: S, store: impl CacheStore) -> Self {
+        tower_layer::Layer::layer(&CacheLayer::new(store), inner)
+    }
+
+    /// A [`CacheLayer`] over `store`.
+    pub fn layer(store: impl CacheStore) -> CacheLayer {
+        CacheLayer::new(store)
+    }
+
+    pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            config,
+            flights: Arc::new(Flights::default()),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the cache, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for Cache<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            flights: self.flights.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("inner", &self.inner)
+            .field("ttl", &self.config.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ResBody> Service<Request<RequestBody>> for Cache<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<CacheBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<ResBody>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        let inner = self.inner.clone();
+        ResponseFuture::new(Box::pin(run(
+            inner,
+            self.config.clone(),
+            self.flights.clone(),
+            req,
+        )))
+    }
+}
+
+/// What the layer does with one request.
+struct Plan {
+    key: CacheKey,
+    /// Look the key up (false for `cache-control: no-cache`).
+    read: bool,
+    /// Join or lead an in-flight twin (non-streaming requests that read).
+    coalesce: bool,
+}
+
+fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
+    if !is_messages_call(req.method(), req.uri().path()) {
+        return None;
+    }
+    let mut read = true;
+    for value in req.headers().get_all(http::header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',').map(str::trim) {
+            if directive.eq_ignore_ascii_case("no-store") {
+                return None;
+            }
+            if directive.eq_ignore_ascii_case("no-cache")
+                || directive.eq_ignore_ascii_case("max-age=0")
+            {
+                read = false;
+            }
+        }
+    }
+    // The body is parsed into a tree once here, for the canonical key; a body that is not a
+    // JSON object is passed through (upstream answers 400).
+    let body: Value = serde_json::from_slice(req.body().bytes()).ok()?;
+    let object = body.as_object()?;
+    if config.only_deterministic && object.get("temperature").and_then(Value::as_f64) != Some(0.0) {
+        return None;
+    }
+    let stream = object.get("stream").and_then(Value::as_bool) == Some(true);
+    let partition = Partition::of(
+        &config.tenant_secret,
+        req.extensions(),
+        req.headers(),
+        config.tenant.as_ref(),
+    );
+    let key = CacheKey::compute(
+        &partition,
+        req.method(),
+        req.uri(),
+        req.headers(),
+        &body,
+        req.body().len(),
+    );
+    Some(Plan {
+        key,
+        read,
+        coalesce: read && !stream,
+    })
+}
+
+fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
+    res.headers_mut().insert(
+        header_names::X_TOWER_CLAUDE_CACHE,
+        HeaderValue::from_static(status.as_str()),
+    );
+    res.extensions_mut().insert(status);
+    res
+}
+
+fn hit<B>(entry: CachedResponse) -> Response<CacheBody<B>> {
+    let mut res = Response::new(CacheBody::full(entry.body().clone()));
+    *res.status_mut() = entry.status();
+    *res.headers_mut() = entry.headers().clone();
+    mark(res, CacheStatus::Hit)
+}
+
+async fn run<S, ResBody>(
+    inner: S,
+    config: Arc<Config>,
+    flights: Arc<Flights>,
+    req: Request<RequestBody>,
+) -> Result<Response<CacheBody<ResBody>>, BoxError>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let Some(plan) = plan(&config, &req) else {
+        let res = inner.oneshot(req).await.map_err(Into::into)?;
+        return Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass));
+    };
+    let key = plan.key;
+    let mut guard = None;
+    if plan.read {
+        // Each turn either serves an entry, follows the in-flight twin, or leads; a follower
+        // whose leader failed or was cancelled comes back here and looks again.
+        loop {
+            if let Some(entry) = lookup(&config, &key).await {
+                return Ok(hit(entry));
+            }
+            if !plan.coalesce {
+                break;
+            }
+            match flights.join(key) {
+                Join::Follow(rx) => {
+                    if let Ok(entry) = rx.await {
+                        return Ok(hit(entry));
+                    }
+                }
+                Join::Lead(g) => {
+                    // The previous leader may have stored its answer between our lookup and
+                    // our joining: look once more before calling upstream.
+                    if let Some(entry) = lookup(&config, &key).await {
+                        return Ok(hit(entry));
+                    }
+                    guard = Some(g);
+                    break;
+                }
+            }
+        }
+    }
+    let res = inner.oneshot(req).await.map_err(Into::into)?;
+    Ok(mark(
+        store_response(&config, key, res, guard).await,
+        CacheStatus::Miss,
+    ))
+}
+
+async fn lookup(config: &Config, key: &CacheKey) -> Option<CachedResponse> {
+    match config.store.get(key).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            tracing::warn!(key = %key, error = %e, "cache store lookup failed; treated as a miss");
+            None
+        }
+    }
+}
+
+/// Forwards a miss's response, storing it when it is complete and 2xx: a JSON body is read
+/// here (it arrives whole anyway) and stored before the response is returned, so followers are
+/// released at once; an SSE body is recorded by a tee as it flows to the caller.
+async fn store_response<ResBody>(
+    config: &Arc<Config>,
+    key: CacheKey,
+    res: Response<ResBody>,
+    guard: Option<FlightGuard>,
+) -> Response<CacheBody<ResBody>>
+where
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    if !res.status().is_success() {
+        return res.map(CacheBody::inner);
+    }
+    let is_sse = res
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let (parts, body) = res.into_parts();
+    if is_sse {
+        let tee = Tee::new(
+            config.clone(),
+            key,
+            parts.status,
+            parts.headers.clone(),
+            guard,
+        );
+        return Response::from_parts(parts, CacheBody::tee(body, tee));
+    }
+    let mut body = Box::pin(body);
+    let mut buf = BytesMut::new();
+    let pending: Option<Result<Frame<Bytes>, BoxError>> = loop {
+        match body.frame().await {
+            None => break None,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if buf.len() + data.len() > config.max_entry_bytes {
+                        // Too large to store: forward what was read and the rest as it comes.
+                        buf.extend_from_slice(&data);
+                        return Response::from_parts(
+                            parts,
+                            CacheBody::chain(buf.freeze(), None, Some(body)),
+                        );
+                    }
+                    buf.extend_from_slice(&data);
+                }
+                Err(frame) => break Some(Ok(frame)),
+            },
+            Some(Err(e)) => break Some(Err(e.into())),
+        }
+    };
+    let data = buf.freeze();
+    if let Some(pending) = pending {
+        // Trailers or an error: forward them as they came, store nothing.
+        let rest = pending.is_ok().then_some(body);
+        return Response::from_parts(parts, CacheBody::chain(data, Some(pending), rest));
+    }
+    let entry = CachedResponse::new(parts.status, parts.headers.clone(), data.clone(), false);
+    if let Err(e) = config.store.put(&key, entry.clone(), config.ttl).await {
+        tracing::warn!(key = %key, error = %e, "cache store failed to store a response");
+    }
+    if let Some(guard) = guard {
+        guard.complete(entry);
+    }
+    Response::from_parts(parts, CacheBody::full(data))
+}
+
+/// Requests in flight upstream, by key, with the followers waiting for each.
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<CacheKey, Flight>>,
+    next_id: AtomicU64,
+}
+
+struct Flight {
+    id: u64,
+    waiters: Vec<oneshot::Sender<CachedResponse>>,
+}
+
+enum Join {
+    Lead(FlightGuard),
+    Follow(oneshot::Receiver<CachedResponse>),
+}
+
+impl Flights {
+    fn join(self: &Arc<Self>, key: CacheKey) -> Join {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = map.get_mut(&key) {
+            let (tx, rx) = oneshot::channel();
+            flight.waiters.push(tx);
+            return Join::Follow(rx);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        map.insert(
+            key,
+            Flight {
+                id,
+                waiters: Vec::new(),
+            },
+        );
+        Join::Lead(FlightGuard {
+            flights: self.clone(),
+            key,
+            id,
+        })
+    }
+
+    /// The number of keys in flight.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The leader's handle on its flight. `complete` hands the stored answer to every follower;
+/// dropping the guard without completing (error, non-2xx, cancellation, unstorable body)
+/// drops the followers' senders, and each follower looks up again and may lead.
+pub(crate) struct FlightGuard {
+    flights: Arc<Flights>,
+    key: CacheKey,
+    id: u64,
+}
+
+impl FlightGuard {
+    fn take(&self) -> Option<Flight> {
+        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.key).is_some_and(|f| f.id == self.id) {
+            map.remove(&self.key)
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn complete(self, entry: CachedResponse) {
+        if let Some(flight) = self.take() {
+            for waiter in flight.waiters {
+                let _ = waiter.send(entry.clone());
+            }
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+impl fmt::Debug for FlightGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlightGuard").field("id", &self.id).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn entry() -> CachedResponse {
+        CachedResponse::new(StatusCode::OK, http::HeaderMap::new(), "{}".into(), false)
+    }
+
+    #[tokio::test]
+    async fn followers_get_the_leaders_answer() {
+        let flights = Arc::new(Flights::default());
+        let k = CacheKey::from_bytes([1; 32]);
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("first joins as leader")
+        };
+        let Join::Follow(a) = flights.join(k) else {
+            panic!("second follows")
+        };
+        let Join::Follow(b) = flights.join(k) else {
+            panic!("third follows")
+        };
+        guard.complete(entry());
+        assert_eq!(a.await.unwrap(), entry());
+        assert_eq!(b.await.unwrap(), entry());
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_releases_followers_without_an_answer() {
+        let flights = Arc::new(Flights::default());
+        let k = CacheKey::from_bytes([1; 32]);
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("leader")
+        };
+        let Join::Follow(a) = flights.join(k) else {
+            panic!("follower")
+        };
+        drop(guard);
+        assert!(a.await.is_err());
+        assert!(
+            matches!(flights.join(k), Join::Lead(_)),
+            "a follower can lead next"
+        );
+    }
+
+    #[test]
+    fn a_stale_guard_does_not_remove_a_newer_flight() {
+        let flights = Arc::new(Flights::default());
+        let k = CacheKey::from_bytes([1; 32]);
+        let Join::Lead(old) = flights.join(k) else {
+            panic!("leader")
+        };
+        flights.map.lock().unwrap().remove(&k);
+        let Join::Lead(_new) = flights.join(k) else {
+            panic!("new leader")
+        };
+        drop(old);
+        assert_eq!(flights.len(), 1);
+    }
+}

@@ -1,0 +1,464 @@
+//! On-disk store in an embedded `redb` file.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+
+use super::{CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture};
+use crate::cache::CacheKey;
+
+/// key (32 bytes) -> `[seq u64 LE][expires unix ms u64 LE][CachedResponse::encode]`.
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tower_claude_cache_entries");
+/// insertion sequence -> key: the eviction order (oldest first).
+const ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_order");
+/// `bytes` (accounted size) and `seq` (next sequence number).
+const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_meta");
+
+const HEADER: usize = 16;
+const KEY_LEN: u64 = 32;
+
+type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+struct Inner {
+    db: Database,
+    max_bytes: u64,
+    clock: Clock,
+}
+
+/// A store in an embedded [`redb`] database file: entries survive restarts (reopen the same
+/// path), the total size is bounded (the oldest entries are evicted first), and expiry is
+/// checked on read against the wall clock ([`SystemTime`], since entries outlive the
+/// process).
+///
+/// A corrupted or undecodable entry is a miss and is removed. redb calls block, so every
+/// operation runs on tokio's blocking pool (`spawn_blocking`); the store needs a tokio runtime.
+///
+/// The bound counts key and entry bytes; the file itself is larger (redb pages and free space,
+/// which redb reuses but does not return to the file system).
+///
+/// ```
+/// use tower_claude::cache::{CacheLayer, DiskStore};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = DiskStore::open(dir.path().join("cache.redb"), 512 * 1024 * 1024).unwrap();
+/// let layer = CacheLayer::new(store);
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct DiskStore {
+    inner: Arc<Inner>,
+}
+
+impl DiskStore {
+    /// Opens (or creates) the database at `path`, bounded to `max_bytes` of entries.
+    ///
+    /// This is blocking file I/O: call it at start-up or inside `spawn_blocking`. Fails if the
+    /// file is not a redb database or is already open in this process.
+    pub fn open(path: impl AsRef<Path>, max_bytes: u64) -> Result<Self, StoreError> {
+        let db = Database::create(path.as_ref())
+            .map_err(|e| StoreError::new(StoreErrorKind::Open, e.to_string()))?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            txn.open_table(ENTRIES).map_err(backend)?;
+            txn.open_table(ORDER).map_err(backend)?;
+            txn.open_table(META).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                max_bytes,
+                clock: Arc::new(SystemTime::now),
+            }),
+        };
+        // A smaller bound than the file was written with applies at once.
+        store.inner.write(|txn, inner| inner.evict(txn, 0))?;
+        Ok(store)
+    }
+
+    /// Replaces the wall clock (tests).
+    #[cfg(test)]
+    pub(crate) fn with_clock(self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        let inner = Arc::into_inner(self.inner).expect("with_clock before sharing the store");
+        Self {
+            inner: Arc::new(Inner {
+                clock: Arc::new(clock),
+                ..inner
+            }),
+        }
+    }
+
+    /// The number of entries (blocking).
+    pub fn entry_count(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(ENTRIES).map_err(backend)?;
+        table.len().map_err(backend)
+    }
+
+    /// The accounted size of the entries in bytes (blocking).
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(META).map_err(backend)?;
+        Ok(table
+            .get("bytes")
+            .map_err(backend)?
+            .map_or(0, |v| v.value()))
+    }
+
+    fn run<T, F>(&self, f: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&inner))
+                .await
+                .map_err(|e| StoreError::new(StoreErrorKind::Backend, e.to_string()))?
+        })
+    }
+}
+
+fn backend(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::new(StoreErrorKind::Backend, e.into().to_string())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
+enum Lookup {
+    Missing,
+    Found(CachedResponse),
+    /// Expired or undecodable: remove it.
+    Stale,
+}
+
+impl Inner {
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction, &Inner) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let out = f(&txn, self)?;
+        txn.commit().map_err(backend)?;
+        Ok(out)
+    }
+
+    fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(ENTRIES).map_err(backend)?;
+        let Some(guard) = table.get(&key.as_bytes()[..]).map_err(backend)? else {
+            return Ok(Lookup::Missing);
+        };
+        let value = guard.value();
+        let Some(expires) = u64_at(value, 8) else {
+            return Ok(Lookup::Stale);
+        };
+        if unix_ms((self.clock)()) >= expires {
+            return Ok(Lookup::Stale);
+        }
+        Ok(match CachedResponse::decode(&value[HEADER..]) {
+            Ok(resp) => Lookup::Found(resp),
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "removing undecodable disk cache entry");
+                Lookup::Stale
+            }
+        })
+    }
+
+    /// Removes `key` with its order row (only if that row points back at it) and returns the
+    /// new accounted total.
+    fn remove_in(
+        &self,
+        txn: &WriteTransaction,
+        key: &[u8],
+        mut total: u64,
+    ) -> Result<u64, StoreError> {
+        let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+        let mut order = txn.open_table(ORDER).map_err(backend)?;
+        let old = entries
+            .remove(key)
+            .map_err(backend)?
+            .map(|g| (g.value().len() as u64, u64_at(g.value(), 0)));
+        if let Some((len, seq)) = old {
+            total = total.saturating_sub(KEY_LEN + len);
+            if let Some(seq) = seq {
+                let points_back = order
+                    .get(seq)
+                    .map_err(backend)?
+                    .is_some_and(|k| k.value() == key);
+                if points_back {
+                    order.remove(seq).map_err(backend)?;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn total(&self, txn: &WriteTransaction) -> Result<(u64, u64), StoreError> {
+        let meta = txn.open_table(META).map_err(backend)?;
+        let total = meta.get("bytes").map_err(backend)?.map_or(0, |v| v.value());
+        let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
+        Ok((total, seq))
+    }
+
+    fn set_total(&self, txn: &WriteTransaction, total: u64, seq: u64) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        meta.insert("bytes", total).map_err(backend)?;
+        meta.insert("seq", seq).map_err(backend)?;
+        Ok(())
+    }
+
+    /// Evicts the oldest entries until `extra` more bytes fit under the bound.
+    fn evict(&self, txn: &WriteTransaction, extra: u64) -> Result<(), StoreError> {
+        let (mut total, seq) = self.total(txn)?;
+        while total.saturating_add(extra) > self.max_bytes {
+            let oldest = {
+                let mut order = txn.open_table(ORDER).map_err(backend)?;
+                order
+                    .pop_first()
+                    .map_err(backend)?
+                    .map(|(s, k)| (s.value(), k.value().to_vec()))
+            };
+            let Some((seq_evicted, key)) = oldest else {
+                break;
+            };
+            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let matches = entries
+                .get(&key[..])
+                .map_err(backend)?
+                .is_some_and(|v| u64_at(v.value(), 0) == Some(seq_evicted));
+            if matches {
+                if let Some(v) = entries.remove(&key[..]).map_err(backend)? {
+                    total = total.saturating_sub(KEY_LEN + v.value().len() as u64);
+                }
+            }
+        }
+        if total.saturating_add(extra) > self.max_bytes {
+            // Nothing left in the order index: the accounting is off (entries whose order rows
+            // were lost). Start over from an empty store rather than grow without bound.
+            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+            entries.retain(|_, _| false).map_err(backend)?;
+            total = 0;
+        }
+        self.set_total(txn, total, seq)
+    }
+
+    fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
+        let encoded = value.encode();
+        let size = KEY_LEN + (HEADER + encoded.len()) as u64;
+        let expires = unix_ms((self.clock)())
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.write(|txn, inner| {
+            let (total, seq) = inner.total(txn)?;
+            let total = inner.remove_in(txn, &key.as_bytes()[..], total)?;
+            inner.set_total(txn, total, seq)?;
+            if size > inner.max_bytes {
+                return Ok(());
+            }
+            inner.evict(txn, size)?;
+            let (total, seq) = inner.total(txn)?;
+            let mut row = Vec::with_capacity(HEADER + encoded.len());
+            row.extend_from_slice(&seq.to_le_bytes());
+            row.extend_from_slice(&expires.to_le_bytes());
+            row.extend_from_slice(&encoded);
+            txn.open_table(ENTRIES)
+                .map_err(backend)?
+                .insert(&key.as_bytes()[..], &row[..])
+                .map_err(backend)?;
+            txn.open_table(ORDER)
+                .map_err(backend)?
+                .insert(seq, &key.as_bytes()[..])
+                .map_err(backend)?;
+            inner.set_total(txn, total + size, seq + 1)
+        })
+    }
+
+    fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
+        self.write(|txn, inner| {
+            let (total, seq) = inner.total(txn)?;
+            let total = inner.remove_in(txn, &key.as_bytes()[..], total)?;
+            inner.set_total(txn, total, seq)
+        })
+    }
+
+    fn get(&self, key: &CacheKey) -> Result<Option<CachedResponse>, StoreError> {
+        match self.lookup(key)? {
+            Lookup::Missing => Ok(None),
+            Lookup::Found(resp) => Ok(Some(resp)),
+            Lookup::Stale => {
+                self.remove(key)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheStore for DiskStore {
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+        let key = *key;
+        self.run(move |inner| inner.get(&key))
+    }
+
+    fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
+        let key = *key;
+        self.run(move |inner| inner.put(&key, &value, ttl))
+    }
+
+    fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
+        let key = *key;
+        self.run(move |inner| inner.remove(&key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    use super::*;
+
+    fn resp(n: usize) -> CachedResponse {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        CachedResponse::new(StatusCode::OK, h, Bytes::from(vec![b'x'; n]), false)
+    }
+
+    fn k(i: u8) -> CacheKey {
+        CacheKey::from_bytes([i; 32])
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            store.put(&k(1), resp(100), HOUR).await.unwrap();
+        }
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(100)));
+        assert_eq!(store.get(&k(2)).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn ttl_is_checked_on_read_with_the_wall_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock = now.clone();
+        let store = DiskStore::open(dir.path().join("c.redb"), 1 << 20)
+            .unwrap()
+            .with_clock(move || UNIX_EPOCH + Duration::from_secs(clock.load(Ordering::SeqCst)));
+        store.put(&k(1), resp(10), HOUR).await.unwrap();
+        now.fetch_add(3599, Ordering::SeqCst);
+        assert!(store.get(&k(1)).await.unwrap().is_some());
+        now.fetch_add(1, Ordering::SeqCst);
+        assert!(store.get(&k(1)).await.unwrap().is_none());
+        assert_eq!(store.entry_count().unwrap(), 0, "expired entry removed");
+        assert_eq!(store.size_bytes().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn corrupted_entry_is_a_miss_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path().join("c.redb"), 1 << 20).unwrap();
+        store.put(&k(1), resp(10), HOUR).await.unwrap();
+        store.put(&k(2), resp(10), HOUR).await.unwrap();
+        let far_future = u64::MAX.to_le_bytes();
+        for garbage in [
+            &b"xx"[..],
+            &[&[0u8; 8][..], &far_future[..], b"not an entry"].concat(),
+        ] {
+            {
+                let txn = store.inner.db.begin_write().unwrap();
+                txn.open_table(ENTRIES)
+                    .unwrap()
+                    .insert(&k(1).as_bytes()[..], garbage)
+                    .unwrap();
+                txn.commit().unwrap();
+            }
+            assert_eq!(store.get(&k(1)).await.unwrap(), None);
+            assert_eq!(
+                store.entry_count().unwrap(),
+                1,
+                "garbage removed, k(2) kept"
+            );
+            assert_eq!(store.get(&k(2)).await.unwrap(), Some(resp(10)));
+        }
+        // The store still works for that key.
+        store.put(&k(1), resp(20), HOUR).await.unwrap();
+        assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(20)));
+    }
+
+    #[tokio::test]
+    async fn bounded_by_size_evicting_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = KEY_LEN + (HEADER + resp(1000).encode().len()) as u64;
+        let store = DiskStore::open(dir.path().join("c.redb"), 3 * one).unwrap();
+        for i in 0..5 {
+            store.put(&k(i), resp(1000), HOUR).await.unwrap();
+        }
+        assert_eq!(store.entry_count().unwrap(), 3);
+        assert_eq!(store.size_bytes().unwrap(), 3 * one);
+        assert_eq!(store.get(&k(0)).await.unwrap(), None);
+        assert_eq!(store.get(&k(1)).await.unwrap(), None);
+        assert!(store.get(&k(4)).await.unwrap().is_some());
+        // Replacing an entry does not double-count it, and refreshes its age.
+        store.put(&k(2), resp(1000), HOUR).await.unwrap();
+        store.put(&k(5), resp(1000), HOUR).await.unwrap();
+        assert_eq!(store.size_bytes().unwrap(), 3 * one);
+        assert_eq!(store.get(&k(3)).await.unwrap(), None);
+        assert!(store.get(&k(2)).await.unwrap().is_some());
+        // An entry larger than the whole bound is not stored.
+        store.put(&k(9), resp(10_000), HOUR).await.unwrap();
+        assert_eq!(store.get(&k(9)).await.unwrap(), None);
+        store.remove(&k(2)).await.unwrap();
+        assert_eq!(store.size_bytes().unwrap(), 2 * one);
+    }
+
+    #[tokio::test]
+    async fn reopening_with_a_smaller_bound_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            for i in 0..4 {
+                store.put(&k(i), resp(1000), HOUR).await.unwrap();
+            }
+        }
+        let store = DiskStore::open(&path, 2500).unwrap();
+        assert_eq!(store.entry_count().unwrap(), 2);
+        assert!(store.get(&k(3)).await.unwrap().is_some());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_fails_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = DiskStore::open(&path, 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Open);
+    }
+}

@@ -1,0 +1,487 @@
+//! [`ResponseFuture`] of the [`Fallback`](super::Fallback) service, and the per-request walk
+//! down the chain.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body::Body;
+use pin_project::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::ServedModel;
+use super::body::FallbackBody;
+use super::error::FallbackError;
+use super::policy::{self, Verdict, View};
+use super::service::Config;
+use crate::BoxError;
+use crate::anthropic::{
+    ApiError, KeyId, RateLimitSnapshot, RequestMeta, header_names, retry_after, rewrite_model,
+};
+use crate::body::RequestBody;
+use crate::quota::Cost;
+use crate::retry::{RetryInfo, RetryOutcome};
+
+/// The most bytes of an error response read to classify it (error envelopes are a few hundred
+/// bytes); a longer body is classified by its status and returned unread beyond this.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Response future of [`Fallback`](super::Fallback): sends the request to the chosen model and,
+/// while an answer says the model is exhausted, to the next one.
+#[pin_project]
+pub struct ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody>>,
+{
+    #[pin]
+    state: State<S::Future, B>,
+    walk: Option<Box<Walk<S>>>,
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("ResponseFuture");
+        if let Some(walk) = &self.walk {
+            d.field("requested", &walk.requested)
+                .field("model", &walk.candidates[walk.current])
+                .field("attempts", &walk.attempts);
+        }
+        d.finish_non_exhaustive()
+    }
+}
+
+#[pin_project(project = StateProj)]
+enum State<F, B> {
+    /// Not a request the layer applies its policy to.
+    Passthrough {
+        #[pin]
+        fut: F,
+    },
+    /// An attempt in flight.
+    Calling {
+        #[pin]
+        fut: F,
+    },
+    /// Reading an error answer's envelope.
+    Reading {
+        head: Option<http::response::Parts>,
+        body: Option<Pin<Box<B>>>,
+        buf: Vec<u8>,
+    },
+    /// Before sending a model that answered 529 again.
+    Pausing {
+        #[pin]
+        sleep: Sleep,
+    },
+    /// Waiting for the inner service to be ready for the next attempt.
+    Ready,
+    Done,
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody>>,
+{
+    pub(crate) fn passthrough(fut: S::Future) -> Self {
+        Self {
+            state: State::Passthrough { fut },
+            walk: None,
+        }
+    }
+
+    pub(crate) fn walking(fut: S::Future, mut walk: Walk<S>, service: S) -> Self {
+        walk.service = Some(service);
+        Self {
+            state: State::Calling { fut },
+            walk: Some(Box::new(walk)),
+        }
+    }
+}
+
+impl<S, B> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<FallbackBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let walk = match this.state.as_mut().project() {
+                StateProj::Passthrough { fut } => {
+                    let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(res.map(FallbackBody::new)));
+                }
+                StateProj::Done => {
+                    return Poll::Ready(Err(
+                        "fallback response future polled after completion".into()
+                    ));
+                }
+                _ => match this.walk.as_deref_mut() {
+                    Some(walk) => walk,
+                    None => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err("fallback walk state lost".into()));
+                    }
+                },
+            };
+            match this.state.as_mut().project() {
+                StateProj::Calling { fut } => {
+                    let res = match ready!(fut.poll(cx)) {
+                        Ok(res) => res,
+                        Err(e) => {
+                            let e: BoxError = e.into();
+                            if walk.can_move_on()
+                                && policy::error_fails_over(&*e)
+                                && walk.fail_over()
+                            {
+                                this.state.set(State::Ready);
+                                continue;
+                            }
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(walk.error(e)));
+                        }
+                    };
+                    walk.observe(res.headers());
+                    if !policy::may_move_on(res.status()) || !walk.can_move_on() {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(walk.finish(res.map(FallbackBody::new))));
+                    }
+                    let (head, body) = res.into_parts();
+                    this.state.set(State::Reading {
+                        head: Some(head),
+                        body: Some(Box::pin(body)),
+                        buf: Vec::new(),
+                    });
+                }
+                StateProj::Reading { head, body, buf } => {
+                    // Read the envelope (bounded); `rest` is what the caller still gets.
+                    let rest = loop {
+                        let Some(b) = body.as_mut() else {
+                            break FallbackBody::complete(Bytes::new());
+                        };
+                        match ready!(b.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => {
+                                if let Ok(data) = frame.into_data() {
+                                    buf.extend_from_slice(&data);
+                                }
+                                if buf.len() >= MAX_ERROR_BODY {
+                                    let b = body.take();
+                                    let prefix = Bytes::from(std::mem::take(buf));
+                                    break match b {
+                                        Some(b) => FallbackBody::replay(prefix, b),
+                                        None => FallbackBody::complete(prefix),
+                                    };
+                                }
+                            }
+                            Some(Err(e)) => {
+                                let prefix = Bytes::from(std::mem::take(buf));
+                                break FallbackBody::failed(prefix, e.into());
+                            }
+                            None => break FallbackBody::complete(Bytes::from(std::mem::take(buf))),
+                        }
+                    };
+                    let Some(head) = head.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err("fallback response head lost".into()));
+                    };
+                    let verdict = walk.classify(&head, rest.prefix());
+                    let moved = match verdict {
+                        Verdict::Return => false,
+                        Verdict::FailOver => walk.fail_over(),
+                        Verdict::Resend => walk.resend(),
+                    };
+                    if !moved {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(walk.finish(Response::from_parts(head, rest))));
+                    }
+                    if verdict == Verdict::Resend && !walk.config.overloaded_pause.is_zero() {
+                        this.state.set(State::Pausing {
+                            sleep: tokio::time::sleep(walk.config.overloaded_pause),
+                        });
+                    } else {
+                        this.state.set(State::Ready);
+                    }
+                }
+                StateProj::Pausing { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    let Some(service) = walk.service.as_mut() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err("fallback inner service lost".into()));
+                    };
+                    if let Err(e) = ready!(service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(walk.error(e.into())));
+                    }
+                    let Some(request) = walk.next.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err("fallback request lost".into()));
+                    };
+                    walk.attempts += 1;
+                    let fut = service.call(request);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Passthrough { .. } | StateProj::Done => {}
+            }
+        }
+    }
+}
+
+/// Everything one request's walk down the chain needs.
+pub(crate) struct Walk<S> {
+    pub(crate) config: Arc<Config>,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+    body: Bytes,
+    meta: RequestMeta,
+    requested: String,
+    /// The request's chain (truncated at the floor), best model first.
+    candidates: Vec<String>,
+    key: KeyId,
+    cost: Cost,
+    /// Index in `candidates` of the model of the attempt in flight (or just answered).
+    current: usize,
+    /// Models sent to so far.
+    visited: usize,
+    /// 529 answers from the current model.
+    overloaded: u32,
+    attempts: u32,
+    failovers: u32,
+    /// The next attempt, prepared.
+    next: Option<Request<RequestBody>>,
+    service: Option<S>,
+}
+
+impl<S> Walk<S> {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        req: Request<RequestBody>,
+        meta: RequestMeta,
+        requested: String,
+        candidates: Vec<String>,
+        key: KeyId,
+        cost: Cost,
+    ) -> Self {
+        let (parts, body) = req.into_parts();
+        Self {
+            config,
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            extensions: parts.extensions,
+            body: body.into_bytes(),
+            meta,
+            requested,
+            candidates,
+            key,
+            cost,
+            current: 0,
+            visited: 0,
+            overloaded: 0,
+            attempts: 0,
+            failovers: 0,
+            next: None,
+            service: None,
+        }
+    }
+
+    /// The board's view of candidate `idx` for this request. A group whose limits the board
+    /// does not know yet counts as full (even while a rate limiter below holds requests back
+    /// until its first answer teaches it the limits).
+    fn view(&self, idx: usize) -> View {
+        let board = &self.config.board;
+        let group = self.config.catalog.group(&self.candidates[idx]);
+        match board.headroom(&self.key, &group) {
+            None => View {
+                fraction: 1.0,
+                fits: true,
+                wait: Some(std::time::Duration::ZERO),
+            },
+            Some(headroom) => View {
+                fraction: headroom.fraction,
+                fits: board.fits_now(&self.key, &group, &self.cost),
+                wait: board.time_until_fits(&self.key, &group, &self.cost),
+            },
+        }
+    }
+
+    /// The best candidate from `from` on, if any is left and the depth allows another model.
+    fn choose(&self, from: usize) -> Option<usize> {
+        if from >= self.candidates.len() || self.visited >= self.config.max_depth {
+            return None;
+        }
+        if self.candidates.len() - from == 1 {
+            return Some(from);
+        }
+        let views: Vec<(usize, View)> = (from..self.candidates.len())
+            .map(|i| (i, self.view(i)))
+            .collect();
+        policy::select(&views, &self.config.thresholds).map(|i| from + i)
+    }
+
+    /// The request for candidate `idx`: the body with its `model` rewritten (the original
+    /// bytes for the requested model) and the `RequestMeta` extension updated. `None` when the
+    /// body cannot be rewritten.
+    fn build(&self, idx: usize) -> Option<Request<RequestBody>> {
+        let model = &self.candidates[idx];
+        let body = if *model == self.requested {
+            self.body.clone()
+        } else {
+            rewrite_model(&self.body, model).ok()?
+        };
+        let mut req = Request::new(RequestBody::from(body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        *req.extensions_mut() = self.extensions.clone();
+        let mut meta = self.meta.clone();
+        meta.model = Some(model.clone());
+        req.extensions_mut().insert(meta);
+        Some(req)
+    }
+
+    /// The first attempt: the chosen model, or the requested one when the body cannot be
+    /// rewritten.
+    pub(crate) fn first_request(&mut self) -> Request<RequestBody> {
+        let chosen = self.choose(0).unwrap_or(0);
+        let (idx, req) = match self.build(chosen) {
+            Some(req) => (chosen, req),
+            None => (0, self.original()),
+        };
+        self.current = idx;
+        self.visited = 1;
+        self.attempts = 1;
+        req
+    }
+
+    /// The request as the caller sent it (opt-out header removed).
+    fn original(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::from(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        *req.extensions_mut() = self.extensions.clone();
+        req
+    }
+
+    /// Whether an answer from the current model could still lead somewhere else (a lower model
+    /// is left and the depth allows it). When not, every answer is returned as it is.
+    pub(crate) fn can_move_on(&self) -> bool {
+        self.current + 1 < self.candidates.len() && self.visited < self.config.max_depth
+    }
+
+    /// Feeds the board from the answer's rate-limit headers.
+    pub(crate) fn observe(&self, headers: &HeaderMap) {
+        let snapshot = RateLimitSnapshot::from_headers(headers);
+        if !snapshot.is_empty() {
+            let group = self.config.catalog.group(&self.candidates[self.current]);
+            self.config.board.observe(&self.key, &group, &snapshot);
+        }
+    }
+
+    /// What an error answer (429 / 529) from the current model means.
+    pub(crate) fn classify(&mut self, head: &http::response::Parts, envelope: &[u8]) -> Verdict {
+        let kind = ApiError::from_response(head.status, envelope).kind();
+        if head.status.as_u16() == 529 {
+            self.overloaded += 1;
+        }
+        let wait = retry_after(&head.headers, SystemTime::now());
+        policy::classify(
+            &self.config.rules,
+            head.status,
+            Some(kind),
+            wait,
+            self.overloaded,
+            retried_below(&head.extensions),
+        )
+    }
+
+    /// Prepares the next lower model; `false` when none is left (or allowed).
+    pub(crate) fn fail_over(&mut self) -> bool {
+        let Some(idx) = self.choose(self.current + 1) else {
+            return false;
+        };
+        let Some(req) = self.build(idx) else {
+            return false;
+        };
+        self.current = idx;
+        self.visited += 1;
+        self.overloaded = 0;
+        self.failovers += 1;
+        self.next = Some(req);
+        true
+    }
+
+    /// Prepares the same model again.
+    pub(crate) fn resend(&mut self) -> bool {
+        match self.build(self.current) {
+            Some(req) => {
+                self.next = Some(req);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tags the response with the model that produced it.
+    pub(crate) fn finish<B>(&self, mut res: Response<B>) -> Response<B> {
+        let served = self.candidates[self.current].clone();
+        if let Ok(value) = HeaderValue::from_str(&served) {
+            res.headers_mut()
+                .insert(header_names::X_TOWER_CLAUDE_MODEL, value);
+        }
+        res.extensions_mut().insert(ServedModel {
+            requested: self.requested.clone(),
+            served,
+            attempts: self.attempts,
+            failovers: self.failovers,
+        });
+        res
+    }
+
+    /// The layer's error for an inner service error on the current attempt.
+    pub(crate) fn error(&self, source: BoxError) -> BoxError {
+        Box::new(FallbackError::inner(
+            self.requested.clone(),
+            self.candidates[self.current].clone(),
+            self.attempts,
+            self.failovers,
+            source,
+        ))
+    }
+}
+
+/// Whether a retry layer below already retried this answer and gave up on it (its
+/// [`RetryInfo`] says the attempts, the deadline or the budget ran out): waiting more on this
+/// model is what it just did, so the request moves on.
+fn retried_below(extensions: &Extensions) -> bool {
+    extensions.get::<RetryInfo>().is_some_and(|info| {
+        matches!(
+            info.outcome(),
+            RetryOutcome::Exhausted
+                | RetryOutcome::DeadlineExceeded
+                | RetryOutcome::BudgetExhausted
+        )
+    })
+}

@@ -1,0 +1,223 @@
+//! [`FallbackLayer`]: builder and `tower::Layer` impl.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::policy::{DEFAULT_THRESHOLDS, Rules};
+use super::service::{Config, Fallback};
+use crate::anthropic::ModelCatalog;
+use crate::quota::{OutputReservation, QuotaBoard};
+
+/// The default bound on a 429's server wait before the layer fails over at once.
+pub const DEFAULT_MAX_WAIT_BEFORE_FAILOVER: Duration = Duration::from_secs(10);
+
+/// The default number of 529 answers from one model before the layer moves on.
+pub const DEFAULT_MAX_OVERLOADED: u32 = 2;
+
+/// The default pause before sending a model that answered 529 again.
+pub const DEFAULT_OVERLOADED_PAUSE: Duration = Duration::from_millis(500);
+
+/// The default number of models one request may be sent to.
+pub const DEFAULT_MAX_DEPTH: usize = 3;
+
+/// Chooses the model of each Messages API request from the remaining quota, and moves down
+/// the chain when a model is exhausted. Builds [`Fallback`].
+///
+/// Every option has a default; see the [module docs](super) for the rules.
+///
+/// | option | default |
+/// |---|---|
+/// | [`board`](Self::board) | its own board, fed by the response headers the layer sees |
+/// | [`catalog`](Self::catalog) | [`ModelCatalog::default`] |
+/// | [`chain`](Self::chain) | the catalogue's chain (`claude-opus-4-7` -> `claude-sonnet-4-6` -> `claude-haiku-4-5`) |
+/// | [`floor`](Self::floor) | none |
+/// | [`thresholds`](Self::thresholds) | 0.70, 0.30 (then 0) |
+/// | [`max_wait_before_failover`](Self::max_wait_before_failover) | 10 s |
+/// | [`max_overloaded`](Self::max_overloaded) | 2 |
+/// | [`overloaded_pause`](Self::overloaded_pause) | 500 ms |
+/// | [`max_depth`](Self::max_depth) | 3 |
+/// | [`output_reservation`](Self::output_reservation) | `max_tokens` |
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::fallback::FallbackLayer;
+/// use tower_claude::quota::QuotaBoard;
+///
+/// let board = QuotaBoard::new(); // give the same board to a RateLimitLayer below
+/// let layer = FallbackLayer::new()
+///     .board(board.clone())
+///     .chain(["claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"])
+///     .floor("claude-sonnet-4-6")
+///     .thresholds(0.8, 0.4)
+///     .max_wait_before_failover(Duration::from_secs(5))
+///     .max_overloaded(1)
+///     .max_depth(2);
+/// assert!(layer.quota_board().same_board(&board));
+/// ```
+#[derive(Debug, Clone)]
+pub struct FallbackLayer {
+    board: QuotaBoard,
+    catalog: ModelCatalog,
+    chain: Option<Vec<String>>,
+    floor: Option<String>,
+    thresholds: Vec<f64>,
+    max_wait_before_failover: Duration,
+    max_overloaded: u32,
+    overloaded_pause: Duration,
+    max_depth: usize,
+    output: OutputReservation,
+}
+
+impl Default for FallbackLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FallbackLayer {
+    /// A layer with the defaults (see the table above).
+    pub fn new() -> Self {
+        Self {
+            board: QuotaBoard::new(),
+            catalog: ModelCatalog::default(),
+            chain: None,
+            floor: None,
+            thresholds: DEFAULT_THRESHOLDS.to_vec(),
+            max_wait_before_failover: DEFAULT_MAX_WAIT_BEFORE_FAILOVER,
+            max_overloaded: DEFAULT_MAX_OVERLOADED,
+            overloaded_pause: DEFAULT_OVERLOADED_PAUSE,
+            max_depth: DEFAULT_MAX_DEPTH,
+            output: OutputReservation::default(),
+        }
+    }
+
+    /// Reads quota from `board` (and feeds it from the response headers the layer sees). Give
+    /// it the board of a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) below, so that
+    /// the choice also sees the requests in flight and queued.
+    pub fn board(mut self, board: QuotaBoard) -> Self {
+        self.board = board;
+        self
+    }
+
+    /// The model catalogue: rate-limit groups, families, and the chain (unless
+    /// [`chain`](Self::chain) overrides it).
+    pub fn catalog(mut self, catalog: ModelCatalog) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// The fallback chain, best model first (overrides the catalogue's chain, whatever the
+    /// order of the builder calls). A request for a model in the chain may be served by that
+    /// model and the ones after it; a model outside the chain is placed by family (see
+    /// [`ModelCatalog::chain_from`]).
+    pub fn chain<I, T>(mut self, chain: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.chain = Some(chain.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The lowest model allowed (the proxy's `FALLBACK_MODEL`): the chain is cut after it, or,
+    /// when it is not in a request's chain, after the last model of a family at least as high
+    /// as its family. A floor whose family is unknown allows no fallback at all. The requested
+    /// model itself is always allowed.
+    pub fn floor(mut self, model: impl Into<String>) -> Self {
+        self.floor = Some(model.into());
+        self
+    }
+
+    /// The two usual thresholds: the requested model is kept while its binding bucket has at
+    /// least `stay_above` of its limit left (default 0.70), the next model needs `sonnet_above`
+    /// (default 0.30), any later model only needs the request to fit.
+    pub fn thresholds(self, stay_above: f64, sonnet_above: f64) -> Self {
+        self.position_thresholds([stay_above, sonnet_above])
+    }
+
+    /// Thresholds by position in a request's chain (0 = the requested model). Positions past
+    /// the end of the list need 0 (only that the request fits).
+    ///
+    /// ```
+    /// use tower_claude::fallback::FallbackLayer;
+    ///
+    /// // Keep Opus down to 50 %, then Sonnet down to 20 %, then Haiku down to 5 %.
+    /// let layer = FallbackLayer::new().position_thresholds([0.5, 0.2, 0.05]);
+    /// # drop(layer);
+    /// ```
+    pub fn position_thresholds(mut self, thresholds: impl IntoIterator<Item = f64>) -> Self {
+        self.thresholds = thresholds.into_iter().collect();
+        self
+    }
+
+    /// A 429 whose server wait (`retry-after-ms` / `retry-after`) exceeds this (or has none)
+    /// moves the request to the next model at once (default 10 s). A shorter 429 is returned
+    /// to the caller (or was already waited for by a retry layer below).
+    pub fn max_wait_before_failover(mut self, max_wait: Duration) -> Self {
+        self.max_wait_before_failover = max_wait;
+        self
+    }
+
+    /// How many 529 (`overloaded_error`) answers from one model move the request on
+    /// (default 2; 1 moves on at the first). Below the count the same model is sent again
+    /// after [`overloaded_pause`](Self::overloaded_pause). Values below 1 count as 1.
+    pub fn max_overloaded(mut self, n: u32) -> Self {
+        self.max_overloaded = n.max(1);
+        self
+    }
+
+    /// The pause before sending a model that answered 529 again (default 500 ms, the first
+    /// backoff of the official SDKs).
+    pub fn overloaded_pause(mut self, pause: Duration) -> Self {
+        self.overloaded_pause = pause;
+        self
+    }
+
+    /// The most models one request is sent to (default 3). Values below 1 count as 1 (no
+    /// failover, the choice before sending still applies).
+    pub fn max_depth(mut self, depth: usize) -> Self {
+        self.max_depth = depth.max(1);
+        self
+    }
+
+    /// The output tokens counted in a request's cost when checking that it fits
+    /// (`max_tokens` by default, as the API reserves).
+    pub fn output_reservation(mut self, policy: OutputReservation) -> Self {
+        self.output = policy;
+        self
+    }
+
+    /// The board this layer reads.
+    pub fn quota_board(&self) -> &QuotaBoard {
+        &self.board
+    }
+}
+
+impl<S> Layer<S> for FallbackLayer {
+    type Service = Fallback<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let catalog = match &self.chain {
+            Some(chain) => self.catalog.clone().with_chain(chain.iter().cloned()),
+            None => self.catalog.clone(),
+        };
+        Fallback::from_config(
+            inner,
+            Arc::new(Config {
+                board: self.board.clone(),
+                catalog,
+                floor: self.floor.clone(),
+                thresholds: self.thresholds.clone(),
+                rules: Rules {
+                    max_wait_before_failover: self.max_wait_before_failover,
+                    max_overloaded: self.max_overloaded,
+                },
+                overloaded_pause: self.overloaded_pause,
+                max_depth: self.max_depth,
+                output: self.output,
+            }),
+        )
+    }
+}

@@ -1,0 +1,642 @@
+//! [`QuotaBoard`]: the shared state of limits, buckets, server snapshots and wait queues.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use super::error::{AcquireError, AcquireErrorKind};
+use super::local::{Check, Enqueued, Grant, LocalBackend, Outcome, WaitPoll};
+use super::types::{Cost, Headroom, Limits, QuotaStatus};
+use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
+
+/// The default time after which an idle, full entry is forgotten.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Shared quota state per `(key id, rate-limit group)`: limits (configured, or learned from
+/// `anthropic-ratelimit-*-limit` headers), three continuous token buckets (requests, input
+/// tokens, output tokens), the last server snapshot, and one FIFO queue of waiting requests.
+///
+/// Cloning is cheap (an `Arc`); every clone sees the same state, so a board given to several
+/// layers and services makes them share buckets and one queue.
+///
+/// * Writers: [`acquire`](QuotaBoard::acquire) / [`try_acquire`](QuotaBoard::try_acquire)
+///   return a [`Reservation`], settled from the real usage or refunded;
+///   [`observe`](QuotaBoard::observe) re-seeds from response headers.
+/// * Readers (fallback, key pool, metrics, status page): [`headroom`](QuotaBoard::headroom),
+///   [`fits_now`](QuotaBoard::fits_now), [`time_until_fits`](QuotaBoard::time_until_fits),
+///   [`statuses`](QuotaBoard::statuses).
+///
+/// **Unknown limits.** Without configured limits for a group, the first request of a
+/// `(key, group)` is sent alone as a probe; the limits in its response headers then create the
+/// buckets. If the response carries no rate-limit headers at all, that `(key, group)` is not
+/// limited. Processes sharing a key without a shared backend each declare their part of the
+/// learned limits with [`QuotaBoardBuilder::local_share`].
+///
+/// **The server's view.** Every response's `anthropic-ratelimit-*` headers lower local levels
+/// that are above the server's `remaining` (other clients of the organisation use the same
+/// quota); they never raise them.
+///
+/// **Memory.** Entries that are idle (no waiter, nothing in flight, every bucket full) for the
+/// idle timeout (5 minutes by default) are evicted, amortised over insertions.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::anthropic::{KeyId, RateLimitGroup};
+/// use tower_claude::quota::{Cost, Limits, QuotaBoard};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let group = RateLimitGroup::new("claude-sonnet-4");
+/// let board = QuotaBoard::builder()
+///     .limits(group.clone(), Limits { rpm: 50, itpm: 30_000, otpm: 8_000 })
+///     .build();
+/// let key = KeyId::named("team-a");
+///
+/// // Reserve 1 request, 1 000 input tokens and max_tokens = 4 000 output tokens.
+/// let reservation = board.acquire(key.clone(), group.clone(), Cost::new(1, 1_000, 4_000)).await.unwrap();
+/// assert!(!board.fits_now(&key, &group, &Cost::new(1, 0, 5_000)));
+/// // The answer used 300 output tokens: the other 3 700 are available again at once.
+/// reservation.settle(Cost::new(1, 1_000, 300));
+/// assert!(board.fits_now(&key, &group, &Cost::new(1, 0, 7_000)));
+/// let headroom = board.headroom(&key, &group).unwrap();
+/// assert_eq!(headroom.output_tokens.unwrap().remaining, 7_700);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct QuotaBoard {
+    backend: Backend,
+}
+
+/// Storage behind the board. Only the in-process backend exists today; a shared (Redis)
+/// backend with atomic acquire / settle scripts plugs in here without changing the public API.
+#[derive(Clone)]
+enum Backend {
+    Local(Arc<LocalBackend>),
+}
+
+impl fmt::Debug for QuotaBoard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.backend {
+            Backend::Local(b) => f
+                .debug_struct("QuotaBoard")
+                .field("backend", &"local")
+                .field("entries", &b.len())
+                .finish(),
+        }
+    }
+}
+
+impl Default for QuotaBoard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builds a [`QuotaBoard`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::anthropic::RateLimitGroup;
+/// use tower_claude::quota::{Limits, QuotaBoard};
+///
+/// let board = QuotaBoard::builder()
+///     .limits(RateLimitGroup::new("claude-opus-4"), Limits::new(50, 30_000, 8_000))
+///     .default_limits(Limits::new(50, 50_000, 10_000))
+///     .idle_timeout(Duration::from_secs(60))
+///     .local_share(0.5) // one of two processes sharing the key
+///     .build();
+/// assert_eq!(board.limits(&RateLimitGroup::new("other")), Some(Limits::new(50, 50_000, 10_000)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct QuotaBoardBuilder {
+    limits: HashMap<RateLimitGroup, Limits>,
+    key_limits: HashMap<(KeyId, RateLimitGroup), Limits>,
+    default_limits: Option<Limits>,
+    idle_timeout: Duration,
+    local_share: f64,
+}
+
+impl QuotaBoardBuilder {
+    /// Configured limits for `group` (for every key).
+    pub fn limits(mut self, group: RateLimitGroup, limits: Limits) -> Self {
+        self.limits.insert(group, limits);
+        self
+    }
+
+    /// Configured limits for one key in `group` (keys of different usage tiers); they take
+    /// precedence over the group's.
+    pub fn key_limits(mut self, key: KeyId, group: RateLimitGroup, limits: Limits) -> Self {
+        self.key_limits.insert((key, group), limits);
+        self
+    }
+
+    /// Configured limits for groups not named with [`limits`](Self::limits). Without them,
+    /// limits are learned from response headers.
+    pub fn default_limits(mut self, limits: Limits) -> Self {
+        self.default_limits = Some(limits);
+        self
+    }
+
+    /// How long an idle, full entry is kept (5 minutes by default).
+    pub fn idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// The part of a *learned* limit this board may use, in `(0, 1]` (1 by default). When
+    /// several processes share an API key without a shared backend, give each its share (two
+    /// proxy nodes: 0.5) so that together they stay under the key's limits. Configured limits
+    /// are used as given.
+    pub fn local_share(mut self, share: f64) -> Self {
+        self.local_share = share;
+        self
+    }
+
+    /// Builds the board with the in-process backend.
+    pub fn build(self) -> QuotaBoard {
+        QuotaBoard {
+            backend: Backend::Local(Arc::new(LocalBackend::new(
+                self.limits,
+                self.key_limits,
+                self.default_limits,
+                self.idle_timeout,
+                self.local_share,
+            ))),
+        }
+    }
+}
+
+impl QuotaBoard {
+    /// An in-process board with no configured limits (every limit is learned from headers).
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder.
+    pub fn builder() -> QuotaBoardBuilder {
+        QuotaBoardBuilder {
+            limits: HashMap::new(),
+            key_limits: HashMap::new(),
+            default_limits: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            local_share: 1.0,
+        }
+    }
+
+    /// Sets the configured limits of `group` (for every key); existing entries are resized and
+    /// waiters re-checked.
+    pub fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
+        match &self.backend {
+            Backend::Local(b) => b.set_limits(group, limits),
+        }
+    }
+
+    /// Sets the configured limits of one key in `group` (over the group's limits).
+    pub fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        match &self.backend {
+            Backend::Local(b) => b.set_key_limits(key, group, limits),
+        }
+    }
+
+    /// Sets the limits of every group without limits of its own.
+    pub fn set_default_limits(&self, limits: Limits) {
+        match &self.backend {
+            Backend::Local(b) => b.set_default_limits(limits),
+        }
+    }
+
+    /// The configured limits of `group` (`None`: learned from headers).
+    pub fn limits(&self, group: &RateLimitGroup) -> Option<Limits> {
+        match &self.backend {
+            Backend::Local(b) => b.limits(None, group),
+        }
+    }
+
+    /// The configured limits of `key` in `group`: its own, else the group's.
+    pub fn key_limits(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
+        match &self.backend {
+            Backend::Local(b) => b.limits(Some(key), group),
+        }
+    }
+
+    /// Takes `cost` now if it fits and nobody is queued ahead.
+    ///
+    /// Errors: [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge), or
+    /// [`QueueTimeout`](AcquireErrorKind::QueueTimeout) (a zero wait) carrying the time until
+    /// it would fit.
+    pub fn try_acquire(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: Cost,
+    ) -> Result<Reservation, AcquireError> {
+        match self.try_acquire_inner(key, group, &cost) {
+            Ok(grant) => Ok(self.reservation(key.clone(), group.clone(), cost, grant)),
+            Err(check) => Err(self.check_error(key, group, check)),
+        }
+    }
+
+    pub(crate) fn try_acquire_inner(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Result<Grant, Check> {
+        match &self.backend {
+            Backend::Local(b) => b.try_acquire(key, group, cost),
+        }
+    }
+
+    pub(crate) fn check_error(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        check: Check,
+    ) -> AcquireError {
+        let (kind, available_in) = match check {
+            Check::TooLarge => (AcquireErrorKind::RequestTooLarge, None),
+            Check::Wait(d) => (AcquireErrorKind::QueueTimeout, Some(d)),
+            Check::Ready => (AcquireErrorKind::QueueTimeout, Some(Duration::ZERO)),
+            Check::Blocked => (AcquireErrorKind::QueueTimeout, None),
+        };
+        AcquireError::new(kind, key.clone(), group.clone(), available_in)
+    }
+
+    pub(crate) fn reservation(
+        &self,
+        key: KeyId,
+        group: RateLimitGroup,
+        cost: Cost,
+        grant: Grant,
+    ) -> Reservation {
+        Reservation {
+            board: self.clone(),
+            key,
+            group,
+            cost,
+            grant,
+            done: false,
+        }
+    }
+
+    /// Waits (FIFO per `(key, group)`) until `cost` fits, then takes it.
+    ///
+    /// The returned future is cancellation-safe: dropping it while queued takes nothing and
+    /// lets the next waiter in. Refunds from settled reservations wake waiters at once. Add a
+    /// bound with [`Acquire::max_wait`].
+    pub fn acquire(&self, key: KeyId, group: RateLimitGroup, cost: Cost) -> Acquire {
+        Acquire {
+            board: self.clone(),
+            key,
+            group,
+            cost,
+            deadline: None,
+            state: AcquireState::Start,
+            sleep: None,
+        }
+    }
+
+    /// Re-seeds `(key, group)` from a response's rate-limit headers: learns limits that are not
+    /// configured, and lowers local levels to the server's `remaining` (the server also sees
+    /// other clients of the organisation). A token `remaining` of `R` is rounded down by the
+    /// server (the truth is in `[R, R + 999]`): it only lowers a level above `R + 999`, and
+    /// then to `R`. Levels are never raised from headers.
+    pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
+        match &self.backend {
+            Backend::Local(b) => b.observe(key, group, snapshot),
+        }
+    }
+
+    /// The headroom of `(key, group)`: per bucket remaining and fraction, the binding
+    /// fraction, time until full. `None` when no limit is known yet (neither configured nor
+    /// learned).
+    pub fn headroom(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Headroom> {
+        match &self.backend {
+            Backend::Local(b) => b.headroom(key, group),
+        }
+    }
+
+    /// Whether `cost` would be admitted right now (fits every known bucket, nobody queued).
+    pub fn fits_now(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> bool {
+        match &self.backend {
+            Backend::Local(b) => b.fits_now(key, group, cost),
+        }
+    }
+
+    /// How long until the buckets hold `cost` by refill alone (ignoring the queue and future
+    /// refunds). `None` when it can never fit (larger than a capacity) or depends on a probe.
+    pub fn time_until_fits(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Option<Duration> {
+        match &self.backend {
+            Backend::Local(b) => b.time_until_fits(key, group, cost),
+        }
+    }
+
+    /// Every `(key, group)` the board holds, sorted by key then group.
+    pub fn statuses(&self) -> Vec<QuotaStatus> {
+        match &self.backend {
+            Backend::Local(b) => b.statuses(),
+        }
+    }
+
+    /// The number of `(key, group)` entries held.
+    pub fn len(&self) -> usize {
+        match &self.backend {
+            Backend::Local(b) => b.len(),
+        }
+    }
+
+    /// Whether the board holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Evicts idle entries now (this also happens automatically as entries are added).
+    pub fn evict_idle(&self) {
+        match &self.backend {
+            Backend::Local(b) => b.evict_idle(),
+        }
+    }
+
+    /// Whether two handles share the same state.
+    pub fn same_board(&self, other: &QuotaBoard) -> bool {
+        match (&self.backend, &other.backend) {
+            (Backend::Local(a), Backend::Local(b)) => Arc::ptr_eq(a, b),
+        }
+    }
+
+    fn settle_grant(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant, outcome: Outcome) {
+        match &self.backend {
+            Backend::Local(b) => b.settle(key, group, grant, outcome),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcquireState {
+    Start,
+    Queued(u64),
+    Done,
+}
+
+/// Future returned by [`QuotaBoard::acquire`]: resolves to a [`Reservation`] once the cost fits
+/// and every earlier waiter of the same `(key, group)` has been served.
+///
+/// Dropping it before completion takes nothing and does not block the queue.
+pub struct Acquire {
+    board: QuotaBoard,
+    key: KeyId,
+    group: RateLimitGroup,
+    cost: Cost,
+    deadline: Option<Instant>,
+    state: AcquireState,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl fmt::Debug for Acquire {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquire")
+            .field("key", &self.key)
+            .field("group", &self.group)
+            .field("cost", &self.cost)
+            .field("deadline", &self.deadline)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl Acquire {
+    /// Gives up with a [`QueueTimeout`](AcquireErrorKind::QueueTimeout) error after waiting
+    /// this long (measured from now).
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.deadline = Instant::now().checked_add(max_wait);
+        self
+    }
+
+    /// Gives up at `deadline` (`None`: wait as long as it takes).
+    pub fn deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    fn arm(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.sleep {
+            Some(s) => {
+                if s.deadline() != at {
+                    s.as_mut().reset(at);
+                }
+            }
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        match &mut self.sleep {
+            Some(s) => s.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Future for Acquire {
+    type Output = Result<Reservation, AcquireError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // A timer can fire exactly when capacity returns; loop a bounded number of times
+        // instead of returning Pending with an already-elapsed timer.
+        for _ in 0..4 {
+            let id = match this.state {
+                AcquireState::Done => {
+                    return Poll::Ready(Err(AcquireError::new(
+                        AcquireErrorKind::QueueTimeout,
+                        this.key.clone(),
+                        this.group.clone(),
+                        None,
+                    )));
+                }
+                AcquireState::Start => {
+                    let enq = match &this.board.backend {
+                        Backend::Local(b) => b.enqueue(&this.key, &this.group, &this.cost),
+                    };
+                    match enq {
+                        Enqueued::Granted(grant) => {
+                            this.state = AcquireState::Done;
+                            let r = this.board.reservation(
+                                this.key.clone(),
+                                this.group.clone(),
+                                this.cost,
+                                grant,
+                            );
+                            return Poll::Ready(Ok(r));
+                        }
+                        Enqueued::TooLarge => {
+                            this.state = AcquireState::Done;
+                            return Poll::Ready(Err(this.board.check_error(
+                                &this.key,
+                                &this.group,
+                                Check::TooLarge,
+                            )));
+                        }
+                        Enqueued::Queued(id) => {
+                            this.state = AcquireState::Queued(id);
+                            id
+                        }
+                    }
+                }
+                AcquireState::Queued(id) => id,
+            };
+            let polled = match &this.board.backend {
+                Backend::Local(b) => {
+                    b.poll_waiter(&this.key, &this.group, id, cx.waker(), this.deadline)
+                }
+            };
+            match polled {
+                WaitPoll::Granted(grant) => {
+                    this.state = AcquireState::Done;
+                    let r = this.board.reservation(
+                        this.key.clone(),
+                        this.group.clone(),
+                        this.cost,
+                        grant,
+                    );
+                    return Poll::Ready(Ok(r));
+                }
+                WaitPoll::TooLarge => {
+                    this.state = AcquireState::Done;
+                    return Poll::Ready(Err(this.board.check_error(
+                        &this.key,
+                        &this.group,
+                        Check::TooLarge,
+                    )));
+                }
+                WaitPoll::TimedOut(available_in) => {
+                    this.state = AcquireState::Done;
+                    return Poll::Ready(Err(AcquireError::new(
+                        AcquireErrorKind::QueueTimeout,
+                        this.key.clone(),
+                        this.group.clone(),
+                        available_in,
+                    )));
+                }
+                WaitPoll::Pending(timer) => {
+                    let wake_at = match (timer, this.deadline) {
+                        (Some(t), Some(d)) => Some(t.min(d)),
+                        (t, d) => t.or(d),
+                    };
+                    match wake_at {
+                        None => return Poll::Pending,
+                        Some(at) => {
+                            if this.arm(at, cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Drop for Acquire {
+    fn drop(&mut self) {
+        if let AcquireState::Queued(id) = self.state {
+            match &self.board.backend {
+                Backend::Local(b) => b.cancel(&self.key, &self.group, id),
+            }
+        }
+    }
+}
+
+/// Quota taken for one request, to be settled once when its real cost is known.
+///
+/// * [`settle`](Reservation::settle) with the real cost: the unused part is refunded at once
+///   (waking waiters), an overrun is charged (the bucket may go into debt).
+/// * [`settle_rejected`](Reservation::settle_rejected): the server answered with an error
+///   status; only the request unit stays charged.
+/// * [`refund`](Reservation::refund): the request never reached the server; everything,
+///   including the request unit, is given back.
+/// * Dropped without either: the reservation stays charged as reserved (the request may have
+///   been served; refill returns the quota).
+pub struct Reservation {
+    board: QuotaBoard,
+    key: KeyId,
+    group: RateLimitGroup,
+    cost: Cost,
+    grant: Grant,
+    done: bool,
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("key", &self.key)
+            .field("group", &self.group)
+            .field("cost", &self.cost)
+            .field("charged", &self.charged())
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// The key id charged.
+    pub fn key(&self) -> &KeyId {
+        &self.key
+    }
+
+    /// The rate-limit group charged.
+    pub fn group(&self) -> &RateLimitGroup {
+        &self.group
+    }
+
+    /// The cost asked for.
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    /// What was actually taken from each bucket (0 for a bucket whose limit was unknown; the
+    /// output reservation is clamped to the output bucket's capacity).
+    pub fn charged(&self) -> Cost {
+        let c = self.grant.charged.map(|c| c.unwrap_or(0));
+        Cost::new(c[0], c[1], c[2])
+    }
+
+    /// Settles with the real cost.
+    pub fn settle(mut self, actual: Cost) {
+        self.finish(Outcome::Actual(actual));
+    }
+
+    /// Settles a request the server refused with an error status (429, 529, 4xx, 5xx): the
+    /// request unit stays charged, the tokens are refunded (the API does not charge them).
+    pub fn settle_rejected(mut self) {
+        self.finish(Outcome::Rejected);
+    }
+
+    /// Gives everything back: the request never reached the server.
+    pub fn refund(mut self) {
+        self.finish(Outcome::Refund);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if !self.done {
+            self.done = true;
+            self.board
+                .settle_grant(&self.key, &self.group, &self.grant, outcome);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.finish(Outcome::Keep);
+    }
+}

@@ -1,0 +1,760 @@
+//! The in-process backend of the quota board: a map of `(key, group)` entries behind one mutex.
+//!
+//! The mutex is never held across an `.await` or while calling user code; every operation is a
+//! few arithmetic steps, so a plain `std::sync::Mutex` is faster than an async lock here.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::bucket::TokenBucket;
+use super::types::{BucketHeadroom, Cost, Headroom, Limits, QuotaStatus};
+use crate::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
+
+/// `(key id, rate-limit group)`.
+pub(crate) type EntryKey = (KeyId, RateLimitGroup);
+
+/// Index of the requests, input tokens and output tokens buckets.
+const REQUESTS: usize = 0;
+const OUTPUT: usize = 2;
+
+/// Token `remaining` headers are rounded down to thousands: the true level is in
+/// `[R, R + TOKEN_ROUNDING]`.
+const TOKEN_ROUNDING: u64 = 999;
+
+/// What a granted reservation took from each bucket (`None`: the bucket was unknown then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub(crate) charged: [Option<u64>; 3],
+    /// This request is the one probe sent to learn unknown limits.
+    pub(crate) probe: bool,
+}
+
+/// How a reservation ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    /// The request never reached the server: give everything back.
+    Refund,
+    /// The real cost.
+    Actual(Cost),
+    /// Keep what was reserved (nothing known about the real cost).
+    Keep,
+    /// The server answered with an error status: the request unit counts, tokens do not, and
+    /// nothing is learned about the limits.
+    Rejected,
+}
+
+pub(crate) enum Check {
+    Ready,
+    Wait(Duration),
+    /// Waiting for the probe that learns the limits (no timer helps).
+    Blocked,
+    TooLarge,
+}
+
+pub(crate) enum Enqueued {
+    Granted(Grant),
+    Queued(u64),
+    TooLarge,
+}
+
+pub(crate) enum WaitPoll {
+    Granted(Grant),
+    TooLarge,
+    /// Still waiting; wake up at this instant at the latest (head of the queue only).
+    Pending(Option<Instant>),
+    TimedOut(Option<Duration>),
+}
+
+#[derive(Debug)]
+struct Slot {
+    bucket: TokenBucket,
+    configured: bool,
+}
+
+impl Slot {
+    fn new(bucket: TokenBucket, configured: bool) -> Self {
+        Self { bucket, configured }
+    }
+
+    /// Re-seeds from a server `remaining` of `r`, exact within `rounding` above.
+    fn observe_remaining(&mut self, r: u64, rounding: u64, now: Instant) {
+        // Only a level above the range proves that someone else used the quota; the bucket
+        // is contended then, so take the low end.
+        if self.bucket.level(now) > r.saturating_add(rounding) as f64 {
+            self.bucket.lower_to(r, now);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum WaitState {
+    Waiting,
+    Granted(Grant),
+    TooLarge,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    cost: Cost,
+    state: WaitState,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    slots: [Option<Slot>; 3],
+    /// A probe completed and the server sent no limits: nothing to enforce.
+    unlimited: bool,
+    /// A probe is in flight (limits unknown: one request at a time until they are learned).
+    probe_out: bool,
+    snapshot: Option<(RateLimitSnapshot, Instant)>,
+    queue: VecDeque<Waiter>,
+    outstanding: usize,
+    last_used: Instant,
+}
+
+impl Entry {
+    fn new(limits: Option<Limits>, now: Instant) -> Self {
+        let slots = match limits {
+            Some(l) => l
+                .as_array()
+                .map(|cap| Some(Slot::new(TokenBucket::per_minute(cap, now), true))),
+            None => [None, None, None],
+        };
+        Self {
+            slots,
+            unlimited: false,
+            probe_out: false,
+            snapshot: None,
+            queue: VecDeque::new(),
+            outstanding: 0,
+            last_used: now,
+        }
+    }
+
+    fn configure(&mut self, limits: Limits, now: Instant) {
+        for (slot, cap) in self.slots.iter_mut().zip(limits.as_array()) {
+            match slot {
+                Some(s) => {
+                    s.bucket.set_capacity(cap, now);
+                    s.configured = true;
+                }
+                None => *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), true)),
+            }
+        }
+    }
+
+    fn known(&self) -> bool {
+        self.slots.iter().any(Option::is_some)
+    }
+
+    fn configured(&self) -> bool {
+        self.slots.iter().flatten().any(|s| s.configured)
+    }
+
+    /// What `cost` takes from each bucket: the output reservation is clamped to the output
+    /// bucket's capacity (it is an estimate; `max_tokens` may exceed the per-minute limit).
+    fn amounts(&self, cost: &Cost) -> [u64; 3] {
+        let mut a = cost.as_array();
+        if let Some(s) = &self.slots[OUTPUT] {
+            a[OUTPUT] = a[OUTPUT].min(s.bucket.capacity());
+        }
+        a
+    }
+
+    fn check(&self, cost: &Cost, now: Instant) -> Check {
+        if !self.known() {
+            return if self.unlimited || !self.probe_out {
+                Check::Ready
+            } else {
+                Check::Blocked
+            };
+        }
+        let amounts = self.amounts(cost);
+        let mut wait = Duration::ZERO;
+        for (slot, n) in self.slots.iter().zip(amounts) {
+            if let Some(s) = slot {
+                match s.bucket.time_until(n, now) {
+                    None => return Check::TooLarge,
+                    Some(d) => wait = wait.max(d),
+                }
+            }
+        }
+        if wait.is_zero() {
+            Check::Ready
+        } else {
+            Check::Wait(wait)
+        }
+    }
+
+    fn take(&mut self, cost: &Cost, now: Instant) -> Grant {
+        let probe = !self.known() && !self.unlimited;
+        if probe {
+            self.probe_out = true;
+        }
+        let amounts = self.amounts(cost);
+        let mut charged = [None; 3];
+        for ((slot, n), c) in self.slots.iter_mut().zip(amounts).zip(charged.iter_mut()) {
+            if let Some(s) = slot {
+                s.bucket.force_take(n, now);
+                *c = Some(n);
+            }
+        }
+        self.outstanding += 1;
+        self.last_used = now;
+        Grant { charged, probe }
+    }
+
+    fn settle(&mut self, grant: &Grant, outcome: Outcome, now: Instant) {
+        match outcome {
+            Outcome::Refund => {
+                for (slot, charged) in self.slots.iter_mut().zip(grant.charged) {
+                    if let (Some(s), Some(c)) = (slot, charged) {
+                        s.bucket.refund(c, now);
+                    }
+                }
+            }
+            Outcome::Actual(actual) => {
+                for ((slot, charged), real) in self
+                    .slots
+                    .iter_mut()
+                    .zip(grant.charged)
+                    .zip(actual.as_array())
+                {
+                    if let (Some(s), Some(c)) = (slot, charged) {
+                        s.bucket.settle(c, real, now);
+                    }
+                }
+            }
+            Outcome::Rejected => {
+                for (slot, charged) in self.slots.iter_mut().zip(grant.charged).skip(1) {
+                    if let (Some(s), Some(c)) = (slot, charged) {
+                        s.bucket.refund(c, now);
+                    }
+                }
+            }
+            Outcome::Keep => {}
+        }
+        if grant.probe {
+            self.probe_out = false;
+            if matches!(outcome, Outcome::Actual(_) | Outcome::Keep) && !self.known() {
+                // The server answered without any limit header: nothing to learn, stop probing.
+                self.unlimited = true;
+            }
+        }
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.last_used = now;
+    }
+
+    /// `share`: the part of a learned limit this board may use (see
+    /// `QuotaBoardBuilder::local_share`).
+    fn observe(&mut self, snap: &RateLimitSnapshot, share: f64, now: Instant) {
+        let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
+        for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
+            let rounding = if i == REQUESTS { 0 } else { TOKEN_ROUNDING };
+            match slot {
+                Some(s) => {
+                    if !s.configured {
+                        if let Some(limit) = view.limit {
+                            let limit = shared(limit, share);
+                            if limit != s.bucket.capacity() {
+                                s.bucket.set_capacity(limit, now);
+                            }
+                        }
+                    }
+                    if let Some(r) = view.remaining {
+                        // Never raise our level from the server's view (it cannot see our
+                        // reservations still in flight). A rounded token count `R` means a
+                        // true level in `[R, R + 999]`: only a level above that range proves
+                        // that someone else used the quota.
+                        s.observe_remaining(r, rounding, now);
+                    }
+                }
+                None => {
+                    if let Some(limit) = view.limit {
+                        let mut bucket = TokenBucket::per_minute(shared(limit, share), now);
+                        if let Some(r) = view.remaining {
+                            // A fresh bucket starts from the low end of the rounded value.
+                            bucket.set_level(r, now);
+                        }
+                        *slot = Some(Slot::new(bucket, false));
+                    }
+                }
+            }
+        }
+        self.snapshot = Some((*snap, now));
+        self.last_used = self.last_used.max(now);
+    }
+
+    fn has_waiting(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|w| matches!(w.state, WaitState::Waiting))
+    }
+
+    fn waiting_len(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|w| matches!(w.state, WaitState::Waiting))
+            .count()
+    }
+
+    /// Grants waiting requests in FIFO order while they fit; wakes the ones granted and the new
+    /// head (so that it re-arms its timer). `except` is the waiter currently polling, which is
+    /// not woken.
+    fn drain(&mut self, now: Instant, except: Option<u64>) {
+        for idx in 0..self.queue.len() {
+            if !matches!(self.queue[idx].state, WaitState::Waiting) {
+                continue;
+            }
+            let cost = self.queue[idx].cost;
+            let state = match self.check(&cost, now) {
+                Check::Ready => WaitState::Granted(self.take(&cost, now)),
+                Check::TooLarge => WaitState::TooLarge,
+                Check::Wait(_) | Check::Blocked => {
+                    let w = &mut self.queue[idx];
+                    if Some(w.id) != except {
+                        if let Some(waker) = w.waker.take() {
+                            waker.wake();
+                        }
+                    }
+                    return;
+                }
+            };
+            let w = &mut self.queue[idx];
+            w.state = state;
+            if Some(w.id) != except {
+                if let Some(waker) = w.waker.take() {
+                    waker.wake();
+                }
+            }
+        }
+    }
+
+    fn headroom(&self, now: Instant) -> Headroom {
+        let mut views = [None; 3];
+        let mut fraction: f64 = 1.0;
+        let mut full_in = Duration::ZERO;
+        for (slot, view) in self.slots.iter().zip(views.iter_mut()) {
+            if let Some(s) = slot {
+                let mut b = s.bucket.clone();
+                let level = b.level(now);
+                let cap = b.capacity();
+                let f = b.fraction(now);
+                let missing = (cap as f64 - level).max(0.0);
+                let until_full = if missing <= 0.0 || b.rate_per_sec() <= 0.0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs_f64(missing / b.rate_per_sec())
+                };
+                fraction = fraction.min(f);
+                full_in = full_in.max(until_full);
+                *view = Some(BucketHeadroom {
+                    limit: cap,
+                    remaining: level.max(0.0).floor() as u64,
+                    fraction: f,
+                    full_in: until_full,
+                });
+            }
+        }
+        Headroom {
+            requests: views[0],
+            input_tokens: views[1],
+            output_tokens: views[2],
+            fraction,
+            full_in,
+            queued: self.waiting_len(),
+        }
+    }
+
+    fn is_idle(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.queue.is_empty()
+            && self.outstanding == 0
+            && !self.probe_out
+            && now.saturating_duration_since(self.last_used) >= idle_timeout
+            && self.slots.iter().flatten().all(|s| {
+                let mut b = s.bucket.clone();
+                b.is_full(now)
+            })
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    entries: HashMap<EntryKey, Entry>,
+    group_limits: HashMap<RateLimitGroup, Limits>,
+    /// Limits of one key (keys of different tiers), over the group's.
+    key_limits: HashMap<EntryKey, Limits>,
+    default_limits: Option<Limits>,
+    idle_timeout: Duration,
+    next_sweep: usize,
+    /// Part of learned limits this board may use, in `(0, 1]`.
+    share: f64,
+}
+
+const MIN_SWEEP: usize = 1024;
+
+/// `share` of a learned `limit` (at least 1 when the limit is not 0).
+fn shared(limit: u64, share: f64) -> u64 {
+    if share >= 1.0 {
+        return limit;
+    }
+    ((limit as f64 * share).floor() as u64).max(limit.min(1))
+}
+
+impl State {
+    fn group_limits_for(&self, group: &RateLimitGroup) -> Option<Limits> {
+        self.group_limits
+            .get(group)
+            .copied()
+            .or(self.default_limits)
+    }
+
+    fn limits_for(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
+        if !self.key_limits.is_empty() {
+            if let Some(l) = self.key_limits.get(&(key.clone(), group.clone())) {
+                return Some(*l);
+            }
+        }
+        self.group_limits_for(group)
+    }
+
+    fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
+        if self.entries.len() >= self.next_sweep
+            && !self.entries.contains_key(&(key.clone(), group.clone()))
+        {
+            self.sweep(now);
+        }
+        let limits = self.limits_for(key, group);
+        match self.entries.entry((key.clone(), group.clone())) {
+            MapEntry::Occupied(e) => e.into_mut(),
+            MapEntry::Vacant(v) => v.insert(Entry::new(limits, now)),
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let ttl = self.idle_timeout;
+        self.entries.retain(|_, e| !e.is_idle(now, ttl));
+        self.next_sweep = (self.entries.len() * 2).max(MIN_SWEEP);
+    }
+}
+
+/// The in-process board.
+#[derive(Debug)]
+pub(crate) struct LocalBackend {
+    state: Mutex<State>,
+    next_id: AtomicU64,
+}
+
+impl LocalBackend {
+    pub(crate) fn new(
+        group_limits: HashMap<RateLimitGroup, Limits>,
+        key_limits: HashMap<EntryKey, Limits>,
+        default_limits: Option<Limits>,
+        idle_timeout: Duration,
+        share: f64,
+    ) -> Self {
+        Self {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                group_limits,
+                key_limits,
+                default_limits,
+                idle_timeout,
+                next_sweep: MIN_SWEEP,
+                share: if share.is_finite() && share > 0.0 {
+                    share.min(1.0)
+                } else {
+                    1.0
+                },
+            }),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the arithmetic half-done in a way that
+        // matters more than refusing service would; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.group_limits.insert(group.clone(), limits);
+        let State {
+            entries,
+            key_limits,
+            ..
+        } = &mut *st;
+        for (k, e) in entries.iter_mut() {
+            if k.1 == group && !key_limits.contains_key(k) {
+                e.configure(limits, now);
+                e.drain(now, None);
+            }
+        }
+    }
+
+    pub(crate) fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let k = (key, group);
+        if let Some(e) = st.entries.get_mut(&k) {
+            e.configure(limits, now);
+            e.drain(now, None);
+        }
+        st.key_limits.insert(k, limits);
+    }
+
+    pub(crate) fn set_default_limits(&self, limits: Limits) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.default_limits = Some(limits);
+        let State {
+            entries,
+            group_limits,
+            key_limits,
+            ..
+        } = &mut *st;
+        for (k, e) in entries.iter_mut() {
+            if !group_limits.contains_key(&k.1) && !key_limits.contains_key(k) {
+                e.configure(limits, now);
+                e.drain(now, None);
+            }
+        }
+    }
+
+    pub(crate) fn limits(&self, key: Option<&KeyId>, group: &RateLimitGroup) -> Option<Limits> {
+        let st = self.lock();
+        match key {
+            Some(key) => st.limits_for(key, group),
+            None => st.group_limits_for(group),
+        }
+    }
+
+    pub(crate) fn try_acquire(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Result<Grant, Check> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        match e.check(cost, now) {
+            Check::Ready if !e.has_waiting() => Ok(e.take(cost, now)),
+            Check::Ready => Err(Check::Wait(Duration::ZERO)),
+            other => Err(other),
+        }
+    }
+
+    pub(crate) fn enqueue(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> Enqueued {
+        let now = Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        match e.check(cost, now) {
+            Check::TooLarge => return Enqueued::TooLarge,
+            Check::Ready if !e.has_waiting() => return Enqueued::Granted(e.take(cost, now)),
+            _ => {}
+        }
+        e.queue.push_back(Waiter {
+            id,
+            cost: *cost,
+            state: WaitState::Waiting,
+            waker: None,
+        });
+        Enqueued::Queued(id)
+    }
+
+    pub(crate) fn poll_waiter(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        id: u64,
+        waker: &Waker,
+        deadline: Option<Instant>,
+    ) -> WaitPoll {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+            // Cannot happen: an entry with waiters is never evicted. Report a timeout rather
+            // than panic.
+            return WaitPoll::TimedOut(None);
+        };
+        let Some(pos) = e.queue.iter().position(|w| w.id == id) else {
+            return WaitPoll::TimedOut(None);
+        };
+        if matches!(e.queue[pos].state, WaitState::Waiting) {
+            e.drain(now, Some(id));
+        }
+        let pos = match e.queue.iter().position(|w| w.id == id) {
+            Some(p) => p,
+            None => return WaitPoll::TimedOut(None),
+        };
+        match e.queue[pos].state {
+            WaitState::Granted(g) => {
+                e.queue.remove(pos);
+                return WaitPoll::Granted(g);
+            }
+            WaitState::TooLarge => {
+                e.queue.remove(pos);
+                e.drain(now, None);
+                return WaitPoll::TooLarge;
+            }
+            WaitState::Waiting => {}
+        }
+        let cost = e.queue[pos].cost;
+        let estimate = match e.check(&cost, now) {
+            Check::Wait(d) => Some(d),
+            Check::Ready => Some(Duration::ZERO),
+            Check::Blocked | Check::TooLarge => None,
+        };
+        if let Some(d) = deadline {
+            if now >= d {
+                e.queue.remove(pos);
+                e.drain(now, None);
+                return WaitPoll::TimedOut(estimate);
+            }
+        }
+        let is_head = e
+            .queue
+            .iter()
+            .find(|w| matches!(w.state, WaitState::Waiting))
+            .map(|w| w.id)
+            == Some(id);
+        let timer = if is_head {
+            estimate.map(|d| now + d)
+        } else {
+            None
+        };
+        let w = &mut e.queue[pos];
+        match &w.waker {
+            Some(old) if old.will_wake(waker) => {}
+            _ => w.waker = Some(waker.clone()),
+        }
+        WaitPoll::Pending(timer)
+    }
+
+    /// A waiting request went away: remove it; a grant it did not collect is given back.
+    pub(crate) fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+            return;
+        };
+        if let Some(pos) = e.queue.iter().position(|w| w.id == id) {
+            if let Some(w) = e.queue.remove(pos) {
+                if let WaitState::Granted(g) = w.state {
+                    e.settle(&g, Outcome::Refund, now);
+                }
+            }
+            e.drain(now, None);
+        }
+    }
+
+    pub(crate) fn settle(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        grant: &Grant,
+        outcome: Outcome,
+    ) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+            e.settle(grant, outcome, now);
+            e.drain(now, None);
+        }
+    }
+
+    pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let share = st.share;
+        let e = st.entry(key, group, now);
+        e.observe(snap, share, now);
+        e.drain(now, None);
+    }
+
+    fn with_view<T>(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        f: impl FnOnce(&Entry, Instant) -> T,
+    ) -> Option<T> {
+        let now = Instant::now();
+        let st = self.lock();
+        match st.entries.get(&(key.clone(), group.clone())) {
+            Some(e) => Some(f(e, now)),
+            None => {
+                let limits = st.limits_for(key, group)?;
+                Some(f(&Entry::new(Some(limits), now), now))
+            }
+        }
+    }
+
+    pub(crate) fn headroom(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Headroom> {
+        self.with_view(key, group, |e, now| e.known().then(|| e.headroom(now)))
+            .flatten()
+    }
+
+    pub(crate) fn fits_now(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> bool {
+        self.with_view(key, group, |e, now| {
+            !e.has_waiting() && matches!(e.check(cost, now), Check::Ready)
+        })
+        .unwrap_or(true)
+    }
+
+    pub(crate) fn time_until_fits(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Option<Duration> {
+        self.with_view(key, group, |e, now| match e.check(cost, now) {
+            Check::Ready => Some(Duration::ZERO),
+            Check::Wait(d) => Some(d),
+            Check::Blocked | Check::TooLarge => None,
+        })
+        .unwrap_or(Some(Duration::ZERO))
+    }
+
+    pub(crate) fn statuses(&self) -> Vec<QuotaStatus> {
+        let now = Instant::now();
+        let st = self.lock();
+        let mut out: Vec<QuotaStatus> = st
+            .entries
+            .iter()
+            .map(|((k, g), e)| QuotaStatus {
+                key: k.clone(),
+                group: g.clone(),
+                configured: e.configured(),
+                headroom: e.headroom(now),
+                queue_depth: e.waiting_len(),
+                in_flight: e.outstanding,
+                last_snapshot: e
+                    .snapshot
+                    .map(|(s, at)| (s, now.saturating_duration_since(at))),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.key, &a.group).cmp(&(&b.key, &b.group)));
+        out
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub(crate) fn evict_idle(&self) {
+        let now = Instant::now();
+        self.lock().sweep(now);
+    }
+}

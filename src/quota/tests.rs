@@ -1,0 +1,369 @@
+//! Unit tests of the board (paused time).
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
+
+fn g() -> RateLimitGroup {
+    RateLimitGroup::new("claude-sonnet-4")
+}
+
+fn k() -> KeyId {
+    KeyId::named("k1")
+}
+
+fn board(rpm: u64, itpm: u64, otpm: u64) -> QuotaBoard {
+    QuotaBoard::builder()
+        .limits(g(), Limits::new(rpm, itpm, otpm))
+        .build()
+}
+
+fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    std::pin::Pin::new(f).poll(&mut cx)
+}
+
+fn snap(req: (u64, u64), input: (u64, u64), output: (u64, u64)) -> RateLimitSnapshot {
+    let b = |(limit, remaining): (u64, u64)| BucketSnapshot {
+        limit: Some(limit),
+        remaining: Some(remaining),
+        reset: Some(SystemTime::UNIX_EPOCH),
+    };
+    RateLimitSnapshot {
+        requests: b(req),
+        tokens: BucketSnapshot::default(),
+        input_tokens: b(input),
+        output_tokens: b(output),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn settle_refunds_the_unused_reservation() {
+    let b = board(100, 10_000, 8_000);
+    let r = b
+        .acquire(k(), g(), Cost::new(1, 1_000, 4_000))
+        .await
+        .unwrap();
+    assert_eq!(r.charged(), Cost::new(1, 1_000, 4_000));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.output_tokens.unwrap().remaining, 4_000);
+    assert_eq!(h.fraction, 0.5);
+    r.settle(Cost::new(1, 800, 100));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.input_tokens.unwrap().remaining, 9_200);
+    assert_eq!(h.output_tokens.unwrap().remaining, 7_900);
+    assert_eq!(h.requests.unwrap().remaining, 99);
+    // Refill: all full again within a minute.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(b.headroom(&k(), &g()).unwrap().fraction, 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refund_wakes_waiters_at_once_in_fifo_order() {
+    let b = board(100, 100_000, 8_000);
+    let first = b.acquire(k(), g(), Cost::new(1, 10, 8_000)).await.unwrap();
+    let mut second = b.acquire(k(), g(), Cost::new(1, 10, 6_000));
+    let mut third = b.acquire(k(), g(), Cost::new(1, 10, 1_000));
+    assert!(poll_once(&mut second).is_pending());
+    assert!(poll_once(&mut third).is_pending());
+    // A small request arriving later may not jump the queue.
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 0, 1)));
+    assert_eq!(b.headroom(&k(), &g()).unwrap().queued, 2);
+    let t0 = Instant::now();
+    first.settle(Cost::new(1, 10, 500));
+    // No time has passed: the refund admitted both waiters.
+    let r2 = match poll_once(&mut second) {
+        Poll::Ready(r) => r.unwrap(),
+        Poll::Pending => panic!("refund did not admit the head waiter"),
+    };
+    let r3 = match poll_once(&mut third) {
+        Poll::Ready(r) => r.unwrap(),
+        Poll::Pending => panic!("refund did not admit the second waiter"),
+    };
+    assert_eq!(Instant::now(), t0);
+    assert_eq!(r2.charged().output_tokens, 6_000);
+    assert_eq!(r3.charged().output_tokens, 1_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiter_is_admitted_by_refill_at_the_exact_time() {
+    let b = board(60, 100_000, 100_000);
+    for _ in 0..60 {
+        drop(b.try_acquire(&k(), &g(), Cost::new(1, 0, 0)).unwrap());
+    }
+    let t0 = Instant::now();
+    let _r = b.acquire(k(), g(), Cost::new(1, 0, 0)).await.unwrap();
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert!(waited <= Duration::from_millis(1_002), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_waiters_take_nothing_and_do_not_block_the_queue() {
+    let b = board(100, 100_000, 1_000);
+    let held = b.acquire(k(), g(), Cost::new(1, 0, 1_000)).await.unwrap();
+    let mut head = b.acquire(k(), g(), Cost::new(1, 0, 900));
+    let mut next = b.acquire(k(), g(), Cost::new(1, 0, 100));
+    assert!(poll_once(&mut head).is_pending());
+    assert!(poll_once(&mut next).is_pending());
+    drop(head);
+    held.settle(Cost::new(1, 0, 0));
+    let r = match poll_once(&mut next) {
+        Poll::Ready(r) => r.unwrap(),
+        Poll::Pending => panic!("cancelled head blocked the queue"),
+    };
+    drop(r); // kept as reserved: 100
+    assert_eq!(
+        b.headroom(&k(), &g())
+            .unwrap()
+            .output_tokens
+            .unwrap()
+            .remaining,
+        900
+    );
+
+    // A waiter granted by a refund but dropped before it looked gives the grant back.
+    let held = b.acquire(k(), g(), Cost::new(1, 0, 900)).await.unwrap();
+    let mut granted = b.acquire(k(), g(), Cost::new(1, 0, 500));
+    assert!(poll_once(&mut granted).is_pending());
+    held.refund();
+    drop(granted);
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.output_tokens.unwrap().remaining, 900);
+    assert_eq!(h.queued, 0);
+    assert_eq!(b.statuses()[0].in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_gives_a_typed_error_with_the_time_capacity_returns() {
+    let b = board(60, 100_000, 100_000);
+    let _all = b.acquire(k(), g(), Cost::new(60, 0, 0)).await.unwrap();
+    let t0 = Instant::now();
+    let err = b
+        .acquire(k(), g(), Cost::new(1, 0, 0))
+        .max_wait(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), AcquireErrorKind::QueueTimeout);
+    assert_eq!(t0.elapsed(), Duration::from_millis(300));
+    let eta = err.available_in().unwrap();
+    assert!(
+        eta > Duration::from_millis(600) && eta <= Duration::from_millis(700),
+        "{eta:?}"
+    );
+    assert_eq!(b.headroom(&k(), &g()).unwrap().queued, 0);
+    assert!(err.to_string().contains("capacity expected in"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_large_is_an_error_and_output_reservations_are_clamped() {
+    let b = board(10, 1_000, 2_000);
+    let err = b
+        .acquire(k(), g(), Cost::new(1, 1_001, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), AcquireErrorKind::RequestTooLarge);
+    assert_eq!(b.time_until_fits(&k(), &g(), &Cost::new(1, 1_001, 0)), None);
+    let r = b.acquire(k(), g(), Cost::new(1, 10, 64_000)).await.unwrap();
+    assert_eq!(r.charged().output_tokens, 2_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn observe_learns_limits_and_lowers_levels_without_raising() {
+    let b = QuotaBoard::new();
+    // Unknown limits: the first request is a probe, the next waits for its answer.
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 500, 1_000)).unwrap();
+    assert!(b.headroom(&k(), &g()).is_none());
+    let mut second = b.acquire(k(), g(), Cost::new(1, 500, 1_000));
+    assert!(poll_once(&mut second).is_pending());
+    b.observe(
+        &k(),
+        &g(),
+        &snap((50, 49), (30_000, 29_000), (8_000, 7_000)),
+    );
+    let r2 = match poll_once(&mut second) {
+        Poll::Ready(r) => r.unwrap(),
+        Poll::Pending => panic!("learning the limits did not release the waiter"),
+    };
+    probe.settle(Cost::new(1, 400, 200));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.requests.unwrap().limit, 50);
+    assert_eq!(h.requests.unwrap().remaining, 48);
+    assert_eq!(h.input_tokens.unwrap().remaining, 28_500);
+    assert_eq!(h.output_tokens.unwrap().remaining, 6_000);
+    // A rounded token remaining of 28 000 may really be 28 999: our 28 500 stays.
+    b.observe(
+        &k(),
+        &g(),
+        &snap((50, 48), (30_000, 28_000), (8_000, 9_000)),
+    );
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.input_tokens.unwrap().remaining, 28_500);
+    assert_eq!(h.output_tokens.unwrap().remaining, 6_000);
+    // Other clients used the quota: lower.
+    b.observe(&k(), &g(), &snap((50, 10), (30_000, 5_000), (8_000, 1_000)));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.requests.unwrap().remaining, 10);
+    assert_eq!(h.input_tokens.unwrap().remaining, 5_000);
+    assert_eq!(h.output_tokens.unwrap().remaining, 1_000);
+    drop(r2);
+    let status = &b.statuses()[0];
+    assert!(!status.configured);
+    assert!(status.last_snapshot.is_some());
+    // A learned limit changes with the headers; a configured one does not.
+    b.observe(
+        &k(),
+        &g(),
+        &snap((100, 10), (30_000, 5_000), (8_000, 1_000)),
+    );
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 100);
+    b.set_limits(g(), Limits::new(20, 30_000, 8_000));
+    b.observe(
+        &k(),
+        &g(),
+        &snap((100, 10), (30_000, 5_000), (8_000, 1_000)),
+    );
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_answered_without_headers_lifts_the_gate() {
+    let b = QuotaBoard::new();
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 1, 1)));
+    probe.settle_rejected();
+    // An error answer teaches nothing: probe again.
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 1, 1)));
+    probe.settle(Cost::new(1, 1, 1));
+    for _ in 0..1_000 {
+        drop(b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_entries_are_evicted() {
+    let b = QuotaBoard::builder()
+        .default_limits(Limits::new(10, 1_000, 1_000))
+        .idle_timeout(Duration::from_secs(60))
+        .build();
+    for i in 0..100_000 {
+        let key = KeyId::named(&format!("key-{i}"));
+        b.try_acquire(&key, &g(), Cost::new(1, 10, 10))
+            .unwrap()
+            .settle(Cost::new(1, 10, 10));
+    }
+    // Entries are not idle yet (buckets not full, timeout not passed): all kept.
+    assert!(b.len() >= 100_000 - 1);
+    tokio::time::advance(Duration::from_secs(120)).await;
+    let busy = KeyId::named("busy");
+    let held = b.try_acquire(&busy, &g(), Cost::new(1, 10, 10)).unwrap();
+    b.evict_idle();
+    assert_eq!(b.len(), 1);
+    drop(held);
+    // Amortised sweeps bound the map while keys keep arriving.
+    for round in 0..5 {
+        for i in 0..20_000 {
+            let key = KeyId::named(&format!("r{round}-{i}"));
+            drop(b.try_acquire(&key, &g(), Cost::new(1, 0, 0)).unwrap());
+        }
+        tokio::time::advance(Duration::from_secs(120)).await;
+    }
+    assert!(b.len() <= 45_000, "{}", b.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn debt_from_an_overrun_delays_later_requests() {
+    let b = board(100, 100_000, 6_000);
+    let r = b.acquire(k(), g(), Cost::new(1, 0, 0)).await.unwrap();
+    r.settle(Cost::new(1, 0, 9_000)); // 3 000 in debt
+    assert_eq!(
+        b.time_until_fits(&k(), &g(), &Cost::new(1, 0, 1_000)),
+        Some(Duration::from_secs(40))
+    );
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 0, 1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_share_one_queue() {
+    let b = board(100, 100_000, 1_000);
+    let other = b.clone();
+    assert!(b.same_board(&other));
+    let held = b.acquire(k(), g(), Cost::new(1, 0, 1_000)).await.unwrap();
+    let mut w1 = pin!(b.acquire(k(), g(), Cost::new(1, 0, 600)));
+    let mut w2 = pin!(other.acquire(k(), g(), Cost::new(1, 0, 600)));
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(w1.as_mut().poll(&mut cx).is_pending());
+    assert!(w2.as_mut().poll(&mut cx).is_pending());
+    held.refund();
+    assert!(
+        w2.as_mut().poll(&mut cx).is_pending(),
+        "second in line jumped the queue"
+    );
+    assert!(w1.as_mut().poll(&mut cx).is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_share_scales_learned_limits_only() {
+    let b = QuotaBoard::builder().local_share(0.5).build();
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    b.observe(
+        &k(),
+        &g(),
+        &snap((50, 49), (30_000, 29_000), (8_000, 7_000)),
+    );
+    probe.settle(Cost::new(1, 1, 1));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.requests.unwrap().limit, 25);
+    assert_eq!(h.input_tokens.unwrap().limit, 15_000);
+    assert_eq!(h.output_tokens.unwrap().limit, 4_000);
+    assert_eq!(h.output_tokens.unwrap().remaining, 4_000);
+    // The server's remaining still lowers the level when it is below our share.
+    b.observe(&k(), &g(), &snap((50, 3), (30_000, 1_000), (8_000, 0)));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.requests.unwrap().remaining, 3);
+    assert_eq!(h.output_tokens.unwrap().remaining, 0);
+    // Configured limits are used as given.
+    b.set_limits(g(), Limits::new(10, 10_000, 10_000));
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_limits_take_precedence_over_group_limits() {
+    let tier4 = KeyId::named("tier-4");
+    let b = QuotaBoard::builder()
+        .limits(g(), Limits::new(50, 30_000, 8_000))
+        .key_limits(tier4.clone(), g(), Limits::new(4_000, 2_000_000, 400_000))
+        .build();
+    assert_eq!(
+        b.key_limits(&tier4, &g()),
+        Some(Limits::new(4_000, 2_000_000, 400_000))
+    );
+    assert_eq!(
+        b.key_limits(&k(), &g()),
+        Some(Limits::new(50, 30_000, 8_000))
+    );
+    assert!(b.fits_now(&tier4, &g(), &Cost::new(1, 100_000, 100_000)));
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 100_000, 100_000)));
+    // Changing the group's limits leaves the key's alone; changing the key's applies at once.
+    drop(b.try_acquire(&tier4, &g(), Cost::new(1, 0, 0)).unwrap());
+    b.set_limits(g(), Limits::new(10, 10_000, 1_000));
+    assert_eq!(
+        b.headroom(&tier4, &g()).unwrap().requests.unwrap().limit,
+        4_000
+    );
+    b.set_key_limits(tier4.clone(), g(), Limits::new(100, 100_000, 10_000));
+    assert_eq!(
+        b.headroom(&tier4, &g()).unwrap().requests.unwrap().limit,
+        100
+    );
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 10);
+}

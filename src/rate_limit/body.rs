@@ -1,0 +1,183 @@
+//! [`RateLimitBody`]: the response body wrapper that settles a reservation from real usage.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project::pin_project;
+
+use crate::anthropic::{StreamTracker, Usage};
+use crate::quota::{Cost, Reservation};
+
+/// The largest JSON response copied to read its `usage` (beyond, the reservation is kept).
+const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
+
+/// Response body of [`RateLimit`](super::RateLimit).
+///
+/// Data flows through unchanged. For an admitted request it watches the usage:
+/// * JSON: the body is copied as it passes (up to 8 MiB) and read with
+///   [`Usage::from_json`] at the end;
+/// * SSE: a [`StreamTracker`] follows `message_start` / `message_delta`.
+///
+/// When the body ends, the reservation is settled once with the real cost (1 request,
+/// `input_tokens + cache_creation_input_tokens`, `output_tokens`). A body dropped early
+/// settles with what was seen (a stream: the usage so far, with the reserved input when
+/// `message_start` was not seen; a JSON body: the reservation is kept as reserved).
+#[pin_project]
+pub struct RateLimitBody<B> {
+    #[pin]
+    inner: B,
+    settler: Option<Settler>,
+}
+
+impl<B> std::fmt::Debug for RateLimitBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitBody")
+            .field("tracking", &self.settler.is_some())
+            .finish()
+    }
+}
+
+impl<B> RateLimitBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            settler: None,
+        }
+    }
+
+    pub(crate) fn tracking(inner: B, reservation: Reservation, sse: bool) -> Self {
+        let mode = if sse {
+            Mode::Sse(Box::default())
+        } else {
+            Mode::Json(Vec::new())
+        };
+        Self {
+            inner,
+            settler: Some(Settler {
+                reservation: Some(reservation),
+                mode,
+            }),
+        }
+    }
+
+    /// A reference to the inner body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// Consumes `self`, returning the inner body. The reservation is settled with what was
+    /// seen so far.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+enum Mode {
+    /// A copy of the JSON body, dropped (`Overflow`) when too large.
+    Json(Vec<u8>),
+    Overflow,
+    Sse(Box<StreamTracker>),
+}
+
+struct Settler {
+    reservation: Option<Reservation>,
+    mode: Mode,
+}
+
+impl Settler {
+    fn data(&mut self, chunk: &[u8]) {
+        match &mut self.mode {
+            Mode::Json(buf) => {
+                if buf.len() + chunk.len() > MAX_JSON_COPY {
+                    self.mode = Mode::Overflow;
+                } else {
+                    buf.extend_from_slice(chunk);
+                }
+            }
+            Mode::Overflow => {}
+            Mode::Sse(tracker) => tracker.feed(chunk),
+        }
+    }
+
+    /// Settles once. `complete`: the body reached its end.
+    fn finish(&mut self, complete: bool) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let reserved = reservation.charged();
+        match &mut self.mode {
+            // A JSON document that parses is complete, whether or not the end was polled.
+            Mode::Json(buf) => match Usage::from_json(buf) {
+                Some(u) => {
+                    reservation.settle(Cost::new(1, u.counted_input_tokens(), u.output_tokens))
+                }
+                // Unknown real cost: keep the reservation.
+                None => drop(reservation),
+            },
+            Mode::Overflow => drop(reservation),
+            Mode::Sse(tracker) => {
+                if complete {
+                    tracker.finish();
+                }
+                let u = tracker.usage();
+                let input = if u == Usage::default() {
+                    reserved.input_tokens
+                } else {
+                    u.counted_input_tokens()
+                };
+                reservation.settle(Cost::new(1, input, u.output_tokens));
+            }
+        }
+    }
+}
+
+impl Drop for Settler {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl<B> Body for RateLimitBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let frame = ready!(inner.as_mut().poll_frame(cx));
+        if let Some(settler) = this.settler.as_mut() {
+            match &frame {
+                Some(Ok(f)) => {
+                    if let Some(data) = f.data_ref() {
+                        settler.data(data);
+                    }
+                    if inner.is_end_stream() {
+                        settler.finish(true);
+                    }
+                }
+                Some(Err(_)) => settler.finish(false),
+                None => settler.finish(true),
+            }
+        }
+        if frame.is_none() {
+            *this.settler = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,124 @@
+//! [`RateLimit`]: the service built by [`RateLimitLayer`](super::RateLimitLayer).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::body::RateLimitBody;
+use super::future::ResponseFuture;
+use crate::BoxError;
+use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
+use crate::body::RequestBody;
+use crate::quota::{AcquireErrorKind, Cost, OutputReservation, QuotaBoard};
+
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) board: QuotaBoard,
+    pub(crate) catalog: ModelCatalog,
+    pub(crate) output: OutputReservation,
+    pub(crate) max_wait: Option<Duration>,
+}
+
+/// Holds Messages API requests until their cost fits the quota; see
+/// [`RateLimitLayer`](super::RateLimitLayer).
+///
+/// Waiting happens in the [`ResponseFuture`], so `poll_ready` only reflects the inner
+/// service; the inner service is cloned for requests that have to wait.
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> RateLimit<S> {
+    pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+
+    /// The board this service writes to.
+    pub fn board(&self) -> &QuotaBoard {
+        &self.config.board
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ResBody> Service<Request<RequestBody>> for RateLimit<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes>,
+{
+    type Response = Response<RateLimitBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        if !is_messages_call(req.method(), req.uri().path()) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let (model, max_tokens, stream, input_tokens) = match RequestMeta::get_or_scan(&mut req) {
+            Ok(meta) => match &meta.model {
+                Some(model) => (
+                    model.clone(),
+                    meta.max_tokens,
+                    meta.stream,
+                    meta.input_tokens,
+                ),
+                None => return ResponseFuture::passthrough(self.inner.call(req)),
+            },
+            // Unreadable body: upstream answers 400, untouched.
+            Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
+        };
+        let config = &self.config;
+        let group = config.catalog.group(&model);
+        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
+
+        match config.board.try_acquire_inner(&key, &group, &cost) {
+            Ok(grant) => {
+                let reservation = config.board.reservation(key, group, cost, grant);
+                let fut = self.inner.call(req);
+                ResponseFuture::called(fut, reservation, Duration::ZERO, stream, config.clone())
+            }
+            Err(check) => {
+                let err = config.board.check_error(&key, &group, check);
+                if err.kind() == AcquireErrorKind::RequestTooLarge
+                    || config.max_wait == Some(Duration::ZERO)
+                {
+                    return ResponseFuture::failed(err);
+                }
+                let acquire = config.board.acquire(key, group, cost);
+                let acquire = match config.max_wait {
+                    Some(d) => acquire.max_wait(d),
+                    None => acquire,
+                };
+                // The ready service goes with the request; `self` keeps a fresh clone.
+                let clone = self.inner.clone();
+                let service = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::waiting(acquire, service, req, stream, config.clone())
+            }
+        }
+    }
+}

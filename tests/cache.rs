@@ -1,0 +1,941 @@
+//! Service-level tests of `CacheLayer` with fake upstreams (`tower::service_fn`).
+//! The tests against `MockClaude` are in `cache_mock` below (feature `testing`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_claude::anthropic::StreamTracker;
+use tower_claude::body::RequestBody;
+use tower_claude::cache::{Cache, CacheLayer, CacheStatus, MemoryStore, Tenant};
+
+// The fake upstream's body error is `io::Error`, not `BoxError`: a future that holds a
+// service whose body error is `BoxError` trips rustc's "implementation of `From` is not general
+// enough" (rust-lang/rust#102211) when it is passed to `tokio::spawn`.
+type UpBody = BoxBody<Bytes, std::io::Error>;
+
+const JSON_ANSWER: &str = r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hello"}],"usage":{"input_tokens":12,"output_tokens":42}}"#;
+
+const SSE_EVENTS: &[&str] = &[
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-haiku-4-5\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":42}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+];
+
+const ERROR_EVENT: &str = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+
+fn full(body: impl Into<Bytes>) -> UpBody {
+    Full::new(body.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A body made of `items`, each polled separately.
+fn chunks(items: Vec<Result<Bytes, &'static str>>) -> UpBody {
+    let stream = futures_util::stream::iter(items.into_iter().map(|i| match i {
+        Ok(b) => Ok(Frame::data(b)),
+        Err(e) => Err(std::io::Error::other(e)),
+    }));
+    StreamBody::new(stream).boxed()
+}
+
+/// SSE events cut at odd places (the middle of an event).
+fn sse_chunks(events: &[&str]) -> Vec<Result<Bytes, &'static str>> {
+    let all: String = events.concat();
+    all.as_bytes()
+        .chunks(97)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect()
+}
+
+fn json_response(status: StatusCode, body: &str) -> Response<UpBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("request-id", "req_upstream")
+        .header("anthropic-ratelimit-requests-remaining", "49")
+        .header("set-cookie", "session=secret")
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
+fn sse_response(body: UpBody) -> Response<UpBody> {
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("request-id", "req_stream")
+        .body(body)
+        .unwrap()
+}
+
+type Handler = dyn Fn(&Request<RequestBody>, usize) -> Response<UpBody> + Send + Sync;
+
+/// A fake upstream: counts calls, waits `latency`, answers with `handler(request, call index)`.
+#[derive(Clone)]
+struct Upstream {
+    calls: Arc<AtomicUsize>,
+    latency: Duration,
+    handler: Arc<Handler>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    fn new(
+        latency: Duration,
+        handler: impl Fn(&Request<RequestBody>, usize) -> Response<UpBody> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            calls: Arc::default(),
+            latency,
+            handler: Arc::new(handler),
+            closed: Arc::default(),
+        }
+    }
+
+    fn json() -> Self {
+        Self::new(Duration::from_millis(100), |_, _| {
+            json_response(StatusCode::OK, JSON_ANSWER)
+        })
+    }
+
+    fn sse() -> Self {
+        Self::new(Duration::from_millis(100), |_, _| {
+            sse_response(chunks(sse_chunks(SSE_EVENTS)))
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<Request<RequestBody>> for Upstream {
+    type Response = Response<UpBody>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<UpBody>, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // A closed upstream is never ready again (a limiter with no capacity).
+        if self.closed.load(Ordering::SeqCst) {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let res = (self.handler)(&req, n);
+        let latency = self.latency;
+        Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            Ok(res)
+        })
+    }
+}
+
+const BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello"}]}"#;
+const BODY_REORDERED: &str = r#"{
+  "messages": [ { "content": "Say hello", "role": "user" } ],
+  "max_tokens": 64,
+  "model": "claude-haiku-4-5"
+}"#;
+const STREAM_BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+fn request(key: &str, body: &str) -> Request<RequestBody> {
+    Request::post("https://api.anthropic.com/v1/messages")
+        .header("x-api-key", key)
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(body.to_owned()))
+        .unwrap()
+}
+
+fn cache(upstream: &Upstream) -> Cache<Upstream> {
+    CacheLayer::memory(64 << 20).layer_on(upstream.clone())
+}
+
+/// `CacheLayer::layer` with the layer first, for readability.
+trait LayerOn {
+    fn layer_on(self, upstream: Upstream) -> Cache<Upstream>;
+}
+
+impl LayerOn for CacheLayer {
+    fn layer_on(self, upstream: Upstream) -> Cache<Upstream> {
+        ServiceBuilder::new().layer(self).service(upstream)
+    }
+}
+
+async fn send(
+    svc: &Cache<Upstream>,
+    req: Request<RequestBody>,
+) -> (CacheStatus, StatusCode, http::HeaderMap, Bytes) {
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let status = *res.extensions().get::<CacheStatus>().unwrap();
+    assert_eq!(res.headers()["x-tower-claude-cache"], status.as_str());
+    let code = res.status();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, code, headers, body)
+}
+
+/// The cache status of a response, without reading its body.
+async fn status_only(svc: &Cache<Upstream>, req: Request<RequestBody>) -> CacheStatus {
+    let res = svc.clone().oneshot(req).await.unwrap();
+    *res.extensions().get::<CacheStatus>().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn json_miss_then_hit_with_reordered_keys_and_filtered_headers() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    let (s, code, headers, body) = send(&svc, request("sk-a", BODY)).await;
+    assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+    assert_eq!(&body[..], JSON_ANSWER.as_bytes());
+    // The caller of a miss sees every upstream header.
+    assert!(headers.contains_key("anthropic-ratelimit-requests-remaining"));
+
+    let (s, code, headers, body) = send(&svc, request("sk-a", BODY_REORDERED)).await;
+    assert_eq!((s, code), (CacheStatus::Hit, StatusCode::OK));
+    assert_eq!(&body[..], JSON_ANSWER.as_bytes());
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["request-id"], "req_upstream");
+    assert!(!headers.contains_key("set-cookie"));
+    assert!(!headers.contains_key("anthropic-ratelimit-requests-remaining"));
+    assert_eq!(up.calls(), 1);
+
+    // Changed content: a miss.
+    let changed = BODY.replace("Say hello", "Say hello!");
+    assert_eq!(
+        send(&svc, request("sk-a", &changed)).await.0,
+        CacheStatus::Miss
+    );
+    // Changed anthropic-version or beta: a miss.
+    let mut req = request("sk-a", BODY);
+    req.headers_mut()
+        .insert("anthropic-beta", "some-beta-2025".parse().unwrap());
+    assert_eq!(send(&svc, req).await.0, CacheStatus::Miss);
+    assert_eq!(up.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tenants_never_share_entries() {
+    let up = Upstream::new(Duration::from_millis(10), |req, _| {
+        // Echo the key so that a cross-tenant hit would be visible.
+        let key = req
+            .headers()
+            .get("x-api-key")
+            .map_or("none", |v| v.to_str().unwrap())
+            .to_owned();
+        json_response(StatusCode::OK, &format!(r#"{{"answer_for":"{key}"}}"#))
+    });
+    let svc = cache(&up);
+    let (_, _, _, a) = send(&svc, request("sk-a", BODY)).await;
+    let (s, _, _, b) = send(&svc, request("sk-b", BODY)).await;
+    assert_eq!(s, CacheStatus::Miss);
+    assert_ne!(a, b);
+    let (s, _, _, a2) = send(&svc, request("sk-a", BODY)).await;
+    assert_eq!((s, a2), (CacheStatus::Hit, a));
+    // No key at all: its own (anonymous) partition.
+    let mut anon = request("x", BODY);
+    anon.headers_mut().remove("x-api-key");
+    assert_eq!(send(&svc, anon).await.0, CacheStatus::Miss);
+    assert_eq!(up.calls(), 3);
+
+    // A Tenant extension wins over the key: two keys of one tenant share entries...
+    let mut t1 = request("sk-c", BODY);
+    t1.extensions_mut().insert(Tenant::new("acme"));
+    let mut t2 = request("sk-d", BODY);
+    t2.extensions_mut().insert(Tenant::new("acme"));
+    assert_eq!(send(&svc, t1).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, t2).await.0, CacheStatus::Hit);
+    // ...and another tenant with the same key does not.
+    let mut t3 = request("sk-c", BODY);
+    t3.extensions_mut().insert(Tenant::new("globex"));
+    assert_eq!(send(&svc, t3).await.0, CacheStatus::Miss);
+    assert_eq!(up.calls(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_layer_tenant_shares_entries_between_keys_and_secrets_partition() {
+    let up = Upstream::json();
+    let store = Arc::new(MemoryStore::new(1 << 20));
+    let svc = CacheLayer::with_shared_store(store.clone())
+        .tenant("org")
+        .layer_on(up.clone());
+    assert_eq!(send(&svc, request("sk-a", BODY)).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, request("sk-b", BODY)).await.0, CacheStatus::Hit);
+    // Same store, another tenant secret: nothing is reachable.
+    let other = CacheLayer::with_shared_store(store)
+        .tenant("org")
+        .tenant_secret([9; 32])
+        .layer_on(up.clone());
+    assert_eq!(
+        send(&other, request("sk-a", BODY)).await.0,
+        CacheStatus::Miss
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_expire_after_the_ttl() {
+    let up = Upstream::json();
+    let svc = CacheLayer::memory(1 << 20)
+        .ttl(Duration::from_secs(600))
+        .layer_on(up.clone());
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    tokio::time::advance(Duration::from_secs(500)).await;
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+    tokio::time::advance(Duration::from_secs(100)).await;
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_ttl_is_four_hours() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    send(&svc, request("sk", BODY)).await;
+    tokio::time::advance(Duration::from_secs(4 * 3600 - 1)).await;
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+}
+
+fn track(bytes: &[u8]) -> StreamTracker {
+    let mut t = StreamTracker::new();
+    t.feed(bytes);
+    t.finish();
+    t
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_is_stored_after_message_stop_and_replayed() {
+    let up = Upstream::sse();
+    let svc = cache(&up);
+    let (s, _, headers, streamed) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!(s, CacheStatus::Miss);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(&streamed[..], SSE_EVENTS.concat().as_bytes());
+
+    let (s, code, headers, replayed) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!((s, code), (CacheStatus::Hit, StatusCode::OK));
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(replayed, streamed);
+    let (original, replay) = (track(&streamed), track(&replayed));
+    assert!(replay.is_complete());
+    assert!(replay.error().is_none());
+    assert_eq!(replay.usage(), original.usage());
+    assert_eq!(replay.usage().output_tokens, 42);
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn streaming_and_json_requests_never_share_an_entry() {
+    let up = Upstream::new(Duration::from_millis(10), |req, _| {
+        if String::from_utf8_lossy(req.body().bytes()).contains("\"stream\":true") {
+            sse_response(chunks(sse_chunks(SSE_EVENTS)))
+        } else {
+            json_response(StatusCode::OK, JSON_ANSWER)
+        }
+    });
+    let svc = cache(&up);
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    let (s, _, headers, body) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!(s, CacheStatus::Miss);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert!(track(&body).is_complete());
+    let (s, _, headers, _) = send(&svc, request("sk", BODY)).await;
+    assert_eq!(
+        (s, &headers["content-type"]),
+        (
+            CacheStatus::Hit,
+            &"application/json".parse::<http::HeaderValue>().unwrap()
+        )
+    );
+    let (s, _, headers, _) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!(
+        (s, &headers["content-type"]),
+        (
+            CacheStatus::Hit,
+            &"text/event-stream".parse::<http::HeaderValue>().unwrap()
+        )
+    );
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_chunks_are_forwarded_as_they_arrive() {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let up = Upstream::new(Duration::ZERO, move |_, _| {
+        let rx = rx.lock().unwrap().take().expect("one call");
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
+        });
+        sse_response(StreamBody::new(stream).boxed())
+    });
+    let svc = cache(&up);
+    let res = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    for event in SSE_EVENTS {
+        tx.send(Bytes::from_static(event.as_bytes())).unwrap();
+        // Each chunk reaches the caller before the next one exists.
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), event.as_bytes());
+    }
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    assert_eq!(
+        send(&svc, request("sk", STREAM_BODY)).await.0,
+        CacheStatus::Hit
+    );
+}
+
+async fn assert_not_stored(upstream: Upstream, body: &str) {
+    let svc = cache(&upstream);
+    let res = svc.clone().oneshot(request("sk", body)).await.unwrap();
+    assert_eq!(
+        res.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Miss)
+    );
+    // The caller sees what upstream sent, errors included.
+    let _ = res.into_body().collect().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(send(&svc, request("sk", body)).await.0, CacheStatus::Miss);
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn error_statuses_are_never_cached() {
+    for status in [429, 500, 529, 400, 404] {
+        let status = StatusCode::from_u16(status).unwrap();
+        let up = Upstream::new(Duration::from_millis(10), move |_, _| {
+            json_response(
+                status,
+                r#"{"type":"error","error":{"type":"api_error","message":"x"}}"#,
+            )
+        });
+        assert_not_stored(up, BODY).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn partial_and_errored_streams_are_never_cached() {
+    // Cut before message_stop.
+    let n = SSE_EVENTS.len();
+    assert_not_stored(
+        Upstream::new(Duration::ZERO, move |_, _| {
+            sse_response(chunks(sse_chunks(&SSE_EVENTS[..n - 1])))
+        }),
+        STREAM_BODY,
+    )
+    .await;
+    // `event: error` after content.
+    assert_not_stored(
+        Upstream::new(Duration::ZERO, |_, _| {
+            let mut events = SSE_EVENTS[..4].to_vec();
+            events.push(ERROR_EVENT);
+            sse_response(chunks(sse_chunks(&events)))
+        }),
+        STREAM_BODY,
+    )
+    .await;
+    // A body error (connection reset) mid-stream: the caller gets the error.
+    let up = Upstream::new(Duration::ZERO, |_, _| {
+        let mut items = sse_chunks(&SSE_EVENTS[..3]);
+        items.push(Err("connection reset"));
+        sse_response(chunks(items))
+    });
+    let svc = cache(&up);
+    let res = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    let err = res.into_body().collect().await.unwrap_err();
+    assert_eq!(err.to_string(), "connection reset");
+    assert_eq!(
+        status_only(&svc, request("sk", STREAM_BODY)).await,
+        CacheStatus::Miss
+    );
+    // A JSON body error: not stored either.
+    let up = Upstream::new(Duration::ZERO, |_, _| {
+        let mut res = json_response(StatusCode::OK, "");
+        *res.body_mut() = chunks(vec![Ok(Bytes::from_static(b"{\"id\":")), Err("reset")]);
+        res
+    });
+    let svc = cache(&up);
+    let res = svc.clone().oneshot(request("sk", BODY)).await.unwrap();
+    assert!(res.into_body().collect().await.is_err());
+    assert_eq!(
+        status_only(&svc, request("sk", BODY)).await,
+        CacheStatus::Miss
+    );
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_dropped_early_by_the_caller_is_not_cached() {
+    let up = Upstream::sse();
+    let svc = cache(&up);
+    let res = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    assert_eq!(
+        send(&svc, request("sk", STREAM_BODY)).await.0,
+        CacheStatus::Miss
+    );
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_over_the_size_cap_are_forwarded_whole_but_not_stored() {
+    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(10_000));
+    let answer = big.clone();
+    let up = Upstream::new(Duration::ZERO, move |_, _| {
+        let mut res = json_response(StatusCode::OK, "");
+        // Several frames, so that the cap is crossed in the middle.
+        let items = answer
+            .as_bytes()
+            .chunks(1000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        *res.body_mut() = chunks(items);
+        res
+    });
+    let svc = CacheLayer::memory(1 << 20)
+        .max_entry_bytes(4096)
+        .layer_on(up.clone());
+    let (s, _, _, body) = send(&svc, request("sk", BODY)).await;
+    assert_eq!((s, &body[..]), (CacheStatus::Miss, big.as_bytes()));
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+
+    // A stream over the cap: forwarded, not stored.
+    let up = Upstream::sse();
+    let svc = CacheLayer::memory(1 << 20)
+        .max_entry_bytes(300)
+        .layer_on(up.clone());
+    let (s, _, _, body) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!(
+        (s, &body[..]),
+        (CacheStatus::Miss, SSE_EVENTS.concat().as_bytes())
+    );
+    assert_eq!(
+        send(&svc, request("sk", STREAM_BODY)).await.0,
+        CacheStatus::Miss
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_identical_requests_make_one_upstream_call() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&svc, request("sk", BODY)).await
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (s, code, _, body) = t.await.unwrap();
+        assert_eq!((code, &body[..]), (StatusCode::OK, JSON_ANSWER.as_bytes()));
+        statuses.push(s);
+    }
+    assert_eq!(up.calls(), 1);
+    assert_eq!(
+        statuses.iter().filter(|s| **s == CacheStatus::Miss).count(),
+        1
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == CacheStatus::Hit).count(),
+        19
+    );
+    // Another tenant does not join the flight.
+    let other = send(&svc, request("sk-other", BODY)).await;
+    assert_eq!(other.0, CacheStatus::Miss);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_leader_is_not_shared_and_a_follower_takes_over() {
+    // The first call fails with 529; every later call succeeds.
+    let up = Upstream::new(Duration::from_millis(100), |_, n| {
+        if n == 0 {
+            json_response(StatusCode::from_u16(529).unwrap(), r#"{"type":"error"}"#)
+        } else {
+            json_response(StatusCode::OK, JSON_ANSWER)
+        }
+    });
+    let svc = cache(&up);
+    let leader = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, request("sk", BODY)).await })
+    };
+    tokio::task::yield_now().await;
+    let mut followers = Vec::new();
+    for _ in 0..5 {
+        let svc = svc.clone();
+        followers.push(tokio::spawn(async move {
+            send(&svc, request("sk", BODY)).await
+        }));
+    }
+    let (s, code, _, _) = leader.await.unwrap();
+    assert_eq!((s, code.as_u16()), (CacheStatus::Miss, 529));
+    let mut misses = 0;
+    for f in followers {
+        let (s, code, _, body) = f.await.unwrap();
+        assert_eq!((code, &body[..]), (StatusCode::OK, JSON_ANSWER.as_bytes()));
+        misses += usize::from(s == CacheStatus::Miss);
+    }
+    assert_eq!(misses, 1, "one follower led the second call");
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_leader_does_not_hang_its_followers() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    let leader = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, request("sk", BODY)).await })
+    };
+    tokio::task::yield_now().await;
+    let follower = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, request("sk", BODY)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    leader.abort();
+    let (s, code, _, _) = follower.await.unwrap();
+    assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_are_not_coalesced() {
+    let up = Upstream::sse();
+    let svc = cache(&up);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { send(&svc, request("sk", STREAM_BODY)).await })
+        })
+        .collect();
+    for t in tasks {
+        let (s, _, _, body) = t.await.unwrap();
+        assert_eq!(s, CacheStatus::Miss);
+        assert!(track(&body).is_complete());
+    }
+    assert_eq!(up.calls(), 3);
+    assert_eq!(
+        send(&svc, request("sk", STREAM_BODY)).await.0,
+        CacheStatus::Hit
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cache_control_no_store_and_no_cache() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    let with = |cc: &str| {
+        let mut r = request("sk", BODY);
+        r.headers_mut().insert("cache-control", cc.parse().unwrap());
+        r
+    };
+    // no-store: neither written...
+    assert_eq!(send(&svc, with("no-store")).await.0, CacheStatus::Bypass);
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    // ...nor read.
+    assert_eq!(send(&svc, with("no-store")).await.0, CacheStatus::Bypass);
+    // no-cache: not read, but written.
+    assert_eq!(
+        send(&svc, with("max-stale, No-Cache")).await.0,
+        CacheStatus::Miss
+    );
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+    assert_eq!(up.calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_deterministic_requests_when_asked() {
+    let up = Upstream::json();
+    let svc = CacheLayer::memory(1 << 20)
+        .only_deterministic(true)
+        .layer_on(up.clone());
+    let t0 = BODY.replace("\"max_tokens\"", "\"temperature\":0,\"max_tokens\"");
+    let t07 = BODY.replace("\"max_tokens\"", "\"temperature\":0.7,\"max_tokens\"");
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Bypass);
+    assert_eq!(send(&svc, request("sk", &t07)).await.0, CacheStatus::Bypass);
+    assert_eq!(send(&svc, request("sk", &t0)).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, request("sk", &t0)).await.0, CacheStatus::Hit);
+    assert_eq!(up.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_requests_pass_through() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    let count = Request::post("https://api.anthropic.com/v1/messages/count_tokens")
+        .header("x-api-key", "sk")
+        .body(RequestBody::from(BODY))
+        .unwrap();
+    assert_eq!(send(&svc, count).await.0, CacheStatus::Bypass);
+    let get = Request::get("https://api.anthropic.com/v1/models")
+        .body(RequestBody::empty())
+        .unwrap();
+    assert_eq!(send(&svc, get).await.0, CacheStatus::Bypass);
+    for bad in ["{not json", "[1,2]", ""] {
+        assert_eq!(send(&svc, request("sk", bad)).await.0, CacheStatus::Bypass);
+        assert_eq!(send(&svc, request("sk", bad)).await.0, CacheStatus::Bypass);
+    }
+    assert_eq!(up.calls(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hits_do_not_wait_for_the_inner_service() {
+    let up = Upstream::json();
+    let svc = cache(&up);
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    // The inner service will never be ready again (a limiter out of capacity).
+    up.closed.store(true, Ordering::SeqCst);
+    let hit = tokio::time::timeout(Duration::from_secs(1), send(&svc, request("sk", BODY))).await;
+    assert_eq!(hit.unwrap().0, CacheStatus::Hit);
+    let miss = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&svc, request("sk", &BODY.replace("hello", "bye"))),
+    )
+    .await;
+    assert!(miss.is_err(), "a miss waits for the inner service");
+}
+
+#[cfg(feature = "disk-cache")]
+#[tokio::test(start_paused = true)]
+async fn disk_entries_survive_a_restart() {
+    use tower_claude::cache::DiskStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.redb");
+    let up = Upstream::sse();
+    {
+        let svc = CacheLayer::new(DiskStore::open(&path, 1 << 20).unwrap()).layer_on(up.clone());
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    }
+    let svc = CacheLayer::new(DiskStore::open(&path, 1 << 20).unwrap()).layer_on(up.clone());
+    let (s, _, _, replay) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!(s, CacheStatus::Hit);
+    assert_eq!(&replay[..], SSE_EVENTS.concat().as_bytes());
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+    // Another key's tenant still misses after the restart.
+    assert_eq!(send(&svc, request("sk-2", BODY)).await.0, CacheStatus::Miss);
+    assert_eq!(up.calls(), 3);
+}
+
+#[cfg(feature = "disk-cache")]
+#[tokio::test(start_paused = true)]
+async fn disk_store_coalesces_too() {
+    use tower_claude::cache::DiskStore;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::json();
+    let svc = CacheLayer::new(DiskStore::open(dir.path().join("c.redb"), 1 << 20).unwrap())
+        .layer_on(up.clone());
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { send(&svc, request("sk", BODY)).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().1, StatusCode::OK);
+    }
+    assert_eq!(up.calls(), 1);
+}
+
+/// The layer in front of `MockClaude`, alone and stacked, in process and over loopback HTTP.
+///
+/// These futures are not `tokio::spawn`ed: `MockClaude`'s error type is `BoxError`, which trips
+/// rust-lang/rust#102211 in a spawned future; `join_all` runs them concurrently instead.
+#[cfg(feature = "testing")]
+mod with_mock {
+    use super::*;
+    use futures_util::future::join_all;
+    use tower::Layer;
+    use tower::limit::ConcurrencyLimitLayer;
+    use tower_claude::testing::{Fault, MockClaude, MockLimits};
+
+    const LIMITS: MockLimits = MockLimits {
+        rpm: 1000,
+        itpm: 1_000_000,
+        otpm: 1_000_000,
+    };
+
+    fn mock() -> MockClaude {
+        MockClaude::builder()
+            .default_limits(LIMITS)
+            .latency(Duration::from_millis(200), Duration::from_millis(5))
+            .output_tokens(30)
+            .build()
+    }
+
+    async fn send_to<S, B>(svc: &S, req: Request<RequestBody>) -> (CacheStatus, StatusCode, Bytes)
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>, Error = BoxError> + Clone,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let status = *res.extensions().get::<CacheStatus>().unwrap();
+        let code = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, code, body)
+    }
+
+    use tower_claude::BoxError;
+
+    #[tokio::test(start_paused = true)]
+    async fn stacked_over_a_concurrency_limit_json_and_stream() {
+        let mock = mock();
+        let svc = ServiceBuilder::new()
+            .layer(CacheLayer::memory(1 << 20))
+            .layer(ConcurrencyLimitLayer::new(2))
+            .service(mock.clone());
+        let (s, code, json) = send_to(&svc, request("sk", BODY)).await;
+        assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        let (s, _, again) = send_to(&svc, request("sk", BODY_REORDERED)).await;
+        assert_eq!((s, &again), (CacheStatus::Hit, &json));
+        assert_eq!(mock.stats().received, 1);
+
+        let (s, _, streamed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        let start = tokio::time::Instant::now();
+        let (s, _, replayed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Hit);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a hit does not wait for the model"
+        );
+        assert_eq!(replayed, streamed);
+        let (original, replay) = (track(&streamed), track(&replayed));
+        assert!(original.is_complete() && replay.is_complete());
+        assert_eq!(replay.usage(), original.usage());
+        assert_eq!(replay.usage().output_tokens, 30);
+        assert_eq!(mock.stats().received, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hits_cost_no_quota() {
+        let mock = MockClaude::builder()
+            .default_limits(MockLimits {
+                rpm: 1,
+                itpm: 1_000_000,
+                otpm: 1_000_000,
+            })
+            .latency(Duration::from_millis(10), Duration::ZERO)
+            .build();
+        let svc = CacheLayer::memory(1 << 20).layer(mock.clone());
+        assert_eq!(send_to(&svc, request("sk", BODY)).await.1, StatusCode::OK);
+        for _ in 0..5 {
+            let (s, code, _) = send_to(&svc, request("sk", BODY)).await;
+            assert_eq!((s, code), (CacheStatus::Hit, StatusCode::OK));
+        }
+        // The bucket is empty: a new prompt gets a 429, which is not stored.
+        let other = BODY.replace("hello", "goodbye");
+        let (s, code, _) = send_to(&svc, request("sk", &other)).await;
+        assert_eq!((s, code.as_u16()), (CacheStatus::Miss, 429));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let (s, code, _) = send_to(&svc, request("sk", &other)).await;
+        assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        assert_eq!(mock.stats().received, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_twins_reach_the_mock_once() {
+        let mock = mock();
+        let svc = CacheLayer::memory(1 << 20).layer(mock.clone());
+        let answers = join_all((0..16).map(|_| send_to(&svc, request("sk", BODY)))).await;
+        assert_eq!(mock.stats().received, 1);
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.1 == StatusCode::OK && a.2 == answers[0].2)
+        );
+        let misses = answers.iter().filter(|a| a.0 == CacheStatus::Miss).count();
+        assert_eq!(misses, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mock_faults_are_never_cached() {
+        let mock = mock();
+        let svc = CacheLayer::memory(1 << 20).layer(mock.clone());
+        mock.push_fault(Fault::MidStreamError);
+        let res = svc
+            .clone()
+            .oneshot(request("sk", STREAM_BODY))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let cut = res.into_body().collect().await.unwrap().to_bytes();
+        let t = track(&cut);
+        assert!(t.error().is_some() && !t.is_complete());
+        mock.push_fault(Fault::Overloaded);
+        assert_eq!(send_to(&svc, request("sk", BODY)).await.1.as_u16(), 529);
+        // Both go upstream again, and now succeed and are stored.
+        assert_eq!(
+            send_to(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(
+            send_to(&svc, request("sk", BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(
+            send_to(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Hit
+        );
+        assert_eq!(send_to(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+        assert_eq!(mock.stats().received, 4);
+    }
+
+    /// Cache -> hyper client -> loopback TCP -> MockClaude server.
+    #[cfg(feature = "client")]
+    #[tokio::test(start_paused = true)]
+    async fn over_loopback_http() {
+        use tower_claude::client::HttpClient;
+        let mock = mock();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(mock.serve(listener));
+        let svc = CacheLayer::memory(1 << 20).layer(HttpClient::new(base.parse().unwrap()));
+        let (s, _, streamed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        let (s, _, replayed) = send_to(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!((s, &replayed), (CacheStatus::Hit, &streamed));
+        assert!(track(&replayed).is_complete());
+        assert_eq!(mock.stats().received, 1);
+    }
+}
