@@ -36,7 +36,9 @@ use tower_claude::proxy::parse_duration;
 use tower_claude::testing::{MockClaude, MockLimits};
 
 #[derive(Debug, Parser)]
-#[command(about = "Load generator for claude-proxy, and a zero-latency simulator to measure it against.")]
+#[command(
+    about = "Load generator for claude-proxy, and a zero-latency simulator to measure it against."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -76,7 +76,10 @@ struct Setup {
 impl Setup {
     async fn start() -> Self {
         let mock = MockClaude::builder()
-            .limits(BURST_MODEL, MockLimits::new(BURST_RPM, 1_000_000, 1_000_000))
+            .limits(
+                BURST_MODEL,
+                MockLimits::new(BURST_RPM, 1_000_000, 1_000_000),
+            )
             // A little latency, so that streams arrive as several chunks.
             .latency(Duration::from_millis(2), Duration::from_millis(1))
             .output_tokens(OUTPUT_TOKENS)
