@@ -23,6 +23,10 @@ pub mod cache;
 pub mod client;
 pub mod concurrency;
 pub mod fallback;
+pub mod key_pool;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 #[cfg(feature = "proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod proxy;

@@ -3,9 +3,11 @@
 //!
 //! ```text
 //! caller
+//!   MetricsLayer      what the caller sees: latency, status, tokens, retries, cache, fallback
 //!   CacheLayer        identical request (same tenant) -> stored response; twins coalesce
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
+//!   KeyPoolLayer      (optional) the API key with the most headroom; cool down keys on 429
 //!   RateLimitLayer    token buckets: requests, input and output tokens per (key, group)
 //!   ConcurrencyLayer  cap on in-flight requests, held until the response body ends
 //! inner service       HttpClient to api.anthropic.com, MockClaude, or anything
@@ -60,6 +62,7 @@ use crate::body::RequestBody;
 use crate::cache::CacheLayer;
 use crate::concurrency::ConcurrencyLayer;
 use crate::fallback::FallbackLayer;
+use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 use crate::rate_limit::RateLimitLayer;
 use crate::retry::RetryLayer;
@@ -163,6 +166,10 @@ pub struct StackConfig {
     pub cache_ttl: Duration,
     /// Model ids, groups and the fallback chain.
     pub catalog: ModelCatalog,
+    /// Whether requests are measured (`MetricsLayer`, feature `metrics`). Default: on when
+    /// the feature is enabled. The metrics go to whatever recorder the `metrics` facade has
+    /// (none installed: they cost next to nothing).
+    pub metrics: bool,
 }
 
 impl Default for StackConfig {
@@ -183,6 +190,7 @@ impl Default for StackConfig {
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
             catalog: ModelCatalog::default(),
+            metrics: cfg!(feature = "metrics"),
         }
     }
 }
@@ -194,21 +202,27 @@ impl Default for StackConfig {
 /// layers one by one; then wrap an inner service with [`ClaudeStack::service`].
 #[derive(Clone)]
 pub struct ClaudeStack {
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::MetricsLayer>,
     board: QuotaBoard,
     catalog: ModelCatalog,
     cache: Option<CacheLayer>,
     fallback: Option<FallbackLayer>,
     retry: Option<RetryLayer>,
+    key_pool: Option<KeyPoolLayer>,
     rate_limit: Option<RateLimitLayer>,
     concurrency: Option<ConcurrencyLayer>,
 }
 
 impl std::fmt::Debug for ClaudeStack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClaudeStack")
-            .field("cache", &self.cache.is_some())
+        let mut d = f.debug_struct("ClaudeStack");
+        #[cfg(feature = "metrics")]
+        d.field("metrics", &self.metrics.is_some());
+        d.field("cache", &self.cache.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
+            .field("key_pool", &self.key_pool.is_some())
             .field("rate_limit", &self.rate_limit.is_some())
             .field("concurrency", &self.concurrency.is_some())
             .finish_non_exhaustive()
@@ -289,12 +303,22 @@ impl ClaudeStack {
 
         let concurrency = config.max_in_flight.map(ConcurrencyLayer::new);
 
+        #[cfg(not(feature = "metrics"))]
+        if config.metrics {
+            return Err("metrics need the `metrics` feature".into());
+        }
+
         Ok(Self {
+            #[cfg(feature = "metrics")]
+            metrics: config
+                .metrics
+                .then(|| crate::metrics::MetricsLayer::new().board(board.clone())),
             board,
             catalog,
             cache,
             fallback,
             retry,
+            key_pool: None,
             rate_limit,
             concurrency,
         })
@@ -317,6 +341,24 @@ impl ClaudeStack {
         self
     }
 
+    /// Replaces (or with `None` removes) the metrics layer. Its board and catalogue are the
+    /// stack's.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, layer: Option<crate::metrics::MetricsLayer>) -> Self {
+        self.metrics = layer;
+        self
+    }
+
+    /// The metrics layer, if any (e.g. to call its `spawn_refresh`).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics_layer(&self) -> Option<crate::metrics::MetricsLayer> {
+        self.metrics
+            .clone()
+            .map(|m| m.board(self.board.clone()).catalog(self.catalog.clone()))
+    }
+
     /// Replaces (or with `None` removes) the cache layer.
     pub fn cache(mut self, layer: Option<CacheLayer>) -> Self {
         self.cache = layer;
@@ -332,6 +374,14 @@ impl ClaudeStack {
     /// Replaces (or removes) the retry layer.
     pub fn retry(mut self, layer: Option<RetryLayer>) -> Self {
         self.retry = layer;
+        self
+    }
+
+    /// Adds (or with `None` removes) a key pool between retry and the rate limiter: each
+    /// request goes out with the pooled key that has the most headroom. Its board and
+    /// catalogue are the stack's. No pool by default: the caller's own `x-api-key` is used.
+    pub fn key_pool(mut self, layer: Option<KeyPoolLayer>) -> Self {
+        self.key_pool = layer;
         self
     }
 
@@ -367,6 +417,13 @@ impl ClaudeStack {
                 .catalog(self.catalog.clone());
             svc = boxed(layer.layer(svc));
         }
+        if let Some(layer) = &self.key_pool {
+            let layer = layer
+                .clone()
+                .board(self.board.clone())
+                .catalog(self.catalog.clone());
+            svc = boxed(layer.layer(svc));
+        }
         if let Some(layer) = &self.retry {
             svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
         }
@@ -378,6 +435,10 @@ impl ClaudeStack {
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {
+            svc = boxed(layer.layer(svc));
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(layer) = self.metrics_layer() {
             svc = boxed(layer.layer(svc));
         }
         svc

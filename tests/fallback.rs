@@ -647,6 +647,23 @@ async fn stacked_above_the_retry_layer() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
 
+    // A long 429 (longer than max_wait_before_failover): the retry layer below does not sit
+    // it out (the fallback layer set MaxServerWait), the request moves on to Sonnet at once.
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(45),
+    });
+    let received = mock.stats().received;
+    let start = Instant::now();
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(mock.stats().received, received + 2);
+
     // Every model capped: one attempt each, then the typed error with the retry layer's
     // spend-limit error as its source.
     let capped = MockClaude::builder().spend_cap(true).build();

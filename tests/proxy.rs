@@ -268,3 +268,77 @@ async fn shutdown_lets_in_flight_requests_finish() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(Usage::from_json(&body).is_some());
 }
+
+#[tokio::test]
+async fn status_page_and_prometheus_metrics() {
+    let mock = MockClaude::builder().build();
+    let upstream = served_mock(&mock).await;
+    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let c = client();
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"messages":[{"role":"user","content":"Say hello, status"}]}"#;
+    for _ in 0..2 {
+        let resp = c
+            .request(messages(proxy.addr, "sk-client-status", body))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(
+        mock.stats().received,
+        1,
+        "the second answer came from the cache"
+    );
+
+    let resp = c
+        .get(
+            format!("http://{}/v1/proxy/status", proxy.addr)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(status["cache"]["hits"], 1);
+    assert_eq!(status["cache"]["misses"], 1);
+    let quota = status["quota"].as_array().unwrap();
+    let entry = quota
+        .iter()
+        .find(|q| q["group"] == "claude-haiku-4-5")
+        .expect("the group is on the status page");
+    assert!(entry["key_id"].as_str().unwrap().starts_with("k-"));
+    assert!(
+        entry["requests"]["limit"].as_u64().unwrap() > 0,
+        "limits learned from headers"
+    );
+    assert!(
+        !String::from_utf8_lossy(&bytes).contains("sk-client-status"),
+        "no key in clear"
+    );
+
+    let resp = c
+        .get(format!("http://{}/metrics", proxy.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("tower_claude_requests_total"), "{text}");
+    assert!(
+        text.contains(r#"tower_claude_cache_requests_total{result="hit"}"#)
+            || text.contains("tower_claude_cache_requests_total{"),
+        "{text}"
+    );
+    assert!(text.contains("tower_claude_quota_remaining{"), "{text}");
+    assert!(!text.contains("sk-client-status"));
+    proxy.stop().await;
+}

@@ -859,3 +859,30 @@ async fn stacked_layers_over_loopback_http() {
     assert!(status.last_snapshot.is_some());
     server.abort();
 }
+
+/// A request's `retry::Deadline` bounds its wait for quota even without `max_wait`: the
+/// limiter gives up at the deadline with a typed error instead of sleeping past it.
+#[tokio::test(start_paused = true)]
+async fn the_request_deadline_bounds_the_queue_wait() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(1, 100_000, 100_000));
+    let svc = ServiceBuilder::new().layer(layer).service(json_upstream(
+        Duration::ZERO,
+        10,
+        calls.clone(),
+    ));
+    svc.clone().oneshot(messages(100, false)).await.unwrap();
+    let t0 = Instant::now();
+    let mut req = messages(100, false);
+    req.extensions_mut()
+        .insert(tower_claude::retry::Deadline::after(Duration::from_secs(5)));
+    let err = svc.clone().oneshot(req).await.unwrap_err();
+    let err = err.downcast_ref::<AcquireError>().expect("AcquireError");
+    assert_eq!(err.kind(), AcquireErrorKind::QueueTimeout);
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the late request was never sent"
+    );
+}

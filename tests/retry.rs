@@ -16,7 +16,8 @@ use tower::{Layer, Service, ServiceExt};
 use tower_claude::BoxError;
 use tower_claude::body::RequestBody;
 use tower_claude::retry::{
-    Deadline, Jitter, RetryBudget, RetryError, RetryErrorKind, RetryInfo, RetryLayer, RetryOutcome,
+    Deadline, Jitter, MaxServerWait, RetryBudget, RetryError, RetryErrorKind, RetryInfo,
+    RetryLayer, RetryOutcome,
 };
 
 type Body = BoxBody<Bytes, BoxError>;
@@ -1120,4 +1121,47 @@ mod batch {
         assert_eq!(ours, 0);
         assert!(sdk > 0, "the reference policy should lose tasks here");
     }
+}
+
+/// A fallback layer above sets `MaxServerWait` while a lower model is left: a 429 asking for
+/// a longer wait comes back at once instead of being waited out; a short one is still retried.
+#[tokio::test(start_paused = true)]
+async fn max_server_wait_returns_long_429s_at_once() {
+    let long_429 = || {
+        Step::Reply(
+            429,
+            vec![("retry-after", "30".into())],
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        )
+    };
+    let fake = Fake::new([long_429()]);
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(MaxServerWait(Duration::from_secs(10)));
+    let start = Instant::now();
+    let (resp, info) = send(layer(), &fake, req).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(info.unwrap().outcome(), RetryOutcome::WaitTooLong);
+
+    // Within the bound the layer waits and retries as usual.
+    let fake = Fake::new([Step::Reply(
+        429,
+        vec![("retry-after", "3".into())],
+        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+    )]);
+    let mut req = messages(BODY);
+    req.extensions_mut()
+        .insert(MaxServerWait(Duration::from_secs(10)));
+    let (resp, info) = send(layer(), &fake, req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(info.unwrap().attempts(), 2);
+
+    // Without the extension the long wait is honoured.
+    let fake = Fake::new([long_429()]);
+    let (resp, _) = send(layer(), &fake, messages(BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = fake.seen();
+    assert!(seen[1].at - seen[0].at >= Duration::from_secs(30));
 }

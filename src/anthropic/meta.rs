@@ -259,6 +259,9 @@ struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
     check_fields: bool,
+    /// The first wrong field type found; reported only once the whole document is known to be
+    /// valid JSON (a syntax error anywhere wins: the body is not JSON at all).
+    field_error: Option<MetaError>,
     text_units: u64,
     fixed_tokens: u64,
     saw_tool: bool,
@@ -272,6 +275,7 @@ impl<'a> Scanner<'a> {
             b,
             i: 0,
             check_fields,
+            field_error: None,
             text_units: 0,
             fixed_tokens: 0,
             saw_tool: false,
@@ -351,7 +355,8 @@ impl<'a> Scanner<'a> {
                         if self.b[start] == b'"' {
                             meta.model = Some(self.decode_string(start, self.i)?);
                         } else if self.check_fields {
-                            return Err(Self::field_err(start, "`model` is not a string"));
+                            let err = Self::field_err(start, "`model` is not a string");
+                            self.field_error.get_or_insert(err);
                         }
                     }
                     b"max_tokens" => {
@@ -367,10 +372,11 @@ impl<'a> Scanner<'a> {
                         match parsed {
                             Some(v) => meta.max_tokens = Some(v),
                             None if self.check_fields => {
-                                return Err(Self::field_err(
+                                let err = Self::field_err(
                                     start,
                                     "`max_tokens` is not a non-negative integer",
-                                ));
+                                );
+                                self.field_error.get_or_insert(err);
                             }
                             None => {}
                         }
@@ -381,7 +387,8 @@ impl<'a> Scanner<'a> {
                             b"true" => meta.stream = true,
                             b"false" => meta.stream = false,
                             _ if self.check_fields => {
-                                return Err(Self::field_err(start, "`stream` is not a boolean"));
+                                let err = Self::field_err(start, "`stream` is not a boolean");
+                                self.field_error.get_or_insert(err);
                             }
                             _ => {}
                         }
@@ -399,10 +406,8 @@ impl<'a> Scanner<'a> {
                         match parsed {
                             Some(v) => meta.temperature = Some(v),
                             None if self.check_fields => {
-                                return Err(Self::field_err(
-                                    start,
-                                    "`temperature` is not a number",
-                                ));
+                                let err = Self::field_err(start, "`temperature` is not a number");
+                                self.field_error.get_or_insert(err);
                             }
                             None => {}
                         }
@@ -439,6 +444,9 @@ impl<'a> Scanner<'a> {
         self.ws();
         if self.i != self.b.len() {
             return Err(self.err("trailing characters after the object"));
+        }
+        if let Some(err) = self.field_error.take() {
+            return Err(err);
         }
         let text = self.text_units.div_ceil(TEXT_BYTES_PER_TOKEN);
         let tools = if self.saw_tool { TOOL_PROMPT_TOKENS } else { 0 };

@@ -121,6 +121,8 @@ pub use service::Cache;
 #[cfg(feature = "disk-cache")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk-cache")))]
 pub use store::DiskStore;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{CacheStore, CachedResponse, MemoryStore, StoreError, StoreErrorKind, StoreFuture};
 
 /// What the cache did with a request: a response extension, also sent as the

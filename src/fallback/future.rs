@@ -25,7 +25,7 @@ use crate::anthropic::{
 };
 use crate::body::RequestBody;
 use crate::quota::Cost;
-use crate::retry::{RetryInfo, RetryOutcome};
+use crate::retry::{MaxServerWait, RetryInfo, RetryOutcome};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -360,6 +360,16 @@ impl<S> Walk<S> {
         Some(req)
     }
 
+    /// While a lower model is left (and the depth allows moving to it), a retry layer below
+    /// must not sit out a long 429 wait on the current one: mark the request with
+    /// [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
+    fn limit_server_wait(&self, req: &mut Request<RequestBody>) {
+        if self.choose(self.current + 1).is_some() {
+            req.extensions_mut()
+                .insert(MaxServerWait(self.config.rules.max_wait_before_failover));
+        }
+    }
+
     /// The first attempt: the chosen model, or the requested one when the body cannot be
     /// rewritten.
     pub(crate) fn first_request(&mut self) -> Request<RequestBody> {
@@ -371,6 +381,8 @@ impl<S> Walk<S> {
         self.current = idx;
         self.visited = 1;
         self.attempts = 1;
+        let mut req = req;
+        self.limit_server_wait(&mut req);
         req
     }
 
@@ -429,6 +441,8 @@ impl<S> Walk<S> {
         self.visited += 1;
         self.overloaded = 0;
         self.failovers += 1;
+        let mut req = req;
+        self.limit_server_wait(&mut req);
         self.next = Some(req);
         true
     }
@@ -436,7 +450,8 @@ impl<S> Walk<S> {
     /// Prepares the same model again.
     pub(crate) fn resend(&mut self) -> bool {
         match self.build(self.current) {
-            Some(req) => {
+            Some(mut req) => {
+                self.limit_server_wait(&mut req);
                 self.next = Some(req);
                 true
             }
@@ -482,6 +497,7 @@ fn retried_below(extensions: &Extensions) -> bool {
             RetryOutcome::Exhausted
                 | RetryOutcome::DeadlineExceeded
                 | RetryOutcome::BudgetExhausted
+                | RetryOutcome::WaitTooLong
         )
     })
 }

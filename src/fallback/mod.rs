@@ -57,6 +57,13 @@
 //!   [`RetryInfo`](crate::retry::RetryInfo) outcome is `Exhausted`, `DeadlineExceeded` or
 //!   `BudgetExhausted`), at once: the retry layer has already waited on that model.
 //!
+//! While a lower model is left in the chain, each attempt carries a
+//! [`MaxServerWait`](crate::retry::MaxServerWait) request extension set to
+//! [`max_wait_before_failover`](FallbackLayer::max_wait_before_failover): a retry layer below
+//! returns a 429 that asks for a longer wait at once (outcome `WaitTooLong`) instead of sleeping
+//! through it, and the request moves down the chain. On the last model no limit is set, so a
+//! patient retry layer waits for the quota as usual.
+//!
 //! Every other answer (success, 400, 401, 500, ...) is returned as it is. To classify a 429 or
 //! 529 the layer reads its body (at most 64 KiB) and replays it unchanged if it returns it.
 //! Streaming requests fail over only on such an error *status*: once a 200 stream has started

@@ -148,6 +148,15 @@ pub struct ProxyConfig {
     pub body_limit: usize,
     /// Redis URL for shared quota and cache (`REDIS_URL`).
     pub redis_url: Option<String>,
+    /// How many proxy nodes share the quota: while Redis is down each limits locally to
+    /// `1 / expected_nodes` of every limit.
+    pub expected_nodes: u32,
+    /// Whether `GET /metrics` (Prometheus) and the metrics layer are on.
+    pub metrics: bool,
+    /// Webhook (Slack-compatible) for quota utilisation alerts.
+    pub alert_webhook: Option<String>,
+    /// Utilisation (0..1) of a key and group's binding bucket that raises an alert.
+    pub alert_threshold: f64,
 }
 
 /// Command-line flags of `claude-proxy`. Every flag can also be set in the TOML file (same name
@@ -221,6 +230,18 @@ pub struct Cli {
     /// Redis URL for quota and cache shared by several proxies [env: REDIS_URL]
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// Proxy nodes sharing the quota through Redis (each keeps 1/N of the limits while Redis is down) [env: CLAUDE_PROXY_NODES] [default: 1]
+    #[arg(long, value_name = "N")]
+    pub expected_nodes: Option<u32>,
+    /// Serve Prometheus metrics on GET /metrics [env: CLAUDE_PROXY_METRICS] [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub metrics: Option<bool>,
+    /// Webhook URL (Slack-compatible JSON) for quota alerts [env: CLAUDE_PROXY_ALERT_WEBHOOK]
+    #[arg(long, value_name = "URL")]
+    pub alert_webhook: Option<String>,
+    /// Utilisation that raises a quota alert, 0..1 [env: CLAUDE_PROXY_ALERT_THRESHOLD] [default: 0.8]
+    #[arg(long, value_name = "FRACTION")]
+    pub alert_threshold: Option<f64>,
 }
 
 /// The TOML file: the same names as the flags, plus `[limits.<group>]` and `[mock]` tables.
@@ -244,6 +265,10 @@ struct FileConfig {
     cache_max_bytes: Option<u64>,
     max_in_flight: Option<usize>,
     redis_url: Option<String>,
+    expected_nodes: Option<u32>,
+    metrics: Option<bool>,
+    alert_webhook: Option<String>,
+    alert_threshold: Option<f64>,
     #[serde(default)]
     limits: BTreeMap<String, GroupLimits>,
     #[serde(default)]
@@ -534,6 +559,67 @@ impl ProxyConfig {
             }
             None => None,
         };
+        let metrics = match pick(
+            &cli.metrics.map(|v| v.to_string()),
+            "metrics",
+            "CLAUDE_PROXY_METRICS",
+            file.metrics.map(|v| v.to_string()),
+            "metrics",
+        ) {
+            Some(s) => parse_bool(&s)?,
+            None => true,
+        };
+        let alert_webhook = match pick(
+            &cli.alert_webhook,
+            "alert-webhook",
+            "CLAUDE_PROXY_ALERT_WEBHOOK",
+            file.alert_webhook.clone(),
+            "alert_webhook",
+        ) {
+            Some(s) => {
+                let uri: http::Uri = s.value.parse().map_err(|e| {
+                    ConfigError::new(&s.source, format!("`{}` is not a URL ({e})", s.value))
+                })?;
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none()
+                {
+                    return Err(ConfigError::new(&s.source, "must be an http(s):// URL"));
+                }
+                Some(s.value)
+            }
+            None => None,
+        };
+        let alert_threshold = match pick(
+            &cli.alert_threshold.map(|v| v.to_string()),
+            "alert-threshold",
+            "CLAUDE_PROXY_ALERT_THRESHOLD",
+            file.alert_threshold.map(|v| v.to_string()),
+            "alert_threshold",
+        ) {
+            Some(s) => {
+                let v = parse_num::<f64>(&s)?;
+                if !(v > 0.0 && v <= 1.0) {
+                    return Err(ConfigError::new(&s.source, "must be in (0, 1]"));
+                }
+                v
+            }
+            None => 0.8,
+        };
+        let expected_nodes = match pick(
+            &cli.expected_nodes.map(|v| v.to_string()),
+            "expected-nodes",
+            "CLAUDE_PROXY_NODES",
+            file.expected_nodes.map(|v| v.to_string()),
+            "expected_nodes",
+        ) {
+            Some(s) => {
+                let n = parse_num::<u32>(&s)?;
+                if n == 0 {
+                    return Err(ConfigError::new(s.source, "must be at least 1"));
+                }
+                n
+            }
+            None => 1,
+        };
         let redis_url = pick(
             &cli.redis_url,
             "redis-url",
@@ -603,6 +689,10 @@ impl ProxyConfig {
             limits: file.limits,
             body_limit: crate::body::ANTHROPIC_MAX_BODY,
             redis_url,
+            expected_nodes,
+            metrics,
+            alert_webhook,
+            alert_threshold,
         })
     }
 }

@@ -22,10 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::error_response::error_response;
 use crate::BoxError;
+use crate::anthropic::KeyId;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, RequestBody};
-use crate::cache::CacheStatus;
+use crate::cache::{CacheStatus, Tenant};
+use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, QuotaBoard};
+use crate::retry::Deadline;
 use crate::stack::{CacheConfig, ClaudeStack, StackConfig};
 
 /// The response body type of the proxy.
@@ -45,6 +48,7 @@ struct State {
     board: QuotaBoard,
     started: std::time::Instant,
     counters: Counters,
+    metrics: Option<crate::metrics::MetricsLayer>,
 }
 
 /// What the status page reports besides the board.
@@ -68,7 +72,66 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Builds the upstream service and the stack from `config`.
     pub fn new(config: ProxyConfig) -> Result<Self, BoxError> {
+        if config.redis_url.is_some() {
+            return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
+        }
         let stack = ClaudeStack::from_config(&stack_config(&config))?;
+        Self::assemble(config, stack)
+    }
+
+    /// Builds the proxy like [`Proxy::new`], and with a Redis URL in the configuration also
+    /// connects the shared quota board and cache (a Redis that is down at start is not an
+    /// error: the board limits locally with its share and reconnects in the background).
+    pub async fn connect(config: ProxyConfig) -> Result<Self, BoxError> {
+        let mut stack = ClaudeStack::from_config(&stack_config(&config))?;
+        #[cfg(feature = "redis")]
+        if let Some(url) = &config.redis_url {
+            let mut board = QuotaBoard::builder();
+            for (group, l) in &config.limits {
+                board = board.limits(
+                    crate::anthropic::RateLimitGroup::new(group),
+                    Limits {
+                        rpm: l.rpm,
+                        itpm: l.itpm,
+                        otpm: l.otpm,
+                    },
+                );
+            }
+            let options = crate::quota::RedisOptions::new().expected_nodes(config.expected_nodes);
+            stack = stack.board(board.build_redis(url, options).await?);
+            if config.cache {
+                let store = crate::cache::RedisStore::connect(url).await?;
+                stack = stack.cache(Some(
+                    crate::cache::CacheLayer::new(store).ttl(config.cache_ttl),
+                ));
+            }
+        }
+        #[cfg(not(feature = "redis"))]
+        if config.redis_url.is_some() {
+            return Err("REDIS_URL needs claude-proxy built with the `redis` feature".into());
+        }
+        Self::assemble(config, stack)
+    }
+
+    fn assemble(config: ProxyConfig, mut stack: ClaudeStack) -> Result<Self, BoxError> {
+        if !config.api_keys.is_empty() {
+            let pool = KeyPoolLayer::new(config.api_keys.iter().map(Secret::expose))?;
+            stack = stack.key_pool(Some(pool));
+        }
+        if config.metrics {
+            // Install the recorder before any request is measured.
+            let _ = prometheus_handle();
+            let mut alerts = crate::metrics::alerts::Alerts::builder()
+                .threshold(config.alert_threshold)
+                .on_alert(|alert| tracing::warn!(alert = %alert.text(), "quota alert"));
+            if let Some(url) = &config.alert_webhook {
+                alerts = alerts.webhook(crate::metrics::alerts::Webhook::new(url)?);
+            }
+            stack = stack.metrics(Some(
+                crate::metrics::MetricsLayer::new().alerts(alerts.build()),
+            ));
+        }
+        let metrics = stack.metrics_layer();
         let board = stack.quota_board().clone();
         let service = match &config.upstream {
             Upstream::Url(uri) => stack.service(crate::client::HttpClient::new(uri.clone())),
@@ -81,6 +144,7 @@ impl Proxy {
                 board,
                 started: std::time::Instant::now(),
                 counters: Counters::default(),
+                metrics,
             }),
         })
     }
@@ -102,6 +166,12 @@ impl Proxy {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        // Quota gauges and alerts move even while no response arrives.
+        let refresh = self
+            .state
+            .metrics
+            .as_ref()
+            .map(|m| m.spawn_refresh(Duration::from_secs(5)));
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
         tokio::pin!(shutdown);
@@ -131,6 +201,9 @@ impl Proxy {
             }
         }
         drop(listener);
+        if let Some(refresh) = refresh {
+            refresh.abort();
+        }
         tracing::info!("shutting down: waiting for in-flight requests");
         tokio::select! {
             () = graceful.shutdown() => {}
@@ -204,6 +277,7 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
         fallback_floor: config.fallback_model.clone(),
         cache,
         cache_ttl: config.cache_ttl,
+        metrics: config.metrics,
         ..StackConfig::default()
     }
 }
@@ -275,6 +349,49 @@ fn status_page(state: &State) -> Response<ProxyBody> {
     json_response(StatusCode::OK, body.to_string())
 }
 
+/// The process-wide Prometheus recorder, installed by the first proxy that asks for it (the
+/// `metrics` facade has one global recorder). `None` when another recorder was installed first.
+fn prometheus_handle() -> Option<&'static crate::metrics::prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<crate::metrics::prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| match crate::metrics::prometheus::install() {
+            Ok(handle) => Some(handle),
+            Err(err) => {
+                tracing::warn!(%err, "cannot install the Prometheus recorder; /metrics is off");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: every metric of `docs/metrics.md` in the Prometheus text format.
+fn metrics_page(state: &State) -> Response<ProxyBody> {
+    let handle = match (&state.metrics, state.config.metrics) {
+        (Some(_), true) => prometheus_handle(),
+        _ => None,
+    };
+    let Some(handle) = handle else {
+        return api_error(
+            ApiErrorKind::NotFound,
+            "metrics are off (CLAUDE_PROXY_METRICS=false)",
+        );
+    };
+    if let Some(m) = &state.metrics {
+        m.refresh();
+    }
+    let mut resp = Response::new(
+        Full::new(Bytes::from(crate::metrics::prometheus::render(handle)))
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::prometheus::CONTENT_TYPE),
+    );
+    resp
+}
+
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(
         Full::new(body.into())
@@ -320,6 +437,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
             return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
         (&Method::GET, "/v1/proxy/status") => return status_page(&state),
+        (&Method::GET, "/metrics") => return metrics_page(&state),
         _ if path.starts_with("/v1/") || path == "/v1" => {}
         _ => return api_error(ApiErrorKind::NotFound, &format!("no route for {path}")),
     }
@@ -335,21 +453,17 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
             );
         }
     }
-    if let Some(key) = config.api_keys.first() {
-        // The proxy holds the upstream key: the client's credential never goes upstream.
+    if !config.api_keys.is_empty() {
+        // The proxy holds the upstream keys (the key pool picks one per request): the client's
+        // credential never goes upstream. It still names the cache tenant, so that clients
+        // with different proxy tokens never share cached answers.
+        let tenant = presented_token(&req)
+            .filter(|t| !t.is_empty())
+            .map(|t| KeyId::from_api_key(t).as_str().to_owned())
+            .unwrap_or_else(|| "proxy".to_owned());
+        req.extensions_mut().insert(Tenant::new(tenant));
         req.headers_mut().remove(header::AUTHORIZATION);
-        match HeaderValue::from_str(key.expose()) {
-            Ok(mut v) => {
-                v.set_sensitive(true);
-                req.headers_mut().insert("x-api-key", v);
-            }
-            Err(_) => {
-                return api_error(
-                    ApiErrorKind::Authentication,
-                    "the configured API key is not a valid header value",
-                );
-            }
-        }
+        req.headers_mut().remove("x-api-key");
     }
 
     // Buffer the body here rather than through `BufferBody`: the same work, but with concrete
@@ -365,6 +479,13 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         }
     };
     let req = Request::from_parts(parts, body);
+    // The proxy's deadline bounds every wait below (quota queue, retries), unless the
+    // request already carries an earlier one.
+    let mut req = req;
+    if req.extensions().get::<Deadline>().is_none() {
+        req.extensions_mut()
+            .insert(Deadline::after(config.deadline));
+    }
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {

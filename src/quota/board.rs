@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use super::error::{AcquireError, AcquireErrorKind};
-use super::local::{Check, Enqueued, Grant, LocalBackend, Outcome, WaitPoll};
+use super::local::{Check, Enqueued, Grant, LocalBackend, Origin, Outcome, WaitPoll};
 use super::types::{Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 
@@ -71,6 +71,10 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Clone)]
 pub struct QuotaBoard {
     backend: Backend,
+    /// The Redis store: the authority for limited `(key, group)`s; `backend` then mirrors its
+    /// levels for the read views and runs the probes that learn unknown limits.
+    #[cfg(feature = "redis")]
+    pub(super) shared: Option<Arc<super::redis::RedisShared>>,
 }
 
 /// Storage behind the board. Only the in-process backend exists today; a shared (Redis)
@@ -82,10 +86,18 @@ enum Backend {
 
 impl fmt::Debug for QuotaBoard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(feature = "redis")]
+        let name = if self.shared.is_some() {
+            "redis"
+        } else {
+            "local"
+        };
+        #[cfg(not(feature = "redis"))]
+        let name = "local";
         match &self.backend {
             Backend::Local(b) => f
                 .debug_struct("QuotaBoard")
-                .field("backend", &"local")
+                .field("backend", &name)
                 .field("entries", &b.len())
                 .finish(),
         }
@@ -115,11 +127,11 @@ impl Default for QuotaBoard {
 /// ```
 #[derive(Debug, Clone)]
 pub struct QuotaBoardBuilder {
-    limits: HashMap<RateLimitGroup, Limits>,
-    key_limits: HashMap<(KeyId, RateLimitGroup), Limits>,
-    default_limits: Option<Limits>,
-    idle_timeout: Duration,
-    local_share: f64,
+    pub(super) limits: HashMap<RateLimitGroup, Limits>,
+    pub(super) key_limits: HashMap<(KeyId, RateLimitGroup), Limits>,
+    pub(super) default_limits: Option<Limits>,
+    pub(super) idle_timeout: Duration,
+    pub(super) local_share: f64,
 }
 
 impl QuotaBoardBuilder {
@@ -160,15 +172,17 @@ impl QuotaBoardBuilder {
 
     /// Builds the board with the in-process backend.
     pub fn build(self) -> QuotaBoard {
-        QuotaBoard {
-            backend: Backend::Local(Arc::new(LocalBackend::new(
-                self.limits,
-                self.key_limits,
-                self.default_limits,
-                self.idle_timeout,
-                self.local_share,
-            ))),
-        }
+        QuotaBoard::from_local(Arc::new(self.local_backend()))
+    }
+
+    pub(super) fn local_backend(self) -> LocalBackend {
+        LocalBackend::new(
+            self.limits,
+            self.key_limits,
+            self.default_limits,
+            self.idle_timeout,
+            self.local_share,
+        )
     }
 }
 
@@ -176,6 +190,20 @@ impl QuotaBoard {
     /// An in-process board with no configured limits (every limit is learned from headers).
     pub fn new() -> Self {
         Self::builder().build()
+    }
+
+    pub(super) fn from_local(local: Arc<LocalBackend>) -> Self {
+        Self {
+            backend: Backend::Local(local),
+            #[cfg(feature = "redis")]
+            shared: None,
+        }
+    }
+
+    /// The board read while the Redis store is unreachable (its local fallback).
+    #[cfg(feature = "redis")]
+    fn degraded(&self) -> Option<&QuotaBoard> {
+        self.shared.as_ref().and_then(|s| s.degraded_board())
     }
 
     /// A builder.
@@ -192,6 +220,12 @@ impl QuotaBoard {
     /// Sets the configured limits of `group` (for every key); existing entries are resized and
     /// waiters re-checked.
     pub fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared
+                .fallback()
+                .set_limits(group.clone(), shared.share_of(limits));
+        }
         match &self.backend {
             Backend::Local(b) => b.set_limits(group, limits),
         }
@@ -199,6 +233,12 @@ impl QuotaBoard {
 
     /// Sets the configured limits of one key in `group` (over the group's limits).
     pub fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared
+                .fallback()
+                .set_key_limits(key.clone(), group.clone(), shared.share_of(limits));
+        }
         match &self.backend {
             Backend::Local(b) => b.set_key_limits(key, group, limits),
         }
@@ -206,6 +246,12 @@ impl QuotaBoard {
 
     /// Sets the limits of every group without limits of its own.
     pub fn set_default_limits(&self, limits: Limits) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared
+                .fallback()
+                .set_default_limits(shared.share_of(limits));
+        }
         match &self.backend {
             Backend::Local(b) => b.set_default_limits(limits),
         }
@@ -236,6 +282,10 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: Cost,
     ) -> Result<Reservation, AcquireError> {
+        #[cfg(feature = "redis")]
+        if let Some(fallback) = self.degraded() {
+            return fallback.try_acquire(key, group, cost);
+        }
         match self.try_acquire_inner(key, group, &cost) {
             Ok(grant) => Ok(self.reservation(key.clone(), group.clone(), cost, grant)),
             Err(check) => Err(self.check_error(key, group, check)),
@@ -248,6 +298,12 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: &Cost,
     ) -> Result<Grant, Check> {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            if let Some(check) = shared.try_acquire_check(self, key, group, cost) {
+                return Err(check);
+            }
+        }
         match &self.backend {
             Backend::Local(b) => b.try_acquire(key, group, cost),
         }
@@ -299,6 +355,8 @@ impl QuotaBoard {
             deadline: None,
             state: AcquireState::Start,
             sleep: None,
+            #[cfg(feature = "redis")]
+            remote: None,
         }
     }
 
@@ -311,12 +369,20 @@ impl QuotaBoard {
         match &self.backend {
             Backend::Local(b) => b.observe(key, group, snapshot),
         }
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared.observe(self, key, group, snapshot);
+        }
     }
 
     /// The headroom of `(key, group)`: per bucket remaining and fraction, the binding
     /// fraction, time until full. `None` when no limit is known yet (neither configured nor
     /// learned).
     pub fn headroom(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Headroom> {
+        #[cfg(feature = "redis")]
+        if let Some(fallback) = self.degraded() {
+            return fallback.headroom(key, group);
+        }
         match &self.backend {
             Backend::Local(b) => b.headroom(key, group),
         }
@@ -324,6 +390,10 @@ impl QuotaBoard {
 
     /// Whether `cost` would be admitted right now (fits every known bucket, nobody queued).
     pub fn fits_now(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(fallback) = self.degraded() {
+            return fallback.fits_now(key, group, cost);
+        }
         match &self.backend {
             Backend::Local(b) => b.fits_now(key, group, cost),
         }
@@ -337,6 +407,10 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: &Cost,
     ) -> Option<Duration> {
+        #[cfg(feature = "redis")]
+        if let Some(fallback) = self.degraded() {
+            return fallback.time_until_fits(key, group, cost);
+        }
         match &self.backend {
             Backend::Local(b) => b.time_until_fits(key, group, cost),
         }
@@ -376,6 +450,13 @@ impl QuotaBoard {
     }
 
     fn settle_grant(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant, outcome: Outcome) {
+        if grant.origin == Origin::Shared {
+            #[cfg(feature = "redis")]
+            if let Some(shared) = &self.shared {
+                shared.settle(key, group, grant, outcome);
+            }
+            return;
+        }
         match &self.backend {
             Backend::Local(b) => b.settle(key, group, grant, outcome),
         }
@@ -401,6 +482,9 @@ pub struct Acquire {
     deadline: Option<Instant>,
     state: AcquireState,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The Redis path (or the local fallback while Redis is down).
+    #[cfg(feature = "redis")]
+    remote: Option<super::redis::RemoteAcquire>,
 }
 
 impl fmt::Debug for Acquire {
@@ -450,6 +534,19 @@ impl Future for Acquire {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        #[cfg(feature = "redis")]
+        if let Some(polled) = super::redis::poll_remote(
+            &this.board,
+            &mut this.remote,
+            this.state == AcquireState::Start,
+            (&this.key, &this.group, this.cost, this.deadline),
+            cx,
+        ) {
+            if polled.is_ready() {
+                this.state = AcquireState::Done;
+            }
+            return polled;
+        }
         // A timer can fire exactly when capacity returns; loop a bounded number of times
         // instead of returning Pending with an already-elapsed timer.
         for _ in 0..4 {

@@ -15,6 +15,9 @@ pub enum AcquireErrorKind {
     /// The request costs more than a bucket's whole capacity (e.g. more input tokens than the
     /// input-tokens-per-minute limit): it can never be admitted.
     RequestTooLarge,
+    /// The shared quota store (Redis) is unreachable and the board is set to fail closed
+    /// ([`RedisOptions::fail_closed`](crate::quota::RedisOptions::fail_closed)).
+    BackendUnavailable,
 }
 
 /// A request could not be admitted by the [`QuotaBoard`](super::QuotaBoard).
@@ -100,6 +103,11 @@ impl fmt::Display for AcquireError {
             AcquireErrorKind::RequestTooLarge => write!(
                 f,
                 "request exceeds the per-minute capacity of key {} group {}",
+                self.key, self.group
+            ),
+            AcquireErrorKind::BackendUnavailable => write!(
+                f,
+                "the shared quota store is unreachable (fail closed) for key {} group {}",
                 self.key, self.group
             ),
         }

@@ -33,6 +33,19 @@ pub(crate) struct Grant {
     pub(crate) charged: [Option<u64>; 3],
     /// This request is the one probe sent to learn unknown limits.
     pub(crate) probe: bool,
+    /// Which store holds the reservation (the Redis backend settles its grants in Redis).
+    pub(crate) origin: Origin,
+}
+
+/// Where a [`Grant`] was taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// This process's buckets.
+    #[default]
+    Local,
+    /// The shared (Redis) buckets.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Shared,
 }
 
 /// How a reservation ends.
@@ -209,7 +222,11 @@ impl Entry {
         }
         self.outstanding += 1;
         self.last_used = now;
-        Grant { charged, probe }
+        Grant {
+            charged,
+            probe,
+            origin: Origin::Local,
+        }
     }
 
     fn settle(&mut self, grant: &Grant, outcome: Outcome, now: Instant) {
@@ -751,6 +768,45 @@ impl LocalBackend {
 
     pub(crate) fn len(&self) -> usize {
         self.lock().entries.len()
+    }
+
+    /// The capacities of the known buckets of `(key, group)` (creating the entry from the
+    /// configured limits), or `None` when no limit is known yet or the server sent none.
+    #[cfg(feature = "redis")]
+    pub(crate) fn capacities(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+    ) -> Option<[Option<u64>; 3]> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        if !e.known() {
+            return None;
+        }
+        Some(std::array::from_fn(|i| {
+            e.slots[i].as_ref().map(|s| s.bucket.capacity())
+        }))
+    }
+
+    /// Sets the levels of the known buckets of `(key, group)` from a shared store's view
+    /// (a negative level is a debt).
+    #[cfg(feature = "redis")]
+    pub(crate) fn set_levels(&self, key: &KeyId, group: &RateLimitGroup, levels: [Option<f64>; 3]) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        for (slot, level) in e.slots.iter_mut().zip(levels) {
+            if let (Some(s), Some(level)) = (slot, level) {
+                if level >= 0.0 {
+                    s.bucket.set_level(level.floor() as u64, now);
+                } else {
+                    s.bucket.set_level(0, now);
+                    s.bucket.force_take((-level).ceil() as u64, now);
+                }
+            }
+        }
+        e.last_used = now;
     }
 
     pub(crate) fn evict_idle(&self) {

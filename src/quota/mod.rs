@@ -42,11 +42,16 @@ mod board;
 mod bucket;
 mod error;
 mod local;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod types;
 
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisStatus};
 pub use board::{Acquire, QuotaBoard, QuotaBoardBuilder, Reservation};
 pub use bucket::{TakeError, TokenBucket};
 pub use error::{AcquireError, AcquireErrorKind};

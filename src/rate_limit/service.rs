@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
@@ -14,6 +16,7 @@ use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
 use crate::quota::{AcquireErrorKind, Cost, OutputReservation, QuotaBoard};
+use crate::retry::Deadline;
 
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -109,11 +112,16 @@ where
                 {
                     return ResponseFuture::failed(err);
                 }
-                let acquire = config.board.acquire(key, group, cost);
-                let acquire = match config.max_wait {
-                    Some(d) => acquire.max_wait(d),
-                    None => acquire,
+                // Give up at the earlier of the layer's `max_wait` and the request's deadline
+                // (`retry::Deadline`, set by the caller or a retry layer above): no wait ever
+                // crosses the caller's deadline.
+                let by_max_wait = config.max_wait.and_then(|d| Instant::now().checked_add(d));
+                let by_deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
+                let give_up = match (by_max_wait, by_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
                 };
+                let acquire = config.board.acquire(key, group, cost).deadline(give_up);
                 // The ready service goes with the request; `self` keeps a fresh clone.
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);

@@ -151,6 +151,8 @@ pub(crate) struct Attempts {
     pub(crate) key: QuotaKey,
     pub(crate) need: Need,
     pub(crate) deadline: Option<Instant>,
+    /// The request's [`MaxServerWait`](super::MaxServerWait), if any.
+    pub(crate) max_server_wait: Option<std::time::Duration>,
     pub(crate) started: Instant,
     /// The pacing slot a new request waits for before its first attempt.
     pub(crate) gate: Option<Slot>,
@@ -333,6 +335,7 @@ where
                 SystemTime::now(),
             );
             let now = Instant::now();
+            let too_long = rate_limited && ctx.max_server_wait.is_some_and(|max| delay.wait > max);
             let mut wake = now + delay.wait;
             let mut crosses = ctx.deadline.is_some_and(|deadline| wake > deadline);
             let mut slot = None;
@@ -348,7 +351,12 @@ where
                     None => crosses = true,
                 }
             }
-            if crosses {
+            if too_long {
+                if let Some(slot) = slot {
+                    shared.pacer.release(&ctx.key, slot);
+                }
+                Err(RetryOutcome::WaitTooLong)
+            } else if crosses {
                 Err(RetryOutcome::DeadlineExceeded)
             } else if config.budget.as_ref().is_some_and(|b| !b.withdraw()) {
                 if let Some(slot) = slot {

@@ -221,7 +221,29 @@ pub enum RetryOutcome {
     DeadlineExceeded,
     /// The response is the last failed attempt: the retry budget refused another.
     BudgetExhausted,
+    /// The response is a 429 whose server-directed wait is longer than the request's
+    /// [`MaxServerWait`]: a layer above (fallback) has a better option than waiting.
+    WaitTooLong,
 }
+
+/// A request extension: the longest server-directed wait (a 429's `retry-after` or quota
+/// reset) that [`Retry`] may sleep for this request. A 429 asking for more is returned at once,
+/// with [`RetryOutcome::WaitTooLong`] in its [`RetryInfo`].
+///
+/// [`FallbackLayer`](crate::fallback::FallbackLayer) sets it while a lower model is left in the
+/// request's chain, so that a model whose quota is gone is abandoned at once instead of waited
+/// for; on the last model of the chain it is not set, and the retry layer waits as usual.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::retry::MaxServerWait;
+///
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(MaxServerWait(Duration::from_secs(10)));
+/// # assert!(request.extensions().get::<MaxServerWait>().is_some());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxServerWait(pub Duration);
 
 /// A response extension added by [`Retry`] to every Messages API response it returns.
 ///

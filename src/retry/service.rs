@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::backoff::Need;
 use super::future::{Attempts, ResponseFuture, Template};
 use super::layer::Shared;
-use super::{Deadline, RetryBody};
+use super::{Deadline, MaxServerWait, RetryBody};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
@@ -112,6 +112,7 @@ where
             // Layers below see the effective deadline too.
             req.extensions_mut().insert(deadline);
         }
+        let max_server_wait = req.extensions().get::<MaxServerWait>().map(|m| m.0);
         let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
         let group = match &model {
             Some(model) => config.catalog.group(model),
@@ -142,6 +143,7 @@ where
             key,
             need,
             deadline,
+            max_server_wait,
             started: now,
             gate,
         };

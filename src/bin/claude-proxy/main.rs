@@ -31,7 +31,7 @@ async fn main() {
             m.rpm, m.itpm, m.otpm
         ),
     };
-    let proxy = match Proxy::new(config) {
+    let proxy = match Proxy::connect(config).await {
         Ok(proxy) => proxy,
         Err(err) => {
             eprintln!("claude-proxy: {err}");

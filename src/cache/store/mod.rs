@@ -19,6 +19,12 @@ mod disk;
 #[cfg_attr(docsrs, doc(cfg(feature = "disk-cache")))]
 pub use disk::DiskStore;
 
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisStore;
+
 /// The future returned by [`CacheStore`] methods: boxed, `Send` and `'static`, so that stores
 /// can be used as trait objects and do network I/O.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;

@@ -1,0 +1,207 @@
+//! A cache store on Redis, shared by every process that uses the same server and prefix.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture};
+use crate::cache::CacheKey;
+
+/// A [`CacheStore`] on Redis (feature `redis`): every proxy node that connects to the same
+/// server with the same [`key_prefix`](RedisStore::key_prefix) shares the entries, so a
+/// response one node fetched is a hit on every other.
+///
+/// * Entries are `SET` with `PX` (the layer's TTL in milliseconds): Redis expires them on its
+///   own clock, so TTLs follow real time, not tokio's paused test clock.
+/// * The value is [`CachedResponse::encode`]; an entry that does not decode is a miss and is
+///   deleted.
+/// * Every command has a timeout (250 ms by default). A failure is an error the
+///   [`CacheLayer`](crate::cache::CacheLayer) treats as a miss (or "not stored"): a Redis
+///   outage never fails a request. If the server is unreachable when the store is created,
+///   it keeps trying to connect in the background (at most once per second, on use).
+///
+/// Keys are `<prefix><64 hex digits of the CacheKey>`; nothing from the request (no API key,
+/// no prompt) appears in them.
+///
+/// ```no_run
+/// use tower_claude::cache::{CacheLayer, RedisStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/").await?.key_prefix("myapp:cache:");
+/// let layer = CacheLayer::new(store);
+/// # drop(layer);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    prefix: Arc<str>,
+    timeout: Duration,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    connecting: AtomicBool,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("connected", &self.inner.connection().is_some())
+            .finish()
+    }
+}
+
+fn backend(e: impl fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Backend, e.to_string())
+}
+
+impl Inner {
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn connect(&self) -> Result<ConnectionManager, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.connect_timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(100);
+        let fut = ConnectionManager::new_with_config(self.client.clone(), config);
+        match tokio::time::timeout(self.connect_timeout.saturating_mul(3), fut).await {
+            Ok(Ok(conn)) => {
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                Ok(conn)
+            }
+            Ok(Err(e)) => Err(backend(e)),
+            Err(_) => Err(backend("timed out connecting to Redis")),
+        }
+    }
+
+    /// The connection, or an error after starting a background connection attempt.
+    fn get(self: &Arc<Self>) -> Result<ConnectionManager, StoreError> {
+        if let Some(conn) = self.connection() {
+            return Ok(conn);
+        }
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let inner = self.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if inner.connect().await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    inner.connecting.store(false, Ordering::Release);
+                });
+            } else {
+                self.connecting.store(false, Ordering::Release);
+            }
+        }
+        Err(backend("not connected to Redis"))
+    }
+}
+
+impl RedisStore {
+    /// A store on the Redis server at `url` (`redis://host:port/db`), with the key prefix
+    /// `tower-claude:cache:`, a 500 ms connect timeout and a 250 ms command timeout.
+    ///
+    /// Errors: an invalid URL ([`StoreErrorKind::Open`]). An unreachable server is not an
+    /// error (see the type's docs). Must be called within a Tokio runtime.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::new(StoreErrorKind::Open, format!("invalid Redis URL: {e}"))
+        })?;
+        let inner = Arc::new(Inner {
+            client,
+            conn: Mutex::new(None),
+            connecting: AtomicBool::new(false),
+            connect_timeout: Duration::from_millis(500),
+        });
+        if let Err(e) = inner.connect().await {
+            tracing::warn!(error = %e, "cache: Redis unreachable; entries are missed until it is back");
+        }
+        Ok(Self {
+            inner,
+            prefix: Arc::from("tower-claude:cache:"),
+            timeout: Duration::from_millis(250),
+        })
+    }
+
+    /// The prefix of every key this store writes.
+    pub fn key_prefix(mut self, prefix: impl AsRef<str>) -> Self {
+        self.prefix = Arc::from(prefix.as_ref());
+        self
+    }
+
+    /// The timeout of each command (250 ms by default).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn redis_key(&self, key: &CacheKey) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+async fn timed<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(backend(e)),
+        Err(_) => Err(backend("Redis command timed out")),
+    }
+}
+
+impl CacheStore for RedisStore {
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+        let this = self.clone();
+        let key = self.redis_key(key);
+        Box::pin(async move {
+            let mut conn = this.inner.get()?;
+            let raw: Option<Vec<u8>> = timed(this.timeout, conn.get(&key)).await?;
+            let Some(raw) = raw else {
+                return Ok(None);
+            };
+            match CachedResponse::decode(&raw) {
+                Ok(resp) => Ok(Some(resp)),
+                Err(_) => {
+                    let _: Result<(), _> = timed(this.timeout, conn.del(&key)).await;
+                    Ok(None)
+                }
+            }
+        })
+    }
+
+    fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
+        let this = self.clone();
+        let key = self.redis_key(key);
+        Box::pin(async move {
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            if ms == 0 {
+                return Ok(());
+            }
+            let mut conn = this.inner.get()?;
+            let bytes = value.encode();
+            timed(this.timeout, conn.pset_ex::<_, _, ()>(&key, bytes, ms)).await
+        })
+    }
+
+    fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
+        let this = self.clone();
+        let key = self.redis_key(key);
+        Box::pin(async move {
+            let mut conn = this.inner.get()?;
+            timed(this.timeout, conn.del::<_, ()>(&key)).await
+        })
+    }
+}

@@ -1,0 +1,332 @@
+//! [`ResponseFuture`] of the [`KeyPool`](super::KeyPool) service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::Body;
+use pin_project::pin_project;
+use tokio::time::Instant;
+
+use super::body::KeyPoolBody;
+use super::error::KeyPoolError;
+use super::pool::{ChosenKey, Pick, Pool, RemovalReason};
+use super::service::Config;
+use crate::BoxError;
+use crate::anthropic::{
+    ApiError, ApiErrorKind, BucketSnapshot, RateLimitGroup, RateLimitSnapshot, retry_after,
+};
+
+/// The most of a 429 body read to classify it (error envelopes are a few hundred bytes).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A request sent with a pool key, until its response is observed. Dropping it ends the
+/// key's in-flight count.
+pub(crate) struct Sent {
+    pool: Arc<Pool>,
+    config: Arc<Config>,
+    pick: Pick,
+    group: Option<RateLimitGroup>,
+    in_flight: bool,
+}
+
+impl Sent {
+    pub(crate) fn new(
+        pool: Arc<Pool>,
+        config: Arc<Config>,
+        pick: Pick,
+        group: Option<RateLimitGroup>,
+    ) -> Self {
+        Self {
+            pool,
+            config,
+            pick,
+            group,
+            in_flight: true,
+        }
+    }
+
+    fn end_in_flight(&mut self) {
+        if std::mem::take(&mut self.in_flight) {
+            self.pool.done(self.pick.index);
+        }
+    }
+
+    /// Observes the response head: feeds the layer's own board, removes a key upstream
+    /// rejected with 401.
+    fn observe_head(&mut self, status: StatusCode, headers: &HeaderMap) {
+        self.end_in_flight();
+        if self.config.own_board {
+            if let Some(group) = &self.group {
+                let snap = RateLimitSnapshot::from_headers(headers);
+                if !snap.is_empty() {
+                    self.config.board.observe(&self.pick.id, group, &snap);
+                }
+            }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            self.remove(RemovalReason::Unauthorized);
+        } else {
+            self.pool.validated(self.pick.index);
+        }
+    }
+
+    fn remove(&self, reason: RemovalReason) {
+        if self.pool.remove(self.pick.index, reason) {
+            tracing::warn!(
+                key = %self.pick.id,
+                reason = %reason,
+                active = self.pool.active(),
+                "key pool: key taken out of rotation"
+            );
+        }
+    }
+
+    /// Observes a 429 once the start of its body is read.
+    fn observe_429(&self, headers: &HeaderMap, body: &[u8]) {
+        let error = ApiError::from_response(StatusCode::TOO_MANY_REQUESTS, body);
+        if error.kind() == ApiErrorKind::SpendLimit {
+            self.remove(RemovalReason::SpendCap);
+            return;
+        }
+        let Some(group) = &self.group else {
+            return;
+        };
+        let delay = cooldown(headers, self.config.default_cooldown).min(self.config.max_cooldown);
+        let until = Instant::now() + delay;
+        self.pool.cool_down(self.pick.index, group, until);
+        tracing::debug!(
+            key = %self.pick.id,
+            group = %group,
+            cooldown_ms = delay.as_millis() as u64,
+            "key pool: key cooling down after 429"
+        );
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        self.end_in_flight();
+    }
+}
+
+/// The cooldown a 429 asks for: `retry-after-ms` / `retry-after`, else the latest reset of an
+/// exhausted bucket, else `default`.
+fn cooldown(headers: &HeaderMap, default: Duration) -> Duration {
+    let now = SystemTime::now();
+    if let Some(d) = retry_after(headers, now) {
+        return d;
+    }
+    let snap = RateLimitSnapshot::from_headers(headers);
+    let exhausted = |b: &BucketSnapshot| {
+        (b.remaining == Some(0))
+            .then_some(b.reset)
+            .flatten()
+            .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
+    };
+    [
+        &snap.requests,
+        &snap.tokens,
+        &snap.input_tokens,
+        &snap.output_tokens,
+    ]
+    .into_iter()
+    .filter_map(exhausted)
+    .max()
+    .unwrap_or(default)
+}
+
+/// Response future of [`KeyPool`](super::KeyPool): waits for the inner response, observes it
+/// (cooldown, removal), and tags it with [`ChosenKey`].
+#[pin_project]
+pub struct ResponseFuture<F, B> {
+    #[pin]
+    state: State<F, B>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<F, B> {
+    Calling {
+        #[pin]
+        fut: F,
+        sent: Option<Sent>,
+    },
+    /// Reading the start of a 429 body.
+    Reading {
+        parts: Option<http::response::Parts>,
+        body: Option<Pin<Box<B>>>,
+        buf: BytesMut,
+        sent: Option<Sent>,
+    },
+    Failed {
+        error: Option<KeyPoolError>,
+    },
+}
+
+impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Calling { .. } => "calling",
+            State::Reading { .. } => "reading",
+            State::Failed { .. } => "failed",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    pub(crate) fn called(fut: F, sent: Sent) -> Self {
+        Self {
+            state: State::Calling {
+                fut,
+                sent: Some(sent),
+            },
+        }
+    }
+
+    pub(crate) fn failed(error: KeyPoolError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<KeyPoolBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Failed { error } => {
+                    let err = error.take().unwrap_or_else(|| KeyPoolError::all_removed(0));
+                    return Poll::Ready(Err(err.into()));
+                }
+                StateProj::Calling { fut, sent } => {
+                    let result = ready!(fut.poll(cx));
+                    let mut sent = match sent.take() {
+                        Some(s) => s,
+                        None => {
+                            return Poll::Ready(
+                                result
+                                    .map(|r| r.map(KeyPoolBody::stream))
+                                    .map_err(Into::into),
+                            );
+                        }
+                    };
+                    let response = result.map_err(Into::into)?;
+                    sent.observe_head(response.status(), response.headers());
+                    let chosen = ChosenKey::new(sent.pick.id.clone());
+                    if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                        let mut response = response.map(KeyPoolBody::stream);
+                        response.extensions_mut().insert(chosen);
+                        return Poll::Ready(Ok(response));
+                    }
+                    let (parts, body) = response.into_parts();
+                    this.state.set(State::Reading {
+                        parts: Some(parts),
+                        body: Some(Box::pin(body)),
+                        buf: BytesMut::new(),
+                        sent: Some(sent),
+                    });
+                }
+                StateProj::Reading {
+                    parts,
+                    body,
+                    buf,
+                    sent,
+                } => {
+                    let mut error = None;
+                    let mut trailers = None;
+                    let mut finished = false;
+                    if let Some(b) = body.as_mut() {
+                        loop {
+                            if buf.len() >= MAX_ERROR_BODY {
+                                break;
+                            }
+                            match ready!(b.as_mut().poll_frame(cx)) {
+                                None => {
+                                    finished = true;
+                                    break;
+                                }
+                                Some(Err(e)) => {
+                                    error = Some(e.into());
+                                    finished = true;
+                                    break;
+                                }
+                                Some(Ok(frame)) => match frame.into_data() {
+                                    Ok(data) => buf.extend_from_slice(&data),
+                                    Err(frame) => {
+                                        trailers = frame.into_trailers().ok();
+                                        finished = true;
+                                        break;
+                                    }
+                                },
+                            }
+                        }
+                    }
+                    let rest = if finished { None } else { body.take() };
+                    let prefix: Bytes = std::mem::take(buf).freeze();
+                    let Some(mut parts) = parts.take() else {
+                        return Poll::Ready(Err(KeyPoolError::all_removed(0).into()));
+                    };
+                    if let Some(sent) = sent.take() {
+                        sent.observe_429(&parts.headers, &prefix);
+                        parts
+                            .extensions
+                            .insert(ChosenKey::new(sent.pick.id.clone()));
+                    }
+                    let body = KeyPoolBody::replay(prefix, rest, error, trailers);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cooldown_prefers_retry_after_then_the_exhausted_bucket_reset() {
+        let default = Duration::from_secs(1);
+        let mut headers = HeaderMap::new();
+        assert_eq!(cooldown(&headers, default), default);
+        let reset = SystemTime::now() + Duration::from_secs(42);
+        let snap = RateLimitSnapshot {
+            input_tokens: BucketSnapshot {
+                limit: Some(1000),
+                remaining: Some(0),
+                reset: Some(reset),
+            },
+            requests: BucketSnapshot {
+                limit: Some(50),
+                remaining: Some(10),
+                reset: Some(SystemTime::now() + Duration::from_secs(300)),
+            },
+            ..Default::default()
+        };
+        snap.write_headers(&mut headers);
+        let d = cooldown(&headers, default);
+        // RFC 3339 with second precision: within a second of 42 s.
+        assert!(
+            d > Duration::from_secs(40) && d <= Duration::from_secs(42),
+            "{d:?}"
+        );
+        headers.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(cooldown(&headers, default), Duration::from_secs(7));
+    }
+}

@@ -1,0 +1,77 @@
+//! A pool of upstream API keys: each request goes out with the key that has the most
+//! headroom for its rate-limit group; keys that got a 429 cool down, keys that hit their
+//! spend cap or were rejected (401) leave the rotation.
+//!
+//! [`KeyPoolLayer`] sits outside the [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
+//! (buckets are per key, so the key must be chosen first) and inside the
+//! [`RetryLayer`](crate::retry::RetryLayer) (a retried 429 goes out with the next best key).
+//! Give it the rate limiter's [`QuotaBoard`](crate::quota::QuotaBoard) so that it sees every
+//! reservation:
+//!
+//! ```
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_claude::anthropic::{KeyId, RateLimitGroup};
+//! use tower_claude::body::RequestBody;
+//! use tower_claude::key_pool::{ChosenKey, KeyPoolLayer};
+//! use tower_claude::quota::{Limits, QuotaBoard};
+//! use tower_claude::rate_limit::RateLimitLayer;
+//! use tower_claude::BoxError;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let board = QuotaBoard::builder()
+//!     .default_limits(Limits { rpm: 50, itpm: 30_000, otpm: 8_000 })
+//!     .build();
+//! let pool = KeyPoolLayer::new(["sk-ant-api03-one", "sk-ant-api03-two"])?.board(board.clone());
+//! let handle = pool.handle();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(pool)
+//!     .layer(RateLimitLayer::new().board(board.clone()))
+//!     .service(tower::service_fn(|req: http::Request<RequestBody>| async move {
+//!         // Upstream sees one of the pool's keys.
+//!         assert!(KeyId::from_headers(req.headers()).is_some());
+//!         Ok::<_, BoxError>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+//!     }));
+//!
+//! let mut used = Vec::new();
+//! for _ in 0..4 {
+//!     let req = http::Request::post("/v1/messages")
+//!         .body(RequestBody::from(r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"messages":[]}"#))?;
+//!     let res = svc.ready().await?.call(req).await?;
+//!     used.push(res.extensions().get::<ChosenKey>().unwrap().key().clone());
+//! }
+//! // The load is spread: each key served two of the four requests.
+//! for key in handle.keys() {
+//!     assert_eq!(used.iter().filter(|k| **k == key).count(), 2);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Keys appear only as [`KeyId`](crate::anthropic::KeyId)s — in logs, in
+//! [`KeyPoolHandle::statuses`], in [`ChosenKey`] and in every `Debug` output. The header
+//! value is marked sensitive.
+//!
+//! # When keys run out
+//!
+//! * Every key cooling down or short of quota: the key available soonest is used anyway and
+//!   the rate limiter below holds the request until it fits (or upstream answers 429 and the
+//!   retry layer above waits and retries).
+//! * Every key out of rotation: the request that removed the last key gets its upstream
+//!   response unchanged (the spend-cap 429 or the 401); later requests fail at once, without
+//!   being sent, with a [`KeyPoolError`] of kind [`AllKeysRemoved`](KeyPoolErrorKind::AllKeysRemoved).
+//!   [`KeyPoolHandle::restore`] puts a key back.
+
+mod body;
+mod error;
+mod future;
+mod layer;
+mod pool;
+mod service;
+
+pub use body::KeyPoolBody;
+pub use error::{KeyPoolError, KeyPoolErrorKind};
+pub use future::ResponseFuture;
+pub use layer::KeyPoolLayer;
+pub use pool::{ChosenKey, KeyPoolHandle, KeyState, KeyStatus, RemovalReason};
+pub use service::KeyPool;

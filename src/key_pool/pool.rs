@@ -1,0 +1,626 @@
+//! The shared state of a key pool: the keys, their cooldowns and removals, and the
+//! [`KeyPoolHandle`] status API.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use super::error::KeyPoolError;
+use crate::anthropic::{KeyId, RateLimitGroup};
+use crate::quota::{Cost, QuotaBoard};
+
+/// Two headroom fractions closer than this are a tie (broken by in-flight count, then by
+/// least recent use).
+const FRACTION_EPSILON: f64 = 1e-6;
+
+/// One API key: its id and the header value (marked sensitive). The key itself is only in the
+/// header value, which `Debug` never prints.
+struct PoolKey {
+    id: KeyId,
+    header: HeaderValue,
+}
+
+impl fmt::Debug for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolKey").field("id", &self.id).finish()
+    }
+}
+
+/// Why a key was taken out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RemovalReason {
+    /// A 429 whose error code is `enforced_spend_limit_reached`: the key's monthly spend cap.
+    SpendCap,
+    /// A 401 `authentication_error`: the key is invalid or revoked.
+    Unauthorized,
+    /// [`KeyPoolHandle::remove`].
+    Manual,
+}
+
+impl fmt::Display for RemovalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RemovalReason::SpendCap => "spend cap reached",
+            RemovalReason::Unauthorized => "rejected (401)",
+            RemovalReason::Manual => "removed by hand",
+        })
+    }
+}
+
+/// Whether a key is in rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// In rotation (possibly cooling down in some groups: see [`KeyStatus::cooldowns`]).
+    Active,
+    /// Out of rotation, for this reason, since this long ago.
+    Removed {
+        /// Why.
+        reason: RemovalReason,
+        /// How long ago.
+        since: Duration,
+    },
+}
+
+/// The state of one key of the pool, as [`KeyPoolHandle::statuses`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyStatus {
+    /// The key's id (never the key).
+    pub key: KeyId,
+    /// In rotation or not.
+    pub state: KeyState,
+    /// Groups in which the key is cooling down after a 429, and for how long still.
+    pub cooldowns: Vec<(RateLimitGroup, Duration)>,
+    /// Requests sent with this key whose response has not arrived yet.
+    pub in_flight: usize,
+    /// Requests sent with this key.
+    pub requests: u64,
+    /// 429 `rate_limit_error` responses to this key.
+    pub rate_limited: u64,
+}
+
+/// The key chosen for a request: a response extension (and a request extension for the
+/// layers below) set by [`KeyPool`](super::KeyPool).
+///
+/// ```
+/// use tower_claude::anthropic::KeyId;
+/// use tower_claude::key_pool::ChosenKey;
+///
+/// # let response = http::Response::new(());
+/// if let Some(chosen) = response.extensions().get::<ChosenKey>() {
+///     println!("served with key {}", chosen.key());
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChosenKey {
+    key: KeyId,
+}
+
+impl ChosenKey {
+    pub(crate) fn new(key: KeyId) -> Self {
+        Self { key }
+    }
+
+    /// The id of the key the request was sent with.
+    pub fn key(&self) -> &KeyId {
+        &self.key
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeyRuntime {
+    removed: Option<(RemovalReason, Instant)>,
+    cooldowns: HashMap<RateLimitGroup, Instant>,
+    in_flight: usize,
+    requests: u64,
+    rate_limited: u64,
+    /// Pick sequence number of the last use (0: never): the least recently used wins ties.
+    last_pick: u64,
+    /// An answer other than 401 was seen with this key: it is known to work.
+    validated: bool,
+}
+
+impl KeyRuntime {
+    /// Not known to work yet and a request is already out with it: send others elsewhere
+    /// until that first answer shows whether the key is valid.
+    fn on_probation(&self) -> bool {
+        !self.validated && self.in_flight > 0
+    }
+
+    fn cooldown_left(&self, group: &RateLimitGroup, now: Instant) -> Duration {
+        self.cooldowns
+            .get(group)
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    keys: Vec<KeyRuntime>,
+    picks: u64,
+}
+
+/// The keys and their runtime state, shared by every service of one layer.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    keys: Vec<PoolKey>,
+    state: Mutex<State>,
+}
+
+/// A picked key: its index, id and header value.
+#[derive(Debug, Clone)]
+pub(crate) struct Pick {
+    pub(crate) index: usize,
+    pub(crate) id: KeyId,
+    pub(crate) header: HeaderValue,
+}
+
+/// How good a candidate is; lower sorts first.
+#[derive(Debug, Clone, Copy)]
+struct Rank {
+    /// The key's first request is still out (see `KeyRuntime::on_probation`).
+    probation: bool,
+    /// Time until the key can take the request (0: now).
+    wait: Duration,
+    /// Headroom fraction (higher is better).
+    fraction: f64,
+    in_flight: usize,
+    last_pick: u64,
+}
+
+impl Rank {
+    fn better_than(&self, other: &Rank) -> bool {
+        if self.probation != other.probation {
+            return !self.probation;
+        }
+        if self.wait != other.wait {
+            return self.wait < other.wait;
+        }
+        if (self.fraction - other.fraction).abs() > FRACTION_EPSILON {
+            return self.fraction > other.fraction;
+        }
+        if self.in_flight != other.in_flight {
+            return self.in_flight < other.in_flight;
+        }
+        self.last_pick < other.last_pick
+    }
+}
+
+impl Pool {
+    /// Builds a pool; duplicate keys are kept once.
+    pub(crate) fn new<I, K>(keys: I) -> Result<Self, KeyPoolError>
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<str>,
+    {
+        let mut out: Vec<PoolKey> = Vec::new();
+        for (i, key) in keys.into_iter().enumerate() {
+            let key = key.as_ref().trim();
+            if key.is_empty() {
+                return Err(KeyPoolError::invalid_key(i));
+            }
+            let mut header =
+                HeaderValue::from_str(key).map_err(|_| KeyPoolError::invalid_key(i))?;
+            header.set_sensitive(true);
+            let id = KeyId::from_api_key(key);
+            if out.iter().all(|k| k.id != id) {
+                out.push(PoolKey { id, header });
+            }
+        }
+        if out.is_empty() {
+            return Err(KeyPoolError::new(super::KeyPoolErrorKind::NoKeys));
+        }
+        let runtime = out.iter().map(|_| KeyRuntime::default()).collect();
+        Ok(Self {
+            keys: out,
+            state: Mutex::new(State {
+                keys: runtime,
+                picks: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent between statements: a panic elsewhere cannot leave it
+        // half-updated, so a poisoned lock is safe to reuse.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Picks the key for one request and counts it in flight.
+    ///
+    /// With a group (a Messages request): among keys in rotation, the one that can take `cost`
+    /// soonest (cooldown after a 429, then the board's time until it fits), then the most
+    /// headroom, then the fewest in flight, then the least recently used. Without a group
+    /// (other endpoints): the fewest in flight, then the least recently used. A key whose
+    /// first request is still out comes after every other key in rotation.
+    pub(crate) fn pick(
+        &self,
+        group: Option<(&RateLimitGroup, &Cost)>,
+        board: &QuotaBoard,
+        now: Instant,
+    ) -> Result<Pick, KeyPoolError> {
+        let mut state = self.lock();
+        let mut best: Option<(usize, Rank)> = None;
+        for (index, (key, rt)) in self.keys.iter().zip(state.keys.iter()).enumerate() {
+            if rt.removed.is_some() {
+                continue;
+            }
+            let rank = match group {
+                Some((group, cost)) => {
+                    let cooldown = rt.cooldown_left(group, now);
+                    let headroom = board.headroom(&key.id, group);
+                    let fraction = headroom.map_or(1.0, |h| h.fraction);
+                    let quota_wait = if board.fits_now(&key.id, group, cost) {
+                        Duration::ZERO
+                    } else {
+                        // Never fits (larger than a bucket) or waiting for a probe: rank it
+                        // by the time until its buckets are full.
+                        board
+                            .time_until_fits(&key.id, group, cost)
+                            .or(headroom.map(|h| h.full_in))
+                            .unwrap_or(Duration::MAX)
+                    };
+                    Rank {
+                        probation: rt.on_probation(),
+                        wait: cooldown.max(quota_wait),
+                        fraction,
+                        in_flight: rt.in_flight,
+                        last_pick: rt.last_pick,
+                    }
+                }
+                None => Rank {
+                    probation: rt.on_probation(),
+                    wait: Duration::ZERO,
+                    fraction: 1.0,
+                    in_flight: rt.in_flight,
+                    last_pick: rt.last_pick,
+                },
+            };
+            if best.as_ref().is_none_or(|(_, b)| rank.better_than(b)) {
+                best = Some((index, rank));
+            }
+        }
+        let Some((index, _)) = best else {
+            return Err(KeyPoolError::all_removed(self.keys.len()));
+        };
+        state.picks += 1;
+        let seq = state.picks;
+        let rt = &mut state.keys[index];
+        rt.last_pick = seq;
+        rt.in_flight += 1;
+        rt.requests += 1;
+        let key = &self.keys[index];
+        Ok(Pick {
+            index,
+            id: key.id.clone(),
+            header: key.header.clone(),
+        })
+    }
+
+    /// The response to a request with key `index` arrived (or the request was dropped).
+    pub(crate) fn done(&self, index: usize) {
+        let mut state = self.lock();
+        if let Some(rt) = state.keys.get_mut(index) {
+            rt.in_flight = rt.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// An answer other than 401 arrived for key `index`: the key works.
+    pub(crate) fn validated(&self, index: usize) {
+        let mut state = self.lock();
+        if let Some(rt) = state.keys.get_mut(index) {
+            rt.validated = true;
+        }
+    }
+
+    /// Key `index` got a 429 in `group`: skip it there until `until` (an earlier cooldown
+    /// that ends later is kept).
+    pub(crate) fn cool_down(&self, index: usize, group: &RateLimitGroup, until: Instant) {
+        let mut state = self.lock();
+        if let Some(rt) = state.keys.get_mut(index) {
+            rt.rate_limited += 1;
+            let entry = rt.cooldowns.entry(group.clone()).or_insert(until);
+            if *entry < until {
+                *entry = until;
+            }
+            let now = Instant::now();
+            rt.cooldowns.retain(|_, t| *t > now);
+        }
+    }
+
+    /// Takes key `index` out of rotation. Returns `true` when it was in rotation.
+    pub(crate) fn remove(&self, index: usize, reason: RemovalReason) -> bool {
+        let mut state = self.lock();
+        match state.keys.get_mut(index) {
+            Some(rt) if rt.removed.is_none() => {
+                rt.removed = Some((reason, Instant::now()));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn index_of(&self, key: &KeyId) -> Option<usize> {
+        self.keys.iter().position(|k| &k.id == key)
+    }
+
+    pub(crate) fn active(&self) -> usize {
+        self.lock()
+            .keys
+            .iter()
+            .filter(|rt| rt.removed.is_none())
+            .count()
+    }
+
+    fn status(&self, index: usize, rt: &KeyRuntime, now: Instant) -> KeyStatus {
+        let mut cooldowns: Vec<_> = rt
+            .cooldowns
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(g, until)| (g.clone(), until.saturating_duration_since(now)))
+            .collect();
+        cooldowns.sort_by(|a, b| a.0.cmp(&b.0));
+        KeyStatus {
+            key: self.keys[index].id.clone(),
+            state: match rt.removed {
+                None => KeyState::Active,
+                Some((reason, at)) => KeyState::Removed {
+                    reason,
+                    since: now.saturating_duration_since(at),
+                },
+            },
+            cooldowns,
+            in_flight: rt.in_flight,
+            requests: rt.requests,
+            rate_limited: rt.rate_limited,
+        }
+    }
+}
+
+/// A handle on a key pool's state, shared with every service of its
+/// [`KeyPoolLayer`](super::KeyPoolLayer): which keys are in rotation, cooling down, removed
+/// and why, and how much each was used. Cheap to clone.
+///
+/// ```
+/// use tower_claude::key_pool::{KeyPoolLayer, KeyState, RemovalReason};
+///
+/// let layer = KeyPoolLayer::new(["sk-ant-a", "sk-ant-b"]).unwrap();
+/// let handle = layer.handle();
+/// assert_eq!(handle.len(), 2);
+/// let first = handle.statuses()[0].key.clone();
+/// assert!(handle.remove(&first));
+/// assert_eq!(handle.active(), 1);
+/// assert!(matches!(
+///     handle.status(&first).unwrap().state,
+///     KeyState::Removed { reason: RemovalReason::Manual, .. }
+/// ));
+/// assert!(handle.restore(&first)); // e.g. after raising the spend cap
+/// assert_eq!(handle.active(), 2);
+/// ```
+#[derive(Clone)]
+pub struct KeyPoolHandle {
+    pub(crate) pool: Arc<Pool>,
+}
+
+impl fmt::Debug for KeyPoolHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyPoolHandle")
+            .field("keys", &self.len())
+            .field("active", &self.active())
+            .finish()
+    }
+}
+
+impl KeyPoolHandle {
+    /// The number of keys in the pool (in rotation or not).
+    pub fn len(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Whether the pool has no key (never true: a pool needs at least one).
+    pub fn is_empty(&self) -> bool {
+        self.pool.len() == 0
+    }
+
+    /// The number of keys in rotation.
+    pub fn active(&self) -> usize {
+        self.pool.active()
+    }
+
+    /// The ids of the keys, in the order given.
+    pub fn keys(&self) -> Vec<KeyId> {
+        self.pool.keys.iter().map(|k| k.id.clone()).collect()
+    }
+
+    /// The status of every key, in the order given.
+    pub fn statuses(&self) -> Vec<KeyStatus> {
+        let now = Instant::now();
+        let state = self.pool.lock();
+        state
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, rt)| self.pool.status(i, rt, now))
+            .collect()
+    }
+
+    /// The status of one key (`None`: not in this pool).
+    pub fn status(&self, key: &KeyId) -> Option<KeyStatus> {
+        let index = self.pool.index_of(key)?;
+        let now = Instant::now();
+        let state = self.pool.lock();
+        Some(self.pool.status(index, &state.keys[index], now))
+    }
+
+    /// Takes a key out of rotation by hand ([`RemovalReason::Manual`]). Returns `false` when
+    /// the key is not in the pool or already out.
+    pub fn remove(&self, key: &KeyId) -> bool {
+        match self.pool.index_of(key) {
+            Some(i) => {
+                let removed = self.pool.remove(i, RemovalReason::Manual);
+                if removed {
+                    tracing::warn!(key = %key, "key pool: key removed by hand");
+                }
+                removed
+            }
+            None => false,
+        }
+    }
+
+    /// Puts a removed key back into rotation (after raising its spend cap, say), with its
+    /// cooldowns cleared. Returns `false` when the key is not in the pool or not removed.
+    pub fn restore(&self, key: &KeyId) -> bool {
+        let Some(index) = self.pool.index_of(key) else {
+            return false;
+        };
+        let mut state = self.pool.lock();
+        let rt = &mut state.keys[index];
+        if rt.removed.take().is_some() {
+            rt.cooldowns.clear();
+            tracing::info!(key = %key, "key pool: key back in rotation");
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::quota::Limits;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Pick,
+        Done(usize),
+        CoolDown(usize, u64),
+        Remove(usize),
+        Restore(usize),
+        Validate(usize),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Pick),
+            2 => (0..4usize).prop_map(Op::Done),
+            1 => (0..4usize, 1..120u64).prop_map(|(k, s)| Op::CoolDown(k, s)),
+            1 => (0..4usize).prop_map(Op::Remove),
+            1 => (0..4usize).prop_map(Op::Restore),
+            1 => (0..4usize).prop_map(Op::Validate),
+            1 => (1..90u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// A pick never returns a key out of rotation, fails only when every key is out,
+        /// prefers keys not on probation (first request still out), and among those never
+        /// returns a key that must wait while another could take the request now.
+        #[test]
+        fn picks_respect_removals_and_cooldowns(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let pool = Pool::new(["k0", "k1", "k2", "k3"]).unwrap();
+                let handle = KeyPoolHandle { pool: Arc::new(pool) };
+                let pool = &handle.pool;
+                let group = RateLimitGroup::new("g");
+                let board = QuotaBoard::builder().default_limits(Limits::new(5, 1_000, 1_000)).build();
+                let cost = Cost::new(1, 10, 10);
+                let ids = handle.keys();
+                let mut validated = [false; 4];
+                for op in ops {
+                    match op {
+                        Op::Pick => {
+                            let now = Instant::now();
+                            let statuses = handle.statuses();
+                            let active: Vec<_> = statuses
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, s)| s.state == KeyState::Active)
+                                .collect();
+                            let trusted: Vec<_> = active
+                                .iter()
+                                .filter(|(i, s)| validated[*i] || s.in_flight == 0)
+                                .collect();
+                            let candidates = if trusted.is_empty() { active.iter().collect() } else { trusted };
+                            let free_now: Vec<_> = candidates.iter().filter(|(_, s)| {
+                                s.cooldowns.is_empty() && board.fits_now(&s.key, &group, &cost)
+                            }).map(|(_, s)| s.key.clone()).collect();
+                            let allowed: Vec<_> = candidates.iter().map(|(_, s)| s.key.clone()).collect();
+                            match pool.pick(Some((&group, &cost)), &board, now) {
+                                Ok(pick) => {
+                                    let st = handle.status(&pick.id).unwrap();
+                                    prop_assert!(matches!(st.state, KeyState::Active));
+                                    prop_assert!(allowed.contains(&pick.id));
+                                    if !free_now.is_empty() {
+                                        prop_assert!(free_now.contains(&pick.id));
+                                    }
+                                    if let Ok(r) = board.try_acquire(&pick.id, &group, cost) {
+                                        r.settle(cost);
+                                    }
+                                }
+                                Err(e) => {
+                                    prop_assert_eq!(e.kind(), super::super::KeyPoolErrorKind::AllKeysRemoved);
+                                    prop_assert_eq!(handle.active(), 0);
+                                }
+                            }
+                        }
+                        Op::Done(k) => pool.done(k),
+                        Op::CoolDown(k, s) => {
+                            pool.cool_down(k, &group, Instant::now() + Duration::from_secs(s))
+                        }
+                        Op::Remove(k) => {
+                            handle.remove(&ids[k]);
+                        }
+                        Op::Restore(k) => {
+                            handle.restore(&ids[k]);
+                        }
+                        Op::Validate(k) => {
+                            pool.validated(k);
+                            validated[k] = true;
+                        }
+                        Op::Advance(s) => tokio::time::advance(Duration::from_secs(s)).await,
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[test]
+    fn equal_keys_rotate() {
+        let pool = Pool::new(["a", "b", "c", " a "]).unwrap();
+        assert_eq!(pool.len(), 3, "duplicates are kept once");
+        let board = QuotaBoard::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut seen = Vec::new();
+            for _ in 0..6 {
+                let p = pool.pick(None, &board, Instant::now()).unwrap();
+                pool.done(p.index);
+                seen.push(p.index);
+            }
+            assert_eq!(seen, [0, 1, 2, 0, 1, 2]);
+        });
+    }
+}

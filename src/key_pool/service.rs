@@ -1,0 +1,124 @@
+//! [`KeyPool`]: the service built by [`KeyPoolLayer`](super::KeyPoolLayer).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::KeyPoolBody;
+use super::future::{ResponseFuture, Sent};
+use super::pool::{ChosenKey, KeyPoolHandle, Pool};
+use crate::BoxError;
+use crate::anthropic::header_names::X_API_KEY;
+use crate::anthropic::{ModelCatalog, RequestMeta, is_messages_call};
+use crate::body::RequestBody;
+use crate::quota::{Cost, OutputReservation, QuotaBoard};
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) board: QuotaBoard,
+    /// The board is the layer's own: feed it from response headers.
+    pub(crate) own_board: bool,
+    pub(crate) catalog: ModelCatalog,
+    pub(crate) output: OutputReservation,
+    pub(crate) default_cooldown: Duration,
+    pub(crate) max_cooldown: Duration,
+}
+
+/// Sends each request with the best key of a pool; see [`KeyPoolLayer`](super::KeyPoolLayer).
+#[derive(Debug, Clone)]
+pub struct KeyPool<S> {
+    inner: S,
+    pool: Arc<Pool>,
+    config: Arc<Config>,
+}
+
+impl<S> KeyPool<S> {
+    pub(crate) fn new(inner: S, pool: Arc<Pool>, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            pool,
+            config,
+        }
+    }
+
+    /// A handle on the pool's state.
+    pub fn handle(&self) -> KeyPoolHandle {
+        KeyPoolHandle {
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ResBody> Service<Request<RequestBody>> for KeyPool<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<KeyPoolBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        let config = &self.config;
+        let target = if is_messages_call(req.method(), req.uri().path()) {
+            match RequestMeta::get_or_scan(&mut req) {
+                Ok(meta) => meta.model.as_deref().map(|model| {
+                    let cost =
+                        Cost::new(1, meta.input_tokens, config.output.reserve(meta.max_tokens));
+                    (config.catalog.group(model), cost)
+                }),
+                // Unreadable body: sent with a key all the same, so that upstream answers 400.
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let pick = self.pool.pick(
+            target.as_ref().map(|(g, c)| (g, c)),
+            &config.board,
+            Instant::now(),
+        );
+        let pick = match pick {
+            Ok(pick) => pick,
+            Err(err) => return ResponseFuture::failed(err),
+        };
+        let headers = req.headers_mut();
+        headers.remove(AUTHORIZATION);
+        headers.insert(X_API_KEY, pick.header.clone());
+        req.extensions_mut().insert(ChosenKey::new(pick.id.clone()));
+        let sent = Sent::new(
+            self.pool.clone(),
+            config.clone(),
+            pick,
+            target.map(|(g, _)| g),
+        );
+        ResponseFuture::called(self.inner.call(req), sent)
+    }
+}

@@ -1,0 +1,236 @@
+//! [`MetricsBody`]: counts tokens and ends the request's measurement when the body ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use pin_project::pin_project;
+use tokio::time::Instant;
+
+use super::future::RequestInfo;
+use super::layer::Shared;
+use super::names;
+use crate::BoxError;
+use crate::anthropic::{RateLimitGroup, StreamTracker, Usage};
+
+/// The response body of [`Metrics`](super::Metrics): forwards every frame unchanged and as it
+/// comes (streams are never buffered), while a copy of a JSON body (up to a limit) or an SSE
+/// tracker reads the token usage. When the body ends, errors or is dropped, the request is
+/// counted with its outcome, latency and tokens.
+#[pin_project]
+pub struct MetricsBody<B> {
+    #[pin]
+    inner: B,
+    finish: Option<Finish>,
+}
+
+impl<B> std::fmt::Debug for MetricsBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsBody")
+            .field("observed", &self.finish.is_some())
+            .finish()
+    }
+}
+
+impl<B> MetricsBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            finish: None,
+        }
+    }
+
+    pub(crate) fn observed(inner: B, finish: Finish) -> Self {
+        Self {
+            inner,
+            finish: Some(finish),
+        }
+    }
+}
+
+impl<B> Body for MetricsBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match frame {
+            Some(Ok(frame)) => {
+                if let (Some(finish), Some(data)) = (this.finish.as_mut(), frame.data_ref()) {
+                    finish.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => {
+                if let Some(mut finish) = this.finish.take() {
+                    finish.outcome = names::OUTCOME_STREAM_ERROR;
+                    finish.end();
+                }
+                Poll::Ready(Some(Err(error.into())))
+            }
+            None => {
+                if let Some(finish) = this.finish.take() {
+                    finish.end();
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The end of one request's measurement; dropping it unfinished counts the request as
+/// cancelled.
+#[derive(Debug)]
+pub(crate) struct Finish {
+    shared: Arc<Shared>,
+    start: Instant,
+    pub(crate) model_label: String,
+    pub(crate) group: Option<RateLimitGroup>,
+    pub(crate) group_label: String,
+    pub(crate) status: String,
+    pub(crate) outcome: &'static str,
+    pub(crate) stream: bool,
+    pub(crate) count_usage: bool,
+    pub(crate) json_limit: usize,
+    json: Option<BytesMut>,
+    tracker: Option<StreamTracker>,
+    span: tracing::Span,
+    done: bool,
+}
+
+impl Finish {
+    pub(crate) fn new(info: &RequestInfo) -> Self {
+        Self {
+            shared: info.shared.clone(),
+            start: info.start,
+            model_label: info.model_label.clone(),
+            group: info.shared.group_of(info.model.as_deref()).0,
+            group_label: info.group_label.clone(),
+            status: names::STATUS_NONE.to_owned(),
+            outcome: names::OUTCOME_CANCELLED,
+            stream: false,
+            count_usage: false,
+            json_limit: 0,
+            json: None,
+            tracker: None,
+            span: info.span.clone(),
+            done: false,
+        }
+    }
+
+    fn feed(&mut self, data: &Bytes) {
+        if !self.count_usage {
+            return;
+        }
+        if self.stream {
+            self.tracker
+                .get_or_insert_with(StreamTracker::new)
+                .feed(data);
+        } else {
+            let limit = self.json_limit;
+            let buf = self.json.get_or_insert_with(BytesMut::new);
+            if buf.len() + data.len() <= limit {
+                buf.extend_from_slice(data);
+            } else {
+                // Too large to read usage from: stop copying.
+                self.count_usage = false;
+                self.json = None;
+            }
+        }
+    }
+
+    /// The body ended: settle the outcome from what the body said.
+    fn end(mut self) {
+        let mut usage = None;
+        if self.count_usage {
+            if self.stream {
+                let mut tracker = self.tracker.take().unwrap_or_default();
+                tracker.finish();
+                if tracker.error().is_some() || !tracker.is_complete() {
+                    self.outcome = names::OUTCOME_STREAM_ERROR;
+                }
+                usage = Some(tracker.usage());
+            } else if let Some(json) = self.json.take() {
+                usage = Usage::from_json(&json);
+            }
+        }
+        self.record(usage);
+    }
+
+    /// Ends with `outcome` (no body).
+    pub(crate) fn finish(mut self, outcome: &'static str) {
+        self.outcome = outcome;
+        self.record(None);
+    }
+
+    fn record(&mut self, usage: Option<Usage>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        metrics::gauge!(names::IN_FLIGHT_REQUESTS).decrement(1.0);
+        metrics::counter!(names::REQUESTS_TOTAL,
+            names::LABEL_MODEL => self.model_label.clone(),
+            names::LABEL_GROUP => self.group_label.clone(),
+            names::LABEL_STATUS => self.status.clone(),
+            names::LABEL_OUTCOME => self.outcome)
+        .increment(1);
+        metrics::histogram!(names::REQUEST_DURATION_SECONDS,
+            names::LABEL_MODEL => self.model_label.clone(),
+            names::LABEL_OUTCOME => self.outcome)
+        .record(elapsed.as_secs_f64());
+        if let Some(usage) = usage {
+            let labels = [
+                (names::LABEL_MODEL, self.model_label.clone()),
+                (names::LABEL_GROUP, self.group_label.clone()),
+            ];
+            metrics::counter!(names::INPUT_TOKENS_TOTAL, &labels)
+                .increment(usage.counted_input_tokens());
+            metrics::counter!(names::OUTPUT_TOKENS_TOTAL, &labels).increment(usage.output_tokens);
+            if let (Some(forecaster), Some(group)) = (&self.shared.forecaster, &self.group) {
+                forecaster.record(group, 0, 0, usage.output_tokens);
+            }
+        }
+        let _entered = self.span.enter();
+        tracing::debug!(
+            outcome = self.outcome,
+            elapsed_ms = elapsed.as_millis() as u64,
+            input_tokens = usage.map(|u| u.counted_input_tokens()),
+            output_tokens = usage.map(|u| u.output_tokens),
+            "request finished"
+        );
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped before the end: the caller went away. An error status keeps its outcome
+            // (its body is rarely read); streams count the tokens they used.
+            let usage = self.tracker.as_ref().map(StreamTracker::usage);
+            if self.status == names::STATUS_NONE || self.outcome == names::OUTCOME_SUCCESS {
+                self.outcome = names::OUTCOME_CANCELLED;
+            }
+            self.record(usage);
+        }
+    }
+}

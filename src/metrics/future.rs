@@ -1,0 +1,202 @@
+//! [`ResponseFuture`] of the [`Metrics`](super::Metrics) service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use pin_project::pin_project;
+use tokio::time::Instant;
+
+use super::body::{Finish, MetricsBody};
+use super::layer::Shared;
+use super::names;
+use super::pacing::PacingDelay;
+use crate::BoxError;
+use crate::anthropic::header_names;
+use crate::fallback::ServedModel;
+use crate::rate_limit::QueueWait;
+
+/// What the service learned about a request when it was called.
+#[derive(Debug)]
+pub(crate) struct RequestInfo {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) start: Instant,
+    pub(crate) model: Option<String>,
+    pub(crate) model_label: String,
+    pub(crate) group_label: String,
+    pub(crate) span: tracing::Span,
+}
+
+/// Response future of [`Metrics`](super::Metrics): records the response's status, retries,
+/// fallback, cache decision and queue wait, and wraps its body to count tokens and latency
+/// when the body ends.
+#[pin_project]
+pub struct ResponseFuture<F> {
+    #[pin]
+    inner: F,
+    info: Option<RequestInfo>,
+    /// Decrements the in-flight gauge if the future is dropped before the response.
+    guard: Option<Finish>,
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("observed", &self.info.is_some())
+            .finish()
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn passthrough(inner: F) -> Self {
+        Self {
+            inner,
+            info: None,
+            guard: None,
+        }
+    }
+
+    pub(crate) fn observed(inner: F, info: RequestInfo) -> Self {
+        let guard = Finish::new(&info);
+        Self {
+            inner,
+            info: Some(info),
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<MetricsBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.info {
+            Some(info) => {
+                let _entered = info.span.enter();
+                ready!(this.inner.poll(cx))
+            }
+            None => ready!(this.inner.poll(cx)),
+        };
+        let (Some(info), Some(mut finish)) = (this.info.take(), this.guard.take()) else {
+            return Poll::Ready(
+                result
+                    .map(|res| res.map(MetricsBody::passthrough))
+                    .map_err(Into::into),
+            );
+        };
+        match result {
+            Err(error) => {
+                let error = error.into();
+                finish.status = names::STATUS_NONE.to_owned();
+                finish.finish(names::OUTCOME_ERROR);
+                Poll::Ready(Err(error))
+            }
+            Ok(response) => {
+                observe(&info, &mut finish, &response);
+                let (parts, body) = response.into_parts();
+                let body = MetricsBody::observed(body, finish);
+                Poll::Ready(Ok(Response::from_parts(parts, body)))
+            }
+        }
+    }
+}
+
+/// Records what the response head says and prepares the body's finish.
+fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
+    let shared = &info.shared;
+    let status = response.status();
+    finish.status = status.as_u16().to_string();
+    finish.outcome = match status.as_u16() {
+        429 => names::OUTCOME_RATE_LIMITED,
+        529 => names::OUTCOME_OVERLOADED,
+        400..=499 => names::OUTCOME_CLIENT_ERROR,
+        500.. => names::OUTCOME_SERVER_ERROR,
+        _ => names::OUTCOME_SUCCESS,
+    };
+    finish.json_limit = shared.json_limit;
+    finish.stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    finish.count_usage = status.is_success();
+    let span = &info.span;
+    span.record("status", status.as_u16());
+
+    // Fallback: the model that served, from the fallback layer's `ServedModel` extension or
+    // its `x-tower-claude-model` header.
+    let served = match response.extensions().get::<ServedModel>() {
+        Some(served) => Some((Some(served.requested.as_str()), served.served.as_str())),
+        None => response
+            .headers()
+            .get(header_names::X_TOWER_CLAUDE_MODEL)
+            .and_then(|v| v.to_str().ok())
+            .map(|served| (info.model.as_deref(), served)),
+    };
+    if let Some((requested, served)) = served {
+        span.record("served_model", served);
+        if requested != Some(served) {
+            let to = shared.model_label(Some(served));
+            metrics::counter!(names::FALLBACKS_TOTAL,
+                names::LABEL_FROM => shared.model_label(requested),
+                names::LABEL_TO => to.clone())
+            .increment(1);
+            let (group, label) = shared.group_of(Some(served));
+            finish.group = group;
+            finish.group_label = label;
+            finish.model_label = to;
+        }
+    }
+
+    // Cache decision.
+    if let Some(cache) = response
+        .headers()
+        .get(header_names::X_TOWER_CLAUDE_CACHE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let cache = match cache {
+            "hit" => "hit",
+            "miss" => "miss",
+            "bypass" => "bypass",
+            _ => names::OTHER,
+        };
+        span.record("cache", cache);
+        if cache == "hit" {
+            // A stored answer used no quota: its usage is not counted again.
+            finish.count_usage = false;
+        }
+        metrics::counter!(names::CACHE_REQUESTS_TOTAL, names::LABEL_CACHE => cache).increment(1);
+    }
+
+    // Retries.
+    if let Some((attempts, reason)) = super::retries::retries(response.extensions()) {
+        span.record("attempts", attempts);
+        if attempts > 1 {
+            metrics::counter!(names::RETRIES_TOTAL, names::LABEL_REASON => reason)
+                .increment(u64::from(attempts - 1));
+        }
+    }
+
+    // Queue wait: the rate limiter's queue plus pacing.
+    let queue = response.extensions().get::<QueueWait>().map(|w| w.0);
+    let pacing = response.extensions().get::<PacingDelay>().map(|w| w.0);
+    if queue.is_some() || pacing.is_some() {
+        let wait = queue.unwrap_or(Duration::ZERO) + pacing.unwrap_or(Duration::ZERO);
+        span.record("queue_wait_ms", wait.as_millis() as u64);
+        metrics::histogram!(names::QUEUE_WAIT_SECONDS,
+            names::LABEL_GROUP => finish.group_label.clone())
+        .record(wait.as_secs_f64());
+    }
+    shared.maybe_refresh();
+}

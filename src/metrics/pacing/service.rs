@@ -1,0 +1,217 @@
+//! [`Pacing`]: the service built by [`PacingLayer`](super::PacingLayer).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use crate::BoxError;
+use crate::anthropic::{KeyId, ModelCatalog, RateLimitGroup, RequestMeta, is_messages_call};
+use crate::body::RequestBody;
+use crate::metrics::forecast::{Forecast, Forecaster};
+use crate::metrics::names;
+use crate::quota::{Limits, QuotaBoard};
+
+/// The longest spacing one request can add (a request costing more than a minute of quota
+/// is the rate limiter's business).
+const MAX_SPACING: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) forecaster: Forecaster,
+    pub(crate) catalog: ModelCatalog,
+    pub(crate) limits: HashMap<RateLimitGroup, Limits>,
+    pub(crate) default_limits: Option<Limits>,
+    pub(crate) board: Option<QuotaBoard>,
+    pub(crate) trigger: f64,
+    pub(crate) release: Option<f64>,
+    pub(crate) target: f64,
+    pub(crate) groups: Arc<Mutex<HashMap<RateLimitGroup, GroupPace>>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct GroupPace {
+    active: bool,
+    next_free: Instant,
+}
+
+impl Config {
+    fn limits_of(&self, group: &RateLimitGroup) -> Option<Limits> {
+        self.limits
+            .get(group)
+            .copied()
+            .or(self.default_limits)
+            .or_else(|| self.board.as_ref().and_then(|b| b.limits(group)))
+    }
+
+    /// The delay before a request of `group` with this input estimate and `max_tokens`.
+    fn delay(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        limits: Limits,
+        input: u64,
+        max_tokens: Option<u64>,
+    ) -> Duration {
+        let now = Instant::now();
+        let forecast = self.forecaster.forecast(group);
+        let share = forecast.as_ref().map_or(0.0, |f| share_of(f, limits));
+        let release = self.release.unwrap_or(self.trigger - 0.1).min(self.trigger);
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        let pace = groups.entry(group.clone()).or_insert(GroupPace {
+            active: false,
+            next_free: now,
+        });
+        if !pace.active && share >= self.trigger {
+            pace.active = true;
+            tracing::info!(%group, share, "pacing on");
+        } else if pace.active && share < release {
+            pace.active = false;
+            tracing::info!(%group, share, "pacing off");
+        }
+        metrics::gauge!(names::PACING_ACTIVE, names::LABEL_GROUP => group.as_str().to_owned())
+            .set(if pace.active { 1.0 } else { 0.0 });
+        if !pace.active {
+            pace.next_free = now;
+            return Duration::ZERO;
+        }
+        // Output per request: what answers used lately, else the request's max_tokens.
+        let output = forecast
+            .filter(|f| f.forecast.requests > 0.0 && f.forecast.output_tokens > 0.0)
+            .map(|f| f.forecast.output_tokens / f.forecast.requests)
+            .unwrap_or_else(|| max_tokens.unwrap_or(0) as f64);
+        // With a board, what is left in the buckets is spent evenly over the horizon on top
+        // of the refill rate, instead of in one burst.
+        let headroom = self.board.as_ref().and_then(|b| b.headroom(key, group));
+        let remaining =
+            |b: Option<crate::quota::BucketHeadroom>| b.map_or(0.0, |b| b.remaining as f64);
+        let remaining = headroom.map_or([0.0; 3], |h| {
+            [
+                remaining(h.requests),
+                remaining(h.input_tokens),
+                remaining(h.output_tokens),
+            ]
+        });
+        let horizon = self.forecaster.horizon().as_secs_f64().max(1.0);
+        let mut spacing = 0.0f64;
+        for ((cost, limit), left) in [
+            (1.0, limits.rpm),
+            (input as f64, limits.itpm),
+            (output, limits.otpm),
+        ]
+        .into_iter()
+        .zip(remaining)
+        {
+            if limit > 0 {
+                let per_second = limit as f64 * self.target / 60.0 + left / horizon;
+                spacing = spacing.max(cost / per_second);
+            }
+        }
+        let spacing = Duration::try_from_secs_f64(spacing)
+            .unwrap_or(MAX_SPACING)
+            .min(MAX_SPACING);
+        let start = pace.next_free.max(now);
+        pace.next_free = start + spacing;
+        start - now
+    }
+}
+
+/// The highest share of a limit the forecast reaches.
+fn share_of(forecast: &Forecast, limits: Limits) -> f64 {
+    let f = forecast.forecast;
+    [
+        (f.requests, limits.rpm),
+        (f.input_tokens, limits.itpm),
+        (f.output_tokens, limits.otpm),
+    ]
+    .into_iter()
+    .filter(|&(_, limit)| limit > 0)
+    .map(|(v, limit)| v / limit as f64)
+    .fold(0.0, f64::max)
+}
+
+/// Spaces admissions while a group's forecast nears its quota; see
+/// [`PacingLayer`](super::PacingLayer).
+///
+/// A paced request waits in the [`ResponseFuture`] with a clone of the inner service.
+#[derive(Debug, Clone)]
+pub struct Pacing<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Pacing<S> {
+    pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ResBody> Service<Request<RequestBody>> for Pacing<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        if !is_messages_call(req.method(), req.uri().path()) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let (model, input, max_tokens) = match RequestMeta::get_or_scan(&mut req) {
+            Ok(RequestMeta {
+                model: Some(model),
+                input_tokens,
+                max_tokens,
+                ..
+            }) => (model.clone(), *input_tokens, *max_tokens),
+            _ => return ResponseFuture::passthrough(self.inner.call(req)),
+        };
+        let group = self.config.catalog.group(&model);
+        // An id the catalogue places nowhere is its own group: pace it only when it has
+        // limits of its own (arbitrary ids must not create pacing state).
+        let unknown = group.as_str() == model && self.config.catalog.family(&model).is_none();
+        if unknown && !self.config.limits.contains_key(&group) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let Some(limits) = self.config.limits_of(&group) else {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        };
+        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let delay = self.config.delay(&key, &group, limits, input, max_tokens);
+        if delay.is_zero() {
+            return ResponseFuture::called(self.inner.call(req), Duration::ZERO);
+        }
+        metrics::histogram!(names::PACING_DELAY_SECONDS,
+            names::LABEL_GROUP => group.as_str().to_owned())
+        .record(delay.as_secs_f64());
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::sleeping(delay, service, req)
+    }
+}

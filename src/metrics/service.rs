@@ -1,0 +1,109 @@
+//! [`Metrics`]: the service built by [`MetricsLayer`](super::MetricsLayer).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::body::MetricsBody;
+use super::future::{RequestInfo, ResponseFuture};
+use super::layer::Shared;
+use super::names;
+use crate::BoxError;
+use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
+use crate::body::RequestBody;
+
+/// Records metrics and a tracing span for every Messages API request; see
+/// [`MetricsLayer`](super::MetricsLayer). Other requests pass through untouched.
+#[derive(Debug, Clone)]
+pub struct Metrics<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Metrics<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ResBody> Service<Request<RequestBody>> for Metrics<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<MetricsBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        if !is_messages_call(req.method(), req.uri().path()) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let Ok(meta) = RequestMeta::get_or_scan(&mut req) else {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        };
+        let model = meta.model.clone();
+        let input_estimate = meta.input_tokens;
+        let stream = meta.stream;
+        let shared = &self.shared;
+        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let (group, group_label) = shared.group_of(model.as_deref());
+        if let (Some(forecaster), Some(group)) = (&shared.forecaster, &group) {
+            forecaster.record(group, 1, input_estimate, 0);
+        }
+        let model_label = shared.model_label(model.as_deref());
+        let span = tracing::info_span!(
+            "claude_request",
+            key = %key,
+            group = %group_label,
+            model = %model_label,
+            stream,
+            status = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            cache = tracing::field::Empty,
+            served_model = tracing::field::Empty,
+            queue_wait_ms = tracing::field::Empty,
+        );
+        metrics::gauge!(names::IN_FLIGHT_REQUESTS).increment(1.0);
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        ResponseFuture::observed(
+            fut,
+            RequestInfo {
+                shared: self.shared.clone(),
+                start: Instant::now(),
+                model,
+                model_label,
+                group_label,
+                span,
+            },
+        )
+    }
+}

@@ -1,0 +1,961 @@
+//! The Redis backend of the [`QuotaBoard`] (feature `redis`): one set of continuous-refill
+//! buckets per `(key id, rate-limit group)` shared by every process, kept by an atomic Lua
+//! script on the Redis server's clock.
+//!
+//! * **Acquire** is one round trip (`EVALSHA`): refill, check and take happen in one script,
+//!   so no two processes can both take the last unit. A request that does not fit learns how
+//!   long to wait and retries then (or earlier, when a reservation of this process is
+//!   settled); waiting is not FIFO across processes.
+//! * **Settle**, **refund** and **observe** (re-seeding from `anthropic-ratelimit-*` headers,
+//!   seen by every node) are sent in the background.
+//! * **Reads** ([`QuotaBoard::headroom`], [`fits_now`](QuotaBoard::fits_now), ...) come from a
+//!   local mirror updated with the levels every script call returns: no round trip.
+//! * **Unknown limits** are learned as with the in-process board (one probe request, then the
+//!   headers); from then on the `(key, group)` is limited in Redis.
+//! * **Redis down** never fails a request: the board logs it (`tracing` warning), counts it
+//!   ([`RedisStatus::outages`]), and limits locally with a share of every limit
+//!   ([`RedisOptions::expected_nodes`] / [`RedisOptions::local_share`]) until a background
+//!   probe finds Redis again. [`RedisOptions::fail_closed`] refuses requests instead
+//!   ([`AcquireErrorKind::BackendUnavailable`]). Requests admitted locally during the
+//!   outage are not carried over: a restarted Redis (without persistence) starts with full
+//!   buckets.
+//!
+//! ```no_run
+//! use tower_claude::anthropic::RateLimitGroup;
+//! use tower_claude::quota::{Limits, QuotaBoard, RedisOptions};
+//! use tower_claude::rate_limit::RateLimitLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Two proxy nodes share the key's limits; each may use half of them while Redis is down.
+//! let board = QuotaBoard::builder()
+//!     .limits(RateLimitGroup::new("claude-sonnet-4"), Limits::new(50, 30_000, 8_000))
+//!     .build_redis("redis://127.0.0.1:6379/", RedisOptions::new().expected_nodes(2))
+//!     .await?;
+//! let layer = RateLimitLayer::new().board(board.clone());
+//! # drop(layer);
+//! println!("{:?}", board.redis_status());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Limits must agree between processes (configure the same limits everywhere, or let each
+//! learn them from the headers). With the Redis backend, [`QuotaBoard::try_acquire`] cannot
+//! decide without a round trip: for a limited `(key, group)` it answers
+//! [`QueueTimeout`](AcquireErrorKind::QueueTimeout) with a zero
+//! [`available_in`](super::AcquireError::available_in) (so a rate limiter with a zero
+//! `max_wait` refuses everything); use [`QuotaBoard::acquire`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::{Either, select};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::board::{QuotaBoard, QuotaBoardBuilder, Reservation};
+use super::error::{AcquireError, AcquireErrorKind};
+use super::local::{Check, Grant, LocalBackend, Origin, Outcome};
+use super::types::{Cost, Limits};
+use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
+
+/// The refill period of every bucket (Anthropic's limits are per minute), in microseconds.
+const PERIOD_US: u64 = 60_000_000;
+/// Token `remaining` headers are rounded down to thousands.
+const TOKEN_ROUNDING: u64 = 999;
+
+/// One script for the three operations, so that the hot path is a single `EVALSHA`.
+///
+/// `KEYS[1]`: the `(key, group)` hash (`t`: last update in µs, `l1..l3`: levels).
+/// `ARGV`: mode, period (µs), ttl (ms), cap1..3 (-1: unknown bucket), then per mode
+/// `acquire`: amount1..3; `settle`: delta1..3 (added, clamped to the capacity);
+/// `observe`: remaining1..3 (-1: none), rounding1..3 (a level above `remaining + rounding`
+/// is lowered to `remaining`).
+/// Returns `{status, wait_us, l1, l2, l3}` as strings (`''` for an unknown bucket).
+const SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local mode = ARGV[1]
+local period = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3')
+local last = tonumber(st[1])
+local caps = {}
+local levels = {}
+for i = 1, 3 do
+  local cap = tonumber(ARGV[3 + i])
+  if cap >= 0 then
+    local l = tonumber(st[i + 1])
+    if l == nil then
+      l = cap
+    elseif last ~= nil and now > last and cap > 0 then
+      l = l + (now - last) * cap / period
+    end
+    if l > cap then l = cap end
+    caps[i] = cap
+    levels[i] = l
+  end
+end
+local function out(status, wait)
+  local r = {status, string.format('%.0f', math.ceil(wait))}
+  for i = 1, 3 do
+    if levels[i] then r[#r + 1] = string.format('%.6f', levels[i]) else r[#r + 1] = '' end
+  end
+  return r
+end
+local function save()
+  local fields = {'t', string.format('%.0f', now)}
+  for i = 1, 3 do
+    if levels[i] then
+      fields[#fields + 1] = 'l' .. i
+      fields[#fields + 1] = string.format('%.6f', levels[i])
+    end
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if mode == 'acquire' then
+  local wait = 0
+  for i = 1, 3 do
+    if levels[i] then
+      local n = tonumber(ARGV[6 + i])
+      if n > caps[i] then return out('large', 0) end
+      if n > levels[i] then
+        local w = (n - levels[i]) * period / caps[i]
+        if w > wait then wait = w end
+      end
+    end
+  end
+  if wait > 0 then return out('wait', wait) end
+  for i = 1, 3 do
+    if levels[i] then levels[i] = levels[i] - tonumber(ARGV[6 + i]) end
+  end
+  save()
+  return out('ok', 0)
+elseif mode == 'settle' then
+  for i = 1, 3 do
+    if levels[i] then
+      local l = levels[i] + tonumber(ARGV[6 + i])
+      if l > caps[i] then l = caps[i] end
+      levels[i] = l
+    end
+  end
+  save()
+  return out('ok', 0)
+elseif mode == 'observe' then
+  for i = 1, 3 do
+    local r = tonumber(ARGV[6 + i])
+    if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) then
+      levels[i] = r
+    end
+  end
+  save()
+  return out('ok', 0)
+end
+return redis.error_reply('unknown mode')
+"#;
+
+/// Options of the Redis quota backend.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::quota::RedisOptions;
+///
+/// let options = RedisOptions::new()
+///     .expected_nodes(3)                       // each node may use 1/3 while Redis is down
+///     .key_prefix("myapp:quota:")
+///     .connect_timeout(Duration::from_millis(300))
+///     .response_timeout(Duration::from_millis(100))
+///     .probe_interval(Duration::from_secs(1));
+/// assert!((options.share() - 1.0 / 3.0).abs() < 1e-9);
+/// assert!((options.clone().local_share(0.5).share() - 0.5).abs() < 1e-9);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    key_prefix: String,
+    expected_nodes: u32,
+    local_share: Option<f64>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    probe_interval: Duration,
+    fail_closed: bool,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RedisOptions {
+    /// Defaults: key prefix `tower-claude:quota:`, 1 expected node, 500 ms connect timeout,
+    /// 250 ms response timeout, a probe every second while Redis is down, fail open.
+    pub fn new() -> Self {
+        Self {
+            key_prefix: "tower-claude:quota:".to_owned(),
+            expected_nodes: 1,
+            local_share: None,
+            connect_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(250),
+            probe_interval: Duration::from_secs(1),
+            fail_closed: false,
+        }
+    }
+
+    /// The prefix of every Redis key the board writes.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// How many processes share the limits: while Redis is down, each limits locally to
+    /// `1 / nodes` of every limit (at least 1). Set it to the number of proxy nodes, or
+    /// several nodes together send several times the limit during an outage.
+    pub fn expected_nodes(mut self, nodes: u32) -> Self {
+        self.expected_nodes = nodes.max(1);
+        self
+    }
+
+    /// The share of every limit this process uses while Redis is down, in `(0, 1]`
+    /// (overrides [`expected_nodes`](Self::expected_nodes)).
+    pub fn local_share(mut self, share: f64) -> Self {
+        self.local_share = Some(share);
+        self
+    }
+
+    /// How long to wait for a connection to Redis.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for a reply; a request whose script gets no reply in time is limited
+    /// locally (and the backend switches to local limits until Redis answers again).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How often to probe Redis while it is down.
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval;
+        self
+    }
+
+    /// While Redis is down, refuse requests with
+    /// [`AcquireErrorKind::BackendUnavailable`] instead of limiting locally.
+    pub fn fail_closed(mut self, fail_closed: bool) -> Self {
+        self.fail_closed = fail_closed;
+        self
+    }
+
+    /// The share of every limit used locally while Redis is down.
+    pub fn share(&self) -> f64 {
+        match self.local_share {
+            Some(s) if s.is_finite() && s > 0.0 => s.min(1.0),
+            _ => 1.0 / f64::from(self.expected_nodes.max(1)),
+        }
+    }
+}
+
+/// The state of a board's Redis backend ([`QuotaBoard::redis_status`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct RedisStatus {
+    /// Redis is unreachable: the board limits locally (or refuses, when failing closed).
+    pub degraded: bool,
+    /// How many times Redis became unreachable.
+    pub outages: u64,
+    /// How many times it came back.
+    pub recoveries: u64,
+    /// Requests admitted by Redis.
+    pub shared_grants: u64,
+    /// Requests routed to the local fallback buckets while Redis was down.
+    pub fallback_acquires: u64,
+    /// Redis commands that failed (connection errors, timeouts, script errors).
+    pub errors: u64,
+    /// The share of every limit used locally while Redis is down.
+    pub local_share: f64,
+}
+
+/// What went wrong setting up the Redis backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisSetupErrorKind {
+    /// The URL is not a valid Redis URL.
+    InvalidUrl,
+}
+
+/// The Redis backend could not be set up. An unreachable server is not an error: the board
+/// starts with local limits and switches to Redis when a probe reaches it.
+///
+/// ```
+/// use tower_claude::quota::{QuotaBoard, RedisOptions, RedisSetupErrorKind};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let err = QuotaBoard::redis("http://not-redis", RedisOptions::new()).await.unwrap_err();
+/// assert_eq!(err.kind(), RedisSetupErrorKind::InvalidUrl);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RedisSetupError {
+    kind: RedisSetupErrorKind,
+    source: redis::RedisError,
+}
+
+impl RedisSetupError {
+    /// The kind of error.
+    pub fn kind(&self) -> RedisSetupErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for RedisSetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            RedisSetupErrorKind::InvalidUrl => write!(f, "invalid Redis URL: {}", self.source),
+        }
+    }
+}
+
+impl std::error::Error for RedisSetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// A failed Redis command.
+#[derive(Debug)]
+enum StoreError {
+    Redis(redis::RedisError),
+    Timeout,
+    NotConnected,
+    BadReply,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Redis(e) => write!(f, "{e}"),
+            StoreError::Timeout => f.write_str("no reply in time"),
+            StoreError::NotConnected => f.write_str("not connected"),
+            StoreError::BadReply => f.write_str("unexpected script reply"),
+        }
+    }
+}
+
+/// A script reply: status, wait, levels of the known buckets.
+#[derive(Debug)]
+struct Reply {
+    status: String,
+    wait: Duration,
+    levels: [Option<f64>; 3],
+}
+
+impl Reply {
+    fn parse(raw: Vec<String>) -> Result<Self, StoreError> {
+        if raw.len() != 5 {
+            return Err(StoreError::BadReply);
+        }
+        let wait_us: u64 = raw[1].parse().map_err(|_| StoreError::BadReply)?;
+        let mut levels = [None; 3];
+        for (slot, text) in levels.iter_mut().zip(&raw[2..5]) {
+            if !text.is_empty() {
+                *slot = Some(text.parse::<f64>().map_err(|_| StoreError::BadReply)?);
+            }
+        }
+        Ok(Self {
+            status: raw[0].clone(),
+            wait: Duration::from_micros(wait_us),
+            levels,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    outages: AtomicU64,
+    recoveries: AtomicU64,
+    shared_grants: AtomicU64,
+    fallback_acquires: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The Redis side of a board: connection, script, local mirror and fallback, health.
+pub(crate) struct RedisShared {
+    mirror: Arc<LocalBackend>,
+    fallback: QuotaBoard,
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    script: redis::Script,
+    options: RedisOptions,
+    share: f64,
+    degraded: AtomicBool,
+    probing: AtomicBool,
+    /// Wakes this process's Redis waiters when one of its reservations gives quota back.
+    refunded: Notify,
+    counters: Counters,
+}
+
+impl fmt::Debug for RedisShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisShared")
+            .field("degraded", &self.degraded.load(Ordering::Relaxed))
+            .field("share", &self.share)
+            .finish()
+    }
+}
+
+/// The Redis path of an [`Acquire`](super::Acquire).
+pub(crate) type RemoteAcquire =
+    Pin<Box<dyn Future<Output = Result<Reservation, AcquireError>> + Send>>;
+
+fn share_limit(limit: u64, share: f64) -> u64 {
+    if share >= 1.0 {
+        return limit;
+    }
+    ((limit as f64 * share).floor() as u64).max(limit.min(1))
+}
+
+fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(fut);
+    }
+}
+
+/// What `cost` takes from buckets of these capacities (the output reservation clamped to the
+/// output capacity, as in the in-process board).
+fn amounts(caps: &[Option<u64>; 3], cost: &Cost) -> [u64; 3] {
+    let mut a = cost.as_array();
+    if let Some(cap) = caps[2] {
+        a[2] = a[2].min(cap);
+    }
+    a
+}
+
+fn cap_arg(cap: Option<u64>) -> i64 {
+    cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX))
+}
+
+impl RedisShared {
+    pub(crate) fn fallback(&self) -> &QuotaBoard {
+        &self.fallback
+    }
+
+    pub(crate) fn share_of(&self, limits: Limits) -> Limits {
+        Limits::new(
+            share_limit(limits.rpm, self.share),
+            share_limit(limits.itpm, self.share),
+            share_limit(limits.otpm, self.share),
+        )
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// The fallback board while Redis is down and the board fails open.
+    pub(crate) fn degraded_board(&self) -> Option<&QuotaBoard> {
+        (self.is_degraded() && !self.options.fail_closed).then_some(&self.fallback)
+    }
+
+    fn redis_key(&self, key: &KeyId, group: &RateLimitGroup) -> String {
+        format!("{}{{{}:{}}}", self.options.key_prefix, key, group)
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn eval(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        mode: &str,
+        caps: &[Option<u64>; 3],
+        extra: &[i64],
+    ) -> Result<Reply, StoreError> {
+        let Some(mut conn) = self.connection() else {
+            return Err(StoreError::NotConnected);
+        };
+        let mut inv = self.script.key(self.redis_key(key, group));
+        inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
+        for cap in caps {
+            inv.arg(cap_arg(*cap));
+        }
+        for x in extra {
+            inv.arg(*x);
+        }
+        let call = inv.invoke_async::<Vec<String>>(&mut conn);
+        match tokio::time::timeout(self.options.response_timeout, call).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Ok(Ok(raw)) => Reply::parse(raw),
+        }
+    }
+
+    /// A command failed: switch to local limits (once) and start probing.
+    fn mark_down(self: &Arc<Self>, error: &StoreError) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if self.degraded.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.counters.outages.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tower_claude_quota_redis_outages_total").increment(1);
+        if self.options.fail_closed {
+            tracing::error!(error = %error, "quota board: Redis unreachable; refusing requests until it is back (fail closed)");
+        } else {
+            tracing::warn!(error = %error, local_share = self.share, "quota board: Redis unreachable; limiting locally with a share of every limit until it is back");
+        }
+        // Waiters on Redis re-route to the fallback.
+        self.refunded.notify_waiters();
+        self.start_probe();
+    }
+
+    fn start_probe(self: &Arc<Self>) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let interval = self.options.probe_interval;
+        spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(shared) = Weak::upgrade(&weak) else {
+                    return;
+                };
+                if shared.probe_once().await {
+                    shared.probing.store(false, Ordering::Release);
+                    shared.degraded.store(false, Ordering::Release);
+                    shared.counters.recoveries.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("quota board: Redis reachable again; shared limits resume");
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Connects when needed and sends a `PING`.
+    async fn probe_once(&self) -> bool {
+        let conn = match self.connection() {
+            Some(c) => c,
+            None => match connect(&self.client, &self.options).await {
+                Some(c) => {
+                    *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                    c
+                }
+                None => return false,
+            },
+        };
+        let mut conn = conn;
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        matches!(
+            tokio::time::timeout(self.options.response_timeout, ping).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// The synchronous check of [`QuotaBoard::try_acquire_inner`]: `None` lets the local
+    /// backend decide (limits unknown: the probe path).
+    pub(crate) fn try_acquire_check(
+        &self,
+        _board: &QuotaBoard,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Option<Check> {
+        if self.is_degraded() {
+            return Some(Check::Wait(Duration::ZERO));
+        }
+        let caps = self.mirror.capacities(key, group)?;
+        let a = amounts(&caps, cost);
+        if caps.iter().zip(a).any(|(c, n)| c.is_some_and(|c| n > c)) {
+            return Some(Check::TooLarge);
+        }
+        Some(Check::Wait(Duration::ZERO))
+    }
+
+    /// Settles a Redis grant in the background.
+    pub(crate) fn settle(
+        self: &Arc<Self>,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        grant: &Grant,
+        outcome: Outcome,
+    ) {
+        let charged = grant.charged.map(|c| c.unwrap_or(0) as i64);
+        let deltas: [i64; 3] = match outcome {
+            Outcome::Keep => return,
+            Outcome::Refund => charged,
+            Outcome::Rejected => [0, charged[1], charged[2]],
+            Outcome::Actual(actual) => {
+                let a = actual.as_array();
+                std::array::from_fn(|i| {
+                    if grant.charged[i].is_some() {
+                        charged[i] - i64::try_from(a[i]).unwrap_or(i64::MAX)
+                    } else {
+                        0
+                    }
+                })
+            }
+        };
+        if deltas.iter().all(|d| *d == 0) || self.is_degraded() {
+            return;
+        }
+        let Some(caps) = self.mirror.capacities(key, group) else {
+            return;
+        };
+        let shared = self.clone();
+        let (key, group) = (key.clone(), group.clone());
+        spawn(async move {
+            match shared.eval(&key, &group, "settle", &caps, &deltas).await {
+                Ok(reply) => {
+                    shared.mirror.set_levels(&key, &group, reply.levels);
+                    if deltas.iter().any(|d| *d > 0) {
+                        shared.refunded.notify_waiters();
+                    }
+                }
+                Err(e) => shared.mark_down(&e),
+            }
+        });
+    }
+
+    /// Re-seeds the Redis buckets (and the fallback) from response headers.
+    pub(crate) fn observe(
+        self: &Arc<Self>,
+        _board: &QuotaBoard,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snap: &RateLimitSnapshot,
+    ) {
+        self.fallback.observe(key, group, snap);
+        if self.is_degraded() {
+            return;
+        }
+        let Some(caps) = self.mirror.capacities(key, group) else {
+            return;
+        };
+        let views = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
+        if views.iter().all(|v| v.remaining.is_none()) {
+            return;
+        }
+        let mut extra = [0i64; 6];
+        for (i, v) in views.iter().enumerate() {
+            extra[i] = v
+                .remaining
+                .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
+            extra[3 + i] = if i == 0 { 0 } else { TOKEN_ROUNDING as i64 };
+        }
+        let shared = self.clone();
+        let (key, group) = (key.clone(), group.clone());
+        spawn(async move {
+            match shared.eval(&key, &group, "observe", &caps, &extra).await {
+                Ok(reply) => shared.mirror.set_levels(&key, &group, reply.levels),
+                Err(e) => shared.mark_down(&e),
+            }
+        });
+    }
+
+    fn status(&self) -> RedisStatus {
+        let c = &self.counters;
+        RedisStatus {
+            degraded: self.is_degraded(),
+            outages: c.outages.load(Ordering::Relaxed),
+            recoveries: c.recoveries.load(Ordering::Relaxed),
+            shared_grants: c.shared_grants.load(Ordering::Relaxed),
+            fallback_acquires: c.fallback_acquires.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            local_share: self.share,
+        }
+    }
+}
+
+/// The Redis path of an acquire: take in Redis, or wait as long as Redis says (or until a
+/// local refund), or fall back to local buckets when Redis is down.
+async fn acquire_shared(
+    shared: Arc<RedisShared>,
+    board: QuotaBoard,
+    key: KeyId,
+    group: RateLimitGroup,
+    cost: Cost,
+    deadline: Option<Instant>,
+) -> Result<Reservation, AcquireError> {
+    loop {
+        if shared.is_degraded() {
+            if shared.options.fail_closed {
+                return Err(AcquireError::new(
+                    AcquireErrorKind::BackendUnavailable,
+                    key,
+                    group,
+                    None,
+                ));
+            }
+            shared
+                .counters
+                .fallback_acquires
+                .fetch_add(1, Ordering::Relaxed);
+            return shared
+                .fallback
+                .acquire(key, group, cost)
+                .deadline(deadline)
+                .await;
+        }
+        let Some(caps) = shared.mirror.capacities(&key, &group) else {
+            // Limits forgotten meanwhile (cannot happen for configured limits): no limit.
+            let grant = Grant {
+                charged: [None; 3],
+                probe: false,
+                origin: Origin::Local,
+            };
+            return Ok(board.reservation(key, group, cost, grant));
+        };
+        let a = amounts(&caps, &cost);
+        let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        // Registered before the call, so that a refund during the round trip is not missed.
+        let refunded = shared.refunded.notified();
+        match shared.eval(&key, &group, "acquire", &caps, &args).await {
+            Ok(reply) => {
+                shared.mirror.set_levels(&key, &group, reply.levels);
+                match reply.status.as_str() {
+                    "ok" => {
+                        shared
+                            .counters
+                            .shared_grants
+                            .fetch_add(1, Ordering::Relaxed);
+                        let grant = Grant {
+                            charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
+                            probe: false,
+                            origin: Origin::Shared,
+                        };
+                        return Ok(board.reservation(key, group, cost, grant));
+                    }
+                    "large" => {
+                        return Err(AcquireError::new(
+                            AcquireErrorKind::RequestTooLarge,
+                            key,
+                            group,
+                            None,
+                        ));
+                    }
+                    _ => {
+                        // Sleep until the buckets hold the cost (or the deadline), unless a
+                        // reservation of this process gives quota back first.
+                        let wake = Instant::now() + reply.wait;
+                        let (until, last) = match deadline {
+                            Some(d) if wake > d => (d, true),
+                            _ => (wake, false),
+                        };
+                        let sleep = std::pin::pin!(tokio::time::sleep_until(until));
+                        let refunded = std::pin::pin!(refunded);
+                        if let Either::Left(_) = select(sleep, refunded).await {
+                            if last {
+                                return Err(AcquireError::new(
+                                    AcquireErrorKind::QueueTimeout,
+                                    key,
+                                    group,
+                                    Some(wake.saturating_duration_since(Instant::now())),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => shared.mark_down(&e),
+        }
+    }
+}
+
+/// Drives the Redis path of an [`Acquire`](super::Acquire). `None`: the local path applies
+/// (no Redis backend, or limits still unknown).
+pub(crate) fn poll_remote(
+    board: &QuotaBoard,
+    remote: &mut Option<RemoteAcquire>,
+    at_start: bool,
+    (key, group, cost, deadline): (&KeyId, &RateLimitGroup, Cost, Option<Instant>),
+    cx: &mut Context<'_>,
+) -> Option<Poll<Result<Reservation, AcquireError>>> {
+    if remote.is_none() {
+        let shared = board.shared.as_ref()?;
+        if !at_start {
+            return None;
+        }
+        if !shared.is_degraded() && shared.mirror.capacities(key, group).is_none() {
+            return None;
+        }
+        *remote = Some(Box::pin(acquire_shared(
+            shared.clone(),
+            board.clone(),
+            key.clone(),
+            group.clone(),
+            cost,
+            deadline,
+        )));
+    }
+    let fut = remote.as_mut()?;
+    match fut.as_mut().poll(cx) {
+        Poll::Pending => Some(Poll::Pending),
+        Poll::Ready(r) => {
+            *remote = None;
+            Some(Poll::Ready(r))
+        }
+    }
+}
+
+async fn connect(client: &redis::Client, options: &RedisOptions) -> Option<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(options.connect_timeout)
+        .set_response_timeout(options.response_timeout)
+        .set_number_of_retries(1)
+        .set_max_delay(100);
+    let limit = options.connect_timeout.saturating_mul(3);
+    match tokio::time::timeout(
+        limit,
+        ConnectionManager::new_with_config(client.clone(), config),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Some(conn),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "quota board: cannot connect to Redis");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+impl QuotaBoardBuilder {
+    /// Builds a board whose buckets live in Redis at `url` (`redis://host:port/db`), shared
+    /// with every process that uses the same Redis and key prefix. See the
+    /// [`quota::redis`](self) notes on the `redis` feature.
+    ///
+    /// Connects once (within the connect timeout). An unreachable server is not an error: the
+    /// board starts on local limits (or refusing, when failing closed) and switches to Redis
+    /// when a background probe reaches it. Must be called within a Tokio runtime.
+    ///
+    /// Errors: [`InvalidUrl`](RedisSetupErrorKind::InvalidUrl).
+    pub async fn build_redis(
+        self,
+        url: &str,
+        options: RedisOptions,
+    ) -> Result<QuotaBoard, RedisSetupError> {
+        let client = redis::Client::open(url).map_err(|source| RedisSetupError {
+            kind: RedisSetupErrorKind::InvalidUrl,
+            source,
+        })?;
+        let share = options.share();
+        let scale = |l: Limits| {
+            Limits::new(
+                share_limit(l.rpm, share),
+                share_limit(l.itpm, share),
+                share_limit(l.otpm, share),
+            )
+        };
+        let fallback = QuotaBoardBuilder {
+            limits: self
+                .limits
+                .iter()
+                .map(|(g, l)| (g.clone(), scale(*l)))
+                .collect(),
+            key_limits: self
+                .key_limits
+                .iter()
+                .map(|(k, l)| (k.clone(), scale(*l)))
+                .collect(),
+            default_limits: self.default_limits.map(scale),
+            idle_timeout: self.idle_timeout,
+            local_share: self.local_share * share,
+        }
+        .build();
+        let mirror = Arc::new(self.local_backend());
+        let conn = connect(&client, &options).await;
+        let connected = conn.is_some();
+        let shared = Arc::new(RedisShared {
+            mirror: mirror.clone(),
+            fallback,
+            client,
+            conn: Mutex::new(conn),
+            script: redis::Script::new(SCRIPT),
+            options,
+            share,
+            degraded: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            refunded: Notify::new(),
+            counters: Counters::default(),
+        });
+        if !connected {
+            shared.mark_down(&StoreError::NotConnected);
+        }
+        let mut board = QuotaBoard::from_local(mirror);
+        board.shared = Some(shared);
+        Ok(board)
+    }
+}
+
+impl QuotaBoard {
+    /// A board with no configured limits whose buckets live in Redis at `url`; see
+    /// [`QuotaBoardBuilder::build_redis`] (to configure limits too).
+    pub async fn redis(url: &str, options: RedisOptions) -> Result<QuotaBoard, RedisSetupError> {
+        QuotaBoard::builder().build_redis(url, options).await
+    }
+
+    /// The state of the Redis backend (`None` for an in-process board).
+    pub fn redis_status(&self) -> Option<RedisStatus> {
+        self.shared.as_ref().map(|s| s.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_round_down_but_keep_one() {
+        assert_eq!(share_limit(50, 0.5), 25);
+        assert_eq!(share_limit(5, 0.1), 1);
+        assert_eq!(share_limit(0, 0.5), 0);
+        assert_eq!(share_limit(7, 1.0), 7);
+        assert!((RedisOptions::new().expected_nodes(0).share() - 1.0).abs() < 1e-12);
+        assert!((RedisOptions::new().local_share(f64::NAN).share() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn replies_parse_and_reject_garbage() {
+        let r = Reply::parse(vec![
+            "wait".into(),
+            "1500".into(),
+            "3.5".into(),
+            "".into(),
+            "-2.000000".into(),
+        ])
+        .unwrap();
+        assert_eq!(r.status, "wait");
+        assert_eq!(r.wait, Duration::from_micros(1500));
+        assert_eq!(r.levels, [Some(3.5), None, Some(-2.0)]);
+        assert!(Reply::parse(vec!["ok".into()]).is_err());
+        assert!(
+            Reply::parse(vec![
+                "ok".into(),
+                "x".into(),
+                "".into(),
+                "".into(),
+                "".into()
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn amounts_clamp_the_output_reservation() {
+        let caps = [Some(10), None, Some(100)];
+        assert_eq!(amounts(&caps, &Cost::new(1, 50, 4_000)), [1, 50, 100]);
+    }
+}

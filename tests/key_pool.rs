@@ -1,0 +1,465 @@
+//! KeyPoolLayer against MockClaude: load spreading, cooldowns after 429, removal of
+//! spend-capped and revoked keys, the empty pool, header handling, and the stack with the
+//! rate limiter and the retry layer.
+#![cfg(feature = "testing")]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_claude::BoxError;
+use tower_claude::anthropic::{KeyId, ModelCatalog};
+use tower_claude::body::RequestBody;
+use tower_claude::key_pool::{
+    ChosenKey, KeyPoolError, KeyPoolErrorKind, KeyPoolLayer, KeyState, RemovalReason,
+};
+use tower_claude::quota::{Limits, QuotaBoard};
+use tower_claude::rate_limit::RateLimitLayer;
+use tower_claude::retry::RetryLayer;
+use tower_claude::testing::{Fault, MockClaude, MockLimits};
+
+const KEYS: [&str; 3] = ["sk-ant-pool-a", "sk-ant-pool-b", "sk-ant-pool-c"];
+const MODEL: &str = "claude-haiku-4-5";
+
+fn limits() -> MockLimits {
+    MockLimits {
+        rpm: 5,
+        itpm: 100_000,
+        otpm: 100_000,
+    }
+}
+
+fn board() -> QuotaBoard {
+    QuotaBoard::builder()
+        .default_limits(Limits::new(5, 100_000, 100_000))
+        .build()
+}
+
+fn mock(keys: &[&str]) -> MockClaude {
+    MockClaude::builder()
+        .default_limits(limits())
+        .api_keys(keys.iter().copied())
+        .output_tokens(20)
+        .build()
+}
+
+fn messages() -> Request<RequestBody> {
+    Request::post("https://api.anthropic.com/v1/messages")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(format!(
+            r#"{{"model":"{MODEL}","max_tokens":100,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )))
+        .unwrap()
+}
+
+fn id(key: &str) -> KeyId {
+    KeyId::from_api_key(key)
+}
+
+fn chosen<B>(res: &Response<B>) -> KeyId {
+    res.extensions()
+        .get::<ChosenKey>()
+        .expect("ChosenKey extension")
+        .key()
+        .clone()
+}
+
+async fn send<S, B>(svc: &mut S) -> Result<Response<B>, BoxError>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = BoxError>,
+{
+    svc.ready().await?.call(messages()).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn spreads_load_over_keys_by_headroom() {
+    let mock = mock(&KEYS);
+    let board = board();
+    let pool = KeyPoolLayer::new(KEYS).unwrap().board(board.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(pool)
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    let start = Instant::now();
+    let mut used = Vec::new();
+    // 15 requests: three keys of 5 RPM each take them all at once; one key would need
+    // 2 minutes.
+    for _ in 0..15 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        used.push(chosen(&res));
+        res.into_body().collect().await.unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    for key in KEYS {
+        assert_eq!(
+            used.iter().filter(|k| **k == id(key)).count(),
+            5,
+            "{used:?}"
+        );
+    }
+    let stats = mock.stats();
+    assert_eq!(stats.by_status.get(&200), Some(&15));
+    assert_eq!(stats.rate_limited, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_of_different_tiers_share_by_headroom() {
+    // Key a has twice the limits of b: the pool uses it about twice as often.
+    let keys = ["sk-ant-big", "sk-ant-small"];
+    let group = ModelCatalog::default().group(MODEL);
+    let board = QuotaBoard::builder()
+        .key_limits(
+            id(keys[0]),
+            group.clone(),
+            Limits::new(20, 100_000, 100_000),
+        )
+        .key_limits(
+            id(keys[1]),
+            group.clone(),
+            Limits::new(10, 100_000, 100_000),
+        )
+        .build();
+    let mock = MockClaude::builder()
+        .default_limits(MockLimits {
+            rpm: 20,
+            itpm: 100_000,
+            otpm: 100_000,
+        })
+        .build();
+    let mut svc = ServiceBuilder::new()
+        .layer(KeyPoolLayer::new(keys).unwrap().board(board.clone()))
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock);
+    let mut big = 0;
+    for _ in 0..15 {
+        let res = send(&mut svc).await.unwrap();
+        if chosen(&res) == id(keys[0]) {
+            big += 1;
+        }
+    }
+    assert_eq!(big, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_key_cools_down_until_retry_after() {
+    let mock = mock(&KEYS);
+    let layer = KeyPoolLayer::new(KEYS).unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new().layer(layer).service(mock.clone());
+
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(10),
+    });
+    let res = send(&mut svc).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let cooled = chosen(&res);
+    // The body is forwarded intact after the layer read it.
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.windows(16).any(|w| w == b"rate_limit_error"));
+    let status = handle.status(&cooled).unwrap();
+    assert_eq!(status.state, KeyState::Active);
+    assert_eq!(status.rate_limited, 1);
+    assert_eq!(status.cooldowns.len(), 1);
+    assert_eq!(status.cooldowns[0].1, Duration::from_secs(10));
+
+    for _ in 0..8 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_ne!(chosen(&res), cooled);
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(handle.status(&cooled).unwrap().cooldowns.is_empty());
+    let mut seen = false;
+    for _ in 0..3 {
+        let res = send(&mut svc).await.unwrap();
+        seen |= chosen(&res) == cooled;
+    }
+    assert!(seen, "the key is back in use after its cooldown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_key_cooling_down_picks_the_one_available_soonest() {
+    let keys = &KEYS[..2];
+    let mock = mock(keys);
+    let mut svc = ServiceBuilder::new()
+        .layer(KeyPoolLayer::new(keys).unwrap())
+        .service(mock.clone());
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(30),
+    });
+    let long = chosen(&send(&mut svc).await.unwrap());
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(5),
+    });
+    let short = chosen(&send(&mut svc).await.unwrap());
+    assert_ne!(long, short);
+    for _ in 0..3 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(chosen(&res), short);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spend_capped_key_leaves_the_rotation_and_its_429_is_returned() {
+    let mock = mock(&KEYS);
+    let layer = KeyPoolLayer::new(KEYS).unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new().layer(layer).service(mock.clone());
+
+    mock.push_fault(Fault::SpendCap);
+    let res = send(&mut svc).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let capped = chosen(&res);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        body.windows(28)
+            .any(|w| w == b"enforced_spend_limit_reached")
+    );
+    assert!(matches!(
+        handle.status(&capped).unwrap().state,
+        KeyState::Removed {
+            reason: RemovalReason::SpendCap,
+            ..
+        }
+    ));
+    assert_eq!(handle.active(), 2);
+    // Long after any cooldown, the key stays out.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    for _ in 0..6 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_ne!(chosen(&res), capped);
+    }
+    assert_eq!(mock.stats().received, 7);
+    assert!(handle.restore(&capped));
+    let used: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(chosen(&send(&mut svc).await.unwrap()));
+        }
+        v
+    };
+    assert!(used.contains(&capped));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_key_leaves_the_rotation() {
+    // The mock accepts only a and b: c gets 401.
+    let mock = mock(&KEYS[..2]);
+    let layer = KeyPoolLayer::new(KEYS).unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new().layer(layer).service(mock.clone());
+    let mut unauthorized = 0;
+    // 9 requests: within the two good keys' 10 RPM.
+    for _ in 0..9 {
+        let res = send(&mut svc).await.unwrap();
+        if res.status() == StatusCode::UNAUTHORIZED {
+            unauthorized += 1;
+            assert_eq!(chosen(&res), id(KEYS[2]));
+        } else {
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+    }
+    assert_eq!(unauthorized, 1);
+    assert!(matches!(
+        handle.status(&id(KEYS[2])).unwrap().state,
+        KeyState::Removed {
+            reason: RemovalReason::Unauthorized,
+            ..
+        }
+    ));
+    assert_eq!(handle.active(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_key_left_fails_with_a_typed_error_without_sending() {
+    let keys = ["sk-ant-revoked-1", "sk-ant-revoked-2"];
+    let mock = mock(&KEYS); // accepts none of them
+    let mut svc = ServiceBuilder::new()
+        .layer(KeyPoolLayer::new(keys).unwrap())
+        .service(mock.clone());
+    // The requests that remove the keys get upstream's 401.
+    for _ in 0..2 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    let err = send(&mut svc).await.unwrap_err();
+    let err = err.downcast_ref::<KeyPoolError>().expect("KeyPoolError");
+    assert_eq!(err.kind(), KeyPoolErrorKind::AllKeysRemoved);
+    assert_eq!(err.removed(), 2);
+    assert!(!err.to_string().contains("sk-ant"));
+    assert_eq!(mock.stats().received, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sets_x_api_key_removes_authorization_and_never_shows_a_key() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let inner = tower::service_fn(move |req: Request<RequestBody>| {
+        let seen = seen2.clone();
+        async move {
+            let h = req.headers();
+            seen.lock().unwrap().push((
+                h.get("x-api-key").map(|v| v.to_str().unwrap().to_owned()),
+                h.contains_key("authorization"),
+                req.extensions().get::<ChosenKey>().cloned(),
+            ));
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::new())))
+        }
+    });
+    let layer = KeyPoolLayer::new(["sk-ant-secret-1"]).unwrap();
+    assert!(!format!("{layer:?}").contains("secret"));
+    assert!(!format!("{:?}", layer.handle().statuses()).contains("secret"));
+    let mut svc = ServiceBuilder::new().layer(layer).service(inner);
+    let mut req = messages();
+    req.headers_mut()
+        .insert("authorization", "Bearer caller-token".parse().unwrap());
+    req.headers_mut()
+        .insert("x-api-key", "caller-key".parse().unwrap());
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(chosen(&res), id("sk-ant-secret-1"));
+    // A call to another endpoint is authenticated too.
+    let other = Request::get("https://api.anthropic.com/v1/models")
+        .body(RequestBody::from(""))
+        .unwrap();
+    svc.ready().await.unwrap().call(other).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    for (key, auth, ext) in seen.iter() {
+        assert_eq!(key.as_deref(), Some("sk-ant-secret-1"));
+        assert!(!auth);
+        assert_eq!(
+            ext.as_ref().map(|c| c.key().clone()),
+            Some(id("sk-ant-secret-1"))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_above_moves_a_429_to_another_key() {
+    let mock = mock(&KEYS[..2]);
+    let board = board();
+    let layer = KeyPoolLayer::new(&KEYS[..2]).unwrap().board(board.clone());
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(layer)
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(20),
+    });
+    let start = Instant::now();
+    let res = send(&mut svc).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let statuses = handle.statuses();
+    let cooled: Vec<_> = statuses.iter().filter(|s| s.rate_limited == 1).collect();
+    assert_eq!(cooled.len(), 1);
+    assert_ne!(chosen(&res), cooled[0].key);
+    assert_eq!(mock.stats().received, 2);
+    // The retry waited for retry-after (the layer honours it as a floor), but the second
+    // attempt went to the other key.
+    assert!(start.elapsed() >= Duration::from_secs(20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_use_every_key() {
+    let mock = MockClaude::builder()
+        .default_limits(limits())
+        .latency(Duration::from_millis(500), Duration::ZERO)
+        .build();
+    let layer = KeyPoolLayer::new(KEYS).unwrap();
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(mock.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            chosen(&send(&mut svc).await.unwrap())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Without known limits the pool balances by requests in flight.
+    for s in handle.statuses() {
+        assert_eq!(s.in_flight, 2, "{s:?}");
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for s in handle.statuses() {
+        assert_eq!(s.in_flight, 0);
+        assert_eq!(s.requests, 2);
+    }
+}
+
+/// The recommended stack (retry, key pool, rate limiter) in front of a hyper client talking to
+/// MockClaude over loopback HTTP, with one revoked key in the pool. After one request has
+/// validated a key, a burst of 11 sends one request to the unknown keys each and the rest to
+/// the known one until they answer: only that one request gets the 401, every other request
+/// succeeds, and upstream never answers 429.
+#[tokio::test(start_paused = true)]
+async fn full_stack_over_loopback_http() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let mock = MockClaude::builder()
+        .default_limits(limits())
+        .api_keys(&KEYS[..2])
+        .latency(Duration::from_millis(100), Duration::from_millis(1))
+        .build();
+    let (addr, server) = mock.serve_on_loopback().await.unwrap();
+    let client: Client<_, RequestBody> = Client::builder(TokioExecutor::new()).build_http();
+    let board = board();
+    let pool = KeyPoolLayer::new(KEYS).unwrap().board(board.clone());
+    let handle = pool.handle();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(pool)
+        .layer(RateLimitLayer::new().board(board))
+        .service(client);
+    let spawn = |i: usize| {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let req = Request::post(format!("http://{addr}/v1/messages"))
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(RequestBody::from(format!(
+                        r#"{{"model":"{MODEL}","max_tokens":100,"stream":{},"messages":[{{"role":"user","content":"hi"}}]}}"#,
+                        i % 2 == 0
+                    )))
+                    .unwrap();
+            let res = svc.oneshot(req).await.unwrap();
+            let status = res.status();
+            res.into_body().collect().await.unwrap();
+            status
+        })
+    };
+    // One request first: it goes to the first key, which then counts as known.
+    assert_eq!(spawn(0).await.unwrap(), StatusCode::OK);
+    let tasks: Vec<_> = (1..12).map(spawn).collect();
+    let mut by_status = std::collections::BTreeMap::from([(200, 1)]);
+    for t in tasks {
+        *by_status.entry(t.await.unwrap().as_u16()).or_insert(0) += 1;
+    }
+    assert_eq!(by_status.get(&200), Some(&11), "{by_status:?}");
+    assert_eq!(by_status.get(&401), Some(&1), "{by_status:?}");
+    assert_eq!(mock.stats().rate_limited, 0);
+    assert_eq!(handle.active(), 2);
+    assert!(matches!(
+        handle.status(&id(KEYS[2])).unwrap().state,
+        KeyState::Removed {
+            reason: RemovalReason::Unauthorized,
+            ..
+        }
+    ));
+    server.abort();
+}

@@ -1,0 +1,138 @@
+//! Two `claude-proxy` nodes sharing one quota through a real `redis-server`, over loopback
+//! HTTP: together they never send more than the limit upstream; without Redis each node has
+//! its own view and together they send about twice as much. Real time (Redis keeps its own
+//! clock), a few seconds in all; skipped without `redis-server` unless `CI` is set.
+#![cfg(all(feature = "proxy", feature = "redis"))]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use support::redis_server::RedisServer;
+use tokio::net::TcpListener;
+use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+use tower_claude::testing::{MockClaude, MockLimits};
+
+const LIMIT: u64 = 20;
+
+async fn node(
+    upstream: SocketAddr,
+    redis: Option<&str>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let dir = std::env::temp_dir().join(format!("tower-claude-node-{}.toml", std::process::id()));
+    std::fs::write(
+        &dir,
+        format!("[limits.claude-haiku-4-5]\nrpm = {LIMIT}\nitpm = 1000000\notpm = 1000000\n"),
+    )
+    .unwrap();
+    let mut env = BTreeMap::new();
+    env.insert("ANTHROPIC_API_KEY".to_owned(), "sk-ant-shared".to_owned());
+    env.insert("CLAUDE_PROXY_DEADLINE".to_owned(), "2s".to_owned());
+    env.insert("CLAUDE_RETRY_STRATEGY".to_owned(), "none".to_owned());
+    env.insert("CLAUDE_PROXY_FALLBACK".to_owned(), "false".to_owned());
+    env.insert("CLAUDE_PROXY_CACHE".to_owned(), "false".to_owned());
+    env.insert("CLAUDE_PROXY_NODES".to_owned(), "2".to_owned());
+    if let Some(url) = redis {
+        env.insert("REDIS_URL".to_owned(), url.to_owned());
+    }
+    let cli = Cli {
+        config: Some(dir),
+        upstream: Some(format!("http://{upstream}")),
+        ..Cli::default()
+    };
+    let config = ProxyConfig::resolve(cli, &env).expect("config");
+    let proxy = Proxy::connect(config).await.expect("proxy");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = proxy.serve(listener, std::future::pending()).await;
+    });
+    (addr, task)
+}
+
+/// Sends `n` requests, alternating between the two nodes, all at once; returns how many the
+/// clients got answered 200.
+async fn burst(nodes: [SocketAddr; 2], n: usize) -> usize {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let calls = (0..n).map(|i| {
+        let client = client.clone();
+        let addr = nodes[i % 2];
+        async move {
+            let body = format!(
+                r#"{{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+            );
+            let req = Request::post(format!("http://{addr}/v1/messages"))
+                .header("x-api-key", "client")
+                .header("anthropic-version", "2023-06-01")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = client.request(req).await.expect("the proxy answers");
+            let ok = resp.status().is_success();
+            resp.into_body().collect().await.unwrap();
+            ok
+        }
+    });
+    join_all(calls).await.into_iter().filter(|ok| *ok).count()
+}
+
+fn upstream() -> MockClaude {
+    MockClaude::builder()
+        .limits(
+            "claude-haiku-4-5",
+            MockLimits {
+                rpm: LIMIT,
+                itpm: 1_000_000,
+                otpm: 1_000_000,
+            },
+        )
+        .latency(Duration::from_millis(5), Duration::ZERO)
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_one_quota_through_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+
+    // With Redis: both nodes draw from one bucket.
+    let mock = upstream();
+    let (up, _server) = mock.serve_on_loopback().await.unwrap();
+    let (a, ta) = node(up, Some(&redis.url())).await;
+    let (b, tb) = node(up, Some(&redis.url())).await;
+    let ok = burst([a, b], 2 * LIMIT as usize).await;
+    let shared = mock.stats();
+    ta.abort();
+    tb.abort();
+    println!(
+        "with Redis: {ok} answered, upstream saw {} requests, {} refused (429)",
+        shared.received, shared.rate_limited
+    );
+    // One minute's limit plus what refills during the 2 s deadline (20/min: under 1).
+    assert!(shared.received <= LIMIT + 1, "{shared:?}");
+    assert_eq!(shared.rate_limited, 0);
+
+    // Without Redis: each node believes it has the whole limit.
+    let mock = upstream();
+    let (up, _server) = mock.serve_on_loopback().await.unwrap();
+    let (a, ta) = node(up, None).await;
+    let (b, tb) = node(up, None).await;
+    let _ = burst([a, b], 2 * LIMIT as usize).await;
+    let alone = mock.stats();
+    ta.abort();
+    tb.abort();
+    println!(
+        "without Redis: upstream saw {} requests, {} refused (429)",
+        alone.received, alone.rate_limited
+    );
+    assert!(alone.received >= 2 * LIMIT - 2, "{alone:?}");
+    assert!(alone.rate_limited >= LIMIT - 2, "{alone:?}");
+}

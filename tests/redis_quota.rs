@@ -1,0 +1,392 @@
+//! The Redis quota backend against a real `redis-server` started on a free port: two boards
+//! share one limit (and double it without Redis), an outage is limited locally with a share
+//! and recovers, headers re-seed across nodes, fail closed.
+//!
+//! Redis keeps time with its own clock, so these tests run in real time with short phases
+//! (a few seconds in all). Without `redis-server` on the PATH they are skipped with a message,
+//! unless `CI` is set, where they fail.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use support::redis_server::RedisServer;
+use tokio::time::Instant;
+use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
+use tower_claude::quota::{AcquireErrorKind, Cost, Limits, QuotaBoard, RedisOptions};
+
+fn group() -> RateLimitGroup {
+    RateLimitGroup::new("claude-haiku-4-5")
+}
+
+fn key() -> KeyId {
+    KeyId::named("shared-key")
+}
+
+fn options(prefix: &str) -> RedisOptions {
+    RedisOptions::new()
+        .key_prefix(prefix)
+        .expected_nodes(2)
+        .connect_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(100))
+        .probe_interval(Duration::from_millis(50))
+}
+
+async fn redis_board(url: &str, prefix: &str, rpm: u64) -> QuotaBoard {
+    QuotaBoard::builder()
+        .limits(group(), Limits::new(rpm, 1_000_000, 1_000_000))
+        .build_redis(url, options(prefix))
+        .await
+        .unwrap()
+}
+
+/// What one node saw in a phase.
+#[derive(Debug, Default)]
+struct Tally {
+    admitted: AtomicU64,
+    limited: AtomicU64,
+    failed: AtomicU64,
+    slowest_ms: AtomicU64,
+}
+
+/// Acquires one request at a time on `board` for `run`, each waiting at most 20 ms, and
+/// settles what it got.
+async fn hammer(board: QuotaBoard, run: Duration, tally: Arc<Tally>) {
+    let end = Instant::now() + run;
+    while Instant::now() < end {
+        let started = Instant::now();
+        let got = board
+            .acquire(key(), group(), Cost::new(1, 10, 10))
+            .max_wait(Duration::from_millis(20))
+            .await;
+        let ms = started.elapsed().as_millis() as u64;
+        tally.slowest_ms.fetch_max(ms, Ordering::Relaxed);
+        match got {
+            Ok(reservation) => {
+                tally.admitted.fetch_add(1, Ordering::Relaxed);
+                reservation.settle(Cost::new(1, 10, 10));
+            }
+            Err(e) if e.kind() == AcquireErrorKind::QueueTimeout => {
+                tally.limited.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!("request failed: {e}");
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Runs `hammer` on both boards in separate tasks; returns their tallies.
+async fn both(a: &QuotaBoard, b: &QuotaBoard, run: Duration) -> (Arc<Tally>, Arc<Tally>) {
+    let (ta, tb) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let ha = tokio::spawn(hammer(a.clone(), run, ta.clone()));
+    let hb = tokio::spawn(hammer(b.clone(), run, tb.clone()));
+    ha.await.unwrap();
+    hb.await.unwrap();
+    (ta, tb)
+}
+
+fn admitted(t: &Tally) -> u64 {
+    t.admitted.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_boards_never_admit_more_than_the_limit_together() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let rpm = 30;
+    let a = redis_board(&server.url(), "t1:", rpm).await;
+    let b = redis_board(&server.url(), "t1:", rpm).await;
+    let start = Instant::now();
+    let (ta, tb) = both(&a, &b, Duration::from_millis(800)).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let together = admitted(&ta) + admitted(&tb);
+    // The burst plus what refilled meanwhile (30 per minute).
+    let bound = rpm + (rpm as f64 * elapsed / 60.0).ceil() as u64;
+    assert!(together <= bound, "{together} > {bound}");
+    assert!(together >= rpm, "{together} < {rpm}");
+    // Both nodes were asking all along (which one wins the burst is a race).
+    for t in [&ta, &tb] {
+        assert!(t.limited.load(Ordering::Relaxed) > 0, "{t:?}");
+    }
+    assert_eq!(
+        ta.failed.load(Ordering::Relaxed) + tb.failed.load(Ordering::Relaxed),
+        0
+    );
+    assert!(format!("{a:?}").contains("redis"));
+    let (sa, sb) = (a.redis_status().unwrap(), b.redis_status().unwrap());
+    assert!(!sa.degraded && !sb.degraded);
+    assert_eq!(sa.shared_grants + sb.shared_grants, together);
+    // The mirror shows the shared level without a round trip.
+    let left = a
+        .headroom(&key(), &group())
+        .unwrap()
+        .requests
+        .unwrap()
+        .remaining;
+    assert!(left <= 1, "{left}");
+
+    // The same workload on two in-process boards: each admits the whole limit.
+    let local = || {
+        QuotaBoard::builder()
+            .limits(group(), Limits::new(rpm, 1_000_000, 1_000_000))
+            .build()
+    };
+    let (la, lb) = both(&local(), &local(), Duration::from_millis(800)).await;
+    let alone = admitted(&la) + admitted(&lb);
+    assert!(alone >= 2 * rpm, "{alone}");
+    assert!(alone <= 2 * bound, "{alone}");
+    eprintln!("admitted together: {together} with Redis, {alone} without (limit {rpm}/min)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_limits_locally_then_shared_state_resumes() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let rpm = 40;
+    let a = redis_board(&server.url(), "t2:", rpm).await;
+    let b = redis_board(&server.url(), "t2:", rpm).await;
+
+    // Redis up: one shared limit.
+    let (ta, tb) = both(&a, &b, Duration::from_millis(300)).await;
+    let phase1 = admitted(&ta) + admitted(&tb);
+    assert!(phase1 <= rpm + 1, "{phase1}");
+    assert!(phase1 >= rpm - 1, "{phase1}");
+
+    // Redis killed mid-run: nothing fails, each node limits itself to its share (20).
+    server.stop();
+    let (ta, tb) = both(&a, &b, Duration::from_millis(500)).await;
+    for t in [&ta, &tb] {
+        assert_eq!(t.failed.load(Ordering::Relaxed), 0, "{t:?}");
+        assert!(admitted(t) <= rpm / 2 + 1, "{t:?}");
+        assert!(admitted(t) >= rpm / 2 - 1, "{t:?}");
+        // No request hangs on the dead server: at most the wait bound plus one timeout.
+        assert!(t.slowest_ms.load(Ordering::Relaxed) < 500, "{t:?}");
+    }
+    for board in [&a, &b] {
+        let s = board.redis_status().unwrap();
+        assert!(s.degraded, "{s:?}");
+        assert_eq!(s.outages, 1);
+        assert!(s.fallback_acquires > 0);
+        assert!((s.local_share - 0.5).abs() < 1e-9);
+    }
+
+    // Restarted (empty): both boards find it again and share one limit again.
+    server.restart();
+    let waited = Instant::now();
+    while a.redis_status().unwrap().degraded || b.redis_status().unwrap().degraded {
+        assert!(waited.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = a.redis_status().unwrap().shared_grants + b.redis_status().unwrap().shared_grants;
+    let (ta, tb) = both(&a, &b, Duration::from_millis(300)).await;
+    let phase3 = admitted(&ta) + admitted(&tb);
+    assert!(phase3 <= rpm + 1, "{phase3}");
+    assert!(phase3 >= rpm - 1, "{phase3}");
+    let after = a.redis_status().unwrap().shared_grants + b.redis_status().unwrap().shared_grants;
+    assert_eq!(after - before, phase3, "every grant came from Redis");
+    assert_eq!(a.redis_status().unwrap().recoveries, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_seen_by_one_node_limit_the_other() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let a = redis_board(&server.url(), "t3:", 50).await;
+    let b = redis_board(&server.url(), "t3:", 50).await;
+    // Warm both mirrors.
+    a.acquire(key(), group(), Cost::new(1, 0, 0))
+        .await
+        .unwrap()
+        .settle(Cost::new(1, 0, 0));
+    // Node A learns from the server that only 3 requests are left.
+    let snap = RateLimitSnapshot {
+        requests: BucketSnapshot {
+            limit: Some(50),
+            remaining: Some(3),
+            reset: None,
+        },
+        ..Default::default()
+    };
+    a.observe(&key(), &group(), &snap);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the re-seed is sent in the background
+    let mut got = 0;
+    for _ in 0..10 {
+        match b
+            .acquire(key(), group(), Cost::new(1, 0, 0))
+            .max_wait(Duration::from_millis(10))
+            .await
+        {
+            Ok(r) => {
+                got += 1;
+                r.settle(Cost::new(1, 0, 0));
+            }
+            Err(e) => assert_eq!(e.kind(), AcquireErrorKind::QueueTimeout),
+        }
+    }
+    assert_eq!(got, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_while_redis_is_down() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    server.stop();
+    let board = QuotaBoard::builder()
+        .limits(group(), Limits::new(10, 1_000, 1_000))
+        .build_redis(&server.url(), options("t4:").fail_closed(true))
+        .await
+        .unwrap();
+    assert!(board.redis_status().unwrap().degraded);
+    let err = board
+        .acquire(key(), group(), Cost::new(1, 1, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), AcquireErrorKind::BackendUnavailable);
+    server.restart();
+    let waited = Instant::now();
+    while board.redis_status().unwrap().degraded {
+        assert!(waited.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    board
+        .acquire(key(), group(), Cost::new(1, 1, 1))
+        .await
+        .unwrap()
+        .settle(Cost::new(1, 1, 1));
+    assert_eq!(board.redis_status().unwrap().shared_grants, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_reach_every_node_and_wake_local_waiters() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let a = redis_board(&server.url(), "t5:", 2).await;
+    let b = redis_board(&server.url(), "t5:", 2).await;
+    let take = |board: &QuotaBoard, wait_ms: u64| {
+        board
+            .acquire(key(), group(), Cost::new(1, 0, 0))
+            .max_wait(Duration::from_millis(wait_ms))
+    };
+    let r1 = take(&a, 10).await.unwrap();
+    let r2 = take(&a, 10).await.unwrap();
+    assert_eq!(
+        take(&b, 10).await.unwrap_err().kind(),
+        AcquireErrorKind::QueueTimeout
+    );
+
+    // A waiter on the same node is woken by the refund (the refill alone takes 30 s).
+    let a2 = a.clone();
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = take(&a2, 2_000).await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r1.refund();
+    let (r, waited) = waiter.await.unwrap();
+    r.unwrap().refund();
+    assert!(waited < Duration::from_millis(1_000), "{waited:?}");
+
+    // The refunded unit is in Redis: the other node gets it; the dropped reservation stays
+    // charged.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    take(&b, 10).await.unwrap().settle(Cost::new(1, 0, 0));
+    drop(r2);
+    assert_eq!(
+        take(&b, 10).await.unwrap_err().kind(),
+        AcquireErrorKind::QueueTimeout
+    );
+}
+
+/// Two rate-limited stacks (two proxy nodes) over one upstream: with a Redis board each,
+/// upstream never answers 429; with in-process boards the nodes only learn of each other from
+/// upstream's `remaining` headers, and upstream has to refuse what they send too many.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rate_limited_nodes_share_the_upstream_limit() {
+    use tower::{Service, ServiceBuilder, ServiceExt};
+    use tower_claude::body::RequestBody;
+    use tower_claude::rate_limit::RateLimitLayer;
+    use tower_claude::testing::{MockClaude, MockLimits};
+
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let rpm = 10;
+    let limits = MockLimits {
+        rpm,
+        itpm: 1_000_000,
+        otpm: 1_000_000,
+    };
+    let request = || {
+        http::Request::post("https://api.anthropic.com/v1/messages")
+            .header("x-api-key", "sk-ant-shared")
+            .header("anthropic-version", "2023-06-01")
+            .body(RequestBody::from(
+                r#"{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+            ))
+            .unwrap()
+    };
+    let mut outcome = Vec::new();
+    for shared in [true, false] {
+        let mock = MockClaude::builder().default_limits(limits).build();
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            let builder =
+                QuotaBoard::builder().default_limits(Limits::new(rpm, 1_000_000, 1_000_000));
+            let board = if shared {
+                builder
+                    .build_redis(&server.url(), options("t6:"))
+                    .await
+                    .unwrap()
+            } else {
+                builder.build()
+            };
+            nodes.push(
+                ServiceBuilder::new()
+                    .layer(
+                        RateLimitLayer::new()
+                            .board(board)
+                            .max_wait(Duration::from_millis(20)),
+                    )
+                    .service(mock.clone()),
+            );
+        }
+        for i in 0..3 * rpm as usize {
+            let node = &mut nodes[i % 2];
+            match node.ready().await.unwrap().call(request()).await {
+                Ok(res) => {
+                    use http_body_util::BodyExt;
+                    res.into_body().collect().await.unwrap();
+                }
+                Err(e) => {
+                    let e = e
+                        .downcast_ref::<tower_claude::quota::AcquireError>()
+                        .unwrap();
+                    assert_eq!(e.kind(), AcquireErrorKind::QueueTimeout);
+                }
+            }
+        }
+        let stats = mock.stats();
+        outcome.push((
+            stats.by_status.get(&200).copied().unwrap_or(0),
+            stats.by_status.get(&429).copied().unwrap_or(0),
+        ));
+    }
+    let (ok_shared, refused_shared) = outcome[0];
+    let (ok_local, refused_local) = outcome[1];
+    assert_eq!(refused_shared, 0, "{outcome:?}");
+    assert!(ok_shared >= rpm - 1 && ok_shared <= rpm + 1, "{outcome:?}");
+    assert!(ok_local <= rpm + 1, "{outcome:?}");
+    assert!(refused_local >= 1, "{outcome:?}");
+}
