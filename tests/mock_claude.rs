@@ -934,3 +934,189 @@ mod properties {
         }
     }
 }
+
+// ---- Acceleration limits (opt-in `MockClaudeBuilder::acceleration_limit`) ----
+
+fn accel_mock(accel: Option<tower_claude::testing::AccelerationLimit>) -> MockClaude {
+    let builder = MockClaude::builder().limits(MODEL, MockLimits::new(60, 10_000_000, 1_000_000));
+    match accel {
+        Some(accel) => builder.acceleration_limit(accel).build(),
+        None => builder.build(),
+    }
+}
+
+/// Sends `n` requests at the current instant; returns the statuses and the headers of the
+/// first refusal.
+async fn burst(mock: &MockClaude, n: usize) -> (Vec<StatusCode>, Option<HeaderMap>) {
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..n {
+        let (status, headers, bytes) = read(call(mock, request(body(16, false))).await).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(error_of(status, &bytes).kind(), ApiErrorKind::RateLimit);
+            refused.get_or_insert(headers);
+        }
+        statuses.push(status);
+    }
+    (statuses, refused)
+}
+
+#[tokio::test(start_paused = true)]
+async fn acceleration_limit_refuses_a_burst_from_idle_beyond_the_ramp() {
+    use tower_claude::testing::AccelerationLimit;
+    // From idle the ceiling is max(floor 6, 0 + growth 10) = 10 requests in the first minute,
+    // far below the 60 RPM bucket.
+    let mock = accel_mock(Some(AccelerationLimit::new(10, 6)));
+    let (statuses, refused) = burst(&mock, 30).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 10, "{statuses:?}");
+    assert!(statuses[..10].iter().all(|s| *s == StatusCode::OK));
+    let headers = refused.expect("the burst was refused beyond the ramp");
+    // Truthful: the ten admissions leave the recent window in exactly 60 s.
+    assert_eq!(header(&headers, "retry-after"), "60");
+    // The per-minute buckets still hold quota, and the headers say so, as for other 429s.
+    assert_eq!(header(&headers, "anthropic-ratelimit-requests-limit"), "60");
+    assert_eq!(
+        header(&headers, "anthropic-ratelimit-requests-remaining"),
+        "50"
+    );
+    assert!(headers.contains_key("request-id"));
+    let stats = mock.stats();
+    assert_eq!((stats.accepted, stats.rate_limited), (10, 20));
+    assert_eq!(stats.acceleration_limited, 20);
+    assert_eq!(stats.by_status[&429], 20);
+
+    // One second short of the retry-after: still refused.
+    tokio::time::advance(Duration::from_secs(59)).await;
+    let (statuses, _) = burst(&mock, 1).await;
+    assert_eq!(statuses, [StatusCode::TOO_MANY_REQUESTS]);
+    // After it, the ceiling has grown by the growth: 10 used + 10 = 20 in the next minute.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let (statuses, refused) = burst(&mock, 30).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 20, "{statuses:?}");
+    assert_eq!(header(&refused.unwrap(), "retry-after"), "60");
+
+    // After a quiet spell of two windows the ceiling is back at the start.
+    tokio::time::advance(Duration::from_secs(180)).await;
+    let (statuses, _) = burst(&mock, 30).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 10, "{statuses:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn acceleration_limit_accepts_a_gradual_ramp() {
+    use tower_claude::testing::AccelerationLimit;
+    let mock = accel_mock(Some(AccelerationLimit::new(10, 6)));
+    // From 6 to 56 requests per minute in steps of 5 per minute (half the allowed growth),
+    // evenly spaced: every request is admitted.
+    let mut sent = 0u64;
+    for minute in 0..11u32 {
+        let rpm = 6 + 5 * minute;
+        let gap = Duration::from_secs(60) / rpm;
+        for _ in 0..rpm {
+            let (status, headers, _) = read(call(&mock, request(body(16, false))).await).await;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "minute {minute}, retry-after {:?}",
+                headers.get("retry-after")
+            );
+            sent += 1;
+            tokio::time::advance(gap).await;
+        }
+    }
+    let stats = mock.stats();
+    assert_eq!(stats.accepted, sent);
+    assert_eq!((stats.rate_limited, stats.acceleration_limited), (0, 0));
+    // The same rates as one jump from idle to 56 RPM are refused in part.
+    let jump = accel_mock(Some(AccelerationLimit::new(10, 6)));
+    let gap = Duration::from_secs(60) / 56;
+    for _ in 0..56 {
+        let _ = read(call(&jump, request(body(16, false))).await).await;
+        tokio::time::advance(gap).await;
+    }
+    let stats = jump.stats();
+    assert_eq!(stats.accepted, 10, "{stats:?}");
+    assert_eq!(stats.acceleration_limited, 46);
+}
+
+#[tokio::test(start_paused = true)]
+async fn acceleration_retry_after_is_enough() {
+    use tower_claude::testing::AccelerationLimit;
+    // A 10 s window: growth 6 RPM per minute is one request more per window, from one.
+    let accel = AccelerationLimit::new(6, 6).with_window(Duration::from_secs(10));
+    let mock = MockClaude::builder()
+        .limits(MODEL, MockLimits::new(60, 10_000_000, 1_000_000))
+        .acceleration_limit(accel)
+        .build();
+    let start = Instant::now();
+    let mut admitted = 0u64;
+    // Keep asking, always waiting the announced retry-after: never refused twice in a row.
+    while admitted < 40 {
+        let (status, headers, _) = read(call(&mock, request(body(16, false))).await).await;
+        if status == StatusCode::OK {
+            admitted += 1;
+            continue;
+        }
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        let secs: u64 = header(&headers, "retry-after").parse().unwrap();
+        assert!((1..=20).contains(&secs), "{secs}");
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        let (again, _, _) = read(call(&mock, request(body(16, false))).await).await;
+        assert_eq!(again, StatusCode::OK, "retry-after {secs} s was not enough");
+        admitted += 1;
+    }
+    let stats = mock.stats();
+    // Consecutive 10 s windows hold at most 1, 2, 3, ... requests: 40 need 9 windows, while
+    // the 60-request bucket alone would have let them all through at once.
+    assert!(
+        start.elapsed() >= Duration::from_secs(80),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(stats.accepted, 40);
+    assert_eq!(stats.acceleration_limited, stats.rate_limited);
+    assert!(stats.acceleration_limited >= 8, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn acceleration_limit_steps_aside_at_the_rpm_limit() {
+    use tower_claude::testing::AccelerationLimit;
+    // 10 s windows, floor and growth 6 RPM, against 12 RPM: after one window at 6 RPM the
+    // allowance reaches the limit, then only the bucket (12 requests, one back every 5 s)
+    // applies.
+    let mock = MockClaude::builder()
+        .limits(MODEL, MockLimits::new(12, 10_000_000, 1_000_000))
+        .acceleration_limit(AccelerationLimit::new(6, 6).with_window(Duration::from_secs(10)))
+        .build();
+    let (statuses, refused) = burst(&mock, 3).await;
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 1);
+    assert_eq!(header(&refused.unwrap(), "retry-after"), "10");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // 6 RPM used + 6 = 12 RPM: the ceiling steps aside; the bucket holds 12 (11 left + 2 refilled, capped).
+    let (statuses, refused) = burst(&mock, 20).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        12
+    );
+    let headers = refused.unwrap();
+    assert_eq!(header(&headers, "retry-after"), "5");
+    assert_eq!(
+        header(&headers, "anthropic-ratelimit-requests-remaining"),
+        "0"
+    );
+    let stats = mock.stats();
+    assert_eq!((stats.rate_limited, stats.acceleration_limited), (10, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_acceleration_limit_a_burst_is_only_bucket_limited() {
+    let mock = accel_mock(None);
+    let (statuses, refused) = burst(&mock, 70).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 60);
+    assert_eq!(header(&refused.unwrap(), "retry-after"), "1");
+    let stats = mock.stats();
+    assert_eq!((stats.rate_limited, stats.acceleration_limited), (10, 0));
+}

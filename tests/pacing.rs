@@ -1,5 +1,5 @@
-//! Predictive throttling: `PacingLayer` unit behaviour and the rising-demand simulation
-//! against MockClaude (paused time). `cargo run --example metrics_chart --features
+//! Predictive throttling: `PacingLayer` unit behaviour and the rising-demand simulations
+//! against MockClaude (paused time), with and without upstream acceleration limits. `cargo run --example metrics_chart --features
 //! testing,metrics` prints the same tables (docs/metrics.md).
 #![cfg(all(feature = "testing", feature = "metrics"))]
 
@@ -17,6 +17,7 @@ use tower_claude::metrics::forecast::Forecaster;
 use tower_claude::metrics::pacing::{PacingDelay, PacingLayer};
 use tower_claude::metrics::simulation::{SimConfig, SimReport, Strategy, simulate, table};
 use tower_claude::quota::Limits;
+use tower_claude::testing::AccelerationLimit;
 
 async fn run_all(config: &SimConfig) -> Vec<SimReport> {
     let mut reports = Vec::new();
@@ -155,4 +156,137 @@ async fn pacing_stops_when_the_forecast_falls_below_release() {
     tokio::time::advance(Duration::from_secs(20)).await;
     let third = svc.clone().oneshot(request()).await.unwrap();
     assert_eq!(delay(&third), Duration::ZERO);
+}
+
+/// Demand that rises faster than the upstream's acceleration limit lets usage grow: from 5 to
+/// 55 requests per minute in 2 minutes (25 RPM per minute), then steady, for 10 minutes,
+/// against 60 RPM whose admitted rate may grow by 10 RPM per minute (floor 10 RPM). The pacing
+/// stacks ramp by 8 RPM per minute (docs/metrics.md, "Acceleration limits").
+fn accelerating() -> SimConfig {
+    SimConfig {
+        minutes: 10,
+        start_rpm: 5.0,
+        end_rpm: 55.0,
+        ramp_minutes: Some(2),
+        acceleration: Some(AccelerationLimit::new(10, 10)),
+        pacing_ramp: Some(8.0),
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn accelerating_demand_pacing_with_a_ramp_versus_plain_buckets() {
+    let config = accelerating();
+    let buckets = simulate(Strategy::Buckets, &config).await;
+    let paced = simulate(Strategy::PacingAndBuckets, &config).await;
+    println!("{}", table(&[buckets.clone(), paced.clone()]));
+    assert_eq!(buckets.requests, paced.requests, "same workload");
+    // Buckets mirroring the per-minute limits admit the sharp rise; the upstream refuses the
+    // part above its acceleration ceiling although the buckets hold quota.
+    assert!(buckets.upstream_429 > 100, "{}", buckets.upstream_429);
+    assert_eq!(buckets.acceleration_429, buckets.upstream_429);
+    // Pacing ramps the released rate below the upstream's growth: no 429 at all, nothing lost,
+    // and the worst request finishes well before the worst one behind plain buckets.
+    assert_eq!(paced.upstream_429, 0);
+    assert_eq!((paced.failed, buckets.failed), (0, 0));
+    assert!(
+        paced.worst_latency + Duration::from_secs(60) < buckets.worst_latency,
+        "{:?} vs {:?}",
+        paced.worst_latency,
+        buckets.worst_latency
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_jump_from_idle_is_ramped_without_429s() {
+    let config = SimConfig {
+        start_rpm: 50.0,
+        end_rpm: 50.0,
+        ramp_minutes: None,
+        ..accelerating()
+    };
+    let buckets = simulate(Strategy::Buckets, &config).await;
+    let paced = simulate(Strategy::PacingAndBuckets, &config).await;
+    println!("{}", table(&[buckets.clone(), paced.clone()]));
+    assert!(
+        buckets.acceleration_429 > 100,
+        "{}",
+        buckets.acceleration_429
+    );
+    assert_eq!(paced.upstream_429, 0);
+    assert_eq!(paced.failed, 0);
+    assert!(paced.worst_latency < buckets.worst_latency);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramp_steeper_than_the_upstream_allows_brings_429s_back() {
+    let config = SimConfig {
+        pacing_ramp: Some(20.0),
+        ..accelerating()
+    };
+    let paced = simulate(Strategy::PacingAndBuckets, &config).await;
+    assert!(paced.acceleration_429 > 0, "{paced:?}");
+    // Without a ramp, pacing (quota trigger only) does not see the rise coming at all.
+    let config = SimConfig {
+        pacing_ramp: None,
+        ..accelerating()
+    };
+    let unramped = simulate(Strategy::PacingAndBuckets, &config).await;
+    let buckets = simulate(Strategy::Buckets, &config).await;
+    assert!(unramped.acceleration_429 > 100, "{unramped:?}");
+    assert!(buckets.acceleration_429 > 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_ramp_limits_releases_minute_over_minute() {
+    let group = RateLimitGroup::new("claude-haiku-4-5");
+    let forecaster =
+        Forecaster::with_config(Duration::from_secs(10), Duration::from_secs(60), 0.5, 0.3);
+    // 120 requests per minute forecast from idle, far below the quota (1 000 RPM) but far
+    // steeper than a ramp of 6 RPM per minute.
+    for _ in 0..20 {
+        forecaster.record(&group, 1, 10, 0);
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let upstream = tower::service_fn(|_req: http::Request<RequestBody>| async {
+        Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(
+            PacingLayer::new(forecaster.clone())
+                .limits(group.clone(), Limits::new(1_000, 10_000_000, 1_000_000))
+                .ramp(6.0),
+        )
+        .service(upstream);
+    let mut handles = Vec::new();
+    for _ in 0..14 {
+        let mut svc = svc.clone();
+        let fut = svc.ready().await.unwrap().call(request());
+        handles.push(tokio::spawn(fut));
+    }
+    let mut delays = Vec::new();
+    for h in handles {
+        let response = h.await.unwrap().unwrap();
+        delays.push(response.extensions().get::<PacingDelay>().unwrap().0);
+    }
+    // Released in order, spread out (not a burst), at most 6 in the first minute, at most
+    // 6 more than the minute before in any minute after.
+    assert_eq!(delays[0], Duration::ZERO);
+    assert!(delays.windows(2).all(|w| w[0] < w[1]), "{delays:?}");
+    let minute = Duration::from_secs(60);
+    let in_window =
+        |from: Duration, to: Duration| delays.iter().filter(|&&d| d >= from && d < to).count();
+    assert_eq!(in_window(Duration::ZERO, minute), 6, "{delays:?}");
+    for step in 0..120u64 {
+        let t = Duration::from_secs(step);
+        let last = in_window(t.saturating_sub(minute), t + Duration::from_nanos(1));
+        let before = in_window(
+            t.saturating_sub(minute * 2),
+            t.saturating_sub(minute) + Duration::from_nanos(1),
+        );
+        assert!(
+            last <= before + 6,
+            "at {t:?}: {last} after {before}; {delays:?}"
+        );
+    }
 }

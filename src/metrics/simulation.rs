@@ -1,6 +1,7 @@
 //! A paused-time workload simulation against [`MockClaude`]:
 //! rising demand through one of four stacks, to compare predictive pacing with plain token
-//! buckets and with no limiter (used by `tests/pacing.rs` and `examples/metrics_chart.rs`).
+//! buckets and with no limiter (used by `tests/pacing.rs` and `examples/metrics_chart.rs`),
+//! optionally against an upstream with acceleration limits ([`SimConfig::acceleration`]).
 //!
 //! Run it inside a runtime with paused time (`#[tokio::test(start_paused = true)]`): a
 //! simulated quarter of an hour takes well under a second.
@@ -37,7 +38,7 @@ use crate::anthropic::{RateLimitGroup, retry_after};
 use crate::body::RequestBody;
 use crate::quota::{Limits, QuotaBoard, TokenBucket};
 use crate::rate_limit::{QueueWait, RateLimitLayer};
-use crate::testing::{MockClaude, MockLimits};
+use crate::testing::{AccelerationLimit, MockClaude, MockLimits};
 
 /// The stack between the simulated callers and the simulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,12 +102,22 @@ pub struct SimConfig {
     /// `rpm * window / 60` requests refilling at the same rate; a request it cannot hold gets
     /// a 429 with `retry-after`.
     pub short_window: Option<Duration>,
+    /// Demand reaches `end_rpm` after this many minutes and stays there (`None`: the ramp
+    /// lasts the whole run).
+    pub ramp_minutes: Option<u32>,
+    /// The upstream's acceleration limit ([`AccelerationLimit`]; `None`: none).
+    pub acceleration: Option<AccelerationLimit>,
+    /// The pacing stacks' [`PacingLayer::ramp`] (`None`: no ramp).
+    pub pacing_ramp: Option<f64>,
+    /// The pacing stacks' [`PacingLayer::trigger`] (`None`: the default, 0.8). A tiny value
+    /// keeps pacing on from the first forecast.
+    pub pacing_trigger: Option<f64>,
 }
 
 impl Default for SimConfig {
     /// 12 minutes ramping from 20 to 100 requests per minute against 60 RPM, 100 000 ITPM,
     /// 20 000 OTPM; 150-token answers, `max_tokens` 512, 20 attempts (a patient caller);
-    /// evenly spaced arrivals, per-minute enforcement only.
+    /// evenly spaced arrivals, per-minute enforcement only, no acceleration limit, no ramp.
     fn default() -> Self {
         Self {
             minutes: 12,
@@ -119,6 +130,10 @@ impl Default for SimConfig {
             attempts: 20,
             poisson: false,
             short_window: None,
+            ramp_minutes: None,
+            acceleration: None,
+            pacing_ramp: None,
+            pacing_trigger: None,
         }
     }
 }
@@ -151,6 +166,8 @@ pub struct SimReport {
     pub failed: u64,
     /// Upstream 429s (every attempt of every caller, background included).
     pub upstream_429: u64,
+    /// The part of `upstream_429` due to the upstream's acceleration limit.
+    pub acceleration_429: u64,
     /// The longest time a request waited in the stack before it was sent (rate-limit queue
     /// plus pacing), over every attempt.
     pub worst_queue_wait: Duration,
@@ -193,7 +210,13 @@ fn build(strategy: Strategy, config: &SimConfig, mock: Client, forecaster: &Fore
             .board(board.clone())
             .limits(group.clone(), config.limits)
     };
-    let pacing = PacingLayer::new(forecaster.clone()).limits(group.clone(), config.limits);
+    let mut pacing = PacingLayer::new(forecaster.clone()).limits(group.clone(), config.limits);
+    if let Some(ramp) = config.pacing_ramp {
+        pacing = pacing.ramp(ramp);
+    }
+    if let Some(trigger) = config.pacing_trigger {
+        pacing = pacing.trigger(trigger);
+    }
     let pacing_on_board = pacing.clone().board(board.clone());
     let boxed = |r: http::Response<_>| r.map(BodyExt::boxed_unsync);
     match strategy {
@@ -298,12 +321,15 @@ struct Tally {
 /// Runs `strategy` on the workload of `config` and reports.
 pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
     let mock_limits = MockLimits::new(config.limits.rpm, config.limits.itpm, config.limits.otpm);
-    let mock = MockClaude::builder()
+    let mut mock = MockClaude::builder()
         .limits(GROUP, mock_limits)
         .latency(Duration::from_millis(400), Duration::from_millis(4))
         .output_tokens(config.output_tokens)
-        .seed(1)
-        .build();
+        .seed(1);
+    if let Some(accel) = config.acceleration {
+        mock = mock.acceleration_limit(accel);
+    }
+    let mock = mock.build();
     let forecaster = Forecaster::new();
     let short_429 = Arc::new(AtomicU64::new(0));
     let upstream = upstream(mock.clone(), config, short_429.clone());
@@ -347,7 +373,8 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
             break;
         }
         let elapsed = now.duration_since(start).as_secs_f64();
-        let share = elapsed / (f64::from(config.minutes) * 60.0);
+        let ramp_minutes = config.ramp_minutes.unwrap_or(config.minutes).max(1);
+        let share = (elapsed / (f64::from(ramp_minutes) * 60.0)).min(1.0);
         let rpm = config.start_rpm + (config.end_rpm - config.start_rpm) * share;
         requests += 1;
         let client = client.clone();
@@ -408,6 +435,7 @@ pub async fn simulate(strategy: Strategy, config: &SimConfig) -> SimReport {
         failed: tally.failed,
         upstream_429: stats.by_status.get(&429).copied().unwrap_or(0)
             + short_429.load(Ordering::Relaxed),
+        acceleration_429: stats.acceleration_limited,
         worst_queue_wait: tally.worst_queue_wait,
         worst_latency: latencies.last().copied().unwrap_or_default(),
         median_latency,
@@ -510,7 +538,8 @@ pub fn table(reports: &[SimReport]) -> String {
 }
 
 /// An SVG chart of the runs: demand, forecast, the limit, and the throughput each stack got
-/// upstream (lines), with upstream 429s per 10 s of the first run as bars.
+/// upstream (lines), with upstream 429s per 10 s of the first run as bars (the title names
+/// the acceleration limit when the workload has one).
 pub fn svg_chart(reports: &[SimReport], config: &SimConfig) -> String {
     const W: f64 = 900.0;
     const H: f64 = 420.0;
@@ -544,9 +573,18 @@ pub fn svg_chart(reports: &[SimReport], config: &SimConfig) -> String {
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{LEFT}" y="22" font-size="15" font-weight="bold">Rising demand against {} RPM: requests per minute (simulated, paused time)</text>
+<text x="{LEFT}" y="22" font-size="15" font-weight="bold">{}</text>
 "##,
-        config.limits.rpm
+        match config.acceleration {
+            Some(a) => format!(
+                "Rising demand vs {} RPM and a +{} RPM/min acceleration limit (requests/min, simulated)",
+                config.limits.rpm, a.growth_per_minute
+            ),
+            None => format!(
+                "Rising demand against {} RPM: requests per minute (simulated, paused time)",
+                config.limits.rpm
+            ),
+        }
     );
     // Axes and grid.
     let steps = 5;

@@ -45,6 +45,65 @@ impl Default for MockLimits {
     }
 }
 
+/// An opt-in model of Anthropic's *acceleration limits* (see
+/// [`MockClaudeBuilder::acceleration_limit`]): the API may answer 429 to a sharp increase in
+/// usage even below the per-minute limits, so an organisation that jumps from idle to full rate
+/// is refused while one that ramps up gradually is not.
+///
+/// Per (API key, rate-limit group), admissions are counted over two consecutive sliding
+/// windows of length `window`: the last one (`recent`) and the one before (`previous`). A
+/// request is admitted only if `recent + 1 <= ceiling`, with, in requests per window,
+///
+/// ```text
+/// rate    = max(floor_rpm, previous_rpm + growth_per_minute)
+/// ceiling = max(1, rate · window / 60 s)
+/// ```
+///
+/// where `previous_rpm` is the rate actually admitted over the previous window. So the admitted
+/// rate may rise by at most `growth_per_minute` requests per minute every minute and starts
+/// again from `floor_rpm` after a quiet spell. Once `rate` reaches the group's RPM limit the
+/// ceiling no longer applies: the buckets alone decide (the model never limits more than the
+/// per-minute limit would at full rate). Refused
+/// requests take nothing and count for nothing; only admitted requests count as usage. Token
+/// buckets are checked as usual on top of it.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::testing::AccelerationLimit;
+///
+/// let accel = AccelerationLimit::new(10, 5);
+/// assert_eq!(accel.window, Duration::from_secs(60));
+/// assert_eq!((accel.growth_per_minute, accel.floor_rpm), (10, 5));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AccelerationLimit {
+    /// How much the admitted rate may rise, in requests per minute, per minute.
+    pub growth_per_minute: u64,
+    /// The admitted rate always allowed, in requests per minute, even after a quiet spell
+    /// (at least one request per window is always allowed).
+    pub floor_rpm: u64,
+    /// The length of each of the two sliding windows usage is measured over (at least 1 s).
+    pub window: Duration,
+}
+
+impl AccelerationLimit {
+    /// Growth of `growth_per_minute` requests per minute per minute from a floor of
+    /// `floor_rpm`, measured over windows of one minute.
+    pub const fn new(growth_per_minute: u64, floor_rpm: u64) -> Self {
+        Self {
+            growth_per_minute,
+            floor_rpm,
+            window: Duration::from_secs(60),
+        }
+    }
+
+    /// The same limit measured over windows of `window` (at least 1 s).
+    pub const fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+}
+
 /// The largest request body the simulator accepts (the real API's limit): 32 MB.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
@@ -82,6 +141,7 @@ pub struct MockClaudeBuilder {
     pub(crate) per_token_latency: Duration,
     pub(crate) output_tokens: u64,
     pub(crate) max_body_bytes: usize,
+    pub(crate) acceleration: Option<AccelerationLimit>,
 }
 
 impl Default for MockClaudeBuilder {
@@ -101,6 +161,7 @@ impl Default for MockClaudeBuilder {
             per_token_latency: Duration::ZERO,
             output_tokens: 100,
             max_body_bytes: MAX_BODY_BYTES,
+            acceleration: None,
         }
     }
 }
@@ -210,6 +271,27 @@ impl MockClaudeBuilder {
     /// (default [`MAX_BODY_BYTES`], 32 MB, like the real API).
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Enables the acceleration model ([`AccelerationLimit`]) for every (key, group): a sharp
+    /// rise of the admitted request rate gets 429 `rate_limit_error` with a `retry-after` (whole
+    /// seconds, rounded up: a retry after it is admitted if nothing else is admitted meanwhile)
+    /// and the usual `anthropic-ratelimit-*` headers, which describe the per-minute buckets
+    /// (they still hold quota: that is what makes these 429s hard to predict for a client).
+    /// Such refusals are counted in [`MockStats::acceleration_limited`](super::MockStats) as
+    /// well as `rate_limited`. Off by default.
+    ///
+    /// ```
+    /// use tower_claude::testing::{AccelerationLimit, MockClaude};
+    ///
+    /// let mock = MockClaude::builder()
+    ///     .acceleration_limit(AccelerationLimit::new(10, 5))
+    ///     .build();
+    /// # drop(mock);
+    /// ```
+    pub fn acceleration_limit(mut self, limit: AccelerationLimit) -> Self {
+        self.acceleration = Some(limit);
         self
     }
 

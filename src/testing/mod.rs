@@ -32,6 +32,9 @@
 //!   input-tokens,output-tokens}-{limit,remaining,reset}` (token counts rounded down to
 //!   thousands, resets as RFC 3339 times rounded up to the second); every response carries a
 //!   deterministic `request-id`.
+//! - **Acceleration limits** (opt-in, [`MockClaudeBuilder::acceleration_limit`]): a sharp
+//!   rise in the admitted request rate of a (key, group) gets 429 even below the per-minute
+//!   limits, as the real API may do; a gradual ramp is accepted ([`AccelerationLimit`]).
 //! - **Faults**, seeded and reproducible ([`MockClaudeBuilder::seed`]): 529 and 500 rates, a
 //!   mid-stream `event: error` (`overloaded_error`) after the first text delta, spend-cap mode,
 //!   an in-flight cap, and a queue of scripted outcomes ([`Fault`]). A faulted request
@@ -93,7 +96,7 @@ mod state;
 mod stats;
 
 pub use body::MockBody;
-pub use builder::{MAX_BODY_BYTES, MockClaudeBuilder, MockLimits};
+pub use builder::{AccelerationLimit, MAX_BODY_BYTES, MockClaudeBuilder, MockLimits};
 pub use fault::Fault;
 pub use service::{MockClaude, ResponseFuture};
 pub use stats::MockStats;

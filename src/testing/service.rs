@@ -525,6 +525,30 @@ fn admit(
             worst = Some((wait, limit, what));
         }
     }
+    if let Some(accel) = &shared.config.acceleration {
+        buckets.trim_admitted(accel, now);
+        let bucket_wait = worst.map_or(Duration::ZERO, |(w, _, _)| w);
+        let blocked_now = !buckets.accel_allows(accel, limits.rpm, now);
+        // The truthful wait: the first whole second at which the buckets hold enough *and*
+        // the acceleration ceiling allows one more request.
+        let wait = if blocked_now || !bucket_wait.is_zero() {
+            buckets.accel_wait(accel, limits.rpm, now, bucket_wait)
+        } else {
+            Duration::ZERO
+        };
+        if wait > Duration::from_secs(ceil_secs(bucket_wait)) {
+            inner.stats.rate_limited += 1;
+            inner.stats.acceleration_limited += 1;
+            return Decision::Reject(rate_limited(
+                wait,
+                format!(
+                    "This request would exceed your organization's acceleration limit for the \
+                     {group} model group: usage rose too sharply. Please ramp up traffic \
+                     gradually and retry later."
+                ),
+            ));
+        }
+    }
     if let Some((wait, limit, what)) = worst {
         inner.stats.rate_limited += 1;
         return Decision::Reject(rate_limited(
@@ -539,6 +563,9 @@ fn admit(
     buckets.requests.force_take(1, now);
     buckets.input.force_take(parsed.input_tokens, now);
     buckets.output.force_take(reserve, now);
+    if shared.config.acceleration.is_some() {
+        buckets.admitted.push_back(now);
+    }
     inner.stats.accepted += 1;
     *inner
         .stats

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::anthropic::{BucketSnapshot, KeyId, ModelCatalog, RateLimitGroup, RateLimitSnapshot};
 use crate::quota::TokenBucket;
 
-use super::{Fault, MockClaudeBuilder, MockLimits, MockStats};
+use super::{AccelerationLimit, Fault, MockClaudeBuilder, MockLimits, MockStats};
 
 /// Immutable configuration.
 #[derive(Debug)]
@@ -28,6 +28,7 @@ pub(crate) struct Config {
     pub(crate) per_token_latency: Duration,
     pub(crate) output_tokens: u64,
     pub(crate) max_body_bytes: usize,
+    pub(crate) acceleration: Option<AccelerationLimit>,
 }
 
 impl Config {
@@ -78,6 +79,9 @@ pub(crate) struct Buckets {
     pub(crate) requests: TokenBucket,
     pub(crate) input: TokenBucket,
     pub(crate) output: TokenBucket,
+    /// Admission times over the last two acceleration windows (kept only when the
+    /// acceleration model is on), oldest first.
+    pub(crate) admitted: VecDeque<Instant>,
 }
 
 impl Buckets {
@@ -86,7 +90,63 @@ impl Buckets {
             requests: TokenBucket::per_minute(limits.rpm, now),
             input: TokenBucket::per_minute(limits.itpm, now),
             output: TokenBucket::per_minute(limits.otpm, now),
+            admitted: VecDeque::new(),
         }
+    }
+
+    /// Forgets admissions older than two windows.
+    pub(crate) fn trim_admitted(&mut self, accel: &AccelerationLimit, now: Instant) {
+        let keep = accel_window(accel).saturating_mul(2);
+        while self
+            .admitted
+            .front()
+            .is_some_and(|&a| now.saturating_duration_since(a) >= keep)
+        {
+            self.admitted.pop_front();
+        }
+    }
+
+    /// Whether the acceleration model admits one more request at `at` (no later than every
+    /// recorded admission), given the group's RPM limit.
+    pub(crate) fn accel_allows(&self, accel: &AccelerationLimit, rpm: u64, at: Instant) -> bool {
+        let window = accel_window(accel);
+        let per_window = window.as_secs_f64() / 60.0;
+        // Admissions strictly after `t` (all of them when `t` is before the clock's origin).
+        let after = |t: Option<Instant>| match t {
+            Some(t) => self.admitted.len() - self.admitted.partition_point(|&a| a <= t),
+            None => self.admitted.len(),
+        };
+        let recent_start = at.checked_sub(window);
+        let previous_start = recent_start.and_then(|t| t.checked_sub(window));
+        let recent = after(recent_start);
+        let previous = after(previous_start) - recent;
+        let previous_rpm = previous as f64 / per_window;
+        let rate = (previous_rpm + accel.growth_per_minute as f64).max(accel.floor_rpm as f64);
+        if rate >= rpm as f64 {
+            // Ramped up to the limit: only the buckets apply.
+            return true;
+        }
+        let ceiling = (rate * per_window).max(1.0);
+        // A small tolerance so that rates that divide evenly are not lost to rounding.
+        (recent + 1) as f64 <= ceiling + 1e-9
+    }
+
+    /// The shortest whole-second wait, at least `at_least`, after which the acceleration
+    /// model admits a request (if nothing else is admitted meanwhile). Two windows always
+    /// suffice: then nothing recent is left and one request per window is always allowed.
+    pub(crate) fn accel_wait(
+        &self,
+        accel: &AccelerationLimit,
+        rpm: u64,
+        now: Instant,
+        at_least: Duration,
+    ) -> Duration {
+        let first = at_least.as_secs() + u64::from(at_least.subsec_nanos() > 0);
+        let last = first + accel_window(accel).as_secs().saturating_mul(2) + 1;
+        (first..=last)
+            .map(Duration::from_secs)
+            .find(|&wait| self.accel_allows(accel, rpm, now + wait))
+            .unwrap_or(Duration::from_secs(last))
     }
 
     /// The `anthropic-ratelimit-*` headers for the buckets' state at `now`.
@@ -121,6 +181,11 @@ fn snapshot(bucket: &mut TokenBucket, clock: &Clock, now: Instant, round: bool) 
         remaining: Some(remaining),
         reset: Some(ceil_to_second(clock.wall_at(now + until_full))),
     }
+}
+
+/// The acceleration window, at least a second.
+fn accel_window(accel: &AccelerationLimit) -> Duration {
+    accel.window.max(Duration::from_secs(1))
 }
 
 /// Mutable state behind the lock.
@@ -178,6 +243,7 @@ impl Shared {
             per_token_latency: builder.per_token_latency,
             output_tokens: builder.output_tokens,
             max_body_bytes: builder.max_body_bytes,
+            acceleration: builder.acceleration,
         };
         let inner = Inner {
             rng: fastrand::Rng::with_seed(builder.seed),

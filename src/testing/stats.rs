@@ -38,4 +38,8 @@ pub struct MockStats {
     /// 429 `rate_limit_error` responses: over a bucket, or a scripted
     /// [`Fault::RateLimited`](super::Fault::RateLimited). The spend cap is not counted here.
     pub rate_limited: u64,
+    /// The part of `rate_limited` refused by the acceleration model
+    /// ([`MockClaudeBuilder::acceleration_limit`](super::MockClaudeBuilder::acceleration_limit)):
+    /// the acceleration ceiling, not a bucket, set the wait.
+    pub acceleration_limited: u64,
 }

@@ -50,6 +50,7 @@ impl PacingLayer {
                 trigger: 0.8,
                 release: None,
                 target: 0.95,
+                ramp: None,
                 groups: Arc::new(Mutex::new(HashMap::new())),
             },
         }
@@ -96,6 +97,32 @@ impl PacingLayer {
     pub fn target(mut self, share: f64) -> Self {
         if share.is_finite() {
             self.config.target = share.clamp(0.05, 1.0);
+        }
+        self
+    }
+
+    /// Limits how fast a group's released request rate may rise (off by default): over any
+    /// minute, at most `per_minute` more requests are released than over the minute before
+    /// (from idle, `per_minute` in the first minute). This keeps the upstream clear of
+    /// *acceleration limits*: the API may answer 429 to a sharp increase in usage even below
+    /// the per-minute limits, and asks clients to ramp up gradually.
+    ///
+    /// With a ramp, pacing also starts when the forecast one horizon ahead exceeds what the
+    /// ramp can follow (requests released over the last minute plus `per_minute`), not only
+    /// at the `trigger` share of the quota, and stops only when neither holds. Every release
+    /// counts, paced or not. Values below 1 count as 1.
+    ///
+    /// ```
+    /// use tower_claude::metrics::forecast::Forecaster;
+    /// use tower_claude::metrics::pacing::PacingLayer;
+    ///
+    /// // Never more than 8 requests per minute above the previous minute.
+    /// let layer = PacingLayer::new(Forecaster::new()).ramp(8.0);
+    /// # drop(layer);
+    /// ```
+    pub fn ramp(mut self, per_minute: f64) -> Self {
+        if per_minute.is_finite() && per_minute > 0.0 {
+            self.config.ramp = Some(per_minute.max(1.0));
         }
         self
     }

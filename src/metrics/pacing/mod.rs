@@ -12,6 +12,11 @@
 //! instead of a burst and a wall. Pacing stops when the forecast falls below `release`
 //! (`trigger - 0.1` by default).
 //!
+//! Upstreams with *acceleration limits* (the API may refuse a sharp rise in usage even below
+//! the per-minute limits) call for [`PacingLayer::ramp`]: the released rate then rises by at
+//! most a set number of requests per minute, every minute, and pacing also starts when the
+//! forecast rises faster than that ramp can follow.
+//!
 //! Put it inside the metrics layer and outside the rate limiter:
 //!
 //! ```

@@ -1,6 +1,6 @@
 //! [`Pacing`]: the service built by [`PacingLayer`](super::PacingLayer).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,6 +21,12 @@ use crate::quota::{Limits, QuotaBoard};
 /// is the rate limiter's business).
 const MAX_SPACING: Duration = Duration::from_secs(60);
 
+/// The window the ramp compares: releases over the last minute against the minute before.
+const RAMP_WINDOW: Duration = Duration::from_secs(60);
+
+/// The most release times a group keeps for the ramp (beyond, the oldest are forgotten).
+const MAX_RELEASES: usize = 100_000;
+
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) forecaster: Forecaster,
@@ -31,6 +37,7 @@ pub(crate) struct Config {
     pub(crate) trigger: f64,
     pub(crate) release: Option<f64>,
     pub(crate) target: f64,
+    pub(crate) ramp: Option<f64>,
     pub(crate) groups: Arc<Mutex<HashMap<RateLimitGroup, GroupPace>>>,
 }
 
@@ -38,6 +45,69 @@ pub(crate) struct Config {
 pub(crate) struct GroupPace {
     active: bool,
     next_free: Instant,
+    /// Release times (past, and scheduled in the future) over the last two ramp windows,
+    /// oldest first; kept only with a ramp.
+    released: VecDeque<Instant>,
+}
+
+impl GroupPace {
+    /// Releases at or before `t` and after `t - back` (all of them when that is before the
+    /// clock's origin).
+    fn released_in(&self, t: Instant, back: Duration) -> usize {
+        let upto = self.released.partition_point(|&a| a <= t);
+        let from = t
+            .checked_sub(back)
+            .map_or(0, |s| self.released.partition_point(|&a| a <= s));
+        upto.saturating_sub(from)
+    }
+
+    /// Whether one more release at `t` keeps the ramp: the releases of the last minute
+    /// (this one included) exceed those of the minute before by at most `ramp`.
+    fn ramp_allows(&self, t: Instant, ramp: f64) -> bool {
+        let last = self.released_in(t, RAMP_WINDOW);
+        let both = self.released_in(t, RAMP_WINDOW * 2);
+        let before = both - last;
+        (last + 1) as f64 <= before as f64 + ramp.max(1.0) + 1e-9
+    }
+
+    /// The first instant at or after `start` at which the ramp allows a release (nothing
+    /// before it can change the counts but releases leaving a window).
+    fn ramp_start(&self, start: Instant, ramp: f64) -> Instant {
+        if self.ramp_allows(start, ramp) {
+            return start;
+        }
+        // The counts change only when a release leaves the last minute or the one before;
+        // each of the two sequences of such instants is sorted, so the earliest instant that
+        // allows a release is the earlier of the first one in each sequence.
+        let first_in = |shift: Duration| {
+            self.released
+                .iter()
+                .map(|&a| a + shift)
+                .filter(|&t| t > start)
+                .find(|&t| self.ramp_allows(t, ramp))
+        };
+        match (first_in(RAMP_WINDOW), first_in(RAMP_WINDOW * 2)) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(t), None) | (None, Some(t)) => t,
+            // Two minutes after the last release nothing is counted any more.
+            (None, None) => start + RAMP_WINDOW * 2,
+        }
+    }
+
+    fn record_release(&mut self, at: Instant, now: Instant) {
+        let keep = RAMP_WINDOW * 2;
+        while self
+            .released
+            .front()
+            .is_some_and(|&a| now.saturating_duration_since(a) >= keep)
+            || self.released.len() >= MAX_RELEASES
+        {
+            self.released.pop_front();
+        }
+        // Releases are scheduled in order, so the log stays sorted.
+        let at = self.released.back().map_or(at, |&last| at.max(last));
+        self.released.push_back(at);
+    }
 }
 
 impl Config {
@@ -66,11 +136,20 @@ impl Config {
         let pace = groups.entry(group.clone()).or_insert(GroupPace {
             active: false,
             next_free: now,
+            released: VecDeque::new(),
         });
-        if !pace.active && share >= self.trigger {
+        // With a ramp: is the forecast rising faster than the ramp can follow from what was
+        // released over the last minute (scheduled releases included)?
+        let too_steep = self.ramp.is_some_and(|ramp| {
+            let released = pace.released_in(pace.next_free.max(now), RAMP_WINDOW) as f64;
+            forecast
+                .as_ref()
+                .is_some_and(|f| f.forecast.requests > released + ramp)
+        });
+        if !pace.active && (share >= self.trigger || too_steep) {
             pace.active = true;
-            tracing::info!(%group, share, "pacing on");
-        } else if pace.active && share < release {
+            tracing::info!(%group, share, too_steep, "pacing on");
+        } else if pace.active && share < release && !too_steep {
             pace.active = false;
             tracing::info!(%group, share, "pacing off");
         }
@@ -78,6 +157,9 @@ impl Config {
             .set(if pace.active { 1.0 } else { 0.0 });
         if !pace.active {
             pace.next_free = now;
+            if self.ramp.is_some() {
+                pace.record_release(now, now);
+            }
             return Duration::ZERO;
         }
         // Output per request: what answers used lately, else the request's max_tokens.
@@ -115,7 +197,19 @@ impl Config {
         let spacing = Duration::try_from_secs_f64(spacing)
             .unwrap_or(MAX_SPACING)
             .min(MAX_SPACING);
-        let start = pace.next_free.max(now);
+        let mut start = pace.next_free.max(now);
+        let mut spacing = spacing;
+        if let Some(ramp) = self.ramp {
+            // Never past the ramp counted over whole minutes, and spread evenly: spaced for
+            // the rate of the last minute plus the ramp.
+            start = pace.ramp_start(start, ramp);
+            let rate = pace.released_in(start, RAMP_WINDOW) as f64 + ramp;
+            let smooth = Duration::try_from_secs_f64(RAMP_WINDOW.as_secs_f64() / rate.max(1.0))
+                .unwrap_or(MAX_SPACING)
+                .min(MAX_SPACING);
+            spacing = spacing.max(smooth);
+            pace.record_release(start, now);
+        }
         pace.next_free = start + spacing;
         start - now
     }
