@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, BufferBodyErrorKind};
+use crate::key_pool::KeyPoolError;
 use crate::quota::{AcquireError, AcquireErrorKind};
 use crate::retry::{RetryError, RetryErrorKind};
 
@@ -143,6 +144,17 @@ fn classify_one(err: &(dyn StdError + 'static)) -> Option<Shown> {
         // Otherwise the cause of the last failed attempt decides.
         return None;
     }
+    if let Some(e) = err.downcast_ref::<KeyPoolError>() {
+        // Every upstream key is revoked or spend-capped: an operator must act; retrying
+        // cannot help.
+        return Some(
+            Shown::new(ApiError::new(
+                ApiErrorKind::Permission,
+                format!("the proxy has no usable upstream API key: {e}"),
+            ))
+            .should_retry(false),
+        );
+    }
     if let Some(e) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
         let msg = if e.is_connect() {
             "the proxy could not connect to the upstream API"
@@ -154,4 +166,58 @@ fn classify_one(err: &(dyn StdError + 'static)) -> Option<Shown> {
         );
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(err: BoxError) -> (u16, String, Option<String>, Option<String>) {
+        let resp = error_response(&err);
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let (retry_after, should_retry) = (h("retry-after"), h("x-should-retry"));
+        let status = resp.status().as_u16();
+        let body = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
+            resp.into_body(),
+        ))
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+        let kind = ApiError::from_response(StatusCode::from_u16(status).unwrap(), &body)
+            .error_type()
+            .to_owned();
+        (status, kind, retry_after, should_retry)
+    }
+
+    #[test]
+    fn typed_errors_become_envelopes_through_the_source_chain() {
+        // A plain upstream-style error keeps its status.
+        let (status, kind, ..) = shown(Box::new(ApiError::new(ApiErrorKind::Overloaded, "busy")));
+        assert_eq!((status, kind.as_str()), (529, "overloaded_error"));
+
+        // A wrapper whose source is a known error: the source decides.
+        #[derive(Debug)]
+        struct Wrapper(BoxError);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl StdError for Wrapper {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(self.0.as_ref())
+            }
+        }
+        let inner: BoxError = Box::new(ApiError::new(ApiErrorKind::RequestTooLarge, "big"));
+        let (status, kind, ..) = shown(Box::new(Wrapper(inner)));
+        assert_eq!((status, kind.as_str()), (413, "request_too_large"));
+
+        // Unknown errors are a 500 api_error, never a panic.
+        let (status, kind, ..) = shown("something odd".into());
+        assert_eq!((status, kind.as_str()), (500, "api_error"));
+    }
 }

@@ -1,0 +1,374 @@
+//! A small load generator for `claude-proxy`, and the fast upstream to measure it against.
+//!
+//! ```text
+//! # a simulator with no latency and limits that never bind (the "upstream")
+//! cargo run --release --features proxy --example loadgen -- mock --listen 127.0.0.1:9000
+//! # the proxy in front of it
+//! cargo run --release --features proxy --bin claude-proxy -- --upstream http://127.0.0.1:9000
+//! # load: directly, then through the proxy
+//! cargo run --release --features proxy --example loadgen -- run --url http://127.0.0.1:9000 -c 32 -d 10s
+//! cargo run --release --features proxy --example loadgen -- run --url http://127.0.0.1:8787 -c 32 -d 10s
+//! ```
+//!
+//! `run` keeps `--connections` requests in flight (one per connection, HTTP/1.1 keep-alive) for
+//! a warm-up and then `--duration` (or until `--requests` have been sent), and prints the
+//! latency percentiles (to the last byte of the body; for streams also to the first byte) and
+//! the throughput of the measured part. Every request has a distinct prompt unless
+//! `--same-body` is given, so a caching proxy serves none of them from its cache. A request
+//! counts as an error when it fails, its status is not 200, or its stream does not end with
+//! `message_stop`. See `docs/benchmarks.md` ("Proxy overhead") for the numbers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+use tower_claude::BoxError;
+use tower_claude::proxy::parse_duration;
+use tower_claude::testing::{MockClaude, MockLimits};
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "Load generator for claude-proxy, and a zero-latency simulator to measure it against."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the simulator over HTTP/1.1 with no latency and limits that never bind.
+    Mock {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Output tokens of every answer (capped by the request's max_tokens).
+        #[arg(long, default_value_t = 100)]
+        output_tokens: u64,
+    },
+    /// Send Messages requests to a base URL and report latency and throughput.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct RunArgs {
+    /// Base URL (the simulator, or the proxy); `/v1/messages` is appended.
+    #[arg(long)]
+    url: String,
+    /// Requests in flight at once, one per connection.
+    #[arg(long, short = 'c', default_value_t = 16)]
+    connections: usize,
+    /// How long to measure, e.g. 10s, 1m.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Stop after this many measured requests (before the duration if it comes first).
+    #[arg(long, short = 'n')]
+    requests: Option<u64>,
+    /// Load before measuring, not counted (connections opened, caches warm).
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    warmup: Duration,
+    /// Streaming requests (`"stream": true`, SSE answers).
+    #[arg(long)]
+    stream: bool,
+    /// Model of the requests.
+    #[arg(long, default_value = "claude-haiku-4-5")]
+    model: String,
+    /// `max_tokens` of the requests.
+    #[arg(long, default_value_t = 100)]
+    max_tokens: u64,
+    /// Send the same body every time (through a caching proxy: cache hits).
+    #[arg(long)]
+    same_body: bool,
+    /// The `x-api-key` sent.
+    #[arg(long, default_value = "sk-ant-loadgen")]
+    api_key: String,
+    /// Print the result as one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 10s, 1m)"))
+}
+
+/// At most this many latencies are kept (a bound on memory; about 80 MB).
+const MAX_SAMPLES: usize = 10_000_000;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    match Cli::parse().command {
+        Command::Mock {
+            listen,
+            output_tokens,
+        } => serve_mock(listen, output_tokens).await,
+        Command::Run(args) => {
+            let report = run(args.clone()).await?;
+            report.print(&args);
+            if report.errors > 0 {
+                return Err(format!("{} request(s) failed", report.errors).into());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve_mock(listen: SocketAddr, output_tokens: u64) -> Result<(), BoxError> {
+    let never_binding = MockLimits::new(1_000_000_000, 1_000_000_000_000, 1_000_000_000_000);
+    let mock = MockClaude::builder()
+        .default_limits(never_binding)
+        .output_tokens(output_tokens)
+        .build();
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!(
+        "simulator listening on http://{} (no latency, {output_tokens} output tokens)",
+        listener.local_addr()?
+    );
+    tokio::select! {
+        served = mock.serve(listener) => served?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let stats = mock.stats();
+    eprintln!(
+        "simulator: {} requests received, {} accepted, statuses {:?}",
+        stats.received, stats.accepted, stats.by_status
+    );
+    Ok(())
+}
+
+/// What one worker measured.
+#[derive(Default)]
+struct Samples {
+    /// Microseconds to the last byte.
+    total: Vec<u32>,
+    /// Microseconds to the response head (first byte).
+    head: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+struct Report {
+    total: Vec<u32>,
+    head: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+type LoadClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn run(args: RunArgs) -> Result<Report, BoxError> {
+    if args.connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
+    let uri: http::Uri = format!("{}/v1/messages", args.url.trim_end_matches('/')).parse()?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: LoadClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.connections)
+        .build(connector);
+    // Distinct prompts across runs too, so that a disk cache does not serve a second run.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let counter = Arc::new(AtomicU64::new(0));
+    let ctx = Arc::new(Ctx {
+        client,
+        uri,
+        args: args.clone(),
+        nonce,
+        counter,
+    });
+
+    if !args.warmup.is_zero() {
+        phase(&ctx, Instant::now() + args.warmup, None).await;
+    }
+    let start = Instant::now();
+    let samples = phase(&ctx, start + args.duration, args.requests).await;
+    let elapsed = start.elapsed();
+
+    let mut report = Report {
+        total: Vec::new(),
+        head: Vec::new(),
+        errors: 0,
+        first_error: None,
+        elapsed,
+    };
+    for s in samples {
+        report.total.extend(s.total);
+        report.head.extend(s.head);
+        report.errors += s.errors;
+        report.first_error = report.first_error.or(s.first_error);
+    }
+    report.total.sort_unstable();
+    report.head.sort_unstable();
+    Ok(report)
+}
+
+struct Ctx {
+    client: LoadClient,
+    uri: http::Uri,
+    args: RunArgs,
+    nonce: u128,
+    counter: Arc<AtomicU64>,
+}
+
+/// Runs `connections` workers until `until`, or until `limit` requests have been started.
+async fn phase(ctx: &Arc<Ctx>, until: Instant, limit: Option<u64>) -> Vec<Samples> {
+    let started = Arc::new(AtomicU64::new(0));
+    let per_worker = MAX_SAMPLES / ctx.args.connections;
+    let workers: Vec<_> = (0..ctx.args.connections)
+        .map(|_| {
+            let ctx = ctx.clone();
+            let started = started.clone();
+            tokio::spawn(async move {
+                let mut samples = Samples::default();
+                while Instant::now() < until
+                    && limit.is_none_or(|n| started.fetch_add(1, Ordering::Relaxed) < n)
+                {
+                    let i = ctx.counter.fetch_add(1, Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    match one_request(&ctx, i).await {
+                        Ok(head) => {
+                            if samples.total.len() < per_worker {
+                                samples.total.push(micros(t0.elapsed()));
+                                samples.head.push(micros(head));
+                            }
+                        }
+                        Err(e) => {
+                            samples.errors += 1;
+                            samples.first_error.get_or_insert_with(|| chain(&*e));
+                        }
+                    }
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(workers.len());
+    for w in workers {
+        out.push(w.await.unwrap_or_default());
+    }
+    out
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Sends request `i`, reads the whole answer; returns the time to the response head.
+async fn one_request(ctx: &Ctx, i: u64) -> Result<Duration, BoxError> {
+    let args = &ctx.args;
+    let prompt = if args.same_body {
+        "loadgen: write a haiku about queues".to_owned()
+    } else {
+        format!("loadgen {} #{i}: write a haiku about queues", ctx.nonce)
+    };
+    let body = serde_json::json!({
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let req = Request::post(ctx.uri.clone())
+        .header("x-api-key", &args.api_key)
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body)?)))?;
+    let t0 = Instant::now();
+    let resp = ctx.client.request(req).await?;
+    let head = t0.elapsed();
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if status != StatusCode::OK {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        return Err(format!("status {status}: {text}").into());
+    }
+    let tail = &body[body.len().saturating_sub(64)..];
+    if args.stream && !tail.windows(12).any(|w| w == b"message_stop") {
+        return Err("the stream did not end with message_stop".into());
+    }
+    Ok(head)
+}
+
+/// Nearest-rank percentile of sorted microseconds, in milliseconds.
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1000.0
+}
+
+impl Report {
+    fn print(&self, args: &RunArgs) {
+        let ok = self.total.len();
+        let rps = ok as f64 / self.elapsed.as_secs_f64();
+        let mean = if ok == 0 {
+            f64::NAN
+        } else {
+            self.total.iter().map(|&v| f64::from(v)).sum::<f64>() / ok as f64 / 1000.0
+        };
+        let kind = if args.stream { "stream" } else { "json" };
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "url": args.url, "kind": kind, "connections": args.connections,
+                    "requests": ok, "errors": self.errors, "seconds": self.elapsed.as_secs_f64(),
+                    "rps": rps, "mean_ms": mean,
+                    "p50_ms": pct(&self.total, 50.0), "p90_ms": pct(&self.total, 90.0),
+                    "p99_ms": pct(&self.total, 99.0), "max_ms": pct(&self.total, 100.0),
+                    "head_p50_ms": pct(&self.head, 50.0), "head_p99_ms": pct(&self.head, 99.0),
+                })
+            );
+            return;
+        }
+        println!(
+            "{} {kind}, {} connections: {ok} requests in {:.2} s, {} errors",
+            args.url,
+            args.connections,
+            self.elapsed.as_secs_f64(),
+            self.errors
+        );
+        if let Some(e) = &self.first_error {
+            println!("  first error: {e}");
+        }
+        println!("  throughput  {rps:.0} req/s");
+        println!(
+            "  latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  mean {mean:.3}",
+            pct(&self.total, 50.0),
+            pct(&self.total, 90.0),
+            pct(&self.total, 99.0),
+            pct(&self.total, 100.0),
+        );
+        if args.stream {
+            println!(
+                "  first byte  p50 {:.3}  p99 {:.3}",
+                pct(&self.head, 50.0),
+                pct(&self.head, 99.0)
+            );
+        }
+    }
+}

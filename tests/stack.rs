@@ -1,0 +1,92 @@
+//! `ClaudeStack`: every layer in order, each one switchable.
+#![cfg(feature = "testing")]
+
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_claude::body::RequestBody;
+use tower_claude::retry::RetryInfo;
+use tower_claude::stack::{CacheConfig, ClaudeStack, StackConfig};
+use tower_claude::testing::{Fault, MockClaude};
+
+fn request(model: &str) -> Request<RequestBody> {
+    let body = format!(
+        r#"{{"model":"{model}","max_tokens":32,"temperature":0,"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    Request::post("/v1/messages")
+        .header("x-api-key", "sk-ant-stack")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(body))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_stack_marks_what_each_layer_did() {
+    let mock = MockClaude::builder().build();
+    let stack = ClaudeStack::from_config(&StackConfig {
+        seed: Some(3),
+        ..StackConfig::default()
+    })
+    .unwrap();
+    let svc = stack.service(mock.clone());
+
+    // One 529 first: the retry layer absorbs it.
+    mock.push_fault(Fault::Overloaded);
+    let resp = svc
+        .clone()
+        .oneshot(request("claude-opus-4-7"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tower-claude-cache"], "miss");
+    assert_eq!(resp.headers()["x-tower-claude-model"], "claude-opus-4-7");
+    assert_eq!(resp.extensions().get::<RetryInfo>().unwrap().attempts(), 2);
+    resp.into_body().collect().await.unwrap();
+
+    // The same request again: a cache hit, nothing sent upstream.
+    let before = mock.stats().received;
+    let resp = svc
+        .clone()
+        .oneshot(request("claude-opus-4-7"))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-tower-claude-cache"], "hit");
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(mock.stats().received, before);
+
+    // The shared board learned the Opus group's limits from the headers.
+    let statuses = stack.quota_board().statuses();
+    assert!(statuses.iter().any(|s| s.group.as_str() == "claude-opus-4"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_layer_can_be_switched_off() {
+    let mock = MockClaude::builder().build();
+    let svc = ClaudeStack::from_config(&StackConfig {
+        rate_limit: false,
+        retry: false,
+        fallback: false,
+        cache: CacheConfig::Off,
+        metrics: false,
+        ..StackConfig::default()
+    })
+    .unwrap()
+    .service(mock.clone());
+
+    // Without retry, a scripted 429 reaches the caller unchanged, with its retry-after.
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(7),
+    });
+    let resp = svc
+        .clone()
+        .oneshot(request("claude-opus-4-7"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    assert!(resp.headers().get("x-tower-claude-cache").is_none());
+    assert!(resp.headers().get("x-tower-claude-model").is_none());
+    assert!(resp.extensions().get::<RetryInfo>().is_none());
+}
