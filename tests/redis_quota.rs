@@ -199,8 +199,17 @@ async fn headers_seen_by_one_node_limit_the_other() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let a = redis_board(&server.url(), "t3:", 50).await;
-    let b = redis_board(&server.url(), "t3:", 50).await;
+    // Generous timeouts: a slow reply on a loaded machine must not send a node to its local
+    // share, which is not what this test is about.
+    let patient = || options("t3:").response_timeout(Duration::from_secs(2));
+    let url = server.url();
+    let board = || {
+        QuotaBoard::builder()
+            .limits(group(), Limits::new(50, 1_000_000, 1_000_000))
+            .build_redis(&url, patient())
+    };
+    let a = board().await.unwrap();
+    let b = board().await.unwrap();
     // Warm both mirrors.
     a.acquire(key(), group(), Cost::new(1, 0, 0))
         .await
@@ -216,7 +225,7 @@ async fn headers_seen_by_one_node_limit_the_other() {
         ..Default::default()
     };
     a.observe(&key(), &group(), &snap);
-    tokio::time::sleep(Duration::from_millis(100)).await; // the re-seed is sent in the background
+    tokio::time::sleep(Duration::from_millis(500)).await; // the re-seed is sent in the background
     let mut got = 0;
     for _ in 0..10 {
         match b
