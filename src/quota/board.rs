@@ -513,6 +513,27 @@ impl Acquire {
         self
     }
 
+    /// Ends the wait with a reservation for `grant`.
+    fn granted(&mut self, grant: Grant) -> Poll<Result<Reservation, AcquireError>> {
+        self.state = AcquireState::Done;
+        Poll::Ready(Ok(self.board.reservation(
+            self.key.clone(),
+            self.group.clone(),
+            self.cost,
+            grant,
+        )))
+    }
+
+    /// Ends the wait: the cost can never fit the buckets.
+    fn too_large(&mut self) -> Poll<Result<Reservation, AcquireError>> {
+        self.state = AcquireState::Done;
+        Poll::Ready(Err(self.board.check_error(
+            &self.key,
+            &self.group,
+            Check::TooLarge,
+        )))
+    }
+
     fn arm(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
         match &mut self.sleep {
             Some(s) => {
@@ -564,24 +585,8 @@ impl Future for Acquire {
                         Backend::Local(b) => b.enqueue(&this.key, &this.group, &this.cost),
                     };
                     match enq {
-                        Enqueued::Granted(grant) => {
-                            this.state = AcquireState::Done;
-                            let r = this.board.reservation(
-                                this.key.clone(),
-                                this.group.clone(),
-                                this.cost,
-                                grant,
-                            );
-                            return Poll::Ready(Ok(r));
-                        }
-                        Enqueued::TooLarge => {
-                            this.state = AcquireState::Done;
-                            return Poll::Ready(Err(this.board.check_error(
-                                &this.key,
-                                &this.group,
-                                Check::TooLarge,
-                            )));
-                        }
+                        Enqueued::Granted(grant) => return this.granted(grant),
+                        Enqueued::TooLarge => return this.too_large(),
                         Enqueued::Queued(id) => {
                             this.state = AcquireState::Queued(id);
                             id
@@ -596,24 +601,8 @@ impl Future for Acquire {
                 }
             };
             match polled {
-                WaitPoll::Granted(grant) => {
-                    this.state = AcquireState::Done;
-                    let r = this.board.reservation(
-                        this.key.clone(),
-                        this.group.clone(),
-                        this.cost,
-                        grant,
-                    );
-                    return Poll::Ready(Ok(r));
-                }
-                WaitPoll::TooLarge => {
-                    this.state = AcquireState::Done;
-                    return Poll::Ready(Err(this.board.check_error(
-                        &this.key,
-                        &this.group,
-                        Check::TooLarge,
-                    )));
-                }
+                WaitPoll::Granted(grant) => return this.granted(grant),
+                WaitPoll::TooLarge => return this.too_large(),
                 WaitPoll::TimedOut(available_in) => {
                     this.state = AcquireState::Done;
                     return Poll::Ready(Err(AcquireError::new(
