@@ -1,5 +1,41 @@
 //! # tower-claude
 //!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_claude::{BoxError, body::RequestBody};
+//! use tower_claude::{rate_limit::RateLimitLayer, retry::{RetryInfo, RetryLayer}};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! // Any service that speaks the Messages API: `client::HttpClient::anthropic()` for the real
+//! // one (feature `client`), `testing::MockClaude` (feature `testing`), or a stand-in.
+//! let upstream = tower::service_fn(|_req: http::Request<RequestBody>| async {
+//!     let body = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":30}}"#;
+//!     Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from(body))))
+//! });
+//! let claude = ServiceBuilder::new()
+//!     .layer(RetryLayer::new().deadline(Duration::from_secs(300)))
+//!     .layer(RateLimitLayer::new()) // limits learned from the response headers
+//!     .service(upstream);
+//!
+//! let request = http::Request::post("https://api.anthropic.com/v1/messages")
+//!     .header("x-api-key", "sk-ant-example")
+//!     .header("anthropic-version", "2023-06-01")
+//!     .body(RequestBody::from(
+//!         r#"{"model":"claude-sonnet-4-6","max_tokens":256,"messages":[{"role":"user","content":"Hi"}]}"#,
+//!     ))?;
+//! let response = claude.oneshot(request).await?;
+//! assert_eq!(response.extensions().get::<RetryInfo>().unwrap().attempts(), 1);
+//! let _json = response.into_body().collect().await?.to_bytes();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! All the layers in the recommended order, sharing one quota board: [`stack::ClaudeStack`].
+//!
 //! Tower layers that keep programs calling the Claude API (Anthropic Messages API) working
 //! through rate limits: token buckets for requests and input / output tokens per minute,
 //! concurrency caps, 429-aware retries, model fallback, response caching, and `claude-proxy`,

@@ -24,10 +24,12 @@
 //! use tower::ServiceExt;
 //! use tower_claude::body::RequestBody;
 //! use tower_claude::stack::{ClaudeStack, StackConfig};
-//! use tower_claude::testing::MockClaude;
 //!
+//! # #[cfg(feature = "testing")]
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), tower_claude::BoxError> {
+//! use tower_claude::testing::MockClaude; // feature `testing`
+//!
 //! let stack = ClaudeStack::from_config(&StackConfig::default())?;
 //! let board = stack.quota_board().clone(); // for a status page
 //! let svc = stack.service(MockClaude::builder().build());
@@ -43,6 +45,8 @@
 //! assert_eq!(board.statuses().len(), 1);
 //! # Ok(())
 //! # }
+//! # #[cfg(not(feature = "testing"))]
+//! # fn main() {}
 //! ```
 
 use std::collections::BTreeMap;
@@ -76,10 +80,14 @@ pub type ClaudeService = BoxCloneSyncService<Request<RequestBody>, Response<Clau
 /// Boxes any suitable service into a [`ClaudeService`].
 ///
 /// ```
-/// use tower_claude::stack::boxed;
-/// use tower_claude::testing::MockClaude;
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower_claude::{BoxError, body::RequestBody, stack::boxed};
 ///
-/// let svc = boxed(MockClaude::builder().build());
+/// let upstream = tower::service_fn(|_req: http::Request<RequestBody>| async {
+///     Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+/// });
+/// let svc = boxed(upstream); // a clonable `ClaudeService`
 /// # drop(svc);
 /// ```
 pub fn boxed<S, B>(service: S) -> ClaudeService
