@@ -413,6 +413,64 @@ async fn limits_are_learned_from_headers() {
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
 
+/// A probe whose caller gives up before the answer teaches nothing: the next request probes
+/// again, and the limits its answer brings are enforced (the group is not left unlimited).
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_probe_does_not_lift_the_gate() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_req: Request<RequestBody>| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // The first call (the probe that will be cancelled) is slow.
+            let secs = if n == 0 { 60 } else { 1 };
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            let mut r = Response::new(json_usage(20, 10));
+            let b = |limit: u64, remaining: u64| BucketSnapshot {
+                limit: Some(limit),
+                remaining: Some(remaining),
+                reset: Some(SystemTime::now()),
+            };
+            RateLimitSnapshot {
+                requests: b(2, 1),
+                tokens: BucketSnapshot::default(),
+                input_tokens: b(10_000, 9_000),
+                output_tokens: b(2_000, 1_000),
+            }
+            .write_headers(r.headers_mut());
+            Ok::<_, BoxError>(r)
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new())
+        .service(upstream);
+    let cancelled = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.clone().oneshot(messages(100, false)),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    // Five requests: one probe, then the learned 2 rpm (1 left) lets one more through.
+    let tasks: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(messages(100, false))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "only the new probe went out"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the learned limit holds the rest"
+    );
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn cancellation_at_any_point_leaks_nothing() {
     let senders = Senders::default();

@@ -658,8 +658,11 @@ impl Drop for Acquire {
 ///   status; only the request unit stays charged.
 /// * [`refund`](Reservation::refund): the request never reached the server; everything,
 ///   including the request unit, is given back.
-/// * Dropped without either: the reservation stays charged as reserved (the request may have
-///   been served; refill returns the quota).
+/// * [`keep`](Reservation::keep): the server answered but the real cost is unknown; what was
+///   reserved stays charged.
+/// * Dropped without any of these: the reservation stays charged as reserved (the request may
+///   have been served; refill returns the quota). A dropped probe (the first request of a
+///   group whose limits are unknown) lets the next request probe; it teaches nothing.
 pub struct Reservation {
     board: QuotaBoard,
     key: KeyId,
@@ -717,6 +720,27 @@ impl Reservation {
     /// Gives everything back: the request never reached the server.
     pub fn refund(mut self) {
         self.finish(Outcome::Refund);
+    }
+
+    /// Keeps what was reserved: the server answered with a success, but its real cost is
+    /// unknown (no `usage` in the body). Unlike a dropped reservation, this says the request
+    /// was answered: when it was the probe of unknown limits and the answer carried no
+    /// rate-limit headers, the board stops probing and stops enforcing for that group.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{KeyId, RateLimitGroup};
+    /// use tower_claude::quota::{Cost, QuotaBoard};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let board = QuotaBoard::new();
+    /// let (key, group) = (KeyId::named("team-a"), RateLimitGroup::new("claude-sonnet-4"));
+    /// let probe = board.acquire(key.clone(), group.clone(), Cost::new(1, 100, 100)).await.unwrap();
+    /// probe.keep(); // answered, no rate-limit headers seen: nothing to enforce
+    /// assert!(board.try_acquire(&key, &group, Cost::new(1, 100, 100)).is_ok());
+    /// # }
+    /// ```
+    pub fn keep(mut self) {
+        self.finish(Outcome::Served);
     }
 
     fn finish(&mut self, outcome: Outcome) {

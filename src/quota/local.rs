@@ -55,8 +55,12 @@ pub(crate) enum Outcome {
     Refund,
     /// The real cost.
     Actual(Cost),
-    /// Keep what was reserved (nothing known about the real cost).
+    /// Dropped unsettled: keep what was reserved (the request may or may not have reached
+    /// the server; nothing is known about it).
     Keep,
+    /// The server answered with a success but the real cost is unknown: keep what was
+    /// reserved.
+    Served,
     /// The server answered with an error status: the request unit counts, tokens do not, and
     /// nothing is learned about the limits.
     Rejected,
@@ -276,11 +280,13 @@ impl Entry {
                     }
                 }
             }
-            Outcome::Keep => {}
+            Outcome::Keep | Outcome::Served => {}
         }
         if grant.probe {
+            // A probe dropped before its answer (`Keep`), refused or refunded teaches nothing:
+            // the next request probes.
             self.probe_out = false;
-            if matches!(outcome, Outcome::Actual(_) | Outcome::Keep) && !self.known() {
+            if matches!(outcome, Outcome::Actual(_) | Outcome::Served) && !self.known() {
                 // The server answered without any limit header: nothing to learn, stop probing.
                 self.unlimited = true;
             }

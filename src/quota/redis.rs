@@ -611,7 +611,7 @@ impl RedisShared {
     ) {
         let charged = grant.charged.map(|c| c.unwrap_or(0) as i64);
         let deltas: [i64; 3] = match outcome {
-            Outcome::Keep => return,
+            Outcome::Keep | Outcome::Served => return,
             Outcome::Refund => charged,
             Outcome::Rejected => [0, charged[1], charged[2]],
             Outcome::Actual(actual) => {

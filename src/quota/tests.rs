@@ -249,6 +249,18 @@ async fn a_probe_answered_without_headers_lifts_the_gate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_dropped_probe_teaches_nothing() {
+    let b = QuotaBoard::new();
+    // The probe's caller went away before the answer: the gate stays, the next request probes.
+    drop(b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap());
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    assert!(!b.fits_now(&k(), &g(), &Cost::new(1, 1, 1)));
+    // Answered without headers and without usage: nothing to enforce.
+    probe.keep();
+    assert!(b.fits_now(&k(), &g(), &Cost::new(1, 1, 1)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn idle_entries_are_evicted() {
     let b = QuotaBoard::builder()
         .default_limits(Limits::new(10, 1_000, 1_000))

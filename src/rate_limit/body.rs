@@ -113,10 +113,10 @@ impl Settler {
                 Some(u) => {
                     reservation.settle(Cost::new(1, u.counted_input_tokens(), u.output_tokens))
                 }
-                // Unknown real cost: keep the reservation.
-                None => drop(reservation),
+                // Answered, real cost unknown: keep the reservation.
+                None => reservation.keep(),
             },
-            Mode::Overflow => drop(reservation),
+            Mode::Overflow => reservation.keep(),
             Mode::Sse(tracker) => {
                 if complete {
                     tracker.finish();
