@@ -174,3 +174,35 @@ async fn two_proxies_share_learned_limits_through_redis() {
     // The limit is used, not starved.
     assert!(ok as u64 >= LIMIT - NODES, "{ok} answered; {stats:?}");
 }
+
+/// No `[limits]` configured, and one node has already learned them when the burst comes: the
+/// other node adopts them from Redis instead of probing, so upstream sees the limit plus the
+/// first node's probe only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_adopts_the_limits_the_first_learned() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mock = upstream();
+    let (up, _server) = mock.serve_on_loopback().await.unwrap();
+    let (a, ta) = node_with(up, Some(&redis.url()), None).await;
+    let (b, tb) = node_with(up, Some(&redis.url()), None).await;
+    // One request through node A: its probe teaches the limits (and seeds Redis).
+    assert_eq!(burst([a, a], 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ok = burst([a, b], 2 * LIMIT as usize).await;
+    let stats = mock.stats();
+    ta.abort();
+    tb.abort();
+    println!(
+        "limits learned by node A first: {} answered, upstream saw {} requests, {} refused (429)",
+        ok + 1,
+        stats.received,
+        stats.rate_limited
+    );
+    // Node B sent no probe of its own: nothing beyond the limit went out, nothing was refused
+    // (with a probe of its own, upstream saw 21 and refused 1).
+    assert!(stats.received <= LIMIT, "{stats:?}");
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert!(ok as u64 + 1 >= LIMIT - 1, "{ok} answered; {stats:?}");
+}

@@ -430,9 +430,11 @@ async fn learned_limits_are_enforced_in_redis_for_requests_queued_behind_the_pro
     let mut probes = Vec::new();
     let mut waiters = Vec::new();
     for board in [&a, &b] {
+        // Neither node has learned the limits, nor finds them in Redis: each probes.
         probes.push(
             board
-                .try_acquire(&key(), &group(), Cost::new(1, 10, 10))
+                .acquire(key(), group(), Cost::new(1, 10, 10))
+                .await
                 .unwrap(),
         );
         // Blocked behind the probe.
@@ -485,4 +487,89 @@ async fn learned_limits_are_enforced_in_redis_for_requests_queued_behind_the_pro
     );
     let grants = a.redis_status().unwrap().shared_grants + b.redis_status().unwrap().shared_grants;
     assert_eq!(grants, admitted, "every waiter was admitted by Redis");
+}
+
+/// Limits one node learned from the headers are adopted by the others from Redis: a node
+/// that starts later does not probe, so a group is never sent more than the limit plus the
+/// first node's probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_adopts_limits_learned_by_another_instead_of_probing() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let patient = || options("t8:").response_timeout(Duration::from_secs(2));
+    let a = QuotaBoard::builder()
+        .build_redis(&server.url(), patient())
+        .await
+        .unwrap();
+    let limit = 10;
+    // Node A probes and learns 10 rpm, 9 left.
+    let probe = a
+        .acquire(key(), group(), Cost::new(1, 10, 10))
+        .await
+        .unwrap();
+    a.observe(
+        &key(),
+        &group(),
+        &RateLimitSnapshot {
+            requests: BucketSnapshot {
+                limit: Some(limit),
+                remaining: Some(limit - 1),
+                reset: None,
+            },
+            ..Default::default()
+        },
+    );
+    probe.settle(Cost::new(1, 10, 10));
+    // Wait for the background seed to reach Redis.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.redis_status().unwrap().errors == 0 && Instant::now() < deadline {
+        let h = a.headroom(&key(), &group());
+        if h.is_some_and(|h| h.requests.is_some_and(|r| r.remaining == limit - 1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Node B starts later, knowing nothing. A burst of 20: no probe, Redis admits what is left.
+    let b = QuotaBoard::builder()
+        .build_redis(&server.url(), patient())
+        .await
+        .unwrap();
+    assert!(b.headroom(&key(), &group()).is_none());
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                b.acquire(key(), group(), Cost::new(1, 10, 10))
+                    .max_wait(Duration::from_millis(300))
+                    .await
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in burst {
+        match t.await.unwrap() {
+            Ok(r) => {
+                admitted += 1;
+                r.settle(Cost::new(1, 10, 10));
+            }
+            Err(e) => assert_eq!(e.kind(), AcquireErrorKind::QueueTimeout),
+        }
+    }
+    // 9 left, plus what refilled meanwhile (10 rpm: one per 6 s), at most one.
+    assert!(
+        (limit - 1..=limit).contains(&admitted),
+        "admitted {admitted} on the second node"
+    );
+    let status = b.redis_status().unwrap();
+    assert_eq!(
+        status.shared_grants, admitted,
+        "every request of node B was admitted by Redis (no local probe)"
+    );
+    let h = b.headroom(&key(), &group()).expect("limits adopted");
+    assert_eq!(h.requests.unwrap().limit, limit);
+    assert!(
+        !b.statuses()[0].configured,
+        "adopted limits are learned, not configured"
+    );
 }

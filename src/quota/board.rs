@@ -356,7 +356,7 @@ impl QuotaBoard {
             state: AcquireState::Start,
             sleep: None,
             #[cfg(feature = "redis")]
-            remote: None,
+            remote: Default::default(),
         }
     }
 
@@ -484,7 +484,7 @@ pub struct Acquire {
     sleep: Option<Pin<Box<Sleep>>>,
     /// The Redis path (or the local fallback while Redis is down).
     #[cfg(feature = "redis")]
-    remote: Option<super::redis::RemoteAcquire>,
+    remote: super::redis::RemoteState,
 }
 
 impl fmt::Debug for Acquire {

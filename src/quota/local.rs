@@ -886,6 +886,35 @@ impl LocalBackend {
         }))
     }
 
+    /// Whether `(key, group)` may find its limits in the shared store: none known here, and no
+    /// answer said there are none.
+    #[cfg(feature = "redis")]
+    pub(crate) fn lacks_limits(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        !e.known() && !e.unlimited
+    }
+
+    /// Adopts the capacities another process learned from the server's headers (found in the
+    /// shared store) as learned limits: no probe needed here. Requests queued behind a local
+    /// probe are released to the store. No-op when limits are known already.
+    #[cfg(feature = "redis")]
+    pub(crate) fn adopt(&self, key: &KeyId, group: &RateLimitGroup, caps: [Option<u64>; 3]) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        if e.known() {
+            return;
+        }
+        for (slot, cap) in e.slots.iter_mut().zip(caps) {
+            if let Some(cap) = cap {
+                *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), false));
+            }
+        }
+        e.drain(now, None);
+    }
+
     /// Sets the levels of the known buckets of `(key, group)` from a shared store's view
     /// (a negative level is a debt).
     #[cfg(feature = "redis")]

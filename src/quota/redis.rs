@@ -10,11 +10,15 @@
 //!   seen by every node) are sent in the background.
 //! * **Reads** ([`QuotaBoard::headroom`], [`fits_now`](QuotaBoard::fits_now), ...) come from a
 //!   local mirror updated with the levels every script call returns: no round trip.
-//! * **Unknown limits** are learned as with the in-process board (one probe request per
-//!   process, then the headers); from then on the `(key, group)` is limited in Redis. The
-//!   requests that queued behind the probe are not granted locally: once the headers have
-//!   re-seeded Redis (so the shared level counts the probes), they take their quota in Redis
-//!   like any other. Together the processes send at most the limit plus one probe each.
+//! * **Unknown limits** are first looked for in Redis: the hash of a `(key, group)` holds the
+//!   capacities as well as the levels, so a process adopts the limits another one learned
+//!   (one extra round trip, only while its own are unknown) and sends no probe. When Redis
+//!   has none, they are learned as with the in-process board (one probe request, then the
+//!   headers); from then on the `(key, group)` is limited in Redis. The requests that queued
+//!   behind the probe are not granted locally: once the headers have re-seeded Redis (so the
+//!   shared level counts the probes), they take their quota in Redis like any other.
+//!   Processes that start at the same instant send at most the limit plus one probe each; a
+//!   process that starts after the limits were learned sends none.
 //! * **Redis down** never fails a request: the board logs it (`tracing` warning), counts it
 //!   ([`RedisStatus::outages`]), and limits locally with a share of every limit
 //!   ([`RedisOptions::expected_nodes`] / [`RedisOptions::local_share`]) until a background
@@ -44,7 +48,8 @@
 //!
 //! Limits must agree between processes (configure the same limits everywhere, or let each
 //! learn them from the headers). With the Redis backend, [`QuotaBoard::try_acquire`] cannot
-//! decide without a round trip: for a limited `(key, group)` it answers
+//! decide without a round trip: for a limited `(key, group)`, and for one whose limits are
+//! not known yet (Redis may know them), it answers
 //! [`QueueTimeout`](AcquireErrorKind::QueueTimeout) with a zero
 //! [`available_in`](super::AcquireError::available_in) (so a rate limiter with a zero
 //! `max_wait` refuses everything); use [`QuotaBoard::acquire`].
@@ -75,8 +80,11 @@ const TOKEN_ROUNDING: u64 = 999;
 
 /// One script for every operation, so that the hot path is a single `EVALSHA`.
 ///
-/// `KEYS[1]`: the `(key, group)` hash (`t`: last update in µs, `l1..l3`: levels).
+/// `KEYS[1]`: the `(key, group)` hash (`t`: last update in µs, `l1..l3`: levels, `c1..c3`:
+/// the capacities of the last writer, so that a process that has not learned the limits yet
+/// can adopt them instead of probing).
 /// `ARGV`: mode, period (µs), ttl (ms), cap1..3 (-1: unknown bucket), then per mode
+/// `peek`: nothing (returns the stored capacities in place of the levels);
 /// `acquire`: amount1..3; `settle`: delta1..3 (added, clamped to the capacity);
 /// `observe`: remaining1..3 (-1: none), rounding1..3 (a level above `remaining + rounding`
 /// is lowered to `remaining`); `seed` (the first headers this process learned limits from):
@@ -88,6 +96,10 @@ const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
+if mode == 'peek' then
+  local c = redis.call('HMGET', KEYS[1], 'c1', 'c2', 'c3')
+  return {'ok', '0', c[1] or '', c[2] or '', c[3] or ''}
+end
 local period = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3')
@@ -121,6 +133,8 @@ local function save()
     if levels[i] then
       fields[#fields + 1] = 'l' .. i
       fields[#fields + 1] = string.format('%.6f', levels[i])
+      fields[#fields + 1] = 'c' .. i
+      fields[#fields + 1] = string.format('%.0f', caps[i])
     end
   end
   redis.call('HSET', KEYS[1], unpack(fields))
@@ -425,9 +439,19 @@ impl fmt::Debug for RedisShared {
     }
 }
 
-/// The Redis path of an [`Acquire`](super::Acquire).
-pub(crate) type RemoteAcquire =
-    Pin<Box<dyn Future<Output = Result<Reservation, AcquireError>> + Send>>;
+/// The Redis path of an [`Acquire`](super::Acquire): its future, `None` when the local path
+/// applies after all (the store had no limits to adopt).
+type RemoteAcquire =
+    Pin<Box<dyn Future<Output = Option<Result<Reservation, AcquireError>>> + Send>>;
+
+/// The Redis side of one [`Acquire`](super::Acquire).
+#[derive(Default)]
+pub(crate) struct RemoteState {
+    fut: Option<RemoteAcquire>,
+    /// The store was asked for limits learned by another process and had none: this acquire
+    /// takes the local (probe) path while its limits are unknown.
+    peeked: bool,
+}
 
 fn share_limit(limit: u64, share: f64) -> u64 {
     if share >= 1.0 {
@@ -593,7 +617,14 @@ impl RedisShared {
         if self.is_degraded() {
             return Some(Check::Wait(Duration::ZERO));
         }
-        let caps = self.mirror.capacities(key, group)?;
+        let Some(caps) = self.mirror.capacities(key, group) else {
+            // Unknown here, but another process may have learned them: only an asynchronous
+            // acquire can ask the store (before probing).
+            return self
+                .mirror
+                .lacks_limits(key, group)
+                .then_some(Check::Wait(Duration::ZERO));
+        };
         let a = amounts(&caps, cost);
         if caps.iter().zip(a).any(|(c, n)| c.is_some_and(|c| n > c)) {
             return Some(Check::TooLarge);
@@ -807,43 +838,86 @@ async fn acquire_shared(
     }
 }
 
+/// Limits unknown here: adopt the ones another process learned (found in the store), then
+/// acquire in Redis; `None` when the store has none (this process probes).
+async fn adopt_then_acquire(
+    shared: Arc<RedisShared>,
+    board: QuotaBoard,
+    key: KeyId,
+    group: RateLimitGroup,
+    cost: Cost,
+    deadline: Option<Instant>,
+) -> Option<Result<Reservation, AcquireError>> {
+    match shared.eval(&key, &group, "peek", &[None; 3], &[]).await {
+        Ok(reply) => {
+            let caps = reply.levels.map(|c| c.map(|c| c.max(0.0) as u64));
+            if caps.iter().all(Option::is_none) {
+                return None;
+            }
+            shared.mirror.adopt(&key, &group, caps);
+        }
+        // Redis is down: the acquire below takes the local fallback (or fails closed).
+        Err(e) => shared.mark_down(&e),
+    }
+    Some(acquire_shared(shared, board, key, group, cost, deadline).await)
+}
+
 /// Drives the Redis path of an [`Acquire`](super::Acquire). `None`: the local path applies
-/// (no Redis backend, or limits still unknown).
+/// (no Redis backend, or limits unknown here and in the store: the probe gate).
 pub(crate) fn poll_remote(
     board: &QuotaBoard,
-    remote: &mut Option<RemoteAcquire>,
+    remote: &mut RemoteState,
     at_start: bool,
     (key, group, cost, deadline): (&KeyId, &RateLimitGroup, Cost, Option<Instant>),
     cx: &mut Context<'_>,
 ) -> Option<Poll<Result<Reservation, AcquireError>>> {
-    if remote.is_none() {
+    if remote.fut.is_none() {
         let shared = board.shared.as_ref()?;
         if !at_start {
             return None;
         }
-        // Limits unknown (the probe gate), or just learned and Redis not yet seeded with the
-        // server's view: wait in the mirror's queue, which releases to this path.
-        if !shared.is_degraded()
-            && (shared.mirror.capacities(key, group).is_none()
-                || shared.mirror.is_seeding(key, group))
-        {
-            return None;
-        }
-        *remote = Some(Box::pin(acquire_shared(
+        let args = (
             shared.clone(),
             board.clone(),
             key.clone(),
             group.clone(),
             cost,
             deadline,
-        )));
+        );
+        let fut: RemoteAcquire = if shared.is_degraded() {
+            Box::pin(async move {
+                let (shared, board, key, group, cost, deadline) = args;
+                Some(acquire_shared(shared, board, key, group, cost, deadline).await)
+            })
+        } else if shared.mirror.capacities(key, group).is_none() {
+            // Limits unknown here: ask the store once whether another process learned them;
+            // else (or after an answer without limits) the probe gate of the mirror.
+            if remote.peeked || !shared.mirror.lacks_limits(key, group) {
+                return None;
+            }
+            remote.peeked = true;
+            let (shared, board, key, group, cost, deadline) = args;
+            Box::pin(adopt_then_acquire(
+                shared, board, key, group, cost, deadline,
+            ))
+        } else if shared.mirror.is_seeding(key, group) {
+            // Just learned, and Redis not yet seeded with the server's view: wait in the
+            // mirror's queue, which releases to this path.
+            return None;
+        } else {
+            Box::pin(async move {
+                let (shared, board, key, group, cost, deadline) = args;
+                Some(acquire_shared(shared, board, key, group, cost, deadline).await)
+            })
+        };
+        remote.fut = Some(fut);
     }
-    let fut = remote.as_mut()?;
+    let fut = remote.fut.as_mut()?;
     match fut.as_mut().poll(cx) {
         Poll::Pending => Some(Poll::Pending),
         Poll::Ready(r) => {
-            *remote = None;
-            Some(Poll::Ready(r))
+            remote.fut = None;
+            r.map(Poll::Ready)
         }
     }
 }
