@@ -81,8 +81,8 @@ const TOKEN_ROUNDING: u64 = 999;
 /// One script for every operation, so that the hot path is a single `EVALSHA`.
 ///
 /// `KEYS[1]`: the `(key, group)` hash (`t`: last update in µs, `l1..l3`: levels, `c1..c3`:
-/// the capacities of the last writer, so that a process that has not learned the limits yet
-/// can adopt them instead of probing).
+/// the capacities of the last process that saw response headers (`observe` / `seed`), so
+/// that a process that has not learned the limits yet can adopt them instead of probing).
 /// `ARGV`: mode, period (µs), ttl (ms), cap1..3 (-1: unknown bucket), then per mode
 /// `peek`: nothing (returns the stored capacities in place of the levels);
 /// `acquire`: amount1..3; `settle`: delta1..3 (added, clamped to the capacity);
@@ -127,14 +127,16 @@ local function out(status, wait)
   end
   return r
 end
-local function save()
+local function save(with_caps)
   local fields = {'t', string.format('%.0f', now)}
   for i = 1, 3 do
     if levels[i] then
       fields[#fields + 1] = 'l' .. i
       fields[#fields + 1] = string.format('%.6f', levels[i])
-      fields[#fields + 1] = 'c' .. i
-      fields[#fields + 1] = string.format('%.0f', caps[i])
+      if with_caps then
+        fields[#fields + 1] = 'c' .. i
+        fields[#fields + 1] = string.format('%.0f', caps[i])
+      end
     end
   end
   redis.call('HSET', KEYS[1], unpack(fields))
@@ -181,7 +183,7 @@ elseif mode == 'observe' or mode == 'seed' then
       levels[i] = r
     end
   end
-  save()
+  save(true)
   return out('ok', 0)
 end
 return redis.error_reply('unknown mode')
