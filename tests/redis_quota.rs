@@ -521,13 +521,33 @@ async fn a_node_adopts_limits_learned_by_another_instead_of_probing() {
         },
     );
     probe.settle(Cost::new(1, 10, 10));
-    // Wait for the background seed to reach Redis.
+    // Wait for the background seed to reach Redis: the hash then holds the capacities.
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while a.redis_status().unwrap().errors == 0 && Instant::now() < deadline {
-        let h = a.headroom(&key(), &group());
-        if h.is_some_and(|h| h.requests.is_some_and(|r| r.remaining == limit - 1)) {
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("t8:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut caps: Option<u64> = None;
+        if let Some(k) = keys.first() {
+            caps = redis::cmd("HGET")
+                .arg(k)
+                .arg("c1")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        if caps.is_some() {
+            assert_eq!(caps, Some(limit), "the learned request limit is stored");
             break;
         }
+        assert!(Instant::now() < deadline, "the seed never reached Redis");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Node B starts later, knowing nothing. A burst of 20: no probe, Redis admits what is left.
@@ -572,4 +592,30 @@ async fn a_node_adopts_limits_learned_by_another_instead_of_probing() {
         !b.statuses()[0].configured,
         "adopted limits are learned, not configured"
     );
+}
+
+/// Requests admitted by Redis are counted in flight until settled (the proxy's status page
+/// reads it), and a settled reservation no longer is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_admitted_by_redis_are_counted_in_flight() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let board = redis_board(&server.url(), "t9:", 50).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            board
+                .acquire(key(), group(), Cost::new(1, 1, 1))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(board.redis_status().unwrap().shared_grants, 3);
+    assert_eq!(board.statuses()[0].in_flight, 3);
+    held.pop().unwrap().settle(Cost::new(1, 1, 1));
+    held.pop().unwrap().refund();
+    assert_eq!(board.statuses()[0].in_flight, 1);
+    drop(held);
+    assert_eq!(board.statuses()[0].in_flight, 0);
 }

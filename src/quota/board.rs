@@ -454,6 +454,9 @@ impl QuotaBoard {
             #[cfg(feature = "redis")]
             if let Some(shared) = &self.shared {
                 shared.settle(key, group, grant, outcome);
+                match &self.backend {
+                    Backend::Local(mirror) => mirror.track_shared(key, group, false),
+                }
             }
             return;
         }

@@ -915,6 +915,21 @@ impl LocalBackend {
         e.drain(now, None);
     }
 
+    /// A request of `(key, group)` was admitted by the shared store (`+1`) or its reservation
+    /// ended (`-1`): counted in [`QuotaStatus::in_flight`], and keeps the entry from eviction.
+    #[cfg(feature = "redis")]
+    pub(crate) fn track_shared(&self, key: &KeyId, group: &RateLimitGroup, admitted: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let e = st.entry(key, group, now);
+        if admitted {
+            e.outstanding += 1;
+        } else {
+            e.outstanding = e.outstanding.saturating_sub(1);
+        }
+        e.last_used = now;
+    }
+
     /// Sets the levels of the known buckets of `(key, group)` from a shared store's view
     /// (a negative level is a debt).
     #[cfg(feature = "redis")]

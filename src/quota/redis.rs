@@ -797,6 +797,7 @@ async fn acquire_shared(
                             .counters
                             .shared_grants
                             .fetch_add(1, Ordering::Relaxed);
+                        shared.mirror.track_shared(&key, &group, true);
                         let grant = Grant {
                             charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
                             probe: false,
