@@ -463,3 +463,162 @@ async fn full_stack_over_loopback_http() {
     ));
     server.abort();
 }
+
+/// An upstream that refuses key `a` with `status` (an Anthropic error envelope of `kind`) for
+/// `model`, and answers everything else with a small JSON message.
+fn refusing_upstream(
+    status: StatusCode,
+    kind: &'static str,
+    model: &'static str,
+) -> tower::util::BoxCloneService<Request<RequestBody>, Response<Full<Bytes>>, BoxError> {
+    tower::util::BoxCloneService::new(tower::service_fn(
+        move |req: Request<RequestBody>| async move {
+            let key = req.headers()["x-api-key"].to_str().unwrap().to_owned();
+            let body = req.into_body().collect().await?.to_bytes();
+            let asked = String::from_utf8_lossy(&body).contains(&format!(r#""model":"{model}""#));
+            if key == KEYS[0] && asked {
+                let envelope = format!(
+                    r#"{{"type":"error","error":{{"type":"{kind}","message":"refused"}}}}"#
+                );
+                return Ok::<_, BoxError>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from(envelope)))
+                        .unwrap(),
+                );
+            }
+            let ok =
+                r#"{"type":"message","content":[],"usage":{"input_tokens":5,"output_tokens":5}}"#;
+            Ok(Response::new(Full::new(Bytes::from_static(ok.as_bytes()))))
+        },
+    ))
+}
+
+fn messages_for(model: &str) -> Request<RequestBody> {
+    Request::post("https://api.anthropic.com/v1/messages")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(format!(
+            r#"{{"model":"{model}","max_tokens":100,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_refused_with_403_goes_last_in_that_group_only() {
+    let layer = KeyPoolLayer::new(&KEYS[..2])
+        .unwrap()
+        .forbidden_cooldown(Duration::from_secs(300));
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(refusing_upstream(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            MODEL,
+        ));
+    let mut refused = 0;
+    for _ in 0..8 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(messages_for(MODEL))
+            .await
+            .unwrap();
+        if res.status() == StatusCode::FORBIDDEN {
+            refused += 1;
+            assert_eq!(chosen(&res), id(KEYS[0]));
+        }
+    }
+    // Only the first request with key a got the 403; then b served the group alone.
+    assert_eq!(refused, 1);
+    let a = handle.status(&id(KEYS[0])).unwrap();
+    assert_eq!(a.state, KeyState::Active, "a 403 does not remove the key");
+    let group = ModelCatalog::default().group(MODEL);
+    assert_eq!(a.forbidden.len(), 1);
+    assert_eq!(a.forbidden[0].0, group);
+    // Another group still uses key a.
+    let mut used_a = false;
+    for _ in 0..4 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(messages_for("claude-sonnet-4-6"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        used_a |= chosen(&res) == id(KEYS[0]);
+    }
+    assert!(used_a, "key a still serves other groups");
+    // After the cooldown, key a is tried again in the group (and refused again).
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert!(handle.status(&id(KEYS[0])).unwrap().forbidden.is_empty());
+    let mut refused = 0;
+    for _ in 0..4 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(messages_for(MODEL))
+            .await
+            .unwrap();
+        refused += usize::from(res.status() == StatusCode::FORBIDDEN);
+    }
+    assert_eq!(refused, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_key_forbidden_still_sends_so_the_caller_gets_the_403() {
+    let layer = KeyPoolLayer::new(&KEYS[..1]).unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(refusing_upstream(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            MODEL,
+        ));
+    for _ in 0..2 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(messages_for(MODEL))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_with_a_billing_problem_leaves_the_rotation() {
+    let layer = KeyPoolLayer::new(&KEYS[..2]).unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(refusing_upstream(
+            StatusCode::PAYMENT_REQUIRED,
+            "billing_error",
+            MODEL,
+        ));
+    let mut refused = 0;
+    for _ in 0..6 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(messages_for(MODEL))
+            .await
+            .unwrap();
+        refused += usize::from(res.status() == StatusCode::PAYMENT_REQUIRED);
+    }
+    assert_eq!(refused, 1);
+    assert!(matches!(
+        handle.status(&id(KEYS[0])).unwrap().state,
+        KeyState::Removed {
+            reason: RemovalReason::Billing,
+            ..
+        }
+    ));
+    assert_eq!(handle.active(), 1);
+}

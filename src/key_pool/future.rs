@@ -57,7 +57,7 @@ impl Sent {
     }
 
     /// Observes the response head: feeds the layer's own board, removes a key upstream
-    /// rejected with 401.
+    /// rejected with 401 or 402, puts a key refused with 403 last in its group.
     fn observe_head(&mut self, status: StatusCode, headers: &HeaderMap) {
         self.end_in_flight();
         if self.config.own_board {
@@ -68,10 +68,32 @@ impl Sent {
                 }
             }
         }
-        if status == StatusCode::UNAUTHORIZED {
-            self.remove(RemovalReason::Unauthorized);
-        } else {
-            self.pool.validated(self.pick.index);
+        match status {
+            StatusCode::UNAUTHORIZED => self.remove(RemovalReason::Unauthorized),
+            StatusCode::PAYMENT_REQUIRED => self.remove(RemovalReason::Billing),
+            _ => {
+                self.pool.validated(self.pick.index);
+                if status == StatusCode::FORBIDDEN {
+                    self.forbid();
+                }
+            }
+        }
+    }
+
+    /// A 403 `permission_error`: the key authenticated but may not do this in this group
+    /// (typically a model its workspace cannot use). Other keys go first there for a while.
+    fn forbid(&self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let until = Instant::now() + self.config.forbidden_cooldown;
+        if self.pool.forbid(self.pick.index, group, until) {
+            tracing::warn!(
+                key = %self.pick.id,
+                group = %group,
+                for_s = self.config.forbidden_cooldown.as_secs(),
+                "key pool: key refused with 403 in this group; other keys go first there"
+            );
         }
     }
 

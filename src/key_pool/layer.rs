@@ -21,7 +21,7 @@ use crate::quota::{OutputReservation, QuotaBoard};
 ///   the one available soonest is used; the [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
 ///   below holds the request until it fits, and a [`RetryLayer`](crate::retry::RetryLayer)
 ///   above retries a 429 (with the next best key).
-/// * **New keys**: a key is trusted after its first answer (anything but a 401). Until that
+/// * **New keys**: a key is trusted after its first answer (anything but a 401 or 402). Until that
 ///   answer arrives, further requests go to other keys when there are any; a burst at start-up,
 ///   before any answer, is spread over every key, so each request sent with a revoked key
 ///   before its 401 came back gets that 401 too.
@@ -32,7 +32,11 @@ use crate::quota::{OutputReservation, QuotaBoard};
 /// * **429 `rate_limit_error`**: the key cools down in that group until `retry-after`
 ///   (`retry-after-ms`), else the reset of an exhausted `anthropic-ratelimit-*` bucket, else
 ///   [`default_cooldown`](Self::default_cooldown); at most [`max_cooldown`](Self::max_cooldown).
-/// * **429 spend cap** (`enforced_spend_limit_reached`) or **401**: the key leaves the rotation
+/// * **403 `permission_error`** (the key may not use this model, say): in that rate-limit
+///   group the key comes after every other key for
+///   [`forbidden_cooldown`](Self::forbidden_cooldown); the 403 is returned as it is.
+/// * **429 spend cap** (`enforced_spend_limit_reached`), **401** or **402 `billing_error`**:
+///   the key leaves the rotation
 ///   (a `tracing` warning with its [`KeyId`](crate::anthropic::KeyId), and
 ///   [`KeyPoolHandle::statuses`]). The response is returned as it is: this layer never retries.
 /// * **Every key removed**: requests fail with
@@ -83,6 +87,7 @@ impl KeyPoolLayer {
                 output: OutputReservation::default(),
                 default_cooldown: Duration::from_secs(1),
                 max_cooldown: Duration::from_secs(60),
+                forbidden_cooldown: Duration::from_secs(600),
             },
         })
     }
@@ -119,6 +124,14 @@ impl KeyPoolLayer {
     /// The longest cooldown after a 429 (60 s by default).
     pub fn max_cooldown(mut self, cooldown: Duration) -> Self {
         self.config.max_cooldown = cooldown;
+        self
+    }
+
+    /// How long a key that upstream refused with a 403 `permission_error` in a rate-limit
+    /// group comes after every other key there (10 minutes by default). It is still used when
+    /// no other key is in rotation, so the caller then gets the 403.
+    pub fn forbidden_cooldown(mut self, cooldown: Duration) -> Self {
+        self.config.forbidden_cooldown = cooldown;
         self
     }
 

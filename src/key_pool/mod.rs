@@ -1,6 +1,7 @@
 //! A pool of upstream API keys: each request goes out with the key that has the most
-//! headroom for its rate-limit group; keys that got a 429 cool down, keys that hit their
-//! spend cap or were rejected (401) leave the rotation.
+//! headroom for its rate-limit group; keys that got a 429 cool down, keys refused with a 403
+//! in a group go last there, keys that hit their spend cap, were rejected (401) or have a
+//! billing problem (402) leave the rotation.
 //!
 //! [`KeyPoolLayer`] sits outside the [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
 //! (buckets are per key, so the key must be chosen first) and inside the
@@ -58,7 +59,7 @@
 //!   the rate limiter below holds the request until it fits (or upstream answers 429 and the
 //!   retry layer above waits and retries).
 //! * Every key out of rotation: the request that removed the last key gets its upstream
-//!   response unchanged (the spend-cap 429 or the 401); later requests fail at once, without
+//!   response unchanged (the spend-cap 429, the 401 or the 402); later requests fail at once, without
 //!   being sent, with a [`KeyPoolError`] of kind [`AllKeysRemoved`](KeyPoolErrorKind::AllKeysRemoved).
 //!   [`KeyPoolHandle::restore`] puts a key back.
 

@@ -38,6 +38,8 @@ pub enum RemovalReason {
     SpendCap,
     /// A 401 `authentication_error`: the key is invalid or revoked.
     Unauthorized,
+    /// A 402 `billing_error`: the key's organisation has a billing problem.
+    Billing,
     /// [`KeyPoolHandle::remove`].
     Manual,
 }
@@ -47,6 +49,7 @@ impl fmt::Display for RemovalReason {
         f.write_str(match self {
             RemovalReason::SpendCap => "spend cap reached",
             RemovalReason::Unauthorized => "rejected (401)",
+            RemovalReason::Billing => "billing problem (402)",
             RemovalReason::Manual => "removed by hand",
         })
     }
@@ -76,6 +79,10 @@ pub struct KeyStatus {
     pub state: KeyState,
     /// Groups in which the key is cooling down after a 429, and for how long still.
     pub cooldowns: Vec<(RateLimitGroup, Duration)>,
+    /// Groups in which upstream refused the key with a 403 `permission_error` (e.g. a model
+    /// its workspace may not use), and for how long still it is picked there only when no
+    /// other key can be.
+    pub forbidden: Vec<(RateLimitGroup, Duration)>,
     /// Requests sent with this key whose response has not arrived yet.
     pub in_flight: usize,
     /// Requests sent with this key.
@@ -116,6 +123,8 @@ impl ChosenKey {
 struct KeyRuntime {
     removed: Option<(RemovalReason, Instant)>,
     cooldowns: HashMap<RateLimitGroup, Instant>,
+    /// Groups where a 403 said the key may not be used, until when.
+    forbidden: HashMap<RateLimitGroup, Instant>,
     in_flight: usize,
     requests: u64,
     rate_limited: u64,
@@ -130,6 +139,10 @@ impl KeyRuntime {
     /// until that first answer shows whether the key is valid.
     fn on_probation(&self) -> bool {
         !self.validated && self.in_flight > 0
+    }
+
+    fn is_forbidden(&self, group: &RateLimitGroup, now: Instant) -> bool {
+        self.forbidden.get(group).is_some_and(|until| *until > now)
     }
 
     fn cooldown_left(&self, group: &RateLimitGroup, now: Instant) -> Duration {
@@ -152,6 +165,14 @@ pub(crate) struct Pool {
     state: Mutex<State>,
 }
 
+/// One key in rotation as [`Pool::outlook`] sees it for a group.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyOutlook {
+    pub(crate) id: KeyId,
+    pub(crate) cooldown: Duration,
+    pub(crate) forbidden: bool,
+}
+
 /// A picked key: its index, id and header value.
 #[derive(Debug, Clone)]
 pub(crate) struct Pick {
@@ -163,6 +184,8 @@ pub(crate) struct Pick {
 /// How good a candidate is; lower sorts first.
 #[derive(Debug, Clone, Copy)]
 struct Rank {
+    /// Upstream answered 403 for this key in this group recently.
+    forbidden: bool,
     /// The key's first request is still out (see `KeyRuntime::on_probation`).
     probation: bool,
     /// Time until the key can take the request (0: now).
@@ -175,6 +198,9 @@ struct Rank {
 
 impl Rank {
     fn better_than(&self, other: &Rank) -> bool {
+        if self.forbidden != other.forbidden {
+            return !self.forbidden;
+        }
         if self.probation != other.probation {
             return !self.probation;
         }
@@ -241,7 +267,8 @@ impl Pool {
     /// soonest (cooldown after a 429, then the board's time until it fits), then the most
     /// headroom, then the fewest in flight, then the least recently used. Without a group
     /// (other endpoints): the fewest in flight, then the least recently used. A key whose
-    /// first request is still out comes after every other key in rotation.
+    /// first request is still out comes after every other key in rotation, and a key
+    /// forbidden in the group (403) after every key that is not.
     pub(crate) fn pick(
         &self,
         group: Option<(&RateLimitGroup, &Cost)>,
@@ -270,6 +297,7 @@ impl Pool {
                             .unwrap_or(Duration::MAX)
                     };
                     Rank {
+                        forbidden: rt.is_forbidden(group, now),
                         probation: rt.on_probation(),
                         wait: cooldown.max(quota_wait),
                         fraction,
@@ -278,6 +306,7 @@ impl Pool {
                     }
                 }
                 None => Rank {
+                    forbidden: false,
                     probation: rt.on_probation(),
                     wait: Duration::ZERO,
                     fraction: 1.0,
@@ -337,6 +366,22 @@ impl Pool {
         }
     }
 
+    /// Key `index` got a 403 in `group`: pick it there only when no other key can be, until
+    /// `until`. Returns `true` when it was not forbidden there already.
+    pub(crate) fn forbid(&self, index: usize, group: &RateLimitGroup, until: Instant) -> bool {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match state.keys.get_mut(index) {
+            Some(rt) => {
+                let was = rt.is_forbidden(group, now);
+                rt.forbidden.insert(group.clone(), until);
+                rt.forbidden.retain(|_, t| *t > now);
+                !was
+            }
+            None => false,
+        }
+    }
+
     /// Takes key `index` out of rotation. Returns `true` when it was in rotation.
     pub(crate) fn remove(&self, index: usize, reason: RemovalReason) -> bool {
         let mut state = self.lock();
@@ -347,6 +392,22 @@ impl Pool {
             }
             _ => false,
         }
+    }
+
+    /// The keys in rotation as the pool would weigh them for `group`: id, cooldown left
+    /// there, and whether a 403 put the key last there.
+    pub(crate) fn outlook(&self, group: &RateLimitGroup, now: Instant) -> Vec<KeyOutlook> {
+        let state = self.lock();
+        self.keys
+            .iter()
+            .zip(state.keys.iter())
+            .filter(|(_, rt)| rt.removed.is_none())
+            .map(|(key, rt)| KeyOutlook {
+                id: key.id.clone(),
+                cooldown: rt.cooldown_left(group, now),
+                forbidden: rt.is_forbidden(group, now),
+            })
+            .collect()
     }
 
     fn index_of(&self, key: &KeyId) -> Option<usize> {
@@ -369,6 +430,13 @@ impl Pool {
             .map(|(g, until)| (g.clone(), until.saturating_duration_since(now)))
             .collect();
         cooldowns.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut forbidden: Vec<_> = rt
+            .forbidden
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(g, until)| (g.clone(), until.saturating_duration_since(now)))
+            .collect();
+        forbidden.sort_by(|a, b| a.0.cmp(&b.0));
         KeyStatus {
             key: self.keys[index].id.clone(),
             state: match rt.removed {
@@ -379,6 +447,7 @@ impl Pool {
                 },
             },
             cooldowns,
+            forbidden,
             in_flight: rt.in_flight,
             requests: rt.requests,
             rate_limited: rt.rate_limited,
@@ -421,6 +490,11 @@ impl fmt::Debug for KeyPoolHandle {
 }
 
 impl KeyPoolHandle {
+    /// The keys in rotation for `group` (for a layer above that weighs the whole pool).
+    pub(crate) fn outlook(&self, group: &RateLimitGroup) -> Vec<KeyOutlook> {
+        self.pool.outlook(group, Instant::now())
+    }
+
     /// The number of keys in the pool (in rotation or not).
     pub fn len(&self) -> usize {
         self.pool.len()

@@ -28,6 +28,7 @@ pub(crate) struct Config {
     pub(crate) output: OutputReservation,
     pub(crate) default_cooldown: Duration,
     pub(crate) max_cooldown: Duration,
+    pub(crate) forbidden_cooldown: Duration,
 }
 
 /// Sends each request with the best key of a pool; see [`KeyPoolLayer`](super::KeyPoolLayer).
