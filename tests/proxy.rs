@@ -199,6 +199,68 @@ async fn client_tokens_guard_the_proxy_and_the_proxy_key_goes_upstream() {
     proxy.stop().await;
 }
 
+/// The proxy holds two upstream keys, one of them revoked: the status page shows the pool
+/// (key ids only), with the revoked key out of rotation.
+#[tokio::test]
+async fn status_page_shows_the_proxys_keys() {
+    let mock = MockClaude::builder().api_keys(["sk-upstream-good"]).build();
+    let upstream = served_mock(&mock).await;
+    let proxy = start_proxy(
+        cli_for(format!("http://{upstream}")),
+        &[
+            ("ANTHROPIC_API_KEYS", "sk-upstream-good,sk-upstream-revoked"),
+            ("CLAUDE_RETRY_STRATEGY", "none"),
+        ],
+    )
+    .await;
+    let c = client();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        // Distinct prompts: a cache hit would not reach the pool.
+        let body = format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+        );
+        let resp = c.request(messages(proxy.addr, "any", &body)).await.unwrap();
+        statuses.push(resp.status());
+        resp.into_body().collect().await.unwrap();
+    }
+    // The revoked key is tried once (its 401 passes through), then only the good one serves.
+    let unauthorized = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    assert!(unauthorized <= 1, "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&StatusCode::OK));
+    let resp = c
+        .get(
+            format!("http://{}/v1/proxy/status", proxy.addr)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains("sk-upstream"), "no key in clear: {text}");
+    let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let keys = status["keys"]
+        .as_array()
+        .expect("the proxy's keys are listed");
+    assert_eq!(keys.len(), 2);
+    for k in keys {
+        assert!(k["key_id"].as_str().unwrap().starts_with("k-"));
+    }
+    let requests: u64 = keys.iter().map(|k| k["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, 3);
+    if unauthorized == 1 {
+        let removed: Vec<_> = keys.iter().filter(|k| k["state"] == "removed").collect();
+        assert_eq!(removed.len(), 1, "{text}");
+        assert_eq!(removed[0]["removed"]["reason"], "rejected (401)");
+    }
+    assert!(status["redis"].is_null(), "no Redis configured");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_body_is_a_413_envelope() {
     let proxy = start_proxy(cli_for("mock".into()), &[]).await;

@@ -46,6 +46,8 @@ struct State {
     config: ProxyConfig,
     service: ProxyService,
     board: QuotaBoard,
+    /// The upstream keys the proxy holds (none when clients' keys pass through).
+    keys: Option<crate::key_pool::KeyPoolHandle>,
     started: std::time::Instant,
     counters: Counters,
     metrics: Option<crate::metrics::MetricsLayer>,
@@ -114,8 +116,10 @@ impl Proxy {
     }
 
     fn assemble(config: ProxyConfig, mut stack: ClaudeStack) -> Result<Self, BoxError> {
+        let mut keys = None;
         if !config.api_keys.is_empty() {
             let pool = KeyPoolLayer::new(config.api_keys.iter().map(Secret::expose))?;
+            keys = Some(pool.handle());
             stack = stack.key_pool(Some(pool));
         }
         if config.metrics {
@@ -142,6 +146,7 @@ impl Proxy {
                 service,
                 config,
                 board,
+                keys,
                 started: std::time::Instant::now(),
                 counters: Counters::default(),
                 metrics,
@@ -152,6 +157,12 @@ impl Proxy {
     /// The quota board shared by the proxy's layers (what `/v1/proxy/status` reports).
     pub fn quota_board(&self) -> &QuotaBoard {
         &self.state.board
+    }
+
+    /// The pool of upstream keys the proxy holds (`None` when clients' own keys pass
+    /// through): which keys are in rotation, cooling down, refused in a group or removed.
+    pub fn key_pool(&self) -> Option<&crate::key_pool::KeyPoolHandle> {
+        self.state.keys.as_ref()
     }
 
     /// The configuration.
@@ -301,6 +312,7 @@ fn simulator(m: &MockSettings) -> crate::testing::MockClaude {
 }
 
 /// `GET /v1/proxy/status`: per key id and group, the limits, what is left, the queue; the
+/// proxy's upstream keys (when it holds them) and the Redis backend (when configured); the
 /// cache hit rate. Key ids only, never keys.
 fn status_page(state: &State) -> Response<ProxyBody> {
     let bucket = |b: Option<crate::quota::BucketHeadroom>| match b {
@@ -326,6 +338,50 @@ fn status_page(state: &State) -> Response<ProxyBody> {
             })
         })
         .collect();
+    let groups = |list: Vec<(crate::anthropic::RateLimitGroup, Duration)>| {
+        list.into_iter()
+            .map(|(g, d)| serde_json::json!({"group": g.as_str(), "for_s": d.as_secs_f64()}))
+            .collect::<Vec<_>>()
+    };
+    let keys: Option<Vec<_>> = state.keys.as_ref().map(|handle| {
+        handle
+            .statuses()
+            .into_iter()
+            .map(|k| {
+                let (state, removed) = match k.state {
+                    crate::key_pool::KeyState::Removed { reason, since } => (
+                        "removed",
+                        serde_json::json!({"reason": reason.to_string(), "since_s": since.as_secs()}),
+                    ),
+                    _ => ("active", serde_json::Value::Null),
+                };
+                serde_json::json!({
+                    "key_id": k.key.as_str(),
+                    "state": state,
+                    "removed": removed,
+                    "cooldowns": groups(k.cooldowns),
+                    "forbidden": groups(k.forbidden),
+                    "in_flight": k.in_flight,
+                    "requests": k.requests,
+                    "rate_limited": k.rate_limited,
+                })
+            })
+            .collect()
+    });
+    #[cfg(feature = "redis")]
+    let redis = state.board.redis_status().map(|r| {
+        serde_json::json!({
+            "degraded": r.degraded,
+            "outages": r.outages,
+            "recoveries": r.recoveries,
+            "shared_grants": r.shared_grants,
+            "fallback_acquires": r.fallback_acquires,
+            "errors": r.errors,
+            "local_share": r.local_share,
+        })
+    });
+    #[cfg(not(feature = "redis"))]
+    let redis: Option<serde_json::Value> = None;
     let c = &state.counters;
     let hits = c.cache_hits.load(Ordering::Relaxed);
     let misses = c.cache_misses.load(Ordering::Relaxed);
@@ -345,6 +401,8 @@ fn status_page(state: &State) -> Response<ProxyBody> {
             "hit_rate": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
         },
         "quota": quota,
+        "keys": keys,
+        "redis": redis,
     });
     json_response(StatusCode::OK, body.to_string())
 }
