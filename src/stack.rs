@@ -436,10 +436,13 @@ impl ClaudeStack {
             svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
         }
         if let Some(layer) = &self.fallback {
-            let layer = layer
+            let mut layer = layer
                 .clone()
                 .board(self.board.clone())
                 .catalog(self.catalog.clone());
+            if let Some(pool) = &self.key_pool {
+                layer = layer.key_pool(pool.handle());
+            }
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {

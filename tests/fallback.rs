@@ -961,3 +961,70 @@ async fn batch_completes_when_the_opus_quota_runs_out() {
         "{report:?} vs {baseline:?}"
     );
 }
+
+/// Behind a key pool, a model is as good as its best key in rotation: one key low on Opus
+/// quota keeps Opus when the other has plenty; every key low falls back; a key the pool put
+/// last after a 403 does not count; and answers are booked to the key that served them.
+#[tokio::test(start_paused = true)]
+async fn behind_a_key_pool_the_best_key_decides() {
+    use tower_claude::key_pool::{ChosenKey, KeyPoolLayer};
+    const KEYS: [&str; 2] = ["sk-ant-pool-one", "sk-ant-pool-two"];
+    let ids = KEYS.map(KeyId::from_api_key);
+    let board = board_100_rpm();
+    let mock = MockClaude::builder().api_keys(KEYS).build();
+    let pool = KeyPoolLayer::new(KEYS).unwrap().board(board.clone());
+    let handle = pool.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            FallbackLayer::new()
+                .board(board.clone())
+                .key_pool(handle.clone()),
+        )
+        .layer(pool)
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    let opus = group("claude-opus-4");
+    let spend_key = |k: &KeyId, n: u64| {
+        let c = Cost::new(n, 0, 0);
+        board.try_acquire(k, &opus, c).unwrap().settle(c);
+    };
+    let served = |res: &Response<Bytes>| {
+        res.extensions()
+            .get::<ServedModel>()
+            .unwrap()
+            .served
+            .clone()
+    };
+    // Key one has 10 % of its Opus requests left, key two all of them: Opus, with key two.
+    spend_key(&ids[0], 90);
+    let res = collect(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(served(&res), OPUS);
+    assert_eq!(res.extensions().get::<ChosenKey>().unwrap().key(), &ids[1]);
+    // Both keys low on Opus: the request goes to Sonnet before anything is sent to Opus.
+    spend_key(&ids[1], 89);
+    let opus_before = mock.stats().received;
+    let res = collect(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(served(&res), SONNET);
+    assert_eq!(mock.stats().received, opus_before + 1);
+    // A 403 puts one key last in the Sonnet group; the other key is low on Sonnet: Sonnet's
+    // view is that other key's, so an Opus request goes on to Haiku.
+    mock.push_fault(Fault::Status(403));
+    let res = collect(&mut svc, request(SONNET, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let refused = res.extensions().get::<ChosenKey>().unwrap().key().clone();
+    let other = ids.iter().find(|k| **k != refused).unwrap();
+    let c = Cost::new(90, 0, 0);
+    board
+        .try_acquire(other, &group("claude-sonnet-4"), c)
+        .unwrap()
+        .settle(c);
+    let res = collect(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(served(&res), HAIKU);
+    // Nothing was booked under a key that served nothing (the request carried no key).
+    assert!(
+        board.statuses().iter().all(|s| s.key != KeyId::anonymous()),
+        "{:?}",
+        board.statuses()
+    );
+}

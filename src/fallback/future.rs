@@ -154,7 +154,7 @@ where
                             return Poll::Ready(Err(walk.error(e)));
                         }
                     };
-                    walk.observe(res.headers());
+                    walk.observe(res.headers(), res.extensions());
                     if !policy::may_move_on(res.status()) || !walk.can_move_on() {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(walk.finish(res.map(FallbackBody::new))));
@@ -308,9 +308,34 @@ impl<S> Walk<S> {
     /// does not know yet counts as full (even while a rate limiter below holds requests back
     /// until its first answer teaches it the limits).
     fn view(&self, idx: usize) -> View {
-        let board = &self.config.board;
         let group = self.config.catalog.group(&self.candidates[idx]);
-        match board.headroom(&self.key, &group) {
+        let Some(keys) = &self.config.keys else {
+            return self.key_view(&self.key, &group);
+        };
+        // A key pool below sends with its best key: the model is as good as that key. Keys a
+        // 403 put last in the group do not count; none left means no headroom at all.
+        let mut best: Option<View> = None;
+        for key in keys.outlook(&group).into_iter().filter(|k| !k.forbidden) {
+            let mut v = self.key_view(&key.id, &group);
+            if !key.cooldown.is_zero() {
+                v.fits = false;
+                v.wait = v.wait.map(|w| w.max(key.cooldown));
+            }
+            if best.as_ref().is_none_or(|b| policy::more_headroom(&v, b)) {
+                best = Some(v);
+            }
+        }
+        best.unwrap_or(View {
+            fraction: 0.0,
+            fits: false,
+            wait: None,
+        })
+    }
+
+    /// The board's view of one key in `group`.
+    fn key_view(&self, key: &KeyId, group: &crate::anthropic::RateLimitGroup) -> View {
+        let board = &self.config.board;
+        match board.headroom(key, group) {
             None => View {
                 fraction: 1.0,
                 fits: true,
@@ -318,8 +343,8 @@ impl<S> Walk<S> {
             },
             Some(headroom) => View {
                 fraction: headroom.fraction,
-                fits: board.fits_now(&self.key, &group, &self.cost),
-                wait: board.time_until_fits(&self.key, &group, &self.cost),
+                fits: board.fits_now(key, group, &self.cost),
+                wait: board.time_until_fits(key, group, &self.cost),
             },
         }
     }
@@ -403,13 +428,21 @@ impl<S> Walk<S> {
         self.current + 1 < self.candidates.len() && self.visited < self.config.max_depth
     }
 
-    /// Feeds the board from the answer's rate-limit headers.
-    pub(crate) fn observe(&self, headers: &HeaderMap) {
+    /// Feeds the board from the answer's rate-limit headers, under the key the answer was
+    /// served with (a key pool below says which: [`ChosenKey`](crate::key_pool::ChosenKey)).
+    pub(crate) fn observe(&self, headers: &HeaderMap, extensions: &Extensions) {
         let snapshot = RateLimitSnapshot::from_headers(headers);
-        if !snapshot.is_empty() {
-            let group = self.config.catalog.group(&self.candidates[self.current]);
-            self.config.board.observe(&self.key, &group, &snapshot);
+        if snapshot.is_empty() {
+            return;
         }
+        let key = match extensions.get::<crate::key_pool::ChosenKey>() {
+            Some(chosen) => chosen.key(),
+            // Served with a pool's key we cannot name: these headers are not this key's.
+            None if self.config.keys.is_some() => return,
+            None => &self.key,
+        };
+        let group = self.config.catalog.group(&self.candidates[self.current]);
+        self.config.board.observe(key, &group, &snapshot);
     }
 
     /// What an error answer (429 / 529) from the current model means.

@@ -8,6 +8,7 @@ use tower_layer::Layer;
 use super::policy::{DEFAULT_THRESHOLDS, Rules};
 use super::service::{Config, Fallback};
 use crate::anthropic::ModelCatalog;
+use crate::key_pool::KeyPoolHandle;
 use crate::quota::{OutputReservation, QuotaBoard};
 
 /// The default bound on a 429's server wait before the layer fails over at once.
@@ -30,6 +31,7 @@ pub const DEFAULT_MAX_DEPTH: usize = 3;
 /// | option | default |
 /// |---|---|
 /// | [`board`](Self::board) | its own board, fed by the response headers the layer sees |
+/// | [`key_pool`](Self::key_pool) | none: the request's own key is weighed |
 /// | [`catalog`](Self::catalog) | [`ModelCatalog::default`] |
 /// | [`chain`](Self::chain) | the catalogue's chain (`claude-opus-4-7` -> `claude-sonnet-4-6` -> `claude-haiku-4-5`) |
 /// | [`floor`](Self::floor) | none |
@@ -59,6 +61,7 @@ pub const DEFAULT_MAX_DEPTH: usize = 3;
 #[derive(Debug, Clone)]
 pub struct FallbackLayer {
     board: QuotaBoard,
+    keys: Option<KeyPoolHandle>,
     catalog: ModelCatalog,
     chain: Option<Vec<String>>,
     floor: Option<String>,
@@ -81,6 +84,7 @@ impl FallbackLayer {
     pub fn new() -> Self {
         Self {
             board: QuotaBoard::new(),
+            keys: None,
             catalog: ModelCatalog::default(),
             chain: None,
             floor: None,
@@ -98,6 +102,27 @@ impl FallbackLayer {
     /// the choice also sees the requests in flight and queued.
     pub fn board(mut self, board: QuotaBoard) -> Self {
         self.board = board;
+        self
+    }
+
+    /// Weighs the keys of a [`KeyPoolLayer`](crate::key_pool::KeyPoolLayer) below instead of
+    /// the request's own key: the pool sends each request with its best key, so a model's
+    /// quota view is that of its best key in rotation (a key cooling down after a 429 does
+    /// not fit until its cooldown ends; a key refused with a 403 in that group does not
+    /// count). Give it the pool's board too. [`ClaudeStack`](crate::ClaudeStack) does both.
+    ///
+    /// ```
+    /// use tower_claude::fallback::FallbackLayer;
+    /// use tower_claude::key_pool::KeyPoolLayer;
+    /// use tower_claude::quota::QuotaBoard;
+    ///
+    /// let board = QuotaBoard::new();
+    /// let pool = KeyPoolLayer::new(["sk-ant-one", "sk-ant-two"]).unwrap().board(board.clone());
+    /// let fallback = FallbackLayer::new().board(board).key_pool(pool.handle());
+    /// # drop((pool, fallback));
+    /// ```
+    pub fn key_pool(mut self, handle: KeyPoolHandle) -> Self {
+        self.keys = Some(handle);
         self
     }
 
@@ -207,6 +232,7 @@ impl<S> Layer<S> for FallbackLayer {
             inner,
             Arc::new(Config {
                 board: self.board.clone(),
+                keys: self.keys.clone(),
                 catalog,
                 floor: self.floor.clone(),
                 thresholds: self.thresholds.clone(),

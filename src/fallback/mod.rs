@@ -15,7 +15,8 @@
 //!    of the requested model (that model first, then the lower models of the chain: never an
 //!    upgrade, never a model outside the chain), cut at the [floor](FallbackLayer::floor).
 //! 2. **Quota view** of each candidate for this request's key
-//!    ([`KeyId::from_headers`](crate::anthropic::KeyId::from_headers), else anonymous) and the
+//!    ([`KeyId::from_headers`](crate::anthropic::KeyId::from_headers), else anonymous) — or,
+//!    with a [key pool](FallbackLayer::key_pool) below, for its best key in rotation — and the
 //!    candidate's rate-limit group: the binding remaining fraction
 //!    ([`Headroom::fraction`](crate::quota::Headroom::fraction), the lowest of the requests,
 //!    input-token and output-token buckets) and whether this request's cost (1 request, the

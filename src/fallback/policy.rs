@@ -57,7 +57,7 @@ pub(crate) fn select(candidates: &[(usize, View)], thresholds: &[f64]) -> Option
 }
 
 /// Whether `a` has strictly more headroom than `b` (ties keep the earlier candidate).
-fn more_headroom(a: &View, b: &View) -> bool {
+pub(crate) fn more_headroom(a: &View, b: &View) -> bool {
     if a.fits != b.fits {
         return a.fits;
     }

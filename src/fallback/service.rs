@@ -20,6 +20,8 @@ use crate::quota::{Cost, OutputReservation, QuotaBoard};
 #[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) board: QuotaBoard,
+    /// A key pool below: the quota view of a model is the best of its keys.
+    pub(crate) keys: Option<crate::key_pool::KeyPoolHandle>,
     pub(crate) catalog: ModelCatalog,
     pub(crate) floor: Option<String>,
     pub(crate) thresholds: Vec<f64>,
