@@ -19,7 +19,7 @@ use tower_claude::key_pool::{
 };
 use tower_claude::quota::{Limits, QuotaBoard};
 use tower_claude::rate_limit::RateLimitLayer;
-use tower_claude::retry::RetryLayer;
+use tower_claude::retry::{RetryError, RetryErrorKind, RetryInfo, RetryLayer};
 use tower_claude::testing::{Fault, MockClaude, MockLimits};
 
 const KEYS: [&str; 3] = ["sk-ant-pool-a", "sk-ant-pool-b", "sk-ant-pool-c"];
@@ -366,9 +366,84 @@ async fn retry_above_moves_a_429_to_another_key() {
     assert_eq!(cooled.len(), 1);
     assert_ne!(chosen(&res), cooled[0].key);
     assert_eq!(mock.stats().received, 2);
-    // The retry waited for retry-after (the layer honours it as a floor), but the second
-    // attempt went to the other key.
-    assert!(start.elapsed() >= Duration::from_secs(20));
+    // The other key could take the request at once: the retry did not wait out the first
+    // key's 20 s retry-after (the pool told it so with `RetrySooner`).
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let info = res.extensions().get::<RetryInfo>().unwrap();
+    assert_eq!(info.attempts(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_other_key_cooling_down_the_retry_waits_for_the_soonest() {
+    let mock = mock(&KEYS[..2]);
+    let board = board();
+    let layer = KeyPoolLayer::new(&KEYS[..2]).unwrap().board(board.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(layer)
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    // Both keys get a 429: the first asks for 20 s, the second for 5 s. The third attempt
+    // goes out when the first of them may be used again (5 s), not after 20 s.
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(20),
+    });
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(5),
+    });
+    let start = Instant::now();
+    let res = send(&mut svc).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(mock.stats().received, 3);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(20),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_above_moves_a_spend_capped_or_revoked_key_to_another() {
+    let mock = mock(&KEYS[..2]);
+    let board = board();
+    let layer = KeyPoolLayer::new(KEYS).unwrap().board(board.clone());
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(layer)
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    // One key hits its spend cap, one is revoked (the mock does not know KEYS[2]): every
+    // request still succeeds, with the key that is left.
+    mock.push_fault(Fault::SpendCap);
+    for _ in 0..3 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(handle.active(), 1);
+    let reasons: Vec<_> = handle
+        .statuses()
+        .into_iter()
+        .filter_map(|s| match s.state {
+            KeyState::Removed { reason, .. } => Some(reason),
+            KeyState::Active => None,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert!(reasons.contains(&RemovalReason::SpendCap), "{reasons:?}");
+    assert!(
+        reasons.contains(&RemovalReason::Unauthorized),
+        "{reasons:?}"
+    );
+    // The last key hits its cap too: nothing else can serve, the caller gets the typed error.
+    mock.push_fault(Fault::SpendCap);
+    let err = send(&mut svc).await.unwrap_err();
+    let err = err.downcast_ref::<RetryError>().expect("RetryError");
+    assert_eq!(err.kind(), RetryErrorKind::SpendLimit);
 }
 
 #[tokio::test(start_paused = true)]
@@ -404,8 +479,8 @@ async fn concurrent_requests_use_every_key() {
 /// The recommended stack (retry, key pool, rate limiter) in front of a hyper client talking to
 /// MockClaude over loopback HTTP, with one revoked key in the pool. After one request has
 /// validated a key, a burst of 11 sends one request to the unknown keys each and the rest to
-/// the known one until they answer: only that one request gets the 401, every other request
-/// succeeds, and upstream never answers 429.
+/// the known one until they answer: only that one request meets the 401, and the retry layer
+/// sends it again with a good key. Every request succeeds, and upstream never answers 429.
 #[tokio::test(start_paused = true)]
 async fn full_stack_over_loopback_http() {
     use hyper_util::client::legacy::Client;
@@ -450,8 +525,10 @@ async fn full_stack_over_loopback_http() {
     for t in tasks {
         *by_status.entry(t.await.unwrap().as_u16()).or_insert(0) += 1;
     }
-    assert_eq!(by_status.get(&200), Some(&11), "{by_status:?}");
-    assert_eq!(by_status.get(&401), Some(&1), "{by_status:?}");
+    assert_eq!(by_status.get(&200), Some(&12), "{by_status:?}");
+    assert_eq!(by_status.get(&401), None, "{by_status:?}");
+    // Twelve answers and the one 401 of the revoked key.
+    assert_eq!(mock.stats().received, 13);
     assert_eq!(mock.stats().rate_limited, 0);
     assert_eq!(handle.active(), 2);
     assert!(matches!(

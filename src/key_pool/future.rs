@@ -20,6 +20,8 @@ use crate::BoxError;
 use crate::anthropic::{
     ApiError, ApiErrorKind, BucketSnapshot, RateLimitGroup, RateLimitSnapshot, retry_after,
 };
+use crate::quota::Cost;
+use crate::retry::RetrySooner;
 
 /// The most of a 429 body read to classify it (error envelopes are a few hundred bytes).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -31,6 +33,8 @@ pub(crate) struct Sent {
     config: Arc<Config>,
     pick: Pick,
     group: Option<RateLimitGroup>,
+    /// The request's cost in `group` (what another key must fit).
+    cost: Option<Cost>,
     in_flight: bool,
 }
 
@@ -39,15 +43,27 @@ impl Sent {
         pool: Arc<Pool>,
         config: Arc<Config>,
         pick: Pick,
-        group: Option<RateLimitGroup>,
+        target: Option<(RateLimitGroup, Cost)>,
     ) -> Self {
+        let (group, cost) = target.unzip();
         Self {
             pool,
             config,
             pick,
             group,
+            cost,
             in_flight: true,
         }
+    }
+
+    /// After this key failed the request (429, spend cap, 401, 402, 403): how soon another key
+    /// in rotation can take it, as a [`RetrySooner`] for a retry layer above. `None` when no
+    /// other key can.
+    fn sooner(&self) -> Option<RetrySooner> {
+        let target = self.group.as_ref().zip(self.cost.as_ref());
+        self.pool
+            .sooner_elsewhere(self.pick.index, target, &self.config.board, Instant::now())
+            .map(RetrySooner)
     }
 
     fn end_in_flight(&mut self) {
@@ -252,8 +268,17 @@ where
                     sent.observe_head(response.status(), response.headers());
                     let chosen = ChosenKey::new(sent.pick.id.clone());
                     if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                        let key_failed = matches!(
+                            response.status(),
+                            StatusCode::UNAUTHORIZED
+                                | StatusCode::PAYMENT_REQUIRED
+                                | StatusCode::FORBIDDEN
+                        );
                         let mut response = response.map(KeyPoolBody::stream);
                         response.extensions_mut().insert(chosen);
+                        if let Some(sooner) = key_failed.then(|| sent.sooner()).flatten() {
+                            response.extensions_mut().insert(sooner);
+                        }
                         return Poll::Ready(Ok(response));
                     }
                     let (parts, body) = response.into_parts();
@@ -309,6 +334,9 @@ where
                         parts
                             .extensions
                             .insert(ChosenKey::new(sent.pick.id.clone()));
+                        if let Some(sooner) = sent.sooner() {
+                            parts.extensions.insert(sooner);
+                        }
                     }
                     let body = KeyPoolBody::replay(prefix, rest, error, trailers);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));

@@ -39,6 +39,12 @@ use crate::quota::{OutputReservation, QuotaBoard};
 ///   the key leaves the rotation
 ///   (a `tracing` warning with its [`KeyId`](crate::anthropic::KeyId), and
 ///   [`KeyPoolHandle::statuses`]). The response is returned as it is: this layer never retries.
+/// * **Another key can serve**: when a key fails a request (429, spend cap, 401, 402, 403)
+///   and another key in rotation can take it, the response carries a
+///   [`RetrySooner`](crate::retry::RetrySooner) with the time until that key can (zero: now).
+///   A [`RetryLayer`](crate::retry::RetryLayer) above then retries at once with that key
+///   instead of waiting out the first key's `retry-after`, or failing on its spend cap or
+///   401.
 /// * **Every key removed**: requests fail with
 ///   [`KeyPoolErrorKind::AllKeysRemoved`](super::KeyPoolErrorKind::AllKeysRemoved) without
 ///   being sent (the request that removed the last key got its upstream response).

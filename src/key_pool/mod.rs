@@ -5,7 +5,10 @@
 //!
 //! [`KeyPoolLayer`] sits outside the [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
 //! (buckets are per key, so the key must be chosen first) and inside the
-//! [`RetryLayer`](crate::retry::RetryLayer) (a retried 429 goes out with the next best key).
+//! [`RetryLayer`](crate::retry::RetryLayer): when a key fails a request (429, spend cap, 401,
+//! 402, 403) and another key can take it, the response tells the retry layer so
+//! ([`RetrySooner`](crate::retry::RetrySooner)), and the request is sent again with that key
+//! at once instead of waiting out the first key's `retry-after`.
 //! Give it the rate limiter's [`QuotaBoard`](crate::quota::QuotaBoard) so that it sees every
 //! reservation:
 //!

@@ -410,6 +410,40 @@ impl Pool {
             .collect()
     }
 
+    /// How soon a key other than `except` can take a request: in rotation, not forbidden in
+    /// the group, then the later of its cooldown and the time until the cost fits its
+    /// buckets; the soonest wins. Without a group (other endpoints), any other key in
+    /// rotation, now. `None` when no other key can.
+    pub(crate) fn sooner_elsewhere(
+        &self,
+        except: usize,
+        target: Option<(&RateLimitGroup, &Cost)>,
+        board: &QuotaBoard,
+        now: Instant,
+    ) -> Option<Duration> {
+        let state = self.lock();
+        self.keys
+            .iter()
+            .zip(state.keys.iter())
+            .enumerate()
+            .filter(|(i, (_, rt))| *i != except && rt.removed.is_none())
+            .filter_map(|(_, (key, rt))| match target {
+                None => Some(Duration::ZERO),
+                Some((group, cost)) => {
+                    if rt.is_forbidden(group, now) {
+                        return None;
+                    }
+                    let quota = if board.fits_now(&key.id, group, cost) {
+                        Duration::ZERO
+                    } else {
+                        board.time_until_fits(&key.id, group, cost)?
+                    };
+                    Some(quota.max(rt.cooldown_left(group, now)))
+                }
+            })
+            .min()
+    }
+
     fn index_of(&self, key: &KeyId) -> Option<usize> {
         self.keys.iter().position(|k| &k.id == key)
     }

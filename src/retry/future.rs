@@ -246,6 +246,8 @@ where
             Err(err) => Outcome::Failed(err),
             Ok(response) => inspect(response, &shared).await,
         };
+        // Set by a layer below on a retryable response (see `RetrySooner`).
+        let mut sooner: Option<Duration> = None;
         let (failure, delay_headers, rate_limited) = match outcome {
             Outcome::Final {
                 mut response,
@@ -302,8 +304,12 @@ where
                 use_headers,
             } => {
                 let status = response.status();
+                sooner = response
+                    .extensions()
+                    .get::<super::RetrySooner>()
+                    .map(|s| s.0);
                 let rate_limited = is_rate_limit(status, error.as_ref());
-                if rate_limited {
+                if rate_limited && sooner.is_none() {
                     shared.pacer.rate_limited(&ctx.key);
                 }
                 last_status = Some(status);
@@ -325,7 +331,7 @@ where
         let next = if attempt >= config.max_attempts {
             Err(RetryOutcome::Exhausted)
         } else {
-            let delay = next_delay(
+            let mut delay = next_delay(
                 &config.backoff,
                 &mut backoff,
                 delay_headers.as_ref(),
@@ -334,6 +340,12 @@ where
                 &mut rng,
                 SystemTime::now(),
             );
+            if let Some(sooner) = sooner {
+                // The next attempt goes out with another key: its wait, not this answer's,
+                // and no pacing slot of this key and group.
+                delay.wait = delay.wait.min(sooner);
+                delay.admission = None;
+            }
             let now = Instant::now();
             let too_long = rate_limited && ctx.max_server_wait.is_some_and(|max| delay.wait > max);
             let mut wake = now + delay.wait;
@@ -513,7 +525,14 @@ where
         return hold_back(response, config.max_hold_back).await;
     }
 
-    let verdict = status_verdict(status, response.headers());
+    // A layer below sends the next attempt differently (another key): whatever the status,
+    // the request itself may still succeed.
+    let sooner = response.extensions().get::<super::RetrySooner>().is_some();
+    let verdict = if sooner {
+        StatusVerdict::Retry
+    } else {
+        status_verdict(status, response.headers())
+    };
     if verdict == StatusVerdict::Stop && !needs_body(status) {
         return Outcome::Final {
             response: response.map(RetryBody::new),
@@ -523,7 +542,7 @@ where
     let (parts, body) = response.into_parts();
     let read = read_ahead(body, config.max_error_body, true, |_| false).await;
     let error = ApiError::from_response(status, &read.data);
-    if needs_body(status) && is_spend_cap(&error) {
+    if needs_body(status) && is_spend_cap(&error) && !sooner {
         return Outcome::SpendLimit {
             status,
             error,

@@ -245,6 +245,31 @@ pub enum RetryOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxServerWait(pub Duration);
 
+/// A response extension set by a layer below [`Retry`]: the next attempt of this request goes
+/// out differently and can be sent after at most this long, whatever the response says.
+///
+/// [`KeyPoolLayer`](crate::key_pool::KeyPoolLayer) sets it when a key fails a request (a 429,
+/// a spend cap, a 401, 402 or 403) and another key in rotation can take the request: the
+/// time until that key can (zero: now). The retry layer then
+///
+/// * retries the response whatever its status (a spend cap or a 401 of one key is not the
+///   request's fault), within the attempts, the deadline and the budget as always;
+/// * waits at most this long instead of the answer's `retry-after` (the other key does not
+///   need it);
+/// * does not raise the 429 penalty of the request's key and group, and does not pace it
+///   (the next attempt goes out with another key).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::retry::RetrySooner;
+///
+/// let mut response = http::Response::new(());
+/// response.extensions_mut().insert(RetrySooner(Duration::ZERO));
+/// # assert!(response.extensions().get::<RetrySooner>().is_some());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySooner(pub Duration);
+
 /// A response extension added by [`Retry`] to every Messages API response it returns.
 ///
 /// ```
