@@ -15,7 +15,7 @@ use tower_claude::BoxError;
 use tower_claude::anthropic::{KeyId, ModelCatalog};
 use tower_claude::body::RequestBody;
 use tower_claude::key_pool::{
-    ChosenKey, KeyPoolError, KeyPoolErrorKind, KeyPoolLayer, KeyState, RemovalReason,
+    ChosenKey, KeyPoolError, KeyPoolErrorKind, KeyPoolHandle, KeyPoolLayer, KeyState, RemovalReason,
 };
 use tower_claude::quota::{Limits, QuotaBoard};
 use tower_claude::rate_limit::RateLimitLayer;
@@ -344,17 +344,34 @@ async fn sets_x_api_key_removes_authorization_and_never_shows_a_key() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn retry_above_moves_a_429_to_another_key() {
+/// Retry over a pool of `keys` over a rate limiter, in front of a MockClaude that accepts the
+/// first two of [`KEYS`].
+fn retry_pool_stack(
+    keys: &[&str],
+) -> (
+    MockClaude,
+    KeyPoolHandle,
+    impl Service<
+        Request<RequestBody>,
+        Response = Response<impl http_body::Body + std::fmt::Debug>,
+        Error = BoxError,
+    >,
+) {
     let mock = mock(&KEYS[..2]);
     let board = board();
-    let layer = KeyPoolLayer::new(&KEYS[..2]).unwrap().board(board.clone());
+    let layer = KeyPoolLayer::new(keys).unwrap().board(board.clone());
     let handle = layer.handle();
-    let mut svc = ServiceBuilder::new()
+    let svc = ServiceBuilder::new()
         .layer(RetryLayer::new())
         .layer(layer)
-        .layer(RateLimitLayer::new().board(board.clone()))
+        .layer(RateLimitLayer::new().board(board))
         .service(mock.clone());
+    (mock, handle, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_above_moves_a_429_to_another_key() {
+    let (mock, handle, mut svc) = retry_pool_stack(&KEYS[..2]);
     mock.push_fault(Fault::RateLimited {
         retry_after: Duration::from_secs(20),
     });
@@ -379,14 +396,7 @@ async fn retry_above_moves_a_429_to_another_key() {
 
 #[tokio::test(start_paused = true)]
 async fn with_every_other_key_cooling_down_the_retry_waits_for_the_soonest() {
-    let mock = mock(&KEYS[..2]);
-    let board = board();
-    let layer = KeyPoolLayer::new(&KEYS[..2]).unwrap().board(board.clone());
-    let mut svc = ServiceBuilder::new()
-        .layer(RetryLayer::new())
-        .layer(layer)
-        .layer(RateLimitLayer::new().board(board.clone()))
-        .service(mock.clone());
+    let (mock, _, mut svc) = retry_pool_stack(&KEYS[..2]);
     // Both keys get a 429: the first asks for 20 s, the second for 5 s. The third attempt
     // goes out when the first of them may be used again (5 s), not after 20 s.
     mock.push_fault(Fault::RateLimited {
@@ -408,15 +418,7 @@ async fn with_every_other_key_cooling_down_the_retry_waits_for_the_soonest() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_above_moves_a_spend_capped_or_revoked_key_to_another() {
-    let mock = mock(&KEYS[..2]);
-    let board = board();
-    let layer = KeyPoolLayer::new(KEYS).unwrap().board(board.clone());
-    let handle = layer.handle();
-    let mut svc = ServiceBuilder::new()
-        .layer(RetryLayer::new())
-        .layer(layer)
-        .layer(RateLimitLayer::new().board(board.clone()))
-        .service(mock.clone());
+    let (mock, handle, mut svc) = retry_pool_stack(&KEYS);
     // One key hits its spend cap, one is revoked (the mock does not know KEYS[2]): every
     // request still succeeds, with the key that is left.
     mock.push_fault(Fault::SpendCap);
@@ -571,6 +573,31 @@ fn refusing_upstream(
     ))
 }
 
+/// Sends one Messages request for `model` and returns the answer.
+async fn send_to<S, B>(svc: &mut S, model: &str) -> Response<B>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = BoxError>,
+{
+    svc.ready()
+        .await
+        .unwrap()
+        .call(messages_for(model))
+        .await
+        .unwrap()
+}
+
+/// Sends `n` Messages requests for `model`; how many were answered with `status`.
+async fn count_status<S, B>(svc: &mut S, model: &str, n: usize, status: StatusCode) -> usize
+where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = BoxError>,
+{
+    let mut count = 0;
+    for _ in 0..n {
+        count += usize::from(send_to(svc, model).await.status() == status);
+    }
+    count
+}
+
 fn messages_for(model: &str) -> Request<RequestBody> {
     Request::post("https://api.anthropic.com/v1/messages")
         .header("anthropic-version", "2023-06-01")
@@ -595,13 +622,7 @@ async fn a_key_refused_with_403_goes_last_in_that_group_only() {
         ));
     let mut refused = 0;
     for _ in 0..8 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(messages_for(MODEL))
-            .await
-            .unwrap();
+        let res = send_to(&mut svc, MODEL).await;
         if res.status() == StatusCode::FORBIDDEN {
             refused += 1;
             assert_eq!(chosen(&res), id(KEYS[0]));
@@ -617,13 +638,7 @@ async fn a_key_refused_with_403_goes_last_in_that_group_only() {
     // Another group still uses key a.
     let mut used_a = false;
     for _ in 0..4 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(messages_for("claude-sonnet-4-6"))
-            .await
-            .unwrap();
+        let res = send_to(&mut svc, "claude-sonnet-4-6").await;
         assert_eq!(res.status(), StatusCode::OK);
         used_a |= chosen(&res) == id(KEYS[0]);
     }
@@ -631,18 +646,10 @@ async fn a_key_refused_with_403_goes_last_in_that_group_only() {
     // After the cooldown, key a is tried again in the group (and refused again).
     tokio::time::advance(Duration::from_secs(301)).await;
     assert!(handle.status(&id(KEYS[0])).unwrap().forbidden.is_empty());
-    let mut refused = 0;
-    for _ in 0..4 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(messages_for(MODEL))
-            .await
-            .unwrap();
-        refused += usize::from(res.status() == StatusCode::FORBIDDEN);
-    }
-    assert_eq!(refused, 1);
+    assert_eq!(
+        count_status(&mut svc, MODEL, 4, StatusCode::FORBIDDEN).await,
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -655,16 +662,10 @@ async fn every_key_forbidden_still_sends_so_the_caller_gets_the_403() {
             "permission_error",
             MODEL,
         ));
-    for _ in 0..2 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(messages_for(MODEL))
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::FORBIDDEN);
-    }
+    assert_eq!(
+        count_status(&mut svc, MODEL, 2, StatusCode::FORBIDDEN).await,
+        2
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -678,17 +679,7 @@ async fn a_key_with_a_billing_problem_leaves_the_rotation() {
             "billing_error",
             MODEL,
         ));
-    let mut refused = 0;
-    for _ in 0..6 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(messages_for(MODEL))
-            .await
-            .unwrap();
-        refused += usize::from(res.status() == StatusCode::PAYMENT_REQUIRED);
-    }
+    let refused = count_status(&mut svc, MODEL, 6, StatusCode::PAYMENT_REQUIRED).await;
     assert_eq!(refused, 1);
     assert!(matches!(
         handle.status(&id(KEYS[0])).unwrap().state,

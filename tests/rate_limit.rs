@@ -358,6 +358,25 @@ async fn other_requests_pass_through_untouched() {
     assert!(board.is_empty());
 }
 
+/// A JSON answer with Anthropic-like rate-limit headers: `rpm` requests a minute with
+/// `requests_left` left, 10 000 input tokens (9 000 left), 2 000 output tokens (1 000 left).
+fn answer_with_limits(rpm: u64, requests_left: u64) -> Response<Full<Bytes>> {
+    let mut r = Response::new(json_usage(20, 10));
+    let b = |limit: u64, remaining: u64| BucketSnapshot {
+        limit: Some(limit),
+        remaining: Some(remaining),
+        reset: Some(SystemTime::now()),
+    };
+    RateLimitSnapshot {
+        requests: b(rpm, requests_left),
+        tokens: BucketSnapshot::default(),
+        input_tokens: b(10_000, 9_000),
+        output_tokens: b(2_000, 1_000),
+    }
+    .write_headers(r.headers_mut());
+    r
+}
+
 /// A fake upstream with Anthropic-like headers: fixed limits, remaining as the test sets.
 #[tokio::test(start_paused = true)]
 async fn limits_are_learned_from_headers() {
@@ -367,20 +386,7 @@ async fn limits_are_learned_from_headers() {
         let n = c.fetch_add(1, Ordering::SeqCst) as u64;
         async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let mut r = Response::new(json_usage(20, 10));
-            let b = |limit: u64, remaining: u64| BucketSnapshot {
-                limit: Some(limit),
-                remaining: Some(remaining),
-                reset: Some(SystemTime::now()),
-            };
-            RateLimitSnapshot {
-                requests: b(3, 2 - n.min(2)),
-                tokens: BucketSnapshot::default(),
-                input_tokens: b(10_000, 9_000),
-                output_tokens: b(2_000, 1_000),
-            }
-            .write_headers(r.headers_mut());
-            Ok::<_, BoxError>(r)
+            Ok::<_, BoxError>(answer_with_limits(3, 2 - n.min(2)))
         }
     });
     let layer = RateLimitLayer::new();
@@ -425,20 +431,7 @@ async fn a_cancelled_probe_does_not_lift_the_gate() {
             // The first call (the probe that will be cancelled) is slow.
             let secs = if n == 0 { 60 } else { 1 };
             tokio::time::sleep(Duration::from_secs(secs)).await;
-            let mut r = Response::new(json_usage(20, 10));
-            let b = |limit: u64, remaining: u64| BucketSnapshot {
-                limit: Some(limit),
-                remaining: Some(remaining),
-                reset: Some(SystemTime::now()),
-            };
-            RateLimitSnapshot {
-                requests: b(2, 1),
-                tokens: BucketSnapshot::default(),
-                input_tokens: b(10_000, 9_000),
-                output_tokens: b(2_000, 1_000),
-            }
-            .write_headers(r.headers_mut());
-            Ok::<_, BoxError>(r)
+            Ok::<_, BoxError>(answer_with_limits(2, 1))
         }
     });
     let svc = ServiceBuilder::new()

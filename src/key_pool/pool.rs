@@ -457,20 +457,17 @@ impl Pool {
     }
 
     fn status(&self, index: usize, rt: &KeyRuntime, now: Instant) -> KeyStatus {
-        let mut cooldowns: Vec<_> = rt
-            .cooldowns
-            .iter()
-            .filter(|(_, until)| **until > now)
-            .map(|(g, until)| (g.clone(), until.saturating_duration_since(now)))
-            .collect();
-        cooldowns.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut forbidden: Vec<_> = rt
-            .forbidden
-            .iter()
-            .filter(|(_, until)| **until > now)
-            .map(|(g, until)| (g.clone(), until.saturating_duration_since(now)))
-            .collect();
-        forbidden.sort_by(|a, b| a.0.cmp(&b.0));
+        // The groups whose deadline is still ahead, with the time left, sorted by group.
+        let left = |until: &HashMap<RateLimitGroup, Instant>| {
+            let mut v: Vec<_> = until
+                .iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(g, until)| (g.clone(), until.saturating_duration_since(now)))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let (cooldowns, forbidden) = (left(&rt.cooldowns), left(&rt.forbidden));
         KeyStatus {
             key: self.keys[index].id.clone(),
             state: match rt.removed {

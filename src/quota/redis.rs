@@ -745,124 +745,131 @@ impl RedisShared {
     }
 }
 
-/// The Redis path of an acquire: take in Redis, or wait as long as Redis says (or until a
-/// local refund), or fall back to local buckets when Redis is down.
-async fn acquire_shared(
+/// One acquire on the Redis path.
+struct SharedAcquire {
     shared: Arc<RedisShared>,
     board: QuotaBoard,
     key: KeyId,
     group: RateLimitGroup,
     cost: Cost,
     deadline: Option<Instant>,
-) -> Result<Reservation, AcquireError> {
-    loop {
-        if shared.is_degraded() {
-            if shared.options.fail_closed {
-                return Err(AcquireError::new(
-                    AcquireErrorKind::BackendUnavailable,
-                    key,
-                    group,
-                    None,
-                ));
-            }
-            shared
-                .counters
-                .fallback_acquires
-                .fetch_add(1, Ordering::Relaxed);
-            return shared
-                .fallback
-                .acquire(key, group, cost)
-                .deadline(deadline)
-                .await;
-        }
-        let Some(caps) = shared.mirror.capacities(&key, &group) else {
-            // Limits forgotten meanwhile (cannot happen for configured limits): no limit.
-            let grant = Grant {
-                charged: [None; 3],
-                probe: false,
-                origin: Origin::Local,
-            };
-            return Ok(board.reservation(key, group, cost, grant));
-        };
-        let a = amounts(&caps, &cost);
-        let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        // Registered before the call, so that a refund during the round trip is not missed.
-        let refunded = shared.refunded.notified();
-        match shared.eval(&key, &group, "acquire", &caps, &args).await {
+}
+
+impl SharedAcquire {
+    /// Limits unknown here: adopt the ones another process learned (found in the store),
+    /// then acquire in Redis; `None` when the store has none (this process probes).
+    async fn adopt_then_run(self) -> Option<Result<Reservation, AcquireError>> {
+        let (shared, key, group) = (&self.shared, &self.key, &self.group);
+        match shared.eval(key, group, "peek", &[None; 3], &[]).await {
             Ok(reply) => {
-                shared.mirror.set_levels(&key, &group, reply.levels);
-                match reply.status.as_str() {
-                    "ok" => {
-                        shared
-                            .counters
-                            .shared_grants
-                            .fetch_add(1, Ordering::Relaxed);
-                        shared.mirror.track_shared(&key, &group, true);
-                        let grant = Grant {
-                            charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
-                            probe: false,
-                            origin: Origin::Shared,
-                        };
-                        return Ok(board.reservation(key, group, cost, grant));
-                    }
-                    "large" => {
-                        return Err(AcquireError::new(
-                            AcquireErrorKind::RequestTooLarge,
-                            key,
-                            group,
-                            None,
-                        ));
-                    }
-                    _ => {
-                        // Sleep until the buckets hold the cost (or the deadline), unless a
-                        // reservation of this process gives quota back first.
-                        let wake = Instant::now() + reply.wait;
-                        let (until, last) = match deadline {
-                            Some(d) if wake > d => (d, true),
-                            _ => (wake, false),
-                        };
-                        let sleep = std::pin::pin!(tokio::time::sleep_until(until));
-                        let refunded = std::pin::pin!(refunded);
-                        if let Either::Left(_) = select(sleep, refunded).await {
-                            if last {
-                                return Err(AcquireError::new(
-                                    AcquireErrorKind::QueueTimeout,
-                                    key,
-                                    group,
-                                    Some(wake.saturating_duration_since(Instant::now())),
-                                ));
+                let caps = reply.levels.map(|c| c.map(|c| c.max(0.0) as u64));
+                if caps.iter().all(Option::is_none) {
+                    return None;
+                }
+                shared.mirror.adopt(key, group, caps);
+            }
+            // Redis is down: the acquire below takes the local fallback (or fails closed).
+            Err(e) => shared.mark_down(&e),
+        }
+        Some(self.run().await)
+    }
+
+    /// Takes in Redis, or waits as long as Redis says (or until a local refund), or falls
+    /// back to local buckets when Redis is down.
+    async fn run(self) -> Result<Reservation, AcquireError> {
+        let Self {
+            shared,
+            board,
+            key,
+            group,
+            cost,
+            deadline,
+        } = self;
+        loop {
+            if shared.is_degraded() {
+                if shared.options.fail_closed {
+                    return Err(AcquireError::new(
+                        AcquireErrorKind::BackendUnavailable,
+                        key,
+                        group,
+                        None,
+                    ));
+                }
+                shared
+                    .counters
+                    .fallback_acquires
+                    .fetch_add(1, Ordering::Relaxed);
+                return shared
+                    .fallback
+                    .acquire(key, group, cost)
+                    .deadline(deadline)
+                    .await;
+            }
+            let Some(caps) = shared.mirror.capacities(&key, &group) else {
+                // Limits forgotten meanwhile (cannot happen for configured limits): no limit.
+                let grant = Grant {
+                    charged: [None; 3],
+                    probe: false,
+                    origin: Origin::Local,
+                };
+                return Ok(board.reservation(key, group, cost, grant));
+            };
+            let a = amounts(&caps, &cost);
+            let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+            // Registered before the call, so that a refund during the round trip is not missed.
+            let refunded = shared.refunded.notified();
+            match shared.eval(&key, &group, "acquire", &caps, &args).await {
+                Ok(reply) => {
+                    shared.mirror.set_levels(&key, &group, reply.levels);
+                    match reply.status.as_str() {
+                        "ok" => {
+                            shared
+                                .counters
+                                .shared_grants
+                                .fetch_add(1, Ordering::Relaxed);
+                            shared.mirror.track_shared(&key, &group, true);
+                            let grant = Grant {
+                                charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
+                                probe: false,
+                                origin: Origin::Shared,
+                            };
+                            return Ok(board.reservation(key, group, cost, grant));
+                        }
+                        "large" => {
+                            return Err(AcquireError::new(
+                                AcquireErrorKind::RequestTooLarge,
+                                key,
+                                group,
+                                None,
+                            ));
+                        }
+                        _ => {
+                            // Sleep until the buckets hold the cost (or the deadline), unless a
+                            // reservation of this process gives quota back first.
+                            let wake = Instant::now() + reply.wait;
+                            let (until, last) = match deadline {
+                                Some(d) if wake > d => (d, true),
+                                _ => (wake, false),
+                            };
+                            let sleep = std::pin::pin!(tokio::time::sleep_until(until));
+                            let refunded = std::pin::pin!(refunded);
+                            if let Either::Left(_) = select(sleep, refunded).await {
+                                if last {
+                                    return Err(AcquireError::new(
+                                        AcquireErrorKind::QueueTimeout,
+                                        key,
+                                        group,
+                                        Some(wake.saturating_duration_since(Instant::now())),
+                                    ));
+                                }
                             }
                         }
                     }
                 }
+                Err(e) => shared.mark_down(&e),
             }
-            Err(e) => shared.mark_down(&e),
         }
     }
-}
-
-/// Limits unknown here: adopt the ones another process learned (found in the store), then
-/// acquire in Redis; `None` when the store has none (this process probes).
-async fn adopt_then_acquire(
-    shared: Arc<RedisShared>,
-    board: QuotaBoard,
-    key: KeyId,
-    group: RateLimitGroup,
-    cost: Cost,
-    deadline: Option<Instant>,
-) -> Option<Result<Reservation, AcquireError>> {
-    match shared.eval(&key, &group, "peek", &[None; 3], &[]).await {
-        Ok(reply) => {
-            let caps = reply.levels.map(|c| c.map(|c| c.max(0.0) as u64));
-            if caps.iter().all(Option::is_none) {
-                return None;
-            }
-            shared.mirror.adopt(&key, &group, caps);
-        }
-        // Redis is down: the acquire below takes the local fallback (or fails closed).
-        Err(e) => shared.mark_down(&e),
-    }
-    Some(acquire_shared(shared, board, key, group, cost, deadline).await)
 }
 
 /// Drives the Redis path of an [`Acquire`](super::Acquire). `None`: the local path applies
@@ -879,19 +886,16 @@ pub(crate) fn poll_remote(
         if !at_start {
             return None;
         }
-        let args = (
-            shared.clone(),
-            board.clone(),
-            key.clone(),
-            group.clone(),
+        let job = SharedAcquire {
+            shared: shared.clone(),
+            board: board.clone(),
+            key: key.clone(),
+            group: group.clone(),
             cost,
             deadline,
-        );
+        };
         let fut: RemoteAcquire = if shared.is_degraded() {
-            Box::pin(async move {
-                let (shared, board, key, group, cost, deadline) = args;
-                Some(acquire_shared(shared, board, key, group, cost, deadline).await)
-            })
+            Box::pin(async move { Some(job.run().await) })
         } else if shared.mirror.capacities(key, group).is_none() {
             // Limits unknown here: ask the store once whether another process learned them;
             // else (or after an answer without limits) the probe gate of the mirror.
@@ -899,19 +903,13 @@ pub(crate) fn poll_remote(
                 return None;
             }
             remote.peeked = true;
-            let (shared, board, key, group, cost, deadline) = args;
-            Box::pin(adopt_then_acquire(
-                shared, board, key, group, cost, deadline,
-            ))
+            Box::pin(job.adopt_then_run())
         } else if shared.mirror.is_seeding(key, group) {
             // Just learned, and Redis not yet seeded with the server's view: wait in the
             // mirror's queue, which releases to this path.
             return None;
         } else {
-            Box::pin(async move {
-                let (shared, board, key, group, cost, deadline) = args;
-                Some(acquire_shared(shared, board, key, group, cost, deadline).await)
-            })
+            Box::pin(async move { Some(job.run().await) })
         };
         remote.fut = Some(fut);
     }
