@@ -280,3 +280,46 @@ async fn ramp_up_limits_how_fast_the_cap_grows() {
     assert_eq!(calls.load(Ordering::SeqCst), 10);
     assert_eq!(handle.limit(), 10);
 }
+
+/// An adaptive cap around the simulator: a stream that fails mid-way with `event: error`
+/// (`overloaded_error`, after HTTP 200) shrinks the cap as a 529 would; a complete stream
+/// does not.
+#[cfg(feature = "testing")]
+#[tokio::test(start_paused = true)]
+async fn aimd_shrinks_on_a_mid_stream_overloaded_error() {
+    use tower_claude::testing::{Fault, MockClaude};
+    let mock = MockClaude::builder().build();
+    let layer = ConcurrencyLayer::adaptive(Aimd {
+        initial: 16,
+        min: 2,
+        max: 20,
+        decrease: 0.5,
+        cooldown: Duration::from_secs(1),
+    });
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new().layer(layer).service(mock.clone());
+    let stream = || {
+        Request::post("/v1/messages")
+            .header("x-api-key", "sk-ant-aimd")
+            .header("anthropic-version", "2023-06-01")
+            .body(RequestBody::from(
+                r#"{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            ))
+            .unwrap()
+    };
+    let res = svc.ready().await.unwrap().call(stream()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(handle.limit(), 16, "a complete stream is a success");
+    mock.push_fault(Fault::MidStreamError);
+    let res = svc.ready().await.unwrap().call(stream()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the head said 200");
+    assert_eq!(
+        handle.limit(),
+        16,
+        "nothing is known before the error event"
+    );
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("overloaded_error"));
+    assert_eq!(handle.limit(), 8);
+}

@@ -10,12 +10,54 @@ use pin_project::pin_project;
 use super::limiter::Permit;
 
 /// Response body of [`Concurrency`](super::Concurrency): data flows through unchanged; the
-/// permit is released when the body reports its end, fails, or is dropped.
+/// permit is released when the body reports its end, fails, or is dropped. With an adaptive
+/// cap, an SSE stream that fails with `event: error` after its 200 head (the server
+/// overloaded mid-stream) shrinks the cap as a 529 would.
 #[pin_project]
 pub struct ConcurrencyBody<B> {
     #[pin]
     inner: B,
     permit: Option<Permit>,
+    watch: Option<ErrorWatch>,
+}
+
+/// Finds an `event: error` line in an SSE byte stream, however it is chunked.
+///
+/// Hand-written rather than a [`StreamTracker`](crate::anthropic::StreamTracker): only the
+/// first bytes of each line matter here, and the tracker would parse every event's JSON.
+#[derive(Debug, Default)]
+struct ErrorWatch {
+    /// The start of the current line (at most `LINE_PREFIX` bytes).
+    line: Vec<u8>,
+    /// The current line is longer than any line this looks for.
+    long: bool,
+    seen: bool,
+}
+
+const LINE_PREFIX: usize = 16;
+
+impl ErrorWatch {
+    /// Feeds a chunk; `true` the first time an `event: error` line ends.
+    fn feed(&mut self, chunk: &[u8]) -> bool {
+        if self.seen {
+            return false;
+        }
+        for &b in chunk {
+            if b == b'\n' || b == b'\r' {
+                let line = std::mem::take(&mut self.line);
+                let long = std::mem::take(&mut self.long);
+                if !long && (line == b"event: error" || line == b"event:error") {
+                    self.seen = true;
+                    return true;
+                }
+            } else if self.line.len() < LINE_PREFIX {
+                self.line.push(b);
+            } else {
+                self.long = true;
+            }
+        }
+        false
+    }
 }
 
 impl<B> std::fmt::Debug for ConcurrencyBody<B> {
@@ -28,7 +70,22 @@ impl<B> std::fmt::Debug for ConcurrencyBody<B> {
 
 impl<B> ConcurrencyBody<B> {
     pub(crate) fn new(inner: B, permit: Option<Permit>) -> Self {
-        Self { inner, permit }
+        Self {
+            inner,
+            permit,
+            watch: None,
+        }
+    }
+
+    /// Like [`new`](Self::new), watching an SSE stream for a mid-stream error when the cap
+    /// is adaptive.
+    pub(crate) fn watching(inner: B, permit: Option<Permit>, sse: bool) -> Self {
+        let adaptive = permit.as_ref().is_some_and(|p| p.limiter().is_adaptive());
+        Self {
+            inner,
+            permit,
+            watch: (sse && adaptive).then(ErrorWatch::default),
+        }
     }
 
     /// Whether the body still holds a concurrency permit.
@@ -56,6 +113,15 @@ where
         let this = self.project();
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
+        if let (Some(watch), Some(Ok(f))) = (this.watch.as_mut(), &frame) {
+            if let Some(data) = f.data_ref() {
+                if watch.feed(data) {
+                    if let Some(p) = this.permit.as_ref() {
+                        p.limiter().on_stream_error(tokio::time::Instant::now());
+                    }
+                }
+            }
+        }
         match &frame {
             Some(Ok(_)) if !inner.is_end_stream() => {}
             _ => *this.permit = None,
@@ -69,5 +135,23 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_error_event_however_the_stream_is_chunked() {
+        let stream = b"event: ping\ndata: {}\n\nevent: content_block_delta\ndata: {\"text\":\"event: error\"}\n\nevent: error\r\ndata: {\"type\":\"error\"}\n\n";
+        for size in 1..stream.len() {
+            let mut w = ErrorWatch::default();
+            let hits: usize = stream.chunks(size).map(|c| usize::from(w.feed(c))).sum();
+            assert_eq!(hits, 1, "chunk size {size}");
+        }
+        let mut w = ErrorWatch::default();
+        assert!(!w.feed(b"data: event: error\nevent: errors\nxevent: error\n"));
+        assert!(w.feed(b"event:error\n"));
     }
 }

@@ -142,7 +142,15 @@ where
                         p.limiter()
                             .on_status(resp.status(), tokio::time::Instant::now());
                     }
-                    return Poll::Ready(Ok(resp.map(|b| ConcurrencyBody::new(b, permit))));
+                    let sse = resp.status().is_success()
+                        && resp
+                            .headers()
+                            .get(http::header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+                    return Poll::Ready(
+                        Ok(resp.map(|b| ConcurrencyBody::watching(b, permit, sse))),
+                    );
                 }
                 StateProj::Passthrough { fut } => {
                     let resp = ready!(fut.poll(cx)).map_err(Into::into)?;

@@ -13,7 +13,8 @@ use super::service::Concurrency;
 ///
 /// The cap is shared by every service built from the layer (and their clones). Modes:
 /// * fixed: [`ConcurrencyLayer::new`];
-/// * adaptive ([`Aimd`]): shrinks on 429 / 529 responses, grows back slowly on success;
+/// * adaptive ([`Aimd`]): shrinks on 429 / 529 responses and on streams that fail mid-way
+///   with `event: error`, grows back slowly on success;
 /// * ramp-up ([`RampUp`], with either): limits how fast the cap may grow.
 ///
 /// ```

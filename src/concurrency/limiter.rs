@@ -182,31 +182,26 @@ impl Limiter {
         next
     }
 
+    /// Whether the cap adapts to feedback.
+    pub(crate) fn is_adaptive(&self) -> bool {
+        self.aimd.is_some()
+    }
+
+    /// Feedback from a stream that failed with `event: error` after its 200 head (an
+    /// overloaded server mid-stream): shrinks the cap as a 529 would (adaptive mode only).
+    pub(crate) fn on_stream_error(&self, now: Instant) {
+        let Some(aimd) = self.aimd else { return };
+        let mut st = self.lock();
+        self.decrease(&aimd, &mut st, now);
+    }
+
     /// Feedback from a response status (adaptive mode only).
     pub(crate) fn on_status(&self, status: http::StatusCode, now: Instant) {
         let Some(aimd) = self.aimd else { return };
         let mut st = self.lock();
         let code = status.as_u16();
         if code == 429 || code == 529 {
-            st.successes = 0;
-            if st
-                .last_decrease
-                .is_some_and(|t| now.saturating_duration_since(t) < aimd.cooldown)
-            {
-                return;
-            }
-            let factor = if aimd.decrease.is_finite() {
-                aimd.decrease.clamp(0.0, 1.0)
-            } else {
-                0.5
-            };
-            let cur = st.target.min(st.desired);
-            let next = ((cur as f64 * factor).floor() as usize).max(aimd.min.max(1));
-            st.desired = next;
-            st.last_decrease = Some(now);
-            st.ramp_base = next;
-            st.ramp_since = now;
-            self.refresh_locked(&mut st, now);
+            self.decrease(&aimd, &mut st, now);
         } else if status.is_success() {
             st.successes += 1;
             if st.successes >= st.desired {
@@ -215,6 +210,29 @@ impl Limiter {
                 self.refresh_locked(&mut st, now);
             }
         }
+    }
+
+    /// Multiplicative decrease, at most once per `aimd.cooldown`.
+    fn decrease(&self, aimd: &Aimd, st: &mut State, now: Instant) {
+        st.successes = 0;
+        if st
+            .last_decrease
+            .is_some_and(|t| now.saturating_duration_since(t) < aimd.cooldown)
+        {
+            return;
+        }
+        let factor = if aimd.decrease.is_finite() {
+            aimd.decrease.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        let cur = st.target.min(st.desired);
+        let next = ((cur as f64 * factor).floor() as usize).max(aimd.min.max(1));
+        st.desired = next;
+        st.last_decrease = Some(now);
+        st.ramp_base = next;
+        st.ramp_since = now;
+        self.refresh_locked(st, now);
     }
 
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {

@@ -2,8 +2,8 @@
 //!
 //! A request takes a permit before it is sent and keeps it until its response body ends or
 //! is dropped: a permit released when the headers arrive would not limit streams. The cap is
-//! shared by every clone, fixed or adaptive ([`Aimd`]: shrink on 429 / 529, grow back slowly on
-//! success), optionally with a [`RampUp`] limiting how fast it grows. The cap is a
+//! shared by every clone, fixed or adaptive ([`Aimd`]: shrink on 429 / 529 and on a stream
+//! that fails mid-way with `event: error`, grow back slowly on success), optionally with a [`RampUp`] limiting how fast it grows. The cap is a
 //! [`tokio::sync::Semaphore`]; shrinking forgets free permits and retires held ones as they
 //! come back.
 //!
