@@ -42,21 +42,25 @@ impl ErrorWatch {
         if self.seen {
             return false;
         }
-        for &b in chunk {
-            if b == b'\n' || b == b'\r' {
-                let line = std::mem::take(&mut self.line);
-                let long = std::mem::take(&mut self.long);
-                if !long && (line == b"event: error" || line == b"event:error") {
-                    self.seen = true;
-                    return true;
-                }
-            } else if self.line.len() < LINE_PREFIX {
-                self.line.push(b);
-            } else {
-                self.long = true;
+        let mut rest = chunk;
+        loop {
+            let end = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+            let part = &rest[..end.unwrap_or(rest.len())];
+            // Keep only the start of the line; a longer one cannot be `event: error`.
+            let room = LINE_PREFIX - self.line.len();
+            self.line.extend_from_slice(&part[..part.len().min(room)]);
+            self.long |= part.len() > room;
+            let Some(end) = end else {
+                return false;
+            };
+            let line = std::mem::take(&mut self.line);
+            let long = std::mem::take(&mut self.long);
+            if !long && (line == b"event: error" || line == b"event:error") {
+                self.seen = true;
+                return true;
             }
+            rest = &rest[end + 1..];
         }
-        false
     }
 }
 
