@@ -109,7 +109,7 @@ impl FallbackLayer {
     /// the request's own key: the pool sends each request with its best key, so a model's
     /// quota view is that of its best key in rotation (a key cooling down after a 429 does
     /// not fit until its cooldown ends; a key refused with a 403 in that group does not
-    /// count). Give it the pool's board too. [`ClaudeStack`](crate::ClaudeStack) does both.
+    /// count). Give it the pool's board too. [`ClaudeStack`](crate::stack::ClaudeStack) does both.
     ///
     /// ```
     /// use tower_claude::fallback::FallbackLayer;
