@@ -133,6 +133,13 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
     finish.count_usage = status.is_success();
     let span = &info.span;
     span.record("status", status.as_u16());
+    // A key pool below chose the upstream key: the span names that key, not the caller's.
+    if let Some(chosen) = response
+        .extensions()
+        .get::<crate::key_pool::ChosenKey>()
+    {
+        span.record("key", tracing::field::display(chosen.key()));
+    }
 
     // Fallback: the model that served, from the fallback layer's `ServedModel` extension or
     // its `x-tower-claude-model` header.
