@@ -1,5 +1,6 @@
-//! Cache hit path through `CacheLayer` (memory and disk stores, 10 KB and 100 KB answers), and
-//! the cost of the key: the request parse, and BLAKE3 against SHA-256 on 10 KB.
+//! Cache hit path through `CacheLayer` (memory and disk stores, 10 KB and 100 KB answers), the
+//! streaming miss path (a 100-event SSE answer recorded and stored), and the cost of the key:
+//! the request parse, and BLAKE3 against SHA-256 on 10 KB.
 //!
 //! `cargo bench --bench cache --all-features -- --warm-up-time 1 --measurement-time 3`
 
@@ -114,6 +115,66 @@ fn disk(c: &mut Criterion) {
 #[cfg(not(feature = "disk-cache"))]
 fn disk(_c: &mut Criterion) {}
 
+/// A streaming miss: a new prompt each time, answered with 100 SSE events (about 16 KB) that
+/// the cache forwards, records and stores after `message_stop`.
+fn stream_miss(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut events: Vec<Bytes> = vec![Bytes::from_static(
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":900,\"output_tokens\":1}}}\n\n",
+    )];
+    for _ in 0..98 {
+        events.push(Bytes::from_static(
+            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"fn iter(&self) -> impl Iterator<Item = &T> { self.items.iter() } \"}}\n\n",
+        ));
+    }
+    events.push(Bytes::from_static(
+        b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ));
+    let size: usize = events.iter().map(Bytes::len).sum();
+    let upstream = service_fn(move |_req: Request<RequestBody>| {
+        let frames = events
+            .clone()
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(http_body::Frame::data(e)));
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+                        frames,
+                    )))
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = CacheLayer::memory(256 * 1024 * 1024).layer(upstream);
+    let n = AtomicU64::new(0);
+    let mut group = c.benchmark_group("cache_miss");
+    group.throughput(Throughput::Bytes(size as u64));
+    group.bench_function("stream_100_events", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = svc.clone();
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let body = Bytes::from(format!(
+                r#"{{"model":"claude-sonnet-4-6","max_tokens":4096,"stream":true,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+            ));
+            async move {
+                let res = svc.oneshot(request(&body)).await.unwrap();
+                debug_assert_eq!(
+                    res.extensions().get::<CacheStatus>(),
+                    Some(&CacheStatus::Miss)
+                );
+                black_box(res.into_body().collect().await.unwrap().to_bytes())
+            }
+        })
+    });
+    group.finish();
+}
+
 fn hashing(c: &mut Criterion) {
     let data = vec![0x61u8; 10 * 1024];
     let mut group = c.benchmark_group("hash_10KB");
@@ -141,5 +202,5 @@ fn hashing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, memory, disk, hashing);
+criterion_group!(benches, memory, disk, stream_miss, hashing);
 criterion_main!(benches);

@@ -490,18 +490,25 @@ async fn partial_and_errored_streams_are_never_cached() {
     assert_eq!(up.calls(), 2);
 }
 
+/// The only caller of a stream leaves before its end: the upstream stream is dropped (the
+/// request is cancelled upstream) and nothing is stored.
 #[tokio::test(start_paused = true)]
-async fn a_stream_dropped_early_by_the_caller_is_not_cached() {
-    let up = Upstream::sse();
+async fn a_stream_dropped_early_by_its_only_caller_is_cancelled_and_not_cached() {
+    let (up, tx) = fed_sse_upstream();
     let svc = cache(&up);
     let res = svc
         .clone()
         .oneshot(request("sk", STREAM_BODY))
         .await
         .unwrap();
+    tx.send(Bytes::from_static(SSE_EVENTS[0].as_bytes()))
+        .unwrap();
     let mut body = res.into_body();
     body.frame().await.unwrap().unwrap();
     drop(body);
+    tokio::time::timeout(Duration::from_secs(1), tx.closed())
+        .await
+        .expect("the upstream body was dropped");
     assert_eq!(
         send(&svc, request("sk", STREAM_BODY)).await.0,
         CacheStatus::Miss
@@ -633,26 +640,158 @@ async fn a_cancelled_leader_does_not_hang_its_followers() {
     assert_eq!(up.calls(), 2);
 }
 
+/// An upstream whose first streaming answer is fed by the test, chunk by chunk, through the
+/// returned sender (`closed()` on the sender tells when the upstream body was dropped); later
+/// calls get a complete stream at once.
+fn fed_sse_upstream() -> (Upstream, tokio::sync::mpsc::UnboundedSender<Bytes>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let up = Upstream::new(Duration::from_millis(10), move |_, _| {
+        let Some(rx) = rx.lock().unwrap().take() else {
+            return sse_response(chunks(sse_chunks(SSE_EVENTS)));
+        };
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
+        });
+        sse_response(StreamBody::new(stream).boxed())
+    });
+    (up, tx)
+}
+
 #[tokio::test(start_paused = true)]
-async fn streams_are_not_coalesced() {
-    let up = Upstream::sse();
+async fn concurrent_identical_streams_share_one_upstream_stream_live() {
+    let (up, tx) = fed_sse_upstream();
     let svc = cache(&up);
-    let tasks: Vec<_> = (0..3)
+    // Three identical streaming requests at once, one more after the stream has started.
+    let mut bodies = Vec::new();
+    let mut statuses = Vec::new();
+    let calls: Vec<_> = (0..3)
         .map(|_| {
             let svc = svc.clone();
-            tokio::spawn(async move { send(&svc, request("sk", STREAM_BODY)).await })
+            tokio::spawn(async move { svc.oneshot(request("sk", STREAM_BODY)).await.unwrap() })
         })
         .collect();
-    for t in tasks {
-        let (s, _, _, body) = t.await.unwrap();
-        assert_eq!(s, CacheStatus::Miss);
-        assert!(track(&body).is_complete());
+    for c in calls {
+        let res = c.await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        statuses.push(*res.extensions().get::<CacheStatus>().unwrap());
+        bodies.push(res.into_body());
     }
-    assert_eq!(up.calls(), 3);
+    // Each reader gets each chunk as soon as upstream sends it.
+    for event in &SSE_EVENTS[..3] {
+        tx.send(Bytes::from_static(event.as_bytes())).unwrap();
+        for body in bodies.iter_mut() {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), event.as_bytes());
+        }
+    }
+    let late = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    statuses.push(*late.extensions().get::<CacheStatus>().unwrap());
+    bodies.push(late.into_body());
+    for event in &SSE_EVENTS[3..] {
+        tx.send(Bytes::from_static(event.as_bytes())).unwrap();
+    }
+    drop(tx);
+    let all: String = SSE_EVENTS.concat();
+    let mut seen = Vec::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let rest = body.collect().await.unwrap().to_bytes();
+        seen.push(rest.len());
+        // The late reader got the stream from its first event.
+        if i == 3 {
+            assert_eq!(rest, all.as_bytes());
+            assert!(track(&rest).is_complete());
+        }
+    }
+    assert_eq!(up.calls(), 1, "one upstream stream for four callers");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == CacheStatus::Miss).count(),
+        1
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == CacheStatus::Hit).count(),
+        3
+    );
+    // And the complete stream was stored.
+    let (s, _, _, body) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!((s, &body[..]), (CacheStatus::Hit, all.as_bytes()));
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_stream_goes_on_for_followers_when_the_leader_leaves() {
+    let (up, tx) = fed_sse_upstream();
+    let svc = cache(&up);
+    let leader = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    assert_eq!(
+        leader.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Miss)
+    );
+    let follower = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    assert_eq!(
+        follower.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Hit)
+    );
+    tx.send(Bytes::from_static(SSE_EVENTS[0].as_bytes()))
+        .unwrap();
+    let mut leader = leader.into_body();
+    leader.frame().await.unwrap().unwrap();
+    drop(leader);
+    for event in &SSE_EVENTS[1..] {
+        tx.send(Bytes::from_static(event.as_bytes())).unwrap();
+    }
+    drop(tx);
+    let body = follower.into_body().collect().await.unwrap().to_bytes();
+    assert!(track(&body).is_complete());
     assert_eq!(
         send(&svc, request("sk", STREAM_BODY)).await.0,
         CacheStatus::Hit
     );
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_failed_stream_see_the_same_failure_and_it_is_not_stored() {
+    let (up, tx) = fed_sse_upstream();
+    let svc = cache(&up);
+    let a = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    let b = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    for event in SSE_EVENTS[..4].iter().chain([&ERROR_EVENT]) {
+        tx.send(Bytes::from_static(event.as_bytes())).unwrap();
+    }
+    drop(tx);
+    for res in [a, b] {
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert!(track(&body).error().is_some());
+    }
+    // Not stored: the next request goes upstream.
+    let (s, _, _, body) = send(&svc, request("sk", STREAM_BODY)).await;
+    assert_eq!(s, CacheStatus::Miss);
+    assert!(track(&body).is_complete());
+    assert_eq!(up.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,14 +13,16 @@ use pin_project::pin_project;
 
 use super::key::CacheKey;
 use super::layer::Config;
+use super::live::LiveBody;
 use super::service::FlightGuard;
 use super::store::CachedResponse;
 use crate::BoxError;
 use crate::anthropic::StreamTracker;
 
 /// The response body of [`Cache`](super::Cache): a stored body (hit), the inner body passed
-/// through (bypass, or a response that is not stored), or the inner body watched by a tee that
-/// records a streaming response as it is forwarded (miss).
+/// through (bypass, or a response that is not stored), the inner body watched by a tee that
+/// records a streaming response as it is forwarded (miss), or one reader of a stream shared
+/// by concurrent identical streaming requests (see the module docs, *Coalescing*).
 ///
 /// The tee never holds chunks back: each one is forwarded as soon as the inner body yields
 /// it. After `message_stop` the recorded stream is stored; the end of the body is reported
@@ -52,6 +54,9 @@ enum Kind<B> {
         pending: Option<Result<Frame<Bytes>, BoxError>>,
         rest: Option<Pin<Box<B>>>,
     },
+    Live {
+        body: LiveBody,
+    },
 }
 
 impl<B> CacheBody<B> {
@@ -66,6 +71,12 @@ impl<B> CacheBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn live(body: LiveBody) -> Self {
+        Self {
+            kind: Kind::Live { body },
         }
     }
 
@@ -102,6 +113,7 @@ impl<B> fmt::Debug for CacheBody<B> {
             Kind::Inner { .. } => "Inner",
             Kind::Tee { .. } => "Tee",
             Kind::Chain { .. } => "Chain",
+            Kind::Live { .. } => "Live",
         };
         f.debug_struct("CacheBody").field("kind", &kind).finish()
     }
@@ -139,6 +151,7 @@ where
                     None => Poll::Ready(None),
                 }
             }
+            KindProj::Live { body } => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -157,6 +170,7 @@ where
                     && pending.is_none()
                     && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
+            Kind::Live { body } => body.is_end_stream(),
         }
     }
 
@@ -167,7 +181,7 @@ where
             }
             Kind::Inner { body } => body.size_hint(),
             Kind::Tee { body, .. } => body.size_hint(),
-            Kind::Chain { .. } => SizeHint::default(),
+            Kind::Chain { .. } | Kind::Live { .. } => SizeHint::default(),
         }
     }
 }

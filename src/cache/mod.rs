@@ -45,14 +45,27 @@
 //!
 //! # Coalescing
 //!
-//! Concurrent identical non-streaming requests (same key) send one upstream call: the first
-//! leads, the others wait for its stored answer and are served it as a `hit`. If the leader
-//! fails, gets a non-2xx answer, is cancelled, or its answer cannot be stored, the followers
-//! are released without an answer (an error is never shared), look the key up again, and one
-//! of them leads. Streaming requests are not coalesced: a follower of a minute-long stream
-//! would see nothing until the end, so each goes upstream; the first to complete is stored.
-//! A leader whose caller stops polling its future holds its followers (they wait for it as
-//! they would for the upstream answer).
+//! Concurrent identical requests (same key) send one upstream call: the first leads, the
+//! others follow and are served as a `hit`.
+//!
+//! * **JSON**: the followers wait for the leader's stored answer. If the leader fails, gets a
+//!   non-2xx answer, is cancelled, or its answer cannot be stored, the followers are released
+//!   without an answer (an error is never shared), look the key up again, and one of them
+//!   leads.
+//! * **Streams**: the followers read the leader's stream **live**, each chunk as it arrives,
+//!   from the first event (a follower that joins mid-stream gets the start at once). A task
+//!   reads the upstream stream for all of them, so a caller that leaves (the leader's
+//!   included) does not cut the others off; when the last one leaves, the upstream stream is
+//!   dropped (the request is cancelled upstream) and nothing is stored unless `message_stop`
+//!   had arrived. Up to the head of the answer, followers wait as for JSON (a failed leader
+//!   is not shared); after it they see what the leader sees, a mid-stream `event: error` or
+//!   a broken connection included (the [`RetryLayer`](crate::retry::RetryLayer) below has
+//!   already retried what could be retried), and such a stream is not stored. A stream
+//!   larger than [`max_entry_bytes`](CacheLayer::max_entry_bytes) takes no new followers.
+//!   Outside a Tokio runtime streams are not coalesced.
+//!
+//! A leader whose caller stops polling its future before the answer's head holds its
+//! followers (they wait for it as they would for the upstream answer).
 //!
 //! # Stores
 //!
@@ -110,6 +123,7 @@ mod body;
 mod future;
 mod key;
 mod layer;
+mod live;
 mod service;
 mod store;
 

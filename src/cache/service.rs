@@ -18,6 +18,7 @@ use super::body::{CacheBody, Tee};
 use super::future::ResponseFuture;
 use super::key::{CacheKey, Partition};
 use super::layer::{CacheLayer, Config};
+use super::live::{End, Live, LiveBody};
 use super::store::{CacheStore, CachedResponse};
 use crate::BoxError;
 use crate::anthropic::{header_names, is_messages_call};
@@ -120,7 +121,7 @@ struct Plan {
     key: CacheKey,
     /// Look the key up (false for `cache-control: no-cache`).
     read: bool,
-    /// Join or lead an in-flight twin (non-streaming requests that read).
+    /// Join or lead an in-flight twin (requests that read).
     coalesce: bool,
 }
 
@@ -149,7 +150,6 @@ fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
     if config.only_deterministic && object.get("temperature").and_then(Value::as_f64) != Some(0.0) {
         return None;
     }
-    let stream = object.get("stream").and_then(Value::as_bool) == Some(true);
     let partition = Partition::of(
         &config.tenant_secret,
         req.extensions(),
@@ -167,7 +167,7 @@ fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
     Some(Plan {
         key,
         read,
-        coalesce: read && !stream,
+        coalesce: read,
     })
 }
 
@@ -178,6 +178,14 @@ fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     );
     res.extensions_mut().insert(status);
     res
+}
+
+/// A follower's share of a stream in flight: served as a hit (it uses no quota).
+fn live_hit<B>(body: LiveBody) -> Response<CacheBody<B>> {
+    let mut res = Response::new(());
+    *res.status_mut() = body.live().status();
+    *res.headers_mut() = body.live().headers().clone();
+    mark(res.map(|()| CacheBody::live(body)), CacheStatus::Hit)
 }
 
 fn hit<B>(entry: CachedResponse) -> Response<CacheBody<B>> {
@@ -216,11 +224,13 @@ where
                 break;
             }
             match flights.join(key) {
-                Join::Follow(rx) => {
-                    if let Ok(entry) = rx.await {
-                        return Ok(hit(entry));
-                    }
-                }
+                Join::Follow(rx) => match rx.await {
+                    Ok(Shared::Entry(entry)) => return Ok(hit(entry)),
+                    Ok(Shared::Live(body)) => return Ok(live_hit(body)),
+                    // The leader failed or was cancelled: look again.
+                    Err(_) => {}
+                },
+                Join::Live(body) => return Ok(live_hit(body)),
                 Join::Lead(g) => {
                     // The previous leader may have stored its answer between our lookup and
                     // our joining: look once more before calling upstream.
@@ -252,7 +262,9 @@ async fn lookup(config: &Config, key: &CacheKey) -> Option<CachedResponse> {
 
 /// Forwards a miss's response, storing it when it is complete and 2xx: a JSON body is read
 /// here (it arrives whole anyway) and stored before the response is returned, so followers are
-/// released at once; an SSE body is recorded by a tee as it flows to the caller.
+/// released at once; an SSE body is recorded by a tee as it flows to the caller. The SSE body
+/// of a flight (`guard`) is read by a driver task into a [`Live`] buffer that the caller and
+/// every follower read (see [`drive`]).
 async fn store_response<ResBody>(
     config: &Arc<Config>,
     key: CacheKey,
@@ -278,9 +290,17 @@ where
             key,
             parts.status,
             parts.headers.clone(),
-            guard,
+            None,
         );
-        return Response::from_parts(parts, CacheBody::tee(body, tee));
+        let body = CacheBody::tee(body, tee);
+        let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {
+            return Response::from_parts(parts, body);
+        };
+        let live = Live::new(parts.status, parts.headers.clone());
+        let mine = live.subscribe();
+        guard.publish(&live);
+        runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
+        return Response::from_parts(parts, CacheBody::live(mine));
     }
     let mut body = Box::pin(body);
     let mut buf = BytesMut::new();
@@ -320,6 +340,66 @@ where
     Response::from_parts(parts, CacheBody::full(data))
 }
 
+/// Reads a flight's upstream stream (through the tee that stores it) into `live` for every
+/// subscriber, as fast as upstream sends, until its end or until no subscriber is left (then
+/// the upstream stream is dropped: the request is cancelled upstream, and nothing is stored
+/// unless `message_stop` had arrived). The flight stays open to new followers until the
+/// stream ends or outgrows `max_bytes` (it would not be stored).
+async fn drive<B>(body: CacheBody<B>, live: Arc<Live>, guard: FlightGuard, max_bytes: usize)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    use futures_util::future::{Either, select};
+    let mut body = std::pin::pin!(body);
+    let mut guard = Some(guard);
+    let mut trailers = None;
+    loop {
+        let next = {
+            let gone = std::pin::pin!(live.all_gone());
+            match select(body.as_mut().frame(), gone).await {
+                Either::Left((frame, _)) => Some(frame),
+                Either::Right(_) => None,
+            }
+        };
+        let frame = match next {
+            Some(frame) => frame,
+            None => {
+                // Close only if nobody joined meanwhile (checked with the flights locked).
+                let closed = match &guard {
+                    Some(g) => g.close_if_unread(&live),
+                    None => live.close_if_unread(),
+                };
+                if closed {
+                    return;
+                }
+                continue;
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if live.push(data) > max_bytes {
+                        // Too large to store: no new follower joins it.
+                        guard = None;
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok().or(trailers),
+            },
+            Some(Err(e)) => {
+                live.finish(End::Failed(e.to_string()));
+                return;
+            }
+            None => {
+                // The tee reports the end once the complete stream is stored: later requests
+                // find it in the store as the flight closes.
+                live.finish(End::Complete(trailers));
+                return;
+            }
+        }
+    }
+}
+
 /// Requests in flight upstream, by key, with the followers waiting for each.
 #[derive(Default)]
 pub(crate) struct Flights {
@@ -329,18 +409,33 @@ pub(crate) struct Flights {
 
 struct Flight {
     id: u64,
-    waiters: Vec<oneshot::Sender<CachedResponse>>,
+    waiters: Vec<oneshot::Sender<Shared>>,
+    /// A streaming answer being read: followers read it live.
+    live: Option<Arc<Live>>,
+}
+
+/// What a follower receives from its leader.
+#[derive(Debug)]
+enum Shared {
+    /// The stored answer.
+    Entry(CachedResponse),
+    /// A reader of the stream in flight (already subscribed).
+    Live(LiveBody),
 }
 
 enum Join {
     Lead(FlightGuard),
-    Follow(oneshot::Receiver<CachedResponse>),
+    Follow(oneshot::Receiver<Shared>),
+    Live(LiveBody),
 }
 
 impl Flights {
     fn join(self: &Arc<Self>, key: CacheKey) -> Join {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = map.get_mut(&key) {
+            if let Some(live) = &flight.live {
+                return Join::Live(live.subscribe());
+            }
             let (tx, rx) = oneshot::channel();
             flight.waiters.push(tx);
             return Join::Follow(rx);
@@ -351,6 +446,7 @@ impl Flights {
             Flight {
                 id,
                 waiters: Vec::new(),
+                live: None,
             },
         );
         Join::Lead(FlightGuard {
@@ -389,9 +485,35 @@ impl FlightGuard {
     pub(crate) fn complete(self, entry: CachedResponse) {
         if let Some(flight) = self.take() {
             for waiter in flight.waiters {
-                let _ = waiter.send(entry.clone());
+                let _ = waiter.send(Shared::Entry(entry.clone()));
             }
         }
+    }
+
+    /// The answer is a stream, read into `live`: the followers so far get a reader each, and
+    /// later ones subscribe as they join.
+    fn publish(&self, live: &Arc<Live>) {
+        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = map.get_mut(&self.key).filter(|f| f.id == self.id) {
+            for waiter in flight.waiters.drain(..) {
+                let _ = waiter.send(Shared::Live(live.subscribe()));
+            }
+            flight.live = Some(live.clone());
+        }
+    }
+
+    /// Ends the flight and its stream if no subscriber is left (see
+    /// [`Live::close_if_unread`]); the flights stay locked meanwhile, so no follower joins a
+    /// stream that is being dropped.
+    fn close_if_unread(&self, live: &Live) -> bool {
+        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        if !live.close_if_unread() {
+            return false;
+        }
+        if map.get(&self.key).is_some_and(|f| f.id == self.id) {
+            map.remove(&self.key);
+        }
+        true
     }
 }
 
@@ -430,9 +552,36 @@ mod tests {
             panic!("third follows")
         };
         guard.complete(entry());
-        assert_eq!(a.await.unwrap(), entry());
-        assert_eq!(b.await.unwrap(), entry());
+        for rx in [a, b] {
+            assert!(matches!(rx.await.unwrap(), Shared::Entry(e) if e == entry()));
+        }
         assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn followers_of_a_stream_read_it_live_and_it_closes_only_when_unread() {
+        let flights = Arc::new(Flights::default());
+        let k = CacheKey::from_bytes([2; 32]);
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("leader")
+        };
+        let Join::Follow(early) = flights.join(k) else {
+            panic!("follower before the head")
+        };
+        let live = Live::new(http::StatusCode::OK, http::HeaderMap::new());
+        let mine = live.subscribe();
+        guard.publish(&live);
+        let Ok(Shared::Live(early)) = early.await else {
+            panic!("the early follower gets a reader")
+        };
+        let Join::Live(late) = flights.join(k) else {
+            panic!("a later follower subscribes directly")
+        };
+        assert!(!guard.close_if_unread(&live), "three readers");
+        drop((mine, early, late));
+        assert!(guard.close_if_unread(&live));
+        assert_eq!(flights.len(), 0, "closed: the next request leads");
+        assert!(matches!(flights.join(k), Join::Lead(_)));
     }
 
     #[tokio::test]

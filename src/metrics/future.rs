@@ -134,10 +134,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
     let span = &info.span;
     span.record("status", status.as_u16());
     // A key pool below chose the upstream key: the span names that key, not the caller's.
-    if let Some(chosen) = response
-        .extensions()
-        .get::<crate::key_pool::ChosenKey>()
-    {
+    if let Some(chosen) = response.extensions().get::<crate::key_pool::ChosenKey>() {
         span.record("key", tracing::field::display(chosen.key()));
     }
 
