@@ -147,16 +147,15 @@ async fn two_proxies_share_one_quota_through_redis() {
     assert!(alone.rate_limited >= LIMIT - 2, "{alone:?}");
 }
 
-/// No `[limits]` configured: the nodes learn the limits from the first answers' headers. Each
-/// node sends at most one probe alone; the requests that queued behind it, and every request
-/// after it, take their quota in Redis, so upstream sees the limit plus at most one probe per
-/// node, not a burst of twice the limit.
+/// No `[limits]` configured, both nodes cold: the nodes learn the limits from the first
+/// answer's headers. One node holds the learning lock and sends the only probe; every other
+/// request, on both nodes, waits for the limits to reach Redis and takes its quota there, so
+/// upstream sees the limit, not a burst of twice the limit (nor a probe per node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_learned_limits_through_redis() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    const NODES: u64 = 2;
     let mock = upstream();
     let (up, _server) = mock.serve_on_loopback().await.unwrap();
     let (a, ta) = node_with(up, Some(&redis.url()), None).await;
@@ -169,10 +168,12 @@ async fn two_proxies_share_learned_limits_through_redis() {
         "learned limits, with Redis: {ok} answered, upstream saw {} requests, {} refused (429)",
         stats.received, stats.rate_limited
     );
-    assert!(stats.received <= LIMIT + NODES, "{stats:?}");
-    assert!(stats.rate_limited <= NODES, "{stats:?}");
+    // The probe is counted in Redis (seeded from the server's `remaining`): nothing beyond
+    // the limit goes out but what refills during the burst (20 a minute: under one).
+    assert!(stats.received <= LIMIT + 1, "{stats:?}");
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
     // The limit is used, not starved.
-    assert!(ok as u64 >= LIMIT - NODES, "{ok} answered; {stats:?}");
+    assert!(ok as u64 >= LIMIT - 1, "{ok} answered; {stats:?}");
 }
 
 /// No `[limits]` configured, and one node has already learned them when the burst comes: the

@@ -461,7 +461,17 @@ impl QuotaBoard {
             return;
         }
         match &self.backend {
-            Backend::Local(b) => b.settle(key, group, grant, outcome),
+            Backend::Local(b) => {
+                b.settle(key, group, grant, outcome);
+                // A probe that taught nothing (no headers, an error, dropped) gives up the
+                // right to learn the limits; one that did gives it up once Redis holds them.
+                #[cfg(feature = "redis")]
+                if let (true, Some(shared)) = (grant.probe, &self.shared) {
+                    if b.capacities(key, group).is_none() {
+                        shared.release_learn_lock(key, group);
+                    }
+                }
+            }
         }
     }
 }

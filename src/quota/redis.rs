@@ -10,15 +10,16 @@
 //!   seen by every node) are sent in the background.
 //! * **Reads** ([`QuotaBoard::headroom`], [`fits_now`](QuotaBoard::fits_now), ...) come from a
 //!   local mirror updated with the levels every script call returns: no round trip.
-//! * **Unknown limits** are first looked for in Redis: the hash of a `(key, group)` holds the
-//!   capacities as well as the levels, so a process adopts the limits another one learned
-//!   (one extra round trip, only while its own are unknown) and sends no probe. When Redis
-//!   has none, they are learned as with the in-process board (one probe request, then the
-//!   headers); from then on the `(key, group)` is limited in Redis. The requests that queued
-//!   behind the probe are not granted locally: once the headers have re-seeded Redis (so the
-//!   shared level counts the probes), they take their quota in Redis like any other.
-//!   Processes that start at the same instant send at most the limit plus one probe each; a
-//!   process that starts after the limits were learned sends none.
+//! * **Unknown limits** are learned once for all processes. The hash of a `(key, group)`
+//!   holds the capacities as well as the levels, so a process whose limits are unknown first
+//!   asks Redis (one extra round trip, only while they are unknown) and adopts the limits
+//!   another process learned. When nobody knows them yet, the first process to ask takes a
+//!   *learning lock* in Redis and sends the one probe request, as the in-process board does;
+//!   every other request, in every process, waits until the probe's headers have seeded Redis
+//!   (which then counts the probe) and takes its quota there. So the processes together send
+//!   the limit, not one probe each. The lock is released when the probe's answer has reached
+//!   Redis, or at once when the probe teaches nothing (an error, no headers, dropped); it
+//!   expires after [`RedisOptions::learn_lock_ttl`] if its holder died.
 //! * **Redis down** never fails a request: the board logs it (`tracing` warning), counts it
 //!   ([`RedisStatus::outages`]), and limits locally with a share of every limit
 //!   ([`RedisOptions::expected_nodes`] / [`RedisOptions::local_share`]) until a background
@@ -84,7 +85,7 @@ const TOKEN_ROUNDING: u64 = 999;
 /// the capacities of the last process that saw response headers (`observe` / `seed`), so
 /// that a process that has not learned the limits yet can adopt them instead of probing).
 /// `ARGV`: mode, period (µs), ttl (ms), cap1..3 (-1: unknown bucket), then per mode
-/// `peek`: nothing (returns the stored capacities in place of the levels);
+/// (the capacities are read by [`PEEK_SCRIPT`]);
 /// `acquire`: amount1..3; `settle`: delta1..3 (added, clamped to the capacity);
 /// `observe`: remaining1..3 (-1: none), rounding1..3 (a level above `remaining + rounding`
 /// is lowered to `remaining`); `seed` (the first headers this process learned limits from):
@@ -96,10 +97,6 @@ const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
-if mode == 'peek' then
-  local c = redis.call('HMGET', KEYS[1], 'c1', 'c2', 'c3')
-  return {'ok', '0', c[1] or '', c[2] or '', c[3] or ''}
-end
 local period = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3')
@@ -189,6 +186,38 @@ end
 return redis.error_reply('unknown mode')
 "#;
 
+/// Looks for the capacities another process learned, else takes the learning lock.
+///
+/// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock. `ARGV[1]`: this process's
+/// token, `ARGV[2]`: the lock's time to live (ms). Returns `{status, wait_ms, c1, c2, c3}`:
+/// `ok` with the stored capacities; `learn` when this process holds the lock (it sends the one
+/// request that learns the limits); `wait` with the lock's remaining time to live when another
+/// process holds it.
+const PEEK_SCRIPT: &str = r#"
+local c = redis.call('HMGET', KEYS[1], 'c1', 'c2', 'c3')
+if c[1] or c[2] or c[3] then
+  return {'ok', '0', c[1] or '', c[2] or '', c[3] or ''}
+end
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] or redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'learn', '0', '', '', ''}
+end
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < 0 then ttl = 0 end
+return {'wait', tostring(ttl), '', '', ''}
+"#;
+
+/// Releases the learning lock `KEYS[1]` if this process (`ARGV[1]`) still holds it.
+const UNLOCK_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// How often a process waiting for another one to learn the limits asks Redis again.
+const LEARN_POLL: Duration = Duration::from_millis(50);
+
 /// Options of the Redis quota backend.
 ///
 /// ```
@@ -213,6 +242,7 @@ pub struct RedisOptions {
     response_timeout: Duration,
     probe_interval: Duration,
     fail_closed: bool,
+    learn_lock_ttl: Duration,
 }
 
 impl Default for RedisOptions {
@@ -233,6 +263,7 @@ impl RedisOptions {
             response_timeout: Duration::from_millis(250),
             probe_interval: Duration::from_secs(1),
             fail_closed: false,
+            learn_lock_ttl: Duration::from_secs(60),
         }
     }
 
@@ -273,6 +304,18 @@ impl RedisOptions {
     /// How often to probe Redis while it is down.
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.probe_interval = interval;
+        self
+    }
+
+    /// How long one process may hold the right to learn unknown limits (60 s by default).
+    ///
+    /// When no process knows the limits of a `(key, group)` yet, the first to ask takes a lock
+    /// in Redis and sends the one request whose response headers teach them; the others wait
+    /// for the limits to appear in Redis, and adopt them. The lock is released when that
+    /// answer (or failure) comes back; this bounds how long the others wait for a process that
+    /// died meanwhile.
+    pub fn learn_lock_ttl(mut self, ttl: Duration) -> Self {
+        self.learn_lock_ttl = ttl.max(Duration::from_millis(1));
         self
     }
 
@@ -379,6 +422,17 @@ impl fmt::Display for StoreError {
     }
 }
 
+/// What [`RedisShared::peek`] found.
+#[derive(Debug)]
+enum Peek {
+    /// The capacities another process learned.
+    Learned([Option<u64>; 3]),
+    /// None yet, and this process holds the learning lock.
+    Learn,
+    /// None yet, and another process holds the lock for this long still.
+    Wait(Duration),
+}
+
 /// A script reply: status, wait, levels of the known buckets.
 #[derive(Debug)]
 struct Reply {
@@ -423,6 +477,10 @@ pub(crate) struct RedisShared {
     client: redis::Client,
     conn: Mutex<Option<ConnectionManager>>,
     script: redis::Script,
+    peek_script: redis::Script,
+    unlock_script: redis::Script,
+    /// This process's value in the learning locks it holds.
+    token: String,
     options: RedisOptions,
     share: f64,
     degraded: AtomicBool,
@@ -511,6 +569,63 @@ impl RedisShared {
 
     fn redis_key(&self, key: &KeyId, group: &RateLimitGroup) -> String {
         format!("{}{{{}:{}}}", self.options.key_prefix, key, group)
+    }
+
+    fn learn_lock_key(&self, key: &KeyId, group: &RateLimitGroup) -> String {
+        format!("{}{{{}:{}}}:learn", self.options.key_prefix, key, group)
+    }
+
+    /// The capacities another process learned for `(key, group)`, else whether this process
+    /// may learn them (it holds the learning lock) or must wait for another.
+    async fn peek(&self, key: &KeyId, group: &RateLimitGroup) -> Result<Peek, StoreError> {
+        let Some(mut conn) = self.connection() else {
+            return Err(StoreError::NotConnected);
+        };
+        let ttl = u64::try_from(self.options.learn_lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut inv = self.peek_script.key(self.redis_key(key, group));
+        inv.key(self.learn_lock_key(key, group))
+            .arg(&self.token)
+            .arg(ttl);
+        let call = inv.invoke_async::<Vec<String>>(&mut conn);
+        let reply = match tokio::time::timeout(self.options.response_timeout, call).await {
+            Err(_) => return Err(StoreError::Timeout),
+            Ok(Err(e)) => return Err(StoreError::Redis(e)),
+            Ok(Ok(raw)) => Reply::parse(raw)?,
+        };
+        match reply.status.as_str() {
+            "ok" => Ok(Peek::Learned(
+                reply.levels.map(|c| c.map(|c| c.max(0.0) as u64)),
+            )),
+            "learn" => Ok(Peek::Learn),
+            // The script answers the lock's PTTL in milliseconds where the main script's
+            // replies carry microseconds.
+            "wait" => Ok(Peek::Wait(Duration::from_millis(
+                u64::try_from(reply.wait.as_micros()).unwrap_or(u64::MAX),
+            ))),
+            _ => Err(StoreError::BadReply),
+        }
+    }
+
+    /// The request that was to learn the limits of `(key, group)` got its answer, or never
+    /// will: release the learning lock (in the background), so that the others adopt the
+    /// limits or one of them tries.
+    pub(crate) fn release_learn_lock(self: &Arc<Self>, key: &KeyId, group: &RateLimitGroup) {
+        if self.is_degraded() {
+            return;
+        }
+        let shared = self.clone();
+        let lock = self.learn_lock_key(key, group);
+        spawn(async move {
+            let Some(mut conn) = shared.connection() else {
+                return;
+            };
+            let mut inv = shared.unlock_script.key(lock);
+            inv.arg(&shared.token);
+            let call = inv.invoke_async::<i64>(&mut conn);
+            if let Ok(Err(e)) = tokio::time::timeout(shared.options.response_timeout, call).await {
+                tracing::debug!(error = %e, "quota board: cannot release a learning lock");
+            }
+        });
     }
 
     fn connection(&self) -> Option<ConnectionManager> {
@@ -724,6 +839,8 @@ impl RedisShared {
             }
             if seeding {
                 shared.mirror.seeded(&k, &g);
+                // The limits are in Redis now: the processes waiting for them adopt them.
+                shared.release_learn_lock(&k, &g);
             }
         };
         if !spawn(task) {
@@ -757,19 +874,42 @@ struct SharedAcquire {
 
 impl SharedAcquire {
     /// Limits unknown here: adopt the ones another process learned (found in the store),
-    /// then acquire in Redis; `None` when the store has none (this process probes).
+    /// then acquire in Redis. When nobody knows them, one process at a time learns them (the
+    /// learning lock): `None` when it is this one (the local probe path), else wait for the
+    /// limits to appear (or for the lock to be released or to expire, then try again).
     async fn adopt_then_run(self) -> Option<Result<Reservation, AcquireError>> {
         let (shared, key, group) = (&self.shared, &self.key, &self.group);
-        match shared.eval(key, group, "peek", &[None; 3], &[]).await {
-            Ok(reply) => {
-                let caps = reply.levels.map(|c| c.map(|c| c.max(0.0) as u64));
-                if caps.iter().all(Option::is_none) {
-                    return None;
+        loop {
+            match shared.peek(key, group).await {
+                Ok(Peek::Learned(caps)) => {
+                    shared.mirror.adopt(key, group, caps);
+                    break;
                 }
-                shared.mirror.adopt(key, group, caps);
+                Ok(Peek::Learn) => return None,
+                Ok(Peek::Wait(ttl)) => {
+                    // This process may have learned them meanwhile (its own probe).
+                    if shared.mirror.capacities(key, group).is_some() {
+                        break;
+                    }
+                    let wake = Instant::now() + ttl.clamp(Duration::from_millis(1), LEARN_POLL);
+                    if let Some(deadline) = self.deadline.filter(|d| *d < wake) {
+                        tokio::time::sleep_until(deadline).await;
+                        return Some(Err(AcquireError::new(
+                            AcquireErrorKind::QueueTimeout,
+                            key.clone(),
+                            group.clone(),
+                            None,
+                        )));
+                    }
+                    tokio::time::sleep_until(wake).await;
+                }
+                Err(e) => {
+                    // Redis is down: the acquire below takes the local fallback (or fails
+                    // closed).
+                    shared.mark_down(&e);
+                    break;
+                }
             }
-            // Redis is down: the acquire below takes the local fallback (or fails closed).
-            Err(e) => shared.mark_down(&e),
         }
         Some(self.run().await)
     }
@@ -997,6 +1137,9 @@ impl QuotaBoardBuilder {
             client,
             conn: Mutex::new(conn),
             script: redis::Script::new(SCRIPT),
+            peek_script: redis::Script::new(PEEK_SCRIPT),
+            unlock_script: redis::Script::new(UNLOCK_SCRIPT),
+            token: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
             options,
             share,
             degraded: AtomicBool::new(false),
