@@ -63,7 +63,8 @@ use crate::quota::{OutputReservation, QuotaBoard};
 ///     .unwrap()
 ///     .board(board.clone())
 ///     .default_cooldown(Duration::from_secs(2))
-///     .max_cooldown(Duration::from_secs(60));
+///     .max_cooldown(Duration::from_secs(60))
+///     .forbidden_cooldown(Duration::from_secs(300));
 /// assert_eq!(layer.handle().len(), 2);
 /// assert!(!format!("{layer:?}").contains("sk-ant"));
 /// ```

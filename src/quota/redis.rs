@@ -229,7 +229,8 @@ const LEARN_POLL: Duration = Duration::from_millis(50);
 ///     .key_prefix("myapp:quota:")
 ///     .connect_timeout(Duration::from_millis(300))
 ///     .response_timeout(Duration::from_millis(100))
-///     .probe_interval(Duration::from_secs(1));
+///     .probe_interval(Duration::from_secs(1))
+///     .learn_lock_ttl(Duration::from_secs(30));
 /// assert!((options.share() - 1.0 / 3.0).abs() < 1e-9);
 /// assert!((options.clone().local_share(0.5).share() - 0.5).abs() < 1e-9);
 /// ```
