@@ -196,6 +196,23 @@ async fn client_tokens_guard_the_proxy_and_the_proxy_key_goes_upstream() {
         1,
         "the denied request never went upstream"
     );
+    // The status page is behind the tokens too; health and metrics are not.
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = Request::get(format!("http://{}{path}", proxy.addr));
+        if let Some(t) = token {
+            req = req.header("x-api-key", t);
+        }
+        req.body(Full::new(Bytes::new())).unwrap()
+    };
+    for (path, token, expected) in [
+        ("/v1/proxy/status", None, StatusCode::UNAUTHORIZED),
+        ("/v1/proxy/status", Some("wrong"), StatusCode::UNAUTHORIZED),
+        ("/v1/proxy/status", Some("team-token"), StatusCode::OK),
+        ("/healthz", None, StatusCode::OK),
+    ] {
+        let resp = c.request(get(path, token)).await.unwrap();
+        assert_eq!(resp.status(), expected, "{path} with {token:?}");
+    }
     proxy.stop().await;
 }
 

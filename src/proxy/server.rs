@@ -494,7 +494,6 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         (&Method::GET, "/healthz") => {
             return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
-        (&Method::GET, "/v1/proxy/status") => return status_page(&state),
         (&Method::GET, "/metrics") => return metrics_page(&state),
         _ if path.starts_with("/v1/") || path == "/v1" => {}
         _ => return api_error(ApiErrorKind::NotFound, &format!("no route for {path}")),
@@ -510,6 +509,10 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
                 "invalid proxy token: send one of the proxy's client tokens as x-api-key",
             );
         }
+    }
+    // The status page names keys and tenants' usage: behind the client tokens like the API.
+    if req.method() == Method::GET && path == "/v1/proxy/status" {
+        return status_page(&state);
     }
     if !config.api_keys.is_empty() {
         // The proxy holds the upstream keys (the key pool picks one per request): the client's
