@@ -1,4 +1,5 @@
-//! Cost of the quota board and of `RateLimitLayer`, next to `tower::limit::RateLimit`.
+//! Cost of the quota board and of `RateLimitLayer`, next to `tower::limit::RateLimit`; and of
+//! the whole `ClaudeStack` (no cache, so every request goes through every layer).
 //!
 //! `cargo bench --bench rate_limit -- --warm-up-time 1 --measurement-time 3`
 
@@ -118,6 +119,22 @@ fn bench_layer(c: &mut Criterion) {
         let mut svc = ServiceBuilder::new()
             .layer(RateLimitLayer::new().board(board).default_limits(BIG))
             .service(ready_inner());
+        b.iter(|| rt.block_on(one(&mut svc)));
+    });
+    g.bench_function("ClaudeStack_without_cache", |b| {
+        use tower_claude::stack::{CacheConfig, ClaudeStack, StackConfig};
+        let config = StackConfig {
+            cache: CacheConfig::Off,
+            limits: [("claude-sonnet-4".to_owned(), BIG)].into(),
+            max_in_flight: Some(64),
+            ..StackConfig::default()
+        };
+        let inner = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                ANSWER.as_bytes(),
+            ))))
+        });
+        let mut svc = ClaudeStack::from_config(&config).unwrap().service(inner);
         b.iter(|| rt.block_on(one(&mut svc)));
     });
     g.finish();

@@ -53,22 +53,42 @@ impl KeyId {
     /// assert_eq!(KeyId::from_headers(&headers), Some(KeyId::from_api_key("sk-ant-api03-key")));
     /// ```
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let api_key = headers
-            .get(X_API_KEY)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|k| !k.is_empty());
-        let key = api_key.or_else(|| {
-            let auth = headers
-                .get(http::header::AUTHORIZATION)?
-                .to_str()
-                .ok()?
-                .trim();
-            let (scheme, token) = auth.split_once(' ')?;
-            let token = token.trim();
-            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-        })?;
+        let (_, key) = key_source(headers)?;
         Some(Self::from_api_key(key))
+    }
+
+    /// The id of the request's key, as [`from_headers`](Self::from_headers), remembered in
+    /// the request's extensions: the layers of a stack derive it once per request instead of
+    /// once each. A layer that puts another key in the headers (a key pool) gets that key's
+    /// id: the memo is kept with the header value it was derived from.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::KeyId;
+    ///
+    /// let mut req = http::Request::post("/v1/messages")
+    ///     .header("x-api-key", "sk-ant-api03-one")
+    ///     .body(())
+    ///     .unwrap();
+    /// let id = KeyId::of_request(&mut req).unwrap();
+    /// assert_eq!(id, KeyId::from_api_key("sk-ant-api03-one"));
+    /// assert_eq!(KeyId::of_request(&mut req), Some(id)); // from the memo
+    /// req.headers_mut().insert("x-api-key", "sk-ant-api03-two".parse().unwrap());
+    /// assert_eq!(KeyId::of_request(&mut req), Some(KeyId::from_api_key("sk-ant-api03-two")));
+    /// ```
+    pub fn of_request<B>(req: &mut http::Request<B>) -> Option<Self> {
+        let (source, key) = key_source(req.headers())?;
+        if let Some(memo) = req.extensions().get::<KeyIdMemo>() {
+            if memo.source == *source {
+                return Some(memo.id.clone());
+            }
+        }
+        let id = Self::from_api_key(key);
+        let memo = KeyIdMemo {
+            source: source.clone(),
+            id: id.clone(),
+        };
+        req.extensions_mut().insert(memo);
+        Some(id)
     }
 
     /// An id with a given name (for tests, or requests with no key: [`KeyId::anonymous`]).
@@ -84,6 +104,34 @@ impl KeyId {
     /// The id as a string.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// The header value a key is read from, and the key (trimmed): `x-api-key`, else
+/// `authorization: Bearer ...`; an empty key counts as absent.
+fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
+    if let Some(value) = headers.get(X_API_KEY) {
+        if let Some(key) = value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()) {
+            return Some((value, key));
+        }
+    }
+    let value = headers.get(http::header::AUTHORIZATION)?;
+    let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some((value, token))
+}
+
+/// [`KeyId::of_request`]'s memo: the id and the header value it was derived from. `Debug`
+/// shows the id only.
+#[derive(Clone)]
+struct KeyIdMemo {
+    source: http::HeaderValue,
+    id: KeyId,
+}
+
+impl std::fmt::Debug for KeyIdMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyIdMemo").field("id", &self.id).finish()
     }
 }
 

@@ -118,7 +118,7 @@ where
         } else {
             policy::candidates(&config.catalog, &requested, config.floor.as_deref())
         };
-        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let cost = Cost::new(1, meta.input_tokens, config.output.reserve(meta.max_tokens));
 
         let mut walk = Walk::new(config, req, meta, requested, candidates, key, cost);

@@ -71,7 +71,7 @@ where
         let input_estimate = meta.input_tokens;
         let stream = meta.stream;
         let shared = &self.shared;
-        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let (group, group_label) = shared.group_of(model.as_deref());
         if let (Some(forecaster), Some(group)) = (&shared.forecaster, &group) {
             forecaster.record(group, 1, input_estimate, 0);

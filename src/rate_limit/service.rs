@@ -96,7 +96,7 @@ where
         };
         let config = &self.config;
         let group = config.catalog.group(&model);
-        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
 
         match config.board.try_acquire_inner(&key, &group, &cost) {

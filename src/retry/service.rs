@@ -113,7 +113,7 @@ where
             req.extensions_mut().insert(deadline);
         }
         let max_server_wait = req.extensions().get::<MaxServerWait>().map(|m| m.0);
-        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let group = match &model {
             Some(model) => config.catalog.group(model),
             None => RateLimitGroup::new("unknown"),

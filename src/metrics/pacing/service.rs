@@ -296,7 +296,7 @@ where
         let Some(limits) = self.config.limits_of(&group) else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
-        let key = KeyId::from_headers(req.headers()).unwrap_or_else(KeyId::anonymous);
+        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let delay = self.config.delay(&key, &group, limits, input, max_tokens);
         if delay.is_zero() {
             return ResponseFuture::called(self.inner.call(req), Duration::ZERO);
