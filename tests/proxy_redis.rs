@@ -207,3 +207,66 @@ async fn a_second_proxy_adopts_the_limits_the_first_learned() {
     assert_eq!(stats.rate_limited, 0, "{stats:?}");
     assert!(ok as u64 + 1 >= LIMIT - 1, "{ok} answered; {stats:?}");
 }
+
+/// Two nodes with the cache on (and the same default disk-cache path, as two nodes started in
+/// one directory would have): both start, since the cache lives in Redis, and an answer one
+/// node got is a hit on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_the_cache_through_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mock = upstream();
+    let (up, _server) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("cache.redb");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let mut env = BTreeMap::new();
+        env.insert("ANTHROPIC_API_KEY".to_owned(), "sk-ant-shared".to_owned());
+        env.insert("REDIS_URL".to_owned(), redis.url());
+        env.insert(
+            "CLAUDE_PROXY_CACHE_PATH".to_owned(),
+            disk.display().to_string(),
+        );
+        let cli = Cli {
+            upstream: Some(format!("http://{up}")),
+            ..Cli::default()
+        };
+        let config = ProxyConfig::resolve(cli, &env).expect("config");
+        let proxy = Proxy::connect(config)
+            .await
+            .expect("a second node in the same place starts too");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = proxy.serve(listener, std::future::pending()).await;
+        });
+        nodes.push((addr, task));
+    }
+    assert!(!disk.exists(), "no disk cache is opened with REDIS_URL");
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":16,"temperature":0,"messages":[{"role":"user","content":"shared"}]}"#;
+    let mut caches = Vec::new();
+    for (addr, _) in &nodes {
+        let req = Request::post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", "client")
+            .header("anthropic-version", "2023-06-01")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert!(resp.status().is_success());
+        caches.push(
+            resp.headers()["x-tower-claude-cache"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(caches, ["miss", "hit"]);
+    assert_eq!(mock.stats().received, 1);
+    for (_, task) in nodes {
+        task.abort();
+    }
+}

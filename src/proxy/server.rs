@@ -85,7 +85,13 @@ impl Proxy {
     /// connects the shared quota board and cache (a Redis that is down at start is not an
     /// error: the board limits locally with its share and reconnects in the background).
     pub async fn connect(config: ProxyConfig) -> Result<Self, BoxError> {
-        let mut stack = ClaudeStack::from_config(&stack_config(&config))?;
+        let mut local = stack_config(&config);
+        if config.redis_url.is_some() {
+            // The cache lives in Redis: opening the disk cache first would only lock its
+            // file (and stop a second node started in the same directory).
+            local.cache = CacheConfig::Off;
+        }
+        let mut stack = ClaudeStack::from_config(&local)?;
         #[cfg(feature = "redis")]
         if let Some(url) = &config.redis_url {
             let mut board = QuotaBoard::builder();
