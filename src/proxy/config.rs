@@ -651,6 +651,17 @@ impl ProxyConfig {
                 ));
             }
         }
+        if let Upstream::Url(uri) = &upstream {
+            if points_at(uri, listen) {
+                return Err(ConfigError::new(
+                    "upstream",
+                    format!(
+                        "{uri} is the proxy's own address ({listen}): every request would come \
+                         back to the proxy"
+                    ),
+                ));
+            }
+        }
         if !listen.ip().is_loopback() && client_tokens.is_empty() {
             return Err(ConfigError::new(
                 "listen",
@@ -798,6 +809,30 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         .then(|| Duration::from_secs_f64(secs))
 }
 
+/// Whether `uri` is the listening address itself (same port, and the same IP or a name for
+/// this host), so that the proxy would send every request to itself.
+fn points_at(uri: &http::Uri, listen: std::net::SocketAddr) -> bool {
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    if uri.port_u16().unwrap_or(default_port) != listen.port() {
+        return false;
+    }
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return listen.ip().is_loopback() || listen.ip().is_unspecified();
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == listen.ip() || (ip.is_loopback() && listen.ip().is_unspecified()),
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,6 +882,33 @@ mod tests {
             ProxyConfig::resolve(cli, &env(&[("MAX_RETRIES", "5"), ("CACHE_TTL", "60")])).unwrap();
         assert_eq!(cfg.max_retries, 1);
         assert_eq!(cfg.cache_ttl, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn an_upstream_that_is_the_proxy_itself_is_refused() {
+        for (listen, upstream, looped) in [
+            ("127.0.0.1:8787", "http://127.0.0.1:8787", true),
+            ("127.0.0.1:8787", "http://localhost:8787/", true),
+            ("0.0.0.0:80", "http://127.0.0.1", true),
+            ("[::1]:8787", "http://[::1]:8787", true),
+            ("127.0.0.1:8787", "http://127.0.0.1:9000", false),
+            ("127.0.0.1:443", "https://api.anthropic.com", false),
+            ("127.0.0.1:8787", "http://127.0.0.2:8787", false),
+        ] {
+            let vars = env(&[
+                ("CLAUDE_PROXY_LISTEN", listen),
+                ("CLAUDE_PROXY_UPSTREAM", upstream),
+                ("CLAUDE_PROXY_TOKENS", "t"),
+                ("ANTHROPIC_API_KEY", "sk-ant-x"),
+            ]);
+            match ProxyConfig::resolve(Cli::default(), &vars) {
+                Err(e) => {
+                    assert!(looped, "{listen} -> {upstream}: {e}");
+                    assert_eq!(e.field(), "upstream");
+                }
+                Ok(_) => assert!(!looped, "{listen} -> {upstream} was accepted"),
+            }
+        }
     }
 
     #[test]
