@@ -1,6 +1,7 @@
 //! Property test of the whole `ClaudeStack` against the simulator, in paused time: whatever the
-//! mix of models, streams, identical prompts, server faults (529, 500, mid-stream errors) and
-//! callers that give up, every request ends exactly once and never hangs; a 200 carries a
+//! mix of models, streams, identical prompts, server faults (529, 500, mid-stream errors),
+//! callers that give up, and with or without a pool of two keys, every request ends exactly
+//! once and never hangs; a 200 carries a
 //! complete answer; upstream refuses nothing for quota when no caller gave up (the limiter
 //! keeps within the limits, retries and fallbacks included); and the board is left with
 //! nothing in flight or queued.
@@ -14,6 +15,7 @@ use proptest::prelude::*;
 use tower::ServiceExt;
 use tower_claude::anthropic::{StreamTracker, Usage};
 use tower_claude::body::RequestBody;
+use tower_claude::key_pool::KeyPoolLayer;
 use tower_claude::quota::Limits;
 use tower_claude::stack::{ClaudeStack, StackConfig};
 use tower_claude::testing::{MockClaude, MockLimits};
@@ -83,11 +85,15 @@ fn request(t: &Task) -> Request<RequestBody> {
         .unwrap()
 }
 
+/// The stack's two upstream keys when it holds a key pool.
+const POOL: [&str; 2] = ["sk-ant-pool-one", "sk-ant-pool-two"];
+
 fn run(
     seed: u64,
     rates: (f64, f64, f64),
     mut tasks: Vec<Task>,
     callers_give_up: bool,
+    key_pool: bool,
 ) -> Result<(), TestCaseError> {
     if !callers_give_up {
         for t in &mut tasks {
@@ -115,6 +121,9 @@ fn run(
         for group in GROUPS {
             mock = mock.limits(group, limits);
         }
+        if key_pool {
+            mock = mock.api_keys(POOL);
+        }
         let mock = mock.build();
         let config = StackConfig {
             limits: GROUPS
@@ -125,7 +134,10 @@ fn run(
             seed: Some(seed),
             ..StackConfig::default()
         };
-        let stack = ClaudeStack::from_config(&config).unwrap();
+        let mut stack = ClaudeStack::from_config(&config).unwrap();
+        if key_pool {
+            stack = stack.key_pool(Some(KeyPoolLayer::new(POOL).unwrap()));
+        }
         let svc = stack.service(mock.clone());
         let gave_up_any = tasks.iter().any(|t| t.give_up_ms.is_some());
 
@@ -230,7 +242,8 @@ proptest! {
         midstream in 0.0f64..0.2,
         tasks in proptest::collection::vec(task(), 1..60),
         callers_give_up in any::<bool>(),
+        key_pool in any::<bool>(),
     ) {
-        run(seed, (overloaded, server_errors, midstream), tasks, callers_give_up)?;
+        run(seed, (overloaded, server_errors, midstream), tasks, callers_give_up, key_pool)?;
     }
 }
