@@ -106,11 +106,29 @@ pub struct SseEvent {
 /// colon; lines starting with `:` are comments; `data` lines are joined with `\n`; a blank line
 /// dispatches the event, and an event without any `data` line is dropped; `id`, `retry` and
 /// unknown fields are ignored; a leading byte-order mark is skipped; invalid UTF-8 is replaced
-/// with U+FFFD. Memory is bounded by the longest line and event, not by the stream.
+/// with U+FFFD. Memory is bounded: a line longer than [`SseParser::MAX_LINE`] is skipped, and
+/// an event whose data outgrows [`SseParser::MAX_EVENT`] is dropped (a broken or hostile
+/// upstream cannot make the parser grow without end; Messages API events are a few hundred
+/// bytes).
+///
+/// ```
+/// use tower_claude::anthropic::SseParser;
+///
+/// let mut p = SseParser::new();
+/// let mut out = Vec::new();
+/// p.push(&vec![b'x'; SseParser::MAX_LINE + 1], &mut out); // skipped, not buffered
+/// p.push(b"\nevent: ping\ndata: {}\n\n", &mut out);
+/// assert_eq!(out.len(), 1);
+/// assert_eq!(out[0].event.as_deref(), Some("ping"));
+/// ```
 #[derive(Debug, Default)]
 pub struct SseParser {
     /// The current, incomplete line.
     buf: Vec<u8>,
+    /// The current line is longer than `MAX_LINE`: skip it to its end.
+    skipping: bool,
+    /// The event being built outgrew `MAX_EVENT`: drop it at its end.
+    oversized: bool,
     /// The `event` field of the event being built.
     event: Option<String>,
     /// The data buffer of the event being built: each `data` line followed by `\n`.
@@ -122,6 +140,12 @@ pub struct SseParser {
 }
 
 impl SseParser {
+    /// The longest line kept (1 MiB); a longer one is skipped.
+    pub const MAX_LINE: usize = 1 << 20;
+
+    /// The most data one event may carry (4 MiB); a larger event is dropped.
+    pub const MAX_EVENT: usize = 4 << 20;
+
     /// A new parser.
     pub fn new() -> Self {
         Self::default()
@@ -137,7 +161,10 @@ impl SseParser {
             }
         }
         while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
-            if self.buf.is_empty() {
+            if std::mem::take(&mut self.skipping) || self.buf.len() + pos > Self::MAX_LINE {
+                // The end of an overlong line: dropped.
+                self.buf.clear();
+            } else if self.buf.is_empty() {
                 self.line(&rest[..pos], out);
             } else {
                 let mut line = std::mem::take(&mut self.buf);
@@ -156,7 +183,15 @@ impl SseParser {
                 }
             }
         }
-        self.buf.extend_from_slice(rest);
+        if self.skipping {
+            return;
+        }
+        if self.buf.len() + rest.len() > Self::MAX_LINE {
+            self.buf = Vec::new();
+            self.skipping = true;
+        } else {
+            self.buf.extend_from_slice(rest);
+        }
     }
 
     /// Ends the stream: a final event not followed by a blank line is dispatched.
@@ -193,8 +228,13 @@ impl SseParser {
         match name {
             b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
             b"data" => {
-                self.data.push_str(&String::from_utf8_lossy(value));
-                self.data.push('\n');
+                if self.oversized || self.data.len() + value.len() + 1 > Self::MAX_EVENT {
+                    self.oversized = true;
+                    self.data = String::new();
+                } else {
+                    self.data.push_str(&String::from_utf8_lossy(value));
+                    self.data.push('\n');
+                }
             }
             _ => {}
         }
@@ -202,6 +242,10 @@ impl SseParser {
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
         let event = self.event.take().filter(|e| !e.is_empty());
+        if std::mem::take(&mut self.oversized) {
+            self.data.clear();
+            return;
+        }
         if self.data.is_empty() {
             return;
         }
@@ -429,6 +473,31 @@ mod tests {
         let events = parse_all(&[b"event: ping\n\nevent: x\nevent: y\ndata: d\n\ndata: e\n\n"]);
         assert_eq!(events, [ev(Some("y"), "d"), ev(None, "e")]);
         assert_eq!(parse_all(&[b"event: lonely\n\n\n\n"]), []);
+    }
+
+    #[test]
+    fn overlong_lines_and_events_are_dropped_however_they_are_chunked() {
+        let long = vec![b'x'; SseParser::MAX_LINE + 10];
+        let mut stream = b"data: a\n\n".to_vec();
+        stream.extend_from_slice(b"data: ");
+        stream.extend_from_slice(&long);
+        stream.extend_from_slice(b"\nevent: ping\ndata: b\n\n");
+        for size in [7, 4096, 1 << 19, stream.len()] {
+            let chunks: Vec<&[u8]> = stream.chunks(size).collect();
+            let events = parse_all(&chunks);
+            // The overlong data line is skipped: its event keeps only what else it has.
+            assert_eq!(
+                events,
+                vec![ev(None, "a"), ev(Some("ping"), "b")],
+                "chunk size {size}"
+            );
+        }
+        // An event made of many lines, each short, but too much data in all: dropped whole.
+        let line = format!("data: {}\n", "y".repeat(1000));
+        let mut big = line.repeat(SseParser::MAX_EVENT / 1000 + 10);
+        big.push_str("\nevent: after\ndata: c\n\n");
+        let events = parse_all(&[big.as_bytes()]);
+        assert_eq!(events, vec![ev(Some("after"), "c")]);
     }
 
     #[test]
