@@ -352,7 +352,15 @@ async fn full_stack_retries_queue_quota_fallback_cache_and_every_name_renders() 
     assert!(!text.contains(KEY));
     // Every documented metric appears (alert deliveries need a webhook: tests/alerts.rs).
     for def in names::METRICS {
-        if def.name == names::ALERT_DELIVERIES_TOTAL {
+        // Not in this scenario: alert deliveries (tests/alerts.rs), key pools and the Redis
+        // board (the two tests below).
+        if [
+            names::ALERT_DELIVERIES_TOTAL,
+            names::KEYS_REMOVED_TOTAL,
+            names::QUOTA_REDIS_OUTAGES_TOTAL,
+        ]
+        .contains(&def.name)
+        {
             continue;
         }
         assert!(
@@ -682,4 +690,54 @@ async fn with_the_real_cache_and_fallback_layers() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(out, mock.stats().output_tokens.values().sum::<u64>() as f64);
+}
+
+/// A key pool's removals are counted by reason.
+#[tokio::test(start_paused = true)]
+async fn removed_keys_are_counted_by_reason() {
+    use tower_claude::key_pool::KeyPoolLayer;
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // The simulator knows only the first key: the second gets a 401 and leaves the rotation.
+    let mock = MockClaude::builder().api_keys(["sk-ant-good"]).build();
+    let pool = KeyPoolLayer::new(["sk-ant-good", "sk-ant-revoked"]).unwrap();
+    let keys = pool.handle();
+    let svc = ServiceBuilder::new().layer(pool).service(mock);
+    for _ in 0..3 {
+        let response = svc.clone().oneshot(request(MODEL, false)).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+    assert!(keys.remove(&KeyId::from_api_key("sk-ant-good")));
+    let m = scrape(&handle);
+    for reason in ["unauthorized", "manual"] {
+        assert_eq!(
+            get(
+                &m,
+                &format!(r#"tower_claude_keys_removed_total{{reason="{reason}"}}"#)
+            ),
+            1.0,
+            "{reason}"
+        );
+    }
+}
+
+/// A Redis quota board that cannot reach Redis counts the outage.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_outages_are_counted() {
+    use tower_claude::quota::RedisOptions;
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // Nothing listens on port 1: the board starts degraded (limiting locally).
+    let board = QuotaBoard::redis(
+        "redis://127.0.0.1:1/",
+        RedisOptions::new().connect_timeout(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    assert!(board.redis_status().unwrap().degraded);
+    let m = scrape(&handle);
+    assert_eq!(get(&m, "tower_claude_quota_redis_outages_total"), 1.0);
 }

@@ -44,6 +44,25 @@ pub enum RemovalReason {
     Manual,
 }
 
+impl RemovalReason {
+    /// A short label: `spend_cap`, `unauthorized`, `billing`, `manual` (the `reason` of the
+    /// `tower_claude_keys_removed_total` metric).
+    ///
+    /// ```
+    /// use tower_claude::key_pool::RemovalReason;
+    ///
+    /// assert_eq!(RemovalReason::SpendCap.as_str(), "spend_cap");
+    /// ```
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RemovalReason::SpendCap => "spend_cap",
+            RemovalReason::Unauthorized => "unauthorized",
+            RemovalReason::Billing => "billing",
+            RemovalReason::Manual => "manual",
+        }
+    }
+}
+
 impl fmt::Display for RemovalReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -382,12 +401,19 @@ impl Pool {
         }
     }
 
-    /// Takes key `index` out of rotation. Returns `true` when it was in rotation.
+    /// Takes key `index` out of rotation (counted in `tower_claude_keys_removed_total` with
+    /// the `metrics` feature). Returns `true` when it was in rotation.
     pub(crate) fn remove(&self, index: usize, reason: RemovalReason) -> bool {
         let mut state = self.lock();
         match state.keys.get_mut(index) {
             Some(rt) if rt.removed.is_none() => {
                 rt.removed = Some((reason, Instant::now()));
+                #[cfg(feature = "metrics")]
+                metrics::counter!(
+                    crate::metrics::names::KEYS_REMOVED_TOTAL,
+                    crate::metrics::names::LABEL_REASON => reason.as_str()
+                )
+                .increment(1);
                 true
             }
             _ => false,

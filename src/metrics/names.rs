@@ -64,6 +64,10 @@ pub const PACING_DELAY_SECONDS: &str = "tower_claude_pacing_delay_seconds";
 pub const ALERTS_TOTAL: &str = "tower_claude_alerts_total";
 /// Webhook deliveries of alerts, by result.
 pub const ALERT_DELIVERIES_TOTAL: &str = "tower_claude_alert_deliveries_total";
+/// Keys a key pool took out of rotation, by reason (`KEY_REMOVED_*`).
+pub const KEYS_REMOVED_TOTAL: &str = "tower_claude_keys_removed_total";
+/// Times the Redis quota backend became unreachable (the board then limits locally).
+pub const QUOTA_REDIS_OUTAGES_TOTAL: &str = "tower_claude_quota_redis_outages_total";
 
 /// Label: the model id, normalised to a known catalogue id or [`OTHER`].
 pub const LABEL_MODEL: &str = "model";
@@ -303,6 +307,18 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Counter,
         labels: &[LABEL_RESULT],
         help: "Alert deliveries to the webhook.",
+    },
+    MetricDef {
+        name: KEYS_REMOVED_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_REASON],
+        help: "Keys a key pool took out of rotation, by reason.",
+    },
+    MetricDef {
+        name: QUOTA_REDIS_OUTAGES_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[],
+        help: "Times the Redis quota backend became unreachable (requests then limited locally).",
     },
 ];
 

@@ -668,7 +668,7 @@ impl RedisShared {
         }
         self.counters.outages.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!("tower_claude_quota_redis_outages_total").increment(1);
+        metrics::counter!(crate::metrics::names::QUOTA_REDIS_OUTAGES_TOTAL).increment(1);
         if self.options.fail_closed {
             tracing::error!(error = %error, "quota board: Redis unreachable; refusing requests until it is back (fail closed)");
         } else {
