@@ -691,3 +691,32 @@ async fn requests_admitted_by_redis_are_counted_in_flight() {
     drop(held);
     assert_eq!(board.statuses()[0].in_flight, 0);
 }
+
+/// A node with configured limits creates the `(key, group)` hash in Redis with its capacities,
+/// so a node that learns limits from headers adopts them without a probe (also after the hash
+/// expired and was created again by an acquire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_created_by_an_acquire_carries_the_capacities() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let configured = redis_board(&server.url(), "t12:", 30).await;
+    configured
+        .acquire(key(), group(), Cost::new(1, 1, 1))
+        .await
+        .unwrap()
+        .settle(Cost::new(1, 1, 1));
+    let learning = QuotaBoard::builder()
+        .build_redis(&server.url(), options("t12:"))
+        .await
+        .unwrap();
+    let r = learning
+        .acquire(key(), group(), Cost::new(1, 1, 1))
+        .max_wait(Duration::from_secs(2))
+        .await
+        .expect("adopted, no probe to wait for");
+    r.settle(Cost::new(1, 1, 1));
+    assert_eq!(learning.redis_status().unwrap().shared_grants, 1);
+    let h = learning.headroom(&key(), &group()).unwrap();
+    assert_eq!(h.requests.unwrap().limit, 30);
+}

@@ -82,8 +82,9 @@ const TOKEN_ROUNDING: u64 = 999;
 /// One script for every operation, so that the hot path is a single `EVALSHA`.
 ///
 /// `KEYS[1]`: the `(key, group)` hash (`t`: last update in µs, `l1..l3`: levels, `c1..c3`:
-/// the capacities of the last process that saw response headers (`observe` / `seed`), so
-/// that a process that has not learned the limits yet can adopt them instead of probing).
+/// the capacities of the last process that saw response headers (`observe` / `seed`) or that
+/// created the hash, so that a process that has not learned the limits yet can adopt them
+/// instead of probing).
 /// `ARGV`: mode, period (µs), ttl (ms), cap1..3 (-1: unknown bucket), then per mode
 /// (the capacities are read by [`PEEK_SCRIPT`]);
 /// `acquire`: amount1..3; `settle`: delta1..3 (added, clamped to the capacity);
@@ -130,7 +131,8 @@ local function save(with_caps)
     if levels[i] then
       fields[#fields + 1] = 'l' .. i
       fields[#fields + 1] = string.format('%.6f', levels[i])
-      if with_caps then
+      -- Capacities go with headers, and with a hash this call creates (it had expired).
+      if with_caps or last == nil then
         fields[#fields + 1] = 'c' .. i
         fields[#fields + 1] = string.format('%.0f', caps[i])
       end
