@@ -43,6 +43,14 @@ async fn redis_board(url: &str, prefix: &str, rpm: u64) -> QuotaBoard {
         .unwrap()
 }
 
+/// A Redis board with no configured limits: it learns them from headers (or from Redis).
+async fn learning_board(url: &str, options: RedisOptions) -> QuotaBoard {
+    QuotaBoard::builder()
+        .build_redis(url, options)
+        .await
+        .unwrap()
+}
+
 /// What one node saw in a phase.
 #[derive(Debug, Default)]
 struct Tally {
@@ -411,14 +419,8 @@ async fn cold_nodes_send_one_probe_and_enforce_learned_limits_in_redis() {
         return;
     };
     let limit = 10;
-    let a = QuotaBoard::builder()
-        .build_redis(&server.url(), options("t7:"))
-        .await
-        .unwrap();
-    let b = QuotaBoard::builder()
-        .build_redis(&server.url(), options("t7:"))
-        .await
-        .unwrap();
+    let a = learning_board(&server.url(), options("t7:")).await;
+    let b = learning_board(&server.url(), options("t7:")).await;
     // Node A asks first: it learns the limits.
     let probe = a
         .acquire(key(), group(), Cost::new(1, 10, 10))
@@ -497,14 +499,8 @@ async fn a_learning_lock_outlives_no_dead_node() {
         return;
     };
     let opts = || options("t10:").learn_lock_ttl(Duration::from_millis(300));
-    let a = QuotaBoard::builder()
-        .build_redis(&server.url(), opts())
-        .await
-        .unwrap();
-    let b = QuotaBoard::builder()
-        .build_redis(&server.url(), opts())
-        .await
-        .unwrap();
+    let a = learning_board(&server.url(), opts()).await;
+    let b = learning_board(&server.url(), opts()).await;
     // A takes the lock with its probe, then is gone for good (the reservation is forgotten,
     // as in a process that crashed: nothing is released).
     let probe = a.acquire(key(), group(), Cost::new(1, 1, 1)).await.unwrap();
@@ -531,14 +527,8 @@ async fn a_probe_that_teaches_nothing_releases_the_learning_lock() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let a = QuotaBoard::builder()
-        .build_redis(&server.url(), options("t11:"))
-        .await
-        .unwrap();
-    let b = QuotaBoard::builder()
-        .build_redis(&server.url(), options("t11:"))
-        .await
-        .unwrap();
+    let a = learning_board(&server.url(), options("t11:")).await;
+    let b = learning_board(&server.url(), options("t11:")).await;
     let probe = a.acquire(key(), group(), Cost::new(1, 1, 1)).await.unwrap();
     let waiting = {
         let b = b.clone();
@@ -569,10 +559,7 @@ async fn a_node_adopts_limits_learned_by_another_instead_of_probing() {
         return;
     };
     let patient = || options("t8:").response_timeout(Duration::from_secs(2));
-    let a = QuotaBoard::builder()
-        .build_redis(&server.url(), patient())
-        .await
-        .unwrap();
+    let a = learning_board(&server.url(), patient()).await;
     let limit = 10;
     // Node A probes and learns 10 rpm, 9 left.
     let probe = a
@@ -623,10 +610,7 @@ async fn a_node_adopts_limits_learned_by_another_instead_of_probing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Node B starts later, knowing nothing. A burst of 20: no probe, Redis admits what is left.
-    let b = QuotaBoard::builder()
-        .build_redis(&server.url(), patient())
-        .await
-        .unwrap();
+    let b = learning_board(&server.url(), patient()).await;
     assert!(b.headroom(&key(), &group()).is_none());
     let burst: Vec<_> = (0..20)
         .map(|_| {
@@ -706,10 +690,7 @@ async fn a_hash_created_by_an_acquire_carries_the_capacities() {
         .await
         .unwrap()
         .settle(Cost::new(1, 1, 1));
-    let learning = QuotaBoard::builder()
-        .build_redis(&server.url(), options("t12:"))
-        .await
-        .unwrap();
+    let learning = learning_board(&server.url(), options("t12:")).await;
     let r = learning
         .acquire(key(), group(), Cost::new(1, 1, 1))
         .max_wait(Duration::from_secs(2))

@@ -191,10 +191,10 @@ return redis.error_reply('unknown mode')
 /// Looks for the capacities another process learned, else takes the learning lock.
 ///
 /// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock. `ARGV[1]`: this process's
-/// token, `ARGV[2]`: the lock's time to live (ms). Returns `{status, wait_ms, c1, c2, c3}`:
+/// token, `ARGV[2]`: the lock's time to live (ms). Returns `{status, wait_us, c1, c2, c3}`:
 /// `ok` with the stored capacities; `learn` when this process holds the lock (it sends the one
-/// request that learns the limits); `wait` with the lock's remaining time to live when another
-/// process holds it.
+/// request that learns the limits); `wait` with the lock's remaining time to live (µs, like
+/// every reply's wait) when another process holds it.
 const PEEK_SCRIPT: &str = r#"
 local c = redis.call('HMGET', KEYS[1], 'c1', 'c2', 'c3')
 if c[1] or c[2] or c[3] then
@@ -206,7 +206,7 @@ if holder == ARGV[1] or redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 end
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl < 0 then ttl = 0 end
-return {'wait', tostring(ttl), '', '', ''}
+return {'wait', string.format('%.0f', ttl * 1000), '', '', ''}
 "#;
 
 /// Releases the learning lock `KEYS[1]` if this process (`ARGV[1]`) still holds it.
@@ -575,7 +575,7 @@ impl RedisShared {
     }
 
     fn learn_lock_key(&self, key: &KeyId, group: &RateLimitGroup) -> String {
-        format!("{}{{{}:{}}}:learn", self.options.key_prefix, key, group)
+        format!("{}:learn", self.redis_key(key, group))
     }
 
     /// The capacities another process learned for `(key, group)`, else whether this process
@@ -600,11 +600,7 @@ impl RedisShared {
                 reply.levels.map(|c| c.map(|c| c.max(0.0) as u64)),
             )),
             "learn" => Ok(Peek::Learn),
-            // The script answers the lock's PTTL in milliseconds where the main script's
-            // replies carry microseconds.
-            "wait" => Ok(Peek::Wait(Duration::from_millis(
-                u64::try_from(reply.wait.as_micros()).unwrap_or(u64::MAX),
-            ))),
+            "wait" => Ok(Peek::Wait(reply.wait)),
             _ => Err(StoreError::BadReply),
         }
     }
