@@ -12,7 +12,7 @@ mod meta;
 mod models;
 mod usage;
 
-pub use error::{ApiError, ApiErrorKind};
+pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
     should_retry,

@@ -413,6 +413,16 @@ async fn messages(shared: &Arc<Shared>, seq: u64, key: KeyId, parsed: Parsed) ->
                 ))
             }
             Some(Fault::SpendCap) => Some(Reply::error(&spend_cap())),
+            Some(Fault::SpendCapMessage) => Some(Reply::error(&ApiError::new(
+                ApiErrorKind::RateLimit,
+                "This request would exceed your account's monthly spend limit. Raise the limit \
+                 in the Console to continue.",
+            ))),
+            Some(Fault::UsageLimitReached) => Some(Reply::error(&ApiError::new(
+                ApiErrorKind::InvalidRequest,
+                "You have reached your specified API usage limits. You will regain access on \
+                 the first of next month.",
+            ))),
             Some(Fault::Status(code)) => {
                 let status = StatusCode::from_u16(code)
                     .ok()
