@@ -402,10 +402,8 @@ impl ApiError {
             .and_then(|t| ApiErrorKind::from_type(t, status))
             .or_else(|| status.map(ApiErrorKind::from_status))
             .unwrap_or(ApiErrorKind::Other);
-        let by_message = matches!(
-            kind,
-            ApiErrorKind::RateLimit | ApiErrorKind::InvalidRequest
-        ) && message.is_some_and(is_spend_limit_message);
+        let by_message = matches!(kind, ApiErrorKind::RateLimit | ApiErrorKind::InvalidRequest)
+            && message.is_some_and(is_spend_limit_message);
         if by_message {
             ApiErrorKind::SpendLimit
         } else {

@@ -18,7 +18,10 @@ pub use headers::{
     should_retry,
 };
 pub use key::KeyId;
-pub use meta::{MetaError, MetaErrorKind, RequestMeta, rewrite_model};
+pub use meta::{
+    CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS, MetaError, MetaErrorKind, RequestMeta,
+    rewrite_model,
+};
 pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
 pub use usage::{SseEvent, SseParser, StreamTracker, Usage};
 
