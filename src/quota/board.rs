@@ -174,8 +174,8 @@ impl QuotaBoardBuilder {
         self
     }
 
-    /// How many prompt-cache prefixes the board remembers (50,000 by default, about 8 MB;
-    /// see [`PromptCacheMemory`]).
+    /// How many prompt-cache prefixes the board remembers (20,000 by default, about 7 MB at
+    /// most; see [`PromptCacheMemory`]).
     pub fn prompt_cache_capacity(mut self, prefixes: u64) -> Self {
         self.prompt_cache_capacity = prefixes;
         self

@@ -42,7 +42,7 @@ mod board;
 mod bucket;
 mod error;
 mod local;
-mod prompt_cache;
+pub(crate) mod prompt_cache;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;

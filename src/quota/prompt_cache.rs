@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use crate::anthropic::{CacheBreakpoint, KeyId, RateLimitGroup, RequestMeta, Usage};
 
-/// The default number of prefixes remembered (about 8 MB; see [`PromptCacheMemory::new`]).
-pub const DEFAULT_PREFIX_CAPACITY: u64 = 50_000;
+/// The default number of prefixes remembered (about 7 MB at most; see [`PromptCacheMemory`]).
+pub const DEFAULT_PREFIX_CAPACITY: u64 = 20_000;
 
 /// The most `(key, group)` usage totals kept (least recently used ones go first).
 const MAX_USAGE_ENTRIES: u64 = 10_000;
@@ -31,15 +31,16 @@ const MAX_USAGE_ENTRIES: u64 = 10_000;
 /// A prefix estimated below this many tokens is not remembered: the API caches nothing
 /// shorter than 1,024 tokens (the smallest minimum of any model; some models need 2,048 or
 /// 4,096), so such a prefix is counted in full.
-const MIN_CACHEABLE_TOKENS: u64 = 1_024;
+pub(crate) const MIN_CACHEABLE_TOKENS: u64 = 1_024;
 
 /// Remembered prefixes and cache-token totals; cheap to clone (an `Arc`), every clone shares
 /// the same memory. A [`QuotaBoard`](super::QuotaBoard) holds one
 /// ([`QuotaBoard::prompt_cache`](super::QuotaBoard::prompt_cache)).
 ///
 /// **Memory.** At most `capacity` prefixes are remembered (least recently used ones are
-/// forgotten first), each as a 128-bit hash of (key id, model, prefix bytes) and its expiry;
-/// measured at about 170 bytes per prefix (17 MB for 100,000, `tests/prompt_cache.rs`).
+/// forgotten first), each as a 128-bit hash of (key id, model, prefix bytes) and its expiry
+/// in a `moka` cache: measured at about 370 bytes of resident memory per prefix, 37 MB for
+/// 100,000 (`tests/prompt_cache.rs`, `the_prefix_memory_is_bounded`).
 /// A forgotten prefix only makes the estimate high again (a first sighting counts in full).
 ///
 /// ```
@@ -340,8 +341,9 @@ impl Counters {
     }
 }
 
-/// The memory's id of a prefix: a 128-bit hash of the key id, the model and the prefix hash.
-fn prefix_id(key: &KeyId, model: &str, bp: &CacheBreakpoint) -> u128 {
+/// The memory's id of a prefix: a 128-bit hash of the key id, the model and the prefix hash
+/// (MockClaude's prompt cache uses the same ids).
+pub(crate) fn prefix_id(key: &KeyId, model: &str, bp: &CacheBreakpoint) -> u128 {
     let mut h = blake3::Hasher::new();
     h.update(key.as_str().as_bytes());
     h.update(&[0]);
