@@ -397,3 +397,33 @@ async fn a_429_saying_the_monthly_spend_limit_is_final_and_removes_the_key() {
 async fn a_400_saying_the_usage_limits_are_reached_is_final_and_removes_the_key() {
     spend_cap_through_the_stack(Fault::UsageLimitReached).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_agent_loop_through_claude_stack_stays_on_its_model() {
+    use tower_claude::stack::ClaudeStack;
+    let mock = mock(80_000);
+    let board = QuotaBoard::builder()
+        .limits(group(), Limits::new(1_000, 80_000, 400_000))
+        .build();
+    let stack = ClaudeStack::new().board(board.clone());
+    let svc = stack.service(mock.clone());
+    let system = text("system", 60_000);
+    let doc = text("document", 60_000);
+    for i in 1..=10 {
+        // A minute between calls: the bucket is full again, so the counted estimate fits
+        // (the whole prompt, 120k tokens, never fits 80k).
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let question = format!("step {i}");
+        let body = if i == 1 {
+            body(&system, "", None, &question)
+        } else {
+            body(&system, "", Some(&doc), &question)
+        };
+        let res = svc.clone().oneshot(request(body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "call {i}");
+        // Fallback judged the requested model by the counted estimate: no move to another.
+        assert_eq!(res.headers()["x-tower-claude-model"], MODEL, "call {i}");
+        res.into_body().collect().await.unwrap();
+    }
+    assert_eq!(mock.stats().rate_limited, 0);
+}

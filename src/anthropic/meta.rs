@@ -1,6 +1,7 @@
 //! Request metadata read from a request body without building a JSON tree.
 
 use bytes::Bytes;
+use xxhash_rust::xxh3::Xxh3Default;
 
 /// What the stack needs to know about a Messages API request, read once from its body and
 /// carried as a request extension so that no layer parses the body twice.
@@ -57,7 +58,7 @@ pub struct RequestMeta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct CacheBreakpoint {
-    /// A 128-bit hash of the prefix bytes (the `tools` array up to here, or all of it, then
+    /// A 128-bit hash (XXH3) of the prefix bytes (the `tools` array up to here, or all of it, then
     /// the `system` value likewise, then `messages`): equal prefixes, byte for byte, hash
     /// alike.
     pub prefix: u128,
@@ -135,7 +136,7 @@ impl RequestMeta {
     /// `cache_control` object member is a breakpoint ([`RequestMeta::cache_breakpoints`]),
     /// with a 1-hour TTL when its `cache_control` has `"ttl":"1h"`. The same pass records the
     /// byte range and the token counts of each prefix; only bodies with breakpoints pay for
-    /// hashing their prefixes (BLAKE3, once over each prefix's bytes). The API accepts at most
+    /// hashing their prefixes (XXH3-128, once over the bytes up to the last breakpoint). The API accepts at most
     /// four breakpoints; more than [`MAX_BREAKPOINTS`] are ignored here.
     ///
     /// ```
@@ -611,7 +612,7 @@ impl<'a> Scanner<'a> {
         raw.sort_by_key(|bp| (bp.section as u8, bp.end));
         let mut out = Vec::with_capacity(raw.len());
         // The hash state and counters of the sections before the current one.
-        let mut before = blake3::Hasher::new();
+        let mut before = Xxh3Default::new();
         let mut before_units = 0u64;
         let mut before_fixed = 0u64;
         let mut before_tool = false;
@@ -634,11 +635,8 @@ impl<'a> Scanner<'a> {
                 } else {
                     0
                 };
-                let digest = hasher.finalize();
-                let mut prefix = [0u8; 16];
-                prefix.copy_from_slice(&digest.as_bytes()[..16]);
                 out.push(CacheBreakpoint {
-                    prefix: u128::from_le_bytes(prefix),
+                    prefix: hasher.digest128(),
                     tokens: units
                         .div_ceil(TEXT_BYTES_PER_TOKEN)
                         .saturating_add(fixed)

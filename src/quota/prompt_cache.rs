@@ -344,14 +344,11 @@ impl Counters {
 /// The memory's id of a prefix: a 128-bit hash of the key id, the model and the prefix hash
 /// (MockClaude's prompt cache uses the same ids).
 pub(crate) fn prefix_id(key: &KeyId, model: &str, bp: &CacheBreakpoint) -> u128 {
-    let mut h = blake3::Hasher::new();
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     h.update(key.as_str().as_bytes());
     h.update(&[0]);
     h.update(model.as_bytes());
     h.update(&[0]);
     h.update(&bp.prefix.to_le_bytes());
-    let bytes = h.finalize();
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&bytes.as_bytes()[..16]);
-    u128::from_le_bytes(id)
+    h.digest128()
 }
