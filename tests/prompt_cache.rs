@@ -193,45 +193,35 @@ async fn a_request_whose_counted_input_exceeds_the_limit_is_refused_with_the_num
     assert_eq!(mock.stats().received, 0);
 }
 
-/// A rate-limited service over `mock` that records the input tokens each request reserved
-/// (the board's input level just before and at the call; the bucket is full before each).
+/// A rate-limited service over `mock` that pushes to `reserved` the input tokens each request
+/// reserved (the input bucket is full before each request; its level is read at the call).
 fn spying(
     mock: MockClaude,
     itpm: u64,
-) -> (
-    impl Service<
-        Request<RequestBody>,
-        Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError>>,
-        Error = BoxError,
-    >,
-    Arc<Mutex<Vec<u64>>>,
-    QuotaBoard,
-) {
+    reserved: Arc<Mutex<Vec<u64>>>,
+) -> impl Service<
+    Request<RequestBody>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError>>,
+    Error = BoxError,
+> {
     let layer = RateLimitLayer::new().limits(group(), Limits::new(1_000, itpm, 400_000));
     let board = layer.quota_board().clone();
-    let reserved = Arc::new(Mutex::new(Vec::new()));
-    let (spy_board, spy) = (board.clone(), reserved.clone());
     let inner = tower::service_fn(move |req: Request<RequestBody>| {
-        let remaining = spy_board
+        let remaining = board
             .headroom(&key(), &group())
             .and_then(|h| h.input_tokens)
             .map_or(0, |b| b.remaining);
-        spy.lock().unwrap().push(itpm - remaining);
+        reserved.lock().unwrap().push(itpm - remaining);
         mock.clone().oneshot(req)
     });
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .map_response(|r: Response<_>| {
-            r.map(|b: tower_claude::testing::MockBody| b.map_err(Into::into))
-        })
-        .service(inner);
-    (svc, reserved, board)
+    ServiceBuilder::new().layer(layer).service(inner)
 }
 
 #[tokio::test(start_paused = true)]
 async fn first_sightings_and_expired_prefixes_count_in_full_repeats_only_what_counts() {
     let mock = mock(1_000_000);
-    let (mut svc, reserved, _board) = spying(mock.clone(), 1_000_000);
+    let reserved = Arc::new(Mutex::new(Vec::new()));
+    let mut svc = spying(mock.clone(), 1_000_000, reserved.clone());
     let short = text("five-minute prefix", 5_000);
     let long = text("one-hour prefix", 5_000);
     let full = |b: &str| RequestMeta::scan(b.as_bytes()).unwrap().input_tokens;
@@ -279,7 +269,6 @@ async fn first_sightings_and_expired_prefixes_count_in_full_repeats_only_what_co
     let (r, _) = send(c.clone()).await;
     assert_eq!(r, full(&c));
 
-    // Another key, same prefix: its own first sighting.
     assert_eq!(mock.stats().rate_limited, 0);
 }
 
