@@ -137,6 +137,9 @@ async fn an_agent_loop_with_a_cached_prefix_over_the_input_limit_runs_at_the_ser
     let counted = stats.input_tokens["claude-sonnet-4"];
     let refill = Duration::from_secs_f64(counted.saturating_sub(80_000) as f64 * 60.0 / 80_000.0);
     let allowed = refill + Duration::from_secs(50);
+    eprintln!(
+        "agent loop: 50 calls in {elapsed:?}; the server counted {counted} input tokens, allowing {allowed:?}"
+    );
     assert!(
         elapsed <= allowed + Duration::from_secs(2),
         "took {elapsed:?}, the server allows {allowed:?}"
