@@ -138,6 +138,26 @@ fn body(target: usize) -> Vec<u8> {
     serde_json::to_vec(&request).unwrap_or_default()
 }
 
+/// `body` with a cached block as its last message (the breakpoint an agent moves forward each
+/// turn).
+fn agent_turn(body: &[u8]) -> Vec<u8> {
+    let mut request: Value = serde_json::from_slice(body).unwrap_or_default();
+    if let Some(messages) = request["messages"].as_array_mut() {
+        messages.pop();
+        messages.push(json!({"role": "user", "content": [
+            {"type": "text", "text": "Please continue.", "cache_control": {"type": "ephemeral"}}
+        ]}));
+    }
+    let out = serde_json::to_vec(&request).unwrap_or_default();
+    assert_eq!(
+        RequestMeta::scan(&out)
+            .map(|m| m.cache_breakpoints.len())
+            .ok(),
+        Some(2)
+    );
+    out
+}
+
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("meta");
     for (name, target) in [("1KB", 1_000), ("10KB", 10_000), ("100KB", 100_000)] {
@@ -145,6 +165,12 @@ fn bench(c: &mut Criterion) {
         assert!(RequestMeta::scan(&body).is_ok());
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::new("scan", name), &body, |b, body| {
+            b.iter(|| RequestMeta::scan(black_box(body)))
+        });
+        // An agent turn: `cache_control` on the last message too, so the prefix hashed for
+        // the prompt-cache estimate is nearly the whole body.
+        let agent = agent_turn(&body);
+        group.bench_with_input(BenchmarkId::new("scan_agent", name), &agent, |b, body| {
             b.iter(|| RequestMeta::scan(black_box(body)))
         });
         group.bench_with_input(BenchmarkId::new("rewrite_model", name), &body, |b, body| {

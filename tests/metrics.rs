@@ -741,3 +741,61 @@ async fn redis_outages_are_counted() {
     let m = scrape(&handle);
     assert_eq!(get(&m, "tower_claude_quota_redis_outages_total"), 1.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn prompt_cache_tokens_and_hit_ratio_per_key_and_group() {
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let board = QuotaBoard::new();
+    let metrics_layer = MetricsLayer::new().board(board.clone());
+    let mock = MockClaude::builder().output_tokens(10).build();
+    let svc = ServiceBuilder::new()
+        .layer(metrics_layer.clone())
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    // A 2,000-token system prompt marked for caching, sent four times (JSON and SSE): one
+    // cache write, three reads.
+    let system = "cached instructions ".repeat(300);
+    for stream in [false, true, false, true] {
+        let body = format!(
+            r#"{{"model":"{MODEL}","max_tokens":50,"stream":{stream},"system":[{{"type":"text","text":"{system}","cache_control":{{"type":"ephemeral"}}}}],"messages":[{{"role":"user","content":"Hi"}}]}}"#
+        );
+        let req = Request::post("/v1/messages")
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .body(RequestBody::from(body))
+            .unwrap();
+        let response = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    metrics_layer.refresh();
+    let stats = mock.stats();
+    let g = group();
+    let (read, write) = (stats.cache_read_tokens[&g], stats.cache_write_tokens[&g]);
+    assert_eq!(read, 3 * write);
+    let key = KeyId::from_api_key(KEY);
+    let labels = format!(r#"{{key="{}",group="{g}"}}"#, key.as_str());
+    let m = scrape(&handle);
+    assert_eq!(
+        get(
+            &m,
+            &format!("{}{labels}", names::PROMPT_CACHE_READ_TOKENS_TOTAL)
+        ),
+        read as f64
+    );
+    assert_eq!(
+        get(
+            &m,
+            &format!("{}{labels}", names::PROMPT_CACHE_WRITE_TOKENS_TOTAL)
+        ),
+        write as f64
+    );
+    let ratio = get(&m, &format!("{}{labels}", names::PROMPT_CACHE_HIT_RATIO));
+    assert!((0.7..0.75).contains(&ratio), "{ratio}");
+    // The same totals are on the board's status data (the proxy's status page).
+    let status = board.statuses().into_iter().find(|s| s.key == key).unwrap();
+    let cache = status.prompt_cache.unwrap();
+    assert_eq!((cache.read_tokens, cache.write_tokens), (read, write));
+}

@@ -1120,3 +1120,112 @@ async fn without_acceleration_limit_a_burst_is_only_bucket_limited() {
     let stats = mock.stats();
     assert_eq!((stats.rate_limited, stats.acceleration_limited), (10, 0));
 }
+
+/// A body whose system prompt (about 2,000 estimated tokens) is marked for caching.
+fn cached_body(stream: bool, ttl: &str, question: &str) -> String {
+    let system = "Follow the house style guide. ".repeat(200);
+    format!(
+        r#"{{"model":"{MODEL}","max_tokens":50,"stream":{stream},"system":[{{"type":"text","text":"{system}","cache_control":{{"type":"ephemeral"{ttl}}}}}],"messages":[{{"role":"user","content":"{question}"}}]}}"#
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn prompt_caching_reports_writes_then_reads_in_json_and_sse() {
+    let mock = MockClaude::builder()
+        .limits(MODEL, MockLimits::new(100, 10_000, 10_000))
+        .latency(Duration::ZERO, Duration::ZERO)
+        .output_tokens(5)
+        .build();
+    let first = cached_body(false, "", "one");
+    let meta = RequestMeta::scan(first.as_bytes()).unwrap();
+    let prefix = meta.cache_breakpoints[0].tokens;
+    let (status, headers, bytes) = read(call(&mock, request(first.clone())).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let usage = Usage::from_json(&bytes).unwrap();
+    assert_eq!(usage.cache_creation_input_tokens, prefix);
+    assert_eq!(usage.cache_read_input_tokens, 0);
+    assert_eq!(usage.input_tokens, meta.input_tokens - prefix);
+    // The write counted toward the input limit (10,000 minus the whole estimate, rounded).
+    let snap = RateLimitSnapshot::from_headers(&headers);
+    assert_eq!(
+        snap.input_tokens.remaining,
+        Some((10_000 - meta.input_tokens) / 1000 * 1000)
+    );
+
+    // A streamed request with the same prefix reads it: message_start carries the usage.
+    let second = cached_body(true, "", "two");
+    let (_, headers, bytes) = read(call(&mock, request(second.clone())).await).await;
+    let mut tracker = StreamTracker::new();
+    tracker.feed(&bytes);
+    tracker.finish();
+    let usage = tracker.usage();
+    assert_eq!(usage.cache_read_input_tokens, prefix);
+    assert_eq!(usage.cache_creation_input_tokens, 0);
+    // Reads do not count toward the limit: only the uncached tail was taken.
+    let tail = input_estimate(&second) - prefix;
+    let left = RateLimitSnapshot::from_headers(&headers)
+        .input_tokens
+        .remaining;
+    assert_eq!(
+        left,
+        Some((10_000 - meta.input_tokens - tail) / 1000 * 1000)
+    );
+    let stats = mock.stats();
+    let g = group_name();
+    assert_eq!(stats.cache_write_tokens[&g], prefix);
+    assert_eq!(stats.cache_read_tokens[&g], prefix);
+    assert_eq!(stats.input_tokens[&g], meta.input_tokens + tail);
+
+    // Past the 5-minute TTL the prefix is written again; with "ttl":"1h" it survives.
+    tokio::time::advance(Duration::from_secs(301)).await;
+    let (_, _, bytes) = read(call(&mock, request(first)).await).await;
+    assert_eq!(
+        Usage::from_json(&bytes)
+            .unwrap()
+            .cache_creation_input_tokens,
+        prefix
+    );
+    let hour = cached_body(false, r#","ttl":"1h""#, "three");
+    read(call(&mock, request(hour.clone())).await).await;
+    tokio::time::advance(Duration::from_secs(1_800)).await;
+    let hour_prefix = RequestMeta::scan(hour.as_bytes())
+        .unwrap()
+        .cache_breakpoints[0]
+        .tokens;
+    let (_, _, bytes) = read(call(&mock, request(hour)).await).await;
+    assert_eq!(
+        Usage::from_json(&bytes).unwrap().cache_read_input_tokens,
+        hour_prefix
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cache_reads_count_toward_the_limit_for_flagged_models() {
+    let model = "claude-3-5-haiku-20241022";
+    let mock = MockClaude::builder()
+        .limits(model, MockLimits::new(100, 50_000, 10_000))
+        .output_tokens(5)
+        .build();
+    let body = cached_body(false, "", "q").replace(MODEL, model);
+    let estimate = input_estimate(&body);
+    read(call(&mock, request(body.clone())).await).await;
+    let (_, _, bytes) = read(call(&mock, request(body)).await).await;
+    assert!(Usage::from_json(&bytes).unwrap().cache_read_input_tokens > 0);
+    let g = ModelCatalog::default().group(model).as_str().to_owned();
+    assert_eq!(mock.stats().input_tokens[&g], 2 * estimate);
+}
+
+#[tokio::test(start_paused = true)]
+async fn spend_caps_in_other_shapes() {
+    let mock = MockClaude::builder().build();
+    mock.push_fault(Fault::SpendCapMessage);
+    mock.push_fault(Fault::UsageLimitReached);
+    for expected in [StatusCode::TOO_MANY_REQUESTS, StatusCode::BAD_REQUEST] {
+        let (status, headers, bytes) = read(call(&mock, request(body(10, false))).await).await;
+        assert_eq!(status, expected);
+        assert!(headers.get("retry-after").is_none());
+        let err = error_of(status, &bytes);
+        assert_eq!(err.kind(), ApiErrorKind::SpendLimit, "{err}");
+        assert_eq!(err.error_code(), None);
+    }
+}

@@ -6,14 +6,16 @@
 //! * `RequestMeta::scan` never panics, agrees with `serde_json` on what is valid JSON, reads the
 //!   same fields as `serde_json`, and never estimates fewer tokens than a third of the prompt's
 //!   bytes;
+//! * `RequestMeta`'s prompt-cache breakpoints do not depend on the member order of the body nor
+//!   on what follows the last breakpoint;
 //! * `rewrite_model` changes the top-level `model` value and no other byte.
 
 use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{Value, json};
 use tower_claude::anthropic::{
-    ApiErrorKind, MetaErrorKind, RequestMeta, SseEvent, SseParser, StreamTracker, Usage,
-    rewrite_model,
+    ApiErrorKind, MAX_BREAKPOINTS, MetaErrorKind, RequestMeta, SseEvent, SseParser, StreamTracker,
+    Usage, rewrite_model,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -681,6 +683,40 @@ proptest! {
             mutate(&mut mutated, m);
         }
         check_scan_agrees(&mutated)?;
+    }
+
+    #[test]
+    fn cache_breakpoints_ignore_member_order_and_what_follows(request in request(), tail in text()) {
+        let (body, _) = request.render();
+        let meta = RequestMeta::scan(&body).unwrap();
+        // One breakpoint per content block with `cache_control` (the generator puts them on
+        // message text blocks only), in cache order, each prefix within the whole estimate.
+        let marked = request
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["content"].as_array())
+            .flatten()
+            .filter(|b| b.get("cache_control").is_some())
+            .count();
+        prop_assert_eq!(meta.cache_breakpoints.len(), marked.min(MAX_BREAKPOINTS));
+        for pair in meta.cache_breakpoints.windows(2) {
+            prop_assert!(pair[0].tokens <= pair[1].tokens);
+        }
+        for bp in &meta.cache_breakpoints {
+            prop_assert!(bp.tokens <= meta.input_tokens);
+        }
+        // Another member order and one more message at the end: the same prefixes.
+        let mut other = request.clone();
+        other.members.reverse();
+        if let Some((_, Value::Array(messages))) =
+            other.members.iter_mut().find(|(n, _)| n == "messages")
+        {
+            messages.push(json!({"role": "user", "content": tail}));
+        }
+        let again = RequestMeta::scan(&other.render().0).unwrap();
+        prop_assert_eq!(&meta.cache_breakpoints, &again.cache_breakpoints);
     }
 
     #[test]

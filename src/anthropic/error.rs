@@ -28,8 +28,11 @@ pub enum ApiErrorKind {
     RequestTooLarge,
     /// 429 `rate_limit_error`.
     RateLimit,
-    /// 429 whose `error.details.error_code` is `enforced_spend_limit_reached`: a monthly spend
-    /// cap. Never retry it.
+    /// A spend cap (the organisation's monthly spend limit or the API usage limits it set):
+    /// never retry it. Recognised by [`ApiError::from_response`] by the rule in
+    /// [`is_spend_limit_message`]: the `error.details.error_code`
+    /// `enforced_spend_limit_reached` first, then the message patterns of a 429 or 400 (or an
+    /// SSE error). Written as a 429.
     SpendLimit,
     /// 500 `api_error`.
     Api,
@@ -45,6 +48,41 @@ pub enum ApiErrorKind {
 
 /// The `error.details.error_code` of a monthly spend cap.
 const SPEND_LIMIT_CODE: &str = "enforced_spend_limit_reached";
+
+/// Message patterns of a spend cap without its error code, lower case; a message matches when
+/// it contains every part of one pattern. See [`is_spend_limit_message`].
+const SPEND_LIMIT_PATTERNS: &[&[&str]] = &[
+    // 429 "This request would exceed your account's monthly spend limit ..."
+    &["spend limit"],
+    // 400 "You have reached your specified API usage limits. You will regain access on ..."
+    &["api usage limit", "reached"],
+    &["usage limits", "regain access"],
+];
+
+/// Whether an error `message` says that a spend cap was reached, as seen in the wild without
+/// `error.details.error_code` (the code, when present, decides first: see
+/// [`ApiError::from_response`]).
+///
+/// The rule, case-insensitive: the message mentions a `spend limit` (a 429 saying the request
+/// "would exceed your account's monthly spend limit"), or the `API usage limit(s)` together
+/// with `reached` (a 400 saying "You have reached your specified API usage limits"), or
+/// `usage limits` together with `regain access`. Ordinary rate-limit messages ("would exceed
+/// the rate limit for your organization") never match. Only 400, 429 and SSE errors are
+/// classified by message.
+///
+/// ```
+/// use tower_claude::anthropic::is_spend_limit_message;
+///
+/// assert!(is_spend_limit_message("This request would exceed your account's monthly spend limit."));
+/// assert!(is_spend_limit_message("You have reached your specified API usage limits. You will regain access on 2026-01-01 at 00:00 UTC."));
+/// assert!(!is_spend_limit_message("This request would exceed the rate limit for your organization of 30,000 input tokens per minute."));
+/// ```
+pub fn is_spend_limit_message(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    SPEND_LIMIT_PATTERNS
+        .iter()
+        .any(|parts| parts.iter().all(|p| lower.contains(p)))
+}
 
 /// The longest message kept from a body that is not an error envelope.
 const MAX_RAW_MESSAGE: usize = 512;
@@ -279,7 +317,8 @@ impl ApiError {
     /// The kind comes from `error.type` when it is a known type (`timeout_error` with status
     /// 408 is [`RequestTimeout`](ApiErrorKind::RequestTimeout)), else from the status
     /// ([`ApiErrorKind::from_status`]). Any error whose `error.details.error_code` is
-    /// `enforced_spend_limit_reached` is [`SpendLimit`](ApiErrorKind::SpendLimit).
+    /// `enforced_spend_limit_reached` is [`SpendLimit`](ApiErrorKind::SpendLimit), and so is a
+    /// 429 or 400 whose message matches [`is_spend_limit_message`] (the status is kept).
     ///
     /// ```
     /// use http::StatusCode;
@@ -298,7 +337,12 @@ impl ApiError {
     pub fn from_response(status: StatusCode, body: &[u8]) -> Self {
         match parse_envelope(body) {
             Some((ty, message, error_code)) => {
-                let kind = Self::classify(ty.as_deref(), Some(status), error_code.as_deref());
+                let kind = Self::classify(
+                    ty.as_deref(),
+                    Some(status),
+                    error_code.as_deref(),
+                    Some(&message),
+                );
                 Self {
                     status,
                     kind,
@@ -334,7 +378,7 @@ impl ApiError {
     /// ```
     pub fn from_sse_data(data: &[u8]) -> Option<Self> {
         let (ty, message, error_code) = parse_envelope(data)?;
-        let kind = Self::classify(ty.as_deref(), None, error_code.as_deref());
+        let kind = Self::classify(ty.as_deref(), None, error_code.as_deref(), Some(&message));
         Some(Self {
             status: kind.status(),
             kind,
@@ -344,18 +388,27 @@ impl ApiError {
         })
     }
 
+    /// The spend-cap rule: the error code first, then (for a 429 / 400 kind) the message.
     fn classify(
         error_type: Option<&str>,
         status: Option<StatusCode>,
         error_code: Option<&str>,
+        message: Option<&str>,
     ) -> ApiErrorKind {
         if error_code == Some(SPEND_LIMIT_CODE) {
             return ApiErrorKind::SpendLimit;
         }
-        error_type
+        let kind = error_type
             .and_then(|t| ApiErrorKind::from_type(t, status))
             .or_else(|| status.map(ApiErrorKind::from_status))
-            .unwrap_or(ApiErrorKind::Other)
+            .unwrap_or(ApiErrorKind::Other);
+        let by_message = matches!(kind, ApiErrorKind::RateLimit | ApiErrorKind::InvalidRequest)
+            && message.is_some_and(is_spend_limit_message);
+        if by_message {
+            ApiErrorKind::SpendLimit
+        } else {
+            kind
+        }
     }
 
     /// The kind.
@@ -575,6 +628,58 @@ mod tests {
             !String::from_utf8(plain.to_vec())
                 .unwrap()
                 .contains("details")
+        );
+    }
+
+    #[test]
+    fn spend_caps_are_recognised_by_code_then_by_message() {
+        let envelope = |ty: &str, message: &str| {
+            format!(r#"{{"type":"error","error":{{"type":"{ty}","message":"{message}"}}}}"#)
+        };
+        let shapes = [
+            (
+                429,
+                envelope(
+                    "rate_limit_error",
+                    "This request would exceed your account's monthly spend limit. Please raise it in the Console.",
+                ),
+            ),
+            (
+                400,
+                envelope(
+                    "invalid_request_error",
+                    "You have reached your specified API usage limits. You will regain access on 2026-12-01 at 00:00 UTC.",
+                ),
+            ),
+        ];
+        for (code, body) in shapes {
+            let err = ApiError::from_response(status(code), body.as_bytes());
+            assert_eq!(err.kind(), ApiErrorKind::SpendLimit, "{body}");
+            assert_eq!(err.status().as_u16(), code);
+            assert!(!err.kind().is_retryable());
+            assert_eq!(
+                ApiError::from_sse_data(body.as_bytes()).unwrap().kind(),
+                ApiErrorKind::SpendLimit
+            );
+        }
+        // Ordinary rate limits, other 400s and other statuses with the words are not caps.
+        let rate = envelope(
+            "rate_limit_error",
+            "This request would exceed the rate limit for your organization of 30,000 input tokens per minute.",
+        );
+        assert_eq!(
+            ApiError::from_response(status(429), rate.as_bytes()).kind(),
+            ApiErrorKind::RateLimit
+        );
+        let bad = envelope("invalid_request_error", "max_tokens: Field required");
+        assert_eq!(
+            ApiError::from_response(status(400), bad.as_bytes()).kind(),
+            ApiErrorKind::InvalidRequest
+        );
+        let server = envelope("api_error", "spend limit service unavailable");
+        assert_eq!(
+            ApiError::from_response(status(500), server.as_bytes()).kind(),
+            ApiErrorKind::Api
         );
     }
 

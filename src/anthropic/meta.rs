@@ -1,6 +1,7 @@
 //! Request metadata read from a request body without building a JSON tree.
 
 use bytes::Bytes;
+use xxhash_rust::xxh3::Xxh3Default;
 
 /// What the stack needs to know about a Messages API request, read once from its body and
 /// carried as a request extension so that no layer parses the body twice.
@@ -29,6 +30,70 @@ pub struct RequestMeta {
     pub temperature: Option<f64>,
     /// A conservative (high) estimate of the input tokens the request will be charged.
     pub input_tokens: u64,
+    /// The prompt-cache breakpoints (`cache_control` on a tool, a system block or a message
+    /// content block), in the order the API caches them (tools, system, messages): each is
+    /// the hash and token estimate of the prefix up to and including that block. Empty
+    /// without `cache_control`.
+    pub cache_breakpoints: Vec<CacheBreakpoint>,
+}
+
+/// A prompt-cache breakpoint of a request: the prefix the API caches up to a block marked with
+/// `cache_control` (tools first, then system, then messages, whatever the member order of the
+/// body).
+///
+/// ```
+/// use tower_claude::anthropic::{CacheTtl, RequestMeta};
+///
+/// let body = br#"{"model":"claude-opus-4-7","max_tokens":10,
+///   "system":[{"type":"text","text":"Long instructions...","cache_control":{"type":"ephemeral","ttl":"1h"}}],
+///   "messages":[{"role":"user","content":[{"type":"text","text":"Hi","cache_control":{"type":"ephemeral"}}]}]}"#;
+/// let meta = RequestMeta::scan(body).unwrap();
+/// let [system, messages] = &meta.cache_breakpoints[..] else { panic!() };
+/// assert_eq!(system.ttl, CacheTtl::OneHour);
+/// assert_eq!(messages.ttl, CacheTtl::FiveMinutes);
+/// // The messages prefix contains the system prefix.
+/// assert!(messages.tokens > system.tokens && messages.tokens < meta.input_tokens);
+/// assert_ne!(system.prefix, messages.prefix);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct CacheBreakpoint {
+    /// A 128-bit hash (XXH3) of the prefix bytes (the `tools` array up to here, or all of it, then
+    /// the `system` value likewise, then `messages`): equal prefixes, byte for byte, hash
+    /// alike.
+    pub prefix: u128,
+    /// The estimated input tokens of the prefix (same rules as
+    /// [`RequestMeta::input_tokens`], without the per-request overhead).
+    pub tokens: u64,
+    /// How long the API keeps the prefix cached.
+    pub ttl: CacheTtl,
+}
+
+/// The lifetime of a prompt-cache entry, refreshed each time it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum CacheTtl {
+    /// 5 minutes (the default).
+    #[default]
+    FiveMinutes,
+    /// 1 hour (`"cache_control":{"type":"ephemeral","ttl":"1h"}`).
+    OneHour,
+}
+
+impl CacheTtl {
+    /// The duration.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::CacheTtl;
+    ///
+    /// assert_eq!(CacheTtl::OneHour.duration().as_secs(), 3_600);
+    /// ```
+    pub fn duration(self) -> std::time::Duration {
+        match self {
+            Self::FiveMinutes => std::time::Duration::from_secs(300),
+            Self::OneHour => std::time::Duration::from_secs(3_600),
+        }
+    }
 }
 
 impl RequestMeta {
@@ -64,6 +129,15 @@ impl RequestMeta {
     ///   started 50 KB of decoded data (at most 600 pages). A document given by `url` or `file`
     ///   id, whose size is unknown here, counts 30,000 tokens (ten pages). `text` and `content`
     ///   sources are ordinary text.
+    ///
+    /// # Prompt-cache breakpoints
+    ///
+    /// A tool, system block or content block (at any depth of `messages`) with a
+    /// `cache_control` object member is a breakpoint ([`RequestMeta::cache_breakpoints`]),
+    /// with a 1-hour TTL when its `cache_control` has `"ttl":"1h"`. The same pass records the
+    /// byte range and the token counts of each prefix; only bodies with breakpoints pay for
+    /// hashing their prefixes (XXH3-128, once over the bytes up to the last breakpoint). The API accepts at most
+    /// four breakpoints; more than [`MAX_BREAKPOINTS`] are ignored here.
     ///
     /// ```
     /// use tower_claude::anthropic::{MetaErrorKind, RequestMeta};
@@ -178,6 +252,9 @@ const PDF_MAX_PAGES: u64 = 600;
 const EXTERNAL_DOCUMENT_TOKENS: u64 = 10 * PDF_PAGE_TOKENS;
 const TEXT_BYTES_PER_TOKEN: u64 = 3;
 
+/// The most prompt-cache breakpoints recorded per request (the API rejects more than four).
+pub const MAX_BREAKPOINTS: usize = 8;
+
 /// Deepest nesting accepted (objects and arrays); deeper documents are rejected instead of
 /// recursing further.
 const MAX_DEPTH: u32 = 256;
@@ -237,6 +314,36 @@ enum Source {
     External,
 }
 
+/// The three members whose prefixes the API caches, in cache order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Section {
+    Tools = 0,
+    System = 1,
+    Messages = 2,
+}
+
+/// Where a section's value lies and what it counted.
+#[derive(Clone, Copy, Default)]
+struct SectionSpan {
+    start: usize,
+    end: usize,
+    /// Counters when the section started and ended: (text units, fixed tokens).
+    at_start: (u64, u64),
+    at_end: (u64, u64),
+    seen: bool,
+}
+
+/// A breakpoint found by the scan, before hashing.
+#[derive(Clone, Copy)]
+struct RawBreakpoint {
+    section: Section,
+    /// Byte offset just after the block with `cache_control`.
+    end: usize,
+    /// Counters at that point.
+    at: (u64, u64),
+    ttl: CacheTtl,
+}
+
 struct Scan {
     meta: RequestMeta,
     /// Spans of the top-level `model` values.
@@ -265,6 +372,10 @@ struct Scanner<'a> {
     text_units: u64,
     fixed_tokens: u64,
     saw_tool: bool,
+    /// The prompt-cache section being scanned, if any.
+    section: Option<Section>,
+    sections: [SectionSpan; 3],
+    breakpoints: Vec<RawBreakpoint>,
 }
 
 type Res<T> = Result<T, MetaError>;
@@ -279,6 +390,9 @@ impl<'a> Scanner<'a> {
             text_units: 0,
             fixed_tokens: 0,
             saw_tool: false,
+            section: None,
+            sections: [SectionSpan::default(); 3],
+            breakpoints: Vec::new(),
         }
     }
 
@@ -413,16 +527,13 @@ impl<'a> Scanner<'a> {
                         }
                     }
                     b"messages" => {
-                        let src = self.value(true, Role::Plain, Role::Message, 1)?;
-                        self.charge(src, Tag::Other);
+                        self.section(Section::Messages, Role::Message)?;
                     }
                     b"system" => {
-                        let src = self.value(true, Role::Plain, Role::Block, 1)?;
-                        self.charge(src, Tag::Other);
+                        self.section(Section::System, Role::Block)?;
                     }
                     b"tools" => {
-                        let src = self.value(true, Role::Plain, Role::Tool, 1)?;
-                        self.charge(src, Tag::Other);
+                        self.section(Section::Tools, Role::Tool)?;
                     }
                     key if UNCOUNTED.contains(&key) => {
                         self.value(false, Role::Plain, Role::Plain, 1)?;
@@ -454,12 +565,97 @@ impl<'a> Scanner<'a> {
             .saturating_add(text)
             .saturating_add(self.fixed_tokens)
             .saturating_add(tools);
+        if !self.breakpoints.is_empty() {
+            meta.cache_breakpoints = self.hash_breakpoints();
+        }
         Ok(Scan {
             meta,
             model_spans,
             open_brace,
             has_members,
         })
+    }
+
+    /// The value of a `tools`, `system` or `messages` member: scanned like any counted value,
+    /// its span and counters recorded for the prompt-cache prefixes. A duplicate member
+    /// replaces the earlier one (the last one wins, as for the other fields).
+    fn section(&mut self, section: Section, elems: Role) -> Res<()> {
+        let start = self.i;
+        let at_start = (self.text_units, self.fixed_tokens);
+        let outer = self.section.replace(section);
+        let kept = self.breakpoints.len();
+        let src = self.value(true, Role::Plain, elems, 1);
+        self.section = outer;
+        let src = src?;
+        self.charge(src, Tag::Other);
+        // Breakpoints of an earlier duplicate of this member are void.
+        let mut idx = 0;
+        self.breakpoints.retain(|bp| {
+            idx += 1;
+            idx > kept || bp.section != section
+        });
+        self.sections[section as usize] = SectionSpan {
+            start,
+            end: self.i,
+            at_start,
+            at_end: (self.text_units, self.fixed_tokens),
+            seen: true,
+        };
+        Ok(())
+    }
+
+    /// Hashes the prefix of every breakpoint, in cache order: tools, system, messages. A
+    /// prefix hash covers the whole of each earlier section and the part of its own section
+    /// up to the breakpoint; its tokens count the same parts.
+    fn hash_breakpoints(&mut self) -> Vec<CacheBreakpoint> {
+        let mut raw = std::mem::take(&mut self.breakpoints);
+        raw.sort_by_key(|bp| (bp.section as u8, bp.end));
+        let mut out = Vec::with_capacity(raw.len());
+        // The hash state and counters of the sections before the current one.
+        let mut before = Xxh3Default::new();
+        let mut before_units = 0u64;
+        let mut before_fixed = 0u64;
+        let mut before_tool = false;
+        for section in [Section::Tools, Section::System, Section::Messages] {
+            let span = self.sections[section as usize];
+            let mut hasher = before.clone();
+            // A marker per section keeps `tools:[a] system:b` apart from `system:[a] b`.
+            hasher.update(&[section as u8 + 1]);
+            let mut hashed = span.start;
+            for bp in raw.iter().filter(|bp| bp.section == section) {
+                if !span.seen || bp.end < hashed || bp.end > span.end {
+                    continue;
+                }
+                hasher.update(&self.b[hashed..bp.end]);
+                hashed = bp.end;
+                let units = before_units + (bp.at.0 - span.at_start.0);
+                let fixed = before_fixed + (bp.at.1 - span.at_start.1);
+                let tool_prompt = if before_tool || section == Section::Tools {
+                    TOOL_PROMPT_TOKENS
+                } else {
+                    0
+                };
+                out.push(CacheBreakpoint {
+                    prefix: hasher.digest128(),
+                    tokens: units
+                        .div_ceil(TEXT_BYTES_PER_TOKEN)
+                        .saturating_add(fixed)
+                        .saturating_add(tool_prompt),
+                    ttl: bp.ttl,
+                });
+            }
+            if span.seen {
+                if out.len() == raw.len() {
+                    break;
+                }
+                hasher.update(&self.b[hashed..span.end]);
+                before_units += span.at_end.0 - span.at_start.0;
+                before_fixed += span.at_end.1 - span.at_start.1;
+                before_tool |= section == Section::Tools && self.saw_tool;
+            }
+            before = hasher;
+        }
+        out
     }
 
     /// Decodes the string token `b[start..end]` (quotes included).
@@ -671,6 +867,8 @@ impl<'a> Scanner<'a> {
         // turns out to be a base64 source.
         let mut data: Option<(u64, usize)> = None;
         let mut source: Option<Source> = None;
+        // A `cache_control` object member of a tool or block: `Some(ttl)`.
+        let mut cache_ttl: Option<CacheTtl> = None;
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
@@ -715,6 +913,18 @@ impl<'a> Scanner<'a> {
                 b"source" => {
                     source = self.value(count, Role::Plain, Role::Plain, depth)?;
                 }
+                b"cache_control"
+                    if self.peek() == Some(b'{')
+                        && matches!(role, Role::Block | Role::Tool)
+                        && self.section.is_some() =>
+                {
+                    let start = self.i;
+                    let src = self.value(count, Role::Plain, Role::Plain, depth)?;
+                    if count {
+                        self.charge(src, Tag::Other);
+                    }
+                    cache_ttl = Some(ttl_of(&self.b[start..self.i]));
+                }
                 b"content" => {
                     let src = self.value(count, Role::Plain, Role::Block, depth)?;
                     if count {
@@ -753,7 +963,28 @@ impl<'a> Scanner<'a> {
             }
         }
         self.charge(source, tag);
+        if let (Some(ttl), Some(section)) = (cache_ttl, self.section) {
+            if self.breakpoints.len() < MAX_BREAKPOINTS {
+                self.breakpoints.push(RawBreakpoint {
+                    section,
+                    end: self.i,
+                    at: (self.text_units, self.fixed_tokens),
+                    ttl,
+                });
+            }
+        }
         Ok(this)
+    }
+}
+
+/// The TTL of a `cache_control` object given as its raw bytes: one hour when it has a `ttl`
+/// member of `"1h"`, else five minutes.
+fn ttl_of(raw: &[u8]) -> CacheTtl {
+    let has = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    if has(b"\"ttl\"") && has(b"\"1h\"") {
+        CacheTtl::OneHour
+    } else {
+        CacheTtl::FiveMinutes
     }
 }
 
@@ -1078,6 +1309,77 @@ mod tests {
         );
         // Field types are not checked by the rewrite.
         assert!(rewrite_model(br#"{"max_tokens":"x"}"#, "m").is_ok());
+    }
+
+    fn cached(text: &str, ttl: &str) -> String {
+        format!(r#"{{"type":"text","text":"{text}","cache_control":{{"type":"ephemeral"{ttl}}}}}"#)
+    }
+
+    #[test]
+    fn breakpoints_follow_the_cache_order_and_hash_the_prefix() {
+        let tools = r#"[{"name":"a","description":"tool a","input_schema":{"type":"object"}},{"name":"b","description":"tool b","input_schema":{"type":"object"},"cache_control":{"type":"ephemeral"}}]"#;
+        let system = format!("[{}]", cached(&"s".repeat(3_000), r#","ttl":"1h""#));
+        let doc = cached(&"d".repeat(6_000), "");
+        let body = |tail: &str, order: bool| {
+            let messages = format!(
+                r#"[{{"role":"user","content":[{doc},{{"type":"text","text":"{tail}"}}]}}]"#
+            );
+            if order {
+                format!(
+                    r#"{{"model":"m","tools":{tools},"system":{system},"messages":{messages}}}"#
+                )
+            } else {
+                format!(
+                    r#"{{"messages":{messages},"system":{system},"model":"m","tools":{tools}}}"#
+                )
+            }
+        };
+        let a = scan(&body("first question", true));
+        assert_eq!(a.cache_breakpoints.len(), 3);
+        let [t, s, m] = [0, 1, 2].map(|i| a.cache_breakpoints[i]);
+        assert_eq!(s.ttl, CacheTtl::OneHour);
+        assert_eq!(
+            (t.ttl, m.ttl),
+            (CacheTtl::FiveMinutes, CacheTtl::FiveMinutes)
+        );
+        // Each prefix contains the one before; the tool prompt belongs to the tools prefix.
+        assert!(t.tokens > TOOL_PROMPT_TOKENS + 2 * TOOL_TOKENS);
+        assert!(s.tokens >= t.tokens + 1_000 && s.tokens < t.tokens + 1_100);
+        assert!(m.tokens >= s.tokens + 2_000 && m.tokens < s.tokens + 2_100);
+        assert!(m.tokens < a.input_tokens);
+        // Another tail, and another member order: same prefixes.
+        let b = scan(&body("a different question", false));
+        assert_eq!(a.cache_breakpoints, b.cache_breakpoints);
+        // A changed tool changes every prefix after it.
+        let other = body("first question", true).replace("tool a", "tool A");
+        let c = scan(&other);
+        for (x, y) in a.cache_breakpoints.iter().zip(&c.cache_breakpoints) {
+            assert_ne!(x.prefix, y.prefix);
+        }
+        // Without cache_control nothing is recorded; a property named so in a schema is not
+        // a breakpoint.
+        let plain = r#"{"tools":[{"name":"t","input_schema":{"properties":{"cache_control":{"type":"string"}}}}],"messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(scan(plain).cache_breakpoints.is_empty());
+        assert!(
+            scan(&body("x", true).replace("cache_control", "cache_ctrl"))
+                .cache_breakpoints
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn breakpoints_are_bounded_and_duplicates_replace() {
+        let blocks: Vec<String> = (0..12).map(|i| cached(&format!("block {i}"), "")).collect();
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{}]}}]}}"#,
+            blocks.join(",")
+        );
+        assert_eq!(scan(&body).cache_breakpoints.len(), MAX_BREAKPOINTS);
+        let dup = format!(
+            r#"{{"system":[{}],"system":"plain","messages":[{{"role":"user","content":"hi"}}]}}"#,
+            cached("old", "")
+        );
+        assert!(scan(&dup).cache_breakpoints.is_empty());
     }
 
     #[test]

@@ -12,13 +12,16 @@ mod meta;
 mod models;
 mod usage;
 
-pub use error::{ApiError, ApiErrorKind};
+pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
     should_retry,
 };
 pub use key::KeyId;
-pub use meta::{MetaError, MetaErrorKind, RequestMeta, rewrite_model};
+pub use meta::{
+    CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS, MetaError, MetaErrorKind, RequestMeta,
+    rewrite_model,
+};
 pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
 pub use usage::{SseEvent, SseParser, StreamTracker, Usage};
 

@@ -73,6 +73,8 @@ struct CatalogInner {
     prefixes: Vec<(String, RateLimitGroup, Option<ModelFamily>)>,
     /// The fallback chain, best model first.
     chain: Vec<String>,
+    /// Groups whose `cache_read_input_tokens` count toward the input-tokens-per-minute limit.
+    cache_reads_count: Vec<RateLimitGroup>,
 }
 
 /// Exact ids of the default catalogue: (id, group, family).
@@ -162,6 +164,21 @@ const DEFAULT_PREFIXES: &[(&str, &str, ModelFamily)] = {
     ]
 };
 
+/// Groups whose cache reads count toward ITPM: the models marked with a dagger on Anthropic's
+/// rate-limits page ("Limits marked with † count `cache_read_input_tokens` towards ITPM
+/// usage"), i.e. the Claude 3 and 3.5 models; cache-aware ITPM started with Claude 3.7 Sonnet
+/// (Anthropic, "Token-saving updates on the Anthropic API", March 2025) and holds for every
+/// Claude 4.x model and Haiku 4.5. Checked on 2026-12-05 against a copy of the rate-limits page
+/// (hivebook.wiki/wiki/anthropic-api-rate-limits, "Cache-Aware ITPM"); when unsure a group is
+/// flagged, which only makes the estimate higher.
+const CACHE_READS_COUNT: &[&str] = &[
+    "claude-3-5-sonnet",
+    "claude-3-5-haiku",
+    "claude-3-opus",
+    "claude-3-sonnet",
+    "claude-3-haiku",
+];
+
 /// The default fallback chain: the best current (not deprecated) model of each family.
 const DEFAULT_CHAIN: [&str; 3] = ["claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"];
 
@@ -194,6 +211,10 @@ impl Default for ModelCatalog {
                 })
                 .collect();
             inner.chain = DEFAULT_CHAIN.iter().map(|&m| m.to_owned()).collect();
+            inner.cache_reads_count = CACHE_READS_COUNT
+                .iter()
+                .map(|&g| RateLimitGroup::new(g))
+                .collect();
         }
         catalog
     }
@@ -215,6 +236,7 @@ impl ModelCatalog {
                 models: Vec::new(),
                 prefixes: Vec::new(),
                 chain: Vec::new(),
+                cache_reads_count: Vec::new(),
             }),
         }
     }
@@ -294,6 +316,38 @@ impl ModelCatalog {
     /// The family of `model`, when known.
     pub fn family(&self, model: &str) -> Option<ModelFamily> {
         self.lookup(model).and_then(|(_, _, family)| *family)
+    }
+
+    /// Whether `model`'s `cache_read_input_tokens` count toward its input-tokens-per-minute
+    /// limit. False for current models (only `input_tokens + cache_creation_input_tokens`
+    /// count), true for the older models Anthropic's rate-limits page marks with a dagger: the
+    /// default catalogue flags the groups `claude-3-5-sonnet`, `claude-3-5-haiku`,
+    /// `claude-3-opus`, `claude-3-sonnet` and `claude-3-haiku`.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::ModelCatalog;
+    ///
+    /// let catalog = ModelCatalog::default();
+    /// assert!(!catalog.cache_reads_count("claude-sonnet-4-6"));
+    /// assert!(!catalog.cache_reads_count("claude-3-7-sonnet-20250219"));
+    /// assert!(catalog.cache_reads_count("claude-3-5-haiku-20241022"));
+    /// let custom = catalog.with_cache_reads_counted("claude-sonnet-4", true);
+    /// assert!(custom.cache_reads_count("claude-sonnet-4-6"));
+    /// ```
+    pub fn cache_reads_count(&self, model: &str) -> bool {
+        let group = self.group(model);
+        self.inner.cache_reads_count.contains(&group)
+    }
+
+    /// Sets whether cache reads count toward the input-tokens-per-minute limit of `group`.
+    pub fn with_cache_reads_counted(mut self, group: impl AsRef<str>, counted: bool) -> Self {
+        let group = RateLimitGroup::new(group);
+        let list = &mut Arc::make_mut(&mut self.inner).cache_reads_count;
+        list.retain(|g| *g != group);
+        if counted {
+            list.push(group);
+        }
+        self
     }
 
     /// The fallback chain, best model first.

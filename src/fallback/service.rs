@@ -119,7 +119,14 @@ where
             policy::candidates(&config.catalog, &requested, config.floor.as_deref())
         };
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        let cost = Cost::new(1, meta.input_tokens, config.output.reserve(meta.max_tokens));
+        // The cache-aware input estimate, as the rate limiter reserves it: a prompt-cache
+        // prefix this key sent to the requested model within its TTL does not count.
+        let input = config
+            .board
+            .prompt_cache()
+            .estimate(&key, &meta, config.catalog.cache_reads_count(&requested))
+            .counted_input_tokens();
+        let cost = Cost::new(1, input, config.output.reserve(meta.max_tokens));
 
         let mut walk = Walk::new(config, req, meta, requested, candidates, key, cost);
         let request = walk.first_request();

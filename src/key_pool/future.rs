@@ -23,7 +23,7 @@ use crate::anthropic::{
 use crate::quota::Cost;
 use crate::retry::RetrySooner;
 
-/// The most of a 429 body read to classify it (error envelopes are a few hundred bytes).
+/// The most of a 429 or 400 body read to classify it (error envelopes are a few hundred bytes).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// A request sent with a pool key, until its response is observed. Dropping it ends the
@@ -124,15 +124,20 @@ impl Sent {
         }
     }
 
-    /// Observes a 429 once the start of its body is read.
-    fn observe_429(&self, headers: &HeaderMap, body: &[u8]) {
-        let error = ApiError::from_response(StatusCode::TOO_MANY_REQUESTS, body);
+    /// Observes a 429 or 400 once the start of its body is read: a spend cap (any shape, see
+    /// [`ApiError::from_response`]) removes the key, a 429 rate limit cools it down. Returns
+    /// whether the key failed the request (another key may take it).
+    fn observe_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> bool {
+        let error = ApiError::from_response(status, body);
         if error.kind() == ApiErrorKind::SpendLimit {
             self.remove(RemovalReason::SpendCap);
-            return;
+            return true;
+        }
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            return false;
         }
         let Some(group) = &self.group else {
-            return;
+            return true;
         };
         let delay = cooldown(headers, self.config.default_cooldown).min(self.config.max_cooldown);
         let until = Instant::now() + delay;
@@ -143,6 +148,7 @@ impl Sent {
             cooldown_ms = delay.as_millis() as u64,
             "key pool: key cooling down after 429"
         );
+        true
     }
 }
 
@@ -193,7 +199,7 @@ enum State<F, B> {
         fut: F,
         sent: Option<Sent>,
     },
-    /// Reading the start of a 429 body.
+    /// Reading the start of a 429 or 400 body.
     Reading {
         parts: Option<http::response::Parts>,
         body: Option<Pin<Box<B>>>,
@@ -267,7 +273,12 @@ where
                     let response = result.map_err(Into::into)?;
                     sent.observe_head(response.status(), response.headers());
                     let chosen = ChosenKey::new(sent.pick.id.clone());
-                    if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                    // A 429 (rate limit or spend cap) and a 400 (which may be a spend cap in
+                    // another shape) are classified from the start of their body.
+                    if !matches!(
+                        response.status(),
+                        StatusCode::TOO_MANY_REQUESTS | StatusCode::BAD_REQUEST
+                    ) {
                         let key_failed = matches!(
                             response.status(),
                             StatusCode::UNAUTHORIZED
@@ -330,11 +341,11 @@ where
                         return Poll::Ready(Err(KeyPoolError::all_removed(0).into()));
                     };
                     if let Some(sent) = sent.take() {
-                        sent.observe_429(&parts.headers, &prefix);
+                        let key_failed = sent.observe_error(parts.status, &parts.headers, &prefix);
                         parts
                             .extensions
                             .insert(ChosenKey::new(sent.pick.id.clone()));
-                        if let Some(sooner) = sent.sooner() {
+                        if let Some(sooner) = key_failed.then(|| sent.sooner()).flatten() {
                             parts.extensions.insert(sooner);
                         }
                     }

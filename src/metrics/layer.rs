@@ -245,6 +245,19 @@ impl Shared {
                     alerts.observe(&status.key, &status.group, bucket, utilisation);
                 }
             }
+            // Prompt-cache tokens the rate limiter settled, per key and group (totals kept by
+            // the board, exported as absolute counter values).
+            for (key, group, usage) in board.prompt_cache().usages() {
+                let labels = [
+                    (names::LABEL_KEY, key.as_str().to_owned()),
+                    (names::LABEL_GROUP, group.as_str().to_owned()),
+                ];
+                metrics::counter!(names::PROMPT_CACHE_READ_TOKENS_TOTAL, &labels)
+                    .absolute(usage.read_tokens);
+                metrics::counter!(names::PROMPT_CACHE_WRITE_TOKENS_TOTAL, &labels)
+                    .absolute(usage.write_tokens);
+                metrics::gauge!(names::PROMPT_CACHE_HIT_RATIO, &labels).set(usage.hit_ratio());
+            }
         }
         if let Some(forecaster) = &self.forecaster {
             forecaster.export();

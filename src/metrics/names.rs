@@ -34,6 +34,13 @@ pub const REQUESTS_TOTAL: &str = "tower_claude_requests_total";
 pub const INPUT_TOKENS_TOTAL: &str = "tower_claude_input_tokens_total";
 /// Output tokens.
 pub const OUTPUT_TOKENS_TOTAL: &str = "tower_claude_output_tokens_total";
+/// Input tokens read from the prompt cache (`cache_read_input_tokens`), per key and group.
+pub const PROMPT_CACHE_READ_TOKENS_TOTAL: &str = "tower_claude_prompt_cache_read_tokens_total";
+/// Input tokens written to the prompt cache (`cache_creation_input_tokens`), per key and group.
+pub const PROMPT_CACHE_WRITE_TOKENS_TOTAL: &str = "tower_claude_prompt_cache_write_tokens_total";
+/// Share of input tokens served from the prompt cache since the board started, per key and
+/// group: `read / (read + write + uncached)`.
+pub const PROMPT_CACHE_HIT_RATIO: &str = "tower_claude_prompt_cache_hit_ratio";
 /// Retries made by the retry layer (attempts beyond the first), by reason.
 pub const RETRIES_TOTAL: &str = "tower_claude_retries_total";
 /// Requests served by another model than the one asked for.
@@ -217,6 +224,24 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Counter,
         labels: &[LABEL_MODEL, LABEL_GROUP],
         help: "Output tokens.",
+    },
+    MetricDef {
+        name: PROMPT_CACHE_READ_TOKENS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_KEY, LABEL_GROUP],
+        help: "Input tokens read from the prompt cache (cache_read_input_tokens).",
+    },
+    MetricDef {
+        name: PROMPT_CACHE_WRITE_TOKENS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_KEY, LABEL_GROUP],
+        help: "Input tokens written to the prompt cache (cache_creation_input_tokens).",
+    },
+    MetricDef {
+        name: PROMPT_CACHE_HIT_RATIO,
+        kind: MetricKind::Gauge,
+        labels: &[LABEL_KEY, LABEL_GROUP],
+        help: "Share of input tokens read from the prompt cache: read / (read + write + uncached).",
     },
     MetricDef {
         name: RETRIES_TOTAL,

@@ -341,6 +341,11 @@ fn status_page(state: &State) -> Response<ProxyBody> {
                 "remaining_fraction": (s.headroom.fraction * 1000.0).round() / 1000.0,
                 "queue_depth": s.queue_depth,
                 "in_flight": s.in_flight,
+                // Prompt-cache tokens per key and group (issue 17).
+                "prompt_cache": s.prompt_cache.map(|c| serde_json::json!({
+                    "read_tokens": c.read_tokens, "write_tokens": c.write_tokens,
+                    "uncached_tokens": c.uncached_tokens,
+                    "hit_ratio": (c.hit_ratio() * 1000.0).round() / 1000.0})),
             })
         })
         .collect();

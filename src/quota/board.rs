@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::error::{AcquireError, AcquireErrorKind};
 use super::local::{Check, Enqueued, Grant, LocalBackend, Origin, Outcome, WaitPoll};
+use super::prompt_cache::{DEFAULT_PREFIX_CAPACITY, PromptCacheMemory};
 use super::types::{Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 
@@ -71,6 +72,8 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Clone)]
 pub struct QuotaBoard {
     backend: Backend,
+    /// Prompt-cache prefixes and cache-token totals (see [`QuotaBoard::prompt_cache`]).
+    prompt_cache: PromptCacheMemory,
     /// The Redis store: the authority for limited `(key, group)`s; `backend` then mirrors its
     /// levels for the read views and runs the probes that learn unknown limits.
     #[cfg(feature = "redis")]
@@ -132,6 +135,7 @@ pub struct QuotaBoardBuilder {
     pub(super) default_limits: Option<Limits>,
     pub(super) idle_timeout: Duration,
     pub(super) local_share: f64,
+    pub(super) prompt_cache_capacity: u64,
 }
 
 impl QuotaBoardBuilder {
@@ -170,9 +174,17 @@ impl QuotaBoardBuilder {
         self
     }
 
+    /// How many prompt-cache prefixes the board remembers (20,000 by default, about 7 MB at
+    /// most; see [`PromptCacheMemory`]).
+    pub fn prompt_cache_capacity(mut self, prefixes: u64) -> Self {
+        self.prompt_cache_capacity = prefixes;
+        self
+    }
+
     /// Builds the board with the in-process backend.
     pub fn build(self) -> QuotaBoard {
-        QuotaBoard::from_local(Arc::new(self.local_backend()))
+        let capacity = self.prompt_cache_capacity;
+        QuotaBoard::from_local(Arc::new(self.local_backend())).with_prompt_cache_capacity(capacity)
     }
 
     pub(super) fn local_backend(self) -> LocalBackend {
@@ -195,9 +207,18 @@ impl QuotaBoard {
     pub(super) fn from_local(local: Arc<LocalBackend>) -> Self {
         Self {
             backend: Backend::Local(local),
+            prompt_cache: PromptCacheMemory::default(),
             #[cfg(feature = "redis")]
             shared: None,
         }
+    }
+
+    /// Replaces the prompt-cache memory with one of `capacity` prefixes (at build).
+    pub(super) fn with_prompt_cache_capacity(mut self, capacity: u64) -> Self {
+        if capacity != DEFAULT_PREFIX_CAPACITY {
+            self.prompt_cache = PromptCacheMemory::new(capacity);
+        }
+        self
     }
 
     /// The board read while the Redis store is unreachable (its local fallback).
@@ -214,6 +235,7 @@ impl QuotaBoard {
             default_limits: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             local_share: 1.0,
+            prompt_cache_capacity: DEFAULT_PREFIX_CAPACITY,
         }
     }
 
@@ -416,11 +438,23 @@ impl QuotaBoard {
         }
     }
 
-    /// Every `(key, group)` the board holds, sorted by key then group.
+    /// Every `(key, group)` the board holds, sorted by key then group, with its prompt-cache
+    /// token totals.
     pub fn statuses(&self) -> Vec<QuotaStatus> {
-        match &self.backend {
+        let mut statuses = match &self.backend {
             Backend::Local(b) => b.statuses(),
+        };
+        for s in &mut statuses {
+            s.prompt_cache = self.prompt_cache.usage(&s.key, &s.group);
         }
+        statuses
+    }
+
+    /// The prompt-cache memory: which prefixes each key sent to each model recently (for the
+    /// cache-aware input estimate) and the cache tokens per `(key, group)`. Every layer given
+    /// this board shares it.
+    pub fn prompt_cache(&self) -> &PromptCacheMemory {
+        &self.prompt_cache
     }
 
     /// The number of `(key, group)` entries held.

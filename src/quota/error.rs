@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::types::{Cost, Limits};
 use crate::anthropic::{KeyId, RateLimitGroup};
 
 /// Why a request could not be admitted.
@@ -45,6 +46,8 @@ pub struct AcquireError {
     key: KeyId,
     group: RateLimitGroup,
     available_in: Option<Duration>,
+    /// For a request too large: what it asked for and the limits it exceeds.
+    sizes: Option<(Cost, Limits)>,
 }
 
 impl AcquireError {
@@ -59,7 +62,21 @@ impl AcquireError {
             key,
             group,
             available_in,
+            sizes: None,
         }
+    }
+
+    /// Attaches the cost asked for and the limits of the buckets (shown by `Display`).
+    pub(crate) fn with_sizes(mut self, cost: Cost, limits: Limits) -> Self {
+        self.sizes = Some((cost, limits));
+        self
+    }
+
+    /// For a [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge) refused by a rate
+    /// limiter: the cost the request asked for (its cache-aware input estimate, see
+    /// [`PromptCacheMemory`](super::PromptCacheMemory)) and the per-minute limits it exceeds.
+    pub fn sizes(&self) -> Option<(Cost, Limits)> {
+        self.sizes
     }
 
     /// The kind of error.
@@ -100,11 +117,21 @@ impl fmt::Display for AcquireError {
                 }
                 Ok(())
             }
-            AcquireErrorKind::RequestTooLarge => write!(
-                f,
-                "request exceeds the per-minute capacity of key {} group {}",
-                self.key, self.group
-            ),
+            AcquireErrorKind::RequestTooLarge => {
+                write!(
+                    f,
+                    "request exceeds the per-minute capacity of key {} group {}",
+                    self.key, self.group
+                )?;
+                if let Some((cost, limits)) = self.sizes {
+                    write!(
+                        f,
+                        ": {} input tokens counted (limit {}), {} requests (limit {})",
+                        cost.input_tokens, limits.itpm, cost.requests, limits.rpm
+                    )?;
+                }
+                Ok(())
+            }
             AcquireErrorKind::BackendUnavailable => write!(
                 f,
                 "the shared quota store is unreachable (fail closed) for key {} group {}",

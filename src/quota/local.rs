@@ -857,6 +857,8 @@ impl LocalBackend {
                 last_snapshot: e
                     .snapshot
                     .map(|(s, at)| (s, now.saturating_duration_since(at))),
+                // Filled in by `QuotaBoard::statuses` (issue 17).
+                prompt_cache: None,
             })
             .collect();
         out.sort_by(|a, b| (&a.key, &a.group).cmp(&(&b.key, &b.group)));

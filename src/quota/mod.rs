@@ -42,6 +42,7 @@ mod board;
 mod bucket;
 mod error;
 mod local;
+pub(crate) mod prompt_cache;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -55,4 +56,7 @@ pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisS
 pub use board::{Acquire, QuotaBoard, QuotaBoardBuilder, Reservation};
 pub use bucket::{TakeError, TokenBucket};
 pub use error::{AcquireError, AcquireErrorKind};
+pub use prompt_cache::{
+    DEFAULT_PREFIX_CAPACITY, PromptCacheEstimate, PromptCacheMemory, PromptCacheUsage,
+};
 pub use types::{BucketHeadroom, Cost, Headroom, Limits, OutputReservation, QuotaStatus};

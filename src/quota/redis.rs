@@ -1125,8 +1125,10 @@ impl QuotaBoardBuilder {
             default_limits: self.default_limits.map(scale),
             idle_timeout: self.idle_timeout,
             local_share: self.local_share * share,
+            prompt_cache_capacity: self.prompt_cache_capacity,
         }
         .build();
+        let prompt_cache_capacity = self.prompt_cache_capacity;
         let mirror = Arc::new(self.local_backend().mirroring());
         let conn = connect(&client, &options).await;
         let connected = conn.is_some();
@@ -1149,7 +1151,8 @@ impl QuotaBoardBuilder {
         if !connected {
             shared.mark_down(&StoreError::NotConnected);
         }
-        let mut board = QuotaBoard::from_local(mirror);
+        let mut board =
+            QuotaBoard::from_local(mirror).with_prompt_cache_capacity(prompt_cache_capacity);
         board.shared = Some(shared);
         Ok(board)
     }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::prompt_cache::PromptCacheUsage;
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 
 /// The cost of one request in the three buckets Anthropic limits: requests, input tokens and
@@ -167,4 +168,7 @@ pub struct QuotaStatus {
     pub in_flight: usize,
     /// The last `anthropic-ratelimit-*` snapshot observed, and how long ago.
     pub last_snapshot: Option<(RateLimitSnapshot, Duration)>,
+    /// Prompt-cache tokens (read, written, uncached) reported by the server for this
+    /// `(key, group)`, when any response was settled by a rate limiter of this board.
+    pub prompt_cache: Option<PromptCacheUsage>,
 }

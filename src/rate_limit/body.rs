@@ -8,7 +8,56 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
 use crate::anthropic::{StreamTracker, Usage};
-use crate::quota::{Cost, Reservation};
+use crate::quota::{Cost, PromptCacheEstimate, PromptCacheMemory, Reservation};
+
+/// What a request's settlement does with the prompt cache: counts cache reads toward the
+/// limit for the models where they count, adds the cache tokens to the board's totals and,
+/// when the server used its cache, remembers the request's prefixes.
+#[derive(Debug, Clone)]
+pub(crate) struct PromptNote {
+    pub(crate) memory: PromptCacheMemory,
+    pub(crate) estimate: Option<PromptCacheEstimate>,
+    /// The model counts `cache_read_input_tokens` toward its input limit.
+    pub(crate) reads_count: bool,
+}
+
+impl PromptNote {
+    /// The input tokens that count for `usage`.
+    fn counted(&self, usage: &Usage) -> u64 {
+        let counted = usage.counted_input_tokens();
+        if self.reads_count {
+            counted.saturating_add(usage.cache_read_input_tokens)
+        } else {
+            counted
+        }
+    }
+
+    fn after(&self, reservation: &Reservation, usage: &Usage) {
+        let expected = self
+            .estimate
+            .as_ref()
+            .map_or(0, PromptCacheEstimate::expected_read_tokens);
+        self.memory
+            .record_usage(reservation.key(), reservation.group(), usage, expected);
+        if let Some(estimate) = &self.estimate {
+            // The server cached (or read) the prefixes: remember them for their TTL. Prefixes
+            // below the model's minimum cacheable length show no cache tokens and are not
+            // remembered.
+            if usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0 {
+                self.memory.remember(estimate);
+            }
+            if expected > usage.cache_read_input_tokens {
+                tracing::debug!(
+                    key = %reservation.key(),
+                    group = %reservation.group(),
+                    expected_read = expected,
+                    read = usage.cache_read_input_tokens,
+                    "prompt cache: fewer tokens read than expected (settled from the usage)"
+                );
+            }
+        }
+    }
+}
 
 /// The largest JSON response copied to read its `usage` (beyond, the reservation is kept).
 const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
@@ -21,7 +70,10 @@ const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 /// * SSE: a [`StreamTracker`] follows `message_start` / `message_delta`.
 ///
 /// When the body ends, the reservation is settled once with the real cost (1 request,
-/// `input_tokens + cache_creation_input_tokens`, `output_tokens`). A body dropped early
+/// `input_tokens + cache_creation_input_tokens`, plus `cache_read_input_tokens` for the models
+/// whose cache reads count, `output_tokens`); the cache tokens go to the board's
+/// [`PromptCacheMemory`] totals, and the request's prompt-cache prefixes are remembered when
+/// the server used its cache. A body dropped early
 /// settles with what was seen (a stream: the usage so far, with the reserved input when
 /// `message_start` was not seen; a JSON body: the reservation is kept as reserved).
 #[pin_project]
@@ -47,7 +99,12 @@ impl<B> RateLimitBody<B> {
         }
     }
 
-    pub(crate) fn tracking(inner: B, reservation: Reservation, sse: bool) -> Self {
+    pub(crate) fn tracking(
+        inner: B,
+        reservation: Reservation,
+        sse: bool,
+        note: Option<PromptNote>,
+    ) -> Self {
         let mode = if sse {
             Mode::Sse(Box::default())
         } else {
@@ -58,6 +115,7 @@ impl<B> RateLimitBody<B> {
             settler: Some(Settler {
                 reservation: Some(reservation),
                 mode,
+                note,
             }),
         }
     }
@@ -84,6 +142,7 @@ enum Mode {
 struct Settler {
     reservation: Option<Reservation>,
     mode: Mode,
+    note: Option<PromptNote>,
 }
 
 impl Settler {
@@ -107,11 +166,19 @@ impl Settler {
             return;
         };
         let reserved = reservation.charged();
+        let note = self.note.take();
+        let counted = |u: &Usage| match &note {
+            Some(n) => n.counted(u),
+            None => u.counted_input_tokens(),
+        };
         match &mut self.mode {
             // A JSON document that parses is complete, whether or not the end was polled.
             Mode::Json(buf) => match Usage::from_json(buf) {
                 Some(u) => {
-                    reservation.settle(Cost::new(1, u.counted_input_tokens(), u.output_tokens))
+                    if let Some(n) = &note {
+                        n.after(&reservation, &u);
+                    }
+                    reservation.settle(Cost::new(1, counted(&u), u.output_tokens))
                 }
                 // Answered, real cost unknown: keep the reservation.
                 None => reservation.keep(),
@@ -125,7 +192,10 @@ impl Settler {
                 let input = if u == Usage::default() {
                     reserved.input_tokens
                 } else {
-                    u.counted_input_tokens()
+                    if let Some(n) = &note {
+                        n.after(&reservation, &u);
+                    }
+                    counted(&u)
                 };
                 reservation.settle(Cost::new(1, input, u.output_tokens));
             }

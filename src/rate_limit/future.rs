@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::QueueWait;
-use super::body::RateLimitBody;
+use super::body::{PromptNote, RateLimitBody};
 use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
@@ -40,6 +40,7 @@ enum State<S, F> {
         wait: Duration,
         stream: bool,
         config: Arc<Config>,
+        note: Option<Box<PromptNote>>,
     },
     Passthrough {
         #[pin]
@@ -58,6 +59,7 @@ struct Waiting<S> {
     started: Instant,
     stream: bool,
     config: Arc<Config>,
+    note: Option<Box<PromptNote>>,
 }
 
 impl<S> Drop for Waiting<S> {
@@ -103,6 +105,7 @@ impl<S, F> ResponseFuture<S, F> {
         wait: Duration,
         stream: bool,
         config: Arc<Config>,
+        note: Option<Box<PromptNote>>,
     ) -> Self {
         Self {
             state: State::Calling {
@@ -111,6 +114,7 @@ impl<S, F> ResponseFuture<S, F> {
                 wait,
                 stream,
                 config,
+                note,
             },
         }
     }
@@ -121,6 +125,7 @@ impl<S, F> ResponseFuture<S, F> {
         request: Request<RequestBody>,
         stream: bool,
         config: Arc<Config>,
+        note: Option<Box<PromptNote>>,
     ) -> Self {
         Self {
             state: State::Waiting(Box::new(Waiting {
@@ -131,6 +136,7 @@ impl<S, F> ResponseFuture<S, F> {
                 started: Instant::now(),
                 stream,
                 config,
+                note,
             })),
         }
     }
@@ -157,6 +163,7 @@ where
                         started,
                         stream,
                         config,
+                        note,
                     } = &mut **waiting;
                     if reservation.is_none() {
                         match ready!(Pin::new(acquire).poll(cx)) {
@@ -189,6 +196,7 @@ where
                         wait: started.elapsed(),
                         stream: *stream,
                         config: config.clone(),
+                        note: note.take(),
                     }
                 }
                 StateProj::Calling {
@@ -197,6 +205,7 @@ where
                     wait,
                     stream,
                     config,
+                    note,
                 } => {
                     return match ready!(fut.poll(cx)) {
                         Err(e) => {
@@ -212,6 +221,7 @@ where
                             *wait,
                             *stream,
                             config,
+                            note.take(),
                         ))),
                     };
                 }
@@ -239,6 +249,7 @@ fn on_response<B>(
     wait: Duration,
     stream: bool,
     config: &Config,
+    note: Option<Box<PromptNote>>,
 ) -> Response<RateLimitBody<B>> {
     let (mut parts, body) = resp.into_parts();
     parts.extensions.insert(QueueWait(wait));
@@ -267,5 +278,8 @@ fn on_response<B>(
         Some(ct) => ct.trim_start().starts_with("text/event-stream"),
         None => stream,
     };
-    Response::from_parts(parts, RateLimitBody::tracking(body, reservation, sse))
+    Response::from_parts(
+        parts,
+        RateLimitBody::tracking(body, reservation, sse, note.map(|n| *n)),
+    )
 }

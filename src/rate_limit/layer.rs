@@ -44,6 +44,7 @@ pub struct RateLimitLayer {
     max_wait: Option<Duration>,
     limits: Vec<(RateLimitGroup, Limits)>,
     default_limits: Option<Limits>,
+    cache_aware: bool,
 }
 
 impl Default for RateLimitLayer {
@@ -63,6 +64,7 @@ impl RateLimitLayer {
             max_wait: None,
             limits: Vec::new(),
             default_limits: None,
+            cache_aware: true,
         }
     }
 
@@ -116,6 +118,25 @@ impl RateLimitLayer {
         self
     }
 
+    /// Whether a request reserves its cache-aware input estimate (`true`, the default): a
+    /// prefix up to a `cache_control` breakpoint that the same key sent to the same model
+    /// within its TTL is expected to be read from the prompt cache, and cache reads do not
+    /// count toward the input-tokens-per-minute limit of current models
+    /// ([`ModelCatalog::cache_reads_count`]). The board's
+    /// [`PromptCacheMemory`](crate::quota::PromptCacheMemory) remembers the prefixes. With
+    /// `false`, the whole prompt is reserved (settlement corrects either way).
+    ///
+    /// ```
+    /// use tower_claude::rate_limit::RateLimitLayer;
+    ///
+    /// let layer = RateLimitLayer::new().cache_aware(false);
+    /// # drop(layer);
+    /// ```
+    pub fn cache_aware(mut self, on: bool) -> Self {
+        self.cache_aware = on;
+        self
+    }
+
     /// The board this layer writes to.
     pub fn quota_board(&self) -> &QuotaBoard {
         &self.board
@@ -133,6 +154,7 @@ impl<S> Layer<S> for RateLimitLayer {
                 catalog: self.catalog.clone(),
                 output: self.output,
                 max_wait: self.max_wait,
+                cache_aware: self.cache_aware,
             }),
         )
     }

@@ -2,7 +2,9 @@
 //!
 //! Each `POST /v1/messages` request is admitted only when the `(key, rate-limit group)`
 //! buckets of a [`QuotaBoard`](crate::quota::QuotaBoard) hold its cost: 1 request, its
-//! estimated input tokens, and an output reservation
+//! estimated input tokens that count toward the limit (cache-aware: a prompt-cache prefix the
+//! same key sent to the same model within its TTL is left out, see
+//! [`RateLimitLayer::cache_aware`]), and an output reservation
 //! ([`OutputReservation`](crate::quota::OutputReservation): `max_tokens` by default). Requests
 //! that do not fit wait in the response future, FIFO per `(key, group)`; a cancelled wait
 //! takes nothing.
@@ -21,8 +23,9 @@
 //! Failures are [`AcquireError`]s in the [`BoxError`](crate::BoxError):
 //! [`QueueTimeout`](AcquireErrorKind::QueueTimeout) after [`RateLimitLayer::max_wait`],
 //! carrying when capacity should return, and
-//! [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge) when a request costs more input
-//! tokens than the per-minute limit (the output reservation is clamped to the output limit).
+//! [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge) when a request's counted input
+//! tokens exceed the per-minute limit (the output reservation is clamped to the output limit),
+//! carrying the numbers ([`AcquireError::sizes`]).
 //!
 //! ```
 //! use std::time::Duration;

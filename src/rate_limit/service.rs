@@ -10,12 +10,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::body::RateLimitBody;
+use super::body::{PromptNote, RateLimitBody};
 use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Cost, OutputReservation, QuotaBoard};
+use crate::quota::{AcquireErrorKind, Cost, Limits, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
 
 #[derive(Debug)]
@@ -24,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) catalog: ModelCatalog,
     pub(crate) output: OutputReservation,
     pub(crate) max_wait: Option<Duration>,
+    /// Reserve the cache-aware input estimate (see `RateLimitLayer::cache_aware`).
+    pub(crate) cache_aware: bool,
 }
 
 /// Holds Messages API requests until their cost fits the quota; see
@@ -81,14 +83,9 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, max_tokens, stream, input_tokens) = match RequestMeta::get_or_scan(&mut req) {
+        let (model, max_tokens, stream) = match RequestMeta::get_or_scan(&mut req) {
             Ok(meta) => match &meta.model {
-                Some(model) => (
-                    model.clone(),
-                    meta.max_tokens,
-                    meta.stream,
-                    meta.input_tokens,
-                ),
+                Some(model) => (model.clone(), meta.max_tokens, meta.stream),
                 None => return ResponseFuture::passthrough(self.inner.call(req)),
             },
             // Unreadable body: upstream answers 400, untouched.
@@ -97,19 +94,61 @@ where
         let config = &self.config;
         let group = config.catalog.group(&model);
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
+        // The input that counts: the estimate minus the prompt-cache prefix this key sent to
+        // this model within its TTL (for the models whose cache reads do not count).
+        let reads_count = config.catalog.cache_reads_count(&model);
+        let memory = config.board.prompt_cache();
+        let (input_tokens, estimate) = match req.extensions().get::<RequestMeta>() {
+            Some(meta) if config.cache_aware && !meta.cache_breakpoints.is_empty() => {
+                let estimate = memory.estimate(&key, meta, reads_count);
+                (estimate.counted_input_tokens(), Some(estimate))
+            }
+            Some(meta) => (meta.input_tokens, None),
+            None => (0, None),
+        };
+        let note = Some(Box::new(PromptNote {
+            memory: memory.clone(),
+            estimate,
+            reads_count,
+        }));
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
                 let reservation = config.board.reservation(key, group, cost, grant);
                 let fut = self.inner.call(req);
-                ResponseFuture::called(fut, reservation, Duration::ZERO, stream, config.clone())
+                ResponseFuture::called(
+                    fut,
+                    reservation,
+                    Duration::ZERO,
+                    stream,
+                    config.clone(),
+                    note,
+                )
             }
             Err(check) => {
-                let err = config.board.check_error(&key, &group, check);
-                if err.kind() == AcquireErrorKind::RequestTooLarge
-                    || config.max_wait == Some(Duration::ZERO)
-                {
+                let mut err = config.board.check_error(&key, &group, check);
+                if err.kind() == AcquireErrorKind::RequestTooLarge {
+                    if let Some(h) = config.board.headroom(&key, &group) {
+                        let limit = |b: Option<crate::quota::BucketHeadroom>| {
+                            b.map_or(u64::MAX, |b| b.limit)
+                        };
+                        let limits = Limits::new(
+                            limit(h.requests),
+                            limit(h.input_tokens),
+                            limit(h.output_tokens),
+                        );
+                        err = err.with_sizes(cost, limits);
+                    }
+                    tracing::warn!(
+                        key = %key,
+                        group = %group,
+                        input_tokens = cost.input_tokens,
+                        "rate limit: request larger than the per-minute limit; refused"
+                    );
+                    return ResponseFuture::failed(err);
+                }
+                if config.max_wait == Some(Duration::ZERO) {
                     return ResponseFuture::failed(err);
                 }
                 // Give up at the earlier of the layer's `max_wait` and the request's deadline
@@ -125,7 +164,7 @@ where
                 // The ready service goes with the request; `self` keeps a fresh clone.
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(acquire, service, req, stream, config.clone())
+                ResponseFuture::waiting(acquire, service, req, stream, config.clone(), note)
             }
         }
     }

@@ -45,10 +45,11 @@ pub(crate) fn status_verdict(status: StatusCode, headers: &HeaderMap) -> StatusV
     }
 }
 
-/// Whether the body of a response with `status` must be read to classify it: every 429 (it
-/// may be the spend cap, which `x-should-retry` does not override).
+/// Whether the body of a response with `status` must be read to classify it: every 429 and
+/// 400 (either may be a spend cap, which `x-should-retry` does not override; see
+/// [`ApiError::from_response`]).
 pub(crate) fn needs_body(status: StatusCode) -> bool {
-    status == StatusCode::TOO_MANY_REQUESTS
+    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::BAD_REQUEST
 }
 
 /// Whether an error is the monthly spend cap.

@@ -32,6 +32,12 @@ pub enum Fault {
     },
     /// 429 with `error.details.error_code = "enforced_spend_limit_reached"`, no `retry-after`.
     SpendCap,
+    /// A spend cap in another shape seen in the wild: a 429 `rate_limit_error` without an error
+    /// code whose message says the request "would exceed your account's monthly spend limit".
+    SpendCapMessage,
+    /// A spend cap in another shape seen in the wild: a 400 `invalid_request_error` saying
+    /// "You have reached your specified API usage limits".
+    UsageLimitReached,
     /// A streaming request is admitted (and charged) and fails after its first content delta
     /// with `event: error` (`overloaded_error`); a non-streaming request gets a 529. If the
     /// rate limits reject the request, it gets its 429 and the fault is used up.

@@ -18,15 +18,24 @@
 //!   32 MB is 413 `request_too_large`.
 //! - **Tokens charged.** Input tokens are the crate's own estimate,
 //!   [`RequestMeta::input_tokens`](crate::anthropic::RequestMeta::input_tokens) (also reported
-//!   in `usage.input_tokens` and by `count_tokens`), so tests can predict them exactly. Output
-//!   tokens are `min(max_tokens, output_tokens)` (see [`MockClaudeBuilder::output_tokens`]).
+//!   by `count_tokens`), so tests can predict them exactly. Output tokens are
+//!   `min(max_tokens, output_tokens)` (see [`MockClaudeBuilder::output_tokens`]).
+//! - **Prompt caching.** Per (API key, model), the prefix up to each `cache_control`
+//!   breakpoint ([`RequestMeta::cache_breakpoints`](crate::anthropic::RequestMeta::cache_breakpoints),
+//!   1,024 estimated tokens at least) is cached for 5 minutes, or 1 hour with `"ttl":"1h"`,
+//!   refreshed on every use. The longest cached prefix is reported as
+//!   `cache_read_input_tokens`, the rest up to the last breakpoint as
+//!   `cache_creation_input_tokens`, what follows as `input_tokens` (JSON and SSE usage). Like
+//!   the API, only `input_tokens + cache_creation_input_tokens` count toward the input limit,
+//!   plus the cache reads for the models whose reads count
+//!   ([`ModelCatalog::cache_reads_count`](crate::anthropic::ModelCatalog::cache_reads_count)).
 //! - **Rate limits.** Continuous token buckets per (API key, rate-limit group of the model in
 //!   [`ModelCatalog`](crate::anthropic::ModelCatalog)) for requests, input and output tokens
 //!   per minute ([`MockLimits`]). Output is reserved from `max_tokens` at admission (capped at
 //!   the output limit) and the unused part is refunded when the answer ends. A request that
 //!   does not fit gets 429 `rate_limit_error` with `retry-after` (whole seconds, rounded up:
 //!   waiting that long is always enough) and takes nothing from any bucket. A request larger
-//!   than a whole bucket (an input estimate above the input limit) can never be admitted: it
+//!   than a whole bucket (counted input above the input limit) can never be admitted: it
 //!   gets 429 with `retry-after: 60`. Every Messages
 //!   response that passed validation carries `anthropic-ratelimit-{requests,tokens,
 //!   input-tokens,output-tokens}-{limit,remaining,reset}` (token counts rounded down to

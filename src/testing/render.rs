@@ -72,6 +72,8 @@ pub(crate) struct Answer<'a> {
     pub(crate) input_tokens: u64,
     pub(crate) output_tokens: u64,
     pub(crate) stop_reason: &'static str,
+    /// `cache_creation_input_tokens` and `cache_read_input_tokens`.
+    pub(crate) cache: (u64, u64),
 }
 
 /// `usage`, with the fields in the real API's order.
@@ -83,11 +85,11 @@ struct UsageJson {
     output_tokens: u64,
 }
 
-fn usage(input: u64, output: u64) -> UsageJson {
+fn usage(answer: &Answer<'_>, output: u64) -> UsageJson {
     UsageJson {
-        input_tokens: input,
-        cache_creation_input_tokens: 0,
-        cache_read_input_tokens: 0,
+        input_tokens: answer.input_tokens,
+        cache_creation_input_tokens: answer.cache.0,
+        cache_read_input_tokens: answer.cache.1,
         output_tokens: output,
     }
 }
@@ -128,7 +130,7 @@ pub(crate) fn message_json(answer: &Answer<'_>, text: &str) -> Bytes {
         content: vec![TextBlock { kind: "text", text }],
         stop_reason: Some(answer.stop_reason),
         stop_sequence: None,
-        usage: usage(answer.input_tokens, answer.output_tokens),
+        usage: usage(answer, answer.output_tokens),
     }))
 }
 
@@ -146,7 +148,7 @@ pub(crate) fn sse_message_start(answer: &Answer<'_>) -> Bytes {
         content: Vec::new(),
         stop_reason: None,
         stop_sequence: None,
-        usage: usage(answer.input_tokens, answer.output_tokens.min(1)),
+        usage: usage(answer, answer.output_tokens.min(1)),
     });
     event(
         "message_start",
@@ -184,7 +186,7 @@ pub(crate) fn sse_content_block_stop() -> Bytes {
 
 /// `message_delta` with the stop reason and the cumulative usage.
 pub(crate) fn sse_message_delta(answer: &Answer<'_>) -> Bytes {
-    let usage = to_json(&usage(answer.input_tokens, answer.output_tokens));
+    let usage = to_json(&usage(answer, answer.output_tokens));
     let stop_reason = answer.stop_reason;
     event(
         "message_delta",
@@ -241,6 +243,7 @@ mod tests {
             input_tokens: 3,
             output_tokens: 4,
             stop_reason: "end_turn",
+            cache: (0, 0),
         };
         let start = sse_message_start(&answer);
         assert!(start.starts_with(b"event: message_start\ndata: {\"type\":\"message_start\""));

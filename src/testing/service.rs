@@ -21,7 +21,10 @@ use super::render::{self, Answer};
 use super::state::{Flight, Shared};
 use super::{Fault, MockClaudeBuilder, MockStats};
 use crate::BoxError;
-use crate::anthropic::{ApiError, ApiErrorKind, KeyId, RateLimitGroup, RequestMeta, header_names};
+use crate::anthropic::{
+    ApiError, ApiErrorKind, CacheBreakpoint, KeyId, RateLimitGroup, RequestMeta, header_names,
+};
+use crate::quota::prompt_cache::{MIN_CACHEABLE_TOKENS, prefix_id};
 
 /// An in-process Anthropic Messages API simulator; see the [module docs](super).
 ///
@@ -126,6 +129,66 @@ struct Parsed {
     max_tokens: u64,
     stream: bool,
     input_tokens: u64,
+    cache_breakpoints: Vec<CacheBreakpoint>,
+}
+
+/// How the simulated prompt cache splits a request's input.
+#[derive(Clone, Copy, Default)]
+struct CacheSplit {
+    /// After the last breakpoint (`usage.input_tokens`).
+    uncached: u64,
+    /// `cache_creation_input_tokens`.
+    write: u64,
+    /// `cache_read_input_tokens`.
+    read: u64,
+    /// What counts toward the input limit.
+    counted: u64,
+}
+
+/// The most prefixes the simulated prompt cache holds before expired ones are dropped.
+const PROMPT_CACHE_SWEEP: usize = 100_000;
+
+/// Splits `parsed`'s input like the API's prompt cache: the longest prefix (up to a
+/// `cache_control` breakpoint) cached for this key and model within its TTL is read, the rest
+/// up to the last breakpoint is written, what follows is uncached. Prefixes shorter than the
+/// minimum cacheable length (1,024 tokens here) are not cached. Returns the prefix ids to
+/// cache (or refresh) with their TTLs when the request is admitted.
+fn cache_split(
+    inner: &super::state::Inner,
+    key: &KeyId,
+    parsed: &Parsed,
+    reads_count: bool,
+    now: Instant,
+) -> (CacheSplit, Vec<(u128, Duration)>) {
+    let mut last = 0;
+    let mut read = 0;
+    let mut marks = Vec::new();
+    for bp in &parsed.cache_breakpoints {
+        if bp.tokens < MIN_CACHEABLE_TOKENS {
+            continue;
+        }
+        let id = prefix_id(key, &parsed.model, bp);
+        if inner.prompt_cache.get(&id).is_some_and(|&t| t > now) {
+            read = read.max(bp.tokens);
+        }
+        last = last.max(bp.tokens);
+        marks.push((id, bp.ttl.duration()));
+    }
+    let total = parsed.input_tokens;
+    let last = last.min(total);
+    let read = read.min(last);
+    let write = last - read;
+    let uncached = total - last;
+    let counted = uncached + write + if reads_count { read } else { 0 };
+    (
+        CacheSplit {
+            uncached,
+            write,
+            read,
+            counted,
+        },
+        marks,
+    )
 }
 
 /// A response under construction: the request id and counting are added by `finish`.
@@ -334,6 +397,7 @@ fn validate(bytes: &[u8], endpoint: Endpoint) -> Result<Parsed, String> {
         max_tokens,
         stream,
         input_tokens: meta.input_tokens,
+        cache_breakpoints: meta.cache_breakpoints,
     })
 }
 
@@ -344,6 +408,7 @@ enum Decision {
         flight: Flight,
         output_tokens: u64,
         midstream_error: bool,
+        cache: CacheSplit,
     },
 }
 
@@ -413,6 +478,16 @@ async fn messages(shared: &Arc<Shared>, seq: u64, key: KeyId, parsed: Parsed) ->
                 ))
             }
             Some(Fault::SpendCap) => Some(Reply::error(&spend_cap())),
+            Some(Fault::SpendCapMessage) => Some(Reply::error(&ApiError::new(
+                ApiErrorKind::RateLimit,
+                "This request would exceed your account's monthly spend limit. Raise the limit \
+                 in the Console to continue.",
+            ))),
+            Some(Fault::UsageLimitReached) => Some(Reply::error(&ApiError::new(
+                ApiErrorKind::InvalidRequest,
+                "You have reached your specified API usage limits. You will regain access on \
+                 the first of next month.",
+            ))),
             Some(Fault::Status(code)) => {
                 let status = StatusCode::from_u16(code)
                     .ok()
@@ -464,13 +539,14 @@ async fn messages(shared: &Arc<Shared>, seq: u64, key: KeyId, parsed: Parsed) ->
             flight,
             output_tokens,
             midstream_error,
+            cache,
         } => {
             answer(
                 shared,
                 seq,
                 &parsed,
                 flight,
-                output_tokens,
+                (output_tokens, cache),
                 midstream_error,
                 now,
             )
@@ -499,11 +575,13 @@ fn admit(
     // Output is reserved from `max_tokens`, capped at the bucket's capacity so that a large
     // `max_tokens` (common) can still be admitted.
     let reserve = parsed.max_tokens.min(limits.otpm);
+    let reads_count = shared.config.catalog.cache_reads_count(&parsed.model);
+    let (cache, marks) = cache_split(inner, key, parsed, reads_count, now);
     let buckets = inner.buckets(key, group, limits, now);
     let checks = [
         (buckets.requests.time_until(1, now), limits.rpm, "requests"),
         (
-            buckets.input.time_until(parsed.input_tokens, now),
+            buckets.input.time_until(cache.counted, now),
             limits.itpm,
             "input tokens",
         ),
@@ -561,22 +639,39 @@ fn admit(
     }
     // Every bucket was just checked to hold enough at `now`.
     buckets.requests.force_take(1, now);
-    buckets.input.force_take(parsed.input_tokens, now);
+    buckets.input.force_take(cache.counted, now);
     buckets.output.force_take(reserve, now);
     if shared.config.acceleration.is_some() {
         buckets.admitted.push_back(now);
     }
     inner.stats.accepted += 1;
+    let group_name = group.as_str();
     *inner
         .stats
         .input_tokens
-        .entry(group.as_str().to_owned())
-        .or_insert(0) += parsed.input_tokens;
+        .entry(group_name.to_owned())
+        .or_insert(0) += cache.counted;
+    // The cache counters appear only once the prompt cache is used.
+    for (map, n) in [
+        (&mut inner.stats.cache_read_tokens, cache.read),
+        (&mut inner.stats.cache_write_tokens, cache.write),
+    ] {
+        if n > 0 {
+            *map.entry(group_name.to_owned()).or_insert(0) += n;
+        }
+    }
+    if inner.prompt_cache.len() >= PROMPT_CACHE_SWEEP {
+        inner.prompt_cache.retain(|_, &mut t| t > now);
+    }
+    for (id, ttl) in marks {
+        inner.prompt_cache.insert(id, now + ttl);
+    }
     let flight = Flight::start(shared.clone(), inner, key.clone(), group.clone(), reserve);
     Decision::Admit {
         flight,
         output_tokens,
         midstream_error: midstream && parsed.stream,
+        cache,
     }
 }
 
@@ -587,7 +682,7 @@ async fn answer(
     seq: u64,
     parsed: &Parsed,
     flight: Flight,
-    output_tokens: u64,
+    (output_tokens, cache): (u64, CacheSplit),
     midstream_error: bool,
     admitted: Instant,
 ) -> Reply {
@@ -601,9 +696,10 @@ async fn answer(
     let answer = Answer {
         id: &id,
         model: &parsed.model,
-        input_tokens: parsed.input_tokens,
+        input_tokens: cache.uncached,
         output_tokens,
         stop_reason,
+        cache: (cache.write, cache.read),
     };
     let pieces = render::text_pieces(seq, output_tokens);
     let per_token = config.per_token_latency;

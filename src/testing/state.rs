@@ -197,6 +197,8 @@ pub(crate) struct Inner {
     pub(crate) stats: MockStats,
     pub(crate) spend_cap: bool,
     pub(crate) seq: u64,
+    /// The prompt cache: prefix id (key, model, prefix) -> expiry.
+    pub(crate) prompt_cache: HashMap<u128, Instant>,
 }
 
 impl Inner {
@@ -252,6 +254,7 @@ impl Shared {
             stats: MockStats::default(),
             spend_cap: builder.spend_cap,
             seq: 0,
+            prompt_cache: HashMap::new(),
         };
         Self {
             config,

@@ -21,12 +21,20 @@ pub struct MockStats {
     /// Responses by HTTP status, counted when the response head is produced (every received
     /// request gets exactly one, unless its future is dropped before).
     pub by_status: BTreeMap<u16, u64>,
-    /// Input tokens charged to admitted requests, per rate-limit group name. The simulator
-    /// charges the crate's own estimate ([`RequestMeta::input_tokens`]), which is also what it
-    /// reports in `usage.input_tokens`.
+    /// Input tokens charged to admitted requests (what counts toward the input limit: uncached
+    /// input and cache writes, plus cache reads for the models whose reads count), per
+    /// rate-limit group name. The simulator charges the crate's own estimate
+    /// ([`RequestMeta::input_tokens`]) split by its prompt cache: `usage.input_tokens` is the
+    /// part after the last cache breakpoint.
     ///
     /// [`RequestMeta::input_tokens`]: crate::anthropic::RequestMeta::input_tokens
     pub input_tokens: BTreeMap<String, u64>,
+    /// `cache_read_input_tokens` of admitted requests (read from the simulated prompt cache),
+    /// per rate-limit group name.
+    pub cache_read_tokens: BTreeMap<String, u64>,
+    /// `cache_creation_input_tokens` of admitted requests (written to the simulated prompt
+    /// cache), per rate-limit group name.
+    pub cache_write_tokens: BTreeMap<String, u64>,
     /// Output tokens delivered by admitted requests, per rate-limit group name, counted when the
     /// answer ends: all of them for a complete answer, those sent before the error or the drop
     /// for one cut short.

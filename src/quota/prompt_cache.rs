@@ -1,0 +1,354 @@
+//! [`PromptCacheMemory`]: the prompt-cache prefixes a key sent to a model recently, so that the
+//! input estimate leaves out what the server will read from its prompt cache, and the cache
+//! tokens each `(key, group)` used.
+//!
+//! Anthropic's rate limits count `input_tokens + cache_creation_input_tokens` toward the
+//! input-tokens-per-minute limit; `cache_read_input_tokens` do not count for current models
+//! (they do for a few older ones: [`ModelCatalog::cache_reads_count`]). The server caches the
+//! prefix of a request up to each `cache_control` breakpoint (in the order tools, system,
+//! messages) for 5 minutes, or 1 hour with `"ttl": "1h"`, refreshed on every use.
+//! [`RequestMeta`] learns those prefixes in its single scan (hashes and token estimates, see
+//! [`CacheBreakpoint`]); this memory remembers which of them the same key sent to the same
+//! model within their TTL, so the rate limiter reserves only what counts.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
+use tokio::time::Instant;
+
+use crate::anthropic::{CacheBreakpoint, KeyId, RateLimitGroup, RequestMeta, Usage};
+
+/// The default number of prefixes remembered (about 7 MB at most; see [`PromptCacheMemory`]).
+pub const DEFAULT_PREFIX_CAPACITY: u64 = 20_000;
+
+/// The most `(key, group)` usage totals kept (least recently used ones go first).
+const MAX_USAGE_ENTRIES: u64 = 10_000;
+
+/// A prefix estimated below this many tokens is not remembered: the API caches nothing
+/// shorter than 1,024 tokens (the smallest minimum of any model; some models need 2,048 or
+/// 4,096), so such a prefix is counted in full.
+pub(crate) const MIN_CACHEABLE_TOKENS: u64 = 1_024;
+
+/// Remembered prefixes and cache-token totals; cheap to clone (an `Arc`), every clone shares
+/// the same memory. A [`QuotaBoard`](super::QuotaBoard) holds one
+/// ([`QuotaBoard::prompt_cache`](super::QuotaBoard::prompt_cache)).
+///
+/// **Memory.** At most `capacity` prefixes are remembered (least recently used ones are
+/// forgotten first), each as a 128-bit hash of (key id, model, prefix bytes) and its expiry
+/// in a `moka` cache: measured at about 370 bytes of resident memory per prefix, 37 MB for
+/// 100,000 (`tests/prompt_cache.rs`, `the_prefix_memory_is_bounded`).
+/// A forgotten prefix only makes the estimate high again (a first sighting counts in full).
+///
+/// ```
+/// use tower_claude::anthropic::{KeyId, RequestMeta};
+/// use tower_claude::quota::PromptCacheMemory;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let prefix = "You are a careful assistant. ".repeat(400);
+/// let body = format!(
+///     r#"{{"model":"claude-sonnet-4-6","max_tokens":100,
+///         "system":[{{"type":"text","text":"{prefix}","cache_control":{{"type":"ephemeral"}}}}],
+///         "messages":[{{"role":"user","content":"Hi"}}]}}"#
+/// );
+/// let meta = RequestMeta::scan(body.as_bytes()).unwrap();
+/// let memory = PromptCacheMemory::new(1_000);
+/// let key = KeyId::named("agent");
+///
+/// // A first sighting counts in full (the server writes the cache).
+/// let first = memory.estimate(&key, &meta, false);
+/// assert_eq!(first.counted_input_tokens(), meta.input_tokens);
+/// memory.remember(&first);
+/// // The same prefix again: only the part after the breakpoint counts.
+/// let again = memory.estimate(&key, &meta, false);
+/// assert_eq!(again.expected_read_tokens(), meta.cache_breakpoints[0].tokens);
+/// assert!(again.counted_input_tokens() < 100);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PromptCacheMemory {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Prefix id -> when its cache entry expires (tokio time).
+    prefixes: Cache<u128, Instant>,
+    /// Cache-token totals per `(key, group)`.
+    usage: Cache<(KeyId, RateLimitGroup), Arc<Counters>>,
+    capacity: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    read: AtomicU64,
+    write: AtomicU64,
+    uncached: AtomicU64,
+    expected_read: AtomicU64,
+}
+
+impl fmt::Debug for PromptCacheMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PromptCacheMemory")
+            .field("capacity", &self.inner.capacity)
+            .field("prefixes", &self.inner.prefixes.entry_count())
+            .finish()
+    }
+}
+
+impl Default for PromptCacheMemory {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX_CAPACITY)
+    }
+}
+
+/// The cache-aware input estimate of one request, from
+/// [`PromptCacheMemory::estimate`]; hand it to [`PromptCacheMemory::remember`] once the server
+/// answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptCacheEstimate {
+    counted: u64,
+    expected_read: u64,
+    /// (prefix id, TTL) of every breakpoint, to remember after the answer.
+    marks: Vec<(u128, Duration)>,
+}
+
+impl PromptCacheEstimate {
+    /// Input tokens expected to count toward the input-tokens-per-minute limit: the whole
+    /// estimate minus the longest prefix expected to be read from the cache (nothing is left
+    /// out for a model whose cache reads count).
+    pub fn counted_input_tokens(&self) -> u64 {
+        self.counted
+    }
+
+    /// Tokens of the longest remembered prefix (expected to be read from the cache); 0 for a
+    /// first sighting.
+    pub fn expected_read_tokens(&self) -> u64 {
+        self.expected_read
+    }
+
+    /// Whether the request has cache breakpoints at all.
+    pub fn has_breakpoints(&self) -> bool {
+        !self.marks.is_empty()
+    }
+}
+
+/// Cache tokens of one `(key, group)` since the board started, as reported by the server's
+/// `usage` (status page and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PromptCacheUsage {
+    /// `cache_read_input_tokens`: served from the prompt cache.
+    pub read_tokens: u64,
+    /// `cache_creation_input_tokens`: written to the prompt cache.
+    pub write_tokens: u64,
+    /// `input_tokens`: not cached (after the last breakpoint).
+    pub uncached_tokens: u64,
+    /// Tokens the estimate expected to be read from the cache (left out of reservations).
+    pub expected_read_tokens: u64,
+}
+
+impl PromptCacheUsage {
+    /// The prompt-cache hit ratio: `read / (read + write + uncached)`, the share of input
+    /// tokens served from the cache (0 when nothing was sent).
+    ///
+    /// ```
+    /// use tower_claude::quota::PromptCacheUsage;
+    ///
+    /// let usage = PromptCacheUsage { read_tokens: 90, write_tokens: 5, uncached_tokens: 5, ..Default::default() };
+    /// assert_eq!(usage.hit_ratio(), 0.9);
+    /// ```
+    pub fn hit_ratio(&self) -> f64 {
+        let total = self
+            .read_tokens
+            .saturating_add(self.write_tokens)
+            .saturating_add(self.uncached_tokens);
+        if total == 0 {
+            0.0
+        } else {
+            self.read_tokens as f64 / total as f64
+        }
+    }
+}
+
+impl PromptCacheMemory {
+    /// A memory of at most `capacity` prefixes (least recently used ones are forgotten first).
+    pub fn new(capacity: u64) -> Self {
+        let prefixes = Cache::builder()
+            .max_capacity(capacity)
+            .eviction_policy(EvictionPolicy::lru())
+            // Expiry is checked against tokio's clock on lookup; this only lets entries past
+            // the longest TTL go in wall time too.
+            .time_to_live(Duration::from_secs(3_600 + 300))
+            .build();
+        let usage = Cache::builder()
+            .max_capacity(MAX_USAGE_ENTRIES)
+            .eviction_policy(EvictionPolicy::lru())
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                prefixes,
+                usage,
+                capacity,
+            }),
+        }
+    }
+
+    /// The number of prefixes remembered (expired ones may still be counted until evicted).
+    pub fn len(&self) -> u64 {
+        self.inner.prefixes.run_pending_tasks();
+        self.inner.prefixes.entry_count()
+    }
+
+    /// Whether no prefix is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most prefixes remembered.
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    /// The cache-aware estimate of `meta` sent with `key`: its
+    /// [`input_tokens`](RequestMeta::input_tokens) minus the longest prefix (up to a
+    /// `cache_control` breakpoint) that the same key sent to the same model within its TTL.
+    /// `cache_reads_count`: the model counts cache reads toward the limit
+    /// ([`ModelCatalog::cache_reads_count`](crate::anthropic::ModelCatalog::cache_reads_count)),
+    /// so nothing is left out.
+    pub fn estimate(
+        &self,
+        key: &KeyId,
+        meta: &RequestMeta,
+        cache_reads_count: bool,
+    ) -> PromptCacheEstimate {
+        let total = meta.input_tokens;
+        if meta.cache_breakpoints.is_empty() {
+            return PromptCacheEstimate {
+                counted: total,
+                expected_read: 0,
+                marks: Vec::new(),
+            };
+        }
+        let model = meta.model.as_deref().unwrap_or("");
+        let now = Instant::now();
+        let mut expected_read = 0;
+        let mut marks = Vec::with_capacity(meta.cache_breakpoints.len());
+        for bp in &meta.cache_breakpoints {
+            if bp.tokens < MIN_CACHEABLE_TOKENS {
+                continue;
+            }
+            let id = prefix_id(key, model, bp);
+            if self
+                .inner
+                .prefixes
+                .get(&id)
+                .is_some_and(|expires| expires > now)
+            {
+                expected_read = expected_read.max(bp.tokens);
+            }
+            marks.push((id, bp.ttl.duration()));
+        }
+        let expected_read = expected_read.min(total);
+        let counted = if cache_reads_count {
+            total
+        } else {
+            total - expected_read
+        };
+        tracing::debug!(
+            key = %key,
+            model,
+            breakpoints = meta.cache_breakpoints.len(),
+            estimate = total,
+            expected_read,
+            counted,
+            "prompt cache: cache-aware input estimate"
+        );
+        PromptCacheEstimate {
+            counted,
+            expected_read,
+            marks,
+        }
+    }
+
+    /// Remembers the prefixes of `estimate` for their TTL from now (the server caches, or
+    /// refreshes, every prefix of a request it answered).
+    pub fn remember(&self, estimate: &PromptCacheEstimate) {
+        let now = Instant::now();
+        for &(id, ttl) in &estimate.marks {
+            self.inner.prefixes.insert(id, now + ttl);
+        }
+    }
+
+    /// Adds a response's cache tokens to the totals of `(key, group)`; `expected_read` is what
+    /// the estimate left out.
+    pub fn record_usage(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        usage: &Usage,
+        expected_read: u64,
+    ) {
+        let counters = self
+            .inner
+            .usage
+            .get_with((key.clone(), group.clone()), Default::default);
+        counters
+            .read
+            .fetch_add(usage.cache_read_input_tokens, Ordering::Relaxed);
+        counters
+            .write
+            .fetch_add(usage.cache_creation_input_tokens, Ordering::Relaxed);
+        counters
+            .uncached
+            .fetch_add(usage.input_tokens, Ordering::Relaxed);
+        counters
+            .expected_read
+            .fetch_add(expected_read, Ordering::Relaxed);
+    }
+
+    /// The cache-token totals of `(key, group)`, if any response was recorded.
+    pub fn usage(&self, key: &KeyId, group: &RateLimitGroup) -> Option<PromptCacheUsage> {
+        self.inner
+            .usage
+            .get(&(key.clone(), group.clone()))
+            .map(|c| c.snapshot())
+    }
+
+    /// Every `(key, group)` with recorded cache tokens, sorted by key then group.
+    pub fn usages(&self) -> Vec<(KeyId, RateLimitGroup, PromptCacheUsage)> {
+        let mut out: Vec<_> = self
+            .inner
+            .usage
+            .iter()
+            .map(|(k, c)| (k.0.clone(), k.1.clone(), c.snapshot()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+}
+
+impl Counters {
+    fn snapshot(&self) -> PromptCacheUsage {
+        PromptCacheUsage {
+            read_tokens: self.read.load(Ordering::Relaxed),
+            write_tokens: self.write.load(Ordering::Relaxed),
+            uncached_tokens: self.uncached.load(Ordering::Relaxed),
+            expected_read_tokens: self.expected_read.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The memory's id of a prefix: a 128-bit hash of the key id, the model and the prefix hash
+/// (MockClaude's prompt cache uses the same ids).
+pub(crate) fn prefix_id(key: &KeyId, model: &str, bp: &CacheBreakpoint) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(key.as_str().as_bytes());
+    h.update(&[0]);
+    h.update(model.as_bytes());
+    h.update(&[0]);
+    h.update(&bp.prefix.to_le_bytes());
+    h.digest128()
+}
