@@ -149,7 +149,7 @@ mod body;
 mod error;
 mod future;
 mod layer;
-mod policy;
+pub mod policy;
 mod service;
 
 pub use body::FallbackBody;
@@ -159,6 +159,7 @@ pub use layer::{
     DEFAULT_MAX_DEPTH, DEFAULT_MAX_OVERLOADED, DEFAULT_MAX_WAIT_BEFORE_FAILOVER,
     DEFAULT_OVERLOADED_PAUSE, FallbackLayer,
 };
+pub use policy::{Action, Candidate, Policy, PolicyExt, QuotaView, Thresholds, policy_fn};
 pub use service::Fallback;
 
 /// A request extension that turns model fallback off for one request (like the header

@@ -155,7 +155,7 @@ mod error;
 mod future;
 mod layer;
 mod pacing;
-mod policy;
+pub mod policy;
 mod service;
 
 use std::time::Duration;
@@ -169,6 +169,7 @@ pub use budget::RetryBudget;
 pub use error::{RetryError, RetryErrorKind};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
+pub use policy::{Action, Attempt, Policy, PolicyExt, Transient, policy_fn};
 pub use service::Retry;
 
 /// A request extension: the instant after which [`Retry`] starts no new wait. It overrides
