@@ -5,7 +5,7 @@
 //! cargo run --example metrics_chart --features testing,metrics
 //! ```
 
-use tower_claude::metrics::simulation::{
+use tower_claude::testing::simulation::{
     SimConfig, SimReport, Strategy, simulate, svg_chart, table,
 };
 use tower_claude::testing::AccelerationLimit;
