@@ -54,7 +54,13 @@ async fn main() -> Result<(), BoxError> {
                 .header("anthropic-version", "2023-06-01")
                 .header("content-type", "application/json")
                 .body(body(i));
-            async move { request.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+            async move {
+                request
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
         })
         .buffer_unordered(16)
         .collect()

@@ -132,9 +132,7 @@ impl ClaudeMiddleware {
         let url = req.url().clone();
         let mut request: Request<::reqwest::Body> =
             Request::try_from(req).map_err(|e| BridgeError::new(BridgeErrorKind::Request, e))?;
-        request
-            .extensions_mut()
-            .extend(std::mem::take(extensions));
+        request.extensions_mut().extend(std::mem::take(extensions));
         let response = self
             .service
             .clone()
@@ -256,7 +254,9 @@ impl BridgeError {
 impl fmt::Display for BridgeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
-            BridgeErrorKind::Request => write!(f, "cannot convert the reqwest request: {}", self.source),
+            BridgeErrorKind::Request => {
+                write!(f, "cannot convert the reqwest request: {}", self.source)
+            }
             BridgeErrorKind::Service => write!(f, "{}", self.source),
         }
     }

@@ -11,7 +11,8 @@ use tower_claude::retry::{RetryError, RetryErrorKind, RetryInfo};
 use tower_claude::stack::{CacheConfig, ClaudeStack, StackConfig};
 use tower_claude::testing::{Fault, MockClaude};
 
-const BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":32,"messages":[{"role":"user","content":"hi"}]}"#;
+const BODY: &str =
+    r#"{"model":"claude-haiku-4-5","max_tokens":32,"messages":[{"role":"user","content":"hi"}]}"#;
 
 async fn setup(mock: &MockClaude) -> (String, reqwest_middleware::ClientWithMiddleware) {
     let (addr, _server) = mock.serve_on_loopback().await.unwrap();

@@ -207,7 +207,8 @@ fn the_retry_policy_decides_alone() {
     use retry::{Action, Attempt, Policy};
     let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":100}"#).unwrap();
     let headers = http::HeaderMap::new();
-    let status = |s: u16| Attempt::response(&meta, 1, http::StatusCode::from_u16(s).unwrap(), &headers);
+    let status =
+        |s: u16| Attempt::response(&meta, 1, http::StatusCode::from_u16(s).unwrap(), &headers);
     assert_eq!(No500Retries.classify(&status(500)), Action::Return);
     assert_eq!(No500Retries.classify(&status(529)), Action::Retry);
     assert_eq!(No500Retries.classify(&status(400)), Action::Return);
@@ -239,7 +240,9 @@ async fn served_models(policy: Option<Box<dyn fallback::Policy>>) -> Vec<String>
         ..StackConfig::default()
     };
     for group in ["claude-opus-4", "claude-sonnet-4"] {
-        config.limits.insert(group.into(), Limits::new(2, 100_000, 100_000));
+        config
+            .limits
+            .insert(group.into(), Limits::new(2, 100_000, 100_000));
     }
     let mut stack = ClaudeStack::from_config(&config).unwrap();
     if let Some(policy) = policy {
@@ -250,7 +253,13 @@ async fn served_models(policy: Option<Box<dyn fallback::Policy>>) -> Vec<String>
     for i in 0..8 {
         let resp = svc.clone().oneshot(opus_request(i)).await.unwrap();
         assert_eq!(resp.status(), 200);
-        served.push(resp.extensions().get::<ServedModel>().unwrap().served.clone());
+        served.push(
+            resp.extensions()
+                .get::<ServedModel>()
+                .unwrap()
+                .served
+                .clone(),
+        );
         resp.into_body().collect().await.unwrap();
     }
     served
@@ -268,7 +277,10 @@ async fn a_user_fallback_policy_in_the_stack() {
         ours.iter().all(|m| !m.starts_with("claude-haiku")),
         "never Haiku: {ours:?}"
     );
-    assert!(ours.iter().any(|m| m.starts_with("claude-sonnet")), "{ours:?}");
+    assert!(
+        ours.iter().any(|m| m.starts_with("claude-sonnet")),
+        "{ours:?}"
+    );
 }
 
 /// One request against an upstream that always answers 500: (attempts the upstream saw, the
@@ -286,10 +298,16 @@ async fn against_500s(layer: RetryLayer) -> (u64, u16, RetryOutcome) {
 #[tokio::test(start_paused = true)]
 async fn a_user_retry_policy_in_the_stack() {
     let (received, status, outcome) = against_500s(RetryLayer::new()).await;
-    assert_eq!((received, status, outcome), (4, 500, RetryOutcome::Exhausted));
+    assert_eq!(
+        (received, status, outcome),
+        (4, 500, RetryOutcome::Exhausted)
+    );
     let start = Instant::now();
     let (received, status, outcome) = against_500s(RetryLayer::new().policy(No500Retries)).await;
-    assert_eq!((received, status, outcome), (1, 500, RetryOutcome::NotRetryable));
+    assert_eq!(
+        (received, status, outcome),
+        (1, 500, RetryOutcome::NotRetryable)
+    );
     // Returned at once: no backoff was slept.
     assert!(start.elapsed() < Duration::from_secs(1));
 }

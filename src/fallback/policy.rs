@@ -135,7 +135,12 @@ impl<'a> Candidate<'a> {
     /// The candidate `model` at `position` in the request's chain (0: the requested model)
     /// for the request scanned as `request`, with its quota view. No headers: see
     /// [`with_headers`](Self::with_headers).
-    pub fn new(request: &'a RequestMeta, model: &'a str, position: usize, quota: QuotaView) -> Self {
+    pub fn new(
+        request: &'a RequestMeta,
+        model: &'a str,
+        position: usize,
+        quota: QuotaView,
+    ) -> Self {
         Self {
             request,
             headers: &NO_HEADERS,

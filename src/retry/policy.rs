@@ -481,7 +481,6 @@ pub(crate) fn is_rate_limit(status: StatusCode, err: Option<&ApiError>) -> bool 
     status == StatusCode::TOO_MANY_REQUESTS && !err.is_some_and(is_spend_cap)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,12 +30,12 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 
-use crate::metrics::MetricsLayer;
-use crate::metrics::forecast::Forecaster;
-use crate::metrics::pacing::{PacingDelay, PacingLayer};
 use crate::BoxError;
 use crate::anthropic::{RateLimitGroup, retry_after};
 use crate::body::RequestBody;
+use crate::metrics::MetricsLayer;
+use crate::metrics::forecast::Forecaster;
+use crate::metrics::pacing::{PacingDelay, PacingLayer};
 use crate::quota::{Limits, QuotaBoard, TokenBucket};
 use crate::rate_limit::{QueueWait, RateLimitLayer};
 use crate::testing::{AccelerationLimit, MockClaude, MockLimits};
