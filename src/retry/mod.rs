@@ -65,6 +65,10 @@
 //! layer reads the body of a retryable error response (at most 64 KiB; error envelopes are
 //! a few hundred bytes) and replays it unchanged if it returns that response.
 //!
+//! These rules are the default [`Policy`], [`Transient`]; give the layer your own with
+//! [`RetryLayer::policy`], composed with [`PolicyExt`] (see [`policy`]). The spend cap is
+//! never retried whatever the policy says.
+//!
 //! # What is returned
 //!
 //! A proxy in front of an SDK must forward what upstream said, so when the layer gives up on
