@@ -1216,6 +1216,58 @@ mod tests {
     }
 
     #[test]
+    fn issue16_options_from_the_file_the_environment_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "max_in_flight = 20\nadaptive_concurrency = true\nmin_in_flight = 2\n\
+             ramp_up_from = 4\nramp_up_interval = \"30s\"\nretry_budget = 0.25\n\
+             pacing = true\npacing_ramp = 12\nredis_fail_closed = true\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(path),
+            initial_in_flight: Some(6),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(
+            cli,
+            &env(&[
+                ("CLAUDE_PROXY_PACING_TRIGGER", "0.6"),
+                ("CLAUDE_PROXY_RAMP_UP_STEP", "3"),
+            ]),
+        )
+        .unwrap();
+        assert!(cfg.adaptive_concurrency && cfg.redis_fail_closed);
+        assert_eq!((cfg.min_in_flight, cfg.initial_in_flight), (2, 6));
+        assert_eq!(
+            cfg.ramp_up,
+            Some(crate::concurrency::RampUp {
+                initial: 4,
+                step: 3,
+                interval: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(cfg.retry_budget, Some(0.25));
+        let pacing = cfg.pacing.unwrap();
+        assert_eq!((pacing.trigger, pacing.ramp), (0.6, Some(12.0)));
+
+        let defaults = ProxyConfig::resolve(Cli::default(), &env(&[])).unwrap();
+        assert!(!defaults.adaptive_concurrency && !defaults.redis_fail_closed);
+        assert!(defaults.ramp_up.is_none() && defaults.retry_budget.is_none());
+        assert!(defaults.pacing.is_none());
+        for (var, value) in [
+            ("CLAUDE_PROXY_PACING_TRIGGER", "1.5"),
+            ("CLAUDE_PROXY_RETRY_BUDGET", "-1"),
+            ("CLAUDE_PROXY_MIN_IN_FLIGHT", "0"),
+        ] {
+            let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.field(), var);
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5m"), Some(Duration::from_secs(90)));
