@@ -239,6 +239,12 @@ async fn pacing_evaluates_requests_when_on() {
         text.contains(r#"tower_claude_pacing_active{group="claude-haiku-4-5"} 0"#),
         "{text}"
     );
+    // Answers read to their end count as successes, not as cancelled: hyper's server stops
+    // at the body's `is_end_stream` without polling for its end.
+    assert!(
+        text.contains(r#"status="200",outcome="success"}"#),
+        "{text}"
+    );
     proxy.stop().await;
 }
 
@@ -254,6 +260,8 @@ async fn redis_fail_closed_refuses_while_redis_is_down_and_fail_open_serves() {
             cache: Some(false),
             redis_url: Some(redis_url.clone()),
             redis_fail_closed: Some(fail_closed),
+            // The retry layer would retry the refusal for a minute, in case Redis returns.
+            max_retries: Some(0),
             ..Cli::default()
         };
         let proxy = Proxy::connect(config(cli, &[])).await.expect("proxy");

@@ -12,7 +12,9 @@
 //!    (400, 401, 403, 404, 413, ...) is returned as it is.
 //!
 //! An inner service error (connection refused or reset, a timeout before any response byte)
-//! is retried. A mid-stream `event: error` received before any content was forwarded is
+//! is retried, except a rate limiter's
+//! [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge): a request costing
+//! more than a minute of quota never fits, however long the layer waits. A mid-stream `event: error` received before any content was forwarded is
 //! retried when its error type is transient (`overloaded_error`, `api_error`, ...).
 //!
 //! # Your own policy
@@ -237,7 +239,10 @@ impl<P: Policy + ?Sized> Policy for Arc<P> {
 
 /// The default policy (the rules of the [module docs](self)): `x-should-retry` decides first;
 /// else 408, 409, 429, 500, 502, 503, 504 and 529 are retried; a stream's `event: error` is
-/// retried when its type is transient; every inner service error is retried.
+/// retried when its type is transient; every inner service error is retried but a request
+/// that costs more than a whole minute of quota (a rate limiter's
+/// [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge), which no wait can
+/// change).
 ///
 /// ```
 /// use tower_claude::anthropic::RequestMeta;
@@ -259,10 +264,26 @@ impl Policy for Transient {
                 status_verdict(status, headers) == StatusVerdict::Retry
             }
             What::Stream(error) => error.kind().is_retryable(),
-            What::Error(_) => true,
+            What::Error(error) => !never_fits(error),
         };
         if retry { Action::Retry } else { Action::Return }
     }
+}
+
+/// Whether an inner error says the request can never be admitted: a
+/// [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge) anywhere in its
+/// source chain.
+fn never_fits(error: &BoxError) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+    while let Some(e) = next {
+        if e.downcast_ref::<crate::quota::AcquireError>()
+            .is_some_and(|a| a.kind() == crate::quota::AcquireErrorKind::RequestTooLarge)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// A [`Policy`] from a closure; see [`policy_fn`].
@@ -563,6 +584,53 @@ mod tests {
         );
         let boxed: Arc<dyn Policy> = Arc::new(Box::new(Transient) as Box<dyn Policy>);
         assert_eq!(boxed.classify(&failed), Action::Retry);
+    }
+
+    /// A request larger than a minute of quota used to be retried 8 times, sleeping through
+    /// the whole backoff, before failing with the same error.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_fits_is_not_retried() {
+        use crate::anthropic::RateLimitGroup;
+        use crate::quota::{AcquireErrorKind, Limits};
+        use crate::rate_limit::RateLimitLayer;
+        use crate::retry::{RetryError, RetryErrorKind, RetryLayer};
+        use tower::{ServiceBuilder, ServiceExt};
+
+        let upstream = tower::service_fn(|_req: http::Request<crate::body::RequestBody>| async {
+            Ok::<_, BoxError>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"{}"),
+            )))
+        });
+        let svc = ServiceBuilder::new()
+            .layer(RetryLayer::new().seed(1))
+            .layer(RateLimitLayer::new().limits(
+                RateLimitGroup::new("claude-haiku-4-5"),
+                Limits::new(50, 100, 1_000),
+            ))
+            .service(upstream);
+        // About 2,500 input tokens against a limit of 100 a minute.
+        let body = format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":5,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "word ".repeat(2_000)
+        );
+        let req = http::Request::post("/v1/messages")
+            .header("x-api-key", "sk-ant-test")
+            .body(crate::body::RequestBody::from(body))
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let err = svc.oneshot(req).await.unwrap_err();
+        let retry = err.downcast_ref::<RetryError>().expect("a RetryError");
+        assert_eq!(retry.kind(), RetryErrorKind::Inner);
+        assert_eq!(retry.attempts(), 1);
+        let acquire = std::error::Error::source(retry)
+            .and_then(|e| e.downcast_ref::<crate::quota::AcquireError>())
+            .expect("the limiter's error");
+        assert_eq!(acquire.kind(), AcquireErrorKind::RequestTooLarge);
+        assert_eq!(
+            start.elapsed(),
+            std::time::Duration::ZERO,
+            "no backoff slept"
+        );
     }
 
     #[test]
