@@ -120,7 +120,7 @@ impl QuotaView {
 /// assert_eq!(sonnet.requested(), "claude-opus-4-7");
 /// assert_eq!(Thresholds::default().decide(&sonnet), Action::Use); // 0.5 >= 0.30
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Candidate<'a> {
     request: &'a RequestMeta,
     headers: &'a HeaderMap,
@@ -130,6 +130,18 @@ pub struct Candidate<'a> {
 }
 
 static NO_HEADERS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
+
+impl fmt::Debug for Candidate<'_> {
+    /// The headers are left out: they carry the API key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Candidate")
+            .field("requested", &self.requested())
+            .field("model", &self.model)
+            .field("position", &self.position)
+            .field("quota", &self.quota)
+            .finish_non_exhaustive()
+    }
+}
 
 impl<'a> Candidate<'a> {
     /// The candidate `model` at `position` in the request's chain (0: the requested model)
@@ -798,6 +810,10 @@ mod tests {
         let other = RequestMeta::scan(br#"{"model":"claude-sonnet-4-6","max_tokens":8}"#).unwrap();
         let haiku = Candidate::new(&other, "claude-haiku-4-5", 1, QuotaView::unknown());
         assert_eq!(p.decide(&haiku), Action::Use);
+        // Debug never shows the headers (the API key).
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", "sk-ant-secret".parse().unwrap());
+        assert!(!format!("{:?}", same.with_headers(&headers)).contains("sk-ant-secret"));
         // Object safety: boxed and shared policies are policies.
         let boxed: Box<dyn Policy> = Box::new(Thresholds::default());
         let shared: Arc<dyn Policy> = Arc::new(boxed);

@@ -87,7 +87,7 @@ enum What<'a> {
 /// let bad = Attempt::response(&meta, 1, http::StatusCode::BAD_REQUEST, &headers);
 /// assert_eq!(Transient.classify(&bad), Action::Return);
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Attempt<'a> {
     request: &'a RequestMeta,
     request_headers: &'a HeaderMap,
@@ -96,6 +96,19 @@ pub struct Attempt<'a> {
 }
 
 static NO_HEADERS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
+
+impl fmt::Debug for Attempt<'_> {
+    /// The request headers are left out: they carry the API key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attempt")
+            .field("model", &self.model())
+            .field("number", &self.number)
+            .field("status", &self.status())
+            .field("stream_error", &self.stream_error_event())
+            .field("inner_error", &self.inner_error().map(ToString::to_string))
+            .finish_non_exhaustive()
+    }
+}
 
 impl<'a> Attempt<'a> {
     /// Attempt `number` (1: the first) of the request scanned as `request` was answered with
@@ -581,6 +594,13 @@ mod tests {
         assert_eq!(
             always.never_for(["claude-haiku-4-5"]).classify(&failed),
             Action::Retry
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", "sk-ant-secret".parse().unwrap());
+        let shown = format!("{:?}", failed.with_request_headers(&headers));
+        assert!(
+            !shown.contains("sk-ant-secret") && shown.contains("reset"),
+            "{shown}"
         );
         let boxed: Arc<dyn Policy> = Arc::new(Box::new(Transient) as Box<dyn Policy>);
         assert_eq!(boxed.classify(&failed), Action::Retry);
