@@ -132,3 +132,28 @@ async fn request_extensions_reach_the_stack() {
     let served = response.extensions().get::<ServedModel>().unwrap();
     assert_eq!(served.served, "claude-sonnet-4-6");
 }
+
+#[tokio::test]
+async fn a_body_over_the_api_limit_is_a_typed_error_and_never_sent() {
+    let mock = mock();
+    let (base, client) = setup(&mock).await;
+    let huge = vec![b'x'; tower_claude::body::ANTHROPIC_MAX_BODY + 1];
+    let err = client
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", "sk-ant-test")
+        .body(huge)
+        .send()
+        .await
+        .unwrap_err();
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        panic!("expected a middleware error, got {err:?}");
+    };
+    let bridge = err.downcast_ref::<BridgeError>().expect("a BridgeError");
+    assert_eq!(bridge.kind(), BridgeErrorKind::Service);
+    let source = std::error::Error::source(bridge).unwrap();
+    assert!(
+        source.is::<tower_claude::body::BufferBodyError>(),
+        "{source}"
+    );
+    assert_eq!(mock.stats().received, 0);
+}
