@@ -5,10 +5,10 @@
 //! cargo run --example metrics_chart --features testing,metrics
 //! ```
 
-use tower_claude::metrics::simulation::{
+use tower_claude::testing::AccelerationLimit;
+use tower_claude::testing::simulation::{
     SimConfig, SimReport, Strategy, simulate, svg_chart, table,
 };
-use tower_claude::testing::AccelerationLimit;
 
 async fn run(strategies: &[Strategy], config: &SimConfig) -> Vec<SimReport> {
     let mut reports = Vec::new();

@@ -8,8 +8,9 @@
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
 //!   KeyPoolLayer      (optional) the API key with the most headroom; cool down keys on 429
+//!   PacingLayer       (optional, feature `metrics`) space admissions when the forecast nears the quota
 //!   RateLimitLayer    token buckets: requests, input and output tokens per (key, group)
-//!   ConcurrencyLayer  cap on in-flight requests, held until the response body ends
+//!   ConcurrencyLayer  cap on in-flight requests (fixed, adaptive, ramped up), held until the body ends
 //! inner service       HttpClient to api.anthropic.com, MockClaude, or anything
 //! ```
 //!
@@ -64,12 +65,12 @@ use crate::BoxError;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::body::RequestBody;
 use crate::cache::CacheLayer;
-use crate::concurrency::ConcurrencyLayer;
+use crate::concurrency::{Aimd, ConcurrencyHandle, ConcurrencyLayer, RampUp};
 use crate::fallback::FallbackLayer;
 use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 use crate::rate_limit::RateLimitLayer;
-use crate::retry::RetryLayer;
+use crate::retry::{RetryBudget, RetryLayer};
 
 /// The response body of a boxed stack.
 pub type ClaudeBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -127,6 +128,40 @@ pub enum CacheConfig {
     DefaultMemory,
 }
 
+/// Predictive throttling settings ([`PacingLayer`](crate::metrics::pacing::PacingLayer),
+/// feature `metrics`): when a group's demand forecast reaches `trigger` of a limit, its
+/// requests are spaced at `target` of the limit; with `ramp`, the released request rate rises
+/// by at most that many requests per minute, every minute.
+///
+/// ```
+/// use tower_claude::stack::{PacingConfig, StackConfig};
+///
+/// let config = StackConfig {
+///     pacing: Some(PacingConfig { trigger: 0.7, ramp: Some(30.0), ..PacingConfig::default() }),
+///     ..StackConfig::default()
+/// };
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PacingConfig {
+    /// Share of a limit the forecast must reach to start pacing. Default: 0.8.
+    pub trigger: f64,
+    /// Share of a limit admissions are paced at. Default: 0.95.
+    pub target: f64,
+    /// Most extra requests per minute, minute over minute (acceleration limits). Default: none.
+    pub ramp: Option<f64>,
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        Self {
+            trigger: 0.8,
+            target: 0.95,
+            ramp: None,
+        }
+    }
+}
+
 /// Plain-data configuration of a [`ClaudeStack`]. Every layer can be switched off.
 ///
 /// ```
@@ -154,6 +189,12 @@ pub struct StackConfig {
     pub max_queue_wait: Option<Duration>,
     /// Cap on in-flight requests (`ConcurrencyLayer`). Default: none.
     pub max_in_flight: Option<usize>,
+    /// An adaptive cap on in-flight requests instead ([`Aimd`]: halves on 429 / 529, grows
+    /// back by one after a cap's worth of successes); overrides `max_in_flight`. Default: none.
+    pub adaptive_concurrency: Option<Aimd>,
+    /// How fast the concurrency cap may grow ([`RampUp`]), with `max_in_flight` or
+    /// `adaptive_concurrency` (an error without either). Default: none.
+    pub concurrency_ramp_up: Option<RampUp>,
     /// Whether failed calls are retried (`RetryLayer`). Default: on.
     pub retry: bool,
     /// Attempts per request, the first included. Default: 8.
@@ -164,6 +205,9 @@ pub struct StackConfig {
     pub deadline: Option<Duration>,
     /// Seed of the retry jitter (deterministic tests and demos). Default: random.
     pub seed: Option<u64>,
+    /// Caps retries to a share of the traffic ([`RetryBudget`], shared by every request of
+    /// the stack). Default: none (attempts and deadline bound retries).
+    pub retry_budget: Option<RetryBudget>,
     /// Whether model fallback is on (`FallbackLayer`). Default: on.
     pub fallback: bool,
     /// The lowest model fallback may use. Default: the end of the chain.
@@ -178,6 +222,9 @@ pub struct StackConfig {
     /// the feature is enabled. The metrics go to whatever recorder the `metrics` facade has
     /// (none installed: they cost next to nothing).
     pub metrics: bool,
+    /// Predictive throttling ([`PacingConfig`]; feature `metrics`). A stack with pacing and
+    /// no metrics layer gets one, to feed the forecast. Default: off.
+    pub pacing: Option<PacingConfig>,
 }
 
 impl Default for StackConfig {
@@ -188,17 +235,21 @@ impl Default for StackConfig {
             output_reservation: OutputReservation::default(),
             max_queue_wait: None,
             max_in_flight: None,
+            adaptive_concurrency: None,
+            concurrency_ramp_up: None,
             retry: true,
             max_attempts: 8,
             max_retry_delay: Duration::from_secs(90),
             deadline: None,
             seed: None,
+            retry_budget: None,
             fallback: true,
             fallback_floor: None,
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
+            pacing: None,
         }
     }
 }
@@ -218,6 +269,8 @@ pub struct ClaudeStack {
     fallback: Option<FallbackLayer>,
     retry: Option<RetryLayer>,
     key_pool: Option<KeyPoolLayer>,
+    #[cfg(feature = "metrics")]
+    pacing: Option<crate::metrics::pacing::PacingLayer>,
     rate_limit: Option<RateLimitLayer>,
     concurrency: Option<ConcurrencyLayer>,
 }
@@ -230,8 +283,10 @@ impl std::fmt::Debug for ClaudeStack {
         d.field("cache", &self.cache.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
-            .field("key_pool", &self.key_pool.is_some())
-            .field("rate_limit", &self.rate_limit.is_some())
+            .field("key_pool", &self.key_pool.is_some());
+        #[cfg(feature = "metrics")]
+        d.field("pacing", &self.pacing.is_some());
+        d.field("rate_limit", &self.rate_limit.is_some())
             .field("concurrency", &self.concurrency.is_some())
             .finish_non_exhaustive()
     }
@@ -251,7 +306,9 @@ impl ClaudeStack {
             .expect("the default configuration has no file to open")
     }
 
-    /// A stack from plain configuration. Fails only when a disk cache cannot be opened.
+    /// A stack from plain configuration. Fails when a disk cache cannot be opened, or when the
+    /// configuration asks for what the build or the other settings cannot give (metrics or
+    /// pacing without the `metrics` feature, a ramp-up without a concurrency cap).
     pub fn from_config(config: &StackConfig) -> Result<Self, BoxError> {
         let mut board = QuotaBoard::builder();
         for (group, limits) in &config.limits {
@@ -298,6 +355,9 @@ impl ClaudeStack {
             if let Some(seed) = config.seed {
                 layer = layer.seed(seed);
             }
+            if let Some(budget) = &config.retry_budget {
+                layer = layer.budget(budget.clone());
+            }
             layer
         });
 
@@ -309,12 +369,43 @@ impl ClaudeStack {
             }
         });
 
-        let concurrency = config.max_in_flight.map(ConcurrencyLayer::new);
+        let concurrency = match (config.adaptive_concurrency, config.max_in_flight) {
+            (Some(aimd), _) => Some(ConcurrencyLayer::adaptive(aimd)),
+            (None, Some(max)) => Some(ConcurrencyLayer::new(max)),
+            (None, None) => None,
+        };
+        let concurrency = match (concurrency, config.concurrency_ramp_up) {
+            (Some(layer), Some(ramp)) => Some(layer.ramp_up(ramp)),
+            (None, Some(_)) => {
+                return Err(
+                    "a concurrency ramp-up needs a cap to ramp up to: set max_in_flight or \
+                     adaptive_concurrency"
+                        .into(),
+                );
+            }
+            (layer, None) => layer,
+        };
 
         #[cfg(not(feature = "metrics"))]
         if config.metrics {
             return Err("metrics need the `metrics` feature".into());
         }
+        #[cfg(not(feature = "metrics"))]
+        if config.pacing.is_some() {
+            return Err("pacing needs the `metrics` feature (its forecast)".into());
+        }
+        #[cfg(feature = "metrics")]
+        let pacing = config.pacing.map(|p| {
+            let layer = crate::metrics::pacing::PacingLayer::new(
+                crate::metrics::forecast::Forecaster::new(),
+            )
+            .trigger(p.trigger)
+            .target(p.target);
+            match p.ramp {
+                Some(ramp) => layer.ramp(ramp),
+                None => layer,
+            }
+        });
 
         Ok(Self {
             #[cfg(feature = "metrics")]
@@ -327,6 +418,8 @@ impl ClaudeStack {
             fallback,
             retry,
             key_pool: None,
+            #[cfg(feature = "metrics")]
+            pacing,
             rate_limit,
             concurrency,
         })
@@ -358,13 +451,70 @@ impl ClaudeStack {
         self
     }
 
-    /// The metrics layer, if any (e.g. to call its `spawn_refresh`).
+    /// The metrics layer, if any (e.g. to call its `spawn_refresh`). With a pacing layer it
+    /// feeds the pacing layer's forecaster (a stack with pacing and no metrics layer gets a
+    /// default one).
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics_layer(&self) -> Option<crate::metrics::MetricsLayer> {
-        self.metrics
-            .clone()
-            .map(|m| m.board(self.board.clone()).catalog(self.catalog.clone()))
+        let metrics = match (&self.metrics, &self.pacing) {
+            (Some(m), _) => Some(m.clone()),
+            (None, Some(_)) => Some(crate::metrics::MetricsLayer::new()),
+            (None, None) => None,
+        };
+        metrics.map(|m| {
+            let m = m.board(self.board.clone()).catalog(self.catalog.clone());
+            match &self.pacing {
+                Some(pacing) => m.forecaster(pacing.forecaster().clone()),
+                None => m,
+            }
+        })
+    }
+
+    /// Adds (or with `None` removes) predictive throttling between the key pool and the rate
+    /// limiter. Its board and catalogue are the stack's; the metrics layer feeds its
+    /// forecaster (see [`metrics_layer`](Self::metrics_layer)).
+    ///
+    /// ```
+    /// use tower_claude::metrics::forecast::Forecaster;
+    /// use tower_claude::metrics::pacing::PacingLayer;
+    /// use tower_claude::stack::ClaudeStack;
+    ///
+    /// let stack = ClaudeStack::new().pacing(Some(PacingLayer::new(Forecaster::new()).trigger(0.7)));
+    /// assert!(stack.metrics_layer().is_some());
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn pacing(mut self, layer: Option<crate::metrics::pacing::PacingLayer>) -> Self {
+        self.pacing = layer;
+        self
+    }
+
+    /// Whether the stack paces admissions (a pacing layer is configured).
+    pub fn is_paced(&self) -> bool {
+        #[cfg(feature = "metrics")]
+        return self.pacing.is_some();
+        #[cfg(not(feature = "metrics"))]
+        false
+    }
+
+    /// A handle on the concurrency cap, if the stack has one: its current limit (which moves
+    /// in adaptive and ramp-up modes) and the requests in flight.
+    ///
+    /// ```
+    /// use tower_claude::concurrency::RampUp;
+    /// use tower_claude::stack::{ClaudeStack, StackConfig};
+    ///
+    /// let config = StackConfig {
+    ///     max_in_flight: Some(16),
+    ///     concurrency_ramp_up: Some(RampUp { initial: 2, step: 2, interval: std::time::Duration::from_secs(10) }),
+    ///     ..StackConfig::default()
+    /// };
+    /// let stack = ClaudeStack::from_config(&config).unwrap();
+    /// assert_eq!(stack.concurrency_handle().unwrap().limit(), 2);
+    /// ```
+    pub fn concurrency_handle(&self) -> Option<ConcurrencyHandle> {
+        self.concurrency.as_ref().map(ConcurrencyLayer::handle)
     }
 
     /// Replaces (or with `None` removes) the cache layer.
@@ -425,6 +575,14 @@ impl ClaudeStack {
                 .catalog(self.catalog.clone());
             svc = boxed(layer.layer(svc));
         }
+        #[cfg(feature = "metrics")]
+        if let Some(layer) = &self.pacing {
+            let layer = layer
+                .clone()
+                .board(self.board.clone())
+                .catalog(self.catalog.clone());
+            svc = boxed(layer.layer(svc));
+        }
         if let Some(layer) = &self.key_pool {
             let layer = layer
                 .clone()
@@ -453,5 +611,60 @@ impl ClaudeStack {
             svc = boxed(layer.layer(svc));
         }
         svc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_concurrency_mode_and_the_budget_are_reachable() {
+        let adaptive = StackConfig {
+            adaptive_concurrency: Some(Aimd {
+                initial: 5,
+                ..Aimd::default()
+            }),
+            max_in_flight: Some(100),
+            retry_budget: Some(RetryBudget::default()),
+            ..StackConfig::default()
+        };
+        let stack = ClaudeStack::from_config(&adaptive).unwrap();
+        assert_eq!(stack.concurrency_handle().unwrap().limit(), 5);
+        let ramped = StackConfig {
+            concurrency_ramp_up: Some(RampUp {
+                initial: 3,
+                step: 1,
+                interval: Duration::from_secs(1),
+            }),
+            ..adaptive
+        };
+        let stack = ClaudeStack::from_config(&ramped).unwrap();
+        assert_eq!(stack.concurrency_handle().unwrap().limit(), 3);
+        let no_cap = StackConfig {
+            concurrency_ramp_up: ramped.concurrency_ramp_up,
+            ..StackConfig::default()
+        };
+        assert!(ClaudeStack::from_config(&no_cap).is_err());
+        assert!(ClaudeStack::new().concurrency_handle().is_none());
+    }
+
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn pacing_brings_a_metrics_layer_to_feed_its_forecast() {
+        let config = StackConfig {
+            metrics: false,
+            pacing: Some(PacingConfig::default()),
+            ..StackConfig::default()
+        };
+        let stack = ClaudeStack::from_config(&config).unwrap();
+        assert!(stack.is_paced());
+        assert!(stack.metrics_layer().is_some());
+        let off = StackConfig {
+            metrics: false,
+            ..StackConfig::default()
+        };
+        let stack = ClaudeStack::from_config(&off).unwrap();
+        assert!(!stack.is_paced() && stack.metrics_layer().is_none());
     }
 }

@@ -15,9 +15,9 @@ use tower_claude::anthropic::RateLimitGroup;
 use tower_claude::body::RequestBody;
 use tower_claude::metrics::forecast::Forecaster;
 use tower_claude::metrics::pacing::{PacingDelay, PacingLayer};
-use tower_claude::metrics::simulation::{SimConfig, SimReport, Strategy, simulate, table};
 use tower_claude::quota::Limits;
 use tower_claude::testing::AccelerationLimit;
+use tower_claude::testing::simulation::{SimConfig, SimReport, Strategy, simulate, table};
 
 async fn run_all(config: &SimConfig) -> Vec<SimReport> {
     let mut reports = Vec::new();

@@ -137,3 +137,177 @@ async fn the_same_burst_without_the_stack_gets_refused() {
         .await;
     assert_eq!(refused, 100, "only the first 50 fit in the first minute");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Your own fallback policy and retry policy.
+//
+// A policy is a plain object: unit-test its decisions alone first (no service, no clock), then
+// put it in the stack over MockClaude with paused time and check what callers and the upstream
+// saw, next to the same run with the default policy so the test shows the difference.
+// ---------------------------------------------------------------------------------------------
+
+use tower_claude::anthropic::RequestMeta;
+use tower_claude::fallback::{self, FallbackLayer, PolicyExt as _, QuotaView, ServedModel};
+use tower_claude::retry::{self, RetryInfo, RetryLayer, RetryOutcome};
+
+/// Our fallback rule: the default thresholds, but never Haiku (its answers are too short for
+/// this product). When Opus and Sonnet are both low, the one with more headroom is used.
+fn no_haiku() -> impl fallback::Policy {
+    fallback::Thresholds::default().and(fallback::policy_fn(|c| {
+        if c.model().starts_with("claude-haiku") {
+            fallback::Action::Exclude
+        } else {
+            fallback::Action::Use
+        }
+    }))
+}
+
+/// Our retry rule: the default rules, but a 500 is returned at once (our gateway's 500s are
+/// deterministic: retrying one only burns quota).
+struct No500Retries;
+
+impl retry::Policy for No500Retries {
+    fn classify(&self, attempt: &retry::Attempt<'_>) -> retry::Action {
+        if attempt.status() == Some(http::StatusCode::INTERNAL_SERVER_ERROR) {
+            return retry::Action::Return;
+        }
+        retry::Transient.classify(attempt)
+    }
+}
+
+fn opus_request(i: usize) -> Request<RequestBody> {
+    let body = format!(
+        r#"{{"model":"claude-opus-4-7","max_tokens":100,"messages":[{{"role":"user","content":"q{i}"}}]}}"#
+    );
+    Request::post("/v1/messages")
+        .header("x-api-key", "sk-ant-test")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(body))
+        .unwrap()
+}
+
+#[test]
+fn the_fallback_policy_decides_alone() {
+    use fallback::{Action, Candidate, Policy};
+    let policy = no_haiku();
+    let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":100}"#).unwrap();
+    let full = QuotaView::new(1.0, true, Some(Duration::ZERO));
+    let low = QuotaView::new(0.1, true, Some(Duration::ZERO));
+    // Opus with room: used. Opus low: skipped (not excluded: still a last resort).
+    let opus = |q| Candidate::new(&meta, "claude-opus-4-7", 0, q);
+    assert_eq!(policy.decide(&opus(full)), Action::Use);
+    assert_eq!(policy.decide(&opus(low)), Action::Skip);
+    // Haiku: never, however full.
+    let haiku = Candidate::new(&meta, "claude-haiku-4-5", 2, full);
+    assert_eq!(policy.decide(&haiku), Action::Exclude);
+}
+
+#[test]
+fn the_retry_policy_decides_alone() {
+    use retry::{Action, Attempt, Policy};
+    let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":100}"#).unwrap();
+    let headers = http::HeaderMap::new();
+    let status =
+        |s: u16| Attempt::response(&meta, 1, http::StatusCode::from_u16(s).unwrap(), &headers);
+    assert_eq!(No500Retries.classify(&status(500)), Action::Return);
+    assert_eq!(No500Retries.classify(&status(529)), Action::Retry);
+    assert_eq!(No500Retries.classify(&status(400)), Action::Return);
+}
+
+/// Eight Opus requests in a row against 2 requests a minute for Opus and Sonnet: returns the
+/// model that served each.
+async fn served_models(policy: Option<Box<dyn fallback::Policy>>) -> Vec<String> {
+    let tight = MockLimits {
+        rpm: 2,
+        itpm: 100_000,
+        otpm: 100_000,
+    };
+    let mock = MockClaude::builder()
+        .limits("claude-opus-4-7", tight)
+        .limits("claude-sonnet-4-6", tight)
+        .limits(
+            "claude-haiku-4-5",
+            MockLimits {
+                rpm: 1_000,
+                ..tight
+            },
+        )
+        .seed(7)
+        .build();
+    let mut config = StackConfig {
+        cache: CacheConfig::Off,
+        seed: Some(1),
+        ..StackConfig::default()
+    };
+    for group in ["claude-opus-4", "claude-sonnet-4"] {
+        config
+            .limits
+            .insert(group.into(), Limits::new(2, 100_000, 100_000));
+    }
+    let mut stack = ClaudeStack::from_config(&config).unwrap();
+    if let Some(policy) = policy {
+        stack = stack.fallback(Some(FallbackLayer::new().policy(policy)));
+    }
+    let svc = stack.service(mock);
+    let mut served = Vec::new();
+    for i in 0..8 {
+        let resp = svc.clone().oneshot(opus_request(i)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        served.push(
+            resp.extensions()
+                .get::<ServedModel>()
+                .unwrap()
+                .served
+                .clone(),
+        );
+        resp.into_body().collect().await.unwrap();
+    }
+    served
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_fallback_policy_in_the_stack() {
+    let default = served_models(None).await;
+    assert!(
+        default.iter().any(|m| m.starts_with("claude-haiku")),
+        "the default policy falls back to Haiku: {default:?}"
+    );
+    let ours = served_models(Some(Box::new(no_haiku()))).await;
+    assert!(
+        ours.iter().all(|m| !m.starts_with("claude-haiku")),
+        "never Haiku: {ours:?}"
+    );
+    assert!(
+        ours.iter().any(|m| m.starts_with("claude-sonnet")),
+        "{ours:?}"
+    );
+}
+
+/// One request against an upstream that always answers 500: (attempts the upstream saw, the
+/// caller's status, the retry outcome).
+async fn against_500s(layer: RetryLayer) -> (u64, u16, RetryOutcome) {
+    let mock = MockClaude::builder().server_error_rate(1.0).seed(3).build();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.max_attempts(4).seed(1))
+        .service(mock.clone());
+    let resp = svc.oneshot(opus_request(0)).await.unwrap();
+    let outcome = resp.extensions().get::<RetryInfo>().unwrap().outcome();
+    (mock.stats().received, resp.status().as_u16(), outcome)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_retry_policy_in_the_stack() {
+    let (received, status, outcome) = against_500s(RetryLayer::new()).await;
+    assert_eq!(
+        (received, status, outcome),
+        (4, 500, RetryOutcome::Exhausted)
+    );
+    let start = Instant::now();
+    let (received, status, outcome) = against_500s(RetryLayer::new().policy(No500Retries)).await;
+    assert_eq!(
+        (received, status, outcome),
+        (1, 500, RetryOutcome::NotRetryable)
+    );
+    // Returned at once: no backoff was slept.
+    assert!(start.elapsed() < Duration::from_secs(1));
+}

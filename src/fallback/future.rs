@@ -17,7 +17,7 @@ use tower_service::Service;
 use super::ServedModel;
 use super::body::FallbackBody;
 use super::error::FallbackError;
-use super::policy::{self, Verdict, View};
+use super::policy::{self, Action, Candidate, QuotaView, Verdict};
 use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
@@ -307,14 +307,14 @@ impl<S> Walk<S> {
     /// The board's view of candidate `idx` for this request. A group whose limits the board
     /// does not know yet counts as full (even while a rate limiter below holds requests back
     /// until its first answer teaches it the limits).
-    fn view(&self, idx: usize) -> View {
+    fn view(&self, idx: usize) -> QuotaView {
         let group = self.config.catalog.group(&self.candidates[idx]);
         let Some(keys) = &self.config.keys else {
             return self.key_view(&self.key, &group);
         };
         // A key pool below sends with its best key: the model is as good as that key. Keys a
         // 403 put last in the group do not count; none left means no headroom at all.
-        let mut best: Option<View> = None;
+        let mut best: Option<QuotaView> = None;
         for key in keys.outlook(&group).into_iter().filter(|k| !k.forbidden) {
             let mut v = self.key_view(&key.id, &group);
             if !key.cooldown.is_zero() {
@@ -325,7 +325,7 @@ impl<S> Walk<S> {
                 best = Some(v);
             }
         }
-        best.unwrap_or(View {
+        best.unwrap_or(QuotaView {
             fraction: 0.0,
             fits: false,
             wait: None,
@@ -333,15 +333,11 @@ impl<S> Walk<S> {
     }
 
     /// The board's view of one key in `group`.
-    fn key_view(&self, key: &KeyId, group: &crate::anthropic::RateLimitGroup) -> View {
+    fn key_view(&self, key: &KeyId, group: &crate::anthropic::RateLimitGroup) -> QuotaView {
         let board = &self.config.board;
         match board.headroom(key, group) {
-            None => View {
-                fraction: 1.0,
-                fits: true,
-                wait: Some(std::time::Duration::ZERO),
-            },
-            Some(headroom) => View {
+            None => QuotaView::unknown(),
+            Some(headroom) => QuotaView {
                 fraction: headroom.fraction,
                 fits: board.fits_now(key, group, &self.cost),
                 wait: board.time_until_fits(key, group, &self.cost),
@@ -349,18 +345,34 @@ impl<S> Walk<S> {
         }
     }
 
-    /// The best candidate from `from` on, if any is left and the depth allows another model.
+    /// The best candidate from `from` on, as the layer's [`Policy`](super::Policy) decides,
+    /// if any is left (and not excluded) and the depth allows another model. Before the first
+    /// send (`from == 0`) a lone requested model is used without asking.
     fn choose(&self, from: usize) -> Option<usize> {
         if from >= self.candidates.len() || self.visited >= self.config.max_depth {
             return None;
         }
-        if self.candidates.len() - from == 1 {
-            return Some(from);
+        if from == 0 && self.candidates.len() == 1 {
+            return Some(0);
         }
-        let views: Vec<(usize, View)> = (from..self.candidates.len())
-            .map(|i| (i, self.view(i)))
+        let policy = &self.config.policy.0;
+        let decided: Vec<(QuotaView, Action)> = (from..self.candidates.len())
+            .map(|i| {
+                let view = self.view(i);
+                let candidate = Candidate::new(&self.meta, &self.candidates[i], i, view)
+                    .with_headers(&self.headers);
+                (view, policy.decide(&candidate))
+            })
             .collect();
-        policy::select(&views, &self.config.thresholds).map(|i| from + i)
+        let chosen = policy::select(&decided).map(|i| from + i);
+        tracing::debug!(
+            requested = %self.requested,
+            from = %self.candidates[from],
+            chosen = chosen.map(|i| self.candidates[i].as_str()),
+            decisions = ?decided.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+            "fallback policy decided"
+        );
+        chosen
     }
 
     /// The request for candidate `idx`: the body with its `model` rewritten (the original

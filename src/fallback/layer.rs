@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::policy::{DEFAULT_THRESHOLDS, Rules};
+use super::policy::{Policy, Rules, SharedPolicy, Thresholds};
 use super::service::{Config, Fallback};
 use crate::anthropic::ModelCatalog;
 use crate::key_pool::KeyPoolHandle;
@@ -35,7 +35,7 @@ pub const DEFAULT_MAX_DEPTH: usize = 3;
 /// | [`catalog`](Self::catalog) | [`ModelCatalog::default`] |
 /// | [`chain`](Self::chain) | the catalogue's chain (`claude-opus-4-7` -> `claude-sonnet-4-6` -> `claude-haiku-4-5`) |
 /// | [`floor`](Self::floor) | none |
-/// | [`thresholds`](Self::thresholds) | 0.70, 0.30 (then 0) |
+/// | [`policy`](Self::policy) ([`thresholds`](Self::thresholds)) | [`Thresholds`]: 0.70, 0.30 (then 0) |
 /// | [`max_wait_before_failover`](Self::max_wait_before_failover) | 10 s |
 /// | [`max_overloaded`](Self::max_overloaded) | 2 |
 /// | [`overloaded_pause`](Self::overloaded_pause) | 500 ms |
@@ -65,7 +65,7 @@ pub struct FallbackLayer {
     catalog: ModelCatalog,
     chain: Option<Vec<String>>,
     floor: Option<String>,
-    thresholds: Vec<f64>,
+    policy: SharedPolicy,
     max_wait_before_failover: Duration,
     max_overloaded: u32,
     overloaded_pause: Duration,
@@ -88,7 +88,7 @@ impl FallbackLayer {
             catalog: ModelCatalog::default(),
             chain: None,
             floor: None,
-            thresholds: DEFAULT_THRESHOLDS.to_vec(),
+            policy: SharedPolicy(Arc::new(Thresholds::default())),
             max_wait_before_failover: DEFAULT_MAX_WAIT_BEFORE_FAILOVER,
             max_overloaded: DEFAULT_MAX_OVERLOADED,
             overloaded_pause: DEFAULT_OVERLOADED_PAUSE,
@@ -172,8 +172,28 @@ impl FallbackLayer {
     /// let layer = FallbackLayer::new().position_thresholds([0.5, 0.2, 0.05]);
     /// # drop(layer);
     /// ```
-    pub fn position_thresholds(mut self, thresholds: impl IntoIterator<Item = f64>) -> Self {
-        self.thresholds = thresholds.into_iter().collect();
+    pub fn position_thresholds(self, thresholds: impl IntoIterator<Item = f64>) -> Self {
+        self.policy(Thresholds::new(thresholds))
+    }
+
+    /// The [`Policy`] that chooses each request's model among its candidates (default:
+    /// [`Thresholds::default`], 0.70 / 0.30). Replaces what
+    /// [`thresholds`](Self::thresholds) or [`position_thresholds`](Self::position_thresholds)
+    /// set, and the other way round: the last call wins. The failover rules for error answers
+    /// (429 wait, 529 count, spend cap) stay the layer's.
+    ///
+    /// ```
+    /// use tower_claude::fallback::{FallbackLayer, PolicyExt, Thresholds};
+    ///
+    /// let layer = FallbackLayer::new()
+    ///     .policy(Thresholds::new([0.8, 0.4]).never_for(["claude-opus-4-7"]));
+    /// # drop(layer);
+    /// ```
+    pub fn policy<P>(mut self, policy: P) -> Self
+    where
+        P: Policy + 'static,
+    {
+        self.policy = SharedPolicy(Arc::new(policy));
         self
     }
 
@@ -235,7 +255,7 @@ impl<S> Layer<S> for FallbackLayer {
                 keys: self.keys.clone(),
                 catalog,
                 floor: self.floor.clone(),
-                thresholds: self.thresholds.clone(),
+                policy: self.policy.clone(),
                 rules: Rules {
                     max_wait_before_failover: self.max_wait_before_failover,
                     max_overloaded: self.max_overloaded,

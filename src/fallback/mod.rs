@@ -23,14 +23,18 @@
 //!    estimated input tokens of [`RequestMeta`](crate::anthropic::RequestMeta), `max_tokens`
 //!    of output) fits the buckets now. A group the board knows nothing about yet counts as
 //!    full.
-//! 3. **Pick** the first candidate whose cost fits now and whose fraction is at least the
+//! 3. **Pick** the first candidate the layer's [`Policy`] uses. The default policy,
+//!    [`Thresholds`], uses a candidate whose cost fits now and whose fraction is at least the
 //!    threshold of its position in the chain: by default 0.70 for the requested model, 0.30
 //!    for the next, 0 for any later one ([`FallbackLayer::thresholds`],
 //!    [`FallbackLayer::position_thresholds`]). So an Opus request stays on Opus above 70 %,
-//!    goes to Sonnet when Opus is lower and Sonnet has 30 % or more, else to Haiku.
-//! 4. If **no candidate qualifies**, the one with the most headroom is used: one whose cost
-//!    fits now, then the shortest wait until it fits, then the highest fraction, then the
-//!    earliest in the chain. A request is never refused because of thresholds.
+//!    goes to Sonnet when Opus is lower and Sonnet has 30 % or more, else to Haiku. Your own
+//!    rules: [`FallbackLayer::policy`], composed with [`PolicyExt`] (see [`policy`]).
+//! 4. If **the policy uses no candidate**, the one with the most headroom among those it
+//!    did not [exclude](Action::Exclude) is used: one whose cost fits now, then the shortest
+//!    wait until it fits, then the highest fraction, then the earliest in the chain. A
+//!    request is never refused because of a policy (before the first send, the requested
+//!    model is used when every candidate is excluded).
 //!
 //! The `model` of the buffered body is rewritten with
 //! [`rewrite_model`](crate::anthropic::rewrite_model) (every other byte unchanged) and the
@@ -149,7 +153,7 @@ mod body;
 mod error;
 mod future;
 mod layer;
-mod policy;
+pub mod policy;
 mod service;
 
 pub use body::FallbackBody;
@@ -159,6 +163,7 @@ pub use layer::{
     DEFAULT_MAX_DEPTH, DEFAULT_MAX_OVERLOADED, DEFAULT_MAX_WAIT_BEFORE_FAILOVER,
     DEFAULT_OVERLOADED_PAUSE, FallbackLayer,
 };
+pub use policy::{Action, Candidate, Policy, PolicyExt, QuotaView, Thresholds, policy_fn};
 pub use service::Fallback;
 
 /// A request extension that turns model fallback off for one request (like the header

@@ -1,25 +1,489 @@
-//! The two decisions of the fallback layer, as plain functions: which model to send a request
-//! to (from the quota views of the candidates), and whether an answer moves the request on.
+//! Which model serves a request: the [`Policy`] trait, its default ([`Thresholds`]: 0.70 /
+//! 0.30), combinators ([`PolicyExt`]), and the walk's rules for error answers.
+//!
+//! The fallback layer asks its policy about each candidate model of a request, best model
+//! first, with the candidate's [`QuotaView`] (what the quota board knows right now) and the
+//! request ([`RequestMeta`], headers). The first candidate the policy answers
+//! [`Action::Use`] for is sent. When it uses none, the candidate with the most headroom among
+//! those it did not [`Action::Exclude`] is sent: a request is never refused by a policy. The
+//! same question is asked again, among the models below, when an answer moves the request on
+//! (see the [module docs](super#failing-over)).
+//!
+//! Modelled on `tower_http::follow_redirect::policy`: a policy is a small object-safe trait
+//! (store it as `Arc<dyn Policy>`), composed with [`and`](PolicyExt::and),
+//! [`or`](PolicyExt::or) and [`never_for`](PolicyExt::never_for), or written as a closure
+//! with [`policy_fn`].
+//!
+//! ```
+//! use tower_claude::fallback::{Action, FallbackLayer, PolicyExt, Thresholds, policy_fn};
+//!
+//! // The default thresholds, but never Haiku, and never a fallback for Opus 4.7 requests
+//! // tagged as critical by the caller.
+//! let no_haiku = policy_fn(|c| {
+//!     if c.model().starts_with("claude-haiku") { Action::Exclude } else { Action::Use }
+//! });
+//! let critical = policy_fn(|c| {
+//!     let tagged = c.headers().get("x-priority").is_some_and(|v| v == "critical");
+//!     if tagged && c.position() > 0 { Action::Exclude } else { Action::Use }
+//! });
+//! let policy = Thresholds::default().and(no_haiku).and(critical);
+//! let layer = FallbackLayer::new().policy(policy);
+//! # drop(layer);
+//! ```
 
+use std::fmt;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 
-use crate::anthropic::{ApiErrorKind, ModelCatalog};
+use crate::anthropic::{ApiErrorKind, ModelCatalog, RequestMeta};
 
 /// The default per-position thresholds: the requested model needs 70 % of its binding bucket
 /// left, the next model 30 %, any later model anything.
 pub(crate) const DEFAULT_THRESHOLDS: [f64; 2] = [0.70, 0.30];
 
-/// How one candidate looks on the quota board right now.
+/// How one candidate model looks on the quota board right now, for one request: the binding
+/// remaining fraction, whether the request's cost fits the buckets now, and how long until it
+/// does.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::fallback::QuotaView;
+///
+/// let view = QuotaView::new(0.25, false, Some(Duration::from_secs(3)));
+/// assert_eq!(view.fraction(), 0.25);
+/// assert!(!view.fits_now());
+/// assert_eq!(view.wait(), Some(Duration::from_secs(3)));
+/// assert!(QuotaView::unknown().fits_now());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct View {
+pub struct QuotaView {
     /// Binding remaining fraction (1.0 when unknown).
     pub(crate) fraction: f64,
     /// This request's cost fits the candidate's buckets now.
     pub(crate) fits: bool,
     /// Time until the cost fits by refill (`None`: never, or unknown).
     pub(crate) wait: Option<Duration>,
+}
+
+impl QuotaView {
+    /// A view: the binding remaining `fraction` (`0.0..=1.0`; anything else is clamped, NaN
+    /// is 0), whether the request fits now, and the time until it fits (`None`: never, or
+    /// unknown).
+    pub fn new(fraction: f64, fits_now: bool, wait: Option<Duration>) -> Self {
+        let fraction = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
+        Self {
+            fraction,
+            fits: fits_now,
+            wait,
+        }
+    }
+
+    /// A group the board knows nothing about yet: full, fits now.
+    pub fn unknown() -> Self {
+        Self::new(1.0, true, Some(Duration::ZERO))
+    }
+
+    /// The binding remaining fraction: the lowest of the requests, input-token and
+    /// output-token buckets ([`Headroom::fraction`](crate::quota::Headroom::fraction)).
+    pub fn fraction(&self) -> f64 {
+        self.fraction
+    }
+
+    /// Whether the request's cost fits the buckets now.
+    pub fn fits_now(&self) -> bool {
+        self.fits
+    }
+
+    /// How long until the cost fits by refill (zero when it fits now; `None`: never, or
+    /// unknown).
+    pub fn wait(&self) -> Option<Duration> {
+        self.wait
+    }
+}
+
+/// One candidate model for one request, as a [`Policy`] sees it.
+///
+/// Build one with [`Candidate::new`] to unit-test a policy in isolation.
+///
+/// ```
+/// use tower_claude::anthropic::RequestMeta;
+/// use tower_claude::fallback::{Action, Candidate, Policy, QuotaView, Thresholds};
+///
+/// let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":64}"#).unwrap();
+/// let sonnet = Candidate::new(&meta, "claude-sonnet-4-6", 1, QuotaView::new(0.5, true, None));
+/// assert_eq!(sonnet.requested(), "claude-opus-4-7");
+/// assert_eq!(Thresholds::default().decide(&sonnet), Action::Use); // 0.5 >= 0.30
+/// ```
+#[derive(Clone, Copy)]
+pub struct Candidate<'a> {
+    request: &'a RequestMeta,
+    headers: &'a HeaderMap,
+    model: &'a str,
+    position: usize,
+    quota: QuotaView,
+}
+
+static NO_HEADERS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
+
+impl fmt::Debug for Candidate<'_> {
+    /// The headers are left out: they carry the API key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Candidate")
+            .field("requested", &self.requested())
+            .field("model", &self.model)
+            .field("position", &self.position)
+            .field("quota", &self.quota)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Candidate<'a> {
+    /// The candidate `model` at `position` in the request's chain (0: the requested model)
+    /// for the request scanned as `request`, with its quota view. No headers: see
+    /// [`with_headers`](Self::with_headers).
+    pub fn new(
+        request: &'a RequestMeta,
+        model: &'a str,
+        position: usize,
+        quota: QuotaView,
+    ) -> Self {
+        Self {
+            request,
+            headers: &NO_HEADERS,
+            model,
+            position,
+            quota,
+        }
+    }
+
+    /// The same candidate, with the request's headers.
+    pub fn with_headers(mut self, headers: &'a HeaderMap) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The model the caller asked for.
+    pub fn requested(&self) -> &'a str {
+        self.request.model.as_deref().unwrap_or_default()
+    }
+
+    /// The request, as scanned once ([`RequestMeta`]): `max_tokens`, `stream`, the input
+    /// estimate, ...
+    pub fn request(&self) -> &'a RequestMeta {
+        self.request
+    }
+
+    /// The request's headers (`x-api-key` included: never log them).
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    /// The candidate model.
+    pub fn model(&self) -> &'a str {
+        self.model
+    }
+
+    /// Its position in the request's chain: 0 is the requested model, 1 the next, ...
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// What the quota board knows about it, for this request.
+    pub fn quota(&self) -> QuotaView {
+        self.quota
+    }
+}
+
+/// What a [`Policy`] says about one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Send the request to this model (the first candidate, in chain order, a policy uses is
+    /// sent).
+    Use,
+    /// Not while a better candidate is used; still a last resort when the policy uses none
+    /// (the one with the most headroom is then sent).
+    Skip,
+    /// Never this model for this request, not even as a last resort. Before the first send,
+    /// the requested model is sent when every candidate is excluded.
+    Exclude,
+}
+
+/// Chooses the model of a request among its candidates. See the [module docs](self).
+///
+/// Object-safe: a layer stores it as `Arc<dyn Policy>`. Implement it for your own type, or
+/// use [`policy_fn`] for a closure; compose with [`PolicyExt`].
+///
+/// ```
+/// use tower_claude::fallback::{Action, Candidate, FallbackLayer, Policy};
+///
+/// /// Fall back only for short answers: a long generation stays on the requested model
+/// /// unless its quota is really gone.
+/// struct ShortAnswersOnly;
+///
+/// impl Policy for ShortAnswersOnly {
+///     fn decide(&self, c: &Candidate<'_>) -> Action {
+///         let long = c.request().max_tokens.is_some_and(|t| t > 4096);
+///         match (c.position(), long) {
+///             (0, _) if c.quota().fits_now() => Action::Use,
+///             (0, _) => Action::Skip,
+///             (_, true) => Action::Exclude,
+///             _ if c.quota().fraction() >= 0.3 => Action::Use,
+///             _ => Action::Skip,
+///         }
+///     }
+/// }
+///
+/// let layer = FallbackLayer::new().policy(ShortAnswersOnly);
+/// # drop(layer);
+/// ```
+pub trait Policy: Send + Sync {
+    /// What to do with `candidate`.
+    fn decide(&self, candidate: &Candidate<'_>) -> Action;
+}
+
+impl<P: Policy + ?Sized> Policy for &P {
+    fn decide(&self, candidate: &Candidate<'_>) -> Action {
+        (**self).decide(candidate)
+    }
+}
+
+impl<P: Policy + ?Sized> Policy for Box<P> {
+    fn decide(&self, candidate: &Candidate<'_>) -> Action {
+        (**self).decide(candidate)
+    }
+}
+
+impl<P: Policy + ?Sized> Policy for Arc<P> {
+    fn decide(&self, candidate: &Candidate<'_>) -> Action {
+        (**self).decide(candidate)
+    }
+}
+
+/// The default policy: a candidate is used when the request fits it now and its binding
+/// remaining fraction is at least the threshold of its position in the chain (0.70 for the
+/// requested model, 0.30 for the next, 0 for any later one by default); otherwise skipped.
+///
+/// ```
+/// use tower_claude::anthropic::RequestMeta;
+/// use tower_claude::fallback::{Action, Candidate, Policy, QuotaView, Thresholds};
+///
+/// let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":64}"#).unwrap();
+/// let opus = Candidate::new(&meta, "claude-opus-4-7", 0, QuotaView::new(0.6, true, None));
+/// assert_eq!(Thresholds::default().decide(&opus), Action::Skip); // 0.6 < 0.70
+/// assert_eq!(Thresholds::new([0.5]).decide(&opus), Action::Use);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    thresholds: Vec<f64>,
+}
+
+impl Thresholds {
+    /// Thresholds by position (0: the requested model); positions past the end need 0 (only
+    /// that the request fits). Non-finite values count as 0.
+    pub fn new(thresholds: impl IntoIterator<Item = f64>) -> Self {
+        Self {
+            thresholds: thresholds.into_iter().collect(),
+        }
+    }
+
+    /// The threshold of `position`.
+    pub fn at(&self, position: usize) -> f64 {
+        threshold(&self.thresholds, position)
+    }
+}
+
+impl Default for Thresholds {
+    /// 0.70, 0.30, then 0.
+    fn default() -> Self {
+        Self::new(DEFAULT_THRESHOLDS)
+    }
+}
+
+impl Policy for Thresholds {
+    fn decide(&self, c: &Candidate<'_>) -> Action {
+        if c.quota.fits && c.quota.fraction >= self.at(c.position) {
+            Action::Use
+        } else {
+            Action::Skip
+        }
+    }
+}
+
+/// A [`Policy`] from a closure; see [`policy_fn`].
+#[derive(Clone, Copy)]
+pub struct PolicyFn<F> {
+    f: F,
+}
+
+impl<F> fmt::Debug for PolicyFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyFn").finish_non_exhaustive()
+    }
+}
+
+/// A policy from a closure `Fn(&Candidate) -> Action`.
+///
+/// ```
+/// use tower_claude::fallback::{Action, PolicyExt, Thresholds, policy_fn};
+///
+/// // Never serve a streaming request with a lower model.
+/// let policy = Thresholds::default().and(policy_fn(|c| {
+///     if c.position() > 0 && c.request().stream { Action::Exclude } else { Action::Use }
+/// }));
+/// # drop(policy);
+/// ```
+pub fn policy_fn<F>(f: F) -> PolicyFn<F>
+where
+    F: Fn(&Candidate<'_>) -> Action + Send + Sync,
+{
+    PolicyFn { f }
+}
+
+impl<F> Policy for PolicyFn<F>
+where
+    F: Fn(&Candidate<'_>) -> Action + Send + Sync,
+{
+    fn decide(&self, candidate: &Candidate<'_>) -> Action {
+        (self.f)(candidate)
+    }
+}
+
+/// Both policies must use a candidate; either one excludes it. See [`PolicyExt::and`].
+#[derive(Debug, Clone, Copy)]
+pub struct And<A, B> {
+    a: A,
+    b: B,
+}
+
+impl<A: Policy, B: Policy> Policy for And<A, B> {
+    fn decide(&self, c: &Candidate<'_>) -> Action {
+        match (self.a.decide(c), self.b.decide(c)) {
+            (Action::Exclude, _) | (_, Action::Exclude) => Action::Exclude,
+            (Action::Use, Action::Use) => Action::Use,
+            _ => Action::Skip,
+        }
+    }
+}
+
+/// Either policy may use a candidate; both must exclude it. See [`PolicyExt::or`].
+#[derive(Debug, Clone, Copy)]
+pub struct Or<A, B> {
+    a: A,
+    b: B,
+}
+
+impl<A: Policy, B: Policy> Policy for Or<A, B> {
+    fn decide(&self, c: &Candidate<'_>) -> Action {
+        match (self.a.decide(c), self.b.decide(c)) {
+            (Action::Use, _) | (_, Action::Use) => Action::Use,
+            (Action::Exclude, Action::Exclude) => Action::Exclude,
+            _ => Action::Skip,
+        }
+    }
+}
+
+/// Requests for the listed models are never moved to another model. See
+/// [`PolicyExt::never_for`].
+#[derive(Debug, Clone)]
+pub struct NeverFor<P> {
+    inner: P,
+    models: Vec<String>,
+}
+
+impl<P: Policy> Policy for NeverFor<P> {
+    fn decide(&self, c: &Candidate<'_>) -> Action {
+        if c.position > 0 && self.models.iter().any(|m| m == c.requested()) {
+            Action::Exclude
+        } else {
+            self.inner.decide(c)
+        }
+    }
+}
+
+/// Combinators for every [`Policy`].
+pub trait PolicyExt: Policy + Sized {
+    /// A policy that uses a candidate only when both `self` and `other` use it, and excludes
+    /// it when either excludes it.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::RequestMeta;
+    /// use tower_claude::fallback::{Action, Candidate, Policy, PolicyExt, QuotaView, Thresholds, policy_fn};
+    ///
+    /// let not_haiku = policy_fn(|c| if c.model().contains("haiku") { Action::Exclude } else { Action::Use });
+    /// let policy = Thresholds::default().and(not_haiku);
+    /// let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":8}"#).unwrap();
+    /// let haiku = Candidate::new(&meta, "claude-haiku-4-5", 2, QuotaView::unknown());
+    /// assert_eq!(policy.decide(&haiku), Action::Exclude);
+    /// ```
+    fn and<B: Policy>(self, other: B) -> And<Self, B> {
+        And { a: self, b: other }
+    }
+
+    /// A policy that uses a candidate when `self` or `other` uses it, and excludes it only
+    /// when both exclude it.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::RequestMeta;
+    /// use tower_claude::fallback::{Action, Candidate, Policy, PolicyExt, QuotaView, Thresholds, policy_fn};
+    ///
+    /// // Also stay on the requested model while it fits at all, for batch traffic.
+    /// let batch = policy_fn(|c| {
+    ///     let batch = c.headers().get("x-batch").is_some();
+    ///     if batch && c.position() == 0 && c.quota().fits_now() { Action::Use } else { Action::Skip }
+    /// });
+    /// let policy = Thresholds::default().or(batch);
+    /// let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":8}"#).unwrap();
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert("x-batch", "1".parse().unwrap());
+    /// let low = Candidate::new(&meta, "claude-opus-4-7", 0, QuotaView::new(0.1, true, None));
+    /// assert_eq!(policy.decide(&low), Action::Skip);
+    /// assert_eq!(policy.decide(&low.with_headers(&headers)), Action::Use);
+    /// ```
+    fn or<B: Policy>(self, other: B) -> Or<Self, B> {
+        Or { a: self, b: other }
+    }
+
+    /// A policy that never moves a request for one of `models` to another model (those
+    /// requests behave as with [`NoFallback`](super::NoFallback)); other requests are decided
+    /// by `self`.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::RequestMeta;
+    /// use tower_claude::fallback::{Action, Candidate, Policy, PolicyExt, QuotaView, Thresholds};
+    ///
+    /// let policy = Thresholds::default().never_for(["claude-opus-4-7"]);
+    /// let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":8}"#).unwrap();
+    /// let sonnet = Candidate::new(&meta, "claude-sonnet-4-6", 1, QuotaView::unknown());
+    /// assert_eq!(policy.decide(&sonnet), Action::Exclude);
+    /// ```
+    fn never_for<I, T>(self, models: I) -> NeverFor<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        NeverFor {
+            inner: self,
+            models: models.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl<P: Policy> PolicyExt for P {}
+
+/// The policy a layer holds: shared, with a `Debug` that names no closure.
+#[derive(Clone)]
+pub(crate) struct SharedPolicy(pub(crate) Arc<dyn Policy>);
+
+impl fmt::Debug for SharedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Policy")
+    }
 }
 
 /// The threshold of the candidate at `position` (0 = the requested model): the configured
@@ -32,22 +496,22 @@ pub(crate) fn threshold(thresholds: &[f64], position: usize) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Chooses among `candidates` (`(position in the request's chain, view)`, best model first):
-/// the first whose cost fits now and whose fraction is at least its position's threshold;
-/// else the one with the most headroom: cost fits now, then shortest wait until it fits, then
-/// highest fraction, then earliest in the chain. `None` only when `candidates` is empty.
-pub(crate) fn select(candidates: &[(usize, View)], thresholds: &[f64]) -> Option<usize> {
-    if let Some(i) = candidates
-        .iter()
-        .position(|(pos, v)| v.fits && v.fraction >= threshold(thresholds, *pos))
-    {
+/// Chooses among `candidates` (`(view, action)` in chain order): the first the policy uses;
+/// else the one with the most headroom among those it did not exclude: cost fits now, then
+/// shortest wait until it fits, then highest fraction, then earliest in the chain. `None`
+/// when every candidate is excluded (or there is none).
+pub(crate) fn select(candidates: &[(QuotaView, Action)]) -> Option<usize> {
+    if let Some(i) = candidates.iter().position(|(_, a)| *a == Action::Use) {
         return Some(i);
     }
     let mut best: Option<usize> = None;
-    for (i, (_, v)) in candidates.iter().enumerate() {
+    for (i, (v, a)) in candidates.iter().enumerate() {
+        if *a == Action::Exclude {
+            continue;
+        }
         let better = match best {
             None => true,
-            Some(b) => more_headroom(v, &candidates[b].1),
+            Some(b) => more_headroom(v, &candidates[b].0),
         };
         if better {
             best = Some(i);
@@ -57,7 +521,7 @@ pub(crate) fn select(candidates: &[(usize, View)], thresholds: &[f64]) -> Option
 }
 
 /// Whether `a` has strictly more headroom than `b` (ties keep the earlier candidate).
-pub(crate) fn more_headroom(a: &View, b: &View) -> bool {
+pub(crate) fn more_headroom(a: &QuotaView, b: &QuotaView) -> bool {
     if a.fits != b.fits {
         return a.fits;
     }
@@ -204,6 +668,20 @@ pub(crate) fn may_move_on(status: StatusCode) -> bool {
 mod tests {
     use super::*;
 
+    type View = QuotaView;
+
+    /// `select` with the decisions of the default policy with `thresholds`, candidates given
+    /// by their position in the chain.
+    fn select_t(candidates: &[(usize, View)], thresholds: &[f64]) -> Option<usize> {
+        let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":8}"#).unwrap();
+        let policy = Thresholds::new(thresholds.iter().copied());
+        let decided: Vec<(View, Action)> = candidates
+            .iter()
+            .map(|(pos, v)| (*v, policy.decide(&Candidate::new(&meta, "m", *pos, *v))))
+            .collect();
+        select(&decided)
+    }
+
     fn v(fraction: f64, fits: bool, wait: Option<u64>) -> View {
         View {
             fraction,
@@ -225,32 +703,32 @@ mod tests {
     #[test]
     fn first_qualifying_candidate_wins() {
         let full = v(1.0, true, Some(0));
-        assert_eq!(select(&[(0, full), (1, full), (2, full)], T), Some(0));
+        assert_eq!(select_t(&[(0, full), (1, full), (2, full)], T), Some(0));
         let opus = v(0.69, true, Some(0));
-        assert_eq!(select(&[(0, opus), (1, full), (2, full)], T), Some(1));
+        assert_eq!(select_t(&[(0, opus), (1, full), (2, full)], T), Some(1));
         assert_eq!(
-            select(&[(0, v(0.70, true, Some(0))), (1, full)], T),
+            select_t(&[(0, v(0.70, true, Some(0))), (1, full)], T),
             Some(0)
         );
         let sonnet = v(0.29, true, Some(0));
-        assert_eq!(select(&[(0, opus), (1, sonnet), (2, full)], T), Some(2));
+        assert_eq!(select_t(&[(0, opus), (1, sonnet), (2, full)], T), Some(2));
         // A candidate whose cost does not fit is skipped even with a high fraction.
         let big = v(0.95, false, Some(3));
-        assert_eq!(select(&[(0, big), (1, full)], T), Some(1));
+        assert_eq!(select_t(&[(0, big), (1, full)], T), Some(1));
     }
 
     #[test]
     fn positions_not_indices_decide_thresholds() {
         // After a failover the remaining candidates keep their positions in the chain.
         assert_eq!(
-            select(
+            select_t(
                 &[(1, v(0.31, true, Some(0))), (2, v(1.0, true, Some(0)))],
                 T
             ),
             Some(0)
         );
         assert_eq!(
-            select(
+            select_t(
                 &[(1, v(0.29, true, Some(0))), (2, v(0.05, true, Some(0)))],
                 T
             ),
@@ -266,19 +744,80 @@ mod tests {
             (1, v(0.2, true, Some(0))),
             (2, v(0.1, false, Some(2))),
         ];
-        assert_eq!(select(&c, T), Some(0));
+        assert_eq!(select_t(&c, T), Some(0));
         // Nothing fits: the shortest wait, then the fraction.
         let c = [
             (0, v(0.9, false, Some(10))),
             (1, v(0.1, false, Some(2))),
             (2, v(0.5, false, None)),
         ];
-        assert_eq!(select(&c, T), Some(1));
+        assert_eq!(select_t(&c, T), Some(1));
         let c = [(0, v(0.2, false, Some(2))), (1, v(0.3, false, Some(2)))];
-        assert_eq!(select(&c, T), Some(1));
+        assert_eq!(select_t(&c, T), Some(1));
         let c = [(0, v(0.2, false, None)), (1, v(0.2, false, None))];
-        assert_eq!(select(&c, T), Some(0));
-        assert_eq!(select(&[], T), None);
+        assert_eq!(select_t(&c, T), Some(0));
+        assert_eq!(select_t(&[], T), None);
+    }
+
+    #[test]
+    fn excluded_candidates_are_never_a_last_resort() {
+        let low = v(0.1, true, Some(0));
+        let full = v(1.0, true, Some(0));
+        // Nothing used: the most headroom among the skipped ones, the excluded one ignored.
+        let c = [
+            (low, Action::Skip),
+            (full, Action::Exclude),
+            (v(0.2, true, Some(0)), Action::Skip),
+        ];
+        assert_eq!(select(&c), Some(2));
+        assert_eq!(select(&[(full, Action::Exclude)]), None);
+        assert_eq!(select(&[(low, Action::Skip), (full, Action::Use)]), Some(1));
+    }
+
+    #[test]
+    fn combinators() {
+        let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":8}"#).unwrap();
+        let fixed = |a: Action| policy_fn(move |_| a);
+        let c = Candidate::new(&meta, "claude-sonnet-4-6", 1, QuotaView::unknown());
+        let all = [Action::Use, Action::Skip, Action::Exclude];
+        for a in all {
+            for b in all {
+                let and = fixed(a).and(fixed(b)).decide(&c);
+                let or = fixed(a).or(fixed(b)).decide(&c);
+                let expected_and = if a == Action::Exclude || b == Action::Exclude {
+                    Action::Exclude
+                } else if a == Action::Use && b == Action::Use {
+                    Action::Use
+                } else {
+                    Action::Skip
+                };
+                let expected_or = if a == Action::Use || b == Action::Use {
+                    Action::Use
+                } else if a == Action::Exclude && b == Action::Exclude {
+                    Action::Exclude
+                } else {
+                    Action::Skip
+                };
+                assert_eq!(and, expected_and, "{a:?} and {b:?}");
+                assert_eq!(or, expected_or, "{a:?} or {b:?}");
+            }
+        }
+        // never_for: only lower candidates of the listed requests are excluded.
+        let p = fixed(Action::Use).never_for(["claude-opus-4-7"]);
+        assert_eq!(p.decide(&c), Action::Exclude);
+        let same = Candidate::new(&meta, "claude-opus-4-7", 0, QuotaView::unknown());
+        assert_eq!(p.decide(&same), Action::Use);
+        let other = RequestMeta::scan(br#"{"model":"claude-sonnet-4-6","max_tokens":8}"#).unwrap();
+        let haiku = Candidate::new(&other, "claude-haiku-4-5", 1, QuotaView::unknown());
+        assert_eq!(p.decide(&haiku), Action::Use);
+        // Debug never shows the headers (the API key).
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", "sk-ant-secret".parse().unwrap());
+        assert!(!format!("{:?}", same.with_headers(&headers)).contains("sk-ant-secret"));
+        // Object safety: boxed and shared policies are policies.
+        let boxed: Box<dyn Policy> = Box::new(Thresholds::default());
+        let shared: Arc<dyn Policy> = Arc::new(boxed);
+        assert_eq!(shared.decide(&same), Action::Use);
     }
 
     #[test]
@@ -402,7 +941,7 @@ mod tests {
                 thresholds in proptest::collection::vec(0.0f64..=1.0, 0..4),
             ) {
                 let candidates: Vec<(usize, View)> = views.iter().copied().enumerate().collect();
-                let chosen = select(&candidates, &thresholds);
+                let chosen = select_t(&candidates, &thresholds);
                 prop_assert_eq!(chosen.is_some(), !views.is_empty());
                 let Some(i) = chosen else { return Ok(()) };
                 let qualifies = |j: usize| {

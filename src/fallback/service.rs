@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::NoFallback;
 use super::body::FallbackBody;
 use super::future::{ResponseFuture, Walk};
-use super::policy::{self, Rules};
+use super::policy::{self, Rules, SharedPolicy};
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, header_names, is_messages_call};
 use crate::body::RequestBody;
@@ -24,7 +24,7 @@ pub(crate) struct Config {
     pub(crate) keys: Option<crate::key_pool::KeyPoolHandle>,
     pub(crate) catalog: ModelCatalog,
     pub(crate) floor: Option<String>,
-    pub(crate) thresholds: Vec<f64>,
+    pub(crate) policy: SharedPolicy,
     pub(crate) rules: Rules,
     pub(crate) overloaded_pause: Duration,
     pub(crate) max_depth: usize,

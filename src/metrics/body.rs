@@ -62,12 +62,19 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match frame {
             Some(Ok(frame)) => {
                 if let (Some(finish), Some(data)) = (this.finish.as_mut(), frame.data_ref()) {
                     finish.feed(data);
+                }
+                // A reader may stop at `is_end_stream` without polling for the end (hyper's
+                // server does, after a complete `Full` body): the last frame ends it.
+                if this.inner.is_end_stream() {
+                    if let Some(finish) = this.finish.take() {
+                        finish.end();
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

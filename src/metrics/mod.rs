@@ -67,9 +67,6 @@ pub mod pacing;
 pub mod prometheus;
 mod retries;
 mod service;
-#[cfg(feature = "testing")]
-#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
-pub mod simulation;
 
 pub use body::MetricsBody;
 pub use future::ResponseFuture;

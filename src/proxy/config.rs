@@ -157,6 +157,27 @@ pub struct ProxyConfig {
     pub alert_webhook: Option<String>,
     /// Utilisation (0..1) of a key and group's binding bucket that raises an alert.
     pub alert_threshold: f64,
+    // -- issue 16: adaptive concurrency, ramp-up, retry budget, pacing, Redis fail-closed,
+    // -- key restore (see docs/configuration.md).
+    /// Adaptive (AIMD) concurrency cap: halves on 429 / 529, grows back on success, between
+    /// `min_in_flight` and `max_in_flight` (64 when unset), starting at `initial_in_flight`.
+    pub adaptive_concurrency: bool,
+    /// The floor of the adaptive cap (default 1).
+    pub min_in_flight: usize,
+    /// The start of the adaptive cap (default 8, within the floor and the ceiling).
+    pub initial_in_flight: usize,
+    /// How fast the concurrency cap may grow (`None`: at once).
+    pub ramp_up: Option<crate::concurrency::RampUp>,
+    /// Share of requests that may be retried (a retry budget; `None`: no budget).
+    pub retry_budget: Option<f32>,
+    /// Retries per second always allowed by the budget (default 10).
+    pub retry_budget_min_per_sec: u32,
+    /// Predictive throttling (`None`: off).
+    pub pacing: Option<crate::stack::PacingConfig>,
+    /// Refuse requests while Redis is down instead of limiting locally with a share.
+    pub redis_fail_closed: bool,
+    /// The keys file, re-read on SIGHUP ([`Proxy::reload_keys`](super::Proxy::reload_keys)).
+    pub keys_file: Option<PathBuf>,
 }
 
 /// Command-line flags of `claude-proxy`. Every flag can also be set in the TOML file (same name
@@ -242,6 +263,42 @@ pub struct Cli {
     /// Utilisation that raises a quota alert, 0..1 [env: CLAUDE_PROXY_ALERT_THRESHOLD] [default: 0.8]
     #[arg(long, value_name = "FRACTION")]
     pub alert_threshold: Option<f64>,
+    /// Adaptive (AIMD) concurrency cap: halves on 429/529, grows back on success, up to --max-in-flight (64 when unset) [env: CLAUDE_PROXY_ADAPTIVE_CONCURRENCY] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub adaptive_concurrency: Option<bool>,
+    /// Floor of the adaptive cap [env: CLAUDE_PROXY_MIN_IN_FLIGHT] [default: 1]
+    #[arg(long, value_name = "N")]
+    pub min_in_flight: Option<usize>,
+    /// Start of the adaptive cap [env: CLAUDE_PROXY_INITIAL_IN_FLIGHT] [default: 8]
+    #[arg(long, value_name = "N")]
+    pub initial_in_flight: Option<usize>,
+    /// Ramp the concurrency cap up from N requests in flight (needs --max-in-flight or --adaptive-concurrency) [env: CLAUDE_PROXY_RAMP_UP_FROM] [default: no ramp-up]
+    #[arg(long, value_name = "N")]
+    pub ramp_up_from: Option<usize>,
+    /// Growth of the ramped-up cap per interval [env: CLAUDE_PROXY_RAMP_UP_STEP] [default: 1]
+    #[arg(long, value_name = "N")]
+    pub ramp_up_step: Option<usize>,
+    /// Interval of the ramp-up, e.g. 10s [env: CLAUDE_PROXY_RAMP_UP_INTERVAL] [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub ramp_up_interval: Option<String>,
+    /// Retry budget: share of requests that may be retried, e.g. 0.2 [env: CLAUDE_PROXY_RETRY_BUDGET] [default: no budget]
+    #[arg(long, value_name = "RATIO")]
+    pub retry_budget: Option<f32>,
+    /// Retries per second the budget always allows [env: CLAUDE_PROXY_RETRY_BUDGET_MIN_PER_SEC] [default: 10]
+    #[arg(long, value_name = "N")]
+    pub retry_budget_min_per_sec: Option<u32>,
+    /// Predictive throttling: space requests when a group's demand forecast nears its quota [env: CLAUDE_PROXY_PACING] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub pacing: Option<bool>,
+    /// Share of a limit the forecast must reach to start pacing, 0..1 [env: CLAUDE_PROXY_PACING_TRIGGER] [default: 0.8]
+    #[arg(long, value_name = "FRACTION")]
+    pub pacing_trigger: Option<f64>,
+    /// Most extra requests per minute, minute over minute, while pacing (acceleration limits) [env: CLAUDE_PROXY_PACING_RAMP] [default: none]
+    #[arg(long, value_name = "PER_MINUTE")]
+    pub pacing_ramp: Option<f64>,
+    /// Refuse requests while Redis is down instead of limiting locally with 1/N of the quota [env: CLAUDE_PROXY_REDIS_FAIL_CLOSED] [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub redis_fail_closed: Option<bool>,
 }
 
 /// The TOML file: the same names as the flags, plus `[limits.<group>]` and `[mock]` tables.
@@ -269,6 +326,19 @@ struct FileConfig {
     metrics: Option<bool>,
     alert_webhook: Option<String>,
     alert_threshold: Option<f64>,
+    // issue 16
+    adaptive_concurrency: Option<bool>,
+    min_in_flight: Option<usize>,
+    initial_in_flight: Option<usize>,
+    ramp_up_from: Option<usize>,
+    ramp_up_step: Option<usize>,
+    ramp_up_interval: Option<toml::Value>,
+    retry_budget: Option<f32>,
+    retry_budget_min_per_sec: Option<u32>,
+    pacing: Option<bool>,
+    pacing_trigger: Option<f64>,
+    pacing_ramp: Option<f64>,
+    redis_fail_closed: Option<bool>,
     #[serde(default)]
     limits: BTreeMap<String, GroupLimits>,
     #[serde(default)]
@@ -410,19 +480,8 @@ impl ProxyConfig {
                     .map(PathBuf::from)
             })
             .or(file.keys_file.clone());
-        if let Some(path) = keys_file {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                ConfigError::new(
-                    "--keys-file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            api_keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(Secret::new),
-            );
+        if let Some(path) = &keys_file {
+            api_keys.extend(read_keys_file(path)?);
         }
         api_keys.dedup();
 
@@ -629,6 +688,170 @@ impl ProxyConfig {
         )
         .map(|s| s.value);
 
+        // -- issue 16: adaptive concurrency, ramp-up, retry budget, pacing, Redis fail-closed.
+        let flag_bool = |v: Option<bool>| v.map(|v| v.to_string());
+        let adaptive_concurrency = match pick(
+            &flag_bool(cli.adaptive_concurrency),
+            "adaptive-concurrency",
+            "CLAUDE_PROXY_ADAPTIVE_CONCURRENCY",
+            flag_bool(file.adaptive_concurrency),
+            "adaptive_concurrency",
+        ) {
+            Some(s) => parse_bool(&s)?,
+            None => false,
+        };
+        let at_least_one = |s: Setting| -> Result<usize, ConfigError> {
+            let n = parse_num::<usize>(&s)?;
+            if n == 0 {
+                return Err(ConfigError::new(s.source, "must be at least 1"));
+            }
+            Ok(n)
+        };
+        let min_in_flight = match pick(
+            &cli.min_in_flight.map(|v| v.to_string()),
+            "min-in-flight",
+            "CLAUDE_PROXY_MIN_IN_FLIGHT",
+            file.min_in_flight.map(|v| v.to_string()),
+            "min_in_flight",
+        ) {
+            Some(s) => at_least_one(s)?,
+            None => 1,
+        };
+        let initial_in_flight = match pick(
+            &cli.initial_in_flight.map(|v| v.to_string()),
+            "initial-in-flight",
+            "CLAUDE_PROXY_INITIAL_IN_FLIGHT",
+            file.initial_in_flight.map(|v| v.to_string()),
+            "initial_in_flight",
+        ) {
+            Some(s) => at_least_one(s)?,
+            None => 8,
+        };
+        if adaptive_concurrency && min_in_flight > max_in_flight.unwrap_or(64) {
+            return Err(ConfigError::new(
+                "min_in_flight",
+                "the floor of the adaptive cap is above max_in_flight",
+            ));
+        }
+        let ramp_up = match pick(
+            &cli.ramp_up_from.map(|v| v.to_string()),
+            "ramp-up-from",
+            "CLAUDE_PROXY_RAMP_UP_FROM",
+            file.ramp_up_from.map(|v| v.to_string()),
+            "ramp_up_from",
+        ) {
+            Some(s) => {
+                if !adaptive_concurrency && max_in_flight.is_none() {
+                    return Err(ConfigError::new(
+                        s.source,
+                        "a ramp-up needs a cap to ramp up to: set max_in_flight or \
+                         adaptive_concurrency",
+                    ));
+                }
+                let initial = at_least_one(s)?;
+                let step = match pick(
+                    &cli.ramp_up_step.map(|v| v.to_string()),
+                    "ramp-up-step",
+                    "CLAUDE_PROXY_RAMP_UP_STEP",
+                    file.ramp_up_step.map(|v| v.to_string()),
+                    "ramp_up_step",
+                ) {
+                    Some(s) => at_least_one(s)?,
+                    None => 1,
+                };
+                let interval = match pick(
+                    &cli.ramp_up_interval,
+                    "ramp-up-interval",
+                    "CLAUDE_PROXY_RAMP_UP_INTERVAL",
+                    file.ramp_up_interval.as_ref().map(to_string),
+                    "ramp_up_interval",
+                ) {
+                    Some(s) => parse_duration_setting(&s)?,
+                    None => Duration::from_secs(10),
+                };
+                Some(crate::concurrency::RampUp {
+                    initial,
+                    step,
+                    interval,
+                })
+            }
+            None => None,
+        };
+        let retry_budget = match pick(
+            &cli.retry_budget.map(|v| v.to_string()),
+            "retry-budget",
+            "CLAUDE_PROXY_RETRY_BUDGET",
+            file.retry_budget.map(|v| v.to_string()),
+            "retry_budget",
+        ) {
+            Some(s) => {
+                let ratio = parse_num::<f32>(&s)?;
+                if !(0.0..=1000.0).contains(&ratio) {
+                    return Err(ConfigError::new(s.source, "must be between 0 and 1000"));
+                }
+                Some(ratio)
+            }
+            None => None,
+        };
+        let retry_budget_min_per_sec = match pick(
+            &cli.retry_budget_min_per_sec.map(|v| v.to_string()),
+            "retry-budget-min-per-sec",
+            "CLAUDE_PROXY_RETRY_BUDGET_MIN_PER_SEC",
+            file.retry_budget_min_per_sec.map(|v| v.to_string()),
+            "retry_budget_min_per_sec",
+        ) {
+            Some(s) => parse_num::<u32>(&s)?,
+            None => 10,
+        };
+        let pacing_on = match pick(
+            &flag_bool(cli.pacing),
+            "pacing",
+            "CLAUDE_PROXY_PACING",
+            flag_bool(file.pacing),
+            "pacing",
+        ) {
+            Some(s) => parse_bool(&s)?,
+            None => false,
+        };
+        let mut pacing = crate::stack::PacingConfig::default();
+        if let Some(s) = pick(
+            &cli.pacing_trigger.map(|v| v.to_string()),
+            "pacing-trigger",
+            "CLAUDE_PROXY_PACING_TRIGGER",
+            file.pacing_trigger.map(|v| v.to_string()),
+            "pacing_trigger",
+        ) {
+            let v = parse_num::<f64>(&s)?;
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(ConfigError::new(s.source, "must be in (0, 1]"));
+            }
+            pacing.trigger = v;
+        }
+        if let Some(s) = pick(
+            &cli.pacing_ramp.map(|v| v.to_string()),
+            "pacing-ramp",
+            "CLAUDE_PROXY_PACING_RAMP",
+            file.pacing_ramp.map(|v| v.to_string()),
+            "pacing_ramp",
+        ) {
+            let v = parse_num::<f64>(&s)?;
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::new(s.source, "must be a positive number"));
+            }
+            pacing.ramp = Some(v);
+        }
+        let pacing = pacing_on.then_some(pacing);
+        let redis_fail_closed = match pick(
+            &flag_bool(cli.redis_fail_closed),
+            "redis-fail-closed",
+            "CLAUDE_PROXY_REDIS_FAIL_CLOSED",
+            flag_bool(file.redis_fail_closed),
+            "redis_fail_closed",
+        ) {
+            Some(s) => parse_bool(&s)?,
+            None => false,
+        };
+
         for (group, l) in &file.limits {
             if l.rpm == 0 || l.itpm == 0 || l.otpm == 0 {
                 return Err(ConfigError::new(
@@ -704,8 +927,33 @@ impl ProxyConfig {
             metrics,
             alert_webhook,
             alert_threshold,
+            adaptive_concurrency,
+            min_in_flight,
+            initial_in_flight,
+            ramp_up,
+            retry_budget,
+            retry_budget_min_per_sec,
+            pacing,
+            redis_fail_closed,
+            keys_file,
         })
     }
+}
+
+/// The keys of a keys file: one per line, blank lines and `#` comments skipped.
+pub(crate) fn read_keys_file(path: &Path) -> Result<Vec<Secret>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            "--keys-file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(Secret::new)
+        .collect())
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -965,6 +1213,58 @@ mod tests {
         std::fs::write(&path, "max_retrys = 4\n").unwrap();
         let err = ProxyConfig::resolve(cli, &env(&[])).unwrap_err();
         assert!(err.to_string().contains("max_retrys"), "{err}");
+    }
+
+    #[test]
+    fn issue16_options_from_the_file_the_environment_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "max_in_flight = 20\nadaptive_concurrency = true\nmin_in_flight = 2\n\
+             ramp_up_from = 4\nramp_up_interval = \"30s\"\nretry_budget = 0.25\n\
+             pacing = true\npacing_ramp = 12\nredis_fail_closed = true\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(path),
+            initial_in_flight: Some(6),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(
+            cli,
+            &env(&[
+                ("CLAUDE_PROXY_PACING_TRIGGER", "0.6"),
+                ("CLAUDE_PROXY_RAMP_UP_STEP", "3"),
+            ]),
+        )
+        .unwrap();
+        assert!(cfg.adaptive_concurrency && cfg.redis_fail_closed);
+        assert_eq!((cfg.min_in_flight, cfg.initial_in_flight), (2, 6));
+        assert_eq!(
+            cfg.ramp_up,
+            Some(crate::concurrency::RampUp {
+                initial: 4,
+                step: 3,
+                interval: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(cfg.retry_budget, Some(0.25));
+        let pacing = cfg.pacing.unwrap();
+        assert_eq!((pacing.trigger, pacing.ramp), (0.6, Some(12.0)));
+
+        let defaults = ProxyConfig::resolve(Cli::default(), &env(&[])).unwrap();
+        assert!(!defaults.adaptive_concurrency && !defaults.redis_fail_closed);
+        assert!(defaults.ramp_up.is_none() && defaults.retry_budget.is_none());
+        assert!(defaults.pacing.is_none());
+        for (var, value) in [
+            ("CLAUDE_PROXY_PACING_TRIGGER", "1.5"),
+            ("CLAUDE_PROXY_RETRY_BUDGET", "-1"),
+            ("CLAUDE_PROXY_MIN_IN_FLIGHT", "0"),
+        ] {
+            let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.field(), var);
+        }
     }
 
     #[test]

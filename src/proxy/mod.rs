@@ -26,4 +26,4 @@ pub use config::{
     parse_duration,
 };
 pub use error_response::error_response;
-pub use server::Proxy;
+pub use server::{KeysReload, Proxy};

@@ -51,6 +51,10 @@ struct State {
     started: std::time::Instant,
     counters: Counters,
     metrics: Option<crate::metrics::MetricsLayer>,
+    /// The concurrency cap (issue 16: its live limit is on the status page).
+    concurrency: Option<crate::concurrency::ConcurrencyHandle>,
+    /// Whether the stack paces admissions.
+    paced: bool,
 }
 
 /// What the status page reports besides the board.
@@ -105,7 +109,9 @@ impl Proxy {
                     },
                 );
             }
-            let options = crate::quota::RedisOptions::new().expected_nodes(config.expected_nodes);
+            let options = crate::quota::RedisOptions::new()
+                .expected_nodes(config.expected_nodes)
+                .fail_closed(config.redis_fail_closed);
             stack = stack.board(board.build_redis(url, options).await?);
             if config.cache {
                 let store = crate::cache::RedisStore::connect(url).await?;
@@ -143,6 +149,8 @@ impl Proxy {
         }
         let metrics = stack.metrics_layer();
         let board = stack.quota_board().clone();
+        let concurrency = stack.concurrency_handle();
+        let paced = stack.is_paced();
         let service = match &config.upstream {
             Upstream::Url(uri) => stack.service(crate::client::HttpClient::new(uri.clone())),
             Upstream::Mock(m) => stack.service(simulator(m)),
@@ -156,6 +164,8 @@ impl Proxy {
                 started: std::time::Instant::now(),
                 counters: Counters::default(),
                 metrics,
+                concurrency,
+                paced,
             }),
         })
     }
@@ -174,6 +184,39 @@ impl Proxy {
     /// The configuration.
     pub fn config(&self) -> &ProxyConfig {
         &self.state.config
+    }
+
+    /// Puts removed upstream keys back into rotation (after an operator raised a spend cap or
+    /// fixed a key, say): re-reads the keys file, and restores every key it lists that the
+    /// pool removed (401, 402, or by hand). Without a keys file, every configured key is
+    /// restored. A key the file lists that the pool does not hold is counted and logged: the
+    /// pool's set of keys is fixed at start, so adding one needs a restart. `claude-proxy`
+    /// calls this on SIGHUP ([`reload_keys_on_sighup`](Self::reload_keys_on_sighup)).
+    ///
+    /// Fails only when the keys file cannot be read; the pool is then left as it was.
+    pub fn reload_keys(&self) -> Result<KeysReload, BoxError> {
+        reload_keys(&self.state)
+    }
+
+    /// Spawns a task that calls [`reload_keys`](Self::reload_keys) on every SIGHUP (Unix
+    /// only; elsewhere nothing is spawned). The task ends with the runtime.
+    pub fn reload_keys_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = signal(SignalKind::hangup())?;
+            let state = self.state.clone();
+            Ok(Some(tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: re-reading the keys file");
+                    if let Err(err) = reload_keys(&state) {
+                        tracing::warn!(%err, "SIGHUP: keys not reloaded");
+                    }
+                }
+            })))
+        }
+        #[cfg(not(unix))]
+        Ok(None)
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then stops accepting and
@@ -230,6 +273,42 @@ impl Proxy {
         }
         Ok(())
     }
+}
+
+/// What [`Proxy::reload_keys`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeysReload {
+    /// The keys put back into rotation.
+    pub restored: Vec<KeyId>,
+    /// Keys listed that the pool does not hold (they need a restart).
+    pub not_in_pool: usize,
+}
+
+fn reload_keys(state: &State) -> Result<KeysReload, BoxError> {
+    let mut report = KeysReload::default();
+    let Some(pool) = &state.keys else {
+        return Ok(report);
+    };
+    let listed = match &state.config.keys_file {
+        Some(path) => super::config::read_keys_file(path)?,
+        None => state.config.api_keys.clone(),
+    };
+    for key in listed {
+        let id = key.id();
+        if pool.status(&id).is_none() {
+            tracing::warn!(key = %id, "keys file lists a key the pool does not hold: restart to add it");
+            report.not_in_pool += 1;
+        } else if pool.restore(&id) {
+            report.restored.push(id);
+        }
+    }
+    tracing::info!(
+        restored = report.restored.len(),
+        not_in_pool = report.not_in_pool,
+        "keys reloaded"
+    );
+    Ok(report)
 }
 
 /// The per-connection hyper service. A named type (rather than `service_fn` over a closure)
@@ -295,6 +374,24 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
         cache,
         cache_ttl: config.cache_ttl,
         metrics: config.metrics,
+        // issue 16
+        adaptive_concurrency: config
+            .adaptive_concurrency
+            .then(|| crate::concurrency::Aimd {
+                initial: config.initial_in_flight,
+                min: config.min_in_flight,
+                max: config.max_in_flight.unwrap_or(64),
+                ..crate::concurrency::Aimd::default()
+            }),
+        concurrency_ramp_up: config.ramp_up,
+        retry_budget: config.retry_budget.map(|ratio| {
+            crate::retry::RetryBudget::new(
+                Duration::from_secs(10),
+                config.retry_budget_min_per_sec,
+                ratio,
+            )
+        }),
+        pacing: config.pacing,
         ..StackConfig::default()
     }
 }
@@ -414,6 +511,12 @@ fn status_page(state: &State) -> Response<ProxyBody> {
         "quota": quota,
         "keys": keys,
         "redis": redis,
+        "concurrency": state.concurrency.as_ref().map(|c| serde_json::json!({
+            "limit": c.limit(),
+            "in_flight": c.in_flight(),
+            "adaptive": state.config.adaptive_concurrency,
+        })),
+        "pacing": state.paced,
     });
     json_response(StatusCode::OK, body.to_string())
 }

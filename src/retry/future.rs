@@ -19,13 +19,10 @@ use tower_service::Service;
 use super::backoff::{BackoffState, Need, next_delay};
 use super::layer::Shared;
 use super::pacing::{QuotaKey, Slot};
-use super::policy::{
-    StatusVerdict, is_rate_limit, is_retryable_stream_error, is_spend_cap, needs_body,
-    status_verdict,
-};
+use super::policy::{Action, Attempt, StatusVerdict, is_rate_limit, is_spend_cap, needs_body};
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
-use crate::anthropic::{ApiError, StreamTracker, header_names, request_id};
+use crate::anthropic::{ApiError, RequestMeta, StreamTracker, header_names, request_id};
 use crate::body::RequestBody;
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
@@ -126,6 +123,22 @@ impl Template {
             extensions: parts.extensions,
             body,
         }
+    }
+
+    /// What the layer's [`Policy`](super::Policy) says about attempt `number`, which failed
+    /// as `what` says (see [`Attempt`]).
+    fn classify<'a>(
+        &'a self,
+        shared: &Shared,
+        what: impl FnOnce(&'a RequestMeta) -> Attempt<'a>,
+    ) -> Action {
+        static NO_META: std::sync::LazyLock<RequestMeta> =
+            std::sync::LazyLock::new(RequestMeta::default);
+        let meta = self.extensions.get::<RequestMeta>().unwrap_or(&NO_META);
+        let attempt = what(meta).with_request_headers(&self.headers);
+        let action = shared.config.policy.0.classify(&attempt);
+        tracing::trace!(attempt = attempt.number(), status = ?attempt.status(), ?action, "retry policy decided");
+        action
     }
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
@@ -244,7 +257,7 @@ where
             .map_err(Into::into);
         let outcome = match called {
             Err(err) => Outcome::Failed(err),
-            Ok(response) => inspect(response, &shared).await,
+            Ok(response) => inspect(response, &shared, &ctx.template, attempt).await,
         };
         // Set by a layer below on a retryable response (see `RetrySooner`).
         let mut sooner: Option<Duration> = None;
@@ -283,8 +296,11 @@ where
                     .into());
             }
             Outcome::Failed(err) => {
-                if let Some(retry) = &config.retry_error {
-                    if !retry(&err) {
+                {
+                    let action = ctx
+                        .template
+                        .classify(&shared, |meta| Attempt::error(meta, attempt, &err));
+                    if action == Action::Return {
                         let (status, api_error) = last_http.unzip();
                         return Err(RetryError::new(RetryErrorKind::Inner, attempt)
                             .with_timing(ctx.started.elapsed(), total_wait)
@@ -505,7 +521,12 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Classifies one response, reading ahead in its body where the decision needs it.
-async fn inspect<B>(response: Response<B>, shared: &Shared) -> Outcome<B>
+async fn inspect<B>(
+    response: Response<B>,
+    shared: &Shared,
+    template: &Template,
+    attempt: u32,
+) -> Outcome<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -522,7 +543,11 @@ where
                 success: true,
             };
         }
-        return hold_back(response, config.max_hold_back).await;
+        return hold_back(response, config.max_hold_back, |error| {
+            template.classify(shared, |meta| Attempt::stream_error(meta, attempt, error))
+                == Action::Retry
+        })
+        .await;
     }
 
     // A layer below sends the next attempt differently (another key): whatever the status,
@@ -531,7 +556,13 @@ where
     let verdict = if sooner {
         StatusVerdict::Retry
     } else {
-        status_verdict(status, response.headers())
+        let headers = response.headers();
+        match template.classify(shared, |meta| {
+            Attempt::response(meta, attempt, status, headers)
+        }) {
+            Action::Retry => StatusVerdict::Retry,
+            Action::Return => StatusVerdict::Stop,
+        }
     };
     if verdict == StatusVerdict::Stop && !needs_body(status) {
         return Outcome::Final {
@@ -566,7 +597,11 @@ where
 /// Holds a 2xx stream back until its first content event (or its end, or an error), then
 /// decides: content with no error before it is forwarded; an error, a body failure or an end
 /// before any content is a retryable failure (nothing reached the caller yet).
-async fn hold_back<B>(response: Response<B>, limit: usize) -> Outcome<B>
+async fn hold_back<B>(
+    response: Response<B>,
+    limit: usize,
+    retry_error: impl FnOnce(&ApiError) -> bool,
+) -> Outcome<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -589,7 +624,7 @@ where
     let content = tracker.content_started();
     let response = Response::from_parts(parts, read.into_body());
     match error {
-        Some(error) if is_retryable_stream_error(&error) => Outcome::Retryable {
+        Some(error) if !is_spend_cap(&error) && retry_error(&error) => Outcome::Retryable {
             response,
             error: Some(error),
             use_headers: false,

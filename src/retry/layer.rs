@@ -8,12 +8,10 @@ use tower_layer::Layer;
 
 use super::backoff::{BackoffConfig, Jitter};
 use super::pacing::Pacer;
+use super::policy::{Action, Policy, PolicyExt, SharedPolicy, policy_fn};
 use super::{Retry, RetryBudget};
 use crate::BoxError;
 use crate::anthropic::ModelCatalog;
-
-/// Decides whether an inner service error is retried.
-pub(crate) type ErrorPredicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
 
 /// The largest accepted `max_delay`.
 pub(crate) const MAX_DELAY_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
@@ -32,7 +30,7 @@ pub(crate) struct Config {
     pub(crate) hold_back_stream: bool,
     pub(crate) pacing: bool,
     pub(crate) catalog: ModelCatalog,
-    pub(crate) retry_error: Option<ErrorPredicate>,
+    pub(crate) policy: SharedPolicy,
     pub(crate) max_error_body: usize,
     pub(crate) max_hold_back: usize,
 }
@@ -96,7 +94,7 @@ impl RetryLayer {
                 hold_back_stream: true,
                 pacing: true,
                 catalog: ModelCatalog::default(),
-                retry_error: None,
+                policy: SharedPolicy::default(),
                 max_error_body: DEFAULT_MAX_ERROR_BODY,
                 max_hold_back: DEFAULT_MAX_HOLD_BACK,
             },
@@ -192,10 +190,31 @@ impl RetryLayer {
         self
     }
 
+    /// Which failed attempts are retried (default: [`Transient`](super::Transient), the rules
+    /// of the [module docs](super#what-is-retried)). The spend cap is never retried and an
+    /// answer marked [`RetrySooner`](super::RetrySooner) always is, whatever the policy says;
+    /// attempts, deadline and budget bound every policy. Replaces the current policy (and
+    /// what [`retry_errors_if`](Self::retry_errors_if) added to it).
+    ///
+    /// ```
+    /// use tower_claude::retry::{PolicyExt, RetryLayer, Transient};
+    ///
+    /// let layer = RetryLayer::new().policy(Transient.never_for(["claude-opus-4-7"]));
+    /// # let _ = layer;
+    /// ```
+    pub fn policy<P>(mut self, policy: P) -> Self
+    where
+        P: Policy + 'static,
+    {
+        self.config.policy = SharedPolicy(Arc::new(policy));
+        self
+    }
+
     /// Which inner service errors are retried (default: all of them, since a service below
     /// the layer fails only before any response byte: connection errors and timeouts).
     /// Errors for which `retry` returns false fail at once with
-    /// [`RetryErrorKind::Inner`](super::RetryErrorKind::Inner).
+    /// [`RetryErrorKind::Inner`](super::RetryErrorKind::Inner). Shorthand for the current
+    /// [`policy`](Self::policy) `.and(` a policy that returns those errors `)`.
     ///
     /// ```
     /// use tower_claude::retry::RetryLayer;
@@ -209,7 +228,12 @@ impl RetryLayer {
     where
         F: Fn(&BoxError) -> bool + Send + Sync + 'static,
     {
-        self.config.retry_error = Some(Arc::new(retry));
+        let current = self.config.policy.0.clone();
+        let errors = policy_fn(move |attempt| match attempt.inner_error() {
+            Some(err) if !retry(err) => Action::Return,
+            _ => Action::Retry,
+        });
+        self.config.policy = SharedPolicy(Arc::new(current.and(errors)));
         self
     }
 }
@@ -229,6 +253,7 @@ impl fmt::Debug for RetryLayer {
             .field("backoff", &self.config.backoff)
             .field("hold_back_stream", &self.config.hold_back_stream)
             .field("pacing", &self.config.pacing)
+            .field("policy", &self.config.policy)
             .finish_non_exhaustive()
     }
 }

@@ -65,6 +65,10 @@
 //! layer reads the body of a retryable error response (at most 64 KiB; error envelopes are
 //! a few hundred bytes) and replays it unchanged if it returns that response.
 //!
+//! These rules are the default [`Policy`], [`Transient`]; give the layer your own with
+//! [`RetryLayer::policy`], composed with [`PolicyExt`] (see [`policy`]). The spend cap is
+//! never retried whatever the policy says.
+//!
 //! # What is returned
 //!
 //! A proxy in front of an SDK must forward what upstream said, so when the layer gives up on
@@ -155,7 +159,7 @@ mod error;
 mod future;
 mod layer;
 mod pacing;
-mod policy;
+pub mod policy;
 mod service;
 
 use std::time::Duration;
@@ -169,6 +173,7 @@ pub use budget::RetryBudget;
 pub use error::{RetryError, RetryErrorKind};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
+pub use policy::{Action, Attempt, Policy, PolicyExt, Transient, policy_fn};
 pub use service::Retry;
 
 /// A request extension: the instant after which [`Retry`] starts no new wait. It overrides

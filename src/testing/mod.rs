@@ -101,6 +101,9 @@ mod fault;
 mod render;
 mod server;
 mod service;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod simulation;
 mod state;
 mod stats;
 

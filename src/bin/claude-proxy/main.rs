@@ -38,6 +38,8 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // SIGHUP re-reads the keys file and puts removed keys back into rotation.
+    let _reload = proxy.reload_keys_on_sighup();
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(err) => {

@@ -127,6 +127,21 @@ impl PacingLayer {
         self
     }
 
+    /// The forecaster the layer reads (feed it with a
+    /// [`MetricsLayer::forecaster`](crate::metrics::MetricsLayer::forecaster) above).
+    ///
+    /// ```
+    /// use tower_claude::metrics::forecast::Forecaster;
+    /// use tower_claude::metrics::pacing::PacingLayer;
+    ///
+    /// let layer = PacingLayer::new(Forecaster::new());
+    /// let metrics = tower_claude::metrics::MetricsLayer::new().forecaster(layer.forecaster().clone());
+    /// # drop(metrics);
+    /// ```
+    pub fn forecaster(&self) -> &Forecaster {
+        &self.config.forecaster
+    }
+
     /// The model catalogue mapping model ids to rate-limit groups.
     pub fn catalog(mut self, catalog: ModelCatalog) -> Self {
         self.config.catalog = catalog;

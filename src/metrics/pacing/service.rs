@@ -111,12 +111,25 @@ impl GroupPace {
 }
 
 impl Config {
-    fn limits_of(&self, group: &RateLimitGroup) -> Option<Limits> {
+    /// The limits pacing `group` aims under: the layer's own, its default, then the board's
+    /// for `key` (configured, else learned from the `anthropic-ratelimit-*-limit` headers of
+    /// an answer, so a proxy without configured limits paces once the first answer is in).
+    fn limits_of(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
         self.limits
             .get(group)
             .copied()
             .or(self.default_limits)
-            .or_else(|| self.board.as_ref().and_then(|b| b.limits(group)))
+            .or_else(|| {
+                let board = self.board.as_ref()?;
+                board.key_limits(key, group).or_else(|| {
+                    let h = board.headroom(key, group)?;
+                    Some(Limits::new(
+                        h.requests?.limit,
+                        h.input_tokens?.limit,
+                        h.output_tokens?.limit,
+                    ))
+                })
+            })
     }
 
     /// The delay before a request of `group` with this input estimate and `max_tokens`.
@@ -293,10 +306,10 @@ where
         if unknown && !self.config.limits.contains_key(&group) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let Some(limits) = self.config.limits_of(&group) else {
+        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
+        let Some(limits) = self.config.limits_of(&key, &group) else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
-        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let delay = self.config.delay(&key, &group, limits, input, max_tokens);
         if delay.is_zero() {
             return ResponseFuture::called(self.inner.call(req), Duration::ZERO);

@@ -7,7 +7,7 @@
 //! simulated quarter of an hour takes well under a second.
 //!
 //! ```
-//! use tower_claude::metrics::simulation::{SimConfig, Strategy, simulate};
+//! use tower_claude::testing::simulation::{SimConfig, Strategy, simulate};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
@@ -30,12 +30,12 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 
-use super::MetricsLayer;
-use super::forecast::Forecaster;
-use super::pacing::{PacingDelay, PacingLayer};
 use crate::BoxError;
 use crate::anthropic::{RateLimitGroup, retry_after};
 use crate::body::RequestBody;
+use crate::metrics::MetricsLayer;
+use crate::metrics::forecast::Forecaster;
+use crate::metrics::pacing::{PacingDelay, PacingLayer};
 use crate::quota::{Limits, QuotaBoard, TokenBucket};
 use crate::rate_limit::{QueueWait, RateLimitLayer};
 use crate::testing::{AccelerationLimit, MockClaude, MockLimits};
@@ -223,7 +223,7 @@ fn build(strategy: Strategy, config: &SimConfig, mock: Client, forecaster: &Fore
         Strategy::NoLimiter => BoxCloneService::new(
             ServiceBuilder::new()
                 .map_response(|r: http::Response<_>| {
-                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                    r.map(|b: crate::metrics::MetricsBody<_>| b.boxed_unsync())
                 })
                 .layer(metrics)
                 .service(mock),
@@ -231,7 +231,7 @@ fn build(strategy: Strategy, config: &SimConfig, mock: Client, forecaster: &Fore
         Strategy::Buckets => BoxCloneService::new(
             ServiceBuilder::new()
                 .map_response(|r: http::Response<_>| {
-                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                    r.map(|b: crate::metrics::MetricsBody<_>| b.boxed_unsync())
                 })
                 .layer(metrics)
                 .map_response(boxed)
@@ -241,7 +241,7 @@ fn build(strategy: Strategy, config: &SimConfig, mock: Client, forecaster: &Fore
         Strategy::Pacing => BoxCloneService::new(
             ServiceBuilder::new()
                 .map_response(|r: http::Response<_>| {
-                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                    r.map(|b: crate::metrics::MetricsBody<_>| b.boxed_unsync())
                 })
                 .layer(metrics)
                 .layer(pacing)
@@ -250,7 +250,7 @@ fn build(strategy: Strategy, config: &SimConfig, mock: Client, forecaster: &Fore
         Strategy::PacingAndBuckets => BoxCloneService::new(
             ServiceBuilder::new()
                 .map_response(|r: http::Response<_>| {
-                    r.map(|b: super::MetricsBody<_>| b.boxed_unsync())
+                    r.map(|b: crate::metrics::MetricsBody<_>| b.boxed_unsync())
                 })
                 .layer(metrics)
                 .layer(pacing_on_board)
