@@ -533,9 +533,8 @@ async fn a_panicking_upstream_is_a_500_and_the_proxy_keeps_serving() {
             if req.body().bytes().windows(5).any(|w| w == b"PANIC") {
                 panic!("the upstream service panicked");
             }
-            tower::ServiceExt::oneshot(mock, req)
-                .await
-                .map_err(BoxError::from)
+            let resp: Result<_, BoxError> = tower::ServiceExt::oneshot(mock, req).await;
+            resp
         }
     });
     let cfg = config(
