@@ -722,3 +722,31 @@ async fn json_log_lines_and_a_warning_for_a_key_on_the_command_line() {
     assert!(!text.contains("sk-ant-on-the-command-line"));
     assert!(!text.as_bytes().contains(&0x1b));
 }
+
+/// A body that does not arrive within the proxy's deadline is answered 408 (before, the proxy
+/// waited for it as long as the client kept the connection open).
+#[tokio::test]
+async fn a_body_that_never_arrives_ends_at_the_deadline() {
+    let proxy = start(
+        Cli {
+            deadline: Some("500ms".into()),
+            ..cli_for("mock".into())
+        },
+        &[],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answer = raw(
+        proxy.addr,
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"mod",
+    )
+    .await;
+    assert_eq!(answer.status, 408);
+    assert_eq!(answer.error_kind(), ApiErrorKind::RequestTimeout);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}

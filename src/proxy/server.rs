@@ -244,7 +244,7 @@ impl Proxy {
         let config = &self.state.config;
         let cap = conn::fitting_cap(config.max_connections);
         if cap < config.max_connections {
-            tracing::warn!(
+            tracing::info!(
                 configured = config.max_connections,
                 cap,
                 "max_connections lowered to fit the file descriptor limit (raise `ulimit -n`)"
@@ -626,6 +626,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
         let ok = presented_token(&req)
             .is_some_and(|t| config.client_tokens.iter().any(|s| same_secret(t, s)));
         if !ok {
+            tracing::debug!("client token missing or unknown: 401 before reading the body");
             return api_error(
                 ApiErrorKind::Authentication,
                 "invalid proxy token: send one of the proxy's client tokens as x-api-key",
