@@ -25,6 +25,10 @@ pub enum LogFormat {
 }
 
 /// The filter used when `RUST_LOG` is not set.
+///
+/// ```
+/// assert!(tower_claude::proxy::DEFAULT_LOG_FILTER.contains("tower_claude=info"));
+/// ```
 pub const DEFAULT_LOG_FILTER: &str = "claude_proxy=info,tower_claude=info";
 
 /// Whether the text log may be coloured: only on a terminal, and never when `NO_COLOR` is set
