@@ -23,7 +23,7 @@ use tower::util::BoxCloneSyncService;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
-use super::conn::{self, ConnLimits, ConnService, Registry};
+use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
 use super::edge::{self, EdgeBody, REQUEST_ID};
 use super::error_response::error_response;
 use crate::BoxError;
@@ -254,9 +254,19 @@ impl Proxy {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
         };
-        let registry = Registry::new(cap);
+        let registry = Arc::new(Registry::new(cap));
         let slots = Arc::new(Semaphore::new(cap));
-        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let sweeper = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Registry::sweep_every(limits));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    registry.sweep(limits);
+                }
+            })
+        };
         let stack = edge::stack(
             config.body_limit,
             Handle {
@@ -305,10 +315,9 @@ impl Proxy {
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
-            let stopping = stopping.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(err) = conn::watch(conn, activity, limits, stopping).await {
+                if let Err(err) = Watched::new(conn, activity).await {
                     tracing::debug!(%peer, error = %err, "connection ended with an error");
                 }
             });
@@ -318,7 +327,7 @@ impl Proxy {
             refresh.abort();
         }
         tracing::info!("shutting down: waiting for in-flight requests");
-        let _ = stop.send(true);
+        registry.close_all();
         let all = u32::try_from(cap).unwrap_or(u32::MAX);
         tokio::select! {
             _ = slots.acquire_many(all) => {}
@@ -326,6 +335,7 @@ impl Proxy {
                 tracing::warn!("in-flight requests still running at the deadline; closing");
             }
         }
+        sweeper.abort();
         Ok(())
     }
 }
