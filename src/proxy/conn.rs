@@ -446,6 +446,45 @@ mod tests {
         assert!(!registry.evict_one(), "only a busy one is left");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_closes_what_is_past_its_deadline_and_nothing_busy() {
+        let limits = ConnLimits {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let registry = Registry::new(4);
+        let fresh = registry.open();
+        let served = registry.open();
+        drop(Busy::new(served.clone()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        registry.sweep(limits);
+        assert_eq!(
+            fresh.close.load(Ordering::Acquire),
+            Close::Timeout as u8,
+            "no request head in 1 s"
+        );
+        assert_eq!(served.close.load(Ordering::Acquire), 0, "idle for 2 s of 5");
+        let busy = Busy::new(served.clone());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        registry.sweep(limits);
+        assert_eq!(
+            served.close.load(Ordering::Acquire),
+            0,
+            "a busy connection is never timed out"
+        );
+        drop(busy);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        registry.sweep(limits);
+        assert_eq!(served.close.load(Ordering::Acquire), Close::Timeout as u8);
+        drop(fresh);
+        registry.sweep(limits);
+        assert_eq!(
+            registry.conns.lock().unwrap().len(),
+            1,
+            "closed connections are forgotten"
+        );
+    }
+
     #[test]
     fn the_cap_fits_the_descriptor_limit() {
         assert!(fitting_cap(1_000_000) <= 1_000_000);
