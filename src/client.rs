@@ -5,15 +5,17 @@
 //! `https://api.anthropic.com`.
 
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{self, HeaderName};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::BoxError;
+use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::RequestBody;
 
 /// The Anthropic API base URL.
@@ -24,6 +26,9 @@ pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 /// It rewrites each request's scheme and authority to the base URL (keeping path and query),
 /// drops hop-by-hop headers and `host`, and asks for an uncompressed answer
 /// (`accept-encoding: identity`) because the layers above read usage from the response body.
+/// A path that could leave the base URL's path (`..` or `.` segments, encoded slashes, `//`)
+/// is refused with a 400 `invalid_request_error` and never sent. Pooled connections idle for
+/// longer than [`pool_idle_timeout`](Self::pool_idle_timeout) (60 s by default) are closed.
 ///
 /// ```
 /// use tower::ServiceBuilder;
@@ -42,6 +47,9 @@ pub struct HttpClient {
     base: Uri,
 }
 
+/// How long an idle pooled upstream connection is kept by default.
+const DEFAULT_POOL_IDLE: Duration = Duration::from_secs(60);
+
 impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpClient")
@@ -59,6 +67,30 @@ impl HttpClient {
     /// A client for any `http://` or `https://` base URL. A path in the base URL is kept as a
     /// prefix (for gateways mounted under a path).
     pub fn new(base: Uri) -> Self {
+        Self {
+            client: Self::build(DEFAULT_POOL_IDLE),
+            base,
+        }
+    }
+
+    /// Closes pooled connections that stayed idle for `idle` (default 60 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_claude::client::HttpClient;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let client = HttpClient::anthropic().pool_idle_timeout(Duration::from_secs(15));
+    /// # drop(client);
+    /// # }
+    /// ```
+    pub fn pool_idle_timeout(mut self, idle: Duration) -> Self {
+        self.client = Self::build(idle);
+        self
+    }
+
+    fn build(idle: Duration) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -68,10 +100,12 @@ impl HttpClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(https);
-        Self { client, base }
+        // The pool only expires idle connections with a timer: without one,
+        // `pool_idle_timeout` is ignored and every socket of a burst stays open for good.
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(idle)
+            .build(https)
     }
 
     /// The base URL.
@@ -80,12 +114,93 @@ impl HttpClient {
     }
 
     fn target(&self, uri: &Uri) -> Result<Uri, BoxError> {
+        if let Err(reason) = check_path(uri.path()) {
+            return Err(
+                ApiError::new(ApiErrorKind::InvalidRequest, reason.message(uri.path())).into(),
+            );
+        }
         let prefix = self.base.path().trim_end_matches('/');
         let pq = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
         let mut parts = self.base.clone().into_parts();
         parts.path_and_query = Some(format!("{prefix}{pq}").parse()?);
         Ok(Uri::from_parts(parts)?)
     }
+}
+
+/// Why a request path is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathRefusal {
+    /// A `.` or `..` segment, plain or percent-encoded.
+    DotSegment,
+    /// An empty segment (`//`, or a trailing `/`).
+    EmptySegment,
+    /// A percent-encoded `/`, `\`, `%` (double encoding) or control byte, a raw `\`, or an
+    /// invalid escape.
+    Encoding,
+}
+
+impl PathRefusal {
+    /// The message of the 400 `invalid_request_error`.
+    pub(crate) fn message(self, path: &str) -> String {
+        let what = match self {
+            Self::DotSegment => "a `.` or `..` segment",
+            Self::EmptySegment => "an empty segment (`//` or a trailing `/`)",
+            Self::Encoding => "an encoded `/`, `\\` or `%`, a `\\`, a control byte or a bad escape",
+        };
+        // Only a bounded prefix of a hostile path goes back (and into logs).
+        let shown: String = path.chars().take(200).collect();
+        format!("the request path `{shown}` has {what}: it is refused rather than forwarded")
+    }
+}
+
+/// Checks that `path` names one resource under the base URL: no dot segments (plain or
+/// percent-encoded, any case), no empty segments, no encoded separators, no double encoding.
+/// Such paths are refused rather than normalised: an API path never needs them, and a proxy
+/// that normalises differently from the upstream is how `/v1/../admin` gets through.
+pub(crate) fn check_path(path: &str) -> Result<(), PathRefusal> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(PathRefusal::EmptySegment);
+    };
+    if rest.is_empty() {
+        return Ok(());
+    }
+    for segment in rest.split('/') {
+        if segment.is_empty() {
+            return Err(PathRefusal::EmptySegment);
+        }
+        if segment.contains('\\') {
+            return Err(PathRefusal::Encoding);
+        }
+        // Decode only as far as needed: count dots, refuse encoded separators.
+        let bytes = segment.as_bytes();
+        let (mut i, mut dots, mut len) = (0, 0, 0);
+        while i < bytes.len() {
+            let b = if bytes[i] == b'%' {
+                let hex = |c: u8| (c as char).to_digit(16);
+                let (Some(hi), Some(lo)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathRefusal::Encoding);
+                };
+                i += 3;
+                let b = (hi * 16 + lo) as u8;
+                if matches!(b, b'/' | b'\\' | b'%') || b < 0x20 || b == 0x7f {
+                    return Err(PathRefusal::Encoding);
+                }
+                b
+            } else {
+                i += 1;
+                bytes[i - 1]
+            };
+            len += 1;
+            dots += usize::from(b == b'.');
+        }
+        if dots == len && len <= 2 {
+            return Err(PathRefusal::DotSegment);
+        }
+    }
+    Ok(())
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) that a proxy must not forward.
@@ -131,11 +246,74 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
                 header::ACCEPT_ENCODING,
                 http::HeaderValue::from_static("identity"),
             );
+            // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables.
+            for name in [header::AUTHORIZATION, HeaderName::from_static("x-api-key")] {
+                if let Some(value) = parts.headers.get_mut(&name) {
+                    value.set_sensitive(true);
+                }
+            }
             let resp = client
                 .request(Request::from_parts(parts, body))
                 .await
                 .map_err(BoxError::from)?;
             Ok(resp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_leave_their_place_are_refused() {
+        for ok in [
+            "/",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/v1/models/claude-opus-4-1",
+            "/v1/messages/batches/msgbatch_01.x",
+            "/v1/files/a..b",
+            "/v1/x%20y",
+        ] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("/v1/../admin", PathRefusal::DotSegment),
+            ("/v1/./messages", PathRefusal::DotSegment),
+            ("/v1/%2e%2e/admin", PathRefusal::DotSegment),
+            ("/v1/%2E%2e/admin", PathRefusal::DotSegment),
+            ("/v1/.%2e/admin", PathRefusal::DotSegment),
+            ("/v1/%2e/admin", PathRefusal::DotSegment),
+            ("/v1/..", PathRefusal::DotSegment),
+            ("/v1//messages", PathRefusal::EmptySegment),
+            ("/v1/messages/", PathRefusal::EmptySegment),
+            ("//v1/messages", PathRefusal::EmptySegment),
+            ("/v1/..%2fadmin", PathRefusal::Encoding),
+            ("/v1/%2F..", PathRefusal::Encoding),
+            ("/v1/%5c..", PathRefusal::Encoding),
+            ("/v1/%252e%252e/admin", PathRefusal::Encoding),
+            ("/v1/%zz", PathRefusal::Encoding),
+            ("/v1/%2", PathRefusal::Encoding),
+            ("/v1/%00", PathRefusal::Encoding),
+            ("/v1/a\\..", PathRefusal::Encoding),
+            ("v1/messages", PathRefusal::EmptySegment),
+        ] {
+            assert_eq!(check_path(bad), Err(why), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_prefixed_base_never_gets_a_path_outside_its_prefix() {
+        let client = HttpClient::new("http://127.0.0.1:9/prefix".parse().unwrap());
+        let t = client
+            .target(&"/v1/messages?beta=true".parse().unwrap())
+            .unwrap();
+        assert_eq!(t, "http://127.0.0.1:9/prefix/v1/messages?beta=true");
+        let err = client
+            .target(&"/v1/../../../admin/keys".parse().unwrap())
+            .unwrap_err();
+        let api = err.downcast_ref::<ApiError>().expect("an API error");
+        assert_eq!(api.kind(), ApiErrorKind::InvalidRequest);
     }
 }

@@ -178,6 +178,21 @@ pub struct ProxyConfig {
     pub redis_fail_closed: bool,
     /// The keys file, re-read on SIGHUP ([`Proxy::reload_keys`](super::Proxy::reload_keys)).
     pub keys_file: Option<PathBuf>,
+    // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
+    /// Longest time from accepting a connection to a complete first request head
+    /// (`CLAUDE_PROXY_HEADER_READ_TIMEOUT`, default 10 s).
+    pub header_read_timeout: Duration,
+    /// Longest time a client connection may stay open with no request in progress
+    /// (`CLAUDE_PROXY_IDLE_TIMEOUT`, default 60 s).
+    pub idle_timeout: Duration,
+    /// Cap on open client connections (`CLAUDE_PROXY_MAX_CONNECTIONS`, default 10 000, and
+    /// never above what the process's file descriptor limit allows).
+    pub max_connections: usize,
+    /// How long an idle upstream connection stays in the pool
+    /// (`CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT`, default 60 s).
+    pub upstream_idle_timeout: Duration,
+    /// How the log is written (`CLAUDE_PROXY_LOG_FORMAT`, default `text`).
+    pub log_format: super::LogFormat,
 }
 
 /// Command-line flags of `claude-proxy`. Every flag can also be set in the TOML file (same name
@@ -206,16 +221,19 @@ pub struct Cli {
     /// [default: anthropic when a key is configured, else mock]
     #[arg(long, value_name = "UPSTREAM")]
     pub upstream: Option<String>,
-    /// Upstream API key held by the proxy [env: ANTHROPIC_API_KEY]
+    /// Upstream API key held by the proxy [env: ANTHROPIC_API_KEY]. Prefer the environment
+    /// variable or --keys-file: a flag is readable by every local user through `ps`
     #[arg(long, value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Several upstream keys, comma separated [env: ANTHROPIC_API_KEYS]
+    /// Several upstream keys, comma separated [env: ANTHROPIC_API_KEYS]. Prefer the environment
+    /// variable or --keys-file: a flag is readable by every local user through `ps`
     #[arg(long, value_name = "KEYS")]
     pub api_keys: Option<String>,
     /// File with one upstream key per line (`#` comments) [env: CLAUDE_PROXY_KEYS_FILE]
     #[arg(long, value_name = "FILE")]
     pub keys_file: Option<PathBuf>,
-    /// Tokens clients must present, comma separated [env: CLAUDE_PROXY_TOKENS]
+    /// Tokens clients must present, comma separated [env: CLAUDE_PROXY_TOKENS]. Prefer the
+    /// environment variable: a flag is readable by every local user through `ps`
     #[arg(long, value_name = "TOKENS")]
     pub client_tokens: Option<String>,
     /// Retry strategy [env: CLAUDE_RETRY_STRATEGY] [default: patient]
@@ -299,6 +317,22 @@ pub struct Cli {
     /// Refuse requests while Redis is down instead of limiting locally with 1/N of the quota [env: CLAUDE_PROXY_REDIS_FAIL_CLOSED] [default: false]
     #[arg(long, value_name = "BOOL")]
     pub redis_fail_closed: Option<bool>,
+    // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
+    /// Longest time from accepting a connection to a complete first request head [env: CLAUDE_PROXY_HEADER_READ_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+    /// Close a client connection with no request in progress after this long [env: CLAUDE_PROXY_IDLE_TIMEOUT] [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Cap on open client connections; at the cap the oldest idle one is closed [env: CLAUDE_PROXY_MAX_CONNECTIONS] [default: 10000, lowered to fit `ulimit -n`]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Close pooled upstream connections idle for this long [env: CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT] [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub upstream_idle_timeout: Option<String>,
+    /// Log format: `text` (colour only on a terminal, never with NO_COLOR) or `json`; the level is RUST_LOG [env: CLAUDE_PROXY_LOG_FORMAT] [default: text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<super::LogFormat>,
 }
 
 /// The TOML file: the same names as the flags, plus `[limits.<group>]` and `[mock]` tables.
@@ -339,6 +373,12 @@ struct FileConfig {
     pacing_trigger: Option<f64>,
     pacing_ramp: Option<f64>,
     redis_fail_closed: Option<bool>,
+    // issue 18 / 16: the proxy's edge
+    header_read_timeout: Option<toml::Value>,
+    idle_timeout: Option<toml::Value>,
+    max_connections: Option<usize>,
+    upstream_idle_timeout: Option<toml::Value>,
+    log_format: Option<super::LogFormat>,
     #[serde(default)]
     limits: BTreeMap<String, GroupLimits>,
     #[serde(default)]
@@ -851,6 +891,74 @@ impl ProxyConfig {
             Some(s) => parse_bool(&s)?,
             None => false,
         };
+        // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
+        let positive_duration = |s: Setting| -> Result<Duration, ConfigError> {
+            let d = parse_duration_setting(&s)?;
+            if d.is_zero() {
+                return Err(ConfigError::new(s.source, "must be longer than zero"));
+            }
+            Ok(d)
+        };
+        let header_read_timeout = match pick(
+            &cli.header_read_timeout,
+            "header-read-timeout",
+            "CLAUDE_PROXY_HEADER_READ_TIMEOUT",
+            file.header_read_timeout.as_ref().map(to_string),
+            "header_read_timeout",
+        ) {
+            Some(s) => positive_duration(s)?,
+            None => Duration::from_secs(10),
+        };
+        let idle_timeout = match pick(
+            &cli.idle_timeout,
+            "idle-timeout",
+            "CLAUDE_PROXY_IDLE_TIMEOUT",
+            file.idle_timeout.as_ref().map(to_string),
+            "idle_timeout",
+        ) {
+            Some(s) => positive_duration(s)?,
+            None => Duration::from_secs(60),
+        };
+        let max_connections = match pick(
+            &cli.max_connections.map(|v| v.to_string()),
+            "max-connections",
+            "CLAUDE_PROXY_MAX_CONNECTIONS",
+            file.max_connections.map(|v| v.to_string()),
+            "max_connections",
+        ) {
+            Some(s) => {
+                let n = parse_num::<usize>(&s)?;
+                if n == 0 || n > 1_000_000 {
+                    return Err(ConfigError::new(s.source, "must be between 1 and 1000000"));
+                }
+                n
+            }
+            None => 10_000,
+        };
+        let upstream_idle_timeout = match pick(
+            &cli.upstream_idle_timeout,
+            "upstream-idle-timeout",
+            "CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT",
+            file.upstream_idle_timeout.as_ref().map(to_string),
+            "upstream_idle_timeout",
+        ) {
+            Some(s) => positive_duration(s)?,
+            None => Duration::from_secs(60),
+        };
+        let log_format = match cli.log_format {
+            Some(f) => f,
+            None => match env.get("CLAUDE_PROXY_LOG_FORMAT").filter(|v| !v.is_empty()) {
+                Some(v) => {
+                    <super::LogFormat as clap::ValueEnum>::from_str(v, true).map_err(|_| {
+                        ConfigError::new(
+                            "CLAUDE_PROXY_LOG_FORMAT",
+                            format!("`{v}` is not one of text, json"),
+                        )
+                    })?
+                }
+                None => file.log_format.unwrap_or_default(),
+            },
+        };
 
         for (group, l) in &file.limits {
             if l.rpm == 0 || l.itpm == 0 || l.otpm == 0 {
@@ -936,6 +1044,11 @@ impl ProxyConfig {
             pacing,
             redis_fail_closed,
             keys_file,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
+            upstream_idle_timeout,
+            log_format,
         })
     }
 }
@@ -1261,6 +1374,61 @@ mod tests {
             ("CLAUDE_PROXY_PACING_TRIGGER", "1.5"),
             ("CLAUDE_PROXY_RETRY_BUDGET", "-1"),
             ("CLAUDE_PROXY_MIN_IN_FLIGHT", "0"),
+        ] {
+            let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.field(), var);
+        }
+    }
+
+    #[test]
+    fn edge_options_from_every_source() {
+        let cfg = ProxyConfig::resolve(Cli::default(), &env(&[])).unwrap();
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.max_connections, 10_000);
+        assert_eq!(cfg.upstream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.log_format, super::super::LogFormat::Text);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "header_read_timeout = \"5s\"\nidle_timeout = 30\nmax_connections = 100\nupstream_idle_timeout = \"2m\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(cli.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.max_connections, 100);
+        assert_eq!(cfg.upstream_idle_timeout, Duration::from_secs(120));
+        assert_eq!(cfg.log_format, super::super::LogFormat::Json);
+
+        let vars = env(&[
+            ("CLAUDE_PROXY_HEADER_READ_TIMEOUT", "2s"),
+            ("CLAUDE_PROXY_MAX_CONNECTIONS", "7"),
+            ("CLAUDE_PROXY_LOG_FORMAT", "text"),
+        ]);
+        let cfg = ProxyConfig::resolve(cli.clone(), &vars).unwrap();
+        assert_eq!(cfg.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.max_connections, 7);
+        assert_eq!(cfg.log_format, super::super::LogFormat::Text);
+        let flags = Cli {
+            idle_timeout: Some("1s".into()),
+            log_format: Some(super::super::LogFormat::Json),
+            ..cli
+        };
+        let cfg = ProxyConfig::resolve(flags, &vars).unwrap();
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.log_format, super::super::LogFormat::Json);
+
+        for (var, value) in [
+            ("CLAUDE_PROXY_IDLE_TIMEOUT", "0"),
+            ("CLAUDE_PROXY_MAX_CONNECTIONS", "0"),
+            ("CLAUDE_PROXY_LOG_FORMAT", "xml"),
         ] {
             let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
             assert_eq!(err.field(), var);

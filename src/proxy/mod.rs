@@ -18,7 +18,10 @@
 //! ```
 
 mod config;
+mod conn;
+mod edge;
 mod error_response;
+mod logging;
 mod server;
 
 pub use config::{
@@ -26,4 +29,5 @@ pub use config::{
     parse_duration,
 };
 pub use error_response::error_response;
+pub use logging::{DEFAULT_LOG_FILTER, LogFormat, init_logging, log_colour};
 pub use server::{KeysReload, Proxy};

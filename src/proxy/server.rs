@@ -1,4 +1,8 @@
 //! The hyper server of `claude-proxy`: routing, authentication, key injection, graceful shutdown.
+//!
+//! The HTTP stack in front of the `ClaudeStack` is tower-http (`edge.rs`: sensitive headers,
+//! request ids, the request span, panics, the body limit); connections are watched by
+//! `conn.rs` (timeouts, the cap), which tower-http cannot see.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,18 +12,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
+use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
+use super::edge::{self, EdgeBody, REQUEST_ID};
 use super::error_response::error_response;
 use crate::BoxError;
 use crate::anthropic::KeyId;
@@ -82,7 +87,42 @@ impl Proxy {
             return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
         }
         let stack = ClaudeStack::from_config(&stack_config(&config))?;
-        Self::assemble(config, stack)
+        Self::assemble(config, stack, None)
+    }
+
+    /// Builds the proxy like [`Proxy::new`], with `upstream` as the innermost service instead
+    /// of the configured upstream: an in-process backend, a test double, a client of your own.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower_claude::{BoxError, body::RequestBody};
+    /// use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+    ///
+    /// let upstream = tower::service_fn(|_req: http::Request<RequestBody>| async {
+    ///     Ok::<_, BoxError>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+    /// });
+    /// let config = ProxyConfig::resolve(Cli::default(), &Default::default()).unwrap();
+    /// let proxy = Proxy::with_upstream(config, upstream).unwrap();
+    /// # drop(proxy);
+    /// ```
+    pub fn with_upstream<S, B>(config: ProxyConfig, upstream: S) -> Result<Self, BoxError>
+    where
+        S: tower::Service<Request<RequestBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if config.redis_url.is_some() {
+            return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
+        }
+        let stack = ClaudeStack::from_config(&stack_config(&config))?;
+        Self::assemble(config, stack, Some(crate::stack::boxed(upstream)))
     }
 
     /// Builds the proxy like [`Proxy::new`], and with a Redis URL in the configuration also
@@ -124,10 +164,14 @@ impl Proxy {
         if config.redis_url.is_some() {
             return Err("REDIS_URL needs claude-proxy built with the `redis` feature".into());
         }
-        Self::assemble(config, stack)
+        Self::assemble(config, stack, None)
     }
 
-    fn assemble(config: ProxyConfig, mut stack: ClaudeStack) -> Result<Self, BoxError> {
+    fn assemble(
+        config: ProxyConfig,
+        mut stack: ClaudeStack,
+        upstream: Option<crate::stack::ClaudeService>,
+    ) -> Result<Self, BoxError> {
         let mut keys = None;
         if !config.api_keys.is_empty() {
             let pool = KeyPoolLayer::new(config.api_keys.iter().map(Secret::expose))?;
@@ -151,9 +195,13 @@ impl Proxy {
         let board = stack.quota_board().clone();
         let concurrency = stack.concurrency_handle();
         let paced = stack.is_paced();
-        let service = match &config.upstream {
-            Upstream::Url(uri) => stack.service(crate::client::HttpClient::new(uri.clone())),
-            Upstream::Mock(m) => stack.service(simulator(m)),
+        let service = match (upstream, &config.upstream) {
+            (Some(upstream), _) => stack.service(upstream),
+            (None, Upstream::Url(uri)) => stack.service(
+                crate::client::HttpClient::new(uri.clone())
+                    .pool_idle_timeout(config.upstream_idle_timeout),
+            ),
+            (None, Upstream::Mock(m)) => stack.service(simulator(m)),
         };
         Ok(Self {
             state: Arc::new(State {
@@ -221,6 +269,10 @@ impl Proxy {
 
     /// Serves connections from `listener` until `shutdown` completes, then stops accepting and
     /// lets in-flight requests finish (for at most the configured deadline).
+    ///
+    /// Each connection lives under the configured header-read and idle timeouts; at most
+    /// `max_connections` are open (fewer when the file descriptor limit is lower): at the cap
+    /// the oldest connection with no request in progress is closed to make room.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -232,45 +284,101 @@ impl Proxy {
             .metrics
             .as_ref()
             .map(|m| m.spawn_refresh(Duration::from_secs(5)));
-        let graceful = GracefulShutdown::new();
+        let config = &self.state.config;
+        let cap = conn::fitting_cap(config.max_connections);
+        if cap < config.max_connections {
+            tracing::info!(
+                configured = config.max_connections,
+                cap,
+                "max_connections lowered to fit the file descriptor limit (raise `ulimit -n`)"
+            );
+        }
+        let limits = ConnLimits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+        };
+        let registry = Arc::new(Registry::new(cap));
+        let slots = Arc::new(Semaphore::new(cap));
+        let sweeper = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Registry::sweep_every(limits));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    registry.sweep(limits);
+                }
+            })
+        };
+        let stack = edge::stack(
+            config.body_limit,
+            Handle {
+                state: self.state.clone(),
+            },
+        );
+        // hyper's HTTP/1 header-read timeout stays off (no timer is set): it would also close
+        // keep-alive connections after the header timeout; `conn::watch` does both jobs.
         let builder = auto::Builder::new(TokioExecutor::new());
         tokio::pin!(shutdown);
         loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(conn) => conn,
-                        Err(err) => {
-                            // Out of file descriptors and the like: back off, keep serving.
-                            tracing::warn!(%err, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let svc = ConnService { state: self.state.clone() };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn.into_owned());
-                    tokio::spawn(async move {
-                        if let Err(err) = conn.await {
-                            tracing::debug!(%peer, error = %err, "connection ended with an error");
-                        }
-                    });
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let evicted = registry.evict_one();
+                    tracing::debug!(cap, evicted, "at the connection cap");
+                    tokio::select! {
+                        permit = slots.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                        () = &mut shutdown => break,
+                    }
                 }
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        // Out of file descriptors and the like: make room, back off, keep serving.
+                        tracing::warn!(%err, "accept failed");
+                        registry.evict_one();
+                        drop(permit);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
                 () = &mut shutdown => break,
-            }
+            };
+            let _ = stream.set_nodelay(true);
+            let activity = registry.open();
+            let svc = ConnService {
+                stack: stack.clone(),
+                activity: activity.clone(),
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(err) = Watched::new(conn, activity).await {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+            });
         }
         drop(listener);
         if let Some(refresh) = refresh {
             refresh.abort();
         }
         tracing::info!("shutting down: waiting for in-flight requests");
+        registry.close_all();
+        let all = u32::try_from(cap).unwrap_or(u32::MAX);
         tokio::select! {
-            () = graceful.shutdown() => {}
+            _ = slots.acquire_many(all) => {}
             () = tokio::time::sleep(self.state.config.deadline) => {
                 tracing::warn!("in-flight requests still running at the deadline; closing");
             }
         }
+        sweeper.abort();
         Ok(())
     }
 }
@@ -311,22 +419,30 @@ fn reload_keys(state: &State) -> Result<KeysReload, BoxError> {
     Ok(report)
 }
 
-/// The per-connection hyper service. A named type (rather than `service_fn` over a closure)
-/// keeps the future's type concrete, which hyper-util's auto builder needs to prove `Send`.
+/// The innermost service of the proxy's HTTP stack: routing, authentication, buffering, and
+/// the call into the `ClaudeStack`. A named type keeps the future's type concrete, which
+/// hyper-util's auto builder needs to prove `Send`.
 #[derive(Clone)]
-struct ConnService {
+pub(crate) struct Handle {
     state: Arc<State>,
 }
 
 type HandleFuture =
     std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
+impl tower::Service<Request<EdgeBody>> for Handle {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = HandleFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<EdgeBody>) -> Self::Future {
         let state = self.state.clone();
         Box::pin(async move { Ok(handle(state, req).await) })
     }
@@ -578,21 +694,27 @@ fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBo
     resp
 }
 
-fn api_error(kind: ApiErrorKind, message: &str) -> Response<ProxyBody> {
+pub(crate) fn api_error(kind: ApiErrorKind, message: &str) -> Response<ProxyBody> {
     let err = ApiError::new(kind, message);
     json_response(err.status(), err.to_envelope())
 }
 
-/// The token a client presented: `x-api-key`, else `Authorization: Bearer`.
-fn presented_token(req: &Request<Incoming>) -> Option<&str> {
-    if let Some(v) = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim());
-    }
-    req.headers()
-        .get(header::AUTHORIZATION)
+/// The token a client presented: a non-empty `x-api-key`, else `Authorization: Bearer <token>`
+/// (the scheme in any case, RFC 9110 §11.1).
+fn presented_token<B>(req: &Request<B>) -> Option<&str> {
+    let api_key = req
+        .headers()
+        .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
+        .filter(|v| !v.is_empty());
+    if api_key.is_some() {
+        return api_key;
+    }
+    let auth = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -602,22 +724,27 @@ fn same_secret(a: &str, b: &Secret) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path().to_owned();
-    match (req.method(), path.as_str()) {
+async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    match (req.method(), path) {
         (&Method::GET, "/healthz") => {
             return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
         (&Method::GET, "/metrics") => return metrics_page(&state),
-        _ if path.starts_with("/v1/") || path == "/v1" => {}
-        _ => return api_error(ApiErrorKind::NotFound, &format!("no route for {path}")),
+        _ if path.starts_with("/v1/") => {}
+        _ => {
+            let shown: String = path.chars().take(200).collect();
+            return api_error(ApiErrorKind::NotFound, &format!("no route for {shown}"));
+        }
     }
 
+    // Decided from the headers alone: an unauthenticated client never gets its body read.
     let config = &state.config;
     if !config.client_tokens.is_empty() {
         let ok = presented_token(&req)
             .is_some_and(|t| config.client_tokens.iter().any(|s| same_secret(t, s)));
         if !ok {
+            tracing::debug!("client token missing or unknown: 401 before reading the body");
             return api_error(
                 ApiErrorKind::Authentication,
                 "invalid proxy token: send one of the proxy's client tokens as x-api-key",
@@ -628,39 +755,66 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
     if req.method() == Method::GET && path == "/v1/proxy/status" {
         return status_page(&state);
     }
+    // Only paths that name one resource under /v1/ leave with the proxy's key: no `..`, no
+    // encoded slash, no `//` (refused, not normalised; see `client::check_path`).
+    if let Err(refusal) = crate::client::check_path(path) {
+        tracing::debug!(?refusal, "request path refused");
+        return api_error(ApiErrorKind::InvalidRequest, &refusal.message(path));
+    }
+    // A blank `x-api-key` is no credential: it must not shadow an `Authorization` header
+    // upstream either (where `x-api-key` is read first).
+    if req
+        .headers()
+        .get("x-api-key")
+        .is_some_and(|v| v.as_bytes().trim_ascii().is_empty())
+    {
+        req.headers_mut().remove("x-api-key");
+    }
     if !config.api_keys.is_empty() {
         // The proxy holds the upstream keys (the key pool picks one per request): the client's
         // credential never goes upstream. It still names the cache tenant, so that clients
         // with different proxy tokens never share cached answers.
         let tenant = presented_token(&req)
-            .filter(|t| !t.is_empty())
             .map(|t| KeyId::from_api_key(t).as_str().to_owned())
             .unwrap_or_else(|| "proxy".to_owned());
         req.extensions_mut().insert(Tenant::new(tenant));
         req.headers_mut().remove(header::AUTHORIZATION);
         req.headers_mut().remove("x-api-key");
     }
+    // The proxy's own request id names this request in its log and on the answers it makes
+    // itself; it is not sent upstream, whose `request-id` answer goes back to the client.
+    let request_id = req.headers_mut().remove(REQUEST_ID);
 
-    // Buffer the body here rather than through `BufferBody`: the same work, but with concrete
-    // types, which keeps this future provably `Send` for hyper (a rustc limitation with
-    // higher-ranked `Into<BoxError>` bounds in async blocks).
+    // The proxy's deadline bounds every wait below (the body, the quota queue, retries),
+    // unless the request already carries an earlier one.
+    let deadline = match req.extensions().get::<Deadline>() {
+        Some(d) => *d,
+        None => {
+            let d = Deadline::after(config.deadline);
+            req.extensions_mut().insert(d);
+            d
+        }
+    };
+    // Buffered here rather than through `BufferBody`: the same work with concrete types, which
+    // keeps this future provably `Send` for hyper (a rustc limitation with higher-ranked
+    // `Into<BoxError>` bounds in async blocks). The 32 MB limit is tower-http's
+    // (`RequestBodyLimitLayer` in `edge::stack`): its error surfaces here.
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, config.body_limit).collect().await {
-        Ok(collected) => RequestBody::from(collected.to_bytes()),
-        Err(err) => {
+    let body = match tokio::time::timeout_at(deadline.0, body.collect()).await {
+        Ok(Ok(collected)) => RequestBody::from(collected.to_bytes()),
+        Ok(Err(err)) => {
             return error_response(
                 &BufferBodyError::from_body_error(err, config.body_limit).into(),
             );
         }
+        Err(_) => {
+            return api_error(
+                ApiErrorKind::RequestTimeout,
+                "the request body did not arrive within the proxy's deadline",
+            );
+        }
     };
     let req = Request::from_parts(parts, body);
-    // The proxy's deadline bounds every wait below (quota queue, retries), unless the
-    // request already carries an earlier one.
-    let mut req = req;
-    if req.extensions().get::<Deadline>().is_none() {
-        req.extensions_mut()
-            .insert(Deadline::after(config.deadline));
-    }
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
@@ -680,7 +834,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Proxy
         }
         Err(err) => {
             state.counters.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %err, "request failed in the proxy");
+            tracing::warn!(error = %err, request_id = ?request_id, "request failed in the proxy");
             error_response(&err)
         }
     }

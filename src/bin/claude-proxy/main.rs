@@ -3,19 +3,20 @@
 //! Run `claude-proxy --help` for every option; see `docs/configuration.md`.
 
 use clap::Parser;
-use tower_claude::proxy::{Cli, Proxy, ProxyConfig, Upstream};
+use tower_claude::proxy::{Cli, Proxy, ProxyConfig, Upstream, init_logging};
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "claude_proxy=info,tower_claude=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
     let cli = Cli::parse();
+    // Secrets given as flags are readable by every local user through `ps`.
+    let secret_flags: Vec<&str> = [
+        ("--api-key", cli.api_key.is_some()),
+        ("--api-keys", cli.api_keys.is_some()),
+        ("--client-tokens", cli.client_tokens.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
     let config = match ProxyConfig::load(cli) {
         Ok(config) => config,
         Err(err) => {
@@ -23,6 +24,16 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if let Err(err) = init_logging(config.log_format) {
+        eprintln!("claude-proxy: cannot start the log: {err}");
+    }
+    for flag in secret_flags {
+        tracing::warn!(
+            flag,
+            "a secret was given on the command line, where any local user can read it (`ps`): \
+             use ANTHROPIC_API_KEY / ANTHROPIC_API_KEYS / CLAUDE_PROXY_TOKENS or --keys-file"
+        );
+    }
     let listen = config.listen;
     let upstream = match &config.upstream {
         Upstream::Url(uri) => uri.to_string(),

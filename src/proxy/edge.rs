@@ -1,0 +1,191 @@
+//! The proxy's HTTP stack in front of its handler, built from tower-http:
+//!
+//! ```text
+//! SetSensitiveRequestHeaders  x-api-key, authorization: `Sensitive` in every Debug, log and span
+//! SetRequestId                request-id: req_proxy_<24 hex> (a client's own is replaced)
+//! PropagateRequestId          the upstream's request-id goes back as is; else the proxy's own
+//! Trace                       the `request` span (method, path, request_id); headers at TRACE
+//! map_response                tower-http's plain-text 413 becomes an Anthropic envelope
+//! CatchPanic                  a panic is answered 500 `api_error`; the proxy keeps serving
+//! RequestBodyLimit            32 MB: a larger content-length is refused before any byte is
+//!                             read, a longer body fails while the handler buffers it
+//! Handle                      routing, client tokens, path checks, the ClaudeStack
+//! ```
+//!
+//! What tower-http cannot do stays hand-written: timeouts and the cap on *connections*
+//! (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
+//! limit answers plain text and has no hook for the body).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, OnRequest, TraceLayer};
+use tracing::{Level, Span};
+
+use super::server::{Handle, ProxyBody, api_error};
+use crate::anthropic::ApiErrorKind;
+
+/// The request id header: the name Anthropic answers with and the SDKs read.
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+
+/// The request body the handler receives: hyper's, limited by tower-http.
+pub(crate) type EdgeBody = tower_http::body::Limited<Incoming>;
+
+/// The proxy's HTTP stack around `handle` (see the module docs for the order and why).
+pub(crate) fn stack(
+    limit: usize,
+    handle: Handle,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<
+        impl http_body::Body<Data = Bytes, Error = crate::BoxError> + Send + 'static,
+    >,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::from([
+            header::AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+        ])))
+        // The id is always the proxy's: a client's `request-id` would be echoed unchecked.
+        .map_request(|mut req: Request<Incoming>| {
+            req.headers_mut().remove(REQUEST_ID);
+            req
+        })
+        .layer(SetRequestIdLayer::new(REQUEST_ID, ProxyRequestId))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(RequestSpan)
+                .on_request(RequestHeaders)
+                // Upstream 5xx are the upstream's; the proxy logs its own failures itself.
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+        .map_response(move |resp| anthropic_413(resp, limit))
+        .layer(CatchPanicLayer::custom(PanicResponse))
+        .layer(RequestBodyLimitLayer::new(limit))
+        .service(handle)
+}
+
+/// `request-id: req_proxy_` and 24 random hex digits (96 bits).
+#[derive(Debug, Clone, Copy)]
+struct ProxyRequestId;
+
+impl MakeRequestId for ProxyRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = *b"req_proxy_000000000000000000000000";
+        let mut bits = fastrand::u128(..);
+        for byte in id[10..].iter_mut() {
+            *byte = HEX[(bits & 0xf) as usize];
+            bits >>= 4;
+        }
+        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
+    }
+}
+
+/// The `request` span, at DEBUG (as tower-http's default): free when the log is at INFO, the
+/// proxy's throughput being measured against nginx. The proxy's own warnings carry the id.
+#[derive(Debug, Clone, Copy)]
+struct RequestSpan;
+
+impl<B> MakeSpan<B> for RequestSpan {
+    fn make_span(&mut self, req: &Request<B>) -> Span {
+        let id = req
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            request_id = %id,
+        )
+    }
+}
+
+/// At TRACE, the request headers: credentials are marked sensitive and show as `Sensitive`.
+#[derive(Debug, Clone, Copy)]
+struct RequestHeaders;
+
+impl<B> OnRequest<B> for RequestHeaders {
+    fn on_request(&mut self, req: &Request<B>, _span: &Span) {
+        tracing::trace!(version = ?req.version(), headers = ?req.headers(), "request received");
+    }
+}
+
+/// tower-http's body limit answers a `content-length` above the limit itself, in plain text;
+/// SDKs expect Anthropic's envelope. Its 413 is the only plain-text one (the handler and the
+/// upstream answer JSON), which is how it is told apart.
+/// (`Either` rather than re-boxing: tower-http's boxed body type cannot be built outside it,
+/// and a second box per response would cost an allocation.)
+fn anthropic_413<B>(resp: Response<B>, limit: usize) -> Response<Either<B, ProxyBody>> {
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE || !plain {
+        return resp.map(Either::Left);
+    }
+    api_error(
+        ApiErrorKind::RequestTooLarge,
+        &format!("request body is larger than the limit of {limit} bytes"),
+    )
+    .map(Either::Right)
+}
+
+/// A panic anywhere below is answered like the API's own internal errors.
+#[derive(Debug, Clone, Copy)]
+struct PanicResponse;
+
+impl ResponseForPanic for PanicResponse {
+    type ResponseBody = ProxyBody;
+
+    fn response_for_panic(
+        &mut self,
+        err: Box<dyn std::any::Any + Send + 'static>,
+    ) -> Response<ProxyBody> {
+        let what = err
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| err.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let what: String = what.chars().take(300).collect();
+        tracing::error!(panic = %what, "a request panicked; answered 500, the proxy keeps serving");
+        api_error(
+            ApiErrorKind::Api,
+            "internal error in the proxy while handling this request",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_proxys_and_distinct() {
+        let req = Request::new(());
+        let a = ProxyRequestId.make_request_id(&req).unwrap();
+        let b = ProxyRequestId.make_request_id(&req).unwrap();
+        let a = a.header_value().to_str().unwrap().to_owned();
+        assert!(a.starts_with("req_proxy_") && a.len() == 34, "{a}");
+        assert_ne!(a, b.header_value().to_str().unwrap());
+    }
+}
