@@ -63,11 +63,20 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut inner = this.inner;
+        let frame = ready!(inner.as_mut().poll_frame(cx));
         match frame {
             Some(Ok(frame)) => {
                 if let (Some(finish), Some(data)) = (this.finish.as_mut(), frame.data_ref()) {
                     finish.feed(data);
+                }
+                // hyper stops polling once `is_end_stream()` is true (a body of known length
+                // that has yielded it all), so the end is counted here rather than at a
+                // `None` that may never be polled.
+                if inner.is_end_stream() {
+                    if let Some(finish) = this.finish.take() {
+                        finish.end();
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
