@@ -196,11 +196,19 @@ impl Entry {
     }
 
     /// What `cost` takes from each bucket: the output reservation is clamped to the output
-    /// bucket's capacity (it is an estimate; `max_tokens` may exceed the per-minute limit).
+    /// bucket's capacity (it is an estimate; `max_tokens` may exceed the per-minute limit),
+    /// and so is anything taken from a bucket whose limit was learned from headers rather
+    /// than configured: a learned limit is the server's word of one answer, so a request it
+    /// makes impossible waits for a full bucket and asks the server again (whose answer
+    /// re-teaches the limit) instead of being refused here for good.
     fn amounts(&self, cost: &Cost) -> [u64; 3] {
         let mut a = cost.as_array();
-        if let Some(s) = &self.slots[OUTPUT] {
-            a[OUTPUT] = a[OUTPUT].min(s.bucket.capacity());
+        for (i, (slot, n)) in self.slots.iter().zip(a.iter_mut()).enumerate() {
+            if let Some(s) = slot {
+                if i == OUTPUT || !s.configured {
+                    *n = (*n).min(s.bucket.capacity());
+                }
+            }
         }
         a
     }
@@ -886,6 +894,14 @@ impl LocalBackend {
         }))
     }
 
+    /// What `cost` takes from each known bucket of `(key, group)` (see `Entry::amounts`).
+    #[cfg(feature = "redis")]
+    pub(crate) fn amounts(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> [u64; 3] {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.entry(key, group, now).amounts(cost)
+    }
+
     /// Whether `(key, group)` may find its limits in the shared store: none known here, and no
     /// answer said there are none.
     #[cfg(feature = "redis")]
@@ -907,8 +923,10 @@ impl LocalBackend {
         if e.known() {
             return;
         }
+        // A capacity of 0 (written by an older version that believed a `limit: 0` header) is
+        // no limit anyone can learn from.
         for (slot, cap) in e.slots.iter_mut().zip(caps) {
-            if let Some(cap) = cap {
+            if let Some(cap) = cap.filter(|&c| c > 0) {
                 *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), false));
             }
         }
