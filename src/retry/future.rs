@@ -20,8 +20,8 @@ use super::backoff::{BackoffState, Need, next_delay};
 use super::layer::Shared;
 use super::pacing::{QuotaKey, Slot};
 use super::policy::{
-    StatusVerdict, is_rate_limit, is_retryable_stream_error, is_spend_cap, needs_body,
-    status_verdict,
+    StatusVerdict, is_permanent, is_rate_limit, is_retryable_stream_error, is_spend_cap,
+    needs_body, status_verdict,
 };
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
@@ -283,16 +283,23 @@ where
                     .into());
             }
             Outcome::Failed(err) => {
-                if let Some(retry) = &config.retry_error {
-                    if !retry(&err) {
-                        let (status, api_error) = last_http.unzip();
-                        return Err(RetryError::new(RetryErrorKind::Inner, attempt)
-                            .with_timing(ctx.started.elapsed(), total_wait)
-                            .with_last_status(status)
-                            .with_api_error(api_error.flatten())
-                            .with_source(err)
-                            .into());
-                    }
+                let permanent = is_permanent(&err);
+                if permanent {
+                    tracing::debug!(
+                        attempt,
+                        error = %err,
+                        "not retried: no wait can cure this error"
+                    );
+                }
+                let retried = !permanent && config.retry_error.as_ref().is_none_or(|f| f(&err));
+                if !retried {
+                    let (status, api_error) = last_http.unzip();
+                    return Err(RetryError::new(RetryErrorKind::Inner, attempt)
+                        .with_timing(ctx.started.elapsed(), total_wait)
+                        .with_last_status(status)
+                        .with_api_error(api_error.flatten())
+                        .with_source(err)
+                        .into());
                 }
                 last_status = None;
                 last_message = Some(err.to_string());

@@ -11,12 +11,42 @@
 //!    (400, 401, 403, 404, 413, ...) is returned as it is.
 //!
 //! An inner service error (connection refused or reset, a timeout before any response byte)
-//! is retried. A mid-stream `event: error` received before any content was forwarded is
+//! is retried, except the errors no wait can cure (see [`is_permanent`]): a key pool with no
+//! key left, a request larger than a whole minute of quota, a request body over the limit.
+//! Those fail at once. A mid-stream `event: error` received before any content was forwarded is
 //! retried when its error type is transient (`overloaded_error`, `api_error`, ...).
+
+use std::error::Error as StdError;
 
 use http::{HeaderMap, StatusCode};
 
+use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind, should_retry};
+use crate::body::{BufferBodyError, BufferBodyErrorKind};
+use crate::key_pool::KeyPoolError;
+use crate::quota::{AcquireError, AcquireErrorKind};
+
+/// Whether an inner service error (or any error in its source chain) is one that no retry can
+/// cure, so that the layer fails at once instead of spending its attempts and the caller's
+/// time: every key of a pool is out of rotation (the docs promise "fail at once"), a request
+/// costs more than a whole bucket of a configured limit, or a request body over the size
+/// limit.
+pub(crate) fn is_permanent(err: &BoxError) -> bool {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(err.as_ref());
+    while let Some(e) = current {
+        if e.downcast_ref::<KeyPoolError>().is_some() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<AcquireError>() {
+            return e.kind() == AcquireErrorKind::RequestTooLarge;
+        }
+        if let Some(e) = e.downcast_ref::<BufferBodyError>() {
+            return e.kind() == BufferBodyErrorKind::TooLarge;
+        }
+        current = e.source();
+    }
+    false
+}
 
 /// What to do with a non-2xx response before looking at its body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
