@@ -25,7 +25,8 @@ use super::policy::{
 };
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
-use crate::anthropic::{ApiError, StreamTracker, header_names, request_id};
+use super::body::STREAM_CUT;
+use crate::anthropic::{ApiError, ApiErrorKind, StreamTracker, header_names, request_id};
 use crate::body::RequestBody;
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
@@ -222,12 +223,31 @@ where
         needs_ready = true;
     }
     let mut attempt = 0u32;
+    // The deadline covers the upstream too: waiting for readiness, the call, and reading what
+    // `inspect` reads ahead. At the deadline the attempt is dropped and the layer fails.
+    let timed_out = |attempt: u32, total_wait: Duration, last_http: &Option<(StatusCode, Option<ApiError>)>| {
+        tracing::debug!(attempt, "deadline passed while waiting for the upstream");
+        let (status, api_error) = last_http.clone().unzip();
+        BoxError::from(
+            RetryError::new(RetryErrorKind::DeadlineExceeded, attempt)
+                .with_timing(ctx.started.elapsed(), total_wait)
+                .with_last_status(status)
+                .with_api_error(api_error.flatten()),
+        )
+    };
+    let read_json = ctx.deadline.is_some();
     loop {
         attempt += 1;
         if attempt > 1 || needs_ready {
-            let ready: Result<(), BoxError> = std::future::poll_fn(|cx| service.poll_ready(cx))
-                .await
-                .map_err(Into::into);
+            let ready = within(
+                ctx.deadline,
+                std::future::poll_fn(|cx| service.poll_ready(cx)),
+            )
+            .await;
+            let Some(ready) = ready else {
+                return Err(timed_out(attempt - 1, total_wait, &last_http));
+            };
+            let ready: Result<(), BoxError> = ready.map_err(Into::into);
             if let Err(err) = ready {
                 let (status, api_error) = last_http.unzip();
                 return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
@@ -238,13 +258,17 @@ where
                     .into());
             }
         }
-        let called: Result<Response<B>, BoxError> = service
-            .call(ctx.template.request(attempt))
-            .await
-            .map_err(Into::into);
-        let outcome = match called {
-            Err(err) => Outcome::Failed(err),
-            Ok(response) => inspect(response, &shared).await,
+        let call = service.call(ctx.template.request(attempt));
+        let shared_ref = &shared;
+        let attempted = within(ctx.deadline, async move {
+            match call.await.map_err(Into::into) {
+                Err(err) => Outcome::Failed(err),
+                Ok(response) => inspect(response, shared_ref, read_json).await,
+            }
+        })
+        .await;
+        let Some(outcome) = attempted else {
+            return Err(timed_out(attempt, total_wait, &last_http));
         };
         // Set by a layer below on a retryable response (see `RetrySooner`).
         let mut sooner: Option<Duration> = None;
@@ -268,7 +292,7 @@ where
                     message,
                     kind,
                 ));
-                return Ok(response);
+                return Ok(response.map(|body| body.until(ctx.deadline)));
             }
             Outcome::SpendLimit {
                 status,
@@ -406,10 +430,14 @@ where
             Err(outcome) => outcome,
         };
         return match failure {
-            Failure::Response {
-                mut response,
-                error,
-            } => {
+            Failure::Response { response, error } => {
+                // A 2xx whose stream (or JSON body) broke before anything was forwarded: the
+                // caller gets an error status, not a 200 with a broken body.
+                let (mut response, error) = if response.status().is_success() {
+                    broken_answer(*response, error)
+                } else {
+                    (*response, error)
+                };
                 let message = error.map(|e| e.message().to_string());
                 let status = Some(response.status());
                 response.extensions_mut().insert(RetryInfo::new(
@@ -420,7 +448,7 @@ where
                     message,
                     outcome,
                 ));
-                Ok(*response)
+                Ok(response.map(|body| body.until(ctx.deadline)))
             }
             Failure::Error(err) => {
                 let kind = match outcome {
@@ -438,6 +466,35 @@ where
             }
         };
     }
+}
+
+/// `future`, unless `deadline` passes first (`None` then).
+async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
+    }
+}
+
+/// The error response that replaces a 2xx whose body broke before anything reached the caller
+/// (a stream cut or failed before its first content event, a JSON body cut short): the
+/// stream's own `event: error` when it sent one, else an `api_error`; the upstream headers
+/// (`request-id`, `anthropic-ratelimit-*`) are kept, the body is the JSON envelope.
+fn broken_answer<B>(
+    response: Response<RetryBody<B>>,
+    error: Option<ApiError>,
+) -> (Response<RetryBody<B>>, Option<ApiError>) {
+    let error = error.unwrap_or_else(|| ApiError::new(ApiErrorKind::Api, STREAM_CUT));
+    let (mut parts, _broken) = response.into_parts();
+    parts.status = error.status();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let envelope = VecDeque::from([Frame::data(error.to_envelope())]);
+    let body = RetryBody::replay(envelope, None, None);
+    (Response::from_parts(parts, body), Some(error))
 }
 
 /// Frames read ahead from a body, and what is left of it.
@@ -512,7 +569,10 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Classifies one response, reading ahead in its body where the decision needs it.
-async fn inspect<B>(response: Response<B>, shared: &Shared) -> Outcome<B>
+/// `read_json`: a 2xx that is not an event stream is read whole (up to a limit) before it is
+/// returned, so that a deadline passing while it trickles is still answered with an error
+/// status, and a body cut short is retried.
+async fn inspect<B>(response: Response<B>, shared: &Shared, read_json: bool) -> Outcome<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -520,16 +580,37 @@ where
     let config = &shared.config;
     let status = response.status();
     if status.is_success() {
-        // Only an event stream is held back: a JSON answer to a streaming request is complete
-        // as it is.
-        let held = config.hold_back_stream && is_event_stream(response.headers());
-        if !held {
+        let stream = is_event_stream(response.headers());
+        if stream && config.hold_back_stream {
+            return hold_back(response, config.max_hold_back).await;
+        }
+        if stream {
+            return Outcome::Final {
+                response: response.map(|b| RetryBody::new(b).guard_stream(StreamTracker::new())),
+                success: true,
+            };
+        }
+        if !read_json {
             return Outcome::Final {
                 response: response.map(RetryBody::new),
                 success: true,
             };
         }
-        return hold_back(response, config.max_hold_back).await;
+        let (parts, body) = response.into_parts();
+        let read = read_ahead(body, config.max_json_read, false, |_| false).await;
+        let failed = read.error.is_some();
+        let response = Response::from_parts(parts, read.into_body());
+        if failed {
+            return Outcome::Retryable {
+                response,
+                error: None,
+                use_headers: false,
+            };
+        }
+        return Outcome::Final {
+            response,
+            success: true,
+        };
     }
 
     // A layer below sends the next attempt differently (another key): whatever the status,
@@ -587,14 +668,15 @@ where
         tracker.content_started() && tracker.error().is_none()
     })
     .await;
+    let rest_open = read.rest.is_some();
     if read.rest.is_none() && read.error.is_none() {
         tracker.finish();
     }
     let error = tracker.error().cloned();
     let body_failed = read.error.is_some();
-    let truncated = read.rest.is_none() && !tracker.is_complete();
+    let truncated = !rest_open && !tracker.is_complete();
     let content = tracker.content_started();
-    let response = Response::from_parts(parts, read.into_body());
+    let response = Response::from_parts(parts, read.into_body().guard_stream(tracker));
     match error {
         Some(error) if is_retryable_stream_error(&error) => Outcome::Retryable {
             response,
