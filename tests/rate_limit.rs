@@ -1058,3 +1058,49 @@ async fn an_absurd_usage_block_drains_a_bucket_for_at_most_its_refill() {
     assert_eq!(response.status(), 200);
     assert!(start.elapsed() <= Duration::from_secs(121));
 }
+
+/// Issue 18, bug 4: every distinct model name (and every pass-through key) a client made up
+/// created a permanent quota entry, even when upstream answered 404 (or 401). Entries that
+/// nothing vouches for (no configured limit, no upstream success) are dropped once quiet.
+#[tokio::test(start_paused = true)]
+async fn made_up_model_names_and_keys_refused_upstream_leave_no_quota_entry() {
+    let upstream = tower::service_fn(|req: Request<RequestBody>| async move {
+        let known = req
+            .headers()
+            .get("x-api-key")
+            .is_some_and(|k| k == API_KEY);
+        let (status, body) = if !known {
+            (401, r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#)
+        } else {
+            (404, r#"{"type":"error","error":{"type":"not_found_error","message":"model: not found"}}"#)
+        };
+        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        Ok::<_, BoxError>(r)
+    });
+    // A configured group and learned ones: the configured entry stays.
+    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(1_000_000, 100_000_000, 100_000_000));
+    let board = layer.quota_board().clone();
+    let svc = ServiceBuilder::new().layer(layer).service(upstream);
+    let send = |model: String, key: String| {
+        let svc = svc.clone();
+        async move {
+            let req = Request::post("https://api.anthropic.com/v1/messages")
+                .header("x-api-key", key)
+                .body(body(&model, 10, false, 1))
+                .unwrap();
+            let res = svc.oneshot(req).await.unwrap();
+            let status = res.status();
+            res.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    for i in 0..10_000 {
+        let status = send(format!("claude-made-up-{i}"), API_KEY.to_owned()).await;
+        assert_eq!(status, 404);
+        let status = send("claude-haiku-4-5".to_owned(), format!("sk-ant-made-up-{i}")).await;
+        assert_eq!(status, 401);
+    }
+    assert!(board.len() <= 1, "{} entries", board.len());
+    assert!(board.statuses().len() <= 1);
+}

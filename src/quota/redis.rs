@@ -753,7 +753,7 @@ impl RedisShared {
         let deltas: [i64; 3] = match outcome {
             Outcome::Keep | Outcome::Served => return,
             Outcome::Refund => charged,
-            Outcome::Rejected => [0, charged[1], charged[2]],
+            Outcome::Rejected | Outcome::Unknown => [0, charged[1], charged[2]],
             Outcome::Actual(actual) => {
                 let a = actual.as_array();
                 std::array::from_fn(|i| {
