@@ -468,6 +468,19 @@ where
     }
 }
 
+/// The message of the error that replaces a 2xx JSON answer that is not one.
+const NOT_A_MESSAGE: &str = "upstream answered 2xx with a body that is not a JSON object";
+
+/// Whether `body` is a JSON object with a string `type` (every Messages API answer is).
+fn is_typed_object(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        _ty: String,
+    }
+    serde_json::from_slice::<Typed>(body).is_ok()
+}
+
 /// `future`, unless `deadline` passes first (`None` then).
 async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
     match deadline {
@@ -597,13 +610,23 @@ where
             };
         }
         let (parts, body) = response.into_parts();
-        let read = read_ahead(body, config.max_json_read, false, |_| false).await;
-        let failed = read.error.is_some();
+        let read = read_ahead(body, config.max_json_read, true, |_| false).await;
+        let whole = read.rest.is_none() && read.error.is_none();
+        // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
+        // document) is no answer: retried, and never returned as a 200.
+        let error = if read.error.is_some() {
+            Some(ApiError::new(ApiErrorKind::Api, STREAM_CUT))
+        } else if whole && !is_typed_object(&read.data) {
+            Some(ApiError::new(ApiErrorKind::Api, NOT_A_MESSAGE))
+        } else {
+            None
+        };
         let response = Response::from_parts(parts, read.into_body());
-        if failed {
+        if let Some(error) = error {
+            tracing::debug!(error = %error, "2xx answer broken before it was forwarded");
             return Outcome::Retryable {
                 response,
-                error: None,
+                error: Some(error),
                 use_headers: false,
             };
         }
@@ -621,15 +644,29 @@ where
     } else {
         status_verdict(status, response.headers())
     };
+    let (mut parts, body) = response.into_parts();
+    let read = read_ahead(body, config.max_error_body, true, |_| false).await;
+    let error = ApiError::from_response(status, &read.data);
     if verdict == StatusVerdict::Stop && !needs_body(status) {
+        // An error status whose body is not an error envelope (an HTML page from a gateway,
+        // garbage): the caller gets the envelope of the same status instead, so that SDKs
+        // report it like any API error.
+        let whole = read.rest.is_none() && read.error.is_none();
+        let body = if whole && !is_typed_object(&read.data) {
+            tracing::debug!(status = status.as_u16(), "error body replaced by an envelope");
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            parts
+                .headers
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            RetryBody::replay(VecDeque::from([Frame::data(error.to_envelope())]), None, None)
+        } else {
+            read.into_body()
+        };
         return Outcome::Final {
-            response: response.map(RetryBody::new),
+            response: Response::from_parts(parts, body),
             success: false,
         };
     }
-    let (parts, body) = response.into_parts();
-    let read = read_ahead(body, config.max_error_body, true, |_| false).await;
-    let error = ApiError::from_response(status, &read.data);
     if needs_body(status) && is_spend_cap(&error) && !sooner {
         return Outcome::SpendLimit {
             status,

@@ -88,6 +88,7 @@
 
 mod body;
 mod builder;
+mod chaos;
 mod fault;
 mod render;
 mod server;
@@ -96,6 +97,7 @@ mod state;
 mod stats;
 
 pub use body::MockBody;
+pub use chaos::{Chaos, ChaosBody, ChaosUpstream};
 pub use builder::{AccelerationLimit, MAX_BODY_BYTES, MockClaudeBuilder, MockLimits};
 pub use fault::Fault;
 pub use service::{MockClaude, ResponseFuture};
