@@ -129,7 +129,10 @@ impl Setup {
             .body(Full::new(Bytes::new()))
             .unwrap();
         let ended = self.request(req).await;
-        (ended.status, String::from_utf8_lossy(&ended.body).into_owned())
+        (
+            ended.status,
+            String::from_utf8_lossy(&ended.body).into_owned(),
+        )
     }
 
     async fn status_page(&self) -> serde_json::Value {
@@ -170,11 +173,7 @@ fn assert_complete_or_anthropic_error(what: &str, e: &Ended) {
         assert!(v["error"]["message"].is_string(), "{what}: {v}");
         let _ = ApiError::from_response(e.status, &e.body);
     }
-    assert!(
-        e.took <= DEADLINE + MARGIN,
-        "{what}: took {:?}",
-        e.took
-    );
+    assert!(e.took <= DEADLINE + MARGIN, "{what}: took {:?}", e.took);
 }
 
 fn assert_nothing_left_behind(page: &serde_json::Value) {
@@ -239,7 +238,9 @@ async fn every_request_ends_in_its_deadline_with_an_answer_or_an_anthropic_error
     // The hostile limits and usage did not poison the group: plain requests still pass at
     // once.
     for i in 0..3 {
-        let e = s.send("ok", &format!("after-{i}"), "claude-sonnet-4-6", false).await;
+        let e = s
+            .send("ok", &format!("after-{i}"), "claude-sonnet-4-6", false)
+            .await;
         assert_eq!(e.status, StatusCode::OK, "{:?}", e.body);
         assert!(e.took < Duration::from_secs(1), "{:?}", e.took);
     }
@@ -307,7 +308,10 @@ async fn hostile_clients_cannot_remove_keys_poison_groups_or_grow_the_board() {
     }
     let page = s.status_page().await;
     let entries = page["quota"].as_array().unwrap().len();
-    assert!(entries <= 4, "{entries} quota entries after {names} made-up names");
+    assert!(
+        entries <= 4,
+        "{entries} quota entries after {names} made-up names"
+    );
     assert_nothing_left_behind(&page);
     let rss_after = rss_kib();
     eprintln!("RSS {rss_warm} KiB after 2,000 made-up model names, {rss_after} KiB after {names}");

@@ -799,7 +799,13 @@ async fn a_body_read_until_is_end_stream_counts_success_and_tokens() {
     assert_eq!(get(&m, &series("success")), 3.0, "{m:#?}");
     assert_eq!(get(&m, &series("cancelled")), 0.0);
     let labels = format!(r#"{{model="{MODEL}",group="{g}"}}"#);
-    assert_eq!(get(&m, &format!("tower_claude_output_tokens_total{labels}")), 21.0);
-    assert_eq!(get(&m, &format!("tower_claude_input_tokens_total{labels}")), 33.0);
+    assert_eq!(
+        get(&m, &format!("tower_claude_output_tokens_total{labels}")),
+        21.0
+    );
+    assert_eq!(
+        get(&m, &format!("tower_claude_input_tokens_total{labels}")),
+        33.0
+    );
     assert_eq!(get(&m, "tower_claude_in_flight_requests"), 0.0);
 }

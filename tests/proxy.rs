@@ -475,7 +475,13 @@ async fn metrics_count_json_answers_as_successes_with_their_tokens() {
     );
     assert_eq!(success, 3.0, "{text}");
     assert_eq!(cancelled, 0.0, "{text}");
-    assert!(value("tower_claude_output_tokens_total{", &[]) > 0.0, "{text}");
-    assert!(value("tower_claude_input_tokens_total{", &[]) > 0.0, "{text}");
+    assert!(
+        value("tower_claude_output_tokens_total{", &[]) > 0.0,
+        "{text}"
+    );
+    assert!(
+        value("tower_claude_input_tokens_total{", &[]) > 0.0,
+        "{text}"
+    );
     proxy.stop().await;
 }

@@ -996,7 +996,11 @@ async fn a_zero_limit_header_does_not_lock_the_group_out() {
         response.into_body().collect().await.unwrap();
     }
     assert_eq!(calls.load(Ordering::SeqCst), 5);
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
     // Nothing was learned from the zeros.
     assert!(board.headroom(&key(), &haiku()).is_none());
 }
@@ -1026,7 +1030,11 @@ async fn a_learned_limit_smaller_than_the_request_asks_upstream_again() {
         response.into_body().collect().await.unwrap();
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    assert!(start.elapsed() <= Duration::from_secs(61), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_secs(61),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// Issue 18, bug 3: a usage block of `u64::MAX` tokens drained the bucket for ~584 years. The
@@ -1065,21 +1073,25 @@ async fn an_absurd_usage_block_drains_a_bucket_for_at_most_its_refill() {
 #[tokio::test(start_paused = true)]
 async fn made_up_model_names_and_keys_refused_upstream_leave_no_quota_entry() {
     let upstream = tower::service_fn(|req: Request<RequestBody>| async move {
-        let known = req
-            .headers()
-            .get("x-api-key")
-            .is_some_and(|k| k == API_KEY);
+        let known = req.headers().get("x-api-key").is_some_and(|k| k == API_KEY);
         let (status, body) = if !known {
-            (401, r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#)
+            (
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+            )
         } else {
-            (404, r#"{"type":"error","error":{"type":"not_found_error","message":"model: not found"}}"#)
+            (
+                404,
+                r#"{"type":"error","error":{"type":"not_found_error","message":"model: not found"}}"#,
+            )
         };
         let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
         *r.status_mut() = StatusCode::from_u16(status).unwrap();
         Ok::<_, BoxError>(r)
     });
     // A configured group and learned ones: the configured entry stays.
-    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(1_000_000, 100_000_000, 100_000_000));
+    let layer =
+        RateLimitLayer::new().limits(haiku(), Limits::new(1_000_000, 100_000_000, 100_000_000));
     let board = layer.quota_board().clone();
     let svc = ServiceBuilder::new().layer(layer).service(upstream);
     let send = |model: String, key: String| {

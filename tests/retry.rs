@@ -718,7 +718,10 @@ async fn stream_error_after_content_passes_through() {
     let tail = &got[forwarded.len()..];
     assert!(tail.starts_with("event: error\ndata: "), "{tail}");
     assert!(tail.contains(r#""type":"api_error""#), "{tail}");
-    assert!(tail.contains("upstream stream ended before message_stop"), "{tail}");
+    assert!(
+        tail.contains("upstream stream ended before message_stop"),
+        "{tail}"
+    );
     assert_eq!(fake.attempts(), 1);
 }
 
@@ -1321,10 +1324,15 @@ async fn a_stream_ending_without_message_stop_ends_with_an_error_event() {
     );
     assert!(text.contains("upstream stream ended before message_stop"));
     // A complete stream gets nothing added.
-    let fake = Fake::new([Step::Stream(vec![SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END], false)]);
+    let fake = Fake::new([Step::Stream(
+        vec![SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END],
+        false,
+    )]);
     let (resp, _) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
     assert_eq!(
         resp.body(),
-        [SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END].concat().as_bytes()
+        [SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END]
+            .concat()
+            .as_bytes()
     );
 }

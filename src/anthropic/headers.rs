@@ -511,10 +511,7 @@ mod tests {
     fn absurd_limits_are_read_as_absent() {
         let read = |limit: &str, remaining: &str| {
             let mut map = HeaderMap::new();
-            map.insert(
-                "anthropic-ratelimit-requests-limit",
-                limit.parse().unwrap(),
-            );
+            map.insert("anthropic-ratelimit-requests-limit", limit.parse().unwrap());
             map.insert(
                 "anthropic-ratelimit-requests-remaining",
                 remaining.parse().unwrap(),

@@ -16,7 +16,8 @@ use crate::anthropic::{ApiError, ApiErrorKind, StreamTracker};
 /// The message of the `event: error` that ends a stream cut before `message_stop`.
 pub(crate) const STREAM_CUT: &str = "upstream stream ended before message_stop";
 /// The message of the error that ends a body still running at the request's deadline.
-pub(crate) const DEADLINE_PASSED: &str = "the request's deadline passed before the upstream answer ended";
+pub(crate) const DEADLINE_PASSED: &str =
+    "the request's deadline passed before the upstream answer ended";
 
 /// The response body of [`Retry`](super::Retry): the upstream body, preceded by any frames the
 /// layer read ahead (an error body it inspected, or the start of a stream it held back) and
@@ -203,7 +204,13 @@ where
             }
             Poll::Ready(None) => {
                 this.rest.set(Rest::Done);
-                close(this.stream, this.finished, ApiErrorKind::Api, STREAM_CUT, None)
+                close(
+                    this.stream,
+                    this.finished,
+                    ApiErrorKind::Api,
+                    STREAM_CUT,
+                    None,
+                )
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(tracker), Some(data)) = (this.stream.as_mut(), frame.data_ref()) {

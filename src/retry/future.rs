@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::{BackoffState, Need, next_delay};
+use super::body::STREAM_CUT;
 use super::layer::Shared;
 use super::pacing::{QuotaKey, Slot};
 use super::policy::{
@@ -25,7 +26,6 @@ use super::policy::{
 };
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
-use super::body::STREAM_CUT;
 use crate::anthropic::{ApiError, ApiErrorKind, StreamTracker, header_names, request_id};
 use crate::body::RequestBody;
 
@@ -225,16 +225,17 @@ where
     let mut attempt = 0u32;
     // The deadline covers the upstream too: waiting for readiness, the call, and reading what
     // `inspect` reads ahead. At the deadline the attempt is dropped and the layer fails.
-    let timed_out = |attempt: u32, total_wait: Duration, last_http: &Option<(StatusCode, Option<ApiError>)>| {
-        tracing::debug!(attempt, "deadline passed while waiting for the upstream");
-        let (status, api_error) = last_http.clone().unzip();
-        BoxError::from(
-            RetryError::new(RetryErrorKind::DeadlineExceeded, attempt)
-                .with_timing(ctx.started.elapsed(), total_wait)
-                .with_last_status(status)
-                .with_api_error(api_error.flatten()),
-        )
-    };
+    let timed_out =
+        |attempt: u32, total_wait: Duration, last_http: &Option<(StatusCode, Option<ApiError>)>| {
+            tracing::debug!(attempt, "deadline passed while waiting for the upstream");
+            let (status, api_error) = last_http.clone().unzip();
+            BoxError::from(
+                RetryError::new(RetryErrorKind::DeadlineExceeded, attempt)
+                    .with_timing(ctx.started.elapsed(), total_wait)
+                    .with_last_status(status)
+                    .with_api_error(api_error.flatten()),
+            )
+        };
     let read_json = ctx.deadline.is_some();
     loop {
         attempt += 1;
@@ -501,10 +502,9 @@ fn broken_answer<B>(
     let (mut parts, _broken) = response.into_parts();
     parts.status = error.status();
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    parts.headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let envelope = VecDeque::from([Frame::data(error.to_envelope())]);
     let body = RetryBody::replay(envelope, None, None);
     (Response::from_parts(parts, body), Some(error))
@@ -653,12 +653,19 @@ where
         // report it like any API error.
         let whole = read.rest.is_none() && read.error.is_none();
         let body = if whole && !is_typed_object(&read.data) {
-            tracing::debug!(status = status.as_u16(), "error body replaced by an envelope");
+            tracing::debug!(
+                status = status.as_u16(),
+                "error body replaced by an envelope"
+            );
             parts.headers.remove(http::header::CONTENT_LENGTH);
             parts
                 .headers
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            RetryBody::replay(VecDeque::from([Frame::data(error.to_envelope())]), None, None)
+            RetryBody::replay(
+                VecDeque::from([Frame::data(error.to_envelope())]),
+                None,
+                None,
+            )
         } else {
             read.into_body()
         };

@@ -129,7 +129,15 @@ struct Config {
     catalog: ModelCatalog,
 }
 
-/// A hostile Anthropic upstream (see the [module docs](self)).
+/// A hostile Anthropic upstream, served over loopback HTTP/1.1.
+///
+/// [`MockClaude`](super::MockClaude) simulates the API faithfully; `ChaosUpstream` does what a
+/// broken network, a buggy gateway or a hostile server does (see [`Chaos`]). Each request
+/// picks its misbehaviour with the `x-chaos` request header ([`Chaos::parse`]), else the
+/// upstream's default, so one server serves a whole test suite; `x-chaos-id` names a request
+/// so that a test can count how many times it reached the upstream
+/// ([`received`](Self::received)). A real server rather than a `tower::Service`, so that
+/// resets, trickles and huge headers go through hyper on both sides, as in production.
 ///
 /// ```
 /// use tower_claude::testing::{Chaos, ChaosUpstream};
@@ -242,7 +250,11 @@ impl ChaosUpstream {
                 *counts.by_id.entry(id.to_owned()).or_default() += 1;
             }
         }
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let path = parts.uri.path();
         if self.config.unauthorized_paths.iter().any(|p| p == path) {
             return error(401, "authentication_error", "invalid x-api-key");
@@ -284,9 +296,10 @@ fn error(status: u16, kind: &str, message: &str) -> Response<ChaosBody> {
 fn full(status: u16, content_type: &'static str, body: String) -> Response<ChaosBody> {
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
     response
 }
 
@@ -311,23 +324,30 @@ fn streamed(
         Some((Ok::<_, BoxError>(Frame::data(chunk)), next))
     });
     let end = futures_util::stream::iter(
-        reset
-            .then(|| Err::<Frame<Bytes>, BoxError>("chaos: connection reset".into()))
-            .into_iter(),
+        reset.then(|| Err::<Frame<Bytes>, BoxError>("chaos: connection reset".into())),
     );
     let body = StreamBody::new(head.chain(tail).chain(end));
     let mut response = Response::new(BodyExt::boxed(body));
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
     response
 }
 
 fn valid(stream: bool, input: u64, output: u64) -> Response<ChaosBody> {
     if stream {
-        let usage_start = START.replace("\"input_tokens\":10", &format!("\"input_tokens\":{input}"));
-        let usage_end = END.replace("\"output_tokens\":2", &format!("\"output_tokens\":{output}"));
-        full(200, "text/event-stream", format!("{usage_start}{CONTENT}{usage_end}"))
+        let usage_start =
+            START.replace("\"input_tokens\":10", &format!("\"input_tokens\":{input}"));
+        let usage_end = END.replace(
+            "\"output_tokens\":2",
+            &format!("\"output_tokens\":{output}"),
+        );
+        full(
+            200,
+            "text/event-stream",
+            format!("{usage_start}{CONTENT}{usage_end}"),
+        )
     } else {
         full(200, "application/json", json_message(input, output))
     }
@@ -358,9 +378,10 @@ async fn respond(chaos: Chaos, stream: bool) -> Response<ChaosBody> {
             let mut response = Response::new(BodyExt::boxed(StreamBody::new(
                 futures_util::StreamExt::chain(head, body),
             )));
-            response
-                .headers_mut()
-                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type),
+            );
             response
         }
         Chaos::ResetMidBody => {
@@ -372,7 +393,9 @@ async fn respond(chaos: Chaos, stream: bool) -> Response<ChaosBody> {
             let half = Bytes::from(text[..text.len() / 2].to_owned());
             streamed(content_type, vec![half], None, true)
         }
-        Chaos::CutBeforeContent => streamed(sse, vec![Bytes::from_static(START.as_bytes())], None, true),
+        Chaos::CutBeforeContent => {
+            streamed(sse, vec![Bytes::from_static(START.as_bytes())], None, true)
+        }
         Chaos::CutAfterContent => streamed(
             sse,
             vec![Bytes::from(format!("{START}{CONTENT}"))],
@@ -408,7 +431,8 @@ async fn respond(chaos: Chaos, stream: bool) -> Response<ChaosBody> {
             }
             headers.insert(
                 HeaderName::from_static("x-chaos-huge"),
-                HeaderValue::from_str(&"x".repeat(60 * 1024)).unwrap_or(HeaderValue::from_static("x")),
+                HeaderValue::from_str(&"x".repeat(60 * 1024))
+                    .unwrap_or(HeaderValue::from_static("x")),
             );
             response
         }
@@ -431,7 +455,9 @@ async fn respond(chaos: Chaos, stream: bool) -> Response<ChaosBody> {
         Chaos::Usage(tokens) => valid(stream, tokens, tokens),
         Chaos::Status(code, body) => {
             let body = if body.is_empty() {
-                format!(r#"{{"type":"error","error":{{"type":"api_error","message":"chaos {code}"}}}}"#)
+                format!(
+                    r#"{{"type":"error","error":{{"type":"api_error","message":"chaos {code}"}}}}"#
+                )
             } else {
                 body
             };
