@@ -1116,3 +1116,31 @@ async fn made_up_model_names_and_keys_refused_upstream_leave_no_quota_entry() {
     assert!(board.len() <= 1, "{} entries", board.len());
     assert!(board.statuses().len() <= 1);
 }
+
+/// Issue 18: a request no configured quota can ever admit (its input estimate is above the
+/// per-minute capacity) was retried 8 times by a retry layer above (12 s) before the refusal;
+/// it fails at once now, with the limiter's typed error as the source.
+#[tokio::test(start_paused = true)]
+async fn a_request_over_a_whole_minute_of_quota_fails_at_once_behind_a_retry_layer() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(tower_claude::retry::RetryLayer::new())
+        .layer(RateLimitLayer::new().limits(haiku(), Limits::new(100, 50, 8_000)))
+        .service(json_upstream(Duration::ZERO, 10, calls.clone()));
+    let req = Request::post("https://api.anthropic.com/v1/messages")
+        .header("x-api-key", API_KEY)
+        .body(body("claude-haiku-4-5", 100, false, 2_000))
+        .unwrap();
+    let start = Instant::now();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let retry = err
+        .downcast_ref::<tower_claude::retry::RetryError>()
+        .expect("RetryError");
+    assert_eq!(retry.attempts(), 1);
+    let acquire = std::error::Error::source(retry)
+        .and_then(|e| e.downcast_ref::<AcquireError>())
+        .expect("AcquireError source");
+    assert_eq!(acquire.kind(), AcquireErrorKind::RequestTooLarge);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
