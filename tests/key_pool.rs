@@ -690,3 +690,99 @@ async fn a_key_with_a_billing_problem_leaves_the_rotation() {
     ));
     assert_eq!(handle.active(), 1);
 }
+
+/// An upstream that answers 401 to every path but `/v1/messages`, which it serves (a key that
+/// may not call the organisation endpoints, as ordinary keys may not); counts calls.
+fn admin_refusing_upstream(
+    calls: Arc<Mutex<Vec<String>>>,
+) -> impl Service<
+    Request<RequestBody>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+> + Clone
++ Send {
+    tower::service_fn(move |req: Request<RequestBody>| {
+        let path = req.uri().path().to_owned();
+        calls.lock().unwrap().push(path.clone());
+        async move {
+            let response = if path == "/v1/messages" {
+                Response::new(Full::new(Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":1,"output_tokens":1}}"#,
+                )))
+            } else {
+                Response::builder()
+                    .status(StatusCode::UNAUTHORIZED)
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+                    )))
+                    .unwrap()
+            };
+            Ok::<_, BoxError>(response)
+        }
+    })
+}
+
+/// Issue 18, bug 7: a 401 on a path the client picks (`GET /v1/organizations/me`) took the
+/// key out of rotation: one request per key removed them all. Only a 401 on a Messages API
+/// endpoint removes a key now; the client still gets its 401.
+#[tokio::test(start_paused = true)]
+async fn a_401_outside_the_messages_api_does_not_remove_a_key() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let layer = KeyPoolLayer::new(KEYS).unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(layer)
+        .service(admin_refusing_upstream(calls.clone()));
+    for path in [
+        "/v1/organizations/me",
+        "/v1/organizations/me",
+        "/v1/organizations/me",
+        "/v1/messages/../organizations/me",
+        "/v1/messages/%2e%2e/organizations/me",
+        "/v1/models",
+    ] {
+        let req = Request::get(format!("https://api.anthropic.com{path}"))
+            .body(RequestBody::empty())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(handle.active(), 3);
+    // Messages still go out, with every key.
+    for _ in 0..3 {
+        let res = send(&mut svc).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(calls.lock().unwrap().len(), 9);
+}
+
+/// Issue 18, bug 7: with every key removed, a request behind a retry layer fails at once (the
+/// docs promise it), instead of spending 21 s in retries before the 403.
+#[tokio::test(start_paused = true)]
+async fn no_key_left_fails_at_once_behind_a_retry_layer() {
+    let keys = ["sk-ant-revoked-1", "sk-ant-revoked-2"];
+    let mock = mock(&KEYS); // accepts none of them
+    let layer = KeyPoolLayer::new(keys).unwrap();
+    let handle = layer.handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(layer)
+        .service(mock.clone());
+    // The first request meets both 401s (the retry moves it to the other key) and gets the
+    // last one.
+    let res = send(&mut svc).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(handle.active(), 0);
+    let start = Instant::now();
+    let err = send(&mut svc).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let retry = err.downcast_ref::<RetryError>().expect("RetryError");
+    assert_eq!(retry.attempts(), 1);
+    let pool = std::error::Error::source(retry)
+        .and_then(|e| e.downcast_ref::<KeyPoolError>())
+        .expect("KeyPoolError source");
+    assert_eq!(pool.kind(), KeyPoolErrorKind::AllKeysRemoved);
+    assert_eq!(mock.stats().received, 2);
+}

@@ -799,3 +799,71 @@ async fn prompt_cache_tokens_and_hit_ratio_per_key_and_group() {
     let cache = status.prompt_cache.unwrap();
     assert_eq!((cache.read_tokens, cache.write_tokens), (read, write));
 }
+
+/// Reads a body the way hyper's server does: frames until `is_end_stream()` is true (or the
+/// end), then drops it without polling for the final `None`.
+async fn drain_like_hyper<B>(body: B) -> bytes::Bytes
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut body = body;
+    let mut out = bytes::BytesMut::new();
+    while !http_body::Body::is_end_stream(&body) {
+        match body.frame().await {
+            Some(frame) => {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            None => break,
+        }
+    }
+    drop(body);
+    out.freeze()
+}
+
+/// Issue 18, bug 6: a JSON body of known length is never polled to `None` by hyper; it was
+/// counted `outcome="cancelled"` with no tokens.
+#[tokio::test(start_paused = true)]
+async fn a_body_read_until_is_end_stream_counts_success_and_tokens() {
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let body = br#"{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-6","stop_reason":"end_turn","usage":{"input_tokens":11,"output_tokens":7}}"#;
+    let upstream = tower::service_fn(move |_req: Request<RequestBody>| async move {
+        let response = Response::builder()
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+            .unwrap();
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new())
+        .service(upstream);
+    for _ in 0..3 {
+        let response = svc.clone().oneshot(request(MODEL, false)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let read = drain_like_hyper(response.into_body()).await;
+        assert_eq!(&read[..], &body[..]);
+    }
+    let m = scrape(&handle);
+    let g = group();
+    let series = |outcome: &str| {
+        format!(
+            r#"tower_claude_requests_total{{model="{MODEL}",group="{g}",status="200",outcome="{outcome}"}}"#
+        )
+    };
+    assert_eq!(get(&m, &series("success")), 3.0, "{m:#?}");
+    assert_eq!(get(&m, &series("cancelled")), 0.0);
+    let labels = format!(r#"{{model="{MODEL}",group="{g}"}}"#);
+    assert_eq!(
+        get(&m, &format!("tower_claude_output_tokens_total{labels}")),
+        21.0
+    );
+    assert_eq!(
+        get(&m, &format!("tower_claude_input_tokens_total{labels}")),
+        33.0
+    );
+    assert_eq!(get(&m, "tower_claude_in_flight_requests"), 0.0);
+}

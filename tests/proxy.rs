@@ -421,3 +421,67 @@ async fn status_page_and_prometheus_metrics() {
     assert!(!text.contains("sk-client-status"));
     proxy.stop().await;
 }
+
+/// Issue 18, bug 6: `/metrics` counted every successful JSON answer `outcome="cancelled"` and
+/// none of its tokens (hyper stops polling a body once `is_end_stream()` is true, and the
+/// metrics body finished only at the `None` it never saw).
+#[tokio::test]
+async fn metrics_count_json_answers_as_successes_with_their_tokens() {
+    let mock = MockClaude::builder().build();
+    let upstream = served_mock(&mock).await;
+    let cli = Cli {
+        cache: Some(false),
+        ..cli_for(format!("http://{upstream}"))
+    };
+    let proxy = start_proxy(cli, &[]).await;
+    let c = client();
+    // A model no other test of this file uses: the recorder is global to the process.
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello, metrics"}]}"#;
+    for _ in 0..3 {
+        let resp = c
+            .request(messages(proxy.addr, "sk-client-metrics", body))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    }
+    let resp = c
+        .get(format!("http://{}/metrics", proxy.addr).parse().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let value = |prefix: &str, must: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains("claude-sonnet-4-5"))
+            .filter(|l| must.iter().all(|m| l.contains(m)))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let success = value(
+        "tower_claude_requests_total{",
+        &[r#"status="200""#, r#"outcome="success""#],
+    );
+    let cancelled = value(
+        "tower_claude_requests_total{",
+        &[r#"status="200""#, r#"outcome="cancelled""#],
+    );
+    assert_eq!(success, 3.0, "{text}");
+    assert_eq!(cancelled, 0.0, "{text}");
+    assert!(
+        value("tower_claude_output_tokens_total{", &[]) > 0.0,
+        "{text}"
+    );
+    assert!(
+        value("tower_claude_input_tokens_total{", &[]) > 0.0,
+        "{text}"
+    );
+    proxy.stop().await;
+}

@@ -162,6 +162,55 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+    /// Issue 18, bug 3: whatever usage is settled (up to `u64::MAX` tokens, as a broken
+    /// upstream may report), a bucket's debt is bounded by one capacity: a request that fits
+    /// the capacity waits at most the debt's refill (one minute) plus its own (one more), and
+    /// the board is full again two minutes later.
+    #[test]
+    fn settled_usage_never_drains_a_bucket_for_more_than_its_refill(
+        settled in proptest::collection::vec((0u64..=u64::MAX, 0u64..=u64::MAX, proptest::bool::ANY), 1..6),
+        input in 0u64..=20_000,
+        output in 0u64..=8_000,
+    ) {
+        let limits = Limits::new(30, 20_000, 8_000);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (wait, full_in, after) = rt.block_on(async move {
+            let group = RateLimitGroup::new("g");
+            let key = KeyId::named("k");
+            let board = QuotaBoard::builder().limits(group.clone(), limits).build();
+            for (i, o, huge) in settled {
+                // Bounded, so that a board in debt for years fails the test rather than
+                // hanging it.
+                let Ok(res) = board
+                    .acquire(key.clone(), group.clone(), Cost::new(1, 10, 10))
+                    .max_wait(Duration::from_secs(240))
+                    .await
+                else {
+                    break;
+                };
+                let (i, o) = if huge { (u64::MAX, u64::MAX) } else { (i, o) };
+                res.settle(Cost::new(1, i, o));
+            }
+            let cost = Cost::new(1, input, output);
+            let wait = board.time_until_fits(&key, &group, &cost).unwrap();
+            let full_in = board.headroom(&key, &group).unwrap().full_in;
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            let after = board.headroom(&key, &group).unwrap().fraction;
+            (wait, full_in, after)
+        });
+        prop_assert!(wait <= Duration::from_secs(120), "wait {wait:?}");
+        prop_assert!(full_in <= Duration::from_secs(120), "full in {full_in:?}");
+        prop_assert_eq!(after, 1.0);
+    }
+}
+
 fn limits_array(l: Limits) -> [i64; 3] {
     [l.rpm as i64, l.itpm as i64, l.otpm as i64]
 }

@@ -937,3 +937,210 @@ async fn the_request_deadline_bounds_the_queue_wait() {
         "the late request was never sent"
     );
 }
+
+/// An upstream that answers its first call with `first` rate-limit headers (raw values) and
+/// every later call with no rate-limit header; counts calls.
+fn upstream_with_first_headers(
+    first: &'static [(&'static str, &'static str)],
+    calls: Arc<AtomicUsize>,
+) -> impl Service<
+    Request<RequestBody>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+> + Clone
++ Send {
+    tower::service_fn(move |_req: Request<RequestBody>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut r = Response::new(json_usage(20, 10));
+            if n == 0 {
+                for (name, value) in first {
+                    r.headers_mut()
+                        .insert(*name, HeaderValue::from_static(value));
+                }
+            }
+            Ok::<_, BoxError>(r)
+        }
+    })
+}
+
+/// Issue 18, bug 2: one answer saying `anthropic-ratelimit-*-limit: 0` locked the key and group
+/// out for good (every later request refused as larger than the per-minute capacity, the
+/// upstream never asked again). A limit of 0 is read as unknown.
+#[tokio::test(start_paused = true)]
+async fn a_zero_limit_header_does_not_lock_the_group_out() {
+    const ZERO: &[(&str, &str)] = &[
+        ("anthropic-ratelimit-requests-limit", "0"),
+        ("anthropic-ratelimit-requests-remaining", "0"),
+        ("anthropic-ratelimit-input-tokens-limit", "0"),
+        ("anthropic-ratelimit-input-tokens-remaining", "0"),
+        ("anthropic-ratelimit-output-tokens-limit", "0"),
+        ("anthropic-ratelimit-output-tokens-remaining", "0"),
+        ("anthropic-ratelimit-tokens-limit", "0"),
+    ];
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RateLimitLayer::new().max_wait(Duration::from_secs(5));
+    let board = layer.quota_board().clone();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream_with_first_headers(ZERO, calls.clone()));
+    let start = Instant::now();
+    for _ in 0..5 {
+        let response = svc
+            .clone()
+            .oneshot(messages(100, false))
+            .await
+            .expect("not refused locally");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    // Nothing was learned from the zeros.
+    assert!(board.headroom(&key(), &haiku()).is_none());
+}
+
+/// Issue 18, bug 2: a learned limit smaller than a request (a broken or hostile answer) does
+/// not refuse it locally for good: the request waits for the bucket to be full (at most a
+/// minute) and asks the upstream again.
+#[tokio::test(start_paused = true)]
+async fn a_learned_limit_smaller_than_the_request_asks_upstream_again() {
+    const TINY: &[(&str, &str)] = &[
+        ("anthropic-ratelimit-input-tokens-limit", "1"),
+        ("anthropic-ratelimit-input-tokens-remaining", "1"),
+    ];
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RateLimitLayer::new();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream_with_first_headers(TINY, calls.clone()));
+    let start = Instant::now();
+    for _ in 0..2 {
+        let response = svc
+            .clone()
+            .oneshot(messages(100, false))
+            .await
+            .expect("not refused locally");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(
+        start.elapsed() <= Duration::from_secs(61),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// Issue 18, bug 3: a usage block of `u64::MAX` tokens drained the bucket for ~584 years. The
+/// parse clamps it and the bucket's debt is bounded by one capacity.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_usage_block_drains_a_bucket_for_at_most_its_refill() {
+    let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+        Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+            br#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":18446744073709551615,"output_tokens":18446744073709551615,"cache_creation_input_tokens":18446744073709551615}}"#,
+        ))))
+    });
+    let layer = RateLimitLayer::new().limits(haiku(), Limits::new(100, 100_000, 8_000));
+    let board = layer.quota_board().clone();
+    let svc = ServiceBuilder::new().layer(layer).service(upstream);
+    let response = svc.clone().oneshot(messages(100, false)).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let headroom = board.headroom(&key(), &haiku()).unwrap();
+    assert!(
+        headroom.full_in <= Duration::from_secs(120),
+        "{:?}",
+        headroom.full_in
+    );
+    let cost = Cost::new(1, 1_000, 100);
+    let wait = board.time_until_fits(&key(), &haiku(), &cost).unwrap();
+    assert!(wait <= Duration::from_secs(120), "{wait:?}");
+    // And the next request does go, within that wait.
+    let start = Instant::now();
+    let response = svc.oneshot(messages(100, false)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(start.elapsed() <= Duration::from_secs(121));
+}
+
+/// Issue 18, bug 4: every distinct model name (and every pass-through key) a client made up
+/// created a permanent quota entry, even when upstream answered 404 (or 401). Entries that
+/// nothing vouches for (no configured limit, no upstream success) are dropped once quiet.
+#[tokio::test(start_paused = true)]
+async fn made_up_model_names_and_keys_refused_upstream_leave_no_quota_entry() {
+    let upstream = tower::service_fn(|req: Request<RequestBody>| async move {
+        let known = req.headers().get("x-api-key").is_some_and(|k| k == API_KEY);
+        let (status, body) = if !known {
+            (
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+            )
+        } else {
+            (
+                404,
+                r#"{"type":"error","error":{"type":"not_found_error","message":"model: not found"}}"#,
+            )
+        };
+        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        Ok::<_, BoxError>(r)
+    });
+    // A configured group and learned ones: the configured entry stays.
+    let layer =
+        RateLimitLayer::new().limits(haiku(), Limits::new(1_000_000, 100_000_000, 100_000_000));
+    let board = layer.quota_board().clone();
+    let svc = ServiceBuilder::new().layer(layer).service(upstream);
+    let send = |model: String, key: String| {
+        let svc = svc.clone();
+        async move {
+            let req = Request::post("https://api.anthropic.com/v1/messages")
+                .header("x-api-key", key)
+                .body(body(&model, 10, false, 1))
+                .unwrap();
+            let res = svc.oneshot(req).await.unwrap();
+            let status = res.status();
+            res.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    for i in 0..10_000 {
+        let status = send(format!("claude-made-up-{i}"), API_KEY.to_owned()).await;
+        assert_eq!(status, 404);
+        let status = send("claude-haiku-4-5".to_owned(), format!("sk-ant-made-up-{i}")).await;
+        assert_eq!(status, 401);
+    }
+    assert!(board.len() <= 1, "{} entries", board.len());
+    assert!(board.statuses().len() <= 1);
+}
+
+/// Issue 18: a request no configured quota can ever admit (its input estimate is above the
+/// per-minute capacity) was retried 8 times by a retry layer above (12 s) before the refusal;
+/// it fails at once now, with the limiter's typed error as the source.
+#[tokio::test(start_paused = true)]
+async fn a_request_over_a_whole_minute_of_quota_fails_at_once_behind_a_retry_layer() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(tower_claude::retry::RetryLayer::new())
+        .layer(RateLimitLayer::new().limits(haiku(), Limits::new(100, 50, 8_000)))
+        .service(json_upstream(Duration::ZERO, 10, calls.clone()));
+    let req = Request::post("https://api.anthropic.com/v1/messages")
+        .header("x-api-key", API_KEY)
+        .body(body("claude-haiku-4-5", 100, false, 2_000))
+        .unwrap();
+    let start = Instant::now();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let retry = err
+        .downcast_ref::<tower_claude::retry::RetryError>()
+        .expect("RetryError");
+    assert_eq!(retry.attempts(), 1);
+    let acquire = std::error::Error::source(retry)
+        .and_then(|e| e.downcast_ref::<AcquireError>())
+        .expect("AcquireError source");
+    assert_eq!(acquire.kind(), AcquireErrorKind::RequestTooLarge);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}

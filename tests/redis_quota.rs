@@ -701,3 +701,62 @@ async fn a_hash_created_by_an_acquire_carries_the_capacities() {
     let h = learning.headroom(&key(), &group()).unwrap();
     assert_eq!(h.requests.unwrap().limit, 30);
 }
+
+/// Issue 18, bugs 2 and 3 with Redis: an answer saying `limit: 0` teaches no node anything
+/// (the same header parse feeds both backends), and a usage of `u64::MAX` tokens puts the
+/// shared bucket at most one capacity in debt (the Redis script bounds it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_headers_and_usage_do_not_lock_out_redis_nodes() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let patient = |prefix: &str| options(prefix).response_timeout(Duration::from_secs(2));
+
+    // Limit 0: nothing is learned, on either node.
+    let a = learning_board(&url, patient("t18a:")).await;
+    let b = learning_board(&url, patient("t18a:")).await;
+    let mut headers = http::HeaderMap::new();
+    for name in [
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-input-tokens-limit",
+        "anthropic-ratelimit-output-tokens-limit",
+    ] {
+        headers.insert(name, http::HeaderValue::from_static("0"));
+    }
+    let probe = a
+        .acquire(key(), group(), Cost::new(1, 100, 100))
+        .await
+        .unwrap();
+    a.observe(&key(), &group(), &RateLimitSnapshot::from_headers(&headers));
+    probe.settle(Cost::new(1, 100, 100));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for board in [&a, &b] {
+        for _ in 0..3 {
+            board
+                .acquire(key(), group(), Cost::new(1, 100, 100))
+                .max_wait(Duration::from_secs(1))
+                .await
+                .expect("not locked out")
+                .settle(Cost::new(1, 100, 100));
+        }
+    }
+
+    // u64::MAX usage on a configured shared bucket: the next request waits at most two
+    // refill periods, not centuries.
+    let c = redis_board(&url, "t18b:", 100).await;
+    c.acquire(key(), group(), Cost::new(1, 10, 10))
+        .await
+        .unwrap()
+        .settle(Cost::new(1, u64::MAX, u64::MAX));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = c
+        .acquire(key(), group(), Cost::new(1, 10, 10))
+        .max_wait(Duration::from_millis(10))
+        .await
+        .expect_err("in debt");
+    assert_eq!(err.kind(), AcquireErrorKind::QueueTimeout);
+    let wait = err.available_in().expect("a known wait");
+    assert!(wait <= Duration::from_secs(120), "{wait:?}");
+}

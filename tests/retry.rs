@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_claude::BoxError;
+use tower_claude::anthropic::ApiError;
 use tower_claude::body::RequestBody;
 use tower_claude::retry::{
     Deadline, Jitter, MaxServerWait, RetryBudget, RetryError, RetryErrorKind, RetryInfo,
@@ -693,7 +694,9 @@ async fn stream_error_after_content_passes_through() {
     assert_eq!(text, [SSE_START, SSE_BLOCK, SSE_DELTA, SSE_ERROR].concat());
     assert_eq!(info.unwrap().attempts(), 1);
 
-    // Content and the body failure reach the caller in order.
+    // Content, then the body failure, reach the caller in order; the failure as an
+    // `event: error` the SDKs understand (issue 18: it used to be a body error, which a proxy
+    // turns into a silent cut), then a clean end.
     let fake = Fake::new([Step::Stream(vec![SSE_START, SSE_BLOCK, SSE_DELTA], true)]);
     let resp = layer()
         .layer(fake.clone())
@@ -702,15 +705,23 @@ async fn stream_error_after_content_passes_through() {
         .unwrap();
     let mut body = resp.into_body();
     let mut got = Vec::new();
-    let err = loop {
+    loop {
         match body.frame().await {
             Some(Ok(f)) => got.extend_from_slice(&f.into_data().unwrap()),
-            Some(Err(e)) => break e,
-            None => panic!("the body error was swallowed"),
+            Some(Err(e)) => panic!("a body error reached the caller: {e}"),
+            None => break,
         }
-    };
-    assert_eq!(got, [SSE_START, SSE_BLOCK, SSE_DELTA].concat().as_bytes());
-    assert_eq!(err.to_string(), "connection reset");
+    }
+    let got = String::from_utf8(got).unwrap();
+    let forwarded = [SSE_START, SSE_BLOCK, SSE_DELTA].concat();
+    assert!(got.starts_with(&forwarded), "{got}");
+    let tail = &got[forwarded.len()..];
+    assert!(tail.starts_with("event: error\ndata: "), "{tail}");
+    assert!(tail.contains(r#""type":"api_error""#), "{tail}");
+    assert!(
+        tail.contains("upstream stream ended before message_stop"),
+        "{tail}"
+    );
     assert_eq!(fake.attempts(), 1);
 }
 
@@ -737,8 +748,11 @@ async fn without_hold_back_stream_errors_are_not_retried() {
     assert_eq!(resp.body(), [SSE_START, SSE_ERROR].concat().as_bytes());
 }
 
+/// Issue 18 changed this: a stream that failed before any content on the last attempt used
+/// to be returned as received (a 200 whose body is an error); nothing of it was forwarded, so
+/// the caller now gets the stream's error as an error status and envelope.
 #[tokio::test(start_paused = true)]
-async fn stream_error_on_the_last_attempt_is_returned_as_received() {
+async fn stream_error_on_the_last_attempt_is_returned_as_an_error_status() {
     let fake = Fake::new([
         Step::Stream(vec![SSE_START, SSE_ERROR], false),
         Step::Stream(vec![SSE_START, SSE_PING, SSE_ERROR], false),
@@ -746,11 +760,11 @@ async fn stream_error_on_the_last_attempt_is_returned_as_received() {
     let (resp, info) = send(layer().max_attempts(2), &fake, messages(STREAM_BODY))
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.body(),
-        [SSE_START, SSE_PING, SSE_ERROR].concat().as_bytes()
-    );
+    assert_eq!(resp.status(), 529);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let error = ApiError::from_response(resp.status(), resp.body());
+    assert_eq!(error.error_type(), "overloaded_error");
+    assert_eq!(error.message(), "Overloaded");
     let info = info.unwrap();
     assert_eq!(info.outcome(), RetryOutcome::Exhausted);
     assert_eq!(info.last_error_message(), Some("Overloaded"));
@@ -1164,4 +1178,161 @@ async fn max_server_wait_returns_long_429s_at_once() {
     assert_eq!(resp.status(), 200);
     let seen = fake.seen();
     assert!(seen[1].at - seen[0].at >= Duration::from_secs(30));
+}
+
+/// What a hand-made hostile upstream does after accepting a request.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    /// Never answers.
+    Silent,
+    /// A 200 stream: `message_start`, then a `ping` every second, forever.
+    PingForever,
+    /// A 200 stream with content, then a `ping` every second, forever.
+    ContentThenPings,
+    /// A 200 JSON answer sent one byte a second.
+    Trickle,
+}
+
+fn hostile(
+    kind: Hostile,
+) -> impl Service<
+    Request<RequestBody>,
+    Response = Response<Body>,
+    Error = BoxError,
+    Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, BoxError>>,
+> + Clone {
+    tower::service_fn(move |_req: Request<RequestBody>| {
+        let fut: futures_util::future::BoxFuture<'static, Result<Response<Body>, BoxError>> =
+            Box::pin(async move {
+                let (content_type, first, then): (&str, Vec<Bytes>, Bytes) = match kind {
+                    Hostile::Silent => std::future::pending().await,
+                    Hostile::PingForever => (
+                        "text/event-stream",
+                        vec![Bytes::from_static(SSE_START.as_bytes())],
+                        Bytes::from_static(SSE_PING.as_bytes()),
+                    ),
+                    Hostile::ContentThenPings => (
+                        "text/event-stream",
+                        [SSE_START, SSE_BLOCK, SSE_DELTA]
+                            .map(|s| Bytes::from_static(s.as_bytes()))
+                            .to_vec(),
+                        Bytes::from_static(SSE_PING.as_bytes()),
+                    ),
+                    Hostile::Trickle => ("application/json", vec![], Bytes::from_static(b" ")),
+                };
+                let head = futures_util::stream::iter(
+                    first.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))),
+                );
+                let tail = futures_util::stream::unfold(then, |then| async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Some((Ok::<_, BoxError>(Frame::data(then.clone())), then))
+                });
+                let body = StreamBody::new(futures_util::StreamExt::chain(head, tail));
+                Ok(Response::builder()
+                    .status(200)
+                    .header("content-type", content_type)
+                    .body(BodyExt::boxed(body))?)
+            });
+        fut
+    })
+}
+
+/// Issue 18, bug 1: the deadline covers the upstream. An upstream that never answers, a stream
+/// that sends only pings after `message_start` (held back by the layer), and a JSON body
+/// trickled byte by byte all end at the deadline with a typed deadline error (the proxy
+/// answers it 504 `timeout_error`), not when the client gives up.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_covers_an_upstream_that_hangs_pings_or_trickles() {
+    for (kind, body) in [
+        (Hostile::Silent, BODY),
+        (Hostile::PingForever, STREAM_BODY),
+        (Hostile::Trickle, BODY),
+    ] {
+        let start = Instant::now();
+        let svc = layer()
+            .deadline(Duration::from_secs(5))
+            .layer(hostile(kind));
+        // Bounded, so that a layer that waits without end fails the test instead of hanging.
+        let err = tokio::time::timeout(Duration::from_secs(60), svc.oneshot(messages(body)))
+            .await
+            .expect("ended by the deadline")
+            .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(5), "{kind:?}");
+        let err = err.downcast_ref::<RetryError>().expect("a RetryError");
+        assert_eq!(err.kind(), RetryErrorKind::DeadlineExceeded, "{kind:?}");
+        assert_eq!(err.attempts(), 1);
+        assert!(std::error::Error::source(err).is_none());
+    }
+}
+
+/// Issue 18, bug 1: a stream already forwarded that is still running at the deadline ends
+/// there with an `event: error` of type `timeout_error`, not a silent cut or a wait without
+/// end.
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_stream_still_running_at_the_deadline_ends_with_an_error_event() {
+    let start = Instant::now();
+    let svc = layer()
+        .deadline(Duration::from_secs(5))
+        .layer(hostile(Hostile::ContentThenPings));
+    let resp = svc.oneshot(messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect())
+        .await
+        .expect("ended by the deadline")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.starts_with(&[SSE_START, SSE_BLOCK, SSE_DELTA].concat()));
+    let tail = text.rsplit("\n\n").nth(1).unwrap();
+    assert!(tail.starts_with("event: error\ndata: "), "{tail}");
+    assert!(tail.contains(r#""type":"timeout_error""#), "{tail}");
+}
+
+/// Issue 18: a stream cut before any content on every attempt is answered with an error
+/// status and envelope, not a 200 with an empty, broken body; so is a JSON answer cut short.
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_before_content_on_every_attempt_is_an_error_status() {
+    let fake = Fake::new([
+        Step::Stream(vec![SSE_START], true),
+        Step::Stream(vec![SSE_START, SSE_PING], false),
+    ]);
+    let (resp, info) = send(layer().max_attempts(2), &fake, messages(STREAM_BODY))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500);
+    let error = ApiError::from_response(resp.status(), resp.body());
+    assert_eq!(error.error_type(), "api_error");
+    assert_eq!(error.message(), "upstream stream ended before message_stop");
+    assert_eq!(info.unwrap().outcome(), RetryOutcome::Exhausted);
+    assert_eq!(fake.attempts(), 2);
+}
+
+/// Issue 18: a stream that ends cleanly after content but without `message_stop` (a silent
+/// truncation) ends with an `event: error` the SDKs raise.
+#[tokio::test(start_paused = true)]
+async fn a_stream_ending_without_message_stop_ends_with_an_error_event() {
+    let fake = Fake::new([Step::Stream(vec![SSE_START, SSE_BLOCK, SSE_DELTA], false)]);
+    let (resp, _) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = std::str::from_utf8(resp.body()).unwrap();
+    let forwarded = [SSE_START, SSE_BLOCK, SSE_DELTA].concat();
+    assert!(text.starts_with(&forwarded));
+    assert!(
+        text[forwarded.len()..].starts_with("event: error\ndata: "),
+        "{text}"
+    );
+    assert!(text.contains("upstream stream ended before message_stop"));
+    // A complete stream gets nothing added.
+    let fake = Fake::new([Step::Stream(
+        vec![SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END],
+        false,
+    )]);
+    let (resp, _) = send(layer(), &fake, messages(STREAM_BODY)).await.unwrap();
+    assert_eq!(
+        resp.body(),
+        [SSE_START, SSE_BLOCK, SSE_DELTA, SSE_END]
+            .concat()
+            .as_bytes()
+    );
 }

@@ -442,6 +442,25 @@ impl ApiError {
         self
     }
 
+    /// This error as one SSE event, `event: error` carrying the [envelope](Self::to_envelope):
+    /// how a stream already answered 200 reports a failure.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{ApiError, ApiErrorKind};
+    ///
+    /// let event = ApiError::new(ApiErrorKind::Api, "cut").to_sse_event();
+    /// assert!(event.starts_with(b"event: error\ndata: {"));
+    /// assert!(event.ends_with(b"}\n\n"));
+    /// ```
+    pub fn to_sse_event(&self) -> Bytes {
+        let envelope = self.to_envelope();
+        let mut out = Vec::with_capacity(envelope.len() + 24);
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(&envelope);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+
     /// The JSON envelope for this error.
     ///
     /// `error.details.error_code` is included when set. Parsing the envelope back with

@@ -38,6 +38,25 @@ pub mod header_names {
 ///
 /// Token `remaining` values are rounded by the server (to thousands); `reset` is the time at
 /// which the bucket is full again.
+///
+/// Values that cannot be true are read as absent, so that one broken or hostile answer
+/// cannot lock a key out: a `limit` of 0 (no request could ever pass: the server would not
+/// have answered) or above [`BucketSnapshot::MAX_LIMIT`], and a `remaining` above the limit is
+/// read as the limit.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_claude::anthropic::RateLimitSnapshot;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("anthropic-ratelimit-requests-limit", "0".parse().unwrap());
+/// headers.insert("anthropic-ratelimit-requests-remaining", "0".parse().unwrap());
+/// headers.insert("anthropic-ratelimit-input-tokens-limit", "1000".parse().unwrap());
+/// headers.insert("anthropic-ratelimit-input-tokens-remaining", "99999".parse().unwrap());
+/// let snap = RateLimitSnapshot::from_headers(&headers);
+/// assert_eq!(snap.requests.limit, None);
+/// assert_eq!(snap.input_tokens.remaining, Some(1000));
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BucketSnapshot {
     /// `anthropic-ratelimit-*-limit`.
@@ -46,6 +65,12 @@ pub struct BucketSnapshot {
     pub remaining: Option<u64>,
     /// `anthropic-ratelimit-*-reset` (RFC 3339).
     pub reset: Option<SystemTime>,
+}
+
+impl BucketSnapshot {
+    /// The largest `limit` taken as credible (10^12 per minute); above it the header is
+    /// ignored.
+    pub const MAX_LIMIT: u64 = 1_000_000_000_000;
 }
 
 /// Every `anthropic-ratelimit-*` header of one response.
@@ -182,9 +207,15 @@ const BUCKETS: [(BucketName, [&str; 3]); 4] = [
 impl BucketSnapshot {
     fn read(headers: &HeaderMap, names: [&str; 3]) -> Self {
         let [limit, remaining, reset] = names;
+        let limit = header_str(headers, limit)
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|l| (1..=Self::MAX_LIMIT).contains(l));
+        let remaining = header_str(headers, remaining)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|r| limit.map_or(r, |l| r.min(l)));
         Self {
-            limit: header_str(headers, limit).and_then(|v| v.parse().ok()),
-            remaining: header_str(headers, remaining).and_then(|v| v.parse().ok()),
+            limit,
+            remaining,
             reset: header_str(headers, reset).and_then(parse_rfc3339),
         }
     }
@@ -451,7 +482,9 @@ mod tests {
                 reset: None,
             },
             input_tokens: BucketSnapshot {
-                limit: Some(u64::MAX),
+                // The largest credible limit (above it a limit is read as absent: see
+                // `absurd_limits_are_read_as_absent`).
+                limit: Some(BucketSnapshot::MAX_LIMIT),
                 remaining: None,
                 reset: Some(at(1_767_225_602) + Duration::from_millis(999)),
             },
@@ -472,6 +505,27 @@ mod tests {
         let mut expected = snap;
         expected.input_tokens.reset = Some(at(1_767_225_602));
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn absurd_limits_are_read_as_absent() {
+        let read = |limit: &str, remaining: &str| {
+            let mut map = HeaderMap::new();
+            map.insert("anthropic-ratelimit-requests-limit", limit.parse().unwrap());
+            map.insert(
+                "anthropic-ratelimit-requests-remaining",
+                remaining.parse().unwrap(),
+            );
+            let snap = RateLimitSnapshot::from_headers(&map).requests;
+            (snap.limit, snap.remaining)
+        };
+        assert_eq!(read("0", "0"), (None, Some(0)));
+        assert_eq!(read("-5", "3"), (None, Some(3)));
+        assert_eq!(read("18446744073709551615", "7"), (None, Some(7)));
+        assert_eq!(read("1000000000001", "7"), (None, Some(7)));
+        assert_eq!(read("50", "99999"), (Some(50), Some(50)));
+        assert_eq!(read("50", "-1"), (Some(50), None));
+        assert_eq!(read("50", "49"), (Some(50), Some(49)));
     }
 
     #[test]

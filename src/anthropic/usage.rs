@@ -42,19 +42,25 @@ impl Usage {
         Some(usage)
     }
 
-    /// Overrides the fields present in `fields`.
+    /// The most tokens one field of a `usage` block is taken to say (10^8: a hundred times
+    /// the largest context window). A larger value (a broken or hostile upstream sending
+    /// `u64::MAX`) is read as this, so that settling it cannot drain a bucket for centuries.
+    pub const MAX_TOKENS: u64 = 100_000_000;
+
+    /// Overrides the fields present in `fields`, each clamped to [`Usage::MAX_TOKENS`].
     fn apply(&mut self, fields: &UsageFields) {
+        let clamp = |v: u64| v.min(Self::MAX_TOKENS);
         if let Some(v) = fields.input_tokens {
-            self.input_tokens = v;
+            self.input_tokens = clamp(v);
         }
         if let Some(v) = fields.output_tokens {
-            self.output_tokens = v;
+            self.output_tokens = clamp(v);
         }
         if let Some(v) = fields.cache_creation_input_tokens {
-            self.cache_creation_input_tokens = v;
+            self.cache_creation_input_tokens = clamp(v);
         }
         if let Some(v) = fields.cache_read_input_tokens {
-            self.cache_read_input_tokens = v;
+            self.cache_read_input_tokens = clamp(v);
         }
     }
 
@@ -402,6 +408,20 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_usage_is_clamped() {
+        let body = br#"{"usage":{"input_tokens":18446744073709551615,"output_tokens":5,"cache_creation_input_tokens":100000001}}"#;
+        let u = Usage::from_json(body).unwrap();
+        assert_eq!(u.input_tokens, Usage::MAX_TOKENS);
+        assert_eq!(u.output_tokens, 5);
+        assert_eq!(u.counted_input_tokens(), 2 * Usage::MAX_TOKENS);
+        let mut t = StreamTracker::new();
+        t.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":18446744073709551615}}}\n\n");
+        t.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":18446744073709551615}}\n\n");
+        assert_eq!(t.usage().input_tokens, Usage::MAX_TOKENS);
+        assert_eq!(t.usage().output_tokens, Usage::MAX_TOKENS);
+    }
 
     fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
         let mut parser = SseParser::new();

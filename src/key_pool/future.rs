@@ -35,7 +35,25 @@ pub(crate) struct Sent {
     group: Option<RateLimitGroup>,
     /// The request's cost in `group` (what another key must fit).
     cost: Option<Cost>,
+    /// The request went to a Messages API endpoint, whose 401 or 402 proves the key bad
+    /// (see [`judges_the_key`]).
+    judges_key: bool,
     in_flight: bool,
+}
+
+/// Whether a 401 or 402 answer to a request on `path` says the key itself is bad: only on the
+/// Messages API endpoints the pool exists for (`/v1/messages`, `/v1/messages/count_tokens`,
+/// `/v1/messages/batches...`), spelled plainly (no `.` / `..` segment, no percent-encoding).
+///
+/// A client chooses the path: a 401 on another one (an admin or organisation endpoint that
+/// an ordinary key may not call, a path the upstream does not know) is returned to that
+/// client and the key stays in rotation, so that one client cannot take the proxy's keys out.
+fn judges_the_key(path: &str) -> bool {
+    let plain = path
+        .split('/')
+        .all(|s| s != "." && s != ".." && !s.contains('%'));
+    let path = path.trim_end_matches('/');
+    plain && (path.ends_with("/v1/messages") || path.contains("/v1/messages/"))
 }
 
 impl Sent {
@@ -44,6 +62,7 @@ impl Sent {
         config: Arc<Config>,
         pick: Pick,
         target: Option<(RateLimitGroup, Cost)>,
+        path: &str,
     ) -> Self {
         let (group, cost) = target.unzip();
         Self {
@@ -52,6 +71,7 @@ impl Sent {
             pick,
             group,
             cost,
+            judges_key: judges_the_key(path),
             in_flight: true,
         }
     }
@@ -73,7 +93,8 @@ impl Sent {
     }
 
     /// Observes the response head: feeds the layer's own board, removes a key upstream
-    /// rejected with 401 or 402, puts a key refused with 403 last in its group.
+    /// rejected with 401 or 402 on a Messages API endpoint, puts a key refused with 403 last
+    /// in its group.
     fn observe_head(&mut self, status: StatusCode, headers: &HeaderMap) {
         self.end_in_flight();
         if self.config.own_board {
@@ -85,6 +106,14 @@ impl Sent {
             }
         }
         match status {
+            StatusCode::UNAUTHORIZED | StatusCode::PAYMENT_REQUIRED if !self.judges_key => {
+                tracing::info!(
+                    key = %self.pick.id,
+                    status = status.as_u16(),
+                    "key pool: {} outside the Messages API; the key stays in rotation",
+                    status.as_u16()
+                );
+            }
             StatusCode::UNAUTHORIZED => self.remove(RemovalReason::Unauthorized),
             StatusCode::PAYMENT_REQUIRED => self.remove(RemovalReason::Billing),
             _ => {
@@ -279,12 +308,13 @@ where
                         response.status(),
                         StatusCode::TOO_MANY_REQUESTS | StatusCode::BAD_REQUEST
                     ) {
-                        let key_failed = matches!(
-                            response.status(),
-                            StatusCode::UNAUTHORIZED
-                                | StatusCode::PAYMENT_REQUIRED
-                                | StatusCode::FORBIDDEN
-                        );
+                        let key_failed = match response.status() {
+                            StatusCode::UNAUTHORIZED | StatusCode::PAYMENT_REQUIRED => {
+                                sent.judges_key
+                            }
+                            StatusCode::FORBIDDEN => true,
+                            _ => false,
+                        };
                         let mut response = response.map(KeyPoolBody::stream);
                         response.extensions_mut().insert(chosen);
                         if let Some(sooner) = key_failed.then(|| sent.sooner()).flatten() {
@@ -360,6 +390,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_messages_paths_judge_the_key() {
+        for path in [
+            "/v1/messages",
+            "/v1/messages/",
+            "/v1/messages/count_tokens",
+            "/v1/messages/batches/msgbatch_1",
+            "/prefix/v1/messages",
+        ] {
+            assert!(judges_the_key(path), "{path}");
+        }
+        for path in [
+            "/v1/organizations/me",
+            "/v1/models",
+            "/v1/messagesx",
+            "/v1/messages/../organizations/me",
+            "/v1/messages/%2e%2e/admin",
+            "/v1/./messages",
+            "/",
+        ] {
+            assert!(!judges_the_key(path), "{path}");
+        }
+    }
 
     #[test]
     fn cooldown_prefers_retry_after_then_the_exhausted_bucket_reset() {

@@ -63,8 +63,18 @@
 //!   retry layer above waits and retries).
 //! * Every key out of rotation: the request that removed the last key gets its upstream
 //!   response unchanged (the spend-cap 429, the 401 or the 402); later requests fail at once, without
-//!   being sent, with a [`KeyPoolError`] of kind [`AllKeysRemoved`](KeyPoolErrorKind::AllKeysRemoved).
+//!   being sent, with a [`KeyPoolError`] of kind [`AllKeysRemoved`](KeyPoolErrorKind::AllKeysRemoved)
+//!   (a [`RetryLayer`](crate::retry::RetryLayer) above does not retry it).
 //!   [`KeyPoolHandle::restore`] puts a key back.
+//!
+//! # What removes a key
+//!
+//! A 401 or 402 removes a key only when it answers a request on a Messages API endpoint
+//! (`/v1/messages`, `/v1/messages/count_tokens`, `/v1/messages/batches...`, spelled plainly:
+//! no `.`/`..` segment, no percent-encoding). Callers choose the path, and ordinary keys are
+//! refused (401) on the organisation and admin endpoints: a 401 on such a path is returned to
+//! that caller and the key stays in rotation, so that one client cannot take the pool's keys
+//! out (issue 18). A 429 spend cap removes a key on any path.
 
 mod body;
 mod error;

@@ -114,7 +114,13 @@ where
         headers.remove(AUTHORIZATION);
         headers.insert(X_API_KEY, pick.header.clone());
         req.extensions_mut().insert(ChosenKey::new(pick.id.clone()));
-        let sent = Sent::new(self.pool.clone(), config.clone(), pick, target);
+        let sent = Sent::new(
+            self.pool.clone(),
+            config.clone(),
+            pick,
+            target,
+            req.uri().path(),
+        );
         ResponseFuture::called(self.inner.call(req), sent)
     }
 }

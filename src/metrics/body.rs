@@ -62,16 +62,18 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let this = self.project();
+        let mut inner = this.inner;
+        let frame = ready!(inner.as_mut().poll_frame(cx));
         match frame {
             Some(Ok(frame)) => {
                 if let (Some(finish), Some(data)) = (this.finish.as_mut(), frame.data_ref()) {
                     finish.feed(data);
                 }
-                // A reader may stop at `is_end_stream` without polling for the end (hyper's
-                // server does, after a complete `Full` body): the last frame ends it.
-                if this.inner.is_end_stream() {
+                // hyper stops polling once `is_end_stream()` is true (a body of known length
+                // that has yielded it all), so the end is counted here rather than at a
+                // `None` that may never be polled.
+                if inner.is_end_stream() {
                     if let Some(finish) = this.finish.take() {
                         finish.end();
                     }

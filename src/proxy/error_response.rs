@@ -138,6 +138,13 @@ fn classify_one(err: &(dyn StdError + 'static)) -> Option<Shown> {
             });
             return Some(Shown::new(api).should_retry(false));
         }
+        if e.kind() == RetryErrorKind::DeadlineExceeded && e.source().is_none() {
+            // The deadline passed while the upstream was still to answer.
+            return Some(Shown::new(ApiError::new(
+                ApiErrorKind::Timeout,
+                e.to_string(),
+            )));
+        }
         if e.source().is_none() {
             return e.api_error().map(|api| Shown::new(api.clone()));
         }

@@ -764,6 +764,28 @@ impl Reservation {
         self.finish(Outcome::Rejected);
     }
 
+    /// Settles a request the server refused because it does not know its key or its model
+    /// (401, 403, 404: [`settle_rejected`](Self::settle_rejected) for any other error status).
+    /// The cost is settled as for `settle_rejected`; in addition, an entry the server never
+    /// answered with a success (and whose key has no limits of its own) is forgotten, so that
+    /// made-up model names or API keys cannot grow the board.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{KeyId, RateLimitGroup};
+    /// use tower_claude::quota::{Cost, QuotaBoard};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let board = QuotaBoard::new();
+    /// let (key, group) = (KeyId::named("team-a"), RateLimitGroup::new("claude-typo-4"));
+    /// let r = board.acquire(key, group, Cost::new(1, 100, 100)).await.unwrap();
+    /// r.settle_unknown(); // upstream answered 404 not_found_error
+    /// assert_eq!(board.len(), 0);
+    /// # }
+    /// ```
+    pub fn settle_unknown(mut self) {
+        self.finish(Outcome::Unknown);
+    }
+
     /// Gives everything back: the request never reached the server.
     pub fn refund(mut self) {
         self.finish(Outcome::Refund);

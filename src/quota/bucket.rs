@@ -13,7 +13,10 @@ use tokio::time::Instant;
 /// of `L` refills `L / 60` units a second), never above `capacity`.
 ///
 /// The level may go below zero when a settled cost exceeds its reservation (debt): later
-/// takers then wait until the debt is repaid by refill.
+/// takers then wait until the debt is repaid by refill. The debt is bounded: the level never
+/// falls below `-capacity`, so whatever usage is settled (a broken upstream reporting
+/// `u64::MAX` tokens), the debt is repaid within one refill period and a request that fits
+/// the capacity waits at most two.
 ///
 /// ```
 /// use std::time::Duration;
@@ -135,10 +138,11 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` units unconditionally; the level may go negative (debt).
+    /// Takes `n` units unconditionally; the level may go negative (debt), down to
+    /// `-capacity` at most.
     pub fn force_take(&mut self, n: u64, now: Instant) {
         self.refill(now);
-        self.level -= n as f64;
+        self.level = (self.level - n as f64).max(-self.capacity);
     }
 
     /// Gives `n` units back (a refund of an unused reservation), never above capacity.
@@ -180,7 +184,7 @@ impl TokenBucket {
         self.refill(now);
         self.capacity = capacity as f64;
         self.rate = self.capacity / self.period;
-        self.level = self.level.min(self.capacity);
+        self.level = self.level.clamp(-self.capacity, self.capacity);
     }
 
     /// Whether the bucket is full at `now` (an idle bucket carries no state worth keeping).

@@ -64,6 +64,9 @@ pub(crate) enum Outcome {
     /// The server answered with an error status: the request unit counts, tokens do not, and
     /// nothing is learned about the limits.
     Rejected,
+    /// As `Rejected`, and the status (401, 403, 404) says the server does not know the key or
+    /// the model: an entry never served is dropped.
+    Unknown,
 }
 
 pub(crate) enum Check {
@@ -147,6 +150,11 @@ struct Entry {
     /// Limits were just learned and the shared store is being seeded with the server's view:
     /// waiters stay queued until [`LocalBackend::seeded`].
     seeding: bool,
+    /// The entry is known to be real: the upstream answered one of its requests with a
+    /// success, or its key has limits of its own. An entry of what a client made up (a model
+    /// name, a pass-through key) is dropped when upstream says it does not know it
+    /// ([`Outcome::Unknown`]) and it holds nothing, so that such names cannot grow the board.
+    vouched: bool,
 }
 
 impl Entry {
@@ -167,7 +175,13 @@ impl Entry {
             last_used: now,
             mirror,
             seeding: false,
+            vouched: false,
         }
+    }
+
+    /// Nothing waits on, is held by or is being learned for this entry.
+    fn is_quiet(&self) -> bool {
+        self.queue.is_empty() && self.outstanding == 0 && !self.probe_out && !self.seeding
     }
 
     /// The quota of this entry is taken in the shared store, not here.
@@ -196,11 +210,19 @@ impl Entry {
     }
 
     /// What `cost` takes from each bucket: the output reservation is clamped to the output
-    /// bucket's capacity (it is an estimate; `max_tokens` may exceed the per-minute limit).
+    /// bucket's capacity (it is an estimate; `max_tokens` may exceed the per-minute limit),
+    /// and so is anything taken from a bucket whose limit was learned from headers rather
+    /// than configured: a learned limit is the server's word of one answer, so a request it
+    /// makes impossible waits for a full bucket and asks the server again (whose answer
+    /// re-teaches the limit) instead of being refused here for good.
     fn amounts(&self, cost: &Cost) -> [u64; 3] {
         let mut a = cost.as_array();
-        if let Some(s) = &self.slots[OUTPUT] {
-            a[OUTPUT] = a[OUTPUT].min(s.bucket.capacity());
+        for (i, (slot, n)) in self.slots.iter().zip(a.iter_mut()).enumerate() {
+            if let Some(s) = slot {
+                if i == OUTPUT || !s.configured {
+                    *n = (*n).min(s.bucket.capacity());
+                }
+            }
         }
         a
     }
@@ -273,7 +295,7 @@ impl Entry {
                     }
                 }
             }
-            Outcome::Rejected => {
+            Outcome::Rejected | Outcome::Unknown => {
                 for (slot, charged) in self.slots.iter_mut().zip(grant.charged).skip(1) {
                     if let (Some(s), Some(c)) = (slot, charged) {
                         s.bucket.refund(c, now);
@@ -281,6 +303,9 @@ impl Entry {
                 }
             }
             Outcome::Keep | Outcome::Served => {}
+        }
+        if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
+            self.vouched = true;
         }
         if grant.probe {
             // A probe dropped before its answer (`Keep`), refused or refunded teaches nothing:
@@ -439,10 +464,7 @@ impl Entry {
     }
 
     fn is_idle(&self, now: Instant, idle_timeout: Duration) -> bool {
-        self.queue.is_empty()
-            && self.outstanding == 0
-            && !self.probe_out
-            && !self.seeding
+        self.is_quiet()
             && now.saturating_duration_since(self.last_used) >= idle_timeout
             && self.slots.iter().flatten().all(|s| {
                 let mut b = s.bucket.clone();
@@ -500,10 +522,16 @@ impl State {
             self.sweep(now);
         }
         let limits = self.limits_for(key, group);
+        // Limits configured for this very key: an entry an operator asked for.
+        let vouched = self.key_limits.contains_key(&(key.clone(), group.clone()));
         let mirror = self.mirror;
         match self.entries.entry((key.clone(), group.clone())) {
             MapEntry::Occupied(e) => e.into_mut(),
-            MapEntry::Vacant(v) => v.insert(Entry::new(limits, now, mirror)),
+            MapEntry::Vacant(v) => {
+                let mut entry = Entry::new(limits, now, mirror);
+                entry.vouched = vouched;
+                v.insert(entry)
+            }
         }
     }
 
@@ -586,6 +614,7 @@ impl LocalBackend {
         let k = (key, group);
         if let Some(e) = st.entries.get_mut(&k) {
             e.configure(limits, now);
+            e.vouched = true;
             e.drain(now, None);
         }
         st.key_limits.insert(k, limits);
@@ -759,9 +788,15 @@ impl LocalBackend {
     ) {
         let now = Instant::now();
         let mut st = self.lock();
-        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+        let k = (key.clone(), group.clone());
+        if let Some(e) = st.entries.get_mut(&k) {
             e.settle(grant, outcome, now);
             e.drain(now, None);
+            if matches!(outcome, Outcome::Unknown) && !e.vouched && e.is_quiet() {
+                // Upstream does not know this model or key, and never served it: forget it.
+                st.entries.remove(&k);
+                tracing::trace!(key = %key, group = %group, "quota entry dropped: never served");
+            }
         }
     }
 
@@ -888,6 +923,14 @@ impl LocalBackend {
         }))
     }
 
+    /// What `cost` takes from each known bucket of `(key, group)` (see `Entry::amounts`).
+    #[cfg(feature = "redis")]
+    pub(crate) fn amounts(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> [u64; 3] {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.entry(key, group, now).amounts(cost)
+    }
+
     /// Whether `(key, group)` may find its limits in the shared store: none known here, and no
     /// answer said there are none.
     #[cfg(feature = "redis")]
@@ -909,8 +952,10 @@ impl LocalBackend {
         if e.known() {
             return;
         }
+        // A capacity of 0 (written by an older version that believed a `limit: 0` header) is
+        // no limit anyone can learn from.
         for (slot, cap) in e.slots.iter_mut().zip(caps) {
-            if let Some(cap) = cap {
+            if let Some(cap) = cap.filter(|&c| c > 0) {
                 *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), false));
             }
         }

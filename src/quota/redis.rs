@@ -114,6 +114,7 @@ for i = 1, 3 do
       l = l + (now - last) * cap / period
     end
     if l > cap then l = cap end
+    if l < -cap then l = -cap end
     caps[i] = cap
     levels[i] = l
   end
@@ -164,6 +165,8 @@ elseif mode == 'settle' then
     if levels[i] then
       local l = levels[i] + tonumber(ARGV[6 + i])
       if l > caps[i] then l = caps[i] end
+      -- A debt is bounded by one capacity (as in the in-process bucket).
+      if l < -caps[i] then l = -caps[i] end
       levels[i] = l
     end
   end
@@ -534,16 +537,6 @@ fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> bool {
     }
 }
 
-/// What `cost` takes from buckets of these capacities (the output reservation clamped to the
-/// output capacity, as in the in-process board).
-fn amounts(caps: &[Option<u64>; 3], cost: &Cost) -> [u64; 3] {
-    let mut a = cost.as_array();
-    if let Some(cap) = caps[2] {
-        a[2] = a[2].min(cap);
-    }
-    a
-}
-
 fn cap_arg(cap: Option<u64>) -> i64 {
     cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX))
 }
@@ -741,7 +734,7 @@ impl RedisShared {
                 .lacks_limits(key, group)
                 .then_some(Check::Wait(Duration::ZERO));
         };
-        let a = amounts(&caps, cost);
+        let a = self.mirror.amounts(key, group, cost);
         if caps.iter().zip(a).any(|(c, n)| c.is_some_and(|c| n > c)) {
             return Some(Check::TooLarge);
         }
@@ -760,7 +753,7 @@ impl RedisShared {
         let deltas: [i64; 3] = match outcome {
             Outcome::Keep | Outcome::Served => return,
             Outcome::Refund => charged,
-            Outcome::Rejected => [0, charged[1], charged[2]],
+            Outcome::Rejected | Outcome::Unknown => [0, charged[1], charged[2]],
             Outcome::Actual(actual) => {
                 let a = actual.as_array();
                 std::array::from_fn(|i| {
@@ -953,7 +946,9 @@ impl SharedAcquire {
                 };
                 return Ok(board.reservation(key, group, cost, grant));
             };
-            let a = amounts(&caps, &cost);
+            // As in the in-process board: the output reservation and anything over a learned
+            // (not configured) limit are clamped to the capacity.
+            let a = shared.mirror.amounts(&key, &group, &cost);
             let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
             // Registered before the call, so that a refund during the round trip is not missed.
             let refunded = shared.refunded.notified();
@@ -1209,11 +1204,5 @@ mod tests {
             ])
             .is_err()
         );
-    }
-
-    #[test]
-    fn amounts_clamp_the_output_reservation() {
-        let caps = [Some(10), None, Some(100)];
-        assert_eq!(amounts(&caps, &Cost::new(1, 50, 4_000)), [1, 50, 100]);
     }
 }

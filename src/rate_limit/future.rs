@@ -261,9 +261,15 @@ fn on_response<B>(
     if !parts.status.is_success() {
         // Refund first: the server's snapshot of a refused request does not include it, so
         // observing afterwards caps the refunded level at the server's view.
-        reservation.settle_rejected();
-        if !snapshot.is_empty() {
-            config.board.observe(&key, &group, &snapshot);
+        if matches!(parts.status.as_u16(), 401 | 403 | 404) {
+            // The server does not know the key or the model (which a client may make up):
+            // nothing to learn, and nothing to keep.
+            reservation.settle_unknown();
+        } else {
+            reservation.settle_rejected();
+            if !snapshot.is_empty() {
+                config.board.observe(&key, &group, &snapshot);
+            }
         }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
     }

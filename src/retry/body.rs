@@ -8,12 +8,28 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
+use crate::anthropic::{ApiError, ApiErrorKind, StreamTracker};
+
+/// The message of the `event: error` that ends a stream cut before `message_stop`.
+pub(crate) const STREAM_CUT: &str = "upstream stream ended before message_stop";
+/// The message of the error that ends a body still running at the request's deadline.
+pub(crate) const DEADLINE_PASSED: &str =
+    "the request's deadline passed before the upstream answer ended";
 
 /// The response body of [`Retry`](super::Retry): the upstream body, preceded by any frames the
 /// layer read ahead (an error body it inspected, or the start of a stream it held back) and
 /// replays unchanged.
+///
+/// Two guards end it the way a client can understand, never silently:
+///
+/// * a 2xx event stream that ends (or fails) before `message_stop` without an `event: error`
+///   of its own ends with one: `api_error`, "upstream stream ended before message_stop";
+/// * a body still running at the request's [`Deadline`](super::Deadline) ends there: an event
+///   stream with an `event: error` of type `timeout_error`, any other body with an error
+///   (the connection is cut, so the client sees a failed read, not a short answer).
 #[pin_project]
 pub struct RetryBody<B> {
     prefix: VecDeque<Frame<Bytes>>,
@@ -21,6 +37,12 @@ pub struct RetryBody<B> {
     error: Option<BoxError>,
     #[pin]
     rest: Rest<B>,
+    /// A 2xx event stream: what was forwarded of it (the held-back prefix included).
+    stream: Option<Box<StreamTracker>>,
+    /// The request's deadline.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Nothing more is yielded.
+    finished: bool,
 }
 
 #[pin_project(project = RestProj)]
@@ -40,6 +62,9 @@ impl<B> RetryBody<B> {
             prefix: VecDeque::new(),
             error: None,
             rest: Rest::Plain(body),
+            stream: None,
+            deadline: None,
+            finished: false,
         }
     }
 
@@ -56,7 +81,22 @@ impl<B> RetryBody<B> {
                 Some(b) => Rest::Boxed(b),
                 None => Rest::Done,
             },
+            stream: None,
+            deadline: None,
+            finished: false,
         }
+    }
+
+    /// Guards the end of a 2xx event stream; `tracker` has seen the prefix already.
+    pub(crate) fn guard_stream(mut self, tracker: StreamTracker) -> Self {
+        self.stream = Some(Box::new(tracker));
+        self
+    }
+
+    /// Ends the body at `deadline` (if any).
+    pub(crate) fn until(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        self
     }
 
     fn prefix_len(&self) -> u64 {
@@ -66,6 +106,37 @@ impl<B> RetryBody<B> {
             .map(|d| d.remaining() as u64)
             .sum()
     }
+
+    /// Whether a guarded stream may still need its closing `event: error`.
+    fn open_stream(&self) -> bool {
+        self.stream
+            .as_ref()
+            .is_some_and(|t| !t.is_complete() && t.error().is_none())
+    }
+}
+
+/// The end of a body: a closing `event: error` for a guarded stream that did not complete,
+/// else `err` (if any), else the end.
+fn close(
+    stream: &mut Option<Box<StreamTracker>>,
+    finished: &mut bool,
+    kind: ApiErrorKind,
+    message: &str,
+    err: Option<BoxError>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    *finished = true;
+    if let Some(tracker) = stream.as_mut() {
+        if err.is_none() {
+            tracker.finish();
+        }
+        if tracker.is_complete() || tracker.error().is_some() {
+            return Poll::Ready(None);
+        }
+        tracing::debug!(message, cause = ?err, "stream closed with an event: error");
+        let event = ApiError::new(kind, message).to_sse_event();
+        return Poll::Ready(Some(Ok(Frame::data(event))));
+    }
+    Poll::Ready(err.map(Err))
 }
 
 impl<B> Body for RetryBody<B>
@@ -81,35 +152,92 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if *this.finished {
+            return Poll::Ready(None);
+        }
         if let Some(frame) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
         if let Some(err) = this.error.take() {
             this.rest.set(Rest::Done);
-            return Poll::Ready(Some(Err(err)));
+            return close(
+                this.stream,
+                this.finished,
+                ApiErrorKind::Api,
+                STREAM_CUT,
+                Some(err),
+            );
         }
-        let polled = match this.rest.as_mut().project() {
-            RestProj::Plain(body) => body.poll_frame(cx),
-            RestProj::Boxed(body) => body.as_mut().poll_frame(cx),
-            RestProj::Done => return Poll::Ready(None),
+        let passed = this.deadline.as_ref().is_some_and(|d| d.is_elapsed());
+        let polled = if passed {
+            Poll::Pending
+        } else {
+            match this.rest.as_mut().project() {
+                RestProj::Plain(body) => body.poll_frame(cx),
+                RestProj::Boxed(body) => body.as_mut().poll_frame(cx),
+                RestProj::Done => Poll::Ready(None),
+            }
         };
         match polled {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let passed = passed
+                    || this
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if !passed {
+                    return Poll::Pending;
+                }
+                this.rest.set(Rest::Done);
+                *this.deadline = None;
+                let err = this
+                    .stream
+                    .is_none()
+                    .then(|| BoxError::from(DEADLINE_PASSED));
+                close(
+                    this.stream,
+                    this.finished,
+                    ApiErrorKind::Timeout,
+                    DEADLINE_PASSED,
+                    err,
+                )
+            }
             Poll::Ready(None) => {
                 this.rest.set(Rest::Done);
-                Poll::Ready(None)
+                close(
+                    this.stream,
+                    this.finished,
+                    ApiErrorKind::Api,
+                    STREAM_CUT,
+                    None,
+                )
             }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(tracker), Some(data)) = (this.stream.as_mut(), frame.data_ref()) {
+                    tracker.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(Some(Err(err))) => {
                 this.rest.set(Rest::Done);
-                Poll::Ready(Some(Err(err.into())))
+                close(
+                    this.stream,
+                    this.finished,
+                    ApiErrorKind::Api,
+                    STREAM_CUT,
+                    Some(err.into()),
+                )
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.finished {
+            return true;
+        }
         self.prefix.is_empty()
             && self.error.is_none()
+            && !self.open_stream()
             && match &self.rest {
                 Rest::Plain(b) => b.is_end_stream(),
                 Rest::Boxed(b) => b.is_end_stream(),
@@ -118,18 +246,19 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.finished {
+            return SizeHint::with_exact(0);
+        }
         let rest = match &self.rest {
             Rest::Plain(b) => b.size_hint(),
             Rest::Boxed(b) => b.size_hint(),
             Rest::Done => SizeHint::with_exact(0),
         };
         let prefix = self.prefix_len();
-        if prefix == 0 {
-            return rest;
-        }
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower().saturating_add(prefix));
-        if let Some(upper) = rest.upper() {
+        // A guarded stream may end with an `event: error` of its own.
+        if let (Some(upper), false) = (rest.upper(), self.stream.is_some()) {
             hint.set_upper(upper.saturating_add(prefix));
         }
         hint
@@ -142,6 +271,8 @@ impl<B> fmt::Debug for RetryBody<B> {
             .field("replayed_bytes", &self.prefix_len())
             .field("pending_error", &self.error.is_some())
             .field("ended", &matches!(self.rest, Rest::Done))
+            .field("guarded_stream", &self.stream.is_some())
+            .field("deadline", &self.deadline.as_ref().map(|d| d.deadline()))
             .finish()
     }
 }

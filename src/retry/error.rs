@@ -17,8 +17,10 @@ pub enum RetryErrorKind {
     SpendLimit,
     /// Every allowed attempt failed with an inner service error (no HTTP response to return).
     Exhausted,
-    /// The next wait would have crossed the request's [`Deadline`](super::Deadline); the last
-    /// attempt failed with an inner service error.
+    /// The request's [`Deadline`](super::Deadline) passed while an attempt was still waiting
+    /// for the upstream (its answer, or the rest of a body the layer reads ahead: no
+    /// [`source`](std::error::Error::source) then), or the next wait would have crossed it
+    /// after an attempt that failed with an inner service error (that error is the source).
     DeadlineExceeded,
     /// The shared [`RetryBudget`](super::RetryBudget) refused a retry; the last attempt failed
     /// with an inner service error.

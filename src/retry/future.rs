@@ -17,12 +17,17 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::{BackoffState, Need, next_delay};
+use super::body::STREAM_CUT;
 use super::layer::Shared;
 use super::pacing::{QuotaKey, Slot};
-use super::policy::{Action, Attempt, StatusVerdict, is_rate_limit, is_spend_cap, needs_body};
+use super::policy::{
+    Action, Attempt, StatusVerdict, is_permanent, is_rate_limit, is_spend_cap, needs_body,
+};
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
-use crate::anthropic::{ApiError, RequestMeta, StreamTracker, header_names, request_id};
+use crate::anthropic::{
+    ApiError, ApiErrorKind, RequestMeta, StreamTracker, header_names, request_id,
+};
 use crate::body::RequestBody;
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
@@ -235,12 +240,32 @@ where
         needs_ready = true;
     }
     let mut attempt = 0u32;
+    // The deadline covers the upstream too: waiting for readiness, the call, and reading what
+    // `inspect` reads ahead. At the deadline the attempt is dropped and the layer fails.
+    let timed_out =
+        |attempt: u32, total_wait: Duration, last_http: &Option<(StatusCode, Option<ApiError>)>| {
+            tracing::debug!(attempt, "deadline passed while waiting for the upstream");
+            let (status, api_error) = last_http.clone().unzip();
+            BoxError::from(
+                RetryError::new(RetryErrorKind::DeadlineExceeded, attempt)
+                    .with_timing(ctx.started.elapsed(), total_wait)
+                    .with_last_status(status)
+                    .with_api_error(api_error.flatten()),
+            )
+        };
+    let read_json = ctx.deadline.is_some();
     loop {
         attempt += 1;
         if attempt > 1 || needs_ready {
-            let ready: Result<(), BoxError> = std::future::poll_fn(|cx| service.poll_ready(cx))
-                .await
-                .map_err(Into::into);
+            let ready = within(
+                ctx.deadline,
+                std::future::poll_fn(|cx| service.poll_ready(cx)),
+            )
+            .await;
+            let Some(ready) = ready else {
+                return Err(timed_out(attempt - 1, total_wait, &last_http));
+            };
+            let ready: Result<(), BoxError> = ready.map_err(Into::into);
             if let Err(err) = ready {
                 let (status, api_error) = last_http.unzip();
                 return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
@@ -251,13 +276,20 @@ where
                     .into());
             }
         }
-        let called: Result<Response<B>, BoxError> = service
-            .call(ctx.template.request(attempt))
-            .await
-            .map_err(Into::into);
-        let outcome = match called {
-            Err(err) => Outcome::Failed(err),
-            Ok(response) => inspect(response, &shared, &ctx.template, attempt).await,
+        let call = service.call(ctx.template.request(attempt));
+        let shared_ref = &shared;
+        let template = &ctx.template;
+        let attempted = within(ctx.deadline, async move {
+            match call.await.map_err(Into::into) {
+                Err(err) => Outcome::Failed(err),
+                Ok(response) => {
+                    inspect(response, shared_ref, template, attempt, read_json).await
+                }
+            }
+        })
+        .await;
+        let Some(outcome) = attempted else {
+            return Err(timed_out(attempt, total_wait, &last_http));
         };
         // Set by a layer below on a retryable response (see `RetrySooner`).
         let mut sooner: Option<Duration> = None;
@@ -281,7 +313,7 @@ where
                     message,
                     kind,
                 ));
-                return Ok(response);
+                return Ok(response.map(|body| body.until(ctx.deadline)));
             }
             Outcome::SpendLimit {
                 status,
@@ -296,19 +328,27 @@ where
                     .into());
             }
             Outcome::Failed(err) => {
-                {
-                    let action = ctx
+                let permanent = is_permanent(&err);
+                if permanent {
+                    tracing::debug!(
+                        attempt,
+                        error = %err,
+                        "not retried: no wait can cure this error"
+                    );
+                }
+                let retried = !permanent
+                    && ctx
                         .template
-                        .classify(&shared, |meta| Attempt::error(meta, attempt, &err));
-                    if action == Action::Return {
-                        let (status, api_error) = last_http.unzip();
-                        return Err(RetryError::new(RetryErrorKind::Inner, attempt)
-                            .with_timing(ctx.started.elapsed(), total_wait)
-                            .with_last_status(status)
-                            .with_api_error(api_error.flatten())
-                            .with_source(err)
-                            .into());
-                    }
+                        .classify(&shared, |meta| Attempt::error(meta, attempt, &err))
+                        == Action::Retry;
+                if !retried {
+                    let (status, api_error) = last_http.unzip();
+                    return Err(RetryError::new(RetryErrorKind::Inner, attempt)
+                        .with_timing(ctx.started.elapsed(), total_wait)
+                        .with_last_status(status)
+                        .with_api_error(api_error.flatten())
+                        .with_source(err)
+                        .into());
                 }
                 last_status = None;
                 last_message = Some(err.to_string());
@@ -415,10 +455,14 @@ where
             Err(outcome) => outcome,
         };
         return match failure {
-            Failure::Response {
-                mut response,
-                error,
-            } => {
+            Failure::Response { response, error } => {
+                // A 2xx whose stream (or JSON body) broke before anything was forwarded: the
+                // caller gets an error status, not a 200 with a broken body.
+                let (mut response, error) = if response.status().is_success() {
+                    broken_answer(*response, error)
+                } else {
+                    (*response, error)
+                };
                 let message = error.map(|e| e.message().to_string());
                 let status = Some(response.status());
                 response.extensions_mut().insert(RetryInfo::new(
@@ -429,7 +473,7 @@ where
                     message,
                     outcome,
                 ));
-                Ok(*response)
+                Ok(response.map(|body| body.until(ctx.deadline)))
             }
             Failure::Error(err) => {
                 let kind = match outcome {
@@ -447,6 +491,47 @@ where
             }
         };
     }
+}
+
+/// The message of the error that replaces a 2xx JSON answer that is not one.
+const NOT_A_MESSAGE: &str = "upstream answered 2xx with a body that is not a JSON object";
+
+/// Whether `body` is a JSON object with a string `type` (every Messages API answer is).
+fn is_typed_object(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        _ty: String,
+    }
+    serde_json::from_slice::<Typed>(body).is_ok()
+}
+
+/// `future`, unless `deadline` passes first (`None` then).
+async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
+    }
+}
+
+/// The error response that replaces a 2xx whose body broke before anything reached the caller
+/// (a stream cut or failed before its first content event, a JSON body cut short): the
+/// stream's own `event: error` when it sent one, else an `api_error`; the upstream headers
+/// (`request-id`, `anthropic-ratelimit-*`) are kept, the body is the JSON envelope.
+fn broken_answer<B>(
+    response: Response<RetryBody<B>>,
+    error: Option<ApiError>,
+) -> (Response<RetryBody<B>>, Option<ApiError>) {
+    let error = error.unwrap_or_else(|| ApiError::new(ApiErrorKind::Api, STREAM_CUT));
+    let (mut parts, _broken) = response.into_parts();
+    parts.status = error.status();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let envelope = VecDeque::from([Frame::data(error.to_envelope())]);
+    let body = RetryBody::replay(envelope, None, None);
+    (Response::from_parts(parts, body), Some(error))
 }
 
 /// Frames read ahead from a body, and what is left of it.
@@ -521,11 +606,15 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Classifies one response, reading ahead in its body where the decision needs it.
+/// `read_json`: a 2xx that is not an event stream is read whole (up to a limit) before it is
+/// returned, so that a deadline passing while it trickles is still answered with an error
+/// status, and a body cut short is retried.
 async fn inspect<B>(
     response: Response<B>,
     shared: &Shared,
     template: &Template,
     attempt: u32,
+    read_json: bool,
 ) -> Outcome<B>
 where
     B: Body<Data = Bytes>,
@@ -534,20 +623,51 @@ where
     let config = &shared.config;
     let status = response.status();
     if status.is_success() {
-        // Only an event stream is held back: a JSON answer to a streaming request is complete
-        // as it is.
-        let held = config.hold_back_stream && is_event_stream(response.headers());
-        if !held {
+        let stream = is_event_stream(response.headers());
+        if stream && config.hold_back_stream {
+            return hold_back(response, config.max_hold_back, |error| {
+                template.classify(shared, |meta| Attempt::stream_error(meta, attempt, error))
+                    == Action::Retry
+            })
+            .await;
+        }
+        if stream {
+            return Outcome::Final {
+                response: response.map(|b| RetryBody::new(b).guard_stream(StreamTracker::new())),
+                success: true,
+            };
+        }
+        if !read_json {
             return Outcome::Final {
                 response: response.map(RetryBody::new),
                 success: true,
             };
         }
-        return hold_back(response, config.max_hold_back, |error| {
-            template.classify(shared, |meta| Attempt::stream_error(meta, attempt, error))
-                == Action::Retry
-        })
-        .await;
+        let (parts, body) = response.into_parts();
+        let read = read_ahead(body, config.max_json_read, true, |_| false).await;
+        let whole = read.rest.is_none() && read.error.is_none();
+        // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
+        // document) is no answer: retried, and never returned as a 200.
+        let error = if read.error.is_some() {
+            Some(ApiError::new(ApiErrorKind::Api, STREAM_CUT))
+        } else if whole && !is_typed_object(&read.data) {
+            Some(ApiError::new(ApiErrorKind::Api, NOT_A_MESSAGE))
+        } else {
+            None
+        };
+        let response = Response::from_parts(parts, read.into_body());
+        if let Some(error) = error {
+            tracing::debug!(error = %error, "2xx answer broken before it was forwarded");
+            return Outcome::Retryable {
+                response,
+                error: Some(error),
+                use_headers: false,
+            };
+        }
+        return Outcome::Final {
+            response,
+            success: true,
+        };
     }
 
     // A layer below sends the next attempt differently (another key): whatever the status,
@@ -564,15 +684,36 @@ where
             Action::Return => StatusVerdict::Stop,
         }
     };
+    let (mut parts, body) = response.into_parts();
+    let read = read_ahead(body, config.max_error_body, true, |_| false).await;
+    let error = ApiError::from_response(status, &read.data);
     if verdict == StatusVerdict::Stop && !needs_body(status) {
+        // An error status whose body is not an error envelope (an HTML page from a gateway,
+        // garbage): the caller gets the envelope of the same status instead, so that SDKs
+        // report it like any API error.
+        let whole = read.rest.is_none() && read.error.is_none();
+        let body = if whole && !is_typed_object(&read.data) {
+            tracing::debug!(
+                status = status.as_u16(),
+                "error body replaced by an envelope"
+            );
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            parts
+                .headers
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            RetryBody::replay(
+                VecDeque::from([Frame::data(error.to_envelope())]),
+                None,
+                None,
+            )
+        } else {
+            read.into_body()
+        };
         return Outcome::Final {
-            response: response.map(RetryBody::new),
+            response: Response::from_parts(parts, body),
             success: false,
         };
     }
-    let (parts, body) = response.into_parts();
-    let read = read_ahead(body, config.max_error_body, true, |_| false).await;
-    let error = ApiError::from_response(status, &read.data);
     if needs_body(status) && is_spend_cap(&error) && !sooner {
         return Outcome::SpendLimit {
             status,
@@ -615,14 +756,15 @@ where
         tracker.content_started() && tracker.error().is_none()
     })
     .await;
+    let rest_open = read.rest.is_some();
     if read.rest.is_none() && read.error.is_none() {
         tracker.finish();
     }
     let error = tracker.error().cloned();
     let body_failed = read.error.is_some();
-    let truncated = read.rest.is_none() && !tracker.is_complete();
+    let truncated = !rest_open && !tracker.is_complete();
     let content = tracker.content_started();
-    let response = Response::from_parts(parts, read.into_body());
+    let response = Response::from_parts(parts, read.into_body().guard_stream(tracker));
     match error {
         Some(error) if !is_spend_cap(&error) && retry_error(&error) => Outcome::Retryable {
             response,

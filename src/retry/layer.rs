@@ -20,6 +20,9 @@ pub(crate) const MAX_DELAY_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
 pub(crate) const DEFAULT_MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most stream bytes held back while waiting for the first content event.
 pub(crate) const DEFAULT_MAX_HOLD_BACK: usize = 256 * 1024;
+/// The most of a 2xx JSON body read before it is returned, when the request has a deadline
+/// (a larger one is returned as it is, and cut at the deadline).
+pub(crate) const DEFAULT_MAX_JSON_READ: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 pub(crate) struct Config {
@@ -33,6 +36,7 @@ pub(crate) struct Config {
     pub(crate) policy: SharedPolicy,
     pub(crate) max_error_body: usize,
     pub(crate) max_hold_back: usize,
+    pub(crate) max_json_read: usize,
 }
 
 /// State shared by a layer and every service it builds (and their clones).
@@ -97,6 +101,7 @@ impl RetryLayer {
                 policy: SharedPolicy::default(),
                 max_error_body: DEFAULT_MAX_ERROR_BODY,
                 max_hold_back: DEFAULT_MAX_HOLD_BACK,
+                max_json_read: DEFAULT_MAX_JSON_READ,
             },
             pacer: Arc::new(Pacer::default()),
             rng: Arc::new(Mutex::new(fastrand::Rng::new())),

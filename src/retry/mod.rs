@@ -58,7 +58,9 @@
 //! Only `POST /v1/messages` calls; everything else (and a body that cannot be scanned, which
 //! upstream answers with 400) passes through untouched. `x-should-retry` decides first when
 //! present. Otherwise 408, 409, 429, 500, 502, 503, 504 and 529 are retried, as are inner
-//! service errors (connection errors and timeouts before any response byte). 400, 401, 403,
+//! service errors (connection errors and timeouts before any response byte) except those no
+//! wait can cure, which fail at once: a key pool with no key left, a request larger than a
+//! whole minute of a configured quota, a body over the size limit. 400, 401, 403,
 //! 404, 413 and every other status are returned at once. A 429 whose envelope says
 //! `enforced_spend_limit_reached` (the monthly spend cap) is never retried: the layer fails
 //! with [`RetryErrorKind::SpendLimit`]. To see that, and to report the server's message, the
@@ -129,8 +131,16 @@
 //! wait would cross it, the layer stops at once and returns the last outcome (the first
 //! attempt is always sent); the deadline is
 //! also inserted into each attempt's extensions for the layers below. An optional shared
-//! [`RetryBudget`] bounds retries to a share of the traffic. The deadline bounds the layer's
-//! own waits; bound each attempt with a timeout layer below it.
+//! [`RetryBudget`] bounds retries to a share of the traffic.
+//!
+//! The deadline covers the upstream too: waiting for the inner service's readiness, each call
+//! until its response head, and everything the layer reads ahead (an error body, a held-back
+//! stream, and, when the request has a deadline, a 2xx JSON body, read whole up to 4 MiB
+//! before it is returned). When the deadline passes there, the attempt is dropped and the
+//! layer fails with [`RetryErrorKind::DeadlineExceeded`] without a source (a proxy answers it
+//! 504 `timeout_error`). A body returned before the deadline and still running at it ends
+//! there: an event stream with an `event: error` of type `timeout_error`, any other body with
+//! an error.
 //!
 //! # Streams
 //!
@@ -140,10 +150,16 @@
 //! content event (`content_block_start` or anything after `message_start` other than `ping`),
 //! then forwards the held bytes and the rest of the stream. An `event: error`, a body failure, or
 //! an end of stream before any content is retried like any transient failure (after backoff:
-//! the 200's headers carry no delay). Once content has been forwarded, a later error passes to
-//! the caller as it is (a layer above, or the caller, must deal with a cut stream). Holding
-//! back costs only the time between `message_start` and the first content block; it can be
-//! turned off with [`hold_back_stream(false)`](RetryLayer::hold_back_stream).
+//! the 200's headers carry no delay). Once content has been forwarded, a later `event: error`
+//! passes to the caller as it is; a stream that is cut or ends before `message_stop` without
+//! one ends with an `event: error` of type `api_error` ("upstream stream ended before
+//! message_stop"), never silently. When every attempt breaks before any content, the caller
+//! gets an error status and envelope (the stream's own error, else 500 `api_error`), not a
+//! 200 with a broken body; so does a 2xx JSON answer that is cut or not a JSON object (read
+//! ahead when the request has a deadline). An error status whose body is not an error
+//! envelope gets the envelope of its status. Holding back costs only the time between
+//! `message_start` and the first content block; it can be turned off with
+//! [`hold_back_stream(false)`](RetryLayer::hold_back_stream).
 //!
 //! # Mechanics
 //!

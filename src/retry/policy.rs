@@ -12,9 +12,9 @@
 //!    (400, 401, 403, 404, 413, ...) is returned as it is.
 //!
 //! An inner service error (connection refused or reset, a timeout before any response byte)
-//! is retried, except a rate limiter's
-//! [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge): a request costing
-//! more than a minute of quota never fits, however long the layer waits. A mid-stream `event: error` received before any content was forwarded is
+//! is retried, except the errors no wait can cure (see [`is_permanent`]): a key pool with no
+//! key left, a request larger than a whole minute of quota, a request body over the limit.
+//! Those fail at once. A mid-stream `event: error` received before any content was forwarded is
 //! retried when its error type is transient (`overloaded_error`, `api_error`, ...).
 //!
 //! # Your own policy
@@ -44,6 +44,7 @@
 //! # drop(layer);
 //! ```
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 
@@ -51,6 +52,9 @@ use http::{HeaderMap, StatusCode};
 
 use crate::BoxError;
 use crate::anthropic::{ApiError, ApiErrorKind, RequestMeta, should_retry};
+use crate::body::{BufferBodyError, BufferBodyErrorKind};
+use crate::key_pool::KeyPoolError;
+use crate::quota::{AcquireError, AcquireErrorKind};
 
 /// What a [`Policy`] says about a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -252,10 +256,10 @@ impl<P: Policy + ?Sized> Policy for Arc<P> {
 
 /// The default policy (the rules of the [module docs](self)): `x-should-retry` decides first;
 /// else 408, 409, 429, 500, 502, 503, 504 and 529 are retried; a stream's `event: error` is
-/// retried when its type is transient; every inner service error is retried but a request
-/// that costs more than a whole minute of quota (a rate limiter's
-/// [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge), which no wait can
-/// change).
+/// retried when its type is transient; every inner service error is retried but those no
+/// wait can cure (a key pool with no key left, a rate limiter's
+/// [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge), a request body over
+/// the size limit).
 ///
 /// ```
 /// use tower_claude::anthropic::RequestMeta;
@@ -277,26 +281,10 @@ impl Policy for Transient {
                 status_verdict(status, headers) == StatusVerdict::Retry
             }
             What::Stream(error) => error.kind().is_retryable(),
-            What::Error(error) => !never_fits(error),
+            What::Error(error) => !is_permanent(error),
         };
         if retry { Action::Retry } else { Action::Return }
     }
-}
-
-/// Whether an inner error says the request can never be admitted: a
-/// [`RequestTooLarge`](crate::quota::AcquireErrorKind::RequestTooLarge) anywhere in its
-/// source chain.
-fn never_fits(error: &BoxError) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
-    while let Some(e) = next {
-        if e.downcast_ref::<crate::quota::AcquireError>()
-            .is_some_and(|a| a.kind() == crate::quota::AcquireErrorKind::RequestTooLarge)
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
 }
 
 /// A [`Policy`] from a closure; see [`policy_fn`].
@@ -469,6 +457,29 @@ impl Default for SharedPolicy {
     fn default() -> Self {
         Self(Arc::new(Transient))
     }
+}
+
+
+/// Whether an inner service error (or any error in its source chain) is one that no retry can
+/// cure, so that the layer fails at once instead of spending its attempts and the caller's
+/// time: every key of a pool is out of rotation (the docs promise "fail at once"), a request
+/// costs more than a whole bucket of a configured limit, or a request body over the size
+/// limit.
+pub(crate) fn is_permanent(err: &BoxError) -> bool {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(err.as_ref());
+    while let Some(e) = current {
+        if e.downcast_ref::<KeyPoolError>().is_some() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<AcquireError>() {
+            return e.kind() == AcquireErrorKind::RequestTooLarge;
+        }
+        if let Some(e) = e.downcast_ref::<BufferBodyError>() {
+            return e.kind() == BufferBodyErrorKind::TooLarge;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// What to do with a non-2xx response before looking at its body.

@@ -1,4 +1,7 @@
-//! An in-process Anthropic Messages API simulator for tests: [`MockClaude`].
+//! An in-process Anthropic Messages API simulator for tests: [`MockClaude`]; and a hostile
+//! upstream for chaos tests: [`ChaosUpstream`] (never answers, trickles, resets, cuts
+//! streams, pings forever, garbage, huge headers, absurd limits and usage, any status, 401 on
+//! chosen paths; see [`Chaos`]).
 //!
 //! `MockClaude` is a [`tower::Service`](tower_service::Service) (and, with
 //! [`MockClaude::serve`], a real HTTP/1.1 server on loopback) that answers like the real API
@@ -97,6 +100,7 @@
 
 mod body;
 mod builder;
+mod chaos;
 mod fault;
 mod render;
 mod server;
@@ -109,6 +113,7 @@ mod stats;
 
 pub use body::MockBody;
 pub use builder::{AccelerationLimit, MAX_BODY_BYTES, MockClaudeBuilder, MockLimits};
+pub use chaos::{Chaos, ChaosBody, ChaosUpstream};
 pub use fault::Fault;
 pub use service::{MockClaude, ResponseFuture};
 pub use stats::MockStats;

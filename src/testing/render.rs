@@ -200,7 +200,9 @@ pub(crate) fn sse_message_stop() -> Bytes {
     event("message_stop", r#"{"type":"message_stop"}"#)
 }
 
-/// An `event: error` carrying an error envelope.
+/// An `event: error` carrying an error envelope (raw bytes: the simulator may send a broken
+/// one; [`ApiError::to_sse_event`](crate::anthropic::ApiError::to_sse_event) writes a
+/// well-formed one).
 pub(crate) fn sse_error(envelope: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(envelope.len() + 24);
     out.extend_from_slice(b"event: error\ndata: ");

@@ -1,0 +1,344 @@
+//! The chaos suite: `claude-proxy` over real loopback HTTP in front of a hostile upstream
+//! (`testing::ChaosUpstream`), and hostile clients. Bounded in time (a 2 s request deadline;
+//! the whole file runs in well under a minute).
+//!
+//! Invariants asserted:
+//! * every request ends with a complete answer or an Anthropic-style error inside its
+//!   deadline plus a margin;
+//! * no request reaches the upstream more often than the retry policy allows;
+//! * nothing is left behind: no request in flight or queued on the status page;
+//! * quota entries stay bounded under 10,000 made-up model names;
+//! * no upstream key appears in any response, the status page or `/metrics`;
+//! * a hostile client cannot take keys out of rotation or poison a group for others.
+#![cfg(feature = "proxy")]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tower_claude::anthropic::{ApiError, StreamTracker};
+use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+use tower_claude::testing::{Chaos, ChaosUpstream};
+
+type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+const KEYS: &str = "sk-ant-chaos-key-one,sk-ant-chaos-key-two,sk-ant-chaos-key-three";
+const DEADLINE: Duration = Duration::from_secs(2);
+/// Scheduling slack on a shared two-core machine.
+const MARGIN: Duration = Duration::from_secs(3);
+/// Attempts per request: `max_retries` 2.
+const ATTEMPTS: u64 = 3;
+
+struct Setup {
+    proxy: SocketAddr,
+    chaos: ChaosUpstream,
+    client: TestClient,
+    /// Every byte a client saw (to look for secrets).
+    seen: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+async fn setup() -> Setup {
+    let chaos = ChaosUpstream::new(Chaos::Ok)
+        .unauthorized_path("/v1/organizations/me")
+        .known_models_only(true);
+    let (upstream, _server) = chaos.serve_on_loopback().await.unwrap();
+    let cli = Cli {
+        upstream: Some(format!("http://{upstream}")),
+        deadline: Some(DEADLINE.as_secs().to_string()),
+        max_retries: Some(ATTEMPTS as u32 - 1),
+        cache: Some(false),
+        fallback: Some(false),
+        ..Cli::default()
+    };
+    let env: BTreeMap<String, String> = [("ANTHROPIC_API_KEYS".to_owned(), KEYS.to_owned())].into();
+    let config = ProxyConfig::resolve(cli, &env).expect("config");
+    let proxy = Proxy::new(config).expect("proxy");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(proxy.serve(listener, std::future::pending::<()>()));
+    Setup {
+        proxy: addr,
+        chaos,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        seen: Arc::default(),
+    }
+}
+
+fn body(model: &str, stream: bool) -> String {
+    format!(
+        r#"{{"model":"{model}","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    )
+}
+
+/// How a request ended, as the client saw it.
+#[derive(Debug)]
+struct Ended {
+    status: StatusCode,
+    body: Bytes,
+    took: Duration,
+}
+
+impl Setup {
+    async fn send(&self, chaos: &str, id: &str, model: &str, stream: bool) -> Ended {
+        let req = Request::post(format!("http://{}/v1/messages", self.proxy))
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .header("x-chaos", chaos)
+            .header("x-chaos-id", id)
+            .body(Full::new(Bytes::from(body(model, stream))))
+            .unwrap();
+        self.request(req).await
+    }
+
+    async fn request(&self, req: Request<Full<Bytes>>) -> Ended {
+        let start = Instant::now();
+        let what = format!("{} {:?}", req.uri(), req.headers().get("x-chaos"));
+        let ended = tokio::time::timeout(DEADLINE + MARGIN, async {
+            let resp = self.client.request(req).await.expect("response head");
+            let status = resp.status();
+            let mut seen = format!("{:?}", resp.headers()).into_bytes();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the body failed instead of ending: {e}"))
+                .to_bytes();
+            seen.extend_from_slice(&body);
+            self.seen.lock().unwrap().extend_from_slice(&seen);
+            (status, body)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not ended within the deadline and margin"));
+        Ended {
+            status: ended.0,
+            body: ended.1,
+            took: start.elapsed(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let req = Request::get(format!("http://{}{path}", self.proxy))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let ended = self.request(req).await;
+        (
+            ended.status,
+            String::from_utf8_lossy(&ended.body).into_owned(),
+        )
+    }
+
+    async fn status_page(&self) -> serde_json::Value {
+        let (status, text) = self.get("/v1/proxy/status").await;
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+/// A complete answer (a JSON message, or a stream that reaches `message_stop`), or an
+/// Anthropic-style error: an error status with the envelope, or a stream ending with an
+/// `event: error`.
+fn assert_complete_or_anthropic_error(what: &str, e: &Ended) {
+    if e.status.is_success() {
+        let text = String::from_utf8_lossy(&e.body);
+        if text.starts_with("event:") || text.starts_with("data:") {
+            let mut tracker = StreamTracker::new();
+            tracker.feed(&e.body);
+            tracker.finish();
+            assert!(
+                tracker.is_complete() || tracker.error().is_some(),
+                "{what}: a 200 stream neither complete nor ended by an error: {text}"
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&e.body)
+                .unwrap_or_else(|_| panic!("{what}: a 200 that is not JSON: {text}"));
+            assert_eq!(v["type"], "message", "{what}: {text}");
+        }
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap_or_else(|_| {
+            panic!(
+                "{what}: a {} without an error envelope: {:?}",
+                e.status, e.body
+            )
+        });
+        assert_eq!(v["type"], "error", "{what}: {v}");
+        assert!(v["error"]["type"].is_string(), "{what}: {v}");
+        assert!(v["error"]["message"].is_string(), "{what}: {v}");
+        let _ = ApiError::from_response(e.status, &e.body);
+    }
+    assert!(e.took <= DEADLINE + MARGIN, "{what}: took {:?}", e.took);
+}
+
+fn assert_nothing_left_behind(page: &serde_json::Value) {
+    for entry in page["quota"].as_array().into_iter().flatten() {
+        assert_eq!(entry["in_flight"], 0, "{entry}");
+        assert_eq!(entry["queue_depth"], 0, "{entry}");
+    }
+    for key in page["keys"].as_array().into_iter().flatten() {
+        assert_eq!(key["in_flight"], 0, "{key}");
+    }
+}
+
+const HOSTILE: &[&str] = &[
+    "ok",
+    "silent",
+    "trickle:300",
+    "reset",
+    "cut-before",
+    "cut-after",
+    "no-stop",
+    "ping:200",
+    "garbage",
+    "huge-headers",
+    "limits:0",
+    "limits:-1",
+    "limits:18446744073709551615",
+    "limits:abc",
+    "usage:18446744073709551615",
+    "status:500",
+    "status:529",
+    "status:400",
+    "status:404",
+    "status:418:<html>teapot</html>",
+    "status:200:[1,2,3]",
+    "status:200:<html>hello</html>",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_ends_in_its_deadline_with_an_answer_or_an_anthropic_error() {
+    let s = Arc::new(setup().await);
+    let mut tasks = Vec::new();
+    for (i, chaos) in HOSTILE.iter().enumerate() {
+        for stream in [false, true] {
+            let s = s.clone();
+            let id = format!("{i}-{stream}");
+            tasks.push(tokio::spawn(async move {
+                let e = s.send(chaos, &id, "claude-sonnet-4-6", stream).await;
+                let what = format!("x-chaos {chaos}, stream {stream}");
+                assert_complete_or_anthropic_error(&what, &e);
+                (id, chaos, e.status)
+            }));
+        }
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    // Never more attempts upstream than the retry policy allows.
+    for (id, count) in s.chaos.received_by_id() {
+        assert!(count <= ATTEMPTS, "{id} reached the upstream {count} times");
+    }
+    // The hostile limits and usage did not poison the group: plain requests still pass at
+    // once.
+    for i in 0..3 {
+        let e = s
+            .send("ok", &format!("after-{i}"), "claude-sonnet-4-6", false)
+            .await;
+        assert_eq!(e.status, StatusCode::OK, "{:?}", e.body);
+        assert!(e.took < Duration::from_secs(1), "{:?}", e.took);
+    }
+    // Nothing in flight or queued once everything ended (settling is asynchronous: a moment).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let page = s.status_page().await;
+    assert_nothing_left_behind(&page);
+    // No key was removed by what the upstream did, and no secret in anything a client saw.
+    for key in page["keys"].as_array().unwrap() {
+        assert_eq!(key["state"], "active", "{key}");
+    }
+    let (_, metrics) = s.get("/metrics").await;
+    let seen = String::from_utf8_lossy(&s.seen.lock().unwrap()).into_owned();
+    for secret in KEYS.split(',') {
+        assert!(!seen.contains(secret));
+        assert!(!metrics.contains(secret));
+        assert!(!page.to_string().contains(secret));
+    }
+    eprintln!("statuses: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_cannot_remove_keys_poison_groups_or_grow_the_board() {
+    let s = Arc::new(setup().await);
+    // 401 on a path the client picks, once per key and more: the client gets the 401, the
+    // keys stay in rotation.
+    for _ in 0..6 {
+        let (status, text) = s.get("/v1/organizations/me").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    }
+    let page = s.status_page().await;
+    let keys = page["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 3);
+    for key in keys {
+        assert_eq!(key["state"], "active", "{key}");
+    }
+    let e = s.send("ok", "plain", "claude-sonnet-4-6", false).await;
+    assert_eq!(e.status, StatusCode::OK);
+
+    // 10,000 made-up model names (upstream answers 404): each client gets its 404, and the
+    // board keeps no entry for them.
+    let names = 10_000usize;
+    // The first 2,000 warm up connections, pools and the allocator; growth is measured over
+    // the next 8,000.
+    let mut rss_warm = 0;
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    for (from, to) in [(0, 2_000), (2_000, names)] {
+        let mut tasks = Vec::with_capacity(to - from);
+        for i in from..to {
+            let s = s.clone();
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let model = format!("made-up-model-{i}-{}", "x".repeat(200));
+                let e = s.send("ok", &format!("name-{i}"), &model, false).await;
+                drop(permit);
+                assert_eq!(e.status, StatusCode::NOT_FOUND, "{:?}", e.body);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        if from == 0 {
+            rss_warm = rss_kib();
+        }
+    }
+    let page = s.status_page().await;
+    let entries = page["quota"].as_array().unwrap().len();
+    assert!(
+        entries <= 4,
+        "{entries} quota entries after {names} made-up names"
+    );
+    assert_nothing_left_behind(&page);
+    let rss_after = rss_kib();
+    eprintln!("RSS {rss_warm} KiB after 2,000 made-up model names, {rss_after} KiB after {names}");
+    // The whole test process (client, upstream and proxy): generous, but below what one
+    // entry per name cost (about 4 KiB a name).
+    assert!(
+        rss_after.saturating_sub(rss_warm) < 24 * 1024,
+        "RSS grew {} KiB over 8,000 names",
+        rss_after.saturating_sub(rss_warm)
+    );
+    for key in page["keys"].as_array().unwrap() {
+        assert_eq!(key["state"], "active", "{key}");
+    }
+    let e = s.send("ok", "plain-after", "claude-sonnet-4-6", true).await;
+    assert_complete_or_anthropic_error("plain stream after", &e);
+    assert_eq!(e.status, StatusCode::OK);
+}
+
+/// The resident set size of this process, in KiB (0 where `/proc` is not available).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
