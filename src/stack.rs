@@ -63,7 +63,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::BoxError;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::body::RequestBody;
-use crate::cache::CacheLayer;
+use crate::cache::{CacheLayer, CacheMode};
 use crate::concurrency::ConcurrencyLayer;
 use crate::fallback::FallbackLayer;
 use crate::key_pool::KeyPoolLayer;
@@ -172,6 +172,8 @@ pub struct StackConfig {
     pub cache: CacheConfig,
     /// Time to live of cached responses. Default: 4 hours.
     pub cache_ttl: Duration,
+    /// Which requests are cached. Default: [`CacheMode::Deterministic`] (`temperature` 0).
+    pub cache_mode: CacheMode,
     /// Model ids, groups and the fallback chain.
     pub catalog: ModelCatalog,
     /// Whether requests are measured (`MetricsLayer`, feature `metrics`). Default: on when
@@ -197,6 +199,7 @@ impl Default for StackConfig {
             fallback_floor: None,
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
+            cache_mode: CacheMode::default(),
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
         }
@@ -278,7 +281,7 @@ impl ClaudeStack {
                 return Err("a disk cache needs the `disk-cache` feature".into());
             }
         }
-        .map(|c| c.ttl(config.cache_ttl));
+        .map(|c| c.ttl(config.cache_ttl).mode(config.cache_mode));
 
         let fallback = config.fallback.then(|| {
             let layer = FallbackLayer::new();
@@ -435,6 +438,7 @@ impl ClaudeStack {
         if let Some(layer) = &self.retry {
             svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
         }
+        let mut fallback = None;
         if let Some(layer) = &self.fallback {
             let mut layer = layer
                 .clone()
@@ -443,9 +447,15 @@ impl ClaudeStack {
             if let Some(pool) = &self.key_pool {
                 layer = layer.key_pool(pool.handle());
             }
+            fallback = Some(layer.handle());
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {
+            // The cache serves another model's answer only while fallback would choose it.
+            let layer = match fallback {
+                Some(handle) => layer.clone().fallback(handle),
+                None => layer.clone(),
+            };
             svc = boxed(layer.layer(svc));
         }
         #[cfg(feature = "metrics")]

@@ -145,13 +145,15 @@ impl Service<Request<RequestBody>> for Upstream {
     }
 }
 
-const BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello"}]}"#;
+// Deterministic (`temperature` 0): cached in the default mode.
+const BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"messages":[{"role":"user","content":"Say hello"}]}"#;
 const BODY_REORDERED: &str = r#"{
   "messages": [ { "content": "Say hello", "role": "user" } ],
+  "temperature": 0,
   "max_tokens": 64,
   "model": "claude-haiku-4-5"
 }"#;
-const STREAM_BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+const STREAM_BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
 
 fn request(key: &str, body: &str) -> Request<RequestBody> {
     Request::post("https://api.anthropic.com/v1/messages")
@@ -237,7 +239,10 @@ async fn tenants_never_share_entries() {
             .get("x-api-key")
             .map_or("none", |v| v.to_str().unwrap())
             .to_owned();
-        json_response(StatusCode::OK, &format!(r#"{{"answer_for":"{key}"}}"#))
+        json_response(
+            StatusCode::OK,
+            &format!(r#"{{"type":"message","answer_for":"{key}"}}"#),
+        )
     });
     let svc = cache(&up);
     let (_, _, _, a) = send(&svc, request("sk-a", BODY)).await;
@@ -518,7 +523,7 @@ async fn a_stream_dropped_early_by_its_only_caller_is_cancelled_and_not_cached()
 
 #[tokio::test(start_paused = true)]
 async fn entries_over_the_size_cap_are_forwarded_whole_but_not_stored() {
-    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(10_000));
+    let big = format!(r#"{{"type":"message","text":"{}"}}"#, "x".repeat(10_000));
     let answer = big.clone();
     let up = Upstream::new(Duration::ZERO, move |_, _| {
         let mut res = json_response(StatusCode::OK, "");
@@ -818,18 +823,99 @@ async fn cache_control_no_store_and_no_cache() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn only_deterministic_requests_when_asked() {
+async fn the_default_mode_caches_only_deterministic_requests() {
     let up = Upstream::json();
-    let svc = CacheLayer::memory(1 << 20)
-        .only_deterministic(true)
-        .layer_on(up.clone());
-    let t0 = BODY.replace("\"max_tokens\"", "\"temperature\":0,\"max_tokens\"");
-    let t07 = BODY.replace("\"max_tokens\"", "\"temperature\":0.7,\"max_tokens\"");
-    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Bypass);
+    let svc = CacheLayer::memory(1 << 20).layer_on(up.clone());
+    let t0 = BODY;
+    let unset = BODY.replace("\"temperature\":0,", "");
+    let t07 = BODY.replace("\"temperature\":0", "\"temperature\":0.7");
+    // `top_k` / `top_p` do not make a temperature-0 request sample.
+    let t0_top = BODY.replace(
+        "\"temperature\":0",
+        "\"temperature\":0,\"top_k\":5,\"top_p\":0.9",
+    );
+    assert_eq!(
+        send(&svc, request("sk", &unset)).await.0,
+        CacheStatus::Bypass
+    );
+    assert_eq!(
+        send(&svc, request("sk", &unset)).await.0,
+        CacheStatus::Bypass
+    );
     assert_eq!(send(&svc, request("sk", &t07)).await.0, CacheStatus::Bypass);
-    assert_eq!(send(&svc, request("sk", &t0)).await.0, CacheStatus::Miss);
-    assert_eq!(send(&svc, request("sk", &t0)).await.0, CacheStatus::Hit);
-    assert_eq!(up.calls(), 3);
+    assert_eq!(send(&svc, request("sk", t0)).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, request("sk", t0)).await.0, CacheStatus::Hit);
+    assert_eq!(
+        send(&svc, request("sk", &t0_top)).await.0,
+        CacheStatus::Miss
+    );
+    assert_eq!(send(&svc, request("sk", &t0_top)).await.0, CacheStatus::Hit);
+    assert_eq!(up.calls(), 5);
+}
+
+/// `x-tower-claude-cache: use | bypass | refresh` on the request, in every mode; the header
+/// is not sent upstream.
+#[tokio::test(start_paused = true)]
+async fn the_request_header_opts_in_and_out() {
+    use tower_claude::cache::CacheMode;
+    let with = |body: &str, value: &'static str| {
+        let mut req = request("sk", body);
+        req.headers_mut()
+            .insert("x-tower-claude-cache", value.parse().unwrap());
+        req
+    };
+    let sampled = BODY.replace("\"temperature\":0", "\"temperature\":1");
+    let saw_header = Arc::new(AtomicBool::new(false));
+    let seen = saw_header.clone();
+    let up = Upstream::new(Duration::from_millis(100), move |req, _| {
+        seen.fetch_or(
+            req.headers().contains_key("x-tower-claude-cache"),
+            Ordering::SeqCst,
+        );
+        json_response(StatusCode::OK, JSON_ANSWER)
+    });
+    // Deterministic mode: `use` opts a sampled request in.
+    let svc = CacheLayer::memory(1 << 20).layer_on(up.clone());
+    assert_eq!(send(&svc, with(&sampled, "use")).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, with(&sampled, "use")).await.0, CacheStatus::Hit);
+    assert_eq!(
+        send(&svc, request("sk", &sampled)).await.0,
+        CacheStatus::Bypass
+    );
+    // `bypass`: neither read nor written; `refresh`: not read, written.
+    assert_eq!(
+        send(&svc, with(BODY, "bypass")).await.0,
+        CacheStatus::Bypass
+    );
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, with(BODY, "refresh")).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+    assert_eq!(up.calls(), 5, "use, sampled, bypass, miss, refresh");
+    // Mode `all`: a sampled request is cached, `bypass` still opts out.
+    let all = CacheLayer::memory(1 << 20)
+        .mode(CacheMode::All)
+        .layer_on(up.clone());
+    assert_eq!(
+        send(&all, with(&sampled, "bypass")).await.0,
+        CacheStatus::Bypass
+    );
+    assert_eq!(
+        send(&all, request("sk", &sampled)).await.0,
+        CacheStatus::Miss
+    );
+    assert_eq!(
+        send(&all, request("sk", &sampled)).await.0,
+        CacheStatus::Hit
+    );
+    // Mode `off`: nothing, whatever the request asks.
+    let off = CacheLayer::memory(1 << 20)
+        .mode(CacheMode::Off)
+        .layer_on(up.clone());
+    assert_eq!(send(&off, with(BODY, "use")).await.0, CacheStatus::Bypass);
+    assert!(
+        !saw_header.load(Ordering::SeqCst),
+        "the header stays in the proxy"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -883,6 +969,8 @@ async fn disk_entries_survive_a_restart() {
             CacheStatus::Miss
         );
         assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+        // Stored after delivery, in the background: wait for it before closing the file.
+        svc.flush().await;
     }
     let svc = CacheLayer::new(DiskStore::open(&path, 1 << 20).unwrap()).layer_on(up.clone());
     let (s, _, _, replay) = send(&svc, request("sk", STREAM_BODY)).await;

@@ -126,11 +126,12 @@ mod layer;
 mod live;
 mod service;
 mod store;
+mod writer;
 
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use key::{CacheKey, Tenant};
-pub use layer::{CacheLayer, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_TTL};
+pub use layer::{CacheLayer, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_TTL, DEFAULT_WRITE_QUEUE};
 pub use service::Cache;
 #[cfg(feature = "disk-cache")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk-cache")))]
@@ -138,6 +139,62 @@ pub use store::DiskStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{CacheStore, CachedResponse, MemoryStore, StoreError, StoreErrorKind, StoreFuture};
+
+/// Which requests a [`CacheLayer`] caches.
+///
+/// ```
+/// use tower_claude::cache::CacheMode;
+///
+/// assert_eq!(CacheMode::default(), CacheMode::Deterministic);
+/// assert_eq!("all".parse::<CacheMode>().unwrap(), CacheMode::All);
+/// assert_eq!(CacheMode::Off.as_str(), "off");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum CacheMode {
+    /// Nothing is read or stored, whatever the request says (`bypass`).
+    Off,
+    /// Only deterministic requests: `temperature` present and 0 (see the module docs). Others
+    /// are cached only when they ask with `x-tower-claude-cache: use`. The default.
+    #[default]
+    Deterministic,
+    /// Every Messages API request (a request can still opt out).
+    All,
+}
+
+impl CacheMode {
+    /// `off`, `deterministic` or `all`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Off => "off",
+            CacheMode::Deterministic => "deterministic",
+            CacheMode::All => "all",
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+
+    /// `off` (or `false`, as the proxy's `--cache false`), `deterministic` or `all`,
+    /// case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "false" => Ok(CacheMode::Off),
+            "deterministic" => Ok(CacheMode::Deterministic),
+            "all" => Ok(CacheMode::All),
+            other => Err(format!(
+                "unknown cache mode `{other}` (expected off, deterministic or all)"
+            )),
+        }
+    }
+}
 
 /// What the cache did with a request: a response extension, also sent as the
 /// `x-tower-claude-cache` header.

@@ -17,7 +17,7 @@ use tower_service::Service;
 use super::ServedModel;
 use super::body::FallbackBody;
 use super::error::FallbackError;
-use super::policy::{self, Verdict, View};
+use super::policy::{self, Verdict};
 use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
@@ -304,63 +304,13 @@ impl<S> Walk<S> {
         }
     }
 
-    /// The board's view of candidate `idx` for this request. A group whose limits the board
-    /// does not know yet counts as full (even while a rate limiter below holds requests back
-    /// until its first answer teaches it the limits).
-    fn view(&self, idx: usize) -> View {
-        let group = self.config.catalog.group(&self.candidates[idx]);
-        let Some(keys) = &self.config.keys else {
-            return self.key_view(&self.key, &group);
-        };
-        // A key pool below sends with its best key: the model is as good as that key. Keys a
-        // 403 put last in the group do not count; none left means no headroom at all.
-        let mut best: Option<View> = None;
-        for key in keys.outlook(&group).into_iter().filter(|k| !k.forbidden) {
-            let mut v = self.key_view(&key.id, &group);
-            if !key.cooldown.is_zero() {
-                v.fits = false;
-                v.wait = v.wait.map(|w| w.max(key.cooldown));
-            }
-            if best.as_ref().is_none_or(|b| policy::more_headroom(&v, b)) {
-                best = Some(v);
-            }
-        }
-        best.unwrap_or(View {
-            fraction: 0.0,
-            fits: false,
-            wait: None,
-        })
-    }
-
-    /// The board's view of one key in `group`.
-    fn key_view(&self, key: &KeyId, group: &crate::anthropic::RateLimitGroup) -> View {
-        let board = &self.config.board;
-        match board.headroom(key, group) {
-            None => View {
-                fraction: 1.0,
-                fits: true,
-                wait: Some(std::time::Duration::ZERO),
-            },
-            Some(headroom) => View {
-                fraction: headroom.fraction,
-                fits: board.fits_now(key, group, &self.cost),
-                wait: board.time_until_fits(key, group, &self.cost),
-            },
-        }
-    }
-
     /// The best candidate from `from` on, if any is left and the depth allows another model.
     fn choose(&self, from: usize) -> Option<usize> {
         if from >= self.candidates.len() || self.visited >= self.config.max_depth {
             return None;
         }
-        if self.candidates.len() - from == 1 {
-            return Some(from);
-        }
-        let views: Vec<(usize, View)> = (from..self.candidates.len())
-            .map(|i| (i, self.view(i)))
-            .collect();
-        policy::select(&views, &self.config.thresholds).map(|i| from + i)
+        self.config
+            .select(&self.candidates, from, &self.key, &self.cost)
     }
 
     /// The request for candidate `idx`: the body with its `model` rewritten (the original

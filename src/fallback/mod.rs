@@ -159,7 +159,8 @@ pub use layer::{
     DEFAULT_MAX_DEPTH, DEFAULT_MAX_OVERLOADED, DEFAULT_MAX_WAIT_BEFORE_FAILOVER,
     DEFAULT_OVERLOADED_PAUSE, FallbackLayer,
 };
-pub use service::Fallback;
+pub(crate) use service::opted_out_of;
+pub use service::{Fallback, FallbackHandle};
 
 /// A request extension that turns model fallback off for one request (like the header
 /// `x-tower-claude-fallback: off`): it is sent to the requested model only.

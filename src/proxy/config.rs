@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::anthropic::KeyId;
+use crate::cache::CacheMode;
 
 /// Where requests go.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,8 +133,10 @@ pub struct ProxyConfig {
     pub fallback: bool,
     /// The lowest model fallback may use (`FALLBACK_MODEL`).
     pub fallback_model: Option<String>,
-    /// Whether the response cache is on.
+    /// Whether the response cache is on (`cache_mode` is not `off`).
     pub cache: bool,
+    /// Which requests are cached (`CLAUDE_PROXY_CACHE_MODE`; default `deterministic`).
+    pub cache_mode: CacheMode,
     /// Time to live of cached responses (`CACHE_TTL`).
     pub cache_ttl: Duration,
     /// The redb file of the disk cache; `None` keeps the cache in memory.
@@ -212,9 +215,12 @@ pub struct Cli {
     /// The lowest model fallback may use, e.g. claude-sonnet-4-6 [env: FALLBACK_MODEL]
     #[arg(long, value_name = "MODEL")]
     pub fallback_model: Option<String>,
-    /// Turn the response cache on or off [env: CLAUDE_PROXY_CACHE] [default: true]
+    /// Turn the response cache on or off; `false` is `--cache-mode off` [env: CLAUDE_PROXY_CACHE] [default: true]
     #[arg(long, value_name = "BOOL")]
     pub cache: Option<bool>,
+    /// Which requests are cached: off, deterministic (temperature 0; others opt in with `x-tower-claude-cache: use`), all [env: CLAUDE_PROXY_CACHE_MODE] [default: deterministic]
+    #[arg(long, value_name = "MODE")]
+    pub cache_mode: Option<String>,
     /// Cache time to live, e.g. 14400, 4h [env: CACHE_TTL] [default: 4h]
     #[arg(long, value_name = "DURATION")]
     pub cache_ttl: Option<String>,
@@ -260,6 +266,7 @@ struct FileConfig {
     fallback: Option<bool>,
     fallback_model: Option<String>,
     cache: Option<bool>,
+    cache_mode: Option<String>,
     cache_ttl: Option<toml::Value>,
     cache_path: Option<String>,
     cache_max_bytes: Option<u64>,
@@ -512,6 +519,22 @@ impl ProxyConfig {
             Some(s) => parse_bool(&s)?,
             None => true,
         };
+        let cache_mode = match pick(
+            &cli.cache_mode,
+            "cache-mode",
+            "CLAUDE_PROXY_CACHE_MODE",
+            file.cache_mode.clone(),
+            "cache_mode",
+        ) {
+            Some(s) => s
+                .value
+                .parse::<CacheMode>()
+                .map_err(|e| ConfigError::new(&s.source, e))?,
+            None => CacheMode::Deterministic,
+        };
+        // `--cache false` stays the way to turn the cache off, whatever the mode says.
+        let cache_mode = if cache { cache_mode } else { CacheMode::Off };
+        let cache = cache_mode != CacheMode::Off;
         let cache_ttl = match pick(
             &cli.cache_ttl,
             "cache-ttl",
@@ -693,6 +716,7 @@ impl ProxyConfig {
             fallback,
             fallback_model,
             cache,
+            cache_mode,
             cache_ttl,
             cache_path,
             cache_max_bytes,

@@ -110,7 +110,9 @@ impl Proxy {
             if config.cache {
                 let store = crate::cache::RedisStore::connect(url).await?;
                 stack = stack.cache(Some(
-                    crate::cache::CacheLayer::new(store).ttl(config.cache_ttl),
+                    crate::cache::CacheLayer::new(store)
+                        .ttl(config.cache_ttl)
+                        .mode(config.cache_mode),
                 ));
             }
         }
@@ -294,6 +296,7 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
         fallback_floor: config.fallback_model.clone(),
         cache,
         cache_ttl: config.cache_ttl,
+        cache_mode: config.cache_mode,
         metrics: config.metrics,
         ..StackConfig::default()
     }
@@ -401,6 +404,7 @@ fn status_page(state: &State) -> Response<ProxyBody> {
         "errors": c.errors.load(Ordering::Relaxed),
         "cache": {
             "enabled": state.config.cache,
+            "mode": state.config.cache_mode.as_str(),
             "hits": hits,
             "misses": misses,
             "bypass": c.cache_bypass.load(Ordering::Relaxed),
