@@ -1166,3 +1166,201 @@ mod with_mock {
         assert_eq!(mock.stats().received, 1);
     }
 }
+
+/// Model honesty: an answer is stored under the model that produced it; an Opus request gets
+/// the cached Sonnet answer only while fallback would send it to Sonnet now, never once Opus
+/// has quota again, and never when the request turned fallback off. Every hit names its model.
+mod models {
+    use super::*;
+    use tower_claude::anthropic::{KeyId, RateLimitGroup, RequestMeta};
+    use tower_claude::fallback::{FallbackLayer, ServedModel};
+    use tower_claude::quota::{Cost, Limits, QuotaBoard};
+
+    const OPUS: &str = "claude-opus-4-7";
+    const SONNET: &str = "claude-sonnet-4-6";
+
+    fn ask(prompt: &str, fallback_off: bool) -> Request<RequestBody> {
+        let body = format!(
+            r#"{{"model":"{OPUS}","max_tokens":64,"temperature":0,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+        );
+        let mut req = request("sk-ant-models", &body);
+        if fallback_off {
+            req.headers_mut()
+                .insert("x-tower-claude-fallback", "off".parse().unwrap());
+        }
+        req
+    }
+
+    /// Opus down to 20 % of its requests for the test's key: fallback picks Sonnet.
+    fn drain_opus(board: &QuotaBoard) {
+        let opus = RateLimitGroup::new("claude-opus-4");
+        let key = KeyId::from_api_key("sk-ant-models");
+        board
+            .try_acquire(&key, &opus, Cost::new(40, 0, 0))
+            .unwrap()
+            .settle(Cost::new(40, 0, 0));
+    }
+
+    async fn send<S, B>(svc: &S, req: Request<RequestBody>) -> (CacheStatus, String, String)
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+        S::Error: std::fmt::Debug,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let status = *res.extensions().get::<CacheStatus>().unwrap();
+        let header = res.headers()["x-tower-claude-model"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        if let Some(served) = res.extensions().get::<ServedModel>() {
+            assert_eq!(served.served, header);
+            assert_eq!(served.requested, OPUS);
+        }
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["model"],
+            header.as_str(),
+            "the header names the writer"
+        );
+        (status, header, body["text"].as_str().unwrap().to_owned())
+    }
+
+    fn setup() -> (
+        impl Service<
+            Request<RequestBody>,
+            Response = Response<impl http_body::Body<Data = Bytes, Error = tower_claude::BoxError>>,
+            Error = tower_claude::BoxError,
+        > + Clone,
+        QuotaBoard,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        // An upstream that says which model answered, and counts its calls.
+        let upstream = tower::service_fn(move |req: Request<RequestBody>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let meta = RequestMeta::scan(req.body().as_ref())?;
+                let model = meta.model.unwrap_or_default();
+                let body = format!(r#"{{"type":"message","model":"{model}","text":"answer {n}"}}"#);
+                let res = Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))?;
+                Ok::<_, tower_claude::BoxError>(res)
+            }
+        });
+        let board = QuotaBoard::builder()
+            .limits(
+                RateLimitGroup::new("claude-opus-4"),
+                Limits::new(50, 30_000, 8_000),
+            )
+            .build();
+        let fallback = FallbackLayer::new().board(board.clone());
+        let svc = ServiceBuilder::new()
+            .layer(CacheLayer::memory(1 << 20).fallback(fallback.handle()))
+            .layer(fallback)
+            .service(upstream);
+        (svc, board, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_answer_is_served_only_while_fallback_would_choose_it() {
+        let (svc, board, calls) = setup();
+        drain_opus(&board);
+        let (s, model, first) = send(&svc, ask("q", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, SONNET));
+        // Opus is still low: fallback would choose Sonnet, whose answer is served (and says so).
+        let (s, model, again) = send(&svc, ask("q", false)).await;
+        assert_eq!(
+            (s, model.as_str(), &again),
+            (CacheStatus::Hit, SONNET, &first)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Opus has its quota back: the Sonnet answer is not served as an Opus answer.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let (s, model, opus) = send(&svc, ask("q", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, OPUS));
+        assert_ne!(opus, first);
+        let (s, model, _) = send(&svc, ask("q", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Hit, OPUS));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fallback_off_is_honoured_on_a_hit() {
+        let (svc, board, calls) = setup();
+        drain_opus(&board);
+        let (s, model, _) = send(&svc, ask("p", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, SONNET));
+        // The caller turned fallback off: the cached Sonnet answer is not for it.
+        let (s, model, _) = send(&svc, ask("p", true)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, OPUS));
+        // Its Opus answer is then cached under Opus, and served to everyone.
+        let (s, model, _) = send(&svc, ask("p", true)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Hit, OPUS));
+        let (s, model, _) = send(&svc, ask("p", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Hit, OPUS));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
+
+/// Only complete, valid Messages API answers are stored: a 200 whose body is invalid JSON,
+/// HTML, a JSON array or garbage SSE ending in `message_stop` is forwarded but not cached.
+#[tokio::test(start_paused = true)]
+async fn invalid_200_bodies_are_never_stored() {
+    let json = |body: &'static str| {
+        Upstream::new(Duration::from_millis(10), move |_, _| {
+            json_response(StatusCode::OK, body)
+        })
+    };
+    for body in [
+        r#"{"type":"message","content":["#,
+        "<html><body>502 Bad Gateway</body></html>",
+        "[1,2,3]",
+        r#"{"type":"error","error":{"type":"api_error","message":"x"}}"#,
+        "",
+    ] {
+        let up = json(body);
+        let svc = cache(&up);
+        let (s, code, _, got) = send(&svc, request("sk", BODY)).await;
+        assert_eq!(
+            (s, code, &got[..]),
+            (CacheStatus::Miss, StatusCode::OK, body.as_bytes())
+        );
+        assert_eq!(
+            send(&svc, request("sk", BODY)).await.0,
+            CacheStatus::Miss,
+            "{body}"
+        );
+        assert_eq!(up.calls(), 2, "{body}");
+    }
+    for events in [
+        &[
+            "garbage\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ][..],
+        &[
+            "event: message_start\ndata: not json\n\n",
+            "event: message_stop\ndata: {}\n\n",
+        ][..],
+        &[SSE_EVENTS[6]][..],
+    ] {
+        let events: Vec<&'static str> = events.to_vec();
+        let up = Upstream::new(Duration::from_millis(10), move |_, _| {
+            sse_response(chunks(sse_chunks(&events)))
+        });
+        let svc = cache(&up);
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(up.calls(), 2);
+    }
+}
