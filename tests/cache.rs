@@ -1364,3 +1364,240 @@ async fn invalid_200_bodies_are_never_stored() {
         assert_eq!(up.calls(), 2);
     }
 }
+
+/// A store that fails or hangs never fails or slows a request: answers are stored after they
+/// are delivered, by a background task, and a failing store is a metric and a log line.
+mod store_failures {
+    use super::*;
+    use tower_claude::cache::{
+        CacheKey, CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture,
+    };
+
+    /// Every call fails (a full or read-only disk, a database error).
+    struct Failing {
+        puts: Arc<AtomicUsize>,
+    }
+
+    impl CacheStore for Failing {
+        fn get(&self, _key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+            Box::pin(async { Err(StoreError::new(StoreErrorKind::Backend, "disk full")) })
+        }
+        fn put(&self, _: &CacheKey, _: CachedResponse, _: Duration) -> StoreFuture<()> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Err(StoreError::new(StoreErrorKind::Backend, "disk full")) })
+        }
+        fn remove(&self, _key: &CacheKey) -> StoreFuture<()> {
+            Box::pin(async { Err(StoreError::new(StoreErrorKind::Backend, "disk full")) })
+        }
+    }
+
+    /// Writes take a minute (a slow disk); lookups answer at once.
+    struct Slow(MemoryStore);
+
+    impl CacheStore for Slow {
+        fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+            self.0.get(key)
+        }
+        fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
+            let inner = self.0.clone();
+            let key = *key;
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                inner.put(&key, value, ttl).await
+            })
+        }
+        fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
+            self.0.remove(key)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_store_never_fails_a_request() {
+        let puts = Arc::new(AtomicUsize::new(0));
+        let up = Upstream::json();
+        let layer = CacheLayer::new(Failing { puts: puts.clone() });
+        let svc = layer.clone().layer_on(up.clone());
+        for _ in 0..3 {
+            let (s, code, _, body) = send(&svc, request("sk", BODY)).await;
+            assert_eq!(
+                (s, code, &body[..]),
+                (CacheStatus::Miss, StatusCode::OK, JSON_ANSWER.as_bytes())
+            );
+            layer.flush().await;
+        }
+        let (s, code, _, _) = send(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        layer.flush().await;
+        assert_eq!(
+            puts.load(Ordering::SeqCst),
+            4,
+            "each answer was handed to the store"
+        );
+        assert_eq!(up.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_store_never_delays_a_request() {
+        let up = Upstream::json();
+        let layer = CacheLayer::new(Slow(MemoryStore::new(1 << 20)));
+        let svc = layer.clone().layer_on(up.clone());
+        let start = tokio::time::Instant::now();
+        let (s, _, _, _) = send(&svc, request("sk", BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(100),
+            "only the upstream's latency"
+        );
+        let start = tokio::time::Instant::now();
+        let (s, _, _, _) = send(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        // While the write is pending, the answer is already served from the queue.
+        assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Hit
+        );
+        layer.flush().await;
+        assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+        assert_eq!(up.calls(), 2);
+    }
+
+    /// A full write queue drops the entry (and counts it); the request is served as usual.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_write_queue_drops_entries_not_requests() {
+        let up = Upstream::json();
+        let layer = CacheLayer::new(Slow(MemoryStore::new(1 << 20))).write_queue(1);
+        let svc = layer.clone().layer_on(up.clone());
+        for i in 0..4 {
+            let body = BODY.replace("Say hello", &format!("Say hello {i}"));
+            let (s, code, _, _) = send(&svc, request("sk", &body)).await;
+            assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        }
+        layer.flush().await;
+        let mut hits = 0;
+        for i in 0..4 {
+            let body = BODY.replace("Say hello", &format!("Say hello {i}"));
+            hits += usize::from(send(&svc, request("sk", &body)).await.0 == CacheStatus::Hit);
+        }
+        assert!((1..4).contains(&hits), "some stored, some dropped: {hits}");
+    }
+}
+
+/// Modes and the request header over real loopback HTTP through `claude-proxy`.
+#[cfg(feature = "proxy")]
+mod through_the_proxy {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::net::TcpListener;
+    use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+
+    async fn start(
+        cli: Cli,
+        env: &[(&str, &str)],
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proxy = Proxy::new(ProxyConfig::resolve(cli, &env).unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(proxy.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    /// The `x-tower-claude-cache` and `x-tower-claude-model` answers to one request.
+    async fn ask(addr: std::net::SocketAddr, body: &str, header: Option<&str>) -> (String, String) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut req = Request::post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", "sk-ant-proxy-test")
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json");
+        if let Some(h) = header {
+            req = req.header("x-tower-claude-cache", h);
+        }
+        let res = client
+            .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let get = |name: &str| {
+            res.headers()
+                .get(name)
+                .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned())
+        };
+        let out = (get("x-tower-claude-cache"), get("x-tower-claude-model"));
+        res.into_body().collect().await.unwrap();
+        out
+    }
+
+    fn body(prompt: &str, temperature: Option<f64>) -> String {
+        let t = temperature.map_or(String::new(), |t| format!(r#""temperature":{t},"#));
+        format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":32,{t}"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+        )
+    }
+
+    fn cli(mode: Option<&str>) -> Cli {
+        Cli {
+            upstream: Some("mock".into()),
+            cache_path: Some("memory".into()),
+            cache_mode: mode.map(Into::into),
+            ..Cli::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_mode_and_the_header() {
+        let (addr, _stop) = start(cli(None), &[]).await;
+        let cached = |r: (String, String)| r.0;
+        // temperature 0: cached, and a hit names its model.
+        let t0 = body("deterministic", Some(0.0));
+        assert_eq!(cached(ask(addr, &t0, None).await), "miss");
+        assert_eq!(
+            ask(addr, &t0, None).await,
+            ("hit".into(), "claude-haiku-4-5".into())
+        );
+        // No temperature (the API default, 1.0): sampled, never cached without opting in.
+        let sampled = body("sampled", None);
+        assert_eq!(cached(ask(addr, &sampled, None).await), "bypass");
+        assert_eq!(cached(ask(addr, &sampled, None).await), "bypass");
+        assert_eq!(cached(ask(addr, &sampled, Some("use")).await), "miss");
+        assert_eq!(cached(ask(addr, &sampled, Some("use")).await), "hit");
+        // bypass and refresh.
+        assert_eq!(cached(ask(addr, &t0, Some("bypass")).await), "bypass");
+        assert_eq!(cached(ask(addr, &t0, Some("refresh")).await), "miss");
+        assert_eq!(cached(ask(addr, &t0, None).await), "hit");
+    }
+
+    #[tokio::test]
+    async fn mode_all_and_off() {
+        let (addr, _stop) = start(cli(Some("all")), &[]).await;
+        let sampled = body("sampled", Some(1.0));
+        assert_eq!(ask(addr, &sampled, None).await.0, "miss");
+        assert_eq!(ask(addr, &sampled, None).await.0, "hit");
+        assert_eq!(ask(addr, &sampled, Some("bypass")).await.0, "bypass");
+        // The environment variable, and `--cache false` as `off`.
+        let (addr, _stop) = start(cli(None), &[("CLAUDE_PROXY_CACHE_MODE", "all")]).await;
+        assert_eq!(ask(addr, &sampled, None).await.0, "miss");
+        assert_eq!(ask(addr, &sampled, None).await.0, "hit");
+        let off = Cli {
+            cache: Some(false),
+            ..cli(Some("all"))
+        };
+        let (addr, _stop) = start(off, &[]).await;
+        let t0 = body("deterministic", Some(0.0));
+        assert_eq!(ask(addr, &t0, Some("use")).await.0, "-");
+        assert_eq!(ask(addr, &t0, Some("use")).await.0, "-");
+    }
+}
