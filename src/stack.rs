@@ -370,6 +370,12 @@ impl ClaudeStack {
             .map(|m| m.board(self.board.clone()).catalog(self.catalog.clone()))
     }
 
+    /// The cache layer, if any: e.g. to [`flush`](CacheLayer::flush) its write-behind queue
+    /// before the process exits (the services built from this stack share it).
+    pub fn cache_layer(&self) -> Option<&CacheLayer> {
+        self.cache.as_ref()
+    }
+
     /// Replaces (or with `None` removes) the cache layer.
     pub fn cache(mut self, layer: Option<CacheLayer>) -> Self {
         self.cache = layer;

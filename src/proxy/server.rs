@@ -51,6 +51,8 @@ struct State {
     started: std::time::Instant,
     counters: Counters,
     metrics: Option<crate::metrics::MetricsLayer>,
+    /// The response cache, to flush its write-behind queue on shutdown.
+    cache: Option<crate::cache::CacheLayer>,
 }
 
 /// What the status page reports besides the board.
@@ -144,6 +146,7 @@ impl Proxy {
             ));
         }
         let metrics = stack.metrics_layer();
+        let cache = stack.cache_layer().cloned();
         let board = stack.quota_board().clone();
         let service = match &config.upstream {
             Upstream::Url(uri) => stack.service(crate::client::HttpClient::new(uri.clone())),
@@ -158,6 +161,7 @@ impl Proxy {
                 started: std::time::Instant::now(),
                 counters: Counters::default(),
                 metrics,
+                cache,
             }),
         })
     }
@@ -228,6 +232,15 @@ impl Proxy {
             () = graceful.shutdown() => {}
             () = tokio::time::sleep(self.state.config.deadline) => {
                 tracing::warn!("in-flight requests still running at the deadline; closing");
+            }
+        }
+        // Answers already delivered are stored before the process exits (bounded in time).
+        if let Some(cache) = &self.state.cache {
+            if tokio::time::timeout(Duration::from_secs(10), cache.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("cache writes still pending after 10 s; not all answers stored");
             }
         }
         Ok(())
