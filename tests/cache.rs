@@ -1601,3 +1601,55 @@ mod through_the_proxy {
         assert_eq!(ask(addr, &t0, Some("use")).await.0, "-");
     }
 }
+
+/// What an entry really costs in the memory store: resident memory per entry against
+/// `CachedResponse::weight` (run with `--ignored --nocapture`; Linux only).
+#[tokio::test]
+#[ignore = "measurement, prints RSS per entry"]
+async fn memory_store_rss_per_entry() {
+    use tower_claude::cache::{CacheKey, CacheStore, CachedResponse};
+    fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        statm
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 4096
+    }
+    let store = MemoryStore::new(u64::MAX / 2);
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("request-id", "req_011CUZqFaKeKeYvAlUe4242".parse().unwrap());
+    headers.insert(
+        "anthropic-organization-id",
+        "2f1e5e4a-0000-4000-8000-1234567890ab".parse().unwrap(),
+    );
+    let n = 200_000u32;
+    let before = rss();
+    let mut weight = 0u64;
+    for i in 0..n {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        let entry = CachedResponse::new(
+            StatusCode::OK,
+            headers.clone(),
+            Bytes::from(vec![b'x'; 600]),
+            false,
+        )
+        .with_model("claude-haiku-4-5");
+        weight += entry.weight() as u64;
+        store
+            .put(&CacheKey::from_bytes(k), entry, Duration::from_secs(3600))
+            .await
+            .unwrap();
+    }
+    let _ = store.entry_count();
+    let after = rss();
+    println!(
+        "rss per entry {} bytes, weight per entry {} bytes",
+        (after - before) / u64::from(n),
+        weight / u64::from(n)
+    );
+}

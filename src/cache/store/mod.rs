@@ -142,7 +142,7 @@ const ENCODING_VERSION: u8 = 2;
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
 /// (moka's hash table, access-order deque and timer nodes). Measured, see `docs/benchmarks.md`.
-const ENTRY_OVERHEAD: usize = 640;
+const ENTRY_OVERHEAD: usize = 800;
 /// What each kept header costs beyond its name and value bytes (a map bucket and an
 /// allocation).
 const HEADER_OVERHEAD: usize = 96;
