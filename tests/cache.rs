@@ -1413,6 +1413,10 @@ mod store_failures {
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_store_never_fails_a_request() {
+        #[cfg(feature = "metrics")]
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        #[cfg(feature = "metrics")]
+        let _guard = metrics::set_default_local_recorder(&recorder);
         let puts = Arc::new(AtomicUsize::new(0));
         let up = Upstream::json();
         let layer = CacheLayer::new(Failing { puts: puts.clone() });
