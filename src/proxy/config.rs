@@ -992,6 +992,45 @@ mod tests {
     }
 
     #[test]
+    fn cache_mode_from_flag_env_and_file_and_cache_false_is_off() {
+        use crate::cache::CacheMode;
+        let resolve = |cli: Cli, vars: &[(&str, &str)]| ProxyConfig::resolve(cli, &env(vars));
+        let cfg = resolve(Cli::default(), &[]).unwrap();
+        assert_eq!(
+            (cfg.cache, cfg.cache_mode),
+            (true, CacheMode::Deterministic)
+        );
+        let cfg = resolve(Cli::default(), &[("CLAUDE_PROXY_CACHE_MODE", "all")]).unwrap();
+        assert_eq!(cfg.cache_mode, CacheMode::All);
+        let flag = Cli {
+            cache_mode: Some("Off".into()),
+            ..Cli::default()
+        };
+        assert!(!resolve(flag, &[]).unwrap().cache);
+        let off = Cli {
+            cache: Some(false),
+            cache_mode: Some("all".into()),
+            ..Cli::default()
+        };
+        let cfg = resolve(off, &[]).unwrap();
+        assert_eq!((cfg.cache, cfg.cache_mode), (false, CacheMode::Off));
+        let bad = Cli {
+            cache_mode: Some("sometimes".into()),
+            ..Cli::default()
+        };
+        let err = resolve(bad, &[]).unwrap_err();
+        assert!(err.to_string().contains("cache-mode"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "cache_mode = \"all\"\n").unwrap();
+        let file = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        assert_eq!(resolve(file, &[]).unwrap().cache_mode, CacheMode::All);
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5m"), Some(Duration::from_secs(90)));
