@@ -566,8 +566,8 @@ where
                 return;
             }
             None => {
-                // The tee reports the end once the complete stream is stored: later requests
-                // find it in the store as the flight closes.
+                // The tee queued the complete stream at `message_stop`: later requests find
+                // it (in the write queue, then in the store) as the flight closes.
                 live.finish(End::Complete(trailers));
                 return;
             }
