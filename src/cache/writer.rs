@@ -28,6 +28,7 @@ type Job = (CacheKey, CachedResponse, Duration, tokio::time::Instant);
 /// lookup finds it before the store has it. A full queue drops the entry (a later identical
 /// request is a miss). Outside a Tokio runtime the entry is handed to the store directly (an
 /// in-memory store writes at call time; a store that needs a runtime then stores nothing).
+/// A store that [writes at once](CacheStore::writes_at_once) skips the queue altogether.
 pub(crate) struct Writer {
     store: Arc<dyn CacheStore>,
     capacity: usize,
@@ -66,8 +67,14 @@ impl Writer {
         pending.get(key).cloned()
     }
 
-    /// Queues `entry` for storing under `key`; never waits.
+    /// Queues `entry` for storing under `key`; never waits. A store that
+    /// [writes at once](CacheStore::writes_at_once) (in memory) is written inline.
     pub(crate) fn enqueue(self: &Arc<Self>, key: CacheKey, entry: CachedResponse, ttl: Duration) {
+        if self.store.writes_at_once() {
+            drop(self.store.put(&key, entry, ttl));
+            record("stored", 1);
+            return;
+        }
         let Some(tx) = self.sender() else {
             // No runtime to run the writer: hand it over at once (see the type's docs).
             drop(self.store.put(&key, entry, ttl));

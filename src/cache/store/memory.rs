@@ -136,6 +136,11 @@ impl CacheStore for MemoryStore {
         self.cache.invalidate(key);
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// `put` inserts at call time (a moka insert).
+    fn writes_at_once(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

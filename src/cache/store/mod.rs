@@ -63,6 +63,13 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Removes the entry for `key`, if any.
     fn remove(&self, key: &CacheKey) -> StoreFuture<()>;
 
+    /// Whether [`put`](Self::put) does its work at call time, at the cost of a map insert (an
+    /// in-process store): the layer then stores answers inline instead of queuing them for its
+    /// background writer, which saves a task wake-up per answer. Default `false`.
+    fn writes_at_once(&self) -> bool {
+        false
+    }
+
     /// Stores several entries at once. The [`CacheLayer`](super::CacheLayer) stores answers
     /// in batches from a background task, so a store that can write a batch in one go (one
     /// transaction, one round trip) should override this; the default stores the entries one
@@ -101,6 +108,10 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 
     fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
         (**self).put_batch(entries)
+    }
+
+    fn writes_at_once(&self) -> bool {
+        (**self).writes_at_once()
     }
 }
 
