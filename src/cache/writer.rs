@@ -14,6 +14,11 @@ use super::store::{CacheStore, CachedResponse};
 /// The most entries stored in one batch (one redb transaction, one Redis pipeline).
 pub(crate) const MAX_BATCH: usize = 256;
 
+/// After the first entry of a batch arrives, the writer waits this long for more, so that a
+/// busy proxy commits a few large transactions a second rather than one per answer (each a
+/// durable commit on disk). A crash loses at most this window's answers.
+const LINGER: Duration = Duration::from_millis(20);
+
 /// At most one log line about failing stores per this interval (with the count since).
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -167,6 +172,15 @@ impl Writer {
 async fn run(writer: std::sync::Weak<Writer>, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if batch.len() < MAX_BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
         let Some(store) = writer.upgrade().map(|w| w.store.clone()) else {
             return;
         };
