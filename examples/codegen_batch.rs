@@ -13,7 +13,9 @@
 //! Answers are cached on disk in `.tower-claude/demo-cache.redb`, in cache mode
 //! `deterministic` (the default: every task asks with `"temperature": 0`, so every answer is
 //! cached; a sampled request would not be): run it twice and the second run is served from the
-//! cache. `DEMO_FRESH=1` clears the cache first.
+//! cache, except the answers a fallback model wrote (the model asked for has quota again in a
+//! new run, and the cache never passes another model's answer off as its own). `DEMO_FRESH=1`
+//! clears the cache first.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -379,6 +381,14 @@ async fn simulated() -> Result<(), BoxError> {
     if report.cache_hits == report.done && report.done > 0 {
         println!(
             "\nEvery answer came from the disk cache ({CACHE_PATH}); DEMO_FRESH=1 starts over."
+        );
+    } else if report.cache_hits > 0 {
+        println!(
+            "\n{} answers came from the disk cache ({CACHE_PATH}). The other {} were written by \
+             a fallback model in an earlier run: the cache serves another model's answer only \
+             while fallback would choose that model, and the model asked for has quota now.",
+            report.cache_hits,
+            report.done - report.cache_hits
         );
     } else {
         println!("\nRun it again: the answers are now in the disk cache ({CACHE_PATH}).");
