@@ -7,6 +7,11 @@
 //!
 //! `POST /summarize` with `{"text": "..."}` answers `{"summary": "...", "model": "..."}`.
 //! Without `ANTHROPIC_API_KEY` the stack talks to the in-process simulator.
+//!
+//! Cache: `ClaudeStack::new()`'s default, 64 MiB in memory in mode `deterministic`: the
+//! summaries are asked at the API's default temperature (sampled), so none is cached; ask with
+//! `"temperature": 0` (or send `x-tower-claude-cache: use`) to have identical texts served from
+//! the cache.
 
 use std::net::SocketAddr;
 

@@ -10,8 +10,12 @@
 //! `ClaudeStack`. With `ANTHROPIC_API_KEY` set it runs the stack against the real API (a small
 //! batch: `DEMO_TASKS` tasks, default 8, `max_tokens` 256).
 //!
-//! Answers are cached on disk in `.tower-claude/demo-cache.redb`: run it twice and the second
-//! run is served from the cache. `DEMO_FRESH=1` clears the cache first.
+//! Answers are cached on disk in `.tower-claude/demo-cache.redb`, in cache mode
+//! `deterministic` (the default: every task asks with `"temperature": 0`, so every answer is
+//! cached; a sampled request would not be): run it twice and the second run is served from the
+//! cache, except the answers a fallback model wrote (the model asked for has quota again in a
+//! new run, and the cache never passes another model's answer off as its own). `DEMO_FRESH=1`
+//! clears the cache first.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use tower::{Service, ServiceExt};
 use tower_claude::BoxError;
 use tower_claude::anthropic::{ApiError, ModelCatalog, Usage, header_names};
 use tower_claude::body::RequestBody;
+use tower_claude::cache::CacheMode;
 use tower_claude::quota::Limits;
 use tower_claude::retry::RetryInfo;
 use tower_claude::stack::{CacheConfig, ClaudeStack, StackConfig, boxed};
@@ -361,6 +366,10 @@ async fn simulated() -> Result<(), BoxError> {
         Box::pin(svc.clone().oneshot(req))
     })
     .await;
+    // Answers are stored after delivery, in the background: let the last ones land on disk.
+    if let Some(cache) = stack.cache_layer() {
+        cache.flush().await;
+    }
     print_report(
         "tower-claude ClaudeStack",
         &report,
@@ -372,6 +381,14 @@ async fn simulated() -> Result<(), BoxError> {
     if report.cache_hits == report.done && report.done > 0 {
         println!(
             "\nEvery answer came from the disk cache ({CACHE_PATH}); DEMO_FRESH=1 starts over."
+        );
+    } else if report.cache_hits > 0 {
+        println!(
+            "\n{} answers came from the disk cache ({CACHE_PATH}). The other {} were written by \
+             a fallback model in an earlier run: the cache serves another model's answer only \
+             while fallback would choose that model, and the model asked for has quota now.",
+            report.cache_hits,
+            report.done - report.cache_hits
         );
     } else {
         println!("\nRun it again: the answers are now in the disk cache ({CACHE_PATH}).");
@@ -442,6 +459,8 @@ fn demo_stack() -> Result<ClaudeStack, BoxError> {
             path: CACHE_PATH.into(),
             max_bytes: 64 << 20,
         },
+        // Stated rather than left to the default: the tasks are deterministic (temperature 0).
+        cache_mode: CacheMode::Deterministic,
         catalog: ModelCatalog::default(),
         ..StackConfig::default()
     })
@@ -463,6 +482,9 @@ async fn real(key: String) -> Result<(), BoxError> {
         Box::pin(svc.clone().oneshot(req))
     })
     .await;
+    if let Some(cache) = stack.cache_layer() {
+        cache.flush().await;
+    }
     print_report(
         "tower-claude ClaudeStack (real API)",
         &report,

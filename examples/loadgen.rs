@@ -88,6 +88,13 @@ struct RunArgs {
     /// Send the same body every time (through a caching proxy: cache hits).
     #[arg(long)]
     same_body: bool,
+    /// `temperature` of the requests (none by default: the API's 1.0, which a proxy in cache
+    /// mode `deterministic` does not cache; `0` makes them cacheable there).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Pad each prompt to about this many bytes (e.g. 2000 for 2 KB requests).
+    #[arg(long, default_value_t = 0)]
+    prompt_bytes: usize,
     /// The `x-api-key` sent.
     #[arg(long, default_value = "sk-ant-loadgen")]
     api_key: String,
@@ -280,17 +287,24 @@ fn micros(d: Duration) -> u32 {
 /// Sends request `i`, reads the whole answer; returns the time to the response head.
 async fn one_request(ctx: &Ctx, i: u64) -> Result<Duration, BoxError> {
     let args = &ctx.args;
-    let prompt = if args.same_body {
+    let mut prompt = if args.same_body {
         "loadgen: write a haiku about queues".to_owned()
     } else {
         format!("loadgen {} #{i}: write a haiku about queues", ctx.nonce)
     };
-    let body = serde_json::json!({
+    if prompt.len() < args.prompt_bytes {
+        prompt.push(' ');
+        prompt.extend(std::iter::repeat_n('q', args.prompt_bytes - prompt.len()));
+    }
+    let mut body = serde_json::json!({
         "model": args.model,
         "max_tokens": args.max_tokens,
         "stream": args.stream,
         "messages": [{"role": "user", "content": prompt}],
     });
+    if let Some(t) = args.temperature {
+        body["temperature"] = serde_json::json!(t);
+    }
     let req = Request::post(ctx.uri.clone())
         .header("x-api-key", &args.api_key)
         .header("anthropic-version", "2023-06-01")

@@ -64,7 +64,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::BoxError;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::body::RequestBody;
-use crate::cache::CacheLayer;
+use crate::cache::{CacheLayer, CacheMode};
 use crate::concurrency::{Aimd, ConcurrencyHandle, ConcurrencyLayer, RampUp};
 use crate::fallback::FallbackLayer;
 use crate::key_pool::KeyPoolLayer;
@@ -216,6 +216,8 @@ pub struct StackConfig {
     pub cache: CacheConfig,
     /// Time to live of cached responses. Default: 4 hours.
     pub cache_ttl: Duration,
+    /// Which requests are cached. Default: [`CacheMode::Deterministic`] (`temperature` 0).
+    pub cache_mode: CacheMode,
     /// Model ids, groups and the fallback chain.
     pub catalog: ModelCatalog,
     /// Whether requests are measured (`MetricsLayer`, feature `metrics`). Default: on when
@@ -247,6 +249,7 @@ impl Default for StackConfig {
             fallback_floor: None,
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
+            cache_mode: CacheMode::default(),
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
             pacing: None,
@@ -335,7 +338,7 @@ impl ClaudeStack {
                 return Err("a disk cache needs the `disk-cache` feature".into());
             }
         }
-        .map(|c| c.ttl(config.cache_ttl));
+        .map(|c| c.ttl(config.cache_ttl).mode(config.cache_mode));
 
         let fallback = config.fallback.then(|| {
             let layer = FallbackLayer::new();
@@ -517,6 +520,12 @@ impl ClaudeStack {
         self.concurrency.as_ref().map(ConcurrencyLayer::handle)
     }
 
+    /// The cache layer, if any: e.g. to [`flush`](CacheLayer::flush) its write-behind queue
+    /// before the process exits (the services built from this stack share it).
+    pub fn cache_layer(&self) -> Option<&CacheLayer> {
+        self.cache.as_ref()
+    }
+
     /// Replaces (or with `None` removes) the cache layer.
     pub fn cache(mut self, layer: Option<CacheLayer>) -> Self {
         self.cache = layer;
@@ -593,6 +602,7 @@ impl ClaudeStack {
         if let Some(layer) = &self.retry {
             svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
         }
+        let mut fallback = None;
         if let Some(layer) = &self.fallback {
             let mut layer = layer
                 .clone()
@@ -601,9 +611,15 @@ impl ClaudeStack {
             if let Some(pool) = &self.key_pool {
                 layer = layer.key_pool(pool.handle());
             }
+            fallback = Some(layer.handle());
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {
+            // The cache serves another model's answer only while fallback would choose it.
+            let layer = match fallback {
+                Some(handle) => layer.clone().fallback(handle),
+                None => layer.clone(),
+            };
             svc = boxed(layer.layer(svc));
         }
         #[cfg(feature = "metrics")]

@@ -145,13 +145,15 @@ impl Service<Request<RequestBody>> for Upstream {
     }
 }
 
-const BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello"}]}"#;
+// Deterministic (`temperature` 0): cached in the default mode.
+const BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"messages":[{"role":"user","content":"Say hello"}]}"#;
 const BODY_REORDERED: &str = r#"{
   "messages": [ { "content": "Say hello", "role": "user" } ],
+  "temperature": 0,
   "max_tokens": 64,
   "model": "claude-haiku-4-5"
 }"#;
-const STREAM_BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
+const STREAM_BODY: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
 
 fn request(key: &str, body: &str) -> Request<RequestBody> {
     Request::post("https://api.anthropic.com/v1/messages")
@@ -237,7 +239,10 @@ async fn tenants_never_share_entries() {
             .get("x-api-key")
             .map_or("none", |v| v.to_str().unwrap())
             .to_owned();
-        json_response(StatusCode::OK, &format!(r#"{{"answer_for":"{key}"}}"#))
+        json_response(
+            StatusCode::OK,
+            &format!(r#"{{"type":"message","answer_for":"{key}"}}"#),
+        )
     });
     let svc = cache(&up);
     let (_, _, _, a) = send(&svc, request("sk-a", BODY)).await;
@@ -518,7 +523,7 @@ async fn a_stream_dropped_early_by_its_only_caller_is_cancelled_and_not_cached()
 
 #[tokio::test(start_paused = true)]
 async fn entries_over_the_size_cap_are_forwarded_whole_but_not_stored() {
-    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(10_000));
+    let big = format!(r#"{{"type":"message","text":"{}"}}"#, "x".repeat(10_000));
     let answer = big.clone();
     let up = Upstream::new(Duration::ZERO, move |_, _| {
         let mut res = json_response(StatusCode::OK, "");
@@ -818,18 +823,99 @@ async fn cache_control_no_store_and_no_cache() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn only_deterministic_requests_when_asked() {
+async fn the_default_mode_caches_only_deterministic_requests() {
     let up = Upstream::json();
-    let svc = CacheLayer::memory(1 << 20)
-        .only_deterministic(true)
-        .layer_on(up.clone());
-    let t0 = BODY.replace("\"max_tokens\"", "\"temperature\":0,\"max_tokens\"");
-    let t07 = BODY.replace("\"max_tokens\"", "\"temperature\":0.7,\"max_tokens\"");
-    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Bypass);
+    let svc = CacheLayer::memory(1 << 20).layer_on(up.clone());
+    let t0 = BODY;
+    let unset = BODY.replace("\"temperature\":0,", "");
+    let t07 = BODY.replace("\"temperature\":0", "\"temperature\":0.7");
+    // `top_k` / `top_p` do not make a temperature-0 request sample.
+    let t0_top = BODY.replace(
+        "\"temperature\":0",
+        "\"temperature\":0,\"top_k\":5,\"top_p\":0.9",
+    );
+    assert_eq!(
+        send(&svc, request("sk", &unset)).await.0,
+        CacheStatus::Bypass
+    );
+    assert_eq!(
+        send(&svc, request("sk", &unset)).await.0,
+        CacheStatus::Bypass
+    );
     assert_eq!(send(&svc, request("sk", &t07)).await.0, CacheStatus::Bypass);
-    assert_eq!(send(&svc, request("sk", &t0)).await.0, CacheStatus::Miss);
-    assert_eq!(send(&svc, request("sk", &t0)).await.0, CacheStatus::Hit);
-    assert_eq!(up.calls(), 3);
+    assert_eq!(send(&svc, request("sk", t0)).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, request("sk", t0)).await.0, CacheStatus::Hit);
+    assert_eq!(
+        send(&svc, request("sk", &t0_top)).await.0,
+        CacheStatus::Miss
+    );
+    assert_eq!(send(&svc, request("sk", &t0_top)).await.0, CacheStatus::Hit);
+    assert_eq!(up.calls(), 5);
+}
+
+/// `x-tower-claude-cache: use | bypass | refresh` on the request, in every mode; the header
+/// is not sent upstream.
+#[tokio::test(start_paused = true)]
+async fn the_request_header_opts_in_and_out() {
+    use tower_claude::cache::CacheMode;
+    let with = |body: &str, value: &'static str| {
+        let mut req = request("sk", body);
+        req.headers_mut()
+            .insert("x-tower-claude-cache", value.parse().unwrap());
+        req
+    };
+    let sampled = BODY.replace("\"temperature\":0", "\"temperature\":1");
+    let saw_header = Arc::new(AtomicBool::new(false));
+    let seen = saw_header.clone();
+    let up = Upstream::new(Duration::from_millis(100), move |req, _| {
+        seen.fetch_or(
+            req.headers().contains_key("x-tower-claude-cache"),
+            Ordering::SeqCst,
+        );
+        json_response(StatusCode::OK, JSON_ANSWER)
+    });
+    // Deterministic mode: `use` opts a sampled request in.
+    let svc = CacheLayer::memory(1 << 20).layer_on(up.clone());
+    assert_eq!(send(&svc, with(&sampled, "use")).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, with(&sampled, "use")).await.0, CacheStatus::Hit);
+    assert_eq!(
+        send(&svc, request("sk", &sampled)).await.0,
+        CacheStatus::Bypass
+    );
+    // `bypass`: neither read nor written; `refresh`: not read, written.
+    assert_eq!(
+        send(&svc, with(BODY, "bypass")).await.0,
+        CacheStatus::Bypass
+    );
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, with(BODY, "refresh")).await.0, CacheStatus::Miss);
+    assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+    assert_eq!(up.calls(), 5, "use, sampled, bypass, miss, refresh");
+    // Mode `all`: a sampled request is cached, `bypass` still opts out.
+    let all = CacheLayer::memory(1 << 20)
+        .mode(CacheMode::All)
+        .layer_on(up.clone());
+    assert_eq!(
+        send(&all, with(&sampled, "bypass")).await.0,
+        CacheStatus::Bypass
+    );
+    assert_eq!(
+        send(&all, request("sk", &sampled)).await.0,
+        CacheStatus::Miss
+    );
+    assert_eq!(
+        send(&all, request("sk", &sampled)).await.0,
+        CacheStatus::Hit
+    );
+    // Mode `off`: nothing, whatever the request asks.
+    let off = CacheLayer::memory(1 << 20)
+        .mode(CacheMode::Off)
+        .layer_on(up.clone());
+    assert_eq!(send(&off, with(BODY, "use")).await.0, CacheStatus::Bypass);
+    assert!(
+        !saw_header.load(Ordering::SeqCst),
+        "the header stays in the proxy"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -883,6 +969,8 @@ async fn disk_entries_survive_a_restart() {
             CacheStatus::Miss
         );
         assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
+        // Stored after delivery, in the background: wait for it before closing the file.
+        svc.flush().await;
     }
     let svc = CacheLayer::new(DiskStore::open(&path, 1 << 20).unwrap()).layer_on(up.clone());
     let (s, _, _, replay) = send(&svc, request("sk", STREAM_BODY)).await;
@@ -1077,4 +1165,495 @@ mod with_mock {
         assert!(track(&replayed).is_complete());
         assert_eq!(mock.stats().received, 1);
     }
+}
+
+/// Model honesty: an answer is stored under the model that produced it; an Opus request gets
+/// the cached Sonnet answer only while fallback would send it to Sonnet now, never once Opus
+/// has quota again, and never when the request turned fallback off. Every hit names its model.
+mod models {
+    use super::*;
+    use tower_claude::anthropic::{KeyId, RateLimitGroup, RequestMeta};
+    use tower_claude::fallback::{FallbackLayer, ServedModel};
+    use tower_claude::quota::{Cost, Limits, QuotaBoard};
+
+    const OPUS: &str = "claude-opus-4-7";
+    const SONNET: &str = "claude-sonnet-4-6";
+
+    fn ask(prompt: &str, fallback_off: bool) -> Request<RequestBody> {
+        let body = format!(
+            r#"{{"model":"{OPUS}","max_tokens":64,"temperature":0,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+        );
+        let mut req = request("sk-ant-models", &body);
+        if fallback_off {
+            req.headers_mut()
+                .insert("x-tower-claude-fallback", "off".parse().unwrap());
+        }
+        req
+    }
+
+    /// Opus down to 20 % of its requests for the test's key: fallback picks Sonnet.
+    fn drain_opus(board: &QuotaBoard) {
+        let opus = RateLimitGroup::new("claude-opus-4");
+        let key = KeyId::from_api_key("sk-ant-models");
+        board
+            .try_acquire(&key, &opus, Cost::new(40, 0, 0))
+            .unwrap()
+            .settle(Cost::new(40, 0, 0));
+    }
+
+    async fn send<S, B>(svc: &S, req: Request<RequestBody>) -> (CacheStatus, String, String)
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+        S::Error: std::fmt::Debug,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let status = *res.extensions().get::<CacheStatus>().unwrap();
+        let header = res.headers()["x-tower-claude-model"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        if let Some(served) = res.extensions().get::<ServedModel>() {
+            assert_eq!(served.served, header);
+            assert_eq!(served.requested, OPUS);
+        }
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["model"],
+            header.as_str(),
+            "the header names the writer"
+        );
+        (status, header, body["text"].as_str().unwrap().to_owned())
+    }
+
+    fn setup() -> (
+        impl Service<
+            Request<RequestBody>,
+            Response = Response<impl http_body::Body<Data = Bytes, Error = tower_claude::BoxError>>,
+            Error = tower_claude::BoxError,
+        > + Clone,
+        QuotaBoard,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        // An upstream that says which model answered, and counts its calls.
+        let upstream = tower::service_fn(move |req: Request<RequestBody>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let meta = RequestMeta::scan(req.body().as_ref())?;
+                let model = meta.model.unwrap_or_default();
+                let body = format!(r#"{{"type":"message","model":"{model}","text":"answer {n}"}}"#);
+                let res = Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))?;
+                Ok::<_, tower_claude::BoxError>(res)
+            }
+        });
+        let board = QuotaBoard::builder()
+            .limits(
+                RateLimitGroup::new("claude-opus-4"),
+                Limits::new(50, 30_000, 8_000),
+            )
+            .build();
+        let fallback = FallbackLayer::new().board(board.clone());
+        let svc = ServiceBuilder::new()
+            .layer(CacheLayer::memory(1 << 20).fallback(fallback.handle()))
+            .layer(fallback)
+            .service(upstream);
+        (svc, board, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_answer_is_served_only_while_fallback_would_choose_it() {
+        let (svc, board, calls) = setup();
+        drain_opus(&board);
+        let (s, model, first) = send(&svc, ask("q", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, SONNET));
+        // Opus is still low: fallback would choose Sonnet, whose answer is served (and says so).
+        let (s, model, again) = send(&svc, ask("q", false)).await;
+        assert_eq!(
+            (s, model.as_str(), &again),
+            (CacheStatus::Hit, SONNET, &first)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Opus has its quota back: the Sonnet answer is not served as an Opus answer.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let (s, model, opus) = send(&svc, ask("q", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, OPUS));
+        assert_ne!(opus, first);
+        let (s, model, _) = send(&svc, ask("q", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Hit, OPUS));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fallback_off_is_honoured_on_a_hit() {
+        let (svc, board, calls) = setup();
+        drain_opus(&board);
+        let (s, model, _) = send(&svc, ask("p", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, SONNET));
+        // The caller turned fallback off: the cached Sonnet answer is not for it.
+        let (s, model, _) = send(&svc, ask("p", true)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Miss, OPUS));
+        // Its Opus answer is then cached under Opus, and served to everyone.
+        let (s, model, _) = send(&svc, ask("p", true)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Hit, OPUS));
+        let (s, model, _) = send(&svc, ask("p", false)).await;
+        assert_eq!((s, model.as_str()), (CacheStatus::Hit, OPUS));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
+
+/// Only complete, valid Messages API answers are stored: a 200 whose body is invalid JSON,
+/// HTML, a JSON array or garbage SSE ending in `message_stop` is forwarded but not cached.
+#[tokio::test(start_paused = true)]
+async fn invalid_200_bodies_are_never_stored() {
+    let json = |body: &'static str| {
+        Upstream::new(Duration::from_millis(10), move |_, _| {
+            json_response(StatusCode::OK, body)
+        })
+    };
+    for body in [
+        r#"{"type":"message","content":["#,
+        "<html><body>502 Bad Gateway</body></html>",
+        "[1,2,3]",
+        r#"{"type":"error","error":{"type":"api_error","message":"x"}}"#,
+        "",
+    ] {
+        let up = json(body);
+        let svc = cache(&up);
+        let (s, code, _, got) = send(&svc, request("sk", BODY)).await;
+        assert_eq!(
+            (s, code, &got[..]),
+            (CacheStatus::Miss, StatusCode::OK, body.as_bytes())
+        );
+        assert_eq!(
+            send(&svc, request("sk", BODY)).await.0,
+            CacheStatus::Miss,
+            "{body}"
+        );
+        assert_eq!(up.calls(), 2, "{body}");
+    }
+    for events in [
+        &[
+            "garbage\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ][..],
+        &[
+            "event: message_start\ndata: not json\n\n",
+            "event: message_stop\ndata: {}\n\n",
+        ][..],
+        &[SSE_EVENTS[6]][..],
+    ] {
+        let events: Vec<&'static str> = events.to_vec();
+        let up = Upstream::new(Duration::from_millis(10), move |_, _| {
+            sse_response(chunks(sse_chunks(&events)))
+        });
+        let svc = cache(&up);
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Miss
+        );
+        assert_eq!(up.calls(), 2);
+    }
+}
+
+/// A store that fails or hangs never fails or slows a request: answers are stored after they
+/// are delivered, by a background task, and a failing store is a metric and a log line.
+mod store_failures {
+    use super::*;
+    use tower_claude::cache::{
+        CacheKey, CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture,
+    };
+
+    /// Every call fails (a full or read-only disk, a database error).
+    struct Failing {
+        puts: Arc<AtomicUsize>,
+    }
+
+    impl CacheStore for Failing {
+        fn get(&self, _key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+            Box::pin(async { Err(StoreError::new(StoreErrorKind::Backend, "disk full")) })
+        }
+        fn put(&self, _: &CacheKey, _: CachedResponse, _: Duration) -> StoreFuture<()> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Err(StoreError::new(StoreErrorKind::Backend, "disk full")) })
+        }
+        fn remove(&self, _key: &CacheKey) -> StoreFuture<()> {
+            Box::pin(async { Err(StoreError::new(StoreErrorKind::Backend, "disk full")) })
+        }
+    }
+
+    /// Writes take a minute (a slow disk); lookups answer at once.
+    struct Slow(MemoryStore);
+
+    impl CacheStore for Slow {
+        fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+            self.0.get(key)
+        }
+        fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
+            let inner = self.0.clone();
+            let key = *key;
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                inner.put(&key, value, ttl).await
+            })
+        }
+        fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
+            self.0.remove(key)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_store_never_fails_a_request() {
+        #[cfg(feature = "metrics")]
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        #[cfg(feature = "metrics")]
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let puts = Arc::new(AtomicUsize::new(0));
+        let up = Upstream::json();
+        let layer = CacheLayer::new(Failing { puts: puts.clone() });
+        let svc = layer.clone().layer_on(up.clone());
+        for _ in 0..3 {
+            let (s, code, _, body) = send(&svc, request("sk", BODY)).await;
+            assert_eq!(
+                (s, code, &body[..]),
+                (CacheStatus::Miss, StatusCode::OK, JSON_ANSWER.as_bytes())
+            );
+            layer.flush().await;
+        }
+        let (s, code, _, _) = send(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        layer.flush().await;
+        assert_eq!(
+            puts.load(Ordering::SeqCst),
+            4,
+            "each answer was handed to the store"
+        );
+        assert_eq!(up.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_store_never_delays_a_request() {
+        let up = Upstream::json();
+        let layer = CacheLayer::new(Slow(MemoryStore::new(1 << 20)));
+        let svc = layer.clone().layer_on(up.clone());
+        let start = tokio::time::Instant::now();
+        let (s, _, _, _) = send(&svc, request("sk", BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(100),
+            "only the upstream's latency"
+        );
+        let start = tokio::time::Instant::now();
+        let (s, _, _, _) = send(&svc, request("sk", STREAM_BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        // While the write is pending, the answer is already served from the queue.
+        assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+        assert_eq!(
+            send(&svc, request("sk", STREAM_BODY)).await.0,
+            CacheStatus::Hit
+        );
+        layer.flush().await;
+        assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
+        assert_eq!(up.calls(), 2);
+    }
+
+    /// A full write queue drops the entry (and counts it); the request is served as usual.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_write_queue_drops_entries_not_requests() {
+        let up = Upstream::json();
+        let layer = CacheLayer::new(Slow(MemoryStore::new(1 << 20))).write_queue(1);
+        let svc = layer.clone().layer_on(up.clone());
+        for i in 0..4 {
+            let body = BODY.replace("Say hello", &format!("Say hello {i}"));
+            let (s, code, _, _) = send(&svc, request("sk", &body)).await;
+            assert_eq!((s, code), (CacheStatus::Miss, StatusCode::OK));
+        }
+        layer.flush().await;
+        let mut hits = 0;
+        for i in 0..4 {
+            let body = BODY.replace("Say hello", &format!("Say hello {i}"));
+            hits += usize::from(send(&svc, request("sk", &body)).await.0 == CacheStatus::Hit);
+        }
+        assert!((1..4).contains(&hits), "some stored, some dropped: {hits}");
+    }
+}
+
+/// Modes and the request header over real loopback HTTP through `claude-proxy`.
+#[cfg(feature = "proxy")]
+mod through_the_proxy {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::net::TcpListener;
+    use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+
+    async fn start(
+        cli: Cli,
+        env: &[(&str, &str)],
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proxy = Proxy::new(ProxyConfig::resolve(cli, &env).unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(proxy.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        (addr, tx)
+    }
+
+    /// The `x-tower-claude-cache` and `x-tower-claude-model` answers to one request.
+    async fn ask(addr: std::net::SocketAddr, body: &str, header: Option<&str>) -> (String, String) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut req = Request::post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", "sk-ant-proxy-test")
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json");
+        if let Some(h) = header {
+            req = req.header("x-tower-claude-cache", h);
+        }
+        let res = client
+            .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let get = |name: &str| {
+            res.headers()
+                .get(name)
+                .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned())
+        };
+        let out = (get("x-tower-claude-cache"), get("x-tower-claude-model"));
+        res.into_body().collect().await.unwrap();
+        out
+    }
+
+    fn body(prompt: &str, temperature: Option<f64>) -> String {
+        let t = temperature.map_or(String::new(), |t| format!(r#""temperature":{t},"#));
+        format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":32,{t}"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+        )
+    }
+
+    fn cli(mode: Option<&str>) -> Cli {
+        Cli {
+            upstream: Some("mock".into()),
+            cache_path: Some("memory".into()),
+            cache_mode: mode.map(Into::into),
+            ..Cli::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_mode_and_the_header() {
+        let (addr, _stop) = start(cli(None), &[]).await;
+        let cached = |r: (String, String)| r.0;
+        // temperature 0: cached, and a hit names its model.
+        let t0 = body("deterministic", Some(0.0));
+        assert_eq!(cached(ask(addr, &t0, None).await), "miss");
+        assert_eq!(
+            ask(addr, &t0, None).await,
+            ("hit".into(), "claude-haiku-4-5".into())
+        );
+        // No temperature (the API default, 1.0): sampled, never cached without opting in.
+        let sampled = body("sampled", None);
+        assert_eq!(cached(ask(addr, &sampled, None).await), "bypass");
+        assert_eq!(cached(ask(addr, &sampled, None).await), "bypass");
+        assert_eq!(cached(ask(addr, &sampled, Some("use")).await), "miss");
+        assert_eq!(cached(ask(addr, &sampled, Some("use")).await), "hit");
+        // bypass and refresh.
+        assert_eq!(cached(ask(addr, &t0, Some("bypass")).await), "bypass");
+        assert_eq!(cached(ask(addr, &t0, Some("refresh")).await), "miss");
+        assert_eq!(cached(ask(addr, &t0, None).await), "hit");
+    }
+
+    #[tokio::test]
+    async fn mode_all_and_off() {
+        let (addr, _stop) = start(cli(Some("all")), &[]).await;
+        let sampled = body("sampled", Some(1.0));
+        assert_eq!(ask(addr, &sampled, None).await.0, "miss");
+        assert_eq!(ask(addr, &sampled, None).await.0, "hit");
+        assert_eq!(ask(addr, &sampled, Some("bypass")).await.0, "bypass");
+        // The environment variable, and `--cache false` as `off`.
+        let (addr, _stop) = start(cli(None), &[("CLAUDE_PROXY_CACHE_MODE", "all")]).await;
+        assert_eq!(ask(addr, &sampled, None).await.0, "miss");
+        assert_eq!(ask(addr, &sampled, None).await.0, "hit");
+        let off = Cli {
+            cache: Some(false),
+            ..cli(Some("all"))
+        };
+        let (addr, _stop) = start(off, &[]).await;
+        let t0 = body("deterministic", Some(0.0));
+        assert_eq!(ask(addr, &t0, Some("use")).await.0, "-");
+        assert_eq!(ask(addr, &t0, Some("use")).await.0, "-");
+    }
+}
+
+/// What an entry really costs in the memory store: resident memory per entry against
+/// `CachedResponse::weight` (run with `--ignored --nocapture`; Linux only).
+#[tokio::test]
+#[ignore = "measurement, prints RSS per entry"]
+async fn memory_store_rss_per_entry() {
+    use tower_claude::cache::{CacheKey, CacheStore, CachedResponse};
+    fn rss() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        statm
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 4096
+    }
+    let store = MemoryStore::new(u64::MAX / 2);
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("request-id", "req_011CUZqFaKeKeYvAlUe4242".parse().unwrap());
+    headers.insert(
+        "anthropic-organization-id",
+        "2f1e5e4a-0000-4000-8000-1234567890ab".parse().unwrap(),
+    );
+    let n = 200_000u32;
+    let before = rss();
+    let mut weight = 0u64;
+    for i in 0..n {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        let entry = CachedResponse::new(
+            StatusCode::OK,
+            headers.clone(),
+            Bytes::from(vec![b'x'; 600]),
+            false,
+        )
+        .with_model("claude-haiku-4-5");
+        weight += entry.weight() as u64;
+        store
+            .put(&CacheKey::from_bytes(k), entry, Duration::from_secs(3600))
+            .await
+            .unwrap();
+    }
+    let _ = store.entry_count();
+    let after = rss();
+    println!(
+        "rss per entry {} bytes, weight per entry {} bytes",
+        (after - before) / u64::from(n),
+        weight / u64::from(n)
+    );
 }

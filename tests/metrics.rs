@@ -353,11 +353,12 @@ async fn full_stack_retries_queue_quota_fallback_cache_and_every_name_renders() 
     // Every documented metric appears (alert deliveries need a webhook: tests/alerts.rs).
     for def in names::METRICS {
         // Not in this scenario: alert deliveries (tests/alerts.rs), key pools and the Redis
-        // board (the two tests below).
+        // board (the two tests below), the cache's writes (tests/cache.rs, store_failures).
         if [
             names::ALERT_DELIVERIES_TOTAL,
             names::KEYS_REMOVED_TOTAL,
             names::QUOTA_REDIS_OUTAGES_TOTAL,
+            names::CACHE_WRITES_TOTAL,
         ]
         .contains(&def.name)
         {
@@ -636,6 +637,9 @@ async fn background_refresh_moves_quota_gauges_without_traffic() {
     task.abort();
 }
 
+/// The real cache above the real fallback layer. A fallback answer is stored under the model
+/// that produced it: once Opus answers again, the Opus request is a miss (it used to be served
+/// the stored Sonnet answer as a hit, for the whole TTL); every hit names its model.
 #[tokio::test(start_paused = true)]
 async fn with_the_real_cache_and_fallback_layers() {
     use tower_claude::cache::CacheLayer;
@@ -645,10 +649,11 @@ async fn with_the_real_cache_and_fallback_layers() {
     let _guard = metrics::set_default_local_recorder(&recorder);
     let mock = MockClaude::builder().build();
     let board = QuotaBoard::new();
+    let fallback = FallbackLayer::new().board(board.clone());
     let svc = ServiceBuilder::new()
         .layer(MetricsLayer::new().board(board.clone()))
-        .layer(CacheLayer::memory(1 << 20))
-        .layer(FallbackLayer::new().board(board.clone()))
+        .layer(CacheLayer::memory(1 << 20).fallback(fallback.handle()))
+        .layer(fallback)
         .layer(RetryLayer::new().max_attempts(2))
         .layer(RateLimitLayer::new().board(board))
         .service(mock.clone());
@@ -660,17 +665,36 @@ async fn with_the_real_cache_and_fallback_layers() {
             .body(RequestBody::from(body))
             .unwrap()
     };
-    // The Opus group hits its spend cap: the fallback layer moves down the chain.
+    // The Opus group hits its spend cap once: the fallback layer moves down the chain. Then
+    // Opus answers again: its own answer, then a hit of it.
     mock.push_fault(Fault::SpendCap);
-    for _ in 0..2 {
+    let mut served = Vec::new();
+    for _ in 0..3 {
         let response = svc.clone().oneshot(req()).await.unwrap();
         assert_eq!(response.status(), 200);
+        served.push((
+            response.headers()["x-tower-claude-cache"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+            response.headers()["x-tower-claude-model"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        ));
         response.into_body().collect().await.unwrap();
     }
+    assert_eq!(served[0].0, "miss");
+    assert_ne!(
+        served[0].1, "claude-opus-4-7",
+        "the spend cap made it fall back"
+    );
+    assert_eq!(served[1], ("miss".to_owned(), "claude-opus-4-7".to_owned()));
+    assert_eq!(served[2], ("hit".to_owned(), "claude-opus-4-7".to_owned()));
     let m = scrape(&handle);
     assert_eq!(
         get(&m, r#"tower_claude_cache_requests_total{cache="miss"}"#),
-        1.0,
+        2.0,
         "{m:#?}"
     );
     assert_eq!(
@@ -682,8 +706,9 @@ async fn with_the_real_cache_and_fallback_layers() {
         .filter(|(k, _)| k.starts_with(r#"tower_claude_fallbacks_total{from="claude-opus-4-7""#))
         .map(|(_, v)| v)
         .sum();
-    assert!(fell_back >= 1.0, "{m:#?}");
-    // Tokens counted once (the hit used no quota) and under the serving model's group.
+    assert_eq!(fell_back, 1.0, "{m:#?}");
+    // Tokens counted once per upstream answer (the hit used no quota), under the serving
+    // model's group.
     let out: f64 = m
         .iter()
         .filter(|(k, _)| k.starts_with("tower_claude_output_tokens_total"))

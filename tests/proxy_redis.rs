@@ -263,6 +263,9 @@ async fn two_proxies_share_the_cache_through_redis() {
                 .to_owned(),
         );
         resp.into_body().collect().await.unwrap();
+        // The answer reaches Redis just after it is delivered (the cache stores in the
+        // background): give that one round trip time before asking the other node.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(caches, ["miss", "hit"]);
     assert_eq!(mock.stats().received, 1);

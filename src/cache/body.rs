@@ -1,7 +1,6 @@
 //! The response body of [`Cache`](super::Cache).
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -14,7 +13,6 @@ use pin_project::pin_project;
 use super::key::CacheKey;
 use super::layer::Config;
 use super::live::LiveBody;
-use super::service::FlightGuard;
 use super::store::CachedResponse;
 use crate::BoxError;
 use crate::anthropic::StreamTracker;
@@ -25,10 +23,10 @@ use crate::anthropic::StreamTracker;
 /// by concurrent identical streaming requests (see the module docs, *Coalescing*).
 ///
 /// The tee never holds chunks back: each one is forwarded as soon as the inner body yields
-/// it. After `message_stop` the recorded stream is stored; the end of the body is reported
-/// once the store has it (a caller that drops the body after `message_stop` does not prevent
-/// the store). A stream that fails, carries an `event: error`, is dropped before
-/// `message_stop`, or outgrows the entry size cap is not stored.
+/// it. At `message_stop` the recorded stream is handed to the write-behind queue (a caller
+/// that drops the body after `message_stop` does not prevent the store). A stream that
+/// fails, carries an `event: error`, is dropped before `message_stop`, is not a well-formed
+/// Messages API stream, or outgrows the entry size cap is not stored.
 #[pin_project]
 pub struct CacheBody<B> {
     #[pin]
@@ -159,8 +157,7 @@ where
         match &self.kind {
             Kind::Full { data } => data.is_none(),
             Kind::Inner { body } => body.is_end_stream(),
-            // The tee may still have to wait for the store before reporting the end.
-            Kind::Tee { .. } => false,
+            Kind::Tee { body, .. } => body.is_end_stream(),
             Kind::Chain {
                 prefix,
                 pending,
@@ -186,29 +183,19 @@ where
     }
 }
 
-type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-enum TeeState {
-    /// Recording chunks.
-    Recording,
-    /// `message_stop` seen: the entry is being stored.
-    Storing(Task),
-    /// Stored, or abandoned (not storable).
-    Done,
-}
-
 /// Records a streaming response while it is forwarded.
 pub(crate) struct Tee {
     config: Arc<Config>,
     key: CacheKey,
     status: StatusCode,
     headers: HeaderMap,
+    /// The model that produced the stream.
+    model: String,
     tracker: StreamTracker,
     chunks: Vec<Bytes>,
     size: usize,
-    state: TeeState,
-    guard: Option<FlightGuard>,
-    inner_done: bool,
+    /// Stored (queued), or abandoned (not storable).
+    done: bool,
 }
 
 impl Tee {
@@ -217,67 +204,55 @@ impl Tee {
         key: CacheKey,
         status: StatusCode,
         headers: HeaderMap,
-        guard: Option<FlightGuard>,
+        model: String,
     ) -> Self {
         Self {
             config,
             key,
             status,
             headers,
+            model,
             tracker: StreamTracker::new(),
             chunks: Vec::new(),
             size: 0,
-            state: TeeState::Recording,
-            guard,
-            inner_done: false,
+            done: false,
         }
     }
 
     fn poll<B>(
         &mut self,
-        mut body: Pin<&mut B>,
+        body: Pin<&mut B>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        loop {
-            if let TeeState::Storing(task) = &mut self.state {
-                ready!(task.as_mut().poll(cx));
-                self.state = TeeState::Done;
-            }
-            if self.inner_done {
-                return Poll::Ready(None);
-            }
-            match ready!(body.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        self.record(data);
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
+        match ready!(body.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.record(data);
                 }
-                Some(Err(e)) => {
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                self.abandon();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                if !self.done {
+                    self.tracker.finish();
+                    self.check();
+                    // The stream ended without `message_stop`.
                     self.abandon();
-                    return Poll::Ready(Some(Err(e.into())));
                 }
-                None => {
-                    self.inner_done = true;
-                    if matches!(self.state, TeeState::Recording) {
-                        self.tracker.finish();
-                        self.check();
-                        if matches!(self.state, TeeState::Recording) {
-                            // The stream ended without `message_stop`.
-                            self.abandon();
-                        }
-                    }
-                }
+                Poll::Ready(None)
             }
         }
     }
 
     fn record(&mut self, data: &Bytes) {
-        if !matches!(self.state, TeeState::Recording) {
+        if self.done {
             return;
         }
         self.size += data.len();
@@ -290,7 +265,8 @@ impl Tee {
         self.check();
     }
 
-    /// Starts storing once the stream is complete; abandons it on an `event: error`.
+    /// Queues the entry for storing once the stream is complete; abandons it on an
+    /// `event: error`.
     fn check(&mut self) {
         if self.tracker.error().is_some() {
             self.abandon();
@@ -304,43 +280,15 @@ impl Tee {
                 std::mem::take(&mut self.headers),
                 body.into(),
                 true,
-            );
-            let task = store_task(&self.config, self.key, entry, self.guard.take());
-            self.state = TeeState::Storing(task);
+            )
+            .with_model(std::mem::take(&mut self.model));
+            super::service::keep(&self.config, self.key, &entry);
+            self.done = true;
         }
     }
 
     fn abandon(&mut self) {
         self.chunks = Vec::new();
-        self.guard = None;
-        self.state = TeeState::Done;
-    }
-}
-
-/// Stores `entry` and then hands it to the followers of `guard`. The work is spawned when a
-/// tokio runtime is available, so that it completes even if the body is dropped.
-fn store_task(
-    config: &Arc<Config>,
-    key: CacheKey,
-    entry: CachedResponse,
-    guard: Option<FlightGuard>,
-) -> Task {
-    let put = config.store.put(&key, entry.clone(), config.ttl);
-    let work = async move {
-        if let Err(e) = put.await {
-            tracing::warn!(key = %key, error = %e, "cache store failed to store a response");
-        }
-        if let Some(guard) = guard {
-            guard.complete(entry);
-        }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            let join = handle.spawn(work);
-            Box::pin(async move {
-                let _ = join.await;
-            })
-        }
-        Err(_) => Box::pin(work),
+        self.done = true;
     }
 }

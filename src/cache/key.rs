@@ -147,6 +147,7 @@ impl CacheKey {
     }
 
     /// Computes the key of a request whose body is already parsed.
+    #[cfg(test)]
     pub(crate) fn compute(
         partition: &Partition,
         method: &http::Method,
@@ -154,6 +155,40 @@ impl CacheKey {
         headers: &HeaderMap,
         body: &Value,
         body_len_hint: usize,
+    ) -> Self {
+        KeyBase::new(partition, method, uri, headers).key(body, body_len_hint)
+    }
+
+    /// Another key derived from this one (e.g. the flight of requests that opted out of
+    /// fallback, which must not share a fallback answer).
+    pub(crate) fn variant(&self, tag: &[u8]) -> Self {
+        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        field(&mut h, &self.0);
+        field(&mut h, tag);
+        Self(*h.finalize().as_bytes())
+    }
+}
+
+/// Everything of a key but the body: the partition, the method, the path and query,
+/// `anthropic-version` and `anthropic-beta`, hashed once; [`KeyBase::key`] adds a body. The
+/// cache keeps it to derive the key of the same request for another model.
+#[derive(Clone)]
+pub(crate) struct KeyBase {
+    prefix: blake3::Hasher,
+}
+
+impl fmt::Debug for KeyBase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyBase").finish_non_exhaustive()
+    }
+}
+
+impl KeyBase {
+    pub(crate) fn new(
+        partition: &Partition,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
     ) -> Self {
         let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
         // Every variable-length field is length-prefixed, so that no two different field
@@ -167,13 +202,19 @@ impl CacheKey {
             .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
         field(&mut h, version);
         field(&mut h, canonical_betas(headers).as_bytes());
+        Self { prefix: h }
+    }
+
+    /// The key of the request with this (parsed) body.
+    pub(crate) fn key(&self, body: &Value, body_len_hint: usize) -> CacheKey {
+        let mut h = self.prefix.clone();
         // The canonical body is written into one buffer and hashed in one call: many small
         // `update`s (one per token of JSON) cost more than the copy.
         let mut canonical = Vec::with_capacity(body_len_hint);
         // Writing into a `Vec` cannot fail.
         let _ = write_canonical(body, &mut canonical);
         field(&mut h, &canonical);
-        Self(*h.finalize().as_bytes())
+        CacheKey(*h.finalize().as_bytes())
     }
 }
 

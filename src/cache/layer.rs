@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::CacheMode;
 use super::key::{Tenant, default_tenant_secret};
 use super::service::Cache;
 use super::store::{CacheStore, MemoryStore};
+use super::writer::Writer;
+use crate::fallback::FallbackHandle;
 
 /// The default time to live of an entry: 4 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(4 * 3600);
@@ -14,26 +17,31 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(4 * 3600);
 /// The default size cap of one entry: 8 MiB.
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
 
+/// The default capacity of the write-behind queue: 1024 answers waiting to be stored.
+pub const DEFAULT_WRITE_QUEUE: usize = 1024;
+
 /// The options of a [`Cache`], shared by its clones.
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn CacheStore>,
     pub(crate) ttl: Duration,
-    pub(crate) only_deterministic: bool,
+    pub(crate) mode: CacheMode,
     pub(crate) max_entry_bytes: usize,
     pub(crate) tenant_secret: [u8; 32],
     pub(crate) tenant: Option<Tenant>,
+    pub(crate) fallback: Option<FallbackHandle>,
+    pub(crate) writer: Arc<Writer>,
 }
 
 /// Builds [`Cache`]: a response cache partitioned by tenant, with request coalescing.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_claude::cache::CacheLayer;
+/// use tower_claude::cache::{CacheLayer, CacheMode};
 ///
 /// let layer = CacheLayer::memory(256 * 1024 * 1024)
 ///     .ttl(Duration::from_secs(3600))
-///     .only_deterministic(true)
+///     .mode(CacheMode::All)
 ///     .max_entry_bytes(1024 * 1024);
 /// # let _ = layer;
 /// ```
@@ -52,12 +60,14 @@ impl CacheLayer {
     pub fn with_shared_store(store: Arc<dyn CacheStore>) -> Self {
         Self {
             config: Config {
+                writer: Writer::new(store.clone(), DEFAULT_WRITE_QUEUE),
                 store,
                 ttl: DEFAULT_TTL,
-                only_deterministic: false,
+                mode: CacheMode::default(),
                 max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
                 tenant_secret: default_tenant_secret(),
                 tenant: None,
+                fallback: None,
             },
         }
     }
@@ -73,10 +83,29 @@ impl CacheLayer {
         self
     }
 
-    /// Cache only requests with `"temperature": 0` (default `false`: every request). Requests
-    /// without a `temperature` use the API default (1.0) and are then not cached.
-    pub fn only_deterministic(mut self, only: bool) -> Self {
-        self.config.only_deterministic = only;
+    /// Which requests are cached (default [`CacheMode::Deterministic`]: only requests with
+    /// `"temperature": 0`); a request's `x-tower-claude-cache` header can opt in or out (see
+    /// the [module docs](super)).
+    pub fn mode(mut self, mode: CacheMode) -> Self {
+        self.config.mode = mode;
+        self
+    }
+
+    /// The fallback layer below, whose current choice decides whether an answer another
+    /// model produced may be served (see [`FallbackLayer::handle`](crate::fallback::FallbackLayer::handle)
+    /// and the module docs, *Models*). Without it, only answers of the requested model are
+    /// served. [`ClaudeStack`](crate::stack::ClaudeStack) connects the two.
+    pub fn fallback(mut self, handle: FallbackHandle) -> Self {
+        self.config.fallback = Some(handle);
+        self
+    }
+
+    /// How many answers may wait to be stored (default [`DEFAULT_WRITE_QUEUE`]). Answers are
+    /// stored after they are delivered, in batches, by a background task; when the queue is
+    /// full (a store slower than the traffic) an answer is not stored and
+    /// `tower_claude_cache_writes_total{result="dropped"}` counts it.
+    pub fn write_queue(mut self, capacity: usize) -> Self {
+        self.config.writer = Writer::new(self.config.store.clone(), capacity);
         self
     }
 
@@ -113,13 +142,30 @@ impl CacheLayer {
     pub fn store(&self) -> &Arc<dyn CacheStore> {
         &self.config.store
     }
+
+    /// Waits until every answer queued for storing so far is in the store (or given up after
+    /// a store error). Answers are stored after they are delivered, by a background task; call
+    /// this before a graceful shutdown, or in tests before reading the store directly.
+    ///
+    /// ```
+    /// use tower_claude::cache::CacheLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = CacheLayer::memory(1 << 20);
+    /// layer.flush().await; // nothing queued: at once
+    /// # }
+    /// ```
+    pub async fn flush(&self) {
+        self.config.writer.flush().await;
+    }
 }
 
 impl fmt::Debug for CacheLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheLayer")
             .field("ttl", &self.config.ttl)
-            .field("only_deterministic", &self.config.only_deterministic)
+            .field("mode", &self.config.mode)
+            .field("fallback", &self.config.fallback.is_some())
             .field("max_entry_bytes", &self.config.max_entry_bytes)
             .field("tenant", &self.config.tenant)
             .finish_non_exhaustive()

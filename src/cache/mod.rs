@@ -20,28 +20,82 @@
 //! BLAKE3 rather than SHA-256 because it is several times faster on prompt-sized inputs (the
 //! `cache` bench measures both on 10 KB).
 //!
+//! # What is cached: modes and the request header
+//!
+//! [`CacheMode`] ([`CacheLayer::mode`]) says which `POST /v1/messages` requests are cached;
+//! everything else, and messages requests whose body is not a JSON object, pass through
+//! (`bypass`):
+//!
+//! - [`CacheMode::Deterministic`] (**the default**, for the library as for the proxy): only
+//!   requests whose body has `"temperature": 0` (`0` or `0.0`, read from the request's one
+//!   [`RequestMeta`](crate::anthropic::RequestMeta) scan). At temperature 0 the API takes the
+//!   most likely token at each step, and `top_k` / `top_p` only narrow the choice around that
+//!   token, so they do not make such a request sample. A request without `temperature` gets
+//!   the API default, 1.0: it is sampled, and two identical calls should get two samples, so
+//!   it is not cached unless it opts in;
+//! - [`CacheMode::All`]: every request;
+//! - [`CacheMode::Off`]: none, whatever the request says.
+//!
+//! A request can opt in or out with the header `x-tower-claude-cache` (the same name as the
+//! response header; removed before the request goes upstream):
+//!
+//! | value | effect |
+//! |---|---|
+//! | `use` | cache it even if the mode would not (a sampled request in `deterministic` mode) |
+//! | `bypass` | neither read nor store (`bypass`), like `cache-control: no-store` |
+//! | `refresh` | do not read; store the fresh answer (`miss`), like `cache-control: no-cache` |
+//!
+//! `cache-control: no-store` on the request: neither read nor written (`bypass`);
+//! `cache-control: no-cache` (or `max-age=0`): not read, but the fresh answer is stored
+//! (`miss`), which refreshes the entry. With several directives the most restrictive wins.
+//!
 //! # What is stored
 //!
-//! Only `POST /v1/messages` requests are cached; everything else, and messages requests whose
-//! body is not a JSON object, pass through (`bypass`). Only complete 2xx responses are stored,
-//! with a filtered set of headers ([`CachedResponse::keeps_header`]) and never anything from
-//! the request. A JSON answer is read whole and stored before it is returned. A streaming
-//! (SSE) answer is forwarded chunk by chunk while a tee records it, and it is stored only
-//! after `message_stop`: never a stream that fails, carries `event: error`, ends early, is
-//! dropped early, or outgrows [`max_entry_bytes`](CacheLayer::max_entry_bytes). A hit for a
-//! streaming request replays the stored SSE bytes (a valid stream with the same events and
-//! usage); a hit for a JSON request returns the JSON. `stream` is part of the body, so the two
-//! never share an entry.
+//! Only complete, valid Messages API answers ([`CachedResponse::is_complete_message`]): a 2xx
+//! JSON object whose `type` is `"message"`, or an SSE stream of JSON events from
+//! `message_start` to `message_stop`. Never an error status, invalid JSON, HTML, a JSON array,
+//! garbage events that end in `message_stop`, a stream that fails, carries `event: error`,
+//! ends early, is dropped early, or outgrows [`max_entry_bytes`](CacheLayer::max_entry_bytes).
+//! A filtered set of headers is kept ([`CachedResponse::keeps_header`]) and never anything
+//! from the request. A JSON answer is read whole (it arrives whole anyway); a streaming answer
+//! is forwarded chunk by chunk while a tee records it. A hit for a streaming request replays
+//! the stored SSE bytes (a valid stream with the same events and usage); a hit for a JSON
+//! request returns the JSON. `stream` is part of the body, so the two never share an entry.
+//! TTL: [`ttl`](CacheLayer::ttl), 4 hours by default.
 //!
-//! # Policy
+//! # Models
 //!
-//! - TTL: [`ttl`](CacheLayer::ttl), 4 hours by default.
-//! - `cache-control: no-store` on the request: neither read nor written (`bypass`).
-//!   `cache-control: no-cache` (or `max-age=0`): not read, but the fresh answer is stored
-//!   (`miss`), which refreshes the entry.
-//! - [`only_deterministic`](CacheLayer::only_deterministic): only `"temperature": 0`.
-//! - Every response gets an `x-tower-claude-cache: hit|miss|bypass` header and a
-//!   [`CacheStatus`] extension.
+//! An answer is stored under the key of the request **for the model that produced it** (the
+//! fallback layer's [`ServedModel`](crate::fallback::ServedModel) extension or
+//! `x-tower-claude-model` header; the requested model when there is none), and the entry
+//! records that model. A request is served:
+//!
+//! 1. its own model's entry, if there is one;
+//! 2. else, with a [fallback handle](CacheLayer::fallback) (what
+//!    [`ClaudeStack`](crate::stack::ClaudeStack) sets up), the entry of the model the fallback
+//!    layer below would send this request to **now**: an Opus request gets a cached Sonnet
+//!    answer only while Opus is short of quota and fallback would choose Sonnet, never once
+//!    Opus has quota back, and never when the request turned fallback off
+//!    (`x-tower-claude-fallback: off` or [`NoFallback`](crate::fallback::NoFallback)).
+//!
+//! Every hit carries `x-tower-claude-model: <the model that wrote it>`, a
+//! [`ServedModel`](crate::fallback::ServedModel) extension and `x-tower-claude-cache: hit`.
+//!
+//! # Storing: after delivery, in batches
+//!
+//! The store is never on the request path. A complete answer is handed to a bounded queue
+//! ([`write_queue`](CacheLayer::write_queue), 1024 by default) and the response goes on at
+//! once; a background task writes the queue in batches ([`CacheStore::put_batch`]: one redb
+//! transaction, committed durably, so a crash loses at most that batch). Until its batch is
+//! written an answer is served from the queue. A full queue drops the answer (not stored),
+//! a failing store (full or read-only disk, Redis down) is a miss on lookup and "not stored"
+//! on write: both are counted in `tower_claude_cache_writes_total{result="dropped"|"failed"}`
+//! (feature `metrics`) with at most one log line per 10 s, never a failed or slower request.
+//! [`CacheLayer::flush`] waits for the queue (the proxy calls it on shutdown).
+//!
+//! # Every response
+//!
+//! Gets an `x-tower-claude-cache: hit|miss|bypass` header and a [`CacheStatus`] extension.
 //!
 //! # Coalescing
 //!
@@ -69,9 +123,10 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] (moka, bounded by bytes) and, with the `disk-cache` feature, `DiskStore`
-//! (a redb file that survives restarts, bounded by size, oldest evicted first). Any other
-//! backend implements [`CacheStore`]. A store error is a miss, never a failed request.
+//! [`MemoryStore`] (moka, bounded by what entries really cost, so resident memory follows the
+//! bound) and, with the `disk-cache` feature, `DiskStore` (a redb file that survives restarts,
+//! bounded by size, oldest evicted first, compacted so the file shrinks). Any other backend
+//! implements [`CacheStore`]. A store error is a miss, never a failed request.
 //!
 //! # Example
 //!
@@ -92,7 +147,7 @@
 //!     Ok::<_, Infallible>(res)
 //! });
 //! let svc = ServiceBuilder::new()
-//!     .layer(CacheLayer::memory(64 * 1024 * 1024))
+//!     .layer(CacheLayer::memory(64 * 1024 * 1024)) // mode `deterministic`: temperature 0
 //!     .service(upstream);
 //!
 //! let request = |body: &'static str| {
@@ -103,14 +158,14 @@
 //!         .unwrap()
 //! };
 //! let first = svc.clone()
-//!     .oneshot(request(r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[]}"#))
+//!     .oneshot(request(r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"messages":[]}"#))
 //!     .await
 //!     .unwrap();
 //! assert_eq!(first.extensions().get::<CacheStatus>(), Some(&CacheStatus::Miss));
 //!
 //! // Same request, members in another order: a hit.
 //! let second = svc
-//!     .oneshot(request(r#"{ "messages":[], "max_tokens":64, "model":"claude-haiku-4-5" }"#))
+//!     .oneshot(request(r#"{ "messages":[], "temperature":0, "max_tokens":64, "model":"claude-haiku-4-5" }"#))
 //!     .await
 //!     .unwrap();
 //! assert_eq!(second.headers()["x-tower-claude-cache"], "hit");
@@ -126,11 +181,12 @@ mod layer;
 mod live;
 mod service;
 mod store;
+mod writer;
 
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use key::{CacheKey, Tenant};
-pub use layer::{CacheLayer, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_TTL};
+pub use layer::{CacheLayer, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_TTL, DEFAULT_WRITE_QUEUE};
 pub use service::Cache;
 #[cfg(feature = "disk-cache")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk-cache")))]
@@ -138,6 +194,62 @@ pub use store::DiskStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{CacheStore, CachedResponse, MemoryStore, StoreError, StoreErrorKind, StoreFuture};
+
+/// Which requests a [`CacheLayer`] caches.
+///
+/// ```
+/// use tower_claude::cache::CacheMode;
+///
+/// assert_eq!(CacheMode::default(), CacheMode::Deterministic);
+/// assert_eq!("all".parse::<CacheMode>().unwrap(), CacheMode::All);
+/// assert_eq!(CacheMode::Off.as_str(), "off");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum CacheMode {
+    /// Nothing is read or stored, whatever the request says (`bypass`).
+    Off,
+    /// Only deterministic requests: `temperature` present and 0 (see the module docs). Others
+    /// are cached only when they ask with `x-tower-claude-cache: use`. The default.
+    #[default]
+    Deterministic,
+    /// Every Messages API request (a request can still opt out).
+    All,
+}
+
+impl CacheMode {
+    /// `off`, `deterministic` or `all`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Off => "off",
+            CacheMode::Deterministic => "deterministic",
+            CacheMode::All => "all",
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+
+    /// `off` (or `false`, as the proxy's `--cache false`), `deterministic` or `all`,
+    /// case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "false" => Ok(CacheMode::Off),
+            "deterministic" => Ok(CacheMode::Deterministic),
+            "all" => Ok(CacheMode::All),
+            other => Err(format!(
+                "unknown cache mode `{other}` (expected off, deterministic or all)"
+            )),
+        }
+    }
+}
 
 /// What the cache did with a request: a response extension, also sent as the
 /// `x-tower-claude-cache` header.
@@ -154,7 +266,8 @@ pub enum CacheStatus {
     Hit,
     /// Sent upstream; the answer is stored if it is storable.
     Miss,
-    /// Not cacheable (not a messages call, `no-store`, not a JSON body, not deterministic).
+    /// Not cached (not a messages call, `no-store` or `x-tower-claude-cache: bypass`, not a
+    /// JSON body, not deterministic in mode `deterministic`, mode `off`).
     Bypass,
 }
 

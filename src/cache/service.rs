@@ -13,16 +13,17 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
 
-use super::CacheStatus;
 use super::body::{CacheBody, Tee};
 use super::future::ResponseFuture;
-use super::key::{CacheKey, Partition};
+use super::key::{CacheKey, KeyBase, Partition};
 use super::layer::{CacheLayer, Config};
 use super::live::{End, Live, LiveBody};
 use super::store::{CacheStore, CachedResponse};
+use super::{CacheMode, CacheStatus};
 use crate::BoxError;
-use crate::anthropic::{header_names, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, header_names, is_messages_call};
 use crate::body::RequestBody;
+use crate::fallback::ServedModel;
 
 /// A response cache in front of `S`: see the [module docs](super).
 ///
@@ -67,6 +68,12 @@ impl<S> Cache<S> {
     /// Consumes the cache, returning the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+
+    /// Waits until every answer queued for storing so far is in the store (see
+    /// [`CacheLayer::flush`]).
+    pub async fn flush(&self) {
+        self.config.writer.flush().await;
     }
 }
 
@@ -118,18 +125,116 @@ where
 
 /// What the layer does with one request.
 struct Plan {
+    /// The key of the request as sent (its requested model).
     key: CacheKey,
-    /// Look the key up (false for `cache-control: no-cache`).
+    /// The key without the body, to derive the key of the same request for another model.
+    base: KeyBase,
+    body: Value,
+    body_len: usize,
+    meta: RequestMeta,
+    key_id: KeyId,
+    /// Look the key up (false for `cache-control: no-cache` and `x-tower-claude-cache: refresh`).
     read: bool,
-    /// Join or lead an in-flight twin (requests that read).
-    coalesce: bool,
+    /// The request turned fallback off: only its own model's answers are served, and it does
+    /// not share a flight with requests that may fall back.
+    no_fallback: bool,
 }
 
-fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
+impl Plan {
+    fn requested(&self) -> &str {
+        self.meta.model.as_deref().unwrap_or("")
+    }
+
+    /// The flight concurrent twins share.
+    fn flight(&self) -> CacheKey {
+        if self.no_fallback {
+            self.key.variant(b"no-fallback")
+        } else {
+            self.key
+        }
+    }
+
+    /// The key of the same request for `model`.
+    fn key_for(&self, model: &str) -> CacheKey {
+        if model == self.requested() {
+            return self.key;
+        }
+        let mut body = self.body.clone();
+        if let Some(object) = body.as_object_mut() {
+            object.insert("model".to_owned(), Value::String(model.to_owned()));
+        }
+        self.base.key(&body, self.body_len)
+    }
+
+    /// The model the fallback layer below would send this request to now, when that is not
+    /// the requested model and the request allows fallback.
+    fn fallback_choice(&self, config: &Config) -> Option<String> {
+        if self.no_fallback {
+            return None;
+        }
+        let choice = config.fallback.as_ref()?.choice(&self.key_id, &self.meta)?;
+        (choice != self.requested()).then_some(choice)
+    }
+}
+
+/// The request's `x-tower-claude-cache` directive (the header is removed: it is not sent
+/// upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Directive {
+    /// Cache it even if the mode would not (`use`).
+    Use,
+    /// Neither read nor store (`bypass`).
+    Bypass,
+    /// Do not read; store the fresh answer (`refresh`).
+    Refresh,
+}
+
+fn take_directive(headers: &mut http::HeaderMap) -> Option<Directive> {
+    let mut directive = None;
+    if let http::header::Entry::Occupied(entry) = headers.entry(header_names::X_TOWER_CLAUDE_CACHE)
+    {
+        for value in entry.remove_entry_mult().1 {
+            let d = match value
+                .to_str()
+                .map(|v| v.trim().to_ascii_lowercase())
+                .as_deref()
+            {
+                Ok("use") => Directive::Use,
+                Ok("bypass") => Directive::Bypass,
+                Ok("refresh") => Directive::Refresh,
+                _ => {
+                    tracing::debug!("ignoring an unknown x-tower-claude-cache request value");
+                    continue;
+                }
+            };
+            // The most restrictive wins: bypass, then refresh, then use.
+            directive = Some(match (directive, d) {
+                (Some(Directive::Bypass), _) | (_, Directive::Bypass) => Directive::Bypass,
+                (Some(Directive::Refresh), _) | (_, Directive::Refresh) => Directive::Refresh,
+                _ => Directive::Use,
+            });
+        }
+    }
+    directive
+}
+
+/// Whether a request is deterministic: `temperature` present and 0. At temperature 0 the
+/// API takes the most likely token at each step; `top_k` and `top_p` only narrow the choice
+/// around that token, so they do not make it sample. A request without `temperature` gets the
+/// API default, 1.0, and is sampled.
+fn is_deterministic(meta: &RequestMeta) -> bool {
+    meta.temperature == Some(0.0)
+}
+
+fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
+    let directive = take_directive(req.headers_mut());
     if !is_messages_call(req.method(), req.uri().path()) {
         return None;
     }
-    let mut read = true;
+    if config.mode == CacheMode::Off || directive == Some(Directive::Bypass) {
+        return None;
+    }
+    let mut read = directive != Some(Directive::Refresh);
     for value in req.headers().get_all(http::header::CACHE_CONTROL) {
         let Ok(value) = value.to_str() else { continue };
         for directive in value.split(',').map(str::trim) {
@@ -143,31 +248,40 @@ fn plan(config: &Config, req: &Request<RequestBody>) -> Option<Plan> {
             }
         }
     }
+    // The scan the layers below reuse; a body it cannot read is passed through (upstream
+    // answers 400).
+    let meta = RequestMeta::get_or_scan(req).ok()?.clone();
+    if config.mode == CacheMode::Deterministic
+        && directive != Some(Directive::Use)
+        && !is_deterministic(&meta)
+    {
+        tracing::trace!("not deterministic: not cached");
+        return None;
+    }
     // The body is parsed into a tree once here, for the canonical key; a body that is not a
     // JSON object is passed through (upstream answers 400).
     let body: Value = serde_json::from_slice(req.body().bytes()).ok()?;
-    let object = body.as_object()?;
-    if config.only_deterministic && object.get("temperature").and_then(Value::as_f64) != Some(0.0) {
-        return None;
-    }
+    body.as_object()?;
     let partition = Partition::of(
         &config.tenant_secret,
         req.extensions(),
         req.headers(),
         config.tenant.as_ref(),
     );
-    let key = CacheKey::compute(
-        &partition,
-        req.method(),
-        req.uri(),
-        req.headers(),
-        &body,
-        req.body().len(),
-    );
+    let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
+    let body_len = req.body().len();
+    let key = base.key(&body, body_len);
+    let no_fallback = crate::fallback::opted_out_of(req);
+    let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
     Some(Plan {
         key,
+        base,
+        body,
+        body_len,
+        meta,
+        key_id,
         read,
-        coalesce: read,
+        no_fallback,
     })
 }
 
@@ -180,7 +294,8 @@ fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     res
 }
 
-/// A follower's share of a stream in flight: served as a hit (it uses no quota).
+/// A follower's share of a stream in flight: served as a hit (it uses no quota). The head is
+/// the leader's, `x-tower-claude-model` included.
 fn live_hit<B>(body: LiveBody) -> Response<CacheBody<B>> {
     let mut res = Response::new(());
     *res.status_mut() = body.live().status();
@@ -188,10 +303,25 @@ fn live_hit<B>(body: LiveBody) -> Response<CacheBody<B>> {
     mark(res.map(|()| CacheBody::live(body)), CacheStatus::Hit)
 }
 
-fn hit<B>(entry: CachedResponse) -> Response<CacheBody<B>> {
+/// A stored answer, saying which model wrote it (`x-tower-claude-model` and a
+/// [`ServedModel`] extension).
+fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     let mut res = Response::new(CacheBody::full(entry.body().clone()));
     *res.status_mut() = entry.status();
     *res.headers_mut() = entry.headers().clone();
+    let served = entry.model().unwrap_or(requested);
+    if let Ok(v) = HeaderValue::from_str(served) {
+        res.headers_mut()
+            .insert(header_names::X_TOWER_CLAUDE_MODEL, v);
+    }
+    if !requested.is_empty() {
+        res.extensions_mut().insert(ServedModel {
+            requested: requested.to_owned(),
+            served: served.to_owned(),
+            attempts: 0,
+            failovers: 0,
+        });
+    }
     mark(res, CacheStatus::Hit)
 }
 
@@ -199,7 +329,7 @@ async fn run<S, ResBody>(
     inner: S,
     config: Arc<Config>,
     flights: Arc<Flights>,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
 ) -> Result<Response<CacheBody<ResBody>>, BoxError>
 where
     S: Service<Request<RequestBody>, Response = Response<ResBody>>,
@@ -207,25 +337,21 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let Some(plan) = plan(&config, &req) else {
+    let Some(plan) = plan(&config, &mut req) else {
         let res = inner.oneshot(req).await.map_err(Into::into)?;
         return Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass));
     };
-    let key = plan.key;
     let mut guard = None;
     if plan.read {
         // Each turn either serves an entry, follows the in-flight twin, or leads; a follower
         // whose leader failed or was cancelled comes back here and looks again.
         loop {
-            if let Some(entry) = lookup(&config, &key).await {
-                return Ok(hit(entry));
+            if let Some(entry) = find(&config, &plan).await {
+                return Ok(hit(entry, plan.requested()));
             }
-            if !plan.coalesce {
-                break;
-            }
-            match flights.join(key) {
+            match flights.join(plan.flight()) {
                 Join::Follow(rx) => match rx.await {
-                    Ok(Shared::Entry(entry)) => return Ok(hit(entry)),
+                    Ok(Shared::Entry(entry)) => return Ok(hit(entry, plan.requested())),
                     Ok(Shared::Live(body)) => return Ok(live_hit(body)),
                     // The leader failed or was cancelled: look again.
                     Err(_) => {}
@@ -234,8 +360,8 @@ where
                 Join::Lead(g) => {
                     // The previous leader may have stored its answer between our lookup and
                     // our joining: look once more before calling upstream.
-                    if let Some(entry) = lookup(&config, &key).await {
-                        return Ok(hit(entry));
+                    if let Some(entry) = find(&config, &plan).await {
+                        return Ok(hit(entry, plan.requested()));
                     }
                     guard = Some(g);
                     break;
@@ -245,12 +371,32 @@ where
     }
     let res = inner.oneshot(req).await.map_err(Into::into)?;
     Ok(mark(
-        store_response(&config, key, res, guard).await,
+        store_response(&config, &plan, res, guard).await,
         CacheStatus::Miss,
     ))
 }
 
+/// The answer to serve: the requested model's own, else the answer of the model the fallback
+/// layer below would choose now (never another model's answer once the requested model has
+/// quota again, nor when the request turned fallback off).
+async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
+    if let Some(entry) = lookup(config, &plan.key).await {
+        return Some(entry);
+    }
+    let choice = plan.fallback_choice(config)?;
+    let entry = lookup(config, &plan.key_for(&choice)).await?;
+    tracing::debug!(
+        requested = plan.requested(),
+        served = %choice,
+        "cache hit from the model fallback would choose now"
+    );
+    Some(entry)
+}
+
 async fn lookup(config: &Config, key: &CacheKey) -> Option<CachedResponse> {
+    if let Some(entry) = config.writer.pending(key) {
+        return Some(entry);
+    }
     match config.store.get(key).await {
         Ok(entry) => entry,
         Err(e) => {
@@ -260,14 +406,41 @@ async fn lookup(config: &Config, key: &CacheKey) -> Option<CachedResponse> {
     }
 }
 
+/// The model that produced a response: the fallback layer's [`ServedModel`] extension or
+/// `x-tower-claude-model` header, else the requested model.
+fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
+    if let Some(served) = parts.extensions.get::<ServedModel>() {
+        return served.served.clone();
+    }
+    parts
+        .headers
+        .get(header_names::X_TOWER_CLAUDE_MODEL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(plan.requested())
+        .to_owned()
+}
+
+/// Hands a complete answer to the write-behind queue, under the key of the model that
+/// produced it; `false` (and nothing queued) when it is not a complete, valid Messages API
+/// answer.
+pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bool {
+    if !entry.is_complete_message() {
+        tracing::debug!(key = %key, "not a complete Messages API answer: not stored");
+        return false;
+    }
+    config.writer.enqueue(key, entry.clone(), config.ttl);
+    true
+}
+
 /// Forwards a miss's response, storing it when it is complete and 2xx: a JSON body is read
-/// here (it arrives whole anyway) and stored before the response is returned, so followers are
-/// released at once; an SSE body is recorded by a tee as it flows to the caller. The SSE body
-/// of a flight (`guard`) is read by a driver task into a [`Live`] buffer that the caller and
-/// every follower read (see [`drive`]).
+/// here (it arrives whole anyway) and queued for storing before the response is returned, so
+/// followers are released at once; an SSE body is recorded by a tee as it flows to the caller.
+/// The SSE body of a flight (`guard`) is read by a driver task into a [`Live`] buffer that the
+/// caller and every follower read (see [`drive`]). Either way the store itself is written
+/// later, by the write-behind task: the caller never waits for it.
 async fn store_response<ResBody>(
     config: &Arc<Config>,
-    key: CacheKey,
+    plan: &Plan,
     res: Response<ResBody>,
     guard: Option<FlightGuard>,
 ) -> Response<CacheBody<ResBody>>
@@ -284,13 +457,15 @@ where
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     let (parts, body) = res.into_parts();
+    let served = served_model(&parts, plan);
+    let key = plan.key_for(&served);
     if is_sse {
         let tee = Tee::new(
             config.clone(),
             key,
             parts.status,
             parts.headers.clone(),
-            None,
+            served,
         );
         let body = CacheBody::tee(body, tee);
         let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {
@@ -330,12 +505,12 @@ where
         let rest = pending.is_ok().then_some(body);
         return Response::from_parts(parts, CacheBody::chain(data, Some(pending), rest));
     }
-    let entry = CachedResponse::new(parts.status, parts.headers.clone(), data.clone(), false);
-    if let Err(e) = config.store.put(&key, entry.clone(), config.ttl).await {
-        tracing::warn!(key = %key, error = %e, "cache store failed to store a response");
-    }
-    if let Some(guard) = guard {
-        guard.complete(entry);
+    let entry = CachedResponse::new(parts.status, parts.headers.clone(), data.clone(), false)
+        .with_model(served);
+    if keep(config, key, &entry) {
+        if let Some(guard) = guard {
+            guard.complete(entry);
+        }
     }
     Response::from_parts(parts, CacheBody::full(data))
 }
@@ -391,8 +566,8 @@ where
                 return;
             }
             None => {
-                // The tee reports the end once the complete stream is stored: later requests
-                // find it in the store as the flight closes.
+                // The tee queued the complete stream at `message_stop`: later requests find
+                // it (in the write queue, then in the store) as the flight closes.
                 live.finish(End::Complete(trailers));
                 return;
             }

@@ -17,7 +17,7 @@ use tower_service::Service;
 use super::ServedModel;
 use super::body::FallbackBody;
 use super::error::FallbackError;
-use super::policy::{self, Action, Candidate, QuotaView, Verdict};
+use super::policy::{self, Verdict};
 use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
@@ -304,75 +304,20 @@ impl<S> Walk<S> {
         }
     }
 
-    /// The board's view of candidate `idx` for this request. A group whose limits the board
-    /// does not know yet counts as full (even while a rate limiter below holds requests back
-    /// until its first answer teaches it the limits).
-    fn view(&self, idx: usize) -> QuotaView {
-        let group = self.config.catalog.group(&self.candidates[idx]);
-        let Some(keys) = &self.config.keys else {
-            return self.key_view(&self.key, &group);
-        };
-        // A key pool below sends with its best key: the model is as good as that key. Keys a
-        // 403 put last in the group do not count; none left means no headroom at all.
-        let mut best: Option<QuotaView> = None;
-        for key in keys.outlook(&group).into_iter().filter(|k| !k.forbidden) {
-            let mut v = self.key_view(&key.id, &group);
-            if !key.cooldown.is_zero() {
-                v.fits = false;
-                v.wait = v.wait.map(|w| w.max(key.cooldown));
-            }
-            if best.as_ref().is_none_or(|b| policy::more_headroom(&v, b)) {
-                best = Some(v);
-            }
-        }
-        best.unwrap_or(QuotaView {
-            fraction: 0.0,
-            fits: false,
-            wait: None,
-        })
-    }
-
-    /// The board's view of one key in `group`.
-    fn key_view(&self, key: &KeyId, group: &crate::anthropic::RateLimitGroup) -> QuotaView {
-        let board = &self.config.board;
-        match board.headroom(key, group) {
-            None => QuotaView::unknown(),
-            Some(headroom) => QuotaView {
-                fraction: headroom.fraction,
-                fits: board.fits_now(key, group, &self.cost),
-                wait: board.time_until_fits(key, group, &self.cost),
-            },
-        }
-    }
-
     /// The best candidate from `from` on, as the layer's [`Policy`](super::Policy) decides,
-    /// if any is left (and not excluded) and the depth allows another model. Before the first
-    /// send (`from == 0`) a lone requested model is used without asking.
+    /// if any is left (and not excluded) and the depth allows another model.
     fn choose(&self, from: usize) -> Option<usize> {
         if from >= self.candidates.len() || self.visited >= self.config.max_depth {
             return None;
         }
-        if from == 0 && self.candidates.len() == 1 {
-            return Some(0);
-        }
-        let policy = &self.config.policy.0;
-        let decided: Vec<(QuotaView, Action)> = (from..self.candidates.len())
-            .map(|i| {
-                let view = self.view(i);
-                let candidate = Candidate::new(&self.meta, &self.candidates[i], i, view)
-                    .with_headers(&self.headers);
-                (view, policy.decide(&candidate))
-            })
-            .collect();
-        let chosen = policy::select(&decided).map(|i| from + i);
-        tracing::debug!(
-            requested = %self.requested,
-            from = %self.candidates[from],
-            chosen = chosen.map(|i| self.candidates[i].as_str()),
-            decisions = ?decided.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
-            "fallback policy decided"
-        );
-        chosen
+        self.config.select(
+            &self.meta,
+            &self.headers,
+            &self.candidates,
+            from,
+            &self.key,
+            &self.cost,
+        )
     }
 
     /// The request for candidate `idx`: the body with its `model` rewritten (the original

@@ -240,30 +240,52 @@ impl FallbackLayer {
     }
 }
 
-impl<S> Layer<S> for FallbackLayer {
-    type Service = Fallback<S>;
+impl FallbackLayer {
+    /// A handle that tells which model this layer, as configured now (board, key pool,
+    /// catalogue, floor, thresholds), would send a request to: give it to a
+    /// [`CacheLayer`](crate::cache::CacheLayer) above, so that it serves another model's
+    /// answer only while fallback would choose that model. Take it after the builder calls.
+    ///
+    /// ```
+    /// use tower_claude::cache::CacheLayer;
+    /// use tower_claude::fallback::FallbackLayer;
+    /// use tower_claude::quota::QuotaBoard;
+    ///
+    /// let board = QuotaBoard::new();
+    /// let fallback = FallbackLayer::new().board(board.clone());
+    /// let cache = CacheLayer::memory(64 << 20).fallback(fallback.handle());
+    /// let _stack = tower::ServiceBuilder::new().layer(cache).layer(fallback);
+    /// ```
+    pub fn handle(&self) -> super::FallbackHandle {
+        super::FallbackHandle::new(self.config())
+    }
 
-    fn layer(&self, inner: S) -> Self::Service {
+    fn config(&self) -> Arc<Config> {
         let catalog = match &self.chain {
             Some(chain) => self.catalog.clone().with_chain(chain.iter().cloned()),
             None => self.catalog.clone(),
         };
-        Fallback::from_config(
-            inner,
-            Arc::new(Config {
-                board: self.board.clone(),
-                keys: self.keys.clone(),
-                catalog,
-                floor: self.floor.clone(),
-                policy: self.policy.clone(),
-                rules: Rules {
-                    max_wait_before_failover: self.max_wait_before_failover,
-                    max_overloaded: self.max_overloaded,
-                },
-                overloaded_pause: self.overloaded_pause,
-                max_depth: self.max_depth,
-                output: self.output,
-            }),
-        )
+        Arc::new(Config {
+            board: self.board.clone(),
+            keys: self.keys.clone(),
+            catalog,
+            floor: self.floor.clone(),
+            policy: self.policy.clone(),
+            rules: Rules {
+                max_wait_before_failover: self.max_wait_before_failover,
+                max_overloaded: self.max_overloaded,
+            },
+            overloaded_pause: self.overloaded_pause,
+            max_depth: self.max_depth,
+            output: self.output,
+        })
+    }
+}
+
+impl<S> Layer<S> for FallbackLayer {
+    type Service = Fallback<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Fallback::from_config(inner, self.config())
     }
 }

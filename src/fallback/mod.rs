@@ -164,7 +164,8 @@ pub use layer::{
     DEFAULT_OVERLOADED_PAUSE, FallbackLayer,
 };
 pub use policy::{Action, Candidate, Policy, PolicyExt, QuotaView, Thresholds, policy_fn};
-pub use service::Fallback;
+pub(crate) use service::opted_out_of;
+pub use service::{Fallback, FallbackHandle};
 
 /// A request extension that turns model fallback off for one request (like the header
 /// `x-tower-claude-fallback: off`): it is sent to the requested model only.

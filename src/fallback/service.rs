@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::NoFallback;
 use super::body::FallbackBody;
 use super::future::{ResponseFuture, Walk};
-use super::policy::{self, Rules, SharedPolicy};
+use super::policy::{self, Action, Candidate, QuotaView, Rules, SharedPolicy};
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, header_names, is_messages_call};
 use crate::body::RequestBody;
@@ -29,6 +29,155 @@ pub(crate) struct Config {
     pub(crate) overloaded_pause: Duration,
     pub(crate) max_depth: usize,
     pub(crate) output: OutputReservation,
+}
+
+impl Config {
+    /// The board's view of `model` for a request of `cost` sent with `key`. A group whose
+    /// limits the board does not know yet counts as full (even while a rate limiter below
+    /// holds requests back until its first answer teaches it the limits).
+    fn view(&self, model: &str, key: &KeyId, cost: &Cost) -> QuotaView {
+        let group = self.catalog.group(model);
+        let Some(keys) = &self.keys else {
+            return self.key_view(key, &group, cost);
+        };
+        // A key pool below sends with its best key: the model is as good as that key. Keys a
+        // 403 put last in the group do not count; none left means no headroom at all.
+        let mut best: Option<QuotaView> = None;
+        for key in keys.outlook(&group).into_iter().filter(|k| !k.forbidden) {
+            let mut v = self.key_view(&key.id, &group, cost);
+            if !key.cooldown.is_zero() {
+                v.fits = false;
+                v.wait = v.wait.map(|w| w.max(key.cooldown));
+            }
+            if best.as_ref().is_none_or(|b| policy::more_headroom(&v, b)) {
+                best = Some(v);
+            }
+        }
+        best.unwrap_or(QuotaView {
+            fraction: 0.0,
+            fits: false,
+            wait: None,
+        })
+    }
+
+    /// The board's view of one key in `group`.
+    fn key_view(
+        &self,
+        key: &KeyId,
+        group: &crate::anthropic::RateLimitGroup,
+        cost: &Cost,
+    ) -> QuotaView {
+        let board = &self.board;
+        match board.headroom(key, group) {
+            None => QuotaView::unknown(),
+            Some(headroom) => QuotaView {
+                fraction: headroom.fraction,
+                fits: board.fits_now(key, group, cost),
+                wait: board.time_until_fits(key, group, cost),
+            },
+        }
+    }
+
+    /// The index of the best of `candidates[from..]` for the request `meta` (with `headers`)
+    /// now, as the layer's [`Policy`](super::Policy) decides; `None` when none is left (or
+    /// every one left is excluded). Before the first send (`from == 0`) a lone requested
+    /// model is used without asking.
+    pub(crate) fn select(
+        &self,
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        candidates: &[String],
+        from: usize,
+        key: &KeyId,
+        cost: &Cost,
+    ) -> Option<usize> {
+        if from >= candidates.len() {
+            return None;
+        }
+        if from == 0 && candidates.len() == 1 {
+            return Some(0);
+        }
+        let policy = &self.policy.0;
+        let decided: Vec<(QuotaView, Action)> = (from..candidates.len())
+            .map(|i| {
+                let view = self.view(&candidates[i], key, cost);
+                let candidate = Candidate::new(meta, &candidates[i], i, view).with_headers(headers);
+                (view, policy.decide(&candidate))
+            })
+            .collect();
+        let chosen = policy::select(&decided).map(|i| from + i);
+        tracing::debug!(
+            requested = meta.model.as_deref().unwrap_or_default(),
+            from = %candidates[from],
+            chosen = chosen.map(|i| candidates[i].as_str()),
+            decisions = ?decided.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+            "fallback policy decided"
+        );
+        chosen
+    }
+
+    /// The cost the walk books a request at: the cache-aware input estimate, as the rate
+    /// limiter reserves it (a prompt-cache prefix `key` sent to the requested model within
+    /// its TTL does not count).
+    fn cost(&self, key: &KeyId, meta: &RequestMeta) -> Cost {
+        let requested = meta.model.as_deref().unwrap_or_default();
+        let input = self
+            .board
+            .prompt_cache()
+            .estimate(key, meta, self.catalog.cache_reads_count(requested))
+            .counted_input_tokens();
+        Cost::new(1, input, self.output.reserve(meta.max_tokens))
+    }
+}
+
+/// A read-only handle on a fallback layer's choice, from
+/// [`FallbackLayer::handle`](super::FallbackLayer::handle): which model the layer would send
+/// a request to **now**, without sending it.
+///
+/// The [`CacheLayer`](crate::cache::CacheLayer) above a fallback layer asks it before serving
+/// an answer that another model produced: an Opus request gets a cached Sonnet answer only
+/// while fallback would send that request to Sonnet now.
+///
+/// ```
+/// use tower_claude::anthropic::RequestMeta;
+/// use tower_claude::fallback::FallbackLayer;
+///
+/// use tower_claude::anthropic::KeyId;
+///
+/// let handle = FallbackLayer::new().handle();
+/// let meta = RequestMeta::scan(br#"{"model":"claude-opus-4-7","max_tokens":64,"messages":[]}"#).unwrap();
+/// // A board that knows nothing counts every group as full: Opus it is.
+/// let key = KeyId::from_api_key("sk-ant-example");
+/// assert_eq!(handle.choice(&key, &meta).as_deref(), Some("claude-opus-4-7"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct FallbackHandle {
+    config: Arc<Config>,
+}
+
+impl FallbackHandle {
+    pub(crate) fn new(config: Arc<Config>) -> Self {
+        Self { config }
+    }
+
+    /// The model a request sent with `key` (the request's API key, [`KeyId::anonymous`]
+    /// without one; a key pool below is asked for its own keys) and described by `meta` would
+    /// be sent to first, by the quota board as it is now. `None` when the request names no
+    /// model.
+    pub fn choice(&self, key: &KeyId, meta: &RequestMeta) -> Option<String> {
+        let requested = meta.model.as_deref()?;
+        let candidates = policy::candidates(
+            &self.config.catalog,
+            requested,
+            self.config.floor.as_deref(),
+        );
+        let cost = self.config.cost(key, meta);
+        let idx = self
+            .config
+            .select(meta, &HeaderMap::new(), &candidates, 0, key, &cost)
+            .unwrap_or(0);
+        candidates.into_iter().nth(idx)
+    }
 }
 
 /// Chooses the model of each Messages API request by remaining quota and fails over down the
@@ -69,20 +218,27 @@ impl<S> Fallback<S> {
 }
 
 /// Removes every `x-tower-claude-fallback` header; `true` when one of them turns fallback off
-/// (`off` or `false`, case-insensitive, surrounding whitespace ignored).
+/// (see [`opted_out`]).
 fn take_opt_out(headers: &mut HeaderMap) -> bool {
-    let mut off = false;
-    if let http::header::Entry::Occupied(entry) =
-        headers.entry(header_names::X_TOWER_CLAUDE_FALLBACK)
-    {
-        for value in entry.remove_entry_mult().1 {
-            if let Ok(v) = value.to_str() {
-                let v = v.trim();
-                off |= v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("false");
-            }
-        }
-    }
+    let off = opted_out(headers);
+    headers.remove(header_names::X_TOWER_CLAUDE_FALLBACK);
     off
+}
+
+/// Whether a request turns fallback off: an `x-tower-claude-fallback` header that says `off`
+/// or `false` (case-insensitive, surrounding whitespace ignored), or a [`NoFallback`]
+/// extension. The cache above reads it too (without removing the header).
+pub(crate) fn opted_out_of(req: &Request<RequestBody>) -> bool {
+    req.extensions().get::<NoFallback>().is_some() || opted_out(req.headers())
+}
+
+fn opted_out(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header_names::X_TOWER_CLAUDE_FALLBACK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .any(|v| v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("false"))
 }
 
 impl<S, ResBody> Service<Request<RequestBody>> for Fallback<S>
@@ -119,14 +275,7 @@ where
             policy::candidates(&config.catalog, &requested, config.floor.as_deref())
         };
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        // The cache-aware input estimate, as the rate limiter reserves it: a prompt-cache
-        // prefix this key sent to the requested model within its TTL does not count.
-        let input = config
-            .board
-            .prompt_cache()
-            .estimate(&key, &meta, config.catalog.cache_reads_count(&requested))
-            .counted_input_tokens();
-        let cost = Cost::new(1, input, config.output.reserve(meta.max_tokens));
+        let cost = config.cost(&key, &meta);
 
         let mut walk = Walk::new(config, req, meta, requested, candidates, key, cost);
         let request = walk.first_request();

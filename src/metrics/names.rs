@@ -75,6 +75,8 @@ pub const ALERT_DELIVERIES_TOTAL: &str = "tower_claude_alert_deliveries_total";
 pub const KEYS_REMOVED_TOTAL: &str = "tower_claude_keys_removed_total";
 /// Times the Redis quota backend became unreachable (the board then limits locally).
 pub const QUOTA_REDIS_OUTAGES_TOTAL: &str = "tower_claude_quota_redis_outages_total";
+/// Cache writes by result: `stored`, `dropped` (write queue full), `failed` (store error).
+pub const CACHE_WRITES_TOTAL: &str = "tower_claude_cache_writes_total";
 
 /// Label: the model id, normalised to a known catalogue id or [`OTHER`].
 pub const LABEL_MODEL: &str = "model";
@@ -344,6 +346,12 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Counter,
         labels: &[],
         help: "Times the Redis quota backend became unreachable (requests then limited locally).",
+    },
+    MetricDef {
+        name: CACHE_WRITES_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_RESULT],
+        help: "Answers handed to the cache store by result: stored, dropped (queue full), failed.",
     },
 ];
 

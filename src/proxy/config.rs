@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::anthropic::KeyId;
+use crate::cache::CacheMode;
 
 /// Where requests go.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,8 +133,10 @@ pub struct ProxyConfig {
     pub fallback: bool,
     /// The lowest model fallback may use (`FALLBACK_MODEL`).
     pub fallback_model: Option<String>,
-    /// Whether the response cache is on.
+    /// Whether the response cache is on (`cache_mode` is not `off`).
     pub cache: bool,
+    /// Which requests are cached (`CLAUDE_PROXY_CACHE_MODE`; default `deterministic`).
+    pub cache_mode: CacheMode,
     /// Time to live of cached responses (`CACHE_TTL`).
     pub cache_ttl: Duration,
     /// The redb file of the disk cache; `None` keeps the cache in memory.
@@ -251,9 +254,12 @@ pub struct Cli {
     /// The lowest model fallback may use, e.g. claude-sonnet-4-6 [env: FALLBACK_MODEL]
     #[arg(long, value_name = "MODEL")]
     pub fallback_model: Option<String>,
-    /// Turn the response cache on or off [env: CLAUDE_PROXY_CACHE] [default: true]
+    /// Turn the response cache on or off; `false` is `--cache-mode off` [env: CLAUDE_PROXY_CACHE] [default: true]
     #[arg(long, value_name = "BOOL")]
     pub cache: Option<bool>,
+    /// Which requests are cached: off, deterministic (temperature 0; others opt in with `x-tower-claude-cache: use`), all [env: CLAUDE_PROXY_CACHE_MODE] [default: deterministic]
+    #[arg(long, value_name = "MODE")]
+    pub cache_mode: Option<String>,
     /// Cache time to live, e.g. 14400, 4h [env: CACHE_TTL] [default: 4h]
     #[arg(long, value_name = "DURATION")]
     pub cache_ttl: Option<String>,
@@ -351,6 +357,7 @@ struct FileConfig {
     fallback: Option<bool>,
     fallback_model: Option<String>,
     cache: Option<bool>,
+    cache_mode: Option<String>,
     cache_ttl: Option<toml::Value>,
     cache_path: Option<String>,
     cache_max_bytes: Option<u64>,
@@ -611,6 +618,22 @@ impl ProxyConfig {
             Some(s) => parse_bool(&s)?,
             None => true,
         };
+        let cache_mode = match pick(
+            &cli.cache_mode,
+            "cache-mode",
+            "CLAUDE_PROXY_CACHE_MODE",
+            file.cache_mode.clone(),
+            "cache_mode",
+        ) {
+            Some(s) => s
+                .value
+                .parse::<CacheMode>()
+                .map_err(|e| ConfigError::new(&s.source, e))?,
+            None => CacheMode::Deterministic,
+        };
+        // `--cache false` stays the way to turn the cache off, whatever the mode says.
+        let cache_mode = if cache { cache_mode } else { CacheMode::Off };
+        let cache = cache_mode != CacheMode::Off;
         let cache_ttl = match pick(
             &cli.cache_ttl,
             "cache-ttl",
@@ -1024,6 +1047,7 @@ impl ProxyConfig {
             fallback,
             fallback_model,
             cache,
+            cache_mode,
             cache_ttl,
             cache_path,
             cache_max_bytes,
@@ -1433,6 +1457,45 @@ mod tests {
             let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
             assert_eq!(err.field(), var);
         }
+    }
+
+    #[test]
+    fn cache_mode_from_flag_env_and_file_and_cache_false_is_off() {
+        use crate::cache::CacheMode;
+        let resolve = |cli: Cli, vars: &[(&str, &str)]| ProxyConfig::resolve(cli, &env(vars));
+        let cfg = resolve(Cli::default(), &[]).unwrap();
+        assert_eq!(
+            (cfg.cache, cfg.cache_mode),
+            (true, CacheMode::Deterministic)
+        );
+        let cfg = resolve(Cli::default(), &[("CLAUDE_PROXY_CACHE_MODE", "all")]).unwrap();
+        assert_eq!(cfg.cache_mode, CacheMode::All);
+        let flag = Cli {
+            cache_mode: Some("Off".into()),
+            ..Cli::default()
+        };
+        assert!(!resolve(flag, &[]).unwrap().cache);
+        let off = Cli {
+            cache: Some(false),
+            cache_mode: Some("all".into()),
+            ..Cli::default()
+        };
+        let cfg = resolve(off, &[]).unwrap();
+        assert_eq!((cfg.cache, cfg.cache_mode), (false, CacheMode::Off));
+        let bad = Cli {
+            cache_mode: Some("sometimes".into()),
+            ..Cli::default()
+        };
+        let err = resolve(bad, &[]).unwrap_err();
+        assert!(err.to_string().contains("cache-mode"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "cache_mode = \"all\"\n").unwrap();
+        let file = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        assert_eq!(resolve(file, &[]).unwrap().cache_mode, CacheMode::All);
     }
 
     #[test]

@@ -60,6 +60,8 @@ struct State {
     concurrency: Option<crate::concurrency::ConcurrencyHandle>,
     /// Whether the stack paces admissions.
     paced: bool,
+    /// The response cache, to flush its write-behind queue on shutdown.
+    cache: Option<crate::cache::CacheLayer>,
 }
 
 /// What the status page reports besides the board.
@@ -156,7 +158,9 @@ impl Proxy {
             if config.cache {
                 let store = crate::cache::RedisStore::connect(url).await?;
                 stack = stack.cache(Some(
-                    crate::cache::CacheLayer::new(store).ttl(config.cache_ttl),
+                    crate::cache::CacheLayer::new(store)
+                        .ttl(config.cache_ttl)
+                        .mode(config.cache_mode),
                 ));
             }
         }
@@ -192,6 +196,7 @@ impl Proxy {
             ));
         }
         let metrics = stack.metrics_layer();
+        let cache = stack.cache_layer().cloned();
         let board = stack.quota_board().clone();
         let concurrency = stack.concurrency_handle();
         let paced = stack.is_paced();
@@ -214,6 +219,7 @@ impl Proxy {
                 metrics,
                 concurrency,
                 paced,
+                cache,
             }),
         })
     }
@@ -379,6 +385,15 @@ impl Proxy {
             }
         }
         sweeper.abort();
+        // Answers already delivered are stored before the process exits (bounded in time).
+        if let Some(cache) = &self.state.cache {
+            if tokio::time::timeout(Duration::from_secs(10), cache.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("cache writes still pending after 10 s; not all answers stored");
+            }
+        }
         Ok(())
     }
 }
@@ -489,6 +504,7 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
         fallback_floor: config.fallback_model.clone(),
         cache,
         cache_ttl: config.cache_ttl,
+        cache_mode: config.cache_mode,
         metrics: config.metrics,
         // issue 16
         adaptive_concurrency: config
@@ -619,6 +635,7 @@ fn status_page(state: &State) -> Response<ProxyBody> {
         "errors": c.errors.load(Ordering::Relaxed),
         "cache": {
             "enabled": state.config.cache,
+            "mode": state.config.cache_mode.as_str(),
             "hits": hits,
             "misses": misses,
             "bypass": c.cache_bypass.load(Ordering::Relaxed),

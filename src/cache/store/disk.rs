@@ -1,9 +1,9 @@
 //! On-disk store in an embedded `redb` file.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{
@@ -26,8 +26,13 @@ const KEY_LEN: u64 = 32;
 type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 struct Inner {
-    db: Database,
+    /// Read-locked by every transaction; write-locked only to compact the file (redb's
+    /// `compact` needs `&mut`). A lookup that finds it write-locked is a miss: it never waits.
+    db: RwLock<Database>,
+    path: PathBuf,
     max_bytes: u64,
+    /// When the file was last compacted (or opened).
+    last_compaction: Mutex<std::time::Instant>,
     clock: Clock,
     /// Commits since the last durable one.
     unsynced: AtomicU32,
@@ -40,11 +45,18 @@ const SYNC_EVERY_WRITES: u32 = 64;
 /// ...and at least this often while writes happen.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// The file is compacted when it is larger than twice the accounted entries plus this...
+const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
+/// ...at most this often (compaction rewrites the file and blocks lookups meanwhile: they
+/// are misses).
+const COMPACT_EVERY: Duration = Duration::from_secs(60);
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Persist what the non-durable commits wrote since the last durable one.
         if *self.unsynced.get_mut() > 0 {
-            if let Ok(mut txn) = self.db.begin_write() {
+            let db = self.db.get_mut().unwrap_or_else(|e| e.into_inner());
+            if let Ok(mut txn) = db.begin_write() {
                 txn.set_durability(Durability::Immediate);
                 let _ = txn.commit();
             }
@@ -60,8 +72,16 @@ impl Drop for Inner {
 /// A corrupted or undecodable entry is a miss and is removed. redb calls block, so every
 /// operation runs on tokio's blocking pool (`spawn_blocking`); the store needs a tokio runtime.
 ///
-/// The bound counts key and entry bytes; the file itself is larger (redb pages and free space,
-/// which redb reuses but does not return to the file system).
+/// The bound (`--cache-max-bytes` in the proxy) counts key and entry bytes: a write that
+/// would exceed it first evicts the oldest entries. The file itself is larger (redb pages and
+/// free space, which redb reuses); when it grows past twice the entries plus 4 MiB (after
+/// evictions, expiries, or reopening with a smaller bound) it is compacted
+/// ([`Database::compact`], at most once a minute, or on demand with
+/// [`compact`](DiskStore::compact)), so the file shrinks back.
+///
+/// Batches ([`CacheStore::put_batch`], what the [`CacheLayer`](crate::cache::CacheLayer)'s
+/// write-behind task uses) are written in one transaction, committed durably: a crash loses
+/// at most the batch being written, and redb's commits keep the file consistent.
 ///
 /// ```
 /// use tower_claude::cache::{CacheLayer, DiskStore};
@@ -93,16 +113,35 @@ impl DiskStore {
         txn.commit().map_err(backend)?;
         let store = Self {
             inner: Arc::new(Inner {
-                db,
+                db: RwLock::new(db),
+                path: path.as_ref().to_path_buf(),
                 max_bytes,
+                last_compaction: Mutex::new(std::time::Instant::now()),
                 clock: Arc::new(SystemTime::now),
                 unsynced: AtomicU32::new(0),
                 last_sync: Mutex::new(std::time::Instant::now()),
             }),
         };
-        // A smaller bound than the file was written with applies at once.
+        // A smaller bound than the file was written with applies at once, and the file
+        // shrinks to match.
         store.inner.write(|txn, inner| inner.evict(txn, 0))?;
+        if store.inner.oversized() {
+            store.compact()?;
+        }
         Ok(store)
+    }
+
+    /// Compacts the file now (blocking): redb moves the live pages to the front and truncates
+    /// the free space. Lookups meanwhile are misses. Returns the file size afterwards.
+    pub fn compact(&self) -> Result<u64, StoreError> {
+        self.inner.compact()
+    }
+
+    /// The size of the database file in bytes (blocking).
+    pub fn file_bytes(&self) -> Result<u64, StoreError> {
+        std::fs::metadata(&self.inner.path)
+            .map(|m| m.len())
+            .map_err(|e| StoreError::new(StoreErrorKind::Backend, e.to_string()))
     }
 
     /// Replaces the wall clock (tests).
@@ -117,14 +156,14 @@ impl DiskStore {
 
     /// The number of entries (blocking).
     pub fn entry_count(&self) -> Result<u64, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let txn = self.inner.db()?.begin_read().map_err(backend)?;
         let table = txn.open_table(ENTRIES).map_err(backend)?;
         table.len().map_err(backend)
     }
 
     /// The accounted size of the entries in bytes (blocking).
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(backend)?;
+        let txn = self.inner.db()?.begin_read().map_err(backend)?;
         let table = txn.open_table(META).map_err(backend)?;
         Ok(table
             .get("bytes")
@@ -168,11 +207,91 @@ enum Lookup {
 }
 
 impl Inner {
+    /// The database, for a transaction; waits only while the file is being compacted.
+    fn db(&self) -> Result<RwLockReadGuard<'_, Database>, StoreError> {
+        Ok(self.db.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether the file is more than twice the accounted entries plus [`COMPACT_SLACK`].
+    fn oversized(&self) -> bool {
+        let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let entries = self
+            .db()
+            .ok()
+            .and_then(|db| {
+                let txn = db.begin_read().ok()?;
+                let meta = txn.open_table(META).ok()?;
+                Some(meta.get("bytes").ok()??.value())
+            })
+            .unwrap_or(0);
+        file > entries.saturating_mul(2).saturating_add(COMPACT_SLACK)
+    }
+
+    fn compact(&self) -> Result<u64, StoreError> {
+        let before = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        {
+            let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+            // Make every earlier non-durable commit durable first: compaction needs it.
+            let mut txn = db.begin_write().map_err(backend)?;
+            txn.set_durability(Durability::Immediate);
+            txn.commit().map_err(backend)?;
+            self.unsynced.store(0, Ordering::Relaxed);
+            while db
+                .compact()
+                .map_err(|e| StoreError::new(StoreErrorKind::Backend, e.to_string()))?
+            {}
+        }
+        *self
+            .last_compaction
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        let after = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        tracing::info!(before, after, "disk cache compacted");
+        Ok(after)
+    }
+
+    /// Compacts when the file is oversized and the last compaction is old enough.
+    fn maybe_compact(&self) {
+        let due = self
+            .last_compaction
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            >= COMPACT_EVERY;
+        if due && self.oversized() {
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "disk cache compaction failed");
+            }
+        }
+    }
+
+    /// Writes a batch of entries in one durable transaction, evicting the oldest entries to
+    /// make room, then compacts the file if it is due.
+    fn put_batch(
+        &self,
+        entries: &[(CacheKey, CachedResponse, Duration)],
+    ) -> Result<(), StoreError> {
+        let now = unix_ms((self.clock)());
+        {
+            let db = self.db()?;
+            let mut txn = db.begin_write().map_err(backend)?;
+            txn.set_durability(Durability::Immediate);
+            for (key, value, ttl) in entries {
+                self.put_in(&txn, key, value, *ttl, now)?;
+            }
+            txn.commit().map_err(backend)?;
+            self.unsynced.store(0, Ordering::Relaxed);
+        }
+        self.maybe_compact();
+        Ok(())
+    }
+
     fn write<T>(
         &self,
         f: impl FnOnce(&WriteTransaction, &Inner) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().map_err(backend)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(backend)?;
         // A cache may lose its newest entries in a crash (they are misses afterwards), so it
         // does not pay an fdatasync per stored answer, which capped the proxy at about a
         // thousand stored answers a second: commits are non-durable, with a durable one every
@@ -200,7 +319,13 @@ impl Inner {
     }
 
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let db = match self.db.try_read() {
+            Ok(db) => db,
+            // Being compacted: a miss rather than a wait.
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(Lookup::Missing),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        let txn = db.begin_read().map_err(backend)?;
         let table = txn.open_table(ENTRIES).map_err(backend)?;
         let Some(guard) = table.get(&key.as_bytes()[..]).map_err(backend)? else {
             return Ok(Lookup::Missing);
@@ -300,33 +425,44 @@ impl Inner {
     }
 
     fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
+        let now = unix_ms((self.clock)());
+        self.write(|txn, inner| inner.put_in(txn, key, value, ttl, now))
+    }
+
+    /// Stores one entry in `txn`, replacing any previous one and evicting the oldest entries
+    /// to stay under the bound. An entry larger than the whole bound is not stored.
+    fn put_in(
+        &self,
+        txn: &WriteTransaction,
+        key: &CacheKey,
+        value: &CachedResponse,
+        ttl: Duration,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let encoded = value.encode();
         let size = KEY_LEN + (HEADER + encoded.len()) as u64;
-        let expires = unix_ms((self.clock)())
-            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        self.write(|txn, inner| {
-            let (total, seq) = inner.total(txn)?;
-            let total = inner.remove_in(txn, &key.as_bytes()[..], total)?;
-            inner.set_total(txn, total, seq)?;
-            if size > inner.max_bytes {
-                return Ok(());
-            }
-            inner.evict(txn, size)?;
-            let (total, seq) = inner.total(txn)?;
-            let mut row = Vec::with_capacity(HEADER + encoded.len());
-            row.extend_from_slice(&seq.to_le_bytes());
-            row.extend_from_slice(&expires.to_le_bytes());
-            row.extend_from_slice(&encoded);
-            txn.open_table(ENTRIES)
-                .map_err(backend)?
-                .insert(&key.as_bytes()[..], &row[..])
-                .map_err(backend)?;
-            txn.open_table(ORDER)
-                .map_err(backend)?
-                .insert(seq, &key.as_bytes()[..])
-                .map_err(backend)?;
-            inner.set_total(txn, total + size, seq + 1)
-        })
+        let expires = now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let (total, seq) = self.total(txn)?;
+        let total = self.remove_in(txn, &key.as_bytes()[..], total)?;
+        self.set_total(txn, total, seq)?;
+        if size > self.max_bytes {
+            return Ok(());
+        }
+        self.evict(txn, size)?;
+        let (total, seq) = self.total(txn)?;
+        let mut row = Vec::with_capacity(HEADER + encoded.len());
+        row.extend_from_slice(&seq.to_le_bytes());
+        row.extend_from_slice(&expires.to_le_bytes());
+        row.extend_from_slice(&encoded);
+        txn.open_table(ENTRIES)
+            .map_err(backend)?
+            .insert(&key.as_bytes()[..], &row[..])
+            .map_err(backend)?;
+        txn.open_table(ORDER)
+            .map_err(backend)?
+            .insert(seq, &key.as_bytes()[..])
+            .map_err(backend)?;
+        self.set_total(txn, total + size, seq + 1)
     }
 
     fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
@@ -335,17 +471,6 @@ impl Inner {
             let total = inner.remove_in(txn, &key.as_bytes()[..], total)?;
             inner.set_total(txn, total, seq)
         })
-    }
-
-    fn get(&self, key: &CacheKey) -> Result<Option<CachedResponse>, StoreError> {
-        match self.lookup(key)? {
-            Lookup::Missing => Ok(None),
-            Lookup::Found(resp) => Ok(Some(resp)),
-            Lookup::Stale => {
-                self.remove(key)?;
-                Ok(None)
-            }
-        }
     }
 }
 
@@ -358,9 +483,30 @@ impl fmt::Debug for DiskStore {
 }
 
 impl CacheStore for DiskStore {
+    /// Read inline, not on the blocking pool: a read transaction on pages in the page cache
+    /// takes microseconds, less than a hand-off to another thread, and a miss (every request
+    /// before its answer is stored) pays it. It never waits for a writer (redb readers do not)
+    /// nor for a compaction (a miss meanwhile). An expired or undecodable entry is removed on
+    /// the blocking pool.
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
         let key = *key;
-        self.run(move |inner| inner.get(&key))
+        let found = match self.inner.lookup(&key) {
+            Ok(Lookup::Missing) => Ok(None),
+            Ok(Lookup::Found(resp)) => Ok(Some(resp)),
+            Ok(Lookup::Stale) => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    let inner = self.inner.clone();
+                    handle.spawn_blocking(move || {
+                        if let Err(e) = inner.remove(&key) {
+                            tracing::debug!(error = %e, "removing a stale disk cache entry failed");
+                        }
+                    });
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        Box::pin(std::future::ready(found))
     }
 
     fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
@@ -371,6 +517,10 @@ impl CacheStore for DiskStore {
     fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
         let key = *key;
         self.run(move |inner| inner.remove(&key))
+    }
+
+    fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
+        self.run(move |inner| inner.put_batch(&entries))
     }
 }
 
@@ -394,6 +544,18 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Waits (up to 5 s) for the entry count to come down to `left`: a lookup removes a stale
+    /// entry on the blocking pool.
+    async fn removed(store: &DiskStore, left: u64) {
+        for _ in 0..500 {
+            if store.entry_count().unwrap() == left {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.entry_count().unwrap(), left);
+    }
 
     #[tokio::test]
     async fn survives_reopen() {
@@ -421,7 +583,7 @@ mod tests {
         assert!(store.get(&k(1)).await.unwrap().is_some());
         now.fetch_add(1, Ordering::SeqCst);
         assert!(store.get(&k(1)).await.unwrap().is_none());
-        assert_eq!(store.entry_count().unwrap(), 0, "expired entry removed");
+        removed(&store, 0).await;
         assert_eq!(store.size_bytes().unwrap(), 0);
     }
 
@@ -437,7 +599,8 @@ mod tests {
             &[&[0u8; 8][..], &far_future[..], b"not an entry"].concat(),
         ] {
             {
-                let txn = store.inner.db.begin_write().unwrap();
+                let db = store.inner.db().unwrap();
+                let txn = db.begin_write().unwrap();
                 txn.open_table(ENTRIES)
                     .unwrap()
                     .insert(&k(1).as_bytes()[..], garbage)
@@ -445,11 +608,8 @@ mod tests {
                 txn.commit().unwrap();
             }
             assert_eq!(store.get(&k(1)).await.unwrap(), None);
-            assert_eq!(
-                store.entry_count().unwrap(),
-                1,
-                "garbage removed, k(2) kept"
-            );
+            // Garbage removed (on the blocking pool), k(2) kept.
+            removed(&store, 1).await;
             assert_eq!(store.get(&k(2)).await.unwrap(), Some(resp(10)));
         }
         // The store still works for that key.
@@ -496,6 +656,51 @@ mod tests {
         let store = DiskStore::open(&path, 2500).unwrap();
         assert_eq!(store.entry_count().unwrap(), 2);
         assert!(store.get(&k(3)).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_transaction_under_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = KEY_LEN + (HEADER + resp(1000).encode().len()) as u64;
+        let store = DiskStore::open(dir.path().join("c.redb"), 3 * one).unwrap();
+        let batch = (0..5).map(|i| (k(i), resp(1000), HOUR)).collect();
+        store.put_batch(batch).await.unwrap();
+        assert_eq!(store.entry_count().unwrap(), 3);
+        assert_eq!(store.get(&k(1)).await.unwrap(), None);
+        assert!(store.get(&k(4)).await.unwrap().is_some());
+    }
+
+    /// The file shrinks after eviction: reopening with a smaller bound evicts and compacts,
+    /// and so does `compact` after entries expire or are evicted.
+    #[tokio::test]
+    async fn the_file_shrinks_after_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let big;
+        {
+            let store = DiskStore::open(&path, 64 << 20).unwrap();
+            for chunk in 0..4u8 {
+                let batch = (0..50u8)
+                    .map(|i| (k(chunk * 50 + i), resp(100_000), HOUR))
+                    .collect();
+                store.put_batch(batch).await.unwrap();
+            }
+            assert_eq!(store.entry_count().unwrap(), 200);
+            big = store.file_bytes().unwrap();
+            assert!(big > 20 << 20, "{big}");
+        }
+        let store = DiskStore::open(&path, 2 << 20).unwrap();
+        assert!(store.entry_count().unwrap() <= 20);
+        let small = store.file_bytes().unwrap();
+        assert!(small < big / 3, "{big} -> {small}");
+        assert!(small < (2 << 20) * 2 + COMPACT_SLACK, "{small}");
+        // Evicting by writing: the bound holds, and compaction brings the file back down.
+        let batch = (0..60u8).map(|i| (k(i), resp(100_000), HOUR)).collect();
+        store.put_batch(batch).await.unwrap();
+        assert!(store.size_bytes().unwrap() <= 2 << 20);
+        let after = store.compact().unwrap();
+        assert!(after < (2 << 20) * 2 + COMPACT_SLACK, "{after}");
+        assert!(store.get(&k(59)).await.unwrap().is_some());
     }
 
     #[test]

@@ -41,6 +41,11 @@ impl moka::Expiry<CacheKey, Entry> for EntryExpiry {
 
 /// An in-memory store bounded by bytes, on a [`moka`] cache (TinyLFU admission, LRU eviction).
 ///
+/// The bound counts what entries really cost ([`CachedResponse::weight`]: body, headers, the
+/// model name, and a measured fixed overhead for the key, the maps and moka's bookkeeping), so
+/// the process's resident memory for the cache follows the bound (measured in
+/// `docs/benchmarks.md`: 1M distinct requests through the proxy).
+///
 /// Time to live: moka expires entries on its own (real) clock, which does not follow tokio's
 /// paused test clock. So each entry also records its expiry as a [`tokio::time::Instant`] and
 /// [`get`](CacheStore::get) checks it: an entry is never served past its TTL on either clock,
@@ -61,7 +66,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store holding at most about `max_bytes` of responses (body and header bytes).
+    /// A store whose entries weigh ([`CachedResponse::weight`]) at most about `max_bytes`.
     pub fn new(max_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
@@ -130,6 +135,11 @@ impl CacheStore for MemoryStore {
     fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
         self.cache.invalidate(key);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// `put` inserts at call time (a moka insert).
+    fn writes_at_once(&self) -> bool {
+        true
     }
 }
 

@@ -62,6 +62,35 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// Removes the entry for `key`, if any.
     fn remove(&self, key: &CacheKey) -> StoreFuture<()>;
+
+    /// Whether [`put`](Self::put) does its work at call time, at the cost of a map insert (an
+    /// in-process store): the layer then stores answers inline instead of queuing them for its
+    /// background writer, which saves a task wake-up per answer. Default `false`.
+    fn writes_at_once(&self) -> bool {
+        false
+    }
+
+    /// Stores several entries at once. The [`CacheLayer`](super::CacheLayer) stores answers
+    /// in batches from a background task, so a store that can write a batch in one go (one
+    /// transaction, one round trip) should override this; the default stores the entries one
+    /// after the other and reports the first error after trying them all.
+    fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
+        let puts: Vec<_> = entries
+            .into_iter()
+            .map(|(key, value, ttl)| self.put(&key, value, ttl))
+            .collect();
+        Box::pin(async move {
+            let mut first = Ok(());
+            for put in puts {
+                if let Err(e) = put.await {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+            first
+        })
+    }
 }
 
 impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
@@ -76,13 +105,24 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
     fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
         (**self).remove(key)
     }
+
+    fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
+        (**self).put_batch(entries)
+    }
+
+    fn writes_at_once(&self) -> bool {
+        (**self).writes_at_once()
+    }
 }
 
-/// A stored response: status, a filtered set of headers, the complete body, and whether the
-/// body is an SSE stream (replayed as such).
+/// A stored response: status, a filtered set of headers, the complete body, whether the body
+/// is an SSE stream (replayed as such), and the model that produced it.
 ///
 /// Only headers that describe the answer are kept (see [`CachedResponse::keeps_header`]); no
-/// request data and no secret is ever part of an entry.
+/// request data and no secret is ever part of an entry. The kept header values and the body
+/// are copied into allocations of their own: a header value parsed by hyper is a slice of the
+/// connection's read buffer, and an entry holding such a slice would keep the whole buffer
+/// (kilobytes) alive for as long as it is cached.
 ///
 /// ```
 /// use tower_claude::cache::CachedResponse;
@@ -101,10 +141,22 @@ pub struct CachedResponse {
     headers: HeaderMap,
     body: Bytes,
     stream: bool,
+    model: Option<Box<str>>,
 }
 
-/// Encoding version of [`CachedResponse::encode`].
-const ENCODING_VERSION: u8 = 1;
+/// Encoding version of [`CachedResponse::encode`]. Version 1 (before the served model was
+/// recorded) is refused: such an entry may hold a fallback model's answer under the key of
+/// the model that was asked for, so it is a miss and is removed.
+const ENCODING_VERSION: u8 = 2;
+
+/// What an entry costs in memory beyond its header and body bytes: the entry and response
+/// structs, the header map's tables, one allocation per header value and for the body
+/// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
+/// (moka's hash table, access-order deque and timer nodes). Measured, see `docs/benchmarks.md`.
+const ENTRY_OVERHEAD: usize = 800;
+/// What each kept header costs beyond its name and value bytes (a map bucket and an
+/// allocation).
+const HEADER_OVERHEAD: usize = 96;
 
 impl CachedResponse {
     /// A response to store; headers that [`keeps_header`](Self::keeps_header) rejects are
@@ -113,14 +165,68 @@ impl CachedResponse {
         let mut kept = HeaderMap::new();
         for (name, value) in &headers {
             if Self::keeps_header(name) {
-                kept.append(name.clone(), value.clone());
+                // A copy, not a slice of the buffer the value was parsed from.
+                let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value.clone());
+                copy.set_sensitive(value.is_sensitive());
+                kept.append(name.clone(), copy);
             }
         }
         Self {
             status,
             headers: kept,
-            body,
+            body: Bytes::copy_from_slice(&body),
             stream,
+            model: None,
+        }
+    }
+
+    /// Records the model that produced the answer (the served model, after any fallback).
+    ///
+    /// ```
+    /// use tower_claude::cache::CachedResponse;
+    ///
+    /// let resp = CachedResponse::new(http::StatusCode::OK, http::HeaderMap::new(), "{}".into(), false)
+    ///     .with_model("claude-sonnet-4-6");
+    /// assert_eq!(resp.model(), Some("claude-sonnet-4-6"));
+    /// ```
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        let model: String = model.into();
+        self.model = (!model.is_empty()).then(|| model.into_boxed_str());
+        self
+    }
+
+    /// The model that produced the answer, when it was recorded.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the entry is a complete, valid Messages API answer, the only kind the
+    /// [`CacheLayer`](super::CacheLayer) stores: a 2xx status and either a JSON object whose
+    /// `type` is `"message"`, or an SSE stream whose every event carries JSON data, that
+    /// starts with `message_start` (a `"message"`) and ends with `message_stop`, with no
+    /// `error` event. Invalid JSON, HTML, a JSON array or garbage events ending in
+    /// `message_stop` are not.
+    ///
+    /// ```
+    /// use tower_claude::cache::CachedResponse;
+    ///
+    /// let ok = |body: &'static str, stream| {
+    ///     CachedResponse::new(http::StatusCode::OK, http::HeaderMap::new(), body.into(), stream)
+    ///         .is_complete_message()
+    /// };
+    /// assert!(ok(r#"{"type":"message","content":[]}"#, false));
+    /// assert!(!ok("[1,2,3]", false));
+    /// assert!(!ok("<html>oops</html>", false));
+    /// assert!(!ok("event: message_stop\ndata: {}\n\n", true));
+    /// ```
+    pub fn is_complete_message(&self) -> bool {
+        if !self.status.is_success() {
+            return false;
+        }
+        if self.stream {
+            is_complete_stream(&self.body)
+        } else {
+            is_message_json(&self.body)
         }
     }
 
@@ -155,14 +261,17 @@ impl CachedResponse {
         self.stream
     }
 
-    /// The approximate memory size of the entry in bytes (body plus headers).
+    /// What the entry costs in memory, in bytes: the body, each kept header (name, value and
+    /// its share of the map), the model name, and a fixed overhead for the structures around
+    /// them (the key, the map tables, allocator rounding, the in-memory store's bookkeeping).
+    /// [`MemoryStore`] bounds the sum of these, so that its resident memory follows its bound.
     pub fn weight(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 16)
+            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD)
             .sum();
-        self.body.len() + headers + 64
+        self.body.len() + headers + self.model.as_ref().map_or(0, |m| m.len()) + ENTRY_OVERHEAD
     }
 
     /// A compact binary encoding for stores that keep bytes (disk, network).
@@ -171,6 +280,7 @@ impl CachedResponse {
         out.push(ENCODING_VERSION);
         out.extend_from_slice(&self.status.as_u16().to_le_bytes());
         out.push(u8::from(self.stream));
+        put_bytes(&mut out, self.model.as_deref().unwrap_or("").as_bytes());
         out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
         for (name, value) in &self.headers {
             put_bytes(&mut out, name.as_str().as_bytes());
@@ -196,6 +306,9 @@ impl CachedResponse {
             1 => true,
             _ => return Err(corrupt("invalid flags")),
         };
+        let model = take_bytes(buf).ok_or_else(|| corrupt("truncated model"))?;
+        let model = std::str::from_utf8(model).map_err(|_| corrupt("invalid model"))?;
+        let model = (!model.is_empty()).then(|| model.into());
         let n = take_u32(buf).ok_or_else(|| corrupt("truncated header count"))?;
         let mut headers = HeaderMap::new();
         for _ in 0..n {
@@ -214,8 +327,58 @@ impl CachedResponse {
             headers,
             body: Bytes::copy_from_slice(body),
             stream,
+            model,
         })
     }
+}
+
+/// A JSON object whose `type` is `"message"` (the whole document is checked for validity).
+fn is_message_json(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(rename = "type", borrow)]
+        ty: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Head<'_>>(body).is_ok_and(|h| h.ty == "message")
+}
+
+/// A stream of SSE events with JSON data from `message_start` (a `"message"`) to
+/// `message_stop`, `ping`s allowed anywhere, no `error` event, nothing after the stop.
+fn is_complete_stream(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Start<'a> {
+        #[serde(borrow)]
+        message: Head<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(rename = "type", borrow)]
+        ty: std::borrow::Cow<'a, str>,
+    }
+    let mut parser = crate::anthropic::SseParser::new();
+    let mut events = Vec::new();
+    parser.push(body, &mut events);
+    parser.finish(&mut events);
+    let mut events = events.iter().filter(|e| e.event.as_deref() != Some("ping"));
+    let Some(first) = events.next() else {
+        return false;
+    };
+    let started = first.event.as_deref() == Some("message_start")
+        && serde_json::from_str::<Start<'_>>(&first.data).is_ok_and(|s| s.message.ty == "message");
+    if !started {
+        return false;
+    }
+    let mut stopped = false;
+    for event in events {
+        if stopped
+            || event.event.as_deref() == Some("error")
+            || serde_json::from_str::<serde::de::IgnoredAny>(&event.data).is_err()
+        {
+            return false;
+        }
+        stopped = event.event.as_deref() == Some("message_stop");
+    }
+    stopped
 }
 
 impl fmt::Debug for CachedResponse {
@@ -225,6 +388,7 @@ impl fmt::Debug for CachedResponse {
             .field("headers", &self.headers)
             .field("body_len", &self.body.len())
             .field("stream", &self.stream)
+            .field("model", &self.model)
             .finish()
     }
 }

@@ -204,4 +204,21 @@ impl CacheStore for RedisStore {
             timed(this.timeout, conn.del::<_, ()>(&key)).await
         })
     }
+
+    /// One pipeline (one round trip) of `SET ... PX` for the whole batch.
+    fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for (key, value, ttl) in &entries {
+                let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+                if ms > 0 {
+                    pipe.pset_ex(this.redis_key(key), value.encode(), ms)
+                        .ignore();
+                }
+            }
+            let mut conn = this.inner.get()?;
+            timed(this.timeout, pipe.query_async::<()>(&mut conn)).await
+        })
+    }
 }

@@ -1,0 +1,215 @@
+//! The write-behind queue: answers are stored after they are delivered, in batches, by a
+//! background task, so that a slow, full or failing store never delays or fails a request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+
+use super::key::CacheKey;
+use super::store::{CacheStore, CachedResponse};
+
+/// The most entries stored in one batch (one redb transaction, one Redis pipeline).
+pub(crate) const MAX_BATCH: usize = 256;
+
+/// After the first entry of a batch arrives, the writer waits this long for more, so that a
+/// busy proxy commits a few large transactions a second rather than one per answer (each a
+/// durable commit on disk). A crash loses at most this window's answers.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// At most one log line about failing stores per this interval (with the count since).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// An entry to store, its time to live, and when it was queued (the TTL counts from there).
+type Job = (CacheKey, CachedResponse, Duration, tokio::time::Instant);
+
+/// The queue in front of one store, shared by the clones of a [`Cache`](super::Cache).
+///
+/// Entries wait in a bounded channel; a task started on first use (in the runtime of the
+/// first request) drains it in batches of up to [`MAX_BATCH`] into
+/// [`CacheStore::put_batch`]. While an entry waits it is also kept in `pending`, so that a
+/// lookup finds it before the store has it. A full queue drops the entry (a later identical
+/// request is a miss). Outside a Tokio runtime the entry is handed to the store directly (an
+/// in-memory store writes at call time; a store that needs a runtime then stores nothing).
+/// A store that [writes at once](CacheStore::writes_at_once) skips the queue altogether.
+pub(crate) struct Writer {
+    store: Arc<dyn CacheStore>,
+    capacity: usize,
+    tx: OnceLock<mpsc::Sender<Job>>,
+    pending: Mutex<HashMap<CacheKey, CachedResponse>>,
+    /// Entries queued and not yet written (or given up), and a signal when it drops to 0.
+    outstanding: AtomicU64,
+    idle: Notify,
+    failures: AtomicU64,
+    /// Milliseconds since `epoch` of the last failure log line (0: never).
+    last_log: AtomicU64,
+    epoch: Instant,
+}
+
+impl Writer {
+    pub(crate) fn new(store: Arc<dyn CacheStore>, capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            capacity: capacity.max(1),
+            tx: OnceLock::new(),
+            pending: Mutex::new(HashMap::new()),
+            outstanding: AtomicU64::new(0),
+            idle: Notify::new(),
+            failures: AtomicU64::new(0),
+            last_log: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// An entry waiting to be stored under `key`.
+    pub(crate) fn pending(&self, key: &CacheKey) -> Option<CachedResponse> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_empty() {
+            return None;
+        }
+        pending.get(key).cloned()
+    }
+
+    /// Queues `entry` for storing under `key`; never waits. A store that
+    /// [writes at once](CacheStore::writes_at_once) (in memory) is written inline.
+    pub(crate) fn enqueue(self: &Arc<Self>, key: CacheKey, entry: CachedResponse, ttl: Duration) {
+        if self.store.writes_at_once() {
+            drop(self.store.put(&key, entry, ttl));
+            record("stored", 1);
+            return;
+        }
+        let Some(tx) = self.sender() else {
+            // No runtime to run the writer: hand it over at once (see the type's docs).
+            drop(self.store.put(&key, entry, ttl));
+            return;
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry.clone());
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let queued = tokio::time::Instant::now();
+        if let Err(e) = tx.try_send((key, entry, ttl, queued)) {
+            let full = matches!(e, mpsc::error::TrySendError::Full(_));
+            self.unpend(&[key]);
+            self.done(1);
+            record(if full { "dropped" } else { "failed" }, 1);
+            tracing::debug!(key = %key, full, "cache write queue full: answer not stored");
+        }
+    }
+
+    /// Resolves once every entry queued so far is written (or given up).
+    pub(crate) async fn flush(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.outstanding.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn done(&self, n: u64) {
+        if self.outstanding.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn sender(self: &Arc<Self>) -> Option<&mpsc::Sender<Job>> {
+        if let Some(tx) = self.tx.get() {
+            return Some(tx);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let mut started = false;
+        let tx = self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.capacity);
+            started = true;
+            runtime.spawn(run(Arc::downgrade(self), rx));
+            tx
+        });
+        if started {
+            tracing::debug!(capacity = self.capacity, "cache writer started");
+        }
+        Some(tx)
+    }
+
+    fn unpend(&self, keys: &[CacheKey]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            pending.remove(key);
+        }
+    }
+
+    fn failed(&self, n: usize, error: &super::StoreError) {
+        record("failed", n as u64);
+        let failures = self.failures.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        let now = u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.last_log.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= LOG_EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_log
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.failures.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                error = %error,
+                not_stored = failures,
+                "cache store failed; answers were delivered but not stored (at most one such line per 10 s)"
+            );
+        }
+    }
+}
+
+/// Drains the queue until the writer is gone (the layer and its services dropped: entries
+/// still queued then are lost, as in a crash; [`Writer::flush`] first to keep them). The task
+/// holds the store only while it writes a batch, so that dropping the layer closes the store.
+async fn run(writer: std::sync::Weak<Writer>, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if batch.len() < MAX_BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let Some(store) = writer.upgrade().map(|w| w.store.clone()) else {
+            return;
+        };
+        let keys: Vec<CacheKey> = batch.iter().map(|(k, ..)| *k).collect();
+        let n = batch.len();
+        let jobs = batch
+            .drain(..)
+            .map(|(key, entry, ttl, queued)| (key, entry, ttl.saturating_sub(queued.elapsed())))
+            .collect();
+        let result = store.put_batch(jobs).await;
+        drop(store);
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        writer.unpend(&keys);
+        match result {
+            Ok(()) => record("stored", n as u64),
+            Err(e) => writer.failed(n, &e),
+        }
+        writer.done(n as u64);
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn record(result: &'static str, n: u64) {
+    metrics::counter!(crate::metrics::names::CACHE_WRITES_TOTAL,
+        crate::metrics::names::LABEL_RESULT => result)
+    .increment(n);
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record(_result: &'static str, _n: u64) {}
