@@ -149,3 +149,57 @@ async fn an_unreachable_redis_is_a_miss_not_a_failure() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issue 18: during a Redis outage every lookup waited for the reconnect and command
+/// timeouts (p50 755 ms). After one failed command the store's breaker answers at once (a
+/// miss), and after Redis is back one probe closes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_costs_one_timeout_then_lookups_fail_fast_and_recover() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let store = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .key_prefix("breaker:");
+    let key = CacheKey::from_bytes([7; 32]);
+    let value = CachedResponse::new(
+        StatusCode::OK,
+        http::HeaderMap::new(),
+        r#"{"type":"message"}"#.into(),
+        false,
+    );
+    store
+        .put(&key, value.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(store.get(&key).await.unwrap().is_some());
+
+    server.stop();
+    // The first command after the outage finds out (it may take the timeouts).
+    assert!(store.get(&key).await.is_err());
+    // The next ones do not touch the network: the breaker answers at once.
+    for _ in 0..20 {
+        let err = store.get(&key).await.unwrap_err();
+        assert!(err.to_string().contains("circuit open"), "{err}");
+    }
+
+    server.restart();
+    // After the open period one probe goes through; its success closes the breaker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if store
+            .put(&key, value.clone(), Duration::from_secs(60))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never recovered"
+        );
+    }
+    assert!(store.get(&key).await.unwrap().is_some());
+}

@@ -459,7 +459,6 @@ impl Default for SharedPolicy {
     }
 }
 
-
 /// Whether an inner service error (or any error in its source chain) is one that no retry can
 /// cure, so that the layer fails at once instead of spending its attempts and the caller's
 /// time: every key of a pool is out of rotation (the docs promise "fail at once"), a request
