@@ -6,7 +6,8 @@
 //! * every request ends with a complete answer or an Anthropic-style error inside its
 //!   deadline plus a margin;
 //! * no request reaches the upstream more often than the retry policy allows;
-//! * nothing is left behind: no request in flight or queued on the status page;
+//! * nothing is left behind: no request in flight or queued on the status page, and the
+//!   process's file descriptors back to their baseline once idle connections time out;
 //! * quota entries stay bounded under 10,000 made-up model names;
 //! * no upstream key appears in any response, the status page or `/metrics`;
 //! * a hostile client cannot take keys out of rotation or poison a group for others.
@@ -37,6 +38,9 @@ const MARGIN: Duration = Duration::from_secs(3);
 /// Attempts per request: `max_retries` 2.
 const ATTEMPTS: u64 = 3;
 
+/// The tests of this file share the process (its file descriptors, its RSS): one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Setup {
     proxy: SocketAddr,
     chaos: ChaosUpstream,
@@ -45,7 +49,9 @@ struct Setup {
     seen: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
-async fn setup() -> Setup {
+/// The proxy in front of a fresh `ChaosUpstream`. `pooled`: the test client keeps its
+/// connections to the proxy (else one connection per request, closed after it).
+async fn setup(pooled: bool) -> Setup {
     let chaos = ChaosUpstream::new(Chaos::Ok)
         .unauthorized_path("/v1/organizations/me")
         .known_models_only(true);
@@ -56,6 +62,7 @@ async fn setup() -> Setup {
         max_retries: Some(ATTEMPTS as u32 - 1),
         cache: Some(false),
         fallback: Some(false),
+        upstream_idle_timeout: Some("1s".into()),
         ..Cli::default()
     };
     let env: BTreeMap<String, String> = [("ANTHROPIC_API_KEYS".to_owned(), KEYS.to_owned())].into();
@@ -67,7 +74,9 @@ async fn setup() -> Setup {
     Setup {
         proxy: addr,
         chaos,
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
+            .build_http(),
         seen: Arc::default(),
     }
 }
@@ -213,7 +222,8 @@ const HOSTILE: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_ends_in_its_deadline_with_an_answer_or_an_anthropic_error() {
-    let s = Arc::new(setup().await);
+    let _serial = SERIAL.lock().await;
+    let s = Arc::new(setup(true).await);
     let mut tasks = Vec::new();
     for (i, chaos) in HOSTILE.iter().enumerate() {
         for stream in [false, true] {
@@ -264,7 +274,8 @@ async fn every_request_ends_in_its_deadline_with_an_answer_or_an_anthropic_error
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_cannot_remove_keys_poison_groups_or_grow_the_board() {
-    let s = Arc::new(setup().await);
+    let _serial = SERIAL.lock().await;
+    let s = Arc::new(setup(true).await);
     // 401 on a path the client picks, once per key and more: the client gets the 401, the
     // keys stay in rotation.
     for _ in 0..6 {
@@ -328,6 +339,61 @@ async fn hostile_clients_cannot_remove_keys_poison_groups_or_grow_the_board() {
     let e = s.send("ok", "plain-after", "claude-sonnet-4-6", true).await;
     assert_complete_or_anthropic_error("plain stream after", &e);
     assert_eq!(e.status, StatusCode::OK);
+}
+
+/// Every hostile answer once more, then nothing: the connections the proxy opened (to the
+/// upstream, 1 s idle timeout here) and the ones clients opened (closed after each request
+/// here) all close, so the process's descriptors come back to where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_descriptors_go_back_to_baseline() {
+    let _serial = SERIAL.lock().await;
+    let s = Arc::new(setup(false).await);
+    let baseline = open_fds();
+    let mut tasks = Vec::new();
+    for (i, chaos) in HOSTILE.iter().enumerate() {
+        for stream in [false, true] {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let e = s
+                    .send(
+                        chaos,
+                        &format!("fd-{i}-{stream}"),
+                        "claude-sonnet-4-6",
+                        stream,
+                    )
+                    .await;
+                assert_complete_or_anthropic_error(&format!("x-chaos {chaos}"), &e);
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let busy = open_fds();
+    // Idle upstream connections close after 1 s; allow the scheduler plenty of slack.
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut now_open = open_fds();
+    while now_open > baseline && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now_open = open_fds();
+    }
+    eprintln!("sockets: {baseline} at the start, {busy} after the burst, {now_open} at the end");
+    assert!(
+        now_open <= baseline,
+        "{now_open} sockets open, {baseline} before the burst"
+    );
+    assert_nothing_left_behind(&s.status_page().await);
+}
+
+/// The sockets this process has open (0 where `/proc` is not available). Sockets only: the
+/// runtimes of the other tests of this file, started while this one runs, add descriptors of
+/// their own (epoll, eventfd) but no socket until they hold [`SERIAL`].
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| {
+        dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    })
 }
 
 /// The resident set size of this process, in KiB (0 where `/proc` is not available).
