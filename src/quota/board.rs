@@ -375,6 +375,33 @@ impl QuotaBoard {
         }
     }
 
+    /// [`observe`](Self::observe) for the answer to the request that holds `grant`.
+    fn observe_answer(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snapshot: &RateLimitSnapshot,
+        grant: &Grant,
+    ) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            if grant.origin == Origin::Shared {
+                match &self.backend {
+                    Backend::Local(b) => b.observe(key, group, snapshot),
+                }
+                shared.observe_answer(self, key, group, snapshot, Some(grant));
+                return;
+            }
+        }
+        match &self.backend {
+            Backend::Local(b) => b.observe_answer(key, group, snapshot, Some(grant)),
+        }
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared.observe(self, key, group, snapshot);
+        }
+    }
+
     /// The headroom of `(key, group)`: per bucket remaining and fraction, the binding
     /// fraction, time until full. `None` when no limit is known yet (neither configured nor
     /// learned).
@@ -717,6 +744,41 @@ impl Reservation {
     pub fn charged(&self) -> Cost {
         let c = self.grant.charged.map(|c| c.unwrap_or(0));
         Cost::new(c[0], c[1], c[2])
+    }
+
+    /// Re-seeds the board from the rate-limit headers of this request's *successful* answer:
+    /// like [`QuotaBoard::observe`] (learns limits, lowers levels above the server's view),
+    /// and also **raises** levels that the answer proves too low — a limit raised upstream,
+    /// or another client of the key that stopped. The raise counts everything this board
+    /// admitted after this request (the server may not have seen it) and everything still in
+    /// flight, so work in flight is never counted twice. Call it before settling.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
+    /// use tower_claude::quota::{Cost, Limits, QuotaBoard};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let (key, group) = (KeyId::named("k"), RateLimitGroup::new("claude-opus-4"));
+    /// let board = QuotaBoard::new();
+    /// // The first answer teaches a limit of 60 requests a minute, 10 left.
+    /// let probe = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
+    /// let snap = |limit, remaining| RateLimitSnapshot {
+    ///     requests: BucketSnapshot { limit: Some(limit), remaining: Some(remaining), reset: None },
+    ///     ..Default::default()
+    /// };
+    /// probe.observe(&snap(60, 10));
+    /// probe.settle(Cost::new(1, 0, 0));
+    /// let r = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
+    /// // The organisation moved up a tier: 240 a minute, 200 left when this request was served.
+    /// r.observe(&snap(240, 200));
+    /// // 200 minus this request, still held.
+    /// assert_eq!(board.headroom(&key, &group).unwrap().requests.unwrap().remaining, 199);
+    /// # }
+    /// ```
+    pub fn observe(&self, snapshot: &crate::anthropic::RateLimitSnapshot) {
+        self.board
+            .observe_answer(&self.key, &self.group, snapshot, &self.grant);
     }
 
     /// Settles with the real cost.

@@ -35,6 +35,61 @@ pub(crate) struct Grant {
     pub(crate) probe: bool,
     /// Which store holds the reservation (the Redis backend settles its grants in Redis).
     pub(crate) origin: Origin,
+    /// The store's `settled` counters when this grant was taken (see
+    /// [`Ledger`]): what was settled after it is subtracted from a raise its answer allows.
+    pub(crate) mark: [u64; 3],
+}
+
+/// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
+/// the server's view without counting work in flight twice).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ledger {
+    /// Units held by grants not settled yet.
+    pub(crate) held: [u64; 3],
+    /// Units settled grants finally cost (monotonic).
+    pub(crate) settled: [u64; 3],
+}
+
+impl Ledger {
+    fn take(&mut self, charged: &[Option<u64>; 3]) {
+        for (h, c) in self.held.iter_mut().zip(charged) {
+            *h = h.saturating_add(c.unwrap_or(0));
+        }
+    }
+
+    /// A grant that held `charged` ends, finally costing `cost` (per bucket).
+    fn settle(&mut self, charged: &[Option<u64>; 3], cost: [u64; 3]) {
+        for i in 0..3 {
+            if let Some(c) = charged[i] {
+                self.held[i] = self.held[i].saturating_sub(c);
+                self.settled[i] = self.settled[i].saturating_add(cost[i]);
+            }
+        }
+    }
+
+    /// The lowest level bucket `i` can have when the answer to the grant with `mark` showed
+    /// `remaining`: the server's count, minus everything held now (including that grant and
+    /// anything admitted after it, which the server may not have seen) and everything settled
+    /// since that grant was taken.
+    pub(crate) fn floor(&self, i: usize, remaining: u64, mark: &[u64; 3]) -> u64 {
+        let since = self.settled[i].saturating_sub(mark[i]);
+        remaining
+            .saturating_sub(self.held[i])
+            .saturating_sub(since)
+    }
+}
+
+impl Outcome {
+    /// What a grant that held `charged` finally costs, per bucket.
+    pub(crate) fn final_cost(&self, charged: &[Option<u64>; 3]) -> [u64; 3] {
+        let c = charged.map(|c| c.unwrap_or(0));
+        match self {
+            Outcome::Refund => [0; 3],
+            Outcome::Actual(actual) => actual.as_array(),
+            Outcome::Rejected => [c[0], 0, 0],
+            Outcome::Keep | Outcome::Served => c,
+        }
+    }
 }
 
 /// Where a [`Grant`] was taken.
@@ -147,6 +202,8 @@ struct Entry {
     /// Limits were just learned and the shared store is being seeded with the server's view:
     /// waiters stay queued until [`LocalBackend::seeded`].
     seeding: bool,
+    /// Held and settled units, for raising levels from the server's view.
+    ledger: Ledger,
 }
 
 impl Entry {
@@ -167,6 +224,7 @@ impl Entry {
             last_used: now,
             mirror,
             seeding: false,
+            ledger: Ledger::default(),
         }
     }
 
@@ -245,10 +303,13 @@ impl Entry {
         }
         self.outstanding += 1;
         self.last_used = now;
+        let mark = self.ledger.settled;
+        self.ledger.take(&charged);
         Grant {
             charged,
             probe,
             origin: Origin::Local,
+            mark,
         }
     }
 
@@ -282,6 +343,8 @@ impl Entry {
             }
             Outcome::Keep | Outcome::Served => {}
         }
+        self.ledger
+            .settle(&grant.charged, outcome.final_cost(&grant.charged));
         if grant.probe {
             // A probe dropped before its answer (`Keep`), refused or refunded teaches nothing:
             // the next request probes.
@@ -336,6 +399,28 @@ impl Entry {
         self.last_used = self.last_used.max(now);
         if self.mirror && !was_known && self.known() {
             self.seeding = true;
+        }
+    }
+
+    /// Raises levels that are below what the answer to `grant` proves is there (see
+    /// [`Ledger::floor`]): a limit raised upstream, or another client of the key that stopped.
+    fn raise(&mut self, snap: &RateLimitSnapshot, grant: &Grant, now: Instant) {
+        let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
+        for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
+            let (Some(s), Some(r)) = (slot, view.remaining) else {
+                continue;
+            };
+            let floor = self.ledger.floor(i, r, &grant.mark);
+            let level = s.bucket.level(now);
+            if floor as f64 > level {
+                tracing::debug!(
+                    bucket = i,
+                    from = level,
+                    to = floor,
+                    "quota board: raising a level to the server's view"
+                );
+                s.bucket.set_level(floor, now);
+            }
         }
     }
 
@@ -766,11 +851,30 @@ impl LocalBackend {
     }
 
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
+        self.observe_answer(key, group, snap, None);
+    }
+
+    /// [`observe`](Self::observe), and when `grant` is the successful request these headers
+    /// answered, raise levels the answer proves too low (upward reconciliation). Only for
+    /// grants of this store, and only with the whole limit (a local share cannot know what
+    /// the other processes hold).
+    pub(crate) fn observe_answer(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snap: &RateLimitSnapshot,
+        grant: Option<&Grant>,
+    ) {
         let now = Instant::now();
         let mut st = self.lock();
         let share = st.share;
         let e = st.entry(key, group, now);
         e.observe(snap, share, now);
+        if let Some(grant) = grant {
+            if grant.origin == Origin::Local && share >= 1.0 && !e.defers_to_store() {
+                e.raise(snap, grant, now);
+            }
+        }
         e.drain(now, None);
     }
 

@@ -796,11 +796,25 @@ impl RedisShared {
     /// Re-seeds the Redis buckets (and the fallback) from response headers.
     pub(crate) fn observe(
         self: &Arc<Self>,
-        _board: &QuotaBoard,
+        board: &QuotaBoard,
         key: &KeyId,
         group: &RateLimitGroup,
         snap: &RateLimitSnapshot,
     ) {
+        self.observe_answer(board, key, group, snap, None);
+    }
+
+    /// [`observe`](Self::observe); with the Redis grant these headers answered, also raises
+    /// levels the answer proves too low (upward reconciliation on the Redis side).
+    pub(crate) fn observe_answer(
+        self: &Arc<Self>,
+        _board: &QuotaBoard,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snap: &RateLimitSnapshot,
+        grant: Option<&Grant>,
+    ) {
+        let _ = grant;
         self.fallback.observe(key, group, snap);
         // When these headers taught the limits, the requests that queued behind the probe
         // wait until Redis holds the server's view (which counts the probe): released
@@ -950,6 +964,7 @@ impl SharedAcquire {
                     charged: [None; 3],
                     probe: false,
                     origin: Origin::Local,
+                    mark: [0; 3],
                 };
                 return Ok(board.reservation(key, group, cost, grant));
             };
@@ -971,6 +986,7 @@ impl SharedAcquire {
                                 charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
                                 probe: false,
                                 origin: Origin::Shared,
+                                mark: [0; 3],
                             };
                             return Ok(board.reservation(key, group, cost, grant));
                         }
