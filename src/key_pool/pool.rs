@@ -1,17 +1,24 @@
 //! The shared state of a key pool: the keys, their cooldowns and removals, and the
 //! [`KeyPoolHandle`] status API.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::error::KeyPoolError;
+use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup};
-use crate::quota::{Cost, QuotaBoard};
+use crate::quota::{AcquireError, AcquireErrorKind, Cost, QuotaBoard, Reservation};
+
+/// The longest a waiter at the head of a group's line sleeps without looking at the keys again
+/// when nothing tells it when quota comes back (a probe out, requests queued on a key by
+/// another path, a shared store).
+const RECHECK: Duration = Duration::from_millis(250);
 
 /// Two headroom fractions closer than this are a tie (broken by in-flight count, then by
 /// least recent use).
@@ -182,6 +189,68 @@ struct State {
 pub(crate) struct Pool {
     keys: Vec<PoolKey>,
     state: Mutex<State>,
+    /// One line per rate-limit group of the requests waiting for quota, across every key.
+    lines: Mutex<Lines>,
+    /// Woken when the head of a line leaves it.
+    turn: Notify,
+}
+
+/// The waiting lines of a pool: ticket numbers in arrival order, per group.
+#[derive(Debug, Default)]
+struct Lines {
+    next: u64,
+    by_group: HashMap<RateLimitGroup, VecDeque<u64>>,
+}
+
+/// A place in a group's line; leaving it (drop) lets the next request take its turn.
+struct Ticket {
+    pool: Arc<Pool>,
+    group: RateLimitGroup,
+    id: u64,
+}
+
+impl Ticket {
+    fn is_head(&self) -> bool {
+        let lines = self.pool.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .by_group
+            .get(&self.group)
+            .and_then(|l| l.front())
+            .is_none_or(|head| *head == self.id)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let was_head = {
+            let mut lines = self.pool.lines.lock().unwrap_or_else(|e| e.into_inner());
+            let mut was_head = false;
+            if let Some(line) = lines.by_group.get_mut(&self.group) {
+                was_head = line.front() == Some(&self.id);
+                line.retain(|id| *id != self.id);
+                if line.is_empty() {
+                    lines.by_group.remove(&self.group);
+                }
+            }
+            was_head
+        };
+        if was_head {
+            self.pool.turn.notify_waiters();
+        }
+    }
+}
+
+/// One look at the keys by the head of a line.
+enum Attempt {
+    /// A key took the request.
+    Admitted(Pick, Reservation),
+    /// Nothing fits now; look again after this long at the latest (`None`: when the board
+    /// changes).
+    Wait(Option<Duration>),
+    /// The board is shared (Redis): acquire there, on this key (index), then look again.
+    Remote(usize, KeyId),
+    /// Nothing can ever take it (every key out of rotation, or larger than every bucket).
+    Failed(BoxError),
 }
 
 /// One key in rotation as [`Pool::outlook`] sees it for a group.
@@ -267,6 +336,8 @@ impl Pool {
                 keys: runtime,
                 picks: 0,
             }),
+            lines: Mutex::new(Lines::default()),
+            turn: Notify::new(),
         })
     }
 
@@ -295,7 +366,21 @@ impl Pool {
         now: Instant,
     ) -> Result<Pick, KeyPoolError> {
         let mut state = self.lock();
-        let mut best: Option<(usize, Rank)> = None;
+        let Some((index, _)) = self.ranked(&state, group, board, now).into_iter().next() else {
+            return Err(KeyPoolError::all_removed(self.keys.len()));
+        };
+        Ok(self.picked(&mut state, index))
+    }
+
+    /// The keys in rotation, best first (see [`pick`](Self::pick)).
+    fn ranked(
+        &self,
+        state: &State,
+        group: Option<(&RateLimitGroup, &Cost)>,
+        board: &QuotaBoard,
+        now: Instant,
+    ) -> Vec<(usize, Rank)> {
+        let mut ranked: Vec<(usize, Rank)> = Vec::with_capacity(self.keys.len());
         for (index, (key, rt)) in self.keys.iter().zip(state.keys.iter()).enumerate() {
             if rt.removed.is_some() {
                 continue;
@@ -333,13 +418,17 @@ impl Pool {
                     last_pick: rt.last_pick,
                 },
             };
-            if best.as_ref().is_none_or(|(_, b)| rank.better_than(b)) {
-                best = Some((index, rank));
-            }
+            let at = ranked
+                .iter()
+                .position(|(_, b)| rank.better_than(b))
+                .unwrap_or(ranked.len());
+            ranked.insert(at, (index, rank));
         }
-        let Some((index, _)) = best else {
-            return Err(KeyPoolError::all_removed(self.keys.len()));
-        };
+        ranked
+    }
+
+    /// Counts key `index` as picked (in flight, used now).
+    fn picked(&self, state: &mut State, index: usize) -> Pick {
         state.picks += 1;
         let seq = state.picks;
         let rt = &mut state.keys[index];
@@ -347,11 +436,191 @@ impl Pool {
         rt.in_flight += 1;
         rt.requests += 1;
         let key = &self.keys[index];
-        Ok(Pick {
+        Pick {
             index,
             id: key.id.clone(),
             header: key.header.clone(),
-        })
+        }
+    }
+
+    /// The head of `group`'s line looks at the keys: the first key, in rank order among the
+    /// best-placed ones (not forbidden, not on probation when others are not), that is not
+    /// cooling down and whose buckets hold `cost` now takes it.
+    fn attempt(
+        &self,
+        group: &RateLimitGroup,
+        cost: &Cost,
+        board: &QuotaBoard,
+        now: Instant,
+    ) -> Attempt {
+        let mut state = self.lock();
+        let ranked = self.ranked(&state, Some((group, cost)), board, now);
+        let Some(tier) = ranked.first().map(|(_, r)| (r.forbidden, r.probation)) else {
+            return Attempt::Failed(KeyPoolError::all_removed(self.keys.len()).into());
+        };
+        let mut soonest: Option<Duration> = None;
+        let mut unknown = false;
+        let mut too_large: Option<AcquireError> = None;
+        let mut candidates = 0;
+        for (index, _) in ranked
+            .iter()
+            .filter(|(_, r)| (r.forbidden, r.probation) == tier)
+        {
+            candidates += 1;
+            let index = *index;
+            let id = &self.keys[index].id;
+            let cooldown = state.keys[index].cooldown_left(group, now);
+            if !cooldown.is_zero() {
+                soonest = Some(soonest.map_or(cooldown, |s| s.min(cooldown)));
+                continue;
+            }
+            if board.is_remote() {
+                return Attempt::Remote(index, id.clone());
+            }
+            match board.try_acquire(id, group, *cost) {
+                Ok(reservation) => {
+                    let pick = self.picked(&mut state, index);
+                    return Attempt::Admitted(pick, reservation);
+                }
+                Err(e) if e.kind() == AcquireErrorKind::RequestTooLarge => {
+                    too_large.get_or_insert(e);
+                }
+                Err(e) => match e.available_in().filter(|d| !d.is_zero()) {
+                    Some(d) => soonest = Some(soonest.map_or(d, |s| s.min(d))),
+                    // A probe out, or requests queued on that key by another path.
+                    None => unknown = true,
+                },
+            }
+        }
+        if let Some(e) = too_large {
+            let all = ranked.len() == candidates;
+            if all && soonest.is_none() && !unknown {
+                return Attempt::Failed(e.into());
+            }
+        }
+        if unknown {
+            soonest = Some(soonest.map_or(RECHECK, |s| s.min(RECHECK)));
+        }
+        Attempt::Wait(soonest)
+    }
+
+    fn line_up(self: &Arc<Self>, group: &RateLimitGroup) -> Ticket {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.next += 1;
+        let id = lines.next;
+        lines
+            .by_group
+            .entry(group.clone())
+            .or_default()
+            .push_back(id);
+        Ticket {
+            pool: self.clone(),
+            group: group.clone(),
+            id,
+        }
+    }
+
+    /// Admits a Messages request of `group`: waits in the group's line (one line across every
+    /// key, first come first served), then, at its head, takes `cost` from the first key that
+    /// can admit it, waiting for whichever key frees up first (a refund or settle on any key,
+    /// new headers, the refill of the soonest key, a cooldown ending). Returns the key, the
+    /// reservation and the time waited. Dropping the future takes nothing.
+    ///
+    /// Errors: [`KeyPoolError`] when every key is out of rotation; [`AcquireError`] when the
+    /// request is larger than every key's buckets, or when `deadline` passes first
+    /// ([`QueueTimeout`](AcquireErrorKind::QueueTimeout)).
+    pub(crate) async fn admit(
+        self: Arc<Self>,
+        board: QuotaBoard,
+        group: RateLimitGroup,
+        cost: Cost,
+        deadline: Option<Instant>,
+    ) -> Result<(Pick, Reservation, Duration), BoxError> {
+        let started = Instant::now();
+        let ticket = self.line_up(&group);
+        let timed_out = |pool: &Pool, wait: Option<Duration>| -> BoxError {
+            let key = pool.keys[0].id.clone();
+            tracing::debug!(group = %group, "key pool: gave up waiting for quota (deadline)");
+            AcquireError::new(AcquireErrorKind::QueueTimeout, key, group.clone(), wait).into()
+        };
+        // Wait for this request's turn.
+        loop {
+            let turn = self.turn.notified();
+            let mut turn = std::pin::pin!(turn);
+            turn.as_mut().enable();
+            if ticket.is_head() {
+                break;
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, turn).await.is_err() {
+                        return Err(timed_out(&self, None));
+                    }
+                }
+                None => turn.await,
+            }
+        }
+        // At the head: take the first key that admits the request.
+        let changes = board.changes();
+        loop {
+            let changed = changes.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let last = deadline.is_some_and(|d| now >= d);
+            let wait = match self.attempt(&group, &cost, &board, now) {
+                Attempt::Admitted(pick, reservation) => {
+                    let waited = now.saturating_duration_since(started);
+                    if !waited.is_zero() {
+                        tracing::debug!(
+                            key = %pick.id,
+                            group = %group,
+                            waited_ms = waited.as_millis() as u64,
+                            "key pool: admitted after waiting for quota"
+                        );
+                    }
+                    drop(ticket);
+                    return Ok((pick, reservation, waited));
+                }
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Remote(index, id) => {
+                    // A shared store: acquire on the best key, for a short while only, then
+                    // look at every key again.
+                    let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
+                    match board
+                        .acquire(id, group.clone(), cost)
+                        .deadline(Some(until))
+                        .await
+                    {
+                        Ok(reservation) => {
+                            let pick = self.picked(&mut self.lock(), index);
+                            drop(ticket);
+                            return Ok((pick, reservation, started.elapsed()));
+                        }
+                        Err(e) if e.kind() == AcquireErrorKind::QueueTimeout => {
+                            if deadline.is_some_and(|d| Instant::now() >= d) {
+                                return Err(e.into());
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Attempt::Wait(wait) if last => return Err(timed_out(&self, wait)),
+                Attempt::Wait(wait) => wait,
+            };
+            let wake = wait.map(|d| now + d);
+            let until = match (wake, deadline) {
+                (Some(w), Some(d)) => Some(w.min(d)),
+                (w, d) => w.or(d),
+            };
+            match until {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at, changed).await;
+                }
+                None => changed.await,
+            }
+        }
     }
 
     /// The response to a request with key `index` arrived (or the request was dropped).

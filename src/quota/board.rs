@@ -200,6 +200,25 @@ impl QuotaBoard {
         }
     }
 
+    /// Woken whenever quota of this board may have come back or its limits changed (a
+    /// settle, a refund, new headers, a cancelled waiter), for waiters outside the board's
+    /// own queues. Register (`Notified::enable`) before checking, then wait.
+    pub(crate) fn changes(&self) -> Arc<tokio::sync::Notify> {
+        match &self.backend {
+            Backend::Local(b) => b.changes(),
+        }
+    }
+
+    /// Whether quota is taken in a shared store now (Redis reachable): a synchronous
+    /// [`try_acquire`](Self::try_acquire) cannot decide there.
+    pub(crate) fn is_remote(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if self.shared.is_some() {
+            return self.degraded().is_none();
+        }
+        false
+    }
+
     /// The board read while the Redis store is unreachable (its local fallback).
     #[cfg(feature = "redis")]
     fn degraded(&self) -> Option<&QuotaBoard> {
@@ -687,6 +706,74 @@ impl Drop for Acquire {
                 Backend::Local(b) => b.cancel(&self.key, &self.group, id),
             }
         }
+    }
+}
+
+/// Quota already taken for the request that carries it: a request extension set by a layer
+/// that admits requests itself (the [`KeyPool`](crate::key_pool::KeyPool), which chooses the
+/// key by earliest admission), so that the
+/// [`RateLimit`](crate::rate_limit::RateLimit) layer below uses this reservation instead of
+/// acquiring again. It takes it only when the request's key and group match.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::anthropic::{KeyId, RateLimitGroup};
+/// use tower_claude::quota::{Admission, Cost, QuotaBoard};
+///
+/// let board = QuotaBoard::new();
+/// let (key, group) = (KeyId::named("k"), RateLimitGroup::new("claude-opus-4"));
+/// let reservation = board.try_acquire(&key, &group, Cost::new(1, 100, 100)).unwrap();
+/// let admission = Admission::new(reservation, Duration::from_millis(40));
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(admission);
+/// // The layer below:
+/// let admission = req.extensions_mut().remove::<Admission>().unwrap();
+/// assert!(admission.take(&KeyId::named("other"), &group).is_none());
+/// let (reservation, waited) = admission.take(&key, &group).unwrap();
+/// assert_eq!(waited, Duration::from_millis(40));
+/// reservation.refund();
+/// ```
+#[derive(Clone)]
+pub struct Admission {
+    reservation: Arc<std::sync::Mutex<Option<Reservation>>>,
+    key: KeyId,
+    group: RateLimitGroup,
+    waited: Duration,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("key", &self.key)
+            .field("group", &self.group)
+            .field("waited", &self.waited)
+            .finish()
+    }
+}
+
+impl Admission {
+    /// Carries `reservation`, taken after waiting `waited` for quota.
+    pub fn new(reservation: Reservation, waited: Duration) -> Self {
+        Self {
+            key: reservation.key.clone(),
+            group: reservation.group.clone(),
+            reservation: Arc::new(std::sync::Mutex::new(Some(reservation))),
+            waited,
+        }
+    }
+
+    /// The reservation and the time waited for it, when it is for `key` in `group` and not
+    /// taken yet. A reservation nobody takes stays charged as reserved when the last clone
+    /// of the admission is dropped (like a dropped [`Reservation`]).
+    pub fn take(&self, key: &KeyId, group: &RateLimitGroup) -> Option<(Reservation, Duration)> {
+        if &self.key != key || &self.group != group {
+            return None;
+        }
+        let mut slot = self
+            .reservation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slot.take().map(|r| (r, self.waited))
     }
 }
 

@@ -6,10 +6,11 @@
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::bucket::TokenBucket;
@@ -410,6 +411,11 @@ impl Entry {
             let (Some(s), Some(r)) = (slot, view.remaining) else {
                 continue;
             };
+            // Only the same bucket: a configured limit below the server's (a declared part of
+            // the key) is not raised to what the server's larger bucket holds.
+            if view.limit != Some(s.bucket.capacity()) {
+                continue;
+            }
             let floor = self.ledger.floor(i, r, &grant.mark);
             let level = s.bucket.level(now);
             if floor as f64 > level {
@@ -599,11 +605,25 @@ impl State {
     }
 }
 
+/// Wakes the waiters of [`LocalBackend::changes`] when dropped: declared before the state lock
+/// in a method, it fires after the lock is released (locals drop in reverse order).
+struct Changed<'a>(&'a LocalBackend);
+
+impl Drop for Changed<'_> {
+    fn drop(&mut self) {
+        self.0.notify();
+    }
+}
+
 /// The in-process board.
 #[derive(Debug)]
 pub(crate) struct LocalBackend {
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Woken whenever quota may have come back or limits changed (a settle, a refund, new
+    /// headers, a cancelled waiter): for waiters outside the board's own queues (the key
+    /// pool's admission).
+    changed: Arc<Notify>,
 }
 
 impl LocalBackend {
@@ -630,7 +650,24 @@ impl LocalBackend {
                 mirror: false,
             }),
             next_id: AtomicU64::new(1),
+            changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// The signal woken when quota may have come back (see [`LocalBackend::changed`]).
+    pub(crate) fn changes(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// Shares `signal` with another backend (the Redis mirror and its fallback).
+    #[cfg(feature = "redis")]
+    pub(crate) fn with_changes(mut self, signal: Arc<Notify>) -> Self {
+        self.changed = signal;
+        self
+    }
+
+    fn notify(&self) {
+        self.changed.notify_waiters();
     }
 
     /// Makes this backend the mirror of a shared store: it grants only while limits are
@@ -649,6 +686,7 @@ impl LocalBackend {
     }
 
     pub(crate) fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         st.group_limits.insert(group.clone(), limits);
@@ -666,6 +704,7 @@ impl LocalBackend {
     }
 
     pub(crate) fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let k = (key, group);
@@ -677,6 +716,7 @@ impl LocalBackend {
     }
 
     pub(crate) fn set_default_limits(&self, limits: Limits) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         st.default_limits = Some(limits);
@@ -820,6 +860,7 @@ impl LocalBackend {
 
     /// A waiting request went away: remove it; a grant it did not collect is given back.
     pub(crate) fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
@@ -842,6 +883,7 @@ impl LocalBackend {
         grant: &Grant,
         outcome: Outcome,
     ) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
@@ -865,6 +907,7 @@ impl LocalBackend {
         snap: &RateLimitSnapshot,
         grant: Option<&Grant>,
     ) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let share = st.share;
@@ -892,6 +935,7 @@ impl LocalBackend {
     /// (or is unreachable): release the requests that queued behind the probe to it.
     #[cfg(feature = "redis")]
     pub(crate) fn seeded(&self, key: &KeyId, group: &RateLimitGroup) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
@@ -1005,6 +1049,7 @@ impl LocalBackend {
     /// probe are released to the store. No-op when limits are known already.
     #[cfg(feature = "redis")]
     pub(crate) fn adopt(&self, key: &KeyId, group: &RateLimitGroup, caps: [Option<u64>; 3]) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.entry(key, group, now);
@@ -1038,6 +1083,7 @@ impl LocalBackend {
     /// (a negative level is a debt).
     #[cfg(feature = "redis")]
     pub(crate) fn set_levels(&self, key: &KeyId, group: &RateLimitGroup, levels: [Option<f64>; 3]) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.entry(key, group, now);

@@ -1143,7 +1143,11 @@ impl QuotaBoardBuilder {
             local_share: self.local_share * share,
         }
         .build();
-        let mirror = Arc::new(self.local_backend().mirroring());
+        let mirror = Arc::new(
+            self.local_backend()
+                .mirroring()
+                .with_changes(fallback.changes()),
+        );
         let conn = connect(&client, &options).await;
         let connected = conn.is_some();
         let shared = Arc::new(RedisShared {

@@ -15,7 +15,7 @@ use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Cost, OutputReservation, QuotaBoard};
+use crate::quota::{AcquireErrorKind, Admission, Cost, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
 
 #[derive(Debug)]
@@ -98,6 +98,15 @@ where
         let group = config.catalog.group(&model);
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
+        // Admitted above (a key pool took the quota for this key): use that reservation.
+        if let Some((reservation, waited)) = req
+            .extensions_mut()
+            .remove::<Admission>()
+            .and_then(|a| a.take(&key, &group))
+        {
+            let fut = self.inner.call(req);
+            return ResponseFuture::called(fut, reservation, waited, stream, config.clone());
+        }
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
