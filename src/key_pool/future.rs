@@ -201,7 +201,9 @@ type Admitting<F> = Pin<Box<dyn Future<Output = Result<(F, Sent), BoxError>> + S
 #[pin_project(project = StateProj)]
 enum State<F, B> {
     /// Waiting for quota in the pool's line.
-    Admitting { fut: Admitting<F> },
+    Admitting {
+        fut: Admitting<F>,
+    },
     Calling {
         #[pin]
         fut: F,

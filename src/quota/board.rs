@@ -769,10 +769,7 @@ impl Admission {
         if &self.key != key || &self.group != group {
             return None;
         }
-        let mut slot = self
-            .reservation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.reservation.lock().unwrap_or_else(|e| e.into_inner());
         slot.take().map(|r| (r, self.waited))
     }
 }

@@ -74,9 +74,7 @@ impl Ledger {
     /// since that grant was taken.
     pub(crate) fn floor(&self, i: usize, remaining: u64, mark: &[u64; 3]) -> u64 {
         let since = self.settled[i].saturating_sub(mark[i]);
-        remaining
-            .saturating_sub(self.held[i])
-            .saturating_sub(since)
+        remaining.saturating_sub(self.held[i]).saturating_sub(since)
     }
 }
 
