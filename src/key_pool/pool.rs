@@ -247,8 +247,8 @@ enum Attempt {
     /// Nothing fits now; look again after this long at the latest (`None`: when the board
     /// changes).
     Wait(Option<Duration>),
-    /// The board is shared (Redis): acquire there, on this key (index), then look again.
-    Remote(usize, KeyId),
+    /// The board is shared (Redis): try these keys there (index, id), in this order.
+    Remote(Vec<(usize, KeyId)>),
     /// Nothing can ever take it (every key out of rotation, or larger than every bucket).
     Failed(BoxError),
 }
@@ -303,6 +303,60 @@ impl Rank {
         }
         self.last_pick < other.last_pick
     }
+}
+
+/// The head of a line tries the candidate keys in the shared store (Redis), one round trip
+/// each: the first that takes the request wins (`Ok(Ok)`); else `Ok(Err(wait))`, the
+/// soonest any of them holds it by refill. A key whose limits this node does not know yet
+/// takes the board's full acquire path for a short while (learning or adopting them).
+#[cfg(feature = "redis")]
+async fn remote_attempt(
+    board: &QuotaBoard,
+    group: &RateLimitGroup,
+    cost: Cost,
+    candidates: &[(usize, KeyId)],
+    deadline: Option<Instant>,
+) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
+    use crate::quota::redis::SharedTry;
+    let mut soonest: Option<Duration> = None;
+    let mut too_large = None;
+    for (index, id) in candidates {
+        let wait = match board.try_shared(id, group, cost).await {
+            SharedTry::Granted(reservation) => return Ok(Ok((*index, reservation))),
+            SharedTry::Wait(d) => d,
+            SharedTry::TooLarge(e) => {
+                too_large.get_or_insert(e);
+                continue;
+            }
+            SharedTry::Acquire => {
+                let now = Instant::now();
+                let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
+                let acquire = board.acquire(id.clone(), group.clone(), cost);
+                match acquire.deadline(Some(until)).await {
+                    Ok(reservation) => return Ok(Ok((*index, reservation))),
+                    Err(e) if e.kind() == AcquireErrorKind::QueueTimeout => Duration::ZERO,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
+    }
+    match (soonest, too_large) {
+        (None, Some(e)) => Err(e.into()),
+        (s, _) => Ok(Err(s.unwrap_or(RECHECK))),
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+async fn remote_attempt(
+    _board: &QuotaBoard,
+    _group: &RateLimitGroup,
+    _cost: Cost,
+    _candidates: &[(usize, KeyId)],
+    _deadline: Option<Instant>,
+) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
+    // Without the `redis` feature no board is shared.
+    Ok(Err(RECHECK))
 }
 
 impl Pool {
@@ -462,6 +516,7 @@ impl Pool {
         let mut unknown = false;
         let mut too_large: Option<AcquireError> = None;
         let mut candidates = 0;
+        let mut remote = Vec::new();
         for (index, _) in ranked
             .iter()
             .filter(|(_, r)| (r.forbidden, r.probation) == tier)
@@ -475,7 +530,8 @@ impl Pool {
                 continue;
             }
             if board.is_remote() {
-                return Attempt::Remote(index, id.clone());
+                remote.push((index, id.clone()));
+                continue;
             }
             match board.try_acquire(id, group, *cost) {
                 Ok(reservation) => {
@@ -491,6 +547,9 @@ impl Pool {
                     None => unknown = true,
                 },
             }
+        }
+        if !remote.is_empty() {
+            return Attempt::Remote(remote);
         }
         if let Some(e) = too_large {
             let all = ranked.len() == candidates;
@@ -583,27 +642,16 @@ impl Pool {
                     return Ok((pick, reservation, waited));
                 }
                 Attempt::Failed(e) => return Err(e),
-                Attempt::Remote(index, id) => {
-                    // A shared store: acquire on the best key, for a short while only, then
-                    // look at every key again.
-                    let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
-                    match board
-                        .acquire(id, group.clone(), cost)
-                        .deadline(Some(until))
-                        .await
-                    {
-                        Ok(reservation) => {
+                Attempt::Remote(candidates) => {
+                    match remote_attempt(&board, &group, cost, &candidates, deadline).await {
+                        Ok(Ok((index, reservation))) => {
                             let pick = self.picked(&mut self.lock(), index);
                             drop(ticket);
                             return Ok((pick, reservation, started.elapsed()));
                         }
-                        Err(e) if e.kind() == AcquireErrorKind::QueueTimeout => {
-                            if deadline.is_some_and(|d| Instant::now() >= d) {
-                                return Err(e.into());
-                            }
-                            continue;
-                        }
-                        Err(e) => return Err(e.into()),
+                        Ok(Err(_)) if last => return Err(timed_out(&self, None)),
+                        Ok(Err(wait)) => Some(wait.min(RECHECK)),
+                        Err(e) => return Err(e),
                     }
                 }
                 Attempt::Wait(wait) if last => return Err(timed_out(&self, wait)),

@@ -219,6 +219,21 @@ impl QuotaBoard {
         false
     }
 
+    /// One look at the shared (Redis) buckets of `(key, group)`, without waiting: for a layer
+    /// that weighs several keys (the key pool's admission).
+    #[cfg(feature = "redis")]
+    pub(crate) async fn try_shared(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: Cost,
+    ) -> super::redis::SharedTry {
+        match &self.shared {
+            Some(shared) => shared.try_once(self, key, group, cost).await,
+            None => super::redis::SharedTry::Acquire,
+        }
+    }
+
     /// The board read while the Redis store is unreachable (its local fallback).
     #[cfg(feature = "redis")]
     fn degraded(&self) -> Option<&QuotaBoard> {

@@ -100,8 +100,16 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local period = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3')
+local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3', 'h1', 'h2', 'h3', 's1', 's2', 's3')
 local last = tonumber(st[1])
+-- The ledger of upward reconciliation: units held by grants in flight, units settled grants
+-- finally cost (monotonic).
+local held = {}
+local settled = {}
+for i = 1, 3 do
+  held[i] = tonumber(st[4 + i]) or 0
+  settled[i] = tonumber(st[7 + i]) or 0
+end
 local caps = {}
 local levels = {}
 for i = 1, 3 do
@@ -123,6 +131,7 @@ local function out(status, wait)
   for i = 1, 3 do
     if levels[i] then r[#r + 1] = string.format('%.6f', levels[i]) else r[#r + 1] = '' end
   end
+  for i = 1, 3 do r[#r + 1] = string.format('%.0f', settled[i]) end
   return r
 end
 local function save(with_caps)
@@ -137,6 +146,10 @@ local function save(with_caps)
         fields[#fields + 1] = string.format('%.0f', caps[i])
       end
     end
+    fields[#fields + 1] = 'h' .. i
+    fields[#fields + 1] = string.format('%.0f', held[i])
+    fields[#fields + 1] = 's' .. i
+    fields[#fields + 1] = string.format('%.0f', settled[i])
   end
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -155,10 +168,14 @@ if mode == 'acquire' then
   end
   if wait > 0 then return out('wait', wait) end
   for i = 1, 3 do
-    if levels[i] then levels[i] = levels[i] - tonumber(ARGV[6 + i]) end
+    if levels[i] then
+      levels[i] = levels[i] - tonumber(ARGV[6 + i])
+      held[i] = held[i] + tonumber(ARGV[6 + i])
+    end
   end
+  local r = out('ok', 0)
   save()
-  return out('ok', 0)
+  return r
 elseif mode == 'settle' then
   for i = 1, 3 do
     if levels[i] then
@@ -166,6 +183,10 @@ elseif mode == 'settle' then
       if l > caps[i] then l = caps[i] end
       levels[i] = l
     end
+    -- charged (ARGV 10..12) leaves the held units; the final cost (13..15) is settled.
+    local c = tonumber(ARGV[9 + i] or '0')
+    held[i] = math.max(0, held[i] - c)
+    settled[i] = settled[i] + tonumber(ARGV[12 + i] or '0')
   end
   save()
   return out('ok', 0)
@@ -180,6 +201,14 @@ elseif mode == 'observe' or mode == 'seed' then
     local r = tonumber(ARGV[6 + i])
     if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) then
       levels[i] = r
+    end
+    -- Upward reconciliation (ARGV[16] = 1): the answer to a grant whose mark is ARGV 17..19
+    -- showed `r` left in a bucket of the same limit (ARGV 20..22 = 1): at least
+    -- r - held - (settled - mark) is there.
+    if ARGV[16] == '1' and levels[i] and r >= 0 and ARGV[19 + i] == '1' then
+      local since = math.max(0, settled[i] - tonumber(ARGV[16 + i]))
+      local floor = r - held[i] - since
+      if floor > levels[i] then levels[i] = math.min(floor, caps[i]) end
     end
   end
   save(true)
@@ -442,12 +471,18 @@ struct Reply {
     status: String,
     wait: Duration,
     levels: [Option<f64>; 3],
+    /// The store's `settled` counters (upward reconciliation); zeros from the other scripts.
+    settled: [u64; 3],
 }
 
 impl Reply {
     fn parse(raw: Vec<String>) -> Result<Self, StoreError> {
-        if raw.len() != 5 {
+        if raw.len() != 5 && raw.len() != 8 {
             return Err(StoreError::BadReply);
+        }
+        let mut settled = [0u64; 3];
+        for (slot, text) in settled.iter_mut().zip(raw.iter().skip(5)) {
+            *slot = text.parse().map_err(|_| StoreError::BadReply)?;
         }
         let wait_us: u64 = raw[1].parse().map_err(|_| StoreError::BadReply)?;
         let mut levels = [None; 3];
@@ -460,6 +495,7 @@ impl Reply {
             status: raw[0].clone(),
             wait: Duration::from_micros(wait_us),
             levels,
+            settled,
         })
     }
 }
@@ -757,8 +793,9 @@ impl RedisShared {
         outcome: Outcome,
     ) {
         let charged = grant.charged.map(|c| c.unwrap_or(0) as i64);
+        let final_cost = outcome.final_cost(&grant.charged);
         let deltas: [i64; 3] = match outcome {
-            Outcome::Keep | Outcome::Served => return,
+            Outcome::Keep | Outcome::Served => [0; 3],
             Outcome::Refund => charged,
             Outcome::Rejected => [0, charged[1], charged[2]],
             Outcome::Actual(actual) => {
@@ -772,8 +809,14 @@ impl RedisShared {
                 })
             }
         };
-        if deltas.iter().all(|d| *d == 0) || self.is_degraded() {
+        if self.is_degraded() {
             return;
+        }
+        let mut args = [0i64; 9];
+        args[..3].copy_from_slice(&deltas);
+        args[3..6].copy_from_slice(&charged);
+        for (a, c) in args[6..].iter_mut().zip(final_cost) {
+            *a = i64::try_from(c).unwrap_or(i64::MAX);
         }
         let Some(caps) = self.mirror.capacities(key, group) else {
             return;
@@ -781,7 +824,7 @@ impl RedisShared {
         let shared = self.clone();
         let (key, group) = (key.clone(), group.clone());
         spawn(async move {
-            match shared.eval(&key, &group, "settle", &caps, &deltas).await {
+            match shared.eval(&key, &group, "settle", &caps, &args).await {
                 Ok(reply) => {
                     shared.mirror.set_levels(&key, &group, reply.levels);
                     if deltas.iter().any(|d| *d > 0) {
@@ -814,7 +857,6 @@ impl RedisShared {
         snap: &RateLimitSnapshot,
         grant: Option<&Grant>,
     ) {
-        let _ = grant;
         self.fallback.observe(key, group, snap);
         // When these headers taught the limits, the requests that queued behind the probe
         // wait until Redis holds the server's view (which counts the probe): released
@@ -833,12 +875,21 @@ impl RedisShared {
             self.mirror.seeded(key, group);
             return;
         }
-        let mut extra = [0i64; 9];
+        let mut extra = [0i64; 16];
         for (i, v) in views.iter().enumerate() {
             extra[i] = v
                 .remaining
                 .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
             extra[3 + i] = if i == 0 { 0 } else { TOKEN_ROUNDING as i64 };
+        }
+        // Upward reconciliation: the answer to one of this board's Redis grants, for the
+        // buckets whose server limit is the one Redis holds.
+        if let Some(grant) = grant.filter(|g| g.origin == Origin::Shared) {
+            extra[9] = 1;
+            for (i, v) in views.iter().enumerate() {
+                extra[10 + i] = i64::try_from(grant.mark[i]).unwrap_or(i64::MAX);
+                extra[13 + i] = i64::from(v.limit.is_some() && v.limit == caps[i]);
+            }
         }
         // The probe's request unit (its tokens hide in the headers' rounding).
         extra[6] = i64::from(seeding);
@@ -871,6 +922,74 @@ impl RedisShared {
             fallback_acquires: c.fallback_acquires.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             local_share: self.share,
+        }
+    }
+}
+
+/// One look at the Redis buckets of a `(key, group)` without waiting (see
+/// [`QuotaBoard::try_shared`]).
+pub(crate) enum SharedTry {
+    /// Taken.
+    Granted(Reservation),
+    /// Not now: the buckets hold the cost after this long (without refunds).
+    Wait(Duration),
+    /// Larger than the buckets.
+    TooLarge(AcquireError),
+    /// Not decidable in one round trip (limits unknown here, being seeded, or Redis down):
+    /// use [`QuotaBoard::acquire`].
+    Acquire,
+}
+
+impl RedisShared {
+    /// One acquire script call for `(key, group)`: takes `cost` if it fits now.
+    pub(crate) async fn try_once(
+        self: &Arc<Self>,
+        board: &QuotaBoard,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: Cost,
+    ) -> SharedTry {
+        if self.is_degraded() || self.mirror.is_seeding(key, group) {
+            return SharedTry::Acquire;
+        }
+        let Some(caps) = self.mirror.capacities(key, group) else {
+            return SharedTry::Acquire;
+        };
+        let a = amounts(&caps, &cost);
+        let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        match self.eval(key, group, "acquire", &caps, &args).await {
+            Ok(reply) => {
+                self.mirror.set_levels(key, group, reply.levels);
+                match reply.status.as_str() {
+                    "ok" => {
+                        self.counters.shared_grants.fetch_add(1, Ordering::Relaxed);
+                        self.mirror.track_shared(key, group, true);
+                        let grant = Grant {
+                            charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
+                            probe: false,
+                            origin: Origin::Shared,
+                            mark: reply.settled,
+                        };
+                        SharedTry::Granted(board.reservation(
+                            key.clone(),
+                            group.clone(),
+                            cost,
+                            grant,
+                        ))
+                    }
+                    "large" => SharedTry::TooLarge(AcquireError::new(
+                        AcquireErrorKind::RequestTooLarge,
+                        key.clone(),
+                        group.clone(),
+                        None,
+                    )),
+                    _ => SharedTry::Wait(reply.wait),
+                }
+            }
+            Err(e) => {
+                self.mark_down(&e);
+                SharedTry::Acquire
+            }
         }
     }
 }
@@ -986,7 +1105,7 @@ impl SharedAcquire {
                                 charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
                                 probe: false,
                                 origin: Origin::Shared,
-                                mark: [0; 3],
+                                mark: reply.settled,
                             };
                             return Ok(board.reservation(key, group, cost, grant));
                         }
