@@ -316,14 +316,21 @@ async fn remote_attempt(
     cost: Cost,
     candidates: &[(usize, KeyId)],
     deadline: Option<Instant>,
+    line: &mut RemoteLine,
 ) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
     use crate::quota::redis::SharedTry;
     let mut soonest: Option<Duration> = None;
     let mut too_large = None;
     for (index, id) in candidates {
-        let wait = match board.try_shared(id, group, cost).await {
-            SharedTry::Granted(reservation) => return Ok(Ok((*index, reservation))),
-            SharedTry::Wait(d) => d,
+        let wait = match board.try_shared(id, group, cost, line.ticket).await {
+            SharedTry::Granted(reservation) => {
+                line.served(id);
+                return Ok(Ok((*index, reservation)));
+            }
+            SharedTry::Wait(d) => {
+                line.queued(id);
+                d
+            }
             SharedTry::TooLarge(e) => {
                 too_large.get_or_insert(e);
                 continue;
@@ -347,6 +354,53 @@ async fn remote_attempt(
     }
 }
 
+/// The head's ticket in the Redis lines of the keys it waits on (arrival order across
+/// nodes): one ticket for all of them, left on every key but the one that served it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+struct RemoteLine {
+    board: QuotaBoard,
+    group: RateLimitGroup,
+    ticket: i64,
+    keys: Vec<KeyId>,
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl RemoteLine {
+    fn new(board: &QuotaBoard, group: &RateLimitGroup) -> Self {
+        #[cfg(feature = "redis")]
+        let ticket = crate::quota::redis::new_ticket();
+        #[cfg(not(feature = "redis"))]
+        let ticket = 0;
+        Self {
+            board: board.clone(),
+            group: group.clone(),
+            ticket,
+            keys: Vec::new(),
+        }
+    }
+
+    fn queued(&mut self, key: &KeyId) {
+        if !self.keys.contains(key) {
+            self.keys.push(key.clone());
+        }
+    }
+
+    /// Served on `key`: the script took the ticket out of that line.
+    fn served(&mut self, key: &KeyId) {
+        self.keys.retain(|k| k != key);
+    }
+}
+
+impl Drop for RemoteLine {
+    fn drop(&mut self) {
+        #[cfg(feature = "redis")]
+        for key in &self.keys {
+            self.board.leave_line(key, &self.group, self.ticket);
+        }
+    }
+}
+
 #[cfg(not(feature = "redis"))]
 async fn remote_attempt(
     _board: &QuotaBoard,
@@ -354,6 +408,7 @@ async fn remote_attempt(
     _cost: Cost,
     _candidates: &[(usize, KeyId)],
     _deadline: Option<Instant>,
+    _line: &mut RemoteLine,
 ) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
     // Without the `redis` feature no board is shared.
     Ok(Err(RECHECK))
@@ -621,6 +676,7 @@ impl Pool {
         }
         // At the head: take the first key that admits the request.
         let changes = board.changes();
+        let mut line = RemoteLine::new(&board, &group);
         loop {
             let changed = changes.notified();
             let mut changed = std::pin::pin!(changed);
@@ -643,7 +699,9 @@ impl Pool {
                 }
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Remote(candidates) => {
-                    match remote_attempt(&board, &group, cost, &candidates, deadline).await {
+                    let attempt =
+                        remote_attempt(&board, &group, cost, &candidates, deadline, &mut line);
+                    match attempt.await {
                         Ok(Ok((index, reservation))) => {
                             let pick = self.picked(&mut self.lock(), index);
                             drop(ticket);

@@ -227,10 +227,19 @@ impl QuotaBoard {
         key: &KeyId,
         group: &RateLimitGroup,
         cost: Cost,
+        ticket: i64,
     ) -> super::redis::SharedTry {
         match &self.shared {
-            Some(shared) => shared.try_once(self, key, group, cost).await,
+            Some(shared) => shared.try_once(self, key, group, cost, ticket).await,
             None => super::redis::SharedTry::Acquire,
+        }
+    }
+
+    /// Takes `ticket` out of the Redis line of `(key, group)` (in the background).
+    #[cfg(feature = "redis")]
+    pub(crate) fn leave_line(&self, key: &KeyId, group: &RateLimitGroup, ticket: i64) {
+        if let Some(shared) = &self.shared {
+            shared.leave(key, group, ticket);
         }
     }
 

@@ -166,6 +166,28 @@ if mode == 'acquire' then
       end
     end
   end
+  -- Arrival order across processes: a waiter holds a ticket (ARGV[10], '0': none) in the
+  -- line KEYS[2] (score: arrival) and KEYS[3] (score: last seen); tickets not seen for
+  -- ARGV[11] µs are dropped. Nobody takes quota while an older ticket waits.
+  local ticket = ARGV[10] or '0'
+  if ticket ~= '0' then
+    local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[11]))
+    for _, m in ipairs(gone) do
+      redis.call('ZREM', KEYS[2], m)
+      redis.call('ZREM', KEYS[3], m)
+    end
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    if wait > 0 or (head and head ~= ticket) then
+      redis.call('ZADD', KEYS[2], 'NX', now, ticket)
+      redis.call('ZADD', KEYS[3], now, ticket)
+      redis.call('PEXPIRE', KEYS[2], ttl)
+      redis.call('PEXPIRE', KEYS[3], ttl)
+      if head and head ~= ticket and wait < 20000 then wait = 20000 end
+      return out('wait', wait)
+    end
+    redis.call('ZREM', KEYS[2], ticket)
+    redis.call('ZREM', KEYS[3], ticket)
+  end
   if wait > 0 then return out('wait', wait) end
   for i = 1, 3 do
     if levels[i] then
@@ -237,6 +259,18 @@ local ttl = redis.call('PTTL', KEYS[2])
 if ttl < 0 then ttl = 0 end
 return {'wait', string.format('%.0f', ttl * 1000), '', '', ''}
 "#;
+
+/// Takes ticket `ARGV[1]` out of the line `KEYS[1]` / `KEYS[2]` (a waiter served elsewhere
+/// or gone).
+const LEAVE_SCRIPT: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"#;
+
+/// A ticket not seen for this long leaves the line (its process died or moved on); waiters
+/// holding one look again at least every [`TICKET_REFRESH`].
+const TICKET_STALE: Duration = Duration::from_secs(2);
+const TICKET_REFRESH: Duration = Duration::from_millis(500);
 
 /// Releases the learning lock `KEYS[1]` if this process (`ARGV[1]`) still holds it.
 const UNLOCK_SCRIPT: &str = r#"
@@ -518,6 +552,7 @@ pub(crate) struct RedisShared {
     script: redis::Script,
     peek_script: redis::Script,
     unlock_script: redis::Script,
+    leave_script: redis::Script,
     /// This process's value in the learning locks it holds.
     token: String,
     options: RedisOptions,
@@ -578,6 +613,19 @@ fn amounts(caps: &[Option<u64>; 3], cost: &Cost) -> [u64; 3] {
         a[2] = a[2].min(cap);
     }
     a
+}
+
+/// The arguments of an acquire: the amounts, the waiter's ticket (0: none) and when a ticket
+/// goes stale (µs).
+fn acquire_args(amounts: &[u64; 3], ticket: i64) -> [i64; 5] {
+    let a = amounts.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    let stale = i64::try_from(TICKET_STALE.as_micros()).unwrap_or(i64::MAX);
+    [a[0], a[1], a[2], ticket, stale]
+}
+
+/// A new ticket for a line in Redis (random: unique across processes in practice).
+pub(crate) fn new_ticket() -> i64 {
+    fastrand::i64(1..i64::MAX)
 }
 
 fn cap_arg(cap: Option<u64>) -> i64 {
@@ -678,7 +726,9 @@ impl RedisShared {
         let Some(mut conn) = self.connection() else {
             return Err(StoreError::NotConnected);
         };
-        let mut inv = self.script.key(self.redis_key(key, group));
+        let bucket = self.redis_key(key, group);
+        let mut inv = self.script.key(&bucket);
+        inv.key(format!("{bucket}:line")).key(format!("{bucket}:seen"));
         inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
         for cap in caps {
             inv.arg(cap_arg(*cap));
@@ -692,6 +742,24 @@ impl RedisShared {
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Ok(Ok(raw)) => Reply::parse(raw),
         }
+    }
+
+    /// Takes `ticket` out of the line of `(key, group)`, in the background.
+    pub(crate) fn leave(self: &Arc<Self>, key: &KeyId, group: &RateLimitGroup, ticket: i64) {
+        if ticket == 0 || self.is_degraded() {
+            return;
+        }
+        let shared = self.clone();
+        let bucket = self.redis_key(key, group);
+        spawn(async move {
+            let Some(mut conn) = shared.connection() else {
+                return;
+            };
+            let mut inv = shared.leave_script.key(format!("{bucket}:line"));
+            inv.key(format!("{bucket}:seen")).arg(ticket);
+            let call = inv.invoke_async::<i64>(&mut conn);
+            let _ = tokio::time::timeout(shared.options.response_timeout, call).await;
+        });
     }
 
     /// A command failed: switch to local limits (once) and start probing.
@@ -948,6 +1016,7 @@ impl RedisShared {
         key: &KeyId,
         group: &RateLimitGroup,
         cost: Cost,
+        ticket: i64,
     ) -> SharedTry {
         if self.is_degraded() || self.mirror.is_seeding(key, group) {
             return SharedTry::Acquire;
@@ -956,7 +1025,7 @@ impl RedisShared {
             return SharedTry::Acquire;
         };
         let a = amounts(&caps, &cost);
-        let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let args = acquire_args(&a, ticket);
         match self.eval(key, group, "acquire", &caps, &args).await {
             Ok(reply) => {
                 self.mirror.set_levels(key, group, reply.levels);
@@ -990,6 +1059,25 @@ impl RedisShared {
                 self.mark_down(&e);
                 SharedTry::Acquire
             }
+        }
+    }
+}
+
+/// A ticket in the line of a `(key, group)` in Redis, left when dropped (served: the script
+/// already took it out; then this is a no-op).
+pub(crate) struct Leave {
+    pub(crate) shared: Arc<RedisShared>,
+    pub(crate) key: KeyId,
+    pub(crate) group: RateLimitGroup,
+    pub(crate) ticket: i64,
+    /// The ticket may be in the line (a wait was answered since the last grant).
+    pub(crate) queued: bool,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if self.queued {
+            self.shared.leave(&self.key, &self.group, self.ticket);
         }
     }
 }
@@ -1057,6 +1145,14 @@ impl SharedAcquire {
             cost,
             deadline,
         } = self;
+        // This acquire's place in the line across processes; left when it ends either way.
+        let mut ticket = Leave {
+            shared: shared.clone(),
+            key: key.clone(),
+            group: group.clone(),
+            ticket: new_ticket(),
+            queued: false,
+        };
         loop {
             if shared.is_degraded() {
                 if shared.options.fail_closed {
@@ -1088,7 +1184,7 @@ impl SharedAcquire {
                 return Ok(board.reservation(key, group, cost, grant));
             };
             let a = amounts(&caps, &cost);
-            let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+            let args = acquire_args(&a, ticket.ticket);
             // Registered before the call, so that a refund during the round trip is not missed.
             let refunded = shared.refunded.notified();
             match shared.eval(&key, &group, "acquire", &caps, &args).await {
@@ -1096,6 +1192,7 @@ impl SharedAcquire {
                     shared.mirror.set_levels(&key, &group, reply.levels);
                     match reply.status.as_str() {
                         "ok" => {
+                            ticket.queued = false;
                             shared
                                 .counters
                                 .shared_grants
@@ -1118,9 +1215,11 @@ impl SharedAcquire {
                             ));
                         }
                         _ => {
+                            ticket.queued = true;
                             // Sleep until the buckets hold the cost (or the deadline), unless a
-                            // reservation of this process gives quota back first.
-                            let wake = Instant::now() + reply.wait;
+                            // reservation of this process gives quota back first; look again
+                            // often enough to keep the ticket.
+                            let wake = Instant::now() + reply.wait.min(TICKET_REFRESH);
                             let (until, last) = match deadline {
                                 Some(d) if wake > d => (d, true),
                                 _ => (wake, false),
@@ -1277,6 +1376,7 @@ impl QuotaBoardBuilder {
             script: redis::Script::new(SCRIPT),
             peek_script: redis::Script::new(PEEK_SCRIPT),
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
+            leave_script: redis::Script::new(LEAVE_SCRIPT),
             token: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
             options,
             share,
