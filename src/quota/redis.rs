@@ -728,7 +728,8 @@ impl RedisShared {
         };
         let bucket = self.redis_key(key, group);
         let mut inv = self.script.key(&bucket);
-        inv.key(format!("{bucket}:line")).key(format!("{bucket}:seen"));
+        inv.key(format!("{bucket}:line"))
+            .key(format!("{bucket}:seen"));
         inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
         for cap in caps {
             inv.arg(cap_arg(*cap));
