@@ -362,7 +362,6 @@ impl QuotaBoard {
             Check::TooLarge => (AcquireErrorKind::RequestTooLarge, None),
             Check::Wait(d) => (AcquireErrorKind::QueueTimeout, Some(d)),
             Check::Ready => (AcquireErrorKind::QueueTimeout, Some(Duration::ZERO)),
-            Check::Blocked => (AcquireErrorKind::QueueTimeout, None),
         };
         AcquireError::new(kind, key.clone(), group.clone(), available_in)
     }

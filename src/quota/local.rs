@@ -24,6 +24,10 @@ pub(crate) type EntryKey = (KeyId, RateLimitGroup);
 const REQUESTS: usize = 0;
 const OUTPUT: usize = 2;
 
+/// How long requests wait behind the probe that learns unknown limits before they are sent
+/// without limits (its answer may take long, or never come).
+const PROBE_GRACE: Duration = Duration::from_secs(2);
+
 /// Token `remaining` headers are rounded down to thousands: the true level is in
 /// `[R, R + TOKEN_ROUNDING]`.
 const TOKEN_ROUNDING: u64 = 999;
@@ -123,8 +127,6 @@ pub(crate) enum Outcome {
 pub(crate) enum Check {
     Ready,
     Wait(Duration),
-    /// Waiting for the probe that learns the limits (no timer helps).
-    Blocked,
     TooLarge,
 }
 
@@ -190,6 +192,8 @@ struct Entry {
     unlimited: bool,
     /// A probe is in flight (limits unknown: one request at a time until they are learned).
     probe_out: bool,
+    /// When the probe out was sent.
+    probe_since: Instant,
     snapshot: Option<(RateLimitSnapshot, Instant)>,
     queue: VecDeque<Waiter>,
     outstanding: usize,
@@ -217,6 +221,7 @@ impl Entry {
             slots,
             unlimited: false,
             probe_out: false,
+            probe_since: now,
             snapshot: None,
             queue: VecDeque::new(),
             outstanding: 0,
@@ -264,10 +269,16 @@ impl Entry {
 
     fn check(&self, cost: &Cost, now: Instant) -> Check {
         if !self.known() {
-            return if self.unlimited || !self.probe_out {
+            if self.unlimited || !self.probe_out {
+                return Check::Ready;
+            }
+            // Behind the probe, but not for longer than the grace: a slow or hung probe does
+            // not hold the others for its whole answer time.
+            let until = self.probe_since + PROBE_GRACE;
+            return if now >= until {
                 Check::Ready
             } else {
-                Check::Blocked
+                Check::Wait(until - now)
             };
         }
         let amounts = self.amounts(cost);
@@ -288,9 +299,11 @@ impl Entry {
     }
 
     fn take(&mut self, cost: &Cost, now: Instant) -> Grant {
-        let probe = !self.known() && !self.unlimited;
+        // One probe at a time; requests let through after the probe grace are not probes.
+        let probe = !self.known() && !self.unlimited && !self.probe_out;
         if probe {
             self.probe_out = true;
+            self.probe_since = now;
         }
         let amounts = self.amounts(cost);
         let mut charged = [None; 3];
@@ -471,7 +484,7 @@ impl Entry {
             let state = match self.check(&cost, now) {
                 Check::Ready => WaitState::Granted(self.take(&cost, now)),
                 Check::TooLarge => WaitState::TooLarge,
-                Check::Wait(_) | Check::Blocked => {
+                Check::Wait(_) => {
                     let w = &mut self.queue[idx];
                     if Some(w.id) != except {
                         if let Some(waker) = w.waker.take() {
@@ -828,7 +841,7 @@ impl LocalBackend {
             _ if e.defers_to_store() => None,
             Check::Wait(d) => Some(d),
             Check::Ready => Some(Duration::ZERO),
-            Check::Blocked | Check::TooLarge => None,
+            Check::TooLarge => None,
         };
         if let Some(d) = deadline {
             if now >= d {
@@ -982,7 +995,7 @@ impl LocalBackend {
         self.with_view(key, group, |e, now| match e.check(cost, now) {
             Check::Ready => Some(Duration::ZERO),
             Check::Wait(d) => Some(d),
-            Check::Blocked | Check::TooLarge => None,
+            Check::TooLarge => None,
         })
         .unwrap_or(Some(Duration::ZERO))
     }
