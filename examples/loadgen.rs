@@ -253,9 +253,10 @@ async fn fleet(args: FleetArgs) -> Result<(), BoxError> {
                     return;
                 }
                 let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_mul(1_000_003) ^ i);
-                // About 3 bytes a token (the simulator's estimate).
-                let input = rng.u64(100..=500);
-                let prompt = format!("{} task {i} ", args.label) + &"x".repeat(input as usize * 3);
+                // 100-500 input tokens as the simulator counts them (3 bytes a token, plus
+                // about 26 for the request's structure).
+                let input = rng.u64(100..=500) - 26;
+                let prompt = format!("{} task {i:05} ", args.label) + &"x".repeat(input as usize * 3 - 12);
                 let body = serde_json::json!({
                     "model": args.model,
                     "max_tokens": rng.u64(300..=1500),

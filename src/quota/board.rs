@@ -40,7 +40,10 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 ///
 /// **The server's view.** Every response's `anthropic-ratelimit-*` headers lower local levels
 /// that are above the server's `remaining` (other clients of the organisation use the same
-/// quota); they never raise them.
+/// quota). The headers of a successful answer, given to
+/// [`Reservation::observe`], also raise levels the answer proves too low (a limit raised
+/// upstream, another client that stopped), minus everything admitted since and in flight.
+/// A configured limit below the server's, or a local share, is never raised.
 ///
 /// **Memory.** Entries that are idle (no waiter, nothing in flight, every bucket full) for the
 /// idle timeout (5 minutes by default) are evicted, amortised over insertions.
@@ -406,7 +409,8 @@ impl QuotaBoard {
     /// configured, and lowers local levels to the server's `remaining` (the server also sees
     /// other clients of the organisation). A token `remaining` of `R` is rounded down by the
     /// server (the truth is in `[R, R + 999]`): it only lowers a level above `R + 999`, and
-    /// then to `R`. Levels are never raised from headers.
+    /// then to `R`. Levels are never raised here: [`Reservation::observe`] knows which request
+    /// the headers answer, and raises too.
     pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
         match &self.backend {
             Backend::Local(b) => b.observe(key, group, snapshot),
