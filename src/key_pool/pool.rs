@@ -20,6 +20,10 @@ use crate::quota::{AcquireError, AcquireErrorKind, Cost, QuotaBoard, Reservation
 /// another path, a shared store).
 const RECHECK: Duration = Duration::from_millis(250);
 
+/// The same with a shared store (Redis): other nodes' refunds wake nobody here, so the head
+/// looks again sooner (one round trip per key; the Redis line keeps arrival order).
+const REMOTE_RECHECK: Duration = Duration::from_millis(50);
+
 /// Two headroom fractions closer than this are a tie (broken by in-flight count, then by
 /// least recent use).
 const FRACTION_EPSILON: f64 = 1e-6;
@@ -708,7 +712,7 @@ impl Pool {
                             return Ok((pick, reservation, started.elapsed()));
                         }
                         Ok(Err(_)) if last => return Err(timed_out(&self, None)),
-                        Ok(Err(wait)) => Some(wait.min(RECHECK)),
+                        Ok(Err(wait)) => Some(wait.min(REMOTE_RECHECK)),
                         Err(e) => return Err(e),
                     }
                 }
