@@ -256,7 +256,8 @@ async fn fleet(args: FleetArgs) -> Result<(), BoxError> {
                 // 100-500 input tokens as the simulator counts them (3 bytes a token, plus
                 // about 26 for the request's structure).
                 let input = rng.u64(100..=500) - 26;
-                let prompt = format!("{} task {i:05} ", args.label) + &"x".repeat(input as usize * 3 - 12);
+                let prompt =
+                    format!("{} task {i:05} ", args.label) + &"x".repeat(input as usize * 3 - 12);
                 let body = serde_json::json!({
                     "model": args.model,
                     "max_tokens": rng.u64(300..=1500),
