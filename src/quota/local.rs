@@ -24,6 +24,9 @@ pub(crate) type EntryKey = (KeyId, RateLimitGroup);
 const REQUESTS: usize = 0;
 const OUTPUT: usize = 2;
 
+/// No raise from the headers for this long after the server refused a request.
+const RAISE_PAUSE: Duration = Duration::from_secs(60);
+
 /// How long requests wait behind the probe that learns unknown limits before they are sent
 /// without limits (its answer may take long, or never come).
 const PROBE_GRACE: Duration = Duration::from_secs(2);
@@ -207,6 +210,10 @@ struct Entry {
     seeding: bool,
     /// Held and settled units, for raising levels from the server's view.
     ledger: Ledger,
+    /// When the server last refused a request of this entry (an error status): its
+    /// `remaining` is not the whole truth then (an acceleration limit, overload), so levels
+    /// are not raised for a minute after.
+    refused_at: Option<Instant>,
 }
 
 impl Entry {
@@ -229,6 +236,7 @@ impl Entry {
             mirror,
             seeding: false,
             ledger: Ledger::default(),
+            refused_at: None,
         }
     }
 
@@ -357,6 +365,9 @@ impl Entry {
         }
         self.ledger
             .settle(&grant.charged, outcome.final_cost(&grant.charged));
+        if matches!(outcome, Outcome::Rejected) {
+            self.refused_at = Some(now);
+        }
         if grant.probe {
             // A probe dropped before its answer (`Keep`), refused or refunded teaches nothing:
             // the next request probes.
@@ -417,6 +428,12 @@ impl Entry {
     /// Raises levels that are below what the answer to `grant` proves is there (see
     /// [`Ledger::floor`]): a limit raised upstream, or another client of the key that stopped.
     fn raise(&mut self, snap: &RateLimitSnapshot, grant: &Grant, now: Instant) {
+        if self
+            .refused_at
+            .is_some_and(|at| now.saturating_duration_since(at) < RAISE_PAUSE)
+        {
+            return;
+        }
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
             let (Some(s), Some(r)) = (slot, view.remaining) else {
