@@ -404,9 +404,10 @@ async fn a_mirror_releases_the_waiters_behind_the_probe_to_the_shared_store() {
     let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost) else {
         panic!("the second request must wait for the probe");
     };
+    // It waits behind the probe, at most for the probe grace (2 s).
     assert!(matches!(
         m.poll_waiter(&k(), &g(), id, waker, None),
-        WaitPoll::Pending(None)
+        WaitPoll::Pending(Some(at)) if at == tokio::time::Instant::now() + Duration::from_secs(2)
     ));
     // The headers teach the limits: the waiter stays queued until the store is seeded.
     m.observe(
@@ -450,4 +451,29 @@ async fn a_mirror_releases_the_waiters_behind_the_probe_to_the_shared_store() {
     );
     assert!(matches!(poll_once(&mut second), Poll::Ready(Ok(_))));
     probe.settle(cost);
+}
+
+/// Issue 18: a cold `(key, group)` sends one probe; the others wait behind it at most the
+/// probe grace (2 s), not for its whole answer time (or forever, behind a hung probe), and
+/// are not probes themselves.
+#[tokio::test(start_paused = true)]
+async fn requests_behind_a_slow_probe_go_after_the_grace() {
+    let b = QuotaBoard::new();
+    let probe = b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    let start = tokio::time::Instant::now();
+    let waiting = b.acquire(k(), g(), Cost::new(1, 1, 1));
+    let second = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("not held for the probe's whole answer time")
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    // Sent without limits (none known yet): nothing charged, and still only one probe.
+    assert_eq!(second.charged(), Cost::new(0, 0, 0));
+    second.settle(Cost::new(1, 1, 1));
+    assert!(b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).is_ok());
+    // The probe's answer, 30 s later, still teaches the limits.
+    tokio::time::sleep(Duration::from_secs(28)).await;
+    probe.observe(&snap((50, 40), (30_000, 29_000), (8_000, 7_000)));
+    probe.settle(Cost::new(1, 1, 1));
+    assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 50);
 }

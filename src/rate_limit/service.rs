@@ -15,7 +15,7 @@ use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Cost, Limits, OutputReservation, QuotaBoard};
+use crate::quota::{AcquireErrorKind, Admission, Cost, Limits, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
 
 #[derive(Debug)]
@@ -112,6 +112,15 @@ where
             reads_count,
         }));
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
+        // Admitted above (a key pool took the quota for this key): use that reservation.
+        if let Some((reservation, waited)) = req
+            .extensions_mut()
+            .remove::<Admission>()
+            .and_then(|a| a.take(&key, &group))
+        {
+            let fut = self.inner.call(req);
+            return ResponseFuture::called(fut, reservation, waited, stream, config.clone(), note);
+        }
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {

@@ -282,9 +282,7 @@ where
         let attempted = within(ctx.deadline, async move {
             match call.await.map_err(Into::into) {
                 Err(err) => Outcome::Failed(err),
-                Ok(response) => {
-                    inspect(response, shared_ref, template, attempt, read_json).await
-                }
+                Ok(response) => inspect(response, shared_ref, template, attempt, read_json).await,
             }
         })
         .await;
