@@ -230,6 +230,34 @@ async fn a_request_whose_counted_input_exceeds_the_limit_is_refused_with_the_num
     assert_eq!(mock.stats().received, 0);
 }
 
+/// The same refusal when a key pool sharing the board admits the request (issue 12): the
+/// pool's error carries the numbers too.
+#[tokio::test(start_paused = true)]
+async fn a_key_pool_refuses_a_counted_input_over_the_limit_with_the_numbers() {
+    let mock = mock(80_000);
+    let layer = RateLimitLayer::new().limits(group(), Limits::new(1_000, 80_000, 400_000));
+    let pool = KeyPoolLayer::new([API_KEY])
+        .unwrap()
+        .board(layer.quota_board().clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(pool)
+        .layer(layer)
+        .service(mock.clone());
+    let big = text("big", 90_000);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(body(&big, "", None, "hi")))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<AcquireError>().expect("AcquireError");
+    assert_eq!(err.kind(), AcquireErrorKind::RequestTooLarge);
+    let (cost, limits) = err.sizes().expect("sizes");
+    assert!(cost.input_tokens >= 90_000 && limits.itpm == 80_000);
+    assert_eq!(mock.stats().received, 0);
+}
+
 /// A rate-limited service over `mock` that pushes to `reserved` the input tokens each request
 /// reserved (the input bucket is full before each request; its level is read at the call).
 fn spying(

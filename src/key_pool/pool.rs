@@ -367,7 +367,7 @@ async fn remote_attempt(
                 d
             }
             SharedTry::TooLarge(e) => {
-                too_large.get_or_insert(e);
+                too_large.get_or_insert_with(|| board.with_sizes(e, &cost));
                 continue;
             }
             SharedTry::Acquire => {
@@ -636,13 +636,14 @@ impl Pool {
                 remote.push((index, id.clone()));
                 continue;
             }
-            match board.try_acquire(id, group, costs.of(index)) {
+            let cost = costs.of(index);
+            match board.try_acquire(id, group, cost) {
                 Ok(reservation) => {
                     let pick = self.picked(&mut state, index);
                     return Attempt::Admitted(pick, Box::new(reservation));
                 }
                 Err(e) if e.kind() == AcquireErrorKind::RequestTooLarge => {
-                    too_large.get_or_insert(e);
+                    too_large.get_or_insert_with(|| board.with_sizes(e, &cost));
                 }
                 Err(e) => match e.available_in().filter(|d| !d.is_zero()) {
                     Some(d) => soonest = Some(soonest.map_or(d, |s| s.min(d))),

@@ -377,6 +377,22 @@ impl QuotaBoard {
         }
     }
 
+    /// `err` (a [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge) of its key and group)
+    /// with the counted `cost` and the limits of the buckets it does not fit
+    /// ([`AcquireError::sizes`]).
+    pub(crate) fn with_sizes(&self, err: AcquireError, cost: &Cost) -> AcquireError {
+        let Some(h) = self.headroom(err.key(), err.group()) else {
+            return err;
+        };
+        let limit = |b: Option<super::BucketHeadroom>| b.map_or(u64::MAX, |b| b.limit);
+        let limits = Limits::new(
+            limit(h.requests),
+            limit(h.input_tokens),
+            limit(h.output_tokens),
+        );
+        err.with_sizes(*cost, limits)
+    }
+
     pub(crate) fn check_error(
         &self,
         key: &KeyId,

@@ -15,7 +15,7 @@ use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Admission, Cost, Limits, OutputReservation, QuotaBoard};
+use crate::quota::{AcquireErrorKind, Admission, Cost, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
 
 #[derive(Debug)]
@@ -136,19 +136,9 @@ where
                 )
             }
             Err(check) => {
-                let mut err = config.board.check_error(&key, &group, check);
+                let err = config.board.check_error(&key, &group, check);
                 if err.kind() == AcquireErrorKind::RequestTooLarge {
-                    if let Some(h) = config.board.headroom(&key, &group) {
-                        let limit = |b: Option<crate::quota::BucketHeadroom>| {
-                            b.map_or(u64::MAX, |b| b.limit)
-                        };
-                        let limits = Limits::new(
-                            limit(h.requests),
-                            limit(h.input_tokens),
-                            limit(h.output_tokens),
-                        );
-                        err = err.with_sizes(cost, limits);
-                    }
+                    let err = config.board.with_sizes(err, &cost);
                     tracing::warn!(
                         key = %key,
                         group = %group,
