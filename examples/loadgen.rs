@@ -54,7 +54,22 @@ enum Command {
         /// Output tokens of every answer (capped by the request's max_tokens).
         #[arg(long, default_value_t = 100)]
         output_tokens: u64,
+        /// Per-key limits `RPM,ITPM,OTPM` (per key and model group; default: never binding).
+        #[arg(long, value_parser = limits)]
+        limits: Option<MockLimits>,
+        /// Latency of every answer.
+        #[arg(long, default_value = "0ms", value_parser = duration)]
+        latency: Duration,
+        /// Change the limits to `--raise-to` this long after the first request.
+        #[arg(long, value_parser = duration)]
+        raise_after: Option<Duration>,
+        /// The limits after `--raise-after`, `RPM,ITPM,OTPM`.
+        #[arg(long, value_parser = limits)]
+        raise_to: Option<MockLimits>,
     },
+    /// A fleet of concurrent clients working through a fixed number of tasks (a batch job):
+    /// prints one JSON line with the tasks done and failed and the time it took.
+    Fleet(FleetArgs),
     /// Send Messages requests to a base URL and report latency and throughput.
     Run(RunArgs),
 }
@@ -103,6 +118,46 @@ struct RunArgs {
     json: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+struct FleetArgs {
+    /// Base URL (a proxy); `/v1/messages` is appended.
+    #[arg(long)]
+    url: String,
+    /// Tasks to run.
+    #[arg(long, default_value_t = 200)]
+    tasks: u64,
+    /// Tasks in flight at once.
+    #[arg(long, short = 'c', default_value_t = 16)]
+    connections: usize,
+    /// Model of every task.
+    #[arg(long, default_value = "claude-opus-4-5")]
+    model: String,
+    /// Start at this Unix time in milliseconds (fleets started together), else now.
+    #[arg(long)]
+    start_at_ms: Option<u64>,
+    /// Seed of the task sizes (100-500 input tokens, max_tokens 300-1500).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Name printed with the result.
+    #[arg(long, default_value = "fleet")]
+    label: String,
+    /// Give up on a task after this long.
+    #[arg(long, default_value = "300s", value_parser = duration)]
+    timeout: Duration,
+}
+
+fn limits(s: &str) -> Result<MockLimits, String> {
+    let parts: Vec<u64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("`{s}`: {e} (expected RPM,ITPM,OTPM)"))?;
+    match parts[..] {
+        [rpm, itpm, otpm] => Ok(MockLimits::new(rpm, itpm, otpm)),
+        _ => Err(format!("`{s}`: expected RPM,ITPM,OTPM")),
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration (e.g. 500ms, 10s, 1m)"))
 }
@@ -116,7 +171,15 @@ async fn main() -> Result<(), BoxError> {
         Command::Mock {
             listen,
             output_tokens,
-        } => serve_mock(listen, output_tokens).await,
+            limits,
+            latency,
+            raise_after,
+            raise_to,
+        } => {
+            let raise = raise_after.zip(raise_to);
+            serve_mock(listen, output_tokens, limits, latency, raise).await
+        }
+        Command::Fleet(args) => fleet(args).await,
         Command::Run(args) => {
             let report = run(args.clone()).await?;
             report.print(&args);
@@ -128,25 +191,113 @@ async fn main() -> Result<(), BoxError> {
     }
 }
 
-async fn serve_mock(listen: SocketAddr, output_tokens: u64) -> Result<(), BoxError> {
+async fn serve_mock(
+    listen: SocketAddr,
+    output_tokens: u64,
+    limits: Option<MockLimits>,
+    latency: Duration,
+    raise: Option<(Duration, MockLimits)>,
+) -> Result<(), BoxError> {
     let never_binding = MockLimits::new(1_000_000_000, 1_000_000_000_000, 1_000_000_000_000);
     let mock = MockClaude::builder()
-        .default_limits(never_binding)
+        .default_limits(limits.unwrap_or(never_binding))
         .output_tokens(output_tokens)
+        .latency(latency, Duration::ZERO)
         .build();
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
-        "simulator listening on http://{} (no latency, {output_tokens} output tokens)",
+        "simulator listening on http://{} ({latency:?} latency, {output_tokens} output tokens, limits {limits:?})",
         listener.local_addr()?
     );
+    if let Some((after, to)) = raise {
+        // The raise counts from the first request.
+        let mock = mock.clone();
+        tokio::spawn(async move {
+            while mock.stats().received == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(after).await;
+            mock.set_limits(to);
+            eprintln!("simulator: limits raised to {to:?}");
+        });
+    }
     tokio::select! {
         served = mock.serve(listener) => served?,
         _ = tokio::signal::ctrl_c() => {}
     }
     let stats = mock.stats();
     eprintln!(
-        "simulator: {} requests received, {} accepted, statuses {:?}",
-        stats.received, stats.accepted, stats.by_status
+        "simulator: {} requests received, {} accepted, {} refused with 429, statuses {:?}",
+        stats.received, stats.accepted, stats.rate_limited, stats.by_status
+    );
+    Ok(())
+}
+
+/// Runs `--tasks` tasks, `--connections` at a time, and prints one JSON line.
+async fn fleet(args: FleetArgs) -> Result<(), BoxError> {
+    let uri: http::Uri = format!("{}/v1/messages", args.url.trim_end_matches('/')).parse()?;
+    let client: LoadClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.connections)
+        .build(HttpConnector::new());
+    if let Some(at) = args.start_at_ms {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms))).await;
+    }
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let (client, uri, args) = (client.clone(), uri.clone(), args.clone());
+        let (next, ok, failed) = (next.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= args.tasks {
+                    return;
+                }
+                let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_mul(1_000_003) ^ i);
+                // 100-500 input tokens as the simulator counts them (3 bytes a token, plus
+                // about 26 for the request's structure).
+                let input = rng.u64(100..=500) - 26;
+                let prompt =
+                    format!("{} task {i:05} ", args.label) + &"x".repeat(input as usize * 3 - 12);
+                let body = serde_json::json!({
+                    "model": args.model,
+                    "max_tokens": rng.u64(300..=1500),
+                    "messages": [{"role": "user", "content": prompt}],
+                });
+                let req = Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .header("anthropic-version", "2023-06-01")
+                    .body(Full::new(Bytes::from(body.to_string())));
+                let done = async {
+                    let res = client.request(req?).await?;
+                    let status = res.status();
+                    res.into_body().collect().await?;
+                    Ok::<_, BoxError>(status)
+                };
+                match tokio::time::timeout(args.timeout, done).await {
+                    Ok(Ok(StatusCode::OK)) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "label": args.label,
+            "ok": ok.load(Ordering::Relaxed),
+            "failed": failed.load(Ordering::Relaxed),
+            "elapsed_s": start.elapsed().as_secs_f64(),
+        })
     );
     Ok(())
 }

@@ -786,3 +786,228 @@ async fn no_key_left_fails_at_once_behind_a_retry_layer() {
     assert_eq!(pool.kind(), KeyPoolErrorKind::AllKeysRemoved);
     assert_eq!(mock.stats().received, 2);
 }
+
+// ---- Admission by the pool (issue 12): waiters move between keys, one line per group. ----
+
+/// A Messages request of `content` with `max_tokens`, tagged `x-task: task` (for the order).
+fn task(task: u32, content: &str, max_tokens: u64) -> Request<RequestBody> {
+    Request::post("https://api.anthropic.com/v1/messages")
+        .header("anthropic-version", "2023-06-01")
+        .header("x-task", task.to_string())
+        .body(RequestBody::from(format!(
+            r#"{{"model":"{MODEL}","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"{content}"}}]}}"#
+        )))
+        .unwrap()
+}
+
+type PoolSvc = tower::util::BoxCloneService<
+    Request<RequestBody>,
+    Response<
+        tower_claude::key_pool::KeyPoolBody<
+            tower_claude::rate_limit::RateLimitBody<tower_claude::testing::MockBody>,
+        >,
+    >,
+    BoxError,
+>;
+
+/// Two keys with `limits` each on a shared board, over a simulator with generous limits and
+/// 20-token answers; the service records the order in which requests reach the simulator.
+fn two_key_stack(limits: Limits) -> (PoolSvc, QuotaBoard, KeyPoolHandle, Arc<Mutex<Vec<u32>>>) {
+    let keys = ["sk-ant-move-a", "sk-ant-move-b"];
+    let board = QuotaBoard::builder().default_limits(limits).build();
+    let mock = MockClaude::builder()
+        .default_limits(MockLimits::new(1_000, 1_000_000, 1_000_000))
+        .output_tokens(20)
+        .build();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let seen = order.clone();
+    let layer = KeyPoolLayer::new(keys).unwrap().board(board.clone());
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .map_request(move |req: Request<RequestBody>| {
+            if let Some(t) = req.headers().get("x-task") {
+                seen.lock()
+                    .unwrap()
+                    .push(t.to_str().unwrap().parse().unwrap());
+            }
+            req
+        })
+        .service(mock);
+    (tower::util::BoxCloneService::new(svc), board, handle, order)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_moves_to_the_key_that_frees_up() {
+    // Each key's output bucket (1 000 a minute) holds one request of max_tokens 600 at a time.
+    let (mut svc, _board, _handle, _order) = two_key_stack(Limits::new(100, 100_000, 1_000));
+    let first = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(task(1, "hi", 600))
+        .await
+        .unwrap();
+    let second = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(task(2, "hi", 600))
+        .await
+        .unwrap();
+    let (k1, k2) = (chosen(&first), chosen(&second));
+    assert_ne!(k1, k2, "one request per key");
+    // Both answers are still being read: the third request waits (for ~24 s of refill).
+    let mut third_svc = svc.clone();
+    let third = tokio::spawn(async move {
+        let res = third_svc
+            .ready()
+            .await
+            .unwrap()
+            .call(task(3, "hi", 600))
+            .await
+            .unwrap();
+        (chosen(&res), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!third.is_finished());
+    // The second key's answer ends: 580 of its 600 output tokens come back at once.
+    let freed = Instant::now();
+    second.into_body().collect().await.unwrap();
+    let (key, at) = third.await.unwrap();
+    assert_eq!(key, k2, "the waiter moved to the key that freed up");
+    assert!(at - freed < Duration::from_millis(100), "{:?}", at - freed);
+    drop(first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_in_arrival_order_across_keys() {
+    // 3 000 input tokens a minute per key; the first two requests take nearly all of both.
+    let (mut svc, _board, _handle, order) = two_key_stack(Limits::new(1_000, 3_000, 1_000_000));
+    let big = "x".repeat(8_400);
+    for t in 1..=2 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(task(t, &big, 100))
+            .await
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+    }
+    // Then a large request (~2 000 tokens: half a minute of refill on either key), then a
+    // small one that would fit almost at once.
+    let mut waiting = Vec::new();
+    for (t, content) in [(3, "x".repeat(6_000)), (4, "hi".to_owned())] {
+        let mut s = svc.clone();
+        waiting.push(tokio::spawn(async move {
+            let res = s
+                .ready()
+                .await
+                .unwrap()
+                .call(task(t, &content, 100))
+                .await
+                .unwrap();
+            res.into_body().collect().await.unwrap();
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for w in waiting {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        [1, 2, 3, 4],
+        "first come, first served"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_waiter_takes_nothing() {
+    let (mut svc, board, handle, order) = two_key_stack(Limits::new(1, 100_000, 100_000));
+    for t in 1..=2 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(task(t, "hi", 100))
+            .await
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+    }
+    // A waiter gives up after 5 s (its caller went away).
+    let mut s = svc.clone();
+    let gone = tokio::spawn(async move { s.ready().await.unwrap().call(task(3, "hi", 100)).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    // A minute later both keys are full again: the cancelled waiter took nothing, nothing
+    // is in flight, and the next request goes out at once.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let group = ModelCatalog::default().group(MODEL);
+    for key in handle.keys() {
+        let h = board.headroom(&key, &group).unwrap();
+        assert_eq!(h.requests.unwrap().remaining, 1, "{key}");
+        assert_eq!(handle.status(&key).unwrap().in_flight, 0);
+    }
+    let start = Instant::now();
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(task(4, "hi", 100))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(start.elapsed() < Duration::from_millis(10));
+    assert_eq!(*order.lock().unwrap(), [1, 2, 4]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_limit_raised_upstream_is_used_from_the_first_answer_that_shows_it() {
+    // One key, limits learned from the headers: 60 a minute, then the organisation moves up
+    // a tier (240 a minute, the extra 180 available at once).
+    let key = "sk-ant-raise";
+    let board = QuotaBoard::new();
+    let mock = MockClaude::builder()
+        .default_limits(MockLimits::new(60, 1_000_000, 1_000_000))
+        .output_tokens(20)
+        .build();
+    let mut svc = ServiceBuilder::new()
+        .layer(KeyPoolLayer::new([key]).unwrap().board(board.clone()))
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    for t in 0..60 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(task(t, "hi", 100))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+    }
+    mock.set_limits(MockLimits::new(240, 4_000_000, 4_000_000));
+    // The first answer after the raise carries it; from then on the extra quota is used.
+    let start = Instant::now();
+    for t in 60..230 {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(task(t, "hi", 100))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+    }
+    // 170 requests: without raising the level they take 170 / 4 per second = 42 s.
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(mock.stats().rate_limited, 0);
+}

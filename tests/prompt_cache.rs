@@ -152,6 +152,40 @@ async fn an_agent_loop_with_a_cached_prefix_over_the_input_limit_runs_at_the_ser
     assert!(cache.hit_ratio() > 0.9, "{cache:?}");
 }
 
+/// Issues 12 and 17 together: behind a key pool sharing the board, the pool admits the request
+/// (takes its quota) before the rate limiter sees it; the admission reserves the cache-aware
+/// estimate of each key too, so the agent loop is neither refused nor held back there.
+#[tokio::test(start_paused = true)]
+async fn a_key_pool_admits_the_agent_loop_by_the_cache_aware_estimate() {
+    let mock = mock(80_000);
+    let layer = RateLimitLayer::new().limits(group(), Limits::new(1_000, 80_000, 400_000));
+    let board = layer.quota_board().clone();
+    let pool = KeyPoolLayer::new([API_KEY]).unwrap().board(board.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(pool)
+        .layer(layer)
+        .service(mock.clone());
+
+    let start = Instant::now();
+    let usages = agent_loop(&mut svc, 20)
+        .await
+        .expect("no call refused by the pool's admission");
+    let elapsed = start.elapsed();
+    let stats = mock.stats();
+    assert_eq!(stats.accepted, 20);
+    assert_eq!(stats.rate_limited, 0, "no upstream 429");
+    for u in &usages[2..] {
+        assert!(u.cache_read_input_tokens >= 120_000, "{u:?}");
+    }
+    let counted = stats.input_tokens["claude-sonnet-4"];
+    let refill = Duration::from_secs_f64(counted.saturating_sub(80_000) as f64 * 60.0 / 80_000.0);
+    let allowed = refill + Duration::from_secs(20);
+    assert!(
+        elapsed <= allowed + Duration::from_secs(2),
+        "took {elapsed:?}, the server allows {allowed:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_whole_prompt_estimate_refuses_the_same_agent_loop() {
     // What the stack did before the estimate knew the prompt cache: the second call counts
@@ -192,6 +226,34 @@ async fn a_request_whose_counted_input_exceeds_the_limit_is_refused_with_the_num
     let err = err.downcast_ref::<AcquireError>().expect("AcquireError");
     assert_eq!(err.kind(), AcquireErrorKind::RequestTooLarge);
     let (cost, limits) = err.sizes().unwrap();
+    assert!(cost.input_tokens >= 90_000 && limits.itpm == 80_000);
+    assert_eq!(mock.stats().received, 0);
+}
+
+/// The same refusal when a key pool sharing the board admits the request (issue 12): the
+/// pool's error carries the numbers too.
+#[tokio::test(start_paused = true)]
+async fn a_key_pool_refuses_a_counted_input_over_the_limit_with_the_numbers() {
+    let mock = mock(80_000);
+    let layer = RateLimitLayer::new().limits(group(), Limits::new(1_000, 80_000, 400_000));
+    let pool = KeyPoolLayer::new([API_KEY])
+        .unwrap()
+        .board(layer.quota_board().clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(pool)
+        .layer(layer)
+        .service(mock.clone());
+    let big = text("big", 90_000);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(body(&big, "", None, "hi")))
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<AcquireError>().expect("AcquireError");
+    assert_eq!(err.kind(), AcquireErrorKind::RequestTooLarge);
+    let (cost, limits) = err.sizes().expect("sizes");
     assert!(cost.input_tokens >= 90_000 && limits.itpm == 80_000);
     assert_eq!(mock.stats().received, 0);
 }

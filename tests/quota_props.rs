@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use tokio::time::Instant;
-use tower_claude::anthropic::{KeyId, RateLimitGroup};
+use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
 use tower_claude::quota::{Cost, Limits, QuotaBoard, TokenBucket};
 
 #[derive(Debug, Clone)]
@@ -213,4 +213,170 @@ proptest! {
 
 fn limits_array(l: Limits) -> [i64; 3] {
     [l.rpm as i64, l.itpm as i64, l.otpm as i64]
+}
+
+/// The upstream of the reconciliation property: three buckets that may be raised mid-run.
+struct Server {
+    buckets: [TokenBucket; 3],
+    rejected: u64,
+}
+
+impl Server {
+    fn snapshot(&mut self, now: Instant) -> RateLimitSnapshot {
+        let view = |b: &mut TokenBucket, round: bool| {
+            let level = b.level(now).max(0.0).floor() as u64;
+            BucketSnapshot {
+                limit: Some(b.capacity()),
+                remaining: Some(if round { level / 1_000 * 1_000 } else { level }),
+                reset: None,
+            }
+        };
+        let [r, i, o] = &mut self.buckets;
+        RateLimitSnapshot {
+            requests: view(r, false),
+            input_tokens: view(i, true),
+            output_tokens: view(o, true),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Flight {
+    gap_ms: u64,
+    input: u64,
+    max_tokens: u64,
+    used_permille: u64,
+    /// From the board's admission to the server's.
+    send_ms: u64,
+    /// From the server's admission to the answer's headers.
+    latency_ms: u64,
+    /// From the headers to the end of the body (settle).
+    hold_ms: u64,
+}
+
+fn flight() -> impl Strategy<Value = Flight> {
+    (
+        0u64..1_500,
+        1u64..3_000,
+        1u64..3_000,
+        0u64..=1_000,
+        0u64..2_000,
+        0u64..8_000,
+        0u64..5_000,
+    )
+        .prop_map(
+            |(gap_ms, input, max_tokens, used_permille, send_ms, latency_ms, hold_ms)| Flight {
+                gap_ms,
+                input,
+                max_tokens,
+                used_permille,
+                send_ms,
+                latency_ms,
+                hold_ms,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Upward reconciliation: a board that learns its limits from the answers and raises its
+    /// levels to what they show (`Reservation::observe`) never lets through more than the
+    /// server's buckets hold, with requests in flight, answers arriving late and out of
+    /// order, and the server's limits raised mid-run (its level rising with them): the
+    /// server never refuses a request.
+    #[test]
+    fn raising_from_answers_never_overshoots_the_server(
+        flights in proptest::collection::vec(flight(), 1..100),
+        raise_at_ms in proptest::option::of(0u64..60_000),
+        raise_factor in 2u64..5,
+    ) {
+        let limits = [20u64, 10_000, 4_000];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (rejected, admitted) = rt.block_on(async move {
+            let t0 = Instant::now();
+            let server = Arc::new(Mutex::new(Server {
+                buckets: limits.map(|l| TokenBucket::per_minute(l, t0)),
+                rejected: 0,
+            }));
+            if let Some(at) = raise_at_ms {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(at)).await;
+                    let now = Instant::now();
+                    let mut s = server.lock().unwrap();
+                    for (b, l) in s.buckets.iter_mut().zip(limits) {
+                        let level = b.level(now);
+                        b.set_capacity(l * raise_factor, now);
+                        b.set_level((level.max(0.0) as u64) + l * (raise_factor - 1), now);
+                    }
+                });
+            }
+            let board = QuotaBoard::new();
+            let (key, group) = (KeyId::named("k"), RateLimitGroup::new("g"));
+            let admitted = Arc::new(Mutex::new(0u64));
+            let mut tasks = Vec::new();
+            for (n, mut f) in flights.into_iter().enumerate() {
+                if n == 0 {
+                    // The first request probes the unknown limits: answered within the probe
+                    // grace (2 s), else the requests behind it go unpaced by design.
+                    f.send_ms = f.send_ms.min(900);
+                    f.latency_ms = f.latency_ms.min(900);
+                }
+                tokio::time::sleep(Duration::from_millis(f.gap_ms)).await;
+                let (board, server, admitted) = (board.clone(), server.clone(), admitted.clone());
+                let (key, group) = (key.clone(), group.clone());
+                tasks.push(tokio::spawn(async move {
+                    let cost = Cost::new(1, f.input, f.max_tokens);
+                    let res = board.acquire(key, group, cost).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(f.send_ms)).await;
+                    let now = Instant::now();
+                    let (snap, reserve) = {
+                        let mut s = server.lock().unwrap();
+                        let reserve = f.max_tokens.min(s.buckets[2].capacity());
+                        let amounts = [1, f.input, reserve];
+                        let fits = s.buckets.iter().zip(amounts).all(|(b, n)| {
+                            b.time_until(n, now) == Some(Duration::ZERO)
+                        });
+                        if !fits {
+                            s.rejected += 1;
+                            let snap = s.snapshot(now);
+                            drop(s);
+                            res.settle_rejected();
+                            board.observe(res_key(), &RateLimitGroup::new("g"), &snap);
+                            return;
+                        }
+                        for (b, n) in s.buckets.iter_mut().zip(amounts) {
+                            b.force_take(n, now);
+                        }
+                        (s.snapshot(now), reserve)
+                    };
+                    *admitted.lock().unwrap() += 1;
+                    tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
+                    res.observe(&snap);
+                    tokio::time::sleep(Duration::from_millis(f.hold_ms)).await;
+                    let out = reserve * f.used_permille / 1_000;
+                    server.lock().unwrap().buckets[2].settle(reserve, out, Instant::now());
+                    res.settle(Cost::new(1, f.input, out));
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let rejected = server.lock().unwrap().rejected;
+            let admitted = *admitted.lock().unwrap();
+            (rejected, admitted)
+        });
+        prop_assert_eq!(rejected, 0, "admitted {}", admitted);
+    }
+}
+
+fn res_key() -> &'static KeyId {
+    static KEY: std::sync::OnceLock<KeyId> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| KeyId::named("k"))
 }

@@ -760,3 +760,120 @@ async fn absurd_headers_and_usage_do_not_lock_out_redis_nodes() {
     let wait = err.available_in().expect("a known wait");
     assert!(wait <= Duration::from_secs(120), "{wait:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_unequal_demand_are_served_in_arrival_order() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // 60 a minute: one request a second once the bucket is empty.
+    let rpm = 60;
+    let a = redis_board(&server.url(), "t-order:", rpm).await;
+    let b = redis_board(&server.url(), "t-order:", rpm).await;
+    for _ in 0..rpm {
+        a.acquire(key(), group(), Cost::new(1, 1, 1))
+            .await
+            .unwrap()
+            .keep();
+    }
+    // Node a is busy (five waiters), node b has one, arriving between a's third and fourth.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (name, board) in [
+        ("a1", &a),
+        ("a2", &a),
+        ("a3", &a),
+        ("b1", &b),
+        ("a4", &a),
+        ("a5", &a),
+    ] {
+        let (board, order) = (board.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = board
+                .acquire(key(), group(), Cost::new(1, 1, 1))
+                .await
+                .unwrap();
+            order.lock().unwrap().push(name);
+            r.keep();
+        }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .expect("every waiter is served")
+            .unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["a1", "a2", "a3", "b1", "a4", "a5"],
+        "first come, first served across nodes"
+    );
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_loses_no_request() {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceBuilder, ServiceExt};
+    use tower_claude::body::RequestBody;
+    use tower_claude::key_pool::KeyPoolLayer;
+    use tower_claude::rate_limit::RateLimitLayer;
+    use tower_claude::testing::{MockClaude, MockLimits};
+
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    // Two keys of 60 a minute through Redis, one node: 120 go out at once, then two a second.
+    let board = QuotaBoard::builder()
+        .default_limits(Limits::new(60, 1_000_000, 1_000_000))
+        .build_redis(&server.url(), options("t-kill:").expected_nodes(1))
+        .await
+        .unwrap();
+    let mock = MockClaude::builder()
+        .default_limits(MockLimits::new(1_000, 10_000_000, 10_000_000))
+        .latency(Duration::from_millis(20), Duration::ZERO)
+        .output_tokens(5)
+        .build();
+    let svc = ServiceBuilder::new()
+        .layer(
+            KeyPoolLayer::new(["sk-ant-kill-a", "sk-ant-kill-b"])
+                .unwrap()
+                .board(board.clone()),
+        )
+        .layer(RateLimitLayer::new().board(board.clone()))
+        .service(mock.clone());
+    let mut tasks = Vec::new();
+    for i in 0..130 {
+        let mut svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::post("https://api.anthropic.com/v1/messages")
+                .header("anthropic-version", "2023-06-01")
+                .body(RequestBody::from(format!(
+                    r#"{{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+                )))
+                .unwrap();
+            let res = svc.ready().await?.call(req).await?;
+            let status = res.status();
+            res.into_body().collect().await?;
+            Ok::<_, tower_claude::BoxError>(status)
+        }));
+    }
+    // The waiters are waiting on Redis when it dies.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    server.stop();
+    let mut ok = 0;
+    for t in tasks {
+        let status = tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("no request hangs")
+            .unwrap()
+            .expect("no request fails");
+        assert_eq!(status, http::StatusCode::OK);
+        ok += 1;
+    }
+    assert_eq!(ok, 130);
+    assert_eq!(mock.stats().accepted, 130, "each sent once");
+    // The waiters met the outage and finished on the local share.
+    assert!(board.redis_status().unwrap().outages >= 1);
+}

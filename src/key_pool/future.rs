@@ -86,6 +86,14 @@ impl Sent {
             .map(RetrySooner)
     }
 
+    /// The rate-limit group of a Messages request (`None` for other endpoints).
+    pub(crate) fn group(&self) -> &RateLimitGroup {
+        static NONE: std::sync::OnceLock<RateLimitGroup> = std::sync::OnceLock::new();
+        self.group
+            .as_ref()
+            .unwrap_or_else(|| NONE.get_or_init(|| RateLimitGroup::new("")))
+    }
+
     fn end_in_flight(&mut self) {
         if std::mem::take(&mut self.in_flight) {
             self.pool.done(self.pick.index);
@@ -221,8 +229,16 @@ pub struct ResponseFuture<F, B> {
     state: State<F, B>,
 }
 
+/// Waiting for the pool to admit the request (see `Pool::admit`), then calling the inner
+/// service: the call's future and the request's bookkeeping.
+type Admitting<F> = Pin<Box<dyn Future<Output = Result<(F, Sent), BoxError>> + Send>>;
+
 #[pin_project(project = StateProj)]
 enum State<F, B> {
+    /// Waiting for quota in the pool's line.
+    Admitting {
+        fut: Admitting<F>,
+    },
     Calling {
         #[pin]
         fut: F,
@@ -243,6 +259,7 @@ enum State<F, B> {
 impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
+            State::Admitting { .. } => "admitting",
             State::Calling { .. } => "calling",
             State::Reading { .. } => "reading",
             State::Failed { .. } => "failed",
@@ -260,6 +277,12 @@ impl<F, B> ResponseFuture<F, B> {
                 fut,
                 sent: Some(sent),
             },
+        }
+    }
+
+    pub(crate) fn admitting(fut: Admitting<F>) -> Self {
+        Self {
+            state: State::Admitting { fut },
         }
     }
 
@@ -283,6 +306,16 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
+                StateProj::Admitting { fut } => {
+                    let (fut, sent) = match ready!(fut.as_mut().poll(cx)) {
+                        Ok(called) => called,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    };
+                    this.state.set(State::Calling {
+                        fut,
+                        sent: Some(sent),
+                    });
+                }
                 StateProj::Failed { error } => {
                     let err = error.take().unwrap_or_else(|| KeyPoolError::all_removed(0));
                     return Poll::Ready(Err(err.into()));

@@ -1,5 +1,5 @@
-//! A pool of upstream API keys: each request goes out with the key that has the most
-//! headroom for its rate-limit group; keys that got a 429 cool down, keys refused with a 403
+//! A pool of upstream API keys: each request goes out with the key that can admit it
+//! soonest in its rate-limit group; keys that got a 429 cool down, keys refused with a 403
 //! in a group go last there, keys that hit their spend cap, were rejected (401) or have a
 //! billing problem (402) leave the rotation.
 //!
@@ -56,11 +56,29 @@
 //! [`KeyPoolHandle::statuses`], in [`ChosenKey`] and in every `Debug` output. The header
 //! value is marked sensitive.
 //!
+//! # Admission across keys
+//!
+//! With a board shared with the rate limiter below ([`KeyPoolLayer::board`]), the pool
+//! *admits* Messages requests itself: the requests of one rate-limit group wait in one line,
+//! first come first served, across every key. The request at the head takes the first key
+//! (cooldowns, 403s and first requests of new keys respected as below) whose three buckets
+//! hold its cost now; if none does, it waits for whichever key frees up first (a refund or
+//! settle on any key, new response headers, the refill of the soonest key, a cooldown that
+//! ends) — a waiting request is never stuck on one key while another could take it. A waiter
+//! that goes away takes nothing. The reservation travels down as a
+//! [`quota::Admission`](crate::quota::Admission) request extension, which the rate limiter
+//! uses instead of acquiring again. With a Redis board, the head tries every key in Redis
+//! (one round trip each) and holds a ticket in each key's line there, so that nodes are
+//! served in arrival order too. The wait ends at the request's
+//! [`Deadline`](crate::retry::Deadline) with an
+//! [`AcquireError`](crate::quota::AcquireError) of kind `QueueTimeout`. Without a board
+//! (the pool's own), keys are picked at once by the same ranking and nothing waits here.
+//!
 //! # When keys run out
 //!
-//! * Every key cooling down or short of quota: the key available soonest is used anyway and
-//!   the rate limiter below holds the request until it fits (or upstream answers 429 and the
-//!   retry layer above waits and retries).
+//! * Every key cooling down or short of quota: the request waits in the line until a key
+//!   can take it (or, without a shared board, the key available soonest is used and the rate
+//!   limiter below holds the request until it fits).
 //! * Every key out of rotation: the request that removed the last key gets its upstream
 //!   response unchanged (the spend-cap 429, the 401 or the 402); later requests fail at once, without
 //!   being sent, with a [`KeyPoolError`] of kind [`AllKeysRemoved`](KeyPoolErrorKind::AllKeysRemoved)

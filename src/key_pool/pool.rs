@@ -1,17 +1,28 @@
 //! The shared state of a key pool: the keys, their cooldowns and removals, and the
 //! [`KeyPoolHandle`] status API.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::error::KeyPoolError;
+use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup};
-use crate::quota::{Cost, QuotaBoard};
+use crate::quota::{AcquireError, AcquireErrorKind, Cost, QuotaBoard, Reservation};
+
+/// The longest a waiter at the head of a group's line sleeps without looking at the keys again
+/// when nothing tells it when quota comes back (a probe out, requests queued on a key by
+/// another path, a shared store).
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// The same with a shared store (Redis): other nodes' refunds wake nobody here, so the head
+/// looks again sooner (one round trip per key; the Redis line keeps arrival order).
+const REMOTE_RECHECK: Duration = Duration::from_millis(50);
 
 /// Two headroom fractions closer than this are a tie (broken by in-flight count, then by
 /// least recent use).
@@ -182,6 +193,69 @@ struct State {
 pub(crate) struct Pool {
     keys: Vec<PoolKey>,
     state: Mutex<State>,
+    /// One line per rate-limit group of the requests waiting for quota, across every key.
+    lines: Mutex<Lines>,
+    /// Woken when the head of a line leaves it.
+    turn: Notify,
+}
+
+/// The waiting lines of a pool: ticket numbers in arrival order, per group.
+#[derive(Debug, Default)]
+struct Lines {
+    next: u64,
+    by_group: HashMap<RateLimitGroup, VecDeque<u64>>,
+}
+
+/// A place in a group's line; leaving it (drop) lets the next request take its turn.
+struct Ticket {
+    pool: Arc<Pool>,
+    group: RateLimitGroup,
+    id: u64,
+}
+
+impl Ticket {
+    fn is_head(&self) -> bool {
+        let lines = self.pool.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .by_group
+            .get(&self.group)
+            .and_then(|l| l.front())
+            .is_none_or(|head| *head == self.id)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let was_head = {
+            let mut lines = self.pool.lines.lock().unwrap_or_else(|e| e.into_inner());
+            let mut was_head = false;
+            if let Some(line) = lines.by_group.get_mut(&self.group) {
+                was_head = line.front() == Some(&self.id);
+                line.retain(|id| *id != self.id);
+                if line.is_empty() {
+                    lines.by_group.remove(&self.group);
+                }
+            }
+            was_head
+        };
+        if was_head {
+            self.pool.turn.notify_waiters();
+        }
+    }
+}
+
+/// One look at the keys by the head of a line.
+enum Attempt {
+    /// A key took the request.
+    /// (Boxed: a reservation is large, and waiting is the common case.)
+    Admitted(Pick, Box<Reservation>),
+    /// Nothing fits now; look again after this long at the latest (`None`: when the board
+    /// changes).
+    Wait(Option<Duration>),
+    /// The board is shared (Redis): try these keys there (index, id), in this order.
+    Remote(Vec<(usize, KeyId)>),
+    /// Nothing can ever take it (every key out of rotation, or larger than every bucket).
+    Failed(BoxError),
 }
 
 /// One key in rotation as [`Pool::outlook`] sees it for a group.
@@ -198,6 +272,35 @@ pub(crate) struct Pick {
     pub(crate) index: usize,
     pub(crate) id: KeyId,
     pub(crate) header: HeaderValue,
+}
+
+/// What one request costs on each key of the pool. The same on every key, except the input
+/// of a request with prompt-cache breakpoints: each key leaves out the prefix it sent to the
+/// model within its TTL (the cache-aware estimate the rate limiter reserves, issue 17), so
+/// that the pool's admission takes what the rate limiter would have taken.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyCosts {
+    cost: Cost,
+    /// Counted input tokens per key index, when they differ from `cost`'s.
+    input: Option<Box<[u64]>>,
+}
+
+impl KeyCosts {
+    /// `cost` on every key.
+    pub(crate) fn uniform(cost: Cost) -> Self {
+        Self { cost, input: None }
+    }
+
+    /// The cost on the key at `index`.
+    pub(crate) fn of(&self, index: usize) -> Cost {
+        match self.input.as_ref().and_then(|input| input.get(index)) {
+            Some(&input_tokens) => Cost {
+                input_tokens,
+                ..self.cost
+            },
+            None => self.cost,
+        }
+    }
 }
 
 /// How good a candidate is; lower sorts first.
@@ -236,6 +339,116 @@ impl Rank {
     }
 }
 
+/// The head of a line tries the candidate keys in the shared store (Redis), one round trip
+/// each: the first that takes the request wins (`Ok(Ok)`); else `Ok(Err(wait))`, the
+/// soonest any of them holds it by refill. A key whose limits this node does not know yet
+/// takes the board's full acquire path for a short while (learning or adopting them).
+#[cfg(feature = "redis")]
+async fn remote_attempt(
+    board: &QuotaBoard,
+    group: &RateLimitGroup,
+    costs: &KeyCosts,
+    candidates: &[(usize, KeyId)],
+    deadline: Option<Instant>,
+    line: &mut RemoteLine,
+) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
+    use crate::quota::redis::SharedTry;
+    let mut soonest: Option<Duration> = None;
+    let mut too_large = None;
+    for (index, id) in candidates {
+        let cost = costs.of(*index);
+        let wait = match board.try_shared(id, group, cost, line.ticket).await {
+            SharedTry::Granted(reservation) => {
+                line.served(id);
+                return Ok(Ok((*index, reservation)));
+            }
+            SharedTry::Wait(d) => {
+                line.queued(id);
+                d
+            }
+            SharedTry::TooLarge(e) => {
+                too_large.get_or_insert_with(|| board.with_sizes(e, &cost));
+                continue;
+            }
+            SharedTry::Acquire => {
+                let now = Instant::now();
+                let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
+                let acquire = board.acquire(id.clone(), group.clone(), cost);
+                match acquire.deadline(Some(until)).await {
+                    Ok(reservation) => return Ok(Ok((*index, reservation))),
+                    Err(e) if e.kind() == AcquireErrorKind::QueueTimeout => Duration::ZERO,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
+    }
+    match (soonest, too_large) {
+        (None, Some(e)) => Err(e.into()),
+        (s, _) => Ok(Err(s.unwrap_or(RECHECK))),
+    }
+}
+
+/// The head's ticket in the Redis lines of the keys it waits on (arrival order across
+/// nodes): one ticket for all of them, left on every key but the one that served it.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+struct RemoteLine {
+    board: QuotaBoard,
+    group: RateLimitGroup,
+    ticket: i64,
+    keys: Vec<KeyId>,
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl RemoteLine {
+    fn new(board: &QuotaBoard, group: &RateLimitGroup) -> Self {
+        #[cfg(feature = "redis")]
+        let ticket = crate::quota::redis::new_ticket();
+        #[cfg(not(feature = "redis"))]
+        let ticket = 0;
+        Self {
+            board: board.clone(),
+            group: group.clone(),
+            ticket,
+            keys: Vec::new(),
+        }
+    }
+
+    fn queued(&mut self, key: &KeyId) {
+        if !self.keys.contains(key) {
+            self.keys.push(key.clone());
+        }
+    }
+
+    /// Served on `key`: the script took the ticket out of that line.
+    fn served(&mut self, key: &KeyId) {
+        self.keys.retain(|k| k != key);
+    }
+}
+
+impl Drop for RemoteLine {
+    fn drop(&mut self) {
+        #[cfg(feature = "redis")]
+        for key in &self.keys {
+            self.board.leave_line(key, &self.group, self.ticket);
+        }
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+async fn remote_attempt(
+    _board: &QuotaBoard,
+    _group: &RateLimitGroup,
+    _costs: &KeyCosts,
+    _candidates: &[(usize, KeyId)],
+    _deadline: Option<Instant>,
+    _line: &mut RemoteLine,
+) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
+    // Without the `redis` feature no board is shared.
+    Ok(Err(RECHECK))
+}
+
 impl Pool {
     /// Builds a pool; duplicate keys are kept once.
     pub(crate) fn new<I, K>(keys: I) -> Result<Self, KeyPoolError>
@@ -267,6 +480,8 @@ impl Pool {
                 keys: runtime,
                 picks: 0,
             }),
+            lines: Mutex::new(Lines::default()),
+            turn: Notify::new(),
         })
     }
 
@@ -278,6 +493,16 @@ impl Pool {
 
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// `cost` on each key, its input tokens counted by `input` (the cache-aware estimate).
+    pub(crate) fn costs(&self, cost: Cost, input: impl Fn(&KeyId) -> u64) -> KeyCosts {
+        let counted: Box<[u64]> = self.keys.iter().map(|k| input(&k.id)).collect();
+        let input = counted
+            .iter()
+            .any(|&n| n != cost.input_tokens)
+            .then_some(counted);
+        KeyCosts { cost, input }
     }
 
     /// Picks the key for one request and counts it in flight.
@@ -295,13 +520,30 @@ impl Pool {
         now: Instant,
     ) -> Result<Pick, KeyPoolError> {
         let mut state = self.lock();
-        let mut best: Option<(usize, Rank)> = None;
+        let costs = group.map(|(g, cost)| (g, KeyCosts::uniform(*cost)));
+        let costs = costs.as_ref().map(|(g, c)| (*g, c));
+        let Some((index, _)) = self.ranked(&state, costs, board, now).into_iter().next() else {
+            return Err(KeyPoolError::all_removed(self.keys.len()));
+        };
+        Ok(self.picked(&mut state, index))
+    }
+
+    /// The keys in rotation, best first (see [`pick`](Self::pick)).
+    fn ranked(
+        &self,
+        state: &State,
+        group: Option<(&RateLimitGroup, &KeyCosts)>,
+        board: &QuotaBoard,
+        now: Instant,
+    ) -> Vec<(usize, Rank)> {
+        let mut ranked: Vec<(usize, Rank)> = Vec::with_capacity(self.keys.len());
         for (index, (key, rt)) in self.keys.iter().zip(state.keys.iter()).enumerate() {
             if rt.removed.is_some() {
                 continue;
             }
             let rank = match group {
-                Some((group, cost)) => {
+                Some((group, costs)) => {
+                    let cost = &costs.of(index);
                     let cooldown = rt.cooldown_left(group, now);
                     let headroom = board.headroom(&key.id, group);
                     let fraction = headroom.map_or(1.0, |h| h.fraction);
@@ -333,13 +575,17 @@ impl Pool {
                     last_pick: rt.last_pick,
                 },
             };
-            if best.as_ref().is_none_or(|(_, b)| rank.better_than(b)) {
-                best = Some((index, rank));
-            }
+            let at = ranked
+                .iter()
+                .position(|(_, b)| rank.better_than(b))
+                .unwrap_or(ranked.len());
+            ranked.insert(at, (index, rank));
         }
-        let Some((index, _)) = best else {
-            return Err(KeyPoolError::all_removed(self.keys.len()));
-        };
+        ranked
+    }
+
+    /// Counts key `index` as picked (in flight, used now).
+    fn picked(&self, state: &mut State, index: usize) -> Pick {
         state.picks += 1;
         let seq = state.picks;
         let rt = &mut state.keys[index];
@@ -347,11 +593,189 @@ impl Pool {
         rt.in_flight += 1;
         rt.requests += 1;
         let key = &self.keys[index];
-        Ok(Pick {
+        Pick {
             index,
             id: key.id.clone(),
             header: key.header.clone(),
-        })
+        }
+    }
+
+    /// The head of `group`'s line looks at the keys: the first key, in rank order among the
+    /// best-placed ones (not forbidden, not on probation when others are not), that is not
+    /// cooling down and whose buckets hold `cost` now takes it.
+    fn attempt(
+        &self,
+        group: &RateLimitGroup,
+        costs: &KeyCosts,
+        board: &QuotaBoard,
+        now: Instant,
+    ) -> Attempt {
+        let mut state = self.lock();
+        let ranked = self.ranked(&state, Some((group, costs)), board, now);
+        let Some(tier) = ranked.first().map(|(_, r)| (r.forbidden, r.probation)) else {
+            return Attempt::Failed(KeyPoolError::all_removed(self.keys.len()).into());
+        };
+        let mut soonest: Option<Duration> = None;
+        let mut unknown = false;
+        let mut too_large: Option<AcquireError> = None;
+        let mut candidates = 0;
+        let mut remote = Vec::new();
+        for (index, _) in ranked
+            .iter()
+            .filter(|(_, r)| (r.forbidden, r.probation) == tier)
+        {
+            candidates += 1;
+            let index = *index;
+            let id = &self.keys[index].id;
+            let cooldown = state.keys[index].cooldown_left(group, now);
+            if !cooldown.is_zero() {
+                soonest = Some(soonest.map_or(cooldown, |s| s.min(cooldown)));
+                continue;
+            }
+            if board.is_remote() {
+                remote.push((index, id.clone()));
+                continue;
+            }
+            let cost = costs.of(index);
+            match board.try_acquire(id, group, cost) {
+                Ok(reservation) => {
+                    let pick = self.picked(&mut state, index);
+                    return Attempt::Admitted(pick, Box::new(reservation));
+                }
+                Err(e) if e.kind() == AcquireErrorKind::RequestTooLarge => {
+                    too_large.get_or_insert_with(|| board.with_sizes(e, &cost));
+                }
+                Err(e) => match e.available_in().filter(|d| !d.is_zero()) {
+                    Some(d) => soonest = Some(soonest.map_or(d, |s| s.min(d))),
+                    // A probe out, or requests queued on that key by another path.
+                    None => unknown = true,
+                },
+            }
+        }
+        if !remote.is_empty() {
+            return Attempt::Remote(remote);
+        }
+        if let Some(e) = too_large {
+            let all = ranked.len() == candidates;
+            if all && soonest.is_none() && !unknown {
+                return Attempt::Failed(e.into());
+            }
+        }
+        if unknown {
+            soonest = Some(soonest.map_or(RECHECK, |s| s.min(RECHECK)));
+        }
+        Attempt::Wait(soonest)
+    }
+
+    fn line_up(self: &Arc<Self>, group: &RateLimitGroup) -> Ticket {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.next += 1;
+        let id = lines.next;
+        lines
+            .by_group
+            .entry(group.clone())
+            .or_default()
+            .push_back(id);
+        Ticket {
+            pool: self.clone(),
+            group: group.clone(),
+            id,
+        }
+    }
+
+    /// Admits a Messages request of `group`: waits in the group's line (one line across every
+    /// key, first come first served), then, at its head, takes `cost` from the first key that
+    /// can admit it, waiting for whichever key frees up first (a refund or settle on any key,
+    /// new headers, the refill of the soonest key, a cooldown ending). Returns the key, the
+    /// reservation and the time waited. Dropping the future takes nothing.
+    ///
+    /// Errors: [`KeyPoolError`] when every key is out of rotation; [`AcquireError`] when the
+    /// request is larger than every key's buckets, or when `deadline` passes first
+    /// ([`QueueTimeout`](AcquireErrorKind::QueueTimeout)).
+    pub(crate) async fn admit(
+        self: Arc<Self>,
+        board: QuotaBoard,
+        group: RateLimitGroup,
+        costs: KeyCosts,
+        deadline: Option<Instant>,
+    ) -> Result<(Pick, Reservation, Duration), BoxError> {
+        let started = Instant::now();
+        let ticket = self.line_up(&group);
+        let timed_out = |pool: &Pool, wait: Option<Duration>| -> BoxError {
+            let key = pool.keys[0].id.clone();
+            tracing::debug!(group = %group, "key pool: gave up waiting for quota (deadline)");
+            AcquireError::new(AcquireErrorKind::QueueTimeout, key, group.clone(), wait).into()
+        };
+        // Wait for this request's turn.
+        loop {
+            let turn = self.turn.notified();
+            let mut turn = std::pin::pin!(turn);
+            turn.as_mut().enable();
+            if ticket.is_head() {
+                break;
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, turn).await.is_err() {
+                        return Err(timed_out(&self, None));
+                    }
+                }
+                None => turn.await,
+            }
+        }
+        // At the head: take the first key that admits the request.
+        let changes = board.changes();
+        let mut line = RemoteLine::new(&board, &group);
+        loop {
+            let changed = changes.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let last = deadline.is_some_and(|d| now >= d);
+            let wait = match self.attempt(&group, &costs, &board, now) {
+                Attempt::Admitted(pick, reservation) => {
+                    let waited = now.saturating_duration_since(started);
+                    if !waited.is_zero() {
+                        tracing::debug!(
+                            key = %pick.id,
+                            group = %group,
+                            waited_ms = waited.as_millis() as u64,
+                            "key pool: admitted after waiting for quota"
+                        );
+                    }
+                    drop(ticket);
+                    return Ok((pick, *reservation, waited));
+                }
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Remote(candidates) => {
+                    let attempt =
+                        remote_attempt(&board, &group, &costs, &candidates, deadline, &mut line);
+                    match attempt.await {
+                        Ok(Ok((index, reservation))) => {
+                            let pick = self.picked(&mut self.lock(), index);
+                            drop(ticket);
+                            return Ok((pick, reservation, started.elapsed()));
+                        }
+                        Ok(Err(_)) if last => return Err(timed_out(&self, None)),
+                        Ok(Err(wait)) => Some(wait.min(REMOTE_RECHECK)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Attempt::Wait(wait) if last => return Err(timed_out(&self, wait)),
+                Attempt::Wait(wait) => wait,
+            };
+            let wake = wait.map(|d| now + d);
+            let until = match (wake, deadline) {
+                (Some(w), Some(d)) => Some(w.min(d)),
+                (w, d) => w.or(d),
+            };
+            match until {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at, changed).await;
+                }
+                None => changed.await,
+            }
+        }
     }
 
     /// The response to a request with key `index` arrived (or the request was dropped).

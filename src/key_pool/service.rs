@@ -12,12 +12,13 @@ use tower_service::Service;
 
 use super::body::KeyPoolBody;
 use super::future::{ResponseFuture, Sent};
-use super::pool::{ChosenKey, KeyPoolHandle, Pool};
+use super::pool::{ChosenKey, KeyCosts, KeyPoolHandle, Pick, Pool};
 use crate::BoxError;
 use crate::anthropic::header_names::X_API_KEY;
 use crate::anthropic::{ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{Cost, OutputReservation, QuotaBoard};
+use crate::quota::{Admission, Cost, OutputReservation, QuotaBoard};
+use crate::retry::Deadline;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -73,7 +74,8 @@ impl<S> KeyPool<S> {
 
 impl<S, ResBody> Service<Request<RequestBody>> for KeyPool<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     ResBody: http_body::Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
@@ -101,6 +103,35 @@ where
         } else {
             None
         };
+        if let (Some((group, cost)), false) = (&target, config.own_board) {
+            // Admission by the pool: the request waits in its group's line and takes the
+            // first key that can admit it (see `Pool::admit`).
+            let deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
+            let (group, cost) = (group.clone(), *cost);
+            let costs = key_costs(&self.pool, config, &req, cost);
+            let (pool, config) = (self.pool.clone(), config.clone());
+            // The ready service goes with the request; `self` keeps a fresh clone.
+            let clone = self.inner.clone();
+            let mut svc = std::mem::replace(&mut self.inner, clone);
+            let fut = async move {
+                let board = config.board.clone();
+                let admitted = pool.clone().admit(board, group.clone(), costs, deadline);
+                let (pick, reservation, waited) = admitted.await?;
+                let path = req.uri().path();
+                let sent = Sent::new(pool, config, pick.clone(), Some((group, cost)), path);
+                send_with(&mut req, &pick);
+                let admission = Admission::new(reservation, waited);
+                req.extensions_mut().insert(admission.clone());
+                if let Err(e) = std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
+                    if let Some((r, _)) = admission.take(&pick.id, sent.group()) {
+                        r.refund();
+                    }
+                    return Err(e.into());
+                }
+                Ok((svc.call(req), sent))
+            };
+            return ResponseFuture::admitting(Box::pin(fut));
+        }
         let pick = self.pool.pick(
             target.as_ref().map(|(g, c)| (g, c)),
             &config.board,
@@ -110,10 +141,7 @@ where
             Ok(pick) => pick,
             Err(err) => return ResponseFuture::failed(err),
         };
-        let headers = req.headers_mut();
-        headers.remove(AUTHORIZATION);
-        headers.insert(X_API_KEY, pick.header.clone());
-        req.extensions_mut().insert(ChosenKey::new(pick.id.clone()));
+        send_with(&mut req, &pick);
         let sent = Sent::new(
             self.pool.clone(),
             config.clone(),
@@ -123,4 +151,30 @@ where
         );
         ResponseFuture::called(self.inner.call(req), sent)
     }
+}
+
+/// What the request costs on each key: with prompt-cache breakpoints, each key leaves out the
+/// prefix it sent to the model within its TTL (the rate limiter's cache-aware estimate).
+fn key_costs(pool: &Pool, config: &Config, req: &Request<RequestBody>, cost: Cost) -> KeyCosts {
+    match req.extensions().get::<RequestMeta>() {
+        Some(meta) if !meta.cache_breakpoints.is_empty() => {
+            let model = meta.model.as_deref().unwrap_or("");
+            let reads_count = config.catalog.cache_reads_count(model);
+            let memory = config.board.prompt_cache();
+            pool.costs(cost, |key| {
+                memory
+                    .estimate(key, meta, reads_count)
+                    .counted_input_tokens()
+            })
+        }
+        _ => KeyCosts::uniform(cost),
+    }
+}
+
+/// Puts the picked key on the request (and removes any other credential).
+fn send_with(req: &mut Request<RequestBody>, pick: &Pick) {
+    let headers = req.headers_mut();
+    headers.remove(AUTHORIZATION);
+    headers.insert(X_API_KEY, pick.header.clone());
+    req.extensions_mut().insert(ChosenKey::new(pick.id.clone()));
 }

@@ -41,7 +41,10 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 ///
 /// **The server's view.** Every response's `anthropic-ratelimit-*` headers lower local levels
 /// that are above the server's `remaining` (other clients of the organisation use the same
-/// quota); they never raise them.
+/// quota). The headers of a successful answer, given to
+/// [`Reservation::observe`], also raise levels the answer proves too low (a limit raised
+/// upstream, another client that stopped), minus everything admitted since and in flight.
+/// A configured limit below the server's, or a local share, is never raised.
 ///
 /// **Memory.** Entries that are idle (no waiter, nothing in flight, every bucket full) for the
 /// idle timeout (5 minutes by default) are evicted, amortised over insertions.
@@ -221,6 +224,49 @@ impl QuotaBoard {
         self
     }
 
+    /// Woken whenever quota of this board may have come back or its limits changed (a
+    /// settle, a refund, new headers, a cancelled waiter), for waiters outside the board's
+    /// own queues. Register (`Notified::enable`) before checking, then wait.
+    pub(crate) fn changes(&self) -> Arc<tokio::sync::Notify> {
+        match &self.backend {
+            Backend::Local(b) => b.changes(),
+        }
+    }
+
+    /// Whether quota is taken in a shared store now (Redis reachable): a synchronous
+    /// [`try_acquire`](Self::try_acquire) cannot decide there.
+    pub(crate) fn is_remote(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if self.shared.is_some() {
+            return self.degraded().is_none();
+        }
+        false
+    }
+
+    /// One look at the shared (Redis) buckets of `(key, group)`, without waiting: for a layer
+    /// that weighs several keys (the key pool's admission).
+    #[cfg(feature = "redis")]
+    pub(crate) async fn try_shared(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: Cost,
+        ticket: i64,
+    ) -> super::redis::SharedTry {
+        match &self.shared {
+            Some(shared) => shared.try_once(self, key, group, cost, ticket).await,
+            None => super::redis::SharedTry::Acquire,
+        }
+    }
+
+    /// Takes `ticket` out of the Redis line of `(key, group)` (in the background).
+    #[cfg(feature = "redis")]
+    pub(crate) fn leave_line(&self, key: &KeyId, group: &RateLimitGroup, ticket: i64) {
+        if let Some(shared) = &self.shared {
+            shared.leave(key, group, ticket);
+        }
+    }
+
     /// The board read while the Redis store is unreachable (its local fallback).
     #[cfg(feature = "redis")]
     fn degraded(&self) -> Option<&QuotaBoard> {
@@ -331,6 +377,22 @@ impl QuotaBoard {
         }
     }
 
+    /// `err` (a [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge) of its key and group)
+    /// with the counted `cost` and the limits of the buckets it does not fit
+    /// ([`AcquireError::sizes`]).
+    pub(crate) fn with_sizes(&self, err: AcquireError, cost: &Cost) -> AcquireError {
+        let Some(h) = self.headroom(err.key(), err.group()) else {
+            return err;
+        };
+        let limit = |b: Option<super::BucketHeadroom>| b.map_or(u64::MAX, |b| b.limit);
+        let limits = Limits::new(
+            limit(h.requests),
+            limit(h.input_tokens),
+            limit(h.output_tokens),
+        );
+        err.with_sizes(*cost, limits)
+    }
+
     pub(crate) fn check_error(
         &self,
         key: &KeyId,
@@ -385,10 +447,38 @@ impl QuotaBoard {
     /// configured, and lowers local levels to the server's `remaining` (the server also sees
     /// other clients of the organisation). A token `remaining` of `R` is rounded down by the
     /// server (the truth is in `[R, R + 999]`): it only lowers a level above `R + 999`, and
-    /// then to `R`. Levels are never raised from headers.
+    /// then to `R`. Levels are never raised here: [`Reservation::observe`] knows which request
+    /// the headers answer, and raises too.
     pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
         match &self.backend {
             Backend::Local(b) => b.observe(key, group, snapshot),
+        }
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared.observe(self, key, group, snapshot);
+        }
+    }
+
+    /// [`observe`](Self::observe) for the answer to the request that holds `grant`.
+    fn observe_answer(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snapshot: &RateLimitSnapshot,
+        grant: &Grant,
+    ) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            if grant.origin == Origin::Shared {
+                match &self.backend {
+                    Backend::Local(b) => b.observe(key, group, snapshot),
+                }
+                shared.observe_answer(self, key, group, snapshot, Some(grant));
+                return;
+            }
+        }
+        match &self.backend {
+            Backend::Local(b) => b.observe_answer(key, group, snapshot, Some(grant)),
         }
         #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
@@ -696,6 +786,71 @@ impl Drop for Acquire {
     }
 }
 
+/// Quota already taken for the request that carries it: a request extension set by a layer
+/// that admits requests itself (the [`KeyPool`](crate::key_pool::KeyPool), which chooses the
+/// key by earliest admission), so that the
+/// [`RateLimit`](crate::rate_limit::RateLimit) layer below uses this reservation instead of
+/// acquiring again. It takes it only when the request's key and group match.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_claude::anthropic::{KeyId, RateLimitGroup};
+/// use tower_claude::quota::{Admission, Cost, QuotaBoard};
+///
+/// let board = QuotaBoard::new();
+/// let (key, group) = (KeyId::named("k"), RateLimitGroup::new("claude-opus-4"));
+/// let reservation = board.try_acquire(&key, &group, Cost::new(1, 100, 100)).unwrap();
+/// let admission = Admission::new(reservation, Duration::from_millis(40));
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(admission);
+/// // The layer below:
+/// let admission = req.extensions_mut().remove::<Admission>().unwrap();
+/// assert!(admission.take(&KeyId::named("other"), &group).is_none());
+/// let (reservation, waited) = admission.take(&key, &group).unwrap();
+/// assert_eq!(waited, Duration::from_millis(40));
+/// reservation.refund();
+/// ```
+#[derive(Clone)]
+pub struct Admission {
+    reservation: Arc<std::sync::Mutex<Option<Reservation>>>,
+    key: KeyId,
+    group: RateLimitGroup,
+    waited: Duration,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("key", &self.key)
+            .field("group", &self.group)
+            .field("waited", &self.waited)
+            .finish()
+    }
+}
+
+impl Admission {
+    /// Carries `reservation`, taken after waiting `waited` for quota.
+    pub fn new(reservation: Reservation, waited: Duration) -> Self {
+        Self {
+            key: reservation.key.clone(),
+            group: reservation.group.clone(),
+            reservation: Arc::new(std::sync::Mutex::new(Some(reservation))),
+            waited,
+        }
+    }
+
+    /// The reservation and the time waited for it, when it is for `key` in `group` and not
+    /// taken yet. A reservation nobody takes stays charged as reserved when the last clone
+    /// of the admission is dropped (like a dropped [`Reservation`]).
+    pub fn take(&self, key: &KeyId, group: &RateLimitGroup) -> Option<(Reservation, Duration)> {
+        if &self.key != key || &self.group != group {
+            return None;
+        }
+        let mut slot = self.reservation.lock().unwrap_or_else(|e| e.into_inner());
+        slot.take().map(|r| (r, self.waited))
+    }
+}
+
 /// Quota taken for one request, to be settled once when its real cost is known.
 ///
 /// * [`settle`](Reservation::settle) with the real cost: the unused part is refunded at once
@@ -750,6 +905,41 @@ impl Reservation {
     pub fn charged(&self) -> Cost {
         let c = self.grant.charged.map(|c| c.unwrap_or(0));
         Cost::new(c[0], c[1], c[2])
+    }
+
+    /// Re-seeds the board from the rate-limit headers of this request's *successful* answer:
+    /// like [`QuotaBoard::observe`] (learns limits, lowers levels above the server's view),
+    /// and also **raises** levels that the answer proves too low — a limit raised upstream,
+    /// or another client of the key that stopped. The raise counts everything this board
+    /// admitted after this request (the server may not have seen it) and everything still in
+    /// flight, so work in flight is never counted twice. Call it before settling.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
+    /// use tower_claude::quota::{Cost, Limits, QuotaBoard};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let (key, group) = (KeyId::named("k"), RateLimitGroup::new("claude-opus-4"));
+    /// let board = QuotaBoard::new();
+    /// // The first answer teaches a limit of 60 requests a minute, 10 left.
+    /// let probe = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
+    /// let snap = |limit, remaining| RateLimitSnapshot {
+    ///     requests: BucketSnapshot { limit: Some(limit), remaining: Some(remaining), reset: None },
+    ///     ..Default::default()
+    /// };
+    /// probe.observe(&snap(60, 10));
+    /// probe.settle(Cost::new(1, 0, 0));
+    /// let r = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
+    /// // The organisation moved up a tier: 240 a minute, 200 left when this request was served.
+    /// r.observe(&snap(240, 200));
+    /// // 200 minus this request, still held.
+    /// assert_eq!(board.headroom(&key, &group).unwrap().requests.unwrap().remaining, 199);
+    /// # }
+    /// ```
+    pub fn observe(&self, snapshot: &crate::anthropic::RateLimitSnapshot) {
+        self.board
+            .observe_answer(&self.key, &self.group, snapshot, &self.grant);
     }
 
     /// Settles with the real cost.

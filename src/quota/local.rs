@@ -6,10 +6,11 @@
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::bucket::TokenBucket;
@@ -22,6 +23,9 @@ pub(crate) type EntryKey = (KeyId, RateLimitGroup);
 /// Index of the requests, input tokens and output tokens buckets.
 const REQUESTS: usize = 0;
 const OUTPUT: usize = 2;
+
+/// No raise from the headers for this long after the server refused a request.
+const RAISE_PAUSE: Duration = Duration::from_secs(60);
 
 /// How long requests wait behind the probe that learns unknown limits before they are sent
 /// without limits (its answer may take long, or never come).
@@ -39,6 +43,59 @@ pub(crate) struct Grant {
     pub(crate) probe: bool,
     /// Which store holds the reservation (the Redis backend settles its grants in Redis).
     pub(crate) origin: Origin,
+    /// The store's `settled` counters when this grant was taken (see
+    /// [`Ledger`]): what was settled after it is subtracted from a raise its answer allows.
+    pub(crate) mark: [u64; 3],
+}
+
+/// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
+/// the server's view without counting work in flight twice).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ledger {
+    /// Units held by grants not settled yet.
+    pub(crate) held: [u64; 3],
+    /// Units settled grants finally cost (monotonic).
+    pub(crate) settled: [u64; 3],
+}
+
+impl Ledger {
+    fn take(&mut self, charged: &[Option<u64>; 3]) {
+        for (h, c) in self.held.iter_mut().zip(charged) {
+            *h = h.saturating_add(c.unwrap_or(0));
+        }
+    }
+
+    /// A grant that held `charged` ends, finally costing `cost` (per bucket).
+    fn settle(&mut self, charged: &[Option<u64>; 3], cost: [u64; 3]) {
+        for i in 0..3 {
+            if let Some(c) = charged[i] {
+                self.held[i] = self.held[i].saturating_sub(c);
+                self.settled[i] = self.settled[i].saturating_add(cost[i]);
+            }
+        }
+    }
+
+    /// The lowest level bucket `i` can have when the answer to the grant with `mark` showed
+    /// `remaining`: the server's count, minus everything held now (including that grant and
+    /// anything admitted after it, which the server may not have seen) and everything settled
+    /// since that grant was taken.
+    pub(crate) fn floor(&self, i: usize, remaining: u64, mark: &[u64; 3]) -> u64 {
+        let since = self.settled[i].saturating_sub(mark[i]);
+        remaining.saturating_sub(self.held[i]).saturating_sub(since)
+    }
+}
+
+impl Outcome {
+    /// What a grant that held `charged` finally costs, per bucket.
+    pub(crate) fn final_cost(&self, charged: &[Option<u64>; 3]) -> [u64; 3] {
+        let c = charged.map(|c| c.unwrap_or(0));
+        match self {
+            Outcome::Refund => [0; 3],
+            Outcome::Actual(actual) => actual.as_array(),
+            Outcome::Rejected | Outcome::Unknown => [c[0], 0, 0],
+            Outcome::Keep | Outcome::Served => c,
+        }
+    }
 }
 
 /// Where a [`Grant`] was taken.
@@ -159,6 +216,12 @@ struct Entry {
     /// name, a pass-through key) is dropped when upstream says it does not know it
     /// ([`Outcome::Unknown`]) and it holds nothing, so that such names cannot grow the board.
     vouched: bool,
+    /// Held and settled units, for raising levels from the server's view.
+    ledger: Ledger,
+    /// When the server last refused a request of this entry (an error status): its
+    /// `remaining` is not the whole truth then (an acceleration limit, overload), so levels
+    /// are not raised for a minute after.
+    refused_at: Option<Instant>,
 }
 
 impl Entry {
@@ -181,6 +244,8 @@ impl Entry {
             mirror,
             seeding: false,
             vouched: false,
+            ledger: Ledger::default(),
+            refused_at: None,
         }
     }
 
@@ -280,10 +345,13 @@ impl Entry {
         }
         self.outstanding += 1;
         self.last_used = now;
+        let mark = self.ledger.settled;
+        self.ledger.take(&charged);
         Grant {
             charged,
             probe,
             origin: Origin::Local,
+            mark,
         }
     }
 
@@ -319,6 +387,11 @@ impl Entry {
         }
         if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
             self.vouched = true;
+        }
+        self.ledger
+            .settle(&grant.charged, outcome.final_cost(&grant.charged));
+        if matches!(outcome, Outcome::Rejected | Outcome::Unknown) {
+            self.refused_at = Some(now);
         }
         if grant.probe {
             // A probe dropped before its answer (`Keep`), refused or refunded teaches nothing:
@@ -374,6 +447,39 @@ impl Entry {
         self.last_used = self.last_used.max(now);
         if self.mirror && !was_known && self.known() {
             self.seeding = true;
+        }
+    }
+
+    /// Raises levels that are below what the answer to `grant` proves is there (see
+    /// [`Ledger::floor`]): a limit raised upstream, or another client of the key that stopped.
+    fn raise(&mut self, snap: &RateLimitSnapshot, grant: &Grant, now: Instant) {
+        if self
+            .refused_at
+            .is_some_and(|at| now.saturating_duration_since(at) < RAISE_PAUSE)
+        {
+            return;
+        }
+        let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
+        for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
+            let (Some(s), Some(r)) = (slot, view.remaining) else {
+                continue;
+            };
+            // Only the same bucket: a configured limit below the server's (a declared part of
+            // the key) is not raised to what the server's larger bucket holds.
+            if view.limit != Some(s.bucket.capacity()) {
+                continue;
+            }
+            let floor = self.ledger.floor(i, r, &grant.mark);
+            let level = s.bucket.level(now);
+            if floor as f64 > level {
+                tracing::debug!(
+                    bucket = i,
+                    from = level,
+                    to = floor,
+                    "quota board: raising a level to the server's view"
+                );
+                s.bucket.set_level(floor, now);
+            }
         }
     }
 
@@ -555,11 +661,25 @@ impl State {
     }
 }
 
+/// Wakes the waiters of [`LocalBackend::changes`] when dropped: declared before the state lock
+/// in a method, it fires after the lock is released (locals drop in reverse order).
+struct Changed<'a>(&'a LocalBackend);
+
+impl Drop for Changed<'_> {
+    fn drop(&mut self) {
+        self.0.notify();
+    }
+}
+
 /// The in-process board.
 #[derive(Debug)]
 pub(crate) struct LocalBackend {
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Woken whenever quota may have come back or limits changed (a settle, a refund, new
+    /// headers, a cancelled waiter): for waiters outside the board's own queues (the key
+    /// pool's admission).
+    changed: Arc<Notify>,
 }
 
 impl LocalBackend {
@@ -586,7 +706,24 @@ impl LocalBackend {
                 mirror: false,
             }),
             next_id: AtomicU64::new(1),
+            changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// The signal woken when quota may have come back (see [`LocalBackend::changed`]).
+    pub(crate) fn changes(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// Shares `signal` with another backend (the Redis mirror and its fallback).
+    #[cfg(feature = "redis")]
+    pub(crate) fn with_changes(mut self, signal: Arc<Notify>) -> Self {
+        self.changed = signal;
+        self
+    }
+
+    fn notify(&self) {
+        self.changed.notify_waiters();
     }
 
     /// Makes this backend the mirror of a shared store: it grants only while limits are
@@ -605,6 +742,7 @@ impl LocalBackend {
     }
 
     pub(crate) fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         st.group_limits.insert(group.clone(), limits);
@@ -622,6 +760,7 @@ impl LocalBackend {
     }
 
     pub(crate) fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let k = (key, group);
@@ -634,6 +773,7 @@ impl LocalBackend {
     }
 
     pub(crate) fn set_default_limits(&self, limits: Limits) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         st.default_limits = Some(limits);
@@ -777,6 +917,7 @@ impl LocalBackend {
 
     /// A waiting request went away: remove it; a grant it did not collect is given back.
     pub(crate) fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
@@ -799,6 +940,7 @@ impl LocalBackend {
         grant: &Grant,
         outcome: Outcome,
     ) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let k = (key.clone(), group.clone());
@@ -814,11 +956,31 @@ impl LocalBackend {
     }
 
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
+        self.observe_answer(key, group, snap, None);
+    }
+
+    /// [`observe`](Self::observe), and when `grant` is the successful request these headers
+    /// answered, raise levels the answer proves too low (upward reconciliation). Only for
+    /// grants of this store, and only with the whole limit (a local share cannot know what
+    /// the other processes hold).
+    pub(crate) fn observe_answer(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snap: &RateLimitSnapshot,
+        grant: Option<&Grant>,
+    ) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let share = st.share;
         let e = st.entry(key, group, now);
         e.observe(snap, share, now);
+        if let Some(grant) = grant {
+            if grant.origin == Origin::Local && share >= 1.0 && !e.defers_to_store() {
+                e.raise(snap, grant, now);
+            }
+        }
         e.drain(now, None);
     }
 
@@ -836,6 +998,7 @@ impl LocalBackend {
     /// (or is unreachable): release the requests that queued behind the probe to it.
     #[cfg(feature = "redis")]
     pub(crate) fn seeded(&self, key: &KeyId, group: &RateLimitGroup) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
@@ -959,6 +1122,7 @@ impl LocalBackend {
     /// probe are released to the store. No-op when limits are known already.
     #[cfg(feature = "redis")]
     pub(crate) fn adopt(&self, key: &KeyId, group: &RateLimitGroup, caps: [Option<u64>; 3]) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.entry(key, group, now);
@@ -994,6 +1158,7 @@ impl LocalBackend {
     /// (a negative level is a debt).
     #[cfg(feature = "redis")]
     pub(crate) fn set_levels(&self, key: &KeyId, group: &RateLimitGroup, levels: [Option<f64>; 3]) {
+        let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.entry(key, group, now);

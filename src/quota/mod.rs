@@ -53,7 +53,7 @@ mod tests;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisStatus};
-pub use board::{Acquire, QuotaBoard, QuotaBoardBuilder, Reservation};
+pub use board::{Acquire, Admission, QuotaBoard, QuotaBoardBuilder, Reservation};
 pub use bucket::{TakeError, TokenBucket};
 pub use error::{AcquireError, AcquireErrorKind};
 pub use prompt_cache::{

@@ -100,8 +100,16 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local period = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3')
+local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3', 'h1', 'h2', 'h3', 's1', 's2', 's3')
 local last = tonumber(st[1])
+-- The ledger of upward reconciliation: units held by grants in flight, units settled grants
+-- finally cost (monotonic).
+local held = {}
+local settled = {}
+for i = 1, 3 do
+  held[i] = tonumber(st[4 + i]) or 0
+  settled[i] = tonumber(st[7 + i]) or 0
+end
 local caps = {}
 local levels = {}
 for i = 1, 3 do
@@ -124,6 +132,7 @@ local function out(status, wait)
   for i = 1, 3 do
     if levels[i] then r[#r + 1] = string.format('%.6f', levels[i]) else r[#r + 1] = '' end
   end
+  for i = 1, 3 do r[#r + 1] = string.format('%.0f', settled[i]) end
   return r
 end
 local function save(with_caps)
@@ -138,6 +147,10 @@ local function save(with_caps)
         fields[#fields + 1] = string.format('%.0f', caps[i])
       end
     end
+    fields[#fields + 1] = 'h' .. i
+    fields[#fields + 1] = string.format('%.0f', held[i])
+    fields[#fields + 1] = 's' .. i
+    fields[#fields + 1] = string.format('%.0f', settled[i])
   end
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -154,12 +167,38 @@ if mode == 'acquire' then
       end
     end
   end
+  -- Arrival order across processes: a waiter holds a ticket (ARGV[10], '0': none) in the
+  -- line KEYS[2] (score: arrival) and KEYS[3] (score: last seen); tickets not seen for
+  -- ARGV[11] µs are dropped. Nobody takes quota while an older ticket waits.
+  local ticket = ARGV[10] or '0'
+  if ticket ~= '0' then
+    local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[11]))
+    for _, m in ipairs(gone) do
+      redis.call('ZREM', KEYS[2], m)
+      redis.call('ZREM', KEYS[3], m)
+    end
+    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    if wait > 0 or (head and head ~= ticket) then
+      redis.call('ZADD', KEYS[2], 'NX', now, ticket)
+      redis.call('ZADD', KEYS[3], now, ticket)
+      redis.call('PEXPIRE', KEYS[2], ttl)
+      redis.call('PEXPIRE', KEYS[3], ttl)
+      if head and head ~= ticket and wait < 20000 then wait = 20000 end
+      return out('wait', wait)
+    end
+    redis.call('ZREM', KEYS[2], ticket)
+    redis.call('ZREM', KEYS[3], ticket)
+  end
   if wait > 0 then return out('wait', wait) end
   for i = 1, 3 do
-    if levels[i] then levels[i] = levels[i] - tonumber(ARGV[6 + i]) end
+    if levels[i] then
+      levels[i] = levels[i] - tonumber(ARGV[6 + i])
+      held[i] = held[i] + tonumber(ARGV[6 + i])
+    end
   end
+  local r = out('ok', 0)
   save()
-  return out('ok', 0)
+  return r
 elseif mode == 'settle' then
   for i = 1, 3 do
     if levels[i] then
@@ -169,6 +208,10 @@ elseif mode == 'settle' then
       if l < -caps[i] then l = -caps[i] end
       levels[i] = l
     end
+    -- charged (ARGV 10..12) leaves the held units; the final cost (13..15) is settled.
+    local c = tonumber(ARGV[9 + i] or '0')
+    held[i] = math.max(0, held[i] - c)
+    settled[i] = settled[i] + tonumber(ARGV[12 + i] or '0')
   end
   save()
   return out('ok', 0)
@@ -183,6 +226,14 @@ elseif mode == 'observe' or mode == 'seed' then
     local r = tonumber(ARGV[6 + i])
     if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) then
       levels[i] = r
+    end
+    -- Upward reconciliation (ARGV[16] = 1): the answer to a grant whose mark is ARGV 17..19
+    -- showed `r` left in a bucket of the same limit (ARGV 20..22 = 1): at least
+    -- r - held - (settled - mark) is there.
+    if ARGV[16] == '1' and levels[i] and r >= 0 and ARGV[19 + i] == '1' then
+      local since = math.max(0, settled[i] - tonumber(ARGV[16 + i]))
+      local floor = r - held[i] - since
+      if floor > levels[i] then levels[i] = math.min(floor, caps[i]) end
     end
   end
   save(true)
@@ -211,6 +262,18 @@ local ttl = redis.call('PTTL', KEYS[2])
 if ttl < 0 then ttl = 0 end
 return {'wait', string.format('%.0f', ttl * 1000), '', '', ''}
 "#;
+
+/// Takes ticket `ARGV[1]` out of the line `KEYS[1]` / `KEYS[2]` (a waiter served elsewhere
+/// or gone).
+const LEAVE_SCRIPT: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"#;
+
+/// A ticket not seen for this long leaves the line (its process died or moved on); waiters
+/// holding one look again at least every [`TICKET_REFRESH`].
+const TICKET_STALE: Duration = Duration::from_secs(2);
+const TICKET_REFRESH: Duration = Duration::from_millis(500);
 
 /// Releases the learning lock `KEYS[1]` if this process (`ARGV[1]`) still holds it.
 const UNLOCK_SCRIPT: &str = r#"
@@ -445,12 +508,18 @@ struct Reply {
     status: String,
     wait: Duration,
     levels: [Option<f64>; 3],
+    /// The store's `settled` counters (upward reconciliation); zeros from the other scripts.
+    settled: [u64; 3],
 }
 
 impl Reply {
     fn parse(raw: Vec<String>) -> Result<Self, StoreError> {
-        if raw.len() != 5 {
+        if raw.len() != 5 && raw.len() != 8 {
             return Err(StoreError::BadReply);
+        }
+        let mut settled = [0u64; 3];
+        for (slot, text) in settled.iter_mut().zip(raw.iter().skip(5)) {
+            *slot = text.parse().map_err(|_| StoreError::BadReply)?;
         }
         let wait_us: u64 = raw[1].parse().map_err(|_| StoreError::BadReply)?;
         let mut levels = [None; 3];
@@ -463,6 +532,7 @@ impl Reply {
             status: raw[0].clone(),
             wait: Duration::from_micros(wait_us),
             levels,
+            settled,
         })
     }
 }
@@ -485,6 +555,7 @@ pub(crate) struct RedisShared {
     script: redis::Script,
     peek_script: redis::Script,
     unlock_script: redis::Script,
+    leave_script: redis::Script,
     /// This process's value in the learning locks it holds.
     token: String,
     options: RedisOptions,
@@ -535,6 +606,19 @@ fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// The arguments of an acquire: the amounts, the waiter's ticket (0: none) and when a ticket
+/// goes stale (µs).
+fn acquire_args(amounts: &[u64; 3], ticket: i64) -> [i64; 5] {
+    let a = amounts.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    let stale = i64::try_from(TICKET_STALE.as_micros()).unwrap_or(i64::MAX);
+    [a[0], a[1], a[2], ticket, stale]
+}
+
+/// A new ticket for a line in Redis (random: unique across processes in practice).
+pub(crate) fn new_ticket() -> i64 {
+    fastrand::i64(1..i64::MAX)
 }
 
 fn cap_arg(cap: Option<u64>) -> i64 {
@@ -635,7 +719,10 @@ impl RedisShared {
         let Some(mut conn) = self.connection() else {
             return Err(StoreError::NotConnected);
         };
-        let mut inv = self.script.key(self.redis_key(key, group));
+        let bucket = self.redis_key(key, group);
+        let mut inv = self.script.key(&bucket);
+        inv.key(format!("{bucket}:line"))
+            .key(format!("{bucket}:seen"));
         inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
         for cap in caps {
             inv.arg(cap_arg(*cap));
@@ -649,6 +736,24 @@ impl RedisShared {
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Ok(Ok(raw)) => Reply::parse(raw),
         }
+    }
+
+    /// Takes `ticket` out of the line of `(key, group)`, in the background.
+    pub(crate) fn leave(self: &Arc<Self>, key: &KeyId, group: &RateLimitGroup, ticket: i64) {
+        if ticket == 0 || self.is_degraded() {
+            return;
+        }
+        let shared = self.clone();
+        let bucket = self.redis_key(key, group);
+        spawn(async move {
+            let Some(mut conn) = shared.connection() else {
+                return;
+            };
+            let mut inv = shared.leave_script.key(format!("{bucket}:line"));
+            inv.key(format!("{bucket}:seen")).arg(ticket);
+            let call = inv.invoke_async::<i64>(&mut conn);
+            let _ = tokio::time::timeout(shared.options.response_timeout, call).await;
+        });
     }
 
     /// A command failed: switch to local limits (once) and start probing.
@@ -750,8 +855,9 @@ impl RedisShared {
         outcome: Outcome,
     ) {
         let charged = grant.charged.map(|c| c.unwrap_or(0) as i64);
+        let final_cost = outcome.final_cost(&grant.charged);
         let deltas: [i64; 3] = match outcome {
-            Outcome::Keep | Outcome::Served => return,
+            Outcome::Keep | Outcome::Served => [0; 3],
             Outcome::Refund => charged,
             Outcome::Rejected | Outcome::Unknown => [0, charged[1], charged[2]],
             Outcome::Actual(actual) => {
@@ -765,8 +871,14 @@ impl RedisShared {
                 })
             }
         };
-        if deltas.iter().all(|d| *d == 0) || self.is_degraded() {
+        if self.is_degraded() {
             return;
+        }
+        let mut args = [0i64; 9];
+        args[..3].copy_from_slice(&deltas);
+        args[3..6].copy_from_slice(&charged);
+        for (a, c) in args[6..].iter_mut().zip(final_cost) {
+            *a = i64::try_from(c).unwrap_or(i64::MAX);
         }
         let Some(caps) = self.mirror.capacities(key, group) else {
             return;
@@ -774,7 +886,7 @@ impl RedisShared {
         let shared = self.clone();
         let (key, group) = (key.clone(), group.clone());
         spawn(async move {
-            match shared.eval(&key, &group, "settle", &caps, &deltas).await {
+            match shared.eval(&key, &group, "settle", &caps, &args).await {
                 Ok(reply) => {
                     shared.mirror.set_levels(&key, &group, reply.levels);
                     if deltas.iter().any(|d| *d > 0) {
@@ -789,10 +901,23 @@ impl RedisShared {
     /// Re-seeds the Redis buckets (and the fallback) from response headers.
     pub(crate) fn observe(
         self: &Arc<Self>,
+        board: &QuotaBoard,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snap: &RateLimitSnapshot,
+    ) {
+        self.observe_answer(board, key, group, snap, None);
+    }
+
+    /// [`observe`](Self::observe); with the Redis grant these headers answered, also raises
+    /// levels the answer proves too low (upward reconciliation on the Redis side).
+    pub(crate) fn observe_answer(
+        self: &Arc<Self>,
         _board: &QuotaBoard,
         key: &KeyId,
         group: &RateLimitGroup,
         snap: &RateLimitSnapshot,
+        grant: Option<&Grant>,
     ) {
         self.fallback.observe(key, group, snap);
         // When these headers taught the limits, the requests that queued behind the probe
@@ -812,12 +937,21 @@ impl RedisShared {
             self.mirror.seeded(key, group);
             return;
         }
-        let mut extra = [0i64; 9];
+        let mut extra = [0i64; 16];
         for (i, v) in views.iter().enumerate() {
             extra[i] = v
                 .remaining
                 .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
             extra[3 + i] = if i == 0 { 0 } else { TOKEN_ROUNDING as i64 };
+        }
+        // Upward reconciliation: the answer to one of this board's Redis grants, for the
+        // buckets whose server limit is the one Redis holds.
+        if let Some(grant) = grant.filter(|g| g.origin == Origin::Shared) {
+            extra[9] = 1;
+            for (i, v) in views.iter().enumerate() {
+                extra[10 + i] = i64::try_from(grant.mark[i]).unwrap_or(i64::MAX);
+                extra[13 + i] = i64::from(v.limit.is_some() && v.limit == caps[i]);
+            }
         }
         // The probe's request unit (its tokens hide in the headers' rounding).
         extra[6] = i64::from(seeding);
@@ -850,6 +984,94 @@ impl RedisShared {
             fallback_acquires: c.fallback_acquires.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             local_share: self.share,
+        }
+    }
+}
+
+/// One look at the Redis buckets of a `(key, group)` without waiting (see
+/// [`QuotaBoard::try_shared`]).
+pub(crate) enum SharedTry {
+    /// Taken.
+    Granted(Reservation),
+    /// Not now: the buckets hold the cost after this long (without refunds).
+    Wait(Duration),
+    /// Larger than the buckets.
+    TooLarge(AcquireError),
+    /// Not decidable in one round trip (limits unknown here, being seeded, or Redis down):
+    /// use [`QuotaBoard::acquire`].
+    Acquire,
+}
+
+impl RedisShared {
+    /// One acquire script call for `(key, group)`: takes `cost` if it fits now.
+    pub(crate) async fn try_once(
+        self: &Arc<Self>,
+        board: &QuotaBoard,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: Cost,
+        ticket: i64,
+    ) -> SharedTry {
+        if self.is_degraded() || self.mirror.is_seeding(key, group) {
+            return SharedTry::Acquire;
+        }
+        let Some(caps) = self.mirror.capacities(key, group) else {
+            return SharedTry::Acquire;
+        };
+        let a = self.mirror.amounts(key, group, &cost);
+        let args = acquire_args(&a, ticket);
+        match self.eval(key, group, "acquire", &caps, &args).await {
+            Ok(reply) => {
+                self.mirror.set_levels(key, group, reply.levels);
+                match reply.status.as_str() {
+                    "ok" => {
+                        self.counters.shared_grants.fetch_add(1, Ordering::Relaxed);
+                        self.mirror.track_shared(key, group, true);
+                        let grant = Grant {
+                            charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
+                            probe: false,
+                            origin: Origin::Shared,
+                            mark: reply.settled,
+                        };
+                        SharedTry::Granted(board.reservation(
+                            key.clone(),
+                            group.clone(),
+                            cost,
+                            grant,
+                        ))
+                    }
+                    "large" => SharedTry::TooLarge(AcquireError::new(
+                        AcquireErrorKind::RequestTooLarge,
+                        key.clone(),
+                        group.clone(),
+                        None,
+                    )),
+                    _ => SharedTry::Wait(reply.wait),
+                }
+            }
+            Err(e) => {
+                self.mark_down(&e);
+                SharedTry::Acquire
+            }
+        }
+    }
+}
+
+/// A ticket in the line of a `(key, group)` in Redis, left when dropped (served: the script
+/// already took it out; then this is a no-op).
+pub(crate) struct Leave {
+    pub(crate) shared: Arc<RedisShared>,
+    pub(crate) key: KeyId,
+    pub(crate) group: RateLimitGroup,
+    pub(crate) ticket: i64,
+    /// The ticket may be in the line (a wait was answered since the last grant).
+    pub(crate) queued: bool,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if self.queued {
+            self.shared.leave(&self.key, &self.group, self.ticket);
         }
     }
 }
@@ -917,6 +1139,14 @@ impl SharedAcquire {
             cost,
             deadline,
         } = self;
+        // This acquire's place in the line across processes; left when it ends either way.
+        let mut ticket = Leave {
+            shared: shared.clone(),
+            key: key.clone(),
+            group: group.clone(),
+            ticket: new_ticket(),
+            queued: false,
+        };
         loop {
             if shared.is_degraded() {
                 if shared.options.fail_closed {
@@ -943,13 +1173,14 @@ impl SharedAcquire {
                     charged: [None; 3],
                     probe: false,
                     origin: Origin::Local,
+                    mark: [0; 3],
                 };
                 return Ok(board.reservation(key, group, cost, grant));
             };
             // As in the in-process board: the output reservation and anything over a learned
             // (not configured) limit are clamped to the capacity.
             let a = shared.mirror.amounts(&key, &group, &cost);
-            let args = a.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+            let args = acquire_args(&a, ticket.ticket);
             // Registered before the call, so that a refund during the round trip is not missed.
             let refunded = shared.refunded.notified();
             match shared.eval(&key, &group, "acquire", &caps, &args).await {
@@ -957,6 +1188,7 @@ impl SharedAcquire {
                     shared.mirror.set_levels(&key, &group, reply.levels);
                     match reply.status.as_str() {
                         "ok" => {
+                            ticket.queued = false;
                             shared
                                 .counters
                                 .shared_grants
@@ -966,6 +1198,7 @@ impl SharedAcquire {
                                 charged: std::array::from_fn(|i| caps[i].map(|_| a[i])),
                                 probe: false,
                                 origin: Origin::Shared,
+                                mark: reply.settled,
                             };
                             return Ok(board.reservation(key, group, cost, grant));
                         }
@@ -978,9 +1211,11 @@ impl SharedAcquire {
                             ));
                         }
                         _ => {
+                            ticket.queued = true;
                             // Sleep until the buckets hold the cost (or the deadline), unless a
-                            // reservation of this process gives quota back first.
-                            let wake = Instant::now() + reply.wait;
+                            // reservation of this process gives quota back first; look again
+                            // often enough to keep the ticket.
+                            let wake = Instant::now() + reply.wait.min(TICKET_REFRESH);
                             let (until, last) = match deadline {
                                 Some(d) if wake > d => (d, true),
                                 _ => (wake, false),
@@ -1124,7 +1359,11 @@ impl QuotaBoardBuilder {
         }
         .build();
         let prompt_cache_capacity = self.prompt_cache_capacity;
-        let mirror = Arc::new(self.local_backend().mirroring());
+        let mirror = Arc::new(
+            self.local_backend()
+                .mirroring()
+                .with_changes(fallback.changes()),
+        );
         let conn = connect(&client, &options).await;
         let connected = conn.is_some();
         let shared = Arc::new(RedisShared {
@@ -1135,6 +1374,7 @@ impl QuotaBoardBuilder {
             script: redis::Script::new(SCRIPT),
             peek_script: redis::Script::new(PEEK_SCRIPT),
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
+            leave_script: redis::Script::new(LEAVE_SCRIPT),
             token: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
             options,
             share,

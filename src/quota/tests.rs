@@ -473,11 +473,7 @@ async fn requests_behind_a_slow_probe_go_after_the_grace() {
     assert!(b.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).is_ok());
     // The probe's answer, 30 s later, still teaches the limits.
     tokio::time::sleep(Duration::from_secs(28)).await;
-    b.observe(
-        &k(),
-        &g(),
-        &snap((50, 40), (30_000, 29_000), (8_000, 7_000)),
-    );
+    probe.observe(&snap((50, 40), (30_000, 29_000), (8_000, 7_000)));
     probe.settle(Cost::new(1, 1, 1));
     assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 50);
 }

@@ -274,7 +274,8 @@ fn on_response<B>(
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
     }
     if !snapshot.is_empty() {
-        config.board.observe(&key, &group, &snapshot);
+        // A success: its headers may also raise levels (upward reconciliation).
+        reservation.observe(&snapshot);
     }
     let sse = match parts
         .headers

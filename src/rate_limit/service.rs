@@ -15,7 +15,7 @@ use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Cost, Limits, OutputReservation, QuotaBoard};
+use crate::quota::{AcquireErrorKind, Admission, Cost, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
 
 #[derive(Debug)]
@@ -112,6 +112,15 @@ where
             reads_count,
         }));
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
+        // Admitted above (a key pool took the quota for this key): use that reservation.
+        if let Some((reservation, waited)) = req
+            .extensions_mut()
+            .remove::<Admission>()
+            .and_then(|a| a.take(&key, &group))
+        {
+            let fut = self.inner.call(req);
+            return ResponseFuture::called(fut, reservation, waited, stream, config.clone(), note);
+        }
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
@@ -127,19 +136,9 @@ where
                 )
             }
             Err(check) => {
-                let mut err = config.board.check_error(&key, &group, check);
+                let err = config.board.check_error(&key, &group, check);
                 if err.kind() == AcquireErrorKind::RequestTooLarge {
-                    if let Some(h) = config.board.headroom(&key, &group) {
-                        let limit = |b: Option<crate::quota::BucketHeadroom>| {
-                            b.map_or(u64::MAX, |b| b.limit)
-                        };
-                        let limits = Limits::new(
-                            limit(h.requests),
-                            limit(h.input_tokens),
-                            limit(h.output_tokens),
-                        );
-                        err = err.with_sizes(cost, limits);
-                    }
+                    let err = config.board.with_sizes(err, &cost);
                     tracing::warn!(
                         key = %key,
                         group = %group,

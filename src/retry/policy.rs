@@ -12,8 +12,8 @@
 //!    (400, 401, 403, 404, 413, ...) is returned as it is.
 //!
 //! An inner service error (connection refused or reset, a timeout before any response byte)
-//! is retried, except the errors no wait can cure (see [`is_permanent`]): a key pool with no
-//! key left, a request larger than a whole minute of quota, a request body over the limit.
+//! is retried, except the errors no wait can cure: a key pool with no key left, a request
+//! larger than a whole minute of quota, a request body over the limit.
 //! Those fail at once. A mid-stream `event: error` received before any content was forwarded is
 //! retried when its error type is transient (`overloaded_error`, `api_error`, ...).
 //!

@@ -64,6 +64,26 @@ impl MockClaude {
         self.shared.lock().spend_cap = on;
     }
 
+    /// Changes the limits of every key and group while serving (an organisation moving to
+    /// another usage tier): existing buckets take the new capacities, and a raise adds the
+    /// extra capacity to their level at once (a cut keeps the level, capped at the new
+    /// capacity). Later answers carry the new `-limit` headers.
+    ///
+    /// ```
+    /// use tower_claude::testing::{MockClaude, MockLimits};
+    ///
+    /// let mock = MockClaude::builder().default_limits(MockLimits::new(60, 40_000, 8_000)).build();
+    /// mock.set_limits(MockLimits::new(240, 40_000, 8_000));
+    /// ```
+    pub fn set_limits(&self, limits: super::MockLimits) {
+        let now = tokio::time::Instant::now();
+        let mut inner = self.shared.lock();
+        inner.limits_override = Some(limits);
+        for buckets in inner.buckets.values_mut() {
+            buckets.resize(limits, now);
+        }
+    }
+
     /// A copy of the counters.
     pub fn stats(&self) -> MockStats {
         self.shared.lock().stats.clone()
@@ -451,6 +471,7 @@ async fn messages(shared: &Arc<Shared>, seq: u64, key: KeyId, parsed: Parsed) ->
 
     let decision = {
         let mut inner = shared.lock();
+        let limits = inner.limits_override.unwrap_or(limits);
         let scripted = inner.faults.pop_front();
         // Two draws per request that reaches this point, whatever the outcome, so that the
         // fault sequence depends only on the seed and the sequence of requests.

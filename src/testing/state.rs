@@ -94,6 +94,21 @@ impl Buckets {
         }
     }
 
+    /// Takes new capacities; a raise adds the extra capacity to the level.
+    pub(crate) fn resize(&mut self, limits: MockLimits, now: Instant) {
+        let buckets = [&mut self.requests, &mut self.input, &mut self.output];
+        for (b, cap) in buckets
+            .into_iter()
+            .zip([limits.rpm, limits.itpm, limits.otpm])
+        {
+            let old = b.capacity();
+            b.set_capacity(cap, now);
+            if cap > old {
+                b.refund(cap - old, now);
+            }
+        }
+    }
+
     /// Forgets admissions older than two windows.
     pub(crate) fn trim_admitted(&mut self, accel: &AccelerationLimit, now: Instant) {
         let keep = accel_window(accel).saturating_mul(2);
@@ -199,6 +214,9 @@ pub(crate) struct Inner {
     pub(crate) seq: u64,
     /// The prompt cache: prefix id (key, model, prefix) -> expiry.
     pub(crate) prompt_cache: HashMap<u128, Instant>,
+    /// Limits set while serving ([`MockClaude::set_limits`](super::MockClaude::set_limits)),
+    /// over the configured ones.
+    pub(crate) limits_override: Option<MockLimits>,
 }
 
 impl Inner {
@@ -255,6 +273,7 @@ impl Shared {
             spend_cap: builder.spend_cap,
             seq: 0,
             prompt_cache: HashMap::new(),
+            limits_override: None,
         };
         Self {
             config,

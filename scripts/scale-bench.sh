@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Scale scenario (issue 12): the simulator served over HTTP in real time with per-key limits
+# (RPM 120 / ITPM 40k / OTPM 8k per key and model family), N claude-proxy nodes (release
+# build) holding M keys, a redis-server on a free loopback port when N > 1, and K client
+# fleets of 16 concurrent Opus tasks (100-500 input tokens, ~60 output, max_tokens
+# 300-1500). Prints, per configuration: tasks ok / failed, upstream 429s, elapsed against the
+# ideal computed from the limits, and each fleet's finish time.
+#
+#   scripts/scale-bench.sh                 # every configuration
+#   ONLY="1n2k 2n2k" scripts/scale-bench.sh
+#   PROXY_BIN=/tmp/claude-proxy-old scripts/scale-bench.sh   # another proxy binary
+#
+# Everything binds 127.0.0.1, runs bounded in time and is stopped by pid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${NO_BUILD:-}" ]; then
+  cargo build -q --release --features proxy --bin claude-proxy --example loadgen
+fi
+B=${CARGO_TARGET_DIR:-target}/release
+PROXY_BIN=${PROXY_BIN:-$B/claude-proxy}
+LOADGEN=${LOADGEN:-$B/examples/loadgen}
+ONLY=${ONLY:-"1n1k 1n2k 2n2k 4n4k raise"}
+TASKS=${TASKS:-200}          # per fleet
+LATENCY=${LATENCY:-500ms}    # upstream answer time
+D=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  [ -f "$D/redis.pid" ] && kill "$(cat "$D/redis.pid")" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; return 1; }
+
+echo "proxy: $PROXY_BIN"
+printf '%-6s %6s %5s %6s %6s %9s %9s %6s  %s\n' config tasks ok failed 429s elapsed ideal ratio "fleets (s)"
+
+# run NAME NODES KEYS FLEETS [RAISE_AFTER_S]
+run() {
+  local name=$1 nodes=$2 keys=$3 fleets=$4 raise=${5:-}
+  local mport; mport=$(free_port)
+  local limits="120,40000,8000" rpm=120 cap2=0
+  local mock_args=(mock --listen 127.0.0.1:$mport --output-tokens 60 --latency "$LATENCY")
+  if [ -n "$raise" ]; then
+    limits="60,40000,8000"; rpm=60; cap2=240
+    mock_args+=(--raise-after "${raise}s" --raise-to "240,160000,32000")
+  fi
+  mock_args+=(--limits "$limits")
+  "$LOADGEN" "${mock_args[@]}" 2> "$D/$name.mock.log" &
+  local mock=$!; PIDS+=("$mock")
+  wait_port "$mport"
+  local redis_args=()
+  if [ "$nodes" -gt 1 ]; then
+    local rport; rport=$(free_port)
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+      --daemonize yes --pidfile "$D/redis.pid" > /dev/null
+    wait_port "$rport"
+    redis_args=(--redis-url "redis://127.0.0.1:$rport/" --expected-nodes "$nodes")
+  fi
+  local keylist; keylist=$(seq -f "sk-ant-scale-%g" 1 "$keys" | paste -sd, -)
+  local ports=() nodepids=()
+  for n in $(seq 1 "$nodes"); do
+    local p; p=$(free_port)
+    "$PROXY_BIN" --listen 127.0.0.1:$p --upstream http://127.0.0.1:$mport \
+      --api-keys "$keylist" --cache false --fallback false "${redis_args[@]}" \
+      2> "$D/$name.node$n.log" &
+    nodepids+=($!); PIDS+=($!)
+    ports+=("$p")
+  done
+  for p in "${ports[@]}"; do wait_port "$p"; done
+  local start_ms=$(( $(date +%s%3N) + 1000 ))
+  local fpids=()
+  for f in $(seq 1 "$fleets"); do
+    local p=${ports[$(( (f - 1) % nodes ))]}
+    "$LOADGEN" fleet --url "http://127.0.0.1:$p" --tasks "$TASKS" -c 16 \
+      --start-at-ms "$start_ms" --seed "$f" --label "f$f" > "$D/$name.fleet$f.json" &
+    fpids+=($!)
+  done
+  for p in "${fpids[@]}"; do wait "$p" || true; done
+  for p in "${nodepids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  kill -INT "$mock" 2>/dev/null || true; wait "$mock" 2>/dev/null || true
+  if [ -f "$D/redis.pid" ]; then kill "$(cat "$D/redis.pid")" 2>/dev/null || true; rm -f "$D/redis.pid"; sleep 0.2; fi
+  python3 - "$D" "$name" "$fleets" "$keys" "$rpm" "$TASKS" "${raise:-0}" "$cap2" <<'PY'
+import json, re, sys
+d, name, fleets, keys, rpm, tasks, raise_s, cap2 = sys.argv[1:]
+fleets, keys, rpm, tasks, raise_s, cap2 = int(fleets), int(keys), int(rpm), int(tasks), float(raise_s), int(cap2)
+rows = [json.load(open(f"{d}/{name}.fleet{f}.json")) for f in range(1, fleets + 1)]
+ok = sum(r["ok"] for r in rows); failed = sum(r["failed"] for r in rows)
+n = fleets * tasks
+log = open(f"{d}/{name}.mock.log").read()
+m = re.search(r"(\d+) refused with 429", log)
+r429 = int(m.group(1)) if m else -1
+elapsed = max(r["elapsed_s"] for r in rows)
+if cap2:
+    # rpm per minute until the raise (from a full bucket), then cap2 with the extra
+    # capacity available at once.
+    done_before = rpm + raise_s * rpm / 60
+    ideal = raise_s + max(0.0, n - done_before - (cap2 - rpm)) / (cap2 / 60)
+else:
+    ideal = max(0.0, n - keys * rpm) / (keys * rpm / 60)
+finish = " ".join(f"{r['elapsed_s']:.1f}" for r in rows)
+extra = ""
+if cap2:
+    extra = f"  after the raise: {elapsed - raise_s:.1f} s vs {ideal - raise_s:.1f} s ideal ({(elapsed - raise_s) / (ideal - raise_s):.2f}x)"
+if fleets > 1:
+    ts = [r["elapsed_s"] for r in rows]
+    extra += f"  fleet spread {100 * (max(ts) - min(ts)) / max(ts):.1f} %"
+print(f"{name:<6} {n:>6} {ok:>5} {failed:>6} {r429:>6} {elapsed:>8.1f}s {ideal:>8.1f}s {elapsed / ideal:>5.2f}x  {finish}{extra}")
+PY
+}
+
+for c in $ONLY; do
+  case $c in
+    1n1k) run 1n1k 1 1 1 ;;
+    1n2k) run 1n2k 1 2 2 ;;
+    2n2k) run 2n2k 2 2 2 ;;
+    4n4k) run 4n4k 4 4 4 ;;
+    raise) TASKS=${RAISE_TASKS:-300} run raise 1 1 1 10 ;;
+    *) echo "unknown configuration $c" >&2 ;;
+  esac
+done
+echo "logs: $D"
