@@ -192,7 +192,7 @@ pub struct ProxyConfig {
     /// never above what the process's file descriptor limit allows).
     pub max_connections: usize,
     /// How long an idle upstream connection stays in the pool
-    /// (`CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT`, default 60 s).
+    /// (`CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT`, default 30 s; at most 256 idle ones are kept).
     pub upstream_idle_timeout: Duration,
     /// How the log is written (`CLAUDE_PROXY_LOG_FORMAT`, default `text`).
     pub log_format: super::LogFormat,
@@ -333,7 +333,7 @@ pub struct Cli {
     /// Cap on open client connections; at the cap the oldest idle one is closed [env: CLAUDE_PROXY_MAX_CONNECTIONS] [default: 10000, lowered to fit `ulimit -n`]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
-    /// Close pooled upstream connections idle for this long [env: CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT] [default: 60s]
+    /// Close pooled upstream connections idle for this long [env: CLAUDE_PROXY_UPSTREAM_IDLE_TIMEOUT] [default: 30s; at most 256 idle connections are kept]
     #[arg(long, value_name = "DURATION")]
     pub upstream_idle_timeout: Option<String>,
     /// Log format: `text` (colour only on a terminal, never with NO_COLOR) or `json`; the level is RUST_LOG [env: CLAUDE_PROXY_LOG_FORMAT] [default: text]
@@ -966,7 +966,7 @@ impl ProxyConfig {
             "upstream_idle_timeout",
         ) {
             Some(s) => positive_duration(s)?,
-            None => Duration::from_secs(60),
+            None => crate::client::DEFAULT_POOL_IDLE,
         };
         let log_format = match cli.log_format {
             Some(f) => f,
@@ -1410,7 +1410,7 @@ mod tests {
         assert_eq!(cfg.header_read_timeout, Duration::from_secs(10));
         assert_eq!(cfg.idle_timeout, Duration::from_secs(60));
         assert_eq!(cfg.max_connections, 10_000);
-        assert_eq!(cfg.upstream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.upstream_idle_timeout, Duration::from_secs(30));
         assert_eq!(cfg.log_format, super::super::LogFormat::Text);
 
         let dir = tempfile::tempdir().unwrap();
