@@ -9,6 +9,7 @@
 //! * nothing is left behind: no request in flight or queued on the status page, and the
 //!   process's file descriptors back to their baseline once idle connections time out;
 //! * quota entries stay bounded under 10,000 made-up model names;
+//! * with the response cache on, only complete answers are ever served from it;
 //! * no upstream key appears in any response, the status page or `/metrics`;
 //! * a hostile client cannot take keys out of rotation or poison a group for others.
 #![cfg(feature = "proxy")]
@@ -50,8 +51,9 @@ struct Setup {
 }
 
 /// The proxy in front of a fresh `ChaosUpstream`. `pooled`: the test client keeps its
-/// connections to the proxy (else one connection per request, closed after it).
-async fn setup(pooled: bool) -> Setup {
+/// connections to the proxy (else one connection per request, closed after it). `cache`: the
+/// response cache on (every request cacheable, in memory), else off.
+async fn setup(pooled: bool, cache: bool) -> Setup {
     let chaos = ChaosUpstream::new(Chaos::Ok)
         .unauthorized_path("/v1/organizations/me")
         .known_models_only(true);
@@ -60,7 +62,9 @@ async fn setup(pooled: bool) -> Setup {
         upstream: Some(format!("http://{upstream}")),
         deadline: Some(DEADLINE.as_secs().to_string()),
         max_retries: Some(ATTEMPTS as u32 - 1),
-        cache: Some(false),
+        cache: Some(cache),
+        cache_mode: cache.then(|| "all".into()),
+        cache_path: cache.then(|| "memory".into()),
         fallback: Some(false),
         upstream_idle_timeout: Some("1s".into()),
         ..Cli::default()
@@ -82,8 +86,12 @@ async fn setup(pooled: bool) -> Setup {
 }
 
 fn body(model: &str, stream: bool) -> String {
+    body_with(model, stream, "hi")
+}
+
+fn body_with(model: &str, stream: bool, prompt: &str) -> String {
     format!(
-        r#"{{"model":"{model}","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        r#"{{"model":"{model}","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
     )
 }
 
@@ -93,16 +101,22 @@ struct Ended {
     status: StatusCode,
     body: Bytes,
     took: Duration,
+    /// `x-tower-claude-cache` of the answer.
+    cache: Option<String>,
 }
 
 impl Setup {
     async fn send(&self, chaos: &str, id: &str, model: &str, stream: bool) -> Ended {
+        self.send_body(chaos, id, body(model, stream)).await
+    }
+
+    async fn send_body(&self, chaos: &str, id: &str, body: String) -> Ended {
         let req = Request::post(format!("http://{}/v1/messages", self.proxy))
             .header("anthropic-version", "2023-06-01")
             .header("content-type", "application/json")
             .header("x-chaos", chaos)
             .header("x-chaos-id", id)
-            .body(Full::new(Bytes::from(body(model, stream))))
+            .body(Full::new(Bytes::from(body)))
             .unwrap();
         self.request(req).await
     }
@@ -113,6 +127,11 @@ impl Setup {
         let ended = tokio::time::timeout(DEADLINE + MARGIN, async {
             let resp = self.client.request(req).await.expect("response head");
             let status = resp.status();
+            let cache = resp
+                .headers()
+                .get("x-tower-claude-cache")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let mut seen = format!("{:?}", resp.headers()).into_bytes();
             let body = resp
                 .into_body()
@@ -122,7 +141,7 @@ impl Setup {
                 .to_bytes();
             seen.extend_from_slice(&body);
             self.seen.lock().unwrap().extend_from_slice(&seen);
-            (status, body)
+            (status, body, cache)
         })
         .await
         .unwrap_or_else(|_| panic!("{what}: not ended within the deadline and margin"));
@@ -130,6 +149,7 @@ impl Setup {
             status: ended.0,
             body: ended.1,
             took: start.elapsed(),
+            cache: ended.2,
         }
     }
 
@@ -154,6 +174,22 @@ impl Setup {
 /// A complete answer (a JSON message, or a stream that reaches `message_stop`), or an
 /// Anthropic-style error: an error status with the envelope, or a stream ending with an
 /// `event: error`.
+/// Whether `e` is a complete answer: a 200 JSON message, or a 200 stream that reaches
+/// `message_stop` without an error.
+fn is_complete(e: &Ended) -> bool {
+    if e.status != StatusCode::OK {
+        return false;
+    }
+    if e.body.starts_with(b"event:") || e.body.starts_with(b"data:") {
+        let mut tracker = StreamTracker::new();
+        tracker.feed(&e.body);
+        tracker.finish();
+        tracker.is_complete() && tracker.error().is_none()
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&e.body).is_ok_and(|v| v["type"] == "message")
+    }
+}
+
 fn assert_complete_or_anthropic_error(what: &str, e: &Ended) {
     if e.status.is_success() {
         let text = String::from_utf8_lossy(&e.body);
@@ -223,7 +259,7 @@ const HOSTILE: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_ends_in_its_deadline_with_an_answer_or_an_anthropic_error() {
     let _serial = SERIAL.lock().await;
-    let s = Arc::new(setup(true).await);
+    let s = Arc::new(setup(true, false).await);
     let mut tasks = Vec::new();
     for (i, chaos) in HOSTILE.iter().enumerate() {
         for stream in [false, true] {
@@ -275,7 +311,7 @@ async fn every_request_ends_in_its_deadline_with_an_answer_or_an_anthropic_error
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_cannot_remove_keys_poison_groups_or_grow_the_board() {
     let _serial = SERIAL.lock().await;
-    let s = Arc::new(setup(true).await);
+    let s = Arc::new(setup(true, false).await);
     // 401 on a path the client picks, once per key and more: the client gets the 401, the
     // keys stay in rotation.
     for _ in 0..6 {
@@ -341,13 +377,51 @@ async fn hostile_clients_cannot_remove_keys_poison_groups_or_grow_the_board() {
     assert_eq!(e.status, StatusCode::OK);
 }
 
+/// With the response cache on, every hostile answer once, then the same requests answered
+/// normally: a request whose first answer was not complete (cut, garbage, an error, a stream
+/// without `message_stop`) is never a hit, and every hit is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_complete_answers_are_ever_served_from_the_cache() {
+    let _serial = SERIAL.lock().await;
+    let s = Arc::new(setup(true, true).await);
+    let mut first = Vec::new();
+    for (i, chaos) in HOSTILE.iter().enumerate() {
+        for stream in [false, true] {
+            let body = body_with("claude-sonnet-4-6", stream, &format!("cache {i} {stream}"));
+            let e = s
+                .send_body(chaos, &format!("c-{i}-{stream}"), body.clone())
+                .await;
+            assert_complete_or_anthropic_error(&format!("x-chaos {chaos}"), &e);
+            first.push((*chaos, stream, body, is_complete(&e)));
+        }
+    }
+    // Stored after delivery: give the cache's writer a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut hits = 0;
+    for (chaos, stream, body, complete) in first {
+        let again = s
+            .send_body("ok", &format!("again-{chaos}-{stream}"), body)
+            .await;
+        let what = format!("x-chaos {chaos}, stream {stream}, asked again");
+        assert!(is_complete(&again), "{what}: {:?}", again.body);
+        let hit = again.cache.as_deref() == Some("hit");
+        assert!(
+            complete || !hit,
+            "{what}: served from the cache though its first answer was not complete"
+        );
+        hits += usize::from(hit);
+    }
+    // The cache is on and works: the complete first answers were stored.
+    assert!(hits > 0, "no hit at all");
+}
+
 /// Every hostile answer once more, then nothing: the connections the proxy opened (to the
 /// upstream, 1 s idle timeout here) and the ones clients opened (closed after each request
 /// here) all close, so the process's descriptors come back to where they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_descriptors_go_back_to_baseline() {
     let _serial = SERIAL.lock().await;
-    let s = Arc::new(setup(false).await);
+    let s = Arc::new(setup(false, false).await);
     let baseline = open_fds();
     let mut tasks = Vec::new();
     for (i, chaos) in HOSTILE.iter().enumerate() {
