@@ -52,7 +52,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT INT TERM
 
@@ -68,7 +68,7 @@ wait_port() {
 
 up_port=$(free_port)
 ngx_port=$(free_port)
-answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"fn main() { println!(\"hello\"); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
+answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
 mkdir -p "$work/nginx"
 cat >"$work/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -158,7 +158,7 @@ for entry in "${configs[@]}"; do
   dir="$work/proxy-$name"
   mkdir -p "$dir"
   # shellcheck disable=SC2086
-  (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG=warn \
+  (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG="${PROXY_LOG:-warn}" \
       "$PROXY_BIN" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
       >"$dir/log" 2>&1) &
   pids+=($!)
