@@ -2,7 +2,8 @@
 //! to the served simulator (or its built-in one).
 #![cfg(feature = "proxy")]
 
-use std::collections::BTreeMap;
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,52 +13,13 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use support::proxy::start;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tower_claude::anthropic::{ApiError, ApiErrorKind, RateLimitSnapshot, StreamTracker, Usage};
-use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+use tower_claude::proxy::Cli;
 use tower_claude::testing::MockClaude;
 
 type TestClient = Client<HttpConnector, Full<Bytes>>;
-
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("proxy stops")
-            .expect("proxy task")
-            .expect("proxy serve");
-    }
-}
-
-async fn start_proxy(cli: Cli, env: &[(&str, &str)]) -> Running {
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let config = ProxyConfig::resolve(cli, &env).expect("config");
-    let proxy = Proxy::new(config).expect("proxy");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve(listener, async move {
-        let _ = rx.await;
-    }));
-    Running {
-        addr,
-        stop: Some(tx),
-        task,
-    }
-}
 
 fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
@@ -90,7 +52,7 @@ fn cli_for(upstream: String) -> Cli {
 
 #[tokio::test]
 async fn health_and_unknown_routes() {
-    let proxy = start_proxy(cli_for("mock".into()), &[]).await;
+    let proxy = start(cli_for("mock".into()), &[]).await;
     let c = client();
     let resp = c
         .get(format!("http://{}/healthz", proxy.addr).parse().unwrap())
@@ -112,7 +74,7 @@ async fn health_and_unknown_routes() {
 async fn forwards_json_answers_and_every_upstream_header() {
     let mock = MockClaude::builder().build();
     let upstream = served_mock(&mock).await;
-    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
     let resp = client()
         .request(messages(proxy.addr, "sk-client-1", HELLO))
         .await
@@ -135,7 +97,7 @@ async fn streams_pass_through_event_by_event() {
         .latency(Duration::from_millis(1), Duration::from_millis(1))
         .build();
     let upstream = served_mock(&mock).await;
-    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
     let resp = client()
         .request(messages(proxy.addr, "sk-client-1", HELLO_STREAM))
         .await
@@ -172,7 +134,7 @@ async fn client_tokens_guard_the_proxy_and_the_proxy_key_goes_upstream() {
         .api_keys(["sk-upstream-secret"])
         .build();
     let upstream = served_mock(&mock).await;
-    let proxy = start_proxy(
+    let proxy = start(
         cli_for(format!("http://{upstream}")),
         &[
             ("CLAUDE_PROXY_TOKENS", "team-token"),
@@ -222,7 +184,7 @@ async fn client_tokens_guard_the_proxy_and_the_proxy_key_goes_upstream() {
 async fn status_page_shows_the_proxys_keys() {
     let mock = MockClaude::builder().api_keys(["sk-upstream-good"]).build();
     let upstream = served_mock(&mock).await;
-    let proxy = start_proxy(
+    let proxy = start(
         cli_for(format!("http://{upstream}")),
         &[
             ("ANTHROPIC_API_KEYS", "sk-upstream-good,sk-upstream-revoked"),
@@ -280,7 +242,7 @@ async fn status_page_shows_the_proxys_keys() {
 
 #[tokio::test]
 async fn oversized_body_is_a_413_envelope() {
-    let proxy = start_proxy(cli_for("mock".into()), &[]).await;
+    let proxy = start(cli_for("mock".into()), &[]).await;
     let big = format!(
         r#"{{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{{"role":"user","content":"{}"}}]}}"#,
         "x".repeat(33 * 1024 * 1024)
@@ -306,7 +268,7 @@ async fn unreachable_upstream_is_a_502_envelope() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let proxy = start_proxy(
+    let proxy = start(
         cli_for(format!("http://{closed}")),
         &[("CLAUDE_RETRY_STRATEGY", "none")],
     )
@@ -330,7 +292,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
         .latency(Duration::from_millis(300), Duration::ZERO)
         .build();
     let upstream = served_mock(&mock).await;
-    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
     let c = client();
     let req = messages(proxy.addr, "sk-client-1", HELLO);
     let in_flight = tokio::spawn(async move { c.request(req).await });
@@ -352,7 +314,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
 async fn status_page_and_prometheus_metrics() {
     let mock = MockClaude::builder().build();
     let upstream = served_mock(&mock).await;
-    let proxy = start_proxy(cli_for(format!("http://{upstream}")), &[]).await;
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
     let c = client();
     let body = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"messages":[{"role":"user","content":"Say hello, status"}]}"#;
     for _ in 0..2 {
@@ -433,7 +395,7 @@ async fn metrics_count_json_answers_as_successes_with_their_tokens() {
         cache: Some(false),
         ..cli_for(format!("http://{upstream}"))
     };
-    let proxy = start_proxy(cli, &[]).await;
+    let proxy = start(cli, &[]).await;
     let c = client();
     // A model no other test of this file uses: the recorder is global to the process.
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello, metrics"}]}"#;

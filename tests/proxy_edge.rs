@@ -3,7 +3,8 @@
 //! credentials parsing, tower-http's body limit / request ids / panics, and the log.
 #![cfg(feature = "proxy")]
 
-use std::collections::BTreeMap;
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,59 +16,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::proxy::{config, serve, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::Mutex;
 use tower_claude::BoxError;
 use tower_claude::anthropic::{ApiError, ApiErrorKind};
 use tower_claude::body::RequestBody;
-use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
+use tower_claude::proxy::{Cli, Proxy};
 use tower_claude::testing::MockClaude;
-
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("proxy stops")
-            .expect("proxy task")
-            .expect("proxy serve");
-    }
-}
-
-fn config(cli: Cli, env: &[(&str, &str)]) -> ProxyConfig {
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    ProxyConfig::resolve(cli, &env).expect("config")
-}
-
-async fn run(proxy: Proxy) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve(listener, async move {
-        let _ = rx.await;
-    }));
-    Running {
-        addr,
-        stop: Some(tx),
-        task,
-    }
-}
-
-async fn start(cli: Cli, env: &[(&str, &str)]) -> Running {
-    run(Proxy::new(config(cli, env)).expect("proxy")).await
-}
 
 fn cli_for(upstream: String) -> Cli {
     Cli {
@@ -544,7 +501,7 @@ async fn a_panicking_upstream_is_a_500_and_the_proxy_keeps_serving() {
         },
         &[],
     );
-    let proxy = run(Proxy::with_upstream(cfg, upstream).unwrap()).await;
+    let proxy = serve(Proxy::with_upstream(cfg, upstream).unwrap()).await;
     let c = client();
     let boom = HELLO.replace("Say hello", "PANIC");
     for _ in 0..2 {

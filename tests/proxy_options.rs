@@ -3,6 +3,8 @@
 //! pacing, Redis fail-closed, and restoring removed keys from the keys file on SIGHUP.
 #![cfg(feature = "proxy")]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,8 +15,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use support::proxy::{config, serve, start};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tower_claude::anthropic::{ApiError, KeyId};
 use tower_claude::proxy::{Cli, Proxy, ProxyConfig};
 use tower_claude::testing::{Fault, MockClaude};
@@ -22,51 +24,6 @@ use tower_claude::testing::{Fault, MockClaude};
 type TestClient = Client<HttpConnector, Full<Bytes>>;
 
 const HELLO: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hello"}]}"#;
-
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("proxy stops")
-            .expect("proxy task")
-            .expect("proxy serve");
-    }
-}
-
-fn config(cli: Cli, env: &[(&str, &str)]) -> ProxyConfig {
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    ProxyConfig::resolve(cli, &env).expect("config")
-}
-
-async fn serve(proxy: Proxy) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve(listener, async move {
-        let _ = rx.await;
-    }));
-    Running {
-        addr,
-        stop: Some(tx),
-        task,
-    }
-}
-
-async fn start(cli: Cli, env: &[(&str, &str)]) -> Running {
-    serve(Proxy::new(config(cli, env)).expect("proxy")).await
-}
 
 fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
