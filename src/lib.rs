@@ -72,6 +72,7 @@ pub mod rate_limit;
 pub mod reqwest;
 pub mod retry;
 pub mod stack;
+pub mod tenant;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
