@@ -124,7 +124,11 @@ impl DiskStore {
         };
         // A smaller bound than the file was written with applies at once, and the file
         // shrinks to match.
-        store.inner.write(|txn, inner| inner.evict(txn, 0))?;
+        store.inner.write(|txn, inner| {
+            let mut tables = Tables::open(txn, inner.max_bytes)?;
+            tables.evict(0)?;
+            tables.close()
+        })?;
         if store.inner.oversized() {
             store.compact()?;
         }
@@ -276,8 +280,12 @@ impl Inner {
             let db = self.db()?;
             let mut txn = db.begin_write().map_err(backend)?;
             txn.set_durability(Durability::Immediate);
-            for (key, value, ttl) in entries {
-                self.put_in(&txn, key, value, *ttl, now)?;
+            {
+                let mut tables = Tables::open(&txn, self.max_bytes)?;
+                for (key, value, ttl) in entries {
+                    tables.put(key, value, *ttl, now)?;
+                }
+                tables.close()?;
             }
             txn.commit().map_err(backend)?;
             self.unsynced.store(0, Ordering::Relaxed);
@@ -346,131 +354,141 @@ impl Inner {
         })
     }
 
-    /// Removes `key` with its order row (only if that row points back at it) and returns the
-    /// new accounted total.
-    fn remove_in(
-        &self,
-        txn: &WriteTransaction,
-        key: &[u8],
-        mut total: u64,
-    ) -> Result<u64, StoreError> {
-        let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
-        let mut order = txn.open_table(ORDER).map_err(backend)?;
-        let old = entries
+    fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
+        let now = unix_ms((self.clock)());
+        self.write(|txn, inner| {
+            let mut tables = Tables::open(txn, inner.max_bytes)?;
+            tables.put(key, value, ttl, now)?;
+            tables.close()
+        })
+    }
+
+    fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
+        self.write(|txn, inner| {
+            let mut tables = Tables::open(txn, inner.max_bytes)?;
+            tables.remove(&key.as_bytes()[..])?;
+            tables.close()
+        })
+    }
+}
+
+/// The tables of one write transaction, opened once, with the accounted size and the next
+/// sequence number read once and written back by [`close`](Tables::close): a batch of
+/// entries costs one table opening and one `META` read and write, not one per entry.
+struct Tables<'t> {
+    entries: redb::Table<'t, &'static [u8], &'static [u8]>,
+    order: redb::Table<'t, u64, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, u64>,
+    max_bytes: u64,
+    total: u64,
+    seq: u64,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction, max_bytes: u64) -> Result<Self, StoreError> {
+        let meta = txn.open_table(META).map_err(backend)?;
+        let total = meta.get("bytes").map_err(backend)?.map_or(0, |v| v.value());
+        let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
+        Ok(Self {
+            entries: txn.open_table(ENTRIES).map_err(backend)?,
+            order: txn.open_table(ORDER).map_err(backend)?,
+            meta,
+            max_bytes,
+            total,
+            seq,
+        })
+    }
+
+    /// Writes the accounted size and the next sequence number back.
+    fn close(mut self) -> Result<(), StoreError> {
+        self.meta.insert("bytes", self.total).map_err(backend)?;
+        self.meta.insert("seq", self.seq).map_err(backend)?;
+        Ok(())
+    }
+
+    /// Removes `key` with its order row (only if that row points back at it).
+    fn remove(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        let old = self
+            .entries
             .remove(key)
             .map_err(backend)?
             .map(|g| (g.value().len() as u64, u64_at(g.value(), 0)));
         if let Some((len, seq)) = old {
-            total = total.saturating_sub(KEY_LEN + len);
+            self.total = self.total.saturating_sub(KEY_LEN + len);
             if let Some(seq) = seq {
-                let points_back = order
+                let points_back = self
+                    .order
                     .get(seq)
                     .map_err(backend)?
                     .is_some_and(|k| k.value() == key);
                 if points_back {
-                    order.remove(seq).map_err(backend)?;
+                    self.order.remove(seq).map_err(backend)?;
                 }
             }
         }
-        Ok(total)
-    }
-
-    fn total(&self, txn: &WriteTransaction) -> Result<(u64, u64), StoreError> {
-        let meta = txn.open_table(META).map_err(backend)?;
-        let total = meta.get("bytes").map_err(backend)?.map_or(0, |v| v.value());
-        let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
-        Ok((total, seq))
-    }
-
-    fn set_total(&self, txn: &WriteTransaction, total: u64, seq: u64) -> Result<(), StoreError> {
-        let mut meta = txn.open_table(META).map_err(backend)?;
-        meta.insert("bytes", total).map_err(backend)?;
-        meta.insert("seq", seq).map_err(backend)?;
         Ok(())
     }
 
     /// Evicts the oldest entries until `extra` more bytes fit under the bound.
-    fn evict(&self, txn: &WriteTransaction, extra: u64) -> Result<(), StoreError> {
-        let (mut total, seq) = self.total(txn)?;
-        while total.saturating_add(extra) > self.max_bytes {
-            let oldest = {
-                let mut order = txn.open_table(ORDER).map_err(backend)?;
-                order
-                    .pop_first()
-                    .map_err(backend)?
-                    .map(|(s, k)| (s.value(), k.value().to_vec()))
-            };
+    fn evict(&mut self, extra: u64) -> Result<(), StoreError> {
+        while self.total.saturating_add(extra) > self.max_bytes {
+            let oldest = self
+                .order
+                .pop_first()
+                .map_err(backend)?
+                .map(|(s, k)| (s.value(), k.value().to_vec()));
             let Some((seq_evicted, key)) = oldest else {
                 break;
             };
-            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
-            let matches = entries
+            let matches = self
+                .entries
                 .get(&key[..])
                 .map_err(backend)?
                 .is_some_and(|v| u64_at(v.value(), 0) == Some(seq_evicted));
             if matches {
-                if let Some(v) = entries.remove(&key[..]).map_err(backend)? {
-                    total = total.saturating_sub(KEY_LEN + v.value().len() as u64);
+                if let Some(v) = self.entries.remove(&key[..]).map_err(backend)? {
+                    self.total = self.total.saturating_sub(KEY_LEN + v.value().len() as u64);
                 }
             }
         }
-        if total.saturating_add(extra) > self.max_bytes {
+        if self.total.saturating_add(extra) > self.max_bytes {
             // Nothing left in the order index: the accounting is off (entries whose order rows
             // were lost). Start over from an empty store rather than grow without bound.
-            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
-            entries.retain(|_, _| false).map_err(backend)?;
-            total = 0;
+            self.entries.retain(|_, _| false).map_err(backend)?;
+            self.total = 0;
         }
-        self.set_total(txn, total, seq)
+        Ok(())
     }
 
-    fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
-        let now = unix_ms((self.clock)());
-        self.write(|txn, inner| inner.put_in(txn, key, value, ttl, now))
-    }
-
-    /// Stores one entry in `txn`, replacing any previous one and evicting the oldest entries
-    /// to stay under the bound. An entry larger than the whole bound is not stored.
-    fn put_in(
-        &self,
-        txn: &WriteTransaction,
+    /// Stores one entry, replacing any previous one and evicting the oldest entries to stay
+    /// under the bound. An entry larger than the whole bound is not stored.
+    fn put(
+        &mut self,
         key: &CacheKey,
         value: &CachedResponse,
         ttl: Duration,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let encoded = value.encode();
-        let size = KEY_LEN + (HEADER + encoded.len()) as u64;
         let expires = now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let (total, seq) = self.total(txn)?;
-        let total = self.remove_in(txn, &key.as_bytes()[..], total)?;
-        self.set_total(txn, total, seq)?;
+        let mut row = Vec::with_capacity(HEADER + value.weight());
+        row.extend_from_slice(&self.seq.to_le_bytes());
+        row.extend_from_slice(&expires.to_le_bytes());
+        value.encode_into(&mut row);
+        let size = KEY_LEN + row.len() as u64;
+        self.remove(&key.as_bytes()[..])?;
         if size > self.max_bytes {
             return Ok(());
         }
-        self.evict(txn, size)?;
-        let (total, seq) = self.total(txn)?;
-        let mut row = Vec::with_capacity(HEADER + encoded.len());
-        row.extend_from_slice(&seq.to_le_bytes());
-        row.extend_from_slice(&expires.to_le_bytes());
-        row.extend_from_slice(&encoded);
-        txn.open_table(ENTRIES)
-            .map_err(backend)?
+        self.evict(size)?;
+        self.entries
             .insert(&key.as_bytes()[..], &row[..])
             .map_err(backend)?;
-        txn.open_table(ORDER)
-            .map_err(backend)?
-            .insert(seq, &key.as_bytes()[..])
+        self.order
+            .insert(self.seq, &key.as_bytes()[..])
             .map_err(backend)?;
-        self.set_total(txn, total + size, seq + 1)
-    }
-
-    fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
-        self.write(|txn, inner| {
-            let (total, seq) = inner.total(txn)?;
-            let total = inner.remove_in(txn, &key.as_bytes()[..], total)?;
-            inner.set_total(txn, total, seq)
-        })
+        self.total += size;
+        self.seq += 1;
+        Ok(())
     }
 }
 

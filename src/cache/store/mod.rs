@@ -277,17 +277,23 @@ impl CachedResponse {
     /// A compact binary encoding for stores that keep bytes (disk, network).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.weight());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`encode`](Self::encode), appended to `out` (a store that prefixes the encoding with
+    /// its own fields writes both into one buffer).
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(ENCODING_VERSION);
         out.extend_from_slice(&self.status.as_u16().to_le_bytes());
         out.push(u8::from(self.stream));
-        put_bytes(&mut out, self.model.as_deref().unwrap_or("").as_bytes());
+        put_bytes(out, self.model.as_deref().unwrap_or("").as_bytes());
         out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
         for (name, value) in &self.headers {
-            put_bytes(&mut out, name.as_str().as_bytes());
-            put_bytes(&mut out, value.as_bytes());
+            put_bytes(out, name.as_str().as_bytes());
+            put_bytes(out, value.as_bytes());
         }
-        put_bytes(&mut out, &self.body);
-        out
+        put_bytes(out, &self.body);
     }
 
     /// Decodes [`encode`](Self::encode)'s output. Any inconsistency (truncation, unknown
