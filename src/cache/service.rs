@@ -343,12 +343,11 @@ where
     };
     let mut guard = None;
     if plan.read {
-        // Each turn either serves an entry, follows the in-flight twin, or leads; a follower
-        // whose leader failed or was cancelled comes back here and looks again.
+        // Each turn either follows the in-flight twin, or leads: the leader looks the key up
+        // (once: whatever a previous leader stored is found, as it stored before leaving its
+        // flight) and shares what it found with the followers that joined meanwhile. A
+        // follower whose leader failed or was cancelled comes back here and joins again.
         loop {
-            if let Some(entry) = find(&config, &plan).await {
-                return Ok(hit(entry, plan.requested()));
-            }
             match flights.join(plan.flight()) {
                 Join::Follow(rx) => match rx.await {
                     Ok(Shared::Entry(entry)) => return Ok(hit(entry, plan.requested())),
@@ -358,9 +357,8 @@ where
                 },
                 Join::Live(body) => return Ok(live_hit(body)),
                 Join::Lead(g) => {
-                    // The previous leader may have stored its answer between our lookup and
-                    // our joining: look once more before calling upstream.
                     if let Some(entry) = find(&config, &plan).await {
+                        g.complete(&entry);
                         return Ok(hit(entry, plan.requested()));
                     }
                     guard = Some(g);
@@ -509,7 +507,7 @@ where
         .with_model(served);
     if keep(config, key, &entry) {
         if let Some(guard) = guard {
-            guard.complete(entry);
+            guard.complete(&entry);
         }
     }
     Response::from_parts(parts, CacheBody::full(data))
@@ -657,7 +655,7 @@ impl FlightGuard {
         }
     }
 
-    pub(crate) fn complete(self, entry: CachedResponse) {
+    pub(crate) fn complete(self, entry: &CachedResponse) {
         if let Some(flight) = self.take() {
             for waiter in flight.waiters {
                 let _ = waiter.send(Shared::Entry(entry.clone()));
@@ -726,7 +724,7 @@ mod tests {
         let Join::Follow(b) = flights.join(k) else {
             panic!("third follows")
         };
-        guard.complete(entry());
+        guard.complete(&entry());
         for rx in [a, b] {
             assert!(matches!(rx.await.unwrap(), Shared::Entry(e) if e == entry()));
         }
