@@ -775,6 +775,17 @@ impl<'a> Scanner<'a> {
         let mut non_ascii = 0u64;
         let mut escaped = false;
         loop {
+            // Eight bytes at a time while they are plain ASCII text (no quote, backslash,
+            // control or non-ASCII byte): prompts are mostly that.
+            while let Some(word) = b.get(j..j + 8) {
+                let w = u64::from_le_bytes([
+                    word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
+                ]);
+                if !plain_ascii(w) {
+                    break;
+                }
+                j += 8;
+            }
             while let Some(&c) = b.get(j) {
                 if STRING_SPECIAL[c as usize] {
                     break;
@@ -974,6 +985,233 @@ impl<'a> Scanner<'a> {
             }
         }
         Ok(this)
+    }
+}
+
+/// Whether the eight bytes of `w` are all printable ASCII other than `"` and `\` (the bytes a
+/// string's fast path may skip: no escape, no end, no control character, nothing to count as
+/// non-ASCII). Exact: the classic "has a zero / has less than" word tricks (Bit Twiddling
+/// Hacks) have no false negatives for whether such a byte exists.
+fn plain_ascii(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    let quote = has_zero(w ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
+    (control | quote | backslash | (w & HIGH)) == 0
+}
+
+/// Writes the canonical form of a JSON request body to `out`: object members sorted by the
+/// bytes of their (unescaped) names, recursively, the last of duplicate members kept, no
+/// insignificant whitespace, strings escaped as `serde_json` writes them, numbers written
+/// from their value (an integer that fits `u64` / `i64` as such, any other number as the
+/// shortest `f64` that round-trips, with a `.0` or an exponent). Two bodies with the same
+/// JSON value (as `serde_json::Value` sees it) write the same bytes; the response cache
+/// hashes them into its key.
+///
+/// It walks the bytes with the scanner of [`RequestMeta::scan`] (no JSON tree): strings
+/// without escapes, the bulk of a prompt, are copied as they are. `body` should be one that
+/// `RequestMeta::scan` accepted (valid UTF-8 is not checked again); malformed JSON or a
+/// top-level value that is not an object gives an error and leaves `out` unspecified.
+pub(crate) fn write_canonical(body: &[u8], out: &mut Vec<u8>) -> Result<(), MetaError> {
+    let mut scanner = Scanner::new(body, false);
+    scanner.ws();
+    if scanner.peek() != Some(b'{') {
+        return Err(MetaError::new(
+            MetaErrorKind::NotAnObject,
+            scanner.i,
+            "the top-level value is not an object",
+        ));
+    }
+    scanner.canonical(out, 0)?;
+    scanner.ws();
+    if scanner.i != body.len() {
+        return Err(scanner.err("trailing characters after the object"));
+    }
+    Ok(())
+}
+
+/// A member of an object being written canonically: its name (unescaped) and where its
+/// `"name":value` lies in the output.
+struct CanonicalMember<'a> {
+    name: std::borrow::Cow<'a, [u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> Scanner<'a> {
+    /// Writes the value at the current position canonically (see [`write_canonical`]).
+    fn canonical(&mut self, out: &mut Vec<u8>, depth: u32) -> Res<()> {
+        self.ws();
+        match self.peek() {
+            Some(b'{') => self.canonical_object(out, depth + 1),
+            Some(b'[') => {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(self.err("nesting too deep"));
+                }
+                self.i += 1;
+                out.push(b'[');
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                } else {
+                    loop {
+                        self.canonical(out, depth + 1)?;
+                        self.ws();
+                        match self.peek() {
+                            Some(b',') => {
+                                self.i += 1;
+                                out.push(b',');
+                            }
+                            Some(b']') => {
+                                self.i += 1;
+                                break;
+                            }
+                            _ => return Err(self.err("expected ',' or ']'")),
+                        }
+                    }
+                }
+                out.push(b']');
+                Ok(())
+            }
+            Some(b'"') => {
+                let start = self.i;
+                let (_, _, _, escaped) = self.string()?;
+                self.canonical_string(start, escaped, out)
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.i;
+                self.number()?;
+                self.canonical_number(start, out)
+            }
+            Some(b't') => self.canonical_literal(b"true", out),
+            Some(b'f') => self.canonical_literal(b"false", out),
+            Some(b'n') => self.canonical_literal(b"null", out),
+            Some(_) => Err(self.err("expected a value")),
+            None => Err(self.err("unexpected end of input")),
+        }
+    }
+
+    fn canonical_literal(&mut self, word: &'static [u8], out: &mut Vec<u8>) -> Res<()> {
+        self.literal(word, false)?;
+        out.extend_from_slice(word);
+        Ok(())
+    }
+
+    /// The string token starting at `start` (scanned up to `self.i`): as it is without
+    /// escapes, else unescaped and escaped again the way `serde_json` writes strings.
+    fn canonical_string(&self, start: usize, escaped: bool, out: &mut Vec<u8>) -> Res<()> {
+        let token = &self.b[start..self.i];
+        if !escaped {
+            out.extend_from_slice(token);
+            return Ok(());
+        }
+        let decoded = self.decode_string(start, self.i)?;
+        serde_json::to_writer(&mut *out, &decoded)
+            .map_err(|_| MetaError::new(MetaErrorKind::InvalidJson, start, "invalid string"))
+    }
+
+    /// The number token starting at `start` (scanned up to `self.i`), from its value.
+    fn canonical_number(&self, start: usize, out: &mut Vec<u8>) -> Res<()> {
+        let token = &self.b[start..self.i];
+        // A non-negative integer that fits `u64` is written as it is (no leading zeros: the
+        // syntax has none); anything else is read as `serde_json` reads it.
+        if token.len() <= 19 && token.iter().all(u8::is_ascii_digit) {
+            out.extend_from_slice(token);
+            return Ok(());
+        }
+        let n: serde_json::Number = serde_json::from_slice(token)
+            .map_err(|_| MetaError::new(MetaErrorKind::InvalidJson, start, "invalid number"))?;
+        use std::io::Write;
+        let written = if let Some(u) = n.as_u64() {
+            write!(out, "{u}")
+        } else if let Some(i) = n.as_i64() {
+            write!(out, "{i}")
+        } else if let Some(f) = n.as_f64() {
+            // `{:?}` keeps a `.0` or an exponent, so a float never looks like an integer.
+            write!(out, "{f:?}")
+        } else {
+            write!(out, "{n}")
+        };
+        // Writing into a `Vec` cannot fail.
+        let _ = written;
+        Ok(())
+    }
+
+    /// An object: its members written as they come, then put in order (and the earlier of
+    /// duplicates dropped) when they did not come sorted.
+    fn canonical_object(&mut self, out: &mut Vec<u8>, depth: u32) -> Res<()> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        self.i += 1;
+        out.push(b'{');
+        let body_start = out.len();
+        let mut members: Vec<CanonicalMember<'a>> = Vec::new();
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            out.push(b'}');
+            return Ok(());
+        }
+        let mut sorted = true;
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected a member name"));
+            }
+            if !members.is_empty() {
+                out.push(b',');
+            }
+            let member_start = out.len();
+            let key_start = self.i;
+            let (ks, ke, _, escaped) = self.string()?;
+            let name = if escaped {
+                std::borrow::Cow::Owned(self.decode_string(key_start, self.i)?.into_bytes())
+            } else {
+                std::borrow::Cow::Borrowed(&self.b[ks..ke])
+            };
+            self.canonical_string(key_start, escaped, out)?;
+            self.expect(b':', "expected ':'")?;
+            out.push(b':');
+            self.canonical(out, depth)?;
+            if members.last().is_some_and(|last| last.name >= name) {
+                sorted = false;
+            }
+            members.push(CanonicalMember {
+                name,
+                start: member_start,
+                end: out.len(),
+            });
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    break;
+                }
+                _ => return Err(self.err("expected ',' or '}'")),
+            }
+        }
+        if !sorted {
+            // Stable: of members with the same name, the last one written stays last.
+            members.sort_by(|a, b| a.name.cmp(&b.name));
+            let written = out.split_off(body_start);
+            let mut first = true;
+            for (i, m) in members.iter().enumerate() {
+                if members.get(i + 1).is_some_and(|next| next.name == m.name) {
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(&written[m.start - body_start..m.end - body_start]);
+            }
+        }
+        out.push(b'}');
+        Ok(())
     }
 }
 
@@ -1380,6 +1618,22 @@ mod tests {
             cached("old", "")
         );
         assert!(scan(&dup).cache_breakpoints.is_empty());
+    }
+
+    #[test]
+    fn the_eight_byte_fast_path_stops_at_every_byte_it_must_not_skip() {
+        for b in 0..=255u8 {
+            let plain = (0x20..0x80).contains(&b) && b != b'"' && b != b'\\';
+            for at in 0..8 {
+                let mut word = [b'a'; 8];
+                word[at] = b;
+                assert_eq!(
+                    plain_ascii(u64::from_le_bytes(word)),
+                    plain,
+                    "{b:#x} at {at}"
+                );
+            }
+        }
     }
 
     #[test]

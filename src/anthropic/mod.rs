@@ -18,6 +18,7 @@ pub use headers::{
     should_retry,
 };
 pub use key::KeyId;
+pub(crate) use meta::write_canonical;
 pub use meta::{
     CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS, MetaError, MetaErrorKind, RequestMeta,
     rewrite_model,

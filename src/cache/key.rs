@@ -2,9 +2,11 @@
 //! and the canonical JSON body.
 
 use std::fmt;
+#[cfg(test)]
 use std::io::{self, Write};
 
 use http::HeaderMap;
+#[cfg(test)]
 use serde_json::Value;
 
 use crate::anthropic::header_names;
@@ -146,7 +148,8 @@ impl CacheKey {
         &self.0
     }
 
-    /// Computes the key of a request whose body is already parsed.
+    /// Computes the key of a request whose body is already parsed (the tests' oracle: the
+    /// layer writes the canonical body from the bytes, see [`KeyBase::key`]).
     #[cfg(test)]
     pub(crate) fn compute(
         partition: &Partition,
@@ -154,9 +157,10 @@ impl CacheKey {
         uri: &http::Uri,
         headers: &HeaderMap,
         body: &Value,
-        body_len_hint: usize,
     ) -> Self {
-        KeyBase::new(partition, method, uri, headers).key(body, body_len_hint)
+        let mut canonical = Vec::new();
+        let _ = write_canonical(body, &mut canonical);
+        KeyBase::new(partition, method, uri, headers).key(&canonical)
     }
 
     /// Another key derived from this one (e.g. the flight of requests that opted out of
@@ -205,16 +209,21 @@ impl KeyBase {
         Self { prefix: h }
     }
 
-    /// The key of the request with this (parsed) body.
-    pub(crate) fn key(&self, body: &Value, body_len_hint: usize) -> CacheKey {
+    /// The key of the request whose canonical body (see
+    /// [`write_canonical`](crate::anthropic::write_canonical)) is `canonical`. The canonical
+    /// body is hashed in one call: many small `update`s cost more than writing it out.
+    pub(crate) fn key(&self, canonical: &[u8]) -> CacheKey {
         let mut h = self.prefix.clone();
-        // The canonical body is written into one buffer and hashed in one call: many small
-        // `update`s (one per token of JSON) cost more than the copy.
-        let mut canonical = Vec::with_capacity(body_len_hint);
-        // Writing into a `Vec` cannot fail.
-        let _ = write_canonical(body, &mut canonical);
-        field(&mut h, &canonical);
+        field(&mut h, canonical);
         CacheKey(*h.finalize().as_bytes())
+    }
+
+    /// The key of the request with this body (its bytes), `None` when the body is not a JSON
+    /// object.
+    pub(crate) fn key_of_body(&self, body: &[u8]) -> Option<CacheKey> {
+        let mut canonical = Vec::with_capacity(body.len());
+        crate::anthropic::write_canonical(body, &mut canonical).ok()?;
+        Some(self.key(&canonical))
     }
 }
 
@@ -254,7 +263,9 @@ impl fmt::Display for CacheKey {
     }
 }
 
-/// Writes the canonical form of a JSON value: object members sorted by key (byte order of the
+/// Writes the canonical form of a parsed JSON value: the tests' oracle for
+/// [`crate::anthropic::write_canonical`], which writes the same bytes from the raw body.
+/// Object members sorted by key (byte order of the
 /// UTF-8 key, recursively), no insignificant whitespace, strings escaped as `serde_json` does.
 ///
 /// Numbers are written from their parsed value, not from their source text: an integer that
@@ -262,6 +273,7 @@ impl fmt::Display for CacheKey {
 /// result is the same whether or not another crate enables `serde_json`'s
 /// `arbitrary_precision` feature, and sorting is explicit, so `preserve_order` does not change
 /// it either. `1` and `1.0` stay different keys (a miss, never a wrong hit).
+#[cfg(test)]
 pub(crate) fn write_canonical<W: Write>(value: &Value, w: &mut W) -> io::Result<()> {
     match value {
         Value::Null => w.write_all(b"null"),
@@ -311,7 +323,15 @@ pub(crate) fn write_canonical<W: Write>(value: &Value, w: &mut W) -> io::Result<
 mod tests {
     use super::*;
 
+    /// The canonical form the layer writes, from the bytes.
     fn canon(s: &str) -> String {
+        let mut out = Vec::new();
+        crate::anthropic::write_canonical(s.as_bytes(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The canonical form of the parsed value (the oracle).
+    fn canon_value(s: &str) -> String {
         let v: Value = serde_json::from_str(s).unwrap();
         let mut out = Vec::new();
         write_canonical(&v, &mut out).unwrap();
@@ -320,15 +340,16 @@ mod tests {
 
     fn key(headers: &HeaderMap, body: &str) -> CacheKey {
         let p = Partition::of(&[1; 32], &http::Extensions::new(), headers, None);
+        let uri = "/v1/messages".parse().unwrap();
+        let base = KeyBase::new(&p, &http::Method::POST, &uri, headers);
+        let from_bytes = base.key_of_body(body.as_bytes()).unwrap();
         let v: Value = serde_json::from_str(body).unwrap();
-        CacheKey::compute(
-            &p,
-            &http::Method::POST,
-            &"/v1/messages".parse().unwrap(),
-            headers,
-            &v,
-            body.len(),
-        )
+        assert_eq!(
+            from_bytes,
+            CacheKey::compute(&p, &http::Method::POST, &uri, headers, &v),
+            "the key from the bytes is the key of the parsed value"
+        );
+        from_bytes
     }
 
     #[test]
@@ -338,14 +359,38 @@ mod tests {
             r#"{"a":"x\"y\n","b":[{"a":2,"z":1}]}"#
         );
         assert_eq!(
-            canon(r#"[1, -2, 1.5, 1.0, 1e3, true, null]"#),
-            "[1,-2,1.5,1.0,1000.0,true,null]"
+            canon(r#"{"a": [1, -2, 1.5, 1.0, 1e3, true, null]}"#),
+            r#"{"a":[1,-2,1.5,1.0,1000.0,true,null]}"#
         );
     }
 
     #[test]
     fn canonical_unicode_escapes_are_normalised() {
-        assert_eq!(canon(r#""\u00e9""#), canon("\"\u{e9}\""));
+        assert_eq!(
+            canon(r#"{"\u00e9":"\u00e9\/"}"#),
+            canon("{\"\u{e9}\":\"\u{e9}/\"}")
+        );
+    }
+
+    #[test]
+    fn canonical_from_the_bytes_matches_the_parsed_value() {
+        for body in [
+            r#"{}"#,
+            r#" { "b" : [ {"z":1, "a":2}, [], {} ], "a": "x\"y\n\u0001\u007f" } "#,
+            r#"{"n":[0,-0,-1,18446744073709551615,18446744073709551616,-9223372036854775808,1.5,1e3,1E-2,-0.0,123456789012345678901234567890]}"#,
+            r#"{"a":1,"a":2,"b":{"y":1,"x":2,"y":3},"\u0061":4}"#,
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"h\u00e9 \ud83d\ude00"}]}"#,
+            r#"{"t":true,"f":false,"n":null,"s":"\b\f\r\t\\"}"#,
+        ] {
+            assert_eq!(canon(body), canon_value(body), "{body}");
+        }
+    }
+
+    #[test]
+    fn canonical_refuses_what_is_not_an_object() {
+        for body in [&b"[1]"[..], b"\"s\"", b"{", b"{\"a\":}", b"{} x", b""] {
+            assert!(crate::anthropic::write_canonical(body, &mut Vec::new()).is_err());
+        }
     }
 
     #[test]
@@ -470,13 +515,17 @@ mod tests {
         proptest! {
             #[test]
             fn member_order_and_whitespace_never_change_the_key(v in json()) {
+                // A request body is an object: the value goes in one.
+                let v = serde_json::json!({ "v": v, "model": "m" });
                 let plain = serde_json::to_string(&v).unwrap();
                 let mut messy = String::new();
                 scrambled(&v, &mut messy);
                 let h = HeaderMap::new();
                 prop_assert_eq!(key(&h, &plain), key(&h, &messy));
-                // And the canonical form is itself valid JSON with the same value.
+                // And the canonical form is itself valid JSON with the same value, the same
+                // whether written from the bytes or from the parsed value.
                 let c = canon(&messy);
+                prop_assert_eq!(&c, &canon_value(&messy));
                 prop_assert_eq!(serde_json::from_str::<Value>(&c).unwrap(), v);
             }
 
@@ -484,7 +533,8 @@ mod tests {
             fn different_values_give_different_keys(a in json(), b in json()) {
                 prop_assume!(a != b);
                 let h = HeaderMap::new();
-                let (a, b) = (serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+                let body = |v| serde_json::to_string(&serde_json::json!({ "v": v })).unwrap();
+                let (a, b) = (body(a), body(b));
                 prop_assert_ne!(key(&h, &a), key(&h, &b));
             }
         }

@@ -8,7 +8,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use serde_json::Value;
 use tokio::sync::oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
@@ -129,8 +128,8 @@ struct Plan {
     key: CacheKey,
     /// The key without the body, to derive the key of the same request for another model.
     base: KeyBase,
-    body: Value,
-    body_len: usize,
+    /// The request body, to derive the key of the same request for another model.
+    body: Bytes,
     meta: RequestMeta,
     key_id: KeyId,
     /// Look the key up (false for `cache-control: no-cache` and `x-tower-claude-cache: refresh`).
@@ -159,11 +158,13 @@ impl Plan {
         if model == self.requested() {
             return self.key;
         }
-        let mut body = self.body.clone();
-        if let Some(object) = body.as_object_mut() {
-            object.insert("model".to_owned(), Value::String(model.to_owned()));
-        }
-        self.base.key(&body, self.body_len)
+        // Only when fallback is in play: the body with its `model` replaced, written
+        // canonically again. The body was scanned and canonicalised already, so neither fails;
+        // if one did, the requested key is the safe answer (a miss, never a wrong hit).
+        crate::anthropic::rewrite_model(&self.body, model)
+            .ok()
+            .and_then(|body| self.base.key_of_body(&body))
+            .unwrap_or_else(|| self.key.variant(model.as_bytes()))
     }
 
     /// The model the fallback layer below would send this request to now, when that is not
@@ -258,10 +259,6 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         tracing::trace!("not deterministic: not cached");
         return None;
     }
-    // The body is parsed into a tree once here, for the canonical key; a body that is not a
-    // JSON object is passed through (upstream answers 400).
-    let body: Value = serde_json::from_slice(req.body().bytes()).ok()?;
-    body.as_object()?;
     let partition = Partition::of(
         &config.tenant_secret,
         req.extensions(),
@@ -269,15 +266,15 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         config.tenant.as_ref(),
     );
     let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
-    let body_len = req.body().len();
-    let key = base.key(&body, body_len);
+    // The canonical body, written from the bytes by the scanner that read `meta`; a body that
+    // is not a JSON object is passed through (upstream answers 400).
+    let key = base.key_of_body(req.body().bytes())?;
     let no_fallback = crate::fallback::opted_out_of(req);
     let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
     Some(Plan {
         key,
         base,
-        body,
-        body_len,
+        body: req.body().bytes().clone(),
         meta,
         key_id,
         read,
