@@ -1,5 +1,6 @@
 //! On-disk store in an embedded `redb` file.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,15 +14,42 @@ use redb::{
 use super::{CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture};
 use crate::cache::CacheKey;
 
-/// key (32 bytes) -> `[seq u64 LE][expires unix ms u64 LE][CachedResponse::encode]`.
-const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tower_claude_cache_entries");
-/// insertion sequence -> key: the eviction order (oldest first).
-const ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_order");
+/// `[insertion sequence u64 BE][key, 32 bytes]` -> `[expires unix ms u64 LE][CachedResponse::encode]`.
+///
+/// Rows are keyed by insertion order, so that a batch appends to the end of the B-tree (a few
+/// pages written per batch) and eviction takes the first rows; with rows keyed by the (random)
+/// cache key, every stored answer rewrote a leaf page of its own, which cost a stored answer
+/// several times a miss's request-path work. Lookups by cache key go through an index in memory
+/// ([`Inner::index`]), built from the keys when the file is opened.
+const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tower_claude_cache_log");
 /// `bytes` (accounted size) and `seq` (next sequence number).
-const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_meta");
+const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_log_meta");
+/// The tables of the previous layout (rows keyed by cache key, and an order table), dropped on
+/// open: their keys (cache key v1) are unreachable anyway.
+const OLD_TABLES: [&str; 3] = [
+    "tower_claude_cache_entries",
+    "tower_claude_cache_order",
+    "tower_claude_cache_meta",
+];
 
-const HEADER: usize = 16;
-const KEY_LEN: u64 = 32;
+/// Accounted bytes per row beyond the encoded entry: the 40-byte row key and the expiry.
+const ROW_OVERHEAD: u64 = (SEQ_LEN + KEY_LEN + EXPIRES_LEN) as u64;
+const SEQ_LEN: usize = 8;
+const KEY_LEN: usize = 32;
+const EXPIRES_LEN: usize = 8;
+
+fn row_key(seq: u64, key: &CacheKey) -> [u8; SEQ_LEN + KEY_LEN] {
+    let mut out = [0; SEQ_LEN + KEY_LEN];
+    out[..SEQ_LEN].copy_from_slice(&seq.to_be_bytes());
+    out[SEQ_LEN..].copy_from_slice(key.as_bytes());
+    out
+}
+
+fn parse_row_key(row: &[u8]) -> Option<(u64, CacheKey)> {
+    let seq: [u8; SEQ_LEN] = row.get(..SEQ_LEN)?.try_into().ok()?;
+    let key: [u8; KEY_LEN] = row.get(SEQ_LEN..)?.try_into().ok()?;
+    Some((u64::from_be_bytes(seq), CacheKey::from_bytes(key)))
+}
 
 type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
@@ -29,6 +57,10 @@ struct Inner {
     /// Read-locked by every transaction; write-locked only to compact the file (redb's
     /// `compact` needs `&mut`). A lookup that finds it write-locked is a miss: it never waits.
     db: RwLock<Database>,
+    /// Cache key -> the sequence number of its row. Updated as rows are written (before
+    /// their commit: a lookup that meanwhile finds no row is a miss) and removed. A key
+    /// missing here is a miss without a read transaction: most lookups are misses.
+    index: Mutex<HashMap<CacheKey, u64>>,
     path: PathBuf,
     max_bytes: u64,
     /// When the file was last compacted (or opened).
@@ -105,15 +137,28 @@ impl DiskStore {
         let db = Database::create(path.as_ref())
             .map_err(|e| StoreError::new(StoreErrorKind::Open, e.to_string()))?;
         let txn = db.begin_write().map_err(backend)?;
+        let mut index = HashMap::new();
         {
-            txn.open_table(ENTRIES).map_err(backend)?;
-            txn.open_table(ORDER).map_err(backend)?;
+            for old in OLD_TABLES {
+                let old: TableDefinition<&[u8], &[u8]> = TableDefinition::new(old);
+                // A table of another type under that name fails to delete: an error, not an
+                // open; absent is fine.
+                txn.delete_table(old).map_err(backend)?;
+            }
+            let log = txn.open_table(LOG).map_err(backend)?;
             txn.open_table(META).map_err(backend)?;
+            for row in log.iter().map_err(backend)? {
+                let (k, _) = row.map_err(backend)?;
+                if let Some((seq, key)) = parse_row_key(k.value()) {
+                    index.insert(key, seq);
+                }
+            }
         }
         txn.commit().map_err(backend)?;
         let store = Self {
             inner: Arc::new(Inner {
                 db: RwLock::new(db),
+                index: Mutex::new(index),
                 path: path.as_ref().to_path_buf(),
                 max_bytes,
                 last_compaction: Mutex::new(std::time::Instant::now()),
@@ -125,7 +170,7 @@ impl DiskStore {
         // A smaller bound than the file was written with applies at once, and the file
         // shrinks to match.
         store.inner.write(|txn, inner| {
-            let mut tables = Tables::open(txn, inner.max_bytes)?;
+            let mut tables = Tables::open(txn, inner)?;
             tables.evict(0)?;
             tables.close()
         })?;
@@ -161,7 +206,7 @@ impl DiskStore {
     /// The number of entries (blocking).
     pub fn entry_count(&self) -> Result<u64, StoreError> {
         let txn = self.inner.db()?.begin_read().map_err(backend)?;
-        let table = txn.open_table(ENTRIES).map_err(backend)?;
+        let table = txn.open_table(LOG).map_err(backend)?;
         table.len().map_err(backend)
     }
 
@@ -281,7 +326,7 @@ impl Inner {
             let mut txn = db.begin_write().map_err(backend)?;
             txn.set_durability(Durability::Immediate);
             {
-                let mut tables = Tables::open(&txn, self.max_bytes)?;
+                let mut tables = Tables::open(&txn, self)?;
                 for (key, value, ttl) in entries {
                     tables.put(key, value, *ttl, now)?;
                 }
@@ -327,6 +372,9 @@ impl Inner {
     }
 
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        let Some(seq) = self.seq_of(key) else {
+            return Ok(Lookup::Missing);
+        };
         let db = match self.db.try_read() {
             Ok(db) => db,
             // Being compacted: a miss rather than a wait.
@@ -334,18 +382,18 @@ impl Inner {
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         };
         let txn = db.begin_read().map_err(backend)?;
-        let table = txn.open_table(ENTRIES).map_err(backend)?;
-        let Some(guard) = table.get(&key.as_bytes()[..]).map_err(backend)? else {
+        let table = txn.open_table(LOG).map_err(backend)?;
+        let Some(guard) = table.get(&row_key(seq, key)[..]).map_err(backend)? else {
             return Ok(Lookup::Missing);
         };
         let value = guard.value();
-        let Some(expires) = u64_at(value, 8) else {
+        let Some(expires) = u64_at(value, 0) else {
             return Ok(Lookup::Stale);
         };
         if unix_ms((self.clock)()) >= expires {
             return Ok(Lookup::Stale);
         }
-        Ok(match CachedResponse::decode(&value[HEADER..]) {
+        Ok(match CachedResponse::decode(&value[EXPIRES_LEN..]) {
             Ok(resp) => Lookup::Found(resp),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "removing undecodable disk cache entry");
@@ -354,10 +402,19 @@ impl Inner {
         })
     }
 
+    /// The sequence number of `key`'s row, if it has one.
+    fn seq_of(&self, key: &CacheKey) -> Option<u64> {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+    }
+
     fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
         let now = unix_ms((self.clock)());
         self.write(|txn, inner| {
-            let mut tables = Tables::open(txn, inner.max_bytes)?;
+            let mut tables = Tables::open(txn, inner)?;
             tables.put(key, value, ttl, now)?;
             tables.close()
         })
@@ -365,8 +422,8 @@ impl Inner {
 
     fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
         self.write(|txn, inner| {
-            let mut tables = Tables::open(txn, inner.max_bytes)?;
-            tables.remove(&key.as_bytes()[..])?;
+            let mut tables = Tables::open(txn, inner)?;
+            tables.remove(key)?;
             tables.close()
         })
     }
@@ -376,24 +433,22 @@ impl Inner {
 /// sequence number read once and written back by [`close`](Tables::close): a batch of
 /// entries costs one table opening and one `META` read and write, not one per entry.
 struct Tables<'t> {
-    entries: redb::Table<'t, &'static [u8], &'static [u8]>,
-    order: redb::Table<'t, u64, &'static [u8]>,
+    log: redb::Table<'t, &'static [u8], &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
-    max_bytes: u64,
+    inner: &'t Inner,
     total: u64,
     seq: u64,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction, max_bytes: u64) -> Result<Self, StoreError> {
+    fn open(txn: &'t WriteTransaction, inner: &'t Inner) -> Result<Self, StoreError> {
         let meta = txn.open_table(META).map_err(backend)?;
         let total = meta.get("bytes").map_err(backend)?.map_or(0, |v| v.value());
         let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
         Ok(Self {
-            entries: txn.open_table(ENTRIES).map_err(backend)?,
-            order: txn.open_table(ORDER).map_err(backend)?,
+            log: txn.open_table(LOG).map_err(backend)?,
             meta,
-            max_bytes,
+            inner,
             total,
             seq,
         })
@@ -406,56 +461,49 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Removes `key` with its order row (only if that row points back at it).
-    fn remove(&mut self, key: &[u8]) -> Result<(), StoreError> {
-        let old = self
-            .entries
-            .remove(key)
-            .map_err(backend)?
-            .map(|g| (g.value().len() as u64, u64_at(g.value(), 0)));
-        if let Some((len, seq)) = old {
-            self.total = self.total.saturating_sub(KEY_LEN + len);
-            if let Some(seq) = seq {
-                let points_back = self
-                    .order
-                    .get(seq)
-                    .map_err(backend)?
-                    .is_some_and(|k| k.value() == key);
-                if points_back {
-                    self.order.remove(seq).map_err(backend)?;
-                }
-            }
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, u64>> {
+        self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes `key`'s row, if it has one.
+    fn remove(&mut self, key: &CacheKey) -> Result<(), StoreError> {
+        let Some(seq) = self.index().remove(key) else {
+            return Ok(());
+        };
+        if let Some(old) = self.log.remove(&row_key(seq, key)[..]).map_err(backend)? {
+            self.total = self
+                .total
+                .saturating_sub((SEQ_LEN + KEY_LEN + old.value().len()) as u64);
         }
         Ok(())
     }
 
     /// Evicts the oldest entries until `extra` more bytes fit under the bound.
     fn evict(&mut self, extra: u64) -> Result<(), StoreError> {
-        while self.total.saturating_add(extra) > self.max_bytes {
-            let oldest = self
-                .order
-                .pop_first()
-                .map_err(backend)?
-                .map(|(s, k)| (s.value(), k.value().to_vec()));
-            let Some((seq_evicted, key)) = oldest else {
+        let max = self.inner.max_bytes;
+        while self.total.saturating_add(extra) > max {
+            let oldest = self.log.pop_first().map_err(backend)?.map(|(k, v)| {
+                (
+                    parse_row_key(k.value()),
+                    (k.value().len() + v.value().len()),
+                )
+            });
+            let Some((row, len)) = oldest else {
                 break;
             };
-            let matches = self
-                .entries
-                .get(&key[..])
-                .map_err(backend)?
-                .is_some_and(|v| u64_at(v.value(), 0) == Some(seq_evicted));
-            if matches {
-                if let Some(v) = self.entries.remove(&key[..]).map_err(backend)? {
-                    self.total = self.total.saturating_sub(KEY_LEN + v.value().len() as u64);
+            self.total = self.total.saturating_sub(len as u64);
+            if let Some((seq, key)) = row {
+                let mut index = self.index();
+                if index.get(&key) == Some(&seq) {
+                    index.remove(&key);
                 }
             }
         }
-        if self.total.saturating_add(extra) > self.max_bytes {
-            // Nothing left in the order index: the accounting is off (entries whose order rows
-            // were lost). Start over from an empty store rather than grow without bound.
-            self.entries.retain(|_, _| false).map_err(backend)?;
+        if self.total.saturating_add(extra) > max {
+            // Nothing left to evict: the accounting is off. Start over from zero rather than
+            // refuse every entry.
             self.total = 0;
+            self.index().clear();
         }
         Ok(())
     }
@@ -470,22 +518,20 @@ impl<'t> Tables<'t> {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let expires = now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let mut row = Vec::with_capacity(HEADER + value.weight());
-        row.extend_from_slice(&self.seq.to_le_bytes());
+        let mut row = Vec::with_capacity(EXPIRES_LEN + value.weight());
         row.extend_from_slice(&expires.to_le_bytes());
         value.encode_into(&mut row);
-        let size = KEY_LEN + row.len() as u64;
-        self.remove(&key.as_bytes()[..])?;
-        if size > self.max_bytes {
+        let size = ROW_OVERHEAD + (row.len() - EXPIRES_LEN) as u64;
+        self.remove(key)?;
+        if size > self.inner.max_bytes {
             return Ok(());
         }
         self.evict(size)?;
-        self.entries
-            .insert(&key.as_bytes()[..], &row[..])
+        let seq = self.seq;
+        self.log
+            .insert(&row_key(seq, key)[..], &row[..])
             .map_err(backend)?;
-        self.order
-            .insert(self.seq, &key.as_bytes()[..])
-            .map_err(backend)?;
+        self.index().insert(*key, seq);
         self.total += size;
         self.seq += 1;
         Ok(())
@@ -612,16 +658,15 @@ mod tests {
         store.put(&k(1), resp(10), HOUR).await.unwrap();
         store.put(&k(2), resp(10), HOUR).await.unwrap();
         let far_future = u64::MAX.to_le_bytes();
-        for garbage in [
-            &b"xx"[..],
-            &[&[0u8; 8][..], &far_future[..], b"not an entry"].concat(),
-        ] {
+        for garbage in [&b"xx"[..], &[&far_future[..], b"not an entry"].concat()] {
+            store.put(&k(1), resp(10), HOUR).await.unwrap();
             {
                 let db = store.inner.db().unwrap();
                 let txn = db.begin_write().unwrap();
-                txn.open_table(ENTRIES)
+                let seq = store.inner.seq_of(&k(1)).unwrap();
+                txn.open_table(LOG)
                     .unwrap()
-                    .insert(&k(1).as_bytes()[..], garbage)
+                    .insert(&row_key(seq, &k(1))[..], garbage)
                     .unwrap();
                 txn.commit().unwrap();
             }
@@ -638,7 +683,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_by_size_evicting_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
-        let one = KEY_LEN + (HEADER + resp(1000).encode().len()) as u64;
+        let one = ROW_OVERHEAD + resp(1000).encode().len() as u64;
         let store = DiskStore::open(dir.path().join("c.redb"), 3 * one).unwrap();
         for i in 0..5 {
             store.put(&k(i), resp(1000), HOUR).await.unwrap();
@@ -679,7 +724,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_is_one_transaction_under_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let one = KEY_LEN + (HEADER + resp(1000).encode().len()) as u64;
+        let one = ROW_OVERHEAD + resp(1000).encode().len() as u64;
         let store = DiskStore::open(dir.path().join("c.redb"), 3 * one).unwrap();
         let batch = (0..5).map(|i| (k(i), resp(1000), HOUR)).collect();
         store.put_batch(batch).await.unwrap();
