@@ -5,6 +5,8 @@
 #   DURATION=5 CONNS="1 32" scripts/bench-proxy.sh
 #   PROXY_BIN=/tmp/old/claude-proxy scripts/bench-proxy.sh     # an older build, same script
 #   PROXY_CONFIGS="nocache:--cache false" scripts/bench-proxy.sh
+#   PROXY_CONFIGS="old@/tmp/old/claude-proxy:--cache-mode off;new:--cache-mode off" \
+#     scripts/bench-proxy.sh      # NAME@BINARY runs that configuration with another build
 #
 # What runs, all on 127.0.0.1 with free ports, stopped by pid when the script ends:
 #   upstream  nginx answering POST /v1/messages at once with a static Anthropic answer and
@@ -154,12 +156,17 @@ IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
   name="${entry%%:*}"
   flags="${entry#*:}"
+  bin="$PROXY_BIN"
+  if [[ "$name" == *@* ]]; then
+    bin="$(realpath "${name#*@}")"
+    name="${name%%@*}"
+  fi
   port=$(free_port)
   dir="$work/proxy-$name"
   mkdir -p "$dir"
   # shellcheck disable=SC2086
   (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG="${PROXY_LOG:-warn}" \
-      "$PROXY_BIN" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
+      "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
       >"$dir/log" 2>&1) &
   pids+=($!)
   wait_port "$port"

@@ -500,8 +500,8 @@ where
         let rest = pending.is_ok().then_some(body);
         return Response::from_parts(parts, CacheBody::chain(data, Some(pending), rest));
     }
-    let entry = CachedResponse::new(parts.status, parts.headers.clone(), data.clone(), false)
-        .with_model(served);
+    let entry =
+        CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
     if keep(config, key, &entry) {
         if let Some(guard) = guard {
             guard.complete(&entry);

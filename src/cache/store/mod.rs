@@ -162,8 +162,19 @@ impl CachedResponse {
     /// A response to store; headers that [`keeps_header`](Self::keeps_header) rejects are
     /// dropped.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes, stream: bool) -> Self {
+        Self::from_parts(status, &headers, &body, stream)
+    }
+
+    /// [`new`](Self::new) from borrowed headers and body (both are copied anyway): the cache
+    /// builds an entry from the head it forwards, without cloning the whole header map first.
+    pub(crate) fn from_parts(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        stream: bool,
+    ) -> Self {
         let mut kept = HeaderMap::new();
-        for (name, value) in &headers {
+        for (name, value) in headers {
             if Self::keeps_header(name) {
                 // A copy, not a slice of the buffer the value was parsed from.
                 let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value.clone());
@@ -174,7 +185,7 @@ impl CachedResponse {
         Self {
             status,
             headers: kept,
-            body: Bytes::copy_from_slice(&body),
+            body: Bytes::copy_from_slice(body),
             stream,
             model: None,
         }
