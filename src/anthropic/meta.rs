@@ -414,6 +414,22 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// After an object member: `true` past the closing `}`, `false` past a `,`.
+    fn object_ends(&mut self) -> Res<bool> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.i += 1;
+                Ok(false)
+            }
+            Some(b'}') => {
+                self.i += 1;
+                Ok(true)
+            }
+            _ => Err(self.err("expected ',' or '}'")),
+        }
+    }
+
     fn expect(&mut self, byte: u8, detail: &'static str) -> Res<()> {
         self.ws();
         if self.peek() == Some(byte) {
@@ -949,14 +965,8 @@ impl<'a> Scanner<'a> {
                     }
                 }
             }
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    break;
-                }
-                _ => return Err(self.err("expected ',' or '}'")),
+            if self.object_ends()? {
+                break;
             }
         }
         if !count {
@@ -1030,6 +1040,24 @@ pub(crate) fn write_canonical(body: &[u8], out: &mut Vec<u8>) -> Result<(), Meta
         return Err(scanner.err("trailing characters after the object"));
     }
     Ok(())
+}
+
+/// Writes a number canonically: from its value, an integer that fits `u64` / `i64` as such,
+/// anything else as the shortest `f64` that round-trips (`{:?}` keeps a `.0` or an exponent,
+/// so a float never looks like an integer).
+pub(crate) fn write_canonical_number(
+    n: &serde_json::Number,
+    w: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    if let Some(u) = n.as_u64() {
+        write!(w, "{u}")
+    } else if let Some(i) = n.as_i64() {
+        write!(w, "{i}")
+    } else if let Some(f) = n.as_f64() {
+        write!(w, "{f:?}")
+    } else {
+        write!(w, "{n}")
+    }
 }
 
 /// A member of an object being written canonically: its name (unescaped) and where its
@@ -1123,19 +1151,8 @@ impl<'a> Scanner<'a> {
         }
         let n: serde_json::Number = serde_json::from_slice(token)
             .map_err(|_| MetaError::new(MetaErrorKind::InvalidJson, start, "invalid number"))?;
-        use std::io::Write;
-        let written = if let Some(u) = n.as_u64() {
-            write!(out, "{u}")
-        } else if let Some(i) = n.as_i64() {
-            write!(out, "{i}")
-        } else if let Some(f) = n.as_f64() {
-            // `{:?}` keeps a `.0` or an exponent, so a float never looks like an integer.
-            write!(out, "{f:?}")
-        } else {
-            write!(out, "{n}")
-        };
         // Writing into a `Vec` cannot fail.
-        let _ = written;
+        let _ = write_canonical_number(&n, out);
         Ok(())
     }
 
@@ -1184,14 +1201,8 @@ impl<'a> Scanner<'a> {
                 start: member_start,
                 end: out.len(),
             });
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    break;
-                }
-                _ => return Err(self.err("expected ',' or '}'")),
+            if self.object_ends()? {
+                break;
             }
         }
         if !sorted {

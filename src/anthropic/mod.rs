@@ -19,6 +19,8 @@ pub use headers::{
 };
 pub use key::KeyId;
 pub(crate) use meta::write_canonical;
+#[cfg(test)]
+pub(crate) use meta::write_canonical_number;
 pub use meta::{
     CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS, MetaError, MetaErrorKind, RequestMeta,
     rewrite_model,

@@ -289,18 +289,7 @@ pub(crate) fn write_canonical<W: Write>(value: &Value, w: &mut W) -> io::Result<
         Value::Null => w.write_all(b"null"),
         Value::Bool(true) => w.write_all(b"true"),
         Value::Bool(false) => w.write_all(b"false"),
-        Value::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                write!(w, "{u}")
-            } else if let Some(i) = n.as_i64() {
-                write!(w, "{i}")
-            } else if let Some(f) = n.as_f64() {
-                // `{:?}` keeps a `.0` or an exponent, so a float never looks like an integer.
-                write!(w, "{f:?}")
-            } else {
-                write!(w, "{n}")
-            }
-        }
+        Value::Number(n) => crate::anthropic::write_canonical_number(n, w),
         Value::String(s) => serde_json::to_writer(&mut *w, s).map_err(io::Error::other),
         Value::Array(items) => {
             w.write_all(b"[")?;
