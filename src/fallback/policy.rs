@@ -548,8 +548,17 @@ pub(crate) fn candidates(
     floor: Option<&str>,
 ) -> Vec<String> {
     let mut chain = catalog.chain_from(requested);
-    let mut seen = std::collections::HashSet::new();
-    chain.retain(|m| seen.insert(m.clone()));
+    // The first of duplicates stays. A chain has a handful of models: comparing with the
+    // earlier ones costs less than a hash set and a clone of every name (this runs for every
+    // request, and once more per cache miss).
+    let mut i = 0;
+    while i < chain.len() {
+        if chain[..i].contains(&chain[i]) {
+            chain.remove(i);
+        } else {
+            i += 1;
+        }
+    }
     let Some(floor) = floor else {
         return chain;
     };

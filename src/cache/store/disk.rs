@@ -101,7 +101,9 @@ impl Drop for Inner {
 /// checked on read against the wall clock ([`SystemTime`], since entries outlive the
 /// process).
 ///
-/// A corrupted or undecodable entry is a miss and is removed. redb calls block, so every
+/// Lookups go through an index in memory (cache key to row, about 60 bytes per entry, built
+/// from the file's keys when it is opened): a key that is not there is a miss without touching
+/// the file. A corrupted or undecodable entry is a miss and is removed. redb calls block, so every
 /// operation runs on tokio's blocking pool (`spawn_blocking`); the store needs a tokio runtime.
 ///
 /// The bound (`--cache-max-bytes` in the proxy) counts key and entry bytes: a write that
