@@ -768,6 +768,47 @@ mod tests {
         assert!(store.get(&k(59)).await.unwrap().is_some());
     }
 
+    /// A file written by the previous layout (rows keyed by cache key, an order table, a
+    /// meta table of the same name with other rows) opens, empty, without those tables.
+    #[tokio::test]
+    async fn a_file_of_the_previous_layout_opens_empty() {
+        use redb::TableHandle;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let entries: TableDefinition<&[u8], &[u8]> = TableDefinition::new(OLD_TABLES[0]);
+                let order: TableDefinition<u64, &[u8]> = TableDefinition::new(OLD_TABLES[1]);
+                let meta: TableDefinition<&str, u64> = TableDefinition::new(OLD_TABLES[2]);
+                let mut t = txn.open_table(entries).unwrap();
+                t.insert(&[1u8; 32][..], &b"old row"[..]).unwrap();
+                txn.open_table(order)
+                    .unwrap()
+                    .insert(0, &[1u8; 32][..])
+                    .unwrap();
+                txn.open_table(meta).unwrap().insert("bytes", 40).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.entry_count().unwrap(), 0);
+        assert_eq!(store.size_bytes().unwrap(), 0);
+        {
+            let db = store.inner.db().unwrap();
+            let txn = db.begin_read().unwrap();
+            let names: Vec<String> = txn
+                .list_tables()
+                .unwrap()
+                .map(|t| t.name().to_owned())
+                .collect();
+            assert!(OLD_TABLES.iter().all(|old| !names.iter().any(|n| n == old)));
+        }
+        store.put(&k(1), resp(10), HOUR).await.unwrap();
+        assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(10)));
+    }
+
     #[test]
     fn a_file_that_is_not_a_database_fails_to_open() {
         let dir = tempfile::tempdir().unwrap();
