@@ -753,7 +753,13 @@ impl Future for Acquire {
             &this.board,
             &mut this.remote,
             this.state == AcquireState::Start,
-            (&this.key, &this.group, this.cost, this.deadline),
+            (
+                &this.key,
+                &this.group,
+                this.cost,
+                this.deadline,
+                this.tenant.as_ref(),
+            ),
             cx,
         ) {
             if let Poll::Ready(r) = &polled {
