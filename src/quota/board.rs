@@ -750,6 +750,7 @@ impl Future for Acquire {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
         let started = *this.started.get_or_insert_with(Instant::now);
         #[cfg(feature = "redis")]
         if let Some(polled) = super::redis::poll_remote(
