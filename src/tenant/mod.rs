@@ -25,6 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::quota::Limits;
 
+pub mod budget;
+pub mod price;
+pub mod spend;
+
+pub use price::{DEFAULT_PRICES_TOML, ModelPrice, PriceError, PriceErrorKind, PriceTable};
+
 /// A tenant's priority class: every waiting `Interactive` request is admitted before any
 /// waiting `Batch` request of the same key and group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
