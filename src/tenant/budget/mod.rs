@@ -130,7 +130,7 @@ mod service;
 
 pub use body::BudgetBody;
 pub use future::ResponseFuture;
-pub use layer::BudgetLayer;
+pub use layer::{BudgetLayer, TenantSpend};
 pub use service::Budgeted;
 
 use std::collections::HashMap;
@@ -176,6 +176,16 @@ pub(crate) struct Ledger {
     settlements: AtomicU64,
     /// Last store error log, Unix seconds (rate-limits the log).
     last_log: AtomicU64,
+}
+
+impl Ledger {
+    /// Per key: settled here, not confirmed by the store yet.
+    pub(crate) fn unstored(&self, keys: &[SpendKey]) -> Vec<u64> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.iter()
+            .map(|k| entries.get(k).map_or(0, |l| l.pending))
+            .collect()
+    }
 }
 
 /// A refusal's facts.
