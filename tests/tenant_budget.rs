@@ -309,6 +309,34 @@ async fn a_streaming_answers_usage_is_priced() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn one_hour_cache_writes_from_the_simulator_are_priced_apart() {
+    let svc = ServiceBuilder::new()
+        .layer(BudgetLayer::new(MemorySpend::new()))
+        .service(MockClaude::builder().output_tokens(50).build());
+    let team = Tenant::new("hour-mock");
+    // A system prompt cached for an hour, then a document cached for 5 minutes.
+    let body = format!(
+        r#"{{"model":"{SONNET}","max_tokens":100,"system":[{{"type":"text","text":"{}","cache_control":{{"type":"ephemeral","ttl":"1h"}}}}],"messages":[{{"role":"user","content":[{{"type":"text","text":"{}","cache_control":{{"type":"ephemeral"}}}},{{"type":"text","text":"Summarise."}}]}}]}}"#,
+        text("system", 2_000),
+        text("document", 1_500)
+    );
+    let (status, _, bytes) = call(&svc, ask(&team, &body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let usage = Usage::from_json(&bytes).unwrap();
+    assert!(usage.cache_creation_1h_input_tokens >= 1_900, "{usage:?}");
+    assert!(usage.cache_creation_5m_input_tokens() >= 1_400, "{usage:?}");
+    assert_eq!(micro(&team), priced(&usage, SONNET_PRICES));
+    // Read back: only the reads are priced (0.1×).
+    let (_, _, bytes) = call(&svc, ask(&team, &body)).await;
+    let again = Usage::from_json(&bytes).unwrap();
+    assert_eq!(again.cache_creation_input_tokens, 0);
+    assert_eq!(
+        micro(&team),
+        priced(&usage, SONNET_PRICES) + priced(&again, SONNET_PRICES)
+    );
+}
+
 #[tokio::test]
 async fn one_hour_cache_writes_are_priced_apart() {
     // The API's `cache_creation` split (MockClaude reports only the total): 1,000 5-minute
