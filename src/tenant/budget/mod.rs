@@ -104,10 +104,93 @@
 //! # fn main() {}
 //! ```
 //!
-//! In an axum application, the same service sits behind a handler (or
-//! `tower_claude::reqwest::ClaudeMiddleware`), and the handler inserts the user's `Tenant`
-//! before calling it; `Tenant`s of the same name share their counters only if they are clones
-//! of one value (keep one per user, e.g. in a map).
+//! # Example: an axum application with budgets per user, through `ClaudeStack`
+//!
+//! The application authenticates its users itself and inserts each user's [`Tenant`] (one
+//! value per user, kept in a map, so that its counters accumulate) before calling the stack,
+//! whose `budget` option stacks the layer between the cache and fallback:
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::{Arc, Mutex};
+//! use axum::extract::State;
+//! use axum::http::{HeaderMap, StatusCode};
+//! use axum::routing::post;
+//! use axum::Router;
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_claude::body::RequestBody;
+//! use tower_claude::stack::{ClaudeService, ClaudeStack, StackConfig};
+//! use tower_claude::tenant::budget::BudgetLayer;
+//! use tower_claude::tenant::spend::MemorySpend;
+//! use tower_claude::tenant::{Budget, Tenant};
+//!
+//! #[derive(Clone)]
+//! struct App {
+//!     claude: ClaudeService,
+//!     users: Arc<Mutex<HashMap<String, Tenant>>>,
+//! }
+//!
+//! async fn ask(State(app): State<App>, headers: HeaderMap, body: axum::body::Bytes) -> (StatusCode, String) {
+//!     // Your authentication goes here; this example trusts a header.
+//!     let Some(user) = headers.get("x-user").and_then(|v| v.to_str().ok()) else {
+//!         return (StatusCode::UNAUTHORIZED, "who are you?".into());
+//!     };
+//!     let tenant = app.users.lock().unwrap()
+//!         .entry(user.to_owned())
+//!         .or_insert_with(|| Tenant::new(user).budget(Budget::default().per_day(0.001).per_month(0.02)))
+//!         .clone();
+//!     let mut req = http::Request::post("/v1/messages")
+//!         .header("x-api-key", "sk-ant-example")
+//!         .header("anthropic-version", "2023-06-01")
+//!         .body(RequestBody::from(body))
+//!         .unwrap();
+//!     req.extensions_mut().insert(tenant);
+//!     match app.claude.clone().oneshot(req).await {
+//!         Ok(res) => {
+//!             let status = StatusCode::from_u16(res.status().as_u16()).unwrap();
+//!             let bytes = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+//!             (status, String::from_utf8_lossy(&bytes).into_owned())
+//!         }
+//!         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
+//!     }
+//! }
+//!
+//! # #[cfg(feature = "testing")]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_claude::BoxError> {
+//! let stack = ClaudeStack::from_config(&StackConfig {
+//!     budget: Some(BudgetLayer::new(MemorySpend::new())),
+//!     ..StackConfig::default()
+//! })?;
+//! let upstream = tower_claude::testing::MockClaude::builder().output_tokens(100).build();
+//! let app = App { claude: stack.service(upstream), users: Arc::default() };
+//! let router = Router::new().route("/ask", post(ask)).with_state(app.clone());
+//!
+//! let call = |user: &str| {
+//!     axum::http::Request::post("/ask")
+//!         .header("x-user", user)
+//!         .body(axum::body::Body::from(
+//!             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+//!         ))
+//!         .unwrap()
+//! };
+//! // About $0.0005 an answer: alice's third question is over her $0.001 a day.
+//! for _ in 0..2 {
+//!     assert_eq!(router.clone().oneshot(call("alice")).await?.status(), 200);
+//! }
+//! let refused = router.clone().oneshot(call("alice")).await?;
+//! assert_eq!(refused.status(), 429);
+//! let text = refused.into_body().collect().await?.to_bytes();
+//! assert!(String::from_utf8_lossy(&text).contains(r#"tenant \"alice\" has reached its daily budget"#));
+//! // Bob has a budget of his own.
+//! assert_eq!(router.clone().oneshot(call("bob")).await?.status(), 200);
+//! assert!(app.users.lock().unwrap()["alice"].stats().cost_usd() >= 0.001);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "testing"))]
+//! # fn main() {}
+//! ```
 //!
 //! # What the official SDKs do with the 429
 //!
