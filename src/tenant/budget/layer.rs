@@ -173,7 +173,7 @@ impl BudgetLayer {
         })
     }
 
-    fn shared(&self) -> Arc<Shared> {
+    pub(crate) fn shared(&self) -> Arc<Shared> {
         Arc::new(Shared {
             store: self.store.clone(),
             prices: self.prices.clone(),

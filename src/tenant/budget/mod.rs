@@ -564,6 +564,57 @@ mod tests {
         assert_eq!(usd(99), "$0.0000");
     }
 
+    proptest::proptest! {
+        /// Whatever the order of admissions and settlements (each real cost at most its
+        /// reservation), the settled spend never reaches `budget + the largest reservation`,
+        /// and a final refusal comes only once the settled spend is at the budget.
+        #[test]
+        fn settled_spend_stays_within_one_reservation_of_the_budget(
+            ops in proptest::collection::vec((proptest::bool::ANY, 1u64..20_000, 0u64..=100, 0usize..64), 1..200),
+            budget in 1u64..100_000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async move {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_472_000);
+                let shared = layer::BudgetLayer::new(super::super::spend::MemorySpend::new())
+                    .clock(move || now)
+                    .shared();
+                let tenant = Tenant::new("t")
+                    .budget(super::super::Budget::default().per_day(budget as f64 / 1e6));
+                let keys = keys_for(&tenant, now);
+                let (mut in_flight, mut settled, mut max_reserve) = (Vec::new(), 0u64, 0u64);
+                for (admit, amount, percent, pick) in ops {
+                    if admit || in_flight.is_empty() {
+                        match shared.decide(&tenant, &keys, amount).await {
+                            Decision::Admit { reserved } => {
+                                max_reserve = max_reserve.max(reserved);
+                                in_flight.push(reserved);
+                            }
+                            Decision::Refuse(r) => {
+                                proptest::prop_assert!(r.final_);
+                                proptest::prop_assert!(settled >= budget, "{settled} < {budget}");
+                            }
+                            Decision::Wait => proptest::prop_assert!(!in_flight.is_empty()),
+                        }
+                    } else {
+                        let reserved = in_flight.swap_remove(pick % in_flight.len());
+                        let cost = reserved * percent / 100;
+                        settled += cost;
+                        shared.settle(&tenant, keys.clone(), reserved, cost);
+                        if pick % 2 == 0 {
+                            tokio::task::yield_now().await; // let some store adds land
+                        }
+                    }
+                    proptest::prop_assert!(
+                        settled < budget + max_reserve.max(1),
+                        "{settled} >= {budget} + {max_reserve}"
+                    );
+                }
+                Ok(())
+            })?;
+        }
+    }
+
     #[test]
     fn budgets_in_micro_dollars() {
         let t =
