@@ -399,6 +399,12 @@ impl Shared {
             let local = entries.entry(key.clone()).or_default();
             local.held = local.held.saturating_add(reserve);
         }
+        tracing::debug!(
+            tenant = tenant.name(),
+            reserved_micro_usd = reserve,
+            store_read = fetched.is_some(),
+            "budget: admitted"
+        );
         Decision::Admit { reserved: reserve }
     }
 
