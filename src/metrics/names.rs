@@ -77,6 +77,8 @@ pub const KEYS_REMOVED_TOTAL: &str = "tower_claude_keys_removed_total";
 pub const QUOTA_REDIS_OUTAGES_TOTAL: &str = "tower_claude_quota_redis_outages_total";
 /// Cache writes by result: `stored`, `dropped` (write queue full), `failed` (store error).
 pub const CACHE_WRITES_TOTAL: &str = "tower_claude_cache_writes_total";
+/// Spend store operations that failed (the budget layer then counts the spend locally).
+pub const SPEND_STORE_ERRORS_TOTAL: &str = "tower_claude_spend_store_errors_total";
 
 /// Label: the model id, normalised to a known catalogue id or [`OTHER`].
 pub const LABEL_MODEL: &str = "model";
@@ -352,6 +354,12 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Counter,
         labels: &[LABEL_RESULT],
         help: "Answers handed to the cache store by result: stored, dropped (queue full), failed.",
+    },
+    MetricDef {
+        name: SPEND_STORE_ERRORS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[],
+        help: "Spend store reads and writes that failed (the spend is kept locally and added later).",
     },
 ];
 
