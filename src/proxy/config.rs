@@ -181,6 +181,13 @@ pub struct ProxyConfig {
     pub redis_fail_closed: bool,
     /// The keys file, re-read on SIGHUP ([`Proxy::reload_keys`](super::Proxy::reload_keys)).
     pub keys_file: Option<PathBuf>,
+    // --- issue 15: tenants ---
+    /// The tenants file (`CLAUDE_PROXY_TENANTS_FILE`), re-read on SIGHUP and by
+    /// `POST /v1/proxy/reload` ([`Proxy::reload`](super::Proxy::reload)).
+    pub tenants_file: Option<PathBuf>,
+    /// The tenants read from it at start: with a tenants file, every client authenticates
+    /// with one of its tenants' tokens (client tokens are then not allowed).
+    pub tenants: Option<super::TenantTable>,
     // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
     /// Longest time from accepting a connection to a complete first request head
     /// (`CLAUDE_PROXY_HEADER_READ_TIMEOUT`, default 10 s).
@@ -239,6 +246,9 @@ pub struct Cli {
     /// environment variable: a flag is readable by every local user through `ps`
     #[arg(long, value_name = "TOKENS")]
     pub client_tokens: Option<String>,
+    /// Tenants file (TOML, one `[[tenant]]` per team: tokens, weight, priority, limits, budget), re-read on SIGHUP [env: CLAUDE_PROXY_TENANTS_FILE]
+    #[arg(long, value_name = "FILE")]
+    pub tenants_file: Option<PathBuf>,
     /// Retry strategy [env: CLAUDE_RETRY_STRATEGY] [default: patient]
     #[arg(long, value_enum, value_name = "STRATEGY")]
     pub retry_strategy: Option<RetryStrategy>,
@@ -351,6 +361,7 @@ struct FileConfig {
     api_keys: Option<Vec<String>>,
     keys_file: Option<PathBuf>,
     client_tokens: Option<Vec<String>>,
+    tenants_file: Option<PathBuf>,
     retry_strategy: Option<RetryStrategy>,
     max_retries: Option<u32>,
     deadline: Option<toml::Value>,
@@ -541,6 +552,31 @@ impl ProxyConfig {
         )
         .map(|s| split_list(&s.value).map(Secret::new).collect())
         .unwrap_or_default();
+
+        // issue 15: tenants authenticate clients instead of the client tokens.
+        let tenants_file = cli
+            .tenants_file
+            .clone()
+            .or_else(|| {
+                env.get("CLAUDE_PROXY_TENANTS_FILE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or(file.tenants_file.clone());
+        let tenants = match &tenants_file {
+            Some(path) => Some(
+                super::TenantTable::read(path)
+                    .map_err(|e| ConfigError::new("tenants_file", e.to_string()))?,
+            ),
+            None => None,
+        };
+        if tenants.is_some() && !client_tokens.is_empty() {
+            return Err(ConfigError::new(
+                "client_tokens",
+                "a tenants file is configured: clients authenticate with its tenants' tokens, \
+                 so move the client tokens into it (one `[[tenant]]` each)",
+            ));
+        }
 
         let upstream = match pick(
             &cli.upstream,
@@ -1016,21 +1052,26 @@ impl ProxyConfig {
                 ));
             }
         }
-        if !listen.ip().is_loopback() && client_tokens.is_empty() {
+        if !listen.ip().is_loopback() && client_tokens.is_empty() && tenants.is_none() {
             return Err(ConfigError::new(
                 "listen",
                 format!(
                     "{listen} is not a loopback address: set client tokens (--client-tokens / \
-                     CLAUDE_PROXY_TOKENS) so that only your clients can use the proxy"
+                     CLAUDE_PROXY_TOKENS) or a tenants file (--tenants-file) so that only your \
+                     clients can use the proxy"
                 ),
             ));
         }
-        if !client_tokens.is_empty()
+        if (!client_tokens.is_empty() || tenants.is_some())
             && api_keys.is_empty()
             && !matches!(upstream, Upstream::Mock(_))
         {
             return Err(ConfigError::new(
-                "client_tokens",
+                if tenants.is_some() {
+                    "tenants_file"
+                } else {
+                    "client_tokens"
+                },
                 "clients authenticate with proxy tokens, so the proxy must hold the upstream \
                  key(s): set ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS or --keys-file",
             ));
@@ -1068,6 +1109,8 @@ impl ProxyConfig {
             pacing,
             redis_fail_closed,
             keys_file,
+            tenants_file,
+            tenants,
             header_read_timeout,
             idle_timeout,
             max_connections,
@@ -1496,6 +1539,73 @@ mod tests {
             ..Cli::default()
         };
         assert_eq!(resolve(file, &[]).unwrap().cache_mode, CacheMode::All);
+    }
+
+    #[test]
+    fn tenants_file_from_every_source_replaces_client_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = dir.path().join("tenants.toml");
+        std::fs::write(
+            &tenants,
+            "[[tenant]]\nname = \"web\"\ntokens = [\"tok-web\"]\n",
+        )
+        .unwrap();
+        let path = tenants.to_str().unwrap();
+        let by_env = ProxyConfig::resolve(
+            Cli {
+                listen: Some("0.0.0.0:8787".into()),
+                ..Cli::default()
+            },
+            &env(&[("CLAUDE_PROXY_TENANTS_FILE", path)]),
+        )
+        .expect("a tenants file authenticates clients on a public address");
+        assert_eq!(by_env.tenants.unwrap().tenants()[0].name(), "web");
+        let toml = dir.path().join("p.toml");
+        std::fs::write(&toml, format!("tenants_file = {path:?}\n")).unwrap();
+        let by_file = Cli {
+            config: Some(toml),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(by_file, &env(&[])).unwrap();
+        assert_eq!(cfg.tenants_file.as_deref(), Some(tenants.as_path()));
+        assert!(!format!("{cfg:?}").contains("tok-web"));
+
+        let with_flag = Cli {
+            tenants_file: Some(tenants.clone()),
+            ..Cli::default()
+        };
+        let err = ProxyConfig::resolve(with_flag.clone(), &env(&[("CLAUDE_PROXY_TOKENS", "t")]))
+            .unwrap_err();
+        assert_eq!(err.field(), "client_tokens");
+        let err = ProxyConfig::resolve(
+            Cli {
+                upstream: Some("http://127.0.0.1:9".into()),
+                ..with_flag
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "tenants_file", "{err}");
+
+        std::fs::write(
+            &tenants,
+            "[[tenant]]\nname = \"web\"\ntokens = [\"t\"]\nweight = 0\n",
+        )
+        .unwrap();
+        let err = ProxyConfig::resolve(
+            Cli {
+                tenants_file: Some(tenants),
+                ..Cli::default()
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "tenants_file");
+        assert!(
+            err.to_string()
+                .contains(r#"tenant[0] "web": weight: must be at least 1"#),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,11 +26,12 @@ use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
 use super::edge::{self, EdgeBody, REQUEST_ID};
 use super::error_response::error_response;
+use super::tenants::{TenantTable, TenantsReload};
 use crate::BoxError;
 use crate::anthropic::KeyId;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, RequestBody};
-use crate::cache::{CacheStatus, Tenant};
+use crate::cache::{CacheStatus, Tenant as CacheTenant};
 use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, QuotaBoard};
 use crate::retry::Deadline;
@@ -62,6 +63,18 @@ struct State {
     paced: bool,
     /// The response cache, to flush its write-behind queue on shutdown.
     cache: Option<crate::cache::CacheLayer>,
+    /// The tenants (with a tenants file): swapped whole by a reload, while requests in flight
+    /// keep the `Tenant` they were admitted with.
+    tenants: Option<RwLock<Arc<TenantTable>>>,
+}
+
+impl State {
+    /// The tenant table in force now.
+    fn tenant_table(&self) -> Option<Arc<TenantTable>> {
+        self.tenants
+            .as_ref()
+            .map(|t| t.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
 }
 
 /// What the status page reports besides the board.
@@ -200,6 +213,7 @@ impl Proxy {
         let board = stack.quota_board().clone();
         let concurrency = stack.concurrency_handle();
         let paced = stack.is_paced();
+        let tenants = config.tenants.clone().map(|t| RwLock::new(Arc::new(t)));
         let service = match (upstream, &config.upstream) {
             (Some(upstream), _) => stack.service(upstream),
             (None, Upstream::Url(uri)) => stack.service(
@@ -220,6 +234,7 @@ impl Proxy {
                 concurrency,
                 paced,
                 cache,
+                tenants,
             }),
         })
     }
@@ -252,9 +267,27 @@ impl Proxy {
         reload_keys(&self.state)
     }
 
-    /// Spawns a task that calls [`reload_keys`](Self::reload_keys) on every SIGHUP (Unix
-    /// only; elsewhere nothing is spawned). The task ends with the runtime.
-    pub fn reload_keys_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+    /// Re-reads the tenants file (when one is configured) and the keys file, as one step:
+    /// a tenants file that does not parse or validate, or a keys file that cannot be read, is
+    /// refused with the field named and nothing changes. Otherwise the new tenant table
+    /// replaces the old one at once (requests in flight keep the tenant they were admitted
+    /// with; a tenant that keeps its name keeps its counters) and removed keys are restored
+    /// as [`reload_keys`](Self::reload_keys) does. `claude-proxy` calls this on SIGHUP and on
+    /// `POST /v1/proxy/reload` from an admin tenant.
+    pub fn reload(&self) -> Result<Reload, BoxError> {
+        reload(&self.state)
+    }
+
+    /// The tenant table in force (`None` without a tenants file).
+    pub fn tenants(&self) -> Option<Arc<TenantTable>> {
+        self.state.tenant_table()
+    }
+
+    /// Spawns a task that calls [`reload`](Self::reload) on every SIGHUP (Unix only; elsewhere
+    /// nothing is spawned): one signal re-reads the keys file and the tenants file. A refused
+    /// file is logged (`warn`) and the running configuration kept. The task ends with the
+    /// runtime.
+    pub fn reload_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -262,15 +295,21 @@ impl Proxy {
             let state = self.state.clone();
             Ok(Some(tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: re-reading the keys file");
-                    if let Err(err) = reload_keys(&state) {
-                        tracing::warn!(%err, "SIGHUP: keys not reloaded");
+                    tracing::info!("SIGHUP: re-reading the keys file and the tenants file");
+                    if let Err(err) = reload(&state) {
+                        tracing::warn!(%err, "SIGHUP: reload refused; the running configuration is kept");
                     }
                 }
             })))
         }
         #[cfg(not(unix))]
         Ok(None)
+    }
+
+    /// The same as [`reload_on_sighup`](Self::reload_on_sighup) (its name from before the
+    /// tenants file: one SIGHUP re-reads both files).
+    pub fn reload_keys_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+        self.reload_on_sighup()
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then stops accepting and
@@ -406,6 +445,61 @@ pub struct KeysReload {
     pub restored: Vec<KeyId>,
     /// Keys listed that the pool does not hold (they need a restart).
     pub not_in_pool: usize,
+}
+
+/// What [`Proxy::reload`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reload {
+    /// The keys file's part.
+    pub keys: KeysReload,
+    /// The tenants file's part (`None` without a tenants file).
+    pub tenants: Option<TenantsReload>,
+}
+
+impl Reload {
+    /// The JSON answer of `POST /v1/proxy/reload` (key ids and tenant names only).
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "keys": {
+                "restored": self.keys.restored.iter().map(KeyId::as_str).collect::<Vec<_>>(),
+                "not_in_pool": self.keys.not_in_pool,
+            },
+            "tenants": self.tenants.as_ref().map(|t| serde_json::json!({
+                "added": t.added,
+                "removed": t.removed,
+                "changed": t.changed,
+                "unchanged": t.unchanged,
+            })),
+        })
+    }
+}
+
+fn reload(state: &State) -> Result<Reload, BoxError> {
+    // Both files are read and checked before anything changes.
+    let table = match (&state.tenants, &state.config.tenants_file) {
+        (Some(_), Some(path)) => Some(TenantTable::read(path)?),
+        _ => None,
+    };
+    let keys = reload_keys(state)?;
+    let tenants = match (table, &state.tenants) {
+        (Some(table), Some(slot)) => {
+            // Under the write lock, so that two reloads at once cannot lose counters.
+            let mut current = slot.write().unwrap_or_else(PoisonError::into_inner);
+            let (table, report) = table.carry_over(&current);
+            *current = Arc::new(table);
+            tracing::info!(
+                added = ?report.added,
+                removed = ?report.removed,
+                changed = ?report.changed,
+                unchanged = report.unchanged,
+                "tenants reloaded"
+            );
+            Some(report)
+        }
+        _ => None,
+    };
+    Ok(Reload { keys, tenants })
 }
 
 fn reload_keys(state: &State) -> Result<KeysReload, BoxError> {
@@ -622,6 +716,13 @@ fn status_page(state: &State) -> Response<ProxyBody> {
     });
     #[cfg(not(feature = "redis"))]
     let redis: Option<serde_json::Value> = None;
+    let tenants = state.tenant_table().map(|table| {
+        table
+            .tenants()
+            .iter()
+            .map(tenant_status)
+            .collect::<Vec<_>>()
+    });
     let c = &state.counters;
     let hits = c.cache_hits.load(Ordering::Relaxed);
     let misses = c.cache_misses.load(Ordering::Relaxed);
@@ -650,8 +751,71 @@ fn status_page(state: &State) -> Response<ProxyBody> {
             "adaptive": state.config.adaptive_concurrency,
         })),
         "pacing": state.paced,
+        "tenants": tenants,
     });
     json_response(StatusCode::OK, body.to_string())
+}
+
+/// `POST /v1/proxy/reload`: re-reads the tenants file and the keys file ([`Proxy::reload`]),
+/// for an admin tenant only. A refused file is a 400 naming the field; the running
+/// configuration is kept.
+fn reload_route(state: &State, tenant: Option<&crate::tenant::Tenant>) -> Response<ProxyBody> {
+    match tenant {
+        Some(t) if t.is_admin() => {}
+        _ => {
+            tracing::debug!(
+                tenant = tenant.map(|t| t.name()),
+                "reload refused: not an admin"
+            );
+            return api_error(
+                ApiErrorKind::Permission,
+                "POST /v1/proxy/reload is for a tenant with `admin = true` in the tenants file",
+            );
+        }
+    }
+    match reload(state) {
+        Ok(report) => json_response(StatusCode::OK, report.to_json().to_string()),
+        Err(err) => {
+            tracing::warn!(%err, "reload refused; the running configuration is kept");
+            api_error(
+                ApiErrorKind::InvalidRequest,
+                &format!("reload refused, the running configuration is kept: {err}"),
+            )
+        }
+    }
+}
+
+/// One tenant on the status page: its settings and counters (its name, never its tokens).
+fn tenant_status(t: &crate::tenant::Tenant) -> serde_json::Value {
+    let s = t.stats();
+    let budget = t.budget_value();
+    let limits: serde_json::Map<String, serde_json::Value> = t
+        .limits()
+        .iter()
+        .map(|(group, l)| {
+            (
+                group.clone(),
+                serde_json::json!({"rpm": l.rpm, "itpm": l.itpm, "otpm": l.otpm}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "name": t.name(),
+        "weight": t.weight_value(),
+        "priority": t.priority_class().as_str(),
+        "admin": t.is_admin(),
+        "requests": s.requests(),
+        "input_tokens": s.input_tokens(),
+        "output_tokens": s.output_tokens(),
+        "cost_usd": (s.cost_usd() * 1e6).round() / 1e6,
+        "queue_wait_s": (s.queue_wait().as_secs_f64() * 1000.0).round() / 1000.0,
+        "refusals": s.refusals(),
+        "limits": limits,
+        "budget": serde_json::json!({
+            "usd_per_day": budget.daily(),
+            "usd_per_month": budget.monthly(),
+        }),
+    })
 }
 
 /// The process-wide Prometheus recorder, installed by the first proxy that asks for it (the
@@ -685,8 +849,13 @@ fn metrics_page(state: &State) -> Response<ProxyBody> {
     if let Some(m) = &state.metrics {
         m.refresh();
     }
+    let mut text = crate::metrics::prometheus::render(handle);
+    // Per tenant, read from the counters now: a tenant removed by a reload is not shown.
+    if let Some(table) = state.tenant_table() {
+        text.push_str(&crate::metrics::prometheus::render_tenants(table.tenants()));
+    }
     let mut resp = Response::new(
-        Full::new(Bytes::from(crate::metrics::prometheus::render(handle)))
+        Full::new(Bytes::from(text))
             .map_err(|n| match n {})
             .boxed_unsync(),
     );
@@ -757,7 +926,19 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
 
     // Decided from the headers alone: an unauthenticated client never gets its body read.
     let config = &state.config;
-    if !config.client_tokens.is_empty() {
+    let mut tenant = None;
+    if let Some(table) = state.tenant_table() {
+        match presented_token(&req).and_then(|token| table.authenticate(token)) {
+            Some(found) => tenant = Some(found.clone()),
+            None => {
+                tracing::debug!("tenant token missing or unknown: 401 before reading the body");
+                return api_error(
+                    ApiErrorKind::Authentication,
+                    "invalid proxy token: send your tenant's token as x-api-key",
+                );
+            }
+        }
+    } else if !config.client_tokens.is_empty() {
         let ok = presented_token(&req)
             .is_some_and(|t| config.client_tokens.iter().any(|s| same_secret(t, s)));
         if !ok {
@@ -771,6 +952,9 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     // The status page names keys and tenants' usage: behind the client tokens like the API.
     if req.method() == Method::GET && path == "/v1/proxy/status" {
         return status_page(&state);
+    }
+    if req.method() == Method::POST && path == "/v1/proxy/reload" {
+        return reload_route(&state, tenant.as_ref());
     }
     // Only paths that name one resource under /v1/ leave with the proxy's key: no `..`, no
     // encoded slash, no `//` (refused, not normalised; see `client::check_path`).
@@ -787,14 +971,29 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     {
         req.headers_mut().remove("x-api-key");
     }
-    if !config.api_keys.is_empty() {
+    if let Some(tenant) = &tenant {
+        // A tenant's token is the proxy's, never the upstream's: it names the tenant (the
+        // fair queues, limits, budgets and the cache partition read the extensions) and stays
+        // here.
+        tracing::debug!(tenant = tenant.name(), "tenant authenticated");
+        req.extensions_mut().insert(CacheTenant::new(tenant.name()));
+        req.extensions_mut().insert(tenant.clone());
+        req.headers_mut().remove(header::AUTHORIZATION);
+        req.headers_mut().remove("x-api-key");
+        if config.api_keys.is_empty() {
+            // Only with the built-in simulator (the configuration requires upstream keys
+            // otherwise), which wants some key: one for all tenants, as a real key would be.
+            req.headers_mut()
+                .insert("x-api-key", HeaderValue::from_static("proxy-simulator"));
+        }
+    } else if !config.api_keys.is_empty() {
         // The proxy holds the upstream keys (the key pool picks one per request): the client's
         // credential never goes upstream. It still names the cache tenant, so that clients
         // with different proxy tokens never share cached answers.
         let tenant = presented_token(&req)
             .map(|t| KeyId::from_api_key(t).as_str().to_owned())
             .unwrap_or_else(|| "proxy".to_owned());
-        req.extensions_mut().insert(Tenant::new(tenant));
+        req.extensions_mut().insert(CacheTenant::new(tenant));
         req.headers_mut().remove(header::AUTHORIZATION);
         req.headers_mut().remove("x-api-key");
     }
@@ -833,6 +1032,9 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     };
     let req = Request::from_parts(parts, body);
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(tenant) = &tenant {
+        tenant.stats().record_request();
+    }
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
             for name in crate::client::HOP_BY_HOP.iter() {

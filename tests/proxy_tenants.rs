@@ -1,0 +1,431 @@
+//! Tenants through `claude-proxy` over real loopback HTTP (issue 15): authentication by a
+//! tenant's token, the cache partition per tenant, reload by SIGHUP and by the admin route, a
+//! bad file refused with its field named, per-tenant numbers on the status page and in
+//! `/metrics`.
+#![cfg(feature = "proxy")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use support::proxy::{Running, config, serve};
+use tower_claude::anthropic::ApiError;
+use tower_claude::proxy::{Cli, Proxy};
+use tower_claude::testing::MockClaude;
+
+type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+const UPSTREAM_KEY: &str = "sk-ant-upstream-key";
+
+const HELLO: &str = r#"{"model":"claude-haiku-4-5","max_tokens":64,"temperature":0,"messages":[{"role":"user","content":"Say hello"}]}"#;
+
+const TENANTS: &str = r#"
+[[tenant]]
+name = "web"
+tokens = ["tok-web"]
+weight = 3
+admin = true
+[tenant.budget]
+usd_per_day = 20.0
+
+[[tenant]]
+name = "batch-jobs"
+tokens = ["tok-batch"]
+priority = "batch"
+"#;
+
+fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&self.body));
+        })
+    }
+
+    fn error(&self) -> ApiError {
+        ApiError::from_response(self.status, &self.body)
+    }
+}
+
+async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Answer {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        req = req.header("x-api-key", token);
+    }
+    let resp = client()
+        .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn hello(addr: SocketAddr, token: Option<&str>) -> Answer {
+    send(addr, Method::POST, "/v1/messages", token, HELLO).await
+}
+
+async fn status(addr: SocketAddr, token: &str) -> serde_json::Value {
+    let answer = send(addr, Method::GET, "/v1/proxy/status", Some(token), "").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    answer.json()
+}
+
+fn tenant<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["tenants"]
+        .as_array()
+        .expect("tenants on the status page")
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("tenant {name} on the status page: {status}"))
+}
+
+/// An upstream simulator that accepts only the proxy's own key, and a proxy holding that key,
+/// with `tenants` as its tenants file.
+async fn setup(tenants: &str, cache: bool) -> (MockClaude, Running, tempfile::TempDir, PathBuf) {
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.toml");
+    std::fs::write(&file, tenants).unwrap();
+    let cli = Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache: Some(cache),
+        cache_path: Some("memory".into()),
+        tenants_file: Some(file.clone()),
+        ..Cli::default()
+    };
+    let proxy = Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap();
+    (mock, serve(proxy).await, dir, file)
+}
+
+#[tokio::test]
+async fn unknown_and_missing_tokens_are_refused_before_upstream() {
+    let (mock, proxy, _dir, _) = setup(TENANTS, false).await;
+    for token in [Some("tok-nobody"), None, Some(UPSTREAM_KEY)] {
+        let answer = hello(proxy.addr, token).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert_eq!(answer.error().error_type(), "authentication_error");
+    }
+    // The status page is behind the tenants' tokens too.
+    let answer = send(
+        proxy.addr,
+        Method::GET,
+        "/v1/proxy/status",
+        Some("tok-nobody"),
+        "",
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(mock.stats().received, 0, "nothing reached upstream");
+
+    // A known token reaches upstream with the proxy's key instead (the simulator accepts only
+    // that one), as a bearer token too.
+    assert_eq!(
+        hello(proxy.addr, Some("tok-web")).await.status,
+        StatusCode::OK
+    );
+    let req = Request::post(format!("http://{}/v1/messages", proxy.addr))
+        .header("authorization", "Bearer tok-batch")
+        .header("anthropic-version", "2023-06-01")
+        .body(Full::new(Bytes::from_static(HELLO.as_bytes())))
+        .unwrap();
+    assert_eq!(
+        client().request(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(mock.stats().accepted, 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn each_tenant_has_its_own_cache_partition() {
+    let (mock, proxy, _dir, _) = setup(TENANTS, true).await;
+    let cache = |a: &Answer| {
+        a.headers
+            .get("x-tower-claude-cache")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let first = hello(proxy.addr, Some("tok-web")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(cache(&first).as_deref(), Some("miss"));
+    let again = hello(proxy.addr, Some("tok-web")).await;
+    assert_eq!(cache(&again).as_deref(), Some("hit"));
+    let other = hello(proxy.addr, Some("tok-batch")).await;
+    assert_eq!(
+        cache(&other).as_deref(),
+        Some("miss"),
+        "another tenant never gets web's answer"
+    );
+    assert_eq!(mock.stats().received, 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn status_and_metrics_show_per_tenant_numbers_and_no_tokens() {
+    let (_mock, proxy, _dir, _) = setup(TENANTS, false).await;
+    for _ in 0..2 {
+        assert_eq!(
+            hello(proxy.addr, Some("tok-web")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        hello(proxy.addr, Some("tok-batch")).await.status,
+        StatusCode::OK
+    );
+    let page = status(proxy.addr, "tok-batch").await;
+    let web = tenant(&page, "web");
+    assert_eq!(web["requests"], 2);
+    assert_eq!(web["weight"], 3);
+    assert_eq!(web["priority"], "interactive");
+    assert_eq!(web["admin"], true);
+    assert_eq!(web["budget"]["usd_per_day"], 20.0);
+    assert!(web["input_tokens"].as_u64().unwrap() > 0, "{web}");
+    assert!(web["output_tokens"].as_u64().unwrap() > 0, "{web}");
+    let batch = tenant(&page, "batch-jobs");
+    assert_eq!(batch["requests"], 1);
+    assert_eq!(batch["priority"], "batch");
+    assert!(
+        !page.to_string().contains("tok-"),
+        "no token on the status page"
+    );
+
+    let metrics = send(proxy.addr, Method::GET, "/metrics", None, "").await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        text.contains("tower_claude_tenant_requests_total{tenant=\"web\"} 2\n"),
+        "{text}"
+    );
+    assert!(text.contains("tower_claude_tenant_requests_total{tenant=\"batch-jobs\"} 1\n"));
+    assert!(
+        text.contains("tower_claude_tenant_weight{tenant=\"web\",priority=\"interactive\"} 3\n")
+    );
+    assert!(text.contains("tower_claude_tenant_budget_usd{tenant=\"web\",period=\"day\"} 20\n"));
+    let output = format!(
+        "tower_claude_tenant_output_tokens_total{{tenant=\"web\"}} {}\n",
+        web["output_tokens"]
+    );
+    assert!(text.contains(&output), "{output} in\n{text}");
+    assert!(!text.contains("tok-"), "no token in the metrics");
+    proxy.stop().await;
+}
+
+const RELOADED: &str = r#"
+[[tenant]]
+name = "web"
+tokens = ["tok-web"]
+weight = 5
+admin = true
+
+[[tenant]]
+name = "ml"
+tokens = ["tok-ml"]
+"#;
+
+async fn reload_route(addr: SocketAddr, token: &str) -> Answer {
+    send(addr, Method::POST, "/v1/proxy/reload", Some(token), "").await
+}
+
+#[tokio::test]
+async fn the_admin_route_reloads_and_only_for_an_admin() {
+    let (_mock, proxy, _dir, file) = setup(TENANTS, false).await;
+    assert_eq!(
+        hello(proxy.addr, Some("tok-web")).await.status,
+        StatusCode::OK
+    );
+    std::fs::write(&file, RELOADED).unwrap();
+
+    let refused = reload_route(proxy.addr, "tok-batch").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.error().error_type(), "permission_error");
+    assert_eq!(
+        hello(proxy.addr, Some("tok-ml")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let done = reload_route(proxy.addr, "tok-web").await;
+    assert_eq!(
+        done.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&done.body)
+    );
+    let report = done.json();
+    assert_eq!(report["tenants"]["added"], serde_json::json!(["ml"]));
+    assert_eq!(
+        report["tenants"]["removed"],
+        serde_json::json!(["batch-jobs"])
+    );
+    assert_eq!(report["tenants"]["changed"], serde_json::json!(["web"]));
+    assert_eq!(
+        hello(proxy.addr, Some("tok-ml")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        hello(proxy.addr, Some("tok-batch")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let page = status(proxy.addr, "tok-ml").await;
+    let web = tenant(&page, "web");
+    assert_eq!(web["weight"], 5);
+    assert_eq!(web["requests"], 1, "counters survive a reload");
+    assert!(
+        page["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["name"] != "batch-jobs")
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_file_is_refused_with_its_field_named_and_the_old_table_serves() {
+    let (_mock, proxy, _dir, file) = setup(TENANTS, false).await;
+    std::fs::write(
+        &file,
+        TENANTS.replace("priority = \"batch\"", "priority = \"batch\"\nweight = 0"),
+    )
+    .unwrap();
+    let refused = reload_route(proxy.addr, "tok-web").await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let err = refused.error();
+    assert_eq!(err.error_type(), "invalid_request_error");
+    assert!(
+        err.message()
+            .contains(r#"tenant[1] "batch-jobs": weight: must be at least 1"#),
+        "{}",
+        err.message()
+    );
+    std::fs::write(&file, TENANTS.replace("weight = 3", "wieght = 3")).unwrap();
+    let err = reload_route(proxy.addr, "tok-web").await.error();
+    assert!(err.message().contains("wieght"), "{}", err.message());
+    assert!(
+        err.message().contains(r#"tenant[0] "web""#),
+        "{}",
+        err.message()
+    );
+    // The running table is kept.
+    assert_eq!(
+        hello(proxy.addr, Some("tok-batch")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        tenant(&status(proxy.addr, "tok-web").await, "web")["weight"],
+        3
+    );
+    proxy.stop().await;
+}
+
+/// Polls until `token` gets `expected` (SIGHUP is handled by a task, a moment later).
+async fn until_status(addr: SocketAddr, token: &str, expected: StatusCode) -> bool {
+    for _ in 0..200 {
+        if hello(addr, Some(token)).await.status == expected {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+fn sighup() {
+    let pid = std::process::id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tenants_file_and_refuses_a_bad_one() {
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    let keys = dir.path().join("keys");
+    write(&tenants, TENANTS);
+    write(&keys, &format!("{UPSTREAM_KEY}\n"));
+    let cli = Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache: Some(false),
+        tenants_file: Some(tenants.clone()),
+        keys_file: Some(keys),
+        ..Cli::default()
+    };
+    let proxy = Proxy::new(config(cli, &[])).unwrap();
+    let _sighup = proxy.reload_on_sighup().unwrap();
+    let running = serve(proxy).await;
+    assert_eq!(
+        hello(running.addr, Some("tok-batch")).await.status,
+        StatusCode::OK
+    );
+
+    // A bad file: the signal is logged and refused, the old table keeps serving.
+    write(
+        &tenants,
+        &TENANTS.replace("priority = \"batch\"", "priority = \"urgent\""),
+    );
+    sighup();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        hello(running.addr, Some("tok-batch")).await.status,
+        StatusCode::OK
+    );
+
+    // A good one: one signal re-reads it (and the keys file).
+    write(&tenants, RELOADED);
+    sighup();
+    assert!(
+        until_status(running.addr, "tok-ml", StatusCode::OK).await,
+        "tok-ml admitted"
+    );
+    assert_eq!(
+        hello(running.addr, Some("tok-batch")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        mock.stats().by_status.get(&401),
+        None,
+        "no tenant token went upstream"
+    );
+    running.stop().await;
+}
