@@ -155,6 +155,7 @@ impl<S> Layer<S> for RateLimitLayer {
                 output: self.output,
                 max_wait: self.max_wait,
                 cache_aware: self.cache_aware,
+                scope: super::service::Scope::Key,
             }),
         )
     }

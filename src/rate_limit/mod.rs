@@ -68,7 +68,7 @@ use std::time::Duration;
 mod body;
 mod future;
 mod layer;
-mod service;
+pub(crate) mod service;
 
 pub use body::RateLimitBody;
 pub use future::ResponseFuture;

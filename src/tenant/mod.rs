@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::quota::Limits;
 
+pub mod fair;
+pub mod limit;
+
 /// A tenant's priority class: every waiting `Interactive` request is admitted before any
 /// waiting `Batch` request of the same key and group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
