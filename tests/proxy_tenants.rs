@@ -195,7 +195,7 @@ async fn each_tenant_has_its_own_cache_partition() {
 
 #[tokio::test]
 async fn status_and_metrics_show_per_tenant_numbers_and_no_tokens() {
-    let (_mock, proxy, _dir, _) = setup(TENANTS, false).await;
+    let (mock, proxy, _dir, _) = setup(TENANTS, false).await;
     for _ in 0..2 {
         assert_eq!(
             hello(proxy.addr, Some("tok-web")).await.status,
@@ -217,6 +217,11 @@ async fn status_and_metrics_show_per_tenant_numbers_and_no_tokens() {
     assert!(web["output_tokens"].as_u64().unwrap() > 0, "{web}");
     let batch = tenant(&page, "batch-jobs");
     assert_eq!(batch["requests"], 1);
+    // Tokens are counted once, as the upstream served them (no cache here, no prompt cache).
+    let served = mock.stats();
+    let sum = |field: &str| web[field].as_u64().unwrap() + batch[field].as_u64().unwrap();
+    assert_eq!(sum("output_tokens"), served.output_tokens.values().sum::<u64>());
+    assert_eq!(sum("input_tokens"), served.input_tokens.values().sum::<u64>());
     assert_eq!(batch["priority"], "batch");
     assert!(
         !page.to_string().contains("tok-"),
