@@ -220,8 +220,14 @@ async fn status_and_metrics_show_per_tenant_numbers_and_no_tokens() {
     // Tokens are counted once, as the upstream served them (no cache here, no prompt cache).
     let served = mock.stats();
     let sum = |field: &str| web[field].as_u64().unwrap() + batch[field].as_u64().unwrap();
-    assert_eq!(sum("output_tokens"), served.output_tokens.values().sum::<u64>());
-    assert_eq!(sum("input_tokens"), served.input_tokens.values().sum::<u64>());
+    assert_eq!(
+        sum("output_tokens"),
+        served.output_tokens.values().sum::<u64>()
+    );
+    assert_eq!(
+        sum("input_tokens"),
+        served.input_tokens.values().sum::<u64>()
+    );
     assert_eq!(batch["priority"], "batch");
     assert!(
         !page.to_string().contains("tok-"),

@@ -95,6 +95,8 @@ pub const TENANT_REFUSALS_TOTAL: &str = "tower_claude_tenant_refusals_total";
 pub const TENANT_WEIGHT: &str = "tower_claude_tenant_weight";
 /// A tenant's budget in US dollars per period (`day`, `month`).
 pub const TENANT_BUDGET_USD: &str = "tower_claude_tenant_budget_usd";
+/// Spend store operations that failed (the budget layer then counts the spend locally).
+pub const SPEND_STORE_ERRORS_TOTAL: &str = "tower_claude_spend_store_errors_total";
 
 /// Label: the model id, normalised to a known catalogue id or [`OTHER`].
 pub const LABEL_MODEL: &str = "model";
@@ -424,6 +426,12 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Gauge,
         labels: &[LABEL_TENANT, LABEL_PERIOD],
         help: "A tenant's budget in US dollars per period (day, month).",
+    },
+    MetricDef {
+        name: SPEND_STORE_ERRORS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[],
+        help: "Spend store reads and writes that failed (the spend is kept locally and added later).",
     },
 ];
 

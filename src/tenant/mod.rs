@@ -25,8 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::quota::Limits;
 
+pub mod budget;
 pub mod fair;
 pub mod limit;
+pub mod price;
+pub mod spend;
+
+pub use price::{DEFAULT_PRICES_TOML, ModelPrice, PriceError, PriceErrorKind, PriceTable};
 
 /// A tenant's priority class: every waiting `Interactive` request is admitted before any
 /// waiting `Batch` request of the same key and group.
