@@ -7,6 +7,7 @@
 //!   CacheLayer        identical request (same tenant) -> stored response; twins coalesce
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
+//!   TenantLimitLayer  a tenant's own limits per group (requests carrying a `Tenant` with limits)
 //!   KeyPoolLayer      (optional) the API key with the most headroom; cool down keys on 429
 //!   PacingLayer       (optional, feature `metrics`) space admissions when the forecast nears the quota
 //!   RateLimitLayer    token buckets: requests, input and output tokens per (key, group)
@@ -16,7 +17,9 @@
 //!
 //! Retry sits outside the limiter so that every attempt pays for its tokens again; fallback
 //! sits outside retry so that a model whose quota is gone is abandoned at once instead of
-//! retried into; the cache is outermost so that a hit costs no quota at all. See
+//! retried into; the cache is outermost so that a hit costs no quota at all. The tenant limit
+//! sits above the key pool, which takes upstream quota as it admits a request: a tenant
+//! waiting for its own limit holds none. See
 //! `docs/architecture.md` for what each layer reads and writes.
 //!
 //! ```
@@ -71,6 +74,7 @@ use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 use crate::rate_limit::RateLimitLayer;
 use crate::retry::{RetryBudget, RetryLayer};
+use crate::tenant::limit::TenantLimitLayer;
 
 /// The response body of a boxed stack.
 pub type ClaudeBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -227,6 +231,10 @@ pub struct StackConfig {
     /// Predictive throttling ([`PacingConfig`]; feature `metrics`). A stack with pacing and
     /// no metrics layer gets one, to feed the forecast. Default: off.
     pub pacing: Option<PacingConfig>,
+    /// Whether a request's [`Tenant`](crate::tenant::Tenant) is held to the limits of its own
+    /// ([`TenantLimitLayer`], waiting at most `max_queue_wait`). Requests without a tenant,
+    /// or whose tenant has no limits for the group, pass through. Default: on.
+    pub tenant_limit: bool,
 }
 
 impl Default for StackConfig {
@@ -253,6 +261,7 @@ impl Default for StackConfig {
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
             pacing: None,
+            tenant_limit: true,
         }
     }
 }
@@ -271,6 +280,7 @@ pub struct ClaudeStack {
     cache: Option<CacheLayer>,
     fallback: Option<FallbackLayer>,
     retry: Option<RetryLayer>,
+    tenant_limit: Option<TenantLimitLayer>,
     key_pool: Option<KeyPoolLayer>,
     #[cfg(feature = "metrics")]
     pacing: Option<crate::metrics::pacing::PacingLayer>,
@@ -286,6 +296,7 @@ impl std::fmt::Debug for ClaudeStack {
         d.field("cache", &self.cache.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
+            .field("tenant_limit", &self.tenant_limit.is_some())
             .field("key_pool", &self.key_pool.is_some());
         #[cfg(feature = "metrics")]
         d.field("pacing", &self.pacing.is_some());
@@ -372,6 +383,14 @@ impl ClaudeStack {
             }
         });
 
+        let tenant_limit = config.tenant_limit.then(|| {
+            let layer = TenantLimitLayer::new().output_reservation(config.output_reservation);
+            match config.max_queue_wait {
+                Some(wait) => layer.max_wait(wait),
+                None => layer,
+            }
+        });
+
         let concurrency = match (config.adaptive_concurrency, config.max_in_flight) {
             (Some(aimd), _) => Some(ConcurrencyLayer::adaptive(aimd)),
             (None, Some(max)) => Some(ConcurrencyLayer::new(max)),
@@ -420,6 +439,7 @@ impl ClaudeStack {
             cache,
             fallback,
             retry,
+            tenant_limit,
             key_pool: None,
             #[cfg(feature = "metrics")]
             pacing,
@@ -552,6 +572,21 @@ impl ClaudeStack {
         self
     }
 
+    /// Replaces (or removes) the tenant limit, between retry and the key pool (or the rate
+    /// limiter). Its catalogue is the stack's; its board is its own (its keys are tenants).
+    pub fn tenant_limit(mut self, layer: Option<TenantLimitLayer>) -> Self {
+        self.tenant_limit = layer;
+        self
+    }
+
+    /// The tenant limit's board (per tenant and group: its buckets and queue), for a status
+    /// page.
+    pub fn tenant_limit_board(&self) -> Option<&QuotaBoard> {
+        self.tenant_limit
+            .as_ref()
+            .map(TenantLimitLayer::quota_board)
+    }
+
     /// Replaces (or removes) the rate-limit layer. Its board and catalogue are the stack's.
     pub fn rate_limit(mut self, layer: Option<RateLimitLayer>) -> Self {
         self.rate_limit = layer;
@@ -598,6 +633,9 @@ impl ClaudeStack {
                 .board(self.board.clone())
                 .catalog(self.catalog.clone());
             svc = boxed(layer.layer(svc));
+        }
+        if let Some(layer) = &self.tenant_limit {
+            svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
         }
         if let Some(layer) = &self.retry {
             svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));

@@ -153,6 +153,10 @@ struct Item<T> {
 #[derive(Default)]
 struct Class {
     ring: VecDeque<(FlowKey, u64)>,
+    /// The flow whose turn just ended, out of the ring until the class's next admission: it
+    /// then goes to the back, behind any tenant that arrived meanwhile (who would otherwise
+    /// wait for one more turn of it).
+    parked: Option<(FlowKey, u64)>,
     flows: usize,
 }
 
@@ -236,15 +240,27 @@ impl<T> FairQueue<T> {
     /// The id that [`pop`](Self::pop) would return.
     pub fn peek_id(&self) -> Option<u64> {
         // Invariant: the front of a ring is a live flow whose FIFO starts with a queued id.
-        let class = self.classes.iter().find(|c| !c.ring.is_empty())?;
-        let (key, _) = class.ring.front()?;
-        self.flows.get(key)?.ids.front().copied()
+        self.classes.iter().find_map(|class| {
+            let (key, epoch) = class.ring.front().or(class.parked.as_ref())?;
+            let flow = self.flows.get(key).filter(|f| f.epoch == *epoch)?;
+            flow.ids.front().copied()
+        })
     }
 
     /// Takes the next item: the head of the first flow in the round of the highest class that
     /// has items, counted against that flow's turn.
     pub fn pop(&mut self) -> Option<(u64, T)> {
-        let c = self.classes.iter().position(|c| !c.ring.is_empty())?;
+        let c = self.classes.iter().position(|c| {
+            !c.ring.is_empty()
+                || c.parked
+                    .as_ref()
+                    .is_some_and(|(k, e)| self.flows.get(k).is_some_and(|f| f.epoch == *e))
+        })?;
+        // The flow whose turn ended goes round again, behind the ones that arrived meanwhile.
+        if let Some(parked) = self.classes[c].parked.take() {
+            self.classes[c].ring.push_back(parked);
+            self.settle_front(c);
+        }
         let (key, _) = self.classes[c].ring.front()?.clone();
         let flow = self.flows.get_mut(&key)?;
         let id = flow.ids.pop_front()?;
@@ -262,9 +278,7 @@ impl<T> FairQueue<T> {
             class.flows -= 1;
             class.ring.pop_front();
         } else if flow.deficit == 0 {
-            if let Some(front) = class.ring.pop_front() {
-                class.ring.push_back(front);
-            }
+            class.parked = class.ring.pop_front();
         }
         self.settle_front(c);
         Some((id, item.value))
@@ -288,9 +302,16 @@ impl<T> FairQueue<T> {
             }
         }
         self.settle_front(c);
+        let flows = &self.flows;
         let class = &mut self.classes[c];
+        if class
+            .parked
+            .as_ref()
+            .is_some_and(|(k, e)| flows.get(k).is_none_or(|f| f.epoch != *e))
+        {
+            class.parked = None;
+        }
         if class.ring.len() > 2 * class.flows + COMPACT_SLACK {
-            let flows = &self.flows;
             class
                 .ring
                 .retain(|(k, epoch)| flows.get(k).is_some_and(|f| f.epoch == *epoch));
@@ -491,6 +512,21 @@ mod tests {
             .take(10)
             .collect();
         assert_eq!(order, [0, 10, 20, 21, 22, 23, 24, 1, 11, 25]);
+    }
+
+    #[test]
+    fn a_newcomer_goes_before_the_tenant_whose_turn_just_ended() {
+        let (a, b) = (Tenant::new("a"), Tenant::new("b"));
+        let mut q = FairQueue::new();
+        for id in 0..10 {
+            q.push(id, Some(&a), ());
+        }
+        assert_eq!(q.pop().map(|(id, _)| id), Some(0));
+        // `a`'s turn ended; `b` arrives before the next admission and takes it.
+        q.push(100, Some(&b), ());
+        assert_eq!(q.peek_id(), Some(100));
+        assert_eq!(q.pop().map(|(id, _)| id), Some(100));
+        assert_eq!(q.pop().map(|(id, _)| id), Some(1));
     }
 
     #[test]
