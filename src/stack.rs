@@ -5,6 +5,7 @@
 //! caller
 //!   MetricsLayer      what the caller sees: latency, status, tokens, retries, cache, fallback
 //!   CacheLayer        identical request (same tenant) -> stored response; twins coalesce
+//!   BudgetLayer       (optional) each tenant's dollars per day / month: 429 at budget, cost settled
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
 //!   TenantLimitLayer  a tenant's own limits per group (requests carrying a `Tenant` with limits)
@@ -222,6 +223,10 @@ pub struct StackConfig {
     pub cache_ttl: Duration,
     /// Which requests are cached. Default: [`CacheMode::Deterministic`] (`temperature` 0).
     pub cache_mode: CacheMode,
+    /// Budgets per tenant ([`BudgetLayer`](crate::tenant::budget::BudgetLayer), between the
+    /// cache and fallback: a cache hit costs nothing, and the cost is priced for the model
+    /// that answered). Default: none.
+    pub budget: Option<crate::tenant::budget::BudgetLayer>,
     /// Model ids, groups and the fallback chain.
     pub catalog: ModelCatalog,
     /// Whether requests are measured (`MetricsLayer`, feature `metrics`). Default: on when
@@ -258,6 +263,7 @@ impl Default for StackConfig {
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
             cache_mode: CacheMode::default(),
+            budget: None,
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
             pacing: None,
@@ -278,6 +284,7 @@ pub struct ClaudeStack {
     board: QuotaBoard,
     catalog: ModelCatalog,
     cache: Option<CacheLayer>,
+    budget: Option<crate::tenant::budget::BudgetLayer>,
     fallback: Option<FallbackLayer>,
     retry: Option<RetryLayer>,
     tenant_limit: Option<TenantLimitLayer>,
@@ -294,6 +301,7 @@ impl std::fmt::Debug for ClaudeStack {
         #[cfg(feature = "metrics")]
         d.field("metrics", &self.metrics.is_some());
         d.field("cache", &self.cache.is_some())
+            .field("budget", &self.budget.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
             .field("tenant_limit", &self.tenant_limit.is_some())
@@ -437,6 +445,7 @@ impl ClaudeStack {
             board,
             catalog,
             cache,
+            budget: config.budget.clone(),
             fallback,
             retry,
             tenant_limit,
@@ -552,6 +561,18 @@ impl ClaudeStack {
         self
     }
 
+    /// Replaces (or with `None` removes) the budget layer, placed between the cache and
+    /// fallback.
+    pub fn budget(mut self, layer: Option<crate::tenant::budget::BudgetLayer>) -> Self {
+        self.budget = layer;
+        self
+    }
+
+    /// The budget layer, if any (e.g. to read its spend store for a status page).
+    pub fn budget_layer(&self) -> Option<&crate::tenant::budget::BudgetLayer> {
+        self.budget.as_ref()
+    }
+
     /// Replaces (or removes) the fallback layer. Its board and catalogue are the stack's.
     pub fn fallback(mut self, layer: Option<FallbackLayer>) -> Self {
         self.fallback = layer;
@@ -650,6 +671,9 @@ impl ClaudeStack {
                 layer = layer.key_pool(pool.handle());
             }
             fallback = Some(layer.handle());
+            svc = boxed(layer.layer(svc));
+        }
+        if let Some(layer) = &self.budget {
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {
