@@ -440,3 +440,163 @@ async fn sighup_reloads_the_tenants_file_and_refuses_a_bad_one() {
     );
     running.stop().await;
 }
+
+const BUDGETS: &str = r#"
+[[tenant]]
+name = "tiny"
+tokens = ["tok-tiny"]
+[tenant.budget]
+usd_per_day = 0.000001
+
+[[tenant]]
+name = "web"
+tokens = ["tok-web"]
+"#;
+
+/// A proxy in front of `upstream` whose tenants' spend is kept in `spend` (a redb file).
+async fn budget_proxy(upstream: SocketAddr, tenants: &Path, spend: &Path) -> Running {
+    let cli = Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache: Some(false),
+        tenants_file: Some(tenants.to_path_buf()),
+        spend_path: Some(spend.to_str().unwrap().to_owned()),
+        ..Cli::default()
+    };
+    serve(Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap()).await
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_budget_gets_a_429_until_the_period_ends_and_a_restart_keeps_it() {
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    let spend = dir.path().join("state").join("spend.redb");
+    write(&tenants, BUDGETS);
+    let proxy = budget_proxy(upstream, &tenants, &spend).await;
+
+    // The first request fits (nothing spent yet) and costs more than the budget.
+    assert_eq!(
+        hello(proxy.addr, Some("tok-tiny")).await.status,
+        StatusCode::OK
+    );
+    let refused = hello(proxy.addr, Some("tok-tiny")).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    let err = refused.error();
+    assert_eq!(err.error_type(), "rate_limit_error");
+    assert!(err.message().contains("tiny"), "{}", err.message());
+    assert!(err.message().contains("budget"), "{}", err.message());
+    let retry_after: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    assert_eq!(refused.headers["x-should-retry"], "false");
+    // Another tenant is not affected.
+    assert_eq!(
+        hello(proxy.addr, Some("tok-web")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        mock.stats().accepted,
+        2,
+        "the refused request never went upstream"
+    );
+
+    let page = status(proxy.addr, "tok-web").await;
+    let tiny = tenant(&page, "tiny");
+    assert_eq!(tiny["refusals"], 1);
+    assert_eq!(tiny["requests"], 2);
+    let cost = tiny["cost_usd"].as_f64().unwrap();
+    assert!(cost > 0.000001, "{tiny}");
+    assert_eq!(tiny["budget"]["spent_today_usd"].as_f64().unwrap(), cost);
+    assert!(
+        tiny["budget"]["day_used"].as_f64().unwrap() >= 1.0,
+        "{tiny}"
+    );
+    assert!(tenant(&page, "web")["cost_usd"].as_f64().unwrap() > 0.0);
+    let metrics = send(proxy.addr, Method::GET, "/metrics", None, "").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        text.contains("tower_claude_tenant_refusals_total{tenant=\"tiny\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "tower_claude_tenant_cost_usd_total{{tenant=\"tiny\"}} {cost}\n"
+    )));
+    proxy.stop().await;
+
+    // The spend is in the redb file: a new process refuses the tenant at once.
+    let proxy = budget_proxy(upstream, &tenants, &spend).await;
+    assert_eq!(
+        hello(proxy.addr, Some("tok-tiny")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let page = status(proxy.addr, "tok-web").await;
+    assert_eq!(
+        tenant(&page, "tiny")["budget"]["spent_today_usd"]
+            .as_f64()
+            .unwrap(),
+        cost
+    );
+    assert_eq!(
+        tenant(&page, "tiny")["cost_usd"],
+        0.0,
+        "counters start again, spend does not"
+    );
+    assert_eq!(mock.stats().accepted, 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_held_to_its_own_limit_does_not_hold_back_another() {
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    write(
+        &tenants,
+        "[[tenant]]\nname = \"intern\"\ntokens = [\"tok-intern\"]\n\
+         [tenant.limits.\"claude-haiku-4-5\"]\nrpm = 1\nitpm = 100000\notpm = 10000\n\
+         [[tenant]]\nname = \"web\"\ntokens = [\"tok-web\"]\n",
+    );
+    let cli = Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache: Some(false),
+        cache_path: Some("memory".into()),
+        tenants_file: Some(tenants),
+        deadline: Some("2s".into()),
+        ..Cli::default()
+    };
+    let proxy =
+        serve(Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap()).await;
+    assert_eq!(
+        hello(proxy.addr, Some("tok-intern")).await.status,
+        StatusCode::OK
+    );
+    // One request a minute: the second would wait about a minute, past its 2 s deadline.
+    let held = hello(proxy.addr, Some("tok-intern")).await;
+    assert_eq!(
+        held.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&held.body)
+    );
+    assert_eq!(held.error().error_type(), "rate_limit_error");
+    for _ in 0..3 {
+        assert_eq!(
+            hello(proxy.addr, Some("tok-web")).await.status,
+            StatusCode::OK
+        );
+    }
+    let page = status(proxy.addr, "tok-web").await;
+    assert_eq!(tenant(&page, "intern")["refusals"], 1);
+    assert_eq!(
+        tenant(&page, "intern")["limits"]["claude-haiku-4-5"]["rpm"],
+        1
+    );
+    assert_eq!(tenant(&page, "web")["refusals"], 0);
+    assert_eq!(mock.stats().accepted, 4);
+    proxy.stop().await;
+}

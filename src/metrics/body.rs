@@ -122,7 +122,6 @@ pub(crate) struct Finish {
     json: Option<BytesMut>,
     tracker: Option<StreamTracker>,
     span: tracing::Span,
-    tenant: Option<crate::tenant::Tenant>,
     done: bool,
 }
 
@@ -142,7 +141,6 @@ impl Finish {
             json: None,
             tracker: None,
             span: info.span.clone(),
-            tenant: info.tenant.clone(),
             done: false,
         }
     }
@@ -217,15 +215,6 @@ impl Finish {
             metrics::counter!(names::INPUT_TOKENS_TOTAL, &labels)
                 .increment(usage.counted_input_tokens());
             metrics::counter!(names::OUTPUT_TOKENS_TOTAL, &labels).increment(usage.output_tokens);
-            if let Some(tenant) = &self.tenant {
-                // Every input token served, cache reads included (what the tenant used).
-                tenant.stats().record_tokens(
-                    usage.input_tokens
-                        + usage.cache_creation_input_tokens
-                        + usage.cache_read_input_tokens,
-                    usage.output_tokens,
-                );
-            }
             if let (Some(forecaster), Some(group)) = (&self.shared.forecaster, &self.group) {
                 forecaster.record(group, 0, 0, usage.output_tokens);
             }

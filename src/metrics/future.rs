@@ -29,8 +29,6 @@ pub(crate) struct RequestInfo {
     pub(crate) model_label: String,
     pub(crate) group_label: String,
     pub(crate) span: tracing::Span,
-    /// The request's tenant (issue 15): the tokens served are added to its counters.
-    pub(crate) tenant: Option<crate::tenant::Tenant>,
 }
 
 /// Response future of [`Metrics`](super::Metrics): records the response's status, retries,

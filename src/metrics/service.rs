@@ -77,7 +77,6 @@ where
             forecaster.record(group, 1, input_estimate, 0);
         }
         let model_label = shared.model_label(model.as_deref());
-        let tenant = req.extensions().get::<crate::tenant::Tenant>().cloned();
         let span = tracing::info_span!(
             "claude_request",
             key = %key,
@@ -104,7 +103,6 @@ where
                 model_label,
                 group_label,
                 span,
-                tenant,
             },
         )
     }

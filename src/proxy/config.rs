@@ -188,6 +188,13 @@ pub struct ProxyConfig {
     /// The tenants read from it at start: with a tenants file, every client authenticates
     /// with one of its tenants' tokens (client tokens are then not allowed).
     pub tenants: Option<super::TenantTable>,
+    /// Where tenants' spend is kept (`CLAUDE_PROXY_SPEND_PATH`): a redb file, by default
+    /// `spend.redb` next to the disk cache; `None` keeps it in memory (`memory`, or the cache in
+    /// memory). With a Redis URL the spend is in Redis. Used only with a tenants file.
+    pub spend_path: Option<PathBuf>,
+    /// The price table the budgets use: the built-in one, with the prices file
+    /// (`CLAUDE_PROXY_PRICES_FILE`) merged over it.
+    pub prices: crate::tenant::PriceTable,
     // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
     /// Longest time from accepting a connection to a complete first request head
     /// (`CLAUDE_PROXY_HEADER_READ_TIMEOUT`, default 10 s).
@@ -249,6 +256,12 @@ pub struct Cli {
     /// Tenants file (TOML, one `[[tenant]]` per team: tokens, weight, priority, limits, budget), re-read on SIGHUP [env: CLAUDE_PROXY_TENANTS_FILE]
     #[arg(long, value_name = "FILE")]
     pub tenants_file: Option<PathBuf>,
+    /// redb file of the tenants' spend, or `memory` [env: CLAUDE_PROXY_SPEND_PATH] [default: spend.redb next to the disk cache; memory with --cache-path memory]
+    #[arg(long, value_name = "PATH")]
+    pub spend_path: Option<String>,
+    /// TOML file of model prices merged over the built-in table (same schema) [env: CLAUDE_PROXY_PRICES_FILE]
+    #[arg(long, value_name = "FILE")]
+    pub prices_file: Option<PathBuf>,
     /// Retry strategy [env: CLAUDE_RETRY_STRATEGY] [default: patient]
     #[arg(long, value_enum, value_name = "STRATEGY")]
     pub retry_strategy: Option<RetryStrategy>,
@@ -362,6 +375,8 @@ struct FileConfig {
     keys_file: Option<PathBuf>,
     client_tokens: Option<Vec<String>>,
     tenants_file: Option<PathBuf>,
+    spend_path: Option<String>,
+    prices_file: Option<PathBuf>,
     retry_strategy: Option<RetryStrategy>,
     max_retries: Option<u32>,
     deadline: Option<toml::Value>,
@@ -700,6 +715,37 @@ impl ProxyConfig {
         ) {
             Some(s) => parse_num::<u64>(&s)?,
             None => 256 * 1024 * 1024,
+        };
+        let spend_path = match pick(
+            &cli.spend_path,
+            "spend-path",
+            "CLAUDE_PROXY_SPEND_PATH",
+            file.spend_path.clone(),
+            "spend_path",
+        ) {
+            Some(s) if s.value == "memory" => None,
+            Some(s) => Some(PathBuf::from(s.value)),
+            None => cache_path.as_ref().map(|cache| {
+                cache
+                    .parent()
+                    .unwrap_or_else(|| Path::new(""))
+                    .join("spend.redb")
+            }),
+        };
+        let prices_file = cli
+            .prices_file
+            .clone()
+            .or_else(|| {
+                env.get("CLAUDE_PROXY_PRICES_FILE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or(file.prices_file.clone());
+        let prices = match &prices_file {
+            Some(path) => crate::tenant::PriceTable::default()
+                .merge_file(path)
+                .map_err(|e| ConfigError::new("prices_file", e.to_string()))?,
+            None => crate::tenant::PriceTable::default(),
         };
         let max_in_flight = match pick(
             &cli.max_in_flight.map(|v| v.to_string()),
@@ -1111,6 +1157,8 @@ impl ProxyConfig {
             keys_file,
             tenants_file,
             tenants,
+            spend_path,
+            prices,
             header_read_timeout,
             idle_timeout,
             max_connections,

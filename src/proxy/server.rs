@@ -66,6 +66,8 @@ struct State {
     /// The tenants (with a tenants file): swapped whole by a reload, while requests in flight
     /// keep the `Tenant` they were admitted with.
     tenants: Option<RwLock<Arc<TenantTable>>>,
+    /// The budget layer (with a tenants file), whose spend store the status page reads.
+    budget: Option<crate::tenant::budget::BudgetLayer>,
 }
 
 impl State {
@@ -102,7 +104,8 @@ impl Proxy {
             return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
         }
         let stack = ClaudeStack::from_config(&stack_config(&config))?;
-        Self::assemble(config, stack, None)
+        let spend = local_spend(&config)?;
+        Self::assemble(config, stack, None, spend)
     }
 
     /// Builds the proxy like [`Proxy::new`], with `upstream` as the innermost service instead
@@ -137,7 +140,8 @@ impl Proxy {
             return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
         }
         let stack = ClaudeStack::from_config(&stack_config(&config))?;
-        Self::assemble(config, stack, Some(crate::stack::boxed(upstream)))
+        let spend = local_spend(&config)?;
+        Self::assemble(config, stack, Some(crate::stack::boxed(upstream)), spend)
     }
 
     /// Builds the proxy like [`Proxy::new`], and with a Redis URL in the configuration also
@@ -151,8 +155,16 @@ impl Proxy {
             local.cache = CacheConfig::Off;
         }
         let mut stack = ClaudeStack::from_config(&local)?;
+        let mut spend = None;
         #[cfg(feature = "redis")]
         if let Some(url) = &config.redis_url {
+            if config.tenants.is_some() {
+                // Several nodes share each tenant's spend (INCRBY per tenant and period).
+                spend = Some(
+                    Arc::new(crate::tenant::spend::RedisSpend::connect(url).await?)
+                        as Arc<dyn crate::tenant::spend::SpendStore>,
+                );
+            }
             let mut board = QuotaBoard::builder();
             for (group, l) in &config.limits {
                 board = board.limits(
@@ -181,13 +193,17 @@ impl Proxy {
         if config.redis_url.is_some() {
             return Err("REDIS_URL needs claude-proxy built with the `redis` feature".into());
         }
-        Self::assemble(config, stack, None)
+        if spend.is_none() {
+            spend = local_spend(&config)?;
+        }
+        Self::assemble(config, stack, None, spend)
     }
 
     fn assemble(
         config: ProxyConfig,
         mut stack: ClaudeStack,
         upstream: Option<crate::stack::ClaudeService>,
+        spend: Option<Arc<dyn crate::tenant::spend::SpendStore>>,
     ) -> Result<Self, BoxError> {
         let mut keys = None;
         if !config.api_keys.is_empty() {
@@ -195,6 +211,7 @@ impl Proxy {
             keys = Some(pool.handle());
             stack = stack.key_pool(Some(pool));
         }
+        let mut budget_alerts = None;
         if config.metrics {
             // Install the recorder before any request is measured.
             let _ = prometheus_handle();
@@ -204,10 +221,23 @@ impl Proxy {
             if let Some(url) = &config.alert_webhook {
                 alerts = alerts.webhook(crate::metrics::alerts::Webhook::new(url)?);
             }
+            let alerts = alerts.build();
             stack = stack.metrics(Some(
-                crate::metrics::MetricsLayer::new().alerts(alerts.build()),
+                crate::metrics::MetricsLayer::new().alerts(alerts.clone()),
             ));
+            budget_alerts = Some(alerts);
         }
+        // With a tenants file: each tenant's dollars per day and month (a tenant without a
+        // budget is metered, never refused), 80 % alerts through the quota alerts' path.
+        if let Some(store) = spend {
+            let mut layer =
+                crate::tenant::budget::BudgetLayer::from_arc(store).prices(config.prices.clone());
+            if let Some(alerts) = budget_alerts {
+                layer = layer.alerts(alerts);
+            }
+            stack = stack.budget(Some(layer));
+        }
+        let budget = stack.budget_layer().cloned();
         let metrics = stack.metrics_layer();
         let cache = stack.cache_layer().cloned();
         let board = stack.quota_board().clone();
@@ -235,6 +265,7 @@ impl Proxy {
                 paced,
                 cache,
                 tenants,
+                budget,
             }),
         })
     }
@@ -557,6 +588,27 @@ impl tower::Service<Request<EdgeBody>> for Handle {
     }
 }
 
+/// The spend store of the budgets on this machine (with a tenants file): the redb file
+/// `spend_path`, or memory.
+fn local_spend(
+    config: &ProxyConfig,
+) -> Result<Option<Arc<dyn crate::tenant::spend::SpendStore>>, BoxError> {
+    if config.tenants.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(match &config.spend_path {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let store = crate::tenant::spend::DiskSpend::open(path)
+                .map_err(|e| format!("spend store {}: {e}", path.display()))?;
+            Arc::new(store)
+        }
+        None => Arc::new(crate::tenant::spend::MemorySpend::new()),
+    }))
+}
+
 /// The stack configuration the proxy's settings describe.
 fn stack_config(config: &ProxyConfig) -> StackConfig {
     let (retry, max_attempts, max_retry_delay) = match config.retry_strategy {
@@ -618,6 +670,9 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
             )
         }),
         pacing: config.pacing,
+        // issue 15: a tenant's own limits, only with a tenants file (without one no request
+        // carries a tenant: nothing changes).
+        tenant_limit: config.tenants.is_some(),
         ..StackConfig::default()
     }
 }
@@ -643,7 +698,7 @@ fn simulator(m: &MockSettings) -> crate::testing::MockClaude {
 /// `GET /v1/proxy/status`: per key id and group, the limits, what is left, the queue; the
 /// proxy's upstream keys (when it holds them) and the Redis backend (when configured); the
 /// cache hit rate. Key ids only, never keys.
-fn status_page(state: &State) -> Response<ProxyBody> {
+async fn status_page(state: &State) -> Response<ProxyBody> {
     let bucket = |b: Option<crate::quota::BucketHeadroom>| match b {
         Some(b) => serde_json::json!({"limit": b.limit, "remaining": b.remaining,
             "fraction": (b.fraction * 1000.0).round() / 1000.0, "full_in_s": b.full_in.as_secs_f64()}),
@@ -716,13 +771,19 @@ fn status_page(state: &State) -> Response<ProxyBody> {
     });
     #[cfg(not(feature = "redis"))]
     let redis: Option<serde_json::Value> = None;
-    let tenants = state.tenant_table().map(|table| {
-        table
-            .tenants()
-            .iter()
-            .map(tenant_status)
-            .collect::<Vec<_>>()
-    });
+    let tenants = match state.tenant_table() {
+        Some(table) => {
+            let spent = budget_use(state, table.tenants()).await;
+            Some(
+                table
+                    .tenants()
+                    .iter()
+                    .map(|t| tenant_status(t, spent.get(t.name()).copied()))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        None => None,
+    };
     let c = &state.counters;
     let hits = c.cache_hits.load(Ordering::Relaxed);
     let misses = c.cache_misses.load(Ordering::Relaxed);
@@ -785,10 +846,67 @@ fn reload_route(state: &State, tenant: Option<&crate::tenant::Tenant>) -> Respon
     }
 }
 
-/// One tenant on the status page: its settings and counters (its name, never its tokens).
-fn tenant_status(t: &crate::tenant::Tenant) -> serde_json::Value {
+/// What each tenant with a budget has spent this UTC day and month, in micro-USD, from the
+/// spend store (one read for all of them, bounded in time: a store that does not answer
+/// leaves the figures out rather than the page).
+async fn budget_use(
+    state: &State,
+    tenants: &[crate::tenant::Tenant],
+) -> std::collections::HashMap<String, (u64, u64)> {
+    use crate::tenant::spend::{Period, SpendKey};
+    let mut spent = std::collections::HashMap::new();
+    let Some(budget) = &state.budget else {
+        return spent;
+    };
+    let now = std::time::SystemTime::now();
+    let with_budget: Vec<_> = tenants
+        .iter()
+        .filter(|t| {
+            let b = t.budget_value();
+            b.daily().is_some() || b.monthly().is_some()
+        })
+        .collect();
+    let keys: Vec<SpendKey> = with_budget
+        .iter()
+        .flat_map(|t| {
+            [
+                SpendKey::new(t.name_arc().clone(), Period::day_of(now)),
+                SpendKey::new(t.name_arc().clone(), Period::month_of(now)),
+            ]
+        })
+        .collect();
+    if keys.is_empty() {
+        return spent;
+    }
+    match tokio::time::timeout(Duration::from_secs(2), budget.store().get(&keys)).await {
+        Ok(Ok(totals)) => {
+            for (t, pair) in with_budget.iter().zip(totals.chunks(2)) {
+                if let [day, month] = pair {
+                    spent.insert(t.name().to_owned(), (*day, *month));
+                }
+            }
+        }
+        Ok(Err(err)) => tracing::warn!(%err, "status page: spend store unreadable"),
+        Err(_) => tracing::warn!("status page: spend store did not answer within 2 s"),
+    }
+    spent
+}
+
+/// One tenant on the status page: its settings, counters and budget use (its name, never its
+/// tokens). `spent`: micro-USD this UTC day and month, when known.
+fn tenant_status(t: &crate::tenant::Tenant, spent: Option<(u64, u64)>) -> serde_json::Value {
     let s = t.stats();
     let budget = t.budget_value();
+    let usd = |micro: u64| micro as f64 / 1e6;
+    let used = |micro: u64, limit: Option<f64>| {
+        limit.map(|l| {
+            if l > 0.0 {
+                ((micro as f64 / 1e6 / l) * 1000.0).round() / 1000.0
+            } else {
+                1.0
+            }
+        })
+    };
     let limits: serde_json::Map<String, serde_json::Value> = t
         .limits()
         .iter()
@@ -814,6 +932,10 @@ fn tenant_status(t: &crate::tenant::Tenant) -> serde_json::Value {
         "budget": serde_json::json!({
             "usd_per_day": budget.daily(),
             "usd_per_month": budget.monthly(),
+            "spent_today_usd": spent.map(|(day, _)| usd(day)),
+            "spent_this_month_usd": spent.map(|(_, month)| usd(month)),
+            "day_used": spent.and_then(|(day, _)| used(day, budget.daily())),
+            "month_used": spent.and_then(|(_, month)| used(month, budget.monthly())),
         }),
     })
 }
@@ -951,7 +1073,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     }
     // The status page names keys and tenants' usage: behind the client tokens like the API.
     if req.method() == Method::GET && path == "/v1/proxy/status" {
-        return status_page(&state);
+        return status_page(&state).await;
     }
     if req.method() == Method::POST && path == "/v1/proxy/reload" {
         return reload_route(&state, tenant.as_ref());
