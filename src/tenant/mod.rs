@@ -195,7 +195,7 @@ struct Inner {
 ///     .priority(Priority::Batch)
 ///     .limit("claude-opus-4", Limits::new(30, 20_000, 4_000))
 ///     .budget(Budget::default().per_day(20.0));
-/// assert_eq!(t.priority(), Priority::Batch);
+/// assert_eq!(t.priority_class(), Priority::Batch);
 /// assert_eq!(t.limit_for("claude-opus-4"), Some(Limits::new(30, 20_000, 4_000)));
 /// assert_eq!(t.limit_for("claude-haiku-4"), None);
 /// ```

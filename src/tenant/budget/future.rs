@@ -78,9 +78,9 @@ pub struct ResponseFuture<S, F> {
 enum State<S, F> {
     Checking {
         check: Check,
-        service: Option<S>,
-        req: Option<Request<RequestBody>>,
-        admission: Option<Admission>,
+        /// The ready service, the request and its admission, boxed: a small future while
+        /// the request is in flight.
+        waiting: Option<Box<(S, Request<RequestBody>, Admission)>>,
     },
     Called {
         #[pin]
@@ -134,9 +134,7 @@ impl<S, F> ResponseFuture<S, F> {
         Self {
             state: State::Checking {
                 check,
-                service: Some(service),
-                req: Some(req),
-                admission: Some(admission),
+                waiting: Some(Box::new((service, req, admission))),
             },
         }
     }
@@ -155,18 +153,12 @@ where
         loop {
             let mut state = self.as_mut().project().state;
             match state.as_mut().project() {
-                StateProj::Checking {
-                    check,
-                    service,
-                    req,
-                    admission,
-                } => {
+                StateProj::Checking { check, waiting } => {
                     let decision = ready!(check.as_mut().poll(cx));
-                    let (Some(mut service), Some(req), Some(admission)) =
-                        (service.take(), req.take(), admission.take())
-                    else {
+                    let Some(waiting) = waiting.take() else {
                         return Poll::Ready(Err("budget future polled after completion".into()));
                     };
+                    let (mut service, req, admission) = *waiting;
                     match decision {
                         Decision::Admit { reserved } => {
                             let fut = service.call(req);

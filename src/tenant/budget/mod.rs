@@ -1,13 +1,13 @@
-//! Budgets in dollars per tenant: [`BudgetLayer`] stops a [`Tenant`](super::Tenant) at its
+//! Budgets in dollars per tenant: [`BudgetLayer`] stops a [`Tenant`] at its
 //! daily or monthly [`Budget`](super::Budget) and settles what each answer really cost.
 //!
 //! # What it does
 //!
-//! For each `POST /v1/messages` with a [`Tenant`](super::Tenant) request extension (requests
+//! For each `POST /v1/messages` with a [`Tenant`] request extension (requests
 //! without one pass through unmetered):
 //!
 //! 1. **Before the call.** Its spend in the current UTC day and month (from the
-//!    [`SpendStore`](super::spend::SpendStore), plus what this process has settled but not yet
+//!    [`SpendStore`], plus what this process has settled but not yet
 //!    stored, plus what its requests in flight have reserved) is compared with its budgets. At
 //!    or over a budget: an Anthropic-style **429 `rate_limit_error`** answer, not an upstream
 //!    call, whose message names the tenant, the budget and the spend, with `retry-after` = the
