@@ -1657,6 +1657,52 @@ mod tests {
     }
 
     #[test]
+    fn spend_path_follows_the_cache_and_prices_file_is_merged() {
+        let resolve = |cli: Cli, vars: &[(&str, &str)]| ProxyConfig::resolve(cli, &env(vars));
+        let cfg = resolve(Cli::default(), &[]).unwrap();
+        assert_eq!(
+            cfg.spend_path.as_deref(),
+            Some(Path::new(".tower-claude/spend.redb"))
+        );
+        let memory = Cli {
+            cache_path: Some("memory".into()),
+            ..Cli::default()
+        };
+        assert_eq!(resolve(memory.clone(), &[]).unwrap().spend_path, None);
+        let cfg = resolve(
+            memory,
+            &[("CLAUDE_PROXY_SPEND_PATH", "/var/lib/p/spend.redb")],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.spend_path.as_deref(),
+            Some(Path::new("/var/lib/p/spend.redb"))
+        );
+        let flag = Cli {
+            spend_path: Some("memory".into()),
+            ..Cli::default()
+        };
+        assert_eq!(resolve(flag, &[]).unwrap().spend_path, None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let prices = dir.path().join("prices.toml");
+        std::fs::write(&prices, "[models.claude-haiku-4-5]\ninput = 0.5\n").unwrap();
+        let path = prices.to_str().unwrap();
+        let cfg = resolve(Cli::default(), &[("CLAUDE_PROXY_PRICES_FILE", path)]).unwrap();
+        assert_eq!(
+            cfg.prices.price("claude-haiku-4-5").input(),
+            crate::tenant::ModelPrice::usd(0.5, 1.0, 1.0, 1.0, 1.0).input()
+        );
+        std::fs::write(&prices, "[models.claude-haiku-4-5]\ninput = -1\n").unwrap();
+        let err = resolve(Cli::default(), &[("CLAUDE_PROXY_PRICES_FILE", path)]).unwrap_err();
+        assert_eq!(err.field(), "prices_file");
+        assert!(
+            err.to_string().contains("models.claude-haiku-4-5.input"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5m"), Some(Duration::from_secs(90)));

@@ -901,7 +901,7 @@ fn tenant_status(t: &crate::tenant::Tenant, spent: Option<(u64, u64)>) -> serde_
     let used = |micro: u64, limit: Option<f64>| {
         limit.map(|l| {
             if l > 0.0 {
-                ((micro as f64 / 1e6 / l) * 1000.0).round() / 1000.0
+                ((micro as f64 / 1e6 / l) * 1e6).round() / 1e6
             } else {
                 1.0
             }
