@@ -600,3 +600,98 @@ async fn a_tenant_held_to_its_own_limit_does_not_hold_back_another() {
     assert_eq!(mock.stats().accepted, 4);
     proxy.stop().await;
 }
+
+/// Two proxy nodes sharing Redis share each tenant's spend: what one node settled stops the
+/// tenant on the other.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn two_nodes_sharing_redis_share_a_tenants_spend() {
+    let Some(redis) = support::redis_server::RedisServer::start() else {
+        return;
+    };
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    write(&tenants, BUDGETS);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let cli = Cli {
+            upstream: Some(format!("http://{upstream}")),
+            cache: Some(false),
+            tenants_file: Some(tenants.clone()),
+            redis_url: Some(redis.url()),
+            ..Cli::default()
+        };
+        let proxy = Proxy::connect(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)]))
+            .await
+            .unwrap();
+        nodes.push(serve(proxy).await);
+    }
+    assert_eq!(
+        hello(nodes[0].addr, Some("tok-tiny")).await.status,
+        StatusCode::OK
+    );
+    let refused = hello(nodes[1].addr, Some("tok-tiny")).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.error().message().contains("budget"));
+    let page = status(nodes[1].addr, "tok-web").await;
+    let tiny = tenant(&page, "tiny");
+    assert_eq!(tiny["cost_usd"], 0.0, "node 1 spent nothing itself");
+    assert!(
+        tiny["budget"]["spent_today_usd"].as_f64().unwrap() > 0.0,
+        "{tiny}"
+    );
+    assert_eq!(mock.stats().accepted, 1);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_in_flight_finishes_as_the_tenant_it_was_admitted_as() {
+    let mock = MockClaude::builder()
+        .api_keys([UPSTREAM_KEY])
+        .latency(Duration::from_millis(400), Duration::ZERO)
+        .build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    write(&tenants, TENANTS);
+    let cli = Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache: Some(false),
+        cache_path: Some("memory".into()),
+        tenants_file: Some(tenants.clone()),
+        ..Cli::default()
+    };
+    let proxy = Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap();
+    let table = proxy.tenants().unwrap();
+    let running = serve(proxy).await;
+    let addr = running.addr;
+    let in_flight = tokio::spawn(async move { hello(addr, Some("tok-batch")).await });
+    while mock.stats().received == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // batch-jobs leaves the file while its request is upstream.
+    write(&tenants, RELOADED);
+    let report = reload_route(addr, "tok-web").await;
+    assert_eq!(
+        report.json()["tenants"]["removed"],
+        serde_json::json!(["batch-jobs"])
+    );
+    assert_eq!(
+        hello(addr, Some("tok-batch")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "not dropped by the reload");
+    // It was counted for the tenant it was admitted as (the old table's value).
+    let batch = table.get("batch-jobs").unwrap().stats();
+    assert_eq!(batch.requests(), 1);
+    assert!(
+        batch.output_tokens() > 0,
+        "settled after the reload, to its own tenant"
+    );
+    running.stop().await;
+}
