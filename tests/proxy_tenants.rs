@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use support::proxy::{Running, config, serve};
+use support::proxy::{Running, config, serve, sighup};
 use tower_claude::anthropic::ApiError;
 use tower_claude::proxy::{Cli, Proxy};
 use tower_claude::testing::MockClaude;
@@ -371,15 +371,6 @@ async fn until_status(addr: SocketAddr, token: &str, expected: StatusCode) -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
-}
-
-fn sighup() {
-    let pid = std::process::id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
 }
 
 fn write(path: &Path, text: &str) {

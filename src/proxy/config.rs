@@ -544,15 +544,13 @@ impl ProxyConfig {
         ) {
             api_keys.extend(split_list(&s.value).map(Secret::new));
         }
-        let keys_file = cli
-            .keys_file
-            .clone()
-            .or_else(|| {
-                env.get("CLAUDE_PROXY_KEYS_FILE")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            })
-            .or(file.keys_file.clone());
+        // A file's path: the flag, else the variable, else the TOML key.
+        let pick_path = |flag: &Option<PathBuf>, var: &str, file_value: &Option<PathBuf>| {
+            flag.clone()
+                .or_else(|| env.get(var).filter(|v| !v.is_empty()).map(PathBuf::from))
+                .or_else(|| file_value.clone())
+        };
+        let keys_file = pick_path(&cli.keys_file, "CLAUDE_PROXY_KEYS_FILE", &file.keys_file);
         if let Some(path) = &keys_file {
             api_keys.extend(read_keys_file(path)?);
         }
@@ -569,15 +567,11 @@ impl ProxyConfig {
         .unwrap_or_default();
 
         // issue 15: tenants authenticate clients instead of the client tokens.
-        let tenants_file = cli
-            .tenants_file
-            .clone()
-            .or_else(|| {
-                env.get("CLAUDE_PROXY_TENANTS_FILE")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            })
-            .or(file.tenants_file.clone());
+        let tenants_file = pick_path(
+            &cli.tenants_file,
+            "CLAUDE_PROXY_TENANTS_FILE",
+            &file.tenants_file,
+        );
         let tenants = match &tenants_file {
             Some(path) => Some(
                 super::TenantTable::read(path)
@@ -732,15 +726,11 @@ impl ProxyConfig {
                     .join("spend.redb")
             }),
         };
-        let prices_file = cli
-            .prices_file
-            .clone()
-            .or_else(|| {
-                env.get("CLAUDE_PROXY_PRICES_FILE")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            })
-            .or(file.prices_file.clone());
+        let prices_file = pick_path(
+            &cli.prices_file,
+            "CLAUDE_PROXY_PRICES_FILE",
+            &file.prices_file,
+        );
         let prices = match &prices_file {
             Some(path) => crate::tenant::PriceTable::default()
                 .merge_file(path)

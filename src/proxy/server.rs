@@ -464,6 +464,15 @@ impl Proxy {
                 tracing::warn!("cache writes still pending after 10 s; not all answers stored");
             }
         }
+        // Settled costs are in the spend store before the process exits (a restart finds them).
+        if let Some(budget) = &self.state.budget {
+            if tokio::time::timeout(Duration::from_secs(10), budget.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("spend store writes still pending after 10 s; not all costs stored");
+            }
+        }
         Ok(())
     }
 }
@@ -846,9 +855,10 @@ fn reload_route(state: &State, tenant: Option<&crate::tenant::Tenant>) -> Respon
     }
 }
 
-/// What each tenant with a budget has spent this UTC day and month, in micro-USD, from the
-/// spend store (one read for all of them, bounded in time: a store that does not answer
-/// leaves the figures out rather than the page).
+/// What each tenant with a budget has spent this UTC day and month, in micro-USD, as the
+/// budget layer counts it (the spend store's totals, one read for all of them, plus costs
+/// settled here and not yet written); bounded in time: a store that does not answer leaves
+/// the figures out rather than the page.
 async fn budget_use(
     state: &State,
     tenants: &[crate::tenant::Tenant],
@@ -878,15 +888,14 @@ async fn budget_use(
     if keys.is_empty() {
         return spent;
     }
-    match tokio::time::timeout(Duration::from_secs(2), budget.store().get(&keys)).await {
-        Ok(Ok(totals)) => {
+    match tokio::time::timeout(Duration::from_secs(2), budget.spent(&keys)).await {
+        Ok(totals) => {
             for (t, pair) in with_budget.iter().zip(totals.chunks(2)) {
                 if let [day, month] = pair {
                     spent.insert(t.name().to_owned(), (*day, *month));
                 }
             }
         }
-        Ok(Err(err)) => tracing::warn!(%err, "status page: spend store unreadable"),
         Err(_) => tracing::warn!("status page: spend store did not answer within 2 s"),
     }
     spent

@@ -123,6 +123,65 @@ impl BudgetLayer {
         &self.store
     }
 
+    /// Waits until every settled cost this layer handed to its store has been written (or
+    /// failed): call it at shutdown, after the requests in flight ended, so that a restart
+    /// finds the last costs in the store. Bound it with a timeout: a store that hangs keeps
+    /// it waiting.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_claude::tenant::budget::BudgetLayer;
+    /// use tower_claude::tenant::spend::MemorySpend;
+    ///
+    /// let layer = BudgetLayer::new(MemorySpend::new());
+    /// layer.flush().await; // nothing pending
+    /// # }
+    /// ```
+    pub async fn flush(&self) {
+        self.ledger.flush().await
+    }
+
+    /// What this layer counts as spent under each key, in micro-USD: the store's total (the
+    /// highest one seen when the store fails) plus the costs settled here and not yet written.
+    /// The same figure its budget decisions use, without the reservations of requests in
+    /// flight (e.g. for a status page).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::SystemTime;
+    /// use tower_claude::tenant::budget::BudgetLayer;
+    /// use tower_claude::tenant::spend::{MemorySpend, Period, SpendKey};
+    ///
+    /// let layer = BudgetLayer::new(MemorySpend::new());
+    /// let today = SpendKey::new("alice", Period::day_of(SystemTime::now()));
+    /// assert_eq!(layer.spent(&[today]).await, vec![0]);
+    /// # }
+    /// ```
+    pub async fn spent(&self, keys: &[crate::tenant::spend::SpendKey]) -> Vec<u64> {
+        let fetched = self.store.get(keys).await.ok();
+        let entries = self
+            .ledger
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let stored = fetched
+                    .as_ref()
+                    .and_then(|f| f.get(i))
+                    .copied()
+                    .unwrap_or(0);
+                match entries.get(key) {
+                    Some(local) => stored.max(local.seen).saturating_add(local.pending),
+                    None => stored,
+                }
+            })
+            .collect()
+    }
+
     fn shared(&self) -> Arc<Shared> {
         Arc::new(Shared {
             store: self.store.clone(),
