@@ -22,7 +22,9 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Shared quota state per `(key id, rate-limit group)`: limits (configured, or learned from
 /// `anthropic-ratelimit-*-limit` headers), three continuous token buckets (requests, input
-/// tokens, output tokens), the last server snapshot, and one FIFO queue of waiting requests.
+/// tokens, output tokens), the last server snapshot, and one queue of waiting requests:
+/// weighted-fair across tenants, FIFO within a tenant ([`tenant::fair`](crate::tenant::fair);
+/// plain FIFO when no request carries a [`Tenant`]).
 ///
 /// Cloning is cheap (an `Arc`); every clone sees the same state, so a board given to several
 /// layers and services makes them share buckets and one queue.
@@ -425,7 +427,8 @@ impl QuotaBoard {
         }
     }
 
-    /// Waits (FIFO per `(key, group)`) until `cost` fits, then takes it.
+    /// Waits (in the `(key, group)`'s queue: FIFO, or weighted-fair across tenants with
+    /// [`Acquire::tenant`]) until `cost` fits, then takes it.
     ///
     /// The returned future is cancellation-safe: dropping it while queued takes nothing and
     /// lets the next waiter in. Refunds from settled reservations wake waiters at once. Add a
@@ -747,13 +750,20 @@ impl Future for Acquire {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
         let started = *this.started.get_or_insert_with(Instant::now);
         #[cfg(feature = "redis")]
         if let Some(polled) = super::redis::poll_remote(
             &this.board,
             &mut this.remote,
             this.state == AcquireState::Start,
-            (&this.key, &this.group, this.cost, this.deadline),
+            (
+                &this.key,
+                &this.group,
+                this.cost,
+                this.deadline,
+                this.tenant.as_ref(),
+            ),
             cx,
         ) {
             if let Poll::Ready(r) = &polled {

@@ -59,7 +59,7 @@
 //!     })
 //!     .layer(
 //!         RateLimitLayer::new()
-//!             .limits(RateLimitGroup::new("claude-haiku-4"), Limits::new(50, 100_000, 20_000))
+//!             .limits(RateLimitGroup::new("claude-haiku-4-5"), Limits::new(50, 100_000, 20_000))
 //!             .max_wait(Duration::from_secs(60)),
 //!     )
 //!     .service(upstream);

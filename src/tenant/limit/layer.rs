@@ -1,6 +1,5 @@
 //! [`TenantLimitLayer`]: builder and `tower::Layer` impl.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -8,8 +7,8 @@ use tower_layer::Layer;
 use super::service::TenantLimit;
 use crate::anthropic::ModelCatalog;
 use crate::quota::{OutputReservation, QuotaBoard};
-use crate::rate_limit::RateLimit;
-use crate::rate_limit::service::{Config, Scope};
+use crate::rate_limit::RateLimitLayer;
+use crate::rate_limit::service::Scope;
 
 /// Holds each tenant's Messages requests to the limits of its own
 /// ([`Tenant::limit`](crate::tenant::Tenant::limit)); builds [`TenantLimit`]. See the
@@ -31,10 +30,8 @@ use crate::rate_limit::service::{Config, Scope};
 /// ```
 #[derive(Debug, Clone)]
 pub struct TenantLimitLayer {
-    board: QuotaBoard,
-    catalog: ModelCatalog,
-    output: OutputReservation,
-    max_wait: Option<Duration>,
+    /// The rate limiter's builder: the tenant limit is its service keyed by tenant.
+    inner: RateLimitLayer,
 }
 
 impl Default for TenantLimitLayer {
@@ -48,46 +45,47 @@ impl TenantLimitLayer {
     /// reservations and no bound on the wait but the request's deadline.
     pub fn new() -> Self {
         Self {
-            board: QuotaBoard::new(),
-            catalog: ModelCatalog::default(),
-            output: OutputReservation::default(),
-            max_wait: None,
+            inner: RateLimitLayer::new(),
         }
     }
 
     /// Keeps the tenants' buckets in `board` (e.g. to read its
     /// [`statuses`](QuotaBoard::statuses), or a Redis board shared by several proxies).
-    pub fn board(mut self, board: QuotaBoard) -> Self {
-        self.board = board;
-        self
+    pub fn board(self, board: QuotaBoard) -> Self {
+        Self {
+            inner: self.inner.board(board),
+        }
     }
 
     /// The model catalogue mapping model ids to rate-limit groups (the groups of
     /// [`Tenant::limit`](crate::tenant::Tenant::limit)).
-    pub fn catalog(mut self, catalog: ModelCatalog) -> Self {
-        self.catalog = catalog;
-        self
+    pub fn catalog(self, catalog: ModelCatalog) -> Self {
+        Self {
+            inner: self.inner.catalog(catalog),
+        }
     }
 
     /// How many output tokens a request reserves against the tenant's output limit until its
     /// usage is known ([`OutputReservation::MaxTokens`] by default).
-    pub fn output_reservation(mut self, policy: OutputReservation) -> Self {
-        self.output = policy;
-        self
+    pub fn output_reservation(self, policy: OutputReservation) -> Self {
+        Self {
+            inner: self.inner.output_reservation(policy),
+        }
     }
 
     /// The longest a request may wait for its tenant's limits; then it fails with an
     /// [`AcquireError`](crate::quota::AcquireError) of kind
     /// [`QueueTimeout`](crate::quota::AcquireErrorKind::QueueTimeout). `Duration::ZERO`
     /// refuses at once instead of queueing.
-    pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.max_wait = Some(max_wait);
-        self
+    pub fn max_wait(self, max_wait: Duration) -> Self {
+        Self {
+            inner: self.inner.max_wait(max_wait),
+        }
     }
 
     /// The board holding the tenants' buckets.
     pub fn quota_board(&self) -> &QuotaBoard {
-        &self.board
+        self.inner.quota_board()
     }
 }
 
@@ -95,16 +93,6 @@ impl<S> Layer<S> for TenantLimitLayer {
     type Service = TenantLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TenantLimit::new(RateLimit::from_config(
-            inner,
-            Arc::new(Config {
-                board: self.board.clone(),
-                catalog: self.catalog.clone(),
-                output: self.output,
-                max_wait: self.max_wait,
-                cache_aware: true,
-                scope: Scope::Tenant,
-            }),
-        ))
+        TenantLimit::new(self.inner.layer_scoped(inner, Scope::Tenant))
     }
 }

@@ -48,7 +48,7 @@
 //!     .layer(TenantLimitLayer::new().max_wait(Duration::from_secs(5)))
 //!     .service(upstream);
 //! // Two requests a minute on Haiku for this tenant.
-//! let intern = Tenant::new("intern").limit("claude-haiku-4", Limits::new(2, 100_000, 10_000));
+//! let intern = Tenant::new("intern").limit("claude-haiku-4-5", Limits::new(2, 100_000, 10_000));
 //! let request = || {
 //!     let mut req = http::Request::post("/v1/messages")
 //!         .body(RequestBody::from(r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[]}"#))
