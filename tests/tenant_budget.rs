@@ -309,6 +309,34 @@ async fn a_streaming_answers_usage_is_priced() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn one_hour_cache_writes_from_the_simulator_are_priced_apart() {
+    let svc = ServiceBuilder::new()
+        .layer(BudgetLayer::new(MemorySpend::new()))
+        .service(MockClaude::builder().output_tokens(50).build());
+    let team = Tenant::new("hour-mock");
+    // A system prompt cached for an hour, then a document cached for 5 minutes.
+    let body = format!(
+        r#"{{"model":"{SONNET}","max_tokens":100,"system":[{{"type":"text","text":"{}","cache_control":{{"type":"ephemeral","ttl":"1h"}}}}],"messages":[{{"role":"user","content":[{{"type":"text","text":"{}","cache_control":{{"type":"ephemeral"}}}},{{"type":"text","text":"Summarise."}}]}}]}}"#,
+        text("system", 2_000),
+        text("document", 1_500)
+    );
+    let (status, _, bytes) = call(&svc, ask(&team, &body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let usage = Usage::from_json(&bytes).unwrap();
+    assert!(usage.cache_creation_1h_input_tokens >= 1_900, "{usage:?}");
+    assert!(usage.cache_creation_5m_input_tokens() >= 1_400, "{usage:?}");
+    assert_eq!(micro(&team), priced(&usage, SONNET_PRICES));
+    // Read back: only the reads are priced (0.1×).
+    let (_, _, bytes) = call(&svc, ask(&team, &body)).await;
+    let again = Usage::from_json(&bytes).unwrap();
+    assert_eq!(again.cache_creation_input_tokens, 0);
+    assert_eq!(
+        micro(&team),
+        priced(&usage, SONNET_PRICES) + priced(&again, SONNET_PRICES)
+    );
+}
+
 #[tokio::test]
 async fn one_hour_cache_writes_are_priced_apart() {
     // The API's `cache_creation` split (MockClaude reports only the total): 1,000 5-minute
@@ -588,4 +616,47 @@ async fn requests_without_a_tenant_or_outside_messages_pass_through_unmetered() 
         StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(mock.stats().received, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_that_runs_out_is_a_429_the_sdks_may_retry() {
+    let clock = TestClock::new(at(DEC_5_NOON));
+    let layer = BudgetLayer::new(MemorySpend::new())
+        .clock(clock.as_fn())
+        .max_wait(Duration::from_secs(2));
+    let svc = ServiceBuilder::new().layer(layer.clone()).service(
+        MockClaude::builder()
+            .output_tokens(10)
+            .latency(Duration::from_secs(5), Duration::ZERO)
+            .build(),
+    );
+    // One request's reservation (a little over $0.015) fills the $0.015 budget: a second one
+    // waits for it, 2 s at most, then gets a 429 with a short retry-after.
+    let team = Tenant::new("team").budget(Budget::default().per_day(0.015));
+    let body = plain_body(SONNET, 1_000);
+    let first = tokio::spawn({
+        let (svc, req) = (svc.clone(), ask(&team, &body));
+        async move { call(&svc, req).await.0 }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let second = tokio::spawn({
+        let (svc, req) = (svc.clone(), ask(&team, &body));
+        async move { call(&svc, req).await }
+    });
+    let start = tokio::time::Instant::now();
+    let (status, headers, _) = second.await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "1");
+    assert!(headers.get("x-should-retry").is_none());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1_990),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    // Settled: the spend is the real cost, and a new request goes in at once.
+    let spend = layer.spend("team").await.unwrap();
+    assert_eq!(spend.day, micro(&team));
+    assert_eq!(spend.month, micro(&team));
+    assert_eq!(call(&svc, ask(&team, &body)).await.0, StatusCode::OK);
 }

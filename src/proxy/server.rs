@@ -856,49 +856,41 @@ fn reload_route(state: &State, tenant: Option<&crate::tenant::Tenant>) -> Respon
 }
 
 /// What each tenant with a budget has spent this UTC day and month, in micro-USD, as the
-/// budget layer counts it (the spend store's totals, one read for all of them, plus costs
-/// settled here and not yet written); bounded in time: a store that does not answer leaves
-/// the figures out rather than the page.
+/// budget layer counts it ([`BudgetLayer::spend`](crate::tenant::budget::BudgetLayer::spend):
+/// the store's totals plus costs settled here and not yet stored), read concurrently and
+/// bounded in time: a store that does not answer leaves the figures out rather than the page.
 async fn budget_use(
     state: &State,
     tenants: &[crate::tenant::Tenant],
 ) -> std::collections::HashMap<String, (u64, u64)> {
-    use crate::tenant::spend::{Period, SpendKey};
-    let mut spent = std::collections::HashMap::new();
     let Some(budget) = &state.budget else {
-        return spent;
+        return std::collections::HashMap::new();
     };
-    let now = std::time::SystemTime::now();
-    let with_budget: Vec<_> = tenants
-        .iter()
-        .filter(|t| {
-            let b = t.budget_value();
-            b.daily().is_some() || b.monthly().is_some()
-        })
-        .collect();
-    let keys: Vec<SpendKey> = with_budget
-        .iter()
-        .flat_map(|t| {
-            [
-                SpendKey::new(t.name_arc().clone(), Period::day_of(now)),
-                SpendKey::new(t.name_arc().clone(), Period::month_of(now)),
-            ]
-        })
-        .collect();
-    if keys.is_empty() {
-        return spent;
-    }
-    match tokio::time::timeout(Duration::from_secs(2), budget.spent(&keys)).await {
-        Ok(totals) => {
-            for (t, pair) in with_budget.iter().zip(totals.chunks(2)) {
-                if let [day, month] = pair {
-                    spent.insert(t.name().to_owned(), (*day, *month));
-                }
+    let with_budget = tenants.iter().filter(|t| {
+        let b = t.budget_value();
+        b.daily().is_some() || b.monthly().is_some()
+    });
+    let reads = with_budget.map(|t| async move {
+        match budget.spend(t.name()).await {
+            Ok(s) => Some((t.name().to_owned(), (s.day, s.month))),
+            Err(err) => {
+                tracing::warn!(%err, tenant = t.name(), "status page: spend store unreadable");
+                None
             }
         }
-        Err(_) => tracing::warn!("status page: spend store did not answer within 2 s"),
+    });
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        futures_util::future::join_all(reads),
+    )
+    .await
+    {
+        Ok(spent) => spent.into_iter().flatten().collect(),
+        Err(_) => {
+            tracing::warn!("status page: spend store did not answer within 2 s");
+            std::collections::HashMap::new()
+        }
     }
-    spent
 }
 
 /// One tenant on the status page: its settings, counters and budget use (its name, never its

@@ -8,7 +8,17 @@ use tower_layer::Layer;
 use super::service::Budgeted;
 use super::{Ledger, Shared};
 use crate::tenant::price::PriceTable;
-use crate::tenant::spend::{Clock, SpendStore, SystemClock};
+use crate::tenant::spend::{Clock, Period, SpendKey, SpendStore, SystemClock};
+
+/// A tenant's spend in the current periods, in micro-USD ([`BudgetLayer::spend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TenantSpend {
+    /// In the current UTC day.
+    pub day: u64,
+    /// In the current UTC calendar month.
+    pub month: u64,
+}
 
 /// Stops each [`Tenant`](crate::tenant::Tenant) at its daily and monthly budgets and settles
 /// what each answer really cost into a [`SpendStore`]; see the [module docs](super). Builds
@@ -142,47 +152,47 @@ impl BudgetLayer {
         self.ledger.flush().await
     }
 
-    /// What this layer counts as spent under each key, in micro-USD: the store's total (the
-    /// highest one seen when the store fails) plus the costs settled here and not yet written.
-    /// The same figure its budget decisions use, without the reservations of requests in
-    /// flight (e.g. for a status page).
+    /// What `tenant` has spent in the current UTC day and month (by the layer's clock), in
+    /// micro-USD: the store's totals plus what this process settled and has not stored yet
+    /// (e.g. for a status page). Reservations of requests in flight are not included.
     ///
     /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() {
-    /// use std::time::SystemTime;
     /// use tower_claude::tenant::budget::BudgetLayer;
-    /// use tower_claude::tenant::spend::{MemorySpend, Period, SpendKey};
+    /// use tower_claude::tenant::spend::MemorySpend;
     ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_claude::tenant::spend::SpendError> {
     /// let layer = BudgetLayer::new(MemorySpend::new());
-    /// let today = SpendKey::new("alice", Period::day_of(SystemTime::now()));
-    /// assert_eq!(layer.spent(&[today]).await, vec![0]);
+    /// let spend = layer.spend("team-a").await?;
+    /// assert_eq!((spend.day, spend.month), (0, 0));
+    /// # Ok(())
     /// # }
     /// ```
-    pub async fn spent(&self, keys: &[crate::tenant::spend::SpendKey]) -> Vec<u64> {
-        let fetched = self.store.get(keys).await.ok();
-        let entries = self
-            .ledger
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        keys.iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let stored = fetched
-                    .as_ref()
-                    .and_then(|f| f.get(i))
-                    .copied()
-                    .unwrap_or(0);
-                match entries.get(key) {
-                    Some(local) => stored.max(local.seen).saturating_add(local.pending),
-                    None => stored,
-                }
-            })
-            .collect()
+    pub async fn spend(
+        &self,
+        tenant: &str,
+    ) -> Result<TenantSpend, crate::tenant::spend::SpendError> {
+        let now = self.clock.now();
+        let keys = [
+            SpendKey::new(tenant, Period::day_of(now)),
+            SpendKey::new(tenant, Period::month_of(now)),
+        ];
+        let totals = self.store.get(&keys).await?;
+        let unstored = self.ledger.unstored(&keys);
+        let at = |i: usize| {
+            totals
+                .get(i)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add(unstored[i])
+        };
+        Ok(TenantSpend {
+            day: at(0),
+            month: at(1),
+        })
     }
 
-    fn shared(&self) -> Arc<Shared> {
+    pub(crate) fn shared(&self) -> Arc<Shared> {
         Arc::new(Shared {
             store: self.store.clone(),
             prices: self.prices.clone(),

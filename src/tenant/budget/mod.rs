@@ -104,10 +104,93 @@
 //! # fn main() {}
 //! ```
 //!
-//! In an axum application, the same service sits behind a handler (or
-//! `tower_claude::reqwest::ClaudeMiddleware`), and the handler inserts the user's `Tenant`
-//! before calling it; `Tenant`s of the same name share their counters only if they are clones
-//! of one value (keep one per user, e.g. in a map).
+//! # Example: an axum application with budgets per user, through `ClaudeStack`
+//!
+//! The application authenticates its users itself and inserts each user's [`Tenant`] (one
+//! value per user, kept in a map, so that its counters accumulate) before calling the stack,
+//! whose `budget` option stacks the layer between the cache and fallback:
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::{Arc, Mutex};
+//! use axum::extract::State;
+//! use axum::http::{HeaderMap, StatusCode};
+//! use axum::routing::post;
+//! use axum::Router;
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_claude::body::RequestBody;
+//! use tower_claude::stack::{ClaudeService, ClaudeStack, StackConfig};
+//! use tower_claude::tenant::budget::BudgetLayer;
+//! use tower_claude::tenant::spend::MemorySpend;
+//! use tower_claude::tenant::{Budget, Tenant};
+//!
+//! #[derive(Clone)]
+//! struct App {
+//!     claude: ClaudeService,
+//!     users: Arc<Mutex<HashMap<String, Tenant>>>,
+//! }
+//!
+//! async fn ask(State(app): State<App>, headers: HeaderMap, body: axum::body::Bytes) -> (StatusCode, String) {
+//!     // Your authentication goes here; this example trusts a header.
+//!     let Some(user) = headers.get("x-user").and_then(|v| v.to_str().ok()) else {
+//!         return (StatusCode::UNAUTHORIZED, "who are you?".into());
+//!     };
+//!     let tenant = app.users.lock().unwrap()
+//!         .entry(user.to_owned())
+//!         .or_insert_with(|| Tenant::new(user).budget(Budget::default().per_day(0.001).per_month(0.02)))
+//!         .clone();
+//!     let mut req = http::Request::post("/v1/messages")
+//!         .header("x-api-key", "sk-ant-example")
+//!         .header("anthropic-version", "2023-06-01")
+//!         .body(RequestBody::from(body))
+//!         .unwrap();
+//!     req.extensions_mut().insert(tenant);
+//!     match app.claude.clone().oneshot(req).await {
+//!         Ok(res) => {
+//!             let status = StatusCode::from_u16(res.status().as_u16()).unwrap();
+//!             let bytes = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+//!             (status, String::from_utf8_lossy(&bytes).into_owned())
+//!         }
+//!         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
+//!     }
+//! }
+//!
+//! # #[cfg(feature = "testing")]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_claude::BoxError> {
+//! let stack = ClaudeStack::from_config(&StackConfig {
+//!     budget: Some(BudgetLayer::new(MemorySpend::new())),
+//!     ..StackConfig::default()
+//! })?;
+//! let upstream = tower_claude::testing::MockClaude::builder().output_tokens(100).build();
+//! let app = App { claude: stack.service(upstream), users: Arc::default() };
+//! let router = Router::new().route("/ask", post(ask)).with_state(app.clone());
+//!
+//! let call = |user: &str| {
+//!     axum::http::Request::post("/ask")
+//!         .header("x-user", user)
+//!         .body(axum::body::Body::from(
+//!             r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+//!         ))
+//!         .unwrap()
+//! };
+//! // About $0.0005 an answer: alice's third question is over her $0.001 a day.
+//! for _ in 0..2 {
+//!     assert_eq!(router.clone().oneshot(call("alice")).await?.status(), 200);
+//! }
+//! let refused = router.clone().oneshot(call("alice")).await?;
+//! assert_eq!(refused.status(), 429);
+//! let text = refused.into_body().collect().await?.to_bytes();
+//! assert!(String::from_utf8_lossy(&text).contains(r#"tenant \"alice\" has reached its daily budget"#));
+//! // Bob has a budget of his own.
+//! assert_eq!(router.clone().oneshot(call("bob")).await?.status(), 200);
+//! assert!(app.users.lock().unwrap()["alice"].stats().cost_usd() >= 0.001);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "testing"))]
+//! # fn main() {}
+//! ```
 //!
 //! # What the official SDKs do with the 429
 //!
@@ -130,7 +213,7 @@ mod service;
 
 pub use body::BudgetBody;
 pub use future::ResponseFuture;
-pub use layer::BudgetLayer;
+pub use layer::{BudgetLayer, TenantSpend};
 pub use service::Budgeted;
 
 use std::collections::HashMap;
@@ -212,6 +295,16 @@ impl Drop for AddInFlight {
         if self.0.ledger.adds.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.ledger.idle.notify_waiters();
         }
+    }
+}
+
+impl Ledger {
+    /// Per key: settled here, not confirmed by the store yet.
+    pub(crate) fn unstored(&self, keys: &[SpendKey]) -> Vec<u64> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.iter()
+            .map(|k| entries.get(k).map_or(0, |l| l.pending))
+            .collect()
     }
 }
 
@@ -343,6 +436,12 @@ impl Shared {
             let local = entries.entry(key.clone()).or_default();
             local.held = local.held.saturating_add(reserve);
         }
+        tracing::debug!(
+            tenant = tenant.name(),
+            reserved_micro_usd = reserve,
+            store_read = fetched.is_some(),
+            "budget: admitted"
+        );
         Decision::Admit { reserved: reserve }
     }
 
@@ -507,6 +606,57 @@ mod tests {
         assert_eq!(usd(10_000_000), "$10.0000");
         assert_eq!(usd(1_234_567), "$1.2345");
         assert_eq!(usd(99), "$0.0000");
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of admissions and settlements (each real cost at most its
+        /// reservation), the settled spend never reaches `budget + the largest reservation`,
+        /// and a final refusal comes only once the settled spend is at the budget.
+        #[test]
+        fn settled_spend_stays_within_one_reservation_of_the_budget(
+            ops in proptest::collection::vec((proptest::bool::ANY, 1u64..20_000, 0u64..=100, 0usize..64), 1..200),
+            budget in 1u64..100_000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async move {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_472_000);
+                let shared = layer::BudgetLayer::new(super::super::spend::MemorySpend::new())
+                    .clock(move || now)
+                    .shared();
+                let tenant = Tenant::new("t")
+                    .budget(super::super::Budget::default().per_day(budget as f64 / 1e6));
+                let keys = keys_for(&tenant, now);
+                let (mut in_flight, mut settled, mut max_reserve) = (Vec::new(), 0u64, 0u64);
+                for (admit, amount, percent, pick) in ops {
+                    if admit || in_flight.is_empty() {
+                        match shared.decide(&tenant, &keys, amount).await {
+                            Decision::Admit { reserved } => {
+                                max_reserve = max_reserve.max(reserved);
+                                in_flight.push(reserved);
+                            }
+                            Decision::Refuse(r) => {
+                                proptest::prop_assert!(r.final_);
+                                proptest::prop_assert!(settled >= budget, "{settled} < {budget}");
+                            }
+                            Decision::Wait => proptest::prop_assert!(!in_flight.is_empty()),
+                        }
+                    } else {
+                        let reserved = in_flight.swap_remove(pick % in_flight.len());
+                        let cost = reserved * percent / 100;
+                        settled += cost;
+                        shared.settle(&tenant, keys.clone(), reserved, cost);
+                        if pick % 2 == 0 {
+                            tokio::task::yield_now().await; // let some store adds land
+                        }
+                    }
+                    proptest::prop_assert!(
+                        settled < budget + max_reserve.max(1),
+                        "{settled} >= {budget} + {max_reserve}"
+                    );
+                }
+                Ok(())
+            })?;
+        }
     }
 
     #[test]
