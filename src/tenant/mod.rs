@@ -31,7 +31,7 @@ pub mod limit;
 pub mod price;
 pub mod spend;
 
-pub use price::{DEFAULT_PRICES_TOML, ModelPrice, PriceError, PriceErrorKind, PriceTable};
+pub use price::{DEFAULT_PRICES_JSON, ModelPrice, PriceError, PriceErrorKind, PriceTable};
 
 /// A tenant's priority class: every waiting `Interactive` request is admitted before any
 /// waiting `Batch` request of the same key and group.

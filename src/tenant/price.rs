@@ -1,12 +1,15 @@
 //! [`PriceTable`]: what a Claude answer costs, in millionths of a US dollar, from its real
 //! usage.
 //!
-//! The default table is `src/tenant/prices.toml` (built in with `include_str!`): per model id
-//! prefix, US dollars per million tokens for base input, output, 5-minute and 1-hour cache
-//! writes and cache reads, and the Message Batches discount, with the URL of Anthropic's pricing
-//! page it was copied from and the date it was checked ([`PriceTable::source`],
-//! [`PriceTable::checked`]). Overrides use the same schema and are merged over the defaults
-//! entry by entry ([`PriceTable::merge_toml`], [`PriceTable::merge_file`], [`PriceTable::with`]).
+//! The default table is the data file `src/tenant/prices.json` (built in with `include_str!`,
+//! [`DEFAULT_PRICES_JSON`]): per model id prefix, US dollars per million tokens for base input,
+//! output, 5-minute and 1-hour cache writes and cache reads, and the Message Batches discount,
+//! with the URL of Anthropic's pricing page it was copied from and the date it was checked
+//! ([`PriceTable::source`], [`PriceTable::checked`]). Its schema is documented on
+//! [`PriceTable`]. Overrides use the same schema and are merged over the defaults entry by
+//! entry: [`PriceTable::merge_json`] and [`PriceTable::with`] always, and, with the cargo
+//! feature `price-files` (pulls the `toml` crate; on in `proxy`), the same document in TOML
+//! ([`PriceTable::merge_toml`]) or from a TOML file ([`PriceTable::merge_file`]).
 //!
 //! ```
 //! use tower_claude::anthropic::Usage;
@@ -30,13 +33,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+#[cfg(feature = "price-files")]
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::anthropic::{CacheTtl, RequestMeta, Usage};
 
-/// The built-in price table (see the module docs for its schema and source).
-pub const DEFAULT_PRICES_TOML: &str = include_str!("prices.toml");
+/// The built-in price table, a JSON document (`src/tenant/prices.json`; its schema is
+/// documented on [`PriceTable`]).
+pub const DEFAULT_PRICES_JSON: &str = include_str!("prices.json");
 
 /// The prices of one model family, in micro-USD per million tokens (so `$3 / MTok` is
 /// `3_000_000`).
@@ -163,14 +168,55 @@ const MAX_WARNED: usize = 1_024;
 
 /// A price table: model id prefix to [`ModelPrice`]; see the [module docs](self).
 ///
-/// Cheap to clone (shared). The default is the built-in table, parsed once per process.
+/// Cheap to clone (shared). The default is the built-in table ([`DEFAULT_PRICES_JSON`]),
+/// parsed once per process.
+///
+/// # Schema
+///
+/// The built-in table and every override are one document (a JSON object for
+/// [`merge_json`](Self::merge_json), a TOML table for [`merge_toml`](Self::merge_toml) and
+/// [`merge_file`](Self::merge_file)); every field is optional in an override:
+///
+/// | field | meaning |
+/// |---|---|
+/// | `source` | where the prices come from (a URL; [`source`](Self::source)) |
+/// | `checked` | when they were last checked against it (`YYYY-MM-DD`; [`checked`](Self::checked)) |
+/// | `batch_discount` | share taken off in a Message Batch (`0.0..=1.0`) |
+/// | `fallback` | the entry that prices a model id no entry matches ([`fallback`](Self::fallback)) |
+/// | `models.<prefix>` | an entry: a model id prefix; the longest matching prefix (of an entry or of its `also` list) prices a model id, e.g. `claude-opus-4-5` prices `claude-opus-4-5-20251101` |
+///
+/// An entry's fields, prices in US dollars per million tokens (MTok):
+///
+/// | field | priced usage |
+/// |---|---|
+/// | `also` | more prefixes priced alike (optional) |
+/// | `name` | what the entry is (optional, for humans) |
+/// | `input` | base input tokens (`usage.input_tokens`) |
+/// | `output` | output tokens (`usage.output_tokens`, thinking included) |
+/// | `cache_write_5m` | 5-minute cache writes (`usage.cache_creation.ephemeral_5m_input_tokens`, or all of `cache_creation_input_tokens` when the split is absent) |
+/// | `cache_write_1h` | 1-hour cache writes (`usage.cache_creation.ephemeral_1h_input_tokens`) |
+/// | `cache_read` | cache hits and refreshes (`usage.cache_read_input_tokens`) |
+/// | `batch_discount` | this entry's own batch discount (optional; default: the top-level one) |
+///
+/// An override entry whose key is already known keeps the fields it leaves out; a new entry
+/// needs all five prices. A field the schema does not have is an error naming it. A model id
+/// no entry matches is priced with the `fallback` entry (default: the entry with the highest
+/// output price), never at zero, and a warning is logged once per id.
+///
+/// # The built-in prices
+///
+/// Copied from Anthropic, "Pricing", <https://platform.claude.com/docs/en/about-claude/pricing>
+/// (model table "Base input tokens | 5m cache writes | 1h cache writes | Cache hits and
+/// refreshes | Output tokens"), and "Batch processing",
+/// <https://platform.claude.com/docs/en/build-with-claude/batch-processing> (the Message
+/// Batches API costs 50 % of the standard prices); checked on 2026-12-05.
 ///
 /// ```
 /// use tower_claude::tenant::{ModelPrice, PriceTable};
 ///
 /// let prices = PriceTable::default()
 ///     .with("my-fine-tune", ModelPrice::usd(4.0, 20.0, 5.0, 8.0, 0.4))
-///     .merge_toml("[models.claude-haiku-4-5]\noutput = 4.0\n")?;
+///     .merge_json(r#"{"models": {"claude-haiku-4-5": {"output": 4.0}}}"#)?;
 /// assert_eq!(prices.price("my-fine-tune-v2").output(), 20_000_000);
 /// assert_eq!(prices.price("claude-haiku-4-5").output(), 4_000_000);
 /// assert_eq!(prices.price("claude-haiku-4-5").input(), 1_000_000); // kept from the default
@@ -199,7 +245,7 @@ impl Default for PriceTable {
             .get_or_init(|| {
                 // The built-in file is checked by a unit test; an error here is a bug in it.
                 PriceTable::empty()
-                    .merge_toml(DEFAULT_PRICES_TOML)
+                    .merge_json(DEFAULT_PRICES_JSON)
                     .unwrap_or_else(|e| {
                         tracing::error!(error = %e, "the built-in price table does not parse");
                         PriceTable::empty()
@@ -297,9 +343,38 @@ impl PriceTable {
         self.rebuild(|_, meta| meta.fallback = Some(key))
     }
 
-    /// Merges a TOML document of the built-in schema over this table: an entry whose key is
-    /// already known keeps the fields the document leaves out; a new entry needs every price.
-    /// A bad document is an error naming the field, and the table is left as it was.
+    /// Merges a JSON document of the [schema](PriceTable#schema) over this table: an entry
+    /// whose key is already known keeps the fields the document leaves out; a new entry needs
+    /// every price. A bad document is an error naming the field, and the table is left as it
+    /// was.
+    ///
+    /// ```
+    /// use tower_claude::tenant::{PriceErrorKind, PriceTable};
+    ///
+    /// let err = PriceTable::default()
+    ///     .merge_json(r#"{"models": {"my-model": {"input": 1.0, "output": -2}}}"#)
+    ///     .unwrap_err();
+    /// assert_eq!(err.kind(), PriceErrorKind::InvalidValue);
+    /// assert_eq!(err.field(), "models.my-model.output");
+    /// ```
+    pub fn merge_json(&self, text: &str) -> Result<Self, PriceError> {
+        let doc: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| PriceError::new(PriceErrorKind::Syntax, "", e.to_string()))?;
+        self.merge_value(&doc)
+    }
+
+    /// Merges a parsed document (JSON, or TOML converted to JSON values).
+    fn merge_value(&self, doc: &serde_json::Value) -> Result<Self, PriceError> {
+        let doc = doc.as_object().ok_or_else(|| {
+            PriceError::new(PriceErrorKind::Syntax, "", "expected an object (a table)")
+        })?;
+        let mut result = Ok(());
+        let table = self.rebuild(|entries, meta| result = merge_doc(doc, entries, meta));
+        result.map(|()| table)
+    }
+
+    /// [`merge_json`](Self::merge_json) with the same document in TOML (feature
+    /// `price-files`).
     ///
     /// ```
     /// use tower_claude::tenant::{PriceErrorKind, PriceTable};
@@ -310,16 +385,24 @@ impl PriceTable {
     /// assert_eq!(err.kind(), PriceErrorKind::InvalidValue);
     /// assert_eq!(err.field(), "models.my-model.output");
     /// ```
+    #[cfg(feature = "price-files")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "price-files")))]
     pub fn merge_toml(&self, text: &str) -> Result<Self, PriceError> {
         let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             PriceError::new(PriceErrorKind::Syntax, "", e.message())
         })?;
-        let mut result = Ok(());
-        let table = self.rebuild(|entries, meta| result = merge_doc(&doc, entries, meta));
-        result.map(|()| table)
+        // TOML values map onto JSON ones (integers and floats to numbers, arrays, tables to
+        // objects), so one validator serves both formats. A TOML date is not a string and is
+        // refused as one, as it was before; a non-finite float becomes `null`, refused as a
+        // price.
+        let doc = serde_json::to_value(doc)
+            .map_err(|e| PriceError::new(PriceErrorKind::Syntax, "", e.to_string()))?;
+        self.merge_value(&doc)
     }
 
-    /// [`merge_toml`](Self::merge_toml) with the contents of a file.
+    /// [`merge_toml`](Self::merge_toml) with the contents of a file (feature `price-files`).
+    #[cfg(feature = "price-files")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "price-files")))]
     pub fn merge_file(&self, path: impl AsRef<Path>) -> Result<Self, PriceError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -470,7 +553,7 @@ struct Meta {
 }
 
 fn merge_doc(
-    doc: &toml::Table,
+    doc: &serde_json::Map<String, serde_json::Value>,
     entries: &mut BTreeMap<String, Entry>,
     meta: &mut Meta,
 ) -> Result<(), PriceError> {
@@ -481,8 +564,8 @@ fn merge_doc(
             "fallback" => meta.fallback = Some(string(value, key)?),
             "batch_discount" => meta.batch_discount = share(value, key)?,
             "models" => {
-                let models = value.as_table().ok_or_else(|| {
-                    PriceError::new(PriceErrorKind::InvalidValue, key, "expected a table")
+                let models = value.as_object().ok_or_else(|| {
+                    PriceError::new(PriceErrorKind::InvalidValue, key, "expected an object")
                 })?;
                 for (prefix, model) in models {
                     merge_model(prefix, model, entries)?;
@@ -502,13 +585,13 @@ fn merge_doc(
 
 fn merge_model(
     prefix: &str,
-    value: &toml::Value,
+    value: &serde_json::Value,
     entries: &mut BTreeMap<String, Entry>,
 ) -> Result<(), PriceError> {
     let path = format!("models.{prefix}");
-    let table = value
-        .as_table()
-        .ok_or_else(|| PriceError::new(PriceErrorKind::InvalidValue, &path, "expected a table"))?;
+    let table = value.as_object().ok_or_else(|| {
+        PriceError::new(PriceErrorKind::InvalidValue, &path, "expected an object")
+    })?;
     if prefix.is_empty() {
         return Err(PriceError::new(
             PriceErrorKind::InvalidValue,
@@ -604,18 +687,17 @@ fn merge_model(
     Ok(())
 }
 
-fn string(v: &toml::Value, at: &str) -> Result<String, PriceError> {
+fn string(v: &serde_json::Value, at: &str) -> Result<String, PriceError> {
     v.as_str()
         .map(str::to_owned)
         .ok_or_else(|| PriceError::new(PriceErrorKind::InvalidValue, at, "expected a string"))
 }
 
 /// A price in USD per MTok: a finite number, 0 or more (integers allowed), at most $1,000,000.
-fn usd(v: &toml::Value, at: &str) -> Result<f64, PriceError> {
-    let n = match v {
-        toml::Value::Float(f) => *f,
-        toml::Value::Integer(i) => *i as f64,
-        _ => {
+fn usd(v: &serde_json::Value, at: &str) -> Result<f64, PriceError> {
+    let n = match v.as_f64() {
+        Some(n) => n,
+        None => {
             return Err(PriceError::new(
                 PriceErrorKind::InvalidValue,
                 at,
@@ -634,7 +716,7 @@ fn usd(v: &toml::Value, at: &str) -> Result<f64, PriceError> {
 }
 
 /// A share `0.0..=1.0`.
-fn share(v: &toml::Value, at: &str) -> Result<f64, PriceError> {
+fn share(v: &serde_json::Value, at: &str) -> Result<f64, PriceError> {
     let n = usd(v, at)?;
     if n > 1.0 {
         return Err(PriceError::new(
@@ -652,7 +734,7 @@ fn share(v: &toml::Value, at: &str) -> Result<f64, PriceError> {
 pub enum PriceErrorKind {
     /// The file could not be read.
     Io,
-    /// Not a TOML document.
+    /// Not a JSON document (or, for [`PriceTable::merge_toml`], not a TOML one).
     Syntax,
     /// A field the schema does not have (a typo).
     UnknownField,
@@ -708,8 +790,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_built_in_table_has_its_source_date_and_sane_entries() {
+        let t = PriceTable::empty().merge_json(DEFAULT_PRICES_JSON).unwrap();
+        assert_eq!(
+            t.source(),
+            "https://platform.claude.com/docs/en/about-claude/pricing"
+        );
+        assert_eq!(t.checked(), "2026-12-05");
+        assert_eq!(t.inner.batch_discount, 0.5);
+        assert_eq!(t.inner.entries.len(), 8);
+        for (key, e) in &t.inner.entries {
+            let p = e.price;
+            assert!(e.name.as_deref().is_some_and(|n| !n.is_empty()), "{key}");
+            assert!(p.input > 0 && p.output > p.input, "{key}: {p:?}");
+            assert!(
+                p.cache_write_5m > p.input && p.cache_write_1h > p.cache_write_5m,
+                "{key}: {p:?}"
+            );
+            assert!(p.cache_read > 0 && p.cache_read < p.input, "{key}: {p:?}");
+            assert_eq!(p.batch_discount, None, "{key}");
+            // Every prefix prices itself with its own entry.
+            for prefix in std::iter::once(key).chain(&e.also) {
+                assert_eq!(t.entry_for(prefix), Some(key.as_str()), "{prefix}");
+            }
+        }
+        // The numbers of the table as checked on 2026-12-05 (the former prices.toml).
+        let usd = |p: ModelPrice| {
+            [
+                p.input(),
+                p.output(),
+                p.cache_write_5m(),
+                p.cache_write_1h(),
+                p.cache_read(),
+            ]
+            .map(|m| m as f64 / 1e6)
+        };
+        for (model, prices) in [
+            ("claude-opus-4-5", [5.0, 25.0, 6.25, 10.0, 0.5]),
+            ("claude-opus-4-1", [15.0, 75.0, 18.75, 30.0, 1.5]),
+            ("claude-sonnet-4-", [3.0, 15.0, 3.75, 6.0, 0.3]),
+            ("claude-haiku-4-5", [1.0, 5.0, 1.25, 2.0, 0.1]),
+            ("claude-3-7-sonnet", [3.0, 15.0, 3.75, 6.0, 0.3]),
+            ("claude-3-5-haiku", [0.8, 4.0, 1.0, 1.6, 0.08]),
+            ("claude-3-opus", [15.0, 75.0, 18.75, 30.0, 1.5]),
+            ("claude-3-haiku", [0.25, 1.25, 0.3, 0.5, 0.03]),
+        ] {
+            assert_eq!(t.entry_for(model), Some(model));
+            assert_eq!(usd(t.price(model)), prices, "{model}");
+        }
+    }
+
+    #[test]
     fn the_built_in_table_parses_and_prices_every_catalogue_family() {
-        let t = PriceTable::empty().merge_toml(DEFAULT_PRICES_TOML).unwrap();
+        let t = PriceTable::empty().merge_json(DEFAULT_PRICES_JSON).unwrap();
         assert_eq!(t.checked(), "2026-12-05");
         for (model, input, output) in [
             ("claude-opus-4-7", 5.0, 25.0),
@@ -777,23 +910,53 @@ mod tests {
         );
     }
 
+    const OVERRIDE_JSON: &str = r#"{
+        "checked": "2027-01-01",
+        "models": {
+            "claude-sonnet-4-": {"output": 12.5},
+            "acme-": {
+                "input": 2, "output": 8, "cache_write_5m": 2.5, "cache_write_1h": 4,
+                "cache_read": 0.2
+            }
+        }
+    }"#;
+
     #[test]
     fn an_override_merges_over_the_defaults() {
-        let t = PriceTable::default()
-            .merge_toml(
-                r#"
-                checked = "2027-01-01"
-                [models.claude-sonnet-4-]
-                output = 12.5
-                [models.acme-]
-                input = 2
-                output = 8
-                cache_write_5m = 2.5
-                cache_write_1h = 4
-                cache_read = 0.2
-                "#,
-            )
-            .unwrap();
+        let t = PriceTable::default().merge_json(OVERRIDE_JSON).unwrap();
+        assert_overridden(&t);
+    }
+
+    #[cfg(feature = "price-files")]
+    #[test]
+    fn a_toml_override_merges_like_the_json_one() {
+        const OVERRIDE_TOML: &str = r#"
+            checked = "2027-01-01"
+            [models.claude-sonnet-4-]
+            output = 12.5
+            [models.acme-]
+            input = 2
+            output = 8
+            cache_write_5m = 2.5
+            cache_write_1h = 4
+            cache_read = 0.2
+        "#;
+        let t = PriceTable::default().merge_toml(OVERRIDE_TOML).unwrap();
+        assert_overridden(&t);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prices.toml");
+        std::fs::write(&path, OVERRIDE_TOML).unwrap();
+        let from_file = PriceTable::default().merge_file(&path).unwrap();
+        assert_overridden(&from_file);
+        let from_json = PriceTable::default().merge_json(OVERRIDE_JSON).unwrap();
+        assert_eq!(from_file.inner.entries.len(), from_json.inner.entries.len());
+        for (key, e) in &from_json.inner.entries {
+            assert_eq!(from_file.inner.entries[key].price, e.price, "{key}");
+            assert_eq!(from_file.inner.entries[key].also, e.also, "{key}");
+        }
+    }
+
+    fn assert_overridden(t: &PriceTable) {
         assert_eq!(t.checked(), "2027-01-01");
         assert_eq!(t.price("claude-sonnet-4-6").output(), 12_500_000);
         assert_eq!(t.price("claude-sonnet-4-6").input(), 3_000_000);
@@ -807,6 +970,79 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_bad_document_names_the_field() {
+        let t = PriceTable::default();
+        let err = |text: &str| t.merge_json(text).unwrap_err();
+        let e = err(r#"{"models": {"claude-opus-4-5": {"outptu": 3}}}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (
+                PriceErrorKind::UnknownField,
+                "models.claude-opus-4-5.outptu"
+            )
+        );
+        let e = err(
+            r#"{"models": {"new-model": {"input": 1, "output": 2, "cache_write_5m": 1, "cache_read": 0.1}}}"#,
+        );
+        assert_eq!(
+            (e.kind(), e.field()),
+            (
+                PriceErrorKind::MissingField,
+                "models.new-model.cache_write_1h"
+            )
+        );
+        let e = err(r#"{"models": {"claude-haiku-4-5": {"input": "one"}}}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (
+                PriceErrorKind::InvalidValue,
+                "models.claude-haiku-4-5.input"
+            )
+        );
+        let e = err(r#"{"models": {"claude-haiku-4-5": {"also": ["x", ""]}}}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (PriceErrorKind::InvalidValue, "models.claude-haiku-4-5.also")
+        );
+        let e = err(r#"{"models": {"claude-haiku-4-5": {"input": 1e7}}}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (
+                PriceErrorKind::InvalidValue,
+                "models.claude-haiku-4-5.input"
+            )
+        );
+        let e = err(r#"{"batch_discount": 1.5}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (PriceErrorKind::InvalidValue, "batch_discount")
+        );
+        let e = err(r#"{"checked": 20270101}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (PriceErrorKind::InvalidValue, "checked")
+        );
+        let e = err(r#"{"currency": "EUR"}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (PriceErrorKind::UnknownField, "currency")
+        );
+        let e = err(r#"{"models": ["claude-opus-4-5"]}"#);
+        assert_eq!(
+            (e.kind(), e.field()),
+            (PriceErrorKind::InvalidValue, "models")
+        );
+        for bad in [r#"{"models": "#, "[]", "prices = 1"] {
+            let e = err(bad);
+            assert_eq!((e.kind(), e.field()), (PriceErrorKind::Syntax, ""), "{bad}");
+            assert!(e.to_string().starts_with("price table: "), "{e}");
+        }
+        // A refused document leaves the table as it was.
+        assert_eq!(t.price("claude-haiku-4-5").input(), 1_000_000);
+    }
+
+    #[cfg(feature = "price-files")]
     #[test]
     fn a_bad_file_names_the_field() {
         let t = PriceTable::default();

@@ -32,7 +32,8 @@ pub struct TenantSpend {
 /// use tower_claude::tenant::spend::MemorySpend;
 /// use tower_claude::tenant::PriceTable;
 ///
-/// let prices = PriceTable::default().merge_toml("[models.claude-opus-4-5]\noutput = 20.0\n")?;
+/// let prices = PriceTable::default()
+///     .merge_json(r#"{"models": {"claude-opus-4-5": {"output": 20.0}}}"#)?;
 /// let layer = BudgetLayer::new(MemorySpend::new())
 ///     .prices(prices)
 ///     .clock(SystemTime::now)
