@@ -112,6 +112,23 @@ fn tenant<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
         .unwrap_or_else(|| panic!("tenant {name} on the status page: {status}"))
 }
 
+/// The flags of a proxy in front of `upstream` with `tenants` as its tenants file: no response
+/// cache, spend in memory.
+fn flags(upstream: SocketAddr, tenants: &Path) -> Cli {
+    Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache: Some(false),
+        cache_path: Some("memory".into()),
+        tenants_file: Some(tenants.to_path_buf()),
+        ..Cli::default()
+    }
+}
+
+/// A proxy from `cli` that holds the upstream key.
+fn proxy_with_key(cli: Cli) -> Proxy {
+    Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap()
+}
+
 /// An upstream simulator that accepts only the proxy's own key, and a proxy holding that key,
 /// with `tenants` as its tenants file.
 async fn setup(tenants: &str, cache: bool) -> (MockClaude, Running, tempfile::TempDir, PathBuf) {
@@ -121,14 +138,10 @@ async fn setup(tenants: &str, cache: bool) -> (MockClaude, Running, tempfile::Te
     let file = dir.path().join("tenants.toml");
     std::fs::write(&file, tenants).unwrap();
     let cli = Cli {
-        upstream: Some(format!("http://{upstream}")),
         cache: Some(cache),
-        cache_path: Some("memory".into()),
-        tenants_file: Some(file.clone()),
-        ..Cli::default()
+        ..flags(upstream, &file)
     };
-    let proxy = Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap();
-    (mock, serve(proxy).await, dir, file)
+    (mock, serve(proxy_with_key(cli)).await, dir, file)
 }
 
 #[tokio::test]
@@ -387,11 +400,8 @@ async fn sighup_reloads_the_tenants_file_and_refuses_a_bad_one() {
     write(&tenants, TENANTS);
     write(&keys, &format!("{UPSTREAM_KEY}\n"));
     let cli = Cli {
-        upstream: Some(format!("http://{upstream}")),
-        cache: Some(false),
-        tenants_file: Some(tenants.clone()),
         keys_file: Some(keys),
-        ..Cli::default()
+        ..flags(upstream, &tenants)
     };
     let proxy = Proxy::new(config(cli, &[])).unwrap();
     let _sighup = proxy.reload_on_sighup().unwrap();
@@ -447,13 +457,10 @@ tokens = ["tok-web"]
 /// A proxy in front of `upstream` whose tenants' spend is kept in `spend` (a redb file).
 async fn budget_proxy(upstream: SocketAddr, tenants: &Path, spend: &Path) -> Running {
     let cli = Cli {
-        upstream: Some(format!("http://{upstream}")),
-        cache: Some(false),
-        tenants_file: Some(tenants.to_path_buf()),
         spend_path: Some(spend.to_str().unwrap().to_owned()),
-        ..Cli::default()
+        ..flags(upstream, tenants)
     };
-    serve(Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap()).await
+    serve(proxy_with_key(cli)).await
 }
 
 #[tokio::test]
@@ -553,15 +560,10 @@ async fn a_tenant_held_to_its_own_limit_does_not_hold_back_another() {
          [[tenant]]\nname = \"web\"\ntokens = [\"tok-web\"]\n",
     );
     let cli = Cli {
-        upstream: Some(format!("http://{upstream}")),
-        cache: Some(false),
-        cache_path: Some("memory".into()),
-        tenants_file: Some(tenants),
         deadline: Some("2s".into()),
-        ..Cli::default()
+        ..flags(upstream, &tenants)
     };
-    let proxy =
-        serve(Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap()).await;
+    let proxy = serve(proxy_with_key(cli)).await;
     assert_eq!(
         hello(proxy.addr, Some("tok-intern")).await.status,
         StatusCode::OK
@@ -608,11 +610,8 @@ async fn two_nodes_sharing_redis_share_a_tenants_spend() {
     let mut nodes = Vec::new();
     for _ in 0..2 {
         let cli = Cli {
-            upstream: Some(format!("http://{upstream}")),
-            cache: Some(false),
-            tenants_file: Some(tenants.clone()),
             redis_url: Some(redis.url()),
-            ..Cli::default()
+            ..flags(upstream, &tenants)
         };
         let proxy = Proxy::connect(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)]))
             .await
@@ -649,14 +648,7 @@ async fn a_request_in_flight_finishes_as_the_tenant_it_was_admitted_as() {
     let dir = tempfile::tempdir().unwrap();
     let tenants = dir.path().join("tenants.toml");
     write(&tenants, TENANTS);
-    let cli = Cli {
-        upstream: Some(format!("http://{upstream}")),
-        cache: Some(false),
-        cache_path: Some("memory".into()),
-        tenants_file: Some(tenants.clone()),
-        ..Cli::default()
-    };
-    let proxy = Proxy::new(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)])).unwrap();
+    let proxy = proxy_with_key(flags(upstream, &tenants));
     let table = proxy.tenants().unwrap();
     let running = serve(proxy).await;
     let addr = running.addr;
