@@ -286,7 +286,7 @@ async fn reload_route(addr: SocketAddr, token: &str) -> Answer {
 
 #[tokio::test]
 async fn the_admin_route_reloads_and_only_for_an_admin() {
-    let (_mock, proxy, _dir, file) = setup(TENANTS, false).await;
+    let (mock, proxy, _dir, file) = setup(TENANTS, false).await;
     assert_eq!(
         hello(proxy.addr, Some("tok-web")).await.status,
         StatusCode::OK
@@ -295,6 +295,18 @@ async fn the_admin_route_reloads_and_only_for_an_admin() {
 
     let refused = reload_route(proxy.addr, "tok-batch").await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    // Another method is not forwarded upstream either.
+    let received = mock.stats().received;
+    let other = send(
+        proxy.addr,
+        Method::GET,
+        "/v1/proxy/reload",
+        Some("tok-web"),
+        "",
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::NOT_FOUND);
+    assert_eq!(mock.stats().received, received);
     assert_eq!(refused.error().error_type(), "permission_error");
     assert_eq!(
         hello(proxy.addr, Some("tok-ml")).await.status,

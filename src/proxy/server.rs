@@ -1079,6 +1079,13 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     if req.method() == Method::POST && path == "/v1/proxy/reload" {
         return reload_route(&state, tenant.as_ref());
     }
+    if path == "/v1/proxy" || path.starts_with("/v1/proxy/") {
+        // The proxy's own namespace: never forwarded upstream (with the proxy's key).
+        return api_error(
+            ApiErrorKind::NotFound,
+            "the proxy's routes are GET /v1/proxy/status and POST /v1/proxy/reload",
+        );
+    }
     // Only paths that name one resource under /v1/ leave with the proxy's key: no `..`, no
     // encoded slash, no `//` (refused, not normalised; see `client::check_path`).
     if let Err(refusal) = crate::client::check_path(path) {
