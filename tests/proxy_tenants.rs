@@ -690,3 +690,87 @@ async fn a_request_in_flight_finishes_as_the_tenant_it_was_admitted_as() {
     );
     running.stop().await;
 }
+
+/// The official Python SDK (`anthropic`, with its default 2 retries) against a tenant at its
+/// budget: it reads `x-should-retry: false`, does not retry, and raises `RateLimitError` at
+/// once with the proxy's message. Skipped (saying why) without `python3` and the `anthropic`
+/// module, unless `CI` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_stops_at_once_at_a_budget() {
+    const SCRIPT: &str = r#"
+import os, sys, time
+try:
+    import anthropic
+except ImportError:
+    sys.exit(77)
+client = anthropic.Anthropic(base_url=os.environ["PROXY"], api_key="tok-tiny")
+ask = lambda: client.messages.create(model="claude-haiku-4-5", max_tokens=64,
+    messages=[{"role": "user", "content": "Say hello"}])
+ask()
+start = time.monotonic()
+try:
+    ask()
+    print("answered")
+except anthropic.RateLimitError as e:
+    print("refused", round(time.monotonic() - start, 2), e.response.headers.get("retry-after"))
+    print(e.message)
+"#;
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    write(&tenants, BUDGETS);
+    let proxy = serve(proxy_with_key(flags(upstream, &tenants))).await;
+    let mut python = tokio::process::Command::new("python3");
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        python.env_remove(var);
+    }
+    let run = python
+        .args(["-c", SCRIPT])
+        .env("PROXY", format!("http://{}", proxy.addr))
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .kill_on_drop(true)
+        .output();
+    let skip = |why: &str| {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot run the Python SDK test: {why}"
+        );
+        eprintln!("skipped: {why}");
+    };
+    let out = match tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+    {
+        Ok(out) => out,
+        Err(e) => return skip(&format!("python3 cannot be run ({e})")),
+    };
+    if out.status.code() == Some(77) {
+        return skip("the `anthropic` Python module is missing");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = stdout.lines();
+    let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
+    assert_eq!(first[0], "refused", "{stdout}");
+    let waited: f64 = first[1].parse().unwrap();
+    assert!(waited < 1.0, "the SDK did not wait: {waited} s");
+    assert!(first[2].parse::<u64>().unwrap() >= 1, "{stdout}");
+    assert!(lines.next().unwrap().contains("budget"), "{stdout}");
+    // Two requests reached the proxy: the SDK did not retry the refusal.
+    let tiny = tenant(&status(proxy.addr, "tok-web").await, "tiny").clone();
+    assert_eq!(tiny["requests"], 2, "{tiny}");
+    assert_eq!(tiny["refusals"], 1, "{tiny}");
+    proxy.stop().await;
+}
