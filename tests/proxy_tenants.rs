@@ -774,3 +774,49 @@ except anthropic.RateLimitError as e:
     assert_eq!(tiny["refusals"], 1, "{tiny}");
     proxy.stop().await;
 }
+
+/// Two proxy nodes sharing Redis hold a tenant to its own limits together: one request a
+/// minute through either node, not one per node.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn two_nodes_sharing_redis_share_a_tenants_own_limits() {
+    let Some(redis) = support::redis_server::RedisServer::start() else {
+        return;
+    };
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    write(
+        &tenants,
+        "[[tenant]]\nname = \"intern\"\ntokens = [\"tok-intern\"]\n\
+         [tenant.limits.\"claude-haiku-4-5\"]\nrpm = 1\nitpm = 100000\notpm = 10000\n",
+    );
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let cli = Cli {
+            redis_url: Some(redis.url()),
+            deadline: Some("2s".into()),
+            ..flags(upstream, &tenants)
+        };
+        let proxy = Proxy::connect(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)]))
+            .await
+            .unwrap();
+        nodes.push(serve(proxy).await);
+    }
+    assert_eq!(
+        hello(nodes[0].addr, Some("tok-intern")).await.status,
+        StatusCode::OK
+    );
+    let held = hello(nodes[1].addr, Some("tok-intern")).await;
+    assert_eq!(
+        held.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&held.body)
+    );
+    assert_eq!(mock.stats().accepted, 1);
+    for node in nodes {
+        node.stop().await;
+    }
+}

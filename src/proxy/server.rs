@@ -159,11 +159,22 @@ impl Proxy {
         #[cfg(feature = "redis")]
         if let Some(url) = &config.redis_url {
             if config.tenants.is_some() {
-                // Several nodes share each tenant's spend (INCRBY per tenant and period).
+                // Several nodes share each tenant's spend (INCRBY per tenant and period) and
+                // each tenant's own limits (its buckets on a Redis board of their own).
                 spend = Some(
                     Arc::new(crate::tenant::spend::RedisSpend::connect(url).await?)
                         as Arc<dyn crate::tenant::spend::SpendStore>,
                 );
+                let options = crate::quota::RedisOptions::new()
+                    .key_prefix("tower-claude:tenant-quota:")
+                    .expected_nodes(config.expected_nodes)
+                    .fail_closed(config.redis_fail_closed);
+                let board = QuotaBoard::builder().build_redis(url, options).await?;
+                stack = stack.tenant_limit(Some(
+                    crate::tenant::limit::TenantLimitLayer::new()
+                        .board(board)
+                        .output_reservation(local.output_reservation),
+                ));
             }
             let mut board = QuotaBoard::builder();
             for (group, l) in &config.limits {
