@@ -219,7 +219,11 @@ async fn status_and_metrics_show_per_tenant_numbers_and_no_tokens() {
         hello(proxy.addr, Some("tok-batch")).await.status,
         StatusCode::OK
     );
-    let page = status(proxy.addr, "tok-batch").await;
+    // A tenant that is not an admin sees its own entry only.
+    let own = status(proxy.addr, "tok-batch").await;
+    assert_eq!(own["tenants"].as_array().unwrap().len(), 1, "{own}");
+    assert_eq!(tenant(&own, "batch-jobs")["requests"], 1);
+    let page = status(proxy.addr, "tok-web").await;
     let web = tenant(&page, "web");
     assert_eq!(web["requests"], 2);
     assert_eq!(web["weight"], 3);
@@ -335,7 +339,7 @@ async fn the_admin_route_reloads_and_only_for_an_admin() {
         hello(proxy.addr, Some("tok-batch")).await.status,
         StatusCode::UNAUTHORIZED
     );
-    let page = status(proxy.addr, "tok-ml").await;
+    let page = status(proxy.addr, "tok-web").await;
     let web = tenant(&page, "web");
     assert_eq!(web["weight"], 5);
     assert_eq!(web["requests"], 1, "counters survive a reload");
@@ -464,6 +468,7 @@ usd_per_day = 0.000001
 [[tenant]]
 name = "web"
 tokens = ["tok-web"]
+admin = true
 "#;
 
 /// A proxy in front of `upstream` whose tenants' spend is kept in `spend` (a redb file).
@@ -569,7 +574,7 @@ async fn a_tenant_held_to_its_own_limit_does_not_hold_back_another() {
         &tenants,
         "[[tenant]]\nname = \"intern\"\ntokens = [\"tok-intern\"]\n\
          [tenant.limits.\"claude-haiku-4-5\"]\nrpm = 1\nitpm = 100000\notpm = 10000\n\
-         [[tenant]]\nname = \"web\"\ntokens = [\"tok-web\"]\n",
+         [[tenant]]\nname = \"web\"\ntokens = [\"tok-web\"]\nadmin = true\n",
     );
     let cli = Cli {
         deadline: Some("2s".into()),

@@ -718,7 +718,10 @@ fn simulator(m: &MockSettings) -> crate::testing::MockClaude {
 /// `GET /v1/proxy/status`: per key id and group, the limits, what is left, the queue; the
 /// proxy's upstream keys (when it holds them) and the Redis backend (when configured); the
 /// cache hit rate. Key ids only, never keys.
-async fn status_page(state: &State) -> Response<ProxyBody> {
+///
+/// With a tenants file, an admin tenant sees every tenant; any other tenant sees its own entry
+/// only (not the other teams' usage and spend).
+async fn status_page(state: &State, viewer: Option<&crate::tenant::Tenant>) -> Response<ProxyBody> {
     let bucket = |b: Option<crate::quota::BucketHeadroom>| match b {
         Some(b) => serde_json::json!({"limit": b.limit, "remaining": b.remaining,
             "fraction": (b.fraction * 1000.0).round() / 1000.0, "full_in_s": b.full_in.as_secs_f64()}),
@@ -793,10 +796,15 @@ async fn status_page(state: &State) -> Response<ProxyBody> {
     let redis: Option<serde_json::Value> = None;
     let tenants = match state.tenant_table() {
         Some(table) => {
-            let spent = budget_use(state, table.tenants()).await;
+            let shown: Vec<crate::tenant::Tenant> = table
+                .tenants()
+                .iter()
+                .filter(|t| viewer.is_none_or(|v| v.is_admin() || v.name() == t.name()))
+                .cloned()
+                .collect();
+            let spent = budget_use(state, &shown).await;
             Some(
-                table
-                    .tenants()
+                shown
                     .iter()
                     .map(|t| tenant_status(t, spent.get(t.name()).copied()))
                     .collect::<Vec<_>>(),
@@ -1085,7 +1093,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     }
     // The status page names keys and tenants' usage: behind the client tokens like the API.
     if req.method() == Method::GET && path == "/v1/proxy/status" {
-        return status_page(&state).await;
+        return status_page(&state, tenant.as_ref()).await;
     }
     if req.method() == Method::POST && path == "/v1/proxy/reload" {
         return reload_route(&state, tenant.as_ref());
