@@ -134,6 +134,25 @@ impl BudgetLayer {
         &self.store
     }
 
+    /// Waits until every settled cost this layer handed to its store has been written (or
+    /// failed): call it at shutdown, after the requests in flight ended, so that a restart
+    /// finds the last costs in the store. Bound it with a timeout: a store that hangs keeps
+    /// it waiting.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_claude::tenant::budget::BudgetLayer;
+    /// use tower_claude::tenant::spend::MemorySpend;
+    ///
+    /// let layer = BudgetLayer::new(MemorySpend::new());
+    /// layer.flush().await; // nothing pending
+    /// # }
+    /// ```
+    pub async fn flush(&self) {
+        self.ledger.flush().await
+    }
+
     /// What `tenant` has spent in the current UTC day and month (by the layer's clock), in
     /// micro-USD: the store's totals plus what this process settled and has not stored yet
     /// (e.g. for a status page). Reservations of requests in flight are not included.

@@ -259,6 +259,43 @@ pub(crate) struct Ledger {
     settlements: AtomicU64,
     /// Last store error log, Unix seconds (rate-limits the log).
     last_log: AtomicU64,
+    /// Store adds spawned and not finished (see [`Ledger::flush`]).
+    adds: std::sync::atomic::AtomicUsize,
+    /// Woken when `adds` drops to zero.
+    idle: tokio::sync::Notify,
+}
+
+impl Ledger {
+    /// Waits until every spawned store add has finished (succeeded or failed).
+    pub(crate) async fn flush(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.adds.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Counts one spawned store add while it lives (also when its task is cancelled).
+struct AddInFlight(Arc<Shared>);
+
+impl AddInFlight {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.ledger.adds.fetch_add(1, Ordering::AcqRel);
+        Self(shared)
+    }
+}
+
+impl Drop for AddInFlight {
+    fn drop(&mut self) {
+        if self.0.ledger.adds.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ledger.idle.notify_waiters();
+        }
+    }
 }
 
 impl Ledger {
@@ -461,9 +498,10 @@ impl Shared {
             self.add_failed(&keys, &amounts);
             return;
         };
-        let shared = self.clone();
+        let in_flight = AddInFlight::new(self.clone());
         let tenant = tenant.clone();
         handle.spawn(async move {
+            let shared = &in_flight.0;
             // Keys whose amounts differ (a failed add left one behind) are added one by one.
             let groups: Vec<(Vec<SpendKey>, u64)> = if amounts.windows(2).all(|w| w[0] == w[1]) {
                 vec![(keys, amounts[0])]
