@@ -58,6 +58,7 @@ pub mod cache;
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
 pub mod concurrency;
+pub mod exchange;
 pub mod fallback;
 pub mod key_pool;
 #[cfg(feature = "metrics")]

@@ -5,8 +5,10 @@
 //! caller
 //!   MetricsLayer      what the caller sees: latency, status, tokens, retries, cache, fallback
 //!   CacheLayer        identical request (same tenant) -> stored response; twins coalesce
+//!   BudgetLayer       (optional) each tenant's dollars per day / month: 429 at budget, cost settled
 //!   FallbackLayer     choose the model by remaining quota; fail over on exhaustion
 //!   RetryLayer        429 / 529 / 5xx / connect errors; retry-after; spread; deadline
+//!   TenantLimitLayer  a tenant's own limits per group (requests carrying a `Tenant` with limits)
 //!   KeyPoolLayer      (optional) the API key with the most headroom; cool down keys on 429
 //!   PacingLayer       (optional, feature `metrics`) space admissions when the forecast nears the quota
 //!   RateLimitLayer    token buckets: requests, input and output tokens per (key, group)
@@ -16,7 +18,9 @@
 //!
 //! Retry sits outside the limiter so that every attempt pays for its tokens again; fallback
 //! sits outside retry so that a model whose quota is gone is abandoned at once instead of
-//! retried into; the cache is outermost so that a hit costs no quota at all. See
+//! retried into; the cache is outermost so that a hit costs no quota at all. The tenant limit
+//! sits above the key pool, which takes upstream quota as it admits a request: a tenant
+//! waiting for its own limit holds none. See
 //! `docs/architecture.md` for what each layer reads and writes.
 //!
 //! ```
@@ -71,6 +75,7 @@ use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 use crate::rate_limit::RateLimitLayer;
 use crate::retry::{RetryBudget, RetryLayer};
+use crate::tenant::limit::TenantLimitLayer;
 
 /// The response body of a boxed stack.
 pub type ClaudeBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -218,6 +223,10 @@ pub struct StackConfig {
     pub cache_ttl: Duration,
     /// Which requests are cached. Default: [`CacheMode::Deterministic`] (`temperature` 0).
     pub cache_mode: CacheMode,
+    /// Budgets per tenant ([`BudgetLayer`](crate::tenant::budget::BudgetLayer), between the
+    /// cache and fallback: a cache hit costs nothing, and the cost is priced for the model
+    /// that answered). Default: none.
+    pub budget: Option<crate::tenant::budget::BudgetLayer>,
     /// Model ids, groups and the fallback chain.
     pub catalog: ModelCatalog,
     /// Whether requests are measured (`MetricsLayer`, feature `metrics`). Default: on when
@@ -227,6 +236,10 @@ pub struct StackConfig {
     /// Predictive throttling ([`PacingConfig`]; feature `metrics`). A stack with pacing and
     /// no metrics layer gets one, to feed the forecast. Default: off.
     pub pacing: Option<PacingConfig>,
+    /// Whether a request's [`Tenant`](crate::tenant::Tenant) is held to the limits of its own
+    /// ([`TenantLimitLayer`], waiting at most `max_queue_wait`). Requests without a tenant,
+    /// or whose tenant has no limits for the group, pass through. Default: on.
+    pub tenant_limit: bool,
 }
 
 impl Default for StackConfig {
@@ -250,9 +263,11 @@ impl Default for StackConfig {
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
             cache_mode: CacheMode::default(),
+            budget: None,
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
             pacing: None,
+            tenant_limit: true,
         }
     }
 }
@@ -269,8 +284,10 @@ pub struct ClaudeStack {
     board: QuotaBoard,
     catalog: ModelCatalog,
     cache: Option<CacheLayer>,
+    budget: Option<crate::tenant::budget::BudgetLayer>,
     fallback: Option<FallbackLayer>,
     retry: Option<RetryLayer>,
+    tenant_limit: Option<TenantLimitLayer>,
     key_pool: Option<KeyPoolLayer>,
     #[cfg(feature = "metrics")]
     pacing: Option<crate::metrics::pacing::PacingLayer>,
@@ -284,8 +301,10 @@ impl std::fmt::Debug for ClaudeStack {
         #[cfg(feature = "metrics")]
         d.field("metrics", &self.metrics.is_some());
         d.field("cache", &self.cache.is_some())
+            .field("budget", &self.budget.is_some())
             .field("fallback", &self.fallback.is_some())
             .field("retry", &self.retry.is_some())
+            .field("tenant_limit", &self.tenant_limit.is_some())
             .field("key_pool", &self.key_pool.is_some());
         #[cfg(feature = "metrics")]
         d.field("pacing", &self.pacing.is_some());
@@ -372,6 +391,14 @@ impl ClaudeStack {
             }
         });
 
+        let tenant_limit = config.tenant_limit.then(|| {
+            let layer = TenantLimitLayer::new().output_reservation(config.output_reservation);
+            match config.max_queue_wait {
+                Some(wait) => layer.max_wait(wait),
+                None => layer,
+            }
+        });
+
         let concurrency = match (config.adaptive_concurrency, config.max_in_flight) {
             (Some(aimd), _) => Some(ConcurrencyLayer::adaptive(aimd)),
             (None, Some(max)) => Some(ConcurrencyLayer::new(max)),
@@ -418,8 +445,10 @@ impl ClaudeStack {
             board,
             catalog,
             cache,
+            budget: config.budget.clone(),
             fallback,
             retry,
+            tenant_limit,
             key_pool: None,
             #[cfg(feature = "metrics")]
             pacing,
@@ -532,6 +561,18 @@ impl ClaudeStack {
         self
     }
 
+    /// Replaces (or with `None` removes) the budget layer, placed between the cache and
+    /// fallback.
+    pub fn budget(mut self, layer: Option<crate::tenant::budget::BudgetLayer>) -> Self {
+        self.budget = layer;
+        self
+    }
+
+    /// The budget layer, if any (e.g. to read its spend store for a status page).
+    pub fn budget_layer(&self) -> Option<&crate::tenant::budget::BudgetLayer> {
+        self.budget.as_ref()
+    }
+
     /// Replaces (or removes) the fallback layer. Its board and catalogue are the stack's.
     pub fn fallback(mut self, layer: Option<FallbackLayer>) -> Self {
         self.fallback = layer;
@@ -550,6 +591,21 @@ impl ClaudeStack {
     pub fn key_pool(mut self, layer: Option<KeyPoolLayer>) -> Self {
         self.key_pool = layer;
         self
+    }
+
+    /// Replaces (or removes) the tenant limit, between retry and the key pool (or the rate
+    /// limiter). Its catalogue is the stack's; its board is its own (its keys are tenants).
+    pub fn tenant_limit(mut self, layer: Option<TenantLimitLayer>) -> Self {
+        self.tenant_limit = layer;
+        self
+    }
+
+    /// The tenant limit's board (per tenant and group: its buckets and queue), for a status
+    /// page.
+    pub fn tenant_limit_board(&self) -> Option<&QuotaBoard> {
+        self.tenant_limit
+            .as_ref()
+            .map(TenantLimitLayer::quota_board)
     }
 
     /// Replaces (or removes) the rate-limit layer. Its board and catalogue are the stack's.
@@ -599,6 +655,9 @@ impl ClaudeStack {
                 .catalog(self.catalog.clone());
             svc = boxed(layer.layer(svc));
         }
+        if let Some(layer) = &self.tenant_limit {
+            svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
+        }
         if let Some(layer) = &self.retry {
             svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
         }
@@ -612,6 +671,9 @@ impl ClaudeStack {
                 layer = layer.key_pool(pool.handle());
             }
             fallback = Some(layer.handle());
+            svc = boxed(layer.layer(svc));
+        }
+        if let Some(layer) = &self.budget {
             svc = boxed(layer.layer(svc));
         }
         if let Some(layer) = &self.cache {

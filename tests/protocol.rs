@@ -135,6 +135,7 @@ fn stream() -> impl Strategy<Value = Stream> {
                         output_tokens: output,
                         cache_creation_input_tokens: creation,
                         cache_read_input_tokens: read,
+                        cache_creation_1h_input_tokens: 0,
                     },
                     blocks,
                     delta_output,

@@ -278,12 +278,7 @@ async fn removed_keys_come_back_when_the_keys_file_is_reread() {
 
     // A real SIGHUP does the same: key two is back once the file lists it again.
     std::fs::write(&file, "sk-ant-one\nsk-ant-two\n").unwrap();
-    let pid = std::process::id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    support::proxy::sighup();
     let mut restored = false;
     for _ in 0..100 {
         if states(&status_page(running.addr).await)

@@ -26,6 +26,7 @@ pub use meta::{
     rewrite_model,
 };
 pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
+pub(crate) use usage::UsageWatch;
 pub use usage::{SseEvent, SseParser, StreamTracker, Usage};
 
 /// Whether a request is a Messages API call (`POST .../v1/messages`), the requests this crate's

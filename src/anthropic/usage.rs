@@ -13,6 +13,10 @@ pub struct Usage {
     pub cache_creation_input_tokens: u64,
     /// `usage.cache_read_input_tokens`.
     pub cache_read_input_tokens: u64,
+    /// Of `cache_creation_input_tokens`, those written with the 1-hour TTL
+    /// (`usage.cache_creation.ephemeral_1h_input_tokens`; priced higher than 5-minute writes).
+    /// 0 when the response has no `cache_creation` split: every write is then a 5-minute one.
+    pub cache_creation_1h_input_tokens: u64,
 }
 
 impl Usage {
@@ -62,6 +66,39 @@ impl Usage {
         if let Some(v) = fields.cache_read_input_tokens {
             self.cache_read_input_tokens = clamp(v);
         }
+        if let Some(split) = &fields.cache_creation {
+            let five = split.ephemeral_5m_input_tokens.map(clamp);
+            let hour = split.ephemeral_1h_input_tokens.map(clamp);
+            if let Some(v) = hour {
+                self.cache_creation_1h_input_tokens = v;
+            }
+            // A split without the total (not sent by the API today) still counts its writes.
+            if fields.cache_creation_input_tokens.is_none() && (five.is_some() || hour.is_some()) {
+                self.cache_creation_input_tokens =
+                    five.unwrap_or(0).saturating_add(hour.unwrap_or(0));
+            }
+        }
+        // The 1-hour part never exceeds the total.
+        self.cache_creation_1h_input_tokens = self
+            .cache_creation_1h_input_tokens
+            .min(self.cache_creation_input_tokens);
+    }
+
+    /// Of `cache_creation_input_tokens`, those written with the 5-minute TTL: all of them but
+    /// the 1-hour ones.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::Usage;
+    ///
+    /// let body = br#"{"usage":{"input_tokens":3,"output_tokens":1,"cache_creation_input_tokens":300,
+    ///   "cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#;
+    /// let usage = Usage::from_json(body).unwrap();
+    /// assert_eq!(usage.cache_creation_1h_input_tokens, 200);
+    /// assert_eq!(usage.cache_creation_5m_input_tokens(), 100);
+    /// ```
+    pub fn cache_creation_5m_input_tokens(&self) -> u64 {
+        self.cache_creation_input_tokens
+            .saturating_sub(self.cache_creation_1h_input_tokens)
     }
 
     /// Input tokens that count toward the input-tokens-per-minute limit:
@@ -83,6 +120,17 @@ struct UsageFields {
     cache_creation_input_tokens: Option<u64>,
     #[serde(default)]
     cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation: Option<CacheCreationFields>,
+}
+
+/// `usage.cache_creation`: the cache writes split by TTL.
+#[derive(serde::Deserialize, Default)]
+struct CacheCreationFields {
+    #[serde(default)]
+    ephemeral_5m_input_tokens: Option<u64>,
+    #[serde(default)]
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 /// One server-sent event.
@@ -396,6 +444,62 @@ impl StreamTracker {
     }
 }
 
+/// Reads the usage of a response body as it passes through a body wrapper: a copy of a JSON
+/// body (up to a size limit, read with [`Usage::from_json`] at the end) or a [`StreamTracker`]
+/// for an SSE stream. The one usage reader of the layers that settle from real usage (the
+/// rate limiter, the budget layer), so that each reads a body the same way.
+#[derive(Debug)]
+pub(crate) enum UsageWatch {
+    /// A copy of the JSON body so far, and the most it may hold.
+    Json(Vec<u8>, usize),
+    /// The JSON body outgrew its limit: its usage is unknown.
+    Overflow,
+    /// An SSE stream.
+    Sse(Box<StreamTracker>),
+}
+
+impl UsageWatch {
+    /// A watch for an SSE stream (`sse`) or a JSON body of at most `json_limit` bytes.
+    pub(crate) fn new(sse: bool, json_limit: usize) -> Self {
+        if sse {
+            Self::Sse(Box::default())
+        } else {
+            Self::Json(Vec::new(), json_limit)
+        }
+    }
+
+    /// Feeds a chunk of the body.
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            Self::Json(buf, limit) => {
+                if buf.len() + chunk.len() > *limit {
+                    *self = Self::Overflow;
+                } else {
+                    buf.extend_from_slice(chunk);
+                }
+            }
+            Self::Overflow => {}
+            Self::Sse(tracker) => tracker.feed(chunk),
+        }
+    }
+
+    /// The usage seen: a JSON document that parses (complete whether or not its end was
+    /// polled), or a stream's usage so far (`complete`: the body ended, a trailing event is
+    /// dispatched first). `None` for a JSON body that does not parse or outgrew its limit.
+    pub(crate) fn usage(&mut self, complete: bool) -> Option<Usage> {
+        match self {
+            Self::Json(buf, _) => Usage::from_json(buf),
+            Self::Overflow => None,
+            Self::Sse(tracker) => {
+                if complete {
+                    tracker.finish();
+                }
+                Some(tracker.usage())
+            }
+        }
+    }
+}
+
 /// At most 200 bytes of `s`, cut at a character boundary.
 fn truncate(s: &str) -> &str {
     let mut end = s.len().min(200);
@@ -450,7 +554,8 @@ mod tests {
                 input_tokens: 5,
                 output_tokens: 7,
                 cache_creation_input_tokens: 0,
-                cache_read_input_tokens: 0
+                cache_read_input_tokens: 0,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         assert_eq!(Usage::from_json(br#"{"usage":{}}"#), Some(Usage::default()));
@@ -461,12 +566,53 @@ mod tests {
     }
 
     #[test]
+    fn cache_writes_split_by_ttl() {
+        let body = br#"{"usage":{"input_tokens":5,"output_tokens":7,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#;
+        let u = Usage::from_json(body).unwrap();
+        assert_eq!(
+            (
+                u.cache_creation_5m_input_tokens(),
+                u.cache_creation_1h_input_tokens
+            ),
+            (100, 200)
+        );
+        // The split alone still counts its writes; a 1-hour part above the total is clamped.
+        let u =
+            Usage::from_json(br#"{"usage":{"cache_creation":{"ephemeral_1h_input_tokens":40}}}"#)
+                .unwrap();
+        assert_eq!(
+            (
+                u.cache_creation_input_tokens,
+                u.cache_creation_1h_input_tokens
+            ),
+            (40, 40)
+        );
+        let u = Usage::from_json(br#"{"usage":{"cache_creation_input_tokens":10,"cache_creation":{"ephemeral_1h_input_tokens":40}}}"#)
+            .unwrap();
+        assert_eq!(
+            (
+                u.cache_creation_5m_input_tokens(),
+                u.cache_creation_1h_input_tokens
+            ),
+            (0, 10)
+        );
+        // Streams: `message_start` carries the split.
+        let mut t = StreamTracker::new();
+        t.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1,\"cache_creation_input_tokens\":50,\"cache_creation\":{\"ephemeral_5m_input_tokens\":20,\"ephemeral_1h_input_tokens\":30}}}}\n\n");
+        t.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n");
+        assert_eq!(t.usage().cache_creation_1h_input_tokens, 30);
+        assert_eq!(t.usage().cache_creation_5m_input_tokens(), 20);
+        assert_eq!(t.usage().output_tokens, 9);
+    }
+
+    #[test]
     fn counted_input_tokens_excludes_cache_reads() {
         let usage = Usage {
             input_tokens: 10,
             output_tokens: 1,
             cache_creation_input_tokens: 100,
             cache_read_input_tokens: 1_000,
+            cache_creation_1h_input_tokens: 0,
         };
         assert_eq!(usage.counted_input_tokens(), 110);
     }
@@ -570,7 +716,8 @@ data: {\"type\":\"message_stop\"}\n\n";
                 input_tokens: 25,
                 output_tokens: 15,
                 cache_creation_input_tokens: 100,
-                cache_read_input_tokens: 2000
+                cache_read_input_tokens: 2000,
+                cache_creation_1h_input_tokens: 0,
             }
         );
         assert!(t.content_started());

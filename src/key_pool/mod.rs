@@ -59,8 +59,10 @@
 //! # Admission across keys
 //!
 //! With a board shared with the rate limiter below ([`KeyPoolLayer::board`]), the pool
-//! *admits* Messages requests itself: the requests of one rate-limit group wait in one line,
-//! first come first served, across every key. The request at the head takes the first key
+//! *admits* Messages requests itself: the requests of one rate-limit group wait in one line
+//! across every key, weighted-fair across their [`Tenant`](crate::tenant::Tenant)s
+//! (`interactive` before `batch`) and first come first served within a tenant (see
+//! [`tenant::fair`](crate::tenant::fair)). The request at the head takes the first key
 //! (cooldowns, 403s and first requests of new keys respected as below) whose three buckets
 //! hold its cost now; if none does, it waits for whichever key frees up first (a refund or
 //! settle on any key, new response headers, the refill of the soonest key, a cooldown that

@@ -1,7 +1,7 @@
 //! The shared state of a key pool: the keys, their cooldowns and removals, and the
 //! [`KeyPoolHandle`] status API.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -14,6 +14,8 @@ use super::error::KeyPoolError;
 use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup};
 use crate::quota::{AcquireError, AcquireErrorKind, Cost, QuotaBoard, Reservation};
+use crate::tenant::Tenant;
+use crate::tenant::fair::FairQueue;
 
 /// The longest a waiter at the head of a group's line sleeps without looking at the keys again
 /// when nothing tells it when quota comes back (a probe out, requests queued on a key by
@@ -199,11 +201,12 @@ pub(crate) struct Pool {
     turn: Notify,
 }
 
-/// The waiting lines of a pool: ticket numbers in arrival order, per group.
+/// The waiting lines of a pool: ticket numbers per group, weighted-fair across tenants
+/// (FIFO within a tenant, and with a single tenant; see [`FairQueue`]).
 #[derive(Debug, Default)]
 struct Lines {
     next: u64,
-    by_group: HashMap<RateLimitGroup, VecDeque<u64>>,
+    by_group: HashMap<RateLimitGroup, FairQueue<()>>,
 }
 
 /// A place in a group's line; leaving it (drop) lets the next request take its turn.
@@ -211,6 +214,8 @@ struct Ticket {
     pool: Arc<Pool>,
     group: RateLimitGroup,
     id: u64,
+    /// Left by admission (counted against its tenant's turn), not by giving up.
+    admitted: bool,
 }
 
 impl Ticket {
@@ -219,8 +224,13 @@ impl Ticket {
         lines
             .by_group
             .get(&self.group)
-            .and_then(|l| l.front())
-            .is_none_or(|head| *head == self.id)
+            .and_then(FairQueue::peek_id)
+            .is_none_or(|head| head == self.id)
+    }
+
+    /// Leaves the line admitted.
+    fn admit(mut self) {
+        self.admitted = true;
     }
 }
 
@@ -230,8 +240,12 @@ impl Drop for Ticket {
             let mut lines = self.pool.lines.lock().unwrap_or_else(|e| e.into_inner());
             let mut was_head = false;
             if let Some(line) = lines.by_group.get_mut(&self.group) {
-                was_head = line.front() == Some(&self.id);
-                line.retain(|id| *id != self.id);
+                was_head = line.peek_id() == Some(self.id);
+                if was_head && self.admitted {
+                    line.pop();
+                } else {
+                    line.remove(self.id);
+                }
                 if line.is_empty() {
                     lines.by_group.remove(&self.group);
                 }
@@ -667,7 +681,7 @@ impl Pool {
         Attempt::Wait(soonest)
     }
 
-    fn line_up(self: &Arc<Self>, group: &RateLimitGroup) -> Ticket {
+    fn line_up(self: &Arc<Self>, group: &RateLimitGroup, tenant: Option<&Tenant>) -> Ticket {
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         lines.next += 1;
         let id = lines.next;
@@ -675,16 +689,18 @@ impl Pool {
             .by_group
             .entry(group.clone())
             .or_default()
-            .push_back(id);
+            .push(id, tenant, ());
         Ticket {
             pool: self.clone(),
             group: group.clone(),
             id,
+            admitted: false,
         }
     }
 
     /// Admits a Messages request of `group`: waits in the group's line (one line across every
-    /// key, first come first served), then, at its head, takes `cost` from the first key that
+    /// key, weighted-fair across tenants and first come first served within one; `tenant`
+    /// `None`: the anonymous default tenant), then, at its head, takes `cost` from the first key that
     /// can admit it, waiting for whichever key frees up first (a refund or settle on any key,
     /// new headers, the refill of the soonest key, a cooldown ending). Returns the key, the
     /// reservation and the time waited. Dropping the future takes nothing.
@@ -698,82 +714,109 @@ impl Pool {
         group: RateLimitGroup,
         costs: KeyCosts,
         deadline: Option<Instant>,
+        tenant: Option<Tenant>,
     ) -> Result<(Pick, Reservation, Duration), BoxError> {
         let started = Instant::now();
-        let ticket = self.line_up(&group);
+        let ticket = self.line_up(&group, tenant.as_ref());
+        let tenant_name = tenant.as_ref().map_or("", Tenant::name);
+        let admitted = |ticket: Ticket, waited: Duration| {
+            ticket.admit();
+            if let Some(t) = &tenant {
+                t.stats().record_queue_wait(waited);
+            }
+        };
         let timed_out = |pool: &Pool, wait: Option<Duration>| -> BoxError {
             let key = pool.keys[0].id.clone();
             tracing::debug!(group = %group, "key pool: gave up waiting for quota (deadline)");
             AcquireError::new(AcquireErrorKind::QueueTimeout, key, group.clone(), wait).into()
         };
-        // Wait for this request's turn.
-        loop {
-            let turn = self.turn.notified();
-            let mut turn = std::pin::pin!(turn);
-            turn.as_mut().enable();
-            if ticket.is_head() {
-                break;
-            }
-            match deadline {
-                Some(d) => {
-                    if tokio::time::timeout_at(d, turn).await.is_err() {
-                        return Err(timed_out(&self, None));
-                    }
-                }
-                None => turn.await,
-            }
+        if !ticket.is_head() {
+            tracing::debug!(group = %group, tenant = tenant_name, "key pool: queued");
         }
-        // At the head: take the first key that admits the request.
         let changes = board.changes();
         let mut line = RemoteLine::new(&board, &group);
-        loop {
-            let changed = changes.notified();
-            let mut changed = std::pin::pin!(changed);
-            changed.as_mut().enable();
-            let now = Instant::now();
-            let last = deadline.is_some_and(|d| now >= d);
-            let wait = match self.attempt(&group, &costs, &board, now) {
-                Attempt::Admitted(pick, reservation) => {
-                    let waited = now.saturating_duration_since(started);
-                    if !waited.is_zero() {
-                        tracing::debug!(
-                            key = %pick.id,
-                            group = %group,
-                            waited_ms = waited.as_millis() as u64,
-                            "key pool: admitted after waiting for quota"
-                        );
-                    }
-                    drop(ticket);
-                    return Ok((pick, *reservation, waited));
+        'turn: loop {
+            // Wait for this request's turn.
+            loop {
+                let turn = self.turn.notified();
+                let mut turn = std::pin::pin!(turn);
+                turn.as_mut().enable();
+                if ticket.is_head() {
+                    break;
                 }
-                Attempt::Failed(e) => return Err(e),
-                Attempt::Remote(candidates) => {
-                    let attempt =
-                        remote_attempt(&board, &group, &costs, &candidates, deadline, &mut line);
-                    match attempt.await {
-                        Ok(Ok((index, reservation))) => {
-                            let pick = self.picked(&mut self.lock(), index);
-                            drop(ticket);
-                            return Ok((pick, reservation, started.elapsed()));
+                match deadline {
+                    Some(d) => {
+                        if tokio::time::timeout_at(d, turn).await.is_err() {
+                            return Err(timed_out(&self, None));
                         }
-                        Ok(Err(_)) if last => return Err(timed_out(&self, None)),
-                        Ok(Err(wait)) => Some(wait.min(REMOTE_RECHECK)),
-                        Err(e) => return Err(e),
                     }
+                    None => turn.await,
                 }
-                Attempt::Wait(wait) if last => return Err(timed_out(&self, wait)),
-                Attempt::Wait(wait) => wait,
-            };
-            let wake = wait.map(|d| now + d);
-            let until = match (wake, deadline) {
-                (Some(w), Some(d)) => Some(w.min(d)),
-                (w, d) => w.or(d),
-            };
-            match until {
-                Some(at) => {
-                    let _ = tokio::time::timeout_at(at, changed).await;
+            }
+            // At the head: take the first key that admits the request.
+            loop {
+                // A request of a higher class, or of a tenant whose turn it is, may have
+                // become the head meanwhile: wait for the turn again (unless this one holds
+                // places in the shared store's lines, which keep arrival order across nodes).
+                if line.keys.is_empty() && !ticket.is_head() {
+                    continue 'turn;
                 }
-                None => changed.await,
+                let changed = changes.notified();
+                let mut changed = std::pin::pin!(changed);
+                changed.as_mut().enable();
+                let now = Instant::now();
+                let last = deadline.is_some_and(|d| now >= d);
+                let wait = match self.attempt(&group, &costs, &board, now) {
+                    Attempt::Admitted(pick, reservation) => {
+                        let waited = now.saturating_duration_since(started);
+                        if !waited.is_zero() {
+                            tracing::debug!(
+                                key = %pick.id,
+                                group = %group,
+                                tenant = tenant_name,
+                                waited_ms = waited.as_millis() as u64,
+                                "key pool: admitted after waiting for quota"
+                            );
+                        }
+                        admitted(ticket, waited);
+                        return Ok((pick, *reservation, waited));
+                    }
+                    Attempt::Failed(e) => return Err(e),
+                    Attempt::Remote(candidates) => {
+                        let attempt = remote_attempt(
+                            &board,
+                            &group,
+                            &costs,
+                            &candidates,
+                            deadline,
+                            &mut line,
+                        );
+                        match attempt.await {
+                            Ok(Ok((index, reservation))) => {
+                                let pick = self.picked(&mut self.lock(), index);
+                                let waited = started.elapsed();
+                                admitted(ticket, waited);
+                                return Ok((pick, reservation, waited));
+                            }
+                            Ok(Err(_)) if last => return Err(timed_out(&self, None)),
+                            Ok(Err(wait)) => Some(wait.min(REMOTE_RECHECK)),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Attempt::Wait(wait) if last => return Err(timed_out(&self, wait)),
+                    Attempt::Wait(wait) => wait,
+                };
+                let wake = wait.map(|d| now + d);
+                let until = match (wake, deadline) {
+                    (Some(w), Some(d)) => Some(w.min(d)),
+                    (w, d) => w.or(d),
+                };
+                match until {
+                    Some(at) => {
+                        let _ = tokio::time::timeout_at(at, changed).await;
+                    }
+                    None => changed.await,
+                }
             }
         }
     }

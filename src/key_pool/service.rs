@@ -19,6 +19,7 @@ use crate::anthropic::{ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
 use crate::quota::{Admission, Cost, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
+use crate::tenant::Tenant;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -107,6 +108,7 @@ where
             // Admission by the pool: the request waits in its group's line and takes the
             // first key that can admit it (see `Pool::admit`).
             let deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
+            let tenant = req.extensions().get::<Tenant>().cloned();
             let (group, cost) = (group.clone(), *cost);
             let costs = key_costs(&self.pool, config, &req, cost);
             let (pool, config) = (self.pool.clone(), config.clone());
@@ -115,7 +117,9 @@ where
             let mut svc = std::mem::replace(&mut self.inner, clone);
             let fut = async move {
                 let board = config.board.clone();
-                let admitted = pool.clone().admit(board, group.clone(), costs, deadline);
+                let admitted = pool
+                    .clone()
+                    .admit(board, group.clone(), costs, deadline, tenant);
                 let (pick, reservation, waited) = admitted.await?;
                 let path = req.uri().path();
                 let sent = Sent::new(pool, config, pick.clone(), Some((group, cost)), path);

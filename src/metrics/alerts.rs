@@ -60,7 +60,27 @@ pub enum AlertState {
     Resolved,
 }
 
-/// One alert about a `(key, group)`.
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AlertKind {
+    /// A `(key, group)`'s per-minute quota ([`Alerts::observe`]).
+    Quota,
+    /// A tenant's spend against its daily or monthly budget ([`Alerts::budget`], raised by the
+    /// [`BudgetLayer`](crate::tenant::budget::BudgetLayer)).
+    Budget,
+}
+
+/// The budget part of a [`AlertKind::Budget`] alert.
+#[derive(Debug, Clone, PartialEq)]
+struct BudgetInfo {
+    tenant: String,
+    period: String,
+    spent_usd: f64,
+    budget_usd: f64,
+}
+
+/// One alert about a `(key, group)` or, for [`AlertKind::Budget`], a tenant's budget.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
     key: KeyId,
@@ -69,20 +89,36 @@ pub struct Alert {
     utilisation: f64,
     threshold: f64,
     state: AlertState,
+    budget: Option<BudgetInfo>,
 }
 
 impl Alert {
-    /// The key id (never the key).
+    /// Quota or budget.
+    pub fn kind(&self) -> AlertKind {
+        if self.budget.is_some() {
+            AlertKind::Budget
+        } else {
+            AlertKind::Quota
+        }
+    }
+
+    /// For a budget alert, the tenant's name.
+    pub fn tenant(&self) -> Option<&str> {
+        self.budget.as_ref().map(|b| b.tenant.as_str())
+    }
+
+    /// The key id (never the key). For a budget alert, the tenant's name.
     pub fn key(&self) -> &KeyId {
         &self.key
     }
 
-    /// The rate-limit group.
+    /// The rate-limit group (`budget` for a budget alert).
     pub fn group(&self) -> &RateLimitGroup {
         &self.group
     }
 
-    /// The most used bucket (`requests`, `input_tokens`, `output_tokens`).
+    /// The most used bucket (`requests`, `input_tokens`, `output_tokens`); for a budget
+    /// alert, `daily_usd` or `monthly_usd`.
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
@@ -109,6 +145,19 @@ impl Alert {
     /// ```
     pub fn text(&self) -> String {
         let pct = |v: f64| (v * 100.0).round() as i64;
+        if let Some(b) = &self.budget {
+            let adjective = self.bucket.strip_suffix("_usd").unwrap_or(&self.bucket);
+            return format!(
+                "tower-claude: tenant {} has spent ${:.2} of its {} budget of ${:.2} ({}%, threshold {}%) in {}",
+                b.tenant,
+                b.spent_usd,
+                adjective,
+                b.budget_usd,
+                pct(self.utilisation),
+                pct(self.threshold),
+                b.period
+            );
+        }
         match self.state {
             AlertState::Firing => format!(
                 "tower-claude: key {}, group {} is at {}% of its {} per-minute limit (threshold {}%)",
@@ -339,6 +388,7 @@ impl Alerts {
             utilisation: utilisation.clamp(0.0, 1.0),
             threshold: inner.threshold,
             state,
+            budget: None,
         };
         let state_label = match state {
             AlertState::Firing => names::STATE_FIRING,
@@ -347,13 +397,85 @@ impl Alerts {
         metrics::counter!(names::ALERTS_TOTAL, names::LABEL_STATE => state_label).increment(1);
         tracing::warn!(key = %alert.key, group = %alert.group, bucket = %alert.bucket,
             utilisation = alert.utilisation, state = state_label, "quota alert");
+        self.deliver(alert.clone());
+        Some(alert)
+    }
+
+    /// Sends a budget alert: `tenant` has spent `spent_usd` of its `kind` budget of
+    /// `budget_usd` in `period` (e.g. `2026-12-05`). Delivered like a quota alert (callbacks,
+    /// webhook, `tower_claude_alerts_total{state="firing"}`), without the hysteresis and the
+    /// per-interval limit: the caller raises it once per period (the
+    /// [`BudgetLayer`](crate::tenant::budget::BudgetLayer) does when a settled cost crosses
+    /// the threshold).
+    ///
+    /// ```
+    /// use tower_claude::metrics::alerts::{AlertKind, Alerts};
+    /// use tower_claude::tenant::spend::PeriodKind;
+    ///
+    /// let alerts = Alerts::builder().build();
+    /// let alert = alerts.budget("team-a", PeriodKind::Day, "2026-12-05", 8.5, 10.0);
+    /// assert_eq!(alert.kind(), AlertKind::Budget);
+    /// assert_eq!(alert.tenant(), Some("team-a"));
+    /// assert_eq!(alert.text(), "tower-claude: tenant team-a has spent $8.50 of its daily budget of $10.00 (85%, threshold 80%) in 2026-12-05");
+    /// ```
+    pub fn budget(
+        &self,
+        tenant: &str,
+        kind: crate::tenant::spend::PeriodKind,
+        period: &str,
+        spent_usd: f64,
+        budget_usd: f64,
+    ) -> Alert {
+        let utilisation = if budget_usd > 0.0 {
+            spent_usd / budget_usd
+        } else {
+            1.0
+        };
+        let bucket = match kind {
+            crate::tenant::spend::PeriodKind::Day => "daily_usd",
+            crate::tenant::spend::PeriodKind::Month => "monthly_usd",
+        };
+        let alert = Alert {
+            key: KeyId::named(tenant),
+            group: RateLimitGroup::new("budget"),
+            bucket: bucket.to_owned(),
+            utilisation: if utilisation.is_finite() {
+                utilisation.max(0.0)
+            } else {
+                1.0
+            },
+            threshold: self.inner.threshold,
+            state: AlertState::Firing,
+            budget: Some(BudgetInfo {
+                tenant: tenant.to_owned(),
+                period: period.to_owned(),
+                spent_usd,
+                budget_usd,
+            }),
+        };
+        metrics::counter!(names::ALERTS_TOTAL, names::LABEL_STATE => names::STATE_FIRING)
+            .increment(1);
+        tracing::warn!(
+            tenant,
+            period,
+            spent_usd,
+            budget_usd,
+            bucket,
+            "budget alert"
+        );
+        self.deliver(alert.clone());
+        alert
+    }
+
+    /// Calls the callbacks and queues the webhook delivery.
+    fn deliver(&self, alert: Alert) {
+        let inner = &*self.inner;
         for callback in &inner.callbacks {
             callback(&alert);
         }
         if let Some(queue) = &inner.webhook {
-            queue.send(alert.clone());
+            queue.send(alert);
         }
-        Some(alert)
     }
 }
 

@@ -77,6 +77,26 @@ pub const KEYS_REMOVED_TOTAL: &str = "tower_claude_keys_removed_total";
 pub const QUOTA_REDIS_OUTAGES_TOTAL: &str = "tower_claude_quota_redis_outages_total";
 /// Cache writes by result: `stored`, `dropped` (write queue full), `failed` (store error).
 pub const CACHE_WRITES_TOTAL: &str = "tower_claude_cache_writes_total";
+// --- issue 15: per tenant, rendered at scrape time from `TenantStats` by
+// `prometheus::render_tenants` (not through the `metrics` facade). ---
+/// Requests a tenant sent (cache hits included).
+pub const TENANT_REQUESTS_TOTAL: &str = "tower_claude_tenant_requests_total";
+/// Input tokens served to a tenant (uncached, cache writes and cache reads).
+pub const TENANT_INPUT_TOKENS_TOTAL: &str = "tower_claude_tenant_input_tokens_total";
+/// Output tokens served to a tenant.
+pub const TENANT_OUTPUT_TOKENS_TOTAL: &str = "tower_claude_tenant_output_tokens_total";
+/// US dollars a tenant spent (settled from real usage).
+pub const TENANT_COST_USD_TOTAL: &str = "tower_claude_tenant_cost_usd_total";
+/// Seconds a tenant's requests waited in quota queues, summed.
+pub const TENANT_QUEUE_WAIT_SECONDS_TOTAL: &str = "tower_claude_tenant_queue_wait_seconds_total";
+/// Requests refused by a tenant's own limits or budget.
+pub const TENANT_REFUSALS_TOTAL: &str = "tower_claude_tenant_refusals_total";
+/// A tenant's weight (its share of contended quota), labelled with its priority class.
+pub const TENANT_WEIGHT: &str = "tower_claude_tenant_weight";
+/// A tenant's budget in US dollars per period (`day`, `month`).
+pub const TENANT_BUDGET_USD: &str = "tower_claude_tenant_budget_usd";
+/// Spend store operations that failed (the budget layer then counts the spend locally).
+pub const SPEND_STORE_ERRORS_TOTAL: &str = "tower_claude_spend_store_errors_total";
 
 /// Label: the model id, normalised to a known catalogue id or [`OTHER`].
 pub const LABEL_MODEL: &str = "model";
@@ -102,6 +122,12 @@ pub const LABEL_CACHE: &str = "cache";
 pub const LABEL_STATE: &str = "state";
 /// Label: delivery result (`delivered`, `failed`, `dropped`, `suppressed`).
 pub const LABEL_RESULT: &str = "result";
+/// Label: tenant name (from the proxy's tenants file; names only, never tokens).
+pub const LABEL_TENANT: &str = "tenant";
+/// Label: priority class (`interactive`, `batch`).
+pub const LABEL_PRIORITY: &str = "priority";
+/// Label: budget period (`day`, `month`).
+pub const LABEL_PERIOD: &str = "period";
 
 /// Model ids reported under their own name by default (the default
 /// [`ModelCatalog`](crate::anthropic::ModelCatalog)'s ids); any other id is reported as
@@ -352,6 +378,60 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Counter,
         labels: &[LABEL_RESULT],
         help: "Answers handed to the cache store by result: stored, dropped (queue full), failed.",
+    },
+    MetricDef {
+        name: TENANT_REQUESTS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_TENANT],
+        help: "Requests a tenant sent (cache hits included).",
+    },
+    MetricDef {
+        name: TENANT_INPUT_TOKENS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_TENANT],
+        help: "Input tokens served to a tenant (uncached, cache writes and cache reads).",
+    },
+    MetricDef {
+        name: TENANT_OUTPUT_TOKENS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_TENANT],
+        help: "Output tokens served to a tenant.",
+    },
+    MetricDef {
+        name: TENANT_COST_USD_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_TENANT],
+        help: "US dollars a tenant spent, settled from real usage.",
+    },
+    MetricDef {
+        name: TENANT_QUEUE_WAIT_SECONDS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_TENANT],
+        help: "Seconds a tenant's requests waited in quota queues, summed.",
+    },
+    MetricDef {
+        name: TENANT_REFUSALS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[LABEL_TENANT],
+        help: "Requests refused by a tenant's own limits or budget.",
+    },
+    MetricDef {
+        name: TENANT_WEIGHT,
+        kind: MetricKind::Gauge,
+        labels: &[LABEL_TENANT, LABEL_PRIORITY],
+        help: "A tenant's weight (its share of contended quota), with its priority class.",
+    },
+    MetricDef {
+        name: TENANT_BUDGET_USD,
+        kind: MetricKind::Gauge,
+        labels: &[LABEL_TENANT, LABEL_PERIOD],
+        help: "A tenant's budget in US dollars per period (day, month).",
+    },
+    MetricDef {
+        name: SPEND_STORE_ERRORS_TOTAL,
+        kind: MetricKind::Counter,
+        labels: &[],
+        help: "Spend store reads and writes that failed (the spend is kept locally and added later).",
     },
 ];
 

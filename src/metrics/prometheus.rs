@@ -85,9 +85,114 @@ pub fn render(handle: &PrometheusHandle) -> String {
     handle.render()
 }
 
+/// The Prometheus text format of every tenant's counters (the `tower_claude_tenant_*` metrics
+/// of [`names`]), read from their [`TenantStats`](crate::tenant::TenantStats) now: append it to
+/// [`render`]'s output. A tenant that is gone from the list (a reloaded tenants file) is gone
+/// from the next scrape. Tenant names are escaped as label values.
+///
+/// ```
+/// use tower_claude::metrics::prometheus::render_tenants;
+/// use tower_claude::tenant::{Budget, Tenant};
+///
+/// let web = Tenant::new("web").weight(3).budget(Budget::default().per_day(20.0));
+/// web.stats().record_request();
+/// web.stats().record_cost_micro_usd(12_500);
+/// let text = render_tenants(&[web]);
+/// assert!(text.contains("tower_claude_tenant_requests_total{tenant=\"web\"} 1\n"));
+/// assert!(text.contains("tower_claude_tenant_cost_usd_total{tenant=\"web\"} 0.0125\n"));
+/// assert!(text.contains("tower_claude_tenant_weight{tenant=\"web\",priority=\"interactive\"} 3\n"));
+/// assert!(text.contains("tower_claude_tenant_budget_usd{tenant=\"web\",period=\"day\"} 20\n"));
+/// ```
+pub fn render_tenants(tenants: &[crate::tenant::Tenant]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if tenants.is_empty() {
+        return out;
+    }
+    let escaped: Vec<String> = tenants.iter().map(|t| escape_label(t.name())).collect();
+    for def in names::METRICS
+        .iter()
+        .filter(|d| d.name.starts_with("tower_claude_tenant_"))
+    {
+        let kind = match def.kind {
+            names::MetricKind::Counter => "counter",
+            names::MetricKind::Gauge => "gauge",
+            names::MetricKind::Histogram => "histogram",
+        };
+        let _ = writeln!(out, "# HELP {} {}", def.name, def.help);
+        let _ = writeln!(out, "# TYPE {} {kind}", def.name);
+        for (tenant, name) in tenants.iter().zip(&escaped) {
+            let s = tenant.stats();
+            let value = match def.name {
+                names::TENANT_REQUESTS_TOTAL => s.requests() as f64,
+                names::TENANT_INPUT_TOKENS_TOTAL => s.input_tokens() as f64,
+                names::TENANT_OUTPUT_TOKENS_TOTAL => s.output_tokens() as f64,
+                names::TENANT_COST_USD_TOTAL => s.cost_usd(),
+                names::TENANT_QUEUE_WAIT_SECONDS_TOTAL => s.queue_wait().as_secs_f64(),
+                names::TENANT_REFUSALS_TOTAL => s.refusals() as f64,
+                names::TENANT_WEIGHT => {
+                    let _ = writeln!(
+                        out,
+                        "{}{{tenant=\"{name}\",priority=\"{}\"}} {}",
+                        def.name,
+                        tenant.priority_class().as_str(),
+                        tenant.weight_value()
+                    );
+                    continue;
+                }
+                names::TENANT_BUDGET_USD => {
+                    let budget = tenant.budget_value();
+                    for (period, usd) in [("day", budget.daily()), ("month", budget.monthly())] {
+                        if let Some(usd) = usd {
+                            let _ = writeln!(
+                                out,
+                                "{}{{tenant=\"{name}\",period=\"{period}\"}} {usd}",
+                                def.name
+                            );
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let _ = writeln!(out, "{}{{tenant=\"{name}\"}} {value}", def.name);
+        }
+    }
+    out
+}
+
+/// A label value in the text format: `\`, `"` and line feeds escaped.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_names_are_escaped_and_every_tenant_metric_renders() {
+        let t = crate::tenant::Tenant::new("a\"b\\c\nd");
+        let text = render_tenants(&[t]);
+        assert!(
+            text.contains(r#"tower_claude_tenant_requests_total{tenant="a\"b\\c\nd"} 0"#),
+            "{text}"
+        );
+        for def in names::METRICS
+            .iter()
+            .filter(|d| d.name.starts_with("tower_claude_tenant_"))
+        {
+            assert!(
+                text.contains(&format!("# TYPE {} ", def.name)),
+                "{}",
+                def.name
+            );
+        }
+        assert!(render_tenants(&[]).is_empty());
+    }
 
     #[test]
     fn histograms_have_buckets() {

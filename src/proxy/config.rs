@@ -181,6 +181,20 @@ pub struct ProxyConfig {
     pub redis_fail_closed: bool,
     /// The keys file, re-read on SIGHUP ([`Proxy::reload_keys`](super::Proxy::reload_keys)).
     pub keys_file: Option<PathBuf>,
+    // --- issue 15: tenants ---
+    /// The tenants file (`CLAUDE_PROXY_TENANTS_FILE`), re-read on SIGHUP and by
+    /// `POST /v1/proxy/reload` ([`Proxy::reload`](super::Proxy::reload)).
+    pub tenants_file: Option<PathBuf>,
+    /// The tenants read from it at start: with a tenants file, every client authenticates
+    /// with one of its tenants' tokens (client tokens are then not allowed).
+    pub tenants: Option<super::TenantTable>,
+    /// Where tenants' spend is kept (`CLAUDE_PROXY_SPEND_PATH`): a redb file, by default
+    /// `spend.redb` next to the disk cache; `None` keeps it in memory (`memory`, or the cache in
+    /// memory). With a Redis URL the spend is in Redis. Used only with a tenants file.
+    pub spend_path: Option<PathBuf>,
+    /// The price table the budgets use: the built-in one, with the prices file
+    /// (`CLAUDE_PROXY_PRICES_FILE`) merged over it.
+    pub prices: crate::tenant::PriceTable,
     // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
     /// Longest time from accepting a connection to a complete first request head
     /// (`CLAUDE_PROXY_HEADER_READ_TIMEOUT`, default 10 s).
@@ -239,6 +253,15 @@ pub struct Cli {
     /// environment variable: a flag is readable by every local user through `ps`
     #[arg(long, value_name = "TOKENS")]
     pub client_tokens: Option<String>,
+    /// Tenants file (TOML, one `[[tenant]]` per team: tokens, weight, priority, limits, budget), re-read on SIGHUP [env: CLAUDE_PROXY_TENANTS_FILE]
+    #[arg(long, value_name = "FILE")]
+    pub tenants_file: Option<PathBuf>,
+    /// redb file of the tenants' spend, or `memory` [env: CLAUDE_PROXY_SPEND_PATH] [default: spend.redb next to the disk cache; memory with --cache-path memory]
+    #[arg(long, value_name = "PATH")]
+    pub spend_path: Option<String>,
+    /// TOML file of model prices merged over the built-in table (same schema) [env: CLAUDE_PROXY_PRICES_FILE]
+    #[arg(long, value_name = "FILE")]
+    pub prices_file: Option<PathBuf>,
     /// Retry strategy [env: CLAUDE_RETRY_STRATEGY] [default: patient]
     #[arg(long, value_enum, value_name = "STRATEGY")]
     pub retry_strategy: Option<RetryStrategy>,
@@ -351,6 +374,9 @@ struct FileConfig {
     api_keys: Option<Vec<String>>,
     keys_file: Option<PathBuf>,
     client_tokens: Option<Vec<String>>,
+    tenants_file: Option<PathBuf>,
+    spend_path: Option<String>,
+    prices_file: Option<PathBuf>,
     retry_strategy: Option<RetryStrategy>,
     max_retries: Option<u32>,
     deadline: Option<toml::Value>,
@@ -518,15 +544,13 @@ impl ProxyConfig {
         ) {
             api_keys.extend(split_list(&s.value).map(Secret::new));
         }
-        let keys_file = cli
-            .keys_file
-            .clone()
-            .or_else(|| {
-                env.get("CLAUDE_PROXY_KEYS_FILE")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            })
-            .or(file.keys_file.clone());
+        // A file's path: the flag, else the variable, else the TOML key.
+        let pick_path = |flag: &Option<PathBuf>, var: &str, file_value: &Option<PathBuf>| {
+            flag.clone()
+                .or_else(|| env.get(var).filter(|v| !v.is_empty()).map(PathBuf::from))
+                .or_else(|| file_value.clone())
+        };
+        let keys_file = pick_path(&cli.keys_file, "CLAUDE_PROXY_KEYS_FILE", &file.keys_file);
         if let Some(path) = &keys_file {
             api_keys.extend(read_keys_file(path)?);
         }
@@ -541,6 +565,27 @@ impl ProxyConfig {
         )
         .map(|s| split_list(&s.value).map(Secret::new).collect())
         .unwrap_or_default();
+
+        // issue 15: tenants authenticate clients instead of the client tokens.
+        let tenants_file = pick_path(
+            &cli.tenants_file,
+            "CLAUDE_PROXY_TENANTS_FILE",
+            &file.tenants_file,
+        );
+        let tenants = match &tenants_file {
+            Some(path) => Some(
+                super::TenantTable::read(path)
+                    .map_err(|e| ConfigError::new("tenants_file", e.to_string()))?,
+            ),
+            None => None,
+        };
+        if tenants.is_some() && !client_tokens.is_empty() {
+            return Err(ConfigError::new(
+                "client_tokens",
+                "a tenants file is configured: clients authenticate with its tenants' tokens, \
+                 so move the client tokens into it (one `[[tenant]]` each)",
+            ));
+        }
 
         let upstream = match pick(
             &cli.upstream,
@@ -664,6 +709,33 @@ impl ProxyConfig {
         ) {
             Some(s) => parse_num::<u64>(&s)?,
             None => 256 * 1024 * 1024,
+        };
+        let spend_path = match pick(
+            &cli.spend_path,
+            "spend-path",
+            "CLAUDE_PROXY_SPEND_PATH",
+            file.spend_path.clone(),
+            "spend_path",
+        ) {
+            Some(s) if s.value == "memory" => None,
+            Some(s) => Some(PathBuf::from(s.value)),
+            None => cache_path.as_ref().map(|cache| {
+                cache
+                    .parent()
+                    .unwrap_or_else(|| Path::new(""))
+                    .join("spend.redb")
+            }),
+        };
+        let prices_file = pick_path(
+            &cli.prices_file,
+            "CLAUDE_PROXY_PRICES_FILE",
+            &file.prices_file,
+        );
+        let prices = match &prices_file {
+            Some(path) => crate::tenant::PriceTable::default()
+                .merge_file(path)
+                .map_err(|e| ConfigError::new("prices_file", e.to_string()))?,
+            None => crate::tenant::PriceTable::default(),
         };
         let max_in_flight = match pick(
             &cli.max_in_flight.map(|v| v.to_string()),
@@ -1016,21 +1088,26 @@ impl ProxyConfig {
                 ));
             }
         }
-        if !listen.ip().is_loopback() && client_tokens.is_empty() {
+        if !listen.ip().is_loopback() && client_tokens.is_empty() && tenants.is_none() {
             return Err(ConfigError::new(
                 "listen",
                 format!(
                     "{listen} is not a loopback address: set client tokens (--client-tokens / \
-                     CLAUDE_PROXY_TOKENS) so that only your clients can use the proxy"
+                     CLAUDE_PROXY_TOKENS) or a tenants file (--tenants-file) so that only your \
+                     clients can use the proxy"
                 ),
             ));
         }
-        if !client_tokens.is_empty()
+        if (!client_tokens.is_empty() || tenants.is_some())
             && api_keys.is_empty()
             && !matches!(upstream, Upstream::Mock(_))
         {
             return Err(ConfigError::new(
-                "client_tokens",
+                if tenants.is_some() {
+                    "tenants_file"
+                } else {
+                    "client_tokens"
+                },
                 "clients authenticate with proxy tokens, so the proxy must hold the upstream \
                  key(s): set ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS or --keys-file",
             ));
@@ -1068,6 +1145,10 @@ impl ProxyConfig {
             pacing,
             redis_fail_closed,
             keys_file,
+            tenants_file,
+            tenants,
+            spend_path,
+            prices,
             header_read_timeout,
             idle_timeout,
             max_connections,
@@ -1496,6 +1577,119 @@ mod tests {
             ..Cli::default()
         };
         assert_eq!(resolve(file, &[]).unwrap().cache_mode, CacheMode::All);
+    }
+
+    #[test]
+    fn tenants_file_from_every_source_replaces_client_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = dir.path().join("tenants.toml");
+        std::fs::write(
+            &tenants,
+            "[[tenant]]\nname = \"web\"\ntokens = [\"tok-web\"]\n",
+        )
+        .unwrap();
+        let path = tenants.to_str().unwrap();
+        let by_env = ProxyConfig::resolve(
+            Cli {
+                listen: Some("0.0.0.0:8787".into()),
+                ..Cli::default()
+            },
+            &env(&[("CLAUDE_PROXY_TENANTS_FILE", path)]),
+        )
+        .expect("a tenants file authenticates clients on a public address");
+        assert_eq!(by_env.tenants.unwrap().tenants()[0].name(), "web");
+        let toml = dir.path().join("p.toml");
+        std::fs::write(&toml, format!("tenants_file = {path:?}\n")).unwrap();
+        let by_file = Cli {
+            config: Some(toml),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(by_file, &env(&[])).unwrap();
+        assert_eq!(cfg.tenants_file.as_deref(), Some(tenants.as_path()));
+        assert!(!format!("{cfg:?}").contains("tok-web"));
+
+        let with_flag = Cli {
+            tenants_file: Some(tenants.clone()),
+            ..Cli::default()
+        };
+        let err = ProxyConfig::resolve(with_flag.clone(), &env(&[("CLAUDE_PROXY_TOKENS", "t")]))
+            .unwrap_err();
+        assert_eq!(err.field(), "client_tokens");
+        let err = ProxyConfig::resolve(
+            Cli {
+                upstream: Some("http://127.0.0.1:9".into()),
+                ..with_flag
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "tenants_file", "{err}");
+
+        std::fs::write(
+            &tenants,
+            "[[tenant]]\nname = \"web\"\ntokens = [\"t\"]\nweight = 0\n",
+        )
+        .unwrap();
+        let err = ProxyConfig::resolve(
+            Cli {
+                tenants_file: Some(tenants),
+                ..Cli::default()
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "tenants_file");
+        assert!(
+            err.to_string()
+                .contains(r#"tenant[0] "web": weight: must be at least 1"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn spend_path_follows_the_cache_and_prices_file_is_merged() {
+        let resolve = |cli: Cli, vars: &[(&str, &str)]| ProxyConfig::resolve(cli, &env(vars));
+        let cfg = resolve(Cli::default(), &[]).unwrap();
+        assert_eq!(
+            cfg.spend_path.as_deref(),
+            Some(Path::new(".tower-claude/spend.redb"))
+        );
+        let memory = Cli {
+            cache_path: Some("memory".into()),
+            ..Cli::default()
+        };
+        assert_eq!(resolve(memory.clone(), &[]).unwrap().spend_path, None);
+        let cfg = resolve(
+            memory,
+            &[("CLAUDE_PROXY_SPEND_PATH", "/var/lib/p/spend.redb")],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.spend_path.as_deref(),
+            Some(Path::new("/var/lib/p/spend.redb"))
+        );
+        let flag = Cli {
+            spend_path: Some("memory".into()),
+            ..Cli::default()
+        };
+        assert_eq!(resolve(flag, &[]).unwrap().spend_path, None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let prices = dir.path().join("prices.toml");
+        std::fs::write(&prices, "[models.claude-haiku-4-5]\ninput = 0.5\n").unwrap();
+        let path = prices.to_str().unwrap();
+        let cfg = resolve(Cli::default(), &[("CLAUDE_PROXY_PRICES_FILE", path)]).unwrap();
+        assert_eq!(
+            cfg.prices.price("claude-haiku-4-5").input(),
+            crate::tenant::ModelPrice::usd(0.5, 1.0, 1.0, 1.0, 1.0).input()
+        );
+        std::fs::write(&prices, "[models.claude-haiku-4-5]\ninput = -1\n").unwrap();
+        let err = resolve(Cli::default(), &[("CLAUDE_PROXY_PRICES_FILE", path)]).unwrap_err();
+        assert_eq!(err.field(), "prices_file");
+        assert!(
+            err.to_string().contains("models.claude-haiku-4-5.input"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod edge;
 mod error_response;
 mod logging;
 mod server;
+mod tenants;
 
 pub use config::{
     Cli, ConfigError, GroupLimits, MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream,
@@ -30,4 +31,5 @@ pub use config::{
 };
 pub use error_response::error_response;
 pub use logging::{DEFAULT_LOG_FILTER, LogFormat, init_logging, log_colour};
-pub use server::{KeysReload, Proxy};
+pub use server::{KeysReload, Proxy, Reload};
+pub use tenants::{TenantTable, TenantsError, TenantsErrorKind, TenantsReload};

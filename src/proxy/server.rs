@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,11 +26,12 @@ use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
 use super::edge::{self, EdgeBody, REQUEST_ID};
 use super::error_response::error_response;
+use super::tenants::{TenantTable, TenantsReload};
 use crate::BoxError;
 use crate::anthropic::KeyId;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, RequestBody};
-use crate::cache::{CacheStatus, Tenant};
+use crate::cache::{CacheStatus, Tenant as CacheTenant};
 use crate::key_pool::KeyPoolLayer;
 use crate::quota::{Limits, QuotaBoard};
 use crate::retry::Deadline;
@@ -62,6 +63,20 @@ struct State {
     paced: bool,
     /// The response cache, to flush its write-behind queue on shutdown.
     cache: Option<crate::cache::CacheLayer>,
+    /// The tenants (with a tenants file): swapped whole by a reload, while requests in flight
+    /// keep the `Tenant` they were admitted with.
+    tenants: Option<RwLock<Arc<TenantTable>>>,
+    /// The budget layer (with a tenants file), whose spend store the status page reads.
+    budget: Option<crate::tenant::budget::BudgetLayer>,
+}
+
+impl State {
+    /// The tenant table in force now.
+    fn tenant_table(&self) -> Option<Arc<TenantTable>> {
+        self.tenants
+            .as_ref()
+            .map(|t| t.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
 }
 
 /// What the status page reports besides the board.
@@ -89,7 +104,8 @@ impl Proxy {
             return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
         }
         let stack = ClaudeStack::from_config(&stack_config(&config))?;
-        Self::assemble(config, stack, None)
+        let spend = local_spend(&config)?;
+        Self::assemble(config, stack, None, spend)
     }
 
     /// Builds the proxy like [`Proxy::new`], with `upstream` as the innermost service instead
@@ -124,7 +140,8 @@ impl Proxy {
             return Err("a Redis URL is configured: build the proxy with `Proxy::connect`".into());
         }
         let stack = ClaudeStack::from_config(&stack_config(&config))?;
-        Self::assemble(config, stack, Some(crate::stack::boxed(upstream)))
+        let spend = local_spend(&config)?;
+        Self::assemble(config, stack, Some(crate::stack::boxed(upstream)), spend)
     }
 
     /// Builds the proxy like [`Proxy::new`], and with a Redis URL in the configuration also
@@ -138,8 +155,27 @@ impl Proxy {
             local.cache = CacheConfig::Off;
         }
         let mut stack = ClaudeStack::from_config(&local)?;
+        let mut spend = None;
         #[cfg(feature = "redis")]
         if let Some(url) = &config.redis_url {
+            if config.tenants.is_some() {
+                // Several nodes share each tenant's spend (INCRBY per tenant and period) and
+                // each tenant's own limits (its buckets on a Redis board of their own).
+                spend = Some(
+                    Arc::new(crate::tenant::spend::RedisSpend::connect(url).await?)
+                        as Arc<dyn crate::tenant::spend::SpendStore>,
+                );
+                let options = crate::quota::RedisOptions::new()
+                    .key_prefix("tower-claude:tenant-quota:")
+                    .expected_nodes(config.expected_nodes)
+                    .fail_closed(config.redis_fail_closed);
+                let board = QuotaBoard::builder().build_redis(url, options).await?;
+                stack = stack.tenant_limit(Some(
+                    crate::tenant::limit::TenantLimitLayer::new()
+                        .board(board)
+                        .output_reservation(local.output_reservation),
+                ));
+            }
             let mut board = QuotaBoard::builder();
             for (group, l) in &config.limits {
                 board = board.limits(
@@ -168,13 +204,17 @@ impl Proxy {
         if config.redis_url.is_some() {
             return Err("REDIS_URL needs claude-proxy built with the `redis` feature".into());
         }
-        Self::assemble(config, stack, None)
+        if spend.is_none() {
+            spend = local_spend(&config)?;
+        }
+        Self::assemble(config, stack, None, spend)
     }
 
     fn assemble(
         config: ProxyConfig,
         mut stack: ClaudeStack,
         upstream: Option<crate::stack::ClaudeService>,
+        spend: Option<Arc<dyn crate::tenant::spend::SpendStore>>,
     ) -> Result<Self, BoxError> {
         let mut keys = None;
         if !config.api_keys.is_empty() {
@@ -182,6 +222,7 @@ impl Proxy {
             keys = Some(pool.handle());
             stack = stack.key_pool(Some(pool));
         }
+        let mut budget_alerts = None;
         if config.metrics {
             // Install the recorder before any request is measured.
             let _ = prometheus_handle();
@@ -191,15 +232,29 @@ impl Proxy {
             if let Some(url) = &config.alert_webhook {
                 alerts = alerts.webhook(crate::metrics::alerts::Webhook::new(url)?);
             }
+            let alerts = alerts.build();
             stack = stack.metrics(Some(
-                crate::metrics::MetricsLayer::new().alerts(alerts.build()),
+                crate::metrics::MetricsLayer::new().alerts(alerts.clone()),
             ));
+            budget_alerts = Some(alerts);
         }
+        // With a tenants file: each tenant's dollars per day and month (a tenant without a
+        // budget is metered, never refused), 80 % alerts through the quota alerts' path.
+        if let Some(store) = spend {
+            let mut layer =
+                crate::tenant::budget::BudgetLayer::from_arc(store).prices(config.prices.clone());
+            if let Some(alerts) = budget_alerts {
+                layer = layer.alerts(alerts);
+            }
+            stack = stack.budget(Some(layer));
+        }
+        let budget = stack.budget_layer().cloned();
         let metrics = stack.metrics_layer();
         let cache = stack.cache_layer().cloned();
         let board = stack.quota_board().clone();
         let concurrency = stack.concurrency_handle();
         let paced = stack.is_paced();
+        let tenants = config.tenants.clone().map(|t| RwLock::new(Arc::new(t)));
         let service = match (upstream, &config.upstream) {
             (Some(upstream), _) => stack.service(upstream),
             (None, Upstream::Url(uri)) => stack.service(
@@ -220,6 +275,8 @@ impl Proxy {
                 concurrency,
                 paced,
                 cache,
+                tenants,
+                budget,
             }),
         })
     }
@@ -252,9 +309,27 @@ impl Proxy {
         reload_keys(&self.state)
     }
 
-    /// Spawns a task that calls [`reload_keys`](Self::reload_keys) on every SIGHUP (Unix
-    /// only; elsewhere nothing is spawned). The task ends with the runtime.
-    pub fn reload_keys_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+    /// Re-reads the tenants file (when one is configured) and the keys file, as one step:
+    /// a tenants file that does not parse or validate, or a keys file that cannot be read, is
+    /// refused with the field named and nothing changes. Otherwise the new tenant table
+    /// replaces the old one at once (requests in flight keep the tenant they were admitted
+    /// with; a tenant that keeps its name keeps its counters) and removed keys are restored
+    /// as [`reload_keys`](Self::reload_keys) does. `claude-proxy` calls this on SIGHUP and on
+    /// `POST /v1/proxy/reload` from an admin tenant.
+    pub fn reload(&self) -> Result<Reload, BoxError> {
+        reload(&self.state)
+    }
+
+    /// The tenant table in force (`None` without a tenants file).
+    pub fn tenants(&self) -> Option<Arc<TenantTable>> {
+        self.state.tenant_table()
+    }
+
+    /// Spawns a task that calls [`reload`](Self::reload) on every SIGHUP (Unix only; elsewhere
+    /// nothing is spawned): one signal re-reads the keys file and the tenants file. A refused
+    /// file is logged (`warn`) and the running configuration kept. The task ends with the
+    /// runtime.
+    pub fn reload_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -262,15 +337,21 @@ impl Proxy {
             let state = self.state.clone();
             Ok(Some(tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: re-reading the keys file");
-                    if let Err(err) = reload_keys(&state) {
-                        tracing::warn!(%err, "SIGHUP: keys not reloaded");
+                    tracing::info!("SIGHUP: re-reading the keys file and the tenants file");
+                    if let Err(err) = reload(&state) {
+                        tracing::warn!(%err, "SIGHUP: reload refused; the running configuration is kept");
                     }
                 }
             })))
         }
         #[cfg(not(unix))]
         Ok(None)
+    }
+
+    /// The same as [`reload_on_sighup`](Self::reload_on_sighup) (its name from before the
+    /// tenants file: one SIGHUP re-reads both files).
+    pub fn reload_keys_on_sighup(&self) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+        self.reload_on_sighup()
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then stops accepting and
@@ -394,6 +475,15 @@ impl Proxy {
                 tracing::warn!("cache writes still pending after 10 s; not all answers stored");
             }
         }
+        // Settled costs are in the spend store before the process exits (a restart finds them).
+        if let Some(budget) = &self.state.budget {
+            if tokio::time::timeout(Duration::from_secs(10), budget.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("spend store writes still pending after 10 s; not all costs stored");
+            }
+        }
         Ok(())
     }
 }
@@ -406,6 +496,61 @@ pub struct KeysReload {
     pub restored: Vec<KeyId>,
     /// Keys listed that the pool does not hold (they need a restart).
     pub not_in_pool: usize,
+}
+
+/// What [`Proxy::reload`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reload {
+    /// The keys file's part.
+    pub keys: KeysReload,
+    /// The tenants file's part (`None` without a tenants file).
+    pub tenants: Option<TenantsReload>,
+}
+
+impl Reload {
+    /// The JSON answer of `POST /v1/proxy/reload` (key ids and tenant names only).
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "keys": {
+                "restored": self.keys.restored.iter().map(KeyId::as_str).collect::<Vec<_>>(),
+                "not_in_pool": self.keys.not_in_pool,
+            },
+            "tenants": self.tenants.as_ref().map(|t| serde_json::json!({
+                "added": t.added,
+                "removed": t.removed,
+                "changed": t.changed,
+                "unchanged": t.unchanged,
+            })),
+        })
+    }
+}
+
+fn reload(state: &State) -> Result<Reload, BoxError> {
+    // Both files are read and checked before anything changes.
+    let table = match (&state.tenants, &state.config.tenants_file) {
+        (Some(_), Some(path)) => Some(TenantTable::read(path)?),
+        _ => None,
+    };
+    let keys = reload_keys(state)?;
+    let tenants = match (table, &state.tenants) {
+        (Some(table), Some(slot)) => {
+            // Under the write lock, so that two reloads at once cannot lose counters.
+            let mut current = slot.write().unwrap_or_else(PoisonError::into_inner);
+            let (table, report) = table.carry_over(&current);
+            *current = Arc::new(table);
+            tracing::info!(
+                added = ?report.added,
+                removed = ?report.removed,
+                changed = ?report.changed,
+                unchanged = report.unchanged,
+                "tenants reloaded"
+            );
+            Some(report)
+        }
+        _ => None,
+    };
+    Ok(Reload { keys, tenants })
 }
 
 fn reload_keys(state: &State) -> Result<KeysReload, BoxError> {
@@ -461,6 +606,27 @@ impl tower::Service<Request<EdgeBody>> for Handle {
         let state = self.state.clone();
         Box::pin(async move { Ok(handle(state, req).await) })
     }
+}
+
+/// The spend store of the budgets on this machine (with a tenants file): the redb file
+/// `spend_path`, or memory.
+fn local_spend(
+    config: &ProxyConfig,
+) -> Result<Option<Arc<dyn crate::tenant::spend::SpendStore>>, BoxError> {
+    if config.tenants.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(match &config.spend_path {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let store = crate::tenant::spend::DiskSpend::open(path)
+                .map_err(|e| format!("spend store {}: {e}", path.display()))?;
+            Arc::new(store)
+        }
+        None => Arc::new(crate::tenant::spend::MemorySpend::new()),
+    }))
 }
 
 /// The stack configuration the proxy's settings describe.
@@ -524,6 +690,9 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
             )
         }),
         pacing: config.pacing,
+        // issue 15: a tenant's own limits, only with a tenants file (without one no request
+        // carries a tenant: nothing changes).
+        tenant_limit: config.tenants.is_some(),
         ..StackConfig::default()
     }
 }
@@ -549,7 +718,10 @@ fn simulator(m: &MockSettings) -> crate::testing::MockClaude {
 /// `GET /v1/proxy/status`: per key id and group, the limits, what is left, the queue; the
 /// proxy's upstream keys (when it holds them) and the Redis backend (when configured); the
 /// cache hit rate. Key ids only, never keys.
-fn status_page(state: &State) -> Response<ProxyBody> {
+///
+/// With a tenants file, an admin tenant sees every tenant; any other tenant sees its own entry
+/// only (not the other teams' usage and spend).
+async fn status_page(state: &State, viewer: Option<&crate::tenant::Tenant>) -> Response<ProxyBody> {
     let bucket = |b: Option<crate::quota::BucketHeadroom>| match b {
         Some(b) => serde_json::json!({"limit": b.limit, "remaining": b.remaining,
             "fraction": (b.fraction * 1000.0).round() / 1000.0, "full_in_s": b.full_in.as_secs_f64()}),
@@ -622,6 +794,24 @@ fn status_page(state: &State) -> Response<ProxyBody> {
     });
     #[cfg(not(feature = "redis"))]
     let redis: Option<serde_json::Value> = None;
+    let tenants = match state.tenant_table() {
+        Some(table) => {
+            let shown: Vec<crate::tenant::Tenant> = table
+                .tenants()
+                .iter()
+                .filter(|t| viewer.is_none_or(|v| v.is_admin() || v.name() == t.name()))
+                .cloned()
+                .collect();
+            let spent = budget_use(state, &shown).await;
+            Some(
+                shown
+                    .iter()
+                    .map(|t| tenant_status(t, spent.get(t.name()).copied()))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        None => None,
+    };
     let c = &state.counters;
     let hits = c.cache_hits.load(Ordering::Relaxed);
     let misses = c.cache_misses.load(Ordering::Relaxed);
@@ -650,8 +840,124 @@ fn status_page(state: &State) -> Response<ProxyBody> {
             "adaptive": state.config.adaptive_concurrency,
         })),
         "pacing": state.paced,
+        "tenants": tenants,
     });
     json_response(StatusCode::OK, body.to_string())
+}
+
+/// `POST /v1/proxy/reload`: re-reads the tenants file and the keys file ([`Proxy::reload`]),
+/// for an admin tenant only. A refused file is a 400 naming the field; the running
+/// configuration is kept.
+fn reload_route(state: &State, tenant: Option<&crate::tenant::Tenant>) -> Response<ProxyBody> {
+    match tenant {
+        Some(t) if t.is_admin() => {}
+        _ => {
+            tracing::debug!(
+                tenant = tenant.map(|t| t.name()),
+                "reload refused: not an admin"
+            );
+            return api_error(
+                ApiErrorKind::Permission,
+                "POST /v1/proxy/reload is for a tenant with `admin = true` in the tenants file",
+            );
+        }
+    }
+    match reload(state) {
+        Ok(report) => json_response(StatusCode::OK, report.to_json().to_string()),
+        Err(err) => {
+            tracing::warn!(%err, "reload refused; the running configuration is kept");
+            api_error(
+                ApiErrorKind::InvalidRequest,
+                &format!("reload refused, the running configuration is kept: {err}"),
+            )
+        }
+    }
+}
+
+/// What each tenant with a budget has spent this UTC day and month, in micro-USD, as the
+/// budget layer counts it ([`BudgetLayer::spend`](crate::tenant::budget::BudgetLayer::spend):
+/// the store's totals plus costs settled here and not yet stored), read concurrently and
+/// bounded in time: a store that does not answer leaves the figures out rather than the page.
+async fn budget_use(
+    state: &State,
+    tenants: &[crate::tenant::Tenant],
+) -> std::collections::HashMap<String, (u64, u64)> {
+    let Some(budget) = &state.budget else {
+        return std::collections::HashMap::new();
+    };
+    let with_budget = tenants.iter().filter(|t| {
+        let b = t.budget_value();
+        b.daily().is_some() || b.monthly().is_some()
+    });
+    let reads = with_budget.map(|t| async move {
+        match budget.spend(t.name()).await {
+            Ok(s) => Some((t.name().to_owned(), (s.day, s.month))),
+            Err(err) => {
+                tracing::warn!(%err, tenant = t.name(), "status page: spend store unreadable");
+                None
+            }
+        }
+    });
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        futures_util::future::join_all(reads),
+    )
+    .await
+    {
+        Ok(spent) => spent.into_iter().flatten().collect(),
+        Err(_) => {
+            tracing::warn!("status page: spend store did not answer within 2 s");
+            std::collections::HashMap::new()
+        }
+    }
+}
+
+/// One tenant on the status page: its settings, counters and budget use (its name, never its
+/// tokens). `spent`: micro-USD this UTC day and month, when known.
+fn tenant_status(t: &crate::tenant::Tenant, spent: Option<(u64, u64)>) -> serde_json::Value {
+    let s = t.stats();
+    let budget = t.budget_value();
+    let usd = |micro: u64| micro as f64 / 1e6;
+    let used = |micro: u64, limit: Option<f64>| {
+        limit.map(|l| {
+            if l > 0.0 {
+                ((micro as f64 / 1e6 / l) * 1e6).round() / 1e6
+            } else {
+                1.0
+            }
+        })
+    };
+    let limits: serde_json::Map<String, serde_json::Value> = t
+        .limits()
+        .iter()
+        .map(|(group, l)| {
+            (
+                group.clone(),
+                serde_json::json!({"rpm": l.rpm, "itpm": l.itpm, "otpm": l.otpm}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "name": t.name(),
+        "weight": t.weight_value(),
+        "priority": t.priority_class().as_str(),
+        "admin": t.is_admin(),
+        "requests": s.requests(),
+        "input_tokens": s.input_tokens(),
+        "output_tokens": s.output_tokens(),
+        "cost_usd": (s.cost_usd() * 1e6).round() / 1e6,
+        "queue_wait_s": (s.queue_wait().as_secs_f64() * 1000.0).round() / 1000.0,
+        "refusals": s.refusals(),
+        "limits": limits,
+        "budget": serde_json::json!({
+            "usd_per_day": budget.daily(),
+            "usd_per_month": budget.monthly(),
+            "spent_today_usd": spent.map(|(day, _)| usd(day)),
+            "spent_this_month_usd": spent.map(|(_, month)| usd(month)),
+            "day_used": spent.and_then(|(day, _)| used(day, budget.daily())),
+            "month_used": spent.and_then(|(_, month)| used(month, budget.monthly())),
+        }),
+    })
 }
 
 /// The process-wide Prometheus recorder, installed by the first proxy that asks for it (the
@@ -685,8 +991,13 @@ fn metrics_page(state: &State) -> Response<ProxyBody> {
     if let Some(m) = &state.metrics {
         m.refresh();
     }
+    let mut text = crate::metrics::prometheus::render(handle);
+    // Per tenant, read from the counters now: a tenant removed by a reload is not shown.
+    if let Some(table) = state.tenant_table() {
+        text.push_str(&crate::metrics::prometheus::render_tenants(table.tenants()));
+    }
     let mut resp = Response::new(
-        Full::new(Bytes::from(crate::metrics::prometheus::render(handle)))
+        Full::new(Bytes::from(text))
             .map_err(|n| match n {})
             .boxed_unsync(),
     );
@@ -757,7 +1068,19 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
 
     // Decided from the headers alone: an unauthenticated client never gets its body read.
     let config = &state.config;
-    if !config.client_tokens.is_empty() {
+    let mut tenant = None;
+    if let Some(table) = state.tenant_table() {
+        match presented_token(&req).and_then(|token| table.authenticate(token)) {
+            Some(found) => tenant = Some(found.clone()),
+            None => {
+                tracing::debug!("tenant token missing or unknown: 401 before reading the body");
+                return api_error(
+                    ApiErrorKind::Authentication,
+                    "invalid proxy token: send your tenant's token as x-api-key",
+                );
+            }
+        }
+    } else if !config.client_tokens.is_empty() {
         let ok = presented_token(&req)
             .is_some_and(|t| config.client_tokens.iter().any(|s| same_secret(t, s)));
         if !ok {
@@ -770,7 +1093,17 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     }
     // The status page names keys and tenants' usage: behind the client tokens like the API.
     if req.method() == Method::GET && path == "/v1/proxy/status" {
-        return status_page(&state);
+        return status_page(&state, tenant.as_ref()).await;
+    }
+    if req.method() == Method::POST && path == "/v1/proxy/reload" {
+        return reload_route(&state, tenant.as_ref());
+    }
+    if path == "/v1/proxy" || path.starts_with("/v1/proxy/") {
+        // The proxy's own namespace: never forwarded upstream (with the proxy's key).
+        return api_error(
+            ApiErrorKind::NotFound,
+            "the proxy's routes are GET /v1/proxy/status and POST /v1/proxy/reload",
+        );
     }
     // Only paths that name one resource under /v1/ leave with the proxy's key: no `..`, no
     // encoded slash, no `//` (refused, not normalised; see `client::check_path`).
@@ -787,14 +1120,29 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     {
         req.headers_mut().remove("x-api-key");
     }
-    if !config.api_keys.is_empty() {
+    if let Some(tenant) = &tenant {
+        // A tenant's token is the proxy's, never the upstream's: it names the tenant (the
+        // fair queues, limits, budgets and the cache partition read the extensions) and stays
+        // here.
+        tracing::debug!(tenant = tenant.name(), "tenant authenticated");
+        req.extensions_mut().insert(CacheTenant::new(tenant.name()));
+        req.extensions_mut().insert(tenant.clone());
+        req.headers_mut().remove(header::AUTHORIZATION);
+        req.headers_mut().remove("x-api-key");
+        if config.api_keys.is_empty() {
+            // Only with the built-in simulator (the configuration requires upstream keys
+            // otherwise), which wants some key: one for all tenants, as a real key would be.
+            req.headers_mut()
+                .insert("x-api-key", HeaderValue::from_static("proxy-simulator"));
+        }
+    } else if !config.api_keys.is_empty() {
         // The proxy holds the upstream keys (the key pool picks one per request): the client's
         // credential never goes upstream. It still names the cache tenant, so that clients
         // with different proxy tokens never share cached answers.
         let tenant = presented_token(&req)
             .map(|t| KeyId::from_api_key(t).as_str().to_owned())
             .unwrap_or_else(|| "proxy".to_owned());
-        req.extensions_mut().insert(Tenant::new(tenant));
+        req.extensions_mut().insert(CacheTenant::new(tenant));
         req.headers_mut().remove(header::AUTHORIZATION);
         req.headers_mut().remove("x-api-key");
     }
@@ -833,6 +1181,9 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     };
     let req = Request::from_parts(parts, body);
     state.counters.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(tenant) = &tenant {
+        tenant.stats().record_request();
+    }
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
             for name in crate::client::HOP_BY_HOP.iter() {

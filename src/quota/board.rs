@@ -15,13 +15,16 @@ use super::local::{Check, Enqueued, Grant, LocalBackend, Origin, Outcome, WaitPo
 use super::prompt_cache::{DEFAULT_PREFIX_CAPACITY, PromptCacheMemory};
 use super::types::{Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
+use crate::tenant::Tenant;
 
 /// The default time after which an idle, full entry is forgotten.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Shared quota state per `(key id, rate-limit group)`: limits (configured, or learned from
 /// `anthropic-ratelimit-*-limit` headers), three continuous token buckets (requests, input
-/// tokens, output tokens), the last server snapshot, and one FIFO queue of waiting requests.
+/// tokens, output tokens), the last server snapshot, and one queue of waiting requests:
+/// weighted-fair across tenants, FIFO within a tenant ([`tenant::fair`](crate::tenant::fair);
+/// plain FIFO when no request carries a [`Tenant`]).
 ///
 /// Cloning is cheap (an `Arc`); every clone sees the same state, so a board given to several
 /// layers and services makes them share buckets and one queue.
@@ -424,7 +427,8 @@ impl QuotaBoard {
         }
     }
 
-    /// Waits (FIFO per `(key, group)`) until `cost` fits, then takes it.
+    /// Waits (in the `(key, group)`'s queue: FIFO, or weighted-fair across tenants with
+    /// [`Acquire::tenant`]) until `cost` fits, then takes it.
     ///
     /// The returned future is cancellation-safe: dropping it while queued takes nothing and
     /// lets the next waiter in. Refunds from settled reservations wake waiters at once. Add a
@@ -436,6 +440,8 @@ impl QuotaBoard {
             group,
             cost,
             deadline: None,
+            tenant: None,
+            started: None,
             state: AcquireState::Start,
             sleep: None,
             #[cfg(feature = "redis")]
@@ -616,6 +622,10 @@ pub struct Acquire {
     group: RateLimitGroup,
     cost: Cost,
     deadline: Option<Instant>,
+    /// Whose request this is: its place in the fair queue, and where its wait is counted.
+    tenant: Option<Tenant>,
+    /// When it was first polled.
+    started: Option<Instant>,
     state: AcquireState,
     sleep: Option<Pin<Box<Sleep>>>,
     /// The Redis path (or the local fallback while Redis is down).
@@ -630,6 +640,7 @@ impl fmt::Debug for Acquire {
             .field("group", &self.group)
             .field("cost", &self.cost)
             .field("deadline", &self.deadline)
+            .field("tenant", &self.tenant.as_ref().map(Tenant::name))
             .field("state", &self.state)
             .finish()
     }
@@ -649,8 +660,56 @@ impl Acquire {
         self
     }
 
+    /// Waits in `tenant`'s FIFO of the fair queue (weighted-fair across tenants, `interactive`
+    /// before `batch`; see [`tenant::fair`](crate::tenant::fair)) instead of the anonymous
+    /// default tenant's, and counts the time waited in its
+    /// [`TenantStats::record_queue_wait`](crate::tenant::TenantStats::record_queue_wait).
+    /// Takes effect when set before the first poll.
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{KeyId, RateLimitGroup};
+    /// use tower_claude::quota::{Cost, Limits, QuotaBoard};
+    /// use tower_claude::tenant::Tenant;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let group = RateLimitGroup::new("claude-haiku-4");
+    /// let board = QuotaBoard::builder().limits(group.clone(), Limits::new(1, 1_000, 1_000)).build();
+    /// let key = KeyId::named("k");
+    /// let alice = Tenant::new("alice");
+    /// let first = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
+    /// let second = board.acquire(key, group, Cost::new(1, 0, 0)).tenant(alice.clone()).await.unwrap();
+    /// assert!(alice.stats().queue_wait().as_secs() >= 59);
+    /// # drop((first, second));
+    /// # }
+    /// ```
+    pub fn tenant(mut self, tenant: Tenant) -> Self {
+        self.tenant = Some(tenant);
+        self
+    }
+
+    /// Sets the tenant, if any (see [`tenant`](Self::tenant)).
+    pub(crate) fn tenant_opt(mut self, tenant: Option<Tenant>) -> Self {
+        self.tenant = tenant;
+        self
+    }
+
     /// Ends the wait with a reservation for `grant`.
     fn granted(&mut self, grant: Grant) -> Poll<Result<Reservation, AcquireError>> {
+        if let Some(started) = self.started.filter(|_| self.state != AcquireState::Start) {
+            let waited = started.elapsed();
+            let tenant = self.tenant.as_ref().map_or("", Tenant::name);
+            tracing::debug!(
+                key = %self.key,
+                group = %self.group,
+                tenant,
+                waited_ms = waited.as_millis() as u64,
+                "quota: admitted from the queue"
+            );
+            if let Some(t) = &self.tenant {
+                t.stats().record_queue_wait(waited);
+            }
+        }
         self.state = AcquireState::Done;
         Poll::Ready(Ok(self.board.reservation(
             self.key.clone(),
@@ -691,15 +750,26 @@ impl Future for Acquire {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+        let started = *this.started.get_or_insert_with(Instant::now);
         #[cfg(feature = "redis")]
         if let Some(polled) = super::redis::poll_remote(
             &this.board,
             &mut this.remote,
             this.state == AcquireState::Start,
-            (&this.key, &this.group, this.cost, this.deadline),
+            (
+                &this.key,
+                &this.group,
+                this.cost,
+                this.deadline,
+                this.tenant.as_ref(),
+            ),
             cx,
         ) {
-            if polled.is_ready() {
+            if let Poll::Ready(r) = &polled {
+                if let (Ok(_), Some(t)) = (r, &this.tenant) {
+                    t.stats().record_queue_wait(started.elapsed());
+                }
                 this.state = AcquireState::Done;
             }
             return polled;
@@ -718,12 +788,20 @@ impl Future for Acquire {
                 }
                 AcquireState::Start => {
                     let enq = match &this.board.backend {
-                        Backend::Local(b) => b.enqueue(&this.key, &this.group, &this.cost),
+                        Backend::Local(b) => {
+                            b.enqueue(&this.key, &this.group, &this.cost, this.tenant.as_ref())
+                        }
                     };
                     match enq {
                         Enqueued::Granted(grant) => return this.granted(grant),
                         Enqueued::TooLarge => return this.too_large(),
                         Enqueued::Queued(id) => {
+                            tracing::debug!(
+                                key = %this.key,
+                                group = %this.group,
+                                tenant = this.tenant.as_ref().map_or("", Tenant::name),
+                                "quota: queued"
+                            );
                             this.state = AcquireState::Queued(id);
                             id
                         }

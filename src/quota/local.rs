@@ -3,8 +3,8 @@
 //! The mutex is never held across an `.await` or while calling user code; every operation is a
 //! few arithmetic steps, so a plain `std::sync::Mutex` is faster than an async lock here.
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use super::bucket::TokenBucket;
 use super::types::{BucketHeadroom, Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
+use crate::tenant::Tenant;
+use crate::tenant::fair::FairQueue;
 
 /// `(key id, rate-limit group)`.
 pub(crate) type EntryKey = (KeyId, RateLimitGroup);
@@ -174,9 +176,9 @@ impl Slot {
     }
 }
 
+/// How a wait ended, kept until its waiter polls.
 #[derive(Debug)]
-enum WaitState {
-    Waiting,
+enum Decided {
     Granted(Grant),
     TooLarge,
     /// Handed over to the shared store (see [`WaitPoll::Released`]).
@@ -185,10 +187,16 @@ enum WaitState {
 
 #[derive(Debug)]
 struct Waiter {
-    id: u64,
     cost: Cost,
-    state: WaitState,
     waker: Option<Waker>,
+}
+
+impl Waiter {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -201,7 +209,10 @@ struct Entry {
     /// When the probe out was sent.
     probe_since: Instant,
     snapshot: Option<(RateLimitSnapshot, Instant)>,
-    queue: VecDeque<Waiter>,
+    /// Waiting requests, weighted-fair across tenants (FIFO with one tenant).
+    queue: FairQueue<Waiter>,
+    /// Waits that ended (granted, too large, released), until their waiter polls.
+    decided: HashMap<u64, Decided>,
     outstanding: usize,
     last_used: Instant,
     /// The board mirrors a shared store (Redis) that holds the buckets of known limits: this
@@ -238,7 +249,8 @@ impl Entry {
             probe_out: false,
             probe_since: now,
             snapshot: None,
-            queue: VecDeque::new(),
+            queue: FairQueue::new(),
+            decided: HashMap::new(),
             outstanding: 0,
             last_used: now,
             mirror,
@@ -251,7 +263,11 @@ impl Entry {
 
     /// Nothing waits on, is held by or is being learned for this entry.
     fn is_quiet(&self) -> bool {
-        self.queue.is_empty() && self.outstanding == 0 && !self.probe_out && !self.seeding
+        self.queue.is_empty()
+            && self.decided.is_empty()
+            && self.outstanding == 0
+            && !self.probe_out
+            && !self.seeding
     }
 
     /// The quota of this entry is taken in the shared store, not here.
@@ -484,65 +500,63 @@ impl Entry {
     }
 
     fn has_waiting(&self) -> bool {
-        self.queue
-            .iter()
-            .any(|w| matches!(w.state, WaitState::Waiting))
+        !self.queue.is_empty()
     }
 
     fn waiting_len(&self) -> usize {
-        self.queue
-            .iter()
-            .filter(|w| matches!(w.state, WaitState::Waiting))
-            .count()
+        self.queue.len()
     }
 
-    /// Grants waiting requests in FIFO order while they fit; wakes the ones granted and the new
-    /// head (so that it re-arms its timer). `except` is the waiter currently polling, which is
-    /// not woken.
+    /// Ends a wait: the waiter leaves the queue, and is woken unless it is the one polling
+    /// (`except`).
+    fn decide(&mut self, id: u64, decided: Decided, except: Option<u64>) {
+        if let Some(mut w) = self.queue.remove(id) {
+            if Some(id) != except {
+                w.wake();
+            }
+        }
+        self.decided.insert(id, decided);
+    }
+
+    /// Grants waiting requests in the queue's order (weighted-fair across tenants, FIFO
+    /// within one) while they fit; wakes the ones granted and the new head (so that it
+    /// re-arms its timer). `except` is the waiter currently polling, which is not woken.
     fn drain(&mut self, now: Instant, except: Option<u64>) {
         if self.defers_to_store() {
-            // The shared store decides (FIFO does not span processes anyway); release every
-            // waiter once the store holds the learned limits and the server's view.
+            // The shared store decides (the order does not span processes anyway); release
+            // every waiter once the store holds the learned limits and the server's view.
             if self.seeding {
                 return;
             }
-            for w in self.queue.iter_mut() {
-                if matches!(w.state, WaitState::Waiting) {
-                    w.state = WaitState::Released;
-                    if Some(w.id) != except {
-                        if let Some(waker) = w.waker.take() {
-                            waker.wake();
-                        }
-                    }
-                }
+            while let Some(id) = self.queue.peek_id() {
+                self.decide(id, Decided::Released, except);
             }
             return;
         }
-        for idx in 0..self.queue.len() {
-            if !matches!(self.queue[idx].state, WaitState::Waiting) {
-                continue;
-            }
-            let cost = self.queue[idx].cost;
-            let state = match self.check(&cost, now) {
-                Check::Ready => WaitState::Granted(self.take(&cost, now)),
-                Check::TooLarge => WaitState::TooLarge,
+        while let Some((id, cost)) = self.queue.peek().map(|(id, w)| (id, w.cost)) {
+            let decided = match self.check(&cost, now) {
+                Check::Ready => {
+                    let grant = self.take(&cost, now);
+                    // Counted against its tenant's turn.
+                    if let Some((_, mut w)) = self.queue.pop() {
+                        if Some(id) != except {
+                            w.wake();
+                        }
+                    }
+                    self.decided.insert(id, Decided::Granted(grant));
+                    continue;
+                }
+                Check::TooLarge => Decided::TooLarge,
                 Check::Wait(_) => {
-                    let w = &mut self.queue[idx];
-                    if Some(w.id) != except {
-                        if let Some(waker) = w.waker.take() {
-                            waker.wake();
+                    if Some(id) != except {
+                        if let Some(w) = self.queue.get_mut(id) {
+                            w.wake();
                         }
                     }
                     return;
                 }
             };
-            let w = &mut self.queue[idx];
-            w.state = state;
-            if Some(w.id) != except {
-                if let Some(waker) = w.waker.take() {
-                    waker.wake();
-                }
-            }
+            self.decide(id, decided, except);
         }
     }
 
@@ -818,7 +832,15 @@ impl LocalBackend {
         }
     }
 
-    pub(crate) fn enqueue(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> Enqueued {
+    /// Takes `cost` now if it fits and nobody waits, else queues it in `tenant`'s FIFO (`None`:
+    /// the anonymous default tenant) of the `(key, group)`'s fair queue.
+    pub(crate) fn enqueue(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+        tenant: Option<&Tenant>,
+    ) -> Enqueued {
         let now = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
@@ -831,12 +853,14 @@ impl LocalBackend {
             Check::Ready if !e.has_waiting() => return Enqueued::Granted(e.take(cost, now)),
             _ => {}
         }
-        e.queue.push_back(Waiter {
+        e.queue.push(
             id,
-            cost: *cost,
-            state: WaitState::Waiting,
-            waker: None,
-        });
+            tenant,
+            Waiter {
+                cost: *cost,
+                waker: None,
+            },
+        );
         Enqueued::Queued(id)
     }
 
@@ -855,33 +879,21 @@ impl LocalBackend {
             // than panic.
             return WaitPoll::TimedOut(None);
         };
-        let Some(pos) = e.queue.iter().position(|w| w.id == id) else {
-            return WaitPoll::TimedOut(None);
-        };
-        if matches!(e.queue[pos].state, WaitState::Waiting) {
+        if e.queue.contains(id) {
             e.drain(now, Some(id));
         }
-        let pos = match e.queue.iter().position(|w| w.id == id) {
-            Some(p) => p,
-            None => return WaitPoll::TimedOut(None),
-        };
-        match e.queue[pos].state {
-            WaitState::Granted(g) => {
-                e.queue.remove(pos);
-                return WaitPoll::Granted(g);
-            }
-            WaitState::TooLarge => {
-                e.queue.remove(pos);
+        match e.decided.remove(&id) {
+            Some(Decided::Granted(g)) => return WaitPoll::Granted(g),
+            Some(Decided::TooLarge) => {
                 e.drain(now, None);
                 return WaitPoll::TooLarge;
             }
-            WaitState::Released => {
-                e.queue.remove(pos);
-                return WaitPoll::Released;
-            }
-            WaitState::Waiting => {}
+            Some(Decided::Released) => return WaitPoll::Released,
+            None => {}
         }
-        let cost = e.queue[pos].cost;
+        let Some(cost) = e.queue.get(id).map(|w| w.cost) else {
+            return WaitPoll::TimedOut(None);
+        };
         let estimate = match e.check(&cost, now) {
             // Waiting for the shared store to be seeded: no timer helps.
             _ if e.defers_to_store() => None,
@@ -891,26 +903,21 @@ impl LocalBackend {
         };
         if let Some(d) = deadline {
             if now >= d {
-                e.queue.remove(pos);
+                e.queue.remove(id);
                 e.drain(now, None);
                 return WaitPoll::TimedOut(estimate);
             }
         }
-        let is_head = e
-            .queue
-            .iter()
-            .find(|w| matches!(w.state, WaitState::Waiting))
-            .map(|w| w.id)
-            == Some(id);
-        let timer = if is_head {
+        let timer = if e.queue.peek_id() == Some(id) {
             estimate.map(|d| now + d)
         } else {
             None
         };
-        let w = &mut e.queue[pos];
-        match &w.waker {
-            Some(old) if old.will_wake(waker) => {}
-            _ => w.waker = Some(waker.clone()),
+        if let Some(w) = e.queue.get_mut(id) {
+            match &w.waker {
+                Some(old) if old.will_wake(waker) => {}
+                _ => w.waker = Some(waker.clone()),
+            }
         }
         WaitPoll::Pending(timer)
     }
@@ -923,12 +930,12 @@ impl LocalBackend {
         let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
             return;
         };
-        if let Some(pos) = e.queue.iter().position(|w| w.id == id) {
-            if let Some(w) = e.queue.remove(pos) {
-                if let WaitState::Granted(g) = w.state {
-                    e.settle(&g, Outcome::Refund, now);
-                }
-            }
+        let removed = e.queue.remove(id).is_some();
+        let decided = e.decided.remove(&id);
+        if let Some(Decided::Granted(g)) = &decided {
+            e.settle(g, Outcome::Refund, now);
+        }
+        if removed || decided.is_some() {
             e.drain(now, None);
         }
     }

@@ -8,7 +8,8 @@
 //! * [`TokenBucket`]: continuous-refill arithmetic on [`tokio::time::Instant`] (paused-time
 //!   friendly, refundable, re-seedable from the server's view).
 //! * [`QuotaBoard`]: per `(key, group)` three buckets, the limits (configured or learned from
-//!   `anthropic-ratelimit-*-limit` headers), the last server snapshot, and a FIFO queue.
+//!   `anthropic-ratelimit-*-limit` headers), the last server snapshot, and a queue of waiters
+//!   (weighted-fair across tenants, FIFO within one: [`tenant::fair`](crate::tenant::fair)).
 //!   [`QuotaBoard::acquire`] hands out [`Reservation`]s that are settled from the real usage.
 //! * Read views for other layers: [`Headroom`], [`QuotaStatus`].
 //!

@@ -1084,6 +1084,8 @@ struct SharedAcquire {
     group: RateLimitGroup,
     cost: Cost,
     deadline: Option<Instant>,
+    /// Its place in the local fallback's fair queue while Redis is down.
+    tenant: Option<crate::tenant::Tenant>,
 }
 
 impl SharedAcquire {
@@ -1138,6 +1140,7 @@ impl SharedAcquire {
             group,
             cost,
             deadline,
+            tenant,
         } = self;
         // This acquire's place in the line across processes; left when it ends either way.
         let mut ticket = Leave {
@@ -1165,6 +1168,7 @@ impl SharedAcquire {
                     .fallback
                     .acquire(key, group, cost)
                     .deadline(deadline)
+                    .tenant_opt(tenant)
                     .await;
             }
             let Some(caps) = shared.mirror.capacities(&key, &group) else {
@@ -1247,7 +1251,13 @@ pub(crate) fn poll_remote(
     board: &QuotaBoard,
     remote: &mut RemoteState,
     at_start: bool,
-    (key, group, cost, deadline): (&KeyId, &RateLimitGroup, Cost, Option<Instant>),
+    (key, group, cost, deadline, tenant): (
+        &KeyId,
+        &RateLimitGroup,
+        Cost,
+        Option<Instant>,
+        Option<&crate::tenant::Tenant>,
+    ),
     cx: &mut Context<'_>,
 ) -> Option<Poll<Result<Reservation, AcquireError>>> {
     if remote.fut.is_none() {
@@ -1262,6 +1272,7 @@ pub(crate) fn poll_remote(
             group: group.clone(),
             cost,
             deadline,
+            tenant: tenant.cloned(),
         };
         let fut: RemoteAcquire = if shared.is_degraded() {
             Box::pin(async move { Some(job.run().await) })

@@ -401,7 +401,7 @@ async fn a_mirror_releases_the_waiters_behind_the_probe_to_the_shared_store() {
     let probe = m.try_acquire(&k(), &g(), &cost).ok().unwrap();
     assert!(probe.probe);
     let waker = std::task::Waker::noop();
-    let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost) else {
+    let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost, None) else {
         panic!("the second request must wait for the probe");
     };
     // It waits behind the probe, at most for the probe grace (2 s).
@@ -432,7 +432,7 @@ async fn a_mirror_releases_the_waiters_behind_the_probe_to_the_shared_store() {
         49
     );
     assert!(m.try_acquire(&k(), &g(), &cost).is_err());
-    let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost) else {
+    let Enqueued::Queued(id) = m.enqueue(&k(), &g(), &cost, None) else {
         panic!("known limits of a shared store are never granted locally");
     };
     assert!(matches!(

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
-use crate::anthropic::{StreamTracker, Usage};
+use crate::anthropic::{Usage, UsageWatch};
 use crate::quota::{Cost, PromptCacheEstimate, PromptCacheMemory, Reservation};
 
 /// What a request's settlement does with the prompt cache: counts cache reads toward the
@@ -67,7 +67,7 @@ const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 /// Data flows through unchanged. For an admitted request it watches the usage:
 /// * JSON: the body is copied as it passes (up to 8 MiB) and read with
 ///   [`Usage::from_json`] at the end;
-/// * SSE: a [`StreamTracker`] follows `message_start` / `message_delta`.
+/// * SSE: a [`StreamTracker`](crate::anthropic::StreamTracker) follows `message_start` / `message_delta`.
 ///
 /// When the body ends, the reservation is settled once with the real cost (1 request,
 /// `input_tokens + cache_creation_input_tokens`, plus `cache_read_input_tokens` for the models
@@ -105,16 +105,11 @@ impl<B> RateLimitBody<B> {
         sse: bool,
         note: Option<PromptNote>,
     ) -> Self {
-        let mode = if sse {
-            Mode::Sse(Box::default())
-        } else {
-            Mode::Json(Vec::new())
-        };
         Self {
             inner,
             settler: Some(Settler {
                 reservation: Some(reservation),
-                mode,
+                watch: UsageWatch::new(sse, MAX_JSON_COPY),
                 note,
             }),
         }
@@ -132,32 +127,15 @@ impl<B> RateLimitBody<B> {
     }
 }
 
-enum Mode {
-    /// A copy of the JSON body, dropped (`Overflow`) when too large.
-    Json(Vec<u8>),
-    Overflow,
-    Sse(Box<StreamTracker>),
-}
-
 struct Settler {
     reservation: Option<Reservation>,
-    mode: Mode,
+    watch: UsageWatch,
     note: Option<PromptNote>,
 }
 
 impl Settler {
     fn data(&mut self, chunk: &[u8]) {
-        match &mut self.mode {
-            Mode::Json(buf) => {
-                if buf.len() + chunk.len() > MAX_JSON_COPY {
-                    self.mode = Mode::Overflow;
-                } else {
-                    buf.extend_from_slice(chunk);
-                }
-            }
-            Mode::Overflow => {}
-            Mode::Sse(tracker) => tracker.feed(chunk),
-        }
+        self.watch.feed(chunk);
     }
 
     /// Settles once. `complete`: the body reached its end.
@@ -171,24 +149,18 @@ impl Settler {
             Some(n) => n.counted(u),
             None => u.counted_input_tokens(),
         };
-        match &mut self.mode {
+        let sse = matches!(self.watch, UsageWatch::Sse(_));
+        match self.watch.usage(complete) {
             // A JSON document that parses is complete, whether or not the end was polled.
-            Mode::Json(buf) => match Usage::from_json(buf) {
-                Some(u) => {
-                    if let Some(n) = &note {
-                        n.after(&reservation, &u);
-                    }
-                    reservation.settle(Cost::new(1, counted(&u), u.output_tokens))
+            Some(u) if !sse => {
+                if let Some(n) = &note {
+                    n.after(&reservation, &u);
                 }
-                // Answered, real cost unknown: keep the reservation.
-                None => reservation.keep(),
-            },
-            Mode::Overflow => reservation.keep(),
-            Mode::Sse(tracker) => {
-                if complete {
-                    tracker.finish();
-                }
-                let u = tracker.usage();
+                reservation.settle(Cost::new(1, counted(&u), u.output_tokens))
+            }
+            // Answered, real cost unknown: keep the reservation.
+            None => reservation.keep(),
+            Some(u) => {
                 let input = if u == Usage::default() {
                     reserved.input_tokens
                 } else {

@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use super::QueueWait;
 use super::body::{PromptNote, RateLimitBody};
-use super::service::Config;
+use super::service::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
 use crate::body::RequestBody;
@@ -252,6 +252,16 @@ fn on_response<B>(
     note: Option<Box<PromptNote>>,
 ) -> Response<RateLimitBody<B>> {
     let (mut parts, body) = resp.into_parts();
+    let wait = match config.scope {
+        Scope::Key => wait,
+        // Waited for the tenant's limits, then for the quota below.
+        Scope::Tenant => {
+            wait + parts
+                .extensions
+                .get::<QueueWait>()
+                .map_or(Duration::ZERO, |w| w.0)
+        }
+    };
     parts.extensions.insert(QueueWait(wait));
     let Some(reservation) = reservation else {
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
@@ -267,13 +277,13 @@ fn on_response<B>(
             reservation.settle_unknown();
         } else {
             reservation.settle_rejected();
-            if !snapshot.is_empty() {
+            if !snapshot.is_empty() && config.scope == Scope::Key {
                 config.board.observe(&key, &group, &snapshot);
             }
         }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
     }
-    if !snapshot.is_empty() {
+    if !snapshot.is_empty() && config.scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::service::{Config, RateLimit};
+use super::service::{Config, RateLimit, Scope};
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 
@@ -143,10 +143,10 @@ impl RateLimitLayer {
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
+impl RateLimitLayer {
+    /// The service, taking each request's cost from the buckets of `scope` (the tenant limit
+    /// is this layer keyed by tenant).
+    pub(crate) fn layer_scoped<S>(&self, inner: S, scope: Scope) -> RateLimit<S> {
         RateLimit::from_config(
             inner,
             Arc::new(Config {
@@ -155,7 +155,16 @@ impl<S> Layer<S> for RateLimitLayer {
                 output: self.output,
                 max_wait: self.max_wait,
                 cache_aware: self.cache_aware,
+                scope,
             }),
         )
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.layer_scoped(inner, Scope::Key)
     }
 }

@@ -6,8 +6,12 @@
 //! same key sent to the same model within its TTL is left out, see
 //! [`RateLimitLayer::cache_aware`]), and an output reservation
 //! ([`OutputReservation`](crate::quota::OutputReservation): `max_tokens` by default). Requests
-//! that do not fit wait in the response future, FIFO per `(key, group)`; a cancelled wait
-//! takes nothing.
+//! that do not fit wait in the response future, in the `(key, group)`'s queue: FIFO, or
+//! weighted-fair across the requests' [`Tenant`](crate::tenant::Tenant) extensions
+//! (`interactive` before `batch`, FIFO within a tenant; see
+//! [`tenant::fair`](crate::tenant::fair)); a cancelled wait takes nothing. The time a
+//! request waited is added to its tenant's
+//! [`TenantStats::queue_wait`](crate::tenant::TenantStats::queue_wait).
 //!
 //! After the response:
 //! * its `anthropic-ratelimit-*` headers re-seed the board (limits are learned when not
@@ -68,7 +72,7 @@ use std::time::Duration;
 mod body;
 mod future;
 mod layer;
-mod service;
+pub(crate) mod service;
 
 pub use body::RateLimitBody;
 pub use future::ResponseFuture;

@@ -17,6 +17,18 @@ use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
 use crate::quota::{AcquireErrorKind, Admission, Cost, OutputReservation, QuotaBoard};
 use crate::retry::Deadline;
+use crate::tenant::Tenant;
+
+/// Whose buckets a request takes its cost from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// The upstream API key's (the rate limiter).
+    Key,
+    /// The request's tenant's, with the limits of its own
+    /// ([`TenantLimit`](crate::tenant::limit::TenantLimit)): requests of a tenant without
+    /// limits for the group pass through, and the server's headers are not its view.
+    Tenant,
+}
 
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -26,6 +38,7 @@ pub(crate) struct Config {
     pub(crate) max_wait: Option<Duration>,
     /// Reserve the cache-aware input estimate (see `RateLimitLayer::cache_aware`).
     pub(crate) cache_aware: bool,
+    pub(crate) scope: Scope,
 }
 
 /// Holds Messages API requests until their cost fits the quota; see
@@ -93,7 +106,26 @@ where
         };
         let config = &self.config;
         let group = config.catalog.group(&model);
-        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
+        let tenant = req.extensions().get::<Tenant>().cloned();
+        let key = match config.scope {
+            Scope::Key => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
+            Scope::Tenant => {
+                let Some((t, limits)) = tenant
+                    .as_ref()
+                    .and_then(|t| Some((t, t.limit_for(group.as_str())?)))
+                else {
+                    return ResponseFuture::passthrough(self.inner.call(req));
+                };
+                let key = tenant_key(t);
+                // Follows the tenant's current limits (a reloaded tenants file).
+                if config.board.key_limits(&key, &group) != Some(limits) {
+                    config
+                        .board
+                        .set_key_limits(key.clone(), group.clone(), limits);
+                }
+                key
+            }
+        };
         // The input that counts: the estimate minus the prompt-cache prefix this key sent to
         // this model within its TTL (for the models whose cache reads do not count).
         let reads_count = config.catalog.cache_reads_count(&model);
@@ -113,11 +145,14 @@ where
         }));
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
         // Admitted above (a key pool took the quota for this key): use that reservation.
-        if let Some((reservation, waited)) = req
-            .extensions_mut()
-            .remove::<Admission>()
-            .and_then(|a| a.take(&key, &group))
-        {
+        let admitted = match config.scope {
+            Scope::Key => req
+                .extensions_mut()
+                .remove::<Admission>()
+                .and_then(|a| a.take(&key, &group)),
+            Scope::Tenant => None,
+        };
+        if let Some((reservation, waited)) = admitted {
             let fut = self.inner.call(req);
             return ResponseFuture::called(fut, reservation, waited, stream, config.clone(), note);
         }
@@ -159,7 +194,11 @@ where
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                let acquire = config.board.acquire(key, group, cost).deadline(give_up);
+                let acquire = config
+                    .board
+                    .acquire(key, group, cost)
+                    .deadline(give_up)
+                    .tenant_opt(tenant);
                 // The ready service goes with the request; `self` keeps a fresh clone.
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
@@ -167,4 +206,9 @@ where
             }
         }
     }
+}
+
+/// The board key of `tenant`'s own limits.
+pub(crate) fn tenant_key(tenant: &Tenant) -> KeyId {
+    KeyId::named(&format!("tenant:{}", tenant.name()))
 }

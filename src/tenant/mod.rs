@@ -25,6 +25,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::quota::Limits;
 
+pub mod budget;
+pub mod fair;
+pub mod limit;
+pub mod price;
+pub mod spend;
+
+pub use price::{DEFAULT_PRICES_JSON, ModelPrice, PriceError, PriceErrorKind, PriceTable};
+
 /// A tenant's priority class: every waiting `Interactive` request is admitted before any
 /// waiting `Batch` request of the same key and group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -187,7 +195,7 @@ struct Inner {
 ///     .priority(Priority::Batch)
 ///     .limit("claude-opus-4", Limits::new(30, 20_000, 4_000))
 ///     .budget(Budget::default().per_day(20.0));
-/// assert_eq!(t.priority(), Priority::Batch);
+/// assert_eq!(t.priority_class(), Priority::Batch);
 /// assert_eq!(t.limit_for("claude-opus-4"), Some(Limits::new(30, 20_000, 4_000)));
 /// assert_eq!(t.limit_for("claude-haiku-4"), None);
 /// ```

@@ -28,7 +28,9 @@
 //!   1,024 estimated tokens at least) is cached for 5 minutes, or 1 hour with `"ttl":"1h"`,
 //!   refreshed on every use. The longest cached prefix is reported as
 //!   `cache_read_input_tokens`, the rest up to the last breakpoint as
-//!   `cache_creation_input_tokens`, what follows as `input_tokens` (JSON and SSE usage). Like
+//!   `cache_creation_input_tokens` (split by TTL in `cache_creation.ephemeral_5m_input_tokens` /
+//!   `ephemeral_1h_input_tokens`, each part written with the TTL of the breakpoint that ends
+//!   it), what follows as `input_tokens` (JSON and SSE usage). Like
 //!   the API, only `input_tokens + cache_creation_input_tokens` count toward the input limit,
 //!   plus the cache reads for the models whose reads count
 //!   ([`ModelCatalog::cache_reads_count`](crate::anthropic::ModelCatalog::cache_reads_count)).

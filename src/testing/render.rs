@@ -74,6 +74,8 @@ pub(crate) struct Answer<'a> {
     pub(crate) stop_reason: &'static str,
     /// `cache_creation_input_tokens` and `cache_read_input_tokens`.
     pub(crate) cache: (u64, u64),
+    /// Of the cache writes, those with the 1-hour TTL (`cache_creation.ephemeral_1h_input_tokens`).
+    pub(crate) cache_1h: u64,
 }
 
 /// `usage`, with the fields in the real API's order.
@@ -82,7 +84,15 @@ struct UsageJson {
     input_tokens: u64,
     cache_creation_input_tokens: u64,
     cache_read_input_tokens: u64,
+    cache_creation: CacheCreationJson,
     output_tokens: u64,
+}
+
+/// `usage.cache_creation`: the cache writes by TTL.
+#[derive(Serialize)]
+struct CacheCreationJson {
+    ephemeral_5m_input_tokens: u64,
+    ephemeral_1h_input_tokens: u64,
 }
 
 fn usage(answer: &Answer<'_>, output: u64) -> UsageJson {
@@ -90,6 +100,10 @@ fn usage(answer: &Answer<'_>, output: u64) -> UsageJson {
         input_tokens: answer.input_tokens,
         cache_creation_input_tokens: answer.cache.0,
         cache_read_input_tokens: answer.cache.1,
+        cache_creation: CacheCreationJson {
+            ephemeral_5m_input_tokens: answer.cache.0.saturating_sub(answer.cache_1h),
+            ephemeral_1h_input_tokens: answer.cache_1h.min(answer.cache.0),
+        },
         output_tokens: output,
     }
 }
@@ -246,6 +260,7 @@ mod tests {
             output_tokens: 4,
             stop_reason: "end_turn",
             cache: (0, 0),
+            cache_1h: 0,
         };
         let start = sse_message_start(&answer);
         assert!(start.starts_with(b"event: message_start\ndata: {\"type\":\"message_start\""));

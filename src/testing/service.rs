@@ -22,7 +22,8 @@ use super::state::{Flight, Shared};
 use super::{Fault, MockClaudeBuilder, MockStats};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, ApiErrorKind, CacheBreakpoint, KeyId, RateLimitGroup, RequestMeta, header_names,
+    ApiError, ApiErrorKind, CacheBreakpoint, CacheTtl, KeyId, RateLimitGroup, RequestMeta,
+    header_names,
 };
 use crate::quota::prompt_cache::{MIN_CACHEABLE_TOKENS, prefix_id};
 
@@ -161,6 +162,8 @@ struct CacheSplit {
     write: u64,
     /// `cache_read_input_tokens`.
     read: u64,
+    /// Of `write`, the 1-hour writes (`cache_creation.ephemeral_1h_input_tokens`).
+    write_1h: u64,
     /// What counts toward the input limit.
     counted: u64,
 }
@@ -200,11 +203,30 @@ fn cache_split(
     let write = last - read;
     let uncached = total - last;
     let counted = uncached + write + if reads_count { read } else { 0 };
+    // The part of the written range `read..last` up to each breakpoint, since the previous
+    // one, is written with that breakpoint's TTL.
+    let mut ends: Vec<(u64, CacheTtl)> = parsed
+        .cache_breakpoints
+        .iter()
+        .filter(|bp| bp.tokens >= MIN_CACHEABLE_TOKENS)
+        .map(|bp| (bp.tokens.min(last), bp.ttl))
+        .collect();
+    ends.sort_by_key(|(end, _)| *end);
+    let (mut prev, mut write_1h) = (read, 0);
+    for (end, ttl) in ends {
+        if end > prev {
+            if ttl == CacheTtl::OneHour {
+                write_1h += end - prev;
+            }
+            prev = end;
+        }
+    }
     (
         CacheSplit {
             uncached,
             write,
             read,
+            write_1h,
             counted,
         },
         marks,
@@ -721,6 +743,7 @@ async fn answer(
         output_tokens,
         stop_reason,
         cache: (cache.write, cache.read),
+        cache_1h: cache.write_1h,
     };
     let pieces = render::text_pieces(seq, output_tokens);
     let per_token = config.per_token_latency;

@@ -58,3 +58,14 @@ pub async fn serve(proxy: Proxy) -> Running {
 pub async fn start(cli: Cli, env: &[(&str, &str)]) -> Running {
     serve(Proxy::new(config(cli, env)).expect("proxy")).await
 }
+
+/// Sends SIGHUP to this test process (the proxy's reload handler, if installed, runs a moment
+/// later, on its own task).
+pub fn sighup() {
+    let pid = std::process::id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+}

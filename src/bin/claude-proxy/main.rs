@@ -49,8 +49,9 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    // SIGHUP re-reads the keys file and puts removed keys back into rotation.
-    let _reload = proxy.reload_keys_on_sighup();
+    // SIGHUP re-reads the keys file (putting removed keys back into rotation) and the
+    // tenants file.
+    let _reload = proxy.reload_on_sighup();
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(err) => {

@@ -1,0 +1,60 @@
+//! The extension contract: every value one layer learns and another reads travels as an
+//! `http::Extensions` entry, and this page lists them all — who writes each, who reads it.
+//! The links are intra-doc links: moving or renaming a type breaks `cargo doc`, so this table
+//! cannot drift from the code.
+//!
+//! A request is scanned once ([`RequestMeta`]); a layer that learns something about the
+//! exchange publishes it here instead of re-reading the body or the headers.
+//!
+//! # Request extensions (travel down, towards the upstream)
+//!
+//! | extension | written by | read by |
+//! |---|---|---|
+//! | [`RequestMeta`] — model, `max_tokens`, token estimate, `stream`, cache directives: the one scan of the body | the first layer that needs it ([`RequestMeta::get_or_scan`]); rewritten by fallback with the model it tries | rate limit, key pool, pacing, retry (policy and backoff), fallback, cache, metrics, testing |
+//! | [`Deadline`] — when the caller stops waiting | the application or `claude-proxy`; [`RetryLayer`](crate::retry::RetryLayer) with a configured deadline, unless one is set | retry, rate limit and key pool (bound their queue waits), fallback, the proxy's error answers |
+//! | [`MaxServerWait`] — the longest server-asked wait worth honouring | fallback (so that a long 429 comes back at once and the walk moves down), or the application | retry |
+//! | [`NoFallback`] — this request must be answered by the model it names | the application, `x-tower-claude-fallback: off` (the proxy) | fallback, cache (serves only the requested model) |
+//! | [`Admission`] — quota already taken for this request | key pool (it admits by earliest key) | rate limit (takes it when key and group match instead of acquiring again) |
+//! | [`ChosenKey`] — the key the pool chose | key pool | (also set on the response) |
+//! | [`CacheTenant`] — the cache partition | the application, `claude-proxy` (per client token or tenant) | cache (its key) |
+//! | [`Tenant`] — who the request is for: weight, priority class, own limits, budget, counters | the application, `claude-proxy` (its tenants file) | the proxy's tenant accounting (and the fair queues, tenant limits and budgets built on it) |
+//!
+//! # Response extensions (travel up, towards the caller)
+//!
+//! | extension | written by | read by |
+//! |---|---|---|
+//! | [`ServedModel`] — the model that wrote the answer, and whether it is a fallback | fallback; cache (on a hit, the model that wrote the entry) | metrics, `claude-proxy` (`x-tower-claude-model`), the reqwest bridge, the application |
+//! | [`CacheStatus`] — hit, miss, bypass, … | cache | `claude-proxy` (`x-tower-claude-cache`), the application |
+//! | [`RetryInfo`] — attempts made and why retrying stopped | retry | fallback (moves down when retrying gave up), metrics, the application |
+//! | [`RetrySooner`] — another key could serve this request sooner than the server's wait | key pool | retry (does not wait out a 429 that another key avoids) |
+//! | [`ChosenKey`] — the key that served the answer | key pool | metrics, fallback (reads the served key's headroom), the application |
+//! | [`QueueWait`] — how long the request waited for quota | rate limit | metrics, the application |
+//! | [`PacingDelay`] — how long pacing held the request | pacing (feature `metrics`) | metrics |
+//!
+//! A crate-private memo of the request's key id (derived once from its `x-api-key` or
+//! `Authorization` header, never the key itself) also rides in the request's extensions.
+//!
+//! ```
+//! use tower_claude::exchange::{Deadline, NoFallback};
+//! use tower_claude::body::RequestBody;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut req = http::Request::new(RequestBody::empty());
+//! req.extensions_mut().insert(Deadline::after(Duration::from_secs(30)));
+//! req.extensions_mut().insert(NoFallback);
+//! assert!(req.extensions().get::<NoFallback>().is_some());
+//! # }
+//! ```
+
+pub use crate::anthropic::RequestMeta;
+pub use crate::cache::{CacheStatus, Tenant as CacheTenant};
+pub use crate::fallback::{NoFallback, ServedModel};
+pub use crate::key_pool::ChosenKey;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use crate::metrics::pacing::PacingDelay;
+pub use crate::quota::Admission;
+pub use crate::rate_limit::QueueWait;
+pub use crate::retry::{Deadline, MaxServerWait, RetryInfo, RetrySooner};
+pub use crate::tenant::Tenant;
