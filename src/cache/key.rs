@@ -1,5 +1,5 @@
 //! Cache keys: a BLAKE3 hash over the tenant partition, the request line, the protocol headers
-//! and the XXH3 digest of the canonical JSON body.
+//! and the canonical JSON body.
 
 use std::fmt;
 #[cfg(test)]
@@ -13,7 +13,7 @@ use crate::anthropic::header_names;
 
 /// The context string of the BLAKE3 key derivation used for cache keys. Changing it (or the
 /// layout of the hashed fields) changes every key, which makes old disk entries unreachable.
-const KEY_CONTEXT: &str = "tower-claude 2026-12 response cache key v2";
+const KEY_CONTEXT: &str = "tower-claude 2026-01 response cache key v1";
 
 /// The context string of the default tenant secret.
 const TENANT_SECRET_CONTEXT: &str = "tower-claude 2026-01 cache tenant secret v1";
@@ -123,8 +123,7 @@ fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// A cache key: 32 bytes of BLAKE3 over the tenant partition, the method, the path and query,
-/// `anthropic-version`, `anthropic-beta` and the 128-bit XXH3 digest of the canonical JSON
-/// body.
+/// `anthropic-version`, `anthropic-beta` and the canonical JSON body.
 ///
 /// It reveals nothing about the request; `Debug` and `Display` print it in hex.
 ///
@@ -215,16 +214,7 @@ impl KeyBase {
     /// body is hashed in one call: many small `update`s cost more than writing it out.
     pub(crate) fn key(&self, canonical: &[u8]) -> CacheKey {
         let mut h = self.prefix.clone();
-        // The body enters as its 128-bit XXH3 digest: BLAKE3 over a 2 KB prompt cost about as
-        // much as the rest of a cache miss together (its SIMD runs several 1 KB chunks in
-        // parallel only from 4 KB up), XXH3 a twentieth of it. What this gives up: someone
-        // *inside* a partition (holding the same API key or tenant) could craft two bodies
-        // with the same digest and so poison that partition's entry for the other body. The
-        // partition, the request line and the headers stay under BLAKE3, so entries never
-        // cross partitions whatever the bodies.
-        let digest = xxhash_rust::xxh3::xxh3_128(canonical);
-        field(&mut h, &(canonical.len() as u64).to_le_bytes());
-        field(&mut h, &digest.to_le_bytes());
+        field(&mut h, canonical);
         CacheKey(*h.finalize().as_bytes())
     }
 
