@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -420,6 +421,7 @@ impl QuotaBoard {
             group,
             cost,
             grant,
+            answered: AtomicBool::new(false),
             done: false,
         }
     }
@@ -870,6 +872,8 @@ pub struct Reservation {
     group: RateLimitGroup,
     cost: Cost,
     grant: Grant,
+    /// The answer's headers were observed (the server has seen the request).
+    answered: AtomicBool,
     done: bool,
 }
 
@@ -938,8 +942,25 @@ impl Reservation {
     /// # }
     /// ```
     pub fn observe(&self, snapshot: &crate::anthropic::RateLimitSnapshot) {
+        let grant = Grant {
+            answered: self.answered.swap(true, Ordering::Relaxed),
+            ..self.grant
+        };
         self.board
-            .observe_answer(&self.key, &self.group, snapshot, &self.grant);
+            .observe_answer(&self.key, &self.group, snapshot, &grant);
+    }
+
+    /// The answer to this request arrived without rate-limit headers (else see
+    /// [`observe`](Self::observe)): the server has seen it, so the board's buckets may
+    /// refill past what it holds.
+    pub(crate) fn answered(&self) {
+        let grant = Grant {
+            answered: self.answered.swap(true, Ordering::Relaxed),
+            ..self.grant
+        };
+        match &self.board.backend {
+            Backend::Local(b) => b.answered(&self.key, &self.group, &grant),
+        }
     }
 
     /// Settles with the real cost.
@@ -1004,8 +1025,12 @@ impl Reservation {
     fn finish(&mut self, outcome: Outcome) {
         if !self.done {
             self.done = true;
+            let grant = Grant {
+                answered: self.answered.load(Ordering::Relaxed),
+                ..self.grant
+            };
             self.board
-                .settle_grant(&self.key, &self.group, &self.grant, outcome);
+                .settle_grant(&self.key, &self.group, &grant, outcome);
         }
     }
 }

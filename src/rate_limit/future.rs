@@ -276,6 +276,8 @@ fn on_response<B>(
     if !snapshot.is_empty() {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
+    } else {
+        reservation.answered();
     }
     let sse = match parts
         .headers

@@ -103,6 +103,7 @@ mod builder;
 mod chaos;
 mod fault;
 mod render;
+pub mod scale;
 mod server;
 mod service;
 #[cfg(feature = "metrics")]
