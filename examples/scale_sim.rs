@@ -30,6 +30,7 @@ async fn main() {
         limits: MockLimits::new(env("RPM", 120), env("ITPM", 40_000), env("OTPM", 8_000)),
         latency: Duration::from_millis(env("LATENCY_MS", 500)),
         output_tokens: env("OUTPUT", 60),
+        seed: env("SEED", 1),
         ..ScaleConfig::default()
     };
     let report = run(&config).await;
@@ -39,7 +40,7 @@ async fn main() {
         .map(|t| format!("{:.1}", t.as_secs_f64()))
         .collect();
     println!(
-        "keys {} tasks {}: {:.1} s (ideal {:.1} s, {:.3}x), failed {}, upstream 429s {}, fleets {}",
+        "keys {} tasks {}: {:.1} s (ideal {:.1} s, {:.3}x), failed {}, upstream 429s {}, fleets {}, per key {:?}",
         config.keys,
         config.tasks_per_fleet * config.keys as u64,
         report.elapsed.as_secs_f64(),
@@ -47,6 +48,7 @@ async fn main() {
         report.ratio(),
         report.failed,
         report.upstream_429,
-        fleets.join(" ")
+        fleets.join(" "),
+        report.per_key
     );
 }

@@ -106,13 +106,16 @@ impl Ledger {
         }
     }
 
-    /// The lowest level bucket `i` can have when the answer to the grant with `mark` showed
-    /// `remaining`: the server's count, minus everything held now (including that grant and
-    /// anything admitted after it, which the server may not have seen) and everything settled
-    /// since that grant was taken.
-    pub(crate) fn floor(&self, i: usize, remaining: u64, mark: &[u64; 3]) -> u64 {
-        let since = self.settled[i].saturating_sub(mark[i]);
-        remaining.saturating_sub(self.held[i]).saturating_sub(since)
+    /// The lowest level bucket `i` can have when the answer to `grant` (not settled yet)
+    /// showed `remaining`: the server's count, minus everything held now but that grant
+    /// (which the server took before it answered: its count includes it) — anything admitted
+    /// before or after it may not have reached the server yet — and everything settled since
+    /// that grant was taken.
+    pub(crate) fn floor(&self, i: usize, remaining: u64, grant: &Grant) -> u64 {
+        let since = self.settled[i].saturating_sub(grant.mark[i]);
+        let own = grant.charged[i].unwrap_or(0);
+        let others = self.held[i].saturating_sub(own);
+        remaining.saturating_sub(others).saturating_sub(since)
     }
 
     /// How far above an answer's `remaining` bucket `i` may be, with no other client of the
@@ -562,7 +565,7 @@ impl Entry {
             if view.limit != Some(s.bucket.capacity()) {
                 continue;
             }
-            let floor = self.ledger.floor(i, r, &grant.mark);
+            let floor = self.ledger.floor(i, r, grant);
             let level = s.bucket.level(now);
             if floor as f64 > level {
                 tracing::debug!(

@@ -244,11 +244,13 @@ elseif mode == 'observe' or mode == 'seed' then
       levels[i] = r
     end
     -- Upward reconciliation (ARGV[16] = 1): the answer to a grant whose mark is ARGV 17..19
-    -- showed `r` left in a bucket of the same limit (ARGV 20..22 = 1): at least
-    -- r - held - (settled - mark) is there.
+    -- and which holds ARGV 27..29 showed `r` left in a bucket of the same limit (ARGV 20..22
+    -- = 1): at least r - (held - its own) - (settled - mark) is there (the server took that
+    -- grant before it answered).
     if ARGV[16] == '1' and levels[i] and r >= 0 and ARGV[19 + i] == '1' then
       local since = math.max(0, settled[i] - tonumber(ARGV[16 + i]))
-      local floor = r - held[i] - since
+      local others = math.max(0, held[i] - tonumber(ARGV[26 + i] or '0'))
+      local floor = r - others - since
       if floor > levels[i] then levels[i] = math.min(floor, caps[i]) end
     end
   end
@@ -958,7 +960,7 @@ impl RedisShared {
             self.mirror.seeded(key, group);
             return;
         }
-        let mut extra = [0i64; 20];
+        let mut extra = [0i64; 23];
         for (i, v) in views.iter().enumerate() {
             extra[i] = v
                 .remaining
@@ -973,6 +975,8 @@ impl RedisShared {
                 extra[10 + i] = i64::try_from(grant.mark[i]).unwrap_or(i64::MAX);
                 extra[13 + i] = i64::from(v.limit.is_some() && v.limit == caps[i]);
                 extra[16 + i] = i64::try_from(grant.returned[i]).unwrap_or(i64::MAX);
+                let own = grant.charged[i].unwrap_or(0);
+                extra[20 + i] = i64::try_from(own).unwrap_or(i64::MAX);
             }
             let since = Instant::now().saturating_duration_since(grant.at);
             extra[19] = i64::try_from(since.as_micros()).unwrap_or(i64::MAX);

@@ -539,3 +539,31 @@ async fn no_refill_above_the_capacity_minus_unanswered_takes() {
     r.settle(Cost::new(30, 0, 0));
     assert_eq!(level(&b), 40);
 }
+
+/// Issue 12: the answer to a request already counts that request (the server took it before
+/// answering), so a raise subtracts only the *other* requests in flight.
+#[tokio::test(start_paused = true)]
+async fn a_raise_does_not_subtract_the_answered_request_twice() {
+    let b = board(120, 40_000, 8_000);
+    // Another client of the key used most of the output quota.
+    b.observe(
+        &k(),
+        &g(),
+        &snap((120, 120), (40_000, 40_000), (8_000, 1_000)),
+    );
+    let output = |b: &QuotaBoard| {
+        b.headroom(&k(), &g())
+            .unwrap()
+            .output_tokens
+            .unwrap()
+            .remaining
+    };
+    assert_eq!(output(&b), 1_000);
+    let r = b.acquire(k(), g(), Cost::new(1, 100, 500)).await.unwrap();
+    assert_eq!(output(&b), 500);
+    // It stopped: the answer to our request shows 5 000 left, ours already taken.
+    r.observe(&snap((120, 119), (40_000, 39_000), (8_000, 5_000)));
+    assert_eq!(output(&b), 5_000);
+    r.settle(Cost::new(1, 100, 60));
+    assert_eq!(output(&b), 5_440);
+}

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::RequestBody;
-use crate::key_pool::KeyPoolLayer;
+use crate::key_pool::{ChosenKey, KeyPoolLayer};
 use crate::stack::{CacheConfig, ClaudeStack, StackConfig};
 use crate::testing::{MockClaude, MockLimits};
 
@@ -46,6 +46,9 @@ pub struct ScaleConfig {
     pub latency: Duration,
     /// Output tokens of every answer.
     pub output_tokens: u64,
+    /// The seed of the first fleet's task sizes (fleet `f` uses `seed + f − 1`, as
+    /// `scripts/scale-bench.sh` passes `--seed f`).
+    pub seed: u64,
 }
 
 impl Default for ScaleConfig {
@@ -59,6 +62,7 @@ impl Default for ScaleConfig {
             limits: MockLimits::new(120, 40_000, 8_000),
             latency: Duration::from_millis(500),
             output_tokens: 60,
+            seed: 1,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct ScaleReport {
     pub failed: u64,
     /// The upstream's 429s.
     pub upstream_429: u64,
+    /// Requests answered with each key (in the order of the pool's keys).
+    pub per_key: Vec<u64>,
     /// The time the request limit alone allows: the first minute's capacity at once, then
     /// the refill rate (`(tasks − keys × RPM) / (keys × RPM / 60 s)`).
     pub ideal: Duration,
@@ -134,20 +140,29 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         .service(mock.clone());
     let start = Instant::now();
     let failed = Arc::new(AtomicU64::new(0));
+    let ids: Arc<Vec<_>> = Arc::new(
+        names
+            .iter()
+            .map(|n| crate::anthropic::KeyId::from_api_key(n))
+            .collect(),
+    );
+    let per_key: Arc<Vec<AtomicU64>> = Arc::new(names.iter().map(|_| AtomicU64::new(0)).collect());
     let mut fleets = Vec::new();
     for f in 1..=names.len() as u64 {
         let next = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::new();
         for _ in 0..config.concurrency.max(1) {
             let (svc, next, failed) = (svc.clone(), next.clone(), failed.clone());
-            let tasks = config.tasks_per_fleet;
+            let (ids, per_key) = (ids.clone(), per_key.clone());
+            let (tasks, seed) = (config.tasks_per_fleet, config.seed);
             workers.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= tasks {
                         return;
                     }
-                    let body = fleet_task("claude-opus-4-5", &format!("f{f}"), f, i);
+                    let seed = seed + f - 1;
+                    let body = fleet_task("claude-opus-4-5", &format!("f{f}"), seed, i);
                     let req = http::Request::post("https://api.anthropic.com/v1/messages")
                         .header("content-type", "application/json")
                         .header("anthropic-version", "2023-06-01")
@@ -155,6 +170,10 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
                         .expect("a valid request");
                     let ok = match svc.clone().oneshot(req).await {
                         Ok(res) if res.status().is_success() => {
+                            let key = res.extensions().get::<ChosenKey>().map(ChosenKey::key);
+                            if let Some(k) = key.and_then(|k| ids.iter().position(|i| i == k)) {
+                                per_key[k].fetch_add(1, Ordering::Relaxed);
+                            }
                             res.into_body().collect().await.is_ok()
                         }
                         _ => false,
@@ -185,6 +204,7 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         fleets: finish,
         failed: failed.load(Ordering::Relaxed),
         upstream_429: mock.stats().rate_limited,
+        per_key: per_key.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
         ideal: Duration::from_secs_f64(ideal),
     }
 }
