@@ -914,9 +914,12 @@ impl Reservation {
     /// Re-seeds the board from the rate-limit headers of this request's *successful* answer:
     /// like [`QuotaBoard::observe`] (learns limits, lowers levels above the server's view),
     /// and also **raises** levels that the answer proves too low — a limit raised upstream,
-    /// or another client of the key that stopped. The raise counts everything this board
-    /// admitted after this request (the server may not have seen it) and everything still in
-    /// flight, so work in flight is never counted twice. Call it before settling.
+    /// or another client of the key that stopped. The raise subtracts everything this board
+    /// admitted after this request (the server may not have seen it) and every other request
+    /// still in flight (this one is in the server's count already), so work in flight is
+    /// never counted twice. For an answer to this board's request, a level is lowered only
+    /// above what refunds and refill since this request was admitted explain (its
+    /// `remaining` predates them). Call it before settling.
     ///
     /// ```
     /// use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
@@ -937,8 +940,8 @@ impl Reservation {
     /// let r = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
     /// // The organisation moved up a tier: 240 a minute, 200 left when this request was served.
     /// r.observe(&snap(240, 200));
-    /// // 200 minus this request, still held.
-    /// assert_eq!(board.headroom(&key, &group).unwrap().requests.unwrap().remaining, 199);
+    /// // The server's 200 already count this request.
+    /// assert_eq!(board.headroom(&key, &group).unwrap().requests.unwrap().remaining, 200);
     /// # }
     /// ```
     pub fn observe(&self, snapshot: &crate::anthropic::RateLimitSnapshot) {

@@ -77,8 +77,8 @@ pub(crate) struct Ledger {
 
 impl Ledger {
     fn take(&mut self, charged: &[Option<u64>; 3]) {
-        for i in 0..3 {
-            let c = charged[i].unwrap_or(0);
+        for (i, c) in charged.iter().enumerate() {
+            let c = c.unwrap_or(0);
             self.held[i] = self.held[i].saturating_add(c);
             self.unanswered[i] = self.unanswered[i].saturating_add(c);
         }
