@@ -38,7 +38,7 @@ async fn one_key_with_instant_answers_reaches_the_ideal() {
 }
 
 /// Two and four keys, one fleet each behind one stack: every key is used to its limits
-/// (46.2 s and 45.4 s at 9e1570c; 41.8 s and 41.9 s now), evenly.
+/// (two keys took 53.3 s at 9e1570c; 41.8 s and 41.9 s now), evenly.
 #[tokio::test(start_paused = true)]
 async fn every_key_is_used_to_its_limits() {
     for keys in [2, 4] {
