@@ -33,6 +33,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 use tower_claude::BoxError;
 use tower_claude::proxy::parse_duration;
+use tower_claude::testing::scale::fleet_task;
 use tower_claude::testing::{MockClaude, MockLimits};
 
 #[derive(Debug, Parser)]
@@ -259,21 +260,12 @@ async fn fleet(args: FleetArgs) -> Result<(), BoxError> {
                 if i >= args.tasks {
                     return;
                 }
-                let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_mul(1_000_003) ^ i);
-                // 100-500 input tokens as the simulator counts them (3 bytes a token, plus
-                // about 26 for the request's structure).
-                let input = rng.u64(100..=500) - 26;
-                let prompt =
-                    format!("{} task {i:05} ", args.label) + &"x".repeat(input as usize * 3 - 12);
-                let body = serde_json::json!({
-                    "model": args.model,
-                    "max_tokens": rng.u64(300..=1500),
-                    "messages": [{"role": "user", "content": prompt}],
-                });
+                // 100-500 input tokens as the simulator counts them, max_tokens 300-1500.
+                let body = fleet_task(&args.model, &args.label, args.seed, i);
                 let req = Request::post(uri.clone())
                     .header("content-type", "application/json")
                     .header("anthropic-version", "2023-06-01")
-                    .body(Full::new(Bytes::from(body.to_string())));
+                    .body(Full::new(Bytes::from(body)));
                 let done = async {
                     let res = client.request(req?).await?;
                     let status = res.status();

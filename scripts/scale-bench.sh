@@ -9,6 +9,13 @@
 #   scripts/scale-bench.sh                 # every configuration
 #   ONLY="1n2k 2n2k" scripts/scale-bench.sh
 #   PROXY_BIN=/tmp/claude-proxy-old scripts/scale-bench.sh   # another proxy binary
+#   LATENCY=0ms ONLY=1n1k scripts/scale-bench.sh  # answers at once (default: 500 ms)
+#
+# The ideal printed is the request limit's: (tasks - keys x 120) / (keys x 2/s). The output
+# bucket (max_tokens reserved against 8k a minute) binds too: a client that knew the server's
+# buckets exactly and served in arrival order would need about 41 s where this ideal says 40
+# (scripts/fifo-bound.py). The same scenario runs in process on a paused clock in
+# `examples/scale_sim.rs` (deterministic; `tests/scale.rs`).
 #
 # Everything binds 127.0.0.1, runs bounded in time and is stopped by pid.
 set -euo pipefail

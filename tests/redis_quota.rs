@@ -877,3 +877,46 @@ async fn redis_killed_mid_run_loses_no_request() {
     // The waiters met the outage and finished on the local share.
     assert!(board.redis_status().unwrap().outages >= 1);
 }
+
+/// Issue 12 in Redis: the answer to a request shows the server's count from when it admitted
+/// that request, before another answer gave back what it reserved; that older `remaining`
+/// must not take the refund away again (the script lowered the level to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_remaining_does_not_undo_a_refund_in_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let patient = options("t12s:").response_timeout(Duration::from_secs(2));
+    let a = QuotaBoard::builder()
+        .limits(group(), Limits::new(60, 1_000_000, 8_000))
+        .build_redis(&server.url(), patient)
+        .await
+        .unwrap();
+    let take = |tokens: u64| {
+        a.acquire(key(), group(), Cost::new(1, 0, tokens))
+            .max_wait(Duration::from_millis(20))
+    };
+    let first = take(1_500).await.unwrap();
+    let second = take(1_500).await.unwrap();
+    // The server admitted both: 5 000 output tokens left when it answered the first.
+    let view = |limit, remaining| BucketSnapshot {
+        limit: Some(limit),
+        remaining: Some(remaining),
+        reset: None,
+    };
+    let stale = RateLimitSnapshot {
+        requests: view(60, 58),
+        input_tokens: view(1_000_000, 1_000_000),
+        output_tokens: view(8_000, 5_000),
+        ..Default::default()
+    };
+    // The second answer ends first and gives 1 440 back.
+    second.settle(Cost::new(1, 0, 60));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Then the first answer's headers arrive.
+    first.observe(&stale);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 6 440 and some refill are still there.
+    take(6_400).await.unwrap().settle(Cost::new(1, 0, 60));
+    first.settle(Cost::new(1, 0, 60));
+}

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -423,6 +424,7 @@ impl QuotaBoard {
             group,
             cost,
             grant,
+            answered: AtomicBool::new(false),
             done: false,
         }
     }
@@ -948,6 +950,8 @@ pub struct Reservation {
     group: RateLimitGroup,
     cost: Cost,
     grant: Grant,
+    /// The answer's headers were observed (the server has seen the request).
+    answered: AtomicBool,
     done: bool,
 }
 
@@ -988,9 +992,12 @@ impl Reservation {
     /// Re-seeds the board from the rate-limit headers of this request's *successful* answer:
     /// like [`QuotaBoard::observe`] (learns limits, lowers levels above the server's view),
     /// and also **raises** levels that the answer proves too low — a limit raised upstream,
-    /// or another client of the key that stopped. The raise counts everything this board
-    /// admitted after this request (the server may not have seen it) and everything still in
-    /// flight, so work in flight is never counted twice. Call it before settling.
+    /// or another client of the key that stopped. The raise subtracts everything this board
+    /// admitted after this request (the server may not have seen it) and every other request
+    /// still in flight (this one is in the server's count already), so work in flight is
+    /// never counted twice. For an answer to this board's request, a level is lowered only
+    /// above what refunds and refill since this request was admitted explain (its
+    /// `remaining` predates them). Call it before settling.
     ///
     /// ```
     /// use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
@@ -1011,13 +1018,30 @@ impl Reservation {
     /// let r = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
     /// // The organisation moved up a tier: 240 a minute, 200 left when this request was served.
     /// r.observe(&snap(240, 200));
-    /// // 200 minus this request, still held.
-    /// assert_eq!(board.headroom(&key, &group).unwrap().requests.unwrap().remaining, 199);
+    /// // The server's 200 already count this request.
+    /// assert_eq!(board.headroom(&key, &group).unwrap().requests.unwrap().remaining, 200);
     /// # }
     /// ```
     pub fn observe(&self, snapshot: &crate::anthropic::RateLimitSnapshot) {
+        let grant = Grant {
+            answered: self.answered.swap(true, Ordering::Relaxed),
+            ..self.grant
+        };
         self.board
-            .observe_answer(&self.key, &self.group, snapshot, &self.grant);
+            .observe_answer(&self.key, &self.group, snapshot, &grant);
+    }
+
+    /// The answer to this request arrived without rate-limit headers (else see
+    /// [`observe`](Self::observe)): the server has seen it, so the board's buckets may
+    /// refill past what it holds.
+    pub(crate) fn answered(&self) {
+        let grant = Grant {
+            answered: self.answered.swap(true, Ordering::Relaxed),
+            ..self.grant
+        };
+        match &self.board.backend {
+            Backend::Local(b) => b.answered(&self.key, &self.group, &grant),
+        }
     }
 
     /// Settles with the real cost.
@@ -1082,8 +1106,12 @@ impl Reservation {
     fn finish(&mut self, outcome: Outcome) {
         if !self.done {
             self.done = true;
+            let grant = Grant {
+                answered: self.answered.load(Ordering::Relaxed),
+                ..self.grant
+            };
             self.board
-                .settle_grant(&self.key, &self.group, &self.grant, outcome);
+                .settle_grant(&self.key, &self.group, &grant, outcome);
         }
     }
 }

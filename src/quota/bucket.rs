@@ -161,6 +161,52 @@ impl TokenBucket {
         }
     }
 
+    /// Refills up to `ceiling` at most: what the refill would add above it is lost, as it is
+    /// lost by a bucket that is full (a level already above `ceiling` stays where it is).
+    /// A board uses it for a bucket whose server-side twin may hold less room than the
+    /// capacity (requests taken here that the server has not seen yet).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokio::time::Instant;
+    /// use tower_claude::quota::TokenBucket;
+    ///
+    /// let start = Instant::now();
+    /// let mut bucket = TokenBucket::per_minute(60, start);
+    /// bucket.force_take(10, start); // 50 left
+    /// bucket.refill_below(55.0, start + Duration::from_secs(30));
+    /// assert_eq!(bucket.level(start + Duration::from_secs(30)), 55.0);
+    /// ```
+    pub fn refill_below(&mut self, ceiling: f64, now: Instant) {
+        let before = self.level;
+        self.refill(now);
+        if self.level > ceiling {
+            self.level = before.max(ceiling).min(self.level);
+        }
+    }
+
+    /// Gives `n` units back like [`TokenBucket::refund`], but not above `ceiling` (a level
+    /// already above it stays where it is).
+    ///
+    /// ```
+    /// use tokio::time::Instant;
+    /// use tower_claude::quota::TokenBucket;
+    ///
+    /// let now = Instant::now();
+    /// let mut bucket = TokenBucket::per_minute(60, now);
+    /// bucket.force_take(30, now);
+    /// bucket.refund_below(20, 40.0, now);
+    /// assert_eq!(bucket.level(now), 40.0);
+    /// ```
+    pub fn refund_below(&mut self, n: u64, ceiling: f64, now: Instant) {
+        self.refill(now);
+        let before = self.level;
+        self.level = (self.level + n as f64).min(self.capacity);
+        if self.level > ceiling {
+            self.level = before.max(ceiling).min(self.level);
+        }
+    }
+
     /// Re-seeds the level from an outside view (e.g. the server's `remaining`), never above
     /// capacity. Use [`TokenBucket::lower_to`] to only ever tighten.
     pub fn set_level(&mut self, level: u64, now: Instant) {

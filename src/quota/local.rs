@@ -48,6 +48,15 @@ pub(crate) struct Grant {
     /// The store's `settled` counters when this grant was taken (see
     /// [`Ledger`]): what was settled after it is subtracted from a raise its answer allows.
     pub(crate) mark: [u64; 3],
+    /// The store's `returned` counters when this grant was taken (see [`Ledger`]): what
+    /// was given back after it may be missing from its answer's `remaining`.
+    pub(crate) returned: [u64; 3],
+    /// When this grant was taken (this process's clock): the server's `remaining` in its
+    /// answer is from no earlier, so the bucket refilled at most since then.
+    pub(crate) at: Instant,
+    /// The headers of its answer were observed already (the server has seen the request):
+    /// it has left the ledger's `unanswered` units.
+    pub(crate) answered: bool,
 }
 
 /// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
@@ -58,32 +67,76 @@ pub(crate) struct Ledger {
     pub(crate) held: [u64; 3],
     /// Units settled grants finally cost (monotonic).
     pub(crate) settled: [u64; 3],
+    /// Units settled grants gave back: what they held minus what they finally cost
+    /// (monotonic).
+    pub(crate) returned: [u64; 3],
+    /// Units held by grants whose answer has not arrived: the server may not have taken them
+    /// yet. Its bucket cannot refill above its capacity, so ours does not refill above the
+    /// capacity minus these (else a bucket full upstream while our take was on its way would
+    /// lose refill there that we would count here: a drift above the server's level).
+    pub(crate) unanswered: [u64; 3],
 }
 
 impl Ledger {
     fn take(&mut self, charged: &[Option<u64>; 3]) {
-        for (h, c) in self.held.iter_mut().zip(charged) {
-            *h = h.saturating_add(c.unwrap_or(0));
+        for (i, c) in charged.iter().enumerate() {
+            let c = c.unwrap_or(0);
+            self.held[i] = self.held[i].saturating_add(c);
+            self.unanswered[i] = self.unanswered[i].saturating_add(c);
         }
     }
 
-    /// A grant that held `charged` ends, finally costing `cost` (per bucket).
-    fn settle(&mut self, charged: &[Option<u64>; 3], cost: [u64; 3]) {
+    /// The answer to a grant that held `charged` arrived.
+    fn answer(&mut self, charged: &[Option<u64>; 3]) {
+        for (u, c) in self.unanswered.iter_mut().zip(charged) {
+            *u = u.saturating_sub(c.unwrap_or(0));
+        }
+    }
+
+    /// A grant ends, finally costing `cost` (per bucket).
+    fn settle(&mut self, grant: &Grant, cost: [u64; 3]) {
+        if !grant.answered {
+            self.answer(&grant.charged);
+        }
+        let charged = &grant.charged;
         for i in 0..3 {
             if let Some(c) = charged[i] {
                 self.held[i] = self.held[i].saturating_sub(c);
                 self.settled[i] = self.settled[i].saturating_add(cost[i]);
+                self.returned[i] = self.returned[i].saturating_add(c.saturating_sub(cost[i]));
             }
         }
     }
 
-    /// The lowest level bucket `i` can have when the answer to the grant with `mark` showed
-    /// `remaining`: the server's count, minus everything held now (including that grant and
-    /// anything admitted after it, which the server may not have seen) and everything settled
-    /// since that grant was taken.
-    pub(crate) fn floor(&self, i: usize, remaining: u64, mark: &[u64; 3]) -> u64 {
-        let since = self.settled[i].saturating_sub(mark[i]);
-        remaining.saturating_sub(self.held[i]).saturating_sub(since)
+    /// The lowest level bucket `i` can have when the answer to `grant` (not settled yet)
+    /// showed `remaining`: the server's count, minus everything held now but that grant
+    /// (which the server took before it answered: its count includes it) — anything admitted
+    /// before or after it may not have reached the server yet — and everything settled since
+    /// that grant was taken.
+    pub(crate) fn floor(&self, i: usize, remaining: u64, grant: &Grant) -> u64 {
+        let since = self.settled[i].saturating_sub(grant.mark[i]);
+        let own = grant.charged[i].unwrap_or(0);
+        let others = self.held[i].saturating_sub(own);
+        remaining.saturating_sub(others).saturating_sub(since)
+    }
+
+    /// How far above an answer's `remaining` bucket `i` may be, with no other client of the
+    /// key, when that answer is to the grant with mark `returned` taken at `at`: what settled
+    /// grants gave back since (the server's count may predate the refunds) and what the
+    /// bucket (`rate` units a second, `cap` at most) refilled since. A level above
+    /// `remaining + rounding + slack` proves that someone else used the quota; a level within
+    /// it is only an older view of ours.
+    pub(crate) fn slack(
+        &self,
+        i: usize,
+        returned: &[u64; 3],
+        elapsed: Duration,
+        rate: f64,
+        cap: u64,
+    ) -> u64 {
+        let given_back = self.returned[i].saturating_sub(returned[i]);
+        let refill = (rate * elapsed.as_secs_f64()).ceil().min(cap as f64) as u64;
+        given_back.saturating_add(refill)
     }
 }
 
@@ -351,6 +404,7 @@ impl Entry {
             self.probe_out = true;
             self.probe_since = now;
         }
+        self.refill(now);
         let amounts = self.amounts(cost);
         let mut charged = [None; 3];
         for ((slot, n), c) in self.slots.iter_mut().zip(amounts).zip(charged.iter_mut()) {
@@ -361,25 +415,37 @@ impl Entry {
         }
         self.outstanding += 1;
         self.last_used = now;
-        let mark = self.ledger.settled;
+        let (mark, returned) = (self.ledger.settled, self.ledger.returned);
         self.ledger.take(&charged);
         Grant {
             charged,
             probe,
             origin: Origin::Local,
             mark,
+            returned,
+            at: now,
+            answered: false,
+        }
+    }
+
+    /// Refills every bucket, not above its capacity minus the units of grants whose answer
+    /// has not arrived (see [`Ledger::unanswered`]).
+    fn refill(&mut self, now: Instant) {
+        for (slot, u) in self.slots.iter_mut().zip(self.ledger.unanswered) {
+            if let Some(s) = slot {
+                let ceiling = s.bucket.capacity() as f64 - u as f64;
+                s.bucket.refill_below(ceiling, now);
+            }
         }
     }
 
     fn settle(&mut self, grant: &Grant, outcome: Outcome, now: Instant) {
-        match outcome {
-            Outcome::Refund => {
-                for (slot, charged) in self.slots.iter_mut().zip(grant.charged) {
-                    if let (Some(s), Some(c)) = (slot, charged) {
-                        s.bucket.refund(c, now);
-                    }
-                }
-            }
+        // Time passed under the old ledger; the refunds below under the new one.
+        self.refill(now);
+        let cost = outcome.final_cost(&grant.charged);
+        self.ledger.settle(grant, cost);
+        let given_back: [Option<u64>; 3] = match outcome {
+            Outcome::Refund => grant.charged,
             Outcome::Actual(actual) => {
                 for ((slot, charged), real) in self
                     .slots
@@ -388,24 +454,33 @@ impl Entry {
                     .zip(actual.as_array())
                 {
                     if let (Some(s), Some(c)) = (slot, charged) {
-                        s.bucket.settle(c, real, now);
+                        if real > c {
+                            s.bucket.force_take(real - c, now);
+                        }
                     }
                 }
+                std::array::from_fn(|i| {
+                    grant.charged[i].map(|c| c.saturating_sub(actual.as_array()[i]))
+                })
             }
-            Outcome::Rejected | Outcome::Unknown => {
-                for (slot, charged) in self.slots.iter_mut().zip(grant.charged).skip(1) {
-                    if let (Some(s), Some(c)) = (slot, charged) {
-                        s.bucket.refund(c, now);
-                    }
-                }
+            Outcome::Rejected | Outcome::Unknown => [None, grant.charged[1], grant.charged[2]],
+            Outcome::Keep | Outcome::Served => [None; 3],
+        };
+        for ((slot, back), u) in self
+            .slots
+            .iter_mut()
+            .zip(given_back)
+            .zip(self.ledger.unanswered)
+        {
+            if let (Some(s), Some(n)) = (slot, back) {
+                // The server's bucket, full, may not have taken a refund whole either.
+                let ceiling = s.bucket.capacity() as f64 - u as f64;
+                s.bucket.refund_below(n, ceiling, now);
             }
-            Outcome::Keep | Outcome::Served => {}
         }
         if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
             self.vouched = true;
         }
-        self.ledger
-            .settle(&grant.charged, outcome.final_cost(&grant.charged));
         if matches!(outcome, Outcome::Rejected | Outcome::Unknown) {
             self.refused_at = Some(now);
         }
@@ -423,8 +498,20 @@ impl Entry {
     }
 
     /// `share`: the part of a learned limit this board may use (see
-    /// `QuotaBoardBuilder::local_share`).
-    fn observe(&mut self, snap: &RateLimitSnapshot, share: f64, now: Instant) {
+    /// `QuotaBoardBuilder::local_share`). `answered`: the grant of this store whose
+    /// successful answer carried `snap`, if any: its view may predate the refunds of other
+    /// answers and the refill since, which then lower nothing (see [`Ledger::slack`]).
+    fn observe(
+        &mut self,
+        snap: &RateLimitSnapshot,
+        share: f64,
+        answered: Option<&Grant>,
+        now: Instant,
+    ) {
+        self.refill(now);
+        if let Some(g) = answered.filter(|g| !g.answered) {
+            self.ledger.answer(&g.charged);
+        }
         let was_known = self.known();
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
@@ -440,11 +527,20 @@ impl Entry {
                         }
                     }
                     if let Some(r) = view.remaining {
-                        // Never raise our level from the server's view (it cannot see our
-                        // reservations still in flight). A rounded token count `R` means a
-                        // true level in `[R, R + 999]`: only a level above that range proves
-                        // that someone else used the quota.
-                        s.observe_remaining(r, rounding, now);
+                        // Never raise our level from the server's view here (it cannot see
+                        // our reservations still in flight; see `raise`). A rounded token
+                        // count `R` means a true level in `[R, R + 999]`, and the answer to
+                        // one of our grants may predate refunds and refill since it was
+                        // taken: only a level above all that proves that someone else used
+                        // the quota. (Requests are never given back on a success: their
+                        // count keeps the exact rule, whose floor is a margin against ties
+                        // with the server's clock.)
+                        let slack = answered.filter(|_| i != REQUESTS).map_or(0, |g| {
+                            let elapsed = now.saturating_duration_since(g.at);
+                            let (rate, cap) = (s.bucket.rate_per_sec(), s.bucket.capacity());
+                            self.ledger.slack(i, &g.returned, elapsed, rate, cap)
+                        });
+                        s.observe_remaining(r, rounding.saturating_add(slack), now);
                     }
                 }
                 None => {
@@ -485,7 +581,7 @@ impl Entry {
             if view.limit != Some(s.bucket.capacity()) {
                 continue;
             }
-            let floor = self.ledger.floor(i, r, &grant.mark);
+            let floor = self.ledger.floor(i, r, grant);
             let level = s.bucket.level(now);
             if floor as f64 > level {
                 tracing::debug!(
@@ -522,6 +618,7 @@ impl Entry {
     /// within one) while they fit; wakes the ones granted and the new head (so that it
     /// re-arms its timer). `except` is the waiter currently polling, which is not woken.
     fn drain(&mut self, now: Instant, except: Option<u64>) {
+        self.refill(now);
         if self.defers_to_store() {
             // The shared store decides (the order does not span processes anyway); release
             // every waiter once the store holds the learned limits and the server's view.
@@ -825,6 +922,7 @@ impl LocalBackend {
         if e.defers_to_store() {
             return Err(Check::Wait(Duration::ZERO));
         }
+        e.refill(now);
         match e.check(cost, now) {
             Check::Ready if !e.has_waiting() => Ok(e.take(cost, now)),
             Check::Ready => Err(Check::Wait(Duration::ZERO)),
@@ -845,6 +943,7 @@ impl LocalBackend {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         let e = st.entry(key, group, now);
+        e.refill(now);
         match e.check(cost, now) {
             // Known limits of a shared store: queue, to be released at the first poll (or
             // once the store is seeded).
@@ -879,6 +978,7 @@ impl LocalBackend {
             // than panic.
             return WaitPoll::TimedOut(None);
         };
+        e.refill(now);
         if e.queue.contains(id) {
             e.drain(now, Some(id));
         }
@@ -966,6 +1066,22 @@ impl LocalBackend {
         self.observe_answer(key, group, snap, None);
     }
 
+    /// The answer to `grant` (of this store) arrived without rate-limit headers: the server
+    /// has seen the request (see [`Ledger::unanswered`]).
+    pub(crate) fn answered(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant) {
+        if grant.origin != Origin::Local || grant.answered {
+            return;
+        }
+        let _changed = Changed(self);
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+            e.refill(now);
+            e.ledger.answer(&grant.charged);
+            e.drain(now, None);
+        }
+    }
+
     /// [`observe`](Self::observe), and when `grant` is the successful request these headers
     /// answered, raise levels the answer proves too low (upward reconciliation). Only for
     /// grants of this store, and only with the whole limit (a local share cannot know what
@@ -982,7 +1098,9 @@ impl LocalBackend {
         let mut st = self.lock();
         let share = st.share;
         let e = st.entry(key, group, now);
-        e.observe(snap, share, now);
+        // Only this store's grants have a place in its ledger.
+        let answered = grant.filter(|g| g.origin == Origin::Local && !e.defers_to_store());
+        e.observe(snap, share, answered, now);
         if let Some(grant) = grant {
             if grant.origin == Origin::Local && share >= 1.0 && !e.defers_to_store() {
                 e.raise(snap, grant, now);
@@ -1023,9 +1141,12 @@ impl LocalBackend {
         f: impl FnOnce(&Entry, Instant) -> T,
     ) -> Option<T> {
         let now = Instant::now();
-        let st = self.lock();
-        match st.entries.get(&(key.clone(), group.clone())) {
-            Some(e) => Some(f(e, now)),
+        let mut st = self.lock();
+        match st.entries.get_mut(&(key.clone(), group.clone())) {
+            Some(e) => {
+                e.refill(now);
+                Some(f(e, now))
+            }
             None => {
                 let limits = st.limits_for(key, group)?;
                 Some(f(&Entry::new(Some(limits), now, false), now))

@@ -100,15 +100,18 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local period = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
-local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3', 'h1', 'h2', 'h3', 's1', 's2', 's3')
+local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3', 'h1', 'h2', 'h3', 's1', 's2', 's3',
+  'r1', 'r2', 'r3')
 local last = tonumber(st[1])
 -- The ledger of upward reconciliation: units held by grants in flight, units settled grants
--- finally cost (monotonic).
+-- finally cost, units settled grants gave back (both monotonic).
 local held = {}
 local settled = {}
+local returned = {}
 for i = 1, 3 do
   held[i] = tonumber(st[4 + i]) or 0
   settled[i] = tonumber(st[7 + i]) or 0
+  returned[i] = tonumber(st[10 + i]) or 0
 end
 local caps = {}
 local levels = {}
@@ -133,6 +136,7 @@ local function out(status, wait)
     if levels[i] then r[#r + 1] = string.format('%.6f', levels[i]) else r[#r + 1] = '' end
   end
   for i = 1, 3 do r[#r + 1] = string.format('%.0f', settled[i]) end
+  for i = 1, 3 do r[#r + 1] = string.format('%.0f', returned[i]) end
   return r
 end
 local function save(with_caps)
@@ -151,6 +155,8 @@ local function save(with_caps)
     fields[#fields + 1] = string.format('%.0f', held[i])
     fields[#fields + 1] = 's' .. i
     fields[#fields + 1] = string.format('%.0f', settled[i])
+    fields[#fields + 1] = 'r' .. i
+    fields[#fields + 1] = string.format('%.0f', returned[i])
   end
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -210,8 +216,10 @@ elseif mode == 'settle' then
     end
     -- charged (ARGV 10..12) leaves the held units; the final cost (13..15) is settled.
     local c = tonumber(ARGV[9 + i] or '0')
+    local cost = tonumber(ARGV[12 + i] or '0')
     held[i] = math.max(0, held[i] - c)
-    settled[i] = settled[i] + tonumber(ARGV[12 + i] or '0')
+    settled[i] = settled[i] + cost
+    returned[i] = returned[i] + math.max(0, c - cost)
   end
   save()
   return out('ok', 0)
@@ -224,15 +232,25 @@ elseif mode == 'observe' or mode == 'seed' then
   end
   for i = 1, 3 do
     local r = tonumber(ARGV[6 + i])
-    if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) then
+    -- The answer to a grant (ARGV[16] = 1) may predate what settled grants gave back since
+    -- it was taken (its returned mark: ARGV 23..25) and the refill since (ARGV[26] µs ago):
+    -- only a level above that too proves that someone else used the quota.
+    local slack = 0
+    if ARGV[16] == '1' and levels[i] then
+      slack = math.max(0, returned[i] - tonumber(ARGV[22 + i]))
+        + math.min(caps[i], tonumber(ARGV[26]) * caps[i] / period)
+    end
+    if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) + slack then
       levels[i] = r
     end
     -- Upward reconciliation (ARGV[16] = 1): the answer to a grant whose mark is ARGV 17..19
-    -- showed `r` left in a bucket of the same limit (ARGV 20..22 = 1): at least
-    -- r - held - (settled - mark) is there.
+    -- and which holds ARGV 27..29 showed `r` left in a bucket of the same limit (ARGV 20..22
+    -- = 1): at least r - (held - its own) - (settled - mark) is there (the server took that
+    -- grant before it answered).
     if ARGV[16] == '1' and levels[i] and r >= 0 and ARGV[19 + i] == '1' then
       local since = math.max(0, settled[i] - tonumber(ARGV[16 + i]))
-      local floor = r - held[i] - since
+      local others = math.max(0, held[i] - tonumber(ARGV[26 + i] or '0'))
+      local floor = r - others - since
       if floor > levels[i] then levels[i] = math.min(floor, caps[i]) end
     end
   end
@@ -510,15 +528,19 @@ struct Reply {
     levels: [Option<f64>; 3],
     /// The store's `settled` counters (upward reconciliation); zeros from the other scripts.
     settled: [u64; 3],
+    /// The store's `returned` counters (what settled grants gave back); zeros from the other
+    /// scripts.
+    returned: [u64; 3],
 }
 
 impl Reply {
     fn parse(raw: Vec<String>) -> Result<Self, StoreError> {
-        if raw.len() != 5 && raw.len() != 8 {
+        if raw.len() != 5 && raw.len() != 11 {
             return Err(StoreError::BadReply);
         }
-        let mut settled = [0u64; 3];
-        for (slot, text) in settled.iter_mut().zip(raw.iter().skip(5)) {
+        let (mut settled, mut returned) = ([0u64; 3], [0u64; 3]);
+        let counters = settled.iter_mut().chain(returned.iter_mut());
+        for (slot, text) in counters.zip(raw.iter().skip(5)) {
             *slot = text.parse().map_err(|_| StoreError::BadReply)?;
         }
         let wait_us: u64 = raw[1].parse().map_err(|_| StoreError::BadReply)?;
@@ -533,6 +555,7 @@ impl Reply {
             wait: Duration::from_micros(wait_us),
             levels,
             settled,
+            returned,
         })
     }
 }
@@ -937,7 +960,7 @@ impl RedisShared {
             self.mirror.seeded(key, group);
             return;
         }
-        let mut extra = [0i64; 16];
+        let mut extra = [0i64; 23];
         for (i, v) in views.iter().enumerate() {
             extra[i] = v
                 .remaining
@@ -951,7 +974,12 @@ impl RedisShared {
             for (i, v) in views.iter().enumerate() {
                 extra[10 + i] = i64::try_from(grant.mark[i]).unwrap_or(i64::MAX);
                 extra[13 + i] = i64::from(v.limit.is_some() && v.limit == caps[i]);
+                extra[16 + i] = i64::try_from(grant.returned[i]).unwrap_or(i64::MAX);
+                let own = grant.charged[i].unwrap_or(0);
+                extra[20 + i] = i64::try_from(own).unwrap_or(i64::MAX);
             }
+            let since = Instant::now().saturating_duration_since(grant.at);
+            extra[19] = i64::try_from(since.as_micros()).unwrap_or(i64::MAX);
         }
         // The probe's request unit (its tokens hide in the headers' rounding).
         extra[6] = i64::from(seeding);
@@ -1032,6 +1060,9 @@ impl RedisShared {
                             probe: false,
                             origin: Origin::Shared,
                             mark: reply.settled,
+                            returned: reply.returned,
+                            at: Instant::now(),
+                            answered: false,
                         };
                         SharedTry::Granted(board.reservation(
                             key.clone(),
@@ -1178,6 +1209,9 @@ impl SharedAcquire {
                     probe: false,
                     origin: Origin::Local,
                     mark: [0; 3],
+                    returned: [0; 3],
+                    at: Instant::now(),
+                    answered: false,
                 };
                 return Ok(board.reservation(key, group, cost, grant));
             };
@@ -1203,6 +1237,9 @@ impl SharedAcquire {
                                 probe: false,
                                 origin: Origin::Shared,
                                 mark: reply.settled,
+                                returned: reply.returned,
+                                at: Instant::now(),
+                                answered: false,
                             };
                             return Ok(board.reservation(key, group, cost, grant));
                         }
@@ -1444,6 +1481,11 @@ mod tests {
         assert_eq!(r.status, "wait");
         assert_eq!(r.wait, Duration::from_micros(1500));
         assert_eq!(r.levels, [Some(3.5), None, Some(-2.0)]);
+        // The main script's replies also carry the settled and returned counters.
+        let raw = ["ok", "0", "1", "2", "3", "10", "20", "30", "4", "5", "6"];
+        let r = Reply::parse(raw.iter().map(|s| s.to_string()).collect()).unwrap();
+        assert_eq!((r.settled, r.returned), ([10, 20, 30], [4, 5, 6]));
+        assert!(Reply::parse(raw[..8].iter().map(|s| s.to_string()).collect()).is_err());
         assert!(Reply::parse(vec!["ok".into()]).is_err());
         assert!(
             Reply::parse(vec![

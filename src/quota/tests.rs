@@ -144,7 +144,10 @@ async fn dropped_waiters_take_nothing_and_do_not_block_the_queue() {
 #[tokio::test(start_paused = true)]
 async fn max_wait_gives_a_typed_error_with_the_time_capacity_returns() {
     let b = board(60, 100_000, 100_000);
-    let _all = b.acquire(k(), g(), Cost::new(60, 0, 0)).await.unwrap();
+    let all = b.acquire(k(), g(), Cost::new(60, 0, 0)).await.unwrap();
+    // Its answer arrived: the server has taken it, so the bucket refills from now on (until
+    // then the server's bucket might still be full, and refill taken here lost there).
+    all.observe(&snap((60, 0), (100_000, 100_000), (100_000, 100_000)));
     let t0 = Instant::now();
     let err = b
         .acquire(k(), g(), Cost::new(1, 0, 0))
@@ -476,4 +479,91 @@ async fn requests_behind_a_slow_probe_go_after_the_grace() {
     probe.observe(&snap((50, 40), (30_000, 29_000), (8_000, 7_000)));
     probe.settle(Cost::new(1, 1, 1));
     assert_eq!(b.headroom(&k(), &g()).unwrap().requests.unwrap().limit, 50);
+}
+
+/// Issue 12, the one-key regression: the answer to a request carries the server's view from
+/// when that request was admitted, before the refunds of answers that ended meanwhile. That
+/// view must not lower the level by the refunds (the old rule lowered it to the header's
+/// `remaining` whenever the level was more than 999 tokens above it).
+#[tokio::test(start_paused = true)]
+async fn a_stale_remaining_does_not_undo_refunds_given_back_since() {
+    let b = board(120, 40_000, 8_000);
+    let a = b.acquire(k(), g(), Cost::new(1, 300, 1_500)).await.unwrap();
+    let other = b.acquire(k(), g(), Cost::new(1, 300, 1_500)).await.unwrap();
+    // The server admits both at once; A's headers are written then: 5 000 output left.
+    let a_view = snap((120, 118), (40_000, 39_000), (8_000, 5_000));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    // The other answer ends first: 1 440 output tokens come back.
+    other.settle(Cost::new(1, 300, 60));
+    let before = b
+        .headroom(&k(), &g())
+        .unwrap()
+        .output_tokens
+        .unwrap()
+        .remaining;
+    assert!(before >= 6_400, "{before}");
+    // A's (stale) headers arrive: nothing proves that anyone else used the quota.
+    a.observe(&a_view);
+    let after = b
+        .headroom(&k(), &g())
+        .unwrap()
+        .output_tokens
+        .unwrap()
+        .remaining;
+    assert!(after >= before, "lowered from {before} to {after}");
+    // A view far below what refunds and refill explain still lowers (another client).
+    let c = b.acquire(k(), g(), Cost::new(1, 300, 1_000)).await.unwrap();
+    c.observe(&snap((120, 100), (40_000, 30_000), (8_000, 1_000)));
+    let h = b.headroom(&k(), &g()).unwrap();
+    assert_eq!(h.output_tokens.unwrap().remaining, 1_000);
+    assert_eq!(h.requests.unwrap().remaining, 100);
+    a.settle(Cost::new(1, 300, 60));
+    c.settle(Cost::new(1, 300, 60));
+}
+
+/// Issue 12 (the reconciliation property, which failed at 9e1570c with more cases): a take
+/// whose answer has not arrived may not have reached the server yet; if the server's bucket
+/// is full meanwhile, the refill is lost there, so it is not counted here either.
+#[tokio::test(start_paused = true)]
+async fn no_refill_above_the_capacity_minus_unanswered_takes() {
+    let b = board(60, 100_000, 100_000);
+    let level = |b: &QuotaBoard| b.headroom(&k(), &g()).unwrap().requests.unwrap().remaining;
+    let r = b.acquire(k(), g(), Cost::new(30, 0, 0)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // The server may still be full (60) with the 30 on their way: 30 is all we may count.
+    assert_eq!(level(&b), 30);
+    // The answer shows the server took them: refill counts from now on.
+    r.observe(&snap((60, 30), (100_000, 100_000), (100_000, 100_000)));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(level(&b), 40);
+    r.settle(Cost::new(30, 0, 0));
+    assert_eq!(level(&b), 40);
+}
+
+/// Issue 12: the answer to a request already counts that request (the server took it before
+/// answering), so a raise subtracts only the *other* requests in flight.
+#[tokio::test(start_paused = true)]
+async fn a_raise_does_not_subtract_the_answered_request_twice() {
+    let b = board(120, 40_000, 8_000);
+    // Another client of the key used most of the output quota.
+    b.observe(
+        &k(),
+        &g(),
+        &snap((120, 120), (40_000, 40_000), (8_000, 1_000)),
+    );
+    let output = |b: &QuotaBoard| {
+        b.headroom(&k(), &g())
+            .unwrap()
+            .output_tokens
+            .unwrap()
+            .remaining
+    };
+    assert_eq!(output(&b), 1_000);
+    let r = b.acquire(k(), g(), Cost::new(1, 100, 500)).await.unwrap();
+    assert_eq!(output(&b), 500);
+    // It stopped: the answer to our request shows 5 000 left, ours already taken.
+    r.observe(&snap((120, 119), (40_000, 39_000), (8_000, 5_000)));
+    assert_eq!(output(&b), 5_000);
+    r.settle(Cost::new(1, 100, 60));
+    assert_eq!(output(&b), 5_440);
 }

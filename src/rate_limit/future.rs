@@ -286,6 +286,8 @@ fn on_response<B>(
     if !snapshot.is_empty() && config.scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
+    } else {
+        reservation.answered();
     }
     let sse = match parts
         .headers

@@ -105,6 +105,7 @@ mod builder;
 mod chaos;
 mod fault;
 mod render;
+pub mod scale;
 mod server;
 mod service;
 #[cfg(feature = "metrics")]

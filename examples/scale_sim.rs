@@ -1,0 +1,54 @@
+//! The scale scenario of `scripts/scale-bench.sh` in process, on tokio's paused clock
+//! (`tower_claude::testing::scale`): deterministic, and well under a second of wall time.
+//!
+//! ```text
+//! cargo run --release --features testing --example scale_sim -- [KEYS] [TASKS_PER_FLEET]
+//! LATENCY_MS=0 OTPM=1000000 cargo run --release --features testing --example scale_sim
+//! ```
+//!
+//! Prints the elapsed simulated time against the ideal from the request limit, each fleet's
+//! finish, the failed tasks and the upstream 429s. `RPM`, `ITPM`, `OTPM`, `LATENCY_MS` and
+//! `OUTPUT` change the upstream (defaults: 120, 40000, 8000, 500, 60).
+
+use std::time::Duration;
+
+use tower_claude::testing::MockLimits;
+use tower_claude::testing::scale::{ScaleConfig, run};
+
+#[tokio::main(flavor = "current_thread", start_paused = true)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let config = ScaleConfig {
+        keys: args.next().and_then(|a| a.parse().ok()).unwrap_or(1),
+        tasks_per_fleet: args.next().and_then(|a| a.parse().ok()).unwrap_or(200),
+        limits: MockLimits::new(env("RPM", 120), env("ITPM", 40_000), env("OTPM", 8_000)),
+        latency: Duration::from_millis(env("LATENCY_MS", 500)),
+        output_tokens: env("OUTPUT", 60),
+        seed: env("SEED", 1),
+        ..ScaleConfig::default()
+    };
+    let report = run(&config).await;
+    let fleets: Vec<String> = report
+        .fleets
+        .iter()
+        .map(|t| format!("{:.1}", t.as_secs_f64()))
+        .collect();
+    println!(
+        "keys {} tasks {}: {:.1} s (ideal {:.1} s, {:.3}x), failed {}, upstream 429s {}, fleets {}, per key {:?}",
+        config.keys,
+        config.tasks_per_fleet * config.keys as u64,
+        report.elapsed.as_secs_f64(),
+        report.ideal.as_secs_f64(),
+        report.ratio(),
+        report.failed,
+        report.upstream_429,
+        fleets.join(" "),
+        report.per_key
+    );
+}
