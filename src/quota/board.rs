@@ -680,9 +680,10 @@ impl Acquire {
     /// let key = KeyId::named("k");
     /// let alice = Tenant::new("alice");
     /// let first = board.acquire(key.clone(), group.clone(), Cost::new(1, 0, 0)).await.unwrap();
+    /// first.keep(); // answered: its request stays charged
     /// let second = board.acquire(key, group, Cost::new(1, 0, 0)).tenant(alice.clone()).await.unwrap();
     /// assert!(alice.stats().queue_wait().as_secs() >= 59);
-    /// # drop((first, second));
+    /// # drop(second);
     /// # }
     /// ```
     pub fn tenant(mut self, tenant: Tenant) -> Self {
