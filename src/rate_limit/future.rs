@@ -279,6 +279,7 @@ fn on_response<B>(
             reservation.settle_rejected();
             if !snapshot.is_empty() && config.scope == Scope::Key {
                 config.board.observe(&key, &group, &snapshot);
+                parts.extensions.insert(config.board.observed_mark());
             }
         }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
@@ -286,6 +287,7 @@ fn on_response<B>(
     if !snapshot.is_empty() && config.scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
+        parts.extensions.insert(config.board.observed_mark());
     }
     let sse = match parts
         .headers
