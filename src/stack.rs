@@ -714,8 +714,55 @@ impl ClaudeStack {
         }))
         .layer(svc);
         #[cfg(feature = "metrics")]
-        let svc = Optional(self.metrics_layer()).layer(svc);
-        boxed(svc)
+        let metrics = self.metrics_layer();
+        // The metrics layer opens the request's `claude_request` span (with its labels);
+        // without one, the stack opens it.
+        #[cfg(feature = "metrics")]
+        let span = metrics.is_none();
+        #[cfg(feature = "metrics")]
+        let svc = Optional(metrics).layer(svc);
+        #[cfg(not(feature = "metrics"))]
+        let span = true;
+        boxed(Traced { span, inner: svc })
+    }
+}
+
+/// The outermost wrapper of a [`ClaudeStack`] service: one `tracing` span per request
+/// (`claude_request`, at debug level, with the method and path: never a header or the body),
+/// entered while the layers take the request and around every poll of its future, so that
+/// every layer's events carry it. Without a subscriber that wants it the span is disabled and
+/// costs a level check. With a metrics layer (which opens its own `claude_request` span, with
+/// the request's labels) `span` is off: one span per request either way.
+#[derive(Clone)]
+struct Traced<S> {
+    span: bool,
+    inner: S,
+}
+
+impl<S> Service<Request<RequestBody>> for Traced<S>
+where
+    S: Service<Request<RequestBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        use tracing::Instrument;
+        if !self.span {
+            return self.inner.call(req).instrument(tracing::Span::none());
+        }
+        let span = tracing::debug_span!(
+            "claude_request",
+            method = %req.method(),
+            path = req.uri().path()
+        );
+        let fut = span.in_scope(|| self.inner.call(req));
+        fut.instrument(span)
     }
 }
 
@@ -807,6 +854,73 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Collects span names and event messages (a minimal subscriber: no extra dependency).
+    #[derive(Clone, Default)]
+    struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Collect {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("span {}", span.metadata().name()));
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    use std::fmt::Write;
+                    let _ = write!(self.0, " {}={v:?}", f.name());
+                }
+            }
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// The decisions of one request are traced under one span: the model fallback chose and
+    /// why, the rate limiter's admission; no key in clear.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn one_span_per_request_and_its_decisions() {
+        let collect = Collect::default();
+        let _guard = tracing::subscriber::set_default(collect.clone());
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                ),
+            )))
+        });
+        let req = Request::post("/v1/messages")
+            .header("x-api-key", "sk-ant-secret-key")
+            .body(RequestBody::from(
+                r#"{"model":"claude-opus-4-7","max_tokens":8,"messages":[]}"#,
+            ))
+            .unwrap();
+        let stack = ClaudeStack::new().cache(None);
+        stack.service(upstream).oneshot(req).await.unwrap();
+        let lines = collect.0.lock().unwrap().clone();
+        let text = lines.join("\n");
+        assert_eq!(
+            lines.iter().filter(|l| *l == "span claude_request").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("fallback: model chosen"), "{text}");
+        assert!(text.contains("requested=claude-opus-4-7"), "{text}");
+        assert!(text.contains("rate limit: admitted at once"), "{text}");
+        assert!(!text.contains("sk-ant-secret-key"), "{text}");
+    }
 
     /// A board given to a layer wins over the stack's; a layer without one gets the stack's.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
