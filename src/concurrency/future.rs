@@ -113,10 +113,7 @@ where
                     } = &mut **waiting;
                     if permit.is_none() {
                         match ready!(acquire.as_mut().poll(cx)) {
-                            Some(p) => {
-                                tracing::debug!("concurrency: permit granted after waiting");
-                                *permit = Some(p);
-                            }
+                            Some(p) => *permit = Some(p),
                             None => return Poll::Ready(Err("concurrency limiter closed".into())),
                         }
                     }

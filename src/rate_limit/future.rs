@@ -167,23 +167,8 @@ where
                     } = &mut **waiting;
                     if reservation.is_none() {
                         match ready!(Pin::new(acquire).poll(cx)) {
-                            Ok(r) => {
-                                tracing::debug!(
-                                    key = %r.key(),
-                                    group = %r.group(),
-                                    waited_ms = started.elapsed().as_millis() as u64,
-                                    "rate limit: admitted after queueing"
-                                );
-                                *reservation = Some(r);
-                            }
-                            Err(e) => {
-                                tracing::debug!(
-                                    waited_ms = started.elapsed().as_millis() as u64,
-                                    reason = ?e.kind(),
-                                    "rate limit: refused after queueing"
-                                );
-                                return Poll::Ready(Err(Box::new(e)));
-                            }
+                            Ok(r) => *reservation = Some(r),
+                            Err(e) => return Poll::Ready(Err(Box::new(e))),
                         }
                     }
                     let (Some(svc), Some(req)) = (service.as_mut(), request.take()) else {
@@ -294,7 +279,6 @@ fn on_response<B>(
             reservation.settle_rejected();
             if !snapshot.is_empty() && config.scope == Scope::Key {
                 config.board.observe(&key, &group, &snapshot);
-                parts.extensions.insert(config.board.observed_mark());
             }
         }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
@@ -302,7 +286,6 @@ fn on_response<B>(
     if !snapshot.is_empty() && config.scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
-        parts.extensions.insert(config.board.observed_mark());
     } else {
         reservation.answered();
     }
