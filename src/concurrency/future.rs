@@ -113,7 +113,10 @@ where
                     } = &mut **waiting;
                     if permit.is_none() {
                         match ready!(acquire.as_mut().poll(cx)) {
-                            Some(p) => *permit = Some(p),
+                            Some(p) => {
+                                tracing::debug!("concurrency: permit granted after waiting");
+                                *permit = Some(p);
+                            }
                             None => return Poll::Ready(Err("concurrency limiter closed".into())),
                         }
                     }

@@ -145,6 +145,18 @@ impl Limiter {
 
     fn resize(&self, st: &mut State, new: usize) {
         let new = new.clamp(1, self.max);
+        if new != st.target {
+            tracing::debug!(
+                from = st.target,
+                to = new,
+                mode = if self.aimd.is_some() {
+                    "adaptive"
+                } else {
+                    "ramp-up"
+                },
+                "concurrency: cap changed"
+            );
+        }
         if new < st.target {
             let diff = st.target - new;
             let forgotten = self.sem.forget_permits(diff);

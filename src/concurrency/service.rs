@@ -75,6 +75,11 @@ where
         match self.limiter.try_acquire() {
             Some(permit) => ResponseFuture::called(self.inner.call(req), permit),
             None => {
+                tracing::debug!(
+                    limit = self.limiter.limit(),
+                    in_flight = self.limiter.in_flight(),
+                    "concurrency: at the cap; waiting for a permit"
+                );
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
                 ResponseFuture::waiting(Box::pin(self.limiter.clone().acquire()), service, req)

@@ -145,7 +145,7 @@ where
                             let e: BoxError = e.into();
                             if walk.can_move_on()
                                 && policy::error_fails_over(&*e)
-                                && walk.fail_over()
+                                && walk.fail_over("no answer (transport error)")
                             {
                                 this.state.set(State::Ready);
                                 continue;
@@ -200,7 +200,11 @@ where
                     let verdict = walk.classify(&head, rest.prefix());
                     let moved = match verdict {
                         Verdict::Return => false,
-                        Verdict::FailOver => walk.fail_over(),
+                        Verdict::FailOver => walk.fail_over(match head.status.as_u16() {
+                            529 => "overloaded (529)",
+                            429 => "rate limited (429)",
+                            _ => "error answer",
+                        }),
                         Verdict::Resend => walk.resend(),
                     };
                     if !moved {
@@ -360,6 +364,20 @@ impl<S> Walk<S> {
             Some(req) => (chosen, req),
             None => (0, self.original()),
         };
+        tracing::debug!(
+            requested = %self.requested,
+            model = %self.candidates.get(idx).map_or(self.requested.as_str(), String::as_str),
+            why = if self.candidates.len() <= 1 {
+                "no fallback for this request (opted out, or no lower model in the chain)"
+            } else if idx != chosen {
+                "the body could not be rewritten; the requested model is sent"
+            } else if idx == 0 {
+                "the policy keeps the requested model"
+            } else {
+                "the policy moved down by remaining quota"
+            },
+            "fallback: model chosen"
+        );
         self.current = idx;
         self.visited = 1;
         self.attempts = 1;
@@ -420,13 +438,24 @@ impl<S> Walk<S> {
     }
 
     /// Prepares the next lower model; `false` when none is left (or allowed).
-    pub(crate) fn fail_over(&mut self) -> bool {
+    pub(crate) fn fail_over(&mut self, why: &'static str) -> bool {
         let Some(idx) = self.choose(self.current + 1) else {
+            tracing::debug!(
+                model = %self.candidates[self.current],
+                why,
+                "fallback: no lower model left to fail over to; the answer is returned"
+            );
             return false;
         };
         let Some(req) = self.build(idx) else {
             return false;
         };
+        tracing::debug!(
+            from = %self.candidates[self.current],
+            to = %self.candidates[idx],
+            why,
+            "fallback: failing over"
+        );
         self.current = idx;
         self.visited += 1;
         self.overloaded = 0;

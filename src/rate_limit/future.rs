@@ -167,8 +167,23 @@ where
                     } = &mut **waiting;
                     if reservation.is_none() {
                         match ready!(Pin::new(acquire).poll(cx)) {
-                            Ok(r) => *reservation = Some(r),
-                            Err(e) => return Poll::Ready(Err(Box::new(e))),
+                            Ok(r) => {
+                                tracing::debug!(
+                                    key = %r.key(),
+                                    group = %r.group(),
+                                    waited_ms = started.elapsed().as_millis() as u64,
+                                    "rate limit: admitted after queueing"
+                                );
+                                *reservation = Some(r);
+                            }
+                            Err(e) => {
+                                tracing::debug!(
+                                    waited_ms = started.elapsed().as_millis() as u64,
+                                    reason = ?e.kind(),
+                                    "rate limit: refused after queueing"
+                                );
+                                return Poll::Ready(Err(Box::new(e)));
+                            }
                         }
                     }
                     let (Some(svc), Some(req)) = (service.as_mut(), request.take()) else {

@@ -153,12 +153,19 @@ where
             Scope::Tenant => None,
         };
         if let Some((reservation, waited)) = admitted {
+            tracing::debug!(
+                key = %reservation.key(),
+                group = %reservation.group(),
+                waited_ms = waited.as_millis() as u64,
+                "rate limit: admitted with the quota the key pool took"
+            );
             let fut = self.inner.call(req);
             return ResponseFuture::called(fut, reservation, waited, stream, config.clone(), note);
         }
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
+                tracing::debug!(key = %key, group = %group, "rate limit: admitted at once");
                 let reservation = config.board.reservation(key, group, cost, grant);
                 let fut = self.inner.call(req);
                 ResponseFuture::called(
@@ -183,6 +190,12 @@ where
                     return ResponseFuture::failed(err);
                 }
                 if config.max_wait == Some(Duration::ZERO) {
+                    tracing::debug!(
+                        key = %key,
+                        group = %group,
+                        reason = ?err.kind(),
+                        "rate limit: refused at once (no capacity, queueing off)"
+                    );
                     return ResponseFuture::failed(err);
                 }
                 // Give up at the earlier of the layer's `max_wait` and the request's deadline
@@ -194,6 +207,15 @@ where
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
+                tracing::debug!(
+                    key = %key,
+                    group = %group,
+                    reason = ?err.kind(),
+                    give_up_in_ms = give_up.map(|at| {
+                        at.saturating_duration_since(Instant::now()).as_millis() as u64
+                    }),
+                    "rate limit: queued"
+                );
                 let acquire = config
                     .board
                     .acquire(key, group, cost)
