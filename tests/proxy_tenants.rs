@@ -611,6 +611,39 @@ async fn a_tenant_held_to_its_own_limit_does_not_hold_back_another() {
     proxy.stop().await;
 }
 
+/// A simulated upstream and two proxy nodes sharing one Redis, with the given tenants file
+/// (and deadline); the upstream task and the directory live as long as the caller keeps them.
+#[cfg(feature = "redis")]
+async fn two_redis_nodes(
+    redis: &support::redis_server::RedisServer,
+    tenants_toml: &str,
+    deadline: Option<&str>,
+) -> (
+    MockClaude,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    tempfile::TempDir,
+    Vec<Running>,
+) {
+    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
+    let (upstream, task) = mock.serve_on_loopback().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    write(&tenants, tenants_toml);
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let cli = Cli {
+            redis_url: Some(redis.url()),
+            deadline: deadline.map(Into::into),
+            ..flags(upstream, &tenants)
+        };
+        let proxy = Proxy::connect(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)]))
+            .await
+            .unwrap();
+        nodes.push(serve(proxy).await);
+    }
+    (mock, task, dir, nodes)
+}
+
 /// Two proxy nodes sharing Redis share each tenant's spend: what one node settled stops the
 /// tenant on the other.
 #[cfg(feature = "redis")]
@@ -619,22 +652,7 @@ async fn two_nodes_sharing_redis_share_a_tenants_spend() {
     let Some(redis) = support::redis_server::RedisServer::start() else {
         return;
     };
-    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
-    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let tenants = dir.path().join("tenants.toml");
-    write(&tenants, BUDGETS);
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let cli = Cli {
-            redis_url: Some(redis.url()),
-            ..flags(upstream, &tenants)
-        };
-        let proxy = Proxy::connect(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)]))
-            .await
-            .unwrap();
-        nodes.push(serve(proxy).await);
-    }
+    let (mock, _upstream, _dir, nodes) = two_redis_nodes(&redis, BUDGETS, None).await;
     assert_eq!(
         hello(nodes[0].addr, Some("tok-tiny")).await.status,
         StatusCode::OK
@@ -788,27 +806,13 @@ async fn two_nodes_sharing_redis_share_a_tenants_own_limits() {
     let Some(redis) = support::redis_server::RedisServer::start() else {
         return;
     };
-    let mock = MockClaude::builder().api_keys([UPSTREAM_KEY]).build();
-    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let tenants = dir.path().join("tenants.toml");
-    write(
-        &tenants,
+    let (mock, _upstream, _dir, nodes) = two_redis_nodes(
+        &redis,
         "[[tenant]]\nname = \"intern\"\ntokens = [\"tok-intern\"]\n\
          [tenant.limits.\"claude-haiku-4-5\"]\nrpm = 1\nitpm = 100000\notpm = 10000\n",
-    );
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let cli = Cli {
-            redis_url: Some(redis.url()),
-            deadline: Some("2s".into()),
-            ..flags(upstream, &tenants)
-        };
-        let proxy = Proxy::connect(config(cli, &[("ANTHROPIC_API_KEY", UPSTREAM_KEY)]))
-            .await
-            .unwrap();
-        nodes.push(serve(proxy).await);
-    }
+        Some("2s"),
+    )
+    .await;
     assert_eq!(
         hello(nodes[0].addr, Some("tok-intern")).await.status,
         StatusCode::OK
