@@ -30,6 +30,7 @@
 //! | [`ChosenKey`] — the key that served the answer | key pool | metrics, fallback (reads the served key's headroom), the application |
 //! | [`QueueWait`] — how long the request waited for quota | rate limit | metrics, the application |
 //! | [`PacingDelay`] — how long pacing held the request | pacing (feature `metrics`) | metrics |
+//! | [`ErrorAnswer`] — the parsed envelope of an error answer (429, 529, any 4xx / 5xx), read once | the innermost layer that reads the body: key pool (429, 400), retry (any error status; it replaces it with the envelope it writes), fallback (429, 529) | key pool, retry, fallback (instead of reading the body again), the application |
 //!
 //! A crate-private memo of the request's key id (derived once from its `x-api-key` or
 //! `Authorization` header, never the key itself) also rides in the request's extensions.
@@ -48,6 +49,7 @@
 //! ```
 
 pub use crate::anthropic::RequestMeta;
+pub use crate::body::ErrorAnswer;
 pub use crate::cache::{CacheStatus, Tenant as CacheTenant};
 pub use crate::fallback::{NoFallback, ServedModel};
 pub use crate::key_pool::ChosenKey;

@@ -12,6 +12,7 @@ mod meta;
 mod models;
 mod usage;
 
+pub(crate) use error::is_typed_object;
 pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,

@@ -16,6 +16,7 @@ use super::live::LiveBody;
 use super::store::CachedResponse;
 use crate::BoxError;
 use crate::anthropic::StreamTracker;
+use crate::body::Replay;
 
 /// The response body of [`Cache`](super::Cache): a stored body (hit), the inner body passed
 /// through (bypass, or a response that is not stored), the inner body watched by a tee that
@@ -47,10 +48,10 @@ enum Kind<B> {
         body: B,
         tee: Box<Tee>,
     },
-    Chain {
-        prefix: Option<Bytes>,
-        pending: Option<Result<Frame<Bytes>, BoxError>>,
-        rest: Option<Pin<Box<B>>>,
+    /// A JSON answer read ahead and not stored (too large, cut, or with trailers).
+    Replay {
+        #[pin]
+        body: Replay<B>,
     },
     Live {
         body: LiveBody,
@@ -87,19 +88,10 @@ impl<B> CacheBody<B> {
         }
     }
 
-    /// `prefix` (already read from `rest`), then `pending` (a frame or error read after it),
-    /// then what remains of `rest`.
-    pub(crate) fn chain(
-        prefix: Bytes,
-        pending: Option<Result<Frame<Bytes>, BoxError>>,
-        rest: Option<Pin<Box<B>>>,
-    ) -> Self {
+    /// A body read ahead ([`Replay::peek`]), replayed whole.
+    pub(crate) fn replay(body: Replay<B>) -> Self {
         Self {
-            kind: Kind::Chain {
-                prefix: (!prefix.is_empty()).then_some(prefix),
-                pending,
-                rest,
-            },
+            kind: Kind::Replay { body },
         }
     }
 }
@@ -110,7 +102,7 @@ impl<B> fmt::Debug for CacheBody<B> {
             Kind::Full { .. } => "Full",
             Kind::Inner { .. } => "Inner",
             Kind::Tee { .. } => "Tee",
-            Kind::Chain { .. } => "Chain",
+            Kind::Replay { .. } => "Replay",
             Kind::Live { .. } => "Live",
         };
         f.debug_struct("CacheBody").field("kind", &kind).finish()
@@ -133,22 +125,7 @@ where
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
             KindProj::Tee { body, tee } => tee.poll(body, cx),
-            KindProj::Chain {
-                prefix,
-                pending,
-                rest,
-            } => {
-                if let Some(p) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(p))));
-                }
-                if let Some(p) = pending.take() {
-                    return Poll::Ready(Some(p));
-                }
-                match rest {
-                    Some(body) => body.as_mut().poll_frame(cx).map_err(Into::into),
-                    None => Poll::Ready(None),
-                }
-            }
+            KindProj::Replay { body } => body.poll_frame(cx),
             KindProj::Live { body } => Pin::new(body).poll_frame(cx),
         }
     }
@@ -158,15 +135,7 @@ where
             Kind::Full { data } => data.is_none(),
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Tee { body, .. } => body.is_end_stream(),
-            Kind::Chain {
-                prefix,
-                pending,
-                rest,
-            } => {
-                prefix.is_none()
-                    && pending.is_none()
-                    && rest.as_ref().is_none_or(|b| b.is_end_stream())
-            }
+            Kind::Replay { body } => body.is_end_stream(),
             Kind::Live { body } => body.is_end_stream(),
         }
     }
@@ -178,7 +147,8 @@ where
             }
             Kind::Inner { body } => body.size_hint(),
             Kind::Tee { body, .. } => body.size_hint(),
-            Kind::Chain { .. } | Kind::Live { .. } => SizeHint::default(),
+            Kind::Replay { body } => body.size_hint(),
+            Kind::Live { .. } => SizeHint::default(),
         }
     }
 }

@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tower::ServiceExt;
@@ -21,7 +21,7 @@ use super::store::{CacheStore, CachedResponse};
 use super::{CacheMode, CacheStatus};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, header_names, is_messages_call};
-use crate::body::RequestBody;
+use crate::body::{Replay, RequestBody};
 use crate::fallback::ServedModel;
 
 /// A response cache in front of `S`: see the [module docs](super).
@@ -446,11 +446,7 @@ where
     if !res.status().is_success() {
         return res.map(CacheBody::inner);
     }
-    let is_sse = res
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let is_sse = crate::body::is_event_stream(res.headers());
     let (parts, body) = res.into_parts();
     let served = served_model(&parts, plan);
     let key = plan.key_for(&served);
@@ -472,34 +468,13 @@ where
         runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
         return Response::from_parts(parts, CacheBody::live(mine));
     }
-    let mut body = Box::pin(body);
-    let mut buf = BytesMut::new();
-    let pending: Option<Result<Frame<Bytes>, BoxError>> = loop {
-        match body.frame().await {
-            None => break None,
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    if buf.len() + data.len() > config.max_entry_bytes {
-                        // Too large to store: forward what was read and the rest as it comes.
-                        buf.extend_from_slice(&data);
-                        return Response::from_parts(
-                            parts,
-                            CacheBody::chain(buf.freeze(), None, Some(body)),
-                        );
-                    }
-                    buf.extend_from_slice(&data);
-                }
-                Err(frame) => break Some(Ok(frame)),
-            },
-            Some(Err(e)) => break Some(Err(e.into())),
-        }
-    };
-    let data = buf.freeze();
-    if let Some(pending) = pending {
-        // Trailers or an error: forward them as they came, store nothing.
-        let rest = pending.is_ok().then_some(body);
-        return Response::from_parts(parts, CacheBody::chain(data, Some(pending), rest));
+    // Read whole, up to one byte over the entry cap (then it is not stored).
+    let read = Replay::peek(body, config.max_entry_bytes.saturating_add(1)).await;
+    if !read.is_whole() || read.has_trailers() {
+        // Too large, cut, or with trailers: forward it as it came, store nothing.
+        return Response::from_parts(parts, CacheBody::replay(read.into_body()));
     }
+    let data = read.data();
     let entry =
         CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
     if keep(config, key, &entry) {

@@ -125,11 +125,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
         _ => names::OUTCOME_SUCCESS,
     };
     finish.json_limit = shared.json_limit;
-    finish.stream = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    finish.stream = crate::body::is_event_stream(response.headers());
     finish.count_usage = status.is_success();
     let span = &info.span;
     span.record("status", status.as_u16());

@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Request, Response};
 use pin_project::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -304,14 +304,7 @@ fn on_response<B>(
     } else {
         reservation.answered();
     }
-    let sse = match parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(ct) => ct.trim_start().starts_with("text/event-stream"),
-        None => stream,
-    };
+    let sse = crate::body::event_stream(&parts.headers).unwrap_or(stream);
     Response::from_parts(
         parts,
         RateLimitBody::tracking(body, reservation, sse, note.map(|n| *n)),
