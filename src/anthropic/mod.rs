@@ -28,7 +28,7 @@ pub use meta::{
 };
 pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
 pub(crate) use usage::UsageWatch;
-pub use usage::{SseEvent, SseParser, StreamTracker, Usage};
+pub use usage::{BodyState, SseEvent, SseParser, StreamTracker, Usage, UsageTracker};
 
 /// Whether a request is a Messages API call (`POST .../v1/messages`), the requests this crate's
 /// layers apply their policies to. Everything else (`count_tokens`, model lists, ...) passes

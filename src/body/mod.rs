@@ -39,6 +39,7 @@ mod replay;
 mod request_body;
 mod service;
 mod template;
+mod tracked;
 
 pub use error::{BufferBodyError, BufferBodyErrorKind};
 pub use error_answer::ErrorAnswer;
@@ -50,6 +51,7 @@ pub(crate) use replay::{event_stream, is_event_stream};
 pub use request_body::RequestBody;
 pub use service::BufferBody;
 pub(crate) use template::RequestTemplate;
+pub(crate) use tracked::{Tracked, track};
 
 /// The largest request body the Anthropic API accepts for the Messages API: 32 MB.
 pub const ANTHROPIC_MAX_BODY: usize = 32 * 1024 * 1024;

@@ -15,8 +15,8 @@ use super::layer::Config;
 use super::live::LiveBody;
 use super::store::CachedResponse;
 use crate::BoxError;
-use crate::anthropic::StreamTracker;
-use crate::body::Replay;
+use crate::anthropic::UsageTracker;
+use crate::body::{Replay, Tracked};
 
 /// The response body of [`Cache`](super::Cache): a stored body (hit), the inner body passed
 /// through (bypass, or a response that is not stored), the inner body watched by a tee that
@@ -45,7 +45,7 @@ enum Kind<B> {
     },
     Tee {
         #[pin]
-        body: B,
+        body: Tracked<B>,
         tee: Box<Tee>,
     },
     /// A JSON answer read ahead and not stored (too large, cut, or with trailers).
@@ -79,7 +79,7 @@ impl<B> CacheBody<B> {
         }
     }
 
-    pub(crate) fn tee(body: B, tee: Tee) -> Self {
+    pub(crate) fn tee(body: Tracked<B>, tee: Tee) -> Self {
         Self {
             kind: Kind::Tee {
                 body,
@@ -161,7 +161,8 @@ pub(crate) struct Tee {
     headers: HeaderMap,
     /// The model that produced the stream.
     model: String,
-    tracker: StreamTracker,
+    /// The answer's usage tracker: says when `message_stop` (or an `event: error`) arrived.
+    tracker: UsageTracker,
     chunks: Vec<Bytes>,
     size: usize,
     /// Stored (queued), or abandoned (not storable).
@@ -175,6 +176,7 @@ impl Tee {
         status: StatusCode,
         headers: HeaderMap,
         model: String,
+        tracker: UsageTracker,
     ) -> Self {
         Self {
             config,
@@ -182,7 +184,7 @@ impl Tee {
             status,
             headers,
             model,
-            tracker: StreamTracker::new(),
+            tracker,
             chunks: Vec::new(),
             size: 0,
             done: false,
@@ -211,7 +213,6 @@ impl Tee {
             }
             None => {
                 if !self.done {
-                    self.tracker.finish();
                     self.check();
                     // The stream ended without `message_stop`.
                     self.abandon();
@@ -231,16 +232,16 @@ impl Tee {
             return;
         }
         self.chunks.push(data.clone());
-        self.tracker.feed(data);
         self.check();
     }
 
-    /// Queues the entry for storing once the stream is complete; abandons it on an
+    /// Queues the entry for storing once the stream is complete — `message_stop` is among
+    /// the bytes recorded (a layer below may have read further ahead) — and abandons it on an
     /// `event: error`.
     fn check(&mut self) {
         if self.tracker.error().is_some() {
             self.abandon();
-        } else if self.tracker.is_complete() {
+        } else if self.tracker.complete_within(self.size as u64) {
             let mut body = Vec::with_capacity(self.size);
             for c in self.chunks.drain(..) {
                 body.extend_from_slice(&c);

@@ -447,16 +447,18 @@ where
         return res.map(CacheBody::inner);
     }
     let is_sse = crate::body::is_event_stream(res.headers());
-    let (parts, body) = res.into_parts();
+    let (mut parts, body) = res.into_parts();
     let served = served_model(&parts, plan);
     let key = plan.key_for(&served);
     if is_sse {
+        let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
         let tee = Tee::new(
             config.clone(),
             key,
             parts.status,
             parts.headers.clone(),
             served,
+            tracker,
         );
         let body = CacheBody::tee(body, tee);
         let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {

@@ -104,7 +104,15 @@ where
             }
             Ok(response) => {
                 observe(&info, &mut finish, &response);
-                let (parts, body) = response.into_parts();
+                let (mut parts, body) = response.into_parts();
+                let body = if finish.count_usage {
+                    let (body, tracker) =
+                        crate::body::track(&mut parts, body, finish.stream, info.shared.json_limit);
+                    finish.tracker = Some(tracker);
+                    body
+                } else {
+                    crate::body::Tracked::passthrough(body)
+                };
                 let body = MetricsBody::observed(body, finish);
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
@@ -124,7 +132,6 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
         500.. => names::OUTCOME_SERVER_ERROR,
         _ => names::OUTCOME_SUCCESS,
     };
-    finish.json_limit = shared.json_limit;
     finish.stream = crate::body::is_event_stream(response.headers());
     finish.count_usage = status.is_success();
     let span = &info.span;

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::QueueWait;
-use super::body::{PromptNote, RateLimitBody};
+use super::body::{MAX_JSON_COPY, PromptNote, RateLimitBody};
 use super::service::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
@@ -304,9 +304,9 @@ fn on_response<B>(
     } else {
         reservation.answered();
     }
-    let sse = crate::body::event_stream(&parts.headers).unwrap_or(stream);
+    let (body, tracker) = crate::body::track(&mut parts, body, stream, MAX_JSON_COPY);
     Response::from_parts(
         parts,
-        RateLimitBody::tracking(body, reservation, sse, note.map(|n| *n)),
+        RateLimitBody::tracking(body, reservation, tracker, note.map(|n| *n)),
     )
 }

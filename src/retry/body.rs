@@ -10,8 +10,8 @@ use pin_project::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
-use crate::anthropic::{ApiError, ApiErrorKind, StreamTracker};
-use crate::body::Replay;
+use crate::anthropic::{ApiError, ApiErrorKind, BodyState, UsageTracker};
+use crate::body::{Replay, Tracked};
 
 /// The message of the `event: error` that ends a stream cut before `message_stop`.
 pub(crate) const STREAM_CUT: &str = "upstream stream ended before message_stop";
@@ -33,9 +33,9 @@ pub(crate) const DEADLINE_PASSED: &str =
 #[pin_project]
 pub struct RetryBody<B> {
     #[pin]
-    inner: Replay<B>,
-    /// A 2xx event stream: what was forwarded of it (the held-back prefix included).
-    stream: Option<Box<StreamTracker>>,
+    inner: Replay<Tracked<B>>,
+    /// A 2xx event stream: its usage tracker (fed below, or by `inner`).
+    stream: Option<UsageTracker>,
     /// The request's deadline.
     deadline: Option<Pin<Box<Sleep>>>,
     /// Nothing more is yielded.
@@ -45,11 +45,11 @@ pub struct RetryBody<B> {
 impl<B> RetryBody<B> {
     /// The body as it is.
     pub(crate) fn new(body: B) -> Self {
-        Self::replay(Replay::new(body))
+        Self::replay(Replay::new(Tracked::passthrough(body)))
     }
 
     /// A body read ahead (or written by the layer).
-    pub(crate) fn replay(inner: Replay<B>) -> Self {
+    pub(crate) fn replay(inner: Replay<Tracked<B>>) -> Self {
         Self {
             inner,
             stream: None,
@@ -58,9 +58,9 @@ impl<B> RetryBody<B> {
         }
     }
 
-    /// Guards the end of a 2xx event stream; `tracker` has seen the prefix already.
-    pub(crate) fn guard_stream(mut self, tracker: StreamTracker) -> Self {
-        self.stream = Some(Box::new(tracker));
+    /// Guards the end of a 2xx event stream, as its usage `tracker` saw it.
+    pub(crate) fn guard_stream(mut self, tracker: UsageTracker) -> Self {
+        self.stream = Some(tracker);
         self
     }
 
@@ -72,27 +72,28 @@ impl<B> RetryBody<B> {
 
     /// Whether a guarded stream may still need its closing `event: error`.
     fn open_stream(&self) -> bool {
-        self.stream
-            .as_ref()
-            .is_some_and(|t| !t.is_complete() && t.error().is_none())
+        self.stream.as_ref().is_some_and(open)
     }
+}
+
+/// Whether a guarded stream has neither completed nor carried its own `event: error`.
+fn open(tracker: &UsageTracker) -> bool {
+    tracker.state() != BodyState::Complete && tracker.error().is_none()
 }
 
 /// The end of a body: a closing `event: error` for a guarded stream that did not complete,
 /// else `err` (if any), else the end.
 fn close(
-    stream: &mut Option<Box<StreamTracker>>,
+    stream: &mut Option<UsageTracker>,
     finished: &mut bool,
     kind: ApiErrorKind,
     message: &str,
     err: Option<BoxError>,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     *finished = true;
-    if let Some(tracker) = stream.as_mut() {
-        if err.is_none() {
-            tracker.finish();
-        }
-        if tracker.is_complete() || tracker.error().is_some() {
+    if let Some(tracker) = stream.as_ref() {
+        // The tracker saw the body end (it is fed as the body is read, below this layer).
+        if !open(tracker) {
             return Poll::Ready(None);
         }
         tracing::debug!(message, cause = ?err, "stream closed with an event: error");
@@ -156,12 +157,7 @@ where
                 STREAM_CUT,
                 None,
             ),
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(tracker), Some(data)) = (this.stream.as_mut(), frame.data_ref()) {
-                    tracker.feed(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(err))) => close(
                 this.stream,
                 this.finished,
@@ -223,7 +219,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"hello"))),
             Ok(Frame::data(Bytes::from_static(b" world"))),
         ]));
-        let peeked = Replay::peek(inner, 5).await;
+        let peeked = Replay::peek(Tracked::passthrough(inner), 5).await;
         let body = RetryBody::replay(peeked.into_body());
         assert!(!body.is_end_stream());
         let bytes = body.collect().await.unwrap().to_bytes();
@@ -238,7 +234,11 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"data"))),
             Err("connection reset".into()),
         ]));
-        let mut body = RetryBody::replay(Replay::peek(inner, 1024).await.into_body());
+        let mut body = RetryBody::replay(
+            Replay::peek(Tracked::passthrough(inner), 1024)
+                .await
+                .into_body(),
+        );
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"data"));
         let err = body.frame().await.unwrap().unwrap_err();

@@ -25,10 +25,12 @@ use super::policy::{
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, ApiErrorKind, RequestMeta, StreamTracker, header_names, is_typed_object, request_id,
+    ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, header_names, is_typed_object,
+    request_id,
 };
 use crate::body::{
-    ErrorAnswer, Replay, RequestBody, RequestTemplate, is_event_stream, read_error_answer,
+    ErrorAnswer, Replay, RequestBody, RequestTemplate, Tracked, is_event_stream, read_error_answer,
+    track,
 };
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
@@ -494,6 +496,8 @@ fn broken_answer<B>(
     let error = error.unwrap_or_else(|| ApiError::new(ApiErrorKind::Api, STREAM_CUT));
     let (mut parts, _broken) = response.into_parts();
     parts.status = error.status();
+    // The body is this layer's now: the upstream body's tracker no longer describes it.
+    parts.extensions.remove::<UsageTracker>();
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts
         .headers
@@ -530,8 +534,11 @@ where
             .await;
         }
         if stream {
+            let (mut parts, body) = response.into_parts();
+            let (body, tracker) = track(&mut parts, body, true, 0);
+            let body = RetryBody::replay(Replay::new(body)).guard_stream(tracker);
             return Outcome::Final {
-                response: response.map(|b| RetryBody::new(b).guard_stream(StreamTracker::new())),
+                response: Response::from_parts(parts, body),
                 success: true,
             };
         }
@@ -542,7 +549,7 @@ where
             };
         }
         let (parts, body) = response.into_parts();
-        let read = Replay::peek(body, config.max_json_read).await;
+        let read = Replay::peek(Tracked::passthrough(body), config.max_json_read).await;
         // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
         // document) is no answer: retried, and never returned as a 200.
         let error = if read.failed() {
@@ -582,9 +589,10 @@ where
         }
     };
     // Read once: by this layer, or by a layer below that published it.
-    let (mut parts, body) = read_error_answer(response, config.max_error_body)
-        .await
-        .into_parts();
+    let (mut parts, body) =
+        read_error_answer(response.map(Tracked::passthrough), config.max_error_body)
+            .await
+            .into_parts();
     let answer = parts.extensions.get::<ErrorAnswer>().cloned();
     let foreign = answer.as_ref().is_some_and(ErrorAnswer::is_foreign);
     let error = answer.map_or_else(
@@ -647,10 +655,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = response.into_parts();
-    let mut tracker = StreamTracker::new();
-    let read = Replay::peek_until(body, limit, |chunk| {
-        tracker.feed(chunk);
+    let (mut parts, body) = response.into_parts();
+    // The stream's one tracker (fed below, or by this body): it sees each chunk first.
+    let (body, tracker) = track(&mut parts, body, true, 0);
+    let read = Replay::peek_until(body, limit, |_| {
         // Once an error is seen, read on to the end of the (short) stream so nothing stays
         // open while the layer waits.
         tracker.content_started() && tracker.error().is_none()
@@ -658,11 +666,12 @@ where
     .await;
     let rest_open = !read.is_whole() && !read.failed();
     if read.is_whole() {
-        tracker.finish();
+        // A body that ended before yielding a frame was never seen ending.
+        tracker.end(false);
     }
-    let error = tracker.error().cloned();
+    let error = tracker.error();
     let body_failed = read.failed();
-    let truncated = !rest_open && !tracker.is_complete();
+    let truncated = !rest_open && tracker.state() != BodyState::Complete;
     let content = tracker.content_started();
     let response = Response::from_parts(
         parts,
