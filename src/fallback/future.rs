@@ -16,9 +16,9 @@ use tower_service::Service;
 
 use super::ServedModel;
 use super::body::FallbackBody;
+use super::config::Config;
 use super::error::FallbackError;
 use super::policy::{self, Verdict};
-use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, KeyId, RateLimitSnapshot, RequestMeta, header_names, retry_after, rewrite_model,

@@ -13,9 +13,9 @@ use pin_project::pin_project;
 use tokio::time::Instant;
 
 use super::body::KeyPoolBody;
+use super::config::Config;
 use super::error::KeyPoolError;
 use super::pool::{ChosenKey, Pick, Pool, RemovalReason};
-use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, ApiErrorKind, BucketSnapshot, RateLimitGroup, RateLimitSnapshot, retry_after,

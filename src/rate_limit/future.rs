@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use super::QueueWait;
 use super::body::{MAX_JSON_COPY, PromptNote, RateLimitBody};
-use super::service::{Config, Scope};
+use super::config::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
 use crate::body::RequestBody;
