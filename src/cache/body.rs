@@ -10,8 +10,8 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
+use super::config::{Config, keep};
 use super::key::CacheKey;
-use super::layer::Config;
 use super::live::LiveBody;
 use super::store::CachedResponse;
 use crate::BoxError;
@@ -253,7 +253,7 @@ impl Tee {
                 true,
             )
             .with_model(std::mem::take(&mut self.model));
-            super::service::keep(&self.config, self.key, &entry);
+            keep(&self.config, self.key, &entry);
             self.done = true;
         }
     }
