@@ -9,9 +9,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 use tokio::time::Instant;
 
-use super::future::RequestInfo;
-use super::layer::Shared;
 use super::names;
+use super::shared::{RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{BodyState, RateLimitGroup, Usage, UsageTracker};
 use crate::body::Tracked;

@@ -2,34 +2,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
 use pin_project::pin_project;
-use tokio::time::Instant;
 
 use super::body::{Finish, MetricsBody};
-use super::layer::Shared;
 use super::names;
 use super::pacing::PacingDelay;
+use super::shared::RequestInfo;
 use crate::BoxError;
 use crate::anthropic::header_names;
 use crate::fallback::ServedModel;
 use crate::rate_limit::QueueWait;
-
-/// What the service learned about a request when it was called.
-#[derive(Debug)]
-pub(crate) struct RequestInfo {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) start: Instant,
-    pub(crate) model: Option<String>,
-    pub(crate) model_label: String,
-    pub(crate) group_label: String,
-    pub(crate) span: tracing::Span,
-}
 
 /// Response future of [`Metrics`](super::Metrics): records the response's status, retries,
 /// fallback, cache decision and queue wait, and wraps its body to count tokens and latency
