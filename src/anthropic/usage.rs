@@ -705,10 +705,18 @@ impl UsageTracker {
         }
     }
 
-    /// Whether a stream's `message_stop` arrived within its first `bytes` bytes: a layer that
-    /// has forwarded (or recorded) `bytes` bytes has then seen the whole answer.
-    pub(crate) fn complete_within(&self, bytes: u64) -> bool {
-        self.lock().complete_at.is_some_and(|at| at <= bytes)
+    /// What a layer that has forwarded (or recorded) the first `bytes` bytes of a stream knows
+    /// of it, in one look: `Some(false)` once it carried an `event: error`, `Some(true)` once
+    /// its `message_stop` is within those bytes (the layer has seen the whole answer), `None`
+    /// while neither.
+    pub(crate) fn settled_within(&self, bytes: u64) -> Option<bool> {
+        let t = self.lock();
+        if let UsageWatch::Sse(tracker) = &t.watch {
+            if tracker.error().is_some() {
+                return Some(false);
+            }
+        }
+        t.complete_at.is_some_and(|at| at <= bytes).then_some(true)
     }
 }
 

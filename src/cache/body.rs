@@ -239,23 +239,28 @@ impl Tee {
     /// the bytes recorded (a layer below may have read further ahead) — and abandons it on an
     /// `event: error`.
     fn check(&mut self) {
-        if self.tracker.error().is_some() {
-            self.abandon();
-        } else if self.tracker.complete_within(self.size as u64) {
-            let mut body = Vec::with_capacity(self.size);
-            for c in self.chunks.drain(..) {
-                body.extend_from_slice(&c);
-            }
-            let entry = CachedResponse::new(
-                self.status,
-                std::mem::take(&mut self.headers),
-                body.into(),
-                true,
-            )
-            .with_model(std::mem::take(&mut self.model));
-            keep(&self.config, self.key, &entry);
-            self.done = true;
+        match self.tracker.settled_within(self.size as u64) {
+            None => {}
+            Some(false) => self.abandon(),
+            Some(true) => self.store(),
         }
+    }
+
+    /// Queues the recorded stream for storing.
+    fn store(&mut self) {
+        let mut body = Vec::with_capacity(self.size);
+        for c in self.chunks.drain(..) {
+            body.extend_from_slice(&c);
+        }
+        let entry = CachedResponse::new(
+            self.status,
+            std::mem::take(&mut self.headers),
+            body.into(),
+            true,
+        )
+        .with_model(std::mem::take(&mut self.model));
+        keep(&self.config, self.key, &entry);
+        self.done = true;
     }
 
     fn abandon(&mut self) {
