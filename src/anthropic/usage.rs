@@ -1,5 +1,6 @@
 //! Token usage from JSON responses and from SSE streams.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{ApiError, ApiErrorKind};
@@ -566,7 +567,17 @@ pub enum BodyState {
 /// assert_eq!(t.model().as_deref(), Some("claude-haiku-4-5"));
 /// ```
 #[derive(Clone)]
-pub struct UsageTracker(Arc<Mutex<Tracked>>);
+pub struct UsageTracker(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    tracked: Mutex<Tracked>,
+    /// What [`UsageTracker::settled_within`] reads without taking the lock, on every chunk of
+    /// a stream: the bytes fed when `message_stop` was first seen (`u64::MAX`: not yet) and
+    /// whether an `event: error` was seen.
+    complete_at: AtomicU64,
+    errored: AtomicBool,
+}
 
 #[derive(Debug)]
 struct Tracked {
@@ -587,20 +598,25 @@ impl UsageTracker {
     /// A tracker for an event stream (`sse`) or a JSON body of which at most `json_limit`
     /// bytes are copied to read its usage.
     pub fn new(sse: bool, json_limit: usize) -> Self {
-        Self(Arc::new(Mutex::new(Tracked {
-            watch: UsageWatch::new(sse, json_limit),
-            seen: 0,
-            complete_at: None,
-            ended: false,
-            failed: false,
-            json_usage: None,
-            model: None,
-        })))
+        Self(Arc::new(Shared {
+            tracked: Mutex::new(Tracked {
+                watch: UsageWatch::new(sse, json_limit),
+                seen: 0,
+                complete_at: None,
+                ended: false,
+                failed: false,
+                json_usage: None,
+                model: None,
+            }),
+            complete_at: AtomicU64::new(u64::MAX),
+            errored: AtomicBool::new(false),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
         // A panic while holding the lock leaves consistent counters: keep going.
         self.0
+            .tracked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -612,8 +628,12 @@ impl UsageTracker {
         t.watch.feed(chunk);
         if t.complete_at.is_none() {
             if let UsageWatch::Sse(tracker) = &t.watch {
+                if tracker.error().is_some() {
+                    self.0.errored.store(true, Ordering::Release);
+                }
                 if tracker.is_complete() {
                     t.complete_at = Some(t.seen);
+                    self.0.complete_at.store(t.seen, Ordering::Release);
                 }
             }
         }
@@ -631,8 +651,12 @@ impl UsageTracker {
         if !failed {
             if let UsageWatch::Sse(tracker) = &mut t.watch {
                 tracker.finish();
+                if tracker.error().is_some() {
+                    self.0.errored.store(true, Ordering::Release);
+                }
                 if tracker.is_complete() && t.complete_at.is_none() {
                     t.complete_at = Some(t.seen);
+                    self.0.complete_at.store(t.seen, Ordering::Release);
                 }
             }
         }
@@ -710,13 +734,10 @@ impl UsageTracker {
     /// its `message_stop` is within those bytes (the layer has seen the whole answer), `None`
     /// while neither.
     pub(crate) fn settled_within(&self, bytes: u64) -> Option<bool> {
-        let t = self.lock();
-        if let UsageWatch::Sse(tracker) = &t.watch {
-            if tracker.error().is_some() {
-                return Some(false);
-            }
+        if self.0.errored.load(Ordering::Acquire) {
+            return Some(false);
         }
-        t.complete_at.is_some_and(|at| at <= bytes).then_some(true)
+        (self.0.complete_at.load(Ordering::Acquire) <= bytes).then_some(true)
     }
 }
 
