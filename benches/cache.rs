@@ -151,6 +151,23 @@ fn stream_miss(c: &mut Criterion) {
             )
         }
     });
+    let stack = {
+        use tower_claude::stack::{CacheConfig, ClaudeStack, StackConfig};
+        let config = StackConfig {
+            cache: CacheConfig::Memory {
+                max_bytes: 256 * 1024 * 1024,
+            },
+            limits: [(
+                "claude-sonnet-4".to_owned(),
+                tower_claude::quota::Limits::new(u64::MAX / 4, u64::MAX / 4, u64::MAX / 4),
+            )]
+            .into(),
+            ..StackConfig::default()
+        };
+        ClaudeStack::from_config(&config)
+            .unwrap()
+            .service(upstream.clone())
+    };
     let svc = CacheLayer::memory(256 * 1024 * 1024).layer(upstream);
     let n = AtomicU64::new(0);
     let mut group = c.benchmark_group("cache_miss");
@@ -168,6 +185,21 @@ fn stream_miss(c: &mut Criterion) {
                     res.extensions().get::<CacheStatus>(),
                     Some(&CacheStatus::Miss)
                 );
+                black_box(res.into_body().collect().await.unwrap().to_bytes())
+            }
+        })
+    });
+    // The same miss through the whole stack as `claude-proxy` builds it (cache, fallback,
+    // retry, rate limit, concurrency): every layer that reads the stream reads it.
+    group.bench_function("stack_stream_100_events", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = stack.clone();
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let body = Bytes::from(format!(
+                r#"{{"model":"claude-sonnet-4-6","max_tokens":4096,"stream":true,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+            ));
+            async move {
+                let res = svc.oneshot(request(&body)).await.unwrap();
                 black_box(res.into_body().collect().await.unwrap().to_bytes())
             }
         })

@@ -30,6 +30,8 @@
 //! | [`ChosenKey`] — the key that served the answer | key pool | metrics, fallback (reads the served key's headroom), the application |
 //! | [`QueueWait`] — how long the request waited for quota | rate limit | metrics, the application |
 //! | [`PacingDelay`] — how long pacing held the request | pacing (feature `metrics`) | metrics |
+//! | [`UsageTracker`] — the answer's one usage tracker: final usage, how far the body got ([`BodyState`]: complete / truncated / failed), the model that wrote it | the innermost layer that reads usage (rate limit in the stack; else retry for a stream, the cache for a stream it records, metrics), wrapping the body once; retry drops it when it replaces the body | rate limit (settles the reservation), retry (holds a stream back, closes a cut one), cache (stores a stream only once `message_stop` is recorded), metrics (tokens, stream errors), the application |
+//! | [`ErrorAnswer`] — the parsed envelope of an error answer (429, 529, any 4xx / 5xx), read once | the innermost layer that reads the body: key pool (429, 400), retry (any error status; it replaces it with the envelope it writes), fallback (429, 529) | key pool, retry, fallback (instead of reading the body again), the application |
 //!
 //! A crate-private memo of the request's key id (derived once from its `x-api-key` or
 //! `Authorization` header, never the key itself) also rides in the request's extensions.
@@ -47,7 +49,8 @@
 //! # }
 //! ```
 
-pub use crate::anthropic::RequestMeta;
+pub use crate::anthropic::{BodyState, RequestMeta, UsageTracker};
+pub use crate::body::ErrorAnswer;
 pub use crate::cache::{CacheStatus, Tenant as CacheTenant};
 pub use crate::fallback::{NoFallback, ServedModel};
 pub use crate::key_pool::ChosenKey;

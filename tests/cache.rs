@@ -1657,3 +1657,52 @@ async fn memory_store_rss_per_entry() {
         weight / u64::from(n)
     );
 }
+
+/// The cache reads a stream's completeness from the one usage tracker, fed below it: when a
+/// retry layer below held the stream back and already saw `message_stop`, the cache still
+/// stores the entry only once every byte up to `message_stop` is recorded — the whole stream.
+#[tokio::test(start_paused = true)]
+async fn a_stream_held_back_below_is_stored_whole() {
+    use tower_claude::anthropic::{BodyState, UsageTracker};
+    use tower_claude::retry::RetryLayer;
+    let up = Upstream::new(Duration::from_millis(100), |_, _| {
+        // Content starts in the last chunk, with `message_stop`: the retry layer's hold-back
+        // reads both chunks before the cache sees the first.
+        let (first, rest) = SSE_EVENTS.split_at(1);
+        sse_response(chunks(vec![
+            Ok(Bytes::from(first.concat())),
+            Ok(Bytes::from(rest.concat())),
+        ]))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(CacheLayer::memory(64 << 20))
+        .layer(RetryLayer::new())
+        .service(up.clone());
+    let res = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Miss)
+    );
+    let tracker = res.extensions().get::<UsageTracker>().unwrap().clone();
+    let streamed = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&streamed[..], SSE_EVENTS.concat().as_bytes());
+    assert_eq!(tracker.state(), BodyState::Complete);
+    assert_eq!(tracker.usage().unwrap().output_tokens, 42);
+
+    let res = svc
+        .clone()
+        .oneshot(request("sk", STREAM_BODY))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Hit)
+    );
+    let replayed = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(replayed, streamed);
+    assert_eq!(up.calls(), 1);
+}

@@ -1028,3 +1028,41 @@ async fn behind_a_key_pool_the_best_key_decides() {
         board.statuses()
     );
 }
+
+/// A 429 whose envelope a layer below already read (`ErrorAnswer`) is classified from that
+/// extension, not read again: the extension says spend cap (fail over at once) while the body,
+/// a short rate limit, would have been returned as it is.
+#[tokio::test(start_paused = true)]
+async fn an_error_answer_read_below_is_not_read_again() {
+    use tower_claude::exchange::ErrorAnswer;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let inner = tower::service_fn(move |req: Request<RequestBody>| {
+        let model = model_in_body(req.body().bytes());
+        seen.lock().unwrap().push(model.clone());
+        async move {
+            let mut res = Response::new(http_body_util::Full::new(Bytes::from_static(
+                br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+            )));
+            if model == OPUS {
+                *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                res.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("1"));
+                res.extensions_mut().insert(ErrorAnswer::from(ApiError::new(
+                    ApiErrorKind::SpendLimit,
+                    "cap",
+                )));
+            } else {
+                *res.body_mut() = http_body_util::Full::new(Bytes::from_static(b"{}"));
+            }
+            Ok::<_, BoxError>(res)
+        }
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new())
+        .service(inner);
+    let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert_eq!(*calls.lock().unwrap(), [OPUS, SONNET]);
+}

@@ -1011,3 +1011,28 @@ async fn a_limit_raised_upstream_is_used_from_the_first_answer_that_shows_it() {
     );
     assert_eq!(mock.stats().rate_limited, 0);
 }
+
+/// The pool reads a 429's envelope once and publishes it (`ErrorAnswer`): the layers above read
+/// the extension, and the body still reaches the caller byte for byte.
+#[tokio::test(start_paused = true)]
+async fn the_429_envelope_read_by_the_pool_is_published_for_the_layers_above() {
+    use tower_claude::anthropic::ApiErrorKind;
+    use tower_claude::exchange::ErrorAnswer;
+    let mock = mock(&KEYS);
+    let mut svc = ServiceBuilder::new()
+        .layer(KeyPoolLayer::new(KEYS).unwrap())
+        .service(mock.clone());
+    mock.push_fault(Fault::SpendCap);
+    let res = send(&mut svc).await.unwrap();
+    let answer = res.extensions().get::<ErrorAnswer>().expect("ErrorAnswer");
+    assert_eq!(answer.error().kind(), ApiErrorKind::SpendLimit);
+    assert!(!answer.is_foreign());
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        body.windows(28)
+            .any(|w| w == b"enforced_spend_limit_reached")
+    );
+    // A 200 is not read: no extension.
+    let res = send(&mut svc).await.unwrap();
+    assert!(res.extensions().get::<ErrorAnswer>().is_none());
+}

@@ -1336,3 +1336,40 @@ async fn a_stream_ending_without_message_stop_ends_with_an_error_event() {
             .as_bytes()
     );
 }
+
+/// An error answer whose envelope a layer below already read (`ErrorAnswer`) is classified
+/// from that extension, not read again: here the extension says spend cap while the body says
+/// rate limit, and the layer fails at once with `SpendLimit`.
+#[tokio::test(start_paused = true)]
+async fn an_error_answer_read_below_is_not_read_again() {
+    use tower_claude::anthropic::ApiErrorKind;
+    use tower_claude::exchange::ErrorAnswer;
+    let calls = Arc::new(Mutex::new(0u32));
+    let seen = calls.clone();
+    let inner = tower::service_fn(move |_req: Request<RequestBody>| {
+        *seen.lock().unwrap() += 1;
+        async move {
+            let mut res = Response::new(Full::new(Bytes::from_static(
+                br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+            )));
+            *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            res.extensions_mut().insert(ErrorAnswer::from(ApiError::new(
+                ApiErrorKind::SpendLimit,
+                "cap",
+            )));
+            Ok::<_, BoxError>(res)
+        }
+    });
+    let mut svc = layer().layer(inner);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(messages(BODY))
+        .await
+        .unwrap_err();
+    let err = err.downcast::<RetryError>().unwrap();
+    assert_eq!(err.kind(), RetryErrorKind::SpendLimit);
+    assert_eq!(err.api_error().map(ApiError::message), Some("cap"));
+    assert_eq!(*calls.lock().unwrap(), 1);
+}

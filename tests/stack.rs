@@ -90,3 +90,39 @@ async fn every_layer_can_be_switched_off() {
     assert!(resp.headers().get("x-tower-claude-model").is_none());
     assert!(resp.extensions().get::<RetryInfo>().is_none());
 }
+
+/// One usage tracker per answer: the innermost layer that reads usage (the rate limiter)
+/// publishes it, and retry, the cache and metrics read it instead of parsing the stream again,
+/// so it is fed each byte exactly once.
+#[tokio::test(start_paused = true)]
+async fn a_stream_is_tracked_once_through_the_stack() {
+    use tower_claude::anthropic::{BodyState, UsageTracker};
+    let mock = MockClaude::builder().build();
+    let stack = ClaudeStack::from_config(&StackConfig {
+        seed: Some(3),
+        ..StackConfig::default()
+    })
+    .unwrap();
+    let svc = stack.service(mock.clone());
+    let body = r#"{"model":"claude-sonnet-4-6","max_tokens":32,"temperature":0,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let req = Request::post("/v1/messages")
+        .header("x-api-key", "sk-ant-stack")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(body))
+        .unwrap();
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let tracker = resp.extensions().get::<UsageTracker>().unwrap().clone();
+    let streamed = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(tracker.is_stream());
+    assert_eq!(tracker.state(), BodyState::Complete);
+    assert!(tracker.usage().unwrap().output_tokens > 0);
+    assert_eq!(tracker.model().as_deref(), Some("claude-sonnet-4-6"));
+    // Fed once: it saw exactly the bytes the caller got.
+    let debug = format!("{tracker:?}");
+    assert!(
+        debug.contains(&format!("seen: {}", streamed.len())),
+        "{debug} vs {} bytes",
+        streamed.len()
+    );
+}

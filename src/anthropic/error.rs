@@ -266,6 +266,16 @@ fn parse_envelope(body: &[u8]) -> Option<(Option<String>, String, Option<String>
     ))
 }
 
+/// Whether `body` is a JSON object with a string `type` (every Messages API answer is).
+pub(crate) fn is_typed_object(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        _ty: String,
+    }
+    serde_json::from_slice::<Typed>(body).is_ok()
+}
+
 /// An error returned by the API: `{"type":"error","error":{"type":..,"message":..}}`.
 ///
 /// ```

@@ -12,6 +12,7 @@ mod meta;
 mod models;
 mod usage;
 
+pub(crate) use error::is_typed_object;
 pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
@@ -27,7 +28,7 @@ pub use meta::{
 };
 pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
 pub(crate) use usage::UsageWatch;
-pub use usage::{SseEvent, SseParser, StreamTracker, Usage};
+pub use usage::{BodyState, SseEvent, SseParser, StreamTracker, Usage, UsageTracker};
 
 /// Whether a request is a Messages API call (`POST .../v1/messages`), the requests this crate's
 /// layers apply their policies to. Everything else (`count_tokens`, model lists, ...) passes

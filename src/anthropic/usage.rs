@@ -1,5 +1,8 @@
 //! Token usage from JSON responses and from SSE streams.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use super::{ApiError, ApiErrorKind};
 
 /// Token usage of one response.
@@ -36,14 +39,25 @@ impl Usage {
     /// fields are 0. Only `usage` is decoded: the rest of the document is validated and skipped
     /// without building a tree.
     pub fn from_json(body: &[u8]) -> Option<Usage> {
+        Self::from_json_with_model(body).0
+    }
+
+    /// [`from_json`](Self::from_json), and the answer's top-level `model`, in one parse.
+    fn from_json_with_model(body: &[u8]) -> (Option<Usage>, Option<String>) {
         #[derive(serde::Deserialize)]
         struct Response {
             usage: Option<UsageFields>,
+            model: Option<String>,
         }
-        let response: Response = serde_json::from_slice(body).ok()?;
-        let mut usage = Usage::default();
-        usage.apply(&response.usage?);
-        Some(usage)
+        let Ok(response) = serde_json::from_slice::<Response>(body) else {
+            return (None, None);
+        };
+        let usage = response.usage.map(|fields| {
+            let mut usage = Usage::default();
+            usage.apply(&fields);
+            usage
+        });
+        (usage, response.model)
     }
 
     /// The most tokens one field of a `usage` block is taken to say (10^8: a hundred times
@@ -333,6 +347,8 @@ pub struct StreamTracker {
     content_started: bool,
     complete: bool,
     error: Option<ApiError>,
+    /// The `model` of `message_start`.
+    model: Option<String>,
 }
 
 impl StreamTracker {
@@ -372,6 +388,7 @@ impl StreamTracker {
         #[derive(serde::Deserialize)]
         struct MessagePart {
             usage: Option<UsageFields>,
+            model: Option<String>,
         }
 
         let from_data;
@@ -388,11 +405,14 @@ impl StreamTracker {
         match name {
             "message_start" => {
                 if let Ok(Data {
-                    message: Some(MessagePart { usage: Some(u) }),
+                    message: Some(MessagePart { usage, model }),
                     ..
                 }) = serde_json::from_str::<Data>(&event.data)
                 {
-                    self.usage.apply(&u);
+                    if let Some(u) = usage {
+                        self.usage.apply(&u);
+                    }
+                    self.model = model.or(self.model.take());
                 }
             }
             "message_delta" => {
@@ -441,6 +461,11 @@ impl StreamTracker {
     /// A mid-stream `event: error`, if one was seen.
     pub fn error(&self) -> Option<&ApiError> {
         self.error.as_ref()
+    }
+
+    /// The model that wrote the stream (the `model` of `message_start`), once seen.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 }
 
@@ -497,6 +522,234 @@ impl UsageWatch {
                 Some(tracker.usage())
             }
         }
+    }
+}
+
+/// How far a response body got, as the [`UsageTracker`] saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyState {
+    /// Still flowing (or dropped before its end).
+    Open,
+    /// A stream that reached `message_stop`, or a JSON body that ended.
+    Complete,
+    /// A stream that ended without `message_stop` (and without an `event: error`).
+    Truncated,
+    /// A stream that carried an `event: error`, or a body whose read failed.
+    Failed,
+}
+
+/// The one usage tracker of an answer: what its body said about usage (the final usage of a
+/// JSON answer, the running usage of a stream), how far it got ([`BodyState`]) and the model
+/// that served it, shared by every layer that needs it.
+///
+/// The innermost layer that reads an answer's usage (in [`ClaudeStack`](crate::stack::ClaudeStack),
+/// the rate limiter) wraps the body once and publishes this handle as a response extension;
+/// retry, the cache (its completeness check), metrics and the rate limiter read it instead of
+/// parsing the stream or copying the JSON body again: one SSE parse per stream, one JSON usage
+/// read per body. Layers above the one that wrapped the body see every frame after it did,
+/// so the handle is up to date whenever a frame reaches them.
+///
+/// ```
+/// use tower_claude::anthropic::{BodyState, UsageTracker};
+///
+/// let t = UsageTracker::new(true, 0);
+/// t.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n");
+/// assert_eq!(t.state(), BodyState::Open);
+/// t.end(false);
+/// assert_eq!(t.state(), BodyState::Truncated);
+/// assert_eq!(t.usage().unwrap().input_tokens, 10);
+///
+/// let t = UsageTracker::new(false, 1 << 20);
+/// t.feed(br#"{"type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":3,"output_tokens":4}}"#);
+/// t.end(false);
+/// assert_eq!(t.state(), BodyState::Complete);
+/// assert_eq!(t.model().as_deref(), Some("claude-haiku-4-5"));
+/// ```
+#[derive(Clone)]
+pub struct UsageTracker(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    tracked: Mutex<Tracked>,
+    /// What [`UsageTracker::settled_within`] reads without taking the lock, on every chunk of
+    /// a stream: the bytes fed when `message_stop` was first seen (`u64::MAX`: not yet) and
+    /// whether an `event: error` was seen.
+    complete_at: AtomicU64,
+    errored: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    watch: UsageWatch,
+    /// Data bytes fed.
+    seen: u64,
+    /// Bytes fed when `message_stop` was first seen.
+    complete_at: Option<u64>,
+    ended: bool,
+    failed: bool,
+    /// The JSON usage, read once the body ended.
+    json_usage: Option<Option<Usage>>,
+    /// A JSON body's `model`, read with its usage.
+    model: Option<String>,
+}
+
+impl UsageTracker {
+    /// A tracker for an event stream (`sse`) or a JSON body of which at most `json_limit`
+    /// bytes are copied to read its usage.
+    pub fn new(sse: bool, json_limit: usize) -> Self {
+        Self(Arc::new(Shared {
+            tracked: Mutex::new(Tracked {
+                watch: UsageWatch::new(sse, json_limit),
+                seen: 0,
+                complete_at: None,
+                ended: false,
+                failed: false,
+                json_usage: None,
+                model: None,
+            }),
+            complete_at: AtomicU64::new(u64::MAX),
+            errored: AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        // A panic while holding the lock leaves consistent counters: keep going.
+        self.0
+            .tracked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Feeds a chunk of the body, as it is read.
+    pub fn feed(&self, chunk: &[u8]) {
+        let mut t = self.lock();
+        t.seen = t.seen.saturating_add(chunk.len() as u64);
+        t.watch.feed(chunk);
+        if t.complete_at.is_none() {
+            if let UsageWatch::Sse(tracker) = &t.watch {
+                if tracker.error().is_some() {
+                    self.0.errored.store(true, Ordering::Release);
+                }
+                if tracker.is_complete() {
+                    t.complete_at = Some(t.seen);
+                    self.0.complete_at.store(t.seen, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// The body ended (`failed`: its read failed). A trailing event without a blank line is
+    /// dispatched; a JSON body's usage is read.
+    pub fn end(&self, failed: bool) {
+        let mut t = self.lock();
+        if t.ended {
+            return;
+        }
+        t.ended = true;
+        t.failed = failed;
+        if !failed {
+            if let UsageWatch::Sse(tracker) = &mut t.watch {
+                tracker.finish();
+                if tracker.error().is_some() {
+                    self.0.errored.store(true, Ordering::Release);
+                }
+                if tracker.is_complete() && t.complete_at.is_none() {
+                    t.complete_at = Some(t.seen);
+                    self.0.complete_at.store(t.seen, Ordering::Release);
+                }
+            }
+        }
+        let read = match &t.watch {
+            UsageWatch::Sse(_) => None,
+            UsageWatch::Json(buf, _) => Some(Usage::from_json_with_model(buf)),
+            UsageWatch::Overflow => Some((None, None)),
+        };
+        if let Some((usage, model)) = read {
+            t.json_usage = Some(usage);
+            t.model = model;
+            // The copy is no longer needed.
+            t.watch = UsageWatch::Overflow;
+        }
+    }
+
+    /// Whether the answer is an event stream.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.lock().watch, UsageWatch::Sse(_))
+    }
+
+    /// The usage: a stream's so far (output tokens are cumulative), a JSON body's once it
+    /// parses (before its end, the copy so far is read). `None` for a JSON body that does not
+    /// parse or outgrew its copy limit.
+    pub fn usage(&self) -> Option<Usage> {
+        let mut t = self.lock();
+        if let Some(usage) = t.json_usage {
+            return usage;
+        }
+        t.watch.usage(false)
+    }
+
+    /// How far the body got.
+    pub fn state(&self) -> BodyState {
+        let t = self.lock();
+        match &t.watch {
+            UsageWatch::Sse(tracker) if tracker.error().is_some() => BodyState::Failed,
+            _ if t.complete_at.is_some() => BodyState::Complete,
+            _ if t.failed => BodyState::Failed,
+            UsageWatch::Sse(_) if t.ended => BodyState::Truncated,
+            _ if t.ended => BodyState::Complete,
+            _ => BodyState::Open,
+        }
+    }
+
+    /// Whether the caller has received content of a stream (see
+    /// [`StreamTracker::content_started`]).
+    pub fn content_started(&self) -> bool {
+        match &self.lock().watch {
+            UsageWatch::Sse(tracker) => tracker.content_started(),
+            _ => false,
+        }
+    }
+
+    /// A stream's mid-stream `event: error`, if one was seen.
+    pub fn error(&self) -> Option<ApiError> {
+        match &self.lock().watch {
+            UsageWatch::Sse(tracker) => tracker.error().cloned(),
+            _ => None,
+        }
+    }
+
+    /// The model that wrote the answer, as the answer says (a stream's `message_start`, a JSON
+    /// body's `model`, read once it ended).
+    pub fn model(&self) -> Option<String> {
+        let t = self.lock();
+        match &t.watch {
+            UsageWatch::Sse(tracker) => tracker.model().map(str::to_owned),
+            _ => t.model.clone(),
+        }
+    }
+
+    /// What a layer that has forwarded (or recorded) the first `bytes` bytes of a stream knows
+    /// of it, in one look: `Some(false)` once it carried an `event: error`, `Some(true)` once
+    /// its `message_stop` is within those bytes (the layer has seen the whole answer), `None`
+    /// while neither.
+    pub(crate) fn settled_within(&self, bytes: u64) -> Option<bool> {
+        if self.0.errored.load(Ordering::Acquire) {
+            return Some(false);
+        }
+        (self.0.complete_at.load(Ordering::Acquire) <= bytes).then_some(true)
+    }
+}
+
+impl std::fmt::Debug for UsageTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.lock();
+        f.debug_struct("UsageTracker")
+            .field("stream", &matches!(t.watch, UsageWatch::Sse(_)))
+            .field("seen", &t.seen)
+            .field("ended", &t.ended)
+            .field("failed", &t.failed)
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,9 +1,15 @@
-//! Buffered, cheaply cloneable request bodies, and the layer that produces them.
+//! Buffered, cheaply cloneable request bodies, the layer that produces them, and the one
+//! response body that replays what a layer read ahead ([`Replay`]).
 //!
 //! Retry and fallback replay requests, and the cache hashes them, so every layer of this crate
 //! works on [`RequestBody`]: a complete request body held in [`Bytes`](bytes::Bytes). Cloning it
 //! is a reference-count increment. [`BufferBodyLayer`] turns any streaming body (such as hyper's
 //! `Incoming`) into it, refusing bodies over a size limit (Anthropic's is 32 MB).
+//!
+//! On the way back, a layer that must look into an answer before returning it reads it with
+//! [`Replay::peek`] (bounded) and returns the [`Replay`] body: every layer that looks ahead
+//! uses this one body. An error answer's envelope is read once, by the innermost layer that
+//! needs it, and published as the [`ErrorAnswer`] response extension for the others.
 //!
 //! ```
 //! use http::Request;
@@ -26,16 +32,26 @@
 //! ```
 
 mod error;
+mod error_answer;
 mod future;
 mod layer;
+mod replay;
 mod request_body;
 mod service;
+mod template;
+mod tracked;
 
 pub use error::{BufferBodyError, BufferBodyErrorKind};
+pub use error_answer::ErrorAnswer;
+pub(crate) use error_answer::{ReadErrorAnswer, read_error_answer};
 pub use future::ResponseFuture;
 pub use layer::BufferBodyLayer;
+pub use replay::{Peek, Peeked, Replay};
+pub(crate) use replay::{event_stream, is_event_stream};
 pub use request_body::RequestBody;
 pub use service::BufferBody;
+pub(crate) use template::RequestTemplate;
+pub(crate) use tracked::{Tracked, track};
 
 /// The largest request body the Anthropic API accepts for the Messages API: 32 MB.
 pub const ANTHROPIC_MAX_BODY: usize = 32 * 1024 * 1024;

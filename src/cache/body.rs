@@ -10,12 +10,13 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
+use super::config::{Config, keep};
 use super::key::CacheKey;
-use super::layer::Config;
 use super::live::LiveBody;
 use super::store::CachedResponse;
 use crate::BoxError;
-use crate::anthropic::StreamTracker;
+use crate::anthropic::UsageTracker;
+use crate::body::{Replay, Tracked};
 
 /// The response body of [`Cache`](super::Cache): a stored body (hit), the inner body passed
 /// through (bypass, or a response that is not stored), the inner body watched by a tee that
@@ -44,13 +45,13 @@ enum Kind<B> {
     },
     Tee {
         #[pin]
-        body: B,
+        body: Tracked<B>,
         tee: Box<Tee>,
     },
-    Chain {
-        prefix: Option<Bytes>,
-        pending: Option<Result<Frame<Bytes>, BoxError>>,
-        rest: Option<Pin<Box<B>>>,
+    /// A JSON answer read ahead and not stored (too large, cut, or with trailers).
+    Replay {
+        #[pin]
+        body: Replay<B>,
     },
     Live {
         body: LiveBody,
@@ -78,7 +79,7 @@ impl<B> CacheBody<B> {
         }
     }
 
-    pub(crate) fn tee(body: B, tee: Tee) -> Self {
+    pub(crate) fn tee(body: Tracked<B>, tee: Tee) -> Self {
         Self {
             kind: Kind::Tee {
                 body,
@@ -87,19 +88,10 @@ impl<B> CacheBody<B> {
         }
     }
 
-    /// `prefix` (already read from `rest`), then `pending` (a frame or error read after it),
-    /// then what remains of `rest`.
-    pub(crate) fn chain(
-        prefix: Bytes,
-        pending: Option<Result<Frame<Bytes>, BoxError>>,
-        rest: Option<Pin<Box<B>>>,
-    ) -> Self {
+    /// A body read ahead ([`Replay::peek`]), replayed whole.
+    pub(crate) fn replay(body: Replay<B>) -> Self {
         Self {
-            kind: Kind::Chain {
-                prefix: (!prefix.is_empty()).then_some(prefix),
-                pending,
-                rest,
-            },
+            kind: Kind::Replay { body },
         }
     }
 }
@@ -110,7 +102,7 @@ impl<B> fmt::Debug for CacheBody<B> {
             Kind::Full { .. } => "Full",
             Kind::Inner { .. } => "Inner",
             Kind::Tee { .. } => "Tee",
-            Kind::Chain { .. } => "Chain",
+            Kind::Replay { .. } => "Replay",
             Kind::Live { .. } => "Live",
         };
         f.debug_struct("CacheBody").field("kind", &kind).finish()
@@ -133,22 +125,7 @@ where
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
             KindProj::Tee { body, tee } => tee.poll(body, cx),
-            KindProj::Chain {
-                prefix,
-                pending,
-                rest,
-            } => {
-                if let Some(p) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(p))));
-                }
-                if let Some(p) = pending.take() {
-                    return Poll::Ready(Some(p));
-                }
-                match rest {
-                    Some(body) => body.as_mut().poll_frame(cx).map_err(Into::into),
-                    None => Poll::Ready(None),
-                }
-            }
+            KindProj::Replay { body } => body.poll_frame(cx),
             KindProj::Live { body } => Pin::new(body).poll_frame(cx),
         }
     }
@@ -158,15 +135,7 @@ where
             Kind::Full { data } => data.is_none(),
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Tee { body, .. } => body.is_end_stream(),
-            Kind::Chain {
-                prefix,
-                pending,
-                rest,
-            } => {
-                prefix.is_none()
-                    && pending.is_none()
-                    && rest.as_ref().is_none_or(|b| b.is_end_stream())
-            }
+            Kind::Replay { body } => body.is_end_stream(),
             Kind::Live { body } => body.is_end_stream(),
         }
     }
@@ -178,7 +147,8 @@ where
             }
             Kind::Inner { body } => body.size_hint(),
             Kind::Tee { body, .. } => body.size_hint(),
-            Kind::Chain { .. } | Kind::Live { .. } => SizeHint::default(),
+            Kind::Replay { body } => body.size_hint(),
+            Kind::Live { .. } => SizeHint::default(),
         }
     }
 }
@@ -191,7 +161,8 @@ pub(crate) struct Tee {
     headers: HeaderMap,
     /// The model that produced the stream.
     model: String,
-    tracker: StreamTracker,
+    /// The answer's usage tracker: says when `message_stop` (or an `event: error`) arrived.
+    tracker: UsageTracker,
     chunks: Vec<Bytes>,
     size: usize,
     /// Stored (queued), or abandoned (not storable).
@@ -205,6 +176,7 @@ impl Tee {
         status: StatusCode,
         headers: HeaderMap,
         model: String,
+        tracker: UsageTracker,
     ) -> Self {
         Self {
             config,
@@ -212,7 +184,7 @@ impl Tee {
             status,
             headers,
             model,
-            tracker: StreamTracker::new(),
+            tracker,
             chunks: Vec::new(),
             size: 0,
             done: false,
@@ -241,7 +213,6 @@ impl Tee {
             }
             None => {
                 if !self.done {
-                    self.tracker.finish();
                     self.check();
                     // The stream ended without `message_stop`.
                     self.abandon();
@@ -261,30 +232,35 @@ impl Tee {
             return;
         }
         self.chunks.push(data.clone());
-        self.tracker.feed(data);
         self.check();
     }
 
-    /// Queues the entry for storing once the stream is complete; abandons it on an
+    /// Queues the entry for storing once the stream is complete — `message_stop` is among
+    /// the bytes recorded (a layer below may have read further ahead) — and abandons it on an
     /// `event: error`.
     fn check(&mut self) {
-        if self.tracker.error().is_some() {
-            self.abandon();
-        } else if self.tracker.is_complete() {
-            let mut body = Vec::with_capacity(self.size);
-            for c in self.chunks.drain(..) {
-                body.extend_from_slice(&c);
-            }
-            let entry = CachedResponse::new(
-                self.status,
-                std::mem::take(&mut self.headers),
-                body.into(),
-                true,
-            )
-            .with_model(std::mem::take(&mut self.model));
-            super::service::keep(&self.config, self.key, &entry);
-            self.done = true;
+        match self.tracker.settled_within(self.size as u64) {
+            None => {}
+            Some(false) => self.abandon(),
+            Some(true) => self.store(),
         }
+    }
+
+    /// Queues the recorded stream for storing.
+    fn store(&mut self) {
+        let mut body = Vec::with_capacity(self.size);
+        for c in self.chunks.drain(..) {
+            body.extend_from_slice(&c);
+        }
+        let entry = CachedResponse::new(
+            self.status,
+            std::mem::take(&mut self.headers),
+            body.into(),
+            true,
+        )
+        .with_model(std::mem::take(&mut self.model));
+        keep(&self.config, self.key, &entry);
+        self.done = true;
     }
 
     fn abandon(&mut self) {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::CacheMode;
+use super::config::Config;
 use super::key::{Tenant, default_tenant_secret};
 use super::service::Cache;
 use super::store::{CacheStore, MemoryStore};
@@ -19,19 +20,6 @@ pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
 
 /// The default capacity of the write-behind queue: 1024 answers waiting to be stored.
 pub const DEFAULT_WRITE_QUEUE: usize = 1024;
-
-/// The options of a [`Cache`], shared by its clones.
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) store: Arc<dyn CacheStore>,
-    pub(crate) ttl: Duration,
-    pub(crate) mode: CacheMode,
-    pub(crate) max_entry_bytes: usize,
-    pub(crate) tenant_secret: [u8; 32],
-    pub(crate) tenant: Option<Tenant>,
-    pub(crate) fallback: Option<FallbackHandle>,
-    pub(crate) writer: Arc<Writer>,
-}
 
 /// Builds [`Cache`]: a response cache partitioned by tenant, with request coalescing.
 ///

@@ -175,6 +175,8 @@
 //! ```
 
 mod body;
+mod config;
+mod flights;
 mod future;
 mod key;
 mod layer;

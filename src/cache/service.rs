@@ -1,27 +1,26 @@
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::sync::oneshot;
 use tower::ServiceExt;
 use tower_service::Service;
 
 use super::body::{CacheBody, Tee};
+use super::config::{Config, keep};
+use super::flights::{FlightGuard, Flights, Join, Shared};
 use super::future::ResponseFuture;
 use super::key::{CacheKey, KeyBase, Partition};
-use super::layer::{CacheLayer, Config};
+use super::layer::CacheLayer;
 use super::live::{End, Live, LiveBody};
 use super::store::{CacheStore, CachedResponse};
 use super::{CacheMode, CacheStatus};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, header_names, is_messages_call};
-use crate::body::RequestBody;
+use crate::body::{Replay, RequestBody};
 use crate::fallback::ServedModel;
 
 /// A response cache in front of `S`: see the [module docs](super).
@@ -415,18 +414,6 @@ fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
         .to_owned()
 }
 
-/// Hands a complete answer to the write-behind queue, under the key of the model that
-/// produced it; `false` (and nothing queued) when it is not a complete, valid Messages API
-/// answer.
-pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bool {
-    if !entry.is_complete_message() {
-        tracing::debug!(key = %key, "not a complete Messages API answer: not stored");
-        return false;
-    }
-    config.writer.enqueue(key, entry.clone(), config.ttl);
-    true
-}
-
 /// Forwards a miss's response, storing it when it is complete and 2xx: a JSON body is read
 /// here (it arrives whole anyway) and queued for storing before the response is returned, so
 /// followers are released at once; an SSE body is recorded by a tee as it flows to the caller.
@@ -446,21 +433,19 @@ where
     if !res.status().is_success() {
         return res.map(CacheBody::inner);
     }
-    let is_sse = res
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-    let (parts, body) = res.into_parts();
+    let is_sse = crate::body::is_event_stream(res.headers());
+    let (mut parts, body) = res.into_parts();
     let served = served_model(&parts, plan);
     let key = plan.key_for(&served);
     if is_sse {
+        let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
         let tee = Tee::new(
             config.clone(),
             key,
             parts.status,
             parts.headers.clone(),
             served,
+            tracker,
         );
         let body = CacheBody::tee(body, tee);
         let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {
@@ -472,34 +457,13 @@ where
         runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
         return Response::from_parts(parts, CacheBody::live(mine));
     }
-    let mut body = Box::pin(body);
-    let mut buf = BytesMut::new();
-    let pending: Option<Result<Frame<Bytes>, BoxError>> = loop {
-        match body.frame().await {
-            None => break None,
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    if buf.len() + data.len() > config.max_entry_bytes {
-                        // Too large to store: forward what was read and the rest as it comes.
-                        buf.extend_from_slice(&data);
-                        return Response::from_parts(
-                            parts,
-                            CacheBody::chain(buf.freeze(), None, Some(body)),
-                        );
-                    }
-                    buf.extend_from_slice(&data);
-                }
-                Err(frame) => break Some(Ok(frame)),
-            },
-            Some(Err(e)) => break Some(Err(e.into())),
-        }
-    };
-    let data = buf.freeze();
-    if let Some(pending) = pending {
-        // Trailers or an error: forward them as they came, store nothing.
-        let rest = pending.is_ok().then_some(body);
-        return Response::from_parts(parts, CacheBody::chain(data, Some(pending), rest));
+    // Read whole, up to one byte over the entry cap (then it is not stored).
+    let read = Replay::peek(body, config.max_entry_bytes.saturating_add(1)).await;
+    if !read.is_whole() || read.has_trailers() {
+        // Too large, cut, or with trailers: forward it as it came, store nothing.
+        return Response::from_parts(parts, CacheBody::replay(read.into_body()));
     }
+    let data = read.data();
     let entry =
         CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
     if keep(config, key, &entry) {
@@ -567,223 +531,5 @@ where
                 return;
             }
         }
-    }
-}
-
-/// Requests in flight upstream, by key, with the followers waiting for each.
-#[derive(Default)]
-pub(crate) struct Flights {
-    map: Mutex<HashMap<CacheKey, Flight>>,
-    next_id: AtomicU64,
-}
-
-struct Flight {
-    id: u64,
-    waiters: Vec<oneshot::Sender<Shared>>,
-    /// A streaming answer being read: followers read it live.
-    live: Option<Arc<Live>>,
-}
-
-/// What a follower receives from its leader.
-#[derive(Debug)]
-enum Shared {
-    /// The stored answer.
-    Entry(CachedResponse),
-    /// A reader of the stream in flight (already subscribed).
-    Live(LiveBody),
-}
-
-enum Join {
-    Lead(FlightGuard),
-    Follow(oneshot::Receiver<Shared>),
-    Live(LiveBody),
-}
-
-impl Flights {
-    fn join(self: &Arc<Self>, key: CacheKey) -> Join {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = map.get_mut(&key) {
-            if let Some(live) = &flight.live {
-                return Join::Live(live.subscribe());
-            }
-            let (tx, rx) = oneshot::channel();
-            flight.waiters.push(tx);
-            return Join::Follow(rx);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        map.insert(
-            key,
-            Flight {
-                id,
-                waiters: Vec::new(),
-                live: None,
-            },
-        );
-        Join::Lead(FlightGuard {
-            flights: self.clone(),
-            key,
-            id,
-        })
-    }
-
-    /// The number of keys in flight.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
-/// The leader's handle on its flight. `complete` hands the stored answer to every follower;
-/// dropping the guard without completing (error, non-2xx, cancellation, unstorable body)
-/// drops the followers' senders, and each follower looks up again and may lead.
-pub(crate) struct FlightGuard {
-    flights: Arc<Flights>,
-    key: CacheKey,
-    id: u64,
-}
-
-impl FlightGuard {
-    fn take(&self) -> Option<Flight> {
-        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&self.key).is_some_and(|f| f.id == self.id) {
-            map.remove(&self.key)
-        } else {
-            None
-        }
-    }
-
-    pub(crate) fn complete(self, entry: &CachedResponse) {
-        if let Some(flight) = self.take() {
-            for waiter in flight.waiters {
-                let _ = waiter.send(Shared::Entry(entry.clone()));
-            }
-        }
-    }
-
-    /// The answer is a stream, read into `live`: the followers so far get a reader each, and
-    /// later ones subscribe as they join.
-    fn publish(&self, live: &Arc<Live>) {
-        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = map.get_mut(&self.key).filter(|f| f.id == self.id) {
-            for waiter in flight.waiters.drain(..) {
-                let _ = waiter.send(Shared::Live(live.subscribe()));
-            }
-            flight.live = Some(live.clone());
-        }
-    }
-
-    /// Ends the flight and its stream if no subscriber is left (see
-    /// [`Live::close_if_unread`]); the flights stay locked meanwhile, so no follower joins a
-    /// stream that is being dropped.
-    fn close_if_unread(&self, live: &Live) -> bool {
-        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        if !live.close_if_unread() {
-            return false;
-        }
-        if map.get(&self.key).is_some_and(|f| f.id == self.id) {
-            map.remove(&self.key);
-        }
-        true
-    }
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        drop(self.take());
-    }
-}
-
-impl fmt::Debug for FlightGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FlightGuard").field("id", &self.id).finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::StatusCode;
-
-    fn entry() -> CachedResponse {
-        CachedResponse::new(StatusCode::OK, http::HeaderMap::new(), "{}".into(), false)
-    }
-
-    #[tokio::test]
-    async fn followers_get_the_leaders_answer() {
-        let flights = Arc::new(Flights::default());
-        let k = CacheKey::from_bytes([1; 32]);
-        let Join::Lead(guard) = flights.join(k) else {
-            panic!("first joins as leader")
-        };
-        let Join::Follow(a) = flights.join(k) else {
-            panic!("second follows")
-        };
-        let Join::Follow(b) = flights.join(k) else {
-            panic!("third follows")
-        };
-        guard.complete(&entry());
-        for rx in [a, b] {
-            assert!(matches!(rx.await.unwrap(), Shared::Entry(e) if e == entry()));
-        }
-        assert_eq!(flights.len(), 0);
-    }
-
-    #[tokio::test]
-    async fn followers_of_a_stream_read_it_live_and_it_closes_only_when_unread() {
-        let flights = Arc::new(Flights::default());
-        let k = CacheKey::from_bytes([2; 32]);
-        let Join::Lead(guard) = flights.join(k) else {
-            panic!("leader")
-        };
-        let Join::Follow(early) = flights.join(k) else {
-            panic!("follower before the head")
-        };
-        let live = Live::new(http::StatusCode::OK, http::HeaderMap::new());
-        let mine = live.subscribe();
-        guard.publish(&live);
-        let Ok(Shared::Live(early)) = early.await else {
-            panic!("the early follower gets a reader")
-        };
-        let Join::Live(late) = flights.join(k) else {
-            panic!("a later follower subscribes directly")
-        };
-        assert!(!guard.close_if_unread(&live), "three readers");
-        drop((mine, early, late));
-        assert!(guard.close_if_unread(&live));
-        assert_eq!(flights.len(), 0, "closed: the next request leads");
-        assert!(matches!(flights.join(k), Join::Lead(_)));
-    }
-
-    #[tokio::test]
-    async fn a_dropped_leader_releases_followers_without_an_answer() {
-        let flights = Arc::new(Flights::default());
-        let k = CacheKey::from_bytes([1; 32]);
-        let Join::Lead(guard) = flights.join(k) else {
-            panic!("leader")
-        };
-        let Join::Follow(a) = flights.join(k) else {
-            panic!("follower")
-        };
-        drop(guard);
-        assert!(a.await.is_err());
-        assert!(
-            matches!(flights.join(k), Join::Lead(_)),
-            "a follower can lead next"
-        );
-    }
-
-    #[test]
-    fn a_stale_guard_does_not_remove_a_newer_flight() {
-        let flights = Arc::new(Flights::default());
-        let k = CacheKey::from_bytes([1; 32]);
-        let Join::Lead(old) = flights.join(k) else {
-            panic!("leader")
-        };
-        flights.map.lock().unwrap().remove(&k);
-        let Join::Lead(_new) = flights.join(k) else {
-            panic!("new leader")
-        };
-        drop(old);
-        assert_eq!(flights.len(), 1);
     }
 }

@@ -145,12 +145,8 @@ where
                         p.limiter()
                             .on_status(resp.status(), tokio::time::Instant::now());
                     }
-                    let sse = resp.status().is_success()
-                        && resp
-                            .headers()
-                            .get(http::header::CONTENT_TYPE)
-                            .and_then(|v| v.to_str().ok())
-                            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+                    let sse =
+                        resp.status().is_success() && crate::body::is_event_stream(resp.headers());
                     return Poll::Ready(
                         Ok(resp.map(|b| ConcurrencyBody::watching(b, permit, sse))),
                     );

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http::{Extensions, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body;
 use pin_project::pin_project;
 use tokio::time::Sleep;
@@ -16,14 +16,16 @@ use tower_service::Service;
 
 use super::ServedModel;
 use super::body::FallbackBody;
+use super::config::Config;
 use super::error::FallbackError;
 use super::policy::{self, Verdict};
-use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, KeyId, RateLimitSnapshot, RequestMeta, header_names, retry_after, rewrite_model,
 };
-use crate::body::RequestBody;
+use crate::body::{
+    ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
+};
 use crate::quota::Cost;
 use crate::retry::{MaxServerWait, RetryInfo, RetryOutcome};
 
@@ -72,9 +74,8 @@ enum State<F, B> {
     },
     /// Reading an error answer's envelope.
     Reading {
-        head: Option<http::response::Parts>,
-        body: Option<Pin<Box<B>>>,
-        buf: Vec<u8>,
+        #[pin]
+        read: ReadErrorAnswer<B>,
     },
     /// Before sending a model that answered 529 again.
     Pausing {
@@ -122,7 +123,7 @@ where
                 StateProj::Passthrough { fut } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
                     this.state.set(State::Done);
-                    return Poll::Ready(Ok(res.map(FallbackBody::new)));
+                    return Poll::Ready(Ok(res.map(Replay::new)));
                 }
                 StateProj::Done => {
                     return Poll::Ready(Err(
@@ -157,47 +158,16 @@ where
                     walk.observe(res.headers(), res.extensions());
                     if !policy::may_move_on(res.status()) || !walk.can_move_on() {
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(walk.finish(res.map(FallbackBody::new))));
+                        return Poll::Ready(Ok(walk.finish(res.map(Replay::new))));
                     }
-                    let (head, body) = res.into_parts();
                     this.state.set(State::Reading {
-                        head: Some(head),
-                        body: Some(Box::pin(body)),
-                        buf: Vec::new(),
+                        read: read_error_answer(res, MAX_ERROR_BODY),
                     });
                 }
-                StateProj::Reading { head, body, buf } => {
-                    // Read the envelope (bounded); `rest` is what the caller still gets.
-                    let rest = loop {
-                        let Some(b) = body.as_mut() else {
-                            break FallbackBody::complete(Bytes::new());
-                        };
-                        match ready!(b.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) => {
-                                if let Ok(data) = frame.into_data() {
-                                    buf.extend_from_slice(&data);
-                                }
-                                if buf.len() >= MAX_ERROR_BODY {
-                                    let b = body.take();
-                                    let prefix = Bytes::from(std::mem::take(buf));
-                                    break match b {
-                                        Some(b) => FallbackBody::replay(prefix, b),
-                                        None => FallbackBody::complete(prefix),
-                                    };
-                                }
-                            }
-                            Some(Err(e)) => {
-                                let prefix = Bytes::from(std::mem::take(buf));
-                                break FallbackBody::failed(prefix, e.into());
-                            }
-                            None => break FallbackBody::complete(Bytes::from(std::mem::take(buf))),
-                        }
-                    };
-                    let Some(head) = head.take() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Err("fallback response head lost".into()));
-                    };
-                    let verdict = walk.classify(&head, rest.prefix());
+                StateProj::Reading { read } => {
+                    // The envelope, read once (here or below); the body is replayed whole.
+                    let (head, rest) = ready!(read.poll(cx)).into_parts();
+                    let verdict = walk.classify(&head);
                     let moved = match verdict {
                         Verdict::Return => false,
                         Verdict::FailOver => walk.fail_over(match head.status.as_u16() {
@@ -249,12 +219,8 @@ where
 /// Everything one request's walk down the chain needs.
 pub(crate) struct Walk<S> {
     pub(crate) config: Arc<Config>,
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    extensions: Extensions,
-    body: Bytes,
+    /// The request as the caller sent it.
+    request: RequestTemplate,
     meta: RequestMeta,
     requested: String,
     /// The request's chain (truncated at the floor), best model first.
@@ -284,15 +250,9 @@ impl<S> Walk<S> {
         key: KeyId,
         cost: Cost,
     ) -> Self {
-        let (parts, body) = req.into_parts();
         Self {
             config,
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            extensions: parts.extensions,
-            body: body.into_bytes(),
+            request: RequestTemplate::new(req),
             meta,
             requested,
             candidates,
@@ -316,7 +276,7 @@ impl<S> Walk<S> {
         }
         self.config.select(
             &self.meta,
-            &self.headers,
+            self.request.headers(),
             &self.candidates,
             from,
             &self.key,
@@ -329,17 +289,12 @@ impl<S> Walk<S> {
     /// body cannot be rewritten.
     fn build(&self, idx: usize) -> Option<Request<RequestBody>> {
         let model = &self.candidates[idx];
-        let body = if *model == self.requested {
-            self.body.clone()
+        let mut req = if *model == self.requested {
+            self.request.request()
         } else {
-            rewrite_model(&self.body, model).ok()?
+            let body = rewrite_model(self.request.body().bytes(), model).ok()?;
+            self.request.with_body(RequestBody::from(body))
         };
-        let mut req = Request::new(RequestBody::from(body));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        *req.extensions_mut() = self.extensions.clone();
         let mut meta = self.meta.clone();
         meta.model = Some(model.clone());
         req.extensions_mut().insert(meta);
@@ -388,13 +343,7 @@ impl<S> Walk<S> {
 
     /// The request as the caller sent it (opt-out header removed).
     fn original(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::from(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        *req.extensions_mut() = self.extensions.clone();
-        req
+        self.request.request()
     }
 
     /// Whether an answer from the current model could still lead somewhere else (a lower model
@@ -420,9 +369,13 @@ impl<S> Walk<S> {
         self.config.board.observe(key, &group, &snapshot);
     }
 
-    /// What an error answer (429 / 529) from the current model means.
-    pub(crate) fn classify(&mut self, head: &http::response::Parts, envelope: &[u8]) -> Verdict {
-        let kind = ApiError::from_response(head.status, envelope).kind();
+    /// What an error answer (429 / 529) from the current model means, from the envelope read
+    /// once ([`ErrorAnswer`]).
+    pub(crate) fn classify(&mut self, head: &http::response::Parts) -> Verdict {
+        let kind = match head.extensions.get::<ErrorAnswer>() {
+            Some(answer) => answer.error().kind(),
+            None => ApiError::from_response(head.status, b"").kind(),
+        };
         if head.status.as_u16() == 529 {
             self.overloaded += 1;
         }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::config::Config;
 use super::policy::{Policy, Rules, SharedPolicy, Thresholds};
-use super::service::{Config, Fallback};
+use super::service::Fallback;
 use crate::anthropic::ModelCatalog;
 use crate::key_pool::KeyPoolHandle;
 use crate::quota::{OutputReservation, QuotaBoard};

@@ -150,6 +150,7 @@
 //! ```
 
 mod body;
+mod config;
 mod error;
 mod future;
 mod layer;

@@ -6,20 +6,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use http_body::Body;
 use pin_project::pin_project;
 use tokio::time::Instant;
 
 use super::body::KeyPoolBody;
+use super::config::Config;
 use super::error::KeyPoolError;
 use super::pool::{ChosenKey, Pick, Pool, RemovalReason};
-use super::service::Config;
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, ApiErrorKind, BucketSnapshot, RateLimitGroup, RateLimitSnapshot, retry_after,
 };
+use crate::body::{ErrorAnswer, ReadErrorAnswer, Replay, read_error_answer};
 use crate::quota::Cost;
 use crate::retry::RetrySooner;
 
@@ -164,8 +165,7 @@ impl Sent {
     /// Observes a 429 or 400 once the start of its body is read: a spend cap (any shape, see
     /// [`ApiError::from_response`]) removes the key, a 429 rate limit cools it down. Returns
     /// whether the key failed the request (another key may take it).
-    fn observe_error(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> bool {
-        let error = ApiError::from_response(status, body);
+    fn observe_error(&self, status: StatusCode, headers: &HeaderMap, error: &ApiError) -> bool {
         if error.kind() == ApiErrorKind::SpendLimit {
             self.remove(RemovalReason::SpendCap);
             return true;
@@ -246,9 +246,8 @@ enum State<F, B> {
     },
     /// Reading the start of a 429 or 400 body.
     Reading {
-        parts: Option<http::response::Parts>,
-        body: Option<Pin<Box<B>>>,
-        buf: BytesMut,
+        #[pin]
+        read: ReadErrorAnswer<B>,
         sent: Option<Sent>,
     },
     Failed {
@@ -326,9 +325,7 @@ where
                         Some(s) => s,
                         None => {
                             return Poll::Ready(
-                                result
-                                    .map(|r| r.map(KeyPoolBody::stream))
-                                    .map_err(Into::into),
+                                result.map(|r| r.map(Replay::new)).map_err(Into::into),
                             );
                         }
                     };
@@ -348,63 +345,24 @@ where
                             StatusCode::FORBIDDEN => true,
                             _ => false,
                         };
-                        let mut response = response.map(KeyPoolBody::stream);
+                        let mut response = response.map(Replay::new);
                         response.extensions_mut().insert(chosen);
                         if let Some(sooner) = key_failed.then(|| sent.sooner()).flatten() {
                             response.extensions_mut().insert(sooner);
                         }
                         return Poll::Ready(Ok(response));
                     }
-                    let (parts, body) = response.into_parts();
                     this.state.set(State::Reading {
-                        parts: Some(parts),
-                        body: Some(Box::pin(body)),
-                        buf: BytesMut::new(),
+                        read: read_error_answer(response, MAX_ERROR_BODY),
                         sent: Some(sent),
                     });
                 }
-                StateProj::Reading {
-                    parts,
-                    body,
-                    buf,
-                    sent,
-                } => {
-                    let mut error = None;
-                    let mut trailers = None;
-                    let mut finished = false;
-                    if let Some(b) = body.as_mut() {
-                        loop {
-                            if buf.len() >= MAX_ERROR_BODY {
-                                break;
-                            }
-                            match ready!(b.as_mut().poll_frame(cx)) {
-                                None => {
-                                    finished = true;
-                                    break;
-                                }
-                                Some(Err(e)) => {
-                                    error = Some(e.into());
-                                    finished = true;
-                                    break;
-                                }
-                                Some(Ok(frame)) => match frame.into_data() {
-                                    Ok(data) => buf.extend_from_slice(&data),
-                                    Err(frame) => {
-                                        trailers = frame.into_trailers().ok();
-                                        finished = true;
-                                        break;
-                                    }
-                                },
-                            }
-                        }
-                    }
-                    let rest = if finished { None } else { body.take() };
-                    let prefix: Bytes = std::mem::take(buf).freeze();
-                    let Some(mut parts) = parts.take() else {
-                        return Poll::Ready(Err(KeyPoolError::all_removed(0).into()));
-                    };
+                StateProj::Reading { read, sent } => {
+                    let (mut parts, body) = ready!(read.poll(cx)).into_parts();
                     if let Some(sent) = sent.take() {
-                        let key_failed = sent.observe_error(parts.status, &parts.headers, &prefix);
+                        let key_failed = parts.extensions.get::<ErrorAnswer>().is_some_and(|a| {
+                            sent.observe_error(parts.status, &parts.headers, a.error())
+                        });
                         parts
                             .extensions
                             .insert(ChosenKey::new(sent.pick.id.clone()));
@@ -412,7 +370,6 @@ where
                             parts.extensions.insert(sooner);
                         }
                     }
-                    let body = KeyPoolBody::replay(prefix, rest, error, trailers);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
             }

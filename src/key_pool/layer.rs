@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::config::Config;
 use super::error::KeyPoolError;
 use super::pool::{KeyPoolHandle, Pool};
-use super::service::{Config, KeyPool};
+use super::service::KeyPool;
 use crate::anthropic::ModelCatalog;
 use crate::quota::{OutputReservation, QuotaBoard};
 

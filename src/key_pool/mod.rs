@@ -97,6 +97,7 @@
 //! out (issue 18). A 429 spend cap removes a key on any path.
 
 mod body;
+mod config;
 mod error;
 mod future;
 mod layer;

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
@@ -11,27 +10,16 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::KeyPoolBody;
+use super::config::Config;
 use super::future::{ResponseFuture, Sent};
 use super::pool::{ChosenKey, KeyCosts, KeyPoolHandle, Pick, Pool};
 use crate::BoxError;
 use crate::anthropic::header_names::X_API_KEY;
-use crate::anthropic::{ModelCatalog, RequestMeta, is_messages_call};
+use crate::anthropic::{RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{Admission, Cost, OutputReservation, QuotaBoard};
+use crate::quota::{Admission, Cost};
 use crate::retry::Deadline;
 use crate::tenant::Tenant;
-
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) board: QuotaBoard,
-    /// The board is the layer's own: feed it from response headers.
-    pub(crate) own_board: bool,
-    pub(crate) catalog: ModelCatalog,
-    pub(crate) output: OutputReservation,
-    pub(crate) default_cooldown: Duration,
-    pub(crate) max_cooldown: Duration,
-    pub(crate) forbidden_cooldown: Duration,
-}
 
 /// Sends each request with the best key of a pool; see [`KeyPoolLayer`](super::KeyPoolLayer).
 #[derive(Debug, Clone)]

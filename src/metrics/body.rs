@@ -4,25 +4,26 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 use tokio::time::Instant;
 
-use super::future::RequestInfo;
-use super::layer::Shared;
 use super::names;
+use super::shared::{RequestInfo, Shared};
 use crate::BoxError;
-use crate::anthropic::{RateLimitGroup, StreamTracker, Usage};
+use crate::anthropic::{BodyState, RateLimitGroup, Usage, UsageTracker};
+use crate::body::Tracked;
 
 /// The response body of [`Metrics`](super::Metrics): forwards every frame unchanged and as it
-/// comes (streams are never buffered), while a copy of a JSON body (up to a limit) or an SSE
-/// tracker reads the token usage. When the body ends, errors or is dropped, the request is
-/// counted with its outcome, latency and tokens.
+/// comes (streams are never buffered); the token usage comes from the answer's
+/// [`UsageTracker`] (a layer below feeds it, or this body does: a copy of a JSON body up to a
+/// limit, or an SSE tracker). When the body ends, errors or is dropped, the request is counted
+/// with its outcome, latency and tokens.
 #[pin_project]
 pub struct MetricsBody<B> {
     #[pin]
-    inner: B,
+    inner: Tracked<B>,
     finish: Option<Finish>,
 }
 
@@ -37,12 +38,12 @@ impl<B> std::fmt::Debug for MetricsBody<B> {
 impl<B> MetricsBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
-            inner,
+            inner: Tracked::passthrough(inner),
             finish: None,
         }
     }
 
-    pub(crate) fn observed(inner: B, finish: Finish) -> Self {
+    pub(crate) fn observed(inner: Tracked<B>, finish: Finish) -> Self {
         Self {
             inner,
             finish: Some(finish),
@@ -67,9 +68,6 @@ where
         let frame = ready!(inner.as_mut().poll_frame(cx));
         match frame {
             Some(Ok(frame)) => {
-                if let (Some(finish), Some(data)) = (this.finish.as_mut(), frame.data_ref()) {
-                    finish.feed(data);
-                }
                 // hyper stops polling once `is_end_stream()` is true (a body of known length
                 // that has yielded it all), so the end is counted here rather than at a
                 // `None` that may never be polled.
@@ -118,9 +116,8 @@ pub(crate) struct Finish {
     pub(crate) outcome: &'static str,
     pub(crate) stream: bool,
     pub(crate) count_usage: bool,
-    pub(crate) json_limit: usize,
-    json: Option<BytesMut>,
-    tracker: Option<StreamTracker>,
+    /// The answer's usage (when its usage counts).
+    pub(crate) tracker: Option<UsageTracker>,
     span: tracing::Span,
     done: bool,
 }
@@ -137,49 +134,20 @@ impl Finish {
             outcome: names::OUTCOME_CANCELLED,
             stream: false,
             count_usage: false,
-            json_limit: 0,
-            json: None,
             tracker: None,
             span: info.span.clone(),
             done: false,
         }
     }
 
-    fn feed(&mut self, data: &Bytes) {
-        if !self.count_usage {
-            return;
-        }
-        if self.stream {
-            self.tracker
-                .get_or_insert_with(StreamTracker::new)
-                .feed(data);
-        } else {
-            let limit = self.json_limit;
-            let buf = self.json.get_or_insert_with(BytesMut::new);
-            if buf.len() + data.len() <= limit {
-                buf.extend_from_slice(data);
-            } else {
-                // Too large to read usage from: stop copying.
-                self.count_usage = false;
-                self.json = None;
-            }
-        }
-    }
-
     /// The body ended: settle the outcome from what the body said.
     fn end(mut self) {
         let mut usage = None;
-        if self.count_usage {
-            if self.stream {
-                let mut tracker = self.tracker.take().unwrap_or_default();
-                tracker.finish();
-                if tracker.error().is_some() || !tracker.is_complete() {
-                    self.outcome = names::OUTCOME_STREAM_ERROR;
-                }
-                usage = Some(tracker.usage());
-            } else if let Some(json) = self.json.take() {
-                usage = Usage::from_json(&json);
+        if let (true, Some(tracker)) = (self.count_usage, self.tracker.take()) {
+            if tracker.is_stream() && tracker.state() != BodyState::Complete {
+                self.outcome = names::OUTCOME_STREAM_ERROR;
             }
+            usage = tracker.usage();
         }
         self.record(usage);
     }
@@ -235,7 +203,11 @@ impl Drop for Finish {
         if !self.done {
             // Dropped before the end: the caller went away. An error status keeps its outcome
             // (its body is rarely read); streams count the tokens they used.
-            let usage = self.tracker.as_ref().map(StreamTracker::usage);
+            let usage = self
+                .tracker
+                .as_ref()
+                .filter(|t| self.count_usage && t.is_stream())
+                .and_then(UsageTracker::usage);
             if self.status == names::STATUS_NONE || self.outcome == names::OUTCOME_SUCCESS {
                 self.outcome = names::OUTCOME_CANCELLED;
             }

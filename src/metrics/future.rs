@@ -2,34 +2,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
 use pin_project::pin_project;
-use tokio::time::Instant;
 
 use super::body::{Finish, MetricsBody};
-use super::layer::Shared;
 use super::names;
 use super::pacing::PacingDelay;
+use super::shared::RequestInfo;
 use crate::BoxError;
 use crate::anthropic::header_names;
 use crate::fallback::ServedModel;
 use crate::rate_limit::QueueWait;
-
-/// What the service learned about a request when it was called.
-#[derive(Debug)]
-pub(crate) struct RequestInfo {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) start: Instant,
-    pub(crate) model: Option<String>,
-    pub(crate) model_label: String,
-    pub(crate) group_label: String,
-    pub(crate) span: tracing::Span,
-}
 
 /// Response future of [`Metrics`](super::Metrics): records the response's status, retries,
 /// fallback, cache decision and queue wait, and wraps its body to count tokens and latency
@@ -104,7 +91,15 @@ where
             }
             Ok(response) => {
                 observe(&info, &mut finish, &response);
-                let (parts, body) = response.into_parts();
+                let (mut parts, body) = response.into_parts();
+                let body = if finish.count_usage {
+                    let (body, tracker) =
+                        crate::body::track(&mut parts, body, finish.stream, info.shared.json_limit);
+                    finish.tracker = Some(tracker);
+                    body
+                } else {
+                    crate::body::Tracked::passthrough(body)
+                };
                 let body = MetricsBody::observed(body, finish);
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
@@ -124,12 +119,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
         500.. => names::OUTCOME_SERVER_ERROR,
         _ => names::OUTCOME_SUCCESS,
     };
-    finish.json_limit = shared.json_limit;
-    finish.stream = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    finish.stream = crate::body::is_event_stream(response.headers());
     finish.count_usage = status.is_success();
     let span = &info.span;
     span.record("status", status.as_u16());

@@ -1,17 +1,16 @@
 //! [`MetricsLayer`]: builder and `tower::Layer` impl.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tower_layer::Layer;
 
 use super::alerts::Alerts;
 use super::forecast::Forecaster;
 use super::names;
 use super::service::Metrics;
-use crate::anthropic::{ModelCatalog, RateLimitGroup};
+use super::shared::Shared;
+use crate::anthropic::ModelCatalog;
 use crate::quota::QuotaBoard;
 
 /// Records what the caller sees of every Messages API request on the
@@ -37,19 +36,6 @@ use crate::quota::QuotaBoard;
 #[derive(Debug, Clone)]
 pub struct MetricsLayer {
     shared: Arc<Shared>,
-}
-
-/// Configuration and state shared by every service of one layer.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) catalog: ModelCatalog,
-    pub(crate) known: HashSet<String>,
-    pub(crate) board: Option<QuotaBoard>,
-    pub(crate) alerts: Option<Alerts>,
-    pub(crate) forecaster: Option<Forecaster>,
-    pub(crate) refresh_every: Duration,
-    pub(crate) last_refresh: Mutex<Option<Instant>>,
-    pub(crate) json_limit: usize,
 }
 
 impl Default for MetricsLayer {
@@ -154,114 +140,6 @@ impl MetricsLayer {
                 shared.refresh_now();
             }
         })
-    }
-}
-
-impl Clone for Shared {
-    fn clone(&self) -> Self {
-        Self {
-            catalog: self.catalog.clone(),
-            known: self.known.clone(),
-            board: self.board.clone(),
-            alerts: self.alerts.clone(),
-            forecaster: self.forecaster.clone(),
-            refresh_every: self.refresh_every,
-            last_refresh: Mutex::new(None),
-            json_limit: self.json_limit,
-        }
-    }
-}
-
-impl Shared {
-    /// The `model` label: a known id, or [`names::OTHER`].
-    pub(crate) fn model_label(&self, model: Option<&str>) -> String {
-        match model {
-            Some(m) if self.known.contains(m) => m.to_owned(),
-            _ => names::OTHER.to_owned(),
-        }
-    }
-
-    /// The rate-limit group of `model` and its label: a catalogue group, or `None` and
-    /// [`names::OTHER`] for ids the catalogue places nowhere (so that arbitrary model ids
-    /// create neither label values nor forecast state).
-    pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, String) {
-        let Some(model) = model else {
-            return (None, names::OTHER.to_owned());
-        };
-        let group = self.catalog.group(model);
-        if self.known.contains(model) || group.as_str() != model {
-            let label = group.as_str().to_owned();
-            (Some(group), label)
-        } else {
-            (None, names::OTHER.to_owned())
-        }
-    }
-
-    /// Refreshes after a response, at most once per `refresh_every`.
-    pub(crate) fn maybe_refresh(&self) {
-        if self.board.is_none() && self.forecaster.is_none() {
-            return;
-        }
-        let now = Instant::now();
-        {
-            let mut last = self
-                .last_refresh
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_some_and(|t| now.duration_since(t) < self.refresh_every) {
-                return;
-            }
-            *last = Some(now);
-        }
-        self.refresh_now();
-    }
-
-    pub(crate) fn refresh_now(&self) {
-        if let Some(board) = &self.board {
-            for status in board.statuses() {
-                let headroom = &status.headroom;
-                let buckets = [
-                    (names::BUCKET_REQUESTS, headroom.requests),
-                    (names::BUCKET_INPUT_TOKENS, headroom.input_tokens),
-                    (names::BUCKET_OUTPUT_TOKENS, headroom.output_tokens),
-                ];
-                let mut worst: Option<(&'static str, f64)> = None;
-                for (bucket, h) in buckets {
-                    let Some(h) = h else { continue };
-                    let utilisation = (1.0 - h.fraction).clamp(0.0, 1.0);
-                    let labels = [
-                        (names::LABEL_KEY, status.key.as_str().to_owned()),
-                        (names::LABEL_GROUP, status.group.as_str().to_owned()),
-                        (names::LABEL_BUCKET, bucket.to_owned()),
-                    ];
-                    metrics::gauge!(names::QUOTA_LIMIT, &labels).set(h.limit as f64);
-                    metrics::gauge!(names::QUOTA_REMAINING, &labels).set(h.remaining as f64);
-                    metrics::gauge!(names::QUOTA_UTILISATION, &labels).set(utilisation);
-                    if worst.is_none_or(|(_, u)| utilisation > u) {
-                        worst = Some((bucket, utilisation));
-                    }
-                }
-                if let (Some(alerts), Some((bucket, utilisation))) = (&self.alerts, worst) {
-                    alerts.observe(&status.key, &status.group, bucket, utilisation);
-                }
-            }
-            // Prompt-cache tokens the rate limiter settled, per key and group (totals kept by
-            // the board, exported as absolute counter values).
-            for (key, group, usage) in board.prompt_cache().usages() {
-                let labels = [
-                    (names::LABEL_KEY, key.as_str().to_owned()),
-                    (names::LABEL_GROUP, group.as_str().to_owned()),
-                ];
-                metrics::counter!(names::PROMPT_CACHE_READ_TOKENS_TOTAL, &labels)
-                    .absolute(usage.read_tokens);
-                metrics::counter!(names::PROMPT_CACHE_WRITE_TOKENS_TOTAL, &labels)
-                    .absolute(usage.write_tokens);
-                metrics::gauge!(names::PROMPT_CACHE_HIT_RATIO, &labels).set(usage.hit_ratio());
-            }
-        }
-        if let Some(forecaster) = &self.forecaster {
-            forecaster.export();
-        }
     }
 }
 

@@ -67,6 +67,7 @@ pub mod pacing;
 pub mod prometheus;
 mod retries;
 mod service;
+mod shared;
 
 pub use body::MetricsBody;
 pub use future::ResponseFuture;

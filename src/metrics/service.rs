@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::MetricsBody;
-use super::future::{RequestInfo, ResponseFuture};
-use super::layer::Shared;
+use super::future::ResponseFuture;
 use super::names;
+use super::shared::{RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
-use crate::anthropic::{Usage, UsageWatch};
+use crate::anthropic::{Usage, UsageTracker};
+use crate::body::Tracked;
 use crate::quota::{Cost, PromptCacheEstimate, PromptCacheMemory, Reservation};
 
 /// What a request's settlement does with the prompt cache: counts cache reads toward the
@@ -60,11 +61,12 @@ impl PromptNote {
 }
 
 /// The largest JSON response copied to read its `usage` (beyond, the reservation is kept).
-const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
+pub(crate) const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 
 /// Response body of [`RateLimit`](super::RateLimit).
 ///
-/// Data flows through unchanged. For an admitted request it watches the usage:
+/// Data flows through unchanged. For an admitted request it reads the usage from the
+/// answer's [`UsageTracker`] (publishing it when no layer below did):
 /// * JSON: the body is copied as it passes (up to 8 MiB) and read with
 ///   [`Usage::from_json`] at the end;
 /// * SSE: a [`StreamTracker`](crate::anthropic::StreamTracker) follows `message_start` / `message_delta`.
@@ -79,7 +81,7 @@ const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 #[pin_project]
 pub struct RateLimitBody<B> {
     #[pin]
-    inner: B,
+    inner: Tracked<B>,
     settler: Option<Settler>,
 }
 
@@ -94,22 +96,23 @@ impl<B> std::fmt::Debug for RateLimitBody<B> {
 impl<B> RateLimitBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
-            inner,
+            inner: Tracked::passthrough(inner),
             settler: None,
         }
     }
 
+    /// `inner` feeds `tracker` (or a layer below does); the reservation settles from it.
     pub(crate) fn tracking(
-        inner: B,
+        inner: Tracked<B>,
         reservation: Reservation,
-        sse: bool,
+        tracker: UsageTracker,
         note: Option<PromptNote>,
     ) -> Self {
         Self {
             inner,
             settler: Some(Settler {
                 reservation: Some(reservation),
-                watch: UsageWatch::new(sse, MAX_JSON_COPY),
+                tracker,
                 note,
             }),
         }
@@ -117,29 +120,25 @@ impl<B> RateLimitBody<B> {
 
     /// A reference to the inner body.
     pub fn get_ref(&self) -> &B {
-        &self.inner
+        self.inner.get_ref()
     }
 
     /// Consumes `self`, returning the inner body. The reservation is settled with what was
     /// seen so far.
     pub fn into_inner(self) -> B {
-        self.inner
+        self.inner.into_inner()
     }
 }
 
 struct Settler {
     reservation: Option<Reservation>,
-    watch: UsageWatch,
+    tracker: UsageTracker,
     note: Option<PromptNote>,
 }
 
 impl Settler {
-    fn data(&mut self, chunk: &[u8]) {
-        self.watch.feed(chunk);
-    }
-
-    /// Settles once. `complete`: the body reached its end.
-    fn finish(&mut self, complete: bool) {
+    /// Settles once, from what the tracker saw (the body reached its end, or was dropped).
+    fn finish(&mut self) {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
@@ -149,8 +148,8 @@ impl Settler {
             Some(n) => n.counted(u),
             None => u.counted_input_tokens(),
         };
-        let sse = matches!(self.watch, UsageWatch::Sse(_));
-        match self.watch.usage(complete) {
+        let sse = self.tracker.is_stream();
+        match self.tracker.usage() {
             // A JSON document that parses is complete, whether or not the end was polled.
             Some(u) if !sse => {
                 if let Some(n) = &note {
@@ -177,7 +176,7 @@ impl Settler {
 
 impl Drop for Settler {
     fn drop(&mut self) {
-        self.finish(false);
+        self.finish();
     }
 }
 
@@ -197,16 +196,12 @@ where
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(settler) = this.settler.as_mut() {
             match &frame {
-                Some(Ok(f)) => {
-                    if let Some(data) = f.data_ref() {
-                        settler.data(data);
-                    }
+                Some(Ok(_)) => {
                     if inner.is_end_stream() {
-                        settler.finish(true);
+                        settler.finish();
                     }
                 }
-                Some(Err(_)) => settler.finish(false),
-                None => settler.finish(true),
+                Some(Err(_)) | None => settler.finish(),
             }
         }
         if frame.is_none() {

@@ -7,14 +7,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Request, Response};
 use pin_project::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
 use super::QueueWait;
-use super::body::{PromptNote, RateLimitBody};
-use super::service::{Config, Scope};
+use super::body::{MAX_JSON_COPY, PromptNote, RateLimitBody};
+use super::config::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
 use crate::body::RequestBody;
@@ -304,16 +304,9 @@ fn on_response<B>(
     } else {
         reservation.answered();
     }
-    let sse = match parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(ct) => ct.trim_start().starts_with("text/event-stream"),
-        None => stream,
-    };
+    let (body, tracker) = crate::body::track(&mut parts, body, stream, MAX_JSON_COPY);
     Response::from_parts(
         parts,
-        RateLimitBody::tracking(body, reservation, sse, note.map(|n| *n)),
+        RateLimitBody::tracking(body, reservation, tracker, note.map(|n| *n)),
     )
 }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::service::{Config, RateLimit, Scope};
+use super::config::{Config, Scope};
+use super::service::RateLimit;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::quota::{Limits, OutputReservation, QuotaBoard};
 

@@ -70,6 +70,7 @@
 use std::time::Duration;
 
 mod body;
+pub(crate) mod config;
 mod future;
 mod layer;
 pub(crate) mod service;

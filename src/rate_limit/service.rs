@@ -11,35 +11,14 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::body::{PromptNote, RateLimitBody};
+use super::config::{Config, Scope};
 use super::future::ResponseFuture;
 use crate::BoxError;
-use crate::anthropic::{KeyId, ModelCatalog, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Admission, Cost, OutputReservation, QuotaBoard};
+use crate::quota::{AcquireErrorKind, Admission, Cost, QuotaBoard};
 use crate::retry::Deadline;
 use crate::tenant::Tenant;
-
-/// Whose buckets a request takes its cost from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scope {
-    /// The upstream API key's (the rate limiter).
-    Key,
-    /// The request's tenant's, with the limits of its own
-    /// ([`TenantLimit`](crate::tenant::limit::TenantLimit)): requests of a tenant without
-    /// limits for the group pass through, and the server's headers are not its view.
-    Tenant,
-}
-
-#[derive(Debug)]
-pub(crate) struct Config {
-    pub(crate) board: QuotaBoard,
-    pub(crate) catalog: ModelCatalog,
-    pub(crate) output: OutputReservation,
-    pub(crate) max_wait: Option<Duration>,
-    /// Reserve the cache-aware input estimate (see `RateLimitLayer::cache_aware`).
-    pub(crate) cache_aware: bool,
-    pub(crate) scope: Scope,
-}
 
 /// Holds Messages API requests until their cost fits the quota; see
 /// [`RateLimitLayer`](super::RateLimitLayer).

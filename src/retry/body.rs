@@ -1,17 +1,17 @@
 //! The response body of [`Retry`](super::Retry).
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
-use crate::anthropic::{ApiError, ApiErrorKind, StreamTracker};
+use crate::anthropic::{ApiError, ApiErrorKind, BodyState, UsageTracker};
+use crate::body::{Replay, Tracked};
 
 /// The message of the `event: error` that ends a stream cut before `message_stop`.
 pub(crate) const STREAM_CUT: &str = "upstream stream ended before message_stop";
@@ -19,9 +19,9 @@ pub(crate) const STREAM_CUT: &str = "upstream stream ended before message_stop";
 pub(crate) const DEADLINE_PASSED: &str =
     "the request's deadline passed before the upstream answer ended";
 
-/// The response body of [`Retry`](super::Retry): the upstream body, preceded by any frames the
-/// layer read ahead (an error body it inspected, or the start of a stream it held back) and
-/// replays unchanged.
+/// The response body of [`Retry`](super::Retry): the upstream body as a [`Replay`] (any
+/// frames the layer read ahead — an error body it inspected, or the start of a stream it held
+/// back — replayed unchanged, then the rest).
 ///
 /// Two guards end it the way a client can understand, never silently:
 ///
@@ -32,64 +32,35 @@ pub(crate) const DEADLINE_PASSED: &str =
 ///   (the connection is cut, so the client sees a failed read, not a short answer).
 #[pin_project]
 pub struct RetryBody<B> {
-    prefix: VecDeque<Frame<Bytes>>,
-    /// An error met while reading ahead, yielded after the prefix.
-    error: Option<BoxError>,
     #[pin]
-    rest: Rest<B>,
-    /// A 2xx event stream: what was forwarded of it (the held-back prefix included).
-    stream: Option<Box<StreamTracker>>,
+    inner: Replay<Tracked<B>>,
+    /// A 2xx event stream: its usage tracker (fed below, or by `inner`).
+    stream: Option<UsageTracker>,
     /// The request's deadline.
     deadline: Option<Pin<Box<Sleep>>>,
     /// Nothing more is yielded.
     finished: bool,
 }
 
-#[pin_project(project = RestProj)]
-enum Rest<B> {
-    /// Never read ahead: polled in place.
-    Plain(#[pin] B),
-    /// Read ahead through a box (the body had to move after being polled).
-    Boxed(Pin<Box<B>>),
-    /// Ended.
-    Done,
-}
-
 impl<B> RetryBody<B> {
     /// The body as it is.
     pub(crate) fn new(body: B) -> Self {
+        Self::replay(Replay::new(Tracked::passthrough(body)))
+    }
+
+    /// A body read ahead (or written by the layer).
+    pub(crate) fn replay(inner: Replay<Tracked<B>>) -> Self {
         Self {
-            prefix: VecDeque::new(),
-            error: None,
-            rest: Rest::Plain(body),
+            inner,
             stream: None,
             deadline: None,
             finished: false,
         }
     }
 
-    /// Replays `prefix`, then yields `error` if any, then the rest of `body` (if any).
-    pub(crate) fn replay(
-        prefix: VecDeque<Frame<Bytes>>,
-        error: Option<BoxError>,
-        body: Option<Pin<Box<B>>>,
-    ) -> Self {
-        Self {
-            prefix,
-            error,
-            rest: match body {
-                Some(b) => Rest::Boxed(b),
-                None => Rest::Done,
-            },
-            stream: None,
-            deadline: None,
-            finished: false,
-        }
-    }
-
-    /// Guards the end of a 2xx event stream; `tracker` has seen the prefix already.
-    pub(crate) fn guard_stream(mut self, tracker: StreamTracker) -> Self {
-        self.stream = Some(Box::new(tracker));
+    /// Guards the end of a 2xx event stream, as its usage `tracker` saw it.
+    pub(crate) fn guard_stream(mut self, tracker: UsageTracker) -> Self {
+        self.stream = Some(tracker);
         self
     }
 
@@ -99,37 +70,30 @@ impl<B> RetryBody<B> {
         self
     }
 
-    fn prefix_len(&self) -> u64 {
-        self.prefix
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.remaining() as u64)
-            .sum()
-    }
-
     /// Whether a guarded stream may still need its closing `event: error`.
     fn open_stream(&self) -> bool {
-        self.stream
-            .as_ref()
-            .is_some_and(|t| !t.is_complete() && t.error().is_none())
+        self.stream.as_ref().is_some_and(open)
     }
+}
+
+/// Whether a guarded stream has neither completed nor carried its own `event: error`.
+fn open(tracker: &UsageTracker) -> bool {
+    tracker.state() != BodyState::Complete && tracker.error().is_none()
 }
 
 /// The end of a body: a closing `event: error` for a guarded stream that did not complete,
 /// else `err` (if any), else the end.
 fn close(
-    stream: &mut Option<Box<StreamTracker>>,
+    stream: &mut Option<UsageTracker>,
     finished: &mut bool,
     kind: ApiErrorKind,
     message: &str,
     err: Option<BoxError>,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     *finished = true;
-    if let Some(tracker) = stream.as_mut() {
-        if err.is_none() {
-            tracker.finish();
-        }
-        if tracker.is_complete() || tracker.error().is_some() {
+    if let Some(tracker) = stream.as_ref() {
+        // The tracker saw the body end (it is fed as the body is read, below this layer).
+        if !open(tracker) {
             return Poll::Ready(None);
         }
         tracing::debug!(message, cause = ?err, "stream closed with an event: error");
@@ -155,28 +119,13 @@ where
         if *this.finished {
             return Poll::Ready(None);
         }
-        if let Some(frame) = this.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        if let Some(err) = this.error.take() {
-            this.rest.set(Rest::Done);
-            return close(
-                this.stream,
-                this.finished,
-                ApiErrorKind::Api,
-                STREAM_CUT,
-                Some(err),
-            );
-        }
-        let passed = this.deadline.as_ref().is_some_and(|d| d.is_elapsed());
+        // What was read ahead is replayed even after the deadline (it was read in time).
+        let passed =
+            !this.inner.is_replaying() && this.deadline.as_ref().is_some_and(|d| d.is_elapsed());
         let polled = if passed {
             Poll::Pending
         } else {
-            match this.rest.as_mut().project() {
-                RestProj::Plain(body) => body.poll_frame(cx),
-                RestProj::Boxed(body) => body.as_mut().poll_frame(cx),
-                RestProj::Done => Poll::Ready(None),
-            }
+            this.inner.as_mut().poll_frame(cx)
         };
         match polled {
             Poll::Pending => {
@@ -188,7 +137,6 @@ where
                 if !passed {
                     return Poll::Pending;
                 }
-                this.rest.set(Rest::Done);
                 *this.deadline = None;
                 let err = this
                     .stream
@@ -202,64 +150,38 @@ where
                     err,
                 )
             }
-            Poll::Ready(None) => {
-                this.rest.set(Rest::Done);
-                close(
-                    this.stream,
-                    this.finished,
-                    ApiErrorKind::Api,
-                    STREAM_CUT,
-                    None,
-                )
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(tracker), Some(data)) = (this.stream.as_mut(), frame.data_ref()) {
-                    tracker.feed(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(err))) => {
-                this.rest.set(Rest::Done);
-                close(
-                    this.stream,
-                    this.finished,
-                    ApiErrorKind::Api,
-                    STREAM_CUT,
-                    Some(err.into()),
-                )
-            }
+            Poll::Ready(None) => close(
+                this.stream,
+                this.finished,
+                ApiErrorKind::Api,
+                STREAM_CUT,
+                None,
+            ),
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(err))) => close(
+                this.stream,
+                this.finished,
+                ApiErrorKind::Api,
+                STREAM_CUT,
+                Some(err),
+            ),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.finished {
-            return true;
-        }
-        self.prefix.is_empty()
-            && self.error.is_none()
-            && !self.open_stream()
-            && match &self.rest {
-                Rest::Plain(b) => b.is_end_stream(),
-                Rest::Boxed(b) => b.is_end_stream(),
-                Rest::Done => true,
-            }
+        self.finished || (!self.open_stream() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         if self.finished {
             return SizeHint::with_exact(0);
         }
-        let rest = match &self.rest {
-            Rest::Plain(b) => b.size_hint(),
-            Rest::Boxed(b) => b.size_hint(),
-            Rest::Done => SizeHint::with_exact(0),
-        };
-        let prefix = self.prefix_len();
+        let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(prefix));
+        hint.set_lower(inner.lower());
         // A guarded stream may end with an `event: error` of its own.
-        if let (Some(upper), false) = (rest.upper(), self.stream.is_some()) {
-            hint.set_upper(upper.saturating_add(prefix));
+        if let (Some(upper), false) = (inner.upper(), self.stream.is_some()) {
+            hint.set_upper(upper);
         }
         hint
     }
@@ -268,9 +190,7 @@ where
 impl<B> fmt::Debug for RetryBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryBody")
-            .field("replayed_bytes", &self.prefix_len())
-            .field("pending_error", &self.error.is_some())
-            .field("ended", &matches!(self.rest, Rest::Done))
+            .field("inner", &self.inner)
             .field("guarded_stream", &self.stream.is_some())
             .field("deadline", &self.deadline.as_ref().map(|d| d.deadline()))
             .finish()
@@ -292,10 +212,15 @@ mod tests {
 
     #[tokio::test]
     async fn replay_prefix_then_rest() {
-        let rest = Box::pin(Full::new(Bytes::from_static(b" world")));
-        let prefix = VecDeque::from([Frame::data(Bytes::from_static(b"hello"))]);
-        let body = RetryBody::replay(prefix, None, Some(rest));
-        assert_eq!(body.size_hint().exact(), Some(11));
+        type Chunks = futures_util::stream::Iter<
+            std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>,
+        >;
+        let inner: StreamBody<Chunks> = StreamBody::new(futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::data(Bytes::from_static(b" world"))),
+        ]));
+        let peeked = Replay::peek(Tracked::passthrough(inner), 5).await;
+        let body = RetryBody::replay(peeked.into_body());
         assert!(!body.is_end_stream());
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"hello world");
@@ -303,12 +228,17 @@ mod tests {
 
     #[tokio::test]
     async fn replay_then_error() {
-        type Chunks = futures_util::stream::Iter<
-            std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>,
-        >;
-        let prefix = VecDeque::from([Frame::data(Bytes::from_static(b"data"))]);
-        let mut body: RetryBody<StreamBody<Chunks>> =
-            RetryBody::replay(prefix, Some("connection reset".into()), None);
+        type Chunks =
+            futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>;
+        let inner: StreamBody<Chunks> = StreamBody::new(futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"data"))),
+            Err("connection reset".into()),
+        ]));
+        let mut body = RetryBody::replay(
+            Replay::peek(Tracked::passthrough(inner), 1024)
+                .await
+                .into_body(),
+        );
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"data"));
         let err = body.frame().await.unwrap().unwrap_err();

@@ -1,6 +1,5 @@
 //! The [`ResponseFuture`] of [`Retry`](super::Retry) and the retry loop it drives.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -8,10 +7,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
 use pin_project::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -26,9 +25,13 @@ use super::policy::{
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, ApiErrorKind, RequestMeta, StreamTracker, header_names, request_id,
+    ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, header_names, is_typed_object,
+    request_id,
 };
-use crate::body::RequestBody;
+use crate::body::{
+    ErrorAnswer, Replay, RequestBody, RequestTemplate, Tracked, is_event_stream, read_error_answer,
+    track,
+};
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
 
@@ -108,26 +111,11 @@ where
 }
 
 /// What every attempt of a request is built from.
-pub(crate) struct Template {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    extensions: http::Extensions,
-    body: RequestBody,
-}
+pub(crate) struct Template(RequestTemplate);
 
 impl Template {
     pub(crate) fn new(req: Request<RequestBody>) -> Self {
-        let (parts, body) = req.into_parts();
-        Self {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            extensions: parts.extensions,
-            body,
-        }
+        Self(RequestTemplate::new(req))
     }
 
     /// What the layer's [`Policy`](super::Policy) says about attempt `number`, which failed
@@ -139,8 +127,8 @@ impl Template {
     ) -> Action {
         static NO_META: std::sync::LazyLock<RequestMeta> =
             std::sync::LazyLock::new(RequestMeta::default);
-        let meta = self.extensions.get::<RequestMeta>().unwrap_or(&NO_META);
-        let attempt = what(meta).with_request_headers(&self.headers);
+        let meta = self.0.extensions().get::<RequestMeta>().unwrap_or(&NO_META);
+        let attempt = what(meta).with_request_headers(self.0.headers());
         let action = shared.config.policy.0.classify(&attempt);
         tracing::trace!(attempt = attempt.number(), status = ?attempt.status(), ?action, "retry policy decided");
         action
@@ -148,12 +136,7 @@ impl Template {
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
     fn request(&self, attempt: u32) -> Request<RequestBody> {
-        let mut req = Request::new(self.body.clone());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        *req.extensions_mut() = self.extensions.clone();
+        let mut req = self.0.request();
         req.headers_mut().insert(
             header_names::X_TOWER_CLAUDE_ATTEMPT,
             HeaderValue::from(attempt),
@@ -494,16 +477,6 @@ where
 /// The message of the error that replaces a 2xx JSON answer that is not one.
 const NOT_A_MESSAGE: &str = "upstream answered 2xx with a body that is not a JSON object";
 
-/// Whether `body` is a JSON object with a string `type` (every Messages API answer is).
-fn is_typed_object(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Typed {
-        #[serde(rename = "type")]
-        _ty: String,
-    }
-    serde_json::from_slice::<Typed>(body).is_ok()
-}
-
 /// `future`, unless `deadline` passes first (`None` then).
 async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
     match deadline {
@@ -523,84 +496,15 @@ fn broken_answer<B>(
     let error = error.unwrap_or_else(|| ApiError::new(ApiErrorKind::Api, STREAM_CUT));
     let (mut parts, _broken) = response.into_parts();
     parts.status = error.status();
+    // The body is this layer's now: the upstream body's tracker no longer describes it.
+    parts.extensions.remove::<UsageTracker>();
     parts.headers.remove(http::header::CONTENT_LENGTH);
     parts
         .headers
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let envelope = VecDeque::from([Frame::data(error.to_envelope())]);
-    let body = RetryBody::replay(envelope, None, None);
+    parts.extensions.insert(ErrorAnswer::from(error.clone()));
+    let body = RetryBody::replay(Replay::from_bytes(error.to_envelope()));
     (Response::from_parts(parts, body), Some(error))
-}
-
-/// Frames read ahead from a body, and what is left of it.
-struct ReadAhead<B> {
-    frames: VecDeque<Frame<Bytes>>,
-    /// A copy of the data read, for parsing (error bodies only).
-    data: BytesMut,
-    error: Option<BoxError>,
-    rest: Option<Pin<Box<B>>>,
-}
-
-impl<B> ReadAhead<B> {
-    fn into_body(self) -> RetryBody<B> {
-        RetryBody::replay(self.frames, self.error, self.rest)
-    }
-}
-
-/// Reads frames until the body ends, fails, `limit` data bytes were read, or `stop` (called
-/// with each data chunk) returns true.
-async fn read_ahead<B>(
-    body: B,
-    limit: usize,
-    keep_copy: bool,
-    mut stop: impl FnMut(&[u8]) -> bool,
-) -> ReadAhead<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = Box::pin(body);
-    let mut read = ReadAhead {
-        frames: VecDeque::new(),
-        data: BytesMut::new(),
-        error: None,
-        rest: None,
-    };
-    let mut len = 0usize;
-    loop {
-        if body.is_end_stream() {
-            return read;
-        }
-        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            None => return read,
-            Some(Err(err)) => {
-                read.error = Some(err.into());
-                return read;
-            }
-            Some(Ok(frame)) => {
-                let mut done = false;
-                if let Some(data) = frame.data_ref() {
-                    len = len.saturating_add(data.len());
-                    if keep_copy {
-                        read.data.extend_from_slice(data);
-                    }
-                    done = stop(data) || len >= limit;
-                }
-                read.frames.push_back(frame);
-                if done {
-                    read.rest = Some(body);
-                    return read;
-                }
-            }
-        }
-    }
-}
-
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
 }
 
 /// Classifies one response, reading ahead in its body where the decision needs it.
@@ -630,8 +534,11 @@ where
             .await;
         }
         if stream {
+            let (mut parts, body) = response.into_parts();
+            let (body, tracker) = track(&mut parts, body, true, 0);
+            let body = RetryBody::replay(Replay::new(body)).guard_stream(tracker);
             return Outcome::Final {
-                response: response.map(|b| RetryBody::new(b).guard_stream(StreamTracker::new())),
+                response: Response::from_parts(parts, body),
                 success: true,
             };
         }
@@ -642,18 +549,17 @@ where
             };
         }
         let (parts, body) = response.into_parts();
-        let read = read_ahead(body, config.max_json_read, true, |_| false).await;
-        let whole = read.rest.is_none() && read.error.is_none();
+        let read = Replay::peek(Tracked::passthrough(body), config.max_json_read).await;
         // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
         // document) is no answer: retried, and never returned as a 200.
-        let error = if read.error.is_some() {
+        let error = if read.failed() {
             Some(ApiError::new(ApiErrorKind::Api, STREAM_CUT))
-        } else if whole && !is_typed_object(&read.data) {
+        } else if read.is_whole() && !is_typed_object(&read.data()) {
             Some(ApiError::new(ApiErrorKind::Api, NOT_A_MESSAGE))
         } else {
             None
         };
-        let response = Response::from_parts(parts, read.into_body());
+        let response = Response::from_parts(parts, RetryBody::replay(read.into_body()));
         if let Some(error) = error {
             tracing::debug!(error = %error, "2xx answer broken before it was forwarded");
             return Outcome::Retryable {
@@ -682,15 +588,22 @@ where
             Action::Return => StatusVerdict::Stop,
         }
     };
-    let (mut parts, body) = response.into_parts();
-    let read = read_ahead(body, config.max_error_body, true, |_| false).await;
-    let error = ApiError::from_response(status, &read.data);
+    // Read once: by this layer, or by a layer below that published it.
+    let (mut parts, body) =
+        read_error_answer(response.map(Tracked::passthrough), config.max_error_body)
+            .await
+            .into_parts();
+    let answer = parts.extensions.get::<ErrorAnswer>().cloned();
+    let foreign = answer.as_ref().is_some_and(ErrorAnswer::is_foreign);
+    let error = answer.map_or_else(
+        || ApiError::from_response(status, b""),
+        |a| a.error().clone(),
+    );
     if verdict == StatusVerdict::Stop && !needs_body(status) {
         // An error status whose body is not an error envelope (an HTML page from a gateway,
         // garbage): the caller gets the envelope of the same status instead, so that SDKs
         // report it like any API error.
-        let whole = read.rest.is_none() && read.error.is_none();
-        let body = if whole && !is_typed_object(&read.data) {
+        let body = if foreign {
             tracing::debug!(
                 status = status.as_u16(),
                 "error body replaced by an envelope"
@@ -699,13 +612,10 @@ where
             parts
                 .headers
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            RetryBody::replay(
-                VecDeque::from([Frame::data(error.to_envelope())]),
-                None,
-                None,
-            )
+            parts.extensions.insert(ErrorAnswer::from(error.clone()));
+            RetryBody::replay(Replay::from_bytes(error.to_envelope()))
         } else {
-            read.into_body()
+            RetryBody::replay(body)
         };
         return Outcome::Final {
             response: Response::from_parts(parts, body),
@@ -719,7 +629,7 @@ where
             request_id: request_id(&parts.headers).map(str::to_string),
         };
     }
-    let response = Response::from_parts(parts, read.into_body());
+    let response = Response::from_parts(parts, RetryBody::replay(body));
     match verdict {
         StatusVerdict::Stop => Outcome::Final {
             response,
@@ -745,24 +655,28 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = response.into_parts();
-    let mut tracker = StreamTracker::new();
-    let read = read_ahead(body, limit, false, |chunk| {
-        tracker.feed(chunk);
+    let (mut parts, body) = response.into_parts();
+    // The stream's one tracker (fed below, or by this body): it sees each chunk first.
+    let (body, tracker) = track(&mut parts, body, true, 0);
+    let read = Replay::peek_until(body, limit, |_| {
         // Once an error is seen, read on to the end of the (short) stream so nothing stays
         // open while the layer waits.
         tracker.content_started() && tracker.error().is_none()
     })
     .await;
-    let rest_open = read.rest.is_some();
-    if read.rest.is_none() && read.error.is_none() {
-        tracker.finish();
+    let rest_open = !read.is_whole() && !read.failed();
+    if read.is_whole() {
+        // A body that ended before yielding a frame was never seen ending.
+        tracker.end(false);
     }
-    let error = tracker.error().cloned();
-    let body_failed = read.error.is_some();
-    let truncated = !rest_open && !tracker.is_complete();
+    let error = tracker.error();
+    let body_failed = read.failed();
+    let truncated = !rest_open && tracker.state() != BodyState::Complete;
     let content = tracker.content_started();
-    let response = Response::from_parts(parts, read.into_body().guard_stream(tracker));
+    let response = Response::from_parts(
+        parts,
+        RetryBody::replay(read.into_body()).guard_stream(tracker),
+    );
     match error {
         Some(error) if !is_spend_cap(&error) && retry_error(&error) => Outcome::Retryable {
             response,

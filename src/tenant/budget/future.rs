@@ -228,13 +228,7 @@ fn settle_for<B>(response: &Response<B>, hold: Hold) -> Settle {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         });
-    let sse = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map_or(hold.admission().stream, |v| {
-            v.starts_with("text/event-stream")
-        });
+    let sse = crate::body::event_stream(response.headers()).unwrap_or(hold.admission().stream);
     let model = served.unwrap_or_else(|| hold.admission().model.clone());
     Settle::new(
         hold,

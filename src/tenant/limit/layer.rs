@@ -8,7 +8,7 @@ use super::service::TenantLimit;
 use crate::anthropic::ModelCatalog;
 use crate::quota::{OutputReservation, QuotaBoard};
 use crate::rate_limit::RateLimitLayer;
-use crate::rate_limit::service::Scope;
+use crate::rate_limit::config::Scope;
 
 /// Holds each tenant's Messages requests to the limits of its own
 /// ([`Tenant::limit`](crate::tenant::Tenant::limit)); builds [`TenantLimit`]. See the

@@ -1,0 +1,133 @@
+//! [`Tracked`]: the body wrapper that feeds an answer's one [`UsageTracker`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project::pin_project;
+
+use super::replay::event_stream;
+use crate::anthropic::UsageTracker;
+
+/// A response body that feeds the answer's [`UsageTracker`] as it is read (when this layer
+/// published it), or passes through untouched (a layer below feeds it).
+#[pin_project]
+pub(crate) struct Tracked<B> {
+    #[pin]
+    inner: B,
+    /// `None` when a layer below feeds the tracker, or once the body ended.
+    tracker: Option<UsageTracker>,
+}
+
+impl<B> Tracked<B> {
+    /// The body as it is.
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            tracker: None,
+        }
+    }
+
+    /// A reference to the inner body.
+    pub(crate) fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// The inner body.
+    pub(crate) fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+/// The answer's usage tracker: the one a layer below published, else a new one (an event
+/// stream by its `content-type`, else by `stream`; a JSON body copied up to `json_limit`
+/// bytes) that the returned body feeds, published on `parts`.
+pub(crate) fn track<B>(
+    parts: &mut http::response::Parts,
+    body: B,
+    stream: bool,
+    json_limit: usize,
+) -> (Tracked<B>, UsageTracker) {
+    if let Some(tracker) = parts.extensions.get::<UsageTracker>() {
+        return (Tracked::passthrough(body), tracker.clone());
+    }
+    let sse = event_stream(&parts.headers).unwrap_or(stream);
+    let tracker = UsageTracker::new(sse, json_limit);
+    parts.extensions.insert(tracker.clone());
+    let body = Tracked {
+        inner: body,
+        tracker: Some(tracker.clone()),
+    };
+    (body, tracker)
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let frame = ready!(inner.as_mut().poll_frame(cx));
+        if let Some(tracker) = this.tracker.as_ref() {
+            let ended = match &frame {
+                Some(Ok(f)) => {
+                    if let Some(data) = f.data_ref() {
+                        tracker.feed(data);
+                    }
+                    // hyper stops polling a body of known length once it has yielded it all.
+                    inner.is_end_stream().then_some(false)
+                }
+                Some(Err(_)) => Some(true),
+                None => Some(false),
+            };
+            if let Some(failed) = ended {
+                tracker.end(failed);
+                *this.tracker = None;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::anthropic::BodyState;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn publishes_once_and_reads_json_usage_once() {
+        let json = r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        let (body, tracker) = track(
+            &mut parts,
+            Full::new(Bytes::from_static(json.as_bytes())),
+            false,
+            1024,
+        );
+        // A layer above gets the same tracker and a body it does not feed.
+        let (above, same) = track(&mut parts, body, false, 1024);
+        assert!(above.tracker.is_none());
+        assert_eq!(tracker.state(), BodyState::Open);
+        above.collect().await.unwrap();
+        assert_eq!(same.state(), BodyState::Complete);
+        assert_eq!(same.usage().unwrap().output_tokens, 4);
+        assert!(!same.is_stream());
+    }
+}

@@ -1,0 +1,36 @@
+//! The options of a [`Cache`](super::Cache), shared by its clones, its bodies and its
+//! write-behind queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::CacheMode;
+use super::key::{CacheKey, Tenant};
+use super::store::{CacheStore, CachedResponse};
+use super::writer::Writer;
+use crate::fallback::FallbackHandle;
+
+/// The options of a [`Cache`], shared by its clones.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn CacheStore>,
+    pub(crate) ttl: Duration,
+    pub(crate) mode: CacheMode,
+    pub(crate) max_entry_bytes: usize,
+    pub(crate) tenant_secret: [u8; 32],
+    pub(crate) tenant: Option<Tenant>,
+    pub(crate) fallback: Option<FallbackHandle>,
+    pub(crate) writer: Arc<Writer>,
+}
+
+/// Hands a complete answer to the write-behind queue, under the key of the model that
+/// produced it; `false` (and nothing queued) when it is not a complete, valid Messages API
+/// answer.
+pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bool {
+    if !entry.is_complete_message() {
+        tracing::debug!(key = %key, "not a complete Messages API answer: not stored");
+        return false;
+    }
+    config.writer.enqueue(key, entry.clone(), config.ttl);
+    true
+}
