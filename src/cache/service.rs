@@ -419,11 +419,19 @@ fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
 /// produced it; `false` (and nothing queued) when it is not a complete, valid Messages API
 /// answer.
 pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bool {
+    if !storable(key, entry) {
+        return false;
+    }
+    config.writer.enqueue(key, entry.clone(), config.ttl);
+    true
+}
+
+/// Whether `entry` is a complete, valid Messages API answer, the only kind stored.
+fn storable(key: CacheKey, entry: &CachedResponse) -> bool {
     if !entry.is_complete_message() {
         tracing::debug!(key = %key, "not a complete Messages API answer: not stored");
         return false;
     }
-    config.writer.enqueue(key, entry.clone(), config.ttl);
     true
 }
 
@@ -502,9 +510,21 @@ where
     }
     let entry =
         CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
-    if keep(config, key, &entry) {
-        if let Some(guard) = guard {
-            guard.complete(&entry);
+    if storable(key, &entry) {
+        match guard {
+            // Followers wait: queue a copy, then hand them the answer (queued first, so that
+            // a request arriving as the flight closes finds it).
+            Some(guard) if guard.followed() => {
+                config.writer.enqueue(key, entry.clone(), config.ttl);
+                guard.complete(&entry);
+            }
+            // Nobody follows (the usual miss): the entry itself is queued, no copy. A follower
+            // that joins meanwhile is released without an answer and looks up again, finding
+            // it queued.
+            guard => {
+                config.writer.enqueue(key, entry, config.ttl);
+                drop(guard);
+            }
         }
     }
     Response::from_parts(parts, CacheBody::full(data))
@@ -650,6 +670,13 @@ impl FlightGuard {
         } else {
             None
         }
+    }
+
+    /// Whether a follower waits for this flight's answer.
+    fn followed(&self) -> bool {
+        let map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&self.key)
+            .is_some_and(|f| f.id == self.id && !f.waiters.is_empty())
     }
 
     pub(crate) fn complete(self, entry: &CachedResponse) {
