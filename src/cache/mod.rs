@@ -15,7 +15,8 @@
 //! - the canonical JSON body: object members sorted by key recursively, no insignificant
 //!   whitespace, numbers written from their value (an integer as an integer, any other number
 //!   as the shortest round-tripping `f64`), so the key does not depend on `serde_json`'s
-//!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere.
+//!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere. It enters as
+//!   its length and its own BLAKE3 hash (key layout v2: keys of v1 are misses).
 //!
 //! BLAKE3 rather than SHA-256 because it is several times faster on prompt-sized inputs (the
 //! `cache` bench measures both on 10 KB).
