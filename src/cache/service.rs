@@ -378,6 +378,10 @@ async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
     if let Some(entry) = lookup(config, &plan.key).await {
         return Some(entry);
     }
+    if !config.store.may_hold_other_models(plan.requested()) {
+        tracing::trace!("no entry of another model stored: fallback not asked");
+        return None;
+    }
     let choice = plan.fallback_choice(config)?;
     let entry = lookup(config, &plan.key_for(&choice)).await?;
     tracing::debug!(
