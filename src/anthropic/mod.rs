@@ -6,27 +6,28 @@
 //! never a panic.
 
 mod error;
+mod estimate;
 mod headers;
 mod key;
 mod meta;
 mod models;
+mod scan;
 mod usage;
 
 pub(crate) use error::is_typed_object;
 pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
+pub use estimate::{CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS};
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
     should_retry,
 };
 pub use key::KeyId;
-pub(crate) use meta::write_canonical;
-#[cfg(test)]
-pub(crate) use meta::write_canonical_number;
-pub use meta::{
-    CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS, MetaError, MetaErrorKind, RequestMeta,
-    rewrite_model,
-};
+pub use meta::{RequestMeta, rewrite_model};
 pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
+pub(crate) use scan::write_canonical;
+#[cfg(test)]
+pub(crate) use scan::write_canonical_number;
+pub use scan::{MetaError, MetaErrorKind};
 pub(crate) use usage::UsageWatch;
 pub use usage::{BodyState, SseEvent, SseParser, StreamTracker, Usage, UsageTracker};
 

@@ -27,10 +27,18 @@ pub(crate) struct Config {
 /// produced it; `false` (and nothing queued) when it is not a complete, valid Messages API
 /// answer.
 pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bool {
+    if !storable(key, entry) {
+        return false;
+    }
+    config.writer.enqueue(key, entry.clone(), config.ttl);
+    true
+}
+
+/// Whether `entry` is a complete, valid Messages API answer, the only kind stored.
+pub(crate) fn storable(key: CacheKey, entry: &CachedResponse) -> bool {
     if !entry.is_complete_message() {
         tracing::debug!(key = %key, "not a complete Messages API answer: not stored");
         return false;
     }
-    config.writer.enqueue(key, entry.clone(), config.ttl);
     true
 }

@@ -94,6 +94,13 @@ impl FlightGuard {
         }
     }
 
+    /// Whether a follower waits for this flight's answer.
+    pub(crate) fn followed(&self) -> bool {
+        let map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&self.key)
+            .is_some_and(|f| f.id == self.id && !f.waiters.is_empty())
+    }
+
     pub(crate) fn complete(self, entry: &CachedResponse) {
         if let Some(flight) = self.take() {
             for waiter in flight.waiters {

@@ -15,7 +15,8 @@
 //! - the canonical JSON body: object members sorted by key recursively, no insignificant
 //!   whitespace, numbers written from their value (an integer as an integer, any other number
 //!   as the shortest round-tripping `f64`), so the key does not depend on `serde_json`'s
-//!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere.
+//!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere. It enters as
+//!   its length and its own BLAKE3 hash (key layout v2: keys of v1 are misses).
 //!
 //! BLAKE3 rather than SHA-256 because it is several times faster on prompt-sized inputs (the
 //! `cache` bench measures both on 10 KB).
@@ -86,7 +87,8 @@
 //! The store is never on the request path. A complete answer is handed to a bounded queue
 //! ([`write_queue`](CacheLayer::write_queue), 1024 by default) and the response goes on at
 //! once; a background task writes the queue in batches ([`CacheStore::put_batch`]: one redb
-//! transaction, committed durably, so a crash loses at most that batch). Until its batch is
+//! transaction, committed durably, so a crash loses at most that batch). A batch is what
+//! arrives within 100 ms of its first answer, at most 256 answers. Until its batch is
 //! written an answer is served from the queue. A full queue drops the answer (not stored),
 //! a failing store (full or read-only disk, Redis down) is a miss on lookup and "not stored"
 //! on write: both are counted in `tower_claude_cache_writes_total{result="dropped"|"failed"}`

@@ -10,7 +10,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::body::{CacheBody, Tee};
-use super::config::{Config, keep};
+use super::config::{Config, storable};
 use super::flights::{FlightGuard, Flights, Join, Shared};
 use super::future::ResponseFuture;
 use super::key::{CacheKey, KeyBase, Partition};
@@ -377,6 +377,10 @@ async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
     if let Some(entry) = lookup(config, &plan.key).await {
         return Some(entry);
     }
+    if !config.store.may_hold_other_models(plan.requested()) {
+        tracing::trace!("no entry of another model stored: fallback not asked");
+        return None;
+    }
     let choice = plan.fallback_choice(config)?;
     let entry = lookup(config, &plan.key_for(&choice)).await?;
     tracing::debug!(
@@ -466,9 +470,21 @@ where
     let data = read.data();
     let entry =
         CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
-    if keep(config, key, &entry) {
-        if let Some(guard) = guard {
-            guard.complete(&entry);
+    if storable(key, &entry) {
+        match guard {
+            // Followers wait: queue a copy, then hand them the answer (queued first, so that
+            // a request arriving as the flight closes finds it).
+            Some(guard) if guard.followed() => {
+                config.writer.enqueue(key, entry.clone(), config.ttl);
+                guard.complete(&entry);
+            }
+            // Nobody follows (the usual miss): the entry itself is queued, no copy. A follower
+            // that joins meanwhile is released without an answer and looks up again, finding
+            // it queued.
+            guard => {
+                config.writer.enqueue(key, entry, config.ttl);
+                drop(guard);
+            }
         }
     }
     Response::from_parts(parts, CacheBody::full(data))

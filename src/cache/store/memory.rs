@@ -1,6 +1,7 @@
 //! In-process store on `moka`.
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -63,6 +64,17 @@ impl moka::Expiry<CacheKey, Entry> for EntryExpiry {
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<CacheKey, Entry>,
+    /// The models of every entry ever put (see [`CacheStore::may_hold_other_models`]).
+    models: Arc<RwLock<Models>>,
+}
+
+/// The models a store has held entries of (never shrinks: an evicted model stays listed,
+/// which only costs a needless question).
+#[derive(Default)]
+struct Models {
+    names: Vec<Box<str>>,
+    /// An entry without a recorded model was put: it may be any model's.
+    unknown: bool,
 }
 
 impl MemoryStore {
@@ -75,7 +87,29 @@ impl MemoryStore {
             })
             .expire_after(EntryExpiry)
             .build();
-        Self { cache }
+        Self {
+            cache,
+            models: Arc::default(),
+        }
+    }
+
+    /// Records the model of an entry being put.
+    fn record_model(&self, model: Option<&str>) {
+        let known = {
+            let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+            match model {
+                None => models.unknown,
+                Some(m) => models.names.iter().any(|n| &**n == m),
+            }
+        };
+        if !known {
+            let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+            match model {
+                None => models.unknown = true,
+                Some(m) if !models.names.iter().any(|n| &**n == m) => models.names.push(m.into()),
+                Some(_) => {}
+            }
+        }
     }
 
     /// The number of entries (approximate: moka applies writes in batches).
@@ -121,6 +155,7 @@ impl CacheStore for MemoryStore {
             .checked_add(ttl)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
         let ttl = ttl.min(Duration::from_secs(100 * 365 * 86_400));
+        self.record_model(value.model());
         self.cache.insert(
             *key,
             Entry {
@@ -140,6 +175,12 @@ impl CacheStore for MemoryStore {
     /// `put` inserts at call time (a moka insert).
     fn writes_at_once(&self) -> bool {
         true
+    }
+
+    /// Answered from the models of every entry ever put (not only of those still held).
+    fn may_hold_other_models(&self, model: &str) -> bool {
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        models.unknown || models.names.iter().any(|n| &**n != model)
     }
 }
 
@@ -205,6 +246,34 @@ mod tests {
             store.weighted_size()
         );
         assert!(store.entry_count() <= 10);
+    }
+
+    #[tokio::test]
+    async fn knows_which_models_it_may_hold_across_clones() {
+        let store = MemoryStore::new(1 << 20);
+        let clone = store.clone();
+        assert!(!store.may_hold_other_models("opus"));
+        let put = |n: u8, r: CachedResponse| {
+            clone.put(&CacheKey::from_bytes([n; 32]), r, Duration::from_secs(60))
+        };
+        put(1, resp(1).with_model("opus")).await.unwrap();
+        assert!(!store.may_hold_other_models("opus"));
+        assert!(store.may_hold_other_models("sonnet"));
+        put(2, resp(1).with_model("sonnet")).await.unwrap();
+        assert!(store.may_hold_other_models("opus"));
+        let fresh = MemoryStore::new(1 << 20);
+        fresh
+            .put(
+                &CacheKey::from_bytes([3; 32]),
+                resp(1),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert!(
+            fresh.may_hold_other_models("opus"),
+            "an entry without a model may be any model's"
+        );
     }
 
     #[tokio::test]

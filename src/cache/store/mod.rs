@@ -70,6 +70,33 @@ pub trait CacheStore: Send + Sync + 'static {
         false
     }
 
+    /// Whether the store may hold an entry written by a model other than `model` (see
+    /// [`CachedResponse::model`]; an entry without a recorded model counts as any model).
+    ///
+    /// On a miss, the [`CacheLayer`](super::CacheLayer) asks this before it asks the fallback
+    /// layer whether another model's answer may be served now, a fallback decision that costs
+    /// about 7k instructions for a three-model chain: `false` skips that question. A store
+    /// must answer `false` only when it is certain; the default is `true`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_claude::cache::{CacheKey, CacheStore, CachedResponse, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new(1 << 20);
+    /// assert!(!store.may_hold_other_models("claude-opus-4-7"));
+    /// let answer = CachedResponse::new(http::StatusCode::OK, http::HeaderMap::new(), "{}".into(), false)
+    ///     .with_model("claude-sonnet-4-6");
+    /// store.put(&CacheKey::from_bytes([1; 32]), answer, Duration::from_secs(60)).await.unwrap();
+    /// assert!(store.may_hold_other_models("claude-opus-4-7"));
+    /// assert!(!store.may_hold_other_models("claude-sonnet-4-6"));
+    /// # }
+    /// ```
+    fn may_hold_other_models(&self, model: &str) -> bool {
+        let _ = model;
+        true
+    }
+
     /// Stores several entries at once. The [`CacheLayer`](super::CacheLayer) stores answers
     /// in batches from a background task, so a store that can write a batch in one go (one
     /// transaction, one round trip) should override this; the default stores the entries one
@@ -112,6 +139,10 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 
     fn writes_at_once(&self) -> bool {
         (**self).writes_at_once()
+    }
+
+    fn may_hold_other_models(&self, model: &str) -> bool {
+        (**self).may_hold_other_models(model)
     }
 }
 

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Instructions per request of claude-proxy on cache misses, counted by callgrind: the reliable
+# before/after comparison on a shared machine (wall clock is not; see docs/benchmarks.md,
+# "Cache misses and cache memory", third pass).
+#
+#   scripts/callgrind-miss.sh                      # build the release proxy, default configs
+#   PROXY_CONFIGS="off:--cache-mode off;old-off@/tmp/old/claude-proxy:--cache-mode off" \
+#     scripts/callgrind-miss.sh                    # NAME@BINARY: that config with another build
+#   WARMUP=300 COUNT=2000 KEEP_WORK=1 scripts/callgrind-miss.sh
+#
+# What runs, on 127.0.0.1 with free ports, stopped by pid when the script ends:
+#   upstream  nginx answering POST /v1/messages at once with the static answer and the
+#             `anthropic-ratelimit-*` headers of scripts/bench-proxy.sh;
+#   proxy     each configuration in turn, under `valgrind --tool=callgrind`, in an empty
+#             directory (the disk cache file is created there).
+# For each configuration, benches/proxy/drive.py sends WARMUP distinct ~2 KB requests over one
+# keep-alive connection, the counters are zeroed (`callgrind_control -z`), COUNT more distinct
+# requests follow, the script waits SETTLE seconds (the write-behind task commits what is queued,
+# so background writes are counted) and dumps the counters (`callgrind_control -d`), then stops
+# the proxy. Printed: instructions per request (counted from the zeroing to the dump, / COUNT:
+# steady state, start-up and shut-down excluded) and the ratio to the first row.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WARMUP="${WARMUP:-300}"
+COUNT="${COUNT:-2000}"
+SETTLE="${SETTLE:-2}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+PROXY_BIN="${PROXY_BIN:-}"
+PROXY_CONFIGS="${PROXY_CONFIGS:-off:--cache-mode off;memory-all:--cache-mode all --cache-path memory;disk-all:--cache-mode all}"
+
+for tool in nginx valgrind callgrind_control python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool" >&2; exit 1; }
+done
+if [ -z "$PROXY_BIN" ]; then
+  cargo build -q --release --features proxy --bin claude-proxy
+  PROXY_BIN="$TARGET_DIR/release/claude-proxy"
+fi
+PROXY_BIN="$(realpath "$PROXY_BIN")"
+DRIVE="$(realpath benches/proxy/drive.py)"
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+up_port=$(free_port)
+answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<NGINX
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$up_port;
+    client_body_buffer_size 64k;
+    location / {
+      default_type application/json;
+      add_header request-id req_bench always;
+      add_header anthropic-ratelimit-requests-limit 1000000000 always;
+      add_header anthropic-ratelimit-requests-remaining 999999999 always;
+      add_header anthropic-ratelimit-requests-reset 2030-01-01T00:00:00Z always;
+      add_header anthropic-ratelimit-input-tokens-limit 1000000000000 always;
+      add_header anthropic-ratelimit-input-tokens-remaining 999999999000 always;
+      add_header anthropic-ratelimit-input-tokens-reset 2030-01-01T00:00:00Z always;
+      add_header anthropic-ratelimit-output-tokens-limit 1000000000000 always;
+      add_header anthropic-ratelimit-output-tokens-remaining 999999999000 always;
+      add_header anthropic-ratelimit-output-tokens-reset 2030-01-01T00:00:00Z always;
+      return 200 '$answer';
+    }
+  }
+}
+NGINX
+nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+wait_port "$up_port"
+
+echo "claude-proxy: $PROXY_BIN; $WARMUP warm-up + $COUNT counted distinct requests per row"
+printf '%-24s %14s %10s\n' config instr/request x_first
+first=""
+IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
+for entry in "${configs[@]}"; do
+  name="${entry%%:*}"
+  flags="${entry#*:}"
+  bin="$PROXY_BIN"
+  if [[ "$name" == *@* ]]; then
+    bin="$(realpath "${name#*@}")"
+    name="${name%%@*}"
+  fi
+  port=$(free_port)
+  dir="$work/proxy-$name"
+  mkdir -p "$dir"
+  # shellcheck disable=SC2086
+  (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG=warn \
+      valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+      "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
+      >"$dir/log" 2>&1) &
+  pid=$!
+  pids+=("$pid")
+  wait_port "$port"
+  python3 "$DRIVE" "$port" "$WARMUP" 0
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  python3 "$DRIVE" "$port" "$COUNT" "$WARMUP"
+  # Let the background writer commit its last batches (its linger is milliseconds), then
+  # dump: steady state, without the shut-down (closing a redb file costs a fixed ~20M).
+  sleep "$SETTLE"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill -TERM "$pid"
+  wait "$pid" || true
+  dump=$(ls "$dir"/callgrind.out.* 2>/dev/null | head -1)
+  total=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$dump" | tail -1)
+  [ -n "$total" ] || total=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$dump" | tail -1)
+  per=$((total / COUNT))
+  [ -z "$first" ] && first=$per
+  printf '%-24s %14d %10s\n' "$name" "$per" "$(awk -v a="$per" -v b="$first" 'BEGIN{printf "%.3f", a/b}')"
+done
