@@ -32,7 +32,10 @@
 //! | [`PacingDelay`] — how long pacing held the request | pacing (feature `metrics`) | metrics |
 //!
 //! A crate-private memo of the request's key id (derived once from its `x-api-key` or
-//! `Authorization` header, never the key itself) also rides in the request's extensions.
+//! `Authorization` header, never the key itself) also rides in the request's extensions, and
+//! a crate-private mark rides on a response whose rate-limit headers a rate limiter or a key
+//! pool fed into its board: fallback, reading the same board, does not feed them again (one
+//! observation per upstream answer; with Redis each is a script call).
 //!
 //! ```
 //! use tower_claude::exchange::{Deadline, NoFallback};
