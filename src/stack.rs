@@ -23,6 +23,17 @@
 //! waiting for its own limit holds none. See
 //! `docs/architecture.md` for what each layer reads and writes.
 //!
+//! # Which board a layer uses
+//!
+//! The stack's board ([`ClaudeStack::board`], a fresh one by default) is given to every layer
+//! that reads or feeds a board — rate limit, pacing, key pool, fallback, metrics — **unless
+//! the layer was given a board of its own** with its `board(..)` builder: a board set on a
+//! layer wins, and that layer then neither reads nor feeds the stack's (a fallback on another
+//! board than the rate limiter's does not see the requests queued below it). The tenant limit
+//! always keeps its own board (its keys are tenants). The stack's model catalogue replaces
+//! every layer's. [`ClaudeStack::service`] composes the layers with their concrete types and
+//! boxes once.
+//!
 //! ```
 //! use std::time::Duration;
 //! use http::Request;
@@ -55,7 +66,10 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -439,9 +453,7 @@ impl ClaudeStack {
 
         Ok(Self {
             #[cfg(feature = "metrics")]
-            metrics: config
-                .metrics
-                .then(|| crate::metrics::MetricsLayer::new().board(board.clone())),
+            metrics: config.metrics.then(crate::metrics::MetricsLayer::new),
             board,
             catalog,
             cache,
@@ -457,7 +469,8 @@ impl ClaudeStack {
         })
     }
 
-    /// Shares `board` with every layer (e.g. one board for several stacks, or a Redis board).
+    /// Shares `board` with every layer that has none of its own (e.g. one board for several
+    /// stacks, or a Redis board). See [which board a layer uses](self#which-board-a-layer-uses).
     pub fn board(mut self, board: QuotaBoard) -> Self {
         self.board = board;
         self
@@ -474,8 +487,8 @@ impl ClaudeStack {
         self
     }
 
-    /// Replaces (or with `None` removes) the metrics layer. Its board and catalogue are the
-    /// stack's.
+    /// Replaces (or with `None` removes) the metrics layer. Its catalogue is the stack's; its
+    /// board too unless it was given one ([which board](self#which-board-a-layer-uses)).
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, layer: Option<crate::metrics::MetricsLayer>) -> Self {
@@ -495,7 +508,12 @@ impl ClaudeStack {
             (None, None) => None,
         };
         metrics.map(|m| {
-            let m = m.board(self.board.clone()).catalog(self.catalog.clone());
+            let m = m.catalog(self.catalog.clone());
+            let m = if m.board_given() {
+                m
+            } else {
+                m.board(self.board.clone())
+            };
             match &self.pacing {
                 Some(pacing) => m.forecaster(pacing.forecaster().clone()),
                 None => m,
@@ -504,7 +522,7 @@ impl ClaudeStack {
     }
 
     /// Adds (or with `None` removes) predictive throttling between the key pool and the rate
-    /// limiter. Its board and catalogue are the stack's; the metrics layer feeds its
+    /// limiter. Its catalogue is the stack's, its board too unless it was given one; the metrics layer feeds its
     /// forecaster (see [`metrics_layer`](Self::metrics_layer)).
     ///
     /// ```
@@ -573,7 +591,8 @@ impl ClaudeStack {
         self.budget.as_ref()
     }
 
-    /// Replaces (or removes) the fallback layer. Its board and catalogue are the stack's.
+    /// Replaces (or removes) the fallback layer. Its catalogue is the stack's; its board too
+    /// unless it was given one ([which board](self#which-board-a-layer-uses)).
     pub fn fallback(mut self, layer: Option<FallbackLayer>) -> Self {
         self.fallback = layer;
         self
@@ -586,8 +605,8 @@ impl ClaudeStack {
     }
 
     /// Adds (or with `None` removes) a key pool between retry and the rate limiter: each
-    /// request goes out with the pooled key that has the most headroom. Its board and
-    /// catalogue are the stack's. No pool by default: the caller's own `x-api-key` is used.
+    /// request goes out with the pooled key that has the most headroom. Its catalogue is
+    /// the stack's, its board too unless it was given one. No pool by default: the caller's own `x-api-key` is used.
     pub fn key_pool(mut self, layer: Option<KeyPoolLayer>) -> Self {
         self.key_pool = layer;
         self
@@ -608,7 +627,8 @@ impl ClaudeStack {
             .map(TenantLimitLayer::quota_board)
     }
 
-    /// Replaces (or removes) the rate-limit layer. Its board and catalogue are the stack's.
+    /// Replaces (or removes) the rate-limit layer. Its catalogue is the stack's; its board too
+    /// unless it was given one ([which board](self#which-board-a-layer-uses)).
     pub fn rate_limit(mut self, layer: Option<RateLimitLayer>) -> Self {
         self.rate_limit = layer;
         self
@@ -629,72 +649,197 @@ impl ClaudeStack {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let mut svc = boxed(inner);
-        if let Some(layer) = &self.concurrency {
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.rate_limit {
-            let layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            svc = boxed(layer.layer(svc));
-        }
-        #[cfg(feature = "metrics")]
-        if let Some(layer) = &self.pacing {
-            let layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.key_pool {
-            let layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.tenant_limit {
-            svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
-        }
-        if let Some(layer) = &self.retry {
-            svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
-        }
-        let mut fallback = None;
-        if let Some(layer) = &self.fallback {
-            let mut layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            if let Some(pool) = &self.key_pool {
-                layer = layer.key_pool(pool.handle());
+        // Concrete types all the way up, one box at the end: an absent layer is an
+        // `Optional(None)`, which passes the inner service through (no box, no extra call).
+        let svc = Optional(self.concurrency.clone()).layer(inner);
+        let svc = Optional(self.rate_limit.as_ref().map(|layer| {
+            let layer = layer.clone().catalog(self.catalog.clone());
+            if layer.board_given() {
+                layer
+            } else {
+                layer.board(self.board.clone())
             }
-            fallback = Some(layer.handle());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.budget {
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.cache {
-            // The cache serves another model's answer only while fallback would choose it.
-            let layer = match fallback {
-                Some(handle) => layer.clone().fallback(handle),
-                None => layer.clone(),
-            };
-            svc = boxed(layer.layer(svc));
-        }
+        }))
+        .layer(svc);
         #[cfg(feature = "metrics")]
-        if let Some(layer) = self.metrics_layer() {
-            svc = boxed(layer.layer(svc));
+        let svc = Optional(self.pacing.as_ref().map(|layer| {
+            let layer = layer.clone().catalog(self.catalog.clone());
+            if layer.board_given() {
+                layer
+            } else {
+                layer.board(self.board.clone())
+            }
+        }))
+        .layer(svc);
+        let svc = Optional(self.key_pool.as_ref().map(|layer| {
+            let layer = layer.clone().catalog(self.catalog.clone());
+            if layer.board_given() {
+                layer
+            } else {
+                layer.board(self.board.clone())
+            }
+        }))
+        .layer(svc);
+        let svc = Optional(
+            self.tenant_limit
+                .as_ref()
+                .map(|layer| layer.clone().catalog(self.catalog.clone())),
+        )
+        .layer(svc);
+        let svc = Optional(
+            self.retry
+                .as_ref()
+                .map(|layer| layer.clone().catalog(self.catalog.clone())),
+        )
+        .layer(svc);
+        let fallback = self.fallback.as_ref().map(|layer| {
+            let layer = layer.clone().catalog(self.catalog.clone());
+            let layer = if layer.board_given() {
+                layer
+            } else {
+                layer.board(self.board.clone())
+            };
+            match &self.key_pool {
+                Some(pool) => layer.key_pool(pool.handle()),
+                None => layer,
+            }
+        });
+        let handle = fallback.as_ref().map(FallbackLayer::handle);
+        let svc = Optional(fallback).layer(svc);
+        let svc = Optional(self.budget.clone()).layer(svc);
+        // The cache serves another model's answer only while fallback would choose it.
+        let svc = Optional(self.cache.as_ref().map(|layer| match handle {
+            Some(handle) => layer.clone().fallback(handle),
+            None => layer.clone(),
+        }))
+        .layer(svc);
+        #[cfg(feature = "metrics")]
+        let svc = Optional(self.metrics_layer()).layer(svc);
+        boxed(svc)
+    }
+}
+
+/// A layer of the stack that may be absent (crate-private: [`ClaudeStack::service`] composes
+/// concrete types and boxes once). Absent, the inner service is used as it is; the response
+/// body is an [`Either`](http_body_util::Either) of the layer's and the inner service's.
+#[derive(Clone)]
+struct Optional<L>(Option<L>);
+
+impl<L: Layer<S>, S> Layer<S> for Optional<L> {
+    type Service = OptionalService<L::Service, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        match &self.0 {
+            Some(layer) => OptionalService::On(layer.layer(inner)),
+            None => OptionalService::Off(inner),
         }
-        svc
+    }
+}
+
+/// The service of an [`Optional`] layer.
+#[derive(Clone)]
+enum OptionalService<A, B> {
+    On(A),
+    Off(B),
+}
+
+impl<A, B, R, BA, BB> Service<R> for OptionalService<A, B>
+where
+    A: Service<R, Response = Response<BA>>,
+    A::Error: Into<BoxError>,
+    B: Service<R, Response = Response<BB>>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<http_body_util::Either<BA, BB>>;
+    type Error = BoxError;
+    type Future = OptionalFuture<A::Future, B::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Self::On(a) => a.poll_ready(cx).map_err(Into::into),
+            Self::Off(b) => b.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        match self {
+            Self::On(a) => OptionalFuture::On { fut: a.call(req) },
+            Self::Off(b) => OptionalFuture::Off { fut: b.call(req) },
+        }
+    }
+}
+
+/// The response future of an [`OptionalService`].
+#[pin_project::pin_project(project = OptionalProj)]
+enum OptionalFuture<FA, FB> {
+    On {
+        #[pin]
+        fut: FA,
+    },
+    Off {
+        #[pin]
+        fut: FB,
+    },
+}
+
+impl<FA, FB, BA, BB, EA, EB> Future for OptionalFuture<FA, FB>
+where
+    FA: Future<Output = Result<Response<BA>, EA>>,
+    FB: Future<Output = Result<Response<BB>, EB>>,
+    EA: Into<BoxError>,
+    EB: Into<BoxError>,
+{
+    type Output = Result<Response<http_body_util::Either<BA, BB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use http_body_util::Either;
+        Poll::Ready(match self.project() {
+            OptionalProj::On { fut } => ready!(fut.poll(cx))
+                .map(|r| r.map(Either::Left))
+                .map_err(Into::into),
+            OptionalProj::Off { fut } => ready!(fut.poll(cx))
+                .map(|r| r.map(Either::Right))
+                .map_err(Into::into),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A board given to a layer wins over the stack's; a layer without one gets the stack's.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_board_given_to_a_layer_is_kept() {
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                ),
+            )))
+        });
+        let request = || {
+            Request::post("/v1/messages")
+                .header("x-api-key", "sk-ant-test")
+                .body(RequestBody::from(
+                    r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+                ))
+                .unwrap()
+        };
+        let own = QuotaBoard::new();
+        let stack = ClaudeStack::new()
+            .fallback(None)
+            .rate_limit(Some(RateLimitLayer::new().board(own.clone())));
+        stack.service(upstream).oneshot(request()).await.unwrap();
+        assert_eq!(own.statuses().len(), 1, "the layer's own board is used");
+        assert!(stack.quota_board().statuses().is_empty());
+
+        let stack = ClaudeStack::new()
+            .fallback(None)
+            .rate_limit(Some(RateLimitLayer::new()));
+        stack.service(upstream).oneshot(request()).await.unwrap();
+        assert_eq!(stack.quota_board().statuses().len(), 1, "the stack's board");
+    }
 
     #[test]
     fn every_concurrency_mode_and_the_budget_are_reachable() {
