@@ -714,8 +714,55 @@ impl ClaudeStack {
         }))
         .layer(svc);
         #[cfg(feature = "metrics")]
-        let svc = Optional(self.metrics_layer()).layer(svc);
-        boxed(svc)
+        let metrics = self.metrics_layer();
+        // The metrics layer opens the request's `claude_request` span (with its labels);
+        // without one, the stack opens it.
+        #[cfg(feature = "metrics")]
+        let span = metrics.is_none();
+        #[cfg(feature = "metrics")]
+        let svc = Optional(metrics).layer(svc);
+        #[cfg(not(feature = "metrics"))]
+        let span = true;
+        boxed(Traced { span, inner: svc })
+    }
+}
+
+/// The outermost wrapper of a [`ClaudeStack`] service: one `tracing` span per request
+/// (`claude_request`, at debug level, with the method and path: never a header or the body),
+/// entered while the layers take the request and around every poll of its future, so that
+/// every layer's events carry it. Without a subscriber that wants it the span is disabled and
+/// costs a level check. With a metrics layer (which opens its own `claude_request` span, with
+/// the request's labels) `span` is off: one span per request either way.
+#[derive(Clone)]
+struct Traced<S> {
+    span: bool,
+    inner: S,
+}
+
+impl<S> Service<Request<RequestBody>> for Traced<S>
+where
+    S: Service<Request<RequestBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        use tracing::Instrument;
+        if !self.span {
+            return self.inner.call(req).instrument(tracing::Span::none());
+        }
+        let span = tracing::debug_span!(
+            "claude_request",
+            method = %req.method(),
+            path = req.uri().path()
+        );
+        let fut = span.in_scope(|| self.inner.call(req));
+        fut.instrument(span)
     }
 }
 
@@ -807,6 +854,156 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Collects span names and event messages (a minimal subscriber: no extra dependency).
+    #[derive(Clone, Default)]
+    struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Collect {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("span {}", span.metadata().name()));
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    use std::fmt::Write;
+                    let _ = write!(self.0, " {}={v:?}", f.name());
+                }
+            }
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// The decisions of one request are traced under one span: the model fallback chose and
+    /// why, the rate limiter's admission; no key in clear.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn one_span_per_request_and_its_decisions() {
+        let collect = Collect::default();
+        let _guard = tracing::subscriber::set_default(collect.clone());
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                ),
+            )))
+        });
+        let req = Request::post("/v1/messages")
+            .header("x-api-key", "sk-ant-secret-key")
+            .body(RequestBody::from(
+                r#"{"model":"claude-opus-4-7","max_tokens":8,"messages":[]}"#,
+            ))
+            .unwrap();
+        let stack = ClaudeStack::new().cache(None);
+        stack.service(upstream).oneshot(req).await.unwrap();
+        let lines = collect.0.lock().unwrap().clone();
+        let text = lines.join("\n");
+        assert_eq!(
+            lines.iter().filter(|l| *l == "span claude_request").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("fallback: model chosen"), "{text}");
+        assert!(text.contains("requested=claude-opus-4-7"), "{text}");
+        assert!(text.contains("rate limit: admitted at once"), "{text}");
+        assert!(!text.contains("sk-ant-secret-key"), "{text}");
+    }
+
+    /// The board's view after a burst is the rate limiter's, with or without fallback above
+    /// it. Fallback used to feed each answer's headers into the shared board a second time,
+    /// without the grant they answer: that observation ignored what was given back since the
+    /// answer was counted upstream (the unused part of each `max_tokens` reservation) and
+    /// lowered the output-token bucket to the server's rounded, older view. The board then
+    /// looked exhausted everywhere (in the `codegen_batch` demo every group's output bucket
+    /// fell to 0, fallback found no candidate with headroom and kept Opus requests on Opus,
+    /// queued: 85.0 s instead of 38.8 s).
+    #[cfg(feature = "testing")]
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn fallback_does_not_undo_the_rate_limiters_view() {
+        use crate::anthropic::KeyId;
+        use crate::anthropic::RateLimitGroup;
+        use crate::quota::Limits;
+        use crate::testing::{MockClaude, MockLimits};
+        use http_body_util::BodyExt;
+
+        async fn output_level(fallback: bool) -> u64 {
+            let mock = MockClaude::builder()
+                .limits(
+                    "claude-haiku-4-5",
+                    MockLimits {
+                        rpm: 100,
+                        itpm: 100_000,
+                        otpm: 8_000,
+                    },
+                )
+                .latency(Duration::from_millis(600), Duration::ZERO)
+                .output_tokens(420)
+                .build();
+            let mut limits = BTreeMap::new();
+            limits.insert(
+                "claude-haiku-4-5".to_owned(),
+                Limits {
+                    rpm: 100,
+                    itpm: 100_000,
+                    otpm: 8_000,
+                },
+            );
+            let stack = ClaudeStack::from_config(&StackConfig {
+                limits,
+                fallback,
+                retry: false,
+                cache: CacheConfig::Off,
+                ..StackConfig::default()
+            })
+            .unwrap();
+            let svc = stack.service(mock);
+            // Haiku is the end of the chain: fallback keeps every request on it.
+            let calls = (0..6).map(|i| {
+                let req = Request::post("https://api.anthropic.com/v1/messages")
+                    .header("x-api-key", "sk-ant-burst")
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(RequestBody::from(format!(
+                        r#"{{"model":"claude-haiku-4-5","max_tokens":1024,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+                    )))
+                    .unwrap();
+                let svc = svc.clone();
+                async move {
+                    let resp = svc.oneshot(req).await.unwrap();
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(status, 200, "{body:?}");
+                }
+            });
+            futures_util::future::join_all(calls).await;
+            stack
+                .quota_board()
+                .headroom(
+                    &KeyId::from_api_key("sk-ant-burst"),
+                    &RateLimitGroup::new("claude-haiku-4-5"),
+                )
+                .and_then(|h| h.output_tokens)
+                .map(|b| b.remaining)
+                .unwrap()
+        }
+
+        let alone = output_level(false).await;
+        let under_fallback = output_level(true).await;
+        assert_eq!(under_fallback, alone, "fallback changed the board's view");
+    }
 
     /// A board given to a layer wins over the stack's; a layer without one gets the stack's.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
