@@ -649,7 +649,8 @@ impl ClaudeStack {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        // Concrete types all the way up, one box at the end: an absent layer is an
+        // Concrete types all the way up, the futures of the layers below retry boxed once
+        // (see `BoxFutures`) and the service boxed at the end: an absent layer is an
         // `Optional(None)`, which passes the inner service through (no box, no extra call).
         let svc = Optional(self.concurrency.clone()).layer(inner);
         let svc = Optional(self.rate_limit.as_ref().map(|layer| {
@@ -686,6 +687,11 @@ impl ClaudeStack {
                 .map(|layer| layer.clone().catalog(self.catalog.clone())),
         )
         .layer(svc);
+        // Retry keeps the attempt in flight inside its own future and moves that future a few
+        // times per request: with the layers below inline, each move copied ~2.3 KB
+        // (callgrind: 14k instructions of memcpy per request). Boxing the attempt's future
+        // here keeps retry's (and the layers' above) small.
+        let svc = BoxFutures(svc);
         let svc = Optional(
             self.retry
                 .as_ref()
@@ -763,6 +769,30 @@ where
         );
         let fut = span.in_scope(|| self.inner.call(req));
         fut.instrument(span)
+    }
+}
+
+/// Boxes the futures of the service it wraps (crate-private: [`ClaudeStack::service`] puts it
+/// under the retry layer, whose future holds and moves the attempt in flight; a boxed attempt
+/// is a pointer to move instead of every layer's state below).
+#[derive(Clone)]
+struct BoxFutures<S>(S);
+
+impl<S, R> Service<R> for BoxFutures<S>
+where
+    S: Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        Box::pin(self.0.call(req))
     }
 }
 
