@@ -649,9 +649,9 @@ impl ClaudeStack {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        // Concrete types all the way up, the futures of the layers below retry boxed once
-        // (see `BoxFutures`) and the service boxed at the end: an absent layer is an
-        // `Optional(None)`, which passes the inner service through (no box, no extra call).
+        // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
+        // is an `Optional(None)`, which passes the inner service through (no box, no extra
+        // call).
         let svc = Optional(self.concurrency.clone()).layer(inner);
         let svc = Optional(self.rate_limit.as_ref().map(|layer| {
             let layer = layer.clone().catalog(self.catalog.clone());
@@ -687,11 +687,13 @@ impl ClaudeStack {
                 .map(|layer| layer.clone().catalog(self.catalog.clone())),
         )
         .layer(svc);
-        // Retry keeps the attempt in flight inside its own future and moves that future a few
-        // times per request: with the layers below inline, each move copied ~2.3 KB
-        // (callgrind: 14k instructions of memcpy per request). Boxing the attempt's future
-        // here keeps retry's (and the layers' above) small.
-        let svc = BoxFutures(svc);
+        // Retry keeps the service below, the attempt in flight and the answer it reads ahead
+        // inside one future, moved into its box once per request: with the layers below inline
+        // (their futures and their response bodies), that copy was several KB (callgrind:
+        // 12–14k instructions of memcpy per request, more than the boxes save). One box here
+        // (service, future and body, as `boxed` does) keeps what retry and the layers above it
+        // hold small.
+        let svc = boxed(svc);
         let svc = Optional(
             self.retry
                 .as_ref()
@@ -769,30 +771,6 @@ where
         );
         let fut = span.in_scope(|| self.inner.call(req));
         fut.instrument(span)
-    }
-}
-
-/// Boxes the futures of the service it wraps (crate-private: [`ClaudeStack::service`] puts it
-/// under the retry layer, whose future holds and moves the attempt in flight; a boxed attempt
-/// is a pointer to move instead of every layer's state below).
-#[derive(Clone)]
-struct BoxFutures<S>(S);
-
-impl<S, R> Service<R> for BoxFutures<S>
-where
-    S: Service<R>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        Box::pin(self.0.call(req))
     }
 }
 
