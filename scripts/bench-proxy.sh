@@ -51,14 +51,7 @@ if [ -z "${PROXY_CONFIGS:-}" ]; then
   fi
 fi
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT INT TERM
+bench_setup
 
 up_port=$(free_port)
 ngx_port=$(free_port)

@@ -3,6 +3,20 @@
 # POST /v1/messages at once with a static Anthropic answer and `anthropic-ratelimit-*`
 # headers (limits that never bind).
 
+# bench_setup: a work dir in $work (removed at exit; KEEP_WORK=1 keeps it) and a list $pids
+# of processes stopped at exit.
+bench_setup() {
+  work="$(mktemp -d)"
+  pids=()
+  trap bench_cleanup EXIT INT TERM
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # wait_port PORT [TRIES of 0.05 s, 100 by default]

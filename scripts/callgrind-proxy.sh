@@ -34,14 +34,7 @@ if [ -z "$PROXY_BIN" ]; then
 fi
 PROXY_BIN="$(realpath "$PROXY_BIN")"
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT INT TERM
+bench_setup
 
 up_port=$(free_port)
 write_upstream_conf "$work/nginx" "$up_port" >"$work/nginx.conf"

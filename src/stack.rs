@@ -32,7 +32,8 @@
 //! board than the rate limiter's does not see the requests queued below it). The tenant limit
 //! always keeps its own board (its keys are tenants). The stack's model catalogue replaces
 //! every layer's. [`ClaudeStack::service`] composes the layers with their concrete types and
-//! boxes once.
+//! boxes twice: under retry (whose future holds the service below, the attempt and the answer
+//! it reads ahead) and at the top.
 //!
 //! ```
 //! use std::time::Duration;
@@ -649,38 +650,37 @@ impl ClaudeStack {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        // A layer keeps a board it was given; one without gets the stack's.
+        macro_rules! own_or_shared {
+            ($layer:expr, $board:expr) => {{
+                let layer = $layer;
+                if layer.board_given() {
+                    layer
+                } else {
+                    layer.board($board.clone())
+                }
+            }};
+        }
         // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
         // is an `Optional(None)`, which passes the inner service through (no box, no extra
         // call).
         let svc = Optional(self.concurrency.clone()).layer(inner);
-        let svc = Optional(self.rate_limit.as_ref().map(|layer| {
-            let layer = layer.clone().catalog(self.catalog.clone());
-            if layer.board_given() {
-                layer
-            } else {
-                layer.board(self.board.clone())
-            }
-        }))
-        .layer(svc);
+        let svc =
+            Optional(self.rate_limit.as_ref().map(|layer| {
+                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
+            }))
+            .layer(svc);
         #[cfg(feature = "metrics")]
-        let svc = Optional(self.pacing.as_ref().map(|layer| {
-            let layer = layer.clone().catalog(self.catalog.clone());
-            if layer.board_given() {
-                layer
-            } else {
-                layer.board(self.board.clone())
-            }
-        }))
-        .layer(svc);
-        let svc = Optional(self.key_pool.as_ref().map(|layer| {
-            let layer = layer.clone().catalog(self.catalog.clone());
-            if layer.board_given() {
-                layer
-            } else {
-                layer.board(self.board.clone())
-            }
-        }))
-        .layer(svc);
+        let svc =
+            Optional(self.pacing.as_ref().map(|layer| {
+                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
+            }))
+            .layer(svc);
+        let svc =
+            Optional(self.key_pool.as_ref().map(|layer| {
+                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
+            }))
+            .layer(svc);
         let svc = Optional(
             self.tenant_limit
                 .as_ref()
@@ -701,12 +701,7 @@ impl ClaudeStack {
         )
         .layer(svc);
         let fallback = self.fallback.as_ref().map(|layer| {
-            let layer = layer.clone().catalog(self.catalog.clone());
-            let layer = if layer.board_given() {
-                layer
-            } else {
-                layer.board(self.board.clone())
-            };
+            let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
             match &self.key_pool {
                 Some(pool) => layer.key_pool(pool.handle()),
                 None => layer,
