@@ -22,6 +22,8 @@
 # These machines are shared and noisy: compare rows of one run, not runs of different days.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-upstream.sh
+. scripts/bench-upstream.sh
 
 DURATION="${DURATION:-10}"
 CONNS="${CONNS:-1 32}"
@@ -49,61 +51,15 @@ if [ -z "${PROXY_CONFIGS:-}" ]; then
   fi
 fi
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
+bench_setup
 
 up_port=$(free_port)
 ngx_port=$(free_port)
-answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  keepalive_requests 1000000;
-  upstream claude { server 127.0.0.1:$up_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$up_port;
-    client_body_buffer_size 64k;
-    location / {
-      default_type application/json;
-      add_header request-id req_bench always;
-      add_header anthropic-ratelimit-requests-limit 1000000000 always;
-      add_header anthropic-ratelimit-requests-remaining 999999999 always;
-      add_header anthropic-ratelimit-requests-reset 2030-01-01T00:00:00Z always;
-      add_header anthropic-ratelimit-input-tokens-limit 1000000000000 always;
-      add_header anthropic-ratelimit-input-tokens-remaining 999999999000 always;
-      add_header anthropic-ratelimit-input-tokens-reset 2030-01-01T00:00:00Z always;
-      add_header anthropic-ratelimit-output-tokens-limit 1000000000000 always;
-      add_header anthropic-ratelimit-output-tokens-remaining 999999999000 always;
-      add_header anthropic-ratelimit-output-tokens-reset 2030-01-01T00:00:00Z always;
-      return 200 '$answer';
-    }
-  }
+{
+  nginx_http_head "$work/nginx"
+  echo "  upstream claude { server 127.0.0.1:$up_port; keepalive 64; }"
+  upstream_server "$up_port"
+  cat <<EOF
   server {
     listen 127.0.0.1:$ngx_port;
     client_body_buffer_size 64k;
@@ -115,7 +71,8 @@ http {
   }
 }
 EOF
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+} >"$work/nginx.conf"
+nginx -c "$work/nginx.conf" -g 'daemon off;' &
 pids+=($!)
 wait_port "$up_port"
 wait_port "$ngx_port"

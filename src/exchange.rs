@@ -34,7 +34,10 @@
 //! | [`ErrorAnswer`] — the parsed envelope of an error answer (429, 529, any 4xx / 5xx), read once | the innermost layer that reads the body: key pool (429, 400), retry (any error status; it replaces it with the envelope it writes), fallback (429, 529) | key pool, retry, fallback (instead of reading the body again), the application |
 //!
 //! A crate-private memo of the request's key id (derived once from its `x-api-key` or
-//! `Authorization` header, never the key itself) also rides in the request's extensions.
+//! `Authorization` header, never the key itself) also rides in the request's extensions, and
+//! a crate-private mark rides on a response whose rate-limit headers a rate limiter or a key
+//! pool fed into its board: fallback, reading the same board, does not feed them again (one
+//! observation per upstream answer; with Redis each is a script call).
 //!
 //! ```
 //! use tower_claude::exchange::{Deadline, NoFallback};

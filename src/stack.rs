@@ -23,6 +23,18 @@
 //! waiting for its own limit holds none. See
 //! `docs/architecture.md` for what each layer reads and writes.
 //!
+//! # Which board a layer uses
+//!
+//! The stack's board ([`ClaudeStack::board`], a fresh one by default) is given to every layer
+//! that reads or feeds a board — rate limit, pacing, key pool, fallback, metrics — **unless
+//! the layer was given a board of its own** with its `board(..)` builder: a board set on a
+//! layer wins, and that layer then neither reads nor feeds the stack's (a fallback on another
+//! board than the rate limiter's does not see the requests queued below it). The tenant limit
+//! always keeps its own board (its keys are tenants). The stack's model catalogue replaces
+//! every layer's. [`ClaudeStack::service`] composes the layers with their concrete types and
+//! boxes twice: under retry (whose future holds the service below, the attempt and the answer
+//! it reads ahead) and at the top.
+//!
 //! ```
 //! use std::time::Duration;
 //! use http::Request;
@@ -55,7 +67,10 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -439,9 +454,7 @@ impl ClaudeStack {
 
         Ok(Self {
             #[cfg(feature = "metrics")]
-            metrics: config
-                .metrics
-                .then(|| crate::metrics::MetricsLayer::new().board(board.clone())),
+            metrics: config.metrics.then(crate::metrics::MetricsLayer::new),
             board,
             catalog,
             cache,
@@ -457,7 +470,8 @@ impl ClaudeStack {
         })
     }
 
-    /// Shares `board` with every layer (e.g. one board for several stacks, or a Redis board).
+    /// Shares `board` with every layer that has none of its own (e.g. one board for several
+    /// stacks, or a Redis board). See [which board a layer uses](self#which-board-a-layer-uses).
     pub fn board(mut self, board: QuotaBoard) -> Self {
         self.board = board;
         self
@@ -474,8 +488,8 @@ impl ClaudeStack {
         self
     }
 
-    /// Replaces (or with `None` removes) the metrics layer. Its board and catalogue are the
-    /// stack's.
+    /// Replaces (or with `None` removes) the metrics layer. Its catalogue is the stack's; its
+    /// board too unless it was given one ([which board](self#which-board-a-layer-uses)).
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, layer: Option<crate::metrics::MetricsLayer>) -> Self {
@@ -495,7 +509,12 @@ impl ClaudeStack {
             (None, None) => None,
         };
         metrics.map(|m| {
-            let m = m.board(self.board.clone()).catalog(self.catalog.clone());
+            let m = m.catalog(self.catalog.clone());
+            let m = if m.board_given() {
+                m
+            } else {
+                m.board(self.board.clone())
+            };
             match &self.pacing {
                 Some(pacing) => m.forecaster(pacing.forecaster().clone()),
                 None => m,
@@ -504,7 +523,7 @@ impl ClaudeStack {
     }
 
     /// Adds (or with `None` removes) predictive throttling between the key pool and the rate
-    /// limiter. Its board and catalogue are the stack's; the metrics layer feeds its
+    /// limiter. Its catalogue is the stack's, its board too unless it was given one; the metrics layer feeds its
     /// forecaster (see [`metrics_layer`](Self::metrics_layer)).
     ///
     /// ```
@@ -573,7 +592,8 @@ impl ClaudeStack {
         self.budget.as_ref()
     }
 
-    /// Replaces (or removes) the fallback layer. Its board and catalogue are the stack's.
+    /// Replaces (or removes) the fallback layer. Its catalogue is the stack's; its board too
+    /// unless it was given one ([which board](self#which-board-a-layer-uses)).
     pub fn fallback(mut self, layer: Option<FallbackLayer>) -> Self {
         self.fallback = layer;
         self
@@ -586,8 +606,8 @@ impl ClaudeStack {
     }
 
     /// Adds (or with `None` removes) a key pool between retry and the rate limiter: each
-    /// request goes out with the pooled key that has the most headroom. Its board and
-    /// catalogue are the stack's. No pool by default: the caller's own `x-api-key` is used.
+    /// request goes out with the pooled key that has the most headroom. Its catalogue is
+    /// the stack's, its board too unless it was given one. No pool by default: the caller's own `x-api-key` is used.
     pub fn key_pool(mut self, layer: Option<KeyPoolLayer>) -> Self {
         self.key_pool = layer;
         self
@@ -608,7 +628,8 @@ impl ClaudeStack {
             .map(TenantLimitLayer::quota_board)
     }
 
-    /// Replaces (or removes) the rate-limit layer. Its board and catalogue are the stack's.
+    /// Replaces (or removes) the rate-limit layer. Its catalogue is the stack's; its board too
+    /// unless it was given one ([which board](self#which-board-a-layer-uses)).
     pub fn rate_limit(mut self, layer: Option<RateLimitLayer>) -> Self {
         self.rate_limit = layer;
         self
@@ -629,72 +650,396 @@ impl ClaudeStack {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let mut svc = boxed(inner);
-        if let Some(layer) = &self.concurrency {
-            svc = boxed(layer.layer(svc));
+        // A layer keeps a board it was given; one without gets the stack's.
+        macro_rules! own_or_shared {
+            ($layer:expr, $board:expr) => {{
+                let layer = $layer;
+                if layer.board_given() {
+                    layer
+                } else {
+                    layer.board($board.clone())
+                }
+            }};
         }
-        if let Some(layer) = &self.rate_limit {
-            let layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            svc = boxed(layer.layer(svc));
-        }
+        // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
+        // is an `Optional(None)`, which passes the inner service through (no box, no extra
+        // call).
+        let svc = Optional(self.concurrency.clone()).layer(inner);
+        let svc =
+            Optional(self.rate_limit.as_ref().map(|layer| {
+                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
+            }))
+            .layer(svc);
         #[cfg(feature = "metrics")]
-        if let Some(layer) = &self.pacing {
-            let layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.key_pool {
-            let layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.tenant_limit {
-            svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
-        }
-        if let Some(layer) = &self.retry {
-            svc = boxed(layer.clone().catalog(self.catalog.clone()).layer(svc));
-        }
-        let mut fallback = None;
-        if let Some(layer) = &self.fallback {
-            let mut layer = layer
-                .clone()
-                .board(self.board.clone())
-                .catalog(self.catalog.clone());
-            if let Some(pool) = &self.key_pool {
-                layer = layer.key_pool(pool.handle());
+        let svc =
+            Optional(self.pacing.as_ref().map(|layer| {
+                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
+            }))
+            .layer(svc);
+        let svc =
+            Optional(self.key_pool.as_ref().map(|layer| {
+                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
+            }))
+            .layer(svc);
+        let svc = Optional(
+            self.tenant_limit
+                .as_ref()
+                .map(|layer| layer.clone().catalog(self.catalog.clone())),
+        )
+        .layer(svc);
+        // Retry keeps the service below, the attempt in flight and the answer it reads ahead
+        // inside one future, moved into its box once per request: with the layers below inline
+        // (their futures and their response bodies), that copy was several KB (callgrind:
+        // 12–14k instructions of memcpy per request, more than the boxes save). One box here
+        // (service, future and body, as `boxed` does) keeps what retry and the layers above it
+        // hold small.
+        let svc = boxed(svc);
+        let svc = Optional(
+            self.retry
+                .as_ref()
+                .map(|layer| layer.clone().catalog(self.catalog.clone())),
+        )
+        .layer(svc);
+        let fallback = self.fallback.as_ref().map(|layer| {
+            let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
+            match &self.key_pool {
+                Some(pool) => layer.key_pool(pool.handle()),
+                None => layer,
             }
-            fallback = Some(layer.handle());
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.budget {
-            svc = boxed(layer.layer(svc));
-        }
-        if let Some(layer) = &self.cache {
-            // The cache serves another model's answer only while fallback would choose it.
-            let layer = match fallback {
-                Some(handle) => layer.clone().fallback(handle),
-                None => layer.clone(),
-            };
-            svc = boxed(layer.layer(svc));
-        }
+        });
+        let handle = fallback.as_ref().map(FallbackLayer::handle);
+        let svc = Optional(fallback).layer(svc);
+        let svc = Optional(self.budget.clone()).layer(svc);
+        // The cache serves another model's answer only while fallback would choose it.
+        let svc = Optional(self.cache.as_ref().map(|layer| match handle {
+            Some(handle) => layer.clone().fallback(handle),
+            None => layer.clone(),
+        }))
+        .layer(svc);
         #[cfg(feature = "metrics")]
-        if let Some(layer) = self.metrics_layer() {
-            svc = boxed(layer.layer(svc));
+        let metrics = self.metrics_layer();
+        // The metrics layer opens the request's `claude_request` span (with its labels);
+        // without one, the stack opens it.
+        #[cfg(feature = "metrics")]
+        let span = metrics.is_none();
+        #[cfg(feature = "metrics")]
+        let svc = Optional(metrics).layer(svc);
+        #[cfg(not(feature = "metrics"))]
+        let span = true;
+        boxed(Traced { span, inner: svc })
+    }
+}
+
+/// The outermost wrapper of a [`ClaudeStack`] service: one `tracing` span per request
+/// (`claude_request`, at debug level, with the method and path: never a header or the body),
+/// entered while the layers take the request and around every poll of its future, so that
+/// every layer's events carry it. Without a subscriber that wants it the span is disabled and
+/// costs a level check. With a metrics layer (which opens its own `claude_request` span, with
+/// the request's labels) `span` is off: one span per request either way.
+#[derive(Clone)]
+struct Traced<S> {
+    span: bool,
+    inner: S,
+}
+
+impl<S> Service<Request<RequestBody>> for Traced<S>
+where
+    S: Service<Request<RequestBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        use tracing::Instrument;
+        if !self.span {
+            return self.inner.call(req).instrument(tracing::Span::none());
         }
-        svc
+        let span = tracing::debug_span!(
+            "claude_request",
+            method = %req.method(),
+            path = req.uri().path()
+        );
+        let fut = span.in_scope(|| self.inner.call(req));
+        fut.instrument(span)
+    }
+}
+
+/// A layer of the stack that may be absent (crate-private: [`ClaudeStack::service`] composes
+/// concrete types and boxes once). Absent, the inner service is used as it is; the response
+/// body is an [`Either`](http_body_util::Either) of the layer's and the inner service's.
+#[derive(Clone)]
+struct Optional<L>(Option<L>);
+
+impl<L: Layer<S>, S> Layer<S> for Optional<L> {
+    type Service = OptionalService<L::Service, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        match &self.0 {
+            Some(layer) => OptionalService::On(layer.layer(inner)),
+            None => OptionalService::Off(inner),
+        }
+    }
+}
+
+/// The service of an [`Optional`] layer.
+#[derive(Clone)]
+enum OptionalService<A, B> {
+    On(A),
+    Off(B),
+}
+
+impl<A, B, R, BA, BB> Service<R> for OptionalService<A, B>
+where
+    A: Service<R, Response = Response<BA>>,
+    A::Error: Into<BoxError>,
+    B: Service<R, Response = Response<BB>>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<http_body_util::Either<BA, BB>>;
+    type Error = BoxError;
+    type Future = OptionalFuture<A::Future, B::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Self::On(a) => a.poll_ready(cx).map_err(Into::into),
+            Self::Off(b) => b.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        match self {
+            Self::On(a) => OptionalFuture::On { fut: a.call(req) },
+            Self::Off(b) => OptionalFuture::Off { fut: b.call(req) },
+        }
+    }
+}
+
+/// The response future of an [`OptionalService`].
+#[pin_project::pin_project(project = OptionalProj)]
+enum OptionalFuture<FA, FB> {
+    On {
+        #[pin]
+        fut: FA,
+    },
+    Off {
+        #[pin]
+        fut: FB,
+    },
+}
+
+impl<FA, FB, BA, BB, EA, EB> Future for OptionalFuture<FA, FB>
+where
+    FA: Future<Output = Result<Response<BA>, EA>>,
+    FB: Future<Output = Result<Response<BB>, EB>>,
+    EA: Into<BoxError>,
+    EB: Into<BoxError>,
+{
+    type Output = Result<Response<http_body_util::Either<BA, BB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use http_body_util::Either;
+        Poll::Ready(match self.project() {
+            OptionalProj::On { fut } => ready!(fut.poll(cx))
+                .map(|r| r.map(Either::Left))
+                .map_err(Into::into),
+            OptionalProj::Off { fut } => ready!(fut.poll(cx))
+                .map(|r| r.map(Either::Right))
+                .map_err(Into::into),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Collects span names and event messages (a minimal subscriber: no extra dependency).
+    #[derive(Clone, Default)]
+    struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Collect {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("span {}", span.metadata().name()));
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    use std::fmt::Write;
+                    let _ = write!(self.0, " {}={v:?}", f.name());
+                }
+            }
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// The decisions of one request are traced under one span: the model fallback chose and
+    /// why, the rate limiter's admission; no key in clear.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn one_span_per_request_and_its_decisions() {
+        let collect = Collect::default();
+        let _guard = tracing::subscriber::set_default(collect.clone());
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                ),
+            )))
+        });
+        let req = Request::post("/v1/messages")
+            .header("x-api-key", "sk-ant-secret-key")
+            .body(RequestBody::from(
+                r#"{"model":"claude-opus-4-7","max_tokens":8,"messages":[]}"#,
+            ))
+            .unwrap();
+        let stack = ClaudeStack::new().cache(None);
+        stack.service(upstream).oneshot(req).await.unwrap();
+        let lines = collect.0.lock().unwrap().clone();
+        let text = lines.join("\n");
+        assert_eq!(
+            lines.iter().filter(|l| *l == "span claude_request").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("fallback: model chosen"), "{text}");
+        assert!(text.contains("requested=claude-opus-4-7"), "{text}");
+        assert!(text.contains("rate limit: admitted at once"), "{text}");
+        assert!(!text.contains("sk-ant-secret-key"), "{text}");
+    }
+
+    /// The board's view after a burst is the rate limiter's, with or without fallback above
+    /// it. Fallback used to feed each answer's headers into the shared board a second time,
+    /// without the grant they answer: that observation ignored what was given back since the
+    /// answer was counted upstream (the unused part of each `max_tokens` reservation) and
+    /// lowered the output-token bucket to the server's rounded, older view. The board then
+    /// looked exhausted everywhere (in the `codegen_batch` demo every group's output bucket
+    /// fell to 0, fallback found no candidate with headroom and kept Opus requests on Opus,
+    /// queued: 85.0 s instead of 38.8 s).
+    #[cfg(feature = "testing")]
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn fallback_does_not_undo_the_rate_limiters_view() {
+        use crate::anthropic::KeyId;
+        use crate::anthropic::RateLimitGroup;
+        use crate::quota::Limits;
+        use crate::testing::{MockClaude, MockLimits};
+        use http_body_util::BodyExt;
+
+        async fn output_level(fallback: bool) -> u64 {
+            let mock = MockClaude::builder()
+                .limits(
+                    "claude-haiku-4-5",
+                    MockLimits {
+                        rpm: 100,
+                        itpm: 100_000,
+                        otpm: 8_000,
+                    },
+                )
+                .latency(Duration::from_millis(600), Duration::ZERO)
+                .output_tokens(420)
+                .build();
+            let mut limits = BTreeMap::new();
+            limits.insert(
+                "claude-haiku-4-5".to_owned(),
+                Limits {
+                    rpm: 100,
+                    itpm: 100_000,
+                    otpm: 8_000,
+                },
+            );
+            let stack = ClaudeStack::from_config(&StackConfig {
+                limits,
+                fallback,
+                retry: false,
+                cache: CacheConfig::Off,
+                ..StackConfig::default()
+            })
+            .unwrap();
+            let svc = stack.service(mock);
+            // Haiku is the end of the chain: fallback keeps every request on it.
+            let calls = (0..6).map(|i| {
+                let req = Request::post("https://api.anthropic.com/v1/messages")
+                    .header("x-api-key", "sk-ant-burst")
+                    .header("anthropic-version", "2023-06-01")
+                    .header("content-type", "application/json")
+                    .body(RequestBody::from(format!(
+                        r#"{{"model":"claude-haiku-4-5","max_tokens":1024,"messages":[{{"role":"user","content":"task {i}"}}]}}"#
+                    )))
+                    .unwrap();
+                let svc = svc.clone();
+                async move {
+                    let resp = svc.oneshot(req).await.unwrap();
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(status, 200, "{body:?}");
+                }
+            });
+            futures_util::future::join_all(calls).await;
+            stack
+                .quota_board()
+                .headroom(
+                    &KeyId::from_api_key("sk-ant-burst"),
+                    &RateLimitGroup::new("claude-haiku-4-5"),
+                )
+                .and_then(|h| h.output_tokens)
+                .map(|b| b.remaining)
+                .unwrap()
+        }
+
+        let alone = output_level(false).await;
+        let under_fallback = output_level(true).await;
+        assert_eq!(under_fallback, alone, "fallback changed the board's view");
+    }
+
+    /// A board given to a layer wins over the stack's; a layer without one gets the stack's.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_board_given_to_a_layer_is_kept() {
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                ),
+            )))
+        });
+        let request = || {
+            Request::post("/v1/messages")
+                .header("x-api-key", "sk-ant-test")
+                .body(RequestBody::from(
+                    r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+                ))
+                .unwrap()
+        };
+        let own = QuotaBoard::new();
+        let stack = ClaudeStack::new()
+            .fallback(None)
+            .rate_limit(Some(RateLimitLayer::new().board(own.clone())));
+        stack.service(upstream).oneshot(request()).await.unwrap();
+        assert_eq!(own.statuses().len(), 1, "the layer's own board is used");
+        assert!(stack.quota_board().statuses().is_empty());
+
+        let stack = ClaudeStack::new()
+            .fallback(None)
+            .rate_limit(Some(RateLimitLayer::new()));
+        stack.service(upstream).oneshot(request()).await.unwrap();
+        assert_eq!(stack.quota_board().statuses().len(), 1, "the stack's board");
+    }
 
     #[test]
     fn every_concurrency_mode_and_the_budget_are_reachable() {

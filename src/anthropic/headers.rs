@@ -103,11 +103,43 @@ pub struct RateLimitSnapshot {
 }
 
 impl RateLimitSnapshot {
-    /// Reads every rate-limit header; missing or malformed values are skipped.
+    /// Reads every rate-limit header; missing or malformed values are skipped. A header sent
+    /// twice counts with its first value.
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        // One pass over the headers, matching names by prefix: a lookup per name parsed and
+        // hashed twelve names per answer (callgrind: ~11k instructions per call, ~2k now).
+        // `[bucket][limit, remaining, reset]`: the first value of each header (`Some(None)`
+        // when that value is not UTF-8, as `HeaderMap::get` would give it).
+        let mut seen: [[Option<Option<&str>>; 3]; 4] = [[None; 3]; 4];
+        for (name, value) in headers {
+            let Some(rest) = name.as_str().strip_prefix(header_names::RATELIMIT_PREFIX) else {
+                continue;
+            };
+            let Some((bucket, field)) = rest.rsplit_once('-') else {
+                continue;
+            };
+            let bucket = match bucket {
+                "requests" => 0,
+                "tokens" => 1,
+                "input-tokens" => 2,
+                "output-tokens" => 3,
+                _ => continue,
+            };
+            let field = match field {
+                "limit" => 0,
+                "remaining" => 1,
+                "reset" => 2,
+                _ => continue,
+            };
+            let slot = &mut seen[bucket][field];
+            if slot.is_none() {
+                *slot = Some(value.to_str().ok().map(str::trim));
+            }
+        }
         let mut snap = Self::default();
-        for (name, bucket) in BUCKETS {
-            *snap.bucket_mut(name) = BucketSnapshot::read(headers, bucket);
+        for (i, (name, _)) in BUCKETS.into_iter().enumerate() {
+            let [limit, remaining, reset] = seen[i].map(Option::flatten);
+            *snap.bucket_mut(name) = BucketSnapshot::from_values(limit, remaining, reset);
         }
         snap
     }
@@ -205,18 +237,19 @@ const BUCKETS: [(BucketName, [&str; 3]); 4] = [
 ];
 
 impl BucketSnapshot {
-    fn read(headers: &HeaderMap, names: [&str; 3]) -> Self {
-        let [limit, remaining, reset] = names;
-        let limit = header_str(headers, limit)
+    /// A bucket from its three header values (trimmed), as [`RateLimitSnapshot::from_headers`]
+    /// found them.
+    fn from_values(limit: Option<&str>, remaining: Option<&str>, reset: Option<&str>) -> Self {
+        let limit = limit
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|l| (1..=Self::MAX_LIMIT).contains(l));
-        let remaining = header_str(headers, remaining)
+        let remaining = remaining
             .and_then(|v| v.parse::<u64>().ok())
             .map(|r| limit.map_or(r, |l| r.min(l)));
         Self {
             limit,
             remaining,
-            reset: header_str(headers, reset).and_then(parse_rfc3339),
+            reset: reset.and_then(parse_rfc3339),
         }
     }
 
@@ -635,5 +668,67 @@ mod tests {
         map.insert("request-id", HeaderValue::from_bytes(b"req_\xff").unwrap());
         assert_eq!(request_id(&map), None);
         assert_eq!(request_id(&HeaderMap::new()), None);
+    }
+
+    /// The single pass reads what a lookup per header name reads (the first value of each,
+    /// trimmed UTF-8), whatever the headers: duplicates, odd names, values that are not UTF-8.
+    mod one_pass {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn by_lookup(headers: &HeaderMap) -> RateLimitSnapshot {
+            let mut snap = RateLimitSnapshot::default();
+            for (name, [limit, remaining, reset]) in BUCKETS {
+                *snap.bucket_mut(name) = BucketSnapshot::from_values(
+                    header_str(headers, limit),
+                    header_str(headers, remaining),
+                    header_str(headers, reset),
+                );
+            }
+            snap
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            let bucket = prop::sample::select(vec![
+                "requests",
+                "tokens",
+                "input-tokens",
+                "output-tokens",
+                "input",
+                "",
+            ]);
+            let field = prop::sample::select(vec!["limit", "remaining", "reset", "resets", ""]);
+            let prefix = prop::sample::select(vec![
+                "anthropic-ratelimit-",
+                "anthropic-ratelimit-input-",
+                "x-",
+            ]);
+            (prefix, bucket, field).prop_map(|(p, b, f)| format!("{p}{b}-{f}"))
+        }
+
+        fn value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (0u64..2_000_000_000_000).prop_map(|n| n.to_string().into_bytes()),
+                Just(b" 50 ".to_vec()),
+                Just(b"oops".to_vec()),
+                Just(b"2026-01-01T00:00:01Z".to_vec()),
+                Just(b"2026-01-01T00:00:01.5+02:00".to_vec()),
+                Just(b"\xff50".to_vec()),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn matches_a_lookup_per_name(
+                entries in prop::collection::vec((name(), value()), 0..24)
+            ) {
+                let mut map = HeaderMap::new();
+                for (name, value) in &entries {
+                    let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+                    map.append(name, HeaderValue::from_bytes(value).unwrap());
+                }
+                prop_assert_eq!(RateLimitSnapshot::from_headers(&map), by_lookup(&map));
+            }
+        }
     }
 }

@@ -353,8 +353,12 @@ impl<S> Walk<S> {
     }
 
     /// Feeds the board from the answer's rate-limit headers, under the key the answer was
-    /// served with (a key pool below says which: [`ChosenKey`](crate::key_pool::ChosenKey)).
+    /// served with (a key pool below says which: [`ChosenKey`](crate::key_pool::ChosenKey)),
+    /// unless a layer below (a rate limiter or a key pool on the same board) fed them already.
     pub(crate) fn observe(&self, headers: &HeaderMap, extensions: &Extensions) {
+        if self.config.board.already_observed(extensions) {
+            return;
+        }
         let snapshot = RateLimitSnapshot::from_headers(headers);
         if snapshot.is_empty() {
             return;

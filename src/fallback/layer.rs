@@ -62,6 +62,9 @@ pub const DEFAULT_MAX_DEPTH: usize = 3;
 #[derive(Debug, Clone)]
 pub struct FallbackLayer {
     board: QuotaBoard,
+    /// Whether [`board`](Self::board) was called ([`ClaudeStack`](crate::stack::ClaudeStack)
+    /// keeps a board given here).
+    board_given: bool,
     keys: Option<KeyPoolHandle>,
     catalog: ModelCatalog,
     chain: Option<Vec<String>>,
@@ -85,6 +88,7 @@ impl FallbackLayer {
     pub fn new() -> Self {
         Self {
             board: QuotaBoard::new(),
+            board_given: false,
             keys: None,
             catalog: ModelCatalog::default(),
             chain: None,
@@ -103,7 +107,13 @@ impl FallbackLayer {
     /// the choice also sees the requests in flight and queued.
     pub fn board(mut self, board: QuotaBoard) -> Self {
         self.board = board;
+        self.board_given = true;
         self
+    }
+
+    /// Whether a board was given with [`board`](Self::board).
+    pub(crate) fn board_given(&self) -> bool {
+        self.board_given
     }
 
     /// Weighs the keys of a [`KeyPoolLayer`](crate::key_pool::KeyPoolLayer) below instead of

@@ -193,4 +193,60 @@ mod tests {
         assert!(!take_opt_out(&mut h));
         assert!(h.is_empty());
     }
+    /// Headers reach the board once per upstream answer: a fallback over a rate limiter on
+    /// the same board does not feed the rate limiter's observation again; on a board of its
+    /// own (nothing below observes it), it still does.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_answer_reaches_the_shared_board_once() {
+        use crate::quota::observations;
+        use crate::rate_limit::RateLimitLayer;
+        use tower::{Layer, ServiceExt};
+
+        let upstream = tower::service_fn(|_req: http::Request<RequestBody>| async {
+            let resp = http::Response::builder()
+                .header("content-type", "application/json")
+                .header("anthropic-ratelimit-requests-limit", "50")
+                .header("anthropic-ratelimit-requests-remaining", "49")
+                .header("anthropic-ratelimit-requests-reset", "2030-01-01T00:00:00Z")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                )))
+                .unwrap();
+            Ok::<_, BoxError>(resp)
+        });
+        let request = || {
+            http::Request::post("/v1/messages")
+                .header("x-api-key", "sk-ant-test")
+                .header("content-type", "application/json")
+                .body(RequestBody::from(
+                    r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#,
+                ))
+                .unwrap()
+        };
+
+        let shared = QuotaBoard::new();
+        let svc = crate::fallback::FallbackLayer::new()
+            .board(shared.clone())
+            .layer(RateLimitLayer::new().board(shared).layer(upstream));
+        let before = observations::get();
+        let resp = svc.oneshot(request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            observations::get() - before,
+            1,
+            "one answer, one observation"
+        );
+
+        // Fallback on a board the rate limiter does not feed: each board hears the answer once.
+        let svc = crate::fallback::FallbackLayer::new()
+            .board(QuotaBoard::new())
+            .layer(
+                RateLimitLayer::new()
+                    .board(QuotaBoard::new())
+                    .layer(upstream),
+            );
+        let before = observations::get();
+        svc.oneshot(request()).await.unwrap();
+        assert_eq!(observations::get() - before, 2);
+    }
 }

@@ -104,13 +104,16 @@ impl Sent {
     /// Observes the response head: feeds the layer's own board, removes a key upstream
     /// rejected with 401 or 402 on a Messages API endpoint, puts a key refused with 403 last
     /// in its group.
-    fn observe_head(&mut self, status: StatusCode, headers: &HeaderMap) {
+    /// Returns whether the headers went into the board.
+    fn observe_head(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
         self.end_in_flight();
+        let mut observed = false;
         if self.config.own_board {
             if let Some(group) = &self.group {
                 let snap = RateLimitSnapshot::from_headers(headers);
                 if !snap.is_empty() {
                     self.config.board.observe(&self.pick.id, group, &snap);
+                    observed = true;
                 }
             }
         }
@@ -132,6 +135,7 @@ impl Sent {
                 }
             }
         }
+        observed
     }
 
     /// A 403 `permission_error`: the key authenticated but may not do this in this group
@@ -329,8 +333,11 @@ where
                             );
                         }
                     };
-                    let response = result.map_err(Into::into)?;
-                    sent.observe_head(response.status(), response.headers());
+                    let mut response = result.map_err(Into::into)?;
+                    if sent.observe_head(response.status(), response.headers()) {
+                        let mark = sent.config.board.observed_mark();
+                        response.extensions_mut().insert(mark);
+                    }
                     let chosen = ChosenKey::new(sent.pick.id.clone());
                     // A 429 (rate limit or spend cap) and a 400 (which may be a spend cap in
                     // another shape) are classified from the start of their body.

@@ -108,6 +108,11 @@ impl KeyPoolLayer {
         self
     }
 
+    /// Whether a board was given with [`board`](Self::board).
+    pub(crate) fn board_given(&self) -> bool {
+        !self.config.own_board
+    }
+
     /// The model catalogue that maps models to rate-limit groups (the default catalogue
     /// otherwise; use the rate limiter's).
     pub fn catalog(mut self, catalog: ModelCatalog) -> Self {

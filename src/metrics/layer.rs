@@ -93,6 +93,11 @@ impl MetricsLayer {
         self.with(|s| s.board = Some(board))
     }
 
+    /// Whether a board was given with [`board`](Self::board).
+    pub(crate) fn board_given(&self) -> bool {
+        self.shared.board.is_some()
+    }
+
     /// Feeds the board's utilisation to `alerts` on every quota refresh.
     pub fn alerts(self, alerts: Alerts) -> Self {
         self.with(|s| s.alerts = Some(alerts))

@@ -458,6 +458,8 @@ impl QuotaBoard {
     /// then to `R`. Levels are never raised here: [`Reservation::observe`] knows which request
     /// the headers answer, and raises too.
     pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
+        #[cfg(test)]
+        observations::count();
         match &self.backend {
             Backend::Local(b) => b.observe(key, group, snapshot),
         }
@@ -475,6 +477,8 @@ impl QuotaBoard {
         snapshot: &RateLimitSnapshot,
         grant: &Grant,
     ) {
+        #[cfg(test)]
+        observations::count();
         #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             if grant.origin == Origin::Shared {
@@ -578,6 +582,20 @@ impl QuotaBoard {
         match (&self.backend, &other.backend) {
             (Backend::Local(a), Backend::Local(b)) => Arc::ptr_eq(a, b),
         }
+    }
+
+    /// The mark a layer leaves on a response whose rate-limit headers it fed into this board
+    /// (see [`ObservedOn`]).
+    pub(crate) fn observed_mark(&self) -> ObservedOn {
+        match &self.backend {
+            Backend::Local(b) => ObservedOn(Arc::as_ptr(b) as usize),
+        }
+    }
+
+    /// Whether the response whose extensions are `extensions` had its rate-limit headers fed
+    /// into this board already (by a layer below: a rate limiter or a key pool on this board).
+    pub(crate) fn already_observed(&self, extensions: &http::Extensions) -> bool {
+        extensions.get::<ObservedOn>() == Some(&self.observed_mark())
     }
 
     fn settle_grant(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant, outcome: Outcome) {
@@ -1120,5 +1138,31 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.finish(Outcome::Keep);
+    }
+}
+
+/// Response extension (crate-private): the rate-limit headers of this answer were fed into the
+/// board with this identity (the address of its shared state, alive as long as the layer that
+/// wrote the mark holds the board). A layer above that reads the same board — fallback — does
+/// not feed them again: headers reach a board once per upstream answer (with Redis each
+/// observation is a script call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ObservedOn(usize);
+
+/// Test-only count of the observations fed into boards on this thread (`observe` and a
+/// reservation's `observe`), to check that an answer reaches its board once.
+#[cfg(test)]
+pub(crate) mod observations {
+    use std::cell::Cell;
+
+    thread_local!(static COUNT: Cell<usize> = const { Cell::new(0) });
+
+    pub(super) fn count() {
+        COUNT.with(|c| c.set(c.get() + 1));
+    }
+
+    /// Observations so far on this thread.
+    pub(crate) fn get() -> usize {
+        COUNT.with(Cell::get)
     }
 }

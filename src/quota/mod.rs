@@ -54,6 +54,8 @@ mod tests;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisOptions, RedisSetupError, RedisSetupErrorKind, RedisStatus};
+#[cfg(test)]
+pub(crate) use board::observations;
 pub use board::{Acquire, Admission, QuotaBoard, QuotaBoardBuilder, Reservation};
 pub use bucket::{TakeError, TokenBucket};
 pub use error::{AcquireError, AcquireErrorKind};

@@ -294,6 +294,7 @@ fn on_response<B>(
             reservation.settle_rejected();
             if !snapshot.is_empty() && config.scope == Scope::Key {
                 config.board.observe(&key, &group, &snapshot);
+                parts.extensions.insert(config.board.observed_mark());
             }
         }
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
@@ -301,6 +302,7 @@ fn on_response<B>(
     if !snapshot.is_empty() && config.scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
+        parts.extensions.insert(config.board.observed_mark());
     } else {
         reservation.answered();
     }

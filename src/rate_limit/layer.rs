@@ -40,6 +40,9 @@ use crate::quota::{Limits, OutputReservation, QuotaBoard};
 #[derive(Debug, Clone)]
 pub struct RateLimitLayer {
     board: QuotaBoard,
+    /// Whether [`board`](Self::board) was called ([`ClaudeStack`](crate::stack::ClaudeStack)
+    /// keeps a board given here).
+    board_given: bool,
     catalog: ModelCatalog,
     output: OutputReservation,
     max_wait: Option<Duration>,
@@ -60,6 +63,7 @@ impl RateLimitLayer {
     pub fn new() -> Self {
         Self {
             board: QuotaBoard::new(),
+            board_given: false,
             catalog: ModelCatalog::default(),
             output: OutputReservation::default(),
             max_wait: None,
@@ -79,7 +83,13 @@ impl RateLimitLayer {
             board.set_default_limits(limits);
         }
         self.board = board;
+        self.board_given = true;
         self
+    }
+
+    /// Whether a board was given with [`board`](Self::board).
+    pub(crate) fn board_given(&self) -> bool {
+        self.board_given
     }
 
     /// Configured limits for `group` (applied to the board for every key).

@@ -76,6 +76,11 @@ impl PacingLayer {
         self
     }
 
+    /// Whether a board was given with [`board`](Self::board).
+    pub(crate) fn board_given(&self) -> bool {
+        self.config.board.is_some()
+    }
+
     /// Share of a limit the forecast must reach to start pacing (0.8 by default).
     pub fn trigger(mut self, share: f64) -> Self {
         if share.is_finite() && share > 0.0 {

@@ -1,0 +1,83 @@
+# Shared by scripts/bench-proxy.sh and scripts/callgrind-proxy.sh (sourced, not run): free
+# loopback ports, waiting for a listener, and the nginx upstream that answers
+# POST /v1/messages at once with a static Anthropic answer and `anthropic-ratelimit-*`
+# headers (limits that never bind).
+
+# bench_setup: a work dir in $work (removed at exit; KEEP_WORK=1 keeps it) and a list $pids
+# of processes stopped at exit.
+bench_setup() {
+  work="$(mktemp -d)"
+  pids=()
+  trap bench_cleanup EXIT INT TERM
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT [TRIES of 0.05 s, 100 by default]
+wait_port() {
+  for _ in $(seq 1 "${2:-100}"); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+bench_answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
+
+# upstream_server PORT: the upstream's `server { }` block, for an nginx `http { }` block.
+upstream_server() {
+  cat <<EOF
+  server {
+    listen 127.0.0.1:$1;
+    client_body_buffer_size 64k;
+    location / {
+      default_type application/json;
+      add_header request-id req_bench always;
+      add_header anthropic-ratelimit-requests-limit 1000000000 always;
+      add_header anthropic-ratelimit-requests-remaining 999999999 always;
+      add_header anthropic-ratelimit-requests-reset 2030-01-01T00:00:00Z always;
+      add_header anthropic-ratelimit-input-tokens-limit 1000000000000 always;
+      add_header anthropic-ratelimit-input-tokens-remaining 999999999000 always;
+      add_header anthropic-ratelimit-input-tokens-reset 2030-01-01T00:00:00Z always;
+      add_header anthropic-ratelimit-output-tokens-limit 1000000000000 always;
+      add_header anthropic-ratelimit-output-tokens-remaining 999999999000 always;
+      add_header anthropic-ratelimit-output-tokens-reset 2030-01-01T00:00:00Z always;
+      return 200 '$bench_answer';
+    }
+  }
+EOF
+}
+
+# nginx_http_head DIR: the start of an nginx.conf (one worker, temp paths under DIR), up to
+# and including the `http {` line's common settings.
+nginx_http_head() {
+  mkdir -p "$1"
+  cat <<EOF
+worker_processes 1;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+  keepalive_requests 1000000;
+EOF
+}
+
+# write_upstream_conf DIR PORT: a whole nginx.conf with the upstream alone.
+write_upstream_conf() {
+  nginx_http_head "$1"
+  upstream_server "$2"
+  echo "}"
+}
