@@ -76,6 +76,8 @@ use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 
 /// The refill period of every bucket (Anthropic's limits are per minute), in microseconds.
 const PERIOD_US: u64 = 60_000_000;
+/// How long (ms) the hash and the line of a `(key, group)` outlive their last use: two periods.
+const LINE_TTL_MS: u64 = PERIOD_US / 1000 * 2;
 /// Token `remaining` headers are rounded down to thousands.
 const TOKEN_ROUNDING: u64 = 999;
 
@@ -262,11 +264,16 @@ return redis.error_reply('unknown mode')
 
 /// Looks for the capacities another process learned, else takes the learning lock.
 ///
-/// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock. `ARGV[1]`: this process's
-/// token, `ARGV[2]`: the lock's time to live (ms). Returns `{status, wait_us, c1, c2, c3}`:
-/// `ok` with the stored capacities; `learn` when this process holds the lock (it sends the one
-/// request that learns the limits); `wait` with the lock's remaining time to live (µs, like
-/// every reply's wait) when another process holds it.
+/// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock; `KEYS[3]` / `KEYS[4]`: its
+/// line and the line's last-seen times (as in [`SCRIPT`]). `ARGV[1]`: this process's token,
+/// `ARGV[2]`: the lock's time to live (ms), `ARGV[3]`: the waiter's ticket (`0`: none),
+/// `ARGV[4]`: the line's time to live (ms).
+/// Returns `{status, wait_us, c1, c2, c3}`: `ok` with the stored capacities; `learn` when this
+/// process holds the lock (it sends the one request that learns the limits); `wait` with the
+/// lock's remaining time to live (µs, like every reply's wait) when another process holds it.
+/// A waiter told to wait takes its place in the line now (issue 12: waiters of the nodes that
+/// did not learn the limits arrived as early as the learner's, and must not find the line
+/// empty when the limits appear).
 const PEEK_SCRIPT: &str = r#"
 local c = redis.call('HMGET', KEYS[1], 'c1', 'c2', 'c3')
 if c[1] or c[2] or c[3] then
@@ -278,6 +285,15 @@ if holder == ARGV[1] or redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 end
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl < 0 then ttl = 0 end
+local ticket = ARGV[3] or '0'
+if ticket ~= '0' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  redis.call('ZADD', KEYS[3], 'NX', now, ticket)
+  redis.call('ZADD', KEYS[4], now, ticket)
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+end
 return {'wait', string.format('%.0f', ttl * 1000), '', '', ''}
 "#;
 
@@ -680,15 +696,26 @@ impl RedisShared {
 
     /// The capacities another process learned for `(key, group)`, else whether this process
     /// may learn them (it holds the learning lock) or must wait for another.
-    async fn peek(&self, key: &KeyId, group: &RateLimitGroup) -> Result<Peek, StoreError> {
+    /// A waiter told to wait holds `ticket` (`0`: none) in the line of `(key, group)`.
+    async fn peek(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        ticket: i64,
+    ) -> Result<Peek, StoreError> {
         let Some(mut conn) = self.connection() else {
             return Err(StoreError::NotConnected);
         };
         let ttl = u64::try_from(self.options.learn_lock_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut inv = self.peek_script.key(self.redis_key(key, group));
+        let bucket = self.redis_key(key, group);
+        let mut inv = self.peek_script.key(&bucket);
         inv.key(self.learn_lock_key(key, group))
+            .key(format!("{bucket}:line"))
+            .key(format!("{bucket}:seen"))
             .arg(&self.token)
-            .arg(ttl);
+            .arg(ttl)
+            .arg(ticket)
+            .arg(LINE_TTL_MS);
         let call = inv.invoke_async::<Vec<String>>(&mut conn);
         let reply = match tokio::time::timeout(self.options.response_timeout, call).await {
             Err(_) => return Err(StoreError::Timeout),
@@ -746,7 +773,7 @@ impl RedisShared {
         let mut inv = self.script.key(&bucket);
         inv.key(format!("{bucket}:line"))
             .key(format!("{bucket}:seen"));
-        inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
+        inv.arg(mode).arg(PERIOD_US).arg(LINE_TTL_MS);
         for cap in caps {
             inv.arg(cap_arg(*cap));
         }
@@ -1043,8 +1070,36 @@ impl RedisShared {
         if self.is_degraded() || self.mirror.is_seeding(key, group) {
             return SharedTry::Acquire;
         }
-        let Some(caps) = self.mirror.capacities(key, group) else {
-            return SharedTry::Acquire;
+        let caps = match self.mirror.capacities(key, group) {
+            Some(caps) => caps,
+            // Limits unknown here: another process may have learned them, or be learning
+            // them. While it does, this waiter holds its place in the line (issue 12).
+            None if ticket != 0 && self.mirror.lacks_limits(key, group) => {
+                match self.peek(key, group, ticket).await {
+                    Ok(Peek::Learned(caps)) => {
+                        self.mirror.adopt(key, group, caps);
+                        match self.mirror.capacities(key, group) {
+                            Some(caps) => caps,
+                            None => return SharedTry::Acquire,
+                        }
+                    }
+                    Ok(Peek::Wait(ttl)) => {
+                        tracing::debug!(
+                            key = %key,
+                            group = %group,
+                            "quota board: in line while another node learns the limits"
+                        );
+                        return SharedTry::Wait(ttl.clamp(Duration::from_millis(1), LEARN_POLL));
+                    }
+                    // This process learns them: the local probe path.
+                    Ok(Peek::Learn) => return SharedTry::Acquire,
+                    Err(e) => {
+                        self.mark_down(&e);
+                        return SharedTry::Acquire;
+                    }
+                }
+            }
+            None => return SharedTry::Acquire,
         };
         let a = self.mirror.amounts(key, group, &cost);
         let args = acquire_args(&a, ticket);
@@ -1126,14 +1181,17 @@ impl SharedAcquire {
     /// limits to appear (or for the lock to be released or to expire, then try again).
     async fn adopt_then_run(self) -> Option<Result<Reservation, AcquireError>> {
         let (shared, key, group) = (&self.shared, &self.key, &self.group);
+        // Waiting for another process to learn the limits holds a place in the line.
+        let mut ticket = self.ticket();
         loop {
-            match shared.peek(key, group).await {
+            match shared.peek(key, group, ticket.ticket).await {
                 Ok(Peek::Learned(caps)) => {
                     shared.mirror.adopt(key, group, caps);
                     break;
                 }
                 Ok(Peek::Learn) => return None,
                 Ok(Peek::Wait(ttl)) => {
+                    ticket.queued = true;
                     // This process may have learned them meanwhile (its own probe).
                     if shared.mirror.capacities(key, group).is_some() {
                         break;
@@ -1158,12 +1216,24 @@ impl SharedAcquire {
                 }
             }
         }
-        Some(self.run().await)
+        Some(self.run(ticket).await)
+    }
+
+    /// A new place in the line across processes, left when dropped.
+    fn ticket(&self) -> Leave {
+        Leave {
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+            group: self.group.clone(),
+            ticket: new_ticket(),
+            queued: false,
+        }
     }
 
     /// Takes in Redis, or waits as long as Redis says (or until a local refund), or falls
-    /// back to local buckets when Redis is down.
-    async fn run(self) -> Result<Reservation, AcquireError> {
+    /// back to local buckets when Redis is down. `ticket`: this acquire's place in the line
+    /// across processes; left when it ends either way.
+    async fn run(self, mut ticket: Leave) -> Result<Reservation, AcquireError> {
         let Self {
             shared,
             board,
@@ -1173,14 +1243,6 @@ impl SharedAcquire {
             deadline,
             tenant,
         } = self;
-        // This acquire's place in the line across processes; left when it ends either way.
-        let mut ticket = Leave {
-            shared: shared.clone(),
-            key: key.clone(),
-            group: group.clone(),
-            ticket: new_ticket(),
-            queued: false,
-        };
         loop {
             if shared.is_degraded() {
                 if shared.options.fail_closed {
@@ -1312,7 +1374,10 @@ pub(crate) fn poll_remote(
             tenant: tenant.cloned(),
         };
         let fut: RemoteAcquire = if shared.is_degraded() {
-            Box::pin(async move { Some(job.run().await) })
+            Box::pin(async move {
+                let ticket = job.ticket();
+                Some(job.run(ticket).await)
+            })
         } else if shared.mirror.capacities(key, group).is_none() {
             // Limits unknown here: ask the store once whether another process learned them;
             // else (or after an answer without limits) the probe gate of the mirror.
@@ -1326,7 +1391,10 @@ pub(crate) fn poll_remote(
             // mirror's queue, which releases to this path.
             return None;
         } else {
-            Box::pin(async move { Some(job.run().await) })
+            Box::pin(async move {
+                let ticket = job.ticket();
+                Some(job.run(ticket).await)
+            })
         };
         remote.fut = Some(fut);
     }
