@@ -1167,6 +1167,15 @@ impl LocalBackend {
             .is_some_and(|e| e.seeding)
     }
 
+    /// Whether this process's probe to learn the limits of `(key, group)` is out.
+    #[cfg(feature = "redis")]
+    pub(crate) fn is_probing(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
+        let st = self.lock();
+        st.entries
+            .get(&(key.clone(), group.clone()))
+            .is_some_and(|e| e.probe_out)
+    }
+
     /// The shared store now holds the limits learned for `(key, group)` and the server's view
     /// (or is unreachable): release the requests that queued behind the probe to it.
     #[cfg(feature = "redis")]

@@ -103,7 +103,8 @@ const SCRIPT: &str = include_str!("lua/acquire.lua");
 /// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock; `KEYS[3]` / `KEYS[4]`: its
 /// line and the line's last-seen times (as in [`SCRIPT`]). `ARGV[1]`: this process's token,
 /// `ARGV[2]`: the lock's time to live (ms), `ARGV[3]`: the waiter's ticket (`0`: none),
-/// `ARGV[4]`: the line's time to live (ms).
+/// `ARGV[4]`: the line's time to live (ms), `ARGV[5]`: `1` when this process's probe is out
+/// (a waiter told `learn` then queues too: it waits for that probe).
 /// Returns `{status, wait_us, c1, c2, c3}`: `ok` with the stored capacities; `learn` when this
 /// process holds the lock (it sends the one request that learns the limits); `wait` with the
 /// lock's remaining time to live (µs, like every reply's wait) when another process holds it.
@@ -503,12 +504,15 @@ impl RedisShared {
 
     /// The capacities another process learned for `(key, group)`, else whether this process
     /// may learn them (it holds the learning lock) or must wait for another.
-    /// A waiter told to wait holds `ticket` (`0`: none) in the line of `(key, group)`.
+    /// A waiter told to wait holds `ticket` (`0`: none) in the line of `(key, group)`, and
+    /// so does one told to learn when `probing` (this process's probe is out already: it
+    /// waits for that probe).
     async fn peek(
         &self,
         key: &KeyId,
         group: &RateLimitGroup,
         ticket: i64,
+        probing: bool,
     ) -> Result<Peek, StoreError> {
         let Some(mut conn) = self.connection() else {
             return Err(StoreError::NotConnected);
@@ -522,7 +526,8 @@ impl RedisShared {
             .arg(&self.token)
             .arg(ttl)
             .arg(ticket)
-            .arg(LINE_TTL_MS);
+            .arg(LINE_TTL_MS)
+            .arg(u8::from(probing));
         let call = inv.invoke_async::<Vec<String>>(&mut conn);
         let reply = match tokio::time::timeout(self.options.response_timeout, call).await {
             Err(_) => return Err(StoreError::Timeout),
@@ -874,15 +879,25 @@ impl RedisShared {
         cost: Cost,
         ticket: i64,
     ) -> SharedTry {
-        if self.is_degraded() || self.mirror.is_seeding(key, group) {
+        if self.is_degraded() {
             return SharedTry::Acquire;
+        }
+        if self.mirror.is_seeding(key, group) {
+            // This process just learned the limits and is writing them to Redis: a waiter in
+            // line keeps its place until they are there (the board wakes it then).
+            return match ticket {
+                0 => SharedTry::Acquire,
+                _ => SharedTry::Wait(LEARN_POLL),
+            };
         }
         let caps = match self.mirror.capacities(key, group) {
             Some(caps) => caps,
             // Limits unknown here: another process may have learned them, or be learning
             // them. While it does, this waiter holds its place in the line (issue 12).
             None if ticket != 0 && self.mirror.lacks_limits(key, group) => {
-                match self.peek(key, group, ticket).await {
+                // Read once: the answer below must match what the script did.
+                let probing = self.mirror.is_probing(key, group);
+                match self.peek(key, group, ticket, probing).await {
                     Ok(Peek::Learned(caps)) => {
                         self.mirror.adopt(key, group, caps);
                         match self.mirror.capacities(key, group) {
@@ -897,6 +912,10 @@ impl RedisShared {
                             "quota board: in line while another node learns the limits"
                         );
                         return SharedTry::Wait(ttl.clamp(Duration::from_millis(1), LEARN_POLL));
+                    }
+                    // This process's probe is out: wait for its answer in line.
+                    Ok(Peek::Learn) if probing => {
+                        return SharedTry::Wait(LEARN_POLL);
                     }
                     // This process learns them: the local probe path.
                     Ok(Peek::Learn) => return SharedTry::Acquire,
@@ -991,7 +1010,7 @@ impl SharedAcquire {
         // Waiting for another process to learn the limits holds a place in the line.
         let mut ticket = self.ticket();
         loop {
-            match shared.peek(key, group, ticket.ticket).await {
+            match shared.peek(key, group, ticket.ticket, false).await {
                 Ok(Peek::Learned(caps)) => {
                     shared.mirror.adopt(key, group, caps);
                     break;
