@@ -1062,3 +1062,69 @@ async fn nodes_with_equal_demand_get_equal_shares_and_a_late_node_is_not_starved
         "no request went over the limit"
     );
 }
+
+/// Issue 12: while a key's limits are being learned, the waiters of every node hold a place
+/// in the key's Redis line — the learner's too (they waited behind its probe in-process and
+/// found the line empty once the limits reached Redis, or, when only the other nodes
+/// queued, let those take the first burst).
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_waits_in_line_while_limits_are_learned() {
+    use tower::ServiceExt;
+    use tower_claude::testing::{MockClaude, MockLimits};
+
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // A slow upstream: the probe is out for a second.
+    let mock = MockClaude::builder()
+        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
+        .latency(Duration::from_millis(1_000), Duration::ZERO)
+        .output_tokens(5)
+        .build();
+    let url = server.url();
+    let send = |svc: Node, name: &'static str| {
+        tokio::spawn(async move {
+            let req = http::Request::post("https://api.anthropic.com/v1/messages")
+                .header("anthropic-version", "2023-06-01")
+                .body(tower_claude::body::RequestBody::from(format!(
+                    r#"{{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{{"role":"user","content":"{name}"}}]}}"#
+                )))
+                .unwrap();
+            let res = svc.oneshot(req).await.expect("no request fails");
+            assert_eq!(res.status(), http::StatusCode::OK);
+        })
+    };
+    let a = pooled_node(&url, "t-learnline:", &mock).await;
+    let b = pooled_node(&url, "t-learnline:", &mock).await;
+    // Node A probes; its second request and node B's wait for the limits.
+    let probe = send(a.clone(), "a-probe");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let a2 = send(a, "a-second");
+    let b1 = send(b, "b-first");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let lines: Vec<String> = redis::cmd("KEYS")
+        .arg("t-learnline:*:line")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lines.len(), 1, "one key, one group: {lines:?}");
+    let waiting: u64 = redis::cmd("ZCARD")
+        .arg(&lines[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 2, "node A's waiter and node B's are in line");
+    for t in [probe, a2, b1] {
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("every request is served")
+            .unwrap();
+    }
+    assert_eq!(mock.stats().rate_limited, 0);
+}
