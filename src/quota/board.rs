@@ -87,8 +87,9 @@ pub struct QuotaBoard {
     pub(super) shared: Option<Arc<super::redis::RedisShared>>,
 }
 
-/// Storage behind the board. Only the in-process backend exists today; a shared (Redis)
-/// backend with atomic acquire / settle scripts plugs in here without changing the public API.
+/// The in-process buckets behind the board: the whole store of a local board, and the
+/// mirror of a Redis board (`QuotaBoard::shared`, whose atomic scripts are the authority;
+/// see `quota::redis`).
 #[derive(Clone)]
 enum Backend {
     Local(Arc<LocalBackend>),

@@ -3,8 +3,8 @@
 //! The mutex is never held across an `.await` or while calling user code; every operation is a
 //! few arithmetic steps, so a plain `std::sync::Mutex` is faster than an async lock here.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -59,9 +59,18 @@ pub(crate) struct Grant {
     pub(crate) answered: bool,
 }
 
+/// How long a request may take to reach the server after it was admitted here: past it, a
+/// request whose answer has not arrived counts as taken by the server (see
+/// [`Ledger::unanswered`]). A non-streaming answer's headers come only with the whole
+/// answer, minutes later for a long one; without this bound its reservation kept the
+/// bucket's refill down all that time (issue 12). It must not be shorter than the real send
+/// delay, or the board may count refill the server lost (`tests/quota_props.rs` sends within
+/// 2 s).
+pub(crate) const SEND_GRACE: Duration = Duration::from_secs(2);
+
 /// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
 /// the server's view without counting work in flight twice).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Ledger {
     /// Units held by grants not settled yet.
     pub(crate) held: [u64; 3],
@@ -74,29 +83,59 @@ pub(crate) struct Ledger {
     /// yet. Its bucket cannot refill above its capacity, so ours does not refill above the
     /// capacity minus these (else a bucket full upstream while our take was on its way would
     /// lose refill there that we would count here: a drift above the server's level).
+    /// A grant leaves them when its answer arrives or [`SEND_GRACE`] after it was taken,
+    /// whichever comes first.
     pub(crate) unanswered: [u64; 3],
+    /// The grants counted in `unanswered`, oldest first: when each was taken and what it
+    /// holds (a grant is known by both: two grants alike are interchangeable here).
+    in_transit: VecDeque<(Instant, [u64; 3])>,
 }
 
 impl Ledger {
-    fn take(&mut self, charged: &[Option<u64>; 3]) {
-        for (i, c) in charged.iter().enumerate() {
-            let c = c.unwrap_or(0);
+    fn take(&mut self, charged: &[Option<u64>; 3], now: Instant) {
+        let amounts = charged.map(|c| c.unwrap_or(0));
+        for (i, c) in amounts.into_iter().enumerate() {
             self.held[i] = self.held[i].saturating_add(c);
             self.unanswered[i] = self.unanswered[i].saturating_add(c);
         }
+        self.in_transit.push_back((now, amounts));
     }
 
-    /// The answer to a grant that held `charged` arrived.
-    fn answer(&mut self, charged: &[Option<u64>; 3]) {
-        for (u, c) in self.unanswered.iter_mut().zip(charged) {
-            *u = u.saturating_sub(c.unwrap_or(0));
+    /// The answer to `grant` arrived (nothing when it left `unanswered` by the grace).
+    fn answer(&mut self, grant: &Grant) {
+        let amounts = grant.charged.map(|c| c.unwrap_or(0));
+        let found = self
+            .in_transit
+            .iter()
+            .position(|(at, a)| *at == grant.at && *a == amounts);
+        if let Some(at) = found {
+            self.in_transit.remove(at);
+            self.leave_transit(amounts);
+        }
+    }
+
+    fn leave_transit(&mut self, amounts: [u64; 3]) {
+        for (u, c) in self.unanswered.iter_mut().zip(amounts) {
+            *u = u.saturating_sub(c);
+        }
+    }
+
+    /// When the oldest grant in transit reaches the server by the grace.
+    fn next_arrival(&self) -> Option<Instant> {
+        self.in_transit.front().map(|(at, _)| *at + SEND_GRACE)
+    }
+
+    /// The oldest grant in transit has had the grace to reach the server.
+    fn arrive_first(&mut self) {
+        if let Some((_, amounts)) = self.in_transit.pop_front() {
+            self.leave_transit(amounts);
         }
     }
 
     /// A grant ends, finally costing `cost` (per bucket).
     fn settle(&mut self, grant: &Grant, cost: [u64; 3]) {
         if !grant.answered {
-            self.answer(&grant.charged);
+            self.answer(grant);
         }
         let charged = &grant.charged;
         for i in 0..3 {
@@ -416,7 +455,7 @@ impl Entry {
         self.outstanding += 1;
         self.last_used = now;
         let (mark, returned) = (self.ledger.settled, self.ledger.returned);
-        self.ledger.take(&charged);
+        self.ledger.take(&charged, now);
         Grant {
             charged,
             probe,
@@ -429,8 +468,17 @@ impl Entry {
     }
 
     /// Refills every bucket, not above its capacity minus the units of grants whose answer
-    /// has not arrived (see [`Ledger::unanswered`]).
+    /// has not arrived (see [`Ledger::unanswered`]). A grant that had the send grace holds
+    /// the ceiling down until then, not after: the refill is taken in steps.
     fn refill(&mut self, now: Instant) {
+        while let Some(at) = self.ledger.next_arrival().filter(|at| *at <= now) {
+            self.refill_below_ceiling(at);
+            self.ledger.arrive_first();
+        }
+        self.refill_below_ceiling(now);
+    }
+
+    fn refill_below_ceiling(&mut self, now: Instant) {
         for (slot, u) in self.slots.iter_mut().zip(self.ledger.unanswered) {
             if let Some(s) = slot {
                 let ceiling = s.bucket.capacity() as f64 - u as f64;
@@ -510,7 +558,7 @@ impl Entry {
     ) {
         self.refill(now);
         if let Some(g) = answered.filter(|g| !g.answered) {
-            self.ledger.answer(&g.charged);
+            self.ledger.answer(g);
         }
         let was_known = self.known();
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
@@ -1077,7 +1125,7 @@ impl LocalBackend {
         let mut st = self.lock();
         if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
             e.refill(now);
-            e.ledger.answer(&grant.charged);
+            e.ledger.answer(grant);
             e.drain(now, None);
         }
     }
@@ -1117,6 +1165,15 @@ impl LocalBackend {
         st.entries
             .get(&(key.clone(), group.clone()))
             .is_some_and(|e| e.seeding)
+    }
+
+    /// Whether this process's probe to learn the limits of `(key, group)` is out.
+    #[cfg(feature = "redis")]
+    pub(crate) fn is_probing(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
+        let st = self.lock();
+        st.entries
+            .get(&(key.clone(), group.clone()))
+            .is_some_and(|e| e.probe_out)
     }
 
     /// The shared store now holds the limits learned for `(key, group)` and the server's view

@@ -76,6 +76,8 @@ use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 
 /// The refill period of every bucket (Anthropic's limits are per minute), in microseconds.
 const PERIOD_US: u64 = 60_000_000;
+/// How long (ms) the hash and the line of a `(key, group)` outlive their last use: two periods.
+const LINE_TTL_MS: u64 = PERIOD_US / 1000 * 2;
 /// Token `remaining` headers are rounded down to thousands.
 const TOKEN_ROUNDING: u64 = 999;
 
@@ -94,199 +96,26 @@ const TOKEN_ROUNDING: u64 = 999;
 /// process, they do not count this process's probe; new buckets start from `remaining`,
 /// which does).
 /// Returns `{status, wait_us, l1, l2, l3}` as strings (`''` for an unknown bucket).
-const SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local mode = ARGV[1]
-local period = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local st = redis.call('HMGET', KEYS[1], 't', 'l1', 'l2', 'l3', 'h1', 'h2', 'h3', 's1', 's2', 's3',
-  'r1', 'r2', 'r3')
-local last = tonumber(st[1])
--- The ledger of upward reconciliation: units held by grants in flight, units settled grants
--- finally cost, units settled grants gave back (both monotonic).
-local held = {}
-local settled = {}
-local returned = {}
-for i = 1, 3 do
-  held[i] = tonumber(st[4 + i]) or 0
-  settled[i] = tonumber(st[7 + i]) or 0
-  returned[i] = tonumber(st[10 + i]) or 0
-end
-local caps = {}
-local levels = {}
-for i = 1, 3 do
-  local cap = tonumber(ARGV[3 + i])
-  if cap >= 0 then
-    local l = tonumber(st[i + 1])
-    if l == nil then
-      l = cap
-    elseif last ~= nil and now > last and cap > 0 then
-      l = l + (now - last) * cap / period
-    end
-    if l > cap then l = cap end
-    if l < -cap then l = -cap end
-    caps[i] = cap
-    levels[i] = l
-  end
-end
-local function out(status, wait)
-  local r = {status, string.format('%.0f', math.ceil(wait))}
-  for i = 1, 3 do
-    if levels[i] then r[#r + 1] = string.format('%.6f', levels[i]) else r[#r + 1] = '' end
-  end
-  for i = 1, 3 do r[#r + 1] = string.format('%.0f', settled[i]) end
-  for i = 1, 3 do r[#r + 1] = string.format('%.0f', returned[i]) end
-  return r
-end
-local function save(with_caps)
-  local fields = {'t', string.format('%.0f', now)}
-  for i = 1, 3 do
-    if levels[i] then
-      fields[#fields + 1] = 'l' .. i
-      fields[#fields + 1] = string.format('%.6f', levels[i])
-      -- Capacities go with headers, and with a hash this call creates (it had expired).
-      if with_caps or last == nil then
-        fields[#fields + 1] = 'c' .. i
-        fields[#fields + 1] = string.format('%.0f', caps[i])
-      end
-    end
-    fields[#fields + 1] = 'h' .. i
-    fields[#fields + 1] = string.format('%.0f', held[i])
-    fields[#fields + 1] = 's' .. i
-    fields[#fields + 1] = string.format('%.0f', settled[i])
-    fields[#fields + 1] = 'r' .. i
-    fields[#fields + 1] = string.format('%.0f', returned[i])
-  end
-  redis.call('HSET', KEYS[1], unpack(fields))
-  redis.call('PEXPIRE', KEYS[1], ttl)
-end
-if mode == 'acquire' then
-  local wait = 0
-  for i = 1, 3 do
-    if levels[i] then
-      local n = tonumber(ARGV[6 + i])
-      if n > caps[i] then return out('large', 0) end
-      if n > levels[i] then
-        local w = (n - levels[i]) * period / caps[i]
-        if w > wait then wait = w end
-      end
-    end
-  end
-  -- Arrival order across processes: a waiter holds a ticket (ARGV[10], '0': none) in the
-  -- line KEYS[2] (score: arrival) and KEYS[3] (score: last seen); tickets not seen for
-  -- ARGV[11] µs are dropped. Nobody takes quota while an older ticket waits.
-  local ticket = ARGV[10] or '0'
-  if ticket ~= '0' then
-    local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[11]))
-    for _, m in ipairs(gone) do
-      redis.call('ZREM', KEYS[2], m)
-      redis.call('ZREM', KEYS[3], m)
-    end
-    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-    if wait > 0 or (head and head ~= ticket) then
-      redis.call('ZADD', KEYS[2], 'NX', now, ticket)
-      redis.call('ZADD', KEYS[3], now, ticket)
-      redis.call('PEXPIRE', KEYS[2], ttl)
-      redis.call('PEXPIRE', KEYS[3], ttl)
-      if head and head ~= ticket and wait < 20000 then wait = 20000 end
-      return out('wait', wait)
-    end
-    redis.call('ZREM', KEYS[2], ticket)
-    redis.call('ZREM', KEYS[3], ticket)
-  end
-  if wait > 0 then return out('wait', wait) end
-  for i = 1, 3 do
-    if levels[i] then
-      levels[i] = levels[i] - tonumber(ARGV[6 + i])
-      held[i] = held[i] + tonumber(ARGV[6 + i])
-    end
-  end
-  local r = out('ok', 0)
-  save()
-  return r
-elseif mode == 'settle' then
-  for i = 1, 3 do
-    if levels[i] then
-      local l = levels[i] + tonumber(ARGV[6 + i])
-      if l > caps[i] then l = caps[i] end
-      -- A debt is bounded by one capacity (as in the in-process bucket).
-      if l < -caps[i] then l = -caps[i] end
-      levels[i] = l
-    end
-    -- charged (ARGV 10..12) leaves the held units; the final cost (13..15) is settled.
-    local c = tonumber(ARGV[9 + i] or '0')
-    local cost = tonumber(ARGV[12 + i] or '0')
-    held[i] = math.max(0, held[i] - c)
-    settled[i] = settled[i] + cost
-    returned[i] = returned[i] + math.max(0, c - cost)
-  end
-  save()
-  return out('ok', 0)
-elseif mode == 'observe' or mode == 'seed' then
-  if mode == 'seed' and last ~= nil then
-    -- Another process created these buckets: they do not count this process's probe.
-    for i = 1, 3 do
-      if levels[i] then levels[i] = levels[i] - tonumber(ARGV[12 + i]) end
-    end
-  end
-  for i = 1, 3 do
-    local r = tonumber(ARGV[6 + i])
-    -- The answer to a grant (ARGV[16] = 1) may predate what settled grants gave back since
-    -- it was taken (its returned mark: ARGV 23..25) and the refill since (ARGV[26] µs ago):
-    -- only a level above that too proves that someone else used the quota.
-    local slack = 0
-    if ARGV[16] == '1' and levels[i] then
-      slack = math.max(0, returned[i] - tonumber(ARGV[22 + i]))
-        + math.min(caps[i], tonumber(ARGV[26]) * caps[i] / period)
-    end
-    if levels[i] and r >= 0 and levels[i] > r + tonumber(ARGV[9 + i]) + slack then
-      levels[i] = r
-    end
-    -- Upward reconciliation (ARGV[16] = 1): the answer to a grant whose mark is ARGV 17..19
-    -- and which holds ARGV 27..29 showed `r` left in a bucket of the same limit (ARGV 20..22
-    -- = 1): at least r - (held - its own) - (settled - mark) is there (the server took that
-    -- grant before it answered).
-    if ARGV[16] == '1' and levels[i] and r >= 0 and ARGV[19 + i] == '1' then
-      local since = math.max(0, settled[i] - tonumber(ARGV[16 + i]))
-      local others = math.max(0, held[i] - tonumber(ARGV[26 + i] or '0'))
-      local floor = r - others - since
-      if floor > levels[i] then levels[i] = math.min(floor, caps[i]) end
-    end
-  end
-  save(true)
-  return out('ok', 0)
-end
-return redis.error_reply('unknown mode')
-"#;
+const SCRIPT: &str = include_str!("lua/acquire.lua");
 
 /// Looks for the capacities another process learned, else takes the learning lock.
 ///
-/// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock. `ARGV[1]`: this process's
-/// token, `ARGV[2]`: the lock's time to live (ms). Returns `{status, wait_us, c1, c2, c3}`:
-/// `ok` with the stored capacities; `learn` when this process holds the lock (it sends the one
-/// request that learns the limits); `wait` with the lock's remaining time to live (µs, like
-/// every reply's wait) when another process holds it.
-const PEEK_SCRIPT: &str = r#"
-local c = redis.call('HMGET', KEYS[1], 'c1', 'c2', 'c3')
-if c[1] or c[2] or c[3] then
-  return {'ok', '0', c[1] or '', c[2] or '', c[3] or ''}
-end
-local holder = redis.call('GET', KEYS[2])
-if holder == ARGV[1] or redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {'learn', '0', '', '', ''}
-end
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl < 0 then ttl = 0 end
-return {'wait', string.format('%.0f', ttl * 1000), '', '', ''}
-"#;
+/// `KEYS[1]`: the `(key, group)` hash; `KEYS[2]`: its learning lock; `KEYS[3]` / `KEYS[4]`: its
+/// line and the line's last-seen times (as in [`SCRIPT`]). `ARGV[1]`: this process's token,
+/// `ARGV[2]`: the lock's time to live (ms), `ARGV[3]`: the waiter's ticket (`0`: none),
+/// `ARGV[4]`: the line's time to live (ms), `ARGV[5]`: `1` when this process's probe is out
+/// (a waiter told `learn` then queues too: it waits for that probe).
+/// Returns `{status, wait_us, c1, c2, c3}`: `ok` with the stored capacities; `learn` when this
+/// process holds the lock (it sends the one request that learns the limits); `wait` with the
+/// lock's remaining time to live (µs, like every reply's wait) when another process holds it.
+/// A waiter told to wait takes its place in the line now (issue 12: waiters of the nodes that
+/// did not learn the limits arrived as early as the learner's, and must not find the line
+/// empty when the limits appear).
+const PEEK_SCRIPT: &str = include_str!("lua/peek.lua");
 
 /// Takes ticket `ARGV[1]` out of the line `KEYS[1]` / `KEYS[2]` (a waiter served elsewhere
 /// or gone).
-const LEAVE_SCRIPT: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[1])
-return redis.call('ZREM', KEYS[2], ARGV[1])
-"#;
+const LEAVE_SCRIPT: &str = include_str!("lua/leave.lua");
 
 /// A ticket not seen for this long leaves the line (its process died or moved on); waiters
 /// holding one look again at least every [`TICKET_REFRESH`].
@@ -294,12 +123,7 @@ const TICKET_STALE: Duration = Duration::from_secs(2);
 const TICKET_REFRESH: Duration = Duration::from_millis(500);
 
 /// Releases the learning lock `KEYS[1]` if this process (`ARGV[1]`) still holds it.
-const UNLOCK_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
+const UNLOCK_SCRIPT: &str = include_str!("lua/unlock.lua");
 
 /// How often a process waiting for another one to learn the limits asks Redis again.
 const LEARN_POLL: Duration = Duration::from_millis(50);
@@ -680,15 +504,30 @@ impl RedisShared {
 
     /// The capacities another process learned for `(key, group)`, else whether this process
     /// may learn them (it holds the learning lock) or must wait for another.
-    async fn peek(&self, key: &KeyId, group: &RateLimitGroup) -> Result<Peek, StoreError> {
+    /// A waiter told to wait holds `ticket` (`0`: none) in the line of `(key, group)`, and
+    /// so does one told to learn when `probing` (this process's probe is out already: it
+    /// waits for that probe).
+    async fn peek(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        ticket: i64,
+        probing: bool,
+    ) -> Result<Peek, StoreError> {
         let Some(mut conn) = self.connection() else {
             return Err(StoreError::NotConnected);
         };
         let ttl = u64::try_from(self.options.learn_lock_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut inv = self.peek_script.key(self.redis_key(key, group));
+        let bucket = self.redis_key(key, group);
+        let mut inv = self.peek_script.key(&bucket);
         inv.key(self.learn_lock_key(key, group))
+            .key(format!("{bucket}:line"))
+            .key(format!("{bucket}:seen"))
             .arg(&self.token)
-            .arg(ttl);
+            .arg(ttl)
+            .arg(ticket)
+            .arg(LINE_TTL_MS)
+            .arg(u8::from(probing));
         let call = inv.invoke_async::<Vec<String>>(&mut conn);
         let reply = match tokio::time::timeout(self.options.response_timeout, call).await {
             Err(_) => return Err(StoreError::Timeout),
@@ -746,7 +585,7 @@ impl RedisShared {
         let mut inv = self.script.key(&bucket);
         inv.key(format!("{bucket}:line"))
             .key(format!("{bucket}:seen"));
-        inv.arg(mode).arg(PERIOD_US).arg(PERIOD_US / 1000 * 2);
+        inv.arg(mode).arg(PERIOD_US).arg(LINE_TTL_MS);
         for cap in caps {
             inv.arg(cap_arg(*cap));
         }
@@ -1040,11 +879,53 @@ impl RedisShared {
         cost: Cost,
         ticket: i64,
     ) -> SharedTry {
-        if self.is_degraded() || self.mirror.is_seeding(key, group) {
+        if self.is_degraded() {
             return SharedTry::Acquire;
         }
-        let Some(caps) = self.mirror.capacities(key, group) else {
-            return SharedTry::Acquire;
+        if self.mirror.is_seeding(key, group) {
+            // This process just learned the limits and is writing them to Redis: a waiter in
+            // line keeps its place until they are there (the board wakes it then).
+            return match ticket {
+                0 => SharedTry::Acquire,
+                _ => SharedTry::Wait(LEARN_POLL),
+            };
+        }
+        let caps = match self.mirror.capacities(key, group) {
+            Some(caps) => caps,
+            // Limits unknown here: another process may have learned them, or be learning
+            // them. While it does, this waiter holds its place in the line (issue 12).
+            None if ticket != 0 && self.mirror.lacks_limits(key, group) => {
+                // Read once: the answer below must match what the script did.
+                let probing = self.mirror.is_probing(key, group);
+                match self.peek(key, group, ticket, probing).await {
+                    Ok(Peek::Learned(caps)) => {
+                        self.mirror.adopt(key, group, caps);
+                        match self.mirror.capacities(key, group) {
+                            Some(caps) => caps,
+                            None => return SharedTry::Acquire,
+                        }
+                    }
+                    Ok(Peek::Wait(ttl)) => {
+                        tracing::debug!(
+                            key = %key,
+                            group = %group,
+                            "quota board: in line while another node learns the limits"
+                        );
+                        return SharedTry::Wait(ttl.clamp(Duration::from_millis(1), LEARN_POLL));
+                    }
+                    // This process's probe is out: wait for its answer in line.
+                    Ok(Peek::Learn) if probing => {
+                        return SharedTry::Wait(LEARN_POLL);
+                    }
+                    // This process learns them: the local probe path.
+                    Ok(Peek::Learn) => return SharedTry::Acquire,
+                    Err(e) => {
+                        self.mark_down(&e);
+                        return SharedTry::Acquire;
+                    }
+                }
+            }
+            None => return SharedTry::Acquire,
         };
         let a = self.mirror.amounts(key, group, &cost);
         let args = acquire_args(&a, ticket);
@@ -1126,14 +1007,17 @@ impl SharedAcquire {
     /// limits to appear (or for the lock to be released or to expire, then try again).
     async fn adopt_then_run(self) -> Option<Result<Reservation, AcquireError>> {
         let (shared, key, group) = (&self.shared, &self.key, &self.group);
+        // Waiting for another process to learn the limits holds a place in the line.
+        let mut ticket = self.ticket();
         loop {
-            match shared.peek(key, group).await {
+            match shared.peek(key, group, ticket.ticket, false).await {
                 Ok(Peek::Learned(caps)) => {
                     shared.mirror.adopt(key, group, caps);
                     break;
                 }
                 Ok(Peek::Learn) => return None,
                 Ok(Peek::Wait(ttl)) => {
+                    ticket.queued = true;
                     // This process may have learned them meanwhile (its own probe).
                     if shared.mirror.capacities(key, group).is_some() {
                         break;
@@ -1158,12 +1042,24 @@ impl SharedAcquire {
                 }
             }
         }
-        Some(self.run().await)
+        Some(self.run(ticket).await)
+    }
+
+    /// A new place in the line across processes, left when dropped.
+    fn ticket(&self) -> Leave {
+        Leave {
+            shared: self.shared.clone(),
+            key: self.key.clone(),
+            group: self.group.clone(),
+            ticket: new_ticket(),
+            queued: false,
+        }
     }
 
     /// Takes in Redis, or waits as long as Redis says (or until a local refund), or falls
-    /// back to local buckets when Redis is down.
-    async fn run(self) -> Result<Reservation, AcquireError> {
+    /// back to local buckets when Redis is down. `ticket`: this acquire's place in the line
+    /// across processes; left when it ends either way.
+    async fn run(self, mut ticket: Leave) -> Result<Reservation, AcquireError> {
         let Self {
             shared,
             board,
@@ -1173,14 +1069,6 @@ impl SharedAcquire {
             deadline,
             tenant,
         } = self;
-        // This acquire's place in the line across processes; left when it ends either way.
-        let mut ticket = Leave {
-            shared: shared.clone(),
-            key: key.clone(),
-            group: group.clone(),
-            ticket: new_ticket(),
-            queued: false,
-        };
         loop {
             if shared.is_degraded() {
                 if shared.options.fail_closed {
@@ -1312,7 +1200,10 @@ pub(crate) fn poll_remote(
             tenant: tenant.cloned(),
         };
         let fut: RemoteAcquire = if shared.is_degraded() {
-            Box::pin(async move { Some(job.run().await) })
+            Box::pin(async move {
+                let ticket = job.ticket();
+                Some(job.run(ticket).await)
+            })
         } else if shared.mirror.capacities(key, group).is_none() {
             // Limits unknown here: ask the store once whether another process learned them;
             // else (or after an answer without limits) the probe gate of the mirror.
@@ -1326,7 +1217,10 @@ pub(crate) fn poll_remote(
             // mirror's queue, which releases to this path.
             return None;
         } else {
-            Box::pin(async move { Some(job.run().await) })
+            Box::pin(async move {
+                let ticket = job.ticket();
+                Some(job.run(ticket).await)
+            })
         };
         remote.fut = Some(fut);
     }
