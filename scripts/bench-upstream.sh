@@ -1,4 +1,5 @@
-# Shared by scripts/bench-proxy.sh and scripts/callgrind-proxy.sh (sourced, not run): free
+# Shared by scripts/bench-proxy.sh, scripts/callgrind-proxy.sh and scripts/callgrind-miss.sh
+# (sourced, not run): free
 # loopback ports, waiting for a listener, and the nginx upstream that answers
 # POST /v1/messages at once with a static Anthropic answer and `anthropic-ratelimit-*`
 # headers (limits that never bind).
@@ -29,7 +30,9 @@ wait_port() {
   return 1
 }
 
-bench_answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
+# The model is the one the load drivers ask for (benches/proxy/distinct.lua, drive.py), so a
+# caching proxy stores the answer under the requested model, as with a real upstream.
+bench_answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
 
 # upstream_server PORT: the upstream's `server { }` block, for an nginx `http { }` block.
 upstream_server() {

@@ -39,64 +39,15 @@ fi
 PROXY_BIN="$(realpath "$PROXY_BIN")"
 DRIVE="$(realpath benches/proxy/drive.py)"
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
+# shellcheck source=scripts/bench-upstream.sh
+. scripts/bench-upstream.sh
+bench_setup
 
 up_port=$(free_port)
-answer='{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}'
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<NGINX
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$up_port;
-    client_body_buffer_size 64k;
-    location / {
-      default_type application/json;
-      add_header request-id req_bench always;
-      add_header anthropic-ratelimit-requests-limit 1000000000 always;
-      add_header anthropic-ratelimit-requests-remaining 999999999 always;
-      add_header anthropic-ratelimit-requests-reset 2030-01-01T00:00:00Z always;
-      add_header anthropic-ratelimit-input-tokens-limit 1000000000000 always;
-      add_header anthropic-ratelimit-input-tokens-remaining 999999999000 always;
-      add_header anthropic-ratelimit-input-tokens-reset 2030-01-01T00:00:00Z always;
-      add_header anthropic-ratelimit-output-tokens-limit 1000000000000 always;
-      add_header anthropic-ratelimit-output-tokens-remaining 999999999000 always;
-      add_header anthropic-ratelimit-output-tokens-reset 2030-01-01T00:00:00Z always;
-      return 200 '$answer';
-    }
-  }
-}
-NGINX
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+write_upstream_conf "$work/nginx" "$up_port" >"$work/nginx.conf"
+nginx -c "$work/nginx.conf" -g 'daemon off;' &
 pids+=($!)
-wait_port "$up_port"
+wait_port "$up_port" 1200
 
 echo "claude-proxy: $PROXY_BIN; $WARMUP warm-up + $COUNT counted distinct requests per row"
 printf '%-24s %14s %10s\n' config instr/request x_first
@@ -120,7 +71,7 @@ for entry in "${configs[@]}"; do
       >"$dir/log" 2>&1) &
   pid=$!
   pids+=("$pid")
-  wait_port "$port"
+  wait_port "$port" 1200
   python3 "$DRIVE" "$port" "$WARMUP" 0
   callgrind_control -z "$pid" >/dev/null 2>&1
   python3 "$DRIVE" "$port" "$COUNT" "$WARMUP"
