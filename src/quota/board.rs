@@ -18,6 +18,9 @@ use super::types::{Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 use crate::tenant::Tenant;
 
+#[cfg(feature = "redis")]
+use super::redis::{self, RedisOptions, RedisSetupError, RedisShared, RedisStatus};
+
 /// The default time after which an idle, full entry is forgotten.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -81,37 +84,14 @@ pub struct QuotaBoard {
     backend: Backend,
     /// Prompt-cache prefixes and cache-token totals (see [`QuotaBoard::prompt_cache`]).
     prompt_cache: PromptCacheMemory,
-    /// The Redis store: the authority for limited `(key, group)`s; `backend` then mirrors its
-    /// levels for the read views and runs the probes that learn unknown limits.
-    #[cfg(feature = "redis")]
-    pub(super) shared: Option<Arc<super::redis::RedisShared>>,
-}
-
-/// The in-process buckets behind the board: the whole store of a local board, and the
-/// mirror of a Redis board (`QuotaBoard::shared`, whose atomic scripts are the authority;
-/// see `quota::redis`).
-#[derive(Clone)]
-enum Backend {
-    Local(Arc<LocalBackend>),
 }
 
 impl fmt::Debug for QuotaBoard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        #[cfg(feature = "redis")]
-        let name = if self.shared.is_some() {
-            "redis"
-        } else {
-            "local"
-        };
-        #[cfg(not(feature = "redis"))]
-        let name = "local";
-        match &self.backend {
-            Backend::Local(b) => f
-                .debug_struct("QuotaBoard")
-                .field("backend", &name)
-                .field("entries", &b.len())
-                .finish(),
-        }
+        f.debug_struct("QuotaBoard")
+            .field("backend", &self.backend.name())
+            .field("entries", &self.len())
+            .finish()
     }
 }
 
@@ -192,10 +172,57 @@ impl QuotaBoardBuilder {
     /// Builds the board with the in-process backend.
     pub fn build(self) -> QuotaBoard {
         let capacity = self.prompt_cache_capacity;
-        QuotaBoard::from_local(Arc::new(self.local_backend())).with_prompt_cache_capacity(capacity)
+        QuotaBoard::with_backend(Backend::Local(Arc::new(self.local_backend())))
+            .with_prompt_cache_capacity(capacity)
     }
 
-    pub(super) fn local_backend(self) -> LocalBackend {
+    /// Builds a board whose buckets live in Redis at `url` (`redis://host:port/db`), shared
+    /// with every process that uses the same Redis and key prefix. See the
+    /// [`quota::redis`](crate::quota::redis) notes on the `redis` feature.
+    ///
+    /// Connects once (within the connect timeout). An unreachable server is not an error: the
+    /// board starts on local limits (or refusing, when failing closed) and switches to Redis
+    /// when a background probe reaches it. Must be called within a Tokio runtime.
+    ///
+    /// Errors: [`InvalidUrl`](crate::quota::RedisSetupErrorKind::InvalidUrl).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub async fn build_redis(
+        self,
+        url: &str,
+        options: RedisOptions,
+    ) -> Result<QuotaBoard, RedisSetupError> {
+        // The board used while Redis is down: this process's share of every limit.
+        let share = options.share();
+        let fallback = QuotaBoardBuilder {
+            limits: self
+                .limits
+                .iter()
+                .map(|(g, l)| (g.clone(), redis::share_of(*l, share)))
+                .collect(),
+            key_limits: self
+                .key_limits
+                .iter()
+                .map(|(k, l)| (k.clone(), redis::share_of(*l, share)))
+                .collect(),
+            default_limits: self.default_limits.map(|l| redis::share_of(l, share)),
+            idle_timeout: self.idle_timeout,
+            local_share: self.local_share * share,
+            prompt_cache_capacity: self.prompt_cache_capacity,
+        }
+        .build();
+        let capacity = self.prompt_cache_capacity;
+        let mirror = Arc::new(
+            self.local_backend()
+                .mirroring()
+                .with_changes(fallback.changes()),
+        );
+        let shared = RedisShared::connect(url, options, mirror.clone(), fallback).await?;
+        Ok(QuotaBoard::with_backend(Backend::Redis { mirror, shared })
+            .with_prompt_cache_capacity(capacity))
+    }
+
+    fn local_backend(self) -> LocalBackend {
         LocalBackend::new(
             self.limits,
             self.key_limits,
@@ -212,12 +239,25 @@ impl QuotaBoard {
         Self::builder().build()
     }
 
-    pub(super) fn from_local(local: Arc<LocalBackend>) -> Self {
+    /// A board with no configured limits whose buckets live in Redis at `url`; see
+    /// [`QuotaBoardBuilder::build_redis`] (to configure limits too).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub async fn redis(url: &str, options: RedisOptions) -> Result<QuotaBoard, RedisSetupError> {
+        QuotaBoard::builder().build_redis(url, options).await
+    }
+
+    /// The state of the Redis backend (`None` for an in-process board).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis_status(&self) -> Option<RedisStatus> {
+        self.backend.redis_status()
+    }
+
+    fn with_backend(backend: Backend) -> Self {
         Self {
-            backend: Backend::Local(local),
+            backend,
             prompt_cache: PromptCacheMemory::default(),
-            #[cfg(feature = "redis")]
-            shared: None,
         }
     }
 
@@ -233,19 +273,13 @@ impl QuotaBoard {
     /// settle, a refund, new headers, a cancelled waiter), for waiters outside the board's
     /// own queues. Register (`Notified::enable`) before checking, then wait.
     pub(crate) fn changes(&self) -> Arc<tokio::sync::Notify> {
-        match &self.backend {
-            Backend::Local(b) => b.changes(),
-        }
+        self.backend.local().changes()
     }
 
     /// Whether quota is taken in a shared store now (Redis reachable): a synchronous
     /// [`try_acquire`](Self::try_acquire) cannot decide there.
     pub(crate) fn is_remote(&self) -> bool {
-        #[cfg(feature = "redis")]
-        if self.shared.is_some() {
-            return self.degraded().is_none();
-        }
-        false
+        self.backend.is_remote()
     }
 
     /// One look at the shared (Redis) buckets of `(key, group)`, without waiting: for a layer
@@ -257,25 +291,20 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: Cost,
         ticket: i64,
-    ) -> super::redis::SharedTry {
-        match &self.shared {
-            Some(shared) => shared.try_once(self, key, group, cost, ticket).await,
-            None => super::redis::SharedTry::Acquire,
+    ) -> redis::SharedTry {
+        match &self.backend {
+            Backend::Local(_) => redis::SharedTry::Acquire,
+            Backend::Redis { shared, .. } => shared.try_once(self, key, group, cost, ticket).await,
         }
     }
 
     /// Takes `ticket` out of the Redis line of `(key, group)` (in the background).
     #[cfg(feature = "redis")]
     pub(crate) fn leave_line(&self, key: &KeyId, group: &RateLimitGroup, ticket: i64) {
-        if let Some(shared) = &self.shared {
-            shared.leave(key, group, ticket);
+        match &self.backend {
+            Backend::Local(_) => {}
+            Backend::Redis { shared, .. } => shared.leave(key, group, ticket),
         }
-    }
-
-    /// The board read while the Redis store is unreachable (its local fallback).
-    #[cfg(feature = "redis")]
-    fn degraded(&self) -> Option<&QuotaBoard> {
-        self.shared.as_ref().and_then(|s| s.degraded_board())
     }
 
     /// A builder.
@@ -293,55 +322,36 @@ impl QuotaBoard {
     /// Sets the configured limits of `group` (for every key); existing entries are resized and
     /// waiters re-checked.
     pub fn set_limits(&self, group: RateLimitGroup, limits: Limits) {
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            shared
-                .fallback()
-                .set_limits(group.clone(), shared.share_of(limits));
+        if let Some(fallback) = self.backend.fallback() {
+            fallback.set_limits(group.clone(), self.backend.share_of(limits));
         }
-        match &self.backend {
-            Backend::Local(b) => b.set_limits(group, limits),
-        }
+        self.backend.local().set_limits(group, limits);
     }
 
     /// Sets the configured limits of one key in `group` (over the group's limits).
     pub fn set_key_limits(&self, key: KeyId, group: RateLimitGroup, limits: Limits) {
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            shared
-                .fallback()
-                .set_key_limits(key.clone(), group.clone(), shared.share_of(limits));
+        if let Some(fallback) = self.backend.fallback() {
+            fallback.set_key_limits(key.clone(), group.clone(), self.backend.share_of(limits));
         }
-        match &self.backend {
-            Backend::Local(b) => b.set_key_limits(key, group, limits),
-        }
+        self.backend.local().set_key_limits(key, group, limits);
     }
 
     /// Sets the limits of every group without limits of its own.
     pub fn set_default_limits(&self, limits: Limits) {
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            shared
-                .fallback()
-                .set_default_limits(shared.share_of(limits));
+        if let Some(fallback) = self.backend.fallback() {
+            fallback.set_default_limits(self.backend.share_of(limits));
         }
-        match &self.backend {
-            Backend::Local(b) => b.set_default_limits(limits),
-        }
+        self.backend.local().set_default_limits(limits);
     }
 
     /// The configured limits of `group` (`None`: learned from headers).
     pub fn limits(&self, group: &RateLimitGroup) -> Option<Limits> {
-        match &self.backend {
-            Backend::Local(b) => b.limits(None, group),
-        }
+        self.backend.local().limits(None, group)
     }
 
     /// The configured limits of `key` in `group`: its own, else the group's.
     pub fn key_limits(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
-        match &self.backend {
-            Backend::Local(b) => b.limits(Some(key), group),
-        }
+        self.backend.local().limits(Some(key), group)
     }
 
     /// Takes `cost` now if it fits and nobody is queued ahead.
@@ -355,8 +365,7 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: Cost,
     ) -> Result<Reservation, AcquireError> {
-        #[cfg(feature = "redis")]
-        if let Some(fallback) = self.degraded() {
+        if let Some(fallback) = self.backend.degraded() {
             return fallback.try_acquire(key, group, cost);
         }
         match self.try_acquire_inner(key, group, &cost) {
@@ -371,15 +380,7 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: &Cost,
     ) -> Result<Grant, Check> {
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            if let Some(check) = shared.try_acquire_check(self, key, group, cost) {
-                return Err(check);
-            }
-        }
-        match &self.backend {
-            Backend::Local(b) => b.try_acquire(key, group, cost),
-        }
+        self.backend.try_acquire(key, group, cost)
     }
 
     /// `err` (a [`RequestTooLarge`](AcquireErrorKind::RequestTooLarge) of its key and group)
@@ -447,7 +448,6 @@ impl QuotaBoard {
             started: None,
             state: AcquireState::Start,
             sleep: None,
-            #[cfg(feature = "redis")]
             remote: Default::default(),
         }
     }
@@ -461,13 +461,7 @@ impl QuotaBoard {
     pub fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
         #[cfg(test)]
         observations::count();
-        match &self.backend {
-            Backend::Local(b) => b.observe(key, group, snapshot),
-        }
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            shared.observe(self, key, group, snapshot);
-        }
+        self.backend.observe(key, group, snapshot);
     }
 
     /// [`observe`](Self::observe) for the answer to the request that holds `grant`.
@@ -480,46 +474,24 @@ impl QuotaBoard {
     ) {
         #[cfg(test)]
         observations::count();
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            if grant.origin == Origin::Shared {
-                match &self.backend {
-                    Backend::Local(b) => b.observe(key, group, snapshot),
-                }
-                shared.observe_answer(self, key, group, snapshot, Some(grant));
-                return;
-            }
-        }
-        match &self.backend {
-            Backend::Local(b) => b.observe_answer(key, group, snapshot, Some(grant)),
-        }
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            shared.observe(self, key, group, snapshot);
-        }
+        self.backend.observe_answer(key, group, snapshot, grant);
     }
 
     /// The headroom of `(key, group)`: per bucket remaining and fraction, the binding
     /// fraction, time until full. `None` when no limit is known yet (neither configured nor
     /// learned).
     pub fn headroom(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Headroom> {
-        #[cfg(feature = "redis")]
-        if let Some(fallback) = self.degraded() {
-            return fallback.headroom(key, group);
-        }
-        match &self.backend {
-            Backend::Local(b) => b.headroom(key, group),
+        match self.backend.degraded() {
+            Some(fallback) => fallback.headroom(key, group),
+            None => self.backend.local().headroom(key, group),
         }
     }
 
     /// Whether `cost` would be admitted right now (fits every known bucket, nobody queued).
     pub fn fits_now(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> bool {
-        #[cfg(feature = "redis")]
-        if let Some(fallback) = self.degraded() {
-            return fallback.fits_now(key, group, cost);
-        }
-        match &self.backend {
-            Backend::Local(b) => b.fits_now(key, group, cost),
+        match self.backend.degraded() {
+            Some(fallback) => fallback.fits_now(key, group, cost),
+            None => self.backend.local().fits_now(key, group, cost),
         }
     }
 
@@ -531,21 +503,16 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: &Cost,
     ) -> Option<Duration> {
-        #[cfg(feature = "redis")]
-        if let Some(fallback) = self.degraded() {
-            return fallback.time_until_fits(key, group, cost);
-        }
-        match &self.backend {
-            Backend::Local(b) => b.time_until_fits(key, group, cost),
+        match self.backend.degraded() {
+            Some(fallback) => fallback.time_until_fits(key, group, cost),
+            None => self.backend.local().time_until_fits(key, group, cost),
         }
     }
 
     /// Every `(key, group)` the board holds, sorted by key then group, with its prompt-cache
     /// token totals.
     pub fn statuses(&self) -> Vec<QuotaStatus> {
-        let mut statuses = match &self.backend {
-            Backend::Local(b) => b.statuses(),
-        };
+        let mut statuses = self.backend.local().statuses();
         for s in &mut statuses {
             s.prompt_cache = self.prompt_cache.usage(&s.key, &s.group);
         }
@@ -561,9 +528,7 @@ impl QuotaBoard {
 
     /// The number of `(key, group)` entries held.
     pub fn len(&self) -> usize {
-        match &self.backend {
-            Backend::Local(b) => b.len(),
-        }
+        self.backend.local().len()
     }
 
     /// Whether the board holds no entry.
@@ -573,24 +538,18 @@ impl QuotaBoard {
 
     /// Evicts idle entries now (this also happens automatically as entries are added).
     pub fn evict_idle(&self) {
-        match &self.backend {
-            Backend::Local(b) => b.evict_idle(),
-        }
+        self.backend.local().evict_idle()
     }
 
     /// Whether two handles share the same state.
     pub fn same_board(&self, other: &QuotaBoard) -> bool {
-        match (&self.backend, &other.backend) {
-            (Backend::Local(a), Backend::Local(b)) => Arc::ptr_eq(a, b),
-        }
+        Arc::ptr_eq(self.backend.local(), other.backend.local())
     }
 
     /// The mark a layer leaves on a response whose rate-limit headers it fed into this board
     /// (see [`ObservedOn`]).
     pub(crate) fn observed_mark(&self) -> ObservedOn {
-        match &self.backend {
-            Backend::Local(b) => ObservedOn(Arc::as_ptr(b) as usize),
-        }
+        ObservedOn(Arc::as_ptr(self.backend.local()) as usize)
     }
 
     /// Whether the response whose extensions are `extensions` had its rate-limit headers fed
@@ -600,31 +559,206 @@ impl QuotaBoard {
     }
 
     fn settle_grant(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant, outcome: Outcome) {
-        if grant.origin == Origin::Shared {
+        self.backend.settle(key, group, grant, outcome);
+    }
+}
+
+/// The store behind a [`QuotaBoard`]: every operation that depends on it is dispatched here,
+/// in one `match`, so that the board reads as one code path.
+///
+/// Both variants keep in-process buckets ([`Backend::local`]): the whole store of a local
+/// board, and the mirror of a Redis board (whose atomic scripts are the authority for
+/// limited `(key, group)`s; the mirror serves the read views and runs the probes that learn
+/// unknown limits; see `quota::redis`).
+#[derive(Clone)]
+enum Backend {
+    /// The in-process store.
+    Local(Arc<LocalBackend>),
+    /// The Redis store and its in-process mirror.
+    #[cfg(feature = "redis")]
+    Redis {
+        mirror: Arc<LocalBackend>,
+        shared: Arc<RedisShared>,
+    },
+}
+
+/// The Redis side of one [`Acquire`] (nothing without the `redis` feature).
+#[cfg(feature = "redis")]
+type RemoteState = redis::RemoteState;
+/// The Redis side of one [`Acquire`] (nothing without the `redis` feature).
+#[cfg(not(feature = "redis"))]
+type RemoteState = ();
+
+impl Backend {
+    /// Its name in `Debug` output.
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Local(_) => "local",
             #[cfg(feature = "redis")]
-            if let Some(shared) = &self.shared {
-                shared.settle(key, group, grant, outcome);
-                match &self.backend {
-                    Backend::Local(mirror) => mirror.track_shared(key, group, false),
-                }
-            }
-            return;
+            Backend::Redis { .. } => "redis",
         }
-        match &self.backend {
-            Backend::Local(b) => {
-                b.settle(key, group, grant, outcome);
-                // A probe that taught nothing (no headers, an error, dropped) gives up the
-                // right to learn the limits; one that did gives it up once Redis holds them.
-                #[cfg(feature = "redis")]
-                if let (true, Some(shared)) = (grant.probe, &self.shared) {
-                    if b.capacities(key, group).is_none() {
-                        shared.release_learn_lock(key, group);
-                    }
+    }
+
+    /// The in-process buckets: the store of a local board, the mirror of a Redis one.
+    fn local(&self) -> &Arc<LocalBackend> {
+        match self {
+            Backend::Local(b) => b,
+            #[cfg(feature = "redis")]
+            Backend::Redis { mirror, .. } => mirror,
+        }
+    }
+
+    /// Whether quota is taken in a shared store now (Redis reachable).
+    fn is_remote(&self) -> bool {
+        match self {
+            Backend::Local(_) => false,
+            #[cfg(feature = "redis")]
+            Backend::Redis { shared, .. } => shared.degraded_board().is_none(),
+        }
+    }
+
+    /// The board read while the Redis store is unreachable (its local fallback).
+    fn degraded(&self) -> Option<&QuotaBoard> {
+        match self {
+            Backend::Local(_) => None,
+            #[cfg(feature = "redis")]
+            Backend::Redis { shared, .. } => shared.degraded_board(),
+        }
+    }
+
+    /// The board kept for Redis outages, whose configured limits follow the board's.
+    fn fallback(&self) -> Option<&QuotaBoard> {
+        match self {
+            Backend::Local(_) => None,
+            #[cfg(feature = "redis")]
+            Backend::Redis { shared, .. } => Some(shared.fallback()),
+        }
+    }
+
+    /// This process's part of `limits` (all of it without a shared store).
+    fn share_of(&self, limits: Limits) -> Limits {
+        match self {
+            Backend::Local(_) => limits,
+            #[cfg(feature = "redis")]
+            Backend::Redis { shared, .. } => shared.share_of(limits),
+        }
+    }
+
+    /// The state of the Redis backend.
+    #[cfg(feature = "redis")]
+    fn redis_status(&self) -> Option<RedisStatus> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Redis { shared, .. } => Some(shared.status()),
+        }
+    }
+
+    /// The synchronous take of [`QuotaBoard::try_acquire`].
+    fn try_acquire(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Result<Grant, Check> {
+        match self {
+            Backend::Local(b) => b.try_acquire(key, group, cost),
+            #[cfg(feature = "redis")]
+            Backend::Redis { mirror, shared } => match shared.try_acquire_check(key, group, cost) {
+                Some(check) => Err(check),
+                None => mirror.try_acquire(key, group, cost),
+            },
+        }
+    }
+
+    /// [`QuotaBoard::observe`].
+    fn observe(&self, key: &KeyId, group: &RateLimitGroup, snapshot: &RateLimitSnapshot) {
+        match self {
+            Backend::Local(b) => b.observe(key, group, snapshot),
+            #[cfg(feature = "redis")]
+            Backend::Redis { mirror, shared } => {
+                mirror.observe(key, group, snapshot);
+                shared.observe(key, group, snapshot);
+            }
+        }
+    }
+
+    /// [`QuotaBoard::observe`] for the answer to the request that holds `grant`.
+    fn observe_answer(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        snapshot: &RateLimitSnapshot,
+        grant: &Grant,
+    ) {
+        match self {
+            Backend::Local(b) => b.observe_answer(key, group, snapshot, Some(grant)),
+            #[cfg(feature = "redis")]
+            Backend::Redis { mirror, shared } => {
+                if grant.origin == Origin::Shared {
+                    mirror.observe(key, group, snapshot);
+                    shared.observe_answer(key, group, snapshot, Some(grant));
+                } else {
+                    mirror.observe_answer(key, group, snapshot, Some(grant));
+                    shared.observe(key, group, snapshot);
                 }
             }
         }
     }
+
+    /// Settles `grant` in the store that holds it.
+    fn settle(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant, outcome: Outcome) {
+        match self {
+            Backend::Local(b) => {
+                if grant.origin != Origin::Shared {
+                    b.settle(key, group, grant, outcome);
+                }
+            }
+            #[cfg(feature = "redis")]
+            Backend::Redis { mirror, shared } => {
+                if grant.origin == Origin::Shared {
+                    shared.settle(key, group, grant, outcome);
+                    mirror.track_shared(key, group, false);
+                    return;
+                }
+                mirror.settle(key, group, grant, outcome);
+                // A probe that taught nothing (no headers, an error, dropped) gives up the
+                // right to learn the limits; one that did gives it up once Redis holds them.
+                if grant.probe && mirror.capacities(key, group).is_none() {
+                    shared.release_learn_lock(key, group);
+                }
+            }
+        }
+    }
+
+    /// Drives the Redis path of an [`Acquire`] (see [`redis::poll_remote`]); `None`: the
+    /// local path applies.
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+    fn poll_remote(
+        &self,
+        board: &QuotaBoard,
+        remote: &mut RemoteState,
+        at_start: bool,
+        acquire: RemoteArgs<'_>,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<Result<Reservation, AcquireError>>> {
+        match self {
+            Backend::Local(_) => None,
+            #[cfg(feature = "redis")]
+            Backend::Redis { shared, .. } => {
+                redis::poll_remote(shared, board, remote, at_start, acquire, cx)
+            }
+        }
+    }
 }
+
+/// What the Redis path of an [`Acquire`] needs of it: key, group, cost, deadline, tenant.
+type RemoteArgs<'a> = (
+    &'a KeyId,
+    &'a RateLimitGroup,
+    Cost,
+    Option<Instant>,
+    Option<&'a Tenant>,
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AcquireState {
@@ -650,8 +784,7 @@ pub struct Acquire {
     state: AcquireState,
     sleep: Option<Pin<Box<Sleep>>>,
     /// The Redis path (or the local fallback while Redis is down).
-    #[cfg(feature = "redis")]
-    remote: super::redis::RemoteState,
+    remote: RemoteState,
 }
 
 impl fmt::Debug for Acquire {
@@ -772,10 +905,8 @@ impl Future for Acquire {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
         let started = *this.started.get_or_insert_with(Instant::now);
-        #[cfg(feature = "redis")]
-        if let Some(polled) = super::redis::poll_remote(
+        if let Some(polled) = this.board.backend.poll_remote(
             &this.board,
             &mut this.remote,
             this.state == AcquireState::Start,
@@ -809,11 +940,12 @@ impl Future for Acquire {
                     )));
                 }
                 AcquireState::Start => {
-                    let enq = match &this.board.backend {
-                        Backend::Local(b) => {
-                            b.enqueue(&this.key, &this.group, &this.cost, this.tenant.as_ref())
-                        }
-                    };
+                    let enq = this.board.backend.local().enqueue(
+                        &this.key,
+                        &this.group,
+                        &this.cost,
+                        this.tenant.as_ref(),
+                    );
                     match enq {
                         Enqueued::Granted(grant) => return this.granted(grant),
                         Enqueued::TooLarge => return this.too_large(),
@@ -831,11 +963,13 @@ impl Future for Acquire {
                 }
                 AcquireState::Queued(id) => id,
             };
-            let polled = match &this.board.backend {
-                Backend::Local(b) => {
-                    b.poll_waiter(&this.key, &this.group, id, cx.waker(), this.deadline)
-                }
-            };
+            let polled = this.board.backend.local().poll_waiter(
+                &this.key,
+                &this.group,
+                id,
+                cx.waker(),
+                this.deadline,
+            );
             match polled {
                 WaitPoll::Granted(grant) => return this.granted(grant),
                 WaitPoll::TooLarge => return this.too_large(),
@@ -879,9 +1013,10 @@ impl Future for Acquire {
 impl Drop for Acquire {
     fn drop(&mut self) {
         if let AcquireState::Queued(id) = self.state {
-            match &self.board.backend {
-                Backend::Local(b) => b.cancel(&self.key, &self.group, id),
-            }
+            self.board
+                .backend
+                .local()
+                .cancel(&self.key, &self.group, id);
         }
     }
 }
@@ -1059,9 +1194,10 @@ impl Reservation {
             answered: self.answered.swap(true, Ordering::Relaxed),
             ..self.grant
         };
-        match &self.board.backend {
-            Backend::Local(b) => b.answered(&self.key, &self.group, &grant),
-        }
+        self.board
+            .backend
+            .local()
+            .answered(&self.key, &self.group, &grant);
     }
 
     /// Settles with the real cost.

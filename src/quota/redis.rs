@@ -68,7 +68,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::board::{QuotaBoard, QuotaBoardBuilder, Reservation};
+use super::board::{QuotaBoard, Reservation};
 use super::error::{AcquireError, AcquireErrorKind};
 use super::local::{Check, Grant, LocalBackend, Origin, Outcome};
 use super::types::{Cost, Limits};
@@ -444,6 +444,15 @@ fn share_limit(limit: u64, share: f64) -> u64 {
     ((limit as f64 * share).floor() as u64).max(limit.min(1))
 }
 
+/// `share` of every limit in `limits` (rounded down, but at least 1 of a non-zero limit).
+pub(crate) fn share_of(limits: Limits, share: f64) -> Limits {
+    Limits::new(
+        share_limit(limits.rpm, share),
+        share_limit(limits.itpm, share),
+        share_limit(limits.otpm, share),
+    )
+}
+
 /// Runs `fut` in the background; `false` outside a Tokio runtime (nothing runs).
 fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> bool {
     match tokio::runtime::Handle::try_current() {
@@ -478,11 +487,7 @@ impl RedisShared {
     }
 
     pub(crate) fn share_of(&self, limits: Limits) -> Limits {
-        Limits::new(
-            share_limit(limits.rpm, self.share),
-            share_limit(limits.itpm, self.share),
-            share_limit(limits.otpm, self.share),
-        )
+        share_of(limits, self.share)
     }
 
     fn is_degraded(&self) -> bool {
@@ -685,7 +690,6 @@ impl RedisShared {
     /// backend decide (limits unknown: the probe path).
     pub(crate) fn try_acquire_check(
         &self,
-        _board: &QuotaBoard,
         key: &KeyId,
         group: &RateLimitGroup,
         cost: &Cost,
@@ -763,19 +767,17 @@ impl RedisShared {
     /// Re-seeds the Redis buckets (and the fallback) from response headers.
     pub(crate) fn observe(
         self: &Arc<Self>,
-        board: &QuotaBoard,
         key: &KeyId,
         group: &RateLimitGroup,
         snap: &RateLimitSnapshot,
     ) {
-        self.observe_answer(board, key, group, snap, None);
+        self.observe_answer(key, group, snap, None);
     }
 
     /// [`observe`](Self::observe); with the Redis grant these headers answered, also raises
     /// levels the answer proves too low (upward reconciliation on the Redis side).
     pub(crate) fn observe_answer(
         self: &Arc<Self>,
-        _board: &QuotaBoard,
         key: &KeyId,
         group: &RateLimitGroup,
         snap: &RateLimitSnapshot,
@@ -841,7 +843,7 @@ impl RedisShared {
         }
     }
 
-    fn status(&self) -> RedisStatus {
+    pub(crate) fn status(&self) -> RedisStatus {
         let c = &self.counters;
         RedisStatus {
             degraded: self.is_degraded(),
@@ -1173,6 +1175,7 @@ impl SharedAcquire {
 /// Drives the Redis path of an [`Acquire`](super::Acquire). `None`: the local path applies
 /// (no Redis backend, or limits unknown here and in the store: the probe gate).
 pub(crate) fn poll_remote(
+    shared: &Arc<RedisShared>,
     board: &QuotaBoard,
     remote: &mut RemoteState,
     at_start: bool,
@@ -1186,7 +1189,6 @@ pub(crate) fn poll_remote(
     cx: &mut Context<'_>,
 ) -> Option<Poll<Result<Reservation, AcquireError>>> {
     if remote.fut.is_none() {
-        let shared = board.shared.as_ref()?;
         if !at_start {
             return None;
         }
@@ -1256,60 +1258,27 @@ async fn connect(client: &redis::Client, options: &RedisOptions) -> Option<Conne
     }
 }
 
-impl QuotaBoardBuilder {
-    /// Builds a board whose buckets live in Redis at `url` (`redis://host:port/db`), shared
-    /// with every process that uses the same Redis and key prefix. See the
-    /// [`quota::redis`](self) notes on the `redis` feature.
-    ///
-    /// Connects once (within the connect timeout). An unreachable server is not an error: the
-    /// board starts on local limits (or refusing, when failing closed) and switches to Redis
-    /// when a background probe reaches it. Must be called within a Tokio runtime.
+impl RedisShared {
+    /// Connects to the Redis server at `url` (once, within the connect timeout) for a board
+    /// whose in-process buckets are `mirror` and whose store during outages is `fallback`.
+    /// An unreachable server is not an error: the store starts degraded and a background
+    /// probe switches to Redis when it answers.
     ///
     /// Errors: [`InvalidUrl`](RedisSetupErrorKind::InvalidUrl).
-    pub async fn build_redis(
-        self,
+    pub(crate) async fn connect(
         url: &str,
         options: RedisOptions,
-    ) -> Result<QuotaBoard, RedisSetupError> {
+        mirror: Arc<LocalBackend>,
+        fallback: QuotaBoard,
+    ) -> Result<Arc<Self>, RedisSetupError> {
         let client = redis::Client::open(url).map_err(|source| RedisSetupError {
             kind: RedisSetupErrorKind::InvalidUrl,
             source,
         })?;
-        let share = options.share();
-        let scale = |l: Limits| {
-            Limits::new(
-                share_limit(l.rpm, share),
-                share_limit(l.itpm, share),
-                share_limit(l.otpm, share),
-            )
-        };
-        let fallback = QuotaBoardBuilder {
-            limits: self
-                .limits
-                .iter()
-                .map(|(g, l)| (g.clone(), scale(*l)))
-                .collect(),
-            key_limits: self
-                .key_limits
-                .iter()
-                .map(|(k, l)| (k.clone(), scale(*l)))
-                .collect(),
-            default_limits: self.default_limits.map(scale),
-            idle_timeout: self.idle_timeout,
-            local_share: self.local_share * share,
-            prompt_cache_capacity: self.prompt_cache_capacity,
-        }
-        .build();
-        let prompt_cache_capacity = self.prompt_cache_capacity;
-        let mirror = Arc::new(
-            self.local_backend()
-                .mirroring()
-                .with_changes(fallback.changes()),
-        );
         let conn = connect(&client, &options).await;
         let connected = conn.is_some();
         let shared = Arc::new(RedisShared {
-            mirror: mirror.clone(),
+            mirror,
             fallback,
             client,
             conn: Mutex::new(conn),
@@ -1318,8 +1287,8 @@ impl QuotaBoardBuilder {
             unlock_script: redis::Script::new(UNLOCK_SCRIPT),
             leave_script: redis::Script::new(LEAVE_SCRIPT),
             token: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
+            share: options.share(),
             options,
-            share,
             degraded: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             refunded: Notify::new(),
@@ -1328,23 +1297,7 @@ impl QuotaBoardBuilder {
         if !connected {
             shared.mark_down(&StoreError::NotConnected);
         }
-        let mut board =
-            QuotaBoard::from_local(mirror).with_prompt_cache_capacity(prompt_cache_capacity);
-        board.shared = Some(shared);
-        Ok(board)
-    }
-}
-
-impl QuotaBoard {
-    /// A board with no configured limits whose buckets live in Redis at `url`; see
-    /// [`QuotaBoardBuilder::build_redis`] (to configure limits too).
-    pub async fn redis(url: &str, options: RedisOptions) -> Result<QuotaBoard, RedisSetupError> {
-        QuotaBoard::builder().build_redis(url, options).await
-    }
-
-    /// The state of the Redis backend (`None` for an in-process board).
-    pub fn redis_status(&self) -> Option<RedisStatus> {
-        self.shared.as_ref().map(|s| s.status())
+        Ok(shared)
     }
 }
 
