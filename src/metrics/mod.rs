@@ -61,6 +61,7 @@ pub mod alerts;
 mod body;
 pub mod forecast;
 mod future;
+mod handles;
 mod layer;
 pub mod names;
 pub mod pacing;
