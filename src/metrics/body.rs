@@ -164,25 +164,23 @@ impl Finish {
         }
         self.done = true;
         let elapsed = self.start.elapsed();
-        metrics::gauge!(names::IN_FLIGHT_REQUESTS).decrement(1.0);
-        metrics::counter!(names::REQUESTS_TOTAL,
-            names::LABEL_MODEL => self.model_label.clone(),
-            names::LABEL_GROUP => self.group_label.clone(),
-            names::LABEL_STATUS => self.status.clone(),
-            names::LABEL_OUTCOME => self.outcome)
-        .increment(1);
-        metrics::histogram!(names::REQUEST_DURATION_SECONDS,
-            names::LABEL_MODEL => self.model_label.clone(),
-            names::LABEL_OUTCOME => self.outcome)
-        .record(elapsed.as_secs_f64());
+        let handles = &self.shared.handles;
+        handles.in_flight(|g| g.decrement(1.0));
+        handles.request(
+            &self.model_label,
+            &self.group_label,
+            &self.status,
+            self.outcome,
+            |series| {
+                series.requests.increment(1);
+                series.duration.record(elapsed.as_secs_f64());
+            },
+        );
         if let Some(usage) = usage {
-            let labels = [
-                (names::LABEL_MODEL, self.model_label.clone()),
-                (names::LABEL_GROUP, self.group_label.clone()),
-            ];
-            metrics::counter!(names::INPUT_TOKENS_TOTAL, &labels)
-                .increment(usage.counted_input_tokens());
-            metrics::counter!(names::OUTPUT_TOKENS_TOTAL, &labels).increment(usage.output_tokens);
+            handles.tokens(&self.model_label, &self.group_label, |series| {
+                series.input.increment(usage.counted_input_tokens());
+                series.output.increment(usage.output_tokens);
+            });
             if let (Some(forecaster), Some(group)) = (&self.shared.forecaster, &self.group) {
                 forecaster.record(group, 0, 0, usage.output_tokens);
             }

@@ -142,10 +142,8 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
         span.record("served_model", served);
         if requested != Some(served) {
             let to = shared.model_label(Some(served));
-            metrics::counter!(names::FALLBACKS_TOTAL,
-                names::LABEL_FROM => shared.model_label(requested),
-                names::LABEL_TO => to.clone())
-            .increment(1);
+            let from = shared.model_label(requested);
+            shared.handles.fallback(&from, &to, |c| c.increment(1));
             let (group, label) = shared.group_of(Some(served));
             finish.group = group;
             finish.group_label = label;
@@ -170,7 +168,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
             // A stored answer used no quota: its usage is not counted again.
             finish.count_usage = false;
         }
-        metrics::counter!(names::CACHE_REQUESTS_TOTAL, names::LABEL_CACHE => cache).increment(1);
+        shared.handles.cache(cache, |c| c.increment(1));
     }
 
     // Retries.
@@ -188,9 +186,9 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
     if queue.is_some() || pacing.is_some() {
         let wait = queue.unwrap_or(Duration::ZERO) + pacing.unwrap_or(Duration::ZERO);
         span.record("queue_wait_ms", wait.as_millis() as u64);
-        metrics::histogram!(names::QUEUE_WAIT_SECONDS,
-            names::LABEL_GROUP => finish.group_label.clone())
-        .record(wait.as_secs_f64());
+        shared
+            .handles
+            .queue_wait(&finish.group_label, |h| h.record(wait.as_secs_f64()));
     }
     shared.maybe_refresh();
 }

@@ -61,6 +61,7 @@ impl MetricsLayer {
                 refresh_every: Duration::from_secs(1),
                 last_refresh: Mutex::new(None),
                 json_limit: 8 << 20,
+                handles: Default::default(),
             }),
         }
     }

@@ -21,7 +21,10 @@
 //! Labels are bounded: models outside [`names::KNOWN_MODELS`] (or
 //! [`MetricsLayer::known_models`]) are `other`, keys appear only as
 //! [`KeyId`](crate::anthropic::KeyId)s and only on quota gauges. Every name is in [`names`]
-//! and in `docs/metrics.md`.
+//! and in `docs/metrics.md`. The handles of the per-request series are registered once per
+//! label set (at most 1,024 kept per metric) and reused, not looked up on every increment; they
+//! belong to the recorder current when they were registered, and are registered again when
+//! another recorder is current.
 //!
 //! Each request runs in a `claude_request` span with the fields `key`, `group`, `model`,
 //! `stream`, `status`, `attempts`, `cache`, `served_model` and `queue_wait_ms`.
@@ -61,6 +64,7 @@ pub mod alerts;
 mod body;
 pub mod forecast;
 mod future;
+mod handles;
 mod layer;
 pub mod names;
 pub mod pacing;

@@ -10,7 +10,6 @@ use tower_service::Service;
 
 use super::body::MetricsBody;
 use super::future::ResponseFuture;
-use super::names;
 use super::shared::{RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
@@ -89,7 +88,7 @@ where
             served_model = tracing::field::Empty,
             queue_wait_ms = tracing::field::Empty,
         );
-        metrics::gauge!(names::IN_FLIGHT_REQUESTS).increment(1.0);
+        shared.handles.in_flight(|g| g.increment(1.0));
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::alerts::Alerts;
 use super::forecast::Forecaster;
+use super::handles::Handles;
 use super::names;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::quota::QuotaBoard;
@@ -24,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) refresh_every: Duration,
     pub(crate) last_refresh: Mutex<Option<Instant>>,
     pub(crate) json_limit: usize,
+    /// The per-request metric handles, registered once per label set.
+    pub(crate) handles: Handles,
 }
 
 impl Clone for Shared {
@@ -37,6 +40,7 @@ impl Clone for Shared {
             refresh_every: self.refresh_every,
             last_refresh: Mutex::new(None),
             json_limit: self.json_limit,
+            handles: Handles::default(),
         }
     }
 }
