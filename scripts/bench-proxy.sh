@@ -111,13 +111,7 @@ names=(direct nginx)
 ports=("$up_port" "$ngx_port")
 IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
-  name="${entry%%:*}"
-  flags="${entry#*:}"
-  bin="$PROXY_BIN"
-  if [[ "$name" == *@* ]]; then
-    bin="$(realpath "${name#*@}")"
-    name="${name%%@*}"
-  fi
+  parse_config "$entry"
   port=$(free_port)
   dir="$work/proxy-$name"
   mkdir -p "$dir"

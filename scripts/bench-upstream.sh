@@ -18,6 +18,18 @@ bench_cleanup() {
   if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
 }
 
+# parse_config "NAME:FLAGS" or "NAME@BINARY:FLAGS": sets $name, $flags and $bin (BINARY, or
+# $PROXY_BIN when none is given), for the PROXY_CONFIGS lists of the bench scripts.
+parse_config() {
+  name="${1%%:*}"
+  flags="${1#*:}"
+  bin="$PROXY_BIN"
+  if [[ "$name" == *@* ]]; then
+    bin="$(realpath "${name#*@}")"
+    name="${name%%@*}"
+  fi
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # wait_port PORT [TRIES of 0.05 s, 100 by default]

@@ -54,13 +54,7 @@ printf '%-24s %14s %10s\n' config instr/request x_first
 first=""
 IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
-  name="${entry%%:*}"
-  flags="${entry#*:}"
-  bin="$PROXY_BIN"
-  if [[ "$name" == *@* ]]; then
-    bin="$(realpath "${name#*@}")"
-    name="${name%%@*}"
-  fi
+  parse_config "$entry"
   port=$(free_port)
   dir="$work/proxy-$name"
   mkdir -p "$dir"
