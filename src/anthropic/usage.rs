@@ -471,8 +471,7 @@ impl StreamTracker {
 
 /// Reads the usage of a response body as it passes through a body wrapper: a copy of a JSON
 /// body (up to a size limit, read with [`Usage::from_json`] at the end) or a [`StreamTracker`]
-/// for an SSE stream. The one usage reader of the layers that settle from real usage (the
-/// rate limiter, the budget layer), so that each reads a body the same way.
+/// for an SSE stream. What a [`UsageTracker`] holds.
 #[derive(Debug)]
 pub(crate) enum UsageWatch {
     /// A copy of the JSON body so far, and the most it may hold.
@@ -490,6 +489,14 @@ impl UsageWatch {
             Self::Sse(Box::default())
         } else {
             Self::Json(Vec::new(), json_limit)
+        }
+    }
+
+    /// Raises a JSON copy's limit to `limit` if it is lower (a copy that already outgrew
+    /// its limit stays unread).
+    fn raise_limit(&mut self, limit: usize) {
+        if let Self::Json(_, cap) = self {
+            *cap = (*cap).max(limit);
         }
     }
 
@@ -619,6 +626,14 @@ impl UsageTracker {
             .tracked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A reader above the layer that published the tracker wants a JSON body's usage read
+    /// up to `json_limit` bytes: the copy's limit becomes the largest any reader asked for
+    /// (one copy serves them all). Called when the answer's head passes, before its body
+    /// is read.
+    pub(crate) fn want_json(&self, json_limit: usize) {
+        self.lock().watch.raise_limit(json_limit);
     }
 
     /// Feeds a chunk of the body, as it is read.

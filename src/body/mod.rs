@@ -47,11 +47,11 @@ pub(crate) use error_answer::{ReadErrorAnswer, read_error_answer};
 pub use future::ResponseFuture;
 pub use layer::BufferBodyLayer;
 pub use replay::{Peek, Peeked, Replay};
-pub(crate) use replay::{event_stream, is_event_stream};
+pub(crate) use replay::is_event_stream;
 pub use request_body::RequestBody;
 pub use service::BufferBody;
 pub(crate) use template::RequestTemplate;
-pub(crate) use tracked::{Tracked, track};
+pub(crate) use tracked::{MAX_JSON_COPY, Tracked, track};
 
 /// The largest request body the Anthropic API accepts for the Messages API: 32 MB.
 pub const ANTHROPIC_MAX_BODY: usize = 32 * 1024 * 1024;

@@ -60,7 +60,7 @@ impl MetricsLayer {
                 forecaster: None,
                 refresh_every: Duration::from_secs(1),
                 last_refresh: Mutex::new(None),
-                json_limit: 8 << 20,
+                json_limit: crate::body::MAX_JSON_COPY,
                 handles: Default::default(),
             }),
         }

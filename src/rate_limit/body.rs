@@ -60,9 +60,6 @@ impl PromptNote {
     }
 }
 
-/// The largest JSON response copied to read its `usage` (beyond, the reservation is kept).
-pub(crate) const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
-
 /// Response body of [`RateLimit`](super::RateLimit).
 ///
 /// Data flows through unchanged. For an admitted request it reads the usage from the
