@@ -31,6 +31,7 @@
 //! # }
 //! ```
 
+mod ending;
 mod error;
 mod error_answer;
 mod future;
@@ -41,13 +42,14 @@ mod service;
 mod template;
 mod tracked;
 
+pub(crate) use ending::{Ending, ending};
 pub use error::{BufferBodyError, BufferBodyErrorKind};
 pub use error_answer::ErrorAnswer;
 pub(crate) use error_answer::{ReadErrorAnswer, read_error_answer};
 pub use future::ResponseFuture;
 pub use layer::BufferBodyLayer;
-pub use replay::{Peek, Peeked, Replay};
 pub(crate) use replay::is_event_stream;
+pub use replay::{Peek, Peeked, Replay};
 pub use request_body::RequestBody;
 pub use service::BufferBody;
 pub(crate) use template::RequestTemplate;

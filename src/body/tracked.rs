@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
+use super::ending::{Ending, ending};
 use super::replay::event_stream;
 use crate::anthropic::UsageTracker;
 
@@ -84,20 +85,15 @@ where
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(tracker) = this.tracker.as_ref() {
-            let ended = match &frame {
-                Some(Ok(f)) => {
-                    if let Some(data) = f.data_ref() {
-                        tracker.feed(data);
-                    }
-                    // hyper stops polling a body of known length once it has yielded it all.
-                    inner.is_end_stream().then_some(false)
+            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+                tracker.feed(data);
+            }
+            match ending(&frame, &*inner) {
+                Ending::Open => {}
+                end => {
+                    tracker.end(end == Ending::Failed);
+                    *this.tracker = None;
                 }
-                Some(Err(_)) => Some(true),
-                None => Some(false),
-            };
-            if let Some(failed) = ended {
-                tracker.end(failed);
-                *this.tracker = None;
             }
         }
         Poll::Ready(frame)

@@ -8,6 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
 use super::limiter::Permit;
+use crate::body::{Ending, ending};
 
 /// Response body of [`Concurrency`](super::Concurrency): data flows through unchanged; the
 /// permit is released when the body reports its end, fails, or is dropped. With an adaptive
@@ -126,9 +127,8 @@ where
                 }
             }
         }
-        match &frame {
-            Some(Ok(_)) if !inner.is_end_stream() => {}
-            _ => *this.permit = None,
+        if ending(&frame, &*inner) != Ending::Open {
+            *this.permit = None;
         }
         Poll::Ready(frame)
     }

@@ -9,7 +9,7 @@ use pin_project::pin_project;
 
 use super::future::Hold;
 use crate::anthropic::UsageTracker;
-use crate::body::Tracked;
+use crate::body::{Ending, Tracked, ending};
 
 /// The answer's reservation and the usage it settles from: when the body ends (or is
 /// dropped), the reservation is replaced by the real cost, read from the answer's one
@@ -147,12 +147,7 @@ where
             KindProj::Inner { mut body, settle } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 if let Some(s) = settle.as_mut() {
-                    // hyper stops polling once `is_end_stream()` is true.
-                    let ended = match &frame {
-                        Some(Ok(_)) => body.is_end_stream(),
-                        Some(Err(_)) | None => true,
-                    };
-                    if ended {
+                    if ending(&frame, &*body) != Ending::Open {
                         s.finish();
                     }
                 }
