@@ -127,19 +127,22 @@ async fn a_stream_is_tracked_once_through_the_stack() {
     );
 }
 
-/// With the budget layer on (between the cache and fallback), the stream is still parsed once:
-/// the budget settles the tenant's cost from the tracker the rate limiter published, which was
-/// fed each byte once, instead of a parser of its own.
+/// With the budget layer on (between the cache and fallback) and an adaptive concurrency cap
+/// (which watches streams for a mid-stream error), the stream is still parsed once: both read
+/// the one tracker, fed each byte once, instead of a parser of their own.
 #[tokio::test(start_paused = true)]
-async fn a_stream_is_tracked_once_with_the_budget_on() {
+async fn a_stream_is_tracked_once_with_the_budget_and_an_adaptive_cap_on() {
     use tower_claude::anthropic::{BodyState, UsageTracker};
     use tower_claude::tenant::budget::BudgetLayer;
     use tower_claude::tenant::spend::MemorySpend;
     use tower_claude::tenant::{Budget, PriceTable, Tenant};
     let mock = MockClaude::builder().output_tokens(40).build();
+    // An adaptive concurrency cap too: the innermost layer that reads the stream, it
+    // publishes the tracker the others read.
     let stack = ClaudeStack::from_config(&StackConfig {
         seed: Some(3),
         budget: Some(BudgetLayer::new(MemorySpend::new())),
+        adaptive_concurrency: Some(tower_claude::concurrency::Aimd::default()),
         ..StackConfig::default()
     })
     .unwrap();
