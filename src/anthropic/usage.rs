@@ -473,7 +473,7 @@ impl StreamTracker {
 /// body (up to a size limit, read with [`Usage::from_json`] at the end) or a [`StreamTracker`]
 /// for an SSE stream. What a [`UsageTracker`] holds.
 #[derive(Debug)]
-pub(crate) enum UsageWatch {
+enum UsageWatch {
     /// A copy of the JSON body so far, and the most it may hold.
     Json(Vec<u8>, usize),
     /// The JSON body outgrew its limit: its usage is unknown.
@@ -484,7 +484,7 @@ pub(crate) enum UsageWatch {
 
 impl UsageWatch {
     /// A watch for an SSE stream (`sse`) or a JSON body of at most `json_limit` bytes.
-    pub(crate) fn new(sse: bool, json_limit: usize) -> Self {
+    fn new(sse: bool, json_limit: usize) -> Self {
         if sse {
             Self::Sse(Box::default())
         } else {
@@ -501,7 +501,7 @@ impl UsageWatch {
     }
 
     /// Feeds a chunk of the body.
-    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+    fn feed(&mut self, chunk: &[u8]) {
         match self {
             Self::Json(buf, limit) => {
                 if buf.len() + chunk.len() > *limit {
@@ -518,7 +518,7 @@ impl UsageWatch {
     /// The usage seen: a JSON document that parses (complete whether or not its end was
     /// polled), or a stream's usage so far (`complete`: the body ended, a trailing event is
     /// dispatched first). `None` for a JSON body that does not parse or outgrew its limit.
-    pub(crate) fn usage(&mut self, complete: bool) -> Option<Usage> {
+    fn usage(&mut self, complete: bool) -> Option<Usage> {
         match self {
             Self::Json(buf, _) => Usage::from_json(buf),
             Self::Overflow => None,
