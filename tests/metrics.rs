@@ -899,3 +899,42 @@ async fn a_body_read_until_is_end_stream_counts_success_and_tokens() {
     );
     assert_eq!(get(&m, "tower_claude_in_flight_requests"), 0.0);
 }
+
+/// `MetricsLayer::json_limit` above the rate limiter's 8 MiB copy: the one usage tracker (the
+/// rate limiter below published it) copies a JSON answer up to the larger limit, so the
+/// tokens of a 9 MiB answer are counted (they went uncounted when the limit of the layer
+/// that published the tracker won).
+#[tokio::test(start_paused = true)]
+async fn a_json_limit_above_the_rate_limiters_is_honoured() {
+    let recorder = prometheus::builder().build_recorder();
+    let handle = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let big = format!(
+        r#"{{"type":"message","model":"{MODEL}","content":[{{"type":"text","text":"{}"}}],"usage":{{"input_tokens":11,"output_tokens":7}}}}"#,
+        "x".repeat(9 << 20)
+    );
+    let upstream = tower::service_fn(move |_req: Request<RequestBody>| {
+        let body = http_body_util::Full::new(bytes::Bytes::from(big.clone()));
+        async move {
+            Ok::<_, tower_claude::BoxError>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(MetricsLayer::new().json_limit(16 << 20))
+        .layer(RateLimitLayer::new())
+        .service(upstream);
+    let response = svc.oneshot(request(MODEL, false)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let m = scrape(&handle);
+    let labels = format!(r#"{{model="{MODEL}",group="{}"}}"#, group());
+    assert_eq!(
+        get(&m, &format!("tower_claude_output_tokens_total{labels}")),
+        7.0
+    );
+}

@@ -126,3 +126,50 @@ async fn a_stream_is_tracked_once_through_the_stack() {
         streamed.len()
     );
 }
+
+/// With the budget layer on (between the cache and fallback) and an adaptive concurrency cap
+/// (which watches streams for a mid-stream error), the stream is still parsed once: both read
+/// the one tracker, fed each byte once, instead of a parser of their own.
+#[tokio::test(start_paused = true)]
+async fn a_stream_is_tracked_once_with_the_budget_and_an_adaptive_cap_on() {
+    use tower_claude::anthropic::{BodyState, UsageTracker};
+    use tower_claude::tenant::budget::BudgetLayer;
+    use tower_claude::tenant::spend::MemorySpend;
+    use tower_claude::tenant::{Budget, PriceTable, Tenant};
+    let mock = MockClaude::builder().output_tokens(40).build();
+    // An adaptive concurrency cap too: the innermost layer that reads the stream, it
+    // publishes the tracker the others read.
+    let stack = ClaudeStack::from_config(&StackConfig {
+        seed: Some(3),
+        budget: Some(BudgetLayer::new(MemorySpend::new())),
+        adaptive_concurrency: Some(tower_claude::concurrency::Aimd::default()),
+        ..StackConfig::default()
+    })
+    .unwrap();
+    let svc = stack.service(mock.clone());
+    let team = Tenant::new("team").budget(Budget::default().per_month(10.0));
+    let body = r#"{"model":"claude-sonnet-4-6","max_tokens":64,"temperature":0,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut req = Request::post("/v1/messages")
+        .header("x-api-key", "sk-ant-stack")
+        .header("anthropic-version", "2023-06-01")
+        .body(RequestBody::from(body))
+        .unwrap();
+    req.extensions_mut().insert(team.clone());
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let tracker = resp.extensions().get::<UsageTracker>().unwrap().clone();
+    let streamed = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(tracker.state(), BodyState::Complete);
+    let debug = format!("{tracker:?}");
+    assert!(
+        debug.contains(&format!("seen: {}", streamed.len())),
+        "{debug} vs {} bytes",
+        streamed.len()
+    );
+    // The budget charged what that one tracker read.
+    let usage = tracker.usage().unwrap();
+    assert_eq!(usage.output_tokens, 40);
+    let cost = PriceTable::default().cost_micro_usd("claude-sonnet-4-6", &usage);
+    assert!(cost > 0);
+    assert_eq!((team.stats().cost_usd() * 1e6).round() as u64, cost);
+}

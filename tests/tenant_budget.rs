@@ -16,7 +16,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_claude::BoxError;
-use tower_claude::anthropic::{RequestMeta, StreamTracker, Usage};
+use tower_claude::anthropic::{BodyState, RequestMeta, StreamTracker, Usage, UsageTracker};
 use tower_claude::body::RequestBody;
 use tower_claude::tenant::budget::BudgetLayer;
 use tower_claude::tenant::spend::{
@@ -307,6 +307,67 @@ async fn a_streaming_answers_usage_is_priced() {
         expected += priced(&usage, HAIKU_PRICES);
         assert_eq!(micro(&team), expected);
     }
+}
+
+/// The budget reads the answer's one usage tracker, the one a layer below published, rather
+/// than parsing the stream again: here the tracker below says other numbers than the stream,
+/// and the budget charges the tracker's (a budget with its own parser charged the stream's).
+#[tokio::test(start_paused = true)]
+async fn the_budget_settles_from_the_usage_tracker_a_layer_below_published() {
+    let below = UsageTracker::new(true, 0);
+    below.feed(
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-haiku-4-5\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    below.end(false);
+    let publish = below.clone();
+    let svc = ServiceBuilder::new()
+        .layer(BudgetLayer::new(MemorySpend::new()))
+        .map_response(move |mut res: http::Response<_>| {
+            res.extensions_mut().insert(publish.clone());
+            res
+        })
+        .service(MockClaude::builder().output_tokens(120).build());
+    let team = Tenant::new("reader").budget(Budget::default().per_month(100.0));
+    let (status, _, bytes) = call(&svc, ask(&team, &cached_body(HAIKU, true))).await;
+    assert_eq!(status, StatusCode::OK);
+    // The stream itself reached the caller untouched (and says 120 output tokens).
+    let mut stream = StreamTracker::new();
+    stream.feed(&bytes);
+    stream.finish();
+    assert_eq!(stream.usage().output_tokens, 120);
+    let usage = below.usage().unwrap();
+    assert_eq!((usage.input_tokens, usage.output_tokens), (7, 5));
+    assert_eq!(micro(&team), priced(&usage, HAIKU_PRICES));
+}
+
+/// Alone, the budget is the layer that reads usage: it publishes the answer's tracker, fed
+/// with each byte once, for the layers above.
+#[tokio::test(start_paused = true)]
+async fn a_budget_alone_publishes_the_answers_usage_tracker() {
+    let svc = ServiceBuilder::new()
+        .layer(BudgetLayer::new(MemorySpend::new()))
+        .service(MockClaude::builder().output_tokens(30).build());
+    let team = Tenant::new("alone").budget(Budget::default().per_month(100.0));
+    for stream in [true, false] {
+        let res = svc
+            .clone()
+            .oneshot(ask(&team, &cached_body(HAIKU, stream)))
+            .await
+            .unwrap();
+        let tracker = res.extensions().get::<UsageTracker>().unwrap().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(tracker.state(), BodyState::Complete);
+        assert_eq!(tracker.is_stream(), stream);
+        assert_eq!(tracker.usage().unwrap().output_tokens, 30);
+        assert!(format!("{tracker:?}").contains(&format!("seen: {}", bytes.len())));
+    }
+    // Without a tenant nothing is metered, and nothing is published.
+    let mut req = ask(&team, &plain_body(HAIKU, 10));
+    req.extensions_mut().remove::<Tenant>();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert!(res.extensions().get::<UsageTracker>().is_none());
 }
 
 #[tokio::test(start_paused = true)]

@@ -28,7 +28,6 @@ pub(crate) use scan::write_canonical;
 #[cfg(test)]
 pub(crate) use scan::write_canonical_number;
 pub use scan::{MetaError, MetaErrorKind};
-pub(crate) use usage::UsageWatch;
 pub use usage::{BodyState, SseEvent, SseParser, StreamTracker, Usage, UsageTracker};
 
 /// Whether a request is a Messages API call (`POST .../v1/messages`), the requests this crate's

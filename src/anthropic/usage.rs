@@ -471,10 +471,9 @@ impl StreamTracker {
 
 /// Reads the usage of a response body as it passes through a body wrapper: a copy of a JSON
 /// body (up to a size limit, read with [`Usage::from_json`] at the end) or a [`StreamTracker`]
-/// for an SSE stream. The one usage reader of the layers that settle from real usage (the
-/// rate limiter, the budget layer), so that each reads a body the same way.
+/// for an SSE stream. What a [`UsageTracker`] holds.
 #[derive(Debug)]
-pub(crate) enum UsageWatch {
+enum UsageWatch {
     /// A copy of the JSON body so far, and the most it may hold.
     Json(Vec<u8>, usize),
     /// The JSON body outgrew its limit: its usage is unknown.
@@ -485,7 +484,7 @@ pub(crate) enum UsageWatch {
 
 impl UsageWatch {
     /// A watch for an SSE stream (`sse`) or a JSON body of at most `json_limit` bytes.
-    pub(crate) fn new(sse: bool, json_limit: usize) -> Self {
+    fn new(sse: bool, json_limit: usize) -> Self {
         if sse {
             Self::Sse(Box::default())
         } else {
@@ -493,8 +492,16 @@ impl UsageWatch {
         }
     }
 
+    /// Raises a JSON copy's limit to `limit` if it is lower (a copy that already outgrew
+    /// its limit stays unread).
+    fn raise_limit(&mut self, limit: usize) {
+        if let Self::Json(_, cap) = self {
+            *cap = (*cap).max(limit);
+        }
+    }
+
     /// Feeds a chunk of the body.
-    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+    fn feed(&mut self, chunk: &[u8]) {
         match self {
             Self::Json(buf, limit) => {
                 if buf.len() + chunk.len() > *limit {
@@ -511,7 +518,7 @@ impl UsageWatch {
     /// The usage seen: a JSON document that parses (complete whether or not its end was
     /// polled), or a stream's usage so far (`complete`: the body ended, a trailing event is
     /// dispatched first). `None` for a JSON body that does not parse or outgrew its limit.
-    pub(crate) fn usage(&mut self, complete: bool) -> Option<Usage> {
+    fn usage(&mut self, complete: bool) -> Option<Usage> {
         match self {
             Self::Json(buf, _) => Usage::from_json(buf),
             Self::Overflow => None,
@@ -619,6 +626,14 @@ impl UsageTracker {
             .tracked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A reader above the layer that published the tracker wants a JSON body's usage read
+    /// up to `json_limit` bytes: the copy's limit becomes the largest any reader asked for
+    /// (one copy serves them all). Called when the answer's head passes, before its body
+    /// is read.
+    pub(crate) fn want_json(&self, json_limit: usize) {
+        self.lock().watch.raise_limit(json_limit);
     }
 
     /// Feeds a chunk of the body, as it is read.

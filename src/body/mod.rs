@@ -31,6 +31,7 @@
 //! # }
 //! ```
 
+mod ending;
 mod error;
 mod error_answer;
 mod future;
@@ -41,17 +42,18 @@ mod service;
 mod template;
 mod tracked;
 
+pub(crate) use ending::{Ending, ending};
 pub use error::{BufferBodyError, BufferBodyErrorKind};
 pub use error_answer::ErrorAnswer;
 pub(crate) use error_answer::{ReadErrorAnswer, read_error_answer};
 pub use future::ResponseFuture;
 pub use layer::BufferBodyLayer;
+pub(crate) use replay::is_event_stream;
 pub use replay::{Peek, Peeked, Replay};
-pub(crate) use replay::{event_stream, is_event_stream};
 pub use request_body::RequestBody;
 pub use service::BufferBody;
 pub(crate) use template::RequestTemplate;
-pub(crate) use tracked::{Tracked, track};
+pub(crate) use tracked::{MAX_JSON_COPY, Tracked, track};
 
 /// The largest request body the Anthropic API accepts for the Messages API: 32 MB.
 pub const ANTHROPIC_MAX_BODY: usize = 32 * 1024 * 1024;

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
+use super::ending::{Ending, ending};
 use super::replay::event_stream;
 use crate::anthropic::UsageTracker;
 
@@ -40,9 +41,15 @@ impl<B> Tracked<B> {
     }
 }
 
+/// The most of a JSON answer the layers that settle from real usage (the rate limiter, the
+/// budget layer, metrics by default) copy to read its `usage`; beyond it the usage is unknown.
+pub(crate) const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
+
 /// The answer's usage tracker: the one a layer below published, else a new one (an event
-/// stream by its `content-type`, else by `stream`; a JSON body copied up to `json_limit`
-/// bytes) that the returned body feeds, published on `parts`.
+/// stream by its `content-type`, else by `stream`) that the returned body feeds, published on
+/// `parts`. A JSON body is copied up to the largest `json_limit` any reader asked for: a
+/// reader above the publisher raises the limit of the copy (see
+/// [`UsageTracker::want_json`]), so that no reader's limit is ignored.
 pub(crate) fn track<B>(
     parts: &mut http::response::Parts,
     body: B,
@@ -50,6 +57,7 @@ pub(crate) fn track<B>(
     json_limit: usize,
 ) -> (Tracked<B>, UsageTracker) {
     if let Some(tracker) = parts.extensions.get::<UsageTracker>() {
+        tracker.want_json(json_limit);
         return (Tracked::passthrough(body), tracker.clone());
     }
     let sse = event_stream(&parts.headers).unwrap_or(stream);
@@ -77,20 +85,15 @@ where
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(tracker) = this.tracker.as_ref() {
-            let ended = match &frame {
-                Some(Ok(f)) => {
-                    if let Some(data) = f.data_ref() {
-                        tracker.feed(data);
-                    }
-                    // hyper stops polling a body of known length once it has yielded it all.
-                    inner.is_end_stream().then_some(false)
+            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+                tracker.feed(data);
+            }
+            match ending(&frame, &*inner) {
+                Ending::Open => {}
+                end => {
+                    tracker.end(end == Ending::Failed);
+                    *this.tracker = None;
                 }
-                Some(Err(_)) => Some(true),
-                None => Some(false),
-            };
-            if let Some(failed) = ended {
-                tracker.end(failed);
-                *this.tracker = None;
             }
         }
         Poll::Ready(frame)
@@ -129,5 +132,21 @@ mod tests {
         assert_eq!(same.state(), BodyState::Complete);
         assert_eq!(same.usage().unwrap().output_tokens, 4);
         assert!(!same.is_stream());
+    }
+
+    /// A reader above the publisher with a larger JSON limit (metrics' `json_limit` over the
+    /// rate limiter's 8 MiB) gets the usage of a body between the two limits.
+    #[tokio::test]
+    async fn the_json_copy_takes_the_largest_limit_any_reader_asked_for() {
+        let json = r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        let below = Full::new(Bytes::from_static(json.as_bytes()));
+        let (body, _) = track(&mut parts, below, false, 10);
+        let (above, tracker) = track(&mut parts, body, false, 1024);
+        // A smaller wish does not lower the limit.
+        let (above, _) = track(&mut parts, above, false, 1);
+        above.collect().await.unwrap();
+        assert_eq!(tracker.state(), BodyState::Complete);
+        assert_eq!(tracker.usage().unwrap().output_tokens, 4);
     }
 }

@@ -10,7 +10,7 @@ use super::store::{CacheStore, CachedResponse};
 use super::writer::Writer;
 use crate::fallback::FallbackHandle;
 
-/// The options of a [`Cache`], shared by its clones.
+/// The options of a [`Cache`](super::Cache), shared by its clones.
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn CacheStore>,

@@ -8,60 +8,22 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
 use super::limiter::Permit;
+use crate::anthropic::UsageTracker;
+use crate::body::{Ending, Tracked, ending};
 
 /// Response body of [`Concurrency`](super::Concurrency): data flows through unchanged; the
 /// permit is released when the body reports its end, fails, or is dropped. With an adaptive
 /// cap, an SSE stream that fails with `event: error` after its 200 head (the server
-/// overloaded mid-stream) shrinks the cap as a 529 would.
+/// overloaded mid-stream) shrinks the cap as a 529 would: the body watches the answer's
+/// [`UsageTracker`] (published here, the innermost layer, so that the layers above read the
+/// same one and the stream is parsed once).
 #[pin_project]
 pub struct ConcurrencyBody<B> {
     #[pin]
-    inner: B,
+    inner: Tracked<B>,
     permit: Option<Permit>,
-    watch: Option<ErrorWatch>,
-}
-
-/// Finds an `event: error` line in an SSE byte stream, however it is chunked.
-///
-/// Hand-written rather than a [`StreamTracker`](crate::anthropic::StreamTracker): only the
-/// first bytes of each line matter here, and the tracker would parse every event's JSON.
-#[derive(Debug, Default)]
-struct ErrorWatch {
-    /// The start of the current line (at most `LINE_PREFIX` bytes).
-    line: Vec<u8>,
-    /// The current line is longer than any line this looks for.
-    long: bool,
-    seen: bool,
-}
-
-const LINE_PREFIX: usize = 16;
-
-impl ErrorWatch {
-    /// Feeds a chunk; `true` the first time an `event: error` line ends.
-    fn feed(&mut self, chunk: &[u8]) -> bool {
-        if self.seen {
-            return false;
-        }
-        let mut rest = chunk;
-        loop {
-            let end = rest.iter().position(|&b| b == b'\n' || b == b'\r');
-            let part = &rest[..end.unwrap_or(rest.len())];
-            // Keep only the start of the line; a longer one cannot be `event: error`.
-            let room = LINE_PREFIX - self.line.len();
-            self.line.extend_from_slice(&part[..part.len().min(room)]);
-            self.long |= part.len() > room;
-            let Some(end) = end else {
-                return false;
-            };
-            let line = std::mem::take(&mut self.line);
-            let long = std::mem::take(&mut self.long);
-            if !long && (line == b"event: error" || line == b"event:error") {
-                self.seen = true;
-                return true;
-            }
-            rest = &rest[end + 1..];
-        }
-    }
+    /// The stream's tracker, watched for its `event: error` until one is seen.
+    watch: Option<UsageTracker>,
 }
 
 impl<B> std::fmt::Debug for ConcurrencyBody<B> {
@@ -75,20 +37,23 @@ impl<B> std::fmt::Debug for ConcurrencyBody<B> {
 impl<B> ConcurrencyBody<B> {
     pub(crate) fn new(inner: B, permit: Option<Permit>) -> Self {
         Self {
-            inner,
+            inner: Tracked::passthrough(inner),
             permit,
             watch: None,
         }
     }
 
-    /// Like [`new`](Self::new), watching an SSE stream for a mid-stream error when the cap
-    /// is adaptive.
-    pub(crate) fn watching(inner: B, permit: Option<Permit>, sse: bool) -> Self {
-        let adaptive = permit.as_ref().is_some_and(|p| p.limiter().is_adaptive());
+    /// Like [`new`](Self::new), watching a stream's `tracker` (fed by `inner` or below) for a
+    /// mid-stream error.
+    pub(crate) fn watching(
+        inner: Tracked<B>,
+        permit: Option<Permit>,
+        tracker: UsageTracker,
+    ) -> Self {
         Self {
             inner,
             permit,
-            watch: (sse && adaptive).then(ErrorWatch::default),
+            watch: Some(tracker),
         }
     }
 
@@ -99,7 +64,7 @@ impl<B> ConcurrencyBody<B> {
 
     /// A reference to the inner body.
     pub fn get_ref(&self) -> &B {
-        &self.inner
+        self.inner.get_ref()
     }
 }
 
@@ -117,18 +82,16 @@ where
         let this = self.project();
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
-        if let (Some(watch), Some(Ok(f))) = (this.watch.as_mut(), &frame) {
-            if let Some(data) = f.data_ref() {
-                if watch.feed(data) {
-                    if let Some(p) = this.permit.as_ref() {
-                        p.limiter().on_stream_error(tokio::time::Instant::now());
-                    }
-                }
+        // `Some(false)`: the stream carried an `event: error` (one atomic load per frame).
+        if this.watch.as_ref().and_then(|t| t.settled_within(0)) == Some(false) {
+            *this.watch = None;
+            tracing::debug!("concurrency: stream failed mid-way, the adaptive cap shrinks");
+            if let Some(p) = this.permit.as_ref() {
+                p.limiter().on_stream_error(tokio::time::Instant::now());
             }
         }
-        match &frame {
-            Some(Ok(_)) if !inner.is_end_stream() => {}
-            _ => *this.permit = None,
+        if ending(&frame, &*inner) != Ending::Open {
+            *this.permit = None;
         }
         Poll::Ready(frame)
     }
@@ -144,18 +107,47 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::super::Aimd;
+    use super::super::limiter::Limiter;
     use super::*;
 
-    #[test]
-    fn finds_the_error_event_however_the_stream_is_chunked() {
-        let stream = b"event: ping\ndata: {}\n\nevent: content_block_delta\ndata: {\"text\":\"event: error\"}\n\nevent: error\r\ndata: {\"type\":\"error\"}\n\n";
-        for size in 1..stream.len() {
-            let mut w = ErrorWatch::default();
-            let hits: usize = stream.chunks(size).map(|c| usize::from(w.feed(c))).sum();
-            assert_eq!(hits, 1, "chunk size {size}");
+    /// The body watching `stream` cut into chunks of `size`, under a fresh adaptive cap of 16:
+    /// the cap after the body was read.
+    async fn cap_after(stream: &'static [u8], size: usize) -> usize {
+        let aimd = Aimd {
+            initial: 16,
+            min: 2,
+            max: 20,
+            decrease: 0.5,
+            cooldown: Duration::from_secs(1),
+        };
+        let limiter = Limiter::new(16, Some(aimd), None);
+        let permit = limiter.try_acquire();
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = stream
+            .chunks(size)
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        let inner = StreamBody::new(futures_util::stream::iter(chunks));
+        let (inner, tracker) = crate::body::track(&mut parts, inner, true, 0);
+        let body = ConcurrencyBody::watching(inner, permit, tracker);
+        body.collect().await.unwrap();
+        limiter.limit()
+    }
+
+    #[tokio::test]
+    async fn finds_the_error_event_however_the_stream_is_chunked() {
+        let failed: &[u8] = b"event: ping\ndata: {}\n\nevent: content_block_delta\ndata: {\"text\":\"event: error\"}\n\nevent: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        let clean: &[u8] = b"event: content_block_delta\ndata: {\"text\":\"event: error\"}\n\ndata: event: error\nevent: errors\nxevent: error\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for size in 1..failed.len() {
+            assert_eq!(cap_after(failed, size).await, 8, "chunk size {size}");
         }
-        let mut w = ErrorWatch::default();
-        assert!(!w.feed(b"data: event: error\nevent: errors\nxevent: error\n"));
-        assert!(w.feed(b"event:error\n"));
+        for size in 1..clean.len() {
+            assert_eq!(cap_after(clean, size).await, 16, "chunk size {size}");
+        }
     }
 }

@@ -145,11 +145,7 @@ where
                         p.limiter()
                             .on_status(resp.status(), tokio::time::Instant::now());
                     }
-                    let sse =
-                        resp.status().is_success() && crate::body::is_event_stream(resp.headers());
-                    return Poll::Ready(
-                        Ok(resp.map(|b| ConcurrencyBody::watching(b, permit, sse))),
-                    );
+                    return Poll::Ready(Ok(wrap(resp, permit)));
                 }
                 StateProj::Passthrough { fut } => {
                     let resp = ready!(fut.poll(cx)).map_err(Into::into)?;
@@ -159,4 +155,17 @@ where
             self.as_mut().project().state.set(next);
         }
     }
+}
+
+/// The answer with its body holding `permit`; with an adaptive cap, a 2xx event stream's
+/// body also watches the answer's [`UsageTracker`](crate::anthropic::UsageTracker) (published
+/// here when no layer below did) for a mid-stream error.
+fn wrap<B>(resp: Response<B>, permit: Option<Permit>) -> Response<ConcurrencyBody<B>> {
+    let adaptive = permit.as_ref().is_some_and(|p| p.limiter().is_adaptive());
+    if !(adaptive && resp.status().is_success() && crate::body::is_event_stream(resp.headers())) {
+        return resp.map(|b| ConcurrencyBody::new(b, permit));
+    }
+    let (mut parts, body) = resp.into_parts();
+    let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
+    Response::from_parts(parts, ConcurrencyBody::watching(body, permit, tracker))
 }

@@ -13,7 +13,7 @@ use super::names;
 use super::shared::{RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{BodyState, RateLimitGroup, Usage, UsageTracker};
-use crate::body::Tracked;
+use crate::body::{Ending, Tracked, ending};
 
 /// The response body of [`Metrics`](super::Metrics): forwards every frame unchanged and as it
 /// comes (streams are never buffered); the token usage comes from the answer's
@@ -66,32 +66,16 @@ where
         let this = self.project();
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
-        match frame {
-            Some(Ok(frame)) => {
-                // hyper stops polling once `is_end_stream()` is true (a body of known length
-                // that has yielded it all), so the end is counted here rather than at a
-                // `None` that may never be polled.
-                if inner.is_end_stream() {
-                    if let Some(finish) = this.finish.take() {
-                        finish.end();
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(error)) => {
-                if let Some(mut finish) = this.finish.take() {
+        let end = ending(&frame, &*inner);
+        if end != Ending::Open {
+            if let Some(mut finish) = this.finish.take() {
+                if end == Ending::Failed {
                     finish.outcome = names::OUTCOME_STREAM_ERROR;
-                    finish.end();
                 }
-                Poll::Ready(Some(Err(error.into())))
-            }
-            None => {
-                if let Some(finish) = this.finish.take() {
-                    finish.end();
-                }
-                Poll::Ready(None)
+                finish.end();
             }
         }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -60,7 +60,7 @@ impl MetricsLayer {
                 forecaster: None,
                 refresh_every: Duration::from_secs(1),
                 last_refresh: Mutex::new(None),
-                json_limit: 8 << 20,
+                json_limit: crate::body::MAX_JSON_COPY,
                 handles: Default::default(),
             }),
         }
@@ -118,7 +118,9 @@ impl MetricsLayer {
     }
 
     /// The largest JSON response body copied to read its `usage` (8 MiB by default); larger
-    /// bodies are still forwarded, their tokens are not counted.
+    /// bodies are still forwarded, their tokens are not counted. The answer's one copy is as
+    /// large as the largest limit of the layers that read it (the rate limiter below copies
+    /// up to 8 MiB whatever this says).
     pub fn json_limit(self, bytes: usize) -> Self {
         self.with(|s| s.json_limit = bytes)
     }

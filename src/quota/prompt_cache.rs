@@ -4,12 +4,14 @@
 //!
 //! Anthropic's rate limits count `input_tokens + cache_creation_input_tokens` toward the
 //! input-tokens-per-minute limit; `cache_read_input_tokens` do not count for current models
-//! (they do for a few older ones: [`ModelCatalog::cache_reads_count`]). The server caches the
-//! prefix of a request up to each `cache_control` breakpoint (in the order tools, system,
+//! (they do for a few older ones: [`ModelCatalog::cache_reads_count`]). The server caches
+//! the prefix of a request up to each `cache_control` breakpoint (in the order tools, system,
 //! messages) for 5 minutes, or 1 hour with `"ttl": "1h"`, refreshed on every use.
 //! [`RequestMeta`] learns those prefixes in its single scan (hashes and token estimates, see
 //! [`CacheBreakpoint`]); this memory remembers which of them the same key sent to the same
 //! model within their TTL, so the rate limiter reserves only what counts.
+//!
+//! [`ModelCatalog::cache_reads_count`]: crate::anthropic::ModelCatalog::cache_reads_count
 
 use std::fmt;
 use std::sync::Arc;

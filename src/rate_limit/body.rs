@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
 use crate::anthropic::{Usage, UsageTracker};
-use crate::body::Tracked;
+use crate::body::{Ending, Tracked, ending};
 use crate::quota::{Cost, PromptCacheEstimate, PromptCacheMemory, Reservation};
 
 /// What a request's settlement does with the prompt cache: counts cache reads toward the
@@ -59,9 +59,6 @@ impl PromptNote {
         }
     }
 }
-
-/// The largest JSON response copied to read its `usage` (beyond, the reservation is kept).
-pub(crate) const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 
 /// Response body of [`RateLimit`](super::RateLimit).
 ///
@@ -195,13 +192,8 @@ where
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(settler) = this.settler.as_mut() {
-            match &frame {
-                Some(Ok(_)) => {
-                    if inner.is_end_stream() {
-                        settler.finish();
-                    }
-                }
-                Some(Err(_)) | None => settler.finish(),
+            if ending(&frame, &*inner) != Ending::Open {
+                settler.finish();
             }
         }
         if frame.is_none() {

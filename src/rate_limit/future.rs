@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::QueueWait;
-use super::body::{MAX_JSON_COPY, PromptNote, RateLimitBody};
+use super::body::{PromptNote, RateLimitBody};
 use super::config::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
@@ -306,7 +306,7 @@ fn on_response<B>(
     } else {
         reservation.answered();
     }
-    let (body, tracker) = crate::body::track(&mut parts, body, stream, MAX_JSON_COPY);
+    let (body, tracker) = crate::body::track(&mut parts, body, stream, crate::body::MAX_JSON_COPY);
     Response::from_parts(
         parts,
         RateLimitBody::tracking(body, reservation, tracker, note.map(|n| *n)),

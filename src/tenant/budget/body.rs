@@ -8,40 +8,40 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
 use super::future::Hold;
-use crate::anthropic::UsageWatch;
+use crate::anthropic::UsageTracker;
+use crate::body::{Ending, Tracked, ending};
 
-/// The answer's usage reader and its reservation: when the body ends (or is dropped), the
-/// reservation is replaced by the real cost.
+/// The answer's reservation and the usage it settles from: when the body ends (or is
+/// dropped), the reservation is replaced by the real cost, read from the answer's one
+/// [`UsageTracker`] (fed by the [`Tracked`] body below this one, or by a layer further down).
 pub(crate) struct Settle {
     hold: Hold,
     model: String,
-    watch: UsageWatch,
-    billable: bool,
+    /// `None` for an error answer, which is not billed.
+    tracker: Option<UsageTracker>,
     done: bool,
 }
 
 impl Settle {
-    pub(crate) fn new(hold: Hold, model: String, watch: UsageWatch, billable: bool) -> Self {
+    pub(crate) fn new(hold: Hold, model: String, tracker: Option<UsageTracker>) -> Self {
         Self {
             hold,
             model,
-            watch,
-            billable,
+            tracker,
             done: false,
         }
     }
 
-    /// Settles once. `complete`: the body reached its end.
-    fn finish(&mut self, complete: bool) {
+    /// Settles once, from what the tracker saw (the body reached its end, or was dropped).
+    fn finish(&mut self) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         let admission = self.hold.admission();
-        let cost = if !self.billable {
+        let cost = match &self.tracker {
             // Error answers are not billed.
-            0
-        } else {
-            match self.watch.usage(complete) {
+            None => 0,
+            Some(tracker) => match tracker.usage() {
                 Some(usage) => {
                     admission.tenant.stats().record_tokens(
                         usage
@@ -54,7 +54,7 @@ impl Settle {
                 }
                 // A JSON answer whose usage cannot be read (too large, cut): its reservation.
                 None => self.hold.reserved(),
-            }
+            },
         };
         admission.tenant.stats().record_cost_micro_usd(cost);
         self.hold.finish(cost);
@@ -64,13 +64,17 @@ impl Settle {
 impl Drop for Settle {
     fn drop(&mut self) {
         // Dropped before the end: what was seen (a stream's usage so far).
-        self.finish(false);
+        self.finish();
     }
 }
 
 /// Response body of [`Budgeted`](super::Budgeted): the inner body, unchanged and never
 /// buffered, whose usage is read as it passes to settle the request's cost; or the JSON of a
 /// 429 refusal.
+///
+/// The usage comes from the answer's [`UsageTracker`]: the one a layer below published
+/// (the rate limiter, in [`ClaudeStack`](crate::stack::ClaudeStack)), else one this body
+/// feeds and publishes, so that a stream is parsed once however many layers read its usage.
 #[pin_project]
 pub struct BudgetBody<B> {
     #[pin]
@@ -81,7 +85,7 @@ pub struct BudgetBody<B> {
 enum Kind<B> {
     Inner {
         #[pin]
-        body: B,
+        body: Tracked<B>,
         settle: Option<Settle>,
     },
     Full {
@@ -103,11 +107,15 @@ impl<B> std::fmt::Debug for BudgetBody<B> {
 impl<B> BudgetBody<B> {
     pub(crate) fn passthrough(body: B) -> Self {
         Self {
-            kind: Kind::Inner { body, settle: None },
+            kind: Kind::Inner {
+                body: Tracked::passthrough(body),
+                settle: None,
+            },
         }
     }
 
-    pub(crate) fn metered(body: B, settle: Settle) -> Self {
+    /// `body` feeds the settlement's tracker (or a layer below does).
+    pub(crate) fn metered(body: Tracked<B>, settle: Settle) -> Self {
         Self {
             kind: Kind::Inner {
                 body,
@@ -139,18 +147,8 @@ where
             KindProj::Inner { mut body, settle } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 if let Some(s) = settle.as_mut() {
-                    match &frame {
-                        Some(Ok(f)) => {
-                            if let Some(data) = f.data_ref() {
-                                s.watch.feed(data);
-                            }
-                            // hyper stops polling once `is_end_stream()` is true.
-                            if body.is_end_stream() {
-                                s.finish(true);
-                            }
-                        }
-                        Some(Err(_)) => s.finish(false),
-                        None => s.finish(true),
+                    if ending(&frame, &*body) != Ending::Open {
+                        s.finish();
                     }
                 }
                 Poll::Ready(frame)

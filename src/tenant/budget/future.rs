@@ -12,14 +12,11 @@ use tower_service::Service;
 use super::body::{BudgetBody, Settle};
 use super::{Decision, Refusal, Shared};
 use crate::BoxError;
-use crate::anthropic::{ApiError, ApiErrorKind, UsageWatch, header_names};
-use crate::body::RequestBody;
+use crate::anthropic::{ApiError, ApiErrorKind, header_names};
+use crate::body::{MAX_JSON_COPY, RequestBody, Tracked, track};
 use crate::fallback::ServedModel;
 use crate::tenant::Tenant;
 use crate::tenant::spend::SpendKey;
-
-/// The largest JSON answer copied to read its usage (beyond it, the reservation is charged).
-const MAX_JSON_COPY: usize = 8 * 1024 * 1024;
 
 /// What a metered request carries from its call to its settlement.
 pub(crate) struct Admission {
@@ -196,10 +193,7 @@ where
                         Err(error) => Err(error.into()),
                         Ok(response) => Ok(match hold {
                             None => response.map(BudgetBody::passthrough),
-                            Some(hold) => {
-                                let settle = settle_for(&response, hold);
-                                response.map(|b| BudgetBody::metered(b, settle))
-                            }
+                            Some(hold) => metered(response, hold),
                         }),
                     });
                 }
@@ -214,9 +208,10 @@ where
     }
 }
 
-/// What the answer's settlement needs: the model that answered, whether it is billed, and a
-/// usage reader for its body.
-fn settle_for<B>(response: &Response<B>, hold: Hold) -> Settle {
+/// The answer with its body wrapped to settle `hold`: from the model that answered and the
+/// answer's usage tracker (the one a layer below published, else one published here); an
+/// error answer is not billed and reads no usage.
+fn metered<B>(response: Response<B>, hold: Hold) -> Response<BudgetBody<B>> {
     let served = response
         .extensions()
         .get::<ServedModel>()
@@ -228,14 +223,17 @@ fn settle_for<B>(response: &Response<B>, hold: Hold) -> Settle {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         });
-    let sse = crate::body::event_stream(response.headers()).unwrap_or(hold.admission().stream);
     let model = served.unwrap_or_else(|| hold.admission().model.clone());
-    Settle::new(
-        hold,
-        model,
-        UsageWatch::new(sse, MAX_JSON_COPY),
-        response.status().is_success(),
-    )
+    let (mut parts, body) = response.into_parts();
+    let (body, tracker) = if parts.status.is_success() {
+        let stream = hold.admission().stream;
+        let (body, tracker) = track(&mut parts, body, stream, MAX_JSON_COPY);
+        (body, Some(tracker))
+    } else {
+        (Tracked::passthrough(body), None)
+    };
+    let body = BudgetBody::metered(body, Settle::new(hold, model, tracker));
+    Response::from_parts(parts, body)
 }
 
 /// The 429 answer of a refusal.
