@@ -226,3 +226,31 @@ fn record(result: &'static str, n: u64) {
 
 #[cfg(not(feature = "metrics"))]
 fn record(_result: &'static str, _n: u64) {}
+
+#[cfg(all(test, feature = "disk-cache"))]
+mod tests {
+    use super::*;
+
+    /// An entry waiting in the queue can be served (from `pending`) before the store has it,
+    /// so the queue answers for the models it was given.
+    #[tokio::test]
+    async fn knows_the_models_it_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::cache::DiskStore::open(dir.path().join("c.redb"), 1 << 20).unwrap();
+        let writer = Writer::new(Arc::new(store), 16);
+        assert!(!writer.queued_other_models("opus"));
+        let entry = CachedResponse::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            "{}".into(),
+            false,
+        )
+        .with_model("sonnet");
+        let key = CacheKey::from_bytes([1; 32]);
+        writer.enqueue(key, entry, Duration::from_secs(60));
+        assert!(writer.pending(&key).is_some());
+        assert!(writer.queued_other_models("opus"));
+        assert!(!writer.queued_other_models("sonnet"));
+        writer.flush().await;
+    }
+}
