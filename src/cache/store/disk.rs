@@ -193,10 +193,12 @@ impl Drop for Inner {
 /// checked on read against the wall clock ([`SystemTime`], since entries outlive the
 /// process).
 ///
-/// Lookups go through an index in memory (cache key to row, about 60 bytes per entry, built
-/// from the file's keys when it is opened): a key that is not there is a miss without touching
-/// the file. A corrupted or undecodable entry is a miss and is removed. redb calls block, so every
-/// operation runs on tokio's blocking pool (`spawn_blocking`); the store needs a tokio runtime.
+/// Lookups go through an index in memory (cache key to row and slot, about 60 bytes per
+/// entry, built from the rows' directories when the file is opened): a key that is not there
+/// is a miss without touching the file. A corrupted or undecodable entry is a miss and is
+/// removed. Writes run on tokio's blocking pool (`spawn_blocking`, redb calls block); lookups
+/// are read inline. The store needs a tokio runtime. redb's page cache is bounded at 32 MiB
+/// (redb's default is 1 GiB, which the process kept as its file grew).
 ///
 /// The bound (`--cache-max-bytes` in the proxy) counts key and entry bytes: a write that
 /// would exceed it first evicts the oldest entries. The file itself is larger (redb pages and
@@ -206,8 +208,9 @@ impl Drop for Inner {
 /// [`compact`](DiskStore::compact)), so the file shrinks back.
 ///
 /// Batches ([`CacheStore::put_batch`], what the [`CacheLayer`](crate::cache::CacheLayer)'s
-/// write-behind task uses) are written in one transaction, committed durably: a crash loses
-/// at most the batch being written, and redb's commits keep the file consistent.
+/// write-behind task uses) are written in one transaction, committed durably, as one row
+/// (several for a batch over 64 KiB): a crash loses at most the batch being written, and
+/// redb's commits keep the file consistent. Eviction drops whole rows, oldest first.
 ///
 /// ```
 /// use tower_claude::cache::{CacheLayer, DiskStore};
