@@ -340,6 +340,7 @@ impl CachedResponse {
 
     /// The model recorded in an [`encode`](Self::encode)d entry, read without decoding the
     /// rest: `Some(None)` when none is recorded, `None` when the bytes are not an entry.
+    #[cfg(feature = "disk-cache")]
     pub(crate) fn encoded_model(mut bytes: &[u8]) -> Option<Option<&str>> {
         let buf = &mut bytes;
         if take(buf, 1)?[0] != ENCODING_VERSION {
