@@ -953,8 +953,8 @@ mod tests {
         assert!(store.get(&k(59)).await.unwrap().is_some());
     }
 
-    /// A file written by the previous layout (rows keyed by cache key, an order table, a
-    /// meta table of the same name with other rows) opens, empty, without those tables.
+    /// A file written by the previous layouts (rows keyed by cache key, an order table, a
+    /// meta table; then one row per entry) opens, empty, without those tables.
     #[tokio::test]
     async fn a_file_of_the_previous_layout_opens_empty() {
         use redb::TableHandle;
@@ -974,6 +974,17 @@ mod tests {
                     .insert(0, &[1u8; 32][..])
                     .unwrap();
                 txn.open_table(meta).unwrap().insert("bytes", 40).unwrap();
+                // The one-row-per-entry layout of before issue 13's fourth pass.
+                let log: TableDefinition<&[u8], &[u8]> = TableDefinition::new(OLD_TABLES[3]);
+                let log_meta: TableDefinition<&str, u64> = TableDefinition::new(OLD_TABLES[4]);
+                txn.open_table(log)
+                    .unwrap()
+                    .insert(&[0u8; 40][..], &b"old row"[..])
+                    .unwrap();
+                txn.open_table(log_meta)
+                    .unwrap()
+                    .insert("bytes", 47)
+                    .unwrap();
             }
             txn.commit().unwrap();
         }
