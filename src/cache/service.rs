@@ -377,7 +377,9 @@ async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
     if let Some(entry) = lookup(config, &plan.key).await {
         return Some(entry);
     }
-    if !config.store.may_hold_other_models(plan.requested()) {
+    if !config.store.may_hold_other_models(plan.requested())
+        && !config.writer.queued_other_models(plan.requested())
+    {
         tracing::trace!("no entry of another model stored: fallback not asked");
         return None;
     }

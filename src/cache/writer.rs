@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 
 use super::key::CacheKey;
-use super::store::{CacheStore, CachedResponse};
+use super::store::{CacheStore, CachedResponse, ModelSet};
 
 /// The most entries stored in one batch (one redb transaction, one Redis pipeline).
 pub(crate) const MAX_BATCH: usize = 256;
@@ -41,6 +41,9 @@ pub(crate) struct Writer {
     capacity: usize,
     tx: OnceLock<mpsc::Sender<Job>>,
     pending: Mutex<HashMap<CacheKey, CachedResponse>>,
+    /// The models of the entries ever queued: a store learns an entry's model when the batch
+    /// is written, and a lookup meanwhile may be served from `pending`.
+    models: ModelSet,
     /// Entries queued and not yet written (or given up), and a signal when it drops to 0.
     outstanding: AtomicU64,
     idle: Notify,
@@ -57,6 +60,7 @@ impl Writer {
             capacity: capacity.max(1),
             tx: OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
+            models: ModelSet::default(),
             outstanding: AtomicU64::new(0),
             idle: Notify::new(),
             failures: AtomicU64::new(0),
@@ -74,6 +78,12 @@ impl Writer {
         pending.get(key).cloned()
     }
 
+    /// Whether an entry of a model other than `model` was ever queued (see
+    /// [`CacheStore::may_hold_other_models`]; the store answers for what it has written).
+    pub(crate) fn queued_other_models(&self, model: &str) -> bool {
+        self.models.others_than(model)
+    }
+
     /// Queues `entry` for storing under `key`; never waits. A store that
     /// [writes at once](CacheStore::writes_at_once) (in memory) is written inline.
     pub(crate) fn enqueue(self: &Arc<Self>, key: CacheKey, entry: CachedResponse, ttl: Duration) {
@@ -87,6 +97,7 @@ impl Writer {
             drop(self.store.put(&key, entry, ttl));
             return;
         };
+        self.models.record(entry.model());
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -215,3 +226,31 @@ fn record(result: &'static str, n: u64) {
 
 #[cfg(not(feature = "metrics"))]
 fn record(_result: &'static str, _n: u64) {}
+
+#[cfg(all(test, feature = "disk-cache"))]
+mod tests {
+    use super::*;
+
+    /// An entry waiting in the queue can be served (from `pending`) before the store has it,
+    /// so the queue answers for the models it was given.
+    #[tokio::test]
+    async fn knows_the_models_it_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::cache::DiskStore::open(dir.path().join("c.redb"), 1 << 20).unwrap();
+        let writer = Writer::new(Arc::new(store), 16);
+        assert!(!writer.queued_other_models("opus"));
+        let entry = CachedResponse::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            "{}".into(),
+            false,
+        )
+        .with_model("sonnet");
+        let key = CacheKey::from_bytes([1; 32]);
+        writer.enqueue(key, entry, Duration::from_secs(60));
+        assert!(writer.pending(&key).is_some());
+        assert!(writer.queued_other_models("opus"));
+        assert!(!writer.queued_other_models("sonnet"));
+        writer.flush().await;
+    }
+}

@@ -7,48 +7,132 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{
-    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
-};
+use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 
-use super::{CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture};
+use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreErrorKind, StoreFuture};
 use crate::cache::CacheKey;
 
-/// `[insertion sequence u64 BE][key, 32 bytes]` -> `[expires unix ms u64 LE][CachedResponse::encode]`.
+/// `[row sequence u64]` -> a row: the entries of one batch (or of a part of a large one),
 ///
-/// Rows are keyed by insertion order, so that a batch appends to the end of the B-tree (a few
-/// pages written per batch) and eviction takes the first rows; with rows keyed by the (random)
-/// cache key, every stored answer rewrote a leaf page of its own, which cost a stored answer
-/// several times a miss's request-path work. Lookups by cache key go through an index in memory
-/// ([`Inner::index`]), built from the keys when the file is opened.
-const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tower_claude_cache_log");
-/// `bytes` (accounted size) and `seq` (next sequence number).
-const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_log_meta");
-/// The tables of the previous layout (rows keyed by cache key, and an order table), dropped on
-/// open: their keys (cache key v1) are unreachable anyway.
-const OLD_TABLES: [&str; 3] = [
+/// ```text
+/// [count u32 LE]
+/// count × [cache key, 32 bytes][expires unix ms u64 LE][offset u32 LE][length u32 LE]
+/// the entries (`CachedResponse::encode`), at those offsets from the end of the directory
+/// ```
+///
+/// A slot whose length is 0 is a removed entry. Rows are keyed by insertion order, so a batch
+/// appends one row to the end of the B-tree and eviction takes the first rows. One row per
+/// batch, not one per entry: every redb insert rebuilds the leaf it lands in (about 22k
+/// instructions for a 1 KB entry), which was most of what a stored answer cost; a batch now
+/// pays one insert (see `docs/benchmarks.md`, issue 13, fourth pass). Lookups by cache key go
+/// through an index in memory ([`Inner::index`]), built from the rows' directories when the
+/// file is opened.
+const ROWS: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_rows");
+/// `bytes` (accounted size) and `seq` (next row sequence number).
+const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_rows_meta");
+/// The tables of the previous layouts (rows keyed by cache key and an order table; then one
+/// row per entry keyed by insertion order), dropped on open: their keys (cache key v1) are
+/// unreachable anyway, and a one-row-per-entry file is a cache that refills.
+const OLD_TABLES: [&str; 5] = [
     "tower_claude_cache_entries",
     "tower_claude_cache_order",
     "tower_claude_cache_meta",
+    "tower_claude_cache_log",
+    "tower_claude_cache_log_meta",
 ];
 
-/// Accounted bytes per row beyond the encoded entry: the 40-byte row key and the expiry.
-const ROW_OVERHEAD: u64 = (SEQ_LEN + KEY_LEN + EXPIRES_LEN) as u64;
 const SEQ_LEN: usize = 8;
+const COUNT_LEN: usize = 4;
 const KEY_LEN: usize = 32;
-const EXPIRES_LEN: usize = 8;
+const SLOT_LEN: usize = KEY_LEN + 8 + 4 + 4;
+/// Accounted bytes of a row holding one entry, beyond the encoded entry: the row key, the
+/// count and the entry's directory slot. A row of `n` entries adds `SLOT_LEN` per entry.
+const ROW_OVERHEAD: u64 = (SEQ_LEN + COUNT_LEN + SLOT_LEN) as u64;
+/// The most encoded bytes a row of several entries holds (a row holds one entry of any size):
+/// a hit reads its entry's whole row, and eviction drops whole rows. Also at most an eighth
+/// of the bound, so that a row evicted takes a small part of the cache with it.
+const ROW_MAX: usize = 64 * 1024;
 
-fn row_key(seq: u64, key: &CacheKey) -> [u8; SEQ_LEN + KEY_LEN] {
-    let mut out = [0; SEQ_LEN + KEY_LEN];
-    out[..SEQ_LEN].copy_from_slice(&seq.to_be_bytes());
-    out[SEQ_LEN..].copy_from_slice(key.as_bytes());
-    out
+/// Where an entry is: its row and its slot in the row's directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    row: u64,
+    at: u32,
 }
 
-fn parse_row_key(row: &[u8]) -> Option<(u64, CacheKey)> {
-    let seq: [u8; SEQ_LEN] = row.get(..SEQ_LEN)?.try_into().ok()?;
-    let key: [u8; KEY_LEN] = row.get(SEQ_LEN..)?.try_into().ok()?;
-    Some((u64::from_be_bytes(seq), CacheKey::from_bytes(key)))
+/// One directory slot of a row.
+struct SlotView<'a> {
+    key: CacheKey,
+    expires: u64,
+    entry: &'a [u8],
+}
+
+/// A row's directory and entries, bounds-checked.
+struct Row<'a> {
+    dir: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> Row<'a> {
+    fn parse(value: &'a [u8]) -> Option<Self> {
+        let count = u32_at(value, 0)? as usize;
+        let end = count.checked_mul(SLOT_LEN)?.checked_add(COUNT_LEN)?;
+        Some(Self {
+            dir: value.get(COUNT_LEN..end)?,
+            data: value.get(end..)?,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.dir.len() / SLOT_LEN
+    }
+
+    /// Slot `at`; `None` if it is out of range, removed or points outside the row.
+    fn slot(&self, at: usize) -> Option<SlotView<'a>> {
+        let s = self.dir.get(at * SLOT_LEN..(at + 1) * SLOT_LEN)?;
+        let key: [u8; KEY_LEN] = s[..KEY_LEN].try_into().ok()?;
+        let expires = u64_at(s, KEY_LEN)?;
+        let offset = u32_at(s, KEY_LEN + 8)? as usize;
+        let len = u32_at(s, KEY_LEN + 12)? as usize;
+        if len == 0 {
+            return None;
+        }
+        Some(SlotView {
+            key: CacheKey::from_bytes(key),
+            expires,
+            entry: self.data.get(offset..offset.checked_add(len)?)?,
+        })
+    }
+
+    /// The live entries, with their slot numbers.
+    fn live(&self) -> impl Iterator<Item = (u32, SlotView<'a>)> + '_ {
+        (0..self.len()).filter_map(|at| Some((at as u32, self.slot(at)?)))
+    }
+}
+
+/// Encodes a row of `(key, expires, encoded entry)`; removed slots are `None`.
+fn encode_row<'e>(
+    entries: impl ExactSizeIterator<Item = Option<(CacheKey, u64, &'e [u8])>> + Clone,
+) -> Vec<u8> {
+    let count = entries.len();
+    let data: usize = entries.clone().flatten().map(|(.., e)| e.len()).sum();
+    let mut row = Vec::with_capacity(COUNT_LEN + count * SLOT_LEN + data);
+    row.extend_from_slice(&(count as u32).to_le_bytes());
+    let mut offset = 0usize;
+    for slot in entries.clone() {
+        let (key, expires, len) = slot.map_or(([0; KEY_LEN], 0, 0), |(k, x, e)| {
+            (*k.as_bytes(), x, e.len())
+        });
+        row.extend_from_slice(&key);
+        row.extend_from_slice(&expires.to_le_bytes());
+        row.extend_from_slice(&(offset as u32).to_le_bytes());
+        row.extend_from_slice(&(len as u32).to_le_bytes());
+        offset += len;
+    }
+    for (.., entry) in entries.flatten() {
+        row.extend_from_slice(entry);
+    }
+    row
 }
 
 type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -57,10 +141,12 @@ struct Inner {
     /// Read-locked by every transaction; write-locked only to compact the file (redb's
     /// `compact` needs `&mut`). A lookup that finds it write-locked is a miss: it never waits.
     db: RwLock<Database>,
-    /// Cache key -> the sequence number of its row. Updated as rows are written (before
-    /// their commit: a lookup that meanwhile finds no row is a miss) and removed. A key
-    /// missing here is a miss without a read transaction: most lookups are misses.
-    index: Mutex<HashMap<CacheKey, u64>>,
+    /// Cache key -> its row and slot. Updated as rows are written (before their commit: a
+    /// lookup that meanwhile finds no row is a miss) and removed. A key missing here is a miss
+    /// without a read transaction: most lookups are misses.
+    index: Mutex<HashMap<CacheKey, Slot>>,
+    /// The models of the entries written (and found when the file was opened).
+    models: ModelSet,
     path: PathBuf,
     max_bytes: u64,
     /// When the file was last compacted (or opened).
@@ -76,6 +162,12 @@ struct Inner {
 const SYNC_EVERY_WRITES: u32 = 64;
 /// ...and at least this often while writes happen.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// redb's page cache (read cache and write buffer). redb's default, 1 GiB, is memory the
+/// process keeps: after 1M distinct answers stored with the default 256 MiB bound the proxy's
+/// resident size was 695 MB, most of it redb's cache of the pages it had written. Lookups go
+/// to one row each, which the kernel's page cache keeps anyway.
+const REDB_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// The file is compacted when it is larger than twice the accounted entries plus this...
 const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
@@ -101,10 +193,12 @@ impl Drop for Inner {
 /// checked on read against the wall clock ([`SystemTime`], since entries outlive the
 /// process).
 ///
-/// Lookups go through an index in memory (cache key to row, about 60 bytes per entry, built
-/// from the file's keys when it is opened): a key that is not there is a miss without touching
-/// the file. A corrupted or undecodable entry is a miss and is removed. redb calls block, so every
-/// operation runs on tokio's blocking pool (`spawn_blocking`); the store needs a tokio runtime.
+/// Lookups go through an index in memory (cache key to row and slot, about 60 bytes per
+/// entry, built from the rows' directories when the file is opened): a key that is not there
+/// is a miss without touching the file. A corrupted or undecodable entry is a miss and is
+/// removed. Writes run on tokio's blocking pool (`spawn_blocking`, redb calls block); lookups
+/// are read inline. The store needs a tokio runtime. redb's page cache is bounded at 32 MiB
+/// (redb's default is 1 GiB, which the process kept as its file grew).
 ///
 /// The bound (`--cache-max-bytes` in the proxy) counts key and entry bytes: a write that
 /// would exceed it first evicts the oldest entries. The file itself is larger (redb pages and
@@ -114,8 +208,9 @@ impl Drop for Inner {
 /// [`compact`](DiskStore::compact)), so the file shrinks back.
 ///
 /// Batches ([`CacheStore::put_batch`], what the [`CacheLayer`](crate::cache::CacheLayer)'s
-/// write-behind task uses) are written in one transaction, committed durably: a crash loses
-/// at most the batch being written, and redb's commits keep the file consistent.
+/// write-behind task uses) are written in one transaction, committed durably, as one row
+/// (several for a batch over 64 KiB): a crash loses at most the batch being written, and
+/// redb's commits keep the file consistent. Eviction drops whole rows, oldest first.
 ///
 /// ```
 /// use tower_claude::cache::{CacheLayer, DiskStore};
@@ -136,10 +231,13 @@ impl DiskStore {
     /// This is blocking file I/O: call it at start-up or inside `spawn_blocking`. Fails if the
     /// file is not a redb database or is already open in this process.
     pub fn open(path: impl AsRef<Path>, max_bytes: u64) -> Result<Self, StoreError> {
-        let db = Database::create(path.as_ref())
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(path.as_ref())
             .map_err(|e| StoreError::new(StoreErrorKind::Open, e.to_string()))?;
         let txn = db.begin_write().map_err(backend)?;
         let mut index = HashMap::new();
+        let models = ModelSet::default();
         {
             for old in OLD_TABLES {
                 let old: TableDefinition<&[u8], &[u8]> = TableDefinition::new(old);
@@ -147,12 +245,20 @@ impl DiskStore {
                 // open; absent is fine.
                 txn.delete_table(old).map_err(backend)?;
             }
-            let log = txn.open_table(LOG).map_err(backend)?;
+            let rows = txn.open_table(ROWS).map_err(backend)?;
             txn.open_table(META).map_err(backend)?;
-            for row in log.iter().map_err(backend)? {
-                let (k, _) = row.map_err(backend)?;
-                if let Some((seq, key)) = parse_row_key(k.value()) {
-                    index.insert(key, seq);
+            for row in rows.iter().map_err(backend)? {
+                let (seq, value) = row.map_err(backend)?;
+                // A row that does not parse holds nothing reachable; eviction drops it.
+                let Some(parsed) = Row::parse(value.value()) else {
+                    continue;
+                };
+                for (at, slot) in parsed.live() {
+                    let row = seq.value();
+                    index.insert(slot.key, Slot { row, at });
+                    if let Some(model) = CachedResponse::encoded_model(slot.entry) {
+                        models.record(model);
+                    }
                 }
             }
         }
@@ -161,6 +267,7 @@ impl DiskStore {
             inner: Arc::new(Inner {
                 db: RwLock::new(db),
                 index: Mutex::new(index),
+                models,
                 path: path.as_ref().to_path_buf(),
                 max_bytes,
                 last_compaction: Mutex::new(std::time::Instant::now()),
@@ -205,11 +312,14 @@ impl DiskStore {
         }
     }
 
-    /// The number of entries (blocking).
+    /// The number of entries.
     pub fn entry_count(&self) -> Result<u64, StoreError> {
-        let txn = self.inner.db()?.begin_read().map_err(backend)?;
-        let table = txn.open_table(LOG).map_err(backend)?;
-        table.len().map_err(backend)
+        Ok(self
+            .inner
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len() as u64)
     }
 
     /// The accounted size of the entries in bytes (blocking).
@@ -243,6 +353,11 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+    Some(u32::from_le_bytes(b))
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
@@ -316,8 +431,9 @@ impl Inner {
         }
     }
 
-    /// Writes a batch of entries in one durable transaction, evicting the oldest entries to
-    /// make room, then compacts the file if it is due.
+    /// Writes a batch of entries in one durable transaction (rows of up to [`ROW_MAX`]
+    /// bytes, usually one), evicting the oldest rows to make room, then compacts the file if
+    /// it is due.
     fn put_batch(
         &self,
         entries: &[(CacheKey, CachedResponse, Duration)],
@@ -329,9 +445,7 @@ impl Inner {
             txn.set_durability(Durability::Immediate);
             {
                 let mut tables = Tables::open(&txn, self)?;
-                for (key, value, ttl) in entries {
-                    tables.put(key, value, *ttl, now)?;
-                }
+                tables.put(entries, now)?;
                 tables.close()?;
             }
             txn.commit().map_err(backend)?;
@@ -374,7 +488,7 @@ impl Inner {
     }
 
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let Some(seq) = self.seq_of(key) else {
+        let Some(slot) = self.slot_of(key) else {
             return Ok(Lookup::Missing);
         };
         let db = match self.db.try_read() {
@@ -384,18 +498,21 @@ impl Inner {
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         };
         let txn = db.begin_read().map_err(backend)?;
-        let table = txn.open_table(LOG).map_err(backend)?;
-        let Some(guard) = table.get(&row_key(seq, key)[..]).map_err(backend)? else {
+        let table = txn.open_table(ROWS).map_err(backend)?;
+        let Some(guard) = table.get(slot.row).map_err(backend)? else {
             return Ok(Lookup::Missing);
         };
-        let value = guard.value();
-        let Some(expires) = u64_at(value, 0) else {
+        let Some(found) = Row::parse(guard.value()).and_then(|row| row.slot(slot.at as usize))
+        else {
             return Ok(Lookup::Stale);
         };
-        if unix_ms((self.clock)()) >= expires {
+        if found.key != *key {
             return Ok(Lookup::Stale);
         }
-        Ok(match CachedResponse::decode(&value[EXPIRES_LEN..]) {
+        if unix_ms((self.clock)()) >= found.expires {
+            return Ok(Lookup::Stale);
+        }
+        Ok(match CachedResponse::decode(found.entry) {
             Ok(resp) => Lookup::Found(resp),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "removing undecodable disk cache entry");
@@ -404,8 +521,8 @@ impl Inner {
         })
     }
 
-    /// The sequence number of `key`'s row, if it has one.
-    fn seq_of(&self, key: &CacheKey) -> Option<u64> {
+    /// Where `key`'s entry is, if it has one.
+    fn slot_of(&self, key: &CacheKey) -> Option<Slot> {
         self.index
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -417,7 +534,7 @@ impl Inner {
         let now = unix_ms((self.clock)());
         self.write(|txn, inner| {
             let mut tables = Tables::open(txn, inner)?;
-            tables.put(key, value, ttl, now)?;
+            tables.put(&[(*key, value.clone(), ttl)], now)?;
             tables.close()
         })
     }
@@ -435,7 +552,7 @@ impl Inner {
 /// sequence number read once and written back by [`close`](Tables::close): a batch of
 /// entries costs one table opening and one `META` read and write, not one per entry.
 struct Tables<'t> {
-    log: redb::Table<'t, &'static [u8], &'static [u8]>,
+    rows: redb::Table<'t, u64, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
     inner: &'t Inner,
     total: u64,
@@ -448,7 +565,7 @@ impl<'t> Tables<'t> {
         let total = meta.get("bytes").map_err(backend)?.map_or(0, |v| v.value());
         let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
         Ok(Self {
-            log: txn.open_table(LOG).map_err(backend)?,
+            rows: txn.open_table(ROWS).map_err(backend)?,
             meta,
             inner,
             total,
@@ -463,43 +580,70 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, u64>> {
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot>> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Removes `key`'s row, if it has one.
+    /// Drops the index entries that point into row `seq` (its directory `value`, if it
+    /// parses; otherwise every entry of that row, by a scan of the index).
+    fn unindex(inner: &Inner, seq: u64, value: &[u8]) {
+        let mut index = inner.index.lock().unwrap_or_else(|e| e.into_inner());
+        match Row::parse(value) {
+            Some(row) => {
+                for (at, slot) in row.live() {
+                    if index.get(&slot.key) == Some(&Slot { row: seq, at }) {
+                        index.remove(&slot.key);
+                    }
+                }
+            }
+            None => index.retain(|_, slot| slot.row != seq),
+        }
+    }
+
+    /// Removes `key`'s entry, if it has one: its row is rewritten without it (same place in
+    /// the eviction order), or dropped when it was the row's last entry. A row that does not
+    /// parse is dropped whole.
     fn remove(&mut self, key: &CacheKey) -> Result<(), StoreError> {
-        let Some(seq) = self.index().remove(key) else {
+        let Some(slot) = self.index().remove(key) else {
             return Ok(());
         };
-        if let Some(old) = self.log.remove(&row_key(seq, key)[..]).map_err(backend)? {
-            self.total = self
-                .total
-                .saturating_sub((SEQ_LEN + KEY_LEN + old.value().len()) as u64);
+        let Some(old) = self
+            .rows
+            .remove(slot.row)
+            .map_err(backend)?
+            .map(|old| old.value().to_vec())
+        else {
+            return Ok(());
+        };
+        self.total = self.total.saturating_sub((SEQ_LEN + old.len()) as u64);
+        let Some(row) = Row::parse(&old) else {
+            Self::unindex(self.inner, slot.row, &old);
+            return Ok(());
+        };
+        let kept = (0..row.len()).map(|at| {
+            row.slot(at)
+                .filter(|_| at != slot.at as usize)
+                .map(|s| (s.key, s.expires, s.entry))
+        });
+        if kept.clone().flatten().next().is_none() {
+            return Ok(());
         }
+        let value = encode_row(kept);
+        self.rows.insert(slot.row, &value[..]).map_err(backend)?;
+        self.total += (SEQ_LEN + value.len()) as u64;
         Ok(())
     }
 
-    /// Evicts the oldest entries until `extra` more bytes fit under the bound.
+    /// Evicts the oldest rows until `extra` more bytes fit under the bound.
     fn evict(&mut self, extra: u64) -> Result<(), StoreError> {
         let max = self.inner.max_bytes;
         while self.total.saturating_add(extra) > max {
-            let oldest = self.log.pop_first().map_err(backend)?.map(|(k, v)| {
-                (
-                    parse_row_key(k.value()),
-                    (k.value().len() + v.value().len()),
-                )
-            });
-            let Some((row, len)) = oldest else {
+            let Some((seq, value)) = self.rows.pop_first().map_err(backend)? else {
                 break;
             };
-            self.total = self.total.saturating_sub(len as u64);
-            if let Some((seq, key)) = row {
-                let mut index = self.index();
-                if index.get(&key) == Some(&seq) {
-                    index.remove(&key);
-                }
-            }
+            let value = value.value();
+            self.total = self.total.saturating_sub((SEQ_LEN + value.len()) as u64);
+            Self::unindex(self.inner, seq.value(), value);
         }
         if self.total.saturating_add(extra) > max {
             // Nothing left to evict: the accounting is off. Start over from zero rather than
@@ -510,32 +654,66 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Stores one entry, replacing any previous one and evicting the oldest entries to stay
-    /// under the bound. An entry larger than the whole bound is not stored.
+    /// Stores entries (the last of several with one key wins), replacing previous entries
+    /// under their keys, in rows of up to [`ROW_MAX`] encoded bytes (and an eighth of the
+    /// bound) appended in order, evicting the oldest rows to stay under the bound. An entry
+    /// whose own row is larger than the whole bound is not stored.
     fn put(
         &mut self,
-        key: &CacheKey,
-        value: &CachedResponse,
-        ttl: Duration,
+        entries: &[(CacheKey, CachedResponse, Duration)],
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let expires = now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let mut row = Vec::with_capacity(EXPIRES_LEN + value.weight());
-        row.extend_from_slice(&expires.to_le_bytes());
-        value.encode_into(&mut row);
-        let size = ROW_OVERHEAD + (row.len() - EXPIRES_LEN) as u64;
-        self.remove(key)?;
-        if size > self.inner.max_bytes {
-            return Ok(());
+        let max = self.inner.max_bytes;
+        let row_max = usize::try_from(max / 8).unwrap_or(usize::MAX).min(ROW_MAX);
+        // The entries to write, each once (its last occurrence), in order.
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        let mut todo: Vec<(CacheKey, u64, Vec<u8>)> = Vec::with_capacity(entries.len());
+        for (key, value, ttl) in entries.iter().rev() {
+            if !seen.insert(*key) {
+                continue;
+            }
+            let entry = value.encode();
+            self.inner.models.record(value.model());
+            if ROW_OVERHEAD + entry.len() as u64 > max {
+                continue;
+            }
+            let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            todo.push((*key, now_ms.saturating_add(ttl), entry));
         }
-        self.evict(size)?;
-        let seq = self.seq;
-        self.log
-            .insert(&row_key(seq, key)[..], &row[..])
-            .map_err(backend)?;
-        self.index().insert(*key, seq);
-        self.total += size;
-        self.seq += 1;
+        todo.reverse();
+        let mut rest = &todo[..];
+        while !rest.is_empty() {
+            // As many entries as fit in one row (at least one).
+            let mut n = 1;
+            let mut bytes = rest[0].2.len();
+            while n < rest.len() && bytes + rest[n].2.len() <= row_max {
+                bytes += rest[n].2.len();
+                n += 1;
+            }
+            let (row, next) = rest.split_at(n);
+            rest = next;
+            for (key, ..) in row {
+                self.remove(key)?;
+            }
+            let value = encode_row(row.iter().map(|(k, x, e)| Some((*k, *x, &e[..]))));
+            let size = (SEQ_LEN + value.len()) as u64;
+            self.evict(size)?;
+            let seq = self.seq;
+            self.rows.insert(seq, &value[..]).map_err(backend)?;
+            let mut index = self.index();
+            for (at, (key, ..)) in row.iter().enumerate() {
+                index.insert(
+                    *key,
+                    Slot {
+                        row: seq,
+                        at: at as u32,
+                    },
+                );
+            }
+            drop(index);
+            self.total += size;
+            self.seq += 1;
+        }
         Ok(())
     }
 }
@@ -587,6 +765,13 @@ impl CacheStore for DiskStore {
 
     fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
         self.run(move |inner| inner.put_batch(&entries))
+    }
+
+    /// Answered from the models of every entry written since the file was opened and of
+    /// those it held then (so a store that only ever held the requested model's answers
+    /// saves the [`CacheLayer`](crate::cache::CacheLayer) a fallback question per miss).
+    fn may_hold_other_models(&self, model: &str) -> bool {
+        self.inner.models.others_than(model)
     }
 }
 
@@ -665,10 +850,10 @@ mod tests {
             {
                 let db = store.inner.db().unwrap();
                 let txn = db.begin_write().unwrap();
-                let seq = store.inner.seq_of(&k(1)).unwrap();
-                txn.open_table(LOG)
+                let slot = store.inner.slot_of(&k(1)).unwrap();
+                txn.open_table(ROWS)
                     .unwrap()
-                    .insert(&row_key(seq, &k(1))[..], garbage)
+                    .insert(slot.row, garbage)
                     .unwrap();
                 txn.commit().unwrap();
             }
@@ -768,8 +953,8 @@ mod tests {
         assert!(store.get(&k(59)).await.unwrap().is_some());
     }
 
-    /// A file written by the previous layout (rows keyed by cache key, an order table, a
-    /// meta table of the same name with other rows) opens, empty, without those tables.
+    /// A file written by the previous layouts (rows keyed by cache key, an order table, a
+    /// meta table; then one row per entry) opens, empty, without those tables.
     #[tokio::test]
     async fn a_file_of_the_previous_layout_opens_empty() {
         use redb::TableHandle;
@@ -789,6 +974,17 @@ mod tests {
                     .insert(0, &[1u8; 32][..])
                     .unwrap();
                 txn.open_table(meta).unwrap().insert("bytes", 40).unwrap();
+                // The one-row-per-entry layout of before issue 13's fourth pass.
+                let log: TableDefinition<&[u8], &[u8]> = TableDefinition::new(OLD_TABLES[3]);
+                let log_meta: TableDefinition<&str, u64> = TableDefinition::new(OLD_TABLES[4]);
+                txn.open_table(log)
+                    .unwrap()
+                    .insert(&[0u8; 40][..], &b"old row"[..])
+                    .unwrap();
+                txn.open_table(log_meta)
+                    .unwrap()
+                    .insert("bytes", 47)
+                    .unwrap();
             }
             txn.commit().unwrap();
         }
@@ -807,6 +1003,172 @@ mod tests {
         }
         store.put(&k(1), resp(10), HOUR).await.unwrap();
         assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(10)));
+    }
+
+    fn row_count(store: &DiskStore) -> u64 {
+        use redb::ReadableTableMetadata;
+        let db = store.inner.db().unwrap();
+        let txn = db.begin_read().unwrap();
+        txn.open_table(ROWS).unwrap().len().unwrap()
+    }
+
+    /// A batch is written as one row (one B-tree insert), and each of its entries is found,
+    /// also after reopening; a large batch is split into rows of at most `ROW_MAX` bytes.
+    #[tokio::test]
+    async fn a_batch_is_one_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let store = DiskStore::open(&path, 64 << 20).unwrap();
+            let batch = (0..20)
+                .map(|i| (k(i), resp(500 + i as usize), HOUR))
+                .collect();
+            store.put_batch(batch).await.unwrap();
+            assert_eq!(row_count(&store), 1);
+            assert_eq!(store.entry_count().unwrap(), 20);
+            let row = ROW_OVERHEAD + (19 * SLOT_LEN) as u64;
+            let encoded: u64 = (0..20).map(|i| resp(500 + i).encode().len() as u64).sum();
+            assert_eq!(store.size_bytes().unwrap(), row + encoded);
+            for i in 0..20 {
+                assert_eq!(
+                    store.get(&k(i)).await.unwrap(),
+                    Some(resp(500 + i as usize))
+                );
+            }
+            // 200 entries of ~1 KB: rows of at most 64 KiB.
+            let batch = (0..200).map(|i| (k(i), resp(1000), HOUR)).collect();
+            store.put_batch(batch).await.unwrap();
+            assert_eq!(
+                row_count(&store),
+                4,
+                "the first row's entries were all replaced"
+            );
+            assert_eq!(store.entry_count().unwrap(), 200);
+        }
+        let store = DiskStore::open(&path, 64 << 20).unwrap();
+        assert_eq!(store.entry_count().unwrap(), 200);
+        for i in [0, 63, 64, 199] {
+            assert_eq!(store.get(&k(i)).await.unwrap(), Some(resp(1000)));
+        }
+    }
+
+    /// Removing or replacing one entry of a row keeps the row's other entries (accounting
+    /// exact), also after reopening; the last of several entries with one key in a batch
+    /// wins.
+    #[tokio::test]
+    async fn one_entry_of_a_row_is_removed_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let one = resp(300).encode().len() as u64;
+        {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            let batch = vec![
+                (k(1), resp(300), HOUR),
+                (k(2), resp(10), HOUR),
+                (k(3), resp(300), HOUR),
+                (k(2), resp(300), HOUR),
+            ];
+            store.put_batch(batch).await.unwrap();
+            assert_eq!(store.entry_count().unwrap(), 3);
+            assert_eq!(store.get(&k(2)).await.unwrap(), Some(resp(300)));
+            store.remove(&k(1)).await.unwrap();
+            assert_eq!(store.get(&k(1)).await.unwrap(), None);
+            assert_eq!(store.get(&k(3)).await.unwrap(), Some(resp(300)));
+            // The row keeps its three slots, one of them empty.
+            assert_eq!(
+                store.size_bytes().unwrap(),
+                ROW_OVERHEAD + 2 * SLOT_LEN as u64 + 2 * one
+            );
+            store.put(&k(3), resp(20), HOUR).await.unwrap();
+            assert_eq!(row_count(&store), 2);
+        }
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.entry_count().unwrap(), 2);
+        assert_eq!(store.get(&k(1)).await.unwrap(), None);
+        assert_eq!(store.get(&k(2)).await.unwrap(), Some(resp(300)));
+        assert_eq!(store.get(&k(3)).await.unwrap(), Some(resp(20)));
+        store.remove(&k(2)).await.unwrap();
+        assert_eq!(row_count(&store), 1, "a row without entries is dropped");
+        assert_eq!(
+            store.size_bytes().unwrap(),
+            ROW_OVERHEAD + resp(20).encode().len() as u64
+        );
+    }
+
+    /// An undecodable entry in a row of several is a miss and is removed alone.
+    #[tokio::test]
+    async fn an_undecodable_entry_of_a_row_is_removed_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path().join("c.redb"), 1 << 20).unwrap();
+        let batch = (1..=3).map(|i| (k(i), resp(100), HOUR)).collect();
+        store.put_batch(batch).await.unwrap();
+        {
+            let db = store.inner.db().unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let slot = store.inner.slot_of(&k(2)).unwrap();
+                let mut rows = txn.open_table(ROWS).unwrap();
+                let mut value = rows.get(slot.row).unwrap().unwrap().value().to_vec();
+                let row = Row::parse(&value).unwrap();
+                let at = value.len() - row.data.len()
+                    + (row.slot(1).unwrap().entry.as_ptr() as usize - row.data.as_ptr() as usize);
+                value[at] = 0xff; // the encoding version of k(2)'s entry
+                rows.insert(slot.row, &value[..]).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        assert_eq!(store.get(&k(2)).await.unwrap(), None);
+        removed(&store, 2).await;
+        assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(100)));
+        assert_eq!(store.get(&k(3)).await.unwrap(), Some(resp(100)));
+    }
+
+    /// A crash (the file as it is on disk while the store is open, copied after a batch was
+    /// committed) loses nothing committed: the copy opens, with every batch written.
+    #[tokio::test]
+    async fn a_crash_keeps_every_committed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let copy = dir.path().join("crashed.redb");
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        for b in 0..3u8 {
+            let batch = (0..10).map(|i| (k(b * 10 + i), resp(200), HOUR)).collect();
+            store.put_batch(batch).await.unwrap();
+        }
+        std::fs::copy(&path, &copy).unwrap();
+        drop(store);
+        let crashed = DiskStore::open(&copy, 1 << 20).unwrap();
+        assert_eq!(crashed.entry_count().unwrap(), 30);
+        for i in 0..30 {
+            assert_eq!(crashed.get(&k(i)).await.unwrap(), Some(resp(200)));
+        }
+    }
+
+    /// The store knows which models it may hold entries of, also after reopening.
+    #[tokio::test]
+    async fn knows_which_models_it_may_hold_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            assert!(!store.may_hold_other_models("opus"));
+            store
+                .put(&k(1), resp(10).with_model("opus"), HOUR)
+                .await
+                .unwrap();
+            assert!(!store.may_hold_other_models("opus"));
+            assert!(store.may_hold_other_models("sonnet"));
+        }
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert!(!store.may_hold_other_models("opus"));
+        assert!(store.may_hold_other_models("sonnet"));
+        let batch = vec![(k(2), resp(10).with_model("sonnet"), HOUR)];
+        store.put_batch(batch).await.unwrap();
+        assert!(store.may_hold_other_models("opus"));
+        // An entry without a recorded model may be any model's.
+        let fresh = DiskStore::open(dir.path().join("d.redb"), 1 << 20).unwrap();
+        fresh.put(&k(3), resp(10), HOUR).await.unwrap();
+        assert!(fresh.may_hold_other_models("opus"));
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! In-process store on `moka`.
 
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use moka::sync::Cache;
 use tokio::time::Instant;
 
-use super::{CacheStore, CachedResponse, StoreFuture};
+use super::{CacheStore, CachedResponse, ModelSet, StoreFuture};
 use crate::cache::CacheKey;
 
 #[derive(Clone)]
@@ -65,16 +65,7 @@ impl moka::Expiry<CacheKey, Entry> for EntryExpiry {
 pub struct MemoryStore {
     cache: Cache<CacheKey, Entry>,
     /// The models of every entry ever put (see [`CacheStore::may_hold_other_models`]).
-    models: Arc<RwLock<Models>>,
-}
-
-/// The models a store has held entries of (never shrinks: an evicted model stays listed,
-/// which only costs a needless question).
-#[derive(Default)]
-struct Models {
-    names: Vec<Box<str>>,
-    /// An entry without a recorded model was put: it may be any model's.
-    unknown: bool,
+    models: Arc<ModelSet>,
 }
 
 impl MemoryStore {
@@ -90,25 +81,6 @@ impl MemoryStore {
         Self {
             cache,
             models: Arc::default(),
-        }
-    }
-
-    /// Records the model of an entry being put.
-    fn record_model(&self, model: Option<&str>) {
-        let known = {
-            let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-            match model {
-                None => models.unknown,
-                Some(m) => models.names.iter().any(|n| &**n == m),
-            }
-        };
-        if !known {
-            let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
-            match model {
-                None => models.unknown = true,
-                Some(m) if !models.names.iter().any(|n| &**n == m) => models.names.push(m.into()),
-                Some(_) => {}
-            }
         }
     }
 
@@ -155,7 +127,7 @@ impl CacheStore for MemoryStore {
             .checked_add(ttl)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
         let ttl = ttl.min(Duration::from_secs(100 * 365 * 86_400));
-        self.record_model(value.model());
+        self.models.record(value.model());
         self.cache.insert(
             *key,
             Entry {
@@ -179,8 +151,7 @@ impl CacheStore for MemoryStore {
 
     /// Answered from the models of every entry ever put (not only of those still held).
     fn may_hold_other_models(&self, model: &str) -> bool {
-        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
-        models.unknown || models.names.iter().any(|n| &**n != model)
+        self.models.others_than(model)
     }
 }
 

@@ -338,6 +338,19 @@ impl CachedResponse {
         put_bytes(out, &self.body);
     }
 
+    /// The model recorded in an [`encode`](Self::encode)d entry, read without decoding the
+    /// rest: `Some(None)` when none is recorded, `None` when the bytes are not an entry.
+    #[cfg(feature = "disk-cache")]
+    pub(crate) fn encoded_model(mut bytes: &[u8]) -> Option<Option<&str>> {
+        let buf = &mut bytes;
+        if take(buf, 1)?[0] != ENCODING_VERSION {
+            return None;
+        }
+        take(buf, 3)?;
+        let model = std::str::from_utf8(take_bytes(buf)?).ok()?;
+        Some((!model.is_empty()).then_some(model))
+    }
+
     /// Decodes [`encode`](Self::encode)'s output. Any inconsistency (truncation, unknown
     /// version, invalid status or header) is an error of kind [`StoreErrorKind::Corrupt`].
     pub fn decode(mut bytes: &[u8]) -> Result<Self, StoreError> {
@@ -381,6 +394,45 @@ impl CachedResponse {
 }
 
 /// A JSON object whose `type` is `"message"` (the whole document is checked for validity).
+/// The models a store has held entries of, for [`CacheStore::may_hold_other_models`]; shared
+/// by the clones of a store. It never shrinks: an evicted model stays listed, which only costs
+/// a needless question.
+#[derive(Default)]
+pub(crate) struct ModelSet(std::sync::RwLock<Models>);
+
+#[derive(Default)]
+struct Models {
+    names: Vec<Box<str>>,
+    /// An entry without a recorded model was held: it may be any model's.
+    unknown: bool,
+}
+
+impl ModelSet {
+    /// Records the model of an entry held (`None`: not recorded, any model).
+    pub(crate) fn record(&self, model: Option<&str>) {
+        let known = |models: &Models| match model {
+            None => models.unknown,
+            Some(m) => models.names.iter().any(|n| &**n == m),
+        };
+        if known(&self.0.read().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        let mut models = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if !known(&models) {
+            match model {
+                None => models.unknown = true,
+                Some(m) => models.names.push(m.into()),
+            }
+        }
+    }
+
+    /// Whether an entry of a model other than `model` may have been held.
+    pub(crate) fn others_than(&self, model: &str) -> bool {
+        let models = self.0.read().unwrap_or_else(|e| e.into_inner());
+        models.unknown || models.names.iter().any(|n| &**n != model)
+    }
+}
+
 fn is_message_json(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Head<'a> {
