@@ -26,6 +26,16 @@ impl KeyId {
     /// `"k-"` followed by the first 6 bytes, as 12 lowercase hex digits, of
     /// `blake3::derive_key("tower-claude key id v1", api_key)`.
     pub fn from_api_key(api_key: &str) -> Self {
+        if let Some(id) = recent::get(api_key.as_bytes()) {
+            return id;
+        }
+        let id = Self::derive(api_key);
+        recent::put(api_key.as_bytes(), &id);
+        id
+    }
+
+    /// The derivation itself (a few thousand instructions: three BLAKE3 compressions).
+    fn derive(api_key: &str) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let hash = blake3::derive_key("tower-claude key id v1", api_key.as_bytes());
         let mut id = String::with_capacity(14);
@@ -121,6 +131,64 @@ fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some((value, token))
 }
 
+/// The ids this thread derived last. A proxy sees the same few keys on every request, and every
+/// request needs its key's id (the quota board's key, the metrics label): a hit costs a
+/// comparison of the key's bytes instead of a BLAKE3 derivation.
+///
+/// Bounded: [`SLOTS`](recent::SLOTS) entries per thread, keys longer than
+/// [`MAX_KEY`](recent::MAX_KEY) bytes are not remembered. The keys are held in memory only
+/// (as the requests carrying them are), never printed. No crate does this: a cache crate (moka)
+/// costs more per lookup than the four comparisons here.
+mod recent {
+    use std::cell::RefCell;
+
+    use super::KeyId;
+
+    /// Entries per thread.
+    pub(super) const SLOTS: usize = 4;
+    /// Longer keys are derived each time (API keys are about 100 bytes).
+    pub(super) const MAX_KEY: usize = 256;
+
+    #[derive(Default)]
+    struct Recent {
+        slots: [Option<(Box<[u8]>, KeyId)>; SLOTS],
+        /// The slot the next new key replaces (round robin).
+        next: usize,
+    }
+
+    thread_local! {
+        static RECENT: RefCell<Recent> = RefCell::default();
+    }
+
+    /// The remembered id of `key`, if this thread derived it lately.
+    pub(super) fn get(key: &[u8]) -> Option<KeyId> {
+        RECENT
+            .try_with(|r| {
+                r.borrow()
+                    .slots
+                    .iter()
+                    .flatten()
+                    .find(|(k, _)| **k == *key)
+                    .map(|(_, id)| id.clone())
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Remembers that `key`'s id is `id`, in place of the oldest entry.
+    pub(super) fn put(key: &[u8], id: &KeyId) {
+        if key.len() > MAX_KEY {
+            return;
+        }
+        let _ = RECENT.try_with(|r| {
+            let mut r = r.borrow_mut();
+            let at = r.next;
+            r.slots[at] = Some((key.into(), id.clone()));
+            r.next = (at + 1) % SLOTS;
+        });
+    }
+}
+
 /// [`KeyId::of_request`]'s memo: the id and the header value it was derived from. `Debug`
 /// shows the id only.
 #[derive(Clone)]
@@ -160,6 +228,24 @@ mod tests {
         assert_ne!(id, KeyId::from_api_key("sk-ant-api03-other"));
         assert_eq!(id.to_string(), id.as_str());
         assert!(!format!("{id:?}{id}").contains("sk-ant"));
+    }
+
+    #[test]
+    fn remembered_ids_are_the_derived_ones() {
+        // More keys than slots, each twice: every answer is the derivation's, hit or miss.
+        let keys: Vec<String> = (0..recent::SLOTS * 2 + 1)
+            .map(|i| format!("sk-ant-api03-key-{i}"))
+            .collect();
+        for _ in 0..2 {
+            for key in &keys {
+                assert_eq!(KeyId::from_api_key(key), KeyId::derive(key));
+                assert_eq!(recent::get(key.as_bytes()), Some(KeyId::derive(key)));
+            }
+        }
+        let long = "k".repeat(recent::MAX_KEY + 1);
+        assert_eq!(KeyId::from_api_key(&long), KeyId::derive(&long));
+        assert_eq!(recent::get(long.as_bytes()), None, "long keys are not kept");
+        assert_ne!(KeyId::from_api_key("a"), KeyId::from_api_key("b"));
     }
 
     #[test]
