@@ -20,9 +20,9 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use bytes::Bytes;
 use http::Uri;
 use http::uri::PathAndQuery;
-use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -39,15 +39,26 @@ const USAGE: &str = "usage: hyper_floor --listen 127.0.0.1:PORT --upstream http:
 /// The two arguments, or a message saying which is missing or malformed.
 fn parse_args(args: &[String]) -> Result<(SocketAddr, Uri), String> {
     let value = |name: &str| -> Result<&str, String> {
-        let at = args.iter().position(|a| a == name).ok_or(format!("missing {name}"))?;
-        args.get(at + 1).map(String::as_str).ok_or(format!("{name} needs a value"))
+        let at = args
+            .iter()
+            .position(|a| a == name)
+            .ok_or(format!("missing {name}"))?;
+        args.get(at + 1)
+            .map(String::as_str)
+            .ok_or(format!("{name} needs a value"))
     };
     let listen = value("--listen")?;
-    let listen = listen.parse().map_err(|e| format!("--listen {listen}: {e}"))?;
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("--listen {listen}: {e}"))?;
     let upstream = value("--upstream")?;
-    let upstream: Uri = upstream.parse().map_err(|e| format!("--upstream {upstream}: {e}"))?;
+    let upstream: Uri = upstream
+        .parse()
+        .map_err(|e| format!("--upstream {upstream}: {e}"))?;
     if upstream.scheme().is_none() || upstream.authority().is_none() {
-        return Err(format!("--upstream {upstream}: needs a scheme and an authority"));
+        return Err(format!(
+            "--upstream {upstream}: needs a scheme and an authority"
+        ));
     }
     Ok((listen, upstream))
 }

@@ -34,6 +34,26 @@ pub mod header_names {
     pub const X_TOWER_CLAUDE_FALLBACK: &str = "x-tower-claude-fallback";
 }
 
+/// The names of [`header_names`] the layers look up or set on every request, parsed once: a
+/// lookup or insert by `&str` parses (and checks) the name on every call.
+pub(crate) mod parsed_names {
+    use http::HeaderName;
+
+    use super::header_names as name;
+
+    pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static(name::X_API_KEY);
+    pub(crate) static RETRY_AFTER: HeaderName = HeaderName::from_static(name::RETRY_AFTER);
+    pub(crate) static RETRY_AFTER_MS: HeaderName = HeaderName::from_static(name::RETRY_AFTER_MS);
+    pub(crate) static X_TOWER_CLAUDE_ATTEMPT: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_ATTEMPT);
+    pub(crate) static X_TOWER_CLAUDE_MODEL: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_MODEL);
+    pub(crate) static X_TOWER_CLAUDE_CACHE: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_CACHE);
+    pub(crate) static X_TOWER_CLAUDE_FALLBACK: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_FALLBACK);
+}
+
 /// One rate-limit bucket as the server reported it.
 ///
 /// Token `remaining` values are rounded by the server (to thousands); `reset` is the time at
@@ -270,7 +290,7 @@ impl BucketSnapshot {
 }
 
 /// A header as trimmed UTF-8, when present and valid.
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 
@@ -326,10 +346,10 @@ fn format_rfc3339(at: SystemTime) -> Option<String> {
 /// assert_eq!(retry_after(&headers, SystemTime::now()), Some(Duration::from_millis(1500)));
 /// ```
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = header_str(headers, header_names::RETRY_AFTER_MS).and_then(parse_number) {
+    if let Some(ms) = header_str(headers, &parsed_names::RETRY_AFTER_MS).and_then(parse_number) {
         return Some(clamp_delay(ms / 1000.0));
     }
-    let value = header_str(headers, header_names::RETRY_AFTER)?;
+    let value = header_str(headers, &parsed_names::RETRY_AFTER)?;
     if let Some(secs) = parse_number(value) {
         return Some(clamp_delay(secs));
     }

@@ -2,7 +2,7 @@
 
 use http::HeaderMap;
 
-use super::header_names::X_API_KEY;
+use super::headers::parsed_names::X_API_KEY;
 
 /// A short id for an API key: the first 12 hex digits of a BLAKE3 keyed-derivation hash.
 ///
@@ -86,15 +86,24 @@ impl KeyId {
     /// assert_eq!(KeyId::of_request(&mut req), Some(KeyId::from_api_key("sk-ant-api03-two")));
     /// ```
     pub fn of_request<B>(req: &mut http::Request<B>) -> Option<Self> {
+        let memo = req.extensions().get::<KeyIdMemo>();
+        // The memo's value still in `x-api-key` (read first): its key, without reading it again.
+        if let Some(memo) = memo.filter(|m| m.x_api_key) {
+            if req.headers().get(&X_API_KEY) == Some(&memo.source) {
+                return Some(memo.id.clone());
+            }
+        }
         let (source, key) = key_source(req.headers())?;
-        if let Some(memo) = req.extensions().get::<KeyIdMemo>() {
+        if let Some(memo) = memo {
             if memo.source == *source {
                 return Some(memo.id.clone());
             }
         }
+        let x_api_key = req.headers().get(&X_API_KEY) == Some(source);
         let id = Self::from_api_key(key);
         let memo = KeyIdMemo {
             source: source.clone(),
+            x_api_key,
             id: id.clone(),
         };
         req.extensions_mut().insert(memo);
@@ -120,7 +129,7 @@ impl KeyId {
 /// The header value a key is read from, and the key (trimmed): `x-api-key`, else
 /// `authorization: Bearer ...`; an empty key counts as absent.
 fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
-    if let Some(value) = headers.get(X_API_KEY) {
+    if let Some(value) = headers.get(&X_API_KEY) {
         if let Some(key) = value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()) {
             return Some((value, key));
         }
@@ -194,6 +203,8 @@ mod recent {
 #[derive(Clone)]
 struct KeyIdMemo {
     source: http::HeaderValue,
+    /// `source` was read from `x-api-key` (else from `authorization`).
+    x_api_key: bool,
     id: KeyId,
 }
 

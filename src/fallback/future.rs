@@ -21,7 +21,7 @@ use super::error::FallbackError;
 use super::policy::{self, Verdict};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, KeyId, RateLimitSnapshot, RequestMeta, header_names, retry_after, rewrite_model,
+    ApiError, KeyId, RateLimitSnapshot, RequestMeta, parsed_names, retry_after, rewrite_model,
 };
 use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
@@ -451,7 +451,7 @@ impl<S> Walk<S> {
         let served = self.candidates[self.current].clone();
         if let Ok(value) = HeaderValue::from_str(&served) {
             res.headers_mut()
-                .insert(header_names::X_TOWER_CLAUDE_MODEL, value);
+                .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value);
         }
         res.extensions_mut().insert(ServedModel {
             requested: self.requested.clone(),
