@@ -847,6 +847,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_tracker_says_whether_a_json_answer_is_typed_only_once_read_whole() {
+        let ended = |sse: bool, limit: usize, chunks: &[&[u8]], failed: bool| {
+            let t = UsageTracker::new(sse, limit);
+            for c in chunks {
+                t.feed(c);
+            }
+            let before = t.typed_json();
+            t.end(failed);
+            (before, t.typed_json())
+        };
+        let answer: &[u8] = br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#;
+        assert_eq!(
+            ended(false, 1024, &[&answer[..9], &answer[9..]], false),
+            (None, Some(true))
+        );
+        assert_eq!(
+            ended(false, 1024, &[b"<html>502</html>"], false),
+            (None, Some(false))
+        );
+        assert_eq!(
+            ended(false, 1024, &[br#"{"usage":{}}"#], false),
+            (None, Some(false))
+        );
+        // Unknown: a failed read, a body over the copy limit, a stream.
+        assert_eq!(ended(false, 1024, &[answer], true), (None, None));
+        assert_eq!(ended(false, 8, &[answer], false), (None, None));
+        assert_eq!(ended(true, 1024, &[answer], false), (None, None));
+    }
+
     proptest::proptest! {
         #[test]
         fn one_json_read_equals_the_two_readers_on_any_member_mix(
