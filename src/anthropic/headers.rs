@@ -48,6 +48,7 @@ pub(crate) mod parsed_names {
         HeaderName::from_static(name::X_TOWER_CLAUDE_ATTEMPT);
     pub(crate) static X_TOWER_CLAUDE_MODEL: HeaderName =
         HeaderName::from_static(name::X_TOWER_CLAUDE_MODEL);
+    #[cfg(feature = "metrics")]
     pub(crate) static X_TOWER_CLAUDE_CACHE: HeaderName =
         HeaderName::from_static(name::X_TOWER_CLAUDE_CACHE);
     pub(crate) static X_TOWER_CLAUDE_FALLBACK: HeaderName =
