@@ -13,11 +13,15 @@
 #             `anthropic-ratelimit-*` headers (limits that never bind);
 #   direct    wrk straight at the upstream (the floor);
 #   nginx     nginx as a reverse proxy in front of the upstream (keep-alive to the upstream);
+#   floor     examples/hyper_floor.rs: a bare hyper reverse proxy with no layers (the same
+#             hyper-util server and client, allocator and runtime as claude-proxy): what the
+#             proxy would cost if its layers were free (FLOOR=0 leaves it out, FLOOR_BIN=PATH
+#             runs another build of it);
 #   proxy:*   claude-proxy in each configuration of PROXY_CONFIGS, same upstream.
 # The load is wrk with a Lua script that sends a 2 KB body with a distinct prompt on every
 # request (a caching proxy serves none from its cache). For every target and connection count
 # it prints req/s, p50 and p99 latency, the p50 the target adds to the direct one, and the
-# throughput as a ratio of nginx's.
+# throughput as a ratio of nginx's. The proxy's own cost is its distance to the floor row.
 #
 # These machines are shared and noisy: compare rows of one run, not runs of different days.
 set -euo pipefail
@@ -30,6 +34,8 @@ CONNS="${CONNS:-1 32}"
 THREADS="${THREADS:-1}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
+FLOOR="${FLOOR:-1}"
+FLOOR_BIN="${FLOOR_BIN:-}"
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -41,6 +47,10 @@ if [ -z "$PROXY_BIN" ]; then
   PROXY_BIN="$TARGET_DIR/release/claude-proxy"
 fi
 PROXY_BIN="$(realpath "$PROXY_BIN")"
+if [ "$FLOOR" = 1 ] && [ -z "$FLOOR_BIN" ]; then
+  cargo build -q --release --features proxy --example hyper_floor
+  FLOOR_BIN="$TARGET_DIR/release/examples/hyper_floor"
+fi
 
 if [ -z "${PROXY_CONFIGS:-}" ]; then
   # Configurations by name:flags, separated by `;`. Cache modes where the binary has them.
@@ -109,6 +119,15 @@ EOF
 
 names=(direct nginx)
 ports=("$up_port" "$ngx_port")
+if [ "$FLOOR" = 1 ]; then
+  floor_port=$(free_port)
+  "$(realpath "$FLOOR_BIN")" --listen "127.0.0.1:$floor_port" --upstream "http://127.0.0.1:$up_port" \
+    >"$work/floor.log" 2>&1 &
+  pids+=($!)
+  wait_port "$floor_port"
+  names+=(floor)
+  ports+=("$floor_port")
+fi
 IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
   parse_config "$entry"

@@ -7,6 +7,8 @@
 #   PROXY_CONFIGS="off:--cache-mode off;old-off@/tmp/old/claude-proxy:--cache-mode off" \
 #     scripts/callgrind-miss.sh                    # NAME@BINARY: that config with another build
 #   WARMUP=300 COUNT=2000 KEEP_WORK=1 scripts/callgrind-miss.sh
+#   FLOOR=1 scripts/callgrind-miss.sh              # and a last row: examples/hyper_floor.rs,
+#                                                  # the bare hyper proxy (FLOOR_BIN=PATH: a build)
 #
 # What runs, on 127.0.0.1 with free ports, stopped by pid when the script ends:
 #   upstream  nginx answering POST /v1/messages at once with the static answer and the
@@ -37,6 +39,14 @@ if [ -z "$PROXY_BIN" ]; then
   PROXY_BIN="$TARGET_DIR/release/claude-proxy"
 fi
 PROXY_BIN="$(realpath "$PROXY_BIN")"
+if [ "${FLOOR:-0}" = 1 ]; then
+  if [ -z "${FLOOR_BIN:-}" ]; then
+    cargo build -q --release --features proxy --example hyper_floor
+    FLOOR_BIN="$TARGET_DIR/release/examples/hyper_floor"
+  fi
+  # The floor takes --listen and --upstream, as the proxy; no flags.
+  PROXY_CONFIGS="$PROXY_CONFIGS;floor@$FLOOR_BIN:"
+fi
 DRIVE="$(realpath benches/proxy/drive.py)"
 
 # shellcheck source=scripts/bench-upstream.sh

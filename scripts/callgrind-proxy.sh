@@ -8,6 +8,9 @@
 #   PROXY_BIN=/tmp/old/claude-proxy scripts/callgrind-proxy.sh  # another build
 #   PROXY_ARGS="--cache-mode all --cache-path memory" scripts/callgrind-proxy.sh
 #   TOP=40 KEEP_WORK=1 scripts/callgrind-proxy.sh               # more functions, keep the output
+#   PROXY_BIN=target/release/examples/hyper_floor PROXY_ARGS= scripts/callgrind-proxy.sh
+#                          # the floor: the bare hyper proxy of examples/hyper_floor.rs (build it
+#                          # with cargo build --release --features proxy --example hyper_floor)
 #
 # Prints the whole process's instructions (start-up and shut-down included, as in
 # docs/benchmarks.md) divided by the number of requests sent, then the functions with the most

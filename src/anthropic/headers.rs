@@ -34,6 +34,27 @@ pub mod header_names {
     pub const X_TOWER_CLAUDE_FALLBACK: &str = "x-tower-claude-fallback";
 }
 
+/// The names of [`header_names`] the layers look up or set on every request, parsed once: a
+/// lookup or insert by `&str` parses (and checks) the name on every call.
+pub(crate) mod parsed_names {
+    use http::HeaderName;
+
+    use super::header_names as name;
+
+    pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static(name::X_API_KEY);
+    pub(crate) static RETRY_AFTER: HeaderName = HeaderName::from_static(name::RETRY_AFTER);
+    pub(crate) static RETRY_AFTER_MS: HeaderName = HeaderName::from_static(name::RETRY_AFTER_MS);
+    pub(crate) static X_TOWER_CLAUDE_ATTEMPT: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_ATTEMPT);
+    pub(crate) static X_TOWER_CLAUDE_MODEL: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_MODEL);
+    #[cfg(feature = "metrics")]
+    pub(crate) static X_TOWER_CLAUDE_CACHE: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_CACHE);
+    pub(crate) static X_TOWER_CLAUDE_FALLBACK: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_FALLBACK);
+}
+
 /// One rate-limit bucket as the server reported it.
 ///
 /// Token `remaining` values are rounded by the server (to thousands); `reset` is the time at
@@ -115,20 +136,21 @@ impl RateLimitSnapshot {
             let Some(rest) = name.as_str().strip_prefix(header_names::RATELIMIT_PREFIX) else {
                 continue;
             };
-            let Some((bucket, field)) = rest.rsplit_once('-') else {
-                continue;
-            };
-            let bucket = match bucket {
-                "requests" => 0,
-                "tokens" => 1,
-                "input-tokens" => 2,
-                "output-tokens" => 3,
-                _ => continue,
-            };
-            let field = match field {
-                "limit" => 0,
-                "remaining" => 1,
-                "reset" => 2,
+            // One match on the whole suffix (a jump on its length, then one comparison)
+            // rather than a split and two matches.
+            let (bucket, field) = match rest {
+                "requests-limit" => (0, 0),
+                "requests-remaining" => (0, 1),
+                "requests-reset" => (0, 2),
+                "tokens-limit" => (1, 0),
+                "tokens-remaining" => (1, 1),
+                "tokens-reset" => (1, 2),
+                "input-tokens-limit" => (2, 0),
+                "input-tokens-remaining" => (2, 1),
+                "input-tokens-reset" => (2, 2),
+                "output-tokens-limit" => (3, 0),
+                "output-tokens-remaining" => (3, 1),
+                "output-tokens-reset" => (3, 2),
                 _ => continue,
             };
             let slot = &mut seen[bucket][field];
@@ -270,7 +292,7 @@ impl BucketSnapshot {
 }
 
 /// A header as trimmed UTF-8, when present and valid.
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 
@@ -326,10 +348,10 @@ fn format_rfc3339(at: SystemTime) -> Option<String> {
 /// assert_eq!(retry_after(&headers, SystemTime::now()), Some(Duration::from_millis(1500)));
 /// ```
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = header_str(headers, header_names::RETRY_AFTER_MS).and_then(parse_number) {
+    if let Some(ms) = header_str(headers, &parsed_names::RETRY_AFTER_MS).and_then(parse_number) {
         return Some(clamp_delay(ms / 1000.0));
     }
-    let value = header_str(headers, header_names::RETRY_AFTER)?;
+    let value = header_str(headers, &parsed_names::RETRY_AFTER)?;
     if let Some(secs) = parse_number(value) {
         return Some(clamp_delay(secs));
     }

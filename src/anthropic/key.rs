@@ -2,7 +2,7 @@
 
 use http::HeaderMap;
 
-use super::header_names::X_API_KEY;
+use super::headers::parsed_names::X_API_KEY;
 
 /// A short id for an API key: the first 12 hex digits of a BLAKE3 keyed-derivation hash.
 ///
@@ -26,6 +26,16 @@ impl KeyId {
     /// `"k-"` followed by the first 6 bytes, as 12 lowercase hex digits, of
     /// `blake3::derive_key("tower-claude key id v1", api_key)`.
     pub fn from_api_key(api_key: &str) -> Self {
+        if let Some(id) = recent::get(api_key.as_bytes()) {
+            return id;
+        }
+        let id = Self::derive(api_key);
+        recent::put(api_key.as_bytes(), &id);
+        id
+    }
+
+    /// The derivation itself (a few thousand instructions: three BLAKE3 compressions).
+    fn derive(api_key: &str) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let hash = blake3::derive_key("tower-claude key id v1", api_key.as_bytes());
         let mut id = String::with_capacity(14);
@@ -76,15 +86,24 @@ impl KeyId {
     /// assert_eq!(KeyId::of_request(&mut req), Some(KeyId::from_api_key("sk-ant-api03-two")));
     /// ```
     pub fn of_request<B>(req: &mut http::Request<B>) -> Option<Self> {
+        let memo = req.extensions().get::<KeyIdMemo>();
+        // The memo's value still in `x-api-key` (read first): its key, without reading it again.
+        if let Some(memo) = memo.filter(|m| m.x_api_key) {
+            if req.headers().get(&X_API_KEY) == Some(&memo.source) {
+                return Some(memo.id.clone());
+            }
+        }
         let (source, key) = key_source(req.headers())?;
-        if let Some(memo) = req.extensions().get::<KeyIdMemo>() {
+        if let Some(memo) = memo {
             if memo.source == *source {
                 return Some(memo.id.clone());
             }
         }
+        let x_api_key = req.headers().get(&X_API_KEY) == Some(source);
         let id = Self::from_api_key(key);
         let memo = KeyIdMemo {
             source: source.clone(),
+            x_api_key,
             id: id.clone(),
         };
         req.extensions_mut().insert(memo);
@@ -110,7 +129,7 @@ impl KeyId {
 /// The header value a key is read from, and the key (trimmed): `x-api-key`, else
 /// `authorization: Bearer ...`; an empty key counts as absent.
 fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
-    if let Some(value) = headers.get(X_API_KEY) {
+    if let Some(value) = headers.get(&X_API_KEY) {
         if let Some(key) = value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()) {
             return Some((value, key));
         }
@@ -121,11 +140,71 @@ fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some((value, token))
 }
 
+/// The ids this thread derived last. A proxy sees the same few keys on every request, and every
+/// request needs its key's id (the quota board's key, the metrics label): a hit costs a
+/// comparison of the key's bytes instead of a BLAKE3 derivation.
+///
+/// Bounded: [`SLOTS`](recent::SLOTS) entries per thread, keys longer than
+/// [`MAX_KEY`](recent::MAX_KEY) bytes are not remembered. The keys are held in memory only
+/// (as the requests carrying them are), never printed. No crate does this: a cache crate (moka)
+/// costs more per lookup than the four comparisons here.
+mod recent {
+    use std::cell::RefCell;
+
+    use super::KeyId;
+
+    /// Entries per thread.
+    pub(super) const SLOTS: usize = 4;
+    /// Longer keys are derived each time (API keys are about 100 bytes).
+    pub(super) const MAX_KEY: usize = 256;
+
+    #[derive(Default)]
+    struct Recent {
+        slots: [Option<(Box<[u8]>, KeyId)>; SLOTS],
+        /// The slot the next new key replaces (round robin).
+        next: usize,
+    }
+
+    thread_local! {
+        static RECENT: RefCell<Recent> = RefCell::default();
+    }
+
+    /// The remembered id of `key`, if this thread derived it lately.
+    pub(super) fn get(key: &[u8]) -> Option<KeyId> {
+        RECENT
+            .try_with(|r| {
+                r.borrow()
+                    .slots
+                    .iter()
+                    .flatten()
+                    .find(|(k, _)| **k == *key)
+                    .map(|(_, id)| id.clone())
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Remembers that `key`'s id is `id`, in place of the oldest entry.
+    pub(super) fn put(key: &[u8], id: &KeyId) {
+        if key.len() > MAX_KEY {
+            return;
+        }
+        let _ = RECENT.try_with(|r| {
+            let mut r = r.borrow_mut();
+            let at = r.next;
+            r.slots[at] = Some((key.into(), id.clone()));
+            r.next = (at + 1) % SLOTS;
+        });
+    }
+}
+
 /// [`KeyId::of_request`]'s memo: the id and the header value it was derived from. `Debug`
 /// shows the id only.
 #[derive(Clone)]
 struct KeyIdMemo {
     source: http::HeaderValue,
+    /// `source` was read from `x-api-key` (else from `authorization`).
+    x_api_key: bool,
     id: KeyId,
 }
 
@@ -160,6 +239,24 @@ mod tests {
         assert_ne!(id, KeyId::from_api_key("sk-ant-api03-other"));
         assert_eq!(id.to_string(), id.as_str());
         assert!(!format!("{id:?}{id}").contains("sk-ant"));
+    }
+
+    #[test]
+    fn remembered_ids_are_the_derived_ones() {
+        // More keys than slots, each twice: every answer is the derivation's, hit or miss.
+        let keys: Vec<String> = (0..recent::SLOTS * 2 + 1)
+            .map(|i| format!("sk-ant-api03-key-{i}"))
+            .collect();
+        for _ in 0..2 {
+            for key in &keys {
+                assert_eq!(KeyId::from_api_key(key), KeyId::derive(key));
+                assert_eq!(recent::get(key.as_bytes()), Some(KeyId::derive(key)));
+            }
+        }
+        let long = "k".repeat(recent::MAX_KEY + 1);
+        assert_eq!(KeyId::from_api_key(&long), KeyId::derive(&long));
+        assert_eq!(recent::get(long.as_bytes()), None, "long keys are not kept");
+        assert_ne!(KeyId::from_api_key("a"), KeyId::from_api_key("b"));
     }
 
     #[test]

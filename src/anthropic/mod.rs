@@ -17,6 +17,7 @@ mod usage;
 pub(crate) use error::is_typed_object;
 pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
 pub use estimate::{CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS};
+pub(crate) use headers::parsed_names;
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
     should_retry,

@@ -60,6 +60,37 @@ impl Usage {
         (usage, response.model)
     }
 
+    /// One pass over a whole JSON answer for everything the layers read from it: its usage
+    /// and top-level `model` ([`from_json_with_model`](Self::from_json_with_model)) and
+    /// whether it is a JSON object with a string `type`
+    /// ([`is_typed_object`](super::error::is_typed_object), retry's test of a 200 body).
+    /// A body the combined read refuses (not an object, a duplicate or mistyped member) is
+    /// read by each of the two, so every answer is exactly theirs.
+    fn read_json_answer(body: &[u8]) -> (Option<Usage>, Option<String>, bool) {
+        #[derive(serde::Deserialize)]
+        struct Response {
+            #[serde(rename = "type")]
+            ty: Option<String>,
+            usage: Option<UsageFields>,
+            model: Option<String>,
+        }
+        let object = body.trim_ascii_start().first() == Some(&b'{');
+        match serde_json::from_slice::<Response>(body) {
+            Ok(response) if object => {
+                let usage = response.usage.map(|fields| {
+                    let mut usage = Usage::default();
+                    usage.apply(&fields);
+                    usage
+                });
+                (usage, response.model, response.ty.is_some())
+            }
+            _ => {
+                let (usage, model) = Self::from_json_with_model(body);
+                (usage, model, super::error::is_typed_object(body))
+            }
+        }
+    }
+
     /// The most tokens one field of a `usage` block is taken to say (10^8: a hundred times
     /// the largest context window). A larger value (a broken or hostile upstream sending
     /// `u64::MAX`) is read as this, so that settling it cannot drain a bucket for centuries.
@@ -599,6 +630,9 @@ struct Tracked {
     json_usage: Option<Option<Usage>>,
     /// A JSON body's `model`, read with its usage.
     model: Option<String>,
+    /// Whether a JSON body read whole is a JSON object with a string `type`, read with its
+    /// usage (`None`: not read, or not a JSON body copied whole).
+    typed: Option<bool>,
 }
 
 impl UsageTracker {
@@ -614,6 +648,7 @@ impl UsageTracker {
                 failed: false,
                 json_usage: None,
                 model: None,
+                typed: None,
             }),
             complete_at: AtomicU64::new(u64::MAX),
             errored: AtomicBool::new(false),
@@ -677,15 +712,28 @@ impl UsageTracker {
         }
         let read = match &t.watch {
             UsageWatch::Sse(_) => None,
-            UsageWatch::Json(buf, _) => Some(Usage::from_json_with_model(buf)),
-            UsageWatch::Overflow => Some((None, None)),
+            UsageWatch::Json(buf, _) => {
+                let (usage, model, typed) = Usage::read_json_answer(buf);
+                Some((usage, model, Some(typed)))
+            }
+            UsageWatch::Overflow => Some((None, None, None)),
         };
-        if let Some((usage, model)) = read {
+        if let Some((usage, model, typed)) = read {
             t.json_usage = Some(usage);
             t.model = model;
+            t.typed = typed;
             // The copy is no longer needed.
             t.watch = UsageWatch::Overflow;
         }
+    }
+
+    /// Whether a JSON answer read to its end without error is a JSON object with a string
+    /// `type` (every Messages API answer is), as read with its usage: the retry layer's test
+    /// of a 200 body, without a second parse. `None` before the end, for a stream, a failed
+    /// read or a body larger than the copy limit.
+    pub(crate) fn typed_json(&self) -> Option<bool> {
+        let t = self.lock();
+        if t.ended && !t.failed { t.typed } else { None }
     }
 
     /// Whether the answer is an event stream.
@@ -780,6 +828,92 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one pass over a JSON answer says what the two readers it replaces would say.
+    fn same_as_two_readers(body: &[u8]) {
+        let (usage, model) = Usage::from_json_with_model(body);
+        let typed = crate::anthropic::is_typed_object(body);
+        assert_eq!(
+            Usage::read_json_answer(body),
+            (usage, model, typed),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    #[test]
+    fn one_json_read_equals_the_usage_and_type_readers() {
+        for body in [
+            &br#"{"type":"message","model":"m","usage":{"input_tokens":3,"output_tokens":1}}"#[..],
+            br#" {"usage":{"input_tokens":3}}"#,
+            br#"{"type":null,"usage":{"input_tokens":3}}"#,
+            br#"{"type":7,"usage":{"input_tokens":3},"model":"m"}"#,
+            br#"{"type":"a","type":"b","usage":{"input_tokens":3}}"#,
+            br#"{"type":"message","usage":"none","model":"m"}"#,
+            br#"{"type":"message","usage":{},"usage":{}}"#,
+            br#"{"type":"message","model":1}"#,
+            br#"["message",null,null]"#,
+            br#"["message"]"#,
+            b"<html>bad gateway</html>",
+            b"",
+            br#"{"type":"message""#,
+        ] {
+            same_as_two_readers(body);
+        }
+    }
+
+    #[test]
+    fn the_tracker_says_whether_a_json_answer_is_typed_only_once_read_whole() {
+        let ended = |sse: bool, limit: usize, chunks: &[&[u8]], failed: bool| {
+            let t = UsageTracker::new(sse, limit);
+            for c in chunks {
+                t.feed(c);
+            }
+            let before = t.typed_json();
+            t.end(failed);
+            (before, t.typed_json())
+        };
+        let answer: &[u8] = br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#;
+        assert_eq!(
+            ended(false, 1024, &[&answer[..9], &answer[9..]], false),
+            (None, Some(true))
+        );
+        assert_eq!(
+            ended(false, 1024, &[b"<html>502</html>"], false),
+            (None, Some(false))
+        );
+        assert_eq!(
+            ended(false, 1024, &[br#"{"usage":{}}"#], false),
+            (None, Some(false))
+        );
+        // Unknown: a failed read, a body over the copy limit, a stream.
+        assert_eq!(ended(false, 1024, &[answer], true), (None, None));
+        assert_eq!(ended(false, 8, &[answer], false), (None, None));
+        assert_eq!(ended(true, 1024, &[answer], false), (None, None));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_json_read_equals_the_two_readers_on_any_member_mix(
+            members in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    r#""type":"message""#, r#""type":1"#, r#""type":null"#,
+                    r#""usage":{"input_tokens":2,"output_tokens":5}"#, r#""usage":[]"#,
+                    r#""usage":null"#, r#""model":"claude-haiku-4-5""#, r#""model":false"#,
+                    r#""id":"msg_1""#, r#""content":[{"type":"text","text":"hi"}]"#,
+                ]),
+                0..6,
+            ),
+            array in proptest::bool::ANY,
+        ) {
+            let body = if array {
+                format!("[{}]", members.join(","))
+            } else {
+                format!("{{{}}}", members.join(","))
+            };
+            same_as_two_readers(body.as_bytes());
+        }
+    }
 
     #[test]
     fn absurd_usage_is_clamped() {

@@ -62,11 +62,19 @@ impl Config {
         let board = &self.board;
         match board.headroom(key, group) {
             None => QuotaView::unknown(),
-            Some(headroom) => QuotaView {
-                fraction: headroom.fraction,
-                fits: board.fits_now(key, group, cost),
-                wait: board.time_until_fits(key, group, cost),
-            },
+            Some(headroom) => {
+                let fits = board.fits_now(key, group, cost);
+                QuotaView {
+                    fraction: headroom.fraction,
+                    fits,
+                    // A cost that fits now waits for nothing: one board lookup fewer.
+                    wait: if fits {
+                        Some(std::time::Duration::ZERO)
+                    } else {
+                        board.time_until_fits(key, group, cost)
+                    },
+                }
+            }
         }
     }
 
@@ -89,23 +97,54 @@ impl Config {
         if from == 0 && candidates.len() == 1 {
             return Some(0);
         }
+        // In chain order, and only as far as needed: the first candidate the policy uses is
+        // the choice (`policy::select`), so the later ones are neither viewed nor asked. Only
+        // when none is used are all of them weighed by headroom.
         let policy = &self.policy.0;
-        let decided: Vec<(QuotaView, Action)> = (from..candidates.len())
-            .map(|i| {
-                let view = self.view(&candidates[i], key, cost);
-                let candidate = Candidate::new(meta, &candidates[i], i, view).with_headers(headers);
-                (view, policy.decide(&candidate))
-            })
-            .collect();
-        let chosen = policy::select(&decided).map(|i| from + i);
+        let mut decided: Vec<(QuotaView, Action)> = Vec::new();
+        let mut chosen = None;
+        for (i, model) in candidates.iter().enumerate().skip(from) {
+            let view = self.view(model, key, cost);
+            let action = policy.decide(&Candidate::new(meta, model, i, view).with_headers(headers));
+            if action == Action::Use {
+                chosen = Some(i);
+                break;
+            }
+            decided.push((view, action));
+        }
+        let chosen = chosen.or_else(|| policy::select(&decided).map(|i| from + i));
         tracing::debug!(
             requested = meta.model.as_deref().unwrap_or_default(),
             from = %candidates[from],
             chosen = chosen.map(|i| candidates[i].as_str()),
+            // The decisions before the chosen one (none: the first asked is used).
             decisions = ?decided.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
             "fallback policy decided"
         );
         chosen
+    }
+
+    /// Whether [`select`](Self::select) would choose any of `candidates[from..]`: whether one
+    /// is not excluded by the policy. Stops at the first such candidate (a used or skipped
+    /// one is a choice, at worst as the last resort), so usually one view is taken.
+    pub(crate) fn any_left(
+        &self,
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        candidates: &[String],
+        from: usize,
+        key: &KeyId,
+        cost: &Cost,
+    ) -> bool {
+        if from == 0 && candidates.len() == 1 {
+            return true;
+        }
+        let policy = &self.policy.0;
+        candidates.iter().enumerate().skip(from).any(|(i, model)| {
+            let view = self.view(model, key, cost);
+            policy.decide(&Candidate::new(meta, model, i, view).with_headers(headers))
+                != Action::Exclude
+        })
     }
 
     /// The cost the walk books a request at: the cache-aware input estimate, as the rate

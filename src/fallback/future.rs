@@ -21,7 +21,7 @@ use super::error::FallbackError;
 use super::policy::{self, Verdict};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, KeyId, RateLimitSnapshot, RequestMeta, header_names, retry_after, rewrite_model,
+    ApiError, KeyId, RateLimitSnapshot, RequestMeta, parsed_names, retry_after, rewrite_model,
 };
 use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
@@ -289,12 +289,12 @@ impl<S> Walk<S> {
     /// body cannot be rewritten.
     fn build(&self, idx: usize) -> Option<Request<RequestBody>> {
         let model = &self.candidates[idx];
-        let mut req = if *model == self.requested {
-            self.request.request()
-        } else {
-            let body = rewrite_model(self.request.body().bytes(), model).ok()?;
-            self.request.with_body(RequestBody::from(body))
-        };
+        if *model == self.requested {
+            // The template carries the request's own `RequestMeta`, for this very model.
+            return Some(self.request.request());
+        }
+        let body = rewrite_model(self.request.body().bytes(), model).ok()?;
+        let mut req = self.request.with_body(RequestBody::from(body));
         let mut meta = self.meta.clone();
         meta.model = Some(model.clone());
         req.extensions_mut().insert(meta);
@@ -305,7 +305,18 @@ impl<S> Walk<S> {
     /// must not sit out a long 429 wait on the current one: mark the request with
     /// [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
     fn limit_server_wait(&self, req: &mut Request<RequestBody>) {
-        if self.choose(self.current + 1).is_some() {
+        let next = self.current + 1;
+        let lower_left = next < self.candidates.len()
+            && self.visited < self.config.max_depth
+            && self.config.any_left(
+                &self.meta,
+                self.request.headers(),
+                &self.candidates,
+                next,
+                &self.key,
+                &self.cost,
+            );
+        if lower_left {
             req.extensions_mut()
                 .insert(MaxServerWait(self.config.rules.max_wait_before_failover));
         }
@@ -440,7 +451,7 @@ impl<S> Walk<S> {
         let served = self.candidates[self.current].clone();
         if let Ok(value) = HeaderValue::from_str(&served) {
             res.headers_mut()
-                .insert(header_names::X_TOWER_CLAUDE_MODEL, value);
+                .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value);
         }
         res.extensions_mut().insert(ServedModel {
             requested: self.requested.clone(),

@@ -4,7 +4,9 @@
 //! The fallback layer asks its policy about each candidate model of a request, best model
 //! first, with the candidate's [`QuotaView`] (what the quota board knows right now) and the
 //! request ([`RequestMeta`], headers). The first candidate the policy answers
-//! [`Action::Use`] for is sent. When it uses none, the candidate with the most headroom among
+//! [`Action::Use`] for is sent, and the candidates after it are neither viewed nor asked
+//! (a policy is asked only as far as it needs to be; do not count on one call per
+//! candidate). When it uses none, the candidate with the most headroom among
 //! those it did not [`Action::Exclude`] is sent: a request is never refused by a policy. The
 //! same question is asked again, among the models below, when an answer moves the request on
 //! (see the [module docs](super#failing-over)).

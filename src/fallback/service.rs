@@ -13,7 +13,7 @@ use super::config::Config;
 use super::future::{ResponseFuture, Walk};
 use super::policy;
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, header_names, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_call, parsed_names};
 use crate::body::RequestBody;
 use crate::quota::QuotaBoard;
 
@@ -108,7 +108,7 @@ impl<S> Fallback<S> {
 /// (see [`opted_out`]).
 fn take_opt_out(headers: &mut HeaderMap) -> bool {
     let off = opted_out(headers);
-    headers.remove(header_names::X_TOWER_CLAUDE_FALLBACK);
+    headers.remove(&parsed_names::X_TOWER_CLAUDE_FALLBACK);
     off
 }
 
@@ -121,7 +121,7 @@ pub(crate) fn opted_out_of(req: &Request<RequestBody>) -> bool {
 
 fn opted_out(headers: &HeaderMap) -> bool {
     headers
-        .get_all(header_names::X_TOWER_CLAUDE_FALLBACK)
+        .get_all(&parsed_names::X_TOWER_CLAUDE_FALLBACK)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)

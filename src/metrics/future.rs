@@ -14,7 +14,7 @@ use super::names;
 use super::pacing::PacingDelay;
 use super::shared::RequestInfo;
 use crate::BoxError;
-use crate::anthropic::header_names;
+use crate::anthropic::parsed_names;
 use crate::fallback::ServedModel;
 use crate::rate_limit::QueueWait;
 
@@ -134,7 +134,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
         Some(served) => Some((Some(served.requested.as_str()), served.served.as_str())),
         None => response
             .headers()
-            .get(header_names::X_TOWER_CLAUDE_MODEL)
+            .get(&parsed_names::X_TOWER_CLAUDE_MODEL)
             .and_then(|v| v.to_str().ok())
             .map(|served| (info.model.as_deref(), served)),
     };
@@ -154,7 +154,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
     // Cache decision.
     if let Some(cache) = response
         .headers()
-        .get(header_names::X_TOWER_CLAUDE_CACHE)
+        .get(&parsed_names::X_TOWER_CLAUDE_CACHE)
         .and_then(|v| v.to_str().ok())
     {
         let cache = match cache {

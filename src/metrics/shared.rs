@@ -1,7 +1,6 @@
 //! What every service, response future and body of one [`MetricsLayer`](super::MetricsLayer)
 //! shares: its configuration and state, and what it learned about each request.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +17,9 @@ use crate::quota::QuotaBoard;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) catalog: ModelCatalog,
-    pub(crate) known: HashSet<String>,
+    /// Looked up by every request's model: hashbrown's foldhash, not SipHash (a fixed set:
+    /// lookups cannot flood it).
+    pub(crate) known: hashbrown::HashSet<String>,
     pub(crate) board: Option<QuotaBoard>,
     pub(crate) alerts: Option<Alerts>,
     pub(crate) forecaster: Option<Forecaster>,

@@ -25,7 +25,7 @@ use super::policy::{
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, header_names, is_typed_object,
+    ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, is_typed_object, parsed_names,
     request_id,
 };
 use crate::body::{
@@ -138,7 +138,7 @@ impl Template {
     fn request(&self, attempt: u32) -> Request<RequestBody> {
         let mut req = self.0.request();
         req.headers_mut().insert(
-            header_names::X_TOWER_CLAUDE_ATTEMPT,
+            &parsed_names::X_TOWER_CLAUDE_ATTEMPT,
             HeaderValue::from(attempt),
         );
         req
@@ -551,10 +551,18 @@ where
         let (parts, body) = response.into_parts();
         let read = Replay::peek(Tracked::passthrough(body), config.max_json_read).await;
         // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
-        // document) is no answer: retried, and never returned as a 200.
+        // document) is no answer: retried, and never returned as a 200. Read once: the usage
+        // tracker of a layer below read the same bytes with their usage.
+        let typed = || {
+            parts
+                .extensions
+                .get::<UsageTracker>()
+                .and_then(UsageTracker::typed_json)
+                .unwrap_or_else(|| is_typed_object(&read.data()))
+        };
         let error = if read.failed() {
             Some(ApiError::new(ApiErrorKind::Api, STREAM_CUT))
-        } else if read.is_whole() && !is_typed_object(&read.data()) {
+        } else if read.is_whole() && !typed() {
             Some(ApiError::new(ApiErrorKind::Api, NOT_A_MESSAGE))
         } else {
             None

@@ -1,0 +1,128 @@
+//! The floor: a bare hyper reverse proxy with no layers, to measure `claude-proxy` against.
+//!
+//! It is what `claude-proxy --cache-mode off` would cost if every Tower layer were free: the
+//! same hyper-util `auto` server (HTTP/1 and HTTP/2), the same hyper-util legacy client with its
+//! keep-alive pool, the same allocator (mimalloc) and Tokio's multi-threaded runtime, but no rate
+//! limit, retry, fallback, metrics, headers or body tracking. The distance between this floor
+//! and nginx is hyper's and Tokio's; the distance between `claude-proxy` and this floor is ours.
+//! `scripts/bench-proxy.sh` (row `floor`), `scripts/callgrind-proxy.sh` and
+//! `scripts/callgrind-miss.sh` run it beside the proxy; `docs/benchmarks.md` ("The proxy hot
+//! path, third pass") says what it means for the throughput target.
+//!
+//! ```text
+//! cargo build --release --features proxy --example hyper_floor
+//! target/release/examples/hyper_floor --listen 127.0.0.1:8081 --upstream http://127.0.0.1:8080
+//! ```
+//!
+//! Every request is sent to the upstream with its path and query, everything else unchanged
+//! (no `Host` rewrite, no header filtering): a measuring tool, not a proxy to deploy.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use http::Uri;
+use http::uri::PathAndQuery;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const USAGE: &str = "usage: hyper_floor --listen 127.0.0.1:PORT --upstream http://HOST:PORT";
+
+/// The two arguments, or a message saying which is missing or malformed.
+fn parse_args(args: &[String]) -> Result<(SocketAddr, Uri), String> {
+    let value = |name: &str| -> Result<&str, String> {
+        let at = args
+            .iter()
+            .position(|a| a == name)
+            .ok_or(format!("missing {name}"))?;
+        args.get(at + 1)
+            .map(String::as_str)
+            .ok_or(format!("{name} needs a value"))
+    };
+    let listen = value("--listen")?;
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("--listen {listen}: {e}"))?;
+    let upstream = value("--upstream")?;
+    let upstream: Uri = upstream
+        .parse()
+        .map_err(|e| format!("--upstream {upstream}: {e}"))?;
+    if upstream.scheme().is_none() || upstream.authority().is_none() {
+        return Err(format!(
+            "--upstream {upstream}: needs a scheme and an authority"
+        ));
+    }
+    Ok((listen, upstream))
+}
+
+/// An empty body of the proxied bodies' type.
+fn empty() -> BoxBody<Bytes, hyper::Error> {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let (listen, upstream) = match parse_args(&args) {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            eprintln!("hyper_floor: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("hyper_floor: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client: Client<HttpConnector, Incoming> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors and the like: try the next connection.
+            Err(_) => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let client = client.clone();
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                let client = client.clone();
+                let mut parts = upstream.clone().into_parts();
+                parts.path_and_query = Some(
+                    req.uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                );
+                let uri = Uri::from_parts(parts);
+                async move {
+                    // Scheme and authority were checked at start, the path was parsed: this
+                    // cannot fail, but an answer is better than a panic.
+                    let Ok(uri) = uri else {
+                        let mut resp = http::Response::new(empty());
+                        *resp.status_mut() = http::StatusCode::BAD_GATEWAY;
+                        return Ok(resp);
+                    };
+                    *req.uri_mut() = uri;
+                    let resp = client.request(req).await?;
+                    Ok::<_, hyper_util::client::legacy::Error>(resp.map(|b| b.boxed()))
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
