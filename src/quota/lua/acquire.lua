@@ -105,10 +105,23 @@ if mode == 'acquire' then
       held[i] = held[i] + tonumber(ARGV[6 + i])
     end
   end
+  -- The grant's id (ARGV[12], '0': none): its settle counts once, and a process whose call
+  -- timed out can give back a grant it never heard of (see 'settle').
+  local id = ARGV[12] or '0'
+  if id ~= '0' then
+    redis.call('HSET', KEYS[4], id, string.format('%.0f', now))
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
   local r = out('ok', 0)
   save()
   return r
 elseif mode == 'settle' then
+  -- A grant with an id (ARGV[16]) settles once: a settle sent again (it timed out, or was
+  -- held while Redis was marked down) or for a grant that was never taken is a no-op.
+  local id = ARGV[16] or '0'
+  if id ~= '0' and redis.call('HDEL', KEYS[4], id) == 0 then
+    return out('ok', 0)
+  end
   for i = 1, 3 do
     if levels[i] then
       local l = levels[i] + tonumber(ARGV[6 + i])
