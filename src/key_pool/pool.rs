@@ -385,6 +385,9 @@ async fn remote_attempt(
                 continue;
             }
             SharedTry::Acquire => {
+                // The call may have queued the ticket before Redis was marked down (a
+                // timeout): leave that line too when done.
+                line.queued(id);
                 let now = Instant::now();
                 let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
                 let acquire = board.acquire(id.clone(), group.clone(), cost);
