@@ -360,13 +360,20 @@ struct Reply {
     /// The store's `returned` counters (what settled grants gave back); zeros from the other
     /// scripts.
     returned: [u64; 3],
+    /// An acquire's place in the line (µs): the waiter's ticket's with `wait`, its
+    /// successor's with `ok` (0: none).
+    place: i64,
 }
 
 impl Reply {
     fn parse(raw: Vec<String>) -> Result<Self, StoreError> {
-        if raw.len() != 5 && raw.len() != 11 {
+        if raw.len() != 5 && raw.len() != 11 && raw.len() != 12 {
             return Err(StoreError::BadReply);
         }
+        let place = match raw.get(11) {
+            Some(text) => text.parse().map_err(|_| StoreError::BadReply)?,
+            None => 0,
+        };
         let (mut settled, mut returned) = ([0u64; 3], [0u64; 3]);
         let counters = settled.iter_mut().chain(returned.iter_mut());
         for (slot, text) in counters.zip(raw.iter().skip(5)) {
@@ -385,6 +392,7 @@ impl Reply {
             levels,
             settled,
             returned,
+            place,
         })
     }
 }
@@ -499,11 +507,24 @@ fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> bool {
 }
 
 /// The arguments of an acquire: the amounts, the waiter's ticket (0: none), when a ticket
-/// goes stale (µs) and the id the grant gets if the script grants.
-fn acquire_args(amounts: &[u64; 3], ticket: i64, id: i64) -> [i64; 6] {
+/// goes stale (µs), the id the grant gets if the script grants, and the ticket queued in
+/// its place when it does (0: none; see [`RedisShared::try_once`]).
+fn acquire_args(amounts: &[u64; 3], ticket: i64, id: i64, place: &Place) -> [i64; 8] {
     let a = amounts.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
     let stale = i64::try_from(TICKET_STALE.as_micros()).unwrap_or(i64::MAX);
-    [a[0], a[1], a[2], ticket, stale, id]
+    [a[0], a[1], a[2], ticket, stale, id, place.next, place.at]
+}
+
+/// Where a waiter stands in the Redis lines of the keys it waits on (the key pool's head):
+/// one place for all of them, the time its ticket first queued in one (issue 12).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Place {
+    /// Its place (µs, Redis clock; 0: not queued yet).
+    pub(crate) at: i64,
+    /// The ticket to queue for its successor on this node when it is served (0: none).
+    pub(crate) next: i64,
+    /// Set when it was served: the successor's place.
+    pub(crate) next_at: i64,
 }
 
 /// The arguments of a settle that gives all of `amounts` back, for grant `id`.
@@ -1015,7 +1036,10 @@ pub(crate) enum SharedTry {
 }
 
 impl RedisShared {
-    /// One acquire script call for `(key, group)`: takes `cost` if it fits now.
+    /// One acquire script call for `(key, group)`: takes `cost` if it fits now. A waiter
+    /// queues at `place` (learning it on its first wait). When it is served and
+    /// `place.next` is not 0, that ticket is queued in the line in the same call: the
+    /// caller's next waiter holds its place from the instant this one is served.
     pub(crate) async fn try_once(
         self: &Arc<Self>,
         board: &QuotaBoard,
@@ -1023,6 +1047,7 @@ impl RedisShared {
         group: &RateLimitGroup,
         cost: Cost,
         ticket: i64,
+        place: &mut Place,
     ) -> SharedTry {
         if self.is_degraded() {
             return SharedTry::Acquire;
@@ -1074,10 +1099,15 @@ impl RedisShared {
         };
         let a = self.mirror.amounts(key, group, &cost);
         let id = new_ticket();
-        let args = acquire_args(&a, ticket, id);
+        let args = acquire_args(&a, ticket, id, place);
         match self.eval(key, group, "acquire", &caps, &args).await {
             Ok(reply) => {
                 self.mirror.set_levels(key, group, reply.levels);
+                match reply.status.as_str() {
+                    "ok" => place.next_at = reply.place,
+                    _ if place.at == 0 => place.at = reply.place,
+                    _ => {}
+                }
                 match reply.status.as_str() {
                     "ok" => {
                         self.counters.shared_grants.fetch_add(1, Ordering::Relaxed);
@@ -1256,7 +1286,7 @@ impl SharedAcquire {
             // (not configured) limit are clamped to the capacity.
             let a = shared.mirror.amounts(&key, &group, &cost);
             let id = new_ticket();
-            let args = acquire_args(&a, ticket.ticket, id);
+            let args = acquire_args(&a, ticket.ticket, id, &Place::default());
             // Registered before the call, so that a refund during the round trip is not missed.
             let refunded = shared.refunded.notified();
             match shared.eval(&key, &group, "acquire", &caps, &args).await {
