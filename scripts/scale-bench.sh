@@ -10,6 +10,8 @@
 #   ONLY="1n2k 2n2k" scripts/scale-bench.sh
 #   PROXY_BIN=/tmp/claude-proxy-old scripts/scale-bench.sh   # another proxy binary
 #   LATENCY=0ms ONLY=1n1k scripts/scale-bench.sh  # answers at once (default: 500 ms)
+#   STALL=5:0.4 ONLY=2n2k scripts/scale-bench.sh  # Redis stalls 0.4 s, 5 s into the run
+#                                                 # (DEBUG SLEEP: every node's calls time out)
 #
 # The ideal printed is the request limit's: (tasks - keys x 120) / (keys x 2/s). The output
 # bucket (max_tokens reserved against 8k a minute) binds too: a client that knew the server's
@@ -29,6 +31,7 @@ LOADGEN=${LOADGEN:-$B/examples/loadgen}
 ONLY=${ONLY:-"1n1k 1n2k 2n2k 4n4k raise"}
 TASKS=${TASKS:-200}          # per fleet
 LATENCY=${LATENCY:-500ms}    # upstream answer time
+STALL=${STALL:-}             # AT_S:SLEEP_S: redis-cli DEBUG SLEEP SLEEP_S, AT_S into the run
 D=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -57,10 +60,10 @@ run() {
   "$LOADGEN" "${mock_args[@]}" 2> "$D/$name.mock.log" &
   local mock=$!; PIDS+=("$mock")
   wait_port "$mport"
-  local redis_args=()
+  local redis_args=() rport=
   if [ "$nodes" -gt 1 ]; then
-    local rport; rport=$(free_port)
-    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+    rport=$(free_port)
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --enable-debug-command local \
       --daemonize yes --pidfile "$D/redis.pid" > /dev/null
     wait_port "$rport"
     redis_args=(--redis-url "redis://127.0.0.1:$rport/" --expected-nodes "$nodes")
@@ -84,6 +87,11 @@ run() {
       --start-at-ms "$start_ms" --seed "$f" --label "f$f" > "$D/$name.fleet$f.json" &
     fpids+=($!)
   done
+  if [ -n "$STALL" ] && [ -n "$rport" ]; then
+    # A stalled Redis (a loaded machine, a slow command): every node's calls time out.
+    ( sleep "$(python3 -c "print(max(0, $start_ms / 1000 + ${STALL%%:*} - $(date +%s%3N) / 1000))")"
+      redis-cli -p "$rport" DEBUG SLEEP "${STALL##*:}" > /dev/null ) &
+  fi
   for p in "${fpids[@]}"; do wait "$p" || true; done
   for p in "${nodepids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   kill -INT "$mock" 2>/dev/null || true; wait "$mock" 2>/dev/null || true
@@ -113,6 +121,10 @@ if cap2:
 if fleets > 1:
     ts = [r["elapsed_s"] for r in rows]
     extra += f"  fleet spread {100 * (max(ts) - min(ts)) / max(ts):.1f} %"
+import glob
+outages = sum(open(f).read().count("Redis unreachable") for f in glob.glob(f"{d}/{name}.node*.log"))
+if outages:
+    extra += f"  Redis outages seen by the nodes: {outages}"
 print(f"{name:<6} {n:>6} {ok:>5} {failed:>6} {r429:>6} {elapsed:>8.1f}s {ideal:>8.1f}s {elapsed / ideal:>5.2f}x  {finish}{extra}")
 PY
 }

@@ -1128,3 +1128,91 @@ async fn every_node_waits_in_line_while_limits_are_learned() {
     }
     assert_eq!(mock.stats().rate_limited, 0);
 }
+
+/// Issue 12, Redis under load: a stalled Redis (every call times out, as on a loaded machine)
+/// marks the board down. A grant taken in Redis before the stall and settled during it, and an
+/// acquire whose reply timed out although Redis ran it, must both reach Redis when it is back:
+/// before, the settle was skipped (its refund lost, its units `held` in Redis for good, which
+/// blocks every later raise of the key) and the timed-out grant was never given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_redis_stall_reach_redis_when_it_is_back() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let board = QuotaBoard::builder()
+        .limits(group(), Limits::new(100, 1_000_000, 10_000))
+        .build_redis(&server.url(), options("t20:"))
+        .await
+        .unwrap();
+    let first = board
+        .acquire(key(), group(), Cost::new(1, 0, 8_000))
+        .await
+        .unwrap();
+    assert_eq!(board.redis_status().unwrap().shared_grants, 1);
+
+    // Redis stalls for 0.6 s (a blocking command on another connection).
+    let url = server.url();
+    let stall = tokio::spawn(async move {
+        let mut conn = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.6")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // This acquire's reply times out (Redis runs the script after the stall): the board goes
+    // to its local share.
+    let during = board
+        .acquire(key(), group(), Cost::new(1, 0, 1))
+        .await
+        .unwrap();
+    assert!(board.redis_status().unwrap().degraded);
+    // The first request's answer arrives while the board is marked down.
+    first.settle(Cost::new(1, 0, 60));
+    during.settle(Cost::new(1, 0, 1));
+    stall.await.unwrap();
+
+    let waited = Instant::now();
+    while board.redis_status().unwrap().degraded {
+        assert!(waited.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let hash = format!("t20:{{{}:{}}}", key(), group());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let held: Vec<Option<u64>> = redis::cmd("HMGET")
+            .arg(&hash)
+            .arg("h1")
+            .arg("h3")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Nothing is in flight: every unit taken in Redis left `held`.
+        if held == [Some(0), Some(0)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "units stay held in Redis: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The refund reached Redis: 7 000 output tokens fit again at once (10 000 − 60 used).
+    let r = board
+        .acquire(key(), group(), Cost::new(1, 0, 7_000))
+        .max_wait(Duration::from_millis(50))
+        .await
+        .expect("the refund of the settle held during the stall is in Redis");
+    r.settle(Cost::new(1, 0, 60));
+}

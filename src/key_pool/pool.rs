@@ -207,6 +207,31 @@ pub(crate) struct Pool {
 struct Lines {
     next: u64,
     by_group: HashMap<RateLimitGroup, FairQueue<()>>,
+    /// Per group, the Redis ticket a served head queued for the next head of this node
+    /// (see [`RemoteLine`]), until that head takes it.
+    handoff: HashMap<RateLimitGroup, Handoff>,
+}
+
+/// A place in a key's Redis line that a served head took for its successor on this node
+/// (issue 12): queued by the same script call that served it, so the node holds its place
+/// between two heads. Left when nobody takes it (the node's line emptied).
+#[derive(Debug)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+struct Handoff {
+    board: QuotaBoard,
+    ticket: i64,
+    key: KeyId,
+    /// Its place in the lines (Redis clock, µs).
+    at: i64,
+}
+
+impl Handoff {
+    fn leave(self, group: &RateLimitGroup) {
+        #[cfg(feature = "redis")]
+        self.board.leave_line(&self.key, group, self.ticket);
+        #[cfg(not(feature = "redis"))]
+        let _ = (self, group);
+    }
 }
 
 /// A place in a group's line; leaving it (drop) lets the next request take its turn.
@@ -236,9 +261,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let was_head = {
+        let (was_head, unclaimed) = {
             let mut lines = self.pool.lines.lock().unwrap_or_else(|e| e.into_inner());
             let mut was_head = false;
+            let mut unclaimed = None;
             if let Some(line) = lines.by_group.get_mut(&self.group) {
                 was_head = line.peek_id() == Some(self.id);
                 if was_head && self.admitted {
@@ -248,10 +274,15 @@ impl Drop for Ticket {
                 }
                 if line.is_empty() {
                     lines.by_group.remove(&self.group);
+                    // Nobody left on this node to take the successor's place.
+                    unclaimed = lines.handoff.remove(&self.group);
                 }
             }
-            was_head
+            (was_head, unclaimed)
         };
+        if let Some(h) = unclaimed {
+            h.leave(&self.group);
+        }
         if was_head {
             self.pool.turn.notify_waiters();
         }
@@ -365,15 +396,28 @@ async fn remote_attempt(
     candidates: &[(usize, KeyId)],
     deadline: Option<Instant>,
     line: &mut RemoteLine,
+    successor: bool,
 ) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
     use crate::quota::redis::SharedTry;
     let mut soonest: Option<Duration> = None;
     let mut too_large = None;
+    let mut place = crate::quota::redis::Place {
+        at: line.at,
+        next: if successor { line.next } else { 0 },
+        next_at: 0,
+    };
     for (index, id) in candidates {
         let cost = costs.of(*index);
-        let wait = match board.try_shared(id, group, cost, line.ticket).await {
+        let tried = board
+            .try_shared(id, group, cost, line.ticket, &mut place)
+            .await;
+        line.at = place.at;
+        let wait = match tried {
             SharedTry::Granted(reservation) => {
                 line.served(id);
+                if place.next != 0 {
+                    line.handed = Some((id.clone(), place.next_at));
+                }
                 return Ok(Ok((*index, reservation)));
             }
             SharedTry::Wait(d) => {
@@ -385,6 +429,9 @@ async fn remote_attempt(
                 continue;
             }
             SharedTry::Acquire => {
+                // The call may have queued the ticket before Redis was marked down (a
+                // timeout): leave that line too when done.
+                line.queued(id);
                 let now = Instant::now();
                 let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
                 let acquire = board.acquire(id.clone(), group.clone(), cost);
@@ -405,6 +452,12 @@ async fn remote_attempt(
 
 /// The head's ticket in the Redis lines of the keys it waits on (arrival order across
 /// nodes): one ticket for all of them, left on every key but the one that served it.
+///
+/// When other requests wait behind the head on this node, the script call that serves it
+/// also queues `next` in that key's line (a [`Handoff`] the next head takes): with only the
+/// head holding a ticket, a node was absent from the lines between two heads, and another
+/// node's head, finding the line empty, took the quota freed then — a turn lost, again and
+/// again in the bursts of refunds (the fleets of different nodes finished up to 10 % apart).
 #[derive(Debug)]
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 struct RemoteLine {
@@ -412,6 +465,12 @@ struct RemoteLine {
     group: RateLimitGroup,
     ticket: i64,
     keys: Vec<KeyId>,
+    /// Its place in every key's line (Redis clock, µs; 0: not queued yet).
+    at: i64,
+    /// The ticket queued for the successor when this head is served.
+    next: i64,
+    /// The key in whose line `next` was queued, and its place.
+    handed: Option<(KeyId, i64)>,
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -421,12 +480,26 @@ impl RemoteLine {
         let ticket = crate::quota::redis::new_ticket();
         #[cfg(not(feature = "redis"))]
         let ticket = 0;
+        #[cfg(feature = "redis")]
+        let next = crate::quota::redis::new_ticket();
+        #[cfg(not(feature = "redis"))]
+        let next = 0;
         Self {
             board: board.clone(),
             group: group.clone(),
             ticket,
             keys: Vec::new(),
+            at: 0,
+            next,
+            handed: None,
         }
+    }
+
+    /// Becomes the head with the place a served head queued for it.
+    fn adopt(&mut self, handoff: Handoff) {
+        self.ticket = handoff.ticket;
+        self.keys = vec![handoff.key];
+        self.at = handoff.at;
     }
 
     fn queued(&mut self, key: &KeyId) {
@@ -458,6 +531,7 @@ async fn remote_attempt(
     _candidates: &[(usize, KeyId)],
     _deadline: Option<Instant>,
     _line: &mut RemoteLine,
+    _successor: bool,
 ) -> Result<Result<(usize, Reservation), Duration>, BoxError> {
     // Without the `redis` feature no board is shared.
     Ok(Err(RECHECK))
@@ -681,6 +755,43 @@ impl Pool {
         Attempt::Wait(soonest)
     }
 
+    /// Other requests wait behind the head of `group`'s line.
+    fn others_waiting(&self, group: &RateLimitGroup) -> bool {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.by_group.get(group).is_some_and(|q| q.len() > 1)
+    }
+
+    /// A served head queued `ticket` in `key`'s Redis line for the next head (see
+    /// [`RemoteLine`]).
+    fn hand_off(
+        &self,
+        board: &QuotaBoard,
+        group: &RateLimitGroup,
+        ticket: i64,
+        key: KeyId,
+        at: i64,
+    ) {
+        let h = Handoff {
+            board: board.clone(),
+            ticket,
+            key,
+            at,
+        };
+        let old = {
+            let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+            lines.handoff.insert(group.clone(), h)
+        };
+        if let Some(old) = old {
+            old.leave(group);
+        }
+    }
+
+    /// The place a served head queued for the next one, if any.
+    fn take_handoff(&self, group: &RateLimitGroup) -> Option<Handoff> {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.handoff.remove(group)
+    }
+
     fn line_up(self: &Arc<Self>, group: &RateLimitGroup, tenant: Option<&Tenant>) -> Ticket {
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         lines.next += 1;
@@ -761,6 +872,11 @@ impl Pool {
                 if line.keys.is_empty() && !ticket.is_head() {
                     continue 'turn;
                 }
+                if line.keys.is_empty() {
+                    if let Some(h) = self.take_handoff(&group) {
+                        line.adopt(h);
+                    }
+                }
                 let changed = changes.notified();
                 let mut changed = std::pin::pin!(changed);
                 changed.as_mut().enable();
@@ -790,9 +906,13 @@ impl Pool {
                             &candidates,
                             deadline,
                             &mut line,
+                            self.others_waiting(&group),
                         );
                         match attempt.await {
                             Ok(Ok((index, reservation))) => {
+                                if let Some((key, at)) = line.handed.take() {
+                                    self.hand_off(&board, &group, line.next, key, at);
+                                }
                                 let pick = self.picked(&mut self.lock(), index);
                                 let waited = started.elapsed();
                                 admitted(ticket, waited);

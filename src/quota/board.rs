@@ -283,7 +283,9 @@ impl QuotaBoard {
     }
 
     /// One look at the shared (Redis) buckets of `(key, group)`, without waiting: for a layer
-    /// that weighs several keys (the key pool's admission).
+    /// that weighs several keys (the key pool's admission). `ticket`: the waiter's ticket;
+    /// `place`: where it stands in every key's line, and the ticket its successor on this
+    /// node takes if this one is served.
     #[cfg(feature = "redis")]
     pub(crate) async fn try_shared(
         &self,
@@ -291,10 +293,13 @@ impl QuotaBoard {
         group: &RateLimitGroup,
         cost: Cost,
         ticket: i64,
+        place: &mut redis::Place,
     ) -> redis::SharedTry {
         match &self.backend {
             Backend::Local(_) => redis::SharedTry::Acquire,
-            Backend::Redis { shared, .. } => shared.try_once(self, key, group, cost, ticket).await,
+            Backend::Redis { shared, .. } => {
+                shared.try_once(self, key, group, cost, ticket, place).await
+            }
         }
     }
 

@@ -58,6 +58,9 @@ pub(crate) struct Grant {
     /// The headers of its answer were observed already (the server has seen the request):
     /// it has left the ledger's `unanswered` units.
     pub(crate) answered: bool,
+    /// The grant's id in the store (`0`: none, an in-process grant): a Redis grant settles
+    /// once by it, even when its settle is sent again.
+    pub(crate) id: i64,
 }
 
 /// How long a request may take to reach the server after it was admitted here: past it, a
@@ -465,6 +468,7 @@ impl Entry {
             returned,
             at: now,
             answered: false,
+            id: 0,
         }
     }
 

@@ -55,6 +55,7 @@
 //! [`available_in`](super::AcquireError::available_in) (so a rate limiter with a zero
 //! `max_wait` refuses everything); use [`QuotaBoard::acquire`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -95,6 +96,10 @@ const TOKEN_ROUNDING: u64 = 999;
 /// as `observe`, after taking probe1..3 from buckets that already existed (created by another
 /// process, they do not count this process's probe; new buckets start from `remaining`,
 /// which does).
+/// `KEYS[2]` / `KEYS[3]`: the line of waiters and when each ticket was last seen;
+/// `KEYS[4]`: the grants taken and not yet settled, by id (an acquire's `ARGV[12]`, a
+/// settle's `ARGV[16]`): a settle counts once, so one held during an outage or sent again
+/// after a timeout is harmless, and so is giving back a grant whose acquire timed out.
 /// Returns `{status, wait_us, l1, l2, l3}` as strings (`''` for an unknown bucket).
 const SCRIPT: &str = include_str!("lua/acquire.lua");
 
@@ -355,13 +360,20 @@ struct Reply {
     /// The store's `returned` counters (what settled grants gave back); zeros from the other
     /// scripts.
     returned: [u64; 3],
+    /// An acquire's place in the line (µs): the waiter's ticket's with `wait`, its
+    /// successor's with `ok` (0: none).
+    place: i64,
 }
 
 impl Reply {
     fn parse(raw: Vec<String>) -> Result<Self, StoreError> {
-        if raw.len() != 5 && raw.len() != 11 {
+        if raw.len() != 5 && raw.len() != 11 && raw.len() != 12 {
             return Err(StoreError::BadReply);
         }
+        let place = match raw.get(11) {
+            Some(text) => text.parse().map_err(|_| StoreError::BadReply)?,
+            None => 0,
+        };
         let (mut settled, mut returned) = ([0u64; 3], [0u64; 3]);
         let counters = settled.iter_mut().chain(returned.iter_mut());
         for (slot, text) in counters.zip(raw.iter().skip(5)) {
@@ -380,6 +392,7 @@ impl Reply {
             levels,
             settled,
             returned,
+            place,
         })
     }
 }
@@ -412,6 +425,35 @@ pub(crate) struct RedisShared {
     /// Wakes this process's Redis waiters when one of its reservations gives quota back.
     refunded: Notify,
     counters: Counters,
+    /// Writes held while Redis is marked down (or whose call failed), sent when it is back.
+    deferred: Mutex<VecDeque<Deferred>>,
+}
+
+/// At most this many writes wait for Redis to come back; past it the oldest is dropped (a
+/// warning): an outage never grows memory without bound.
+const MAX_DEFERRED: usize = 10_000;
+
+/// A write to Redis that must not be lost to an outage (issue 12). While Redis was marked
+/// down, settles and leaves used to be skipped: a grant taken in Redis before the outage and
+/// settled during it kept its reservation (its refund lost) and stayed in the hash's `held`
+/// units for good, which blocked every later upward reconciliation of the key (a raise
+/// subtracts `held`); a served waiter's ticket blocked the line until it went stale. Settles
+/// carry the grant's id, so sending one again is harmless.
+#[derive(Debug)]
+enum Deferred {
+    /// A `settle` script call (its arguments, ending with the grant's id).
+    Settle {
+        key: KeyId,
+        group: RateLimitGroup,
+        caps: [Option<u64>; 3],
+        args: [i64; 10],
+    },
+    /// A ticket to take out of a line.
+    Leave {
+        key: KeyId,
+        group: RateLimitGroup,
+        ticket: i64,
+    },
 }
 
 impl fmt::Debug for RedisShared {
@@ -464,12 +506,31 @@ fn spawn<F: Future<Output = ()> + Send + 'static>(fut: F) -> bool {
     }
 }
 
-/// The arguments of an acquire: the amounts, the waiter's ticket (0: none) and when a ticket
-/// goes stale (µs).
-fn acquire_args(amounts: &[u64; 3], ticket: i64) -> [i64; 5] {
+/// The arguments of an acquire: the amounts, the waiter's ticket (0: none), when a ticket
+/// goes stale (µs), the id the grant gets if the script grants, and the ticket queued in
+/// its place when it does (0: none; see [`RedisShared::try_once`]).
+fn acquire_args(amounts: &[u64; 3], ticket: i64, id: i64, place: &Place) -> [i64; 8] {
     let a = amounts.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
     let stale = i64::try_from(TICKET_STALE.as_micros()).unwrap_or(i64::MAX);
-    [a[0], a[1], a[2], ticket, stale]
+    [a[0], a[1], a[2], ticket, stale, id, place.next, place.at]
+}
+
+/// Where a waiter stands in the Redis lines of the keys it waits on (the key pool's head):
+/// one place for all of them, the time its ticket first queued in one (issue 12).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Place {
+    /// Its place (µs, Redis clock; 0: not queued yet).
+    pub(crate) at: i64,
+    /// The ticket to queue for its successor on this node when it is served (0: none).
+    pub(crate) next: i64,
+    /// Set when it was served: the successor's place.
+    pub(crate) next_at: i64,
+}
+
+/// The arguments of a settle that gives all of `amounts` back, for grant `id`.
+fn refund_args(amounts: &[u64; 3], id: i64) -> [i64; 10] {
+    let a = amounts.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    [a[0], a[1], a[2], a[0], a[1], a[2], 0, 0, 0, id]
 }
 
 /// A new ticket for a line in Redis (random: unique across processes in practice).
@@ -589,7 +650,8 @@ impl RedisShared {
         let bucket = self.redis_key(key, group);
         let mut inv = self.script.key(&bucket);
         inv.key(format!("{bucket}:line"))
-            .key(format!("{bucket}:seen"));
+            .key(format!("{bucket}:seen"))
+            .key(format!("{bucket}:grants"));
         inv.arg(mode).arg(PERIOD_US).arg(LINE_TTL_MS);
         for cap in caps {
             inv.arg(cap_arg(*cap));
@@ -606,20 +668,122 @@ impl RedisShared {
     }
 
     /// Takes `ticket` out of the line of `(key, group)`, in the background.
+    /// While Redis is marked down it is sent when Redis is back (else the ticket would
+    /// block the line until it goes stale).
     pub(crate) fn leave(self: &Arc<Self>, key: &KeyId, group: &RateLimitGroup, ticket: i64) {
-        if ticket == 0 || self.is_degraded() {
+        if ticket == 0 {
+            return;
+        }
+        let op = Deferred::Leave {
+            key: key.clone(),
+            group: group.clone(),
+            ticket,
+        };
+        if self.is_degraded() {
+            self.defer(op);
             return;
         }
         let shared = self.clone();
-        let bucket = self.redis_key(key, group);
-        spawn(async move {
-            let Some(mut conn) = shared.connection() else {
-                return;
+        spawn(async move { shared.send(op).await });
+    }
+
+    /// Holds `op` until Redis is back (the oldest goes when [`MAX_DEFERRED`] wait already).
+    fn defer(&self, op: Deferred) {
+        let mut queue = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= MAX_DEFERRED {
+            queue.pop_front();
+            tracing::warn!(
+                max = MAX_DEFERRED,
+                "quota board: too many Redis writes wait for Redis; the oldest is dropped"
+            );
+        }
+        queue.push_back(op);
+        tracing::debug!(
+            waiting = queue.len(),
+            "quota board: Redis write held until Redis is back"
+        );
+    }
+
+    /// Sends one write. A settle that fails is held again (it is idempotent) and marks Redis
+    /// down; a leave that fails is not (the ticket goes stale).
+    async fn send(self: &Arc<Self>, op: Deferred) {
+        match op {
+            Deferred::Settle {
+                key,
+                group,
+                caps,
+                args,
+            } => match self.eval(&key, &group, "settle", &caps, &args).await {
+                Ok(reply) => {
+                    self.mirror.set_levels(&key, &group, reply.levels);
+                    if args[..3].iter().any(|d| *d > 0) {
+                        self.refunded.notify_waiters();
+                    }
+                }
+                Err(e) => {
+                    self.defer(Deferred::Settle {
+                        key,
+                        group,
+                        caps,
+                        args,
+                    });
+                    self.mark_down(&e);
+                }
+            },
+            Deferred::Leave { key, group, ticket } => {
+                let Some(mut conn) = self.connection() else {
+                    return;
+                };
+                let bucket = self.redis_key(&key, &group);
+                let mut inv = self.leave_script.key(format!("{bucket}:line"));
+                inv.key(format!("{bucket}:seen")).arg(ticket);
+                let call = inv.invoke_async::<i64>(&mut conn);
+                let _ = tokio::time::timeout(self.options.response_timeout, call).await;
+            }
+        }
+    }
+
+    /// Redis is back: sends the writes held meanwhile, oldest first, until it fails again.
+    async fn flush_deferred(self: &Arc<Self>) {
+        let mut sent = 0usize;
+        loop {
+            if self.is_degraded() {
+                break;
+            }
+            let op = self
+                .deferred
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some(op) = op else {
+                break;
             };
-            let mut inv = shared.leave_script.key(format!("{bucket}:line"));
-            inv.key(format!("{bucket}:seen")).arg(ticket);
-            let call = inv.invoke_async::<i64>(&mut conn);
-            let _ = tokio::time::timeout(shared.options.response_timeout, call).await;
+            self.send(op).await;
+            sent += 1;
+        }
+        if sent > 0 {
+            tracing::info!(
+                sent,
+                "quota board: Redis writes held during the outage sent"
+            );
+        }
+    }
+
+    /// An acquire call failed (timed out, say): the script may have run and granted all the
+    /// same. Gives grant `id` back in Redis once it answers (a no-op if it was never taken).
+    fn cancel_grant(
+        self: &Arc<Self>,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        caps: [Option<u64>; 3],
+        amounts: &[u64; 3],
+        id: i64,
+    ) {
+        self.defer(Deferred::Settle {
+            key: key.clone(),
+            group: group.clone(),
+            caps,
+            args: refund_args(amounts, id),
         });
     }
 
@@ -659,6 +823,7 @@ impl RedisShared {
                     shared.degraded.store(false, Ordering::Release);
                     shared.counters.recoveries.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("quota board: Redis reachable again; shared limits resume");
+                    shared.flush_deferred().await;
                     return;
                 }
             }
@@ -737,31 +902,30 @@ impl RedisShared {
                 })
             }
         };
-        if self.is_degraded() {
-            return;
-        }
-        let mut args = [0i64; 9];
+        let mut args = [0i64; 10];
         args[..3].copy_from_slice(&deltas);
         args[3..6].copy_from_slice(&charged);
-        for (a, c) in args[6..].iter_mut().zip(final_cost) {
+        for (a, c) in args[6..9].iter_mut().zip(final_cost) {
             *a = i64::try_from(c).unwrap_or(i64::MAX);
         }
+        args[9] = grant.id;
         let Some(caps) = self.mirror.capacities(key, group) else {
             return;
         };
+        let op = Deferred::Settle {
+            key: key.clone(),
+            group: group.clone(),
+            caps,
+            args,
+        };
+        // While Redis is marked down the settle waits for it: skipped, the grant's refund
+        // was lost and its units stayed `held` in Redis for good (issue 12).
+        if self.is_degraded() {
+            self.defer(op);
+            return;
+        }
         let shared = self.clone();
-        let (key, group) = (key.clone(), group.clone());
-        spawn(async move {
-            match shared.eval(&key, &group, "settle", &caps, &args).await {
-                Ok(reply) => {
-                    shared.mirror.set_levels(&key, &group, reply.levels);
-                    if deltas.iter().any(|d| *d > 0) {
-                        shared.refunded.notify_waiters();
-                    }
-                }
-                Err(e) => shared.mark_down(&e),
-            }
-        });
+        spawn(async move { shared.send(op).await });
     }
 
     /// Re-seeds the Redis buckets (and the fallback) from response headers.
@@ -872,7 +1036,10 @@ pub(crate) enum SharedTry {
 }
 
 impl RedisShared {
-    /// One acquire script call for `(key, group)`: takes `cost` if it fits now.
+    /// One acquire script call for `(key, group)`: takes `cost` if it fits now. A waiter
+    /// queues at `place` (learning it on its first wait). When it is served and
+    /// `place.next` is not 0, that ticket is queued in the line in the same call: the
+    /// caller's next waiter holds its place from the instant this one is served.
     pub(crate) async fn try_once(
         self: &Arc<Self>,
         board: &QuotaBoard,
@@ -880,6 +1047,7 @@ impl RedisShared {
         group: &RateLimitGroup,
         cost: Cost,
         ticket: i64,
+        place: &mut Place,
     ) -> SharedTry {
         if self.is_degraded() {
             return SharedTry::Acquire;
@@ -930,10 +1098,16 @@ impl RedisShared {
             None => return SharedTry::Acquire,
         };
         let a = self.mirror.amounts(key, group, &cost);
-        let args = acquire_args(&a, ticket);
+        let id = new_ticket();
+        let args = acquire_args(&a, ticket, id, place);
         match self.eval(key, group, "acquire", &caps, &args).await {
             Ok(reply) => {
                 self.mirror.set_levels(key, group, reply.levels);
+                match reply.status.as_str() {
+                    "ok" => place.next_at = reply.place,
+                    _ if place.at == 0 => place.at = reply.place,
+                    _ => {}
+                }
                 match reply.status.as_str() {
                     "ok" => {
                         self.counters.shared_grants.fetch_add(1, Ordering::Relaxed);
@@ -946,6 +1120,7 @@ impl RedisShared {
                             returned: reply.returned,
                             at: Instant::now(),
                             answered: false,
+                            id,
                         };
                         SharedTry::Granted(board.reservation(
                             key.clone(),
@@ -964,6 +1139,7 @@ impl RedisShared {
                 }
             }
             Err(e) => {
+                self.cancel_grant(key, group, caps, &a, id);
                 self.mark_down(&e);
                 SharedTry::Acquire
             }
@@ -1102,13 +1278,15 @@ impl SharedAcquire {
                     returned: [0; 3],
                     at: Instant::now(),
                     answered: false,
+                    id: 0,
                 };
                 return Ok(board.reservation(key, group, cost, grant));
             };
             // As in the in-process board: the output reservation and anything over a learned
             // (not configured) limit are clamped to the capacity.
             let a = shared.mirror.amounts(&key, &group, &cost);
-            let args = acquire_args(&a, ticket.ticket);
+            let id = new_ticket();
+            let args = acquire_args(&a, ticket.ticket, id, &Place::default());
             // Registered before the call, so that a refund during the round trip is not missed.
             let refunded = shared.refunded.notified();
             match shared.eval(&key, &group, "acquire", &caps, &args).await {
@@ -1130,6 +1308,7 @@ impl SharedAcquire {
                                 returned: reply.returned,
                                 at: Instant::now(),
                                 answered: false,
+                                id,
                             };
                             return Ok(board.reservation(key, group, cost, grant));
                         }
@@ -1166,7 +1345,12 @@ impl SharedAcquire {
                         }
                     }
                 }
-                Err(e) => shared.mark_down(&e),
+                Err(e) => {
+                    // The script may have run: queued the ticket, or granted.
+                    ticket.queued = true;
+                    shared.cancel_grant(&key, &group, caps, &a, id);
+                    shared.mark_down(&e);
+                }
             }
         }
     }
@@ -1293,6 +1477,7 @@ impl RedisShared {
             probing: AtomicBool::new(false),
             refunded: Notify::new(),
             counters: Counters::default(),
+            deferred: Mutex::new(VecDeque::new()),
         });
         if !connected {
             shared.mark_down(&StoreError::NotConnected);

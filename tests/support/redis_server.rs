@@ -71,6 +71,9 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                // `DEBUG SLEEP` stalls the server (a loaded machine) in tests.
+                "--enable-debug-command",
+                "local",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -33,13 +33,14 @@ for i = 1, 3 do
     levels[i] = l
   end
 end
-local function out(status, wait)
+local function out(status, wait, place)
   local r = {status, string.format('%.0f', math.ceil(wait))}
   for i = 1, 3 do
     if levels[i] then r[#r + 1] = string.format('%.6f', levels[i]) else r[#r + 1] = '' end
   end
   for i = 1, 3 do r[#r + 1] = string.format('%.0f', settled[i]) end
   for i = 1, 3 do r[#r + 1] = string.format('%.0f', returned[i]) end
+  r[#r + 1] = string.format('%.0f', place or 0)
   return r
 end
 local function save(with_caps)
@@ -80,6 +81,11 @@ if mode == 'acquire' then
   -- line KEYS[2] (score: arrival) and KEYS[3] (score: last seen); tickets not seen for
   -- ARGV[11] µs are dropped. Nobody takes quota while an older ticket waits.
   local ticket = ARGV[10] or '0'
+  -- A ticket's place (ARGV[14], µs; '0': now) is the same in the line of every key its
+  -- waiter waits on: the time it first queued in any of them (returned with 'wait'), so
+  -- that the heads of two nodes cannot each be first on a different key (issue 12).
+  local place = tonumber(ARGV[14] or '0') or 0
+  if place <= 0 then place = now end
   if ticket ~= '0' then
     local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[11]))
     for _, m in ipairs(gone) do
@@ -88,12 +94,12 @@ if mode == 'acquire' then
     end
     local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
     if wait > 0 or (head and head ~= ticket) then
-      redis.call('ZADD', KEYS[2], 'NX', now, ticket)
+      redis.call('ZADD', KEYS[2], 'NX', place, ticket)
       redis.call('ZADD', KEYS[3], now, ticket)
       redis.call('PEXPIRE', KEYS[2], ttl)
       redis.call('PEXPIRE', KEYS[3], ttl)
       if head and head ~= ticket and wait < 20000 then wait = 20000 end
-      return out('wait', wait)
+      return out('wait', wait, tonumber(redis.call('ZSCORE', KEYS[2], ticket)))
     end
     redis.call('ZREM', KEYS[2], ticket)
     redis.call('ZREM', KEYS[3], ticket)
@@ -105,10 +111,35 @@ if mode == 'acquire' then
       held[i] = held[i] + tonumber(ARGV[6 + i])
     end
   end
-  local r = out('ok', 0)
+  -- The grant's id (ARGV[12], '0': none): its settle counts once, and a process whose call
+  -- timed out can give back a grant it never heard of (see 'settle').
+  local id = ARGV[12] or '0'
+  if id ~= '0' then
+    redis.call('HSET', KEYS[4], id, string.format('%.0f', now))
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
+  -- The waiter's successor (ARGV[13], '0': none): the next request waiting on the same
+  -- process takes its place in the line now, behind every ticket already there, so that a
+  -- process between two waiters cannot lose its turn (issue 12).
+  local next = ARGV[13] or '0'
+  local next_place = 0
+  if next ~= '0' then
+    redis.call('ZADD', KEYS[2], 'NX', now, next)
+    redis.call('ZADD', KEYS[3], now, next)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    redis.call('PEXPIRE', KEYS[3], ttl)
+    next_place = now
+  end
+  local r = out('ok', 0, next_place)
   save()
   return r
 elseif mode == 'settle' then
+  -- A grant with an id (ARGV[16]) settles once: a settle sent again (it timed out, or was
+  -- held while Redis was marked down) or for a grant that was never taken is a no-op.
+  local id = ARGV[16] or '0'
+  if id ~= '0' and redis.call('HDEL', KEYS[4], id) == 0 then
+    return out('ok', 0)
+  end
   for i = 1, 3 do
     if levels[i] then
       local l = levels[i] + tonumber(ARGV[6 + i])
