@@ -42,11 +42,7 @@ if ! need nginx || ! need wrk; then
   echo "installing nginx and wrk (Debian packages)" >&2
   apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null
 fi
-if [ -z "$PROXY_BIN" ]; then
-  cargo build -q --release --features proxy --bin claude-proxy
-  PROXY_BIN="$TARGET_DIR/release/claude-proxy"
-fi
-PROXY_BIN="$(realpath "$PROXY_BIN")"
+proxy_bin
 if [ "$FLOOR" = 1 ] && [ -z "$FLOOR_BIN" ]; then
   cargo build -q --release --features proxy --example hyper_floor
   FLOOR_BIN="$TARGET_DIR/release/examples/hyper_floor"

@@ -96,3 +96,23 @@ write_upstream_conf() {
   upstream_server "$2"
   echo "}"
 }
+
+# proxy_bin: sets PROXY_BIN to the absolute path of the proxy to measure: the given one, or a
+# release build of this tree (built here).
+proxy_bin() {
+  if [ -z "${PROXY_BIN:-}" ]; then
+    cargo build -q --release --features proxy --bin claude-proxy
+    PROXY_BIN="${CARGO_TARGET_DIR:-target}/release/claude-proxy"
+  fi
+  PROXY_BIN="$(realpath "$PROXY_BIN")"
+}
+
+# start_upstream [TRIES]: the nginx upstream alone on a free port (after bench_setup), stopped
+# with the other pids; sets up_port. TRIES: how long to wait for it (wait_port's steps).
+start_upstream() {
+  up_port=$(free_port)
+  write_upstream_conf "$work/nginx" "$up_port" >"$work/nginx.conf"
+  nginx -c "$work/nginx.conf" -g 'daemon off;' &
+  pids+=($!)
+  wait_port "$up_port" "${1:-100}"
+}

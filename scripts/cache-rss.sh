@@ -19,20 +19,12 @@ N="${N:-1000000}"
 FLAGS="${FLAGS:---cache-mode all --cache-path memory}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
-if [ -z "$PROXY_BIN" ]; then
-  cargo build -q --release --features proxy --bin claude-proxy
-  PROXY_BIN="$TARGET_DIR/release/claude-proxy"
-fi
-PROXY_BIN="$(realpath "$PROXY_BIN")"
-cargo build -q --release --example loadgen
+proxy_bin
+cargo build -q --release --features proxy --example loadgen
 LOADGEN="$(realpath "$TARGET_DIR/release/examples/loadgen")"
 
 bench_setup
-up_port=$(free_port)
-write_upstream_conf "$work/nginx" "$up_port" >"$work/nginx.conf"
-nginx -c "$work/nginx.conf" -g 'daemon off;' &
-pids+=($!)
-wait_port "$up_port"
+start_upstream
 
 port=$(free_port)
 mkdir -p "$work/proxy"

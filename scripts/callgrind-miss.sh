@@ -23,6 +23,8 @@
 # steady state, start-up and shut-down excluded) and the ratio to the first row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-upstream.sh
+. scripts/bench-upstream.sh
 
 WARMUP="${WARMUP:-300}"
 COUNT="${COUNT:-2000}"
@@ -34,11 +36,7 @@ PROXY_CONFIGS="${PROXY_CONFIGS:-off:--cache-mode off;memory-all:--cache-mode all
 for tool in nginx valgrind callgrind_control python3; do
   command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool" >&2; exit 1; }
 done
-if [ -z "$PROXY_BIN" ]; then
-  cargo build -q --release --features proxy --bin claude-proxy
-  PROXY_BIN="$TARGET_DIR/release/claude-proxy"
-fi
-PROXY_BIN="$(realpath "$PROXY_BIN")"
+proxy_bin
 if [ "${FLOOR:-0}" = 1 ]; then
   if [ -z "${FLOOR_BIN:-}" ]; then
     cargo build -q --release --features proxy --example hyper_floor
@@ -49,15 +47,9 @@ if [ "${FLOOR:-0}" = 1 ]; then
 fi
 DRIVE="$(realpath benches/proxy/drive.py)"
 
-# shellcheck source=scripts/bench-upstream.sh
-. scripts/bench-upstream.sh
 bench_setup
 
-up_port=$(free_port)
-write_upstream_conf "$work/nginx" "$up_port" >"$work/nginx.conf"
-nginx -c "$work/nginx.conf" -g 'daemon off;' &
-pids+=($!)
-wait_port "$up_port" 1200
+start_upstream 1200
 
 echo "claude-proxy: $PROXY_BIN; $WARMUP warm-up + $COUNT counted distinct requests per row"
 printf '%-24s %14s %10s\n' config instr/request x_first

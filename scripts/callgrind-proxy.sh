@@ -31,19 +31,11 @@ PROXY_BIN="${PROXY_BIN:-}"
 for tool in nginx valgrind callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
-if [ -z "$PROXY_BIN" ]; then
-  cargo build -q --release --features proxy --bin claude-proxy
-  PROXY_BIN="$TARGET_DIR/release/claude-proxy"
-fi
-PROXY_BIN="$(realpath "$PROXY_BIN")"
+proxy_bin
 
 bench_setup
 
-up_port=$(free_port)
-write_upstream_conf "$work/nginx" "$up_port" >"$work/nginx.conf"
-nginx -c "$work/nginx.conf" -g 'daemon off;' &
-pids+=($!)
-wait_port "$up_port"
+start_upstream
 
 port=$(free_port)
 # shellcheck disable=SC2086
