@@ -29,7 +29,14 @@
 //! | [`RetrySooner`] — another key could serve this request sooner than the server's wait | key pool | retry (does not wait out a 429 that another key avoids) |
 //! | [`ChosenKey`] — the key that served the answer | key pool | metrics, fallback (reads the served key's headroom), the application |
 //! | [`QueueWait`] — how long the request waited for quota | rate limit | metrics, the application |
-//! | [`PacingDelay`] — how long pacing held the request | pacing (feature `metrics`) | metrics |
+#![cfg_attr(
+    feature = "metrics",
+    doc = "| [`PacingDelay`] — how long pacing held the request | pacing (feature `metrics`) | metrics |"
+)]
+#![cfg_attr(
+    not(feature = "metrics"),
+    doc = "| `PacingDelay` — how long pacing held the request | pacing (feature `metrics`) | metrics |"
+)]
 //! | [`UsageTracker`] — the answer's one usage tracker: final usage, how far the body got ([`BodyState`]: complete / truncated / failed), the model that wrote it | the innermost layer that reads usage (an adaptive concurrency cap for a stream, else rate limit in the stack; else the budget, retry for a stream, the cache for a stream it records, metrics), wrapping the body once; retry drops it when it replaces the body. A JSON body is copied up to the largest limit any reader asks for (metrics' `json_limit`, 8 MiB for the rate limiter and the budget) | concurrency (an adaptive cap shrinks on a mid-stream `event: error`), rate limit (settles the reservation), budget (settles the tenant's cost), retry (holds a stream back, closes a cut one), cache (stores a stream only once `message_stop` is recorded), metrics (tokens, stream errors), the application |
 //! | [`ErrorAnswer`] — the parsed envelope of an error answer (429, 529, any 4xx / 5xx), read once | the innermost layer that reads the body: key pool (429, 400), retry (any error status; it replaces it with the envelope it writes), fallback (429, 529) | key pool, retry, fallback (instead of reading the body again), the application |
 //!

@@ -148,7 +148,14 @@ pub enum CacheConfig {
     DefaultMemory,
 }
 
-/// Predictive throttling settings ([`PacingLayer`](crate::metrics::pacing::PacingLayer),
+#[cfg_attr(
+    feature = "metrics",
+    doc = "Predictive throttling settings ([`PacingLayer`](crate::metrics::pacing::PacingLayer),"
+)]
+#[cfg_attr(
+    not(feature = "metrics"),
+    doc = "Predictive throttling settings (`PacingLayer`,"
+)]
 /// feature `metrics`): when a group's demand forecast reaches `trigger` of a limit, its
 /// requests are spaced at `target` of the limit; with `ramp`, the released request rate rises
 /// by at most that many requests per minute, every minute.

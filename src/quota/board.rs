@@ -735,7 +735,14 @@ impl Backend {
         }
     }
 
-    /// Drives the Redis path of an [`Acquire`] (see [`redis::poll_remote`]); `None`: the
+    #[cfg_attr(
+        feature = "redis",
+        doc = "Drives the Redis path of an [`Acquire`] (see [`redis::poll_remote`]); `None`: the"
+    )]
+    #[cfg_attr(
+        not(feature = "redis"),
+        doc = "Drives the Redis path of an [`Acquire`] (see `redis::poll_remote`); `None`: the"
+    )]
     /// local path applies.
     #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn poll_remote(

@@ -17,7 +17,14 @@ pub enum AcquireErrorKind {
     /// input-tokens-per-minute limit): it can never be admitted.
     RequestTooLarge,
     /// The shared quota store (Redis) is unreachable and the board is set to fail closed
-    /// ([`RedisOptions::fail_closed`](crate::quota::RedisOptions::fail_closed)).
+    #[cfg_attr(
+        feature = "redis",
+        doc = "([`RedisOptions::fail_closed`](crate::quota::RedisOptions::fail_closed))."
+    )]
+    #[cfg_attr(
+        not(feature = "redis"),
+        doc = "(`RedisOptions::fail_closed`, feature `redis`)."
+    )]
     BackendUnavailable,
 }
 

@@ -316,7 +316,14 @@ struct Entry {
     /// (unlimited); once they are known, waiters are released to the shared store.
     mirror: bool,
     /// Limits were just learned and the shared store is being seeded with the server's view:
-    /// waiters stay queued until [`LocalBackend::seeded`].
+    #[cfg_attr(
+        feature = "redis",
+        doc = "waiters stay queued until [`LocalBackend::seeded`]."
+    )]
+    #[cfg_attr(
+        not(feature = "redis"),
+        doc = "waiters stay queued until `LocalBackend::seeded` (feature `redis`)."
+    )]
     seeding: bool,
     /// The entry is known to be real: the upstream answered one of its requests with a
     /// success, or its key has limits of its own. An entry of what a client made up (a model

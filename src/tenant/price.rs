@@ -9,7 +9,14 @@
 //! [`PriceTable`]. Overrides use the same schema and are merged over the defaults entry by
 //! entry: [`PriceTable::merge_json`] and [`PriceTable::with`] always, and, with the cargo
 //! feature `price-files` (pulls the `toml` crate; on in `proxy`), the same document in TOML
-//! ([`PriceTable::merge_toml`]) or from a TOML file ([`PriceTable::merge_file`]).
+#![cfg_attr(
+    feature = "price-files",
+    doc = "([`PriceTable::merge_toml`]) or from a TOML file ([`PriceTable::merge_file`])."
+)]
+#![cfg_attr(
+    not(feature = "price-files"),
+    doc = "(`PriceTable::merge_toml`) or from a TOML file (`PriceTable::merge_file`)."
+)]
 //!
 //! ```
 //! use tower_claude::anthropic::Usage;
@@ -174,8 +181,16 @@ const MAX_WARNED: usize = 1_024;
 /// # Schema
 ///
 /// The built-in table and every override are one document (a JSON object for
-/// [`merge_json`](Self::merge_json), a TOML table for [`merge_toml`](Self::merge_toml) and
-/// [`merge_file`](Self::merge_file)); every field is optional in an override:
+#[cfg_attr(
+    feature = "price-files",
+    doc = "[`merge_json`](Self::merge_json), a TOML table for [`merge_toml`](Self::merge_toml) and
+[`merge_file`](Self::merge_file)); every field is optional in an override:"
+)]
+#[cfg_attr(
+    not(feature = "price-files"),
+    doc = "[`merge_json`](Self::merge_json), a TOML table for `merge_toml` and
+`merge_file`, feature `price-files`); every field is optional in an override:"
+)]
 ///
 /// | field | meaning |
 /// |---|---|
@@ -734,7 +749,14 @@ fn share(v: &serde_json::Value, at: &str) -> Result<f64, PriceError> {
 pub enum PriceErrorKind {
     /// The file could not be read.
     Io,
-    /// Not a JSON document (or, for [`PriceTable::merge_toml`], not a TOML one).
+    #[cfg_attr(
+        feature = "price-files",
+        doc = "Not a JSON document (or, for [`PriceTable::merge_toml`], not a TOML one)."
+    )]
+    #[cfg_attr(
+        not(feature = "price-files"),
+        doc = "Not a JSON document (or, for `PriceTable::merge_toml`, not a TOML one)."
+    )]
     Syntax,
     /// A field the schema does not have (a typo).
     UnknownField,

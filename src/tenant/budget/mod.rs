@@ -21,9 +21,18 @@
 //!    and to [`TenantStats`](super::TenantStats) (`record_cost_micro_usd`, `record_tokens`). An
 //!    error answer costs nothing; a JSON answer whose usage cannot be read costs its
 //!    reservation; a stream cut short costs the usage seen so far.
-//! 3. **80 %.** With [`BudgetLayer::alerts`] (feature `metrics`), the settlement that takes a
-//!    tenant's spend across 80 % (the [`Alerts`](crate::metrics::alerts::Alerts) threshold) of
-//!    a budget raises one [`AlertKind::Budget`](crate::metrics::alerts::AlertKind::Budget)
+#![cfg_attr(
+    feature = "metrics",
+    doc = "3. **80 %.** With [`BudgetLayer::alerts`] (feature `metrics`), the settlement that takes a
+   tenant's spend across 80 % (the [`Alerts`](crate::metrics::alerts::Alerts) threshold) of
+   a budget raises one [`AlertKind::Budget`](crate::metrics::alerts::AlertKind::Budget)"
+)]
+#![cfg_attr(
+    not(feature = "metrics"),
+    doc = "3. **80 %.** With `BudgetLayer::alerts` (feature `metrics`), the settlement that takes a
+   tenant's spend across 80 % (the `Alerts` threshold) of
+   a budget raises one `AlertKind::Budget`"
+)]
 //!    alert, delivered like quota alerts (callbacks, webhook). The crossing is read from the
 //!    store's total after the add, so it fires once per period, also across restarts and
 //!    across proxies sharing Redis.
@@ -40,7 +49,14 @@
 //! [`BudgetLayer::max_wait`], and never past the request's [`Deadline`](crate::retry::Deadline))
 //! instead of being refused; if the wait ends first it gets a 429 with `retry-after: 1`.
 //!
-//! With several processes sharing a [`RedisSpend`](super::spend::RedisSpend), each process
+#![cfg_attr(
+    feature = "redis",
+    doc = "With several processes sharing a [`RedisSpend`](super::spend::RedisSpend), each process"
+)]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "With several processes sharing a `RedisSpend` (feature `redis`), each process"
+)]
 //! knows only its own reservations: the bound is one request's maximum cost **per process**.
 //! The estimate is an upper bound for the tokens the Messages API bills; server-side tool fees
 //! (web search) are not priced.

@@ -3,9 +3,23 @@
 //! add to it after the answer.
 //!
 //! - [`MemorySpend`]: in the process (lost on restart).
-//! - [`DiskSpend`] (feature `disk-cache`): an embedded redb file; each add is one write
+#![cfg_attr(
+    feature = "disk-cache",
+    doc = "- [`DiskSpend`] (feature `disk-cache`): an embedded redb file; each add is one write"
+)]
+#![cfg_attr(
+    not(feature = "disk-cache"),
+    doc = "- `DiskSpend` (feature `disk-cache`): an embedded redb file; each add is one write"
+)]
 //!   transaction (read, add, write, commit), so a restart keeps every settled cost.
-//! - [`RedisSpend`] (feature `redis`): `INCRBY` on one key per tenant and period, with an
+#![cfg_attr(
+    feature = "redis",
+    doc = "- [`RedisSpend`] (feature `redis`): `INCRBY` on one key per tenant and period, with an"
+)]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "- `RedisSpend` (feature `redis`): `INCRBY` on one key per tenant and period, with an"
+)]
 //!   expiry a day past the period's end; several proxies sharing a Redis share the spend.
 //!
 //! Keys are [`SpendKey`]s: a tenant name and a [`Period`]. Their store name is
