@@ -941,6 +941,21 @@ async fn pooled_node(url: &str, prefix: &str, mock: &tower_claude::testing::Mock
     node_with(board, &["sk-ant-fair-shared"], mock)
 }
 
+/// The simulator of the pooled-node tests: `rpm` requests a minute per key (tokens
+/// unlimited), answers after `latency` with 5 output tokens.
+#[cfg(feature = "testing")]
+fn simulator(rpm: u64, latency: Duration) -> tower_claude::testing::MockClaude {
+    tower_claude::testing::MockClaude::builder()
+        .default_limits(tower_claude::testing::MockLimits::new(
+            rpm,
+            100_000_000,
+            100_000_000,
+        ))
+        .latency(latency, Duration::ZERO)
+        .output_tokens(5)
+        .build()
+}
+
 /// A node: a key pool of `keys` and a rate limiter sharing `board`, in front of `mock`.
 #[cfg(feature = "testing")]
 fn node_with(board: QuotaBoard, keys: &[&str], mock: &tower_claude::testing::MockClaude) -> Node {
@@ -978,17 +993,12 @@ fn haiku_request(text: &str) -> http::Request<tower_claude::body::RequestBody> {
 async fn nodes_with_equal_demand_get_equal_shares_and_a_late_node_is_not_starved() {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
-    use tower_claude::testing::{MockClaude, MockLimits};
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     // One key, 60 requests a minute: a burst of 60, then one a second.
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(20), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(60, Duration::from_millis(20));
     let url = server.url();
     let start = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<(usize, Duration)>::new()));
@@ -1084,17 +1094,12 @@ async fn nodes_with_equal_demand_get_equal_shares_and_a_late_node_is_not_starved
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_waits_in_line_while_limits_are_learned() {
     use tower::ServiceExt;
-    use tower_claude::testing::{MockClaude, MockLimits};
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     // A slow upstream: the probe is out for a second.
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(1_000), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(60, Duration::from_millis(1_000));
     let url = server.url();
     let send = |svc: Node, name: &'static str| {
         tokio::spawn(async move {
@@ -1239,18 +1244,13 @@ async fn writes_during_a_redis_stall_reach_redis_when_it_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_nodes_each_probe_one_key_instead_of_one_node_probing_every_key() {
     use tower::ServiceExt;
-    use tower_claude::testing::{MockClaude, MockLimits};
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     // The probes answer after 500 ms; everything else goes after the limits are in Redis,
     // so it ends a full answer time later.
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(500), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(60, Duration::from_millis(500));
     let url = server.url();
     let keys = ["sk-ant-probe-one", "sk-ant-probe-two"];
     let patient = || options("t-probes:").response_timeout(Duration::from_secs(2));
@@ -1303,16 +1303,12 @@ async fn cold_nodes_each_probe_one_key_instead_of_one_node_probing_every_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_on_a_key_the_successor_no_longer_tries_does_not_block_its_line() {
     use tower::ServiceExt;
-    use tower_claude::testing::{Fault, MockClaude, MockLimits};
+    use tower_claude::testing::Fault;
 
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(120, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(20), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(120, Duration::from_millis(20));
     let url = server.url();
     let (raw1, raw2) = ("sk-ant-handoff-one", "sk-ant-handoff-two");
     let (k1, k2) = (KeyId::from_api_key(raw1), KeyId::from_api_key(raw2));
@@ -1377,17 +1373,12 @@ async fn a_handoff_on_a_key_the_successor_no_longer_tries_does_not_block_its_lin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_served_head_queues_its_successor_and_pooled_nodes_are_served_in_arrival_order() {
     use tower::ServiceExt;
-    use tower_claude::testing::{MockClaude, MockLimits};
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     // 60 a minute: one request a second once the bucket is empty. Answers take 300 ms.
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(300), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(60, Duration::from_millis(300));
     let url = server.url();
     let raw = "sk-ant-turns-shared";
     let board = || {
