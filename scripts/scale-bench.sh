@@ -19,6 +19,11 @@
 # (scripts/fifo-bound.py). The same scenario runs in process on a paused clock in
 # `examples/scale_sim.rs` (deterministic; `tests/scale.rs`).
 #
+# With RUST_LOG=info,tower_claude::rate_limit=debug the nodes log every admission, and each
+# configuration with several fleets also prints the first 40 admissions by node and the
+# largest lead of one node over another after them (the logs stay in the directory printed
+# at the end).
+#
 # Everything binds 127.0.0.1, runs bounded in time and is stopped by pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -125,6 +130,23 @@ import glob
 outages = sum(open(f).read().count("Redis unreachable") for f in glob.glob(f"{d}/{name}.node*.log"))
 if outages:
     extra += f"  Redis outages seen by the nodes: {outages}"
+# With the debug log (RUST_LOG=info,tower_claude::rate_limit=debug) each node logs one line
+# per admission: the first 40 admissions by node (the node that learns the limits used to
+# take more) and the largest lead of one node over another after them.
+adm = []
+for f in glob.glob(f"{d}/{name}.node*.log"):
+    node = int(re.search(r"node(\d+)", f).group(1))
+    adm += [(line[:27], node) for line in open(f) if "admitted with the quota the key pool took" in line]
+if adm and fleets > 1:
+    adm.sort()
+    nodes = sorted({a[1] for a in adm})
+    first = [sum(1 for a in adm[:40] if a[1] == n) for n in nodes]
+    count, lead = {n: 0 for n in nodes}, 0
+    for i, (_, node) in enumerate(adm):
+        count[node] += 1
+        if i >= 40:
+            lead = max(lead, max(count.values()) - min(count.values()))
+    extra += f"  first 40 by node {'/'.join(map(str, first))}, lead after them {lead}"
 print(f"{name:<6} {n:>6} {ok:>5} {failed:>6} {r429:>6} {elapsed:>8.1f}s {ideal:>8.1f}s {elapsed / ideal:>5.2f}x  {finish}{extra}")
 PY
 }

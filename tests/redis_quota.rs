@@ -935,23 +935,51 @@ type Node = tower::util::BoxCloneService<
 /// limiter in front of the shared simulator.
 #[cfg(feature = "testing")]
 async fn pooled_node(url: &str, prefix: &str, mock: &tower_claude::testing::MockClaude) -> Node {
+    // Patient with Redis: a slow reply on a loaded machine is no outage here.
+    let patient = options(prefix).response_timeout(Duration::from_secs(2));
+    let board = learning_board(url, patient).await;
+    node_with(board, &["sk-ant-fair-shared"], mock)
+}
+
+/// The simulator of the pooled-node tests: `rpm` requests a minute per key (tokens
+/// unlimited), answers after `latency` with 5 output tokens.
+#[cfg(feature = "testing")]
+fn simulator(rpm: u64, latency: Duration) -> tower_claude::testing::MockClaude {
+    tower_claude::testing::MockClaude::builder()
+        .default_limits(tower_claude::testing::MockLimits::new(
+            rpm,
+            100_000_000,
+            100_000_000,
+        ))
+        .latency(latency, Duration::ZERO)
+        .output_tokens(5)
+        .build()
+}
+
+/// A node: a key pool of `keys` and a rate limiter sharing `board`, in front of `mock`.
+#[cfg(feature = "testing")]
+fn node_with(board: QuotaBoard, keys: &[&str], mock: &tower_claude::testing::MockClaude) -> Node {
     use http_body_util::BodyExt;
     use tower::{ServiceBuilder, ServiceExt};
     use tower_claude::key_pool::KeyPoolLayer;
     use tower_claude::rate_limit::RateLimitLayer;
-    // Patient with Redis: a slow reply on a loaded machine is no outage here.
-    let patient = options(prefix).response_timeout(Duration::from_secs(2));
-    let board = learning_board(url, patient).await;
     let svc = ServiceBuilder::new()
-        .layer(
-            KeyPoolLayer::new(["sk-ant-fair-shared"])
-                .unwrap()
-                .board(board.clone()),
-        )
+        .layer(KeyPoolLayer::new(keys).unwrap().board(board.clone()))
         .layer(RateLimitLayer::new().board(board))
         .service(mock.clone())
         .map_response(|res| res.map(|b| b.map_err(Into::into).boxed_unsync()));
     tower::util::BoxCloneService::new(svc)
+}
+
+/// A small Messages request for `claude-haiku-4-5` (`max_tokens` 10).
+#[cfg(feature = "testing")]
+fn haiku_request(text: &str) -> http::Request<tower_claude::body::RequestBody> {
+    http::Request::post("https://api.anthropic.com/v1/messages")
+        .header("anthropic-version", "2023-06-01")
+        .body(tower_claude::body::RequestBody::from(format!(
+            r#"{{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{{"role":"user","content":"{text}"}}]}}"#
+        )))
+        .unwrap()
 }
 
 /// Issue 12: two nodes with equal demand get equal shares from the very start, although one
@@ -965,17 +993,12 @@ async fn pooled_node(url: &str, prefix: &str, mock: &tower_claude::testing::Mock
 async fn nodes_with_equal_demand_get_equal_shares_and_a_late_node_is_not_starved() {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
-    use tower_claude::testing::{MockClaude, MockLimits};
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     // One key, 60 requests a minute: a burst of 60, then one a second.
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(20), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(60, Duration::from_millis(20));
     let url = server.url();
     let start = Instant::now();
     let log = Arc::new(std::sync::Mutex::new(Vec::<(usize, Duration)>::new()));
@@ -1071,17 +1094,12 @@ async fn nodes_with_equal_demand_get_equal_shares_and_a_late_node_is_not_starved
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_waits_in_line_while_limits_are_learned() {
     use tower::ServiceExt;
-    use tower_claude::testing::{MockClaude, MockLimits};
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     // A slow upstream: the probe is out for a second.
-    let mock = MockClaude::builder()
-        .default_limits(MockLimits::new(60, 100_000_000, 100_000_000))
-        .latency(Duration::from_millis(1_000), Duration::ZERO)
-        .output_tokens(5)
-        .build();
+    let mock = simulator(60, Duration::from_millis(1_000));
     let url = server.url();
     let send = |svc: Node, name: &'static str| {
         tokio::spawn(async move {
@@ -1215,4 +1233,222 @@ async fn writes_during_a_redis_stall_reach_redis_when_it_is_back() {
         .await
         .expect("the refund of the settle held during the stall is in Redis");
     r.settle(Cost::new(1, 0, 60));
+}
+
+/// Issue 12, the learner's lead: two cold nodes with the same two keys. The node whose
+/// requests reached Redis first took both keys' learning locks and sent both probes (one per
+/// key), and with turns between the nodes afterwards its fleet kept that lead to the end.
+/// Now a node that learns one key of a group leaves the free lock of another to the other
+/// nodes for a moment: each node sends one probe.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_nodes_each_probe_one_key_instead_of_one_node_probing_every_key() {
+    use tower::ServiceExt;
+
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // The probes answer after 500 ms; everything else goes after the limits are in Redis,
+    // so it ends a full answer time later.
+    let mock = simulator(60, Duration::from_millis(500));
+    let url = server.url();
+    let keys = ["sk-ant-probe-one", "sk-ant-probe-two"];
+    let patient = || options("t-probes:").response_timeout(Duration::from_secs(2));
+    let a = node_with(learning_board(&url, patient()).await, &keys, &mock);
+    let b = node_with(learning_board(&url, patient()).await, &keys, &mock);
+    let start = Instant::now();
+    let done = Arc::new(std::sync::Mutex::new(Vec::<(&str, Duration)>::new()));
+    let send = |svc: Node, node: &'static str, i: usize| {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let res = svc
+                .oneshot(haiku_request(&format!("{node} {i}")))
+                .await
+                .expect("no request fails");
+            assert_eq!(res.status(), http::StatusCode::OK);
+            done.lock().unwrap().push((node, start.elapsed()));
+        })
+    };
+    // Node A first: its requests reach both keys' locks before node B asks.
+    let mut tasks: Vec<_> = (0..4).map(|i| send(a.clone(), "a", i)).collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tasks.extend((0..4).map(|i| send(b.clone(), "b", i)));
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .expect("every request is served")
+            .unwrap();
+    }
+    let done = done.lock().unwrap().clone();
+    let probes = |node: &str| {
+        done.iter()
+            .filter(|(n, at)| *n == node && *at < Duration::from_millis(850))
+            .count()
+    };
+    assert_eq!(
+        (probes("a"), probes("b")),
+        (1, 1),
+        "one probe per node, one per key (answers: {done:?})"
+    );
+    assert_eq!(mock.stats().rate_limited, 0);
+}
+
+/// Issue 12: a head of the key pool holds one ticket in the Redis line of every key it
+/// tries, refreshed only by its calls on that key. A served head queues its successor's
+/// ticket in the key that served it (the handoff); when that key then leaves the
+/// successor's candidates (a 403 on this node, say), the ticket was never refreshed nor
+/// left and blocked the key's line for every other node until it went stale (2 s). Now a
+/// head leaves the line of every key it does not try.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_on_a_key_the_successor_no_longer_tries_does_not_block_its_line() {
+    use tower::ServiceExt;
+    use tower_claude::testing::Fault;
+
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mock = simulator(120, Duration::from_millis(20));
+    let url = server.url();
+    let (raw1, raw2) = ("sk-ant-handoff-one", "sk-ant-handoff-two");
+    let (k1, k2) = (KeyId::from_api_key(raw1), KeyId::from_api_key(raw2));
+    // Key 1: 120 a minute (one every 0.5 s once spent); key 2: 6 a minute (one every 10 s).
+    let board = || {
+        QuotaBoard::builder()
+            .limits(group(), Limits::new(120, 1_000_000, 1_000_000))
+            .key_limits(k2.clone(), group(), Limits::new(6, 1_000_000, 1_000_000))
+            .build_redis(
+                &url,
+                options("t-handoff:").response_timeout(Duration::from_secs(2)),
+            )
+    };
+    let a = node_with(board().await.unwrap(), &[raw1, raw2], &mock);
+    let other = board().await.unwrap();
+    for (key, n) in [(&k1, 120), (&k2, 6)] {
+        for _ in 0..n {
+            other
+                .acquire(key.clone(), group(), Cost::new(1, 1, 1))
+                .await
+                .expect("a full bucket")
+                .keep();
+        }
+    }
+    // Node A: two requests wait. The first is served on key 1 at its refill and queues the
+    // second's ticket there; its answer is a 403, so node A no longer tries key 1.
+    mock.push_fault(Fault::Status(403));
+    let first = tokio::spawn(a.clone().oneshot(haiku_request("a first")));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = tokio::spawn(a.clone().oneshot(haiku_request("a second")));
+    let res = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first request is served")
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), http::StatusCode::FORBIDDEN);
+    // Another node waits for key 1: it gets the next refill (0.5 s), not the refill after
+    // the handed-off ticket went stale (2 s).
+    let asked = Instant::now();
+    let grant = tokio::time::timeout(
+        Duration::from_secs(5),
+        other.acquire(k1.clone(), group(), Cost::new(1, 1, 1)),
+    )
+    .await
+    .expect("served")
+    .expect("admitted");
+    let waited = asked.elapsed();
+    grant.keep();
+    assert!(
+        waited < Duration::from_millis(1_300),
+        "the other node waited {waited:?} for key 1"
+    );
+    second.abort();
+}
+
+/// Issue 12, turns between nodes behind key pools: a busy node (four requests) and a node
+/// with one request that arrives after the busy node's first. The busy node holds one ticket
+/// at a time (its head's); when its head is served, the same script call queues its next
+/// head's ticket, at that instant — behind the other node's waiter, which arrived before it.
+/// So both nodes are served in arrival order of their heads: a1, b1, a2, a3, a4.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_head_queues_its_successor_and_pooled_nodes_are_served_in_arrival_order() {
+    use tower::ServiceExt;
+
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // 60 a minute: one request a second once the bucket is empty. Answers take 300 ms.
+    let mock = simulator(60, Duration::from_millis(300));
+    let url = server.url();
+    let raw = "sk-ant-turns-shared";
+    let board = || {
+        QuotaBoard::builder()
+            .limits(group(), Limits::new(60, 1_000_000, 1_000_000))
+            .build_redis(
+                &url,
+                options("t-turns:").response_timeout(Duration::from_secs(2)),
+            )
+    };
+    let a = node_with(board().await.unwrap(), &[raw], &mock);
+    let b = node_with(board().await.unwrap(), &[raw], &mock);
+    // The burst, through the simulator too (its headers would raise the levels otherwise).
+    let burst: Vec<_> = (0..60)
+        .map(|i| tokio::spawn(b.clone().oneshot(haiku_request(&format!("burst {i}")))))
+        .collect();
+    for t in burst {
+        let res = t.await.unwrap().expect("served");
+        assert_eq!(res.status(), http::StatusCode::OK);
+    }
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (name, svc) in [("a1", &a), ("a2", &a), ("b1", &b), ("a3", &a), ("a4", &a)] {
+        let (svc, order) = (svc.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let res = svc.oneshot(haiku_request(name)).await.expect("served");
+            assert_eq!(res.status(), http::StatusCode::OK);
+            order.lock().unwrap().push(name);
+        }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // When a1 is served (the bucket's `held` goes to 1), its successor's ticket is in the
+    // line already, scored with the instant of the grant (the bucket's last update).
+    let mut conn = redis::Client::open(url.clone())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let hashes: Vec<String> = redis::cmd("KEYS")
+        .arg("t-turns:*}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(hashes.len(), 1, "one key, one group: {hashes:?}");
+    let hash = &hashes[0];
+    let (granted_at, line) = loop {
+        let (held, t, line): (Option<u64>, Option<i64>, Vec<(String, i64)>) = redis::pipe()
+            .atomic()
+            .hget(hash, "h1")
+            .hget(hash, "t")
+            .zrange_withscores(format!("{hash}:line"), 0, -1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if held == Some(1) {
+            break (t.expect("updated by the grant"), line);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert_eq!(line.len(), 2, "b1's ticket and a2's: {line:?}");
+    assert!(
+        line[1].1 == granted_at,
+        "the successor was queued by the grant ({granted_at}), behind b1: {line:?}"
+    );
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .expect("every request is served")
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["a1", "b1", "a2", "a3", "a4"]);
+    assert_eq!(mock.stats().rate_limited, 0);
 }

@@ -512,6 +512,29 @@ impl RemoteLine {
     fn served(&mut self, key: &KeyId) {
         self.keys.retain(|k| k != key);
     }
+
+    /// Leaves the line of every key this head does not try now (`tried`): one that left its
+    /// candidates (cooling down after a 429 on this node, forbidden, on probation) or all of
+    /// them while it waits for a cooldown. A ticket is refreshed only by the calls on its
+    /// key, so one left there blocked that key's line for every other node until it went
+    /// stale (2 s) — a served head's handoff on a key that then cooled down, say (issue 12).
+    /// Its place is kept: queueing there again later takes the same place.
+    fn keep_only(&mut self, tried: &[(usize, KeyId)]) {
+        if self.keys.iter().all(|k| tried.iter().any(|(_, t)| t == k)) {
+            return;
+        }
+        let (keep, leave): (Vec<KeyId>, Vec<KeyId>) = std::mem::take(&mut self.keys)
+            .into_iter()
+            .partition(|k| tried.iter().any(|(_, t)| t == k));
+        self.keys = keep;
+        #[cfg(feature = "redis")]
+        for key in &leave {
+            tracing::debug!(key = %key, group = %self.group, "key pool: left the line of a key it no longer tries");
+            self.board.leave_line(key, &self.group, self.ticket);
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = leave;
+    }
 }
 
 impl Drop for RemoteLine {
@@ -899,6 +922,7 @@ impl Pool {
                     }
                     Attempt::Failed(e) => return Err(e),
                     Attempt::Remote(candidates) => {
+                        line.keep_only(&candidates);
                         let attempt = remote_attempt(
                             &board,
                             &group,
@@ -924,7 +948,10 @@ impl Pool {
                         }
                     }
                     Attempt::Wait(wait) if last => return Err(timed_out(&self, wait)),
-                    Attempt::Wait(wait) => wait,
+                    Attempt::Wait(wait) => {
+                        line.keep_only(&[]);
+                        wait
+                    }
                 };
                 let wake = wait.map(|d| now + d);
                 let until = match (wake, deadline) {

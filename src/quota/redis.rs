@@ -55,7 +55,7 @@
 //! [`available_in`](super::AcquireError::available_in) (so a rate limiter with a zero
 //! `max_wait` refuses everything); use [`QuotaBoard::acquire`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -109,10 +109,13 @@ const SCRIPT: &str = include_str!("lua/acquire.lua");
 /// line and the line's last-seen times (as in [`SCRIPT`]). `ARGV[1]`: this process's token,
 /// `ARGV[2]`: the lock's time to live (ms), `ARGV[3]`: the waiter's ticket (`0`: none),
 /// `ARGV[4]`: the line's time to live (ms), `ARGV[5]`: `1` when this process's probe is out
-/// (a waiter told `learn` then queues too: it waits for that probe).
+/// (a waiter told `learn` then queues too: it waits for that probe), `ARGV[6]`: `1` when this
+/// process learns another key of the group already and leaves a free lock to the others for
+/// now (see [`LEARN_DEFER`]).
 /// Returns `{status, wait_us, c1, c2, c3}`: `ok` with the stored capacities; `learn` when this
 /// process holds the lock (it sends the one request that learns the limits); `wait` with the
-/// lock's remaining time to live (µs, like every reply's wait) when another process holds it.
+/// lock's remaining time to live (µs, like every reply's wait) when another process holds it;
+/// `defer` when the lock is free and `ARGV[6]` left it (the waiter queues, as with `wait`).
 /// A waiter told to wait takes its place in the line now (issue 12: waiters of the nodes that
 /// did not learn the limits arrived as early as the learner's, and must not find the line
 /// empty when the limits appear).
@@ -132,6 +135,15 @@ const UNLOCK_SCRIPT: &str = include_str!("lua/unlock.lua");
 
 /// How often a process waiting for another one to learn the limits asks Redis again.
 const LEARN_POLL: Duration = Duration::from_millis(50);
+
+/// How long a process that already learns one key of a group leaves the free learning lock
+/// of another key of that group to the other processes (issue 12). The node whose requests
+/// reach Redis first used to take every key's lock and send every probe (one per key): its
+/// fleet led by one admission per key from the first second to the end (with 4 nodes and
+/// 4 keys, 14 of the first 40 admissions against 8–9). With this, each node that asks
+/// within the moment probes one key; past it, the process takes the lock itself, so a
+/// lone node learns every key 150 ms later at most. Not applied with one expected node.
+const LEARN_DEFER: Duration = Duration::from_millis(150);
 
 /// Options of the Redis quota backend.
 ///
@@ -169,14 +181,20 @@ impl Default for RedisOptions {
 
 impl RedisOptions {
     /// Defaults: key prefix `tower-claude:quota:`, 1 expected node, 500 ms connect timeout,
-    /// 250 ms response timeout, a probe every second while Redis is down, fail open.
+    /// 1 s response timeout, a probe every second while Redis is down, fail open.
+    ///
+    /// (The response timeout was 250 ms: on a loaded machine a loopback Redis sometimes
+    /// answers later than that, and every node in a call marked Redis down at the same
+    /// instant for a second of local shares — about one scale run in three at load 8–9,
+    /// issue 12. A Redis that is gone fails the call at once with a connection error; only a
+    /// Redis that hangs costs the calls in flight the whole timeout.)
     pub fn new() -> Self {
         Self {
             key_prefix: "tower-claude:quota:".to_owned(),
             expected_nodes: 1,
             local_share: None,
             connect_timeout: Duration::from_millis(500),
-            response_timeout: Duration::from_millis(250),
+            response_timeout: Duration::from_secs(1),
             probe_interval: Duration::from_secs(1),
             fail_closed: false,
             learn_lock_ttl: Duration::from_secs(60),
@@ -345,8 +363,17 @@ enum Peek {
     Learned([Option<u64>; 3]),
     /// None yet, and this process holds the learning lock.
     Learn,
-    /// None yet, and another process holds the lock for this long still.
+    /// None yet, and another process holds the lock for this long still (or this process
+    /// left the free lock to the others: [`LEARN_DEFER`]).
     Wait(Duration),
+}
+
+/// The learning locks this process holds, and since when it leaves each free one to the
+/// other processes (see [`LEARN_DEFER`]). Bounded by the `(key, group)` pairs in use.
+#[derive(Debug, Default)]
+struct Learning {
+    held: HashSet<(KeyId, RateLimitGroup)>,
+    deferred: HashMap<(KeyId, RateLimitGroup), Instant>,
 }
 
 /// A script reply: status, wait, levels of the known buckets.
@@ -427,6 +454,8 @@ pub(crate) struct RedisShared {
     counters: Counters,
     /// Writes held while Redis is marked down (or whose call failed), sent when it is back.
     deferred: Mutex<VecDeque<Deferred>>,
+    /// The learning locks this process holds (spreading the probes over the nodes).
+    learning: Mutex<Learning>,
 }
 
 /// At most this many writes wait for Redis to come back; past it the oldest is dropped (a
@@ -584,6 +613,7 @@ impl RedisShared {
             return Err(StoreError::NotConnected);
         };
         let ttl = u64::try_from(self.options.learn_lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let defer = self.defers_learning(key, group);
         let bucket = self.redis_key(key, group);
         let mut inv = self.peek_script.key(&bucket);
         inv.key(self.learn_lock_key(key, group))
@@ -593,27 +623,69 @@ impl RedisShared {
             .arg(ttl)
             .arg(ticket)
             .arg(LINE_TTL_MS)
-            .arg(u8::from(probing));
+            .arg(u8::from(probing))
+            .arg(u8::from(defer));
         let call = inv.invoke_async::<Vec<String>>(&mut conn);
         let reply = match tokio::time::timeout(self.options.response_timeout, call).await {
             Err(_) => return Err(StoreError::Timeout),
             Ok(Err(e)) => return Err(StoreError::Redis(e)),
             Ok(Ok(raw)) => Reply::parse(raw)?,
         };
-        match reply.status.as_str() {
-            "ok" => Ok(Peek::Learned(
-                reply.levels.map(|c| c.map(|c| c.max(0.0) as u64)),
-            )),
-            "learn" => Ok(Peek::Learn),
-            "wait" => Ok(Peek::Wait(reply.wait)),
-            _ => Err(StoreError::BadReply),
+        let peek = match reply.status.as_str() {
+            "ok" => Peek::Learned(reply.levels.map(|c| c.map(|c| c.max(0.0) as u64))),
+            "learn" => Peek::Learn,
+            "wait" => Peek::Wait(reply.wait),
+            "defer" => {
+                tracing::debug!(
+                    key = %key,
+                    group = %group,
+                    "quota board: learning another key of the group; this one left to the other nodes for now"
+                );
+                Peek::Wait(LEARN_POLL)
+            }
+            _ => return Err(StoreError::BadReply),
+        };
+        let mut learning = self.learning.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (key.clone(), group.clone());
+        match peek {
+            Peek::Learn => {
+                learning.deferred.remove(&pair);
+                learning.held.insert(pair);
+            }
+            Peek::Learned(_) => {
+                learning.deferred.remove(&pair);
+                learning.held.remove(&pair);
+            }
+            Peek::Wait(_) => {}
         }
+        Ok(peek)
+    }
+
+    /// Whether a peek at `(key, group)` leaves a free learning lock to the other processes:
+    /// this one holds the lock of another key of the group, for at most [`LEARN_DEFER`] since
+    /// it first did so for this key, and other processes are expected (a local share below 1).
+    fn defers_learning(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
+        if self.share >= 1.0 {
+            return false;
+        }
+        let mut learning = self.learning.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (key.clone(), group.clone());
+        if learning.held.contains(&pair) || !learning.held.iter().any(|(_, g)| g == group) {
+            return false;
+        }
+        let since = *learning.deferred.entry(pair).or_insert_with(Instant::now);
+        since.elapsed() < LEARN_DEFER
     }
 
     /// The request that was to learn the limits of `(key, group)` got its answer, or never
     /// will: release the learning lock (in the background), so that the others adopt the
     /// limits or one of them tries.
     pub(crate) fn release_learn_lock(self: &Arc<Self>, key: &KeyId, group: &RateLimitGroup) {
+        self.learning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .held
+            .remove(&(key.clone(), group.clone()));
         if self.is_degraded() {
             return;
         }
@@ -1478,6 +1550,7 @@ impl RedisShared {
             refunded: Notify::new(),
             counters: Counters::default(),
             deferred: Mutex::new(VecDeque::new()),
+            learning: Mutex::new(Learning::default()),
         });
         if !connected {
             shared.mark_down(&StoreError::NotConnected);

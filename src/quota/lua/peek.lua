@@ -16,7 +16,17 @@ local function queue()
   end
 end
 local holder = redis.call('GET', KEYS[2])
-if holder == ARGV[1] or redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if holder == ARGV[1] then
+  if ARGV[5] == '1' then queue() end
+  return {'learn', '0', '', '', ''}
+end
+-- A process that already learns another key of the group leaves a free lock to the others
+-- for a moment (ARGV[6] = '1'): one probe per node, not one node's probe per key (issue 12).
+if not holder and ARGV[6] == '1' then
+  queue()
+  return {'defer', '0', '', '', ''}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[5] == '1' then queue() end
   return {'learn', '0', '', '', ''}
 end
