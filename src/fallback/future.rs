@@ -446,15 +446,16 @@ impl<S> Walk<S> {
         }
     }
 
-    /// Tags the response with the model that produced it.
-    pub(crate) fn finish<B>(&self, mut res: Response<B>) -> Response<B> {
-        let served = self.candidates[self.current].clone();
+    /// Tags the response with the model that produced it. The walk is over: its names move
+    /// into the response's [`ServedModel`] (they are left empty here).
+    pub(crate) fn finish<B>(&mut self, mut res: Response<B>) -> Response<B> {
+        let served = std::mem::take(&mut self.candidates[self.current]);
         if let Ok(value) = HeaderValue::from_str(&served) {
             res.headers_mut()
                 .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value);
         }
         res.extensions_mut().insert(ServedModel {
-            requested: self.requested.clone(),
+            requested: std::mem::take(&mut self.requested),
             served,
             attempts: self.attempts,
             failovers: self.failovers,
