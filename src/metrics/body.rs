@@ -125,7 +125,6 @@ impl Finish {
         }
     }
 
-
     /// The body ended: settle the outcome from what the body said.
     fn end(mut self) {
         let mut usage = None;
