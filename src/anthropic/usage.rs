@@ -972,6 +972,32 @@ mod tests {
         }
     }
 
+    /// A JSON answer fed as shared chunks reads as one fed as copies: one chunk, several
+    /// chunks, and past the limit.
+    #[test]
+    fn shared_chunks_read_as_copied_ones() {
+        let json = br#"{"type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        for cut in [0, 1, 20, json.len() - 1, json.len()] {
+            let (a, b) = json.split_at(cut);
+            let shared = UsageTracker::new(false, 1024);
+            let copied = UsageTracker::new(false, 1024);
+            for part in [a, b].into_iter().filter(|p| !p.is_empty()) {
+                shared.feed_bytes(&Bytes::copy_from_slice(part));
+                copied.feed(part);
+            }
+            shared.end(false);
+            copied.end(false);
+            assert_eq!(shared.usage(), copied.usage(), "cut at {cut}");
+            assert_eq!(shared.usage().unwrap().output_tokens, 4);
+            assert_eq!(shared.model(), copied.model());
+            assert_eq!(shared.typed_json(), Some(true));
+        }
+        let small = UsageTracker::new(false, json.len() - 1);
+        small.feed_bytes(&Bytes::from_static(json));
+        small.end(false);
+        assert_eq!(small.usage(), None, "past the limit nothing is read");
+    }
+
     #[test]
     fn absurd_usage_is_clamped() {
         let body = br#"{"usage":{"input_tokens":18446744073709551615,"output_tokens":5,"cache_creation_input_tokens":100000001}}"#;
