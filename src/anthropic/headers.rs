@@ -271,7 +271,7 @@ impl BucketSnapshot {
         Self {
             limit,
             remaining,
-            reset: reset.and_then(parse_rfc3339),
+            reset: reset.and_then(parse_reset),
         }
     }
 
@@ -294,6 +294,24 @@ impl BucketSnapshot {
 /// A header as trimmed UTF-8, when present and valid.
 fn header_str(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
     headers.get(name)?.to_str().ok().map(str::trim)
+}
+
+/// [`parse_rfc3339`] through this thread's last few reset values: answers within one second
+/// carry the same `reset` times, and parsing them was a third of reading the headers
+/// (callgrind: 1.1k of 3k instructions per answer).
+fn parse_reset(value: &str) -> Option<SystemTime> {
+    use std::cell::RefCell;
+    thread_local! {
+        // RFC 3339 times with a fraction and an offset are about 35 bytes.
+        static RECENT: RefCell<super::recent::Recent<Option<SystemTime>>> =
+            const { RefCell::new(super::recent::Recent::new(64)) };
+    }
+    if let Ok(Some(known)) = RECENT.try_with(|r| r.borrow().get(value.as_bytes())) {
+        return known;
+    }
+    let parsed = parse_rfc3339(value);
+    let _ = RECENT.try_with(|r| r.borrow_mut().put(value.as_bytes(), parsed));
+    parsed
 }
 
 fn parse_rfc3339(value: &str) -> Option<SystemTime> {
@@ -430,6 +448,26 @@ pub fn request_id(headers: &HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The memo of reset values answers exactly as the parse, hits and misses alike.
+    #[test]
+    fn remembered_resets_read_as_parsed_ones() {
+        let values = [
+            "2026-01-01T00:00:01Z",
+            "2026-01-01T00:00:01.5+02:00",
+            "not a time",
+            "2026-01-01T00:00:02Z",
+            "",
+            "1969-12-31T23:59:59Z",
+        ];
+        for _ in 0..3 {
+            for v in values.iter().chain(values.iter().rev()) {
+                assert_eq!(parse_reset(v), parse_rfc3339(v), "{v}");
+            }
+        }
+        assert!(parse_reset("2026-01-01T00:00:01Z").is_some());
+        assert_eq!(parse_reset("not a time"), None);
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -144,57 +144,31 @@ fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
 /// request needs its key's id (the quota board's key, the metrics label): a hit costs a
 /// comparison of the key's bytes instead of a BLAKE3 derivation.
 ///
-/// Bounded: [`SLOTS`](recent::SLOTS) entries per thread, keys longer than
+/// Bounded: [`SLOTS`](super::recent::SLOTS) entries per thread, keys longer than
 /// [`MAX_KEY`](recent::MAX_KEY) bytes are not remembered. The keys are held in memory only
 /// (as the requests carrying them are), never printed. No crate does this: a cache crate (moka)
-/// costs more per lookup than the four comparisons here.
+/// costs more per lookup than the four comparisons of [`Recent`](super::recent::Recent).
 mod recent {
     use std::cell::RefCell;
 
     use super::KeyId;
+    use crate::anthropic::recent::Recent;
 
-    /// Entries per thread.
-    pub(super) const SLOTS: usize = 4;
     /// Longer keys are derived each time (API keys are about 100 bytes).
     pub(super) const MAX_KEY: usize = 256;
 
-    #[derive(Default)]
-    struct Recent {
-        slots: [Option<(Box<[u8]>, KeyId)>; SLOTS],
-        /// The slot the next new key replaces (round robin).
-        next: usize,
-    }
-
     thread_local! {
-        static RECENT: RefCell<Recent> = RefCell::default();
+        static RECENT: RefCell<Recent<KeyId>> = const { RefCell::new(Recent::new(MAX_KEY)) };
     }
 
     /// The remembered id of `key`, if this thread derived it lately.
     pub(super) fn get(key: &[u8]) -> Option<KeyId> {
-        RECENT
-            .try_with(|r| {
-                r.borrow()
-                    .slots
-                    .iter()
-                    .flatten()
-                    .find(|(k, _)| **k == *key)
-                    .map(|(_, id)| id.clone())
-            })
-            .ok()
-            .flatten()
+        RECENT.try_with(|r| r.borrow().get(key)).ok().flatten()
     }
 
     /// Remembers that `key`'s id is `id`, in place of the oldest entry.
     pub(super) fn put(key: &[u8], id: &KeyId) {
-        if key.len() > MAX_KEY {
-            return;
-        }
-        let _ = RECENT.try_with(|r| {
-            let mut r = r.borrow_mut();
-            let at = r.next;
-            r.slots[at] = Some((key.into(), id.clone()));
-            r.next = (at + 1) % SLOTS;
-        });
+        let _ = RECENT.try_with(|r| r.borrow_mut().put(key, id.clone()));
     }
 }
 
@@ -244,7 +218,7 @@ mod tests {
     #[test]
     fn remembered_ids_are_the_derived_ones() {
         // More keys than slots, each twice: every answer is the derivation's, hit or miss.
-        let keys: Vec<String> = (0..recent::SLOTS * 2 + 1)
+        let keys: Vec<String> = (0..crate::anthropic::recent::SLOTS * 2 + 1)
             .map(|i| format!("sk-ant-api03-key-{i}"))
             .collect();
         for _ in 0..2 {

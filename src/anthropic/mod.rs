@@ -11,6 +11,7 @@ mod headers;
 mod key;
 mod meta;
 mod models;
+mod recent;
 mod scan;
 mod usage;
 

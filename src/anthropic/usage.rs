@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use super::{ApiError, ApiErrorKind};
 
 /// Token usage of one response.
@@ -67,22 +69,25 @@ impl Usage {
     /// A body the combined read refuses (not an object, a duplicate or mistyped member) is
     /// read by each of the two, so every answer is exactly theirs.
     fn read_json_answer(body: &[u8]) -> (Option<Usage>, Option<String>, bool) {
+        // Borrowed strings: `type` is only tested for presence, `model` copied once.
         #[derive(serde::Deserialize)]
-        struct Response {
-            #[serde(rename = "type")]
-            ty: Option<String>,
+        struct Response<'a> {
+            #[serde(rename = "type", borrow)]
+            ty: Option<std::borrow::Cow<'a, str>>,
             usage: Option<UsageFields>,
-            model: Option<String>,
+            #[serde(borrow)]
+            model: Option<std::borrow::Cow<'a, str>>,
         }
         let object = body.trim_ascii_start().first() == Some(&b'{');
-        match serde_json::from_slice::<Response>(body) {
+        match serde_json::from_slice::<Response<'_>>(body) {
             Ok(response) if object => {
                 let usage = response.usage.map(|fields| {
                     let mut usage = Usage::default();
                     usage.apply(&fields);
                     usage
                 });
-                (usage, response.model, response.ty.is_some())
+                let model = response.model.map(std::borrow::Cow::into_owned);
+                (usage, model, response.ty.is_some())
             }
             _ => {
                 let (usage, model) = Self::from_json_with_model(body);
@@ -505,8 +510,8 @@ impl StreamTracker {
 /// for an SSE stream. What a [`UsageTracker`] holds.
 #[derive(Debug)]
 enum UsageWatch {
-    /// A copy of the JSON body so far, and the most it may hold.
-    Json(Vec<u8>, usize),
+    /// The JSON body so far, and the most it may hold.
+    Json(JsonCopy, usize),
     /// The JSON body outgrew its limit: its usage is unknown.
     Overflow,
     /// An SSE stream.
@@ -519,7 +524,7 @@ impl UsageWatch {
         if sse {
             Self::Sse(Box::default())
         } else {
-            Self::Json(Vec::new(), json_limit)
+            Self::Json(JsonCopy::Empty, json_limit)
         }
     }
 
@@ -531,14 +536,15 @@ impl UsageWatch {
         }
     }
 
-    /// Feeds a chunk of the body.
-    fn feed(&mut self, chunk: &[u8]) {
+    /// Feeds a chunk of the body (`shared`: the same bytes, shared, when the caller has
+    /// them so: a body that is one chunk is then kept without a copy).
+    fn feed(&mut self, chunk: &[u8], shared: Option<&Bytes>) {
         match self {
-            Self::Json(buf, limit) => {
-                if buf.len() + chunk.len() > *limit {
+            Self::Json(copy, limit) => {
+                if copy.len() + chunk.len() > *limit {
                     *self = Self::Overflow;
                 } else {
-                    buf.extend_from_slice(chunk);
+                    copy.push(chunk, shared);
                 }
             }
             Self::Overflow => {}
@@ -551,7 +557,7 @@ impl UsageWatch {
     /// dispatched first). `None` for a JSON body that does not parse or outgrew its limit.
     fn usage(&mut self, complete: bool) -> Option<Usage> {
         match self {
-            Self::Json(buf, _) => Usage::from_json(buf),
+            Self::Json(copy, _) => Usage::from_json(copy.as_slice()),
             Self::Overflow => None,
             Self::Sse(tracker) => {
                 if complete {
@@ -559,6 +565,47 @@ impl UsageWatch {
                 }
                 Some(tracker.usage())
             }
+        }
+    }
+}
+
+/// A JSON body as it was read: nothing yet, its first chunk shared (most answers are one
+/// chunk: no copy), or a copy of several chunks.
+#[derive(Debug)]
+enum JsonCopy {
+    Empty,
+    One(Bytes),
+    Many(Vec<u8>),
+}
+
+impl JsonCopy {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Empty => &[],
+            Self::One(bytes) => bytes,
+            Self::Many(buf) => buf,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8], shared: Option<&Bytes>) {
+        match self {
+            Self::Empty => {
+                *self = match shared {
+                    Some(bytes) => Self::One(bytes.clone()),
+                    None => Self::Many(chunk.to_vec()),
+                }
+            }
+            Self::One(first) => {
+                let mut buf = Vec::with_capacity(first.len() + chunk.len());
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(chunk);
+                *self = Self::Many(buf);
+            }
+            Self::Many(buf) => buf.extend_from_slice(chunk),
         }
     }
 }
@@ -673,9 +720,19 @@ impl UsageTracker {
 
     /// Feeds a chunk of the body, as it is read.
     pub fn feed(&self, chunk: &[u8]) {
+        self.feed_chunk(chunk, None);
+    }
+
+    /// [`feed`](Self::feed) with a chunk the caller holds as [`Bytes`]: a JSON answer read
+    /// in one chunk is kept shared instead of copied.
+    pub(crate) fn feed_bytes(&self, chunk: &Bytes) {
+        self.feed_chunk(chunk, Some(chunk));
+    }
+
+    fn feed_chunk(&self, chunk: &[u8], shared: Option<&Bytes>) {
         let mut t = self.lock();
         t.seen = t.seen.saturating_add(chunk.len() as u64);
-        t.watch.feed(chunk);
+        t.watch.feed(chunk, shared);
         if t.complete_at.is_none() {
             if let UsageWatch::Sse(tracker) = &t.watch {
                 if tracker.error().is_some() {
@@ -712,8 +769,8 @@ impl UsageTracker {
         }
         let read = match &t.watch {
             UsageWatch::Sse(_) => None,
-            UsageWatch::Json(buf, _) => {
-                let (usage, model, typed) = Usage::read_json_answer(buf);
+            UsageWatch::Json(copy, _) => {
+                let (usage, model, typed) = Usage::read_json_answer(copy.as_slice());
                 Some((usage, model, Some(typed)))
             }
             UsageWatch::Overflow => Some((None, None, None)),
@@ -913,6 +970,32 @@ mod tests {
             };
             same_as_two_readers(body.as_bytes());
         }
+    }
+
+    /// A JSON answer fed as shared chunks reads as one fed as copies: one chunk, several
+    /// chunks, and past the limit.
+    #[test]
+    fn shared_chunks_read_as_copied_ones() {
+        let json = br#"{"type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        for cut in [0, 1, 20, json.len() - 1, json.len()] {
+            let (a, b) = json.split_at(cut);
+            let shared = UsageTracker::new(false, 1024);
+            let copied = UsageTracker::new(false, 1024);
+            for part in [a, b].into_iter().filter(|p| !p.is_empty()) {
+                shared.feed_bytes(&Bytes::copy_from_slice(part));
+                copied.feed(part);
+            }
+            shared.end(false);
+            copied.end(false);
+            assert_eq!(shared.usage(), copied.usage(), "cut at {cut}");
+            assert_eq!(shared.usage().unwrap().output_tokens, 4);
+            assert_eq!(shared.model(), copied.model());
+            assert_eq!(shared.typed_json(), Some(true));
+        }
+        let small = UsageTracker::new(false, json.len() - 1);
+        small.feed_bytes(&Bytes::from_static(json));
+        small.end(false);
+        assert_eq!(small.usage(), None, "past the limit nothing is read");
     }
 
     #[test]

@@ -86,7 +86,7 @@ where
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(tracker) = this.tracker.as_ref() {
             if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-                tracker.feed(data);
+                tracker.feed_bytes(data);
             }
             match ending(&frame, &*inner) {
                 Ending::Open => {}

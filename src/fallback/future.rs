@@ -219,9 +219,9 @@ where
 /// Everything one request's walk down the chain needs.
 pub(crate) struct Walk<S> {
     pub(crate) config: Arc<Config>,
-    /// The request as the caller sent it.
+    /// The request as the caller sent it, with its [`RequestMeta`] (read from there, not
+    /// copied).
     request: RequestTemplate,
-    meta: RequestMeta,
     requested: String,
     /// The request's chain (truncated at the floor), best model first.
     candidates: Vec<String>,
@@ -244,7 +244,6 @@ impl<S> Walk<S> {
     pub(crate) fn new(
         config: Arc<Config>,
         req: Request<RequestBody>,
-        meta: RequestMeta,
         requested: String,
         candidates: Vec<String>,
         key: KeyId,
@@ -253,7 +252,6 @@ impl<S> Walk<S> {
         Self {
             config,
             request: RequestTemplate::new(req),
-            meta,
             requested,
             candidates,
             key,
@@ -268,6 +266,17 @@ impl<S> Walk<S> {
         }
     }
 
+    /// The request's [`RequestMeta`], as [`Fallback::call`](super::Fallback) scanned it into
+    /// the request (a request without one, which the layer passes through, never walks).
+    fn meta(&self) -> &RequestMeta {
+        static NO_META: std::sync::LazyLock<RequestMeta> =
+            std::sync::LazyLock::new(RequestMeta::default);
+        self.request
+            .extensions()
+            .get::<RequestMeta>()
+            .unwrap_or(&NO_META)
+    }
+
     /// The best candidate from `from` on, as the layer's [`Policy`](super::Policy) decides,
     /// if any is left (and not excluded) and the depth allows another model.
     fn choose(&self, from: usize) -> Option<usize> {
@@ -275,7 +284,7 @@ impl<S> Walk<S> {
             return None;
         }
         self.config.select(
-            &self.meta,
+            self.meta(),
             self.request.headers(),
             &self.candidates,
             from,
@@ -295,7 +304,7 @@ impl<S> Walk<S> {
         }
         let body = rewrite_model(self.request.body().bytes(), model).ok()?;
         let mut req = self.request.with_body(RequestBody::from(body));
-        let mut meta = self.meta.clone();
+        let mut meta = self.meta().clone();
         meta.model = Some(model.clone());
         req.extensions_mut().insert(meta);
         Some(req)
@@ -309,7 +318,7 @@ impl<S> Walk<S> {
         let lower_left = next < self.candidates.len()
             && self.visited < self.config.max_depth
             && self.config.any_left(
-                &self.meta,
+                self.meta(),
                 self.request.headers(),
                 &self.candidates,
                 next,
@@ -446,15 +455,16 @@ impl<S> Walk<S> {
         }
     }
 
-    /// Tags the response with the model that produced it.
-    pub(crate) fn finish<B>(&self, mut res: Response<B>) -> Response<B> {
-        let served = self.candidates[self.current].clone();
+    /// Tags the response with the model that produced it. The walk is over: its names move
+    /// into the response's [`ServedModel`] (they are left empty here).
+    pub(crate) fn finish<B>(&mut self, mut res: Response<B>) -> Response<B> {
+        let served = std::mem::take(&mut self.candidates[self.current]);
         if let Ok(value) = HeaderValue::from_str(&served) {
             res.headers_mut()
                 .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value);
         }
         res.extensions_mut().insert(ServedModel {
-            requested: self.requested.clone(),
+            requested: std::mem::take(&mut self.requested),
             served,
             attempts: self.attempts,
             failovers: self.failovers,

@@ -148,12 +148,13 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let meta = match RequestMeta::get_or_scan(&mut req) {
-            Ok(meta) if meta.model.is_some() => meta.clone(),
+        let requested = match RequestMeta::get_or_scan(&mut req) {
+            Ok(RequestMeta {
+                model: Some(model), ..
+            }) => model.clone(),
             // Unreadable body or no model: upstream answers 400, untouched.
             _ => return ResponseFuture::passthrough(self.inner.call(req)),
         };
-        let requested = meta.model.clone().unwrap_or_default();
         let config = self.config.clone();
         let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
         let candidates = if disabled {
@@ -162,9 +163,16 @@ where
             policy::candidates(&config.catalog, &requested, config.floor.as_deref())
         };
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        let cost = config.cost(&key, &meta);
+        // The walk reads the `RequestMeta` that `get_or_scan` left in the request.
+        let Some(cost) = req
+            .extensions()
+            .get::<RequestMeta>()
+            .map(|meta| config.cost(&key, meta))
+        else {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        };
 
-        let mut walk = Walk::new(config, req, meta, requested, candidates, key, cost);
+        let mut walk = Walk::new(config, req, requested, candidates, key, cost);
         let request = walk.first_request();
         // The ready service sends the first attempt; `self` keeps a fresh clone.
         let clone = self.inner.clone();

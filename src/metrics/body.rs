@@ -91,35 +91,36 @@ where
 /// cancelled.
 #[derive(Debug)]
 pub(crate) struct Finish {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     start: Instant,
     pub(crate) model_label: String,
     pub(crate) group: Option<RateLimitGroup>,
     pub(crate) group_label: String,
-    pub(crate) status: String,
+    /// The answer's status (`None`: no answer, the label is [`names::STATUS_NONE`]).
+    pub(crate) status: Option<http::StatusCode>,
     pub(crate) outcome: &'static str,
     pub(crate) stream: bool,
     pub(crate) count_usage: bool,
     /// The answer's usage (when its usage counts).
     pub(crate) tracker: Option<UsageTracker>,
-    span: tracing::Span,
+    pub(crate) span: tracing::Span,
     done: bool,
 }
 
 impl Finish {
-    pub(crate) fn new(info: &RequestInfo) -> Self {
+    pub(crate) fn new(info: RequestInfo) -> Self {
         Self {
-            shared: info.shared.clone(),
+            shared: info.shared,
             start: info.start,
-            model_label: info.model_label.clone(),
-            group: info.shared.group_of(info.model.as_deref()).0,
-            group_label: info.group_label.clone(),
-            status: names::STATUS_NONE.to_owned(),
+            model_label: info.model_label,
+            group: info.group,
+            group_label: info.group_label,
+            status: None,
             outcome: names::OUTCOME_CANCELLED,
             stream: false,
             count_usage: false,
             tracker: None,
-            span: info.span.clone(),
+            span: info.span,
             done: false,
         }
     }
@@ -153,7 +154,9 @@ impl Finish {
         handles.request(
             &self.model_label,
             &self.group_label,
-            &self.status,
+            self.status
+                .as_ref()
+                .map_or(names::STATUS_NONE, http::StatusCode::as_str),
             self.outcome,
             |series| {
                 series.requests.increment(1);
@@ -190,7 +193,7 @@ impl Drop for Finish {
                 .as_ref()
                 .filter(|t| self.count_usage && t.is_stream())
                 .and_then(UsageTracker::usage);
-            if self.status == names::STATUS_NONE || self.outcome == names::OUTCOME_SUCCESS {
+            if self.status.is_none() || self.outcome == names::OUTCOME_SUCCESS {
                 self.outcome = names::OUTCOME_CANCELLED;
             }
             self.record(usage);

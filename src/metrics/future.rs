@@ -25,15 +25,17 @@ use crate::rate_limit::QueueWait;
 pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
-    info: Option<RequestInfo>,
-    /// Decrements the in-flight gauge if the future is dropped before the response.
+    /// The requested model.
+    model: Option<String>,
+    /// The request's measurement (`None`: not observed, or answered). Decrements the
+    /// in-flight gauge if the future is dropped before the response.
     guard: Option<Finish>,
 }
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("observed", &self.info.is_some())
+            .field("observed", &self.guard.is_some())
             .finish()
     }
 }
@@ -42,17 +44,16 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn passthrough(inner: F) -> Self {
         Self {
             inner,
-            info: None,
+            model: None,
             guard: None,
         }
     }
 
-    pub(crate) fn observed(inner: F, info: RequestInfo) -> Self {
-        let guard = Finish::new(&info);
+    pub(crate) fn observed(inner: F, model: Option<String>, info: RequestInfo) -> Self {
         Self {
             inner,
-            info: Some(info),
-            guard: Some(guard),
+            model,
+            guard: Some(Finish::new(info)),
         }
     }
 }
@@ -68,14 +69,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = match this.info {
-            Some(info) => {
-                let _entered = info.span.enter();
+        let result = match this.guard {
+            Some(finish) => {
+                let _entered = finish.span.enter();
                 ready!(this.inner.poll(cx))
             }
             None => ready!(this.inner.poll(cx)),
         };
-        let (Some(info), Some(mut finish)) = (this.info.take(), this.guard.take()) else {
+        let Some(mut finish) = this.guard.take() else {
             return Poll::Ready(
                 result
                     .map(|res| res.map(MetricsBody::passthrough))
@@ -85,16 +86,17 @@ where
         match result {
             Err(error) => {
                 let error = error.into();
-                finish.status = names::STATUS_NONE.to_owned();
+                finish.status = None;
                 finish.finish(names::OUTCOME_ERROR);
                 Poll::Ready(Err(error))
             }
             Ok(response) => {
-                observe(&info, &mut finish, &response);
+                observe(this.model.as_deref(), &mut finish, &response);
                 let (mut parts, body) = response.into_parts();
                 let body = if finish.count_usage {
+                    let json_limit = finish.shared.json_limit;
                     let (body, tracker) =
-                        crate::body::track(&mut parts, body, finish.stream, info.shared.json_limit);
+                        crate::body::track(&mut parts, body, finish.stream, json_limit);
                     finish.tracker = Some(tracker);
                     body
                 } else {
@@ -108,10 +110,11 @@ where
 }
 
 /// Records what the response head says and prepares the body's finish.
-fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
-    let shared = &info.shared;
+fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) {
+    let shared = &finish.shared;
+    let span = &finish.span;
     let status = response.status();
-    finish.status = status.as_u16().to_string();
+    finish.status = Some(status);
     finish.outcome = match status.as_u16() {
         429 => names::OUTCOME_RATE_LIMITED,
         529 => names::OUTCOME_OVERLOADED,
@@ -121,7 +124,6 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
     };
     finish.stream = crate::body::is_event_stream(response.headers());
     finish.count_usage = status.is_success();
-    let span = &info.span;
     span.record("status", status.as_u16());
     // A key pool below chose the upstream key: the span names that key, not the caller's.
     if let Some(chosen) = response.extensions().get::<crate::key_pool::ChosenKey>() {
@@ -136,7 +138,7 @@ fn observe<B>(info: &RequestInfo, finish: &mut Finish, response: &Response<B>) {
             .headers()
             .get(&parsed_names::X_TOWER_CLAUDE_MODEL)
             .and_then(|v| v.to_str().ok())
-            .map(|served| (info.model.as_deref(), served)),
+            .map(|served| (model, served)),
     };
     if let Some((requested, served)) = served {
         span.record("served_model", served);

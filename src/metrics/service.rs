@@ -95,10 +95,11 @@ where
         };
         ResponseFuture::observed(
             fut,
+            model,
             RequestInfo {
                 shared: self.shared.clone(),
                 start: Instant::now(),
-                model,
+                group,
                 model_label,
                 group_label,
                 span,

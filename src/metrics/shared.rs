@@ -139,12 +139,15 @@ impl Shared {
     }
 }
 
-/// What the service learned about a request when it was called.
+/// What the service learned about a request when it was called, for its [`Finish`]
+/// (moved into it: the labels are built once per request, not copied).
+///
+/// [`Finish`]: super::body::Finish
 #[derive(Debug)]
 pub(crate) struct RequestInfo {
     pub(crate) shared: Arc<Shared>,
     pub(crate) start: Instant,
-    pub(crate) model: Option<String>,
+    pub(crate) group: Option<RateLimitGroup>,
     pub(crate) model_label: String,
     pub(crate) group_label: String,
     pub(crate) span: tracing::Span,

@@ -1186,9 +1186,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     }
     match state.service.clone().oneshot(req).await {
         Ok(mut resp) => {
-            for name in crate::client::HOP_BY_HOP.iter() {
-                resp.headers_mut().remove(name);
-            }
+            crate::client::remove_hop_by_hop(resp.headers_mut());
             let counter = match resp.extensions().get::<CacheStatus>() {
                 Some(CacheStatus::Hit) => Some(&state.counters.cache_hits),
                 Some(CacheStatus::Miss) => Some(&state.counters.cache_misses),

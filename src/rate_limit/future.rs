@@ -282,7 +282,6 @@ fn on_response<B>(
         return Response::from_parts(parts, RateLimitBody::passthrough(body));
     };
     let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-    let (key, group) = (reservation.key().clone(), reservation.group().clone());
     if !parts.status.is_success() {
         // Refund first: the server's snapshot of a refused request does not include it, so
         // observing afterwards caps the refunded level at the server's view.
@@ -291,6 +290,7 @@ fn on_response<B>(
             // nothing to learn, and nothing to keep.
             reservation.settle_unknown();
         } else {
+            let (key, group) = (reservation.key().clone(), reservation.group().clone());
             reservation.settle_rejected();
             if !snapshot.is_empty() && config.scope == Scope::Key {
                 config.board.observe(&key, &group, &snapshot);

@@ -136,11 +136,16 @@ impl Template {
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
     fn request(&self, attempt: u32) -> Request<RequestBody> {
+        // The first attempts' values are static (`HeaderValue::from(u32)` formats and
+        // allocates).
+        const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+        let value = match NUMBERS.get((attempt as usize).wrapping_sub(1)) {
+            Some(number) => HeaderValue::from_static(number),
+            None => HeaderValue::from(attempt),
+        };
         let mut req = self.0.request();
-        req.headers_mut().insert(
-            &parsed_names::X_TOWER_CLAUDE_ATTEMPT,
-            HeaderValue::from(attempt),
-        );
+        req.headers_mut()
+            .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
         req
     }
 }
@@ -708,5 +713,27 @@ where
             response,
             success: true,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_attempt_says_its_number() {
+        let req = Request::post("/v1/messages")
+            .header("x-api-key", "k")
+            .body(RequestBody::from(Bytes::from_static(b"{}")))
+            .unwrap();
+        let template = Template::new(req);
+        for attempt in 1..=12u32 {
+            let req = template.request(attempt);
+            assert_eq!(
+                req.headers()["x-tower-claude-attempt"],
+                attempt.to_string().as_str()
+            );
+            assert_eq!(req.headers()["x-api-key"], "k");
+        }
     }
 }

@@ -88,9 +88,13 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, need) = match RequestMeta::get_or_scan(&mut req) {
+        let config = &self.shared.config;
+        let (group, need) = match RequestMeta::get_or_scan(&mut req) {
             Ok(meta) => (
-                meta.model.clone(),
+                match &meta.model {
+                    Some(model) => config.catalog.group(model),
+                    None => RateLimitGroup::new("unknown"),
+                },
                 Need {
                     input_tokens: meta.input_tokens,
                     output_tokens: meta.max_tokens.unwrap_or(0),
@@ -99,25 +103,23 @@ where
             // Upstream answers 400: nothing to retry.
             Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
         };
-        let config = &self.shared.config;
         let now = Instant::now();
         let deadline = match req.extensions().get::<Deadline>() {
             Some(deadline) => Some(*deadline),
-            None => config
-                .deadline
-                .and_then(|d| now.checked_add(d))
-                .map(Deadline::at),
+            None => {
+                let deadline = config
+                    .deadline
+                    .and_then(|d| now.checked_add(d))
+                    .map(Deadline::at);
+                if let Some(deadline) = deadline {
+                    // Layers below see the effective deadline too.
+                    req.extensions_mut().insert(deadline);
+                }
+                deadline
+            }
         };
-        if let Some(deadline) = deadline {
-            // Layers below see the effective deadline too.
-            req.extensions_mut().insert(deadline);
-        }
         let max_server_wait = req.extensions().get::<MaxServerWait>().map(|m| m.0);
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        let group = match &model {
-            Some(model) => config.catalog.group(model),
-            None => RateLimitGroup::new("unknown"),
-        };
 
         let key = (key, group);
         let deadline = deadline.map(Deadline::instant);
