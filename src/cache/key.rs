@@ -249,9 +249,33 @@ impl KeyBase {
     /// The key of the request with this body (its bytes), `None` when the body is not a JSON
     /// object.
     pub(crate) fn key_of_body(&self, body: &[u8]) -> Option<CacheKey> {
+        self.key_of(body, None)
+    }
+
+    /// The key of the request with this body, as [`key_of_body`](Self::key_of_body), written
+    /// from what the scan of `meta` recorded about the body when it can (no second walk over
+    /// the body: see `anthropic::scan::CanonicalHints`). The same key either way.
+    pub(crate) fn key_of_scanned(
+        &self,
+        body: &[u8],
+        meta: &crate::anthropic::RequestMeta,
+    ) -> Option<CacheKey> {
+        self.key_of(body, Some(meta))
+    }
+
+    fn key_of(
+        &self,
+        body: &[u8],
+        meta: Option<&crate::anthropic::RequestMeta>,
+    ) -> Option<CacheKey> {
         // Room for the padding of `key` (the canonical body is rarely longer than the body).
         let mut canonical = Vec::with_capacity(body.len().div_ceil(BLAKE3_CHUNK) * BLAKE3_CHUNK);
-        crate::anthropic::write_canonical(body, &mut canonical).ok()?;
+        if meta.is_some_and(|m| m.canonical.write(body, &mut canonical)) {
+            tracing::trace!("cache key: canonical body from the scan's hints");
+        } else {
+            canonical.clear();
+            crate::anthropic::write_canonical(body, &mut canonical).ok()?;
+        }
         Some(self.key(&mut canonical))
     }
 }
@@ -364,6 +388,12 @@ mod tests {
         let uri = "/v1/messages".parse().unwrap();
         let base = KeyBase::new(&p, &http::Method::POST, &uri, headers);
         let from_bytes = base.key_of_body(body.as_bytes()).unwrap();
+        let meta = crate::anthropic::RequestMeta::scan(body.as_bytes()).unwrap();
+        assert_eq!(
+            base.key_of_scanned(body.as_bytes(), &meta),
+            Some(from_bytes),
+            "the key from the scan's hints is the key from the bytes"
+        );
         let v: Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             from_bytes,
@@ -555,7 +585,68 @@ mod tests {
             }
         }
 
+        /// Writes `v` as compact JSON (as the SDKs send it) with object members in reverse
+        /// order, some repeated (an earlier duplicate with another value, which the last one
+        /// overrides).
+        fn compact_reversed(v: &Value, out: &mut String) {
+            match v {
+                Value::Array(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        compact_reversed(item, out);
+                    }
+                    out.push(']');
+                }
+                Value::Object(map) => {
+                    out.push('{');
+                    let mut members: Vec<_> = map.iter().collect();
+                    members.sort_by(|a, b| b.0.cmp(a.0));
+                    for (i, (k, item)) in members.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        let name = serde_json::to_string(k).unwrap();
+                        if k.len() % 2 == 0 {
+                            out.push_str(&name);
+                            out.push_str(":null,");
+                        }
+                        out.push_str(&name);
+                        out.push(':');
+                        compact_reversed(item, out);
+                    }
+                    out.push('}');
+                }
+                other => out.push_str(&serde_json::to_string(other).unwrap()),
+            }
+        }
+
         proptest! {
+            #[test]
+            fn the_key_from_the_scans_hints_is_the_canonical_key(v in json()) {
+                // Compact bodies, members in order or reversed (with duplicates): the hints
+                // write them, and the key is the one of the canonical writer (`key` checks
+                // the three ways of computing it agree).
+                let v = serde_json::json!({ "v": v, "model": "m" });
+                let mut reversed = String::new();
+                compact_reversed(&v, &mut reversed);
+                let h = HeaderMap::new();
+                for body in [serde_json::to_string(&v).unwrap(), reversed] {
+                    let meta = crate::anthropic::RequestMeta::scan(body.as_bytes()).unwrap();
+                    let mut out = Vec::new();
+                    let hinted = meta.canonical.write(body.as_bytes(), &mut out);
+                    let odd = body.matches(['.', '-']).count();
+                    // Every body without negative or fractional numbers takes the hints.
+                    prop_assert!(hinted || odd > 0, "{}", body);
+                    if hinted {
+                        prop_assert_eq!(String::from_utf8(out).unwrap(), canon(&body));
+                    }
+                    prop_assert_eq!(key(&h, &body), key(&h, &serde_json::to_string(&v).unwrap()));
+                }
+            }
+
             #[test]
             fn member_order_and_whitespace_never_change_the_key(v in json()) {
                 // A request body is an object: the value goes in one.

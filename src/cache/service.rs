@@ -265,9 +265,9 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         config.tenant.as_ref(),
     );
     let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
-    // The canonical body, written from the bytes by the scanner that read `meta`; a body that
-    // is not a JSON object is passed through (upstream answers 400).
-    let key = base.key_of_body(req.body().bytes())?;
+    // The canonical body, written from what the scan of `meta` recorded (or by the scanner
+    // again); a body that is not a JSON object is passed through (upstream answers 400).
+    let key = base.key_of_scanned(req.body().bytes(), &meta)?;
     let no_fallback = crate::fallback::opted_out_of(req);
     let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
     Some(Plan {
