@@ -98,7 +98,12 @@ impl RequestMeta {
     /// assert_eq!(RequestMeta::scan(b"[]").unwrap_err().kind(), MetaErrorKind::NotAnObject);
     /// ```
     pub fn scan(body: &[u8]) -> Result<Self, MetaError> {
-        Scanner::recording(body).run().map(|scan| RequestMeta {
+        let scanner = if super::scan::canonical_hints_wanted() {
+            Scanner::recording(body)
+        } else {
+            Scanner::new(body, true)
+        };
+        scanner.run().map(|scan| RequestMeta {
             model: scan.model,
             max_tokens: scan.max_tokens,
             stream: scan.stream,

@@ -388,6 +388,7 @@ mod tests {
         let uri = "/v1/messages".parse().unwrap();
         let base = KeyBase::new(&p, &http::Method::POST, &uri, headers);
         let from_bytes = base.key_of_body(body.as_bytes()).unwrap();
+        crate::anthropic::want_canonical_hints();
         let meta = crate::anthropic::RequestMeta::scan(body.as_bytes()).unwrap();
         assert_eq!(
             base.key_of_scanned(body.as_bytes(), &meta),
@@ -626,6 +627,7 @@ mod tests {
         proptest! {
             #[test]
             fn the_key_from_the_scans_hints_is_the_canonical_key(v in json()) {
+                crate::anthropic::want_canonical_hints();
                 // Compact bodies, members in order or reversed (with duplicates): the hints
                 // write them, and the key is the one of the canonical writer (`key` checks
                 // the three ways of computing it agree).

@@ -46,6 +46,10 @@ impl<S> Cache<S> {
     }
 
     pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        if config.mode != CacheMode::Off {
+            // The scan of `RequestMeta` records what the key needs (read once).
+            crate::anthropic::want_canonical_hints();
+        }
         Self {
             inner,
             config,
