@@ -19,7 +19,7 @@ use super::live::{End, Live, LiveBody};
 use super::store::{CacheStore, CachedResponse};
 use super::{CacheMode, CacheStatus};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, header_names, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, UsageTracker, header_names, is_messages_call};
 use crate::body::{Replay, RequestBody};
 use crate::fallback::ServedModel;
 
@@ -467,6 +467,12 @@ where
         runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
         return Response::from_parts(parts, CacheBody::live(mine));
     }
+    // The answer's one usage tracker (published by a layer below, in `ClaudeStack` the rate
+    // limiter) reads the JSON whole anyway: it says whether it is a Messages API answer.
+    let tracker = parts.extensions.get::<UsageTracker>().cloned();
+    if let Some(tracker) = &tracker {
+        tracker.want_json(config.max_entry_bytes);
+    }
     // Read whole, up to one byte over the entry cap (then it is not stored).
     let read = Replay::peek(body, config.max_entry_bytes.saturating_add(1)).await;
     if !read.is_whole() || read.has_trailers() {
@@ -476,7 +482,7 @@ where
     let data = read.data();
     let entry =
         CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
-    if storable(key, &entry) {
+    if storable(key, &entry, tracker.and_then(|t| t.message_json())) {
         match guard {
             // Followers wait: queue a copy, then hand them the answer (queued first, so that
             // a request arriving as the flight closes finds it).
