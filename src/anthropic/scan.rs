@@ -85,6 +85,8 @@ impl<'a> Scanner<'a> {
         let mut s = Self::new(b, true);
         // Spans are `u32`: a larger body (never a Messages API request) gets no hints.
         s.canon.on = u32::try_from(b.len()).is_ok();
+        // Room for a typical request's nesting without growing (one allocation).
+        s.canon.stack = Vec::with_capacity(16);
         s
     }
 
@@ -995,6 +997,11 @@ impl CanonRecorder {
             // Stable: of members with the same name, the last one stays last.
             members.sort_by(|x, y| name(x).cmp(name(y)));
             let first = self.kept.len() as u32;
+            if self.objects.is_empty() {
+                // A typical request reorders a few small objects: no growing afterwards.
+                self.objects.reserve(8);
+                self.kept.reserve(members.len().max(16));
+            }
             for (i, m) in members.iter().enumerate() {
                 if members.get(i + 1).is_some_and(|next| name(next) == name(m)) {
                     continue;

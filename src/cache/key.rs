@@ -9,7 +9,7 @@ use http::HeaderMap;
 #[cfg(test)]
 use serde_json::Value;
 
-use crate::anthropic::header_names;
+use super::names;
 
 /// The context string of the BLAKE3 key derivation used for cache keys. Changing it (or the
 /// layout of the hashed fields) changes every key, which makes old disk entries unreachable.
@@ -120,7 +120,7 @@ impl Partition {
 }
 
 fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(header_names::X_API_KEY) {
+    if let Some(v) = headers.get(&names::X_API_KEY) {
         let v = v.as_bytes().trim_ascii();
         if !v.is_empty() {
             return Some(v);
@@ -249,7 +249,7 @@ impl KeyBase {
     ) -> Self {
         let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         let version = headers
-            .get(header_names::ANTHROPIC_VERSION)
+            .get(&names::ANTHROPIC_VERSION)
             .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
         let betas = canonical_betas(headers);
         let mut h = Vec::with_capacity(
@@ -354,7 +354,7 @@ fn field(h: &mut impl Sink, bytes: &[u8]) {
 /// deduplicated (the order of beta flags has no meaning).
 fn canonical_betas(headers: &HeaderMap) -> String {
     let mut betas: Vec<&str> = headers
-        .get_all(header_names::ANTHROPIC_BETA)
+        .get_all(&names::ANTHROPIC_BETA)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))

@@ -16,10 +16,11 @@ use super::future::ResponseFuture;
 use super::key::{CacheKey, KeyBase, Partition};
 use super::layer::CacheLayer;
 use super::live::{End, Live, LiveBody};
+use super::names;
 use super::store::{CacheStore, CachedResponse};
 use super::{CacheMode, CacheStatus};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, UsageTracker, header_names, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, UsageTracker, is_messages_call};
 use crate::body::{Replay, RequestBody};
 use crate::fallback::ServedModel;
 
@@ -195,8 +196,7 @@ enum Directive {
 
 fn take_directive(headers: &mut http::HeaderMap) -> Option<Directive> {
     let mut directive = None;
-    if let http::header::Entry::Occupied(entry) = headers.entry(header_names::X_TOWER_CLAUDE_CACHE)
-    {
+    if let http::header::Entry::Occupied(entry) = headers.entry(&names::X_TOWER_CLAUDE_CACHE) {
         for value in entry.remove_entry_mult().1 {
             let d = match value
                 .to_str()
@@ -287,7 +287,7 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
 
 fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     res.headers_mut().insert(
-        header_names::X_TOWER_CLAUDE_CACHE,
+        names::X_TOWER_CLAUDE_CACHE.clone(),
         HeaderValue::from_static(status.as_str()),
     );
     res.extensions_mut().insert(status);
@@ -312,7 +312,7 @@ fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     let served = entry.model().unwrap_or(requested);
     if let Ok(v) = HeaderValue::from_str(served) {
         res.headers_mut()
-            .insert(header_names::X_TOWER_CLAUDE_MODEL, v);
+            .insert(names::X_TOWER_CLAUDE_MODEL.clone(), v);
     }
     if !requested.is_empty() {
         res.extensions_mut().insert(ServedModel {
@@ -418,7 +418,7 @@ fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
     }
     parts
         .headers
-        .get(header_names::X_TOWER_CLAUDE_MODEL)
+        .get(&names::X_TOWER_CLAUDE_MODEL)
         .and_then(|v| v.to_str().ok())
         .unwrap_or(plan.requested())
         .to_owned()
