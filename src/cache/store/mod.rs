@@ -169,10 +169,12 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 #[derive(Clone, PartialEq, Eq)]
 pub struct CachedResponse {
     status: StatusCode,
-    headers: HeaderMap,
+    /// Shared (like the body): clones of an entry (the write queue's, moka's, a hit's) copy
+    /// no header map and allocate nothing.
+    headers: std::sync::Arc<HeaderMap>,
     body: Bytes,
     stream: bool,
-    model: Option<Box<str>>,
+    model: Option<std::sync::Arc<str>>,
 }
 
 /// Encoding version of [`CachedResponse::encode`]. Version 1 (before the served model was
@@ -183,8 +185,11 @@ const ENCODING_VERSION: u8 = 2;
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
-/// (moka's hash table, access-order deque and timer nodes). Measured, see `docs/benchmarks.md`.
-const ENTRY_OVERHEAD: usize = 800;
+/// (moka's hash table, access-order deque and timer nodes). Measured (800), see
+/// `docs/benchmarks.md`, plus 96 counted for the allocations added since (issue 13, fourth
+/// pass: the entry behind its own `Arc` in moka, the header map and the model name shared
+/// behind `Arc`s: about 90 bytes more per entry with allocator rounding).
+const ENTRY_OVERHEAD: usize = 896;
 /// What each kept header costs beyond its name and value bytes (a map bucket and an
 /// allocation).
 const HEADER_OVERHEAD: usize = 96;
@@ -215,7 +220,7 @@ impl CachedResponse {
         }
         Self {
             status,
-            headers: kept,
+            headers: std::sync::Arc::new(kept),
             body: Bytes::copy_from_slice(body),
             stream,
             model: None,
@@ -233,7 +238,7 @@ impl CachedResponse {
     /// ```
     pub fn with_model(mut self, model: impl Into<String>) -> Self {
         let model: String = model.into();
-        self.model = (!model.is_empty()).then(|| model.into_boxed_str());
+        self.model = (!model.is_empty()).then(|| model.into());
         self
     }
 
@@ -331,7 +336,7 @@ impl CachedResponse {
         out.push(u8::from(self.stream));
         put_bytes(out, self.model.as_deref().unwrap_or("").as_bytes());
         out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
-        for (name, value) in &self.headers {
+        for (name, value) in self.headers.iter() {
             put_bytes(out, name.as_str().as_bytes());
             put_bytes(out, value.as_bytes());
         }
@@ -385,7 +390,7 @@ impl CachedResponse {
         }
         Ok(Self {
             status,
-            headers,
+            headers: std::sync::Arc::new(headers),
             body: Bytes::copy_from_slice(body),
             stream,
             model,
