@@ -169,12 +169,10 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 #[derive(Clone, PartialEq, Eq)]
 pub struct CachedResponse {
     status: StatusCode,
-    /// Shared (like the body): clones of an entry (the write queue's, moka's, a hit's) copy
-    /// no header map and allocate nothing.
-    headers: std::sync::Arc<HeaderMap>,
+    headers: HeaderMap,
     body: Bytes,
     stream: bool,
-    model: Option<std::sync::Arc<str>>,
+    model: Option<Box<str>>,
 }
 
 /// Encoding version of [`CachedResponse::encode`]. Version 1 (before the served model was
@@ -185,11 +183,8 @@ const ENCODING_VERSION: u8 = 2;
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
-/// (moka's hash table, access-order deque and timer nodes). Measured (800), see
-/// `docs/benchmarks.md`, plus 96 counted for the allocations added since (issue 13, fourth
-/// pass: the entry behind its own `Arc` in moka, the header map and the model name shared
-/// behind `Arc`s: about 90 bytes more per entry with allocator rounding).
-const ENTRY_OVERHEAD: usize = 896;
+/// (moka's hash table, access-order deque and timer nodes). Measured, see `docs/benchmarks.md`.
+const ENTRY_OVERHEAD: usize = 800;
 /// What each kept header costs beyond its name and value bytes (a map bucket and an
 /// allocation).
 const HEADER_OVERHEAD: usize = 96;
@@ -220,7 +215,7 @@ impl CachedResponse {
         }
         Self {
             status,
-            headers: std::sync::Arc::new(kept),
+            headers: kept,
             body: Bytes::copy_from_slice(body),
             stream,
             model: None,
@@ -238,7 +233,7 @@ impl CachedResponse {
     /// ```
     pub fn with_model(mut self, model: impl Into<String>) -> Self {
         let model: String = model.into();
-        self.model = (!model.is_empty()).then(|| model.into());
+        self.model = (!model.is_empty()).then(|| model.into_boxed_str());
         self
     }
 
@@ -336,7 +331,7 @@ impl CachedResponse {
         out.push(u8::from(self.stream));
         put_bytes(out, self.model.as_deref().unwrap_or("").as_bytes());
         out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
-        for (name, value) in self.headers.iter() {
+        for (name, value) in &self.headers {
             put_bytes(out, name.as_str().as_bytes());
             put_bytes(out, value.as_bytes());
         }
@@ -390,7 +385,7 @@ impl CachedResponse {
         }
         Ok(Self {
             status,
-            headers: std::sync::Arc::new(headers),
+            headers,
             body: Bytes::copy_from_slice(body),
             stream,
             model,
