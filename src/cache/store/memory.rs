@@ -11,8 +11,7 @@ use super::{CacheStore, CachedResponse, ModelSet, StoreFuture};
 use crate::cache::CacheKey;
 use crate::cache::key::KeyHashBuilder;
 
-/// What the cache holds per key, behind an `Arc`: moka clones the value it is given on
-/// insert (and on every `get`), which for the entry itself meant a copy of its header map.
+#[derive(Clone)]
 struct Entry {
     response: CachedResponse,
     expires_at: Instant,
@@ -21,11 +20,11 @@ struct Entry {
 
 struct EntryExpiry;
 
-impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+impl moka::Expiry<CacheKey, Entry> for EntryExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<Entry>,
+        value: &Entry,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(value.ttl)
@@ -34,7 +33,7 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        value: &Arc<Entry>,
+        value: &Entry,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
@@ -65,7 +64,7 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<CacheKey, Arc<Entry>, KeyHashBuilder>,
+    cache: Cache<CacheKey, Entry, KeyHashBuilder>,
     /// The models of every entry ever put (see [`CacheStore::may_hold_other_models`]).
     models: Arc<ModelSet>,
 }
@@ -75,7 +74,7 @@ impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<Entry>| {
+            .weigher(|_k: &CacheKey, v: &Entry| {
                 u32::try_from(v.response.weight()).unwrap_or(u32::MAX)
             })
             .expire_after(EntryExpiry)
@@ -105,7 +104,7 @@ impl MemoryStore {
             self.cache.invalidate(key);
             return None;
         }
-        Some(entry.response.clone())
+        Some(entry.response)
     }
 }
 
@@ -133,11 +132,11 @@ impl CacheStore for MemoryStore {
         self.models.record(value.model());
         self.cache.insert(
             *key,
-            Arc::new(Entry {
+            Entry {
                 response: value,
                 expires_at,
                 ttl,
-            }),
+            },
         );
         Box::pin(std::future::ready(Ok(())))
     }
