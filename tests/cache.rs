@@ -1365,6 +1365,55 @@ async fn invalid_200_bodies_are_never_stored() {
     }
 }
 
+/// The same with a layer below that reads the answer's usage (the rate limiter publishes the
+/// answer's one `UsageTracker`): the cache takes its word on whether a JSON answer is a
+/// Messages API answer (no second parse), and stores exactly what it stored before: the
+/// message, none of the others, a JSON array typed `message` neither.
+#[tokio::test(start_paused = true)]
+async fn with_a_usage_tracker_below_only_messages_are_stored() {
+    use tower_claude::rate_limit::RateLimitLayer;
+    for (body, stored) in [
+        (JSON_ANSWER, true),
+        (r#"{"type":"message","content":["#, false),
+        ("<html><body>502 Bad Gateway</body></html>", false),
+        (r#"["message",null,null]"#, false),
+        (
+            r#"{"type":"error","error":{"type":"api_error","message":"x"}}"#,
+            false,
+        ),
+        (
+            r#"{"type":"messages","usage":{"input_tokens":1,"output_tokens":1}}"#,
+            false,
+        ),
+        (r#"{"usage":{"input_tokens":1,"output_tokens":1}}"#, false),
+        ("", false),
+    ] {
+        let up = Upstream::new(Duration::from_millis(10), move |_, _| {
+            json_response(StatusCode::OK, body)
+        });
+        let svc = ServiceBuilder::new()
+            .layer(CacheLayer::memory(64 << 20))
+            .layer(RateLimitLayer::new())
+            .service(up.clone());
+        let send = |svc: &Cache<_>| {
+            let svc = svc.clone();
+            async move {
+                let res = svc.oneshot(request("sk", BODY)).await.unwrap();
+                let status = *res.extensions().get::<CacheStatus>().unwrap();
+                let got = res.into_body().collect().await.unwrap().to_bytes();
+                (status, got)
+            }
+        };
+        assert_eq!(send(&svc).await, (CacheStatus::Miss, Bytes::from(body)));
+        let again = if stored {
+            CacheStatus::Hit
+        } else {
+            CacheStatus::Miss
+        };
+        assert_eq!(send(&svc).await, (again, Bytes::from(body)), "{body}");
+    }
+}
+
 /// A store that fails or hangs never fails or slows a request: answers are stored after they
 /// are delivered, by a background task, and a failing store is a metric and a log line.
 mod store_failures {

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use super::estimate::CacheBreakpoint;
-use super::scan::{MetaError, MetaErrorKind, Scanner};
+use super::scan::{CanonicalHints, MetaError, MetaErrorKind, Scanner};
 
 /// What the stack needs to know about a Messages API request, read once from its body and
 /// carried as a request extension so that no layer parses the body twice.
@@ -39,6 +39,9 @@ pub struct RequestMeta {
     /// the hash and token estimate of the prefix up to and including that block. Empty
     /// without `cache_control`.
     pub cache_breakpoints: Vec<CacheBreakpoint>,
+    /// How the body differs from its canonical form, for the response cache's key (not part
+    /// of the value: equal metas may differ here).
+    pub(crate) canonical: CanonicalHints,
 }
 
 impl RequestMeta {
@@ -95,13 +98,19 @@ impl RequestMeta {
     /// assert_eq!(RequestMeta::scan(b"[]").unwrap_err().kind(), MetaErrorKind::NotAnObject);
     /// ```
     pub fn scan(body: &[u8]) -> Result<Self, MetaError> {
-        Scanner::new(body, true).run().map(|scan| RequestMeta {
+        let scanner = if super::scan::canonical_hints_wanted() {
+            Scanner::recording(body)
+        } else {
+            Scanner::new(body, true)
+        };
+        scanner.run().map(|scan| RequestMeta {
             model: scan.model,
             max_tokens: scan.max_tokens,
             stream: scan.stream,
             temperature: scan.temperature,
             input_tokens: scan.input_tokens,
             cache_breakpoints: scan.cache_breakpoints,
+            canonical: scan.canonical,
         })
     }
 

@@ -38,6 +38,8 @@ pub(super) struct Scan {
     pub(super) model_spans: Vec<(usize, usize)>,
     pub(super) open_brace: usize,
     pub(super) has_members: bool,
+    /// How the body differs from its canonical form (recorded by [`RequestMeta::scan`](super::RequestMeta::scan) only).
+    pub(super) canonical: CanonicalHints,
 }
 
 // Why a hand-written scanner: the stack needs four top-level fields and a token estimate from
@@ -59,6 +61,8 @@ pub(super) struct Scanner<'a> {
     field_error: Option<MetaError>,
     /// The token estimate and prompt-cache breakpoints counted so far.
     est: Estimate,
+    /// What the canonical form of the body needs (see [`CanonicalHints`]).
+    canon: CanonRecorder,
 }
 
 type Res<T> = Result<T, MetaError>;
@@ -71,7 +75,19 @@ impl<'a> Scanner<'a> {
             check_fields,
             field_error: None,
             est: Estimate::new(),
+            canon: CanonRecorder::default(),
         }
+    }
+
+    /// A scanner that also records [`CanonicalHints`] (the scan of
+    /// [`RequestMeta`](super::RequestMeta)).
+    pub(super) fn recording(b: &'a [u8]) -> Self {
+        let mut s = Self::new(b, true);
+        // Spans are `u32`: a larger body (never a Messages API request) gets no hints.
+        s.canon.on = u32::try_from(b.len()).is_ok();
+        // Room for a typical request's nesting without growing (one allocation).
+        s.canon.stack = Vec::with_capacity(16);
+        s
     }
 
     fn err(&self, detail: &'static str) -> MetaError {
@@ -87,8 +103,13 @@ impl<'a> Scanner<'a> {
     }
 
     fn ws(&mut self) {
+        let start = self.i;
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
             self.i += 1;
+        }
+        if self.i != start {
+            // Insignificant whitespace: not in the canonical form.
+            self.canon.clean = false;
         }
     }
 
@@ -145,13 +166,15 @@ impl<'a> Scanner<'a> {
         let mut model_spans = Vec::new();
         self.ws();
         let has_members = self.peek() != Some(b'}');
+        let mark = self.canon.stack.len();
+        let mut unsorted = false;
         if has_members {
             loop {
                 self.ws();
                 if self.peek() != Some(b'"') {
                     return Err(self.err("expected a member name"));
                 }
-                let (ks, ke, _, _) = self.string()?;
+                let (ks, ke, _, kesc) = self.string()?;
                 self.expect(b':', "expected ':'")?;
                 self.ws();
                 let key = &self.b[ks..ke];
@@ -237,6 +260,7 @@ impl<'a> Scanner<'a> {
                         self.est.charge(src, Tag::Other);
                     }
                 }
+                unsorted |= self.canon.member(self.b, mark, (ks, ke), kesc, self.i);
                 self.ws();
                 match self.peek() {
                     Some(b',') => self.i += 1,
@@ -246,6 +270,8 @@ impl<'a> Scanner<'a> {
             }
         }
         self.i += 1; // the closing brace
+        self.canon
+            .end_object(self.b, mark, unsorted, open_brace, self.i);
         self.ws();
         if self.i != self.b.len() {
             return Err(self.err("trailing characters after the object"));
@@ -260,6 +286,7 @@ impl<'a> Scanner<'a> {
         meta.model_spans = model_spans;
         meta.open_brace = open_brace;
         meta.has_members = has_members;
+        meta.canonical = std::mem::take(&mut self.canon).finish(self.b);
         Ok(meta)
     }
 
@@ -349,8 +376,12 @@ impl<'a> Scanner<'a> {
     }
 
     fn number(&mut self) -> Res<()> {
+        let start = self.i;
+        // A non-negative integer of at most 19 digits is its own canonical form.
+        let mut plain = true;
         if self.peek() == Some(b'-') {
             self.i += 1;
+            plain = false;
         }
         match self.peek() {
             Some(b'0') => self.i += 1,
@@ -359,6 +390,7 @@ impl<'a> Scanner<'a> {
         }
         if self.peek() == Some(b'.') {
             self.i += 1;
+            plain = false;
             if !matches!(self.peek(), Some(b'0'..=b'9')) {
                 return Err(self.err("invalid number"));
             }
@@ -366,6 +398,7 @@ impl<'a> Scanner<'a> {
         }
         if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
+            plain = false;
             if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
             }
@@ -373,6 +406,9 @@ impl<'a> Scanner<'a> {
                 return Err(self.err("invalid number"));
             }
             self.digits();
+        }
+        if !plain || self.i - start > 19 {
+            self.canon.number(start, self.i);
         }
         Ok(())
     }
@@ -417,12 +453,21 @@ impl<'a> Scanner<'a> {
                     escaped = true;
                     j += 1;
                     match b.get(j) {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => j += 1,
+                        Some(b'"' | b'\\' | b'b' | b'f' | b'n' | b'r' | b't') => j += 1,
+                        Some(b'/') => {
+                            // `serde_json` writes `/` unescaped.
+                            self.canon.clean = false;
+                            j += 1;
+                        }
                         Some(b'u') => {
                             let hex = b.get(j + 1..j + 5);
-                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            let Some(hex) = hex.filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                            else {
                                 self.i = j;
                                 return Err(self.err("invalid \\u escape"));
+                            };
+                            if !canonical_u_escape(hex) {
+                                self.canon.clean = false;
                             }
                             j += 5;
                         }
@@ -490,17 +535,20 @@ impl<'a> Scanner<'a> {
         let mut source: Option<Source> = None;
         // A `cache_control` object member of a tool or block: `Some(ttl)`.
         let mut cache_ttl: Option<CacheTtl> = None;
+        let open_brace = self.i - 1;
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
             return Ok(None);
         }
+        let mark = self.canon.stack.len();
+        let mut unsorted = false;
         loop {
             self.ws();
             if self.peek() != Some(b'"') {
                 return Err(self.err("expected a member name"));
             }
-            let (ks, ke, kunits, _) = self.string()?;
+            let (ks, ke, kunits, kesc) = self.string()?;
             if count {
                 self.est.text_units += kunits;
             }
@@ -559,10 +607,13 @@ impl<'a> Scanner<'a> {
                     }
                 }
             }
+            unsorted |= self.canon.member(self.b, mark, (ks, ke), kesc, self.i);
             if self.object_ends()? {
                 break;
             }
         }
+        self.canon
+            .end_object(self.b, mark, unsorted, open_brace, self.i);
         if !count {
             return Ok(None);
         }
@@ -820,6 +871,302 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// Whether a response cache that keys on the canonical body was built in this process
+/// ([`want_canonical_hints`]): only then does the scan of [`RequestMeta`](super::RequestMeta)
+/// record [`CanonicalHints`] (about 1.5k instructions for a 2 KB body with two objects to
+/// reorder, a few small allocations), which a process without one would never read.
+static HINTS_WANTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, the scans of [`RequestMeta`](super::RequestMeta) in this process record
+/// [`CanonicalHints`] (called when a response cache is built). Only a cost: hints are checked
+/// against the body they are used for, and a scan without them changes nothing but speed.
+pub(crate) fn want_canonical_hints() {
+    HINTS_WANTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether scans record [`CanonicalHints`] (see [`want_canonical_hints`]).
+pub(super) fn canonical_hints_wanted() -> bool {
+    HINTS_WANTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the four hex digits of a `\u` escape are the escape `serde_json` writes for that
+/// character: `\u00XX` in lower case for a control character other than the five with a
+/// short escape (`\b`, `\t`, `\n`, `\f`, `\r`). Any other `\u` escape is written differently
+/// in the canonical form.
+fn canonical_u_escape(hex: &[u8]) -> bool {
+    let lower = |d: u8| d.is_ascii_digit() || (b'a'..=b'f').contains(&d);
+    match hex {
+        [b'0', b'0', h @ (b'0' | b'1'), l] if lower(*l) => {
+            let v = (h - b'0') * 16
+                + if l.is_ascii_digit() {
+                    l - b'0'
+                } else {
+                    l - b'a' + 10
+                };
+            !matches!(v, 0x08 | 0x09 | 0x0a | 0x0c | 0x0d)
+        }
+        _ => false,
+    }
+}
+
+/// An object member as the scan found it: the span of its name (without quotes) and of the
+/// whole `"name":value`.
+#[derive(Debug, Clone, Copy)]
+struct MemberSpan {
+    name: (u32, u32),
+    start: u32,
+    end: u32,
+}
+
+/// An object whose members are not in canonical order (or repeat a name): its span, and its
+/// members already in canonical order (sorted by name, the last of duplicates kept), as
+/// `members[first..first + count]` of the [`Layout`].
+#[derive(Debug, Clone, Copy)]
+struct Reordered {
+    start: u32,
+    end: u32,
+    first: u32,
+    count: u32,
+}
+
+/// At most this many numbers not trivially canonical (negative, fractional, with an exponent
+/// or of more than 19 digits) are remembered for the key to check; a body with more gets no
+/// hints.
+const MAX_ODD_NUMBERS: usize = 4;
+
+/// What the scan of [`RequestMeta`](super::RequestMeta) records for the canonical form of the
+/// body (see [`CanonicalHints`]), as it goes.
+struct CanonRecorder {
+    /// Recording at all (the scan of `RequestMeta`, a body whose offsets fit `u32`).
+    on: bool,
+    /// Whether the body is still known to differ from its canonical form only by the order of
+    /// object members: no whitespace between tokens, no escape `serde_json` would write
+    /// otherwise, no escape in a member name. Starts `true`.
+    clean: bool,
+    /// The members of the objects being scanned, innermost last.
+    stack: Vec<MemberSpan>,
+    /// The members of the objects to reorder, each object's in canonical order.
+    kept: Vec<MemberSpan>,
+    /// The objects to reorder, in the order they end.
+    objects: Vec<Reordered>,
+    /// Numbers whose canonical form the key checks.
+    numbers: [(u32, u32); MAX_ODD_NUMBERS],
+    odd_numbers: u8,
+}
+
+impl CanonRecorder {
+    /// A member ended at `end`; `mark` is where its object's members start on the stack.
+    /// Returns whether it is out of order (or a duplicate) after the previous member.
+    fn member(
+        &mut self,
+        b: &[u8],
+        mark: usize,
+        (ks, ke): (usize, usize),
+        escaped_name: bool,
+        end: usize,
+    ) -> bool {
+        if !self.on {
+            return false;
+        }
+        if escaped_name {
+            // Names are compared by their raw bytes below: an escape would change the order.
+            self.clean = false;
+        }
+        let name = (ks as u32, ke as u32);
+        let unsorted = self.stack.len() > mark
+            && self
+                .stack
+                .last()
+                .is_some_and(|prev| b[prev.name.0 as usize..prev.name.1 as usize] >= b[ks..ke]);
+        self.stack.push(MemberSpan {
+            name,
+            start: ks as u32 - 1,
+            end: end as u32,
+        });
+        unsorted
+    }
+
+    /// An object spanning `start..end` ended; its members are `stack[mark..]`.
+    fn end_object(&mut self, b: &[u8], mark: usize, unsorted: bool, start: usize, end: usize) {
+        if !self.on {
+            return;
+        }
+        if unsorted && self.clean {
+            let members = &mut self.stack[mark..];
+            let name = |m: &MemberSpan| &b[m.name.0 as usize..m.name.1 as usize];
+            // Stable: of members with the same name, the last one stays last.
+            members.sort_by(|x, y| name(x).cmp(name(y)));
+            let first = self.kept.len() as u32;
+            if self.objects.is_empty() {
+                // A typical request reorders a few small objects: no growing afterwards.
+                self.objects.reserve(8);
+                self.kept.reserve(members.len().max(16));
+            }
+            for (i, m) in members.iter().enumerate() {
+                if members.get(i + 1).is_some_and(|next| name(next) == name(m)) {
+                    continue;
+                }
+                self.kept.push(*m);
+            }
+            self.objects.push(Reordered {
+                start: start as u32,
+                end: end as u32,
+                first,
+                count: self.kept.len() as u32 - first,
+            });
+        }
+        self.stack.truncate(mark);
+    }
+
+    /// A number at `start..end` that may not be canonical.
+    fn number(&mut self, start: usize, end: usize) {
+        let n = usize::from(self.odd_numbers);
+        if n < MAX_ODD_NUMBERS {
+            self.numbers[n] = (start as u32, end as u32);
+            self.odd_numbers += 1;
+        } else {
+            self.clean = false;
+        }
+    }
+
+    /// The hints for the body `b`, scanned whole.
+    fn finish(mut self, b: &[u8]) -> CanonicalHints {
+        if !self.on || !self.clean {
+            return CanonicalHints::default();
+        }
+        // Ended innermost first: in the order they start, an object's nested ones follow it.
+        self.objects.sort_unstable_by_key(|o| o.start);
+        CanonicalHints(Some(std::sync::Arc::new(Layout {
+            body: (b.as_ptr() as usize, b.len()),
+            objects: self.objects,
+            members: self.kept,
+            numbers: self.numbers,
+            odd_numbers: self.odd_numbers,
+        })))
+    }
+}
+
+impl Default for CanonRecorder {
+    fn default() -> Self {
+        Self {
+            on: false,
+            clean: true,
+            stack: Vec::new(),
+            kept: Vec::new(),
+            objects: Vec::new(),
+            numbers: [(0, 0); MAX_ODD_NUMBERS],
+            odd_numbers: 0,
+        }
+    }
+}
+
+/// How a request body differs from its canonical form ([`write_canonical`]), recorded by the
+/// one scan of [`RequestMeta`](super::RequestMeta) so that the response cache writes the
+/// canonical form without walking the body again (read once): for a body whose tokens are
+/// already canonical (no whitespace between them, strings escaped as `serde_json` escapes
+/// them, which compact JSON from the SDKs is), the canonical form is the body with the
+/// members of some objects put in order, which [`CanonicalHints::write`] copies span by span.
+/// Empty (`write` declines) for a body with whitespace or other escapes: the cache then
+/// runs [`write_canonical`].
+///
+/// It remembers the address and length of the body it was read from: a body replaced without
+/// scanning it again (fallback's rewritten copies carry a clone of the original's
+/// `RequestMeta`) is not described by it, and `write` declines.
+#[derive(Clone, Default)]
+pub(crate) struct CanonicalHints(Option<std::sync::Arc<Layout>>);
+
+struct Layout {
+    /// The address and length of the body scanned.
+    body: (usize, usize),
+    /// The objects to reorder, by where they start.
+    objects: Vec<Reordered>,
+    members: Vec<MemberSpan>,
+    numbers: [(u32, u32); MAX_ODD_NUMBERS],
+    odd_numbers: u8,
+}
+
+impl std::fmt::Debug for CanonicalHints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(l) => write!(f, "CanonicalHints({} objects to reorder)", l.objects.len()),
+            None => f.write_str("CanonicalHints(none)"),
+        }
+    }
+}
+
+/// Hints are derived from the body, not part of what [`RequestMeta`](super::RequestMeta)
+/// says about it: two metas are equal whatever their hints.
+impl PartialEq for CanonicalHints {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+impl CanonicalHints {
+    /// Writes the canonical form of `body` (the very bytes these hints were recorded from)
+    /// to `out`, exactly what [`write_canonical`] writes, and returns `true`; returns `false`
+    /// (and leaves `out` unspecified) when the hints cannot say: none recorded, another body,
+    /// or a number whose canonical form differs from its text.
+    pub(crate) fn write(&self, body: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(layout) = &self.0 else {
+            return false;
+        };
+        if layout.body != (body.as_ptr() as usize, body.len()) {
+            return false;
+        }
+        let mut scratch = Vec::new();
+        for &(start, end) in &layout.numbers[..usize::from(layout.odd_numbers)] {
+            let token = &body[start as usize..end as usize];
+            let Ok(n) = serde_json::from_slice::<serde_json::Number>(token) else {
+                return false;
+            };
+            scratch.clear();
+            let _ = write_canonical_number(&n, &mut scratch);
+            if scratch != token {
+                return false;
+            }
+        }
+        layout.emit(body, 0, body.len(), &layout.objects, out);
+        true
+    }
+}
+
+impl Layout {
+    /// Writes `body[lo..hi]` with the objects of `objects` (those starting in `lo..hi`, by
+    /// start) reordered.
+    fn emit(&self, body: &[u8], lo: usize, hi: usize, objects: &[Reordered], out: &mut Vec<u8>) {
+        let mut at = lo;
+        let mut i = 0;
+        while let Some(o) = objects.get(i) {
+            let (start, end) = (o.start as usize, o.end as usize);
+            out.extend_from_slice(&body[at..start]);
+            // The objects nested in this one follow it.
+            let nested = &objects[i + 1..];
+            let nested = &nested[..nested.partition_point(|n| n.start < o.end)];
+            out.push(b'{');
+            let members = &self.members[o.first as usize..(o.first + o.count) as usize];
+            for (k, m) in members.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                let from = nested.partition_point(|n| n.start < m.start);
+                let to = from + nested[from..].partition_point(|n| n.start < m.end);
+                self.emit(
+                    body,
+                    m.start as usize,
+                    m.end as usize,
+                    &nested[from..to],
+                    out,
+                );
+            }
+            out.push(b'}');
+            at = end;
+            i += 1 + nested.len();
+        }
+        out.extend_from_slice(&body[at..hi]);
+    }
+}
+
 /// What went wrong reading a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -875,6 +1222,76 @@ impl std::error::Error for MetaError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The canonical form from the hints of the scan, `None` when they decline; when they do
+    /// not, it is the canonical writer's.
+    fn hinted(body: &str) -> Option<String> {
+        let scan = Scanner::recording(body.as_bytes()).run().unwrap();
+        let mut out = Vec::new();
+        if !scan.canonical.write(body.as_bytes(), &mut out) {
+            return None;
+        }
+        let mut expected = Vec::new();
+        write_canonical(body.as_bytes(), &mut expected).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&expected),
+            "{body}"
+        );
+        Some(String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn hints_write_the_canonical_form_of_compact_bodies() {
+        for (body, canonical) in [
+            (r#"{}"#, r#"{}"#),
+            (r#"{"a":1,"b":[]}"#, r#"{"a":1,"b":[]}"#),
+            (
+                r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#,
+                r#"{"max_tokens":100,"messages":[{"content":"hi","role":"user"}],"model":"m"}"#,
+            ),
+            // Nested objects to reorder inside one to reorder, duplicates (the last kept),
+            // canonical escapes, odd numbers that are canonical already.
+            (
+                r#"{"z":{"y":{"b":1,"a":2},"x":[{"d":{},"c":"q\"\\\n\u001f"}]},"a":1,"a":-2.5,"t":0.7}"#,
+                r#"{"a":-2.5,"t":0.7,"z":{"x":[{"c":"q\"\\\n\u001f","d":{}}],"y":{"a":2,"b":1}}}"#,
+            ),
+            (
+                r#"{"b":{"k":[1,{"q":0,"p":0}]},"a":true}"#,
+                r#"{"a":true,"b":{"k":[1,{"p":0,"q":0}]}}"#,
+            ),
+        ] {
+            assert_eq!(hinted(body).as_deref(), Some(canonical), "{body}");
+        }
+    }
+
+    #[test]
+    fn hints_decline_what_they_cannot_copy() {
+        for body in [
+            r#" {"a":1}"#,
+            r#"{"a": 1}"#,
+            r#"{"a":"\/"}"#,
+            r#"{"a":"\u0041"}"#,
+            r#"{"a":"\u000A"}"#,
+            r#"{"a":"\u000a"}"#,
+            r#"{"a":"\u001F"}"#,
+            r#"{"\u0061":1}"#,
+            r#"{"a":1e3}"#,
+            r#"{"a":-0}"#,
+            r#"{"a":[0.5,0.5,0.5,0.5,0.5]}"#,
+        ] {
+            assert_eq!(hinted(body), None, "{body}");
+        }
+        // Another body (a copy, or fallback's rewrite) than the one scanned.
+        let body = br#"{"b":1,"a":2}"#;
+        let scan = Scanner::recording(body).run().unwrap();
+        let copy = body.to_vec();
+        assert!(!scan.canonical.write(&copy, &mut Vec::new()));
+        assert!(scan.canonical.write(body, &mut Vec::new()));
+        // Scanners other than `RequestMeta`'s record nothing.
+        let scan = Scanner::new(body, true).run().unwrap();
+        assert!(!scan.canonical.write(body, &mut Vec::new()));
+    }
 
     #[test]
     fn the_eight_byte_fast_path_stops_at_every_byte_it_must_not_skip() {

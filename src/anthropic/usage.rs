@@ -67,9 +67,11 @@ impl Usage {
     /// whether it is a JSON object with a string `type`
     /// ([`is_typed_object`](super::error::is_typed_object), retry's test of a 200 body).
     /// A body the combined read refuses (not an object, a duplicate or mistyped member) is
-    /// read by each of the two, so every answer is exactly theirs.
-    fn read_json_answer(body: &[u8]) -> (Option<Usage>, Option<String>, bool) {
-        // Borrowed strings: `type` is only tested for presence, `model` copied once.
+    /// read by each of the two, so every answer is exactly theirs. The last element says
+    /// whether `type` is `"message"` (a Messages API answer: the cache's completeness test),
+    /// `None` when the combined read refused the body.
+    fn read_json_answer(body: &[u8]) -> (Option<Usage>, Option<String>, bool, Option<bool>) {
+        // Borrowed strings: `type` is only tested, `model` copied once.
         #[derive(serde::Deserialize)]
         struct Response<'a> {
             #[serde(rename = "type", borrow)]
@@ -87,11 +89,12 @@ impl Usage {
                     usage
                 });
                 let model = response.model.map(std::borrow::Cow::into_owned);
-                (usage, model, response.ty.is_some())
+                let message = response.ty.as_deref() == Some("message");
+                (usage, model, response.ty.is_some(), Some(message))
             }
             _ => {
                 let (usage, model) = Self::from_json_with_model(body);
-                (usage, model, super::error::is_typed_object(body))
+                (usage, model, super::error::is_typed_object(body), None)
             }
         }
     }
@@ -680,6 +683,9 @@ struct Tracked {
     /// Whether a JSON body read whole is a JSON object with a string `type`, read with its
     /// usage (`None`: not read, or not a JSON body copied whole).
     typed: Option<bool>,
+    /// Whether a JSON body read whole is a JSON object whose `type` is `"message"`, read with
+    /// its usage (`None`: not known).
+    message: Option<bool>,
 }
 
 impl UsageTracker {
@@ -696,6 +702,7 @@ impl UsageTracker {
                 json_usage: None,
                 model: None,
                 typed: None,
+                message: None,
             }),
             complete_at: AtomicU64::new(u64::MAX),
             errored: AtomicBool::new(false),
@@ -770,15 +777,16 @@ impl UsageTracker {
         let read = match &t.watch {
             UsageWatch::Sse(_) => None,
             UsageWatch::Json(copy, _) => {
-                let (usage, model, typed) = Usage::read_json_answer(copy.as_slice());
-                Some((usage, model, Some(typed)))
+                let (usage, model, typed, message) = Usage::read_json_answer(copy.as_slice());
+                Some((usage, model, Some(typed), message))
             }
-            UsageWatch::Overflow => Some((None, None, None)),
+            UsageWatch::Overflow => Some((None, None, None, None)),
         };
-        if let Some((usage, model, typed)) = read {
+        if let Some((usage, model, typed, message)) = read {
             t.json_usage = Some(usage);
             t.model = model;
             t.typed = typed;
+            t.message = message;
             // The copy is no longer needed.
             t.watch = UsageWatch::Overflow;
         }
@@ -791,6 +799,20 @@ impl UsageTracker {
     pub(crate) fn typed_json(&self) -> Option<bool> {
         let t = self.lock();
         if t.ended && !t.failed { t.typed } else { None }
+    }
+
+    /// Whether a JSON answer read to its end without error is a JSON object whose `type` is
+    /// `"message"` (a whole Messages API answer), as read with its usage: the response
+    /// cache's test of what it may store, without a second parse. `None` when not known:
+    /// before the end, for a stream, a failed read, a body larger than the copy limit, or a
+    /// body the one read did not take (the cache then parses it itself).
+    pub(crate) fn message_json(&self) -> Option<bool> {
+        let t = self.lock();
+        if t.ended && !t.failed {
+            t.message
+        } else {
+            None
+        }
     }
 
     /// Whether the answer is an event stream.
@@ -890,12 +912,17 @@ mod tests {
     fn same_as_two_readers(body: &[u8]) {
         let (usage, model) = Usage::from_json_with_model(body);
         let typed = crate::anthropic::is_typed_object(body);
+        let (u, m, t, message) = Usage::read_json_answer(body);
         assert_eq!(
-            Usage::read_json_answer(body),
+            (u, m, t),
             (usage, model, typed),
             "{:?}",
             String::from_utf8_lossy(body)
         );
+        if let Some(message) = message {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(message, value["type"] == "message");
+        }
     }
 
     #[test]
@@ -926,9 +953,12 @@ mod tests {
             for c in chunks {
                 t.feed(c);
             }
-            let before = t.typed_json();
+            let before = (t.typed_json(), t.message_json());
             t.end(failed);
-            (before, t.typed_json())
+            assert_eq!(before, (None, None));
+            // A body typed `message` only when it is typed at all.
+            assert!(t.message_json() <= t.typed_json());
+            (before.0, t.typed_json())
         };
         let answer: &[u8] = br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#;
         assert_eq!(

@@ -27,7 +27,7 @@ pub(crate) struct Config {
 /// produced it; `false` (and nothing queued) when it is not a complete, valid Messages API
 /// answer.
 pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bool {
-    if !storable(key, entry) {
+    if !storable(key, entry, None) {
         return false;
     }
     config.writer.enqueue(key, entry.clone(), config.ttl);
@@ -35,8 +35,17 @@ pub(crate) fn keep(config: &Config, key: CacheKey, entry: &CachedResponse) -> bo
 }
 
 /// Whether `entry` is a complete, valid Messages API answer, the only kind stored.
-pub(crate) fn storable(key: CacheKey, entry: &CachedResponse) -> bool {
-    if !entry.is_complete_message() {
+/// `message_json` is what the answer's [`UsageTracker`] read of a JSON answer
+/// ([`UsageTracker::message_json`]): when it knows, the body is not parsed again.
+///
+/// [`UsageTracker`]: crate::anthropic::UsageTracker
+/// [`UsageTracker::message_json`]: crate::anthropic::UsageTracker::message_json
+pub(crate) fn storable(key: CacheKey, entry: &CachedResponse, message_json: Option<bool>) -> bool {
+    let complete = match message_json {
+        Some(message) if !entry.is_stream() => entry.status().is_success() && message,
+        _ => entry.is_complete_message(),
+    };
+    if !complete {
         tracing::debug!(key = %key, "not a complete Messages API answer: not stored");
         return false;
     }

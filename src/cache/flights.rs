@@ -1,21 +1,20 @@
 //! Request coalescing: the requests in flight upstream, by key, and the followers waiting
 //! for each (see the module docs, *Coalescing*).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::key::CacheKey;
+use super::key::{CacheKey, KeyMap};
 use super::live::{Live, LiveBody};
 use super::store::CachedResponse;
 
 /// Requests in flight upstream, by key, with the followers waiting for each.
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<CacheKey, Flight>>,
+    map: Mutex<KeyMap<Flight>>,
     next_id: AtomicU64,
 }
 

@@ -9,7 +9,7 @@ use http::HeaderMap;
 #[cfg(test)]
 use serde_json::Value;
 
-use crate::anthropic::header_names;
+use super::names;
 
 /// The context string of the BLAKE3 key derivation used for cache keys. Changing it (or the
 /// layout of the hashed fields) changes every key, which makes old disk entries unreachable.
@@ -120,7 +120,7 @@ impl Partition {
 }
 
 fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(header_names::X_API_KEY) {
+    if let Some(v) = headers.get(&names::X_API_KEY) {
         let v = v.as_bytes().trim_ascii();
         if !v.is_empty() {
             return Some(v);
@@ -185,12 +185,53 @@ impl CacheKey {
     }
 }
 
+/// A [`Hasher`](std::hash::Hasher) for maps keyed by [`CacheKey`]: the key is already a
+/// BLAKE3 digest, so its bytes are folded into a `u64` (8 bytes at a time) instead of being
+/// hashed again with SipHash (about 1k instructions per map operation saved on a miss).
+/// Keys come from our own keyed hash of the request, not from input an attacker picks byte by
+/// byte, so there is no hash-flooding concern: finding keys that collide here means finding
+/// BLAKE3 outputs that share 64 folded bits, which takes about 2^32 distinct requests per
+/// colliding pair and gains nothing but a longer probe.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            self.0 = self.0.rotate_left(23) ^ w;
+        }
+        for &b in words.remainder() {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    /// The length prefix `Hash` writes before a slice: constant for keys, skipped.
+    fn write_usize(&mut self, _: usize) {}
+}
+
+/// Builds [`KeyHasher`]s.
+pub(crate) type KeyHashBuilder = std::hash::BuildHasherDefault<KeyHasher>;
+
+/// A map keyed by [`CacheKey`], hashed with [`KeyHasher`].
+pub(crate) type KeyMap<V> = std::collections::HashMap<CacheKey, V, KeyHashBuilder>;
+
 /// Everything of a key but the body: the partition, the method, the path and query,
 /// `anthropic-version` and `anthropic-beta`, hashed once; [`KeyBase::key`] adds a body. The
 /// cache keeps it to derive the key of the same request for another model.
+///
+/// It holds the bytes of these fields as the key hashes them (about 130), not a hasher in
+/// their state: a `blake3::Hasher` is 1.9 KB, which every move of the cache's per-request
+/// state copied, and BLAKE3 hashes the same bytes alike in one update or several (the key is
+/// the same).
 #[derive(Clone)]
 pub(crate) struct KeyBase {
-    prefix: blake3::Hasher,
+    prefix: Vec<u8>,
 }
 
 impl fmt::Debug for KeyBase {
@@ -206,18 +247,21 @@ impl KeyBase {
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Self {
-        let mut h = key_hasher();
+        let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        let version = headers
+            .get(&names::ANTHROPIC_VERSION)
+            .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
+        let betas = canonical_betas(headers);
+        let mut h = Vec::with_capacity(
+            5 * 8 + 32 + method.as_str().len() + path.len() + version.len() + betas.len(),
+        );
         // Every variable-length field is length-prefixed, so that no two different field
         // sequences hash the same bytes.
         field(&mut h, &partition.0);
         field(&mut h, method.as_str().as_bytes());
-        let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
         field(&mut h, path.as_bytes());
-        let version = headers
-            .get(header_names::ANTHROPIC_VERSION)
-            .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
         field(&mut h, version);
-        field(&mut h, canonical_betas(headers).as_bytes());
+        field(&mut h, betas.as_bytes());
         Self { prefix: h }
     }
 
@@ -240,7 +284,8 @@ impl KeyBase {
             canonical.resize(chunks * BLAKE3_CHUNK, 0);
         }
         let body = blake3::hash(canonical);
-        let mut h = self.prefix.clone();
+        let mut h = key_hasher();
+        h.update(&self.prefix);
         h.update(&(len as u64).to_le_bytes());
         field(&mut h, body.as_bytes());
         CacheKey(*h.finalize().as_bytes())
@@ -249,9 +294,33 @@ impl KeyBase {
     /// The key of the request with this body (its bytes), `None` when the body is not a JSON
     /// object.
     pub(crate) fn key_of_body(&self, body: &[u8]) -> Option<CacheKey> {
+        self.key_of(body, None)
+    }
+
+    /// The key of the request with this body, as [`key_of_body`](Self::key_of_body), written
+    /// from what the scan of `meta` recorded about the body when it can (no second walk over
+    /// the body: see `anthropic::scan::CanonicalHints`). The same key either way.
+    pub(crate) fn key_of_scanned(
+        &self,
+        body: &[u8],
+        meta: &crate::anthropic::RequestMeta,
+    ) -> Option<CacheKey> {
+        self.key_of(body, Some(meta))
+    }
+
+    fn key_of(
+        &self,
+        body: &[u8],
+        meta: Option<&crate::anthropic::RequestMeta>,
+    ) -> Option<CacheKey> {
         // Room for the padding of `key` (the canonical body is rarely longer than the body).
         let mut canonical = Vec::with_capacity(body.len().div_ceil(BLAKE3_CHUNK) * BLAKE3_CHUNK);
-        crate::anthropic::write_canonical(body, &mut canonical).ok()?;
+        if meta.is_some_and(|m| m.canonical.write(body, &mut canonical)) {
+            tracing::trace!("cache key: canonical body from the scan's hints");
+        } else {
+            canonical.clear();
+            crate::anthropic::write_canonical(body, &mut canonical).ok()?;
+        }
         Some(self.key(&mut canonical))
     }
 }
@@ -259,16 +328,33 @@ impl KeyBase {
 /// BLAKE3's chunk length.
 const BLAKE3_CHUNK: usize = 1024;
 
-fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
-    h.update(&(bytes.len() as u64).to_le_bytes());
-    h.update(bytes);
+/// Something the fields of a key are written to: the hasher, or the bytes of a [`KeyBase`].
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for blake3::Hasher {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+fn field(h: &mut impl Sink, bytes: &[u8]) {
+    h.put(&(bytes.len() as u64).to_le_bytes());
+    h.put(bytes);
 }
 
 /// `anthropic-beta` values: every header line split on commas, trimmed, sorted and
 /// deduplicated (the order of beta flags has no meaning).
 fn canonical_betas(headers: &HeaderMap) -> String {
     let mut betas: Vec<&str> = headers
-        .get_all(header_names::ANTHROPIC_BETA)
+        .get_all(&names::ANTHROPIC_BETA)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -364,6 +450,13 @@ mod tests {
         let uri = "/v1/messages".parse().unwrap();
         let base = KeyBase::new(&p, &http::Method::POST, &uri, headers);
         let from_bytes = base.key_of_body(body.as_bytes()).unwrap();
+        crate::anthropic::want_canonical_hints();
+        let meta = crate::anthropic::RequestMeta::scan(body.as_bytes()).unwrap();
+        assert_eq!(
+            base.key_of_scanned(body.as_bytes(), &meta),
+            Some(from_bytes),
+            "the key from the scan's hints is the key from the bytes"
+        );
         let v: Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             from_bytes,
@@ -493,6 +586,40 @@ mod tests {
         }
     }
 
+    /// Key layout v2, pinned: a disk cache written by an earlier build keeps its entries.
+    #[test]
+    fn key_layout_v2_is_stable() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "sk-golden".parse().unwrap());
+        h.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        h.insert("anthropic-beta", "b, a".parse().unwrap());
+        let p = Partition::of(&default_tenant_secret(), &http::Extensions::new(), &h, None);
+        let uri = "/v1/messages?beta=true".parse().unwrap();
+        let base = KeyBase::new(&p, &http::Method::POST, &uri, &h);
+        let body = format!(
+            r#"{{"model":"m","max_tokens":5,"x":"{}"}}"#,
+            "y".repeat(1_500)
+        );
+        let key = base.key_of_body(body.as_bytes()).unwrap();
+        assert_eq!(
+            key.to_string(),
+            "921268acbf7d0be199f101b9d7499e47541cfe07b5d7f37f50da2d13e1c36192"
+        );
+    }
+
+    #[test]
+    fn key_hasher_uses_every_byte_of_the_key() {
+        use std::hash::BuildHasher;
+        let hash = |k: &CacheKey| KeyHashBuilder::default().hash_one(k);
+        let base = CacheKey::from_bytes([7; 32]);
+        for i in 0..32 {
+            let mut bytes = [7; 32];
+            bytes[i] = 8;
+            assert_ne!(hash(&CacheKey::from_bytes(bytes)), hash(&base), "byte {i}");
+        }
+        assert_eq!(hash(&base), hash(&CacheKey::from_bytes([7; 32])));
+    }
+
     #[test]
     fn key_display_is_hex() {
         assert_eq!(
@@ -555,7 +682,69 @@ mod tests {
             }
         }
 
+        /// Writes `v` as compact JSON (as the SDKs send it) with object members in reverse
+        /// order, some repeated (an earlier duplicate with another value, which the last one
+        /// overrides).
+        fn compact_reversed(v: &Value, out: &mut String) {
+            match v {
+                Value::Array(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        compact_reversed(item, out);
+                    }
+                    out.push(']');
+                }
+                Value::Object(map) => {
+                    out.push('{');
+                    let mut members: Vec<_> = map.iter().collect();
+                    members.sort_by(|a, b| b.0.cmp(a.0));
+                    for (i, (k, item)) in members.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        let name = serde_json::to_string(k).unwrap();
+                        if k.len() % 2 == 0 {
+                            out.push_str(&name);
+                            out.push_str(":null,");
+                        }
+                        out.push_str(&name);
+                        out.push(':');
+                        compact_reversed(item, out);
+                    }
+                    out.push('}');
+                }
+                other => out.push_str(&serde_json::to_string(other).unwrap()),
+            }
+        }
+
         proptest! {
+            #[test]
+            fn the_key_from_the_scans_hints_is_the_canonical_key(v in json()) {
+                crate::anthropic::want_canonical_hints();
+                // Compact bodies, members in order or reversed (with duplicates): the hints
+                // write them, and the key is the one of the canonical writer (`key` checks
+                // the three ways of computing it agree).
+                let v = serde_json::json!({ "v": v, "model": "m" });
+                let mut reversed = String::new();
+                compact_reversed(&v, &mut reversed);
+                let h = HeaderMap::new();
+                for body in [serde_json::to_string(&v).unwrap(), reversed] {
+                    let meta = crate::anthropic::RequestMeta::scan(body.as_bytes()).unwrap();
+                    let mut out = Vec::new();
+                    let hinted = meta.canonical.write(body.as_bytes(), &mut out);
+                    let odd = body.matches(['.', '-']).count();
+                    // Every body without negative or fractional numbers takes the hints.
+                    prop_assert!(hinted || odd > 0, "{}", body);
+                    if hinted {
+                        prop_assert_eq!(String::from_utf8(out).unwrap(), canon(&body));
+                    }
+                    prop_assert_eq!(key(&h, &body), key(&h, &serde_json::to_string(&v).unwrap()));
+                }
+            }
+
             #[test]
             fn member_order_and_whitespace_never_change_the_key(v in json()) {
                 // A request body is an object: the value goes in one.

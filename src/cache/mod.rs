@@ -16,7 +16,12 @@
 //!   whitespace, numbers written from their value (an integer as an integer, any other number
 //!   as the shortest round-tripping `f64`), so the key does not depend on `serde_json`'s
 //!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere. It enters as
-//!   its length and its own BLAKE3 hash (key layout v2: keys of v1 are misses).
+//!   its length and its own BLAKE3 hash (key layout v2: keys of v1 are misses). The body is
+//!   read once: the scan of [`RequestMeta`](crate::anthropic::RequestMeta) records where a
+//!   compact body (as the SDKs send it) differs from its canonical form, the members of which
+//!   objects are out of order, and the key copies it span by span; a body with whitespace or
+//!   escapes `serde_json` would write otherwise is written canonically by a second pass. The
+//!   key is the same either way.
 //!
 //! BLAKE3 rather than SHA-256 because it is several times faster on prompt-sized inputs (the
 //! `cache` bench measures both on 10 KB).
@@ -181,6 +186,23 @@ mod config;
 mod flights;
 mod future;
 mod key;
+
+/// The header names the cache reads and writes, parsed once (a lookup by `&str` parses and
+/// hashes the name each time).
+mod names {
+    use http::HeaderName;
+
+    use crate::anthropic::header_names as name;
+
+    pub(super) static X_API_KEY: HeaderName = HeaderName::from_static(name::X_API_KEY);
+    pub(super) static ANTHROPIC_VERSION: HeaderName =
+        HeaderName::from_static(name::ANTHROPIC_VERSION);
+    pub(super) static ANTHROPIC_BETA: HeaderName = HeaderName::from_static(name::ANTHROPIC_BETA);
+    pub(super) static X_TOWER_CLAUDE_CACHE: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_CACHE);
+    pub(super) static X_TOWER_CLAUDE_MODEL: HeaderName =
+        HeaderName::from_static(name::X_TOWER_CLAUDE_MODEL);
+}
 mod layer;
 mod live;
 mod service;

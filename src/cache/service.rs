@@ -16,10 +16,11 @@ use super::future::ResponseFuture;
 use super::key::{CacheKey, KeyBase, Partition};
 use super::layer::CacheLayer;
 use super::live::{End, Live, LiveBody};
+use super::names;
 use super::store::{CacheStore, CachedResponse};
 use super::{CacheMode, CacheStatus};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, header_names, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, UsageTracker, is_messages_call};
 use crate::body::{Replay, RequestBody};
 use crate::fallback::ServedModel;
 
@@ -46,6 +47,10 @@ impl<S> Cache<S> {
     }
 
     pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        if config.mode != CacheMode::Off {
+            // The scan of `RequestMeta` records what the key needs (read once).
+            crate::anthropic::want_canonical_hints();
+        }
         Self {
             inner,
             config,
@@ -191,8 +196,7 @@ enum Directive {
 
 fn take_directive(headers: &mut http::HeaderMap) -> Option<Directive> {
     let mut directive = None;
-    if let http::header::Entry::Occupied(entry) = headers.entry(header_names::X_TOWER_CLAUDE_CACHE)
-    {
+    if let http::header::Entry::Occupied(entry) = headers.entry(&names::X_TOWER_CLAUDE_CACHE) {
         for value in entry.remove_entry_mult().1 {
             let d = match value
                 .to_str()
@@ -265,9 +269,9 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         config.tenant.as_ref(),
     );
     let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
-    // The canonical body, written from the bytes by the scanner that read `meta`; a body that
-    // is not a JSON object is passed through (upstream answers 400).
-    let key = base.key_of_body(req.body().bytes())?;
+    // The canonical body, written from what the scan of `meta` recorded (or by the scanner
+    // again); a body that is not a JSON object is passed through (upstream answers 400).
+    let key = base.key_of_scanned(req.body().bytes(), &meta)?;
     let no_fallback = crate::fallback::opted_out_of(req);
     let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
     Some(Plan {
@@ -283,7 +287,7 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
 
 fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     res.headers_mut().insert(
-        header_names::X_TOWER_CLAUDE_CACHE,
+        names::X_TOWER_CLAUDE_CACHE.clone(),
         HeaderValue::from_static(status.as_str()),
     );
     res.extensions_mut().insert(status);
@@ -308,7 +312,7 @@ fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     let served = entry.model().unwrap_or(requested);
     if let Ok(v) = HeaderValue::from_str(served) {
         res.headers_mut()
-            .insert(header_names::X_TOWER_CLAUDE_MODEL, v);
+            .insert(names::X_TOWER_CLAUDE_MODEL.clone(), v);
     }
     if !requested.is_empty() {
         res.extensions_mut().insert(ServedModel {
@@ -414,7 +418,7 @@ fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
     }
     parts
         .headers
-        .get(header_names::X_TOWER_CLAUDE_MODEL)
+        .get(&names::X_TOWER_CLAUDE_MODEL)
         .and_then(|v| v.to_str().ok())
         .unwrap_or(plan.requested())
         .to_owned()
@@ -463,6 +467,12 @@ where
         runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
         return Response::from_parts(parts, CacheBody::live(mine));
     }
+    // The answer's one usage tracker (published by a layer below, in `ClaudeStack` the rate
+    // limiter) reads the JSON whole anyway: it says whether it is a Messages API answer.
+    let tracker = parts.extensions.get::<UsageTracker>().cloned();
+    if let Some(tracker) = &tracker {
+        tracker.want_json(config.max_entry_bytes);
+    }
     // Read whole, up to one byte over the entry cap (then it is not stored).
     let read = Replay::peek(body, config.max_entry_bytes.saturating_add(1)).await;
     if !read.is_whole() || read.has_trailers() {
@@ -472,7 +482,7 @@ where
     let data = read.data();
     let entry =
         CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
-    if storable(key, &entry) {
+    if storable(key, &entry, tracker.and_then(|t| t.message_json())) {
         match guard {
             // Followers wait: queue a copy, then hand them the answer (queued first, so that
             // a request arriving as the flight closes finds it).

@@ -1,14 +1,13 @@
 //! The write-behind queue: answers are stored after they are delivered, in batches, by a
 //! background task, so that a slow, full or failing store never delays or fails a request.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 
-use super::key::CacheKey;
+use super::key::{CacheKey, KeyMap};
 use super::store::{CacheStore, CachedResponse, ModelSet};
 
 /// The most entries stored in one batch (one redb transaction, one Redis pipeline).
@@ -40,7 +39,7 @@ pub(crate) struct Writer {
     store: Arc<dyn CacheStore>,
     capacity: usize,
     tx: OnceLock<mpsc::Sender<Job>>,
-    pending: Mutex<HashMap<CacheKey, CachedResponse>>,
+    pending: Mutex<KeyMap<CachedResponse>>,
     /// The models of the entries ever queued: a store learns an entry's model when the batch
     /// is written, and a lookup meanwhile may be served from `pending`.
     models: ModelSet,
@@ -59,7 +58,7 @@ impl Writer {
             store,
             capacity: capacity.max(1),
             tx: OnceLock::new(),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(KeyMap::default()),
             models: ModelSet::default(),
             outstanding: AtomicU64::new(0),
             idle: Notify::new(),

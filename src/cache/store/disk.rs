@@ -1,6 +1,5 @@
 //! On-disk store in an embedded `redb` file.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,6 +10,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransactio
 
 use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreErrorKind, StoreFuture};
 use crate::cache::CacheKey;
+use crate::cache::key::KeyMap;
 
 /// `[row sequence u64]` -> a row: the entries of one batch (or of a part of a large one),
 ///
@@ -144,7 +144,7 @@ struct Inner {
     /// Cache key -> its row and slot. Updated as rows are written (before their commit: a
     /// lookup that meanwhile finds no row is a miss) and removed. A key missing here is a miss
     /// without a read transaction: most lookups are misses.
-    index: Mutex<HashMap<CacheKey, Slot>>,
+    index: Mutex<KeyMap<Slot>>,
     /// The models of the entries written (and found when the file was opened).
     models: ModelSet,
     path: PathBuf,
@@ -236,7 +236,7 @@ impl DiskStore {
             .create(path.as_ref())
             .map_err(|e| StoreError::new(StoreErrorKind::Open, e.to_string()))?;
         let txn = db.begin_write().map_err(backend)?;
-        let mut index = HashMap::new();
+        let mut index = KeyMap::default();
         let models = ModelSet::default();
         {
             for old in OLD_TABLES {
@@ -580,7 +580,7 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot>> {
+    fn index(&self) -> std::sync::MutexGuard<'_, KeyMap<Slot>> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -666,7 +666,10 @@ impl<'t> Tables<'t> {
         let max = self.inner.max_bytes;
         let row_max = usize::try_from(max / 8).unwrap_or(usize::MAX).min(ROW_MAX);
         // The entries to write, each once (its last occurrence), in order.
-        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        let mut seen = std::collections::HashSet::with_capacity_and_hasher(
+            entries.len(),
+            crate::cache::key::KeyHashBuilder::default(),
+        );
         let mut todo: Vec<(CacheKey, u64, Vec<u8>)> = Vec::with_capacity(entries.len());
         for (key, value, ttl) in entries.iter().rev() {
             if !seen.insert(*key) {

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::{CacheStore, CachedResponse, ModelSet, StoreFuture};
 use crate::cache::CacheKey;
+use crate::cache::key::KeyHashBuilder;
 
 #[derive(Clone)]
 struct Entry {
@@ -63,7 +64,7 @@ impl moka::Expiry<CacheKey, Entry> for EntryExpiry {
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<CacheKey, Entry>,
+    cache: Cache<CacheKey, Entry, KeyHashBuilder>,
     /// The models of every entry ever put (see [`CacheStore::may_hold_other_models`]).
     models: Arc<ModelSet>,
 }
@@ -77,7 +78,8 @@ impl MemoryStore {
                 u32::try_from(v.response.weight()).unwrap_or(u32::MAX)
             })
             .expire_after(EntryExpiry)
-            .build();
+            // Keys are BLAKE3 digests: folded, not hashed again (see `KeyHasher`).
+            .build_with_hasher(KeyHashBuilder::default());
         Self {
             cache,
             models: Arc::default(),
