@@ -1038,6 +1038,7 @@ impl CanonRecorder {
         self.objects.sort_unstable_by_key(|o| o.start);
         CanonicalHints(Some(std::sync::Arc::new(Layout {
             body: (b.as_ptr() as usize, b.len()),
+            fingerprint: xxhash_rust::xxh3::xxh3_64(b),
             objects: self.objects,
             members: self.kept,
             numbers: self.numbers,
@@ -1069,15 +1070,21 @@ impl Default for CanonRecorder {
 /// Empty (`write` declines) for a body with whitespace or other escapes: the cache then
 /// runs [`write_canonical`].
 ///
-/// It remembers the address and length of the body it was read from: a body replaced without
-/// scanning it again (fallback's rewritten copies carry a clone of the original's
-/// `RequestMeta`) is not described by it, and `write` declines.
+/// It remembers the address, the length and an XXH3-64 fingerprint of the body it was read
+/// from: a body replaced without scanning it again (fallback's rewritten copies carry a clone
+/// of the original's `RequestMeta`; an application may reuse a buffer for another body) is not
+/// described by it, and `write` declines. The address alone is not enough: a freed body's
+/// address can be reused by another body of the same length, and hints applied to bytes they
+/// do not describe would write a different document (and so another request's key).
 #[derive(Clone, Default)]
 pub(crate) struct CanonicalHints(Option<std::sync::Arc<Layout>>);
 
 struct Layout {
     /// The address and length of the body scanned.
     body: (usize, usize),
+    /// XXH3-64 of the body scanned (a few hundred instructions for a 2 KB body, against a
+    /// walk of the body by the canonical writer).
+    fingerprint: u64,
     /// The objects to reorder, by where they start.
     objects: Vec<Reordered>,
     members: Vec<MemberSpan>,
@@ -1111,7 +1118,9 @@ impl CanonicalHints {
         let Some(layout) = &self.0 else {
             return false;
         };
-        if layout.body != (body.as_ptr() as usize, body.len()) {
+        if layout.body != (body.as_ptr() as usize, body.len())
+            || layout.fingerprint != xxhash_rust::xxh3::xxh3_64(body)
+        {
             return false;
         }
         let mut scratch = Vec::new();
@@ -1291,6 +1300,17 @@ mod tests {
         // Scanners other than `RequestMeta`'s record nothing.
         let scan = Scanner::new(body, true).run().unwrap();
         assert!(!scan.canonical.write(body, &mut Vec::new()));
+        // A buffer reused for another body of the same length (the same address): the hints
+        // of the first body would reorder the second one's bytes into another document.
+        let mut buf = br#"{"b":[1,2],"a":3}"#.to_vec();
+        let scan = Scanner::recording(&buf).run().unwrap();
+        buf.copy_from_slice(br#"{"b":1,"a":[2,3]}"#);
+        let mut out = Vec::new();
+        assert!(
+            !scan.canonical.write(&buf, &mut out),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     #[test]
