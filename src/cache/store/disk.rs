@@ -838,6 +838,14 @@ mod tests {
         now.fetch_add(1, Ordering::SeqCst);
         assert!(store.get(&k(1)).await.unwrap().is_none());
         removed(&store, 0).await;
+        // The index forgets the entry before the removal's write transaction commits: wait
+        // for the file's accounted size too.
+        for _ in 0..500 {
+            if store.size_bytes().unwrap() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(store.size_bytes().unwrap(), 0);
     }
 
