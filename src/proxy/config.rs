@@ -179,6 +179,9 @@ pub struct ProxyConfig {
     pub pacing: Option<crate::stack::PacingConfig>,
     /// Refuse requests while Redis is down instead of limiting locally with a share.
     pub redis_fail_closed: bool,
+    /// How long a quota call to Redis may wait for its reply before this node limits locally
+    /// ([`RedisOptions::response_timeout`](crate::quota::RedisOptions::response_timeout)).
+    pub redis_quota_timeout: Duration,
     /// The keys file, re-read on SIGHUP ([`Proxy::reload_keys`](super::Proxy::reload_keys)).
     pub keys_file: Option<PathBuf>,
     // --- issue 15: tenants ---
@@ -346,6 +349,9 @@ pub struct Cli {
     /// Refuse requests while Redis is down instead of limiting locally with 1/N of the quota [env: CLAUDE_PROXY_REDIS_FAIL_CLOSED] [default: false]
     #[arg(long, value_name = "BOOL")]
     pub redis_fail_closed: Option<bool>,
+    /// Longest wait for Redis's reply to a quota call before this node counts Redis as down and limits locally [env: CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT] [default: 1s]
+    #[arg(long, value_name = "DURATION")]
+    pub redis_quota_timeout: Option<String>,
     // --- issue 18 / 16: the proxy's edge (connections, upstream pool, logs) ---
     /// Longest time from accepting a connection to a complete first request head [env: CLAUDE_PROXY_HEADER_READ_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
@@ -406,6 +412,7 @@ struct FileConfig {
     pacing_trigger: Option<f64>,
     pacing_ramp: Option<f64>,
     redis_fail_closed: Option<bool>,
+    redis_quota_timeout: Option<toml::Value>,
     // issue 18 / 16: the proxy's edge
     header_read_timeout: Option<toml::Value>,
     idle_timeout: Option<toml::Value>,
@@ -994,6 +1001,16 @@ impl ProxyConfig {
             }
             Ok(d)
         };
+        let redis_quota_timeout = match pick(
+            &cli.redis_quota_timeout,
+            "redis-quota-timeout",
+            "CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT",
+            file.redis_quota_timeout.as_ref().map(to_string),
+            "redis_quota_timeout",
+        ) {
+            Some(s) => positive_duration(s)?,
+            None => Duration::from_secs(1),
+        };
         let header_read_timeout = match pick(
             &cli.header_read_timeout,
             "header-read-timeout",
@@ -1144,6 +1161,7 @@ impl ProxyConfig {
             retry_budget_min_per_sec,
             pacing,
             redis_fail_closed,
+            redis_quota_timeout,
             keys_file,
             tenants_file,
             tenants,
@@ -1482,6 +1500,36 @@ mod tests {
         ] {
             let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
             assert_eq!(err.field(), var);
+        }
+    }
+
+    #[test]
+    fn redis_quota_timeout_from_every_source() {
+        let cfg = ProxyConfig::resolve(Cli::default(), &env(&[])).unwrap();
+        assert_eq!(cfg.redis_quota_timeout, Duration::from_secs(1));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "redis_quota_timeout = \"400ms\"\n").unwrap();
+        let file = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(file.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.redis_quota_timeout, Duration::from_millis(400));
+        // The environment over the file, the flag over both.
+        let vars = env(&[("CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT", "2s")]);
+        let cfg = ProxyConfig::resolve(file.clone(), &vars).unwrap();
+        assert_eq!(cfg.redis_quota_timeout, Duration::from_secs(2));
+        let flag = Cli {
+            redis_quota_timeout: Some("3".into()),
+            ..file
+        };
+        let cfg = ProxyConfig::resolve(flag, &vars).unwrap();
+        assert_eq!(cfg.redis_quota_timeout, Duration::from_secs(3));
+        for bad in ["0", "0s", "soon"] {
+            let vars = env(&[("CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT", bad)]);
+            let err = ProxyConfig::resolve(Cli::default(), &vars).unwrap_err();
+            assert_eq!(err.field(), "CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT", "{bad}");
         }
     }
 

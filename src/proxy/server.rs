@@ -168,7 +168,8 @@ impl Proxy {
                 let options = crate::quota::RedisOptions::new()
                     .key_prefix("tower-claude:tenant-quota:")
                     .expected_nodes(config.expected_nodes)
-                    .fail_closed(config.redis_fail_closed);
+                    .fail_closed(config.redis_fail_closed)
+                    .response_timeout(config.redis_quota_timeout);
                 let board = QuotaBoard::builder().build_redis(url, options).await?;
                 stack = stack.tenant_limit(Some(
                     crate::tenant::limit::TenantLimitLayer::new()
@@ -189,7 +190,8 @@ impl Proxy {
             }
             let options = crate::quota::RedisOptions::new()
                 .expected_nodes(config.expected_nodes)
-                .fail_closed(config.redis_fail_closed);
+                .fail_closed(config.redis_fail_closed)
+                .response_timeout(config.redis_quota_timeout);
             stack = stack.board(board.build_redis(url, options).await?);
             if config.cache {
                 let store = crate::cache::RedisStore::connect(url).await?;
