@@ -17,7 +17,7 @@
 # bucket (max_tokens reserved against 8k a minute) binds too: a client that knew the server's
 # buckets exactly and served in arrival order would need about 41 s where this ideal says 40
 # (scripts/fifo-bound.py; with `--harness`, for the exact tasks these fleets send: 41.24 s
-# with 2 keys; the proxy takes ~0.5 s more, in process too: docs/benchmarks.md). The same
+# with 2 keys; the proxy ~0.5 s more, in process too: docs/benchmarks.md, fifth pass). The same
 # scenario runs in process on a paused clock in `examples/scale_sim.rs` (deterministic;
 # `tests/scale.rs`).
 #
