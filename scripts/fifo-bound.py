@@ -8,11 +8,46 @@ given back when the answer ends LAT s later), at most C in flight. Task sizes ar
 numbers are a distribution over 20 seeds, not the exact tasks of a run).
 
     python3 scripts/fifo-bound.py
+    python3 scripts/fifo-bound.py --harness   # the exact tasks of scripts/scale-bench.sh
+
+With `--harness` the tasks are those `loadgen fleet` sends (`testing::scale::fleet_task`:
+fleet f draws with fastrand seeded `f * 1_000_003 ^ i`, reproduced below), the fleets'
+tasks interleaved in turn; it also prints the bound's admission times per key and the
+bound over random interleavings of the fleets.
 """
-import random, heapq
-def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=1):
-    rnd = random.Random(seed)
-    tasks = [(rnd.randint(100, 500), rnd.randint(300, 1500)) for _ in range(n)]
+import random, heapq, sys
+
+M64 = (1 << 64) - 1
+class WyRand:
+    """fastrand 2.x's generator (wyrand) and its `u64(a..=b)` (Lemire's reduction)."""
+    def __init__(self, seed): self.s = seed & M64
+    def next(self):
+        self.s = (self.s + 0x2D358DCCAA6C78A5) & M64
+        t = self.s * (self.s ^ 0x8BB84B93962EACC9)
+        return (t & M64) ^ (t >> 64)
+    def u64(self, lo, hi):
+        n = hi - lo + 1
+        r = self.next(); m = r * n
+        if (m & M64) < n:
+            t = ((-n) & M64) % n
+            while (m & M64) < t:
+                r = self.next(); m = r * n
+        return lo + (m >> 64)
+
+def harness_tasks(fleets, per_fleet=200):
+    """(input tokens, max_tokens) of `fleet_task(_, "f{f}", f, i)`, fleets taking turns."""
+    out = []
+    for i in range(per_fleet):
+        for f in range(1, fleets + 1):
+            rng = WyRand(((f * 1_000_003) & M64) ^ i)
+            inp = rng.u64(100, 500)
+            out.append((inp, rng.u64(300, 1500)))
+    return out
+
+def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=1, tasks=None, adm=None):
+    if tasks is None:
+        rnd = random.Random(seed)
+        tasks = [(rnd.randint(100, 500), rnd.randint(300, 1500)) for _ in range(n)]
     cap = [rpm, itpm, otpm]; rate = [c / 60 for c in cap]
     lvl = [cap[:] for _ in range(K)]
     t = 0.0; ends = []
@@ -40,8 +75,34 @@ def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=
             if ends and ends[0][0] < nxt: adv(ends[0][0])
             else: adv(nxt)
         for i in range(3): lvl[k][i] -= need[i]
+        if adm is not None: adm[k].append(t)
         heapq.heappush(ends, (t + lat, k, mt - out)); last = t + lat
     return last
+if "--harness" in sys.argv[1:]:
+    for K in (1, 2, 4):
+        for lat in (0.0, 0.5):
+            adm = [[] for _ in range(K)]
+            last = run(K=K, C=16 * K, lat=lat, tasks=harness_tasks(K), adm=adm)
+            print(f"{K} keys, {200 * K} tasks (the harness's), latency {lat}: {last:.2f} s")
+            if lat:
+                for k, a in enumerate(adm):
+                    marks = " ".join(f"#{m}@{a[m - 1]:.2f}" for m in (2, 60, 100, 120, 150, 195, 200) if m <= len(a))
+                    print(f"  key {k}: {len(a)} admitted, {marks}")
+    # The fleets are closed loops: which one is ahead varies from run to run. The same
+    # tasks, each fleet's in its own order, the fleets interleaved at random.
+    for K in (2, 4):
+        per_fleet = [harness_tasks(K)[f::K] for f in range(K)]
+        r = []
+        for s in range(200):
+            rnd, idx, order = random.Random(s), [0] * K, []
+            while len(order) < 200 * K:
+                f = rnd.choice([f for f in range(K) if idx[f] < 200])
+                order.append(per_fleet[f][idx[f]]); idx[f] += 1
+            r.append(run(K=K, C=16 * K, lat=0.5, tasks=order))
+        r.sort()
+        print(f"{K} keys, latency 0.5, 200 random interleavings of the fleets: min {r[0]:.2f}, "
+              f"median {r[100]:.2f}, max {r[-1]:.2f} s")
+    sys.exit(0)
 for K, n, C in ((1, 200, 16), (2, 400, 32), (4, 800, 64)):
     for lat in (0.0, 0.5):
         r = [run(K=K, n=n, C=C, lat=lat, seed=s) for s in range(1, 21)]

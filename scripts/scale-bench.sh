@@ -16,8 +16,10 @@
 # The ideal printed is the request limit's: (tasks - keys x 120) / (keys x 2/s). The output
 # bucket (max_tokens reserved against 8k a minute) binds too: a client that knew the server's
 # buckets exactly and served in arrival order would need about 41 s where this ideal says 40
-# (scripts/fifo-bound.py). The same scenario runs in process on a paused clock in
-# `examples/scale_sim.rs` (deterministic; `tests/scale.rs`).
+# (scripts/fifo-bound.py; with `--harness`, for the exact tasks these fleets send: 41.24 s
+# with 2 keys; the proxy ~0.5 s more, in process too: docs/benchmarks.md, fifth pass). The same
+# scenario runs in process on a paused clock in `examples/scale_sim.rs` (deterministic;
+# `tests/scale.rs`).
 #
 # With RUST_LOG=info,tower_claude::rate_limit=debug the nodes log every admission, and each
 # configuration with several fleets also prints the first 40 admissions by node and the
