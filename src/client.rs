@@ -321,8 +321,11 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
                 http::HeaderValue::from_static("identity"),
             );
             // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables.
-            for name in [header::AUTHORIZATION, HeaderName::from_static("x-api-key")] {
-                if let Some(value) = parts.headers.get_mut(&name) {
+            for name in [
+                &header::AUTHORIZATION,
+                &crate::anthropic::parsed_names::X_API_KEY,
+            ] {
+                if let Some(value) = parts.headers.get_mut(name) {
                     value.set_sensitive(true);
                 }
             }

@@ -9,7 +9,7 @@ use http::HeaderMap;
 #[cfg(test)]
 use serde_json::Value;
 
-use super::names;
+use crate::anthropic::parsed_names as names;
 
 /// The context string of the BLAKE3 key derivation used for cache keys. Changing it (or the
 /// layout of the hashed fields) changes every key, which makes old disk entries unreachable.

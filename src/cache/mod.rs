@@ -187,22 +187,6 @@ mod flights;
 mod future;
 mod key;
 
-/// The header names the cache reads and writes, parsed once (a lookup by `&str` parses and
-/// hashes the name each time).
-mod names {
-    use http::HeaderName;
-
-    use crate::anthropic::header_names as name;
-
-    pub(super) static X_API_KEY: HeaderName = HeaderName::from_static(name::X_API_KEY);
-    pub(super) static ANTHROPIC_VERSION: HeaderName =
-        HeaderName::from_static(name::ANTHROPIC_VERSION);
-    pub(super) static ANTHROPIC_BETA: HeaderName = HeaderName::from_static(name::ANTHROPIC_BETA);
-    pub(super) static X_TOWER_CLAUDE_CACHE: HeaderName =
-        HeaderName::from_static(name::X_TOWER_CLAUDE_CACHE);
-    pub(super) static X_TOWER_CLAUDE_MODEL: HeaderName =
-        HeaderName::from_static(name::X_TOWER_CLAUDE_MODEL);
-}
 mod layer;
 mod live;
 mod service;
