@@ -335,8 +335,12 @@ impl ModelCatalog {
     /// assert!(custom.cache_reads_count("claude-sonnet-4-6"));
     /// ```
     pub fn cache_reads_count(&self, model: &str) -> bool {
-        let group = self.group(model);
-        self.inner.cache_reads_count.contains(&group)
+        self.group_cache_reads_count(&self.group(model))
+    }
+
+    /// [`cache_reads_count`](Self::cache_reads_count) for a group already looked up.
+    pub(crate) fn group_cache_reads_count(&self, group: &RateLimitGroup) -> bool {
+        self.inner.cache_reads_count.contains(group)
     }
 
     /// Sets whether cache reads count toward the input-tokens-per-minute limit of `group`.

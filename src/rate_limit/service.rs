@@ -75,17 +75,29 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, max_tokens, stream) = match RequestMeta::get_or_scan(&mut req) {
+        let config = &self.config;
+        // A tenant-scoped limiter holds only requests that carry a tenant: look for one before
+        // anything else (the stack runs one above every key-scoped limiter).
+        let tenant = match config.scope {
+            Scope::Tenant => match req.extensions().get::<Tenant>() {
+                Some(tenant) => Some(tenant.clone()),
+                None => return ResponseFuture::passthrough(self.inner.call(req)),
+            },
+            Scope::Key => req.extensions().get::<Tenant>().cloned(),
+        };
+        // The model is only looked up (group, cache reads), never copied.
+        let (group, reads_count, max_tokens, stream) = match RequestMeta::get_or_scan(&mut req) {
             Ok(meta) => match &meta.model {
-                Some(model) => (model.clone(), meta.max_tokens, meta.stream),
+                Some(model) => {
+                    let group = config.catalog.group(model);
+                    let reads_count = config.catalog.group_cache_reads_count(&group);
+                    (group, reads_count, meta.max_tokens, meta.stream)
+                }
                 None => return ResponseFuture::passthrough(self.inner.call(req)),
             },
             // Unreadable body: upstream answers 400, untouched.
             Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
         };
-        let config = &self.config;
-        let group = config.catalog.group(&model);
-        let tenant = req.extensions().get::<Tenant>().cloned();
         let key = match config.scope {
             Scope::Key => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
             Scope::Tenant => {
@@ -107,7 +119,6 @@ where
         };
         // The input that counts: the estimate minus the prompt-cache prefix this key sent to
         // this model within its TTL (for the models whose cache reads do not count).
-        let reads_count = config.catalog.cache_reads_count(&model);
         let memory = config.board.prompt_cache();
         let (input_tokens, estimate) = match req.extensions().get::<RequestMeta>() {
             Some(meta) if config.cache_aware && !meta.cache_breakpoints.is_empty() => {
