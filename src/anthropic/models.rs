@@ -9,6 +9,11 @@ use std::sync::Arc;
 pub struct RateLimitGroup(Arc<str>);
 
 impl RateLimitGroup {
+    /// The name as a shared string (no copy), for a metric label.
+    pub(crate) fn label(&self) -> Arc<str> {
+        self.0.clone()
+    }
+
     /// A group named `name`.
     pub fn new(name: impl AsRef<str>) -> Self {
         Self(Arc::from(name.as_ref()))

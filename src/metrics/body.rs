@@ -10,7 +10,7 @@ use pin_project::pin_project;
 use tokio::time::Instant;
 
 use super::names;
-use super::shared::{RequestInfo, Shared};
+use super::shared::{Label, RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{BodyState, RateLimitGroup, Usage, UsageTracker};
 use crate::body::{Ending, Tracked, ending};
@@ -93,9 +93,9 @@ where
 pub(crate) struct Finish {
     pub(crate) shared: Arc<Shared>,
     start: Instant,
-    pub(crate) model_label: String,
+    pub(crate) model_label: Label,
     pub(crate) group: Option<RateLimitGroup>,
-    pub(crate) group_label: String,
+    pub(crate) group_label: Label,
     /// The answer's status (`None`: no answer, the label is [`names::STATUS_NONE`]).
     pub(crate) status: Option<http::StatusCode>,
     pub(crate) outcome: &'static str,

@@ -53,7 +53,7 @@ impl MetricsLayer {
                 catalog: ModelCatalog::default(),
                 known: names::KNOWN_MODELS
                     .iter()
-                    .map(|m| (*m).to_owned())
+                    .map(|m| Arc::from(*m))
                     .collect(),
                 board: None,
                 alerts: None,
@@ -84,7 +84,10 @@ impl MetricsLayer {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        self.with(|s| s.known.extend(models.into_iter().map(Into::into)))
+        self.with(|s| {
+            s.known
+                .extend(models.into_iter().map(|m| Arc::from(m.into())))
+        })
     }
 
     /// Exports the quota gauges of `board` (limit, remaining, utilisation per key, group and

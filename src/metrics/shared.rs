@@ -13,13 +13,25 @@ use super::names;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
 use crate::quota::QuotaBoard;
 
+/// A label value: a request's `model` and `group` labels are shared strings (a known model id
+/// from [`Shared::known`], a catalogue group's name, or [`names::OTHER`]), cloned per request
+/// rather than copied.
+pub(crate) type Label = Arc<str>;
+
+/// The [`names::OTHER`] label, allocated once.
+pub(crate) fn other() -> Label {
+    static OTHER: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Arc::from(names::OTHER));
+    OTHER.clone()
+}
+
 /// Configuration and state shared by every service of one layer.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) catalog: ModelCatalog,
     /// Looked up by every request's model: hashbrown's foldhash, not SipHash (a fixed set:
     /// lookups cannot flood it).
-    pub(crate) known: hashbrown::HashSet<String>,
+    /// Held as the labels themselves: a request's `model` label is a clone of one of them.
+    pub(crate) known: hashbrown::HashSet<Label>,
     pub(crate) board: Option<QuotaBoard>,
     pub(crate) alerts: Option<Alerts>,
     pub(crate) forecaster: Option<Forecaster>,
@@ -48,26 +60,26 @@ impl Clone for Shared {
 
 impl Shared {
     /// The `model` label: a known id, or [`names::OTHER`].
-    pub(crate) fn model_label(&self, model: Option<&str>) -> String {
-        match model {
-            Some(m) if self.known.contains(m) => m.to_owned(),
-            _ => names::OTHER.to_owned(),
+    pub(crate) fn model_label(&self, model: Option<&str>) -> Label {
+        match model.and_then(|m| self.known.get(m)) {
+            Some(label) => label.clone(),
+            None => other(),
         }
     }
 
     /// The rate-limit group of `model` and its label: a catalogue group, or `None` and
     /// [`names::OTHER`] for ids the catalogue places nowhere (so that arbitrary model ids
     /// create neither label values nor forecast state).
-    pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, String) {
+    pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, Label) {
         let Some(model) = model else {
-            return (None, names::OTHER.to_owned());
+            return (None, other());
         };
         let group = self.catalog.group(model);
         if self.known.contains(model) || group.as_str() != model {
-            let label = group.as_str().to_owned();
+            let label = group.label();
             (Some(group), label)
         } else {
-            (None, names::OTHER.to_owned())
+            (None, other())
         }
     }
 
@@ -148,7 +160,7 @@ pub(crate) struct RequestInfo {
     pub(crate) shared: Arc<Shared>,
     pub(crate) start: Instant,
     pub(crate) group: Option<RateLimitGroup>,
-    pub(crate) model_label: String,
-    pub(crate) group_label: String,
+    pub(crate) model_label: Label,
+    pub(crate) group_label: Label,
     pub(crate) span: tracing::Span,
 }
