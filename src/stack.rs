@@ -709,8 +709,14 @@ impl ClaudeStack {
         .layer(svc);
         let fallback = self.fallback.as_ref().map(|layer| {
             let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
-            match &self.key_pool {
+            let layer = match &self.key_pool {
                 Some(pool) => layer.key_pool(pool.handle()),
+                None => layer,
+            };
+            // Retry sits directly below fallback: it resends from fallback's copy of the
+            // request instead of keeping one of its own.
+            match &self.retry {
+                Some(_) => layer.resend_below(),
                 None => layer,
             }
         });

@@ -173,3 +173,138 @@ async fn a_stream_is_tracked_once_with_the_budget_and_an_adaptive_cap_on() {
     assert!(cost > 0);
     assert_eq!((team.stats().cost_usd() * 1e6).round() as u64, cost);
 }
+
+/// Retry sends the request it got from fallback as its first attempt and rebuilds the second
+/// from fallback's copy (no copy of its own): both attempts must be the same request, with
+/// everything fallback and retry put on it, whichever model fallback chose.
+#[tokio::test(start_paused = true)]
+async fn a_retried_attempt_is_the_request_fallback_sent() {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::Response;
+    use http_body_util::Full;
+    use tower_claude::BoxError;
+    use tower_claude::anthropic::RequestMeta;
+    use tower_claude::quota::Limits;
+    use tower_claude::retry::{Deadline, MaxServerWait};
+
+    type Seen = (
+        Option<String>,
+        Vec<(String, String)>,
+        Bytes,
+        Option<RequestMeta>,
+        Option<MaxServerWait>,
+        Option<Deadline>,
+    );
+    for (model, limits) in [
+        // The board knows nothing: the requested model is sent.
+        ("claude-sonnet-4-6", vec![]),
+        // Sonnet has no headroom: fallback rewrites the body to Haiku (a meta of its own).
+        (
+            "claude-sonnet-4-6",
+            vec![
+                ("claude-sonnet-4".to_owned(), Limits::new(1, 1, 1)),
+                (
+                    "claude-haiku-4-5".to_owned(),
+                    Limits::new(1000, 1_000_000, 1_000_000),
+                ),
+            ],
+        ),
+    ] {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = seen.clone();
+        let inner = tower::service_fn(move |req: Request<RequestBody>| {
+            let record = record.clone();
+            async move {
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+                    .filter(|(n, _)| n != "x-tower-claude-attempt")
+                    .collect();
+                let mut seen = record.lock().unwrap();
+                seen.push((
+                    req.headers()
+                        .get("x-tower-claude-attempt")
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                    headers,
+                    req.body().bytes().clone(),
+                    req.extensions().get::<RequestMeta>().cloned(),
+                    req.extensions().get::<MaxServerWait>().copied(),
+                    req.extensions().get::<Deadline>().copied(),
+                ));
+                let first = seen.len() == 1;
+                drop(seen);
+                let res = if first {
+                    Response::builder()
+                        .status(529)
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from_static(
+                            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                        )))
+                } else {
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from_static(
+                            br#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":3,"output_tokens":1}}"#,
+                        )))
+                };
+                Ok::<_, BoxError>(res.unwrap())
+            }
+        });
+        let has_limits = !limits.is_empty();
+        let stack = ClaudeStack::from_config(&StackConfig {
+            cache: CacheConfig::Off,
+            seed: Some(1),
+            deadline: Some(Duration::from_secs(600)),
+            limits: limits.into_iter().collect(),
+            ..StackConfig::default()
+        })
+        .unwrap();
+        if has_limits {
+            // Use up Sonnet's one request of the minute.
+            let key = tower_claude::anthropic::KeyId::from_api_key("sk-ant-stack");
+            let group = tower_claude::anthropic::RateLimitGroup::new("claude-sonnet-4");
+            let r = stack
+                .quota_board()
+                .try_acquire(&key, &group, tower_claude::quota::Cost::new(1, 1, 1))
+                .unwrap();
+            r.keep();
+        }
+        let resp = stack.service(inner).oneshot(request(model)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.extensions().get::<RetryInfo>().unwrap().attempts(), 2);
+        let served = resp.headers()["x-tower-claude-model"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        resp.into_body().collect().await.unwrap();
+
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let (first, second) = (&seen[0], &seen[1]);
+        assert_eq!(first.0.as_deref(), Some("1"));
+        assert_eq!(second.0.as_deref(), Some("2"));
+        assert_eq!(first.1, second.1, "headers");
+        assert!(
+            first
+                .1
+                .iter()
+                .any(|(n, v)| n == "x-api-key" && v == "sk-ant-stack")
+        );
+        assert_eq!(first.2, second.2, "body");
+        assert!(std::str::from_utf8(&first.2).unwrap().contains(&served));
+        let meta = first.3.as_ref().unwrap();
+        assert_eq!(meta.model.as_deref(), Some(served.as_str()));
+        assert_eq!(first.3, second.3, "RequestMeta");
+        assert_eq!(first.4, second.4, "MaxServerWait");
+        assert!(first.5.is_some(), "the retry layer's deadline");
+        assert_eq!(first.5, second.5, "Deadline");
+        if has_limits {
+            assert_eq!(served, "claude-haiku-4-5");
+        } else {
+            assert_eq!(served, model);
+        }
+    }
+}

@@ -21,6 +21,10 @@ pub(crate) struct Config {
     pub(crate) overloaded_pause: Duration,
     pub(crate) max_depth: usize,
     pub(crate) output: OutputReservation,
+    /// A retry layer is directly below (set by [`ClaudeStack`](crate::stack::ClaudeStack),
+    /// which composes them so): each request sent carries a [`Resend`](crate::retry::Resend)
+    /// so that the retry layer keeps no copy of its own.
+    pub(crate) resend_below: bool,
 }
 
 impl Config {

@@ -27,7 +27,7 @@ use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
 };
 use crate::quota::Cost;
-use crate::retry::{MaxServerWait, RetryInfo, RetryOutcome};
+use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -220,8 +220,8 @@ where
 pub(crate) struct Walk<S> {
     pub(crate) config: Arc<Config>,
     /// The request as the caller sent it, with its [`RequestMeta`] (read from there, not
-    /// copied).
-    request: RequestTemplate,
+    /// copied); shared with a retry layer directly below ([`Resend`]).
+    request: Arc<RequestTemplate>,
     requested: String,
     /// The request's chain (truncated at the floor), best model first.
     candidates: Vec<String>,
@@ -251,7 +251,7 @@ impl<S> Walk<S> {
     ) -> Self {
         Self {
             config,
-            request: RequestTemplate::new(req),
+            request: Arc::new(RequestTemplate::new(req)),
             requested,
             candidates,
             key,
@@ -294,29 +294,68 @@ impl<S> Walk<S> {
     }
 
     /// The request for candidate `idx`: the body with its `model` rewritten (the original
-    /// bytes for the requested model) and the `RequestMeta` extension updated. `None` when the
-    /// body cannot be rewritten.
-    fn build(&self, idx: usize) -> Option<Request<RequestBody>> {
+    /// bytes for the requested model) and the `RequestMeta` extension updated, with
+    /// [`MaxServerWait`] while a lower model is left once `visited` models (this one
+    /// included) were sent to. `None` when the body cannot be rewritten.
+    fn build(&self, idx: usize, visited: usize) -> Option<Request<RequestBody>> {
         let model = &self.candidates[idx];
-        if *model == self.requested {
+        let (body, meta) = if *model == self.requested {
             // The template carries the request's own `RequestMeta`, for this very model.
-            return Some(self.request.request());
-        }
-        let body = rewrite_model(self.request.body().bytes(), model).ok()?;
-        let mut req = self.request.with_body(RequestBody::from(body));
-        let mut meta = self.meta().clone();
-        meta.model = Some(model.clone());
-        req.extensions_mut().insert(meta);
-        Some(req)
+            (self.request.body().clone(), None)
+        } else {
+            let body = rewrite_model(self.request.body().bytes(), model).ok()?;
+            let mut meta = self.meta().clone();
+            meta.model = Some(model.clone());
+            (RequestBody::from(body), Some(meta))
+        };
+        Some(self.send(idx, visited, body, meta))
     }
 
-    /// While a lower model is left (and the depth allows moving to it), a retry layer below
-    /// must not sit out a long 429 wait on the current one: mark the request with
-    /// [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
-    fn limit_server_wait(&self, req: &mut Request<RequestBody>) {
-        let next = self.current + 1;
-        let lower_left = next < self.candidates.len()
-            && self.visited < self.config.max_depth
+    /// The request as the caller sent it (opt-out header removed), for candidate `idx`.
+    fn original(&self, idx: usize, visited: usize) -> Request<RequestBody> {
+        self.send(idx, visited, self.request.body().clone(), None)
+    }
+
+    /// The template with `body` and `meta` (when set), marked with [`MaxServerWait`] while a
+    /// lower model than `idx` is left; described in a [`Resend`] for a retry layer directly
+    /// below (one copy of the request head for both layers).
+    fn send(
+        &self,
+        idx: usize,
+        visited: usize,
+        body: RequestBody,
+        meta: Option<RequestMeta>,
+    ) -> Request<RequestBody> {
+        let max_server_wait = self
+            .lower_left(idx, visited)
+            .then_some(MaxServerWait(self.config.rules.max_wait_before_failover));
+        let resend = self.config.resend_below.then(|| Resend {
+            template: self.request.clone(),
+            body: body.clone(),
+            meta: meta.clone(),
+            max_server_wait,
+        });
+        let mut req = self.request.with_body(body);
+        if let Some(meta) = meta {
+            req.extensions_mut().insert(meta);
+        }
+        if let Some(wait) = max_server_wait {
+            req.extensions_mut().insert(wait);
+        }
+        if let Some(resend) = resend {
+            req.extensions_mut().insert(resend);
+        }
+        req
+    }
+
+    /// While a lower model than `idx` is left (and the depth allows moving to it), a retry
+    /// layer below must not sit out a long 429 wait on the current one: the request is marked
+    /// with [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
+    /// `visited` counts `idx` already.
+    fn lower_left(&self, idx: usize, visited: usize) -> bool {
+        let next = idx + 1;
+        next < self.candidates.len()
+            && visited < self.config.max_depth
             && self.config.any_left(
                 self.meta(),
                 self.request.headers(),
@@ -324,20 +363,16 @@ impl<S> Walk<S> {
                 next,
                 &self.key,
                 &self.cost,
-            );
-        if lower_left {
-            req.extensions_mut()
-                .insert(MaxServerWait(self.config.rules.max_wait_before_failover));
-        }
+            )
     }
 
     /// The first attempt: the chosen model, or the requested one when the body cannot be
     /// rewritten.
     pub(crate) fn first_request(&mut self) -> Request<RequestBody> {
         let chosen = self.choose(0).unwrap_or(0);
-        let (idx, req) = match self.build(chosen) {
+        let (idx, req) = match self.build(chosen, 1) {
             Some(req) => (chosen, req),
-            None => (0, self.original()),
+            None => (0, self.original(0, 1)),
         };
         tracing::debug!(
             requested = %self.requested,
@@ -356,14 +391,7 @@ impl<S> Walk<S> {
         self.current = idx;
         self.visited = 1;
         self.attempts = 1;
-        let mut req = req;
-        self.limit_server_wait(&mut req);
         req
-    }
-
-    /// The request as the caller sent it (opt-out header removed).
-    fn original(&self) -> Request<RequestBody> {
-        self.request.request()
     }
 
     /// Whether an answer from the current model could still lead somewhere else (a lower model
@@ -424,7 +452,7 @@ impl<S> Walk<S> {
             );
             return false;
         };
-        let Some(req) = self.build(idx) else {
+        let Some(req) = self.build(idx, self.visited + 1) else {
             return false;
         };
         tracing::debug!(
@@ -437,17 +465,14 @@ impl<S> Walk<S> {
         self.visited += 1;
         self.overloaded = 0;
         self.failovers += 1;
-        let mut req = req;
-        self.limit_server_wait(&mut req);
         self.next = Some(req);
         true
     }
 
     /// Prepares the same model again.
     pub(crate) fn resend(&mut self) -> bool {
-        match self.build(self.current) {
-            Some(mut req) => {
-                self.limit_server_wait(&mut req);
+        match self.build(self.current, self.visited) {
+            Some(req) => {
                 self.next = Some(req);
                 true
             }

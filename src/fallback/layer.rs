@@ -75,6 +75,8 @@ pub struct FallbackLayer {
     overloaded_pause: Duration,
     max_depth: usize,
     output: OutputReservation,
+    /// See [`Config::resend_below`].
+    resend_below: bool,
 }
 
 impl Default for FallbackLayer {
@@ -99,7 +101,18 @@ impl FallbackLayer {
             overloaded_pause: DEFAULT_OVERLOADED_PAUSE,
             max_depth: DEFAULT_MAX_DEPTH,
             output: OutputReservation::default(),
+            resend_below: false,
         }
+    }
+
+    /// Says that the layer directly below is a retry layer, nothing between them (crate-private:
+    /// only [`ClaudeStack`](crate::stack::ClaudeStack), which composes them so, may say it).
+    /// Each request then carries a [`Resend`](crate::retry::Resend) describing how it was
+    /// built from the walk's template, and the retry layer sends again from that instead of a
+    /// copy of its own.
+    pub(crate) fn resend_below(mut self) -> Self {
+        self.resend_below = true;
+        self
     }
 
     /// Reads quota from `board` (and feeds it from the response headers the layer sees). Give
@@ -289,6 +302,7 @@ impl FallbackLayer {
             overloaded_pause: self.overloaded_pause,
             max_depth: self.max_depth,
             output: self.output,
+            resend_below: self.resend_below,
         })
     }
 }

@@ -51,10 +51,7 @@ impl MetricsLayer {
         Self {
             shared: Arc::new(Shared {
                 catalog: ModelCatalog::default(),
-                known: names::KNOWN_MODELS
-                    .iter()
-                    .map(|m| Arc::from(*m))
-                    .collect(),
+                known: names::KNOWN_MODELS.iter().map(|m| Arc::from(*m)).collect(),
                 board: None,
                 alerts: None,
                 forecaster: None,

@@ -22,6 +22,7 @@ use super::pacing::{QuotaKey, Slot};
 use super::policy::{
     Action, Attempt, StatusVerdict, is_permanent, is_rate_limit, is_spend_cap, needs_body,
 };
+use super::resend::Resend;
 use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
 use crate::anthropic::{
@@ -111,11 +112,50 @@ where
 }
 
 /// What every attempt of a request is built from.
-pub(crate) struct Template(RequestTemplate);
+pub(crate) enum Template {
+    /// The layer's own copy of the request; every attempt is a copy of it.
+    Own(RequestTemplate),
+    /// The layer above said how it built the request ([`Resend`]): the first attempt is the
+    /// request as received, later ones are rebuilt from the description.
+    Resent {
+        first: Option<Request<RequestBody>>,
+        resend: Resend,
+        /// The deadline this layer added to the request (added to every rebuilt attempt).
+        deadline: Option<super::Deadline>,
+    },
+}
 
 impl Template {
     pub(crate) fn new(req: Request<RequestBody>) -> Self {
-        Self(RequestTemplate::new(req))
+        Self::Own(RequestTemplate::new(req))
+    }
+
+    /// The request as received, sent as the first attempt; later attempts are built from
+    /// `resend` (plus `deadline`, when this layer added it to the request).
+    pub(crate) fn resent(
+        req: Request<RequestBody>,
+        resend: Resend,
+        deadline: Option<super::Deadline>,
+    ) -> Self {
+        Self::Resent {
+            first: Some(req),
+            resend,
+            deadline,
+        }
+    }
+
+    fn meta(&self) -> Option<&RequestMeta> {
+        match self {
+            Self::Own(template) => template.extensions().get::<RequestMeta>(),
+            Self::Resent { resend, .. } => resend.meta(),
+        }
+    }
+
+    fn headers(&self) -> &http::HeaderMap {
+        match self {
+            Self::Own(template) => template.headers(),
+            Self::Resent { resend, .. } => resend.headers(),
+        }
     }
 
     /// What the layer's [`Policy`](super::Policy) says about attempt `number`, which failed
@@ -127,15 +167,15 @@ impl Template {
     ) -> Action {
         static NO_META: std::sync::LazyLock<RequestMeta> =
             std::sync::LazyLock::new(RequestMeta::default);
-        let meta = self.0.extensions().get::<RequestMeta>().unwrap_or(&NO_META);
-        let attempt = what(meta).with_request_headers(self.0.headers());
+        let meta = self.meta().unwrap_or(&NO_META);
+        let attempt = what(meta).with_request_headers(self.headers());
         let action = shared.config.policy.0.classify(&attempt);
         tracing::trace!(attempt = attempt.number(), status = ?attempt.status(), ?action, "retry policy decided");
         action
     }
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
-    fn request(&self, attempt: u32) -> Request<RequestBody> {
+    fn request(&mut self, attempt: u32) -> Request<RequestBody> {
         // The first attempts' values are static (`HeaderValue::from(u32)` formats and
         // allocates).
         const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -143,7 +183,23 @@ impl Template {
             Some(number) => HeaderValue::from_static(number),
             None => HeaderValue::from(attempt),
         };
-        let mut req = self.0.request();
+        let mut req = match self {
+            Self::Own(template) => template.request(),
+            Self::Resent {
+                first,
+                resend,
+                deadline,
+            } => match first.take() {
+                Some(req) => req,
+                None => {
+                    let mut req = resend.request();
+                    if let Some(deadline) = deadline {
+                        req.extensions_mut().insert(*deadline);
+                    }
+                    req
+                }
+            },
+        };
         req.headers_mut()
             .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
         req
@@ -198,7 +254,7 @@ enum Failure<B> {
 }
 
 /// The retry loop.
-async fn run<S, B>(mut service: S, ctx: Attempts) -> Result<Response<RetryBody<B>>, BoxError>
+async fn run<S, B>(mut service: S, mut ctx: Attempts) -> Result<Response<RetryBody<B>>, BoxError>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
@@ -726,7 +782,7 @@ mod tests {
             .header("x-api-key", "k")
             .body(RequestBody::from(Bytes::from_static(b"{}")))
             .unwrap();
-        let template = Template::new(req);
+        let mut template = Template::new(req);
         for attempt in 1..=12u32 {
             let req = template.request(attempt);
             assert_eq!(

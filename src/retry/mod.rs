@@ -176,6 +176,7 @@ mod future;
 mod layer;
 mod pacing;
 pub mod policy;
+mod resend;
 mod service;
 
 use std::time::Duration;
@@ -191,6 +192,8 @@ pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 pub use policy::{Action, Attempt, Policy, PolicyExt, Transient, policy_fn};
 pub use service::Retry;
+
+pub(crate) use resend::Resend;
 
 /// A request extension: the instant after which [`Retry`] starts no new wait. It overrides
 /// the layer's default [`deadline`](RetryLayer::deadline).

@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::backoff::Need;
 use super::future::{Attempts, ResponseFuture, Template};
 use super::layer::Shared;
-use super::{Deadline, MaxServerWait, RetryBody};
+use super::{Deadline, MaxServerWait, Resend, RetryBody};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
@@ -104,6 +104,8 @@ where
             Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
         };
         let now = Instant::now();
+        // The deadline this layer adds (none when the request carries one).
+        let mut added = None;
         let deadline = match req.extensions().get::<Deadline>() {
             Some(deadline) => Some(*deadline),
             None => {
@@ -114,6 +116,7 @@ where
                 if let Some(deadline) = deadline {
                     // Layers below see the effective deadline too.
                     req.extensions_mut().insert(deadline);
+                    added = Some(deadline);
                 }
                 deadline
             }
@@ -141,7 +144,12 @@ where
         };
         let attempts = Attempts {
             shared: self.shared.clone(),
-            template: Template::new(req),
+            template: match req.extensions_mut().remove::<Resend>() {
+                // The layer above said how it built this request: send it as it is and
+                // rebuild later attempts from that (no copy of our own).
+                Some(resend) => Template::resent(req, resend, added),
+                None => Template::new(req),
+            },
             key,
             need,
             deadline,

@@ -1,0 +1,105 @@
+//! [`Resend`]: how the layer directly above a retry layer built the request it sent, so that
+//! the retry layer can send it again without keeping a copy of its own.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Request};
+
+use super::MaxServerWait;
+use crate::anthropic::RequestMeta;
+use crate::body::{RequestBody, RequestTemplate};
+
+/// A request extension (crate-private): the request is `template` with `body`, its
+/// [`RequestMeta`] replaced by `meta` when set, and `max_server_wait` added when set.
+///
+/// A layer that keeps its own [`RequestTemplate`] anyway (fallback, for its other models)
+/// attaches it to the request it sends **only when the layer directly below it is a retry
+/// layer** ([`ClaudeStack`](crate::stack::ClaudeStack) composes them so and says so to the
+/// fallback layer): nothing between them can change the request, so the retry layer sends the
+/// request it received as the first attempt and rebuilds later attempts from this
+/// description. Without it, retry keeps a copy of the request, and the first attempt is a
+/// copy of that copy: one request head (headers, extensions, URI) copied and freed fewer per
+/// request.
+#[derive(Clone)]
+pub(crate) struct Resend {
+    pub(crate) template: Arc<RequestTemplate>,
+    pub(crate) body: RequestBody,
+    pub(crate) meta: Option<RequestMeta>,
+    pub(crate) max_server_wait: Option<MaxServerWait>,
+}
+
+impl Resend {
+    /// The request again, as it was sent.
+    pub(crate) fn request(&self) -> Request<RequestBody> {
+        let mut req = self.template.with_body(self.body.clone());
+        if let Some(meta) = &self.meta {
+            req.extensions_mut().insert(meta.clone());
+        }
+        if let Some(wait) = self.max_server_wait {
+            req.extensions_mut().insert(wait);
+        }
+        req
+    }
+
+    /// The request's [`RequestMeta`].
+    pub(crate) fn meta(&self) -> Option<&RequestMeta> {
+        self.meta
+            .as_ref()
+            .or_else(|| self.template.extensions().get::<RequestMeta>())
+    }
+
+    /// The request's headers.
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        self.template.headers()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn rebuilds_what_was_sent() {
+        let mut req = Request::post("/v1/messages")
+            .header("x-api-key", "k")
+            .body(RequestBody::from(bytes::Bytes::from_static(
+                br#"{"model":"a","max_tokens":1,"messages":[]}"#,
+            )))
+            .unwrap();
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        let template = Arc::new(RequestTemplate::new(req));
+        let other = RequestMeta::scan(br#"{"model":"b","max_tokens":1,"messages":[]}"#).unwrap();
+        let resend = Resend {
+            template: template.clone(),
+            body: RequestBody::from(bytes::Bytes::from_static(b"{}")),
+            meta: Some(other),
+            max_server_wait: Some(MaxServerWait(Duration::from_secs(3))),
+        };
+        let req = resend.request();
+        assert_eq!(req.headers()["x-api-key"], "k");
+        assert_eq!(req.body().len(), 2);
+        let meta = req.extensions().get::<RequestMeta>().unwrap();
+        assert_eq!(meta.model.as_deref(), Some("b"));
+        assert_eq!(resend.meta().unwrap().model.as_deref(), Some("b"));
+        assert_eq!(
+            req.extensions().get::<MaxServerWait>(),
+            Some(&MaxServerWait(Duration::from_secs(3)))
+        );
+        let plain = Resend {
+            template,
+            body: RequestBody::empty(),
+            meta: None,
+            max_server_wait: None,
+        };
+        assert_eq!(plain.meta().unwrap().model.as_deref(), Some("a"));
+        assert!(
+            plain
+                .request()
+                .extensions()
+                .get::<MaxServerWait>()
+                .is_none()
+        );
+    }
+}
