@@ -1,5 +1,6 @@
 //! The configuration a [`Fallback`](super::Fallback) service and its response futures share.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -25,9 +26,35 @@ pub(crate) struct Config {
     /// which composes them so): each request sent carries a [`Resend`](crate::retry::Resend)
     /// so that the retry layer keeps no copy of its own.
     pub(crate) resend_below: bool,
+    /// The candidates of the last requested models (see [`candidates`](Self::candidates)).
+    pub(crate) chains: Mutex<Vec<Arc<[String]>>>,
 }
 
+/// Requested models whose candidates [`Config::candidates`] remembers (a deployment asks
+/// for a handful; a client making ids up only rotates the list).
+const CHAINS: usize = 16;
+
 impl Config {
+    /// The request's chain for `requested` (truncated at the floor, the requested model
+    /// first), shared: it depends on the catalogue and the floor only, so it is built once per
+    /// model rather than for every request (a vector and a string per model, each time).
+    pub(crate) fn candidates(&self, requested: &str) -> Arc<[String]> {
+        let mut chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(chain) = chains
+            .iter()
+            .find(|c| c.first().is_some_and(|m| m == requested))
+        {
+            return chain.clone();
+        }
+        let chain: Arc<[String]> =
+            policy::candidates(&self.catalog, requested, self.floor.as_deref()).into();
+        if chains.len() >= CHAINS {
+            chains.remove(0);
+        }
+        chains.push(chain.clone());
+        chain
+    }
+
     /// The board's view of `model` for a request of `cost` sent with `key`. A group whose
     /// limits the board does not know yet counts as full (even while a rate limiter below
     /// holds requests back until its first answer teaches it the limits).

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{Extensions, HeaderMap, HeaderValue, Request, Response};
+use http::{Extensions, HeaderMap, Request, Response};
 use http_body::Body;
 use pin_project::pin_project;
 use tokio::time::Sleep;
@@ -21,7 +21,8 @@ use super::error::FallbackError;
 use super::policy::{self, Verdict};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, KeyId, RateLimitSnapshot, RequestMeta, parsed_names, retry_after, rewrite_model,
+    ApiError, KeyId, RateLimitSnapshot, RequestMeta, model_header_value, parsed_names, retry_after,
+    rewrite_model,
 };
 use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
@@ -224,7 +225,7 @@ pub(crate) struct Walk<S> {
     request: Arc<RequestTemplate>,
     requested: String,
     /// The request's chain (truncated at the floor), best model first.
-    candidates: Vec<String>,
+    candidates: Arc<[String]>,
     key: KeyId,
     cost: Cost,
     /// Index in `candidates` of the model of the attempt in flight (or just answered).
@@ -245,7 +246,7 @@ impl<S> Walk<S> {
         config: Arc<Config>,
         req: Request<RequestBody>,
         requested: String,
-        candidates: Vec<String>,
+        candidates: Arc<[String]>,
         key: KeyId,
         cost: Cost,
     ) -> Self {
@@ -332,7 +333,7 @@ impl<S> Walk<S> {
         let resend = self.config.resend_below.then(|| Resend {
             template: self.request.clone(),
             body: body.clone(),
-            meta: meta.clone(),
+            meta: meta.clone().map(Box::new),
             max_server_wait,
         });
         let mut req = self.request.with_body(body);
@@ -480,11 +481,11 @@ impl<S> Walk<S> {
         }
     }
 
-    /// Tags the response with the model that produced it. The walk is over: its names move
-    /// into the response's [`ServedModel`] (they are left empty here).
+    /// Tags the response with the model that produced it. The walk is over: the requested
+    /// name moves into the response's [`ServedModel`] (it is left empty here).
     pub(crate) fn finish<B>(&mut self, mut res: Response<B>) -> Response<B> {
-        let served = std::mem::take(&mut self.candidates[self.current]);
-        if let Ok(value) = HeaderValue::from_str(&served) {
+        let served = self.candidates[self.current].clone();
+        if let Some(value) = model_header_value(&served) {
             res.headers_mut()
                 .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value);
         }

@@ -303,6 +303,7 @@ impl FallbackLayer {
             max_depth: self.max_depth,
             output: self.output,
             resend_below: self.resend_below,
+            chains: Default::default(),
         })
     }
 }

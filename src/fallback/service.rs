@@ -107,6 +107,10 @@ impl<S> Fallback<S> {
 /// Removes every `x-tower-claude-fallback` header; `true` when one of them turns fallback off
 /// (see [`opted_out`]).
 fn take_opt_out(headers: &mut HeaderMap) -> bool {
+    // Almost no request carries one: one lookup, not a read and a removal.
+    if !headers.contains_key(&parsed_names::X_TOWER_CLAUDE_FALLBACK) {
+        return false;
+    }
     let off = opted_out(headers);
     headers.remove(&parsed_names::X_TOWER_CLAUDE_FALLBACK);
     off
@@ -158,9 +162,9 @@ where
         let config = self.config.clone();
         let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
         let candidates = if disabled {
-            vec![requested.clone()]
+            Arc::from([requested.clone()])
         } else {
-            policy::candidates(&config.catalog, &requested, config.floor.as_deref())
+            config.candidates(&requested)
         };
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         // The walk reads the `RequestMeta` that `get_or_scan` left in the request.

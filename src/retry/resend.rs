@@ -24,7 +24,8 @@ use crate::body::{RequestBody, RequestTemplate};
 pub(crate) struct Resend {
     pub(crate) template: Arc<RequestTemplate>,
     pub(crate) body: RequestBody,
-    pub(crate) meta: Option<RequestMeta>,
+    /// Boxed: set only for another model than the requested one (the extension stays small).
+    pub(crate) meta: Option<Box<RequestMeta>>,
     pub(crate) max_server_wait: Option<MaxServerWait>,
 }
 
@@ -33,7 +34,7 @@ impl Resend {
     pub(crate) fn request(&self) -> Request<RequestBody> {
         let mut req = self.template.with_body(self.body.clone());
         if let Some(meta) = &self.meta {
-            req.extensions_mut().insert(meta.clone());
+            req.extensions_mut().insert(RequestMeta::clone(meta));
         }
         if let Some(wait) = self.max_server_wait {
             req.extensions_mut().insert(wait);
@@ -44,7 +45,7 @@ impl Resend {
     /// The request's [`RequestMeta`].
     pub(crate) fn meta(&self) -> Option<&RequestMeta> {
         self.meta
-            .as_ref()
+            .as_deref()
             .or_else(|| self.template.extensions().get::<RequestMeta>())
     }
 
@@ -74,7 +75,7 @@ mod tests {
         let resend = Resend {
             template: template.clone(),
             body: RequestBody::from(bytes::Bytes::from_static(b"{}")),
-            meta: Some(other),
+            meta: Some(Box::new(other)),
             max_server_wait: Some(MaxServerWait(Duration::from_secs(3))),
         };
         let req = resend.request();
