@@ -2,6 +2,10 @@
 //! the whole `ClaudeStack` (no cache, so every request goes through every layer).
 //!
 //! `cargo bench --bench rate_limit -- --warm-up-time 1 --measurement-time 3`
+//!
+//! With the `proxy` feature (so with `--all-features`) the bench allocates with mimalloc, as
+//! `claude-proxy` does: `ClaudeStack_without_cache` is then the stack as the proxy runs it.
+//! Without it, the system allocator (a library sets no global allocator).
 
 use std::hint::black_box;
 use std::sync::Barrier;
@@ -17,6 +21,11 @@ use tower_claude::anthropic::{KeyId, RateLimitGroup};
 use tower_claude::body::RequestBody;
 use tower_claude::quota::{Cost, Limits, QuotaBoard};
 use tower_claude::rate_limit::RateLimitLayer;
+
+// The proxy's allocator (see the module docs).
+#[cfg(feature = "proxy")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BIG: Limits = Limits::new(u64::MAX / 4, u64::MAX / 4, u64::MAX / 4);
 
