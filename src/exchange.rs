@@ -45,6 +45,10 @@
 //! a crate-private mark rides on a response whose rate-limit headers a rate limiter or a key
 //! pool fed into its board: fallback, reading the same board, does not feed them again (one
 //! observation per upstream answer; with Redis each is a script call).
+//! In [`ClaudeStack`](crate::stack::ClaudeStack), where retry sits directly below fallback, a
+//! crate-private description of how fallback built each request from its copy (the copy, the
+//! body, the rewritten `RequestMeta`, the `MaxServerWait`) rides down to retry, which removes
+//! it and sends again from it instead of keeping a copy of its own.
 //!
 //! ```
 //! use tower_claude::exchange::{Deadline, NoFallback};
