@@ -10,6 +10,7 @@ pub struct RateLimitGroup(Arc<str>);
 
 impl RateLimitGroup {
     /// The name as a shared string (no copy), for a metric label.
+    #[cfg(feature = "metrics")]
     pub(crate) fn label(&self) -> Arc<str> {
         self.0.clone()
     }
