@@ -255,6 +255,30 @@ struct Flight {
     hold_ms: u64,
 }
 
+impl From<(u64, u64, u64, u64, u64, u64, u64)> for Flight {
+    fn from(
+        (gap_ms, input, max_tokens, used_permille, send_ms, latency_ms, hold_ms): (
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+            u64,
+        ),
+    ) -> Self {
+        Flight {
+            gap_ms,
+            input,
+            max_tokens,
+            used_permille,
+            send_ms,
+            latency_ms,
+            hold_ms,
+        }
+    }
+}
+
 fn flight() -> impl Strategy<Value = Flight> {
     (
         0u64..1_500,
@@ -265,17 +289,7 @@ fn flight() -> impl Strategy<Value = Flight> {
         0u64..8_000,
         0u64..5_000,
     )
-        .prop_map(
-            |(gap_ms, input, max_tokens, used_permille, send_ms, latency_ms, hold_ms)| Flight {
-                gap_ms,
-                input,
-                max_tokens,
-                used_permille,
-                send_ms,
-                latency_ms,
-                hold_ms,
-            },
-        )
+        .prop_map(Flight::from)
 }
 
 /// What one run of the reconciliation scenario saw.
@@ -442,17 +456,7 @@ fn late_count_flight() -> impl Strategy<Value = Flight> {
         prop_oneof![0u64..300, 0u64..6_000],
         0u64..500,
     )
-        .prop_map(
-            |(gap_ms, input, max_tokens, used_permille, send_ms, latency_ms, hold_ms)| Flight {
-                gap_ms,
-                input,
-                max_tokens,
-                used_permille,
-                send_ms,
-                latency_ms,
-                hold_ms,
-            },
-        )
+        .prop_map(Flight::from)
 }
 
 proptest! {
