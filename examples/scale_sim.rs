@@ -58,12 +58,25 @@ async fn main() {
             report.ideal.as_secs_f64(),
             after.as_secs_f64(),
         );
-        format!(
+        let mut out = format!(
             ", after the raise {:.2} s vs {:.2} s ({:.3}x)",
             e - a,
             i - a,
             (e - a) / (i - a)
-        )
+        );
+        // From the first answer that carries the raise, against an exact client that
+        // learns it then: its admissions still end at the ideal (the extra quota waits in
+        // the bucket), its last answer a latency later.
+        if let Some(seen) = report.raise_seen {
+            let (f, lat) = (seen.as_secs_f64(), config.latency.as_secs_f64());
+            out += &format!(
+                ", from the first answer carrying it ({f:.2} s) {:.2} s vs {:.2} s ({:.3}x)",
+                e - f,
+                i + lat - f,
+                (e - f) / (i + lat - f)
+            );
+        }
+        out
     });
     println!(
         "keys {} tasks {}: {:.1} s (ideal {:.1} s, {:.3}x), failed {}, upstream 429s {}, fleets {}, per key {:?}{}",

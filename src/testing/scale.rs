@@ -90,6 +90,9 @@ pub struct ScaleReport {
     /// old rate until it, then the extra capacity at once and the new rate (as
     /// `scripts/scale-bench.sh` computes it).
     pub ideal: Duration,
+    /// With a raise: when the first answer carrying the raised limits arrived (the first
+    /// request the upstream admitted under them, answered a latency later).
+    pub raise_seen: Option<Duration>,
 }
 
 impl ScaleReport {
@@ -146,13 +149,19 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         .key_pool(Some(pool))
         .service(mock.clone());
     let start = Instant::now();
-    if let Some((after, to)) = config.raise {
-        let mock = mock.clone();
+    let raise_seen = config.raise.map(|(after, to)| {
+        let (mock, latency) = (mock.clone(), config.latency);
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
+            let before = mock.stats().accepted;
             mock.set_limits(to);
-        });
-    }
+            // The first request admitted from now on carries the new limits in its answer.
+            while mock.stats().accepted == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            start.elapsed() + latency
+        })
+    });
     let failed = Arc::new(AtomicU64::new(0));
     let ids: Arc<Vec<_>> = Arc::new(
         names
@@ -209,6 +218,10 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
     for f in fleets {
         finish.push(f.await.unwrap_or_default());
     }
+    let raise_seen = match raise_seen {
+        Some(watch) => watch.await.ok(),
+        None => None,
+    };
     let keys = names.len() as u64;
     let tasks = config.tasks_per_fleet * keys;
     let rpm = config.limits.rpm.max(1);
@@ -228,5 +241,6 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         upstream_429: mock.stats().rate_limited,
         per_key: per_key.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
         ideal: Duration::from_secs_f64(ideal),
+        raise_seen,
     }
 }
