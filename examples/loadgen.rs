@@ -218,8 +218,19 @@ async fn serve_mock(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::time::sleep(after).await;
+            let before = mock.stats().accepted;
             mock.set_limits(to);
+            let raised = tokio::time::Instant::now();
             eprintln!("simulator: limits raised to {to:?}");
+            // The first request admitted from now on is the first answer to carry the new
+            // limits (its headers are the bucket's state when it was admitted).
+            while mock.stats().accepted == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            eprintln!(
+                "simulator: first request under the raised limits admitted {:.3} s after the raise",
+                raised.elapsed().as_secs_f64()
+            );
         });
     }
     tokio::select! {

@@ -8,7 +8,10 @@
 //!
 //! Prints the elapsed simulated time against the ideal from the request limit, each fleet's
 //! finish, the failed tasks and the upstream 429s. `RPM`, `ITPM`, `OTPM`, `LATENCY_MS` and
-//! `OUTPUT` change the upstream (defaults: 120, 40000, 8000, 500, 60).
+//! `OUTPUT` change the upstream (defaults: 120, 40000, 8000, 500, 60). `RAISE_AFTER_MS` raises
+//! the limits that long into the run to `RAISE_RPM`, `RAISE_ITPM`, `RAISE_OTPM` (defaults:
+//! 4× each), as the `raise` configuration of `scripts/scale-bench.sh` does
+//! (`RPM=60 RAISE_AFTER_MS=10000 ... -- 1 300`).
 
 use std::time::Duration;
 
@@ -24,13 +27,23 @@ async fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
+    let limits = MockLimits::new(env("RPM", 120), env("ITPM", 40_000), env("OTPM", 8_000));
+    let raise = std::env::var("RAISE_AFTER_MS").ok().map(|_| {
+        let to = MockLimits::new(
+            env("RAISE_RPM", 4 * limits.rpm),
+            env("RAISE_ITPM", 4 * limits.itpm),
+            env("RAISE_OTPM", 4 * limits.otpm),
+        );
+        (Duration::from_millis(env("RAISE_AFTER_MS", 10_000)), to)
+    });
     let config = ScaleConfig {
         keys: args.next().and_then(|a| a.parse().ok()).unwrap_or(1),
         tasks_per_fleet: args.next().and_then(|a| a.parse().ok()).unwrap_or(200),
-        limits: MockLimits::new(env("RPM", 120), env("ITPM", 40_000), env("OTPM", 8_000)),
+        limits,
         latency: Duration::from_millis(env("LATENCY_MS", 500)),
         output_tokens: env("OUTPUT", 60),
         seed: env("SEED", 1),
+        raise,
         ..ScaleConfig::default()
     };
     let report = run(&config).await;
@@ -39,8 +52,34 @@ async fn main() {
         .iter()
         .map(|t| format!("{:.1}", t.as_secs_f64()))
         .collect();
+    let after_raise = config.raise.map_or(String::new(), |(after, _)| {
+        let (e, i, a) = (
+            report.elapsed.as_secs_f64(),
+            report.ideal.as_secs_f64(),
+            after.as_secs_f64(),
+        );
+        let mut out = format!(
+            ", after the raise {:.2} s vs {:.2} s ({:.3}x)",
+            e - a,
+            i - a,
+            (e - a) / (i - a)
+        );
+        // From the first answer that carries the raise, against an exact client that
+        // learns it then: its admissions still end at the ideal (the extra quota waits in
+        // the bucket), its last answer a latency later.
+        if let Some(seen) = report.raise_seen {
+            let (f, lat) = (seen.as_secs_f64(), config.latency.as_secs_f64());
+            out += &format!(
+                ", from the first answer carrying it ({f:.2} s) {:.2} s vs {:.2} s ({:.3}x)",
+                e - f,
+                i + lat - f,
+                (e - f) / (i + lat - f)
+            );
+        }
+        out
+    });
     println!(
-        "keys {} tasks {}: {:.1} s (ideal {:.1} s, {:.3}x), failed {}, upstream 429s {}, fleets {}, per key {:?}",
+        "keys {} tasks {}: {:.1} s (ideal {:.1} s, {:.3}x), failed {}, upstream 429s {}, fleets {}, per key {:?}{}",
         config.keys,
         config.tasks_per_fleet * config.keys as u64,
         report.elapsed.as_secs_f64(),
@@ -49,6 +88,7 @@ async fn main() {
         report.failed,
         report.upstream_429,
         fleets.join(" "),
-        report.per_key
+        report.per_key,
+        after_raise
     );
 }

@@ -921,6 +921,59 @@ async fn a_stale_remaining_does_not_undo_a_refund_in_redis() {
     first.settle(Cost::new(1, 0, 60));
 }
 
+/// Issue 12, sixth pass, in Redis: a slow answer's count is at least its age minus the send
+/// grace (2 s) old, and the server refilled since; the raise in the script credits that
+/// refill (before, the level stayed at the count: 3 000 plus what the reading took).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_raises_with_the_refill_after_the_send_grace_in_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let patient = options("t12g:").response_timeout(Duration::from_secs(2));
+    // 100 requests a second.
+    let a = QuotaBoard::builder()
+        .limits(group(), Limits::new(6_000, 1_000_000, 1_000_000))
+        .build_redis(&server.url(), patient)
+        .await
+        .unwrap();
+    let view = |limit, remaining| BucketSnapshot {
+        limit: Some(limit),
+        remaining: Some(remaining),
+        reset: None,
+    };
+    let snap = |requests| RateLimitSnapshot {
+        requests: view(6_000, requests),
+        input_tokens: view(1_000_000, 1_000_000),
+        output_tokens: view(1_000_000, 1_000_000),
+        ..Default::default()
+    };
+    let requests = |b: &QuotaBoard| {
+        b.headroom(&key(), &group())
+            .unwrap()
+            .requests
+            .unwrap()
+            .remaining
+    };
+    // Another client of the key used it all.
+    a.observe(&key(), &group(), &snap(0));
+    let r = a
+        .acquire(key(), group(), Cost::new(1, 0, 0))
+        .max_wait(Duration::from_secs(1))
+        .await
+        .unwrap();
+    // It stopped: 3 s later the answer to ours shows 3 000 left when the server counted it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    r.observe(&snap(3_000));
+    let started = Instant::now();
+    while requests(&a) < 3_000 && started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Counted 1 s before the answer at the latest: 100 more (the reading adds a few).
+    let level = requests(&a);
+    assert!(level >= 3_090, "level {level}");
+    r.settle(Cost::new(1, 0, 0));
+}
+
 /// What one node of the fairness test is: a boxed service.
 #[cfg(feature = "testing")]
 type Node = tower::util::BoxCloneService<

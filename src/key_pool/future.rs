@@ -39,6 +39,8 @@ pub(crate) struct Sent {
     /// The request went to a Messages API endpoint, whose 401 or 402 proves the key bad
     /// (see [`judges_the_key`]).
     judges_key: bool,
+    /// The pool admitted it through the board (its group's line): a retry waits there too.
+    admitted: bool,
     in_flight: bool,
 }
 
@@ -73,8 +75,15 @@ impl Sent {
             group,
             cost,
             judges_key: judges_the_key(path),
+            admitted: false,
             in_flight: true,
         }
+    }
+
+    /// The pool admitted this request through the board (see [`admitted`](Self::admitted)).
+    pub(crate) fn admitted(mut self) -> Self {
+        self.admitted = true;
+        self
     }
 
     /// After this key failed the request (429, spend cap, 401, 402, 403): how soon another key
@@ -85,6 +94,29 @@ impl Sent {
         self.pool
             .sooner_elsewhere(self.pick.index, target, &self.config.board, Instant::now())
             .map(RetrySooner)
+    }
+
+    /// After a 429 rate limit: another key sooner as [`sooner`](Self::sooner), else, when the
+    /// pool admits through the board, this key after its cooldown. The retry waits in the
+    /// group's line then, which the board paces: a retry layer above must not pace the
+    /// group's requests on its own (its pacing, keyed by group across every key of the pool,
+    /// went on for good once new requests came faster than its step: after a single 429
+    /// from a burst let through unpaced, one request every 2.1 s for the rest of the run
+    /// where the quota allowed 2 a second; issue 12, sixth pass).
+    fn sooner_after_rate_limit(&self) -> Option<RetrySooner> {
+        self.sooner().or_else(|| {
+            let group = self.group.as_ref().filter(|_| self.admitted)?;
+            let left = self
+                .pool
+                .cooldown_left(self.pick.index, group, Instant::now());
+            tracing::debug!(
+                key = %self.pick.id,
+                group = %group,
+                cooldown_ms = left.as_millis() as u64,
+                "key pool: a rate-limited request retries in the group's line after the cooldown"
+            );
+            Some(RetrySooner(left))
+        })
     }
 
     /// The rate-limit group of a Messages request (`None` for other endpoints).
@@ -367,13 +399,21 @@ where
                 StateProj::Reading { read, sent } => {
                     let (mut parts, body) = ready!(read.poll(cx)).into_parts();
                     if let Some(sent) = sent.take() {
-                        let key_failed = parts.extensions.get::<ErrorAnswer>().is_some_and(|a| {
+                        let answer = parts.extensions.get::<ErrorAnswer>();
+                        let key_failed = answer.is_some_and(|a| {
                             sent.observe_error(parts.status, &parts.headers, a.error())
                         });
+                        let rate_limited = parts.status == StatusCode::TOO_MANY_REQUESTS
+                            && answer.is_some_and(|a| a.error().kind() != ApiErrorKind::SpendLimit);
                         parts
                             .extensions
                             .insert(ChosenKey::new(sent.pick.id.clone()));
-                        if let Some(sooner) = key_failed.then(|| sent.sooner()).flatten() {
+                        let sooner = match (key_failed, rate_limited) {
+                            (false, _) => None,
+                            (true, true) => sent.sooner_after_rate_limit(),
+                            (true, false) => sent.sooner(),
+                        };
+                        if let Some(sooner) = sooner {
                             parts.extensions.insert(sooner);
                         }
                     }

@@ -45,7 +45,10 @@ use crate::quota::{OutputReservation, QuotaBoard};
 ///   [`RetrySooner`](crate::retry::RetrySooner) with the time until that key can (zero: now).
 ///   A [`RetryLayer`](crate::retry::RetryLayer) above then retries at once with that key
 ///   instead of waiting out the first key's `retry-after`, or failing on its spend cap or
-///   401.
+///   401. After a 429 rate limit with no other key, when the pool admits through the board
+///   (a board shared with the rate limiter), it carries the time until the key's cooldown
+///   ends: the retry waits in the group's line, which the board paces, and the retry layer
+///   does not pace the group on its own.
 /// * **Every key removed**: requests fail with
 ///   [`KeyPoolErrorKind::AllKeysRemoved`](super::KeyPoolErrorKind::AllKeysRemoved) without
 ///   being sent (the request that removed the last key got its upstream response).

@@ -986,6 +986,19 @@ impl Pool {
 
     /// Key `index` got a 429 in `group`: skip it there until `until` (an earlier cooldown
     /// that ends later is kept).
+    /// How long key `index` still cools down in `group` (zero: it does not).
+    pub(crate) fn cooldown_left(
+        &self,
+        index: usize,
+        group: &RateLimitGroup,
+        now: Instant,
+    ) -> Duration {
+        self.lock()
+            .keys
+            .get(index)
+            .map_or(Duration::ZERO, |rt| rt.cooldown_left(group, now))
+    }
+
     pub(crate) fn cool_down(&self, index: usize, group: &RateLimitGroup, until: Instant) {
         let mut state = self.lock();
         if let Some(rt) = state.keys.get_mut(index) {

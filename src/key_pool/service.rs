@@ -110,7 +110,8 @@ where
                     .admit(board, group.clone(), costs, deadline, tenant);
                 let (pick, reservation, waited) = admitted.await?;
                 let path = req.uri().path();
-                let sent = Sent::new(pool, config, pick.clone(), Some((group, cost)), path);
+                let sent =
+                    Sent::new(pool, config, pick.clone(), Some((group, cost)), path).admitted();
                 send_with(&mut req, &pick);
                 let admission = Admission::new(reservation, waited);
                 req.extensions_mut().insert(admission.clone());

@@ -72,6 +72,20 @@ pub(crate) struct Grant {
 /// 2 s).
 pub(crate) const SEND_GRACE: Duration = Duration::from_secs(2);
 
+/// The refill (units, rounded down) a server bucket of `rate` units a second certainly had
+/// between its count of a request admitted here `elapsed` ago and that request's answer,
+/// arriving now: the server counted it at the latest [`SEND_GRACE`] after it was admitted,
+/// so whatever it refilled after that moment is certain; what it refilled before may
+/// already be in the answer's `remaining` (the count can be as late as the answer itself:
+/// nothing bounds the time between the server's count and its answer from below, so the
+/// refill of a quick answer is never certain). Issue 12, sixth pass: crediting the refill of
+/// the whole answer time overshoots (`tests/quota_props.rs`,
+/// `the_raise_credits_no_refill_the_server_may_not_have_had`).
+pub(crate) fn certain_refill(elapsed: Duration, rate: f64) -> u64 {
+    let certain = elapsed.saturating_sub(SEND_GRACE).as_secs_f64();
+    (rate * certain).floor() as u64
+}
+
 /// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
 /// the server's view without counting work in flight twice).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -152,15 +166,26 @@ impl Ledger {
     }
 
     /// The lowest level bucket `i` can have when the answer to `grant` (not settled yet)
-    /// showed `remaining`: the server's count, minus everything held now but that grant
-    /// (which the server took before it answered: its count includes it) — anything admitted
-    /// before or after it may not have reached the server yet — and everything settled since
-    /// that grant was taken.
-    pub(crate) fn floor(&self, i: usize, remaining: u64, grant: &Grant) -> u64 {
+    /// showed `remaining`: the server's count, plus the refill it certainly had since
+    /// (`certain_refill`, see [`certain_refill`]; at most up to the capacity `cap`), minus
+    /// everything held now but that grant (which the server took before it answered: its
+    /// count includes it) — anything admitted before or after it may not have reached the
+    /// server yet — and everything settled since that grant was taken.
+    pub(crate) fn floor(
+        &self,
+        i: usize,
+        remaining: u64,
+        certain_refill: u64,
+        cap: u64,
+        grant: &Grant,
+    ) -> u64 {
         let since = self.settled[i].saturating_sub(grant.mark[i]);
         let own = grant.charged[i].unwrap_or(0);
         let others = self.held[i].saturating_sub(own);
-        remaining.saturating_sub(others).saturating_sub(since)
+        let counted = remaining
+            .saturating_add(certain_refill)
+            .min(cap.max(remaining));
+        counted.saturating_sub(others).saturating_sub(since)
     }
 
     /// How far above an answer's `remaining` bucket `i` may be, with no other client of the
@@ -641,7 +666,9 @@ impl Entry {
             if view.limit != Some(s.bucket.capacity()) {
                 continue;
             }
-            let floor = self.ledger.floor(i, r, grant);
+            let elapsed = now.saturating_duration_since(grant.at);
+            let refill = certain_refill(elapsed, s.bucket.rate_per_sec());
+            let floor = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant);
             let level = s.bucket.level(now);
             if floor as f64 > level {
                 tracing::debug!(

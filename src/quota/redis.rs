@@ -71,7 +71,7 @@ use tokio::time::Instant;
 
 use super::board::{QuotaBoard, Reservation};
 use super::error::{AcquireError, AcquireErrorKind};
-use super::local::{Check, Grant, LocalBackend, Origin, Outcome};
+use super::local::{Check, Grant, LocalBackend, Origin, Outcome, SEND_GRACE};
 use super::types::{Cost, Limits};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 
@@ -1037,7 +1037,7 @@ impl RedisShared {
             self.mirror.seeded(key, group);
             return;
         }
-        let mut extra = [0i64; 23];
+        let mut extra = [0i64; 24];
         for (i, v) in views.iter().enumerate() {
             extra[i] = v
                 .remaining
@@ -1057,6 +1057,10 @@ impl RedisShared {
             }
             let since = Instant::now().saturating_duration_since(grant.at);
             extra[19] = i64::try_from(since.as_micros()).unwrap_or(i64::MAX);
+            // The part of it after the send grace: the server had counted the request by
+            // then, so its refill since is certain (`local::certain_refill`).
+            let certain = since.saturating_sub(SEND_GRACE);
+            extra[23] = i64::try_from(certain.as_micros()).unwrap_or(i64::MAX);
         }
         // The probe's request unit (its tokens hide in the headers' rounding).
         extra[6] = i64::from(seeding);

@@ -603,3 +603,51 @@ async fn long_unanswered_requests_do_not_hold_the_refill_down() {
     long2.settle(Cost::new(1, 100, 2_900));
     third.settle(Cost::new(1, 100, 60));
 }
+
+/// One request a second: another client of the key used it all, then stopped; a request
+/// admitted a second later is answered `answer_after` later, showing 50 left when the server
+/// counted it. The level after that answer.
+async fn level_after_an_answer_of_50(answer_after: Duration) -> u64 {
+    let b = board(60, 100_000, 100_000);
+    let requests = |b: &QuotaBoard| b.headroom(&k(), &g()).unwrap().requests.unwrap().remaining;
+    b.observe(
+        &k(),
+        &g(),
+        &snap((60, 0), (100_000, 100_000), (100_000, 100_000)),
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let r = b.acquire(k(), g(), Cost::new(1, 10, 10)).await.unwrap();
+    assert_eq!(requests(&b), 0);
+    tokio::time::advance(answer_after).await;
+    r.observe(&snap((60, 50), (100_000, 99_000), (100_000, 99_000)));
+    let level = requests(&b);
+    r.settle(Cost::new(1, 10, 10));
+    level
+}
+
+/// Issue 12, sixth pass: an answer's `remaining` is the server's count when it took the
+/// request, which was at the latest the send grace after the board admitted it; a slow
+/// answer (a non-streaming one with a long output) carries a count that old, and the server
+/// has refilled since. The raise credits that refill, and only it: the refill during the
+/// grace may already be in the count (before, no refill was credited: the level stayed at
+/// 50 where the server had 58 and more).
+#[tokio::test(start_paused = true)]
+async fn a_slow_answer_raises_with_the_refill_after_the_send_grace() {
+    // Answered 10 s later: counted at the latest 2 s after it was sent, so 8 s of refill
+    // (1 a second) since.
+    assert_eq!(
+        level_after_an_answer_of_50(Duration::from_secs(10)).await,
+        58
+    );
+}
+
+/// Issue 12, sixth pass: a quick answer proves no refill since the server's count (the count
+/// can be as late as the answer: nothing bounds the time between them from below), so the
+/// raise credits none (`tests/quota_props.rs`: crediting the answer time overshoots).
+#[tokio::test(start_paused = true)]
+async fn a_quick_answer_raises_to_its_count_only() {
+    assert_eq!(
+        level_after_an_answer_of_50(Duration::from_millis(1_900)).await,
+        50
+    );
+}

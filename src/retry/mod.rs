@@ -274,14 +274,16 @@ pub struct MaxServerWait(pub Duration);
 ///
 /// [`KeyPoolLayer`](crate::key_pool::KeyPoolLayer) sets it when a key fails a request (a 429,
 /// a spend cap, a 401, 402 or 403) and another key in rotation can take the request: the
-/// time until that key can (zero: now). The retry layer then
+/// time until that key can (zero: now); and after a 429 rate limit with no other key when it
+/// admits through a quota board: the time until the key's cooldown ends (the retry then
+/// waits in the pool's line, which the board paces). The retry layer then
 ///
 /// * retries the response whatever its status (a spend cap or a 401 of one key is not the
 ///   request's fault), within the attempts, the deadline and the budget as always;
 /// * waits at most this long instead of the answer's `retry-after` (the other key does not
 ///   need it);
 /// * does not raise the 429 penalty of the request's key and group, and does not pace it
-///   (the next attempt goes out with another key).
+///   (the next attempt goes out with another key, or waits in the pool's line).
 ///
 /// ```
 /// use std::time::Duration;

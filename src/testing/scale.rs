@@ -49,6 +49,10 @@ pub struct ScaleConfig {
     /// The seed of the first fleet's task sizes (fleet `f` uses `seed + f − 1`, as
     /// `scripts/scale-bench.sh` passes `--seed f`).
     pub seed: u64,
+    /// The upstream's limits change to these this long after the start (an organisation
+    /// moving up a tier, the `raise` configuration of `scripts/scale-bench.sh`): a raise
+    /// adds the extra capacity to the buckets at once ([`MockClaude::set_limits`]).
+    pub raise: Option<(Duration, MockLimits)>,
 }
 
 impl Default for ScaleConfig {
@@ -63,6 +67,7 @@ impl Default for ScaleConfig {
             latency: Duration::from_millis(500),
             output_tokens: 60,
             seed: 1,
+            raise: None,
         }
     }
 }
@@ -81,8 +86,13 @@ pub struct ScaleReport {
     /// Requests answered with each key (in the order of the pool's keys).
     pub per_key: Vec<u64>,
     /// The time the request limit alone allows: the first minute's capacity at once, then
-    /// the refill rate (`(tasks − keys × RPM) / (keys × RPM / 60 s)`).
+    /// the refill rate (`(tasks − keys × RPM) / (keys × RPM / 60 s)`); with a raise, the
+    /// old rate until it, then the extra capacity at once and the new rate (as
+    /// `scripts/scale-bench.sh` computes it).
     pub ideal: Duration,
+    /// With a raise: when the first answer carrying the raised limits arrived (the first
+    /// request the upstream admitted under them, answered a latency later).
+    pub raise_seen: Option<Duration>,
 }
 
 impl ScaleReport {
@@ -139,6 +149,19 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         .key_pool(Some(pool))
         .service(mock.clone());
     let start = Instant::now();
+    let raise_seen = config.raise.map(|(after, to)| {
+        let (mock, latency) = (mock.clone(), config.latency);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let before = mock.stats().accepted;
+            mock.set_limits(to);
+            // The first request admitted from now on carries the new limits in its answer.
+            while mock.stats().accepted == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            start.elapsed() + latency
+        })
+    });
     let failed = Arc::new(AtomicU64::new(0));
     let ids: Arc<Vec<_>> = Arc::new(
         names
@@ -195,10 +218,22 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
     for f in fleets {
         finish.push(f.await.unwrap_or_default());
     }
+    let raise_seen = match raise_seen {
+        Some(watch) => watch.await.ok(),
+        None => None,
+    };
     let keys = names.len() as u64;
     let tasks = config.tasks_per_fleet * keys;
     let rpm = config.limits.rpm.max(1);
-    let ideal = tasks.saturating_sub(keys * rpm) as f64 / (keys as f64 * rpm as f64 / 60.0);
+    let ideal = match config.raise {
+        Some((after, to)) if to.rpm > rpm => {
+            let (after, k) = (after.as_secs_f64(), keys as f64);
+            let before = k * (rpm as f64 + after * rpm as f64 / 60.0);
+            let left = (tasks as f64 - before - k * (to.rpm - rpm) as f64).max(0.0);
+            after + left / (k * to.rpm as f64 / 60.0)
+        }
+        _ => tasks.saturating_sub(keys * rpm) as f64 / (keys as f64 * rpm as f64 / 60.0),
+    };
     ScaleReport {
         elapsed: finish.iter().copied().max().unwrap_or_default(),
         fleets: finish,
@@ -206,5 +241,6 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         upstream_429: mock.stats().rate_limited,
         per_key: per_key.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
         ideal: Duration::from_secs_f64(ideal),
+        raise_seen,
     }
 }

@@ -180,11 +180,16 @@ elseif mode == 'observe' or mode == 'seed' then
     -- Upward reconciliation (ARGV[16] = 1): the answer to a grant whose mark is ARGV 17..19
     -- and which holds ARGV 27..29 showed `r` left in a bucket of the same limit (ARGV 20..22
     -- = 1): at least r - (held - its own) - (settled - mark) is there (the server took that
-    -- grant before it answered).
+    -- grant before it answered), plus the refill of the time since the grant was taken
+    -- beyond the send grace (ARGV[30] µs, up to the capacity): the server had counted the
+    -- grant by then, so that refill is certain (the refill before it may be in `r`).
     if ARGV[16] == '1' and levels[i] and r >= 0 and ARGV[19 + i] == '1' then
       local since = math.max(0, settled[i] - tonumber(ARGV[16 + i]))
       local others = math.max(0, held[i] - tonumber(ARGV[26 + i] or '0'))
-      local floor = r - others - since
+      local certain = math.floor(tonumber(ARGV[30] or '0') * caps[i] / period)
+      local counted = r + certain
+      if counted > caps[i] then counted = math.max(r, caps[i]) end
+      local floor = counted - others - since
       if floor > levels[i] then levels[i] = math.min(floor, caps[i]) end
     end
   end
