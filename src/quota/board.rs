@@ -19,7 +19,7 @@ use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 use crate::tenant::Tenant;
 
 #[cfg(feature = "redis")]
-use super::redis::{self, RedisOptions, RedisSetupError, RedisShared, RedisStatus};
+use super::redis::{self, RedisOptions, RedisSetupError, RedisShared, RedisStatus, RemoteGrant};
 
 /// The default time after which an idle, full entry is forgotten.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -217,9 +217,14 @@ impl QuotaBoardBuilder {
                 .mirroring()
                 .with_changes(fallback.changes()),
         );
-        let shared = RedisShared::connect(url, options, mirror.clone(), fallback).await?;
-        Ok(QuotaBoard::with_backend(Backend::Redis { mirror, shared })
-            .with_prompt_cache_capacity(capacity))
+        let shared = RedisShared::connect(url, options, mirror.clone()).await?;
+        let fallback = Arc::new(fallback);
+        Ok(QuotaBoard::with_backend(Backend::Redis {
+            mirror,
+            shared,
+            fallback,
+        })
+        .with_prompt_cache_capacity(capacity))
     }
 
     fn local_backend(self) -> LocalBackend {
@@ -294,12 +299,13 @@ impl QuotaBoard {
         cost: Cost,
         ticket: i64,
         place: &mut redis::Place,
-    ) -> redis::SharedTry {
+    ) -> redis::SharedTry<Reservation> {
         match &self.backend {
             Backend::Local(_) => redis::SharedTry::Acquire,
-            Backend::Redis { shared, .. } => {
-                shared.try_once(self, key, group, cost, ticket, place).await
-            }
+            Backend::Redis { shared, .. } => shared
+                .try_once(key, group, cost, ticket, place)
+                .await
+                .map(|grant| self.reservation(key.clone(), group.clone(), cost, grant)),
         }
     }
 
@@ -584,12 +590,21 @@ enum Backend {
     Redis {
         mirror: Arc<LocalBackend>,
         shared: Arc<RedisShared>,
+        /// The board that takes quota while Redis is down (and the board fails open): this
+        /// process's share of every limit. Its configured limits follow the board's.
+        fallback: Arc<QuotaBoard>,
     },
 }
 
 /// The Redis side of one [`Acquire`] (nothing without the `redis` feature).
 #[cfg(feature = "redis")]
-type RemoteState = redis::RemoteState;
+#[derive(Default)]
+struct RemoteState {
+    /// The Redis path.
+    redis: redis::RemoteState,
+    /// The acquire on the outage fallback, once the Redis path handed over to it.
+    fallback: Option<Box<Acquire>>,
+}
 /// The Redis side of one [`Acquire`] (nothing without the `redis` feature).
 #[cfg(not(feature = "redis"))]
 type RemoteState = ();
@@ -618,7 +633,7 @@ impl Backend {
         match self {
             Backend::Local(_) => false,
             #[cfg(feature = "redis")]
-            Backend::Redis { shared, .. } => shared.degraded_board().is_none(),
+            Backend::Redis { shared, .. } => !shared.serves_fallback(),
         }
     }
 
@@ -627,7 +642,9 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             #[cfg(feature = "redis")]
-            Backend::Redis { shared, .. } => shared.degraded_board(),
+            Backend::Redis {
+                shared, fallback, ..
+            } => shared.serves_fallback().then_some(&**fallback),
         }
     }
 
@@ -636,7 +653,7 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             #[cfg(feature = "redis")]
-            Backend::Redis { shared, .. } => Some(shared.fallback()),
+            Backend::Redis { fallback, .. } => Some(fallback),
         }
     }
 
@@ -668,10 +685,12 @@ impl Backend {
         match self {
             Backend::Local(b) => b.try_acquire(key, group, cost),
             #[cfg(feature = "redis")]
-            Backend::Redis { mirror, shared } => match shared.try_acquire_check(key, group, cost) {
-                Some(check) => Err(check),
-                None => mirror.try_acquire(key, group, cost),
-            },
+            Backend::Redis { mirror, shared, .. } => {
+                match shared.try_acquire_check(key, group, cost) {
+                    Some(check) => Err(check),
+                    None => mirror.try_acquire(key, group, cost),
+                }
+            }
         }
     }
 
@@ -680,8 +699,13 @@ impl Backend {
         match self {
             Backend::Local(b) => b.observe(key, group, snapshot),
             #[cfg(feature = "redis")]
-            Backend::Redis { mirror, shared } => {
+            Backend::Redis {
+                mirror,
+                shared,
+                fallback,
+            } => {
                 mirror.observe(key, group, snapshot);
+                fallback.observe(key, group, snapshot);
                 shared.observe(key, group, snapshot);
             }
         }
@@ -698,12 +722,18 @@ impl Backend {
         match self {
             Backend::Local(b) => b.observe_answer(key, group, snapshot, Some(grant)),
             #[cfg(feature = "redis")]
-            Backend::Redis { mirror, shared } => {
+            Backend::Redis {
+                mirror,
+                shared,
+                fallback,
+            } => {
                 if grant.origin == Origin::Shared {
                     mirror.observe(key, group, snapshot);
+                    fallback.observe(key, group, snapshot);
                     shared.observe_answer(key, group, snapshot, Some(grant));
                 } else {
                     mirror.observe_answer(key, group, snapshot, Some(grant));
+                    fallback.observe(key, group, snapshot);
                     shared.observe(key, group, snapshot);
                 }
             }
@@ -719,7 +749,7 @@ impl Backend {
                 }
             }
             #[cfg(feature = "redis")]
-            Backend::Redis { mirror, shared } => {
+            Backend::Redis { mirror, shared, .. } => {
                 if grant.origin == Origin::Shared {
                     shared.settle(key, group, grant, outcome);
                     mirror.track_shared(key, group, false);
@@ -737,13 +767,14 @@ impl Backend {
 
     #[cfg_attr(
         feature = "redis",
-        doc = "Drives the Redis path of an [`Acquire`] (see [`redis::poll_remote`]); `None`: the"
+        doc = "Drives the Redis path of an [`Acquire`] (see [`redis::poll_remote`]), then the"
     )]
     #[cfg_attr(
         not(feature = "redis"),
-        doc = "Drives the Redis path of an [`Acquire`] (see `redis::poll_remote`); `None`: the"
+        doc = "Drives the Redis path of an [`Acquire`] (see `redis::poll_remote`), then the"
     )]
-    /// local path applies.
+    /// outage fallback's acquire if Redis is down; wraps a grant into a reservation of
+    /// `board`. `None`: the local path applies.
     #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn poll_remote(
         &self,
@@ -756,8 +787,35 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             #[cfg(feature = "redis")]
-            Backend::Redis { shared, .. } => {
-                redis::poll_remote(shared, board, remote, at_start, acquire, cx)
+            Backend::Redis {
+                shared, fallback, ..
+            } => {
+                let (key, group, cost, deadline, tenant) = acquire;
+                if remote.fallback.is_none() {
+                    let args = (key, group, cost, deadline);
+                    match redis::poll_remote(shared, &mut remote.redis, at_start, args, cx)? {
+                        Poll::Pending => return Some(Poll::Pending),
+                        Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                        Poll::Ready(Ok(RemoteGrant::Granted(grant))) => {
+                            let reservation =
+                                board.reservation(key.clone(), group.clone(), cost, grant);
+                            return Some(Poll::Ready(Ok(reservation)));
+                        }
+                        Poll::Ready(Ok(RemoteGrant::Fallback)) => {
+                            let outage = fallback
+                                .acquire(key.clone(), group.clone(), cost)
+                                .deadline(deadline)
+                                .tenant_opt(tenant.cloned());
+                            remote.fallback = Some(Box::new(outage));
+                        }
+                    }
+                }
+                let outage = remote.fallback.as_mut()?;
+                let polled = Pin::new(&mut **outage).poll(cx);
+                if polled.is_ready() {
+                    remote.fallback = None;
+                }
+                Some(polled)
             }
         }
     }

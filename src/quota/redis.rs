@@ -8,8 +8,9 @@
 //!   settled); waiting is not FIFO across processes.
 //! * **Settle**, **refund** and **observe** (re-seeding from `anthropic-ratelimit-*` headers,
 //!   seen by every node) are sent in the background.
-//! * **Reads** ([`QuotaBoard::headroom`], [`fits_now`](QuotaBoard::fits_now), ...) come from a
-//!   local mirror updated with the levels every script call returns: no round trip.
+//! * **Reads** ([`QuotaBoard::headroom`], [`fits_now`](super::QuotaBoard::fits_now), ...)
+//!   come from a local mirror updated with the levels every script call returns: no round
+//!   trip.
 //! * **Unknown limits** are learned once for all processes. The hash of a `(key, group)`
 //!   holds the capacities as well as the levels, so a process whose limits are unknown first
 //!   asks Redis (one extra round trip, only while they are unknown) and adopts the limits
@@ -54,6 +55,11 @@
 //! [`QueueTimeout`](AcquireErrorKind::QueueTimeout) with a zero
 //! [`available_in`](super::AcquireError::available_in) (so a rate limiter with a zero
 //! `max_wait` refuses everything); use [`QuotaBoard::acquire`].
+//!
+//! [`QuotaBoard`]: super::QuotaBoard
+//! [`QuotaBoard::headroom`]: super::QuotaBoard::headroom
+//! [`QuotaBoard::try_acquire`]: super::QuotaBoard::try_acquire
+//! [`QuotaBoard::acquire`]: super::QuotaBoard::acquire
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -69,7 +75,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::board::{QuotaBoard, Reservation};
 use super::error::{AcquireError, AcquireErrorKind};
 use super::local::{Check, Grant, LocalBackend, Origin, Outcome, SEND_GRACE};
 use super::types::{Cost, Limits};
@@ -269,7 +274,8 @@ impl RedisOptions {
     }
 }
 
-/// The state of a board's Redis backend ([`QuotaBoard::redis_status`]).
+/// The state of a board's Redis backend
+/// ([`QuotaBoard::redis_status`](super::QuotaBoard::redis_status)).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct RedisStatus {
@@ -433,10 +439,11 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// The Redis side of a board: connection, script, local mirror and fallback, health.
+/// The Redis side of a board: connection, script, local mirror, health. The board used
+/// during outages is the caller's (it lives in `board.rs`): this side says when to use it
+/// ([`serves_fallback`](Self::serves_fallback), [`RemoteGrant::Fallback`]).
 pub(crate) struct RedisShared {
     mirror: Arc<LocalBackend>,
-    fallback: QuotaBoard,
     client: redis::Client,
     conn: Mutex<Option<ConnectionManager>>,
     script: redis::Script,
@@ -497,7 +504,18 @@ impl fmt::Debug for RedisShared {
 /// The Redis path of an [`Acquire`](super::Acquire): its future, `None` when the local path
 /// applies after all (the store had no limits to adopt).
 type RemoteAcquire =
-    Pin<Box<dyn Future<Output = Option<Result<Reservation, AcquireError>>> + Send>>;
+    Pin<Box<dyn Future<Output = Option<Result<RemoteGrant, AcquireError>>> + Send>>;
+
+/// How the Redis path of an [`Acquire`](super::Acquire) ends when it does not fail.
+#[derive(Debug)]
+pub(crate) enum RemoteGrant {
+    /// Taken (in Redis; or without limit, when the limits were forgotten meanwhile): the
+    /// board wraps it into a reservation of its own.
+    Granted(Grant),
+    /// Redis is down and the board fails open: the acquire continues on the board's outage
+    /// fallback (counted in [`RedisStatus::fallback_acquires`]).
+    Fallback,
+}
 
 /// The Redis side of one [`Acquire`](super::Acquire).
 #[derive(Default)]
@@ -572,10 +590,6 @@ fn cap_arg(cap: Option<u64>) -> i64 {
 }
 
 impl RedisShared {
-    pub(crate) fn fallback(&self) -> &QuotaBoard {
-        &self.fallback
-    }
-
     pub(crate) fn share_of(&self, limits: Limits) -> Limits {
         share_of(limits, self.share)
     }
@@ -584,9 +598,10 @@ impl RedisShared {
         self.degraded.load(Ordering::Acquire)
     }
 
-    /// The fallback board while Redis is down and the board fails open.
-    pub(crate) fn degraded_board(&self) -> Option<&QuotaBoard> {
-        (self.is_degraded() && !self.options.fail_closed).then_some(&self.fallback)
+    /// Whether the board's outage fallback serves now: Redis is down and the board fails
+    /// open.
+    pub(crate) fn serves_fallback(&self) -> bool {
+        self.is_degraded() && !self.options.fail_closed
     }
 
     fn redis_key(&self, key: &KeyId, group: &RateLimitGroup) -> String {
@@ -923,8 +938,9 @@ impl RedisShared {
         )
     }
 
-    /// The synchronous check of [`QuotaBoard::try_acquire_inner`]: `None` lets the local
-    /// backend decide (limits unknown: the probe path).
+    /// The synchronous check of
+    /// [`QuotaBoard::try_acquire_inner`](super::QuotaBoard::try_acquire_inner): `None` lets
+    /// the local backend decide (limits unknown: the probe path).
     pub(crate) fn try_acquire_check(
         &self,
         key: &KeyId,
@@ -1000,7 +1016,8 @@ impl RedisShared {
         spawn(async move { shared.send(op).await });
     }
 
-    /// Re-seeds the Redis buckets (and the fallback) from response headers.
+    /// Re-seeds the Redis buckets from response headers (the board re-seeds its outage
+    /// fallback).
     pub(crate) fn observe(
         self: &Arc<Self>,
         key: &KeyId,
@@ -1019,7 +1036,6 @@ impl RedisShared {
         snap: &RateLimitSnapshot,
         grant: Option<&Grant>,
     ) {
-        self.fallback.observe(key, group, snap);
         // When these headers taught the limits, the requests that queued behind the probe
         // wait until Redis holds the server's view (which counts the probe): released
         // earlier, they would take from a fresh, full bucket.
@@ -1098,17 +1114,30 @@ impl RedisShared {
 }
 
 /// One look at the Redis buckets of a `(key, group)` without waiting (see
-/// [`QuotaBoard::try_shared`]).
-pub(crate) enum SharedTry {
+/// [`QuotaBoard::try_shared`](super::QuotaBoard::try_shared)): `G` is what was taken, a
+/// [`Grant`] here, a [`Reservation`](super::Reservation) once the board wraps it.
+pub(crate) enum SharedTry<G> {
     /// Taken.
-    Granted(Reservation),
+    Granted(G),
     /// Not now: the buckets hold the cost after this long (without refunds).
     Wait(Duration),
     /// Larger than the buckets.
     TooLarge(AcquireError),
     /// Not decidable in one round trip (limits unknown here, being seeded, or Redis down):
-    /// use [`QuotaBoard::acquire`].
+    /// use [`QuotaBoard::acquire`](super::QuotaBoard::acquire).
     Acquire,
+}
+
+impl<G> SharedTry<G> {
+    /// The same answer with what was taken mapped by `f`.
+    pub(crate) fn map<H>(self, f: impl FnOnce(G) -> H) -> SharedTry<H> {
+        match self {
+            SharedTry::Granted(g) => SharedTry::Granted(f(g)),
+            SharedTry::Wait(d) => SharedTry::Wait(d),
+            SharedTry::TooLarge(e) => SharedTry::TooLarge(e),
+            SharedTry::Acquire => SharedTry::Acquire,
+        }
+    }
 }
 
 impl RedisShared {
@@ -1118,13 +1147,12 @@ impl RedisShared {
     /// caller's next waiter holds its place from the instant this one is served.
     pub(crate) async fn try_once(
         self: &Arc<Self>,
-        board: &QuotaBoard,
         key: &KeyId,
         group: &RateLimitGroup,
         cost: Cost,
         ticket: i64,
         place: &mut Place,
-    ) -> SharedTry {
+    ) -> SharedTry<Grant> {
         if self.is_degraded() {
             return SharedTry::Acquire;
         }
@@ -1198,12 +1226,7 @@ impl RedisShared {
                             answered: false,
                             id,
                         };
-                        SharedTry::Granted(board.reservation(
-                            key.clone(),
-                            group.clone(),
-                            cost,
-                            grant,
-                        ))
+                        SharedTry::Granted(grant)
                     }
                     "large" => SharedTry::TooLarge(AcquireError::new(
                         AcquireErrorKind::RequestTooLarge,
@@ -1245,13 +1268,10 @@ impl Drop for Leave {
 /// One acquire on the Redis path.
 struct SharedAcquire {
     shared: Arc<RedisShared>,
-    board: QuotaBoard,
     key: KeyId,
     group: RateLimitGroup,
     cost: Cost,
     deadline: Option<Instant>,
-    /// Its place in the local fallback's fair queue while Redis is down.
-    tenant: Option<crate::tenant::Tenant>,
 }
 
 impl SharedAcquire {
@@ -1259,7 +1279,7 @@ impl SharedAcquire {
     /// then acquire in Redis. When nobody knows them, one process at a time learns them (the
     /// learning lock): `None` when it is this one (the local probe path), else wait for the
     /// limits to appear (or for the lock to be released or to expire, then try again).
-    async fn adopt_then_run(self) -> Option<Result<Reservation, AcquireError>> {
+    async fn adopt_then_run(self) -> Option<Result<RemoteGrant, AcquireError>> {
         let (shared, key, group) = (&self.shared, &self.key, &self.group);
         // Waiting for another process to learn the limits holds a place in the line.
         let mut ticket = self.ticket();
@@ -1289,8 +1309,8 @@ impl SharedAcquire {
                     tokio::time::sleep_until(wake).await;
                 }
                 Err(e) => {
-                    // Redis is down: the acquire below takes the local fallback (or fails
-                    // closed).
+                    // Redis is down: the acquire below ends on the board's local fallback
+                    // (or fails closed).
                     shared.mark_down(&e);
                     break;
                 }
@@ -1310,18 +1330,16 @@ impl SharedAcquire {
         }
     }
 
-    /// Takes in Redis, or waits as long as Redis says (or until a local refund), or falls
-    /// back to local buckets when Redis is down. `ticket`: this acquire's place in the line
-    /// across processes; left when it ends either way.
-    async fn run(self, mut ticket: Leave) -> Result<Reservation, AcquireError> {
+    /// Takes in Redis, or waits as long as Redis says (or until a local refund), or hands
+    /// the acquire to the board's local fallback when Redis is down. `ticket`: this
+    /// acquire's place in the line across processes; left when it ends either way.
+    async fn run(self, mut ticket: Leave) -> Result<RemoteGrant, AcquireError> {
         let Self {
             shared,
-            board,
             key,
             group,
             cost,
             deadline,
-            tenant,
         } = self;
         loop {
             if shared.is_degraded() {
@@ -1337,12 +1355,7 @@ impl SharedAcquire {
                     .counters
                     .fallback_acquires
                     .fetch_add(1, Ordering::Relaxed);
-                return shared
-                    .fallback
-                    .acquire(key, group, cost)
-                    .deadline(deadline)
-                    .tenant_opt(tenant)
-                    .await;
+                return Ok(RemoteGrant::Fallback);
             }
             let Some(caps) = shared.mirror.capacities(&key, &group) else {
                 // Limits forgotten meanwhile (cannot happen for configured limits): no limit.
@@ -1356,7 +1369,7 @@ impl SharedAcquire {
                     answered: false,
                     id: 0,
                 };
-                return Ok(board.reservation(key, group, cost, grant));
+                return Ok(RemoteGrant::Granted(grant));
             };
             // As in the in-process board: the output reservation and anything over a learned
             // (not configured) limit are clamped to the capacity.
@@ -1386,7 +1399,7 @@ impl SharedAcquire {
                                 answered: false,
                                 id,
                             };
-                            return Ok(board.reservation(key, group, cost, grant));
+                            return Ok(RemoteGrant::Granted(grant));
                         }
                         "large" => {
                             return Err(AcquireError::new(
@@ -1436,30 +1449,21 @@ impl SharedAcquire {
 /// (no Redis backend, or limits unknown here and in the store: the probe gate).
 pub(crate) fn poll_remote(
     shared: &Arc<RedisShared>,
-    board: &QuotaBoard,
     remote: &mut RemoteState,
     at_start: bool,
-    (key, group, cost, deadline, tenant): (
-        &KeyId,
-        &RateLimitGroup,
-        Cost,
-        Option<Instant>,
-        Option<&crate::tenant::Tenant>,
-    ),
+    (key, group, cost, deadline): (&KeyId, &RateLimitGroup, Cost, Option<Instant>),
     cx: &mut Context<'_>,
-) -> Option<Poll<Result<Reservation, AcquireError>>> {
+) -> Option<Poll<Result<RemoteGrant, AcquireError>>> {
     if remote.fut.is_none() {
         if !at_start {
             return None;
         }
         let job = SharedAcquire {
             shared: shared.clone(),
-            board: board.clone(),
             key: key.clone(),
             group: group.clone(),
             cost,
             deadline,
-            tenant: tenant.cloned(),
         };
         let fut: RemoteAcquire = if shared.is_degraded() {
             Box::pin(async move {
@@ -1520,7 +1524,7 @@ async fn connect(client: &redis::Client, options: &RedisOptions) -> Option<Conne
 
 impl RedisShared {
     /// Connects to the Redis server at `url` (once, within the connect timeout) for a board
-    /// whose in-process buckets are `mirror` and whose store during outages is `fallback`.
+    /// whose in-process buckets are `mirror`.
     /// An unreachable server is not an error: the store starts degraded and a background
     /// probe switches to Redis when it answers.
     ///
@@ -1529,7 +1533,6 @@ impl RedisShared {
         url: &str,
         options: RedisOptions,
         mirror: Arc<LocalBackend>,
-        fallback: QuotaBoard,
     ) -> Result<Arc<Self>, RedisSetupError> {
         let client = redis::Client::open(url).map_err(|source| RedisSetupError {
             kind: RedisSetupErrorKind::InvalidUrl,
@@ -1539,7 +1542,6 @@ impl RedisShared {
         let connected = conn.is_some();
         let shared = Arc::new(RedisShared {
             mirror,
-            fallback,
             client,
             conn: Mutex::new(conn),
             script: redis::Script::new(SCRIPT),
