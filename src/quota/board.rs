@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 use super::error::{AcquireError, AcquireErrorKind};
 use super::local::{Check, Enqueued, Grant, LocalBackend, Origin, Outcome, WaitPoll};
 use super::prompt_cache::{DEFAULT_PREFIX_CAPACITY, PromptCacheMemory};
-use super::types::{Cost, Headroom, Limits, QuotaStatus};
+use super::types::{BucketHeadroom, Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
 use crate::tenant::Tenant;
 
@@ -401,7 +401,7 @@ impl QuotaBoard {
         let Some(h) = self.headroom(err.key(), err.group()) else {
             return err;
         };
-        let limit = |b: Option<super::BucketHeadroom>| b.map_or(u64::MAX, |b| b.limit);
+        let limit = |b: Option<BucketHeadroom>| b.map_or(u64::MAX, |b| b.limit);
         let limits = Limits::new(
             limit(h.requests),
             limit(h.input_tokens),
@@ -602,8 +602,9 @@ enum Backend {
 struct RemoteState {
     /// The Redis path.
     redis: redis::RemoteState,
-    /// The acquire on the outage fallback, once the Redis path handed over to it.
-    fallback: Option<Box<Acquire>>,
+    /// The acquire on the outage fallback, once the Redis path handed over to it, and the
+    /// Redis path's ticket, left (when dropped) as that acquire ends.
+    fallback: Option<(Box<Acquire>, redis::Leave)>,
 }
 /// The Redis side of one [`Acquire`] (nothing without the `redis` feature).
 #[cfg(not(feature = "redis"))]
@@ -801,16 +802,16 @@ impl Backend {
                                 board.reservation(key.clone(), group.clone(), cost, grant);
                             return Some(Poll::Ready(Ok(reservation)));
                         }
-                        Poll::Ready(Ok(RemoteGrant::Fallback)) => {
+                        Poll::Ready(Ok(RemoteGrant::Fallback(ticket))) => {
                             let outage = fallback
                                 .acquire(key.clone(), group.clone(), cost)
                                 .deadline(deadline)
                                 .tenant_opt(tenant.cloned());
-                            remote.fallback = Some(Box::new(outage));
+                            remote.fallback = Some((Box::new(outage), ticket));
                         }
                     }
                 }
-                let outage = remote.fallback.as_mut()?;
+                let (outage, _ticket) = remote.fallback.as_mut()?;
                 let polled = Pin::new(&mut **outage).poll(cx);
                 if polled.is_ready() {
                     remote.fallback = None;

@@ -507,14 +507,14 @@ type RemoteAcquire =
     Pin<Box<dyn Future<Output = Option<Result<RemoteGrant, AcquireError>>> + Send>>;
 
 /// How the Redis path of an [`Acquire`](super::Acquire) ends when it does not fail.
-#[derive(Debug)]
 pub(crate) enum RemoteGrant {
     /// Taken (in Redis; or without limit, when the limits were forgotten meanwhile): the
     /// board wraps it into a reservation of its own.
     Granted(Grant),
     /// Redis is down and the board fails open: the acquire continues on the board's outage
-    /// fallback (counted in [`RedisStatus::fallback_acquires`]).
-    Fallback,
+    /// fallback (counted in [`RedisStatus::fallback_acquires`]). The acquire's ticket in the
+    /// Redis line goes with it, to be left when the fallback's acquire ends.
+    Fallback(Leave),
 }
 
 /// The Redis side of one [`Acquire`](super::Acquire).
@@ -1355,7 +1355,7 @@ impl SharedAcquire {
                     .counters
                     .fallback_acquires
                     .fetch_add(1, Ordering::Relaxed);
-                return Ok(RemoteGrant::Fallback);
+                return Ok(RemoteGrant::Fallback(ticket));
             }
             let Some(caps) = shared.mirror.capacities(&key, &group) else {
                 // Limits forgotten meanwhile (cannot happen for configured limits): no limit.
