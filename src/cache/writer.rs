@@ -10,8 +10,15 @@ use tokio::sync::{Notify, mpsc};
 use super::key::{CacheKey, KeyMap};
 use super::store::{CacheStore, CachedResponse, ModelSet};
 
-/// The most entries stored in one batch (one redb transaction, one Redis pipeline).
-pub(crate) const MAX_BATCH: usize = 256;
+/// A batch the writer does not linger for more of: it is written as soon as this many
+/// answers wait.
+pub(crate) const FULL_BATCH: usize = 256;
+
+/// The most entries stored in one batch (one redb transaction, one Redis pipeline). Above
+/// [`FULL_BATCH`]: answers that queued while the store was busy (a durable commit that took
+/// tens of milliseconds on a disk shared with other work) are written together, so that a slow
+/// commit is paid once for all of them and the queue drains instead of overflowing.
+pub(crate) const MAX_BATCH: usize = 1024;
 
 /// After the first entry of a batch arrives, the writer waits this long for more, so that a
 /// busy proxy commits a few large transactions a second rather than one per answer (each a
@@ -120,7 +127,7 @@ impl Writer {
             Ok(()) => {
                 // The writer holds a batch's first entry while it lingers: with the queue's
                 // it has a whole batch, and need not wait longer.
-                if tx.max_capacity() - tx.capacity() >= MAX_BATCH - 1 {
+                if tx.max_capacity() - tx.capacity() >= FULL_BATCH - 1 {
                     self.batch_ready.notify_waiters();
                 }
             }
@@ -217,9 +224,9 @@ async fn run(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if batch.len() < MAX_BATCH {
+        if batch.len() < FULL_BATCH {
             let ready = batch_ready.notified();
-            if batch.len() + rx.len() < MAX_BATCH {
+            if batch.len() + rx.len() < FULL_BATCH {
                 let linger = tokio::time::sleep(LINGER);
                 let outcome = tokio::select! {
                     () = linger => "linger",
@@ -247,8 +254,15 @@ async fn run(
                 (key, entry, ttl.saturating_sub(queued.elapsed()))
             })
             .collect();
+        let started = tokio::time::Instant::now();
         let result = store.put_batch(jobs).await;
         drop(store);
+        tracing::debug!(
+            entries = n,
+            took_us = started.elapsed().as_micros() as u64,
+            queued = rx.len(),
+            "cache batch written"
+        );
         let Some(writer) = writer.upgrade() else {
             return;
         };
@@ -301,12 +315,15 @@ mod tests {
 
 #[cfg(test)]
 mod batching {
+    use futures_util::FutureExt;
+
     use super::*;
     use crate::cache::StoreFuture;
 
-    /// A store that records the size of every batch it is given and stores nothing.
+    /// A store that records the size of every batch it is given and stores nothing; a batch
+    /// takes `.1` to write.
     #[derive(Default)]
-    struct Batches(Mutex<Vec<usize>>);
+    struct Batches(Mutex<Vec<usize>>, Duration);
 
     impl CacheStore for Batches {
         fn get(&self, _key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
@@ -324,7 +341,7 @@ mod batching {
 
         fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
             self.0.lock().unwrap().push(entries.len());
-            Box::pin(std::future::ready(Ok(())))
+            Box::pin(tokio::time::sleep(self.1).map(Ok))
         }
     }
 
@@ -351,17 +368,17 @@ mod batching {
     #[tokio::test(start_paused = true)]
     async fn a_burst_is_written_in_whole_batches_at_once() {
         let store = Arc::new(Batches::default());
-        let writer = Writer::new(store.clone(), 2 * MAX_BATCH);
+        let writer = Writer::new(store.clone(), 2 * FULL_BATCH);
         let start = tokio::time::Instant::now();
-        for i in 0..8 * MAX_BATCH {
+        for i in 0..8 * FULL_BATCH {
             writer.enqueue(key(i), entry(), TTL);
             // The writer task runs between requests, as in a server.
             tokio::task::yield_now().await;
         }
         writer.flush().await;
         let batches = store.0.lock().unwrap().clone();
-        assert_eq!(batches.iter().sum::<usize>(), 8 * MAX_BATCH, "{batches:?}");
-        assert!(batches.iter().all(|&n| n == MAX_BATCH), "{batches:?}");
+        assert_eq!(batches.iter().sum::<usize>(), 8 * FULL_BATCH, "{batches:?}");
+        assert!(batches.iter().all(|&n| n == FULL_BATCH), "{batches:?}");
         assert!(start.elapsed() < LINGER, "{:?}", start.elapsed());
     }
 
@@ -369,7 +386,7 @@ mod batching {
     #[tokio::test(start_paused = true)]
     async fn a_quiet_queue_lingers_to_share_a_batch() {
         let store = Arc::new(Batches::default());
-        let writer = Writer::new(store.clone(), 2 * MAX_BATCH);
+        let writer = Writer::new(store.clone(), 2 * FULL_BATCH);
         let start = tokio::time::Instant::now();
         writer.enqueue(key(0), entry(), TTL);
         tokio::time::sleep(LINGER / 4).await;
@@ -380,5 +397,27 @@ mod batching {
         assert_eq!(*store.0.lock().unwrap(), [3]);
         assert!(start.elapsed() >= LINGER);
         assert!(writer.pending(&key(2)).is_none());
+    }
+
+    /// Answers that queue while the store is slow are written together (up to `MAX_BATCH`),
+    /// so that the queue drains instead of overflowing: 10k answers a second into a store that
+    /// takes 50 ms per batch, a queue of 1024, nothing dropped. (Batches of at most 256 drained
+    /// 5k a second and dropped the rest.)
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_written_in_larger_batches() {
+        let store = Arc::new(Batches(Mutex::default(), Duration::from_millis(50)));
+        let writer = Writer::new(store.clone(), 4 * FULL_BATCH);
+        // Ten a millisecond (the timer's resolution).
+        for i in 0..10_000 {
+            writer.enqueue(key(i), entry(), TTL);
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        writer.flush().await;
+        let batches = store.0.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 10_000, "{batches:?}");
+        assert!(batches.iter().any(|&n| n > FULL_BATCH), "{batches:?}");
+        assert!(batches.iter().all(|&n| n <= MAX_BATCH), "{batches:?}");
     }
 }
