@@ -90,7 +90,7 @@
 //! # Storing: after delivery, in batches
 //!
 //! The store is never on the request path. A complete answer is handed to a bounded queue
-//! ([`write_queue`](CacheLayer::write_queue), 1024 by default) and the response goes on at
+//! ([`write_queue`](CacheLayer::write_queue), 4096 by default) and the response goes on at
 //! once; a background task writes the queue in batches ([`CacheStore::put_batch`]: one redb
 //! transaction, committed durably, so a crash loses at most that batch). A batch is what
 //! arrives within 100 ms of its first answer, written at once when 256 answers wait; answers
