@@ -11,8 +11,14 @@ use super::key::{CacheKey, KeyMap};
 use super::store::{CacheStore, CachedResponse, ModelSet};
 
 /// A batch the writer does not linger for more of: it is written as soon as this many
-/// answers wait.
+/// answers wait (or the whole queue, when it is smaller: see [`full_batch`]).
 pub(crate) const FULL_BATCH: usize = 256;
+
+/// The batch the writer stops lingering at for a queue of `capacity`: [`FULL_BATCH`], or the
+/// whole queue when it holds fewer (a full queue drops answers: never linger into that).
+fn full_batch(capacity: usize) -> usize {
+    FULL_BATCH.min(capacity).max(1)
+}
 
 /// The most entries stored in one batch (one redb transaction, one Redis pipeline). Above
 /// [`FULL_BATCH`]: answers that queued while the store was busy (a durable commit that took
@@ -127,7 +133,7 @@ impl Writer {
             Ok(()) => {
                 // The writer holds a batch's first entry while it lingers: with the queue's
                 // it has a whole batch, and need not wait longer.
-                if tx.max_capacity() - tx.capacity() >= FULL_BATCH - 1 {
+                if tx.max_capacity() - tx.capacity() >= full_batch(self.capacity) - 1 {
                     self.batch_ready.notify_waiters();
                 }
             }
@@ -222,11 +228,12 @@ async fn run(
     batch_ready: Arc<Notify>,
     mut rx: mpsc::Receiver<Job>,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let full = full_batch(rx.max_capacity());
+    let mut batch = Vec::with_capacity(full);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if batch.len() < FULL_BATCH {
+        if batch.len() < full {
             let ready = batch_ready.notified();
-            if batch.len() + rx.len() < FULL_BATCH {
+            if batch.len() + rx.len() < full {
                 let linger = tokio::time::sleep(LINGER);
                 let outcome = tokio::select! {
                     () = linger => "linger",
@@ -419,5 +426,22 @@ mod batching {
         assert_eq!(batches.iter().sum::<usize>(), 10_000, "{batches:?}");
         assert!(batches.iter().any(|&n| n > FULL_BATCH), "{batches:?}");
         assert!(batches.iter().all(|&n| n <= MAX_BATCH), "{batches:?}");
+    }
+
+    /// A queue smaller than a batch is written when it is full, not after the linger (it
+    /// would drop what arrives meanwhile).
+    #[tokio::test(start_paused = true)]
+    async fn a_small_queue_is_written_when_full() {
+        let store = Arc::new(Batches::default());
+        let writer = Writer::new(store.clone(), 8);
+        let start = tokio::time::Instant::now();
+        for i in 0..64 {
+            writer.enqueue(key(i), entry(), TTL);
+            tokio::task::yield_now().await;
+        }
+        writer.flush().await;
+        let batches = store.0.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 64, "{batches:?}");
+        assert!(start.elapsed() < LINGER, "{:?}", start.elapsed());
     }
 }
