@@ -3,6 +3,9 @@
 #
 #   scripts/bench-proxy.sh                 # build the release proxy, run every target
 #   DURATION=5 CONNS="1 32" scripts/bench-proxy.sh
+#   ROUNDS=10 BASE=proxy:off PROXY_CONFIGS="off:--cache-mode off;disk:--cache-mode all" \
+#     scripts/bench-proxy.sh      # ten rounds over the same processes, then medians, and each
+#                                 # target against BASE round by round (x_base, p50-base)
 #   PROXY_BIN=/tmp/old/claude-proxy scripts/bench-proxy.sh     # an older build, same script
 #   PROXY_CONFIGS="nocache:--cache false" scripts/bench-proxy.sh
 #   PROXY_CONFIGS="old@/tmp/old/claude-proxy:--cache-mode off;new:--cache-mode off" \
@@ -36,6 +39,8 @@ TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
 FLOOR="${FLOOR:-1}"
 FLOOR_BIN="${FLOOR_BIN:-}"
+ROUNDS="${ROUNDS:-1}"
+BASE="${BASE:-}"
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -83,21 +88,25 @@ pids+=($!)
 wait_port "$up_port"
 wait_port "$ngx_port"
 
-# A 2 KB request with a prompt distinct on every request (thread id + counter).
+# A 2 KB request with a prompt distinct on every request: the run's nonce (NONCE, distinct for
+# every wrk run), the thread's number and a counter. (The script before issue 13's sixth pass
+# built its prompts from a chunk-level `local tid`, which `thread:set("tid", ..)` does not
+# reach, and a counter: every wrk run sent the same prompts, so a caching proxy served every
+# row after its first, the 32-connection row after the 1-connection one included, partly
+# from its cache.)
 cat >"$work/post.lua" <<'EOF'
 local counter = 0
-local tid = 0
+local threads = 0
+local nonce = os.getenv("NONCE") or tostring(os.time())
 local pad = string.rep("lorem ipsum dolor sit amet ", 70)
 function setup(thread)
-  thread:set("tid", math.random(1, 1000000000))
-end
-function init(args)
-  tid = tid or 0
+  threads = threads + 1
+  thread:set("tid", threads)
 end
 request = function()
   counter = counter + 1
   local body = '{"model":"claude-sonnet-4-6","max_tokens":256,"messages":[{"role":"user","content":"task '
-    .. tid .. "-" .. counter .. " " .. pad .. '"}]}'
+    .. nonce .. "-" .. tostring(tid) .. "-" .. counter .. " " .. pad .. '"}]}'
   return wrk.format("POST", "/v1/messages", {
     ["content-type"] = "application/json",
     ["anthropic-version"] = "2023-06-01",
@@ -142,23 +151,72 @@ done
 
 echo "claude-proxy: $PROXY_BIN"
 echo "wrk ${DURATION}s per row, $THREADS thread(s); $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-for c in $CONNS; do
-  t=$THREADS
-  [ "$t" -gt "$c" ] && t=$c
-  declare -A rps=() p50=() p99=() errs=()
-  for i in "${!names[@]}"; do
-    out=$(wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:${ports[$i]}" | grep '^RESULT')
-    read -r _ r l50 l99 e <<<"$out"
-    rps[$i]=$r; p50[$i]=$l50; p99[$i]=$l99; errs[$i]=$e
+results="$work/results.tsv"
+: >"$results"
+n=${#names[@]}
+for round in $(seq 1 "$ROUNDS"); do
+  for c in $CONNS; do
+    t=$THREADS
+    [ "$t" -gt "$c" ] && t=$c
+    declare -A rps=() p50=() p99=() errs=()
+    # Round r measures the targets in an order rotated by r - 1 (direct and nginx included),
+    # so that no target is always measured first or right after another.
+    for k in $(seq 0 $((n - 1))); do
+      i=$(((k + round - 1) % n))
+      out=$(NONCE="$$-$round-$c-$i-$(date +%s%N)" wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:${ports[$i]}" | grep '^RESULT')
+      read -r _ r l50 l99 e <<<"$out"
+      rps[$i]=$r; p50[$i]=$l50; p99[$i]=$l99; errs[$i]=$e
+    done
+    echo
+    if [ "$ROUNDS" -gt 1 ]; then
+      echo "== $c connection(s), round $round of $ROUNDS; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    else
+      echo "== $c connection(s)"
+    fi
+    printf '%-18s %10s %9s %9s %10s %9s %7s\n' target req/s p50_ms p99_ms added_p50 x_nginx errors
+    for i in "${!names[@]}"; do
+      added="—"
+      [ "$i" -gt 0 ] && added=$(awk -v a="${p50[$i]}" -v b="${p50[0]}" 'BEGIN{printf "%+.3f", a-b}')
+      ratio=$(awk -v a="${rps[$i]}" -v b="${rps[1]}" 'BEGIN{printf "%.2f", a/b}')
+      printf '%-18s %10.0f %9.3f %9.3f %10s %9s %7s\n' "${names[$i]}" "${rps[$i]}" "${p50[$i]}" "${p99[$i]}" "$added" "$ratio" "${errs[$i]}"
+      printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$c" "${names[$i]}" "${rps[$i]}" "${p50[$i]}" >>"$results"
+    done
+    unset rps p50 p99 errs
   done
-  echo
-  echo "== $c connection(s)"
-  printf '%-18s %10s %9s %9s %10s %9s %7s\n' target req/s p50_ms p99_ms added_p50 x_nginx errors
-  for i in "${!names[@]}"; do
-    added="—"
-    [ "$i" -gt 0 ] && added=$(awk -v a="${p50[$i]}" -v b="${p50[0]}" 'BEGIN{printf "%+.3f", a-b}')
-    ratio=$(awk -v a="${rps[$i]}" -v b="${rps[1]}" 'BEGIN{printf "%.2f", a/b}')
-    printf '%-18s %10.0f %9.3f %9.3f %10s %9s %7s\n' "${names[$i]}" "${rps[$i]}" "${p50[$i]}" "${p99[$i]}" "$added" "$ratio" "${errs[$i]}"
-  done
-  unset rps p50 p99 errs
 done
+
+# Several rounds: medians over the rounds, and each target against BASE paired round by
+# round (the machine's state drifts between rounds more than between neighbouring rows).
+if [ "$ROUNDS" -gt 1 ]; then
+  python3 - "$results" "$BASE" <<'PY'
+import collections, statistics, sys
+rows = collections.defaultdict(dict)  # (conns, target) -> round -> (rps, p50)
+order = []
+for line in open(sys.argv[1]):
+    r, c, name, rps, p50 = line.split("\t")
+    if (c, name) not in rows:
+        order.append((c, name))
+    rows[(c, name)][r] = (float(rps), float(p50))
+base = sys.argv[2]
+med = statistics.median
+for conns in dict.fromkeys(c for c, _ in order):
+    print(f"\n== {conns} connection(s), medians of {len(rows[(conns, 'direct')])} rounds"
+          + (f"; vs {base}: per round ratio of req/s and difference of p50, then their median" if base else ""))
+    print(f"{'target':18} {'req/s':>10} {'p50_ms':>9} {'added_p50':>10}"
+          + (f" {'x_base':>8} {'p50-base':>9}  rounds: x_base; p50-base" if base else ""))
+    direct = rows[(conns, "direct")]
+    b = rows.get((conns, base), {})
+    for c, name in order:
+        if c != conns:
+            continue
+        d = rows[(c, name)]
+        added = med(d[r][1] - direct[r][1] for r in d)
+        line = f"{name:18} {med(v[0] for v in d.values()):10.0f} {med(v[1] for v in d.values()):9.3f} {added:+10.3f}"
+        if b:
+            ratios = [d[r][0] / b[r][0] for r in d]
+            diffs = [d[r][1] - b[r][1] for r in d]
+            line += (f" {med(ratios):8.2f} {med(diffs):+9.3f}  " + ",".join(f"{x:.2f}" for x in ratios)
+                     + "; " + ",".join(f"{x:+.3f}" for x in diffs))
+        print(line)
+PY
+fi

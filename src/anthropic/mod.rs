@@ -11,7 +11,7 @@ mod headers;
 mod key;
 mod meta;
 mod models;
-mod recent;
+pub(crate) mod recent;
 mod scan;
 mod usage;
 

@@ -105,18 +105,49 @@ impl Partition {
         headers: &HeaderMap,
         default_tenant: Option<&Tenant>,
     ) -> Self {
-        let mut h = blake3::Hasher::new_keyed(secret);
-        if let Some(t) = extensions.get::<Tenant>().or(default_tenant) {
-            h.update(b"tenant\0");
-            h.update(t.as_str().as_bytes());
-        } else if let Some(key) = api_key(headers) {
-            h.update(b"api-key\0");
-            h.update(key);
-        } else {
-            h.update(b"anonymous\0");
+        let (tag, value): (&[u8], &[u8]) =
+            if let Some(t) = extensions.get::<Tenant>().or(default_tenant) {
+                (b"tenant\0", t.as_str().as_bytes())
+            } else if let Some(key) = api_key(headers) {
+                (b"api-key\0", key)
+            } else {
+                (b"anonymous\0", b"")
+            };
+        let derive = || {
+            let mut h = blake3::Hasher::new_keyed(secret);
+            h.update(tag);
+            h.update(value);
+            Self(*h.finalize().as_bytes())
+        };
+        // The same caller sends request after request: remember the last few partitions
+        // this thread derived (a keyed BLAKE3 is ~1k instructions per request), by the
+        // secret, the tag and the value (the memo holds them in this thread's memory only,
+        // as `KeyId`'s memo holds API keys; never logged).
+        let len = secret.len() + tag.len() + value.len();
+        if len > MEMO_INPUT {
+            return derive();
         }
-        Self(*h.finalize().as_bytes())
+        let mut input = [0u8; MEMO_INPUT];
+        input[..32].copy_from_slice(secret);
+        input[32..32 + tag.len()].copy_from_slice(tag);
+        input[32 + tag.len()..len].copy_from_slice(value);
+        let input = &input[..len];
+        if let Some(found) = RECENT.try_with(|r| r.borrow().get(input)).ok().flatten() {
+            return found;
+        }
+        let derived = derive();
+        let _ = RECENT.try_with(|r| r.borrow_mut().put(input, derived));
+        derived
     }
+}
+
+/// The longest input [`Partition::of`] remembers: the secret, a tag and a tenant id or API
+/// key of up to 256 bytes (API keys are about 100).
+const MEMO_INPUT: usize = 32 + 16 + 256;
+
+thread_local! {
+    static RECENT: std::cell::RefCell<crate::anthropic::recent::Recent<Partition>> =
+        const { std::cell::RefCell::new(crate::anthropic::recent::Recent::new(MEMO_INPUT)) };
 }
 
 fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
@@ -504,6 +535,52 @@ mod tests {
     fn canonical_refuses_what_is_not_an_object() {
         for body in [&b"[1]"[..], b"\"s\"", b"{", b"{\"a\":}", b"{} x", b""] {
             assert!(crate::anthropic::write_canonical(body, &mut Vec::new()).is_err());
+        }
+    }
+
+    /// The per-thread memo of partitions gives what a fresh derivation gives, for every
+    /// secret, tenant, API key and the anonymous partition, also after it evicted them, and
+    /// inputs too long for it are derived each time.
+    #[test]
+    fn remembered_partitions_are_the_derived_ones() {
+        fn derived(secret: &[u8; 32], tag: &[u8], value: &[u8]) -> Partition {
+            let mut h = blake3::Hasher::new_keyed(secret);
+            h.update(tag);
+            h.update(value);
+            Partition(*h.finalize().as_bytes())
+        }
+        let long = "k".repeat(400);
+        let ext = http::Extensions::new();
+        // One API key under two secrets (two cache layers), back to back: two partitions.
+        let mut same = HeaderMap::new();
+        same.insert("x-api-key", "sk-ant-same".parse().unwrap());
+        for secret in [[1u8; 32], [2; 32], [1; 32], [2; 32]] {
+            let want = derived(&secret, b"api-key\0", b"sk-ant-same");
+            assert_eq!(Partition::of(&secret, &ext, &same, None), want);
+            let tenant = Tenant::new("sk-ant-same");
+            let want = derived(&secret, b"tenant\0", b"sk-ant-same");
+            assert_eq!(Partition::of(&secret, &ext, &same, Some(&tenant)), want);
+        }
+        for round in 0..3 {
+            for secret in [[1u8; 32], [2; 32]] {
+                for i in 0..6 {
+                    let api_key = format!("sk-ant-{i}");
+                    let mut h = HeaderMap::new();
+                    h.insert("x-api-key", api_key.parse().unwrap());
+                    let want = derived(&secret, b"api-key\0", api_key.as_bytes());
+                    assert_eq!(Partition::of(&secret, &ext, &h, None), want, "{round} {i}");
+                    let tenant = Tenant::new(format!("team-{i}"));
+                    let want = derived(&secret, b"tenant\0", tenant.as_str().as_bytes());
+                    assert_eq!(Partition::of(&secret, &ext, &h, Some(&tenant)), want);
+                }
+                let none = HeaderMap::new();
+                let want = derived(&secret, b"anonymous\0", b"");
+                assert_eq!(Partition::of(&secret, &ext, &none, None), want);
+                let mut h = HeaderMap::new();
+                h.insert("x-api-key", long.parse().unwrap());
+                let want = derived(&secret, b"api-key\0", long.as_bytes());
+                assert_eq!(Partition::of(&secret, &ext, &h, None), want);
+            }
         }
     }
 
