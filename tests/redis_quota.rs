@@ -43,6 +43,19 @@ async fn redis_board(url: &str, prefix: &str, rpm: u64) -> QuotaBoard {
         .unwrap()
 }
 
+/// [`redis_board`] with a 2 s reply timeout, for tests that count shared grants: 100 ms on a
+/// loaded machine would put a call on the outage fallback.
+async fn patient_redis_board(url: &str, prefix: &str, rpm: u64) -> QuotaBoard {
+    QuotaBoard::builder()
+        .limits(group(), Limits::new(rpm, 1_000_000, 1_000_000))
+        .build_redis(
+            url,
+            options(prefix).response_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap()
+}
+
 /// A Redis board with no configured limits: it learns them from headers (or from Redis).
 async fn learning_board(url: &str, options: RedisOptions) -> QuotaBoard {
     QuotaBoard::builder()
@@ -657,7 +670,7 @@ async fn requests_admitted_by_redis_are_counted_in_flight() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let board = redis_board(&server.url(), "t9:", 50).await;
+    let board = patient_redis_board(&server.url(), "t9:", 50).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(
@@ -684,13 +697,14 @@ async fn a_hash_created_by_an_acquire_carries_the_capacities() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let configured = redis_board(&server.url(), "t12:", 30).await;
+    let patient = || options("t12:").response_timeout(Duration::from_secs(2));
+    let configured = patient_redis_board(&server.url(), "t12:", 30).await;
     configured
         .acquire(key(), group(), Cost::new(1, 1, 1))
         .await
         .unwrap()
         .settle(Cost::new(1, 1, 1));
-    let learning = learning_board(&server.url(), options("t12:")).await;
+    let learning = learning_board(&server.url(), patient()).await;
     let r = learning
         .acquire(key(), group(), Cost::new(1, 1, 1))
         .max_wait(Duration::from_secs(2))
