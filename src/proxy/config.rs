@@ -292,9 +292,9 @@ pub struct Cli {
     /// redb file of the disk cache, or `memory` [env: CLAUDE_PROXY_CACHE_PATH] [default: .tower-claude/cache.redb]
     #[arg(long, value_name = "PATH")]
     pub cache_path: Option<String>,
-    /// Cache size bound in bytes [env: CLAUDE_PROXY_CACHE_MAX_BYTES] [default: 268435456]
-    #[arg(long, value_name = "BYTES")]
-    pub cache_max_bytes: Option<u64>,
+    /// Cache size bound: bytes, or a number with KB, MB, GB, KiB, MiB or GiB [env: CLAUDE_PROXY_CACHE_MAX_BYTES] [default: 256MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub cache_max_bytes: Option<String>,
     /// Cap on in-flight upstream requests [env: CLAUDE_PROXY_MAX_IN_FLIGHT] [default: none]
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
@@ -392,7 +392,7 @@ struct FileConfig {
     cache_mode: Option<String>,
     cache_ttl: Option<toml::Value>,
     cache_path: Option<String>,
-    cache_max_bytes: Option<u64>,
+    cache_max_bytes: Option<toml::Value>,
     max_in_flight: Option<usize>,
     redis_url: Option<String>,
     expected_nodes: Option<u32>,
@@ -708,13 +708,13 @@ impl ProxyConfig {
             None => Some(PathBuf::from(".tower-claude/cache.redb")),
         };
         let cache_max_bytes = match pick(
-            &cli.cache_max_bytes.map(|v| v.to_string()),
+            &cli.cache_max_bytes,
             "cache-max-bytes",
             "CLAUDE_PROXY_CACHE_MAX_BYTES",
-            file.cache_max_bytes.map(|v| v.to_string()),
+            file.cache_max_bytes.as_ref().map(to_string),
             "cache_max_bytes",
         ) {
-            Some(s) => parse_num::<u64>(&s)?,
+            Some(s) => parse_size_setting(&s)?,
             None => 256 * 1024 * 1024,
         };
         let spend_path = match pick(
@@ -1270,6 +1270,55 @@ fn parse_duration_setting(s: &Setting) -> Result<Duration, ConfigError> {
     })
 }
 
+fn parse_size_setting(s: &Setting) -> Result<u64, ConfigError> {
+    parse_size(&s.value).ok_or_else(|| {
+        ConfigError::new(
+            &s.source,
+            format!(
+                "`{}` is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or GiB)",
+                s.value
+            ),
+        )
+    })
+}
+
+/// Parses `268435456`, `256MiB`, `256 MiB`, `1.5GB`, `64kib`: bare numbers are bytes;
+/// KB, MB, GB are powers of 1000, KiB, MiB, GiB of 1024 (any case). Like
+/// [`parse_duration`], a grammar this small is written out rather than taken from a crate.
+///
+/// ```
+/// use tower_claude::proxy::parse_size;
+///
+/// assert_eq!(parse_size("256MiB"), Some(256 * 1024 * 1024));
+/// assert_eq!(parse_size("1.5 GB"), Some(1_500_000_000));
+/// assert_eq!(parse_size("4096"), Some(4096));
+/// assert_eq!(parse_size("lots"), None);
+/// ```
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (s[..i].trim(), s[i..].trim()),
+        None => return s.parse().ok(),
+    };
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult);
+    }
+    let n: f64 = num.parse().ok()?;
+    let bytes = n * mult as f64;
+    // Below 2^53 an f64 holds every whole number of bytes exactly.
+    (n.is_finite() && (0.0..9.0e15).contains(&bytes)).then(|| bytes.round() as u64)
+}
+
 /// Parses `90`, `90s`, `1.5m`, `4h`, `1d`. Bare numbers are seconds, as `CACHE_TTL` users
 /// expect; the tiny grammar is written out here rather than pulling in a crate for it.
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -1530,6 +1579,40 @@ mod tests {
             let vars = env(&[("CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT", bad)]);
             let err = ProxyConfig::resolve(Cli::default(), &vars).unwrap_err();
             assert_eq!(err.field(), "CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT", "{bad}");
+        }
+    }
+
+    #[test]
+    fn cache_max_bytes_takes_sizes_from_every_source() {
+        let cfg = ProxyConfig::resolve(Cli::default(), &env(&[])).unwrap();
+        assert_eq!(cfg.cache_max_bytes, 256 * 1024 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        // A number in the file is bytes, as before; a string may carry a unit.
+        std::fs::write(&path, "cache_max_bytes = 1048576\n").unwrap();
+        let file = Cli {
+            config: Some(path.clone()),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(file.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.cache_max_bytes, 1 << 20);
+        std::fs::write(&path, "cache_max_bytes = \"64 MiB\"\n").unwrap();
+        let cfg = ProxyConfig::resolve(file.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.cache_max_bytes, 64 << 20);
+        // The environment over the file, the flag over both.
+        let vars = env(&[("CLAUDE_PROXY_CACHE_MAX_BYTES", "2GB")]);
+        let cfg = ProxyConfig::resolve(file.clone(), &vars).unwrap();
+        assert_eq!(cfg.cache_max_bytes, 2_000_000_000);
+        let flag = Cli {
+            cache_max_bytes: Some("512kib".into()),
+            ..file
+        };
+        let cfg = ProxyConfig::resolve(flag, &vars).unwrap();
+        assert_eq!(cfg.cache_max_bytes, 512 << 10);
+        for bad in ["-1", "1.5", "12 parsecs", "MiB", "99999999999GiB"] {
+            let vars = env(&[("CLAUDE_PROXY_CACHE_MAX_BYTES", bad)]);
+            let err = ProxyConfig::resolve(Cli::default(), &vars).unwrap_err();
+            assert_eq!(err.field(), "CLAUDE_PROXY_CACHE_MAX_BYTES", "{bad}");
         }
     }
 

@@ -27,7 +27,7 @@ mod tenants;
 
 pub use config::{
     Cli, ConfigError, GroupLimits, MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream,
-    parse_duration,
+    parse_duration, parse_size,
 };
 pub use error_response::error_response;
 pub use logging::{DEFAULT_LOG_FILTER, LogFormat, init_logging, log_colour};
