@@ -99,11 +99,11 @@ where
         }
     }
 
-    pub(crate) fn walking(fut: S::Future, mut walk: Walk<S>, service: S) -> Self {
+    pub(crate) fn walking(fut: S::Future, mut walk: Box<Walk<S>>, service: S) -> Self {
         walk.service = Some(service);
         Self {
             state: State::Calling { fut },
-            walk: Some(Box::new(walk)),
+            walk: Some(walk),
         }
     }
 }
@@ -335,6 +335,7 @@ impl<S> Walk<S> {
             body: body.clone(),
             meta: meta.clone().map(Box::new),
             max_server_wait,
+            key: self.key.clone(),
         });
         let mut req = self.request.with_body(body);
         if let Some(meta) = meta {
