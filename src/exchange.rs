@@ -47,8 +47,9 @@
 //! observation per upstream answer; with Redis each is a script call).
 //! In [`ClaudeStack`](crate::stack::ClaudeStack), where retry sits directly below fallback, a
 //! crate-private description of how fallback built each request from its copy (the copy, the
-//! body, the rewritten `RequestMeta`, the `MaxServerWait`) rides down to retry, which removes
-//! it and sends again from it instead of keeping a copy of its own.
+//! body, the rewritten `RequestMeta`, the `MaxServerWait`, the key id) rides down to retry,
+//! which removes it, takes the request's `RequestMeta` and key id from it (not read from the
+//! request again) and sends again from it instead of keeping a copy of its own.
 //!
 //! ```
 //! use tower_claude::exchange::{Deadline, NoFallback};

@@ -99,11 +99,11 @@ where
         }
     }
 
-    pub(crate) fn walking(fut: S::Future, mut walk: Walk<S>, service: S) -> Self {
+    pub(crate) fn walking(fut: S::Future, mut walk: Box<Walk<S>>, service: S) -> Self {
         walk.service = Some(service);
         Self {
             state: State::Calling { fut },
-            walk: Some(Box::new(walk)),
+            walk: Some(walk),
         }
     }
 }
@@ -223,6 +223,10 @@ pub(crate) struct Walk<S> {
     /// The request as the caller sent it, with its [`RequestMeta`] (read from there, not
     /// copied); shared with a retry layer directly below ([`Resend`]).
     request: Arc<RequestTemplate>,
+    /// The request as received, sent as it is when the first model sent is the requested one:
+    /// its header map keeps the room it was built with (a copy is cloned to its exact size,
+    /// and the attempt header retry adds would grow it).
+    received: Option<Request<RequestBody>>,
     requested: String,
     /// The request's chain (truncated at the floor), best model first.
     candidates: Arc<[String]>,
@@ -250,9 +254,12 @@ impl<S> Walk<S> {
         key: KeyId,
         cost: Cost,
     ) -> Self {
+        let (parts, body) = req.into_parts();
+        let template = RequestTemplate::new(Request::from_parts(parts.clone(), body.clone()));
         Self {
             config,
-            request: Arc::new(RequestTemplate::new(req)),
+            request: Arc::new(template),
+            received: Some(Request::from_parts(parts, body)),
             requested,
             candidates,
             key,
@@ -298,32 +305,35 @@ impl<S> Walk<S> {
     /// bytes for the requested model) and the `RequestMeta` extension updated, with
     /// [`MaxServerWait`] while a lower model is left once `visited` models (this one
     /// included) were sent to. `None` when the body cannot be rewritten.
-    fn build(&self, idx: usize, visited: usize) -> Option<Request<RequestBody>> {
+    fn build(&mut self, idx: usize, visited: usize) -> Option<Request<RequestBody>> {
         let model = &self.candidates[idx];
-        let (body, meta) = if *model == self.requested {
+        if *model == self.requested {
             // The template carries the request's own `RequestMeta`, for this very model.
-            (self.request.body().clone(), None)
-        } else {
-            let body = rewrite_model(self.request.body().bytes(), model).ok()?;
-            let mut meta = self.meta().clone();
-            meta.model = Some(model.clone());
-            (RequestBody::from(body), Some(meta))
-        };
-        Some(self.send(idx, visited, body, meta))
+            return Some(self.original(idx, visited));
+        }
+        let body = rewrite_model(self.request.body().bytes(), model).ok()?;
+        let mut meta = self.meta().clone();
+        meta.model = Some(model.clone());
+        Some(self.send(idx, visited, None, RequestBody::from(body), Some(meta)))
     }
 
     /// The request as the caller sent it (opt-out header removed), for candidate `idx`.
-    fn original(&self, idx: usize, visited: usize) -> Request<RequestBody> {
-        self.send(idx, visited, self.request.body().clone(), None)
+    fn original(&mut self, idx: usize, visited: usize) -> Request<RequestBody> {
+        let received = self.received.take();
+        self.send(idx, visited, received, self.request.body().clone(), None)
     }
 
     /// The template with `body` and `meta` (when set), marked with [`MaxServerWait`] while a
     /// lower model than `idx` is left; described in a [`Resend`] for a retry layer directly
     /// below (one copy of the request head for both layers).
+    ///
+    /// `received` is the request as received, sent instead of a copy of the template (whose
+    /// body `body` then is) the first time the requested model is sent.
     fn send(
         &self,
         idx: usize,
         visited: usize,
+        received: Option<Request<RequestBody>>,
         body: RequestBody,
         meta: Option<RequestMeta>,
     ) -> Request<RequestBody> {
@@ -335,8 +345,12 @@ impl<S> Walk<S> {
             body: body.clone(),
             meta: meta.clone().map(Box::new),
             max_server_wait,
+            key: self.key.clone(),
         });
-        let mut req = self.request.with_body(body);
+        let mut req = match received {
+            Some(req) => req,
+            None => self.request.with_body(body),
+        };
         if let Some(meta) = meta {
             req.extensions_mut().insert(meta);
         }

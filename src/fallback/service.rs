@@ -176,7 +176,8 @@ where
             return ResponseFuture::passthrough(self.inner.call(req));
         };
 
-        let mut walk = Walk::new(config, req, requested, candidates, key, cost);
+        // Built in its box: the walk (with its next request) is not moved again.
+        let mut walk = Box::new(Walk::new(config, req, requested, candidates, key, cost));
         let request = walk.first_request();
         // The ready service sends the first attempt; `self` keeps a fresh clone.
         let clone = self.inner.clone();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Request};
 
 use super::MaxServerWait;
-use crate::anthropic::RequestMeta;
+use crate::anthropic::{KeyId, RequestMeta};
 use crate::body::{RequestBody, RequestTemplate};
 
 /// A request extension (crate-private): the request is `template` with `body`, its
@@ -27,6 +27,8 @@ pub(crate) struct Resend {
     /// Boxed: set only for another model than the requested one (the extension stays small).
     pub(crate) meta: Option<Box<RequestMeta>>,
     pub(crate) max_server_wait: Option<MaxServerWait>,
+    /// The request's key, as [`KeyId::of_request`] read it (the layer above read it already).
+    pub(crate) key: KeyId,
 }
 
 impl Resend {
@@ -77,6 +79,7 @@ mod tests {
             body: RequestBody::from(bytes::Bytes::from_static(b"{}")),
             meta: Some(Box::new(other)),
             max_server_wait: Some(MaxServerWait(Duration::from_secs(3))),
+            key: KeyId::named("k"),
         };
         let req = resend.request();
         assert_eq!(req.headers()["x-api-key"], "k");
@@ -93,6 +96,7 @@ mod tests {
             body: RequestBody::empty(),
             meta: None,
             max_server_wait: None,
+            key: KeyId::named("k"),
         };
         assert_eq!(plain.meta().unwrap().model.as_deref(), Some("a"));
         assert!(

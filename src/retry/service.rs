@@ -89,7 +89,14 @@ where
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let config = &self.shared.config;
-        let (group, need) = match RequestMeta::get_or_scan(&mut req) {
+        // The layer directly above (fallback) described how it built this request: its
+        // `RequestMeta` and key come with the description, not read from the request again.
+        let resend = req.extensions_mut().remove::<Resend>();
+        let meta = match resend.as_ref().and_then(Resend::meta) {
+            Some(meta) => Ok(meta),
+            None => RequestMeta::get_or_scan(&mut req),
+        };
+        let (group, need) = match meta {
             Ok(meta) => (
                 match &meta.model {
                     Some(model) => config.catalog.group(model),
@@ -122,7 +129,10 @@ where
             }
         };
         let max_server_wait = req.extensions().get::<MaxServerWait>().map(|m| m.0);
-        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
+        let key = match &resend {
+            Some(resend) => resend.key.clone(),
+            None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
+        };
 
         let key = (key, group);
         let deadline = deadline.map(Deadline::instant);
@@ -144,7 +154,7 @@ where
         };
         let attempts = Attempts {
             shared: self.shared.clone(),
-            template: match req.extensions_mut().remove::<Resend>() {
+            template: match resend {
                 // The layer above said how it built this request: send it as it is and
                 // rebuild later attempts from that (no copy of our own).
                 Some(resend) => Template::resent(req, resend, added),
