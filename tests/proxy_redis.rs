@@ -50,6 +50,13 @@ async fn node_with(
     env.insert("CLAUDE_PROXY_FALLBACK".to_owned(), "false".to_owned());
     env.insert("CLAUDE_PROXY_CACHE".to_owned(), "false".to_owned());
     env.insert("CLAUDE_PROXY_NODES".to_owned(), "2".to_owned());
+    // These tests are about sharing, not outages: on a loaded machine a Redis reply can take
+    // longer than the default 1 s, and a node would then count the call as an outage and
+    // admit on its local share (by design), which is not what is measured here.
+    env.insert(
+        "CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT".to_owned(),
+        "5s".to_owned(),
+    );
     if let Some(url) = redis {
         env.insert("REDIS_URL".to_owned(), url.to_owned());
     }
@@ -143,8 +150,11 @@ async fn two_proxies_share_one_quota_through_redis() {
         "without Redis: upstream saw {} requests, {} refused (429)",
         alone.received, alone.rate_limited
     );
-    assert!(alone.received >= 2 * LIMIT - 2, "{alone:?}");
-    assert!(alone.rate_limited >= LIMIT - 2, "{alone:?}");
+    // Each node believes it has the whole limit: together they send well over it. How far
+    // over depends on how many of a node's requests go out before its first 429 comes back
+    // (it holds the rest then): all 40 on a quiet machine, 37 seen on a loaded one.
+    assert!(alone.received >= LIMIT + LIMIT / 2, "{alone:?}");
+    assert!(alone.rate_limited >= LIMIT / 2, "{alone:?}");
 }
 
 /// No `[limits]` configured, both nodes cold: the nodes learn the limits from the first
