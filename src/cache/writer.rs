@@ -234,10 +234,13 @@ async fn run(
         if batch.len() < full {
             let ready = batch_ready.notified();
             if batch.len() + rx.len() < full {
-                let linger = tokio::time::sleep(LINGER);
-                let outcome = tokio::select! {
-                    () = linger => "linger",
-                    () = ready => "full",
+                // `futures_util`'s select, not `tokio::select!`: the crate's tokio has no
+                // `macros` feature.
+                let linger = std::pin::pin!(tokio::time::sleep(LINGER));
+                let ready = std::pin::pin!(ready);
+                let outcome = match futures_util::future::select(ready, linger).await {
+                    futures_util::future::Either::Left(_) => "full",
+                    futures_util::future::Either::Right(_) => "linger",
                 };
                 tracing::trace!(ended = outcome, "cache writer batch ready");
             }
