@@ -90,22 +90,13 @@ impl Config {
         group: &crate::anthropic::RateLimitGroup,
         cost: &Cost,
     ) -> QuotaView {
-        let board = &self.board;
-        match board.headroom(key, group) {
+        match self.board.look(key, group, cost) {
             None => QuotaView::unknown(),
-            Some(headroom) => {
-                let fits = board.fits_now(key, group, cost);
-                QuotaView {
-                    fraction: headroom.fraction,
-                    fits,
-                    // A cost that fits now waits for nothing: one board lookup fewer.
-                    wait: if fits {
-                        Some(std::time::Duration::ZERO)
-                    } else {
-                        board.time_until_fits(key, group, cost)
-                    },
-                }
-            }
+            Some(look) => QuotaView {
+                fraction: look.headroom.fraction,
+                fits: look.fits,
+                wait: look.wait,
+            },
         }
     }
 

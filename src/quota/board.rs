@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use super::error::{AcquireError, AcquireErrorKind};
-use super::local::{Check, Enqueued, Grant, LocalBackend, Origin, Outcome, WaitPoll};
+use super::local::{Check, Enqueued, Grant, LocalBackend, Origin, Outcome, QuotaLook, WaitPoll};
 use super::prompt_cache::{DEFAULT_PREFIX_CAPACITY, PromptCacheMemory};
 use super::types::{BucketHeadroom, Cost, Headroom, Limits, QuotaStatus};
 use crate::anthropic::{KeyId, RateLimitGroup, RateLimitSnapshot};
@@ -503,6 +503,21 @@ impl QuotaBoard {
         match self.backend.degraded() {
             Some(fallback) => fallback.fits_now(key, group, cost),
             None => self.backend.local().fits_now(key, group, cost),
+        }
+    }
+
+    /// [`headroom`](Self::headroom), [`fits_now`](Self::fits_now) and
+    /// [`time_until_fits`](Self::time_until_fits) of `(key, group)` for `cost` from one
+    /// lookup; `None` when no limit is known yet (as `headroom`).
+    pub(crate) fn look(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Option<QuotaLook> {
+        match self.backend.degraded() {
+            Some(fallback) => fallback.look(key, group, cost),
+            None => self.backend.local().look(key, group, cost),
         }
     }
 

@@ -72,6 +72,23 @@ pub(crate) struct Grant {
 /// 2 s).
 pub(crate) const SEND_GRACE: Duration = Duration::from_secs(2);
 
+/// One look at a `(key, group)` for a cost: what [`QuotaBoard::headroom`],
+/// [`QuotaBoard::fits_now`] and [`QuotaBoard::time_until_fits`] return, taken from one entry
+/// lookup (fallback weighs each candidate model with all three).
+///
+/// [`QuotaBoard::headroom`]: super::QuotaBoard::headroom
+/// [`QuotaBoard::fits_now`]: super::QuotaBoard::fits_now
+/// [`QuotaBoard::time_until_fits`]: super::QuotaBoard::time_until_fits
+#[derive(Debug, Clone)]
+pub(crate) struct QuotaLook {
+    /// As [`QuotaBoard::headroom`](super::QuotaBoard::headroom).
+    pub(crate) headroom: Headroom,
+    /// As [`QuotaBoard::fits_now`](super::QuotaBoard::fits_now).
+    pub(crate) fits: bool,
+    /// As [`QuotaBoard::time_until_fits`](super::QuotaBoard::time_until_fits).
+    pub(crate) wait: Option<Duration>,
+}
+
 /// The refill (units, rounded down) a server bucket of `rate` units a second certainly had
 /// between its count of a request admitted here `elapsed` ago and that request's answer,
 /// arriving now: the server counted it at the latest [`SEND_GRACE`] after it was admitted,
@@ -1262,6 +1279,34 @@ impl LocalBackend {
             !e.has_waiting() && matches!(e.check(cost, now), Check::Ready)
         })
         .unwrap_or(true)
+    }
+
+    /// [`headroom`](Self::headroom), [`fits_now`](Self::fits_now) and
+    /// [`time_until_fits`](Self::time_until_fits) from one entry lookup, one refill and one
+    /// check: `None` when no limit is known (as `headroom`).
+    pub(crate) fn look(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        cost: &Cost,
+    ) -> Option<QuotaLook> {
+        self.with_view(key, group, |e, now| {
+            if !e.known() {
+                return None;
+            }
+            let check = e.check(cost, now);
+            let fits = !e.has_waiting() && matches!(check, Check::Ready);
+            Some(QuotaLook {
+                headroom: e.headroom(now),
+                fits,
+                wait: match check {
+                    Check::Ready => Some(Duration::ZERO),
+                    Check::Wait(d) => Some(d),
+                    Check::TooLarge => None,
+                },
+            })
+        })
+        .flatten()
     }
 
     pub(crate) fn time_until_fits(

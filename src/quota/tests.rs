@@ -651,3 +651,54 @@ async fn a_quick_answer_raises_to_its_count_only() {
         50
     );
 }
+
+/// `look` answers what `headroom`, `fits_now` and `time_until_fits` answer, in every state a
+/// fallback view meets: no limit known, configured but never used, room, a queue, debt, a
+/// cost larger than a capacity.
+#[tokio::test(start_paused = true)]
+async fn one_look_agrees_with_the_three_lookups() {
+    fn agrees(b: &QuotaBoard, key: &KeyId, cost: Cost) {
+        let look = b.look(key, &g(), &cost);
+        match b.headroom(key, &g()) {
+            None => assert!(look.is_none(), "{look:?}"),
+            Some(h) => {
+                let look = look.expect("a known limit gives a look");
+                assert_eq!(look.headroom, h);
+                assert_eq!(look.fits, b.fits_now(key, &g(), &cost), "{cost:?}");
+                assert_eq!(look.wait, b.time_until_fits(key, &g(), &cost), "{cost:?}");
+            }
+        }
+    }
+    let costs = [
+        Cost::new(1, 10, 0),
+        Cost::new(1, 0, 1),
+        Cost::new(1, 10, 1_000),
+        Cost::new(1, 0, 6_000),
+        Cost::new(1, 1_001, 0),
+    ];
+    // Nothing known: no headroom, no look.
+    let unknown = QuotaBoard::new();
+    let probe = unknown.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
+    assert!(unknown.look(&k(), &g(), &costs[0]).is_none());
+    drop(probe);
+
+    let b = board(10, 1_000, 8_000);
+    // Configured, never used (no entry yet).
+    costs.iter().for_each(|c| agrees(&b, &k(), *c));
+    let first = b.acquire(k(), g(), Cost::new(1, 10, 8_000)).await.unwrap();
+    // Room for a request but no output tokens: a wait.
+    costs.iter().for_each(|c| agrees(&b, &k(), *c));
+    let mut second = b.acquire(k(), g(), Cost::new(1, 10, 6_000));
+    assert!(poll_once(&mut second).is_pending());
+    // Someone queued: nothing fits now.
+    costs.iter().for_each(|c| agrees(&b, &k(), *c));
+    // The queue alone keeps out a cost that its buckets hold.
+    let look = b.look(&k(), &g(), &costs[0]).unwrap();
+    assert_eq!((look.fits, look.wait), (false, Some(Duration::ZERO)));
+    drop(second);
+    first.settle(Cost::new(1, 10, 12_000)); // in debt
+    costs.iter().for_each(|c| agrees(&b, &k(), *c));
+    tokio::time::advance(Duration::from_secs(120)).await;
+    costs.iter().for_each(|c| agrees(&b, &k(), *c));
+    assert!(b.look(&k(), &g(), &costs[2]).unwrap().fits);
+}
