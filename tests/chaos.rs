@@ -7,7 +7,7 @@
 //!   deadline plus a margin;
 //! * no request reaches the upstream more often than the retry policy allows;
 //! * nothing is left behind: no request in flight or queued on the status page, and the
-//!   process's file descriptors back to their baseline once idle connections time out;
+//!   process's network sockets back to their baseline once idle connections time out;
 //! * quota entries stay bounded under 10,000 made-up model names;
 //! * with the response cache on, only complete answers are ever served from it;
 //! * no upstream key appears in any response, the status page or `/metrics`;
@@ -44,6 +44,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Setup {
     proxy: SocketAddr,
+    /// Where the upstream listens.
+    chaos_addr: SocketAddr,
     chaos: ChaosUpstream,
     client: TestClient,
     /// Every byte a client saw (to look for secrets).
@@ -77,6 +79,7 @@ async fn setup(pooled: bool, cache: bool) -> Setup {
     tokio::spawn(proxy.serve(listener, std::future::pending::<()>()));
     Setup {
         proxy: addr,
+        chaos_addr: upstream,
         chaos,
         client: Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(if pooled { usize::MAX } else { 0 })
@@ -417,12 +420,13 @@ async fn only_complete_answers_are_ever_served_from_the_cache() {
 
 /// Every hostile answer once more, then nothing: the connections the proxy opened (to the
 /// upstream, 1 s idle timeout here) and the ones clients opened (closed after each request
-/// here) all close, so the process's descriptors come back to where they were.
+/// here) all close, so the process's network sockets come back to where they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_descriptors_go_back_to_baseline() {
     let _serial = SERIAL.lock().await;
     let s = Arc::new(setup(false, false).await);
     let baseline = open_fds();
+    let at_start = describe_sockets();
     let mut tasks = Vec::new();
     for (i, chaos) in HOSTILE.iter().enumerate() {
         for stream in [false, true] {
@@ -454,20 +458,87 @@ async fn connections_and_descriptors_go_back_to_baseline() {
     eprintln!("sockets: {baseline} at the start, {busy} after the burst, {now_open} at the end");
     assert!(
         now_open <= baseline,
-        "{now_open} sockets open, {baseline} before the burst"
+        "{now_open} sockets open, {baseline} before the burst; proxy {}, upstream {}; \
+         open at the start:\n{at_start}open now:\n{}",
+        s.proxy,
+        s.chaos_addr,
+        describe_sockets()
     );
     assert_nothing_left_behind(&s.status_page().await);
 }
 
-/// The sockets this process has open (0 where `/proc` is not available). Sockets only: the
-/// runtimes of the other tests of this file, started while this one runs, add descriptors of
-/// their own (epoll, eventfd) but no socket until they hold [`SERIAL`].
+/// The network sockets this process has open (0 where `/proc` is not available): every
+/// socket descriptor but Unix-domain ones. Each tokio runtime with the signal driver holds a
+/// duplicate of one process-wide Unix socket (its wake-up pipe), so the runtimes of the other
+/// tests of this file, started and dropped while this one runs, move the count of all sockets
+/// up and down; their TCP sockets only exist while they hold [`SERIAL`]. A TCP socket whose
+/// connection is closed but whose descriptor is still held is in no table and is counted.
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| {
+    let unix = unix_socket_inodes();
+    socket_inodes()
+        .iter()
+        .filter(|inode| !unix.contains(*inode))
+        .count()
+}
+
+/// The inodes of the socket descriptors this process holds, one per descriptor.
+fn socket_inodes() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd").map_or(Vec::new(), |dir| {
         dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target.to_string_lossy().starts_with("socket:"))
-            .count()
+            .filter_map(|t| {
+                let t = t.to_string_lossy().into_owned();
+                Some(t.strip_prefix("socket:[")?.trim_end_matches(']').to_owned())
+            })
+            .collect()
     })
+}
+
+/// The inodes of the Unix-domain sockets of this network namespace.
+fn unix_socket_inodes() -> std::collections::HashSet<String> {
+    let table = std::fs::read_to_string("/proc/self/net/unix").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(6).map(str::to_owned))
+        .collect()
+}
+
+/// The sockets this process has open, a line each: for TCP the local and remote address and
+/// the state (from `/proc/self/net/tcp`), else the table that lists it, or "unlisted" (a TCP
+/// socket whose connection is closed but whose descriptor is still held is in no table), to
+/// tell which connection stayed open.
+fn describe_sockets() -> String {
+    let addr = |hex: &str| {
+        let (ip, port) = hex.split_once(':').unwrap_or((hex, "0"));
+        let ip = u32::from_str_radix(ip, 16).unwrap_or(0).to_le_bytes();
+        let port = u16::from_str_radix(port, 16).unwrap_or(0);
+        format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3])
+    };
+    let tables: Vec<(&str, String)> = ["tcp", "tcp6", "udp", "unix", "netlink"]
+        .into_iter()
+        .map(|t| {
+            let text = std::fs::read_to_string(format!("/proc/self/net/{t}")).unwrap_or_default();
+            (t, text)
+        })
+        .collect();
+    let mut out = String::new();
+    for inode in socket_inodes() {
+        let column = |table: &str| if table == "unix" { 6 } else { 9 };
+        let found = tables.iter().find_map(|(table, text)| {
+            let line = text
+                .lines()
+                .skip(1)
+                .find(|line| line.split_whitespace().nth(column(table)) == Some(inode.as_str()))?;
+            let f: Vec<&str> = line.split_whitespace().collect();
+            Some(if *table == "tcp" {
+                format!("tcp {} -> {} state {}", addr(f[1]), addr(f[2]), f[3])
+            } else {
+                format!("{table} {}", line.trim())
+            })
+        });
+        out += &format!("  [{inode}] {}\n", found.as_deref().unwrap_or("unlisted"));
+    }
+    out
 }
 
 /// The resident set size of this process, in KiB (0 where `/proc` is not available).
