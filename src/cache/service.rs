@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::body::{CacheBody, Tee};
 use super::config::{Config, storable};
 use super::flights::{FlightGuard, Flights, Join, Shared};
-use super::future::ResponseFuture;
+use super::future::{Miss, ResponseFuture};
 use super::key::{CacheKey, KeyBase, Partition};
 use super::layer::CacheLayer;
 use super::live::{End, Live, LiveBody};
@@ -21,16 +21,20 @@ use super::{CacheMode, CacheStatus};
 use crate::BoxError;
 use crate::anthropic::parsed_names as names;
 use crate::anthropic::{KeyId, RequestMeta, UsageTracker, is_messages_call};
-use crate::body::{Replay, RequestBody};
+use crate::body::{Peek, Peeked, Replay, RequestBody};
 use crate::fallback::ServedModel;
 
 /// A response cache in front of `S`: see the [module docs](super).
 ///
 /// `poll_ready` is always ready: a hit never waits for the inner service's capacity (a hit
-/// skips the rate limiter and the concurrency cap). On a miss the request is sent to a clone
-/// of the inner service, driven with [`ServiceExt::oneshot`], so `S` must be `Clone`.
+/// skips the rate limiter and the concurrency cap). It polls the inner service's readiness
+/// too, without waiting for it: a miss settled in `call` (its store lookup needed no I/O) is
+/// sent to the inner service at once when it was ready; otherwise the request is sent to a
+/// clone of the inner service, driven with [`ServiceExt::oneshot`], so `S` must be `Clone`.
 pub struct Cache<S> {
     inner: S,
+    /// The inner service said it was ready, and has not been called since.
+    inner_ready: bool,
     config: Arc<Config>,
     flights: Arc<Flights>,
 }
@@ -53,6 +57,7 @@ impl<S> Cache<S> {
         }
         Self {
             inner,
+            inner_ready: false,
             config,
             flights: Arc::new(Flights::default()),
         }
@@ -84,6 +89,8 @@ impl<S: Clone> Clone for Cache<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            // The clone's inner service has not been polled.
+            inner_ready: false,
             config: self.config.clone(),
             flights: self.flights.clone(),
         }
@@ -109,25 +116,80 @@ where
 {
     type Response = Response<CacheBody<ResBody>>;
     type Error = BoxError;
-    type Future = ResponseFuture<ResBody>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Never waits: a hit does not need the inner service. Its readiness (an error
+        // included) is found again by `oneshot` on a miss it was not ready for.
+        if !self.inner_ready {
+            self.inner_ready = matches!(self.inner.poll_ready(cx), Poll::Ready(Ok(())));
+        }
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        let inner = self.inner.clone();
-        ResponseFuture::new(Box::pin(run(
-            inner,
-            self.config.clone(),
-            self.flights.clone(),
-            req,
-        )))
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        let Some(plan) = plan(&self.config, &mut req) else {
+            if std::mem::take(&mut self.inner_ready) {
+                return ResponseFuture::bypass(self.inner.call(req));
+            }
+            let inner = self.inner.clone();
+            return ResponseFuture::boxed(Box::pin(async move {
+                let res = inner.oneshot(req).await.map_err(Into::into)?;
+                Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass))
+            }));
+        };
+        let next = if plan.read {
+            match begin(&self.config, &self.flights, &plan) {
+                Begun::Answered(res) => return ResponseFuture::ready(res),
+                Begun::Miss(guard) => Next::Miss(guard),
+                Begun::Later(join) => Next::Join(join),
+            }
+        } else {
+            Next::Miss(None)
+        };
+        match next {
+            // The usual miss: no allocation of the cache's own, no clone of the inner service.
+            Next::Miss(guard) if std::mem::take(&mut self.inner_ready) => {
+                tracing::trace!("cache miss settled at once");
+                let miss = Miss {
+                    config: self.config.clone(),
+                    plan,
+                    guard,
+                };
+                ResponseFuture::upstream(self.inner.call(req), miss)
+            }
+            next => ResponseFuture::boxed(Box::pin(run(
+                self.inner.clone(),
+                self.config.clone(),
+                self.flights.clone(),
+                req,
+                plan,
+                next,
+            ))),
+        }
     }
 }
 
+/// What [`begin`] settled.
+enum Begun<B> {
+    /// A hit, or a share of an identical stream in flight.
+    Answered(Response<CacheBody<B>>),
+    /// Not stored: this request leads its flight (when it has one) and goes upstream.
+    Miss(Option<FlightGuard>),
+    /// Only an asynchronous step can tell (waiting for the leader, a store lookup over I/O).
+    Later(Join),
+}
+
+/// Where the asynchronous path of a cached request starts.
+enum Next {
+    /// Join the flight (again), or go on with the join made.
+    Join(Join),
+    /// Go upstream, leading the flight when there is a guard.
+    Miss(Option<FlightGuard>),
+}
+
 /// What the layer does with one request.
-struct Plan {
+pub(crate) struct Plan {
     /// The key of the request as sent (its requested model).
     key: CacheKey,
     /// The key without the body, to derive the key of the same request for another model.
@@ -285,7 +347,7 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     })
 }
 
-fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
+pub(crate) fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     res.headers_mut().insert(
         names::X_TOWER_CLAUDE_CACHE.clone(),
         HeaderValue::from_static(status.as_str()),
@@ -325,11 +387,32 @@ fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     mark(res, CacheStatus::Hit)
 }
 
+/// Joins the flight of `plan` and, leading it, looks the key up, when both can be done at
+/// once: the usual request, whose store lookup needs no I/O ([`CacheStore::get_now`]).
+fn begin<B>(config: &Config, flights: &Arc<Flights>, plan: &Plan) -> Begun<B> {
+    match flights.join(plan.flight()) {
+        Join::Live(body) => Begun::Answered(live_hit(body)),
+        Join::Lead(guard) => match find_now(config, plan) {
+            Some(Some(entry)) => {
+                guard.complete(&entry);
+                Begun::Answered(hit(entry, plan.requested()))
+            }
+            Some(None) => Begun::Miss(Some(guard)),
+            None => Begun::Later(Join::Lead(guard)),
+        },
+        join @ Join::Follow(_) => Begun::Later(join),
+    }
+}
+
+/// The paths [`Cache::call`] did not settle at once: following an identical request in
+/// flight, a store lookup that needs I/O, an inner service that was not ready.
 async fn run<S, ResBody>(
     inner: S,
     config: Arc<Config>,
     flights: Arc<Flights>,
-    mut req: Request<RequestBody>,
+    req: Request<RequestBody>,
+    plan: Plan,
+    next: Next,
 ) -> Result<Response<CacheBody<ResBody>>, BoxError>
 where
     S: Service<Request<RequestBody>, Response = Response<ResBody>>,
@@ -337,18 +420,14 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let Some(plan) = plan(&config, &mut req) else {
-        let res = inner.oneshot(req).await.map_err(Into::into)?;
-        return Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass));
-    };
-    let mut guard = None;
-    if plan.read {
+    let guard = match next {
+        Next::Miss(guard) => guard,
         // Each turn either follows the in-flight twin, or leads: the leader looks the key up
         // (once: whatever a previous leader stored is found, as it stored before leaving its
         // flight) and shares what it found with the followers that joined meanwhile. A
         // follower whose leader failed or was cancelled comes back here and joins again.
-        loop {
-            match flights.join(plan.flight()) {
+        Next::Join(mut join) => loop {
+            match join {
                 Join::Follow(rx) => match rx.await {
                     Ok(Shared::Entry(entry)) => return Ok(hit(entry, plan.requested())),
                     Ok(Shared::Live(body)) => return Ok(live_hit(body)),
@@ -361,23 +440,66 @@ where
                         g.complete(&entry);
                         return Ok(hit(entry, plan.requested()));
                     }
-                    guard = Some(g);
-                    break;
+                    break Some(g);
                 }
             }
+            join = flights.join(plan.flight());
+        },
+    };
+    let res = inner.oneshot(req).await.map_err(Into::into)?;
+    let res = match store_head(&config, &plan, res, guard) {
+        Stored::Done(res) => res,
+        Stored::Read(peek, reading) => store_read(&config, reading, peek.await),
+    };
+    Ok(mark(res, CacheStatus::Miss))
+}
+
+/// [`find`] when the store answers at once ([`CacheStore::get_now`]): `None` when it cannot.
+fn find_now(config: &Config, plan: &Plan) -> Option<Option<CachedResponse>> {
+    if let Some(entry) = lookup_now(config, &plan.key)? {
+        return Some(Some(entry));
+    }
+    if !config.store.may_hold_other_models(plan.requested())
+        && !config.writer.queued_other_models(plan.requested())
+    {
+        tracing::trace!("no entry of another model stored: fallback not asked");
+        return Some(None);
+    }
+    let Some(choice) = plan.fallback_choice(config) else {
+        return Some(None);
+    };
+    let entry = lookup_now(config, &plan.key_for(&choice))?;
+    if entry.is_some() {
+        tracing::debug!(
+            requested = plan.requested(),
+            served = %choice,
+            "cache hit from the model fallback would choose now"
+        );
+    }
+    Some(entry)
+}
+
+/// [`lookup`] when the store answers at once: `None` when it cannot.
+fn lookup_now(config: &Config, key: &CacheKey) -> Option<Option<CachedResponse>> {
+    if let Some(entry) = config.writer.pending(key) {
+        return Some(Some(entry));
+    }
+    match config.store.get_now(key)? {
+        Ok(entry) => Some(entry),
+        Err(e) => {
+            tracing::warn!(key = %key, error = %e, "cache store lookup failed; treated as a miss");
+            Some(None)
         }
     }
-    let res = inner.oneshot(req).await.map_err(Into::into)?;
-    Ok(mark(
-        store_response(&config, &plan, res, guard).await,
-        CacheStatus::Miss,
-    ))
 }
 
 /// The answer to serve: the requested model's own, else the answer of the model the fallback
 /// layer below would choose now (never another model's answer once the requested model has
 /// quota again, nor when the request turned fallback off).
 async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
+    if let Some(found) = find_now(config, plan) {
+        return found;
+    }
     if let Some(entry) = lookup(config, &plan.key).await {
         return Some(entry);
     }
@@ -424,24 +546,42 @@ fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
         .to_owned()
 }
 
+/// What [`store_head`] made of a miss's response.
+pub(crate) enum Stored<B> {
+    /// The response to return.
+    Done(Response<CacheBody<B>>),
+    /// A JSON answer to read whole ([`store_read`] then).
+    Read(Peek<B>, Reading),
+}
+
+/// A JSON answer being read whole, to store it.
+pub(crate) struct Reading {
+    parts: http::response::Parts,
+    key: CacheKey,
+    served: String,
+    tracker: Option<UsageTracker>,
+    guard: Option<FlightGuard>,
+}
+
 /// Forwards a miss's response, storing it when it is complete and 2xx: a JSON body is read
-/// here (it arrives whole anyway) and queued for storing before the response is returned, so
-/// followers are released at once; an SSE body is recorded by a tee as it flows to the caller.
-/// The SSE body of a flight (`guard`) is read by a driver task into a [`Live`] buffer that the
-/// caller and every follower read (see [`drive`]). Either way the store itself is written
-/// later, by the write-behind task: the caller never waits for it.
-async fn store_response<ResBody>(
+/// whole (it arrives whole anyway; [`Stored::Read`], then [`store_read`]) and queued for
+/// storing before the response is returned, so followers are released at once; an SSE body is
+/// recorded by a tee as it flows to the caller. The SSE body of a flight (`guard`) is read by
+/// a driver task into a [`Live`] buffer that the caller and every follower read (see
+/// [`drive`]). Either way the store itself is written later, by the write-behind task: the
+/// caller never waits for it.
+pub(crate) fn store_head<ResBody>(
     config: &Arc<Config>,
     plan: &Plan,
     res: Response<ResBody>,
     guard: Option<FlightGuard>,
-) -> Response<CacheBody<ResBody>>
+) -> Stored<ResBody>
 where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
     if !res.status().is_success() {
-        return res.map(CacheBody::inner);
+        return Stored::Done(res.map(CacheBody::inner));
     }
     let is_sse = crate::body::is_event_stream(res.headers());
     let (mut parts, body) = res.into_parts();
@@ -459,13 +599,13 @@ where
         );
         let body = CacheBody::tee(body, tee);
         let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {
-            return Response::from_parts(parts, body);
+            return Stored::Done(Response::from_parts(parts, body));
         };
         let live = Live::new(parts.status, parts.headers.clone());
         let mine = live.subscribe();
         guard.publish(&live);
         runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
-        return Response::from_parts(parts, CacheBody::live(mine));
+        return Stored::Done(Response::from_parts(parts, CacheBody::live(mine)));
     }
     // The answer's one usage tracker (published by a layer below, in `ClaudeStack` the rate
     // limiter) reads the JSON whole anyway: it says whether it is a Messages API answer.
@@ -474,7 +614,37 @@ where
         tracker.want_json(config.max_entry_bytes);
     }
     // Read whole, up to one byte over the entry cap (then it is not stored).
-    let read = Replay::peek(body, config.max_entry_bytes.saturating_add(1)).await;
+    let peek = Replay::peek(body, config.max_entry_bytes.saturating_add(1));
+    Stored::Read(
+        peek,
+        Reading {
+            parts,
+            key,
+            served,
+            tracker,
+            guard,
+        },
+    )
+}
+
+/// The end of [`store_head`] for a JSON answer read whole: the entry is built (only now that
+/// the answer is known whole) and queued when it is a complete Messages API answer.
+pub(crate) fn store_read<ResBody>(
+    config: &Config,
+    reading: Reading,
+    read: Peeked<ResBody>,
+) -> Response<CacheBody<ResBody>>
+where
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let Reading {
+        parts,
+        key,
+        served,
+        tracker,
+        guard,
+    } = reading;
     if !read.is_whole() || read.has_trailers() {
         // Too large, cut, or with trailers: forward it as it came, store nothing.
         return Response::from_parts(parts, CacheBody::replay(read.into_body()));

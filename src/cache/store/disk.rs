@@ -729,15 +729,11 @@ impl fmt::Debug for DiskStore {
     }
 }
 
-impl CacheStore for DiskStore {
-    /// Read inline, not on the blocking pool: a read transaction on pages in the page cache
-    /// takes microseconds, less than a hand-off to another thread, and a miss (every request
-    /// before its answer is stored) pays it. It never waits for a writer (redb readers do not)
-    /// nor for a compaction (a miss meanwhile). An expired or undecodable entry is removed on
-    /// the blocking pool.
-    fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+impl DiskStore {
+    /// The lookup of `get` and `get_now`.
+    fn look(&self, key: &CacheKey) -> Result<Option<CachedResponse>, StoreError> {
         let key = *key;
-        let found = match self.inner.lookup(&key) {
+        match self.inner.lookup(&key) {
             Ok(Lookup::Missing) => Ok(None),
             Ok(Lookup::Found(resp)) => Ok(Some(resp)),
             Ok(Lookup::Stale) => {
@@ -752,8 +748,24 @@ impl CacheStore for DiskStore {
                 Ok(None)
             }
             Err(e) => Err(e),
-        };
-        Box::pin(std::future::ready(found))
+        }
+    }
+}
+
+impl CacheStore for DiskStore {
+    /// Read inline, not on the blocking pool: a read transaction on pages in the page cache
+    /// takes microseconds, less than a hand-off to another thread, and a miss (every request
+    /// before its answer is stored) pays it. It never waits for a writer (redb readers do not)
+    /// nor for a compaction (a miss meanwhile). An expired or undecodable entry is removed on
+    /// the blocking pool.
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+        Box::pin(std::future::ready(self.look(key)))
+    }
+
+    /// Always answers: the in-memory index says whether the key is held (a miss touches no
+    /// file), and a held entry is read from the file as `get` reads it.
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<CachedResponse>, StoreError>> {
+        Some(self.look(key))
     }
 
     fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {

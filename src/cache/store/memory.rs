@@ -7,7 +7,7 @@ use std::time::Duration;
 use moka::sync::Cache;
 use tokio::time::Instant;
 
-use super::{CacheStore, CachedResponse, ModelSet, StoreFuture};
+use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreFuture};
 use crate::cache::CacheKey;
 use crate::cache::key::KeyHashBuilder;
 
@@ -100,7 +100,7 @@ impl MemoryStore {
         self.cache.weighted_size()
     }
 
-    fn get_now(&self, key: &CacheKey) -> Option<CachedResponse> {
+    fn find(&self, key: &CacheKey) -> Option<CachedResponse> {
         let entry = self.cache.get(key)?;
         if Instant::now() >= entry.expires_at {
             self.cache.invalidate(key);
@@ -121,8 +121,13 @@ impl fmt::Debug for MemoryStore {
 
 impl CacheStore for MemoryStore {
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
-        let found = self.get_now(key);
+        let found = self.find(key);
         Box::pin(std::future::ready(Ok(found)))
+    }
+
+    /// Always answers: a map lookup.
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<CachedResponse>, StoreError>> {
+        Some(Ok(self.find(key)))
     }
 
     fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {

@@ -60,6 +60,32 @@ pub trait CacheStore: Send + Sync + 'static {
     /// an entry (too large) silently.
     fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()>;
 
+    /// What [`get`](Self::get) would resolve to, when the store can tell at once without
+    /// waiting (an in-process map, an index held in memory); `None` when only `get` can tell
+    /// (a network store). Default `None`.
+    ///
+    /// The [`CacheLayer`](super::CacheLayer) settles a request whose lookup this answers in
+    /// its `call`, without an asynchronous step of its own: a hit is answered at once, and a
+    /// miss goes to the inner service without a boxed future or a clone of the service.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_claude::cache::{CacheKey, CacheStore, CachedResponse, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new(1 << 20);
+    /// let key = CacheKey::from_bytes([1; 32]);
+    /// assert_eq!(store.get_now(&key).unwrap().unwrap(), None);
+    /// let resp = CachedResponse::new(http::StatusCode::OK, http::HeaderMap::new(), "{}".into(), false);
+    /// store.put(&key, resp.clone(), Duration::from_secs(60)).await.unwrap();
+    /// assert_eq!(store.get_now(&key).unwrap().unwrap(), Some(resp));
+    /// # }
+    /// ```
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<CachedResponse>, StoreError>> {
+        let _ = key;
+        None
+    }
+
     /// Removes the entry for `key`, if any.
     fn remove(&self, key: &CacheKey) -> StoreFuture<()>;
 
@@ -131,6 +157,10 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 
     fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
         (**self).remove(key)
+    }
+
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<CachedResponse>, StoreError>> {
+        (**self).get_now(key)
     }
 
     fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
