@@ -139,7 +139,7 @@ where
             }));
         };
         let next = if plan.read {
-            match begin(&self.config, &self.flights, &plan) {
+            match begin(&self.config, &self.flights, &plan, &mut req) {
                 Begun::Answered(res) => return ResponseFuture::ready(res),
                 Begun::Miss(guard) => Next::Miss(guard),
                 Begun::Later(join) => Next::Join(join),
@@ -196,8 +196,8 @@ pub(crate) struct Plan {
     base: KeyBase,
     /// The request body, to derive the key of the same request for another model.
     body: Bytes,
-    meta: RequestMeta,
-    key_id: KeyId,
+    /// The requested model (`""` when none).
+    requested: String,
     /// Look the key up (false for `cache-control: no-cache` and `x-tower-claude-cache: refresh`).
     read: bool,
     /// The request turned fallback off: only its own model's answers are served, and it does
@@ -207,7 +207,7 @@ pub(crate) struct Plan {
 
 impl Plan {
     fn requested(&self) -> &str {
-        self.meta.model.as_deref().unwrap_or("")
+        &self.requested
     }
 
     /// The flight concurrent twins share.
@@ -234,12 +234,16 @@ impl Plan {
     }
 
     /// The model the fallback layer below would send this request to now, when that is not
-    /// the requested model and the request allows fallback.
-    fn fallback_choice(&self, config: &Config) -> Option<String> {
+    /// the requested model and the request allows fallback. Asked only when another model's
+    /// answer may be stored, so the request's key id is found only then.
+    fn fallback_choice(&self, config: &Config, req: &mut Request<RequestBody>) -> Option<String> {
         if self.no_fallback {
             return None;
         }
-        let choice = config.fallback.as_ref()?.choice(&self.key_id, &self.meta)?;
+        let fallback = config.fallback.as_ref()?;
+        let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
+        let meta = req.extensions().get::<RequestMeta>()?;
+        let choice = fallback.choice(&key_id, meta)?;
         (choice != self.requested()).then_some(choice)
     }
 }
@@ -316,10 +320,11 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     }
     // The scan the layers below reuse; a body it cannot read is passed through (upstream
     // answers 400).
-    let meta = RequestMeta::get_or_scan(req).ok()?.clone();
+    RequestMeta::get_or_scan(req).ok()?;
+    let meta = req.extensions().get::<RequestMeta>()?;
     if config.mode == CacheMode::Deterministic
         && directive != Some(Directive::Use)
-        && !is_deterministic(&meta)
+        && !is_deterministic(meta)
     {
         tracing::trace!("not deterministic: not cached");
         return None;
@@ -333,15 +338,14 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
     // The canonical body, written from what the scan of `meta` recorded (or by the scanner
     // again); a body that is not a JSON object is passed through (upstream answers 400).
-    let key = base.key_of_scanned(req.body().bytes(), &meta)?;
+    let key = base.key_of_scanned(req.body().bytes(), meta)?;
+    let requested = meta.model.clone().unwrap_or_default();
     let no_fallback = crate::fallback::opted_out_of(req);
-    let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
     Some(Plan {
         key,
         base,
         body: req.body().bytes().clone(),
-        meta,
-        key_id,
+        requested,
         read,
         no_fallback,
     })
@@ -389,10 +393,15 @@ fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
 
 /// Joins the flight of `plan` and, leading it, looks the key up, when both can be done at
 /// once: the usual request, whose store lookup needs no I/O ([`CacheStore::get_now`]).
-fn begin<B>(config: &Config, flights: &Arc<Flights>, plan: &Plan) -> Begun<B> {
+fn begin<B>(
+    config: &Config,
+    flights: &Arc<Flights>,
+    plan: &Plan,
+    req: &mut Request<RequestBody>,
+) -> Begun<B> {
     match flights.join(plan.flight()) {
         Join::Live(body) => Begun::Answered(live_hit(body)),
-        Join::Lead(guard) => match find_now(config, plan) {
+        Join::Lead(guard) => match find_now(config, plan, req) {
             Some(Some(entry)) => {
                 guard.complete(&entry);
                 Begun::Answered(hit(entry, plan.requested()))
@@ -410,7 +419,7 @@ async fn run<S, ResBody>(
     inner: S,
     config: Arc<Config>,
     flights: Arc<Flights>,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     plan: Plan,
     next: Next,
 ) -> Result<Response<CacheBody<ResBody>>, BoxError>
@@ -436,7 +445,7 @@ where
                 },
                 Join::Live(body) => return Ok(live_hit(body)),
                 Join::Lead(g) => {
-                    if let Some(entry) = find(&config, &plan).await {
+                    if let Some(entry) = find(&config, &plan, &mut req).await {
                         g.complete(&entry);
                         return Ok(hit(entry, plan.requested()));
                     }
@@ -455,7 +464,11 @@ where
 }
 
 /// [`find`] when the store answers at once ([`CacheStore::get_now`]): `None` when it cannot.
-fn find_now(config: &Config, plan: &Plan) -> Option<Option<CachedResponse>> {
+fn find_now(
+    config: &Config,
+    plan: &Plan,
+    req: &mut Request<RequestBody>,
+) -> Option<Option<CachedResponse>> {
     if let Some(entry) = lookup_now(config, &plan.key)? {
         return Some(Some(entry));
     }
@@ -465,7 +478,7 @@ fn find_now(config: &Config, plan: &Plan) -> Option<Option<CachedResponse>> {
         tracing::trace!("no entry of another model stored: fallback not asked");
         return Some(None);
     }
-    let Some(choice) = plan.fallback_choice(config) else {
+    let Some(choice) = plan.fallback_choice(config, req) else {
         return Some(None);
     };
     let entry = lookup_now(config, &plan.key_for(&choice))?;
@@ -496,8 +509,12 @@ fn lookup_now(config: &Config, key: &CacheKey) -> Option<Option<CachedResponse>>
 /// The answer to serve: the requested model's own, else the answer of the model the fallback
 /// layer below would choose now (never another model's answer once the requested model has
 /// quota again, nor when the request turned fallback off).
-async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
-    if let Some(found) = find_now(config, plan) {
+async fn find(
+    config: &Config,
+    plan: &Plan,
+    req: &mut Request<RequestBody>,
+) -> Option<CachedResponse> {
+    if let Some(found) = find_now(config, plan, req) {
         return found;
     }
     if let Some(entry) = lookup(config, &plan.key).await {
@@ -509,7 +526,7 @@ async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
         tracing::trace!("no entry of another model stored: fallback not asked");
         return None;
     }
-    let choice = plan.fallback_choice(config)?;
+    let choice = plan.fallback_choice(config, req)?;
     let entry = lookup(config, &plan.key_for(&choice)).await?;
     tracing::debug!(
         requested = plan.requested(),

@@ -234,11 +234,14 @@ impl CachedResponse {
         body: &[u8],
         stream: bool,
     ) -> Self {
-        let mut kept = HeaderMap::new();
+        // An answer keeps two or three headers (`content-type`, `request-id`, perhaps an
+        // `anthropic-*`): the map is allocated once at a size that holds them.
+        let mut kept = HeaderMap::with_capacity(4);
         for (name, value) in headers {
             if Self::keeps_header(name) {
                 // A copy, not a slice of the buffer the value was parsed from.
-                let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value.clone());
+                let mut copy =
+                    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
                 copy.set_sensitive(value.is_sensitive());
                 kept.append(name.clone(), copy);
             }
