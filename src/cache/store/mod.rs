@@ -234,16 +234,38 @@ impl CachedResponse {
         body: &[u8],
         stream: bool,
     ) -> Self {
-        // An answer keeps two or three headers (`content-type`, `request-id`, perhaps an
-        // `anthropic-*`): the map is allocated once at a size that holds them.
-        let mut kept = HeaderMap::with_capacity(4);
+        // The kept headers, picked in one pass, then copied into a map made for exactly
+        // them: a map grown from empty holds 6 entries, and an entry lives for hours (moka
+        // used to clone every entry it was given, which happened to shrink the map; it holds
+        // an `Arc` of it now, so the map is made small here).
+        const PICKED: usize = 8;
+        let mut picked = [None; PICKED];
+        let mut count = 0;
         for (name, value) in headers {
             if Self::keeps_header(name) {
-                // A copy, not a slice of the buffer the value was parsed from.
-                let mut copy =
-                    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-                copy.set_sensitive(value.is_sensitive());
-                kept.append(name.clone(), copy);
+                if let Some(slot) = picked.get_mut(count) {
+                    *slot = Some((name, value));
+                }
+                count += 1;
+            }
+        }
+        let copy = |value: &HeaderValue| {
+            // A copy, not a slice of the buffer the value was parsed from.
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            copy
+        };
+        let mut kept = HeaderMap::with_capacity(count);
+        if count <= PICKED {
+            for (name, value) in picked.into_iter().flatten() {
+                kept.append(name.clone(), copy(value));
+            }
+        } else {
+            for (name, value) in headers {
+                if Self::keeps_header(name) {
+                    kept.append(name.clone(), copy(value));
+                }
             }
         }
         Self {
@@ -608,6 +630,45 @@ impl std::error::Error for StoreError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry's header map is made for the headers it keeps (it lives for hours in the
+    /// memory store, which holds it as given): a map grown from empty would hold 6, and
+    /// resident memory per entry would grow past its weight. Also with more kept headers than
+    /// the first pass picks.
+    #[test]
+    fn an_entry_holds_a_header_map_made_for_what_it_keeps() {
+        let mut h = HeaderMap::new();
+        for i in 0..12 {
+            h.insert(
+                HeaderName::try_from(format!("anthropic-ratelimit-x-{i}")).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("request-id", "req_1".parse().unwrap());
+        h.insert("anthropic-organization-id", "org".parse().unwrap());
+        let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
+        assert_eq!(entry.headers().len(), 3);
+        assert!(
+            entry.headers().capacity() <= 4,
+            "{}",
+            entry.headers().capacity()
+        );
+        for i in 0..12 {
+            h.insert(
+                HeaderName::try_from(format!("anthropic-x-{i}")).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
+        assert_eq!(entry.headers().len(), 15);
+        assert_eq!(entry.headers()["request-id"], "req_1");
+        assert!(
+            entry.headers().capacity() <= 24,
+            "{}",
+            entry.headers().capacity()
+        );
+    }
 
     fn sample() -> CachedResponse {
         let mut h = HeaderMap::new();
