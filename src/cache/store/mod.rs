@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -144,9 +145,40 @@ pub trait CacheStore: Send + Sync + 'static {
             first
         })
     }
+
+    /// [`put_batch`](Self::put_batch) of entries that the caller shares: the
+    /// [`CacheLayer`](super::CacheLayer)'s write queue keeps serving each entry until it is
+    /// written, so it hands the store an `Arc` of it. The default copies each entry still shared
+    /// and calls `put_batch`; a store that only reads the entries (to encode them) should
+    /// override it and save the copy (`DiskStore` does: ~1k instructions per stored answer).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use tower_claude::cache::{CacheKey, CacheStore, CachedResponse, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new(1 << 20);
+    /// let key = CacheKey::from_bytes([1; 32]);
+    /// let resp = Arc::new(CachedResponse::new(http::StatusCode::OK, http::HeaderMap::new(), "{}".into(), false));
+    /// store.put_batch_shared(vec![(key, resp.clone(), Duration::from_secs(60))]).await.unwrap();
+    /// assert_eq!(store.get(&key).await.unwrap().as_ref(), Some(&*resp));
+    /// # }
+    /// ```
+    fn put_batch_shared(
+        &self,
+        entries: Vec<(CacheKey, Arc<CachedResponse>, Duration)>,
+    ) -> StoreFuture<()> {
+        self.put_batch(
+            entries
+                .into_iter()
+                .map(|(key, entry, ttl)| (key, Arc::unwrap_or_clone(entry), ttl))
+                .collect(),
+        )
+    }
 }
 
-impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
+impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
         (**self).get(key)
     }
@@ -165,6 +197,13 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 
     fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
         (**self).put_batch(entries)
+    }
+
+    fn put_batch_shared(
+        &self,
+        entries: Vec<(CacheKey, Arc<CachedResponse>, Duration)>,
+    ) -> StoreFuture<()> {
+        (**self).put_batch_shared(entries)
     }
 
     fn writes_at_once(&self) -> bool {
