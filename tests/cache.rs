@@ -955,6 +955,95 @@ async fn hits_do_not_wait_for_the_inner_service() {
     assert!(miss.is_err(), "a miss waits for the inner service");
 }
 
+/// An upstream that answers `Pending` to two `poll_ready`s of five and counts the calls made
+/// without a `Ready` since its last call (breaches of `Service`'s contract). A clone has not
+/// been polled (as a real service's clone, e.g. `tower::buffer::Buffer`'s).
+struct Strict {
+    upstream: Upstream,
+    polls: Arc<AtomicUsize>,
+    ready: bool,
+    breaches: Arc<AtomicUsize>,
+}
+
+impl Clone for Strict {
+    fn clone(&self) -> Self {
+        Self {
+            upstream: self.upstream.clone(),
+            polls: self.polls.clone(),
+            ready: false,
+            breaches: self.breaches.clone(),
+        }
+    }
+}
+
+impl Service<Request<RequestBody>> for Strict {
+    type Response = Response<UpBody>;
+    type Error = Infallible;
+    type Future = <Upstream as Service<Request<RequestBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) % 5 < 2 {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.ready = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        if !std::mem::take(&mut self.ready) {
+            self.breaches.fetch_add(1, Ordering::SeqCst);
+        }
+        self.upstream.call(req)
+    }
+}
+
+/// `Cache` polls the inner service's readiness without waiting for it and sends a miss (or a
+/// bypass) straight to it only when it said it was ready: misses, hits and bypasses through
+/// one `Cache` (not cloned per request), the inner service ready three polls of five, and no
+/// call is ever made to it without its `Ready`.
+#[tokio::test(start_paused = true)]
+async fn the_inner_service_is_called_only_when_ready() {
+    let up = Upstream::json();
+    let strict = Strict {
+        upstream: up.clone(),
+        polls: Arc::default(),
+        ready: false,
+        breaches: Arc::default(),
+    };
+    let breaches = strict.breaches.clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(CacheLayer::memory(64 << 20))
+        .service(strict);
+    let models = || {
+        Request::get("https://api.anthropic.com/v1/models")
+            .body(RequestBody::empty())
+            .unwrap()
+    };
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        let req = match i % 3 {
+            0 => request("sk", &BODY.replace("hello", &format!("hello {i}"))),
+            1 => request("sk", &BODY.replace("hello", &format!("hello {}", i - 1))),
+            _ => models(),
+        };
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        statuses.push(*res.extensions().get::<CacheStatus>().unwrap());
+        res.into_body().collect().await.unwrap();
+    }
+    assert_eq!(breaches.load(Ordering::SeqCst), 0, "called without Ready");
+    let count = |s| statuses.iter().filter(|&&x| x == s).count();
+    assert_eq!(
+        (
+            count(CacheStatus::Miss),
+            count(CacheStatus::Hit),
+            count(CacheStatus::Bypass)
+        ),
+        (10, 10, 10)
+    );
+    assert_eq!(up.calls(), 20);
+}
+
 #[cfg(feature = "disk-cache")]
 #[tokio::test(start_paused = true)]
 async fn disk_entries_survive_a_restart() {

@@ -98,8 +98,14 @@ impl RequestMeta {
     /// assert_eq!(RequestMeta::scan(b"[]").unwrap_err().kind(), MetaErrorKind::NotAnObject);
     /// ```
     pub fn scan(body: &[u8]) -> Result<Self, MetaError> {
+        Self::scan_held(body, None)
+    }
+
+    /// [`scan`](Self::scan); `held` is `body` as `Bytes` when the caller has it, which the
+    /// canonical hints then hold instead of fingerprinting the body (read once).
+    fn scan_held(body: &[u8], held: Option<&Bytes>) -> Result<Self, MetaError> {
         let scanner = if super::scan::canonical_hints_wanted() {
-            Scanner::recording(body)
+            Scanner::recording(body, held)
         } else {
             Scanner::new(body, true)
         };
@@ -125,10 +131,14 @@ impl RequestMeta {
     /// ```
     pub fn get_or_scan<B>(req: &mut http::Request<B>) -> Result<&RequestMeta, MetaError>
     where
-        B: AsRef<[u8]>,
+        B: AsRef<[u8]> + 'static,
     {
         if req.extensions().get::<RequestMeta>().is_none() {
-            let meta = Self::scan(req.body().as_ref())?;
+            // A `RequestBody` is `Bytes`: the scan's hints for the cache key hold it.
+            let held = (req.body() as &dyn std::any::Any)
+                .downcast_ref::<crate::body::RequestBody>()
+                .map(crate::body::RequestBody::bytes);
+            let meta = Self::scan_held(req.body().as_ref(), held)?;
             req.extensions_mut().insert(meta);
         }
         req.extensions().get::<RequestMeta>().ok_or(MetaError::new(

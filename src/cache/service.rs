@@ -5,32 +5,35 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_service::Service;
 
-use super::body::{CacheBody, Tee};
-use super::config::{Config, storable};
+use super::body::CacheBody;
+use super::config::Config;
 use super::flights::{FlightGuard, Flights, Join, Shared};
-use super::future::ResponseFuture;
+use super::future::{Miss, Plan, ResponseFuture, Stored, mark, store_head, store_read};
 use super::key::{CacheKey, KeyBase, Partition};
 use super::layer::CacheLayer;
-use super::live::{End, Live, LiveBody};
+use super::live::LiveBody;
 use super::store::{CacheStore, CachedResponse};
 use super::{CacheMode, CacheStatus};
 use crate::BoxError;
 use crate::anthropic::parsed_names as names;
-use crate::anthropic::{KeyId, RequestMeta, UsageTracker, is_messages_call};
-use crate::body::{Replay, RequestBody};
+use crate::anthropic::{RequestMeta, is_messages_call};
+use crate::body::RequestBody;
 use crate::fallback::ServedModel;
 
 /// A response cache in front of `S`: see the [module docs](super).
 ///
 /// `poll_ready` is always ready: a hit never waits for the inner service's capacity (a hit
-/// skips the rate limiter and the concurrency cap). On a miss the request is sent to a clone
-/// of the inner service, driven with [`ServiceExt::oneshot`], so `S` must be `Clone`.
+/// skips the rate limiter and the concurrency cap). It polls the inner service's readiness
+/// too, without waiting for it: a miss settled in `call` (its store lookup needed no I/O) is
+/// sent to the inner service at once when it was ready; otherwise the request is sent to a
+/// clone of the inner service, driven with [`ServiceExt::oneshot`], so `S` must be `Clone`.
 pub struct Cache<S> {
     inner: S,
+    /// The inner service said it was ready, and has not been called since.
+    inner_ready: bool,
     config: Arc<Config>,
     flights: Arc<Flights>,
 }
@@ -53,6 +56,7 @@ impl<S> Cache<S> {
         }
         Self {
             inner,
+            inner_ready: false,
             config,
             flights: Arc::new(Flights::default()),
         }
@@ -84,6 +88,8 @@ impl<S: Clone> Clone for Cache<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            // The clone's inner service has not been polled.
+            inner_ready: false,
             config: self.config.clone(),
             flights: self.flights.clone(),
         }
@@ -109,77 +115,76 @@ where
 {
     type Response = Response<CacheBody<ResBody>>;
     type Error = BoxError;
-    type Future = ResponseFuture<ResBody>;
+    type Future = ResponseFuture<S::Future, ResBody>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Never waits: a hit does not need the inner service. Its readiness (an error
+        // included) is found again by `oneshot` on a miss it was not ready for.
+        if !self.inner_ready {
+            self.inner_ready = matches!(self.inner.poll_ready(cx), Poll::Ready(Ok(())));
+        }
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        let inner = self.inner.clone();
-        ResponseFuture::new(Box::pin(run(
-            inner,
-            self.config.clone(),
-            self.flights.clone(),
-            req,
-        )))
-    }
-}
-
-/// What the layer does with one request.
-struct Plan {
-    /// The key of the request as sent (its requested model).
-    key: CacheKey,
-    /// The key without the body, to derive the key of the same request for another model.
-    base: KeyBase,
-    /// The request body, to derive the key of the same request for another model.
-    body: Bytes,
-    meta: RequestMeta,
-    key_id: KeyId,
-    /// Look the key up (false for `cache-control: no-cache` and `x-tower-claude-cache: refresh`).
-    read: bool,
-    /// The request turned fallback off: only its own model's answers are served, and it does
-    /// not share a flight with requests that may fall back.
-    no_fallback: bool,
-}
-
-impl Plan {
-    fn requested(&self) -> &str {
-        self.meta.model.as_deref().unwrap_or("")
-    }
-
-    /// The flight concurrent twins share.
-    fn flight(&self) -> CacheKey {
-        if self.no_fallback {
-            self.key.variant(b"no-fallback")
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        let Some(plan) = plan(&self.config, &mut req) else {
+            if std::mem::take(&mut self.inner_ready) {
+                return ResponseFuture::bypass(self.inner.call(req));
+            }
+            let inner = self.inner.clone();
+            return ResponseFuture::boxed(Box::pin(async move {
+                let res = inner.oneshot(req).await.map_err(Into::into)?;
+                Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass))
+            }));
+        };
+        let next = if plan.read {
+            match begin(&self.config, &self.flights, &plan, &mut req) {
+                Begun::Answered(res) => return ResponseFuture::ready(res),
+                Begun::Miss(guard) => Next::Miss(guard),
+                Begun::Later(join) => Next::Join(join),
+            }
         } else {
-            self.key
+            Next::Miss(None)
+        };
+        match next {
+            // The usual miss: no allocation of the cache's own, no clone of the inner service.
+            Next::Miss(guard) if std::mem::take(&mut self.inner_ready) => {
+                tracing::trace!("cache miss settled at once");
+                let miss = Miss {
+                    config: self.config.clone(),
+                    plan,
+                    guard,
+                };
+                ResponseFuture::upstream(self.inner.call(req), miss)
+            }
+            next => ResponseFuture::boxed(Box::pin(run(
+                self.inner.clone(),
+                self.config.clone(),
+                self.flights.clone(),
+                req,
+                plan,
+                next,
+            ))),
         }
     }
+}
 
-    /// The key of the same request for `model`.
-    fn key_for(&self, model: &str) -> CacheKey {
-        if model == self.requested() {
-            return self.key;
-        }
-        // Only when fallback is in play: the body with its `model` replaced, written
-        // canonically again. The body was scanned and canonicalised already, so neither fails;
-        // if one did, the requested key is the safe answer (a miss, never a wrong hit).
-        crate::anthropic::rewrite_model(&self.body, model)
-            .ok()
-            .and_then(|body| self.base.key_of_body(&body))
-            .unwrap_or_else(|| self.key.variant(model.as_bytes()))
-    }
+/// What [`begin`] settled.
+enum Begun<B> {
+    /// A hit, or a share of an identical stream in flight.
+    Answered(Response<CacheBody<B>>),
+    /// Not stored: this request leads its flight (when it has one) and goes upstream.
+    Miss(Option<FlightGuard>),
+    /// Only an asynchronous step can tell (waiting for the leader, a store lookup over I/O).
+    Later(Join),
+}
 
-    /// The model the fallback layer below would send this request to now, when that is not
-    /// the requested model and the request allows fallback.
-    fn fallback_choice(&self, config: &Config) -> Option<String> {
-        if self.no_fallback {
-            return None;
-        }
-        let choice = config.fallback.as_ref()?.choice(&self.key_id, &self.meta)?;
-        (choice != self.requested()).then_some(choice)
-    }
+/// Where the asynchronous path of a cached request starts.
+enum Next {
+    /// Join the flight (again), or go on with the join made.
+    Join(Join),
+    /// Go upstream, leading the flight when there is a guard.
+    Miss(Option<FlightGuard>),
 }
 
 /// The request's `x-tower-claude-cache` directive (the header is removed: it is not sent
@@ -254,10 +259,11 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     }
     // The scan the layers below reuse; a body it cannot read is passed through (upstream
     // answers 400).
-    let meta = RequestMeta::get_or_scan(req).ok()?.clone();
+    RequestMeta::get_or_scan(req).ok()?;
+    let meta = req.extensions().get::<RequestMeta>()?;
     if config.mode == CacheMode::Deterministic
         && directive != Some(Directive::Use)
-        && !is_deterministic(&meta)
+        && !is_deterministic(meta)
     {
         tracing::trace!("not deterministic: not cached");
         return None;
@@ -271,27 +277,17 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
     // The canonical body, written from what the scan of `meta` recorded (or by the scanner
     // again); a body that is not a JSON object is passed through (upstream answers 400).
-    let key = base.key_of_scanned(req.body().bytes(), &meta)?;
+    let key = base.key_of_scanned(req.body().bytes(), meta)?;
+    let requested = meta.model.clone().unwrap_or_default();
     let no_fallback = crate::fallback::opted_out_of(req);
-    let key_id = KeyId::of_request(req).unwrap_or_else(KeyId::anonymous);
     Some(Plan {
         key,
         base,
         body: req.body().bytes().clone(),
-        meta,
-        key_id,
+        requested,
         read,
         no_fallback,
     })
-}
-
-fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
-    res.headers_mut().insert(
-        names::X_TOWER_CLAUDE_CACHE.clone(),
-        HeaderValue::from_static(status.as_str()),
-    );
-    res.extensions_mut().insert(status);
-    res
 }
 
 /// A follower's share of a stream in flight: served as a hit (it uses no quota). The head is
@@ -325,11 +321,37 @@ fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     mark(res, CacheStatus::Hit)
 }
 
+/// Joins the flight of `plan` and, leading it, looks the key up, when both can be done at
+/// once: the usual request, whose store lookup needs no I/O ([`CacheStore::get_now`]).
+fn begin<B>(
+    config: &Config,
+    flights: &Arc<Flights>,
+    plan: &Plan,
+    req: &mut Request<RequestBody>,
+) -> Begun<B> {
+    match flights.join(plan.flight()) {
+        Join::Live(body) => Begun::Answered(live_hit(body)),
+        Join::Lead(guard) => match find_now(config, plan, req) {
+            Some(Some(entry)) => {
+                guard.complete(&entry);
+                Begun::Answered(hit(entry, plan.requested()))
+            }
+            Some(None) => Begun::Miss(Some(guard)),
+            None => Begun::Later(Join::Lead(guard)),
+        },
+        join @ Join::Follow(_) => Begun::Later(join),
+    }
+}
+
+/// The paths [`Cache::call`] did not settle at once: following an identical request in
+/// flight, a store lookup that needs I/O, an inner service that was not ready.
 async fn run<S, ResBody>(
     inner: S,
     config: Arc<Config>,
     flights: Arc<Flights>,
     mut req: Request<RequestBody>,
+    plan: Plan,
+    next: Next,
 ) -> Result<Response<CacheBody<ResBody>>, BoxError>
 where
     S: Service<Request<RequestBody>, Response = Response<ResBody>>,
@@ -337,18 +359,14 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let Some(plan) = plan(&config, &mut req) else {
-        let res = inner.oneshot(req).await.map_err(Into::into)?;
-        return Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass));
-    };
-    let mut guard = None;
-    if plan.read {
+    let guard = match next {
+        Next::Miss(guard) => guard,
         // Each turn either follows the in-flight twin, or leads: the leader looks the key up
         // (once: whatever a previous leader stored is found, as it stored before leaving its
         // flight) and shares what it found with the followers that joined meanwhile. A
         // follower whose leader failed or was cancelled comes back here and joins again.
-        loop {
-            match flights.join(plan.flight()) {
+        Next::Join(mut join) => loop {
+            match join {
                 Join::Follow(rx) => match rx.await {
                     Ok(Shared::Entry(entry)) => return Ok(hit(entry, plan.requested())),
                     Ok(Shared::Live(body)) => return Ok(live_hit(body)),
@@ -357,27 +375,78 @@ where
                 },
                 Join::Live(body) => return Ok(live_hit(body)),
                 Join::Lead(g) => {
-                    if let Some(entry) = find(&config, &plan).await {
+                    if let Some(entry) = find(&config, &plan, &mut req).await {
                         g.complete(&entry);
                         return Ok(hit(entry, plan.requested()));
                     }
-                    guard = Some(g);
-                    break;
+                    break Some(g);
                 }
             }
+            join = flights.join(plan.flight());
+        },
+    };
+    let res = inner.oneshot(req).await.map_err(Into::into)?;
+    let res = match store_head(&config, &plan, res, guard) {
+        Stored::Done(res) => res,
+        Stored::Read(peek, reading) => store_read(&config, reading, peek.await),
+    };
+    Ok(mark(res, CacheStatus::Miss))
+}
+
+/// [`find`] when the store answers at once ([`CacheStore::get_now`]): `None` when it cannot.
+fn find_now(
+    config: &Config,
+    plan: &Plan,
+    req: &mut Request<RequestBody>,
+) -> Option<Option<CachedResponse>> {
+    if let Some(entry) = lookup_now(config, &plan.key)? {
+        return Some(Some(entry));
+    }
+    if !config.store.may_hold_other_models(plan.requested())
+        && !config.writer.queued_other_models(plan.requested())
+    {
+        tracing::trace!("no entry of another model stored: fallback not asked");
+        return Some(None);
+    }
+    let Some(choice) = plan.fallback_choice(config, req) else {
+        return Some(None);
+    };
+    let entry = lookup_now(config, &plan.key_for(&choice))?;
+    if entry.is_some() {
+        tracing::debug!(
+            requested = plan.requested(),
+            served = %choice,
+            "cache hit from the model fallback would choose now"
+        );
+    }
+    Some(entry)
+}
+
+/// [`lookup`] when the store answers at once: `None` when it cannot.
+fn lookup_now(config: &Config, key: &CacheKey) -> Option<Option<CachedResponse>> {
+    if let Some(entry) = config.writer.pending(key) {
+        return Some(Some(entry));
+    }
+    match config.store.get_now(key)? {
+        Ok(entry) => Some(entry),
+        Err(e) => {
+            tracing::warn!(key = %key, error = %e, "cache store lookup failed; treated as a miss");
+            Some(None)
         }
     }
-    let res = inner.oneshot(req).await.map_err(Into::into)?;
-    Ok(mark(
-        store_response(&config, &plan, res, guard).await,
-        CacheStatus::Miss,
-    ))
 }
 
 /// The answer to serve: the requested model's own, else the answer of the model the fallback
 /// layer below would choose now (never another model's answer once the requested model has
 /// quota again, nor when the request turned fallback off).
-async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
+async fn find(
+    config: &Config,
+    plan: &Plan,
+    req: &mut Request<RequestBody>,
+) -> Option<CachedResponse> {
+    if let Some(found) = find_now(config, plan, req) {
+        return found;
+    }
     if let Some(entry) = lookup(config, &plan.key).await {
         return Some(entry);
     }
@@ -387,7 +456,7 @@ async fn find(config: &Config, plan: &Plan) -> Option<CachedResponse> {
         tracing::trace!("no entry of another model stored: fallback not asked");
         return None;
     }
-    let choice = plan.fallback_choice(config)?;
+    let choice = plan.fallback_choice(config, req)?;
     let entry = lookup(config, &plan.key_for(&choice)).await?;
     tracing::debug!(
         requested = plan.requested(),
@@ -406,158 +475,6 @@ async fn lookup(config: &Config, key: &CacheKey) -> Option<CachedResponse> {
         Err(e) => {
             tracing::warn!(key = %key, error = %e, "cache store lookup failed; treated as a miss");
             None
-        }
-    }
-}
-
-/// The model that produced a response: the fallback layer's [`ServedModel`] extension or
-/// `x-tower-claude-model` header, else the requested model.
-fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
-    if let Some(served) = parts.extensions.get::<ServedModel>() {
-        return served.served.clone();
-    }
-    parts
-        .headers
-        .get(&names::X_TOWER_CLAUDE_MODEL)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(plan.requested())
-        .to_owned()
-}
-
-/// Forwards a miss's response, storing it when it is complete and 2xx: a JSON body is read
-/// here (it arrives whole anyway) and queued for storing before the response is returned, so
-/// followers are released at once; an SSE body is recorded by a tee as it flows to the caller.
-/// The SSE body of a flight (`guard`) is read by a driver task into a [`Live`] buffer that the
-/// caller and every follower read (see [`drive`]). Either way the store itself is written
-/// later, by the write-behind task: the caller never waits for it.
-async fn store_response<ResBody>(
-    config: &Arc<Config>,
-    plan: &Plan,
-    res: Response<ResBody>,
-    guard: Option<FlightGuard>,
-) -> Response<CacheBody<ResBody>>
-where
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    if !res.status().is_success() {
-        return res.map(CacheBody::inner);
-    }
-    let is_sse = crate::body::is_event_stream(res.headers());
-    let (mut parts, body) = res.into_parts();
-    let served = served_model(&parts, plan);
-    let key = plan.key_for(&served);
-    if is_sse {
-        let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
-        let tee = Tee::new(
-            config.clone(),
-            key,
-            parts.status,
-            parts.headers.clone(),
-            served,
-            tracker,
-        );
-        let body = CacheBody::tee(body, tee);
-        let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {
-            return Response::from_parts(parts, body);
-        };
-        let live = Live::new(parts.status, parts.headers.clone());
-        let mine = live.subscribe();
-        guard.publish(&live);
-        runtime.spawn(drive(body, live, guard, config.max_entry_bytes));
-        return Response::from_parts(parts, CacheBody::live(mine));
-    }
-    // The answer's one usage tracker (published by a layer below, in `ClaudeStack` the rate
-    // limiter) reads the JSON whole anyway: it says whether it is a Messages API answer.
-    let tracker = parts.extensions.get::<UsageTracker>().cloned();
-    if let Some(tracker) = &tracker {
-        tracker.want_json(config.max_entry_bytes);
-    }
-    // Read whole, up to one byte over the entry cap (then it is not stored).
-    let read = Replay::peek(body, config.max_entry_bytes.saturating_add(1)).await;
-    if !read.is_whole() || read.has_trailers() {
-        // Too large, cut, or with trailers: forward it as it came, store nothing.
-        return Response::from_parts(parts, CacheBody::replay(read.into_body()));
-    }
-    let data = read.data();
-    let entry =
-        CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
-    if storable(key, &entry, tracker.and_then(|t| t.message_json())) {
-        match guard {
-            // Followers wait: queue a copy, then hand them the answer (queued first, so that
-            // a request arriving as the flight closes finds it).
-            Some(guard) if guard.followed() => {
-                config.writer.enqueue(key, entry.clone(), config.ttl);
-                guard.complete(&entry);
-            }
-            // Nobody follows (the usual miss): the entry itself is queued, no copy. A follower
-            // that joins meanwhile is released without an answer and looks up again, finding
-            // it queued.
-            guard => {
-                config.writer.enqueue(key, entry, config.ttl);
-                drop(guard);
-            }
-        }
-    }
-    Response::from_parts(parts, CacheBody::full(data))
-}
-
-/// Reads a flight's upstream stream (through the tee that stores it) into `live` for every
-/// subscriber, as fast as upstream sends, until its end or until no subscriber is left (then
-/// the upstream stream is dropped: the request is cancelled upstream, and nothing is stored
-/// unless `message_stop` had arrived). The flight stays open to new followers until the
-/// stream ends or outgrows `max_bytes` (it would not be stored).
-async fn drive<B>(body: CacheBody<B>, live: Arc<Live>, guard: FlightGuard, max_bytes: usize)
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    use futures_util::future::{Either, select};
-    let mut body = std::pin::pin!(body);
-    let mut guard = Some(guard);
-    let mut trailers = None;
-    loop {
-        let next = {
-            let gone = std::pin::pin!(live.all_gone());
-            match select(body.as_mut().frame(), gone).await {
-                Either::Left((frame, _)) => Some(frame),
-                Either::Right(_) => None,
-            }
-        };
-        let frame = match next {
-            Some(frame) => frame,
-            None => {
-                // Close only if nobody joined meanwhile (checked with the flights locked).
-                let closed = match &guard {
-                    Some(g) => g.close_if_unread(&live),
-                    None => live.close_if_unread(),
-                };
-                if closed {
-                    return;
-                }
-                continue;
-            }
-        };
-        match frame {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    if live.push(data) > max_bytes {
-                        // Too large to store: no new follower joins it.
-                        guard = None;
-                    }
-                }
-                Err(frame) => trailers = frame.into_trailers().ok().or(trailers),
-            },
-            Some(Err(e)) => {
-                live.finish(End::Failed(e.to_string()));
-                return;
-            }
-            None => {
-                // The tee queued the complete stream at `message_stop`: later requests find
-                // it (in the write queue, then in the store) as the flight closes.
-                live.finish(End::Complete(trailers));
-                return;
-            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! On-disk store in an embedded `redb` file.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -434,9 +435,9 @@ impl Inner {
     /// Writes a batch of entries in one durable transaction (rows of up to [`ROW_MAX`]
     /// bytes, usually one), evicting the oldest rows to make room, then compacts the file if
     /// it is due.
-    fn put_batch(
+    fn put_batch<E: Borrow<CachedResponse>>(
         &self,
-        entries: &[(CacheKey, CachedResponse, Duration)],
+        entries: &[(CacheKey, E, Duration)],
     ) -> Result<(), StoreError> {
         let now = unix_ms((self.clock)());
         {
@@ -534,7 +535,7 @@ impl Inner {
         let now = unix_ms((self.clock)());
         self.write(|txn, inner| {
             let mut tables = Tables::open(txn, inner)?;
-            tables.put(&[(*key, value.clone(), ttl)], now)?;
+            tables.put(&[(*key, value, ttl)], now)?;
             tables.close()
         })
     }
@@ -658,9 +659,9 @@ impl<'t> Tables<'t> {
     /// under their keys, in rows of up to [`ROW_MAX`] encoded bytes (and an eighth of the
     /// bound) appended in order, evicting the oldest rows to stay under the bound. An entry
     /// whose own row is larger than the whole bound is not stored.
-    fn put(
+    fn put<E: Borrow<CachedResponse>>(
         &mut self,
-        entries: &[(CacheKey, CachedResponse, Duration)],
+        entries: &[(CacheKey, E, Duration)],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let max = self.inner.max_bytes;
@@ -675,6 +676,7 @@ impl<'t> Tables<'t> {
             if !seen.insert(*key) {
                 continue;
             }
+            let value = value.borrow();
             let entry = value.encode();
             self.inner.models.record(value.model());
             if ROW_OVERHEAD + entry.len() as u64 > max {
@@ -729,15 +731,11 @@ impl fmt::Debug for DiskStore {
     }
 }
 
-impl CacheStore for DiskStore {
-    /// Read inline, not on the blocking pool: a read transaction on pages in the page cache
-    /// takes microseconds, less than a hand-off to another thread, and a miss (every request
-    /// before its answer is stored) pays it. It never waits for a writer (redb readers do not)
-    /// nor for a compaction (a miss meanwhile). An expired or undecodable entry is removed on
-    /// the blocking pool.
-    fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+impl DiskStore {
+    /// The lookup of `get` and `get_now`.
+    fn look(&self, key: &CacheKey) -> Result<Option<CachedResponse>, StoreError> {
         let key = *key;
-        let found = match self.inner.lookup(&key) {
+        match self.inner.lookup(&key) {
             Ok(Lookup::Missing) => Ok(None),
             Ok(Lookup::Found(resp)) => Ok(Some(resp)),
             Ok(Lookup::Stale) => {
@@ -752,8 +750,24 @@ impl CacheStore for DiskStore {
                 Ok(None)
             }
             Err(e) => Err(e),
-        };
-        Box::pin(std::future::ready(found))
+        }
+    }
+}
+
+impl CacheStore for DiskStore {
+    /// Read inline, not on the blocking pool: a read transaction on pages in the page cache
+    /// takes microseconds, less than a hand-off to another thread, and a miss (every request
+    /// before its answer is stored) pays it. It never waits for a writer (redb readers do not)
+    /// nor for a compaction (a miss meanwhile). An expired or undecodable entry is removed on
+    /// the blocking pool.
+    fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
+        Box::pin(std::future::ready(self.look(key)))
+    }
+
+    /// Always answers: the in-memory index says whether the key is held (a miss touches no
+    /// file), and a held entry is read from the file as `get` reads it.
+    fn get_now(&self, key: &CacheKey) -> Option<Result<Option<CachedResponse>, StoreError>> {
+        Some(self.look(key))
     }
 
     fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
@@ -767,6 +781,14 @@ impl CacheStore for DiskStore {
     }
 
     fn put_batch(&self, entries: Vec<(CacheKey, CachedResponse, Duration)>) -> StoreFuture<()> {
+        self.run(move |inner| inner.put_batch(&entries))
+    }
+
+    /// Encodes the shared entries as they are (no copy).
+    fn put_batch_shared(
+        &self,
+        entries: Vec<(CacheKey, Arc<CachedResponse>, Duration)>,
+    ) -> StoreFuture<()> {
         self.run(move |inner| inner.put_batch(&entries))
     }
 
