@@ -812,9 +812,13 @@ struct State {
     /// Keyed by our own ids (a key's is a hash of it): hashbrown's foldhash, not SipHash,
     /// which cost ~350 instructions per lookup (several lookups per request).
     entries: hashbrown::HashMap<EntryKey, Entry>,
-    group_limits: HashMap<RateLimitGroup, Limits>,
+    /// Configured limits per group, and per key below. foldhash rather than SipHash here too
+    /// (~350 instructions per lookup): a lookup may carry a name a client made up (a model's
+    /// group), but only configuration inserts, so no client can fill these maps with keys
+    /// that collide.
+    group_limits: hashbrown::HashMap<RateLimitGroup, Limits>,
     /// Limits of one key (keys of different tiers), over the group's.
-    key_limits: HashMap<EntryKey, Limits>,
+    key_limits: hashbrown::HashMap<EntryKey, Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
     next_sweep: usize,
@@ -852,20 +856,27 @@ impl State {
     }
 
     fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
-        if self.entries.len() >= self.next_sweep
-            && !self.entries.contains_key(&(key.clone(), group.clone()))
-        {
+        let k = (key.clone(), group.clone());
+        if self.entries.len() >= self.next_sweep && !self.entries.contains_key(&k) {
             self.sweep(now);
         }
-        let limits = self.limits_for(key, group);
-        // Limits configured for this very key: an entry an operator asked for.
-        let vouched = self.key_limits.contains_key(&(key.clone(), group.clone()));
-        let mirror = self.mirror;
-        match self.entries.entry((key.clone(), group.clone())) {
+        // The configured limits are read only for a new entry (one lookup per call, not three).
+        let Self {
+            entries,
+            group_limits,
+            key_limits,
+            default_limits,
+            mirror,
+            ..
+        } = self;
+        match entries.entry(k) {
             MapEntry::Occupied(e) => e.into_mut(),
             MapEntry::Vacant(v) => {
-                let mut entry = Entry::new(limits, now, mirror);
-                entry.vouched = vouched;
+                let own = key_limits.get(v.key()).copied();
+                let limits = own.or_else(|| group_limits.get(group).copied().or(*default_limits));
+                let mut entry = Entry::new(limits, now, *mirror);
+                // Limits configured for this very key: an entry an operator asked for.
+                entry.vouched = own.is_some();
                 v.insert(entry)
             }
         }
@@ -910,8 +921,8 @@ impl LocalBackend {
         Self {
             state: Mutex::new(State {
                 entries: hashbrown::HashMap::new(),
-                group_limits,
-                key_limits,
+                group_limits: group_limits.into_iter().collect(),
+                key_limits: key_limits.into_iter().collect(),
                 default_limits,
                 idle_timeout,
                 next_sweep: MIN_SWEEP,
