@@ -378,6 +378,10 @@ struct Entry {
     /// `remaining` is not the whole truth then (an acceleration limit, overload), so levels
     /// are not raised for a minute after.
     refused_at: Option<Instant>,
+    /// Every bucket was refilled to this instant (none is behind it): a second refill at the
+    /// same instant adds nothing (see [`Entry::refill`]). `None` when a bucket may be behind
+    /// (one was created at an earlier instant than the last refill's).
+    refilled: Option<Instant>,
 }
 
 impl Entry {
@@ -403,6 +407,7 @@ impl Entry {
             vouched: false,
             ledger: Ledger::default(),
             refused_at: None,
+            refilled: Some(now),
         }
     }
 
@@ -430,6 +435,8 @@ impl Entry {
                 None => *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), true)),
             }
         }
+        // `now` may be earlier than the last refill (read before the lock).
+        self.refilled = None;
     }
 
     fn known(&self) -> bool {
@@ -524,12 +531,19 @@ impl Entry {
     /// Refills every bucket, not above its capacity minus the units of grants whose answer
     /// has not arrived (see [`Ledger::unanswered`]). A grant that had the send grace holds
     /// the ceiling down until then, not after: the refill is taken in steps.
+    ///
+    /// A call refills and then takes, drains or settles at the same instant, which refills
+    /// again: that second refill is skipped (a bucket refilled to `now` gains nothing more at
+    /// `now`, whatever the ceiling), but not the grants that reached the server by then.
     fn refill(&mut self, now: Instant) {
         while let Some(at) = self.ledger.next_arrival().filter(|at| *at <= now) {
             self.refill_below_ceiling(at);
             self.ledger.arrive_first();
         }
-        self.refill_below_ceiling(now);
+        if self.refilled != Some(now) {
+            self.refill_below_ceiling(now);
+            self.refilled = Some(now);
+        }
     }
 
     fn refill_below_ceiling(&mut self, now: Instant) {
@@ -1418,6 +1432,8 @@ impl LocalBackend {
                 *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), false));
             }
         }
+        // `now` may be earlier than the entry's last refill (read before the lock).
+        e.refilled = None;
         e.drain(now, None);
     }
 
@@ -1460,5 +1476,37 @@ impl LocalBackend {
     pub(crate) fn evict_idle(&self) {
         let now = Instant::now();
         self.lock().sweep(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requests_level(e: &mut Entry, now: Instant) -> f64 {
+        e.slots[REQUESTS]
+            .as_mut()
+            .expect("a requests bucket")
+            .bucket
+            .level(now)
+    }
+
+    #[test]
+    fn a_bucket_created_behind_the_last_refill_is_refilled_under_its_ceiling() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(10);
+        let mut e = Entry::new(None, t0, false);
+        e.refill(t1);
+        // Limits configured with an instant read before the last refill's (another thread).
+        e.configure(Limits::new(60, 6_000, 6_000), t0);
+        e.slots[REQUESTS]
+            .as_mut()
+            .expect("a requests bucket")
+            .bucket
+            .force_take(60, t0);
+        e.ledger.unanswered = [55, 0, 0];
+        e.refill(t1);
+        // 10 s refill 10 requests, but not above the capacity minus the unanswered 55.
+        assert_eq!(requests_level(&mut e, t1), 5.0);
     }
 }
