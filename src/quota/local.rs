@@ -74,15 +74,16 @@ pub(crate) const SEND_GRACE: Duration = Duration::from_secs(2);
 
 /// One look at a `(key, group)` for a cost: what [`QuotaBoard::headroom`],
 /// [`QuotaBoard::fits_now`] and [`QuotaBoard::time_until_fits`] return, taken from one entry
-/// lookup (fallback weighs each candidate model with all three).
+/// lookup (fallback weighs each candidate model with all three, the key pool each key).
 ///
 /// [`QuotaBoard::headroom`]: super::QuotaBoard::headroom
 /// [`QuotaBoard::fits_now`]: super::QuotaBoard::fits_now
 /// [`QuotaBoard::time_until_fits`]: super::QuotaBoard::time_until_fits
 #[derive(Debug, Clone)]
 pub(crate) struct QuotaLook {
-    /// As [`QuotaBoard::headroom`](super::QuotaBoard::headroom).
-    pub(crate) headroom: Headroom,
+    /// As [`QuotaBoard::headroom`](super::QuotaBoard::headroom): `None` while no limit is
+    /// known.
+    pub(crate) headroom: Option<Headroom>,
     /// As [`QuotaBoard::fits_now`](super::QuotaBoard::fits_now).
     pub(crate) fits: bool,
     /// As [`QuotaBoard::time_until_fits`](super::QuotaBoard::time_until_fits).
@@ -1308,30 +1309,26 @@ impl LocalBackend {
 
     /// [`headroom`](Self::headroom), [`fits_now`](Self::fits_now) and
     /// [`time_until_fits`](Self::time_until_fits) from one entry lookup, one refill and one
-    /// check: `None` when no limit is known (as `headroom`).
-    pub(crate) fn look(
-        &self,
-        key: &KeyId,
-        group: &RateLimitGroup,
-        cost: &Cost,
-    ) -> Option<QuotaLook> {
+    /// check.
+    pub(crate) fn look(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> QuotaLook {
         self.with_view(key, group, |e, now| {
-            if !e.known() {
-                return None;
-            }
             let check = e.check(cost, now);
-            let fits = !e.has_waiting() && matches!(check, Check::Ready);
-            Some(QuotaLook {
-                headroom: e.headroom(now),
-                fits,
+            QuotaLook {
+                headroom: e.known().then(|| e.headroom(now)),
+                fits: !e.has_waiting() && matches!(check, Check::Ready),
                 wait: match check {
                     Check::Ready => Some(Duration::ZERO),
                     Check::Wait(d) => Some(d),
                     Check::TooLarge => None,
                 },
-            })
+            }
         })
-        .flatten()
+        // No entry and no configured limit: nothing to wait for (as the three calls say).
+        .unwrap_or(QuotaLook {
+            headroom: None,
+            fits: true,
+            wait: Some(Duration::ZERO),
+        })
     }
 
     pub(crate) fn time_until_fits(
