@@ -91,10 +91,10 @@ impl Config {
         cost: &Cost,
     ) -> QuotaView {
         let look = self.board.look(key, group, cost);
-        match look.headroom {
+        match look.room {
             None => QuotaView::unknown(),
-            Some(headroom) => QuotaView {
-                fraction: headroom.fraction,
+            Some(room) => QuotaView {
+                fraction: room.fraction,
                 fits: look.fits,
                 wait: look.wait,
             },

@@ -658,14 +658,14 @@ impl Pool {
                     let cooldown = rt.cooldown_left(group, now);
                     // Headroom, fits-now and time-until-fits from one board lookup.
                     let look = board.look(&key.id, group, cost);
-                    let fraction = look.headroom.as_ref().map_or(1.0, |h| h.fraction);
+                    let fraction = look.room.map_or(1.0, |r| r.fraction);
                     let quota_wait = if look.fits {
                         Duration::ZERO
                     } else {
                         // Never fits (larger than a bucket) or waiting for a probe: rank it
                         // by the time until its buckets are full.
                         look.wait
-                            .or(look.headroom.map(|h| h.full_in))
+                            .or(look.room.map(|r| r.full_in))
                             .unwrap_or(Duration::MAX)
                     };
                     Rank {

@@ -81,13 +81,32 @@ pub(crate) const SEND_GRACE: Duration = Duration::from_secs(2);
 /// [`QuotaBoard::time_until_fits`]: super::QuotaBoard::time_until_fits
 #[derive(Debug, Clone)]
 pub(crate) struct QuotaLook {
-    /// As [`QuotaBoard::headroom`](super::QuotaBoard::headroom): `None` while no limit is
-    /// known.
-    pub(crate) headroom: Option<Headroom>,
+    /// The two figures of [`QuotaBoard::headroom`](super::QuotaBoard::headroom) a view
+    /// weighs: `None` while no limit is known.
+    pub(crate) room: Option<Room>,
     /// As [`QuotaBoard::fits_now`](super::QuotaBoard::fits_now).
     pub(crate) fits: bool,
     /// As [`QuotaBoard::time_until_fits`](super::QuotaBoard::time_until_fits).
     pub(crate) wait: Option<Duration>,
+}
+
+/// [`Headroom::fraction`] and [`Headroom::full_in`] without the per-bucket detail (the rest
+/// of a [`Headroom`] costs a `Duration` conversion per bucket, and nobody weighing a view
+/// reads it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Room {
+    pub(crate) fraction: f64,
+    pub(crate) full_in: Duration,
+}
+
+/// Seconds until `bucket`, at `level`, is full by refill (0 when it is, or never refills).
+fn secs_until_full(bucket: &TokenBucket, level: f64) -> f64 {
+    let missing = (bucket.capacity() as f64 - level).max(0.0);
+    if missing <= 0.0 || bucket.rate_per_sec() <= 0.0 {
+        0.0
+    } else {
+        missing / bucket.rate_per_sec()
+    }
 }
 
 /// The refill (units, rounded down) a server bucket of `rate` units a second certainly had
@@ -786,12 +805,7 @@ impl Entry {
                 let level = b.level(now);
                 let cap = b.capacity();
                 let f = b.fraction(now);
-                let missing = (cap as f64 - level).max(0.0);
-                let until_full = if missing <= 0.0 || b.rate_per_sec() <= 0.0 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs_f64(missing / b.rate_per_sec())
-                };
+                let until_full = Duration::from_secs_f64(secs_until_full(&b, level));
                 fraction = fraction.min(f);
                 full_in = full_in.max(until_full);
                 *view = Some(BucketHeadroom {
@@ -809,6 +823,23 @@ impl Entry {
             fraction,
             full_in,
             queued: self.waiting_len(),
+        }
+    }
+
+    /// [`headroom`](Self::headroom)'s fraction and time until full, alone.
+    fn room(&self, now: Instant) -> Room {
+        let mut fraction: f64 = 1.0;
+        let mut full_in: f64 = 0.0;
+        for s in self.slots.iter().flatten() {
+            let mut b = s.bucket.clone();
+            let level = b.level(now);
+            fraction = fraction.min(b.fraction(now));
+            full_in = full_in.max(secs_until_full(&b, level));
+        }
+        Room {
+            fraction,
+            // The conversion is monotonic: the longest wait converted once.
+            full_in: Duration::from_secs_f64(full_in),
         }
     }
 
@@ -1314,7 +1345,7 @@ impl LocalBackend {
         self.with_view(key, group, |e, now| {
             let check = e.check(cost, now);
             QuotaLook {
-                headroom: e.known().then(|| e.headroom(now)),
+                room: e.known().then(|| e.room(now)),
                 fits: !e.has_waiting() && matches!(check, Check::Ready),
                 wait: match check {
                     Check::Ready => Some(Duration::ZERO),
@@ -1325,7 +1356,7 @@ impl LocalBackend {
         })
         // No entry and no configured limit: nothing to wait for (as the three calls say).
         .unwrap_or(QuotaLook {
-            headroom: None,
+            room: None,
             fits: true,
             wait: Some(Duration::ZERO),
         })

@@ -659,7 +659,9 @@ async fn a_quick_answer_raises_to_its_count_only() {
 async fn one_look_agrees_with_the_three_lookups() {
     fn agrees(b: &QuotaBoard, key: &KeyId, cost: Cost) {
         let look = b.look(key, &g(), &cost);
-        assert_eq!(look.headroom, b.headroom(key, &g()), "{cost:?}");
+        let headroom = b.headroom(key, &g());
+        let room = headroom.map(|h| (h.fraction, h.full_in));
+        assert_eq!(look.room.map(|r| (r.fraction, r.full_in)), room, "{cost:?}");
         assert_eq!(look.fits, b.fits_now(key, &g(), &cost), "{cost:?}");
         assert_eq!(look.wait, b.time_until_fits(key, &g(), &cost), "{cost:?}");
     }
@@ -675,7 +677,7 @@ async fn one_look_agrees_with_the_three_lookups() {
     costs.iter().for_each(|c| agrees(&unknown, &k(), *c));
     let probe = unknown.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
     costs.iter().for_each(|c| agrees(&unknown, &k(), *c));
-    assert!(unknown.look(&k(), &g(), &costs[0]).headroom.is_none());
+    assert!(unknown.look(&k(), &g(), &costs[0]).room.is_none());
     assert!(!unknown.look(&k(), &g(), &costs[0]).fits);
     drop(probe);
     costs.iter().for_each(|c| agrees(&unknown, &k(), *c));
