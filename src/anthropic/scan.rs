@@ -54,6 +54,9 @@ pub(super) struct Scan {
 // (`benches/meta.rs`).
 pub(super) struct Scanner<'a> {
     b: &'a [u8],
+    /// `b` once [`run`](Self::run) has checked it is UTF-8: strings are sliced from it
+    /// instead of being checked again.
+    text: Option<&'a str>,
     i: usize,
     check_fields: bool,
     /// The first wrong field type found; reported only once the whole document is known to be
@@ -71,6 +74,7 @@ impl<'a> Scanner<'a> {
     pub(super) fn new(b: &'a [u8], check_fields: bool) -> Self {
         Self {
             b,
+            text: None,
             i: 0,
             check_fields,
             field_error: None,
@@ -146,12 +150,15 @@ impl<'a> Scanner<'a> {
     }
 
     pub(super) fn run(mut self) -> Res<Scan> {
-        if let Err(e) = std::str::from_utf8(self.b) {
-            return Err(MetaError::new(
-                MetaErrorKind::InvalidJson,
-                e.valid_up_to(),
-                "invalid UTF-8",
-            ));
+        match std::str::from_utf8(self.b) {
+            Ok(text) => self.text = Some(text),
+            Err(e) => {
+                return Err(MetaError::new(
+                    MetaErrorKind::InvalidJson,
+                    e.valid_up_to(),
+                    "invalid UTF-8",
+                ));
+            }
         }
         self.ws();
         match self.peek() {
@@ -200,8 +207,7 @@ impl<'a> Scanner<'a> {
                         self.value(false, Role::Plain, Role::Plain, 1)?;
                         let token = &self.b[start..self.i];
                         let parsed = if token.iter().all(u8::is_ascii_digit) {
-                            std::str::from_utf8(token)
-                                .ok()
+                            self.str_of(start, self.i)
                                 .and_then(|t| t.parse::<u64>().ok())
                         } else {
                             None
@@ -233,8 +239,8 @@ impl<'a> Scanner<'a> {
                     b"temperature" => {
                         self.value(false, Role::Plain, Role::Plain, 1)?;
                         let parsed = match self.b[start] {
-                            b'-' | b'0'..=b'9' => std::str::from_utf8(&self.b[start..self.i])
-                                .ok()
+                            b'-' | b'0'..=b'9' => self
+                                .str_of(start, self.i)
                                 .and_then(|t| t.parse::<f64>().ok())
                                 // `1e999` parses as infinity: out of range, like serde_json.
                                 .filter(|v| v.is_finite()),
@@ -324,11 +330,20 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
+    /// `b[start..end]` as text: sliced from the checked document when there is one (no
+    /// second UTF-8 check), else checked.
+    fn str_of(&self, start: usize, end: usize) -> Option<&'a str> {
+        match self.text {
+            Some(text) => text.get(start..end),
+            None => std::str::from_utf8(self.b.get(start..end)?).ok(),
+        }
+    }
+
     /// Decodes the string token `b[start..end]` (quotes included).
     fn decode_string(&self, start: usize, end: usize) -> Res<String> {
         let inner = &self.b[start + 1..end - 1];
         if !inner.contains(&b'\\') {
-            if let Ok(s) = std::str::from_utf8(inner) {
+            if let Some(s) = self.str_of(start + 1, end - 1) {
                 return Ok(s.to_owned());
             }
         }

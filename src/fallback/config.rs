@@ -90,10 +90,11 @@ impl Config {
         group: &crate::anthropic::RateLimitGroup,
         cost: &Cost,
     ) -> QuotaView {
-        match self.board.look(key, group, cost) {
+        let look = self.board.look(key, group, cost);
+        match look.room {
             None => QuotaView::unknown(),
-            Some(look) => QuotaView {
-                fraction: look.headroom.fraction,
+            Some(room) => QuotaView {
+                fraction: room.fraction,
                 fits: look.fits,
                 wait: look.wait,
             },

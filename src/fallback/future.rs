@@ -354,11 +354,18 @@ impl<S> Walk<S> {
         if let Some(meta) = meta {
             req.extensions_mut().insert(meta);
         }
-        if let Some(wait) = max_server_wait {
-            req.extensions_mut().insert(wait);
-        }
-        if let Some(resend) = resend {
-            req.extensions_mut().insert(resend);
+        match resend {
+            // Retry, directly below, removes the description and puts its `MaxServerWait` on
+            // the request: the request's extension map then never holds both (its fourth
+            // entry would grow it).
+            Some(resend) => {
+                req.extensions_mut().insert(resend);
+            }
+            None => {
+                if let Some(wait) = max_server_wait {
+                    req.extensions_mut().insert(wait);
+                }
+            }
         }
         req
     }

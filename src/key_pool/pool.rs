@@ -656,16 +656,16 @@ impl Pool {
                 Some((group, costs)) => {
                     let cost = &costs.of(index);
                     let cooldown = rt.cooldown_left(group, now);
-                    let headroom = board.headroom(&key.id, group);
-                    let fraction = headroom.map_or(1.0, |h| h.fraction);
-                    let quota_wait = if board.fits_now(&key.id, group, cost) {
+                    // Headroom, fits-now and time-until-fits from one board lookup.
+                    let look = board.look(&key.id, group, cost);
+                    let fraction = look.room.map_or(1.0, |r| r.fraction);
+                    let quota_wait = if look.fits {
                         Duration::ZERO
                     } else {
                         // Never fits (larger than a bucket) or waiting for a probe: rank it
                         // by the time until its buckets are full.
-                        board
-                            .time_until_fits(&key.id, group, cost)
-                            .or(headroom.map(|h| h.full_in))
+                        look.wait
+                            .or(look.room.map(|r| r.full_in))
                             .unwrap_or(Duration::MAX)
                     };
                     Rank {
@@ -1086,10 +1086,11 @@ impl Pool {
                     if rt.is_forbidden(group, now) {
                         return None;
                     }
-                    let quota = if board.fits_now(&key.id, group, cost) {
+                    let look = board.look(&key.id, group, cost);
+                    let quota = if look.fits {
                         Duration::ZERO
                     } else {
-                        board.time_until_fits(&key.id, group, cost)?
+                        look.wait?
                     };
                     Some(quota.max(rt.cooldown_left(group, now)))
                 }

@@ -71,11 +71,10 @@ where
         let stream = meta.stream;
         let shared = &self.shared;
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        let (group, group_label) = shared.group_of(model.as_deref());
+        let (group, group_label, model_label) = shared.labels_of(model.as_deref());
         if let (Some(forecaster), Some(group)) = (&shared.forecaster, &group) {
             forecaster.record(group, 1, input_estimate, 0);
         }
-        let model_label = shared.model_label(model.as_deref());
         let span = tracing::info_span!(
             "claude_request",
             key = %key,

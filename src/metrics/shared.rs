@@ -71,15 +71,24 @@ impl Shared {
     /// [`names::OTHER`] for ids the catalogue places nowhere (so that arbitrary model ids
     /// create neither label values nor forecast state).
     pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, Label) {
+        let (group, label, _) = self.labels_of(model);
+        (group, label)
+    }
+
+    /// [`group_of`](Self::group_of) and [`model_label`](Self::model_label) with one lookup
+    /// of `model` among the known ids.
+    pub(crate) fn labels_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, Label, Label) {
         let Some(model) = model else {
-            return (None, other());
+            return (None, other(), other());
         };
+        let known = self.known.get(model);
+        let model_label = known.cloned().unwrap_or_else(other);
         let group = self.catalog.group(model);
-        if self.known.contains(model) || group.as_str() != model {
+        if known.is_some() || group.as_str() != model {
             let label = group.label();
-            (Some(group), label)
+            (Some(group), label, model_label)
         } else {
-            (None, other())
+            (None, other(), model_label)
         }
     }
 

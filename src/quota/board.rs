@@ -508,13 +508,8 @@ impl QuotaBoard {
 
     /// [`headroom`](Self::headroom), [`fits_now`](Self::fits_now) and
     /// [`time_until_fits`](Self::time_until_fits) of `(key, group)` for `cost` from one
-    /// lookup; `None` when no limit is known yet (as `headroom`).
-    pub(crate) fn look(
-        &self,
-        key: &KeyId,
-        group: &RateLimitGroup,
-        cost: &Cost,
-    ) -> Option<QuotaLook> {
+    /// lookup.
+    pub(crate) fn look(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> QuotaLook {
         match self.backend.degraded() {
             Some(fallback) => fallback.look(key, group, cost),
             None => self.backend.local().look(key, group, cost),

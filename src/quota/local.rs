@@ -74,19 +74,39 @@ pub(crate) const SEND_GRACE: Duration = Duration::from_secs(2);
 
 /// One look at a `(key, group)` for a cost: what [`QuotaBoard::headroom`],
 /// [`QuotaBoard::fits_now`] and [`QuotaBoard::time_until_fits`] return, taken from one entry
-/// lookup (fallback weighs each candidate model with all three).
+/// lookup (fallback weighs each candidate model with all three, the key pool each key).
 ///
 /// [`QuotaBoard::headroom`]: super::QuotaBoard::headroom
 /// [`QuotaBoard::fits_now`]: super::QuotaBoard::fits_now
 /// [`QuotaBoard::time_until_fits`]: super::QuotaBoard::time_until_fits
 #[derive(Debug, Clone)]
 pub(crate) struct QuotaLook {
-    /// As [`QuotaBoard::headroom`](super::QuotaBoard::headroom).
-    pub(crate) headroom: Headroom,
+    /// The two figures of [`QuotaBoard::headroom`](super::QuotaBoard::headroom) a view
+    /// weighs: `None` while no limit is known.
+    pub(crate) room: Option<Room>,
     /// As [`QuotaBoard::fits_now`](super::QuotaBoard::fits_now).
     pub(crate) fits: bool,
     /// As [`QuotaBoard::time_until_fits`](super::QuotaBoard::time_until_fits).
     pub(crate) wait: Option<Duration>,
+}
+
+/// [`Headroom::fraction`] and [`Headroom::full_in`] without the per-bucket detail (the rest
+/// of a [`Headroom`] costs a `Duration` conversion per bucket, and nobody weighing a view
+/// reads it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Room {
+    pub(crate) fraction: f64,
+    pub(crate) full_in: Duration,
+}
+
+/// Seconds until `bucket`, at `level`, is full by refill (0 when it is, or never refills).
+fn secs_until_full(bucket: &TokenBucket, level: f64) -> f64 {
+    let missing = (bucket.capacity() as f64 - level).max(0.0);
+    if missing <= 0.0 || bucket.rate_per_sec() <= 0.0 {
+        0.0
+    } else {
+        missing / bucket.rate_per_sec()
+    }
 }
 
 /// The refill (units, rounded down) a server bucket of `rate` units a second certainly had
@@ -378,6 +398,10 @@ struct Entry {
     /// `remaining` is not the whole truth then (an acceleration limit, overload), so levels
     /// are not raised for a minute after.
     refused_at: Option<Instant>,
+    /// Every bucket was refilled to this instant (none is behind it): a second refill at the
+    /// same instant adds nothing (see [`Entry::refill`]). `None` when a bucket may be behind
+    /// (one was created at an earlier instant than the last refill's).
+    refilled: Option<Instant>,
 }
 
 impl Entry {
@@ -403,6 +427,7 @@ impl Entry {
             vouched: false,
             ledger: Ledger::default(),
             refused_at: None,
+            refilled: Some(now),
         }
     }
 
@@ -430,6 +455,8 @@ impl Entry {
                 None => *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), true)),
             }
         }
+        // `now` may be earlier than the last refill (read before the lock).
+        self.refilled = None;
     }
 
     fn known(&self) -> bool {
@@ -524,12 +551,19 @@ impl Entry {
     /// Refills every bucket, not above its capacity minus the units of grants whose answer
     /// has not arrived (see [`Ledger::unanswered`]). A grant that had the send grace holds
     /// the ceiling down until then, not after: the refill is taken in steps.
+    ///
+    /// A call refills and then takes, drains or settles at the same instant, which refills
+    /// again: that second refill is skipped (a bucket refilled to `now` gains nothing more at
+    /// `now`, whatever the ceiling), but not the grants that reached the server by then.
     fn refill(&mut self, now: Instant) {
         while let Some(at) = self.ledger.next_arrival().filter(|at| *at <= now) {
             self.refill_below_ceiling(at);
             self.ledger.arrive_first();
         }
-        self.refill_below_ceiling(now);
+        if self.refilled != Some(now) {
+            self.refill_below_ceiling(now);
+            self.refilled = Some(now);
+        }
     }
 
     fn refill_below_ceiling(&mut self, now: Instant) {
@@ -771,12 +805,7 @@ impl Entry {
                 let level = b.level(now);
                 let cap = b.capacity();
                 let f = b.fraction(now);
-                let missing = (cap as f64 - level).max(0.0);
-                let until_full = if missing <= 0.0 || b.rate_per_sec() <= 0.0 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs_f64(missing / b.rate_per_sec())
-                };
+                let until_full = Duration::from_secs_f64(secs_until_full(&b, level));
                 fraction = fraction.min(f);
                 full_in = full_in.max(until_full);
                 *view = Some(BucketHeadroom {
@@ -797,6 +826,23 @@ impl Entry {
         }
     }
 
+    /// [`headroom`](Self::headroom)'s fraction and time until full, alone.
+    fn room(&self, now: Instant) -> Room {
+        let mut fraction: f64 = 1.0;
+        let mut full_in: f64 = 0.0;
+        for s in self.slots.iter().flatten() {
+            let mut b = s.bucket.clone();
+            let level = b.level(now);
+            fraction = fraction.min(b.fraction(now));
+            full_in = full_in.max(secs_until_full(&b, level));
+        }
+        Room {
+            fraction,
+            // The conversion is monotonic: the longest wait converted once.
+            full_in: Duration::from_secs_f64(full_in),
+        }
+    }
+
     fn is_idle(&self, now: Instant, idle_timeout: Duration) -> bool {
         self.is_quiet()
             && now.saturating_duration_since(self.last_used) >= idle_timeout
@@ -812,9 +858,13 @@ struct State {
     /// Keyed by our own ids (a key's is a hash of it): hashbrown's foldhash, not SipHash,
     /// which cost ~350 instructions per lookup (several lookups per request).
     entries: hashbrown::HashMap<EntryKey, Entry>,
-    group_limits: HashMap<RateLimitGroup, Limits>,
+    /// Configured limits per group, and per key below. foldhash rather than SipHash here too
+    /// (~350 instructions per lookup): a lookup may carry a name a client made up (a model's
+    /// group), but only configuration inserts, so no client can fill these maps with keys
+    /// that collide.
+    group_limits: hashbrown::HashMap<RateLimitGroup, Limits>,
     /// Limits of one key (keys of different tiers), over the group's.
-    key_limits: HashMap<EntryKey, Limits>,
+    key_limits: hashbrown::HashMap<EntryKey, Limits>,
     default_limits: Option<Limits>,
     idle_timeout: Duration,
     next_sweep: usize,
@@ -852,20 +902,27 @@ impl State {
     }
 
     fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
-        if self.entries.len() >= self.next_sweep
-            && !self.entries.contains_key(&(key.clone(), group.clone()))
-        {
+        let k = (key.clone(), group.clone());
+        if self.entries.len() >= self.next_sweep && !self.entries.contains_key(&k) {
             self.sweep(now);
         }
-        let limits = self.limits_for(key, group);
-        // Limits configured for this very key: an entry an operator asked for.
-        let vouched = self.key_limits.contains_key(&(key.clone(), group.clone()));
-        let mirror = self.mirror;
-        match self.entries.entry((key.clone(), group.clone())) {
+        // The configured limits are read only for a new entry (one lookup per call, not three).
+        let Self {
+            entries,
+            group_limits,
+            key_limits,
+            default_limits,
+            mirror,
+            ..
+        } = self;
+        match entries.entry(k) {
             MapEntry::Occupied(e) => e.into_mut(),
             MapEntry::Vacant(v) => {
-                let mut entry = Entry::new(limits, now, mirror);
-                entry.vouched = vouched;
+                let own = key_limits.get(v.key()).copied();
+                let limits = own.or_else(|| group_limits.get(group).copied().or(*default_limits));
+                let mut entry = Entry::new(limits, now, *mirror);
+                // Limits configured for this very key: an entry an operator asked for.
+                entry.vouched = own.is_some();
                 v.insert(entry)
             }
         }
@@ -910,8 +967,8 @@ impl LocalBackend {
         Self {
             state: Mutex::new(State {
                 entries: hashbrown::HashMap::new(),
-                group_limits,
-                key_limits,
+                group_limits: group_limits.into_iter().collect(),
+                key_limits: key_limits.into_iter().collect(),
                 default_limits,
                 idle_timeout,
                 next_sweep: MIN_SWEEP,
@@ -1283,30 +1340,26 @@ impl LocalBackend {
 
     /// [`headroom`](Self::headroom), [`fits_now`](Self::fits_now) and
     /// [`time_until_fits`](Self::time_until_fits) from one entry lookup, one refill and one
-    /// check: `None` when no limit is known (as `headroom`).
-    pub(crate) fn look(
-        &self,
-        key: &KeyId,
-        group: &RateLimitGroup,
-        cost: &Cost,
-    ) -> Option<QuotaLook> {
+    /// check.
+    pub(crate) fn look(&self, key: &KeyId, group: &RateLimitGroup, cost: &Cost) -> QuotaLook {
         self.with_view(key, group, |e, now| {
-            if !e.known() {
-                return None;
-            }
             let check = e.check(cost, now);
-            let fits = !e.has_waiting() && matches!(check, Check::Ready);
-            Some(QuotaLook {
-                headroom: e.headroom(now),
-                fits,
+            QuotaLook {
+                room: e.known().then(|| e.room(now)),
+                fits: !e.has_waiting() && matches!(check, Check::Ready),
                 wait: match check {
                     Check::Ready => Some(Duration::ZERO),
                     Check::Wait(d) => Some(d),
                     Check::TooLarge => None,
                 },
-            })
+            }
         })
-        .flatten()
+        // No entry and no configured limit: nothing to wait for (as the three calls say).
+        .unwrap_or(QuotaLook {
+            room: None,
+            fits: true,
+            wait: Some(Duration::ZERO),
+        })
     }
 
     pub(crate) fn time_until_fits(
@@ -1407,6 +1460,8 @@ impl LocalBackend {
                 *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), false));
             }
         }
+        // `now` may be earlier than the entry's last refill (read before the lock).
+        e.refilled = None;
         e.drain(now, None);
     }
 
@@ -1449,5 +1504,37 @@ impl LocalBackend {
     pub(crate) fn evict_idle(&self) {
         let now = Instant::now();
         self.lock().sweep(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requests_level(e: &mut Entry, now: Instant) -> f64 {
+        e.slots[REQUESTS]
+            .as_mut()
+            .expect("a requests bucket")
+            .bucket
+            .level(now)
+    }
+
+    #[test]
+    fn a_bucket_created_behind_the_last_refill_is_refilled_under_its_ceiling() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(10);
+        let mut e = Entry::new(None, t0, false);
+        e.refill(t1);
+        // Limits configured with an instant read before the last refill's (another thread).
+        e.configure(Limits::new(60, 6_000, 6_000), t0);
+        e.slots[REQUESTS]
+            .as_mut()
+            .expect("a requests bucket")
+            .bucket
+            .force_take(60, t0);
+        e.ledger.unanswered = [55, 0, 0];
+        e.refill(t1);
+        // 10 s refill 10 requests, but not above the capacity minus the unanswered 55.
+        assert_eq!(requests_level(&mut e, t1), 5.0);
     }
 }

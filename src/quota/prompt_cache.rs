@@ -78,11 +78,18 @@ pub struct PromptCacheMemory {
 
 struct Inner {
     /// Prefix id -> when its cache entry expires (tokio time).
-    prefixes: Cache<u128, Instant>,
+    prefixes: Cache<u128, Instant, Hasher>,
     /// Cache-token totals per `(key, group)`.
-    usage: Cache<(KeyId, RateLimitGroup), Arc<Counters>>,
+    usage: Cache<(KeyId, RateLimitGroup), Arc<Counters>, Hasher>,
     capacity: u64,
 }
+
+/// foldhash (randomly seeded) rather than moka's default SipHash, which cost ~350
+/// instructions per answer (`record_usage` hashes a `(key, group)` on every one): the prefix
+/// ids are already digests, a key id is a digest too, and both caches are bounded (least
+/// recently used entries go first), so a client choosing model names cannot grow a chain
+/// without bound.
+type Hasher = hashbrown::DefaultHashBuilder;
 
 #[derive(Default)]
 struct Counters {
@@ -184,11 +191,11 @@ impl PromptCacheMemory {
             // Expiry is checked against tokio's clock on lookup; this only lets entries past
             // the longest TTL go in wall time too.
             .time_to_live(Duration::from_secs(3_600 + 300))
-            .build();
+            .build_with_hasher(Hasher::default());
         let usage = Cache::builder()
             .max_capacity(MAX_USAGE_ENTRIES)
             .eviction_policy(EvictionPolicy::lru())
-            .build();
+            .build_with_hasher(Hasher::default());
         Self {
             inner: Arc::new(Inner {
                 prefixes,

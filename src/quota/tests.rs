@@ -659,15 +659,11 @@ async fn a_quick_answer_raises_to_its_count_only() {
 async fn one_look_agrees_with_the_three_lookups() {
     fn agrees(b: &QuotaBoard, key: &KeyId, cost: Cost) {
         let look = b.look(key, &g(), &cost);
-        match b.headroom(key, &g()) {
-            None => assert!(look.is_none(), "{look:?}"),
-            Some(h) => {
-                let look = look.expect("a known limit gives a look");
-                assert_eq!(look.headroom, h);
-                assert_eq!(look.fits, b.fits_now(key, &g(), &cost), "{cost:?}");
-                assert_eq!(look.wait, b.time_until_fits(key, &g(), &cost), "{cost:?}");
-            }
-        }
+        let headroom = b.headroom(key, &g());
+        let room = headroom.map(|h| (h.fraction, h.full_in));
+        assert_eq!(look.room.map(|r| (r.fraction, r.full_in)), room, "{cost:?}");
+        assert_eq!(look.fits, b.fits_now(key, &g(), &cost), "{cost:?}");
+        assert_eq!(look.wait, b.time_until_fits(key, &g(), &cost), "{cost:?}");
     }
     let costs = [
         Cost::new(1, 10, 0),
@@ -676,11 +672,15 @@ async fn one_look_agrees_with_the_three_lookups() {
         Cost::new(1, 0, 6_000),
         Cost::new(1, 1_001, 0),
     ];
-    // Nothing known: no headroom, no look.
+    // Nothing known: no headroom; before the probe everything fits, behind it a wait.
     let unknown = QuotaBoard::new();
+    costs.iter().for_each(|c| agrees(&unknown, &k(), *c));
     let probe = unknown.try_acquire(&k(), &g(), Cost::new(1, 1, 1)).unwrap();
-    assert!(unknown.look(&k(), &g(), &costs[0]).is_none());
+    costs.iter().for_each(|c| agrees(&unknown, &k(), *c));
+    assert!(unknown.look(&k(), &g(), &costs[0]).room.is_none());
+    assert!(!unknown.look(&k(), &g(), &costs[0]).fits);
     drop(probe);
+    costs.iter().for_each(|c| agrees(&unknown, &k(), *c));
 
     let b = board(10, 1_000, 8_000);
     // Configured, never used (no entry yet).
@@ -693,12 +693,12 @@ async fn one_look_agrees_with_the_three_lookups() {
     // Someone queued: nothing fits now.
     costs.iter().for_each(|c| agrees(&b, &k(), *c));
     // The queue alone keeps out a cost that its buckets hold.
-    let look = b.look(&k(), &g(), &costs[0]).unwrap();
+    let look = b.look(&k(), &g(), &costs[0]);
     assert_eq!((look.fits, look.wait), (false, Some(Duration::ZERO)));
     drop(second);
     first.settle(Cost::new(1, 10, 12_000)); // in debt
     costs.iter().for_each(|c| agrees(&b, &k(), *c));
     tokio::time::advance(Duration::from_secs(120)).await;
     costs.iter().for_each(|c| agrees(&b, &k(), *c));
-    assert!(b.look(&k(), &g(), &costs[2]).unwrap().fits);
+    assert!(b.look(&k(), &g(), &costs[2]).fits);
 }

@@ -92,12 +92,12 @@ impl Pacer {
 
     /// A success on `key`.
     pub(crate) fn succeeded(&self, key: &QuotaKey) {
-        let now = Instant::now();
         self.with(|m| {
+            // Nothing held for `key` (no 429 seen): no clock read, nothing to tidy.
             if let Some(entry) = m.get_mut(key) {
                 entry.streak = entry.streak.saturating_sub(1);
+                Self::tidy(m, key, Instant::now());
             }
-            Self::tidy(m, key, now);
         });
     }
 
@@ -135,8 +135,12 @@ impl Pacer {
     /// reserved, and the request is sent at once: the layer never holds a first attempt past
     /// the deadline).
     pub(crate) fn admit(&self, key: &QuotaKey, deadline: Option<Instant>) -> Option<Slot> {
-        let now = Instant::now();
         self.with(|m| {
+            // Nothing paced (no 429 seen): no clock read.
+            if m.is_empty() {
+                return None;
+            }
+            let now = Instant::now();
             Self::tidy(m, key, now);
             let entry = m.get_mut(key)?;
             let at = entry.next_slot.filter(|s| *s > now)?;

@@ -92,6 +92,11 @@ where
         // The layer directly above (fallback) described how it built this request: its
         // `RequestMeta` and key come with the description, not read from the request again.
         let resend = req.extensions_mut().remove::<Resend>();
+        // The `MaxServerWait` fallback set rides in the description (see `Walk::send`): on
+        // the request from here on, as layers below and later attempts see it.
+        if let Some(wait) = resend.as_ref().and_then(|r| r.max_server_wait) {
+            req.extensions_mut().insert(wait);
+        }
         let meta = match resend.as_ref().and_then(Resend::meta) {
             Some(meta) => Ok(meta),
             None => RequestMeta::get_or_scan(&mut req),
