@@ -61,6 +61,24 @@ pub(crate) struct Grant {
     /// The grant's id in the store (`0`: none, an in-process grant): a Redis grant settles
     /// once by it, even when its settle is sent again.
     pub(crate) id: i64,
+    /// Taken blind, while the limits were unknown (the probe, or a request let through after
+    /// the probe grace): its number among the entry's blind grants (`0`: not blind). Once the
+    /// limits are learned the entry charges what it holds to the new buckets and keeps that
+    /// here by this number ([`Blind`]): `charged` above stays `None`.
+    pub(crate) blind: u64,
+}
+
+/// A grant taken blind (see [`Grant::blind`]), until it settles: its cost, and what it was
+/// charged once the limits were learned (issue 12, seventh pass). Without this, the requests
+/// let through behind a slow probe were in no bucket and no ledger: their refunds never
+/// reached the board, and a raise could not subtract them.
+#[derive(Debug, Clone, Copy)]
+struct Blind {
+    number: u64,
+    cost: Cost,
+    at: Instant,
+    /// `None` until the limits are learned.
+    charged: Option<[Option<u64>; 3]>,
 }
 
 /// How long a request may take to reach the server after it was admitted here: past it, a
@@ -136,6 +154,25 @@ impl Ledger {
         self.in_transit.push_back((now, amounts));
     }
 
+    /// A grant taken blind at `at` (nothing held then) now holds `charged`: held, and in
+    /// transit still if it had not left by its answer or the grace.
+    fn charge_blind(&mut self, at: Instant, charged: &[Option<u64>; 3]) {
+        let amounts = charged.map(|c| c.unwrap_or(0));
+        for (h, c) in self.held.iter_mut().zip(amounts) {
+            *h = h.saturating_add(c);
+        }
+        let in_transit = self
+            .in_transit
+            .iter_mut()
+            .find(|(t, a)| *t == at && *a == [0; 3]);
+        if let Some((_, a)) = in_transit {
+            *a = amounts;
+            for (u, c) in self.unanswered.iter_mut().zip(amounts) {
+                *u = u.saturating_add(c);
+            }
+        }
+    }
+
     /// The answer to `grant` arrived (nothing when it left `unanswered` by the grace).
     fn answer(&mut self, grant: &Grant) {
         let amounts = grant.charged.map(|c| c.unwrap_or(0));
@@ -187,7 +224,9 @@ impl Ledger {
     /// (`certain_refill`, see [`certain_refill`]; at most up to the capacity `cap`), minus
     /// everything held now but that grant (which the server took before it answered: its
     /// count includes it) — anything admitted before or after it may not have reached the
-    /// server yet — and everything settled since that grant was taken.
+    /// server yet — and everything settled since that grant was taken. `None` when that is
+    /// below zero: the answer proves nothing, not even an empty bucket (a level in debt, as
+    /// after the blind grants are charged, stays in debt; a floor clamped to 0 raised it).
     pub(crate) fn floor(
         &self,
         i: usize,
@@ -195,14 +234,14 @@ impl Ledger {
         certain_refill: u64,
         cap: u64,
         grant: &Grant,
-    ) -> u64 {
+    ) -> Option<u64> {
         let since = self.settled[i].saturating_sub(grant.mark[i]);
         let own = grant.charged[i].unwrap_or(0);
         let others = self.held[i].saturating_sub(own);
         let counted = remaining
             .saturating_add(certain_refill)
             .min(cap.max(remaining));
-        counted.saturating_sub(others).saturating_sub(since)
+        counted.checked_sub(others)?.checked_sub(since)
     }
 
     /// How far above an answer's `remaining` bucket `i` may be, with no other client of the
@@ -376,8 +415,13 @@ struct Entry {
     ledger: Ledger,
     /// When the server last refused a request of this entry (an error status): its
     /// `remaining` is not the whole truth then (an acceleration limit, overload), so levels
-    /// are not raised for a minute after.
+    /// are not raised for a minute after. A refused blind grant does not count (see
+    /// [`Entry::settle`]).
     refused_at: Option<Instant>,
+    /// Grants taken blind and not settled yet (see [`Blind`]), oldest first.
+    blind: Vec<Blind>,
+    /// The number of the last blind grant.
+    blind_taken: u64,
 }
 
 impl Entry {
@@ -403,6 +447,8 @@ impl Entry {
             vouched: false,
             ledger: Ledger::default(),
             refused_at: None,
+            blind: Vec::new(),
+            blind_taken: 0,
         }
     }
 
@@ -421,6 +467,7 @@ impl Entry {
     }
 
     fn configure(&mut self, limits: Limits, now: Instant) {
+        let was_known = self.known();
         for (slot, cap) in self.slots.iter_mut().zip(limits.as_array()) {
             match slot {
                 Some(s) => {
@@ -429,6 +476,9 @@ impl Entry {
                 }
                 None => *slot = Some(Slot::new(TokenBucket::per_minute(cap, now), true)),
             }
+        }
+        if !was_known {
+            self.charge_blind(0, now);
         }
     }
 
@@ -509,6 +559,18 @@ impl Entry {
         self.last_used = now;
         let (mark, returned) = (self.ledger.settled, self.ledger.returned);
         self.ledger.take(&charged, now);
+        let blind = if self.known() || self.unlimited {
+            0
+        } else {
+            self.blind_taken += 1;
+            self.blind.push(Blind {
+                number: self.blind_taken,
+                cost: *cost,
+                at: now,
+                charged: None,
+            });
+            self.blind_taken
+        };
         Grant {
             charged,
             probe,
@@ -518,7 +580,55 @@ impl Entry {
             at: now,
             answered: false,
             id: 0,
+            blind,
         }
+    }
+
+    /// `grant` as the ledger knows it: a blind grant charged since the limits were learned
+    /// holds what it was charged then.
+    fn effective(&self, grant: &Grant) -> Grant {
+        let charged = (grant.blind != 0)
+            .then(|| self.blind.iter().find(|b| b.number == grant.blind))
+            .flatten()
+            .and_then(|b| b.charged);
+        match charged {
+            Some(charged) => Grant { charged, ..*grant },
+            None => *grant,
+        }
+    }
+
+    /// The limits were just learned: every blind grant not settled yet enters the ledger as
+    /// held with its estimated cost (input estimate, `max_tokens` for the output, clamped as
+    /// any grant's), and is in transit still if it was taken less than the send grace ago
+    /// and not answered. Each is taken from the new buckets too, except `answered` (the
+    /// number of the blind grant whose answer taught the limits, `0`: none): the server
+    /// counted that one before answering, its `remaining` holds it already. The others may
+    /// or may not be in the server's count (sent before or after it): taking them is the
+    /// safe side (the next raises give back what was counted twice, since the ledger now
+    /// knows them), and their answers settle and refund them like any grant's.
+    fn charge_blind(&mut self, answered: u64, now: Instant) {
+        let mut blind = std::mem::take(&mut self.blind);
+        for b in blind.iter_mut().filter(|b| b.charged.is_none()) {
+            let amounts = self.amounts(&b.cost);
+            let mut charged = [None; 3];
+            for ((slot, n), c) in self.slots.iter_mut().zip(amounts).zip(charged.iter_mut()) {
+                if let Some(s) = slot {
+                    if b.number != answered {
+                        s.bucket.force_take(n, now);
+                    }
+                    *c = Some(n);
+                }
+            }
+            self.ledger.charge_blind(b.at, &charged);
+            b.charged = Some(charged);
+        }
+        if !blind.is_empty() {
+            tracing::debug!(
+                blind = blind.len(),
+                "quota board: limits learned, the grants let through blind are charged"
+            );
+        }
+        self.blind = blind;
     }
 
     /// Refills every bucket, not above its capacity minus the units of grants whose answer
@@ -544,6 +654,10 @@ impl Entry {
     fn settle(&mut self, grant: &Grant, outcome: Outcome, now: Instant) {
         // Time passed under the old ledger; the refunds below under the new one.
         self.refill(now);
+        let grant = &self.effective(grant);
+        if grant.blind != 0 {
+            self.blind.retain(|b| b.number != grant.blind);
+        }
         let cost = outcome.final_cost(&grant.charged);
         self.ledger.settle(grant, cost);
         let given_back: [Option<u64>; 3] = match outcome {
@@ -583,7 +697,11 @@ impl Entry {
         if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
             self.vouched = true;
         }
-        if matches!(outcome, Outcome::Rejected | Outcome::Unknown) {
+        // A refused blind grant was sent without knowing the limits: its refusal says the
+        // burst behind a slow probe did not fit, not that the server's `remaining` misleads
+        // (the reason for the pause), and the ledger holds the other blind grants, so a raise
+        // subtracts them (issue 12, seventh pass).
+        if matches!(outcome, Outcome::Rejected | Outcome::Unknown) && grant.blind == 0 {
             self.refused_at = Some(now);
         }
         if grant.probe {
@@ -611,6 +729,8 @@ impl Entry {
         now: Instant,
     ) {
         self.refill(now);
+        let answered = answered.map(|g| self.effective(g));
+        let answered = answered.as_ref();
         if let Some(g) = answered.filter(|g| !g.answered) {
             self.ledger.answer(g);
         }
@@ -659,14 +779,18 @@ impl Entry {
         }
         self.snapshot = Some((*snap, now));
         self.last_used = self.last_used.max(now);
-        if self.mirror && !was_known && self.known() {
-            self.seeding = true;
+        if !was_known && self.known() {
+            self.charge_blind(answered.map_or(0, |g| g.blind), now);
+            if self.mirror {
+                self.seeding = true;
+            }
         }
     }
 
     /// Raises levels that are below what the answer to `grant` proves is there (see
     /// [`Ledger::floor`]): a limit raised upstream, or another client of the key that stopped.
     fn raise(&mut self, snap: &RateLimitSnapshot, grant: &Grant, now: Instant) {
+        let grant = &self.effective(grant);
         if self
             .refused_at
             .is_some_and(|at| now.saturating_duration_since(at) < RAISE_PAUSE)
@@ -685,7 +809,9 @@ impl Entry {
             }
             let elapsed = now.saturating_duration_since(grant.at);
             let refill = certain_refill(elapsed, s.bucket.rate_per_sec());
-            let floor = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant);
+            let Some(floor) = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant) else {
+                continue;
+            };
             let level = s.bucket.level(now);
             if floor as f64 > level {
                 tracing::debug!(
@@ -1183,7 +1309,8 @@ impl LocalBackend {
         let mut st = self.lock();
         if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
             e.refill(now);
-            e.ledger.answer(grant);
+            let grant = e.effective(grant);
+            e.ledger.answer(&grant);
             e.drain(now, None);
         }
     }

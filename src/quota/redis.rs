@@ -1225,6 +1225,7 @@ impl RedisShared {
                             at: Instant::now(),
                             answered: false,
                             id,
+                            blind: 0,
                         };
                         SharedTry::Granted(grant)
                     }
@@ -1368,6 +1369,7 @@ impl SharedAcquire {
                     at: Instant::now(),
                     answered: false,
                     id: 0,
+                    blind: 0,
                 };
                 return Ok(RemoteGrant::Granted(grant));
             };
@@ -1398,6 +1400,7 @@ impl SharedAcquire {
                                 at: Instant::now(),
                                 answered: false,
                                 id,
+                                blind: 0,
                             };
                             return Ok(RemoteGrant::Granted(grant));
                         }
