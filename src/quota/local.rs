@@ -79,6 +79,8 @@ struct Blind {
     at: Instant,
     /// `None` until the limits are learned.
     charged: Option<[Option<u64>; 3]>,
+    /// The shared store (Redis) holds it too: its settle goes there as well.
+    in_store: bool,
 }
 
 /// How long a request may take to reach the server after it was admitted here: past it, a
@@ -568,6 +570,7 @@ impl Entry {
                 cost: *cost,
                 at: now,
                 charged: None,
+                in_store: false,
             });
             self.blind_taken
         };
@@ -651,12 +654,24 @@ impl Entry {
         }
     }
 
-    fn settle(&mut self, grant: &Grant, outcome: Outcome, now: Instant) {
+    /// Settles `grant`; returns what it holds in the shared store when it is a blind grant
+    /// the store was charged for (see [`LocalBackend::blind_to_store`]): its settle goes
+    /// there too.
+    fn settle(
+        &mut self,
+        grant: &Grant,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Option<[Option<u64>; 3]> {
         // Time passed under the old ledger; the refunds below under the new one.
         self.refill(now);
         let grant = &self.effective(grant);
+        let mut in_store = None;
         if grant.blind != 0 {
-            self.blind.retain(|b| b.number != grant.blind);
+            if let Some(at) = self.blind.iter().position(|b| b.number == grant.blind) {
+                let b = self.blind.remove(at);
+                in_store = b.charged.filter(|_| b.in_store);
+            }
         }
         let cost = outcome.final_cost(&grant.charged);
         self.ledger.settle(grant, cost);
@@ -715,6 +730,7 @@ impl Entry {
         }
         self.outstanding = self.outstanding.saturating_sub(1);
         self.last_used = now;
+        in_store
     }
 
     /// `share`: the part of a learned limit this board may use (see
@@ -1254,37 +1270,81 @@ impl LocalBackend {
         WaitPoll::Pending(timer)
     }
 
-    /// A waiting request went away: remove it; a grant it did not collect is given back.
-    pub(crate) fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
+    /// A waiting request went away: remove it; a grant it did not collect is given back
+    /// (returned, with what it holds in the shared store, when the store was charged for it:
+    /// see [`settle`](Self::settle)).
+    pub(crate) fn cancel(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        id: u64,
+    ) -> Option<(Grant, [Option<u64>; 3])> {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
-            return;
-        };
+        let e = st.entries.get_mut(&(key.clone(), group.clone()))?;
         let removed = e.queue.remove(id).is_some();
         let decided = e.decided.remove(&id);
+        let mut in_store = None;
         if let Some(Decided::Granted(g)) = &decided {
-            e.settle(g, Outcome::Refund, now);
+            in_store = e.settle(g, Outcome::Refund, now).map(|c| (*g, c));
         }
         if removed || decided.is_some() {
             e.drain(now, None);
         }
+        in_store
     }
 
+    /// The shared store is about to be seeded with the limits this process just learned for
+    /// `(key, group)` (see [`seeded`](Self::seeded)): the blind grants still out (charged
+    /// here when the limits were learned, [`Entry::charge_blind`]) are charged there too, and
+    /// their settles will go there. Returns what to take from the store's levels (every one
+    /// but `answered`'s, whose answer's `remaining` counts it already) and what to add to its
+    /// held units (every one: their settles give it back).
+    #[cfg(feature = "redis")]
+    pub(crate) fn blind_to_store(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        answered: Option<&Grant>,
+    ) -> ([u64; 3], [u64; 3]) {
+        let own = answered.map_or(0, |g| g.blind);
+        let (mut take, mut held) = ([0u64; 3], [0u64; 3]);
+        let mut st = self.lock();
+        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+            return (take, held);
+        };
+        for b in e.blind.iter_mut().filter(|b| !b.in_store) {
+            let Some(charged) = b.charged else { continue };
+            b.in_store = true;
+            for i in 0..3 {
+                let c = charged[i].unwrap_or(0);
+                held[i] = held[i].saturating_add(c);
+                if b.number != own {
+                    take[i] = take[i].saturating_add(c);
+                }
+            }
+        }
+        (take, held)
+    }
+
+    /// Settles `grant`; returns what it holds in the shared store (a blind grant the store
+    /// was charged for, see [`blind_to_store`](Self::blind_to_store)), to be settled there
+    /// too.
     pub(crate) fn settle(
         &self,
         key: &KeyId,
         group: &RateLimitGroup,
         grant: &Grant,
         outcome: Outcome,
-    ) {
+    ) -> Option<[Option<u64>; 3]> {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let k = (key.clone(), group.clone());
+        let mut in_store = None;
         if let Some(e) = st.entries.get_mut(&k) {
-            e.settle(grant, outcome, now);
+            in_store = e.settle(grant, outcome, now);
             e.drain(now, None);
             if matches!(outcome, Outcome::Unknown) && !e.vouched && e.is_quiet() {
                 // Upstream does not know this model or key, and never served it: forget it.
@@ -1292,6 +1352,7 @@ impl LocalBackend {
                 tracing::trace!(key = %key, group = %group, "quota entry dropped: never served");
             }
         }
+        in_store
     }
 
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
