@@ -763,8 +763,9 @@ impl Backend {
     fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
         let given_back = self.local().cancel(key, group, id);
         #[cfg(feature = "redis")]
-        if let (Backend::Redis { shared, .. }, Some((grant, charged))) = (self, given_back) {
-            shared.settle(key, group, &store_grant(&grant, charged), Outcome::Refund);
+        if let (Backend::Redis { shared, .. }, Some((grant, charged, outcome))) = (self, given_back)
+        {
+            shared.settle(key, group, &store_grant(&grant, charged), outcome);
         }
         #[cfg(not(feature = "redis"))]
         let _ = given_back;
@@ -785,7 +786,7 @@ impl Backend {
                     mirror.track_shared(key, group, false);
                     return;
                 }
-                if let Some(charged) = mirror.settle(key, group, grant, outcome) {
+                if let Some((charged, outcome)) = mirror.settle(key, group, grant, outcome) {
                     // A blind grant charged in Redis when the limits were seeded there.
                     shared.settle(key, group, &store_grant(grant, charged), outcome);
                 }

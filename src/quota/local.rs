@@ -25,6 +25,7 @@ pub(crate) type EntryKey = (KeyId, RateLimitGroup);
 
 /// Index of the requests, input tokens and output tokens buckets.
 const REQUESTS: usize = 0;
+const INPUT: usize = 1;
 const OUTPUT: usize = 2;
 
 /// No raise from the headers for this long after the server refused a request.
@@ -81,6 +82,11 @@ struct Blind {
     charged: Option<[Option<u64>; 3]>,
     /// The shared store (Redis) holds it too: its settle goes there as well.
     in_store: bool,
+    /// Its answer taught the limits: the server's count the bucket started from holds its
+    /// real input, so its input settles at what it was charged (neither the estimate's
+    /// excess given back nor a shortfall taken again); its output reservation is given back
+    /// as any grant's.
+    counted: bool,
 }
 
 /// How long a request may take to reach the server after it was admitted here: past it, a
@@ -571,6 +577,7 @@ impl Entry {
                 at: now,
                 charged: None,
                 in_store: false,
+                counted: false,
             });
             self.blind_taken
         };
@@ -608,7 +615,8 @@ impl Entry {
     /// counted that one before answering, its `remaining` holds it already. The others may
     /// or may not be in the server's count (sent before or after it): taking them is the
     /// safe side (the next raises give back what was counted twice, since the ledger now
-    /// knows them), and their answers settle and refund them like any grant's.
+    /// knows them), and their answers settle and refund them like any grant's. The answered
+    /// one's input settles at its estimate ([`Blind::counted`]).
     fn charge_blind(&mut self, answered: u64, now: Instant) {
         let mut blind = std::mem::take(&mut self.blind);
         for b in blind.iter_mut().filter(|b| b.charged.is_none()) {
@@ -624,6 +632,7 @@ impl Entry {
             }
             self.ledger.charge_blind(b.at, &charged);
             b.charged = Some(charged);
+            b.counted = b.number == answered;
         }
         if !blind.is_empty() {
             tracing::debug!(
@@ -654,23 +663,32 @@ impl Entry {
         }
     }
 
-    /// Settles `grant`; returns what it holds in the shared store when it is a blind grant
-    /// the store was charged for (see [`LocalBackend::blind_to_store`]): its settle goes
-    /// there too.
+    /// Settles `grant`; returns what it holds in the shared store and how it settles there
+    /// when it is a blind grant the store was charged for (see
+    /// [`LocalBackend::blind_to_store`]): its settle goes there too.
     fn settle(
         &mut self,
         grant: &Grant,
         outcome: Outcome,
         now: Instant,
-    ) -> Option<[Option<u64>; 3]> {
+    ) -> Option<([Option<u64>; 3], Outcome)> {
         // Time passed under the old ledger; the refunds below under the new one.
         self.refill(now);
         let grant = &self.effective(grant);
+        let mut outcome = outcome;
         let mut in_store = None;
         if grant.blind != 0 {
             if let Some(at) = self.blind.iter().position(|b| b.number == grant.blind) {
                 let b = self.blind.remove(at);
-                in_store = b.charged.filter(|_| b.in_store);
+                if let (true, Outcome::Actual(actual), Some(input)) =
+                    (b.counted, outcome, grant.charged[INPUT])
+                {
+                    outcome = Outcome::Actual(Cost {
+                        input_tokens: input,
+                        ..actual
+                    });
+                }
+                in_store = b.charged.filter(|_| b.in_store).map(|c| (c, outcome));
             }
         }
         let cost = outcome.final_cost(&grant.charged);
@@ -1278,7 +1296,7 @@ impl LocalBackend {
         key: &KeyId,
         group: &RateLimitGroup,
         id: u64,
-    ) -> Option<(Grant, [Option<u64>; 3])> {
+    ) -> Option<(Grant, [Option<u64>; 3], Outcome)> {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
@@ -1287,7 +1305,9 @@ impl LocalBackend {
         let decided = e.decided.remove(&id);
         let mut in_store = None;
         if let Some(Decided::Granted(g)) = &decided {
-            in_store = e.settle(g, Outcome::Refund, now).map(|c| (*g, c));
+            in_store = e
+                .settle(g, Outcome::Refund, now)
+                .map(|(c, outcome)| (*g, c, outcome));
         }
         if removed || decided.is_some() {
             e.drain(now, None);
@@ -1337,7 +1357,7 @@ impl LocalBackend {
         group: &RateLimitGroup,
         grant: &Grant,
         outcome: Outcome,
-    ) -> Option<[Option<u64>; 3]> {
+    ) -> Option<([Option<u64>; 3], Outcome)> {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();

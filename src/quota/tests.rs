@@ -513,9 +513,17 @@ async fn blind_grants_are_charged_to_the_limits_the_probe_teaches() {
     assert_eq!(h.requests.unwrap().remaining, 47);
     assert_eq!(h.input_tokens.unwrap().remaining, 28_500);
     assert_eq!(h.output_tokens.unwrap().remaining, 3_500);
-    // Each gives back what it did not use, the probe too.
-    probe.settle(Cost::new(1, 100, 60));
+    // Each gives back what it did not use, the probe too: its output reservation (its
+    // input is in the server's count as it really was: 40 tokens, not the estimate).
+    probe.settle(Cost::new(1, 40, 60));
     assert_eq!(output_left(&b), 4_440);
+    let input = b
+        .headroom(&k(), &g())
+        .unwrap()
+        .input_tokens
+        .unwrap()
+        .remaining;
+    assert_eq!(input, 28_500);
     blind1.settle(Cost::new(1, 200, 60));
     assert_eq!(output_left(&b), 6_380);
     blind2.settle(Cost::new(1, 300, 60));
