@@ -983,7 +983,7 @@ async fn a_slow_answer_raises_with_the_refill_after_the_send_grace_in_redis() {
 }
 
 /// Issue 12, seventh pass, in Redis: the requests a learning node lets through blind behind
-/// its slow probe (after the probe grace, 2 s) are charged in Redis when the probe's answer
+/// its slow probe (after the probe grace, 2 s, then in a ramp) are charged in Redis when the probe's answer
 /// seeds it, held there until they settle, and their refunds reach Redis. Before, Redis was
 /// seeded with the probe's count alone (9 000 output tokens left while 6 000 more were on
 /// their way upstream), held nothing for them, and never saw what they gave back.
@@ -1004,7 +1004,8 @@ async fn blind_grants_behind_a_slow_probe_are_charged_in_redis() {
         a.acquire(key(), group(), Cost::new(1, 0, 3_000)),
     );
     let (b1, b2) = (b1.unwrap(), b2.unwrap());
-    assert!(started.elapsed() >= Duration::from_millis(1_900));
+    // Blind in a ramp: one after the probe grace (2 s), the next one grace later.
+    assert!(started.elapsed() >= Duration::from_millis(3_900));
     assert_eq!(b1.charged(), Cost::new(0, 0, 0), "let through blind");
     let view = |limit, remaining| BucketSnapshot {
         limit: Some(limit),
