@@ -11,7 +11,9 @@
 //! `OUTPUT` change the upstream (defaults: 120, 40000, 8000, 500, 60). `RAISE_AFTER_MS` raises
 //! the limits that long into the run to `RAISE_RPM`, `RAISE_ITPM`, `RAISE_OTPM` (defaults:
 //! 4× each), as the `raise` configuration of `scripts/scale-bench.sh` does
-//! (`RPM=60 RAISE_AFTER_MS=10000 ... -- 1 300`).
+//! (`RPM=60 RAISE_AFTER_MS=10000 ... -- 1 300`). `TRACE_MS=<ms>` prints, that often, the
+//! board's remaining requests / input / output tokens of each key against the upstream's
+//! levels (then the requests in flight as the board counts them).
 
 use std::time::Duration;
 
@@ -44,9 +46,33 @@ async fn main() {
         output_tokens: env("OUTPUT", 60),
         seed: env("SEED", 1),
         raise,
+        trace_every: std::env::var("TRACE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
         ..ScaleConfig::default()
     };
     let report = run(&config).await;
+    for s in &report.trace {
+        let board = s.board.map(|b| b.map_or("?".to_owned(), |v| v.to_string()));
+        let server = s
+            .server
+            .map_or(["?".to_owned(), "?".to_owned(), "?".to_owned()], |l| {
+                l.map(|v| v.to_string())
+            });
+        println!(
+            "t {:7.2} key {} board {:>4} {:>6} {:>6}  server {:>4} {:>6} {:>6}  in flight {}",
+            s.at.as_secs_f64(),
+            s.key,
+            board[0],
+            board[1],
+            board[2],
+            server[0],
+            server[1],
+            server[2],
+            s.in_flight
+        );
+    }
     let fleets: Vec<String> = report
         .fleets
         .iter()

@@ -9,6 +9,7 @@ numbers are a distribution over 20 seeds, not the exact tasks of a run).
 
     python3 scripts/fifo-bound.py
     python3 scripts/fifo-bound.py --harness   # the exact tasks of scripts/scale-bench.sh
+    python3 scripts/fifo-bound.py --slow      # the same tasks, slower answers, the raise
 
 With `--harness` the tasks are those `loadgen fleet` sends (`testing::scale::fleet_task`:
 fleet f draws with fastrand seeded `f * 1_000_003 ^ i`, reproduced below), the fleets'
@@ -44,7 +45,7 @@ def harness_tasks(fleets, per_fleet=200):
             out.append((inp, rng.u64(300, 1500)))
     return out
 
-def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=1, tasks=None, adm=None):
+def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=1, tasks=None, adm=None, raise_at=None, factor=4):
     if tasks is None:
         rnd = random.Random(seed)
         tasks = [(rnd.randint(100, 500), rnd.randint(300, 1500)) for _ in range(n)]
@@ -52,7 +53,14 @@ def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=
     lvl = [cap[:] for _ in range(K)]
     t = 0.0; ends = []
     def adv(to):
-        nonlocal t
+        nonlocal t, raise_at
+        if raise_at is not None and to >= raise_at:
+            # The limits rise (times `factor`), the levels with them (as MockClaude::set_limits).
+            r, raise_at = raise_at, None
+            adv(r)
+            for k in range(K):
+                for i in range(3): lvl[k][i] += cap[i] * (factor - 1)
+            for i in range(3): cap[i] *= factor; rate[i] *= factor
         while True:
             stop = ends and ends[0][0] <= to
             nxt = ends[0][0] if stop else to
@@ -78,6 +86,17 @@ def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=
         if adm is not None: adm[k].append(t)
         heapq.heappush(ends, (t + lat, k, mt - out)); last = t + lat
     return last
+if "--slow" in sys.argv[1:]:
+    # Issue 12, seventh pass: answers slower than the probe grace (scale_sim's LATENCY_MS),
+    # and the raise of 60 -> 240 RPM (4x every limit) 10 s in, with 300 tasks on one key.
+    for K in (1, 2):
+        for lat in (0.5, 1.0, 3.0, 5.0):
+            print(f"{K} keys, {200 * K} tasks (the harness's), latency {lat}: "
+                  f"{run(K=K, C=16 * K, lat=lat, tasks=harness_tasks(K)):.2f} s")
+    for lat in (0.5, 3.0):
+        last = run(K=1, rpm=60, C=16, lat=lat, tasks=harness_tasks(1, 300), raise_at=10.0)
+        print(f"1 key, 300 tasks, 60 -> 240 RPM at 10 s, latency {lat}: {last:.2f} s")
+    sys.exit(0)
 if "--harness" in sys.argv[1:]:
     for K in (1, 2, 4):
         for lat in (0.0, 0.5):

@@ -294,11 +294,17 @@ fn flight() -> impl Strategy<Value = Flight> {
 
 /// What one run of the reconciliation scenario saw.
 struct Reconciled {
-    /// Requests the server refused (its bucket did not hold them).
+    /// Requests the server refused (its bucket did not hold them), not counting those the
+    /// board let through blind (before it knew the limits).
     rejected: u64,
+    /// Requests let through blind that the server refused.
+    rejected_blind: u64,
+    /// Requests let through blind.
+    blind: u64,
     /// Requests the server took.
     admitted: u64,
-    /// What reached the server, refused or not: `(arrival, [requests, input tokens])`.
+    /// What reached the server, refused or not (but for blind requests it refused):
+    /// `(arrival, [requests, input tokens])`.
     sent: Vec<(Instant, [u64; 2])>,
 }
 
@@ -306,11 +312,15 @@ struct Reconciled {
 /// with continuous buckets (raised `raise_factor`× at `raise_at_ms`, its level rising with
 /// them) and raises its levels to what the answers show (`Reservation::observe`), with each
 /// request's send delay (admission here to the server's count), answer time and body time.
+/// The first request is the probe that learns the limits: answered within the probe grace
+/// (2 s) unless `slow_probe_ms` gives its answer time, in which case the requests queued
+/// behind it go blind after the grace.
 fn reconcile(
     flights: Vec<Flight>,
     limits: [u64; 3],
     raise_at_ms: Option<u64>,
     raise_factor: u64,
+    slow_probe_ms: Option<u64>,
 ) -> Reconciled {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -340,23 +350,29 @@ fn reconcile(
         let (key, group) = (KeyId::named("k"), RateLimitGroup::new("g"));
         let admitted = Arc::new(Mutex::new(0u64));
         let sent = Arc::new(Mutex::new(Vec::new()));
+        let blind = Arc::new(Mutex::new((0u64, 0u64)));
         let mut tasks = Vec::new();
         for (n, mut f) in flights.into_iter().enumerate() {
             if n == 0 {
                 // The first request probes the unknown limits: answered within the probe
-                // grace (2 s), else the requests behind it go unpaced by design.
+                // grace (2 s), else the requests behind it go blind.
                 f.send_ms = f.send_ms.min(900);
-                f.latency_ms = f.latency_ms.min(900);
+                f.latency_ms = slow_probe_ms.unwrap_or(f.latency_ms.min(900));
             }
             tokio::time::sleep(Duration::from_millis(f.gap_ms)).await;
             let (board, server, admitted) = (board.clone(), server.clone(), admitted.clone());
             let (key, group, sent) = (key.clone(), group.clone(), sent.clone());
+            let blinds = blind.clone();
             tasks.push(tokio::spawn(async move {
                 let cost = Cost::new(1, f.input, f.max_tokens);
                 let res = board.acquire(key, group, cost).await.unwrap();
+                // Nothing charged: let through before the limits were known.
+                let blind = res.charged().requests == 0;
+                if blind {
+                    blinds.lock().unwrap().0 += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(f.send_ms)).await;
                 let now = Instant::now();
-                sent.lock().unwrap().push((now, [1, f.input]));
                 let (snap, reserve) = {
                     let mut s = server.lock().unwrap();
                     let reserve = f.max_tokens.min(s.buckets[2].capacity());
@@ -366,8 +382,15 @@ fn reconcile(
                         .iter()
                         .zip(amounts)
                         .all(|(b, n)| b.time_until(n, now) == Some(Duration::ZERO));
+                    if fits || !blind {
+                        sent.lock().unwrap().push((now, [1, f.input]));
+                    }
                     if !fits {
-                        s.rejected += 1;
+                        if blind {
+                            blinds.lock().unwrap().1 += 1;
+                        } else {
+                            s.rejected += 1;
+                        }
                         let snap = s.snapshot(now);
                         drop(s);
                         res.settle_rejected();
@@ -393,10 +416,13 @@ fn reconcile(
         }
         let rejected = server.lock().unwrap().rejected;
         let admitted = *admitted.lock().unwrap();
+        let (blind, rejected_blind) = *blind.lock().unwrap();
         let mut sent = sent.lock().unwrap().clone();
         sent.sort_by_key(|(t, _)| *t);
         Reconciled {
             rejected,
+            rejected_blind,
+            blind,
             admitted,
             sent,
         }
@@ -437,7 +463,7 @@ proptest! {
         raise_at_ms in proptest::option::of(0u64..60_000),
         raise_factor in 2u64..5,
     ) {
-        let run = reconcile(flights, [20, 10_000, 4_000], raise_at_ms, raise_factor);
+        let run = reconcile(flights, [20, 10_000, 4_000], raise_at_ms, raise_factor, None);
         prop_assert_eq!(run.rejected, 0, "admitted {}", run.admitted);
     }
 }
@@ -475,7 +501,7 @@ proptest! {
         raise_at_ms in proptest::option::weighted(0.3, 0u64..40_000),
     ) {
         let limits = [12, 9_000, 30_000];
-        let run = reconcile(flights, limits, raise_at_ms, 3);
+        let run = reconcile(flights, limits, raise_at_ms, 3, None);
         prop_assert_eq!(run.rejected, 0, "admitted {}", run.admitted);
         if raise_at_ms.is_none() {
             for (b, &limit) in limits.iter().enumerate().take(2) {
@@ -483,6 +509,36 @@ proptest! {
                 prop_assert!(excess.is_none(), "bucket {b}: {excess:?} over the limit");
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Slow answers behind a slow probe (issue 12, seventh pass): the probe's answer takes
+    /// longer than the probe grace (2 s), so the requests queued behind it go blind (no
+    /// limit known), some possibly refused by the server. Once the limits are learned the
+    /// board charges the blind grants still out to the new buckets and its ledger, and their
+    /// refunds and the raises of every answer count them: from then on the server refuses
+    /// nothing the board let through, and every window `[t_i, t_j]` of what reached the
+    /// server (but for the blind requests it refused) holds at most `limit + limit ×
+    /// (t_j − t_i) / 1 min`, with send delays of 0–2 s, answers slower than the grace, in
+    /// any order, all three buckets binding. A board that forgot the blind grants (they hold
+    /// nothing, so the raise and the level after learning count the server's word alone)
+    /// fails it.
+    #[test]
+    fn blind_grants_behind_a_slow_probe_are_counted_once_the_limits_are_learned(
+        flights in proptest::collection::vec(late_count_flight(), 2..80),
+        probe_ms in 2_001u64..8_000,
+    ) {
+        let limits = [12, 9_000, 6_000];
+        let run = reconcile(flights, limits, None, 1, Some(probe_ms));
+        prop_assert_eq!(run.rejected, 0, "admitted {}, blind {}", run.admitted, run.blind);
+        for (b, &limit) in limits.iter().enumerate().take(2) {
+            let excess = window_excess(&run.sent, b, limit);
+            prop_assert!(excess.is_none(), "bucket {b}: {excess:?} over the limit (blind {})", run.blind);
+        }
+        prop_assert!(run.rejected_blind <= run.blind);
     }
 }
 

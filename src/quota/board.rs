@@ -745,10 +745,25 @@ impl Backend {
                 } else {
                     mirror.observe_answer(key, group, snapshot, Some(grant));
                     fallback.observe(key, group, snapshot);
-                    shared.observe(key, group, snapshot);
+                    // With the grant: when these headers taught the limits, the store is
+                    // charged for the blind grants but this one (its answer counts it).
+                    shared.observe_answer(key, group, snapshot, Some(grant));
                 }
             }
         }
+    }
+
+    /// A queued acquire went away (see [`LocalBackend::cancel`]); a grant it did not collect
+    /// is given back, in Redis too when Redis was charged for it.
+    fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
+        let given_back = self.local().cancel(key, group, id);
+        #[cfg(feature = "redis")]
+        if let (Backend::Redis { shared, .. }, Some((grant, charged, outcome))) = (self, given_back)
+        {
+            shared.settle(key, group, &store_grant(&grant, charged), outcome);
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = given_back;
     }
 
     /// Settles `grant` in the store that holds it.
@@ -756,7 +771,7 @@ impl Backend {
         match self {
             Backend::Local(b) => {
                 if grant.origin != Origin::Shared {
-                    b.settle(key, group, grant, outcome);
+                    let _ = b.settle(key, group, grant, outcome);
                 }
             }
             #[cfg(feature = "redis")]
@@ -766,7 +781,10 @@ impl Backend {
                     mirror.track_shared(key, group, false);
                     return;
                 }
-                mirror.settle(key, group, grant, outcome);
+                if let Some((charged, outcome)) = mirror.settle(key, group, grant, outcome) {
+                    // A blind grant charged in Redis when the limits were seeded there.
+                    shared.settle(key, group, &store_grant(grant, charged), outcome);
+                }
                 // A probe that taught nothing (no headers, an error, dropped) gives up the
                 // right to learn the limits; one that did gives it up once Redis holds them.
                 if grant.probe && mirror.capacities(key, group).is_none() {
@@ -1094,11 +1112,21 @@ impl Future for Acquire {
 impl Drop for Acquire {
     fn drop(&mut self) {
         if let AcquireState::Queued(id) = self.state {
-            self.board
-                .backend
-                .local()
-                .cancel(&self.key, &self.group, id);
+            self.board.backend.cancel(&self.key, &self.group, id);
         }
+    }
+}
+
+/// A blind grant of the mirror as the Redis store holds it once the limits were seeded there
+/// with it (`charged`: see `LocalBackend::blind_to_store`): settled there without an id (it
+/// was never in the store's grants).
+#[cfg(feature = "redis")]
+fn store_grant(grant: &Grant, charged: [Option<u64>; 3]) -> Grant {
+    Grant {
+        charged,
+        origin: Origin::Shared,
+        id: 0,
+        ..*grant
     }
 }
 

@@ -25,14 +25,22 @@ pub(crate) type EntryKey = (KeyId, RateLimitGroup);
 
 /// Index of the requests, input tokens and output tokens buckets.
 const REQUESTS: usize = 0;
+const INPUT: usize = 1;
 const OUTPUT: usize = 2;
 
 /// No raise from the headers for this long after the server refused a request.
 const RAISE_PAUSE: Duration = Duration::from_secs(60);
 
 /// How long requests wait behind the probe that learns unknown limits before they are sent
-/// without limits (its answer may take long, or never come).
+/// without limits (its answer may take long, or never come): one after this grace, then
+/// twice as many each grace after (see [`Entry::check`]).
 const PROBE_GRACE: Duration = Duration::from_secs(2);
+
+/// How many probe graces have passed for a probe out `since`: behind it, `2^steps - 1`
+/// requests in all may have been let through blind (see [`Entry::check`]).
+fn blind_steps(since: Duration) -> u32 {
+    (since.as_nanos() / PROBE_GRACE.as_nanos()).min(63) as u32
+}
 
 /// Token `remaining` headers are rounded down to thousands: the true level is in
 /// `[R, R + TOKEN_ROUNDING]`.
@@ -61,6 +69,31 @@ pub(crate) struct Grant {
     /// The grant's id in the store (`0`: none, an in-process grant): a Redis grant settles
     /// once by it, even when its settle is sent again.
     pub(crate) id: i64,
+    /// Taken blind, while the limits were unknown (the probe, or a request let through after
+    /// the probe grace): its number among the entry's blind grants (`0`: not blind). Once the
+    /// limits are learned the entry charges what it holds to the new buckets and keeps that
+    /// here by this number ([`Blind`]): `charged` above stays `None`.
+    pub(crate) blind: u64,
+}
+
+/// A grant taken blind (see [`Grant::blind`]), until it settles: its cost, and what it was
+/// charged once the limits were learned (issue 12, seventh pass). Without this, the requests
+/// let through behind a slow probe were in no bucket and no ledger: their refunds never
+/// reached the board, and a raise could not subtract them.
+#[derive(Debug, Clone, Copy)]
+struct Blind {
+    number: u64,
+    cost: Cost,
+    at: Instant,
+    /// `None` until the limits are learned.
+    charged: Option<[Option<u64>; 3]>,
+    /// The shared store (Redis) holds it too: its settle goes there as well.
+    in_store: bool,
+    /// Its answer taught the limits: the server's count the bucket started from holds its
+    /// real input, so its input settles at what it was charged (neither the estimate's
+    /// excess given back nor a shortfall taken again); its output reservation is given back
+    /// as any grant's.
+    counted: bool,
 }
 
 /// How long a request may take to reach the server after it was admitted here: past it, a
@@ -156,6 +189,25 @@ impl Ledger {
         self.in_transit.push_back((now, amounts));
     }
 
+    /// A grant taken blind at `at` (nothing held then) now holds `charged`: held, and in
+    /// transit still if it had not left by its answer or the grace.
+    fn charge_blind(&mut self, at: Instant, charged: &[Option<u64>; 3]) {
+        let amounts = charged.map(|c| c.unwrap_or(0));
+        for (h, c) in self.held.iter_mut().zip(amounts) {
+            *h = h.saturating_add(c);
+        }
+        let in_transit = self
+            .in_transit
+            .iter_mut()
+            .find(|(t, a)| *t == at && *a == [0; 3]);
+        if let Some((_, a)) = in_transit {
+            *a = amounts;
+            for (u, c) in self.unanswered.iter_mut().zip(amounts) {
+                *u = u.saturating_add(c);
+            }
+        }
+    }
+
     /// The answer to `grant` arrived (nothing when it left `unanswered` by the grace).
     fn answer(&mut self, grant: &Grant) {
         let amounts = grant.charged.map(|c| c.unwrap_or(0));
@@ -207,7 +259,9 @@ impl Ledger {
     /// (`certain_refill`, see [`certain_refill`]; at most up to the capacity `cap`), minus
     /// everything held now but that grant (which the server took before it answered: its
     /// count includes it) — anything admitted before or after it may not have reached the
-    /// server yet — and everything settled since that grant was taken.
+    /// server yet — and everything settled since that grant was taken. `None` when that is
+    /// below zero: the answer proves nothing, not even an empty bucket (a level in debt, as
+    /// after the blind grants are charged, stays in debt; a floor clamped to 0 raised it).
     pub(crate) fn floor(
         &self,
         i: usize,
@@ -215,14 +269,14 @@ impl Ledger {
         certain_refill: u64,
         cap: u64,
         grant: &Grant,
-    ) -> u64 {
+    ) -> Option<u64> {
         let since = self.settled[i].saturating_sub(grant.mark[i]);
         let own = grant.charged[i].unwrap_or(0);
         let others = self.held[i].saturating_sub(own);
         let counted = remaining
             .saturating_add(certain_refill)
             .min(cap.max(remaining));
-        counted.saturating_sub(others).saturating_sub(since)
+        counted.checked_sub(others)?.checked_sub(since)
     }
 
     /// How far above an answer's `remaining` bucket `i` may be, with no other client of the
@@ -366,6 +420,9 @@ struct Entry {
     probe_out: bool,
     /// When the probe out was sent.
     probe_since: Instant,
+    /// Requests let through blind behind the probe out (after the probe grace), bounded by
+    /// the ramp of [`Entry::check`].
+    blind_sent: u64,
     snapshot: Option<(RateLimitSnapshot, Instant)>,
     /// Waiting requests, weighted-fair across tenants (FIFO with one tenant).
     queue: FairQueue<Waiter>,
@@ -396,12 +453,17 @@ struct Entry {
     ledger: Ledger,
     /// When the server last refused a request of this entry (an error status): its
     /// `remaining` is not the whole truth then (an acceleration limit, overload), so levels
-    /// are not raised for a minute after.
+    /// are not raised for a minute after. A refused blind grant does not count (see
+    /// [`Entry::settle`]).
     refused_at: Option<Instant>,
     /// Every bucket was refilled to this instant (none is behind it): a second refill at the
     /// same instant adds nothing (see [`Entry::refill`]). `None` when a bucket may be behind
     /// (one was created at an earlier instant than the last refill's).
     refilled: Option<Instant>,
+    /// Grants taken blind and not settled yet (see [`Blind`]), oldest first.
+    blind: Vec<Blind>,
+    /// The number of the last blind grant.
+    blind_taken: u64,
 }
 
 impl Entry {
@@ -417,6 +479,7 @@ impl Entry {
             unlimited: false,
             probe_out: false,
             probe_since: now,
+            blind_sent: 0,
             snapshot: None,
             queue: FairQueue::new(),
             decided: HashMap::new(),
@@ -428,6 +491,8 @@ impl Entry {
             ledger: Ledger::default(),
             refused_at: None,
             refilled: Some(now),
+            blind: Vec::new(),
+            blind_taken: 0,
         }
     }
 
@@ -446,6 +511,7 @@ impl Entry {
     }
 
     fn configure(&mut self, limits: Limits, now: Instant) {
+        let was_known = self.known();
         for (slot, cap) in self.slots.iter_mut().zip(limits.as_array()) {
             match slot {
                 Some(s) => {
@@ -457,6 +523,9 @@ impl Entry {
         }
         // `now` may be earlier than the last refill (read before the lock).
         self.refilled = None;
+        if !was_known {
+            self.charge_blind(0, now);
+        }
     }
 
     fn known(&self) -> bool {
@@ -491,12 +560,18 @@ impl Entry {
                 return Check::Ready;
             }
             // Behind the probe, but not for longer than the grace: a slow or hung probe does
-            // not hold the others for its whole answer time.
-            let until = self.probe_since + PROBE_GRACE;
-            return if now >= until {
+            // not hold the others for its whole answer time. Past it, blind: one request, then
+            // twice as many each grace after (1, 2, 4, ...: all of a queue of 15 by 8 s), so
+            // that an answer a few seconds slow teaches the limits before a whole queue has
+            // gone out blind into a bucket it overflows (issue 12, seventh pass: 7 upstream
+            // 429s of 200 tasks over HTTP with 3 s answers, the queue let through at once; 0
+            // with the ramp).
+            let steps = blind_steps(now.saturating_duration_since(self.probe_since));
+            return if self.blind_sent < (1u64 << steps) - 1 {
                 Check::Ready
             } else {
-                Check::Wait(until - now)
+                let next = self.probe_since + PROBE_GRACE * (steps + 1);
+                Check::Wait(next.saturating_duration_since(now))
             };
         }
         let amounts = self.amounts(cost);
@@ -522,6 +597,14 @@ impl Entry {
         if probe {
             self.probe_out = true;
             self.probe_since = now;
+            self.blind_sent = 0;
+        } else if !self.known() && !self.unlimited {
+            self.blind_sent += 1;
+            tracing::debug!(
+                blind = self.blind_sent,
+                probe_out_ms = now.saturating_duration_since(self.probe_since).as_millis() as u64,
+                "quota board: let through blind behind a slow probe"
+            );
         }
         self.refill(now);
         let amounts = self.amounts(cost);
@@ -536,6 +619,20 @@ impl Entry {
         self.last_used = now;
         let (mark, returned) = (self.ledger.settled, self.ledger.returned);
         self.ledger.take(&charged, now);
+        let blind = if self.known() || self.unlimited {
+            0
+        } else {
+            self.blind_taken += 1;
+            self.blind.push(Blind {
+                number: self.blind_taken,
+                cost: *cost,
+                at: now,
+                charged: None,
+                in_store: false,
+                counted: false,
+            });
+            self.blind_taken
+        };
         Grant {
             charged,
             probe,
@@ -545,7 +642,57 @@ impl Entry {
             at: now,
             answered: false,
             id: 0,
+            blind,
         }
+    }
+
+    /// `grant` as the ledger knows it: a blind grant charged since the limits were learned
+    /// holds what it was charged then.
+    fn effective(&self, grant: &Grant) -> Grant {
+        let charged = (grant.blind != 0)
+            .then(|| self.blind.iter().find(|b| b.number == grant.blind))
+            .flatten()
+            .and_then(|b| b.charged);
+        match charged {
+            Some(charged) => Grant { charged, ..*grant },
+            None => *grant,
+        }
+    }
+
+    /// The limits were just learned: every blind grant not settled yet enters the ledger as
+    /// held with its estimated cost (input estimate, `max_tokens` for the output, clamped as
+    /// any grant's), and is in transit still if it was taken less than the send grace ago
+    /// and not answered. Each is taken from the new buckets too, except `answered` (the
+    /// number of the blind grant whose answer taught the limits, `0`: none): the server
+    /// counted that one before answering, its `remaining` holds it already. The others may
+    /// or may not be in the server's count (sent before or after it): taking them is the
+    /// safe side (the next raises give back what was counted twice, since the ledger now
+    /// knows them), and their answers settle and refund them like any grant's. The answered
+    /// one's input settles at its estimate ([`Blind::counted`]).
+    fn charge_blind(&mut self, answered: u64, now: Instant) {
+        let mut blind = std::mem::take(&mut self.blind);
+        for b in blind.iter_mut().filter(|b| b.charged.is_none()) {
+            let amounts = self.amounts(&b.cost);
+            let mut charged = [None; 3];
+            for ((slot, n), c) in self.slots.iter_mut().zip(amounts).zip(charged.iter_mut()) {
+                if let Some(s) = slot {
+                    if b.number != answered {
+                        s.bucket.force_take(n, now);
+                    }
+                    *c = Some(n);
+                }
+            }
+            self.ledger.charge_blind(b.at, &charged);
+            b.charged = Some(charged);
+            b.counted = b.number == answered;
+        }
+        if !blind.is_empty() {
+            tracing::debug!(
+                blind = blind.len(),
+                "quota board: limits learned, the grants let through blind are charged"
+            );
+        }
+        self.blind = blind;
     }
 
     /// Refills every bucket, not above its capacity minus the units of grants whose answer
@@ -575,9 +722,34 @@ impl Entry {
         }
     }
 
-    fn settle(&mut self, grant: &Grant, outcome: Outcome, now: Instant) {
+    /// Settles `grant`; returns what it holds in the shared store and how it settles there
+    /// when it is a blind grant the store was charged for (see
+    /// [`LocalBackend::blind_to_store`]): its settle goes there too.
+    fn settle(
+        &mut self,
+        grant: &Grant,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Option<([Option<u64>; 3], Outcome)> {
         // Time passed under the old ledger; the refunds below under the new one.
         self.refill(now);
+        let grant = &self.effective(grant);
+        let mut outcome = outcome;
+        let mut in_store = None;
+        if grant.blind != 0 {
+            if let Some(at) = self.blind.iter().position(|b| b.number == grant.blind) {
+                let b = self.blind.remove(at);
+                if let (true, Outcome::Actual(actual), Some(input)) =
+                    (b.counted, outcome, grant.charged[INPUT])
+                {
+                    outcome = Outcome::Actual(Cost {
+                        input_tokens: input,
+                        ..actual
+                    });
+                }
+                in_store = b.charged.filter(|_| b.in_store).map(|c| (c, outcome));
+            }
+        }
         let cost = outcome.final_cost(&grant.charged);
         self.ledger.settle(grant, cost);
         let given_back: [Option<u64>; 3] = match outcome {
@@ -617,7 +789,11 @@ impl Entry {
         if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
             self.vouched = true;
         }
-        if matches!(outcome, Outcome::Rejected | Outcome::Unknown) {
+        // A refused blind grant was sent without knowing the limits: its refusal says the
+        // burst behind a slow probe did not fit, not that the server's `remaining` misleads
+        // (the reason for the pause), and the ledger holds the other blind grants, so a raise
+        // subtracts them (issue 12, seventh pass).
+        if matches!(outcome, Outcome::Rejected | Outcome::Unknown) && grant.blind == 0 {
             self.refused_at = Some(now);
         }
         if grant.probe {
@@ -631,6 +807,7 @@ impl Entry {
         }
         self.outstanding = self.outstanding.saturating_sub(1);
         self.last_used = now;
+        in_store
     }
 
     /// `share`: the part of a learned limit this board may use (see
@@ -645,6 +822,8 @@ impl Entry {
         now: Instant,
     ) {
         self.refill(now);
+        let answered = answered.map(|g| self.effective(g));
+        let answered = answered.as_ref();
         if let Some(g) = answered.filter(|g| !g.answered) {
             self.ledger.answer(g);
         }
@@ -693,14 +872,18 @@ impl Entry {
         }
         self.snapshot = Some((*snap, now));
         self.last_used = self.last_used.max(now);
-        if self.mirror && !was_known && self.known() {
-            self.seeding = true;
+        if !was_known && self.known() {
+            self.charge_blind(answered.map_or(0, |g| g.blind), now);
+            if self.mirror {
+                self.seeding = true;
+            }
         }
     }
 
     /// Raises levels that are below what the answer to `grant` proves is there (see
     /// [`Ledger::floor`]): a limit raised upstream, or another client of the key that stopped.
     fn raise(&mut self, snap: &RateLimitSnapshot, grant: &Grant, now: Instant) {
+        let grant = &self.effective(grant);
         if self
             .refused_at
             .is_some_and(|at| now.saturating_duration_since(at) < RAISE_PAUSE)
@@ -719,7 +902,9 @@ impl Entry {
             }
             let elapsed = now.saturating_duration_since(grant.at);
             let refill = certain_refill(elapsed, s.bucket.rate_per_sec());
-            let floor = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant);
+            let Some(floor) = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant) else {
+                continue;
+            };
             let level = s.bucket.level(now);
             if floor as f64 > level {
                 tracing::debug!(
@@ -1185,37 +1370,83 @@ impl LocalBackend {
         WaitPoll::Pending(timer)
     }
 
-    /// A waiting request went away: remove it; a grant it did not collect is given back.
-    pub(crate) fn cancel(&self, key: &KeyId, group: &RateLimitGroup, id: u64) {
+    /// A waiting request went away: remove it; a grant it did not collect is given back
+    /// (returned, with what it holds in the shared store, when the store was charged for it:
+    /// see [`settle`](Self::settle)).
+    pub(crate) fn cancel(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        id: u64,
+    ) -> Option<(Grant, [Option<u64>; 3], Outcome)> {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
-            return;
-        };
+        let e = st.entries.get_mut(&(key.clone(), group.clone()))?;
         let removed = e.queue.remove(id).is_some();
         let decided = e.decided.remove(&id);
+        let mut in_store = None;
         if let Some(Decided::Granted(g)) = &decided {
-            e.settle(g, Outcome::Refund, now);
+            in_store = e
+                .settle(g, Outcome::Refund, now)
+                .map(|(c, outcome)| (*g, c, outcome));
         }
         if removed || decided.is_some() {
             e.drain(now, None);
         }
+        in_store
     }
 
+    /// The shared store is about to be seeded with the limits this process just learned for
+    /// `(key, group)` (see [`seeded`](Self::seeded)): the blind grants still out (charged
+    /// here when the limits were learned, [`Entry::charge_blind`]) are charged there too, and
+    /// their settles will go there. Returns what to take from the store's levels (every one
+    /// but `answered`'s, whose answer's `remaining` counts it already) and what to add to its
+    /// held units (every one: their settles give it back).
+    #[cfg(feature = "redis")]
+    pub(crate) fn blind_to_store(
+        &self,
+        key: &KeyId,
+        group: &RateLimitGroup,
+        answered: Option<&Grant>,
+    ) -> ([u64; 3], [u64; 3]) {
+        let own = answered.map_or(0, |g| g.blind);
+        let (mut take, mut held) = ([0u64; 3], [0u64; 3]);
+        let mut st = self.lock();
+        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+            return (take, held);
+        };
+        for b in e.blind.iter_mut().filter(|b| !b.in_store) {
+            let Some(charged) = b.charged else { continue };
+            b.in_store = true;
+            for i in 0..3 {
+                let c = charged[i].unwrap_or(0);
+                held[i] = held[i].saturating_add(c);
+                if b.number != own {
+                    take[i] = take[i].saturating_add(c);
+                }
+            }
+        }
+        (take, held)
+    }
+
+    /// Settles `grant`; returns what it holds in the shared store (a blind grant the store
+    /// was charged for, see [`blind_to_store`](Self::blind_to_store)), to be settled there
+    /// too.
     pub(crate) fn settle(
         &self,
         key: &KeyId,
         group: &RateLimitGroup,
         grant: &Grant,
         outcome: Outcome,
-    ) {
+    ) -> Option<([Option<u64>; 3], Outcome)> {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
         let k = (key.clone(), group.clone());
+        let mut in_store = None;
         if let Some(e) = st.entries.get_mut(&k) {
-            e.settle(grant, outcome, now);
+            in_store = e.settle(grant, outcome, now);
             e.drain(now, None);
             if matches!(outcome, Outcome::Unknown) && !e.vouched && e.is_quiet() {
                 // Upstream does not know this model or key, and never served it: forget it.
@@ -1223,6 +1454,7 @@ impl LocalBackend {
                 tracing::trace!(key = %key, group = %group, "quota entry dropped: never served");
             }
         }
+        in_store
     }
 
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
@@ -1240,7 +1472,8 @@ impl LocalBackend {
         let mut st = self.lock();
         if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
             e.refill(now);
-            e.ledger.answer(grant);
+            let grant = e.effective(grant);
+            e.ledger.answer(&grant);
             e.drain(now, None);
         }
     }

@@ -53,6 +53,8 @@ pub struct ScaleConfig {
     /// moving up a tier, the `raise` configuration of `scripts/scale-bench.sh`): a raise
     /// adds the extra capacity to the buckets at once ([`MockClaude::set_limits`]).
     pub raise: Option<(Duration, MockLimits)>,
+    /// Sample the board's levels and the upstream's this often ([`ScaleReport::trace`]).
+    pub trace_every: Option<Duration>,
 }
 
 impl Default for ScaleConfig {
@@ -68,6 +70,7 @@ impl Default for ScaleConfig {
             output_tokens: 60,
             seed: 1,
             raise: None,
+            trace_every: None,
         }
     }
 }
@@ -93,6 +96,27 @@ pub struct ScaleReport {
     /// With a raise: when the first answer carrying the raised limits arrived (the first
     /// request the upstream admitted under them, answered a latency later).
     pub raise_seen: Option<Duration>,
+    /// With [`ScaleConfig::trace_every`]: the board's levels against the upstream's, per
+    /// key, over the run.
+    pub trace: Vec<LevelSample>,
+}
+
+/// The board's view of one key's buckets against the upstream's at one instant of a run
+/// (see [`ScaleConfig::trace_every`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LevelSample {
+    /// Since the start of the run.
+    pub at: Duration,
+    /// The key's index in the pool.
+    pub key: usize,
+    /// The board's remaining requests, input and output tokens (`None`: not known yet).
+    pub board: [Option<u64>; 3],
+    /// The upstream's levels (`None`: no request of the key reached it yet).
+    pub server: Option<[u64; 3]>,
+    /// Requests waiting in the board's queue of the key.
+    pub queued: usize,
+    /// The key's requests in flight, as the board counts them.
+    pub in_flight: usize,
 }
 
 impl ScaleReport {
@@ -144,10 +168,11 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         .map(|k| format!("sk-ant-scale-{k}"))
         .collect();
     let pool = KeyPoolLayer::new(names.iter().map(String::as_str)).expect("non-empty keys");
-    let svc = ClaudeStack::from_config(&stack)
+    let stack = ClaudeStack::from_config(&stack)
         .expect("no file to open")
-        .key_pool(Some(pool))
-        .service(mock.clone());
+        .key_pool(Some(pool));
+    let board = stack.quota_board().clone();
+    let svc = stack.service(mock.clone());
     let start = Instant::now();
     let raise_seen = config.raise.map(|(after, to)| {
         let (mock, latency) = (mock.clone(), config.latency);
@@ -162,13 +187,49 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
             start.elapsed() + latency
         })
     });
-    let failed = Arc::new(AtomicU64::new(0));
     let ids: Arc<Vec<_>> = Arc::new(
         names
             .iter()
             .map(|n| crate::anthropic::KeyId::from_api_key(n))
             .collect(),
     );
+    let samples: Arc<std::sync::Mutex<Vec<LevelSample>>> = Arc::default();
+    let tracer = config.trace_every.map(|every| {
+        let (board, mock, ids) = (board, mock.clone(), ids.clone());
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                for status in board.statuses() {
+                    let Some(key) = ids.iter().position(|k| *k == status.key) else {
+                        continue;
+                    };
+                    let left = |b: Option<crate::quota::BucketHeadroom>| b.map(|b| b.remaining);
+                    let h = status.headroom;
+                    let sample = LevelSample {
+                        at: start.elapsed(),
+                        key,
+                        board: [
+                            left(h.requests),
+                            left(h.input_tokens),
+                            left(h.output_tokens),
+                        ],
+                        server: mock
+                            .levels(&status.key, &status.group)
+                            .map(|l| l.map(|v| v.max(0.0).floor() as u64)),
+                        queued: status.queue_depth,
+                        in_flight: status.in_flight,
+                    };
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(sample);
+                }
+            }
+        })
+    });
+    let failed = Arc::new(AtomicU64::new(0));
     let per_key: Arc<Vec<AtomicU64>> = Arc::new(names.iter().map(|_| AtomicU64::new(0)).collect());
     let mut fleets = Vec::new();
     for f in 1..=names.len() as u64 {
@@ -218,6 +279,10 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
     for f in fleets {
         finish.push(f.await.unwrap_or_default());
     }
+    if let Some(tracer) = tracer {
+        tracer.abort();
+    }
+    let trace = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
     let raise_seen = match raise_seen {
         Some(watch) => watch.await.ok(),
         None => None,
@@ -242,5 +307,6 @@ pub async fn run(config: &ScaleConfig) -> ScaleReport {
         per_key: per_key.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
         ideal: Duration::from_secs_f64(ideal),
         raise_seen,
+        trace,
     }
 }

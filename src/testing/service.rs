@@ -85,6 +85,19 @@ impl MockClaude {
         }
     }
 
+    /// The levels (requests, input tokens, output tokens) of the buckets of `(key, group)`
+    /// now, `None` before its first request: what the simulated server would answer.
+    pub(crate) fn levels(&self, key: &KeyId, group: &RateLimitGroup) -> Option<[f64; 3]> {
+        let now = tokio::time::Instant::now();
+        let mut inner = self.shared.lock();
+        let b = inner.buckets.get_mut(&(key.clone(), group.clone()))?;
+        Some([
+            b.requests.level(now),
+            b.input.level(now),
+            b.output.level(now),
+        ])
+    }
+
     /// A copy of the counters.
     pub fn stats(&self) -> MockStats {
         self.shared.lock().stats.clone()
