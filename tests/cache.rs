@@ -1163,6 +1163,43 @@ mod with_mock {
         assert_eq!(mock.stats().received, 2);
     }
 
+    /// A cache polled ready and then answering a hit gives the inner service's readiness up:
+    /// tower's `ConcurrencyLimit` holds its permit from `poll_ready` to `call`, so a cache
+    /// clone that kept it (a connection serving hits) would starve every other caller.
+    #[tokio::test(start_paused = true)]
+    async fn a_hit_does_not_keep_a_permit_reserved_below() {
+        let mock = mock();
+        let svc = ServiceBuilder::new()
+            .layer(CacheLayer::memory(1 << 20))
+            .layer(ConcurrencyLimitLayer::new(1))
+            .service(mock.clone());
+        let (s, _, _) = send_to(&svc, request("sk", BODY)).await;
+        assert_eq!(s, CacheStatus::Miss);
+        // One caller, kept alive, polled ready (the permit is reserved), then served a hit.
+        let mut hits = svc.clone();
+        let res = hits
+            .ready()
+            .await
+            .unwrap()
+            .call(request("sk", BODY))
+            .await
+            .unwrap();
+        assert_eq!(
+            res.extensions().get::<CacheStatus>(),
+            Some(&CacheStatus::Hit)
+        );
+        // Another caller's miss gets the permit.
+        let other = BODY.replace("hello", "goodbye");
+        let miss = tokio::time::timeout(
+            Duration::from_secs(30),
+            send_to(&svc, request("sk", &other)),
+        )
+        .await
+        .expect("the miss waits for a permit the hit's caller still holds");
+        assert_eq!((miss.0, miss.1), (CacheStatus::Miss, StatusCode::OK));
+        drop(hits);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn hits_cost_no_quota() {
         let mock = MockClaude::builder()

@@ -30,6 +30,9 @@ use crate::fallback::ServedModel;
 /// too, without waiting for it: a miss settled in `call` (its store lookup needed no I/O) is
 /// sent to the inner service at once when it was ready; otherwise the request is sent to a
 /// clone of the inner service, driven with [`ServiceExt::oneshot`], so `S` must be `Clone`.
+/// A request answered without the inner service (a hit) gives up the readiness it found, so
+/// a reservation made by the inner service's `poll_ready` (a `ConcurrencyLimit` permit, a
+/// `Buffer` slot) is not held by a caller that only gets hits.
 pub struct Cache<S> {
     inner: S,
     /// The inner service said it was ready, and has not been called since.
@@ -131,7 +134,7 @@ where
             if std::mem::take(&mut self.inner_ready) {
                 return ResponseFuture::bypass(self.inner.call(req));
             }
-            let inner = self.inner.clone();
+            let inner = self.take_inner();
             return ResponseFuture::boxed(Box::pin(async move {
                 let res = inner.oneshot(req).await.map_err(Into::into)?;
                 Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass))
@@ -139,7 +142,10 @@ where
         };
         let next = if plan.read {
             match begin(&self.config, &self.flights, &plan, &mut req) {
-                Begun::Answered(res) => return ResponseFuture::ready(res),
+                Begun::Answered(res) => {
+                    self.release_inner();
+                    return ResponseFuture::ready(res);
+                }
                 Begun::Miss(guard) => Next::Miss(guard),
                 Begun::Later(join) => Next::Join(join),
             }
@@ -158,13 +164,37 @@ where
                 ResponseFuture::upstream(self.inner.call(req), miss)
             }
             next => ResponseFuture::boxed(Box::pin(run(
-                self.inner.clone(),
+                self.take_inner(),
                 self.config.clone(),
                 self.flights.clone(),
                 req,
                 plan,
                 next,
             ))),
+        }
+    }
+}
+
+impl<S: Clone> Cache<S> {
+    /// The inner service for a request driven by `oneshot`: the one `poll_ready` found ready
+    /// (a clone takes its place, as tower's `Steer` and `Buffer` users do), or a clone.
+    fn take_inner(&mut self) -> S {
+        let clone = self.inner.clone();
+        if std::mem::take(&mut self.inner_ready) {
+            std::mem::replace(&mut self.inner, clone)
+        } else {
+            clone
+        }
+    }
+
+    /// A request answered without the inner service: a readiness `poll_ready` found is given
+    /// up. A ready service may hold a reservation (tower's `ConcurrencyLimit` holds a permit,
+    /// `Buffer` a slot of its channel from `poll_ready` to `call`): kept by a cache clone that
+    /// serves only hits, it would hold that capacity from every other caller.
+    fn release_inner(&mut self) {
+        if std::mem::take(&mut self.inner_ready) {
+            tracing::trace!("cache hit: the inner service's readiness given up");
+            self.inner = self.inner.clone();
         }
     }
 }
