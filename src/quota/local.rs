@@ -724,7 +724,7 @@ impl Entry {
 
     /// Settles `grant`; returns what it holds in the shared store and how it settles there
     /// when it is a blind grant the store was charged for (see
-    /// [`LocalBackend::blind_to_store`]): its settle goes there too.
+    /// `LocalBackend::blind_to_store`, with the `redis` feature): its settle goes there too.
     fn settle(
         &mut self,
         grant: &Grant,
@@ -1431,7 +1431,7 @@ impl LocalBackend {
     }
 
     /// Settles `grant`; returns what it holds in the shared store (a blind grant the store
-    /// was charged for, see [`blind_to_store`](Self::blind_to_store)), to be settled there
+    /// was charged for, see `blind_to_store`, with the `redis` feature), to be settled there
     /// too.
     pub(crate) fn settle(
         &self,
