@@ -18,6 +18,15 @@ use tokio::time::Instant;
 use tower_claude::anthropic::{BucketSnapshot, KeyId, RateLimitGroup, RateLimitSnapshot};
 use tower_claude::quota::{AcquireErrorKind, Cost, Limits, QuotaBoard, RedisOptions};
 
+/// A bucket's view in an answer's headers: its limit and what remains, no reset.
+fn view(limit: u64, remaining: u64) -> BucketSnapshot {
+    BucketSnapshot {
+        limit: Some(limit),
+        remaining: Some(remaining),
+        reset: None,
+    }
+}
+
 fn group() -> RateLimitGroup {
     RateLimitGroup::new("claude-haiku-4-5")
 }
@@ -238,11 +247,7 @@ async fn headers_seen_by_one_node_limit_the_other() {
         .settle(Cost::new(1, 0, 0));
     // Node A learns from the server that only 3 requests are left.
     let snap = RateLimitSnapshot {
-        requests: BucketSnapshot {
-            limit: Some(50),
-            remaining: Some(3),
-            reset: None,
-        },
+        requests: view(50, 3),
         ..Default::default()
     };
     a.observe(&key(), &group(), &snap);
@@ -469,11 +474,7 @@ async fn cold_nodes_send_one_probe_and_enforce_learned_limits_in_redis() {
     // particular, seen while the probe is out, may not count it, and the probe is then
     // charged too, issue 12, seventh pass.)
     probe.observe(&RateLimitSnapshot {
-        requests: BucketSnapshot {
-            limit: Some(limit),
-            remaining: Some(limit - 1),
-            reset: None,
-        },
+        requests: view(limit, limit - 1),
         ..Default::default()
     });
     probe.settle(Cost::new(1, 10, 10));
@@ -578,11 +579,7 @@ async fn a_node_adopts_limits_learned_by_another_instead_of_probing() {
         .await
         .unwrap();
     probe.observe(&RateLimitSnapshot {
-        requests: BucketSnapshot {
-            limit: Some(limit),
-            remaining: Some(limit - 1),
-            reset: None,
-        },
+        requests: view(limit, limit - 1),
         ..Default::default()
     });
     probe.settle(Cost::new(1, 10, 10));
@@ -907,11 +904,6 @@ async fn a_stale_remaining_does_not_undo_a_refund_in_redis() {
     let first = take(1_500).await.unwrap();
     let second = take(1_500).await.unwrap();
     // The server admitted both: 5 000 output tokens left when it answered the first.
-    let view = |limit, remaining| BucketSnapshot {
-        limit: Some(limit),
-        remaining: Some(remaining),
-        reset: None,
-    };
     let stale = RateLimitSnapshot {
         requests: view(60, 58),
         input_tokens: view(1_000_000, 1_000_000),
@@ -944,11 +936,6 @@ async fn a_slow_answer_raises_with_the_refill_after_the_send_grace_in_redis() {
         .build_redis(&server.url(), patient)
         .await
         .unwrap();
-    let view = |limit, remaining| BucketSnapshot {
-        limit: Some(limit),
-        remaining: Some(remaining),
-        reset: None,
-    };
     let snap = |requests| RateLimitSnapshot {
         requests: view(6_000, requests),
         input_tokens: view(1_000_000, 1_000_000),
@@ -1007,11 +994,6 @@ async fn blind_grants_behind_a_slow_probe_are_charged_in_redis() {
     // Blind in a ramp: one after the probe grace (2 s), the next one grace later.
     assert!(started.elapsed() >= Duration::from_millis(3_900));
     assert_eq!(b1.charged(), Cost::new(0, 0, 0), "let through blind");
-    let view = |limit, remaining| BucketSnapshot {
-        limit: Some(limit),
-        remaining: Some(remaining),
-        reset: None,
-    };
     // The probe's answer: the server counted it, not the two blind ones yet.
     probe.observe(&RateLimitSnapshot {
         requests: view(100, 99),
