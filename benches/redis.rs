@@ -87,6 +87,7 @@ fn bench(c: &mut Criterion) {
             .await
             .unwrap()
             .key_prefix("bench:cache:")
+            .await
     });
     let ckey = CacheKey::from_bytes([3; 32]);
     let body = "x".repeat(2_000);

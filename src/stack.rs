@@ -245,6 +245,9 @@ pub struct StackConfig {
     pub cache_ttl: Duration,
     /// Which requests are cached. Default: [`CacheMode::Deterministic`] (`temperature` 0).
     pub cache_mode: CacheMode,
+    /// The cache's secret ([`CacheLayer::secret`]). Default: the store's own (random for a
+    /// memory cache, kept in the file of a disk cache).
+    pub cache_secret: Option<crate::cache::CacheSecret>,
     /// Budgets per tenant ([`BudgetLayer`](crate::tenant::budget::BudgetLayer), between the
     /// cache and fallback: a cache hit costs nothing, and the cost is priced for the model
     /// that answered). Default: none.
@@ -285,6 +288,7 @@ impl Default for StackConfig {
             cache: CacheConfig::default(),
             cache_ttl: Duration::from_secs(4 * 3600),
             cache_mode: CacheMode::default(),
+            cache_secret: None,
             budget: None,
             catalog: ModelCatalog::default(),
             metrics: cfg!(feature = "metrics"),
@@ -379,7 +383,11 @@ impl ClaudeStack {
                 return Err("a disk cache needs the `disk-cache` feature".into());
             }
         }
-        .map(|c| c.ttl(config.cache_ttl).mode(config.cache_mode));
+        .map(|c| c.ttl(config.cache_ttl).mode(config.cache_mode))
+        .map(|c| match &config.cache_secret {
+            Some(secret) => c.secret(secret.clone()),
+            None => c,
+        });
 
         let fallback = config.fallback.then(|| {
             let layer = FallbackLayer::new();

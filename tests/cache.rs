@@ -283,7 +283,7 @@ async fn a_layer_tenant_shares_entries_between_keys_and_secrets_partition() {
     // Same store, another tenant secret: nothing is reachable.
     let other = CacheLayer::with_shared_store(store)
         .tenant("org")
-        .tenant_secret([9; 32])
+        .secret(tower_claude::cache::CacheSecret::from_bytes([9; 32]))
         .layer_on(up.clone());
     assert_eq!(
         send(&other, request("sk-a", BODY)).await.0,

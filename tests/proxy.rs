@@ -447,3 +447,70 @@ async fn metrics_count_json_answers_as_successes_with_their_tokens() {
     );
     proxy.stop().await;
 }
+
+/// The cache's secret (issue 13, pv13) over real HTTP: a disk cache keeps its own secret in
+/// the file, so a restarted proxy hits what the last one stored; `--cache-secret` (and its
+/// environment variable) replaces it, so entries stored under one secret are misses under
+/// the other, and hits again under the same one; a secret that is not 64 hex digits is a
+/// configuration error that does not repeat the value.
+#[tokio::test]
+async fn the_cache_secret_flag_keys_the_disk_cache() {
+    let mock = MockClaude::builder().build();
+    let upstream = served_mock(&mock).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.redb");
+    let secret = "5e".repeat(32);
+    let cli = |secret: Option<&str>| Cli {
+        upstream: Some(format!("http://{upstream}")),
+        cache_mode: Some("all".into()),
+        cache_path: Some(path.display().to_string()),
+        cache_secret: secret.map(str::to_owned),
+        ..Cli::default()
+    };
+    // One request per proxy process; the proxy flushes its write-behind queue on stop.
+    let once = async |cli: Cli, env: &[(&str, &str)]| {
+        let proxy = start(cli, env).await;
+        let resp = client()
+            .request(messages(proxy.addr, "sk-client-1", HELLO))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let cache = resp.headers()["x-tower-claude-cache"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        resp.into_body().collect().await.unwrap();
+        proxy.stop().await;
+        cache
+    };
+    assert_eq!(once(cli(None), &[]).await, "miss");
+    assert_eq!(once(cli(None), &[]).await, "hit", "the file's own secret");
+    assert_eq!(
+        once(cli(Some(&secret)), &[]).await,
+        "miss",
+        "another secret"
+    );
+    assert_eq!(once(cli(Some(&secret)), &[]).await, "hit");
+    let env = [("CLAUDE_PROXY_CACHE_SECRET", secret.as_str())];
+    assert_eq!(
+        once(cli(None), &env).await,
+        "hit",
+        "the same secret from the environment"
+    );
+    assert_eq!(
+        once(cli(None), &[]).await,
+        "hit",
+        "the file's own secret again"
+    );
+    assert_eq!(mock.stats().received, 2);
+
+    let typo = format!("{}zz", &secret[..62]);
+    let err = tower_claude::proxy::ProxyConfig::resolve(cli(Some(&typo)), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("64 hexadecimal digits"), "{err}");
+    assert!(
+        !err.contains(&secret[..62]),
+        "the value is not repeated: {err}"
+    );
+}

@@ -32,11 +32,15 @@ async fn two_nodes_share_hits_through_redis() {
     };
     let mock = MockClaude::builder().build();
     let mut nodes = Vec::new();
+    let mut secrets = Vec::new();
     for _ in 0..2 {
         let store = RedisStore::connect(&server.url())
             .await
             .unwrap()
-            .key_prefix("c1:");
+            .key_prefix("c1:")
+            .await;
+        // The first store set the shared secret (`SET NX`), the second read it.
+        secrets.push(store.secret().expect("a secret shared through Redis"));
         let layer = CacheLayer::new(store);
         nodes.push((
             layer.clone(),
@@ -61,6 +65,16 @@ async fn two_nodes_share_hits_through_redis() {
     assert_eq!(statuses, ["miss", "hit"]);
     assert_eq!(bodies[0], bodies[1]);
     assert_eq!(mock.stats().received, 1);
+    assert_eq!(secrets[0], secrets[1]);
+    // Another namespace has a secret of its own; the same one again reads the first.
+    let other = RedisStore::connect(&server.url())
+        .await
+        .unwrap()
+        .key_prefix("c1-other:")
+        .await;
+    assert_ne!(other.secret().unwrap(), secrets[0]);
+    let again = other.key_prefix("c1:").await;
+    assert_eq!(again.secret().unwrap(), secrets[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +85,8 @@ async fn entries_expire_and_undecodable_entries_are_misses() {
     let store = RedisStore::connect(&server.url())
         .await
         .unwrap()
-        .key_prefix("c2:");
+        .key_prefix("c2:")
+        .await;
     let key = CacheKey::from_bytes([7; 32]);
     let resp = CachedResponse::new(StatusCode::OK, http::HeaderMap::new(), "{}".into(), false);
     store
@@ -117,7 +132,8 @@ async fn an_unreachable_redis_is_a_miss_not_a_failure() {
     let store = RedisStore::connect(&server.url())
         .await
         .unwrap()
-        .key_prefix("c3:");
+        .key_prefix("c3:")
+        .await;
     let layer = CacheLayer::new(store.clone());
     let mut svc = ServiceBuilder::new()
         .layer(layer.clone())
@@ -161,7 +177,8 @@ async fn a_redis_outage_costs_one_timeout_then_lookups_fail_fast_and_recover() {
     let store = RedisStore::connect(&server.url())
         .await
         .unwrap()
-        .key_prefix("breaker:");
+        .key_prefix("breaker:")
+        .await;
     let key = CacheKey::from_bytes([7; 32]);
     let value = CachedResponse::new(
         StatusCode::OK,

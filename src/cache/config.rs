@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::CacheMode;
 use super::key::{CacheKey, Tenant};
+use super::secret::Keys;
 use super::store::{CacheStore, CachedResponse};
 use super::writer::Writer;
 use crate::fallback::FallbackHandle;
@@ -17,7 +18,8 @@ pub(crate) struct Config {
     pub(crate) ttl: Duration,
     pub(crate) mode: CacheMode,
     pub(crate) max_entry_bytes: usize,
-    pub(crate) tenant_secret: [u8; 32],
+    /// The keys derived from the cache's secret.
+    pub(crate) keys: Arc<Keys>,
     pub(crate) tenant: Option<Tenant>,
     pub(crate) fallback: Option<FallbackHandle>,
     pub(crate) writer: Arc<Writer>,

@@ -6,7 +6,8 @@ use tower_layer::Layer;
 
 use super::CacheMode;
 use super::config::Config;
-use super::key::{Tenant, default_tenant_secret};
+use super::key::Tenant;
+use super::secret::{CacheSecret, Keys};
 use super::service::Cache;
 use super::store::{CacheStore, MemoryStore};
 use super::writer::Writer;
@@ -51,6 +52,10 @@ impl CacheLayer {
 
     /// A cache layer over a store shared with other code (to inspect or clear it).
     pub fn with_shared_store(store: Arc<dyn CacheStore>) -> Self {
+        let secret = store.secret().unwrap_or_else(|| {
+            tracing::debug!("cache: the store keeps no secret; a random one for this layer");
+            CacheSecret::random()
+        });
         Self {
             config: Config {
                 writer: Writer::new(store.clone(), DEFAULT_WRITE_QUEUE),
@@ -58,7 +63,7 @@ impl CacheLayer {
                 ttl: DEFAULT_TTL,
                 mode: CacheMode::default(),
                 max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
-                tenant_secret: default_tenant_secret(),
+                keys: Arc::new(Keys::derive(&secret)),
                 tenant: None,
                 fallback: None,
             },
@@ -109,18 +114,32 @@ impl CacheLayer {
         self
     }
 
-    /// The secret key of the keyed BLAKE3 hash that turns an API key into a cache partition.
+    /// The cache's secret: every hash of its keys (the tenant partition, the body digest, the
+    /// key itself) is keyed by it (see the [module docs](super), *Keys*).
     ///
-    /// The default is a fixed derivation, the same in every process and every build of this
-    /// crate, so that a disk cache is still reachable after a restart. The trade-off: someone
-    /// who can read the cache file *and* holds a candidate API key can tell whether that key
-    /// has entries (API keys are high-entropy, so a key cannot be recovered from the hash).
-    /// With a secret of your own, partitions cannot be linked to keys without it, but entries
-    /// written under one secret are unreachable under another; keep it stable across restarts
-    /// for a persistent cache.
-    pub fn tenant_secret(mut self, secret: [u8; 32]) -> Self {
-        self.config.tenant_secret = secret;
+    /// The default is the store's own ([`CacheStore::secret`]: random per [`MemoryStore`],
+    /// generated at the first open and kept in the file of a `DiskStore`, shared through the
+    /// server by `RedisStore`s), else a random secret of this layer. Give one to share entries
+    /// between stores that do not share a secret, or to keep a store's secret elsewhere than
+    /// in the store. Entries written under one secret are unreachable under another.
+    ///
+    /// ```
+    /// use tower_claude::cache::{CacheLayer, CacheSecret};
+    ///
+    /// let layer = CacheLayer::memory(1 << 20).secret(CacheSecret::from_bytes([7; 32]));
+    /// assert!(!format!("{layer:?}").contains("07"));
+    /// ```
+    pub fn secret(mut self, secret: CacheSecret) -> Self {
+        self.config.keys = Arc::new(Keys::derive(&secret));
         self
+    }
+
+    /// The cache's secret as bytes: the same as [`secret`](Self::secret), whose name this
+    /// was before the one secret keyed every hash of a key (it keyed only the tenant
+    /// partition, with a fixed public default).
+    #[deprecated(note = "use `CacheLayer::secret`: one secret keys every hash of a cache key")]
+    pub fn tenant_secret(self, secret: [u8; 32]) -> Self {
+        self.secret(CacheSecret::from_bytes(secret))
     }
 
     /// Partitions every request as `tenant` instead of by API key (a request's own [`Tenant`]

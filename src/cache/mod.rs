@@ -6,25 +6,56 @@
 //!
 //! # Keys
 //!
-//! A [`CacheKey`] is BLAKE3 (a derived-key hash) over, length-prefixed:
-//! - the **tenant partition**: a keyed BLAKE3 hash of the request's [`Tenant`] extension, else
-//!   of the layer's [`tenant`](CacheLayer::tenant), else of the API key (`x-api-key` or
-//!   `authorization: Bearer`), else a shared anonymous partition. Two tenants never share an
-//!   entry, and the key itself appears nowhere (see [`CacheLayer::tenant_secret`]);
+//! Every cache has a **secret** ([`CacheSecret`], 32 random bytes; see [`CacheLayer::secret`]
+//! for where it comes from), from which three independent keys are derived. A [`CacheKey`]
+//! is a keyed BLAKE3 hash (the PRF, under the first key) over, length-prefixed:
+//! - the **tenant partition**: a keyed BLAKE3 hash (under the second key) of the request's
+//!   [`Tenant`] extension, else of the layer's [`tenant`](CacheLayer::tenant), else of the API
+//!   key (`x-api-key` or `authorization: Bearer`), else a shared anonymous partition. Two
+//!   tenants never share an entry, and the API key itself appears nowhere;
 //! - the method, the path and query, `anthropic-version`, and `anthropic-beta` (flags sorted);
 //! - the canonical JSON body: object members sorted by key recursively, no insignificant
 //!   whitespace, numbers written from their value (an integer as an integer, any other number
 //!   as the shortest round-tripping `f64`), so the key does not depend on `serde_json`'s
 //!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere. It enters as
-//!   its length and its own BLAKE3 hash (key layout v2: keys of v1 are misses). The body is
-//!   read once: the scan of [`RequestMeta`](crate::anthropic::RequestMeta) records where a
-//!   compact body (as the SDKs send it) differs from its canonical form, the members of which
-//!   objects are out of order, and the key copies it span by span; a body with whitespace or
-//!   escapes `serde_json` would write otherwise is written canonically by a second pass. The
-//!   key is the same either way.
+//!   its length and the **NH digest** (under the third key) of each of its 1 KiB chunks (key
+//!   layout v3: keys of v2 are misses). The body is read once: the scan of
+//!   [`RequestMeta`](crate::anthropic::RequestMeta) records where a compact body (as the SDKs
+//!   send it) differs from its canonical form, the members of which objects are out of order,
+//!   and the key copies it span by span; a body with whitespace or escapes `serde_json` would
+//!   write otherwise is written canonically by a second pass. The key is the same either way.
 //!
-//! BLAKE3 rather than SHA-256 because it is several times faster on prompt-sized inputs (the
-//! `cache` bench measures both on 10 KB).
+//! **Why NH, and what the secret protects.** NH (the universal hash of UMAC, RFC 4418, here
+//! with 64-bit words and two Toeplitz-shifted passes) is not collision resistant: whoever
+//! knows its key can write two bodies with the same digest. It is *universal*: for two
+//! different bodies of equal length and a key drawn at random, their digests are equal with
+//! probability at most 2^-128. A universal hash followed by a PRF is a PRF ("hash then
+//! PRF", as Wegman–Carter MACs and AES-GCM-SIV's tag are built): as long as no two bodies a
+//! client sent collide under NH, every key it can observe (hit or miss, timing, or the key
+//! itself in a Redis key name) is an output of the keyed BLAKE3 on distinct inputs, and so
+//! tells it nothing about the NH key; the chance that any two of `q` requests collide is at
+//! most `q²/2^129`. NH costs ~1.3 instructions per byte where BLAKE3 cost ~3.7 (a 2 KB body:
+//! ~2.7k instructions instead of 7.6k; measured candidates in `docs/benchmarks.md`, pv13).
+//!
+//! - A client that can send requests but does **not know the secret** cannot find two
+//!   requests with one key (a wrong answer served for another prompt), cannot tell which
+//!   request a key it sees belongs to, and cannot link a partition to an API key: all of that
+//!   needs the secret, or about 2^64 requests in one partition for even odds of one accidental
+//!   collision.
+//! - Whoever **can read the secret** (the redb file of a `DiskStore`, where it is kept; the
+//!   `<prefix>secret` key of a `RedisStore`; the proxy's configuration) can also read every
+//!   cached answer there: the secret adds no confidentiality beyond that. What it adds is
+//!   this: with the secret, one can write a request whose NH digest equals that of a known
+//!   request of the same length, and a client that can send in the victim's partition (the
+//!   same API key, or the same shared tenant) could then store its answer under the victim's
+//!   key. Whoever can *write* the file or Redis could store any answer anyway. Protect the
+//!   file and the Redis server as you protect the answers, and give the secret elsewhere
+//!   ([`CacheLayer::secret`], the proxy's `--cache-secret`) when the store is more exposed
+//!   than the configuration.
+//! - A memory store's secret is random per process and never leaves it.
+//!
+//! BLAKE3 for the PRF and the partition because it is a keyed hash of its own (no separate
+//! MAC construction) and fast on the ~200 bytes it hashes per key.
 //!
 //! # What is cached: modes and the request header
 //!
@@ -191,6 +222,7 @@ mod key;
 
 mod layer;
 mod live;
+mod secret;
 mod service;
 mod store;
 mod writer;
@@ -199,6 +231,7 @@ pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use key::{CacheKey, Tenant};
 pub use layer::{CacheLayer, DEFAULT_MAX_ENTRY_BYTES, DEFAULT_TTL, DEFAULT_WRITE_QUEUE};
+pub use secret::CacheSecret;
 pub use service::Cache;
 #[cfg(feature = "disk-cache")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk-cache")))]

@@ -299,12 +299,18 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         return None;
     }
     let partition = Partition::of(
-        &config.tenant_secret,
+        &config.keys.partition,
         req.extensions(),
         req.headers(),
         config.tenant.as_ref(),
     );
-    let base = KeyBase::new(&partition, req.method(), req.uri(), req.headers());
+    let base = KeyBase::new(
+        &config.keys,
+        &partition,
+        req.method(),
+        req.uri(),
+        req.headers(),
+    );
     // The canonical body, written from what the scan of `meta` recorded (or by the scanner
     // again); a body that is not a JSON object is passed through (upstream answers 400).
     let key = base.key_of_scanned(req.body().bytes(), meta)?;

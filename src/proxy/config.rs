@@ -143,6 +143,9 @@ pub struct ProxyConfig {
     pub cache_path: Option<PathBuf>,
     /// Cache size bound in bytes.
     pub cache_max_bytes: u64,
+    /// The cache's secret (`CLAUDE_PROXY_CACHE_SECRET`); `None`: the store's own (random for
+    /// `memory`, kept in the redb file, shared through Redis). `Debug` shows nothing of it.
+    pub cache_secret: Option<crate::cache::CacheSecret>,
     /// Cap on in-flight upstream requests (`None`: no cap).
     pub max_in_flight: Option<usize>,
     /// Configured per-group limits; groups not listed learn their limits from headers.
@@ -295,6 +298,9 @@ pub struct Cli {
     /// Cache size bound: bytes, or a number with KB, MB, GB, KiB, MiB or GiB [env: CLAUDE_PROXY_CACHE_MAX_BYTES] [default: 256MiB]
     #[arg(long, value_name = "SIZE")]
     pub cache_max_bytes: Option<String>,
+    /// The cache's secret, 64 hex digits (e.g. `openssl rand -hex 32`); it keys every hash of a cache key [env: CLAUDE_PROXY_CACHE_SECRET] [default: the store's: random for `memory`, generated once and kept in the redb file, shared through Redis]
+    #[arg(long, value_name = "HEX")]
+    pub cache_secret: Option<String>,
     /// Cap on in-flight upstream requests [env: CLAUDE_PROXY_MAX_IN_FLIGHT] [default: none]
     #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
@@ -393,6 +399,7 @@ struct FileConfig {
     cache_ttl: Option<toml::Value>,
     cache_path: Option<String>,
     cache_max_bytes: Option<toml::Value>,
+    cache_secret: Option<String>,
     max_in_flight: Option<usize>,
     redis_url: Option<String>,
     expected_nodes: Option<u32>,
@@ -716,6 +723,21 @@ impl ProxyConfig {
         ) {
             Some(s) => parse_size_setting(&s)?,
             None => 256 * 1024 * 1024,
+        };
+        let cache_secret = match pick(
+            &cli.cache_secret,
+            "cache-secret",
+            "CLAUDE_PROXY_CACHE_SECRET",
+            file.cache_secret.clone(),
+            "cache_secret",
+        ) {
+            Some(s) => Some(
+                crate::cache::CacheSecret::from_hex(&s.value).ok_or_else(|| {
+                    // The value itself is not repeated: it may be a secret with a typo.
+                    ConfigError::new(&s.source, "the cache secret is not 64 hexadecimal digits")
+                })?,
+            ),
+            None => None,
         };
         let spend_path = match pick(
             &cli.spend_path,
@@ -1145,6 +1167,7 @@ impl ProxyConfig {
             cache_ttl,
             cache_path,
             cache_max_bytes,
+            cache_secret,
             max_in_flight,
             limits: file.limits,
             body_limit: crate::body::ANTHROPIC_MAX_BODY,
@@ -1580,6 +1603,30 @@ mod tests {
             let err = ProxyConfig::resolve(Cli::default(), &vars).unwrap_err();
             assert_eq!(err.field(), "CLAUDE_PROXY_REDIS_QUOTA_TIMEOUT", "{bad}");
         }
+    }
+
+    #[test]
+    fn cache_secret_comes_from_the_file_and_is_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, format!("cache_secret = \"{}\"\n", "a7".repeat(32))).unwrap();
+        let cli = Cli {
+            config: Some(path.clone()),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(cli, &BTreeMap::new()).unwrap();
+        let secret = cfg.cache_secret.clone().unwrap();
+        assert_eq!(secret.as_bytes(), &[0xa7; 32]);
+        assert!(!format!("{cfg:?}").contains("a7a7"));
+        let cfg = ProxyConfig::resolve(Cli::default(), &BTreeMap::new()).unwrap();
+        assert!(cfg.cache_secret.is_none());
+        std::fs::write(&path, "cache_secret = \"short\"\n").unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let err = ProxyConfig::resolve(cli, &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.field(), "cache_secret (config file)");
     }
 
     #[test]

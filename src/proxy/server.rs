@@ -195,11 +195,13 @@ impl Proxy {
             stack = stack.board(board.build_redis(url, options).await?);
             if config.cache {
                 let store = crate::cache::RedisStore::connect(url).await?;
-                stack = stack.cache(Some(
-                    crate::cache::CacheLayer::new(store)
-                        .ttl(config.cache_ttl)
-                        .mode(config.cache_mode),
-                ));
+                let layer = crate::cache::CacheLayer::new(store)
+                    .ttl(config.cache_ttl)
+                    .mode(config.cache_mode);
+                stack = stack.cache(Some(match &config.cache_secret {
+                    Some(secret) => layer.secret(secret.clone()),
+                    None => layer,
+                }));
             }
         }
         #[cfg(not(feature = "redis"))]
@@ -673,6 +675,7 @@ fn stack_config(config: &ProxyConfig) -> StackConfig {
         cache,
         cache_ttl: config.cache_ttl,
         cache_mode: config.cache_mode,
+        cache_secret: config.cache_secret.clone(),
         metrics: config.metrics,
         // issue 16
         adaptive_concurrency: config

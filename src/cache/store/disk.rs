@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreErrorKind, StoreFuture};
-use crate::cache::CacheKey;
 use crate::cache::key::KeyMap;
+use crate::cache::{CacheKey, CacheSecret};
 
 /// `[row sequence u64]` -> a row: the entries of one batch (or of a part of a large one),
 ///
@@ -31,6 +31,10 @@ use crate::cache::key::KeyMap;
 const ROWS: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_rows");
 /// `bytes` (accounted size) and `seq` (next row sequence number).
 const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_rows_meta");
+/// The store's secret ([`CacheStore::secret`]), under the name `secret`: generated at the
+/// first open, so that the keys of the entries are the same after a restart. Whoever can read
+/// the file can read it (and the entries): see the cache's module docs, *Keys*.
+const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("tower_claude_cache_secret");
 /// The tables of the previous layouts (rows keyed by cache key and an order table; then one
 /// row per entry keyed by insertion order), dropped on open: their keys (cache key v1) are
 /// unreachable anyway, and a one-row-per-entry file is a cache that refills.
@@ -155,6 +159,8 @@ struct Inner {
     clock: Clock,
     /// Commits since the last durable one.
     unsynced: AtomicU32,
+    /// Kept in the file (see [`SECRET`]).
+    secret: CacheSecret,
     /// When the last durable commit happened.
     last_sync: Mutex<std::time::Instant>,
 }
@@ -237,6 +243,7 @@ impl DiskStore {
             .create(path.as_ref())
             .map_err(|e| StoreError::new(StoreErrorKind::Open, e.to_string()))?;
         let txn = db.begin_write().map_err(backend)?;
+        let secret;
         let mut index = KeyMap::default();
         let models = ModelSet::default();
         {
@@ -246,6 +253,7 @@ impl DiskStore {
                 // open; absent is fine.
                 txn.delete_table(old).map_err(backend)?;
             }
+            secret = Self::secret_of(&txn)?;
             let rows = txn.open_table(ROWS).map_err(backend)?;
             txn.open_table(META).map_err(backend)?;
             for row in rows.iter().map_err(backend)? {
@@ -275,6 +283,7 @@ impl DiskStore {
                 clock: Arc::new(SystemTime::now),
                 unsynced: AtomicU32::new(0),
                 last_sync: Mutex::new(std::time::Instant::now()),
+                secret,
             }),
         };
         // A smaller bound than the file was written with applies at once, and the file
@@ -288,6 +297,27 @@ impl DiskStore {
             store.compact()?;
         }
         Ok(store)
+    }
+
+    /// The file's secret, generated (and the rows of an earlier key layout dropped: no key
+    /// of this build can reach them) when it has none.
+    fn secret_of(txn: &WriteTransaction) -> Result<CacheSecret, StoreError> {
+        let mut table = txn.open_table(SECRET).map_err(backend)?;
+        if let Some(kept) = table.get("secret").map_err(backend)? {
+            if let Ok(bytes) = <[u8; 32]>::try_from(kept.value()) {
+                return Ok(CacheSecret::from_bytes(bytes));
+            }
+        }
+        // Written before the file kept a secret (key layout v2 or earlier), or damaged:
+        // every entry's key is unreachable.
+        txn.delete_table(ROWS).map_err(backend)?;
+        txn.delete_table(META).map_err(backend)?;
+        let secret = CacheSecret::random();
+        table
+            .insert("secret", &secret.as_bytes()[..])
+            .map_err(backend)?;
+        tracing::info!("cache: a new secret for this file (its earlier entries, if any, dropped)");
+        Ok(secret)
     }
 
     /// Compacts the file now (blocking): redb moves the live pages to the front and truncates
@@ -755,6 +785,10 @@ impl DiskStore {
 }
 
 impl CacheStore for DiskStore {
+    fn secret(&self) -> Option<CacheSecret> {
+        Some(self.inner.secret.clone())
+    }
+
     /// Read inline, not on the blocking pool: a read transaction on pages in the page cache
     /// takes microseconds, less than a hand-off to another thread, and a miss (every request
     /// before its answer is stored) pays it. It never waits for a writer (redb readers do not)
@@ -1202,6 +1236,39 @@ mod tests {
         let fresh = DiskStore::open(dir.path().join("d.redb"), 1 << 20).unwrap();
         fresh.put(&k(3), resp(10), HOUR).await.unwrap();
         assert!(fresh.may_hold_other_models("opus"));
+    }
+
+    /// The secret is generated at the first open and read back at the next, so entries
+    /// survive a restart; another file has another; a file written before files kept a secret
+    /// (its rows under unreachable keys) gets one and loses its rows.
+    #[tokio::test]
+    async fn the_secret_is_kept_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let first = {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            store.put(&k(1), resp(10), HOUR).await.unwrap();
+            store.secret().unwrap()
+        };
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.secret().unwrap(), first);
+        assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(10)));
+        drop(store);
+        let other = DiskStore::open(dir.path().join("t.redb"), 1 << 20).unwrap();
+        assert_ne!(other.secret().unwrap(), first);
+        drop(other);
+        // The secret removed, as in a file of an earlier build.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(SECRET).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_ne!(store.secret().unwrap(), first);
+        assert_eq!(store.get(&k(1)).await.unwrap(), None);
+        assert_eq!(store.entry_count().unwrap(), 0);
+        assert_eq!(store.size_bytes().unwrap(), 0);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use moka::sync::Cache;
 use tokio::time::Instant;
 
 use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreFuture};
-use crate::cache::CacheKey;
 use crate::cache::key::KeyHashBuilder;
+use crate::cache::{CacheKey, CacheSecret};
 
 struct Entry {
     response: CachedResponse,
@@ -69,6 +69,8 @@ pub struct MemoryStore {
     cache: Cache<CacheKey, Arc<Entry>, KeyHashBuilder>,
     /// The models of every entry ever put (see [`CacheStore::may_hold_other_models`]).
     models: Arc<ModelSet>,
+    /// Random, of this store: its entries do not outlive the process.
+    secret: CacheSecret,
 }
 
 impl MemoryStore {
@@ -85,6 +87,7 @@ impl MemoryStore {
         Self {
             cache,
             models: Arc::default(),
+            secret: CacheSecret::random(),
         }
     }
 
@@ -120,6 +123,10 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl CacheStore for MemoryStore {
+    fn secret(&self) -> Option<CacheSecret> {
+        Some(self.secret.clone())
+    }
+
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
         let found = self.find(key);
         Box::pin(std::future::ready(Ok(found)))

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::CacheKey;
+use super::{CacheKey, CacheSecret};
 
 mod memory;
 pub use memory::MemoryStore;
@@ -124,6 +124,29 @@ pub trait CacheStore: Send + Sync + 'static {
         true
     }
 
+    /// The secret of the keys of this store's entries, when the store keeps one: a store
+    /// whose entries outlive the process (a file) or are shared between processes (a server)
+    /// should keep its secret with them, so that every [`CacheLayer`](super::CacheLayer) over
+    /// it derives the same keys. [`MemoryStore`] has a random one of its own, `DiskStore`
+    /// keeps one in its file, `RedisStore` shares one through the server. Default `None`: the
+    /// layer then uses a random secret of its own, and entries written by another process
+    /// (or before a restart) are unreachable. [`CacheLayer::secret`] overrides it.
+    ///
+    /// It is asked once, when the layer is built.
+    ///
+    /// [`CacheLayer::secret`]: super::CacheLayer::secret
+    ///
+    /// ```
+    /// use tower_claude::cache::{CacheStore, MemoryStore};
+    ///
+    /// let a = MemoryStore::new(1 << 20);
+    /// assert_eq!(a.secret(), a.secret());
+    /// assert_ne!(a.secret(), MemoryStore::new(1 << 20).secret());
+    /// ```
+    fn secret(&self) -> Option<CacheSecret> {
+        None
+    }
+
     /// Stores several entries at once. The [`CacheLayer`](super::CacheLayer) stores answers
     /// in batches from a background task, so a store that can write a batch in one go (one
     /// transaction, one round trip) should override this; the default stores the entries one
@@ -212,6 +235,10 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
 
     fn may_hold_other_models(&self, model: &str) -> bool {
         (**self).may_hold_other_models(model)
+    }
+
+    fn secret(&self) -> Option<CacheSecret> {
+        (**self).secret()
     }
 }
 

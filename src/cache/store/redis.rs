@@ -10,7 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use super::{CacheStore, CachedResponse, StoreError, StoreErrorKind, StoreFuture};
-use crate::cache::CacheKey;
+use crate::cache::{CacheKey, CacheSecret};
 
 /// A [`CacheStore`] on Redis (feature `redis`): every proxy node that connects to the same
 /// server with the same [`key_prefix`](RedisStore::key_prefix) shares the entries, so a
@@ -33,12 +33,24 @@ use crate::cache::CacheKey;
 /// Keys are `<prefix><64 hex digits of the CacheKey>`; nothing from the request (no API key,
 /// no prompt) appears in them.
 ///
+/// The cache's secret ([`CacheStore::secret`]) is shared through the server: `<prefix>secret`
+/// holds 32 random bytes, set with `SET ... NX` by the first store that connects (no TTL) and
+/// read by every other, when the store is created and when its prefix is set. If the server
+/// is unreachable then, the store has no secret and the layer uses a random one of its own
+/// (a warning says so): that process's entries are then its own until it restarts. Give the
+/// layer a secret ([`CacheLayer::secret`](crate::cache::CacheLayer::secret), the proxy's
+/// `--cache-secret`) not to depend on it, or when the server may evict keys without a TTL
+/// (an `allkeys-*` eviction policy).
+///
 /// ```no_run
 /// use tower_claude::cache::{CacheLayer, RedisStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = RedisStore::connect("redis://127.0.0.1:6379/").await?.key_prefix("myapp:cache:");
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/")
+///     .await?
+///     .key_prefix("myapp:cache:")
+///     .await;
 /// let layer = CacheLayer::new(store);
 /// # drop(layer);
 /// # Ok(())
@@ -49,6 +61,8 @@ pub struct RedisStore {
     inner: Arc<Inner>,
     prefix: Arc<str>,
     timeout: Duration,
+    /// `<prefix>secret`, read when the store was created or its prefix set.
+    secret: Option<CacheSecret>,
 }
 
 struct Inner {
@@ -177,17 +191,61 @@ impl RedisStore {
         if let Err(e) = inner.connect().await {
             tracing::warn!(error = %e, "cache: Redis unreachable; entries are missed until it is back");
         }
-        Ok(Self {
+        let mut store = Self {
             inner,
             prefix: Arc::from("tower-claude:cache:"),
             timeout: Duration::from_millis(250),
-        })
+            secret: None,
+        };
+        store.secret = store.shared_secret().await;
+        Ok(store)
     }
 
-    /// The prefix of every key this store writes.
-    pub fn key_prefix(mut self, prefix: impl AsRef<str>) -> Self {
+    /// The prefix of every key this store writes; the cache's secret is the one under this
+    /// prefix (read, or set if there is none, now: hence `async`).
+    pub async fn key_prefix(mut self, prefix: impl AsRef<str>) -> Self {
         self.prefix = Arc::from(prefix.as_ref());
+        self.secret = self.shared_secret().await;
         self
+    }
+
+    /// `<prefix>secret`: set to a fresh random secret unless it is set (`SET NX`), then
+    /// read. `None` (and a warning) when the server is unreachable or holds something else
+    /// than 32 bytes there.
+    async fn shared_secret(&self) -> Option<CacheSecret> {
+        if self.inner.connection().is_none() {
+            tracing::warn!(
+                "cache: Redis unreachable, its shared secret unread; this process's entries are its own until restart (give --cache-secret not to depend on it)"
+            );
+            return None;
+        }
+        let key = format!("{}secret", self.prefix);
+        let fresh = CacheSecret::random();
+        let read = self
+            .command(async |mut conn| {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&fresh.as_bytes()[..])
+                    .arg("NX")
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                conn.get::<_, Option<Vec<u8>>>(&key).await
+            })
+            .await;
+        match read {
+            Ok(Some(bytes)) => match <[u8; 32]>::try_from(bytes.as_slice()) {
+                Ok(bytes) => Some(CacheSecret::from_bytes(bytes)),
+                Err(_) => {
+                    tracing::warn!(key = %key, "cache: the shared secret in Redis is not 32 bytes; not used");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache: the shared secret could not be read from Redis");
+                None
+            }
+        }
     }
 
     /// The timeout of each command (250 ms by default).
@@ -233,6 +291,10 @@ async fn timed<T>(
 }
 
 impl CacheStore for RedisStore {
+    fn secret(&self) -> Option<CacheSecret> {
+        self.secret.clone()
+    }
+
     fn get(&self, key: &CacheKey) -> StoreFuture<Option<CachedResponse>> {
         let this = self.clone();
         let key = self.redis_key(key);
