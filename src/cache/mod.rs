@@ -7,18 +7,18 @@
 //! # Keys
 //!
 //! Every cache has a **secret** ([`CacheSecret`], 32 random bytes; see [`CacheLayer::secret`]
-//! for where it comes from), from which three independent keys are derived. A [`CacheKey`]
-//! is a keyed BLAKE3 hash (the PRF, under the first key) over, length-prefixed:
-//! - the **tenant partition**: a keyed BLAKE3 hash (under the second key) of the request's
-//!   [`Tenant`] extension, else of the layer's [`tenant`](CacheLayer::tenant), else of the API
-//!   key (`x-api-key` or `authorization: Bearer`), else a shared anonymous partition. Two
-//!   tenants never share an entry, and the API key itself appears nowhere;
+//! for where it comes from), from which two independent keys are derived. A [`CacheKey`] is
+//! a keyed BLAKE3 hash (the PRF) under the request's **tenant partition**: a keyed BLAKE3
+//! hash (under the first key) of the request's [`Tenant`] extension, else of the layer's
+//! [`tenant`](CacheLayer::tenant), else of the API key (`x-api-key` or `authorization:
+//! Bearer`), else of a shared anonymous tenant: a secret key per tenant. Two tenants never
+//! share an entry, and the API key itself appears nowhere. It hashes, length-prefixed:
 //! - the method, the path and query, `anthropic-version`, and `anthropic-beta` (flags sorted);
 //! - the canonical JSON body: object members sorted by key recursively, no insignificant
 //!   whitespace, numbers written from their value (an integer as an integer, any other number
 //!   as the shortest round-tripping `f64`), so the key does not depend on `serde_json`'s
 //!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere. It enters as
-//!   its length and the **NH digest** (under the third key) of each of its 1 KiB chunks (key
+//!   its length and the **NH digest** (under the second key) of each of its 1 KiB chunks (key
 //!   layout v3: keys of v2 are misses). The body is read once: the scan of
 //!   [`RequestMeta`](crate::anthropic::RequestMeta) records where a compact body (as the SDKs
 //!   send it) differs from its canonical form, the members of which objects are out of order,

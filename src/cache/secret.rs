@@ -106,10 +106,9 @@ const NH_KEY_WORDS: usize = NH_CHUNK / 8 + 2;
 /// The keys of one cache, derived from its [`CacheSecret`] (BLAKE3 in key-derivation mode,
 /// extended output), independent of each other.
 pub(crate) struct Keys {
-    /// The keyed BLAKE3 of [`Partition`](super::key::Partition).
+    /// The keyed BLAKE3 of [`Partition`](super::key::Partition), whose value keys the PRF
+    /// of the cache key.
     pub(crate) partition: [u8; 32],
-    /// The keyed BLAKE3 (the PRF) of the cache key.
-    pub(crate) prf: [u8; 32],
     /// The NH key of the body digest.
     nh: [u64; NH_KEY_WORDS],
 }
@@ -126,16 +125,14 @@ impl Keys {
         h.update(&secret.0);
         let mut xof = h.finalize_xof();
         let mut partition = [0u8; 32];
-        let mut prf = [0u8; 32];
         xof.fill(&mut partition);
-        xof.fill(&mut prf);
         let mut nh = [0u64; NH_KEY_WORDS];
         for word in &mut nh {
             let mut b = [0u8; 8];
             xof.fill(&mut b);
             *word = u64::from_le_bytes(b);
         }
-        Self { partition, prf, nh }
+        Self { partition, nh }
     }
 
     /// NH of one chunk of at most [`NH_CHUNK`] bytes (the last chunk of a body may be
@@ -223,9 +220,7 @@ mod tests {
         let a = Keys::derive(&CacheSecret::from_bytes([1; 32]));
         let b = Keys::derive(&CacheSecret::from_bytes([2; 32]));
         assert_ne!(a.partition, b.partition);
-        assert_ne!(a.prf, b.prf);
         assert_ne!(a.nh, b.nh);
-        assert_ne!(a.partition, a.prf);
         assert_eq!(a.nh, Keys::derive(&CacheSecret::from_bytes([1; 32])).nh);
     }
 
