@@ -34,8 +34,8 @@
 //! client sent collide under NH, every key it can observe (hit or miss, timing, or the key
 //! itself in a Redis key name) is an output of the keyed BLAKE3 on distinct inputs, and so
 //! tells it nothing about the NH key; the chance that any two of `q` requests collide is at
-//! most `q²/2^129`. NH costs ~1.3 instructions per byte where BLAKE3 cost ~3.7 (a 2 KB body:
-//! ~2.7k instructions instead of 7.6k; measured candidates in `docs/benchmarks.md`, pv13).
+//! most `q²/2^129`. NH costs ~1.2 instructions per byte where BLAKE3 cost ~3.7 (a 2 KB body:
+//! ~2.4k instructions instead of 7.6k; measured candidates in `docs/benchmarks.md`, pv13).
 //!
 //! - A client that can send requests but does **not know the secret** cannot find two
 //!   requests with one key (a wrong answer served for another prompt), cannot tell which
