@@ -78,7 +78,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
@@ -119,11 +119,60 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    BoxCloneSyncService::new(
-        service
-            .map_response(|resp: Response<B>| resp.map(|b| b.map_err(Into::into).boxed_unsync()))
-            .map_err(Into::into),
-    )
+    // One wrapper (not tower's `map_response` then `map_err`, each a future that the next one
+    // moves): the inner future is moved once, into the box `BoxCloneSyncService` makes.
+    BoxCloneSyncService::new(BoxBody(service))
+}
+
+/// Gives a service's answers the [`ClaudeBody`] and [`BoxError`] of a [`ClaudeService`] (the
+/// service of [`boxed`]).
+#[derive(Clone)]
+struct BoxBody<S>(S);
+
+impl<S, B> Service<Request<RequestBody>> for BoxBody<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ClaudeBody>;
+    type Error = BoxError;
+    type Future = BoxBodyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        BoxBodyFuture {
+            inner: self.0.call(req),
+        }
+    }
+}
+
+/// The response future of [`BoxBody`].
+#[pin_project::pin_project]
+struct BoxBodyFuture<F> {
+    #[pin]
+    inner: F,
+}
+
+impl<F, B, E> Future for BoxBodyFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ClaudeBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match ready!(self.project().inner.poll(cx)) {
+            Ok(response) => Ok(response.map(|body| body.map_err(Into::into).boxed_unsync())),
+            Err(err) => Err(err.into()),
+        })
+    }
 }
 
 /// Where cached responses live.
@@ -870,6 +919,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
 
     /// Collects span names and event messages (a minimal subscriber: no extra dependency).
     #[derive(Clone, Default)]
