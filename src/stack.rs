@@ -720,7 +720,7 @@ impl ClaudeStack {
         }
         // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
         // is an `Optional(None)`, which passes the inner service through (no box, no extra
-        // call).
+        // call) and its answer's body in the layer's pass-through body (`Absent::pass`).
         let svc = Optional(self.concurrency.clone()).layer(inner);
         let svc =
             Optional(self.rate_limit.as_ref().map(|layer| {
