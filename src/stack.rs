@@ -68,6 +68,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -78,7 +79,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use crate::BoxError;
 use crate::anthropic::{ModelCatalog, RateLimitGroup};
@@ -119,11 +120,60 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    BoxCloneSyncService::new(
-        service
-            .map_response(|resp: Response<B>| resp.map(|b| b.map_err(Into::into).boxed_unsync()))
-            .map_err(Into::into),
-    )
+    // One wrapper (not tower's `map_response` then `map_err`, each a future that the next one
+    // moves): the inner future is moved once, into the box `BoxCloneSyncService` makes.
+    BoxCloneSyncService::new(BoxBody(service))
+}
+
+/// Gives a service's answers the [`ClaudeBody`] and [`BoxError`] of a [`ClaudeService`] (the
+/// service of [`boxed`]).
+#[derive(Clone)]
+struct BoxBody<S>(S);
+
+impl<S, B> Service<Request<RequestBody>> for BoxBody<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ClaudeBody>;
+    type Error = BoxError;
+    type Future = BoxBodyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        BoxBodyFuture {
+            inner: self.0.call(req),
+        }
+    }
+}
+
+/// The response future of [`BoxBody`].
+#[pin_project::pin_project]
+struct BoxBodyFuture<F> {
+    #[pin]
+    inner: F,
+}
+
+impl<F, B, E> Future for BoxBodyFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ClaudeBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match ready!(self.project().inner.poll(cx)) {
+            Ok(response) => Ok(response.map(|body| body.map_err(Into::into).boxed_unsync())),
+            Err(err) => Err(err.into()),
+        })
+    }
 }
 
 /// Where cached responses live.
@@ -678,7 +728,7 @@ impl ClaudeStack {
         }
         // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
         // is an `Optional(None)`, which passes the inner service through (no box, no extra
-        // call).
+        // call) and its answer's body in the layer's pass-through body (`Absent::pass`).
         let svc = Optional(self.concurrency.clone()).layer(inner);
         let svc =
             Optional(self.rate_limit.as_ref().map(|layer| {
@@ -791,58 +841,166 @@ where
 }
 
 /// A layer of the stack that may be absent (crate-private: [`ClaudeStack::service`] composes
-/// concrete types and boxes once). Absent, the inner service is used as it is; the response
-/// body is an [`Either`](http_body_util::Either) of the layer's and the inner service's.
+/// concrete types and boxes twice). Absent, the inner service is used as it is and its answer's
+/// body is wrapped in the layer's own body in pass-through mode ([`Absent::pass`]); present,
+/// the layer's answer is returned untouched. So the response type is the layer's either way:
+/// no `Either` body around each layer, rebuilt into every response (the head moved once more
+/// per layer) and polled through on every frame.
 #[derive(Clone)]
 struct Optional<L>(Option<L>);
 
-impl<L: Layer<S>, S> Layer<S> for Optional<L> {
-    type Service = OptionalService<L::Service, S>;
+/// A layer's response body made from the inner service's when the layer is absent.
+trait Absent {
+    /// The layer's response body over an inner body `B`.
+    type Body<B>;
+
+    /// `body` as the layer's body in pass-through mode: every frame, the end and the size
+    /// hint as they are.
+    fn pass<B>(body: B) -> Self::Body<B>;
+}
+
+impl Absent for ConcurrencyLayer {
+    type Body<B> = crate::concurrency::ConcurrencyBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::concurrency::ConcurrencyBody::new(body, None)
+    }
+}
+
+impl Absent for RateLimitLayer {
+    type Body<B> = crate::rate_limit::RateLimitBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::rate_limit::RateLimitBody::passthrough(body)
+    }
+}
+
+impl Absent for TenantLimitLayer {
+    type Body<B> = crate::rate_limit::RateLimitBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::rate_limit::RateLimitBody::passthrough(body)
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Absent for crate::metrics::pacing::PacingLayer {
+    // Pacing answers with the inner body itself.
+    type Body<B> = B;
+
+    fn pass<B>(body: B) -> B {
+        body
+    }
+}
+
+impl Absent for KeyPoolLayer {
+    type Body<B> = crate::key_pool::KeyPoolBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::body::Replay::new(body)
+    }
+}
+
+impl Absent for RetryLayer {
+    type Body<B> = crate::retry::RetryBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::retry::RetryBody::new(body)
+    }
+}
+
+impl Absent for FallbackLayer {
+    type Body<B> = crate::fallback::FallbackBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::body::Replay::new(body)
+    }
+}
+
+impl Absent for crate::tenant::budget::BudgetLayer {
+    type Body<B> = crate::tenant::budget::BudgetBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::tenant::budget::BudgetBody::passthrough(body)
+    }
+}
+
+impl Absent for CacheLayer {
+    type Body<B> = crate::cache::CacheBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::cache::CacheBody::inner(body)
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Absent for crate::metrics::MetricsLayer {
+    type Body<B> = crate::metrics::MetricsBody<B>;
+
+    fn pass<B>(body: B) -> Self::Body<B> {
+        crate::metrics::MetricsBody::passthrough(body)
+    }
+}
+
+impl<L: Layer<S> + Absent, S> Layer<S> for Optional<L> {
+    type Service = OptionalService<L, L::Service, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         match &self.0 {
             Some(layer) => OptionalService::On(layer.layer(inner)),
-            None => OptionalService::Off(inner),
+            None => OptionalService::Off(inner, PhantomData),
         }
     }
 }
 
-/// The service of an [`Optional`] layer.
-#[derive(Clone)]
-enum OptionalService<A, B> {
+/// The service of an [`Optional`] layer `L`.
+enum OptionalService<L, A, B> {
     On(A),
-    Off(B),
+    Off(B, PhantomData<fn() -> L>),
 }
 
-impl<A, B, R, BA, BB> Service<R> for OptionalService<A, B>
+impl<L, A: Clone, B: Clone> Clone for OptionalService<L, A, B> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::On(a) => Self::On(a.clone()),
+            Self::Off(b, _) => Self::Off(b.clone(), PhantomData),
+        }
+    }
+}
+
+impl<L, A, B, R, BB> Service<R> for OptionalService<L, A, B>
 where
-    A: Service<R, Response = Response<BA>>,
+    L: Absent,
+    A: Service<R, Response = Response<L::Body<BB>>>,
     A::Error: Into<BoxError>,
     B: Service<R, Response = Response<BB>>,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<http_body_util::Either<BA, BB>>;
+    type Response = Response<L::Body<BB>>;
     type Error = BoxError;
-    type Future = OptionalFuture<A::Future, B::Future>;
+    type Future = OptionalFuture<L, A::Future, B::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
             Self::On(a) => a.poll_ready(cx).map_err(Into::into),
-            Self::Off(b) => b.poll_ready(cx).map_err(Into::into),
+            Self::Off(b, _) => b.poll_ready(cx).map_err(Into::into),
         }
     }
 
     fn call(&mut self, req: R) -> Self::Future {
         match self {
             Self::On(a) => OptionalFuture::On { fut: a.call(req) },
-            Self::Off(b) => OptionalFuture::Off { fut: b.call(req) },
+            Self::Off(b, _) => OptionalFuture::Off {
+                fut: b.call(req),
+                layer: PhantomData,
+            },
         }
     }
 }
 
 /// The response future of an [`OptionalService`].
 #[pin_project::pin_project(project = OptionalProj)]
-enum OptionalFuture<FA, FB> {
+enum OptionalFuture<L, FA, FB> {
     On {
         #[pin]
         fut: FA,
@@ -850,34 +1008,37 @@ enum OptionalFuture<FA, FB> {
     Off {
         #[pin]
         fut: FB,
+        layer: PhantomData<fn() -> L>,
     },
 }
 
-impl<FA, FB, BA, BB, EA, EB> Future for OptionalFuture<FA, FB>
+impl<L, FA, FB, BB, EA, EB> Future for OptionalFuture<L, FA, FB>
 where
-    FA: Future<Output = Result<Response<BA>, EA>>,
+    L: Absent,
+    FA: Future<Output = Result<Response<L::Body<BB>>, EA>>,
     FB: Future<Output = Result<Response<BB>, EB>>,
     EA: Into<BoxError>,
     EB: Into<BoxError>,
 {
-    type Output = Result<Response<http_body_util::Either<BA, BB>>, BoxError>;
+    type Output = Result<Response<L::Body<BB>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        use http_body_util::Either;
-        Poll::Ready(match self.project() {
-            OptionalProj::On { fut } => ready!(fut.poll(cx))
-                .map(|r| r.map(Either::Left))
-                .map_err(Into::into),
-            OptionalProj::Off { fut } => ready!(fut.poll(cx))
-                .map(|r| r.map(Either::Right))
-                .map_err(Into::into),
-        })
+        match self.project() {
+            // The layer's answer as it is.
+            OptionalProj::On { fut } => fut.poll(cx).map_err(Into::into),
+            OptionalProj::Off { fut, .. } => Poll::Ready(
+                ready!(fut.poll(cx))
+                    .map(|r| r.map(L::pass))
+                    .map_err(Into::into),
+            ),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
 
     /// Collects span names and event messages (a minimal subscriber: no extra dependency).
     #[derive(Clone, Default)]

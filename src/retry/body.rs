@@ -37,7 +37,11 @@ pub struct RetryBody<B> {
     /// A 2xx event stream: its usage tracker (fed below, or by `inner`).
     stream: Option<UsageTracker>,
     /// The request's deadline.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    /// Its timer, made the first time the inner body is not ready: a body that never waits
+    /// (an answer read ahead, or arriving whole) allocates and registers none. An unpolled
+    /// timer never reports its deadline passed, so waiting to make it changes nothing.
+    sleep: Option<Pin<Box<Sleep>>>,
     /// Nothing more is yielded.
     finished: bool,
 }
@@ -54,6 +58,7 @@ impl<B> RetryBody<B> {
             inner,
             stream: None,
             deadline: None,
+            sleep: None,
             finished: false,
         }
     }
@@ -66,7 +71,8 @@ impl<B> RetryBody<B> {
 
     /// Ends the body at `deadline` (if any).
     pub(crate) fn until(mut self, deadline: Option<Instant>) -> Self {
-        self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        self.deadline = deadline;
+        self.sleep = None;
         self
     }
 
@@ -121,7 +127,7 @@ where
         }
         // What was read ahead is replayed even after the deadline (it was read in time).
         let passed =
-            !this.inner.is_replaying() && this.deadline.as_ref().is_some_and(|d| d.is_elapsed());
+            !this.inner.is_replaying() && this.sleep.as_ref().is_some_and(|d| d.is_elapsed());
         let polled = if passed {
             Poll::Pending
         } else {
@@ -129,15 +135,20 @@ where
         };
         match polled {
             Poll::Pending => {
-                let passed = passed
-                    || this
-                        .deadline
-                        .as_mut()
-                        .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                let sleep = match (this.sleep.as_mut(), *this.deadline) {
+                    (Some(sleep), _) => Some(sleep),
+                    (None, Some(deadline)) => Some(
+                        this.sleep
+                            .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    ),
+                    (None, None) => None,
+                };
+                let passed = passed || sleep.is_some_and(|d| d.as_mut().poll(cx).is_ready());
                 if !passed {
                     return Poll::Pending;
                 }
                 *this.deadline = None;
+                *this.sleep = None;
                 let err = this
                     .stream
                     .is_none()
@@ -192,7 +203,7 @@ impl<B> fmt::Debug for RetryBody<B> {
         f.debug_struct("RetryBody")
             .field("inner", &self.inner)
             .field("guarded_stream", &self.stream.is_some())
-            .field("deadline", &self.deadline.as_ref().map(|d| d.deadline()))
+            .field("deadline", &self.deadline)
             .finish()
     }
 }

@@ -539,10 +539,32 @@ where
 const NOT_A_MESSAGE: &str = "upstream answered 2xx with a body that is not a JSON object";
 
 /// `future`, unless `deadline` passes first (`None` then).
-async fn within<F: Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+///
+/// A future of its own rather than an `async fn` around `timeout_at`: the loop's state holds
+/// it directly, so `future` is moved into place once (not into the `async fn`, then into its
+/// `Timeout`, then with both into the loop's state).
+fn within<F: Future>(deadline: Option<Instant>, future: F) -> Within<F> {
     match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
-        None => Some(future.await),
+        Some(deadline) => Within::Timed(tokio::time::timeout_at(deadline, future)),
+        None => Within::Plain(future),
+    }
+}
+
+/// The future of [`within`].
+#[pin_project(project = WithinProj)]
+enum Within<F> {
+    Timed(#[pin] tokio::time::Timeout<F>),
+    Plain(#[pin] F),
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            WithinProj::Timed(timed) => timed.poll(cx).map(Result::ok),
+            WithinProj::Plain(future) => future.poll(cx).map(Some),
+        }
     }
 }
 
