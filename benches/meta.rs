@@ -182,6 +182,16 @@ fn bench(c: &mut Criterion) {
             |b, body| b.iter(|| serde_json::from_slice::<Value>(black_box(body))),
         );
     }
+    // The proxy benchmarks' request (`benches/proxy/drive.py`): one ~2 KB ASCII prompt.
+    let proxy = format!(
+        r#"{{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{{"role":"user","content":"0123456789abcdef #1 {}"}}]}}"#,
+        "lorem ipsum ".repeat(160)
+    );
+    assert!(RequestMeta::scan(proxy.as_bytes()).is_ok());
+    group.throughput(Throughput::Bytes(proxy.len() as u64));
+    group.bench_with_input(BenchmarkId::new("scan", "proxy_2KB"), &proxy, |b, body| {
+        b.iter(|| RequestMeta::scan(black_box(body.as_bytes())))
+    });
     group.finish();
 }
 
