@@ -1266,6 +1266,248 @@ impl Layout {
     }
 }
 
+/// The `usage` block of an answer as sent: every field optional (`message_delta` carries only
+/// some), `None` also for `null`. `cache_creation` is `[ephemeral_5m, ephemeral_1h]`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct UsageCounts {
+    pub(super) input_tokens: Option<u64>,
+    pub(super) output_tokens: Option<u64>,
+    pub(super) cache_creation_input_tokens: Option<u64>,
+    pub(super) cache_read_input_tokens: Option<u64>,
+    pub(super) cache_creation: Option<[Option<u64>; 2]>,
+}
+
+/// What the layers read from a whole JSON answer: its top-level `type`, `model` and `usage`
+/// (each `None` when absent or `null`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct AnswerFields<'a> {
+    pub(super) ty: Option<&'a str>,
+    pub(super) model: Option<&'a str>,
+    pub(super) usage: Option<UsageCounts>,
+}
+
+/// Reads the `type`, `model` and `usage` of a JSON answer with the request scanner: the
+/// document is validated as the scan validates a request and everything else skipped, with
+/// no allocation.
+///
+/// `None` when this reader cannot decide, and the caller reads the body with `serde_json`
+/// instead: anything but a valid JSON object, a member name with an escape, a duplicate
+/// `type`, `model` or `usage` (or a duplicate known member inside `usage`), a `type` or
+/// `model` that is neither a string without escapes nor `null`, a `usage` or
+/// `usage.cache_creation` that is neither an object nor `null`, a token count that is not a
+/// plain integer of at most 19 digits or `null`, nesting deeper than the scan accepts. So when
+/// it answers, the answer is the one `serde_json` gives for the same body (the tests in
+/// `usage.rs` compare the two on generated and real answers).
+pub(super) fn scan_answer(body: &[u8]) -> Option<AnswerFields<'_>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut s = Scanner::new(body, false);
+    s.text = Some(text);
+    s.ws();
+    if s.peek() != Some(b'{') {
+        return None;
+    }
+    s.i += 1;
+    let mut out = AnswerFields::default();
+    // Bits: type, model, usage.
+    let mut seen = 0u8;
+    s.ws();
+    if s.peek() == Some(b'}') {
+        s.i += 1;
+    } else {
+        loop {
+            let name = s.member_name()?;
+            let bit = match name {
+                b"type" => {
+                    out.ty = s.plain_str_or_null()?;
+                    1
+                }
+                b"model" => {
+                    out.model = s.plain_str_or_null()?;
+                    2
+                }
+                b"usage" => {
+                    out.usage = s.usage_counts()?;
+                    4
+                }
+                _ => {
+                    s.value(false, Role::Plain, Role::Plain, 1).ok()?;
+                    0
+                }
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            if s.object_ends().ok()? {
+                break;
+            }
+        }
+    }
+    s.ws();
+    (s.i == body.len()).then_some(out)
+}
+
+impl<'a> Scanner<'a> {
+    /// A member name without escapes and the `:` after it, leaving the position at its value.
+    fn member_name(&mut self) -> Option<&'a [u8]> {
+        self.ws();
+        if self.peek() != Some(b'"') {
+            return None;
+        }
+        let (start, end, _, escaped) = self.string().ok()?;
+        if escaped {
+            return None;
+        }
+        self.expect(b':', "expected ':'").ok()?;
+        self.ws();
+        Some(&self.b[start..end])
+    }
+
+    /// `null` (`Some(None)`) or a string without escapes (`Some(Some(text))`); `None` for
+    /// anything else.
+    fn plain_str_or_null(&mut self) -> Option<Option<&'a str>> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null", false).ok()?;
+                Some(None)
+            }
+            b'"' => {
+                let (start, end, _, escaped) = self.string().ok()?;
+                if escaped {
+                    return None;
+                }
+                Some(Some(self.str_of(start, end)?))
+            }
+            _ => None,
+        }
+    }
+
+    /// `null` or a plain integer of at most 19 digits (no sign, fraction, exponent or leading
+    /// zero: exactly a `u64`); `None` for anything else.
+    fn count_or_null(&mut self) -> Option<Option<u64>> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null", false).ok()?;
+                Some(None)
+            }
+            b'0'..=b'9' => {
+                let start = self.i;
+                self.number().ok()?;
+                let digits = &self.b[start..self.i];
+                let plain = digits.len() <= 19
+                    && (digits.len() == 1 || digits[0] != b'0')
+                    && digits.iter().all(u8::is_ascii_digit);
+                if !plain {
+                    return None;
+                }
+                let v = digits
+                    .iter()
+                    .fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+                Some(Some(v))
+            }
+            _ => None,
+        }
+    }
+
+    /// The `usage` member's value: `null` or an object.
+    fn usage_counts(&mut self) -> Option<Option<UsageCounts>> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null", false).ok()?;
+                return Some(None);
+            }
+            b'{' => self.i += 1,
+            _ => return None,
+        }
+        let mut counts = UsageCounts::default();
+        let mut seen = 0u8;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Some(Some(counts));
+        }
+        loop {
+            let name = self.member_name()?;
+            let bit = match name {
+                b"input_tokens" => {
+                    counts.input_tokens = self.count_or_null()?;
+                    1
+                }
+                b"output_tokens" => {
+                    counts.output_tokens = self.count_or_null()?;
+                    2
+                }
+                b"cache_creation_input_tokens" => {
+                    counts.cache_creation_input_tokens = self.count_or_null()?;
+                    4
+                }
+                b"cache_read_input_tokens" => {
+                    counts.cache_read_input_tokens = self.count_or_null()?;
+                    8
+                }
+                b"cache_creation" => {
+                    counts.cache_creation = self.cache_creation()?;
+                    16
+                }
+                _ => {
+                    self.value(false, Role::Plain, Role::Plain, 2).ok()?;
+                    0
+                }
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            if self.object_ends().ok()? {
+                return Some(Some(counts));
+            }
+        }
+    }
+
+    /// `usage.cache_creation`: `null` or an object; `[5m, 1h]`.
+    fn cache_creation(&mut self) -> Option<Option<[Option<u64>; 2]>> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null", false).ok()?;
+                return Some(None);
+            }
+            b'{' => self.i += 1,
+            _ => return None,
+        }
+        let mut split = [None; 2];
+        let mut seen = 0u8;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Some(Some(split));
+        }
+        loop {
+            let name = self.member_name()?;
+            let bit = match name {
+                b"ephemeral_5m_input_tokens" => {
+                    split[0] = self.count_or_null()?;
+                    1
+                }
+                b"ephemeral_1h_input_tokens" => {
+                    split[1] = self.count_or_null()?;
+                    2
+                }
+                _ => {
+                    self.value(false, Role::Plain, Role::Plain, 3).ok()?;
+                    0
+                }
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            if self.object_ends().ok()? {
+                return Some(Some(split));
+            }
+        }
+    }
+}
+
 /// What went wrong reading a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
