@@ -687,11 +687,13 @@ const BLOCK: usize = 32;
 /// to stop at, nothing to count): the common case, tested with fewer instructions than
 /// [`block_class`].
 fn plain_block(block: &[u8; BLOCK]) -> bool {
-    let mut odd = 0u8;
+    let mut odd = false;
     for &c in block {
-        odd |= u8::from(c < 0x20) | u8::from(c == b'"') | u8::from(c == b'\\') | (c & 0x80);
+        // As a signed byte, below 0x20 is a control character or a non-ASCII byte: one
+        // compare for both.
+        odd |= ((c as i8) < 0x20) | (c == b'"') | (c == b'\\');
     }
-    odd == 0
+    !odd
 }
 
 /// Of a block of string bytes: whether one ends the fast path (`"`, `\` or a control
