@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::scan::{UsageCounts, scan_answer};
+use super::answer::{UsageCounts, scan_answer};
 use super::{ApiError, ApiErrorKind};
 
 /// Token usage of one response.
@@ -78,9 +78,8 @@ impl Usage {
     /// whether `type` is `"message"` (a Messages API answer: the cache's completeness test),
     /// `None` when the combined read refused the body.
     ///
-    /// Read with the request scanner ([`scan_answer`]: no allocation but the `model` copied,
-    /// callgrind ~1k instructions for a 580-byte answer against ~5k with `serde_json`), and
-    /// with `serde_json` when the scanner cannot decide (see there): the same answer for every
+    /// Read with [`scan_answer`] (one pass, no allocation but the `model` copied), and with
+    /// `serde_json` when that reader cannot decide (see there): the same answer for every
     /// body.
     fn read_json_answer(body: &[u8]) -> (Option<Usage>, Option<String>, bool, Option<bool>) {
         match scan_answer(body) {
@@ -1057,7 +1056,21 @@ mod tests {
             );
             fast_read_is_serdes(body);
         }
-        // Nesting deeper than the scan accepts, which serde_json skips.
+        // Nesting around the reader's bound and deeper, which serde_json skips.
+        for n in [64, 65, 66] {
+            let nested = format!(
+                r#"{{"type":"message","x":{}{},"usage":{{"input_tokens":5}}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            );
+            // The innermost `[]` is never open: 65 deep holds 64 open at once.
+            assert_eq!(
+                super::scan_answer(nested.as_bytes()).is_some(),
+                n <= 65,
+                "{n}"
+            );
+            fast_read_is_serdes(nested.as_bytes());
+        }
         let deep = format!(
             r#"{{"type":"message","x":{}{},"usage":{{"input_tokens":5}}}}"#,
             "[".repeat(300),
