@@ -6,7 +6,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use serde_json::{Value, json};
-use tower_claude::anthropic::{RequestMeta, rewrite_model};
+use tower_claude::anthropic::{RequestMeta, Usage, rewrite_model};
 
 const WORDS: &[&str] = &[
     "the",
@@ -182,6 +182,24 @@ fn bench(c: &mut Criterion) {
             |b, body| b.iter(|| serde_json::from_slice::<Value>(black_box(body))),
         );
     }
+    // The proxy benchmarks' request (`benches/proxy/drive.py`): one ~2 KB ASCII prompt.
+    let proxy = format!(
+        r#"{{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{{"role":"user","content":"0123456789abcdef #1 {}"}}]}}"#,
+        "lorem ipsum ".repeat(160)
+    );
+    assert!(RequestMeta::scan(proxy.as_bytes()).is_ok());
+    group.throughput(Throughput::Bytes(proxy.len() as u64));
+    group.bench_with_input(BenchmarkId::new("scan", "proxy_2KB"), &proxy, |b, body| {
+        b.iter(|| RequestMeta::scan(black_box(body.as_bytes())))
+    });
+    // The answer of the proxy benchmarks' upstream (`scripts/bench-upstream.sh`): its usage,
+    // as the usage tracker reads it at the end of a JSON answer.
+    let answer = br#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"fn main() { println!(hello); }"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":512,"output_tokens":24}}"#;
+    assert!(Usage::from_json(answer).is_some());
+    group.throughput(Throughput::Bytes(answer.len() as u64));
+    group.bench_function("usage_from_json/answer", |b| {
+        b.iter(|| Usage::from_json(black_box(answer)))
+    });
     group.finish();
 }
 

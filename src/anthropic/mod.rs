@@ -5,6 +5,7 @@
 //! Every parser is total: malformed input gives `None`, a skipped field or a typed error,
 //! never a panic.
 
+mod answer;
 mod error;
 mod estimate;
 mod headers;

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::answer::{UsageCounts, scan_answer};
 use super::{ApiError, ApiErrorKind};
 
 /// Token usage of one response.
@@ -41,7 +42,17 @@ impl Usage {
     /// fields are 0. Only `usage` is decoded: the rest of the document is validated and skipped
     /// without building a tree.
     pub fn from_json(body: &[u8]) -> Option<Usage> {
-        Self::from_json_with_model(body).0
+        match scan_answer(body) {
+            Some(answer) => answer.usage.map(Self::of_counts),
+            None => Self::from_json_with_model(body).0,
+        }
+    }
+
+    /// The usage a `usage` block says.
+    fn of_counts(counts: UsageCounts) -> Usage {
+        let mut usage = Usage::default();
+        usage.apply(&counts);
+        usage
     }
 
     /// [`from_json`](Self::from_json), and the answer's top-level `model`, in one parse.
@@ -54,11 +65,7 @@ impl Usage {
         let Ok(response) = serde_json::from_slice::<Response>(body) else {
             return (None, None);
         };
-        let usage = response.usage.map(|fields| {
-            let mut usage = Usage::default();
-            usage.apply(&fields);
-            usage
-        });
+        let usage = response.usage.map(|fields| Self::of_counts(fields.into()));
         (usage, response.model)
     }
 
@@ -70,7 +77,24 @@ impl Usage {
     /// read by each of the two, so every answer is exactly theirs. The last element says
     /// whether `type` is `"message"` (a Messages API answer: the cache's completeness test),
     /// `None` when the combined read refused the body.
+    ///
+    /// Read with [`scan_answer`] (one pass, no allocation but the `model` copied), and with
+    /// `serde_json` when that reader cannot decide (see there): the same answer for every
+    /// body.
     fn read_json_answer(body: &[u8]) -> (Option<Usage>, Option<String>, bool, Option<bool>) {
+        match scan_answer(body) {
+            Some(answer) => (
+                answer.usage.map(Self::of_counts),
+                answer.model.map(str::to_owned),
+                answer.ty.is_some(),
+                Some(answer.ty == Some("message")),
+            ),
+            None => Self::read_json_answer_serde(body),
+        }
+    }
+
+    /// [`read_json_answer`](Self::read_json_answer) with `serde_json`.
+    fn read_json_answer_serde(body: &[u8]) -> (Option<Usage>, Option<String>, bool, Option<bool>) {
         // Borrowed strings: `type` is only tested, `model` copied once.
         #[derive(serde::Deserialize)]
         struct Response<'a> {
@@ -90,11 +114,7 @@ impl Usage {
         };
         match parsed {
             Ok(response) if object => {
-                let usage = response.usage.map(|fields| {
-                    let mut usage = Usage::default();
-                    usage.apply(&fields);
-                    usage
-                });
+                let usage = response.usage.map(|fields| Self::of_counts(fields.into()));
                 let model = response.model.map(std::borrow::Cow::into_owned);
                 let message = response.ty.as_deref() == Some("message");
                 (usage, model, response.ty.is_some(), Some(message))
@@ -112,7 +132,7 @@ impl Usage {
     pub const MAX_TOKENS: u64 = 100_000_000;
 
     /// Overrides the fields present in `fields`, each clamped to [`Usage::MAX_TOKENS`].
-    fn apply(&mut self, fields: &UsageFields) {
+    fn apply(&mut self, fields: &UsageCounts) {
         let clamp = |v: u64| v.min(Self::MAX_TOKENS);
         if let Some(v) = fields.input_tokens {
             self.input_tokens = clamp(v);
@@ -126,9 +146,9 @@ impl Usage {
         if let Some(v) = fields.cache_read_input_tokens {
             self.cache_read_input_tokens = clamp(v);
         }
-        if let Some(split) = &fields.cache_creation {
-            let five = split.ephemeral_5m_input_tokens.map(clamp);
-            let hour = split.ephemeral_1h_input_tokens.map(clamp);
+        if let Some([five, hour]) = fields.cache_creation {
+            let five = five.map(clamp);
+            let hour = hour.map(clamp);
             if let Some(v) = hour {
                 self.cache_creation_1h_input_tokens = v;
             }
@@ -191,6 +211,20 @@ struct CacheCreationFields {
     ephemeral_5m_input_tokens: Option<u64>,
     #[serde(default)]
     ephemeral_1h_input_tokens: Option<u64>,
+}
+
+impl From<UsageFields> for UsageCounts {
+    fn from(fields: UsageFields) -> Self {
+        Self {
+            input_tokens: fields.input_tokens,
+            output_tokens: fields.output_tokens,
+            cache_creation_input_tokens: fields.cache_creation_input_tokens,
+            cache_read_input_tokens: fields.cache_read_input_tokens,
+            cache_creation: fields
+                .cache_creation
+                .map(|c| [c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens]),
+        }
+    }
 }
 
 /// One server-sent event.
@@ -456,7 +490,7 @@ impl StreamTracker {
                 }) = serde_json::from_str::<Data>(&event.data)
                 {
                     if let Some(u) = usage {
-                        self.usage.apply(&u);
+                        self.usage.apply(&u.into());
                     }
                     self.model = model.or(self.model.take());
                 }
@@ -464,7 +498,7 @@ impl StreamTracker {
             "message_delta" => {
                 self.content_started = true;
                 if let Ok(Data { usage: Some(u), .. }) = serde_json::from_str::<Data>(&event.data) {
-                    self.usage.apply(&u);
+                    self.usage.apply(&u.into());
                 }
             }
             "content_block_start" | "content_block_delta" | "content_block_stop" => {
@@ -929,6 +963,229 @@ mod tests {
         if let Some(message) = message {
             let value: serde_json::Value = serde_json::from_slice(body).unwrap();
             assert_eq!(message, value["type"] == "message");
+        }
+    }
+
+    /// The scanner's read of a JSON answer (with serde_json behind it where it cannot decide)
+    /// says what serde_json alone says: the combined read, and `from_json`.
+    fn fast_read_is_serdes(body: &[u8]) {
+        let shown = String::from_utf8_lossy(body);
+        assert_eq!(
+            Usage::read_json_answer(body),
+            Usage::read_json_answer_serde(body),
+            "{shown:?}"
+        );
+        assert_eq!(
+            Usage::from_json(body),
+            Usage::from_json_with_model(body).0,
+            "{shown:?}"
+        );
+    }
+
+    /// Answers as the API sends them (text, tool use, escapes, cache writes split by TTL,
+    /// `null`s, spacing), which the scanner reads without serde_json.
+    const REAL_ANSWERS: &[&str] = &[
+        r#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"Hello! How can I help you today?"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":11,"service_tier":"standard"}}"#,
+        r#"{"id":"msg_2","type":"message","role":"assistant","model":"claude-opus-4-7","content":[{"type":"text","text":"Line one\nline \"two\" \u00e9 \ud83e\udd80 and a path C:\\tmp"},{"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"location":"Paris","units":["c",1.5e3,-0.25,true,null]}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":2095,"cache_creation_input_tokens":1500,"cache_read_input_tokens":20000,"cache_creation":{"ephemeral_5m_input_tokens":500,"ephemeral_1h_input_tokens":1000},"output_tokens":503,"server_tool_use":{"web_search_requests":0}}}"#,
+        "{\n  \"type\" : \"message\",\n  \"model\" : \"claude-haiku-4-5\",\n  \"content\" : [ ],\n  \"usage\" : { \"input_tokens\" : 3 , \"output_tokens\" : null ,\n \"cache_creation\" : null }\n}\n",
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        r#"{"type":"message","usage":{"input_tokens":18446744073709551,"output_tokens":0,"cache_creation":{}}}"#,
+        r#"{}"#,
+        r#" {"usage":null,"model":null,"type":null} "#,
+    ];
+
+    #[test]
+    fn the_scanner_reads_real_answers_as_serde_json_does() {
+        for answer in REAL_ANSWERS {
+            assert!(
+                super::scan_answer(answer.as_bytes()).is_some(),
+                "the fast path did not decide {answer}"
+            );
+            fast_read_is_serdes(answer.as_bytes());
+            // Every truncation, and every byte replaced by a few that matter to JSON.
+            let bytes = answer.as_bytes();
+            for cut in 0..bytes.len() {
+                fast_read_is_serdes(&bytes[..cut]);
+            }
+            for at in 0..bytes.len() {
+                for b in [b'"', b'\\', b'}', b',', b'0', b'-', 0x01, 0xFF] {
+                    let mut changed = bytes.to_vec();
+                    changed[at] = b;
+                    fast_read_is_serdes(&changed);
+                }
+            }
+        }
+        // The read itself.
+        let (usage, model, typed, message) = Usage::read_json_answer(REAL_ANSWERS[1].as_bytes());
+        let usage = usage.unwrap();
+        assert_eq!(
+            (
+                usage.input_tokens,
+                usage.cache_creation_1h_input_tokens,
+                usage.output_tokens
+            ),
+            (2095, 1000, 503)
+        );
+        assert_eq!(model.as_deref(), Some("claude-opus-4-7"));
+        assert_eq!((typed, message), (true, Some(true)));
+    }
+
+    #[test]
+    fn the_scanner_leaves_to_serde_json_what_it_cannot_decide() {
+        for body in [
+            // An escaped member name or value, duplicates, numbers no `u64` reads as such.
+            &br#"{"ty\u0070e":"message","usage":{"input_tokens":1}}"#[..],
+            br#"{"type":"mess\u0061ge","usage":{"input_tokens":1}}"#,
+            br#"{"model":"a\"b","usage":{"input_tokens":1}}"#,
+            br#"{"usage":{"input_tokens":1,"input_tokens":2}}"#,
+            br#"{"usage":{"cache_creation":{"ephemeral_1h_input_tokens":1,"ephemeral_1h_input_tokens":2}}}"#,
+            br#"{"usage":{"input_tokens":-0}}"#,
+            br#"{"usage":{"input_tokens":1.0}}"#,
+            br#"{"usage":{"input_tokens":1e2}}"#,
+            br#"{"usage":{"input_tokens":18446744073709551615}}"#,
+            br#"{"usage":{"input_tokens":18446744073709551616}}"#,
+            br#"{"usage":[1,2,3]}"#,
+            br#"{"type":"message","type":"message"}"#,
+            br#"["message",null,null]"#,
+            b"{\"type\":\"message\",\"x\":\"\xff\"}",
+        ] {
+            assert!(
+                super::scan_answer(body).is_none(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            fast_read_is_serdes(body);
+        }
+        // Nesting around the reader's bound and deeper, which serde_json skips.
+        for n in [64, 65, 66] {
+            let nested = format!(
+                r#"{{"type":"message","x":{}{},"usage":{{"input_tokens":5}}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            );
+            // The innermost `[]` is never open: 65 deep holds 64 open at once.
+            assert_eq!(
+                super::scan_answer(nested.as_bytes()).is_some(),
+                n <= 65,
+                "{n}"
+            );
+            fast_read_is_serdes(nested.as_bytes());
+        }
+        let deep = format!(
+            r#"{{"type":"message","x":{}{},"usage":{{"input_tokens":5}}}}"#,
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        assert!(super::scan_answer(deep.as_bytes()).is_none());
+        fast_read_is_serdes(deep.as_bytes());
+        assert_eq!(Usage::from_json(deep.as_bytes()).unwrap().input_tokens, 5);
+    }
+
+    /// JSON-ish text: valid values most of the time, with the tokens that trip readers
+    /// (escapes, out-of-range and malformed numbers, control characters, duplicates).
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let keys = prop_oneof![
+            Just("type"),
+            Just("model"),
+            Just("usage"),
+            Just("input_tokens"),
+            Just("output_tokens"),
+            Just("cache_creation_input_tokens"),
+            Just("cache_read_input_tokens"),
+            Just("cache_creation"),
+            Just("ephemeral_5m_input_tokens"),
+            Just("ephemeral_1h_input_tokens"),
+            Just("id"),
+            Just("content"),
+            Just("stop_reason"),
+            Just("ty\\u0070e"),
+            Just("usage\\n"),
+        ];
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            prop_oneof![
+                Just("0"),
+                Just("7"),
+                Just("100000000"),
+                Just("-0"),
+                Just("-1"),
+                Just("01"),
+                Just("1.0"),
+                Just("1e2"),
+                Just("9999999999999999999"),
+                Just("18446744073709551615"),
+                Just("18446744073709551616"),
+                Just("1E400"),
+                Just("-"),
+                Just("1."),
+                Just(".5"),
+                Just("+1"),
+            ]
+            .prop_map(str::to_owned),
+            any::<u64>().prop_map(|n| n.to_string()),
+            prop_oneof![
+                Just(r#""message""#),
+                Just(r#""claude-opus-4-7""#),
+                Just(r#""""#),
+                Just(r#""a\"b""#),
+                Just(r#""\u0041\n""#),
+                Just(r#""\ud800""#),
+                Just(r#""\x""#),
+                Just("\"tab\there\""),
+                Just("\"caf\u{e9} \u{1f980}\""),
+                Just(r#""unterminated"#),
+            ]
+            .prop_map(str::to_owned),
+        ];
+        let ws = prop_oneof![Just(""), Just(""), Just(" "), Just("\n "), Just("\t")];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec((inner.clone(), ws.clone()), 0..5).prop_map(|items| {
+                    let items: Vec<String> = items
+                        .into_iter()
+                        .map(|(v, w)| format!("{w}{v}{w}"))
+                        .collect();
+                    format!("[{}]", items.join(","))
+                }),
+                proptest::collection::vec((keys.clone(), inner, ws.clone()), 0..7).prop_map(
+                    |members| {
+                        let members: Vec<String> = members
+                            .into_iter()
+                            .map(|(k, v, w)| format!("{w}\"{k}\"{w}:{w}{v}"))
+                            .collect();
+                        format!("{{{}}}", members.join(","))
+                    }
+                ),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Generated documents, whole, truncated or with a byte changed.
+        #[test]
+        fn the_scanner_reads_generated_answers_as_serde_json_does(
+            text in json_text(),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            edit in proptest::option::of((
+                proptest::prelude::any::<proptest::sample::Index>(),
+                proptest::prelude::any::<u8>(),
+            )),
+        ) {
+            let bytes = text.as_bytes();
+            fast_read_is_serdes(bytes);
+            if !bytes.is_empty() {
+                fast_read_is_serdes(&bytes[..cut.index(bytes.len())]);
+                if let Some((at, b)) = edit {
+                    let mut changed = bytes.to_vec();
+                    changed[at.index(bytes.len())] = b;
+                    fast_read_is_serdes(&changed);
+                }
+            }
         }
     }
 
