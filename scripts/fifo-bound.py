@@ -10,6 +10,7 @@ numbers are a distribution over 20 seeds, not the exact tasks of a run).
     python3 scripts/fifo-bound.py
     python3 scripts/fifo-bound.py --harness   # the exact tasks of scripts/scale-bench.sh
     python3 scripts/fifo-bound.py --slow      # the same tasks, slower answers, the raise
+    python3 scripts/fifo-bound.py --lag       # seeds 1-5, with the probe and the floor's lag
 
 With `--harness` the tasks are those `loadgen fleet` sends (`testing::scale::fleet_task`:
 fleet f draws with fastrand seeded `f * 1_000_003 ^ i`, reproduced below), the fleets'
@@ -45,13 +46,18 @@ def harness_tasks(fleets, per_fleet=200):
             out.append((inp, rng.u64(300, 1500)))
     return out
 
-def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=1, tasks=None, adm=None, raise_at=None, factor=4):
+def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=1, tasks=None, adm=None, raise_at=None, factor=4, probe=False, lag=0.0):
+    """`probe`: each key's first task goes alone and the key's others wait for its answer.
+    `lag`: at that answer the key's levels lose `lag` seconds of refill, for good (a client
+    that learns the buckets from the answers' counts and cannot credit the refill between
+    the server's count and the answer: the count may be as late as the answer)."""
     if tasks is None:
         rnd = random.Random(seed)
         tasks = [(rnd.randint(100, 500), rnd.randint(300, 1500)) for _ in range(n)]
     cap = [rpm, itpm, otpm]; rate = [c / 60 for c in cap]
     lvl = [cap[:] for _ in range(K)]
     t = 0.0; ends = []
+    probed, learned = [not probe] * K, [not probe] * K
     def adv(to):
         nonlocal t, raise_at
         if raise_at is not None and to >= raise_at:
@@ -69,6 +75,9 @@ def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=
             t = nxt
             if stop:
                 _, k, back = heapq.heappop(ends); lvl[k][2] = min(cap[2], lvl[k][2] + back)
+                if not learned[k]:
+                    learned[k] = True
+                    for i in range(3): lvl[k][i] -= rate[i] * lag
             else:
                 return
     last = 0
@@ -76,8 +85,12 @@ def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=
         need = [1, inp, mt]
         while True:
             if len(ends) >= C: adv(ends[0][0]); continue
-            ws = [max(max(0, (need[i] - lvl[k][i]) / rate[i]) for i in range(3)) for k in range(K)]
-            k = min(range(K), key=lambda k: ws[k]); w = ws[k]
+            cold = [k for k in range(K) if not probed[k]]
+            if cold: k = cold[0]; probed[k] = True; break
+            known = [k for k in range(K) if learned[k]]
+            if not known: adv(ends[0][0]); continue
+            ws = {k: max(max(0, (need[i] - lvl[k][i]) / rate[i]) for i in range(3)) for k in known}
+            k = min(ws, key=ws.get); w = ws[k]
             if w <= 1e-9: break
             nxt = t + w
             if ends and ends[0][0] < nxt: adv(ends[0][0])
@@ -86,6 +99,29 @@ def run(K=2, n=400, rpm=120, itpm=40000, otpm=8000, lat=0.5, out=60, C=32, seed=
         if adm is not None: adm[k].append(t)
         heapq.heappush(ends, (t + lat, k, mt - out)); last = t + lat
     return last
+if "--lag" in sys.argv[1:]:
+    # Issue 12, eighth pass: the floor of a board that learns from the answers. The same
+    # tasks as `--harness` (and `scale_sim`'s SEED=s: fleet f draws with seed s + f - 1), 500 ms
+    # answers: the exact client; with each key's probe answered before the rest go; and with
+    # the refill of one answer time (0.5 s) lost per key at the probe's answer, which no
+    # answer's count proves (docs/multi-node.md 3f').
+    def tasks_seeded(K, s, per_fleet=200):
+        out = []
+        for i in range(per_fleet):
+            for f in range(1, K + 1):
+                rng = WyRand((((s + f - 1) * 1_000_003) & M64) ^ i)
+                inp = rng.u64(100, 500)
+                out.append((inp, rng.u64(300, 1500)))
+        return out
+    for s in range(1, 6):
+        for K in (1, 2, 4):
+            T = tasks_seeded(K, s)
+            exact = run(K=K, C=16 * K, tasks=T)
+            probed = run(K=K, C=16 * K, tasks=T, probe=True)
+            lagged = run(K=K, C=16 * K, tasks=T, probe=True, lag=0.5)
+            print(f"seed {s}, {K} keys: exact {exact:.2f} s, probe first {probed:.2f} s, "
+                  f"probe + one answer time of refill lost per key {lagged:.2f} s")
+    sys.exit(0)
 if "--slow" in sys.argv[1:]:
     # Issue 12, seventh pass: answers slower than the probe grace (scale_sim's LATENCY_MS),
     # and the raise of 60 -> 240 RPM (4x every limit) 10 s in, with 300 tasks on one key.

@@ -1585,3 +1585,59 @@ async fn a_served_head_queues_its_successor_and_pooled_nodes_are_served_in_arriv
     assert_eq!(*order.lock().unwrap(), ["a1", "b1", "a2", "a3", "a4"]);
     assert_eq!(mock.stats().rate_limited, 0);
 }
+
+/// Issue 12, eighth pass: the probe's answer seeds Redis and holds the probe there (a blind
+/// grant); its settle, sent when the answer's body ends, gives it back. Both calls are sent
+/// from spawned tasks: when the settle ran first (a quick non-streaming answer, a busy
+/// machine), it found nothing held, and the seed then held the probe in `h1..h3` for good.
+/// Every raise subtracts what is held, so that key's Redis levels lagged the server for
+/// the rest of the run (2 nodes / 2 keys over HTTP: 45–47 s in four runs of six, one key
+/// ending with ~20 requests of its bucket unused). Now a settle waits for the seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_settled_as_its_answer_seeds_redis_holds_nothing_there() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let patient = options("t12s:").response_timeout(Duration::from_secs(2));
+    let a = learning_board(&server.url(), patient).await;
+    let keys: Vec<KeyId> = (0..24).map(|i| KeyId::named(&format!("k{i}"))).collect();
+    for k in &keys {
+        let probe = a
+            .acquire(k.clone(), group(), Cost::new(1, 100, 1_000))
+            .await
+            .unwrap();
+        // The answer's headers, then at once the end of its body.
+        probe.observe(&RateLimitSnapshot {
+            requests: view(100, 99),
+            input_tokens: view(1_000_000, 999_000),
+            output_tokens: view(10_000, 9_000),
+            ..Default::default()
+        });
+        probe.settle(Cost::new(1, 100, 60));
+    }
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Nothing is in flight: once the calls are done, nothing is held on any key.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut stuck = Vec::new();
+    for k in &keys {
+        let held: Vec<Option<f64>> = redis::cmd("HMGET")
+            .arg(format!("t12s:{{{k}:{}}}", group()))
+            .arg("h1")
+            .arg("h2")
+            .arg("h3")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if held.iter().any(|h| h.is_some_and(|h| h != 0.0)) {
+            stuck.push((k.to_string(), held));
+        }
+    }
+    assert!(
+        stuck.is_empty(),
+        "units held with nothing in flight: {stuck:?}"
+    );
+}

@@ -461,6 +461,12 @@ pub(crate) struct RedisShared {
     counters: Counters,
     /// Writes held while Redis is marked down (or whose call failed), sent when it is back.
     deferred: Mutex<VecDeque<Deferred>>,
+    /// Settles of a `(key, group)` whose seed is on its way to Redis, sent once it ran: the
+    /// seed holds the blind grants still out, so a blind grant's settle that reached Redis
+    /// first found nothing held and the seed then held it for good (issue 12, eighth pass).
+    /// The lock also covers the mirror's [`seeded`](LocalBackend::seeded), so no settle is
+    /// left here behind a seed that already ran.
+    after_seed: Mutex<Vec<Deferred>>,
     /// The learning locks this process holds (spreading the probes over the nodes).
     learning: Mutex<Learning>,
 }
@@ -1006,14 +1012,49 @@ impl RedisShared {
             caps,
             args,
         };
-        // While Redis is marked down the settle waits for it: skipped, the grant's refund
-        // was lost and its units stayed `held` in Redis for good (issue 12).
+        {
+            // A seed on its way (the headers of a probe, then at once the end of its body):
+            // the settle goes after it.
+            let mut waiting = self.after_seed.lock().unwrap_or_else(|e| e.into_inner());
+            if self.mirror.is_seeding(key, group) {
+                tracing::debug!(
+                    key = %key,
+                    group = %group,
+                    "quota board: a settle waits for the seed on its way to Redis"
+                );
+                waiting.push(op);
+                return;
+            }
+        }
+        self.send_settle(op);
+    }
+
+    /// Sends a settle now, or holds it while Redis is marked down: skipped, the grant's
+    /// refund was lost and its units stayed `held` in Redis for good (issue 12).
+    fn send_settle(self: &Arc<Self>, op: Deferred) {
         if self.is_degraded() {
             self.defer(op);
             return;
         }
         let shared = self.clone();
         spawn(async move { shared.send(op).await });
+    }
+
+    /// The seed of `(key, group)` ran (or cannot run): the mirror releases its waiters, and
+    /// the settles that waited for the seed go to Redis.
+    fn seed_done(self: &Arc<Self>, key: &KeyId, group: &RateLimitGroup) {
+        let ready: Vec<Deferred> = {
+            let mut waiting = self.after_seed.lock().unwrap_or_else(|e| e.into_inner());
+            self.mirror.seeded(key, group);
+            let (ready, rest) = std::mem::take(&mut *waiting).into_iter().partition(|op| {
+                matches!(op, Deferred::Settle { key: k, group: g, .. } if k == key && g == group)
+            });
+            *waiting = rest;
+            ready
+        };
+        for op in ready {
+            self.send_settle(op);
+        }
     }
 
     /// Re-seeds the Redis buckets from response headers (the board re-seeds its outage
@@ -1041,16 +1082,16 @@ impl RedisShared {
         // earlier, they would take from a fresh, full bucket.
         let seeding = self.mirror.is_seeding(key, group);
         if self.is_degraded() {
-            self.mirror.seeded(key, group);
+            self.seed_done(key, group);
             return;
         }
         let Some(caps) = self.mirror.capacities(key, group) else {
-            self.mirror.seeded(key, group);
+            self.seed_done(key, group);
             return;
         };
         let views = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         if views.iter().all(|v| v.remaining.is_none()) {
-            self.mirror.seeded(key, group);
+            self.seed_done(key, group);
             return;
         }
         let mut extra = [0i64; 30];
@@ -1100,13 +1141,13 @@ impl RedisShared {
                 Err(e) => shared.mark_down(&e),
             }
             if seeding {
-                shared.mirror.seeded(&k, &g);
+                shared.seed_done(&k, &g);
                 // The limits are in Redis now: the processes waiting for them adopt them.
                 shared.release_learn_lock(&k, &g);
             }
         };
         if !spawn(task) {
-            self.mirror.seeded(key, group);
+            self.seed_done(key, group);
         }
     }
 
@@ -1570,6 +1611,7 @@ impl RedisShared {
             refunded: Notify::new(),
             counters: Counters::default(),
             deferred: Mutex::new(VecDeque::new()),
+            after_seed: Mutex::new(Vec::new()),
             learning: Mutex::new(Learning::default()),
         });
         if !connected {
