@@ -417,6 +417,10 @@ fn field(h: &mut impl Sink, bytes: &[u8]) {
 /// `anthropic-beta` values: every header line split on commas, trimmed, sorted and
 /// deduplicated (the order of beta flags has no meaning).
 fn canonical_betas(headers: &HeaderMap) -> String {
+    // Most requests send none: no list to build and join.
+    if !headers.contains_key(&names::ANTHROPIC_BETA) {
+        return String::new();
+    }
     let mut betas: Vec<&str> = headers
         .get_all(&names::ANTHROPIC_BETA)
         .iter()

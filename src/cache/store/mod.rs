@@ -276,6 +276,20 @@ pub struct CachedResponse {
 /// the model that was asked for, so it is a miss and is removed.
 const ENCODING_VERSION: u8 = 2;
 
+/// The usual `content-type` of an answer: an entry keeps it as a static header value.
+const APPLICATION_JSON: &str = "application/json";
+
+/// A kept header's name for an entry: `request-id` (not a standard name: a clone of the
+/// parsed one would make its bytes shared, an allocation) is a static name.
+fn kept_name(name: &HeaderName) -> HeaderName {
+    const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+    if name.as_str() == REQUEST_ID.as_str() {
+        REQUEST_ID
+    } else {
+        name.clone()
+    }
+}
+
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
@@ -316,21 +330,26 @@ impl CachedResponse {
             }
         }
         let copy = |value: &HeaderValue| {
-            // A copy, not a slice of the buffer the value was parsed from.
-            let mut copy =
-                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            // A copy, not a slice of the buffer the value was parsed from; the usual
+            // `content-type` is a static value (no allocation, no copy to validate).
+            const JSON: HeaderValue = HeaderValue::from_static(APPLICATION_JSON);
+            let mut copy = if value.as_bytes() == APPLICATION_JSON.as_bytes() {
+                JSON
+            } else {
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
+            };
             copy.set_sensitive(value.is_sensitive());
             copy
         };
         let mut kept = HeaderMap::with_capacity(count);
         if count <= PICKED {
             for (name, value) in picked.into_iter().flatten() {
-                kept.append(name.clone(), copy(value));
+                kept.append(kept_name(name), copy(value));
             }
         } else {
             for (name, value) in headers {
                 if Self::keeps_header(name) {
-                    kept.append(name.clone(), copy(value));
+                    kept.append(kept_name(name), copy(value));
                 }
             }
         }
@@ -397,6 +416,7 @@ impl CachedResponse {
     /// except `anthropic-ratelimit-*` (a replayed rate-limit snapshot would be stale and would
     /// mislead the layers that re-seed their buckets from it). Never `set-cookie`, auth,
     /// `retry-after`, hop-by-hop or length headers.
+    #[inline]
     pub fn keeps_header(name: &HeaderName) -> bool {
         let n = name.as_str();
         n == "content-type"
@@ -734,6 +754,29 @@ mod tests {
             "{}",
             entry.headers().capacity()
         );
+    }
+
+    /// The usual `content-type` and the `request-id` name are kept as static values: the
+    /// entry holds the same headers, the sensitive flag included, and another content type
+    /// is copied as it came.
+    #[test]
+    fn static_header_values_are_the_same_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        let mut id = HeaderValue::from_static("req_1");
+        id.set_sensitive(true);
+        h.insert("request-id", id);
+        let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
+        assert_eq!(entry.headers(), &h);
+        assert!(entry.headers()["request-id"].is_sensitive());
+        assert!(!entry.headers()["content-type"].is_sensitive());
+        h.insert(
+            "content-type",
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
+        let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
+        assert_eq!(entry.headers(), &h);
+        assert_eq!(CachedResponse::decode(&entry.encode()).unwrap(), entry);
     }
 
     fn sample() -> CachedResponse {
