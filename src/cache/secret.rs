@@ -96,7 +96,7 @@ const FALLBACK_CONTEXT: &str = "tower-claude 2026-12 cache secret fallback v1";
 /// The context of the derivation of [`Keys`] from a secret. Changing it changes every key.
 const KEYS_CONTEXT: &str = "tower-claude 2026-12 cache keys v3";
 
-/// The bytes of a body chunk one NH pass covers (see [`nh`]).
+/// The bytes of a body chunk one NH pass covers (see [`Keys::nh`]).
 pub(crate) const NH_CHUNK: usize = 1024;
 
 /// NH key words: one per 8 bytes of a chunk, and two more for the second (Toeplitz-shifted)
