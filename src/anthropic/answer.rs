@@ -48,40 +48,26 @@ pub(super) fn scan_answer(body: &[u8]) -> Option<AnswerFields<'_>> {
     c.ws();
     c.eat(b'{')?;
     let mut out = AnswerFields::default();
-    // Bits: type, model, usage.
-    let mut seen = 0u8;
-    c.ws();
-    if c.peek() == Some(b'}') {
-        c.i += 1;
-    } else {
-        loop {
-            let bit = match c.member_name()? {
-                b"type" => {
-                    out.ty = c.plain_str_or_null(text)?;
-                    1
-                }
-                b"model" => {
-                    out.model = c.plain_str_or_null(text)?;
-                    2
-                }
-                b"usage" => {
-                    out.usage = c.usage_counts()?;
-                    4
-                }
-                _ => {
-                    c.skip_value()?;
-                    0
-                }
-            };
-            if seen & bit != 0 {
-                return None;
+    c.members(|c, name| {
+        Some(match name {
+            b"type" => {
+                out.ty = c.plain_str_or_null(text)?;
+                1
             }
-            seen |= bit;
-            if c.object_ends()? {
-                break;
+            b"model" => {
+                out.model = c.plain_str_or_null(text)?;
+                2
             }
-        }
-    }
+            b"usage" => {
+                out.usage = c.usage_counts()?;
+                4
+            }
+            _ => {
+                c.skip_value()?;
+                0
+            }
+        })
+    })?;
     c.ws();
     (c.i == body.len()).then_some(out)
 }
@@ -376,46 +362,35 @@ impl<'a> Cursor<'a> {
             return Some(None);
         }
         let mut counts = UsageCounts::default();
-        let mut seen = 0u8;
-        self.ws();
-        if self.eat(b'}').is_some() {
-            return Some(Some(counts));
-        }
-        loop {
-            let bit = match self.member_name()? {
+        self.members(|c, name| {
+            Some(match name {
                 b"input_tokens" => {
-                    counts.input_tokens = self.count_or_null()?;
+                    counts.input_tokens = c.count_or_null()?;
                     1
                 }
                 b"output_tokens" => {
-                    counts.output_tokens = self.count_or_null()?;
+                    counts.output_tokens = c.count_or_null()?;
                     2
                 }
                 b"cache_creation_input_tokens" => {
-                    counts.cache_creation_input_tokens = self.count_or_null()?;
+                    counts.cache_creation_input_tokens = c.count_or_null()?;
                     4
                 }
                 b"cache_read_input_tokens" => {
-                    counts.cache_read_input_tokens = self.count_or_null()?;
+                    counts.cache_read_input_tokens = c.count_or_null()?;
                     8
                 }
                 b"cache_creation" => {
-                    counts.cache_creation = self.cache_creation()?;
+                    counts.cache_creation = c.cache_creation()?;
                     16
                 }
                 _ => {
-                    self.skip_value()?;
+                    c.skip_value()?;
                     0
                 }
-            };
-            if seen & bit != 0 {
-                return None;
-            }
-            seen |= bit;
-            if self.object_ends()? {
-                return Some(Some(counts));
-            }
-        }
+            })
+        })?;
+        Some(Some(counts))
     }
 
     /// `usage.cache_creation`: `null` or an object; `[5m, 1h]`.
@@ -424,32 +399,44 @@ impl<'a> Cursor<'a> {
             return Some(None);
         }
         let mut split = [None; 2];
-        let mut seen = 0u8;
-        self.ws();
-        if self.eat(b'}').is_some() {
-            return Some(Some(split));
-        }
-        loop {
-            let bit = match self.member_name()? {
+        self.members(|c, name| {
+            Some(match name {
                 b"ephemeral_5m_input_tokens" => {
-                    split[0] = self.count_or_null()?;
+                    split[0] = c.count_or_null()?;
                     1
                 }
                 b"ephemeral_1h_input_tokens" => {
-                    split[1] = self.count_or_null()?;
+                    split[1] = c.count_or_null()?;
                     2
                 }
                 _ => {
-                    self.skip_value()?;
+                    c.skip_value()?;
                     0
                 }
-            };
+            })
+        })?;
+        Some(Some(split))
+    }
+
+    /// The members of an object whose `{` was read, up to and including its `}`: `member`
+    /// reads each value after its name and returns the member's bit (0 for a member it
+    /// skipped); `None` when a bit comes twice (a duplicate known member: `serde_json`
+    /// decides those) or the object is not valid JSON.
+    fn members(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<u8>) -> Option<()> {
+        let mut seen = 0u8;
+        self.ws();
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            let name = self.member_name()?;
+            let bit = member(self, name)?;
             if seen & bit != 0 {
                 return None;
             }
             seen |= bit;
             if self.object_ends()? {
-                return Some(Some(split));
+                return Some(());
             }
         }
     }
