@@ -141,7 +141,8 @@ where
                 StateProj::Calling { fut, permit } => {
                     let resp = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let permit = permit.take();
-                    if let Some(p) = &permit {
+                    // Only an adaptive cap learns from the status (and reads the clock).
+                    if let Some(p) = permit.as_ref().filter(|p| p.limiter().is_adaptive()) {
                         p.limiter()
                             .on_status(resp.status(), tokio::time::Instant::now());
                     }

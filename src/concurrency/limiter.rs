@@ -173,6 +173,10 @@ impl Limiter {
     /// Applies the ramp at `now`; returns when the next ramp step is due (if the ramp still
     /// limits the cap).
     pub(crate) fn refresh(&self, now: Instant) -> Option<Instant> {
+        if !self.moves() {
+            // A fixed cap: nothing to apply (no lock taken).
+            return None;
+        }
         let mut st = self.lock();
         self.refresh_locked(&mut st, now)
     }
@@ -192,6 +196,12 @@ impl Limiter {
             self.resize(st, cap);
         }
         next
+    }
+
+    /// Whether the cap can move (adaptive or ramped up): a fixed cap's target is its
+    /// `desired` from the start and never changes, so it needs no refresh and no clock.
+    pub(crate) fn moves(&self) -> bool {
+        self.aimd.is_some() || self.ramp.is_some()
     }
 
     /// Whether the cap adapts to feedback.

@@ -71,7 +71,10 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        self.limiter.refresh(tokio::time::Instant::now());
+        // A fixed cap never moves: no clock read, no lock.
+        if self.limiter.moves() {
+            self.limiter.refresh(tokio::time::Instant::now());
+        }
         match self.limiter.try_acquire() {
             Some(permit) => ResponseFuture::called(self.inner.call(req), permit),
             None => {
