@@ -79,7 +79,9 @@ impl PromptNote {
 pub struct RateLimitBody<B> {
     #[pin]
     inner: Tracked<B>,
-    settler: Option<Settler>,
+    /// Boxed: a reservation and its prompt-cache note are a few hundred bytes, and the body
+    /// is moved through every layer above (a tenant limit's pass-through body carries none).
+    settler: Option<Box<Settler>>,
 }
 
 impl<B> std::fmt::Debug for RateLimitBody<B> {
@@ -107,11 +109,11 @@ impl<B> RateLimitBody<B> {
     ) -> Self {
         Self {
             inner,
-            settler: Some(Settler {
+            settler: Some(Box::new(Settler {
                 reservation: Some(reservation),
                 tracker,
                 note,
-            }),
+            })),
         }
     }
 

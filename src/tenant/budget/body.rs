@@ -86,7 +86,9 @@ enum Kind<B> {
     Inner {
         #[pin]
         body: Tracked<B>,
-        settle: Option<Settle>,
+        /// Boxed: the body is moved through every layer above, and most answers (every one
+        /// without a budget) carry none.
+        settle: Option<Box<Settle>>,
     },
     Full {
         data: Option<Bytes>,
@@ -119,7 +121,7 @@ impl<B> BudgetBody<B> {
         Self {
             kind: Kind::Inner {
                 body,
-                settle: Some(settle),
+                settle: Some(Box::new(settle)),
             },
         }
     }
