@@ -297,10 +297,27 @@ impl ModelCatalog {
 
     /// The exact entry or the longest matching prefix rule.
     fn lookup(&self, model: &str) -> Option<&(String, RateLimitGroup, Option<ModelFamily>)> {
-        self.inner
-            .models
+        // Where this thread last found an exact id, in whichever catalogue: a request's model
+        // is looked up by several layers (fallback's cost and views, retry, the rate limiter,
+        // metrics), and a thread's requests mostly name a few models. Only a hint: the entry
+        // is compared with `model` before it is used, and exact ids are unique in a catalogue
+        // (`with_model` replaces), so a hint from another catalogue or a stale one is only a
+        // wasted comparison, never a wrong answer.
+        thread_local! {
+            static HINT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        }
+        let models = &self.inner.models;
+        let hint = HINT.with(std::cell::Cell::get);
+        if let Some(entry) = models.get(hint).filter(|(id, _, _)| id == model) {
+            return Some(entry);
+        }
+        models
             .iter()
-            .find(|(id, _, _)| id == model)
+            .position(|(id, _, _)| id == model)
+            .map(|at| {
+                HINT.with(|h| h.set(at));
+                &models[at]
+            })
             .or_else(|| {
                 self.inner
                     .prefixes
@@ -410,6 +427,36 @@ fn upsert(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The thread's lookup hint (where the last exact id was found) never answers for
+    /// another catalogue or another id: one catalogue with an id early, another with the same
+    /// id placed elsewhere and in another group, looked up in turn.
+    #[test]
+    fn the_lookup_hint_is_checked_before_it_is_used() {
+        let default = ModelCatalog::default();
+        let custom = ModelCatalog::default().with_model("my-model", "mine", ModelFamily::Haiku);
+        let moved = custom
+            .clone()
+            .with_model("claude-haiku-4-5", "elsewhere", ModelFamily::Haiku);
+        for _ in 0..2 {
+            assert_eq!(custom.group("my-model").as_str(), "mine");
+            assert_eq!(default.group("my-model").as_str(), "my-model");
+            assert_eq!(moved.group("claude-haiku-4-5").as_str(), "elsewhere");
+            assert_eq!(
+                default.group("claude-haiku-4-5").as_str(),
+                "claude-haiku-4-5"
+            );
+            assert_eq!(
+                custom.group("claude-haiku-4-5").as_str(),
+                "claude-haiku-4-5"
+            );
+            assert_eq!(moved.group("claude-sonnet-4-6").as_str(), "claude-sonnet-4");
+            assert_eq!(
+                default.group("claude-sonnet-4-6").as_str(),
+                "claude-sonnet-4"
+            );
+        }
+    }
 
     #[test]
     fn opus_and_sonnet_4x_are_pooled() {
