@@ -53,7 +53,7 @@ pub use replay::{Peek, Peeked, Replay};
 pub use request_body::RequestBody;
 pub use service::BufferBody;
 pub(crate) use template::RequestTemplate;
-pub(crate) use tracked::{MAX_JSON_COPY, Tracked, track};
+pub(crate) use tracked::{MAX_JSON_COPY, Tracked, track, tracker_in};
 
 /// The largest request body the Anthropic API accepts for the Messages API: 32 MB.
 pub const ANTHROPIC_MAX_BODY: usize = 32 * 1024 * 1024;

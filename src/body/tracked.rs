@@ -30,6 +30,11 @@ impl<B> Tracked<B> {
         }
     }
 
+    /// The body feeding `tracker` (from [`tracker_in`]; `None`: as it is).
+    pub(crate) fn feeding(inner: B, tracker: Option<UsageTracker>) -> Self {
+        Self { inner, tracker }
+    }
+
     /// A reference to the inner body.
     pub(crate) fn get_ref(&self) -> &B {
         &self.inner
@@ -68,6 +73,24 @@ pub(crate) fn track<B>(
         tracker: Some(tracker.clone()),
     };
     (body, tracker)
+}
+
+/// [`track`] on a response kept whole (its body then wrapped in place with
+/// [`Tracked::feeding`], not taken apart and rebuilt): the answer's tracker, and the one the
+/// body must feed (`None` when a layer below feeds it).
+pub(crate) fn tracker_in<B>(
+    response: &mut http::Response<B>,
+    stream: bool,
+    json_limit: usize,
+) -> (Option<UsageTracker>, UsageTracker) {
+    if let Some(tracker) = response.extensions().get::<UsageTracker>() {
+        tracker.want_json(json_limit);
+        return (None, tracker.clone());
+    }
+    let sse = event_stream(response.headers()).unwrap_or(stream);
+    let tracker = UsageTracker::new(sse, json_limit);
+    response.extensions_mut().insert(tracker.clone());
+    (Some(tracker.clone()), tracker)
 }
 
 impl<B> Body for Tracked<B>

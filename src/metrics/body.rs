@@ -148,7 +148,9 @@ impl Finish {
             return;
         }
         self.done = true;
-        let elapsed = self.start.elapsed();
+        // One clock read for the latency and the quota refresh.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start);
         let handles = &self.shared.handles;
         handles.in_flight(|g| g.decrement(1.0));
         handles.request(
@@ -180,6 +182,8 @@ impl Finish {
             output_tokens = usage.map(|u| u.output_tokens),
             "request finished"
         );
+        drop(_entered);
+        self.shared.maybe_refresh(now);
     }
 }
 

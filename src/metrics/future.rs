@@ -12,7 +12,7 @@ use pin_project::pin_project;
 use super::body::{Finish, MetricsBody};
 use super::names;
 use super::pacing::PacingDelay;
-use super::shared::RequestInfo;
+use super::shared::{Label, RequestInfo};
 use crate::BoxError;
 use crate::anthropic::parsed_names;
 use crate::fallback::ServedModel;
@@ -26,7 +26,7 @@ pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
     /// The requested model.
-    model: Option<String>,
+    model: Option<Label>,
     /// The request's measurement (`None`: not observed, or answered). Decrements the
     /// in-flight gauge if the future is dropped before the response.
     guard: Option<Finish>,
@@ -49,7 +49,7 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn observed(inner: F, model: Option<String>, info: RequestInfo) -> Self {
+    pub(crate) fn observed(inner: F, model: Option<Label>, info: RequestInfo) -> Self {
         Self {
             inner,
             model,
@@ -90,20 +90,21 @@ where
                 finish.finish(names::OUTCOME_ERROR);
                 Poll::Ready(Err(error))
             }
-            Ok(response) => {
+            Ok(mut response) => {
                 observe(this.model.as_deref(), &mut finish, &response);
-                let (mut parts, body) = response.into_parts();
-                let body = if finish.count_usage {
+                // The response kept whole, its body wrapped in place (not taken apart and
+                // rebuilt: each is a move of the head and of the body).
+                let mut feed = None;
+                if finish.count_usage {
                     let json_limit = finish.shared.json_limit;
-                    let (body, tracker) =
-                        crate::body::track(&mut parts, body, finish.stream, json_limit);
+                    let (f, tracker) =
+                        crate::body::tracker_in(&mut response, finish.stream, json_limit);
+                    feed = f;
                     finish.tracker = Some(tracker);
-                    body
-                } else {
-                    crate::body::Tracked::passthrough(body)
-                };
-                let body = MetricsBody::observed(body, finish);
-                Poll::Ready(Ok(Response::from_parts(parts, body)))
+                }
+                Poll::Ready(Ok(response.map(|body| {
+                    MetricsBody::observed(crate::body::Tracked::feeding(body, feed), finish)
+                })))
             }
         }
     }
@@ -192,5 +193,4 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
             .handles
             .queue_wait(&finish.group_label, |h| h.record(wait.as_secs_f64()));
     }
-    shared.maybe_refresh();
 }

@@ -88,7 +88,7 @@ impl MetricsLayer {
     }
 
     /// Exports the quota gauges of `board` (limit, remaining, utilisation per key, group and
-    /// bucket), refreshed after responses (at most once per [`quota_refresh`](Self::quota_refresh))
+    /// bucket), refreshed as requests end (at most once per [`quota_refresh`](Self::quota_refresh))
     /// and by [`spawn_refresh`](Self::spawn_refresh).
     pub fn board(self, board: QuotaBoard) -> Self {
         self.with(|s| s.board = Some(board))
@@ -111,8 +111,8 @@ impl MetricsLayer {
         self.with(|s| s.forecaster = Some(forecaster))
     }
 
-    /// The least time between two quota refreshes triggered by responses (1 s by default;
-    /// `Duration::ZERO` refreshes after every response).
+    /// The least time between two quota refreshes triggered by requests ending (1 s by
+    /// default; `Duration::ZERO` refreshes as every request ends).
     pub fn quota_refresh(self, every: Duration) -> Self {
         self.with(|s| s.refresh_every = every)
     }

@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use super::body::MetricsBody;
 use super::future::ResponseFuture;
-use super::shared::{RequestInfo, Shared};
+use super::shared::{Label, RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
@@ -66,12 +66,20 @@ where
         let Ok(meta) = RequestMeta::get_or_scan(&mut req) else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
-        let model = meta.model.clone();
         let input_estimate = meta.input_tokens;
         let stream = meta.stream;
         let shared = &self.shared;
+        let (group, group_label, model_label) = shared.labels_of(meta.model.as_deref());
+        // The requested model, for an answer that names its served model only in a header: a
+        // known model is its label (shared, not copied), another one is copied.
+        let model: Option<Label> = meta.model.as_deref().map(|m| {
+            if *model_label == *m {
+                model_label.clone()
+            } else {
+                Label::from(m)
+            }
+        });
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        let (group, group_label, model_label) = shared.labels_of(model.as_deref());
         if let (Some(forecaster), Some(group)) = (&shared.forecaster, &group) {
             forecaster.record(group, 1, input_estimate, 0);
         }

@@ -92,12 +92,12 @@ impl Shared {
         }
     }
 
-    /// Refreshes after a response, at most once per `refresh_every`.
-    pub(crate) fn maybe_refresh(&self) {
+    /// Refreshes when a request ends (`now`: its end, read once for its latency too), at
+    /// most once per `refresh_every`.
+    pub(crate) fn maybe_refresh(&self, now: Instant) {
         if self.board.is_none() && self.forecaster.is_none() {
             return;
         }
-        let now = Instant::now();
         {
             let mut last = self
                 .last_refresh
