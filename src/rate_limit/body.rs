@@ -105,7 +105,7 @@ impl<B> RateLimitBody<B> {
         inner: Tracked<B>,
         reservation: Reservation,
         tracker: UsageTracker,
-        note: Option<PromptNote>,
+        note: Option<Box<PromptNote>>,
     ) -> Self {
         Self {
             inner,
@@ -132,7 +132,7 @@ impl<B> RateLimitBody<B> {
 struct Settler {
     reservation: Option<Reservation>,
     tracker: UsageTracker,
-    note: Option<PromptNote>,
+    note: Option<Box<PromptNote>>,
 }
 
 impl Settler {

@@ -17,7 +17,7 @@ use super::body::{PromptNote, RateLimitBody};
 use super::config::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
-use crate::body::RequestBody;
+use crate::body::{RequestBody, Tracked};
 use crate::quota::{Acquire, AcquireError, Reservation};
 
 /// Response future of [`RateLimit`](super::RateLimit): waits for quota (when needed), calls
@@ -259,33 +259,39 @@ where
 }
 
 fn on_response<B>(
-    resp: Response<B>,
+    mut resp: Response<B>,
     reservation: Option<Reservation>,
     wait: Duration,
     stream: bool,
     config: &Config,
     note: Option<Box<PromptNote>>,
 ) -> Response<RateLimitBody<B>> {
-    let (mut parts, body) = resp.into_parts();
+    // The response is kept whole and its body wrapped in place (taking it apart and
+    // rebuilding it moves the head and the body each time).
     let wait = match config.scope {
         Scope::Key => wait,
         // Waited for the tenant's limits, then for the quota below.
         Scope::Tenant => {
-            wait + parts
-                .extensions
+            wait + resp
+                .extensions()
                 .get::<QueueWait>()
                 .map_or(Duration::ZERO, |w| w.0)
         }
     };
-    parts.extensions.insert(QueueWait(wait));
+    // The first response extension written on the way up: the map gets room for the rest.
+    if config.scope == Scope::Key {
+        crate::exchange::make_room(resp.extensions_mut());
+    }
+    resp.extensions_mut().insert(QueueWait(wait));
     let Some(reservation) = reservation else {
-        return Response::from_parts(parts, RateLimitBody::passthrough(body));
+        return resp.map(RateLimitBody::passthrough);
     };
-    let snapshot = RateLimitSnapshot::from_headers(&parts.headers);
-    if !parts.status.is_success() {
+    let snapshot = RateLimitSnapshot::from_headers(resp.headers());
+    let status = resp.status();
+    if !status.is_success() {
         // Refund first: the server's snapshot of a refused request does not include it, so
         // observing afterwards caps the refunded level at the server's view.
-        if matches!(parts.status.as_u16(), 401 | 403 | 404) {
+        if matches!(status.as_u16(), 401 | 403 | 404) {
             // The server does not know the key or the model (which a client may make up):
             // nothing to learn, and nothing to keep.
             reservation.settle_unknown();
@@ -294,21 +300,20 @@ fn on_response<B>(
             reservation.settle_rejected();
             if !snapshot.is_empty() && config.scope == Scope::Key {
                 config.board.observe(&key, &group, &snapshot);
-                parts.extensions.insert(config.board.observed_mark());
+                resp.extensions_mut().insert(config.board.observed_mark());
             }
         }
-        return Response::from_parts(parts, RateLimitBody::passthrough(body));
+        return resp.map(RateLimitBody::passthrough);
     }
     if !snapshot.is_empty() && config.scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
-        parts.extensions.insert(config.board.observed_mark());
+        resp.extensions_mut().insert(config.board.observed_mark());
     } else {
         reservation.answered();
     }
-    let (body, tracker) = crate::body::track(&mut parts, body, stream, crate::body::MAX_JSON_COPY);
-    Response::from_parts(
-        parts,
-        RateLimitBody::tracking(body, reservation, tracker, note.map(|n| *n)),
-    )
+    let (feed, tracker) = crate::body::tracker_in(&mut resp, stream, crate::body::MAX_JSON_COPY);
+    resp.map(|body| {
+        RateLimitBody::tracking(Tracked::feeding(body, feed), reservation, tracker, note)
+    })
 }
