@@ -78,3 +78,56 @@ pub use crate::quota::Admission;
 pub use crate::rate_limit::QueueWait;
 pub use crate::retry::{Deadline, MaxServerWait, RetryInfo, RetrySooner};
 pub use crate::tenant::Tenant;
+
+/// Gives `extensions` room for the extensions a stack writes, before the first of them is
+/// inserted (crate-private: the rate limiter does it for the response, metrics for the
+/// request).
+///
+/// `http::Extensions` allocates its map at the first insert with room for three entries and
+/// grows it (a new table, every entry moved, the old one freed) at the fourth; an answer in
+/// [`ClaudeStack`](crate::stack::ClaudeStack) gets at least four ([`QueueWait`], the
+/// [`UsageTracker`], [`RetryInfo`], [`ServedModel`]), and with rate-limit headers, a cache or
+/// a key pool up to seven; a request three ([`RequestMeta`], the key memo, fallback's
+/// description for retry) beside what the caller set ([`Deadline`], [`Tenant`], …). `Extensions` has no `with_capacity`, but a clone keeps its
+/// table's size: the map starts as a clone of an empty one that has room for seven, and what
+/// `extensions` already held is moved into it. Only the map's size changes, never what it
+/// holds.
+pub(crate) fn make_room(extensions: &mut http::Extensions) {
+    /// Placeholders inserted (then removed) to size the template's table.
+    #[derive(Clone, Copy)]
+    struct Room<const N: u8>;
+    thread_local! {
+        static ROOMY: http::Extensions = {
+            let mut roomy = http::Extensions::new();
+            roomy.insert(Room::<0>);
+            roomy.insert(Room::<1>);
+            roomy.insert(Room::<2>);
+            roomy.insert(Room::<3>);
+            roomy.clear();
+            roomy
+        };
+    }
+    let held = std::mem::replace(extensions, ROOMY.with(http::Extensions::clone));
+    extensions.extend(held);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Making room keeps what the map held and takes what is inserted after.
+    #[test]
+    fn make_room_keeps_every_entry() {
+        let mut ext = http::Extensions::new();
+        super::make_room(&mut ext);
+        assert!(ext.is_empty());
+        ext.insert(1u8);
+        super::make_room(&mut ext);
+        for i in 0..8u32 {
+            ext.insert(u64::from(i));
+            ext.insert(i);
+        }
+        assert_eq!(ext.get::<u8>(), Some(&1));
+        assert_eq!(ext.get::<u32>(), Some(&7));
+        assert_eq!(ext.get::<u64>(), Some(&7));
+        assert_eq!(ext.len(), 3);
+    }
+}

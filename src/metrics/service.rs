@@ -63,6 +63,10 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
+        // The outermost layer: the request's map gets room for what the layers below add
+        // (`RequestMeta`, the key memo, fallback's description for retry; beside a deadline
+        // or a tenant the caller set, the fourth entry grew it).
+        crate::exchange::make_room(req.extensions_mut());
         let Ok(meta) = RequestMeta::get_or_scan(&mut req) else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
