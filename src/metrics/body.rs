@@ -151,9 +151,9 @@ impl Finish {
         // One clock read for the latency and the quota refresh.
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
-        let handles = &self.shared.handles;
-        handles.in_flight(|g| g.decrement(1.0));
-        handles.request(
+        // The in-flight gauge, the request's series and its tokens from one look at the
+        // handle cache.
+        self.shared.handles.finished(
             &self.model_label,
             &self.group_label,
             self.status
@@ -164,15 +164,17 @@ impl Finish {
                 series.requests.increment(1);
                 series.duration.record(elapsed.as_secs_f64());
             },
+            usage.map(|usage| {
+                move |series: &super::handles::TokenSeries| {
+                    series.input.increment(usage.counted_input_tokens());
+                    series.output.increment(usage.output_tokens);
+                }
+            }),
         );
-        if let Some(usage) = usage {
-            handles.tokens(&self.model_label, &self.group_label, |series| {
-                series.input.increment(usage.counted_input_tokens());
-                series.output.increment(usage.output_tokens);
-            });
-            if let (Some(forecaster), Some(group)) = (&self.shared.forecaster, &self.group) {
-                forecaster.record(group, 0, 0, usage.output_tokens);
-            }
+        if let (Some(usage), Some(forecaster), Some(group)) =
+            (usage, &self.shared.forecaster, &self.group)
+        {
+            forecaster.record(group, 0, 0, usage.output_tokens);
         }
         let _entered = self.span.enter();
         tracing::debug!(

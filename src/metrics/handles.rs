@@ -223,6 +223,54 @@ impl Handles {
         );
     }
 
+    /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
+    /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
+    /// the cache (one recorder check, one read lock) when every handle is there; else one by
+    /// one, as those three.
+    pub(crate) fn finished(
+        &self,
+        model: &str,
+        group: &str,
+        status: &str,
+        outcome: &'static str,
+        use_request: impl FnOnce(&RequestSeries),
+        use_tokens: Option<impl FnOnce(&TokenSeries)>,
+    ) {
+        let recorder = current_recorder();
+        {
+            let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
+            let key = RequestRef {
+                model,
+                group,
+                status,
+                outcome,
+            };
+            if let (true, Some(gauge), Some(series)) = (
+                cache.recorder == recorder,
+                &cache.in_flight,
+                cache.requests.get(&key),
+            ) {
+                let tokens = match &use_tokens {
+                    Some(_) => cache.tokens.get(&PairRef(model, group)),
+                    None => None,
+                };
+                if use_tokens.is_none() || tokens.is_some() {
+                    gauge.decrement(1.0);
+                    use_request(series);
+                    if let (Some(use_tokens), Some(tokens)) = (use_tokens, tokens) {
+                        use_tokens(tokens);
+                    }
+                    return;
+                }
+            }
+        }
+        self.in_flight(|g| g.decrement(1.0));
+        self.request(model, group, status, outcome, use_request);
+        if let Some(use_tokens) = use_tokens {
+            self.tokens(model, group, use_tokens);
+        }
+    }
+
     /// [`names::INPUT_TOKENS_TOTAL`] and [`names::OUTPUT_TOKENS_TOTAL`] of a model and group.
     pub(crate) fn tokens(&self, model: &str, group: &str, use_handle: impl FnOnce(&TokenSeries)) {
         self.with(
@@ -357,6 +405,58 @@ mod tests {
             10,
             "a new status: one more series"
         );
+    }
+
+    /// `finished` counts what the three calls it stands for count, whether its handles are
+    /// cached (one look) or not yet (each registered, as the three calls do), and with or
+    /// without tokens.
+    #[test]
+    fn finished_counts_as_its_three_calls() {
+        let recorder = prometheus::builder().build_recorder();
+        let handle = recorder.handle();
+        let handles = Handles::default();
+        let tokens = |s: &TokenSeries| {
+            s.input.increment(3);
+            s.output.increment(2);
+        };
+        metrics::with_local_recorder(&recorder, || {
+            for with_tokens in [true, true, false, true] {
+                handles.in_flight(|g| g.increment(1.0));
+                handles.finished(
+                    "m",
+                    "g",
+                    "200",
+                    names::OUTCOME_SUCCESS,
+                    |s| s.requests.increment(1),
+                    with_tokens.then_some(tokens),
+                );
+            }
+        });
+        let text = prometheus::render(&handle);
+        for line in [
+            r#"tower_claude_requests_total{model="m",group="g",status="200",outcome="success"} 4"#,
+            r#"tower_claude_input_tokens_total{model="m",group="g"} 9"#,
+            r#"tower_claude_output_tokens_total{model="m",group="g"} 6"#,
+            "tower_claude_in_flight_requests 0",
+        ] {
+            assert!(text.contains(line), "{line} not in the rendering:\n{text}");
+        }
+        let recorder = Registrations::default();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..10 {
+                handles.in_flight(|g| g.increment(1.0));
+                handles.finished(
+                    "m",
+                    "g",
+                    "200",
+                    names::OUTCOME_SUCCESS,
+                    |_| {},
+                    Some(tokens),
+                );
+            }
+        });
+        // in-flight, requests + duration, input + output: registered once each.
+        assert_eq!(recorder.0.load(Ordering::Relaxed), 5);
     }
 
     #[test]
