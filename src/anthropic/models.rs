@@ -297,17 +297,21 @@ impl ModelCatalog {
 
     /// The exact entry or the longest matching prefix rule.
     fn lookup(&self, model: &str) -> Option<&(String, RateLimitGroup, Option<ModelFamily>)> {
-        // Where this thread last found an exact id, in whichever catalogue: a request's model
-        // is looked up by several layers (fallback's cost and views, retry, the rate limiter,
-        // metrics), and a thread's requests mostly name a few models. Only a hint: the entry
-        // is compared with `model` before it is used, and exact ids are unique in a catalogue
-        // (`with_model` replaces), so a hint from another catalogue or a stale one is only a
-        // wasted comparison, never a wrong answer.
+        // Where this thread last found an exact id of this length (modulo 8), in whichever
+        // catalogue: a request's model is looked up by several layers (fallback's cost and
+        // views, retry, the rate limiter, metrics), fallback's views alternate between the
+        // requested model and the next one down (whose ids differ in length: opus 15, haiku
+        // 16, sonnet 17), and a thread's requests mostly name a few models. Only a hint: the
+        // entry is compared with `model` before it is used, and exact ids are unique in a
+        // catalogue (`with_model` replaces), so a hint from another catalogue or a stale one
+        // is only a wasted comparison, never a wrong answer.
         thread_local! {
-            static HINT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+            static HINTS: [std::cell::Cell<usize>; 8] =
+                const { [const { std::cell::Cell::new(0) }; 8] };
         }
         let models = &self.inner.models;
-        let hint = HINT.with(std::cell::Cell::get);
+        let slot = model.len() % 8;
+        let hint = HINTS.with(|h| h[slot].get());
         if let Some(entry) = models.get(hint).filter(|(id, _, _)| id == model) {
             return Some(entry);
         }
@@ -315,7 +319,7 @@ impl ModelCatalog {
             .iter()
             .position(|(id, _, _)| id == model)
             .map(|at| {
-                HINT.with(|h| h.set(at));
+                HINTS.with(|h| h[slot].set(at));
                 &models[at]
             })
             .or_else(|| {
