@@ -383,9 +383,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 impl tower_service::Service<Request<RequestBody>> for HttpClient {
     type Response = Response<Incoming>;
     type Error = BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Incoming>, BoxError>> + Send>,
-    >;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The pooled client is always ready; connection errors surface from `call`.
@@ -394,37 +392,68 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let target = self.target(&parts.uri);
-        let inner = self.inner.clone();
-        // Boxed: hyper-util's `ResponseFuture` is nameable but the URI rewrite can fail first;
-        // one allocation per upstream call is noise next to a network round trip.
-        Box::pin(async move {
-            parts.uri = target?;
-            parts.version = http::Version::HTTP_11;
-            remove_not_forwarded(&mut parts.headers, NOT_FORWARDED.len());
-            parts.headers.insert(
-                header::ACCEPT_ENCODING,
-                http::HeaderValue::from_static("identity"),
-            );
-            if let Some(host) = &inner.host {
-                parts.headers.insert(header::HOST, host.clone());
+        parts.uri = match self.target(&parts.uri) {
+            Ok(uri) => uri,
+            Err(refused) => {
+                return ResponseFuture {
+                    state: State::Refused(Some(refused)),
+                };
             }
-            // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables.
-            for name in [
-                &header::AUTHORIZATION,
-                &crate::anthropic::parsed_names::X_API_KEY,
-            ] {
-                if let Some(value) = parts.headers.get_mut(name) {
-                    value.set_sensitive(true);
-                }
+        };
+        parts.version = http::Version::HTTP_11;
+        remove_not_forwarded(&mut parts.headers, NOT_FORWARDED.len());
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+        if let Some(host) = &self.inner.host {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables.
+        for name in [
+            &header::AUTHORIZATION,
+            &crate::anthropic::parsed_names::X_API_KEY,
+        ] {
+            if let Some(value) = parts.headers.get_mut(name) {
+                value.set_sensitive(true);
             }
-            let resp = inner
-                .client
-                .request(Request::from_parts(parts, body))
-                .await
-                .map_err(BoxError::from)?;
-            Ok(resp)
-        })
+        }
+        // hyper-util's future does nothing until polled, like the box this replaced (one
+        // allocation and a level of polling less per upstream call).
+        ResponseFuture {
+            state: State::Sent(self.inner.client.request(Request::from_parts(parts, body))),
+        }
+    }
+}
+
+/// Response future of [`HttpClient`]: the upstream's answer, or the refusal of a path that
+/// could leave the base URL's (a 400 `invalid_request_error`, nothing sent).
+pub struct ResponseFuture {
+    state: State,
+}
+
+enum State {
+    Refused(Option<BoxError>),
+    Sent(hyper_util::client::legacy::ResponseFuture),
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<Response<Incoming>, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Both states are `Unpin` (hyper-util's future is a box).
+        match &mut self.get_mut().state {
+            State::Refused(refused) => Poll::Ready(Err(refused
+                .take()
+                .unwrap_or_else(|| "HttpClient's future polled after it ended".into()))),
+            State::Sent(sent) => std::pin::Pin::new(sent).poll(cx).map_err(BoxError::from),
+        }
     }
 }
 
