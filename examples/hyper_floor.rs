@@ -16,6 +16,12 @@
 //!
 //! Every request is sent to the upstream with its path and query, everything else unchanged
 //! (no `Host` rewrite, no header filtering): a measuring tool, not a proxy to deploy.
+//!
+//! With `--same-task`, each downstream connection has its own keep-alive upstream HTTP/1
+//! connection, driven by the downstream connection's task (`select` of the two), instead of
+//! the legacy client's pool, whose connections run on tasks of their own and take requests
+//! through a channel: it measures what cross-task hand-offs cost (`docs/benchmarks.md`, "The
+//! proxy's edge (px14)").
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -26,6 +32,7 @@ use http::uri::PathAndQuery;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -68,9 +75,84 @@ fn empty() -> BoxBody<Bytes, hyper::Error> {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
+/// The upstream connection of one downstream connection, driven by that connection's task
+/// (`--same-task`): requests on one HTTP/1 connection come one after the other, so one
+/// keep-alive upstream connection serves them all, with no pool, lock or channel between
+/// tasks.
+struct Slot {
+    /// The connection's sender while no request holds it.
+    sender: std::sync::Mutex<Option<SendRequest<Incoming>>>,
+    /// New upstream connections, to the [`Driver`] of the same task.
+    driver: tokio::sync::mpsc::UnboundedSender<UpConn>,
+}
+
+type UpConn = hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Incoming>;
+
+/// Polls the current upstream connection of a downstream connection; never completes.
+struct Driver {
+    rx: tokio::sync::mpsc::UnboundedReceiver<UpConn>,
+    conn: Option<UpConn>,
+}
+
+impl std::future::Future for Driver {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        while let std::task::Poll::Ready(Some(conn)) = self.rx.poll_recv(cx) {
+            if let Some(old) = self.conn.replace(conn) {
+                tokio::spawn(old);
+            }
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            if std::pin::Pin::new(conn).poll(cx).is_ready() {
+                self.conn = None;
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
+
+/// The error of `--same-task`'s service (a concrete type: hyper-util's auto builder cannot
+/// prove a boxed error `Send` for every lifetime).
+type FloorError = std::io::Error;
+
+/// Any error as a [`FloorError`].
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> FloorError {
+    std::io::Error::other(e)
+}
+
+/// Sends `req` on the downstream connection's own upstream connection (a new one when there
+/// is none, or it closed), which the downstream connection's task drives.
+async fn same_task_send(
+    slot: &Slot,
+    addr: &str,
+    req: http::Request<Incoming>,
+) -> Result<http::Response<Incoming>, FloorError> {
+    let taken = slot.sender.lock().unwrap().take();
+    let mut sender = match taken {
+        Some(s) if !s.is_closed() => s,
+        _ => {
+            let tcp = tokio::net::TcpStream::connect(addr).await.map_err(boxed)?;
+            let _ = tcp.set_nodelay(true);
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(boxed)?;
+            let _ = slot.driver.send(conn);
+            sender
+        }
+    };
+    sender.ready().await.map_err(boxed)?;
+    let resp = sender.send_request(req);
+    *slot.sender.lock().unwrap() = Some(sender);
+    resp.await.map_err(boxed)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    let same_task = args.iter().any(|a| a == "--same-task");
     let (listen, upstream) = match parse_args(&args) {
         Ok(parsed) => parsed,
         Err(message) => {
@@ -87,6 +169,11 @@ async fn main() -> ExitCode {
     };
     let client: Client<HttpConnector, Incoming> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let addr = format!(
+        "{}:{}",
+        upstream.host().unwrap_or("127.0.0.1"),
+        upstream.port_u16().unwrap_or(80)
+    );
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -96,6 +183,33 @@ async fn main() -> ExitCode {
         let _ = stream.set_nodelay(true);
         let client = client.clone();
         let upstream = upstream.clone();
+        let addr = addr.clone();
+        if same_task {
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let slot = std::sync::Arc::new(Slot {
+                    sender: std::sync::Mutex::new(None),
+                    driver: tx,
+                });
+                let mut driver = Driver { rx, conn: None };
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let slot = slot.clone();
+                    let addr = addr.clone();
+                    async move {
+                        let resp = same_task_send(&slot, &addr, req).await?;
+                        Ok::<_, FloorError>(resp.map(|b| b.boxed()))
+                    }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let server = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(server);
+                let _ = futures_util::future::select(server, &mut driver).await;
+                if let Some(conn) = driver.conn.take() {
+                    tokio::spawn(conn);
+                }
+            });
+            continue;
+        }
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
                 let client = client.clone();

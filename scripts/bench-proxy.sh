@@ -10,6 +10,9 @@
 #   PROXY_CONFIGS="nocache:--cache false" scripts/bench-proxy.sh
 #   PROXY_CONFIGS="old@/tmp/old/claude-proxy:--cache-mode off;new:--cache-mode off" \
 #     scripts/bench-proxy.sh      # NAME@BINARY runs that configuration with another build
+#   PROXY_CONFIGS="off:--cache-mode off;floor-same-task@target/release/examples/hyper_floor:--same-task" \
+#     scripts/bench-proxy.sh      # the floor with each upstream connection driven by its
+#                                 # downstream connection's task (examples/hyper_floor.rs)
 #
 # What runs, all on 127.0.0.1 with free ports, stopped by pid when the script ends:
 #   upstream  nginx answering POST /v1/messages at once with a static Anthropic answer and

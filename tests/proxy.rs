@@ -514,3 +514,75 @@ async fn the_cache_secret_flag_keys_the_disk_cache() {
         "the value is not repeated: {err}"
     );
 }
+
+/// A loopback upstream that answers every request with a Messages answer and sends the
+/// request heads it read on `heads`.
+async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":5,"output_tokens":1}}"#;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() < end + 4 + length {
+                        continue;
+                    }
+                    buf.drain(..end + 4 + length);
+                    let _ = tx.send(head);
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ANSWER}",
+                        ANSWER.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn the_upstream_gets_its_own_host_and_never_the_clients() {
+    let (upstream, mut heads) = recording_upstream().await;
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
+    for _ in 0..2 {
+        let mut req = messages(proxy.addr, "sk-client-1", HELLO);
+        req.headers_mut()
+            .insert(http::header::HOST, "evil.example".parse().unwrap());
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+        let head = heads.recv().await.unwrap();
+        let hosts: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("host:"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(hosts, [upstream.to_string()], "{head}");
+        assert!(head.starts_with("post /v1/messages http/1.1"), "{head}");
+    }
+    proxy.stop().await;
+}

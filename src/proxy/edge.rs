@@ -106,16 +106,16 @@ struct RequestSpan;
 
 impl<B> MakeSpan<B> for RequestSpan {
     fn make_span(&mut self, req: &Request<B>) -> Span {
-        let id = req
-            .headers()
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
+        // The fields are evaluated only when the span is enabled: the id is looked up inside.
         tracing::debug_span!(
             "request",
             method = %req.method(),
             path = %req.uri().path(),
-            request_id = %id,
+            request_id = %req
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
         )
     }
 }
