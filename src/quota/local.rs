@@ -151,9 +151,8 @@ fn secs_until_full(bucket: &TokenBucket, level: f64) -> f64 {
 /// refill of a quick answer is never certain). Issue 12, sixth pass: crediting the refill of
 /// the whole answer time overshoots (`tests/quota_props.rs`,
 /// `the_raise_credits_no_refill_the_server_may_not_have_had`).
-pub(crate) fn certain_refill(elapsed: Duration, rate: f64) -> u64 {
-    let certain = elapsed.saturating_sub(SEND_GRACE).as_secs_f64();
-    (rate * certain).floor() as u64
+pub(crate) fn certain_refill(elapsed: Duration, bucket: &TokenBucket) -> u64 {
+    bucket.refill_in(elapsed.saturating_sub(SEND_GRACE))
 }
 
 /// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
@@ -382,7 +381,7 @@ impl Slot {
     fn observe_remaining(&mut self, r: u64, rounding: u64, now: Instant) {
         // Only a level above the range proves that someone else used the quota; the bucket
         // is contended then, so take the low end.
-        if self.bucket.level(now) > r.saturating_add(rounding) as f64 {
+        if self.bucket.above(r.saturating_add(rounding), now) {
             self.bucket.lower_to(r, now);
         }
     }
@@ -716,8 +715,7 @@ impl Entry {
     fn refill_below_ceiling(&mut self, now: Instant) {
         for (slot, u) in self.slots.iter_mut().zip(self.ledger.unanswered) {
             if let Some(s) = slot {
-                let ceiling = s.bucket.capacity() as f64 - u as f64;
-                s.bucket.refill_below(ceiling, now);
+                s.bucket.refill_below_held(u, now);
             }
         }
     }
@@ -782,8 +780,7 @@ impl Entry {
         {
             if let (Some(s), Some(n)) = (slot, back) {
                 // The server's bucket, full, may not have taken a refund whole either.
-                let ceiling = s.bucket.capacity() as f64 - u as f64;
-                s.bucket.refund_below(n, ceiling, now);
+                s.bucket.refund_below_held(n, u, now);
             }
         }
         if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
@@ -847,10 +844,12 @@ impl Entry {
                         // count `R` means a true level in `[R, R + 999]`, and the answer to
                         // one of our grants may predate refunds and refill since it was
                         // taken: only a level above all that proves that someone else used
-                        // the quota. (Requests are never given back on a success: their
-                        // count keeps the exact rule, whose floor is a margin against ties
-                        // with the server's clock.)
-                        let slack = answered.filter(|_| i != REQUESTS).map_or(0, |g| {
+                        // the quota. The request count too (issue 12, ninth pass): lowering a
+                        // fractional level to the whole count of every answer kept the board
+                        // 1.1-1.3 requests below the server's from mid-run on. (Its exact rule
+                        // was a margin against float ties with the server's arithmetic; the
+                        // buckets' arithmetic is exact now.)
+                        let slack = answered.map_or(0, |g| {
                             let elapsed = now.saturating_duration_since(g.at);
                             let (rate, cap) = (s.bucket.rate_per_sec(), s.bucket.capacity());
                             self.ledger.slack(i, &g.returned, elapsed, rate, cap)
@@ -901,15 +900,14 @@ impl Entry {
                 continue;
             }
             let elapsed = now.saturating_duration_since(grant.at);
-            let refill = certain_refill(elapsed, s.bucket.rate_per_sec());
+            let refill = certain_refill(elapsed, &s.bucket);
             let Some(floor) = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant) else {
                 continue;
             };
-            let level = s.bucket.level(now);
-            if floor as f64 > level {
+            if s.bucket.below(floor, now) {
                 tracing::debug!(
                     bucket = i,
-                    from = level,
+                    from = s.bucket.level(now),
                     to = floor,
                     "quota board: raising a level to the server's view"
                 );
