@@ -37,7 +37,9 @@ pub struct TokenBucket {
     /// Units, at most [`MAX_CAPACITY`].
     capacity: u64,
     /// Refill period in nanoseconds, in `1..=MAX_PERIOD_NS`.
-    period: u128,
+    period: u64,
+    /// `capacity × period`: the full level, scaled.
+    full: i128,
     /// The level in `1 / period` units (units × period in nanoseconds): a nanosecond refills
     /// exactly `capacity` of these, so refill, takes and waits are exact integer arithmetic
     /// (issue 12, ninth pass: with `f64`, a level refilled in steps could differ from the same
@@ -51,7 +53,16 @@ pub struct TokenBucket {
 /// of [`MAX_PERIOD_NS`] at most, keeps every scaled level within an `i128`.
 const MAX_CAPACITY: u64 = 1 << 62;
 /// The longest refill period, in nanoseconds (longer ones are clamped): about 73 years.
-const MAX_PERIOD_NS: u128 = 1 << 61;
+const MAX_PERIOD_NS: u64 = 1 << 61;
+
+/// `x` as a float without the software conversion of a 128-bit integer (~45 instructions):
+/// exact below 2^53, rounded (twice at most) above.
+fn as_f64(x: i128) -> f64 {
+    match i64::try_from(x) {
+        Ok(x) => x as f64,
+        Err(_) => ((x >> 64) as i64) as f64 * 18_446_744_073_709_551_616.0 + (x as u64) as f64,
+    }
+}
 
 /// Why a take failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +80,13 @@ impl TokenBucket {
     /// `1 / period` units), so a level refilled in steps equals the level refilled at once.
     pub fn new(capacity: u64, period: Duration, now: Instant) -> Self {
         let capacity = capacity.min(MAX_CAPACITY);
-        let period = period.as_nanos().clamp(1, MAX_PERIOD_NS);
+        let period = period.as_nanos().clamp(1, MAX_PERIOD_NS as u128) as u64;
+        let full = capacity as i128 * period as i128;
         Self {
             capacity,
             period,
-            level: capacity as i128 * period as i128,
+            full,
+            level: full,
             updated: now,
         }
     }
@@ -89,20 +102,54 @@ impl TokenBucket {
     }
 
     fn full(&self) -> i128 {
-        self.capacity as i128 * self.period as i128
+        self.full
+    }
+
+    /// The scaled units `elapsed` refills (past two periods every level, never below
+    /// `-capacity`, is full again).
+    fn added(&self, elapsed: Duration) -> i128 {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.added_nanos(nanos)
+    }
+
+    /// [`added`](Self::added) for `nanos` nanoseconds: one 64 × 64-bit multiplication.
+    fn added_nanos(&self, nanos: u64) -> i128 {
+        (nanos.min(2 * self.period) as u128 * self.capacity as u128) as i128
     }
 
     fn refill(&mut self, now: Instant) {
         if now > self.updated {
-            // Past two periods every level (never below `-capacity`) is full again.
-            let elapsed = now
-                .duration_since(self.updated)
-                .as_nanos()
-                .min(2 * self.period);
-            let added = elapsed as i128 * self.capacity as i128;
-            self.level = (self.level + added).min(self.full());
+            let added = self.added(now.duration_since(self.updated));
+            self.level = (self.level + added).min(self.full);
             self.updated = now;
         }
+    }
+
+    /// Refills to `now`, not above `capacity - held` (see [`refill_below`](Self::refill_below)),
+    /// when the bucket was last refilled at `from`, `nanos` nanoseconds before `now`: the
+    /// buckets of one `(key, group)` are refilled together, so the elapsed time is computed
+    /// once for the three. A bucket refilled at another instant computes its own.
+    pub(crate) fn refill_after(&mut self, from: Instant, nanos: u64, held: u64, now: Instant) {
+        if self.updated != from {
+            return self.refill_below_held(held, now);
+        }
+        if nanos == 0 {
+            return;
+        }
+        let before = self.level;
+        self.level = (self.level + self.added_nanos(nanos)).min(self.full);
+        self.updated = now;
+        if held > 0 {
+            let ceiling = self.full - self.scaled(held);
+            if self.level > ceiling {
+                self.level = before.max(ceiling).min(self.level);
+            }
+        }
+    }
+
+    /// When the bucket was last refilled.
+    pub(crate) fn updated(&self) -> Instant {
+        self.updated
     }
 
     /// The capacity (the per-period limit).
@@ -118,7 +165,7 @@ impl TokenBucket {
     /// Units available at `now` (negative while in debt).
     pub fn level(&mut self, now: Instant) -> f64 {
         self.refill(now);
-        self.level as f64 / self.period as f64
+        as_f64(self.level) / self.period as f64
     }
 
     /// Whether the level at `now` is above `n` units (exactly: no float rounding).
@@ -136,8 +183,7 @@ impl TokenBucket {
     /// The whole units an empty bucket refills in `elapsed` (rounded down, exactly; at most
     /// two capacities).
     pub(crate) fn refill_in(&self, elapsed: Duration) -> u64 {
-        let nanos = elapsed.as_nanos().min(2 * self.period);
-        (nanos * self.capacity as u128 / self.period) as u64
+        (self.added(elapsed) / self.period as i128) as u64
     }
 
     /// The available fraction of capacity at `now`, in `0.0..=1.0`.
@@ -146,7 +192,7 @@ impl TokenBucket {
             return 0.0;
         }
         self.refill(now);
-        (self.level as f64 / self.full() as f64).clamp(0.0, 1.0)
+        (as_f64(self.level) / as_f64(self.full)).clamp(0.0, 1.0)
     }
 
     /// How long until `n` units are available; `Some(ZERO)` when they are now, `None` when `n`
@@ -157,11 +203,7 @@ impl TokenBucket {
         }
         let mut level = self.level;
         if now > self.updated {
-            let elapsed = now
-                .duration_since(self.updated)
-                .as_nanos()
-                .min(2 * self.period);
-            level = (level + elapsed as i128 * self.capacity as i128).min(self.full());
+            level = (level + self.added(now.duration_since(self.updated))).min(self.full);
         }
         let missing = self.scaled(n) - level;
         if missing <= 0 {
@@ -172,8 +214,7 @@ impl TokenBucket {
         }
         // Round up to the next nanosecond so that waking at `now + d` always suffices (and,
         // the arithmetic being exact, a nanosecond earlier does not).
-        let cap = self.capacity as u128;
-        let nanos = (missing as u128).div_ceil(cap);
+        let nanos = (missing as u128).div_ceil(self.capacity as u128);
         Some(Duration::from_nanos(
             u64::try_from(nanos).unwrap_or(u64::MAX),
         ))
@@ -314,7 +355,8 @@ impl TokenBucket {
     pub fn set_capacity(&mut self, capacity: u64, now: Instant) {
         self.refill(now);
         self.capacity = capacity.min(MAX_CAPACITY);
-        let full = self.full();
+        self.full = self.capacity as i128 * self.period as i128;
+        let full = self.full;
         self.level = self.level.clamp(-full, full);
     }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use hashbrown::hash_map::Entry as MapEntry;
+use hashbrown::hash_map::EntryRef as EntryRefSlot;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -22,6 +22,24 @@ use crate::tenant::fair::FairQueue;
 
 /// `(key id, rate-limit group)`.
 pub(crate) type EntryKey = (KeyId, RateLimitGroup);
+
+/// An [`EntryKey`] borrowed: looks an entry up without cloning the two names (two reference
+/// counts up and down per lookup, several lookups per request). Hashes as the tuple does
+/// (each field in order), so it finds what the tuple finds.
+#[derive(Hash)]
+struct EntryRef<'a>(&'a KeyId, &'a RateLimitGroup);
+
+impl hashbrown::Equivalent<EntryKey> for EntryRef<'_> {
+    fn equivalent(&self, key: &EntryKey) -> bool {
+        *self.0 == key.0 && *self.1 == key.1
+    }
+}
+
+impl From<&EntryRef<'_>> for EntryKey {
+    fn from(key: &EntryRef<'_>) -> Self {
+        (key.0.clone(), key.1.clone())
+    }
+}
 
 /// Index of the requests, input tokens and output tokens buckets.
 const REQUESTS: usize = 0;
@@ -713,9 +731,22 @@ impl Entry {
     }
 
     fn refill_below_ceiling(&mut self, now: Instant) {
+        // The buckets are refilled together: the time since their last refill, computed once
+        // (a bucket refilled at another instant computes its own).
+        let Some(from) = self
+            .slots
+            .iter()
+            .flatten()
+            .next()
+            .map(|s| s.bucket.updated())
+        else {
+            return;
+        };
+        let nanos =
+            u64::try_from(now.saturating_duration_since(from).as_nanos()).unwrap_or(u64::MAX);
         for (slot, u) in self.slots.iter_mut().zip(self.ledger.unanswered) {
             if let Some(s) = slot {
-                s.bucket.refill_below_held(u, now);
+                s.bucket.refill_after(from, nanos, u, now);
             }
         }
     }
@@ -1077,7 +1108,7 @@ impl State {
 
     fn limits_for(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
         if !self.key_limits.is_empty() {
-            if let Some(l) = self.key_limits.get(&(key.clone(), group.clone())) {
+            if let Some(l) = self.key_limits.get(&EntryRef(key, group)) {
                 return Some(*l);
             }
         }
@@ -1085,7 +1116,7 @@ impl State {
     }
 
     fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
-        let k = (key.clone(), group.clone());
+        let k = EntryRef(key, group);
         if self.entries.len() >= self.next_sweep && !self.entries.contains_key(&k) {
             self.sweep(now);
         }
@@ -1098,10 +1129,10 @@ impl State {
             mirror,
             ..
         } = self;
-        match entries.entry(k) {
-            MapEntry::Occupied(e) => e.into_mut(),
-            MapEntry::Vacant(v) => {
-                let own = key_limits.get(v.key()).copied();
+        match entries.entry_ref(&k) {
+            EntryRefSlot::Occupied(e) => e.into_mut(),
+            EntryRefSlot::Vacant(v) => {
+                let own = key_limits.get(&k).copied();
                 let limits = own.or_else(|| group_limits.get(group).copied().or(*default_limits));
                 let mut entry = Entry::new(limits, now, *mirror);
                 // Limits configured for this very key: an entry an operator asked for.
@@ -1319,7 +1350,7 @@ impl LocalBackend {
     ) -> WaitPoll {
         let now = Instant::now();
         let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+        let Some(e) = st.entries.get_mut(&EntryRef(key, group)) else {
             // Cannot happen: an entry with waiters is never evicted. Report a timeout rather
             // than panic.
             return WaitPoll::TimedOut(None);
@@ -1380,7 +1411,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        let e = st.entries.get_mut(&(key.clone(), group.clone()))?;
+        let e = st.entries.get_mut(&EntryRef(key, group))?;
         let removed = e.queue.remove(id).is_some();
         let decided = e.decided.remove(&id);
         let mut in_store = None;
@@ -1411,7 +1442,7 @@ impl LocalBackend {
         let own = answered.map_or(0, |g| g.blind);
         let (mut take, mut held) = ([0u64; 3], [0u64; 3]);
         let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+        let Some(e) = st.entries.get_mut(&EntryRef(key, group)) else {
             return (take, held);
         };
         for b in e.blind.iter_mut().filter(|b| !b.in_store) {
@@ -1441,7 +1472,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        let k = (key.clone(), group.clone());
+        let k = EntryRef(key, group);
         let mut in_store = None;
         if let Some(e) = st.entries.get_mut(&k) {
             in_store = e.settle(grant, outcome, now);
@@ -1468,7 +1499,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+        if let Some(e) = st.entries.get_mut(&EntryRef(key, group)) {
             e.refill(now);
             let grant = e.effective(grant);
             e.ledger.answer(&grant);
@@ -1509,7 +1540,7 @@ impl LocalBackend {
     pub(crate) fn is_seeding(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
         let st = self.lock();
         st.entries
-            .get(&(key.clone(), group.clone()))
+            .get(&EntryRef(key, group))
             .is_some_and(|e| e.seeding)
     }
 
@@ -1518,7 +1549,7 @@ impl LocalBackend {
     pub(crate) fn is_probing(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
         let st = self.lock();
         st.entries
-            .get(&(key.clone(), group.clone()))
+            .get(&EntryRef(key, group))
             .is_some_and(|e| e.probe_out)
     }
 
@@ -1529,7 +1560,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+        if let Some(e) = st.entries.get_mut(&EntryRef(key, group)) {
             if e.seeding {
                 e.seeding = false;
                 e.drain(now, None);
@@ -1545,7 +1576,7 @@ impl LocalBackend {
     ) -> Option<T> {
         let now = Instant::now();
         let mut st = self.lock();
-        match st.entries.get_mut(&(key.clone(), group.clone())) {
+        match st.entries.get_mut(&EntryRef(key, group)) {
             Some(e) => {
                 e.refill(now);
                 Some(f(e, now))
@@ -1748,6 +1779,33 @@ mod tests {
             .expect("a requests bucket")
             .bucket
             .level(now)
+    }
+
+    /// The buckets of an entry are refilled with one elapsed time (issue 14, the board's cost
+    /// per request); a bucket refilled on its own at another instant (a level set from a
+    /// shared store's view) is not refilled twice for the same time.
+    #[test]
+    fn buckets_refilled_apart_are_refilled_once_for_each_instant() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(3), t0 + Duration::from_secs(7));
+        let mut e = Entry::new(Some(Limits::new(60, 6_000, 600)), t0, false);
+        for s in e.slots.iter_mut().flatten() {
+            s.bucket.force_take(s.bucket.capacity(), t0);
+        }
+        // The output bucket alone is brought to t1 (as `set_levels` does).
+        e.slots[OUTPUT]
+            .as_mut()
+            .expect("output")
+            .bucket
+            .force_take(0, t1);
+        e.refill(t2);
+        let levels: Vec<f64> = e
+            .slots
+            .iter_mut()
+            .flatten()
+            .map(|s| s.bucket.level(t2))
+            .collect();
+        assert_eq!(levels, [7.0, 700.0, 70.0]);
     }
 
     #[test]
