@@ -186,6 +186,23 @@ impl TokenBucket {
         (self.added(elapsed) / self.period as i128) as u64
     }
 
+    /// The available fraction of capacity at `now` and the seconds until the bucket is full
+    /// again by refill, without changing the bucket (a view: no clone, one refill).
+    pub(crate) fn room(&self, now: Instant) -> (f64, f64) {
+        if self.capacity == 0 {
+            return (0.0, 0.0);
+        }
+        let mut level = self.level;
+        if now > self.updated {
+            level = (level + self.added(now.duration_since(self.updated))).min(self.full);
+        }
+        let fraction = (as_f64(level) / as_f64(self.full)).clamp(0.0, 1.0);
+        // Missing scaled units refill at `capacity` a nanosecond.
+        let missing = (self.full - level).max(0);
+        let secs = as_f64(missing) / (self.capacity as f64 * 1e9);
+        (fraction, secs)
+    }
+
     /// The available fraction of capacity at `now`, in `0.0..=1.0`.
     pub fn fraction(&mut self, now: Instant) -> f64 {
         if self.capacity == 0 {

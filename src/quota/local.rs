@@ -150,16 +150,6 @@ pub(crate) struct Room {
     pub(crate) full_in: Duration,
 }
 
-/// Seconds until `bucket`, at `level`, is full by refill (0 when it is, or never refills).
-fn secs_until_full(bucket: &TokenBucket, level: f64) -> f64 {
-    let missing = (bucket.capacity() as f64 - level).max(0.0);
-    if missing <= 0.0 || bucket.rate_per_sec() <= 0.0 {
-        0.0
-    } else {
-        missing / bucket.rate_per_sec()
-    }
-}
-
 /// The refill (units, rounded down) a server bucket of `rate` units a second certainly had
 /// between its count of a request admitted here `elapsed` ago and that request's answer,
 /// arriving now: the server counted it at the latest [`SEND_GRACE`] after it was admitted,
@@ -1018,8 +1008,8 @@ impl Entry {
                 let mut b = s.bucket.clone();
                 let level = b.level(now);
                 let cap = b.capacity();
-                let f = b.fraction(now);
-                let until_full = Duration::from_secs_f64(secs_until_full(&b, level));
+                let (f, secs) = b.room(now);
+                let until_full = Duration::from_secs_f64(secs);
                 fraction = fraction.min(f);
                 full_in = full_in.max(until_full);
                 *view = Some(BucketHeadroom {
@@ -1045,10 +1035,9 @@ impl Entry {
         let mut fraction: f64 = 1.0;
         let mut full_in: f64 = 0.0;
         for s in self.slots.iter().flatten() {
-            let mut b = s.bucket.clone();
-            let level = b.level(now);
-            fraction = fraction.min(b.fraction(now));
-            full_in = full_in.max(secs_until_full(&b, level));
+            let (f, secs) = s.bucket.room(now);
+            fraction = fraction.min(f);
+            full_in = full_in.max(secs);
         }
         Room {
             fraction,
