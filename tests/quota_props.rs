@@ -64,7 +64,7 @@ fn max_window(events: &[(Instant, [i64; 3])], bucket: usize, window: Duration) -
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), .. ProptestConfig::default() })]
 
     /// In any 60 s window, what the board lets through (net of refunds) never exceeds
     /// limit + capacity, in each of the three buckets; and when everything is settled and the
@@ -163,7 +163,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), .. ProptestConfig::default() })]
 
     /// Issue 18, bug 3: whatever usage is settled (up to `u64::MAX` tokens, as a broken
     /// upstream may report), a bucket's debt is bounded by one capacity: a request that fits
@@ -209,6 +209,16 @@ proptest! {
         prop_assert!(full_in <= Duration::from_secs(120), "full in {full_in:?}");
         prop_assert_eq!(after, 1.0);
     }
+}
+
+/// The number of cases of a property: `default`, or `QUOTA_PROPS_CASES` when set (the docs'
+/// tables raise it to 1 000: `QUOTA_PROPS_CASES=1000 cargo test --features testing --test
+/// quota_props`).
+fn cases(default: u32) -> u32 {
+    std::env::var("QUOTA_PROPS_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default)
 }
 
 fn limits_array(l: Limits) -> [i64; 3] {
@@ -450,7 +460,7 @@ fn window_excess(sent: &[(Instant, [u64; 2])], b: usize, cap: u64) -> Option<f64
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), .. ProptestConfig::default() })]
 
     /// Upward reconciliation: a board that learns its limits from the answers and raises its
     /// levels to what they show (`Reservation::observe`) never lets through more than the
@@ -486,7 +496,7 @@ fn late_count_flight() -> impl Strategy<Value = Flight> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), .. ProptestConfig::default() })]
 
     /// The raise's floor (issue 12, sixth pass): whatever refill an answer lets the board
     /// credit between the server's count and the answer, nothing more than the limit reaches
@@ -513,7 +523,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), .. ProptestConfig::default() })]
 
     /// Slow answers behind a slow probe (issue 12, seventh pass): the probe's answer takes
     /// longer than the probe grace (2 s), so the requests queued behind it go blind (no

@@ -38,7 +38,11 @@ async fn one_key_with_instant_answers_reaches_the_ideal() {
 }
 
 /// Two and four keys, one fleet each behind one stack: every key is used to its limits
-/// (two keys took 53.3 s at 9e1570c; 41.8 s and 41.9 s now), evenly.
+/// (two keys took 53.3 s at 9e1570c; 41.8 s and 41.9 s now), evenly. The fleets of one
+/// stack finish in the order they started, about a second apart with four (FIFO across the
+/// fleets' closed loops): 6.6-7.6 % apart over `SEED` 1-8 at f0b6a54, 6.6-8.1 % since the
+/// request level keeps its fraction (issue 12, ninth pass: the first fleet ends 38.7 ->
+/// 38.5 s with seed 1, the last at 41.9 s either way), hence 8.5 %.
 #[tokio::test(start_paused = true)]
 async fn every_key_is_used_to_its_limits() {
     for keys in [2, 4] {
@@ -51,7 +55,7 @@ async fn every_key_is_used_to_its_limits() {
         let first = report.fleets.iter().min().unwrap();
         let last = report.fleets.iter().max().unwrap();
         let spread = (*last - *first).as_secs_f64() / last.as_secs_f64();
-        assert!(spread <= 0.08, "fleets {:?}", report.fleets);
+        assert!(spread <= 0.085, "fleets {:?}", report.fleets);
         let fair = config.tasks_per_fleet;
         assert!(
             report.per_key.iter().all(|&n| n.abs_diff(fair) <= 3),

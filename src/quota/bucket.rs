@@ -34,13 +34,34 @@ use tokio::time::Instant;
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBucket {
-    capacity: f64,
-    /// Units per second.
-    rate: f64,
-    /// Refill period in seconds (capacity / rate).
-    period: f64,
-    level: f64,
+    /// Units, at most [`MAX_CAPACITY`].
+    capacity: u64,
+    /// Refill period in nanoseconds, in `1..=MAX_PERIOD_NS`.
+    period: u64,
+    /// `capacity × period`: the full level, scaled.
+    full: i128,
+    /// The level in `1 / period` units (units × period in nanoseconds): a nanosecond refills
+    /// exactly `capacity` of these, so refill, takes and waits are exact integer arithmetic
+    /// (issue 12, ninth pass: with `f64`, a level refilled in steps could differ from the same
+    /// level refilled at once, and a board and a server that agree exactly could disagree on
+    /// whether one unit is there — a float tie, 0.9999999999999984 against 1).
+    level: i128,
     updated: Instant,
+}
+
+/// The largest capacity a bucket keeps (larger ones are clamped): 2^62 units, with a period
+/// of [`MAX_PERIOD_NS`] at most, keeps every scaled level within an `i128`.
+const MAX_CAPACITY: u64 = 1 << 62;
+/// The longest refill period, in nanoseconds (longer ones are clamped): about 73 years.
+const MAX_PERIOD_NS: u64 = 1 << 61;
+
+/// `x` as a float without the software conversion of a 128-bit integer (~45 instructions):
+/// exact below 2^53, rounded (twice at most) above.
+fn as_f64(x: i128) -> f64 {
+    match i64::try_from(x) {
+        Ok(x) => x as f64,
+        Err(_) => ((x >> 64) as i64) as f64 * 18_446_744_073_709_551_616.0 + (x as u64) as f64,
+    }
 }
 
 /// Why a take failed.
@@ -55,14 +76,17 @@ pub enum TakeError {
 impl TokenBucket {
     /// A full bucket of `capacity` units refilled over `period`.
     ///
-    /// A zero `period` is treated as one nanosecond.
+    /// A zero `period` is treated as one nanosecond. The arithmetic is exact (integers of
+    /// `1 / period` units), so a level refilled in steps equals the level refilled at once.
     pub fn new(capacity: u64, period: Duration, now: Instant) -> Self {
-        let period = period.as_secs_f64().max(1e-9);
+        let capacity = capacity.min(MAX_CAPACITY);
+        let period = period.as_nanos().clamp(1, MAX_PERIOD_NS as u128) as u64;
+        let full = capacity as i128 * period as i128;
         Self {
-            capacity: capacity as f64,
-            rate: capacity as f64 / period,
+            capacity,
             period,
-            level: capacity as f64,
+            full,
+            level: full,
             updated: now,
         }
     }
@@ -72,57 +96,145 @@ impl TokenBucket {
         Self::new(limit, Duration::from_secs(60), now)
     }
 
+    /// `n` units in the scaled representation.
+    fn scaled(&self, n: u64) -> i128 {
+        (n.min(MAX_CAPACITY * 2) as i128) * self.period as i128
+    }
+
+    fn full(&self) -> i128 {
+        self.full
+    }
+
+    /// The scaled units `elapsed` refills (past two periods every level, never below
+    /// `-capacity`, is full again).
+    fn added(&self, elapsed: Duration) -> i128 {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.added_nanos(nanos)
+    }
+
+    /// [`added`](Self::added) for `nanos` nanoseconds: one 64 × 64-bit multiplication.
+    fn added_nanos(&self, nanos: u64) -> i128 {
+        (nanos.min(2 * self.period) as u128 * self.capacity as u128) as i128
+    }
+
     fn refill(&mut self, now: Instant) {
         if now > self.updated {
-            let elapsed = now.duration_since(self.updated).as_secs_f64();
-            self.level = (self.level + elapsed * self.rate).min(self.capacity);
+            let added = self.added(now.duration_since(self.updated));
+            self.level = (self.level + added).min(self.full);
             self.updated = now;
         }
     }
 
+    /// Refills to `now`, not above `capacity - held` (see [`refill_below`](Self::refill_below)),
+    /// when the bucket was last refilled at `from`, `nanos` nanoseconds before `now`: the
+    /// buckets of one `(key, group)` are refilled together, so the elapsed time is computed
+    /// once for the three. A bucket refilled at another instant computes its own.
+    pub(crate) fn refill_after(&mut self, from: Instant, nanos: u64, held: u64, now: Instant) {
+        if self.updated != from {
+            return self.refill_below_held(held, now);
+        }
+        if nanos == 0 {
+            return;
+        }
+        let before = self.level;
+        self.level = (self.level + self.added_nanos(nanos)).min(self.full);
+        self.updated = now;
+        if held > 0 {
+            let ceiling = self.full - self.scaled(held);
+            if self.level > ceiling {
+                self.level = before.max(ceiling).min(self.level);
+            }
+        }
+    }
+
+    /// When the bucket was last refilled.
+    pub(crate) fn updated(&self) -> Instant {
+        self.updated
+    }
+
     /// The capacity (the per-period limit).
     pub fn capacity(&self) -> u64 {
-        self.capacity as u64
+        self.capacity
     }
 
     /// Units added per second.
     pub fn rate_per_sec(&self) -> f64 {
-        self.rate
+        self.capacity as f64 * 1e9 / self.period as f64
     }
 
     /// Units available at `now` (negative while in debt).
     pub fn level(&mut self, now: Instant) -> f64 {
         self.refill(now);
-        self.level
+        as_f64(self.level) / self.period as f64
+    }
+
+    /// Whether the level at `now` is above `n` units (exactly: no float rounding).
+    pub(crate) fn above(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        self.level > self.scaled(n)
+    }
+
+    /// Whether the level at `now` is below `n` units (exactly).
+    pub(crate) fn below(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        self.level < self.scaled(n)
+    }
+
+    /// The whole units an empty bucket refills in `elapsed` (rounded down, exactly; at most
+    /// two capacities).
+    pub(crate) fn refill_in(&self, elapsed: Duration) -> u64 {
+        (self.added(elapsed) / self.period as i128) as u64
+    }
+
+    /// The available fraction of capacity at `now` and the seconds until the bucket is full
+    /// again by refill, without changing the bucket (a view: no clone, one refill).
+    pub(crate) fn room(&self, now: Instant) -> (f64, f64) {
+        if self.capacity == 0 {
+            return (0.0, 0.0);
+        }
+        let mut level = self.level;
+        if now > self.updated {
+            level = (level + self.added(now.duration_since(self.updated))).min(self.full);
+        }
+        let fraction = (as_f64(level) / as_f64(self.full)).clamp(0.0, 1.0);
+        // Missing scaled units refill at `capacity` a nanosecond.
+        let missing = (self.full - level).max(0);
+        let secs = as_f64(missing) / (self.capacity as f64 * 1e9);
+        (fraction, secs)
     }
 
     /// The available fraction of capacity at `now`, in `0.0..=1.0`.
     pub fn fraction(&mut self, now: Instant) -> f64 {
-        if self.capacity <= 0.0 {
+        if self.capacity == 0 {
             return 0.0;
         }
-        (self.level(now) / self.capacity).clamp(0.0, 1.0)
+        self.refill(now);
+        (as_f64(self.level) / as_f64(self.full)).clamp(0.0, 1.0)
     }
 
     /// How long until `n` units are available; `Some(ZERO)` when they are now, `None` when `n`
     /// exceeds the capacity.
     pub fn time_until(&self, n: u64, now: Instant) -> Option<Duration> {
-        let n = n as f64;
         if n > self.capacity {
             return None;
         }
-        let mut probe = self.clone();
-        probe.refill(now);
-        let missing = n - probe.level;
-        if missing <= 0.0 {
+        let mut level = self.level;
+        if now > self.updated {
+            level = (level + self.added(now.duration_since(self.updated))).min(self.full);
+        }
+        let missing = self.scaled(n) - level;
+        if missing <= 0 {
             return Some(Duration::ZERO);
         }
-        if probe.rate <= 0.0 {
+        if self.capacity == 0 {
             return None;
         }
-        // Round up to the next nanosecond so that waking at `now + d` always suffices.
-        let secs = missing / probe.rate;
-        Some(Duration::from_nanos((secs * 1e9).ceil() as u64))
+        // Round up to the next nanosecond so that waking at `now + d` always suffices (and,
+        // the arithmetic being exact, a nanosecond earlier does not).
+        let nanos = (missing as u128).div_ceil(self.capacity as u128);
+        Some(Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
     }
 
     /// Takes `n` units if they are available now.
@@ -131,7 +243,7 @@ impl TokenBucket {
             None => Err(TakeError::ExceedsCapacity),
             Some(Duration::ZERO) => {
                 self.refill(now);
-                self.level -= n as f64;
+                self.level -= self.scaled(n);
                 Ok(())
             }
             Some(wait) => Err(TakeError::Wait(wait)),
@@ -142,13 +254,13 @@ impl TokenBucket {
     /// `-capacity` at most.
     pub fn force_take(&mut self, n: u64, now: Instant) {
         self.refill(now);
-        self.level = (self.level - n as f64).max(-self.capacity);
+        self.level = (self.level - self.scaled(n)).max(-self.full());
     }
 
     /// Gives `n` units back (a refund of an unused reservation), never above capacity.
     pub fn refund(&mut self, n: u64, now: Instant) {
         self.refill(now);
-        self.level = (self.level + n as f64).min(self.capacity);
+        self.level = (self.level + self.scaled(n)).min(self.full());
     }
 
     /// Settles a reservation of `reserved` units whose real cost was `actual`: refunds the
@@ -159,6 +271,14 @@ impl TokenBucket {
         } else if actual > reserved {
             self.force_take(actual - reserved, now);
         }
+    }
+
+    /// `ceiling` units in the scaled representation (rounded down: a fractional ceiling
+    /// keeps the bucket below it).
+    fn scaled_ceiling(&self, ceiling: f64) -> i128 {
+        let scaled = (ceiling * self.period as f64).floor();
+        // `as` saturates (and maps NaN to 0).
+        scaled as i128
     }
 
     /// Refills up to `ceiling` at most: what the refill would add above it is lost, as it is
@@ -178,6 +298,18 @@ impl TokenBucket {
     /// assert_eq!(bucket.level(start + Duration::from_secs(30)), 55.0);
     /// ```
     pub fn refill_below(&mut self, ceiling: f64, now: Instant) {
+        let ceiling = self.scaled_ceiling(ceiling);
+        self.refill_under(ceiling, now);
+    }
+
+    /// [`refill_below`](Self::refill_below) with a ceiling of whole units below the capacity
+    /// (`capacity - held`, exact).
+    pub(crate) fn refill_below_held(&mut self, held: u64, now: Instant) {
+        let ceiling = self.full() - self.scaled(held);
+        self.refill_under(ceiling, now);
+    }
+
+    fn refill_under(&mut self, ceiling: i128, now: Instant) {
         let before = self.level;
         self.refill(now);
         if self.level > ceiling {
@@ -199,9 +331,20 @@ impl TokenBucket {
     /// assert_eq!(bucket.level(now), 40.0);
     /// ```
     pub fn refund_below(&mut self, n: u64, ceiling: f64, now: Instant) {
+        let ceiling = self.scaled_ceiling(ceiling);
+        self.refund_under(n, ceiling, now);
+    }
+
+    /// [`refund_below`](Self::refund_below) with a ceiling of `capacity - held` (exact).
+    pub(crate) fn refund_below_held(&mut self, n: u64, held: u64, now: Instant) {
+        let ceiling = self.full() - self.scaled(held);
+        self.refund_under(n, ceiling, now);
+    }
+
+    fn refund_under(&mut self, n: u64, ceiling: i128, now: Instant) {
         self.refill(now);
         let before = self.level;
-        self.level = (self.level + n as f64).min(self.capacity);
+        self.level = (self.level + self.scaled(n)).min(self.full());
         if self.level > ceiling {
             self.level = before.max(ceiling).min(self.level);
         }
@@ -211,14 +354,14 @@ impl TokenBucket {
     /// capacity. Use [`TokenBucket::lower_to`] to only ever tighten.
     pub fn set_level(&mut self, level: u64, now: Instant) {
         self.refill(now);
-        self.level = (level as f64).min(self.capacity);
+        self.level = self.scaled(level).min(self.full());
     }
 
     /// Lowers the level to `level` if it is currently higher (the server knows of usage we did
     /// not see, e.g. other clients of the same organisation).
     pub fn lower_to(&mut self, level: u64, now: Instant) {
         self.refill(now);
-        let level = (level as f64).min(self.capacity);
+        let level = self.scaled(level).min(self.full());
         if level < self.level {
             self.level = level;
         }
@@ -228,14 +371,16 @@ impl TokenBucket {
     /// to the new capacity.
     pub fn set_capacity(&mut self, capacity: u64, now: Instant) {
         self.refill(now);
-        self.capacity = capacity as f64;
-        self.rate = self.capacity / self.period;
-        self.level = self.level.clamp(-self.capacity, self.capacity);
+        self.capacity = capacity.min(MAX_CAPACITY);
+        self.full = self.capacity as i128 * self.period as i128;
+        let full = self.full;
+        self.level = self.level.clamp(-full, full);
     }
 
     /// Whether the bucket is full at `now` (an idle bucket carries no state worth keeping).
     pub fn is_full(&mut self, now: Instant) -> bool {
-        self.level(now) >= self.capacity
+        self.refill(now);
+        self.level >= self.full()
     }
 }
 
@@ -275,6 +420,32 @@ mod tests {
         b.settle(0, 80, t0);
         assert_eq!(b.level(t0), -20.0);
         assert_eq!(b.time_until(10, t0), Some(Duration::from_secs(18)));
+    }
+
+    /// Issue 12, ninth pass: the level refilled in steps is the level refilled at once, so
+    /// a unit that `time_until` says is there after 0.5 s is there however the 0.5 s were
+    /// cut (in `f64`, 0.285 + 0.157 + 0.058 s at 2 units a second left 0.9999999999999999).
+    #[test]
+    fn a_refill_in_steps_is_the_refill_at_once() {
+        let t0 = Instant::now();
+        let mut steps = TokenBucket::per_minute(120, t0);
+        steps.force_take(120, t0);
+        let mut once = steps.clone();
+        assert_eq!(once.time_until(1, t0), Some(Duration::from_millis(500)));
+        let mut t = t0;
+        for ms in [285, 157, 58] {
+            t += Duration::from_millis(ms);
+            steps.refill(t);
+        }
+        once.refill(t);
+        assert_eq!(steps, once);
+        assert_eq!(steps.level(t), 1.0);
+        assert!(steps.try_take(1, t).is_ok());
+        assert_eq!(steps.time_until(1, t), Some(Duration::from_millis(500)));
+        assert_eq!(
+            steps.time_until(1, t + Duration::from_nanos(1)),
+            Some(Duration::from_nanos(499_999_999))
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use hashbrown::hash_map::Entry as MapEntry;
+use hashbrown::hash_map::EntryRef as EntryRefSlot;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -22,6 +22,24 @@ use crate::tenant::fair::FairQueue;
 
 /// `(key id, rate-limit group)`.
 pub(crate) type EntryKey = (KeyId, RateLimitGroup);
+
+/// An [`EntryKey`] borrowed: looks an entry up without cloning the two names (two reference
+/// counts up and down per lookup, several lookups per request). Hashes as the tuple does
+/// (each field in order), so it finds what the tuple finds.
+#[derive(Hash)]
+struct EntryRef<'a>(&'a KeyId, &'a RateLimitGroup);
+
+impl hashbrown::Equivalent<EntryKey> for EntryRef<'_> {
+    fn equivalent(&self, key: &EntryKey) -> bool {
+        *self.0 == key.0 && *self.1 == key.1
+    }
+}
+
+impl From<&EntryRef<'_>> for EntryKey {
+    fn from(key: &EntryRef<'_>) -> Self {
+        (key.0.clone(), key.1.clone())
+    }
+}
 
 /// Index of the requests, input tokens and output tokens buckets.
 const REQUESTS: usize = 0;
@@ -132,16 +150,6 @@ pub(crate) struct Room {
     pub(crate) full_in: Duration,
 }
 
-/// Seconds until `bucket`, at `level`, is full by refill (0 when it is, or never refills).
-fn secs_until_full(bucket: &TokenBucket, level: f64) -> f64 {
-    let missing = (bucket.capacity() as f64 - level).max(0.0);
-    if missing <= 0.0 || bucket.rate_per_sec() <= 0.0 {
-        0.0
-    } else {
-        missing / bucket.rate_per_sec()
-    }
-}
-
 /// The refill (units, rounded down) a server bucket of `rate` units a second certainly had
 /// between its count of a request admitted here `elapsed` ago and that request's answer,
 /// arriving now: the server counted it at the latest [`SEND_GRACE`] after it was admitted,
@@ -151,9 +159,8 @@ fn secs_until_full(bucket: &TokenBucket, level: f64) -> f64 {
 /// refill of a quick answer is never certain). Issue 12, sixth pass: crediting the refill of
 /// the whole answer time overshoots (`tests/quota_props.rs`,
 /// `the_raise_credits_no_refill_the_server_may_not_have_had`).
-pub(crate) fn certain_refill(elapsed: Duration, rate: f64) -> u64 {
-    let certain = elapsed.saturating_sub(SEND_GRACE).as_secs_f64();
-    (rate * certain).floor() as u64
+pub(crate) fn certain_refill(elapsed: Duration, bucket: &TokenBucket) -> u64 {
+    bucket.refill_in(elapsed.saturating_sub(SEND_GRACE))
 }
 
 /// What a `(key, group)` has handed out, for upward reconciliation (raising a local level to
@@ -382,7 +389,7 @@ impl Slot {
     fn observe_remaining(&mut self, r: u64, rounding: u64, now: Instant) {
         // Only a level above the range proves that someone else used the quota; the bucket
         // is contended then, so take the low end.
-        if self.bucket.level(now) > r.saturating_add(rounding) as f64 {
+        if self.bucket.above(r.saturating_add(rounding), now) {
             self.bucket.lower_to(r, now);
         }
     }
@@ -714,10 +721,22 @@ impl Entry {
     }
 
     fn refill_below_ceiling(&mut self, now: Instant) {
+        // The buckets are refilled together: the time since their last refill, computed once
+        // (a bucket refilled at another instant computes its own).
+        let Some(from) = self
+            .slots
+            .iter()
+            .flatten()
+            .next()
+            .map(|s| s.bucket.updated())
+        else {
+            return;
+        };
+        let nanos =
+            u64::try_from(now.saturating_duration_since(from).as_nanos()).unwrap_or(u64::MAX);
         for (slot, u) in self.slots.iter_mut().zip(self.ledger.unanswered) {
             if let Some(s) = slot {
-                let ceiling = s.bucket.capacity() as f64 - u as f64;
-                s.bucket.refill_below(ceiling, now);
+                s.bucket.refill_after(from, nanos, u, now);
             }
         }
     }
@@ -782,8 +801,7 @@ impl Entry {
         {
             if let (Some(s), Some(n)) = (slot, back) {
                 // The server's bucket, full, may not have taken a refund whole either.
-                let ceiling = s.bucket.capacity() as f64 - u as f64;
-                s.bucket.refund_below(n, ceiling, now);
+                s.bucket.refund_below_held(n, u, now);
             }
         }
         if matches!(outcome, Outcome::Actual(_) | Outcome::Served) {
@@ -847,10 +865,12 @@ impl Entry {
                         // count `R` means a true level in `[R, R + 999]`, and the answer to
                         // one of our grants may predate refunds and refill since it was
                         // taken: only a level above all that proves that someone else used
-                        // the quota. (Requests are never given back on a success: their
-                        // count keeps the exact rule, whose floor is a margin against ties
-                        // with the server's clock.)
-                        let slack = answered.filter(|_| i != REQUESTS).map_or(0, |g| {
+                        // the quota. The request count too (issue 12, ninth pass): lowering a
+                        // fractional level to the whole count of every answer kept the board
+                        // 1.1-1.3 requests below the server's from mid-run on. (Its exact rule
+                        // was a margin against float ties with the server's arithmetic; the
+                        // buckets' arithmetic is exact now.)
+                        let slack = answered.map_or(0, |g| {
                             let elapsed = now.saturating_duration_since(g.at);
                             let (rate, cap) = (s.bucket.rate_per_sec(), s.bucket.capacity());
                             self.ledger.slack(i, &g.returned, elapsed, rate, cap)
@@ -901,15 +921,14 @@ impl Entry {
                 continue;
             }
             let elapsed = now.saturating_duration_since(grant.at);
-            let refill = certain_refill(elapsed, s.bucket.rate_per_sec());
+            let refill = certain_refill(elapsed, &s.bucket);
             let Some(floor) = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant) else {
                 continue;
             };
-            let level = s.bucket.level(now);
-            if floor as f64 > level {
+            if s.bucket.below(floor, now) {
                 tracing::debug!(
                     bucket = i,
-                    from = level,
+                    from = s.bucket.level(now),
                     to = floor,
                     "quota board: raising a level to the server's view"
                 );
@@ -989,8 +1008,8 @@ impl Entry {
                 let mut b = s.bucket.clone();
                 let level = b.level(now);
                 let cap = b.capacity();
-                let f = b.fraction(now);
-                let until_full = Duration::from_secs_f64(secs_until_full(&b, level));
+                let (f, secs) = b.room(now);
+                let until_full = Duration::from_secs_f64(secs);
                 fraction = fraction.min(f);
                 full_in = full_in.max(until_full);
                 *view = Some(BucketHeadroom {
@@ -1016,10 +1035,9 @@ impl Entry {
         let mut fraction: f64 = 1.0;
         let mut full_in: f64 = 0.0;
         for s in self.slots.iter().flatten() {
-            let mut b = s.bucket.clone();
-            let level = b.level(now);
-            fraction = fraction.min(b.fraction(now));
-            full_in = full_in.max(secs_until_full(&b, level));
+            let (f, secs) = s.bucket.room(now);
+            fraction = fraction.min(f);
+            full_in = full_in.max(secs);
         }
         Room {
             fraction,
@@ -1079,7 +1097,7 @@ impl State {
 
     fn limits_for(&self, key: &KeyId, group: &RateLimitGroup) -> Option<Limits> {
         if !self.key_limits.is_empty() {
-            if let Some(l) = self.key_limits.get(&(key.clone(), group.clone())) {
+            if let Some(l) = self.key_limits.get(&EntryRef(key, group)) {
                 return Some(*l);
             }
         }
@@ -1087,7 +1105,7 @@ impl State {
     }
 
     fn entry(&mut self, key: &KeyId, group: &RateLimitGroup, now: Instant) -> &mut Entry {
-        let k = (key.clone(), group.clone());
+        let k = EntryRef(key, group);
         if self.entries.len() >= self.next_sweep && !self.entries.contains_key(&k) {
             self.sweep(now);
         }
@@ -1100,10 +1118,10 @@ impl State {
             mirror,
             ..
         } = self;
-        match entries.entry(k) {
-            MapEntry::Occupied(e) => e.into_mut(),
-            MapEntry::Vacant(v) => {
-                let own = key_limits.get(v.key()).copied();
+        match entries.entry_ref(&k) {
+            EntryRefSlot::Occupied(e) => e.into_mut(),
+            EntryRefSlot::Vacant(v) => {
+                let own = key_limits.get(&k).copied();
                 let limits = own.or_else(|| group_limits.get(group).copied().or(*default_limits));
                 let mut entry = Entry::new(limits, now, *mirror);
                 // Limits configured for this very key: an entry an operator asked for.
@@ -1321,7 +1339,7 @@ impl LocalBackend {
     ) -> WaitPoll {
         let now = Instant::now();
         let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+        let Some(e) = st.entries.get_mut(&EntryRef(key, group)) else {
             // Cannot happen: an entry with waiters is never evicted. Report a timeout rather
             // than panic.
             return WaitPoll::TimedOut(None);
@@ -1382,7 +1400,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        let e = st.entries.get_mut(&(key.clone(), group.clone()))?;
+        let e = st.entries.get_mut(&EntryRef(key, group))?;
         let removed = e.queue.remove(id).is_some();
         let decided = e.decided.remove(&id);
         let mut in_store = None;
@@ -1413,7 +1431,7 @@ impl LocalBackend {
         let own = answered.map_or(0, |g| g.blind);
         let (mut take, mut held) = ([0u64; 3], [0u64; 3]);
         let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) else {
+        let Some(e) = st.entries.get_mut(&EntryRef(key, group)) else {
             return (take, held);
         };
         for b in e.blind.iter_mut().filter(|b| !b.in_store) {
@@ -1443,7 +1461,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        let k = (key.clone(), group.clone());
+        let k = EntryRef(key, group);
         let mut in_store = None;
         if let Some(e) = st.entries.get_mut(&k) {
             in_store = e.settle(grant, outcome, now);
@@ -1470,7 +1488,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+        if let Some(e) = st.entries.get_mut(&EntryRef(key, group)) {
             e.refill(now);
             let grant = e.effective(grant);
             e.ledger.answer(&grant);
@@ -1511,7 +1529,7 @@ impl LocalBackend {
     pub(crate) fn is_seeding(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
         let st = self.lock();
         st.entries
-            .get(&(key.clone(), group.clone()))
+            .get(&EntryRef(key, group))
             .is_some_and(|e| e.seeding)
     }
 
@@ -1520,7 +1538,7 @@ impl LocalBackend {
     pub(crate) fn is_probing(&self, key: &KeyId, group: &RateLimitGroup) -> bool {
         let st = self.lock();
         st.entries
-            .get(&(key.clone(), group.clone()))
+            .get(&EntryRef(key, group))
             .is_some_and(|e| e.probe_out)
     }
 
@@ -1531,7 +1549,7 @@ impl LocalBackend {
         let _changed = Changed(self);
         let now = Instant::now();
         let mut st = self.lock();
-        if let Some(e) = st.entries.get_mut(&(key.clone(), group.clone())) {
+        if let Some(e) = st.entries.get_mut(&EntryRef(key, group)) {
             if e.seeding {
                 e.seeding = false;
                 e.drain(now, None);
@@ -1547,7 +1565,7 @@ impl LocalBackend {
     ) -> Option<T> {
         let now = Instant::now();
         let mut st = self.lock();
-        match st.entries.get_mut(&(key.clone(), group.clone())) {
+        match st.entries.get_mut(&EntryRef(key, group)) {
             Some(e) => {
                 e.refill(now);
                 Some(f(e, now))
@@ -1750,6 +1768,33 @@ mod tests {
             .expect("a requests bucket")
             .bucket
             .level(now)
+    }
+
+    /// The buckets of an entry are refilled with one elapsed time (issue 14, the board's cost
+    /// per request); a bucket refilled on its own at another instant (a level set from a
+    /// shared store's view) is not refilled twice for the same time.
+    #[test]
+    fn buckets_refilled_apart_are_refilled_once_for_each_instant() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(3), t0 + Duration::from_secs(7));
+        let mut e = Entry::new(Some(Limits::new(60, 6_000, 600)), t0, false);
+        for s in e.slots.iter_mut().flatten() {
+            s.bucket.force_take(s.bucket.capacity(), t0);
+        }
+        // The output bucket alone is brought to t1 (as `set_levels` does).
+        e.slots[OUTPUT]
+            .as_mut()
+            .expect("output")
+            .bucket
+            .force_take(0, t1);
+        e.refill(t2);
+        let levels: Vec<f64> = e
+            .slots
+            .iter_mut()
+            .flatten()
+            .map(|s| s.bucket.level(t2))
+            .collect();
+        assert_eq!(levels, [7.0, 700.0, 70.0]);
     }
 
     #[test]

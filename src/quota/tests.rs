@@ -709,6 +709,36 @@ async fn a_stale_remaining_does_not_undo_refunds_given_back_since() {
     c.settle(Cost::new(1, 300, 60));
 }
 
+/// Issue 12, ninth pass: an answer's request count is the server's whole count when it took
+/// the request; the refill since explains a fractional level above it, which is kept (before,
+/// every answer lowered the level to the whole count: the board sat 1.1-1.3 requests below
+/// the server from mid-run on). A level above what the refill since explains is still
+/// lowered (another client of the key).
+#[tokio::test(start_paused = true)]
+async fn a_request_count_lowers_no_fraction_the_refill_since_explains() {
+    let b = board(120, 1_000_000, 1_000_000);
+    let wait = |b: &QuotaBoard| b.time_until_fits(&k(), &g(), &Cost::new(1, 0, 0)).unwrap();
+    let all = b.acquire(k(), g(), Cost::new(120, 0, 0)).await.unwrap();
+    all.settle(Cost::new(120, 0, 0));
+    // 2 requests a second: the next one fits at 0.5 s, the server takes it and counts 0 left.
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let r = b.acquire(k(), g(), Cost::new(1, 0, 0)).await.unwrap();
+    let view = snap((120, 0), (1_000_000, 1_000_000), (1_000_000, 1_000_000));
+    // Its answer comes 0.45 s later: 0.9 of a request refilled since, on both sides.
+    tokio::time::advance(Duration::from_millis(450)).await;
+    r.observe(&view);
+    assert_eq!(wait(&b), Duration::from_millis(50));
+    r.settle(Cost::new(1, 0, 0));
+    // 2 s later a count of 0 is more than the refill since explains: lowered.
+    tokio::time::advance(Duration::from_millis(2_050)).await;
+    let r = b.acquire(k(), g(), Cost::new(1, 0, 0)).await.unwrap();
+    assert_eq!(wait(&b), Duration::ZERO);
+    tokio::time::advance(Duration::from_millis(250)).await;
+    r.observe(&view);
+    assert_eq!(wait(&b), Duration::from_millis(500));
+    r.settle(Cost::new(1, 0, 0));
+}
+
 /// Issue 12 (the reconciliation property, which failed at 9e1570c with more cases): a take
 /// whose answer has not arrived may not have reached the server yet; if the server's bucket
 /// is full meanwhile, the refill is lost there, so it is not counted here either — for the
