@@ -130,8 +130,10 @@ async fn two_boards_never_admit_more_than_the_limit_together() {
         return;
     };
     let rpm = 30;
-    let a = redis_board(&server.url(), "t1:", rpm).await;
-    let b = redis_board(&server.url(), "t1:", rpm).await;
+    // Patient boards: a reply later than 100 ms on a loaded machine would put a call on the
+    // outage fallback (each node's local share), which this test does not measure.
+    let a = patient_redis_board(&server.url(), "t1:", rpm).await;
+    let b = patient_redis_board(&server.url(), "t1:", rpm).await;
     let start = Instant::now();
     let (ta, tb) = both(&a, &b, Duration::from_millis(800)).await;
     let elapsed = start.elapsed().as_secs_f64();
@@ -305,17 +307,19 @@ async fn refunds_reach_every_node_and_wake_local_waiters() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let a = redis_board(&server.url(), "t5:", 2).await;
-    let b = redis_board(&server.url(), "t5:", 2).await;
+    let a = patient_redis_board(&server.url(), "t5:", 2).await;
+    let b = patient_redis_board(&server.url(), "t5:", 2).await;
+    // Waits of 200 ms: long enough for a Redis round trip on a loaded machine, far shorter
+    // than the refill (one unit in 30 s), so a refused take still proves nothing was free.
     let take = |board: &QuotaBoard, wait_ms: u64| {
         board
             .acquire(key(), group(), Cost::new(1, 0, 0))
             .max_wait(Duration::from_millis(wait_ms))
     };
-    let r1 = take(&a, 10).await.unwrap();
-    let r2 = take(&a, 10).await.unwrap();
+    let r1 = take(&a, 200).await.unwrap();
+    let r2 = take(&a, 200).await.unwrap();
     assert_eq!(
-        take(&b, 10).await.unwrap_err().kind(),
+        take(&b, 200).await.unwrap_err().kind(),
         AcquireErrorKind::QueueTimeout
     );
 
@@ -335,10 +339,10 @@ async fn refunds_reach_every_node_and_wake_local_waiters() {
     // The refunded unit is in Redis: the other node gets it; the dropped reservation stays
     // charged.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    take(&b, 10).await.unwrap().settle(Cost::new(1, 0, 0));
+    take(&b, 200).await.unwrap().settle(Cost::new(1, 0, 0));
     drop(r2);
     assert_eq!(
-        take(&b, 10).await.unwrap_err().kind(),
+        take(&b, 200).await.unwrap_err().kind(),
         AcquireErrorKind::QueueTimeout
     );
 }
