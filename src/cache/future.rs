@@ -236,6 +236,9 @@ impl Plan {
     }
 }
 
+// Inlined: a response is large (its head and the body's state), and a call moved it in and
+// out of this function.
+#[inline]
 pub(crate) fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     res.headers_mut().insert(
         names::X_TOWER_CLAUDE_CACHE.clone(),

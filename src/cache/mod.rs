@@ -172,8 +172,8 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] (moka, bounded by what entries really cost, so resident memory follows the
-//! bound) and, with the `disk-cache` feature, `DiskStore` (a redb file that survives restarts,
+//! [`MemoryStore`] (a few shards of a map with CLOCK eviction, bounded by what entries really
+//! cost, so resident memory follows the bound) and, with the `disk-cache` feature, `DiskStore` (a redb file that survives restarts,
 //! bounded by size, oldest evicted first, compacted so the file shrinks). Any other backend
 //! implements [`CacheStore`]. A store error is a miss, never a failed request.
 //!
