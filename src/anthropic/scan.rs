@@ -95,8 +95,13 @@ impl<'a> Scanner<'a> {
             .cloned();
         // Spans are `u32`: a larger body (never a Messages API request) gets no hints.
         s.canon.on = u32::try_from(b.len()).is_ok();
-        // Room for a typical request's nesting without growing (one allocation).
-        s.canon.stack = Vec::with_capacity(16);
+        // This thread's member stack of its last recording (no allocation per scan); room
+        // for a typical request's nesting without growing the first time.
+        s.canon.stack = STACK
+            .try_with(std::cell::Cell::take)
+            .ok()
+            .filter(|stack| stack.capacity() > 0)
+            .unwrap_or_else(|| Vec::with_capacity(16));
         s
     }
 
@@ -1108,11 +1113,29 @@ impl CanonRecorder {
                 Some(held) => Seen::Held(held),
                 None => Seen::Fingerprint(xxhash_rust::xxh3::xxh3_64(b)),
             },
-            objects: self.objects,
-            members: self.kept,
+            objects: std::mem::take(&mut self.objects),
+            members: std::mem::take(&mut self.kept),
             numbers: self.numbers,
             odd_numbers: self.odd_numbers,
         })))
+    }
+}
+
+thread_local! {
+    /// The member stack of this thread's last recording, kept for the next one.
+    static STACK: std::cell::Cell<Vec<MemberSpan>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The largest member stack kept for the next recording.
+const KEPT_STACK: usize = 1024;
+
+impl Drop for CanonRecorder {
+    fn drop(&mut self) {
+        if self.on && self.stack.capacity() <= KEPT_STACK {
+            let mut stack = std::mem::take(&mut self.stack);
+            stack.clear();
+            let _ = STACK.try_with(|c| c.set(stack));
+        }
     }
 }
 

@@ -132,7 +132,7 @@ where
                     } = miss
                         .take()
                         .expect("cache ResponseFuture polled after completion");
-                    match store_head(&config, &plan, res, guard) {
+                    match store_head(&config, plan, res, guard) {
                         Stored::Done(res) => {
                             return Poll::Ready(Ok(mark(res, CacheStatus::Miss)));
                         }
@@ -236,6 +236,9 @@ impl Plan {
     }
 }
 
+// Inlined: a response is large (its head and the body's state), and a call moved it in and
+// out of this function.
+#[inline]
 pub(crate) fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
     res.headers_mut().insert(
         names::X_TOWER_CLAUDE_CACHE.clone(),
@@ -246,17 +249,20 @@ pub(crate) fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> 
 }
 
 /// The model that produced a response: the fallback layer's [`ServedModel`] extension or
-/// `x-tower-claude-model` header, else the requested model.
-fn served_model(parts: &http::response::Parts, plan: &Plan) -> String {
-    if let Some(served) = parts.extensions.get::<ServedModel>() {
-        return served.served.clone();
+/// `x-tower-claude-model` header, else the requested model; the request's own name (`plan`'s,
+/// moved: no copy) when it is the requested model. And the key of the request for it.
+fn served_model(parts: &http::response::Parts, plan: Plan) -> (String, CacheKey) {
+    let named = match parts.extensions.get::<ServedModel>() {
+        Some(served) => Some(served.served.as_str()),
+        None => parts
+            .headers
+            .get(&names::X_TOWER_CLAUDE_MODEL)
+            .and_then(|v| v.to_str().ok()),
+    };
+    match named {
+        Some(served) if served != plan.requested() => (served.to_owned(), plan.key_for(served)),
+        _ => (plan.requested, plan.key),
     }
-    parts
-        .headers
-        .get(&names::X_TOWER_CLAUDE_MODEL)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(plan.requested())
-        .to_owned()
 }
 
 /// What [`store_head`] made of a miss's response.
@@ -285,7 +291,7 @@ pub(crate) struct Reading {
 /// caller never waits for it.
 pub(crate) fn store_head<ResBody>(
     config: &Arc<Config>,
-    plan: &Plan,
+    plan: Plan,
     res: Response<ResBody>,
     guard: Option<FlightGuard>,
 ) -> Stored<ResBody>
@@ -298,8 +304,7 @@ where
     }
     let is_sse = crate::body::is_event_stream(res.headers());
     let (mut parts, body) = res.into_parts();
-    let served = served_model(&parts, plan);
-    let key = plan.key_for(&served);
+    let (served, key) = served_model(&parts, plan);
     if is_sse {
         let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
         let tee = Tee::new(

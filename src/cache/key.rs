@@ -20,8 +20,10 @@ use crate::anthropic::parsed_names as names;
 /// v2 (issue 13, third pass): the canonical body entered the key as its length and its own
 /// BLAKE3 hash. v3 (issue 13, pv13): the key is a keyed BLAKE3 under a key derived from the
 /// cache's secret ([`CacheSecret`](super::CacheSecret)), and the body enters as its length and
-/// its NH digests under another (see [`KeyBase::key`]).
-const KEY_CONTEXT: &str = "tower-claude 2026-12 response cache key v3";
+/// its NH digests under another (see [`KeyBase::key`]). v4 (issue 13, cm13): the request
+/// line keys the PRF instead of entering it (see [`KeyBase`]), and NH digests 4 KiB chunks
+/// instead of 1 KiB: one BLAKE3 compression per key for the usual body instead of two.
+const KEY_CONTEXT: &str = "tower-claude 2026-12 response cache key v4";
 
 /// A hasher in [`KEY_CONTEXT`]'s key-derivation mode, to clone: deriving the context key
 /// hashes the context string, once per process instead of once per key.
@@ -247,25 +249,54 @@ pub(crate) type KeyHashBuilder = std::hash::BuildHasherDefault<KeyHasher>;
 /// A map keyed by [`CacheKey`], hashed with [`KeyHasher`].
 pub(crate) type KeyMap<V> = std::collections::HashMap<CacheKey, V, KeyHashBuilder>;
 
-/// Everything of a key but the body: the cache's keys, the partition, the method, the path and
-/// query, `anthropic-version` and `anthropic-beta`; [`KeyBase::key`] adds a body. The cache
-/// keeps it to derive the key of the same request for another model.
+/// Everything of a key but the body: the cache's keys and the **request-line key**, a keyed
+/// BLAKE3 under the request's partition of its method, path and query, `anthropic-version`
+/// and `anthropic-beta`; [`KeyBase::key`] adds a body. The cache keeps it to derive the key of
+/// the same request for another model.
 ///
-/// It holds the bytes of these fields as the key hashes them (about 130), not a hasher in
-/// their state: a `blake3::Hasher` is 1.9 KB, which every move of the cache's per-request
-/// state copied, and BLAKE3 hashes the same bytes alike in one update or several (the key is
-/// the same).
+/// The request-line key is the same for every request of one caller (one tenant or API key,
+/// one endpoint, one API version): each thread remembers the last few it derived (by the
+/// partition and the fields; the memo is this thread's memory only, as `Partition::of`'s
+/// is), so that a request usually pays a memo lookup instead of a BLAKE3 (~0.9k instructions
+/// with the fields' bytes it wrote) and no allocation.
 #[derive(Clone)]
 pub(crate) struct KeyBase {
     keys: Arc<Keys>,
-    /// The key of the PRF.
-    partition: [u8; 32],
-    prefix: Vec<u8>,
+    /// The key of the PRF: the request-line key.
+    line: [u8; 32],
 }
 
 impl fmt::Debug for KeyBase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyBase").finish_non_exhaustive()
+    }
+}
+
+/// The longest input of the request-line memo: the partition (32 bytes) and the four
+/// length-prefixed fields (a Messages call: about 40 bytes without betas).
+const MEMO_LINE: usize = 32 + 480;
+
+thread_local! {
+    static LINES: std::cell::RefCell<crate::anthropic::recent::Recent<[u8; 32]>> =
+        const { std::cell::RefCell::new(crate::anthropic::recent::Recent::new(MEMO_LINE)) };
+}
+
+/// A `Sink` of fixed capacity on the stack, that remembers whether it overflowed.
+struct StackBytes<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+    overflow: bool,
+}
+
+impl<const N: usize> Sink for StackBytes<N> {
+    fn put(&mut self, bytes: &[u8]) {
+        match self.bytes.get_mut(self.len..self.len + bytes.len()) {
+            Some(to) if !self.overflow => {
+                to.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            _ => self.overflow = true,
+        }
     }
 }
 
@@ -282,61 +313,77 @@ impl KeyBase {
             .get(&names::ANTHROPIC_VERSION)
             .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
         let betas = canonical_betas(headers);
-        let mut h = Vec::with_capacity(
-            4 * 4 + method.as_str().len() + path.len() + version.len() + betas.len(),
-        );
         // Every variable-length field is length-prefixed, so that no two different field
         // sequences hash the same bytes. The partition is not among them: it keys the hash.
-        field(&mut h, method.as_str().as_bytes());
-        field(&mut h, path.as_bytes());
-        field(&mut h, version);
-        field(&mut h, betas.as_bytes());
+        let fields = |sink: &mut dyn Sink| {
+            field(sink, method.as_str().as_bytes());
+            field(sink, path.as_bytes());
+            field(sink, version);
+            field(sink, betas.as_bytes());
+        };
+        let derive = |fields: &[u8]| *blake3::keyed_hash(&partition.0, fields).as_bytes();
+        let mut input = StackBytes::<MEMO_LINE> {
+            bytes: [0; MEMO_LINE],
+            len: 0,
+            overflow: false,
+        };
+        input.put(&partition.0);
+        fields(&mut input);
+        let line = if input.overflow {
+            // Long betas or a long query: derived every time.
+            let mut all = Vec::new();
+            fields(&mut all);
+            derive(&all)
+        } else {
+            let input = &input.bytes[..input.len];
+            match LINES.try_with(|r| r.borrow().get(input)).ok().flatten() {
+                Some(line) => line,
+                None => {
+                    let line = derive(&input[32..]);
+                    let _ = LINES.try_with(|r| r.borrow_mut().put(input, line));
+                    line
+                }
+            }
+        };
         Self {
             keys: keys.clone(),
-            partition: partition.0,
-            prefix: h,
+            line,
         }
     }
 
     /// The key of the request whose canonical body (see
     /// [`write_canonical`](crate::anthropic::write_canonical)) is `canonical`.
     ///
-    /// A keyed BLAKE3 (the PRF) under the request's partition (itself a keyed BLAKE3 of the
-    /// tenant under a key derived from the cache's secret: a secret key per tenant) over the
-    /// fields of the base, the body's length and the NH digest of each 1 KiB chunk of the
-    /// body (32 bytes per chunk, under another derived key; see `Keys::nh`). Keyed by the
-    /// partition rather than hashing it as a field, a 2 KB body's input is about 110 bytes
-    /// (four fields with 4-byte lengths, the length, two digests): two BLAKE3 blocks instead
-    /// of three. NH is a universal hash,
-    /// not a collision-resistant one: it costs ~1.2 instructions per byte where BLAKE3 cost
-    /// ~3.7 (2 KB bodies: ~2.4k instructions instead of 7.6k with BLAKE3's padding trick),
-    /// and it needs its key to be secret, which is what the cache's secret is for (the
-    /// argument is in the module docs, *Keys*). The length tells the zero padding of the last
-    /// chunk from bytes, and fixes the number of digests.
+    /// A keyed BLAKE3 (the PRF) under the request-line key (see [`KeyBase`]: itself a keyed
+    /// BLAKE3 under the partition, which is a keyed BLAKE3 of the tenant under a key derived
+    /// from the cache's secret: a secret key per tenant and request line) over the body's
+    /// length and the NH digest of each 4 KiB chunk of the body (32 bytes per chunk, under
+    /// another derived key; see `Keys::nh`). For a body of up to 4 KiB that is 40 bytes: one
+    /// BLAKE3 compression (key layout v3 hashed the request-line fields, the length and two
+    /// digests of 1 KiB chunks for a 2 KB body: two). NH is a universal hash, not a
+    /// collision-resistant one: it costs ~1.2 instructions per byte where BLAKE3 cost ~3.7
+    /// (2 KB bodies: ~2.4k instructions instead of 7.6k with BLAKE3's padding trick), and it
+    /// needs its key to be secret, which is what the cache's secret is for (the argument is in
+    /// the module docs, *Keys*). The length tells the zero padding of the last chunk from
+    /// bytes, and fixes the number of digests.
     pub(crate) fn key(&self, canonical: &[u8]) -> CacheKey {
-        let mut h = blake3::Hasher::new_keyed(&self.partition);
-        // The other fields, the length and the digests in one update where they fit (the same
-        // bytes as several updates: the same key): ~40 + 8 + 64 bytes for a 2 KB body.
-        let mut all = [0u8; 512];
-        let mut n = 0;
-        let mut put = |h: &mut blake3::Hasher, bytes: &[u8]| {
-            if n + bytes.len() > all.len() {
-                h.update(&all[..n]);
-                n = 0;
-                if bytes.len() > all.len() {
-                    h.update(bytes);
-                    return;
-                }
+        // The length and the digests in one buffer (the same bytes as several updates: the
+        // same key); a body of more than `STACK_CHUNKS` chunks is hashed as it goes.
+        const STACK_CHUNKS: usize = 8;
+        let mut all = [0u8; 8 + 32 * STACK_CHUNKS];
+        all[..8].copy_from_slice(&(canonical.len() as u64).to_le_bytes());
+        let chunks = canonical.len().div_ceil(NH_CHUNK);
+        if chunks <= STACK_CHUNKS {
+            for (i, chunk) in canonical.chunks(NH_CHUNK).enumerate() {
+                all[8 + 32 * i..8 + 32 * (i + 1)].copy_from_slice(&self.keys.nh(chunk));
             }
-            all[n..n + bytes.len()].copy_from_slice(bytes);
-            n += bytes.len();
-        };
-        put(&mut h, &self.prefix);
-        put(&mut h, &(canonical.len() as u64).to_le_bytes());
-        for chunk in canonical.chunks(NH_CHUNK) {
-            put(&mut h, &self.keys.nh(chunk));
+            return CacheKey(*blake3::keyed_hash(&self.line, &all[..8 + 32 * chunks]).as_bytes());
         }
-        h.update(&all[..n]);
+        let mut h = blake3::Hasher::new_keyed(&self.line);
+        h.update(&all[..8]);
+        for chunk in canonical.chunks(NH_CHUNK) {
+            h.update(&self.keys.nh(chunk));
+        }
         CacheKey(*h.finalize().as_bytes())
     }
 
@@ -390,7 +437,8 @@ thread_local! {
     static CANONICAL: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Something the fields of a key are written to: the hasher, or the bytes of a [`KeyBase`].
+/// Something the fields of a key are written to: a hasher, or the bytes of a request-line
+/// key's input.
 trait Sink {
     fn put(&mut self, bytes: &[u8]);
 }
@@ -409,7 +457,7 @@ impl Sink for Vec<u8> {
 
 /// A field, prefixed with its length as 4 bytes (no field of a request comes near 4 GiB: the
 /// body, the only long part, enters as a `u64` length and its digests).
-fn field(h: &mut impl Sink, bytes: &[u8]) {
+fn field(h: &mut (impl Sink + ?Sized), bytes: &[u8]) {
     h.put(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
     h.put(bytes);
 }
@@ -697,7 +745,7 @@ mod tests {
         let uri = "/v1/messages".parse().unwrap();
         let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &HeaderMap::new());
         // NH pads the last chunk with zeros to whole 16 bytes: 1,500 bytes hash as this body
-        // followed by 4 zeros, and a body of 2,048 bytes as two whole chunks; the length keeps
+        // followed by 4 zeros, and a body of 2,048 bytes as 128 whole pairs; the length keeps
         // them apart.
         let short = vec![b'x'; 1_500];
         for pad in [1, 4, 548] {
@@ -707,10 +755,23 @@ mod tests {
         }
         // One, two, three chunks: equal bodies give equal keys, and any difference, in the
         // first or last byte of any chunk too, changes the key.
-        for len in [0, 10, 1_024, 1_025, 2_030, 2_500, 4_000] {
+        for len in [
+            0, 10, 1_024, 1_025, 2_030, 2_500, 4_000, 4_096, 4_097, 9_000, 40_000,
+        ] {
             let body = vec![b'y'; len];
             assert_eq!(base.key(&body), base.key(&body.clone()));
-            for at in [0, 1_023, 1_024, 2_047, 2_048, len.saturating_sub(1)] {
+            for at in [
+                0,
+                1_023,
+                1_024,
+                2_047,
+                2_048,
+                4_095,
+                4_096,
+                8_191,
+                8_192,
+                len.saturating_sub(1),
+            ] {
                 if at < len {
                     let mut other = body.clone();
                     other[at] = b'z';
@@ -756,10 +817,14 @@ mod tests {
         );
     }
 
-    /// Key layout v3, pinned: a disk cache written by an earlier build of the same layout
-    /// keeps its entries (under the same secret).
+    /// Key layout v4, pinned: a disk cache written by an earlier build of the same layout
+    /// keeps its entries (under the same secret). And the key is the documented composition:
+    /// a keyed BLAKE3 under the request-line key (a keyed BLAKE3 under the partition of the
+    /// length-prefixed method, path and query, version and sorted betas) of the canonical
+    /// body's length and its NH digests, for bodies hashed in one buffer and for bodies of
+    /// more chunks than that buffer holds (hashed as they go).
     #[test]
-    fn key_layout_v3_is_stable() {
+    fn key_layout_v4_is_stable_and_the_documented_composition() {
         let mut h = HeaderMap::new();
         h.insert("x-api-key", "sk-golden".parse().unwrap());
         h.insert("anthropic-version", "2023-06-01".parse().unwrap());
@@ -768,15 +833,63 @@ mod tests {
         let p = Partition::of(&keys.partition, &http::Extensions::new(), &h, None);
         let uri = "/v1/messages?beta=true".parse().unwrap();
         let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
-        let body = format!(
-            r#"{{"model":"m","max_tokens":5,"x":"{}"}}"#,
-            "y".repeat(1_500)
-        );
-        let key = base.key_of_body(body.as_bytes()).unwrap();
+        let body = |n: usize| format!(r#"{{"model":"m","max_tokens":5,"x":"{}"}}"#, "y".repeat(n));
+        let key = base.key_of_body(body(1_500).as_bytes()).unwrap();
         assert_eq!(
             key.to_string(),
-            "45a8a10d798e1f70a9db2952a0d679e059c752aebba574e0fd20b198089896ee"
+            "e6f80c60647bb53a558151869501bf3f4f2ee1355ae5f948d7289c7a0181ffb8"
         );
+        let mut fields = Vec::new();
+        for f in [
+            &b"POST"[..],
+            b"/v1/messages?beta=true",
+            b"2023-06-01",
+            b"a,b",
+        ] {
+            fields.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            fields.extend_from_slice(f);
+        }
+        let line = blake3::keyed_hash(&p.0, &fields);
+        for n in [0, 1_500, 4_050, 4_100, 40_000] {
+            let mut canonical = Vec::new();
+            crate::anthropic::write_canonical(body(n).as_bytes(), &mut canonical).unwrap();
+            let mut input = (canonical.len() as u64).to_le_bytes().to_vec();
+            for chunk in canonical.chunks(NH_CHUNK) {
+                input.extend_from_slice(&keys.nh(chunk));
+            }
+            let want = CacheKey(*blake3::keyed_hash(line.as_bytes(), &input).as_bytes());
+            assert_eq!(base.key_of_body(body(n).as_bytes()), Some(want), "{n}");
+        }
+        // The remembered request-line key is the derived one, and another line is another key.
+        let again = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
+        assert_eq!(again.line, *line.as_bytes());
+        let other = KeyBase::new(
+            &keys,
+            &p,
+            &http::Method::POST,
+            &"/v1/messages".parse().unwrap(),
+            &h,
+        );
+        assert_ne!(other.line, again.line);
+        // A request line too long to remember (600 bytes of betas) is derived each time.
+        let mut long = h.clone();
+        long.insert("anthropic-beta", "z".repeat(600).parse().unwrap());
+        let mut fields = Vec::new();
+        let z = "z".repeat(600);
+        for f in [
+            &b"POST"[..],
+            b"/v1/messages?beta=true",
+            b"2023-06-01",
+            z.as_bytes(),
+        ] {
+            fields.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            fields.extend_from_slice(f);
+        }
+        let want = *blake3::keyed_hash(&p.0, &fields).as_bytes();
+        for _ in 0..2 {
+            let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &long);
+            assert_eq!(base.line, want);
+        }
     }
 
     #[test]

@@ -8,22 +8,29 @@
 //!
 //! Every cache has a **secret** ([`CacheSecret`], 32 random bytes; see [`CacheLayer::secret`]
 //! for where it comes from), from which two independent keys are derived. A [`CacheKey`] is
-//! a keyed BLAKE3 hash (the PRF) under the request's **tenant partition**: a keyed BLAKE3
-//! hash (under the first key) of the request's [`Tenant`] extension, else of the layer's
-//! [`tenant`](CacheLayer::tenant), else of the API key (`x-api-key` or `authorization:
-//! Bearer`), else of a shared anonymous tenant: a secret key per tenant. Two tenants never
-//! share an entry, and the API key itself appears nowhere. It hashes, length-prefixed:
-//! - the method, the path and query, `anthropic-version`, and `anthropic-beta` (flags sorted);
-//! - the canonical JSON body: object members sorted by key recursively, no insignificant
-//!   whitespace, numbers written from their value (an integer as an integer, any other number
-//!   as the shortest round-tripping `f64`), so the key does not depend on `serde_json`'s
-//!   `arbitrary_precision` or `preserve_order` features being enabled elsewhere. It enters as
-//!   its length and the **NH digest** (under the second key) of each of its 1 KiB chunks (key
-//!   layout v3: keys of v2 are misses). The body is read once: the scan of
+//! a keyed BLAKE3 hash (the PRF) under the request's **request-line key**, itself a keyed
+//! BLAKE3 under the request's **tenant partition** of the request line; the partition is a
+//! keyed BLAKE3 hash (under the first key) of the request's [`Tenant`] extension, else of the
+//! layer's [`tenant`](CacheLayer::tenant), else of the API key (`x-api-key` or
+//! `authorization: Bearer`), else of a shared anonymous tenant: a secret key per tenant, and
+//! per tenant and request line. Two tenants never share an entry, and the API key itself
+//! appears nowhere. Length-prefixed:
+//! - the request line (what keys the PRF): the method, the path and query,
+//!   `anthropic-version`, and `anthropic-beta` (flags sorted);
+//! - the canonical JSON body (what the PRF hashes): object members sorted by key
+//!   recursively, no insignificant whitespace, numbers written from their value (an integer
+//!   as an integer, any other number as the shortest round-tripping `f64`), so the key does
+//!   not depend on `serde_json`'s `arbitrary_precision` or `preserve_order` features being
+//!   enabled elsewhere. It enters as its length and the **NH digest** (under the second key)
+//!   of each of its 4 KiB chunks: 40 bytes for the usual body, one BLAKE3 compression (key
+//!   layout v4: keys of v3 are misses). The body is read once: the scan of
 //!   [`RequestMeta`](crate::anthropic::RequestMeta) records where a compact body (as the SDKs
 //!   send it) differs from its canonical form, the members of which objects are out of order,
 //!   and the key copies it span by span; a body with whitespace or escapes `serde_json` would
 //!   write otherwise is written canonically by a second pass. The key is the same either way.
+//!
+//! The request-line key of a caller is the same from one request to the next: each thread
+//! remembers the last few it derived, as it remembers partitions (in its memory only).
 //!
 //! **Why NH, and what the secret protects.** NH (the universal hash of UMAC, RFC 4418, here
 //! with 64-bit words and two Toeplitz-shifted passes) is not collision resistant: whoever
@@ -32,8 +39,10 @@
 //! probability at most 2^-128. A universal hash followed by a PRF is a PRF ("hash then
 //! PRF", as Wegman–Carter MACs and AES-GCM-SIV's tag are built): as long as no two bodies a
 //! client sent collide under NH, every key it can observe (hit or miss, timing, or the key
-//! itself in a Redis key name) is an output of the keyed BLAKE3 on distinct inputs, and so
-//! tells it nothing about the NH key; the chance that any two of `q` requests collide is at
+//! itself in a Redis key name) is an output of the keyed BLAKE3 on distinct inputs (requests
+//! of one partition and request line under one key; of different ones, under different keys,
+//! themselves outputs of the keyed BLAKE3 on distinct length-prefixed inputs), and so tells
+//! it nothing about the NH key; the chance that any two of `q` requests collide is at
 //! most `q²/2^129`. NH costs ~1.2 instructions per byte where BLAKE3 cost ~3.7 (a 2 KB body:
 //! ~2.4k instructions instead of 7.6k; measured candidates in `docs/benchmarks.md`, pv13).
 //!
@@ -163,8 +172,8 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] (moka, bounded by what entries really cost, so resident memory follows the
-//! bound) and, with the `disk-cache` feature, `DiskStore` (a redb file that survives restarts,
+//! [`MemoryStore`] (a few shards of a map with CLOCK eviction, bounded by what entries really
+//! cost, so resident memory follows the bound) and, with the `disk-cache` feature, `DiskStore` (a redb file that survives restarts,
 //! bounded by size, oldest evicted first, compacted so the file shrinks). Any other backend
 //! implements [`CacheStore`]. A store error is a miss, never a failed request.
 //!

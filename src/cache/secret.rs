@@ -94,10 +94,13 @@ impl fmt::Debug for CacheSecret {
 const FALLBACK_CONTEXT: &str = "tower-claude 2026-12 cache secret fallback v1";
 
 /// The context of the derivation of [`Keys`] from a secret. Changing it changes every key.
-const KEYS_CONTEXT: &str = "tower-claude 2026-12 cache keys v3";
+const KEYS_CONTEXT: &str = "tower-claude 2026-12 cache keys v4";
 
-/// The bytes of a body chunk one NH pass covers (see [`Keys::nh`]).
-pub(crate) const NH_CHUNK: usize = 1024;
+/// The bytes of a body chunk one NH pass covers (see [`Keys::nh`]): 4 KiB, so that the usual
+/// request body has one digest, and the PRF after it one BLAKE3 block to compress (key layout
+/// v4; 1 KiB in v3). NH's bound does not depend on the chunk's length; its key grows with it
+/// (4 KiB per cache).
+pub(crate) const NH_CHUNK: usize = 4096;
 
 /// NH key words: one per 8 bytes of a chunk, and two more for the second (Toeplitz-shifted)
 /// pass.
@@ -230,7 +233,7 @@ mod tests {
     fn nh_is_the_definition_and_sees_every_byte() {
         let keys = Keys::derive(&CacheSecret::from_bytes([5; 32]));
         let chunk: Vec<u8> = (0..NH_CHUNK).map(|i| (i * 7 + 3) as u8).collect();
-        for len in [0, 1, 8, 15, 16, 17, 100, 1000, 1023, 1024] {
+        for len in [0, 1, 8, 15, 16, 17, 100, 1000, 1023, 1024, 4080, 4095, 4096] {
             let mut padded = chunk[..len].to_vec();
             padded.resize(len.div_ceil(16) * 16, 0);
             let (mut a, mut b) = (0u128, 0u128);
@@ -250,7 +253,7 @@ mod tests {
             assert_eq!(got[16..], b.to_le_bytes(), "{len}");
         }
         let whole = keys.nh(&chunk);
-        for at in [0, 1, 7, 8, 15, 511, 1016, 1023] {
+        for at in [0, 1, 7, 8, 15, 511, 1016, 1023, 4088, 4095] {
             let mut other = chunk.clone();
             other[at] ^= 0x40;
             assert_ne!(keys.nh(&other), whole, "byte {at}");

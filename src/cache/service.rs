@@ -422,7 +422,7 @@ where
         },
     };
     let res = inner.oneshot(req).await.map_err(Into::into)?;
-    let res = match store_head(&config, &plan, res, guard) {
+    let res = match store_head(&config, plan, res, guard) {
         Stored::Done(res) => res,
         Stored::Read(peek, reading) => store_read(&config, reading, peek.await),
     };

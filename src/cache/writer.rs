@@ -96,6 +96,12 @@ impl Writer {
 
     /// An entry waiting to be stored under `key`.
     pub(crate) fn pending(&self, key: &CacheKey) -> Option<CachedResponse> {
+        // Nothing queued (always, over a store that writes at once): no lock. An entry is
+        // counted before it is put in `pending`, and a lookup that misses one being queued
+        // at that instant is a miss, as it would be a moment earlier.
+        if self.outstanding.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if pending.is_empty() {
             return None;
@@ -124,11 +130,11 @@ impl Writer {
         };
         self.models.record(entry.model());
         let entry = Arc::new(entry);
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, entry.clone());
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
         let queued = tokio::time::Instant::now();
         match tx.try_send((key, entry, ttl, queued)) {
             Ok(()) => {

@@ -1,10 +1,11 @@
-//! In-process store on `moka`.
+//! In-process store: a few shards of a map and a CLOCK ring each, bounded by weight.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use moka::sync::Cache;
 use tokio::time::Instant;
 
 use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreFuture};
@@ -14,46 +15,142 @@ use crate::cache::{CacheKey, CacheSecret};
 struct Entry {
     response: CachedResponse,
     expires_at: Instant,
-    ttl: Duration,
 }
 
-struct EntryExpiry;
+/// One slot of a shard's ring.
+struct Slot {
+    key: CacheKey,
+    /// `None`: a free slot (its index is in `Shard::free`).
+    entry: Option<Arc<Entry>>,
+    weight: u64,
+    /// Looked up since the clock hand last passed: spared once.
+    referenced: bool,
+}
 
-impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+/// A part of the store: its keys map to slots of a ring that a clock hand walks to evict.
+#[derive(Default)]
+struct Shard {
+    map: HashMap<CacheKey, u32, KeyHashBuilder>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// The clock hand: the next slot to consider for eviction.
+    hand: usize,
+    /// The next slot checked for expiry (two per insert).
+    sweep: usize,
+    weight: u64,
+    max: u64,
+}
+
+impl Shard {
+    fn remove_slot(&mut self, at: usize) -> Option<Arc<Entry>> {
+        let slot = &mut self.slots[at];
+        let entry = slot.entry.take()?;
+        self.map.remove(&slot.key);
+        self.weight -= slot.weight;
+        self.free.push(at as u32);
+        Some(entry)
     }
 
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<Entry>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+    /// Evicts one entry: the first, from the hand on, that is expired or was not looked up
+    /// since the hand last passed (the referenced ones it passes lose their mark). `false`
+    /// when the shard is empty.
+    fn evict_one(&mut self, now: Instant) -> bool {
+        if self.map.is_empty() {
+            return false;
+        }
+        loop {
+            let at = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            let slot = &mut self.slots[at];
+            let Some(entry) = &slot.entry else { continue };
+            if slot.referenced && now < entry.expires_at {
+                slot.referenced = false;
+                continue;
+            }
+            // Dropped outside the lock would be better for a large entry; its memory is
+            // returned to the allocator either way (a few hundred instructions).
+            drop(self.remove_slot(at));
+            return true;
+        }
+    }
+
+    /// Frees up to two expired entries after the sweep cursor: the memory of expired entries
+    /// is given back while the store is used, not only when the bound is reached.
+    fn sweep(&mut self, now: Instant) {
+        for _ in 0..2 {
+            if self.slots.is_empty() {
+                return;
+            }
+            let at = self.sweep % self.slots.len();
+            self.sweep = at + 1;
+            if self.slots[at]
+                .entry
+                .as_ref()
+                .is_some_and(|e| now >= e.expires_at)
+            {
+                drop(self.remove_slot(at));
+            }
+        }
+    }
+
+    fn insert(&mut self, key: CacheKey, entry: Arc<Entry>, weight: u64, now: Instant) {
+        self.sweep(now);
+        if let Some(&at) = self.map.get(&key) {
+            let slot = &mut self.slots[at as usize];
+            self.weight = self.weight - slot.weight + weight;
+            slot.weight = weight;
+            slot.entry = Some(entry);
+            slot.referenced = false;
+        } else {
+            // The new entry is not in the ring yet: the hand cannot evict it.
+            while self.weight + weight > self.max && self.evict_one(now) {}
+            let slot = Slot {
+                key,
+                entry: Some(entry),
+                weight,
+                referenced: false,
+            };
+            let at = match self.free.pop() {
+                Some(at) => {
+                    self.slots[at as usize] = slot;
+                    at
+                }
+                None => {
+                    self.slots.push(slot);
+                    (self.slots.len() - 1) as u32
+                }
+            };
+            self.map.insert(key, at);
+            self.weight += weight;
+        }
+        // Another entry replaced by a heavier one may leave the shard over its bound.
+        while self.weight > self.max && self.evict_one(now) {}
     }
 }
 
-/// An in-memory store bounded by bytes, on a [`moka`] cache (TinyLFU admission, LRU eviction).
+/// An in-memory store bounded by bytes: a few shards, each a hash map from key to a slot of
+/// a ring, evicted in CLOCK order (an approximation of least recently used: the hand walks
+/// the ring and evicts the first entry that was not looked up since it last passed, or that
+/// has expired).
 ///
 /// The bound counts what entries really cost ([`CachedResponse::weight`]: body, headers, the
-/// model name, and a measured fixed overhead for the key, the maps and moka's bookkeeping), so
-/// the process's resident memory for the cache follows the bound (measured in
-/// `docs/benchmarks.md`: 1M distinct requests through the proxy).
+/// model name, and a measured fixed overhead for the key, the maps and the store's
+/// bookkeeping), so the process's resident memory for the cache follows the bound (measured
+/// in `docs/benchmarks.md`: 1M distinct requests through the proxy). An entry heavier than
+/// a shard's part of the bound (an eighth of it at most) is not stored.
 ///
-/// Time to live: moka expires entries on its own (real) clock, which does not follow tokio's
-/// paused test clock. So each entry also records its expiry as a [`tokio::time::Instant`] and
-/// [`get`](CacheStore::get) checks it: an entry is never served past its TTL on either clock,
-/// and under `#[tokio::test(start_paused = true)]` TTLs follow `tokio::time::advance`. moka's
-/// own expiry only frees memory.
+/// A lookup is a lock of one shard and a map probe; storing adds a slot of the ring and
+/// evicts what the bound needs, with no allocation but the entry's (this store was on
+/// `moka` until issue 13's cm13 pass: its insert and the lookup of a missing key with their
+/// housekeeping cost ~2.7k instructions of every cache miss; see `docs/benchmarks.md`).
 ///
-/// Clones share the same cache.
+/// Time to live: each entry records its expiry as a [`tokio::time::Instant`], checked on
+/// every lookup, so an entry is never served past its TTL and under
+/// `#[tokio::test(start_paused = true)]` TTLs follow `tokio::time::advance`. Expired entries
+/// are freed when looked up, when the clock hand passes them, and two slots per insert by a
+/// sweep that walks the ring.
+///
+/// Clones share the same store.
 ///
 /// ```
 /// use tower_claude::cache::MemoryStore;
@@ -63,61 +160,94 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    /// Values behind an `Arc`: moka clones the value it is given on insert (and on every
-    /// hit), which for an entry copied its header map and model name and dropped the original
-    /// (~1.1k instructions of a miss); an `Arc` is cloned by a count.
-    cache: Cache<CacheKey, Arc<Entry>, KeyHashBuilder>,
+    shards: Arc<[Mutex<Shard>]>,
     /// The models of every entry ever put (see [`CacheStore::may_hold_other_models`]).
     models: Arc<ModelSet>,
     /// Random, of this store: its entries do not outlive the process.
     secret: CacheSecret,
 }
 
+/// A shard holds at least this much of the bound (so that a large entry fits one), and
+/// there are at most [`MAX_SHARDS`].
+const SHARD_BYTES: u64 = 32 * 1024 * 1024;
+const MAX_SHARDS: u64 = 8;
+
 impl MemoryStore {
     /// A store whose entries weigh ([`CachedResponse::weight`]) at most about `max_bytes`.
     pub fn new(max_bytes: u64) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<Entry>| {
-                u32::try_from(v.response.weight()).unwrap_or(u32::MAX)
-            })
-            .expire_after(EntryExpiry)
-            // Keys are BLAKE3 digests: folded, not hashed again (see `KeyHasher`).
-            .build_with_hasher(KeyHashBuilder::default());
+        let shards = (max_bytes / SHARD_BYTES).clamp(1, MAX_SHARDS);
+        // A power of two, to pick a shard with a mask.
+        let shards = 1u64 << (63 - shards.leading_zeros());
+        let max = max_bytes / shards;
         Self {
-            cache,
+            shards: (0..shards)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        max,
+                        ..Shard::default()
+                    })
+                })
+                .collect(),
             models: Arc::default(),
             secret: CacheSecret::random(),
         }
     }
 
-    /// The number of entries (approximate: moka applies writes in batches).
+    /// The number of entries.
     pub fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.shards.iter().map(|s| lock(s).map.len() as u64).sum()
     }
 
-    /// The total weight of the entries in bytes (approximate, like `entry_count`).
+    /// The total weight of the entries in bytes.
     pub fn weighted_size(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.weighted_size()
+        self.shards.iter().map(|s| lock(s).weight).sum()
+    }
+
+    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
+        // Keys are BLAKE3 digests: folded, not hashed again (see `KeyHasher`); the map in
+        // the shard uses the low bits, the shard the high ones.
+        let h = KeyHashBuilder::default().hash_one(key);
+        lock(&self.shards[(h >> 32) as usize & (self.shards.len() - 1)])
     }
 
     fn find(&self, key: &CacheKey) -> Option<CachedResponse> {
-        let entry = self.cache.get(key)?;
+        let entry = {
+            let mut shard = self.shard(key);
+            let at = *shard.map.get(key)? as usize;
+            let slot = &mut shard.slots[at];
+            slot.referenced = true;
+            slot.entry.clone()?
+        };
         if Instant::now() >= entry.expires_at {
-            self.cache.invalidate(key);
+            let mut shard = self.shard(key);
+            if let Some(&at) = shard.map.get(key) {
+                let at = at as usize;
+                // Only the entry found expired: a fresh one put meanwhile stays.
+                if shard.slots[at]
+                    .entry
+                    .as_ref()
+                    .is_some_and(|e| Arc::ptr_eq(e, &entry))
+                {
+                    let removed = shard.remove_slot(at);
+                    drop(shard);
+                    drop(removed);
+                }
+            }
             return None;
         }
         Some(entry.response.clone())
     }
 }
 
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_size", &self.cache.weighted_size())
+            .field("entries", &self.entry_count())
+            .field("weighted_size", &self.weighted_size())
             .finish()
     }
 }
@@ -138,29 +268,37 @@ impl CacheStore for MemoryStore {
     }
 
     fn put(&self, key: &CacheKey, value: CachedResponse, ttl: Duration) -> StoreFuture<()> {
+        let now = Instant::now();
         // `Instant + Duration` panics on overflow; a TTL too large to represent is "forever".
-        let expires_at = Instant::now()
+        let expires_at = now
             .checked_add(ttl)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
-        let ttl = ttl.min(Duration::from_secs(100 * 365 * 86_400));
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let weight = value.weight() as u64;
         self.models.record(value.model());
-        self.cache.insert(
-            *key,
-            Arc::new(Entry {
-                response: value,
-                expires_at,
-                ttl,
-            }),
-        );
+        let mut shard = self.shard(key);
+        if weight > shard.max {
+            tracing::debug!(key = %key, weight, "cache entry heavier than the store's shard: not stored");
+            return Box::pin(Done);
+        }
+        let entry = Arc::new(Entry {
+            response: value,
+            expires_at,
+        });
+        shard.insert(*key, entry, weight, now);
         Box::pin(Done)
     }
 
     fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
-        self.cache.invalidate(key);
+        let mut shard = self.shard(key);
+        if let Some(&at) = shard.map.get(key) {
+            let removed = shard.remove_slot(at as usize);
+            drop(shard);
+            drop(removed);
+        }
         Box::pin(Done)
     }
 
-    /// `put` inserts at call time (a moka insert).
+    /// `put` inserts at call time (a map insert).
     fn writes_at_once(&self) -> bool {
         true
     }
@@ -284,5 +422,104 @@ mod tests {
         let k = CacheKey::from_bytes([1; 32]);
         store.put(&k, resp(1), Duration::MAX).await.unwrap();
         assert!(store.get(&k).await.unwrap().is_some());
+    }
+
+    /// The clock: an entry looked up since the hand last passed survives an eviction that
+    /// takes one that was not; the bound holds across shards and replacements.
+    #[tokio::test]
+    async fn eviction_spares_what_was_looked_up() {
+        // 1 MiB: one shard. Entries of ~10 KB: about 100 fit.
+        let store = MemoryStore::new(1 << 20);
+        let w = resp(10_000).weight() as u64;
+        let fit = (1 << 20) / w;
+        let key = |i: u64| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&i.to_le_bytes());
+            CacheKey::from_bytes(k)
+        };
+        for i in 0..fit {
+            store
+                .put(&key(i), resp(10_000), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.entry_count(), fit);
+        // Entry 0 is looked up; the next put evicts one entry: 1 (the first not looked up).
+        assert!(store.get(&key(0)).await.unwrap().is_some());
+        store
+            .put(&key(fit), resp(10_000), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(store.get(&key(0)).await.unwrap().is_some(), "spared once");
+        assert!(store.get(&key(1)).await.unwrap().is_none(), "evicted");
+        assert_eq!(store.entry_count(), fit);
+        // Many more: the bound holds, and a replacement by a heavier entry evicts too.
+        for i in fit + 1..fit * 5 {
+            store
+                .put(&key(i), resp(10_000), Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(store.weighted_size() <= 1 << 20);
+        }
+        store
+            .put(&key(fit * 5 - 1), resp(300_000), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(store.weighted_size() <= 1 << 20);
+        assert!(store.get(&key(fit * 5 - 1)).await.unwrap().is_some());
+        // Too heavy for the store: not stored, nothing evicted.
+        let before = store.entry_count();
+        store
+            .put(&key(u64::MAX), resp(2 << 20), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(store.get(&key(u64::MAX)).await.unwrap().is_none());
+        assert_eq!(store.entry_count(), before);
+        // A large bound has several shards: the bound is theirs together.
+        let big = MemoryStore::new(512 << 20);
+        assert_eq!(big.shards.len(), 8);
+        for i in 0..1_000 {
+            big.put(&key(i), resp(10), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert_eq!(big.entry_count(), 1_000);
+        for i in 0..1_000 {
+            assert!(big.get(&key(i)).await.unwrap().is_some());
+        }
+        big.remove(&key(7)).await.unwrap();
+        assert_eq!(big.entry_count(), 999);
+        assert_eq!(big.weighted_size(), 999 * resp(10).weight() as u64);
+    }
+
+    /// Expired entries are freed while the store is used (two per put), not only when
+    /// looked up or when the bound is reached.
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_swept_by_puts() {
+        let store = MemoryStore::new(1 << 20);
+        for i in 0..10u8 {
+            store
+                .put(
+                    &CacheKey::from_bytes([i; 32]),
+                    resp(10),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        for i in 10..16u8 {
+            store
+                .put(
+                    &CacheKey::from_bytes([i; 32]),
+                    resp(10),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+        }
+        // Six puts swept twelve slots: the ten expired entries are gone, the six fresh stay.
+        assert_eq!(store.entry_count(), 6);
+        assert_eq!(store.weighted_size(), 6 * resp(10).weight() as u64);
     }
 }

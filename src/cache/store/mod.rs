@@ -293,8 +293,12 @@ fn kept_name(name: &HeaderName) -> HeaderName {
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
-/// (moka's hash table, access-order deque and timer nodes). Measured, see `docs/benchmarks.md`.
-const ENTRY_OVERHEAD: usize = 800;
+/// (its map bucket and ring slot, the `Arc` of the entry). Measured, see `docs/benchmarks.md`:
+/// `memory_store_rss_per_entry` in `tests/cache.rs` (1,400 bytes of resident memory per
+/// entry of that test) and `scripts/cache-rss.sh` (1M distinct requests through the proxy:
+/// 1.06× the bound with 500 here, so 600). It was 800 while the store was on moka (1,699
+/// bytes per entry of that test).
+const ENTRY_OVERHEAD: usize = 600;
 /// What each kept header costs beyond its name and value bytes (a map bucket and an
 /// allocation).
 const HEADER_OVERHEAD: usize = 96;
@@ -315,9 +319,9 @@ impl CachedResponse {
         stream: bool,
     ) -> Self {
         // The kept headers, picked in one pass, then copied into a map made for exactly
-        // them: a map grown from empty holds 6 entries, and an entry lives for hours (moka
-        // used to clone every entry it was given, which happened to shrink the map; it holds
-        // an `Arc` of it now, so the map is made small here).
+        // them: a map grown from empty holds 6 entries, and an entry lives for hours (the
+        // memory store once cloned every entry it was given, which happened to shrink the
+        // map; it holds an `Arc` of it, so the map is made small here).
         const PICKED: usize = 8;
         let mut picked = [None; PICKED];
         let mut count = 0;
@@ -418,10 +422,25 @@ impl CachedResponse {
     /// `retry-after`, hop-by-hop or length headers.
     #[inline]
     pub fn keeps_header(name: &HeaderName) -> bool {
-        let n = name.as_str();
-        n == "content-type"
-            || n == "request-id"
-            || (n.starts_with("anthropic-") && !n.starts_with("anthropic-ratelimit-"))
+        // Asked of every header of every answer stored (a dozen `anthropic-ratelimit-*`
+        // among them): the name's length and 8-byte words, no `memcmp` call per prefix.
+        let n = name.as_str().as_bytes();
+        let word = |at: usize| {
+            n.get(at..at + 8)
+                .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        };
+        let is = |at: usize, text: &[u8; 8]| word(at) == Some(u64::from_le_bytes(*text));
+        match n.len() {
+            12 => n == b"content-type",
+            10 => n == b"request-id" || n == b"anthropic-",
+            // `anthropic-` and something, but not `anthropic-ratelimit-`.
+            11.. => {
+                is(0, b"anthropi")
+                    && n[8..10] == *b"c-"
+                    && !(is(10, b"ratelimi") && n.get(18..20) == Some(b"t-"))
+            }
+            _ => false,
+        }
     }
 
     /// The status.
@@ -804,6 +823,62 @@ mod tests {
             !r.headers()
                 .contains_key("anthropic-ratelimit-requests-remaining")
         );
+    }
+
+    /// The word-wise check is the definition: `content-type`, `request-id`, and `anthropic-*`
+    /// but not `anthropic-ratelimit-*`.
+    #[test]
+    fn keeps_header_is_its_definition() {
+        let reference = |n: &str| {
+            n == "content-type"
+                || n == "request-id"
+                || (n.starts_with("anthropic-") && !n.starts_with("anthropic-ratelimit-"))
+        };
+        let mut names = vec![
+            "content-type",
+            "content-typf",
+            "content-length",
+            "request-id",
+            "request-ie",
+            "x-request-id",
+            "anthropic-",
+            "anthropic",
+            "anthropic-x",
+            "anthropic-version",
+            "anthropic-organization-id",
+            "anthropic-ratelimit",
+            "anthropic-ratelimit-",
+            "anthropic-ratelimit-x",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimitx-y",
+            "anthropic-ratelimi",
+            "anthropic_ratelimit-x",
+            "anthropicx-version",
+            "anthropi-c-version",
+            "set-cookie",
+            "retry-after",
+            "a",
+            "",
+        ];
+        let long = format!("anthropic-{}", "z".repeat(300));
+        names.push(&long);
+        for n in names {
+            let Ok(name) = HeaderName::from_bytes(n.as_bytes()) else {
+                continue;
+            };
+            assert_eq!(CachedResponse::keeps_header(&name), reference(n), "{n}");
+        }
+        for standard in [
+            http::header::CONTENT_TYPE,
+            http::header::DATE,
+            http::header::SERVER,
+        ] {
+            assert_eq!(
+                CachedResponse::keeps_header(&standard),
+                reference(standard.as_str()),
+                "{standard}"
+            );
+        }
     }
 
     #[test]
