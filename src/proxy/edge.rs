@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! SetSensitiveRequestHeaders  x-api-key, authorization: `Sensitive` in every Debug, log and span
-//! SetRequestId                request-id: req_proxy_<24 hex> (a client's own is replaced)
-//! PropagateRequestId          the upstream's request-id goes back as is; else the proxy's own
+//! RequestId (ours)            request-id: req_proxy_<24 hex> (a client's own is replaced);
+//!                             the upstream's goes back as is, else the proxy's own
 //! Trace                       the `request` span (method, path, request_id); headers at TRACE
 //! map_response                tower-http's plain-text 413 becomes an Anthropic envelope
 //! CatchPanic                  a panic is answered 500 `api_error`; the proxy keeps serving
@@ -12,7 +12,9 @@
 //! Handle                      routing, client tokens, path checks, the ClaudeStack
 //! ```
 //!
-//! What tower-http cannot do stays hand-written: timeouts and the cap on *connections*
+//! What tower-http cannot do, or does at a cost, stays hand-written: the request id
+//! (`request_id.rs`: tower-http's pair cloned the id twice and set two extensions nothing
+//! reads), timeouts and the cap on *connections*
 //! (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
 //! limit answers plain text and has no hook for the body).
 
@@ -20,24 +22,19 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, OnRequest, TraceLayer};
 use tracing::{Level, Span};
 
+use super::request_id::{REQUEST_ID, RequestIdLayer};
 use super::server::{Handle, ProxyBody, api_error};
 use crate::anthropic::ApiErrorKind;
-
-/// The request id header: the name Anthropic answers with and the SDKs read.
-pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 
 /// The request body the handler receives: hyper's, limited by tower-http.
 pub(crate) type EdgeBody = tower_http::body::Limited<Incoming>;
@@ -62,12 +59,7 @@ pub(crate) fn stack(
             HeaderName::from_static("x-api-key"),
         ])))
         // The id is always the proxy's: a client's `request-id` would be echoed unchecked.
-        .map_request(|mut req: Request<Incoming>| {
-            req.headers_mut().remove(REQUEST_ID);
-            req
-        })
-        .layer(SetRequestIdLayer::new(REQUEST_ID, ProxyRequestId))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(RequestIdLayer)
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(RequestSpan)
@@ -80,23 +72,6 @@ pub(crate) fn stack(
         .layer(CatchPanicLayer::custom(PanicResponse))
         .layer(RequestBodyLimitLayer::new(limit))
         .service(handle)
-}
-
-/// `request-id: req_proxy_` and 24 random hex digits (96 bits).
-#[derive(Debug, Clone, Copy)]
-struct ProxyRequestId;
-
-impl MakeRequestId for ProxyRequestId {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut id = *b"req_proxy_000000000000000000000000";
-        let mut bits = fastrand::u128(..);
-        for byte in id[10..].iter_mut() {
-            *byte = HEX[(bits & 0xf) as usize];
-            bits >>= 4;
-        }
-        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
-    }
 }
 
 /// The `request` span, at DEBUG (as tower-http's default): free when the log is at INFO, the
@@ -172,20 +147,5 @@ impl ResponseForPanic for PanicResponse {
             ApiErrorKind::Api,
             "internal error in the proxy while handling this request",
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_are_the_proxys_and_distinct() {
-        let req = Request::new(());
-        let a = ProxyRequestId.make_request_id(&req).unwrap();
-        let b = ProxyRequestId.make_request_id(&req).unwrap();
-        let a = a.header_value().to_str().unwrap().to_owned();
-        assert!(a.starts_with("req_proxy_") && a.len() == 34, "{a}");
-        assert_ne!(a, b.header_value().to_str().unwrap());
     }
 }

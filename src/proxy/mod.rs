@@ -22,6 +22,7 @@ mod conn;
 mod edge;
 mod error_response;
 mod logging;
+mod request_id;
 mod server;
 mod tenants;
 

@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
-use super::edge::{self, EdgeBody, REQUEST_ID};
+use super::edge::{self, EdgeBody};
 use super::error_response::error_response;
+use super::request_id::REQUEST_ID;
 use super::tenants::{TenantTable, TenantsReload};
 use crate::BoxError;
 use crate::anthropic::KeyId;

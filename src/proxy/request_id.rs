@@ -1,0 +1,159 @@
+//! The proxy's `request-id`, in one layer: what tower-http's `SetRequestId` and
+//! `PropagateRequestId` did together with the removal of a client's own id before them.
+//!
+//! - A client's `request-id` is removed (it would be echoed unchecked).
+//! - The proxy's own `req_proxy_<24 hex>` goes on the request, for the `request` span and the
+//!   handler's log (the handler removes it before the upstream).
+//! - An answer that carries a `request-id` (the upstream's) keeps it; any other answer (the
+//!   proxy's own: routes, refusals, errors, a panic) gets the proxy's id.
+//!
+//! The id is kept in the future as 34 bytes and made a header value again only for an answer
+//! without one: tower-http's pair cloned the header value twice (each clone of a fresh
+//! `Bytes` allocates) and inserted a `RequestId` extension on the request and on the answer,
+//! which nothing in the proxy reads.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use pin_project::pin_project;
+
+/// The request id header: the name Anthropic answers with and the SDKs read.
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+
+/// `req_proxy_` and 24 hex digits.
+type Id = [u8; 34];
+
+/// `req_proxy_` and 24 random hex digits (96 bits).
+fn new_id() -> Id {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"req_proxy_000000000000000000000000";
+    let mut bits = fastrand::u128(..);
+    for byte in id[10..].iter_mut() {
+        *byte = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    id
+}
+
+/// The header value of an id (always visible ASCII).
+fn header_value(id: &Id) -> HeaderValue {
+    HeaderValue::from_bytes(id).expect("req_proxy_ and hex digits are a valid header value")
+}
+
+/// Sets and propagates the proxy's request id (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RequestIdLayer;
+
+impl<S> tower::Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+
+    fn layer(&self, inner: S) -> RequestId<S> {
+        RequestId { inner }
+    }
+}
+
+/// The service of [`RequestIdLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct RequestId<S> {
+    inner: S,
+}
+
+impl<S, B, ResB> tower::Service<Request<B>> for RequestId<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ResB>>,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = new_id();
+        // `insert` replaces every value of a client's own `request-id`.
+        req.headers_mut().insert(REQUEST_ID, header_value(&id));
+        ResponseFuture {
+            inner: self.inner.call(req),
+            id,
+        }
+    }
+}
+
+/// The future of [`RequestId`]: the answer, with a `request-id`.
+#[pin_project]
+#[derive(Debug)]
+pub(crate) struct ResponseFuture<F> {
+    #[pin]
+    inner: F,
+    id: Id,
+}
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+{
+    type Output = Result<Response<ResB>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        if !resp.headers().contains_key(REQUEST_ID) {
+            resp.headers_mut().insert(REQUEST_ID, header_value(this.id));
+        }
+        Poll::Ready(Ok(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, ServiceExt};
+
+    #[test]
+    fn request_ids_are_the_proxys_and_distinct() {
+        let a = new_id();
+        let b = new_id();
+        let a = std::str::from_utf8(&a).unwrap();
+        assert!(a.starts_with("req_proxy_") && a.len() == 34, "{a}");
+        assert!(a[10..].bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a.as_bytes(), b);
+    }
+
+    /// The inner service sees the proxy's id, never the client's; an answer with an id keeps
+    /// it, one without gets the id the inner service saw.
+    #[tokio::test]
+    async fn the_id_is_set_replaced_and_propagated() {
+        let svc =
+            RequestIdLayer.layer(tower::service_fn(|req: Request<&'static str>| async move {
+                let seen: Vec<_> = req.headers().get_all(REQUEST_ID).iter().cloned().collect();
+                assert_eq!(seen.len(), 1);
+                let mut resp = Response::new(seen[0].clone());
+                if *req.body() == "upstream" {
+                    resp.headers_mut()
+                        .insert(REQUEST_ID, HeaderValue::from_static("req_upstream"));
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }));
+        for body in ["own", "upstream"] {
+            let mut req = Request::new(body);
+            req.headers_mut()
+                .append(REQUEST_ID, HeaderValue::from_static("client-1"));
+            req.headers_mut()
+                .append(REQUEST_ID, HeaderValue::from_static("client-2"));
+            let resp = svc.clone().oneshot(req).await.unwrap();
+            let seen = resp.body().to_str().unwrap();
+            assert!(seen.starts_with("req_proxy_") && seen.len() == 34, "{seen}");
+            let answered: Vec<_> = resp.headers().get_all(REQUEST_ID).iter().collect();
+            assert_eq!(answered.len(), 1);
+            if body == "upstream" {
+                assert_eq!(answered[0], "req_upstream");
+            } else {
+                assert_eq!(answered[0], seen);
+            }
+        }
+    }
+}
