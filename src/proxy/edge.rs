@@ -111,11 +111,13 @@ impl<B> OnRequest<B> for RequestHeaders {
 /// (`Either` rather than re-boxing: tower-http's boxed body type cannot be built outside it,
 /// and a second box per response would cost an allocation.)
 fn anthropic_413<B>(resp: Response<B>, limit: usize) -> Response<Either<B, ProxyBody>> {
-    let plain = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
-    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE || !plain {
+    // The status first: the content type is looked up for a 413 only.
+    let plain = resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !plain {
         return resp.map(Either::Left);
     }
     api_error(
