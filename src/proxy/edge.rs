@@ -32,7 +32,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, OnRequest, TraceLayer};
 use tracing::{Level, Span};
 
-use super::request_id::{REQUEST_ID, RequestIdLayer};
+use super::request_id::{ProxyRequestId, RequestIdLayer};
 use super::server::{Handle, ProxyBody, api_error};
 use crate::anthropic::ApiErrorKind;
 
@@ -87,10 +87,9 @@ impl<B> MakeSpan<B> for RequestSpan {
             method = %req.method(),
             path = %req.uri().path(),
             request_id = %req
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
+                .extensions()
+                .get::<ProxyRequestId>()
+                .map_or("-", ProxyRequestId::as_str),
         )
     }
 }

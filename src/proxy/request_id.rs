@@ -2,15 +2,16 @@
 //! `PropagateRequestId` did together with the removal of a client's own id before them.
 //!
 //! - A client's `request-id` is removed (it would be echoed unchecked).
-//! - The proxy's own `req_proxy_<24 hex>` goes on the request, for the `request` span and the
-//!   handler's log (the handler removes it before the upstream).
+//! - The proxy's own `req_proxy_<24 hex>` goes on the request as a [`ProxyRequestId`]
+//!   extension, for the `request` span and the handler's log (not as a header, which the
+//!   handler would have to remove again before the upstream).
 //! - An answer that carries a `request-id` (the upstream's) keeps it; any other answer (the
 //!   proxy's own: routes, refusals, errors, a panic) gets the proxy's id.
 //!
-//! The id is kept in the future as 34 bytes and made a header value again only for an answer
-//! without one: tower-http's pair cloned the header value twice (each clone of a fresh
-//! `Bytes` allocates) and inserted a `RequestId` extension on the request and on the answer,
-//! which nothing in the proxy reads.
+//! The id is kept as 34 bytes and made a header value only for an answer without one:
+//! tower-http's pair made a header value for every request, cloned it twice (each clone of a
+//! fresh `Bytes` allocates) and inserted a `RequestId` extension on the request and on the
+//! answer, which nothing in the proxy reads; the handler then removed the header.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +36,31 @@ fn new_id() -> Id {
         bits >>= 4;
     }
     id
+}
+
+/// The proxy's id of a request (`req_proxy_<24 hex>`), a request extension set by
+/// [`RequestIdLayer`]: read by the `request` span and the handler's log.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProxyRequestId(Id);
+
+impl ProxyRequestId {
+    /// The id as text.
+    pub(crate) fn as_str(&self) -> &str {
+        // Always ASCII (`new_id`); "-" is unreachable.
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
+}
+
+impl std::fmt::Display for ProxyRequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for ProxyRequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 /// The header value of an id (always visible ASCII).
@@ -74,8 +100,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = new_id();
-        // `insert` replaces every value of a client's own `request-id`.
-        req.headers_mut().insert(REQUEST_ID, header_value(&id));
+        // A client's own `request-id` (every value) goes: it is neither echoed nor forwarded.
+        req.headers_mut().remove(REQUEST_ID);
+        req.extensions_mut().insert(ProxyRequestId(id));
         ResponseFuture {
             inner: self.inner.call(req),
             id,
@@ -123,15 +150,15 @@ mod tests {
         assert_ne!(a.as_bytes(), b);
     }
 
-    /// The inner service sees the proxy's id, never the client's; an answer with an id keeps
-    /// it, one without gets the id the inner service saw.
+    /// The inner service sees the proxy's id, never the client's header; an answer with an id
+    /// keeps it, one without gets the id the inner service saw.
     #[tokio::test]
     async fn the_id_is_set_replaced_and_propagated() {
         let svc =
             RequestIdLayer.layer(tower::service_fn(|req: Request<&'static str>| async move {
-                let seen: Vec<_> = req.headers().get_all(REQUEST_ID).iter().cloned().collect();
-                assert_eq!(seen.len(), 1);
-                let mut resp = Response::new(seen[0].clone());
+                assert!(!req.headers().contains_key(REQUEST_ID));
+                let seen = *req.extensions().get::<ProxyRequestId>().unwrap();
+                let mut resp = Response::new(header_value(&seen.0));
                 if *req.body() == "upstream" {
                     resp.headers_mut()
                         .insert(REQUEST_ID, HeaderValue::from_static("req_upstream"));
