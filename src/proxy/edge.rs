@@ -1,8 +1,8 @@
 //! The proxy's HTTP stack in front of its handler, built from tower-http:
 //!
 //! ```text
-//! SetSensitiveRequestHeaders  x-api-key, authorization: `Sensitive` in every Debug, log and span
-//! RequestId (ours)            request-id: req_proxy_<24 hex> (a client's own is replaced);
+//! Front (ours, `front.rs`)    x-api-key, authorization: `Sensitive` in every Debug, log and span;
+//!                             request-id: req_proxy_<24 hex> (a client's own is replaced);
 //!                             the upstream's goes back as is, else the proxy's own
 //! Trace                       the `request` span (method, path, request_id); headers at TRACE
 //! map_response                tower-http's plain-text 413 becomes an Anthropic envelope
@@ -12,27 +12,24 @@
 //! Handle                      routing, client tokens, path checks, the ClaudeStack
 //! ```
 //!
-//! What tower-http cannot do, or does at a cost, stays hand-written: the request id
-//! (`request_id.rs`: tower-http's pair cloned the id twice and set two extensions nothing
-//! reads), timeouts and the cap on *connections*
-//! (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
+//! What tower-http cannot do, or does at a cost, stays hand-written: the sensitive headers and
+//! the request id (`front.rs`: one walk over the headers, an id made once; tower-http's three
+//! layers looked up each name, cloned the id twice and set two extensions nothing reads),
+//! timeouts and the cap on *connections* (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
 //! limit answers plain text and has no hook for the body).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use http::header::{self, HeaderName};
+use http::header;
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, OnRequest, TraceLayer};
 use tracing::{Level, Span};
 
-use super::request_id::{ProxyRequestId, RequestIdLayer};
+use super::front::{FrontLayer, ProxyRequestId};
 use super::server::{Handle, ProxyBody, api_error};
 use crate::anthropic::ApiErrorKind;
 
@@ -54,12 +51,9 @@ pub(crate) fn stack(
 + Send
 + 'static {
     ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::from([
-            header::AUTHORIZATION,
-            HeaderName::from_static("x-api-key"),
-        ])))
-        // The id is always the proxy's: a client's `request-id` would be echoed unchecked.
-        .layer(RequestIdLayer)
+        // Credentials sensitive; the id always the proxy's (a client's `request-id` would be
+        // echoed unchecked).
+        .layer(FrontLayer)
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(RequestSpan)

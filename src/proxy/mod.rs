@@ -21,8 +21,8 @@ mod config;
 mod conn;
 mod edge;
 mod error_response;
+mod front;
 mod logging;
-mod request_id;
 mod server;
 mod tenants;
 

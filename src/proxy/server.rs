@@ -26,7 +26,7 @@ use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
 use super::edge::{self, EdgeBody};
 use super::error_response::error_response;
-use super::request_id::ProxyRequestId;
+use super::front::ProxyRequestId;
 use super::tenants::{TenantTable, TenantsReload};
 use crate::BoxError;
 use crate::anthropic::KeyId;
@@ -1156,7 +1156,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
         req.headers_mut().remove(&X_API_KEY);
     }
     // The proxy's own request id names this request in its log and on the answers it makes
-    // itself (`request_id.rs`: an extension, never a header sent upstream, whose `request-id`
+    // itself (`front.rs`: an extension, never a header sent upstream, whose `request-id`
     // answer goes back to the client).
     let request_id = req.extensions().get::<ProxyRequestId>().copied();
 

@@ -1,6 +1,10 @@
-//! The proxy's `request-id`, in one layer: what tower-http's `SetRequestId` and
-//! `PropagateRequestId` did together with the removal of a client's own id before them.
+//! The front of the proxy's stack, in one layer: what tower-http's
+//! `SetSensitiveRequestHeaders`, `SetRequestId` and `PropagateRequestId` did, with the removal
+//! of a client's own id between them.
 //!
+//! - `x-api-key` and `authorization` are marked `Sensitive` (in every Debug, log and span), in
+//!   one walk over the headers (tower-http looked each name up with `entry`: a hash and a
+//!   probe per name, ~0.36k instructions per request).
 //! - A client's `request-id` is removed (it would be echoed unchecked).
 //! - The proxy's own `req_proxy_<24 hex>` goes on the request as a [`ProxyRequestId`]
 //!   extension, for the `request` span and the handler's log (not as a header, which the
@@ -17,8 +21,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response, header};
 use pin_project::pin_project;
+
+use crate::anthropic::parsed_names::X_API_KEY;
 
 /// The request id header: the name Anthropic answers with and the SDKs read.
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
@@ -39,7 +45,7 @@ fn new_id() -> Id {
 }
 
 /// The proxy's id of a request (`req_proxy_<24 hex>`), a request extension set by
-/// [`RequestIdLayer`]: read by the `request` span and the handler's log.
+/// [`FrontLayer`]: read by the `request` span and the handler's log.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProxyRequestId(Id);
 
@@ -68,25 +74,26 @@ fn header_value(id: &Id) -> HeaderValue {
     HeaderValue::from_bytes(id).expect("req_proxy_ and hex digits are a valid header value")
 }
 
-/// Sets and propagates the proxy's request id (see the module docs).
+/// Marks credentials sensitive, sets and propagates the proxy's request id (see the module
+/// docs).
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct RequestIdLayer;
+pub(crate) struct FrontLayer;
 
-impl<S> tower::Layer<S> for RequestIdLayer {
-    type Service = RequestId<S>;
+impl<S> tower::Layer<S> for FrontLayer {
+    type Service = Front<S>;
 
-    fn layer(&self, inner: S) -> RequestId<S> {
-        RequestId { inner }
+    fn layer(&self, inner: S) -> Front<S> {
+        Front { inner }
     }
 }
 
-/// The service of [`RequestIdLayer`].
+/// The service of [`FrontLayer`].
 #[derive(Debug, Clone)]
-pub(crate) struct RequestId<S> {
+pub(crate) struct Front<S> {
     inner: S,
 }
 
-impl<S, B, ResB> tower::Service<Request<B>> for RequestId<S>
+impl<S, B, ResB> tower::Service<Request<B>> for Front<S>
 where
     S: tower::Service<Request<B>, Response = Response<ResB>>,
 {
@@ -99,6 +106,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        for (name, value) in req.headers_mut().iter_mut() {
+            if *name == header::AUTHORIZATION || *name == X_API_KEY {
+                value.set_sensitive(true);
+            }
+        }
         let id = new_id();
         // A client's own `request-id` (every value) goes: it is neither echoed nor forwarded.
         req.headers_mut().remove(REQUEST_ID);
@@ -110,7 +122,7 @@ where
     }
 }
 
-/// The future of [`RequestId`]: the answer, with a `request-id`.
+/// The future of [`Front`]: the answer, with a `request-id`.
 #[pin_project]
 #[derive(Debug)]
 pub(crate) struct ResponseFuture<F> {
@@ -150,21 +162,41 @@ mod tests {
         assert_ne!(a.as_bytes(), b);
     }
 
+    /// Credentials arrive marked sensitive, every value; other headers do not.
+    #[tokio::test]
+    async fn credentials_are_sensitive() {
+        let svc = FrontLayer.layer(tower::service_fn(|req: Request<()>| async move {
+            for (name, value) in req.headers() {
+                let secret = name == "x-api-key" || name == "authorization";
+                assert_eq!(value.is_sensitive(), secret, "{name}");
+            }
+            assert_eq!(req.headers().get_all("x-api-key").iter().count(), 2);
+            assert!(!format!("{:?}", req.headers()).contains("sk-"));
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }));
+        let mut req = Request::new(());
+        let h = req.headers_mut();
+        h.append("x-api-key", HeaderValue::from_static("sk-one"));
+        h.append("x-api-key", HeaderValue::from_static("sk-two"));
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-three"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        svc.oneshot(req).await.unwrap();
+    }
+
     /// The inner service sees the proxy's id, never the client's header; an answer with an id
     /// keeps it, one without gets the id the inner service saw.
     #[tokio::test]
     async fn the_id_is_set_replaced_and_propagated() {
-        let svc =
-            RequestIdLayer.layer(tower::service_fn(|req: Request<&'static str>| async move {
-                assert!(!req.headers().contains_key(REQUEST_ID));
-                let seen = *req.extensions().get::<ProxyRequestId>().unwrap();
-                let mut resp = Response::new(header_value(&seen.0));
-                if *req.body() == "upstream" {
-                    resp.headers_mut()
-                        .insert(REQUEST_ID, HeaderValue::from_static("req_upstream"));
-                }
-                Ok::<_, std::convert::Infallible>(resp)
-            }));
+        let svc = FrontLayer.layer(tower::service_fn(|req: Request<&'static str>| async move {
+            assert!(!req.headers().contains_key(REQUEST_ID));
+            let seen = *req.extensions().get::<ProxyRequestId>().unwrap();
+            let mut resp = Response::new(header_value(&seen.0));
+            if *req.body() == "upstream" {
+                resp.headers_mut()
+                    .insert(REQUEST_ID, HeaderValue::from_static("req_upstream"));
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }));
         for body in ["own", "upstream"] {
             let mut req = Request::new(body);
             req.headers_mut()
