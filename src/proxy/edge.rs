@@ -1,9 +1,9 @@
 //! The proxy's HTTP stack in front of its handler, built from tower-http:
 //!
 //! ```text
-//! SetSensitiveRequestHeaders  x-api-key, authorization: `Sensitive` in every Debug, log and span
-//! SetRequestId                request-id: req_proxy_<24 hex> (a client's own is replaced)
-//! PropagateRequestId          the upstream's request-id goes back as is; else the proxy's own
+//! Front (ours, `front.rs`)    x-api-key, authorization: `Sensitive` in every Debug, log and span;
+//!                             request-id: req_proxy_<24 hex> (a client's own is replaced);
+//!                             the upstream's goes back as is, else the proxy's own
 //! Trace                       the `request` span (method, path, request_id); headers at TRACE
 //! map_response                tower-http's plain-text 413 becomes an Anthropic envelope
 //! CatchPanic                  a panic is answered 500 `api_error`; the proxy keeps serving
@@ -12,32 +12,26 @@
 //! Handle                      routing, client tokens, path checks, the ClaudeStack
 //! ```
 //!
-//! What tower-http cannot do stays hand-written: timeouts and the cap on *connections*
-//! (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
+//! What tower-http cannot do, or does at a cost, stays hand-written: the sensitive headers and
+//! the request id (`front.rs`: one walk over the headers, an id made once; tower-http's three
+//! layers looked up each name, cloned the id twice and set two extensions nothing reads),
+//! timeouts and the cap on *connections* (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
 //! limit answers plain text and has no hook for the body).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use http::header::{self, HeaderName};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::header;
+use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, OnRequest, TraceLayer};
 use tracing::{Level, Span};
 
+use super::front::{FrontLayer, ProxyRequestId};
 use super::server::{Handle, ProxyBody, api_error};
 use crate::anthropic::ApiErrorKind;
-
-/// The request id header: the name Anthropic answers with and the SDKs read.
-pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 
 /// The request body the handler receives: hyper's, limited by tower-http.
 pub(crate) type EdgeBody = tower_http::body::Limited<Incoming>;
@@ -57,17 +51,9 @@ pub(crate) fn stack(
 + Send
 + 'static {
     ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::from([
-            header::AUTHORIZATION,
-            HeaderName::from_static("x-api-key"),
-        ])))
-        // The id is always the proxy's: a client's `request-id` would be echoed unchecked.
-        .map_request(|mut req: Request<Incoming>| {
-            req.headers_mut().remove(REQUEST_ID);
-            req
-        })
-        .layer(SetRequestIdLayer::new(REQUEST_ID, ProxyRequestId))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // Credentials sensitive; the id always the proxy's (a client's `request-id` would be
+        // echoed unchecked).
+        .layer(FrontLayer)
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(RequestSpan)
@@ -80,23 +66,6 @@ pub(crate) fn stack(
         .layer(CatchPanicLayer::custom(PanicResponse))
         .layer(RequestBodyLimitLayer::new(limit))
         .service(handle)
-}
-
-/// `request-id: req_proxy_` and 24 random hex digits (96 bits).
-#[derive(Debug, Clone, Copy)]
-struct ProxyRequestId;
-
-impl MakeRequestId for ProxyRequestId {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut id = *b"req_proxy_000000000000000000000000";
-        let mut bits = fastrand::u128(..);
-        for byte in id[10..].iter_mut() {
-            *byte = HEX[(bits & 0xf) as usize];
-            bits >>= 4;
-        }
-        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
-    }
 }
 
 /// The `request` span, at DEBUG (as tower-http's default): free when the log is at INFO, the
@@ -112,10 +81,9 @@ impl<B> MakeSpan<B> for RequestSpan {
             method = %req.method(),
             path = %req.uri().path(),
             request_id = %req
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
+                .extensions()
+                .get::<ProxyRequestId>()
+                .map_or("-", ProxyRequestId::as_str),
         )
     }
 }
@@ -136,11 +104,13 @@ impl<B> OnRequest<B> for RequestHeaders {
 /// (`Either` rather than re-boxing: tower-http's boxed body type cannot be built outside it,
 /// and a second box per response would cost an allocation.)
 fn anthropic_413<B>(resp: Response<B>, limit: usize) -> Response<Either<B, ProxyBody>> {
-    let plain = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
-    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE || !plain {
+    // The status first: the content type is looked up for a 413 only.
+    let plain = resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !plain {
         return resp.map(Either::Left);
     }
     api_error(
@@ -172,20 +142,5 @@ impl ResponseForPanic for PanicResponse {
             ApiErrorKind::Api,
             "internal error in the proxy while handling this request",
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_are_the_proxys_and_distinct() {
-        let req = Request::new(());
-        let a = ProxyRequestId.make_request_id(&req).unwrap();
-        let b = ProxyRequestId.make_request_id(&req).unwrap();
-        let a = a.header_value().to_str().unwrap().to_owned();
-        assert!(a.starts_with("req_proxy_") && a.len() == 34, "{a}");
-        assert_ne!(a, b.header_value().to_str().unwrap());
     }
 }

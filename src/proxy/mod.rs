@@ -21,6 +21,7 @@ mod config;
 mod conn;
 mod edge;
 mod error_response;
+mod front;
 mod logging;
 mod server;
 mod tenants;

@@ -24,11 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::config::{MockSettings, ProxyConfig, RetryStrategy, Secret, Upstream};
 use super::conn::{self, ConnLimits, ConnService, Registry, Watched};
-use super::edge::{self, EdgeBody, REQUEST_ID};
+use super::edge::{self, EdgeBody};
 use super::error_response::error_response;
+use super::front::ProxyRequestId;
 use super::tenants::{TenantTable, TenantsReload};
 use crate::BoxError;
 use crate::anthropic::KeyId;
+use crate::anthropic::parsed_names::X_API_KEY;
 use crate::anthropic::{ApiError, ApiErrorKind};
 use crate::body::{BufferBodyError, RequestBody};
 use crate::cache::{CacheStatus, Tenant as CacheTenant};
@@ -1037,7 +1039,7 @@ pub(crate) fn api_error(kind: ApiErrorKind, message: &str) -> Response<ProxyBody
 fn presented_token<B>(req: &Request<B>) -> Option<&str> {
     let api_key = req
         .headers()
-        .get("x-api-key")
+        .get(&X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
@@ -1120,10 +1122,10 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     // upstream either (where `x-api-key` is read first).
     if req
         .headers()
-        .get("x-api-key")
+        .get(&X_API_KEY)
         .is_some_and(|v| v.as_bytes().trim_ascii().is_empty())
     {
-        req.headers_mut().remove("x-api-key");
+        req.headers_mut().remove(&X_API_KEY);
     }
     if let Some(tenant) = &tenant {
         // A tenant's token is the proxy's, never the upstream's: it names the tenant (the
@@ -1133,12 +1135,14 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
         req.extensions_mut().insert(CacheTenant::new(tenant.name()));
         req.extensions_mut().insert(tenant.clone());
         req.headers_mut().remove(header::AUTHORIZATION);
-        req.headers_mut().remove("x-api-key");
+        req.headers_mut().remove(&X_API_KEY);
         if config.api_keys.is_empty() {
             // Only with the built-in simulator (the configuration requires upstream keys
             // otherwise), which wants some key: one for all tenants, as a real key would be.
-            req.headers_mut()
-                .insert("x-api-key", HeaderValue::from_static("proxy-simulator"));
+            req.headers_mut().insert(
+                X_API_KEY.clone(),
+                HeaderValue::from_static("proxy-simulator"),
+            );
         }
     } else if !config.api_keys.is_empty() {
         // The proxy holds the upstream keys (the key pool picks one per request): the client's
@@ -1149,11 +1153,12 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
             .unwrap_or_else(|| "proxy".to_owned());
         req.extensions_mut().insert(CacheTenant::new(tenant));
         req.headers_mut().remove(header::AUTHORIZATION);
-        req.headers_mut().remove("x-api-key");
+        req.headers_mut().remove(&X_API_KEY);
     }
     // The proxy's own request id names this request in its log and on the answers it makes
-    // itself; it is not sent upstream, whose `request-id` answer goes back to the client.
-    let request_id = req.headers_mut().remove(REQUEST_ID);
+    // itself (`front.rs`: an extension, never a header sent upstream, whose `request-id`
+    // answer goes back to the client).
+    let request_id = req.extensions().get::<ProxyRequestId>().copied();
 
     // The proxy's deadline bounds every wait below (the body, the quota queue, retries),
     // unless the request already carries an earlier one.
