@@ -13,9 +13,10 @@
 //!
 //! [`ModelCatalog::cache_reads_count`]: crate::anthropic::ModelCatalog::cache_reads_count
 
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use moka::policy::EvictionPolicy;
@@ -90,6 +91,20 @@ struct Inner {
 /// recently used entries go first), so a client choosing model names cannot grow a chain
 /// without bound.
 type Hasher = hashbrown::DefaultHashBuilder;
+
+thread_local! {
+    /// The totals this thread last recorded into (see `PromptCacheMemory::counters`).
+    static LAST_COUNTERS: RefCell<Option<LastCounters>> = const { RefCell::new(None) };
+}
+
+/// A hint, compared before use: whose totals `counters` are. The `Weak` keeps the memory's
+/// allocation (not its contents) alive, so its address is not reused by another memory.
+struct LastCounters {
+    memory: Weak<Inner>,
+    key: KeyId,
+    group: RateLimitGroup,
+    counters: Arc<Counters>,
+}
 
 #[derive(Default)]
 struct Counters {
@@ -300,10 +315,7 @@ impl PromptCacheMemory {
         usage: &Usage,
         expected_read: u64,
     ) {
-        let counters = self
-            .inner
-            .usage
-            .get_with((key.clone(), group.clone()), Default::default);
+        let counters = self.counters(key, group);
         counters
             .read
             .fetch_add(usage.cache_read_input_tokens, Ordering::Relaxed);
@@ -316,6 +328,43 @@ impl PromptCacheMemory {
         counters
             .expected_read
             .fetch_add(expected_read, Ordering::Relaxed);
+    }
+
+    /// The totals of `(key, group)`: this thread's last ones when they are the same memory's,
+    /// key's and group's and still in the memory (a `moka` lookup cost ~1k instructions per
+    /// answer; a client sends its requests with one key to one group in a row), else from
+    /// the memory. Totals the memory evicted while this thread held them go back in (their
+    /// counts kept) when this thread records for them again.
+    fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
+        LAST_COUNTERS.with_borrow_mut(|last| {
+            if let Some(hint) = last.as_ref()
+                && hint.memory.as_ptr() == Arc::as_ptr(&self.inner)
+                && hint.key == *key
+                && hint.group == *group
+            {
+                // The memory holds one reference while the totals are in it, this hint the
+                // other: one left means they were evicted.
+                if Arc::strong_count(&hint.counters) > 1 {
+                    return hint.counters.clone();
+                }
+                let evicted = hint.counters.clone();
+                return self
+                    .inner
+                    .usage
+                    .get_with((key.clone(), group.clone()), move || evicted);
+            }
+            let counters = self
+                .inner
+                .usage
+                .get_with((key.clone(), group.clone()), Default::default);
+            *last = Some(LastCounters {
+                memory: Arc::downgrade(&self.inner),
+                key: key.clone(),
+                group: group.clone(),
+                counters: counters.clone(),
+            });
+            counters
+        })
     }
 
     /// The cache-token totals of `(key, group)`, if any response was recorded.
@@ -360,4 +409,70 @@ pub(crate) fn prefix_id(key: &KeyId, model: &str, bp: &CacheBreakpoint) -> u128 
     h.update(&[0]);
     h.update(&bp.prefix.to_le_bytes());
     h.digest128()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(read: u64, write: u64, input: u64) -> Usage {
+        Usage {
+            cache_read_input_tokens: read,
+            cache_creation_input_tokens: write,
+            input_tokens: input,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn totals_stay_per_memory_key_and_group_on_one_thread() {
+        let a = PromptCacheMemory::new(10);
+        let b = PromptCacheMemory::new(10);
+        let (k1, k2) = (KeyId::named("one"), KeyId::named("two"));
+        let (g1, g2) = (RateLimitGroup::new("sonnet"), RateLimitGroup::new("haiku"));
+        // Repeats (the thread's last totals) and switches of memory, key and group.
+        a.record_usage(&k1, &g1, &usage(1, 2, 3), 4);
+        a.record_usage(&k1, &g1, &usage(10, 20, 30), 40);
+        b.record_usage(&k1, &g1, &usage(100, 0, 0), 0);
+        a.record_usage(&k2, &g1, &usage(1_000, 0, 0), 0);
+        a.record_usage(&k2, &g2, &usage(0, 1_000, 0), 0);
+        a.record_usage(&k1, &g1, &usage(5, 0, 0), 0);
+        let one = |read, write, uncached, expected_read| {
+            Some(PromptCacheUsage {
+                read_tokens: read,
+                write_tokens: write,
+                uncached_tokens: uncached,
+                expected_read_tokens: expected_read,
+            })
+        };
+        assert_eq!(a.usage(&k1, &g1), one(16, 22, 33, 44));
+        assert_eq!(b.usage(&k1, &g1), one(100, 0, 0, 0));
+        assert_eq!(a.usage(&k2, &g1), one(1_000, 0, 0, 0));
+        assert_eq!(a.usage(&k2, &g2), one(0, 1_000, 0, 0));
+        assert_eq!(b.usage(&k2, &g1), None);
+        // A memory dropped and another made (perhaps at the same address): nothing carried.
+        drop(b);
+        let c = PromptCacheMemory::new(10);
+        c.record_usage(&k1, &g1, &usage(7, 0, 0), 0);
+        assert_eq!(c.usage(&k1, &g1), one(7, 0, 0, 0));
+        assert_eq!(c.usages().len(), 1);
+    }
+
+    #[test]
+    fn evicted_totals_go_back_with_their_counts() {
+        let memory = PromptCacheMemory::new(10);
+        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        memory.record_usage(&key, &group, &usage(1, 2, 3), 0);
+        // As the memory's eviction does: the entry leaves, its value is dropped.
+        memory.inner.usage.invalidate(&(key.clone(), group.clone()));
+        memory.inner.usage.run_pending_tasks();
+        assert_eq!(memory.usage(&key, &group), None);
+        memory.record_usage(&key, &group, &usage(10, 0, 0), 0);
+        let totals = memory.usage(&key, &group).unwrap();
+        assert_eq!((totals.read_tokens, totals.write_tokens), (11, 2));
+        // Back in the memory: the next answer is counted in the same totals.
+        memory.record_usage(&key, &group, &usage(100, 0, 0), 0);
+        assert_eq!(memory.usage(&key, &group).unwrap().read_tokens, 111);
+        assert_eq!(memory.usages().len(), 1);
+    }
 }
