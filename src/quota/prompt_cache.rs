@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -112,6 +112,9 @@ struct Counters {
     write: AtomicU64,
     uncached: AtomicU64,
     expected_read: AtomicU64,
+    /// Removed from the memory (its eviction listener): a thread holding them as its last
+    /// totals puts them back before adding to them.
+    evicted: AtomicBool,
 }
 
 impl fmt::Debug for PromptCacheMemory {
@@ -210,6 +213,10 @@ impl PromptCacheMemory {
         let usage = Cache::builder()
             .max_capacity(MAX_USAGE_ENTRIES)
             .eviction_policy(EvictionPolicy::lru())
+            // A thread's last totals are used only while they are in the memory.
+            .eviction_listener(|_, counters: Arc<Counters>, _| {
+                counters.evicted.store(true, Ordering::Relaxed);
+            })
             .build_with_hasher(Hasher::default());
         Self {
             inner: Arc::new(Inner {
@@ -337,26 +344,27 @@ impl PromptCacheMemory {
     /// counts kept) when this thread records for them again.
     fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
         LAST_COUNTERS.with_borrow_mut(|last| {
+            let mut evicted = None;
             if let Some(hint) = last.as_ref()
                 && hint.memory.as_ptr() == Arc::as_ptr(&self.inner)
                 && hint.key == *key
                 && hint.group == *group
             {
-                // The memory holds one reference while the totals are in it, this hint the
-                // other: one left means they were evicted.
-                if Arc::strong_count(&hint.counters) > 1 {
+                if !hint.counters.evicted.load(Ordering::Relaxed) {
                     return hint.counters.clone();
                 }
-                let evicted = hint.counters.clone();
-                return self
-                    .inner
-                    .usage
-                    .get_with((key.clone(), group.clone()), move || evicted);
+                evicted = Some(hint.counters.clone());
             }
-            let counters = self
-                .inner
-                .usage
-                .get_with((key.clone(), group.clone()), Default::default);
+            let counters =
+                self.inner
+                    .usage
+                    .get_with((key.clone(), group.clone()), || match evicted {
+                        Some(counters) => {
+                            counters.evicted.store(false, Ordering::Relaxed);
+                            counters
+                        }
+                        None => Arc::default(),
+                    });
             *last = Some(LastCounters {
                 memory: Arc::downgrade(&self.inner),
                 key: key.clone(),
@@ -463,7 +471,7 @@ mod tests {
         let memory = PromptCacheMemory::new(10);
         let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
         memory.record_usage(&key, &group, &usage(1, 2, 3), 0);
-        // As the memory's eviction does: the entry leaves, its value is dropped.
+        // As the memory's eviction does: the entry leaves (its listener marks the totals).
         memory.inner.usage.invalidate(&(key.clone(), group.clone()));
         memory.inner.usage.run_pending_tasks();
         assert_eq!(memory.usage(&key, &group), None);
