@@ -342,8 +342,26 @@ impl PromptCacheMemory {
     /// answer; a client sends its requests with one key to one group in a row), else from
     /// the memory. Totals the memory evicted while this thread held them go back in (their
     /// counts kept) when this thread records for them again.
+    ///
+    /// A body dropped while its thread exits (after this thread's hint is gone) looks the
+    /// totals up in the memory.
     fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
-        LAST_COUNTERS.with_borrow_mut(|last| {
+        LAST_COUNTERS
+            .try_with(|last| self.counters_with_hint(&mut last.borrow_mut(), key, group))
+            .unwrap_or_else(|_| {
+                self.inner
+                    .usage
+                    .get_with((key.clone(), group.clone()), Arc::default)
+            })
+    }
+
+    fn counters_with_hint(
+        &self,
+        last: &mut Option<LastCounters>,
+        key: &KeyId,
+        group: &RateLimitGroup,
+    ) -> Arc<Counters> {
+        {
             let mut evicted = None;
             if let Some(hint) = last.as_ref()
                 && hint.memory.as_ptr() == Arc::as_ptr(&self.inner)
@@ -372,7 +390,7 @@ impl PromptCacheMemory {
                 counters: counters.clone(),
             });
             counters
-        })
+        }
     }
 
     /// The cache-token totals of `(key, group)`, if any response was recorded.
@@ -464,6 +482,33 @@ mod tests {
         c.record_usage(&k1, &g1, &usage(7, 0, 0), 0);
         assert_eq!(c.usage(&k1, &g1), one(7, 0, 0, 0));
         assert_eq!(c.usages().len(), 1);
+    }
+
+    /// A body settled by a thread-local destructor, after the thread's hint is destroyed
+    /// (destructors run last registered first): recorded, no panic.
+    #[test]
+    fn totals_are_recorded_while_a_thread_exits() {
+        struct SettleOnExit(PromptCacheMemory);
+        impl Drop for SettleOnExit {
+            fn drop(&mut self) {
+                let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+                self.0.record_usage(&key, &group, &usage(5, 0, 0), 0);
+            }
+        }
+        thread_local! {
+            static ON_EXIT: RefCell<Option<SettleOnExit>> = const { RefCell::new(None) };
+        }
+        let memory = PromptCacheMemory::new(10);
+        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        let in_thread = memory.clone();
+        std::thread::spawn(move || {
+            ON_EXIT.with_borrow_mut(|o| *o = Some(SettleOnExit(in_thread.clone())));
+            in_thread.record_usage(&key, &group, &usage(1, 0, 0), 0);
+        })
+        .join()
+        .unwrap();
+        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        assert_eq!(memory.usage(&key, &group).unwrap().read_tokens, 6);
     }
 
     #[test]
