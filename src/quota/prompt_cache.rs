@@ -13,9 +13,10 @@
 //!
 //! [`ModelCatalog::cache_reads_count`]: crate::anthropic::ModelCatalog::cache_reads_count
 
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use moka::policy::EvictionPolicy;
@@ -91,12 +92,29 @@ struct Inner {
 /// without bound.
 type Hasher = hashbrown::DefaultHashBuilder;
 
+thread_local! {
+    /// The totals this thread last recorded into (see `PromptCacheMemory::counters`).
+    static LAST_COUNTERS: RefCell<Option<LastCounters>> = const { RefCell::new(None) };
+}
+
+/// A hint, compared before use: whose totals `counters` are. The `Weak` keeps the memory's
+/// allocation (not its contents) alive, so its address is not reused by another memory.
+struct LastCounters {
+    memory: Weak<Inner>,
+    key: KeyId,
+    group: RateLimitGroup,
+    counters: Arc<Counters>,
+}
+
 #[derive(Default)]
 struct Counters {
     read: AtomicU64,
     write: AtomicU64,
     uncached: AtomicU64,
     expected_read: AtomicU64,
+    /// Removed from the memory (its eviction listener): a thread holding them as its last
+    /// totals puts them back before adding to them.
+    evicted: AtomicBool,
 }
 
 impl fmt::Debug for PromptCacheMemory {
@@ -195,6 +213,10 @@ impl PromptCacheMemory {
         let usage = Cache::builder()
             .max_capacity(MAX_USAGE_ENTRIES)
             .eviction_policy(EvictionPolicy::lru())
+            // A thread's last totals are used only while they are in the memory.
+            .eviction_listener(|_, counters: Arc<Counters>, _| {
+                counters.evicted.store(true, Ordering::Relaxed);
+            })
             .build_with_hasher(Hasher::default());
         Self {
             inner: Arc::new(Inner {
@@ -300,10 +322,7 @@ impl PromptCacheMemory {
         usage: &Usage,
         expected_read: u64,
     ) {
-        let counters = self
-            .inner
-            .usage
-            .get_with((key.clone(), group.clone()), Default::default);
+        let counters = self.counters(key, group);
         counters
             .read
             .fetch_add(usage.cache_read_input_tokens, Ordering::Relaxed);
@@ -316,6 +335,62 @@ impl PromptCacheMemory {
         counters
             .expected_read
             .fetch_add(expected_read, Ordering::Relaxed);
+    }
+
+    /// The totals of `(key, group)`: this thread's last ones when they are the same memory's,
+    /// key's and group's and still in the memory (a `moka` lookup cost ~1k instructions per
+    /// answer; a client sends its requests with one key to one group in a row), else from
+    /// the memory. Totals the memory evicted while this thread held them go back in (their
+    /// counts kept) when this thread records for them again.
+    ///
+    /// A body dropped while its thread exits (after this thread's hint is gone) looks the
+    /// totals up in the memory.
+    fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
+        LAST_COUNTERS
+            .try_with(|last| self.counters_with_hint(&mut last.borrow_mut(), key, group))
+            .unwrap_or_else(|_| {
+                self.inner
+                    .usage
+                    .get_with((key.clone(), group.clone()), Arc::default)
+            })
+    }
+
+    fn counters_with_hint(
+        &self,
+        last: &mut Option<LastCounters>,
+        key: &KeyId,
+        group: &RateLimitGroup,
+    ) -> Arc<Counters> {
+        {
+            let mut evicted = None;
+            if let Some(hint) = last.as_ref()
+                && hint.memory.as_ptr() == Arc::as_ptr(&self.inner)
+                && hint.key == *key
+                && hint.group == *group
+            {
+                if !hint.counters.evicted.load(Ordering::Relaxed) {
+                    return hint.counters.clone();
+                }
+                evicted = Some(hint.counters.clone());
+            }
+            let counters =
+                self.inner
+                    .usage
+                    .get_with((key.clone(), group.clone()), || match evicted {
+                        Some(counters) => {
+                            counters.evicted.store(false, Ordering::Relaxed);
+                            counters
+                        }
+                        None => Arc::default(),
+                    });
+            *last = Some(LastCounters {
+                memory: Arc::downgrade(&self.inner),
+                key: key.clone(),
+                group: group.clone(),
+                counters: counters.clone(),
+            });
+            counters
+        }
     }
 
     /// The cache-token totals of `(key, group)`, if any response was recorded.
@@ -360,4 +435,97 @@ pub(crate) fn prefix_id(key: &KeyId, model: &str, bp: &CacheBreakpoint) -> u128 
     h.update(&[0]);
     h.update(&bp.prefix.to_le_bytes());
     h.digest128()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(read: u64, write: u64, input: u64) -> Usage {
+        Usage {
+            cache_read_input_tokens: read,
+            cache_creation_input_tokens: write,
+            input_tokens: input,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn totals_stay_per_memory_key_and_group_on_one_thread() {
+        let a = PromptCacheMemory::new(10);
+        let b = PromptCacheMemory::new(10);
+        let (k1, k2) = (KeyId::named("one"), KeyId::named("two"));
+        let (g1, g2) = (RateLimitGroup::new("sonnet"), RateLimitGroup::new("haiku"));
+        // Repeats (the thread's last totals) and switches of memory, key and group.
+        a.record_usage(&k1, &g1, &usage(1, 2, 3), 4);
+        a.record_usage(&k1, &g1, &usage(10, 20, 30), 40);
+        b.record_usage(&k1, &g1, &usage(100, 0, 0), 0);
+        a.record_usage(&k2, &g1, &usage(1_000, 0, 0), 0);
+        a.record_usage(&k2, &g2, &usage(0, 1_000, 0), 0);
+        a.record_usage(&k1, &g1, &usage(5, 0, 0), 0);
+        let one = |read, write, uncached, expected_read| {
+            Some(PromptCacheUsage {
+                read_tokens: read,
+                write_tokens: write,
+                uncached_tokens: uncached,
+                expected_read_tokens: expected_read,
+            })
+        };
+        assert_eq!(a.usage(&k1, &g1), one(16, 22, 33, 44));
+        assert_eq!(b.usage(&k1, &g1), one(100, 0, 0, 0));
+        assert_eq!(a.usage(&k2, &g1), one(1_000, 0, 0, 0));
+        assert_eq!(a.usage(&k2, &g2), one(0, 1_000, 0, 0));
+        assert_eq!(b.usage(&k2, &g1), None);
+        // A memory dropped and another made (perhaps at the same address): nothing carried.
+        drop(b);
+        let c = PromptCacheMemory::new(10);
+        c.record_usage(&k1, &g1, &usage(7, 0, 0), 0);
+        assert_eq!(c.usage(&k1, &g1), one(7, 0, 0, 0));
+        assert_eq!(c.usages().len(), 1);
+    }
+
+    /// A body settled by a thread-local destructor, after the thread's hint is destroyed
+    /// (destructors run last registered first): recorded, no panic.
+    #[test]
+    fn totals_are_recorded_while_a_thread_exits() {
+        struct SettleOnExit(PromptCacheMemory);
+        impl Drop for SettleOnExit {
+            fn drop(&mut self) {
+                let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+                self.0.record_usage(&key, &group, &usage(5, 0, 0), 0);
+            }
+        }
+        thread_local! {
+            static ON_EXIT: RefCell<Option<SettleOnExit>> = const { RefCell::new(None) };
+        }
+        let memory = PromptCacheMemory::new(10);
+        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        let in_thread = memory.clone();
+        std::thread::spawn(move || {
+            ON_EXIT.with_borrow_mut(|o| *o = Some(SettleOnExit(in_thread.clone())));
+            in_thread.record_usage(&key, &group, &usage(1, 0, 0), 0);
+        })
+        .join()
+        .unwrap();
+        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        assert_eq!(memory.usage(&key, &group).unwrap().read_tokens, 6);
+    }
+
+    #[test]
+    fn evicted_totals_go_back_with_their_counts() {
+        let memory = PromptCacheMemory::new(10);
+        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        memory.record_usage(&key, &group, &usage(1, 2, 3), 0);
+        // As the memory's eviction does: the entry leaves (its listener marks the totals).
+        memory.inner.usage.invalidate(&(key.clone(), group.clone()));
+        memory.inner.usage.run_pending_tasks();
+        assert_eq!(memory.usage(&key, &group), None);
+        memory.record_usage(&key, &group, &usage(10, 0, 0), 0);
+        let totals = memory.usage(&key, &group).unwrap();
+        assert_eq!((totals.read_tokens, totals.write_tokens), (11, 2));
+        // Back in the memory: the next answer is counted in the same totals.
+        memory.record_usage(&key, &group, &usage(100, 0, 0), 0);
+        assert_eq!(memory.usage(&key, &group).unwrap().read_tokens, 111);
+        assert_eq!(memory.usages().len(), 1);
+    }
 }
