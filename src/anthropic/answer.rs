@@ -7,22 +7,7 @@
 //! eight-byte test of plain ASCII text ([`plain_ascii`](super::scan::plain_ascii)) and the
 //! table of bytes that end a string's fast path.
 
-use super::scan::STRING_SPECIAL;
-
-/// The bytes of `w` (little-endian: the lowest is the first) that
-/// [`plain_ascii`](super::scan::plain_ascii) refuses —
-/// `"`, `\\`, control characters, non-ASCII — each as its high bit; the lowest set bit is
-/// exact (the word tricks may also flag bytes after a true one, never before), so
-/// `trailing_zeros() / 8` is the index of the first such byte. Zero when `plain_ascii(w)`.
-fn special_bytes(w: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    let quote = has_zero(w ^ (ONES * u64::from(b'"')));
-    let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
-    control | quote | backslash | (w & HIGH)
-}
+use super::scan::{STRING_SPECIAL, special_bytes};
 
 /// The `usage` block of an answer as sent: every field optional (`message_delta` carries only
 /// some), `None` also for `null`. `cache_creation` is `[ephemeral_5m, ephemeral_1h]`.

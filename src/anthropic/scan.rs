@@ -717,13 +717,23 @@ fn plain_word(word: &[u8]) -> bool {
 /// non-ASCII). Exact: the classic "has a zero / has less than" word tricks (Bit Twiddling
 /// Hacks) have no false negatives for whether such a byte exists.
 pub(super) fn plain_ascii(w: u64) -> bool {
+    special_bytes(w) == 0
+}
+
+/// The bytes of `w` (little-endian: the lowest is the first) that [`plain_ascii`] refuses —
+/// `"`, `\\`, control characters, non-ASCII — each as its high bit (also the answer reader's
+/// skip to the first special byte); the lowest set bit is
+/// exact (the word tricks may also flag bytes after a true one, never before), so
+/// `trailing_zeros() / 8` is the index of the first such byte. Zero when `plain_ascii(w)`.
+#[inline]
+pub(super) fn special_bytes(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
     let quote = has_zero(w ^ (ONES * u64::from(b'"')));
     let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
-    (control | quote | backslash | (w & HIGH)) == 0
+    control | quote | backslash | (w & HIGH)
 }
 
 /// Writes the canonical form of a JSON request body to `out`: object members sorted by the
