@@ -362,7 +362,7 @@ fn live_hit<B>(body: LiveBody) -> Response<CacheBody<B>> {
 fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     let mut res = Response::new(CacheBody::full(entry.body().clone()));
     *res.status_mut() = entry.status();
-    *res.headers_mut() = entry.headers().clone();
+    *res.headers_mut() = entry.headers_with_room(2);
     let served = entry.model().unwrap_or(requested);
     if let Ok(v) = HeaderValue::from_str(served) {
         res.headers_mut()

@@ -246,10 +246,12 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
 /// is an SSE stream (replayed as such), and the model that produced it.
 ///
 /// Only headers that describe the answer are kept (see [`CachedResponse::keeps_header`]); no
-/// request data and no secret is ever part of an entry. The kept header values and the body
-/// are copied into allocations of their own: a header value parsed by hyper is a slice of the
-/// connection's read buffer, and an entry holding such a slice would keep the whole buffer
-/// (kilobytes) alive for as long as it is cached.
+/// request data and no secret is ever part of an entry. The kept headers are held as bytes,
+/// laid out as in [`encode`](Self::encode)'s output (one allocation, no header map: a miss
+/// stores an entry far more often than a hit reads one), and [`headers`](Self::headers) makes
+/// a map of them. They and the body are copied into allocations of their own: a header value
+/// parsed by hyper is a slice of the connection's read buffer, and an entry holding such a
+/// slice would keep the whole buffer (kilobytes) alive for as long as it is cached.
 ///
 /// ```
 /// use tower_claude::cache::CachedResponse;
@@ -259,16 +261,78 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
 /// headers.insert("set-cookie", "session=1".parse().unwrap());
 /// let resp = CachedResponse::new(http::StatusCode::OK, headers, "{}".into(), false);
 /// assert!(resp.headers().get("set-cookie").is_none());
+/// assert_eq!(resp.headers()["content-type"], "application/json");
 /// let decoded = CachedResponse::decode(&resp.encode()).unwrap();
 /// assert_eq!(decoded, resp);
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct CachedResponse {
     status: StatusCode,
-    headers: HeaderMap,
+    /// The kept headers as [`encode`](Self::encode) writes them: their count, then each name
+    /// and value, length-prefixed (u32, little endian). Valid names and values only.
+    head: Bytes,
+    /// Bit `i`: the `i`-th kept header was marked sensitive (the first 32; not encoded).
+    sensitive: u32,
     body: Bytes,
     stream: bool,
     model: Option<Box<str>>,
+}
+
+/// Equal when status, headers (in order, names and values; not the sensitive flags, which
+/// the encoding does not keep), body, stream flag and model are.
+impl PartialEq for CachedResponse {
+    fn eq(&self, other: &Self) -> bool {
+        self.status == other.status
+            && self.head == other.head
+            && self.body == other.body
+            && self.stream == other.stream
+            && self.model == other.model
+    }
+}
+
+impl Eq for CachedResponse {}
+
+/// The headers of an entry's `head`, as (name, value) byte ranges into it.
+struct HeadIter<'a> {
+    head: &'a [u8],
+    at: usize,
+    left: usize,
+}
+
+impl<'a> HeadIter<'a> {
+    fn new(head: &'a [u8]) -> Self {
+        let left = head
+            .get(..4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        Self { head, at: 4, left }
+    }
+
+    fn range(&mut self) -> Option<std::ops::Range<usize>> {
+        let b = self.head.get(self.at..self.at + 4)?;
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let start = self.at + 4;
+        let end = start.checked_add(len).filter(|&e| e <= self.head.len())?;
+        self.at = end;
+        Some(start..end)
+    }
+}
+
+impl Iterator for HeadIter<'_> {
+    type Item = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        Some((self.range()?, self.range()?))
+    }
+}
+
+/// Whether bytes make a valid header value (`http`'s rule: visible ASCII, obs-text, space and
+/// tab), checked without making one.
+fn is_header_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
 }
 
 /// Encoding version of [`CachedResponse::encode`]. Version 1 (before the served model was
@@ -278,17 +342,6 @@ const ENCODING_VERSION: u8 = 2;
 
 /// The usual `content-type` of an answer: an entry keeps it as a static header value.
 const APPLICATION_JSON: &str = "application/json";
-
-/// A kept header's name for an entry: `request-id` (not a standard name: a clone of the
-/// parsed one would make its bytes shared, an allocation) is a static name.
-fn kept_name(name: &HeaderName) -> HeaderName {
-    const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
-    if name.as_str() == REQUEST_ID.as_str() {
-        REQUEST_ID
-    } else {
-        name.clone()
-    }
-}
 
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
@@ -318,48 +371,45 @@ impl CachedResponse {
         body: &[u8],
         stream: bool,
     ) -> Self {
-        // The kept headers, picked in one pass, then copied into a map made for exactly
-        // them: a map grown from empty holds 6 entries, and an entry lives for hours (the
-        // memory store once cloned every entry it was given, which happened to shrink the
-        // map; it holds an `Arc` of it, so the map is made small here).
+        // The kept headers, picked in one pass (their bytes counted), then written into one
+        // buffer of exactly their size: no map, no allocation per value, no name hashed.
         const PICKED: usize = 8;
         let mut picked = [None; PICKED];
         let mut count = 0;
+        let mut len = 4;
         for (name, value) in headers {
             if Self::keeps_header(name) {
                 if let Some(slot) = picked.get_mut(count) {
                     *slot = Some((name, value));
                 }
                 count += 1;
+                len += 8 + name.as_str().len() + value.len();
             }
         }
-        let copy = |value: &HeaderValue| {
-            // A copy, not a slice of the buffer the value was parsed from; the usual
-            // `content-type` is a static value (no allocation, no copy to validate).
-            const JSON: HeaderValue = HeaderValue::from_static(APPLICATION_JSON);
-            let mut copy = if value.as_bytes() == APPLICATION_JSON.as_bytes() {
-                JSON
-            } else {
-                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
-            };
-            copy.set_sensitive(value.is_sensitive());
-            copy
+        let mut head = Vec::with_capacity(len);
+        let mut sensitive = 0u32;
+        head.extend_from_slice(&(count as u32).to_le_bytes());
+        let mut put = |i: usize, name: &HeaderName, value: &HeaderValue| {
+            put_bytes(&mut head, name.as_str().as_bytes());
+            put_bytes(&mut head, value.as_bytes());
+            if i < 32 && value.is_sensitive() {
+                sensitive |= 1 << i;
+            }
         };
-        let mut kept = HeaderMap::with_capacity(count);
         if count <= PICKED {
-            for (name, value) in picked.into_iter().flatten() {
-                kept.append(kept_name(name), copy(value));
+            for (i, (name, value)) in picked.into_iter().flatten().enumerate() {
+                put(i, name, value);
             }
         } else {
-            for (name, value) in headers {
-                if Self::keeps_header(name) {
-                    kept.append(kept_name(name), copy(value));
-                }
+            let kept = headers.iter().filter(|(n, _)| Self::keeps_header(n));
+            for (i, (name, value)) in kept.enumerate() {
+                put(i, name, value);
             }
         }
         Self {
             status,
-            headers: kept,
+            head: Bytes::from(head),
+            sensitive,
             body: Bytes::copy_from_slice(body),
             stream,
             model: None,
@@ -448,9 +498,68 @@ impl CachedResponse {
         self.status
     }
 
-    /// The stored headers.
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+    /// The stored headers, in a map made for them (an entry holds them as bytes). Values
+    /// other than the usual `content-type` share the entry's buffer (no copy).
+    ///
+    /// ```
+    /// use tower_claude::cache::CachedResponse;
+    ///
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert("request-id", "req_1".parse().unwrap());
+    /// headers.insert("anthropic-ratelimit-requests-remaining", "9".parse().unwrap());
+    /// let resp = CachedResponse::new(http::StatusCode::OK, headers, "{}".into(), false);
+    /// let map = resp.headers();
+    /// assert_eq!(map["request-id"], "req_1");
+    /// assert!(map.get("anthropic-ratelimit-requests-remaining").is_none());
+    /// ```
+    pub fn headers(&self) -> HeaderMap {
+        self.headers_with_room(0)
+    }
+
+    /// How many headers are stored (without making the map).
+    ///
+    /// ```
+    /// use tower_claude::cache::CachedResponse;
+    ///
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert("content-type", "application/json".parse().unwrap());
+    /// headers.insert("set-cookie", "a=b".parse().unwrap());
+    /// let resp = CachedResponse::new(http::StatusCode::OK, headers, "{}".into(), false);
+    /// assert_eq!(resp.headers_len(), 1);
+    /// ```
+    pub fn headers_len(&self) -> usize {
+        HeadIter::new(&self.head).left
+    }
+
+    /// [`headers`](Self::headers) in a map with room for `extra` more (a hit adds its own).
+    pub(crate) fn headers_with_room(&self, extra: usize) -> HeaderMap {
+        const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+        const JSON: HeaderValue = HeaderValue::from_static(APPLICATION_JSON);
+        let iter = HeadIter::new(&self.head);
+        let mut map = HeaderMap::with_capacity(iter.left + extra);
+        for (i, (name, value)) in iter.enumerate() {
+            let name = match &self.head[name] {
+                b"content-type" => http::header::CONTENT_TYPE,
+                b"request-id" => REQUEST_ID,
+                other => match HeaderName::from_bytes(other) {
+                    Ok(name) => name,
+                    Err(_) => continue,
+                },
+            };
+            let mut value = if self.head[value.clone()] == *APPLICATION_JSON.as_bytes() {
+                JSON
+            } else {
+                match HeaderValue::from_maybe_shared(self.head.slice(value)) {
+                    Ok(value) => value,
+                    Err(_) => continue,
+                }
+            };
+            if i < 32 && self.sensitive & (1 << i) != 0 {
+                value.set_sensitive(true);
+            }
+            map.append(name, value);
+        }
+        map
     }
 
     /// The complete body (JSON, or the whole SSE stream).
@@ -468,11 +577,10 @@ impl CachedResponse {
     /// them (the key, the map tables, allocator rounding, the in-memory store's bookkeeping).
     /// [`MemoryStore`] bounds the sum of these, so that its resident memory follows its bound.
     pub fn weight(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD)
-            .sum();
+        // Each header's name and value bytes (`head` less the count and the 8 bytes of
+        // lengths per header) and its overhead.
+        let n = self.headers_len();
+        let headers = self.head.len().saturating_sub(4 + 8 * n) + n * HEADER_OVERHEAD;
         self.body.len() + headers + self.model.as_ref().map_or(0, |m| m.len()) + ENTRY_OVERHEAD
     }
 
@@ -487,17 +595,11 @@ impl CachedResponse {
     /// lays several entries out in one buffer sizes it first).
     #[cfg(feature = "disk-cache")]
     pub(crate) fn encoded_len(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| 8 + n.as_str().len() + v.len())
-            .sum();
         1 + 2
             + 1
             + 4
             + self.model.as_ref().map_or(0, |m| m.len())
-            + 4
-            + headers
+            + self.head.len()
             + 4
             + self.body.len()
     }
@@ -509,11 +611,8 @@ impl CachedResponse {
         out.extend_from_slice(&self.status.as_u16().to_le_bytes());
         out.push(u8::from(self.stream));
         put_bytes(out, self.model.as_deref().unwrap_or("").as_bytes());
-        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
-        for (name, value) in &self.headers {
-            put_bytes(out, name.as_str().as_bytes());
-            put_bytes(out, value.as_bytes());
-        }
+        // The kept headers are held as encoded.
+        out.extend_from_slice(&self.head);
         put_bytes(out, &self.body);
     }
 
@@ -549,22 +648,26 @@ impl CachedResponse {
         let model = take_bytes(buf).ok_or_else(|| corrupt("truncated model"))?;
         let model = std::str::from_utf8(model).map_err(|_| corrupt("invalid model"))?;
         let model = (!model.is_empty()).then(|| model.into());
+        let head_start = *buf;
         let n = take_u32(buf).ok_or_else(|| corrupt("truncated header count"))?;
-        let mut headers = HeaderMap::new();
         for _ in 0..n {
             let name = take_bytes(buf).ok_or_else(|| corrupt("truncated header"))?;
             let value = take_bytes(buf).ok_or_else(|| corrupt("truncated header"))?;
-            let name = HeaderName::from_bytes(name).map_err(|_| corrupt("invalid header"))?;
-            let value = HeaderValue::from_bytes(value).map_err(|_| corrupt("invalid header"))?;
-            headers.append(name, value);
+            // Held as stored: a name must be one as `encode` writes it (lowercase, valid).
+            let valid = HeaderName::from_bytes(name).is_ok_and(|n| n.as_str().as_bytes() == name);
+            if !valid || !is_header_value(value) {
+                return Err(corrupt("invalid header"));
+            }
         }
+        let head = &head_start[..head_start.len() - buf.len()];
         let body = take_bytes(buf).ok_or_else(|| corrupt("truncated body"))?;
         if !buf.is_empty() {
             return Err(corrupt("trailing bytes"));
         }
         Ok(Self {
             status,
-            headers,
+            head: Bytes::copy_from_slice(head),
+            sensitive: 0,
             body: Bytes::copy_from_slice(body),
             stream,
             model,
@@ -664,7 +767,7 @@ impl fmt::Debug for CachedResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedResponse")
             .field("status", &self.status)
-            .field("headers", &self.headers)
+            .field("headers", &self.headers())
             .field("body_len", &self.body.len())
             .field("stream", &self.stream)
             .field("model", &self.model)
@@ -755,12 +858,11 @@ impl std::error::Error for StoreError {}
 mod tests {
     use super::*;
 
-    /// An entry's header map is made for the headers it keeps (it lives for hours in the
-    /// memory store, which holds it as given): a map grown from empty would hold 6, and
-    /// resident memory per entry would grow past its weight. Also with more kept headers than
-    /// the first pass picks.
+    /// An entry holds the headers it keeps in one buffer of exactly their encoded size (it
+    /// lives for hours in the memory store), and the map made of them on a hit is made for
+    /// them. Also with more kept headers than the first pass picks.
     #[test]
-    fn an_entry_holds_a_header_map_made_for_what_it_keeps() {
+    fn an_entry_holds_exactly_the_headers_it_keeps() {
         let mut h = HeaderMap::new();
         for i in 0..12 {
             h.insert(
@@ -772,12 +874,25 @@ mod tests {
         h.insert("request-id", "req_1".parse().unwrap());
         h.insert("anthropic-organization-id", "org".parse().unwrap());
         let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
-        assert_eq!(entry.headers().len(), 3);
-        assert!(
-            entry.headers().capacity() <= 4,
-            "{}",
-            entry.headers().capacity()
-        );
+        assert_eq!(entry.headers_len(), 3);
+        let bytes = |names: &[(&str, &str)]| -> usize {
+            4 + names
+                .iter()
+                .map(|(n, v)| 8 + n.len() + v.len())
+                .sum::<usize>()
+        };
+        let kept = [
+            ("content-type", "application/json"),
+            ("request-id", "req_1"),
+            ("anthropic-organization-id", "org"),
+        ];
+        assert_eq!(entry.head.len(), bytes(&kept));
+        let map = entry.headers();
+        assert_eq!(map.len(), 3);
+        assert!(map.capacity() <= 4, "{}", map.capacity());
+        for (name, value) in kept {
+            assert_eq!(map[name], value);
+        }
         for i in 0..12 {
             h.insert(
                 HeaderName::try_from(format!("anthropic-x-{i}")).unwrap(),
@@ -785,12 +900,21 @@ mod tests {
             );
         }
         let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
-        assert_eq!(entry.headers().len(), 15);
-        assert_eq!(entry.headers()["request-id"], "req_1");
-        assert!(
-            entry.headers().capacity() <= 24,
-            "{}",
-            entry.headers().capacity()
+        assert_eq!(entry.headers_len(), 15);
+        let map = entry.headers();
+        assert_eq!(map.len(), 15);
+        assert_eq!(map["request-id"], "req_1");
+        assert_eq!(map["anthropic-x-11"], "1");
+        assert!(!map.contains_key("anthropic-ratelimit-x-0"));
+        assert!(map.capacity() <= 24, "{}", map.capacity());
+        // The weight counts each kept header's bytes and its overhead, as before.
+        assert_eq!(
+            entry.weight(),
+            2 + kept.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+                + 12 * ("anthropic-x-1".len() + 1)
+                + 2
+                + 15 * HEADER_OVERHEAD
+                + ENTRY_OVERHEAD
         );
     }
 
@@ -805,7 +929,7 @@ mod tests {
         id.set_sensitive(true);
         h.insert("request-id", id);
         let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
-        assert_eq!(entry.headers(), &h);
+        assert_eq!(entry.headers(), h);
         assert!(entry.headers()["request-id"].is_sensitive());
         assert!(!entry.headers()["content-type"].is_sensitive());
         h.insert(
@@ -813,8 +937,32 @@ mod tests {
             "application/json; charset=utf-8".parse().unwrap(),
         );
         let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
-        assert_eq!(entry.headers(), &h);
+        assert_eq!(entry.headers(), h);
         assert_eq!(CachedResponse::decode(&entry.encode()).unwrap(), entry);
+    }
+
+    /// A decoded entry's headers are held as stored, so they are checked as `encode` writes
+    /// them: an upper-case name or a control byte in a value is corrupt, not a header.
+    #[test]
+    fn decoding_refuses_headers_encode_never_writes() {
+        let mut h = HeaderMap::new();
+        h.insert("request-id", "req_1".parse().unwrap());
+        let entry = CachedResponse::from_parts(StatusCode::OK, &h, b"{}", false);
+        let good = entry.encode();
+        let at = |needle: &[u8]| {
+            good.windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap()
+        };
+        let mut upper = good.clone();
+        upper[at(b"request-id")] = b'R';
+        let mut control = good.clone();
+        control[at(b"req_1")] = 0x01;
+        for bad in [upper, control] {
+            let err = CachedResponse::decode(&bad).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+        }
+        assert_eq!(CachedResponse::decode(&good).unwrap().headers(), h);
     }
 
     fn sample() -> CachedResponse {
@@ -835,7 +983,8 @@ mod tests {
     #[test]
     fn filters_headers() {
         let r = sample();
-        let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
+        let map = r.headers();
+        let names: Vec<_> = map.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(r.headers().contains_key("anthropic-organization-id"));
         assert!(
