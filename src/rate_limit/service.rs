@@ -85,19 +85,21 @@ where
             },
             Scope::Key => req.extensions().get::<Tenant>().cloned(),
         };
-        // The model is only looked up (group, cache reads), never copied.
-        let (group, reads_count, max_tokens, stream) = match RequestMeta::get_or_scan(&mut req) {
-            Ok(meta) => match &meta.model {
-                Some(model) => {
-                    let group = config.catalog.group(model);
-                    let reads_count = config.catalog.group_cache_reads_count(&group);
-                    (group, reads_count, meta.max_tokens, meta.stream)
-                }
-                None => return ResponseFuture::passthrough(self.inner.call(req)),
-            },
-            // Unreadable body: upstream answers 400, untouched.
-            Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
-        };
+        // The request's catalogue entry (looked up once per request: group, cache reads).
+        let (group, reads_count, max_tokens, stream) =
+            match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
+                Ok(meta) => match meta.resolved_entry() {
+                    Some(entry) => (
+                        entry.group().clone(),
+                        entry.cache_reads_count(),
+                        meta.max_tokens,
+                        meta.stream,
+                    ),
+                    None => return ResponseFuture::passthrough(self.inner.call(req)),
+                },
+                // Unreadable body: upstream answers 400, untouched.
+                Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
+            };
         let key = match config.scope {
             Scope::Key => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
             Scope::Tenant => {
