@@ -86,7 +86,9 @@ where
             Scope::Key => req.extensions().get::<Tenant>().cloned(),
         };
         // The request's catalogue entry (looked up once per request: group, cache reads).
-        let (group, reads_count, max_tokens, stream) =
+        // What the cost needs is read here too: the meta is looked up again below only for a
+        // cache-aware estimate (a body with prompt-cache breakpoints).
+        let (group, reads_count, max_tokens, stream, input_tokens, breakpoints) =
             match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
                 Ok(meta) => match meta.resolved_entry() {
                     Some(entry) => (
@@ -94,6 +96,8 @@ where
                         entry.cache_reads_count(),
                         meta.max_tokens,
                         meta.stream,
+                        meta.input_tokens,
+                        !meta.cache_breakpoints.is_empty(),
                     ),
                     None => return ResponseFuture::passthrough(self.inner.call(req)),
                 },
@@ -122,14 +126,16 @@ where
         // The input that counts: the estimate minus the prompt-cache prefix this key sent to
         // this model within its TTL (for the models whose cache reads do not count).
         let memory = config.board.prompt_cache();
-        let (input_tokens, estimate) = match req.extensions().get::<RequestMeta>() {
-            Some(meta) if config.cache_aware && !meta.cache_breakpoints.is_empty() => {
-                let estimate = memory.estimate(&key, meta, reads_count);
-                (estimate.counted_input_tokens(), Some(estimate))
-            }
-            Some(meta) => (meta.input_tokens, None),
-            None => (0, None),
+        let estimate = match config.cache_aware && breakpoints {
+            true => req
+                .extensions()
+                .get::<RequestMeta>()
+                .map(|meta| memory.estimate(&key, meta, reads_count)),
+            false => None,
         };
+        let input_tokens = estimate
+            .as_ref()
+            .map_or(input_tokens, |e| e.counted_input_tokens());
         let note = Some(Box::new(PromptNote {
             memory: memory.clone(),
             estimate,
