@@ -257,6 +257,21 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the level as last refilled holds `n` units (no refill: the level at `now` is
+    /// at least that).
+    #[inline]
+    pub(crate) fn holds(&self, n: u64) -> bool {
+        n <= self.capacity && self.level >= self.scaled(n)
+    }
+
+    /// Takes `n` units from the level as last refilled, leaving the time since to the next
+    /// refill (for a level that [`holds`](Self::holds) them: see
+    /// `Entry::take_unrefilled`, which lowers the refill's ceiling by as much).
+    #[inline]
+    pub(crate) fn take_as_is(&mut self, n: u64) {
+        self.level = (self.level - self.scaled(n)).max(-self.full());
+    }
+
     /// Takes `n` units unconditionally; the level may go negative (debt), down to
     /// `-capacity` at most.
     #[inline]

@@ -762,6 +762,37 @@ impl Entry {
     }
 
     fn take(&mut self, cost: &Cost, now: Instant) -> Grant {
+        self.take_from(cost, now, true)
+    }
+
+    /// [`take`](Self::take) when the buckets as last refilled hold `cost` and nobody waits
+    /// (`None` otherwise: refill, check and take as usual), without refilling them to `now`
+    /// first (issue 14, the board's cost per request: the fallback's view refilled the entry
+    /// a moment before, and a refill is ~270 instructions).
+    ///
+    /// Exact, not an approximation: the take lowers a level and the refill ceiling
+    /// ([`Ledger::unanswered`]) by the same units, so the refill of the time since, taken at
+    /// the next refill under the lowered ceiling, ends where a refill before the take would
+    /// have: `min(L + a, max(L, C)) - c` either way (`L` the level, `a` the refill, `C` the
+    /// ceiling, `c` the take; the capacity is at least `C`). The grace steps of that refill
+    /// are lowered alike. A level that does not hold the cost before the refill is refilled
+    /// first: a take never puts a bucket in debt here.
+    fn take_unrefilled(&mut self, cost: &Cost, now: Instant) -> Option<Grant> {
+        if !self.known() || self.has_waiting() {
+            return None;
+        }
+        let amounts = self.amounts(cost);
+        let holds = self
+            .slots
+            .iter()
+            .zip(amounts)
+            .all(|(slot, n)| slot.as_ref().is_none_or(|s| s.bucket.holds(n)));
+        holds.then(|| self.take_from(cost, now, false))
+    }
+
+    /// `refill`: refill the buckets to `now` before taking (else the caller checked that
+    /// they hold the cost as they are: see [`take_unrefilled`](Self::take_unrefilled)).
+    fn take_from(&mut self, cost: &Cost, now: Instant, refill: bool) -> Grant {
         // One probe at a time; requests let through after the probe grace are not probes.
         let probe = !self.known() && !self.unlimited && !self.probe_out;
         if probe {
@@ -776,12 +807,18 @@ impl Entry {
                 "quota board: let through blind behind a slow probe"
             );
         }
-        self.refill(now);
+        if refill {
+            self.refill(now);
+        }
         let amounts = self.amounts(cost);
         let mut charged = [None; 3];
         for ((slot, n), c) in self.slots.iter_mut().zip(amounts).zip(charged.iter_mut()) {
             if let Some(s) = slot {
-                s.bucket.force_take(n, now);
+                if refill {
+                    s.bucket.force_take(n, now);
+                } else {
+                    s.bucket.take_as_is(n);
+                }
                 *c = Some(n);
             }
         }
@@ -1516,6 +1553,9 @@ impl LocalBackend {
         if e.defers_to_store() {
             return Err(Check::Wait(Duration::ZERO));
         }
+        if let Some(grant) = e.take_unrefilled(cost, now) {
+            return Ok(grant);
+        }
         e.refill(now);
         match e.check(cost, now) {
             Check::Ready if !e.has_waiting() => Ok(e.take(cost, now)),
@@ -2019,6 +2059,47 @@ mod tests {
             .map(|s| s.bucket.level(t2))
             .collect();
         assert_eq!(levels, [7.0, 700.0, 70.0]);
+    }
+
+    /// Issue 14, the board's cost: a take from the levels as last refilled
+    /// (`Entry::take_unrefilled`, no refill to the take's instant) ends, once refilled, where
+    /// a refill then the take would have, with the ceiling of a grant in transit binding and
+    /// that grant reaching its send grace in between.
+    #[test]
+    fn a_take_before_the_refill_ends_where_the_refill_then_the_take_would() {
+        let t0 = Instant::now();
+        let (t1, t2) = (
+            t0 + Duration::from_millis(1_500),
+            t0 + Duration::from_millis(2_500),
+        );
+        let limits = Some(Limits::new(60, 6_000, 600));
+        let (first, second) = (Cost::new(1, 5_000, 100), Cost::new(1, 100, 50));
+        let mut eager = Entry::new(limits, t0, false);
+        let mut lazy = Entry::new(limits, t0, false);
+        eager.take(&first, t0);
+        lazy.take(&first, t0);
+        eager.refill(t1);
+        eager.take(&second, t1);
+        let grant = lazy
+            .take_unrefilled(&second, t1)
+            .expect("the levels hold it");
+        assert_eq!(grant.at, t1);
+        for e in [&mut eager, &mut lazy] {
+            e.refill(t2);
+        }
+        let buckets = |e: &Entry| {
+            e.slots
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.bucket.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(buckets(&lazy), buckets(&eager));
+        assert_eq!(lazy.ledger, eager.ledger);
+        // The ceiling bound: 59 until the first grant's grace (58 after the second take), then
+        // half a second's refill; 60 without it.
+        assert_eq!(requests_level(&mut lazy, t2), 58.5);
+        // A level that does not hold the cost as last refilled is refilled first.
+        assert!(lazy.take_unrefilled(&Cost::new(1, 0, 600), t2).is_none());
     }
 
     #[test]
