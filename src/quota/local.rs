@@ -158,6 +158,7 @@ impl Entries {
         slot.entry.as_mut().map(|(_, e)| e)
     }
 
+    #[cfg(feature = "redis")]
     fn get<Q>(&self, k: &Q) -> Option<&Entry>
     where
         Q: std::hash::Hash + hashbrown::Equivalent<EntryKey> + ?Sized,
