@@ -393,21 +393,48 @@ fn not_forwarded(name: &str) -> Option<usize> {
 /// up: ten lookups per request, about 1.2k instructions in callgrind, when one or two are
 /// there).
 fn remove_not_forwarded(headers: &mut HeaderMap, which: u16) {
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = not_forwarded_index(name) {
+            present |= 1 << i;
+        }
+    }
+    remove_present(headers, present & which);
+}
+
+/// The index of `name` in [`NOT_FORWARDED`], ruling most names out by their length alone.
+fn not_forwarded_index(name: &HeaderName) -> Option<usize> {
     // The lengths of the names of `NOT_FORWARDED` (2 to 19 bytes), as bits: most headers of
     // an answer (`anthropic-ratelimit-…`, `request-id`, `content-type`) are ruled out by
     // their length alone, before any comparison of names.
     const LENGTHS: u32 = NOT_FORWARDED_LENGTHS;
+    let name = name.as_str();
+    if name.len() >= 32 || LENGTHS & (1 << name.len()) == 0 {
+        return None;
+    }
+    not_forwarded(name)
+}
+
+/// A request's headers made ready to leave: the names of [`NOT_FORWARDED`] whose bit is set in
+/// `which` removed, and every `authorization` and `x-api-key` value marked sensitive (kept out
+/// of logs and HPACK tables), in the same pass (a lookup of each name to mark it cost ~0.25k
+/// instructions per request).
+fn prepare_request_headers(headers: &mut HeaderMap, which: u16) {
     let mut present = 0u16;
-    for name in headers.keys() {
-        let name = name.as_str();
-        if name.len() >= 32 || LENGTHS & (1 << name.len()) == 0 {
-            continue;
-        }
-        if let Some(i) = not_forwarded(name) {
+    for (name, value) in headers.iter_mut() {
+        if let Some(i) = not_forwarded_index(name) {
             present |= 1 << i;
+        } else if *name == header::AUTHORIZATION
+            || *name == crate::anthropic::parsed_names::X_API_KEY
+        {
+            value.set_sensitive(true);
         }
     }
-    present &= which;
+    remove_present(headers, present & which);
+}
+
+/// Removes the names of [`NOT_FORWARDED`] whose bit is set in `present`.
+fn remove_present(headers: &mut HeaderMap, mut present: u16) {
     while present != 0 {
         headers.remove(&NOT_FORWARDED[present.trailing_zeros() as usize]);
         present &= present - 1;
@@ -445,27 +472,20 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
         };
         parts.version = http::Version::HTTP_11;
         let all = (1 << NOT_FORWARDED.len()) - 1;
+        // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables: marked
+        // in the same pass.
         match &self.inner.host {
             // A client's `host` is replaced in place rather than removed and written again.
             Some(host) => {
-                remove_not_forwarded(&mut parts.headers, all & !(1 << HOST_INDEX));
+                prepare_request_headers(&mut parts.headers, all & !(1 << HOST_INDEX));
                 parts.headers.insert(header::HOST, host.clone());
             }
-            None => remove_not_forwarded(&mut parts.headers, all),
+            None => prepare_request_headers(&mut parts.headers, all),
         }
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
-        // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables.
-        for name in [
-            &header::AUTHORIZATION,
-            &crate::anthropic::parsed_names::X_API_KEY,
-        ] {
-            if let Some(value) = parts.headers.get_mut(name) {
-                value.set_sensitive(true);
-            }
-        }
         // Either future does nothing until polled.
         let req = Request::from_parts(parts, body);
         ResponseFuture {
@@ -627,6 +647,36 @@ mod tests {
         let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-api-key"]);
+    }
+
+    #[test]
+    fn request_headers_lose_what_is_not_forwarded_and_keys_turn_sensitive() {
+        let mut headers = HeaderMap::new();
+        for name in &NOT_FORWARDED {
+            headers.append(name, http::HeaderValue::from_static("x"));
+        }
+        headers.append("x-api-key", http::HeaderValue::from_static("k1"));
+        headers.append("x-api-key", http::HeaderValue::from_static("k2"));
+        headers.insert(
+            header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer t"),
+        );
+        headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("t"));
+        let all = (1 << NOT_FORWARDED.len()) - 1;
+        prepare_request_headers(&mut headers, all & !(1 << HOST_INDEX));
+        let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "content-type", "host", "x-api-key"]);
+        assert!(
+            headers
+                .get_all("x-api-key")
+                .iter()
+                .all(|v| v.is_sensitive())
+        );
+        assert_eq!(headers.get_all("x-api-key").iter().count(), 2);
+        assert!(headers[header::AUTHORIZATION].is_sensitive());
+        assert!(!headers[header::CONTENT_TYPE].is_sensitive());
+        assert!(!headers[header::HOST].is_sensitive());
     }
 
     #[tokio::test]
