@@ -340,7 +340,8 @@ static NOT_FORWARDED: [HeaderName; 10] = [
 ];
 
 /// How many of [`NOT_FORWARDED`] are hop-by-hop headers, which a proxy must not forward in
-/// either direction.
+/// either direction. (Only the proxy removes them from an answer.)
+#[cfg(any(feature = "proxy", test))]
 const HOP_BY_HOP: usize = 7;
 
 /// The index of `host` in [`NOT_FORWARDED`].
@@ -392,6 +393,7 @@ fn not_forwarded(name: &str) -> Option<usize> {
 /// pass over the headers, then one removal per name present (a removal per name looked each
 /// up: ten lookups per request, about 1.2k instructions in callgrind, when one or two are
 /// there).
+#[cfg(any(feature = "proxy", test))]
 fn remove_not_forwarded(headers: &mut HeaderMap, which: u16) {
     let mut present = 0u16;
     for name in headers.keys() {
@@ -442,6 +444,7 @@ fn remove_present(headers: &mut HeaderMap, mut present: u16) {
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1) that a proxy must not forward.
+#[cfg(any(feature = "proxy", test))]
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     remove_not_forwarded(headers, (1 << HOP_BY_HOP) - 1);
 }
