@@ -42,8 +42,6 @@ pub(crate) mod parsed_names {
     use super::header_names as name;
 
     pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static(name::X_API_KEY);
-    pub(crate) static ANTHROPIC_VERSION: HeaderName =
-        HeaderName::from_static(name::ANTHROPIC_VERSION);
     pub(crate) static ANTHROPIC_BETA: HeaderName = HeaderName::from_static(name::ANTHROPIC_BETA);
     pub(crate) static RETRY_AFTER: HeaderName = HeaderName::from_static(name::RETRY_AFTER);
     pub(crate) static RETRY_AFTER_MS: HeaderName = HeaderName::from_static(name::RETRY_AFTER_MS);

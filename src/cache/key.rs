@@ -6,11 +6,12 @@ use std::fmt;
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 #[cfg(test)]
 use serde_json::Value;
 
 use super::secret::{Keys, NH_CHUNK};
+use crate::anthropic::header_names;
 use crate::anthropic::parsed_names as names;
 
 /// The context string of the BLAKE3 key derivation of [`CacheKey::variant`]. Changing it (or
@@ -95,16 +96,32 @@ impl fmt::Debug for Partition {
 impl Partition {
     /// The partition of `req`: the [`Tenant`] extension, else `default_tenant`, else the API key
     /// (`x-api-key`, or `authorization: Bearer ...`), else the shared anonymous partition.
+    #[cfg(test)]
     pub(crate) fn of(
         secret: &[u8; 32],
         extensions: &http::Extensions,
         headers: &HeaderMap,
         default_tenant: Option<&Tenant>,
     ) -> Self {
+        Self::of_seen(
+            secret,
+            extensions,
+            &RequestHeaders::of(headers),
+            default_tenant,
+        )
+    }
+
+    /// [`of`](Self::of), the API key read from the request's headers as one pass found them.
+    pub(crate) fn of_seen(
+        secret: &[u8; 32],
+        extensions: &http::Extensions,
+        headers: &RequestHeaders<'_>,
+        default_tenant: Option<&Tenant>,
+    ) -> Self {
         let (tag, value): (&[u8], &[u8]) =
             if let Some(t) = extensions.get::<Tenant>().or(default_tenant) {
                 (b"tenant\0", t.as_str().as_bytes())
-            } else if let Some(key) = api_key(headers) {
+            } else if let Some(key) = headers.api_key() {
                 (b"api-key\0", key)
             } else {
                 (b"anonymous\0", b"")
@@ -146,19 +163,76 @@ thread_local! {
         const { std::cell::RefCell::new(crate::anthropic::recent::Recent::new(MEMO_INPUT)) };
 }
 
-fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(&names::X_API_KEY) {
-        let v = v.as_bytes().trim_ascii();
-        if !v.is_empty() {
-            return Some(v);
+/// The request headers the cache reads, found in one pass over the request's headers
+/// (issue 13, cx13: a lookup by name hashes the name; the five the cache made per request,
+/// most for headers a request does not send, were ~1k instructions of a miss). Only the
+/// first value of a name is kept, as [`HeaderMap::get`] returns it; for the headers that may
+/// repeat, only whether they are present, and the cache reads all their values then.
+#[derive(Default)]
+pub(crate) struct RequestHeaders<'a> {
+    api_key: Option<&'a HeaderValue>,
+    authorization: Option<&'a HeaderValue>,
+    version: Option<&'a HeaderValue>,
+    /// `anthropic-beta` is present.
+    pub(crate) betas: bool,
+    /// `cache-control` is present.
+    pub(crate) cache_control: bool,
+    /// `x-tower-claude-cache` is present.
+    pub(crate) directive: bool,
+    /// `x-tower-claude-fallback` is present.
+    pub(crate) fallback: bool,
+}
+
+impl<'a> RequestHeaders<'a> {
+    pub(crate) fn of(headers: &'a HeaderMap) -> Self {
+        let mut seen = Self::default();
+        for (name, value) in headers {
+            if *name == http::header::CACHE_CONTROL {
+                seen.cache_control = true;
+                continue;
+            }
+            if *name == http::header::AUTHORIZATION {
+                seen.authorization.get_or_insert(value);
+                continue;
+            }
+            // The names of `parsed_names`, told apart by their length first.
+            let n = name.as_str();
+            match n.len() {
+                9 if n == header_names::X_API_KEY => {
+                    seen.api_key.get_or_insert(value);
+                }
+                14 if n == header_names::ANTHROPIC_BETA => seen.betas = true,
+                17 if n == header_names::ANTHROPIC_VERSION => {
+                    seen.version.get_or_insert(value);
+                }
+                20 if n == header_names::X_TOWER_CLAUDE_CACHE => seen.directive = true,
+                23 if n == header_names::X_TOWER_CLAUDE_FALLBACK => seen.fallback = true,
+                _ => {}
+            }
         }
+        seen
     }
-    let auth = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let token = auth
-        .strip_prefix(b"Bearer ")
-        .or_else(|| auth.strip_prefix(b"bearer "))?
-        .trim_ascii();
-    (!token.is_empty()).then_some(token)
+
+    /// The API key: `x-api-key`, else `authorization: Bearer ...` (trimmed, not empty).
+    fn api_key(&self) -> Option<&'a [u8]> {
+        if let Some(v) = self.api_key {
+            let v = v.as_bytes().trim_ascii();
+            if !v.is_empty() {
+                return Some(v);
+            }
+        }
+        let auth = self.authorization?.as_bytes();
+        let token = auth
+            .strip_prefix(b"Bearer ")
+            .or_else(|| auth.strip_prefix(b"bearer "))?
+            .trim_ascii();
+        (!token.is_empty()).then_some(token)
+    }
+
+    /// `anthropic-version`, trimmed (empty when absent).
+    fn version(&self) -> &'a [u8] {
+        self.version.map_or(&b""[..], |v| v.as_bytes().trim_ascii())
+    }
 }
 
 /// A cache key: 32 bytes of BLAKE3 over the tenant partition, the method, the path and query,
@@ -301,6 +375,7 @@ impl<const N: usize> Sink for StackBytes<N> {
 }
 
 impl KeyBase {
+    #[cfg(test)]
     pub(crate) fn new(
         keys: &Arc<Keys>,
         partition: &Partition,
@@ -308,11 +383,34 @@ impl KeyBase {
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Self {
+        Self::new_seen(
+            keys,
+            partition,
+            method,
+            uri,
+            &RequestHeaders::of(headers),
+            headers,
+        )
+    }
+
+    /// [`new`](Self::new), `anthropic-version` as one pass over the headers found it (the
+    /// betas are read from `headers` when there are some).
+    pub(crate) fn new_seen(
+        keys: &Arc<Keys>,
+        partition: &Partition,
+        method: &http::Method,
+        uri: &http::Uri,
+        seen: &RequestHeaders<'_>,
+        headers: &HeaderMap,
+    ) -> Self {
         let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-        let version = headers
-            .get(&names::ANTHROPIC_VERSION)
-            .map_or(&b""[..], |v| v.as_bytes().trim_ascii());
-        let betas = canonical_betas(headers);
+        let version = seen.version();
+        // Most requests send none: no list to build and join.
+        let betas = if seen.betas {
+            canonical_betas(headers)
+        } else {
+            String::new()
+        };
         // Every variable-length field is length-prefixed, so that no two different field
         // sequences hash the same bytes. The partition is not among them: it keys the hash.
         let fields = |sink: &mut dyn Sink| {
@@ -465,10 +563,6 @@ fn field(h: &mut (impl Sink + ?Sized), bytes: &[u8]) {
 /// `anthropic-beta` values: every header line split on commas, trimmed, sorted and
 /// deduplicated (the order of beta flags has no meaning).
 fn canonical_betas(headers: &HeaderMap) -> String {
-    // Most requests send none: no list to build and join.
-    if !headers.contains_key(&names::ANTHROPIC_BETA) {
-        return String::new();
-    }
     let mut betas: Vec<&str> = headers
         .get_all(&names::ANTHROPIC_BETA)
         .iter()
@@ -587,6 +681,35 @@ mod tests {
             "the key from the bytes is the key of the parsed value"
         );
         from_bytes
+    }
+
+    /// One pass over the headers finds what lookups by name would: the first value of a name,
+    /// and which of the optional headers are present.
+    #[test]
+    fn one_pass_over_the_headers_finds_what_lookups_find() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.append("x-api-key", " sk-first ".parse().unwrap());
+        h.append("x-api-key", "sk-second".parse().unwrap());
+        h.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        let seen = RequestHeaders::of(&h);
+        assert_eq!(seen.api_key(), Some(&b"sk-first"[..]));
+        assert_eq!(seen.version(), b"2023-06-01");
+        assert!(!seen.betas && !seen.cache_control && !seen.directive && !seen.fallback);
+        h.insert("x-api-key", "  ".parse().unwrap());
+        h.insert("authorization", "Bearer sk-bearer".parse().unwrap());
+        h.insert("anthropic-beta", "a".parse().unwrap());
+        h.insert("cache-control", "no-cache".parse().unwrap());
+        h.insert("x-tower-claude-cache", "use".parse().unwrap());
+        h.insert("x-tower-claude-fallback", "off".parse().unwrap());
+        let seen = RequestHeaders::of(&h);
+        assert_eq!(
+            seen.api_key(),
+            Some(&b"sk-bearer"[..]),
+            "an empty x-api-key is none"
+        );
+        assert!(seen.betas && seen.cache_control && seen.directive && seen.fallback);
+        assert_eq!(RequestHeaders::of(&HeaderMap::new()).version(), b"");
     }
 
     #[test]

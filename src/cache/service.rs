@@ -12,7 +12,7 @@ use super::body::CacheBody;
 use super::config::Config;
 use super::flights::{FlightGuard, Flights, Join, Shared};
 use super::future::{Miss, Plan, ResponseFuture, Stored, mark, store_head, store_read};
-use super::key::{CacheKey, KeyBase, Partition};
+use super::key::{CacheKey, KeyBase, Partition, RequestHeaders};
 use super::layer::CacheLayer;
 use super::live::LiveBody;
 use super::store::{CacheStore, CachedResponse};
@@ -266,30 +266,44 @@ fn is_deterministic(meta: &RequestMeta) -> bool {
 }
 
 fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
-    let directive = take_directive(req.headers_mut());
-    if !is_messages_call(req.method(), req.uri().path()) {
+    if !is_messages_call(req.method(), req.uri().path()) || config.mode == CacheMode::Off {
+        // The directive header never goes upstream, whatever the request.
+        take_directive(req.headers_mut());
         return None;
-    }
-    if config.mode == CacheMode::Off || directive == Some(Directive::Bypass) {
-        return None;
-    }
-    let mut read = directive != Some(Directive::Refresh);
-    for value in req.headers().get_all(http::header::CACHE_CONTROL) {
-        let Ok(value) = value.to_str() else { continue };
-        for directive in value.split(',').map(str::trim) {
-            if directive.eq_ignore_ascii_case("no-store") {
-                return None;
-            }
-            if directive.eq_ignore_ascii_case("no-cache")
-                || directive.eq_ignore_ascii_case("max-age=0")
-            {
-                read = false;
-            }
-        }
     }
     // The scan the layers below reuse; a body it cannot read is passed through (upstream
     // answers 400).
-    RequestMeta::get_or_scan(req).ok()?;
+    if RequestMeta::get_or_scan(req).is_err() {
+        take_directive(req.headers_mut());
+        return None;
+    }
+    // What the cache reads from the headers, in one pass (read once); the directive is
+    // taken out when there is one, and the headers looked at again then.
+    let mut seen = RequestHeaders::of(req.headers());
+    let mut directive = None;
+    if seen.directive {
+        directive = take_directive(req.headers_mut());
+        seen = RequestHeaders::of(req.headers());
+    }
+    if directive == Some(Directive::Bypass) {
+        return None;
+    }
+    let mut read = directive != Some(Directive::Refresh);
+    if seen.cache_control {
+        for value in req.headers().get_all(http::header::CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            for directive in value.split(',').map(str::trim) {
+                if directive.eq_ignore_ascii_case("no-store") {
+                    return None;
+                }
+                if directive.eq_ignore_ascii_case("no-cache")
+                    || directive.eq_ignore_ascii_case("max-age=0")
+                {
+                    read = false;
+                }
+            }
+        }
+    }
     let meta = req.extensions().get::<RequestMeta>()?;
     if config.mode == CacheMode::Deterministic
         && directive != Some(Directive::Use)
@@ -298,24 +312,32 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         tracing::trace!("not deterministic: not cached");
         return None;
     }
-    let partition = Partition::of(
+    let partition = Partition::of_seen(
         &config.keys.partition,
         req.extensions(),
-        req.headers(),
+        &seen,
         config.tenant.as_ref(),
     );
-    let base = KeyBase::new(
+    let base = KeyBase::new_seen(
         &config.keys,
         &partition,
         req.method(),
         req.uri(),
+        &seen,
         req.headers(),
     );
-    // The canonical body, written from what the scan of `meta` recorded (or by the scanner
-    // again); a body that is not a JSON object is passed through (upstream answers 400).
+    // The canonical body, from what the scan of `meta` recorded (or by the scanner again); a
+    // body that is not a JSON object is passed through (upstream answers 400).
     let key = base.key_of_scanned(req.body().bytes(), meta)?;
     let requested = meta.model.clone().unwrap_or_default();
-    let no_fallback = crate::fallback::opted_out_of(req);
+    // Fallback's own test (`opted_out_of`), its header read only when the pass saw it.
+    let no_fallback = if seen.fallback {
+        crate::fallback::opted_out_of(req)
+    } else {
+        req.extensions()
+            .get::<crate::fallback::NoFallback>()
+            .is_some()
+    };
     Some(Plan {
         key,
         base,

@@ -696,33 +696,36 @@ impl<'t> Tables<'t> {
     ) -> Result<(), StoreError> {
         let max = self.inner.max_bytes;
         let row_max = usize::try_from(max / 8).unwrap_or(usize::MAX).min(ROW_MAX);
-        // The entries to write, each once (its last occurrence), in order.
+        // The entries to write, each once (its last occurrence), in order, with their encoded
+        // lengths: each is encoded straight into its row (no buffer of its own, one copy).
         let mut seen = std::collections::HashSet::with_capacity_and_hasher(
             entries.len(),
             crate::cache::key::KeyHashBuilder::default(),
         );
-        let mut todo: Vec<(CacheKey, u64, Vec<u8>)> = Vec::with_capacity(entries.len());
+        let mut todo: Vec<(CacheKey, u64, &CachedResponse, usize)> =
+            Vec::with_capacity(entries.len());
         for (key, value, ttl) in entries.iter().rev() {
             if !seen.insert(*key) {
                 continue;
             }
             let value = value.borrow();
-            let entry = value.encode();
+            let len = value.encoded_len();
             self.inner.models.record(value.model());
-            if ROW_OVERHEAD + entry.len() as u64 > max {
+            if ROW_OVERHEAD + len as u64 > max {
                 continue;
             }
             let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            todo.push((*key, now_ms.saturating_add(ttl), entry));
+            todo.push((*key, now_ms.saturating_add(ttl), value, len));
         }
         todo.reverse();
         let mut rest = &todo[..];
+        let mut value = Vec::new();
         while !rest.is_empty() {
             // As many entries as fit in one row (at least one).
             let mut n = 1;
-            let mut bytes = rest[0].2.len();
-            while n < rest.len() && bytes + rest[n].2.len() <= row_max {
-                bytes += rest[n].2.len();
+            let mut bytes = rest[0].3;
+            while n < rest.len() && bytes + rest[n].3 <= row_max {
+                bytes += rest[n].3;
                 n += 1;
             }
             let (row, next) = rest.split_at(n);
@@ -730,7 +733,8 @@ impl<'t> Tables<'t> {
             for (key, ..) in row {
                 self.remove(key)?;
             }
-            let value = encode_row(row.iter().map(|(k, x, e)| Some((*k, *x, &e[..]))));
+            value.clear();
+            encode_row_of(row, bytes, &mut value);
             let size = (SEQ_LEN + value.len()) as u64;
             self.evict(size)?;
             let seq = self.seq;
@@ -750,6 +754,27 @@ impl<'t> Tables<'t> {
             self.seq += 1;
         }
         Ok(())
+    }
+}
+
+/// A row of entries, as [`encode_row`] writes it, each entry encoded into the row itself
+/// (`data`: the sum of their encoded lengths, to size the buffer). The directory is written
+/// after the entries, from the lengths they took.
+fn encode_row_of(row: &[(CacheKey, u64, &CachedResponse, usize)], data: usize, out: &mut Vec<u8>) {
+    let dir = COUNT_LEN + row.len() * SLOT_LEN;
+    out.reserve(dir + data);
+    out.resize(dir, 0);
+    out[..COUNT_LEN].copy_from_slice(&(row.len() as u32).to_le_bytes());
+    let mut offset = 0usize;
+    for (i, (key, expires, entry, _)) in row.iter().enumerate() {
+        entry.encode_into(out);
+        let len = out.len() - dir - offset;
+        let slot = &mut out[COUNT_LEN + i * SLOT_LEN..COUNT_LEN + (i + 1) * SLOT_LEN];
+        slot[..KEY_LEN].copy_from_slice(key.as_bytes());
+        slot[KEY_LEN..KEY_LEN + 8].copy_from_slice(&expires.to_le_bytes());
+        slot[KEY_LEN + 8..KEY_LEN + 12].copy_from_slice(&(offset as u32).to_le_bytes());
+        slot[KEY_LEN + 12..].copy_from_slice(&(len as u32).to_le_bytes());
+        offset += len;
     }
 }
 

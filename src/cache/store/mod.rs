@@ -483,6 +483,25 @@ impl CachedResponse {
         out
     }
 
+    /// The length of [`encode`](Self::encode)'s output, without encoding (a store that
+    /// lays several entries out in one buffer sizes it first).
+    #[cfg(feature = "disk-cache")]
+    pub(crate) fn encoded_len(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| 8 + n.as_str().len() + v.len())
+            .sum();
+        1 + 2
+            + 1
+            + 4
+            + self.model.as_ref().map_or(0, |m| m.len())
+            + 4
+            + headers
+            + 4
+            + self.body.len()
+    }
+
     /// [`encode`](Self::encode), appended to `out` (a store that prefixes the encoding with
     /// its own fields writes both into one buffer).
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
