@@ -67,7 +67,7 @@ async fn main() -> Result<(), BoxError> {
                     response.into_body().collect().await?;
                     if status.is_success() {
                         if let Some(model) = model {
-                            *served.lock().unwrap().entry(model.served).or_default() += 1;
+                            *served.lock().unwrap().entry(model.served.to_string()).or_default() += 1;
                         }
                         break;
                     }

@@ -22,6 +22,11 @@
 //! the legacy client's pool, whose connections run on tasks of their own and take requests
 //! through a channel: it measures what cross-task hand-offs cost (`docs/benchmarks.md`, "The
 //! proxy's edge (px14)").
+//!
+//! With `--own-pool`, requests go through `tower_claude::client::Http1Pool` (the pool of
+//! keep-alive HTTP/1.1 connections `HttpClient` uses for a plain `http://` base) instead of
+//! hyper-util's legacy client: what that pool saves, measured without the layers
+//! (`docs/benchmarks.md`, "The proxy's edge, third pass (ed14)").
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -37,6 +42,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tower_claude::client::Http1Pool;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -153,6 +159,7 @@ async fn same_task_send(
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let same_task = args.iter().any(|a| a == "--same-task");
+    let own_pool = args.iter().any(|a| a == "--own-pool");
     let (listen, upstream) = match parse_args(&args) {
         Ok(parsed) => parsed,
         Err(message) => {
@@ -169,6 +176,10 @@ async fn main() -> ExitCode {
     };
     let client: Client<HttpConnector, Incoming> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let pool = match upstream.authority() {
+        Some(authority) if own_pool => Some(Http1Pool::<Incoming>::new(authority)),
+        _ => None,
+    };
     let addr = format!(
         "{}:{}",
         upstream.host().unwrap_or("127.0.0.1"),
@@ -184,6 +195,29 @@ async fn main() -> ExitCode {
         let client = client.clone();
         let upstream = upstream.clone();
         let addr = addr.clone();
+        if let Some(pool) = &pool {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                    // The pool sends the origin form as it is: the path and query alone.
+                    let origin = req
+                        .uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                    *req.uri_mut() = Uri::from(origin);
+                    let sent = pool.send(req);
+                    async move {
+                        let resp = sent.await?;
+                        Ok::<_, tower_claude::client::PoolError>(resp.map(|b| b.boxed()))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            continue;
+        }
         if same_task {
             tokio::spawn(async move {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -10,7 +10,7 @@
 //!
 //! | extension | written by | read by |
 //! |---|---|---|
-//! | [`RequestMeta`] — model, `max_tokens`, token estimate, `stream`, cache directives: the one scan of the body | the first layer that needs it ([`RequestMeta::get_or_scan`]); rewritten by fallback with the model it tries | rate limit, key pool, pacing, retry (policy and backoff), fallback, cache, metrics, testing |
+//! | [`RequestMeta`] — model, `max_tokens`, token estimate, `stream`, cache directives: the one scan of the body; with it the model's catalogue entry ([`ModelEntry`]: group, family, whether cache reads count), looked up once per request ([`RequestMeta::model_entry`]) | the first layer that needs it ([`RequestMeta::get_or_scan`]; in the stack, metrics, which also resolves the entry in the stack's catalogue); rewritten by fallback with the model it tries (and that model's entry) | rate limit, key pool, pacing, retry (policy and backoff), fallback, cache, metrics, testing; the entry: rate limit, pacing, retry, fallback (cost, the requested model's candidates), metrics (labels) |
 //! | [`Deadline`] — when the caller stops waiting | the application or `claude-proxy`; [`RetryLayer`](crate::retry::RetryLayer) with a configured deadline, unless one is set | retry, rate limit and key pool (bound their queue waits), fallback, the proxy's error answers |
 //! | [`MaxServerWait`] — the longest server-asked wait worth honouring | fallback (so that a long 429 comes back at once and the walk moves down), or the application | retry |
 //! | [`NoFallback`] — this request must be answered by the model it names | the application, `x-tower-claude-fallback: off` (the proxy) | fallback, cache (serves only the requested model) |
@@ -23,7 +23,7 @@
 //!
 //! | extension | written by | read by |
 //! |---|---|---|
-//! | [`ServedModel`] — the model that wrote the answer, and whether it is a fallback | fallback; cache (on a hit, the model that wrote the entry) | metrics, `claude-proxy` (`x-tower-claude-model`), the reqwest bridge, the application |
+//! | [`ServedModel`] — the model that wrote the answer, and whether it is a fallback (the names shared with the catalogue's entries, `Arc<str>`) | fallback; cache (on a hit, the model that wrote the entry) | metrics, `claude-proxy` (`x-tower-claude-model`), the reqwest bridge, the application |
 //! | [`CacheStatus`] — hit, miss, bypass, … | cache | `claude-proxy` (`x-tower-claude-cache`), the application |
 //! | [`RetryInfo`] — attempts made and why retrying stopped | retry | fallback (moves down when retrying gave up), metrics, the application |
 //! | [`RetrySooner`] — another key could serve this request sooner than the server's wait | key pool | retry (does not wait out a 429 that another key avoids) |
@@ -66,7 +66,7 @@
 //! # }
 //! ```
 
-pub use crate::anthropic::{BodyState, RequestMeta, UsageTracker};
+pub use crate::anthropic::{BodyState, ModelEntry, RequestMeta, UsageTracker};
 pub use crate::body::ErrorAnswer;
 pub use crate::cache::{CacheStatus, Tenant as CacheTenant};
 pub use crate::fallback::{NoFallback, ServedModel};

@@ -47,7 +47,7 @@
 //!     .await?;
 //! assert_eq!(response.status(), 200);
 //! let served = response.extensions().get::<tower_claude::fallback::ServedModel>().unwrap();
-//! assert_eq!(served.served, "claude-haiku-4-5");
+//! assert_eq!(&*served.served, "claude-haiku-4-5");
 //! let text = response.text().await?;
 //! assert!(text.contains(r#""type":"message""#));
 //! # Ok(())

@@ -1341,8 +1341,8 @@ mod models {
             .unwrap()
             .to_owned();
         if let Some(served) = res.extensions().get::<ServedModel>() {
-            assert_eq!(served.served, header);
-            assert_eq!(served.requested, OPUS);
+            assert_eq!(&*served.served, header);
+            assert_eq!(&*served.requested, OPUS);
         }
         let body = res.into_body().collect().await.unwrap().to_bytes();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -93,10 +93,7 @@ where
         .get::<ServedModel>()
         .cloned()
         .ok_or("no ServedModel extension")?;
-    assert_eq!(
-        res.headers()["x-tower-claude-model"],
-        served.served.as_str()
-    );
+    assert_eq!(res.headers()["x-tower-claude-model"], &*served.served);
     Ok((res, served))
 }
 
@@ -134,10 +131,10 @@ async fn choice_follows_the_thresholds() {
             .layer(FallbackLayer::new().board(board))
             .service(mock.clone());
         let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
-        assert_eq!(served.served, expected, "case {:?}", (o, s, h));
+        assert_eq!(&*served.served, expected, "case {:?}", (o, s, h));
         assert_eq!(model_in_body(res.body()), expected);
         assert_eq!(
-            (served.requested.as_str(), served.attempts, served.failovers),
+            (&*served.requested, served.attempts, served.failovers),
             (OPUS, 1, 0)
         );
         assert_eq!(mock.stats().received, 1);
@@ -161,7 +158,8 @@ async fn configured_thresholds_and_requests_below_opus() {
             .await
             .unwrap()
             .1
-            .served,
+            .served
+            .as_ref(),
         OPUS
     );
     let mut strict = ServiceBuilder::new()
@@ -177,7 +175,8 @@ async fn configured_thresholds_and_requests_below_opus() {
             .await
             .unwrap()
             .1
-            .served,
+            .served
+            .as_ref(),
         SONNET
     );
 
@@ -191,7 +190,8 @@ async fn configured_thresholds_and_requests_below_opus() {
             .await
             .unwrap()
             .1
-            .served,
+            .served
+            .as_ref(),
         HAIKU
     );
     // A floor at Sonnet keeps it on Sonnet (most headroom among the allowed models).
@@ -203,12 +203,13 @@ async fn configured_thresholds_and_requests_below_opus() {
             .await
             .unwrap()
             .1
-            .served,
+            .served
+            .as_ref(),
         SONNET
     );
     let (_, s) = send(&mut floored, request(OPUS, 64, false)).await.unwrap();
     // Opus 55 % < 70 %, Sonnet 20 % < 30 %, Haiku not allowed: the most headroom is Opus.
-    assert_eq!(s.served, OPUS);
+    assert_eq!(&*s.served, OPUS);
 }
 
 #[tokio::test(start_paused = true)]
@@ -228,12 +229,13 @@ async fn skips_a_model_when_the_cost_does_not_fit() {
             .await
             .unwrap()
             .1
-            .served,
+            .served
+            .as_ref(),
         OPUS
     );
     // max_tokens 9 000 does not fit now: Sonnet.
     let (res, served) = send(&mut svc, request(OPUS, 9_000, false)).await.unwrap();
-    assert_eq!(served.served, SONNET);
+    assert_eq!(&*served.served, SONNET);
     assert_eq!(served.failovers, 0, "chosen before sending, not a failover");
     assert_eq!(model_in_body(res.body()), SONNET);
     assert_eq!(mock.stats().received, 2);
@@ -271,7 +273,7 @@ async fn rewrites_the_body_and_the_request_meta() {
     req.headers_mut()
         .insert("x-tower-claude-fallback", "on".parse().unwrap());
     let (_, served) = send(&mut svc, req).await.unwrap();
-    assert_eq!(served.served, SONNET);
+    assert_eq!(&*served.served, SONNET);
     assert_eq!(
         seen.lock().unwrap().as_slice(),
         [(SONNET.to_owned(), Some(SONNET.to_owned()), None)]
@@ -292,7 +294,7 @@ async fn fails_over_on_a_long_429_and_returns_a_short_one() {
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (SONNET, 2, 1)
     );
     assert_eq!(model_in_body(res.body()), SONNET);
@@ -309,7 +311,7 @@ async fn fails_over_on_a_long_429_and_returns_a_short_one() {
     let v: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
     assert_eq!(v["error"]["type"], "rate_limit_error");
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (OPUS, 1, 0)
     );
     assert_eq!(mock.stats().by_status.get(&429), Some(&2));
@@ -324,7 +326,7 @@ async fn fails_over_on_the_spend_cap_and_returns_the_last_answer_when_all_are_ca
     mock.push_fault(Fault::SpendCap);
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert_eq!((&*served.served, served.failovers), (SONNET, 1));
 
     // Every model capped: each is tried once, then Haiku's 429 comes back unchanged.
     let capped = MockClaude::builder().spend_cap(true).build();
@@ -339,7 +341,7 @@ async fn fails_over_on_the_spend_cap_and_returns_the_last_answer_when_all_are_ca
         "enforced_spend_limit_reached"
     );
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (HAIKU, 3, 2)
     );
     assert_eq!(capped.stats().received, 3);
@@ -357,7 +359,7 @@ async fn moves_on_after_a_529_storm() {
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (SONNET, 3, 1)
     );
     assert_eq!(
@@ -370,7 +372,7 @@ async fn moves_on_after_a_529_storm() {
     mock.push_fault(Fault::Overloaded);
     let (_, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (OPUS, 2, 0)
     );
 
@@ -383,7 +385,7 @@ async fn moves_on_after_a_529_storm() {
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status().as_u16(), 529);
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (HAIKU, 5, 2)
     );
     assert_eq!(storm.stats().received, 5);
@@ -394,7 +396,7 @@ async fn moves_on_after_a_529_storm() {
         .service(mock.clone());
     mock.push_fault(Fault::Overloaded);
     let (_, served) = send(&mut eager, request(OPUS, 64, false)).await.unwrap();
-    assert_eq!((served.served.as_str(), served.attempts), (SONNET, 2));
+    assert_eq!((&*served.served, served.attempts), (SONNET, 2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -406,7 +408,7 @@ async fn walks_are_bounded() {
         .service(capped.clone());
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!((served.served.as_str(), served.attempts), (SONNET, 2));
+    assert_eq!((&*served.served, served.attempts), (SONNET, 2));
     assert_eq!(capped.stats().received, 2);
 
     // A chain that names a model twice still sends each model once.
@@ -418,7 +420,7 @@ async fn walks_are_bounded() {
         )
         .service(capped.clone());
     let (_, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
-    assert_eq!((served.served.as_str(), served.attempts), (HAIKU, 3));
+    assert_eq!((&*served.served, served.attempts), (HAIKU, 3));
 
     // A model outside every chain is only ever sent as itself.
     let (res, served) = send(&mut svc, request("claude-3-haiku-20240307", 64, false))
@@ -426,7 +428,7 @@ async fn walks_are_bounded() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
-        (served.served.as_str(), served.attempts),
+        (&*served.served, served.attempts),
         ("claude-3-haiku-20240307", 1)
     );
 }
@@ -454,7 +456,7 @@ async fn disabled_per_request_by_header_or_extension() {
         .headers_mut()
         .insert("x-tower-claude-fallback", "off".parse().unwrap());
     let (_, served) = send(&mut svc, by_header).await.unwrap();
-    assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
+    assert_eq!((&*served.served, served.attempts), (OPUS, 1));
     assert!(!headers.lock().unwrap()[0].contains_key("x-tower-claude-fallback"));
 
     let mut by_extension = request(OPUS, 64, false);
@@ -466,11 +468,11 @@ async fn disabled_per_request_by_header_or_extension() {
         StatusCode::TOO_MANY_REQUESTS,
         "no failover either"
     );
-    assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
+    assert_eq!((&*served.served, served.attempts), (OPUS, 1));
 
     // Without the opt-out the same request goes to Sonnet.
     let (_, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
-    assert_eq!(served.served, SONNET);
+    assert_eq!(&*served.served, SONNET);
     assert_eq!(mock.stats().received, 3);
 }
 
@@ -487,7 +489,7 @@ async fn streams_fail_over_only_before_the_first_byte() {
     });
     let (res, served) = send(&mut svc, request(OPUS, 64, true)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert_eq!((&*served.served, served.failovers), (SONNET, 1));
     let text = String::from_utf8(res.body().to_vec()).unwrap();
     assert!(text.starts_with("event: message_start"), "{text}");
     assert!(text.contains(&format!(r#""model":"{SONNET}""#)));
@@ -498,7 +500,7 @@ async fn streams_fail_over_only_before_the_first_byte() {
     let before = mock.stats().received;
     let (res, served) = send(&mut svc, request(OPUS, 64, true)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
+    assert_eq!((&*served.served, served.attempts), (OPUS, 1));
     let text = String::from_utf8(res.body().to_vec()).unwrap();
     assert!(
         text.contains("event: error") && text.contains("overloaded_error"),
@@ -564,7 +566,7 @@ async fn inner_errors_are_typed_and_other_paths_pass_through() {
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (SONNET, 2, 1)
     );
     // With nothing below, the same error is returned, typed.
@@ -621,7 +623,7 @@ async fn stacked_above_the_retry_layer() {
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (SONNET, 2, 1)
     );
     assert_eq!(mock.stats().received, 2);
@@ -634,7 +636,7 @@ async fn stacked_above_the_retry_layer() {
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        (served.served.as_str(), served.attempts, served.failovers),
+        (&*served.served, served.attempts, served.failovers),
         (SONNET, 2, 1)
     );
     assert_eq!(mock.stats().received, 2 + 4);
@@ -645,7 +647,7 @@ async fn stacked_above_the_retry_layer() {
     });
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!((served.served.as_str(), served.attempts), (OPUS, 1));
+    assert_eq!((&*served.served, served.attempts), (OPUS, 1));
 
     // A long 429 (longer than max_wait_before_failover): the retry layer below does not sit
     // it out (the fallback layer set MaxServerWait), the request moves on to Sonnet at once.
@@ -656,7 +658,7 @@ async fn stacked_above_the_retry_layer() {
     let start = Instant::now();
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert_eq!((&*served.served, served.failovers), (SONNET, 1));
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -721,7 +723,7 @@ async fn a_shared_board_counts_requests_in_flight() {
                 .get::<ServedModel>()
                 .unwrap()
                 .served
-                .clone(),
+                .to_string(),
         );
     }
     assert_eq!(served, [OPUS, OPUS, OPUS, OPUS, SONNET]);
@@ -747,7 +749,8 @@ async fn unknown_quota_counts_as_full() {
             .await
             .unwrap()
             .1
-            .served,
+            .served
+            .as_ref(),
         OPUS
     );
     drop(probe);
@@ -769,7 +772,8 @@ async fn learns_quota_from_response_headers_when_alone() {
                 .await
                 .unwrap()
                 .1
-                .served,
+                .served
+                .to_string(),
         );
     }
     // 10 -> 9 -> 8 -> 7 left: 70 % still stays; at 6 left (60 %) Sonnet takes over.
@@ -835,7 +839,7 @@ where
                     if res.status() == StatusCode::OK {
                         let model = model_in_body(res.body());
                         if let Some(s) = res.extensions().get::<ServedModel>() {
-                            assert_eq!(s.served, model);
+                            assert_eq!(&*s.served, model);
                         }
                         *served.lock().unwrap().entry(model).or_default() += 1;
                         *completed.lock().unwrap() += 1;
@@ -993,7 +997,7 @@ async fn behind_a_key_pool_the_best_key_decides() {
             .get::<ServedModel>()
             .unwrap()
             .served
-            .clone()
+            .to_string()
     };
     // Key one has 10 % of its Opus requests left, key two all of them: Opus, with key two.
     spend_key(&ids[0], 90);
@@ -1063,6 +1067,6 @@ async fn an_error_answer_read_below_is_not_read_again() {
         .service(inner);
     let (res, served) = send(&mut svc, request(OPUS, 64, false)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!((served.served.as_str(), served.failovers), (SONNET, 1));
+    assert_eq!((&*served.served, served.failovers), (SONNET, 1));
     assert_eq!(*calls.lock().unwrap(), [OPUS, SONNET]);
 }

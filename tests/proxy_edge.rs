@@ -707,3 +707,48 @@ async fn a_body_that_never_arrives_ends_at_the_deadline() {
     );
     proxy.stop().await;
 }
+
+/// A body that arrives in pieces (after its head, or chunked) reaches the upstream whole: the
+/// handler reads a body that came with its head in one poll and collects any other.
+#[tokio::test]
+async fn a_body_in_pieces_reaches_the_upstream_whole() {
+    let mock = MockClaude::builder().build();
+    let (upstream, _task) = mock.serve_on_loopback().await.unwrap();
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
+    let (first, second) = HELLO.split_at(HELLO.len() / 2);
+    let head = "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\nanthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n";
+    let sized = (
+        format!("{head}content-length: {}\r\n\r\n{first}", HELLO.len()),
+        second.to_owned(),
+    );
+    let chunked = (
+        format!(
+            "{head}transfer-encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+            first.len()
+        ),
+        format!("{:x}\r\n{second}\r\n0\r\n\r\n", second.len()),
+    );
+    let whole = (
+        format!("{head}content-length: {}\r\n\r\n{HELLO}", HELLO.len()),
+        String::new(),
+    );
+    for (n, (start, rest)) in [sized, chunked, whole].into_iter().enumerate() {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(start.as_bytes()).await.unwrap();
+        if !rest.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.write_all(rest.as_bytes()).await.unwrap();
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
+            .await
+            .expect("an answer in time");
+        assert_eq!(
+            answer.status,
+            200,
+            "request {n}: {:?}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(mock.stats().accepted, n as u64 + 1);
+    }
+    proxy.stop().await;
+}

@@ -62,7 +62,7 @@ async fn a_529_is_retried_and_the_answer_keeps_its_headers_body_and_extensions()
     let info = response.extensions().get::<RetryInfo>().unwrap();
     assert_eq!(info.attempts(), 2, "the 529 was retried");
     let served = response.extensions().get::<ServedModel>().unwrap();
-    assert_eq!(served.served, "claude-haiku-4-5");
+    assert_eq!(&*served.served, "claude-haiku-4-5");
     let body: serde_json::Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(body["type"], "message");
     assert_eq!(mock.stats().received, 2);
@@ -130,7 +130,7 @@ async fn request_extensions_reach_the_stack() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let served = response.extensions().get::<ServedModel>().unwrap();
-    assert_eq!(served.served, "claude-sonnet-4-6");
+    assert_eq!(&*served.served, "claude-sonnet-4-6");
 }
 
 #[tokio::test]

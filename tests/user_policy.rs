@@ -258,7 +258,7 @@ async fn served_models(policy: Option<Box<dyn fallback::Policy>>) -> Vec<String>
                 .get::<ServedModel>()
                 .unwrap()
                 .served
-                .clone(),
+                .to_string(),
         );
         resp.into_body().collect().await.unwrap();
     }

@@ -366,24 +366,6 @@ fn header_str(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Opt
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 
-/// The value of an `x-tower-claude-model` header naming `model` (`None` when the id is not
-/// a valid header value), through this thread's last few: a request's answer names one of a
-/// handful of models, and a remembered value is shared (a reference count) rather than
-/// validated and copied again.
-pub(crate) fn model_header_value(model: &str) -> Option<HeaderValue> {
-    use std::cell::RefCell;
-    thread_local! {
-        static RECENT: RefCell<super::recent::Recent<HeaderValue>> =
-            const { RefCell::new(super::recent::Recent::new(128)) };
-    }
-    if let Ok(Some(known)) = RECENT.try_with(|r| r.borrow().get(model.as_bytes())) {
-        return Some(known);
-    }
-    let value = HeaderValue::from_str(model).ok()?;
-    let _ = RECENT.try_with(|r| r.borrow_mut().put(model.as_bytes(), value.clone()));
-    Some(value)
-}
-
 /// [`parse_rfc3339`] through this thread's last few reset values: answers within one second
 /// carry the same `reset` times, and parsing them was a third of reading the headers
 /// (callgrind: 1.1k of 3k instructions per answer).
@@ -580,17 +562,6 @@ mod tests {
             let expected = v.trim().parse::<u64>().ok();
             assert_eq!(count_of(&value), expected, "{v:?}");
         }
-    }
-
-    #[test]
-    fn model_header_values_are_remembered_and_checked() {
-        for _ in 0..2 {
-            assert_eq!(
-                model_header_value("claude-haiku-4-5").unwrap(),
-                "claude-haiku-4-5"
-            );
-        }
-        assert_eq!(model_header_value("bad\nid"), None);
     }
 
     /// The memo of reset values answers exactly as the parse, hits and misses alike.

@@ -2,9 +2,12 @@
 //! (what the layers read), read by the scanner of [`super::scan`] with the token estimate of
 //! [`super::estimate`], and [`rewrite_model`].
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use super::estimate::CacheBreakpoint;
+use super::models::{ModelCatalog, ModelEntry};
 use super::scan::{CanonicalHints, MetaError, MetaErrorKind, Scanner};
 
 /// What the stack needs to know about a Messages API request, read once from its body and
@@ -42,6 +45,31 @@ pub struct RequestMeta {
     /// How the body differs from its canonical form, for the response cache's key (not part
     /// of the value: equal metas may differ here).
     pub(crate) canonical: CanonicalHints,
+    /// The catalogue's entry of `model`, looked up by the first layer that asks
+    /// ([`model_entry`](Self::model_entry)); not part of the value.
+    entry: EntryMemo,
+}
+
+/// [`RequestMeta::model_entry`]'s memo: set by the first layer that resolves the model with
+/// the request in hand ([`RequestMeta::get_or_scan_in`]), or by fallback for the model it
+/// rewrites a copy to; carried by the clones of the meta made after.
+#[derive(Clone, Default)]
+struct EntryMemo(Option<ModelEntry>);
+
+impl PartialEq for EntryMemo {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for EntryMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EntryMemo(set)"
+        } else {
+            "EntryMemo(unset)"
+        })
+    }
 }
 
 impl RequestMeta {
@@ -117,7 +145,98 @@ impl RequestMeta {
             input_tokens: scan.input_tokens,
             cache_breakpoints: scan.cache_breakpoints,
             canonical: scan.canonical,
+            entry: EntryMemo::default(),
         })
+    }
+
+    /// The catalogue's entry of the request's [`model`](Self::model) (`None` without one):
+    /// its rate-limit group, family and whether its cache reads count, looked up **once per
+    /// request**. The stack's first layer looks the model up in its catalogue and the entry
+    /// is remembered here, so every layer of a stack (one catalogue) reads the same entry
+    /// instead of searching the catalogue again; fallback's copy of the request for another
+    /// model remembers that model's entry.
+    ///
+    /// A catalogue other than the one remembered, a `model` changed since, or a meta whose
+    /// model no layer resolved yet gets a fresh lookup (not remembered).
+    ///
+    /// ```
+    /// use tower_claude::anthropic::{ModelCatalog, RequestMeta};
+    ///
+    /// let meta = RequestMeta::scan(br#"{"model":"claude-sonnet-4-6","max_tokens":8}"#).unwrap();
+    /// let catalog = ModelCatalog::default();
+    /// let entry = meta.model_entry(&catalog).unwrap();
+    /// assert_eq!(entry.group().as_str(), "claude-sonnet-4");
+    /// // Another catalogue has its own answer.
+    /// let own = ModelCatalog::empty();
+    /// assert_eq!(meta.model_entry(&own).unwrap().group().as_str(), "claude-sonnet-4-6");
+    /// assert!(RequestMeta::default().model_entry(&catalog).is_none());
+    /// ```
+    pub fn model_entry(&self, catalog: &ModelCatalog) -> Option<Cow<'_, ModelEntry>> {
+        let model = self.model.as_deref()?;
+        Some(match &self.entry.0 {
+            Some(entry) if entry.is_of(catalog) && entry.id() == model => Cow::Borrowed(entry),
+            _ => Cow::Owned(catalog.entry(model)),
+        })
+    }
+
+    /// The entry [`get_or_scan_in`](Self::get_or_scan_in) remembered, as it is (not checked
+    /// against a catalogue: for the layer that just called it with its own).
+    pub(crate) fn resolved_entry(&self) -> Option<&ModelEntry> {
+        self.entry.0.as_ref()
+    }
+
+    /// Remembers the entry of the model in `catalog` unless it is remembered already.
+    fn resolve(&mut self, catalog: &ModelCatalog) {
+        let Some(model) = self.model.as_deref() else {
+            return;
+        };
+        if !matches!(&self.entry.0, Some(e) if e.is_of(catalog) && e.id() == model) {
+            self.entry.0 = Some(catalog.entry(model));
+        }
+    }
+
+    /// [`get_or_scan`](Self::get_or_scan), the model's entry in `catalog` remembered in the
+    /// extension ([`model_entry`](Self::model_entry) then reads it): the layers of the stack
+    /// take the request's meta this way, so that the first one resolves the model for all.
+    pub(crate) fn get_or_scan_in<'r, B>(
+        req: &'r mut http::Request<B>,
+        catalog: &ModelCatalog,
+    ) -> Result<&'r RequestMeta, MetaError>
+    where
+        B: AsRef<[u8]> + 'static,
+    {
+        match req.extensions_mut().get_mut::<RequestMeta>() {
+            Some(meta) => meta.resolve(catalog),
+            None => {
+                let held = (req.body() as &dyn std::any::Any)
+                    .downcast_ref::<crate::body::RequestBody>()
+                    .map(crate::body::RequestBody::bytes);
+                let mut meta = Self::scan_held(req.body().as_ref(), held)?;
+                meta.resolve(catalog);
+                req.extensions_mut().insert(meta);
+            }
+        }
+        req.extensions().get::<RequestMeta>().ok_or(MetaError::new(
+            MetaErrorKind::InvalidJson,
+            0,
+            "request extension lost",
+        ))
+    }
+
+    /// This meta for another model, whose catalogue entry is `entry` (fallback's copy of a
+    /// request rewritten to `entry`'s model): the model and the remembered entry replaced,
+    /// everything else cloned.
+    pub(crate) fn with_model(&self, entry: &ModelEntry) -> Self {
+        Self {
+            model: Some(entry.id().to_owned()),
+            max_tokens: self.max_tokens,
+            stream: self.stream,
+            temperature: self.temperature,
+            input_tokens: self.input_tokens,
+            cache_breakpoints: self.cache_breakpoints.clone(),
+            canonical: self.canonical.clone(),
+            entry: EntryMemo(Some(entry.clone())),
+        }
     }
 
     /// Reads the extension from `req`, or scans its body and inserts the result, returning it.

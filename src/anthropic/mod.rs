@@ -19,14 +19,14 @@ mod usage;
 pub(crate) use error::is_typed_object;
 pub use error::{ApiError, ApiErrorKind, is_spend_limit_message};
 pub use estimate::{CacheBreakpoint, CacheTtl, MAX_BREAKPOINTS};
+pub(crate) use headers::parsed_names;
 pub use headers::{
     BucketSnapshot, MAX_RETRY_AFTER, RateLimitSnapshot, header_names, request_id, retry_after,
     should_retry,
 };
-pub(crate) use headers::{model_header_value, parsed_names};
 pub use key::KeyId;
 pub use meta::{RequestMeta, rewrite_model};
-pub use models::{ModelCatalog, ModelFamily, RateLimitGroup};
+pub use models::{ModelCatalog, ModelEntry, ModelFamily, RateLimitGroup};
 #[cfg(test)]
 pub(crate) use scan::write_canonical_number;
 pub use scan::{MetaError, MetaErrorKind};

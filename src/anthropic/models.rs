@@ -1,6 +1,7 @@
 //! The model catalogue: model id -> rate-limit group, and the default fallback chain.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A rate-limit group: models whose limits are pooled (e.g. every Opus 4.x model shares one).
 ///
@@ -73,6 +74,14 @@ pub struct ModelCatalog {
 
 #[derive(Debug, Clone)]
 struct CatalogInner {
+    /// Which catalogue this is: a fresh number for every catalogue built or changed, so that
+    /// an entry remembered for a request ([`RequestMeta::model_entry`]) is used only with the
+    /// catalogue that made it.
+    ///
+    /// [`RequestMeta::model_entry`]: crate::anthropic::RequestMeta::model_entry
+    id: u64,
+    /// The entries of the exact ids, by id (built from `models`, `prefixes` aside).
+    exact: hashbrown::HashMap<Arc<str>, ModelEntry>,
     /// Exact ids: (id, group, family).
     models: Vec<(String, RateLimitGroup, Option<ModelFamily>)>,
     /// Prefix rules, longest prefix wins: (prefix, group, family).
@@ -81,6 +90,104 @@ struct CatalogInner {
     chain: Vec<String>,
     /// Groups whose `cache_read_input_tokens` count toward the input-tokens-per-minute limit.
     cache_reads_count: Vec<RateLimitGroup>,
+}
+
+/// The next catalogue's [`CatalogInner::id`].
+static NEXT_CATALOG: AtomicU64 = AtomicU64::new(1);
+
+/// One model as a catalogue places it: its id, its rate-limit group, its family and whether
+/// its cache reads count toward the input-tokens-per-minute limit, looked up once.
+///
+/// A request's entry is looked up once per request and catalogue and carried with its
+/// [`RequestMeta`](crate::anthropic::RequestMeta)
+/// ([`model_entry`](crate::anthropic::RequestMeta::model_entry)): the layers that need the
+/// group (rate limit, retry, pacing, fallback, metrics) read it there instead of
+/// searching the catalogue each. Cheap to clone (an `Arc`).
+///
+/// ```
+/// use tower_claude::anthropic::{ModelCatalog, ModelFamily};
+///
+/// let catalog = ModelCatalog::default();
+/// let opus = catalog.entry("claude-opus-4-7");
+/// assert_eq!(opus.id(), "claude-opus-4-7");
+/// assert_eq!(opus.group().as_str(), "claude-opus-4");
+/// assert_eq!(opus.family(), Some(ModelFamily::Opus));
+/// assert!(!opus.cache_reads_count());
+/// assert!(opus.is_placed());
+/// assert!(!catalog.entry("gpt-5").is_placed()); // its own group, no family
+/// ```
+#[derive(Clone)]
+pub struct ModelEntry(Arc<EntryInner>);
+
+struct EntryInner {
+    id: Arc<str>,
+    group: RateLimitGroup,
+    family: Option<ModelFamily>,
+    cache_reads_count: bool,
+    /// Found by exact id or prefix rule (else the model is its own group).
+    placed: bool,
+    /// The id as an `x-tower-claude-model` header value (`None` when the id is not a valid
+    /// header value), made with the entry: an answer's header shares it (a reference count).
+    header: Option<http::HeaderValue>,
+    /// The [`CatalogInner::id`] of the catalogue that made it.
+    catalog: u64,
+}
+
+impl ModelEntry {
+    /// The model id.
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    /// The model id as a shared string (no copy: fallback's [`ServedModel`] holds it).
+    ///
+    /// [`ServedModel`]: crate::fallback::ServedModel
+    pub(crate) fn shared_id(&self) -> &Arc<str> {
+        &self.0.id
+    }
+
+    /// The id as an `x-tower-claude-model` header value, when it is a valid one.
+    pub(crate) fn header_value(&self) -> Option<&http::HeaderValue> {
+        self.0.header.as_ref()
+    }
+
+    /// The rate-limit group: exact id, then longest prefix, else a group named after the id.
+    pub fn group(&self) -> &RateLimitGroup {
+        &self.0.group
+    }
+
+    /// The family, when known.
+    pub fn family(&self) -> Option<ModelFamily> {
+        self.0.family
+    }
+
+    /// Whether the model's `cache_read_input_tokens` count toward its input-tokens-per-minute
+    /// limit ([`ModelCatalog::cache_reads_count`]).
+    pub fn cache_reads_count(&self) -> bool {
+        self.0.cache_reads_count
+    }
+
+    /// Whether the catalogue placed the model (an exact id or a prefix rule); `false` for an
+    /// id that is its own group.
+    pub fn is_placed(&self) -> bool {
+        self.0.placed
+    }
+
+    /// Whether `catalog` made this entry (it is that catalogue's answer for [`id`](Self::id)).
+    pub(crate) fn is_of(&self, catalog: &ModelCatalog) -> bool {
+        self.0.catalog == catalog.inner.id
+    }
+}
+
+impl std::fmt::Debug for ModelEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelEntry")
+            .field("id", &self.0.id)
+            .field("group", &self.0.group)
+            .field("family", &self.0.family)
+            .field("cache_reads_count", &self.0.cache_reads_count)
+            .finish()
+    }
 }
 
 /// Exact ids of the default catalogue: (id, group, family).
@@ -221,6 +328,7 @@ impl Default for ModelCatalog {
                 .iter()
                 .map(|&g| RateLimitGroup::new(g))
                 .collect();
+            inner.seal();
         }
         catalog
     }
@@ -239,6 +347,8 @@ impl ModelCatalog {
     pub fn empty() -> Self {
         Self {
             inner: Arc::new(CatalogInner {
+                id: NEXT_CATALOG.fetch_add(1, Ordering::Relaxed),
+                exact: hashbrown::HashMap::new(),
                 models: Vec::new(),
                 prefixes: Vec::new(),
                 chain: Vec::new(),
@@ -255,7 +365,9 @@ impl ModelCatalog {
         family: ModelFamily,
     ) -> Self {
         let entry = (id.into(), RateLimitGroup::new(group), Some(family));
-        upsert(&mut Arc::make_mut(&mut self.inner).models, entry);
+        let inner = Arc::make_mut(&mut self.inner);
+        upsert(&mut inner.models, entry);
+        inner.seal();
         self
     }
 
@@ -274,7 +386,9 @@ impl ModelCatalog {
         family: ModelFamily,
     ) -> Self {
         let entry = (prefix.into(), RateLimitGroup::new(group), Some(family));
-        upsert(&mut Arc::make_mut(&mut self.inner).prefixes, entry);
+        let inner = Arc::make_mut(&mut self.inner);
+        upsert(&mut inner.prefixes, entry);
+        inner.seal();
         self
     }
 
@@ -291,58 +405,61 @@ impl ModelCatalog {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        Arc::make_mut(&mut self.inner).chain = chain.into_iter().map(Into::into).collect();
+        let inner = Arc::make_mut(&mut self.inner);
+        inner.chain = chain.into_iter().map(Into::into).collect();
+        inner.seal();
         self
     }
 
-    /// The exact entry or the longest matching prefix rule.
-    fn lookup(&self, model: &str) -> Option<&(String, RateLimitGroup, Option<ModelFamily>)> {
-        // Where this thread last found an exact id of this length (modulo 8), in whichever
-        // catalogue: a request's model is looked up by several layers (fallback's cost and
-        // views, retry, the rate limiter, metrics), fallback's views alternate between the
-        // requested model and the next one down (whose ids differ in length: opus 15, haiku
-        // 16, sonnet 17), and a thread's requests mostly name a few models. Only a hint: the
-        // entry is compared with `model` before it is used, and exact ids are unique in a
-        // catalogue (`with_model` replaces), so a hint from another catalogue or a stale one
-        // is only a wasted comparison, never a wrong answer.
-        thread_local! {
-            static HINTS: [std::cell::Cell<usize>; 8] =
-                const { [const { std::cell::Cell::new(0) }; 8] };
+    /// The entry of `model`: its exact id (one hash lookup), else the longest matching prefix
+    /// rule, else a group named after the id itself (those two build a new entry).
+    ///
+    /// A request's entry is looked up once: see [`RequestMeta::model_entry`], which the
+    /// stack's layers use instead of this.
+    ///
+    /// [`RequestMeta::model_entry`]: crate::anthropic::RequestMeta::model_entry
+    pub fn entry(&self, model: &str) -> ModelEntry {
+        if let Some(entry) = self.inner.exact.get(model) {
+            return entry.clone();
         }
-        let models = &self.inner.models;
-        let slot = model.len() % 8;
-        let hint = HINTS.with(|h| h[slot].get());
-        if let Some(entry) = models.get(hint).filter(|(id, _, _)| id == model) {
-            return Some(entry);
-        }
-        models
+        let inner = &self.inner;
+        let (group, family, placed) = match inner
+            .prefixes
             .iter()
-            .position(|(id, _, _)| id == model)
-            .map(|at| {
-                HINTS.with(|h| h[slot].set(at));
-                &models[at]
-            })
-            .or_else(|| {
-                self.inner
-                    .prefixes
-                    .iter()
-                    .filter(|(prefix, _, _)| model.starts_with(prefix.as_str()))
-                    .max_by_key(|(prefix, _, _)| prefix.len())
-            })
+            .filter(|(prefix, _, _)| model.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _, _)| prefix.len())
+        {
+            Some((_, group, family)) => (group.clone(), *family, true),
+            None => (RateLimitGroup::new(model), None, false),
+        };
+        inner.make_entry(Arc::from(model), group, family, placed)
+    }
+
+    /// The exact entry or the longest matching prefix rule.
+    fn lookup(&self, model: &str) -> Option<(&RateLimitGroup, Option<ModelFamily>)> {
+        if let Some(entry) = self.inner.exact.get(model) {
+            return Some((&entry.0.group, entry.0.family));
+        }
+        self.inner
+            .prefixes
+            .iter()
+            .filter(|(prefix, _, _)| model.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _, _)| prefix.len())
+            .map(|(_, group, family)| (group, *family))
     }
 
     /// The rate-limit group of `model`: exact id, then longest prefix, else a group named
     /// after the id itself.
     pub fn group(&self, model: &str) -> RateLimitGroup {
         match self.lookup(model) {
-            Some((_, group, _)) => group.clone(),
+            Some((group, _)) => group.clone(),
             None => RateLimitGroup::new(model),
         }
     }
 
     /// The family of `model`, when known.
     pub fn family(&self, model: &str) -> Option<ModelFamily> {
-        self.lookup(model).and_then(|(_, _, family)| *family)
+        self.lookup(model).and_then(|(_, family)| family)
     }
 
     /// Whether `model`'s `cache_read_input_tokens` count toward its input-tokens-per-minute
@@ -373,11 +490,12 @@ impl ModelCatalog {
     /// Sets whether cache reads count toward the input-tokens-per-minute limit of `group`.
     pub fn with_cache_reads_counted(mut self, group: impl AsRef<str>, counted: bool) -> Self {
         let group = RateLimitGroup::new(group);
-        let list = &mut Arc::make_mut(&mut self.inner).cache_reads_count;
-        list.retain(|g| *g != group);
+        let inner = Arc::make_mut(&mut self.inner);
+        inner.cache_reads_count.retain(|g| *g != group);
         if counted {
-            list.push(group);
+            inner.cache_reads_count.push(group);
         }
+        inner.seal();
         self
     }
 
@@ -417,6 +535,42 @@ impl ModelCatalog {
     }
 }
 
+impl CatalogInner {
+    /// After a change: a new id (entries made before belong to the old catalogue) and the
+    /// exact ids' entries made again.
+    fn seal(&mut self) {
+        self.id = NEXT_CATALOG.fetch_add(1, Ordering::Relaxed);
+        let exact = self
+            .models
+            .iter()
+            .map(|(id, group, family)| {
+                let id: Arc<str> = Arc::from(id.as_str());
+                let entry = self.make_entry(id.clone(), group.clone(), *family, true);
+                (id, entry)
+            })
+            .collect();
+        self.exact = exact;
+    }
+
+    fn make_entry(
+        &self,
+        id: Arc<str>,
+        group: RateLimitGroup,
+        family: Option<ModelFamily>,
+        placed: bool,
+    ) -> ModelEntry {
+        ModelEntry(Arc::new(EntryInner {
+            cache_reads_count: self.cache_reads_count.contains(&group),
+            header: http::HeaderValue::from_str(&id).ok(),
+            id,
+            group,
+            family,
+            placed,
+            catalog: self.id,
+        }))
+    }
+}
+
 /// Replaces the entry with the same key, or appends.
 fn upsert(
     entries: &mut Vec<(String, RateLimitGroup, Option<ModelFamily>)>,
@@ -432,34 +586,39 @@ fn upsert(
 mod tests {
     use super::*;
 
-    /// The thread's lookup hint (where the last exact id was found) never answers for
-    /// another catalogue or another id: one catalogue with an id early, another with the same
-    /// id placed elsewhere and in another group, looked up in turn.
+    /// An entry belongs to the catalogue that made it: a changed catalogue is another one,
+    /// and each answers from its own ids.
     #[test]
-    fn the_lookup_hint_is_checked_before_it_is_used() {
+    fn entries_belong_to_their_catalogue() {
         let default = ModelCatalog::default();
-        let custom = ModelCatalog::default().with_model("my-model", "mine", ModelFamily::Haiku);
-        let moved = custom
+        let custom =
+            default
+                .clone()
+                .with_model("claude-haiku-4-5", "elsewhere", ModelFamily::Haiku);
+        let entry = default.entry("claude-haiku-4-5");
+        assert!(entry.is_of(&default) && entry.is_of(&default.clone()));
+        assert!(!entry.is_of(&custom));
+        assert_eq!(entry.group().as_str(), "claude-haiku-4-5");
+        assert_eq!(
+            custom.entry("claude-haiku-4-5").group().as_str(),
+            "elsewhere"
+        );
+        let counted = default
             .clone()
-            .with_model("claude-haiku-4-5", "elsewhere", ModelFamily::Haiku);
-        for _ in 0..2 {
-            assert_eq!(custom.group("my-model").as_str(), "mine");
-            assert_eq!(default.group("my-model").as_str(), "my-model");
-            assert_eq!(moved.group("claude-haiku-4-5").as_str(), "elsewhere");
-            assert_eq!(
-                default.group("claude-haiku-4-5").as_str(),
-                "claude-haiku-4-5"
-            );
-            assert_eq!(
-                custom.group("claude-haiku-4-5").as_str(),
-                "claude-haiku-4-5"
-            );
-            assert_eq!(moved.group("claude-sonnet-4-6").as_str(), "claude-sonnet-4");
-            assert_eq!(
-                default.group("claude-sonnet-4-6").as_str(),
-                "claude-sonnet-4"
-            );
-        }
+            .with_cache_reads_counted("claude-opus-4", true);
+        assert!(counted.entry("claude-opus-4-7").cache_reads_count());
+        assert!(counted.entry("claude-opus-4-9").cache_reads_count()); // by prefix
+        assert!(!default.entry("claude-opus-4-7").cache_reads_count());
+        let unknown = default.entry("gpt-5");
+        assert_eq!(
+            (unknown.group().as_str(), unknown.family()),
+            ("gpt-5", None)
+        );
+        assert!(!unknown.is_placed() && unknown.is_of(&default));
+        // The answer's header value, made with the entry.
+        let haiku = default.entry("claude-haiku-4-5");
+        assert_eq!(haiku.header_value().unwrap(), "claude-haiku-4-5");
+        assert!(default.entry("bad\nid").header_value().is_none());
     }
 
     #[test]

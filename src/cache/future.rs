@@ -253,7 +253,7 @@ pub(crate) fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> 
 /// moved: no copy) when it is the requested model. And the key of the request for it.
 fn served_model(parts: &http::response::Parts, plan: Plan) -> (String, CacheKey) {
     let named = match parts.extensions.get::<ServedModel>() {
-        Some(served) => Some(served.served.as_str()),
+        Some(served) => Some(&*served.served),
         None => parts
             .headers
             .get(&names::X_TOWER_CLAUDE_MODEL)

@@ -370,8 +370,8 @@ fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
     }
     if !requested.is_empty() {
         res.extensions_mut().insert(ServedModel {
-            requested: requested.to_owned(),
-            served: served.to_owned(),
+            requested: requested.into(),
+            served: served.into(),
             attempts: 0,
             failovers: 0,
         });

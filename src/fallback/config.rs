@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderMap;
 
 use super::policy::{self, Action, Candidate, QuotaView, Rules, SharedPolicy};
-use crate::anthropic::{KeyId, ModelCatalog, RequestMeta};
+use crate::anthropic::{KeyId, ModelCatalog, ModelEntry, RequestMeta};
 use crate::quota::{Cost, OutputReservation, QuotaBoard};
 
 /// The options of a fallback layer, shared by its services and response futures.
@@ -27,7 +27,7 @@ pub(crate) struct Config {
     /// so that the retry layer keeps no copy of its own.
     pub(crate) resend_below: bool,
     /// The candidates of the last requested models (see [`candidates`](Self::candidates)).
-    pub(crate) chains: Mutex<Vec<Arc<[String]>>>,
+    pub(crate) chains: Mutex<Vec<Arc<[ModelEntry]>>>,
 }
 
 /// Requested models whose candidates [`Config::candidates`] remembers (a deployment asks
@@ -36,18 +36,26 @@ const CHAINS: usize = 16;
 
 impl Config {
     /// The request's chain for `requested` (truncated at the floor, the requested model
-    /// first), shared: it depends on the catalogue and the floor only, so it is built once per
-    /// model rather than for every request (a vector and a string per model, each time).
-    pub(crate) fn candidates(&self, requested: &str) -> Arc<[String]> {
+    /// first), as catalogue entries (each model's group looked up once), shared: it depends
+    /// on the catalogue and the floor only, so it is built once per model rather than for
+    /// every request (a vector and an entry per model, each time).
+    pub(crate) fn candidates(&self, requested: &ModelEntry) -> Arc<[ModelEntry]> {
         let mut chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(chain) = chains
             .iter()
-            .find(|c| c.first().is_some_and(|m| m == requested))
+            .find(|c| c.first().is_some_and(|m| m.id() == requested.id()))
         {
             return chain.clone();
         }
-        let chain: Arc<[String]> =
-            policy::candidates(&self.catalog, requested, self.floor.as_deref()).into();
+        let chain: Arc<[ModelEntry]> =
+            policy::candidates(&self.catalog, requested.id(), self.floor.as_deref())
+                .iter()
+                .enumerate()
+                .map(|(i, model)| match i {
+                    0 => requested.clone(),
+                    _ => self.catalog.entry(model),
+                })
+                .collect();
         if chains.len() >= CHAINS {
             chains.remove(0);
         }
@@ -58,16 +66,16 @@ impl Config {
     /// The board's view of `model` for a request of `cost` sent with `key`. A group whose
     /// limits the board does not know yet counts as full (even while a rate limiter below
     /// holds requests back until its first answer teaches it the limits).
-    pub(crate) fn view(&self, model: &str, key: &KeyId, cost: &Cost) -> QuotaView {
-        let group = self.catalog.group(model);
+    pub(crate) fn view(&self, model: &ModelEntry, key: &KeyId, cost: &Cost) -> QuotaView {
+        let group = model.group();
         let Some(keys) = &self.keys else {
-            return self.key_view(key, &group, cost);
+            return self.key_view(key, group, cost);
         };
         // A key pool below sends with its best key: the model is as good as that key. Keys a
         // 403 put last in the group do not count; none left means no headroom at all.
         let mut best: Option<QuotaView> = None;
-        for key in keys.outlook(&group).into_iter().filter(|k| !k.forbidden) {
-            let mut v = self.key_view(&key.id, &group, cost);
+        for key in keys.outlook(group).into_iter().filter(|k| !k.forbidden) {
+            let mut v = self.key_view(&key.id, group, cost);
             if !key.cooldown.is_zero() {
                 v.fits = false;
                 v.wait = v.wait.map(|w| w.max(key.cooldown));
@@ -109,7 +117,7 @@ impl Config {
         &self,
         meta: &RequestMeta,
         headers: &HeaderMap,
-        candidates: &[String],
+        candidates: &[ModelEntry],
         from: usize,
         key: &KeyId,
         cost: &Cost,
@@ -128,7 +136,8 @@ impl Config {
         let mut chosen = None;
         for (i, model) in candidates.iter().enumerate().skip(from) {
             let view = self.view(model, key, cost);
-            let action = policy.decide(&Candidate::new(meta, model, i, view).with_headers(headers));
+            let action =
+                policy.decide(&Candidate::new(meta, model.id(), i, view).with_headers(headers));
             if action == Action::Use {
                 chosen = Some(i);
                 break;
@@ -138,8 +147,8 @@ impl Config {
         let chosen = chosen.or_else(|| policy::select(&decided).map(|i| from + i));
         tracing::debug!(
             requested = meta.model.as_deref().unwrap_or_default(),
-            from = %candidates[from],
-            chosen = chosen.map(|i| candidates[i].as_str()),
+            from = %candidates[from].id(),
+            chosen = chosen.map(|i| candidates[i].id()),
             // The decisions before the chosen one (none: the first asked is used).
             decisions = ?decided.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
             "fallback policy decided"
@@ -154,7 +163,7 @@ impl Config {
         &self,
         meta: &RequestMeta,
         headers: &HeaderMap,
-        candidates: &[String],
+        candidates: &[ModelEntry],
         from: usize,
         key: &KeyId,
         cost: &Cost,
@@ -165,7 +174,7 @@ impl Config {
         let policy = &self.policy.0;
         candidates.iter().enumerate().skip(from).any(|(i, model)| {
             let view = self.view(model, key, cost);
-            policy.decide(&Candidate::new(meta, model, i, view).with_headers(headers))
+            policy.decide(&Candidate::new(meta, model.id(), i, view).with_headers(headers))
                 != Action::Exclude
         })
     }
@@ -174,11 +183,15 @@ impl Config {
     /// limiter reserves it (a prompt-cache prefix `key` sent to the requested model within
     /// its TTL does not count).
     pub(crate) fn cost(&self, key: &KeyId, meta: &RequestMeta) -> Cost {
-        let requested = meta.model.as_deref().unwrap_or_default();
+        // The request's catalogue entry, looked up once per request.
+        let reads_count = match meta.model_entry(&self.catalog) {
+            Some(entry) => entry.cache_reads_count(),
+            None => self.catalog.cache_reads_count(""),
+        };
         let input = self
             .board
             .prompt_cache()
-            .estimate(key, meta, self.catalog.cache_reads_count(requested))
+            .estimate(key, meta, reads_count)
             .counted_input_tokens();
         Cost::new(1, input, self.output.reserve(meta.max_tokens))
     }

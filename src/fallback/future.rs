@@ -21,7 +21,7 @@ use super::error::FallbackError;
 use super::policy::{self, Verdict};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, KeyId, RateLimitSnapshot, RequestMeta, model_header_value, parsed_names, retry_after,
+    ApiError, KeyId, ModelEntry, RateLimitSnapshot, RequestMeta, parsed_names, retry_after,
     rewrite_model,
 };
 use crate::body::{
@@ -53,8 +53,8 @@ where
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("ResponseFuture");
         if let Some(walk) = &self.walk {
-            d.field("requested", &walk.requested)
-                .field("model", &walk.candidates[walk.current])
+            d.field("requested", &walk.requested().id())
+                .field("model", &walk.candidates[walk.current].id())
                 .field("attempts", &walk.attempts);
         }
         d.finish_non_exhaustive()
@@ -227,9 +227,9 @@ pub(crate) struct Walk<S> {
     /// its header map keeps the room it was built with (a copy is cloned to its exact size,
     /// and the attempt header retry adds would grow it).
     received: Option<Request<RequestBody>>,
-    requested: String,
-    /// The request's chain (truncated at the floor), best model first.
-    candidates: Arc<[String]>,
+    /// The request's chain (truncated at the floor) as catalogue entries, best model first:
+    /// the requested model first.
+    candidates: Arc<[ModelEntry]>,
     key: KeyId,
     cost: Cost,
     /// Index in `candidates` of the model of the attempt in flight (or just answered).
@@ -249,8 +249,7 @@ impl<S> Walk<S> {
     pub(crate) fn new(
         config: Arc<Config>,
         req: Request<RequestBody>,
-        requested: String,
-        candidates: Arc<[String]>,
+        candidates: Arc<[ModelEntry]>,
         key: KeyId,
         cost: Cost,
     ) -> Self {
@@ -260,7 +259,6 @@ impl<S> Walk<S> {
             config,
             request: Arc::new(template),
             received: Some(Request::from_parts(parts, body)),
-            requested,
             candidates,
             key,
             cost,
@@ -272,6 +270,11 @@ impl<S> Walk<S> {
             next: None,
             service: None,
         }
+    }
+
+    /// The requested model (the first candidate).
+    fn requested(&self) -> &ModelEntry {
+        &self.candidates[0]
     }
 
     /// The request's [`RequestMeta`], as [`Fallback::call`](super::Fallback) scanned it into
@@ -307,13 +310,14 @@ impl<S> Walk<S> {
     /// included) were sent to. `None` when the body cannot be rewritten.
     fn build(&mut self, idx: usize, visited: usize) -> Option<Request<RequestBody>> {
         let model = &self.candidates[idx];
-        if *model == self.requested {
+        if idx == 0 {
             // The template carries the request's own `RequestMeta`, for this very model.
             return Some(self.original(idx, visited));
         }
-        let body = rewrite_model(self.request.body().bytes(), model).ok()?;
-        let mut meta = self.meta().clone();
-        meta.model = Some(model.clone());
+        let body = rewrite_model(self.request.body().bytes(), model.id()).ok()?;
+        // The copy's meta remembers the candidate's catalogue entry: the layers below read
+        // its group there, not from the catalogue.
+        let meta = self.meta().with_model(model);
         Some(self.send(idx, visited, None, RequestBody::from(body), Some(meta)))
     }
 
@@ -397,8 +401,8 @@ impl<S> Walk<S> {
             None => (0, self.original(0, 1)),
         };
         tracing::debug!(
-            requested = %self.requested,
-            model = %self.candidates.get(idx).map_or(self.requested.as_str(), String::as_str),
+            requested = %self.requested().id(),
+            model = %self.candidates[idx].id(),
             why = if self.candidates.len() <= 1 {
                 "no fallback for this request (opted out, or no lower model in the chain)"
             } else if idx != chosen {
@@ -439,8 +443,8 @@ impl<S> Walk<S> {
             None if self.config.keys.is_some() => return,
             None => &self.key,
         };
-        let group = self.config.catalog.group(&self.candidates[self.current]);
-        self.config.board.observe(key, &group, &snapshot);
+        let group = self.candidates[self.current].group();
+        self.config.board.observe(key, group, &snapshot);
     }
 
     /// What an error answer (429 / 529) from the current model means, from the envelope read
@@ -468,7 +472,7 @@ impl<S> Walk<S> {
     pub(crate) fn fail_over(&mut self, why: &'static str) -> bool {
         let Some(idx) = self.choose(self.current + 1) else {
             tracing::debug!(
-                model = %self.candidates[self.current],
+                model = %self.candidates[self.current].id(),
                 why,
                 "fallback: no lower model left to fail over to; the answer is returned"
             );
@@ -478,8 +482,8 @@ impl<S> Walk<S> {
             return false;
         };
         tracing::debug!(
-            from = %self.candidates[self.current],
-            to = %self.candidates[idx],
+            from = %self.candidates[self.current].id(),
+            to = %self.candidates[idx].id(),
             why,
             "fallback: failing over"
         );
@@ -502,17 +506,17 @@ impl<S> Walk<S> {
         }
     }
 
-    /// Tags the response with the model that produced it. The walk is over: the requested
-    /// name moves into the response's [`ServedModel`] (it is left empty here).
+    /// Tags the response with the model that produced it: the header value and the names
+    /// in [`ServedModel`] are the catalogue entries' (shared, not copied).
     pub(crate) fn finish<B>(&mut self, mut res: Response<B>) -> Response<B> {
-        let served = self.candidates[self.current].clone();
-        if let Some(value) = model_header_value(&served) {
+        let served = &self.candidates[self.current];
+        if let Some(value) = served.header_value() {
             res.headers_mut()
-                .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value);
+                .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value.clone());
         }
         res.extensions_mut().insert(ServedModel {
-            requested: std::mem::take(&mut self.requested),
-            served,
+            requested: self.requested().shared_id().clone(),
+            served: served.shared_id().clone(),
             attempts: self.attempts,
             failovers: self.failovers,
         });
@@ -522,8 +526,8 @@ impl<S> Walk<S> {
     /// The layer's error for an inner service error on the current attempt.
     pub(crate) fn error(&self, source: BoxError) -> BoxError {
         Box::new(FallbackError::inner(
-            self.requested.clone(),
-            self.candidates[self.current].clone(),
+            self.requested().id().to_owned(),
+            self.candidates[self.current].id().to_owned(),
             self.attempts,
             self.failovers,
             source,

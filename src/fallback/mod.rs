@@ -141,13 +141,15 @@
 //!
 //! assert_eq!(response.headers()["x-tower-claude-model"], "claude-sonnet-4-6");
 //! let served = response.extensions().get::<ServedModel>().unwrap();
-//! assert_eq!(served.requested, "claude-opus-4-7");
+//! assert_eq!(&*served.requested, "claude-opus-4-7");
 //! assert!(served.fell_back());
 //! let body = response.into_body().collect().await?.to_bytes();
 //! assert_eq!(&body[..], br#"{"type":"message","model":"claude-sonnet-4-6"}"#);
 //! # Ok(())
 //! # }
 //! ```
+
+use std::sync::Arc;
 
 mod body;
 mod config;
@@ -190,6 +192,9 @@ pub struct NoFallback;
 ///   answer is returned;
 /// * `attempts`: upstream requests the layer sent for this request (re-sends after a 529
 ///   included);
+///
+/// The two names are shared strings (`Arc<str>`): fallback's come from its model catalogue's
+/// entries (a reference count per answer, no copy).
 /// * `failovers`: how many times it moved down the chain after an answer. A model chosen
 ///   before sending (by quota) is not a failover: `served != requested` with `failovers == 0`.
 ///
@@ -209,9 +214,9 @@ pub struct NoFallback;
 #[non_exhaustive]
 pub struct ServedModel {
     /// The model the caller asked for.
-    pub requested: String,
+    pub requested: Arc<str>,
     /// The model whose answer this is.
-    pub served: String,
+    pub served: Arc<str>,
     /// Upstream requests sent for this request.
     pub attempts: u32,
     /// Moves down the chain after an answer.

@@ -53,17 +53,20 @@ impl FallbackHandle {
     /// model.
     pub fn choice(&self, key: &KeyId, meta: &RequestMeta) -> Option<String> {
         let requested = meta.model.as_deref()?;
-        let candidates = policy::candidates(
+        let candidates: Vec<_> = policy::candidates(
             &self.config.catalog,
             requested,
             self.config.floor.as_deref(),
-        );
+        )
+        .iter()
+        .map(|model| self.config.catalog.entry(model))
+        .collect();
         let cost = self.config.cost(key, meta);
         let idx = self
             .config
             .select(meta, &HeaderMap::new(), &candidates, 0, key, &cost)
             .unwrap_or(0);
-        candidates.into_iter().nth(idx)
+        candidates.get(idx).map(|entry| entry.id().to_owned())
     }
 }
 
@@ -152,19 +155,23 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let requested = match RequestMeta::get_or_scan(&mut req) {
-            Ok(RequestMeta {
-                model: Some(model), ..
-            }) => model.clone(),
-            // Unreadable body or no model: upstream answers 400, untouched.
-            _ => return ResponseFuture::passthrough(self.inner.call(req)),
-        };
         let config = self.config.clone();
+        // The request's catalogue entry (looked up once per request, then carried with its
+        // `RequestMeta`): the first candidate.
+        let entry = match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
+            Ok(meta) => match meta.resolved_entry() {
+                Some(entry) => entry.clone(),
+                // No model: upstream answers 400, untouched.
+                None => return ResponseFuture::passthrough(self.inner.call(req)),
+            },
+            // Unreadable body: upstream answers 400, untouched.
+            Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
+        };
         let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
         let candidates = if disabled {
-            Arc::from([requested.clone()])
+            Arc::from([entry])
         } else {
-            config.candidates(&requested)
+            config.candidates(&entry)
         };
         let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         // The walk reads the `RequestMeta` that `get_or_scan` left in the request.
@@ -177,7 +184,7 @@ where
         };
 
         // Built in its box: the walk (with its next request) is not moved again.
-        let mut walk = Box::new(Walk::new(config, req, requested, candidates, key, cost));
+        let mut walk = Box::new(Walk::new(config, req, candidates, key, cost));
         let request = walk.first_request();
         // The ready service sends the first attempt; `self` keeps a fresh clone.
         let clone = self.inner.clone();

@@ -867,7 +867,9 @@ impl Pool {
         if !ticket.is_head() {
             tracing::debug!(group = %group, tenant = tenant_name, "key pool: queued");
         }
-        let changes = board.changes();
+        // Counted as a listener before the first look (a change with nobody listening
+        // notifies nobody).
+        let changes = board.changes().listen();
         let mut line = RemoteLine::new(&board, &group);
         'turn: loop {
             // Wait for this request's turn.

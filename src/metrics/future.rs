@@ -134,7 +134,7 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
     // Fallback: the model that served, from the fallback layer's `ServedModel` extension or
     // its `x-tower-claude-model` header.
     let served = match response.extensions().get::<ServedModel>() {
-        Some(served) => Some((Some(served.requested.as_str()), served.served.as_str())),
+        Some(served) => Some((Some(&*served.requested), &*served.served)),
         None => response
             .headers()
             .get(&parsed_names::X_TOWER_CLAUDE_MODEL)

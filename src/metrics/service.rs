@@ -67,13 +67,13 @@ where
         // (`RequestMeta`, the key memo, fallback's description for retry; beside a deadline
         // or a tenant the caller set, the fourth entry grew it).
         crate::exchange::make_room(req.extensions_mut());
-        let Ok(meta) = RequestMeta::get_or_scan(&mut req) else {
+        let Ok(meta) = RequestMeta::get_or_scan_in(&mut req, &self.shared.catalog) else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
         let input_estimate = meta.input_tokens;
         let stream = meta.stream;
         let shared = &self.shared;
-        let (group, group_label, model_label) = shared.labels_of(meta.model.as_deref());
+        let (group, group_label, model_label) = shared.labels_of(meta.resolved_entry());
         // The requested model, for an answer that names its served model only in a header: a
         // known model is its label (shared, not copied), another one is copied.
         let model: Option<Label> = meta.model.as_deref().map(|m| {

@@ -10,7 +10,7 @@ use super::alerts::Alerts;
 use super::forecast::Forecaster;
 use super::handles::Handles;
 use super::names;
-use crate::anthropic::{ModelCatalog, RateLimitGroup};
+use crate::anthropic::{ModelCatalog, ModelEntry, RateLimitGroup};
 use crate::quota::QuotaBoard;
 
 /// A label value: a request's `model` and `group` labels are shared strings (a known model id
@@ -71,22 +71,30 @@ impl Shared {
     /// [`names::OTHER`] for ids the catalogue places nowhere (so that arbitrary model ids
     /// create neither label values nor forecast state).
     pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, Label) {
-        let (group, label, _) = self.labels_of(model);
+        let entry = model.map(|m| self.catalog.entry(m));
+        let (group, label, _) = self.labels_of(entry.as_ref());
         (group, label)
     }
 
-    /// [`group_of`](Self::group_of) and [`model_label`](Self::model_label) with one lookup
-    /// of `model` among the known ids.
-    pub(crate) fn labels_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, Label, Label) {
-        let Some(model) = model else {
+    /// [`group_of`](Self::group_of) and [`model_label`](Self::model_label) of a model whose
+    /// catalogue entry is known (the request's, [`RequestMeta::model_entry`]), with one
+    /// lookup of the model among the known ids.
+    ///
+    /// [`RequestMeta::model_entry`]: crate::anthropic::RequestMeta::model_entry
+    pub(crate) fn labels_of(
+        &self,
+        entry: Option<&ModelEntry>,
+    ) -> (Option<RateLimitGroup>, Label, Label) {
+        let Some(entry) = entry else {
             return (None, other(), other());
         };
+        let model = entry.id();
         let known = self.known.get(model);
         let model_label = known.cloned().unwrap_or_else(other);
-        let group = self.catalog.group(model);
+        let group = entry.group();
         if known.is_some() || group.as_str() != model {
             let label = group.label();
-            (Some(group), label, model_label)
+            (Some(group.clone()), label, model_label)
         } else {
             (None, other(), model_label)
         }

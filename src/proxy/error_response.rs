@@ -162,8 +162,15 @@ fn classify_one(err: &(dyn StdError + 'static)) -> Option<Shown> {
             .should_retry(false),
         );
     }
-    if let Some(e) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
-        let msg = if e.is_connect() {
+    let connect = match err.downcast_ref::<hyper_util::client::legacy::Error>() {
+        Some(e) => Some(e.is_connect()),
+        // The pool of a plain `http://` upstream (`client::Http1Pool`).
+        None => err
+            .downcast_ref::<crate::client::PoolError>()
+            .map(crate::client::PoolError::is_connect),
+    };
+    if let Some(connect) = connect {
+        let msg = if connect {
             "the proxy could not connect to the upstream API"
         } else {
             "the upstream connection failed"

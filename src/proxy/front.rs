@@ -106,14 +106,20 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let mut client_id = false;
         for (name, value) in req.headers_mut().iter_mut() {
             if *name == header::AUTHORIZATION || *name == X_API_KEY {
                 value.set_sensitive(true);
             }
+            client_id |= *name == REQUEST_ID;
         }
         let id = new_id();
         // A client's own `request-id` (every value) goes: it is neither echoed nor forwarded.
-        req.headers_mut().remove(REQUEST_ID);
+        // Seen in the walk above: the removal (a hash and a probe, ~0.2k instructions) only
+        // when there is one.
+        if client_id {
+            req.headers_mut().remove(REQUEST_ID);
+        }
         req.extensions_mut().insert(ProxyRequestId(id));
         ResponseFuture {
             inner: self.inner.call(req),

@@ -1059,6 +1059,46 @@ fn same_secret(a: &str, b: &Secret) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The whole request body, or its error, or `Err(Elapsed)` when it did not arrive by the
+/// deadline.
+///
+/// A body that came with its head (the usual API request: one frame, its length known) is
+/// that frame's bytes, read with one poll: no deadline timer (`timeout_at` and its drop,
+/// ~0.4k instructions), no `Collect` and its list of chunks (~0.6k). A body still arriving,
+/// or in several frames, is collected under the deadline.
+async fn read_body(
+    mut body: EdgeBody,
+    deadline: Deadline,
+) -> Result<Result<Bytes, BoxError>, tokio::time::error::Elapsed> {
+    use http_body::Body as _;
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut body).poll_frame(cx))
+    })
+    .await;
+    let first = match first {
+        std::task::Poll::Ready(None) => return Ok(Ok(Bytes::new())),
+        std::task::Poll::Ready(Some(Err(err))) => return Ok(Err(err)),
+        std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) if body.is_end_stream() => return Ok(Ok(data)),
+            // More to come: the first bytes (none for a trailers frame) go first.
+            Ok(data) => data,
+            Err(_trailers) => Bytes::new(),
+        },
+        std::task::Poll::Pending => Bytes::new(),
+    };
+    let rest = tokio::time::timeout_at(deadline.0, body.collect()).await?;
+    Ok(rest.map(|rest| {
+        if first.is_empty() {
+            return rest.to_bytes();
+        }
+        let rest = rest.to_bytes();
+        let mut all = bytes::BytesMut::with_capacity(first.len() + rest.len());
+        all.extend_from_slice(&first);
+        all.extend_from_slice(&rest);
+        all.freeze()
+    }))
+}
+
 async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<ProxyBody> {
     let path = req.uri().path();
     match (req.method(), path) {
@@ -1175,19 +1215,8 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     // `Into<BoxError>` bounds in async blocks). The 32 MB limit is tower-http's
     // (`RequestBodyLimitLayer` in `edge::stack`): its error surfaces here.
     let (parts, body) = req.into_parts();
-    // A body that came with its head is complete at the first poll: the deadline's timer is
-    // made only for one that is still arriving (~0.4k instructions per request otherwise).
-    let mut collect = body.collect();
-    let first = std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(std::pin::Pin::new(&mut collect).poll(cx))
-    })
-    .await;
-    let collected = match first {
-        std::task::Poll::Ready(done) => Ok(done),
-        std::task::Poll::Pending => tokio::time::timeout_at(deadline.0, collect).await,
-    };
-    let body = match collected {
-        Ok(Ok(collected)) => RequestBody::from(collected.to_bytes()),
+    let body = match read_body(body, deadline).await {
+        Ok(Ok(bytes)) => RequestBody::from(bytes),
         Ok(Err(err)) => {
             return error_response(
                 &BufferBodyError::from_body_error(err, config.body_limit).into(),

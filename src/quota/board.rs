@@ -276,8 +276,9 @@ impl QuotaBoard {
 
     /// Woken whenever quota of this board may have come back or its limits changed (a
     /// settle, a refund, new headers, a cancelled waiter), for waiters outside the board's
-    /// own queues. Register (`Notified::enable`) before checking, then wait.
-    pub(crate) fn changes(&self) -> Arc<tokio::sync::Notify> {
+    /// own queues. Listen ([`Changes::listen`](super::local::Changes::listen)) and register
+    /// (`Notified::enable`) before checking, then wait.
+    pub(crate) fn changes(&self) -> Arc<super::local::Changes> {
         self.backend.local().changes()
     }
 
@@ -1293,20 +1294,6 @@ impl Reservation {
         };
         self.board
             .observe_answer(&self.key, &self.group, snapshot, &grant);
-    }
-
-    /// The answer to this request arrived without rate-limit headers (else see
-    /// [`observe`](Self::observe)): the server has seen it, so the board's buckets may
-    /// refill past what it holds.
-    pub(crate) fn answered(&self) {
-        let grant = Grant {
-            answered: self.answered.swap(true, Ordering::Relaxed),
-            ..self.grant
-        };
-        self.board
-            .backend
-            .local()
-            .answered(&self.key, &self.group, &grant);
     }
 
     /// Settles with the real cost.

@@ -97,26 +97,31 @@ impl TokenBucket {
     }
 
     /// `n` units in the scaled representation.
+    #[inline]
     fn scaled(&self, n: u64) -> i128 {
         (n.min(MAX_CAPACITY * 2) as i128) * self.period as i128
     }
 
+    #[inline]
     fn full(&self) -> i128 {
         self.full
     }
 
     /// The scaled units `elapsed` refills (past two periods every level, never below
     /// `-capacity`, is full again).
+    #[inline]
     fn added(&self, elapsed: Duration) -> i128 {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.added_nanos(nanos)
     }
 
     /// [`added`](Self::added) for `nanos` nanoseconds: one 64 × 64-bit multiplication.
+    #[inline]
     fn added_nanos(&self, nanos: u64) -> i128 {
         (nanos.min(2 * self.period) as u128 * self.capacity as u128) as i128
     }
 
+    #[inline]
     fn refill(&mut self, now: Instant) {
         if now > self.updated {
             let added = self.added(now.duration_since(self.updated));
@@ -129,6 +134,7 @@ impl TokenBucket {
     /// when the bucket was last refilled at `from`, `nanos` nanoseconds before `now`: the
     /// buckets of one `(key, group)` are refilled together, so the elapsed time is computed
     /// once for the three. A bucket refilled at another instant computes its own.
+    #[inline]
     pub(crate) fn refill_after(&mut self, from: Instant, nanos: u64, held: u64, now: Instant) {
         if self.updated != from {
             return self.refill_below_held(held, now);
@@ -148,6 +154,7 @@ impl TokenBucket {
     }
 
     /// When the bucket was last refilled.
+    #[inline]
     pub(crate) fn updated(&self) -> Instant {
         self.updated
     }
@@ -250,14 +257,31 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the level as last refilled holds `n` units (no refill: the level at `now` is
+    /// at least that).
+    #[inline]
+    pub(crate) fn holds(&self, n: u64) -> bool {
+        n <= self.capacity && self.level >= self.scaled(n)
+    }
+
+    /// Takes `n` units from the level as last refilled, leaving the time since to the next
+    /// refill (for a level that [`holds`](Self::holds) them: see
+    /// `Entry::take_unrefilled`, which lowers the refill's ceiling by as much).
+    #[inline]
+    pub(crate) fn take_as_is(&mut self, n: u64) {
+        self.level = (self.level - self.scaled(n)).max(-self.full());
+    }
+
     /// Takes `n` units unconditionally; the level may go negative (debt), down to
     /// `-capacity` at most.
+    #[inline]
     pub fn force_take(&mut self, n: u64, now: Instant) {
         self.refill(now);
         self.level = (self.level - self.scaled(n)).max(-self.full());
     }
 
     /// Gives `n` units back (a refund of an unused reservation), never above capacity.
+    #[inline]
     pub fn refund(&mut self, n: u64, now: Instant) {
         self.refill(now);
         self.level = (self.level + self.scaled(n)).min(self.full());
@@ -336,11 +360,16 @@ impl TokenBucket {
     }
 
     /// [`refund_below`](Self::refund_below) with a ceiling of `capacity - held` (exact).
+    #[inline]
     pub(crate) fn refund_below_held(&mut self, n: u64, held: u64, now: Instant) {
+        if held == 0 {
+            return self.refund(n, now);
+        }
         let ceiling = self.full() - self.scaled(held);
         self.refund_under(n, ceiling, now);
     }
 
+    #[inline]
     fn refund_under(&mut self, n: u64, ceiling: i128, now: Instant) {
         self.refill(now);
         let before = self.level;

@@ -5,8 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use hashbrown::hash_map::EntryRef as EntryRefSlot;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
@@ -92,6 +91,160 @@ pub(crate) struct Grant {
     /// limits are learned the entry charges what it holds to the new buckets and keeps that
     /// here by this number ([`Blind`]): `charged` above stays `None`.
     pub(crate) blind: u64,
+    /// The entry it was taken from, in its backend's [`Entries`] (`None`: a grant of a
+    /// shared store): its answer and settle find it without hashing the key again.
+    pub(crate) entry: Option<EntryId>,
+}
+
+/// Where an entry lives in a backend's [`Entries`], and which one it is there (a slot's
+/// entries are numbered): a grant carries it from its take to its settle (issue 14, the
+/// board's cost per request: a look-up hashed the key id and the group name, ~165
+/// instructions, at every step of a request). An entry with a grant out is never evicted,
+/// so the id of a grant is valid until the grant settles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EntryId {
+    index: u32,
+    generation: u32,
+}
+
+/// The entries of a backend: a slab of entries (each with its key) and an index from
+/// `(key, group)` to its slot. Looked up by key like a map, or by [`EntryId`] in one step.
+#[derive(Debug, Default)]
+struct Entries {
+    index: hashbrown::HashMap<EntryKey, EntryId>,
+    slots: Vec<EntrySlot>,
+    /// Slots without an entry.
+    free: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct EntrySlot {
+    generation: u32,
+    entry: Option<(EntryKey, Entry)>,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn id<Q>(&self, k: &Q) -> Option<EntryId>
+    where
+        Q: std::hash::Hash + hashbrown::Equivalent<EntryKey> + ?Sized,
+    {
+        self.index.get(k).copied()
+    }
+
+    fn contains_key<Q>(&self, k: &Q) -> bool
+    where
+        Q: std::hash::Hash + hashbrown::Equivalent<EntryKey> + ?Sized,
+    {
+        self.index.contains_key(k)
+    }
+
+    fn by_id(&self, id: EntryId) -> Option<&Entry> {
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.entry.as_ref().map(|(_, e)| e)
+    }
+
+    fn by_id_mut(&mut self, id: EntryId) -> Option<&mut Entry> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.entry.as_mut().map(|(_, e)| e)
+    }
+
+    #[cfg(feature = "redis")]
+    fn get<Q>(&self, k: &Q) -> Option<&Entry>
+    where
+        Q: std::hash::Hash + hashbrown::Equivalent<EntryKey> + ?Sized,
+    {
+        self.by_id(self.id(k)?)
+    }
+
+    fn get_mut<Q>(&mut self, k: &Q) -> Option<&mut Entry>
+    where
+        Q: std::hash::Hash + hashbrown::Equivalent<EntryKey> + ?Sized,
+    {
+        let id = self.id(k)?;
+        self.by_id_mut(id)
+    }
+
+    /// The entry of `id` when it is valid, else of `k`.
+    fn by_id_or_key(&mut self, id: Option<EntryId>, k: &EntryRef<'_>) -> Option<&mut Entry> {
+        let id = id
+            .filter(|id| self.by_id(*id).is_some())
+            .or_else(|| self.id(k))?;
+        self.by_id_mut(id)
+    }
+
+    fn insert(&mut self, key: EntryKey, mut entry: Entry) -> EntryId {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(EntrySlot {
+                    generation: 0,
+                    entry: None,
+                });
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        let id = EntryId {
+            index,
+            generation: slot.generation,
+        };
+        entry.id = Some(id);
+        slot.entry = Some((key.clone(), entry));
+        self.index.insert(key, id);
+        id
+    }
+
+    fn free_slot(slots: &mut [EntrySlot], free: &mut Vec<u32>, id: EntryId) -> Option<Entry> {
+        let slot = slots.get_mut(id.index as usize)?;
+        let (_, entry) = slot.entry.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        free.push(id.index);
+        Some(entry)
+    }
+
+    fn remove<Q>(&mut self, k: &Q) -> Option<Entry>
+    where
+        Q: std::hash::Hash + hashbrown::Equivalent<EntryKey> + ?Sized,
+    {
+        let id = self.index.remove(k)?;
+        Self::free_slot(&mut self.slots, &mut self.free, id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&EntryKey, &Entry)> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.entry.as_ref().map(|(k, e)| (k, e)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&EntryKey, &mut Entry)> {
+        self.slots
+            .iter_mut()
+            .filter_map(|s| s.entry.as_mut().map(|(k, e)| (&*k, e)))
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
+        let Self { index, slots, free } = self;
+        index.retain(|_, id| {
+            let kept = slots
+                .get(id.index as usize)
+                .and_then(|s| s.entry.as_ref())
+                .is_some_and(|(_, e)| keep(e));
+            if !kept {
+                Self::free_slot(slots, free, *id);
+            }
+            kept
+        });
+    }
 }
 
 /// A grant taken blind (see [`Grant::blind`]), until it settles: its cost, and what it was
@@ -181,8 +334,9 @@ pub(crate) struct Ledger {
     /// A grant leaves them when its answer arrives or [`SEND_GRACE`] after it was taken,
     /// whichever comes first.
     pub(crate) unanswered: [u64; 3],
-    /// The grants counted in `unanswered`, oldest first: when each was taken and what it
-    /// holds (a grant is known by both: two grants alike are interchangeable here).
+    /// The grants counted in `unanswered`, oldest first: when each leaves by the grace (its
+    /// take plus [`SEND_GRACE`], computed once at the take rather than at every refill) and
+    /// what it holds (a grant is known by both: two grants alike are interchangeable here).
     in_transit: VecDeque<(Instant, [u64; 3])>,
 }
 
@@ -193,20 +347,21 @@ impl Ledger {
             self.held[i] = self.held[i].saturating_add(c);
             self.unanswered[i] = self.unanswered[i].saturating_add(c);
         }
-        self.in_transit.push_back((now, amounts));
+        self.in_transit.push_back((now + SEND_GRACE, amounts));
     }
 
     /// A grant taken blind at `at` (nothing held then) now holds `charged`: held, and in
     /// transit still if it had not left by its answer or the grace.
     fn charge_blind(&mut self, at: Instant, charged: &[Option<u64>; 3]) {
         let amounts = charged.map(|c| c.unwrap_or(0));
+        let leaves = at + SEND_GRACE;
         for (h, c) in self.held.iter_mut().zip(amounts) {
             *h = h.saturating_add(c);
         }
         let in_transit = self
             .in_transit
             .iter_mut()
-            .find(|(t, a)| *t == at && *a == [0; 3]);
+            .find(|(t, a)| *t == leaves && *a == [0; 3]);
         if let Some((_, a)) = in_transit {
             *a = amounts;
             for (u, c) in self.unanswered.iter_mut().zip(amounts) {
@@ -218,10 +373,16 @@ impl Ledger {
     /// The answer to `grant` arrived (nothing when it left `unanswered` by the grace).
     fn answer(&mut self, grant: &Grant) {
         let amounts = grant.charged.map(|c| c.unwrap_or(0));
+        let leaves = grant.at + SEND_GRACE;
+        // Answers mostly come in the order of the takes: the oldest first.
+        if self.in_transit.front() == Some(&(leaves, amounts)) {
+            self.in_transit.pop_front();
+            return self.leave_transit(amounts);
+        }
         let found = self
             .in_transit
             .iter()
-            .position(|(at, a)| *at == grant.at && *a == amounts);
+            .position(|(t, a)| *t == leaves && *a == amounts);
         if let Some(at) = found {
             self.in_transit.remove(at);
             self.leave_transit(amounts);
@@ -236,7 +397,7 @@ impl Ledger {
 
     /// When the oldest grant in transit reaches the server by the grace.
     fn next_arrival(&self) -> Option<Instant> {
-        self.in_transit.front().map(|(at, _)| *at + SEND_GRACE)
+        self.in_transit.front().map(|(leaves, _)| *leaves)
     }
 
     /// The oldest grant in transit has had the grace to reach the server.
@@ -471,6 +632,8 @@ struct Entry {
     blind: Vec<Blind>,
     /// The number of the last blind grant.
     blind_taken: u64,
+    /// Where it is in its backend's [`Entries`] (`None`: a view's entry, not kept).
+    id: Option<EntryId>,
 }
 
 impl Entry {
@@ -500,6 +663,7 @@ impl Entry {
             refilled: Some(now),
             blind: Vec::new(),
             blind_taken: 0,
+            id: None,
         }
     }
 
@@ -599,6 +763,37 @@ impl Entry {
     }
 
     fn take(&mut self, cost: &Cost, now: Instant) -> Grant {
+        self.take_from(cost, now, true)
+    }
+
+    /// [`take`](Self::take) when the buckets as last refilled hold `cost` and nobody waits
+    /// (`None` otherwise: refill, check and take as usual), without refilling them to `now`
+    /// first (issue 14, the board's cost per request: the fallback's view refilled the entry
+    /// a moment before, and a refill is ~270 instructions).
+    ///
+    /// Exact, not an approximation: the take lowers a level and the refill ceiling
+    /// ([`Ledger::unanswered`]) by the same units, so the refill of the time since, taken at
+    /// the next refill under the lowered ceiling, ends where a refill before the take would
+    /// have: `min(L + a, max(L, C)) - c` either way (`L` the level, `a` the refill, `C` the
+    /// ceiling, `c` the take; the capacity is at least `C`). The grace steps of that refill
+    /// are lowered alike. A level that does not hold the cost before the refill is refilled
+    /// first: a take never puts a bucket in debt here.
+    fn take_unrefilled(&mut self, cost: &Cost, now: Instant) -> Option<Grant> {
+        if !self.known() || self.has_waiting() {
+            return None;
+        }
+        let amounts = self.amounts(cost);
+        let holds = self
+            .slots
+            .iter()
+            .zip(amounts)
+            .all(|(slot, n)| slot.as_ref().is_none_or(|s| s.bucket.holds(n)));
+        holds.then(|| self.take_from(cost, now, false))
+    }
+
+    /// `refill`: refill the buckets to `now` before taking (else the caller checked that
+    /// they hold the cost as they are: see [`take_unrefilled`](Self::take_unrefilled)).
+    fn take_from(&mut self, cost: &Cost, now: Instant, refill: bool) -> Grant {
         // One probe at a time; requests let through after the probe grace are not probes.
         let probe = !self.known() && !self.unlimited && !self.probe_out;
         if probe {
@@ -613,12 +808,18 @@ impl Entry {
                 "quota board: let through blind behind a slow probe"
             );
         }
-        self.refill(now);
+        if refill {
+            self.refill(now);
+        }
         let amounts = self.amounts(cost);
         let mut charged = [None; 3];
         for ((slot, n), c) in self.slots.iter_mut().zip(amounts).zip(charged.iter_mut()) {
             if let Some(s) = slot {
-                s.bucket.force_take(n, now);
+                if refill {
+                    s.bucket.force_take(n, now);
+                } else {
+                    s.bucket.take_as_is(n);
+                }
                 *c = Some(n);
             }
         }
@@ -650,6 +851,7 @@ impl Entry {
             answered: false,
             id: 0,
             blind,
+            entry: self.id,
         }
     }
 
@@ -732,8 +934,13 @@ impl Entry {
         else {
             return;
         };
-        let nanos =
-            u64::try_from(now.saturating_duration_since(from).as_nanos()).unwrap_or(u64::MAX);
+        // Time that did not move adds nothing (a step to an answer an operation since has
+        // refilled past, say): no elapsed time to compute.
+        let nanos = if now > from {
+            u64::try_from(now.duration_since(from).as_nanos()).unwrap_or(u64::MAX)
+        } else {
+            0
+        };
         for (slot, u) in self.slots.iter_mut().zip(self.ledger.unanswered) {
             if let Some(s) = slot {
                 s.bucket.refill_after(from, nanos, u, now);
@@ -752,7 +959,13 @@ impl Entry {
     ) -> Option<([Option<u64>; 3], Outcome)> {
         // Time passed under the old ledger; the refunds below under the new one.
         self.refill(now);
-        let grant = &self.effective(grant);
+        let effective;
+        let grant = if grant.blind != 0 {
+            effective = self.effective(grant);
+            &effective
+        } else {
+            grant
+        };
         let mut outcome = outcome;
         let mut in_store = None;
         if grant.blind != 0 {
@@ -960,6 +1173,10 @@ impl Entry {
     /// within one) while they fit; wakes the ones granted and the new head (so that it
     /// re-arms its timer). `except` is the waiter currently polling, which is not woken.
     fn drain(&mut self, now: Instant, except: Option<u64>) {
+        if self.queue.is_empty() {
+            // Nothing to grant or release (the refill is lazy: the next operation does it).
+            return;
+        }
         self.refill(now);
         if self.defers_to_store() {
             // The shared store decides (the order does not span processes anyway); release
@@ -1060,7 +1277,7 @@ impl Entry {
 struct State {
     /// Keyed by our own ids (a key's is a hash of it): hashbrown's foldhash, not SipHash,
     /// which cost ~350 instructions per lookup (several lookups per request).
-    entries: hashbrown::HashMap<EntryKey, Entry>,
+    entries: Entries,
     /// Configured limits per group, and per key below. foldhash rather than SipHash here too
     /// (~350 instructions per lookup): a lookup may carry a name a client made up (a model's
     /// group), but only configuration inserts, so no client can fill these maps with keys
@@ -1118,22 +1335,25 @@ impl State {
             mirror,
             ..
         } = self;
-        match entries.entry_ref(&k) {
-            EntryRefSlot::Occupied(e) => e.into_mut(),
-            EntryRefSlot::Vacant(v) => {
+        let id = match entries.id(&k) {
+            Some(id) => id,
+            None => {
                 let own = key_limits.get(&k).copied();
                 let limits = own.or_else(|| group_limits.get(group).copied().or(*default_limits));
                 let mut entry = Entry::new(limits, now, *mirror);
                 // Limits configured for this very key: an entry an operator asked for.
                 entry.vouched = own.is_some();
-                v.insert(entry)
+                entries.insert(EntryKey::from(&k), entry)
             }
-        }
+        };
+        entries
+            .by_id_mut(id)
+            .expect("an entry just found or inserted is in its slot")
     }
 
     fn sweep(&mut self, now: Instant) {
         let ttl = self.idle_timeout;
-        self.entries.retain(|_, e| !e.is_idle(now, ttl));
+        self.entries.retain(|e| !e.is_idle(now, ttl));
         self.next_sweep = (self.entries.len() * 2).max(MIN_SWEEP);
     }
 }
@@ -1148,6 +1368,52 @@ impl Drop for Changed<'_> {
     }
 }
 
+/// The signal of [`LocalBackend::changes`]: a [`Notify`] and how many wait on it. A change
+/// with nobody listening skips `notify_waiters` (its lock and counter, ~90 instructions per
+/// settle: issue 14, the board's cost per request).
+///
+/// Sound because a listener counts itself ([`Changes::listen`]) *before* it creates its
+/// `Notified` and looks at the board (under the board's lock), and a change is made under that
+/// lock before the count is read: either the listener's look comes after the change (it sees
+/// it), or its count came before the change's unlock and the notifier reads it (and notifies a
+/// `Notified` created before the call).
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    notify: Notify,
+    listeners: AtomicUsize,
+}
+
+impl Changes {
+    /// Counts a listener until the guard is dropped; create it before the first look.
+    pub(crate) fn listen(self: &Arc<Self>) -> Listening {
+        self.listeners.fetch_add(1, Ordering::SeqCst);
+        Listening(self.clone())
+    }
+
+    fn notify(&self) {
+        if self.listeners.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// A listener of [`Changes`] (see [`Changes::listen`]): wait with [`notified`](Self::notified).
+#[derive(Debug)]
+pub(crate) struct Listening(Arc<Changes>);
+
+impl Listening {
+    /// Completes at the next change after this call (register it with `enable` before looking).
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.notify.notified()
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.listeners.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The in-process board.
 #[derive(Debug)]
 pub(crate) struct LocalBackend {
@@ -1156,7 +1422,7 @@ pub(crate) struct LocalBackend {
     /// Woken whenever quota may have come back or limits changed (a settle, a refund, new
     /// headers, a cancelled waiter): for waiters outside the board's own queues (the key
     /// pool's admission).
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
 }
 
 impl LocalBackend {
@@ -1169,7 +1435,7 @@ impl LocalBackend {
     ) -> Self {
         Self {
             state: Mutex::new(State {
-                entries: hashbrown::HashMap::new(),
+                entries: Entries::default(),
                 group_limits: group_limits.into_iter().collect(),
                 key_limits: key_limits.into_iter().collect(),
                 default_limits,
@@ -1183,24 +1449,24 @@ impl LocalBackend {
                 mirror: false,
             }),
             next_id: AtomicU64::new(1),
-            changed: Arc::new(Notify::new()),
+            changed: Arc::new(Changes::default()),
         }
     }
 
     /// The signal woken when quota may have come back (see [`LocalBackend::changed`]).
-    pub(crate) fn changes(&self) -> Arc<Notify> {
+    pub(crate) fn changes(&self) -> Arc<Changes> {
         self.changed.clone()
     }
 
     /// Shares `signal` with another backend (the Redis mirror and its fallback).
     #[cfg(feature = "redis")]
-    pub(crate) fn with_changes(mut self, signal: Arc<Notify>) -> Self {
+    pub(crate) fn with_changes(mut self, signal: Arc<Changes>) -> Self {
         self.changed = signal;
         self
     }
 
     fn notify(&self) {
-        self.changed.notify_waiters();
+        self.changed.notify();
     }
 
     /// Makes this backend the mirror of a shared store: it grants only while limits are
@@ -1287,6 +1553,9 @@ impl LocalBackend {
         let e = st.entry(key, group, now);
         if e.defers_to_store() {
             return Err(Check::Wait(Duration::ZERO));
+        }
+        if let Some(grant) = e.take_unrefilled(cost, now) {
+            return Ok(grant);
         }
         e.refill(now);
         match e.check(cost, now) {
@@ -1451,6 +1720,11 @@ impl LocalBackend {
     /// Settles `grant`; returns what it holds in the shared store (a blind grant the store
     /// was charged for, see `blind_to_store`, with the `redis` feature), to be settled there
     /// too.
+    ///
+    /// An answer without rate-limit headers is not reported before the settle (it used to
+    /// be, at the cost of a second look-up and refill per request: issue 14, the board's
+    /// cost): until the settle, or the send grace, its grant keeps the ceiling of
+    /// [`Ledger::unanswered`] down, which refills less, never more.
     pub(crate) fn settle(
         &self,
         key: &KeyId,
@@ -1463,7 +1737,7 @@ impl LocalBackend {
         let mut st = self.lock();
         let k = EntryRef(key, group);
         let mut in_store = None;
-        if let Some(e) = st.entries.get_mut(&k) {
+        if let Some(e) = st.entries.by_id_or_key(grant.entry, &k) {
             in_store = e.settle(grant, outcome, now);
             e.drain(now, None);
             if matches!(outcome, Outcome::Unknown) && !e.vouched && e.is_quiet() {
@@ -1477,23 +1751,6 @@ impl LocalBackend {
 
     pub(crate) fn observe(&self, key: &KeyId, group: &RateLimitGroup, snap: &RateLimitSnapshot) {
         self.observe_answer(key, group, snap, None);
-    }
-
-    /// The answer to `grant` (of this store) arrived without rate-limit headers: the server
-    /// has seen the request (see [`Ledger::unanswered`]).
-    pub(crate) fn answered(&self, key: &KeyId, group: &RateLimitGroup, grant: &Grant) {
-        if grant.origin != Origin::Local || grant.answered {
-            return;
-        }
-        let _changed = Changed(self);
-        let now = Instant::now();
-        let mut st = self.lock();
-        if let Some(e) = st.entries.get_mut(&EntryRef(key, group)) {
-            e.refill(now);
-            let grant = e.effective(grant);
-            e.ledger.answer(&grant);
-            e.drain(now, None);
-        }
     }
 
     /// [`observe`](Self::observe), and when `grant` is the successful request these headers
@@ -1511,7 +1768,12 @@ impl LocalBackend {
         let now = Instant::now();
         let mut st = self.lock();
         let share = st.share;
-        let e = st.entry(key, group, now);
+        // The grant's entry without a look-up (see `EntryId`), else by key (created if need be).
+        let id = grant.and_then(|g| g.entry);
+        let e = match id.filter(|id| st.entries.by_id(*id).is_some()) {
+            Some(id) => st.entries.by_id_mut(id).expect("an entry just found"),
+            None => st.entry(key, group, now),
+        };
         // Only this store's grants have a place in its ledger.
         let answered = grant.filter(|g| g.origin == Origin::Local && !e.defers_to_store());
         e.observe(snap, share, answered, now);
@@ -1563,15 +1825,18 @@ impl LocalBackend {
         group: &RateLimitGroup,
         f: impl FnOnce(&Entry, Instant) -> T,
     ) -> Option<T> {
-        let now = Instant::now();
         let mut st = self.lock();
+        // The clock is read only when there is something to view (a group nobody configured
+        // or used has nothing: the fallback asks about every candidate model).
         match st.entries.get_mut(&EntryRef(key, group)) {
             Some(e) => {
+                let now = Instant::now();
                 e.refill(now);
                 Some(f(e, now))
             }
             None => {
                 let limits = st.limits_for(key, group)?;
+                let now = Instant::now();
                 Some(f(&Entry::new(Some(limits), now, false), now))
             }
         }
@@ -1795,6 +2060,47 @@ mod tests {
             .map(|s| s.bucket.level(t2))
             .collect();
         assert_eq!(levels, [7.0, 700.0, 70.0]);
+    }
+
+    /// Issue 14, the board's cost: a take from the levels as last refilled
+    /// (`Entry::take_unrefilled`, no refill to the take's instant) ends, once refilled, where
+    /// a refill then the take would have, with the ceiling of a grant in transit binding and
+    /// that grant reaching its send grace in between.
+    #[test]
+    fn a_take_before_the_refill_ends_where_the_refill_then_the_take_would() {
+        let t0 = Instant::now();
+        let (t1, t2) = (
+            t0 + Duration::from_millis(1_500),
+            t0 + Duration::from_millis(2_500),
+        );
+        let limits = Some(Limits::new(60, 6_000, 600));
+        let (first, second) = (Cost::new(1, 5_000, 100), Cost::new(1, 100, 50));
+        let mut eager = Entry::new(limits, t0, false);
+        let mut lazy = Entry::new(limits, t0, false);
+        eager.take(&first, t0);
+        lazy.take(&first, t0);
+        eager.refill(t1);
+        eager.take(&second, t1);
+        let grant = lazy
+            .take_unrefilled(&second, t1)
+            .expect("the levels hold it");
+        assert_eq!(grant.at, t1);
+        for e in [&mut eager, &mut lazy] {
+            e.refill(t2);
+        }
+        let buckets = |e: &Entry| {
+            e.slots
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.bucket.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(buckets(&lazy), buckets(&eager));
+        assert_eq!(lazy.ledger, eager.ledger);
+        // The ceiling bound: 59 until the first grant's grace (58 after the second take), then
+        // half a second's refill; 60 without it.
+        assert_eq!(requests_level(&mut lazy, t2), 58.5);
+        // A level that does not hold the cost as last refilled is refilled first.
+        assert!(lazy.take_unrefilled(&Cost::new(1, 0, 600), t2).is_none());
     }
 
     #[test]

@@ -13,10 +13,10 @@
 //!
 //! [`ModelCatalog::cache_reads_count`]: crate::anthropic::ModelCatalog::cache_reads_count
 
-use std::cell::RefCell;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use moka::policy::EvictionPolicy;
@@ -29,7 +29,7 @@ use crate::anthropic::{CacheBreakpoint, KeyId, RateLimitGroup, RequestMeta, Usag
 pub const DEFAULT_PREFIX_CAPACITY: u64 = 20_000;
 
 /// The most `(key, group)` usage totals kept (least recently used ones go first).
-const MAX_USAGE_ENTRIES: u64 = 10_000;
+const MAX_USAGE_ENTRIES: usize = 10_000;
 
 /// A prefix estimated below this many tokens is not remembered: the API caches nothing
 /// shorter than 1,024 tokens (the smallest minimum of any model; some models need 2,048 or
@@ -80,30 +80,39 @@ pub struct PromptCacheMemory {
 struct Inner {
     /// Prefix id -> when its cache entry expires (tokio time).
     prefixes: Cache<u128, Instant, Hasher>,
-    /// Cache-token totals per `(key, group)`.
-    usage: Cache<(KeyId, RateLimitGroup), Arc<Counters>, Hasher>,
+    /// Cache-token totals per `(key, group)`, at most `max_usage` of them. A map under a
+    /// read-write lock rather than a `moka` cache: every answer records into it, and a
+    /// `moka` lookup cost ~1k instructions where this one is a read lock and one hash.
+    usage: RwLock<hashbrown::HashMap<(KeyId, RateLimitGroup), Arc<Counters>, Hasher>>,
+    max_usage: usize,
+    /// Counts the answers recorded: each totals' `used` is the count when they were last
+    /// recorded into (which ones were least recently used, when the map is full).
+    ticks: AtomicU64,
     capacity: u64,
 }
 
-/// foldhash (randomly seeded) rather than moka's default SipHash, which cost ~350
-/// instructions per answer (`record_usage` hashes a `(key, group)` on every one): the prefix
-/// ids are already digests, a key id is a digest too, and both caches are bounded (least
-/// recently used entries go first), so a client choosing model names cannot grow a chain
-/// without bound.
+/// foldhash (randomly seeded) rather than SipHash, which cost ~350 instructions per answer
+/// (`record_usage` hashes a `(key, group)` on every one): the prefix ids are already
+/// digests, a key id is a digest too, and both maps are bounded (least recently used entries
+/// go first), so a client choosing model names cannot grow a chain without bound.
 type Hasher = hashbrown::DefaultHashBuilder;
 
-thread_local! {
-    /// The totals this thread last recorded into (see `PromptCacheMemory::counters`).
-    static LAST_COUNTERS: RefCell<Option<LastCounters>> = const { RefCell::new(None) };
+/// A `(key, group)` pair borrowed, to look up the totals without cloning either name: hashed
+/// as the owned tuple is (each element in turn).
+#[derive(Clone, Copy)]
+struct Pair<'a>(&'a KeyId, &'a RateLimitGroup);
+
+impl Hash for Pair<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+        self.1.hash(state);
+    }
 }
 
-/// A hint, compared before use: whose totals `counters` are. The `Weak` keeps the memory's
-/// allocation (not its contents) alive, so its address is not reused by another memory.
-struct LastCounters {
-    memory: Weak<Inner>,
-    key: KeyId,
-    group: RateLimitGroup,
-    counters: Arc<Counters>,
+impl hashbrown::Equivalent<(KeyId, RateLimitGroup)> for Pair<'_> {
+    fn equivalent(&self, key: &(KeyId, RateLimitGroup)) -> bool {
+        *self.0 == key.0 && *self.1 == key.1
+    }
 }
 
 #[derive(Default)]
@@ -112,9 +121,8 @@ struct Counters {
     write: AtomicU64,
     uncached: AtomicU64,
     expected_read: AtomicU64,
-    /// Removed from the memory (its eviction listener): a thread holding them as its last
-    /// totals puts them back before adding to them.
-    evicted: AtomicBool,
+    /// The memory's tick when an answer was last recorded here.
+    used: AtomicU64,
 }
 
 impl fmt::Debug for PromptCacheMemory {
@@ -210,18 +218,12 @@ impl PromptCacheMemory {
             // the longest TTL go in wall time too.
             .time_to_live(Duration::from_secs(3_600 + 300))
             .build_with_hasher(Hasher::default());
-        let usage = Cache::builder()
-            .max_capacity(MAX_USAGE_ENTRIES)
-            .eviction_policy(EvictionPolicy::lru())
-            // A thread's last totals are used only while they are in the memory.
-            .eviction_listener(|_, counters: Arc<Counters>, _| {
-                counters.evicted.store(true, Ordering::Relaxed);
-            })
-            .build_with_hasher(Hasher::default());
         Self {
             inner: Arc::new(Inner {
                 prefixes,
-                usage,
+                usage: RwLock::default(),
+                max_usage: MAX_USAGE_ENTRIES,
+                ticks: AtomicU64::new(0),
                 capacity,
             }),
         }
@@ -337,67 +339,44 @@ impl PromptCacheMemory {
             .fetch_add(expected_read, Ordering::Relaxed);
     }
 
-    /// The totals of `(key, group)`: this thread's last ones when they are the same memory's,
-    /// key's and group's and still in the memory (a `moka` lookup cost ~1k instructions per
-    /// answer; a client sends its requests with one key to one group in a row), else from
-    /// the memory. Totals the memory evicted while this thread held them go back in (their
-    /// counts kept) when this thread records for them again.
-    ///
-    /// A body dropped while its thread exits (after this thread's hint is gone) looks the
-    /// totals up in the memory.
+    /// The totals of `(key, group)`, made when absent. A hit takes the read lock (the usual
+    /// case: a deployment has a few keys and groups); a miss takes the write lock, and when
+    /// the map is full first forgets the least recently used eighth of it (one pass over the
+    /// map per `max_usage / 8` new pairs, not one per pair).
     fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
-        LAST_COUNTERS
-            .try_with(|last| self.counters_with_hint(&mut last.borrow_mut(), key, group))
-            .unwrap_or_else(|_| {
-                self.inner
-                    .usage
-                    .get_with((key.clone(), group.clone()), Arc::default)
-            })
-    }
-
-    fn counters_with_hint(
-        &self,
-        last: &mut Option<LastCounters>,
-        key: &KeyId,
-        group: &RateLimitGroup,
-    ) -> Arc<Counters> {
-        {
-            let mut evicted = None;
-            if let Some(hint) = last.as_ref()
-                && hint.memory.as_ptr() == Arc::as_ptr(&self.inner)
-                && hint.key == *key
-                && hint.group == *group
-            {
-                if !hint.counters.evicted.load(Ordering::Relaxed) {
-                    return hint.counters.clone();
+        let inner = &self.inner;
+        let tick = inner.ticks.fetch_add(1, Ordering::Relaxed);
+        let pair = Pair(key, group);
+        let found = inner
+            .usage
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&pair)
+            .cloned();
+        let counters = match found {
+            Some(counters) => counters,
+            None => {
+                let mut usage = inner.usage.write().unwrap_or_else(PoisonError::into_inner);
+                if usage.len() >= inner.max_usage && usage.get(&pair).is_none() {
+                    forget_oldest(&mut usage, inner.max_usage.div_ceil(8));
                 }
-                evicted = Some(hint.counters.clone());
+                usage
+                    .entry((key.clone(), group.clone()))
+                    .or_default()
+                    .clone()
             }
-            let counters =
-                self.inner
-                    .usage
-                    .get_with((key.clone(), group.clone()), || match evicted {
-                        Some(counters) => {
-                            counters.evicted.store(false, Ordering::Relaxed);
-                            counters
-                        }
-                        None => Arc::default(),
-                    });
-            *last = Some(LastCounters {
-                memory: Arc::downgrade(&self.inner),
-                key: key.clone(),
-                group: group.clone(),
-                counters: counters.clone(),
-            });
-            counters
-        }
+        };
+        counters.used.store(tick, Ordering::Relaxed);
+        counters
     }
 
     /// The cache-token totals of `(key, group)`, if any response was recorded.
     pub fn usage(&self, key: &KeyId, group: &RateLimitGroup) -> Option<PromptCacheUsage> {
         self.inner
             .usage
-            .get(&(key.clone(), group.clone()))
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&Pair(key, group))
             .map(|c| c.snapshot())
     }
 
@@ -406,12 +385,44 @@ impl PromptCacheMemory {
         let mut out: Vec<_> = self
             .inner
             .usage
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|(k, c)| (k.0.clone(), k.1.clone(), c.snapshot()))
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out
     }
+}
+
+/// Forgets the `count` least recently used totals of `usage` (the oldest `used` ticks).
+fn forget_oldest(
+    usage: &mut hashbrown::HashMap<(KeyId, RateLimitGroup), Arc<Counters>, Hasher>,
+    count: usize,
+) {
+    let mut ticks: Vec<u64> = usage
+        .values()
+        .map(|c| c.used.load(Ordering::Relaxed))
+        .collect();
+    let count = count.min(ticks.len());
+    if count == 0 {
+        return;
+    }
+    let (_, &mut cut, _) = ticks.select_nth_unstable(count - 1);
+    let mut left = count;
+    usage.retain(|_, c| {
+        if left > 0 && c.used.load(Ordering::Relaxed) <= cut {
+            left -= 1;
+            false
+        } else {
+            true
+        }
+    });
+    tracing::debug!(
+        forgotten = count - left,
+        kept = usage.len(),
+        "prompt cache: the usage totals were full; the least recently used forgotten"
+    );
 }
 
 impl Counters {
@@ -451,12 +462,12 @@ mod tests {
     }
 
     #[test]
-    fn totals_stay_per_memory_key_and_group_on_one_thread() {
+    fn totals_stay_per_memory_key_and_group() {
         let a = PromptCacheMemory::new(10);
         let b = PromptCacheMemory::new(10);
         let (k1, k2) = (KeyId::named("one"), KeyId::named("two"));
         let (g1, g2) = (RateLimitGroup::new("sonnet"), RateLimitGroup::new("haiku"));
-        // Repeats (the thread's last totals) and switches of memory, key and group.
+        // Repeats and switches of memory, key and group.
         a.record_usage(&k1, &g1, &usage(1, 2, 3), 4);
         a.record_usage(&k1, &g1, &usage(10, 20, 30), 40);
         b.record_usage(&k1, &g1, &usage(100, 0, 0), 0);
@@ -484,8 +495,8 @@ mod tests {
         assert_eq!(c.usages().len(), 1);
     }
 
-    /// A body settled by a thread-local destructor, after the thread's hint is destroyed
-    /// (destructors run last registered first): recorded, no panic.
+    /// A body settled by a thread-local destructor as its thread exits: recorded, no panic
+    /// (the totals once had a per-thread hint, which is destroyed first).
     #[test]
     fn totals_are_recorded_while_a_thread_exits() {
         struct SettleOnExit(PromptCacheMemory);
@@ -495,6 +506,7 @@ mod tests {
                 self.0.record_usage(&key, &group, &usage(5, 0, 0), 0);
             }
         }
+        use std::cell::RefCell;
         thread_local! {
             static ON_EXIT: RefCell<Option<SettleOnExit>> = const { RefCell::new(None) };
         }
@@ -511,21 +523,27 @@ mod tests {
         assert_eq!(memory.usage(&key, &group).unwrap().read_tokens, 6);
     }
 
+    /// A full map forgets the least recently used totals (an eighth of the bound at once),
+    /// never the ones in use; a pair forgotten starts again from zero.
     #[test]
-    fn evicted_totals_go_back_with_their_counts() {
-        let memory = PromptCacheMemory::new(10);
-        let (key, group) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
-        memory.record_usage(&key, &group, &usage(1, 2, 3), 0);
-        // As the memory's eviction does: the entry leaves (its listener marks the totals).
-        memory.inner.usage.invalidate(&(key.clone(), group.clone()));
-        memory.inner.usage.run_pending_tasks();
-        assert_eq!(memory.usage(&key, &group), None);
-        memory.record_usage(&key, &group, &usage(10, 0, 0), 0);
-        let totals = memory.usage(&key, &group).unwrap();
-        assert_eq!((totals.read_tokens, totals.write_tokens), (11, 2));
-        // Back in the memory: the next answer is counted in the same totals.
-        memory.record_usage(&key, &group, &usage(100, 0, 0), 0);
-        assert_eq!(memory.usage(&key, &group).unwrap().read_tokens, 111);
-        assert_eq!(memory.usages().len(), 1);
+    fn full_totals_forget_the_least_recently_used() {
+        let mut memory = PromptCacheMemory::new(10);
+        Arc::get_mut(&mut memory.inner).unwrap().max_usage = 16;
+        let group = RateLimitGroup::new("sonnet");
+        let key = |i: usize| KeyId::named(&format!("k{i}"));
+        for i in 0..16 {
+            memory.record_usage(&key(i), &group, &usage(1, 0, 0), 0);
+        }
+        // k0 and k1 used again: k2 and k3 are now the least recently used.
+        memory.record_usage(&key(0), &group, &usage(1, 0, 0), 0);
+        memory.record_usage(&key(1), &group, &usage(1, 0, 0), 0);
+        memory.record_usage(&key(16), &group, &usage(1, 0, 0), 0);
+        let kept: Vec<_> = memory.usages().into_iter().map(|(k, _, _)| k).collect();
+        assert_eq!(kept.len(), 15);
+        assert!(!kept.contains(&key(2)) && !kept.contains(&key(3)));
+        assert_eq!(memory.usage(&key(0), &group).unwrap().read_tokens, 2);
+        assert_eq!(memory.usage(&key(16), &group).unwrap().read_tokens, 1);
+        memory.record_usage(&key(2), &group, &usage(5, 0, 0), 0);
+        assert_eq!(memory.usage(&key(2), &group).unwrap().read_tokens, 5);
     }
 }

@@ -1278,6 +1278,7 @@ impl RedisShared {
                             answered: false,
                             id,
                             blind: 0,
+                            entry: None,
                         };
                         SharedTry::Granted(grant)
                     }
@@ -1422,6 +1423,7 @@ impl SharedAcquire {
                     answered: false,
                     id: 0,
                     blind: 0,
+                    entry: None,
                 };
                 return Ok(RemoteGrant::Granted(grant));
             };
@@ -1453,6 +1455,7 @@ impl SharedAcquire {
                                 answered: false,
                                 id,
                                 blind: 0,
+                                entry: None,
                             };
                             return Ok(RemoteGrant::Granted(grant));
                         }

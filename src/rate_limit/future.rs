@@ -309,8 +309,6 @@ fn on_response<B>(
         // A success: its headers may also raise levels (upward reconciliation).
         reservation.observe(&snapshot);
         resp.extensions_mut().insert(config.board.observed_mark());
-    } else {
-        reservation.answered();
     }
     let (feed, tracker) = crate::body::tracker_in(&mut resp, stream, crate::body::MAX_JSON_COPY);
     resp.map(|body| {

@@ -85,19 +85,25 @@ where
             },
             Scope::Key => req.extensions().get::<Tenant>().cloned(),
         };
-        // The model is only looked up (group, cache reads), never copied.
-        let (group, reads_count, max_tokens, stream) = match RequestMeta::get_or_scan(&mut req) {
-            Ok(meta) => match &meta.model {
-                Some(model) => {
-                    let group = config.catalog.group(model);
-                    let reads_count = config.catalog.group_cache_reads_count(&group);
-                    (group, reads_count, meta.max_tokens, meta.stream)
-                }
-                None => return ResponseFuture::passthrough(self.inner.call(req)),
-            },
-            // Unreadable body: upstream answers 400, untouched.
-            Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
-        };
+        // The request's catalogue entry (looked up once per request: group, cache reads).
+        // What the cost needs is read here too: the meta is looked up again below only for a
+        // cache-aware estimate (a body with prompt-cache breakpoints).
+        let (group, reads_count, max_tokens, stream, input_tokens, breakpoints) =
+            match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
+                Ok(meta) => match meta.resolved_entry() {
+                    Some(entry) => (
+                        entry.group().clone(),
+                        entry.cache_reads_count(),
+                        meta.max_tokens,
+                        meta.stream,
+                        meta.input_tokens,
+                        !meta.cache_breakpoints.is_empty(),
+                    ),
+                    None => return ResponseFuture::passthrough(self.inner.call(req)),
+                },
+                // Unreadable body: upstream answers 400, untouched.
+                Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
+            };
         let key = match config.scope {
             Scope::Key => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
             Scope::Tenant => {
@@ -120,14 +126,16 @@ where
         // The input that counts: the estimate minus the prompt-cache prefix this key sent to
         // this model within its TTL (for the models whose cache reads do not count).
         let memory = config.board.prompt_cache();
-        let (input_tokens, estimate) = match req.extensions().get::<RequestMeta>() {
-            Some(meta) if config.cache_aware && !meta.cache_breakpoints.is_empty() => {
-                let estimate = memory.estimate(&key, meta, reads_count);
-                (estimate.counted_input_tokens(), Some(estimate))
-            }
-            Some(meta) => (meta.input_tokens, None),
-            None => (0, None),
+        let estimate = match config.cache_aware && breakpoints {
+            true => req
+                .extensions()
+                .get::<RequestMeta>()
+                .map(|meta| memory.estimate(&key, meta, reads_count)),
+            false => None,
         };
+        let input_tokens = estimate
+            .as_ref()
+            .map_or(input_tokens, |e| e.counted_input_tokens());
         let note = Some(Box::new(PromptNote {
             memory: memory.clone(),
             estimate,

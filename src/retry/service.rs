@@ -99,12 +99,12 @@ where
         }
         let meta = match resend.as_ref().and_then(Resend::meta) {
             Some(meta) => Ok(meta),
-            None => RequestMeta::get_or_scan(&mut req),
+            None => RequestMeta::get_or_scan_in(&mut req, &config.catalog),
         };
         let (group, need) = match meta {
             Ok(meta) => (
-                match &meta.model {
-                    Some(model) => config.catalog.group(model),
+                match meta.model_entry(&config.catalog) {
+                    Some(entry) => entry.group().clone(),
                     None => RateLimitGroup::new("unknown"),
                 },
                 Need {

@@ -290,19 +290,19 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (model, input, max_tokens) = match RequestMeta::get_or_scan(&mut req) {
-            Ok(RequestMeta {
-                model: Some(model),
-                input_tokens,
-                max_tokens,
-                ..
-            }) => (model.clone(), *input_tokens, *max_tokens),
-            _ => return ResponseFuture::passthrough(self.inner.call(req)),
-        };
-        let group = self.config.catalog.group(&model);
+        // The request's catalogue entry, looked up once per request.
+        let (entry, input, max_tokens) =
+            match RequestMeta::get_or_scan_in(&mut req, &self.config.catalog) {
+                Ok(meta) => match meta.resolved_entry() {
+                    Some(entry) => (entry.clone(), meta.input_tokens, meta.max_tokens),
+                    None => return ResponseFuture::passthrough(self.inner.call(req)),
+                },
+                _ => return ResponseFuture::passthrough(self.inner.call(req)),
+            };
+        let group = entry.group().clone();
         // An id the catalogue places nowhere is its own group: pace it only when it has
         // limits of its own (arbitrary ids must not create pacing state).
-        let unknown = group.as_str() == model && self.config.catalog.family(&model).is_none();
+        let unknown = group.as_str() == entry.id() && entry.family().is_none();
         if unknown && !self.config.limits.contains_key(&group) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }

@@ -215,7 +215,7 @@ fn metered<B>(response: Response<B>, hold: Hold) -> Response<BudgetBody<B>> {
     let served = response
         .extensions()
         .get::<ServedModel>()
-        .map(|s| s.served.clone())
+        .map(|s| s.served.to_string())
         .or_else(|| {
             response
                 .headers()

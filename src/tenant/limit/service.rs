@@ -61,7 +61,13 @@ where
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        let tenant = req.extensions().get::<Tenant>().cloned();
-        ResponseFuture::new(self.inner.call(req), tenant)
+        // A request without a tenant is not the tenant limiter's: straight to the service
+        // below (readied by the limiter's `poll_ready`, which only forwards), without the
+        // limiter looking for the tenant a second time.
+        let Some(tenant) = req.extensions().get::<Tenant>().cloned() else {
+            let fut = self.inner.get_mut().call(req);
+            return ResponseFuture::new(crate::rate_limit::ResponseFuture::passthrough(fut), None);
+        };
+        ResponseFuture::new(self.inner.call(req), Some(tenant))
     }
 }
