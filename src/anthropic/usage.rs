@@ -994,6 +994,61 @@ mod tests {
         r#" {"usage":null,"model":null,"type":null} "#,
     ];
 
+    /// Every count form the one-loop count read must take or refuse (leading zeros, signs,
+    /// fractions, exponents, 19 and 20 digits, what may follow the digits), in each of the
+    /// count members: the read says what serde_json says.
+    #[test]
+    fn counts_read_as_serde_json_reads_them() {
+        let counts = [
+            "0",
+            "7",
+            "00",
+            "01",
+            "-0",
+            "-1",
+            "+1",
+            "0.5",
+            "1.0",
+            "1.",
+            "1e2",
+            "1E2",
+            "1e+2",
+            "0e0",
+            "12",
+            "512",
+            "9999999999999999999",
+            "10000000000000000000",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999",
+            "1 ",
+            " 1",
+            "1\n",
+            "1x",
+            "1,",
+            "1}",
+            "1]",
+            "null",
+            "nul",
+            "true",
+            "\"1\"",
+        ];
+        for count in counts {
+            for member in ["input_tokens", "cache_read_input_tokens"] {
+                let body = format!(r#"{{"type":"message","usage":{{"{member}":{count}}}}}"#);
+                fast_read_is_serdes(body.as_bytes());
+                let body = format!(
+                    r#"{{"usage":{{"output_tokens":1,"{member}":{count},"x":2}},"model":"m"}}"#
+                );
+                fast_read_is_serdes(body.as_bytes());
+            }
+            let body = format!(
+                r#"{{"usage":{{"cache_creation":{{"ephemeral_1h_input_tokens":{count}}}}}}}"#
+            );
+            fast_read_is_serdes(body.as_bytes());
+        }
+    }
+
     #[test]
     fn the_scanner_reads_real_answers_as_serde_json_does() {
         for answer in REAL_ANSWERS {
