@@ -111,7 +111,7 @@ impl Partition {
         )
     }
 
-    /// [`of`](Self::of), the API key read from the request's headers as one pass found them.
+    /// `of` (the tests' form), the API key read from the request's headers as one pass found them.
     pub(crate) fn of_seen(
         secret: &[u8; 32],
         extensions: &http::Extensions,
@@ -154,7 +154,7 @@ impl Partition {
     }
 }
 
-/// The longest input [`Partition::of`] remembers: the secret, a tag and a tenant id or API
+/// The longest input [`Partition::of_seen`] remembers: the secret, a tag and a tenant id or API
 /// key of up to 256 bytes (API keys are about 100).
 const MEMO_INPUT: usize = 32 + 16 + 256;
 
@@ -393,7 +393,7 @@ impl KeyBase {
         )
     }
 
-    /// [`new`](Self::new), `anthropic-version` as one pass over the headers found it (the
+    /// `new` (the tests' form), `anthropic-version` as one pass over the headers found it (the
     /// betas are read from `headers` when there are some).
     pub(crate) fn new_seen(
         keys: &Arc<Keys>,
