@@ -27,10 +27,12 @@ use tower_claude::testing::MockClaude;
 
 const SONNET: &str = "claude-sonnet-4-6";
 const HAIKU: &str = "claude-haiku-4-5";
-/// 2026-12-05 12:00:00 UTC.
-const DEC_5_NOON: u64 = 1_796_472_000;
-/// 2026-12-30 18:00:00 UTC.
-const DEC_30_EVENING: u64 = 1_798_653_600;
+/// 2099-12-05 12:00:00 UTC. Far ahead on purpose: the stores expire a key by the real clock
+/// a day after its period ends (Redis `EXPIREAT`, the disk and memory sweeps), so a date that
+/// has passed would have the key forgotten as soon as it is written.
+const DEC_5_NOON: u64 = 4_100_155_200;
+/// 2099-12-30 18:00:00 UTC.
+const DEC_30_EVENING: u64 = 4_102_336_800;
 
 fn at(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
@@ -181,7 +183,7 @@ async fn a_budget_stops_a_tenant_within_one_request_cost_with_cache_tokens_price
     let message = json["error"]["message"].as_str().unwrap();
     assert!(message.contains("tenant \"team-a\""), "{message}");
     assert!(message.contains("daily budget of $0.0200"), "{message}");
-    assert!(message.contains("2026-12-06T00:00:00Z"), "{message}");
+    assert!(message.contains("2099-12-06T00:00:00Z"), "{message}");
     assert_eq!(mock.stats().received, answers);
     assert_eq!(team.stats().refusals(), 1);
 
@@ -271,7 +273,7 @@ async fn the_tenant_resumes_in_the_next_period() {
     assert_eq!(call(&svc, ask(&daily, &body)).await.0, StatusCode::OK);
     let (status, headers, _) = call(&svc, ask(&monthly, &body)).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    // 2026-12-31 18:00 to 2027-01-01 00:00.
+    // 2099-12-31 18:00 to 2100-01-01 00:00.
     assert_eq!(headers["retry-after"], "21600");
 
     // January: both resume.
@@ -600,8 +602,8 @@ async fn redis_spend_is_shared_by_two_stacks() {
     assert_eq!(
         names,
         [
-            "test:spend:shared:d:2026-12-05",
-            "test:spend:shared:m:2026-12"
+            "test:spend:shared:d:2099-12-05",
+            "test:spend:shared:m:2099-12"
         ]
     );
     let ttl: i64 = redis::cmd("TTL")
@@ -645,7 +647,7 @@ async fn eighty_percent_of_a_budget_alerts_once_per_period() {
         assert_eq!(seen[0].0, AlertKind::Budget);
         assert_eq!(seen[0].1.as_deref(), Some("team-b"));
         assert!(seen[0].2.contains("daily budget of $0.00"), "{}", seen[0].2);
-        assert!(seen[0].2.contains("2026-12-05"), "{}", seen[0].2);
+        assert!(seen[0].2.contains("2099-12-05"), "{}", seen[0].2);
     }
     // The next day, once more.
     clock.set(at(DEC_5_NOON + 86_400));
@@ -654,7 +656,7 @@ async fn eighty_percent_of_a_budget_alerts_once_per_period() {
     }
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen[1].2.contains("2026-12-06"), "{}", seen[1].2);
+    assert!(seen[1].2.contains("2099-12-06"), "{}", seen[1].2);
 }
 
 #[tokio::test(start_paused = true)]

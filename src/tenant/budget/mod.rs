@@ -635,7 +635,8 @@ mod tests {
         ) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
             rt.block_on(async move {
-                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_472_000);
+                // 2099-12-05 12:00 UTC: the memory store forgets keys by the real clock.
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(4_100_155_200);
                 let shared = layer::BudgetLayer::new(super::super::spend::MemorySpend::new())
                     .clock(move || now)
                     .shared();
