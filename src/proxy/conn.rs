@@ -28,7 +28,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -264,20 +264,81 @@ impl Close {
 /// A connection under the watch of its [`Activity`]: when asked to close it shuts down
 /// gracefully (a busy connection first finishes what is in progress) and, once nothing is in
 /// progress, ends (which closes the socket) even if hyper would still wait for a request head.
+///
+/// It also polls the connection again in place when the connection wakes itself while being
+/// polled ([`InPlace`]).
 #[pin_project]
 pub(crate) struct Watched<C> {
     #[pin]
     conn: C,
     activity: Arc<Activity>,
     closing: bool,
+    in_place: Arc<InPlace>,
+    /// `in_place` as a waker, made once per connection.
+    waker: Waker,
 }
 
 impl<C> Watched<C> {
     pub(crate) fn new(conn: C, activity: Arc<Activity>) -> Self {
+        let in_place = Arc::new(InPlace::default());
         Self {
             conn,
             activity,
             closing: false,
+            waker: Waker::from(in_place.clone()),
+            in_place,
+        }
+    }
+}
+
+/// How many times in a row [`Watched`] polls a connection again in place before it lets the
+/// scheduler run other tasks first.
+const IN_PLACE_POLLS: usize = 8;
+
+/// The waker a connection is polled with, so that a wake-up it gives itself while being
+/// polled becomes one more poll in place instead of a trip through the scheduler.
+///
+/// Why: hyper hands a request body to the service through a channel whose sender is the
+/// connection's own task, and the proxy reads the body in that task; taking a chunk wakes the
+/// sender, so each request wakes its own task while the task runs. Tokio's multi-threaded
+/// scheduler treats such a wake-up as a yield: the task goes to the back of the run queue and
+/// another worker thread is unparked to steal it (a `futex` wake, and a parked thread woken
+/// and parked again, about once per request; `docs/benchmarks.md`, "The proxy's edge, fourth
+/// pass"). Polling again at once is what the scheduler would do with no other task to run,
+/// without the hand-off. Neither hyper nor Tokio offers this (hyper's own loop yields through
+/// the waker too), so it is written here, on `std::task::Wake`, without `unsafe`.
+#[derive(Debug, Default)]
+struct InPlace {
+    /// [`POLLING`] while the connection is being polled; [`WOKEN`] once it woke itself then.
+    state: AtomicU8,
+    /// The task's waker, for wake-ups from elsewhere (I/O, timers, other tasks).
+    task: AtomicWaker,
+}
+
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+
+impl Wake for InPlace {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            if state & POLLING == 0 {
+                self.task.wake();
+                return;
+            }
+            match self.state.compare_exchange_weak(
+                state,
+                state | WOKEN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(now) => state = now,
+            }
         }
     }
 }
@@ -291,6 +352,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         this.activity.waker.register(cx.waker());
+        this.in_place.task.register(cx.waker());
         let reason = this.activity.close.load(Ordering::Acquire);
         if reason != 0 && !*this.closing {
             *this.closing = true;
@@ -301,7 +363,25 @@ where
             );
             this.conn.as_mut().graceful_shutdown();
         }
-        match this.conn.as_mut().poll(cx) {
+        let mut inner = Context::from_waker(this.waker);
+        let mut polls = 0;
+        let polled = loop {
+            this.in_place.state.store(POLLING, Ordering::Release);
+            let polled = this.conn.as_mut().poll(&mut inner);
+            // Whatever wakes it from now on goes to the task's waker.
+            let woken = this.in_place.state.swap(0, Ordering::AcqRel) & WOKEN != 0;
+            polls += 1;
+            match polled {
+                Poll::Pending if woken && polls < IN_PLACE_POLLS => continue,
+                Poll::Pending if woken => {
+                    // Still waking itself: other tasks go first, as with a yield.
+                    cx.waker().wake_by_ref();
+                    break Poll::Pending;
+                }
+                other => break other,
+            }
+        };
+        match polled {
             Poll::Pending if *this.closing && !this.activity.is_busy() => {
                 // An idle HTTP/1 connection is closed by hyper itself; one with a partial
                 // request head, or still sniffing its protocol, is not.
@@ -489,5 +569,102 @@ mod tests {
     fn the_cap_fits_the_descriptor_limit() {
         assert!(fitting_cap(1_000_000) <= 1_000_000);
         assert_eq!(fitting_cap(1), 1);
+    }
+
+    /// A connection stand-in: wakes itself `self_wakes` times while polled (then stays
+    /// pending, or ends when `ends`), and keeps the last waker it was given.
+    struct Waking {
+        self_wakes: usize,
+        ends: bool,
+        polls: usize,
+        kept: Option<Waker>,
+    }
+
+    impl Future for Waking {
+        type Output = Result<(), std::convert::Infallible>;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            self.polls += 1;
+            self.kept = Some(cx.waker().clone());
+            if self.self_wakes > 0 {
+                self.self_wakes -= 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if self.ends {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl GracefulConnection for Waking {
+        fn graceful_shutdown(self: Pin<&mut Self>) {}
+    }
+
+    /// Counts the wake-ups the task gets.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn watched(self_wakes: usize, ends: bool) -> Pin<Box<Watched<Waking>>> {
+        let conn = Waking {
+            self_wakes,
+            ends,
+            polls: 0,
+            kept: None,
+        };
+        Box::pin(Watched::new(conn, Arc::new(Activity::new(Instant::now()))))
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_wakes_itself_is_polled_again_in_place() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&task);
+        let mut conn = watched(3, true);
+        assert!(conn.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(conn.conn.polls, 4, "three wake-ups, three more polls");
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            0,
+            "the task was never woken"
+        );
+    }
+
+    #[tokio::test]
+    async fn in_place_polls_are_bounded_then_the_task_yields() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&task);
+        let mut conn = watched(usize::MAX, false);
+        assert!(conn.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(conn.conn.polls, IN_PLACE_POLLS);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once, as a yield");
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_from_elsewhere_reaches_the_task() {
+        let count = Arc::new(Count::default());
+        let task = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&task);
+        let mut conn = watched(0, false);
+        assert!(conn.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(conn.conn.polls, 1);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        // What the connection registered (with a socket, a timer, another task) fires later.
+        let kept = conn.conn.kept.clone().unwrap();
+        std::thread::spawn(move || kept.wake()).join().unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // Polled again, and woken again from elsewhere: each wake-up reaches the task.
+        assert!(conn.as_mut().poll(&mut cx).is_pending());
+        conn.conn.kept.clone().unwrap().wake_by_ref();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
     }
 }
