@@ -177,6 +177,51 @@ async fn a_stream_is_tracked_once_with_the_budget_and_an_adaptive_cap_on() {
 /// Retry sends the request it got from fallback as its first attempt and rebuilds the second
 /// from fallback's copy (no copy of its own): both attempts must be the same request, with
 /// everything fallback and retry put on it, whichever model fallback chose.
+/// A long 429 while a lower model is left: retry, directly below fallback in the stack, takes
+/// fallback's `MaxServerWait` from the description fallback attached (it is not on the
+/// request) and does not sit the wait out; the request moves down at once.
+#[tokio::test(start_paused = true)]
+async fn a_long_429_moves_down_at_once_through_the_stack() {
+    use tower_claude::exchange::ServedModel;
+    use tower_claude::quota::Limits;
+
+    let mock = MockClaude::builder().build();
+    let roomy = Limits::new(1000, 1_000_000, 1_000_000);
+    let stack = ClaudeStack::from_config(&StackConfig {
+        cache: CacheConfig::Off,
+        seed: Some(1),
+        limits: [
+            ("claude-sonnet-4".to_owned(), roomy),
+            ("claude-haiku-4-5".to_owned(), roomy),
+        ]
+        .into_iter()
+        .collect(),
+        ..StackConfig::default()
+    })
+    .unwrap();
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(45),
+    });
+    let start = tokio::time::Instant::now();
+    let resp = stack
+        .service(mock.clone())
+        .oneshot(request("claude-sonnet-4-6"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let served = resp.extensions().get::<ServedModel>().unwrap();
+    assert_eq!(
+        (&*served.requested, &*served.served, served.failovers),
+        ("claude-sonnet-4-6", "claude-haiku-4-5", 1)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(mock.stats().received, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_retried_attempt_is_the_request_fallback_sent() {
     use std::sync::{Arc, Mutex};

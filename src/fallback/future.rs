@@ -359,9 +359,8 @@ impl<S> Walk<S> {
             req.extensions_mut().insert(meta);
         }
         match resend {
-            // Retry, directly below, removes the description and puts its `MaxServerWait` on
-            // the request: the request's extension map then never holds both (its fourth
-            // entry would grow it).
+            // Retry, directly below, removes the description and reads its `MaxServerWait`
+            // there (it is that extension's one reader): not set on the request too.
             Some(resend) => {
                 req.extensions_mut().insert(resend);
             }

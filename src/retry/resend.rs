@@ -10,7 +10,8 @@ use crate::anthropic::{KeyId, RequestMeta};
 use crate::body::{RequestBody, RequestTemplate};
 
 /// A request extension (crate-private): the request is `template` with `body`, its
-/// [`RequestMeta`] replaced by `meta` when set, and `max_server_wait` added when set.
+/// [`RequestMeta`] replaced by `meta` when set; `max_server_wait`, when set, is for the retry
+/// layer alone (its one reader), which takes it from here: it is not put on the request.
 ///
 /// A layer that keeps its own [`RequestTemplate`] anyway (fallback, for its other models)
 /// attaches it to the request it sends **only when the layer directly below it is a retry
@@ -37,9 +38,6 @@ impl Resend {
         let mut req = self.template.with_body(self.body.clone());
         if let Some(meta) = &self.meta {
             req.extensions_mut().insert(RequestMeta::clone(meta));
-        }
-        if let Some(wait) = self.max_server_wait {
-            req.extensions_mut().insert(wait);
         }
         req
     }
@@ -87,9 +85,11 @@ mod tests {
         let meta = req.extensions().get::<RequestMeta>().unwrap();
         assert_eq!(meta.model.as_deref(), Some("b"));
         assert_eq!(resend.meta().unwrap().model.as_deref(), Some("b"));
+        // The wait is for the retry layer, which reads it here: not on the request.
+        assert_eq!(req.extensions().get::<MaxServerWait>(), None);
         assert_eq!(
-            req.extensions().get::<MaxServerWait>(),
-            Some(&MaxServerWait(Duration::from_secs(3)))
+            resend.max_server_wait,
+            Some(MaxServerWait(Duration::from_secs(3)))
         );
         let plain = Resend {
             template,

@@ -92,11 +92,6 @@ where
         // The layer directly above (fallback) described how it built this request: its
         // `RequestMeta` and key come with the description, not read from the request again.
         let resend = req.extensions_mut().remove::<Resend>();
-        // The `MaxServerWait` fallback set rides in the description (see `Walk::send`): on
-        // the request from here on, as layers below and later attempts see it.
-        if let Some(wait) = resend.as_ref().and_then(|r| r.max_server_wait) {
-            req.extensions_mut().insert(wait);
-        }
         let meta = match resend.as_ref().and_then(Resend::meta) {
             Some(meta) => Ok(meta),
             None => RequestMeta::get_or_scan_in(&mut req, &config.catalog),
@@ -133,7 +128,14 @@ where
                 deadline
             }
         };
-        let max_server_wait = req.extensions().get::<MaxServerWait>().map(|m| m.0);
+        // The `MaxServerWait` fallback set rides in the description (see `Walk::send`) and is
+        // read here only (this layer is its one reader): not put on the request, whose
+        // extension map is not grown for it. Without one there, the request's own.
+        let max_server_wait = resend
+            .as_ref()
+            .and_then(|r| r.max_server_wait)
+            .or_else(|| req.extensions().get::<MaxServerWait>().copied())
+            .map(|m| m.0);
         let key = match &resend {
             Some(resend) => resend.key.clone(),
             None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
