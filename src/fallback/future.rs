@@ -28,7 +28,7 @@ use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
 };
 use crate::quota::Cost;
-use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome};
+use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome, Spare};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -99,8 +99,8 @@ where
         }
     }
 
-    pub(crate) fn walking(fut: S::Future, mut walk: Box<Walk<S>>, service: S) -> Self {
-        walk.service = Some(service);
+    pub(crate) fn walking(fut: S::Future, mut walk: Box<Walk<S>>, spare: Spare<S>) -> Self {
+        walk.spare = Some(spare);
         Self {
             state: State::Calling { fut },
             walk: Some(walk),
@@ -110,7 +110,7 @@ where
 
 impl<S, B> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -195,6 +195,11 @@ where
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
+                    // The service of the attempts after the first: a clone of the layer's
+                    // spare, taken once per walk.
+                    if walk.service.is_none() {
+                        walk.service = walk.spare.as_ref().and_then(Spare::service);
+                    }
                     let Some(service) = walk.service.as_mut() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err("fallback inner service lost".into()));
@@ -242,7 +247,10 @@ pub(crate) struct Walk<S> {
     failovers: u32,
     /// The next attempt, prepared.
     next: Option<Request<RequestBody>>,
+    /// The service of the attempts after the first (cloned from `spare` when one is sent).
     service: Option<S>,
+    /// The layer's spare service (see [`Spare`]).
+    spare: Option<Spare<S>>,
 }
 
 impl<S> Walk<S> {
@@ -269,6 +277,7 @@ impl<S> Walk<S> {
             failovers: 0,
             next: None,
             service: None,
+            spare: None,
         }
     }
 

@@ -23,7 +23,7 @@ use super::policy::{
     Action, Attempt, StatusVerdict, is_permanent, is_rate_limit, is_spend_cap, needs_body,
 };
 use super::resend::Resend;
-use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
+use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome, Spare};
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, is_typed_object, parsed_names,
@@ -77,16 +77,22 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
-    pub(crate) fn retrying<S>(service: S, attempts: Attempts) -> Self
+    /// The retry loop of a request: `first` is the first attempt's call (already made by the
+    /// service `poll_ready` readied; `None` when the request waits for a pacing slot first),
+    /// `spare` gives the service of the attempts after it.
+    pub(crate) fn retrying<S>(first: Option<F>, spare: Spare<S>, attempts: Attempts) -> Self
     where
-        S: Service<Request<RequestBody>, Response = Response<B>, Future = F> + Send + 'static,
+        S: Service<Request<RequestBody>, Response = Response<B>, Future = F>
+            + Clone
+            + Send
+            + 'static,
         S::Error: Into<BoxError>,
         F: Future<Output = Result<Response<B>, S::Error>> + Send + 'static,
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         Self {
-            kind: Kind::Retrying(Box::pin(run(service, attempts))),
+            kind: Kind::Retrying(Box::pin(run(first, spare, attempts))),
         }
     }
 }
@@ -175,7 +181,7 @@ impl Template {
     }
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
-    fn request(&mut self, attempt: u32) -> Request<RequestBody> {
+    pub(crate) fn request(&mut self, attempt: u32) -> Request<RequestBody> {
         // The first attempts' values are static (`HeaderValue::from(u32)` formats and
         // allocates).
         const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -254,9 +260,13 @@ enum Failure<B> {
 }
 
 /// The retry loop.
-async fn run<S, B>(mut service: S, mut ctx: Attempts) -> Result<Response<RetryBody<B>>, BoxError>
+async fn run<S, B>(
+    mut first: Option<S::Future>,
+    spare: Spare<S>,
+    mut ctx: Attempts,
+) -> Result<Response<RetryBody<B>>, BoxError>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -273,16 +283,16 @@ where
     if let Some(budget) = &config.budget {
         budget.deposit();
     }
-    // A new request on a quota being paced waits for its slot first (see `pacing`); the
-    // service it was given is then not ready (`Retry::call` dropped the readied one).
-    let mut needs_ready = false;
+    // A new request on a quota being paced waits for its slot first (see `pacing`); its
+    // first attempt was then not sent (`Retry::call` dropped the readied service).
     if let Some(slot) = ctx.gate {
         let now = Instant::now();
         let wake = slot.at.min(now + config.backoff.max_delay);
         tokio::time::sleep_until(wake).await;
         total_wait += wake.saturating_duration_since(now);
-        needs_ready = true;
     }
+    // The service of the attempts after the first, cloned from the spare when one is sent.
+    let mut service: Option<S> = None;
     let mut attempt = 0u32;
     // The deadline covers the upstream too: waiting for readiness, the call, and reading what
     // `inspect` reads ahead. At the deadline the attempt is dropped and the layer fails.
@@ -300,7 +310,18 @@ where
     let read_json = ctx.deadline.is_some();
     loop {
         attempt += 1;
-        if attempt > 1 || needs_ready {
+        // The first attempt's call, made by `Retry::call`; any other readies a service first.
+        let call = if let Some(call) = first.take() {
+            call
+        } else {
+            if service.is_none() {
+                service = spare.service();
+            }
+            let Some(service) = service.as_mut() else {
+                return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
+                    .with_source("retry inner service lost".into())
+                    .into());
+            };
             let ready = within(
                 ctx.deadline,
                 std::future::poll_fn(|cx| service.poll_ready(cx)),
@@ -319,8 +340,8 @@ where
                     .with_source(err)
                     .into());
             }
-        }
-        let call = service.call(ctx.template.request(attempt));
+            service.call(ctx.template.request(attempt))
+        };
         let shared_ref = &shared;
         let template = &ctx.template;
         let attempted = within(ctx.deadline, async move {

@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::backoff::Need;
 use super::future::{Attempts, ResponseFuture, Template};
 use super::layer::Shared;
-use super::{Deadline, MaxServerWait, Resend, RetryBody};
+use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
@@ -21,17 +21,23 @@ use crate::body::RequestBody;
 /// Retries transient failures of Messages API calls. Built by
 /// [`RetryLayer`](super::RetryLayer); see the [module docs](super).
 ///
-/// Like [`tower::retry::Retry`], it needs a `Clone` inner service: each request takes the
-/// service that was polled ready and leaves a clone in its place, and calls
-/// [`ready`](tower::ServiceExt::ready) on it again before every further attempt.
+/// Like [`tower::retry::Retry`], it needs a `Clone` inner service: the first attempt is sent
+/// by the service that was polled ready; a further attempt by a clone (of one spare clone the
+/// layer keeps, taken at its first request), on which it calls
+/// [`ready`](tower::ServiceExt::ready) first. A request sent once clones nothing.
 pub struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
+    spare: Spare<S>,
 }
 
 impl<S> Retry<S> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            shared,
+            spare: Spare::new(),
+        }
     }
 
     /// The inner service.
@@ -55,6 +61,7 @@ impl<S: Clone> Clone for Retry<S> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            spare: self.spare.clone(),
         }
     }
 }
@@ -148,18 +155,15 @@ where
         } else {
             None
         };
-        // Take the service that was driven to readiness; leave a clone in its place.
-        let clone = self.inner.clone();
-        let readied = std::mem::replace(&mut self.inner, clone);
-        let service = if gate.is_some() {
+        let spare = self.spare.handle(&self.inner);
+        if gate.is_some() {
             // The request first waits for a pacing slot: do not sit on what `poll_ready`
-            // reserved (a concurrency permit, say) meanwhile; the future readies a clone.
-            drop(readied);
-            self.inner.clone()
-        } else {
-            readied
-        };
-        let attempts = Attempts {
+            // reserved (a concurrency permit, say) meanwhile; the future readies a clone of
+            // the spare.
+            let fresh = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, fresh));
+        }
+        let mut attempts = Attempts {
             shared: self.shared.clone(),
             template: match resend {
                 // The layer above said how it built this request: send it as it is and
@@ -174,6 +178,12 @@ where
             started: now,
             gate,
         };
-        ResponseFuture::retrying(service, attempts)
+        // The service driven to readiness sends the first attempt now (unless the request
+        // waits for a pacing slot first); later ones are sent by a clone of the spare.
+        let first = attempts
+            .gate
+            .is_none()
+            .then(|| self.inner.call(attempts.template.request(1)));
+        ResponseFuture::retrying(first, spare, attempts)
     }
 }
