@@ -28,7 +28,7 @@ use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
 };
 use crate::quota::Cost;
-use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome, Spare};
+use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome, ServerWait, Spare};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -350,16 +350,32 @@ impl<S> Walk<S> {
         body: RequestBody,
         meta: Option<RequestMeta>,
     ) -> Request<RequestBody> {
-        let max_server_wait = self
-            .lower_left(idx, visited)
-            .then_some(MaxServerWait(self.config.rules.max_wait_before_failover));
+        // For retry directly below, the `MaxServerWait` is decided when it needs it (an
+        // attempt rate limited): the lower models' quota is not looked at for every request.
+        // Without one, on the request now.
         let resend = self.config.resend_below.then(|| Resend {
             template: self.request.clone(),
             body: body.clone(),
             meta: meta.clone().map(Box::new),
-            max_server_wait,
+            max_server_wait: if self.lower_possible(idx, visited) {
+                ServerWait::Ask {
+                    models: self.config.clone(),
+                    candidates: self.candidates.clone(),
+                    idx,
+                    visited,
+                    cost: self.cost,
+                }
+            } else {
+                ServerWait::Set(None)
+            },
             key: self.key.clone(),
         });
+        let max_server_wait = match resend {
+            Some(_) => None,
+            None => self
+                .lower_left(idx, visited)
+                .then_some(MaxServerWait(self.config.rules.max_wait_before_failover)),
+        };
         let mut req = match received {
             Some(req) => req,
             None => self.request.with_body(body),
@@ -368,8 +384,8 @@ impl<S> Walk<S> {
             req.extensions_mut().insert(meta);
         }
         match resend {
-            // Retry, directly below, removes the description and reads its `MaxServerWait`
-            // there (it is that extension's one reader): not set on the request too.
+            // Retry, directly below, removes the description and asks it for the
+            // `MaxServerWait` (it is that extension's one reader): not set on the request.
             Some(resend) => {
                 req.extensions_mut().insert(resend);
             }
@@ -387,17 +403,21 @@ impl<S> Walk<S> {
     /// with [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
     /// `visited` counts `idx` already.
     fn lower_left(&self, idx: usize, visited: usize) -> bool {
-        let next = idx + 1;
-        next < self.candidates.len()
-            && visited < self.config.max_depth
-            && self.config.any_left(
-                self.meta(),
-                self.request.headers(),
-                &self.candidates,
-                next,
-                &self.key,
-                &self.cost,
-            )
+        self.config.lower_left(
+            self.meta(),
+            self.request.headers(),
+            &self.candidates,
+            idx,
+            visited,
+            &self.key,
+            &self.cost,
+        )
+    }
+
+    /// Whether the chain and the depth leave room for a lower model than `idx` (whether
+    /// [`lower_left`](Self::lower_left) can be true), without looking at the board.
+    fn lower_possible(&self, idx: usize, visited: usize) -> bool {
+        idx + 1 < self.candidates.len() && visited < self.config.max_depth
     }
 
     /// The first attempt: the chosen model, or the requested one when the body cannot be

@@ -164,6 +164,16 @@ impl Template {
         }
     }
 
+    /// The request's [`MaxServerWait`](super::MaxServerWait): the layer above's (asked of it
+    /// now) or the request's own, from a description ([`Resend`]); else `own`, read from the
+    /// request by [`Retry::call`](super::Retry).
+    fn max_server_wait(&self, own: Option<Duration>) -> Option<Duration> {
+        match self {
+            Self::Own(_) => own,
+            Self::Resent { resend, .. } => resend.max_server_wait().map(|m| m.0),
+        }
+    }
+
     /// What the layer's [`Policy`](super::Policy) says about attempt `number`, which failed
     /// as `what` says (see [`Attempt`]).
     fn classify<'a>(
@@ -219,7 +229,8 @@ pub(crate) struct Attempts {
     pub(crate) key: QuotaKey,
     pub(crate) need: Need,
     pub(crate) deadline: Option<Instant>,
-    /// The request's [`MaxServerWait`](super::MaxServerWait), if any.
+    /// The request's [`MaxServerWait`](super::MaxServerWait), if any (with a description
+    /// from the layer above, none: [`Template::max_server_wait`] asks it).
     pub(crate) max_server_wait: Option<std::time::Duration>,
     pub(crate) started: Instant,
     /// The pacing slot a new request waits for before its first attempt.
@@ -466,7 +477,13 @@ where
                 delay.admission = None;
             }
             let now = Instant::now();
-            let too_long = rate_limited && ctx.max_server_wait.is_some_and(|max| delay.wait > max);
+            // Asked only of a rate-limited attempt (fallback above looks at the lower models'
+            // quota then, not for every request).
+            let too_long = rate_limited
+                && ctx
+                    .template
+                    .max_server_wait(ctx.max_server_wait)
+                    .is_some_and(|max| delay.wait > max);
             let mut wake = now + delay.wait;
             let mut crosses = ctx.deadline.is_some_and(|deadline| wake > deadline);
             let mut slot = None;

@@ -135,14 +135,12 @@ where
                 deadline
             }
         };
-        // The `MaxServerWait` fallback set rides in the description (see `Walk::send`) and is
-        // read here only (this layer is its one reader): not put on the request, whose
-        // extension map is not grown for it. Without one there, the request's own.
-        let max_server_wait = resend
-            .as_ref()
-            .and_then(|r| r.max_server_wait)
-            .or_else(|| req.extensions().get::<MaxServerWait>().copied())
-            .map(|m| m.0);
+        // With a description from fallback the `MaxServerWait` is asked of it when an attempt
+        // is rate limited (see `Template::max_server_wait`); else the request's own, now.
+        let max_server_wait = match resend {
+            Some(_) => None,
+            None => req.extensions().get::<MaxServerWait>().map(|m| m.0),
+        };
         let key = match &resend {
             Some(resend) => resend.key.clone(),
             None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
