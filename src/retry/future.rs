@@ -122,9 +122,9 @@ pub(crate) enum Template {
     /// The layer's own copy of the request; every attempt is a copy of it.
     Own(RequestTemplate),
     /// The layer above said how it built the request ([`Resend`]): the first attempt is the
-    /// request as received, later ones are rebuilt from the description.
+    /// request as received (sent by [`Retry::call`](super::Retry) at once: not kept here),
+    /// later ones are rebuilt from the description.
     Resent {
-        first: Option<Request<RequestBody>>,
         resend: Resend,
         /// The deadline this layer added to the request (added to every rebuilt attempt).
         deadline: Option<super::Deadline>,
@@ -136,18 +136,10 @@ impl Template {
         Self::Own(RequestTemplate::new(req))
     }
 
-    /// The request as received, sent as the first attempt; later attempts are built from
-    /// `resend` (plus `deadline`, when this layer added it to the request).
-    pub(crate) fn resent(
-        req: Request<RequestBody>,
-        resend: Resend,
-        deadline: Option<super::Deadline>,
-    ) -> Self {
-        Self::Resent {
-            first: Some(req),
-            resend,
-            deadline,
-        }
+    /// Attempts built from `resend` (plus `deadline`, when this layer added it to the
+    /// request); the request as received is the first attempt, sent by the caller.
+    pub(crate) fn resent(resend: Resend, deadline: Option<super::Deadline>) -> Self {
+        Self::Resent { resend, deadline }
     }
 
     fn meta(&self) -> Option<&RequestMeta> {
@@ -191,35 +183,33 @@ impl Template {
     }
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
-    pub(crate) fn request(&mut self, attempt: u32) -> Request<RequestBody> {
-        // The first attempts' values are static (`HeaderValue::from(u32)` formats and
-        // allocates).
-        const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
-        let value = match NUMBERS.get((attempt as usize).wrapping_sub(1)) {
-            Some(number) => HeaderValue::from_static(number),
-            None => HeaderValue::from(attempt),
-        };
-        let mut req = match self {
+    pub(crate) fn request(&self, attempt: u32) -> Request<RequestBody> {
+        let req = match self {
             Self::Own(template) => template.request(),
-            Self::Resent {
-                first,
-                resend,
-                deadline,
-            } => match first.take() {
-                Some(req) => req,
-                None => {
-                    let mut req = resend.request();
-                    if let Some(deadline) = deadline {
-                        req.extensions_mut().insert(*deadline);
-                    }
-                    req
+            Self::Resent { resend, deadline } => {
+                let mut req = resend.request();
+                if let Some(deadline) = deadline {
+                    req.extensions_mut().insert(*deadline);
                 }
-            },
+                req
+            }
         };
-        req.headers_mut()
-            .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
-        req
+        with_attempt(req, attempt)
     }
+}
+
+/// `req` with `x-tower-claude-attempt: attempt` set.
+pub(crate) fn with_attempt(mut req: Request<RequestBody>, attempt: u32) -> Request<RequestBody> {
+    // The first attempts' values are static (`HeaderValue::from(u32)` formats and
+    // allocates).
+    const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    let value = match NUMBERS.get((attempt as usize).wrapping_sub(1)) {
+        Some(number) => HeaderValue::from_static(number),
+        None => HeaderValue::from(attempt),
+    };
+    req.headers_mut()
+        .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
+    req
 }
 
 /// The per-request context of the retry loop.
@@ -274,7 +264,7 @@ enum Failure<B> {
 async fn run<S, B>(
     mut first: Option<S::Future>,
     spare: Spare<S>,
-    mut ctx: Attempts,
+    ctx: Attempts,
 ) -> Result<Response<RetryBody<B>>, BoxError>
 where
     S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
@@ -842,7 +832,7 @@ mod tests {
             .header("x-api-key", "k")
             .body(RequestBody::from(Bytes::from_static(b"{}")))
             .unwrap();
-        let mut template = Template::new(req);
+        let template = Template::new(req);
         for attempt in 1..=12u32 {
             let req = template.request(attempt);
             assert_eq!(

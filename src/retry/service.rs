@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::Need;
-use super::future::{Attempts, ResponseFuture, Template};
+use super::future::{Attempts, ResponseFuture, Template, with_attempt};
 use super::layer::Shared;
 use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
 use crate::BoxError;
@@ -161,14 +161,15 @@ where
             let fresh = self.inner.clone();
             drop(std::mem::replace(&mut self.inner, fresh));
         }
-        let mut attempts = Attempts {
+        // The layer above said how it built this request: send it as it is and rebuild later
+        // attempts from that (no copy of our own).
+        let (template, received) = match resend {
+            Some(resend) => (Template::resent(resend, added), Some(req)),
+            None => (Template::new(req), None),
+        };
+        let attempts = Attempts {
             shared: self.shared.clone(),
-            template: match resend {
-                // The layer above said how it built this request: send it as it is and
-                // rebuild later attempts from that (no copy of our own).
-                Some(resend) => Template::resent(req, resend, added),
-                None => Template::new(req),
-            },
+            template,
             key,
             need,
             deadline,
@@ -178,10 +179,13 @@ where
         };
         // The service driven to readiness sends the first attempt now (unless the request
         // waits for a pacing slot first); later ones are sent by a clone of the spare.
-        let first = attempts
-            .gate
-            .is_none()
-            .then(|| self.inner.call(attempts.template.request(1)));
+        let first = attempts.gate.is_none().then(|| {
+            let request = match received {
+                Some(req) => with_attempt(req, 1),
+                None => attempts.template.request(1),
+            };
+            self.inner.call(request)
+        });
         ResponseFuture::retrying(first, spare, attempts)
     }
 }
