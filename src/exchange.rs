@@ -47,11 +47,13 @@
 //! observation per upstream answer; with Redis each is a script call).
 //! In [`ClaudeStack`](crate::stack::ClaudeStack), where retry sits directly below fallback, a
 //! crate-private description of how fallback built each request from its copy (the copy, the
-//! body, the rewritten `RequestMeta`, the `MaxServerWait`, the key id) rides down to retry,
-//! which removes it, puts its `MaxServerWait` on the request (fallback does not set it beside
-//! the description: the request's map stays at three entries and is not grown for a fourth),
-//! takes the request's `RequestMeta` and key id from it (not read from the request again) and
-//! sends again from it instead of keeping a copy of its own.
+//! body, the rewritten `RequestMeta`, the key id, and how to decide the `MaxServerWait`) rides
+//! down to retry, which removes it, asks it for the `MaxServerWait` only when an attempt is
+//! rate limited (retry is that extension's one reader: it is put on neither the request nor
+//! the attempts rebuilt from the description, and fallback looks at the lower models' quota
+//! only then, not for every request), takes the request's `RequestMeta` and key id from it
+//! (not read from the request again) and sends again from it instead of keeping a copy of its
+//! own.
 //!
 //! ```
 //! use tower_claude::exchange::{Deadline, NoFallback};

@@ -177,6 +177,131 @@ async fn a_stream_is_tracked_once_with_the_budget_and_an_adaptive_cap_on() {
 /// Retry sends the request it got from fallback as its first attempt and rebuilds the second
 /// from fallback's copy (no copy of its own): both attempts must be the same request, with
 /// everything fallback and retry put on it, whichever model fallback chose.
+/// A request sent once clones no service: retry and fallback send the first attempt with the
+/// service `poll_ready` readied and keep one spare clone each, from which only a later
+/// attempt (a retry, another model) clones its own.
+#[tokio::test(start_paused = true)]
+async fn a_request_sent_once_clones_no_service() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use tower::Service;
+    use tower_claude::testing::MockBody;
+
+    /// The mock, counting its clones.
+    struct Counted {
+        mock: MockClaude,
+        clones: Arc<AtomicUsize>,
+    }
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::Relaxed);
+            Self {
+                mock: self.mock.clone(),
+                clones: self.clones.clone(),
+            }
+        }
+    }
+    impl Service<Request<RequestBody>> for Counted {
+        type Response = http::Response<MockBody>;
+        type Error = tower_claude::BoxError;
+        type Future = <MockClaude as Service<Request<RequestBody>>>::Future;
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Service::<Request<RequestBody>>::poll_ready(&mut self.mock, cx)
+        }
+        fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+            self.mock.call(req)
+        }
+    }
+
+    let mock = MockClaude::builder().build();
+    let clones = Arc::new(AtomicUsize::new(0));
+    let stack = ClaudeStack::from_config(&StackConfig {
+        cache: CacheConfig::Off,
+        seed: Some(1),
+        ..StackConfig::default()
+    })
+    .unwrap();
+    let mut svc = stack.service(Counted {
+        mock: mock.clone(),
+        clones: clones.clone(),
+    });
+    let send = |svc: &mut tower_claude::stack::ClaudeService| {
+        let fut = svc.call(request("claude-sonnet-4-6"));
+        async move {
+            let resp = fut.await.unwrap();
+            let status = resp.status();
+            resp.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    // The first request takes the spares.
+    svc.ready().await.unwrap();
+    assert_eq!(send(&mut svc).await, 200);
+    let after_first = clones.load(Ordering::Relaxed);
+    for _ in 0..5 {
+        svc.ready().await.unwrap();
+        assert_eq!(send(&mut svc).await, 200);
+    }
+    assert_eq!(
+        clones.load(Ordering::Relaxed),
+        after_first,
+        "five more requests, each sent once: no clone"
+    );
+    // A 529 is retried: that attempt's service is a clone (of retry's spare).
+    mock.push_fault(Fault::Overloaded);
+    svc.ready().await.unwrap();
+    assert_eq!(send(&mut svc).await, 200);
+    assert_eq!(clones.load(Ordering::Relaxed), after_first + 1);
+    assert_eq!(mock.stats().received, 8);
+}
+
+/// A long 429 while a lower model is left: retry, directly below fallback in the stack, takes
+/// fallback's `MaxServerWait` from the description fallback attached (it is not on the
+/// request) and does not sit the wait out; the request moves down at once.
+#[tokio::test(start_paused = true)]
+async fn a_long_429_moves_down_at_once_through_the_stack() {
+    use tower_claude::exchange::ServedModel;
+    use tower_claude::quota::Limits;
+
+    let mock = MockClaude::builder().build();
+    let roomy = Limits::new(1000, 1_000_000, 1_000_000);
+    let stack = ClaudeStack::from_config(&StackConfig {
+        cache: CacheConfig::Off,
+        seed: Some(1),
+        limits: [
+            ("claude-sonnet-4".to_owned(), roomy),
+            ("claude-haiku-4-5".to_owned(), roomy),
+        ]
+        .into_iter()
+        .collect(),
+        ..StackConfig::default()
+    })
+    .unwrap();
+    mock.push_fault(Fault::RateLimited {
+        retry_after: Duration::from_secs(45),
+    });
+    let start = tokio::time::Instant::now();
+    let resp = stack
+        .service(mock.clone())
+        .oneshot(request("claude-sonnet-4-6"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let served = resp.extensions().get::<ServedModel>().unwrap();
+    assert_eq!(
+        (&*served.requested, &*served.served, served.failovers),
+        ("claude-sonnet-4-6", "claude-haiku-4-5", 1)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(mock.stats().received, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_retried_attempt_is_the_request_fallback_sent() {
     use std::sync::{Arc, Mutex};

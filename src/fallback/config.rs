@@ -8,6 +8,7 @@ use http::HeaderMap;
 use super::policy::{self, Action, Candidate, QuotaView, Rules, SharedPolicy};
 use crate::anthropic::{KeyId, ModelCatalog, ModelEntry, RequestMeta};
 use crate::quota::{Cost, OutputReservation, QuotaBoard};
+use crate::retry::LowerModels;
 
 /// The options of a fallback layer, shared by its services and response futures.
 #[derive(Debug)]
@@ -179,6 +180,26 @@ impl Config {
         })
     }
 
+    /// Whether a lower model than candidate `idx` is left (and the depth allows moving to
+    /// it; `visited` counts `idx` already): while one is, a retry layer below must not sit
+    /// out a long 429 wait on the current model ([`MaxServerWait`](crate::retry::MaxServerWait)).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn lower_left(
+        &self,
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        candidates: &[ModelEntry],
+        idx: usize,
+        visited: usize,
+        key: &KeyId,
+        cost: &Cost,
+    ) -> bool {
+        let next = idx + 1;
+        next < candidates.len()
+            && visited < self.max_depth
+            && self.any_left(meta, headers, candidates, next, key, cost)
+    }
+
     /// The cost the walk books a request at: the cache-aware input estimate, as the rate
     /// limiter reserves it (a prompt-cache prefix `key` sent to the requested model within
     /// its TTL does not count).
@@ -194,5 +215,26 @@ impl Config {
             .estimate(key, meta, reads_count)
             .counted_input_tokens();
         Cost::new(1, input, self.output.reserve(meta.max_tokens))
+    }
+}
+
+/// Retry, directly below, asks when an attempt is rate limited (see
+/// [`ServerWait`](crate::retry::ServerWait)).
+impl LowerModels for Config {
+    fn lower_left(
+        &self,
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        candidates: &[ModelEntry],
+        idx: usize,
+        visited: usize,
+        key: &KeyId,
+        cost: &Cost,
+    ) -> bool {
+        Config::lower_left(self, meta, headers, candidates, idx, visited, key, cost)
+    }
+
+    fn max_wait(&self) -> Duration {
+        self.rules.max_wait_before_failover
     }
 }

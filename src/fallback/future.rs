@@ -28,7 +28,7 @@ use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
 };
 use crate::quota::Cost;
-use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome};
+use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome, ServerWait, Spare};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -99,8 +99,8 @@ where
         }
     }
 
-    pub(crate) fn walking(fut: S::Future, mut walk: Box<Walk<S>>, service: S) -> Self {
-        walk.service = Some(service);
+    pub(crate) fn walking(fut: S::Future, mut walk: Box<Walk<S>>, spare: Spare<S>) -> Self {
+        walk.spare = Some(spare);
         Self {
             state: State::Calling { fut },
             walk: Some(walk),
@@ -110,7 +110,7 @@ where
 
 impl<S, B> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -195,6 +195,11 @@ where
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
+                    // The service of the attempts after the first: a clone of the layer's
+                    // spare, taken once per walk.
+                    if walk.service.is_none() {
+                        walk.service = walk.spare.as_ref().and_then(Spare::service);
+                    }
                     let Some(service) = walk.service.as_mut() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err("fallback inner service lost".into()));
@@ -242,7 +247,10 @@ pub(crate) struct Walk<S> {
     failovers: u32,
     /// The next attempt, prepared.
     next: Option<Request<RequestBody>>,
+    /// The service of the attempts after the first (cloned from `spare` when one is sent).
     service: Option<S>,
+    /// The layer's spare service (see [`Spare`]).
+    spare: Option<Spare<S>>,
 }
 
 impl<S> Walk<S> {
@@ -269,6 +277,7 @@ impl<S> Walk<S> {
             failovers: 0,
             next: None,
             service: None,
+            spare: None,
         }
     }
 
@@ -341,16 +350,32 @@ impl<S> Walk<S> {
         body: RequestBody,
         meta: Option<RequestMeta>,
     ) -> Request<RequestBody> {
-        let max_server_wait = self
-            .lower_left(idx, visited)
-            .then_some(MaxServerWait(self.config.rules.max_wait_before_failover));
+        // For retry directly below, the `MaxServerWait` is decided when it needs it (an
+        // attempt rate limited): the lower models' quota is not looked at for every request.
+        // Without one, on the request now.
         let resend = self.config.resend_below.then(|| Resend {
             template: self.request.clone(),
             body: body.clone(),
             meta: meta.clone().map(Box::new),
-            max_server_wait,
+            max_server_wait: if self.lower_possible(idx, visited) {
+                ServerWait::Ask {
+                    models: self.config.clone(),
+                    candidates: self.candidates.clone(),
+                    idx,
+                    visited,
+                    cost: self.cost,
+                }
+            } else {
+                ServerWait::Set(None)
+            },
             key: self.key.clone(),
         });
+        let max_server_wait = match resend {
+            Some(_) => None,
+            None => self
+                .lower_left(idx, visited)
+                .then_some(MaxServerWait(self.config.rules.max_wait_before_failover)),
+        };
         let mut req = match received {
             Some(req) => req,
             None => self.request.with_body(body),
@@ -359,9 +384,8 @@ impl<S> Walk<S> {
             req.extensions_mut().insert(meta);
         }
         match resend {
-            // Retry, directly below, removes the description and puts its `MaxServerWait` on
-            // the request: the request's extension map then never holds both (its fourth
-            // entry would grow it).
+            // Retry, directly below, removes the description and asks it for the
+            // `MaxServerWait` (it is that extension's one reader): not set on the request.
             Some(resend) => {
                 req.extensions_mut().insert(resend);
             }
@@ -379,17 +403,21 @@ impl<S> Walk<S> {
     /// with [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
     /// `visited` counts `idx` already.
     fn lower_left(&self, idx: usize, visited: usize) -> bool {
-        let next = idx + 1;
-        next < self.candidates.len()
-            && visited < self.config.max_depth
-            && self.config.any_left(
-                self.meta(),
-                self.request.headers(),
-                &self.candidates,
-                next,
-                &self.key,
-                &self.cost,
-            )
+        self.config.lower_left(
+            self.meta(),
+            self.request.headers(),
+            &self.candidates,
+            idx,
+            visited,
+            &self.key,
+            &self.cost,
+        )
+    }
+
+    /// Whether the chain and the depth leave room for a lower model than `idx` (whether
+    /// [`lower_left`](Self::lower_left) can be true), without looking at the board.
+    fn lower_possible(&self, idx: usize, visited: usize) -> bool {
+        idx + 1 < self.candidates.len() && visited < self.config.max_depth
     }
 
     /// The first attempt: the chosen model, or the requested one when the body cannot be

@@ -67,7 +67,10 @@
 //! [`max_wait_before_failover`](FallbackLayer::max_wait_before_failover): a retry layer below
 //! returns a 429 that asks for a longer wait at once (outcome `WaitTooLong`) instead of sleeping
 //! through it, and the request moves down the chain. On the last model no limit is set, so a
-//! patient retry layer waits for the quota as usual.
+//! patient retry layer waits for the quota as usual. In [`ClaudeStack`](crate::stack::ClaudeStack),
+//! where the retry layer sits directly below, it asks the fallback layer instead, when an
+//! attempt is rate limited (whether a lower model is left is then decided by the board as it
+//! is at that 429, and the lower models' quota is not looked at for every request).
 //!
 //! Every other answer (success, 400, 401, 500, ...) is returned as it is. To classify a 429 or
 //! 529 the layer reads its body (at most 64 KiB) and replays it unchanged if it returns it.

@@ -16,6 +16,7 @@ use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call, parsed_names};
 use crate::body::RequestBody;
 use crate::quota::QuotaBoard;
+use crate::retry::Spare;
 
 /// A read-only handle on a fallback layer's choice, from
 /// [`FallbackLayer::handle`](super::FallbackLayer::handle): which model the layer would send
@@ -74,16 +75,23 @@ impl FallbackHandle {
 /// chain; see [`FallbackLayer`](super::FallbackLayer) and the [module docs](super).
 ///
 /// The inner service must be `Clone`: the first attempt uses the service that `poll_ready`
-/// prepared, later attempts a clone made ready in the response future.
+/// prepared, later attempts a clone made ready in the response future (cloned, when a
+/// request gets there, from one spare clone the layer keeps: most requests are sent once and
+/// clone nothing).
 #[derive(Debug, Clone)]
 pub struct Fallback<S> {
     inner: S,
     config: Arc<Config>,
+    spare: Spare<S>,
 }
 
 impl<S> Fallback<S> {
     pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
-        Self { inner, config }
+        Self {
+            inner,
+            config,
+            spare: Spare::new(),
+        }
     }
 
     /// The board this service reads.
@@ -186,11 +194,10 @@ where
         // Built in its box: the walk (with its next request) is not moved again.
         let mut walk = Box::new(Walk::new(config, req, candidates, key, cost));
         let request = walk.first_request();
-        // The ready service sends the first attempt; `self` keeps a fresh clone.
-        let clone = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, clone);
-        let fut = service.call(request);
-        ResponseFuture::walking(fut, walk, service)
+        // The ready service sends the first attempt; a later one clones the spare.
+        let spare = self.spare.handle(&self.inner);
+        let fut = self.inner.call(request);
+        ResponseFuture::walking(fut, walk, spare)
     }
 }
 

@@ -80,11 +80,13 @@ where
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         let config = &self.config;
         let target = if is_messages_call(req.method(), req.uri().path()) {
-            match RequestMeta::get_or_scan(&mut req) {
-                Ok(meta) => meta.model.as_deref().map(|model| {
+            // The model's catalogue entry, resolved once per request and carried with the
+            // meta (not looked up again here).
+            match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
+                Ok(meta) => meta.resolved_entry().map(|entry| {
                     let cost =
                         Cost::new(1, meta.input_tokens, config.output.reserve(meta.max_tokens));
-                    (config.catalog.group(model), cost)
+                    (entry.group().clone(), cost)
                 }),
                 // Unreadable body: sent with a key all the same, so that upstream answers 400.
                 Err(_) => None,
@@ -151,8 +153,10 @@ where
 fn key_costs(pool: &Pool, config: &Config, req: &Request<RequestBody>, cost: Cost) -> KeyCosts {
     match req.extensions().get::<RequestMeta>() {
         Some(meta) if !meta.cache_breakpoints.is_empty() => {
-            let model = meta.model.as_deref().unwrap_or("");
-            let reads_count = config.catalog.cache_reads_count(model);
+            let reads_count = match meta.model_entry(&config.catalog) {
+                Some(entry) => entry.cache_reads_count(),
+                None => config.catalog.cache_reads_count(""),
+            };
             let memory = config.board.prompt_cache();
             pool.costs(cost, |key| {
                 memory

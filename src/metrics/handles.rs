@@ -31,6 +31,9 @@ pub(crate) struct RequestSeries {
     pub(crate) requests: Counter,
     /// [`names::REQUEST_DURATION_SECONDS`] by model and outcome.
     pub(crate) duration: Histogram,
+    /// The token series of the same model and group, remembered here by the first request
+    /// that ends with both (see [`Handles::finished`]): one lookup, not two, from then on.
+    tokens: Option<TokenSeries>,
 }
 
 /// The token counters of one model and group.
@@ -218,6 +221,7 @@ impl Handles {
                 duration: metrics::histogram!(names::REQUEST_DURATION_SECONDS,
                     names::LABEL_MODEL => model.to_owned(),
                     names::LABEL_OUTCOME => outcome),
+                tokens: None,
             },
             use_handle,
         );
@@ -225,8 +229,9 @@ impl Handles {
 
     /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
     /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
-    /// the cache (one recorder check, one read lock) when every handle is there; else one by
-    /// one, as those three.
+    /// the cache (one recorder check, one read lock, one map lookup once the request's entry
+    /// remembers its token series) when every handle is there; else one by one, as those
+    /// three.
     pub(crate) fn finished(
         &self,
         model: &str,
@@ -237,33 +242,54 @@ impl Handles {
         use_tokens: Option<impl FnOnce(&TokenSeries)>,
     ) {
         let recorder = current_recorder();
-        {
+        let key = RequestRef {
+            model,
+            group,
+            status,
+            outcome,
+        };
+        // Ok: done from the cache, with the token series found in its own map (to remember
+        // in the request's entry); Err: a handle is missing, the closures are given back.
+        let done = {
             let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
-            let key = RequestRef {
-                model,
-                group,
-                status,
-                outcome,
-            };
-            if let (true, Some(gauge), Some(series)) = (
+            match (
                 cache.recorder == recorder,
                 &cache.in_flight,
                 cache.requests.get(&key),
             ) {
-                let tokens = match &use_tokens {
-                    Some(_) => cache.tokens.get(&PairRef(model, group)),
-                    None => None,
-                };
-                if use_tokens.is_none() || tokens.is_some() {
-                    gauge.decrement(1.0);
-                    use_request(series);
-                    if let (Some(use_tokens), Some(tokens)) = (use_tokens, tokens) {
-                        use_tokens(tokens);
+                (true, Some(gauge), Some(series)) => {
+                    let (tokens, found) = match (&use_tokens, &series.tokens) {
+                        (None, _) => (None, false),
+                        (Some(_), Some(tokens)) => (Some(tokens), false),
+                        (Some(_), None) => (cache.tokens.get(&PairRef(model, group)), true),
+                    };
+                    if use_tokens.is_none() || tokens.is_some() {
+                        gauge.decrement(1.0);
+                        use_request(series);
+                        if let (Some(use_tokens), Some(tokens)) = (use_tokens, tokens) {
+                            use_tokens(tokens);
+                        }
+                        Ok(tokens.filter(|_| found).cloned())
+                    } else {
+                        Err((use_request, use_tokens))
                     }
-                    return;
                 }
+                _ => Err((use_request, use_tokens)),
             }
-        }
+        };
+        let (use_request, use_tokens) = match done {
+            Ok(None) => return,
+            Ok(Some(tokens)) => {
+                let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+                if cache.recorder == recorder {
+                    if let Some(series) = cache.requests.get_mut(&key) {
+                        series.tokens = Some(tokens);
+                    }
+                }
+                return;
+            }
+            Err(closures) => closures,
+        };
         self.in_flight(|g| g.decrement(1.0));
         self.request(model, group, status, outcome, use_request);
         if let Some(use_tokens) = use_tokens {

@@ -23,7 +23,7 @@ use super::policy::{
     Action, Attempt, StatusVerdict, is_permanent, is_rate_limit, is_spend_cap, needs_body,
 };
 use super::resend::Resend;
-use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
+use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome, Spare};
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, is_typed_object, parsed_names,
@@ -77,16 +77,22 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
-    pub(crate) fn retrying<S>(service: S, attempts: Attempts) -> Self
+    /// The retry loop of a request: `first` is the first attempt's call (already made by the
+    /// service `poll_ready` readied; `None` when the request waits for a pacing slot first),
+    /// `spare` gives the service of the attempts after it.
+    pub(crate) fn retrying<S>(first: Option<F>, spare: Spare<S>, attempts: Attempts) -> Self
     where
-        S: Service<Request<RequestBody>, Response = Response<B>, Future = F> + Send + 'static,
+        S: Service<Request<RequestBody>, Response = Response<B>, Future = F>
+            + Clone
+            + Send
+            + 'static,
         S::Error: Into<BoxError>,
         F: Future<Output = Result<Response<B>, S::Error>> + Send + 'static,
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         Self {
-            kind: Kind::Retrying(Box::pin(run(service, attempts))),
+            kind: Kind::Retrying(Box::pin(run(first, spare, attempts))),
         }
     }
 }
@@ -116,9 +122,9 @@ pub(crate) enum Template {
     /// The layer's own copy of the request; every attempt is a copy of it.
     Own(RequestTemplate),
     /// The layer above said how it built the request ([`Resend`]): the first attempt is the
-    /// request as received, later ones are rebuilt from the description.
+    /// request as received (sent by [`Retry::call`](super::Retry) at once: not kept here),
+    /// later ones are rebuilt from the description.
     Resent {
-        first: Option<Request<RequestBody>>,
         resend: Resend,
         /// The deadline this layer added to the request (added to every rebuilt attempt).
         deadline: Option<super::Deadline>,
@@ -130,18 +136,10 @@ impl Template {
         Self::Own(RequestTemplate::new(req))
     }
 
-    /// The request as received, sent as the first attempt; later attempts are built from
-    /// `resend` (plus `deadline`, when this layer added it to the request).
-    pub(crate) fn resent(
-        req: Request<RequestBody>,
-        resend: Resend,
-        deadline: Option<super::Deadline>,
-    ) -> Self {
-        Self::Resent {
-            first: Some(req),
-            resend,
-            deadline,
-        }
+    /// Attempts built from `resend` (plus `deadline`, when this layer added it to the
+    /// request); the request as received is the first attempt, sent by the caller.
+    pub(crate) fn resent(resend: Resend, deadline: Option<super::Deadline>) -> Self {
+        Self::Resent { resend, deadline }
     }
 
     fn meta(&self) -> Option<&RequestMeta> {
@@ -155,6 +153,16 @@ impl Template {
         match self {
             Self::Own(template) => template.headers(),
             Self::Resent { resend, .. } => resend.headers(),
+        }
+    }
+
+    /// The request's [`MaxServerWait`](super::MaxServerWait): the layer above's (asked of it
+    /// now) or the request's own, from a description ([`Resend`]); else `own`, read from the
+    /// request by [`Retry::call`](super::Retry).
+    fn max_server_wait(&self, own: Option<Duration>) -> Option<Duration> {
+        match self {
+            Self::Own(_) => own,
+            Self::Resent { resend, .. } => resend.max_server_wait().map(|m| m.0),
         }
     }
 
@@ -175,35 +183,33 @@ impl Template {
     }
 
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
-    fn request(&mut self, attempt: u32) -> Request<RequestBody> {
-        // The first attempts' values are static (`HeaderValue::from(u32)` formats and
-        // allocates).
-        const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
-        let value = match NUMBERS.get((attempt as usize).wrapping_sub(1)) {
-            Some(number) => HeaderValue::from_static(number),
-            None => HeaderValue::from(attempt),
-        };
-        let mut req = match self {
+    pub(crate) fn request(&self, attempt: u32) -> Request<RequestBody> {
+        let req = match self {
             Self::Own(template) => template.request(),
-            Self::Resent {
-                first,
-                resend,
-                deadline,
-            } => match first.take() {
-                Some(req) => req,
-                None => {
-                    let mut req = resend.request();
-                    if let Some(deadline) = deadline {
-                        req.extensions_mut().insert(*deadline);
-                    }
-                    req
+            Self::Resent { resend, deadline } => {
+                let mut req = resend.request();
+                if let Some(deadline) = deadline {
+                    req.extensions_mut().insert(*deadline);
                 }
-            },
+                req
+            }
         };
-        req.headers_mut()
-            .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
-        req
+        with_attempt(req, attempt)
     }
+}
+
+/// `req` with `x-tower-claude-attempt: attempt` set.
+pub(crate) fn with_attempt(mut req: Request<RequestBody>, attempt: u32) -> Request<RequestBody> {
+    // The first attempts' values are static (`HeaderValue::from(u32)` formats and
+    // allocates).
+    const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    let value = match NUMBERS.get((attempt as usize).wrapping_sub(1)) {
+        Some(number) => HeaderValue::from_static(number),
+        None => HeaderValue::from(attempt),
+    };
+    req.headers_mut()
+        .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
+    req
 }
 
 /// The per-request context of the retry loop.
@@ -213,7 +219,8 @@ pub(crate) struct Attempts {
     pub(crate) key: QuotaKey,
     pub(crate) need: Need,
     pub(crate) deadline: Option<Instant>,
-    /// The request's [`MaxServerWait`](super::MaxServerWait), if any.
+    /// The request's [`MaxServerWait`](super::MaxServerWait), if any (with a description
+    /// from the layer above, none: [`Template::max_server_wait`] asks it).
     pub(crate) max_server_wait: Option<std::time::Duration>,
     pub(crate) started: Instant,
     /// The pacing slot a new request waits for before its first attempt.
@@ -254,9 +261,13 @@ enum Failure<B> {
 }
 
 /// The retry loop.
-async fn run<S, B>(mut service: S, mut ctx: Attempts) -> Result<Response<RetryBody<B>>, BoxError>
+async fn run<S, B>(
+    mut first: Option<S::Future>,
+    spare: Spare<S>,
+    ctx: Attempts,
+) -> Result<Response<RetryBody<B>>, BoxError>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -273,16 +284,16 @@ where
     if let Some(budget) = &config.budget {
         budget.deposit();
     }
-    // A new request on a quota being paced waits for its slot first (see `pacing`); the
-    // service it was given is then not ready (`Retry::call` dropped the readied one).
-    let mut needs_ready = false;
+    // A new request on a quota being paced waits for its slot first (see `pacing`); its
+    // first attempt was then not sent (`Retry::call` dropped the readied service).
     if let Some(slot) = ctx.gate {
         let now = Instant::now();
         let wake = slot.at.min(now + config.backoff.max_delay);
         tokio::time::sleep_until(wake).await;
         total_wait += wake.saturating_duration_since(now);
-        needs_ready = true;
     }
+    // The service of the attempts after the first, cloned from the spare when one is sent.
+    let mut service: Option<S> = None;
     let mut attempt = 0u32;
     // The deadline covers the upstream too: waiting for readiness, the call, and reading what
     // `inspect` reads ahead. At the deadline the attempt is dropped and the layer fails.
@@ -300,7 +311,18 @@ where
     let read_json = ctx.deadline.is_some();
     loop {
         attempt += 1;
-        if attempt > 1 || needs_ready {
+        // The first attempt's call, made by `Retry::call`; any other readies a service first.
+        let call = if let Some(call) = first.take() {
+            call
+        } else {
+            if service.is_none() {
+                service = spare.service();
+            }
+            let Some(service) = service.as_mut() else {
+                return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
+                    .with_source("retry inner service lost".into())
+                    .into());
+            };
             let ready = within(
                 ctx.deadline,
                 std::future::poll_fn(|cx| service.poll_ready(cx)),
@@ -319,8 +341,8 @@ where
                     .with_source(err)
                     .into());
             }
-        }
-        let call = service.call(ctx.template.request(attempt));
+            service.call(ctx.template.request(attempt))
+        };
         let shared_ref = &shared;
         let template = &ctx.template;
         let attempted = within(ctx.deadline, async move {
@@ -445,7 +467,13 @@ where
                 delay.admission = None;
             }
             let now = Instant::now();
-            let too_long = rate_limited && ctx.max_server_wait.is_some_and(|max| delay.wait > max);
+            // Asked only of a rate-limited attempt (fallback above looks at the lower models'
+            // quota then, not for every request).
+            let too_long = rate_limited
+                && ctx
+                    .template
+                    .max_server_wait(ctx.max_server_wait)
+                    .is_some_and(|max| delay.wait > max);
             let mut wake = now + delay.wait;
             let mut crosses = ctx.deadline.is_some_and(|deadline| wake > deadline);
             let mut slot = None;
@@ -804,7 +832,7 @@ mod tests {
             .header("x-api-key", "k")
             .body(RequestBody::from(Bytes::from_static(b"{}")))
             .unwrap();
-        let mut template = Template::new(req);
+        let template = Template::new(req);
         for attempt in 1..=12u32 {
             let req = template.request(attempt);
             assert_eq!(

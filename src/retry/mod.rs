@@ -178,6 +178,7 @@ mod pacing;
 pub mod policy;
 mod resend;
 mod service;
+mod spare;
 
 use std::time::Duration;
 
@@ -193,7 +194,8 @@ pub use layer::RetryLayer;
 pub use policy::{Action, Attempt, Policy, PolicyExt, Transient, policy_fn};
 pub use service::Retry;
 
-pub(crate) use resend::Resend;
+pub(crate) use resend::{LowerModels, Resend, ServerWait};
+pub(crate) use spare::Spare;
 
 /// A request extension: the instant after which [`Retry`] starts no new wait. It overrides
 /// the layer's default [`deadline`](RetryLayer::deadline).

@@ -2,15 +2,19 @@
 //! the retry layer can send it again without keeping a copy of its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, Request};
 
 use super::MaxServerWait;
-use crate::anthropic::{KeyId, RequestMeta};
+use crate::anthropic::{KeyId, ModelEntry, RequestMeta};
 use crate::body::{RequestBody, RequestTemplate};
+use crate::quota::Cost;
 
 /// A request extension (crate-private): the request is `template` with `body`, its
-/// [`RequestMeta`] replaced by `meta` when set, and `max_server_wait` added when set.
+/// [`RequestMeta`] replaced by `meta` when set; its [`MaxServerWait`] is for the retry layer
+/// alone (its one reader), which asks for it here ([`Resend::max_server_wait`]) when an
+/// attempt is rate limited: it is not put on the request.
 ///
 /// A layer that keeps its own [`RequestTemplate`] anyway (fallback, for its other models)
 /// attaches it to the request it sends **only when the layer directly below it is a retry
@@ -26,20 +30,88 @@ pub(crate) struct Resend {
     pub(crate) body: RequestBody,
     /// Boxed: set only for another model than the requested one (the extension stays small).
     pub(crate) meta: Option<Box<RequestMeta>>,
-    pub(crate) max_server_wait: Option<MaxServerWait>,
+    /// The layer above's [`MaxServerWait`] for this request, or how to decide it.
+    pub(crate) max_server_wait: ServerWait,
     /// The request's key, as [`KeyId::of_request`] read it (the layer above read it already).
     pub(crate) key: KeyId,
 }
 
+/// The layer above (fallback) deciding whether a lower model than the one sent is left for a
+/// request: then a 429 asking for a long wait is not waited out (see [`MaxServerWait`]).
+pub(crate) trait LowerModels: Send + Sync {
+    /// Whether a model below candidate `idx` of `candidates` is left (and the depth allows
+    /// moving to it, `visited` models sent to, `idx` included) for the request described by
+    /// `meta` and `headers`, sent with `key` at `cost`, by the board as it is now.
+    #[allow(clippy::too_many_arguments)]
+    fn lower_left(
+        &self,
+        meta: &RequestMeta,
+        headers: &HeaderMap,
+        candidates: &[ModelEntry],
+        idx: usize,
+        visited: usize,
+        key: &KeyId,
+        cost: &Cost,
+    ) -> bool;
+
+    /// The longest server-asked wait while a lower model is left.
+    fn max_wait(&self) -> Duration;
+}
+
+/// A [`Resend`]'s [`MaxServerWait`]: decided when the request was built, or left to be
+/// decided when retry needs it (a rate-limited attempt; most requests never are), with the
+/// board as it is then. Asking costs a look at the lower models' quota, which the request
+/// then does not pay when it is answered at once.
+#[derive(Clone)]
+pub(crate) enum ServerWait {
+    /// Decided (`None`: no lower model can be left, the walk's depth or chain is at its end).
+    Set(Option<MaxServerWait>),
+    /// Decided by `models` when asked.
+    Ask {
+        models: Arc<dyn LowerModels>,
+        candidates: Arc<[ModelEntry]>,
+        idx: usize,
+        visited: usize,
+        cost: Cost,
+    },
+}
+
 impl Resend {
+    /// The request's [`MaxServerWait`] from the layer above, decided now when it was left
+    /// to be asked; else the one the request itself carries (the application's), if any.
+    pub(crate) fn max_server_wait(&self) -> Option<MaxServerWait> {
+        let above = match &self.max_server_wait {
+            ServerWait::Set(wait) => *wait,
+            ServerWait::Ask {
+                models,
+                candidates,
+                idx,
+                visited,
+                cost,
+            } => {
+                let meta = self.template.extensions().get::<RequestMeta>();
+                meta.is_some_and(|meta| {
+                    models.lower_left(
+                        meta,
+                        self.headers(),
+                        candidates,
+                        *idx,
+                        *visited,
+                        &self.key,
+                        cost,
+                    )
+                })
+                .then(|| MaxServerWait(models.max_wait()))
+            }
+        };
+        above.or_else(|| self.template.extensions().get::<MaxServerWait>().copied())
+    }
+
     /// The request again, as it was sent.
     pub(crate) fn request(&self) -> Request<RequestBody> {
         let mut req = self.template.with_body(self.body.clone());
         if let Some(meta) = &self.meta {
             req.extensions_mut().insert(RequestMeta::clone(meta));
-        }
-        if let Some(wait) = self.max_server_wait {
-            req.extensions_mut().insert(wait);
         }
         req
     }
@@ -78,7 +150,7 @@ mod tests {
             template: template.clone(),
             body: RequestBody::from(bytes::Bytes::from_static(b"{}")),
             meta: Some(Box::new(other)),
-            max_server_wait: Some(MaxServerWait(Duration::from_secs(3))),
+            max_server_wait: ServerWait::Set(Some(MaxServerWait(Duration::from_secs(3)))),
             key: KeyId::named("k"),
         };
         let req = resend.request();
@@ -87,15 +159,17 @@ mod tests {
         let meta = req.extensions().get::<RequestMeta>().unwrap();
         assert_eq!(meta.model.as_deref(), Some("b"));
         assert_eq!(resend.meta().unwrap().model.as_deref(), Some("b"));
+        // The wait is for the retry layer, which reads it here: not on the request.
+        assert_eq!(req.extensions().get::<MaxServerWait>(), None);
         assert_eq!(
-            req.extensions().get::<MaxServerWait>(),
-            Some(&MaxServerWait(Duration::from_secs(3)))
+            resend.max_server_wait(),
+            Some(MaxServerWait(Duration::from_secs(3)))
         );
         let plain = Resend {
             template,
             body: RequestBody::empty(),
             meta: None,
-            max_server_wait: None,
+            max_server_wait: ServerWait::Set(None),
             key: KeyId::named("k"),
         };
         assert_eq!(plain.meta().unwrap().model.as_deref(), Some("a"));
@@ -106,5 +180,72 @@ mod tests {
                 .get::<MaxServerWait>()
                 .is_none()
         );
+    }
+    /// Left to be asked: decided when asked (each time, by the layer above as it is then);
+    /// the request's own wait when no lower model is left.
+    #[test]
+    fn an_asked_wait_is_decided_when_asked() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+        struct Models(AtomicBool, AtomicUsize);
+        impl LowerModels for Models {
+            fn lower_left(
+                &self,
+                meta: &RequestMeta,
+                _: &HeaderMap,
+                _: &[ModelEntry],
+                idx: usize,
+                visited: usize,
+                key: &KeyId,
+                _: &Cost,
+            ) -> bool {
+                assert_eq!(meta.model.as_deref(), Some("a"));
+                assert_eq!((idx, visited, key.as_str()), (0, 1, "k"));
+                self.1.fetch_add(1, Ordering::Relaxed);
+                self.0.load(Ordering::Relaxed)
+            }
+            fn max_wait(&self) -> Duration {
+                Duration::from_secs(5)
+            }
+        }
+
+        let mut req = Request::post("/v1/messages")
+            .body(RequestBody::from(bytes::Bytes::from_static(
+                br#"{"model":"a","max_tokens":1,"messages":[]}"#,
+            )))
+            .unwrap();
+        req.extensions_mut()
+            .insert(MaxServerWait(Duration::from_secs(60)));
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        let models = Arc::new(Models(AtomicBool::new(true), AtomicUsize::new(0)));
+        let resend = Resend {
+            template: Arc::new(RequestTemplate::new(req)),
+            body: RequestBody::empty(),
+            meta: None,
+            max_server_wait: ServerWait::Ask {
+                models: models.clone(),
+                candidates: Arc::from(Vec::new()),
+                idx: 0,
+                visited: 1,
+                cost: Cost::new(1, 1, 1),
+            },
+            key: KeyId::named("k"),
+        };
+        assert_eq!(
+            models.1.load(Ordering::Relaxed),
+            0,
+            "not asked until needed"
+        );
+        assert_eq!(
+            resend.max_server_wait(),
+            Some(MaxServerWait(Duration::from_secs(5)))
+        );
+        models.0.store(false, Ordering::Relaxed);
+        assert_eq!(
+            resend.max_server_wait(),
+            Some(MaxServerWait(Duration::from_secs(60))),
+            "no lower model left: the request's own"
+        );
+        assert_eq!(models.1.load(Ordering::Relaxed), 2);
     }
 }

@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::Need;
-use super::future::{Attempts, ResponseFuture, Template};
+use super::future::{Attempts, ResponseFuture, Template, with_attempt};
 use super::layer::Shared;
-use super::{Deadline, MaxServerWait, Resend, RetryBody};
+use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
@@ -21,17 +21,23 @@ use crate::body::RequestBody;
 /// Retries transient failures of Messages API calls. Built by
 /// [`RetryLayer`](super::RetryLayer); see the [module docs](super).
 ///
-/// Like [`tower::retry::Retry`], it needs a `Clone` inner service: each request takes the
-/// service that was polled ready and leaves a clone in its place, and calls
-/// [`ready`](tower::ServiceExt::ready) on it again before every further attempt.
+/// Like [`tower::retry::Retry`], it needs a `Clone` inner service: the first attempt is sent
+/// by the service that was polled ready; a further attempt by a clone (of one spare clone the
+/// layer keeps, taken at its first request), on which it calls
+/// [`ready`](tower::ServiceExt::ready) first. A request sent once clones nothing.
 pub struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
+    spare: Spare<S>,
 }
 
 impl<S> Retry<S> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            shared,
+            spare: Spare::new(),
+        }
     }
 
     /// The inner service.
@@ -55,6 +61,7 @@ impl<S: Clone> Clone for Retry<S> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            spare: self.spare.clone(),
         }
     }
 }
@@ -92,11 +99,6 @@ where
         // The layer directly above (fallback) described how it built this request: its
         // `RequestMeta` and key come with the description, not read from the request again.
         let resend = req.extensions_mut().remove::<Resend>();
-        // The `MaxServerWait` fallback set rides in the description (see `Walk::send`): on
-        // the request from here on, as layers below and later attempts see it.
-        if let Some(wait) = resend.as_ref().and_then(|r| r.max_server_wait) {
-            req.extensions_mut().insert(wait);
-        }
         let meta = match resend.as_ref().and_then(Resend::meta) {
             Some(meta) => Ok(meta),
             None => RequestMeta::get_or_scan_in(&mut req, &config.catalog),
@@ -133,7 +135,12 @@ where
                 deadline
             }
         };
-        let max_server_wait = req.extensions().get::<MaxServerWait>().map(|m| m.0);
+        // With a description from fallback the `MaxServerWait` is asked of it when an attempt
+        // is rate limited (see `Template::max_server_wait`); else the request's own, now.
+        let max_server_wait = match resend {
+            Some(_) => None,
+            None => req.extensions().get::<MaxServerWait>().map(|m| m.0),
+        };
         let key = match &resend {
             Some(resend) => resend.key.clone(),
             None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
@@ -146,25 +153,23 @@ where
         } else {
             None
         };
-        // Take the service that was driven to readiness; leave a clone in its place.
-        let clone = self.inner.clone();
-        let readied = std::mem::replace(&mut self.inner, clone);
-        let service = if gate.is_some() {
+        let spare = self.spare.handle(&self.inner);
+        if gate.is_some() {
             // The request first waits for a pacing slot: do not sit on what `poll_ready`
-            // reserved (a concurrency permit, say) meanwhile; the future readies a clone.
-            drop(readied);
-            self.inner.clone()
-        } else {
-            readied
+            // reserved (a concurrency permit, say) meanwhile; the future readies a clone of
+            // the spare.
+            let fresh = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, fresh));
+        }
+        // The layer above said how it built this request: send it as it is and rebuild later
+        // attempts from that (no copy of our own).
+        let (template, received) = match resend {
+            Some(resend) => (Template::resent(resend, added), Some(req)),
+            None => (Template::new(req), None),
         };
         let attempts = Attempts {
             shared: self.shared.clone(),
-            template: match resend {
-                // The layer above said how it built this request: send it as it is and
-                // rebuild later attempts from that (no copy of our own).
-                Some(resend) => Template::resent(req, resend, added),
-                None => Template::new(req),
-            },
+            template,
             key,
             need,
             deadline,
@@ -172,6 +177,15 @@ where
             started: now,
             gate,
         };
-        ResponseFuture::retrying(service, attempts)
+        // The service driven to readiness sends the first attempt now (unless the request
+        // waits for a pacing slot first); later ones are sent by a clone of the spare.
+        let first = attempts.gate.is_none().then(|| {
+            let request = match received {
+                Some(req) => with_attempt(req, 1),
+                None => attempts.template.request(1),
+            };
+            self.inner.call(request)
+        });
+        ResponseFuture::retrying(first, spare, attempts)
     }
 }
