@@ -27,6 +27,12 @@
 //! keep-alive HTTP/1.1 connections `HttpClient` uses for a plain `http://` base) instead of
 //! hyper-util's legacy client: what that pool saves, measured without the layers
 //! (`docs/benchmarks.md`, "The proxy's edge, third pass (ed14)").
+//!
+//! With `--read-body`, each request's body is read whole in the connection's task before it is
+//! sent on (through `Http1Pool`), as `claude-proxy` does to scan it: hyper's request body
+//! channel then wakes the connection's own task once per request, which Tokio's scheduler
+//! treats as a yield (`docs/benchmarks.md`, "The proxy's edge, fourth pass: a wake-up per
+//! request").
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -47,7 +53,7 @@ use tower_claude::client::Http1Pool;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: hyper_floor --listen 127.0.0.1:PORT --upstream http://HOST:PORT";
+const USAGE: &str = "usage: hyper_floor --listen 127.0.0.1:PORT --upstream http://HOST:PORT [--own-pool | --same-task | --read-body]";
 
 /// The two arguments, or a message saying which is missing or malformed.
 fn parse_args(args: &[String]) -> Result<(SocketAddr, Uri), String> {
@@ -160,6 +166,7 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let same_task = args.iter().any(|a| a == "--same-task");
     let own_pool = args.iter().any(|a| a == "--own-pool");
+    let read_body = args.iter().any(|a| a == "--read-body");
     let (listen, upstream) = match parse_args(&args) {
         Ok(parsed) => parsed,
         Err(message) => {
@@ -185,6 +192,7 @@ async fn main() -> ExitCode {
         upstream.host().unwrap_or("127.0.0.1"),
         upstream.port_u16().unwrap_or(80)
     );
+    let mut read_pool = None;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -195,6 +203,37 @@ async fn main() -> ExitCode {
         let client = client.clone();
         let upstream = upstream.clone();
         let addr = addr.clone();
+        if read_body {
+            let Some(authority) = upstream.authority() else {
+                continue;
+            };
+            let pool = read_pool
+                .get_or_insert_with(|| Http1Pool::<http_body_util::Full<Bytes>>::new(authority))
+                .clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let pool = pool.clone();
+                    async move {
+                        let (mut parts, body) = req.into_parts();
+                        let bytes = body.collect().await.map_err(boxed)?.to_bytes();
+                        let origin = parts
+                            .uri
+                            .path_and_query()
+                            .cloned()
+                            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                        parts.uri = Uri::from(origin);
+                        let req =
+                            http::Request::from_parts(parts, http_body_util::Full::new(bytes));
+                        let resp = pool.send(req).await.map_err(boxed)?;
+                        Ok::<_, FloorError>(resp.map(|b| b.boxed()))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            continue;
+        }
         if let Some(pool) = &pool {
             let pool = pool.clone();
             tokio::spawn(async move {
