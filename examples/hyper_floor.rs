@@ -31,8 +31,8 @@
 //! With `--read-body`, each request's body is read whole in the connection's task before it is
 //! sent on (through `Http1Pool`), as `claude-proxy` does to scan it: hyper's request body
 //! channel then wakes the connection's own task once per request, which Tokio's scheduler
-//! treats as a yield (`docs/benchmarks.md`, "The proxy's edge, fourth pass: a wake-up per
-//! request").
+//! treats as a yield (`docs/benchmarks.md`, "A wake-up per request (issue
+//! 14)").
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

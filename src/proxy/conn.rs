@@ -303,8 +303,8 @@ const IN_PLACE_POLLS: usize = 8;
 /// sender, so each request wakes its own task while the task runs. Tokio's multi-threaded
 /// scheduler treats such a wake-up as a yield: the task goes to the back of the run queue and
 /// another worker thread is unparked to steal it (a `futex` wake, and a parked thread woken
-/// and parked again, about once per request; `docs/benchmarks.md`, "The proxy's edge, fourth
-/// pass"). Polling again at once is what the scheduler would do with no other task to run,
+/// and parked again, about once per request; `docs/benchmarks.md`, "A wake-up per request
+/// (issue 14)"). Polling again at once is what the scheduler would do with no other task to run,
 /// without the hand-off. Neither hyper nor Tokio offers this (hyper's own loop yields through
 /// the waker too), so it is written here, on `std::task::Wake`, without `unsafe`.
 #[derive(Debug, Default)]
