@@ -58,6 +58,18 @@ const ROW_OVERHEAD: u64 = (SEQ_LEN + COUNT_LEN + SLOT_LEN) as u64;
 /// of the bound, so that a row evicted takes a small part of the cache with it.
 const ROW_MAX: usize = 64 * 1024;
 
+/// What redb adds to a value in a leaf of its own: the leaf's header (4 bytes), the value's
+/// end offset (4) and the `u64` key (8).
+const LEAF_OVERHEAD: usize = 4 + 4 + SEQ_LEN;
+/// The largest leaf a row of several entries fills: [`ROW_MAX`] counted with the directory
+/// and the leaf's overhead, 16 pages. redb writes a value larger than a page into a leaf of its
+/// own, allocated in a power of two of pages, and every allocated byte is zeroed, copied and
+/// written: a row of 64 KiB of entries and their directory (12 KiB for 256 answers) took a
+/// leaf of 128 KiB. (Cutting the rest of a batch at smaller powers of two as well cost more
+/// than it saved: a row smaller than a page is rebuilt with the next batch's, which redb
+/// appends without a rebuild only after a leaf of a page or more.)
+const LEAF_MAX: usize = ROW_MAX;
+
 /// Where an entry is: its row and its slot in the row's directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
@@ -721,11 +733,17 @@ impl<'t> Tables<'t> {
         let mut rest = &todo[..];
         let mut value = Vec::new();
         while !rest.is_empty() {
-            // As many entries as fit in one row (at least one).
+            // As many entries as fit in one row (at least one): `row_max` encoded bytes, and
+            // a leaf of at most `LEAF_MAX`.
             let mut n = 1;
             let mut bytes = rest[0].3;
-            while n < rest.len() && bytes + rest[n].3 <= row_max {
+            let mut leaf = LEAF_OVERHEAD + COUNT_LEN + SLOT_LEN + bytes;
+            while n < rest.len()
+                && bytes + rest[n].3 <= row_max
+                && leaf + SLOT_LEN + rest[n].3 <= LEAF_MAX
+            {
                 bytes += rest[n].3;
+                leaf += SLOT_LEN + rest[n].3;
                 n += 1;
             }
             let (row, next) = rest.split_at(n);
@@ -1142,6 +1160,33 @@ mod tests {
         for i in [0, 63, 64, 199] {
             assert_eq!(store.get(&k(i)).await.unwrap(), Some(resp(1000)));
         }
+    }
+
+    /// A row of many small entries fits redb's 16-page leaf with its directory: 256 answers
+    /// of ~350 bytes (a full batch at 32 connections) took a 64 KiB row of entries plus a
+    /// 9 KiB directory, which redb allocates as 128 KiB.
+    #[tokio::test]
+    async fn a_row_with_its_directory_fits_a_leaf_of_sixteen_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path().join("c.redb"), 64 << 20).unwrap();
+        let batch = (0..=255).map(|i| (k(i), resp(300), HOUR)).collect();
+        store.put_batch(batch).await.unwrap();
+        assert_eq!(store.entry_count().unwrap(), 256);
+        let db = store.inner.db().unwrap();
+        let txn = db.begin_read().unwrap();
+        let rows = txn.open_table(ROWS).unwrap();
+        let mut lens = Vec::new();
+        for row in rows.iter().unwrap() {
+            lens.push(row.unwrap().1.value().len());
+        }
+        assert_eq!(lens.len(), 2, "{lens:?}");
+        assert!(
+            lens.iter().all(|len| len + LEAF_OVERHEAD <= LEAF_MAX),
+            "{lens:?}"
+        );
+        // The first row is filled: the next entry would not have fitted.
+        let one = resp(300).encode().len() + SLOT_LEN;
+        assert!(lens[0] + LEAF_OVERHEAD + one > LEAF_MAX, "{lens:?}");
     }
 
     /// Removing or replacing one entry of a row keeps the row's other entries (accounting
