@@ -716,13 +716,19 @@ impl<'t> Tables<'t> {
         );
         let mut todo: Vec<(CacheKey, u64, &CachedResponse, usize)> =
             Vec::with_capacity(entries.len());
+        // The model of the entry before, recorded: a batch is usually one model's (a lock
+        // and a scan of the names per entry otherwise).
+        let mut recorded = None;
         for (key, value, ttl) in entries.iter().rev() {
             if !seen.insert(*key) {
                 continue;
             }
             let value = value.borrow();
             let len = value.encoded_len();
-            self.inner.models.record(value.model());
+            if recorded != Some(value.model()) {
+                self.inner.models.record(value.model());
+                recorded = Some(value.model());
+            }
             if ROW_OVERHEAD + len as u64 > max {
                 continue;
             }
