@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::key::{CacheKey, KeyMap};
 use super::store::{CacheStore, CachedResponse, ModelSet};
@@ -37,9 +37,8 @@ const LINGER: Duration = Duration::from_millis(100);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// An entry to store, its time to live, and when it was queued (the TTL counts from there).
-/// The entry is shared with `pending` (one allocation on the request path instead of a copy
-/// of its header map and model name) and handed to the store shared
-/// ([`CacheStore::put_batch_shared`]: the disk store encodes it without a copy).
+/// The entry is handed to the store shared ([`CacheStore::put_batch_shared`]: the disk store
+/// encodes it without a copy) while the queue keeps serving it.
 type Job = (
     CacheKey,
     Arc<CachedResponse>,
@@ -47,12 +46,74 @@ type Job = (
     tokio::time::Instant,
 );
 
+/// The answers waiting to be stored and the batch being written, each with where its keys
+/// are: one structure is the queue, the lookup of the answers not yet stored, and the batch.
+/// The writer swaps the waiting answers out whole and clears the batch once written, so that
+/// an answer costs a push and one map insert (before: a bounded channel's send and receive
+/// and their permits, a map of its own, and a removal per answer after the write).
+#[derive(Default)]
+struct Queue {
+    /// Waiting, in order.
+    jobs: Vec<Job>,
+    /// Key -> its last position in `jobs`.
+    at: KeyMap<usize>,
+    /// Being written (taken from `jobs`), until the store has it.
+    writing: Vec<Job>,
+    /// Key -> its last position in `writing`.
+    writing_at: KeyMap<usize>,
+}
+
+impl Queue {
+    fn get(&self, key: &CacheKey) -> Option<&CachedResponse> {
+        if let Some(&i) = self.at.get(key) {
+            return Some(&self.jobs[i].1);
+        }
+        self.writing_at.get(key).map(|&i| &*self.writing[i].1)
+    }
+
+    /// Moves up to `max` of the waiting answers to `writing` (empty: the batch before is
+    /// cleared) and returns what the store is given for them.
+    fn take(&mut self, max: usize) -> Vec<(CacheKey, Arc<CachedResponse>, Duration)> {
+        debug_assert!(self.writing.is_empty());
+        if self.jobs.len() <= max {
+            // The cleared batch's vector becomes the queue's: no allocation per batch.
+            std::mem::swap(&mut self.jobs, &mut self.writing);
+            std::mem::swap(&mut self.at, &mut self.writing_at);
+        } else {
+            // A backlog larger than a batch (a queue above `MAX_BATCH`): the rest stays.
+            let rest = self.jobs.split_off(max);
+            std::mem::swap(&mut self.writing, &mut self.jobs);
+            self.jobs = rest;
+            self.writing_at.clear();
+            for (i, (key, ..)) in self.writing.iter().enumerate() {
+                self.writing_at.insert(*key, i);
+            }
+            self.at.clear();
+            for (i, (key, ..)) in self.jobs.iter().enumerate() {
+                self.at.insert(*key, i);
+            }
+        }
+        self.writing
+            .iter()
+            .map(|(key, entry, ttl, queued)| {
+                (*key, entry.clone(), ttl.saturating_sub(queued.elapsed()))
+            })
+            .collect()
+    }
+
+    /// The batch is in the store (or given up): its answers are no longer served from here.
+    fn written(&mut self) {
+        self.writing.clear();
+        self.writing_at.clear();
+    }
+}
+
 /// The queue in front of one store, shared by the clones of a [`Cache`](super::Cache).
 ///
-/// Entries wait in a bounded channel; a task started on first use (in the runtime of the
-/// first request) drains it in batches of up to [`MAX_BATCH`] into
-/// [`CacheStore::put_batch`]. While an entry waits it is also kept in `pending`, so that a
-/// lookup finds it before the store has it. The task lingers up to [`LINGER`] after a batch's
+/// Entries wait in a bounded [`Queue`]; a task started on first use (in the runtime of the
+/// first request) takes them in batches of up to [`MAX_BATCH`] into
+/// [`CacheStore::put_batch_shared`]. Until the store has an entry, a lookup finds it in the
+/// queue ([`pending`](Writer::pending)). The task lingers up to [`LINGER`] after a batch's
 /// first entry for more, and stops lingering as soon as a whole batch waits (so that a queue of
 /// a few batches never fills at any rate the store keeps up with). A full queue drops the
 /// entry (a later identical request is a miss). Outside a Tokio runtime the entry is handed to the store directly (an
@@ -61,8 +122,11 @@ type Job = (
 pub(crate) struct Writer {
     store: Arc<dyn CacheStore>,
     capacity: usize,
-    tx: OnceLock<mpsc::Sender<Job>>,
-    pending: Mutex<KeyMap<Arc<CachedResponse>>>,
+    /// Set once the task is started.
+    started: OnceLock<()>,
+    queue: Mutex<Queue>,
+    /// Signalled when a batch's first entry is queued (and when the writer is dropped).
+    wake: Arc<Notify>,
     /// Signalled when a whole batch waits: the writer's linger ends early.
     batch_ready: Arc<Notify>,
     /// The models of the entries ever queued: a store learns an entry's model when the batch
@@ -82,8 +146,9 @@ impl Writer {
         Arc::new(Self {
             store,
             capacity: capacity.max(1),
-            tx: OnceLock::new(),
-            pending: Mutex::new(KeyMap::default()),
+            started: OnceLock::new(),
+            queue: Mutex::new(Queue::default()),
+            wake: Arc::new(Notify::new()),
             batch_ready: Arc::new(Notify::new()),
             models: ModelSet::default(),
             outstanding: AtomicU64::new(0),
@@ -102,11 +167,8 @@ impl Writer {
         if self.outstanding.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.is_empty() {
-            return None;
-        }
-        pending.get(key).map(|entry| CachedResponse::clone(entry))
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.get(key).cloned()
     }
 
     /// Whether an entry of a model other than `model` was ever queued (see
@@ -123,33 +185,37 @@ impl Writer {
             record("stored", 1);
             return;
         }
-        let Some(tx) = self.sender() else {
+        if !self.start() {
             // No runtime to run the writer: hand it over at once (see the type's docs).
             drop(self.store.put(&key, entry, ttl));
             return;
-        };
+        }
         self.models.record(entry.model());
         let entry = Arc::new(entry);
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, entry.clone());
         let queued = tokio::time::Instant::now();
-        match tx.try_send((key, entry, ttl, queued)) {
-            Ok(()) => {
-                // The writer holds a batch's first entry while it lingers: with the queue's
-                // it has a whole batch, and need not wait longer.
-                if tx.max_capacity() - tx.capacity() >= full_batch(self.capacity) - 1 {
-                    self.batch_ready.notify_waiters();
-                }
+        // Counted before it can be found (`pending` looks at the count first).
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let waiting = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let waiting = queue.jobs.len();
+            if waiting < self.capacity {
+                queue.at.insert(key, waiting);
+                queue.jobs.push((key, entry, ttl, queued));
+                Some(waiting + 1)
+            } else {
+                None
             }
-            Err(e) => {
-                let full = matches!(e, mpsc::error::TrySendError::Full(_));
-                self.unpend(&[key]);
+        };
+        match waiting {
+            // A batch's first entry: the task waits for one.
+            Some(1) => self.wake.notify_one(),
+            // A whole batch waits: the task's linger ends.
+            Some(n) if n >= full_batch(self.capacity) => self.batch_ready.notify_waiters(),
+            Some(_) => {}
+            None => {
                 self.done(1);
-                record(if full { "dropped" } else { "failed" }, 1);
-                tracing::debug!(key = %key, full, "cache write queue full: answer not stored");
+                record("dropped", 1);
+                tracing::debug!(key = %key, "cache write queue full: answer not stored");
             }
         }
     }
@@ -171,29 +237,27 @@ impl Writer {
         }
     }
 
-    fn sender(self: &Arc<Self>) -> Option<&mpsc::Sender<Job>> {
-        if let Some(tx) = self.tx.get() {
-            return Some(tx);
+    /// Starts the task (once, in the current runtime); false outside a runtime.
+    fn start(self: &Arc<Self>) -> bool {
+        if self.started.get().is_some() {
+            return true;
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
         let mut started = false;
-        let tx = self.tx.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(self.capacity);
+        self.started.get_or_init(|| {
             started = true;
-            runtime.spawn(run(Arc::downgrade(self), self.batch_ready.clone(), rx));
-            tx
+            runtime.spawn(run(
+                Arc::downgrade(self),
+                self.wake.clone(),
+                self.batch_ready.clone(),
+            ));
         });
         if started {
             tracing::debug!(capacity = self.capacity, "cache writer started");
         }
-        Some(tx)
-    }
-
-    fn unpend(&self, keys: &[CacheKey]) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for key in keys {
-            pending.remove(key);
-        }
+        true
     }
 
     fn failed(&self, n: usize, error: &super::StoreError) {
@@ -220,7 +284,7 @@ impl Writer {
     }
 }
 
-/// Drains the queue until the writer is gone (the layer and its services dropped: entries
+/// Takes batches from the queue until the writer is gone (the layer and its services dropped: entries
 /// still queued then are lost, as in a crash; [`Writer::flush`] first to keep them). The task
 /// holds the store only while it writes a batch, so that dropping the layer closes the store.
 ///
@@ -230,17 +294,25 @@ impl Writer {
 /// lasted 100 ms let a queue of 1024 overflow above ~10k answers a second: 15 % of the answers
 /// of `scripts/bench-proxy.sh` at 32 connections were dropped). The task is not woken per
 /// entry while it lingers.
-async fn run(
-    writer: std::sync::Weak<Writer>,
-    batch_ready: Arc<Notify>,
-    mut rx: mpsc::Receiver<Job>,
-) {
-    let full = full_batch(rx.max_capacity());
-    let mut batch = Vec::with_capacity(full);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if batch.len() < full {
-            let ready = batch_ready.notified();
-            if batch.len() + rx.len() < full {
+async fn run(writer: std::sync::Weak<Writer>, wake: Arc<Notify>, batch_ready: Arc<Notify>) {
+    let Some(full) = writer.upgrade().map(|w| full_batch(w.capacity)) else {
+        return;
+    };
+    loop {
+        // A batch's first entry (one may already wait: a backlog above `MAX_BATCH`, or one
+        // queued while the batch before was written).
+        loop {
+            let woken = wake.notified();
+            match waiting(&writer) {
+                None => return,
+                Some(0) => woken.await,
+                Some(_) => break,
+            }
+        }
+        let ready = batch_ready.notified();
+        match waiting(&writer) {
+            None => return,
+            Some(n) if n < full => {
                 // `futures_util`'s select, not `tokio::select!`: the crate's tokio has no
                 // `macros` feature.
                 let linger = std::pin::pin!(tokio::time::sleep(LINGER));
@@ -251,42 +323,56 @@ async fn run(
                 };
                 tracing::trace!(ended = outcome, "cache writer batch ready");
             }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            Some(_) => {}
         }
-        let Some(store) = writer.upgrade().map(|w| w.store.clone()) else {
-            return;
+        let (store, jobs) = {
+            let Some(w) = writer.upgrade() else {
+                return;
+            };
+            let jobs = w
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(MAX_BATCH);
+            (w.store.clone(), jobs)
         };
-        let keys: Vec<CacheKey> = batch.iter().map(|(k, ..)| *k).collect();
-        let n = batch.len();
-        // Shared with `pending`, which serves them until they are written (a store that
-        // only encodes them copies nothing: `CacheStore::put_batch_shared`).
-        let jobs = batch
-            .drain(..)
-            .map(|(key, entry, ttl, queued)| (key, entry, ttl.saturating_sub(queued.elapsed())))
-            .collect();
+        let n = jobs.len();
         let started = tokio::time::Instant::now();
         let result = store.put_batch_shared(jobs).await;
         drop(store);
-        tracing::debug!(
-            entries = n,
-            took_us = started.elapsed().as_micros() as u64,
-            queued = rx.len(),
-            "cache batch written"
-        );
         let Some(writer) = writer.upgrade() else {
             return;
         };
-        writer.unpend(&keys);
+        let queued = {
+            let mut queue = writer.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.written();
+            queue.jobs.len()
+        };
+        tracing::debug!(
+            entries = n,
+            took_us = started.elapsed().as_micros() as u64,
+            queued,
+            "cache batch written"
+        );
         match result {
             Ok(()) => record("stored", n as u64),
             Err(e) => writer.failed(n, &e),
         }
         writer.done(n as u64);
+    }
+}
+
+/// How many answers wait (`None`: the writer is gone).
+fn waiting(writer: &std::sync::Weak<Writer>) -> Option<usize> {
+    let writer = writer.upgrade()?;
+    let queue = writer.queue.lock().unwrap_or_else(|e| e.into_inner());
+    Some(queue.jobs.len())
+}
+
+impl Drop for Writer {
+    /// Wakes the task, which finds the writer gone and ends.
+    fn drop(&mut self) {
+        self.wake.notify_one();
     }
 }
 
@@ -454,6 +540,59 @@ mod batching {
         assert_eq!(batches.iter().sum::<usize>(), 10_000, "{batches:?}");
         assert!(batches.iter().any(|&n| n > FULL_BATCH), "{batches:?}");
         assert!(batches.iter().all(|&n| n <= MAX_BATCH), "{batches:?}");
+    }
+
+    /// An answer is found from the moment it is queued until the store has it: while it
+    /// waits, while its batch is being written, and when a backlog larger than a batch is
+    /// split (the rest waits for the next batch); not once written.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_found_until_the_store_has_it() {
+        let store = Arc::new(Batches(Mutex::default(), Duration::from_millis(50)));
+        let writer = Writer::new(store.clone(), 2 * MAX_BATCH);
+        for i in 0..MAX_BATCH + 10 {
+            writer.enqueue(key(i), entry(), TTL);
+        }
+        assert!(writer.pending(&key(0)).is_some());
+        // The writer takes the first `MAX_BATCH` at once (a whole batch waits) and writes
+        // them for 50 ms; the rest waits.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*store.0.lock().unwrap(), [MAX_BATCH]);
+        for i in [0, MAX_BATCH - 1, MAX_BATCH, MAX_BATCH + 9] {
+            assert!(writer.pending(&key(i)).is_some(), "{i}");
+        }
+        assert!(writer.pending(&key(MAX_BATCH + 10)).is_none());
+        writer.flush().await;
+        assert_eq!(*store.0.lock().unwrap(), [MAX_BATCH, 10]);
+        for i in [0, MAX_BATCH + 9] {
+            assert!(writer.pending(&key(i)).is_none(), "{i}");
+        }
+        // A key queued twice is found as queued last.
+        let other = CachedResponse::new(
+            http::StatusCode::CREATED,
+            http::HeaderMap::new(),
+            "{}".into(),
+            false,
+        );
+        writer.enqueue(key(1), entry(), TTL);
+        writer.enqueue(key(1), other, TTL);
+        assert_eq!(
+            writer.pending(&key(1)).unwrap().status(),
+            http::StatusCode::CREATED
+        );
+        writer.flush().await;
+    }
+
+    /// Dropping the writer releases the store: its task holds neither between batches.
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_writer_releases_the_store() {
+        let store = Arc::new(Batches::default());
+        let writer = Writer::new(store.clone(), 16);
+        writer.enqueue(key(0), entry(), TTL);
+        writer.flush().await;
+        assert_eq!(Arc::strong_count(&store), 2);
+        drop(writer);
+        tokio::time::sleep(LINGER).await;
+        assert_eq!(Arc::strong_count(&store), 1);
     }
 
     /// A queue smaller than a batch is written when it is full, not after the linger (it

@@ -27,10 +27,16 @@ use crate::cache::{CacheKey, CacheSecret};
 /// instructions for a 1 KB entry), which was most of what a stored answer cost; a batch now
 /// pays one insert (see `docs/benchmarks.md`, issue 13, fourth pass). Lookups by cache key go
 /// through an index in memory ([`Inner::index`]), built from the rows' directories when the
-/// file is opened.
-const ROWS: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_rows");
-/// `bytes` (accounted size) and `seq` (next row sequence number).
-const META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_rows_meta");
+/// file is opened; so are the accounted size and the next row's sequence number
+/// ([`Inner::totals`]), which the previous layout kept in a table of their own, written by
+/// every batch (two inserts and a second table's root per commit, ~35k instructions a batch).
+const ROWS: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_rows_v2");
+/// The rows of the layout before (the same rows, with [`OLD_META`]), dropped on open: a build
+/// of that layout reads the next sequence number from `OLD_META`, so it must not find these
+/// rows without it (it would write over them). An upgrade starts with an empty cache.
+const OLD_ROWS: TableDefinition<u64, &[u8]> = TableDefinition::new("tower_claude_cache_rows");
+/// `bytes` (accounted size) and `seq` (next row sequence number) of the layout before.
+const OLD_META: TableDefinition<&str, u64> = TableDefinition::new("tower_claude_cache_rows_meta");
 /// The store's secret ([`CacheStore::secret`]), under the name `secret`: generated at the
 /// first open, so that the keys of the entries are the same after a restart. Whoever can read
 /// the file can read it (and the entries): see the cache's module docs, *Keys*.
@@ -57,6 +63,18 @@ const ROW_OVERHEAD: u64 = (SEQ_LEN + COUNT_LEN + SLOT_LEN) as u64;
 /// a hit reads its entry's whole row, and eviction drops whole rows. Also at most an eighth
 /// of the bound, so that a row evicted takes a small part of the cache with it.
 const ROW_MAX: usize = 64 * 1024;
+
+/// What redb adds to a value in a leaf of its own: the leaf's header (4 bytes), the value's
+/// end offset (4) and the `u64` key (8).
+const LEAF_OVERHEAD: usize = 4 + 4 + SEQ_LEN;
+/// The largest leaf a row of several entries fills: [`ROW_MAX`] counted with the directory
+/// and the leaf's overhead, 16 pages. redb writes a value larger than a page into a leaf of its
+/// own, allocated in a power of two of pages, and every allocated byte is zeroed, copied and
+/// written: a row of 64 KiB of entries and their directory (12 KiB for 256 answers) took a
+/// leaf of 128 KiB. (Cutting the rest of a batch at smaller powers of two as well cost more
+/// than it saved: a row smaller than a page is rebuilt with the next batch's, which redb
+/// appends without a rebuild only after a leaf of a page or more.)
+const LEAF_MAX: usize = ROW_MAX;
 
 /// Where an entry is: its row and its slot in the row's directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +181,19 @@ struct Inner {
     secret: CacheSecret,
     /// When the last durable commit happened.
     last_sync: Mutex<std::time::Instant>,
+    /// The accounted size and the next row's sequence number: computed from the rows when the
+    /// file is opened, read by each write transaction and set after it commits (write
+    /// transactions are one at a time).
+    totals: Mutex<Totals>,
+}
+
+/// What the rows add up to (see [`Inner::totals`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    /// Accounted bytes: each row's value and its key.
+    bytes: u64,
+    /// The next row's sequence number.
+    seq: u64,
 }
 
 /// A durable commit (one `fdatasync`) at least every this many writes...
@@ -246,6 +277,7 @@ impl DiskStore {
         let secret;
         let mut index = KeyMap::default();
         let models = ModelSet::default();
+        let mut totals = Totals::default();
         {
             for old in OLD_TABLES {
                 let old: TableDefinition<&[u8], &[u8]> = TableDefinition::new(old);
@@ -253,11 +285,15 @@ impl DiskStore {
                 // open; absent is fine.
                 txn.delete_table(old).map_err(backend)?;
             }
+            txn.delete_table(OLD_ROWS).map_err(backend)?;
+            txn.delete_table(OLD_META).map_err(backend)?;
             secret = Self::secret_of(&txn)?;
             let rows = txn.open_table(ROWS).map_err(backend)?;
-            txn.open_table(META).map_err(backend)?;
             for row in rows.iter().map_err(backend)? {
                 let (seq, value) = row.map_err(backend)?;
+                // Counted as eviction uncounts it, whether it parses or not.
+                totals.bytes += (SEQ_LEN + value.value().len()) as u64;
+                totals.seq = seq.value().saturating_add(1);
                 // A row that does not parse holds nothing reachable; eviction drops it.
                 let Some(parsed) = Row::parse(value.value()) else {
                     continue;
@@ -284,15 +320,12 @@ impl DiskStore {
                 unsynced: AtomicU32::new(0),
                 last_sync: Mutex::new(std::time::Instant::now()),
                 secret,
+                totals: Mutex::new(totals),
             }),
         };
         // A smaller bound than the file was written with applies at once, and the file
         // shrinks to match.
-        store.inner.write(|txn, inner| {
-            let mut tables = Tables::open(txn, inner)?;
-            tables.evict(0)?;
-            tables.close()
-        })?;
+        store.inner.write(|tables| tables.evict(0))?;
         if store.inner.oversized() {
             store.compact()?;
         }
@@ -311,7 +344,6 @@ impl DiskStore {
         // Written before the file kept a secret (key layout v2 or earlier), or damaged:
         // every entry's key is unreachable.
         txn.delete_table(ROWS).map_err(backend)?;
-        txn.delete_table(META).map_err(backend)?;
         let secret = CacheSecret::random();
         table
             .insert("secret", &secret.as_bytes()[..])
@@ -353,14 +385,9 @@ impl DiskStore {
             .len() as u64)
     }
 
-    /// The accounted size of the entries in bytes (blocking).
+    /// The accounted size of the entries in bytes, as of the last write committed.
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let txn = self.inner.db()?.begin_read().map_err(backend)?;
-        let table = txn.open_table(META).map_err(backend)?;
-        Ok(table
-            .get("bytes")
-            .map_err(backend)?
-            .map_or(0, |v| v.value()))
+        Ok(self.inner.totals().bytes)
     }
 
     fn run<T, F>(&self, f: F) -> StoreFuture<T>
@@ -404,6 +431,10 @@ enum Lookup {
 }
 
 impl Inner {
+    fn totals(&self) -> Totals {
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The database, for a transaction; waits only while the file is being compacted.
     fn db(&self) -> Result<RwLockReadGuard<'_, Database>, StoreError> {
         Ok(self.db.read().unwrap_or_else(|e| e.into_inner()))
@@ -412,15 +443,7 @@ impl Inner {
     /// Whether the file is more than twice the accounted entries plus [`COMPACT_SLACK`].
     fn oversized(&self) -> bool {
         let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        let entries = self
-            .db()
-            .ok()
-            .and_then(|db| {
-                let txn = db.begin_read().ok()?;
-                let meta = txn.open_table(META).ok()?;
-                Some(meta.get("bytes").ok()??.value())
-            })
-            .unwrap_or(0);
+        let entries = self.totals().bytes;
         file > entries.saturating_mul(2).saturating_add(COMPACT_SLACK)
     }
 
@@ -474,22 +497,25 @@ impl Inner {
             let db = self.db()?;
             let mut txn = db.begin_write().map_err(backend)?;
             txn.set_durability(Durability::Immediate);
-            {
+            let totals = {
                 let mut tables = Tables::open(&txn, self)?;
                 tables.put(entries, now)?;
-                tables.close()?;
-            }
+                tables.close()
+            };
             txn.commit().map_err(backend)?;
+            self.set_totals(totals);
             self.unsynced.store(0, Ordering::Relaxed);
         }
         self.maybe_compact();
         Ok(())
     }
 
-    fn write<T>(
+    /// Runs `f` on the tables in one write transaction (non-durable, with a durable one now
+    /// and then) and commits it.
+    fn write(
         &self,
-        f: impl FnOnce(&WriteTransaction, &Inner) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+        f: impl FnOnce(&mut Tables<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(backend)?;
         // A cache may lose its newest entries in a crash (they are misses afterwards), so it
@@ -513,9 +539,19 @@ impl Inner {
         } else {
             Durability::None
         });
-        let out = f(&txn, self)?;
+        let totals = {
+            let mut tables = Tables::open(&txn, self)?;
+            f(&mut tables)?;
+            tables.close()
+        };
         txn.commit().map_err(backend)?;
-        Ok(out)
+        self.set_totals(totals);
+        Ok(())
+    }
+
+    /// What a committed write transaction left (see [`Inner::totals`]).
+    fn set_totals(&self, totals: Totals) {
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner()) = totals;
     }
 
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
@@ -563,28 +599,19 @@ impl Inner {
 
     fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration) -> Result<(), StoreError> {
         let now = unix_ms((self.clock)());
-        self.write(|txn, inner| {
-            let mut tables = Tables::open(txn, inner)?;
-            tables.put(&[(*key, value, ttl)], now)?;
-            tables.close()
-        })
+        self.write(|tables| tables.put(&[(*key, value, ttl)], now))
     }
 
     fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
-        self.write(|txn, inner| {
-            let mut tables = Tables::open(txn, inner)?;
-            tables.remove(key)?;
-            tables.close()
-        })
+        self.write(|tables| tables.remove(key))
     }
 }
 
-/// The tables of one write transaction, opened once, with the accounted size and the next
-/// sequence number read once and written back by [`close`](Tables::close): a batch of
-/// entries costs one table opening and one `META` read and write, not one per entry.
+/// The rows table of one write transaction, opened once, with the accounted size and the
+/// next sequence number ([`Inner::totals`]) taken once and handed back by
+/// [`close`](Tables::close), to be kept once the transaction commits.
 struct Tables<'t> {
     rows: redb::Table<'t, u64, &'static [u8]>,
-    meta: redb::Table<'t, &'static str, u64>,
     inner: &'t Inner,
     total: u64,
     seq: u64,
@@ -592,23 +619,22 @@ struct Tables<'t> {
 
 impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction, inner: &'t Inner) -> Result<Self, StoreError> {
-        let meta = txn.open_table(META).map_err(backend)?;
-        let total = meta.get("bytes").map_err(backend)?.map_or(0, |v| v.value());
-        let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
+        let Totals { bytes, seq } = inner.totals();
         Ok(Self {
             rows: txn.open_table(ROWS).map_err(backend)?,
-            meta,
             inner,
-            total,
+            total: bytes,
             seq,
         })
     }
 
-    /// Writes the accounted size and the next sequence number back.
-    fn close(mut self) -> Result<(), StoreError> {
-        self.meta.insert("bytes", self.total).map_err(backend)?;
-        self.meta.insert("seq", self.seq).map_err(backend)?;
-        Ok(())
+    /// The accounted size and the next sequence number, for [`Inner::set_totals`] after the
+    /// commit.
+    fn close(self) -> Totals {
+        Totals {
+            bytes: self.total,
+            seq: self.seq,
+        }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, KeyMap<Slot>> {
@@ -704,13 +730,19 @@ impl<'t> Tables<'t> {
         );
         let mut todo: Vec<(CacheKey, u64, &CachedResponse, usize)> =
             Vec::with_capacity(entries.len());
+        // The model of the entry before, recorded: a batch is usually one model's (a lock
+        // and a scan of the names per entry otherwise).
+        let mut recorded = None;
         for (key, value, ttl) in entries.iter().rev() {
             if !seen.insert(*key) {
                 continue;
             }
             let value = value.borrow();
             let len = value.encoded_len();
-            self.inner.models.record(value.model());
+            if recorded != Some(value.model()) {
+                self.inner.models.record(value.model());
+                recorded = Some(value.model());
+            }
             if ROW_OVERHEAD + len as u64 > max {
                 continue;
             }
@@ -721,11 +753,17 @@ impl<'t> Tables<'t> {
         let mut rest = &todo[..];
         let mut value = Vec::new();
         while !rest.is_empty() {
-            // As many entries as fit in one row (at least one).
+            // As many entries as fit in one row (at least one): `row_max` encoded bytes, and
+            // a leaf of at most `LEAF_MAX`.
             let mut n = 1;
             let mut bytes = rest[0].3;
-            while n < rest.len() && bytes + rest[n].3 <= row_max {
+            let mut leaf = LEAF_OVERHEAD + COUNT_LEN + SLOT_LEN + bytes;
+            while n < rest.len()
+                && bytes + rest[n].3 <= row_max
+                && leaf + SLOT_LEN + rest[n].3 <= LEAF_MAX
+            {
                 bytes += rest[n].3;
+                leaf += SLOT_LEN + rest[n].3;
                 n += 1;
             }
             let (row, next) = rest.split_at(n);
@@ -1097,6 +1135,87 @@ mod tests {
         assert_eq!(store.get(&k(1)).await.unwrap(), Some(resp(10)));
     }
 
+    /// A file of the layout before (the same rows with a table of the accounted size and the
+    /// next sequence number) opens empty, keeps its secret, and loses the old tables: a build
+    /// of that layout would write over rows that it finds without its table.
+    #[tokio::test]
+    async fn a_file_of_the_rows_and_meta_layout_opens_empty() {
+        use redb::TableHandle;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let secret = {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            store.secret().unwrap()
+        };
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let entry = resp(10).encode();
+                let row = encode_row([Some((k(1), u64::MAX, &entry[..]))].into_iter());
+                txn.delete_table(ROWS).unwrap();
+                txn.open_table(OLD_ROWS)
+                    .unwrap()
+                    .insert(0, &row[..])
+                    .unwrap();
+                let mut meta = txn.open_table(OLD_META).unwrap();
+                meta.insert("bytes", (SEQ_LEN + row.len()) as u64).unwrap();
+                meta.insert("seq", 1).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.secret().unwrap(), secret);
+        assert_eq!(store.entry_count().unwrap(), 0);
+        assert_eq!(store.size_bytes().unwrap(), 0);
+        assert_eq!(store.get(&k(1)).await.unwrap(), None);
+        {
+            let db = store.inner.db().unwrap();
+            let txn = db.begin_read().unwrap();
+            let names: Vec<String> = txn
+                .list_tables()
+                .unwrap()
+                .map(|t| t.name().to_owned())
+                .collect();
+            assert!(
+                !names
+                    .iter()
+                    .any(|n| n == OLD_ROWS.name() || n == OLD_META.name())
+            );
+        }
+    }
+
+    /// The accounted size and the next row's number are rebuilt from the rows when the file
+    /// is opened: rows written afterwards follow the last one (none is written over).
+    #[tokio::test]
+    async fn reopening_continues_after_the_last_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let size = {
+            let store = DiskStore::open(&path, 1 << 20).unwrap();
+            for b in 0..3u8 {
+                let batch = (0..4).map(|i| (k(b * 4 + i), resp(100), HOUR)).collect();
+                store.put_batch(batch).await.unwrap();
+            }
+            // The first row's entries go: the row is dropped, the sequence goes on.
+            for i in 0..4 {
+                store.remove(&k(i)).await.unwrap();
+            }
+            store.size_bytes().unwrap()
+        };
+        let store = DiskStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.size_bytes().unwrap(), size);
+        assert_eq!(store.entry_count().unwrap(), 8);
+        let batch = (12..16).map(|i| (k(i), resp(100), HOUR)).collect();
+        store.put_batch(batch).await.unwrap();
+        assert_eq!(row_count(&store), 3);
+        assert_eq!(store.inner.slot_of(&k(12)).unwrap().row, 3);
+        for i in 4..16 {
+            assert_eq!(store.get(&k(i)).await.unwrap(), Some(resp(100)), "{i}");
+        }
+        assert_eq!(store.size_bytes().unwrap(), size * 3 / 2);
+    }
+
     fn row_count(store: &DiskStore) -> u64 {
         use redb::ReadableTableMetadata;
         let db = store.inner.db().unwrap();
@@ -1142,6 +1261,33 @@ mod tests {
         for i in [0, 63, 64, 199] {
             assert_eq!(store.get(&k(i)).await.unwrap(), Some(resp(1000)));
         }
+    }
+
+    /// A row of many small entries fits redb's 16-page leaf with its directory: 256 answers
+    /// of ~350 bytes (a full batch at 32 connections) took a 64 KiB row of entries plus a
+    /// 9 KiB directory, which redb allocates as 128 KiB.
+    #[tokio::test]
+    async fn a_row_with_its_directory_fits_a_leaf_of_sixteen_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path().join("c.redb"), 64 << 20).unwrap();
+        let batch = (0..=255).map(|i| (k(i), resp(300), HOUR)).collect();
+        store.put_batch(batch).await.unwrap();
+        assert_eq!(store.entry_count().unwrap(), 256);
+        let db = store.inner.db().unwrap();
+        let txn = db.begin_read().unwrap();
+        let rows = txn.open_table(ROWS).unwrap();
+        let mut lens = Vec::new();
+        for row in rows.iter().unwrap() {
+            lens.push(row.unwrap().1.value().len());
+        }
+        assert_eq!(lens.len(), 2, "{lens:?}");
+        assert!(
+            lens.iter().all(|len| len + LEAF_OVERHEAD <= LEAF_MAX),
+            "{lens:?}"
+        );
+        // The first row is filled: the next entry would not have fitted.
+        let one = resp(300).encode().len() + SLOT_LEN;
+        assert!(lens[0] + LEAF_OVERHEAD + one > LEAF_MAX, "{lens:?}");
     }
 
     /// Removing or replacing one entry of a row keeps the row's other entries (accounting
