@@ -39,6 +39,7 @@ pub(crate) type EdgeBody = tower_http::body::Limited<Incoming>;
 /// The proxy's HTTP stack around `handle` (see the module docs for the order and why).
 pub(crate) fn stack(
     limit: usize,
+    remember_keys: bool,
     handle: Handle,
 ) -> impl tower::Service<
     Request<Incoming>,
@@ -53,7 +54,7 @@ pub(crate) fn stack(
     ServiceBuilder::new()
         // Credentials sensitive; the id always the proxy's (a client's `request-id` would be
         // echoed unchecked).
-        .layer(FrontLayer)
+        .layer(FrontLayer::new(remember_keys))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(RequestSpan)

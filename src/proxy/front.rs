@@ -5,7 +5,11 @@
 //! - `x-api-key` and `authorization` are marked `Sensitive` (in every Debug, log and span), in
 //!   one walk over the headers (tower-http looked each name up with `entry`: a hash and a
 //!   probe per name, ~0.36k instructions per request).
-//! - A client's `request-id` is removed (it would be echoed unchecked).
+//! - A client's `request-id` is removed (it would be echoed unchecked), and a blank `x-api-key`
+//!   (no credential: upstream it would shadow an `Authorization` header).
+//! - With [`FrontLayer::new`]`(true)` (a proxy that forwards its clients' keys), the id of the
+//!   client's key is remembered on the request from the same walk (`KeyId::remember`): the
+//!   first layer that needs it finds it instead of looking `x-api-key` and `authorization` up.
 //! - The proxy's own `req_proxy_<24 hex>` goes on the request as a [`ProxyRequestId`]
 //!   extension, for the `request` span and the handler's log (not as a header, which the
 //!   handler would have to remove again before the upstream).
@@ -24,6 +28,7 @@ use std::task::{Context, Poll};
 use http::{HeaderName, HeaderValue, Request, Response, header};
 use pin_project::pin_project;
 
+use crate::anthropic::KeyId;
 use crate::anthropic::parsed_names::X_API_KEY;
 
 /// The request id header: the name Anthropic answers with and the SDKs read.
@@ -77,13 +82,28 @@ fn header_value(id: &Id) -> HeaderValue {
 /// Marks credentials sensitive, sets and propagates the proxy's request id (see the module
 /// docs).
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct FrontLayer;
+pub(crate) struct FrontLayer {
+    remember_keys: bool,
+}
+
+impl FrontLayer {
+    /// With `remember_keys`, the id of the client's key is remembered on the request from the
+    /// front's walk (`KeyId::remember`): for a proxy that forwards the client's key, whose id
+    /// the layers key their quota and metrics by. A proxy that holds the upstream keys, or
+    /// whose clients are tenants, replaces the client's credential: no id of it is needed.
+    pub(crate) fn new(remember_keys: bool) -> Self {
+        Self { remember_keys }
+    }
+}
 
 impl<S> tower::Layer<S> for FrontLayer {
     type Service = Front<S>;
 
     fn layer(&self, inner: S) -> Front<S> {
-        Front { inner }
+        Front {
+            inner,
+            remember_keys: self.remember_keys,
+        }
     }
 }
 
@@ -91,6 +111,7 @@ impl<S> tower::Layer<S> for FrontLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct Front<S> {
     inner: S,
+    remember_keys: bool,
 }
 
 impl<S, B, ResB> tower::Service<Request<B>> for Front<S>
@@ -107,9 +128,20 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut client_id = false;
+        // The first value of each credential header (a clone shares its bytes).
+        let mut x_api_key: Option<HeaderValue> = None;
+        let mut authorization: Option<HeaderValue> = None;
         for (name, value) in req.headers_mut().iter_mut() {
-            if *name == header::AUTHORIZATION || *name == X_API_KEY {
+            if *name == X_API_KEY {
                 value.set_sensitive(true);
+                if x_api_key.is_none() {
+                    x_api_key = Some(value.clone());
+                }
+            } else if *name == header::AUTHORIZATION {
+                value.set_sensitive(true);
+                if authorization.is_none() {
+                    authorization = Some(value.clone());
+                }
             }
             client_id |= *name == REQUEST_ID;
         }
@@ -119,6 +151,18 @@ where
         // when there is one.
         if client_id {
             req.headers_mut().remove(REQUEST_ID);
+        }
+        // A blank `x-api-key` is no credential: it must not shadow an `Authorization` header
+        // upstream either (where `x-api-key` is read first). Seen in the walk: no lookup.
+        if x_api_key
+            .as_ref()
+            .is_some_and(|v| v.as_bytes().trim_ascii().is_empty())
+        {
+            req.headers_mut().remove(&X_API_KEY);
+            x_api_key = None;
+        }
+        if self.remember_keys {
+            KeyId::remember(&mut req, x_api_key.as_ref(), authorization.as_ref());
         }
         req.extensions_mut().insert(ProxyRequestId(id));
         ResponseFuture {
@@ -171,7 +215,7 @@ mod tests {
     /// Credentials arrive marked sensitive, every value; other headers do not.
     #[tokio::test]
     async fn credentials_are_sensitive() {
-        let svc = FrontLayer.layer(tower::service_fn(|req: Request<()>| async move {
+        let svc = FrontLayer::default().layer(tower::service_fn(|req: Request<()>| async move {
             for (name, value) in req.headers() {
                 let secret = name == "x-api-key" || name == "authorization";
                 assert_eq!(value.is_sensitive(), secret, "{name}");
@@ -189,20 +233,76 @@ mod tests {
         svc.oneshot(req).await.unwrap();
     }
 
+    /// A blank `x-api-key` (every value) goes; with `remember_keys` the request carries its
+    /// key's id from the walk (the memo `KeyId::of_request` reads, checked against the
+    /// headers), without it none.
+    #[tokio::test]
+    async fn blank_keys_go_and_the_key_id_is_remembered() {
+        use crate::anthropic::KeyId;
+        for (remember, x_api_key, auth, expected) in [
+            (true, Some("sk-one"), Some("Bearer sk-two"), Some("sk-one")),
+            (true, Some("  "), Some("Bearer sk-two"), Some("sk-two")),
+            (true, Some(""), None, None),
+            (true, None, Some("bearer  sk-two "), Some("sk-two")),
+            (true, None, Some("Basic sk-two"), None),
+            (false, Some("sk-one"), None, Some("sk-one")),
+        ] {
+            let svc = FrontLayer::new(remember).layer(tower::service_fn(
+                move |mut req: Request<()>| async move {
+                    let blank = req
+                        .headers()
+                        .get_all("x-api-key")
+                        .iter()
+                        .any(|v| v.as_bytes().trim_ascii().is_empty());
+                    assert!(!blank, "a blank x-api-key went through");
+                    assert_eq!(
+                        KeyId::remembered(&req),
+                        remember && expected.is_some(),
+                        "{x_api_key:?} {auth:?}"
+                    );
+                    let id = KeyId::of_request(&mut req);
+                    assert_eq!(id, expected.map(KeyId::from_api_key));
+                    // A key put in the headers afterwards is the one identified.
+                    req.headers_mut()
+                        .insert(&X_API_KEY, HeaderValue::from_static("sk-three"));
+                    assert_eq!(
+                        KeyId::of_request(&mut req),
+                        Some(KeyId::from_api_key("sk-three"))
+                    );
+                    Ok::<_, std::convert::Infallible>(Response::new(()))
+                },
+            ));
+            let mut req = Request::new(());
+            if let Some(k) = x_api_key {
+                req.headers_mut()
+                    .append(&X_API_KEY, HeaderValue::from_static(k));
+                req.headers_mut()
+                    .append(&X_API_KEY, HeaderValue::from_static("sk-later"));
+            }
+            if let Some(a) = auth {
+                req.headers_mut()
+                    .insert(header::AUTHORIZATION, HeaderValue::from_static(a));
+            }
+            svc.oneshot(req).await.unwrap();
+        }
+    }
+
     /// The inner service sees the proxy's id, never the client's header; an answer with an id
     /// keeps it, one without gets the id the inner service saw.
     #[tokio::test]
     async fn the_id_is_set_replaced_and_propagated() {
-        let svc = FrontLayer.layer(tower::service_fn(|req: Request<&'static str>| async move {
-            assert!(!req.headers().contains_key(REQUEST_ID));
-            let seen = *req.extensions().get::<ProxyRequestId>().unwrap();
-            let mut resp = Response::new(header_value(&seen.0));
-            if *req.body() == "upstream" {
-                resp.headers_mut()
-                    .insert(REQUEST_ID, HeaderValue::from_static("req_upstream"));
-            }
-            Ok::<_, std::convert::Infallible>(resp)
-        }));
+        let svc = FrontLayer::default().layer(tower::service_fn(
+            |req: Request<&'static str>| async move {
+                assert!(!req.headers().contains_key(REQUEST_ID));
+                let seen = *req.extensions().get::<ProxyRequestId>().unwrap();
+                let mut resp = Response::new(header_value(&seen.0));
+                if *req.body() == "upstream" {
+                    resp.headers_mut()
+                        .insert(REQUEST_ID, HeaderValue::from_static("req_upstream"));
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            },
+        ));
         for body in ["own", "upstream"] {
             let mut req = Request::new(body);
             req.headers_mut()
