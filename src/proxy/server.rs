@@ -1,7 +1,7 @@
 //! The hyper server of `claude-proxy`: routing, authentication, key injection, graceful shutdown.
 //!
-//! The HTTP stack in front of the `ClaudeStack` is tower-http (`edge.rs`: sensitive headers,
-//! request ids, the request span, panics, the body limit); connections are watched by
+//! The HTTP stack in front of the `ClaudeStack` is the proxy's front and tower-http (`edge.rs`:
+//! sensitive headers, request ids, the request span, panics, the body limit); connections are watched by
 //! `conn.rs` (timeouts, the cap), which tower-http cannot see.
 
 use std::convert::Infallible;
