@@ -396,12 +396,102 @@ fn not_forwarded(name: &str) -> Option<usize> {
 #[cfg(any(feature = "proxy", test))]
 fn remove_not_forwarded(headers: &mut HeaderMap, which: u16) {
     let mut present = 0u16;
-    for name in headers.keys() {
+    let mut connection = Connection::default();
+    for (name, value) in headers.iter() {
         if let Some(i) = not_forwarded_index(name) {
             present |= 1 << i;
+            if i == CONNECTION_INDEX {
+                connection.see(value);
+            }
         }
     }
+    if which & (1 << CONNECTION_INDEX) != 0 {
+        connection.remove_named(headers);
+    }
     remove_present(headers, present & which);
+}
+
+/// The index of `connection` in [`NOT_FORWARDED`].
+const CONNECTION_INDEX: usize = 0;
+
+/// The index of `content-length` in [`NOT_FORWARDED`].
+const CONTENT_LENGTH_INDEX: usize = 9;
+
+/// The `connection` values a header walk saw: the names they list are hop-by-hop too (RFC 9110
+/// section 7.6.1) and are removed with it. The first value is kept from the walk (a clone
+/// shares its bytes); a second one, rare, sends [`remove_named`](Self::remove_named) back to
+/// the map for all of them.
+#[derive(Default)]
+struct Connection {
+    first: Option<http::HeaderValue>,
+    more: bool,
+}
+
+impl Connection {
+    fn see(&mut self, value: &http::HeaderValue) {
+        if self.first.is_none() {
+            self.first = Some(value.clone());
+        } else {
+            self.more = true;
+        }
+    }
+
+    /// Removes the headers the `connection` values name, other than those of
+    /// [`NOT_FORWARDED`] (removed by their bit). Allocates only when there are such names.
+    fn remove_named(self, headers: &mut HeaderMap) {
+        let Some(first) = self.first else {
+            return;
+        };
+        let mut named: Vec<HeaderName> = Vec::new();
+        let mut collect = |value: &http::HeaderValue| {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty() {
+                    continue;
+                }
+                // `from_bytes` lowercases; a token that is no header name names nothing.
+                let Ok(name) = HeaderName::from_bytes(token) else {
+                    continue;
+                };
+                if not_forwarded_index(&name).is_none() {
+                    named.push(name);
+                }
+            }
+        };
+        if self.more {
+            for value in headers.get_all(header::CONNECTION) {
+                collect(value);
+            }
+        } else {
+            collect(&first);
+        }
+        for name in named {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether `value` is the plain decimal `len` (no sign, no leading zero, no space): a
+/// `content-length` hyper would write itself for a body of `len` bytes.
+fn is_length(value: &http::HeaderValue, len: u64) -> bool {
+    let digits = value.as_bytes();
+    if digits.is_empty() || digits.len() > 20 || (digits[0] == b'0' && digits.len() > 1) {
+        return false;
+    }
+    let mut n = 0u64;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return false;
+        }
+        n = match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+        {
+            Some(n) => n,
+            None => return false,
+        };
+    }
+    n == len
 }
 
 /// The index of `name` in [`NOT_FORWARDED`], ruling most names out by their length alone.
@@ -418,19 +508,39 @@ fn not_forwarded_index(name: &HeaderName) -> Option<usize> {
 }
 
 /// A request's headers made ready to leave: the names of [`NOT_FORWARDED`] whose bit is set in
-/// `which` removed, and every `authorization` and `x-api-key` value marked sensitive (kept out
-/// of logs and HPACK tables), in the same pass (a lookup of each name to mark it cost ~0.25k
-/// instructions per request).
-fn prepare_request_headers(headers: &mut HeaderMap, which: u16) {
+/// `which` removed (with the names a `connection` header lists), and every `authorization` and
+/// `x-api-key` value marked sensitive (kept out of logs and HPACK tables), in the same pass (a
+/// lookup of each name to mark it cost ~0.25k instructions per request).
+///
+/// One exception: a single `content-length` that already says `body_len` in hyper's own form
+/// stays (hyper sends it as it would have written it: the removal and hyper's insert cost
+/// ~0.4k instructions per request). Any other, such as the client's length of a body that
+/// fallback rewrote, goes, and hyper writes the body's.
+fn prepare_request_headers(headers: &mut HeaderMap, which: u16, body_len: u64) {
     let mut present = 0u16;
+    let mut connection = Connection::default();
+    let mut lengths = 0u8;
+    let mut length_is_the_bodys = false;
     for (name, value) in headers.iter_mut() {
         if let Some(i) = not_forwarded_index(name) {
             present |= 1 << i;
+            if i == CONTENT_LENGTH_INDEX {
+                lengths = lengths.saturating_add(1);
+                length_is_the_bodys = is_length(value, body_len);
+            } else if i == CONNECTION_INDEX {
+                connection.see(value);
+            }
         } else if *name == header::AUTHORIZATION
             || *name == crate::anthropic::parsed_names::X_API_KEY
         {
             value.set_sensitive(true);
         }
+    }
+    if lengths == 1 && length_is_the_bodys {
+        present &= !(1 << CONTENT_LENGTH_INDEX);
+    }
+    if which & (1 << CONNECTION_INDEX) != 0 {
+        connection.remove_named(headers);
     }
     remove_present(headers, present & which);
 }
@@ -475,15 +585,16 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
         };
         parts.version = http::Version::HTTP_11;
         let all = (1 << NOT_FORWARDED.len()) - 1;
+        let body_len = body.len() as u64;
         // Keys stay out of logs (`Debug` shows `Sensitive`) and out of HPACK tables: marked
         // in the same pass.
         match &self.inner.host {
             // A client's `host` is replaced in place rather than removed and written again.
             Some(host) => {
-                prepare_request_headers(&mut parts.headers, all & !(1 << HOST_INDEX));
+                prepare_request_headers(&mut parts.headers, all & !(1 << HOST_INDEX), body_len);
                 parts.headers.insert(header::HOST, host.clone());
             }
-            None => prepare_request_headers(&mut parts.headers, all),
+            None => prepare_request_headers(&mut parts.headers, all, body_len),
         }
         parts.headers.insert(
             header::ACCEPT_ENCODING,
@@ -666,7 +777,7 @@ mod tests {
         );
         headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("t"));
         let all = (1 << NOT_FORWARDED.len()) - 1;
-        prepare_request_headers(&mut headers, all & !(1 << HOST_INDEX));
+        prepare_request_headers(&mut headers, all & !(1 << HOST_INDEX), 1);
         let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["authorization", "content-type", "host", "x-api-key"]);
@@ -680,6 +791,64 @@ mod tests {
         assert!(headers[header::AUTHORIZATION].is_sensitive());
         assert!(!headers[header::CONTENT_TYPE].is_sensitive());
         assert!(!headers[header::HOST].is_sensitive());
+    }
+
+    #[test]
+    fn names_a_connection_header_lists_are_removed_too() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            http::HeaderValue::from_static("keep-alive, X-Hop-One ,,upgrade"),
+        );
+        headers.append(
+            header::CONNECTION,
+            http::HeaderValue::from_static("x-hop-two"),
+        );
+        headers.insert("x-hop-one", http::HeaderValue::from_static("1"));
+        headers.insert("x-hop-two", http::HeaderValue::from_static("2"));
+        headers.insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", http::HeaderValue::from_static("3"));
+        let mut answer = headers.clone();
+        remove_hop_by_hop(&mut answer);
+        let left: Vec<_> = answer.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+        // One `connection` value: read from the walk.
+        let mut one = HeaderMap::new();
+        one.insert(header::CONNECTION, http::HeaderValue::from_static("x-hop"));
+        one.insert("x-hop", http::HeaderValue::from_static("1"));
+        one.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("t"));
+        let mut request = one.clone();
+        remove_hop_by_hop(&mut one);
+        prepare_request_headers(&mut request, (1 << NOT_FORWARDED.len()) - 1, 0);
+        for left in [one, request] {
+            let left: Vec<_> = left.keys().map(HeaderName::as_str).collect();
+            assert_eq!(left, ["content-type"]);
+        }
+    }
+
+    #[test]
+    fn a_content_length_stays_only_when_it_is_the_bodys_as_hyper_writes_it() {
+        let all = (1 << NOT_FORWARDED.len()) - 1;
+        for (values, body_len, kept) in [
+            (&["5"][..], 5, true),
+            (&["0"], 0, true),
+            (&["18446744073709551615"], u64::MAX, true),
+            (&["6"], 5, false),
+            (&["05"], 5, false),
+            (&["+5"], 5, false),
+            (&[" 5"], 5, false),
+            (&["5", "5"], 5, false),
+            (&[""], 0, false),
+            (&["18446744073709551616"], 0, false),
+        ] {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::CONTENT_LENGTH, http::HeaderValue::from_static(v));
+            }
+            prepare_request_headers(&mut headers, all, body_len);
+            let left: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(left.len(), usize::from(kept), "{values:?} {body_len}");
+        }
     }
 
     #[tokio::test]

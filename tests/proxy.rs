@@ -518,6 +518,13 @@ async fn the_cache_secret_flag_keys_the_disk_cache() {
 /// A loopback upstream that answers every request with a Messages answer and sends the
 /// request heads it read on `heads`.
 async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    recording_upstream_with("").await
+}
+
+/// [`recording_upstream`], its answers carrying `extra` (header lines, each ending in `\r\n`).
+async fn recording_upstream_with(
+    extra: &'static str,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const ANSWER: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":5,"output_tokens":1}}"#;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -551,7 +558,7 @@ async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiv
                     buf.drain(..end + 4 + length);
                     let _ = tx.send(head);
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ANSWER}",
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{ANSWER}",
                         ANSWER.len()
                     );
                     if sock.write_all(resp.as_bytes()).await.is_err() {
@@ -583,6 +590,55 @@ async fn the_upstream_gets_its_own_host_and_never_the_clients() {
             .collect();
         assert_eq!(hosts, [upstream.to_string()], "{head}");
         assert!(head.starts_with("post /v1/messages http/1.1"), "{head}");
+    }
+    proxy.stop().await;
+}
+
+/// Hop-by-hop headers, and the headers a `connection` header names (RFC 9110 section 7.6.1),
+/// go neither upstream nor back to the client; the request's length arrives as sent.
+#[tokio::test]
+async fn hop_by_hop_headers_and_those_connection_names_are_never_forwarded() {
+    let (upstream, mut heads) = recording_upstream_with(
+        "connection: keep-alive, X-Up-Hop\r\nx-up-hop: 1\r\nkeep-alive: timeout=5\r\nx-up-kept: 2\r\n",
+    )
+    .await;
+    let proxy = start(cli_for(format!("http://{upstream}")), &[]).await;
+    for _ in 0..2 {
+        let mut req = messages(proxy.addr, "sk-client-1", HELLO);
+        let h = req.headers_mut();
+        h.insert("connection", "keep-alive, x-hop-one".parse().unwrap());
+        h.insert("x-hop-one", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-authorization", "Basic c2VjcmV0".parse().unwrap());
+        h.insert("x-kept", "2".parse().unwrap());
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for name in ["x-up-hop", "keep-alive"] {
+            assert!(!resp.headers().contains_key(name), "{name} came back");
+        }
+        assert_eq!(resp.headers()["x-up-kept"], "2");
+        resp.into_body().collect().await.unwrap();
+        let head = heads.recv().await.unwrap();
+        let names: Vec<&str> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':').map(|(n, _)| n))
+            .collect();
+        for name in [
+            "connection",
+            "x-hop-one",
+            "keep-alive",
+            "proxy-authorization",
+        ] {
+            assert!(!names.contains(&name), "{name} went upstream: {head}");
+        }
+        assert!(names.contains(&"x-kept"), "{head}");
+        let lengths: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("content-length:"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(lengths, [HELLO.len().to_string()], "{head}");
     }
     proxy.stop().await;
 }

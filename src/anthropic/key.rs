@@ -110,6 +110,34 @@ impl KeyId {
         Some(id)
     }
 
+    /// Remembers, in `req`'s extensions, the id of the key in the given first `x-api-key` and
+    /// `authorization` values of its headers, as [`of_request`](Self::of_request) would: for
+    /// an edge that has just walked the headers (the proxy's front), so that the first layer
+    /// that asks finds the memo instead of looking both names up. The memo is checked against
+    /// the headers when read, as every memo is: a layer that changes the key gets its own id.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn remember<B>(
+        req: &mut http::Request<B>,
+        x_api_key: Option<&http::HeaderValue>,
+        authorization: Option<&http::HeaderValue>,
+    ) {
+        let Some((source, key)) = key_in(x_api_key, authorization) else {
+            return;
+        };
+        let memo = KeyIdMemo {
+            source: source.clone(),
+            x_api_key: x_api_key.is_some_and(|v| std::ptr::eq(v, source)),
+            id: Self::from_api_key(key),
+        };
+        req.extensions_mut().insert(memo);
+    }
+
+    /// Whether `req` carries a memo of its key's id.
+    #[cfg(all(test, feature = "proxy"))]
+    pub(crate) fn remembered<B>(req: &http::Request<B>) -> bool {
+        req.extensions().get::<KeyIdMemo>().is_some()
+    }
+
     /// An id with a given name (for tests, or requests with no key: [`KeyId::anonymous`]).
     pub fn named(name: &str) -> Self {
         Self(std::sync::Arc::from(name))
@@ -129,12 +157,24 @@ impl KeyId {
 /// The header value a key is read from, and the key (trimmed): `x-api-key`, else
 /// `authorization: Bearer ...`; an empty key counts as absent.
 fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
-    if let Some(value) = headers.get(&X_API_KEY) {
+    let x_api_key = headers.get(&X_API_KEY);
+    if let Some(found) = key_in(x_api_key, None) {
+        return Some(found);
+    }
+    key_in(None, headers.get(http::header::AUTHORIZATION))
+}
+
+/// [`key_source`] of the first `x-api-key` and `authorization` values.
+fn key_in<'a>(
+    x_api_key: Option<&'a http::HeaderValue>,
+    authorization: Option<&'a http::HeaderValue>,
+) -> Option<(&'a http::HeaderValue, &'a str)> {
+    if let Some(value) = x_api_key {
         if let Some(key) = value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()) {
             return Some((value, key));
         }
     }
-    let value = headers.get(http::header::AUTHORIZATION)?;
+    let value = authorization?;
     let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some((value, token))

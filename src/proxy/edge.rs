@@ -3,8 +3,9 @@
 //! ```text
 //! Front (ours, `front.rs`)    x-api-key, authorization: `Sensitive` in every Debug, log and span;
 //!                             request-id: req_proxy_<24 hex> (a client's own is replaced);
-//!                             the upstream's goes back as is, else the proxy's own
-//! Trace                       the `request` span (method, path, request_id); headers at TRACE
+//!                             the upstream's goes back as is, else the proxy's own;
+//!                             the `request` span (method, path, request_id) around the layers
+//!                             below and the answer's body; headers at TRACE
 //! map_response                tower-http's plain-text 413 becomes an Anthropic envelope
 //! CatchPanic                  a panic is answered 500 `api_error`; the proxy keeps serving
 //! RequestBodyLimit            32 MB: a larger content-length is refused before any byte is
@@ -12,9 +13,10 @@
 //! Handle                      routing, client tokens, path checks, the ClaudeStack
 //! ```
 //!
-//! What tower-http cannot do, or does at a cost, stays hand-written: the sensitive headers and
-//! the request id (`front.rs`: one walk over the headers, an id made once; tower-http's three
-//! layers looked up each name, cloned the id twice and set two extensions nothing reads),
+//! What tower-http cannot do, or does at a cost, stays hand-written: the sensitive headers,
+//! the request id and the request span (`front.rs`: one walk over the headers, an id made
+//! once, the clock read only when the span is enabled; tower-http's four layers looked up each
+//! name, cloned the id twice, set two extensions nothing reads and read the clock five times),
 //! timeouts and the cap on *connections* (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
 //! limit answers plain text and has no hook for the body).
 
@@ -26,10 +28,8 @@ use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, OnRequest, TraceLayer};
-use tracing::{Level, Span};
 
-use super::front::{FrontLayer, ProxyRequestId};
+use super::front::FrontLayer;
 use super::server::{Handle, ProxyBody, api_error};
 use crate::anthropic::ApiErrorKind;
 
@@ -39,6 +39,7 @@ pub(crate) type EdgeBody = tower_http::body::Limited<Incoming>;
 /// The proxy's HTTP stack around `handle` (see the module docs for the order and why).
 pub(crate) fn stack(
     limit: usize,
+    remember_keys: bool,
     handle: Handle,
 ) -> impl tower::Service<
     Request<Incoming>,
@@ -52,50 +53,12 @@ pub(crate) fn stack(
 + 'static {
     ServiceBuilder::new()
         // Credentials sensitive; the id always the proxy's (a client's `request-id` would be
-        // echoed unchecked).
-        .layer(FrontLayer)
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(RequestSpan)
-                .on_request(RequestHeaders)
-                // Upstream 5xx are the upstream's; the proxy logs its own failures itself.
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
-                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
-        )
+        // echoed unchecked); the `request` span.
+        .layer(FrontLayer::new(remember_keys))
         .map_response(move |resp| anthropic_413(resp, limit))
         .layer(CatchPanicLayer::custom(PanicResponse))
         .layer(RequestBodyLimitLayer::new(limit))
         .service(handle)
-}
-
-/// The `request` span, at DEBUG (as tower-http's default): free when the log is at INFO, the
-/// proxy's throughput being measured against nginx. The proxy's own warnings carry the id.
-#[derive(Debug, Clone, Copy)]
-struct RequestSpan;
-
-impl<B> MakeSpan<B> for RequestSpan {
-    fn make_span(&mut self, req: &Request<B>) -> Span {
-        // The fields are evaluated only when the span is enabled: the id is looked up inside.
-        tracing::debug_span!(
-            "request",
-            method = %req.method(),
-            path = %req.uri().path(),
-            request_id = %req
-                .extensions()
-                .get::<ProxyRequestId>()
-                .map_or("-", ProxyRequestId::as_str),
-        )
-    }
-}
-
-/// At TRACE, the request headers: credentials are marked sensitive and show as `Sensitive`.
-#[derive(Debug, Clone, Copy)]
-struct RequestHeaders;
-
-impl<B> OnRequest<B> for RequestHeaders {
-    fn on_request(&mut self, req: &Request<B>, _span: &Span) {
-        tracing::trace!(version = ?req.version(), headers = ?req.headers(), "request received");
-    }
 }
 
 /// tower-http's body limit answers a `content-length` above the limit itself, in plain text;

@@ -1,7 +1,7 @@
 //! The hyper server of `claude-proxy`: routing, authentication, key injection, graceful shutdown.
 //!
-//! The HTTP stack in front of the `ClaudeStack` is tower-http (`edge.rs`: sensitive headers,
-//! request ids, the request span, panics, the body limit); connections are watched by
+//! The HTTP stack in front of the `ClaudeStack` is the proxy's front and tower-http (`edge.rs`:
+//! sensitive headers, request ids, the request span, panics, the body limit); connections are watched by
 //! `conn.rs` (timeouts, the cap), which tower-http cannot see.
 
 use std::convert::Infallible;
@@ -403,8 +403,12 @@ impl Proxy {
                 }
             })
         };
+        // The client's key goes upstream (no upstream keys of the proxy's, no tenants): its id
+        // is remembered by the front's header walk for the layers' quota and metrics.
+        let remember_keys = config.api_keys.is_empty() && self.state.tenants.is_none();
         let stack = edge::stack(
             config.body_limit,
+            remember_keys,
             Handle {
                 state: self.state.clone(),
             },
@@ -1158,15 +1162,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
         tracing::debug!(?refusal, "request path refused");
         return api_error(ApiErrorKind::InvalidRequest, &refusal.message(path));
     }
-    // A blank `x-api-key` is no credential: it must not shadow an `Authorization` header
-    // upstream either (where `x-api-key` is read first).
-    if req
-        .headers()
-        .get(&X_API_KEY)
-        .is_some_and(|v| v.as_bytes().trim_ascii().is_empty())
-    {
-        req.headers_mut().remove(&X_API_KEY);
-    }
+    // A blank `x-api-key` was removed by the front (`front.rs`), in its walk of the headers.
     if let Some(tenant) = &tenant {
         // A tenant's token is the proxy's, never the upstream's: it names the tenant (the
         // fair queues, limits, budgets and the cache partition read the extensions) and stays
