@@ -180,26 +180,6 @@ impl Config {
         })
     }
 
-    /// Whether a lower model than candidate `idx` is left (and the depth allows moving to
-    /// it; `visited` counts `idx` already): while one is, a retry layer below must not sit
-    /// out a long 429 wait on the current model ([`MaxServerWait`](crate::retry::MaxServerWait)).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lower_left(
-        &self,
-        meta: &RequestMeta,
-        headers: &HeaderMap,
-        candidates: &[ModelEntry],
-        idx: usize,
-        visited: usize,
-        key: &KeyId,
-        cost: &Cost,
-    ) -> bool {
-        let next = idx + 1;
-        next < candidates.len()
-            && visited < self.max_depth
-            && self.any_left(meta, headers, candidates, next, key, cost)
-    }
-
     /// The cost the walk books a request at: the cache-aware input estimate, as the rate
     /// limiter reserves it (a prompt-cache prefix `key` sent to the requested model within
     /// its TTL does not count).
@@ -231,7 +211,14 @@ impl LowerModels for Config {
         key: &KeyId,
         cost: &Cost,
     ) -> bool {
-        Config::lower_left(self, meta, headers, candidates, idx, visited, key, cost)
+        // Whether a lower model than candidate `idx` is left (and the depth allows moving to
+        // it; `visited` counts `idx` already): while one is, a retry layer below must not sit
+        // out a long 429 wait on the current model (`MaxServerWait`). Fallback's own
+        // `MaxServerWait` for a request sent alone asks the same.
+        let next = idx + 1;
+        next < candidates.len()
+            && visited < self.max_depth
+            && self.any_left(meta, headers, candidates, next, key, cost)
     }
 
     fn max_wait(&self) -> Duration {

@@ -28,6 +28,7 @@ use crate::body::{
     ErrorAnswer, ReadErrorAnswer, Replay, RequestBody, RequestTemplate, read_error_answer,
 };
 use crate::quota::Cost;
+use crate::retry::LowerModels as _;
 use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome, ServerWait, Spare};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
