@@ -726,15 +726,28 @@ impl ClaudeStack {
                 }
             }};
         }
+        // With a metrics layer (outermost; it reads the request's key, checked against its
+        // headers, before any other layer) the fallback and rate limit layers take the key id
+        // from the memo it left: below it only the stack's own layers run, and the one that
+        // changes the key (the key pool) remembers the key it puts on.
+        #[cfg(feature = "metrics")]
+        let metrics = self.metrics_layer();
+        #[cfg(feature = "metrics")]
+        let key_checked = metrics.is_some();
+        #[cfg(not(feature = "metrics"))]
+        let key_checked = false;
         // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
         // is an `Optional(None)`, which passes the inner service through (no box, no extra
         // call) and its answer's body in the layer's pass-through body (`Absent::pass`).
         let svc = Optional(self.concurrency.clone()).layer(inner);
-        let svc =
-            Optional(self.rate_limit.as_ref().map(|layer| {
-                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
-            }))
-            .layer(svc);
+        let svc = Optional(self.rate_limit.as_ref().map(|layer| {
+            let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
+            match key_checked {
+                true => layer.key_checked_above(),
+                false => layer,
+            }
+        }))
+        .layer(svc);
         #[cfg(feature = "metrics")]
         let svc =
             Optional(self.pacing.as_ref().map(|layer| {
@@ -771,6 +784,10 @@ impl ClaudeStack {
                 Some(pool) => layer.key_pool(pool.handle()),
                 None => layer,
             };
+            let layer = match key_checked {
+                true => layer.key_checked_above(),
+                false => layer,
+            };
             // Retry sits directly below fallback: it resends from fallback's copy of the
             // request instead of keeping one of its own.
             match &self.retry {
@@ -787,8 +804,6 @@ impl ClaudeStack {
             None => layer.clone(),
         }))
         .layer(svc);
-        #[cfg(feature = "metrics")]
-        let metrics = self.metrics_layer();
         // The metrics layer opens the request's `claude_request` span (with its labels);
         // without one, the stack opens it.
         #[cfg(feature = "metrics")]

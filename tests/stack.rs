@@ -433,3 +433,45 @@ async fn a_retried_attempt_is_the_request_fallback_sent() {
         }
     }
 }
+
+/// Below the metrics layer the key id is read from the memo it left, not from the headers
+/// again: the key pool remembers the key it puts on, so the rate limiter takes the pool's
+/// admission on that key (a stale memo would book the caller's key as well), and the fallback
+/// layer above the pool reads the caller's.
+#[tokio::test(start_paused = true)]
+async fn the_key_a_pool_puts_on_is_the_one_the_layers_below_read() {
+    use tower_claude::anthropic::KeyId;
+    use tower_claude::key_pool::KeyPoolLayer;
+
+    const POOL: [&str; 2] = ["sk-ant-pool-one", "sk-ant-pool-two"];
+    let mock = MockClaude::builder().api_keys(POOL).build();
+    let stack = ClaudeStack::from_config(&StackConfig {
+        cache: CacheConfig::Off,
+        seed: Some(5),
+        ..StackConfig::default()
+    })
+    .unwrap()
+    .key_pool(Some(KeyPoolLayer::new(POOL).unwrap()));
+    assert!(stack.metrics_layer().is_some() || !cfg!(feature = "metrics"));
+    let svc = stack.service(mock.clone());
+    for _ in 0..4 {
+        let resp = svc
+            .clone()
+            .oneshot(request("claude-haiku-4-5"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let pool: Vec<KeyId> = POOL.iter().map(|k| KeyId::from_api_key(k)).collect();
+    let statuses = stack.quota_board().statuses();
+    assert!(!statuses.is_empty());
+    for status in &statuses {
+        assert!(
+            pool.contains(&status.key),
+            "the board holds {:?}, not a key of the pool",
+            status.key
+        );
+        assert_eq!(status.in_flight, 0, "every reservation settled");
+    }
+}

@@ -110,6 +110,38 @@ impl KeyId {
         Some(id)
     }
 
+    /// The id of the request's key as a layer above found it, without checking the memo
+    /// against the headers again; [`of_request`](Self::of_request) when there is no memo.
+    ///
+    /// Crate-private, for the layers of a [`ClaudeStack`](crate::stack::ClaudeStack) below
+    /// its metrics layer (which reads the key with [`of_request`](Self::of_request), checked
+    /// against the headers, before any other layer): between them only the stack's own
+    /// layers run, and the one that changes the key (a key pool) remembers the key it puts
+    /// in the headers ([`remember_chosen`](Self::remember_chosen)). One header lookup and
+    /// comparison per request instead of one per layer that needs the key.
+    pub(crate) fn of_request_checked_above<B>(req: &mut http::Request<B>) -> Option<Self> {
+        match req.extensions().get::<KeyIdMemo>() {
+            Some(memo) => Some(memo.id.clone()),
+            None => Self::of_request(req),
+        }
+    }
+
+    /// Remembers that the key now in `req`'s `x-api-key` is `header`, whose id is `id`: for
+    /// a layer that puts a key in the headers (a key pool), so that the layers below that
+    /// trust the memo ([`of_request_checked_above`](Self::of_request_checked_above)) read
+    /// this key's id, and those that check it find it matching.
+    pub(crate) fn remember_chosen<B>(
+        req: &mut http::Request<B>,
+        header: &http::HeaderValue,
+        id: &Self,
+    ) {
+        req.extensions_mut().insert(KeyIdMemo {
+            source: header.clone(),
+            x_api_key: true,
+            id: id.clone(),
+        });
+    }
+
     /// Remembers, in `req`'s extensions, the id of the key in the given first `x-api-key` and
     /// `authorization` values of its headers, as [`of_request`](Self::of_request) would: for
     /// an edge that has just walked the headers (the proxy's front), so that the first layer
@@ -271,6 +303,32 @@ mod tests {
         assert_eq!(KeyId::from_api_key(&long), KeyId::derive(&long));
         assert_eq!(recent::get(long.as_bytes()), None, "long keys are not kept");
         assert_ne!(KeyId::from_api_key("a"), KeyId::from_api_key("b"));
+    }
+
+    /// Without a memo the key is read from the headers (and remembered); with one, the memo
+    /// is the answer, and `remember_chosen` replaces it with a key put on the request.
+    #[test]
+    fn a_memo_checked_above_is_taken_as_it_is() {
+        let mut req = http::Request::new(());
+        assert_eq!(KeyId::of_request_checked_above(&mut req), None);
+        req.headers_mut()
+            .insert("x-api-key", "sk-ant-one".parse().unwrap());
+        let one = KeyId::from_api_key("sk-ant-one");
+        assert_eq!(KeyId::of_request_checked_above(&mut req), Some(one.clone()));
+        req.headers_mut()
+            .insert("x-api-key", "sk-ant-two".parse().unwrap());
+        // The memo is trusted: the header is not read again.
+        assert_eq!(KeyId::of_request_checked_above(&mut req), Some(one));
+        let three = KeyId::from_api_key("sk-ant-three");
+        let header: http::HeaderValue = "sk-ant-three".parse().unwrap();
+        req.headers_mut().insert("x-api-key", header.clone());
+        KeyId::remember_chosen(&mut req, &header, &three);
+        assert_eq!(
+            KeyId::of_request_checked_above(&mut req),
+            Some(three.clone())
+        );
+        // A checked read agrees: the memo matches the header.
+        assert_eq!(KeyId::of_request(&mut req), Some(three));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub(crate) struct Config {
     /// which composes them so): each request sent carries a [`Resend`](crate::retry::Resend)
     /// so that the retry layer keeps no copy of its own.
     pub(crate) resend_below: bool,
+    /// A layer above read the request's key id, checked against its headers, with only the
+    /// stack's own layers between (set by [`ClaudeStack`](crate::stack::ClaudeStack) under
+    /// its metrics layer): the id is taken from the memo it left.
+    pub(crate) key_checked_above: bool,
     /// The candidates of the last requested models (see [`candidates`](Self::candidates)).
     pub(crate) chains: Mutex<Vec<Arc<[ModelEntry]>>>,
 }

@@ -77,6 +77,8 @@ pub struct FallbackLayer {
     output: OutputReservation,
     /// See [`Config::resend_below`].
     resend_below: bool,
+    /// See [`Config::key_checked_above`].
+    key_checked_above: bool,
 }
 
 impl Default for FallbackLayer {
@@ -102,6 +104,7 @@ impl FallbackLayer {
             max_depth: DEFAULT_MAX_DEPTH,
             output: OutputReservation::default(),
             resend_below: false,
+            key_checked_above: false,
         }
     }
 
@@ -112,6 +115,16 @@ impl FallbackLayer {
     /// copy of its own.
     pub(crate) fn resend_below(mut self) -> Self {
         self.resend_below = true;
+        self
+    }
+
+    /// Says that a layer above read the request's key id, checked against its headers, with
+    /// only the stack's own layers between (crate-private: set by
+    /// [`ClaudeStack`](crate::stack::ClaudeStack) under its metrics layer): the id is taken
+    /// from the memo it left
+    /// ([`KeyId::of_request_checked_above`](crate::anthropic::KeyId::of_request_checked_above)).
+    pub(crate) fn key_checked_above(mut self) -> Self {
+        self.key_checked_above = true;
         self
     }
 
@@ -303,6 +316,7 @@ impl FallbackLayer {
             max_depth: self.max_depth,
             output: self.output,
             resend_below: self.resend_below,
+            key_checked_above: self.key_checked_above,
             chains: Default::default(),
         })
     }

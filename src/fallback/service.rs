@@ -181,7 +181,11 @@ where
         } else {
             config.candidates(&entry)
         };
-        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
+        let key = match config.key_checked_above {
+            true => KeyId::of_request_checked_above(&mut req),
+            false => KeyId::of_request(&mut req),
+        }
+        .unwrap_or_else(KeyId::anonymous);
         // The walk reads the `RequestMeta` that `get_or_scan` left in the request.
         let Some(cost) = req
             .extensions()

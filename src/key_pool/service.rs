@@ -15,7 +15,7 @@ use super::future::{ResponseFuture, Sent};
 use super::pool::{ChosenKey, KeyCosts, KeyPoolHandle, Pick, Pool};
 use crate::BoxError;
 use crate::anthropic::header_names::X_API_KEY;
-use crate::anthropic::{RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
 use crate::quota::{Admission, Cost};
 use crate::retry::Deadline;
@@ -173,5 +173,7 @@ fn send_with(req: &mut Request<RequestBody>, pick: &Pick) {
     let headers = req.headers_mut();
     headers.remove(AUTHORIZATION);
     headers.insert(X_API_KEY, pick.header.clone());
+    // The layers below read the chosen key's id from the memo, not from the header again.
+    KeyId::remember_chosen(req, &pick.header, &pick.id);
     req.extensions_mut().insert(ChosenKey::new(pick.id.clone()));
 }

@@ -26,4 +26,8 @@ pub(crate) struct Config {
     /// Reserve the cache-aware input estimate (see `RateLimitLayer::cache_aware`).
     pub(crate) cache_aware: bool,
     pub(crate) scope: Scope,
+    /// The request's key was read, checked against its headers, by a layer above that only
+    /// the stack's own layers follow (see `RateLimitLayer::key_checked_above`): the key id
+    /// is taken from the memo it left.
+    pub(crate) key_checked_above: bool,
 }

@@ -49,6 +49,8 @@ pub struct RateLimitLayer {
     limits: Vec<(RateLimitGroup, Limits)>,
     default_limits: Option<Limits>,
     cache_aware: bool,
+    /// See [`key_checked_above`](Self::key_checked_above).
+    key_checked_above: bool,
 }
 
 impl Default for RateLimitLayer {
@@ -70,6 +72,7 @@ impl RateLimitLayer {
             limits: Vec::new(),
             default_limits: None,
             cache_aware: true,
+            key_checked_above: false,
         }
     }
 
@@ -148,6 +151,16 @@ impl RateLimitLayer {
         self
     }
 
+    /// The request's key id is read from the memo a layer above left
+    /// ([`KeyId::of_request_checked_above`](crate::anthropic::KeyId::of_request_checked_above)),
+    /// not checked against the headers again: set by
+    /// [`ClaudeStack`](crate::stack::ClaudeStack) under its metrics layer, which checks it,
+    /// with only the stack's own layers between (a key pool remembers the key it puts on).
+    pub(crate) fn key_checked_above(mut self) -> Self {
+        self.key_checked_above = true;
+        self
+    }
+
     /// The board this layer writes to.
     pub fn quota_board(&self) -> &QuotaBoard {
         &self.board
@@ -167,6 +180,7 @@ impl RateLimitLayer {
                 max_wait: self.max_wait,
                 cache_aware: self.cache_aware,
                 scope,
+                key_checked_above: self.key_checked_above,
             }),
         )
     }

@@ -105,6 +105,9 @@ where
                 Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
             };
         let key = match config.scope {
+            Scope::Key if config.key_checked_above => {
+                KeyId::of_request_checked_above(&mut req).unwrap_or_else(KeyId::anonymous)
+            }
             Scope::Key => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
             Scope::Tenant => {
                 let Some((t, limits)) = tenant
