@@ -14,10 +14,13 @@ use crate::quota::{Cost, PromptCacheEstimate, PromptCacheMemory, Reservation};
 /// What a request's settlement does with the prompt cache: counts cache reads toward the
 /// limit for the models where they count, adds the cache tokens to the board's totals and,
 /// when the server used its cache, remembers the request's prefixes.
+///
+/// Small (three words), carried inline: the estimate, made only for a request with prompt-cache
+/// breakpoints, is boxed, so that a request without any allocates nothing for its note.
 #[derive(Debug, Clone)]
 pub(crate) struct PromptNote {
     pub(crate) memory: PromptCacheMemory,
-    pub(crate) estimate: Option<PromptCacheEstimate>,
+    pub(crate) estimate: Option<Box<PromptCacheEstimate>>,
     /// The model counts `cache_read_input_tokens` toward its input limit.
     pub(crate) reads_count: bool,
 }
@@ -36,7 +39,7 @@ impl PromptNote {
     fn after(&self, reservation: &Reservation, usage: &Usage) {
         let expected = self
             .estimate
-            .as_ref()
+            .as_deref()
             .map_or(0, PromptCacheEstimate::expected_read_tokens);
         self.memory
             .record_usage(reservation.key(), reservation.group(), usage, expected);
@@ -105,7 +108,7 @@ impl<B> RateLimitBody<B> {
         inner: Tracked<B>,
         reservation: Reservation,
         tracker: UsageTracker,
-        note: Option<Box<PromptNote>>,
+        note: Option<PromptNote>,
     ) -> Self {
         Self {
             inner,
@@ -132,7 +135,7 @@ impl<B> RateLimitBody<B> {
 struct Settler {
     reservation: Option<Reservation>,
     tracker: UsageTracker,
-    note: Option<Box<PromptNote>>,
+    note: Option<PromptNote>,
 }
 
 impl Settler {

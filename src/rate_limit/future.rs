@@ -40,7 +40,7 @@ enum State<S, F> {
         wait: Duration,
         stream: bool,
         config: Arc<Config>,
-        note: Option<Box<PromptNote>>,
+        note: Option<PromptNote>,
     },
     Passthrough {
         #[pin]
@@ -59,7 +59,7 @@ struct Waiting<S> {
     started: Instant,
     stream: bool,
     config: Arc<Config>,
-    note: Option<Box<PromptNote>>,
+    note: Option<PromptNote>,
 }
 
 impl<S> Drop for Waiting<S> {
@@ -105,7 +105,7 @@ impl<S, F> ResponseFuture<S, F> {
         wait: Duration,
         stream: bool,
         config: Arc<Config>,
-        note: Option<Box<PromptNote>>,
+        note: Option<PromptNote>,
     ) -> Self {
         Self {
             state: State::Calling {
@@ -125,7 +125,7 @@ impl<S, F> ResponseFuture<S, F> {
         request: Request<RequestBody>,
         stream: bool,
         config: Arc<Config>,
-        note: Option<Box<PromptNote>>,
+        note: Option<PromptNote>,
     ) -> Self {
         Self {
             state: State::Waiting(Box::new(Waiting {
@@ -264,7 +264,7 @@ fn on_response<B>(
     wait: Duration,
     stream: bool,
     config: &Config,
-    note: Option<Box<PromptNote>>,
+    note: Option<PromptNote>,
 ) -> Response<RateLimitBody<B>> {
     // The response is kept whole and its body wrapped in place (taking it apart and
     // rebuilding it moves the head and the body each time).

@@ -139,11 +139,11 @@ where
         let input_tokens = estimate
             .as_ref()
             .map_or(input_tokens, |e| e.counted_input_tokens());
-        let note = Some(Box::new(PromptNote {
+        let note = Some(PromptNote {
             memory: memory.clone(),
-            estimate,
+            estimate: estimate.map(Box::new),
             reads_count,
-        }));
+        });
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
         // Admitted above (a key pool took the quota for this key): use that reservation.
         let admitted = match config.scope {
