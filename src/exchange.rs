@@ -41,8 +41,14 @@
 //! | [`ErrorAnswer`] — the parsed envelope of an error answer (429, 529, any 4xx / 5xx), read once | the innermost layer that reads the body: key pool (429, 400), retry (any error status; it replaces it with the envelope it writes), fallback (429, 529) | key pool, retry, fallback (instead of reading the body again), the application |
 //!
 //! A crate-private memo of the request's key id (derived once from its `x-api-key` or
-//! `Authorization` header, never the key itself) also rides in the request's extensions, and
-//! a crate-private mark rides on a response whose rate-limit headers a rate limiter or a key
+//! `Authorization` header, never the key itself) also rides with the request: inside its
+//! [`RequestMeta`] once the request is scanned (no extension of its own), else in the
+//! request's extensions (the proxy's front writes it before any layer scans the body). In
+//! [`ClaudeStack`](crate::stack::ClaudeStack) the metrics layer checks it against the headers
+//! and the fallback and rate limit layers below take it as it is; the key pool, which puts
+//! another key on, writes that key's memo.
+//!
+//! A crate-private mark rides on a response whose rate-limit headers a rate limiter or a key
 //! pool fed into its board: fallback, reading the same board, does not feed them again (one
 //! observation per upstream answer; with Redis each is a script call).
 //! In [`ClaudeStack`](crate::stack::ClaudeStack), where retry sits directly below fallback, a
@@ -89,8 +95,8 @@ pub use crate::tenant::Tenant;
 /// grows it (a new table, every entry moved, the old one freed) at the fourth; an answer in
 /// [`ClaudeStack`](crate::stack::ClaudeStack) gets at least four ([`QueueWait`], the
 /// [`UsageTracker`], [`RetryInfo`], [`ServedModel`]), and with rate-limit headers, a cache or
-/// a key pool up to seven; a request three ([`RequestMeta`], the key memo, fallback's
-/// description for retry) beside what the caller set ([`Deadline`], [`Tenant`], …). `Extensions` has no `with_capacity`, but a clone keeps its
+/// a key pool up to seven; a request two ([`RequestMeta`], which carries the key memo, and
+/// fallback's description for retry) beside what the caller set ([`Deadline`], [`Tenant`], …). `Extensions` has no `with_capacity`, but a clone keeps its
 /// table's size: the map starts as a clone of an empty one that has room for seven, and what
 /// `extensions` already held is moved into it. Only the map's size changes, never what it
 /// holds.

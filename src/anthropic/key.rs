@@ -2,6 +2,7 @@
 
 use http::HeaderMap;
 
+use super::RequestMeta;
 use super::headers::parsed_names::X_API_KEY;
 
 /// A short id for an API key: the first 12 hex digits of a BLAKE3 keyed-derivation hash.
@@ -86,7 +87,7 @@ impl KeyId {
     /// assert_eq!(KeyId::of_request(&mut req), Some(KeyId::from_api_key("sk-ant-api03-two")));
     /// ```
     pub fn of_request<B>(req: &mut http::Request<B>) -> Option<Self> {
-        let memo = req.extensions().get::<KeyIdMemo>();
+        let memo = KeyIdMemo::of(req);
         // The memo's value still in `x-api-key` (read first): its key, without reading it again.
         if let Some(memo) = memo.filter(|m| m.x_api_key) {
             if req.headers().get(&X_API_KEY) == Some(&memo.source) {
@@ -106,7 +107,7 @@ impl KeyId {
             x_api_key,
             id: id.clone(),
         };
-        req.extensions_mut().insert(memo);
+        memo.keep(req);
         Some(id)
     }
 
@@ -120,7 +121,7 @@ impl KeyId {
     /// in the headers ([`remember_chosen`](Self::remember_chosen)). One header lookup and
     /// comparison per request instead of one per layer that needs the key.
     pub(crate) fn of_request_checked_above<B>(req: &mut http::Request<B>) -> Option<Self> {
-        match req.extensions().get::<KeyIdMemo>() {
+        match KeyIdMemo::of(req) {
             Some(memo) => Some(memo.id.clone()),
             None => Self::of_request(req),
         }
@@ -135,11 +136,12 @@ impl KeyId {
         header: &http::HeaderValue,
         id: &Self,
     ) {
-        req.extensions_mut().insert(KeyIdMemo {
+        KeyIdMemo {
             source: header.clone(),
             x_api_key: true,
             id: id.clone(),
-        });
+        }
+        .keep(req);
     }
 
     /// Remembers, in `req`'s extensions, the id of the key in the given first `x-api-key` and
@@ -161,13 +163,13 @@ impl KeyId {
             x_api_key: x_api_key.is_some_and(|v| std::ptr::eq(v, source)),
             id: Self::from_api_key(key),
         };
-        req.extensions_mut().insert(memo);
+        memo.keep(req);
     }
 
     /// Whether `req` carries a memo of its key's id.
     #[cfg(all(test, feature = "proxy"))]
     pub(crate) fn remembered<B>(req: &http::Request<B>) -> bool {
-        req.extensions().get::<KeyIdMemo>().is_some()
+        KeyIdMemo::of(req).is_some()
     }
 
     /// An id with a given name (for tests, or requests with no key: [`KeyId::anonymous`]).
@@ -246,12 +248,43 @@ mod recent {
 
 /// [`KeyId::of_request`]'s memo: the id and the header value it was derived from. `Debug`
 /// shows the id only.
+///
+/// Kept in the request's [`RequestMeta`] once the request is scanned (no box of its own, and
+/// copied with the meta), else as an extension of its own (a request the proxy's front saw
+/// before any layer scanned it); the meta's wins when both are there, and a new memo goes to
+/// the meta when there is one.
 #[derive(Clone)]
-struct KeyIdMemo {
+pub(crate) struct KeyIdMemo {
     source: http::HeaderValue,
     /// `source` was read from `x-api-key` (else from `authorization`).
     x_api_key: bool,
     id: KeyId,
+}
+
+impl KeyIdMemo {
+    /// The memo `req` carries: in its [`RequestMeta`], else in an extension of its own.
+    fn of<B>(req: &http::Request<B>) -> Option<&Self> {
+        let extensions = req.extensions();
+        match extensions
+            .get::<RequestMeta>()
+            .and_then(RequestMeta::key_memo)
+        {
+            Some(memo) => Some(memo),
+            None => extensions.get::<Self>(),
+        }
+    }
+
+    /// Keeps this memo on `req`: in its [`RequestMeta`] when it has one, else as an
+    /// extension.
+    fn keep<B>(self, req: &mut http::Request<B>) {
+        let extensions = req.extensions_mut();
+        match extensions.get_mut::<RequestMeta>() {
+            Some(meta) => meta.set_key_memo(self),
+            None => {
+                extensions.insert(self);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyIdMemo {
@@ -329,6 +362,47 @@ mod tests {
         );
         // A checked read agrees: the memo matches the header.
         assert_eq!(KeyId::of_request(&mut req), Some(three));
+    }
+
+    /// Once the request is scanned the memo is kept in its `RequestMeta` (no extension of
+    /// its own) and travels with the meta's copies; a memo kept before the scan is still read,
+    /// and a new one goes to the meta.
+    #[test]
+    fn the_memo_rides_in_the_request_meta() {
+        let body = br#"{"model":"claude-haiku-4-5","max_tokens":8}"#.to_vec();
+        let mut req = http::Request::new(body.clone());
+        req.headers_mut()
+            .insert("x-api-key", "sk-ant-one".parse().unwrap());
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        let one = KeyId::from_api_key("sk-ant-one");
+        assert_eq!(KeyId::of_request(&mut req), Some(one.clone()));
+        assert!(req.extensions().get::<KeyIdMemo>().is_none());
+        let meta = req.extensions().get::<RequestMeta>().unwrap();
+        assert_eq!(meta.key_memo().map(|m| &m.id), Some(&one));
+        // A copy of the meta (fallback's, for another model) carries it.
+        let entry = crate::anthropic::ModelCatalog::default().entry("claude-sonnet-4-6");
+        assert_eq!(
+            meta.with_model(&entry).key_memo().map(|m| &m.id),
+            Some(&one)
+        );
+        assert_eq!(meta.clone().key_memo().map(|m| &m.id), Some(&one));
+        assert!(!format!("{meta:?}").contains("sk-ant"));
+
+        // Remembered before the scan: an extension, read until a memo goes to the meta.
+        let mut req = http::Request::new(body);
+        req.headers_mut()
+            .insert("x-api-key", "sk-ant-one".parse().unwrap());
+        assert_eq!(KeyId::of_request(&mut req), Some(one.clone()));
+        assert!(req.extensions().get::<KeyIdMemo>().is_some());
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        assert_eq!(KeyId::of_request_checked_above(&mut req), Some(one));
+        let two = KeyId::from_api_key("sk-ant-two");
+        req.headers_mut()
+            .insert("x-api-key", "sk-ant-two".parse().unwrap());
+        assert_eq!(KeyId::of_request(&mut req), Some(two.clone()));
+        let meta = req.extensions().get::<RequestMeta>().unwrap();
+        assert_eq!(meta.key_memo().map(|m| &m.id), Some(&two));
+        assert_eq!(KeyId::of_request_checked_above(&mut req), Some(two));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 
 use super::estimate::CacheBreakpoint;
+use super::key::KeyIdMemo;
 use super::models::{ModelCatalog, ModelEntry};
 use super::scan::{CanonicalHints, MetaError, MetaErrorKind, Scanner};
 
@@ -48,6 +49,32 @@ pub struct RequestMeta {
     /// The catalogue's entry of `model`, looked up by the first layer that asks
     /// ([`model_entry`](Self::model_entry)); not part of the value.
     entry: EntryMemo,
+    /// The memo of the request's key id ([`KeyId::of_request`](super::KeyId::of_request)),
+    /// kept here rather than in an extension of its own once the request is scanned (the
+    /// layers that read one read the other): no box of its own, and one entry fewer in the
+    /// request's extensions to copy when fallback copies the request. Not part of the value.
+    key: KeyMemo,
+}
+
+/// [`RequestMeta`]'s memo of the request's key id (see [`KeyIdMemo`]); `Debug` says only
+/// whether it is set.
+#[derive(Clone, Default)]
+struct KeyMemo(Option<KeyIdMemo>);
+
+impl PartialEq for KeyMemo {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for KeyMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "KeyMemo(set)"
+        } else {
+            "KeyMemo(unset)"
+        })
+    }
 }
 
 /// [`RequestMeta::model_entry`]'s memo: set by the first layer that resolves the model with
@@ -146,6 +173,7 @@ impl RequestMeta {
             cache_breakpoints: scan.cache_breakpoints,
             canonical: scan.canonical,
             entry: EntryMemo::default(),
+            key: KeyMemo::default(),
         })
     }
 
@@ -236,7 +264,18 @@ impl RequestMeta {
             cache_breakpoints: self.cache_breakpoints.clone(),
             canonical: self.canonical.clone(),
             entry: EntryMemo(Some(entry.clone())),
+            key: self.key.clone(),
         }
+    }
+
+    /// The memo of the request's key id kept here, if any (see [`KeyIdMemo`]).
+    pub(crate) fn key_memo(&self) -> Option<&KeyIdMemo> {
+        self.key.0.as_ref()
+    }
+
+    /// Keeps `memo` as the memo of the request's key id.
+    pub(crate) fn set_key_memo(&mut self, memo: KeyIdMemo) {
+        self.key.0 = Some(memo);
     }
 
     /// Reads the extension from `req`, or scans its body and inserts the result, returning it.

@@ -64,8 +64,8 @@ where
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         // The outermost layer: the request's map gets room for what the layers below add
-        // (`RequestMeta`, the key memo, fallback's description for retry; beside a deadline
-        // or a tenant the caller set, the fourth entry grew it).
+        // (`RequestMeta`, which carries the key memo, and fallback's description for retry;
+        // beside a deadline and a tenant the caller set, the fourth entry grew it).
         crate::exchange::make_room(req.extensions_mut());
         let Ok(meta) = RequestMeta::get_or_scan_in(&mut req, &self.shared.catalog) else {
             return ResponseFuture::passthrough(self.inner.call(req));
