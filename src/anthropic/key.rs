@@ -88,25 +88,30 @@ impl KeyId {
     /// ```
     pub fn of_request<B>(req: &mut http::Request<B>) -> Option<Self> {
         let memo = KeyIdMemo::of(req);
+        // `x-api-key` looked up once: for the memo's check and, when it does not hold, for
+        // the key itself.
+        let x_api_key = req.headers().get(&X_API_KEY);
         // The memo's value still in `x-api-key` (read first): its key, without reading it again.
         if let Some(memo) = memo.filter(|m| m.x_api_key) {
-            if req.headers().get(&X_API_KEY) == Some(&memo.source) {
+            if x_api_key == Some(&memo.source) {
                 return Some(memo.id.clone());
             }
         }
-        let (source, key) = key_source(req.headers())?;
+        let (source, key) = match key_in(x_api_key, None) {
+            Some(found) => found,
+            None => key_in(None, req.headers().get(http::header::AUTHORIZATION))?,
+        };
         if let Some(memo) = memo {
             if memo.source == *source {
                 return Some(memo.id.clone());
             }
         }
-        let x_api_key = req.headers().get(&X_API_KEY) == Some(source);
-        let id = Self::from_api_key(key);
         let memo = KeyIdMemo {
             source: source.clone(),
-            x_api_key,
-            id: id.clone(),
+            x_api_key: x_api_key.is_some_and(|v| std::ptr::eq(v, source)),
+            id: Self::from_api_key(key),
         };
+        let id = memo.id.clone();
         memo.keep(req);
         Some(id)
     }
