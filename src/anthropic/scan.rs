@@ -1234,7 +1234,10 @@ impl CanonicalHints {
     /// to `out`, exactly what [`write_canonical`] writes, and returns `true`; returns `false`
     /// (and leaves `out` unspecified) when the hints cannot say: none recorded, another body,
     /// or a number whose canonical form differs from its text.
-    pub(crate) fn write(&self, body: &[u8], out: &mut Vec<u8>) -> bool {
+    ///
+    /// `out` is a [`CanonicalSink`]: a buffer, or the cache key's NH digest taking the bytes
+    /// as they come (no copy of the canonical form).
+    pub(crate) fn write(&self, body: &[u8], out: &mut impl CanonicalSink) -> bool {
         let Some(layout) = &self.0 else {
             return false;
         };
@@ -1266,20 +1269,27 @@ impl CanonicalHints {
 impl Layout {
     /// Writes `body[lo..hi]` with the objects of `objects` (those starting in `lo..hi`, by
     /// start) reordered.
-    fn emit(&self, body: &[u8], lo: usize, hi: usize, objects: &[Reordered], out: &mut Vec<u8>) {
+    fn emit(
+        &self,
+        body: &[u8],
+        lo: usize,
+        hi: usize,
+        objects: &[Reordered],
+        out: &mut impl CanonicalSink,
+    ) {
         let mut at = lo;
         let mut i = 0;
         while let Some(o) = objects.get(i) {
             let (start, end) = (o.start as usize, o.end as usize);
-            out.extend_from_slice(&body[at..start]);
+            // The bytes before the object, and its `{`.
+            out.put(&body[at..=start]);
             // The objects nested in this one follow it.
             let nested = &objects[i + 1..];
             let nested = &nested[..nested.partition_point(|n| n.start < o.end)];
-            out.push(b'{');
             let members = &self.members[o.first as usize..(o.first + o.count) as usize];
             for (k, m) in members.iter().enumerate() {
                 if k > 0 {
-                    out.push(b',');
+                    out.put(b",");
                 }
                 let from = nested.partition_point(|n| n.start < m.start);
                 let to = from + nested[from..].partition_point(|n| n.start < m.end);
@@ -1291,11 +1301,23 @@ impl Layout {
                     out,
                 );
             }
-            out.push(b'}');
+            out.put(b"}");
             at = end;
             i += 1 + nested.len();
         }
-        out.extend_from_slice(&body[at..hi]);
+        out.put(&body[at..hi]);
+    }
+}
+
+/// Where [`CanonicalHints::write`] writes the canonical form, piece by piece.
+pub(crate) trait CanonicalSink {
+    /// The next bytes of the canonical form.
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl CanonicalSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
     }
 }
 
