@@ -29,8 +29,8 @@ pub use meta::{RequestMeta, rewrite_model};
 pub use models::{ModelCatalog, ModelEntry, ModelFamily, RateLimitGroup};
 #[cfg(test)]
 pub(crate) use scan::write_canonical_number;
-pub(crate) use scan::{CanonicalSink, want_canonical_hints, write_canonical};
 pub use scan::{MetaError, MetaErrorKind};
+pub(crate) use scan::{want_canonical_hints, write_canonical};
 pub use usage::{BodyState, SseEvent, SseParser, StreamTracker, Usage, UsageTracker};
 
 /// Whether a request is a Messages API call (`POST .../v1/messages`), the requests this crate's

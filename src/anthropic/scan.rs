@@ -1308,10 +1308,7 @@ impl CanonicalHints {
     /// to `out`, exactly what [`write_canonical`] writes, and returns `true`; returns `false`
     /// (and leaves `out` unspecified) when the hints cannot say: none recorded, another body,
     /// or a number whose canonical form differs from its text.
-    ///
-    /// `out` is a [`CanonicalSink`]: a buffer, or the cache key's NH digest taking the bytes
-    /// as they come (no copy of the canonical form).
-    pub(crate) fn write(&self, body: &[u8], out: &mut impl CanonicalSink) -> bool {
+    pub(crate) fn write(&self, body: &[u8], out: &mut Vec<u8>) -> bool {
         let Some(layout) = &self.0 else {
             return false;
         };
@@ -1343,55 +1340,37 @@ impl CanonicalHints {
 impl Layout {
     /// Writes `body[lo..hi]` with the objects of `objects` (those starting in `lo..hi`, by
     /// start) reordered.
-    fn emit(
-        &self,
-        body: &[u8],
-        lo: usize,
-        hi: usize,
-        objects: &[Reordered],
-        out: &mut impl CanonicalSink,
-    ) {
+    fn emit(&self, body: &[u8], lo: usize, hi: usize, objects: &[Reordered], out: &mut Vec<u8>) {
         let mut at = lo;
         let mut i = 0;
         while let Some(o) = objects.get(i) {
             let (start, end) = (o.start as usize, o.end as usize);
-            // The bytes before the object, and its `{`.
-            out.put(&body[at..=start]);
+            out.extend_from_slice(&body[at..start]);
             // The objects nested in this one follow it.
             let nested = &objects[i + 1..];
             let nested = &nested[..nested.partition_point(|n| n.start < o.end)];
+            out.push(b'{');
             let members = &self.members[o.first as usize..(o.first + o.count) as usize];
             for (k, m) in members.iter().enumerate() {
                 if k > 0 {
-                    out.put(b",");
+                    out.push(b',');
                 }
+                let (m_start, m_end) = (m.start as usize, m.end as usize);
+                // A member with no object to reorder inside is copied as it is (most
+                // members: no search, no call).
                 let from = nested.partition_point(|n| n.start < m.start);
-                let to = from + nested[from..].partition_point(|n| n.start < m.end);
-                self.emit(
-                    body,
-                    m.start as usize,
-                    m.end as usize,
-                    &nested[from..to],
-                    out,
-                );
+                let inside = nested[from..].partition_point(|n| n.start < m.end);
+                if inside == 0 {
+                    out.extend_from_slice(&body[m_start..m_end]);
+                } else {
+                    self.emit(body, m_start, m_end, &nested[from..from + inside], out);
+                }
             }
-            out.put(b"}");
+            out.push(b'}');
             at = end;
             i += 1 + nested.len();
         }
-        out.put(&body[at..hi]);
-    }
-}
-
-/// Where [`CanonicalHints::write`] writes the canonical form, piece by piece.
-pub(crate) trait CanonicalSink {
-    /// The next bytes of the canonical form.
-    fn put(&mut self, bytes: &[u8]);
-}
-
-impl CanonicalSink for Vec<u8> {
-    fn put(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
+        out.extend_from_slice(&body[at..hi]);
     }
 }
 

@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderValue};
 #[cfg(test)]
 use serde_json::Value;
 
-use super::secret::{Keys, NH_CHUNK, NH_STREAM_CHUNKS};
+use super::secret::{Keys, NH_CHUNK};
 use crate::anthropic::header_names;
 use crate::anthropic::parsed_names as names;
 
@@ -465,32 +465,24 @@ impl KeyBase {
     /// the module docs, *Keys*). The length tells the zero padding of the last chunk from
     /// bytes, and fixes the number of digests.
     pub(crate) fn key(&self, canonical: &[u8]) -> CacheKey {
+        // The length and the digests in one buffer (the same bytes as several updates: the
+        // same key); a body of more than `STACK_CHUNKS` chunks is hashed as it goes.
+        const STACK_CHUNKS: usize = 8;
+        let mut all = [0u8; 8 + 32 * STACK_CHUNKS];
+        all[..8].copy_from_slice(&(canonical.len() as u64).to_le_bytes());
         let chunks = canonical.len().div_ceil(NH_CHUNK);
-        if chunks <= NH_STREAM_CHUNKS {
-            let mut digests = [[0u8; 32]; NH_STREAM_CHUNKS];
-            for (d, chunk) in digests.iter_mut().zip(canonical.chunks(NH_CHUNK)) {
-                *d = self.keys.nh(chunk);
+        if chunks <= STACK_CHUNKS {
+            for (i, chunk) in canonical.chunks(NH_CHUNK).enumerate() {
+                all[8 + 32 * i..8 + 32 * (i + 1)].copy_from_slice(&self.keys.nh(chunk));
             }
-            return self.key_of_digests(canonical.len(), &digests[..chunks]);
+            return CacheKey(*blake3::keyed_hash(&self.line, &all[..8 + 32 * chunks]).as_bytes());
         }
-        // A longer body is hashed as it goes (the same bytes: the same key).
         let mut h = blake3::Hasher::new_keyed(&self.line);
-        h.update(&(canonical.len() as u64).to_le_bytes());
+        h.update(&all[..8]);
         for chunk in canonical.chunks(NH_CHUNK) {
             h.update(&self.keys.nh(chunk));
         }
         CacheKey(*h.finalize().as_bytes())
-    }
-
-    /// The key of a canonical body of `len` bytes whose chunks' NH digests are `digests` (at
-    /// most [`NH_STREAM_CHUNKS`]): the PRF over the length and the digests, in one buffer.
-    fn key_of_digests(&self, len: usize, digests: &[[u8; 32]]) -> CacheKey {
-        let mut all = [0u8; 8 + 32 * NH_STREAM_CHUNKS];
-        all[..8].copy_from_slice(&(len as u64).to_le_bytes());
-        for (to, d) in all[8..].chunks_exact_mut(32).zip(digests) {
-            to.copy_from_slice(d);
-        }
-        CacheKey(*blake3::keyed_hash(&self.line, &all[..8 + 32 * digests.len()]).as_bytes())
     }
 
     /// The key of the request with this body (its bytes), `None` when the body is not a JSON
@@ -515,28 +507,13 @@ impl KeyBase {
         body: &[u8],
         meta: Option<&crate::anthropic::RequestMeta>,
     ) -> Option<CacheKey> {
-        // Hints that decline once decline again: the writer then.
-        let mut hints = meta.map(|m| &m.canonical);
-        if let Some(h) = hints.filter(|_| body.len() <= NH_STREAM_CHUNKS * NH_CHUNK) {
-            // The canonical form from the scan's hints goes straight into NH, span by span
-            // of the body: never copied (issue 13, mq13: the copy and its buffer were ~0.5k
-            // instructions of a 2 KB body's key). The same bytes digested: the same key.
-            // (The canonical form is never longer than the body: it fits the stream.)
-            let mut nh = self.keys.nh_stream();
-            if !h.write(body, &mut nh) {
-                hints = None;
-            } else if let Some((len, digests, chunks)) = nh.finish() {
-                tracing::trace!("cache key: canonical body from the scan's hints");
-                return Some(self.key_of_digests(len, &digests[..chunks]));
-            }
-        }
         // The canonical body is written to this thread's buffer (a request's body is a few
         // KB: one allocation and free fewer per key), kept only while it is small.
         let mut canonical = CANONICAL.try_with(|c| c.take()).unwrap_or_default();
         canonical.clear();
         // The canonical body is rarely longer than the body.
         canonical.reserve(body.len());
-        let written = if hints.is_some_and(|h| h.write(body, &mut canonical)) {
+        let written = if meta.is_some_and(|m| m.canonical.write(body, &mut canonical)) {
             tracing::trace!("cache key: canonical body from the scan's hints");
             true
         } else {
@@ -841,10 +818,9 @@ mod tests {
         assert_ne!(a, c);
     }
 
-    /// Bodies whose reordered members and long strings straddle NH's pairs and chunks, up
-    /// to and past what the stream of the hints holds: the key from the hints (streamed span
-    /// by span, or written to a buffer past 32 KiB) is the writer's (`key` checks it), and
-    /// equal bodies in another member order share it.
+    /// Bodies whose reordered members (duplicates among them) and long strings straddle
+    /// NH's pairs and chunks, up to and past 32 KiB: the key from the hints is the writer's
+    /// (`key` checks it), and equal bodies in another member order share it.
     #[test]
     fn hinted_keys_of_long_bodies_are_the_writers() {
         let h = HeaderMap::new();

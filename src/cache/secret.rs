@@ -12,8 +12,6 @@
 
 use std::fmt;
 
-use crate::anthropic::CanonicalSink;
-
 /// The secret of a response cache: 32 bytes that key every hash of its [`CacheKey`]s.
 ///
 /// Without it, nobody can tell which request a key belongs to, link a partition to an API
@@ -155,171 +153,37 @@ impl Keys {
     pub(crate) fn nh(&self, chunk: &[u8]) -> [u8; 32] {
         debug_assert!(chunk.len() <= NH_CHUNK);
         let chunk = &chunk[..chunk.len().min(NH_CHUNK)];
-        let mut sums = Sums::default();
-        let whole = chunk.len() / 16 * 16;
-        sums.absorb(&self.nh, 0, &chunk[..whole]);
-        let rest = &chunk[whole..];
+        let k = &self.nh;
+        let mut a = 0u128;
+        let mut b = 0u128;
+        let mut step = |i: usize, m0: u64, m1: u64| {
+            a = a.wrapping_add(
+                u128::from(m0.wrapping_add(k[i])) * u128::from(m1.wrapping_add(k[i + 1])),
+            );
+            b = b.wrapping_add(
+                u128::from(m0.wrapping_add(k[i + 2])) * u128::from(m1.wrapping_add(k[i + 3])),
+            );
+        };
+        // At most `NH_CHUNK / 16` pairs: with the pair index bounded so, the key words it
+        // reads (up to `2 * 63 + 3`) are known to be in the key, and the loop has no bounds
+        // checks (2.7k → 2.4k instructions for a 2 KB body).
+        let mut pairs = chunk.chunks_exact(16);
+        for j in 0..NH_CHUNK / 16 {
+            let Some(p) = pairs.next() else { break };
+            let (m0, m1) = words(p);
+            step(2 * j, m0, m1);
+        }
+        let rest = pairs.remainder();
         if !rest.is_empty() {
             let mut p = [0u8; 16];
             p[..rest.len()].copy_from_slice(rest);
-            sums.absorb(&self.nh, whole / 16, &p);
+            let (m0, m1) = words(&p);
+            step(2 * (chunk.len() / 16), m0, m1);
         }
-        sums.digest()
-    }
-
-    /// NH of each [`NH_CHUNK`] of bytes given piece by piece (see [`NhStream`]).
-    pub(crate) fn nh_stream(&self) -> NhStream<'_> {
-        NhStream {
-            keys: self,
-            sums: Sums::default(),
-            pairs: 0,
-            carry: [0; 16],
-            carried: 0,
-            len: 0,
-            digests: [[0; 32]; NH_STREAM_CHUNKS],
-            chunks: 0,
-        }
-    }
-}
-
-/// The two sums of NH over one chunk (see [`Keys::nh`]).
-#[derive(Default)]
-struct Sums {
-    a: u128,
-    b: u128,
-}
-
-impl Sums {
-    /// Adds the 16-byte pairs of `pairs` (a whole number of them), the first being pair
-    /// `first` of its chunk (`first + pairs.len() / 16` at most `NH_CHUNK / 16`).
-    #[inline]
-    fn absorb(&mut self, k: &[u64; NH_KEY_WORDS], first: usize, pairs: &[u8]) {
-        debug_assert!(pairs.len() % 16 == 0 && first + pairs.len() / 16 <= NH_CHUNK / 16);
-        let (mut a, mut b) = (self.a, self.b);
-        let mut step = |k: &[u64], m0: u64, m1: u64| {
-            a = a.wrapping_add(
-                u128::from(m0.wrapping_add(k[0])) * u128::from(m1.wrapping_add(k[1])),
-            );
-            b = b.wrapping_add(
-                u128::from(m0.wrapping_add(k[2])) * u128::from(m1.wrapping_add(k[3])),
-            );
-        };
-        // Four pairs a step while they are there (the loop's own instructions once per 64
-        // bytes: 2.37k -> ~2.1k instructions for a 2 KB body), then one at a time. The key
-        // words a step reads are one slice of known length: no bounds check per word.
-        let mut j = first;
-        let mut quads = pairs.chunks_exact(64);
-        for q in &mut quads {
-            let Some(kq) = k.get(2 * j..2 * j + 10) else {
-                break;
-            };
-            for i in 0..4 {
-                let (m0, m1) = words(&q[16 * i..16 * i + 16]);
-                step(&kq[2 * i..2 * i + 4], m0, m1);
-            }
-            j += 4;
-        }
-        for p in quads.remainder().chunks_exact(16) {
-            let Some(kp) = k.get(2 * j..2 * j + 4) else {
-                break;
-            };
-            let (m0, m1) = words(p);
-            step(kp, m0, m1);
-            j += 1;
-        }
-        (self.a, self.b) = (a, b);
-    }
-
-    fn digest(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
-        out[..16].copy_from_slice(&self.a.to_le_bytes());
-        out[16..].copy_from_slice(&self.b.to_le_bytes());
+        out[..16].copy_from_slice(&a.to_le_bytes());
+        out[16..].copy_from_slice(&b.to_le_bytes());
         out
-    }
-}
-
-/// The most chunks an [`NhStream`] digests (32 KiB): a longer stream says so
-/// ([`NhStream::finish`] returns `None`) and the caller hashes a buffer instead.
-pub(crate) const NH_STREAM_CHUNKS: usize = 8;
-
-/// [`Keys::nh`] of each [`NH_CHUNK`] of the bytes [`put`](CanonicalSink::put) into it, as
-/// they come: the digests of the concatenation, without the concatenation (the cache key of a
-/// body written from the scan's hints is hashed from the body's own bytes, span by span; the
-/// canonical form is never copied). Pairs split across pieces wait in a 16-byte carry.
-pub(crate) struct NhStream<'k> {
-    keys: &'k Keys,
-    /// The sums of the chunk being digested.
-    sums: Sums,
-    /// Whole pairs in the chunk being digested.
-    pairs: usize,
-    carry: [u8; 16],
-    carried: usize,
-    /// Bytes put.
-    len: usize,
-    digests: [[u8; 32]; NH_STREAM_CHUNKS],
-    /// Chunks digested (more than `NH_STREAM_CHUNKS`: only counted).
-    chunks: usize,
-}
-
-impl NhStream<'_> {
-    /// A chunk is whole: its digest is kept.
-    fn end_chunk(&mut self) {
-        if let Some(d) = self.digests.get_mut(self.chunks) {
-            *d = self.sums.digest();
-        }
-        self.chunks += 1;
-        self.sums = Sums::default();
-        self.pairs = 0;
-    }
-
-    /// The length of the bytes put and their chunks' digests (the last chunk padded with
-    /// zeros to a whole pair, as [`Keys::nh`] pads it); `None` past
-    /// [`NH_STREAM_CHUNKS`] chunks.
-    pub(crate) fn finish(mut self) -> Option<(usize, [[u8; 32]; NH_STREAM_CHUNKS], usize)> {
-        if self.carried > 0 {
-            self.carry[self.carried..].fill(0);
-            let pair = self.carry;
-            self.sums.absorb(&self.keys.nh, self.pairs, &pair);
-            self.pairs += 1;
-        }
-        if self.pairs > 0 {
-            self.end_chunk();
-        }
-        (self.chunks <= NH_STREAM_CHUNKS).then_some((self.len, self.digests, self.chunks))
-    }
-}
-
-impl CanonicalSink for NhStream<'_> {
-    fn put(&mut self, mut bytes: &[u8]) {
-        self.len += bytes.len();
-        if self.carried > 0 {
-            let take = (16 - self.carried).min(bytes.len());
-            self.carry[self.carried..self.carried + take].copy_from_slice(&bytes[..take]);
-            self.carried += take;
-            bytes = &bytes[take..];
-            if self.carried < 16 {
-                return;
-            }
-            let pair = self.carry;
-            self.sums.absorb(&self.keys.nh, self.pairs, &pair);
-            self.carried = 0;
-            self.pairs += 1;
-            if self.pairs == NH_CHUNK / 16 {
-                self.end_chunk();
-            }
-        }
-        while bytes.len() >= 16 {
-            let room = (NH_CHUNK / 16 - self.pairs) * 16;
-            let n = (bytes.len() / 16 * 16).min(room);
-            self.sums.absorb(&self.keys.nh, self.pairs, &bytes[..n]);
-            self.pairs += n / 16;
-            bytes = &bytes[n..];
-            if self.pairs == NH_CHUNK / 16 {
-                self.end_chunk();
-            }
-        }
-        self.carry[..bytes.len()].copy_from_slice(bytes);
-        self.carried = bytes.len();
     }
 }
 
@@ -361,52 +225,6 @@ mod tests {
         assert_ne!(a.partition, b.partition);
         assert_ne!(a.nh, b.nh);
         assert_eq!(a.nh, Keys::derive(&CacheSecret::from_bytes([1; 32])).nh);
-    }
-
-    /// The stream digests the concatenation of its pieces as `nh` digests each chunk of it,
-    /// whatever the pieces: lengths around pairs and chunks, pieces of 0 to 100 bytes and
-    /// whole spans, and says when there are more chunks than it keeps.
-    #[test]
-    fn the_stream_digests_what_nh_digests_chunk_by_chunk() {
-        let keys = Keys::derive(&CacheSecret::from_bytes([9; 32]));
-        let data: Vec<u8> = (0..NH_CHUNK * NH_STREAM_CHUNKS + 100)
-            .map(|i| (i * 31 + 7) as u8)
-            .collect();
-        let lens = [
-            1, 15, 16, 17, 31, 33, 64, 65, 100, 2047, 4095, 4096, 4097, 8191, 8192, 12_345,
-        ];
-        for len in lens.into_iter().chain([NH_CHUNK * NH_STREAM_CHUNKS]) {
-            let body = &data[..len];
-            let expected: Vec<[u8; 32]> = body.chunks(NH_CHUNK).map(|c| keys.nh(c)).collect();
-            for split in [0usize, 1, 3, 16, 17, 100, 5000] {
-                let mut nh = keys.nh_stream();
-                let mut at = 0;
-                let mut n = 0;
-                while at < len {
-                    // Piece lengths vary: 0, then `split`, then small odd ones.
-                    let piece = match n % 4 {
-                        0 => 0,
-                        1 => split,
-                        2 => 1 + n % 13,
-                        _ => 7 * n % 41,
-                    }
-                    .min(len - at);
-                    nh.put(&body[at..at + piece]);
-                    at += piece;
-                    n += 1;
-                }
-                let (got_len, digests, chunks) = nh.finish().unwrap();
-                assert_eq!(got_len, len);
-                assert_eq!(
-                    &digests[..chunks],
-                    &expected[..],
-                    "len {len}, split {split}"
-                );
-            }
-        }
-        let mut nh = keys.nh_stream();
-        nh.put(&data[..NH_CHUNK * NH_STREAM_CHUNKS + 1]);
-        assert!(nh.finish().is_none(), "more chunks than the stream keeps");
     }
 
     /// NH of a chunk against its definition (words summed one by one in `u128`), for every
