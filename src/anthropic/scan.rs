@@ -97,13 +97,11 @@ impl<'a> Scanner<'a> {
         s.canon.on = u32::try_from(b.len()).is_ok();
         // This thread's member stack of its last recording (no allocation per scan); room
         // for a typical request's nesting without growing the first time.
-        let (stack, kept, objects) = SCRATCH.try_with(std::cell::Cell::take).unwrap_or_default();
-        s.canon.stack = if stack.capacity() > 0 {
-            stack
-        } else {
-            Vec::with_capacity(16)
-        };
-        (s.canon.kept, s.canon.objects) = (kept, objects);
+        s.canon.stack = STACK
+            .try_with(std::cell::Cell::take)
+            .ok()
+            .filter(|stack| stack.capacity() > 0)
+            .unwrap_or_else(|| Vec::with_capacity(16));
         s
     }
 
@@ -992,7 +990,7 @@ fn canonical_u_escape(hex: &[u8]) -> bool {
 
 /// An object member as the scan found it: the span of its name (without quotes) and of the
 /// whole `"name":value`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct MemberSpan {
     name: (u32, u32),
     start: u32,
@@ -1002,7 +1000,7 @@ struct MemberSpan {
 /// An object whose members are not in canonical order (or repeat a name): its span, and its
 /// members already in canonical order (sorted by name, the last of duplicates kept), as
 /// `members[first..first + count]` of the [`Layout`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Reordered {
     start: u32,
     end: u32,
@@ -1060,7 +1058,7 @@ impl CanonRecorder {
             && self
                 .stack
                 .last()
-                .is_some_and(|prev| names_cmp(b, prev.name, name).is_ge());
+                .is_some_and(|prev| b[prev.name.0 as usize..prev.name.1 as usize] >= b[ks..ke]);
         self.stack.push(MemberSpan {
             name,
             start: ks as u32 - 1,
@@ -1076,16 +1074,17 @@ impl CanonRecorder {
         }
         if unsorted && self.clean {
             let members = &mut self.stack[mark..];
+            let name = |m: &MemberSpan| &b[m.name.0 as usize..m.name.1 as usize];
             // Stable: of members with the same name, the last one stays last.
-            members.sort_by(|x, y| names_cmp(b, x.name, y.name));
+            members.sort_by(|x, y| name(x).cmp(name(y)));
             let first = self.kept.len() as u32;
-            // (`kept` and `objects` are this thread's, kept from scan to scan: no growing
-            // once they have a typical request's room.)
+            if self.objects.is_empty() {
+                // A typical request reorders a few small objects: no growing afterwards.
+                self.objects.reserve(8);
+                self.kept.reserve(members.len().max(16));
+            }
             for (i, m) in members.iter().enumerate() {
-                if members
-                    .get(i + 1)
-                    .is_some_and(|next| names_cmp(b, next.name, m.name).is_eq())
-                {
+                if members.get(i + 1).is_some_and(|next| name(next) == name(m)) {
                     continue;
                 }
                 self.kept.push(*m);
@@ -1118,107 +1117,34 @@ impl CanonRecorder {
         }
         // Ended innermost first: in the order they start, an object's nested ones follow it.
         self.objects.sort_unstable_by_key(|o| o.start);
-        // Copied out of this thread's vectors into the hints' one allocation when they are
-        // as few as a typical request's (issue 13, mq13: two allocations fewer per scan).
         CanonicalHints(Some(std::sync::Arc::new(Layout {
             body: (b.as_ptr() as usize, b.len()),
             seen: match self.held.take() {
                 Some(held) => Seen::Held(held),
                 None => Seen::Fingerprint(xxhash_rust::xxh3::xxh3_64(b)),
             },
-            objects: Few::of(&self.objects),
-            members: Few::of(&self.kept),
+            objects: std::mem::take(&mut self.objects),
+            members: std::mem::take(&mut self.kept),
             numbers: self.numbers,
             odd_numbers: self.odd_numbers,
         })))
     }
 }
 
-/// Orders two member names by their bytes (`name` spans of `b`), as comparing the slices
-/// does, from their first eight bytes as one word when that decides (member names are
-/// short: no `memcmp` call per comparison).
-fn names_cmp(b: &[u8], x: (u32, u32), y: (u32, u32)) -> std::cmp::Ordering {
-    // The first eight bytes of a name, big-endian, zero-padded: a raw name has no zero byte
-    // (control characters are never raw in a JSON string), so a name that is a prefix of
-    // another orders first, as a slice does. Read from the body as one word (the bytes past
-    // a short name masked off) when the body has eight bytes there.
-    let word = |(start, end): (u32, u32)| {
-        let (start, len) = (start as usize, (end - start) as usize);
-        match b.get(start..).and_then(<[u8]>::first_chunk::<8>) {
-            Some(w) if len >= 8 => u64::from_be_bytes(*w),
-            Some(w) => u64::from_be_bytes(*w) & !(u64::MAX >> (8 * len)),
-            None => b[start..start + len]
-                .iter()
-                .take(8)
-                .enumerate()
-                .fold(0, |w, (i, &c)| w | u64::from(c) << (56 - 8 * i)),
-        }
-    };
-    match word(x).cmp(&word(y)) {
-        std::cmp::Ordering::Equal if x.1 - x.0 > 8 || y.1 - y.0 > 8 => {
-            b[x.0 as usize..x.1 as usize].cmp(&b[y.0 as usize..y.1 as usize])
-        }
-        order => order,
-    }
-}
-
-/// Up to `N` spans in place (a typical request's), more on the heap.
-enum Few<T, const N: usize> {
-    Inline([T; N], u8),
-    Heap(Box<[T]>),
-}
-
-impl<T: Copy + Default, const N: usize> Few<T, N> {
-    fn of(items: &[T]) -> Self {
-        match u8::try_from(items.len()) {
-            Ok(len) if items.len() <= N => {
-                let mut inline = [T::default(); N];
-                inline[..items.len()].copy_from_slice(items);
-                Self::Inline(inline, len)
-            }
-            _ => Self::Heap(items.into()),
-        }
-    }
-}
-
-impl<T, const N: usize> std::ops::Deref for Few<T, N> {
-    type Target = [T];
-
-    fn deref(&self) -> &[T] {
-        match self {
-            Self::Inline(items, len) => &items[..usize::from(*len)],
-            Self::Heap(items) => items,
-        }
-    }
-}
-
 thread_local! {
-    /// The member stack, the kept members and the objects of this thread's last recording,
-    /// kept (empty) for the next one.
-    #[allow(clippy::type_complexity)]
-    static SCRATCH: std::cell::Cell<(Vec<MemberSpan>, Vec<MemberSpan>, Vec<Reordered>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// The member stack of this thread's last recording, kept for the next one.
+    static STACK: std::cell::Cell<Vec<MemberSpan>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// The largest vectors kept for the next recording.
+/// The largest member stack kept for the next recording.
 const KEPT_STACK: usize = 1024;
 
 impl Drop for CanonRecorder {
     fn drop(&mut self) {
-        if self.on
-            && self.stack.capacity() <= KEPT_STACK
-            && self.kept.capacity() <= KEPT_STACK
-            && self.objects.capacity() <= KEPT_STACK
-        {
-            let mut scratch = (
-                std::mem::take(&mut self.stack),
-                std::mem::take(&mut self.kept),
-                std::mem::take(&mut self.objects),
-            );
-            scratch.0.clear();
-            scratch.1.clear();
-            scratch.2.clear();
-            let _ = SCRATCH.try_with(|c| c.set(scratch));
+        if self.on && self.stack.capacity() <= KEPT_STACK {
+            let mut stack = std::mem::take(&mut self.stack);
+            stack.clear();
+            let _ = STACK.try_with(|c| c.set(stack));
         }
     }
 }
@@ -1269,8 +1195,8 @@ struct Layout {
     /// How `write` knows a body at that address is the one scanned.
     seen: Seen,
     /// The objects to reorder, by where they start.
-    objects: Few<Reordered, 4>,
-    members: Few<MemberSpan, 12>,
+    objects: Vec<Reordered>,
+    members: Vec<MemberSpan>,
     numbers: [(u32, u32); MAX_ODD_NUMBERS],
     odd_numbers: u8,
 }
@@ -1528,53 +1454,6 @@ mod tests {
             ),
         ] {
             assert_eq!(hinted(body).as_deref(), Some(canonical), "{body}");
-        }
-    }
-
-    /// The word-wise comparison of member names is the slices' order, for names shorter
-    /// and longer than a word, prefixes of each other, and names too near the body's end to
-    /// read a whole word there.
-    #[test]
-    fn names_compare_as_their_bytes() {
-        let names = [
-            "",
-            "a",
-            "ab",
-            "abc",
-            "b",
-            "role",
-            "model",
-            "max_tokens",
-            "messages",
-            "metadata",
-            "metadat",
-            "metadatb",
-            "metadata_",
-            "metadata_x",
-            "metadata_y",
-            "stop_sequences",
-            "stop",
-            "tool_choice",
-            "tools",
-            "type",
-            "typed",
-            "~",
-            "é",
-            "zzzzzzzzzzzz",
-        ];
-        for x in names {
-            for y in names {
-                // Each name in quotes, `y` last and closed by `}` only, as a body's end.
-                let body = format!("{{\"{x}\":1,\"{y}\"}}");
-                let xs = (2, 2 + x.len() as u32);
-                let ys_start = 2 + x.len() as u32 + 5;
-                let ys = (ys_start, ys_start + y.len() as u32);
-                assert_eq!(
-                    names_cmp(body.as_bytes(), xs, ys),
-                    x.as_bytes().cmp(y.as_bytes()),
-                    "{x:?} {y:?}"
-                );
-            }
         }
     }
 
