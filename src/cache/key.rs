@@ -118,7 +118,14 @@ impl Partition {
         headers: &RequestHeaders<'_>,
         default_tenant: Option<&Tenant>,
     ) -> Self {
-        let (tag, value) = Self::source(extensions, headers, default_tenant);
+        let (tag, value): (&[u8], &[u8]) =
+            if let Some(t) = extensions.get::<Tenant>().or(default_tenant) {
+                (b"tenant\0", t.as_str().as_bytes())
+            } else if let Some(key) = headers.api_key() {
+                (b"api-key\0", key)
+            } else {
+                (b"anonymous\0", b"")
+            };
         let derive = || {
             let mut h = blake3::Hasher::new_keyed(secret);
             h.update(tag);
@@ -144,23 +151,6 @@ impl Partition {
         let derived = derive();
         let _ = RECENT.try_with(|r| r.borrow_mut().put(input, derived));
         derived
-    }
-}
-
-impl Partition {
-    /// What a partition is derived from: a tag and the tenant id, the API key or nothing.
-    fn source<'a>(
-        extensions: &'a http::Extensions,
-        headers: &RequestHeaders<'a>,
-        default_tenant: Option<&'a Tenant>,
-    ) -> (&'static [u8], &'a [u8]) {
-        if let Some(t) = extensions.get::<Tenant>().or(default_tenant) {
-            (b"tenant\0", t.as_str().as_bytes())
-        } else if let Some(key) = headers.api_key() {
-            (b"api-key\0", key)
-        } else {
-            (b"anonymous\0", b"")
-        }
     }
 }
 
@@ -365,31 +355,6 @@ thread_local! {
         const { std::cell::RefCell::new(crate::anthropic::recent::Recent::new(MEMO_LINE)) };
 }
 
-/// The longest input of [`KeyBase::of_request`]'s memo: the partition's key, a tag and a
-/// tenant id or API key of up to 256 bytes, length-prefixed, and the request line's fields
-/// as [`MEMO_LINE`] holds them.
-const MEMO_REQUEST: usize = 32 + 4 + 16 + 4 + 256 + (MEMO_LINE - 32);
-
-thread_local! {
-    static REQUESTS: std::cell::RefCell<crate::anthropic::recent::Recent<[u8; 32]>> =
-        const { std::cell::RefCell::new(crate::anthropic::recent::Recent::new(MEMO_REQUEST)) };
-}
-
-/// The fields of a request line, each length-prefixed, so that no two different field
-/// sequences hash the same bytes. The partition is not among them: it keys the hash.
-fn line_fields(
-    sink: &mut (impl Sink + ?Sized),
-    method: &http::Method,
-    path: &str,
-    version: &[u8],
-    betas: &str,
-) {
-    field(sink, method.as_str().as_bytes());
-    field(sink, path.as_bytes());
-    field(sink, version);
-    field(sink, betas.as_bytes());
-}
-
 /// A `Sink` of fixed capacity on the stack, that remembers whether it overflowed.
 struct StackBytes<const N: usize> {
     bytes: [u8; N],
@@ -446,7 +411,14 @@ impl KeyBase {
         } else {
             String::new()
         };
-        let fields = |sink: &mut dyn Sink| line_fields(sink, method, path, version, &betas);
+        // Every variable-length field is length-prefixed, so that no two different field
+        // sequences hash the same bytes. The partition is not among them: it keys the hash.
+        let fields = |sink: &mut dyn Sink| {
+            field(sink, method.as_str().as_bytes());
+            field(sink, path.as_bytes());
+            field(sink, version);
+            field(sink, betas.as_bytes());
+        };
         let derive = |fields: &[u8]| *blake3::keyed_hash(&partition.0, fields).as_bytes();
         let mut input = StackBytes::<MEMO_LINE> {
             bytes: [0; MEMO_LINE],
@@ -475,56 +447,6 @@ impl KeyBase {
             keys: keys.clone(),
             line,
         }
-    }
-
-    /// [`new_seen`](Self::new_seen) of the request's [`Partition`]
-    /// ([`Partition::of_seen`]), remembered per thread by one input: the partition's key,
-    /// what the partition is derived from, and the request line's fields (issue 13, mq13: one
-    /// memo lookup per request instead of the partition's and the request line's, ~0.2k
-    /// instructions of a miss). The memo is this thread's memory only, as the others.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn of_request(
-        keys: &Arc<Keys>,
-        extensions: &http::Extensions,
-        seen: &RequestHeaders<'_>,
-        default_tenant: Option<&Tenant>,
-        method: &http::Method,
-        uri: &http::Uri,
-        headers: &HeaderMap,
-    ) -> Self {
-        let derive = || {
-            let partition = Partition::of_seen(&keys.partition, extensions, seen, default_tenant);
-            Self::new_seen(keys, &partition, method, uri, seen, headers)
-        };
-        if seen.betas {
-            // Betas are read from all their header lines: not remembered here.
-            return derive();
-        }
-        let (tag, value) = Partition::source(extensions, seen, default_tenant);
-        let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-        let mut input = StackBytes::<MEMO_REQUEST> {
-            bytes: [0; MEMO_REQUEST],
-            len: 0,
-            overflow: false,
-        };
-        input.put(&keys.partition);
-        // Length-prefixed: the tag and the value cannot run into the fields.
-        field(&mut input, tag);
-        field(&mut input, value);
-        line_fields(&mut input, method, path, seen.version(), "");
-        if input.overflow {
-            return derive();
-        }
-        let input = &input.bytes[..input.len];
-        if let Some(line) = REQUESTS.try_with(|r| r.borrow().get(input)).ok().flatten() {
-            return Self {
-                keys: keys.clone(),
-                line,
-            };
-        }
-        let base = derive();
-        let _ = REQUESTS.try_with(|r| r.borrow_mut().put(input, base.line));
-        base
     }
 
     /// The key of the request whose canonical body (see
@@ -873,51 +795,6 @@ mod tests {
                 h.insert("x-api-key", long.parse().unwrap());
                 let want = derived(&secret, b"api-key\0", long.as_bytes());
                 assert_eq!(Partition::of(&secret, &ext, &h, None), want);
-            }
-        }
-    }
-
-    /// The per-thread memo of whole request lines (partition and fields) gives the line a
-    /// fresh derivation gives, for every secret, tenant, API key, path and version, also after
-    /// it evicted them; betas and inputs too long for it are derived each time.
-    #[test]
-    fn remembered_request_lines_are_the_derived_ones() {
-        let ext = http::Extensions::new();
-        let long = "k".repeat(400);
-        for round in 0..3 {
-            for secret in [1u8, 2] {
-                let keys = keys(secret);
-                for i in 0..6 {
-                    let api_key = if i == 5 {
-                        long.clone()
-                    } else {
-                        format!("sk-ant-{i}")
-                    };
-                    let mut h = HeaderMap::new();
-                    h.insert("x-api-key", api_key.parse().unwrap());
-                    if i % 2 == 1 {
-                        h.insert("anthropic-version", format!("v{i}").parse().unwrap());
-                    }
-                    if i == 4 {
-                        h.insert("anthropic-beta", "b, a".parse().unwrap());
-                    }
-                    let uri: http::Uri = format!("/v1/messages?n={}", i % 3).parse().unwrap();
-                    let tenant = Tenant::new(format!("team-{i}"));
-                    for default_tenant in [None, Some(&tenant)] {
-                        let p = Partition::of(&keys.partition, &ext, &h, default_tenant);
-                        let want = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
-                        let got = KeyBase::of_request(
-                            &keys,
-                            &ext,
-                            &RequestHeaders::of(&h),
-                            default_tenant,
-                            &http::Method::POST,
-                            &uri,
-                            &h,
-                        );
-                        assert_eq!(got.line, want.line, "{round} {secret} {i}");
-                    }
-                }
             }
         }
     }

@@ -12,7 +12,7 @@ use super::body::CacheBody;
 use super::config::Config;
 use super::flights::{FlightGuard, Flights, Join, Shared};
 use super::future::{Miss, Plan, ResponseFuture, Stored, mark, store_head, store_read};
-use super::key::{CacheKey, KeyBase, RequestHeaders};
+use super::key::{CacheKey, KeyBase, Partition, RequestHeaders};
 use super::layer::CacheLayer;
 use super::live::LiveBody;
 use super::store::{CacheStore, CachedResponse};
@@ -312,13 +312,18 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         tracing::trace!("not deterministic: not cached");
         return None;
     }
-    let base = KeyBase::of_request(
-        &config.keys,
+    let partition = Partition::of_seen(
+        &config.keys.partition,
         req.extensions(),
         &seen,
         config.tenant.as_ref(),
+    );
+    let base = KeyBase::new_seen(
+        &config.keys,
+        &partition,
         req.method(),
         req.uri(),
+        &seen,
         req.headers(),
     );
     // The canonical body, from what the scan of `meta` recorded (or by the scanner again); a
