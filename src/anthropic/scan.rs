@@ -1055,10 +1055,9 @@ impl CanonRecorder {
         }
         let name = (ks as u32, ke as u32);
         let unsorted = self.stack.len() > mark
-            && self
-                .stack
-                .last()
-                .is_some_and(|prev| b[prev.name.0 as usize..prev.name.1 as usize] >= b[ks..ke]);
+            && self.stack.last().is_some_and(|prev| {
+                name_cmp(&b[prev.name.0 as usize..prev.name.1 as usize], &b[ks..ke]).is_ge()
+            });
         self.stack.push(MemberSpan {
             name,
             start: ks as u32 - 1,
@@ -1076,7 +1075,7 @@ impl CanonRecorder {
             let members = &mut self.stack[mark..];
             let name = |m: &MemberSpan| &b[m.name.0 as usize..m.name.1 as usize];
             // Stable: of members with the same name, the last one stays last.
-            members.sort_by(|x, y| name(x).cmp(name(y)));
+            members.sort_by(|x, y| name_cmp(name(x), name(y)));
             let first = self.kept.len() as u32;
             if self.objects.capacity() == 0 {
                 // The vectors of hints dropped on this thread (`Layout`'s `Drop`), or new ones
@@ -1088,7 +1087,10 @@ impl CanonRecorder {
                 self.kept.reserve(members.len().max(16));
             }
             for (i, m) in members.iter().enumerate() {
-                if members.get(i + 1).is_some_and(|next| name(next) == name(m)) {
+                if members
+                    .get(i + 1)
+                    .is_some_and(|next| name_cmp(name(next), name(m)).is_eq())
+                {
                     continue;
                 }
                 self.kept.push(*m);
@@ -1133,6 +1135,19 @@ impl CanonRecorder {
             odd_numbers: self.odd_numbers,
         })))
     }
+}
+
+/// Orders two member names as their byte slices order (member names are short and differ
+/// early, "max_tokens" from "messages" at their second byte: a byte loop in place, not a
+/// `memcmp` call per comparison).
+#[inline(always)]
+fn name_cmp(x: &[u8], y: &[u8]) -> std::cmp::Ordering {
+    for (a, b) in x.iter().zip(y) {
+        if a != b {
+            return a.cmp(b);
+        }
+    }
+    x.len().cmp(&y.len())
 }
 
 thread_local! {
@@ -1484,6 +1499,40 @@ mod tests {
             ),
         ] {
             assert_eq!(hinted(body).as_deref(), Some(canonical), "{body}");
+        }
+    }
+
+    /// The byte loop that orders member names is the slices' order.
+    #[test]
+    fn names_compare_as_their_bytes() {
+        let names = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "b",
+            "role",
+            "model",
+            "max_tokens",
+            "messages",
+            "metadata",
+            "metadat",
+            "metadatb",
+            "metadata_x",
+            "stop",
+            "stop_sequences",
+            "~",
+            "é",
+            "e",
+        ];
+        for x in names {
+            for y in names {
+                assert_eq!(
+                    name_cmp(x.as_bytes(), y.as_bytes()),
+                    x.as_bytes().cmp(y.as_bytes()),
+                    "{x:?} {y:?}"
+                );
+            }
         }
     }
 
