@@ -1160,7 +1160,11 @@ const KEPT_STACK: usize = 1024;
 
 impl Drop for CanonRecorder {
     fn drop(&mut self) {
-        if self.on && self.stack.capacity() <= KEPT_STACK {
+        if !self.on {
+            // Not recording (no cache in the process): no hints' vectors to keep.
+            return;
+        }
+        if self.stack.capacity() <= KEPT_STACK {
             let mut stack = std::mem::take(&mut self.stack);
             stack.clear();
             let _ = STACK.try_with(|c| c.set(stack));
