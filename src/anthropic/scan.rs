@@ -1055,10 +1055,9 @@ impl CanonRecorder {
         }
         let name = (ks as u32, ke as u32);
         let unsorted = self.stack.len() > mark
-            && self
-                .stack
-                .last()
-                .is_some_and(|prev| b[prev.name.0 as usize..prev.name.1 as usize] >= b[ks..ke]);
+            && self.stack.last().is_some_and(|prev| {
+                name_cmp(&b[prev.name.0 as usize..prev.name.1 as usize], &b[ks..ke]).is_ge()
+            });
         self.stack.push(MemberSpan {
             name,
             start: ks as u32 - 1,
@@ -1076,15 +1075,22 @@ impl CanonRecorder {
             let members = &mut self.stack[mark..];
             let name = |m: &MemberSpan| &b[m.name.0 as usize..m.name.1 as usize];
             // Stable: of members with the same name, the last one stays last.
-            members.sort_by(|x, y| name(x).cmp(name(y)));
+            members.sort_by(|x, y| name_cmp(name(x), name(y)));
             let first = self.kept.len() as u32;
-            if self.objects.is_empty() {
-                // A typical request reorders a few small objects: no growing afterwards.
+            if self.objects.capacity() == 0 {
+                // The vectors of hints dropped on this thread (`Layout`'s `Drop`), or new ones
+                // (issue 13, mq13: two allocations and frees fewer per miss). A typical
+                // request reorders a few small objects: no growing afterwards.
+                (self.kept, self.objects) =
+                    SPANS.try_with(std::cell::Cell::take).unwrap_or_default();
                 self.objects.reserve(8);
                 self.kept.reserve(members.len().max(16));
             }
             for (i, m) in members.iter().enumerate() {
-                if members.get(i + 1).is_some_and(|next| name(next) == name(m)) {
+                if members
+                    .get(i + 1)
+                    .is_some_and(|next| name_cmp(name(next), name(m)).is_eq())
+                {
                     continue;
                 }
                 self.kept.push(*m);
@@ -1131,6 +1137,19 @@ impl CanonRecorder {
     }
 }
 
+/// Orders two member names as their byte slices order (member names are short and differ
+/// early, "max_tokens" from "messages" at their second byte: a byte loop in place, not a
+/// `memcmp` call per comparison).
+#[inline(always)]
+fn name_cmp(x: &[u8], y: &[u8]) -> std::cmp::Ordering {
+    for (a, b) in x.iter().zip(y) {
+        if a != b {
+            return a.cmp(b);
+        }
+    }
+    x.len().cmp(&y.len())
+}
+
 thread_local! {
     /// The member stack of this thread's last recording, kept for the next one.
     static STACK: std::cell::Cell<Vec<MemberSpan>> = const { std::cell::Cell::new(Vec::new()) };
@@ -1141,11 +1160,41 @@ const KEPT_STACK: usize = 1024;
 
 impl Drop for CanonRecorder {
     fn drop(&mut self) {
-        if self.on && self.stack.capacity() <= KEPT_STACK {
+        if !self.on {
+            // Not recording (no cache in the process): no hints' vectors to keep.
+            return;
+        }
+        if self.stack.capacity() <= KEPT_STACK {
             let mut stack = std::mem::take(&mut self.stack);
             stack.clear();
             let _ = STACK.try_with(|c| c.set(stack));
         }
+        // Hints not made (a body with whitespace): their vectors are kept too.
+        give_back_spans(&mut self.kept, &mut self.objects);
+    }
+}
+
+thread_local! {
+    /// The vectors of the last hints dropped on this thread, empty, for the next recording.
+    #[allow(clippy::type_complexity)]
+    static SPANS: std::cell::Cell<(Vec<MemberSpan>, Vec<Reordered>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Keeps `kept` and `objects` (emptied) for this thread's next recording, unless they are
+/// large or were never allocated.
+fn give_back_spans(kept: &mut Vec<MemberSpan>, objects: &mut Vec<Reordered>) {
+    if objects.capacity() > 0 && objects.capacity() <= KEPT_STACK && kept.capacity() <= KEPT_STACK {
+        let mut spans = (std::mem::take(kept), std::mem::take(objects));
+        spans.0.clear();
+        spans.1.clear();
+        let _ = SPANS.try_with(|c| c.set(spans));
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        give_back_spans(&mut self.members, &mut self.objects);
     }
 }
 
@@ -1281,15 +1330,16 @@ impl Layout {
                 if k > 0 {
                     out.push(b',');
                 }
+                let (m_start, m_end) = (m.start as usize, m.end as usize);
+                // A member with no object to reorder inside is copied as it is (most
+                // members: no search, no call).
                 let from = nested.partition_point(|n| n.start < m.start);
-                let to = from + nested[from..].partition_point(|n| n.start < m.end);
-                self.emit(
-                    body,
-                    m.start as usize,
-                    m.end as usize,
-                    &nested[from..to],
-                    out,
-                );
+                let inside = nested[from..].partition_point(|n| n.start < m.end);
+                if inside == 0 {
+                    out.extend_from_slice(&body[m_start..m_end]);
+                } else {
+                    self.emit(body, m_start, m_end, &nested[from..from + inside], out);
+                }
             }
             out.push(b'}');
             at = end;
@@ -1453,6 +1503,40 @@ mod tests {
             ),
         ] {
             assert_eq!(hinted(body).as_deref(), Some(canonical), "{body}");
+        }
+    }
+
+    /// The byte loop that orders member names is the slices' order.
+    #[test]
+    fn names_compare_as_their_bytes() {
+        let names = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "b",
+            "role",
+            "model",
+            "max_tokens",
+            "messages",
+            "metadata",
+            "metadat",
+            "metadatb",
+            "metadata_x",
+            "stop",
+            "stop_sequences",
+            "~",
+            "é",
+            "e",
+        ];
+        for x in names {
+            for y in names {
+                assert_eq!(
+                    name_cmp(x.as_bytes(), y.as_bytes()),
+                    x.as_bytes().cmp(y.as_bytes()),
+                    "{x:?} {y:?}"
+                );
+            }
         }
     }
 

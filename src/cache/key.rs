@@ -818,6 +818,26 @@ mod tests {
         assert_ne!(a, c);
     }
 
+    /// Bodies whose reordered members (duplicates among them) and long strings straddle
+    /// NH's pairs and chunks, up to and past 32 KiB: the key from the hints is the writer's
+    /// (`key` checks it), and equal bodies in another member order share it.
+    #[test]
+    fn hinted_keys_of_long_bodies_are_the_writers() {
+        let h = HeaderMap::new();
+        for len in [
+            0, 1, 9, 15, 16, 17, 1000, 4050, 4090, 4100, 8200, 32_700, 32_800, 40_000,
+        ] {
+            let text: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+            let sorted = format!(
+                r#"{{"a":{{"x":1,"y":"{text}"}},"max_tokens":5,"messages":[{{"content":"{text}","role":"user"}}],"model":"m"}}"#
+            );
+            let scrambled = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"{text}"}}],"a":{{"y":"{text}","x":1}},"max_tokens":5,"model":"m"}}"#
+            );
+            assert_eq!(key(&h, &sorted), key(&h, &scrambled), "{len}");
+        }
+    }
+
     #[test]
     fn beta_order_is_insignificant_but_version_is_not() {
         let body = r#"{"model":"m"}"#;
