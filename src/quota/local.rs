@@ -1059,6 +1059,9 @@ impl Entry {
             self.ledger.answer(g);
         }
         let was_known = self.known();
+        // The time since the answered grant was taken, read once for the three buckets (a
+        // clock subtraction per bucket before: ~40 instructions each).
+        let since_grant = answered.map(|g| now.saturating_duration_since(g.at));
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
             let rounding = if i == REQUESTS { 0 } else { TOKEN_ROUNDING };
@@ -1083,8 +1086,7 @@ impl Entry {
                         // 1.1-1.3 requests below the server's from mid-run on. (Its exact rule
                         // was a margin against float ties with the server's arithmetic; the
                         // buckets' arithmetic is exact now.)
-                        let slack = answered.map_or(0, |g| {
-                            let elapsed = now.saturating_duration_since(g.at);
+                        let slack = answered.zip(since_grant).map_or(0, |(g, elapsed)| {
                             let (rate, cap) = (s.bucket.rate_per_sec(), s.bucket.capacity());
                             self.ledger.slack(i, &g.returned, elapsed, rate, cap)
                         });
@@ -1123,6 +1125,8 @@ impl Entry {
         {
             return;
         }
+        // Read once for the three buckets.
+        let elapsed = now.saturating_duration_since(grant.at);
         let views: [&BucketSnapshot; 3] = [&snap.requests, &snap.input_tokens, &snap.output_tokens];
         for (i, (slot, view)) in self.slots.iter_mut().zip(views).enumerate() {
             let (Some(s), Some(r)) = (slot, view.remaining) else {
@@ -1133,7 +1137,6 @@ impl Entry {
             if view.limit != Some(s.bucket.capacity()) {
                 continue;
             }
-            let elapsed = now.saturating_duration_since(grant.at);
             let refill = certain_refill(elapsed, &s.bucket);
             let Some(floor) = self.ledger.floor(i, r, refill, s.bucket.capacity(), grant) else {
                 continue;
