@@ -169,6 +169,9 @@ impl<'a> Cursor<'a> {
     }
 
     /// A member name without escapes and the `:` after it, leaving the position at its value.
+    /// In line in [`members`](Self::members), its one caller: a call saved and restored six
+    /// registers and loaded five constants per name (ten names per answer).
+    #[inline(always)]
     fn member_name(&mut self) -> Option<&'a [u8]> {
         self.ws();
         if self.peek() != Some(b'"') {
