@@ -310,7 +310,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// `null` (`Some(None)`) or a string without escapes (`Some(Some(text))`); `None` for
-    /// anything else.
+    /// anything else. In line in its caller (`type` and `model`).
+    #[inline(always)]
     fn plain_str_or_null(&mut self, text: &'a str) -> Option<Option<&'a str>> {
         match self.peek()? {
             b'n' => {
@@ -329,7 +330,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// `null` or a plain integer of at most 19 digits (no sign, fraction, exponent or leading
-    /// zero: exactly a `u64`); `None` for anything else.
+    /// zero: exactly a `u64`); `None` for anything else. In line in its caller.
+    #[inline(always)]
     fn count_or_null(&mut self) -> Option<Option<u64>> {
         match self.peek()? {
             b'n' => {
