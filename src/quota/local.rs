@@ -856,15 +856,20 @@ impl Entry {
     }
 
     /// `grant` as the ledger knows it: a blind grant charged since the limits were learned
-    /// holds what it was charged then.
-    fn effective(&self, grant: &Grant) -> Grant {
-        let charged = (grant.blind != 0)
-            .then(|| self.blind.iter().find(|b| b.number == grant.blind))
-            .flatten()
+    /// holds what it was charged then (a copy, made in `copy`); any other grant is returned as
+    /// it is, not copied (a grant is 144 bytes, and most are not blind).
+    fn effective<'a>(&self, grant: &'a Grant, copy: &'a mut Option<Grant>) -> &'a Grant {
+        if grant.blind == 0 {
+            return grant;
+        }
+        let charged = self
+            .blind
+            .iter()
+            .find(|b| b.number == grant.blind)
             .and_then(|b| b.charged);
         match charged {
-            Some(charged) => Grant { charged, ..*grant },
-            None => *grant,
+            Some(charged) => copy.insert(Grant { charged, ..*grant }),
+            None => grant,
         }
     }
 
@@ -959,13 +964,8 @@ impl Entry {
     ) -> Option<([Option<u64>; 3], Outcome)> {
         // Time passed under the old ledger; the refunds below under the new one.
         self.refill(now);
-        let effective;
-        let grant = if grant.blind != 0 {
-            effective = self.effective(grant);
-            &effective
-        } else {
-            grant
-        };
+        let mut copy = None;
+        let grant = self.effective(grant, &mut copy);
         let mut outcome = outcome;
         let mut in_store = None;
         if grant.blind != 0 {
@@ -1053,15 +1053,8 @@ impl Entry {
         now: Instant,
     ) {
         self.refill(now);
-        // A copy of the grant (144 bytes) only for a blind one, as in `settle`.
-        let effective;
-        let answered = match answered {
-            Some(g) if g.blind != 0 => {
-                effective = self.effective(g);
-                Some(&effective)
-            }
-            other => other,
-        };
+        let mut copy = None;
+        let answered = answered.map(|g| self.effective(g, &mut copy));
         if let Some(g) = answered.filter(|g| !g.answered) {
             self.ledger.answer(g);
         }
@@ -1125,13 +1118,8 @@ impl Entry {
     /// Raises levels that are below what the answer to `grant` proves is there (see
     /// [`Ledger::floor`]): a limit raised upstream, or another client of the key that stopped.
     fn raise(&mut self, snap: &RateLimitSnapshot, grant: &Grant, now: Instant) {
-        let effective;
-        let grant = if grant.blind != 0 {
-            effective = self.effective(grant);
-            &effective
-        } else {
-            grant
-        };
+        let mut copy = None;
+        let grant = self.effective(grant, &mut copy);
         if self
             .refused_at
             .is_some_and(|at| now.saturating_duration_since(at) < RAISE_PAUSE)
