@@ -48,53 +48,38 @@ pub struct RequestMeta {
     pub(crate) canonical: CanonicalHints,
     /// The catalogue's entry of `model`, looked up by the first layer that asks
     /// ([`model_entry`](Self::model_entry)); not part of the value.
-    entry: EntryMemo,
+    entry: Memo<ModelEntry>,
     /// The memo of the request's key id ([`KeyId::of_request`](super::KeyId::of_request)),
     /// kept here rather than in an extension of its own once the request is scanned (the
     /// layers that read one read the other): no box of its own, and one entry fewer in the
     /// request's extensions to copy when fallback copies the request. Not part of the value.
-    key: KeyMemo,
+    key: Memo<KeyIdMemo>,
 }
 
-/// [`RequestMeta`]'s memo of the request's key id (see [`KeyIdMemo`]); `Debug` says only
-/// whether it is set.
-#[derive(Clone, Default)]
-struct KeyMemo(Option<KeyIdMemo>);
+/// A memo [`RequestMeta`] carries beside its value: the catalogue's entry of the model, the
+/// request's key id. Not part of the value (equal metas may differ here), and `Debug` says only
+/// whether it is set (a key id's memo must not print).
+#[derive(Clone)]
+struct Memo<T>(Option<T>);
 
-impl PartialEq for KeyMemo {
+impl<T> Default for Memo<T> {
+    fn default() -> Self {
+        Memo(None)
+    }
+}
+
+impl<T> PartialEq for Memo<T> {
     fn eq(&self, _other: &Self) -> bool {
         true
     }
 }
 
-impl std::fmt::Debug for KeyMemo {
+impl<T> std::fmt::Debug for Memo<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() {
-            "KeyMemo(set)"
+            "Memo(set)"
         } else {
-            "KeyMemo(unset)"
-        })
-    }
-}
-
-/// [`RequestMeta::model_entry`]'s memo: set by the first layer that resolves the model with
-/// the request in hand ([`RequestMeta::get_or_scan_in`]), or by fallback for the model it
-/// rewrites a copy to; carried by the clones of the meta made after.
-#[derive(Clone, Default)]
-struct EntryMemo(Option<ModelEntry>);
-
-impl PartialEq for EntryMemo {
-    fn eq(&self, _other: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for EntryMemo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "EntryMemo(set)"
-        } else {
-            "EntryMemo(unset)"
+            "Memo(unset)"
         })
     }
 }
@@ -172,8 +157,8 @@ impl RequestMeta {
             input_tokens: scan.input_tokens,
             cache_breakpoints: scan.cache_breakpoints,
             canonical: scan.canonical,
-            entry: EntryMemo::default(),
-            key: KeyMemo::default(),
+            entry: Memo::default(),
+            key: Memo::default(),
         })
     }
 
@@ -263,7 +248,7 @@ impl RequestMeta {
             input_tokens: self.input_tokens,
             cache_breakpoints: self.cache_breakpoints.clone(),
             canonical: self.canonical.clone(),
-            entry: EntryMemo(Some(entry.clone())),
+            entry: Memo(Some(entry.clone())),
             key: self.key.clone(),
         }
     }
