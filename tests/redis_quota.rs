@@ -1242,12 +1242,17 @@ async fn nodes_with_equal_demand_get_equal_shares_and_a_late_node_is_not_starved
     // The burst and the first refills, before the third node: equal shares.
     let (n0, n1) = (share(0, 0..joined), share(1, 0..joined));
     eprintln!(
-        "before the third node: {n0} and {n1}; after: {:?}",
+        "before the third node: {n0} and {n1} ({:?}); after: {:?}",
+        &log[..joined],
         &log[joined..]
     );
     assert!(n0 + n1 >= 60, "the burst was used: {n0} + {n1}");
+    // The two lines alternate, but which head reaches Redis first when both arrive within a
+    // moment is a race: fair runs measured 0 to 5 apart over these 63 admissions (29 / 34 in
+    // one run of four of the whole file on 2026-12-07, 35 / 28 once under load), the bug this
+    // guards 10 and 16 (36 / 26, 23 / 39). A bound of 4 failed one run in four.
     assert!(
-        n0.abs_diff(n1) <= 4,
+        n0.abs_diff(n1) <= 7,
         "equal demand, equal shares: {n0} and {n1} before the third node"
     );
     // The third node: its first admission within three (one refill a second: the others'
