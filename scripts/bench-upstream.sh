@@ -98,8 +98,15 @@ write_upstream_conf() {
 }
 
 # proxy_bin: sets PROXY_BIN to the absolute path of the proxy to measure: the given one, or a
-# release build of this tree (built here).
+# release build of this tree (built here); with PGO=1, the profile-guided build of
+# scripts/pgo-build.sh (built here unless NO_BUILD=1 and one exists in target/pgo).
 proxy_bin() {
+  if [ -z "${PROXY_BIN:-}" ] && [ "${PGO:-0}" = 1 ]; then
+    PROXY_BIN="${PGO_DIR:-target/pgo}/claude-proxy"
+    if [ -z "${NO_BUILD:-}" ] || [ ! -x "$PROXY_BIN" ]; then
+      scripts/pgo-build.sh > /dev/null
+    fi
+  fi
   if [ -z "${PROXY_BIN:-}" ]; then
     cargo build -q --release --features proxy --bin claude-proxy
     PROXY_BIN="${CARGO_TARGET_DIR:-target}/release/claude-proxy"
