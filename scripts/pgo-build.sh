@@ -5,9 +5,10 @@
 #
 # Three steps, all from this repository, nothing to start by hand:
 #   1. `claude-proxy` built with instrumentation (`-Cprofile-generate`);
-#   2. a training run: the instrumented proxy in front of the built-in simulator served over
-#      HTTP (`loadgen mock`, zero latency), driven by `loadgen run` in each cache mode, with
-#      JSON and streaming answers, one and many connections, misses and hits, two keys;
+#   2. a training run (scripts/pgo-train.sh): the instrumented proxy in front of the built-in
+#      simulator served over HTTP (`loadgen mock`, zero latency), driven by `loadgen run` in
+#      each cache mode, with JSON and streaming answers, one and many connections, misses and
+#      hits, two keys;
 #   3. the profiles merged (`llvm-profdata`) and the proxy built again with `-Cprofile-use`.
 #
 # Why: the proxy's profile is flat (hundreds of functions, none above a few per cent) and its
@@ -62,52 +63,9 @@ cp "$build_dir/$host/release/claude-proxy" "$instrumented"
 cargo build --release --features proxy --example loadgen
 loadgen="${CARGO_TARGET_DIR:-target}/release/examples/loadgen"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0
-    sleep 0.05
-  done
-  echo "pgo-build: nothing listens on port $1" >&2
-  return 1
-}
-pids=()
-work=$(mktemp -d)
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 echo "pgo-build: 2/3 training run" >&2
-mport=$(free_port)
-"$loadgen" mock --listen "127.0.0.1:$mport" --output-tokens 40 > "$work/mock.log" 2>&1 &
-pids+=($!)
-wait_port "$mport"
-d="${TRAIN_SECONDS}s"
-for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
-  "--cache-mode all --cache-path $work/cache.redb" "--cache-mode deterministic --cache-path $work/cache.redb"; do
-  port=$(free_port)
-  # shellcheck disable=SC2086 # the flags are words
-  env -u ANTHROPIC_API_KEY RUST_LOG=warn LLVM_PROFILE_FILE="$raw/proxy-%p-%m.profraw" "$instrumented" \
-    --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$mport" \
-    --api-keys sk-ant-train-1,sk-ant-train-2 $flags > "$work/proxy.log" 2>&1 &
-  proxy=$!
-  pids+=("$proxy")
-  wait_port "$port"
-  url="http://127.0.0.1:$port"
-  run() { "$loadgen" run --url "$url" --warmup 0s -d "$d" --json "$@" > /dev/null; }
-  run -c 1 --prompt-bytes 2000
-  run -c 32 --prompt-bytes 2000
-  run -c 32 --prompt-bytes 200 --model claude-sonnet-4-5 --temperature 0
-  run -c 8 --stream --prompt-bytes 2000
-  run -c 8 --same-body --temperature 0 --prompt-bytes 2000
-  run -c 8 --same-body --temperature 0 --stream
-  # SIGINT: a graceful shutdown, so the profile is written at exit.
-  kill -INT "$proxy"
-  wait "$proxy" || true
-  echo "pgo-build: trained with $flags" >&2
-done
+LLVM_PROFILE_FILE="$raw/proxy-%p-%m.profraw" TRAIN_SECONDS="$TRAIN_SECONDS" \
+  scripts/pgo-train.sh "$instrumented" "$loadgen"
 
 echo "pgo-build: 3/3 optimised build" >&2
 "$profdata" merge -o "$PGO_DIR/claude-proxy.profdata" "$raw"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The training load of scripts/pgo-build.sh: PROXY (a claude-proxy binary) in each cache mode,
+# with two keys, in front of the built-in simulator served over HTTP (LOADGEN mock, no
+# latency), driven by LOADGEN run: 2 KB and 200-byte prompts, one and 32 connections, JSON
+# and SSE answers, misses and hits, two models. Every request must succeed and every proxy
+# must shut down cleanly on SIGINT (an instrumented binary writes its profile at exit).
+#
+#   scripts/pgo-train.sh PROXY LOADGEN
+#
+# Environment: TRAIN_SECONDS (per load, default 2); LLVM_PROFILE_FILE is passed on to the
+# proxy. CI runs it against the debug builds (TRAIN_SECONDS=1) so that the training cannot
+# break unnoticed.
+set -euo pipefail
+proxy_bin=${1:?usage: scripts/pgo-train.sh PROXY LOADGEN}
+loadgen=${2:?usage: scripts/pgo-train.sh PROXY LOADGEN}
+d="${TRAIN_SECONDS:-2}s"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 400); do
+    (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0
+    sleep 0.05
+  done
+  echo "pgo-train: nothing listens on port $1" >&2
+  return 1
+}
+pids=()
+work=$(mktemp -d)
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+mport=$(free_port)
+"$loadgen" mock --listen "127.0.0.1:$mport" --output-tokens 40 > "$work/mock.log" 2>&1 &
+pids+=($!)
+wait_port "$mport"
+for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
+  "--cache-mode all --cache-path $work/cache.redb" "--cache-mode deterministic --cache-path $work/cache.redb"; do
+  port=$(free_port)
+  # shellcheck disable=SC2086 # the flags are words
+  env -u ANTHROPIC_API_KEY RUST_LOG=warn "$proxy_bin" \
+    --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$mport" \
+    --api-keys sk-ant-train-1,sk-ant-train-2 $flags > "$work/proxy.log" 2>&1 &
+  proxy=$!
+  pids+=("$proxy")
+  wait_port "$port"
+  url="http://127.0.0.1:$port"
+  run() {
+    if ! "$loadgen" run --url "$url" --warmup 0s -d "$d" --json "$@" > "$work/run.json" 2>&1; then
+      echo "pgo-train: loadgen run $* through claude-proxy $flags failed:" >&2
+      cat "$work/run.json" >&2
+      tail -20 "$work/proxy.log" >&2
+      exit 1
+    fi
+  }
+  run -c 1 --prompt-bytes 2000
+  run -c 32 --prompt-bytes 2000
+  run -c 32 --prompt-bytes 200 --model claude-sonnet-4-5 --temperature 0
+  run -c 8 --stream --prompt-bytes 2000
+  run -c 8 --same-body --temperature 0 --prompt-bytes 2000
+  run -c 8 --same-body --temperature 0 --stream
+  # SIGINT: a graceful shutdown, so an instrumented proxy writes its profile at exit.
+  kill -INT "$proxy"
+  if ! wait "$proxy"; then
+    echo "pgo-train: claude-proxy $flags did not exit cleanly on SIGINT:" >&2
+    tail -20 "$work/proxy.log" >&2
+    exit 1
+  fi
+  echo "pgo-train: trained with $flags" >&2
+done
