@@ -7,7 +7,7 @@
 #     scripts/bench-proxy.sh      # ten rounds over the same processes, then medians, and each
 #                                 # target against BASE round by round (x_base, p50-base)
 #   PROXY_BIN=/tmp/old/claude-proxy scripts/bench-proxy.sh     # an older build, same script
-#   PGO=1 scripts/bench-proxy.sh   # the profile-guided build (scripts/pgo-build.sh, ~8 min)
+#   PGO=1 scripts/bench-proxy.sh   # the profile-guided build (scripts/pgo-build.sh, ~10 min)
 #   PROXY_CONFIGS="lto:--cache-mode off;pgo@target/pgo/claude-proxy:--cache-mode off" \
 #     scripts/bench-proxy.sh      # both builds side by side (after scripts/pgo-build.sh)
 #   PROXY_CONFIGS="nocache:--cache false" scripts/bench-proxy.sh

@@ -1,6 +1,6 @@
-# Shared by scripts/bench-proxy.sh, scripts/callgrind-proxy.sh and scripts/callgrind-miss.sh
-# (sourced, not run): free
-# loopback ports, waiting for a listener, and the nginx upstream that answers
+# Shared by scripts/bench-proxy.sh, scripts/cache-rss.sh, scripts/callgrind-proxy.sh,
+# scripts/callgrind-miss.sh, scripts/latency-split.sh and scripts/pgo-train.sh (sourced, not
+# run): free loopback ports, waiting for a listener, and the nginx upstream that answers
 # POST /v1/messages at once with a static Anthropic answer and `anthropic-ratelimit-*`
 # headers (limits that never bind).
 

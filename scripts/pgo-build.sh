@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A profile-guided (PGO) release build of claude-proxy: the fastest binary this repository makes.
 #
-#   scripts/pgo-build.sh            # writes target/pgo/claude-proxy (~8 min on 2 cores)
+#   scripts/pgo-build.sh            # writes target/pgo/claude-proxy (~10 min on 2 cores from a fresh clone)
 #
 # Three steps, all from this repository, nothing to start by hand:
 #   1. `claude-proxy` built with instrumentation (`-Cprofile-generate`);

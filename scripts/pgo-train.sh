@@ -11,31 +11,19 @@
 # proxy. CI runs it against the debug builds (TRAIN_SECONDS=1) so that the training cannot
 # break unnoticed.
 set -euo pipefail
-proxy_bin=${1:?usage: scripts/pgo-train.sh PROXY LOADGEN}
-loadgen=${2:?usage: scripts/pgo-train.sh PROXY LOADGEN}
+proxy_bin=$(realpath "${1:?usage: scripts/pgo-train.sh PROXY LOADGEN}")
+loadgen=$(realpath "${2:?usage: scripts/pgo-train.sh PROXY LOADGEN}")
 d="${TRAIN_SECONDS:-2}s"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 400); do
-    (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0
-    sleep 0.05
-  done
-  echo "pgo-train: nothing listens on port $1" >&2
-  return 1
-}
-pids=()
-work=$(mktemp -d)
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-upstream.sh
+. scripts/bench-upstream.sh
+bench_setup
 
 mport=$(free_port)
 "$loadgen" mock --listen "127.0.0.1:$mport" --output-tokens 40 > "$work/mock.log" 2>&1 &
 pids+=($!)
-wait_port "$mport"
+wait_port "$mport" 400
 for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
   "--cache-mode all --cache-path $work/cache.redb" "--cache-mode deterministic --cache-path $work/cache.redb"; do
   port=$(free_port)
@@ -45,7 +33,7 @@ for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
     --api-keys sk-ant-train-1,sk-ant-train-2 $flags > "$work/proxy.log" 2>&1 &
   proxy=$!
   pids+=("$proxy")
-  wait_port "$port"
+  wait_port "$port" 400
   url="http://127.0.0.1:$port"
   run() {
     if ! "$loadgen" run --url "$url" --warmup 0s -d "$d" --json "$@" > "$work/run.json" 2>&1; then
