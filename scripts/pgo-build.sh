@@ -8,7 +8,8 @@
 #   2. a training run (scripts/pgo-train.sh): the instrumented proxy in front of the built-in
 #      simulator served over HTTP (`loadgen mock`, zero latency), driven by `loadgen run` in
 #      each cache mode, with JSON and streaming answers, one and many connections, misses and
-#      hits, two keys;
+#      hits, two keys; then two teams of a tenants file at once, and the quota and cache in
+#      Redis when redis-server is installed;
 #   3. the profiles merged (`llvm-profdata`) and the proxy built again with `-Cprofile-use`.
 #
 # Why: the proxy's profile is flat (hundreds of functions, none above a few per cent) and its

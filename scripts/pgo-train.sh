@@ -2,8 +2,10 @@
 # The training load of scripts/pgo-build.sh: PROXY (a claude-proxy binary) in each cache mode,
 # with two keys, in front of the built-in simulator served over HTTP (LOADGEN mock, no
 # latency), driven by LOADGEN run: 2 KB and 200-byte prompts, one and 32 connections, JSON
-# and SSE answers, misses and hits, two models. Every request must succeed and every proxy
-# must shut down cleanly on SIGINT (an instrumented binary writes its profile at exit).
+# and SSE answers, misses and hits, two models; then with a tenants file (two teams at once)
+# and, when redis-server is installed, with the quota and the cache in Redis. Every request
+# must succeed and every proxy must shut down cleanly on SIGINT (an instrumented binary writes
+# its profile at exit).
 #
 #   scripts/pgo-train.sh PROXY LOADGEN
 #
@@ -24,8 +26,35 @@ mport=$(free_port)
 "$loadgen" mock --listen "127.0.0.1:$mport" --output-tokens 40 > "$work/mock.log" 2>&1 &
 pids+=($!)
 wait_port "$mport" 400
-for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
-  "--cache-mode all --cache-path $work/cache.redb" "--cache-mode deterministic --cache-path $work/cache.redb"; do
+# Two teams sharing the quota (the fair queue, budgets): clients send their tokens.
+cat > "$work/tenants.toml" << 'TOML'
+[[tenant]]
+name = "web"
+tokens = ["tok-train-web"]
+weight = 3
+[tenant.budget]
+usd_per_day = 1000000.0
+
+[[tenant]]
+name = "batch"
+tokens = ["tok-train-batch"]
+priority = "batch"
+TOML
+configs=("--cache-mode off" "--cache-mode all --cache-path memory"
+  "--cache-mode all --cache-path $work/cache.redb" "--cache-mode deterministic --cache-path $work/cache.redb"
+  "--cache-mode deterministic --cache-path memory --tenants-file $work/tenants.toml")
+# Quota and cache in Redis, when a redis-server is there to start (a path left out of the
+# training is laid out as cold code).
+if command -v redis-server > /dev/null; then
+  rport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no > "$work/redis.log" 2>&1 &
+  pids+=($!)
+  wait_port "$rport" 400
+  configs+=("--cache-mode all --redis-url redis://127.0.0.1:$rport/ --expected-nodes 2")
+else
+  echo "pgo-train: no redis-server: the Redis quota and cache are left out of the training" >&2
+fi
+for flags in "${configs[@]}"; do
   port=$(free_port)
   # shellcheck disable=SC2086 # the flags are words
   env -u ANTHROPIC_API_KEY RUST_LOG=warn "$proxy_bin" \
@@ -35,8 +64,10 @@ for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
   pids+=("$proxy")
   wait_port "$port" 400
   url="http://127.0.0.1:$port"
+  key=sk-ant-train
+  [[ "$flags" == *--tenants-file* ]] && key=tok-train-web
   run() {
-    if ! "$loadgen" run --url "$url" --warmup 0s -d "$d" --json "$@" > "$work/run.json" 2>&1; then
+    if ! "$loadgen" run --url "$url" --warmup 0s -d "$d" --json --api-key "$key" "$@" > "$work/run.json" 2>&1; then
       echo "pgo-train: loadgen run $* through claude-proxy $flags failed:" >&2
       cat "$work/run.json" >&2
       tail -20 "$work/proxy.log" >&2
@@ -49,6 +80,13 @@ for flags in "--cache-mode off" "--cache-mode all --cache-path memory" \
   run -c 8 --stream --prompt-bytes 2000
   run -c 8 --same-body --temperature 0 --prompt-bytes 2000
   run -c 8 --same-body --temperature 0 --stream
+  if [[ "$flags" == *--tenants-file* ]]; then
+    # Both teams at once: the batch team's requests wait behind the web team's.
+    (key=tok-train-batch run -c 16 --prompt-bytes 2000) &
+    batch=$!
+    run -c 16 --prompt-bytes 2000
+    wait "$batch"
+  fi
   # SIGINT: a graceful shutdown, so an instrumented proxy writes its profile at exit.
   kill -INT "$proxy"
   if ! wait "$proxy"; then
