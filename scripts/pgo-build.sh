@@ -38,7 +38,7 @@ raw="$PGO_DIR/raw"
 profdata=${LLVM_PROFDATA:-"$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"}
 if [ ! -x "$profdata" ]; then
   if [ -z "${LLVM_PROFDATA:-}" ] && command -v rustup > /dev/null; then
-    rustup component add llvm-tools
+    rustup component add llvm-tools || true
   fi
   if [ ! -x "$profdata" ]; then
     echo "pgo-build: no llvm-profdata at $profdata: run 'rustup component add llvm-tools'," >&2
