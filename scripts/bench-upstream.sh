@@ -4,6 +4,13 @@
 # POST /v1/messages at once with a static Anthropic answer and `anthropic-ratelimit-*`
 # headers (limits that never bind).
 
+# need_tools TOOL...: stops the script with "needs TOOL" when a tool is not on PATH.
+need_tools() {
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool" >&2; exit 1; }
+  done
+}
+
 # bench_setup: a work dir in $work (removed at exit; KEEP_WORK=1 keeps it) and a list $pids
 # of processes stopped at exit.
 bench_setup() {

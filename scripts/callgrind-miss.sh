@@ -33,9 +33,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
 PROXY_CONFIGS="${PROXY_CONFIGS:-off:--cache-mode off;memory-all:--cache-mode all --cache-path memory;disk-all:--cache-mode all}"
 
-for tool in nginx valgrind callgrind_control python3; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool" >&2; exit 1; }
-done
+need_tools nginx valgrind callgrind_control python3
 proxy_bin
 if [ "${FLOOR:-0}" = 1 ]; then
   if [ -z "${FLOOR_BIN:-}" ]; then

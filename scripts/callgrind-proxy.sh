@@ -28,9 +28,7 @@ PROXY_ARGS="${PROXY_ARGS:---cache-mode off}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
 
-for tool in nginx valgrind callgrind_annotate python3; do
-  command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
-done
+need_tools nginx valgrind callgrind_annotate python3
 proxy_bin
 
 bench_setup

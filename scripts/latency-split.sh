@@ -21,9 +21,7 @@ cd "$(dirname "$0")/.."
 
 DURATION="${DURATION:-2}"
 CONFIGS="${CONFIGS:-off:--cache-mode off}"
-for tool in nginx wrk perf python3; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "needs $tool" >&2; exit 1; }
-done
+need_tools nginx wrk perf python3
 proxy_bin
 bench_setup
 start_upstream
