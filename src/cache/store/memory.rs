@@ -1,6 +1,7 @@
 //! In-process store: a few shards of a map and a CLOCK ring each, bounded by weight.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -95,36 +96,48 @@ impl Shard {
 
     fn insert(&mut self, key: CacheKey, entry: Arc<Entry>, weight: u64, now: Instant) {
         self.sweep(now);
-        if let Some(&at) = self.map.get(&key) {
-            let slot = &mut self.slots[at as usize];
-            self.weight = self.weight - slot.weight + weight;
-            slot.weight = weight;
-            slot.entry = Some(entry);
-            slot.referenced = false;
-        } else {
-            // The new entry is not in the ring yet: the hand cannot evict it.
-            while self.weight + weight > self.max && self.evict_one(now) {}
-            let slot = Slot {
-                key,
-                entry: Some(entry),
-                weight,
-                referenced: false,
-            };
-            let at = match self.free.pop() {
-                Some(at) => {
-                    self.slots[at as usize] = slot;
-                    at
-                }
-                None => {
-                    self.slots.push(slot);
-                    (self.slots.len() - 1) as u32
-                }
-            };
-            self.map.insert(key, at);
-            self.weight += weight;
+        let slot = Slot {
+            key,
+            entry: Some(entry),
+            weight,
+            referenced: false,
+        };
+        match self.map.entry(key) {
+            MapEntry::Occupied(found) => {
+                let old = &mut self.slots[*found.get() as usize];
+                self.weight = self.weight - old.weight + weight;
+                *old = slot;
+            }
+            // Room without evicting (a store that is not full): one probe of the map.
+            MapEntry::Vacant(vacant) if self.weight + weight <= self.max => {
+                vacant.insert(place(&mut self.slots, &mut self.free, slot));
+                self.weight += weight;
+            }
+            MapEntry::Vacant(_) => {
+                // The new entry is not in the ring yet: the hand cannot evict it.
+                while self.weight + weight > self.max && self.evict_one(now) {}
+                let at = place(&mut self.slots, &mut self.free, slot);
+                self.map.insert(key, at);
+                self.weight += weight;
+            }
         }
         // Another entry replaced by a heavier one may leave the shard over its bound.
         while self.weight > self.max && self.evict_one(now) {}
+    }
+}
+
+/// Puts `slot` in a free slot of the ring, or a new one; returns where.
+#[inline]
+fn place(slots: &mut Vec<Slot>, free: &mut Vec<u32>, slot: Slot) -> u32 {
+    match free.pop() {
+        Some(at) => {
+            slots[at as usize] = slot;
+            at
+        }
+        None => {
+            slots.push(slot);
+            (slots.len() - 1) as u32
+        }
     }
 }
 
