@@ -13,6 +13,8 @@ use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreFuture};
 use crate::cache::key::KeyHashBuilder;
 use crate::cache::{CacheKey, CacheSecret};
 
+/// An answer held, in its slot (no allocation of its own: a lookup clones the response under
+/// the shard's lock, which is two `Bytes` and a name shared).
 struct Entry {
     response: CachedResponse,
     expires_at: Instant,
@@ -22,7 +24,7 @@ struct Entry {
 struct Slot {
     key: CacheKey,
     /// `None`: a free slot (its index is in `Shard::free`).
-    entry: Option<Arc<Entry>>,
+    entry: Option<Entry>,
     weight: u64,
     /// Looked up since the clock hand last passed: spared once.
     referenced: bool,
@@ -43,7 +45,7 @@ struct Shard {
 }
 
 impl Shard {
-    fn remove_slot(&mut self, at: usize) -> Option<Arc<Entry>> {
+    fn remove_slot(&mut self, at: usize) -> Option<Entry> {
         let slot = &mut self.slots[at];
         let entry = slot.entry.take()?;
         self.map.remove(&slot.key);
@@ -94,7 +96,7 @@ impl Shard {
         }
     }
 
-    fn insert(&mut self, key: CacheKey, entry: Arc<Entry>, weight: u64, now: Instant) {
+    fn insert(&mut self, key: CacheKey, entry: Entry, weight: u64, now: Instant) {
         self.sweep(now);
         let slot = Slot {
             key,
@@ -224,31 +226,20 @@ impl MemoryStore {
     }
 
     fn find(&self, key: &CacheKey) -> Option<CachedResponse> {
-        let entry = {
-            let mut shard = self.shard(key);
-            let at = *shard.map.get(key)? as usize;
-            let slot = &mut shard.slots[at];
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let at = *shard.map.get(key)? as usize;
+        let slot = &mut shard.slots[at];
+        let entry = slot.entry.as_ref()?;
+        if now < entry.expires_at {
             slot.referenced = true;
-            slot.entry.clone()?
-        };
-        if Instant::now() >= entry.expires_at {
-            let mut shard = self.shard(key);
-            if let Some(&at) = shard.map.get(key) {
-                let at = at as usize;
-                // Only the entry found expired: a fresh one put meanwhile stays.
-                if shard.slots[at]
-                    .entry
-                    .as_ref()
-                    .is_some_and(|e| Arc::ptr_eq(e, &entry))
-                {
-                    let removed = shard.remove_slot(at);
-                    drop(shard);
-                    drop(removed);
-                }
-            }
-            return None;
+            return Some(entry.response.clone());
         }
-        Some(entry.response.clone())
+        // Expired: freed now, its memory given back outside the lock.
+        let removed = shard.remove_slot(at);
+        drop(shard);
+        drop(removed);
+        None
     }
 }
 
@@ -293,10 +284,10 @@ impl CacheStore for MemoryStore {
             tracing::debug!(key = %key, weight, "cache entry heavier than the store's shard: not stored");
             return Box::pin(Done);
         }
-        let entry = Arc::new(Entry {
+        let entry = Entry {
             response: value,
             expires_at,
-        });
+        };
         shard.insert(*key, entry, weight, now);
         Box::pin(Done)
     }

@@ -350,7 +350,7 @@ const APPLICATION_JSON: &str = "application/json";
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
-/// (its map bucket and ring slot, the `Arc` of the entry). Measured, see `docs/benchmarks.md`:
+/// (its map bucket and the ring slot that holds the entry). Measured, see `docs/benchmarks.md`:
 /// `memory_store_rss_per_entry` in `tests/cache.rs` (1,400 bytes of resident memory per
 /// entry of that test) and `scripts/cache-rss.sh` (1M distinct requests through the proxy:
 /// 1.06× the bound with 500 here, so 600). It was 800 while the store was on moka (1,699
