@@ -202,8 +202,9 @@ impl std::ops::IndexMut<usize> for Ring {
 /// in `docs/benchmarks.md`: 1M distinct requests through the proxy). An entry heavier than
 /// a shard's part of the bound (an eighth of it at most) is not stored.
 ///
-/// A lookup is a lock of one shard and a map probe; storing adds a slot of the ring and
-/// evicts what the bound needs, with no allocation but the entry's (this store was on
+/// A lookup is a lock of one shard and a map probe; storing puts the entry in a slot of the
+/// ring (the slot holds it: no allocation of its own, and the ring grows by chunks of slots
+/// that never move) and evicts what the bound needs (this store was on
 /// `moka` until issue 13's cm13 pass: its insert and the lookup of a missing key with their
 /// housekeeping cost ~2.7k instructions of every cache miss; see `docs/benchmarks.md`).
 ///
