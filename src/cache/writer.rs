@@ -174,7 +174,8 @@ impl Writer {
     /// Whether an entry of a model other than `model` was ever queued (see
     /// [`CacheStore::may_hold_other_models`]; the store answers for what it has written).
     pub(crate) fn queued_other_models(&self, model: &str) -> bool {
-        self.models.others_than(model)
+        // Nothing ever queued (always, over a store that writes at once): nothing to ask.
+        self.started.get().is_some() && self.models.others_than(model)
     }
 
     /// Queues `entry` for storing under `key`; never waits. A store that

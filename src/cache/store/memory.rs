@@ -129,7 +129,7 @@ impl Shard {
 }
 
 /// Puts `slot` in a free slot of the ring, or a new one; returns where.
-#[inline]
+#[inline(always)]
 fn place(slots: &mut Ring, free: &mut Vec<u32>, slot: Slot) -> u32 {
     match free.pop() {
         Some(at) => {

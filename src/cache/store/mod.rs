@@ -397,23 +397,31 @@ impl KeptHeaders {
         let mut head = Vec::with_capacity(len);
         let mut sensitive = 0u32;
         head.extend_from_slice(&(count as u32).to_le_bytes());
-        let mut put = |i: usize, name: &HeaderName, value: &HeaderValue| {
-            put_bytes(&mut head, name.as_str().as_bytes());
-            put_bytes(&mut head, value.as_bytes());
+        // Inlined in both loops (a call per header was ~0.1k for two kept headers).
+        #[inline(always)]
+        fn put(
+            head: &mut Vec<u8>,
+            sensitive: &mut u32,
+            i: usize,
+            name: &HeaderName,
+            value: &HeaderValue,
+        ) {
+            put_bytes(head, name.as_str().as_bytes());
+            put_bytes(head, value.as_bytes());
             if i < 32 && value.is_sensitive() {
-                sensitive |= 1 << i;
+                *sensitive |= 1 << i;
             }
-        };
+        }
         if count <= PICKED {
             for (i, (name, value)) in picked.into_iter().flatten().enumerate() {
-                put(i, name, value);
+                put(&mut head, &mut sensitive, i, name, value);
             }
         } else {
             let kept = headers
                 .iter()
                 .filter(|(n, _)| CachedResponse::keeps_header(n));
             for (i, (name, value)) in kept.enumerate() {
-                put(i, name, value);
+                put(&mut head, &mut sensitive, i, name, value);
             }
         }
         // `body::is_event_stream`'s rule, on the value the walk found: its bytes first (the
