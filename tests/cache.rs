@@ -1415,6 +1415,35 @@ mod models {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
+    /// The served model's name is the fallback catalogue's, shared: stored with the entry on
+    /// the miss and named by the hit without a copy (`Arc::ptr_eq`).
+    #[tokio::test(start_paused = true)]
+    async fn the_served_models_name_is_shared_not_copied() {
+        let (svc, board, _calls) = setup();
+        drain_opus(&board);
+        let served = |res: &Response<_>| {
+            res.extensions()
+                .get::<ServedModel>()
+                .unwrap()
+                .served
+                .clone()
+        };
+        let miss = svc.clone().oneshot(ask("shared", false)).await.unwrap();
+        assert_eq!(
+            *miss.extensions().get::<CacheStatus>().unwrap(),
+            CacheStatus::Miss
+        );
+        let written = served(&miss);
+        assert_eq!(&*written, SONNET);
+        drop(miss);
+        let hit = svc.clone().oneshot(ask("shared", false)).await.unwrap();
+        assert_eq!(
+            *hit.extensions().get::<CacheStatus>().unwrap(),
+            CacheStatus::Hit
+        );
+        assert!(Arc::ptr_eq(&served(&hit), &written));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fallback_off_is_honoured_on_a_hit() {
         let (svc, board, calls) = setup();

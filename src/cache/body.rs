@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
 use super::config::{Config, keep};
 use super::key::CacheKey;
 use super::live::LiveBody;
-use super::store::CachedResponse;
+use super::store::{CachedResponse, KeptHeaders};
 use crate::BoxError;
 use crate::anthropic::UsageTracker;
 use crate::body::{Replay, Tracked};
@@ -158,9 +158,10 @@ pub(crate) struct Tee {
     config: Arc<Config>,
     key: CacheKey,
     status: StatusCode,
-    headers: HeaderMap,
+    /// The answer's kept headers (taken when the entry is built).
+    kept: Option<KeptHeaders>,
     /// The model that produced the stream.
-    model: String,
+    model: Option<Arc<str>>,
     /// The answer's usage tracker: says when `message_stop` (or an `event: error`) arrived.
     tracker: UsageTracker,
     chunks: Vec<Bytes>,
@@ -174,15 +175,15 @@ impl Tee {
         config: Arc<Config>,
         key: CacheKey,
         status: StatusCode,
-        headers: HeaderMap,
-        model: String,
+        kept: KeptHeaders,
+        model: Option<Arc<str>>,
         tracker: UsageTracker,
     ) -> Self {
         Self {
             config,
             key,
             status,
-            headers,
+            kept: Some(kept),
             model,
             tracker,
             chunks: Vec::new(),
@@ -248,19 +249,17 @@ impl Tee {
 
     /// Queues the recorded stream for storing.
     fn store(&mut self) {
+        self.done = true;
+        let Some(kept) = self.kept.take() else {
+            return;
+        };
         let mut body = Vec::with_capacity(self.size);
         for c in self.chunks.drain(..) {
             body.extend_from_slice(&c);
         }
-        let entry = CachedResponse::new(
-            self.status,
-            std::mem::take(&mut self.headers),
-            body.into(),
-            true,
-        )
-        .with_model(std::mem::take(&mut self.model));
+        let entry = CachedResponse::from_kept(self.status, kept, body.into(), true)
+            .with_shared_model(self.model.take());
         keep(&self.config, self.key, &entry);
-        self.done = true;
     }
 
     fn abandon(&mut self) {

@@ -1,6 +1,7 @@
 //! Request coalescing: the requests in flight upstream, by key, and the followers waiting
 //! for each (see the module docs, *Coalescing*).
 
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,23 +44,27 @@ pub(crate) enum Join {
 impl Flights {
     pub(crate) fn join(self: &Arc<Self>, key: CacheKey) -> Join {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = map.get_mut(&key) {
-            if let Some(live) = &flight.live {
-                return Join::Live(live.subscribe());
+        // One probe of the map (an entry), not a lookup and then an insert.
+        let id = match map.entry(key) {
+            Entry::Occupied(mut flight) => {
+                let flight = flight.get_mut();
+                if let Some(live) = &flight.live {
+                    return Join::Live(live.subscribe());
+                }
+                let (tx, rx) = oneshot::channel();
+                flight.waiters.push(tx);
+                return Join::Follow(rx);
             }
-            let (tx, rx) = oneshot::channel();
-            flight.waiters.push(tx);
-            return Join::Follow(rx);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        map.insert(
-            key,
-            Flight {
-                id,
-                waiters: Vec::new(),
-                live: None,
-            },
-        );
+            Entry::Vacant(vacant) => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                vacant.insert(Flight {
+                    id,
+                    waiters: Vec::new(),
+                    live: None,
+                });
+                id
+            }
+        };
         Join::Lead(FlightGuard {
             flights: self.clone(),
             key,
@@ -86,10 +91,9 @@ pub(crate) struct FlightGuard {
 impl FlightGuard {
     fn take(&self) -> Option<Flight> {
         let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&self.key).is_some_and(|f| f.id == self.id) {
-            map.remove(&self.key)
-        } else {
-            None
+        match map.entry(self.key) {
+            Entry::Occupied(flight) if flight.get().id == self.id => Some(flight.remove()),
+            _ => None,
         }
     }
 

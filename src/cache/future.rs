@@ -16,7 +16,7 @@ use super::config::{Config, storable};
 use super::flights::FlightGuard;
 use super::key::{CacheKey, KeyBase};
 use super::live::{End, Live};
-use super::store::CachedResponse;
+use super::store::{CachedResponse, KeptHeaders};
 use crate::BoxError;
 use crate::anthropic::parsed_names as names;
 use crate::anthropic::{KeyId, RequestMeta, UsageTracker};
@@ -120,8 +120,11 @@ where
                     return Poll::Ready(Ok(res));
                 }
                 StateProj::Bypass { fut } => {
-                    let res = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    return Poll::Ready(Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass)));
+                    let mut res = ready!(fut.poll(cx))
+                        .map_err(Into::into)?
+                        .map(CacheBody::inner);
+                    mark(&mut res, CacheStatus::Bypass);
+                    return Poll::Ready(Ok(res));
                 }
                 StateProj::Upstream { fut, miss } => {
                     let res = ready!(fut.poll(cx)).map_err(Into::into)?;
@@ -133,8 +136,9 @@ where
                         .take()
                         .expect("cache ResponseFuture polled after completion");
                     match store_head(&config, plan, res, guard) {
-                        Stored::Done(res) => {
-                            return Poll::Ready(Ok(mark(res, CacheStatus::Miss)));
+                        Stored::Done(mut res) => {
+                            mark(&mut res, CacheStatus::Miss);
+                            return Poll::Ready(Ok(res));
                         }
                         Stored::Read(peek, reading) => State::Reading {
                             peek,
@@ -147,8 +151,9 @@ where
                     let (config, reading) = reading
                         .take()
                         .expect("cache ResponseFuture polled after completion");
-                    let res = store_read(&config, reading, read);
-                    return Poll::Ready(Ok(mark(res, CacheStatus::Miss)));
+                    let mut res = store_read(&config, reading, read);
+                    mark(&mut res, CacheStatus::Miss);
+                    return Poll::Ready(Ok(res));
                 }
                 StateProj::Boxed { fut } => return fut.as_mut().poll(cx),
             };
@@ -180,8 +185,9 @@ pub(crate) struct Plan {
     pub(super) base: KeyBase,
     /// The request body, to derive the key of the same request for another model.
     pub(super) body: Bytes,
-    /// The requested model (`""` when none).
-    pub(super) requested: String,
+    /// The requested model (`None` when none), shared with the request's catalogue entry
+    /// when a layer above resolved it.
+    pub(super) requested: Option<Arc<str>>,
     /// Look the key up (false for `cache-control: no-cache` and `x-tower-claude-cache: refresh`).
     pub(super) read: bool,
     /// The request turned fallback off: only its own model's answers are served, and it does
@@ -191,7 +197,7 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub(super) fn requested(&self) -> &str {
-        &self.requested
+        self.requested.as_deref().unwrap_or("")
     }
 
     /// The flight concurrent twins share.
@@ -236,31 +242,33 @@ impl Plan {
     }
 }
 
-// Inlined: a response is large (its head and the body's state), and a call moved it in and
-// out of this function.
-#[inline]
-pub(crate) fn mark<B>(mut res: Response<B>, status: CacheStatus) -> Response<B> {
+/// Says what the cache did with a response: the `x-tower-claude-cache` header and the
+/// [`CacheStatus`] extension. In place: a response is large (its head and the body's state),
+/// and moving it in and out of this function (it is not inlined at every call) was a copy.
+pub(crate) fn mark<B>(res: &mut Response<B>, status: CacheStatus) {
     res.headers_mut().insert(
         names::X_TOWER_CLAUDE_CACHE.clone(),
         HeaderValue::from_static(status.as_str()),
     );
     res.extensions_mut().insert(status);
-    res
 }
 
-/// The model that produced a response: the fallback layer's [`ServedModel`] extension or
-/// `x-tower-claude-model` header, else the requested model; the request's own name (`plan`'s,
-/// moved: no copy) when it is the requested model. And the key of the request for it.
-fn served_model(parts: &http::response::Parts, plan: Plan) -> (String, CacheKey) {
-    let named = match parts.extensions.get::<ServedModel>() {
-        Some(served) => Some(&*served.served),
-        None => parts
-            .headers
-            .get(&names::X_TOWER_CLAUDE_MODEL)
-            .and_then(|v| v.to_str().ok()),
-    };
+/// The model that produced a response: the fallback layer's [`ServedModel`] extension (its
+/// name shared, not copied) or `x-tower-claude-model` header, else the requested model
+/// (`plan`'s, moved). And the key of the request for it.
+fn served_model(parts: &http::response::Parts, plan: Plan) -> (Option<Arc<str>>, CacheKey) {
+    if let Some(served) = parts.extensions.get::<ServedModel>() {
+        if *served.served != *plan.requested() {
+            return (Some(served.served.clone()), plan.key_for(&served.served));
+        }
+        return (plan.requested, plan.key);
+    }
+    let named = parts
+        .headers
+        .get(&names::X_TOWER_CLAUDE_MODEL)
+        .and_then(|v| v.to_str().ok());
     match named {
-        Some(served) if served != plan.requested() => (served.to_owned(), plan.key_for(served)),
+        Some(served) if served != plan.requested() => (Some(served.into()), plan.key_for(served)),
         _ => (plan.requested, plan.key),
     }
 }
@@ -276,8 +284,10 @@ pub(crate) enum Stored<B> {
 /// A JSON answer being read whole, to store it.
 pub(crate) struct Reading {
     parts: http::response::Parts,
+    /// The headers the entry keeps, picked when the head arrived.
+    kept: KeptHeaders,
     key: CacheKey,
-    served: String,
+    served: Option<Arc<str>>,
     tracker: Option<UsageTracker>,
     guard: Option<FlightGuard>,
 }
@@ -302,19 +312,13 @@ where
     if !res.status().is_success() {
         return Stored::Done(res.map(CacheBody::inner));
     }
-    let is_sse = crate::body::is_event_stream(res.headers());
+    // The answer's headers are read once: the entry's and whether it is a stream.
+    let kept = KeptHeaders::of(res.headers());
     let (mut parts, body) = res.into_parts();
     let (served, key) = served_model(&parts, plan);
-    if is_sse {
+    if kept.is_event_stream() {
         let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
-        let tee = Tee::new(
-            config.clone(),
-            key,
-            parts.status,
-            parts.headers.clone(),
-            served,
-            tracker,
-        );
+        let tee = Tee::new(config.clone(), key, parts.status, kept, served, tracker);
         let body = CacheBody::tee(body, tee);
         let (Some(guard), Ok(runtime)) = (guard, tokio::runtime::Handle::try_current()) else {
             return Stored::Done(Response::from_parts(parts, body));
@@ -337,6 +341,7 @@ where
         peek,
         Reading {
             parts,
+            kept,
             key,
             served,
             tracker,
@@ -358,6 +363,7 @@ where
 {
     let Reading {
         parts,
+        kept,
         key,
         served,
         tracker,
@@ -368,8 +374,9 @@ where
         return Response::from_parts(parts, CacheBody::replay(read.into_body()));
     }
     let data = read.data();
-    let entry =
-        CachedResponse::from_parts(parts.status, &parts.headers, &data, false).with_model(served);
+    // The body is copied: `data` may be a slice of the connection's read buffer.
+    let entry = CachedResponse::from_kept(parts.status, kept, Bytes::copy_from_slice(&data), false)
+        .with_shared_model(served);
     if storable(key, &entry, tracker.and_then(|t| t.message_json())) {
         match guard {
             // Followers wait: queue a copy, then hand them the answer (queued first, so that

@@ -136,8 +136,13 @@ where
             }
             let inner = self.take_inner();
             return ResponseFuture::boxed(Box::pin(async move {
-                let res = inner.oneshot(req).await.map_err(Into::into)?;
-                Ok(mark(res.map(CacheBody::inner), CacheStatus::Bypass))
+                let mut res = inner
+                    .oneshot(req)
+                    .await
+                    .map_err(Into::into)?
+                    .map(CacheBody::inner);
+                mark(&mut res, CacheStatus::Bypass);
+                Ok(res)
             }));
         };
         let next = if plan.read {
@@ -329,7 +334,15 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     // The canonical body, from what the scan of `meta` recorded (or by the scanner again); a
     // body that is not a JSON object is passed through (upstream answers 400).
     let key = base.key_of_scanned(req.body().bytes(), meta)?;
-    let requested = meta.model.clone().unwrap_or_default();
+    // The catalogue's shared name when a layer above resolved the model (no copy).
+    let requested = meta
+        .model
+        .as_deref()
+        .filter(|model| !model.is_empty())
+        .map(|model| match meta.resolved_entry() {
+            Some(entry) if entry.id() == model => entry.shared_id().clone(),
+            _ => model.into(),
+        });
     // Fallback's own test (`opted_out_of`), its header read only when the pass saw it.
     let no_fallback = if seen.fallback {
         crate::fallback::opted_out_of(req)
@@ -354,29 +367,33 @@ fn live_hit<B>(body: LiveBody) -> Response<CacheBody<B>> {
     let mut res = Response::new(());
     *res.status_mut() = body.live().status();
     *res.headers_mut() = body.live().headers().clone();
-    mark(res.map(|()| CacheBody::live(body)), CacheStatus::Hit)
+    let mut res = res.map(|()| CacheBody::live(body));
+    mark(&mut res, CacheStatus::Hit);
+    res
 }
 
 /// A stored answer, saying which model wrote it (`x-tower-claude-model` and a
 /// [`ServedModel`] extension).
-fn hit<B>(entry: CachedResponse, requested: &str) -> Response<CacheBody<B>> {
+fn hit<B>(entry: CachedResponse, requested: Option<&Arc<str>>) -> Response<CacheBody<B>> {
     let mut res = Response::new(CacheBody::full(entry.body().clone()));
     *res.status_mut() = entry.status();
     *res.headers_mut() = entry.headers_with_room(2);
-    let served = entry.model().unwrap_or(requested);
-    if let Ok(v) = HeaderValue::from_str(served) {
+    let served = entry.shared_model().or(requested);
+    if let Ok(v) = HeaderValue::from_str(served.map_or("", |s| s)) {
         res.headers_mut()
             .insert(names::X_TOWER_CLAUDE_MODEL.clone(), v);
     }
-    if !requested.is_empty() {
+    if let (Some(requested), Some(served)) = (requested, served) {
+        // The names shared, not copied.
         res.extensions_mut().insert(ServedModel {
-            requested: requested.into(),
-            served: served.into(),
+            requested: requested.clone(),
+            served: served.clone(),
             attempts: 0,
             failovers: 0,
         });
     }
-    mark(res, CacheStatus::Hit)
+    mark(&mut res, CacheStatus::Hit);
+    res
 }
 
 /// Joins the flight of `plan` and, leading it, looks the key up, when both can be done at
@@ -392,7 +409,7 @@ fn begin<B>(
         Join::Lead(guard) => match find_now(config, plan, req) {
             Some(Some(entry)) => {
                 guard.complete(&entry);
-                Begun::Answered(hit(entry, plan.requested()))
+                Begun::Answered(hit(entry, plan.requested.as_ref()))
             }
             Some(None) => Begun::Miss(Some(guard)),
             None => Begun::Later(Join::Lead(guard)),
@@ -426,7 +443,7 @@ where
         Next::Join(mut join) => loop {
             match join {
                 Join::Follow(rx) => match rx.await {
-                    Ok(Shared::Entry(entry)) => return Ok(hit(entry, plan.requested())),
+                    Ok(Shared::Entry(entry)) => return Ok(hit(entry, plan.requested.as_ref())),
                     Ok(Shared::Live(body)) => return Ok(live_hit(body)),
                     // The leader failed or was cancelled: look again.
                     Err(_) => {}
@@ -435,7 +452,7 @@ where
                 Join::Lead(g) => {
                     if let Some(entry) = find(&config, &plan, &mut req).await {
                         g.complete(&entry);
-                        return Ok(hit(entry, plan.requested()));
+                        return Ok(hit(entry, plan.requested.as_ref()));
                     }
                     break Some(g);
                 }
@@ -444,11 +461,12 @@ where
         },
     };
     let res = inner.oneshot(req).await.map_err(Into::into)?;
-    let res = match store_head(&config, plan, res, guard) {
+    let mut res = match store_head(&config, plan, res, guard) {
         Stored::Done(res) => res,
         Stored::Read(peek, reading) => store_read(&config, reading, peek.await),
     };
-    Ok(mark(res, CacheStatus::Miss))
+    mark(&mut res, CacheStatus::Miss);
+    Ok(res)
 }
 
 /// [`find`] when the store answers at once ([`CacheStore::get_now`]): `None` when it cannot.

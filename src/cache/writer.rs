@@ -174,7 +174,8 @@ impl Writer {
     /// Whether an entry of a model other than `model` was ever queued (see
     /// [`CacheStore::may_hold_other_models`]; the store answers for what it has written).
     pub(crate) fn queued_other_models(&self, model: &str) -> bool {
-        self.models.others_than(model)
+        // Nothing ever queued (always, over a store that writes at once): nothing to ask.
+        self.started.get().is_some() && self.models.others_than(model)
     }
 
     /// Queues `entry` for storing under `key`; never waits. A store that
@@ -388,18 +389,28 @@ fn record(result: &'static str, n: u64) {
     }
     // Counted for every answer a memory store writes inline: the handle is kept (by the
     // recorder it belongs to) instead of being looked up in the registry each time (building
-    // the key and hashing it, ~0.7k instructions per miss).
-    static STORED: Mutex<Option<(usize, metrics::Counter)>> = Mutex::new(None);
+    // the key and hashing it, ~0.7k instructions per miss), by each thread (no lock shared by
+    // the threads that serve misses).
+    thread_local! {
+        static STORED: std::cell::RefCell<Option<(usize, metrics::Counter)>> =
+            const { std::cell::RefCell::new(None) };
+    }
     let recorder =
         metrics::with_recorder(|recorder| std::ptr::from_ref(recorder).cast::<()>() as usize);
-    let mut stored = STORED.lock().unwrap_or_else(|e| e.into_inner());
-    match &*stored {
-        Some((at, handle)) if *at == recorder => handle.increment(n),
-        _ => {
-            let handle = counter();
-            handle.increment(n);
-            *stored = Some((recorder, handle));
+    let counted = STORED.try_with(|stored| {
+        let mut stored = stored.borrow_mut();
+        match &*stored {
+            Some((at, handle)) if *at == recorder => handle.increment(n),
+            _ => {
+                let handle = counter();
+                handle.increment(n);
+                *stored = Some((recorder, handle));
+            }
         }
+    });
+    if counted.is_err() {
+        // The thread is exiting.
+        counter().increment(n);
     }
 }
 

@@ -1,6 +1,7 @@
 //! In-process store: a few shards of a map and a CLOCK ring each, bounded by weight.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,6 +13,8 @@ use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreFuture};
 use crate::cache::key::KeyHashBuilder;
 use crate::cache::{CacheKey, CacheSecret};
 
+/// An answer held, in its slot (no allocation of its own: a lookup clones the response under
+/// the shard's lock, which is two `Bytes` and a name shared).
 struct Entry {
     response: CachedResponse,
     expires_at: Instant,
@@ -21,7 +24,7 @@ struct Entry {
 struct Slot {
     key: CacheKey,
     /// `None`: a free slot (its index is in `Shard::free`).
-    entry: Option<Arc<Entry>>,
+    entry: Option<Entry>,
     weight: u64,
     /// Looked up since the clock hand last passed: spared once.
     referenced: bool,
@@ -31,7 +34,7 @@ struct Slot {
 #[derive(Default)]
 struct Shard {
     map: HashMap<CacheKey, u32, KeyHashBuilder>,
-    slots: Vec<Slot>,
+    slots: Ring,
     free: Vec<u32>,
     /// The clock hand: the next slot to consider for eviction.
     hand: usize,
@@ -42,7 +45,7 @@ struct Shard {
 }
 
 impl Shard {
-    fn remove_slot(&mut self, at: usize) -> Option<Arc<Entry>> {
+    fn remove_slot(&mut self, at: usize) -> Option<Entry> {
         let slot = &mut self.slots[at];
         let entry = slot.entry.take()?;
         self.map.remove(&slot.key);
@@ -93,38 +96,98 @@ impl Shard {
         }
     }
 
-    fn insert(&mut self, key: CacheKey, entry: Arc<Entry>, weight: u64, now: Instant) {
+    fn insert(&mut self, key: CacheKey, entry: Entry, weight: u64, now: Instant) {
         self.sweep(now);
-        if let Some(&at) = self.map.get(&key) {
-            let slot = &mut self.slots[at as usize];
-            self.weight = self.weight - slot.weight + weight;
-            slot.weight = weight;
-            slot.entry = Some(entry);
-            slot.referenced = false;
-        } else {
-            // The new entry is not in the ring yet: the hand cannot evict it.
-            while self.weight + weight > self.max && self.evict_one(now) {}
-            let slot = Slot {
-                key,
-                entry: Some(entry),
-                weight,
-                referenced: false,
-            };
-            let at = match self.free.pop() {
-                Some(at) => {
-                    self.slots[at as usize] = slot;
-                    at
-                }
-                None => {
-                    self.slots.push(slot);
-                    (self.slots.len() - 1) as u32
-                }
-            };
-            self.map.insert(key, at);
-            self.weight += weight;
+        let slot = Slot {
+            key,
+            entry: Some(entry),
+            weight,
+            referenced: false,
+        };
+        match self.map.entry(key) {
+            MapEntry::Occupied(found) => {
+                let old = &mut self.slots[*found.get() as usize];
+                self.weight = self.weight - old.weight + weight;
+                *old = slot;
+            }
+            // Room without evicting (a store that is not full): one probe of the map.
+            MapEntry::Vacant(vacant) if self.weight + weight <= self.max => {
+                vacant.insert(place(&mut self.slots, &mut self.free, slot));
+                self.weight += weight;
+            }
+            MapEntry::Vacant(_) => {
+                // The new entry is not in the ring yet: the hand cannot evict it.
+                while self.weight + weight > self.max && self.evict_one(now) {}
+                let at = place(&mut self.slots, &mut self.free, slot);
+                self.map.insert(key, at);
+                self.weight += weight;
+            }
         }
         // Another entry replaced by a heavier one may leave the shard over its bound.
         while self.weight > self.max && self.evict_one(now) {}
+    }
+}
+
+/// Puts `slot` in a free slot of the ring, or a new one; returns where.
+#[inline(always)]
+fn place(slots: &mut Ring, free: &mut Vec<u32>, slot: Slot) -> u32 {
+    match free.pop() {
+        Some(at) => {
+            slots[at as usize] = slot;
+            at
+        }
+        None => slots.push(slot),
+    }
+}
+
+/// The slots of a shard's ring, in chunks of [`CHUNK`] that never move: a slot holds its
+/// entry (no allocation of its own), and a growing store adds a chunk instead of copying
+/// every slot into a vector twice the size (which, with entries in their slots, cost more
+/// per answer stored than the allocation it saved while a store fills).
+#[derive(Default)]
+struct Ring {
+    chunks: Vec<Vec<Slot>>,
+    len: usize,
+}
+
+/// Slots per chunk of a [`Ring`].
+const CHUNK: usize = 256;
+
+impl Ring {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds a slot at the end; returns where.
+    fn push(&mut self, slot: Slot) -> u32 {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(slot),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(slot);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+        (self.len - 1) as u32
+    }
+}
+
+impl std::ops::Index<usize> for Ring {
+    type Output = Slot;
+
+    fn index(&self, at: usize) -> &Slot {
+        &self.chunks[at / CHUNK][at % CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Ring {
+    fn index_mut(&mut self, at: usize) -> &mut Slot {
+        &mut self.chunks[at / CHUNK][at % CHUNK]
     }
 }
 
@@ -139,8 +202,9 @@ impl Shard {
 /// in `docs/benchmarks.md`: 1M distinct requests through the proxy). An entry heavier than
 /// a shard's part of the bound (an eighth of it at most) is not stored.
 ///
-/// A lookup is a lock of one shard and a map probe; storing adds a slot of the ring and
-/// evicts what the bound needs, with no allocation but the entry's (this store was on
+/// A lookup is a lock of one shard and a map probe; storing puts the entry in a slot of the
+/// ring (the slot holds it: no allocation of its own, and the ring grows by chunks of slots
+/// that never move) and evicts what the bound needs (this store was on
 /// `moka` until issue 13's cm13 pass: its insert and the lookup of a missing key with their
 /// housekeeping cost ~2.7k instructions of every cache miss; see `docs/benchmarks.md`).
 ///
@@ -211,31 +275,20 @@ impl MemoryStore {
     }
 
     fn find(&self, key: &CacheKey) -> Option<CachedResponse> {
-        let entry = {
-            let mut shard = self.shard(key);
-            let at = *shard.map.get(key)? as usize;
-            let slot = &mut shard.slots[at];
+        let mut shard = self.shard(key);
+        let at = *shard.map.get(key)? as usize;
+        let slot = &mut shard.slots[at];
+        let entry = slot.entry.as_ref()?;
+        // The clock is read only for a key that is held (a miss does not read it).
+        if Instant::now() < entry.expires_at {
             slot.referenced = true;
-            slot.entry.clone()?
-        };
-        if Instant::now() >= entry.expires_at {
-            let mut shard = self.shard(key);
-            if let Some(&at) = shard.map.get(key) {
-                let at = at as usize;
-                // Only the entry found expired: a fresh one put meanwhile stays.
-                if shard.slots[at]
-                    .entry
-                    .as_ref()
-                    .is_some_and(|e| Arc::ptr_eq(e, &entry))
-                {
-                    let removed = shard.remove_slot(at);
-                    drop(shard);
-                    drop(removed);
-                }
-            }
-            return None;
+            return Some(entry.response.clone());
         }
-        Some(entry.response.clone())
+        // Expired: freed now, its memory given back outside the lock.
+        let removed = shard.remove_slot(at);
+        drop(shard);
+        drop(removed);
+        None
     }
 }
 
@@ -280,10 +333,10 @@ impl CacheStore for MemoryStore {
             tracing::debug!(key = %key, weight, "cache entry heavier than the store's shard: not stored");
             return Box::pin(Done);
         }
-        let entry = Arc::new(Entry {
+        let entry = Entry {
             response: value,
             expires_at,
-        });
+        };
         shard.insert(*key, entry, weight, now);
         Box::pin(Done)
     }
@@ -490,6 +543,61 @@ mod tests {
         big.remove(&key(7)).await.unwrap();
         assert_eq!(big.entry_count(), 999);
         assert_eq!(big.weighted_size(), 999 * resp(10).weight() as u64);
+    }
+
+    /// A shard's ring spans several chunks: every entry is found where it was put, a freed
+    /// slot is reused, and the clock hand walks across the chunks when the bound is reached.
+    #[tokio::test]
+    async fn a_ring_of_several_chunks() {
+        let key = |i: u64| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&i.to_le_bytes());
+            CacheKey::from_bytes(k)
+        };
+        let n = 3 * CHUNK as u64 + 7;
+        // One shard, room for exactly `n` entries.
+        let store = MemoryStore::new(n * resp(10).weight() as u64);
+        assert_eq!(store.shards.len(), 1);
+        for i in 0..n {
+            store
+                .put(&key(i), resp(10), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.entry_count(), n);
+        assert_eq!(lock(&store.shards[0]).slots.chunks.len(), 4);
+        for i in 0..n {
+            assert!(store.get(&key(i)).await.unwrap().is_some(), "{i}");
+        }
+        // A removed entry's slot (in the second chunk) is the next one used.
+        store.remove(&key(CHUNK as u64 + 3)).await.unwrap();
+        store
+            .put(&key(n), resp(1), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(lock(&store.shards[0]).slots.len(), n as usize);
+        assert_eq!(
+            lock(&store.shards[0]).map[&key(n)],
+            CHUNK as u32 + 3,
+            "the freed slot"
+        );
+        // Full: each new entry evicts one (all were looked up once: the hand clears their
+        // marks around the whole ring, then evicts), and the bound holds.
+        for i in n + 1..n + 2 * CHUNK as u64 {
+            store
+                .put(&key(i), resp(10), Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(store.weighted_size() <= n * resp(10).weight() as u64);
+        }
+        assert!(
+            store
+                .get(&key(n + 2 * CHUNK as u64 - 1))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(lock(&store.shards[0]).slots.len(), n as usize);
     }
 
     /// Expired entries are freed while the store is used (two per put), not only when

@@ -275,7 +275,11 @@ pub struct CachedResponse {
     sensitive: u32,
     body: Bytes,
     stream: bool,
-    model: Option<Box<str>>,
+    /// Shared: the cache's miss takes it from the fallback layer's [`ServedModel`] or the
+    /// request's catalogue entry without a copy, and a hit clones it without one.
+    ///
+    /// [`ServedModel`]: crate::fallback::ServedModel
+    model: Option<Arc<str>>,
 }
 
 /// Equal when status, headers (in order, names and values; not the sensitive flags, which
@@ -346,7 +350,7 @@ const APPLICATION_JSON: &str = "application/json";
 /// What an entry costs in memory beyond its header and body bytes: the entry and response
 /// structs, the header map's tables, one allocation per header value and for the body
 /// (allocator rounding included), the 32-byte key and the in-memory store's bookkeeping
-/// (its map bucket and ring slot, the `Arc` of the entry). Measured, see `docs/benchmarks.md`:
+/// (its map bucket and the ring slot that holds the entry). Measured, see `docs/benchmarks.md`:
 /// `memory_store_rss_per_entry` in `tests/cache.rs` (1,400 bytes of resident memory per
 /// entry of that test) and `scripts/cache-rss.sh` (1M distinct requests through the proxy:
 /// 1.06× the bound with 500 here, so 600). It was 800 while the store was on moka (1,699
@@ -355,6 +359,93 @@ const ENTRY_OVERHEAD: usize = 600;
 /// What each kept header costs beyond its name and value bytes (a map bucket and an
 /// allocation).
 const HEADER_OVERHEAD: usize = 96;
+
+/// The headers an entry keeps ([`CachedResponse::keeps_header`]), picked from an answer's
+/// head in one pass and written as [`CachedResponse::encode`] lays them out, and what that pass
+/// saw of `content-type`: the cache reads an answer's headers once, when its head arrives,
+/// for both (issue 13, ms13: a `content-type` lookup by name was ~0.18k instructions of a
+/// miss, beside the walk).
+pub(crate) struct KeptHeaders {
+    head: Bytes,
+    sensitive: u32,
+    event_stream: bool,
+}
+
+impl KeptHeaders {
+    /// Picks the kept headers of `headers`: counted (with their bytes) in one pass, then
+    /// written into one buffer of exactly their size; no map, no allocation per value, no
+    /// name hashed.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        const PICKED: usize = 8;
+        let mut picked = [None; PICKED];
+        let mut count = 0;
+        let mut len = 4;
+        let mut content_type = None;
+        for (name, value) in headers {
+            if CachedResponse::keeps_header(name) {
+                if let Some(slot) = picked.get_mut(count) {
+                    *slot = Some((name, value));
+                }
+                count += 1;
+                len += 8 + name.as_str().len() + value.len();
+                // The first value, as `HeaderMap::get` returns it.
+                if content_type.is_none() && *name == http::header::CONTENT_TYPE {
+                    content_type = Some(value);
+                }
+            }
+        }
+        let mut head = Vec::with_capacity(len);
+        let mut sensitive = 0u32;
+        head.extend_from_slice(&(count as u32).to_le_bytes());
+        // Inlined in both loops (a call per header was ~0.1k for two kept headers).
+        #[inline(always)]
+        fn put(
+            head: &mut Vec<u8>,
+            sensitive: &mut u32,
+            i: usize,
+            name: &HeaderName,
+            value: &HeaderValue,
+        ) {
+            put_bytes(head, name.as_str().as_bytes());
+            put_bytes(head, value.as_bytes());
+            if i < 32 && value.is_sensitive() {
+                *sensitive |= 1 << i;
+            }
+        }
+        if count <= PICKED {
+            for (i, (name, value)) in picked.into_iter().flatten().enumerate() {
+                put(&mut head, &mut sensitive, i, name, value);
+            }
+        } else {
+            let kept = headers
+                .iter()
+                .filter(|(n, _)| CachedResponse::keeps_header(n));
+            for (i, (name, value)) in kept.enumerate() {
+                put(&mut head, &mut sensitive, i, name, value);
+            }
+        }
+        // `body::is_event_stream`'s rule, on the value the walk found: its bytes first (the
+        // usual `application/json` is told at its first byte), the whole value checked only
+        // for a stream (a value that is not visible ASCII is not one). A value that passes
+        // `to_str` holds no whitespace but spaces and tabs, which both trims remove.
+        let event_stream = content_type.is_some_and(|v| {
+            v.as_bytes()
+                .trim_ascii_start()
+                .starts_with(b"text/event-stream")
+                && v.to_str().is_ok()
+        });
+        Self {
+            head: Bytes::from(head),
+            sensitive,
+            event_stream,
+        }
+    }
+
+    /// Whether the answer's `content-type` (its first value) is `text/event-stream`.
+    pub(crate) fn is_event_stream(&self) -> bool {
+        self.event_stream
+    }
+}
 
 impl CachedResponse {
     /// A response to store; headers that [`keeps_header`](Self::keeps_header) rejects are
@@ -371,46 +462,27 @@ impl CachedResponse {
         body: &[u8],
         stream: bool,
     ) -> Self {
-        // The kept headers, picked in one pass (their bytes counted), then written into one
-        // buffer of exactly their size: no map, no allocation per value, no name hashed.
-        const PICKED: usize = 8;
-        let mut picked = [None; PICKED];
-        let mut count = 0;
-        let mut len = 4;
-        for (name, value) in headers {
-            if Self::keeps_header(name) {
-                if let Some(slot) = picked.get_mut(count) {
-                    *slot = Some((name, value));
-                }
-                count += 1;
-                len += 8 + name.as_str().len() + value.len();
-            }
-        }
-        let mut head = Vec::with_capacity(len);
-        let mut sensitive = 0u32;
-        head.extend_from_slice(&(count as u32).to_le_bytes());
-        let mut put = |i: usize, name: &HeaderName, value: &HeaderValue| {
-            put_bytes(&mut head, name.as_str().as_bytes());
-            put_bytes(&mut head, value.as_bytes());
-            if i < 32 && value.is_sensitive() {
-                sensitive |= 1 << i;
-            }
-        };
-        if count <= PICKED {
-            for (i, (name, value)) in picked.into_iter().flatten().enumerate() {
-                put(i, name, value);
-            }
-        } else {
-            let kept = headers.iter().filter(|(n, _)| Self::keeps_header(n));
-            for (i, (name, value)) in kept.enumerate() {
-                put(i, name, value);
-            }
-        }
+        Self::from_kept(
+            status,
+            KeptHeaders::of(headers),
+            Bytes::copy_from_slice(body),
+            stream,
+        )
+    }
+
+    /// An entry of the headers [`KeptHeaders::of`] picked and a body of its own (not a slice
+    /// of a connection's buffer: see the type's docs).
+    pub(crate) fn from_kept(
+        status: StatusCode,
+        kept: KeptHeaders,
+        body: Bytes,
+        stream: bool,
+    ) -> Self {
         Self {
             status,
-            head: Bytes::from(head),
-            sensitive,
-            body: Bytes::copy_from_slice(body),
+            head: kept.head,
+            sensitive: kept.sensitive,
+            body,
             stream,
             model: None,
         }
@@ -427,8 +499,20 @@ impl CachedResponse {
     /// ```
     pub fn with_model(mut self, model: impl Into<String>) -> Self {
         let model: String = model.into();
-        self.model = (!model.is_empty()).then(|| model.into_boxed_str());
+        self.model = (!model.is_empty()).then(|| model.into());
         self
+    }
+
+    /// [`with_model`](Self::with_model) with a name the caller shares (no copy); `None` or
+    /// an empty name records none.
+    pub(crate) fn with_shared_model(mut self, model: Option<Arc<str>>) -> Self {
+        self.model = model.filter(|m| !m.is_empty());
+        self
+    }
+
+    /// The recorded model, shared.
+    pub(crate) fn shared_model(&self) -> Option<&Arc<str>> {
+        self.model.as_ref()
     }
 
     /// The model that produced the answer, when it was recorded.
@@ -473,21 +557,33 @@ impl CachedResponse {
     #[inline]
     pub fn keeps_header(name: &HeaderName) -> bool {
         // Asked of every header of every answer stored (a dozen `anthropic-ratelimit-*`
-        // among them): the name's length and 8-byte words, no `memcmp` call per prefix.
+        // among them): the name's length and words, no `memcmp` call per prefix.
+        const ANTHROPIC_RATELI: u128 = u128::from_le_bytes(*b"anthropic-rateli");
+        const MIT: u32 = u32::from_le_bytes(*b"mit-");
+        const ANTHROPI: u64 = u64::from_le_bytes(*b"anthropi");
+        const C_DASH: u16 = u16::from_le_bytes(*b"c-");
         let n = name.as_str().as_bytes();
-        let word = |at: usize| {
-            n.get(at..at + 8)
-                .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-        };
-        let is = |at: usize, text: &[u8; 8]| word(at) == Some(u64::from_le_bytes(*text));
+        // 16 bytes or more: `anthropic-` and something, but not `anthropic-ratelimit-` (the
+        // usual answer's rate-limit headers are ruled out by two compares).
+        if let Some((head, rest)) = n.split_first_chunk::<16>() {
+            let head = u128::from_le_bytes(*head);
+            if head == ANTHROPIC_RATELI
+                && rest
+                    .first_chunk::<4>()
+                    .is_some_and(|tail| u32::from_le_bytes(*tail) == MIT)
+            {
+                return false;
+            }
+            return head as u64 == ANTHROPI && (head >> 64) as u16 == C_DASH;
+        }
         match n.len() {
             12 => n == b"content-type",
             10 => n == b"request-id" || n == b"anthropic-",
-            // `anthropic-` and something, but not `anthropic-ratelimit-`.
+            // `anthropic-` and something.
             11.. => {
-                is(0, b"anthropi")
+                n.first_chunk::<8>()
+                    .is_some_and(|w| u64::from_le_bytes(*w) == ANTHROPI)
                     && n[8..10] == *b"c-"
-                    && !(is(10, b"ratelimi") && n.get(18..20) == Some(b"t-"))
             }
             _ => false,
         }
@@ -675,12 +771,22 @@ impl CachedResponse {
     }
 }
 
-/// A JSON object whose `type` is `"message"` (the whole document is checked for validity).
 /// The models a store has held entries of, for [`CacheStore::may_hold_other_models`]; shared
 /// by the clones of a store. It never shrinks: an evicted model stays listed, which only costs
 /// a needless question.
+///
+/// Most stores hold the answers of one model: the first model recorded is kept apart and
+/// read without a lock (a miss records its entry's model and asks whether another may be
+/// held: two read locks and their scans were ~0.14k instructions of a memory-store miss).
 #[derive(Default)]
-pub(crate) struct ModelSet(std::sync::RwLock<Models>);
+pub(crate) struct ModelSet {
+    /// The first model recorded.
+    first: std::sync::OnceLock<Box<str>>,
+    /// `others` holds something (set under its lock, after it is written).
+    mixed: std::sync::atomic::AtomicBool,
+    /// The models recorded after the first, and whether an entry without a model was.
+    others: std::sync::RwLock<Models>,
+}
 
 #[derive(Default)]
 struct Models {
@@ -692,29 +798,46 @@ struct Models {
 impl ModelSet {
     /// Records the model of an entry held (`None`: not recorded, any model).
     pub(crate) fn record(&self, model: Option<&str>) {
+        use std::sync::atomic::Ordering;
+        if let Some(m) = model {
+            if **self.first.get_or_init(|| m.into()) == *m {
+                return;
+            }
+        }
         let known = |models: &Models| match model {
             None => models.unknown,
             Some(m) => models.names.iter().any(|n| &**n == m),
         };
-        if known(&self.0.read().unwrap_or_else(|e| e.into_inner())) {
+        if self.mixed.load(Ordering::Acquire)
+            && known(&self.others.read().unwrap_or_else(|e| e.into_inner()))
+        {
             return;
         }
-        let mut models = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut models = self.others.write().unwrap_or_else(|e| e.into_inner());
         if !known(&models) {
             match model {
                 None => models.unknown = true,
                 Some(m) => models.names.push(m.into()),
             }
         }
+        self.mixed.store(true, Ordering::Release);
     }
 
     /// Whether an entry of a model other than `model` may have been held.
     pub(crate) fn others_than(&self, model: &str) -> bool {
-        let models = self.0.read().unwrap_or_else(|e| e.into_inner());
+        use std::sync::atomic::Ordering;
+        if self.first.get().is_some_and(|first| **first != *model) {
+            return true;
+        }
+        if !self.mixed.load(Ordering::Acquire) {
+            return false;
+        }
+        let models = self.others.read().unwrap_or_else(|e| e.into_inner());
         models.unknown || models.names.iter().any(|n| &**n != model)
     }
 }
 
+/// A JSON object whose `type` is `"message"` (the whole document is checked for validity).
 fn is_message_json(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Head<'a> {
@@ -857,6 +980,89 @@ impl std::error::Error for StoreError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pass that picks an answer's kept headers tells a stream as every layer does
+    /// (`body::is_event_stream`: the first `content-type`, leading whitespace allowed, a
+    /// value that is visible ASCII), and keeps what `from_parts` kept.
+    #[test]
+    fn kept_headers_tell_a_stream_as_every_layer_does() {
+        let values: [&[u8]; 12] = [
+            b"text/event-stream",
+            b"text/event-stream; charset=utf-8",
+            b"  \ttext/event-stream",
+            b"text/event-strea",
+            b"application/json",
+            b"TEXT/EVENT-STREAM",
+            b"text/event-stream\xff",
+            b"\xfftext/event-stream",
+            b"\x0ctext/event-stream",
+            b"",
+            b" ",
+            b"x text/event-stream",
+        ];
+        for value in values {
+            let Ok(value) = HeaderValue::from_bytes(value) else {
+                continue;
+            };
+            for first in [true, false] {
+                let mut headers = HeaderMap::new();
+                headers.insert("request-id", HeaderValue::from_static("req_1"));
+                if first {
+                    headers.append(http::header::CONTENT_TYPE, value.clone());
+                    headers.append(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/event-stream"),
+                    );
+                } else {
+                    headers.append(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    headers.append(http::header::CONTENT_TYPE, value.clone());
+                }
+                let kept = KeptHeaders::of(&headers);
+                assert_eq!(
+                    kept.is_event_stream(),
+                    crate::body::is_event_stream(&headers),
+                    "{value:?} first: {first}"
+                );
+                let entry = CachedResponse::from_kept(StatusCode::OK, kept, "{}".into(), false);
+                assert_eq!(
+                    entry,
+                    CachedResponse::new(StatusCode::OK, headers, "{}".into(), false)
+                );
+            }
+        }
+        assert!(!KeptHeaders::of(&HeaderMap::new()).is_event_stream());
+    }
+
+    /// The first model is answered without a lock; the others, and an entry without a
+    /// model, as before: `others_than` is true exactly when a model other than the one asked
+    /// about (or an unknown one) was recorded.
+    #[test]
+    fn a_model_set_knows_its_models() {
+        let set = ModelSet::default();
+        assert!(!set.others_than("opus"));
+        set.record(Some("opus"));
+        set.record(Some("opus"));
+        assert!(!set.others_than("opus"));
+        assert!(set.others_than("sonnet"));
+        assert!(!set.mixed.load(std::sync::atomic::Ordering::Relaxed));
+        set.record(Some("sonnet"));
+        assert!(set.others_than("opus"));
+        assert!(set.others_than("sonnet"));
+        assert!(set.others_than("haiku"));
+        let unknown = ModelSet::default();
+        unknown.record(None);
+        assert!(unknown.others_than("opus"));
+        let later = ModelSet::default();
+        later.record(Some("opus"));
+        later.record(None);
+        assert!(later.others_than("opus"));
+        // Recorded twice, listed once.
+        set.record(Some("sonnet"));
+        assert_eq!(set.others.read().unwrap().names.len(), 1);
+    }
 
     /// An entry holds the headers it keeps in one buffer of exactly their encoded size (it
     /// lives for hours in the memory store), and the map made of them on a hit is made for
