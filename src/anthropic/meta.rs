@@ -308,7 +308,7 @@ impl RequestMeta {
 /// assert_eq!(&rewrite_model(b" {} ", "m").unwrap()[..], br#" {"model":"m"} "#);
 /// ```
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, MetaError> {
-    let scan = Scanner::new(body, false).run()?;
+    let scan = Scanner::with_spans(body).run()?;
     let value = json_string(model);
     let mut out = Vec::with_capacity(body.len() + value.len() + 10);
     if scan.model_spans.is_empty() {

@@ -34,7 +34,8 @@ pub(super) struct Scan {
     pub(super) temperature: Option<f64>,
     pub(super) input_tokens: u64,
     pub(super) cache_breakpoints: Vec<CacheBreakpoint>,
-    /// Spans of the top-level `model` values.
+    /// Spans of the top-level `model` values (recorded only by a scanner
+    /// [`with_spans`](Scanner::with_spans)).
     pub(super) model_spans: Vec<(usize, usize)>,
     pub(super) open_brace: usize,
     pub(super) has_members: bool,
@@ -59,6 +60,10 @@ pub(super) struct Scanner<'a> {
     text: Option<&'a str>,
     i: usize,
     check_fields: bool,
+    /// Whether [`run`](Self::run) records the spans of the top-level `model` values
+    /// ([`Scan::model_spans`], for [`rewrite_model`](super::rewrite_model) only: a scan of
+    /// [`RequestMeta`](super::RequestMeta) would allocate the list for nothing).
+    want_spans: bool,
     /// The first wrong field type found; reported only once the whole document is known to be
     /// valid JSON (a syntax error anywhere wins: the body is not JSON at all).
     field_error: Option<MetaError>,
@@ -77,10 +82,19 @@ impl<'a> Scanner<'a> {
             text: None,
             i: 0,
             check_fields,
+            want_spans: false,
             field_error: None,
             est: Estimate::new(),
             canon: CanonRecorder::default(),
         }
+    }
+
+    /// A scanner that records the spans of the top-level `model` values
+    /// ([`Scan::model_spans`]), without checking the fields' types.
+    pub(super) fn with_spans(b: &'a [u8]) -> Self {
+        let mut s = Self::new(b, false);
+        s.want_spans = true;
+        s
     }
 
     /// A scanner that also records [`CanonicalHints`] (the scan of
@@ -199,11 +213,21 @@ impl<'a> Scanner<'a> {
                 let start = self.i;
                 match key {
                     b"model" => {
-                        self.value(false, Role::Plain, Role::Plain, 1)?;
-                        model_spans.push((start, self.i));
-                        if self.b[start] == b'"' {
-                            meta.model = Some(self.decode_string(start, self.i)?);
-                        } else if self.check_fields {
+                        if self.peek() == Some(b'"') {
+                            // The string read here: whether it has escapes is known without
+                            // looking at it again.
+                            let (vs, ve, _, escaped) = self.string()?;
+                            meta.model = Some(match self.str_of(vs, ve) {
+                                Some(model) if !escaped => model.to_owned(),
+                                _ => self.decode_string(start, self.i)?,
+                            });
+                        } else {
+                            self.value(false, Role::Plain, Role::Plain, 1)?;
+                        }
+                        if self.want_spans {
+                            model_spans.push((start, self.i));
+                        }
+                        if self.b[start] != b'"' && self.check_fields {
                             let err = Self::field_err(start, "`model` is not a string");
                             self.field_error.get_or_insert(err);
                         }
@@ -211,11 +235,14 @@ impl<'a> Scanner<'a> {
                     b"max_tokens" => {
                         self.value(false, Role::Plain, Role::Plain, 1)?;
                         let token = &self.b[start..self.i];
-                        let parsed = if token.iter().all(u8::is_ascii_digit) {
+                        let parsed = if !token.iter().all(u8::is_ascii_digit) {
+                            None
+                        } else if token.len() <= 19 {
+                            // At most 19 digits always fit a `u64`: summed as they are tested.
+                            Some(token.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+                        } else {
                             self.str_of(start, self.i)
                                 .and_then(|t| t.parse::<u64>().ok())
-                        } else {
-                            None
                         };
                         match parsed {
                             Some(v) => meta.max_tokens = Some(v),
