@@ -226,7 +226,8 @@ impl RequestMeta {
                     .map(crate::body::RequestBody::bytes);
                 let mut meta = Self::scan_held(req.body().as_ref(), held)?;
                 meta.resolve(catalog);
-                req.extensions_mut().insert(meta);
+                // Inserted and borrowed in one lookup (an insert, then a `get`, before).
+                return Ok(req.extensions_mut().get_or_insert_with(|| meta));
             }
         }
         req.extensions().get::<RequestMeta>().ok_or(MetaError::new(
