@@ -4,8 +4,9 @@
 //! Why not the request [scanner](super::scan): it counts text units and records the canonical
 //! form on every string, work an answer does not need: on the 250-byte answer of the proxy
 //! benchmarks it took ~5.6k instructions (callgrind), this reader ~4.3k. Both share the
-//! eight-byte test of plain ASCII text ([`plain_ascii`](super::scan::plain_ascii)) and the
-//! table of bytes that end a string's fast path.
+//! eight-byte test of plain ASCII text, which also finds the first byte to stop at
+//! ([`special_bytes`](super::scan::special_bytes)), and the table of bytes that end a string's
+//! fast path.
 
 use super::scan::{STRING_SPECIAL, special_bytes};
 
@@ -21,10 +22,11 @@ pub(super) struct UsageCounts {
 }
 
 /// What the layers read from a whole JSON answer: its top-level `type`, `model` and `usage`
-/// (each `None` when absent or `null`).
+/// (each `None` when absent or `null`). `type` as the bytes of a string without escapes (it is
+/// only compared: no UTF-8 check of its own), `model` as text.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct AnswerFields<'a> {
-    pub(super) ty: Option<&'a str>,
+    pub(super) ty: Option<&'a [u8]>,
     pub(super) model: Option<&'a str>,
     pub(super) usage: Option<UsageCounts>,
 }
@@ -42,20 +44,29 @@ const MAX_SKIP_DEPTH: u32 = 64;
 /// plain integer of at most 19 digits or `null`, nesting deeper than [`MAX_SKIP_DEPTH`]. So
 /// when it answers, the answer is the one `serde_json` gives for the same body (the tests in
 /// `usage.rs` compare the two on generated and real answers).
+///
+/// UTF-8 is checked only when the answer has a byte that is not ASCII (every such byte is in a
+/// string: anywhere else the reader refuses it), then for the whole body, as before; the
+/// `model`, when there is one, is checked as it is taken (callgrind: the whole-body check was
+/// ~140 instructions for the 150-byte answer of `benches/rate_limit.rs`, which has no model).
 pub(super) fn scan_answer(body: &[u8]) -> Option<AnswerFields<'_>> {
-    let text = std::str::from_utf8(body).ok()?;
-    let mut c = Cursor { b: body, i: 0 };
+    let mut c = Cursor {
+        b: body,
+        i: 0,
+        wide: 0,
+    };
     c.ws();
     c.eat(b'{')?;
     let mut out = AnswerFields::default();
+    let mut model = None;
     c.members(|c, name| {
         Some(match name {
             b"type" => {
-                out.ty = c.plain_str_or_null(text)?;
+                out.ty = c.plain_str_or_null()?;
                 1
             }
             b"model" => {
-                out.model = c.plain_str_or_null(text)?;
+                model = c.plain_str_or_null()?;
                 2
             }
             b"usage" => {
@@ -69,13 +80,22 @@ pub(super) fn scan_answer(body: &[u8]) -> Option<AnswerFields<'_>> {
         })
     })?;
     c.ws();
-    (c.i == body.len()).then_some(out)
+    if c.i != body.len() || (c.wide >= 0x80 && std::str::from_utf8(body).is_err()) {
+        return None;
+    }
+    if let Some(model) = model {
+        out.model = Some(std::str::from_utf8(model).ok()?);
+    }
+    Some(out)
 }
 
-/// A position in a document known to be UTF-8.
+/// A position in a document.
 struct Cursor<'a> {
     b: &'a [u8],
     i: usize,
+    /// The bytes of strings read one by one, or-ed: `0x80` set when one is not ASCII (then
+    /// [`scan_answer`] checks the body's UTF-8).
+    wide: u8,
 }
 
 impl<'a> Cursor<'a> {
@@ -139,8 +159,14 @@ impl<'a> Cursor<'a> {
                 j += 8;
             }
             // Then byte by byte up to the end or an escape (past non-ASCII letters, and
-            // near the end of the body), one table lookup per byte.
-            while !STRING_SPECIAL[usize::from(*b.get(j)?)] {
+            // near the end of the body), one table lookup per byte; a non-ASCII byte is seen
+            // only here (the words stop at one).
+            loop {
+                let c = *b.get(j)?;
+                if STRING_SPECIAL[usize::from(c)] {
+                    break;
+                }
+                self.wide |= c;
                 j += 1;
             }
             match b[j] {
@@ -297,7 +323,10 @@ impl<'a> Cursor<'a> {
     }
 
     /// Any member name (escapes allowed) and the `:` after it, leaving the position at its
-    /// value.
+    /// value. In line in [`skip_value`](Self::skip_value), as [`member_name`](Self::member_name)
+    /// in `members`: the names of a skipped object (a content block's `type` and `text`) were a
+    /// call each (~85 instructions).
+    #[inline(always)]
     fn member_name_any(&mut self) -> Option<()> {
         if self.peek() != Some(b'"') {
             return None;
@@ -309,10 +338,10 @@ impl<'a> Cursor<'a> {
         Some(())
     }
 
-    /// `null` (`Some(None)`) or a string without escapes (`Some(Some(text))`); `None` for
-    /// anything else. In line in its caller (`type` and `model`).
+    /// `null` (`Some(None)`) or a string without escapes (`Some(Some(bytes))`, its contents);
+    /// `None` for anything else. In line in its caller (`type` and `model`).
     #[inline(always)]
-    fn plain_str_or_null(&mut self, text: &'a str) -> Option<Option<&'a str>> {
+    fn plain_str_or_null(&mut self) -> Option<Option<&'a [u8]>> {
         match self.peek()? {
             b'n' => {
                 self.literal(b"null")?;
@@ -323,7 +352,7 @@ impl<'a> Cursor<'a> {
                 if escaped {
                     return None;
                 }
-                Some(Some(text.get(start..end)?))
+                Some(Some(&self.b[start..end]))
             }
             _ => None,
         }
@@ -471,6 +500,31 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::special_bytes;
     use crate::anthropic::scan::plain_ascii;
+
+    /// An answer that is not UTF-8 is refused wherever its bad bytes are (a string, a name, a
+    /// value skipped, the model, between tokens), as when the whole body was checked up
+    /// front; one that is UTF-8 with non-ASCII text is read, its model as it is.
+    #[test]
+    fn an_answer_is_refused_if_and_only_if_it_is_not_utf8_or_not_read() {
+        let answer = "{\"id\":\"msg_1\",\"type\":\"message\",\"model\":\"modèle-日本\",\
+            \"content\":[{\"type\":\"text\",\"text\":\"é 🦀\"}],\"usage\":{\"input_tokens\":25,\
+            \"output_tokens\":12}}";
+        let read = super::scan_answer(answer.as_bytes()).unwrap();
+        assert_eq!(read.model, Some("modèle-日本"));
+        assert_eq!(read.ty, Some(&b"message"[..]));
+        let bad: [&[u8]; 5] = [b"\xff", b"\x80", b"\xc3", b"\xe6\x97", b"\xed\xa0\x80"];
+        for at in 0..=answer.len() {
+            for piece in bad {
+                let mut doc = answer.as_bytes().to_vec();
+                doc.splice(at..at, piece.iter().copied());
+                assert!(
+                    super::scan_answer(&doc).is_none(),
+                    "{at} {piece:?} {:?}",
+                    String::from_utf8_lossy(&doc)
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_first_special_byte_is_found_exactly() {

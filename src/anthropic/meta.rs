@@ -226,7 +226,8 @@ impl RequestMeta {
                     .map(crate::body::RequestBody::bytes);
                 let mut meta = Self::scan_held(req.body().as_ref(), held)?;
                 meta.resolve(catalog);
-                req.extensions_mut().insert(meta);
+                // Inserted and borrowed in one lookup (an insert, then a `get`, before).
+                return Ok(req.extensions_mut().get_or_insert_with(|| meta));
             }
         }
         req.extensions().get::<RequestMeta>().ok_or(MetaError::new(
@@ -308,7 +309,7 @@ impl RequestMeta {
 /// assert_eq!(&rewrite_model(b" {} ", "m").unwrap()[..], br#" {"model":"m"} "#);
 /// ```
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, MetaError> {
-    let scan = Scanner::new(body, false).run()?;
+    let scan = Scanner::with_spans(body).run()?;
     let value = json_string(model);
     let mut out = Vec::with_capacity(body.len() + value.len() + 10);
     if scan.model_spans.is_empty() {

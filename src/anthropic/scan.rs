@@ -34,7 +34,8 @@ pub(super) struct Scan {
     pub(super) temperature: Option<f64>,
     pub(super) input_tokens: u64,
     pub(super) cache_breakpoints: Vec<CacheBreakpoint>,
-    /// Spans of the top-level `model` values.
+    /// Spans of the top-level `model` values (recorded only by a scanner
+    /// [`with_spans`](Scanner::with_spans)).
     pub(super) model_spans: Vec<(usize, usize)>,
     pub(super) open_brace: usize,
     pub(super) has_members: bool,
@@ -46,19 +47,20 @@ pub(super) struct Scan {
 // every Messages API request, and bodies routinely carry 100 KB+ of prompt and megabytes of
 // base64 images. Building a `serde_json::Value` tree would allocate a `String` per string and a
 // map per object only to throw it away, and a typed `Deserialize` model of the whole API would
-// break on every new content-block type. After std's (vectorised) UTF-8 check, this scanner
-// validates the JSON syntax, reads the fields and computes the estimate in a single pass over
-// the bytes, allocating nothing but the `model` string (and the span list `rewrite_model`
-// needs); serde_json only decodes the `model` token when it has escapes. On realistic bodies it
+// break on every new content-block type. This scanner validates the JSON syntax (and the
+// UTF-8 of the strings that are not ASCII), reads the fields and computes the estimate in a
+// single pass over the bytes, allocating nothing but the `model` string (and the span list
+// `rewrite_model` needs); serde_json only decodes the `model` token when it has escapes. On realistic bodies it
 // runs at about 1.1-1.2 GB/s, 1.6-5x faster than parsing into a `serde_json::Value`
 // (`benches/meta.rs`).
 pub(super) struct Scanner<'a> {
     b: &'a [u8],
-    /// `b` once [`run`](Self::run) has checked it is UTF-8: strings are sliced from it
-    /// instead of being checked again.
-    text: Option<&'a str>,
     i: usize,
     check_fields: bool,
+    /// Whether [`run`](Self::run) records the spans of the top-level `model` values
+    /// ([`Scan::model_spans`], for [`rewrite_model`](super::rewrite_model) only: a scan of
+    /// [`RequestMeta`](super::RequestMeta) would allocate the list for nothing).
+    want_spans: bool,
     /// The first wrong field type found; reported only once the whole document is known to be
     /// valid JSON (a syntax error anywhere wins: the body is not JSON at all).
     field_error: Option<MetaError>,
@@ -74,13 +76,21 @@ impl<'a> Scanner<'a> {
     pub(super) fn new(b: &'a [u8], check_fields: bool) -> Self {
         Self {
             b,
-            text: None,
             i: 0,
             check_fields,
+            want_spans: false,
             field_error: None,
             est: Estimate::new(),
             canon: CanonRecorder::default(),
         }
+    }
+
+    /// A scanner that records the spans of the top-level `model` values
+    /// ([`Scan::model_spans`]), without checking the fields' types.
+    pub(super) fn with_spans(b: &'a [u8]) -> Self {
+        let mut s = Self::new(b, false);
+        s.want_spans = true;
+        s
     }
 
     /// A scanner that also records [`CanonicalHints`] (the scan of
@@ -154,17 +164,28 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    pub(super) fn run(mut self) -> Res<Scan> {
-        match std::str::from_utf8(self.b) {
-            Ok(text) => self.text = Some(text),
-            Err(e) => {
-                return Err(MetaError::new(
-                    MetaErrorKind::InvalidJson,
-                    e.valid_up_to(),
-                    "invalid UTF-8",
-                ));
-            }
-        }
+    /// Scans the document: validates it (UTF-8, JSON syntax, nesting) and reads it.
+    ///
+    /// UTF-8 is checked where the document can hold anything but ASCII, inside strings:
+    /// [`string`](Self::string) checks each string that has a non-ASCII byte, and everywhere
+    /// else the grammar takes only ASCII bytes (so a document the scan accepts is UTF-8). A
+    /// document it refuses is checked whole before the error is given, so that one that is
+    /// not UTF-8 gets the error a check of the whole document up front gave (the byte where
+    /// it stops being UTF-8), whatever else is wrong with it. Before, every body paid for
+    /// that check up front (`from_utf8`, ~1.2 instructions a byte).
+    pub(super) fn run(self) -> Res<Scan> {
+        let b = self.b;
+        self.run_unchecked()
+            .map_err(|err| match std::str::from_utf8(b) {
+                Ok(_) => err,
+                Err(e) => {
+                    MetaError::new(MetaErrorKind::InvalidJson, e.valid_up_to(), "invalid UTF-8")
+                }
+            })
+    }
+
+    /// [`run`](Self::run) but for the error of a document that is not UTF-8.
+    fn run_unchecked(mut self) -> Res<Scan> {
         self.ws();
         match self.peek() {
             Some(b'{') => {}
@@ -199,11 +220,21 @@ impl<'a> Scanner<'a> {
                 let start = self.i;
                 match key {
                     b"model" => {
-                        self.value(false, Role::Plain, Role::Plain, 1)?;
-                        model_spans.push((start, self.i));
-                        if self.b[start] == b'"' {
-                            meta.model = Some(self.decode_string(start, self.i)?);
-                        } else if self.check_fields {
+                        if self.peek() == Some(b'"') {
+                            // The string read here: whether it has escapes is known without
+                            // looking at it again.
+                            let (vs, ve, _, escaped) = self.string()?;
+                            meta.model = Some(match self.str_of(vs, ve) {
+                                Some(model) if !escaped => model.to_owned(),
+                                _ => self.decode_string(start, self.i)?,
+                            });
+                        } else {
+                            self.value(false, Role::Plain, Role::Plain, 1)?;
+                        }
+                        if self.want_spans {
+                            model_spans.push((start, self.i));
+                        }
+                        if self.b[start] != b'"' && self.check_fields {
                             let err = Self::field_err(start, "`model` is not a string");
                             self.field_error.get_or_insert(err);
                         }
@@ -211,11 +242,14 @@ impl<'a> Scanner<'a> {
                     b"max_tokens" => {
                         self.value(false, Role::Plain, Role::Plain, 1)?;
                         let token = &self.b[start..self.i];
-                        let parsed = if token.iter().all(u8::is_ascii_digit) {
+                        let parsed = if !token.iter().all(u8::is_ascii_digit) {
+                            None
+                        } else if token.len() <= 19 {
+                            // At most 19 digits always fit a `u64`: summed as they are tested.
+                            Some(token.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+                        } else {
                             self.str_of(start, self.i)
                                 .and_then(|t| t.parse::<u64>().ok())
-                        } else {
-                            None
                         };
                         match parsed {
                             Some(v) => meta.max_tokens = Some(v),
@@ -303,7 +337,9 @@ impl<'a> Scanner<'a> {
         meta.model_spans = model_spans;
         meta.open_brace = open_brace;
         meta.has_members = has_members;
-        meta.canonical = std::mem::take(&mut self.canon).finish(self.b);
+        if self.canon.on {
+            meta.canonical = std::mem::take(&mut self.canon).finish(self.b);
+        }
         Ok(meta)
     }
 
@@ -335,13 +371,9 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// `b[start..end]` as text: sliced from the checked document when there is one (no
-    /// second UTF-8 check), else checked.
+    /// `b[start..end]` as text (`None` if it is not UTF-8).
     fn str_of(&self, start: usize, end: usize) -> Option<&'a str> {
-        match self.text {
-            Some(text) => text.get(start..end),
-            None => std::str::from_utf8(self.b.get(start..end)?).ok(),
-        }
+        std::str::from_utf8(self.b.get(start..end)?).ok()
     }
 
     /// Decodes the string token `b[start..end]` (quotes included).
@@ -448,11 +480,46 @@ impl<'a> Scanner<'a> {
     /// A string starting at the current `"`. Returns the span of its contents (without the
     /// quotes), its text units (bytes plus one per non-ASCII character) and whether it has
     /// escapes; leaves the position after the closing quote.
+    ///
+    /// In line: a string whose first sixteen bytes hold its closing quote and nothing else to
+    /// stop at (a member name or a short value: `role`, `user`, `content`, `messages`,
+    /// `max_tokens`) is read here, from one or two words; any other is
+    /// [`long_string`](Self::long_string)'s (callgrind: a call was ~120 instructions for such
+    /// a string, its prologue, epilogue and answer through memory included).
+    #[inline(always)]
     fn string(&mut self) -> Res<(usize, usize, u64, bool)> {
+        let start = self.i + 1;
+        let mut j = start;
+        for _ in 0..2 {
+            let Some(word) = self.b.get(j..).and_then(<[u8]>::first_chunk::<8>) else {
+                break;
+            };
+            let special = special_bytes(u64::from_le_bytes(*word));
+            if special == 0 {
+                j += 8;
+                continue;
+            }
+            let at = (special.trailing_zeros() / 8) as usize;
+            if word[at] == b'"' {
+                let end = j + at;
+                self.i = end + 1;
+                return Ok((start, end, (end - start) as u64, false));
+            }
+            break;
+        }
+        self.long_string()
+    }
+
+    /// [`string`](Self::string) for a string that is not short plain ASCII.
+    #[inline(never)]
+    fn long_string(&mut self) -> Res<(usize, usize, u64, bool)> {
         let b = self.b;
         let start = self.i + 1;
         let mut j = start;
         let mut non_ascii = 0u64;
+        // Whether a byte is not ASCII: then the string's contents are checked as UTF-8 (see
+        // `run`).
+        let mut wide = false;
         let mut escaped = false;
         // Eight bytes at a time while they are plain ASCII text (no quote, backslash, control
         // or non-ASCII byte): prompts are mostly that. At the string's fourth plain word, a
@@ -462,9 +529,18 @@ impl<'a> Scanner<'a> {
         // strings never pay for a block test, a long one tries blocks once: prose whose
         // escapes and non-ASCII letters come every few words fails it (the 1 KB and 10 KB
         // bodies of `benches/meta.rs`: +3 % and +5 %).
+        // A word with a byte to stop at moves `j` straight to that byte (the first flagged
+        // byte of `special_bytes` is exact): the byte loop below then starts on it instead of
+        // testing the plain bytes before it one by one (callgrind: the eight strings of the
+        // 150-byte request of `benches/rate_limit.rs`, ~140 instructions each before).
         let mut plain_words = 0u32;
         loop {
-            while b.get(j..j + 8).is_some_and(plain_word) {
+            while let Some(word) = b.get(j..).and_then(<[u8]>::first_chunk::<8>) {
+                let special = special_bytes(u64::from_le_bytes(*word));
+                if special != 0 {
+                    j += (special.trailing_zeros() / 8) as usize;
+                    break;
+                }
                 j += 8;
                 plain_words += 1;
                 if plain_words == 4 {
@@ -476,6 +552,7 @@ impl<'a> Scanner<'a> {
                     break;
                 }
                 non_ascii += u64::from(c >= 0xC0);
+                wide |= c >= 0x80;
                 j += 1;
             }
             match b.get(j) {
@@ -516,6 +593,12 @@ impl<'a> Scanner<'a> {
                     self.i = j;
                     return Err(self.err("unterminated string"));
                 }
+            }
+        }
+        if wide {
+            if let Err(e) = std::str::from_utf8(&b[start..j]) {
+                self.i = start + e.valid_up_to();
+                return Err(self.err("invalid UTF-8"));
             }
         }
         self.i = j + 1;
@@ -704,27 +787,22 @@ fn plain_block(block: &[u8; BLOCK]) -> bool {
     !odd
 }
 
-/// [`plain_ascii`] of eight bytes.
-fn plain_word(word: &[u8]) -> bool {
-    let w = u64::from_le_bytes([
-        word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
-    ]);
-    plain_ascii(w)
-}
-
 /// Whether the eight bytes of `w` are all printable ASCII other than `"` and `\` (the bytes a
 /// string's fast path may skip: no escape, no end, no control character, nothing to count as
 /// non-ASCII). Exact: the classic "has a zero / has less than" word tricks (Bit Twiddling
-/// Hacks) have no false negatives for whether such a byte exists.
+/// Hacks) have no false negatives for whether such a byte exists. (The tests' statement of
+/// what [`special_bytes`] flags: the scanners themselves use the bytes it flags.)
+#[cfg(test)]
 pub(super) fn plain_ascii(w: u64) -> bool {
     special_bytes(w) == 0
 }
 
-/// The bytes of `w` (little-endian: the lowest is the first) that [`plain_ascii`] refuses —
-/// `"`, `\\`, control characters, non-ASCII — each as its high bit (also the answer reader's
-/// skip to the first special byte); the lowest set bit is
+/// The bytes of `w` (little-endian: the lowest is the first) that a string's fast path must
+/// not skip — `"`, `\\`, control characters, non-ASCII — each as its high bit (the request
+/// scanner's and the answer reader's skip to the first special byte); the lowest set bit is
 /// exact (the word tricks may also flag bytes after a true one, never before), so
-/// `trailing_zeros() / 8` is the index of the first such byte. Zero when `plain_ascii(w)`.
+/// `trailing_zeros() / 8` is the index of the first such byte. Zero when all eight bytes are
+/// printable ASCII other than `"` and `\\`.
 #[inline]
 pub(super) fn special_bytes(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
@@ -1038,7 +1116,26 @@ struct CanonRecorder {
 impl CanonRecorder {
     /// A member ended at `end`; `mark` is where its object's members start on the stack.
     /// Returns whether it is out of order (or a duplicate) after the previous member.
+    ///
+    /// In line (with [`end_object`](Self::end_object)): a scan that records nothing, every
+    /// one but the response cache's, tests the flag in place instead of calling (callgrind:
+    /// ~20 instructions a call, five calls and an end for the request of
+    /// `benches/rate_limit.rs`).
+    #[inline]
     fn member(
+        &mut self,
+        b: &[u8],
+        mark: usize,
+        name: (usize, usize),
+        escaped_name: bool,
+        end: usize,
+    ) -> bool {
+        self.on && self.record_member(b, mark, name, escaped_name, end)
+    }
+
+    /// [`member`](Self::member) when recording.
+    #[inline(never)]
+    fn record_member(
         &mut self,
         b: &[u8],
         mark: usize,
@@ -1046,9 +1143,6 @@ impl CanonRecorder {
         escaped_name: bool,
         end: usize,
     ) -> bool {
-        if !self.on {
-            return false;
-        }
         if escaped_name {
             // Names are compared by their raw bytes below: an escape would change the order.
             self.clean = false;
@@ -1067,10 +1161,23 @@ impl CanonRecorder {
     }
 
     /// An object spanning `start..end` ended; its members are `stack[mark..]`.
+    #[inline]
     fn end_object(&mut self, b: &[u8], mark: usize, unsorted: bool, start: usize, end: usize) {
-        if !self.on {
-            return;
+        if self.on {
+            self.record_end_object(b, mark, unsorted, start, end);
         }
+    }
+
+    /// [`end_object`](Self::end_object) when recording.
+    #[inline(never)]
+    fn record_end_object(
+        &mut self,
+        b: &[u8],
+        mark: usize,
+        unsorted: bool,
+        start: usize,
+        end: usize,
+    ) {
         if unsorted && self.clean {
             let members = &mut self.stack[mark..];
             let name = |m: &MemberSpan| &b[m.name.0 as usize..m.name.1 as usize];
@@ -1407,7 +1514,8 @@ mod tests {
 
     /// The string fast path (blocks, then words, then bytes) says what a byte-by-byte read
     /// says, with the byte that ends it or must be counted at every offset of strings of
-    /// every length around the block and word sizes.
+    /// every length around the block and word sizes, at the end of the input and followed by
+    /// more of the document (where the words run up to the closing quote and jump to it).
     #[test]
     fn string_blocks_agree_with_a_byte_by_byte_read() {
         // (contents, whether valid, units, escaped) by a plain walk.
@@ -1440,25 +1548,88 @@ mod tests {
             "日".as_bytes(),
             "🦀".as_bytes(),
         ];
-        for len in 0..160 {
-            for at in 0..=len {
-                for piece in odd {
-                    let mut contents = vec![b'a'; len];
-                    contents.splice(at..at, piece.iter().copied());
-                    let mut doc = vec![b'"'];
-                    doc.extend_from_slice(&contents);
-                    doc.extend_from_slice(b"\"");
-                    let mut s = Scanner::new(&doc, false);
-                    let got = s.string();
-                    let (valid, units, escaped) = reference(&contents);
-                    match got {
-                        Ok((start, end, u, e)) => {
-                            assert!(valid, "{len} {at} {piece:?}");
-                            assert_eq!((start, end, u, e), (1, doc.len() - 1, units, escaped));
-                            assert_eq!(s.i, doc.len());
+        for rest in [&b""[..], b",\"next\":\"\\u00e9\xc3\xa9\"}"] {
+            for len in 0..160 {
+                for at in 0..=len {
+                    for piece in odd {
+                        let mut contents = vec![b'a'; len];
+                        contents.splice(at..at, piece.iter().copied());
+                        let mut doc = vec![b'"'];
+                        doc.extend_from_slice(&contents);
+                        doc.extend_from_slice(b"\"");
+                        let end = doc.len();
+                        doc.extend_from_slice(rest);
+                        let mut s = Scanner::new(&doc, false);
+                        let got = s.string();
+                        let (valid, units, escaped) = reference(&contents);
+                        match got {
+                            Ok((start, e_end, u, e)) => {
+                                assert!(valid, "{len} {at} {piece:?}");
+                                assert_eq!((start, e_end, u, e), (1, end - 1, units, escaped));
+                                assert_eq!(s.i, end);
+                            }
+                            Err(_) => assert!(!valid, "{len} {at} {piece:?}"),
                         }
-                        Err(_) => assert!(!valid, "{len} {at} {piece:?}"),
                     }
+                }
+            }
+        }
+    }
+
+    /// A body that is not UTF-8 gets the error a check of the whole body up front gives (the
+    /// byte where it stops being UTF-8), wherever the bad bytes are (in a string, a name, between
+    /// tokens, after a syntax error, in a body with a field of the wrong type), and a body
+    /// that is UTF-8 is read as before: the scan checks only its strings that are not ASCII.
+    #[test]
+    fn a_body_that_is_not_utf8_gets_the_error_of_a_check_up_front() {
+        let bad: [&[u8]; 7] = [
+            b"\xff",
+            b"\x80",
+            b"\xc3",
+            b"\xe6\x97",
+            b"\xc0\xaf",
+            b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80",
+        ];
+        let bodies: [&[u8]; 4] = [
+            br#"{"model":"claude-sonnet-4-6","max_tokens":1024,"messages":[{"role":"user","content":"Write a haiku about Rust and rate limits, please."}]}"#,
+            "{\"system\":\"日本語のテキスト\",\"messages\":[{\"content\":[{\"type\":\"text\",\"text\":\"é\\n\"}]}]}".as_bytes(),
+            br#"{"max_tokens":"x","a":[1,2,],"b":01}"#,
+            br#"[{"a":"b"}]"#,
+        ];
+        // A model name read as it is: ASCII, non-ASCII, escaped.
+        for (body, model) in [
+            (r#"{"model":"claude-sonnet-4-6"}"#, "claude-sonnet-4-6"),
+            (r#"{"model":"modèle-日本-🦀"}"#, "modèle-日本-🦀"),
+            (r#"{"model":"mod\u00e8le-é"}"#, "modèle-é"),
+            (r#"{"model":""}"#, ""),
+        ] {
+            let meta = super::super::RequestMeta::scan(body.as_bytes()).unwrap();
+            assert_eq!(meta.model.as_deref(), Some(model), "{body}");
+        }
+        for body in bodies {
+            let whole = super::super::RequestMeta::scan(body);
+            if let Ok(meta) = &whole {
+                // Valid UTF-8: the same read as a scan of the text.
+                assert_eq!(std::str::from_utf8(body).map(|_| ()), Ok(()));
+                assert!(meta.input_tokens > 0);
+            }
+            for at in 0..=body.len() {
+                for piece in bad {
+                    let mut doc = body.to_vec();
+                    doc.splice(at..at, piece.iter().copied());
+                    let up_to = std::str::from_utf8(&doc).unwrap_err().valid_up_to();
+                    let err = super::super::RequestMeta::scan(&doc).unwrap_err();
+                    assert_eq!(
+                        (
+                            err.kind(),
+                            err.offset(),
+                            err.to_string().contains("invalid UTF-8")
+                        ),
+                        (MetaErrorKind::InvalidJson, up_to, true),
+                        "{at} {piece:?} {:?}",
+                        String::from_utf8_lossy(&doc)
+                    );
                 }
             }
         }

@@ -87,7 +87,7 @@ impl Usage {
                 answer.usage.map(Self::of_counts),
                 answer.model.map(str::to_owned),
                 answer.ty.is_some(),
-                Some(answer.ty == Some("message")),
+                Some(answer.ty == Some(&b"message"[..])),
             ),
             None => Self::read_json_answer_serde(body),
         }
