@@ -5,7 +5,7 @@
 //! form on every string, work an answer does not need: on the 250-byte answer of the proxy
 //! benchmarks it took ~5.6k instructions (callgrind), this reader ~4.3k. Both share the
 //! eight-byte test of plain ASCII text, which also finds the first byte to stop at
-//! ([`special_bytes`](super::scan::special_bytes)), and the table of bytes that end a string's
+//! ([`special_bytes`]), and the table of bytes that end a string's
 //! fast path.
 
 use super::scan::{STRING_SPECIAL, special_bytes};
