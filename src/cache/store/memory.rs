@@ -383,6 +383,13 @@ mod tests {
     use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
 
+    /// The `i`-th of a run of distinct keys.
+    fn key(i: u64) -> CacheKey {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_le_bytes());
+        CacheKey::from_bytes(k)
+    }
+
     fn resp(n: usize) -> CachedResponse {
         CachedResponse::new(
             StatusCode::OK,
@@ -485,11 +492,6 @@ mod tests {
         let store = MemoryStore::new(1 << 20);
         let w = resp(10_000).weight() as u64;
         let fit = (1 << 20) / w;
-        let key = |i: u64| {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(&i.to_le_bytes());
-            CacheKey::from_bytes(k)
-        };
         for i in 0..fit {
             store
                 .put(&key(i), resp(10_000), Duration::from_secs(60))
@@ -549,11 +551,6 @@ mod tests {
     /// slot is reused, and the clock hand walks across the chunks when the bound is reached.
     #[tokio::test]
     async fn a_ring_of_several_chunks() {
-        let key = |i: u64| {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(&i.to_le_bytes());
-            CacheKey::from_bytes(k)
-        };
         let n = 3 * CHUNK as u64 + 7;
         // One shard, room for exactly `n` entries.
         let store = MemoryStore::new(n * resp(10).weight() as u64);
