@@ -47,7 +47,7 @@ use crate::BoxError;
 #[pin_project]
 pub struct Replay<B> {
     /// Frames read ahead, yielded first.
-    prefix: VecDeque<Frame<Bytes>>,
+    prefix: Frames,
     /// The error met while reading ahead, yielded after the prefix.
     error: Option<BoxError>,
     #[pin]
@@ -78,7 +78,7 @@ impl<B> Replay<B> {
     /// ```
     pub fn new(body: B) -> Self {
         Self {
-            prefix: VecDeque::new(),
+            prefix: Frames::default(),
             error: None,
             rest: Rest::Plain(body),
         }
@@ -96,12 +96,12 @@ impl<B> Replay<B> {
     /// assert_eq!(body.size_hint().exact(), Some(2));
     /// ```
     pub fn from_bytes(data: Bytes) -> Self {
-        let mut prefix = VecDeque::new();
-        if !data.is_empty() {
-            prefix.push_back(Frame::data(data));
-        }
         Self {
-            prefix,
+            prefix: if data.is_empty() {
+                Frames::Empty
+            } else {
+                Frames::One(data)
+            },
             error: None,
             rest: Rest::Done,
         }
@@ -144,7 +144,7 @@ impl<B> Replay<B> {
     {
         Peek {
             body: Some(Box::pin(body)),
-            frames: VecDeque::new(),
+            frames: Frames::default(),
             len: 0,
             cap,
             stop,
@@ -157,11 +157,107 @@ impl<B> Replay<B> {
     }
 
     fn prefix_len(&self) -> u64 {
-        self.prefix
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.remaining() as u64)
-            .sum()
+        self.prefix.data().map(|d| d.remaining() as u64).sum()
+    }
+}
+
+/// Frames read ahead, in order. One data frame (a JSON answer comes as one) is held as it
+/// is: read ahead and replayed without a queue (an allocation and its free per answer
+/// peeked at, for retry's read of a JSON answer and the cache's); a queue is made for a
+/// second frame, or a first that is not data. 8 bytes more than the queue alone.
+#[derive(Default)]
+enum Frames {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(VecDeque<Frame<Bytes>>),
+}
+
+impl Frames {
+    fn push(&mut self, frame: Frame<Bytes>) {
+        match self {
+            Self::Many(queue) => queue.push_back(frame),
+            Self::Empty => {
+                *self = match frame.into_data() {
+                    Ok(data) => Self::One(data),
+                    Err(frame) => Self::Many(VecDeque::from([frame])),
+                }
+            }
+            Self::One(_) => {
+                let Self::One(first) = std::mem::take(self) else {
+                    unreachable!("matched One")
+                };
+                let mut queue = VecDeque::with_capacity(4);
+                queue.push_back(Frame::data(first));
+                queue.push_back(frame);
+                *self = Self::Many(queue);
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<Frame<Bytes>> {
+        match self {
+            Self::Empty => None,
+            Self::One(_) => match std::mem::take(self) {
+                Self::One(data) => Some(Frame::data(data)),
+                _ => None,
+            },
+            Self::Many(queue) => queue.pop_front(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::One(_) => false,
+            Self::Many(queue) => queue.is_empty(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::One(_) => 1,
+            Self::Many(queue) => queue.len(),
+        }
+    }
+
+    /// The data chunks, in order.
+    fn data(&self) -> impl Iterator<Item = &Bytes> {
+        let (one, many) = match self {
+            Self::Empty => (None, None),
+            Self::One(data) => (Some(data), None),
+            Self::Many(queue) => (None, Some(queue.iter().filter_map(Frame::data_ref))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    fn has_trailers(&self) -> bool {
+        match self {
+            Self::Many(queue) => queue.iter().any(Frame::is_trailers),
+            _ => false,
+        }
+    }
+
+    /// The data in one buffer: shared, not copied, when it is one chunk.
+    fn into_data(self) -> Bytes {
+        match self {
+            Self::Empty => Bytes::new(),
+            Self::One(data) => data,
+            many => many.concat(),
+        }
+    }
+
+    fn concat(&self) -> Bytes {
+        let mut data = self.data();
+        let (Some(first), None) = (data.next(), data.next()) else {
+            let mut all = BytesMut::new();
+            for chunk in self.data() {
+                all.extend_from_slice(chunk);
+            }
+            return all.freeze();
+        };
+        first.clone()
     }
 }
 
@@ -178,7 +274,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        if let Some(frame) = this.prefix.pop_front() {
+        if let Some(frame) = this.prefix.pop() {
             return Poll::Ready(Some(Ok(frame)));
         }
         if let Some(err) = this.error.take() {
@@ -243,7 +339,7 @@ impl<B> fmt::Debug for Replay<B> {
 pub struct Peek<B, F = fn(&[u8]) -> bool> {
     /// `None` once the future has completed.
     body: Option<Pin<Box<B>>>,
-    frames: VecDeque<Frame<Bytes>>,
+    frames: Frames,
     /// Data bytes read.
     len: usize,
     cap: usize,
@@ -271,7 +367,7 @@ where
         let this = self.project();
         let Some(body) = this.body.as_mut() else {
             // Polled after completion: nothing more to give.
-            return Poll::Ready(Peeked::done(VecDeque::new(), None, None));
+            return Poll::Ready(Peeked::done(Frames::default(), None, None));
         };
         loop {
             if body.is_end_stream() {
@@ -293,7 +389,7 @@ where
                         *this.len = this.len.saturating_add(data.len());
                         done = (this.stop)(data) || *this.len >= *this.cap;
                     }
-                    this.frames.push_back(frame);
+                    this.frames.push(frame);
                     if done {
                         let frames = std::mem::take(this.frames);
                         return Poll::Ready(Peeked::done(frames, None, this.body.take()));
@@ -307,17 +403,13 @@ where
 /// What [`Replay::peek`] read: the frames, the error that ended reading (if any), and the rest
 /// of the body (if it did not end).
 pub struct Peeked<B> {
-    frames: VecDeque<Frame<Bytes>>,
+    frames: Frames,
     error: Option<BoxError>,
     rest: Option<Pin<Box<B>>>,
 }
 
 impl<B> Peeked<B> {
-    fn done(
-        frames: VecDeque<Frame<Bytes>>,
-        error: Option<BoxError>,
-        rest: Option<Pin<Box<B>>>,
-    ) -> Self {
+    fn done(frames: Frames, error: Option<BoxError>, rest: Option<Pin<Box<B>>>) -> Self {
         Self {
             frames,
             error,
@@ -327,15 +419,27 @@ impl<B> Peeked<B> {
 
     /// The data read, in one buffer (no copy when it came in one frame).
     pub fn data(&self) -> Bytes {
-        let mut data = self.frames.iter().filter_map(Frame::data_ref);
-        let (Some(first), None) = (data.next(), data.next()) else {
-            let mut all = BytesMut::new();
-            for chunk in self.frames.iter().filter_map(Frame::data_ref) {
-                all.extend_from_slice(chunk);
-            }
-            return all.freeze();
-        };
-        first.clone()
+        self.frames.concat()
+    }
+
+    /// The data read, in one buffer, and the rest dropped: for a layer that answers with the
+    /// data itself once it read the body whole ([`is_whole`](Self::is_whole)). No copy and
+    /// no count of references taken and given back when the data came in one frame.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower_claude::body::Replay;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let peeked = Replay::peek(Full::new(Bytes::from_static(b"{}")), 1024).await;
+    /// assert!(peeked.is_whole());
+    /// assert_eq!(&peeked.into_data()[..], b"{}");
+    /// # }
+    /// ```
+    pub fn into_data(self) -> Bytes {
+        self.frames.into_data()
     }
 
     /// Whether the body ended while it was read, without an error: the data is all of it.
@@ -350,7 +454,7 @@ impl<B> Peeked<B> {
 
     /// Whether the body sent trailers while it was read.
     pub fn has_trailers(&self) -> bool {
-        self.frames.iter().any(Frame::is_trailers)
+        self.frames.has_trailers()
     }
 
     /// The whole body again: the frames read, the error, then the rest.
@@ -460,6 +564,39 @@ mod tests {
         let collected = peeked.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-t"], "1");
         assert_eq!(&collected.to_bytes()[..], b"a");
+    }
+
+    #[tokio::test]
+    async fn one_frame_is_held_without_a_queue_and_shared() {
+        let source = Bytes::from(vec![b'x'; 600]);
+        let peeked = Replay::peek(Full::new(source.clone()), 1024).await;
+        assert!(peeked.is_whole());
+        assert!(
+            matches!(peeked.frames, Frames::One(_)),
+            "the one frame is held without a queue"
+        );
+        assert_eq!(peeked.data().as_ptr(), source.as_ptr());
+        assert_eq!(peeked.into_data().as_ptr(), source.as_ptr(), "not copied");
+    }
+
+    #[tokio::test]
+    async fn frames_after_the_first_keep_their_order() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-t", "1".parse().unwrap());
+        // Trailers first (nothing held inline), then data: replayed as they came.
+        let body = chunks(vec![Ok(Frame::trailers(trailers.clone())), data("late")]);
+        let peeked = Replay::peek(body, 1024).await;
+        assert!(peeked.has_trailers());
+        assert_eq!(&peeked.data()[..], b"late");
+        let mut body = peeked.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        let last = body.frame().await.unwrap().unwrap();
+        assert_eq!(last.into_data().unwrap(), Bytes::from_static(b"late"));
+        assert!(body.frame().await.is_none());
+        // Data, trailers, data: the data of several chunks is one buffer.
+        let body = chunks(vec![data("ab"), Ok(Frame::trailers(trailers)), data("cd")]);
+        let peeked = Replay::peek(body, 1024).await;
+        assert_eq!(peeked.into_data(), Bytes::from_static(b"abcd"));
     }
 
     #[tokio::test]

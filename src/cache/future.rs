@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use pin_project::pin_project;
@@ -140,10 +140,21 @@ where
                             mark(&mut res, CacheStatus::Miss);
                             return Poll::Ready(Ok(res));
                         }
-                        Stored::Read(peek, reading) => State::Reading {
-                            peek,
-                            reading: Some((config, reading)),
-                        },
+                        Stored::Read(mut peek, reading) => {
+                            // Read at once when it can be: a JSON answer that a layer below
+                            // read whole already (in `ClaudeStack`, retry) is stored and
+                            // returned here, without a state of its own (moving the head and
+                            // the read into it and out again). `Peek` is `Unpin`.
+                            if let Poll::Ready(read) = Pin::new(&mut peek).poll(cx) {
+                                let mut res = store_read(&config, reading, read);
+                                mark(&mut res, CacheStatus::Miss);
+                                return Poll::Ready(Ok(res));
+                            }
+                            State::Reading {
+                                peek,
+                                reading: Some((config, reading)),
+                            }
+                        }
                     }
                 }
                 StateProj::Reading { peek, reading } => {
@@ -246,10 +257,19 @@ impl Plan {
 /// [`CacheStatus`] extension. In place: a response is large (its head and the body's state),
 /// and moving it in and out of this function (it is not inlined at every call) was a copy.
 pub(crate) fn mark<B>(res: &mut Response<B>, status: CacheStatus) {
-    res.headers_mut().insert(
-        names::X_TOWER_CLAUDE_CACHE.clone(),
-        HeaderValue::from_static(status.as_str()),
-    );
+    // Constants, made where they are used: no clone of a static name, and no check of the
+    // value's bytes per response (`from_static` checks them when it is not a constant).
+    const NAME: HeaderName =
+        HeaderName::from_static(crate::anthropic::header_names::X_TOWER_CLAUDE_CACHE);
+    const HIT: HeaderValue = HeaderValue::from_static("hit");
+    const MISS: HeaderValue = HeaderValue::from_static("miss");
+    const BYPASS: HeaderValue = HeaderValue::from_static("bypass");
+    let value = match status {
+        CacheStatus::Hit => HIT,
+        CacheStatus::Miss => MISS,
+        CacheStatus::Bypass => BYPASS,
+    };
+    res.headers_mut().insert(NAME, value);
     res.extensions_mut().insert(status);
 }
 
@@ -258,7 +278,12 @@ pub(crate) fn mark<B>(res: &mut Response<B>, status: CacheStatus) {
 /// (`plan`'s, moved). And the key of the request for it.
 fn served_model(parts: &http::response::Parts, plan: Plan) -> (Option<Arc<str>>, CacheKey) {
     if let Some(served) = parts.extensions.get::<ServedModel>() {
-        if *served.served != *plan.requested() {
+        // Usually the requested model's own name, shared: told without comparing bytes.
+        let same = plan
+            .requested
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, &served.served));
+        if !same && *served.served != *plan.requested() {
             return (Some(served.served.clone()), plan.key_for(&served.served));
         }
         return (plan.requested, plan.key);
@@ -373,7 +398,7 @@ where
         // Too large, cut, or with trailers: forward it as it came, store nothing.
         return Response::from_parts(parts, CacheBody::replay(read.into_body()));
     }
-    let data = read.data();
+    let data = read.into_data();
     // The body is copied: `data` may be a slice of the connection's read buffer.
     let entry = CachedResponse::from_kept(parts.status, kept, Bytes::copy_from_slice(&data), false)
         .with_shared_model(served);

@@ -411,7 +411,8 @@ impl KeptHeaders {
             }
         }
         if count <= PICKED {
-            for (i, (name, value)) in picked.into_iter().flatten().enumerate() {
+            // The slots filled, by reference (moving the array out was a copy of it).
+            for (i, (name, value)) in picked[..count].iter().flatten().enumerate() {
                 put(&mut head, &mut sensitive, i, name, value);
             }
         } else {
