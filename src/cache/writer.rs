@@ -191,7 +191,7 @@ impl Writer {
             drop(self.store.put(&key, entry, ttl));
             return;
         }
-        self.models.record(entry.model());
+        self.models.record_shared(entry.shared_model());
         let entry = Arc::new(entry);
         let queued = tokio::time::Instant::now();
         // Counted before it can be found (`pending` looks at the count first).

@@ -740,7 +740,7 @@ impl<'t> Tables<'t> {
             let value = value.borrow();
             let len = value.encoded_len();
             if recorded != Some(value.model()) {
-                self.inner.models.record(value.model());
+                self.inner.models.record_shared(value.shared_model());
                 recorded = Some(value.model());
             }
             if ROW_OVERHEAD + len as u64 > max {

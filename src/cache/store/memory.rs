@@ -327,7 +327,7 @@ impl CacheStore for MemoryStore {
             .checked_add(ttl)
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let weight = value.weight() as u64;
-        self.models.record(value.model());
+        self.models.record_shared(value.shared_model());
         let mut shard = self.shard(key);
         if weight > shard.max {
             tracing::debug!(key = %key, weight, "cache entry heavier than the store's shard: not stored");

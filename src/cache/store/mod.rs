@@ -778,8 +778,10 @@ impl CachedResponse {
 /// held: two read locks and their scans were ~0.14k instructions of a memory-store miss).
 #[derive(Default)]
 pub(crate) struct ModelSet {
-    /// The first model recorded.
-    first: std::sync::OnceLock<Box<str>>,
+    /// The first model recorded: shared with the entry that recorded it (the catalogue's
+    /// name, usually), so that the names asked about next are told equal by their address
+    /// before their bytes (a `memcmp` call per stored answer and per miss).
+    first: std::sync::OnceLock<Arc<str>>,
     /// `others` holds something (set under its lock, after it is written).
     mixed: std::sync::atomic::AtomicBool,
     /// The models recorded after the first, and whether an entry without a model was.
@@ -796,12 +798,26 @@ struct Models {
 impl ModelSet {
     /// Records the model of an entry held (`None`: not recorded, any model).
     pub(crate) fn record(&self, model: Option<&str>) {
-        use std::sync::atomic::Ordering;
         if let Some(m) = model {
-            if **self.first.get_or_init(|| m.into()) == *m {
+            if same_name(self.first.get_or_init(|| m.into()), m) {
                 return;
             }
         }
+        self.record_other(model);
+    }
+
+    /// [`record`](Self::record) of an entry's shared name: the first is kept without a copy.
+    pub(crate) fn record_shared(&self, model: Option<&Arc<str>>) {
+        if let Some(m) = model {
+            if same_name(self.first.get_or_init(|| m.clone()), m) {
+                return;
+            }
+        }
+        self.record_other(model.map(|m| &**m));
+    }
+
+    fn record_other(&self, model: Option<&str>) {
+        use std::sync::atomic::Ordering;
         let known = |models: &Models| match model {
             None => models.unknown,
             Some(m) => models.names.iter().any(|n| &**n == m),
@@ -824,7 +840,11 @@ impl ModelSet {
     /// Whether an entry of a model other than `model` may have been held.
     pub(crate) fn others_than(&self, model: &str) -> bool {
         use std::sync::atomic::Ordering;
-        if self.first.get().is_some_and(|first| **first != *model) {
+        if self
+            .first
+            .get()
+            .is_some_and(|first| !same_name(first, model))
+        {
             return true;
         }
         if !self.mixed.load(Ordering::Acquire) {
@@ -833,6 +853,13 @@ impl ModelSet {
         let models = self.others.read().unwrap_or_else(|e| e.into_inner());
         models.unknown || models.names.iter().any(|n| &**n != model)
     }
+}
+
+/// Whether two model names are equal: the same bytes at the same address (both shared from
+/// the catalogue's entry, the usual case) without comparing them.
+#[inline]
+fn same_name(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 /// A JSON object whose `type` is `"message"` (the whole document is checked for validity).
@@ -1060,6 +1087,25 @@ mod tests {
         // Recorded twice, listed once.
         set.record(Some("sonnet"));
         assert_eq!(set.others.read().unwrap().names.len(), 1);
+    }
+
+    /// A shared name is kept without a copy, and the same name at another address is still
+    /// the same model.
+    #[test]
+    fn a_model_set_shares_the_first_name() {
+        let set = ModelSet::default();
+        let opus: Arc<str> = "opus".into();
+        set.record_shared(Some(&opus));
+        assert!(Arc::ptr_eq(set.first.get().unwrap(), &opus));
+        set.record_shared(Some(&"opus".into()));
+        set.record(Some("opus"));
+        assert!(!set.others_than("opus") && !set.others_than(&opus));
+        assert!(!set.mixed.load(std::sync::atomic::Ordering::Relaxed));
+        set.record_shared(Some(&"sonnet".into()));
+        set.record_shared(None);
+        assert!(set.others_than(&opus));
+        assert_eq!(set.others.read().unwrap().names.len(), 1);
+        assert!(set.others.read().unwrap().unknown);
     }
 
     /// An entry holds the headers it keeps in one buffer of exactly their encoded size (it
