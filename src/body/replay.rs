@@ -174,6 +174,7 @@ enum Frames {
 }
 
 impl Frames {
+    #[inline]
     fn push(&mut self, frame: Frame<Bytes>) {
         match self {
             Self::Many(queue) => queue.push_back(frame),
@@ -195,6 +196,7 @@ impl Frames {
         }
     }
 
+    #[inline]
     fn pop(&mut self) -> Option<Frame<Bytes>> {
         match self {
             Self::Empty => None,
@@ -206,6 +208,7 @@ impl Frames {
         }
     }
 
+    #[inline]
     fn is_empty(&self) -> bool {
         match self {
             Self::Empty => true,
@@ -240,6 +243,7 @@ impl Frames {
     }
 
     /// The data in one buffer: shared, not copied, when it is one chunk.
+    #[inline]
     fn into_data(self) -> Bytes {
         match self {
             Self::Empty => Bytes::new(),
