@@ -373,10 +373,10 @@ where
             // Polled after completion: nothing more to give.
             return Poll::Ready(Peeked::done(Frames::default(), None, None));
         };
+        // A body's end is asked after each frame (it may end with its last frame, without a
+        // poll that returns `None`), not before the first: a body that has ended yields `None`
+        // when polled, and a fresh one has not (one call down the chain of bodies saved).
         loop {
-            if body.is_end_stream() {
-                return Poll::Ready(Peeked::done(std::mem::take(this.frames), None, None));
-            }
             match ready!(body.as_mut().poll_frame(cx)) {
                 None => {
                     this.body.take();
@@ -397,6 +397,10 @@ where
                     if done {
                         let frames = std::mem::take(this.frames);
                         return Poll::Ready(Peeked::done(frames, None, this.body.take()));
+                    }
+                    if body.is_end_stream() {
+                        let frames = std::mem::take(this.frames);
+                        return Poll::Ready(Peeked::done(frames, None, None));
                     }
                 }
             }
@@ -601,6 +605,17 @@ mod tests {
         let body = chunks(vec![data("ab"), Ok(Frame::trailers(trailers)), data("cd")]);
         let peeked = Replay::peek(body, 1024).await;
         assert_eq!(peeked.into_data(), Bytes::from_static(b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_whole_and_a_body_ending_with_its_frame_is_not_polled_again() {
+        let peeked = Replay::peek(Full::new(Bytes::new()), 16).await;
+        assert!(peeked.is_whole() && peeked.data().is_empty());
+        assert!(peeked.into_body().is_end_stream());
+        // `Full` says it ended once its one frame is taken: read whole without a last poll.
+        let peeked = Replay::peek(Full::new(Bytes::from_static(b"abc")), 16).await;
+        assert!(peeked.is_whole());
+        assert_eq!(peeked.into_data(), Bytes::from_static(b"abc"));
     }
 
     #[tokio::test]
