@@ -69,6 +69,7 @@ impl Flights {
             flights: self.clone(),
             key,
             id,
+            finished: false,
         })
     }
 
@@ -86,6 +87,8 @@ pub(crate) struct FlightGuard {
     flights: Arc<Flights>,
     key: CacheKey,
     id: u64,
+    /// The flight was ended by [`finish`](Self::finish): nothing left to do when dropped.
+    finished: bool,
 }
 
 impl FlightGuard {
@@ -97,11 +100,28 @@ impl FlightGuard {
         }
     }
 
-    /// Whether a follower waits for this flight's answer.
-    pub(crate) fn followed(&self) -> bool {
-        let map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&self.key)
-            .is_some_and(|f| f.id == self.id && !f.waiters.is_empty())
+    /// Ends the flight with the answer to store: `store` is given the entry while the
+    /// flights are locked, so that the flight is gone only once the answer can be found (a
+    /// request arriving meanwhile follows this flight and gets the answer; one arriving after
+    /// finds it stored or queued), then every follower gets a copy. One lock and one probe of
+    /// the map for the usual miss that nobody follows (asking whether a follower waits, then
+    /// removing the flight, was two of each), and no copy of the entry then.
+    pub(crate) fn finish(mut self, entry: CachedResponse, store: impl FnOnce(CachedResponse)) {
+        self.finished = true;
+        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        let waiters = match map.entry(self.key) {
+            Entry::Occupied(flight) if flight.get().id == self.id => flight.remove().waiters,
+            _ => Vec::new(),
+        };
+        if waiters.is_empty() {
+            store(entry);
+            return;
+        }
+        store(entry.clone());
+        drop(map);
+        for waiter in waiters {
+            let _ = waiter.send(Shared::Entry(entry.clone()));
+        }
     }
 
     pub(crate) fn complete(self, entry: &CachedResponse) {
@@ -141,7 +161,9 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        drop(self.take());
+        if !self.finished {
+            drop(self.take());
+        }
     }
 }
 
@@ -178,6 +200,41 @@ mod tests {
             assert!(matches!(rx.await.unwrap(), Shared::Entry(e) if e == entry()));
         }
         assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn finish_stores_the_answer_then_hands_it_to_the_followers() {
+        let flights = Arc::new(Flights::default());
+        let k = CacheKey::from_bytes([3; 32]);
+        let mut stored = Vec::new();
+        // Nobody follows: stored once, the flight closed.
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("leader")
+        };
+        guard.finish(entry(), |e| stored.push(e));
+        assert_eq!((stored.len(), flights.len()), (1, 0));
+        // Two followers: stored once more, each gets the answer.
+        let Join::Lead(guard) = flights.join(k) else {
+            panic!("leader")
+        };
+        let (Join::Follow(a), Join::Follow(b)) = (flights.join(k), flights.join(k)) else {
+            panic!("followers")
+        };
+        guard.finish(entry(), |e| stored.push(e));
+        assert_eq!((stored.len(), flights.len()), (2, 0));
+        for rx in [a, b] {
+            assert!(matches!(rx.await.unwrap(), Shared::Entry(e) if e == entry()));
+        }
+        // A stale guard stores its answer and leaves the newer flight open.
+        let Join::Lead(old) = flights.join(k) else {
+            panic!("leader")
+        };
+        flights.map.lock().unwrap().remove(&k);
+        let Join::Lead(_new) = flights.join(k) else {
+            panic!("new leader")
+        };
+        old.finish(entry(), |e| stored.push(e));
+        assert_eq!((stored.len(), flights.len()), (3, 1));
     }
 
     #[tokio::test]

@@ -403,20 +403,13 @@ where
     let entry = CachedResponse::from_kept(parts.status, kept, Bytes::copy_from_slice(&data), false)
         .with_shared_model(served);
     if storable(key, &entry, tracker.and_then(|t| t.message_json())) {
+        let store = |entry| config.writer.enqueue(key, entry, config.ttl);
         match guard {
-            // Followers wait: queue a copy, then hand them the answer (queued first, so that
-            // a request arriving as the flight closes finds it).
-            Some(guard) if guard.followed() => {
-                config.writer.enqueue(key, entry.clone(), config.ttl);
-                guard.complete(&entry);
-            }
-            // Nobody follows (the usual miss): the entry itself is queued, no copy. A follower
-            // that joins meanwhile is released without an answer and looks up again, finding
-            // it queued.
-            guard => {
-                config.writer.enqueue(key, entry, config.ttl);
-                drop(guard);
-            }
+            // Queued as the flight closes (a request arriving then finds one or the other),
+            // and handed to the followers; the usual miss, that nobody follows, queues the
+            // entry itself (no copy).
+            Some(guard) => guard.finish(entry, store),
+            None => store(entry),
         }
     }
     Response::from_parts(parts, CacheBody::full(data))
