@@ -882,6 +882,15 @@ async fn the_request_header_opts_in_and_out() {
         send(&svc, request("sk", &sampled)).await.0,
         CacheStatus::Bypass
     );
+    // A sampled request with another directive is not cached either (the directive is
+    // still taken out).
+    for value in ["bypass", "refresh", "nonsense"] {
+        assert_eq!(
+            send(&svc, with(&sampled, value)).await.0,
+            CacheStatus::Bypass,
+            "{value}"
+        );
+    }
     // `bypass`: neither read nor written; `refresh`: not read, written.
     assert_eq!(
         send(&svc, with(BODY, "bypass")).await.0,
@@ -890,7 +899,11 @@ async fn the_request_header_opts_in_and_out() {
     assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Miss);
     assert_eq!(send(&svc, with(BODY, "refresh")).await.0, CacheStatus::Miss);
     assert_eq!(send(&svc, request("sk", BODY)).await.0, CacheStatus::Hit);
-    assert_eq!(up.calls(), 5, "use, sampled, bypass, miss, refresh");
+    assert_eq!(
+        up.calls(),
+        8,
+        "use, sampled, the three sampled directives, bypass, miss, refresh"
+    );
     // Mode `all`: a sampled request is cached, `bypass` still opts out.
     let all = CacheLayer::memory(1 << 20)
         .mode(CacheMode::All)
