@@ -282,18 +282,6 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         take_directive(req.headers_mut());
         return None;
     }
-    // A sampled request in `deterministic` mode (the proxy's default) is not cached unless it
-    // says `use`: told by one lookup of the directive, without the pass over the headers.
-    if config.mode == CacheMode::Deterministic
-        && !req
-            .extensions()
-            .get::<RequestMeta>()
-            .is_some_and(is_deterministic)
-        && !req.headers().contains_key(&names::X_TOWER_CLAUDE_CACHE)
-    {
-        tracing::trace!("not deterministic: not cached");
-        return None;
-    }
     // What the cache reads from the headers, in one pass (read once); the directive is
     // taken out when there is one, and the headers looked at again then.
     let mut seen = RequestHeaders::of(req.headers());
