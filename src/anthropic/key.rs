@@ -22,6 +22,13 @@ use super::headers::parsed_names::X_API_KEY;
 pub struct KeyId(std::sync::Arc<str>);
 
 impl KeyId {
+    /// Whether `other` is this very id (the same shared string, not only an equal one): a
+    /// test of two pointers, for a memo of the last id looked up (the quota board's).
+    #[inline]
+    pub(crate) fn same(&self, other: &KeyId) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The id of `api_key`.
     ///
     /// `"k-"` followed by the first 6 bytes, as 12 lowercase hex digits, of
