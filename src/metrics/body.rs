@@ -153,12 +153,10 @@ impl Finish {
         let elapsed = now.saturating_duration_since(self.start);
         // The in-flight gauge, the request's series and its tokens from one look at the
         // handle cache.
-        self.shared.handles.finished(
+        self.shared.handles.finished_labelled(
             &self.model_label,
             &self.group_label,
-            self.status
-                .as_ref()
-                .map_or(names::STATUS_NONE, http::StatusCode::as_str),
+            self.status,
             self.outcome,
             |series| {
                 series.requests.increment(1);
