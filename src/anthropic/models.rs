@@ -180,6 +180,14 @@ impl ModelEntry {
         self.0.placed
     }
 
+    /// Whether `other` is this very entry (one shared record, not only an equal one): a test
+    /// of two pointers, for a memo of what was derived from the last entry seen (metrics'
+    /// labels).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn same(&self, other: &ModelEntry) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Whether `catalog` made this entry (it is that catalogue's answer for [`id`](Self::id)).
     pub(crate) fn is_of(&self, catalog: &ModelCatalog) -> bool {
         self.0.catalog == catalog.inner.id
