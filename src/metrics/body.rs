@@ -99,7 +99,6 @@ pub(crate) struct Finish {
     /// The answer's status (`None`: no answer, the label is [`names::STATUS_NONE`]).
     pub(crate) status: Option<http::StatusCode>,
     pub(crate) outcome: &'static str,
-    pub(crate) stream: bool,
     pub(crate) count_usage: bool,
     /// The answer's usage (when its usage counts).
     pub(crate) tracker: Option<UsageTracker>,
@@ -117,7 +116,6 @@ impl Finish {
             group_label: info.group_label,
             status: None,
             outcome: names::OUTCOME_CANCELLED,
-            stream: false,
             count_usage: false,
             tracker: None,
             span: info.span,
