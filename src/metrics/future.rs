@@ -146,7 +146,10 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
     };
     if let Some((requested, served)) = served {
         span.record("served_model", served);
-        if requested != Some(served) {
+        // Fallback's names are the catalogue's shared strings: the same one when the
+        // requested model served (its address first, then its text).
+        let same = requested.is_some_and(|r| std::ptr::eq(r, served) || r == served);
+        if !same {
             let to = shared.model_label(Some(served));
             let from = shared.model_label(requested);
             shared.handles.fallback(&from, &to, |c| c.increment(1));

@@ -272,7 +272,8 @@ impl Handles {
                     && Arc::ptr_eq(&l.model, model)
                     && Arc::ptr_eq(&l.group, group)
                     && l.status == status
-                    && l.outcome == outcome
+                    // The same `&'static str` mostly: its address first.
+                    && (std::ptr::eq(l.outcome, outcome) || l.outcome == outcome)
                     && (use_tokens.is_none() || l.series.tokens.is_some())
             })
             .map(|l| (l.in_flight.clone(), l.series.clone()));
