@@ -139,6 +139,14 @@ impl KeyId {
         }
     }
 
+    /// [`of_request_checked_above`](Self::of_request_checked_above) from the request's
+    /// [`RequestMeta`] as a layer already holds it, when the memo is kept there (`None`
+    /// otherwise: the layer then asks the request): the memo without looking the meta up in
+    /// the request's extensions again.
+    pub(crate) fn checked_above_in(meta: &RequestMeta) -> Option<Self> {
+        meta.key_memo().map(|memo| memo.id.clone())
+    }
+
     /// Remembers that the key now in `req`'s `x-api-key` is `header`, whose id is `id`: for
     /// a layer that puts a key in the headers (a key pool), so that the layers below that
     /// trust the memo ([`of_request_checked_above`](Self::of_request_checked_above)) read
