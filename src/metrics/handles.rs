@@ -32,7 +32,7 @@ pub(crate) struct RequestSeries {
     /// [`names::REQUEST_DURATION_SECONDS`] by model and outcome.
     pub(crate) duration: Histogram,
     /// The token series of the same model and group, remembered here by the first request
-    /// that ends with both (see [`Handles::finished`]): one lookup, not two, from then on.
+    /// that ends with both (see [`Handles::finish`]): one lookup, not two, from then on.
     tokens: Option<TokenSeries>,
 }
 
@@ -246,13 +246,13 @@ impl Handles {
         );
     }
 
-    /// [`finished`](Self::finished) for labels held as shared strings (a request's
+    /// [`finish`](Self::finish) for labels held as shared strings (a request's
     /// [`Finish`](super::body::Finish)): when the last request that ended had the same
     /// label strings (the same `Arc`s: the model and group labels are clones of the layer's
     /// own), status, outcome and recorder, its handles are used again without the cache's
     /// map (a hash of four strings and their comparison, ~275 instructions a request:
-    /// issue 14, sixteenth pass); else as [`finished`](Self::finished), whose handles are
-    /// then remembered. The same handles either way: those of the cache, which registered
+    /// issue 14, sixteenth pass); else as [`finish`](Self::finish), whose handles are then
+    /// remembered. The same handles either way: those of the cache, which registered
     /// each label set once.
     pub(crate) fn finished_labelled(
         &self,
@@ -310,11 +310,7 @@ impl Handles {
         }
     }
 
-    /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
-    /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
-    /// the cache (one recorder check, one read lock, one map lookup once the request's entry
-    /// remembers its token series) when every handle is there; else one by one, as those
-    /// three.
+    /// [`finish`](Self::finish) with the recorder current here (the tests' way in).
     #[cfg(test)]
     pub(crate) fn finished(
         &self,
@@ -337,9 +333,14 @@ impl Handles {
         );
     }
 
-    /// [`finished`](Self::finished), giving back the handles it took from the cache (the
-    /// in-flight gauge, and the request's series with its token series when known) when it
-    /// found them all there.
+    /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
+    /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
+    /// the cache (one recorder check, one read lock, one map lookup once the request's entry
+    /// remembers its token series) when every handle is there; else one by one, as those
+    /// three.
+    ///
+    /// Gives back the handles it took from the cache (the in-flight gauge, and the request's
+    /// series with its token series when known) when it found them all there.
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
