@@ -22,6 +22,13 @@ use super::headers::parsed_names::X_API_KEY;
 pub struct KeyId(std::sync::Arc<str>);
 
 impl KeyId {
+    /// Whether `other` is this very id (the same shared string, not only an equal one): a
+    /// test of two pointers, for a memo of the last id looked up (the quota board's).
+    #[inline]
+    pub(crate) fn same(&self, other: &KeyId) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The id of `api_key`.
     ///
     /// `"k-"` followed by the first 6 bytes, as 12 lowercase hex digits, of
@@ -130,6 +137,14 @@ impl KeyId {
             Some(memo) => Some(memo.id.clone()),
             None => Self::of_request(req),
         }
+    }
+
+    /// [`of_request_checked_above`](Self::of_request_checked_above) from the request's
+    /// [`RequestMeta`] as a layer already holds it, when the memo is kept there (`None`
+    /// otherwise: the layer then asks the request): the memo without looking the meta up in
+    /// the request's extensions again.
+    pub(crate) fn checked_above_in(meta: &RequestMeta) -> Option<Self> {
+        meta.key_memo().map(|memo| memo.id.clone())
     }
 
     /// Remembers that the key now in `req`'s `x-api-key` is `header`, whose id is `id`: for

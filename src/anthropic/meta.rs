@@ -200,12 +200,22 @@ impl RequestMeta {
 
     /// Remembers the entry of the model in `catalog` unless it is remembered already.
     fn resolve(&mut self, catalog: &ModelCatalog) {
-        let Some(model) = self.model.as_deref() else {
-            return;
-        };
-        if !matches!(&self.entry.0, Some(e) if e.is_of(catalog) && e.id() == model) {
-            self.entry.0 = Some(catalog.entry(model));
+        if !self.is_resolved_in(catalog) {
+            if let Some(model) = self.model.as_deref() {
+                self.entry.0 = Some(catalog.entry(model));
+            }
         }
+    }
+
+    /// Whether [`get_or_scan_in`](Self::get_or_scan_in) with `catalog` would give this meta
+    /// as it is (its model's entry in `catalog` remembered, or no model): a layer below the
+    /// first one reads it then with one look-up of the extension, instead of the two of
+    /// `get_or_scan_in` (a mutable one to resolve, then the one it returns).
+    pub(crate) fn is_resolved_in(&self, catalog: &ModelCatalog) -> bool {
+        let Some(model) = self.model.as_deref() else {
+            return true;
+        };
+        matches!(&self.entry.0, Some(e) if e.is_of(catalog) && e.id() == model)
     }
 
     /// [`get_or_scan`](Self::get_or_scan), the model's entry in `catalog` remembered in the

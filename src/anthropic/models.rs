@@ -10,6 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct RateLimitGroup(Arc<str>);
 
 impl RateLimitGroup {
+    /// Whether `other` is this very group (the same shared string, not only an equal one): a
+    /// test of two pointers, for a memo of the last group looked up (the quota board's).
+    #[inline]
+    pub(crate) fn same(&self, other: &RateLimitGroup) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The name as a shared string (no copy), for a metric label.
     #[cfg(feature = "metrics")]
     pub(crate) fn label(&self) -> Arc<str> {
@@ -171,6 +178,14 @@ impl ModelEntry {
     /// id that is its own group.
     pub fn is_placed(&self) -> bool {
         self.0.placed
+    }
+
+    /// Whether `other` is this very entry (one shared record, not only an equal one): a test
+    /// of two pointers, for a memo of what was derived from the last entry seen (metrics'
+    /// labels).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn same(&self, other: &ModelEntry) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// Whether `catalog` made this entry (it is that catalogue's answer for [`id`](Self::id)).

@@ -99,7 +99,6 @@ pub(crate) struct Finish {
     /// The answer's status (`None`: no answer, the label is [`names::STATUS_NONE`]).
     pub(crate) status: Option<http::StatusCode>,
     pub(crate) outcome: &'static str,
-    pub(crate) stream: bool,
     pub(crate) count_usage: bool,
     /// The answer's usage (when its usage counts).
     pub(crate) tracker: Option<UsageTracker>,
@@ -117,7 +116,6 @@ impl Finish {
             group_label: info.group_label,
             status: None,
             outcome: names::OUTCOME_CANCELLED,
-            stream: false,
             count_usage: false,
             tracker: None,
             span: info.span,
@@ -153,12 +151,10 @@ impl Finish {
         let elapsed = now.saturating_duration_since(self.start);
         // The in-flight gauge, the request's series and its tokens from one look at the
         // handle cache.
-        self.shared.handles.finished(
+        self.shared.handles.finished_labelled(
             &self.model_label,
             &self.group_label,
-            self.status
-                .as_ref()
-                .map_or(names::STATUS_NONE, http::StatusCode::as_str),
+            self.status,
             self.outcome,
             |series| {
                 series.requests.increment(1);

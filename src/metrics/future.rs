@@ -97,8 +97,12 @@ where
                 let mut feed = None;
                 if finish.count_usage {
                     let json_limit = finish.shared.json_limit;
-                    let (f, tracker) =
-                        crate::body::tracker_in(&mut response, finish.stream, json_limit);
+                    // Whether the answer is a stream: the tracker a layer below published
+                    // knows, else `tracker_in` reads the answer's `content-type` (its
+                    // fallback, `false`, is what a missing `content-type` meant here). The
+                    // `content-type` was looked up here too before, for this alone (~115
+                    // instructions a request).
+                    let (f, tracker) = crate::body::tracker_in(&mut response, false, json_limit);
                     feed = f;
                     finish.tracker = Some(tracker);
                 }
@@ -123,7 +127,6 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
         500.. => names::OUTCOME_SERVER_ERROR,
         _ => names::OUTCOME_SUCCESS,
     };
-    finish.stream = crate::body::is_event_stream(response.headers());
     finish.count_usage = status.is_success();
     span.record("status", status.as_u16());
     // A key pool below chose the upstream key: the span names that key, not the caller's.
@@ -143,7 +146,10 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
     };
     if let Some((requested, served)) = served {
         span.record("served_model", served);
-        if requested != Some(served) {
+        // Fallback's names are the catalogue's shared strings: the same one when the
+        // requested model served (its address first, then its text).
+        let same = requested.is_some_and(|r| std::ptr::eq(r, served) || r == served);
+        if !same {
             let to = shared.model_label(Some(served));
             let from = shared.model_label(requested);
             shared.handles.fallback(&from, &to, |c| c.increment(1));
@@ -191,6 +197,6 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
         span.record("queue_wait_ms", wait.as_millis() as u64);
         shared
             .handles
-            .queue_wait(&finish.group_label, |h| h.record(wait.as_secs_f64()));
+            .queue_wait_labelled(&finish.group_label, |h| h.record(wait.as_secs_f64()));
     }
 }

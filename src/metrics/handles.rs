@@ -14,7 +14,7 @@
 //! request).
 
 use std::hash::Hash;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use hashbrown::{Equivalent, HashMap};
 use metrics::{Counter, Gauge, Histogram};
@@ -32,7 +32,7 @@ pub(crate) struct RequestSeries {
     /// [`names::REQUEST_DURATION_SECONDS`] by model and outcome.
     pub(crate) duration: Histogram,
     /// The token series of the same model and group, remembered here by the first request
-    /// that ends with both (see [`Handles::finished`]): one lookup, not two, from then on.
+    /// that ends with both (see [`Handles::finish`]): one lookup, not two, from then on.
     tokens: Option<TokenSeries>,
 }
 
@@ -100,6 +100,25 @@ struct Cache {
 #[derive(Default)]
 pub(crate) struct Handles {
     cache: RwLock<Cache>,
+    /// The handles the last request that ended used, with its labels (the shared strings of
+    /// its [`Finish`](super::body::Finish)) and its recorder: see
+    /// [`finished_labelled`](Self::finished_labelled).
+    last: Mutex<Option<LastFinished>>,
+    /// The queue-wait histogram the last request used, with its group label and recorder:
+    /// see [`queue_wait_labelled`](Self::queue_wait_labelled).
+    last_queue_wait: Mutex<Option<(usize, Arc<str>, Histogram)>>,
+}
+
+/// See [`Handles::last`].
+struct LastFinished {
+    recorder: usize,
+    model: Arc<str>,
+    group: Arc<str>,
+    status: Option<http::StatusCode>,
+    outcome: &'static str,
+    in_flight: Gauge,
+    /// With its token series when that was found.
+    series: RequestSeries,
 }
 
 impl std::fmt::Debug for Handles {
@@ -227,11 +246,72 @@ impl Handles {
         );
     }
 
-    /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
-    /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
-    /// the cache (one recorder check, one read lock, one map lookup once the request's entry
-    /// remembers its token series) when every handle is there; else one by one, as those
-    /// three.
+    /// [`finish`](Self::finish) for labels held as shared strings (a request's
+    /// [`Finish`](super::body::Finish)): when the last request that ended had the same
+    /// label strings (the same `Arc`s: the model and group labels are clones of the layer's
+    /// own), status, outcome and recorder, its handles are used again without the cache's
+    /// map (a hash of four strings and their comparison, ~275 instructions a request:
+    /// issue 14, sixteenth pass); else as [`finish`](Self::finish), whose handles are then
+    /// remembered. The same handles either way: those of the cache, which registered
+    /// each label set once.
+    pub(crate) fn finished_labelled(
+        &self,
+        model: &Arc<str>,
+        group: &Arc<str>,
+        status: Option<http::StatusCode>,
+        outcome: &'static str,
+        use_request: impl FnOnce(&RequestSeries),
+        use_tokens: Option<impl FnOnce(&TokenSeries)>,
+    ) {
+        let recorder = current_recorder();
+        let last = || self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = last()
+            .as_ref()
+            .filter(|l| {
+                l.recorder == recorder
+                    && Arc::ptr_eq(&l.model, model)
+                    && Arc::ptr_eq(&l.group, group)
+                    && l.status == status
+                    // The same `&'static str` mostly: its address first.
+                    && (std::ptr::eq(l.outcome, outcome) || l.outcome == outcome)
+                    && (use_tokens.is_none() || l.series.tokens.is_some())
+            })
+            .map(|l| (l.in_flight.clone(), l.series.clone()));
+        if let Some((in_flight, series)) = found {
+            in_flight.decrement(1.0);
+            use_request(&series);
+            if let (Some(use_tokens), Some(tokens)) = (use_tokens, &series.tokens) {
+                use_tokens(tokens);
+            }
+            return;
+        }
+        let status_label = status
+            .as_ref()
+            .map_or(names::STATUS_NONE, http::StatusCode::as_str);
+        let kept = self.finish(
+            recorder,
+            model,
+            group,
+            status_label,
+            outcome,
+            use_request,
+            use_tokens,
+        );
+        if let Some((in_flight, series)) = kept {
+            *last() = Some(LastFinished {
+                recorder,
+                model: model.clone(),
+                group: group.clone(),
+                status,
+                outcome,
+                in_flight,
+                series,
+            });
+        }
+    }
+
+    /// [`finish`](Self::finish) with the recorder current here (the tests' way in).
+    #[cfg(test)]
     pub(crate) fn finished(
         &self,
         model: &str,
@@ -242,6 +322,36 @@ impl Handles {
         use_tokens: Option<impl FnOnce(&TokenSeries)>,
     ) {
         let recorder = current_recorder();
+        self.finish(
+            recorder,
+            model,
+            group,
+            status,
+            outcome,
+            use_request,
+            use_tokens,
+        );
+    }
+
+    /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
+    /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
+    /// the cache (one recorder check, one read lock, one map lookup once the request's entry
+    /// remembers its token series) when every handle is there; else one by one, as those
+    /// three.
+    ///
+    /// Gives back the handles it took from the cache (the in-flight gauge, and the request's
+    /// series with its token series when known) when it found them all there.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        recorder: usize,
+        model: &str,
+        group: &str,
+        status: &str,
+        outcome: &'static str,
+        use_request: impl FnOnce(&RequestSeries),
+        use_tokens: Option<impl FnOnce(&TokenSeries)>,
+    ) -> Option<(Gauge, RequestSeries)> {
         let key = RequestRef {
             model,
             group,
@@ -266,10 +376,14 @@ impl Handles {
                     if use_tokens.is_none() || tokens.is_some() {
                         gauge.decrement(1.0);
                         use_request(series);
+                        let mut kept = series.clone();
+                        if kept.tokens.is_none() {
+                            kept.tokens = tokens.cloned();
+                        }
                         if let (Some(use_tokens), Some(tokens)) = (use_tokens, tokens) {
                             use_tokens(tokens);
                         }
-                        Ok(tokens.filter(|_| found).cloned())
+                        Ok((tokens.filter(|_| found).cloned(), (gauge.clone(), kept)))
                     } else {
                         Err((use_request, use_tokens))
                     }
@@ -278,15 +392,15 @@ impl Handles {
             }
         };
         let (use_request, use_tokens) = match done {
-            Ok(None) => return,
-            Ok(Some(tokens)) => {
+            Ok((None, kept)) => return Some(kept),
+            Ok((Some(tokens), kept)) => {
                 let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
                 if cache.recorder == recorder {
                     if let Some(series) = cache.requests.get_mut(&key) {
                         series.tokens = Some(tokens);
                     }
                 }
-                return;
+                return Some(kept);
             }
             Err(closures) => closures,
         };
@@ -295,6 +409,7 @@ impl Handles {
         if let Some(use_tokens) = use_tokens {
             self.tokens(model, group, use_tokens);
         }
+        None
     }
 
     /// [`names::INPUT_TOKENS_TOTAL`] and [`names::OUTPUT_TOKENS_TOTAL`] of a model and group.
@@ -350,6 +465,39 @@ impl Handles {
             || metrics::histogram!(names::QUEUE_WAIT_SECONDS, names::LABEL_GROUP => group.to_owned()),
             use_handle,
         );
+    }
+
+    /// [`queue_wait`](Self::queue_wait) for a group label held as a shared string (a
+    /// request's): the last request's histogram again when its label is the same `Arc` and
+    /// its recorder the same (no hash of the label and no map probe, ~90 instructions a
+    /// request: issue 14, sixteenth pass); else as [`queue_wait`](Self::queue_wait), whose
+    /// handle is then remembered.
+    pub(crate) fn queue_wait_labelled(
+        &self,
+        group: &Arc<str>,
+        use_handle: impl FnOnce(&Histogram),
+    ) {
+        let recorder = current_recorder();
+        let last = || {
+            self.last_queue_wait
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        let found = last()
+            .as_ref()
+            .filter(|(r, g, _)| *r == recorder && Arc::ptr_eq(g, group))
+            .map(|(_, _, histogram)| histogram.clone());
+        if let Some(histogram) = found {
+            return use_handle(&histogram);
+        }
+        let mut kept = None;
+        self.queue_wait(group, |histogram| {
+            use_handle(histogram);
+            kept = Some(histogram.clone());
+        });
+        if let Some(histogram) = kept {
+            *last() = Some((recorder, group.clone(), histogram));
+        }
     }
 
     /// [`names::CACHE_REQUESTS_TOTAL`] of a cache decision.
@@ -436,6 +584,104 @@ mod tests {
     /// `finished` counts what the three calls it stands for count, whether its handles are
     /// cached (one look) or not yet (each registered, as the three calls do), and with or
     /// without tokens.
+    /// `finished_labelled` counts what `finished` counts, whether the last request's handles
+    /// serve it (the same label `Arc`s, status and outcome) or not (another label string,
+    /// status, outcome, the same labels in other `Arc`s, tokens wanted where the last one
+    /// had none), and in the recorder current at each end (handles are not carried from one
+    /// recorder to another).
+    #[test]
+    fn finished_labelled_counts_as_finished() {
+        let (m, g, other) = (
+            Arc::<str>::from("m"),
+            Arc::<str>::from("g"),
+            Arc::<str>::from("o"),
+        );
+        let ok = Some(http::StatusCode::OK);
+        let limited = Some(http::StatusCode::TOO_MANY_REQUESTS);
+        let tokens = |s: &TokenSeries| {
+            s.input.increment(3);
+            s.output.increment(2);
+        };
+        let no_tokens: Option<fn(&TokenSeries)> = None;
+        let end = |handles: &Handles, model: &Arc<str>, status, outcome, with_tokens: bool| {
+            handles.in_flight(|g| g.increment(1.0));
+            let request = |s: &RequestSeries| s.requests.increment(1);
+            if with_tokens {
+                handles.finished_labelled(model, &g, status, outcome, request, Some(tokens));
+            } else {
+                handles.finished_labelled(model, &g, status, outcome, request, no_tokens);
+            }
+        };
+        let handles = Handles::default();
+        let run = |handles: &Handles| {
+            let success = names::OUTCOME_SUCCESS;
+            for with_tokens in [false, true, true, false, true] {
+                end(handles, &m, ok, success, with_tokens);
+            }
+            end(handles, &other, ok, success, true);
+            end(handles, &m, limited, names::OUTCOME_RATE_LIMITED, false);
+            end(handles, &m, ok, names::OUTCOME_STREAM_ERROR, false);
+            end(handles, &Arc::from("m"), ok, success, true);
+            end(handles, &m, ok, success, true);
+            // Another status alone; then its handles remembered without token series.
+            let failed = Some(http::StatusCode::INTERNAL_SERVER_ERROR);
+            for with_tokens in [false, false, true] {
+                end(handles, &m, failed, success, with_tokens);
+            }
+            end(handles, &m, None, names::OUTCOME_CANCELLED, false);
+            // Ends as it starts: the next recorder's first end finds this one's handles.
+            end(handles, &m, ok, success, false);
+        };
+        let expected = [
+            r#"tower_claude_requests_total{model="m",group="g",status="200",outcome="success"} 8"#,
+            r#"tower_claude_requests_total{model="o",group="g",status="200",outcome="success"} 1"#,
+            r#"tower_claude_requests_total{model="m",group="g",status="429",outcome="rate_limited"} 1"#,
+            r#"tower_claude_requests_total{model="m",group="g",status="200",outcome="stream_error"} 1"#,
+            r#"tower_claude_requests_total{model="m",group="g",status="none",outcome="cancelled"} 1"#,
+            r#"tower_claude_requests_total{model="m",group="g",status="500",outcome="success"} 3"#,
+            r#"tower_claude_input_tokens_total{model="m",group="g"} 18"#,
+            r#"tower_claude_output_tokens_total{model="m",group="g"} 12"#,
+            r#"tower_claude_input_tokens_total{model="o",group="g"} 3"#,
+            "tower_claude_in_flight_requests 0",
+        ];
+        // Two recorders one after the other (both alive: a recorder is known by its
+        // address), the same handles object: each counts its own.
+        let recorders = [(); 2].map(|()| prometheus::builder().build_recorder());
+        for recorder in &recorders {
+            let rendered = recorder.handle();
+            metrics::with_local_recorder(recorder, || run(&handles));
+            let text = prometheus::render(&rendered);
+            for line in expected {
+                assert!(text.contains(line), "{line} not in the rendering:\n{text}");
+            }
+        }
+    }
+
+    /// `queue_wait_labelled` records where `queue_wait` does: the same label `Arc` again,
+    /// another group, the same name in another `Arc`, each recorder its own.
+    #[test]
+    fn queue_wait_labelled_records_as_queue_wait() {
+        let (g, h) = (Arc::<str>::from("g"), Arc::<str>::from("h"));
+        let handles = Handles::default();
+        let recorders = [(); 2].map(|()| prometheus::builder().build_recorder());
+        for recorder in &recorders {
+            let rendered = recorder.handle();
+            metrics::with_local_recorder(recorder, || {
+                // Ends as it starts: the next recorder's first look finds this one's.
+                for group in [&g, &g, &h, &g, &Arc::from("h"), &h, &g] {
+                    handles.queue_wait_labelled(group, |w| w.record(0.5));
+                }
+            });
+            let text = prometheus::render(&rendered);
+            for line in [
+                r#"tower_claude_queue_wait_seconds_count{group="g"} 4"#,
+                r#"tower_claude_queue_wait_seconds_count{group="h"} 3"#,
+            ] {
+                assert!(text.contains(line), "{line} not in the rendering:\n{text}");
+            }
+        }
+    }
+
     #[test]
     fn finished_counts_as_its_three_calls() {
         let recorder = prometheus::builder().build_recorder();

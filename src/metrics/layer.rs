@@ -59,6 +59,7 @@ impl MetricsLayer {
                 last_refresh: Mutex::new(None),
                 json_limit: crate::body::MAX_JSON_COPY,
                 handles: Default::default(),
+                last_labels: Mutex::new(None),
             }),
         }
     }
@@ -66,6 +67,11 @@ impl MetricsLayer {
     fn with(mut self, f: impl FnOnce(&mut Shared)) -> Self {
         let shared = Arc::make_mut(&mut self.shared);
         f(shared);
+        // What the labels were derived from may have changed (the known models).
+        *shared
+            .last_labels
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self
     }
 

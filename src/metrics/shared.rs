@@ -40,7 +40,18 @@ pub(crate) struct Shared {
     pub(crate) json_limit: usize,
     /// The per-request metric handles, registered once per label set.
     pub(crate) handles: Handles,
+    /// The last entry [`labels_of`](Self::labels_of) was asked about, and its answer: the
+    /// requests of one model carry the same catalogue entry (the catalogue's own record, an
+    /// `Arc`), found again by a pointer test instead of a look-up of its id among the known
+    /// models (a hash and a comparison of the id, ~100 instructions a request: issue 14,
+    /// sixteenth pass). The answer depends on nothing else (the known models are fixed once
+    /// the layer is built).
+    pub(crate) last_labels: Mutex<Option<(ModelEntry, Labels)>>,
 }
+
+/// What [`Shared::labels_of`] answers: the group (when placed) and its label, the model's
+/// label.
+pub(crate) type Labels = (Option<RateLimitGroup>, Label, Label);
 
 impl Clone for Shared {
     fn clone(&self) -> Self {
@@ -54,6 +65,7 @@ impl Clone for Shared {
             last_refresh: Mutex::new(None),
             json_limit: self.json_limit,
             handles: Handles::default(),
+            last_labels: Mutex::new(None),
         }
     }
 }
@@ -81,13 +93,25 @@ impl Shared {
     /// lookup of the model among the known ids.
     ///
     /// [`RequestMeta::model_entry`]: crate::anthropic::RequestMeta::model_entry
-    pub(crate) fn labels_of(
-        &self,
-        entry: Option<&ModelEntry>,
-    ) -> (Option<RateLimitGroup>, Label, Label) {
+    pub(crate) fn labels_of(&self, entry: Option<&ModelEntry>) -> Labels {
         let Some(entry) = entry else {
             return (None, other(), other());
         };
+        let last = || {
+            self.last_labels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((_, labels)) = last().as_ref().filter(|(e, _)| e.same(entry)) {
+            return labels.clone();
+        }
+        let labels = self.labels_of_entry(entry);
+        *last() = Some((entry.clone(), labels.clone()));
+        labels
+    }
+
+    /// [`labels_of`](Self::labels_of) an entry, looked up.
+    fn labels_of_entry(&self, entry: &ModelEntry) -> Labels {
         let model = entry.id();
         let known = self.known.get(model);
         let model_label = known.cloned().unwrap_or_else(other);
@@ -180,4 +204,67 @@ pub(crate) struct RequestInfo {
     pub(crate) model_label: Label,
     pub(crate) group_label: Label,
     pub(crate) span: tracing::Span,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(known: &[&str]) -> Shared {
+        Shared {
+            catalog: ModelCatalog::default(),
+            known: known.iter().map(|m| Arc::from(*m)).collect(),
+            board: None,
+            alerts: None,
+            forecaster: None,
+            refresh_every: Duration::from_secs(1),
+            last_refresh: Mutex::new(None),
+            json_limit: 1 << 20,
+            handles: Handles::default(),
+            last_labels: Mutex::new(None),
+        }
+    }
+
+    /// `labels_of` answers as the look-up does for every entry, whether the last entry's
+    /// answer serves it (the same entry again) or not (another model, a model outside the
+    /// catalogue, a known one outside it, the same model from another catalogue).
+    #[test]
+    fn the_last_labels_are_those_of_the_entry() {
+        let shared = shared(&["claude-opus-4-7", "my-fine-tune"]);
+        let catalog = &shared.catalog;
+        let other_catalog = ModelCatalog::default();
+        let opus = catalog.entry("claude-opus-4-7");
+        let sonnet = catalog.entry("claude-sonnet-4-6");
+        let sequence = [
+            opus.clone(),
+            opus.clone(),
+            sonnet.clone(),
+            opus.clone(),
+            catalog.entry("gpt-5"),
+            catalog.entry("gpt-5"),
+            catalog.entry("my-fine-tune"),
+            other_catalog.entry("claude-sonnet-4-6"),
+            sonnet,
+            opus,
+        ];
+        for entry in &sequence {
+            let labels = shared.labels_of(Some(entry));
+            assert!(
+                labels == shared.labels_of_entry(entry),
+                "{entry:?}: {labels:?}"
+            );
+        }
+        assert_eq!(shared.labels_of(None), (None, other(), other()));
+        let (group, group_label, model) = shared.labels_of(Some(&catalog.entry("claude-opus-4-7")));
+        assert_eq!(&*model, "claude-opus-4-7");
+        assert_eq!(
+            group.map(|g| g.as_str().to_owned()),
+            Some(group_label.to_string())
+        );
+        let (group, group_label, model) = shared.labels_of(Some(&catalog.entry("gpt-5")));
+        assert_eq!(
+            (group, &*group_label, &*model),
+            (None, names::OTHER, names::OTHER)
+        );
+    }
 }

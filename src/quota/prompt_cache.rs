@@ -16,7 +16,7 @@
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use moka::policy::EvictionPolicy;
@@ -85,6 +85,13 @@ struct Inner {
     /// `moka` lookup cost ~1k instructions where this one is a read lock and one hash.
     usage: RwLock<hashbrown::HashMap<(KeyId, RateLimitGroup), Arc<Counters>, Hasher>>,
     max_usage: usize,
+    /// The totals recorded into last, with their pair as the shared strings it was asked
+    /// with: an answer of the same key and group (two `Arc`s the request carries from its
+    /// key id's memo and its catalogue entry) finds them by two pointer tests, without the
+    /// read lock, the hash of both names and their comparison (issue 14, sixteenth pass: ~150
+    /// instructions an answer). Set only under a lock of `usage`, and cleared when totals are
+    /// forgotten, so that it never holds totals the map no longer has.
+    last: Mutex<Option<(KeyId, RateLimitGroup, Arc<Counters>)>>,
     /// Counts the answers recorded: each totals' `used` is the count when they were last
     /// recorded into (which ones were least recently used, when the map is full).
     ticks: AtomicU64,
@@ -223,6 +230,7 @@ impl PromptCacheMemory {
                 prefixes,
                 usage: RwLock::default(),
                 max_usage: MAX_USAGE_ENTRIES,
+                last: Mutex::new(None),
                 ticks: AtomicU64::new(0),
                 capacity,
             }),
@@ -346,24 +354,37 @@ impl PromptCacheMemory {
     fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
         let inner = &self.inner;
         let tick = inner.ticks.fetch_add(1, Ordering::Relaxed);
-        let pair = Pair(key, group);
-        let found = inner
-            .usage
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&pair)
-            .cloned();
-        let counters = match found {
+        let last = || inner.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let remembered = match &*last() {
+            Some((k, g, counters)) if k.same(key) && g.same(group) => Some(counters.clone()),
+            _ => None,
+        };
+        let counters = match remembered {
             Some(counters) => counters,
             None => {
-                let mut usage = inner.usage.write().unwrap_or_else(PoisonError::into_inner);
-                if usage.len() >= inner.max_usage && usage.get(&pair).is_none() {
-                    forget_oldest(&mut usage, inner.max_usage.div_ceil(8));
+                let pair = Pair(key, group);
+                let usage = inner.usage.read().unwrap_or_else(PoisonError::into_inner);
+                // Remembered under the lock (see `Inner::last`).
+                let found = usage.get(&pair).cloned().inspect(|counters| {
+                    *last() = Some((key.clone(), group.clone(), counters.clone()));
+                });
+                drop(usage);
+                match found {
+                    Some(counters) => counters,
+                    None => {
+                        let mut usage = inner.usage.write().unwrap_or_else(PoisonError::into_inner);
+                        if usage.len() >= inner.max_usage && usage.get(&pair).is_none() {
+                            *last() = None;
+                            forget_oldest(&mut usage, inner.max_usage.div_ceil(8));
+                        }
+                        let counters = usage
+                            .entry((key.clone(), group.clone()))
+                            .or_default()
+                            .clone();
+                        *last() = Some((key.clone(), group.clone(), counters.clone()));
+                        counters
+                    }
                 }
-                usage
-                    .entry((key.clone(), group.clone()))
-                    .or_default()
-                    .clone()
             }
         };
         counters.used.store(tick, Ordering::Relaxed);
@@ -545,5 +566,49 @@ mod tests {
         assert_eq!(memory.usage(&key(16), &group).unwrap().read_tokens, 1);
         memory.record_usage(&key(2), &group, &usage(5, 0, 0), 0);
         assert_eq!(memory.usage(&key(2), &group).unwrap().read_tokens, 5);
+    }
+
+    /// The totals recorded into last are found again by the same shared names (and only by
+    /// them): answers of one pair, switches between pairs, the same names in other `Arc`s,
+    /// and a pair forgotten while it was the last one recorded each count where a look-up in
+    /// the map alone would.
+    #[test]
+    fn the_last_totals_count_where_the_map_would() {
+        let mut memory = PromptCacheMemory::new(10);
+        Arc::get_mut(&mut memory.inner).unwrap().max_usage = 1;
+        let (a, b) = (KeyId::named("a"), KeyId::named("b"));
+        let (g, h) = (RateLimitGroup::new("g"), RateLimitGroup::new("h"));
+        memory.record_usage(&a, &g, &usage(1, 0, 0), 0);
+        memory.record_usage(&a, &g, &usage(2, 0, 0), 0);
+        assert_eq!(memory.usage(&a, &g).unwrap().read_tokens, 3);
+        // A bound of one: each new pair forgets the last one, and starts from zero.
+        memory.record_usage(&a, &h, &usage(4, 0, 0), 0);
+        assert_eq!(memory.usage(&a, &g), None);
+        assert_eq!(memory.usage(&a, &h).unwrap().read_tokens, 4);
+        memory.record_usage(&a, &g, &usage(8, 0, 0), 0);
+        assert_eq!(memory.usage(&a, &g).unwrap().read_tokens, 8);
+        assert_eq!(memory.usage(&a, &h), None);
+        // The same names in other `Arc`s are the same pair.
+        memory.record_usage(
+            &KeyId::named("a"),
+            &RateLimitGroup::new("g"),
+            &usage(16, 0, 0),
+            0,
+        );
+        assert_eq!(memory.usage(&a, &g).unwrap().read_tokens, 24);
+        memory.record_usage(&a, &g, &usage(32, 0, 0), 0);
+        assert_eq!(memory.usage(&a, &g).unwrap().read_tokens, 56);
+        // Room for many: switching pairs keeps each one's totals.
+        Arc::get_mut(&mut memory.inner).unwrap().max_usage = 100;
+        for round in 0..3u64 {
+            for (k, grp) in [(&a, &g), (&b, &g), (&a, &h), (&b, &h)] {
+                memory.record_usage(k, grp, &usage(1 + round, 0, 0), 0);
+                memory.record_usage(k, grp, &usage(1, 0, 0), 0);
+            }
+        }
+        assert_eq!(memory.usage(&a, &g).unwrap().read_tokens, 56 + 9);
+        for (k, grp) in [(&b, &g), (&a, &h), (&b, &h)] {
+            assert_eq!(memory.usage(k, grp).unwrap().read_tokens, 9);
+        }
     }
 }

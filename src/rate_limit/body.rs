@@ -140,8 +140,10 @@ struct Settler {
 
 impl Settler {
     /// Settles once, from what the tracker saw (the body reached its end, or was dropped).
+    /// The reservation is settled where it is (not moved out: see
+    /// [`Reservation::settle_in_place`]) and dropped with the settler.
     fn finish(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
+        let Some(reservation) = self.reservation.as_mut().filter(|r| !r.is_finished()) else {
             return;
         };
         let reserved = reservation.charged();
@@ -155,22 +157,22 @@ impl Settler {
             // A JSON document that parses is complete, whether or not the end was polled.
             Some(u) if !sse => {
                 if let Some(n) = &note {
-                    n.after(&reservation, &u);
+                    n.after(reservation, &u);
                 }
-                reservation.settle(Cost::new(1, counted(&u), u.output_tokens))
+                reservation.settle_in_place(Cost::new(1, counted(&u), u.output_tokens))
             }
             // Answered, real cost unknown: keep the reservation.
-            None => reservation.keep(),
+            None => reservation.keep_in_place(),
             Some(u) => {
                 let input = if u == Usage::default() {
                     reserved.input_tokens
                 } else {
                     if let Some(n) = &note {
-                        n.after(&reservation, &u);
+                        n.after(reservation, &u);
                     }
                     counted(&u)
                 };
-                reservation.settle(Cost::new(1, input, u.output_tokens));
+                reservation.settle_in_place(Cost::new(1, input, u.output_tokens));
             }
         }
     }

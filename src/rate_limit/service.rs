@@ -88,26 +88,48 @@ where
         // The request's catalogue entry (looked up once per request: group, cache reads).
         // What the cost needs is read here too: the meta is looked up again below only for a
         // cache-aware estimate (a body with prompt-cache breakpoints).
-        let (group, reads_count, max_tokens, stream, input_tokens, breakpoints) =
-            match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
-                Ok(meta) => match meta.resolved_entry() {
-                    Some(entry) => (
-                        entry.group().clone(),
-                        entry.cache_reads_count(),
-                        meta.max_tokens,
-                        meta.stream,
-                        meta.input_tokens,
-                        !meta.cache_breakpoints.is_empty(),
-                    ),
-                    None => return ResponseFuture::passthrough(self.inner.call(req)),
-                },
+        // With the key id's memo when a layer above checked it and the meta keeps it (one
+        // look-up of the meta fewer than asking the request for it below).
+        let read = |meta: &RequestMeta| {
+            meta.resolved_entry().map(|entry| {
+                (
+                    entry.group().clone(),
+                    entry.cache_reads_count(),
+                    meta.max_tokens,
+                    meta.stream,
+                    meta.input_tokens,
+                    !meta.cache_breakpoints.is_empty(),
+                    match config.scope {
+                        Scope::Key if config.key_checked_above => KeyId::checked_above_in(meta),
+                        _ => None,
+                    },
+                )
+            })
+        };
+        // A meta a layer above scanned and resolved in this catalogue is read as it is (one
+        // look-up of the extension); else scanned or resolved here.
+        let fields = match req
+            .extensions()
+            .get::<RequestMeta>()
+            .filter(|meta| meta.is_resolved_in(&config.catalog))
+        {
+            Some(meta) => read(meta),
+            None => match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
+                Ok(meta) => read(meta),
                 // Unreadable body: upstream answers 400, untouched.
                 Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
-            };
+            },
+        };
+        let Some((group, reads_count, max_tokens, stream, input_tokens, breakpoints, memo_key)) =
+            fields
+        else {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        };
         let key = match config.scope {
-            Scope::Key if config.key_checked_above => {
-                KeyId::of_request_checked_above(&mut req).unwrap_or_else(KeyId::anonymous)
-            }
+            Scope::Key if config.key_checked_above => match memo_key {
+                Some(key) => key,
+                None => KeyId::of_request_checked_above(&mut req).unwrap_or_else(KeyId::anonymous),
+            },
             Scope::Key => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
             Scope::Tenant => {
                 let Some((t, limits)) = tenant
