@@ -405,6 +405,12 @@ impl Template {
 
 /// `req` with `x-tower-claude-attempt: attempt` set.
 pub(crate) fn with_attempt(mut req: Request<RequestBody>, attempt: u32) -> Request<RequestBody> {
+    set_attempt(&mut req, attempt);
+    req
+}
+
+/// Sets `x-tower-claude-attempt: attempt` on `req`, in place (the request is not moved).
+pub(crate) fn set_attempt(req: &mut Request<RequestBody>, attempt: u32) {
     // The first attempts' values are static (`HeaderValue::from(u32)` formats and
     // allocates).
     const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -414,7 +420,6 @@ pub(crate) fn with_attempt(mut req: Request<RequestBody>, attempt: u32) -> Reque
     };
     req.headers_mut()
         .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
-    req
 }
 
 /// The per-request context of the retry loop.
