@@ -262,12 +262,11 @@ impl<S> Walk<S> {
         key: KeyId,
         cost: Cost,
     ) -> Self {
-        let (parts, body) = req.into_parts();
-        let template = RequestTemplate::new(Request::from_parts(parts.clone(), body.clone()));
+        let template = RequestTemplate::copy_of(&req);
         Self {
             config,
             request: Arc::new(template),
-            received: Some(Request::from_parts(parts, body)),
+            received: Some(req),
             candidates,
             key,
             cost,
@@ -292,10 +291,7 @@ impl<S> Walk<S> {
     fn meta(&self) -> &RequestMeta {
         static NO_META: std::sync::LazyLock<RequestMeta> =
             std::sync::LazyLock::new(RequestMeta::default);
-        self.request
-            .extensions()
-            .get::<RequestMeta>()
-            .unwrap_or(&NO_META)
+        self.request.meta().unwrap_or(&NO_META)
     }
 
     /// The best candidate from `from` on, as the layer's [`Policy`](super::Policy) decides,

@@ -349,7 +349,7 @@ impl Template {
 
     fn meta(&self) -> Option<&RequestMeta> {
         match self {
-            Self::Own(template) => template.extensions().get::<RequestMeta>(),
+            Self::Own(template) => template.meta(),
             Self::Resent { resend, .. } => resend.meta(),
         }
     }
