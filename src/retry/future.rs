@@ -41,7 +41,7 @@ type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, Bo
 /// Requests the layer does not apply to (anything but `POST /v1/messages`, or a body that
 /// cannot be read) are polled in place, without allocation. A Messages API call is boxed once
 /// (next to an HTTP round trip): its first attempt is awaited by a small hand-written future
-/// ([`First`]: the call, then the read of a 2xx JSON answer when the request has a deadline),
+/// (`First`: the call, then the read of a 2xx JSON answer when the request has a deadline),
 /// and most answers end there. Only an answer that asks for more (an error status, an event
 /// stream, a failure) starts the retry loop, one boxed `async` block: the loop alternates
 /// between six kinds of waiting (a pacing slot, inner readiness, the call, reading an error
