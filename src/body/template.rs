@@ -29,25 +29,25 @@ impl RequestTemplate {
         }
     }
 
-    /// A copy of `req` (its head, extensions included, and its body), `req` left as it is.
-    pub(crate) fn copy_of(req: &Request<RequestBody>) -> Self {
-        let (mut parts, ()) = Request::new(()).into_parts();
-        parts.method = req.method().clone();
-        parts.uri = req.uri().clone();
-        parts.version = req.version();
-        parts.headers = req.headers().clone();
-        let extensions = req.extensions();
+    /// A copy of the request of head `parts` and body `body` (extensions included), the
+    /// request left as it is.
+    pub(crate) fn copy_of(parts: &mut http::request::Parts, body: &RequestBody) -> Self {
+        // The head is cloned without its extensions (an empty map clones as nothing), which
+        // are copied below only when there is more than the `RequestMeta`.
+        let extensions = std::mem::take(&mut parts.extensions);
+        let mut copy = parts.clone();
         let meta = match extensions.get::<RequestMeta>() {
             // Most requests carry nothing else: no map is copied.
             Some(meta) if extensions.len() == 1 => Some(Box::new(meta.clone())),
             _ => {
-                parts.extensions = extensions.clone();
+                copy.extensions = extensions.clone();
                 None
             }
         };
+        parts.extensions = extensions;
         Self {
-            parts,
-            body: req.body().clone(),
+            parts: copy,
+            body: body.clone(),
             meta,
         }
     }
@@ -126,7 +126,9 @@ mod tests {
             if others {
                 req.extensions_mut().insert(7u32);
             }
-            let t = RequestTemplate::copy_of(&req);
+            let (mut parts, body) = req.into_parts();
+            let t = RequestTemplate::copy_of(&mut parts, &body);
+            let req = Request::from_parts(parts, body);
             assert_eq!(t.meta.as_deref(), (!others).then_some(&meta));
             assert_eq!(t.meta(), Some(&meta));
             for copy in [t.request(), t.with_body(RequestBody::empty())] {

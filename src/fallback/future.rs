@@ -262,11 +262,12 @@ impl<S> Walk<S> {
         key: KeyId,
         cost: Cost,
     ) -> Self {
-        let template = RequestTemplate::copy_of(&req);
+        let (mut parts, body) = req.into_parts();
+        let template = RequestTemplate::copy_of(&mut parts, &body);
         Self {
             config,
             request: Arc::new(template),
-            received: Some(req),
+            received: Some(Request::from_parts(parts, body)),
             candidates,
             key,
             cost,
