@@ -770,7 +770,8 @@ impl ClaudeStack {
         // (their futures and their response bodies), that copy was several KB (callgrind:
         // 12–14k instructions of memcpy per request, more than the boxes save). One box here
         // (service, future and body, as `boxed` does) keeps what retry and the layers above it
-        // hold small.
+        // hold small. (Measured again once retry's first attempt was a small hand-written
+        // future instead of the loop: without this box, +0.9k instructions per request.)
         let svc = boxed(svc);
         let svc = Optional(
             self.retry

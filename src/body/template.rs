@@ -3,6 +3,7 @@
 use http::{Extensions, HeaderMap, Request};
 
 use super::RequestBody;
+use crate::anthropic::RequestMeta;
 
 /// A request kept so that it can be sent again (a retry, another model): its head and its
 /// body, which is cheap to clone (see [`RequestBody`]). The one place a request is rebuilt
@@ -10,12 +11,45 @@ use super::RequestBody;
 pub(crate) struct RequestTemplate {
     parts: http::request::Parts,
     body: RequestBody,
+    /// The request's [`RequestMeta`] when it was the request's only extension
+    /// ([`copy_of`](Self::copy_of)): kept beside the head, whose extensions are then empty, so
+    /// that the copy makes no extension map (a map, its table and a box for the entry). Put
+    /// back on every request rebuilt from the template. Boxed: a template is held inline by
+    /// retry's future (its own copy, without fallback above).
+    meta: Option<Box<RequestMeta>>,
 }
 
 impl RequestTemplate {
     pub(crate) fn new(req: Request<RequestBody>) -> Self {
         let (parts, body) = req.into_parts();
-        Self { parts, body }
+        Self {
+            parts,
+            body,
+            meta: None,
+        }
+    }
+
+    /// A copy of the request of head `parts` and body `body` (extensions included), the
+    /// request left as it is.
+    pub(crate) fn copy_of(parts: &mut http::request::Parts, body: &RequestBody) -> Self {
+        // The head is cloned without its extensions (an empty map clones as nothing), which
+        // are copied below only when there is more than the `RequestMeta`.
+        let extensions = std::mem::take(&mut parts.extensions);
+        let mut copy = parts.clone();
+        let meta = match extensions.get::<RequestMeta>() {
+            // Most requests carry nothing else: no map is copied.
+            Some(meta) if extensions.len() == 1 => Some(Box::new(meta.clone())),
+            _ => {
+                copy.extensions = extensions.clone();
+                None
+            }
+        };
+        parts.extensions = extensions;
+        Self {
+            parts: copy,
+            body: body.clone(),
+            meta,
+        }
     }
 
     /// The request again, with its own body.
@@ -25,7 +59,11 @@ impl RequestTemplate {
 
     /// The request again, with `body` instead of its own.
     pub(crate) fn with_body(&self, body: RequestBody) -> Request<RequestBody> {
-        Request::from_parts(self.parts.clone(), body)
+        let mut req = Request::from_parts(self.parts.clone(), body);
+        if let Some(meta) = &self.meta {
+            req.extensions_mut().insert(RequestMeta::clone(meta));
+        }
+        req
     }
 
     /// The request's headers.
@@ -33,9 +71,16 @@ impl RequestTemplate {
         &self.parts.headers
     }
 
-    /// The request's extensions.
+    /// The request's extensions but its [`RequestMeta`] (read it with [`meta`](Self::meta)).
     pub(crate) fn extensions(&self) -> &Extensions {
         &self.parts.extensions
+    }
+
+    /// The request's [`RequestMeta`], if it has one.
+    pub(crate) fn meta(&self) -> Option<&RequestMeta> {
+        self.meta
+            .as_deref()
+            .or_else(|| self.parts.extensions.get::<RequestMeta>())
     }
 
     /// The request's body.
@@ -64,5 +109,40 @@ mod tests {
         }
         assert_eq!(t.request().body().len(), 2);
         assert_eq!(t.with_body(RequestBody::empty()).body().len(), 0);
+    }
+
+    /// A copy rebuilds the request as it was, extensions included, whether its
+    /// `RequestMeta` is its only extension (kept beside the head) or one of several.
+    #[test]
+    fn a_copy_rebuilds_the_request_with_every_extension() {
+        let body = r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#;
+        for others in [false, true] {
+            let mut req = Request::post("https://api.anthropic.com/v1/messages")
+                .version(http::Version::HTTP_2)
+                .header("x-api-key", "k")
+                .body(RequestBody::from(body))
+                .unwrap();
+            let meta = RequestMeta::get_or_scan(&mut req).unwrap().clone();
+            if others {
+                req.extensions_mut().insert(7u32);
+            }
+            let (mut parts, body) = req.into_parts();
+            let t = RequestTemplate::copy_of(&mut parts, &body);
+            let req = Request::from_parts(parts, body);
+            assert_eq!(t.meta.as_deref(), (!others).then_some(&meta));
+            assert_eq!(t.meta(), Some(&meta));
+            for copy in [t.request(), t.with_body(RequestBody::empty())] {
+                assert_eq!(copy.method(), req.method());
+                assert_eq!(copy.uri(), req.uri());
+                assert_eq!(copy.version(), http::Version::HTTP_2);
+                assert_eq!(copy.headers(), req.headers());
+                assert_eq!(copy.extensions().get::<RequestMeta>(), Some(&meta));
+                assert_eq!(copy.extensions().get::<u32>(), others.then_some(&7));
+                assert_eq!(copy.extensions().len(), req.extensions().len());
+            }
+            assert_eq!(t.request().body().bytes(), req.body().bytes());
+            // The original is untouched.
+            assert_eq!(req.extensions().get::<RequestMeta>(), Some(&meta));
+        }
     }
 }

@@ -74,15 +74,15 @@ enum State<F, B> {
         #[pin]
         fut: F,
     },
-    /// Reading an error answer's envelope.
+    /// Reading an error answer's envelope. Boxed, as the pause: only an error answer that may
+    /// move the walk on gets here, and every layer above holds this future (and moves it as
+    /// its own is built): inline, the two made it ~250 bytes larger.
     Reading {
-        #[pin]
-        read: ReadErrorAnswer<B>,
+        read: Pin<Box<ReadErrorAnswer<B>>>,
     },
     /// Before sending a model that answered 529 again.
     Pausing {
-        #[pin]
-        sleep: Sleep,
+        sleep: Pin<Box<Sleep>>,
     },
     /// Waiting for the inner service to be ready for the next attempt.
     Ready,
@@ -163,12 +163,12 @@ where
                         return Poll::Ready(Ok(walk.finish(res.map(Replay::new))));
                     }
                     this.state.set(State::Reading {
-                        read: read_error_answer(res, MAX_ERROR_BODY),
+                        read: Box::pin(read_error_answer(res, MAX_ERROR_BODY)),
                     });
                 }
                 StateProj::Reading { read } => {
                     // The envelope, read once (here or below); the body is replayed whole.
-                    let (head, rest) = ready!(read.poll(cx)).into_parts();
+                    let (head, rest) = ready!(read.as_mut().poll(cx)).into_parts();
                     let verdict = walk.classify(&head);
                     let moved = match verdict {
                         Verdict::Return => false,
@@ -185,14 +185,14 @@ where
                     }
                     if verdict == Verdict::Resend && !walk.config.overloaded_pause.is_zero() {
                         this.state.set(State::Pausing {
-                            sleep: tokio::time::sleep(walk.config.overloaded_pause),
+                            sleep: Box::pin(tokio::time::sleep(walk.config.overloaded_pause)),
                         });
                     } else {
                         this.state.set(State::Ready);
                     }
                 }
                 StateProj::Pausing { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
@@ -262,8 +262,8 @@ impl<S> Walk<S> {
         key: KeyId,
         cost: Cost,
     ) -> Self {
-        let (parts, body) = req.into_parts();
-        let template = RequestTemplate::new(Request::from_parts(parts.clone(), body.clone()));
+        let (mut parts, body) = req.into_parts();
+        let template = RequestTemplate::copy_of(&mut parts, &body);
         Self {
             config,
             request: Arc::new(template),
@@ -292,10 +292,7 @@ impl<S> Walk<S> {
     fn meta(&self) -> &RequestMeta {
         static NO_META: std::sync::LazyLock<RequestMeta> =
             std::sync::LazyLock::new(RequestMeta::default);
-        self.request
-            .extensions()
-            .get::<RequestMeta>()
-            .unwrap_or(&NO_META)
+        self.request.meta().unwrap_or(&NO_META)
     }
 
     /// The best candidate from `from` on, as the layer's [`Policy`](super::Policy) decides,
@@ -324,39 +321,46 @@ impl<S> Walk<S> {
             // The template carries the request's own `RequestMeta`, for this very model.
             return Some(self.original(idx, visited));
         }
-        let body = rewrite_model(self.request.body().bytes(), model.id()).ok()?;
+        let body = RequestBody::from(rewrite_model(self.request.body().bytes(), model.id()).ok()?);
         // The copy's meta remembers the candidate's catalogue entry: the layers below read
         // its group there, not from the catalogue.
         let meta = self.meta().with_model(model);
-        Some(self.send(idx, visited, None, RequestBody::from(body), Some(meta)))
+        let mut req = self.request.with_body(body.clone());
+        self.mark(&mut req, idx, visited, body, Some(meta));
+        Some(req)
     }
 
-    /// The request as the caller sent it (opt-out header removed), for candidate `idx`.
+    /// The request as the caller sent it (opt-out header removed), for candidate `idx`: the
+    /// request as received the first time (its header map keeps the room it was built with),
+    /// else a copy of the template.
     fn original(&mut self, idx: usize, visited: usize) -> Request<RequestBody> {
-        let received = self.received.take();
-        self.send(idx, visited, received, self.request.body().clone(), None)
+        let body = self.request.body().clone();
+        let mut req = match self.received.take() {
+            Some(req) => req,
+            None => self.request.with_body(body.clone()),
+        };
+        self.mark(&mut req, idx, visited, body, None);
+        req
     }
 
-    /// The template with `body` and `meta` (when set), marked with [`MaxServerWait`] while a
-    /// lower model than `idx` is left; described in a [`Resend`] for a retry layer directly
-    /// below (one copy of the request head for both layers).
-    ///
-    /// `received` is the request as received, sent instead of a copy of the template (whose
-    /// body `body` then is) the first time the requested model is sent.
-    fn send(
+    /// Marks `req` (the template with `body`) for candidate `idx`: its `meta` (when set), and
+    /// [`MaxServerWait`] while a lower model than `idx` is left; or, for a retry layer directly
+    /// below, the [`Resend`] that describes it (one copy of the request head for both layers).
+    /// In place: the request is not moved.
+    fn mark(
         &self,
+        req: &mut Request<RequestBody>,
         idx: usize,
         visited: usize,
-        received: Option<Request<RequestBody>>,
         body: RequestBody,
         meta: Option<RequestMeta>,
-    ) -> Request<RequestBody> {
+    ) {
         // For retry directly below, the `MaxServerWait` is decided when it needs it (an
         // attempt rate limited): the lower models' quota is not looked at for every request.
         // Without one, on the request now.
         let resend = self.config.resend_below.then(|| Resend {
             template: self.request.clone(),
-            body: body.clone(),
+            body,
             meta: meta.clone().map(Box::new),
             max_server_wait: if self.lower_possible(idx, visited) {
                 ServerWait::Ask {
@@ -371,16 +375,6 @@ impl<S> Walk<S> {
             },
             key: self.key.clone(),
         });
-        let max_server_wait = match resend {
-            Some(_) => None,
-            None => self
-                .lower_left(idx, visited)
-                .then_some(MaxServerWait(self.config.rules.max_wait_before_failover)),
-        };
-        let mut req = match received {
-            Some(req) => req,
-            None => self.request.with_body(body),
-        };
         if let Some(meta) = meta {
             req.extensions_mut().insert(meta);
         }
@@ -391,12 +385,12 @@ impl<S> Walk<S> {
                 req.extensions_mut().insert(resend);
             }
             None => {
-                if let Some(wait) = max_server_wait {
-                    req.extensions_mut().insert(wait);
+                if self.lower_left(idx, visited) {
+                    req.extensions_mut()
+                        .insert(MaxServerWait(self.config.rules.max_wait_before_failover));
                 }
             }
         }
-        req
     }
 
     /// While a lower model than `idx` is left (and the depth allows moving to it), a retry

@@ -280,10 +280,10 @@ enum State<F, B> {
         fut: F,
         sent: Option<Sent>,
     },
-    /// Reading the start of a 429 or 400 body.
+    /// Reading the start of a 429 or 400 body. Boxed: only those answers get here, and the
+    /// layers above hold this future (and move it as theirs are built).
     Reading {
-        #[pin]
-        read: ReadErrorAnswer<B>,
+        read: Pin<Box<ReadErrorAnswer<B>>>,
         sent: Option<Sent>,
     },
     Failed {
@@ -392,12 +392,12 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     this.state.set(State::Reading {
-                        read: read_error_answer(response, MAX_ERROR_BODY),
+                        read: Box::pin(read_error_answer(response, MAX_ERROR_BODY)),
                         sent: Some(sent),
                     });
                 }
                 StateProj::Reading { read, sent } => {
-                    let (mut parts, body) = ready!(read.poll(cx)).into_parts();
+                    let (mut parts, body) = ready!(read.as_mut().poll(cx)).into_parts();
                     if let Some(sent) = sent.take() {
                         let answer = parts.extensions.get::<ErrorAnswer>();
                         let key_failed = answer.is_some_and(|a| {

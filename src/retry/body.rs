@@ -71,9 +71,14 @@ impl<B> RetryBody<B> {
 
     /// Ends the body at `deadline` (if any).
     pub(crate) fn until(mut self, deadline: Option<Instant>) -> Self {
+        self.set_deadline(deadline);
+        self
+    }
+
+    /// Ends the body at `deadline` (if any), in place.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
         self.deadline = deadline;
         self.sleep = None;
-        self
     }
 
     /// Whether a guarded stream may still need its closing `event: error`.

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -30,8 +30,8 @@ use crate::anthropic::{
     request_id,
 };
 use crate::body::{
-    ErrorAnswer, Replay, RequestBody, RequestTemplate, Tracked, is_event_stream, read_error_answer,
-    track,
+    ErrorAnswer, Peeked, Replay, RequestBody, RequestTemplate, Tracked, is_event_stream,
+    read_error_answer, track,
 };
 
 type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, BoxError>> + Send>>;
@@ -39,13 +39,17 @@ type BoxedRun<B> = Pin<Box<dyn Future<Output = Result<Response<RetryBody<B>>, Bo
 /// The response future of [`Retry`](super::Retry).
 ///
 /// Requests the layer does not apply to (anything but `POST /v1/messages`, or a body that
-/// cannot be read) are polled in place, without allocation. A Messages API call runs the
-/// retry loop in one boxed `async` block: the loop alternates between six kinds of waiting
-/// (a pacing slot, inner readiness, the call, reading an error body, holding back a stream,
-/// sleeping) and
-/// carries the request template, the backoff state and the last outcome across them, which a
-/// hand-written state machine would spread over as many states with the same fields. The box
-/// is allocated once per request, next to an HTTP round trip.
+/// cannot be read) are polled in place, without allocation. A Messages API call is boxed once
+/// (next to an HTTP round trip): its first attempt is awaited by a small hand-written future
+/// (`First`: the call, then the read of a 2xx JSON answer when the request has a deadline),
+/// and most answers end there. Only an answer that asks for more (an error status, an event
+/// stream, a failure) starts the retry loop, one boxed `async` block: the loop alternates
+/// between six kinds of waiting (a pacing slot, inner readiness, the call, reading an error
+/// body, holding back a stream, sleeping) and carries the request template, the backoff state
+/// and the last outcome across them, which a hand-written state machine would spread over as
+/// many states with the same fields. The loop's state is the largest of all its waits (over
+/// 2 KB): built and moved into its box for every request, it cost more than the work of a
+/// request answered at once.
 #[pin_project]
 pub struct ResponseFuture<F, B> {
     #[pin]
@@ -91,8 +95,209 @@ impl<F, B> ResponseFuture<F, B> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        let run: BoxedRun<B> = match first {
+            Some(call) => {
+                let read = attempts
+                    .deadline
+                    .is_some()
+                    .then_some(attempts.shared.config.max_json_read);
+                Box::pin(First::Attempt {
+                    attempt: within(attempts.deadline, FirstCall::new(call, read)),
+                    spare: Some(spare),
+                    ctx: Some(attempts),
+                    rng: None,
+                })
+            }
+            // Waits for a pacing slot first: the loop sends the first attempt.
+            None => Box::pin(run(None, spare, attempts, None)),
+        };
         Self {
-            kind: Kind::Retrying(Box::pin(run(first, spare, attempts))),
+            kind: Kind::Retrying(run),
+        }
+    }
+}
+
+/// The first attempt of a Messages API call (see [`ResponseFuture`]): the call made by
+/// [`Retry::call`](super::Retry), awaited under the request's deadline, and the answer judged
+/// as the loop judges it. A final answer is returned from here; anything else starts the
+/// loop ([`run`]) from this attempt's outcome, or with the answer to inspect.
+// The whole future is boxed (`ResponseFuture`), the loop in it boxed again: the size
+// difference is the point.
+#[allow(clippy::large_enum_variant)]
+#[pin_project(project = FirstProj)]
+enum First<S, F, B> {
+    Attempt {
+        #[pin]
+        attempt: Within<FirstCall<F, B>>,
+        spare: Option<Spare<S>>,
+        ctx: Option<Attempts>,
+        /// Forked from the layer's generator at the first poll, as the loop does.
+        rng: Option<fastrand::Rng>,
+    },
+    Loop(BoxedRun<B>),
+}
+
+impl<S, F, B> Future for First<S, F, B>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>, Future = F> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<B>, S::Error>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<RetryBody<B>>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let start = match self.as_mut().project() {
+            FirstProj::Loop(run) => return run.as_mut().poll(cx),
+            FirstProj::Attempt {
+                attempt,
+                spare,
+                ctx,
+                rng,
+            } => {
+                let Some(attempts) = ctx.as_ref() else {
+                    return Poll::Ready(Err("retry future polled after completion".into()));
+                };
+                if rng.is_none() {
+                    // What the loop does first: the request's jitter generator and its
+                    // deposit into the budget.
+                    *rng = Some(attempts.shared.fork_rng());
+                    if let Some(budget) = &attempts.shared.config.budget {
+                        budget.deposit();
+                    }
+                }
+                let answered = ready!(attempt.poll(cx));
+                let start = match answered {
+                    None => {
+                        return Poll::Ready(Err(deadline_passed(
+                            attempts,
+                            1,
+                            Duration::ZERO,
+                            &None,
+                        )));
+                    }
+                    // Most answers: the loop's `Outcome::Final` with a success, finished in
+                    // place (the answer is moved as little as it can be).
+                    Some(Judged::Final(mut response)) => {
+                        let info = success_info(attempts, 1, Duration::ZERO, None, None);
+                        response.extensions_mut().insert(info);
+                        response.body_mut().set_deadline(attempts.deadline);
+                        // Done: a later poll is answered with an error, not polled into the
+                        // finished call.
+                        *ctx = None;
+                        return Poll::Ready(Ok(response));
+                    }
+                    Some(Judged::Other(start)) => *start,
+                };
+                let (Some(attempts), Some(spare)) = (ctx.take(), spare.take()) else {
+                    return Poll::Ready(Err("retry future polled after completion".into()));
+                };
+                run::<S, B>(Some(start), spare, attempts, rng.take())
+            }
+        };
+        self.set(First::Loop(Box::pin(start)));
+        match self.project() {
+            FirstProj::Loop(run) => run.as_mut().poll(cx),
+            FirstProj::Attempt { .. } => Poll::Pending,
+        }
+    }
+}
+
+/// How the loop starts with the first attempt.
+enum Start<B> {
+    /// Its answer, to inspect (an error status, an event stream).
+    Inspect(Response<B>),
+    /// Its outcome, judged by [`First`].
+    Judged(Outcome<B>),
+}
+
+/// What [`FirstCall`] made of the first attempt.
+enum Judged<B> {
+    /// A 2xx answer, final (read ahead or not).
+    Final(Response<RetryBody<B>>),
+    /// Anything else, for the loop: a 2xx answer broken before it was forwarded, a failure
+    /// (decided), or an answer to inspect. Boxed: the common answer is moved less.
+    Other(Box<Start<B>>),
+}
+
+impl<B> Judged<B> {
+    fn outcome(outcome: Outcome<B>) -> Self {
+        match outcome {
+            Outcome::Final {
+                response,
+                success: true,
+            } => Self::Final(response),
+            outcome => Self::Other(Box::new(Start::Judged(outcome))),
+        }
+    }
+}
+
+/// The first attempt's call, then (for a 2xx JSON answer, when the request has a deadline) the
+/// read of its body, as [`inspect`] reads it.
+#[pin_project(project = FirstCallProj)]
+enum FirstCall<F, B> {
+    Calling {
+        #[pin]
+        call: F,
+        /// How much of a 2xx JSON answer is read (`None`: not read).
+        read: Option<usize>,
+    },
+    Reading {
+        parts: Option<http::response::Parts>,
+        #[pin]
+        peek: crate::body::Peek<Tracked<B>>,
+    },
+}
+
+impl<F, B> FirstCall<F, B> {
+    fn new(call: F, read: Option<usize>) -> Self {
+        Self::Calling { call, read }
+    }
+}
+
+impl<F, B, E> Future for FirstCall<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Judged<B>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Judged<B>> {
+        loop {
+            let (parts, peek) = match self.as_mut().project() {
+                FirstCallProj::Calling { call, read } => {
+                    let response = match ready!(call.poll(cx)) {
+                        Ok(response) => response,
+                        Err(err) => {
+                            return Poll::Ready(Judged::outcome(Outcome::Failed(err.into())));
+                        }
+                    };
+                    if !response.status().is_success() || is_event_stream(response.headers()) {
+                        return Poll::Ready(Judged::Other(Box::new(Start::Inspect(response))));
+                    }
+                    let Some(cap) = *read else {
+                        return Poll::Ready(Judged::Final(response.map(RetryBody::new)));
+                    };
+                    let (parts, body) = response.into_parts();
+                    (parts, Replay::peek(Tracked::passthrough(body), cap))
+                }
+                FirstCallProj::Reading { parts, peek } => {
+                    let read = ready!(peek.poll(cx));
+                    let Some(parts) = parts.take() else {
+                        return Poll::Ready(Judged::outcome(Outcome::Failed(
+                            "retry future polled after completion".into(),
+                        )));
+                    };
+                    return Poll::Ready(Judged::outcome(judge_json(parts, read)));
+                }
+            };
+            self.set(Self::Reading {
+                parts: Some(parts),
+                peek,
+            });
         }
     }
 }
@@ -144,7 +349,7 @@ impl Template {
 
     fn meta(&self) -> Option<&RequestMeta> {
         match self {
-            Self::Own(template) => template.extensions().get::<RequestMeta>(),
+            Self::Own(template) => template.meta(),
             Self::Resent { resend, .. } => resend.meta(),
         }
     }
@@ -200,6 +405,12 @@ impl Template {
 
 /// `req` with `x-tower-claude-attempt: attempt` set.
 pub(crate) fn with_attempt(mut req: Request<RequestBody>, attempt: u32) -> Request<RequestBody> {
+    set_attempt(&mut req, attempt);
+    req
+}
+
+/// Sets `x-tower-claude-attempt: attempt` on `req`, in place (the request is not moved).
+pub(crate) fn set_attempt(req: &mut Request<RequestBody>, attempt: u32) {
     // The first attempts' values are static (`HeaderValue::from(u32)` formats and
     // allocates).
     const NUMBERS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -209,7 +420,6 @@ pub(crate) fn with_attempt(mut req: Request<RequestBody>, attempt: u32) -> Reque
     };
     req.headers_mut()
         .insert(&parsed_names::X_TOWER_CLAUDE_ATTEMPT, value);
-    req
 }
 
 /// The per-request context of the retry loop.
@@ -260,11 +470,84 @@ enum Failure<B> {
     Error(BoxError),
 }
 
-/// The retry loop.
+/// The error of a request whose deadline passed while attempt `attempt` waited for the
+/// upstream.
+fn deadline_passed(
+    ctx: &Attempts,
+    attempt: u32,
+    total_wait: Duration,
+    last_http: &Option<(StatusCode, Option<ApiError>)>,
+) -> BoxError {
+    tracing::debug!(attempt, "deadline passed while waiting for the upstream");
+    let (status, api_error) = last_http.clone().unzip();
+    BoxError::from(
+        RetryError::new(RetryErrorKind::DeadlineExceeded, attempt)
+            .with_timing(ctx.started.elapsed(), total_wait)
+            .with_last_status(status)
+            .with_api_error(api_error.flatten()),
+    )
+}
+
+/// The answer of a [final](Outcome::Final) outcome at attempt `attempt`, with its
+/// [`RetryInfo`].
+#[allow(clippy::too_many_arguments)]
+fn final_answer<B>(
+    ctx: &Attempts,
+    mut response: Response<RetryBody<B>>,
+    success: bool,
+    attempt: u32,
+    total_wait: Duration,
+    last_status: Option<StatusCode>,
+    last_message: Option<String>,
+) -> Response<RetryBody<B>> {
+    let info = if success {
+        success_info(ctx, attempt, total_wait, last_status, last_message)
+    } else {
+        // Its body was not read: no message.
+        let status = Some(response.status());
+        let elapsed = ctx.started.elapsed();
+        RetryInfo::new(
+            attempt,
+            total_wait,
+            elapsed,
+            status,
+            None,
+            RetryOutcome::NotRetryable,
+        )
+    };
+    response.extensions_mut().insert(info);
+    response.body_mut().set_deadline(ctx.deadline);
+    response
+}
+
+/// The [`RetryInfo`] of a success at attempt `attempt` (the pacer told).
+fn success_info(
+    ctx: &Attempts,
+    attempt: u32,
+    total_wait: Duration,
+    last_status: Option<StatusCode>,
+    last_message: Option<String>,
+) -> RetryInfo {
+    ctx.shared.pacer.succeeded(&ctx.key);
+    let elapsed = ctx.started.elapsed();
+    RetryInfo::new(
+        attempt,
+        total_wait,
+        elapsed,
+        last_status,
+        last_message,
+        RetryOutcome::Success,
+    )
+}
+
+/// The retry loop, from its first attempt (`None`: the request waits for a pacing slot, then
+/// the loop sends it) with the request's jitter generator (`None`: forked here, and the
+/// request's deposit made).
 async fn run<S, B>(
-    mut first: Option<S::Future>,
+    mut start: Option<Start<B>>,
     spare: Spare<S>,
     ctx: Attempts,
+    rng: Option<fastrand::Rng>,
 ) -> Result<Response<RetryBody<B>>, BoxError>
 where
     S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
@@ -272,18 +555,23 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let shared = ctx.shared;
+    let shared = ctx.shared.clone();
     let config = &shared.config;
-    let mut rng = shared.fork_rng();
+    let mut rng = match rng {
+        Some(rng) => rng,
+        None => {
+            if let Some(budget) = &config.budget {
+                budget.deposit();
+            }
+            shared.fork_rng()
+        }
+    };
     let mut backoff = BackoffState::new(ctx.need);
     let mut total_wait = Duration::ZERO;
     let mut last_status: Option<StatusCode> = None;
     let mut last_message: Option<String> = None;
     // The last attempt that got an HTTP response (for an error after a later inner failure).
     let mut last_http: Option<(StatusCode, Option<ApiError>)> = None;
-    if let Some(budget) = &config.budget {
-        budget.deposit();
-    }
     // A new request on a quota being paced waits for its slot first (see `pacing`); its
     // first attempt was then not sent (`Retry::call` dropped the readied service).
     if let Some(slot) = ctx.gate {
@@ -299,85 +587,82 @@ where
     // `inspect` reads ahead. At the deadline the attempt is dropped and the layer fails.
     let timed_out =
         |attempt: u32, total_wait: Duration, last_http: &Option<(StatusCode, Option<ApiError>)>| {
-            tracing::debug!(attempt, "deadline passed while waiting for the upstream");
-            let (status, api_error) = last_http.clone().unzip();
-            BoxError::from(
-                RetryError::new(RetryErrorKind::DeadlineExceeded, attempt)
-                    .with_timing(ctx.started.elapsed(), total_wait)
-                    .with_last_status(status)
-                    .with_api_error(api_error.flatten()),
-            )
+            deadline_passed(&ctx, attempt, total_wait, last_http)
         };
     let read_json = ctx.deadline.is_some();
     loop {
         attempt += 1;
-        // The first attempt's call, made by `Retry::call`; any other readies a service first.
-        let call = if let Some(call) = first.take() {
-            call
-        } else {
-            if service.is_none() {
-                service = spare.service();
-            }
-            let Some(service) = service.as_mut() else {
-                return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
-                    .with_source("retry inner service lost".into())
-                    .into());
-            };
-            let ready = within(
-                ctx.deadline,
-                std::future::poll_fn(|cx| service.poll_ready(cx)),
-            )
-            .await;
-            let Some(ready) = ready else {
-                return Err(timed_out(attempt - 1, total_wait, &last_http));
-            };
-            let ready: Result<(), BoxError> = ready.map_err(Into::into);
-            if let Err(err) = ready {
-                let (status, api_error) = last_http.unzip();
-                return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
-                    .with_timing(ctx.started.elapsed(), total_wait)
-                    .with_last_status(status)
-                    .with_api_error(api_error.flatten())
-                    .with_source(err)
-                    .into());
-            }
-            service.call(ctx.template.request(attempt))
-        };
         let shared_ref = &shared;
         let template = &ctx.template;
-        let attempted = within(ctx.deadline, async move {
-            match call.await.map_err(Into::into) {
-                Err(err) => Outcome::Failed(err),
-                Ok(response) => inspect(response, shared_ref, template, attempt, read_json).await,
+        let attempted = match start.take() {
+            // The first attempt, judged by `First`.
+            Some(Start::Judged(outcome)) => Some(outcome),
+            // The first attempt's answer, inspected here (under the same deadline).
+            Some(Start::Inspect(response)) => {
+                within(
+                    ctx.deadline,
+                    inspect(response, shared_ref, template, attempt, read_json),
+                )
+                .await
             }
-        })
-        .await;
+            // Any other attempt (or the first, after its pacing slot) readies a service first.
+            None => {
+                let call = {
+                    if service.is_none() {
+                        service = spare.service();
+                    }
+                    let Some(service) = service.as_mut() else {
+                        return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
+                            .with_source("retry inner service lost".into())
+                            .into());
+                    };
+                    let ready = within(
+                        ctx.deadline,
+                        std::future::poll_fn(|cx| service.poll_ready(cx)),
+                    )
+                    .await;
+                    let Some(ready) = ready else {
+                        return Err(timed_out(attempt - 1, total_wait, &last_http));
+                    };
+                    let ready: Result<(), BoxError> = ready.map_err(Into::into);
+                    if let Err(err) = ready {
+                        let (status, api_error) = last_http.unzip();
+                        return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
+                            .with_timing(ctx.started.elapsed(), total_wait)
+                            .with_last_status(status)
+                            .with_api_error(api_error.flatten())
+                            .with_source(err)
+                            .into());
+                    }
+                    service.call(ctx.template.request(attempt))
+                };
+                within(ctx.deadline, async move {
+                    match call.await.map_err(Into::into) {
+                        Err(err) => Outcome::Failed(err),
+                        Ok(response) => {
+                            inspect(response, shared_ref, template, attempt, read_json).await
+                        }
+                    }
+                })
+                .await
+            }
+        };
         let Some(outcome) = attempted else {
             return Err(timed_out(attempt, total_wait, &last_http));
         };
         // Set by a layer below on a retryable response (see `RetrySooner`).
         let mut sooner: Option<Duration> = None;
         let (failure, delay_headers, rate_limited) = match outcome {
-            Outcome::Final {
-                mut response,
-                success,
-            } => {
-                let (kind, status, message) = if success {
-                    shared.pacer.succeeded(&ctx.key);
-                    (RetryOutcome::Success, last_status, last_message)
-                } else {
-                    // Its body was not read: no message.
-                    (RetryOutcome::NotRetryable, Some(response.status()), None)
-                };
-                response.extensions_mut().insert(RetryInfo::new(
+            Outcome::Final { response, success } => {
+                return Ok(final_answer(
+                    &ctx,
+                    response,
+                    success,
                     attempt,
                     total_wait,
-                    ctx.started.elapsed(),
-                    status,
-                    message,
-                    kind,
+                    last_status,
+                    last_message,
                 ));
-                return Ok(response.map(|body| body.until(ctx.deadline)));
             }
             Outcome::SpendLimit {
                 status,
@@ -618,6 +903,40 @@ fn broken_answer<B>(
     (Response::from_parts(parts, body), Some(error))
 }
 
+/// The outcome of a 2xx JSON answer read ahead (`read`, up to the layer's limit).
+fn judge_json<B>(parts: http::response::Parts, read: Peeked<Tracked<B>>) -> Outcome<B> {
+    // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
+    // document) is no answer: retried, and never returned as a 200. Read once: the usage
+    // tracker of a layer below read the same bytes with their usage.
+    let typed = || {
+        parts
+            .extensions
+            .get::<UsageTracker>()
+            .and_then(UsageTracker::typed_json)
+            .unwrap_or_else(|| is_typed_object(&read.data()))
+    };
+    let error = if read.failed() {
+        Some(ApiError::new(ApiErrorKind::Api, STREAM_CUT))
+    } else if read.is_whole() && !typed() {
+        Some(ApiError::new(ApiErrorKind::Api, NOT_A_MESSAGE))
+    } else {
+        None
+    };
+    let response = Response::from_parts(parts, RetryBody::replay(read.into_body()));
+    if let Some(error) = error {
+        tracing::debug!(error = %error, "2xx answer broken before it was forwarded");
+        return Outcome::Retryable {
+            response,
+            error: Some(error),
+            use_headers: false,
+        };
+    }
+    Outcome::Final {
+        response,
+        success: true,
+    }
+}
+
 /// Classifies one response, reading ahead in its body where the decision needs it.
 /// `read_json`: a 2xx that is not an event stream is read whole (up to a limit) before it is
 /// returned, so that a deadline passing while it trickles is still answered with an error
@@ -661,36 +980,7 @@ where
         }
         let (parts, body) = response.into_parts();
         let read = Replay::peek(Tracked::passthrough(body), config.max_json_read).await;
-        // A body read whole that is not a JSON object with a `type` (garbage, HTML, a cut
-        // document) is no answer: retried, and never returned as a 200. Read once: the usage
-        // tracker of a layer below read the same bytes with their usage.
-        let typed = || {
-            parts
-                .extensions
-                .get::<UsageTracker>()
-                .and_then(UsageTracker::typed_json)
-                .unwrap_or_else(|| is_typed_object(&read.data()))
-        };
-        let error = if read.failed() {
-            Some(ApiError::new(ApiErrorKind::Api, STREAM_CUT))
-        } else if read.is_whole() && !typed() {
-            Some(ApiError::new(ApiErrorKind::Api, NOT_A_MESSAGE))
-        } else {
-            None
-        };
-        let response = Response::from_parts(parts, RetryBody::replay(read.into_body()));
-        if let Some(error) = error {
-            tracing::debug!(error = %error, "2xx answer broken before it was forwarded");
-            return Outcome::Retryable {
-                response,
-                error: Some(error),
-                use_headers: false,
-            };
-        }
-        return Outcome::Final {
-            response,
-            success: true,
-        };
+        return judge_json(parts, read);
     }
 
     // A layer below sends the next attempt differently (another key): whatever the status,
@@ -825,6 +1115,42 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer to the first attempt is finished where it arrives: success, one attempt, the
+    /// body as it came; a poll after that is an error, not a poll of the finished call.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_first_answer_is_finished_in_place() {
+        use tower::{Layer, ServiceExt};
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                ),
+            )))
+        });
+        for deadline in [None, Some(Duration::from_secs(30))] {
+            let layer = super::super::RetryLayer::new();
+            let layer = match deadline {
+                Some(d) => layer.deadline(d),
+                None => layer,
+            };
+            let mut svc = layer.layer(upstream);
+            let req = Request::post("/v1/messages")
+                .header("x-api-key", "k")
+                .body(RequestBody::from(
+                    r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+                ))
+                .unwrap();
+            let mut fut = Box::pin(svc.ready().await.unwrap().call(req));
+            let resp = (&mut fut).await.unwrap();
+            let info = resp.extensions().get::<RetryInfo>().unwrap();
+            assert_eq!(info.attempts(), 1);
+            assert_eq!(info.outcome(), RetryOutcome::Success);
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+            assert_eq!(body.unwrap().to_bytes().len(), 63, "{deadline:?}");
+            assert!(fut.await.is_err(), "polled after completion: {deadline:?}");
+        }
+    }
 
     #[test]
     fn every_attempt_says_its_number() {

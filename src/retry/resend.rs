@@ -89,7 +89,7 @@ impl Resend {
                 visited,
                 cost,
             } => {
-                let meta = self.template.extensions().get::<RequestMeta>();
+                let meta = self.template.meta();
                 meta.is_some_and(|meta| {
                     models.lower_left(
                         meta,
@@ -118,9 +118,7 @@ impl Resend {
 
     /// The request's [`RequestMeta`].
     pub(crate) fn meta(&self) -> Option<&RequestMeta> {
-        self.meta
-            .as_deref()
-            .or_else(|| self.template.extensions().get::<RequestMeta>())
+        self.meta.as_deref().or_else(|| self.template.meta())
     }
 
     /// The request's headers.

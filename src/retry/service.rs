@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::Need;
-use super::future::{Attempts, ResponseFuture, Template, with_attempt};
+use super::future::{Attempts, ResponseFuture, Template, set_attempt};
 use super::layer::Shared;
 use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
 use crate::BoxError;
@@ -179,12 +179,12 @@ where
         };
         // The service driven to readiness sends the first attempt now (unless the request
         // waits for a pacing slot first); later ones are sent by a clone of the spare.
-        let first = attempts.gate.is_none().then(|| {
-            let request = match received {
-                Some(req) => with_attempt(req, 1),
-                None => attempts.template.request(1),
-            };
-            self.inner.call(request)
+        let first = attempts.gate.is_none().then(|| match received {
+            Some(mut req) => {
+                set_attempt(&mut req, 1);
+                self.inner.call(req)
+            }
+            None => self.inner.call(attempts.template.request(1)),
         });
         ResponseFuture::retrying(first, spare, attempts)
     }

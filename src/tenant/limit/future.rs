@@ -19,28 +19,59 @@ use crate::tenant::Tenant;
 /// Response future of [`TenantLimit`](super::TenantLimit): the rate limiter's, keyed by the
 /// tenant; a refusal by the tenant's own limits is counted in its
 /// [`TenantStats`](crate::tenant::TenantStats).
+///
+/// A request without a tenant (most of them) is the inner service's future as it is; the
+/// limiter's future (its reservation, its queue) is boxed for a tenant's request only, so that
+/// every layer above, which holds this future, does not carry (and move) its room.
 #[pin_project]
 pub struct ResponseFuture<S, F> {
     #[pin]
-    inner: crate::rate_limit::ResponseFuture<S, F>,
-    tenant: Option<Tenant>,
+    kind: Kind<S, F>,
+}
+
+#[pin_project(project = KindProj)]
+enum Kind<S, F> {
+    /// No tenant: the inner service's future.
+    Passthrough {
+        #[pin]
+        fut: F,
+    },
+    /// A tenant's request, through the limiter.
+    Limited {
+        inner: Pin<Box<crate::rate_limit::ResponseFuture<S, F>>>,
+        tenant: Tenant,
+    },
 }
 
 impl<S, F> ResponseFuture<S, F> {
-    pub(crate) fn new(
-        inner: crate::rate_limit::ResponseFuture<S, F>,
-        tenant: Option<Tenant>,
-    ) -> Self {
-        Self { inner, tenant }
+    /// A request without a tenant: `fut` as it is.
+    pub(crate) fn passthrough(fut: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { fut },
+        }
+    }
+
+    /// A tenant's request, through the limiter's future `inner`.
+    pub(crate) fn limited(inner: crate::rate_limit::ResponseFuture<S, F>, tenant: Tenant) -> Self {
+        Self {
+            kind: Kind::Limited {
+                inner: Box::pin(inner),
+                tenant,
+            },
+        }
     }
 }
 
 impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("inner", &self.inner)
-            .field("tenant", &self.tenant.as_ref().map(Tenant::name))
-            .finish()
+        let mut d = f.debug_struct("ResponseFuture");
+        match &self.kind {
+            Kind::Passthrough { .. } => d.field("tenant", &None::<&str>),
+            Kind::Limited { inner, tenant } => d
+                .field("inner", inner)
+                .field("tenant", &Some(tenant.name())),
+        };
+        d.finish()
     }
 }
 
@@ -54,9 +85,18 @@ where
     type Output = Result<Response<RateLimitBody<ResBody>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = ready!(this.inner.poll(cx));
-        if let (Err(e), Some(tenant)) = (&out, this.tenant.as_ref()) {
+        let (out, tenant) = match self.project().kind.project() {
+            // As the limiter passes a request through.
+            KindProj::Passthrough { fut } => {
+                return Poll::Ready(
+                    ready!(fut.poll(cx))
+                        .map(|r| r.map(RateLimitBody::passthrough))
+                        .map_err(Into::into),
+                );
+            }
+            KindProj::Limited { inner, tenant } => (ready!(inner.as_mut().poll(cx)), tenant),
+        };
+        if let Err(e) = &out {
             // Refused by the tenant's own limits (not by the quota below, whose key differs).
             if let Some(err) = e.downcast_ref::<AcquireError>() {
                 if *err.key() == tenant_key(tenant) {

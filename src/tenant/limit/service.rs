@@ -65,9 +65,8 @@ where
         // below (readied by the limiter's `poll_ready`, which only forwards), without the
         // limiter looking for the tenant a second time.
         let Some(tenant) = req.extensions().get::<Tenant>().cloned() else {
-            let fut = self.inner.get_mut().call(req);
-            return ResponseFuture::new(crate::rate_limit::ResponseFuture::passthrough(fut), None);
+            return ResponseFuture::passthrough(self.inner.get_mut().call(req));
         };
-        ResponseFuture::new(self.inner.call(req), Some(tenant))
+        ResponseFuture::limited(self.inner.call(req), tenant)
     }
 }
