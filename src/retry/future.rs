@@ -213,6 +213,9 @@ enum Start<B> {
 }
 
 /// What [`FirstCall`] made of the first attempt.
+// The common variant is the large one on purpose: a final 2xx answer is returned as it is,
+// and only the rare rest is boxed (boxing the answer would cost an allocation per request).
+#[allow(clippy::large_enum_variant)]
 enum Judged<B> {
     /// A 2xx answer, final (read ahead or not).
     Final(Response<RetryBody<B>>),
