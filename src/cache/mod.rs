@@ -227,6 +227,7 @@ mod body;
 mod config;
 mod flights;
 mod future;
+mod hints;
 mod key;
 
 mod layer;

@@ -12,6 +12,7 @@ use super::body::CacheBody;
 use super::config::Config;
 use super::flights::{FlightGuard, Flights, Join, Shared};
 use super::future::{Miss, Plan, ResponseFuture, Stored, mark, store_head, store_read};
+use super::hints;
 use super::key::{CacheKey, KeyBase, Partition, RequestHeaders};
 use super::layer::CacheLayer;
 use super::live::LiveBody;
@@ -53,10 +54,10 @@ impl<S> Cache<S> {
     }
 
     pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
-        if config.mode != CacheMode::Off {
-            // The scan of `RequestMeta` records what the key needs (read once).
-            crate::anthropic::want_canonical_hints();
-        }
+        // Whether the scans of `RequestMeta` record the key's hints (read once): see `hints`
+        // (a cache in `all` mode turns them on now, one in `deterministic` once it keys a
+        // quarter of its requests; only a cost, the key is the same).
+        hints::on_build(config.mode);
         Self {
             inner,
             inner_ready: false,
@@ -310,12 +311,13 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         }
     }
     let meta = req.extensions().get::<RequestMeta>()?;
-    if config.mode == CacheMode::Deterministic
-        && directive != Some(Directive::Use)
-        && !is_deterministic(meta)
-    {
-        tracing::trace!("not deterministic: not cached");
-        return None;
+    if config.mode == CacheMode::Deterministic {
+        let keyed = directive == Some(Directive::Use) || is_deterministic(meta);
+        hints::on_decision(keyed);
+        if !keyed {
+            tracing::trace!("not deterministic: not cached");
+            return None;
+        }
     }
     let partition = Partition::of_seen(
         &config.keys.partition,
