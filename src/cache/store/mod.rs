@@ -796,7 +796,9 @@ struct Models {
 }
 
 impl ModelSet {
-    /// Records the model of an entry held (`None`: not recorded, any model).
+    /// Records the model of an entry held (`None`: not recorded, any model). The disk store's
+    /// way in, from a name read out of its file (the memory store records shared names).
+    #[cfg_attr(not(feature = "disk-cache"), allow(dead_code))]
     pub(crate) fn record(&self, model: Option<&str>) {
         if let Some(m) = model {
             if same_name(self.first.get_or_init(|| m.into()), m) {
