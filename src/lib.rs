@@ -74,6 +74,8 @@ pub mod reqwest;
 pub mod retry;
 pub mod stack;
 pub mod tenant;
+#[cfg(test)]
+mod test_upstream;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

@@ -1095,13 +1095,7 @@ mod tests {
     async fn one_span_per_request_and_its_decisions() {
         let collect = Collect::default();
         let _guard = tracing::subscriber::set_default(collect.clone());
-        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
-            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
-                Bytes::from_static(
-                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
-                ),
-            )))
-        });
+        let upstream = crate::test_upstream::message_upstream();
         let req = Request::post("/v1/messages")
             .header("x-api-key", "sk-ant-secret-key")
             .body(RequestBody::from(
@@ -1209,13 +1203,7 @@ mod tests {
     /// A board given to a layer wins over the stack's; a layer without one gets the stack's.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_board_given_to_a_layer_is_kept() {
-        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
-            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
-                Bytes::from_static(
-                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
-                ),
-            )))
-        });
+        let upstream = crate::test_upstream::message_upstream();
         let request = || {
             Request::post("/v1/messages")
                 .header("x-api-key", "sk-ant-test")

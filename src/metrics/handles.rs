@@ -310,29 +310,6 @@ impl Handles {
         }
     }
 
-    /// [`finish`](Self::finish) with the recorder current here (the tests' way in).
-    #[cfg(test)]
-    pub(crate) fn finished(
-        &self,
-        model: &str,
-        group: &str,
-        status: &str,
-        outcome: &'static str,
-        use_request: impl FnOnce(&RequestSeries),
-        use_tokens: Option<impl FnOnce(&TokenSeries)>,
-    ) {
-        let recorder = current_recorder();
-        self.finish(
-            recorder,
-            model,
-            group,
-            status,
-            outcome,
-            use_request,
-            use_tokens,
-        );
-    }
-
     /// The end of one request: the in-flight gauge down, its [`request`](Self::request)
     /// series and (with `use_tokens`) its [`tokens`](Self::tokens) series, from one look at
     /// the cache (one recorder check, one read lock, one map lookup once the request's entry
@@ -581,10 +558,7 @@ mod tests {
         );
     }
 
-    /// `finished` counts what the three calls it stands for count, whether its handles are
-    /// cached (one look) or not yet (each registered, as the three calls do), and with or
-    /// without tokens.
-    /// `finished_labelled` counts what `finished` counts, whether the last request's handles
+    /// `finished_labelled` counts what `finish` counts, whether the last request's handles
     /// serve it (the same label `Arc`s, status and outcome) or not (another label string,
     /// status, outcome, the same labels in other `Arc`s, tokens wanted where the last one
     /// had none), and in the recorder current at each end (handles are not carried from one
@@ -682,6 +656,9 @@ mod tests {
         }
     }
 
+    /// `finish` counts what the three calls it stands for count, whether its handles are
+    /// cached (one look) or not yet (each registered, as the three calls do), and with or
+    /// without tokens.
     #[test]
     fn finished_counts_as_its_three_calls() {
         let recorder = prometheus::builder().build_recorder();
@@ -694,7 +671,8 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             for with_tokens in [true, true, false, true] {
                 handles.in_flight(|g| g.increment(1.0));
-                handles.finished(
+                handles.finish(
+                    current_recorder(),
                     "m",
                     "g",
                     "200",
@@ -717,7 +695,8 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             for _ in 0..10 {
                 handles.in_flight(|g| g.increment(1.0));
-                handles.finished(
+                handles.finish(
+                    current_recorder(),
                     "m",
                     "g",
                     "200",

@@ -1124,13 +1124,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_first_answer_is_finished_in_place() {
         use tower::{Layer, ServiceExt};
-        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
-            Ok::<_, BoxError>(Response::new(http_body_util::Full::new(
-                Bytes::from_static(
-                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
-                ),
-            )))
-        });
+        let upstream = crate::test_upstream::message_upstream();
         for deadline in [None, Some(Duration::from_secs(30))] {
             let layer = super::super::RetryLayer::new();
             let layer = match deadline {
