@@ -348,6 +348,18 @@ impl Default for StackConfig {
     }
 }
 
+/// A layer's board: its own when it was given one, else the stack's.
+macro_rules! own_or_shared {
+    ($layer:expr, $board:expr) => {{
+        let layer = $layer;
+        if layer.board_given() {
+            layer
+        } else {
+            layer.board($board.clone())
+        }
+    }};
+}
+
 /// The preset stack: cache, fallback, retry, rate limit and concurrency layers in the order of
 /// the [module docs](self), sharing one [`QuotaBoard`] and one [`ModelCatalog`].
 ///
@@ -715,17 +727,6 @@ impl ClaudeStack {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        // A layer keeps a board it was given; one without gets the stack's.
-        macro_rules! own_or_shared {
-            ($layer:expr, $board:expr) => {{
-                let layer = $layer;
-                if layer.board_given() {
-                    layer
-                } else {
-                    layer.board($board.clone())
-                }
-            }};
-        }
         // With a metrics layer (outermost; it reads the request's key, checked against its
         // headers, before any other layer) the fallback and rate limit layers take the key id
         // from the memo it left: below it only the stack's own layers run, and the one that
@@ -736,9 +737,15 @@ impl ClaudeStack {
         let key_checked = metrics.is_some();
         #[cfg(not(feature = "metrics"))]
         let key_checked = false;
-        // Concrete types, boxed twice: under retry (see below) and at the end. An absent layer
-        // is an `Optional(None)`, which passes the inner service through (no box, no extra
-        // call) and its answer's body in the layer's pass-through body (`Absent::pass`).
+        // Concrete types, boxed twice: under retry (see below) and at the end. A layer that is
+        // usually there and may be switched off is an `Optional`, which passes the inner
+        // service through when it is absent (no box, no extra call) and its answer's body in
+        // the layer's pass-through body (`Absent::pass`). The layers that are usually absent
+        // (pacing, the key pool, the budget, the cache) and the outermost one (metrics) are
+        // chosen here instead, each configuration its own type: absent, such a layer is not
+        // in the stack at all, so the layers above it neither carry its future's room (the
+        // cache's 184 bytes, the budget's 88) nor move it as their own futures are built, and
+        // its pass-through body does not wrap (and move) every answer.
         let svc = Optional(self.concurrency.clone()).layer(inner);
         let svc = Optional(self.rate_limit.as_ref().map(|layer| {
             let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
@@ -748,31 +755,7 @@ impl ClaudeStack {
             }
         }))
         .layer(svc);
-        #[cfg(feature = "metrics")]
-        let svc =
-            Optional(self.pacing.as_ref().map(|layer| {
-                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
-            }))
-            .layer(svc);
-        let svc =
-            Optional(self.key_pool.as_ref().map(|layer| {
-                own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board)
-            }))
-            .layer(svc);
-        let svc = Optional(
-            self.tenant_limit
-                .as_ref()
-                .map(|layer| layer.clone().catalog(self.catalog.clone())),
-        )
-        .layer(svc);
-        // Retry keeps the service below, the attempt in flight and the answer it reads ahead
-        // inside one future, moved into its box once per request: with the layers below inline
-        // (their futures and their response bodies), that copy was several KB (callgrind:
-        // 12–14k instructions of memcpy per request, more than the boxes save). One box here
-        // (service, future and body, as `boxed` does) keeps what retry and the layers above it
-        // hold small. (Measured again once retry's first attempt was a small hand-written
-        // future instead of the loop: without this box, +0.9k instructions per request.)
-        let svc = boxed(svc);
+        let svc = self.paced(svc);
         let svc = Optional(
             self.retry
                 .as_ref()
@@ -798,34 +781,135 @@ impl ClaudeStack {
         });
         let handle = fallback.as_ref().map(FallbackLayer::handle);
         let svc = Optional(fallback).layer(svc);
-        let svc = Optional(self.budget.clone()).layer(svc);
         // The cache serves another model's answer only while fallback would choose it.
-        let svc = Optional(self.cache.as_ref().map(|layer| match handle {
+        let cache = self.cache.as_ref().map(|layer| match handle {
             Some(handle) => layer.clone().fallback(handle),
             None => layer.clone(),
-        }))
+        });
+        let top = Top {
+            cache,
+            #[cfg(feature = "metrics")]
+            metrics,
+        };
+        match &self.budget {
+            Some(budget) => top.service(budget.layer(svc)),
+            None => top.service(svc),
+        }
+    }
+
+    /// The pacing layer (when there is one) over `svc`, then the key pool's and the tenant
+    /// limit's, boxed: the service retry calls.
+    fn paced<S, B>(&self, svc: S) -> ClaudeService
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        #[cfg(feature = "metrics")]
+        if let Some(layer) = &self.pacing {
+            let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
+            return self.pooled(layer.layer(svc));
+        }
+        self.pooled(svc)
+    }
+
+    /// The key pool (when there is one) over `svc`, then the tenant limit, boxed.
+    fn pooled<S, B>(&self, svc: S) -> ClaudeService
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match &self.key_pool {
+            Some(layer) => {
+                let layer = own_or_shared!(layer.clone().catalog(self.catalog.clone()), self.board);
+                self.tenant_limited(layer.layer(svc))
+            }
+            None => self.tenant_limited(svc),
+        }
+    }
+
+    /// The tenant limit over `svc`, boxed.
+    fn tenant_limited<S, B>(&self, svc: S) -> ClaudeService
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let svc = Optional(
+            self.tenant_limit
+                .as_ref()
+                .map(|layer| layer.clone().catalog(self.catalog.clone())),
+        )
         .layer(svc);
-        // The metrics layer opens the request's `claude_request` span (with its labels);
-        // without one, the stack opens it.
-        #[cfg(feature = "metrics")]
-        let span = metrics.is_none();
-        #[cfg(feature = "metrics")]
-        let svc = Optional(metrics).layer(svc);
-        #[cfg(not(feature = "metrics"))]
-        let span = true;
-        boxed(Traced { span, inner: svc })
+        // Retry keeps the service below, the attempt in flight and the answer it reads ahead
+        // inside one future, moved into its box once per request: with the layers below inline
+        // (their futures and their response bodies), that copy was several KB (callgrind:
+        // 12–14k instructions of memcpy per request, more than the boxes save). One box here
+        // (service, future and body, as `boxed` does) keeps what retry and the layers above it
+        // hold small. (Measured again once retry's first attempt was a small hand-written
+        // future instead of the loop: without this box, +0.9k instructions per request.)
+        boxed(svc)
     }
 }
 
-/// The outermost wrapper of a [`ClaudeStack`] service: one `tracing` span per request
-/// (`claude_request`, at debug level, with the method and path: never a header or the body),
-/// entered while the layers take the request and around every poll of its future, so that
-/// every layer's events carry it. Without a subscriber that wants it the span is disabled and
-/// costs a level check. With a metrics layer (which opens its own `claude_request` span, with
-/// the request's labels) `span` is off: one span per request either way.
+/// The stack's outermost layers, over the budget (or fallback, or retry, or the box below):
+/// the cache and metrics when there are, then the top box.
+struct Top {
+    cache: Option<CacheLayer>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::MetricsLayer>,
+}
+
+impl Top {
+    /// The cache (when there is one) over `svc`, then the outermost layer, boxed.
+    fn service<S, B>(self, svc: S) -> ClaudeService
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match &self.cache {
+            Some(cache) => self.outermost(cache.layer(svc)),
+            None => self.outermost(svc),
+        }
+    }
+
+    /// The metrics layer over `svc`, which opens the request's `claude_request` span (with its
+    /// labels); without one, [`Traced`] opens it.
+    fn outermost<S, B>(&self, svc: S) -> ClaudeService
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            return boxed(metrics.layer(svc));
+        }
+        boxed(Traced { inner: svc })
+    }
+}
+
+/// The outermost wrapper of a [`ClaudeStack`] service without a metrics layer: one `tracing`
+/// span per request (`claude_request`, at debug level, with the method and path: never a
+/// header or the body), entered while the layers take the request and around every poll of
+/// its future, so that every layer's events carry it. Without a subscriber that wants it the
+/// span is disabled and costs a level check. A stack with a metrics layer (which opens its own
+/// `claude_request` span, with the request's labels) has no `Traced`: one span per request
+/// either way.
 #[derive(Clone)]
 struct Traced<S> {
-    span: bool,
     inner: S,
 }
 
@@ -843,9 +927,6 @@ where
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         use tracing::Instrument;
-        if !self.span {
-            return self.inner.call(req).instrument(tracing::Span::none());
-        }
         let span = tracing::debug_span!(
             "claude_request",
             method = %req.method(),
@@ -856,12 +937,12 @@ where
     }
 }
 
-/// A layer of the stack that may be absent (crate-private: [`ClaudeStack::service`] composes
-/// concrete types and boxes twice). Absent, the inner service is used as it is and its answer's
-/// body is wrapped in the layer's own body in pass-through mode ([`Absent::pass`]); present,
-/// the layer's answer is returned untouched. So the response type is the layer's either way:
-/// no `Either` body around each layer, rebuilt into every response (the head moved once more
-/// per layer) and polled through on every frame.
+/// A layer of the stack that is usually there and may be absent (crate-private:
+/// [`ClaudeStack::service`] composes concrete types and boxes twice). Absent, the inner service
+/// is used as it is and its answer's body is wrapped in the layer's own body in pass-through
+/// mode ([`Absent::pass`]); present, the layer's answer is returned untouched. So the response
+/// type is the layer's either way: no `Either` body around each layer, rebuilt into every
+/// response (the head moved once more per layer) and polled through on every frame.
 #[derive(Clone)]
 struct Optional<L>(Option<L>);
 
@@ -899,24 +980,6 @@ impl Absent for TenantLimitLayer {
     }
 }
 
-#[cfg(feature = "metrics")]
-impl Absent for crate::metrics::pacing::PacingLayer {
-    // Pacing answers with the inner body itself.
-    type Body<B> = B;
-
-    fn pass<B>(body: B) -> B {
-        body
-    }
-}
-
-impl Absent for KeyPoolLayer {
-    type Body<B> = crate::key_pool::KeyPoolBody<B>;
-
-    fn pass<B>(body: B) -> Self::Body<B> {
-        crate::body::Replay::new(body)
-    }
-}
-
 impl Absent for RetryLayer {
     type Body<B> = crate::retry::RetryBody<B>;
 
@@ -930,31 +993,6 @@ impl Absent for FallbackLayer {
 
     fn pass<B>(body: B) -> Self::Body<B> {
         crate::body::Replay::new(body)
-    }
-}
-
-impl Absent for crate::tenant::budget::BudgetLayer {
-    type Body<B> = crate::tenant::budget::BudgetBody<B>;
-
-    fn pass<B>(body: B) -> Self::Body<B> {
-        crate::tenant::budget::BudgetBody::passthrough(body)
-    }
-}
-
-impl Absent for CacheLayer {
-    type Body<B> = crate::cache::CacheBody<B>;
-
-    fn pass<B>(body: B) -> Self::Body<B> {
-        crate::cache::CacheBody::inner(body)
-    }
-}
-
-#[cfg(feature = "metrics")]
-impl Absent for crate::metrics::MetricsLayer {
-    type Body<B> = crate::metrics::MetricsBody<B>;
-
-    fn pass<B>(body: B) -> Self::Body<B> {
-        crate::metrics::MetricsBody::passthrough(body)
     }
 }
 
@@ -987,8 +1025,7 @@ impl<L, A: Clone, B: Clone> Clone for OptionalService<L, A, B> {
 impl<L, A, B, R, BB> Service<R> for OptionalService<L, A, B>
 where
     L: Absent,
-    A: Service<R, Response = Response<L::Body<BB>>>,
-    A::Error: Into<BoxError>,
+    A: Service<R, Response = Response<L::Body<BB>>, Error = BoxError>,
     B: Service<R, Response = Response<BB>>,
     B::Error: Into<BoxError>,
 {
@@ -998,11 +1035,14 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
-            Self::On(a) => a.poll_ready(cx).map_err(Into::into),
+            Self::On(a) => a.poll_ready(cx),
             Self::Off(b, _) => b.poll_ready(cx).map_err(Into::into),
         }
     }
 
+    // Inlined into the layer above: a call left out of line takes the request (264 bytes)
+    // through a copy of its own, and its future back through another.
+    #[inline(always)]
     fn call(&mut self, req: R) -> Self::Future {
         match self {
             Self::On(a) => OptionalFuture::On { fut: a.call(req) },
@@ -1028,20 +1068,23 @@ enum OptionalFuture<L, FA, FB> {
     },
 }
 
-impl<L, FA, FB, BB, EA, EB> Future for OptionalFuture<L, FA, FB>
+impl<L, FA, FB, BB, EB> Future for OptionalFuture<L, FA, FB>
 where
     L: Absent,
-    FA: Future<Output = Result<Response<L::Body<BB>>, EA>>,
+    FA: Future<Output = Result<Response<L::Body<BB>>, BoxError>>,
     FB: Future<Output = Result<Response<BB>, EB>>,
-    EA: Into<BoxError>,
     EB: Into<BoxError>,
 {
     type Output = Result<Response<L::Body<BB>>, BoxError>;
 
+    // Inlined into the layer above, as `call`: the answer is written once, where the caller
+    // wants it, not returned through a copy per level.
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            // The layer's answer as it is.
-            OptionalProj::On { fut } => fut.poll(cx).map_err(Into::into),
+            // The layer's answer as it is (its error type is the stack's: no conversion, so
+            // no move of the answer).
+            OptionalProj::On { fut } => fut.poll(cx),
             OptionalProj::Off { fut, .. } => Poll::Ready(
                 ready!(fut.poll(cx))
                     .map(|r| r.map(L::pass))
@@ -1115,6 +1158,86 @@ mod tests {
         assert!(text.contains("requested=claude-opus-4-7"), "{text}");
         assert!(text.contains("rate limit: admitted at once"), "{text}");
         assert!(!text.contains("sk-ant-secret-key"), "{text}");
+    }
+
+    /// Every configuration of the layers chosen by type (pacing, the key pool, the budget, the
+    /// cache, metrics) answers, with each present layer in the stack and an absent one not:
+    /// the key pool's key reaches the upstream only with a key pool, the cache's header is
+    /// there only with a cache, and a request has one `claude_request` span whether the
+    /// metrics layer or the stack opens it.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn every_configuration_of_the_layers_chosen_by_type_answers() {
+        use http_body_util::BodyExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = {
+            let seen = seen.clone();
+            tower::service_fn(move |req: Request<RequestBody>| {
+                let key = req.headers().get("x-api-key").cloned();
+                seen.lock().unwrap().push(key);
+                crate::test_upstream::message_upstream().call(req)
+            })
+        };
+        let combinations: u32 = if cfg!(feature = "metrics") { 32 } else { 8 };
+        for bits in 0..combinations {
+            let (key_pool, budget, cache) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+            let (metrics, pacing) = (bits & 8 != 0, bits & 16 != 0);
+            let config = StackConfig {
+                cache: match cache {
+                    true => CacheConfig::Memory { max_bytes: 1 << 20 },
+                    false => CacheConfig::Off,
+                },
+                cache_mode: CacheMode::All,
+                budget:
+                    budget.then(|| {
+                        crate::tenant::budget::BudgetLayer::new(
+                            crate::tenant::spend::MemorySpend::new(),
+                        )
+                    }),
+                metrics,
+                pacing: pacing.then(PacingConfig::default),
+                ..StackConfig::default()
+            };
+            let mut stack = ClaudeStack::from_config(&config).unwrap();
+            if key_pool {
+                stack = stack.key_pool(Some(KeyPoolLayer::new(["sk-ant-pool-key"]).unwrap()));
+            }
+            let collect = Collect::default();
+            let _guard = tracing::subscriber::set_default(collect.clone());
+            let req = Request::post("/v1/messages")
+                .header("x-api-key", "sk-ant-caller-key")
+                .body(RequestBody::from(
+                    r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+                ))
+                .unwrap();
+            let resp = stack.service(upstream.clone()).oneshot(req).await.unwrap();
+            let what = format!(
+                "key pool {key_pool}, budget {budget}, cache {cache}, metrics {metrics}, pacing {pacing}"
+            );
+            assert_eq!(resp.status(), 200, "{what}");
+            assert_eq!(
+                resp.headers().contains_key("x-tower-claude-cache"),
+                cache,
+                "{what}"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                &body[..],
+                br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                "{what}"
+            );
+            let key = seen.lock().unwrap().pop().flatten().unwrap();
+            let expected = match key_pool {
+                true => "sk-ant-pool-key",
+                false => "sk-ant-caller-key",
+            };
+            assert_eq!(key, expected, "{what}");
+            let spans = collect.0.lock().unwrap();
+            assert_eq!(
+                spans.iter().filter(|l| *l == "span claude_request").count(),
+                1,
+                "{what}: {spans:?}"
+            );
+        }
     }
 
     /// The board's view after a burst is the rate limiter's, with or without fallback above
