@@ -93,10 +93,13 @@ impl Queue {
                 self.at.insert(*key, i);
             }
         }
+        // One reading of the clock for the batch (a reading per answer was a clock call each).
+        let now = tokio::time::Instant::now();
         self.writing
             .iter()
             .map(|(key, entry, ttl, queued)| {
-                (*key, entry.clone(), ttl.saturating_sub(queued.elapsed()))
+                let waited = now.saturating_duration_since(*queued);
+                (*key, entry.clone(), ttl.saturating_sub(waited))
             })
             .collect()
     }

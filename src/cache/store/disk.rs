@@ -664,6 +664,11 @@ impl<'t> Tables<'t> {
         let Some(slot) = self.index().remove(key) else {
             return Ok(());
         };
+        self.remove_slot(slot)
+    }
+
+    /// [`remove`](Self::remove) of an entry whose key is out of the index already.
+    fn remove_slot(&mut self, slot: Slot) -> Result<(), StoreError> {
         let Some(old) = self
             .rows
             .remove(slot.row)
@@ -768,8 +773,16 @@ impl<'t> Tables<'t> {
             }
             let (row, next) = rest.split_at(n);
             rest = next;
-            for (key, ..) in row {
-                self.remove(key)?;
+            // The entries these replace, out of the index under one lock (a lock per entry
+            // before; a new key, the usual one, has none).
+            let replaced: Vec<Slot> = {
+                let mut index = self.index();
+                row.iter()
+                    .filter_map(|(key, ..)| index.remove(key))
+                    .collect()
+            };
+            for slot in replaced {
+                self.remove_slot(slot)?;
             }
             value.clear();
             encode_row_of(row, bytes, &mut value);
