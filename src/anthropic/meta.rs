@@ -413,8 +413,7 @@ mod tests {
         );
     }
 
-    /// A model of ASCII text is taken byte for byte, one with other characters as UTF-8
-    /// (short and long strings, escaped or not).
+    /// The model is its text, ASCII or not, short or long, escaped or not.
     #[test]
     fn the_model_is_its_text() {
         for model in [

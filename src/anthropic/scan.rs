@@ -223,20 +223,10 @@ impl<'a> Scanner<'a> {
                         if self.peek() == Some(b'"') {
                             // The string read here: whether it has escapes is known without
                             // looking at it again.
-                            let (vs, ve, units, escaped) = self.string()?;
-                            meta.model = Some(match self.b.get(vs..ve) {
-                                // ASCII (as many text units as bytes: every other character
-                                // of valid UTF-8 has a lead byte, counted once more), as the
-                                // string read it: its characters are its bytes, without the
-                                // UTF-8 check `from_utf8` repeats byte by byte (~150
-                                // instructions for `claude-sonnet-4-6`).
-                                Some(model) if !escaped && units == model.len() as u64 => {
-                                    model.iter().copied().map(char::from).collect()
-                                }
-                                _ => match self.str_of(vs, ve) {
-                                    Some(model) if !escaped => model.to_owned(),
-                                    _ => self.decode_string(start, self.i)?,
-                                },
+                            let (vs, ve, _, escaped) = self.string()?;
+                            meta.model = Some(match self.str_of(vs, ve) {
+                                Some(model) if !escaped => model.to_owned(),
+                                _ => self.decode_string(start, self.i)?,
                             });
                         } else {
                             self.value(false, Role::Plain, Role::Plain, 1)?;
