@@ -62,8 +62,8 @@ pub(crate) mod parsed_names {
     /// most [`WALKED`] values: the head of a request or an answer inside the stack) is
     /// walked, its names compared with `name`: a lookup hashes a custom name byte by byte
     /// first (callgrind: `x-api-key` ~170 instructions, `x-tower-claude-cache` ~160, where
-    /// the walk of two or three names is a few dozen). Names that differ in kind (standard,
-    /// custom) or length differ at their first test.
+    /// the walk of the stack's heads of one to three values, call included, is ~80). Names
+    /// that differ in length differ at their first test.
     ///
     /// [`HeaderMap::get`]: http::HeaderMap::get
     #[inline]
