@@ -3,7 +3,7 @@
 use http::HeaderMap;
 
 use super::RequestMeta;
-use super::headers::parsed_names::X_API_KEY;
+use super::headers::parsed_names::{self, X_API_KEY};
 
 /// A short id for an API key: the first 12 hex digits of a BLAKE3 keyed-derivation hash.
 ///
@@ -97,7 +97,7 @@ impl KeyId {
         let memo = KeyIdMemo::of(req);
         // `x-api-key` looked up once: for the memo's check and, when it does not hold, for
         // the key itself.
-        let x_api_key = req.headers().get(&X_API_KEY);
+        let x_api_key = parsed_names::get(req.headers(), &X_API_KEY);
         // The memo's value still in `x-api-key` (read first): its key, without reading it again.
         if let Some(memo) = memo.filter(|m| m.x_api_key) {
             if x_api_key == Some(&memo.source) {
@@ -211,7 +211,7 @@ impl KeyId {
 /// The header value a key is read from, and the key (trimmed): `x-api-key`, else
 /// `authorization: Bearer ...`; an empty key counts as absent.
 fn key_source(headers: &HeaderMap) -> Option<(&http::HeaderValue, &str)> {
-    let x_api_key = headers.get(&X_API_KEY);
+    let x_api_key = parsed_names::get(headers, &X_API_KEY);
     if let Some(found) = key_in(x_api_key, None) {
         return Some(found);
     }
@@ -224,7 +224,14 @@ fn key_in<'a>(
     authorization: Option<&'a http::HeaderValue>,
 ) -> Option<(&'a http::HeaderValue, &'a str)> {
     if let Some(value) = x_api_key {
-        if let Some(key) = value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()) {
+        // A value `to_str` accepts is visible ASCII, spaces and tabs: its ASCII trim is its
+        // Unicode one, without the Unicode tables (~40 instructions a request).
+        if let Some(key) = value
+            .to_str()
+            .ok()
+            .map(str::trim_ascii)
+            .filter(|k| !k.is_empty())
+        {
             return Some((value, key));
         }
     }
@@ -285,11 +292,14 @@ impl KeyIdMemo {
     /// The memo `req` carries: in its [`RequestMeta`], else in an extension of its own.
     fn of<B>(req: &http::Request<B>) -> Option<&Self> {
         let extensions = req.extensions();
-        match extensions
-            .get::<RequestMeta>()
-            .and_then(RequestMeta::key_memo)
-        {
-            Some(memo) => Some(memo),
+        match extensions.get::<RequestMeta>() {
+            Some(meta) => match meta.key_memo() {
+                Some(memo) => Some(memo),
+                // The meta is the map's one entry: no memo beside it to look for (the first
+                // layer that asks, in a stack called without extensions of its own).
+                None if extensions.len() == 1 => None,
+                None => extensions.get::<Self>(),
+            },
             None => extensions.get::<Self>(),
         }
     }
@@ -423,6 +433,34 @@ mod tests {
         let meta = req.extensions().get::<RequestMeta>().unwrap();
         assert_eq!(meta.key_memo().map(|m| &m.id), Some(&two));
         assert_eq!(KeyId::of_request_checked_above(&mut req), Some(two));
+    }
+
+    /// A memo kept as an extension beside the meta (the proxy's front remembers one before
+    /// any layer scans) is found; a meta alone in the map has none beside it.
+    #[test]
+    fn a_memo_beside_the_meta_is_found() {
+        let body = br#"{"model":"claude-haiku-4-5","max_tokens":8}"#.to_vec();
+        let mut req = http::Request::new(body);
+        let header: http::HeaderValue = "sk-ant-one".parse().unwrap();
+        req.headers_mut().insert("x-api-key", header.clone());
+        // An id the header does not derive: read from the memo, or not at all.
+        let chosen = KeyId::named("chosen");
+        KeyId::remember_chosen(&mut req, &header, &chosen);
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        assert_eq!(req.extensions().len(), 2);
+        assert_eq!(
+            KeyId::of_request_checked_above(&mut req),
+            Some(chosen.clone())
+        );
+        assert_eq!(KeyId::of_request(&mut req), Some(chosen));
+
+        let mut alone = http::Request::new(br#"{"max_tokens":8}"#.to_vec());
+        alone.headers_mut().insert("x-api-key", header);
+        RequestMeta::get_or_scan(&mut alone).unwrap();
+        assert_eq!(alone.extensions().len(), 1);
+        assert!(KeyIdMemo::of(&alone).is_none());
+        let one = KeyId::from_api_key("sk-ant-one");
+        assert_eq!(KeyId::of_request_checked_above(&mut alone), Some(one));
     }
 
     #[test]

@@ -413,6 +413,42 @@ mod tests {
         );
     }
 
+    /// The model is its text, ASCII or not, short or long, escaped or not.
+    #[test]
+    fn the_model_is_its_text() {
+        for model in [
+            "m",
+            "claude-sonnet-4-6",
+            "claude-sonnet-4-6-with-a-much-longer-name-than-any",
+            "é",
+            "claude-sonnet-é",
+            "modèle-très-long-au-delà-de-seize-octets",
+            "日本語",
+        ] {
+            let body = format!(r#"{{"model":"{model}","max_tokens":1}}"#);
+            assert_eq!(scan(&body).model.as_deref(), Some(model), "{model}");
+            let escaped = serde_json::to_string(&serde_json::json!({ "model": model })).unwrap();
+            assert_eq!(scan(&escaped).model.as_deref(), Some(model), "{model}");
+            let ascii = serde_json::to_string(&model)
+                .unwrap()
+                .chars()
+                .flat_map(|c| {
+                    if c.is_ascii() {
+                        vec![c]
+                    } else {
+                        let mut units = [0u16; 2];
+                        c.encode_utf16(&mut units)
+                            .iter()
+                            .flat_map(|u| format!("\\u{u:04x}").chars().collect::<Vec<_>>())
+                            .collect()
+                    }
+                })
+                .collect::<String>();
+            let body = format!(r#"{{"model":{ascii}}}"#);
+            assert_eq!(scan(&body).model.as_deref(), Some(model), "{body}");
+        }
+    }
+
     #[test]
     fn malformed_json_is_reported_with_its_offset() {
         let cases: [(&[u8], usize); 16] = [

@@ -119,7 +119,7 @@ impl<S> Fallback<S> {
 /// (see [`opted_out`]).
 fn take_opt_out(headers: &mut HeaderMap) -> bool {
     // Almost no request carries one: one lookup, not a read and a removal.
-    if !headers.contains_key(&parsed_names::X_TOWER_CLAUDE_FALLBACK) {
+    if !parsed_names::contains(headers, &parsed_names::X_TOWER_CLAUDE_FALLBACK) {
         return false;
     }
     let off = opted_out(headers);

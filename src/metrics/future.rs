@@ -138,9 +138,7 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
     // its `x-tower-claude-model` header.
     let served = match response.extensions().get::<ServedModel>() {
         Some(served) => Some((Some(&*served.requested), &*served.served)),
-        None => response
-            .headers()
-            .get(&parsed_names::X_TOWER_CLAUDE_MODEL)
+        None => parsed_names::get(response.headers(), &parsed_names::X_TOWER_CLAUDE_MODEL)
             .and_then(|v| v.to_str().ok())
             .map(|served| (model, served)),
     };
@@ -161,9 +159,7 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
     }
 
     // Cache decision.
-    if let Some(cache) = response
-        .headers()
-        .get(&parsed_names::X_TOWER_CLAUDE_CACHE)
+    if let Some(cache) = parsed_names::get(response.headers(), &parsed_names::X_TOWER_CLAUDE_CACHE)
         .and_then(|v| v.to_str().ok())
     {
         let cache = match cache {
