@@ -69,13 +69,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = match this.guard {
-            Some(finish) => {
-                let _entered = finish.span.enter();
-                ready!(this.inner.poll(cx))
-            }
-            None => ready!(this.inner.poll(cx)),
-        };
+        // One call of the inner poll, whether the span is entered or not: two calls (one
+        // under the span, one without) left two answers to join, a copy of the answer more.
+        let entered = this.guard.as_ref().map(|finish| finish.span.enter());
+        let result = ready!(this.inner.poll(cx));
+        drop(entered);
         let Some(mut finish) = this.guard.take() else {
             return Poll::Ready(
                 result
