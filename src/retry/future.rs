@@ -373,6 +373,7 @@ impl Template {
 
     /// Attempts built from `resend` (plus `deadline`, when this layer added it to the
     /// request); the request as received is the first attempt, sent by the caller.
+    #[inline(always)]
     pub(crate) fn resent(resend: Resend, deadline: Option<super::Deadline>) -> Self {
         Self::Resent { resend, deadline }
     }

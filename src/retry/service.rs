@@ -186,13 +186,18 @@ where
         // sent by a clone of the spare.
         match resend {
             Some(resend) => {
-                let template = Template::resent(resend, added);
+                // The description goes into the template where the template stays.
                 if gate.is_some() {
-                    return ResponseFuture::paced(spare, attempts!(template));
+                    return ResponseFuture::paced(
+                        spare,
+                        attempts!(Template::resent(resend, added)),
+                    );
                 }
                 set_attempt(&mut req, 1);
                 let call = self.inner.call(req);
-                ResponseFuture::first(call, deadline, read, spare, || attempts!(template))
+                ResponseFuture::first(call, deadline, read, spare, || {
+                    attempts!(Template::resent(resend, added))
+                })
             }
             None => {
                 let template = Template::new(req);
