@@ -214,7 +214,7 @@ where
                         return Poll::Ready(Err("fallback request lost".into()));
                     };
                     walk.attempts += 1;
-                    let fut = service.call(request);
+                    let fut = service.call(*request);
                     this.state.set(State::Calling { fut });
                 }
                 StateProj::Passthrough { .. } | StateProj::Done => {}
@@ -229,10 +229,6 @@ pub(crate) struct Walk<S> {
     /// The request as the caller sent it, with its [`RequestMeta`] (read from there, not
     /// copied); shared with a retry layer directly below ([`Resend`]).
     request: Arc<RequestTemplate>,
-    /// The request as received, sent as it is when the first model sent is the requested one:
-    /// its header map keeps the room it was built with (a copy is cloned to its exact size,
-    /// and the attempt header retry adds would grow it).
-    received: Option<Request<RequestBody>>,
     /// The request's chain (truncated at the floor) as catalogue entries, best model first:
     /// the requested model first.
     candidates: Arc<[ModelEntry]>,
@@ -246,8 +242,9 @@ pub(crate) struct Walk<S> {
     overloaded: u32,
     attempts: u32,
     failovers: u32,
-    /// The next attempt, prepared.
-    next: Option<Request<RequestBody>>,
+    /// The next attempt, prepared. Boxed: only a request that moves on has one, and the walk
+    /// (boxed, built beside its box and copied in) stays small.
+    next: Option<Box<Request<RequestBody>>>,
     /// The service of the attempts after the first (cloned from `spare` when one is sent).
     service: Option<S>,
     /// The layer's spare service (see [`Spare`]).
@@ -255,19 +252,18 @@ pub(crate) struct Walk<S> {
 }
 
 impl<S> Walk<S> {
+    /// The walk of `req` (copied: the request itself is the first attempt, see
+    /// [`first_request`](Self::first_request)).
     pub(crate) fn new(
         config: Arc<Config>,
-        req: Request<RequestBody>,
+        req: &Request<RequestBody>,
         candidates: Arc<[ModelEntry]>,
         key: KeyId,
         cost: Cost,
     ) -> Self {
-        let (mut parts, body) = req.into_parts();
-        let template = RequestTemplate::copy_of(&mut parts, &body);
         Self {
             config,
-            request: Arc::new(template),
-            received: Some(Request::from_parts(parts, body)),
+            request: Arc::new(RequestTemplate::copy_of(req)),
             candidates,
             key,
             cost,
@@ -330,15 +326,11 @@ impl<S> Walk<S> {
         Some(req)
     }
 
-    /// The request as the caller sent it (opt-out header removed), for candidate `idx`: the
-    /// request as received the first time (its header map keeps the room it was built with),
-    /// else a copy of the template.
+    /// The request as the caller sent it (opt-out header removed), for candidate `idx`: a
+    /// copy of the template.
     fn original(&mut self, idx: usize, visited: usize) -> Request<RequestBody> {
         let body = self.request.body().clone();
-        let mut req = match self.received.take() {
-            Some(req) => req,
-            None => self.request.with_body(body.clone()),
-        };
+        let mut req = self.request.with_body(body.clone());
         self.mark(&mut req, idx, visited, body, None);
         req
     }
@@ -415,14 +407,17 @@ impl<S> Walk<S> {
         idx + 1 < self.candidates.len() && visited < self.config.max_depth
     }
 
-    /// The first attempt: the chosen model, or the requested one when the body cannot be
-    /// rewritten.
-    pub(crate) fn first_request(&mut self) -> Request<RequestBody> {
+    /// The first attempt: the chosen model's request, or `None` when that is the requested
+    /// model (or the body cannot be rewritten): then the request as received is the first
+    /// attempt, marked by [`mark_received`](Self::mark_received) where it is (the request is
+    /// not moved through the walk and back).
+    pub(crate) fn first_request(&mut self) -> Option<Request<RequestBody>> {
         let chosen = self.choose(0).unwrap_or(0);
-        let (idx, req) = match self.build(chosen, 1) {
-            Some(req) => (chosen, req),
-            None => (0, self.original(0, 1)),
+        let built = match chosen {
+            0 => None,
+            _ => self.build(chosen, 1),
         };
+        let idx = if built.is_some() { chosen } else { 0 };
         tracing::debug!(
             requested = %self.requested().id(),
             model = %self.candidates[idx].id(),
@@ -440,7 +435,16 @@ impl<S> Walk<S> {
         self.current = idx;
         self.visited = 1;
         self.attempts = 1;
-        req
+        built
+    }
+
+    /// Marks `received`, the request as received, as the first attempt to the requested
+    /// model (when [`first_request`](Self::first_request) built none): it is sent as it is
+    /// (its header map keeps the room it was built with, where a copy is cloned to its exact
+    /// size and the attempt header retry adds would grow it).
+    pub(crate) fn mark_received(&self, received: &mut Request<RequestBody>) {
+        let body = self.request.body().clone();
+        self.mark(received, 0, 1, body, None);
     }
 
     /// Whether an answer from the current model could still lead somewhere else (a lower model
@@ -514,7 +518,7 @@ impl<S> Walk<S> {
         self.visited += 1;
         self.overloaded = 0;
         self.failovers += 1;
-        self.next = Some(req);
+        self.next = Some(Box::new(req));
         true
     }
 
@@ -522,7 +526,7 @@ impl<S> Walk<S> {
     pub(crate) fn resend(&mut self) -> bool {
         match self.build(self.current, self.visited) {
             Some(req) => {
-                self.next = Some(req);
+                self.next = Some(Box::new(req));
                 true
             }
             None => false,

@@ -196,11 +196,16 @@ where
         };
 
         // Built in its box: the walk (with its next request) is not moved again.
-        let mut walk = Box::new(Walk::new(config, req, candidates, key, cost));
-        let request = walk.first_request();
+        let mut walk = Box::new(Walk::new(config, &req, candidates, key, cost));
         // The ready service sends the first attempt; a later one clones the spare.
         let spare = self.spare.handle(&self.inner);
-        let fut = self.inner.call(request);
+        let fut = match walk.first_request() {
+            Some(request) => self.inner.call(request),
+            None => {
+                walk.mark_received(&mut req);
+                self.inner.call(req)
+            }
+        };
         ResponseFuture::walking(fut, walk, spare)
     }
 }

@@ -43,11 +43,11 @@ impl<B> MetricsBody<B> {
         }
     }
 
-    pub(crate) fn observed(inner: Tracked<B>, finish: Finish) -> Self {
-        Self {
-            inner,
-            finish: Some(finish),
-        }
+    /// The body of an observed answer: `finish` is the request's measurement, taken from
+    /// the response future as it is (an `Option`, not unwrapped and wrapped again: a move of
+    /// the measurement less).
+    pub(crate) fn observed(inner: Tracked<B>, finish: Option<Finish>) -> Self {
+        Self { inner, finish }
     }
 }
 

@@ -69,14 +69,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = match this.guard {
-            Some(finish) => {
-                let _entered = finish.span.enter();
-                ready!(this.inner.poll(cx))
-            }
-            None => ready!(this.inner.poll(cx)),
-        };
-        let Some(mut finish) = this.guard.take() else {
+        // One call of the inner poll, whether the span is entered or not: two calls (one
+        // under the span, one without) left two answers to join, a copy of the answer more.
+        let entered = this.guard.as_ref().map(|finish| finish.span.enter());
+        let result = ready!(this.inner.poll(cx));
+        drop(entered);
+        // The measurement stays in the future until the body takes it (one move of it, not
+        // two).
+        let Some(finish) = this.guard.as_mut() else {
             return Poll::Ready(
                 result
                     .map(|res| res.map(MetricsBody::passthrough))
@@ -86,12 +86,14 @@ where
         match result {
             Err(error) => {
                 let error = error.into();
-                finish.status = None;
-                finish.finish(names::OUTCOME_ERROR);
+                if let Some(mut finish) = this.guard.take() {
+                    finish.status = None;
+                    finish.finish(names::OUTCOME_ERROR);
+                }
                 Poll::Ready(Err(error))
             }
             Ok(mut response) => {
-                observe(this.model.as_deref(), &mut finish, &response);
+                observe(this.model.as_deref(), finish, &response);
                 // The response kept whole, its body wrapped in place (not taken apart and
                 // rebuilt: each is a move of the head and of the body).
                 let mut feed = None;
@@ -106,6 +108,7 @@ where
                     feed = f;
                     finish.tracker = Some(tracker);
                 }
+                let finish = this.guard.take();
                 Poll::Ready(Ok(response.map(|body| {
                     MetricsBody::observed(crate::body::Tracked::feeding(body, feed), finish)
                 })))

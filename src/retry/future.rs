@@ -81,10 +81,21 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
-    /// The retry loop of a request: `first` is the first attempt's call (already made by the
-    /// service `poll_ready` readied; `None` when the request waits for a pacing slot first),
-    /// `spare` gives the service of the attempts after it.
-    pub(crate) fn retrying<S>(first: Option<F>, spare: Spare<S>, attempts: Attempts) -> Self
+    /// The retry loop of a request whose first attempt's call (`call`, made by the service
+    /// `poll_ready` readied) is in flight, awaited under `deadline` (reading a 2xx JSON answer
+    /// up to `read` bytes, when set); `spare` gives the service of the attempts after it and
+    /// `attempts` the request's state.
+    ///
+    /// The future's box is allocated first and its value written into it (a value built
+    /// beside it, ~700 bytes, was copied in), with the state built where it stays.
+    #[inline(always)]
+    pub(crate) fn first<S>(
+        call: F,
+        deadline: Option<Instant>,
+        read: Option<usize>,
+        spare: Spare<S>,
+        attempts: impl FnOnce() -> Attempts,
+    ) -> Self
     where
         S: Service<Request<RequestBody>, Response = Response<B>, Future = F>
             + Clone
@@ -95,24 +106,34 @@ impl<F, B> ResponseFuture<F, B> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let run: BoxedRun<B> = match first {
-            Some(call) => {
-                let read = attempts
-                    .deadline
-                    .is_some()
-                    .then_some(attempts.shared.config.max_json_read);
-                Box::pin(First::Attempt {
-                    attempt: within(attempts.deadline, FirstCall::new(call, read)),
-                    spare: Some(spare),
-                    ctx: Some(attempts),
-                    rng: None,
-                })
-            }
-            // Waits for a pacing slot first: the loop sends the first attempt.
-            None => Box::pin(run(None, spare, attempts, None)),
+        let mut first = Box::new(First::<S, F, B>::Unset);
+        *first = First::Attempt {
+            attempt: within(deadline, FirstCall::new(call, read)),
+            spare: Some(spare),
+            ctx: Some(attempts()),
+            rng: None,
         };
+        let run: BoxedRun<B> = Box::into_pin(first);
         Self {
             kind: Kind::Retrying(run),
+        }
+    }
+
+    /// The retry loop of a request that waits for a pacing slot before its first attempt
+    /// (the loop sends it): `spare` gives the service of its attempts.
+    pub(crate) fn paced<S>(spare: Spare<S>, attempts: Attempts) -> Self
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>, Future = F>
+            + Clone
+            + Send
+            + 'static,
+        S::Error: Into<BoxError>,
+        F: Future<Output = Result<Response<B>, S::Error>> + Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: Kind::Retrying(Box::pin(run(None, spare, attempts, None))),
         }
     }
 }
@@ -135,6 +156,9 @@ enum First<S, F, B> {
         rng: Option<fastrand::Rng>,
     },
     Loop(BoxedRun<B>),
+    /// Only between the allocation of the box and its first value (see
+    /// [`ResponseFuture::first`]).
+    Unset,
 }
 
 impl<S, F, B> Future for First<S, F, B>
@@ -150,6 +174,9 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let start = match self.as_mut().project() {
             FirstProj::Loop(run) => return run.as_mut().poll(cx),
+            FirstProj::Unset => {
+                return Poll::Ready(Err("retry future polled before it was set".into()));
+            }
             FirstProj::Attempt {
                 attempt,
                 spare,
@@ -199,7 +226,7 @@ where
         self.set(First::Loop(Box::pin(start)));
         match self.project() {
             FirstProj::Loop(run) => run.as_mut().poll(cx),
-            FirstProj::Attempt { .. } => Poll::Pending,
+            FirstProj::Attempt { .. } | FirstProj::Unset => Poll::Pending,
         }
     }
 }
@@ -346,6 +373,7 @@ impl Template {
 
     /// Attempts built from `resend` (plus `deadline`, when this layer added it to the
     /// request); the request as received is the first attempt, sent by the caller.
+    #[inline(always)]
     pub(crate) fn resent(resend: Resend, deadline: Option<super::Deadline>) -> Self {
         Self::Resent { resend, deadline }
     }
