@@ -19,7 +19,8 @@
 # mispredicted conditional and indirect branches, and the locked read-modify-write
 # instructions executed (`lock`-prefixed or `xchg` with memory, found in `objdump -d` of the
 # binary: `Arc` clones and drops, mutexes, atomic counters; whole process divided by the
-# requests, so the bench's setup adds well under one). Found on 2026-12-07: at 24.5k
+# requests: the bench's set-up adds ~15 at PROFILE_TIME=2, a few at the default 5; compare
+# rows of one PROFILE_TIME). Found on 2026-12-07: at 24.5k
 # instructions against plain Tower's 22.3k, the stack took 1.30x its time; the simulation
 # showed 1.7k I1 misses per request against 0.45k, 320 D1 misses against 18 and 152 locked
 # instructions against 61 (each ~2.3 ns on this host's AMD EPYC, against 0.6 ns unlocked):
@@ -93,69 +94,7 @@ fi
 
 # footprint OUT BINARY N TOP: the SIM=1 row of a cache-and-branch-simulated callgrind output.
 footprint() {
-  objdump -d --no-show-raw-insn "$2" >"$1.dis"
-  callgrind_annotate --inclusive=yes --threshold=100 \
-    --show=Ir,I1mr,D1mr,D1mw,Bcm,Bim "$1" >"$1.sim" 2>/dev/null
-  python3 - "$1" "$2" "$3" "$4" <<'PY'
-import collections, re, sys
-out, binary, n, top = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-# Locked read-modify-write instructions of the binary, by address, with their function.
-locked, fn = {}, None
-with open(out + ".dis", errors="replace") as f:
-    for line in f:
-        m = re.match(r"^([0-9a-f]+) <(.*)>:$", line)
-        if m:
-            fn = m.group(2)
-            continue
-        m = re.match(r"^\s+([0-9a-f]+):\s+(\S+)(\s+(.*))?$", line)
-        if m and (m.group(2) == "lock" or (m.group(2).startswith("xchg") and "(" in (m.group(4) or ""))):
-            locked[int(m.group(1), 16)] = fn
-# Exclusive Ir at each instruction of the binary's object (positions "instr line", absolute;
-# the cost line after `calls=` is a call's inclusive cost, not the instruction's own).
-names, obj, skip, per_fn, total = {}, "", False, collections.Counter(), 0
-with open(out, errors="replace") as f:
-    for line in f:
-        if line.startswith(("ob=", "fn=", "cob=", "cfn=", "fl=", "fi=", "fe=", "cfi=", "cfl=")):
-            key, _, rest = line.rstrip("\n").partition("=")
-            m = re.match(r"\((\d+)\)(?: (.*))?$", rest)
-            name = rest
-            if m:
-                if m.group(2) is not None:
-                    names[(key.lstrip("c"), m.group(1))] = m.group(2)
-                name = names.get((key.lstrip("c"), m.group(1)), rest)
-            if key == "ob":
-                obj = name
-            continue
-        if line.startswith("calls="):
-            skip = True
-            continue
-        m = re.match(r"^0x([0-9a-f]+) \S+ (\d+)", line)
-        if m:
-            if skip:
-                skip = False
-                continue
-            if obj.endswith(binary.split("/")[-1]):
-                addr = int(m.group(1), 16)
-                if addr in locked:
-                    total += int(m.group(2))
-                    per_fn[locked[addr]] += int(m.group(2))
-# Per-request misses: the inclusive row of Bencher::iter in the annotation.
-row = None
-with open(out + ".sim", errors="replace") as f:
-    for line in f:
-        if "criterion::bencher::Bencher<M>::iter" in line:
-            row = [int(v.replace(",", "")) for v in re.findall(r"([\d,]+) \(", line)]
-            break
-if row is None or len(row) < 6:
-    sys.exit("no Bencher::iter row in the simulated profile")
-ir, i1, d1r, d1w, bcm, bim = row[:6]
-print("    footprint: I1mr %.0f  D1mr %.0f  D1mw %.0f  Bcm %.0f  Bim %.0f  locked %.1f  (per request; Ir %.0f)"
-      % (i1 / n, d1r / n, d1w / n, bcm / n, bim / n, total / n, ir / n))
-if top:
-    print("    locked instructions per request, by function:")
-    for name, c in per_fn.most_common(top):
-        print("    %8.2f  %s" % (c / n, name[:140]))
-PY
+  python3 scripts/callgrind-footprint.py --row 'criterion::bencher::Bencher<M>::iter' "$@"
 }
 
 printf '%-24s %14s %10s\n' binary instr/request x_first
