@@ -320,7 +320,10 @@ where
     loop {
         let (mut tx, reused) = match inner.checkout() {
             Some(tx) => (tx, true),
-            None => (inner.connect().await?, false),
+            // Boxed: opening a connection is the rare case with keep-alive, and its future (a
+            // TCP connect and an HTTP/1 handshake) would otherwise widen every request's
+            // future and its poll code.
+            None => (Box::pin(inner.connect()).await?, false),
         };
         match tx.try_send_request(req).await {
             Ok(resp) => {
@@ -362,6 +365,7 @@ pub enum PoolErrorKind {
 }
 
 impl PoolError {
+    #[cold]
     fn new(kind: PoolErrorKind, source: impl Into<BoxError>) -> Self {
         Self {
             kind,

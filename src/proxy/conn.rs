@@ -356,12 +356,7 @@ where
         let reason = this.activity.close.load(Ordering::Acquire);
         if reason != 0 && !*this.closing {
             *this.closing = true;
-            tracing::debug!(
-                reason = Close::name(reason),
-                busy = this.activity.is_busy(),
-                "shutting a connection down"
-            );
-            this.conn.as_mut().graceful_shutdown();
+            start_closing(reason, this.activity, this.conn.as_mut());
         }
         let mut inner = Context::from_waker(this.waker);
         let mut polls = 0;
@@ -391,6 +386,19 @@ where
             other => other,
         }
     }
+}
+
+/// Asks a connection to close (once per connection, at shut-down or eviction): out of line,
+/// so that the poll of every request stays short.
+#[cold]
+#[inline(never)]
+fn start_closing<C: GracefulConnection>(reason: u8, activity: &Activity, conn: Pin<&mut C>) {
+    tracing::debug!(
+        reason = Close::name(reason),
+        busy = activity.is_busy(),
+        "shutting a connection down"
+    );
+    conn.graceful_shutdown();
 }
 
 /// The per-connection hyper service: calls the proxy's tower stack and keeps the connection

@@ -61,6 +61,7 @@ impl Shown {
 /// let resp = error_response(&err);
 /// assert_eq!(resp.status().as_u16(), 529);
 /// ```
+#[cold]
 pub fn error_response(err: &BoxError) -> Response<UnsyncBoxBody<Bytes, BoxError>> {
     let shown = classify(err.as_ref());
     let mut resp = Response::new(

@@ -1033,6 +1033,10 @@ fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBo
     resp
 }
 
+// Cold: every caller is a refusal or an error path; out of line, with its branches laid out
+// after the forwarding path's code.
+#[cold]
+#[inline(never)]
 pub(crate) fn api_error(kind: ApiErrorKind, message: &str) -> Response<ProxyBody> {
     let err = ApiError::new(kind, message);
     json_response(err.status(), err.to_envelope())
@@ -1090,6 +1094,16 @@ async fn read_body(
         },
         std::task::Poll::Pending => Bytes::new(),
     };
+    Box::pin(read_rest(first, body, deadline)).await
+}
+
+/// The rest of a body that did not come whole with its head, after its `first` bytes: in
+/// its own boxed future, so that its timer and collector are not part of every request's.
+async fn read_rest(
+    first: Bytes,
+    body: EdgeBody,
+    deadline: Deadline,
+) -> Result<Result<Bytes, BoxError>, tokio::time::error::Elapsed> {
     let rest = tokio::time::timeout_at(deadline.0, body.collect()).await?;
     Ok(rest.map(|rest| {
         if first.is_empty() {
@@ -1144,7 +1158,9 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     }
     // The status page names keys and tenants' usage: behind the client tokens like the API.
     if req.method() == Method::GET && path == "/v1/proxy/status" {
-        return status_page(&state, tenant.as_ref()).await;
+        // Boxed: the status page's future (with the budget store's reads) would otherwise
+        // widen every forwarded request's future.
+        return Box::pin(status_page(&state, tenant.as_ref())).await;
     }
     if req.method() == Method::POST && path == "/v1/proxy/reload" {
         return reload_route(&state, tenant.as_ref());
@@ -1244,10 +1260,20 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
             }
             resp
         }
-        Err(err) => {
-            state.counters.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %err, request_id = ?request_id, "request failed in the proxy");
-            error_response(&err)
-        }
+        Err(err) => failed(&state, &err, request_id),
     }
+}
+
+/// The answer to a request the stack failed: counted, logged, an Anthropic-style error.
+/// Out of line (cold), so that the forwarding path's code stays short.
+#[cold]
+#[inline(never)]
+fn failed(
+    state: &State,
+    err: &BoxError,
+    request_id: Option<ProxyRequestId>,
+) -> Response<ProxyBody> {
+    state.counters.errors.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(error = %err, request_id = ?request_id, "request failed in the proxy");
+    error_response(err)
 }
