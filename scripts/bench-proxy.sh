@@ -16,6 +16,10 @@
 #   PROXY_CONFIGS="off:--cache-mode off;floor-same-task@target/release/examples/hyper_floor:--same-task" \
 #     scripts/bench-proxy.sh      # the floor with each upstream connection driven by its
 #                                 # downstream connection's task (examples/hyper_floor.rs)
+#   CPU=1 ROUNDS=4 FLOOR=0 CONNS=32 PROXY_CONFIGS="off:--cache-mode off;memory:--cache-mode all \
+#     --cache-path memory;disk:--cache-mode all" scripts/bench-proxy.sh
+#                                 # also the CPU each proxy (and the floor) spent per 1,000
+#                                 # requests of each row (below)
 #
 # What runs, all on 127.0.0.1 with free ports, stopped by pid when the script ends:
 #   upstream  nginx answering POST /v1/messages at once with a static Anthropic answer and
@@ -32,6 +36,12 @@
 # it prints req/s, p50 and p99 latency, the p50 the target adds to the direct one, and the
 # throughput as a ratio of nginx's. The proxy's own cost is its distance to the floor row.
 #
+# CPU=1 (needs perf): during each wrk run of a proxy or the floor, `perf stat -p PID` counts
+# the process's software events (all its threads): printed per 1,000 requests, the CPU time
+# (task-clock, ms; user and system from /proc/PID/stat's ticks), minor page faults and context
+# switches. A measure of what a request costs the proxy that, unlike req/s, hardly depends
+# on what else the machine runs (a loaded host still slows each instruction a little).
+#
 # These machines are shared and noisy: compare rows of one run, not runs of different days.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,11 +57,16 @@ FLOOR="${FLOOR:-1}"
 FLOOR_BIN="${FLOOR_BIN:-}"
 ROUNDS="${ROUNDS:-1}"
 BASE="${BASE:-}"
+CPU="${CPU:-0}"
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
   echo "installing nginx and wrk (Debian packages)" >&2
   apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null
+fi
+if [ "$CPU" = 1 ] && ! need perf; then
+  echo "CPU=1 needs perf" >&2
+  exit 1
 fi
 proxy_bin
 if [ "$FLOOR" = 1 ] && [ -z "$FLOOR_BIN" ]; then
@@ -122,20 +137,23 @@ end
 done = function(summary, latency, requests)
   local errors = summary.errors.status + summary.errors.connect + summary.errors.read
     + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT %.1f %.4f %.4f %d\n",
+  io.write(string.format("RESULT %.1f %.4f %.4f %d %d\n",
     summary.requests / (summary.duration / 1e6),
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, errors))
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, errors, summary.requests))
 end
 EOF
 
 names=(direct nginx)
 ports=("$up_port" "$ngx_port")
+# The process of each target (none for direct and nginx): CPU=1 measures it.
+tpids=("" "")
 if [ "$FLOOR" = 1 ]; then
   floor_port=$(free_port)
   "$(realpath "$FLOOR_BIN")" --listen "127.0.0.1:$floor_port" --upstream "http://127.0.0.1:$up_port" \
     >"$work/floor.log" 2>&1 &
   pids+=($!)
   wait_port "$floor_port"
+  tpids+=($!)
   names+=(floor)
   ports+=("$floor_port")
 fi
@@ -150,6 +168,7 @@ for entry in "${configs[@]}"; do
       "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
       >"$dir/log" 2>&1) &
   pids+=($!)
+  tpids+=($!)
   wait_port "$port"
   names+=("proxy:$name")
   ports+=("$port")
@@ -159,6 +178,13 @@ echo "claude-proxy: $PROXY_BIN"
 echo "wrk ${DURATION}s per row, $THREADS thread(s); $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 results="$work/results.tsv"
 : >"$results"
+cpu_results="$work/cpu.tsv"
+: >"$cpu_results"
+
+# ticks PID: the process's user and system clock ticks (all threads), from /proc/PID/stat.
+ticks() {
+  awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat"
+}
 n=${#names[@]}
 for round in $(seq 1 "$ROUNDS"); do
   for c in $CONNS; do
@@ -169,9 +195,27 @@ for round in $(seq 1 "$ROUNDS"); do
     # so that no target is always measured first or right after another.
     for k in $(seq 0 $((n - 1))); do
       i=$(((k + round - 1) % n))
+      tp="${tpids[$i]}"
+      if [ "$CPU" = 1 ] && [ -n "$tp" ]; then
+        perf stat -x, -o "$work/perf.$i" -e task-clock,page-faults,context-switches -p "$tp" 2>/dev/null &
+        perf_pid=$!
+        pids+=("$perf_pid")
+        read -r u0 s0 <<<"$(ticks "$tp")"
+      fi
       out=$(NONCE="$$-$round-$c-$i-$(date +%s%N)" wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:${ports[$i]}" | grep '^RESULT')
-      read -r _ r l50 l99 e <<<"$out"
+      read -r _ r l50 l99 e nreq <<<"$out"
       rps[$i]=$r; p50[$i]=$l50; p99[$i]=$l99; errs[$i]=$e
+      if [ "$CPU" = 1 ] && [ -n "$tp" ]; then
+        read -r u1 s1 <<<"$(ticks "$tp")"
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        # task-clock (ms), page-faults, context-switches: the first field of their lines.
+        read -r clock faults switches <<<"$(awk -F, '
+          $3 == "task-clock" { c = $1 } $3 == "page-faults" { f = $1 } $3 == "context-switches" { s = $1 }
+          END { print c, f, s }' "$work/perf.$i")"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$c" "${names[$i]}" "$nreq" \
+          "$clock" "$((u1 - u0))" "$((s1 - s0))" "$faults" "$switches" >>"$cpu_results"
+      fi
     done
     echo
     if [ "$ROUNDS" -gt 1 ]; then
@@ -187,6 +231,14 @@ for round in $(seq 1 "$ROUNDS"); do
       printf '%-18s %10.0f %9.3f %9.3f %10s %9s %7s\n' "${names[$i]}" "${rps[$i]}" "${p50[$i]}" "${p99[$i]}" "$added" "$ratio" "${errs[$i]}"
       printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$c" "${names[$i]}" "${rps[$i]}" "${p50[$i]}" >>"$results"
     done
+    if [ "$CPU" = 1 ]; then
+      hz=$(getconf CLK_TCK)
+      printf '%-18s %10s %9s %9s %9s %9s %9s  (per 1,000 requests)\n' target requests cpu_ms user_ms sys_ms faults switches
+      awk -F'\t' -v r="$round" -v c="$c" -v hz="$hz" '$1 == r && $2 == c {
+        k = 1000 / $4
+        printf "%-18s %10d %9.1f %9.1f %9.1f %9.1f %9.1f\n", $3, $4, $5 * k, $6 * 1000 / hz * k, $7 * 1000 / hz * k, $8 * k, $9 * k
+      }' "$cpu_results"
+    fi
     unset rps p50 p99 errs
   done
 done
@@ -224,5 +276,27 @@ for conns in dict.fromkeys(c for c, _ in order):
             line += (f" {med(ratios):8.2f} {med(diffs):+9.3f}  " + ",".join(f"{x:.2f}" for x in ratios)
                      + "; " + ",".join(f"{x:+.3f}" for x in diffs))
         print(line)
+PY
+fi
+
+if [ "$CPU" = 1 ] && [ "$ROUNDS" -gt 1 ]; then
+  python3 - "$cpu_results" "$(getconf CLK_TCK)" <<'PY'
+import collections, statistics, sys
+rows = collections.defaultdict(list)  # (conns, target) -> per round (cpu, user, sys, faults, switches) per 1,000
+for line in open(sys.argv[1]):
+    r, c, name, n, clock, user, system, faults, switches = line.rstrip("\n").split("\t")
+    k, hz = 1000 / float(n), float(sys.argv[2])
+    rows[(c, name)].append((float(clock) * k, float(user) * 1000 / hz * k, float(system) * 1000 / hz * k,
+                            float(faults) * k, float(switches) * k))
+med = statistics.median
+for conns in dict.fromkeys(c for c, _ in rows):
+    print(f"\n== {conns} connection(s), CPU per 1,000 requests, medians of the rounds (cpu_ms per round)")
+    print(f"{'target':18} {'cpu_ms':>9} {'user_ms':>9} {'sys_ms':>9} {'faults':>9} {'switches':>9}  rounds")
+    for (c, name), v in rows.items():
+        if c != conns:
+            continue
+        cols = [med(x[j] for x in v) for j in range(5)]
+        print(f"{name:18} {cols[0]:9.1f} {cols[1]:9.1f} {cols[2]:9.1f} {cols[3]:9.1f} {cols[4]:9.1f}  "
+              + ",".join(f"{x[0]:.0f}" for x in v))
 PY
 fi

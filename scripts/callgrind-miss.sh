@@ -9,6 +9,8 @@
 #   WARMUP=300 COUNT=2000 KEEP_WORK=1 scripts/callgrind-miss.sh
 #   FLOOR=1 scripts/callgrind-miss.sh              # and a last row: examples/hyper_floor.rs,
 #                                                  # the bare hyper proxy (FLOOR_BIN=PATH: a build)
+#   SIM=1 scripts/callgrind-miss.sh                # also each row's footprint (below)
+#   SIM=1 TOP=20 scripts/callgrind-miss.sh         # and the functions with the most of it
 #
 # What runs, on 127.0.0.1 with free ports, stopped by pid when the script ends:
 #   upstream  nginx answering POST /v1/messages at once with the static answer and the
@@ -21,6 +23,18 @@
 # so background writes are counted) and dumps the counters (`callgrind_control -d`), then stops
 # the proxy. Printed: instructions per request (counted from the zeroing to the dump, / COUNT:
 # steady state, start-up and shut-down excluded) and the ratio to the first row.
+#
+# SIM=1 runs each configuration under callgrind's cache and branch simulation instead (one run
+# per row: the instruction counts are the same events, but the simulated proxy runs about
+# twice as slowly, so the disk store's batches are smaller and its row moves, see
+# docs/benchmarks.md, "Where a disk-store miss goes") and prints under each row, per request
+# (the whole process from the zeroing to the dump, / COUNT, the background writer and Tokio's
+# threads included): I1 misses, D1 read and write misses, mispredicted conditional and
+# indirect branches, and the locked read-modify-write instructions executed (of the binary's
+# own code: `Arc` clones and drops, mutexes, atomics, wake-ups; scripts/callgrind-footprint.py,
+# whose meaning scripts/callgrind-stack.sh's header explains). With TOP=N, the N functions with
+# the most locked instructions and the most I1 / D1 misses per request follow. The machine's
+# cache sizes as valgrind detects them; compare rows, not absolute cycles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bench-upstream.sh
@@ -33,7 +47,13 @@ TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
 PROXY_CONFIGS="${PROXY_CONFIGS:-off:--cache-mode off;memory-all:--cache-mode all --cache-path memory;disk-all:--cache-mode all}"
 
+TOP="${TOP:-0}"
+SIM_FLAGS=()
 need_tools nginx valgrind callgrind_control python3
+if [ -n "${SIM:-}" ]; then
+  need_tools objdump callgrind_annotate
+  SIM_FLAGS=(--cache-sim=yes --branch-sim=yes --dump-instr=yes --compress-pos=no)
+fi
 proxy_bin
 if [ "${FLOOR:-0}" = 1 ]; then
   if [ -z "${FLOOR_BIN:-}" ]; then
@@ -60,7 +80,7 @@ for entry in "${configs[@]}"; do
   mkdir -p "$dir"
   # shellcheck disable=SC2086
   (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG=warn \
-      valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+      valgrind --tool=callgrind "${SIM_FLAGS[@]}" --callgrind-out-file="$dir/callgrind.out" \
       "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
       >"$dir/log" 2>&1) &
   pid=$!
@@ -81,4 +101,24 @@ for entry in "${configs[@]}"; do
   per=$((total / COUNT))
   [ -z "$first" ] && first=$per
   printf '%-24s %14d %10s\n' "$name" "$per" "$(awk -v a="$per" -v b="$first" 'BEGIN{printf "%.3f", a/b}')"
+  if [ -n "${SIM:-}" ]; then
+    python3 scripts/callgrind-footprint.py "$dump" "$bin" "$COUNT" "$TOP"
+    if [ "$TOP" -gt 0 ]; then
+      # Exclusive counts; the threads' entry functions (`clone`, `start_thread`, ...), which
+      # callgrind_annotate charges with their callees' misses in a dump made by
+      # `callgrind_control -d`, are left out (rows above half of the total).
+      for ev in I1mr D1mw D1mr; do
+        echo "    by $ev, per request (exclusive):"
+        callgrind_annotate --inclusive=no --threshold=100 --show="$ev" --sort="$ev" "$dump" 2>/dev/null |
+          awk -v n="$COUNT" -v top="$TOP" '
+            /^-+$/ { sep++; next }
+            sep >= 4 && $1 ~ /^[0-9,]+$/ && shown < top {
+              pct = $0; sub(/^[^(]*\( */, "", pct); sub(/%.*/, "", pct)
+              if (pct + 0 > 50) next
+              v = $1; gsub(",", "", v); $1 = ""; sub(/^ +\([^)]*\) +/, ""); sub(/^ +/, "")
+              printf "    %8.1f  %s\n", v / n, substr($0, 1, 140); shown++
+            }'
+      done
+    fi
+  fi
 done
