@@ -142,7 +142,7 @@ where
             None => req.extensions().get::<MaxServerWait>().map(|m| m.0),
         };
         let key = match &resend {
-            Some(resend) => resend.key.clone(),
+            Some(resend) => resend.key().clone(),
             None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
         };
 
