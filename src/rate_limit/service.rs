@@ -161,11 +161,18 @@ where
         let input_tokens = estimate
             .as_ref()
             .map_or(input_tokens, |e| e.counted_input_tokens());
-        let note = Some(PromptNote {
-            memory: memory.clone(),
+        // The memory is named only when the reservation may come from another board (an
+        // admission from above, a wait: see `ResponseFuture::called`).
+        let mut note = Some(PromptNote {
+            memory: None,
             estimate: estimate.map(Box::new),
             reads_count,
         });
+        let name_memory = |note: &mut Option<PromptNote>| {
+            if let Some(note) = note {
+                note.memory = Some(memory.clone());
+            }
+        };
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
         // Admitted above (a key pool took the quota for this key): use that reservation.
         let admitted = match config.scope {
@@ -182,13 +189,24 @@ where
                 waited_ms = waited.as_millis() as u64,
                 "rate limit: admitted with the quota the key pool took"
             );
+            name_memory(&mut note);
             let fut = self.inner.call(req);
-            return ResponseFuture::called(fut, reservation, waited, stream, config.clone(), note);
+            return ResponseFuture::called(
+                fut,
+                reservation,
+                waited,
+                stream,
+                config.scope,
+                Some(config.clone()),
+                note,
+            );
         }
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
                 tracing::debug!(key = %key, group = %group, "rate limit: admitted at once");
+                // Taken on the layer's board: the answer is read with the reservation's
+                // board, no handle on the layer's configuration kept per request.
                 let reservation = config.board.reservation(key, group, cost, grant);
                 let fut = self.inner.call(req);
                 ResponseFuture::called(
@@ -196,7 +214,8 @@ where
                     reservation,
                     Duration::ZERO,
                     stream,
-                    config.clone(),
+                    config.scope,
+                    None,
                     note,
                 )
             }
@@ -247,6 +266,7 @@ where
                 // The ready service goes with the request; `self` keeps a fresh clone.
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
+                name_memory(&mut note);
                 ResponseFuture::waiting(acquire, service, req, stream, config.clone(), note)
             }
         }
