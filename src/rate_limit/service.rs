@@ -16,7 +16,7 @@ use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Admission, Cost, QuotaBoard};
+use crate::quota::{AcquireError, AcquireErrorKind, Admission, Cost, QuotaBoard};
 use crate::retry::Deadline;
 use crate::tenant::Tenant;
 
@@ -221,55 +221,77 @@ where
             }
             Err(check) => {
                 let err = config.board.check_error(&key, &group, check);
-                if err.kind() == AcquireErrorKind::RequestTooLarge {
-                    let err = config.board.with_sizes(err, &cost);
-                    tracing::warn!(
-                        key = %key,
-                        group = %group,
-                        input_tokens = cost.input_tokens,
-                        "rate limit: request larger than the per-minute limit; refused"
-                    );
-                    return ResponseFuture::failed(err);
-                }
-                if config.max_wait == Some(Duration::ZERO) {
-                    tracing::debug!(
-                        key = %key,
-                        group = %group,
-                        reason = ?err.kind(),
-                        "rate limit: refused at once (no capacity, queueing off)"
-                    );
-                    return ResponseFuture::failed(err);
-                }
-                // Give up at the earlier of the layer's `max_wait` and the request's deadline
-                // (`retry::Deadline`, set by the caller or a retry layer above): no wait ever
-                // crosses the caller's deadline.
-                let by_max_wait = config.max_wait.and_then(|d| Instant::now().checked_add(d));
-                let by_deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
-                let give_up = match (by_max_wait, by_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                tracing::debug!(
-                    key = %key,
-                    group = %group,
-                    reason = ?err.kind(),
-                    give_up_in_ms = give_up.map(|at| {
-                        at.saturating_duration_since(Instant::now()).as_millis() as u64
-                    }),
-                    "rate limit: queued"
-                );
-                let acquire = config
-                    .board
-                    .acquire(key, group, cost)
-                    .deadline(give_up)
-                    .tenant_opt(tenant);
-                // The ready service goes with the request; `self` keeps a fresh clone.
-                let clone = self.inner.clone();
-                let service = std::mem::replace(&mut self.inner, clone);
                 name_memory(&mut note);
-                ResponseFuture::waiting(acquire, service, req, stream, config.clone(), note)
+                self.queue(req, (key, group, cost), err, tenant, stream, note)
             }
         }
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// A request whose cost does not fit now: refused (larger than a bucket, or queueing
+    /// off), or queued on the board. Out of the common path (`call` stays short).
+    #[cold]
+    #[inline(never)]
+    fn queue<F>(
+        &mut self,
+        req: Request<RequestBody>,
+        (key, group, cost): (KeyId, crate::anthropic::RateLimitGroup, Cost),
+        err: AcquireError,
+        tenant: Option<Tenant>,
+        stream: bool,
+        note: Option<PromptNote>,
+    ) -> ResponseFuture<S, F>
+    where
+        S: Clone,
+    {
+        let config = &self.config;
+        if err.kind() == AcquireErrorKind::RequestTooLarge {
+            let err = config.board.with_sizes(err, &cost);
+            tracing::warn!(
+                key = %key,
+                group = %group,
+                input_tokens = cost.input_tokens,
+                "rate limit: request larger than the per-minute limit; refused"
+            );
+            return ResponseFuture::failed(err);
+        }
+        if config.max_wait == Some(Duration::ZERO) {
+            tracing::debug!(
+                key = %key,
+                group = %group,
+                reason = ?err.kind(),
+                "rate limit: refused at once (no capacity, queueing off)"
+            );
+            return ResponseFuture::failed(err);
+        }
+        // Give up at the earlier of the layer's `max_wait` and the request's deadline
+        // (`retry::Deadline`, set by the caller or a retry layer above): no wait ever
+        // crosses the caller's deadline.
+        let by_max_wait = config.max_wait.and_then(|d| Instant::now().checked_add(d));
+        let by_deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
+        let give_up = match (by_max_wait, by_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tracing::debug!(
+            key = %key,
+            group = %group,
+            reason = ?err.kind(),
+            give_up_in_ms = give_up.map(|at| {
+                at.saturating_duration_since(Instant::now()).as_millis() as u64
+            }),
+            "rate limit: queued"
+        );
+        let acquire = config
+            .board
+            .acquire(key, group, cost)
+            .deadline(give_up)
+            .tenant_opt(tenant);
+        // The ready service goes with the request; `self` keeps a fresh clone.
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::waiting(acquire, service, req, stream, config.clone(), note)
     }
 }
 

@@ -74,7 +74,7 @@ impl Pacer {
     /// Whether nothing is held (no 429 seen, or all forgotten). A change made under the lock
     /// by another thread and not seen yet is one that could as well have come after this
     /// question: the lock gives no stronger order.
-    fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         !self.held.load(Ordering::Acquire)
     }
 

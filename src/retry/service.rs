@@ -11,11 +11,11 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::Need;
-use super::future::{Attempts, ResponseFuture, Template, set_attempt};
+use super::future::{Attempts, ResponseFuture, Template, described_key, group_of, set_attempt};
 use super::layer::Shared;
 use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
 
 /// Retries transient failures of Messages API calls. Built by
@@ -99,16 +99,17 @@ where
         // The layer directly above (fallback) described how it built this request: its
         // `RequestMeta` and key come with the description, not read from the request again.
         let resend = req.extensions_mut().remove::<Resend>();
-        let meta = match resend.as_ref().and_then(Resend::meta) {
+        let described = resend.as_ref().and_then(Resend::meta);
+        // A description with its meta gives the request's key and group when they are asked
+        // for (`Template::quota_key`): not copied here for every request.
+        let lazy_key = described.is_some();
+        let meta = match described {
             Some(meta) => Ok(meta),
             None => RequestMeta::get_or_scan_in(&mut req, &config.catalog),
         };
         let (group, need) = match meta {
             Ok(meta) => (
-                match meta.model_entry(&config.catalog) {
-                    Some(entry) => entry.group().clone(),
-                    None => RateLimitGroup::new("unknown"),
-                },
+                (!lazy_key).then(|| group_of(meta, &config.catalog)),
                 Need {
                     input_tokens: meta.input_tokens,
                     output_tokens: meta.max_tokens.unwrap_or(0),
@@ -141,15 +142,24 @@ where
             Some(_) => None,
             None => req.extensions().get::<MaxServerWait>().map(|m| m.0),
         };
-        let key = match &resend {
-            Some(resend) => resend.key().clone(),
-            None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
-        };
-
-        let key = (key, group);
+        let key = group.map(|group| {
+            let key = match &resend {
+                Some(resend) => resend.key().clone(),
+                None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
+            };
+            (key, group)
+        });
         let deadline = deadline.map(Deadline::instant);
-        let gate = if config.pacing {
-            self.shared.pacer.admit(&key, deadline)
+        // Nothing paced (no 429 seen): no admission to ask for, no key made for it.
+        let gate = if config.pacing && !self.shared.pacer.idle() {
+            match (&key, &resend) {
+                (Some(key), _) => self.shared.pacer.admit(key, deadline),
+                (None, Some(resend)) => self
+                    .shared
+                    .pacer
+                    .admit(&described_key(resend, &config.catalog), deadline),
+                (None, None) => None,
+            }
         } else {
             None
         };
@@ -171,7 +181,6 @@ where
                 Attempts {
                     shared,
                     template: $template,
-                    key,
                     need,
                     deadline,
                     max_server_wait,
@@ -190,17 +199,21 @@ where
                 if gate.is_some() {
                     return ResponseFuture::paced(
                         spare,
-                        attempts!(Template::resent(resend, added)),
+                        attempts!(Template::resent(resend, added, key)),
                     );
                 }
                 set_attempt(&mut req, 1);
                 let call = self.inner.call(req);
                 ResponseFuture::first(call, deadline, read, spare, || {
-                    attempts!(Template::resent(resend, added))
+                    attempts!(Template::resent(resend, added, key))
                 })
             }
             None => {
-                let template = Template::new(req);
+                let Some(key) = key else {
+                    // A request without a description always has its own key.
+                    return ResponseFuture::passthrough(self.inner.call(req));
+                };
+                let template = Template::new(req, key);
                 if gate.is_some() {
                     return ResponseFuture::paced(spare, attempts!(template));
                 }
