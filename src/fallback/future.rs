@@ -360,6 +360,8 @@ impl<S> Walk<S> {
     /// bytes for the requested model) and the `RequestMeta` extension updated, with
     /// [`MaxServerWait`] while a lower model is left once `visited` models (this one
     /// included) were sent to. `None` when the body cannot be rewritten.
+    #[cold]
+    #[inline(never)]
     fn build(&mut self, idx: usize, visited: usize) -> Option<Request<RequestBody>> {
         let model = &self.plan.candidates[idx];
         if idx == 0 {
@@ -519,6 +521,8 @@ impl<S> Walk<S> {
 
     /// What an error answer (429 / 529) from the current model means, from the envelope read
     /// once ([`ErrorAnswer`]).
+    #[cold]
+    #[inline(never)]
     pub(crate) fn classify(&mut self, head: &http::response::Parts) -> Verdict {
         let kind = match head.extensions.get::<ErrorAnswer>() {
             Some(answer) => answer.error().kind(),
@@ -539,6 +543,8 @@ impl<S> Walk<S> {
     }
 
     /// Prepares the next lower model; `false` when none is left (or allowed).
+    #[cold]
+    #[inline(never)]
     pub(crate) fn fail_over(&mut self, why: &'static str) -> bool {
         let Some(idx) = self.choose(self.current + 1) else {
             tracing::debug!(
@@ -566,6 +572,8 @@ impl<S> Walk<S> {
     }
 
     /// Prepares the same model again.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn resend(&mut self) -> bool {
         match self.build(self.current, self.visited) {
             Some(req) => {
@@ -594,6 +602,8 @@ impl<S> Walk<S> {
     }
 
     /// The layer's error for an inner service error on the current attempt.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn error(&self, source: BoxError) -> BoxError {
         Box::new(FallbackError::inner(
             self.requested().id().to_owned(),

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -23,7 +24,7 @@ use super::policy::{
     Action, Attempt, StatusVerdict, is_permanent, is_rate_limit, is_spend_cap, needs_body,
 };
 use super::resend::Resend;
-use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome, Spare};
+use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
 use crate::anthropic::{
     ApiError, ApiErrorKind, BodyState, ModelCatalog, RateLimitGroup, RequestMeta, UsageTracker,
@@ -83,8 +84,8 @@ impl<F, B> ResponseFuture<F, B> {
 
     /// The retry loop of a request whose first attempt's call (`call`, made by the service
     /// `poll_ready` readied) is in flight, awaited under `deadline` (reading a 2xx JSON answer
-    /// up to `read` bytes, when set); `spare` gives the service of the attempts after it and
-    /// `attempts` the request's state.
+    /// up to `read` bytes, when set); `attempts` is the request's state (its shared state
+    /// gives the service of the attempts after it: the spare, see [`Spare`](super::Spare)).
     ///
     /// The future's box is allocated first and its value written into it (a value built
     /// beside it, ~700 bytes, was copied in), with the state built where it stays.
@@ -93,7 +94,6 @@ impl<F, B> ResponseFuture<F, B> {
         call: F,
         deadline: Option<Instant>,
         read: Option<usize>,
-        spare: Spare<S>,
         attempts: impl FnOnce() -> Attempts,
     ) -> Self
     where
@@ -109,9 +109,9 @@ impl<F, B> ResponseFuture<F, B> {
         let mut first = Box::new(First::<S, F, B>::Unset);
         *first = First::Attempt {
             attempt: within(deadline, FirstCall::new(call, read)),
-            spare: Some(spare),
             ctx: Some(attempts()),
             rng: None,
+            service: PhantomData,
         };
         let run: BoxedRun<B> = Box::into_pin(first);
         Self {
@@ -120,8 +120,11 @@ impl<F, B> ResponseFuture<F, B> {
     }
 
     /// The retry loop of a request that waits for a pacing slot before its first attempt
-    /// (the loop sends it): `spare` gives the service of its attempts.
-    pub(crate) fn paced<S>(spare: Spare<S>, attempts: Attempts) -> Self
+    /// (the loop sends it). Out of line: only
+    /// requests on a quota that answered 429 get here.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn paced<S>(attempts: Attempts) -> Self
     where
         S: Service<Request<RequestBody>, Response = Response<B>, Future = F>
             + Clone
@@ -133,7 +136,7 @@ impl<F, B> ResponseFuture<F, B> {
         B::Error: Into<BoxError>,
     {
         Self {
-            kind: Kind::Retrying(Box::pin(run(None, spare, attempts, None))),
+            kind: Kind::Retrying(Box::pin(run::<S, B>(None, attempts, None))),
         }
     }
 }
@@ -150,10 +153,11 @@ enum First<S, F, B> {
     Attempt {
         #[pin]
         attempt: Within<FirstCall<F, B>>,
-        spare: Option<Spare<S>>,
         ctx: Option<Attempts>,
         /// Forked from the layer's generator at the first poll, as the loop does.
         rng: Option<fastrand::Rng>,
+        /// The service the loop's later attempts go to (a clone of the spare).
+        service: PhantomData<fn() -> S>,
     },
     Loop(BoxedRun<B>),
     /// Only between the allocation of the box and its first value (see
@@ -178,10 +182,7 @@ where
                 return Poll::Ready(Err("retry future polled before it was set".into()));
             }
             FirstProj::Attempt {
-                attempt,
-                spare,
-                ctx,
-                rng,
+                attempt, ctx, rng, ..
             } => {
                 let Some(attempts) = ctx.as_ref() else {
                     return Poll::Ready(Err("retry future polled after completion".into()));
@@ -217,18 +218,34 @@ where
                     }
                     Some(Judged::Other(start)) => *start,
                 };
-                let (Some(attempts), Some(spare)) = (ctx.take(), spare.take()) else {
+                let Some(attempts) = ctx.take() else {
                     return Poll::Ready(Err("retry future polled after completion".into()));
                 };
-                run::<S, B>(Some(start), spare, attempts, rng.take())
+                start_loop::<S, B>(start, attempts, rng.take())
             }
         };
-        self.set(First::Loop(Box::pin(start)));
+        self.set(First::Loop(start));
         match self.project() {
             FirstProj::Loop(run) => run.as_mut().poll(cx),
             FirstProj::Attempt { .. } | FirstProj::Unset => Poll::Pending,
         }
     }
+}
+
+/// The retry loop from the first attempt's `start`, boxed: built out of line, so that the
+/// first attempt's poll (every request) is not diluted by the loop's construction (a state
+/// of over 2 KB, built and moved into its box only for an answer that asks for more).
+#[cold]
+#[inline(never)]
+fn start_loop<S, B>(start: Start<B>, attempts: Attempts, rng: Option<fastrand::Rng>) -> BoxedRun<B>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(run::<S, B>(Some(start), attempts, rng))
 }
 
 /// How the loop starts with the first attempt.
@@ -627,12 +644,11 @@ fn success_info(
 /// request's deposit made).
 async fn run<S, B>(
     mut start: Option<Start<B>>,
-    spare: Spare<S>,
     ctx: Attempts,
     rng: Option<fastrand::Rng>,
 ) -> Result<Response<RetryBody<B>>, BoxError>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -692,7 +708,7 @@ where
             None => {
                 let call = {
                     if service.is_none() {
-                        service = spare.service();
+                        service = shared.spare_service::<S>();
                     }
                     let Some(service) = service.as_mut() else {
                         return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)

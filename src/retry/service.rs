@@ -1,6 +1,7 @@
 //! The [`Retry`] service.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,7 +14,7 @@ use tower_service::Service;
 use super::backoff::Need;
 use super::future::{Attempts, ResponseFuture, Template, described_key, group_of, set_attempt};
 use super::layer::Shared;
-use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
+use super::{Deadline, MaxServerWait, Resend, RetryBody};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
@@ -27,8 +28,10 @@ use crate::body::RequestBody;
 /// [`ready`](tower::ServiceExt::ready) first. A request sent once clones nothing.
 pub struct Retry<S> {
     inner: S,
+    /// The service's state, its spare included: one per service the layer builds, shared by
+    /// its clones.
     shared: Arc<Shared>,
-    spare: Spare<S>,
+    _service: PhantomData<fn() -> S>,
 }
 
 impl<S> Retry<S> {
@@ -36,7 +39,7 @@ impl<S> Retry<S> {
         Self {
             inner,
             shared,
-            spare: Spare::new(),
+            _service: PhantomData,
         }
     }
 
@@ -61,7 +64,7 @@ impl<S: Clone> Clone for Retry<S> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            spare: self.spare.clone(),
+            _service: PhantomData,
         }
     }
 }
@@ -163,7 +166,7 @@ where
         } else {
             None
         };
-        let spare = self.spare.handle(&self.inner);
+        self.shared.keep_spare(&self.inner);
         if gate.is_some() {
             // The request first waits for a pacing slot: do not sit on what `poll_ready`
             // reserved (a concurrency permit, say) meanwhile; the future readies a clone of
@@ -197,14 +200,13 @@ where
             Some(resend) => {
                 // The description goes into the template where the template stays.
                 if gate.is_some() {
-                    return ResponseFuture::paced(
-                        spare,
-                        attempts!(Template::resent(resend, added, key)),
-                    );
+                    return ResponseFuture::paced::<S>(attempts!(Template::resent(
+                        resend, added, key
+                    )));
                 }
                 set_attempt(&mut req, 1);
                 let call = self.inner.call(req);
-                ResponseFuture::first(call, deadline, read, spare, || {
+                ResponseFuture::first::<S>(call, deadline, read, || {
                     attempts!(Template::resent(resend, added, key))
                 })
             }
@@ -215,11 +217,105 @@ where
                 };
                 let template = Template::new(req, key);
                 if gate.is_some() {
-                    return ResponseFuture::paced(spare, attempts!(template));
+                    return ResponseFuture::paced::<S>(attempts!(template));
                 }
                 let call = self.inner.call(template.request(1));
-                ResponseFuture::first(call, deadline, read, spare, || attempts!(template))
+                ResponseFuture::first::<S>(call, deadline, read, || attempts!(template))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::retry::RetryInfo;
+
+    /// An upstream that counts its clones and answers 529 to the calls listed in `fail`.
+    struct Counted {
+        clones: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+        fail: &'static [usize],
+    }
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::Relaxed);
+            Self {
+                clones: self.clones.clone(),
+                calls: self.calls.clone(),
+                fail: self.fail,
+            }
+        }
+    }
+
+    impl Service<Request<RequestBody>> for Counted {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<RequestBody>) -> Self::Future {
+            let call = self.calls.fetch_add(1, Ordering::Relaxed);
+            let status = if self.fail.contains(&call) { 529 } else { 200 };
+            std::future::ready(Ok(Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                )))
+                .unwrap()))
+        }
+    }
+
+    fn request() -> Request<RequestBody> {
+        Request::post("/v1/messages")
+            .header("x-api-key", "k")
+            .body(RequestBody::from(
+                r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+            ))
+            .unwrap()
+    }
+
+    /// The spare kept in the service's shared state: taken once (the first request), not per
+    /// request; an attempt after the first is sent by a clone of it, of the service's type.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn later_attempts_are_sent_by_a_clone_of_the_spare() {
+        let clones = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let upstream = Counted {
+            clones: clones.clone(),
+            calls: calls.clone(),
+            fail: &[2],
+        };
+        let mut svc = super::super::RetryLayer::new().seed(1).layer(upstream);
+        for _ in 0..2 {
+            let resp = svc.ready().await.unwrap().call(request()).await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(clones.load(Ordering::Relaxed), 1, "the spare, once");
+        // The third call answers 529: the second attempt goes to a clone of the spare.
+        let resp = svc.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.extensions().get::<RetryInfo>().unwrap().attempts(), 2);
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+        assert_eq!(clones.load(Ordering::Relaxed), 2, "one clone of the spare");
+        // A clone of the service shares the spare.
+        let mut twin = svc.clone();
+        let resp = twin.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            clones.load(Ordering::Relaxed),
+            3,
+            "the service's clone only"
+        );
     }
 }
