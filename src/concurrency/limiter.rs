@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// Additive-increase / multiplicative-decrease settings for an adaptive cap.
@@ -257,9 +257,16 @@ impl Limiter {
         self.refresh_locked(st, now);
     }
 
+    /// A permit now, if one is free.
+    ///
+    /// The semaphore's permit is taken by reference and forgotten: the [`Permit`] gives it
+    /// back through its limiter (which owns the semaphore), so a permit holds one reference
+    /// count (the limiter's), not two (an owned semaphore permit's own `Arc` beside it).
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        self.sem.clone().try_acquire_owned().ok().map(|p| Permit {
-            permit: Some(p),
+        let permit = self.sem.try_acquire().ok()?;
+        permit.forget();
+        Some(Permit {
+            held: true,
             limiter: self.clone(),
         })
     }
@@ -280,8 +287,10 @@ impl Limiter {
                     }
                 }
             };
+            // Given back by the `Permit` (see `try_acquire`).
+            permit.forget();
             return Some(Permit {
-                permit: Some(permit),
+                held: true,
                 limiter: self,
             });
         }
@@ -299,7 +308,9 @@ impl Limiter {
 
 /// A concurrency permit; returned to the cap (or forgotten while the cap shrinks) on drop.
 pub(crate) struct Permit {
-    permit: Option<OwnedSemaphorePermit>,
+    /// One permit of the limiter's semaphore is held (taken and forgotten at acquisition,
+    /// added back on drop).
+    held: bool,
     limiter: Arc<Limiter>,
 }
 
@@ -317,15 +328,20 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(p) = self.permit.take() {
-            let mut st = self.limiter.lock();
+        if !std::mem::take(&mut self.held) {
+            return;
+        }
+        let limiter = &self.limiter;
+        // A fixed cap never shrinks, so it never owes permits (`debt` changes only in
+        // `resize`, reached only from a cap that moves): no lock to look.
+        if limiter.moves() {
+            let mut st = limiter.lock();
             if st.debt > 0 {
                 st.debt -= 1;
-                p.forget();
-            } else {
-                drop(p);
+                return;
             }
         }
+        limiter.sem.add_permits(1);
     }
 }
 
@@ -345,5 +361,53 @@ impl ConcurrencyHandle {
     /// Requests holding a permit now (their response body not finished yet).
     pub fn in_flight(&self) -> usize {
         self.limiter.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fixed cap's permits go back to its semaphore as they drop, whoever holds them.
+    #[tokio::test]
+    async fn a_fixed_cap_gets_every_permit_back() {
+        let limiter = Limiter::new(2, None, None);
+        let a = limiter.try_acquire().unwrap();
+        let b = limiter.clone().acquire().await.unwrap();
+        assert!(limiter.try_acquire().is_none());
+        assert_eq!(limiter.in_flight(), 2);
+        drop(a);
+        assert_eq!(limiter.in_flight(), 1);
+        let c = limiter.try_acquire().unwrap();
+        drop(b);
+        drop(c);
+        assert_eq!(limiter.in_flight(), 0);
+        assert_eq!(limiter.sem.available_permits(), 2);
+    }
+
+    /// A cap shrunk below what is in flight owes permits: the first ones dropped are
+    /// forgotten, the rest go back, and the cap ends at its new size.
+    #[tokio::test(start_paused = true)]
+    async fn a_shrunk_cap_forgets_the_permits_it_owes() {
+        let aimd = Aimd {
+            initial: 4,
+            min: 1,
+            max: 4,
+            decrease: 0.5,
+            cooldown: Duration::from_secs(1),
+        };
+        let limiter = Limiter::new(4, Some(aimd), None);
+        let permits: Vec<_> = (0..4).map(|_| limiter.try_acquire().unwrap()).collect();
+        limiter.on_status(http::StatusCode::TOO_MANY_REQUESTS, Instant::now());
+        assert_eq!(limiter.limit(), 2);
+        let mut permits = permits.into_iter();
+        drop(permits.next());
+        drop(permits.next());
+        assert_eq!(limiter.sem.available_permits(), 0, "owed: forgotten");
+        drop(permits.next());
+        assert_eq!(limiter.sem.available_permits(), 1);
+        drop(permits.next());
+        assert_eq!(limiter.sem.available_permits(), 2);
+        assert_eq!(limiter.in_flight(), 0);
     }
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, Request, Response};
@@ -29,7 +29,7 @@ use crate::body::{
 };
 use crate::quota::Cost;
 use crate::retry::LowerModels as _;
-use crate::retry::{MaxServerWait, Resend, RetryInfo, RetryOutcome, ServerWait, Spare};
+use crate::retry::{Described, MaxServerWait, Resend, RetryInfo, RetryOutcome, ServerWait, Spare};
 
 /// The most bytes of an error response read to classify it (error envelopes are a few hundred
 /// bytes); a longer body is classified by its status and returned unread beyond this.
@@ -55,7 +55,7 @@ where
         let mut d = f.debug_struct("ResponseFuture");
         if let Some(walk) = &self.walk {
             d.field("requested", &walk.requested().id())
-                .field("model", &walk.candidates[walk.current].id())
+                .field("model", &walk.plan.candidates[walk.current].id())
                 .field("attempts", &walk.attempts);
         }
         d.finish_non_exhaustive()
@@ -183,9 +183,9 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(walk.finish(Response::from_parts(head, rest))));
                     }
-                    if verdict == Verdict::Resend && !walk.config.overloaded_pause.is_zero() {
+                    if verdict == Verdict::Resend && !walk.config().overloaded_pause.is_zero() {
                         this.state.set(State::Pausing {
-                            sleep: Box::pin(tokio::time::sleep(walk.config.overloaded_pause)),
+                            sleep: Box::pin(tokio::time::sleep(walk.config().overloaded_pause)),
                         });
                     } else {
                         this.state.set(State::Ready);
@@ -223,17 +223,63 @@ where
     }
 }
 
-/// Everything one request's walk down the chain needs.
-pub(crate) struct Walk<S> {
+/// What a request's walk keeps for all its attempts and never changes: shared (one
+/// reference count) with every [`Resend`] it attaches for a retry layer directly below.
+pub(crate) struct Plan {
     pub(crate) config: Arc<Config>,
     /// The request as the caller sent it, with its [`RequestMeta`] (read from there, not
-    /// copied); shared with a retry layer directly below ([`Resend`]).
-    request: Arc<RequestTemplate>,
+    /// copied).
+    request: RequestTemplate,
     /// The request's chain (truncated at the floor) as catalogue entries, best model first:
     /// the requested model first.
     candidates: Arc<[ModelEntry]>,
     key: KeyId,
     cost: Cost,
+}
+
+impl Plan {
+    /// The request's [`RequestMeta`], as [`Fallback::call`](super::Fallback) scanned it into
+    /// the request (a request without one, which the layer passes through, never walks).
+    fn meta(&self) -> &RequestMeta {
+        static NO_META: std::sync::LazyLock<RequestMeta> =
+            std::sync::LazyLock::new(RequestMeta::default);
+        self.request.meta().unwrap_or(&NO_META)
+    }
+}
+
+/// Retry, directly below, asks when an attempt is rate limited (see [`ServerWait`]).
+impl Described for Plan {
+    fn template(&self) -> &RequestTemplate {
+        &self.request
+    }
+
+    fn key(&self) -> &KeyId {
+        &self.key
+    }
+
+    fn lower_left(&self, idx: usize, visited: usize) -> bool {
+        self.request.meta().is_some_and(|meta| {
+            self.config.lower_left(
+                meta,
+                self.request.headers(),
+                &self.candidates,
+                idx,
+                visited,
+                &self.key,
+                &self.cost,
+            )
+        })
+    }
+
+    fn max_wait(&self) -> Duration {
+        self.config.max_wait()
+    }
+}
+
+/// Everything one request's walk down the chain needs.
+pub(crate) struct Walk<S> {
+    /// What the walk never changes.
+    plan: Arc<Plan>,
     /// Index in `candidates` of the model of the attempt in flight (or just answered).
     current: usize,
     /// Models sent to so far.
@@ -262,11 +308,13 @@ impl<S> Walk<S> {
         cost: Cost,
     ) -> Self {
         Self {
-            config,
-            request: Arc::new(RequestTemplate::copy_of(req)),
-            candidates,
-            key,
-            cost,
+            plan: Arc::new(Plan {
+                config,
+                request: RequestTemplate::copy_of(req),
+                candidates,
+                key,
+                cost,
+            }),
             current: 0,
             visited: 0,
             overloaded: 0,
@@ -278,32 +326,33 @@ impl<S> Walk<S> {
         }
     }
 
-    /// The requested model (the first candidate).
-    fn requested(&self) -> &ModelEntry {
-        &self.candidates[0]
+    /// The layer's configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.plan.config
     }
 
-    /// The request's [`RequestMeta`], as [`Fallback::call`](super::Fallback) scanned it into
-    /// the request (a request without one, which the layer passes through, never walks).
+    /// The requested model (the first candidate).
+    fn requested(&self) -> &ModelEntry {
+        &self.plan.candidates[0]
+    }
+
     fn meta(&self) -> &RequestMeta {
-        static NO_META: std::sync::LazyLock<RequestMeta> =
-            std::sync::LazyLock::new(RequestMeta::default);
-        self.request.meta().unwrap_or(&NO_META)
+        self.plan.meta()
     }
 
     /// The best candidate from `from` on, as the layer's [`Policy`](super::Policy) decides,
     /// if any is left (and not excluded) and the depth allows another model.
     fn choose(&self, from: usize) -> Option<usize> {
-        if from >= self.candidates.len() || self.visited >= self.config.max_depth {
+        if from >= self.plan.candidates.len() || self.visited >= self.plan.config.max_depth {
             return None;
         }
-        self.config.select(
+        self.plan.config.select(
             self.meta(),
-            self.request.headers(),
-            &self.candidates,
+            self.plan.request.headers(),
+            &self.plan.candidates,
             from,
-            &self.key,
-            &self.cost,
+            &self.plan.key,
+            &self.plan.cost,
         )
     }
 
@@ -311,31 +360,34 @@ impl<S> Walk<S> {
     /// bytes for the requested model) and the `RequestMeta` extension updated, with
     /// [`MaxServerWait`] while a lower model is left once `visited` models (this one
     /// included) were sent to. `None` when the body cannot be rewritten.
+    #[cold]
+    #[inline(never)]
     fn build(&mut self, idx: usize, visited: usize) -> Option<Request<RequestBody>> {
-        let model = &self.candidates[idx];
+        let model = &self.plan.candidates[idx];
         if idx == 0 {
             // The template carries the request's own `RequestMeta`, for this very model.
             return Some(self.original(idx, visited));
         }
-        let body = RequestBody::from(rewrite_model(self.request.body().bytes(), model.id()).ok()?);
+        let body =
+            RequestBody::from(rewrite_model(self.plan.request.body().bytes(), model.id()).ok()?);
         // The copy's meta remembers the candidate's catalogue entry: the layers below read
         // its group there, not from the catalogue.
         let meta = self.meta().with_model(model);
-        let mut req = self.request.with_body(body.clone());
-        self.mark(&mut req, idx, visited, body, Some(meta));
+        let mut req = self.plan.request.with_body(body.clone());
+        self.mark(&mut req, idx, visited, Some(body), Some(meta));
         Some(req)
     }
 
     /// The request as the caller sent it (opt-out header removed), for candidate `idx`: a
     /// copy of the template.
     fn original(&mut self, idx: usize, visited: usize) -> Request<RequestBody> {
-        let body = self.request.body().clone();
-        let mut req = self.request.with_body(body.clone());
-        self.mark(&mut req, idx, visited, body, None);
+        let mut req = self.plan.request.request();
+        self.mark(&mut req, idx, visited, None, None);
         req
     }
 
-    /// Marks `req` (the template with `body`) for candidate `idx`: its `meta` (when set), and
+    /// Marks `req` (the template with `body`, its own when `None`) for candidate `idx`: its
+    /// `meta` (when set), and
     /// [`MaxServerWait`] while a lower model than `idx` is left; or, for a retry layer directly
     /// below, the [`Resend`] that describes it (one copy of the request head for both layers).
     /// In place: the request is not moved.
@@ -344,28 +396,21 @@ impl<S> Walk<S> {
         req: &mut Request<RequestBody>,
         idx: usize,
         visited: usize,
-        body: RequestBody,
+        body: Option<RequestBody>,
         meta: Option<RequestMeta>,
     ) {
         // For retry directly below, the `MaxServerWait` is decided when it needs it (an
         // attempt rate limited): the lower models' quota is not looked at for every request.
         // Without one, on the request now.
-        let resend = self.config.resend_below.then(|| Resend {
-            template: self.request.clone(),
+        let resend = self.plan.config.resend_below.then(|| Resend {
+            source: self.plan.clone(),
             body,
             meta: meta.clone().map(Box::new),
             max_server_wait: if self.lower_possible(idx, visited) {
-                ServerWait::Ask {
-                    models: self.config.clone(),
-                    candidates: self.candidates.clone(),
-                    idx,
-                    visited,
-                    cost: self.cost,
-                }
+                ServerWait::Ask { idx, visited }
             } else {
                 ServerWait::Set(None)
             },
-            key: self.key.clone(),
         });
         if let Some(meta) = meta {
             req.extensions_mut().insert(meta);
@@ -378,8 +423,9 @@ impl<S> Walk<S> {
             }
             None => {
                 if self.lower_left(idx, visited) {
-                    req.extensions_mut()
-                        .insert(MaxServerWait(self.config.rules.max_wait_before_failover));
+                    req.extensions_mut().insert(MaxServerWait(
+                        self.plan.config.rules.max_wait_before_failover,
+                    ));
                 }
             }
         }
@@ -390,21 +436,21 @@ impl<S> Walk<S> {
     /// with [`MaxServerWait`] so that such a 429 comes back at once and the walk moves down.
     /// `visited` counts `idx` already.
     fn lower_left(&self, idx: usize, visited: usize) -> bool {
-        self.config.lower_left(
+        self.plan.config.lower_left(
             self.meta(),
-            self.request.headers(),
-            &self.candidates,
+            self.plan.request.headers(),
+            &self.plan.candidates,
             idx,
             visited,
-            &self.key,
-            &self.cost,
+            &self.plan.key,
+            &self.plan.cost,
         )
     }
 
     /// Whether the chain and the depth leave room for a lower model than `idx` (whether
     /// [`lower_left`](Self::lower_left) can be true), without looking at the board.
     fn lower_possible(&self, idx: usize, visited: usize) -> bool {
-        idx + 1 < self.candidates.len() && visited < self.config.max_depth
+        idx + 1 < self.plan.candidates.len() && visited < self.plan.config.max_depth
     }
 
     /// The first attempt: the chosen model's request, or `None` when that is the requested
@@ -420,8 +466,8 @@ impl<S> Walk<S> {
         let idx = if built.is_some() { chosen } else { 0 };
         tracing::debug!(
             requested = %self.requested().id(),
-            model = %self.candidates[idx].id(),
-            why = if self.candidates.len() <= 1 {
+            model = %self.plan.candidates[idx].id(),
+            why = if self.plan.candidates.len() <= 1 {
                 "no fallback for this request (opted out, or no lower model in the chain)"
             } else if idx != chosen {
                 "the body could not be rewritten; the requested model is sent"
@@ -443,21 +489,20 @@ impl<S> Walk<S> {
     /// (its header map keeps the room it was built with, where a copy is cloned to its exact
     /// size and the attempt header retry adds would grow it).
     pub(crate) fn mark_received(&self, received: &mut Request<RequestBody>) {
-        let body = self.request.body().clone();
-        self.mark(received, 0, 1, body, None);
+        self.mark(received, 0, 1, None, None);
     }
 
     /// Whether an answer from the current model could still lead somewhere else (a lower model
     /// is left and the depth allows it). When not, every answer is returned as it is.
     pub(crate) fn can_move_on(&self) -> bool {
-        self.current + 1 < self.candidates.len() && self.visited < self.config.max_depth
+        self.current + 1 < self.plan.candidates.len() && self.visited < self.plan.config.max_depth
     }
 
     /// Feeds the board from the answer's rate-limit headers, under the key the answer was
     /// served with (a key pool below says which: [`ChosenKey`](crate::key_pool::ChosenKey)),
     /// unless a layer below (a rate limiter or a key pool on the same board) fed them already.
     pub(crate) fn observe(&self, headers: &HeaderMap, extensions: &Extensions) {
-        if self.config.board.already_observed(extensions) {
+        if self.plan.config.board.already_observed(extensions) {
             return;
         }
         let snapshot = RateLimitSnapshot::from_headers(headers);
@@ -467,15 +512,17 @@ impl<S> Walk<S> {
         let key = match extensions.get::<crate::key_pool::ChosenKey>() {
             Some(chosen) => chosen.key(),
             // Served with a pool's key we cannot name: these headers are not this key's.
-            None if self.config.keys.is_some() => return,
-            None => &self.key,
+            None if self.plan.config.keys.is_some() => return,
+            None => &self.plan.key,
         };
-        let group = self.candidates[self.current].group();
-        self.config.board.observe(key, group, &snapshot);
+        let group = self.plan.candidates[self.current].group();
+        self.plan.config.board.observe(key, group, &snapshot);
     }
 
     /// What an error answer (429 / 529) from the current model means, from the envelope read
     /// once ([`ErrorAnswer`]).
+    #[cold]
+    #[inline(never)]
     pub(crate) fn classify(&mut self, head: &http::response::Parts) -> Verdict {
         let kind = match head.extensions.get::<ErrorAnswer>() {
             Some(answer) => answer.error().kind(),
@@ -486,7 +533,7 @@ impl<S> Walk<S> {
         }
         let wait = retry_after(&head.headers, SystemTime::now());
         policy::classify(
-            &self.config.rules,
+            &self.plan.config.rules,
             head.status,
             Some(kind),
             wait,
@@ -496,10 +543,12 @@ impl<S> Walk<S> {
     }
 
     /// Prepares the next lower model; `false` when none is left (or allowed).
+    #[cold]
+    #[inline(never)]
     pub(crate) fn fail_over(&mut self, why: &'static str) -> bool {
         let Some(idx) = self.choose(self.current + 1) else {
             tracing::debug!(
-                model = %self.candidates[self.current].id(),
+                model = %self.plan.candidates[self.current].id(),
                 why,
                 "fallback: no lower model left to fail over to; the answer is returned"
             );
@@ -509,8 +558,8 @@ impl<S> Walk<S> {
             return false;
         };
         tracing::debug!(
-            from = %self.candidates[self.current].id(),
-            to = %self.candidates[idx].id(),
+            from = %self.plan.candidates[self.current].id(),
+            to = %self.plan.candidates[idx].id(),
             why,
             "fallback: failing over"
         );
@@ -523,6 +572,8 @@ impl<S> Walk<S> {
     }
 
     /// Prepares the same model again.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn resend(&mut self) -> bool {
         match self.build(self.current, self.visited) {
             Some(req) => {
@@ -536,7 +587,7 @@ impl<S> Walk<S> {
     /// Tags the response with the model that produced it: the header value and the names
     /// in [`ServedModel`] are the catalogue entries' (shared, not copied).
     pub(crate) fn finish<B>(&mut self, mut res: Response<B>) -> Response<B> {
-        let served = &self.candidates[self.current];
+        let served = &self.plan.candidates[self.current];
         if let Some(value) = served.header_value() {
             res.headers_mut()
                 .insert(&parsed_names::X_TOWER_CLAUDE_MODEL, value.clone());
@@ -551,10 +602,12 @@ impl<S> Walk<S> {
     }
 
     /// The layer's error for an inner service error on the current attempt.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn error(&self, source: BoxError) -> BoxError {
         Box::new(FallbackError::inner(
             self.requested().id().to_owned(),
-            self.candidates[self.current].id().to_owned(),
+            self.plan.candidates[self.current].id().to_owned(),
             self.attempts,
             self.failovers,
             source,

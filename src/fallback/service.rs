@@ -13,7 +13,7 @@ use super::config::Config;
 use super::future::{ResponseFuture, Walk};
 use super::policy;
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, is_messages_call, parsed_names};
+use crate::anthropic::{KeyId, ModelEntry, RequestMeta, is_messages_call, parsed_names};
 use crate::body::RequestBody;
 use crate::quota::QuotaBoard;
 use crate::retry::Spare;
@@ -83,6 +83,9 @@ pub struct Fallback<S> {
     inner: S,
     config: Arc<Config>,
     spare: Spare<S>,
+    /// The chain of the last requested model, as [`Config::candidates`] gave it: a steady
+    /// stream of one model takes it from here, without the lock of the layer's shared list.
+    last_chain: Option<Arc<[ModelEntry]>>,
 }
 
 impl<S> Fallback<S> {
@@ -91,7 +94,21 @@ impl<S> Fallback<S> {
             inner,
             config,
             spare: Spare::new(),
+            last_chain: None,
         }
+    }
+
+    /// The chain of `requested` ([`Config::candidates`]), from the service's memo when it
+    /// was the last one asked.
+    fn chain(&mut self, requested: &ModelEntry) -> Arc<[ModelEntry]> {
+        if let Some(chain) = &self.last_chain {
+            if chain.first().is_some_and(|m| m.id() == requested.id()) {
+                return chain.clone();
+            }
+        }
+        let chain = self.config.candidates(requested);
+        self.last_chain = Some(chain.clone());
+        chain
     }
 
     /// The board this service reads.
@@ -163,24 +180,20 @@ where
         if !is_messages_call(req.method(), req.uri().path()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let config = self.config.clone();
+        let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
         // The request's catalogue entry (looked up once per request, then carried with its
-        // `RequestMeta`): the first candidate.
-        let entry = match RequestMeta::get_or_scan_in(&mut req, &config.catalog) {
+        // `RequestMeta`): the first candidate, read where it is.
+        let candidates = match RequestMeta::get_or_scan_in(&mut req, &self.config.catalog) {
             Ok(meta) => match meta.resolved_entry() {
-                Some(entry) => entry.clone(),
+                Some(entry) if disabled => Arc::from([entry.clone()]),
+                Some(entry) => self.chain(entry),
                 // No model: upstream answers 400, untouched.
                 None => return ResponseFuture::passthrough(self.inner.call(req)),
             },
             // Unreadable body: upstream answers 400, untouched.
             Err(_) => return ResponseFuture::passthrough(self.inner.call(req)),
         };
-        let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
-        let candidates = if disabled {
-            Arc::from([entry])
-        } else {
-            config.candidates(&entry)
-        };
+        let config = self.config.clone();
         let key = match config.key_checked_above {
             true => KeyId::of_request_checked_above(&mut req),
             false => KeyId::of_request(&mut req),
@@ -229,6 +242,28 @@ mod tests {
         assert!(!take_opt_out(&mut h));
         assert!(h.is_empty());
     }
+    /// The service's memo of the last chain serves only the model it was made for: each
+    /// model asked gets its own chain, the one the layer's shared list gives.
+    #[test]
+    fn the_chain_memo_follows_the_requested_model() {
+        use tower::Layer;
+        let upstream = tower::service_fn(|_req: Request<RequestBody>| async {
+            Ok::<_, BoxError>(http::Response::new(http_body_util::Empty::<Bytes>::new()))
+        });
+        let mut svc = crate::fallback::FallbackLayer::new().layer(upstream);
+        let catalog = crate::anthropic::ModelCatalog::default();
+        let opus = catalog.entry("claude-opus-4-7");
+        let haiku = catalog.entry("claude-haiku-4-5");
+        let ids =
+            |chain: &[ModelEntry]| chain.iter().map(|m| m.id().to_owned()).collect::<Vec<_>>();
+        for entry in [&opus, &opus, &haiku, &haiku, &opus] {
+            let chain = svc.chain(entry);
+            assert_eq!(chain[0].id(), entry.id());
+            assert_eq!(ids(&chain), ids(&svc.config.candidates(entry)));
+        }
+        assert!(ids(&svc.chain(&opus)).len() > 1, "opus has lower models");
+    }
+
     /// Headers reach the board once per upstream answer: a fallback over a rate limiter on
     /// the same board does not feed the rate limiter's observation again; on a board of its
     /// own (nothing below observes it), it still does.

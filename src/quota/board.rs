@@ -1242,6 +1242,11 @@ impl Reservation {
         &self.group
     }
 
+    /// The board charged.
+    pub(crate) fn board(&self) -> &QuotaBoard {
+        &self.board
+    }
+
     /// The cost asked for.
     pub fn cost(&self) -> Cost {
         self.cost

@@ -19,7 +19,10 @@ use crate::quota::{Cost, PromptCacheEstimate, PromptCacheMemory, Reservation};
 /// breakpoints, is boxed, so that a request without any allocates nothing for its note.
 #[derive(Debug, Clone)]
 pub(crate) struct PromptNote {
-    pub(crate) memory: PromptCacheMemory,
+    /// The prompt-cache memory of the board the estimate was made on; `None` when that is
+    /// the reservation's own board (a reservation the limiter took itself: no handle of its
+    /// own to clone and drop per request).
+    pub(crate) memory: Option<PromptCacheMemory>,
     pub(crate) estimate: Option<Box<PromptCacheEstimate>>,
     /// The model counts `cache_read_input_tokens` toward its input limit.
     pub(crate) reads_count: bool,
@@ -41,14 +44,17 @@ impl PromptNote {
             .estimate
             .as_deref()
             .map_or(0, PromptCacheEstimate::expected_read_tokens);
-        self.memory
-            .record_usage(reservation.key(), reservation.group(), usage, expected);
+        let memory = match &self.memory {
+            Some(memory) => memory,
+            None => reservation.board().prompt_cache(),
+        };
+        memory.record_usage(reservation.key(), reservation.group(), usage, expected);
         if let Some(estimate) = &self.estimate {
             // The server cached (or read) the prefixes: remember them for their TTL. Prefixes
             // below the model's minimum cacheable length show no cache tokens and are not
             // remembered.
             if usage.cache_creation_input_tokens > 0 || usage.cache_read_input_tokens > 0 {
-                self.memory.remember(estimate);
+                memory.remember(estimate);
             }
             if expected > usage.cache_read_input_tokens {
                 tracing::debug!(

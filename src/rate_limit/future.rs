@@ -18,7 +18,7 @@ use super::config::{Config, Scope};
 use crate::BoxError;
 use crate::anthropic::RateLimitSnapshot;
 use crate::body::{RequestBody, Tracked};
-use crate::quota::{Acquire, AcquireError, Reservation};
+use crate::quota::{Acquire, AcquireError, QuotaBoard, Reservation};
 
 /// Response future of [`RateLimit`](super::RateLimit): waits for quota (when needed), calls
 /// the inner service, then observes the response headers and wraps the body so that the
@@ -39,7 +39,10 @@ enum State<S, F> {
         reservation: Option<Reservation>,
         wait: Duration,
         stream: bool,
-        config: Arc<Config>,
+        scope: Scope,
+        /// The layer's configuration, when the reservation may be another board's (see
+        /// [`ResponseFuture::called`]).
+        config: Option<Arc<Config>>,
         note: Option<PromptNote>,
     },
     Passthrough {
@@ -99,12 +102,17 @@ impl<S, F> ResponseFuture<S, F> {
         }
     }
 
+    /// The call of a request holding `reservation`. `config`: the layer's, when the
+    /// reservation may come from another board than the layer's (an admission from above, a
+    /// wait that a Redis outage may have served from its fallback board); `None` for one the
+    /// layer took on its own board, which the answer then reads through the reservation.
     pub(crate) fn called(
         fut: F,
         reservation: Reservation,
         wait: Duration,
         stream: bool,
-        config: Arc<Config>,
+        scope: Scope,
+        config: Option<Arc<Config>>,
         note: Option<PromptNote>,
     ) -> Self {
         Self {
@@ -113,6 +121,7 @@ impl<S, F> ResponseFuture<S, F> {
                 reservation: Some(reservation),
                 wait,
                 stream,
+                scope,
                 config,
                 note,
             },
@@ -210,7 +219,8 @@ where
                         reservation: reservation.take(),
                         wait: started.elapsed(),
                         stream: *stream,
-                        config: config.clone(),
+                        scope: config.scope,
+                        config: Some(config.clone()),
                         note: note.take(),
                     }
                 }
@@ -219,6 +229,7 @@ where
                     reservation,
                     wait,
                     stream,
+                    scope,
                     config,
                     note,
                 } => {
@@ -235,7 +246,8 @@ where
                             reservation.take(),
                             *wait,
                             *stream,
-                            config,
+                            *scope,
+                            config.as_deref(),
                             note.take(),
                         ))),
                     };
@@ -263,12 +275,13 @@ fn on_response<B>(
     reservation: Option<Reservation>,
     wait: Duration,
     stream: bool,
-    config: &Config,
+    scope: Scope,
+    config: Option<&Config>,
     note: Option<PromptNote>,
 ) -> Response<RateLimitBody<B>> {
     // The response is kept whole and its body wrapped in place (taking it apart and
     // rebuilding it moves the head and the body each time).
-    let wait = match config.scope {
+    let wait = match scope {
         Scope::Key => wait,
         // Waited for the tenant's limits, then for the quota below.
         Scope::Tenant => {
@@ -279,39 +292,141 @@ fn on_response<B>(
         }
     };
     // The first response extension written on the way up: the map gets room for the rest.
-    if config.scope == Scope::Key {
+    if scope == Scope::Key {
         crate::exchange::make_room(resp.extensions_mut());
     }
     resp.extensions_mut().insert(QueueWait(wait));
     let Some(reservation) = reservation else {
         return resp.map(RateLimitBody::passthrough);
     };
+    // The layer's board: the one the reservation was taken on, unless it may be another's.
+    let board = match config {
+        Some(config) => &config.board,
+        None => reservation.board(),
+    };
     let snapshot = RateLimitSnapshot::from_headers(resp.headers());
     let status = resp.status();
     if !status.is_success() {
-        // Refund first: the server's snapshot of a refused request does not include it, so
-        // observing afterwards caps the refunded level at the server's view.
-        if matches!(status.as_u16(), 401 | 403 | 404) {
-            // The server does not know the key or the model (which a client may make up):
-            // nothing to learn, and nothing to keep.
-            reservation.settle_unknown();
-        } else {
-            let (key, group) = (reservation.key().clone(), reservation.group().clone());
-            reservation.settle_rejected();
-            if !snapshot.is_empty() && config.scope == Scope::Key {
-                config.board.observe(&key, &group, &snapshot);
-                resp.extensions_mut().insert(config.board.observed_mark());
-            }
-        }
-        return resp.map(RateLimitBody::passthrough);
+        let board = board.clone();
+        return refused(resp, reservation, scope, board, &snapshot);
     }
-    if !snapshot.is_empty() && config.scope == Scope::Key {
+    if !snapshot.is_empty() && scope == Scope::Key {
         // A success: its headers may also raise levels (upward reconciliation).
+        let mark = board.observed_mark();
         reservation.observe(&snapshot);
-        resp.extensions_mut().insert(config.board.observed_mark());
+        resp.extensions_mut().insert(mark);
     }
     let (feed, tracker) = crate::body::tracker_in(&mut resp, stream, crate::body::MAX_JSON_COPY);
     resp.map(|body| {
         RateLimitBody::tracking(Tracked::feeding(body, feed), reservation, tracker, note)
     })
+}
+
+/// The answer of a request the server refused with an error status (settled at once, its
+/// headers fed into `board`, the layer's), out of the common path.
+#[cold]
+#[inline(never)]
+fn refused<B>(
+    mut resp: Response<B>,
+    reservation: Reservation,
+    scope: Scope,
+    board: QuotaBoard,
+    snapshot: &RateLimitSnapshot,
+) -> Response<RateLimitBody<B>> {
+    // Refund first: the server's snapshot of a refused request does not include it, so
+    // observing afterwards caps the refunded level at the server's view.
+    if matches!(resp.status().as_u16(), 401 | 403 | 404) {
+        // The server does not know the key or the model (which a client may make up):
+        // nothing to learn, and nothing to keep.
+        reservation.settle_unknown();
+    } else {
+        let (key, group) = (reservation.key().clone(), reservation.group().clone());
+        reservation.settle_rejected();
+        if !snapshot.is_empty() && scope == Scope::Key {
+            board.observe(&key, &group, snapshot);
+            resp.extensions_mut().insert(board.observed_mark());
+        }
+    }
+    resp.map(RateLimitBody::passthrough)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt};
+
+    use crate::anthropic::{KeyId, ModelCatalog};
+    use crate::body::RequestBody;
+    use crate::quota::{Admission, Cost, QuotaBoard};
+    use crate::rate_limit::RateLimitLayer;
+
+    const USAGE: &[u8] = br#"{"type":"message","usage":{"input_tokens":3,"cache_creation_input_tokens":5,"output_tokens":1}}"#;
+
+    /// An answer is booked as the layer's (the mark of its board, the prompt-cache usage in
+    /// its board's memory, a refusal's headers on its board), whether the layer took the
+    /// reservation itself (then read through the reservation) or it was admitted from another
+    /// board above.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_answer_is_booked_on_the_layers_board() {
+        let key = KeyId::from_api_key("sk-ant-test");
+        let group = ModelCatalog::default()
+            .entry("claude-haiku-4-5")
+            .group()
+            .clone();
+        for status in [200u16, 429] {
+            for admitted in [false, true] {
+                let upstream =
+                    tower::service_fn(move |_req: http::Request<RequestBody>| async move {
+                        let resp = http::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .header("anthropic-ratelimit-requests-limit", "50")
+                            .header("anthropic-ratelimit-requests-remaining", "49")
+                            .header("anthropic-ratelimit-requests-reset", "2030-01-01T00:00:00Z")
+                            .body(Full::new(Bytes::from_static(USAGE)))
+                            .unwrap();
+                        Ok::<_, crate::BoxError>(resp)
+                    });
+                let board = QuotaBoard::new();
+                let other = QuotaBoard::new();
+                let svc = RateLimitLayer::new().board(board.clone()).layer(upstream);
+                let mut req = http::Request::post("/v1/messages")
+                    .header("x-api-key", "sk-ant-test")
+                    .header("content-type", "application/json")
+                    .body(RequestBody::from(
+                        r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#,
+                    ))
+                    .unwrap();
+                if admitted {
+                    let reservation = other.try_acquire(&key, &group, Cost::new(1, 0, 0)).unwrap();
+                    req.extensions_mut()
+                        .insert(Admission::new(reservation, std::time::Duration::ZERO));
+                }
+                let resp = svc.oneshot(req).await.unwrap();
+                let case = format!("status {status}, admitted {admitted}");
+                assert!(board.already_observed(resp.extensions()), "{case}");
+                assert!(!other.already_observed(resp.extensions()), "{case}");
+                resp.into_body().collect().await.unwrap();
+                // A success's headers go through the reservation (to the board it was taken
+                // on); a refusal's to the layer's board.
+                let fed = match (status, admitted) {
+                    (200, true) => &other,
+                    _ => &board,
+                };
+                assert_eq!(
+                    fed.headroom(&key, &group)
+                        .and_then(|h| h.requests)
+                        .map(|r| r.limit),
+                    Some(50),
+                    "{case}: the headers reached the board"
+                );
+                if status == 200 {
+                    let usage = board.prompt_cache().usage(&key, &group);
+                    assert!(usage.is_some(), "{case}: usage on the layer's memory");
+                    assert!(other.prompt_cache().usage(&key, &group).is_none(), "{case}");
+                }
+            }
+        }
+    }
 }

@@ -16,7 +16,7 @@ use super::future::ResponseFuture;
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
-use crate::quota::{AcquireErrorKind, Admission, Cost, QuotaBoard};
+use crate::quota::{AcquireError, AcquireErrorKind, Admission, Cost, QuotaBoard};
 use crate::retry::Deadline;
 use crate::tenant::Tenant;
 
@@ -161,11 +161,18 @@ where
         let input_tokens = estimate
             .as_ref()
             .map_or(input_tokens, |e| e.counted_input_tokens());
-        let note = Some(PromptNote {
-            memory: memory.clone(),
+        // The memory is named only when the reservation may come from another board (an
+        // admission from above, a wait: see `ResponseFuture::called`).
+        let mut note = Some(PromptNote {
+            memory: None,
             estimate: estimate.map(Box::new),
             reads_count,
         });
+        let name_memory = |note: &mut Option<PromptNote>| {
+            if let Some(note) = note {
+                note.memory = Some(memory.clone());
+            }
+        };
         let cost = Cost::new(1, input_tokens, config.output.reserve(max_tokens));
         // Admitted above (a key pool took the quota for this key): use that reservation.
         let admitted = match config.scope {
@@ -182,13 +189,24 @@ where
                 waited_ms = waited.as_millis() as u64,
                 "rate limit: admitted with the quota the key pool took"
             );
+            name_memory(&mut note);
             let fut = self.inner.call(req);
-            return ResponseFuture::called(fut, reservation, waited, stream, config.clone(), note);
+            return ResponseFuture::called(
+                fut,
+                reservation,
+                waited,
+                stream,
+                config.scope,
+                Some(config.clone()),
+                note,
+            );
         }
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
                 tracing::debug!(key = %key, group = %group, "rate limit: admitted at once");
+                // Taken on the layer's board: the answer is read with the reservation's
+                // board, no handle on the layer's configuration kept per request.
                 let reservation = config.board.reservation(key, group, cost, grant);
                 let fut = self.inner.call(req);
                 ResponseFuture::called(
@@ -196,60 +214,84 @@ where
                     reservation,
                     Duration::ZERO,
                     stream,
-                    config.clone(),
+                    config.scope,
+                    None,
                     note,
                 )
             }
             Err(check) => {
                 let err = config.board.check_error(&key, &group, check);
-                if err.kind() == AcquireErrorKind::RequestTooLarge {
-                    let err = config.board.with_sizes(err, &cost);
-                    tracing::warn!(
-                        key = %key,
-                        group = %group,
-                        input_tokens = cost.input_tokens,
-                        "rate limit: request larger than the per-minute limit; refused"
-                    );
-                    return ResponseFuture::failed(err);
-                }
-                if config.max_wait == Some(Duration::ZERO) {
-                    tracing::debug!(
-                        key = %key,
-                        group = %group,
-                        reason = ?err.kind(),
-                        "rate limit: refused at once (no capacity, queueing off)"
-                    );
-                    return ResponseFuture::failed(err);
-                }
-                // Give up at the earlier of the layer's `max_wait` and the request's deadline
-                // (`retry::Deadline`, set by the caller or a retry layer above): no wait ever
-                // crosses the caller's deadline.
-                let by_max_wait = config.max_wait.and_then(|d| Instant::now().checked_add(d));
-                let by_deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
-                let give_up = match (by_max_wait, by_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                tracing::debug!(
-                    key = %key,
-                    group = %group,
-                    reason = ?err.kind(),
-                    give_up_in_ms = give_up.map(|at| {
-                        at.saturating_duration_since(Instant::now()).as_millis() as u64
-                    }),
-                    "rate limit: queued"
-                );
-                let acquire = config
-                    .board
-                    .acquire(key, group, cost)
-                    .deadline(give_up)
-                    .tenant_opt(tenant);
-                // The ready service goes with the request; `self` keeps a fresh clone.
-                let clone = self.inner.clone();
-                let service = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(acquire, service, req, stream, config.clone(), note)
+                name_memory(&mut note);
+                self.queue(req, (key, group, cost), err, tenant, stream, note)
             }
         }
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// A request whose cost does not fit now: refused (larger than a bucket, or queueing
+    /// off), or queued on the board. Out of the common path (`call` stays short).
+    #[cold]
+    #[inline(never)]
+    fn queue<F>(
+        &mut self,
+        req: Request<RequestBody>,
+        (key, group, cost): (KeyId, crate::anthropic::RateLimitGroup, Cost),
+        err: AcquireError,
+        tenant: Option<Tenant>,
+        stream: bool,
+        note: Option<PromptNote>,
+    ) -> ResponseFuture<S, F>
+    where
+        S: Clone,
+    {
+        let config = &self.config;
+        if err.kind() == AcquireErrorKind::RequestTooLarge {
+            let err = config.board.with_sizes(err, &cost);
+            tracing::warn!(
+                key = %key,
+                group = %group,
+                input_tokens = cost.input_tokens,
+                "rate limit: request larger than the per-minute limit; refused"
+            );
+            return ResponseFuture::failed(err);
+        }
+        if config.max_wait == Some(Duration::ZERO) {
+            tracing::debug!(
+                key = %key,
+                group = %group,
+                reason = ?err.kind(),
+                "rate limit: refused at once (no capacity, queueing off)"
+            );
+            return ResponseFuture::failed(err);
+        }
+        // Give up at the earlier of the layer's `max_wait` and the request's deadline
+        // (`retry::Deadline`, set by the caller or a retry layer above): no wait ever
+        // crosses the caller's deadline.
+        let by_max_wait = config.max_wait.and_then(|d| Instant::now().checked_add(d));
+        let by_deadline = req.extensions().get::<Deadline>().map(|d| d.instant());
+        let give_up = match (by_max_wait, by_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tracing::debug!(
+            key = %key,
+            group = %group,
+            reason = ?err.kind(),
+            give_up_in_ms = give_up.map(|at| {
+                at.saturating_duration_since(Instant::now()).as_millis() as u64
+            }),
+            "rate limit: queued"
+        );
+        let acquire = config
+            .board
+            .acquire(key, group, cost)
+            .deadline(give_up)
+            .tenant_opt(tenant);
+        // The ready service goes with the request; `self` keeps a fresh clone.
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::waiting(acquire, service, req, stream, config.clone(), note)
     }
 }
 

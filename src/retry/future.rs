@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -23,11 +24,11 @@ use super::policy::{
     Action, Attempt, StatusVerdict, is_permanent, is_rate_limit, is_spend_cap, needs_body,
 };
 use super::resend::Resend;
-use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome, Spare};
+use super::{RetryBody, RetryError, RetryErrorKind, RetryInfo, RetryOutcome};
 use crate::BoxError;
 use crate::anthropic::{
-    ApiError, ApiErrorKind, BodyState, RequestMeta, UsageTracker, is_typed_object, parsed_names,
-    request_id,
+    ApiError, ApiErrorKind, BodyState, ModelCatalog, RateLimitGroup, RequestMeta, UsageTracker,
+    is_typed_object, parsed_names, request_id,
 };
 use crate::body::{
     ErrorAnswer, Peeked, Replay, RequestBody, RequestTemplate, Tracked, is_event_stream,
@@ -83,8 +84,8 @@ impl<F, B> ResponseFuture<F, B> {
 
     /// The retry loop of a request whose first attempt's call (`call`, made by the service
     /// `poll_ready` readied) is in flight, awaited under `deadline` (reading a 2xx JSON answer
-    /// up to `read` bytes, when set); `spare` gives the service of the attempts after it and
-    /// `attempts` the request's state.
+    /// up to `read` bytes, when set); `attempts` is the request's state (its shared state
+    /// gives the service of the attempts after it: the spare, see [`Spare`](super::Spare)).
     ///
     /// The future's box is allocated first and its value written into it (a value built
     /// beside it, ~700 bytes, was copied in), with the state built where it stays.
@@ -93,7 +94,6 @@ impl<F, B> ResponseFuture<F, B> {
         call: F,
         deadline: Option<Instant>,
         read: Option<usize>,
-        spare: Spare<S>,
         attempts: impl FnOnce() -> Attempts,
     ) -> Self
     where
@@ -109,9 +109,9 @@ impl<F, B> ResponseFuture<F, B> {
         let mut first = Box::new(First::<S, F, B>::Unset);
         *first = First::Attempt {
             attempt: within(deadline, FirstCall::new(call, read)),
-            spare: Some(spare),
             ctx: Some(attempts()),
             rng: None,
+            service: PhantomData,
         };
         let run: BoxedRun<B> = Box::into_pin(first);
         Self {
@@ -120,8 +120,11 @@ impl<F, B> ResponseFuture<F, B> {
     }
 
     /// The retry loop of a request that waits for a pacing slot before its first attempt
-    /// (the loop sends it): `spare` gives the service of its attempts.
-    pub(crate) fn paced<S>(spare: Spare<S>, attempts: Attempts) -> Self
+    /// (the loop sends it). Out of line: only
+    /// requests on a quota that answered 429 get here.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn paced<S>(attempts: Attempts) -> Self
     where
         S: Service<Request<RequestBody>, Response = Response<B>, Future = F>
             + Clone
@@ -133,7 +136,7 @@ impl<F, B> ResponseFuture<F, B> {
         B::Error: Into<BoxError>,
     {
         Self {
-            kind: Kind::Retrying(Box::pin(run(None, spare, attempts, None))),
+            kind: Kind::Retrying(Box::pin(run::<S, B>(None, attempts, None))),
         }
     }
 }
@@ -150,10 +153,11 @@ enum First<S, F, B> {
     Attempt {
         #[pin]
         attempt: Within<FirstCall<F, B>>,
-        spare: Option<Spare<S>>,
         ctx: Option<Attempts>,
         /// Forked from the layer's generator at the first poll, as the loop does.
         rng: Option<fastrand::Rng>,
+        /// The service the loop's later attempts go to (a clone of the spare).
+        service: PhantomData<fn() -> S>,
     },
     Loop(BoxedRun<B>),
     /// Only between the allocation of the box and its first value (see
@@ -178,10 +182,7 @@ where
                 return Poll::Ready(Err("retry future polled before it was set".into()));
             }
             FirstProj::Attempt {
-                attempt,
-                spare,
-                ctx,
-                rng,
+                attempt, ctx, rng, ..
             } => {
                 let Some(attempts) = ctx.as_ref() else {
                     return Poll::Ready(Err("retry future polled after completion".into()));
@@ -217,18 +218,34 @@ where
                     }
                     Some(Judged::Other(start)) => *start,
                 };
-                let (Some(attempts), Some(spare)) = (ctx.take(), spare.take()) else {
+                let Some(attempts) = ctx.take() else {
                     return Poll::Ready(Err("retry future polled after completion".into()));
                 };
-                run::<S, B>(Some(start), spare, attempts, rng.take())
+                start_loop::<S, B>(start, attempts, rng.take())
             }
         };
-        self.set(First::Loop(Box::pin(start)));
+        self.set(First::Loop(start));
         match self.project() {
             FirstProj::Loop(run) => run.as_mut().poll(cx),
             FirstProj::Attempt { .. } | FirstProj::Unset => Poll::Pending,
         }
     }
+}
+
+/// The retry loop from the first attempt's `start`, boxed: built out of line, so that the
+/// first attempt's poll (every request) is not diluted by the loop's construction (a state
+/// of over 2 KB, built and moved into its box only for an answer that asks for more).
+#[cold]
+#[inline(never)]
+fn start_loop<S, B>(start: Start<B>, attempts: Attempts, rng: Option<fastrand::Rng>) -> BoxedRun<B>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(run::<S, B>(Some(start), attempts, rng))
 }
 
 /// How the loop starts with the first attempt.
@@ -355,7 +372,11 @@ where
 /// What every attempt of a request is built from.
 pub(crate) enum Template {
     /// The layer's own copy of the request; every attempt is a copy of it.
-    Own(RequestTemplate),
+    Own {
+        template: RequestTemplate,
+        /// The request's (key, group).
+        key: QuotaKey,
+    },
     /// The layer above said how it built the request ([`Resend`]): the first attempt is the
     /// request as received (sent by [`Retry::call`](super::Retry) at once: not kept here),
     /// later ones are rebuilt from the description.
@@ -363,31 +384,57 @@ pub(crate) enum Template {
         resend: Resend,
         /// The deadline this layer added to the request (added to every rebuilt attempt).
         deadline: Option<super::Deadline>,
+        /// The request's (key, group), when not the description's: `None` for a
+        /// description with its [`RequestMeta`], whose key and group are made when asked
+        /// ([`quota_key`](Self::quota_key): a 429, pacing), not copied for every request.
+        key: Option<QuotaKey>,
     },
 }
 
 impl Template {
-    pub(crate) fn new(req: Request<RequestBody>) -> Self {
-        Self::Own(RequestTemplate::new(req))
+    pub(crate) fn new(req: Request<RequestBody>, key: QuotaKey) -> Self {
+        Self::Own {
+            template: RequestTemplate::new(req),
+            key,
+        }
     }
 
     /// Attempts built from `resend` (plus `deadline`, when this layer added it to the
-    /// request); the request as received is the first attempt, sent by the caller.
+    /// request); the request as received is the first attempt, sent by the caller. `key`:
+    /// see [`Template::Resent`].
     #[inline(always)]
-    pub(crate) fn resent(resend: Resend, deadline: Option<super::Deadline>) -> Self {
-        Self::Resent { resend, deadline }
+    pub(crate) fn resent(
+        resend: Resend,
+        deadline: Option<super::Deadline>,
+        key: Option<QuotaKey>,
+    ) -> Self {
+        Self::Resent {
+            resend,
+            deadline,
+            key,
+        }
+    }
+
+    /// The request's (key, rate-limit group): the pacer's and the 429 penalty's unit.
+    pub(crate) fn quota_key(&self, catalog: &ModelCatalog) -> QuotaKey {
+        match self {
+            Self::Own { key, .. } | Self::Resent { key: Some(key), .. } => key.clone(),
+            Self::Resent {
+                resend, key: None, ..
+            } => described_key(resend, catalog),
+        }
     }
 
     fn meta(&self) -> Option<&RequestMeta> {
         match self {
-            Self::Own(template) => template.meta(),
+            Self::Own { template, .. } => template.meta(),
             Self::Resent { resend, .. } => resend.meta(),
         }
     }
 
     fn headers(&self) -> &http::HeaderMap {
         match self {
-            Self::Own(template) => template.headers(),
+            Self::Own { template, .. } => template.headers(),
             Self::Resent { resend, .. } => resend.headers(),
         }
     }
@@ -397,7 +444,7 @@ impl Template {
     /// request by [`Retry::call`](super::Retry).
     fn max_server_wait(&self, own: Option<Duration>) -> Option<Duration> {
         match self {
-            Self::Own(_) => own,
+            Self::Own { .. } => own,
             Self::Resent { resend, .. } => resend.max_server_wait().map(|m| m.0),
         }
     }
@@ -421,8 +468,10 @@ impl Template {
     /// The request for attempt `attempt` (1-based), with `x-tower-claude-attempt` set.
     pub(crate) fn request(&self, attempt: u32) -> Request<RequestBody> {
         let req = match self {
-            Self::Own(template) => template.request(),
-            Self::Resent { resend, deadline } => {
+            Self::Own { template, .. } => template.request(),
+            Self::Resent {
+                resend, deadline, ..
+            } => {
                 let mut req = resend.request();
                 if let Some(deadline) = deadline {
                     req.extensions_mut().insert(*deadline);
@@ -432,6 +481,22 @@ impl Template {
         };
         with_attempt(req, attempt)
     }
+}
+
+/// The rate-limit group of the request `meta` describes (`unknown` without a model).
+pub(crate) fn group_of(meta: &RequestMeta, catalog: &ModelCatalog) -> RateLimitGroup {
+    match meta.model_entry(catalog) {
+        Some(entry) => entry.group().clone(),
+        None => RateLimitGroup::new("unknown"),
+    }
+}
+
+/// The (key, group) of a request described by `resend` (its key, its meta's group).
+pub(crate) fn described_key(resend: &Resend, catalog: &ModelCatalog) -> QuotaKey {
+    static NO_META: std::sync::LazyLock<RequestMeta> =
+        std::sync::LazyLock::new(RequestMeta::default);
+    let meta = resend.meta().unwrap_or(&NO_META);
+    (resend.key().clone(), group_of(meta, catalog))
 }
 
 /// `req` with `x-tower-claude-attempt: attempt` set.
@@ -457,7 +522,6 @@ pub(crate) fn set_attempt(req: &mut Request<RequestBody>, attempt: u32) {
 pub(crate) struct Attempts {
     pub(crate) shared: Arc<Shared>,
     pub(crate) template: Template,
-    pub(crate) key: QuotaKey,
     pub(crate) need: Need,
     pub(crate) deadline: Option<Instant>,
     /// The request's [`MaxServerWait`](super::MaxServerWait), if any (with a description
@@ -559,7 +623,11 @@ fn success_info(
     last_status: Option<StatusCode>,
     last_message: Option<String>,
 ) -> RetryInfo {
-    ctx.shared.pacer.succeeded(&ctx.key);
+    let pacer = &ctx.shared.pacer;
+    // Nothing paced (no 429 seen): the request's key is not even made.
+    if !pacer.idle() {
+        pacer.succeeded(&ctx.template.quota_key(&ctx.shared.config.catalog));
+    }
     let elapsed = ctx.started.elapsed();
     RetryInfo::new(
         attempt,
@@ -576,12 +644,11 @@ fn success_info(
 /// request's deposit made).
 async fn run<S, B>(
     mut start: Option<Start<B>>,
-    spare: Spare<S>,
     ctx: Attempts,
     rng: Option<fastrand::Rng>,
 ) -> Result<Response<RetryBody<B>>, BoxError>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -597,6 +664,7 @@ where
             shared.fork_rng()
         }
     };
+    let key = ctx.template.quota_key(&config.catalog);
     let mut backoff = BackoffState::new(ctx.need);
     let mut total_wait = Duration::ZERO;
     let mut last_status: Option<StatusCode> = None;
@@ -640,7 +708,7 @@ where
             None => {
                 let call = {
                     if service.is_none() {
-                        service = spare.service();
+                        service = shared.spare_service::<S>();
                     }
                     let Some(service) = service.as_mut() else {
                         return Err(RetryError::new(RetryErrorKind::Inner, attempt - 1)
@@ -746,7 +814,7 @@ where
                     .map(|s| s.0);
                 let rate_limited = is_rate_limit(status, error.as_ref());
                 if rate_limited && sooner.is_none() {
-                    shared.pacer.rate_limited(&ctx.key);
+                    shared.pacer.rate_limited(&key);
                 }
                 last_status = Some(status);
                 last_message = error.as_ref().map(|e| e.message().to_string());
@@ -772,7 +840,7 @@ where
                 &mut backoff,
                 delay_headers.as_ref(),
                 rate_limited,
-                shared.pacer.level(&ctx.key),
+                shared.pacer.level(&key),
                 &mut rng,
                 SystemTime::now(),
             );
@@ -794,10 +862,7 @@ where
             let mut crosses = ctx.deadline.is_some_and(|deadline| wake > deadline);
             let mut slot = None;
             if let (false, true, Some(admission)) = (crosses, config.pacing, delay.admission) {
-                match shared
-                    .pacer
-                    .reserve(&ctx.key, wake, admission, ctx.deadline)
-                {
+                match shared.pacer.reserve(&key, wake, admission, ctx.deadline) {
                     Some(reserved) => {
                         wake = reserved.at.min(now + config.backoff.max_delay);
                         slot = Some(reserved);
@@ -807,14 +872,14 @@ where
             }
             if too_long {
                 if let Some(slot) = slot {
-                    shared.pacer.release(&ctx.key, slot);
+                    shared.pacer.release(&key, slot);
                 }
                 Err(RetryOutcome::WaitTooLong)
             } else if crosses {
                 Err(RetryOutcome::DeadlineExceeded)
             } else if config.budget.as_ref().is_some_and(|b| !b.withdraw()) {
                 if let Some(slot) = slot {
-                    shared.pacer.release(&ctx.key, slot);
+                    shared.pacer.release(&key, slot);
                 }
                 Err(RetryOutcome::BudgetExhausted)
             } else {
@@ -830,8 +895,8 @@ where
                     attempt,
                     status = last_status.map(|s| s.as_u16()),
                     wait_ms = wait.as_millis() as u64,
-                    key = %ctx.key.0,
-                    group = %ctx.key.1,
+                    key = %key.0,
+                    group = %key.1,
                     "retrying Messages API call"
                 );
                 tokio::time::sleep_until(wake).await;
@@ -1177,13 +1242,70 @@ mod tests {
         }
     }
 
+    /// A description's key and group, made when asked, are the request's: its key, and the
+    /// group of its meta's model (another model's meta for a rewritten request).
+    #[test]
+    fn a_described_request_is_keyed_by_its_description() {
+        use std::sync::Arc;
+
+        use crate::anthropic::KeyId;
+        use crate::retry::{Described, ServerWait};
+
+        struct Source(RequestTemplate, KeyId);
+        impl Described for Source {
+            fn template(&self) -> &RequestTemplate {
+                &self.0
+            }
+            fn key(&self) -> &KeyId {
+                &self.1
+            }
+            fn lower_left(&self, _: usize, _: usize) -> bool {
+                false
+            }
+            fn max_wait(&self) -> Duration {
+                Duration::ZERO
+            }
+        }
+        let catalog = ModelCatalog::default();
+        let mut req = Request::post("/v1/messages")
+            .body(RequestBody::from(Bytes::from_static(
+                br#"{"model":"claude-opus-4-7","max_tokens":1,"messages":[]}"#,
+            )))
+            .unwrap();
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        let source = Arc::new(Source(RequestTemplate::new(req), KeyId::named("k")));
+        let haiku =
+            RequestMeta::scan(br#"{"model":"claude-haiku-4-5","max_tokens":1,"messages":[]}"#)
+                .unwrap();
+        for (meta, model) in [(None, "claude-opus-4-7"), (Some(haiku), "claude-haiku-4-5")] {
+            let resend = Resend {
+                source: source.clone(),
+                body: None,
+                meta: meta.map(Box::new),
+                max_server_wait: ServerWait::Set(None),
+            };
+            let template = Template::resent(resend, None, None);
+            let (key, group) = template.quota_key(&catalog);
+            assert_eq!(key.as_str(), "k");
+            assert_eq!(&group, catalog.entry(model).group(), "{model}");
+        }
+        assert_ne!(
+            catalog.entry("claude-opus-4-7").group(),
+            catalog.entry("claude-haiku-4-5").group()
+        );
+    }
+
     #[test]
     fn every_attempt_says_its_number() {
+        use crate::anthropic::KeyId;
         let req = Request::post("/v1/messages")
             .header("x-api-key", "k")
             .body(RequestBody::from(Bytes::from_static(b"{}")))
             .unwrap();
-        let template = Template::new(req);
+        let template = Template::new(
+            req,
+            (KeyId::anonymous(), RateLimitGroup::new("claude-haiku-4")),
+        );
         for attempt in 1..=12u32 {
             let req = template.request(attempt);
             assert_eq!(

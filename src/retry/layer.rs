@@ -1,7 +1,8 @@
 //! [`RetryLayer`]: builds [`Retry`] services.
 
+use std::any::Any;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -39,14 +40,43 @@ pub(crate) struct Config {
     pub(crate) max_json_read: usize,
 }
 
-/// State shared by a layer and every service it builds (and their clones).
+/// State shared by a service the layer built and its clones (the pacer, the jitter
+/// generator and the configuration are the layer's, shared by every service it builds).
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) pacer: Arc<Pacer>,
     pub(crate) rng: Arc<Mutex<fastrand::Rng>>,
+    /// The service's spare (see [`Spare`](super::Spare)): a `Mutex<S>` of the service's
+    /// inner type, taken at its first request. Kept here, where every response future
+    /// already holds a reference, rather than behind a reference count of its own that
+    /// each request would clone and drop.
+    spare: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 impl Shared {
+    pub(crate) fn new(config: Config, pacer: Arc<Pacer>, rng: Arc<Mutex<fastrand::Rng>>) -> Self {
+        Self {
+            config,
+            pacer,
+            rng,
+            spare: OnceLock::new(),
+        }
+    }
+
+    /// Takes the spare from `inner` when there is none yet (the first request).
+    pub(crate) fn keep_spare<S: Clone + Send + 'static>(&self, inner: &S) {
+        self.spare
+            .get_or_init(|| Box::new(Mutex::new(inner.clone())));
+    }
+
+    /// A service for an attempt after the first: a clone of the spare (`None` before any
+    /// [`keep_spare`](Self::keep_spare), which the service makes before any response future
+    /// exists; a `Shared` serves one service type, its builder's).
+    pub(crate) fn spare_service<S: Clone + Send + 'static>(&self) -> Option<S> {
+        let spare = self.spare.get()?.downcast_ref::<Mutex<S>>()?;
+        Some(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+
     /// A random generator for one request, seeded from the layer's generator (so a seeded
     /// layer is deterministic when requests start in a deterministic order).
     pub(crate) fn fork_rng(&self) -> fastrand::Rng {
@@ -269,11 +299,11 @@ impl<S> Layer<S> for RetryLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Retry::from_shared(
             inner,
-            Arc::new(Shared {
-                config: self.config.clone(),
-                pacer: self.pacer.clone(),
-                rng: self.rng.clone(),
-            }),
+            Arc::new(Shared::new(
+                self.config.clone(),
+                self.pacer.clone(),
+                self.rng.clone(),
+            )),
         )
     }
 }

@@ -194,7 +194,7 @@ pub use layer::RetryLayer;
 pub use policy::{Action, Attempt, Policy, PolicyExt, Transient, policy_fn};
 pub use service::Retry;
 
-pub(crate) use resend::{LowerModels, Resend, ServerWait};
+pub(crate) use resend::{Described, LowerModels, Resend, ServerWait};
 pub(crate) use spare::Spare;
 
 /// A request extension: the instant after which [`Retry`] starts no new wait. It overrides

@@ -11,8 +11,8 @@ use crate::anthropic::{KeyId, ModelEntry, RequestMeta};
 use crate::body::{RequestBody, RequestTemplate};
 use crate::quota::Cost;
 
-/// A request extension (crate-private): the request is `template` with `body`, its
-/// [`RequestMeta`] replaced by `meta` when set; its [`MaxServerWait`] is for the retry layer
+/// A request extension (crate-private): the request is the source's template with `body`
+/// (the template's own when `None`), its [`RequestMeta`] replaced by `meta` when set; its [`MaxServerWait`] is for the retry layer
 /// alone (its one reader), which asks for it here ([`Resend::max_server_wait`]) when an
 /// attempt is rate limited: it is not put on the request.
 ///
@@ -26,14 +26,34 @@ use crate::quota::Cost;
 /// request.
 #[derive(Clone)]
 pub(crate) struct Resend {
-    pub(crate) template: Arc<RequestTemplate>,
-    pub(crate) body: RequestBody,
+    /// What the layer above keeps of the request for every attempt (the template, its key,
+    /// its lower models): one reference count for all of it.
+    pub(crate) source: Arc<dyn Described>,
+    /// The body sent, when not the template's own (another model's rewritten body).
+    pub(crate) body: Option<RequestBody>,
     /// Boxed: set only for another model than the requested one (the extension stays small).
     pub(crate) meta: Option<Box<RequestMeta>>,
     /// The layer above's [`MaxServerWait`] for this request, or how to decide it.
     pub(crate) max_server_wait: ServerWait,
+}
+
+/// What the layer directly above a retry layer keeps of a request for all its attempts, and
+/// shares with every [`Resend`] it attaches (fallback's walk: the request as received, its
+/// key, its chain of models).
+pub(crate) trait Described: Send + Sync {
+    /// The request as the layer above received it.
+    fn template(&self) -> &RequestTemplate;
+
     /// The request's key, as [`KeyId::of_request`] read it (the layer above read it already).
-    pub(crate) key: KeyId,
+    fn key(&self) -> &KeyId;
+
+    /// Whether a model below candidate `idx` of the request's chain is left (and the depth
+    /// allows moving to it, `visited` models sent to, `idx` included), by the board as it is
+    /// now.
+    fn lower_left(&self, idx: usize, visited: usize) -> bool;
+
+    /// The longest server-asked wait while a lower model is left.
+    fn max_wait(&self) -> Duration;
 }
 
 /// The layer above (fallback) deciding whether a lower model than the one sent is left for a
@@ -62,54 +82,43 @@ pub(crate) trait LowerModels: Send + Sync {
 /// decided when retry needs it (a rate-limited attempt; most requests never are), with the
 /// board as it is then. Asking costs a look at the lower models' quota, which the request
 /// then does not pay when it is answered at once.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 pub(crate) enum ServerWait {
     /// Decided (`None`: no lower model can be left, the walk's depth or chain is at its end).
     Set(Option<MaxServerWait>),
-    /// Decided by `models` when asked.
-    Ask {
-        models: Arc<dyn LowerModels>,
-        candidates: Arc<[ModelEntry]>,
-        idx: usize,
-        visited: usize,
-        cost: Cost,
-    },
+    /// Decided by the [`Described`] source when asked: the request was sent to candidate
+    /// `idx`, `visited` models sent to.
+    Ask { idx: usize, visited: usize },
 }
 
 impl Resend {
     /// The request's [`MaxServerWait`] from the layer above, decided now when it was left
     /// to be asked; else the one the request itself carries (the application's), if any.
     pub(crate) fn max_server_wait(&self) -> Option<MaxServerWait> {
-        let above = match &self.max_server_wait {
-            ServerWait::Set(wait) => *wait,
-            ServerWait::Ask {
-                models,
-                candidates,
-                idx,
-                visited,
-                cost,
-            } => {
-                let meta = self.template.meta();
-                meta.is_some_and(|meta| {
-                    models.lower_left(
-                        meta,
-                        self.headers(),
-                        candidates,
-                        *idx,
-                        *visited,
-                        &self.key,
-                        cost,
-                    )
-                })
-                .then(|| MaxServerWait(models.max_wait()))
-            }
+        let above = match self.max_server_wait {
+            ServerWait::Set(wait) => wait,
+            ServerWait::Ask { idx, visited } => self
+                .source
+                .lower_left(idx, visited)
+                .then(|| MaxServerWait(self.source.max_wait())),
         };
-        above.or_else(|| self.template.extensions().get::<MaxServerWait>().copied())
+        above.or_else(|| {
+            self.source
+                .template()
+                .extensions()
+                .get::<MaxServerWait>()
+                .copied()
+        })
     }
 
     /// The request again, as it was sent.
     pub(crate) fn request(&self) -> Request<RequestBody> {
-        let mut req = self.template.with_body(self.body.clone());
+        let template = self.source.template();
+        let body = match &self.body {
+            Some(body) => body.clone(),
+            None => template.body().clone(),
+        };
+        let mut req = template.with_body(body);
         if let Some(meta) = &self.meta {
             req.extensions_mut().insert(RequestMeta::clone(meta));
         }
@@ -118,20 +127,62 @@ impl Resend {
 
     /// The request's [`RequestMeta`].
     pub(crate) fn meta(&self) -> Option<&RequestMeta> {
-        self.meta.as_deref().or_else(|| self.template.meta())
+        self.meta
+            .as_deref()
+            .or_else(|| self.source.template().meta())
     }
 
     /// The request's headers.
     pub(crate) fn headers(&self) -> &HeaderMap {
-        self.template.headers()
+        self.source.template().headers()
+    }
+
+    /// The request's key.
+    pub(crate) fn key(&self) -> &KeyId {
+        self.source.key()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
     use super::*;
+
+    /// A source that says whether a lower model is left as told, counting the questions.
+    struct Source {
+        template: RequestTemplate,
+        key: KeyId,
+        lower: AtomicBool,
+        asked: AtomicUsize,
+    }
+
+    impl Described for Source {
+        fn template(&self) -> &RequestTemplate {
+            &self.template
+        }
+        fn key(&self) -> &KeyId {
+            &self.key
+        }
+        fn lower_left(&self, idx: usize, visited: usize) -> bool {
+            assert_eq!((idx, visited), (0, 1));
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            self.lower.load(Ordering::Relaxed)
+        }
+        fn max_wait(&self) -> Duration {
+            Duration::from_secs(5)
+        }
+    }
+
+    fn source(req: Request<RequestBody>) -> Arc<Source> {
+        Arc::new(Source {
+            template: RequestTemplate::new(req),
+            key: KeyId::named("k"),
+            lower: AtomicBool::new(true),
+            asked: AtomicUsize::new(0),
+        })
+    }
 
     #[test]
     fn rebuilds_what_was_sent() {
@@ -142,14 +193,13 @@ mod tests {
             )))
             .unwrap();
         RequestMeta::get_or_scan(&mut req).unwrap();
-        let template = Arc::new(RequestTemplate::new(req));
+        let source = source(req);
         let other = RequestMeta::scan(br#"{"model":"b","max_tokens":1,"messages":[]}"#).unwrap();
         let resend = Resend {
-            template: template.clone(),
-            body: RequestBody::from(bytes::Bytes::from_static(b"{}")),
+            source: source.clone(),
+            body: Some(RequestBody::from(bytes::Bytes::from_static(b"{}"))),
             meta: Some(Box::new(other)),
             max_server_wait: ServerWait::Set(Some(MaxServerWait(Duration::from_secs(3)))),
-            key: KeyId::named("k"),
         };
         let req = resend.request();
         assert_eq!(req.headers()["x-api-key"], "k");
@@ -157,6 +207,7 @@ mod tests {
         let meta = req.extensions().get::<RequestMeta>().unwrap();
         assert_eq!(meta.model.as_deref(), Some("b"));
         assert_eq!(resend.meta().unwrap().model.as_deref(), Some("b"));
+        assert_eq!(resend.key().as_str(), "k");
         // The wait is for the retry layer, which reads it here: not on the request.
         assert_eq!(req.extensions().get::<MaxServerWait>(), None);
         assert_eq!(
@@ -164,49 +215,25 @@ mod tests {
             Some(MaxServerWait(Duration::from_secs(3)))
         );
         let plain = Resend {
-            template,
-            body: RequestBody::empty(),
+            source,
+            body: None,
             meta: None,
             max_server_wait: ServerWait::Set(None),
-            key: KeyId::named("k"),
         };
         assert_eq!(plain.meta().unwrap().model.as_deref(), Some("a"));
-        assert!(
-            plain
-                .request()
-                .extensions()
-                .get::<MaxServerWait>()
-                .is_none()
+        let req = plain.request();
+        assert!(req.extensions().get::<MaxServerWait>().is_none());
+        // No body of its own: the template's.
+        assert_eq!(
+            req.body().bytes().as_ref(),
+            br#"{"model":"a","max_tokens":1,"messages":[]}"#
         );
     }
+
     /// Left to be asked: decided when asked (each time, by the layer above as it is then);
     /// the request's own wait when no lower model is left.
     #[test]
     fn an_asked_wait_is_decided_when_asked() {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-        struct Models(AtomicBool, AtomicUsize);
-        impl LowerModels for Models {
-            fn lower_left(
-                &self,
-                meta: &RequestMeta,
-                _: &HeaderMap,
-                _: &[ModelEntry],
-                idx: usize,
-                visited: usize,
-                key: &KeyId,
-                _: &Cost,
-            ) -> bool {
-                assert_eq!(meta.model.as_deref(), Some("a"));
-                assert_eq!((idx, visited, key.as_str()), (0, 1, "k"));
-                self.1.fetch_add(1, Ordering::Relaxed);
-                self.0.load(Ordering::Relaxed)
-            }
-            fn max_wait(&self) -> Duration {
-                Duration::from_secs(5)
-            }
-        }
-
         let mut req = Request::post("/v1/messages")
             .body(RequestBody::from(bytes::Bytes::from_static(
                 br#"{"model":"a","max_tokens":1,"messages":[]}"#,
@@ -215,22 +242,15 @@ mod tests {
         req.extensions_mut()
             .insert(MaxServerWait(Duration::from_secs(60)));
         RequestMeta::get_or_scan(&mut req).unwrap();
-        let models = Arc::new(Models(AtomicBool::new(true), AtomicUsize::new(0)));
+        let source = source(req);
         let resend = Resend {
-            template: Arc::new(RequestTemplate::new(req)),
-            body: RequestBody::empty(),
+            source: source.clone(),
+            body: None,
             meta: None,
-            max_server_wait: ServerWait::Ask {
-                models: models.clone(),
-                candidates: Arc::from(Vec::new()),
-                idx: 0,
-                visited: 1,
-                cost: Cost::new(1, 1, 1),
-            },
-            key: KeyId::named("k"),
+            max_server_wait: ServerWait::Ask { idx: 0, visited: 1 },
         };
         assert_eq!(
-            models.1.load(Ordering::Relaxed),
+            source.asked.load(Ordering::Relaxed),
             0,
             "not asked until needed"
         );
@@ -238,12 +258,12 @@ mod tests {
             resend.max_server_wait(),
             Some(MaxServerWait(Duration::from_secs(5)))
         );
-        models.0.store(false, Ordering::Relaxed);
+        source.lower.store(false, Ordering::Relaxed);
         assert_eq!(
             resend.max_server_wait(),
             Some(MaxServerWait(Duration::from_secs(60))),
             "no lower model left: the request's own"
         );
-        assert_eq!(models.1.load(Ordering::Relaxed), 2);
+        assert_eq!(source.asked.load(Ordering::Relaxed), 2);
     }
 }

@@ -1,6 +1,7 @@
 //! The [`Retry`] service.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,11 +12,11 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::backoff::Need;
-use super::future::{Attempts, ResponseFuture, Template, set_attempt};
+use super::future::{Attempts, ResponseFuture, Template, described_key, group_of, set_attempt};
 use super::layer::Shared;
-use super::{Deadline, MaxServerWait, Resend, RetryBody, Spare};
+use super::{Deadline, MaxServerWait, Resend, RetryBody};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RateLimitGroup, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
 use crate::body::RequestBody;
 
 /// Retries transient failures of Messages API calls. Built by
@@ -27,8 +28,10 @@ use crate::body::RequestBody;
 /// [`ready`](tower::ServiceExt::ready) first. A request sent once clones nothing.
 pub struct Retry<S> {
     inner: S,
+    /// The service's state, its spare included: one per service the layer builds, shared by
+    /// its clones.
     shared: Arc<Shared>,
-    spare: Spare<S>,
+    _service: PhantomData<fn() -> S>,
 }
 
 impl<S> Retry<S> {
@@ -36,7 +39,7 @@ impl<S> Retry<S> {
         Self {
             inner,
             shared,
-            spare: Spare::new(),
+            _service: PhantomData,
         }
     }
 
@@ -61,7 +64,7 @@ impl<S: Clone> Clone for Retry<S> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
-            spare: self.spare.clone(),
+            _service: PhantomData,
         }
     }
 }
@@ -99,16 +102,17 @@ where
         // The layer directly above (fallback) described how it built this request: its
         // `RequestMeta` and key come with the description, not read from the request again.
         let resend = req.extensions_mut().remove::<Resend>();
-        let meta = match resend.as_ref().and_then(Resend::meta) {
+        let described = resend.as_ref().and_then(Resend::meta);
+        // A description with its meta gives the request's key and group when they are asked
+        // for (`Template::quota_key`): not copied here for every request.
+        let lazy_key = described.is_some();
+        let meta = match described {
             Some(meta) => Ok(meta),
             None => RequestMeta::get_or_scan_in(&mut req, &config.catalog),
         };
         let (group, need) = match meta {
             Ok(meta) => (
-                match meta.model_entry(&config.catalog) {
-                    Some(entry) => entry.group().clone(),
-                    None => RateLimitGroup::new("unknown"),
-                },
+                (!lazy_key).then(|| group_of(meta, &config.catalog)),
                 Need {
                     input_tokens: meta.input_tokens,
                     output_tokens: meta.max_tokens.unwrap_or(0),
@@ -141,19 +145,28 @@ where
             Some(_) => None,
             None => req.extensions().get::<MaxServerWait>().map(|m| m.0),
         };
-        let key = match &resend {
-            Some(resend) => resend.key.clone(),
-            None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
-        };
-
-        let key = (key, group);
+        let key = group.map(|group| {
+            let key = match &resend {
+                Some(resend) => resend.key().clone(),
+                None => KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous),
+            };
+            (key, group)
+        });
         let deadline = deadline.map(Deadline::instant);
-        let gate = if config.pacing {
-            self.shared.pacer.admit(&key, deadline)
+        // Nothing paced (no 429 seen): no admission to ask for, no key made for it.
+        let gate = if config.pacing && !self.shared.pacer.idle() {
+            match (&key, &resend) {
+                (Some(key), _) => self.shared.pacer.admit(key, deadline),
+                (None, Some(resend)) => self
+                    .shared
+                    .pacer
+                    .admit(&described_key(resend, &config.catalog), deadline),
+                (None, None) => None,
+            }
         } else {
             None
         };
-        let spare = self.spare.handle(&self.inner);
+        self.shared.keep_spare(&self.inner);
         if gate.is_some() {
             // The request first waits for a pacing slot: do not sit on what `poll_ready`
             // reserved (a concurrency permit, say) meanwhile; the future readies a clone of
@@ -171,7 +184,6 @@ where
                 Attempts {
                     shared,
                     template: $template,
-                    key,
                     need,
                     deadline,
                     max_server_wait,
@@ -188,25 +200,122 @@ where
             Some(resend) => {
                 // The description goes into the template where the template stays.
                 if gate.is_some() {
-                    return ResponseFuture::paced(
-                        spare,
-                        attempts!(Template::resent(resend, added)),
-                    );
+                    return ResponseFuture::paced::<S>(attempts!(Template::resent(
+                        resend, added, key
+                    )));
                 }
                 set_attempt(&mut req, 1);
                 let call = self.inner.call(req);
-                ResponseFuture::first(call, deadline, read, spare, || {
-                    attempts!(Template::resent(resend, added))
+                ResponseFuture::first::<S>(call, deadline, read, || {
+                    attempts!(Template::resent(resend, added, key))
                 })
             }
             None => {
-                let template = Template::new(req);
+                let Some(key) = key else {
+                    // A request without a description always has its own key.
+                    return ResponseFuture::passthrough(self.inner.call(req));
+                };
+                let template = Template::new(req, key);
                 if gate.is_some() {
-                    return ResponseFuture::paced(spare, attempts!(template));
+                    return ResponseFuture::paced::<S>(attempts!(template));
                 }
                 let call = self.inner.call(template.request(1));
-                ResponseFuture::first(call, deadline, read, spare, || attempts!(template))
+                ResponseFuture::first::<S>(call, deadline, read, || attempts!(template))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::retry::RetryInfo;
+
+    /// An upstream that counts its clones and answers 529 to the calls listed in `fail`.
+    struct Counted {
+        clones: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+        fail: &'static [usize],
+    }
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::Relaxed);
+            Self {
+                clones: self.clones.clone(),
+                calls: self.calls.clone(),
+                fail: self.fail,
+            }
+        }
+    }
+
+    impl Service<Request<RequestBody>> for Counted {
+        type Response = Response<Full<Bytes>>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<RequestBody>) -> Self::Future {
+            let call = self.calls.fetch_add(1, Ordering::Relaxed);
+            let status = if self.fail.contains(&call) { 529 } else { 200 };
+            std::future::ready(Ok(Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#,
+                )))
+                .unwrap()))
+        }
+    }
+
+    fn request() -> Request<RequestBody> {
+        Request::post("/v1/messages")
+            .header("x-api-key", "k")
+            .body(RequestBody::from(
+                r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+            ))
+            .unwrap()
+    }
+
+    /// The spare kept in the service's shared state: taken once (the first request), not per
+    /// request; an attempt after the first is sent by a clone of it, of the service's type.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn later_attempts_are_sent_by_a_clone_of_the_spare() {
+        let clones = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let upstream = Counted {
+            clones: clones.clone(),
+            calls: calls.clone(),
+            fail: &[2],
+        };
+        let mut svc = super::super::RetryLayer::new().seed(1).layer(upstream);
+        for _ in 0..2 {
+            let resp = svc.ready().await.unwrap().call(request()).await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(clones.load(Ordering::Relaxed), 1, "the spare, once");
+        // The third call answers 529: the second attempt goes to a clone of the spare.
+        let resp = svc.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.extensions().get::<RetryInfo>().unwrap().attempts(), 2);
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+        assert_eq!(clones.load(Ordering::Relaxed), 2, "one clone of the spare");
+        // A clone of the service shares the spare.
+        let mut twin = svc.clone();
+        let resp = twin.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            clones.load(Ordering::Relaxed),
+            3,
+            "the service's clone only"
+        );
     }
 }
