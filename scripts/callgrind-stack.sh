@@ -18,11 +18,12 @@
 # read and write misses (data: large futures moved to cold memory, fresh allocations),
 # mispredicted conditional and indirect branches, and the locked read-modify-write
 # instructions executed (`lock`-prefixed or `xchg` with memory, found in `objdump -d` of the
-# binary: `Arc` clones and drops, mutexes, atomic counters; whole process divided by the
-# requests: the bench's set-up adds ~15 at PROFILE_TIME=2, a few at the default 5; compare
-# rows of one PROFILE_TIME). Found on 2026-12-07: at 24.5k
+# binary: `Arc` clones and drops, mutexes, atomic counters). That run collects inside
+# criterion's `Bencher::iter` only (`--toggle-collect`), so the bench's set-up is not counted
+# (it added 20-170 locked instructions per request on a loaded host, whose short profiles
+# hold few requests). Found on 2026-12-07: at 24.5k
 # instructions against plain Tower's 22.3k, the stack took 1.30x its time; the simulation
-# showed 1.7k I1 misses per request against 0.45k, 320 D1 misses against 18 and 152 locked
+# showed 1.7k I1 misses per request against 0.45k, 330 D1 misses against 18 and 147 locked
 # instructions against 61 (each ~2.3 ns on this host's AMD EPYC, against 0.6 ns unlocked):
 # instruction counts alone do not predict the wall time any more. A model, not the machine
 # (no prefetchers): compare rows, not absolute cycles. With TOP, the functions with the most
@@ -94,7 +95,7 @@ fi
 
 # footprint OUT BINARY N TOP: the SIM=1 row of a cache-and-branch-simulated callgrind output.
 footprint() {
-  python3 scripts/callgrind-footprint.py --row 'criterion::bencher::Bencher<M>::iter' "$@"
+  python3 scripts/callgrind-footprint.py "$@"
 }
 
 printf '%-24s %14s %10s\n' binary instr/request x_first
@@ -133,8 +134,11 @@ for round in $(seq 1 "$RUNS"); do
     fi
     if [ -n "${SIM:-}" ]; then
       sim="$work/sim.$i.$round"
+      # Collected inside criterion's measured loop only (--toggle-collect): the bench's
+      # set-up and its locked instructions are left out, whatever the host's load.
       valgrind --tool=callgrind --cache-sim=yes --branch-sim=yes --dump-instr=yes \
-        --compress-pos=no --callgrind-out-file="$sim" \
+        --compress-pos=no --toggle-collect='criterion::bencher::Bencher*::iter*' \
+        --callgrind-out-file="$sim" \
         "$bin" --bench "$BENCH" --profile-time "$PROFILE_TIME" >"$sim.log" 2>&1 ||
         { cat "$sim.log" >&2; exit 1; }
       footprint "$sim" "$bin" "$(calls "$sim" "rate_limit::request")" "$TOP"
