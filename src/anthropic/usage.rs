@@ -809,8 +809,6 @@ struct Tracked {
     complete_at: Option<u64>,
     ended: bool,
     failed: bool,
-    /// The JSON usage, read once the body ended.
-    json_usage: Option<Option<Usage>>,
     /// A JSON body's `model`, read with its usage. Whether it was a typed object and a
     /// whole message is published in [`Shared::ended`].
     model: Option<String>,
@@ -827,7 +825,6 @@ impl UsageTracker {
                 complete_at: None,
                 ended: false,
                 failed: false,
-                json_usage: None,
                 model: None,
             }),
             complete_at: AtomicU64::new(u64::MAX),
@@ -918,7 +915,6 @@ impl UsageTracker {
             UsageWatch::Overflow => Some((None, None, None, None)),
         };
         if let Some((usage, model, typed, message)) = read {
-            t.json_usage = Some(usage);
             t.model = model;
             // The copy is no longer needed.
             t.watch = UsageWatch::Overflow;
@@ -959,8 +955,10 @@ impl UsageTracker {
             return self.0.ended.usage(flags);
         }
         let mut t = self.lock();
-        if let Some(usage) = t.json_usage {
-            return usage;
+        // Ended while this waited for the lock: the body's usage is the published one (the
+        // copy is gone).
+        if let Some(flags) = self.0.ended.flags() {
+            return self.0.ended.usage(flags);
         }
         t.watch.usage(false)
     }

@@ -198,8 +198,7 @@ fn observe<B>(requested: &Requested, finish: &mut Finish, response: &Response<B>
     if let Some((attempts, reason)) = super::retries::retries(response.extensions()) {
         span.record("attempts", attempts);
         if attempts > 1 {
-            metrics::counter!(names::RETRIES_TOTAL, names::LABEL_REASON => reason)
-                .increment(u64::from(attempts - 1));
+            count_retries(attempts, reason);
         }
     }
 
@@ -213,6 +212,16 @@ fn observe<B>(requested: &Requested, finish: &mut Finish, response: &Response<B>
             .handles
             .queue_wait_labelled(&finish.labels.group_label, |h| h.record(wait.as_secs_f64()));
     }
+}
+
+/// Counts the retries of a request that took `attempts` attempts. Out of line: a retried
+/// request is rare, and the macro's registration code is long (kept out of the poll every
+/// answer runs).
+#[cold]
+#[inline(never)]
+fn count_retries(attempts: u32, reason: &'static str) {
+    metrics::counter!(names::RETRIES_TOTAL, names::LABEL_REASON => reason)
+        .increment(u64::from(attempts - 1));
 }
 
 /// Counts a fallback from `requested` to `served` and gives the served model's labels (the
