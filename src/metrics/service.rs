@@ -82,22 +82,32 @@ where
             Some(m) if *labels.model_label == *m => Requested::Labelled,
             Some(m) => Requested::Other(Label::from(m)),
         };
-        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
         if let (Some(forecaster), Some(group)) = (&shared.forecaster, &labels.group) {
             forecaster.record(group, 1, input_estimate, 0);
         }
-        let span = tracing::info_span!(
-            "claude_request",
-            key = %key,
-            group = %labels.group_label,
-            model = %labels.model_label,
-            stream,
-            status = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            cache = tracing::field::Empty,
-            served_model = tracing::field::Empty,
-            queue_wait_ms = tracing::field::Empty,
-        );
+        // The key is read for the span alone: lent from the request's memo, not cloned.
+        let span = KeyId::with_request(&mut req, |key| {
+            let anonymous;
+            let key = match key {
+                Some(key) => key,
+                None => {
+                    anonymous = KeyId::anonymous();
+                    &anonymous
+                }
+            };
+            tracing::info_span!(
+                "claude_request",
+                key = %key,
+                group = %labels.group_label,
+                model = %labels.model_label,
+                stream,
+                status = tracing::field::Empty,
+                attempts = tracing::field::Empty,
+                cache = tracing::field::Empty,
+                served_model = tracing::field::Empty,
+                queue_wait_ms = tracing::field::Empty,
+            )
+        });
         shared.handles.in_flight(|g| g.increment(1.0));
         let fut = {
             let _entered = span.enter();
