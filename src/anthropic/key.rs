@@ -126,6 +126,7 @@ impl KeyId {
     /// [`of_request`](Self::of_request) for a caller that only reads the id (metrics' span):
     /// the same checks and the same memo kept on `req`, the id lent to `read` from the memo
     /// instead of cloned (an `Arc`'s clone and drop: two locked instructions a request).
+    #[cfg(feature = "metrics")]
     pub(crate) fn with_request<B, T>(
         req: &mut http::Request<B>,
         read: impl FnOnce(Option<&Self>) -> T,
@@ -379,6 +380,7 @@ mod tests {
     /// derived, the memo's key again through `x-api-key` or `authorization`, a key changed
     /// under the memo, with and without a `RequestMeta`), and keeps the same memo: the next
     /// `of_request` finds it.
+    #[cfg(feature = "metrics")]
     #[test]
     fn a_lent_id_is_the_one_of_request_gives() {
         let request = |headers: &[(&'static str, &str)], meta: bool| {
