@@ -89,6 +89,22 @@ pub(super) fn scan_answer(body: &[u8]) -> Option<AnswerFields<'_>> {
     Some(out)
 }
 
+/// The position past the escape at `b[j]` (a backslash), `None` when it is not one of
+/// JSON's. Out of line: the string reader is in line in five places, and answers rarely
+/// have escapes (the code read on every string stays short).
+#[cold]
+#[inline(never)]
+fn escape_end(b: &[u8], j: usize) -> Option<usize> {
+    match *b.get(j + 1)? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(j + 2),
+        b'u' => {
+            let hex = b.get(j + 2..j + 6)?;
+            hex.iter().all(u8::is_ascii_hexdigit).then_some(j + 6)
+        }
+        _ => None,
+    }
+}
+
 /// A position in a document.
 struct Cursor<'a> {
     b: &'a [u8],
@@ -179,17 +195,7 @@ impl<'a> Cursor<'a> {
                 }
                 b'\\' => {
                     escaped = true;
-                    match *b.get(j + 1)? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => j += 2,
-                        b'u' => {
-                            let hex = b.get(j + 2..j + 6)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return None;
-                            }
-                            j += 6;
-                        }
-                        _ => return None,
-                    }
+                    j = escape_end(b, j)?;
                 }
                 0x80.. => {
                     self.wide |= c;
@@ -329,6 +335,14 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// [`skip_value`](Self::skip_value) out of line, for the members of `usage` and
+    /// `usage.cache_creation` this reader does not take (rare: the usage block is mostly
+    /// its counts): one copy of the skipping code less in line in the reader.
+    #[inline(never)]
+    fn skip_other_value(&mut self) -> Option<()> {
+        self.skip_value()
+    }
+
     /// Any member name (escapes allowed) and the `:` after it, leaving the position at its
     /// value. In line in [`skip_value`](Self::skip_value), as [`member_name`](Self::member_name)
     /// in `members`: the names of a skipped object (a content block's `type` and `text`) were a
@@ -446,7 +460,7 @@ impl<'a> Cursor<'a> {
                     16
                 }
                 _ => {
-                    c.skip_value()?;
+                    c.skip_other_value()?;
                     0
                 }
             })
@@ -471,7 +485,7 @@ impl<'a> Cursor<'a> {
                     2
                 }
                 _ => {
-                    c.skip_value()?;
+                    c.skip_other_value()?;
                     0
                 }
             })

@@ -123,6 +123,43 @@ impl KeyId {
         Some(id)
     }
 
+    /// [`of_request`](Self::of_request) for a caller that only reads the id (metrics' span):
+    /// the same checks and the same memo kept on `req`, the id lent to `read` from the memo
+    /// instead of cloned (an `Arc`'s clone and drop: two locked instructions a request).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn with_request<B, T>(
+        req: &mut http::Request<B>,
+        read: impl FnOnce(Option<&Self>) -> T,
+    ) -> T {
+        let memo = KeyIdMemo::of(req);
+        let x_api_key = parsed_names::get(req.headers(), &X_API_KEY);
+        if let Some(memo) = memo.filter(|m| m.x_api_key) {
+            if x_api_key == Some(&memo.source) {
+                return read(Some(&memo.id));
+            }
+        }
+        let found = match key_in(x_api_key, None) {
+            Some(found) => Some(found),
+            None => key_in(None, req.headers().get(http::header::AUTHORIZATION)),
+        };
+        let Some((source, key)) = found else {
+            return read(None);
+        };
+        if let Some(memo) = memo {
+            if memo.source == *source {
+                return read(Some(&memo.id));
+            }
+        }
+        let memo = KeyIdMemo {
+            source: source.clone(),
+            x_api_key: x_api_key.is_some_and(|v| std::ptr::eq(v, source)),
+            id: Self::from_api_key(key),
+        };
+        let out = read(Some(&memo.id));
+        memo.keep(req);
+        out
+    }
+
     /// The id of the request's key as a layer above found it, without checking the memo
     /// against the headers again; [`of_request`](Self::of_request) when there is no memo.
     ///
@@ -338,6 +375,59 @@ impl std::fmt::Display for KeyId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `with_request` lends the id `of_request` gives, on every path (no key, a key
+    /// derived, the memo's key again through `x-api-key` or `authorization`, a key changed
+    /// under the memo, with and without a `RequestMeta`), and keeps the same memo: the next
+    /// `of_request` finds it.
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn a_lent_id_is_the_one_of_request_gives() {
+        let request = |headers: &[(&'static str, &str)], meta: bool| {
+            let mut req = http::Request::post("/v1/messages");
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            let mut req = req.body(()).unwrap();
+            if meta {
+                req.extensions_mut()
+                    .insert(RequestMeta::scan(br#"{"model":"m","max_tokens":1}"#).unwrap());
+            }
+            req
+        };
+        let cases: [&[(&str, &str)]; 4] = [
+            &[],
+            &[("x-api-key", "sk-ant-api03-one")],
+            &[("authorization", "Bearer sk-ant-oat01-two")],
+            &[
+                ("x-api-key", " "),
+                ("authorization", "Bearer sk-ant-oat01-three"),
+            ],
+        ];
+        for headers in cases {
+            for meta in [false, true] {
+                let mut lent = request(headers, meta);
+                let mut cloned = request(headers, meta);
+                for round in 0..3 {
+                    if round == 2 && !headers.is_empty() {
+                        // Another key under the memo.
+                        for r in [&mut lent, &mut cloned] {
+                            r.headers_mut()
+                                .insert("x-api-key", "sk-ant-api03-other".parse().unwrap());
+                        }
+                    }
+                    let got = KeyId::with_request(&mut lent, |id| id.cloned());
+                    let want = KeyId::of_request(&mut cloned);
+                    assert_eq!(got, want, "{headers:?} {meta} {round}");
+                    assert_eq!(
+                        KeyIdMemo::of(&lent).map(|m| (&m.id, m.x_api_key)),
+                        KeyIdMemo::of(&cloned).map(|m| (&m.id, m.x_api_key)),
+                    );
+                }
+                assert_eq!(KeyId::of_request(&mut lent), KeyId::of_request(&mut cloned));
+            }
+        }
+    }
 
     #[test]
     fn id_is_the_documented_derivation() {

@@ -192,6 +192,15 @@ impl ModelEntry {
     pub(crate) fn is_of(&self, catalog: &ModelCatalog) -> bool {
         self.0.catalog == catalog.inner.id
     }
+
+    /// Whether this entry is one of `catalog`'s own table (its answer for the id, the same
+    /// record on every request), not one made for a single request (an id the table does
+    /// not list): what may be kept for later requests of the model by the entry's address.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn is_listed_in(&self, catalog: &ModelCatalog) -> bool {
+        self.is_of(catalog)
+            && (catalog.inner.exact.get(self.id())).is_some_and(|listed| listed.same(self))
+    }
 }
 
 impl std::fmt::Debug for ModelEntry {

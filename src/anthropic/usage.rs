@@ -1,6 +1,6 @@
 //! Token usage from JSON responses and from SSE streams.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -554,8 +554,9 @@ impl StreamTracker {
 /// for an SSE stream. What a [`UsageTracker`] holds.
 #[derive(Debug)]
 enum UsageWatch {
-    /// The JSON body so far, and the most it may hold.
-    Json(JsonCopy, usize),
+    /// The JSON body so far (the most it may hold is the tracker's
+    /// [`json_limit`](Shared::json_limit), which readers raise without the lock).
+    Json(JsonCopy),
     /// The JSON body outgrew its limit: its usage is unknown.
     Overflow,
     /// An SSE stream.
@@ -563,29 +564,22 @@ enum UsageWatch {
 }
 
 impl UsageWatch {
-    /// A watch for an SSE stream (`sse`) or a JSON body of at most `json_limit` bytes.
-    fn new(sse: bool, json_limit: usize) -> Self {
+    /// A watch for an SSE stream (`sse`) or a JSON body.
+    fn new(sse: bool) -> Self {
         if sse {
             Self::Sse(Box::default())
         } else {
-            Self::Json(JsonCopy::Empty, json_limit)
-        }
-    }
-
-    /// Raises a JSON copy's limit to `limit` if it is lower (a copy that already outgrew
-    /// its limit stays unread).
-    fn raise_limit(&mut self, limit: usize) {
-        if let Self::Json(_, cap) = self {
-            *cap = (*cap).max(limit);
+            Self::Json(JsonCopy::Empty)
         }
     }
 
     /// Feeds a chunk of the body (`shared`: the same bytes, shared, when the caller has
-    /// them so: a body that is one chunk is then kept without a copy).
-    fn feed(&mut self, chunk: &[u8], shared: Option<&Bytes>) {
+    /// them so: a body that is one chunk is then kept without a copy); a JSON copy holds at
+    /// most `limit` bytes.
+    fn feed(&mut self, chunk: &[u8], shared: Option<&Bytes>, limit: usize) {
         match self {
-            Self::Json(copy, limit) => {
-                if copy.len() + chunk.len() > *limit {
+            Self::Json(copy) => {
+                if copy.len() + chunk.len() > limit {
                     *self = Self::Overflow;
                 } else {
                     copy.push(chunk, shared);
@@ -601,7 +595,7 @@ impl UsageWatch {
     /// dispatched first). `None` for a JSON body that does not parse or outgrew its limit.
     fn usage(&mut self, complete: bool) -> Option<Usage> {
         match self {
-            Self::Json(copy, _) => Usage::from_json(copy.as_slice()),
+            Self::Json(copy) => Usage::from_json(copy.as_slice()),
             Self::Overflow => None,
             Self::Sse(tracker) => {
                 if complete {
@@ -706,6 +700,104 @@ struct Shared {
     /// whether an `event: error` was seen.
     complete_at: AtomicU64,
     errored: AtomicBool,
+    /// Whether the answer is an event stream: fixed when the tracker is made, read without
+    /// the lock.
+    sse: bool,
+    /// The most bytes of a JSON body copied to read its usage: raised by readers above the
+    /// publisher ([`UsageTracker::want_json`]) without the lock, read by every feed under it.
+    json_limit: AtomicUsize,
+    /// A JSON body's reading, published once when the body ends (see [`Ended`]): what every
+    /// reader asks after the end (the usage, twice an answer; whether it was typed) is read
+    /// without the lock, two locked instructions a question less.
+    ended: Ended,
+}
+
+/// What the end of a JSON body (or of one that outgrew its copy) read, written once by
+/// [`UsageTracker::end`] under the tracker's lock and published by a release store of its
+/// flags; read with an acquire load of the flags, then the counts. Never written again once
+/// published (`end` reads a body once), so a reader that sees [`Ended::PUBLISHED`] sees the
+/// counts written before it.
+#[derive(Debug, Default)]
+struct Ended {
+    flags: AtomicU8,
+    /// The [`Usage`] fields, in declaration order.
+    usage: [AtomicU64; 5],
+}
+
+impl Ended {
+    /// The reading is published (a JSON body, or one that outgrew its copy, ended).
+    const PUBLISHED: u8 = 1;
+    /// The body's read failed.
+    const FAILED: u8 = 1 << 1;
+    /// The body had a usage that parsed.
+    const USAGE: u8 = 1 << 2;
+    /// `typed` is known, and its value.
+    const TYPED_KNOWN: u8 = 1 << 3;
+    const TYPED: u8 = 1 << 4;
+    /// `message` is known, and its value.
+    const MESSAGE_KNOWN: u8 = 1 << 5;
+    const MESSAGE: u8 = 1 << 6;
+
+    /// Publishes a JSON body's reading (once).
+    fn publish(
+        &self,
+        failed: bool,
+        usage: Option<Usage>,
+        typed: Option<bool>,
+        message: Option<bool>,
+    ) {
+        let mut flags = Self::PUBLISHED;
+        let bit = |on: bool, flag: u8| if on { flag } else { 0 };
+        flags |= bit(failed, Self::FAILED);
+        if let Some(u) = usage {
+            flags |= Self::USAGE;
+            let counts = [
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_creation_input_tokens,
+                u.cache_read_input_tokens,
+                u.cache_creation_1h_input_tokens,
+            ];
+            for (cell, count) in self.usage.iter().zip(counts) {
+                cell.store(count, Ordering::Relaxed);
+            }
+        }
+        if let Some(typed) = typed {
+            flags |= Self::TYPED_KNOWN | bit(typed, Self::TYPED);
+        }
+        if let Some(message) = message {
+            flags |= Self::MESSAGE_KNOWN | bit(message, Self::MESSAGE);
+        }
+        self.flags.store(flags, Ordering::Release);
+    }
+
+    /// The published flags (`None`: nothing published yet, or a stream).
+    fn flags(&self) -> Option<u8> {
+        let flags = self.flags.load(Ordering::Acquire);
+        (flags & Self::PUBLISHED != 0).then_some(flags)
+    }
+
+    /// The published usage, given the published `flags`.
+    fn usage(&self, flags: u8) -> Option<Usage> {
+        if flags & Self::USAGE == 0 {
+            return None;
+        }
+        let [input, output, creation, read, creation_1h] =
+            [0, 1, 2, 3, 4].map(|i| self.usage[i].load(Ordering::Relaxed));
+        Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            cache_creation_input_tokens: creation,
+            cache_read_input_tokens: read,
+            cache_creation_1h_input_tokens: creation_1h,
+        })
+    }
+
+    /// A known flag pair of the published `flags` of a body read without failure: `None`
+    /// when failed or not known.
+    fn known(flags: u8, known: u8, value: u8) -> Option<bool> {
+        (flags & Self::FAILED == 0 && flags & known != 0).then_some(flags & value != 0)
+    }
 }
 
 #[derive(Debug)]
@@ -717,16 +809,9 @@ struct Tracked {
     complete_at: Option<u64>,
     ended: bool,
     failed: bool,
-    /// The JSON usage, read once the body ended.
-    json_usage: Option<Option<Usage>>,
-    /// A JSON body's `model`, read with its usage.
+    /// A JSON body's `model`, read with its usage. Whether it was a typed object and a
+    /// whole message is published in [`Shared::ended`].
     model: Option<String>,
-    /// Whether a JSON body read whole is a JSON object with a string `type`, read with its
-    /// usage (`None`: not read, or not a JSON body copied whole).
-    typed: Option<bool>,
-    /// Whether a JSON body read whole is a JSON object whose `type` is `"message"`, read with
-    /// its usage (`None`: not known).
-    message: Option<bool>,
 }
 
 impl UsageTracker {
@@ -735,18 +820,18 @@ impl UsageTracker {
     pub fn new(sse: bool, json_limit: usize) -> Self {
         Self(Arc::new(Shared {
             tracked: Mutex::new(Tracked {
-                watch: UsageWatch::new(sse, json_limit),
+                watch: UsageWatch::new(sse),
                 seen: 0,
                 complete_at: None,
                 ended: false,
                 failed: false,
-                json_usage: None,
                 model: None,
-                typed: None,
-                message: None,
             }),
             complete_at: AtomicU64::new(u64::MAX),
             errored: AtomicBool::new(false),
+            sse,
+            json_limit: AtomicUsize::new(json_limit),
+            ended: Ended::default(),
         }))
     }
 
@@ -763,7 +848,12 @@ impl UsageTracker {
     /// (one copy serves them all). Called when the answer's head passes, before its body
     /// is read.
     pub(crate) fn want_json(&self, json_limit: usize) {
-        self.lock().watch.raise_limit(json_limit);
+        // Read first: the readers of one stack mostly ask for the same limit, and a load is
+        // not a locked instruction. A copy that already outgrew its limit stays unread.
+        let limit = &self.0.json_limit;
+        if json_limit > limit.load(Ordering::Relaxed) {
+            limit.fetch_max(json_limit, Ordering::Relaxed);
+        }
     }
 
     /// Feeds a chunk of the body, as it is read.
@@ -780,7 +870,8 @@ impl UsageTracker {
     fn feed_chunk(&self, chunk: &[u8], shared: Option<&Bytes>) {
         let mut t = self.lock();
         t.seen = t.seen.saturating_add(chunk.len() as u64);
-        t.watch.feed(chunk, shared);
+        let limit = self.0.json_limit.load(Ordering::Relaxed);
+        t.watch.feed(chunk, shared, limit);
         if t.complete_at.is_none() {
             if let UsageWatch::Sse(tracker) = &t.watch {
                 if tracker.error().is_some() {
@@ -817,19 +908,17 @@ impl UsageTracker {
         }
         let read = match &t.watch {
             UsageWatch::Sse(_) => None,
-            UsageWatch::Json(copy, _) => {
+            UsageWatch::Json(copy) => {
                 let (usage, model, typed, message) = Usage::read_json_answer(copy.as_slice());
                 Some((usage, model, Some(typed), message))
             }
             UsageWatch::Overflow => Some((None, None, None, None)),
         };
         if let Some((usage, model, typed, message)) = read {
-            t.json_usage = Some(usage);
             t.model = model;
-            t.typed = typed;
-            t.message = message;
             // The copy is no longer needed.
             t.watch = UsageWatch::Overflow;
+            self.0.ended.publish(failed, usage, typed, message);
         }
     }
 
@@ -838,8 +927,9 @@ impl UsageTracker {
     /// of a 200 body, without a second parse. `None` before the end, for a stream, a failed
     /// read or a body larger than the copy limit.
     pub(crate) fn typed_json(&self) -> Option<bool> {
-        let t = self.lock();
-        if t.ended && !t.failed { t.typed } else { None }
+        // Known only once a JSON body's end published it (a stream's is never known).
+        let flags = self.0.ended.flags()?;
+        Ended::known(flags, Ended::TYPED_KNOWN, Ended::TYPED)
     }
 
     /// Whether a JSON answer read to its end without error is a JSON object whose `type` is
@@ -848,32 +938,42 @@ impl UsageTracker {
     /// before the end, for a stream, a failed read, a body larger than the copy limit, or a
     /// body the one read did not take (the cache then parses it itself).
     pub(crate) fn message_json(&self) -> Option<bool> {
-        let t = self.lock();
-        if t.ended && !t.failed {
-            t.message
-        } else {
-            None
-        }
+        let flags = self.0.ended.flags()?;
+        Ended::known(flags, Ended::MESSAGE_KNOWN, Ended::MESSAGE)
     }
 
     /// Whether the answer is an event stream.
     pub fn is_stream(&self) -> bool {
-        matches!(self.lock().watch, UsageWatch::Sse(_))
+        self.0.sse
     }
 
     /// The usage: a stream's so far (output tokens are cumulative), a JSON body's once it
     /// parses (before its end, the copy so far is read). `None` for a JSON body that does not
     /// parse or outgrew its copy limit.
     pub fn usage(&self) -> Option<Usage> {
+        if let Some(flags) = self.0.ended.flags() {
+            return self.0.ended.usage(flags);
+        }
         let mut t = self.lock();
-        if let Some(usage) = t.json_usage {
-            return usage;
+        // Ended while this waited for the lock: the body's usage is the published one (the
+        // copy is gone).
+        if let Some(flags) = self.0.ended.flags() {
+            return self.0.ended.usage(flags);
         }
         t.watch.usage(false)
     }
 
     /// How far the body got.
     pub fn state(&self) -> BodyState {
+        // A JSON body that ended: complete unless its read failed (it never has a
+        // `message_stop`, nor an `event: error`).
+        if let Some(flags) = self.0.ended.flags() {
+            return if flags & Ended::FAILED != 0 {
+                BodyState::Failed
+            } else {
+                BodyState::Complete
+            };
+        }
         let t = self.lock();
         match &t.watch {
             UsageWatch::Sse(tracker) if tracker.error().is_some() => BodyState::Failed,
@@ -1296,6 +1396,96 @@ mod tests {
         assert_eq!(ended(false, 1024, &[answer], true), (None, None));
         assert_eq!(ended(false, 8, &[answer], false), (None, None));
         assert_eq!(ended(true, 1024, &[answer], false), (None, None));
+    }
+
+    /// What a JSON body's end publishes for readers without the lock is what the body's one
+    /// read said: every usage field in its place (five different counts), no usage for a
+    /// body without one, whether it was typed and a message, and its state; a failed read
+    /// keeps its usage but knows neither; a stream publishes nothing and keeps its own
+    /// answers.
+    #[test]
+    fn the_published_end_is_the_read() {
+        let full: &[u8] =
+            br#"{"type":"message","model":"m","usage":{"input_tokens":11,"output_tokens":22,
+            "cache_creation_input_tokens":333,"cache_read_input_tokens":44,
+            "cache_creation":{"ephemeral_5m_input_tokens":300,"ephemeral_1h_input_tokens":33}}}"#;
+        let bodies: [&[u8]; 5] = [
+            full,
+            br#"{"type":"error","error":{"type":"api_error","message":"x"}}"#,
+            br#"{"usage":{"input_tokens":1}}"#,
+            b"<html>502</html>",
+            b"",
+        ];
+        for body in bodies {
+            for failed in [false, true] {
+                let (usage, model, typed, message) = Usage::read_json_answer(body);
+                let t = UsageTracker::new(false, 1 << 20);
+                t.feed(body);
+                t.end(failed);
+                assert_eq!(t.usage(), usage, "{body:?}");
+                assert_eq!(t.model(), model);
+                let known = |v: Option<bool>| if failed { None } else { v };
+                assert_eq!(t.typed_json(), known(Some(typed)), "{body:?} {failed}");
+                assert_eq!(t.message_json(), known(message), "{body:?} {failed}");
+                let state = if failed {
+                    BodyState::Failed
+                } else {
+                    BodyState::Complete
+                };
+                assert_eq!(t.state(), state);
+                assert!(!t.is_stream());
+            }
+        }
+        let usage = UsageTracker::new(false, 1 << 20);
+        usage.feed(full);
+        usage.end(false);
+        assert_eq!(
+            usage.usage(),
+            Some(Usage {
+                input_tokens: 11,
+                output_tokens: 22,
+                cache_creation_input_tokens: 333,
+                cache_read_input_tokens: 44,
+                cache_creation_1h_input_tokens: 33,
+            })
+        );
+        // Over the copy limit: no usage, nothing known, complete.
+        let over = UsageTracker::new(false, 8);
+        over.feed(full);
+        over.end(false);
+        assert_eq!((over.usage(), over.typed_json()), (None, None));
+        assert_eq!(over.state(), BodyState::Complete);
+        // A stream: its usage so far, its own state.
+        let stream = UsageTracker::new(true, 0);
+        stream.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5}}}\n\n");
+        stream.end(false);
+        assert!(stream.is_stream());
+        assert_eq!(stream.usage().map(|u| u.input_tokens), Some(5));
+        assert_eq!(stream.state(), BodyState::Truncated);
+        assert_eq!((stream.typed_json(), stream.message_json()), (None, None));
+    }
+
+    /// A reader's JSON limit raises the copy's, never lowers it, also when asked between
+    /// chunks; a copy that outgrew its limit stays unread.
+    #[test]
+    fn json_limits_only_rise() {
+        let body: &[u8] = br#"{"type":"message","usage":{"input_tokens":3,"output_tokens":1}}"#;
+        let read = |limit: usize, wanted: &[usize], split: usize| {
+            let t = UsageTracker::new(false, limit);
+            t.feed(&body[..split]);
+            for &w in wanted {
+                t.want_json(w);
+            }
+            t.feed(&body[split..]);
+            t.end(false);
+            t.usage().map(|u| u.input_tokens)
+        };
+        assert_eq!(read(1024, &[8], 0), Some(3));
+        assert_eq!(read(8, &[1024], 0), Some(3));
+        assert_eq!(read(8, &[1024, 4], 4), Some(3));
+        assert_eq!(read(8, &[16], 0), None);
+        // Outgrown before the raise: unread.
+        assert_eq!(read(8, &[1024], 10), None);
     }
 
     proptest::proptest! {

@@ -10,9 +10,9 @@ use pin_project::pin_project;
 use tokio::time::Instant;
 
 use super::names;
-use super::shared::{Label, RequestInfo, Shared};
+use super::shared::{Labels, RequestInfo, Shared};
 use crate::BoxError;
-use crate::anthropic::{BodyState, RateLimitGroup, Usage, UsageTracker};
+use crate::anthropic::{BodyState, Usage, UsageTracker};
 use crate::body::{Ending, Tracked, ending};
 
 /// The response body of [`Metrics`](super::Metrics): forwards every frame unchanged and as it
@@ -93,9 +93,8 @@ where
 pub(crate) struct Finish {
     pub(crate) shared: Arc<Shared>,
     start: Instant,
-    pub(crate) model_label: Label,
-    pub(crate) group: Option<RateLimitGroup>,
-    pub(crate) group_label: Label,
+    /// The request's model and group labels (the served model's after a fallback).
+    pub(crate) labels: Arc<Labels>,
     /// The answer's status (`None`: no answer, the label is [`names::STATUS_NONE`]).
     pub(crate) status: Option<http::StatusCode>,
     pub(crate) outcome: &'static str,
@@ -111,9 +110,7 @@ impl Finish {
         Self {
             shared: info.shared,
             start: info.start,
-            model_label: info.model_label,
-            group: info.group,
-            group_label: info.group_label,
+            labels: info.labels,
             status: None,
             outcome: names::OUTCOME_CANCELLED,
             count_usage: false,
@@ -152,8 +149,8 @@ impl Finish {
         // The in-flight gauge, the request's series and its tokens from one look at the
         // handle cache.
         self.shared.handles.finished_labelled(
-            &self.model_label,
-            &self.group_label,
+            &self.labels.model_label,
+            &self.labels.group_label,
             self.status,
             self.outcome,
             |series| {
@@ -168,7 +165,7 @@ impl Finish {
             }),
         );
         if let (Some(usage), Some(forecaster), Some(group)) =
-            (usage, &self.shared.forecaster, &self.group)
+            (usage, &self.shared.forecaster, &self.labels.group)
         {
             forecaster.record(group, 0, 0, usage.output_tokens);
         }

@@ -12,7 +12,7 @@ use pin_project::pin_project;
 use super::body::{Finish, MetricsBody};
 use super::names;
 use super::pacing::PacingDelay;
-use super::shared::{Label, RequestInfo};
+use super::shared::{Label, Labels, RequestInfo};
 use crate::BoxError;
 use crate::anthropic::parsed_names;
 use crate::fallback::ServedModel;
@@ -26,7 +26,7 @@ pub struct ResponseFuture<F> {
     #[pin]
     inner: F,
     /// The requested model.
-    model: Option<Label>,
+    requested: Requested,
     /// The request's measurement (`None`: not observed, or answered). Decrements the
     /// in-flight gauge if the future is dropped before the response.
     guard: Option<Finish>,
@@ -40,19 +40,31 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
     }
 }
 
+/// The requested model of an observed request, for an answer that names its served model
+/// only in a header.
+#[derive(Debug)]
+pub(crate) enum Requested {
+    /// The request named no model.
+    None,
+    /// The model is the request's model label (a known model): read from its labels.
+    Labelled,
+    /// Another model, copied.
+    Other(Label),
+}
+
 impl<F> ResponseFuture<F> {
     pub(crate) fn passthrough(inner: F) -> Self {
         Self {
             inner,
-            model: None,
+            requested: Requested::None,
             guard: None,
         }
     }
 
-    pub(crate) fn observed(inner: F, model: Option<Label>, info: RequestInfo) -> Self {
+    pub(crate) fn observed(inner: F, requested: Requested, info: RequestInfo) -> Self {
         Self {
             inner,
-            model,
+            requested,
             guard: Some(Finish::new(info)),
         }
     }
@@ -93,7 +105,7 @@ where
                 Poll::Ready(Err(error))
             }
             Ok(mut response) => {
-                observe(this.model.as_deref(), finish, &response);
+                observe(this.requested, finish, &response);
                 // The response kept whole, its body wrapped in place (not taken apart and
                 // rebuilt: each is a move of the head and of the body).
                 let mut feed = None;
@@ -118,8 +130,7 @@ where
 }
 
 /// Records what the response head says and prepares the body's finish.
-fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) {
-    let shared = &finish.shared;
+fn observe<B>(requested: &Requested, finish: &mut Finish, response: &Response<B>) {
     let span = &finish.span;
     let status = response.status();
     finish.status = Some(status);
@@ -139,27 +150,31 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
 
     // Fallback: the model that served, from the fallback layer's `ServedModel` extension or
     // its `x-tower-claude-model` header.
-    let served = match response.extensions().get::<ServedModel>() {
-        Some(served) => Some((Some(&*served.requested), &*served.served)),
-        None => parsed_names::get(response.headers(), &parsed_names::X_TOWER_CLAUDE_MODEL)
-            .and_then(|v| v.to_str().ok())
-            .map(|served| (model, served)),
+    let fallen_back = {
+        let model = match requested {
+            Requested::None => None,
+            Requested::Labelled => Some(&*finish.labels.model_label),
+            Requested::Other(model) => Some(&**model),
+        };
+        let served = match response.extensions().get::<ServedModel>() {
+            Some(served) => Some((Some(&*served.requested), &*served.served)),
+            None => parsed_names::get(response.headers(), &parsed_names::X_TOWER_CLAUDE_MODEL)
+                .and_then(|v| v.to_str().ok())
+                .map(|served| (model, served)),
+        };
+        served.and_then(|(requested, served)| {
+            span.record("served_model", served);
+            // Fallback's names are the catalogue's shared strings: the same one when the
+            // requested model served (its address first, then its text).
+            let same = requested.is_some_and(|r| std::ptr::eq(r, served) || r == served);
+            (!same).then(|| fallback_labels(&finish.shared, requested, served))
+        })
     };
-    if let Some((requested, served)) = served {
-        span.record("served_model", served);
-        // Fallback's names are the catalogue's shared strings: the same one when the
-        // requested model served (its address first, then its text).
-        let same = requested.is_some_and(|r| std::ptr::eq(r, served) || r == served);
-        if !same {
-            let to = shared.model_label(Some(served));
-            let from = shared.model_label(requested);
-            shared.handles.fallback(&from, &to, |c| c.increment(1));
-            let (group, label) = shared.group_of(Some(served));
-            finish.group = group;
-            finish.group_label = label;
-            finish.model_label = to;
-        }
+    if let Some(labels) = fallen_back {
+        finish.labels = labels;
     }
+    let shared = &finish.shared;
+    let span = &finish.span;
 
     // Cache decision.
     if let Some(cache) = parsed_names::get(response.headers(), &parsed_names::X_TOWER_CLAUDE_CACHE)
@@ -183,8 +198,7 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
     if let Some((attempts, reason)) = super::retries::retries(response.extensions()) {
         span.record("attempts", attempts);
         if attempts > 1 {
-            metrics::counter!(names::RETRIES_TOTAL, names::LABEL_REASON => reason)
-                .increment(u64::from(attempts - 1));
+            count_retries(attempts, reason);
         }
     }
 
@@ -196,6 +210,36 @@ fn observe<B>(model: Option<&str>, finish: &mut Finish, response: &Response<B>) 
         span.record("queue_wait_ms", wait.as_millis() as u64);
         shared
             .handles
-            .queue_wait_labelled(&finish.group_label, |h| h.record(wait.as_secs_f64()));
+            .queue_wait_labelled(&finish.labels.group_label, |h| h.record(wait.as_secs_f64()));
     }
+}
+
+/// Counts the retries of a request that took `attempts` attempts. Out of line: a retried
+/// request is rare, and the macro's registration code is long (kept out of the poll every
+/// answer runs).
+#[cold]
+#[inline(never)]
+fn count_retries(attempts: u32, reason: &'static str) {
+    metrics::counter!(names::RETRIES_TOTAL, names::LABEL_REASON => reason)
+        .increment(u64::from(attempts - 1));
+}
+
+/// Counts a fallback from `requested` to `served` and gives the served model's labels (the
+/// request's from then on).
+#[cold]
+#[inline(never)]
+fn fallback_labels(
+    shared: &super::shared::Shared,
+    requested: Option<&str>,
+    served: &str,
+) -> std::sync::Arc<Labels> {
+    let to = shared.model_label(Some(served));
+    let from = shared.model_label(requested);
+    shared.handles.fallback(&from, &to, |c| c.increment(1));
+    let (group, group_label) = shared.group_of(Some(served));
+    std::sync::Arc::new(Labels {
+        group,
+        group_label,
+        model_label: to,
+    })
 }

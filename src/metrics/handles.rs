@@ -265,25 +265,28 @@ impl Handles {
     ) {
         let recorder = current_recorder();
         let last = || self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        let found = last()
-            .as_ref()
-            .filter(|l| {
+        let wants_tokens = use_tokens.is_some();
+        {
+            // The handles are used under the lock, not cloned out of it: with a recorder
+            // installed each handle is an `Arc`, whose clone and drop are locked
+            // instructions (four handles a request).
+            let guard = last();
+            if let Some(l) = guard.as_ref().filter(|l| {
                 l.recorder == recorder
                     && Arc::ptr_eq(&l.model, model)
                     && Arc::ptr_eq(&l.group, group)
                     && l.status == status
                     // The same `&'static str` mostly: its address first.
                     && (std::ptr::eq(l.outcome, outcome) || l.outcome == outcome)
-                    && (use_tokens.is_none() || l.series.tokens.is_some())
-            })
-            .map(|l| (l.in_flight.clone(), l.series.clone()));
-        if let Some((in_flight, series)) = found {
-            in_flight.decrement(1.0);
-            use_request(&series);
-            if let (Some(use_tokens), Some(tokens)) = (use_tokens, &series.tokens) {
-                use_tokens(tokens);
+                    && (!wants_tokens || l.series.tokens.is_some())
+            }) {
+                l.in_flight.decrement(1.0);
+                use_request(&l.series);
+                if let (Some(use_tokens), Some(tokens)) = (use_tokens, &l.series.tokens) {
+                    use_tokens(tokens);
+                }
+                return;
             }
-            return;
         }
         let status_label = status
             .as_ref()

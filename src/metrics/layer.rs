@@ -1,6 +1,6 @@
 //! [`MetricsLayer`]: builder and `tower::Layer` impl.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -56,10 +56,10 @@ impl MetricsLayer {
                 alerts: None,
                 forecaster: None,
                 refresh_every: Duration::from_secs(1),
-                last_refresh: Mutex::new(None),
+                refresh: Default::default(),
                 json_limit: crate::body::MAX_JSON_COPY,
                 handles: Default::default(),
-                last_labels: Mutex::new(None),
+                labels: Default::default(),
             }),
         }
     }
@@ -68,10 +68,7 @@ impl MetricsLayer {
         let shared = Arc::make_mut(&mut self.shared);
         f(shared);
         // What the labels were derived from may have changed (the known models).
-        *shared
-            .last_labels
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        shared.labels.clear();
         self
     }
 

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::MetricsBody;
-use super::future::ResponseFuture;
+use super::future::{Requested, ResponseFuture};
 use super::shared::{Label, RequestInfo, Shared};
 use crate::BoxError;
 use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
@@ -73,32 +73,41 @@ where
         let input_estimate = meta.input_tokens;
         let stream = meta.stream;
         let shared = &self.shared;
-        let (group, group_label, model_label) = shared.labels_of(meta.resolved_entry());
+        let labels = shared.labels_of(meta.resolved_entry());
         // The requested model, for an answer that names its served model only in a header: a
-        // known model is its label (shared, not copied), another one is copied.
-        let model: Option<Label> = meta.model.as_deref().map(|m| {
-            if *model_label == *m {
-                model_label.clone()
-            } else {
-                Label::from(m)
-            }
-        });
-        let key = KeyId::of_request(&mut req).unwrap_or_else(KeyId::anonymous);
-        if let (Some(forecaster), Some(group)) = (&shared.forecaster, &group) {
+        // known model is its label (the request's own, not another reference), another one
+        // is copied.
+        let requested = match meta.model.as_deref() {
+            None => Requested::None,
+            Some(m) if *labels.model_label == *m => Requested::Labelled,
+            Some(m) => Requested::Other(Label::from(m)),
+        };
+        if let (Some(forecaster), Some(group)) = (&shared.forecaster, &labels.group) {
             forecaster.record(group, 1, input_estimate, 0);
         }
-        let span = tracing::info_span!(
-            "claude_request",
-            key = %key,
-            group = %group_label,
-            model = %model_label,
-            stream,
-            status = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            cache = tracing::field::Empty,
-            served_model = tracing::field::Empty,
-            queue_wait_ms = tracing::field::Empty,
-        );
+        // The key is read for the span alone: lent from the request's memo, not cloned.
+        let span = KeyId::with_request(&mut req, |key| {
+            let anonymous;
+            let key = match key {
+                Some(key) => key,
+                None => {
+                    anonymous = KeyId::anonymous();
+                    &anonymous
+                }
+            };
+            tracing::info_span!(
+                "claude_request",
+                key = %key,
+                group = %labels.group_label,
+                model = %labels.model_label,
+                stream,
+                status = tracing::field::Empty,
+                attempts = tracing::field::Empty,
+                cache = tracing::field::Empty,
+                served_model = tracing::field::Empty,
+                queue_wait_ms = tracing::field::Empty,
+            )
+        });
         shared.handles.in_flight(|g| g.increment(1.0));
         let fut = {
             let _entered = span.enter();
@@ -106,13 +115,11 @@ where
         };
         ResponseFuture::observed(
             fut,
-            model,
+            requested,
             RequestInfo {
                 shared: self.shared.clone(),
                 start: Instant::now(),
-                group,
-                model_label,
-                group_label,
+                labels,
                 span,
             },
         )

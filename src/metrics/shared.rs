@@ -1,7 +1,8 @@
 //! What every service, response future and body of one [`MetricsLayer`](super::MetricsLayer)
 //! shares: its configuration and state, and what it learned about each request.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -36,22 +37,98 @@ pub(crate) struct Shared {
     pub(crate) alerts: Option<Alerts>,
     pub(crate) forecaster: Option<Forecaster>,
     pub(crate) refresh_every: Duration,
-    pub(crate) last_refresh: Mutex<Option<Instant>>,
+    /// When the quota gauges are next refreshed (see [`maybe_refresh`](Self::maybe_refresh)).
+    pub(crate) refresh: RefreshClock,
     pub(crate) json_limit: usize,
     /// The per-request metric handles, registered once per label set.
     pub(crate) handles: Handles,
-    /// The last entry [`labels_of`](Self::labels_of) was asked about, and its answer: the
-    /// requests of one model carry the same catalogue entry (the catalogue's own record, an
-    /// `Arc`), found again by a pointer test instead of a look-up of its id among the known
-    /// models (a hash and a comparison of the id, ~100 instructions a request: issue 14,
-    /// sixteenth pass). The answer depends on nothing else (the known models are fixed once
-    /// the layer is built).
-    pub(crate) last_labels: Mutex<Option<(ModelEntry, Labels)>>,
+    /// The labels of the entries [`labels_of`](Self::labels_of) was asked about.
+    pub(crate) labels: LabelMemo,
 }
 
 /// What [`Shared::labels_of`] answers: the group (when placed) and its label, the model's
-/// label.
-pub(crate) type Labels = (Option<RateLimitGroup>, Label, Label);
+/// label. Held by a request as one shared record (one reference count to take and drop a
+/// request, not three).
+#[derive(Debug, PartialEq)]
+pub(crate) struct Labels {
+    pub(crate) group: Option<RateLimitGroup>,
+    pub(crate) group_label: Label,
+    pub(crate) model_label: Label,
+}
+
+/// The labels of a request without a model.
+fn other_labels() -> Arc<Labels> {
+    static OTHER: std::sync::LazyLock<Arc<Labels>> = std::sync::LazyLock::new(|| {
+        Arc::new(Labels {
+            group: None,
+            group_label: other(),
+            model_label: other(),
+        })
+    });
+    OTHER.clone()
+}
+
+/// How many catalogue entries [`LabelMemo`] keeps the labels of without a lock.
+const LABEL_SLOTS: usize = 4;
+
+/// The labels [`Shared::labels_of`] derived, by entry: the requests of one model carry the
+/// same catalogue entry (the catalogue's own record, an `Arc`), found again by a pointer
+/// test instead of a look-up of its id among the known models (a hash and a comparison of
+/// the id, ~100 instructions a request: issue 14, sixteenth pass). The answer depends on
+/// nothing else (the known models are fixed once the layer is built).
+///
+/// The first [`LABEL_SLOTS`] entries of the catalogue's own table (not the entries made per
+/// request for ids it does not list) are kept each in a slot set once and read without a
+/// lock (a lock and its release were two locked instructions a request); any other entry is
+/// remembered as the last one, under a mutex, as before.
+#[derive(Debug, Default)]
+pub(crate) struct LabelMemo {
+    slots: [OnceLock<(ModelEntry, Arc<Labels>)>; LABEL_SLOTS],
+    last: Mutex<Option<(ModelEntry, Arc<Labels>)>>,
+}
+
+impl LabelMemo {
+    /// Forgets every entry (what the labels were derived from changed).
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// When [`Shared::maybe_refresh`] refreshes next: the nanoseconds since the first request
+/// ended (its time, `base`) at which the next refresh is due. Read with a load on every
+/// request's end and written with a compare-and-swap once per refresh (a mutex was two
+/// locked instructions a request).
+#[derive(Debug, Default)]
+pub(crate) struct RefreshClock {
+    base: OnceLock<Instant>,
+    due: AtomicU64,
+}
+
+impl RefreshClock {
+    /// Whether a refresh is due at `now`, at most once per `every`: the first call says yes,
+    /// then the first call at least `every` after the last yes (a `now` before it, from
+    /// another thread, says no); when two calls race, one says yes.
+    pub(crate) fn due(&self, now: Instant, every: Duration) -> bool {
+        let base = *self.base.get_or_init(|| now);
+        let at = nanos(now.saturating_duration_since(base));
+        let due = self.due.load(Ordering::Relaxed);
+        if at < due {
+            return false;
+        }
+        self.due
+            .compare_exchange(
+                due,
+                at.saturating_add(nanos(every)),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 impl Clone for Shared {
     fn clone(&self) -> Self {
@@ -62,10 +139,10 @@ impl Clone for Shared {
             alerts: self.alerts.clone(),
             forecaster: self.forecaster.clone(),
             refresh_every: self.refresh_every,
-            last_refresh: Mutex::new(None),
+            refresh: RefreshClock::default(),
             json_limit: self.json_limit,
             handles: Handles::default(),
-            last_labels: Mutex::new(None),
+            labels: LabelMemo::default(),
         }
     }
 }
@@ -84,8 +161,8 @@ impl Shared {
     /// create neither label values nor forecast state).
     pub(crate) fn group_of(&self, model: Option<&str>) -> (Option<RateLimitGroup>, Label) {
         let entry = model.map(|m| self.catalog.entry(m));
-        let (group, label, _) = self.labels_of(entry.as_ref());
-        (group, label)
+        let labels = self.labels_of(entry.as_ref());
+        (labels.group.clone(), labels.group_label.clone())
     }
 
     /// [`group_of`](Self::group_of) and [`model_label`](Self::model_label) of a model whose
@@ -93,19 +170,47 @@ impl Shared {
     /// lookup of the model among the known ids.
     ///
     /// [`RequestMeta::model_entry`]: crate::anthropic::RequestMeta::model_entry
-    pub(crate) fn labels_of(&self, entry: Option<&ModelEntry>) -> Labels {
+    pub(crate) fn labels_of(&self, entry: Option<&ModelEntry>) -> Arc<Labels> {
         let Some(entry) = entry else {
-            return (None, other(), other());
+            return other_labels();
         };
+        for slot in &self.labels.slots {
+            match slot.get() {
+                Some((e, labels)) if e.same(entry) => return labels.clone(),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        self.labels_of_unslotted(entry)
+    }
+
+    /// [`labels_of`](Self::labels_of) an entry no slot holds: derived, then kept in a free
+    /// slot when the entry is the catalogue's own, else remembered as the last one.
+    #[inline(never)]
+    fn labels_of_unslotted(&self, entry: &ModelEntry) -> Arc<Labels> {
         let last = || {
-            self.last_labels
+            self.labels
+                .last
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         if let Some((_, labels)) = last().as_ref().filter(|(e, _)| e.same(entry)) {
             return labels.clone();
         }
-        let labels = self.labels_of_entry(entry);
+        let labels = Arc::new(self.labels_of_entry(entry));
+        if entry.is_listed_in(&self.catalog) {
+            // A slot another thread filled meanwhile (perhaps with this entry) is passed by.
+            let mut kept = Some((entry.clone(), labels.clone()));
+            for slot in &self.labels.slots {
+                match kept.take() {
+                    Some(pair) => kept = slot.set(pair).err(),
+                    None => break,
+                }
+            }
+            if kept.is_none() {
+                return labels;
+            }
+        }
         *last() = Some((entry.clone(), labels.clone()));
         labels
     }
@@ -117,10 +222,17 @@ impl Shared {
         let model_label = known.cloned().unwrap_or_else(other);
         let group = entry.group();
         if known.is_some() || group.as_str() != model {
-            let label = group.label();
-            (Some(group.clone()), label, model_label)
+            Labels {
+                group: Some(group.clone()),
+                group_label: group.label(),
+                model_label,
+            }
         } else {
-            (None, other(), model_label)
+            Labels {
+                group: None,
+                group_label: other(),
+                model_label,
+            }
         }
     }
 
@@ -130,17 +242,9 @@ impl Shared {
         if self.board.is_none() && self.forecaster.is_none() {
             return;
         }
-        {
-            let mut last = self
-                .last_refresh
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_some_and(|t| now.duration_since(t) < self.refresh_every) {
-                return;
-            }
-            *last = Some(now);
+        if self.refresh.due(now, self.refresh_every) {
+            self.refresh_now();
         }
-        self.refresh_now();
     }
 
     pub(crate) fn refresh_now(&self) {
@@ -200,9 +304,7 @@ impl Shared {
 pub(crate) struct RequestInfo {
     pub(crate) shared: Arc<Shared>,
     pub(crate) start: Instant,
-    pub(crate) group: Option<RateLimitGroup>,
-    pub(crate) model_label: Label,
-    pub(crate) group_label: Label,
+    pub(crate) labels: Arc<Labels>,
     pub(crate) span: tracing::Span,
 }
 
@@ -218,10 +320,10 @@ mod tests {
             alerts: None,
             forecaster: None,
             refresh_every: Duration::from_secs(1),
-            last_refresh: Mutex::new(None),
+            refresh: RefreshClock::default(),
             json_limit: 1 << 20,
             handles: Handles::default(),
-            last_labels: Mutex::new(None),
+            labels: LabelMemo::default(),
         }
     }
 
@@ -250,21 +352,97 @@ mod tests {
         for entry in &sequence {
             let labels = shared.labels_of(Some(entry));
             assert!(
-                labels == shared.labels_of_entry(entry),
+                *labels == shared.labels_of_entry(entry),
                 "{entry:?}: {labels:?}"
             );
         }
-        assert_eq!(shared.labels_of(None), (None, other(), other()));
-        let (group, group_label, model) = shared.labels_of(Some(&catalog.entry("claude-opus-4-7")));
-        assert_eq!(&*model, "claude-opus-4-7");
+        let none = shared.labels_of(None);
         assert_eq!(
-            group.map(|g| g.as_str().to_owned()),
-            Some(group_label.to_string())
+            (&none.group, &none.group_label, &none.model_label),
+            (&None, &other(), &other())
         );
-        let (group, group_label, model) = shared.labels_of(Some(&catalog.entry("gpt-5")));
+        let labels = shared.labels_of(Some(&catalog.entry("claude-opus-4-7")));
+        assert_eq!(&*labels.model_label, "claude-opus-4-7");
         assert_eq!(
-            (group, &*group_label, &*model),
-            (None, names::OTHER, names::OTHER)
+            labels.group.as_ref().map(|g| g.as_str().to_owned()),
+            Some(labels.group_label.to_string())
         );
+        let labels = shared.labels_of(Some(&catalog.entry("gpt-5")));
+        assert_eq!(
+            (&labels.group, &*labels.group_label, &*labels.model_label),
+            (&None, names::OTHER, names::OTHER)
+        );
+    }
+
+    /// More catalogue entries than slots, and entries made per request (ids the catalogue
+    /// does not list, prefix matches), asked in turns: each answered as its look-up, the
+    /// slots holding only the catalogue's own entries (an entry made per request would fill
+    /// a slot it never hits again), the first of them found without the lock.
+    #[test]
+    fn the_slots_hold_the_catalogues_entries() {
+        let shared = shared(&["claude-opus-4-7", "claude-haiku-4-5"]);
+        let catalog = &shared.catalog;
+        let listed = [
+            "claude-opus-4-7",
+            "claude-sonnet-4-6",
+            "claude-haiku-4-5",
+            "claude-opus-4-6",
+            "claude-sonnet-4-5",
+            "claude-opus-4-5",
+        ]
+        .map(|m| catalog.entry(m));
+        for m in &listed {
+            assert!(m.is_listed_in(catalog), "{m:?}");
+        }
+        for round in 0..3 {
+            for entry in &listed {
+                for made in [catalog.entry("gpt-5"), catalog.entry("claude-opus-4-7-x")] {
+                    assert!(!made.is_listed_in(catalog));
+                    assert!(*shared.labels_of(Some(&made)) == shared.labels_of_entry(&made));
+                }
+                let labels = shared.labels_of(Some(entry));
+                assert!(
+                    *labels == shared.labels_of_entry(entry),
+                    "{round} {entry:?}"
+                );
+            }
+        }
+        let slotted: Vec<_> = (shared.labels.slots.iter())
+            .map(|s| s.get().map(|(e, _)| e.id().to_owned()))
+            .collect();
+        let first: Vec<_> = listed[..LABEL_SLOTS]
+            .iter()
+            .map(|e| Some(e.id().to_owned()))
+            .collect();
+        assert_eq!(slotted, first);
+        // Another catalogue's entry of a slotted id is not that slot's.
+        let other_catalog = ModelCatalog::default();
+        let elsewhere = other_catalog.entry("claude-opus-4-7");
+        assert!(!elsewhere.is_listed_in(catalog));
+        assert!(*shared.labels_of(Some(&elsewhere)) == shared.labels_of_entry(&elsewhere));
+    }
+
+    /// A refresh when the first request ends, then at most one per period, the first call a
+    /// period after the last refresh; a time before it (another thread's) refreshes nothing.
+    #[test]
+    fn refreshes_are_a_period_apart() {
+        let clock = RefreshClock::default();
+        let every = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(clock.due(at(0), every));
+        assert!(!clock.due(at(0), every));
+        assert!(!clock.due(at(999), every));
+        assert!(clock.due(at(1_000), every));
+        assert!(!clock.due(at(500), every));
+        assert!(!clock.due(at(1_999), every));
+        assert!(clock.due(at(2_500), every));
+        assert!(!clock.due(at(3_499), every));
+        assert!(clock.due(at(3_500), every));
+        // A period of zero: every end refreshes.
+        let every_time = RefreshClock::default();
+        for ms in [0, 0, 1, 1, 2] {
+            assert!(every_time.due(at(ms), Duration::ZERO));
+        }
     }
 }

@@ -983,18 +983,7 @@ impl Entry {
         let mut outcome = outcome;
         let mut in_store = None;
         if grant.blind != 0 {
-            if let Some(at) = self.blind.iter().position(|b| b.number == grant.blind) {
-                let b = self.blind.remove(at);
-                if let (true, Outcome::Actual(actual), Some(input)) =
-                    (b.counted, outcome, grant.charged[INPUT])
-                {
-                    outcome = Outcome::Actual(Cost {
-                        input_tokens: input,
-                        ..actual
-                    });
-                }
-                in_store = b.charged.filter(|_| b.in_store).map(|c| (c, outcome));
-            }
+            in_store = self.settle_blind(grant, &mut outcome);
         }
         let cost = outcome.final_cost(&grant.charged);
         self.ledger.settle(grant, cost);
@@ -1046,6 +1035,30 @@ impl Entry {
         self.outstanding = self.outstanding.saturating_sub(1);
         self.last_used = now;
         in_store
+    }
+
+    /// The blind part of [`settle`](Self::settle) (a grant taken before the limits were
+    /// known: rare once they are): forgets the blind grant, whose outcome then counts the
+    /// input it was charged, and gives what the shared store holds of it. Out of line: the
+    /// settle of every answer stays short.
+    #[cold]
+    #[inline(never)]
+    fn settle_blind(
+        &mut self,
+        grant: &Grant,
+        outcome: &mut Outcome,
+    ) -> Option<([Option<u64>; 3], Outcome)> {
+        let at = self.blind.iter().position(|b| b.number == grant.blind)?;
+        let b = self.blind.remove(at);
+        if let (true, Outcome::Actual(actual), Some(input)) =
+            (b.counted, *outcome, grant.charged[INPUT])
+        {
+            *outcome = Outcome::Actual(Cost {
+                input_tokens: input,
+                ..actual
+            });
+        }
+        b.charged.filter(|_| b.in_store).map(|c| (c, *outcome))
     }
 
     /// `share`: the part of a learned limit this board may use (see

@@ -91,11 +91,19 @@ struct Inner {
     /// read lock, the hash of both names and their comparison (issue 14, sixteenth pass: ~150
     /// instructions an answer). Set only under a lock of `usage`, and cleared when totals are
     /// forgotten, so that it never holds totals the map no longer has.
-    last: Mutex<Option<(KeyId, RateLimitGroup, Arc<Counters>)>>,
+    last: Mutex<Last>,
+    capacity: u64,
+}
+
+/// What [`Inner::last`] guards: the totals recorded into last, and the count of answers
+/// recorded. The count is kept under the same lock as the pair, which every answer takes
+/// anyway, rather than in an atomic of its own: one locked instruction less an answer.
+#[derive(Default)]
+struct Last {
     /// Counts the answers recorded: each totals' `used` is the count when they were last
     /// recorded into (which ones were least recently used, when the map is full).
-    ticks: AtomicU64,
-    capacity: u64,
+    tick: u64,
+    pair: Option<(KeyId, RateLimitGroup, Arc<Counters>)>,
 }
 
 /// foldhash (randomly seeded) rather than SipHash, which cost ~350 instructions per answer
@@ -230,8 +238,7 @@ impl PromptCacheMemory {
                 prefixes,
                 usage: RwLock::default(),
                 max_usage: MAX_USAGE_ENTRIES,
-                last: Mutex::new(None),
-                ticks: AtomicU64::new(0),
+                last: Mutex::default(),
                 capacity,
             }),
         }
@@ -332,62 +339,67 @@ impl PromptCacheMemory {
         usage: &Usage,
         expected_read: u64,
     ) {
-        let counters = self.counters(key, group);
-        counters
-            .read
-            .fetch_add(usage.cache_read_input_tokens, Ordering::Relaxed);
-        counters
-            .write
-            .fetch_add(usage.cache_creation_input_tokens, Ordering::Relaxed);
-        counters
-            .uncached
-            .fetch_add(usage.input_tokens, Ordering::Relaxed);
-        counters
-            .expected_read
-            .fetch_add(expected_read, Ordering::Relaxed);
+        self.with_counters(key, group, |counters| {
+            add(&counters.read, usage.cache_read_input_tokens);
+            add(&counters.write, usage.cache_creation_input_tokens);
+            add(&counters.uncached, usage.input_tokens);
+            add(&counters.expected_read, expected_read);
+        });
     }
 
-    /// The totals of `(key, group)`, made when absent. A hit takes the read lock (the usual
-    /// case: a deployment has a few keys and groups); a miss takes the write lock, and when
-    /// the map is full first forgets the least recently used eighth of it (one pass over the
-    /// map per `max_usage / 8` new pairs, not one per pair).
-    fn counters(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
+    /// Gives the totals of `(key, group)`, made when absent, to `record`. The totals recorded
+    /// into last are used under the lock that found them (not cloned out of it: an `Arc`'s
+    /// clone and drop are two locked instructions an answer). Otherwise a hit takes the read
+    /// lock (the usual case: a deployment has a few keys and groups); a miss takes the write
+    /// lock, and when the map is full first forgets the least recently used eighth of it
+    /// (one pass over the map per `max_usage / 8` new pairs, not one per pair).
+    fn with_counters(&self, key: &KeyId, group: &RateLimitGroup, record: impl FnOnce(&Counters)) {
         let inner = &self.inner;
-        let tick = inner.ticks.fetch_add(1, Ordering::Relaxed);
         let last = || inner.last.lock().unwrap_or_else(PoisonError::into_inner);
-        let remembered = match &*last() {
-            Some((k, g, counters)) if k.same(key) && g.same(group) => Some(counters.clone()),
-            _ => None,
-        };
-        let counters = match remembered {
-            Some(counters) => counters,
-            None => {
-                let pair = Pair(key, group);
-                let usage = inner.usage.read().unwrap_or_else(PoisonError::into_inner);
-                // Remembered under the lock (see `Inner::last`).
-                let found = usage.get(&pair).cloned().inspect(|counters| {
-                    *last() = Some((key.clone(), group.clone(), counters.clone()));
-                });
-                drop(usage);
-                match found {
-                    Some(counters) => counters,
-                    None => {
-                        let mut usage = inner.usage.write().unwrap_or_else(PoisonError::into_inner);
-                        if usage.len() >= inner.max_usage && usage.get(&pair).is_none() {
-                            *last() = None;
-                            forget_oldest(&mut usage, inner.max_usage.div_ceil(8));
-                        }
-                        let counters = usage
-                            .entry((key.clone(), group.clone()))
-                            .or_default()
-                            .clone();
-                        *last() = Some((key.clone(), group.clone(), counters.clone()));
-                        counters
-                    }
-                }
+        let tick = {
+            let mut guard = last();
+            let tick = guard.tick;
+            guard.tick += 1;
+            if let Some((_, _, counters)) =
+                (guard.pair.as_ref()).filter(|(k, g, _)| k.same(key) && g.same(group))
+            {
+                counters.used.store(tick, Ordering::Relaxed);
+                record(counters);
+                return;
             }
+            tick
         };
+        let counters = self.counters_slow(key, group);
         counters.used.store(tick, Ordering::Relaxed);
+        record(&counters);
+    }
+
+    /// The totals of `(key, group)` from the map, made when absent, remembered as the last
+    /// ones (see [`with_counters`](Self::with_counters)).
+    #[inline(never)]
+    fn counters_slow(&self, key: &KeyId, group: &RateLimitGroup) -> Arc<Counters> {
+        let inner = &self.inner;
+        let last = || inner.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let pair = Pair(key, group);
+        let usage = inner.usage.read().unwrap_or_else(PoisonError::into_inner);
+        // Remembered under the lock (see `Inner::last`).
+        let found = usage.get(&pair).cloned().inspect(|counters| {
+            last().pair = Some((key.clone(), group.clone(), counters.clone()));
+        });
+        drop(usage);
+        if let Some(counters) = found {
+            return counters;
+        }
+        let mut usage = inner.usage.write().unwrap_or_else(PoisonError::into_inner);
+        if usage.len() >= inner.max_usage && usage.get(&pair).is_none() {
+            last().pair = None;
+            forget_oldest(&mut usage, inner.max_usage.div_ceil(8));
+        }
+        let counters = usage
+            .entry((key.clone(), group.clone()))
+            .or_default()
+            .clone();
+        last().pair = Some((key.clone(), group.clone(), counters.clone()));
         counters
     }
 
@@ -413,6 +425,15 @@ impl PromptCacheMemory {
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out
+    }
+}
+
+/// Adds `n` to a total; an answer without cache tokens (most of them, and every one whose
+/// estimate expected no cache read) leaves those totals as they are without a locked
+/// instruction each.
+fn add(total: &AtomicU64, n: u64) {
+    if n != 0 {
+        total.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -514,6 +535,31 @@ mod tests {
         c.record_usage(&k1, &g1, &usage(7, 0, 0), 0);
         assert_eq!(c.usage(&k1, &g1), one(7, 0, 0, 0));
         assert_eq!(c.usages().len(), 1);
+    }
+
+    /// An answer without cache tokens (nothing added to three of the four totals) still
+    /// counts its uncached tokens and makes its pair known, as one with cache tokens does;
+    /// zeros never disturb totals recorded before or after them.
+    #[test]
+    fn an_answer_without_cache_tokens_is_recorded() {
+        let memory = PromptCacheMemory::new(10);
+        let (k, g) = (KeyId::named("one"), RateLimitGroup::new("sonnet"));
+        memory.record_usage(&k, &g, &usage(0, 0, 0), 0);
+        assert_eq!(memory.usage(&k, &g), Some(PromptCacheUsage::default()));
+        assert_eq!(memory.usages().len(), 1);
+        memory.record_usage(&k, &g, &usage(0, 0, 12), 0);
+        memory.record_usage(&k, &g, &usage(3, 4, 5), 6);
+        memory.record_usage(&k, &g, &usage(0, 0, 7), 0);
+        let totals = memory.usage(&k, &g).unwrap();
+        assert_eq!(
+            (totals.read_tokens, totals.write_tokens),
+            (3, 4),
+            "{totals:?}"
+        );
+        assert_eq!(
+            (totals.uncached_tokens, totals.expected_read_tokens),
+            (24, 6)
+        );
     }
 
     /// A body settled by a thread-local destructor as its thread exits: recorded, no panic
