@@ -458,7 +458,7 @@ where
             }
         } else {
             Inner::Waiting {
-                oneshot: stack.clone().oneshot(req),
+                oneshot: Box::pin(stack.clone().oneshot(req)),
             }
         };
         ConnFuture { inner, busy }
@@ -476,7 +476,8 @@ where
     busy: Option<Busy>,
 }
 
-/// The stack's future, called in place, or the clone of a stack that was not ready.
+/// The stack's future, called in place, or the clone of a stack that was not ready (boxed:
+/// with the stack and the request in it, it would widen every request's future).
 #[pin_project(project = InnerProj)]
 enum Inner<S, R>
 where
@@ -487,8 +488,7 @@ where
         fut: S::Future,
     },
     Waiting {
-        #[pin]
-        oneshot: Oneshot<S, Request<R>>,
+        oneshot: Pin<Box<Oneshot<S, Request<R>>>>,
     },
 }
 
@@ -502,7 +502,7 @@ where
         let this = self.project();
         let resp = match this.inner.project() {
             InnerProj::Called { fut } => std::task::ready!(fut.poll(cx))?,
-            InnerProj::Waiting { oneshot } => std::task::ready!(oneshot.poll(cx))?,
+            InnerProj::Waiting { oneshot } => std::task::ready!(oneshot.as_mut().poll(cx))?,
         };
         let busy = this.busy.take();
         Poll::Ready(Ok(resp.map(|inner| BusyBody { inner, _busy: busy })))
