@@ -765,10 +765,26 @@ mod tests {
         let mut hop = headers.clone();
         remove_hop_by_hop(&mut hop);
         for (i, name) in NOT_FORWARDED.iter().enumerate() {
-            assert_eq!(not_forwarded(name.as_str()), Some(i));
+            assert_eq!(not_forwarded_index(name), Some(i));
+            // A name as parsed from the wire, in any case, is the same name.
+            let parsed = HeaderName::from_bytes(name.as_str().to_uppercase().as_bytes()).unwrap();
+            assert_eq!(not_forwarded_index(&parsed), Some(i), "{name}");
             assert_eq!(NOT_FORWARDED_NAMES[i], name.as_str());
             assert_eq!(i == HOST_INDEX, name == header::HOST);
             assert_eq!(hop.contains_key(name), i >= HOP_BY_HOP, "{name}");
+        }
+        // Names of the same lengths as some of the list (standard and not) are not in it.
+        for other in [
+            "date",
+            "request-id",
+            "x-proxy-authorize",
+            "te-",
+            "x-",
+            "expect",
+            "vary",
+        ] {
+            let other = HeaderName::from_bytes(other.as_bytes()).unwrap();
+            assert_eq!(not_forwarded_index(&other), None, "{other}");
         }
         remove_not_forwarded(&mut headers, (1 << NOT_FORWARDED.len()) - 1);
         let mut left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();

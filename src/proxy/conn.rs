@@ -23,6 +23,7 @@
 //! operations, with no timer or channel per connection (a `select!` over a timer, a `Notify`
 //! and a `watch` per connection cost ~4 µs per request in `wrk`).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -403,9 +404,26 @@ fn start_closing<C: GracefulConnection>(reason: u8, activity: &Activity, conn: P
 
 /// The per-connection hyper service: calls the proxy's tower stack and keeps the connection
 /// busy until the response body is done.
+///
+/// hyper calls a service through `&self`, tower through `&mut self`: the stack sits in a
+/// `RefCell` (hyper calls one connection's service from that connection's task, one call at a
+/// time) and is called in place once its `poll_ready` says it is ready, which the proxy's edge
+/// stack always is. Cloning it for every request instead (`Oneshot` on a clone) cost the clone
+/// and drop of each layer's state, `Arc`s included, and carried the stack and the request in
+/// the response future. A stack that is not ready at once is cloned and driven as before.
 pub(crate) struct ConnService<S> {
-    pub(crate) stack: S,
+    pub(crate) stack: RefCell<S>,
     pub(crate) activity: Arc<Activity>,
+}
+
+impl<S> ConnService<S> {
+    /// The service of one connection, with its own `stack`.
+    pub(crate) fn new(stack: S, activity: Arc<Activity>) -> Self {
+        Self {
+            stack: RefCell::new(stack),
+            activity,
+        }
+    }
 }
 
 impl<S: Clone> Clone for ConnService<S> {
@@ -417,42 +435,75 @@ impl<S: Clone> Clone for ConnService<S> {
     }
 }
 
-impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
+impl<S, B, R> hyper::service::Service<Request<R>> for ConnService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S: tower::Service<Request<R>, Response = Response<B>> + Clone,
 {
     type Response = Response<BusyBody<B>>;
     type Error = S::Error;
-    type Future = ConnFuture<S, B>;
+    type Future = ConnFuture<S, B, R>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        ConnFuture {
-            inner: self.stack.clone().oneshot(req),
-            busy: Some(Busy::new(self.activity.clone())),
-        }
+    fn call(&self, req: Request<R>) -> Self::Future {
+        let busy = Some(Busy::new(self.activity.clone()));
+        let mut stack = self.stack.borrow_mut();
+        // Asked with a waker that does nothing: a stack that is not ready at once gets no
+        // wake-up from it, and is driven with the task's waker by its clone's `Oneshot` below.
+        let ready = matches!(
+            stack.poll_ready(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(Ok(()))
+        );
+        let inner = if ready {
+            Inner::Called {
+                fut: stack.call(req),
+            }
+        } else {
+            Inner::Waiting {
+                oneshot: Box::pin(stack.clone().oneshot(req)),
+            }
+        };
+        ConnFuture { inner, busy }
     }
 }
 
 /// The response future of [`ConnService`].
 #[pin_project]
-pub(crate) struct ConnFuture<S, B>
+pub(crate) struct ConnFuture<S, B, R>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower::Service<Request<R>, Response = Response<B>>,
 {
     #[pin]
-    inner: Oneshot<S, Request<Incoming>>,
+    inner: Inner<S, R>,
     busy: Option<Busy>,
 }
 
-impl<S, B> Future for ConnFuture<S, B>
+/// The stack's future, called in place, or the clone of a stack that was not ready (boxed:
+/// with the stack and the request in it, it would widen every request's future).
+#[pin_project(project = InnerProj)]
+enum Inner<S, R>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower::Service<Request<R>>,
+{
+    Called {
+        #[pin]
+        fut: S::Future,
+    },
+    Waiting {
+        oneshot: Pin<Box<Oneshot<S, Request<R>>>>,
+    },
+}
+
+impl<S, B, R> Future for ConnFuture<S, B, R>
+where
+    S: tower::Service<Request<R>, Response = Response<B>>,
 {
     type Output = Result<Response<BusyBody<B>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let resp = match this.inner.project() {
+            InnerProj::Called { fut } => std::task::ready!(fut.poll(cx))?,
+            InnerProj::Waiting { oneshot } => std::task::ready!(oneshot.as_mut().poll(cx))?,
+        };
         let busy = this.busy.take();
         Poll::Ready(Ok(resp.map(|inner| BusyBody { inner, _busy: busy })))
     }
@@ -513,6 +564,91 @@ pub(crate) fn fitting_cap(wanted: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stack that is ready after `pending` more polls (shared by its clones), counts its
+    /// clones, and refuses a call that no `Ready` of its own `poll_ready` preceded.
+    struct Gate {
+        pending: Arc<AtomicU32>,
+        clones: Arc<AtomicU32>,
+        readied: bool,
+    }
+
+    impl Gate {
+        fn new(pending: u32) -> Self {
+            Self {
+                pending: Arc::new(AtomicU32::new(pending)),
+                clones: Arc::new(AtomicU32::new(0)),
+                readied: false,
+            }
+        }
+    }
+
+    impl Clone for Gate {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::SeqCst);
+            Self {
+                pending: self.pending.clone(),
+                clones: self.clones.clone(),
+                readied: false,
+            }
+        }
+    }
+
+    impl tower::Service<Request<()>> for Gate {
+        type Response = Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Response<()>, std::convert::Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.pending.load(Ordering::SeqCst) > 0 {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.readied = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<()>) -> Self::Future {
+            assert!(self.readied, "called without a Ready from poll_ready");
+            self.readied = false;
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ready_stack_is_called_in_place_without_a_clone() {
+        use hyper::service::Service as _;
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let gate = Gate::new(0);
+        let clones = gate.clones.clone();
+        let svc = ConnService::new(gate, activity.clone());
+        for _ in 0..3 {
+            let fut = svc.call(Request::new(()));
+            assert!(activity.is_busy(), "busy from the call");
+            let resp = fut.await.unwrap();
+            assert!(activity.is_busy(), "busy until the body is done");
+            drop(resp);
+            assert!(!activity.is_busy());
+        }
+        assert_eq!(clones.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stack_not_ready_at_once_is_cloned_and_called_when_ready() {
+        use hyper::service::Service as _;
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let gate = Gate::new(2);
+        let clones = gate.clones.clone();
+        let svc = ConnService::new(gate, activity.clone());
+        let resp = svc.call(Request::new(())).await.unwrap();
+        assert_eq!(clones.load(Ordering::SeqCst), 1, "the clone waited");
+        drop(resp);
+        assert!(!activity.is_busy());
+        // Ready now: in place again.
+        drop(svc.call(Request::new(())).await.unwrap());
+        assert_eq!(clones.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn eviction_takes_the_oldest_idle_connection() {

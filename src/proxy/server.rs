@@ -448,10 +448,7 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let activity = registry.open();
-            let svc = ConnService {
-                stack: stack.clone(),
-                activity: activity.clone(),
-            };
+            let svc = ConnService::new(stack.clone(), activity.clone());
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
