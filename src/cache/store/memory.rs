@@ -41,11 +41,10 @@ struct Slot {
 #[derive(Default)]
 struct Shard {
     /// Where each key's slot is: the slot's index and 32 bits of the key's hash ([`hash32`]),
-    /// 8 bytes a bucket. The key itself is in the slot: a map from key to index held it twice
-    /// (36-byte buckets, ~4.5× the memory a growing store takes for its map, and copies them
-    /// at every doubling). The hash kept in the bucket spares a lookup of a key not held the
-    /// slot's read (the one a probe's tag matches by chance), and the map's growth every
-    /// slot's read.
+    /// 8 bytes a bucket. The key itself is only in the slot (a map from key to index held it
+    /// twice: 36-byte buckets, 4.5× the memory, copied at every doubling). With the hash in
+    /// the bucket, a probe whose tag matches by chance reads no slot, and the index grows
+    /// without reading any.
     index: HashTable<(u32, u32)>,
     slots: Ring,
     free: Vec<u32>,
