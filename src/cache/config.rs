@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::CacheMode;
+use super::flights::Flights;
 use super::key::{CacheKey, Tenant};
 use super::secret::Keys;
 use super::store::{CacheStore, CachedResponse};
@@ -23,6 +24,9 @@ pub(crate) struct Config {
     pub(crate) tenant: Option<Tenant>,
     pub(crate) fallback: Option<FallbackHandle>,
     pub(crate) writer: Arc<Writer>,
+    /// The requests in flight. Each [`Cache`](super::Cache) a layer builds has its own
+    /// (the layer's is a placeholder, replaced in `CacheLayer::layer`).
+    pub(crate) flights: Arc<Flights>,
 }
 
 /// Hands a complete answer to the write-behind queue, under the key of the model that

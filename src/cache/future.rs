@@ -16,6 +16,7 @@ use super::config::{Config, storable};
 use super::flights::FlightGuard;
 use super::key::{CacheKey, KeyBase};
 use super::live::{End, Live};
+use super::secret::Keys;
 use super::store::{CachedResponse, KeptHeaders};
 use crate::BoxError;
 use crate::anthropic::parsed_names as names;
@@ -220,8 +221,8 @@ impl Plan {
         }
     }
 
-    /// The key of the same request for `model`.
-    pub(super) fn key_for(&self, model: &str) -> CacheKey {
+    /// The key of the same request for `model` (`keys`: the cache's).
+    pub(super) fn key_for(&self, keys: &Keys, model: &str) -> CacheKey {
         if model == self.requested() {
             return self.key;
         }
@@ -230,7 +231,7 @@ impl Plan {
         // if one did, the requested key is the safe answer (a miss, never a wrong hit).
         crate::anthropic::rewrite_model(&self.body, model)
             .ok()
-            .and_then(|body| self.base.key_of_body(&body))
+            .and_then(|body| self.base.key_of_body(keys, &body))
             .unwrap_or_else(|| self.key.variant(model.as_bytes()))
     }
 
@@ -276,7 +277,11 @@ pub(crate) fn mark<B>(res: &mut Response<B>, status: CacheStatus) {
 /// The model that produced a response: the fallback layer's [`ServedModel`] extension (its
 /// name shared, not copied) or `x-tower-claude-model` header, else the requested model
 /// (`plan`'s, moved). And the key of the request for it.
-fn served_model(parts: &http::response::Parts, plan: Plan) -> (Option<Arc<str>>, CacheKey) {
+fn served_model(
+    keys: &Keys,
+    parts: &http::response::Parts,
+    plan: Plan,
+) -> (Option<Arc<str>>, CacheKey) {
     if let Some(served) = parts.extensions.get::<ServedModel>() {
         // Usually the requested model's own name, shared: told without comparing bytes.
         let same = plan
@@ -284,7 +289,10 @@ fn served_model(parts: &http::response::Parts, plan: Plan) -> (Option<Arc<str>>,
             .as_ref()
             .is_some_and(|r| Arc::ptr_eq(r, &served.served));
         if !same && *served.served != *plan.requested() {
-            return (Some(served.served.clone()), plan.key_for(&served.served));
+            return (
+                Some(served.served.clone()),
+                plan.key_for(keys, &served.served),
+            );
         }
         return (plan.requested, plan.key);
     }
@@ -293,7 +301,9 @@ fn served_model(parts: &http::response::Parts, plan: Plan) -> (Option<Arc<str>>,
         .get(&names::X_TOWER_CLAUDE_MODEL)
         .and_then(|v| v.to_str().ok());
     match named {
-        Some(served) if served != plan.requested() => (Some(served.into()), plan.key_for(served)),
+        Some(served) if served != plan.requested() => {
+            (Some(served.into()), plan.key_for(keys, served))
+        }
         _ => (plan.requested, plan.key),
     }
 }
@@ -340,7 +350,7 @@ where
     // The answer's headers are read once: the entry's and whether it is a stream.
     let kept = KeptHeaders::of(res.headers());
     let (mut parts, body) = res.into_parts();
-    let (served, key) = served_model(&parts, plan);
+    let (served, key) = served_model(&config.keys, &parts, plan);
     if kept.is_event_stream() {
         let (body, tracker) = crate::body::track(&mut parts, body, true, 0);
         let tee = Tee::new(config.clone(), key, parts.status, kept, served, tracker);

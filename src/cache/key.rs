@@ -4,6 +4,7 @@
 use std::fmt;
 #[cfg(test)]
 use std::io::{self, Write};
+#[cfg(test)]
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
@@ -280,7 +281,7 @@ impl CacheKey {
     ) -> Self {
         let mut canonical = Vec::new();
         let _ = write_canonical(body, &mut canonical);
-        KeyBase::new(keys, partition, method, uri, headers).key(&canonical)
+        KeyBase::new(partition, method, uri, headers).key(keys, &canonical)
     }
 
     /// Another key derived from this one (e.g. the flight of requests that opted out of
@@ -339,9 +340,12 @@ pub(crate) type KeyMap<V> = std::collections::HashMap<CacheKey, V, KeyHashBuilde
 /// partition and the fields; the memo is this thread's memory only, as `Partition::of`'s
 /// is), so that a request usually pays a memo lookup instead of a BLAKE3 (~0.9k instructions
 /// with the fields' bytes it wrote) and no allocation.
+///
+/// It holds no reference to the cache's keys (its methods are given them): a miss keeps it
+/// until the answer's head arrives, and a shared reference there was a count taken and
+/// given back per request.
 #[derive(Clone)]
 pub(crate) struct KeyBase {
-    keys: Arc<Keys>,
     /// The key of the PRF: the request-line key.
     line: [u8; 32],
 }
@@ -389,14 +393,12 @@ impl<const N: usize> Sink for StackBytes<N> {
 impl KeyBase {
     #[cfg(test)]
     pub(crate) fn new(
-        keys: &Arc<Keys>,
         partition: &Partition,
         method: &http::Method,
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Self {
         Self::new_seen(
-            keys,
             partition,
             method,
             uri,
@@ -408,7 +410,6 @@ impl KeyBase {
     /// `new` (the tests' form), `anthropic-version` as one pass over the headers found it (the
     /// betas are read from `headers` when there are some).
     pub(crate) fn new_seen(
-        keys: &Arc<Keys>,
         partition: &Partition,
         method: &http::Method,
         uri: &http::Uri,
@@ -456,10 +457,7 @@ impl KeyBase {
             fields(&mut all);
             derive(&all)
         });
-        Self {
-            keys: keys.clone(),
-            line,
-        }
+        Self { line }
     }
 
     /// The key of the request whose canonical body (see
@@ -477,7 +475,7 @@ impl KeyBase {
     /// needs its key to be secret, which is what the cache's secret is for (the argument is in
     /// the module docs, *Keys*). The length tells the zero padding of the last chunk from
     /// bytes, and fixes the number of digests.
-    pub(crate) fn key(&self, canonical: &[u8]) -> CacheKey {
+    pub(crate) fn key(&self, keys: &Keys, canonical: &[u8]) -> CacheKey {
         // The length and the digests in one buffer (the same bytes as several updates: the
         // same key); a body of more than `STACK_CHUNKS` chunks is hashed as it goes.
         const STACK_CHUNKS: usize = 8;
@@ -486,22 +484,22 @@ impl KeyBase {
         let chunks = canonical.len().div_ceil(NH_CHUNK);
         if chunks <= STACK_CHUNKS {
             for (i, chunk) in canonical.chunks(NH_CHUNK).enumerate() {
-                all[8 + 32 * i..8 + 32 * (i + 1)].copy_from_slice(&self.keys.nh(chunk));
+                all[8 + 32 * i..8 + 32 * (i + 1)].copy_from_slice(&keys.nh(chunk));
             }
             return CacheKey(*blake3::keyed_hash(&self.line, &all[..8 + 32 * chunks]).as_bytes());
         }
         let mut h = blake3::Hasher::new_keyed(&self.line);
         h.update(&all[..8]);
         for chunk in canonical.chunks(NH_CHUNK) {
-            h.update(&self.keys.nh(chunk));
+            h.update(&keys.nh(chunk));
         }
         CacheKey(*h.finalize().as_bytes())
     }
 
     /// The key of the request with this body (its bytes), `None` when the body is not a JSON
     /// object.
-    pub(crate) fn key_of_body(&self, body: &[u8]) -> Option<CacheKey> {
-        self.key_of(body, None)
+    pub(crate) fn key_of_body(&self, keys: &Keys, body: &[u8]) -> Option<CacheKey> {
+        self.key_of(keys, body, None)
     }
 
     /// The key of the request with this body, as [`key_of_body`](Self::key_of_body), written
@@ -509,14 +507,16 @@ impl KeyBase {
     /// the body: see `anthropic::scan::CanonicalHints`). The same key either way.
     pub(crate) fn key_of_scanned(
         &self,
+        keys: &Keys,
         body: &[u8],
         meta: &crate::anthropic::RequestMeta,
     ) -> Option<CacheKey> {
-        self.key_of(body, Some(meta))
+        self.key_of(keys, body, Some(meta))
     }
 
     fn key_of(
         &self,
+        keys: &Keys,
         body: &[u8],
         meta: Option<&crate::anthropic::RequestMeta>,
     ) -> Option<CacheKey> {
@@ -533,7 +533,7 @@ impl KeyBase {
             canonical.clear();
             crate::anthropic::write_canonical(body, &mut canonical).is_ok()
         };
-        let key = written.then(|| self.key(&canonical));
+        let key = written.then(|| self.key(keys, &canonical));
         if canonical.capacity() <= KEPT_CANONICAL {
             let _ = CANONICAL.try_with(|c| c.set(canonical));
         }
@@ -678,12 +678,12 @@ mod tests {
         let keys = keys(1);
         let p = Partition::of(&keys.partition, &http::Extensions::new(), headers, None);
         let uri = "/v1/messages".parse().unwrap();
-        let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, headers);
-        let from_bytes = base.key_of_body(body.as_bytes()).unwrap();
+        let base = KeyBase::new(&p, &http::Method::POST, &uri, headers);
+        let from_bytes = base.key_of_body(&keys, body.as_bytes()).unwrap();
         crate::anthropic::want_canonical_hints();
         let meta = crate::anthropic::RequestMeta::scan(body.as_bytes()).unwrap();
         assert_eq!(
-            base.key_of_scanned(body.as_bytes(), &meta),
+            base.key_of_scanned(&keys, body.as_bytes(), &meta),
             Some(from_bytes),
             "the key from the scan's hints is the key from the bytes"
         );
@@ -884,7 +884,7 @@ mod tests {
                             h.insert("anthropic-version", version.parse().unwrap());
                         }
                         let uri = path.parse().unwrap();
-                        let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
+                        let base = KeyBase::new(&p, &http::Method::POST, &uri, &h);
                         let want = derived(&p, path, version, "");
                         assert_eq!(base.line, want, "{round} {tenant} {path} {version}");
                     }
@@ -941,7 +941,7 @@ mod tests {
             None,
         );
         let uri = "/v1/messages".parse().unwrap();
-        let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &HeaderMap::new());
+        let base = KeyBase::new(&p, &http::Method::POST, &uri, &HeaderMap::new());
         // NH pads the last chunk with zeros to whole 16 bytes: 1,500 bytes hash as this body
         // followed by 4 zeros, and a body of 2,048 bytes as 128 whole pairs; the length keeps
         // them apart.
@@ -949,7 +949,7 @@ mod tests {
         for pad in [1, 4, 548] {
             let mut long = short.clone();
             long.resize(1_500 + pad, 0);
-            assert_ne!(base.key(&short), base.key(&long), "{pad}");
+            assert_ne!(base.key(&keys, &short), base.key(&keys, &long), "{pad}");
         }
         // One, two, three chunks: equal bodies give equal keys, and any difference, in the
         // first or last byte of any chunk too, changes the key.
@@ -957,7 +957,7 @@ mod tests {
             0, 10, 1_024, 1_025, 2_030, 2_500, 4_000, 4_096, 4_097, 9_000, 40_000,
         ] {
             let body = vec![b'y'; len];
-            assert_eq!(base.key(&body), base.key(&body.clone()));
+            assert_eq!(base.key(&keys, &body), base.key(&keys, &body.clone()));
             for at in [
                 0,
                 1_023,
@@ -973,7 +973,11 @@ mod tests {
                 if at < len {
                     let mut other = body.clone();
                     other[at] = b'z';
-                    assert_ne!(base.key(&body), base.key(&other), "{len} {at}");
+                    assert_ne!(
+                        base.key(&keys, &body),
+                        base.key(&keys, &other),
+                        "{len} {at}"
+                    );
                 }
             }
         }
@@ -997,8 +1001,8 @@ mod tests {
             let keys = keys(secret);
             let tenant = tenant.map(Tenant::new);
             let p = Partition::of(&keys.partition, &ext, &h, tenant.as_ref());
-            let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
-            base.key_of_body(body(model).as_bytes()).unwrap()
+            let base = KeyBase::new(&p, &http::Method::POST, &uri, &h);
+            base.key_of_body(&keys, body(model).as_bytes()).unwrap()
         };
         let a = key(1, None, "claude-opus-4-7");
         assert_eq!(a, key(1, None, "claude-opus-4-7"));
@@ -1030,9 +1034,9 @@ mod tests {
         let keys = keys(7);
         let p = Partition::of(&keys.partition, &http::Extensions::new(), &h, None);
         let uri = "/v1/messages?beta=true".parse().unwrap();
-        let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
+        let base = KeyBase::new(&p, &http::Method::POST, &uri, &h);
         let body = |n: usize| format!(r#"{{"model":"m","max_tokens":5,"x":"{}"}}"#, "y".repeat(n));
-        let key = base.key_of_body(body(1_500).as_bytes()).unwrap();
+        let key = base.key_of_body(&keys, body(1_500).as_bytes()).unwrap();
         assert_eq!(
             key.to_string(),
             "e6f80c60647bb53a558151869501bf3f4f2ee1355ae5f948d7289c7a0181ffb8"
@@ -1056,13 +1060,16 @@ mod tests {
                 input.extend_from_slice(&keys.nh(chunk));
             }
             let want = CacheKey(*blake3::keyed_hash(line.as_bytes(), &input).as_bytes());
-            assert_eq!(base.key_of_body(body(n).as_bytes()), Some(want), "{n}");
+            assert_eq!(
+                base.key_of_body(&keys, body(n).as_bytes()),
+                Some(want),
+                "{n}"
+            );
         }
         // The remembered request-line key is the derived one, and another line is another key.
-        let again = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &h);
+        let again = KeyBase::new(&p, &http::Method::POST, &uri, &h);
         assert_eq!(again.line, *line.as_bytes());
         let other = KeyBase::new(
-            &keys,
             &p,
             &http::Method::POST,
             &"/v1/messages".parse().unwrap(),
@@ -1085,7 +1092,7 @@ mod tests {
         }
         let want = *blake3::keyed_hash(&p.0, &fields).as_bytes();
         for _ in 0..2 {
-            let base = KeyBase::new(&keys, &p, &http::Method::POST, &uri, &long);
+            let base = KeyBase::new(&p, &http::Method::POST, &uri, &long);
             assert_eq!(base.line, want);
         }
     }

@@ -66,6 +66,7 @@ impl CacheLayer {
                 keys: Arc::new(Keys::derive(&secret)),
                 tenant: None,
                 fallback: None,
+                flights: Arc::default(),
             },
         }
     }
@@ -188,6 +189,11 @@ impl<S> Layer<S> for CacheLayer {
     type Service = Cache<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Cache::from_config(inner, Arc::new(self.config.clone()))
+        // Each service built coalesces its own requests (its own flights).
+        let config = Config {
+            flights: Arc::default(),
+            ..self.config.clone()
+        };
+        Cache::from_config(inner, Arc::new(config))
     }
 }

@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use super::body::CacheBody;
 use super::config::Config;
-use super::flights::{FlightGuard, Flights, Join, Shared};
+use super::flights::{FlightGuard, Join, Shared};
 use super::future::{Miss, Plan, ResponseFuture, Stored, mark, store_head, store_read};
 use super::hints;
 use super::key::{CacheKey, KeyBase, Partition, RequestHeaders};
@@ -38,8 +38,9 @@ pub struct Cache<S> {
     inner: S,
     /// The inner service said it was ready, and has not been called since.
     inner_ready: bool,
+    /// The options and the flights of this cache, in one `Arc`: the service is cloned per
+    /// request (one reference count, not two).
     config: Arc<Config>,
-    flights: Arc<Flights>,
 }
 
 impl<S> Cache<S> {
@@ -62,7 +63,6 @@ impl<S> Cache<S> {
             inner,
             inner_ready: false,
             config,
-            flights: Arc::new(Flights::default()),
         }
     }
 
@@ -95,7 +95,6 @@ impl<S: Clone> Clone for Cache<S> {
             // The clone's inner service has not been polled.
             inner_ready: false,
             config: self.config.clone(),
-            flights: self.flights.clone(),
         }
     }
 }
@@ -147,7 +146,7 @@ where
             }));
         };
         let next = if plan.read {
-            match begin(&self.config, &self.flights, &plan, &mut req) {
+            match begin(&self.config, &plan, &mut req) {
                 Begun::Answered(res) => {
                     self.release_inner();
                     return ResponseFuture::ready(res);
@@ -172,7 +171,6 @@ where
             next => ResponseFuture::boxed(Box::pin(run(
                 self.take_inner(),
                 self.config.clone(),
-                self.flights.clone(),
                 req,
                 plan,
                 next,
@@ -279,7 +277,9 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     }
     // The scan the layers below reuse; a body it cannot read is passed through (upstream
     // answers 400).
-    if RequestMeta::get_or_scan(req).is_err() {
+    // Usually scanned already by a layer above: then one lookup of the extension here and one
+    // below (`get_or_scan` looks it up twice).
+    if req.extensions().get::<RequestMeta>().is_none() && RequestMeta::get_or_scan(req).is_err() {
         take_directive(req.headers_mut());
         return None;
     }
@@ -325,17 +325,10 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
         &seen,
         config.tenant.as_ref(),
     );
-    let base = KeyBase::new_seen(
-        &config.keys,
-        &partition,
-        req.method(),
-        req.uri(),
-        &seen,
-        req.headers(),
-    );
+    let base = KeyBase::new_seen(&partition, req.method(), req.uri(), &seen, req.headers());
     // The canonical body, from what the scan of `meta` recorded (or by the scanner again); a
     // body that is not a JSON object is passed through (upstream answers 400).
-    let key = base.key_of_scanned(req.body().bytes(), meta)?;
+    let key = base.key_of_scanned(&config.keys, req.body().bytes(), meta)?;
     // The catalogue's shared name when a layer above resolved the model (no copy).
     let requested = meta
         .model
@@ -400,13 +393,8 @@ fn hit<B>(entry: CachedResponse, requested: Option<&Arc<str>>) -> Response<Cache
 
 /// Joins the flight of `plan` and, leading it, looks the key up, when both can be done at
 /// once: the usual request, whose store lookup needs no I/O ([`CacheStore::get_now`]).
-fn begin<B>(
-    config: &Config,
-    flights: &Arc<Flights>,
-    plan: &Plan,
-    req: &mut Request<RequestBody>,
-) -> Begun<B> {
-    match flights.join(plan.flight()) {
+fn begin<B>(config: &Config, plan: &Plan, req: &mut Request<RequestBody>) -> Begun<B> {
+    match config.flights.join(plan.flight()) {
         Join::Live(body) => Begun::Answered(live_hit(body)),
         Join::Lead(guard) => match find_now(config, plan, req) {
             Some(Some(entry)) => {
@@ -425,7 +413,6 @@ fn begin<B>(
 async fn run<S, ResBody>(
     inner: S,
     config: Arc<Config>,
-    flights: Arc<Flights>,
     mut req: Request<RequestBody>,
     plan: Plan,
     next: Next,
@@ -459,7 +446,7 @@ where
                     break Some(g);
                 }
             }
-            join = flights.join(plan.flight());
+            join = config.flights.join(plan.flight());
         },
     };
     let res = inner.oneshot(req).await.map_err(Into::into)?;
@@ -489,7 +476,7 @@ fn find_now(
     let Some(choice) = plan.fallback_choice(config, req) else {
         return Some(None);
     };
-    let entry = lookup_now(config, &plan.key_for(&choice))?;
+    let entry = lookup_now(config, &plan.key_for(&config.keys, &choice))?;
     if entry.is_some() {
         tracing::debug!(
             requested = plan.requested(),
@@ -535,7 +522,7 @@ async fn find(
         return None;
     }
     let choice = plan.fallback_choice(config, req)?;
-    let entry = lookup(config, &plan.key_for(&choice)).await?;
+    let entry = lookup(config, &plan.key_for(&config.keys, &choice)).await?;
     tracing::debug!(
         requested = plan.requested(),
         served = %choice,

@@ -1,12 +1,12 @@
 //! In-process store: a few shards of a map and a CLOCK ring each, bounded by weight.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as IndexEntry;
 use tokio::time::Instant;
 
 use super::{CacheStore, CachedResponse, ModelSet, StoreError, StoreFuture};
@@ -20,12 +20,19 @@ struct Entry {
     expires_at: Instant,
 }
 
+impl Entry {
+    /// What the entry counts for in the bound ([`CachedResponse::weight`]: read from the
+    /// response, not kept beside it, so that a slot is 8 bytes smaller).
+    fn weight(&self) -> u64 {
+        self.response.weight() as u64
+    }
+}
+
 /// One slot of a shard's ring.
 struct Slot {
     key: CacheKey,
     /// `None`: a free slot (its index is in `Shard::free`).
     entry: Option<Entry>,
-    weight: u64,
     /// Looked up since the clock hand last passed: spared once.
     referenced: bool,
 }
@@ -33,7 +40,12 @@ struct Slot {
 /// A part of the store: its keys map to slots of a ring that a clock hand walks to evict.
 #[derive(Default)]
 struct Shard {
-    map: HashMap<CacheKey, u32, KeyHashBuilder>,
+    /// Where each key's slot is: the slot's index and 32 bits of the key's hash ([`hash32`]),
+    /// 8 bytes a bucket. The key itself is only in the slot (a map from key to index held it
+    /// twice: 36-byte buckets, 4.5× the memory, copied at every doubling). With the hash in
+    /// the bucket, a probe whose tag matches by chance reads no slot, and the index grows
+    /// without reading any.
+    index: HashTable<(u32, u32)>,
     slots: Ring,
     free: Vec<u32>,
     /// The clock hand: the next slot to consider for eviction.
@@ -51,11 +63,24 @@ struct Shard {
 }
 
 impl Shard {
+    /// The slot of `key` (`h`: its [`hash32`]).
+    fn find(&self, key: &CacheKey, h: u32) -> Option<usize> {
+        let slots = &self.slots;
+        self.index
+            .find(spread(h), |&(at, tag)| {
+                tag == h && slots[at as usize].key == *key
+            })
+            .map(|&(at, _)| at as usize)
+    }
+
     fn remove_slot(&mut self, at: usize) -> Option<Entry> {
         let slot = &mut self.slots[at];
         let entry = slot.entry.take()?;
-        self.map.remove(&slot.key);
-        self.weight -= slot.weight;
+        let h = hash32(&slot.key);
+        if let Ok(found) = self.index.find_entry(spread(h), |&(i, _)| i as usize == at) {
+            found.remove();
+        }
+        self.weight -= entry.weight();
         self.free.push(at as u32);
         Some(entry)
     }
@@ -64,7 +89,7 @@ impl Shard {
     /// since the hand last passed (the referenced ones it passes lose their mark). `false`
     /// when the shard is empty.
     fn evict_one(&mut self, now: Instant) -> bool {
-        if self.map.is_empty() {
+        if self.index.is_empty() {
             return false;
         }
         loop {
@@ -114,38 +139,60 @@ impl Shard {
         }
     }
 
-    fn insert(&mut self, key: CacheKey, entry: Entry, weight: u64, now: Instant) {
+    /// Puts `entry` under `key` (`h`: its [`hash32`]).
+    fn insert(&mut self, key: CacheKey, h: u32, entry: Entry, weight: u64, now: Instant) {
         self.sweep(now);
         self.earliest = Some(earlier(self.earliest, entry.expires_at));
         self.lap_earliest = Some(earlier(self.lap_earliest, entry.expires_at));
         let slot = Slot {
             key,
             entry: Some(entry),
-            weight,
             referenced: false,
         };
-        match self.map.entry(key) {
-            MapEntry::Occupied(found) => {
-                let old = &mut self.slots[*found.get() as usize];
-                self.weight = self.weight - old.weight + weight;
+        let slots = &self.slots;
+        let held = |&(at, tag): &(u32, u32)| tag == h && slots[at as usize].key == key;
+        match self.index.entry(spread(h), held, rehash) {
+            IndexEntry::Occupied(found) => {
+                let old = &mut self.slots[found.get().0 as usize];
+                let replaced = old.entry.as_ref().map_or(0, Entry::weight);
+                self.weight = self.weight - replaced + weight;
                 *old = slot;
             }
             // Room without evicting (a store that is not full): one probe of the map.
-            MapEntry::Vacant(vacant) if self.weight + weight <= self.max => {
-                vacant.insert(place(&mut self.slots, &mut self.free, slot));
+            IndexEntry::Vacant(vacant) if self.weight + weight <= self.max => {
+                vacant.insert((place(&mut self.slots, &mut self.free, slot), h));
                 self.weight += weight;
             }
-            MapEntry::Vacant(_) => {
+            IndexEntry::Vacant(_) => {
                 // The new entry is not in the ring yet: the hand cannot evict it.
                 while self.weight + weight > self.max && self.evict_one(now) {}
                 let at = place(&mut self.slots, &mut self.free, slot);
-                self.map.insert(key, at);
+                self.index.insert_unique(spread(h), (at, h), rehash);
                 self.weight += weight;
             }
         }
         // Another entry replaced by a heavier one may leave the shard over its bound.
         while self.weight > self.max && self.evict_one(now) {}
     }
+}
+
+/// The 32 bits of a key's hash that its shard's index uses (the shard is picked by the other
+/// 32: see [`MemoryStore::shard`]). Keys are BLAKE3 digests: folded, not hashed again (see
+/// `KeyHasher`).
+fn hash32(key: &CacheKey) -> u32 {
+    KeyHashBuilder::default().hash_one(key) as u32
+}
+
+/// The index's hash of a key's [`hash32`]: `hashbrown` picks a bucket by the low bits and a
+/// 7-bit tag by the top ones, so the 32 bits are in both halves (they would share bits only
+/// in an index of 2^25 buckets or more).
+fn spread(h: u32) -> u64 {
+    (u64::from(h) << 32) | u64::from(h)
+}
+
+/// An index bucket's hash, when the index grows: from the bits it keeps (no slot read).
+fn rehash(&(_, h): &(u32, u32)) -> u64 {
+    spread(h)
 }
 
 /// The earlier of a bound (`None`: none yet) and `at`.
@@ -285,7 +332,7 @@ impl MemoryStore {
 
     /// The number of entries.
     pub fn entry_count(&self) -> u64 {
-        self.shards.iter().map(|s| lock(s).map.len() as u64).sum()
+        self.shards.iter().map(|s| lock(s).index.len() as u64).sum()
     }
 
     /// The total weight of the entries in bytes.
@@ -293,16 +340,18 @@ impl MemoryStore {
         self.shards.iter().map(|s| lock(s).weight).sum()
     }
 
-    fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
-        // Keys are BLAKE3 digests: folded, not hashed again (see `KeyHasher`); the map in
+    /// The shard of `key`, locked, and the key's [`hash32`] for its index.
+    fn shard(&self, key: &CacheKey) -> (MutexGuard<'_, Shard>, u32) {
+        // Keys are BLAKE3 digests: folded, not hashed again (see `KeyHasher`); the index in
         // the shard uses the low bits, the shard the high ones.
         let h = KeyHashBuilder::default().hash_one(key);
-        lock(&self.shards[(h >> 32) as usize & (self.shards.len() - 1)])
+        let shard = lock(&self.shards[(h >> 32) as usize & (self.shards.len() - 1)]);
+        (shard, h as u32)
     }
 
     fn find(&self, key: &CacheKey) -> Option<CachedResponse> {
-        let mut shard = self.shard(key);
-        let at = *shard.map.get(key)? as usize;
+        let (mut shard, h) = self.shard(key);
+        let at = shard.find(key, h)?;
         let slot = &mut shard.slots[at];
         let entry = slot.entry.as_ref()?;
         // The clock is read only for a key that is held (a miss does not read it).
@@ -354,7 +403,7 @@ impl CacheStore for MemoryStore {
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let weight = value.weight() as u64;
         self.models.record_shared(value.shared_model());
-        let mut shard = self.shard(key);
+        let (mut shard, h) = self.shard(key);
         if weight > shard.max {
             tracing::debug!(key = %key, weight, "cache entry heavier than the store's shard: not stored");
             return Box::pin(Done);
@@ -363,14 +412,14 @@ impl CacheStore for MemoryStore {
             response: value,
             expires_at,
         };
-        shard.insert(*key, entry, weight, now);
+        shard.insert(*key, h, entry, weight, now);
         Box::pin(Done)
     }
 
     fn remove(&self, key: &CacheKey) -> StoreFuture<()> {
-        let mut shard = self.shard(key);
-        if let Some(&at) = shard.map.get(key) {
-            let removed = shard.remove_slot(at as usize);
+        let (mut shard, h) = self.shard(key);
+        if let Some(at) = shard.find(key, h) {
+            let removed = shard.remove_slot(at);
             drop(shard);
             drop(removed);
         }
@@ -414,6 +463,13 @@ mod tests {
         let mut k = [0u8; 32];
         k[..8].copy_from_slice(&i.to_le_bytes());
         CacheKey::from_bytes(k)
+    }
+
+    impl Shard {
+        /// Where `key`'s entry is held.
+        fn slot_of(&self, key: &CacheKey) -> Option<usize> {
+            self.find(key, hash32(key))
+        }
     }
 
     fn resp(n: usize) -> CachedResponse {
@@ -600,8 +656,8 @@ mod tests {
             .unwrap();
         assert_eq!(lock(&store.shards[0]).slots.len(), n as usize);
         assert_eq!(
-            lock(&store.shards[0]).map[&key(n)],
-            CHUNK as u32 + 3,
+            lock(&store.shards[0]).slot_of(&key(n)),
+            Some(CHUNK + 3),
             "the freed slot"
         );
         // Full: each new entry evicts one (all were looked up once: the hand clears their
@@ -632,7 +688,7 @@ mod tests {
         // 1 MiB: one shard.
         let store = MemoryStore::new(1 << 20);
         let put = |k: u64, secs: u64| store.put(&key(k), resp(10), Duration::from_secs(secs));
-        let held = |k: u64| lock(&store.shards[0]).map.contains_key(&key(k));
+        let held = |k: u64| lock(&store.shards[0]).slot_of(&key(k)).is_some();
         for k in 0..10 {
             put(k, 3600).await.unwrap();
         }
@@ -648,8 +704,8 @@ mod tests {
         put(101, 5).await.unwrap();
         assert!(!held(100), "swept once expired");
         assert_eq!(
-            lock(&store.shards[0]).map[&key(101)],
-            10,
+            lock(&store.shards[0]).slot_of(&key(101)),
+            Some(10),
             "behind the cursor"
         );
         assert!(lock(&store.shards[0]).sweep > 10);
@@ -663,6 +719,50 @@ mod tests {
             "swept once expired, after the lap it was put in"
         );
         assert_eq!(store.entry_count(), 55);
+    }
+
+    /// What an entry costs the store beyond its response: its slot (the key, the response and
+    /// its expiry, no weight beside them) and its bucket in the shard's index (the slot's index
+    /// and 32 bits of the key's hash, not the key again).
+    #[test]
+    fn an_entry_costs_a_slot_and_eight_bytes_of_index() {
+        assert!(
+            std::mem::size_of::<Slot>() <= 144,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
+        assert_eq!(std::mem::size_of::<(u32, u32)>(), 8);
+    }
+
+    /// The index finds every key through its growth and after removals (of keys that are
+    /// BLAKE3 digests, as the layer's are, and of keys that differ in one byte).
+    #[tokio::test]
+    async fn the_index_finds_every_key_as_it_grows_and_shrinks() {
+        let store = MemoryStore::new(1 << 30);
+        let digest = |i: u64| CacheKey::from_bytes(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        let n = 20_000;
+        for i in 0..n {
+            let k = if i % 2 == 0 { digest(i) } else { key(i) };
+            store
+                .put(&k, resp(1), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.entry_count(), n);
+        for i in (0..n).step_by(3) {
+            let k = if i % 2 == 0 { digest(i) } else { key(i) };
+            store.remove(&k).await.unwrap();
+        }
+        for i in 0..n {
+            let k = if i % 2 == 0 { digest(i) } else { key(i) };
+            let found = store.get(&k).await.unwrap().is_some();
+            assert_eq!(found, i % 3 != 0, "{i}");
+        }
+        assert_eq!(store.entry_count(), n - n.div_ceil(3));
+        assert_eq!(
+            store.weighted_size(),
+            (n - n.div_ceil(3)) * resp(1).weight() as u64
+        );
     }
 
     /// Expired entries are freed while the store is used (two per put), not only when
