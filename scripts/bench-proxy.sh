@@ -20,12 +20,27 @@
 #     --cache-path memory;disk:--cache-mode all" scripts/bench-proxy.sh
 #                                 # also the CPU each proxy (and the floor) spent per 1,000
 #                                 # requests of each row (below)
+#   WORKERS=auto scripts/bench-proxy.sh   # every target with its default thread count
+#
+# WORKERS (default 1): the threads of every target under test, the same for all of them:
+# nginx's `worker_processes`, `--worker-threads` for each proxy whose binary has the option
+# (older builds get TOKIO_WORKER_THREADS, which their `#[tokio::main]` runtime reads) and
+# TOKIO_WORKER_THREADS for the floor. `WORKERS=auto`: nginx's `worker_processes auto` and
+# Tokio's default (one per core, or TOKIO_WORKER_THREADS when exported), as the proxies and
+# the floor ran before the setting. The upstream is one nginx worker in its own process in
+# every case. On a small host shared by wrk, the upstream and the target, one thread each
+# keeps the rows about what a request costs each target, not about how a target's extra
+# threads fare against wrk and the upstream for the cores (docs/benchmarks.md, "Equal threads
+# (issue 14)").
 #
 # What runs, all on 127.0.0.1 with free ports, stopped by pid when the script ends:
-#   upstream  nginx answering POST /v1/messages at once with a static Anthropic answer and
-#             `anthropic-ratelimit-*` headers (limits that never bind);
+#   upstream  nginx (its own process, one worker) answering POST /v1/messages at once with a
+#             static Anthropic answer and `anthropic-ratelimit-*` headers (limits that never
+#             bind);
 #   direct    wrk straight at the upstream (the floor);
-#   nginx     nginx as a reverse proxy in front of the upstream (keep-alive to the upstream);
+#   nginx     nginx as a reverse proxy in front of the upstream (keep-alive to the upstream),
+#             in a process of its own with WORKERS workers (before the WORKERS setting, one
+#             nginx worker served both the reverse proxy and the upstream);
 #   floor     examples/hyper_floor.rs: a bare hyper reverse proxy with no layers (the same
 #             hyper-util server and client, allocator and runtime as claude-proxy): what the
 #             proxy would cost if its layers were free (FLOOR=0 leaves it out, FLOOR_BIN=PATH
@@ -58,6 +73,11 @@ FLOOR_BIN="${FLOOR_BIN:-}"
 ROUNDS="${ROUNDS:-1}"
 BASE="${BASE:-}"
 CPU="${CPU:-0}"
+WORKERS="${WORKERS:-1}"
+if [ "$WORKERS" != auto ] && ! [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "WORKERS must be a positive number or auto, not \`$WORKERS\`" >&2
+  exit 1
+fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -85,12 +105,13 @@ fi
 
 bench_setup
 
-up_port=$(free_port)
+# The upstream: one nginx worker in a process of its own, whatever WORKERS is.
+start_upstream
+# nginx as a reverse proxy: WORKERS workers.
 ngx_port=$(free_port)
 {
-  nginx_http_head "$work/nginx"
+  nginx_http_head "$work/nginx-proxy" "$WORKERS"
   echo "  upstream claude { server 127.0.0.1:$up_port; keepalive 64; }"
-  upstream_server "$up_port"
   cat <<EOF
   server {
     listen 127.0.0.1:$ngx_port;
@@ -103,10 +124,9 @@ ngx_port=$(free_port)
   }
 }
 EOF
-} >"$work/nginx.conf"
-nginx -c "$work/nginx.conf" -g 'daemon off;' &
+} >"$work/nginx-proxy.conf"
+nginx -c "$work/nginx-proxy.conf" -g 'daemon off;' &
 pids+=($!)
-wait_port "$up_port"
 wait_port "$ngx_port"
 
 # A 2 KB request with a prompt distinct on every request: the run's nonce (NONCE, distinct for
@@ -147,15 +167,21 @@ names=(direct nginx)
 ports=("$up_port" "$ngx_port")
 # The process of each target (none for direct and nginx): CPU=1 measures it.
 tpids=("" "")
+# The environment of the floor and of proxies without `--worker-threads`: TOKIO_WORKER_THREADS
+# when WORKERS is a number (with `auto`, whatever the caller's environment says).
+tokio_env=()
+if [ "$WORKERS" != auto ]; then tokio_env=(TOKIO_WORKER_THREADS="$WORKERS"); fi
+threads_of=()
 if [ "$FLOOR" = 1 ]; then
   floor_port=$(free_port)
-  "$(realpath "$FLOOR_BIN")" --listen "127.0.0.1:$floor_port" --upstream "http://127.0.0.1:$up_port" \
+  env "${tokio_env[@]}" "$(realpath "$FLOOR_BIN")" --listen "127.0.0.1:$floor_port" --upstream "http://127.0.0.1:$up_port" \
     >"$work/floor.log" 2>&1 &
   pids+=($!)
   wait_port "$floor_port"
   tpids+=($!)
   names+=(floor)
   ports+=("$floor_port")
+  if [ "$WORKERS" = auto ]; then threads_of+=("floor: Tokio's default"); else threads_of+=("floor: ${tokio_env[*]}"); fi
 fi
 IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
@@ -163,10 +189,27 @@ for entry in "${configs[@]}"; do
   port=$(free_port)
   dir="$work/proxy-$name"
   mkdir -p "$dir"
+  # Its threads: --worker-threads WORKERS, or TOKIO_WORKER_THREADS for a binary without the
+  # option; none with `auto` or when its flags set --worker-threads themselves.
+  env_threads=()
+  opt_threads=()
+  how="Tokio's default"
+  if [[ " $flags " == *" --worker-threads "* ]]; then
+    how="its own --worker-threads"
+  elif [ "$WORKERS" != auto ]; then
+    if "$bin" --help | grep -q -- '--worker-threads'; then
+      opt_threads=(--worker-threads "$WORKERS")
+      how="--worker-threads $WORKERS"
+    else
+      env_threads=("${tokio_env[@]}")
+      how="TOKIO_WORKER_THREADS=$WORKERS (no --worker-threads)"
+    fi
+  fi
+  threads_of+=("proxy:$name: $how")
   # shellcheck disable=SC2086
   (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG="${PROXY_LOG:-warn}" \
-      "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
-      >"$dir/log" 2>&1) &
+      "${env_threads[@]}" "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" \
+      "${opt_threads[@]}" $flags >"$dir/log" 2>&1) &
   pids+=($!)
   tpids+=($!)
   wait_port "$port"
@@ -175,6 +218,12 @@ for entry in "${configs[@]}"; do
 done
 
 echo "claude-proxy: $PROXY_BIN"
+if [ "$WORKERS" = auto ]; then
+  echo "WORKERS=auto: nginx worker_processes auto, Tokio's default threads; the upstream: one nginx worker"
+else
+  echo "WORKERS=$WORKERS: nginx worker_processes $WORKERS, $WORKERS runtime thread(s) per proxy and floor; the upstream: one nginx worker"
+fi
+printf '  %s\n' "${threads_of[@]}"
 echo "wrk ${DURATION}s per row, $THREADS thread(s); $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 results="$work/results.tsv"
 : >"$results"

@@ -77,12 +77,13 @@ upstream_server() {
 EOF
 }
 
-# nginx_http_head DIR: the start of an nginx.conf (one worker, temp paths under DIR), up to
-# and including the `http {` line's common settings.
+# nginx_http_head DIR [WORKERS]: the start of an nginx.conf (WORKERS worker processes, a number
+# or `auto`, one by default; temp paths under DIR), up to and including the `http {` line's
+# common settings.
 nginx_http_head() {
   mkdir -p "$1"
   cat <<EOF
-worker_processes 1;
+worker_processes ${2:-1};
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 events { worker_connections 4096; }

@@ -680,6 +680,78 @@ async fn json_log_lines_and_a_warning_for_a_key_on_the_command_line() {
     assert!(!text.as_bytes().contains(&0x1b));
 }
 
+/// Issue 14: `--worker-threads` and `CLAUDE_PROXY_WORKER_THREADS` size the runtime of the
+/// real binary (its start-up log says how many threads it got, and it serves on one); without
+/// them Tokio's default (`TOKIO_WORKER_THREADS`, else one per core) stays; a count of zero or
+/// past 1024 stops the proxy at start with a message naming the option, not a panic.
+#[tokio::test]
+async fn worker_threads_from_the_flag_and_the_environment_and_bad_counts_refused() {
+    // (flags, environment, what the start-up log says); the first also serves a request.
+    for (args, env, logged) in [
+        (
+            &["--worker-threads", "1"][..],
+            ("CLAUDE_PROXY_WORKER_THREADS", "3"),
+            ["as configured", "worker_threads=1"],
+        ),
+        (
+            &[][..],
+            ("CLAUDE_PROXY_WORKER_THREADS", "3"),
+            ["as configured", "worker_threads=3"],
+        ),
+        (
+            &[][..],
+            ("TOKIO_WORKER_THREADS", "2"),
+            ["Tokio's default", "worker_threads=2"],
+        ),
+    ] {
+        let requests = if args.is_empty() {
+            Vec::new()
+        } else {
+            vec![with_headers(HELLO, &[])]
+        };
+        let args: Vec<&str> = ["--upstream", "mock"].iter().chain(args).copied().collect();
+        let log = binary_log(&args, &[env], &requests).await;
+        let text = String::from_utf8_lossy(&log);
+        assert!(
+            logged.iter().all(|l| text.contains(l)),
+            "{args:?} {env:?}: {text}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    for (args, env, message) in [
+        (
+            &["--worker-threads", "0"][..],
+            None,
+            "invalid configuration: --worker-threads: `0`: must be between 1 and 1024",
+        ),
+        (
+            &[][..],
+            Some(("CLAUDE_PROXY_WORKER_THREADS", "100000")),
+            "invalid configuration: CLAUDE_PROXY_WORKER_THREADS: `100000`: must be between 1 \
+             and 1024",
+        ),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_claude-proxy"));
+        cmd.args(["--listen", "127.0.0.1:0", "--upstream", "mock"])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("CLAUDE_PROXY_WORKER_THREADS")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_API_KEYS")
+            .env_remove("CLAUDE_PROXY_TOKENS")
+            .stdin(std::process::Stdio::null());
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("the claude-proxy binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(message), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 /// A body that does not arrive within the proxy's deadline is answered 408 (before, the proxy
 /// waited for it as long as the client kept the connection open).
 #[tokio::test]

@@ -216,7 +216,17 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// How the log is written (`CLAUDE_PROXY_LOG_FORMAT`, default `text`).
     pub log_format: super::LogFormat,
+    /// Threads of the runtime that serves connections and runs the layers
+    /// (`CLAUDE_PROXY_WORKER_THREADS`, 1 to 1024); `None`: Tokio's default,
+    /// `TOKIO_WORKER_THREADS` or one per core. Read by the binary, which builds the runtime
+    /// (a [`Proxy`](super::Proxy) runs on whatever runtime it is given).
+    pub worker_threads: Option<usize>,
 }
+
+/// The most runtime worker threads `worker_threads` accepts: far above any core count the
+/// proxy runs on, low enough that a typo (`80000`) is refused instead of starting that many
+/// threads.
+const MAX_WORKER_THREADS: usize = 1024;
 
 /// Command-line flags of `claude-proxy`. Every flag can also be set in the TOML file (same name
 /// with `_` for `-`) or the environment variable shown; flags win over the environment, which
@@ -374,6 +384,9 @@ pub struct Cli {
     /// Log format: `text` (colour only on a terminal, never with NO_COLOR) or `json`; the level is RUST_LOG [env: CLAUDE_PROXY_LOG_FORMAT] [default: text]
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<super::LogFormat>,
+    /// Runtime worker threads serving connections, 1 to 1024: fewer than the cores for a sidecar sharing its cores or a container whose CPU quota is below the host's core count (like nginx's `worker_processes`, Envoy's `--concurrency`) [env: CLAUDE_PROXY_WORKER_THREADS] [default: Tokio's: TOKIO_WORKER_THREADS, else one per core]
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// The TOML file: the same names as the flags, plus `[limits.<group>]` and `[mock]` tables.
@@ -426,6 +439,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     upstream_idle_timeout: Option<toml::Value>,
     log_format: Option<super::LogFormat>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     limits: BTreeMap<String, GroupLimits>,
     #[serde(default)]
@@ -1093,6 +1107,25 @@ impl ProxyConfig {
                 None => file.log_format.unwrap_or_default(),
             },
         };
+        let worker_threads = match pick(
+            &cli.worker_threads.map(|v| v.to_string()),
+            "worker-threads",
+            "CLAUDE_PROXY_WORKER_THREADS",
+            file.worker_threads.map(|v| v.to_string()),
+            "worker_threads",
+        ) {
+            Some(s) => {
+                let n = parse_num::<usize>(&s)?;
+                if n == 0 || n > MAX_WORKER_THREADS {
+                    return Err(ConfigError::new(
+                        s.source,
+                        format!("`{}`: must be between 1 and {MAX_WORKER_THREADS}", s.value),
+                    ));
+                }
+                Some(n)
+            }
+            None => None,
+        };
 
         for (group, l) in &file.limits {
             if l.rpm == 0 || l.itpm == 0 || l.otpm == 0 {
@@ -1195,6 +1228,7 @@ impl ProxyConfig {
             max_connections,
             upstream_idle_timeout,
             log_format,
+            worker_threads,
         })
     }
 }
@@ -1716,6 +1750,56 @@ mod tests {
             let err = ProxyConfig::resolve(Cli::default(), &env(&[(var, value)])).unwrap_err();
             assert_eq!(err.field(), var);
         }
+    }
+
+    #[test]
+    fn worker_threads_from_every_source_and_bad_counts_refused() {
+        let cfg = ProxyConfig::resolve(Cli::default(), &env(&[])).unwrap();
+        assert_eq!(cfg.worker_threads, None, "Tokio's default unless asked");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "worker_threads = 2\n").unwrap();
+        let file = Cli {
+            config: Some(path.clone()),
+            ..Cli::default()
+        };
+        let cfg = ProxyConfig::resolve(file.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.worker_threads, Some(2));
+        // The environment over the file, the flag over both.
+        let vars = env(&[("CLAUDE_PROXY_WORKER_THREADS", "3")]);
+        let cfg = ProxyConfig::resolve(file.clone(), &vars).unwrap();
+        assert_eq!(cfg.worker_threads, Some(3));
+        let flag = Cli {
+            worker_threads: Some(1),
+            ..file
+        };
+        let cfg = ProxyConfig::resolve(flag, &vars).unwrap();
+        assert_eq!(cfg.worker_threads, Some(1));
+        for bad in ["0", "1025", "80000", "-1", "two", "1.5"] {
+            let vars = env(&[("CLAUDE_PROXY_WORKER_THREADS", bad)]);
+            let err = ProxyConfig::resolve(Cli::default(), &vars).unwrap_err();
+            assert_eq!(err.field(), "CLAUDE_PROXY_WORKER_THREADS", "{bad}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        let err = ProxyConfig::resolve(
+            Cli {
+                worker_threads: Some(0),
+                ..Cli::default()
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: --worker-threads: `0`: must be between 1 and 1024"
+        );
+        std::fs::write(&path, "worker_threads = 0\n").unwrap();
+        let file = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let err = ProxyConfig::resolve(file, &env(&[])).unwrap_err();
+        assert_eq!(err.field(), "worker_threads (config file)");
     }
 
     #[test]

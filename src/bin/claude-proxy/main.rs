@@ -12,8 +12,7 @@ use tower_claude::proxy::{Cli, Proxy, ProxyConfig, Upstream, init_logging};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     // Secrets given as flags are readable by every local user through `ps`.
     let secret_flags: Vec<&str> = [
@@ -41,6 +40,36 @@ async fn main() {
              use ANTHROPIC_API_KEY / ANTHROPIC_API_KEYS / CLAUDE_PROXY_TOKENS or --keys-file"
         );
     }
+    // What `#[tokio::main]` built (a multi-threaded runtime, every driver on), with the worker
+    // count of `--worker-threads` when it is given.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("claude-proxy: cannot start the runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    let worker_threads = runtime.metrics().num_workers();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    match config.worker_threads {
+        Some(_) => tracing::info!(worker_threads, cores, "worker threads: as configured"),
+        None => tracing::info!(
+            worker_threads,
+            cores,
+            "worker threads: Tokio's default (TOKIO_WORKER_THREADS, else one per core); \
+             --worker-threads sets them"
+        ),
+    }
+    runtime.block_on(serve(config));
+}
+
+/// Connects the proxy's stack and serves until Ctrl-C or SIGTERM.
+async fn serve(config: ProxyConfig) {
     let listen = config.listen;
     let upstream = match &config.upstream {
         Upstream::Url(uri) => uri.to_string(),
