@@ -682,8 +682,9 @@ async fn json_log_lines_and_a_warning_for_a_key_on_the_command_line() {
 
 /// Issue 14: `--worker-threads` and `CLAUDE_PROXY_WORKER_THREADS` size the runtime of the
 /// real binary (its start-up log says how many threads it got, and it serves on one); without
-/// them Tokio's default (`TOKIO_WORKER_THREADS`, else one per core) stays; a count of zero or
-/// past 1024 stops the proxy at start with a message naming the option, not a panic.
+/// them Tokio's `TOKIO_WORKER_THREADS`, else one per core; a count of zero or past 1024 (or a
+/// bad `TOKIO_WORKER_THREADS`, on which Tokio itself would panic) stops the proxy at start
+/// with a message naming the option, not a panic.
 #[tokio::test]
 async fn worker_threads_from_the_flag_and_the_environment_and_bad_counts_refused() {
     // (flags, environment, what the start-up log says); the first also serves a request.
@@ -701,7 +702,7 @@ async fn worker_threads_from_the_flag_and_the_environment_and_bad_counts_refused
         (
             &[][..],
             ("TOKIO_WORKER_THREADS", "2"),
-            ["Tokio's default", "worker_threads=2"],
+            ["as configured", "worker_threads=2"],
         ),
     ] {
         let requests = if args.is_empty() {
@@ -731,12 +732,18 @@ async fn worker_threads_from_the_flag_and_the_environment_and_bad_counts_refused
             "invalid configuration: CLAUDE_PROXY_WORKER_THREADS: `100000`: must be between 1 \
              and 1024",
         ),
+        (
+            &[][..],
+            Some(("TOKIO_WORKER_THREADS", "0")),
+            "invalid configuration: TOKIO_WORKER_THREADS: `0`: must be between 1 and 1024",
+        ),
     ] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_claude-proxy"));
         cmd.args(["--listen", "127.0.0.1:0", "--upstream", "mock"])
             .args(args)
             .current_dir(dir.path())
             .env_remove("CLAUDE_PROXY_WORKER_THREADS")
+            .env_remove("TOKIO_WORKER_THREADS")
             .env_remove("ANTHROPIC_API_KEY")
             .env_remove("ANTHROPIC_API_KEYS")
             .env_remove("CLAUDE_PROXY_TOKENS")

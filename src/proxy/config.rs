@@ -217,8 +217,8 @@ pub struct ProxyConfig {
     /// How the log is written (`CLAUDE_PROXY_LOG_FORMAT`, default `text`).
     pub log_format: super::LogFormat,
     /// Threads of the runtime that serves connections and runs the layers
-    /// (`CLAUDE_PROXY_WORKER_THREADS`, 1 to 1024); `None`: Tokio's default,
-    /// `TOKIO_WORKER_THREADS` or one per core. Read by the binary, which builds the runtime
+    /// (`CLAUDE_PROXY_WORKER_THREADS`, 1 to 1024, else `TOKIO_WORKER_THREADS`, checked the
+    /// same way); `None`: Tokio's default, one per core. Read by the binary, which builds the runtime
     /// (a [`Proxy`](super::Proxy) runs on whatever runtime it is given).
     pub worker_threads: Option<usize>,
 }
@@ -1107,6 +1107,16 @@ impl ProxyConfig {
                 None => file.log_format.unwrap_or_default(),
             },
         };
+        let thread_count = |s: Setting| {
+            let n = parse_num::<usize>(&s)?;
+            if n == 0 || n > MAX_WORKER_THREADS {
+                return Err(ConfigError::new(
+                    s.source,
+                    format!("`{}`: must be between 1 and {MAX_WORKER_THREADS}", s.value),
+                ));
+            }
+            Ok(n)
+        };
         let worker_threads = match pick(
             &cli.worker_threads.map(|v| v.to_string()),
             "worker-threads",
@@ -1114,17 +1124,17 @@ impl ProxyConfig {
             file.worker_threads.map(|v| v.to_string()),
             "worker_threads",
         ) {
-            Some(s) => {
-                let n = parse_num::<usize>(&s)?;
-                if n == 0 || n > MAX_WORKER_THREADS {
-                    return Err(ConfigError::new(
-                        s.source,
-                        format!("`{}`: must be between 1 and {MAX_WORKER_THREADS}", s.value),
-                    ));
-                }
-                Some(n)
-            }
-            None => None,
+            Some(s) => Some(thread_count(s)?),
+            // Tokio reads `TOKIO_WORKER_THREADS` itself and panics on a bad value (`0`, `two`,
+            // an empty one): read and checked here, and given to the runtime explicitly, so a
+            // bad value is a configuration error (and a `.env` entry counts as well).
+            None => match env.get("TOKIO_WORKER_THREADS") {
+                Some(v) => Some(thread_count(Setting {
+                    value: v.clone(),
+                    source: "TOKIO_WORKER_THREADS".to_string(),
+                })?),
+                None => None,
+            },
         };
 
         for (group, l) in &file.limits {
@@ -1800,6 +1810,24 @@ mod tests {
         };
         let err = ProxyConfig::resolve(file, &env(&[])).unwrap_err();
         assert_eq!(err.field(), "worker_threads (config file)");
+        // Tokio's own variable: read here (Tokio would panic on a bad one), below ours.
+        let cfg = ProxyConfig::resolve(Cli::default(), &env(&[("TOKIO_WORKER_THREADS", "2")]));
+        assert_eq!(cfg.unwrap().worker_threads, Some(2));
+        let vars = env(&[
+            ("TOKIO_WORKER_THREADS", "2"),
+            ("CLAUDE_PROXY_WORKER_THREADS", "3"),
+        ]);
+        assert_eq!(
+            ProxyConfig::resolve(Cli::default(), &vars)
+                .unwrap()
+                .worker_threads,
+            Some(3)
+        );
+        for bad in ["0", "two", ""] {
+            let vars = env(&[("TOKIO_WORKER_THREADS", bad)]);
+            let err = ProxyConfig::resolve(Cli::default(), &vars).unwrap_err();
+            assert_eq!(err.field(), "TOKIO_WORKER_THREADS", "{bad:?}");
+        }
     }
 
     #[test]

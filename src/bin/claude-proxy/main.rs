@@ -61,8 +61,7 @@ fn main() {
         None => tracing::info!(
             worker_threads,
             cores,
-            "worker threads: Tokio's default (TOKIO_WORKER_THREADS, else one per core); \
-             --worker-threads sets them"
+            "worker threads: Tokio's default (one per core); --worker-threads sets them"
         ),
     }
     runtime.block_on(serve(config));
