@@ -133,9 +133,9 @@
 //! ([`write_queue`](CacheLayer::write_queue), 4096 by default) and the response goes on at
 //! once; a background task writes the queue in batches ([`CacheStore::put_batch`]: one redb
 //! transaction, committed durably, so a crash loses at most that batch). A batch is what
-//! arrives within 100 ms of its first answer, written at once when 256 answers wait; answers
+//! arrives within 100 ms of its first answer, written at once when 1024 answers wait; answers
 //! that queued while the store was busy with the previous batch are written together, up to
-//! 1024 (a slow commit is paid once for all of them). Until its batch is written an answer is
+//! 4096 (a slow commit is paid once for all of them). Until its batch is written an answer is
 //! served from the queue. A full queue drops the answer (not stored),
 //! a failing store (full or read-only disk, Redis down) is a miss on lookup and "not stored"
 //! on write: both are counted in `tower_claude_cache_writes_total{result="dropped"|"failed"}`

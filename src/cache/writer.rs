@@ -12,7 +12,16 @@ use super::store::{CacheStore, CachedResponse, ModelSet};
 
 /// A batch the writer does not linger for more of: it is written as soon as this many
 /// answers wait (or the whole queue, when it is smaller: see [`full_batch`]).
-pub(crate) const FULL_BATCH: usize = 256;
+///
+/// It was 256: at 32 connections (~10–20k answers a second) the writer then committed every
+/// 13–25 ms, each batch paying the disk store's fixed costs (a durable commit and its
+/// `fdatasync`, redb's branch and system pages and header rewritten, the hand-over to the
+/// blocking pool and back, the row buffers allocated and freed) and a last row of the batch
+/// rounded up to a power of two of pages. 1024 divides those by four and fills within the
+/// [`LINGER`] above ~10k answers a second. What a crash can lose keeps its bound (the answers
+/// of one linger and the batch being written); at 32 connections that is now up to ~1024
+/// answers rather than ~256 (see `docs/benchmarks.md`, issue 13, dk18).
+pub(crate) const FULL_BATCH: usize = 1024;
 
 /// The batch the writer stops lingering at for a queue of `capacity`: [`FULL_BATCH`], or the
 /// whole queue when it holds fewer (a full queue drops answers: never linger into that).
@@ -23,8 +32,9 @@ fn full_batch(capacity: usize) -> usize {
 /// The most entries stored in one batch (one redb transaction, one Redis pipeline). Above
 /// [`FULL_BATCH`]: answers that queued while the store was busy (a durable commit that took
 /// tens of milliseconds on a disk shared with other work) are written together, so that a slow
-/// commit is paid once for all of them and the queue drains instead of overflowing.
-pub(crate) const MAX_BATCH: usize = 1024;
+/// commit is paid once for all of them and the queue drains instead of overflowing. The
+/// default queue ([`DEFAULT_WRITE_QUEUE`](super::DEFAULT_WRITE_QUEUE)) in one batch.
+pub(crate) const MAX_BATCH: usize = 4096;
 
 /// After the first entry of a batch arrives, the writer waits this long for more, so that a
 /// busy proxy commits a few large transactions a second rather than one per answer (each a
@@ -535,17 +545,18 @@ mod batching {
     }
 
     /// Answers that queue while the store is slow are written together (up to `MAX_BATCH`),
-    /// so that the queue drains instead of overflowing: 10k answers a second into a store that
-    /// takes 50 ms per batch, a queue of 1024, nothing dropped. (Batches of at most 256 drained
-    /// 5k a second and dropped the rest.)
+    /// so that the queue drains instead of overflowing: 40k answers a second into a store that
+    /// takes 50 ms per batch, a queue of 4096, nothing dropped. (Batches of at most
+    /// `FULL_BATCH`, 1024, drain 20k a second and drop the rest; with `FULL_BATCH` at 256 this
+    /// test sent 10k a second into a queue of 1024.)
     #[tokio::test(start_paused = true)]
     async fn a_backlog_is_written_in_larger_batches() {
         let store = Arc::new(Batches(Mutex::default(), Duration::from_millis(50)));
         let writer = Writer::new(store.clone(), 4 * FULL_BATCH);
-        // Ten a millisecond (the timer's resolution).
+        // Forty a millisecond (the timer's resolution).
         for i in 0..10_000 {
             writer.enqueue(key(i), entry(), TTL);
-            if i % 10 == 9 {
+            if i % 40 == 39 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
@@ -554,6 +565,35 @@ mod batching {
         assert_eq!(batches.iter().sum::<usize>(), 10_000, "{batches:?}");
         assert!(batches.iter().any(|&n| n > FULL_BATCH), "{batches:?}");
         assert!(batches.iter().all(|&n| n <= MAX_BATCH), "{batches:?}");
+    }
+
+    /// At a busy proxy's rate (20 answers a millisecond: 32 connections) the writer commits
+    /// 1024 answers at a time, every ~50 ms, not 256 every ~13 ms: each commit's fixed cost
+    /// (a durable redb commit and its `fdatasync`, the pages besides the rows, the hand-over
+    /// to the blocking pool) is shared by four times as many answers, and nothing waits longer
+    /// than the linger.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_proxy_commits_a_thousand_answers_at_a_time() {
+        let store = Arc::new(Batches(Mutex::default(), Duration::from_millis(5)));
+        let writer = Writer::new(store.clone(), crate::cache::DEFAULT_WRITE_QUEUE);
+        for i in 0..8 * 1024 {
+            writer.enqueue(key(i), entry(), TTL);
+            if i % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        writer.flush().await;
+        let batches = store.0.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 8 * 1024, "{batches:?}");
+        // Each batch but the last (what was left, after its linger) 1024 answers or a few
+        // more (those queued in the same millisecond before the writer ran).
+        assert!(batches.len() <= 8, "{batches:?}");
+        let (last, full) = batches.split_last().unwrap();
+        assert!(
+            full.iter().all(|&n| (1024..1024 + 20).contains(&n)),
+            "{batches:?}"
+        );
+        assert!(*last <= 1024, "{batches:?}");
     }
 
     /// An answer is found from the moment it is queued until the store has it: while it
