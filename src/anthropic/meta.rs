@@ -264,6 +264,22 @@ impl RequestMeta {
         }
     }
 
+    /// A copy of this meta without the memo of the request's key id (a copy kept beside a
+    /// request for later attempts: see [`RequestTemplate`](crate::body::RequestTemplate)).
+    pub(crate) fn copy_without_key_memo(&self) -> Self {
+        Self {
+            model: self.model.clone(),
+            max_tokens: self.max_tokens,
+            stream: self.stream,
+            temperature: self.temperature,
+            input_tokens: self.input_tokens,
+            cache_breakpoints: self.cache_breakpoints.clone(),
+            canonical: self.canonical.clone(),
+            entry: self.entry.clone(),
+            key: Memo::default(),
+        }
+    }
+
     /// The memo of the request's key id kept here, if any (see [`KeyIdMemo`]).
     pub(crate) fn key_memo(&self) -> Option<&KeyIdMemo> {
         self.key.0.as_ref()
