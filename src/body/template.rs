@@ -166,22 +166,14 @@ mod tests {
             .unwrap();
         RequestMeta::get_or_scan(&mut req).unwrap();
         let id = KeyId::of_request(&mut req).unwrap();
-        assert!(
-            req.extensions()
-                .get::<RequestMeta>()
-                .unwrap()
-                .key_memo()
-                .is_some()
-        );
+        let memo_kept = |req: &Request<RequestBody>| {
+            let meta = req.extensions().get::<RequestMeta>();
+            meta.and_then(RequestMeta::key_memo).is_some()
+        };
+        assert!(memo_kept(&req));
         let t = RequestTemplate::copy_of(&req);
         assert!(t.meta().unwrap().key_memo().is_none());
-        assert!(
-            req.extensions()
-                .get::<RequestMeta>()
-                .unwrap()
-                .key_memo()
-                .is_some()
-        );
+        assert!(memo_kept(&req), "the request keeps its own");
         for mut copy in [t.request(), t.with_body(RequestBody::empty())] {
             assert_eq!(KeyId::of_request_checked_above(&mut copy), Some(id.clone()));
             assert_eq!(KeyId::of_request(&mut copy), Some(id.clone()));
