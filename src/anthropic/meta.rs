@@ -251,17 +251,37 @@ impl RequestMeta {
     /// request rewritten to `entry`'s model): the model and the remembered entry replaced,
     /// everything else cloned.
     pub(crate) fn with_model(&self, entry: &ModelEntry) -> Self {
+        self.copy_with(
+            Some(entry.id().to_owned()),
+            Memo(Some(entry.clone())),
+            self.key.clone(),
+        )
+    }
+
+    /// This meta's value with `model`, its `entry` memo and its `key` memo.
+    fn copy_with(
+        &self,
+        model: Option<String>,
+        entry: Memo<ModelEntry>,
+        key: Memo<KeyIdMemo>,
+    ) -> Self {
         Self {
-            model: Some(entry.id().to_owned()),
+            model,
             max_tokens: self.max_tokens,
             stream: self.stream,
             temperature: self.temperature,
             input_tokens: self.input_tokens,
             cache_breakpoints: self.cache_breakpoints.clone(),
             canonical: self.canonical.clone(),
-            entry: Memo(Some(entry.clone())),
-            key: self.key.clone(),
+            entry,
+            key,
         }
+    }
+
+    /// A copy of this meta without the memo of the request's key id (a copy kept beside a
+    /// request for later attempts: see [`RequestTemplate`](crate::body::RequestTemplate)).
+    pub(crate) fn copy_without_key_memo(&self) -> Self {
+        self.copy_with(self.model.clone(), self.entry.clone(), Memo::default())
     }
 
     /// The memo of the request's key id kept here, if any (see [`KeyIdMemo`]).

@@ -869,6 +869,20 @@ impl UsageTracker {
 
     fn feed_chunk(&self, chunk: &[u8], shared: Option<&Bytes>) {
         let mut t = self.lock();
+        self.feed_locked(&mut t, chunk, shared);
+    }
+
+    /// The body's last chunk: [`feed_bytes`](Self::feed_bytes) then [`end`](Self::end)
+    /// (`failed`: its read failed), under one lock (a JSON answer read in one chunk took the
+    /// lock twice, back to back).
+    pub(crate) fn feed_last(&self, chunk: &Bytes, failed: bool) {
+        let mut t = self.lock();
+        self.feed_locked(&mut t, chunk, Some(chunk));
+        self.end_locked(&mut t, failed);
+    }
+
+    /// [`feed_chunk`](Self::feed_chunk) under the lock `t` holds.
+    fn feed_locked(&self, t: &mut Tracked, chunk: &[u8], shared: Option<&Bytes>) {
         t.seen = t.seen.saturating_add(chunk.len() as u64);
         let limit = self.0.json_limit.load(Ordering::Relaxed);
         t.watch.feed(chunk, shared, limit);
@@ -889,6 +903,11 @@ impl UsageTracker {
     /// dispatched; a JSON body's usage is read.
     pub fn end(&self, failed: bool) {
         let mut t = self.lock();
+        self.end_locked(&mut t, failed);
+    }
+
+    /// [`end`](Self::end) under the lock `t` holds.
+    fn end_locked(&self, t: &mut Tracked, failed: bool) {
         if t.ended {
             return;
         }
@@ -1463,6 +1482,68 @@ mod tests {
         assert_eq!(stream.usage().map(|u| u.input_tokens), Some(5));
         assert_eq!(stream.state(), BodyState::Truncated);
         assert_eq!((stream.typed_json(), stream.message_json()), (None, None));
+    }
+
+    /// The last chunk and the end under one lock (`feed_last`) leave the tracker as
+    /// `feed_bytes` then `end` did: for JSON bodies (whole, an error, partial usage, HTML,
+    /// empty, over the copy limit) and streams (complete, cut, with an `event: error`), fed
+    /// in one chunk or two, read whole or failed. Fails if `feed_last` skips or reorders
+    /// either half.
+    #[test]
+    fn the_last_chunk_and_the_end_together_are_the_two_apart() {
+        let json: [&[u8]; 5] = [
+            br#"{"type":"message","model":"m","usage":{"input_tokens":11,"output_tokens":22,"cache_read_input_tokens":4}}"#,
+            br#"{"type":"error","error":{"type":"api_error","message":"x"}}"#,
+            br#"{"usage":{"input_tokens":1}}"#,
+            b"<html>502</html>",
+            b"",
+        ];
+        let sse: [&[u8]; 3] = [
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5}}}\n\n",
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"o\"}}\n\n",
+        ];
+        let cases = json
+            .iter()
+            .flat_map(|b| [(false, *b, 1 << 20), (false, *b, 8)])
+            .chain(sse.iter().map(|b| (true, *b, 0)));
+        for (stream, body, limit) in cases {
+            for split in [0, body.len() / 2] {
+                for failed in [false, true] {
+                    let (head, last) = body.split_at(split);
+                    let apart = UsageTracker::new(stream, limit);
+                    let together = UsageTracker::new(stream, limit);
+                    for t in [&apart, &together] {
+                        if !head.is_empty() {
+                            t.feed_bytes(&Bytes::copy_from_slice(head));
+                        }
+                    }
+                    let last = Bytes::copy_from_slice(last);
+                    apart.feed_bytes(&last);
+                    apart.end(failed);
+                    together.feed_last(&last, failed);
+                    let what = format!("{body:?} split {split} failed {failed} limit {limit}");
+                    assert_eq!(together.usage(), apart.usage(), "{what}");
+                    assert_eq!(together.model(), apart.model(), "{what}");
+                    assert_eq!(together.typed_json(), apart.typed_json(), "{what}");
+                    assert_eq!(together.message_json(), apart.message_json(), "{what}");
+                    assert_eq!(together.state(), apart.state(), "{what}");
+                    assert_eq!(together.error(), apart.error(), "{what}");
+                    assert_eq!(
+                        together.content_started(),
+                        apart.content_started(),
+                        "{what}"
+                    );
+                    for bytes in [0, split as u64, body.len() as u64, u64::MAX] {
+                        assert_eq!(
+                            together.settled_within(bytes),
+                            apart.settled_within(bytes),
+                            "{what} within {bytes}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A reader's JSON limit raises the copy's, never lowers it, also when asked between

@@ -42,8 +42,11 @@ impl RequestTemplate {
         copy.headers = req.headers().clone();
         let extensions = req.extensions();
         let meta = match extensions.get::<RequestMeta>() {
-            // Most requests carry nothing else: no map is copied.
-            Some(meta) if extensions.len() == 1 => Some(Box::new(meta.clone())),
+            // Most requests carry nothing else: no map is copied. The key id's memo is
+            // left out (a reference count taken and dropped per request for nothing: the
+            // layer keeping the copy holds the key id, and a request rebuilt from the copy
+            // has its key id derived again, from the same headers, by the layer asking).
+            Some(meta) if extensions.len() == 1 => Some(Box::new(meta.copy_without_key_memo())),
             _ => {
                 copy.extensions = extensions.clone();
                 None
@@ -146,6 +149,34 @@ mod tests {
             assert_eq!(t.request().body().bytes(), req.body().bytes());
             // The original is untouched.
             assert_eq!(req.extensions().get::<RequestMeta>(), Some(&meta));
+        }
+    }
+
+    /// The copy's meta keeps no memo of the key id (the request's own keeps it); a request
+    /// rebuilt from the copy has the same key id, derived again from its headers. Fails if
+    /// the copy clones the memo.
+    #[test]
+    fn a_copy_leaves_the_key_memo_with_the_request() {
+        use crate::anthropic::KeyId;
+        let mut req = Request::post("https://api.anthropic.com/v1/messages")
+            .header("x-api-key", "sk-ant-copy")
+            .body(RequestBody::from(
+                r#"{"model":"claude-haiku-4-5","max_tokens":8,"messages":[]}"#,
+            ))
+            .unwrap();
+        RequestMeta::get_or_scan(&mut req).unwrap();
+        let id = KeyId::of_request(&mut req).unwrap();
+        let memo_kept = |req: &Request<RequestBody>| {
+            let meta = req.extensions().get::<RequestMeta>();
+            meta.and_then(RequestMeta::key_memo).is_some()
+        };
+        assert!(memo_kept(&req));
+        let t = RequestTemplate::copy_of(&req);
+        assert!(t.meta().unwrap().key_memo().is_none());
+        assert!(memo_kept(&req), "the request keeps its own");
+        for mut copy in [t.request(), t.with_body(RequestBody::empty())] {
+            assert_eq!(KeyId::of_request_checked_above(&mut copy), Some(id.clone()));
+            assert_eq!(KeyId::of_request(&mut copy), Some(id.clone()));
         }
     }
 }

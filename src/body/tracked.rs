@@ -108,12 +108,17 @@ where
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(tracker) = this.tracker.as_ref() {
-            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-                tracker.feed_bytes(data);
-            }
-            match ending(&frame, &*inner) {
-                Ending::Open => {}
-                end => {
+            let data = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref());
+            match (ending(&frame, &*inner), data) {
+                (Ending::Open, Some(data)) => tracker.feed_bytes(data),
+                (Ending::Open, None) => {}
+                // The last chunk and the end under one lock of the tracker (a JSON answer
+                // is mostly one chunk).
+                (end, Some(data)) => {
+                    tracker.feed_last(data, end == Ending::Failed);
+                    *this.tracker = None;
+                }
+                (end, None) => {
                     tracker.end(end == Ending::Failed);
                     *this.tracker = None;
                 }

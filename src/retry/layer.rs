@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ pub(crate) struct Config {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) pacer: Arc<Pacer>,
-    pub(crate) rng: Arc<Mutex<fastrand::Rng>>,
+    pub(crate) rng: Arc<JitterSeed>,
     /// The service's spare (see [`Spare`](super::Spare)): a `Mutex<S>` of the service's
     /// inner type, taken at its first request. Kept here, where every response future
     /// already holds a reference, rather than behind a reference count of its own that
@@ -54,7 +55,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, pacer: Arc<Pacer>, rng: Arc<Mutex<fastrand::Rng>>) -> Self {
+    pub(crate) fn new(config: Config, pacer: Arc<Pacer>, rng: Arc<JitterSeed>) -> Self {
         Self {
             config,
             pacer,
@@ -80,8 +81,43 @@ impl Shared {
     /// A random generator for one request, seeded from the layer's generator (so a seeded
     /// layer is deterministic when requests start in a deterministic order).
     pub(crate) fn fork_rng(&self) -> fastrand::Rng {
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        fastrand::Rng::with_seed(rng.u64(..))
+        self.rng.fork()
+    }
+}
+
+/// The layer's jitter generator: the state of a [`fastrand::Rng`] in an atomic, shared by
+/// every service the layer builds. Each request forks its own generator from it
+/// ([`fork`](Self::fork)): one atomic add, where a `Mutex<fastrand::Rng>` took a lock and
+/// released it (two locked instructions and the mutex's code, every request).
+pub(crate) struct JitterSeed(AtomicU64);
+
+impl JitterSeed {
+    /// A generator whose state is `seed` (as [`fastrand::Rng::with_seed`]).
+    pub(crate) fn with_seed(seed: u64) -> Self {
+        Self(AtomicU64::new(seed))
+    }
+
+    /// A randomly seeded generator (as [`fastrand::Rng::new`]).
+    pub(crate) fn random() -> Self {
+        Self::with_seed(fastrand::Rng::new().get_seed())
+    }
+
+    /// A generator seeded with the next `u64` of the layer's generator: the value
+    /// `fastrand::Rng::u64(..)` gives, and the state it leaves, as under a lock. `fastrand`'s
+    /// generator (wyrand) advances its state by adding a constant and mixes the new state
+    /// into its output: the add is done here, atomically, and the mix by a generator made
+    /// from the state before it, so concurrent forks each get the value of their place in
+    /// the sequence.
+    pub(crate) fn fork(&self) -> fastrand::Rng {
+        // The increment, read from `fastrand` itself: the state a generator leaves after one
+        // `u64`, less the state it started from.
+        let step = {
+            let mut probe = fastrand::Rng::with_seed(0);
+            probe.u64(..);
+            probe.get_seed()
+        };
+        let before = self.0.fetch_add(step, Ordering::Relaxed);
+        fastrand::Rng::with_seed(fastrand::Rng::with_seed(before).u64(..))
     }
 }
 
@@ -111,7 +147,7 @@ impl Shared {
 pub struct RetryLayer {
     config: Config,
     pacer: Arc<Pacer>,
-    rng: Arc<Mutex<fastrand::Rng>>,
+    rng: Arc<JitterSeed>,
 }
 
 impl RetryLayer {
@@ -134,7 +170,7 @@ impl RetryLayer {
                 max_json_read: DEFAULT_MAX_JSON_READ,
             },
             pacer: Arc::new(Pacer::default()),
-            rng: Arc::new(Mutex::new(fastrand::Rng::new())),
+            rng: Arc::new(JitterSeed::random()),
         }
     }
 
@@ -198,7 +234,7 @@ impl RetryLayer {
 
     /// Seeds the jitter (for reproducible tests). Unseeded layers use a random seed.
     pub fn seed(mut self, seed: u64) -> Self {
-        self.rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
+        self.rng = Arc::new(JitterSeed::with_seed(seed));
         self
     }
 
@@ -305,5 +341,56 @@ impl<S> Layer<S> for RetryLayer {
                 self.rng.clone(),
             )),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forks are the generators a `Mutex<fastrand::Rng>` gave (`with_seed(rng.u64(..))`
+    /// under the lock), in the same order, from the same seed: a seeded layer's delays are
+    /// the ones they were. Fails if the atomic's step or the mix differ from `fastrand`'s.
+    #[test]
+    fn forks_follow_the_generator_they_replace() {
+        for seed in [0, 1, 42, u64::MAX - 3, 0x2d35_8dcc_aa6c_78a5] {
+            let atomic = JitterSeed::with_seed(seed);
+            let mut locked = fastrand::Rng::with_seed(seed);
+            for _ in 0..64 {
+                let mut expected = fastrand::Rng::with_seed(locked.u64(..));
+                let mut forked = atomic.fork();
+                assert_eq!(forked.get_seed(), expected.get_seed());
+                assert_eq!(forked.u64(..), expected.u64(..));
+            }
+            assert_eq!(atomic.0.load(Ordering::Relaxed), locked.get_seed());
+        }
+    }
+
+    /// Forks from several threads each take one place in the sequence: together they are
+    /// the sequence's first values, none twice.
+    #[test]
+    fn concurrent_forks_take_distinct_places() {
+        let atomic = Arc::new(JitterSeed::with_seed(7));
+        let mut seeds: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let atomic = atomic.clone();
+                    s.spawn(move || {
+                        (0..100)
+                            .map(|_| atomic.fork().get_seed())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let mut locked = fastrand::Rng::with_seed(7);
+        let mut expected: Vec<u64> = (0..400).map(|_| locked.u64(..)).collect();
+        seeds.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(seeds, expected);
     }
 }
