@@ -348,15 +348,18 @@ const ENCODING_VERSION: u8 = 2;
 const APPLICATION_JSON: &str = "application/json";
 
 /// What an entry costs in memory beyond the bytes of its kept headers (one buffer, `head`),
-/// its body and its model's name: the ring slot that holds it (key, response, expiry,
-/// weight), the store's map bucket, allocator rounding of the two buffers and the share of a
-/// growing map's and ring's spare room. Measured (issue 13, 2026-12-07):
-/// `memory_store_rss_per_entry` in `tests/cache.rs` gives 1,034 bytes of resident memory per
-/// entry for 770 bytes of headers, body and name (264 around them), and `scripts/cache-rss.sh`
-/// (1M distinct requests through the proxy, 256 MiB bound): 1.006× the bound with 400 here,
-/// so 450 — the bound is what the store really takes, with a small margin; 600 here, plus 96
-/// per header for a header map the entry no longer has, held the store to 0.70× its bound.
-const ENTRY_OVERHEAD: usize = 450;
+/// its body and its model's name: the ring slot that holds it (key, response, expiry), the
+/// store's index bucket, allocator rounding of the two buffers and the share of a growing
+/// index's and ring's spare room. Measured (issue 13, 2026-12-07): `memory_store_rss_per_entry`
+/// in `tests/cache.rs` gave 1,034 bytes of resident memory per entry for 770 bytes of headers,
+/// body and name (264 around them) while the index kept the key again in 36-byte buckets and
+/// a slot its weight; `scripts/cache-rss.sh` (1M distinct requests through the proxy, 256 MiB
+/// bound) then gave 1.006× the bound with 400 here and 0.97× with 450. Since the index holds
+/// 8-byte buckets and the slot 144 bytes (1,046 → 1,004 bytes per entry in that test, and no
+/// large table left behind by each doubling of the index), the same run gives 0.855× with 450
+/// and 0.897× with 400, so 320 (0.983×: within the bound, with a small margin): `docs/benchmarks.md`,
+/// "The store's overhead, measured again".
+const ENTRY_OVERHEAD: usize = 320;
 
 /// The headers an entry keeps ([`CachedResponse::keeps_header`]), picked from an answer's
 /// head in one pass and written as [`CachedResponse::encode`] lays them out, and what that pass
@@ -669,7 +672,7 @@ impl CachedResponse {
 
     /// What the entry costs in memory, in bytes: the body, the kept headers' buffer, the
     /// model name, and a fixed overhead for the structures around them (the key, the store's
-    /// map and ring slot, allocator rounding). [`MemoryStore`] bounds the sum of these, so
+    /// index and ring slot, allocator rounding). [`MemoryStore`] bounds the sum of these, so
     /// that its resident memory follows its bound.
     pub fn weight(&self) -> usize {
         self.body.len()
