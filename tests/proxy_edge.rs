@@ -533,6 +533,22 @@ async fn a_panicking_upstream_is_a_500_and_the_proxy_keeps_serving() {
     proxy.stop().await;
 }
 
+/// The settings a spawned `claude-proxy` must not inherit from the test's environment: keys
+/// and client tokens (the tests give their own) and thread counts (the tests that need one
+/// set it).
+fn without_inherited_settings(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in [
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_API_KEYS",
+        "CLAUDE_PROXY_TOKENS",
+        "CLAUDE_PROXY_WORKER_THREADS",
+        "TOKIO_WORKER_THREADS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// Runs the real `claude-proxy` binary with its log (standard error) going to a file, sends
 /// it `requests`, stops it, and returns the log.
 async fn binary_log(
@@ -544,12 +560,10 @@ async fn binary_log(
     let log_path = dir.path().join("proxy.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_claude-proxy"));
+    without_inherited_settings(cmd.as_std_mut());
     cmd.args(["--listen", "127.0.0.1:0", "--cache", "false"])
         .args(args)
         .current_dir(dir.path())
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_API_KEYS")
-        .env_remove("CLAUDE_PROXY_TOKENS")
         .env_remove("RUST_LOG")
         .env_remove("NO_COLOR")
         .stdin(std::process::Stdio::null())
@@ -739,14 +753,10 @@ async fn worker_threads_from_the_flag_and_the_environment_and_bad_counts_refused
         ),
     ] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_claude-proxy"));
-        cmd.args(["--listen", "127.0.0.1:0", "--upstream", "mock"])
+        without_inherited_settings(&mut cmd)
+            .args(["--listen", "127.0.0.1:0", "--upstream", "mock"])
             .args(args)
             .current_dir(dir.path())
-            .env_remove("CLAUDE_PROXY_WORKER_THREADS")
-            .env_remove("TOKIO_WORKER_THREADS")
-            .env_remove("ANTHROPIC_API_KEY")
-            .env_remove("ANTHROPIC_API_KEYS")
-            .env_remove("CLAUDE_PROXY_TOKENS")
             .stdin(std::process::Stdio::null());
         if let Some((k, v)) = env {
             cmd.env(k, v);
