@@ -2,7 +2,9 @@
 //!
 //! It is what `claude-proxy --cache-mode off` would cost if every Tower layer were free: the
 //! same hyper-util `auto` server (HTTP/1 and HTTP/2), the same hyper-util legacy client with its
-//! keep-alive pool, the same allocator (mimalloc) and Tokio's multi-threaded runtime, but no rate
+//! keep-alive pool, the same allocator (mimalloc) and the same runtime (Tokio's multi-threaded
+//! one; its current-thread scheduler when `TOKIO_WORKER_THREADS=1`, as `claude-proxy
+//! --worker-threads 1` runs), but no rate
 //! limit, retry, fallback, metrics, headers or body tracking. The distance between this floor
 //! and nginx is hyper's and Tokio's; the distance between `claude-proxy` and this floor is ours.
 //! `scripts/bench-proxy.sh` (row `floor`), `scripts/callgrind-proxy.sh` and
@@ -161,8 +163,25 @@ async fn same_task_send(
     resp.await.map_err(boxed)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The proxy's choice (src/bin/claude-proxy/main.rs): one thread is the current-thread
+    // scheduler, more the multi-threaded one (which reads TOKIO_WORKER_THREADS itself).
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let mut builder = if one {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve()),
+        Err(e) => {
+            eprintln!("hyper_floor: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let same_task = args.iter().any(|a| a == "--same-task");
     let own_pool = args.iter().any(|a| a == "--own-pool");

@@ -706,17 +706,29 @@ async fn worker_threads_from_the_flag_and_the_environment_and_bad_counts_refused
         (
             &["--worker-threads", "1"][..],
             ("CLAUDE_PROXY_WORKER_THREADS", "3"),
-            ["as configured", "worker_threads=1"],
+            [
+                "as configured",
+                "worker_threads=1",
+                "scheduler=\"current-thread\"",
+            ],
         ),
         (
             &[][..],
             ("CLAUDE_PROXY_WORKER_THREADS", "3"),
-            ["as configured", "worker_threads=3"],
+            [
+                "as configured",
+                "worker_threads=3",
+                "scheduler=\"multi-thread\"",
+            ],
         ),
         (
             &[][..],
             ("TOKIO_WORKER_THREADS", "2"),
-            ["as configured", "worker_threads=2"],
+            [
+                "as configured",
+                "worker_threads=2",
+                "scheduler=\"multi-thread\"",
+            ],
         ),
     ] {
         let requests = if args.is_empty() {

@@ -41,10 +41,20 @@ fn main() {
         );
     }
     // What `#[tokio::main]` built (a multi-threaded runtime, every driver on), with the worker
-    // count of `--worker-threads` when it is given.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // count of `--worker-threads` when it is given. One thread is Tokio's current-thread
+    // scheduler, as an nginx worker is one event loop: the multi-threaded scheduler with one
+    // worker also keeps `block_on`'s thread (the accept loop) apart from the worker, and pays
+    // for cross-thread wake-ups and atomic run queues that one thread never needs (+9 % at 32
+    // connections, docs/benchmarks.md "One thread, one scheduler"). Blocking work (the disk
+    // cache's writes, spend files) still runs on Tokio's blocking pool.
+    let current_thread = config.worker_threads == Some(1);
+    let mut builder = if current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all();
-    if let Some(n) = config.worker_threads {
+    if let Some(n) = config.worker_threads.filter(|_| !current_thread) {
         builder.worker_threads(n);
     }
     let runtime = match builder.build() {
@@ -56,10 +66,21 @@ fn main() {
     };
     let worker_threads = runtime.metrics().num_workers();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let scheduler = if current_thread {
+        "current-thread"
+    } else {
+        "multi-thread"
+    };
     match config.worker_threads {
-        Some(_) => tracing::info!(worker_threads, cores, "worker threads: as configured"),
+        Some(_) => tracing::info!(
+            worker_threads,
+            scheduler,
+            cores,
+            "worker threads: as configured"
+        ),
         None => tracing::info!(
             worker_threads,
+            scheduler,
             cores,
             "worker threads: Tokio's default (one per core); --worker-threads sets them"
         ),
