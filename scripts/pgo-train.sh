@@ -43,7 +43,7 @@ TOML
 # One thread runs Tokio's current-thread scheduler, more its multi-threaded one (src/bin/
 # claude-proxy/main.rs): both are trained, or the one left out is laid out as cold code.
 configs=("--cache-mode off" "--cache-mode off --worker-threads 1"
-  "--cache-mode all --cache-path memory" "--cache-mode all --worker-threads 1"
+  "--cache-mode all --cache-path memory" "--cache-mode all --cache-path $work/cache1.redb --worker-threads 1"
   "--cache-mode all --cache-path $work/cache.redb" "--cache-mode deterministic --cache-path $work/cache.redb"
   "--cache-mode deterministic --cache-path memory --tenants-file $work/tenants.toml")
 # Quota and cache in Redis, when a redis-server is there to start (a path left out of the
