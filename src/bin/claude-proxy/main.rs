@@ -41,13 +41,15 @@ fn main() {
         );
     }
     // What `#[tokio::main]` built (a multi-threaded runtime, every driver on), with the worker
-    // count of `--worker-threads` when it is given. One thread is Tokio's current-thread
+    // count of `--worker-threads` when it is given (else one per core, as Tokio counts them:
+    // `TOKIO_WORKER_THREADS` is read into the option). One thread is Tokio's current-thread
     // scheduler, as an nginx worker is one event loop: the multi-threaded scheduler with one
     // worker also keeps `block_on`'s thread (the accept loop) apart from the worker, and pays
     // for cross-thread wake-ups and atomic run queues that one thread never needs (+9 % at 32
     // connections, docs/benchmarks.md "One thread, one scheduler"). Blocking work (the disk
     // cache's writes, spend files) still runs on Tokio's blocking pool.
-    let current_thread = config.worker_threads == Some(1);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let current_thread = config.worker_threads.unwrap_or(cores) == 1;
     let mut builder = if current_thread {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -65,7 +67,6 @@ fn main() {
         }
     };
     let worker_threads = runtime.metrics().num_workers();
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let scheduler = if current_thread {
         "current-thread"
     } else {
