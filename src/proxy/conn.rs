@@ -62,8 +62,12 @@ pub(crate) struct Activity {
     idle_since_ms: AtomicU64,
     /// Why it must close (`Close as u8`), 0 while it may stay open.
     close: AtomicU8,
-    /// The task driving the connection, woken when `close` is set.
-    waker: AtomicWaker,
+    /// The waker the connection is polled with, and through it the task driving the
+    /// connection, woken when `close` is set: one registration of the task's waker per poll
+    /// serves both (a separate `AtomicWaker` here cost a second one). Its own allocation, not
+    /// a part of this one: the wakers hyper and Tokio keep may outlive the connection, and
+    /// the registry counts a connection open while its `Activity` lives.
+    in_place: Arc<InPlace>,
     epoch: Instant,
 }
 
@@ -74,7 +78,7 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(ms_since(epoch)),
             close: AtomicU8::new(0),
-            waker: AtomicWaker::new(),
+            in_place: Arc::new(InPlace::default()),
             epoch,
         }
     }
@@ -86,7 +90,7 @@ impl Activity {
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if asked {
-            self.waker.wake();
+            self.in_place.task.wake();
         }
         asked
     }
@@ -123,7 +127,10 @@ pub(crate) struct Busy(Arc<Activity>);
 impl Busy {
     fn new(activity: Arc<Activity>) -> Self {
         activity.busy.fetch_add(1, Ordering::AcqRel);
-        activity.served.store(true, Ordering::Release);
+        // Written once per connection, not once per request: true stays true.
+        if !activity.served.load(Ordering::Acquire) {
+            activity.served.store(true, Ordering::Release);
+        }
         Self(activity)
     }
 }
@@ -137,7 +144,7 @@ impl Drop for Busy {
         self.0.busy.fetch_sub(1, Ordering::AcqRel);
         if self.0.close.load(Ordering::Acquire) != 0 {
             // A closing connection waits for this: let it look again.
-            self.0.waker.wake();
+            self.0.in_place.task.wake();
         }
     }
 }
@@ -281,7 +288,7 @@ pub(crate) struct Watched<C> {
 
 impl<C> Watched<C> {
     pub(crate) fn new(conn: C, activity: Arc<Activity>) -> Self {
-        let in_place = Arc::new(InPlace::default());
+        let in_place = activity.in_place.clone();
         Self {
             conn,
             activity,
@@ -312,7 +319,8 @@ const IN_PLACE_POLLS: usize = 8;
 struct InPlace {
     /// [`POLLING`] while the connection is being polled; [`WOKEN`] once it woke itself then.
     state: AtomicU8,
-    /// The task's waker, for wake-ups from elsewhere (I/O, timers, other tasks).
+    /// The task's waker, for wake-ups from elsewhere (I/O, timers, other tasks) and the
+    /// watchdog's ([`Activity`]: a close asked, a request ended while closing).
     task: AtomicWaker,
 }
 
@@ -352,7 +360,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        this.activity.waker.register(cx.waker());
+        // The one registration: the watchdog's wake-ups and those from elsewhere reach the
+        // task through it.
         this.in_place.task.register(cx.waker());
         let reason = this.activity.close.load(Ordering::Acquire);
         if reason != 0 && !*this.closing {
@@ -791,6 +800,51 @@ mod tests {
         assert!(conn.as_mut().poll(&mut cx).is_pending());
         assert_eq!(conn.conn.polls, IN_PLACE_POLLS);
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once, as a yield");
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_wakes_the_task_that_polled_last() {
+        let first = Arc::new(Count::default());
+        let last = Arc::new(Count::default());
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let conn = Waking {
+            self_wakes: 0,
+            ends: false,
+            polls: 0,
+            kept: None,
+        };
+        let mut conn = Box::pin(Watched::new(conn, activity.clone()));
+        let busy = Busy::new(activity.clone());
+        for count in [&first, &last] {
+            let task = Waker::from(count.clone());
+            assert!(
+                conn.as_mut()
+                    .poll(&mut Context::from_waker(&task))
+                    .is_pending()
+            );
+        }
+        // A close asked: the task registered last is woken, once, and not the earlier one.
+        assert!(activity.request_close(Close::Evicted));
+        assert!(!activity.request_close(Close::Evicted), "asked once");
+        assert_eq!(last.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        // Polled while busy: it shuts down gracefully and waits for the request.
+        let task = Waker::from(last.clone());
+        assert!(
+            conn.as_mut()
+                .poll(&mut Context::from_waker(&task))
+                .is_pending()
+        );
+        assert!(conn.closing);
+        // The request ends: the closing connection is woken to look again, and ends.
+        drop(busy);
+        assert_eq!(last.0.load(Ordering::SeqCst), 2);
+        assert!(
+            conn.as_mut()
+                .poll(&mut Context::from_waker(&task))
+                .is_ready()
+        );
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //!                             the `request` span (method, path, request_id) around the layers
 //!                             below and the answer's body; headers at TRACE
 //! map_response                tower-http's plain-text 413 becomes an Anthropic envelope
-//! CatchPanic                  a panic is answered 500 `api_error`; the proxy keeps serving
+//! CatchPanic (ours, here)     a panic is answered 500 `api_error`; the proxy keeps serving
 //! RequestBodyLimit            32 MB: a larger content-length is refused before any byte is
 //!                             read, a longer body fails while the handler buffers it
 //! Handle                      routing, client tokens, path checks, the ClaudeStack
@@ -18,15 +18,27 @@
 //! once, the clock read only when the span is enabled; tower-http's four layers looked up each
 //! name, cloned the id twice, set two extensions nothing reads and read the clock five times),
 //! timeouts and the cap on *connections* (`conn.rs`: tower-http sees requests only), and the Anthropic body of the 413 (tower-http's
-//! limit answers plain text and has no hook for the body).
+//! limit answers plain text and has no hook for the body). The panic catcher is ours too
+//! ([`CatchPanic`]): tower-http's catches the same panics (in the call and in its future) but
+//! boxes every response's body again, `UnsyncBoxBody` around the handler's already boxed
+//! `ProxyBody`: an allocation and a free per request, and a second indirect call per frame.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::CatchUnwind;
 use http::header;
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use pin_project::pin_project;
 use tower::ServiceBuilder;
-use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
+use tower_http::catch_panic::ResponseForPanic;
 use tower_http::limit::RequestBodyLimitLayer;
 
 use super::front::FrontLayer;
@@ -56,7 +68,7 @@ pub(crate) fn stack(
         // echoed unchecked); the `request` span.
         .layer(FrontLayer::new(remember_keys))
         .map_response(move |resp| anthropic_413(resp, limit))
-        .layer(CatchPanicLayer::custom(PanicResponse))
+        .layer_fn(|inner| CatchPanic { inner })
         .layer(RequestBodyLimitLayer::new(limit))
         .service(handle)
 }
@@ -83,6 +95,74 @@ fn anthropic_413<B>(resp: Response<B>, limit: usize) -> Response<Either<B, Proxy
     .map(Either::Right)
 }
 
+/// Answers a panic in the service below, in its `call` or in its future, with
+/// [`PanicResponse`]'s 500, as tower-http's `CatchPanicLayer::custom(PanicResponse)` did, but
+/// passes the service's response body through as it is (`Either`'s left side) instead of
+/// boxing it again. A panic while a body is read is not caught, by this or by tower-http's.
+#[derive(Debug, Clone)]
+struct CatchPanic<S> {
+    inner: S,
+}
+
+impl<S, R, B> tower::Service<Request<R>> for CatchPanic<S>
+where
+    S: tower::Service<Request<R>, Response = Response<B>>,
+{
+    type Response = Response<Either<B, ProxyBody>>;
+    type Error = S::Error;
+    type Future = CatchPanicFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<R>) -> Self::Future {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+            Ok(fut) => CatchPanicFuture::Called {
+                fut: AssertUnwindSafe(fut).catch_unwind(),
+            },
+            Err(panic) => CatchPanicFuture::Panicked { panic: Some(panic) },
+        }
+    }
+}
+
+/// The response future of [`CatchPanic`].
+#[pin_project(project = CatchPanicProj)]
+enum CatchPanicFuture<F> {
+    /// The call returned a future; a panic while it is polled is caught.
+    Called {
+        #[pin]
+        fut: CatchUnwind<AssertUnwindSafe<F>>,
+    },
+    /// The call itself panicked (taken when answered).
+    Panicked {
+        panic: Option<Box<dyn Any + Send + 'static>>,
+    },
+}
+
+impl<F, B, E> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Either<B, ProxyBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let panic = match self.project() {
+            CatchPanicProj::Called { fut } => match std::task::ready!(fut.poll(cx)) {
+                Ok(Ok(resp)) => return Poll::Ready(Ok(resp.map(Either::Left))),
+                Ok(Err(err)) => return Poll::Ready(Err(err)),
+                Err(panic) => panic,
+            },
+            CatchPanicProj::Panicked { panic } => panic
+                .take()
+                .expect("CatchPanicFuture polled after completion"),
+        };
+        Poll::Ready(Ok(PanicResponse
+            .response_for_panic(panic)
+            .map(Either::Right)))
+    }
+}
+
 /// A panic anywhere below is answered like the API's own internal errors.
 #[derive(Debug, Clone, Copy)]
 struct PanicResponse;
@@ -105,5 +185,70 @@ impl ResponseForPanic for PanicResponse {
             ApiErrorKind::Api,
             "internal error in the proxy while handling this request",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body::Body as _;
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    type Answer = Result<Response<Full<Bytes>>, std::convert::Infallible>;
+
+    /// Panics in `call` when the path is `/call`, in its future when it is `/future`, else
+    /// answers `ok` (a body whose length is known and that ends with its one frame).
+    #[derive(Clone)]
+    struct Panicky;
+
+    impl tower::Service<Request<()>> for Panicky {
+        type Response = Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<()>) -> Self::Future {
+            assert!(req.uri().path() != "/call", "the call panicked");
+            let in_future = req.uri().path() == "/future";
+            Box::pin(async move {
+                assert!(!in_future, "the future panicked");
+                Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            })
+        }
+    }
+
+    async fn answer(path: &str) -> Response<Either<Full<Bytes>, ProxyBody>> {
+        let req = Request::get(path).body(()).unwrap();
+        tower::ServiceExt::oneshot(CatchPanic { inner: Panicky }, req)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_call_or_its_future_is_a_500_api_error() {
+        for path in ["/call", "/future"] {
+            let resp = answer(path).await;
+            assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+            assert!(matches!(resp.body(), Either::Right(_)), "{path}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let err =
+                crate::anthropic::ApiError::from_response(StatusCode::INTERNAL_SERVER_ERROR, &body);
+            assert_eq!(err.kind(), ApiErrorKind::Api, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_keeps_its_own_body_unboxed() {
+        let resp = answer("/").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        // The service's own body, not a box around it: its length and its end still known.
+        assert!(matches!(resp.body(), Either::Left(_)));
+        assert_eq!(resp.body().size_hint().exact(), Some(2));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
     }
 }
