@@ -11,6 +11,15 @@
 #                                                  # the bare hyper proxy (FLOOR_BIN=PATH: a build)
 #   SIM=1 scripts/callgrind-miss.sh                # also each row's footprint (below)
 #   SIM=1 TOP=20 scripts/callgrind-miss.sh         # and the functions with the most of it
+#   WORKERS=auto scripts/callgrind-miss.sh         # each proxy with its default thread count
+#
+# WORKERS (default 1, as scripts/bench-proxy.sh): `--worker-threads WORKERS` for each proxy whose
+# binary has the option (TOKIO_WORKER_THREADS for older builds and for the floor); one worker
+# thread runs Tokio's current-thread scheduler, so one thread serves every request. `auto`:
+# Tokio's default threads (the setting's absence). Callgrind counts each thread apart
+# (`--separate-threads=yes`): the row's headline is the busiest thread (the serving thread, with
+# WORKERS=1), then the other threads together (the disk store's writer, Tokio's blocking pool)
+# and the whole process.
 #
 # What runs, on 127.0.0.1 with free ports, stopped by pid when the script ends:
 #   upstream  nginx answering POST /v1/messages at once with the static answer and the
@@ -22,14 +31,15 @@
 # requests follow, the script waits SETTLE seconds (the write-behind task commits what is queued,
 # so background writes are counted) and dumps the counters (`callgrind_control -d`), then stops
 # the proxy. Printed: instructions per request (counted from the zeroing to the dump, / COUNT:
-# steady state, start-up and shut-down excluded) and the ratio to the first row.
+# steady state, start-up and shut-down excluded) of the busiest thread, the ratio of that to the
+# first row's, the other threads' and the whole process's.
 #
 # SIM=1 runs each configuration under callgrind's cache and branch simulation instead (one run
 # per row: the instruction counts are the same events, but the simulated proxy runs about
 # twice as slowly, so the disk store's batches are smaller and its row moves, see
 # docs/benchmarks.md, "Where a disk-store miss goes") and prints under each row, per request
-# (the whole process from the zeroing to the dump, / COUNT, the background writer and Tokio's
-# threads included): I1 misses, D1 read and write misses, mispredicted conditional and
+# (the busiest thread from the zeroing to the dump, / COUNT: the background writer's and other
+# threads' misses are not in it): I1 misses, D1 read and write misses, mispredicted conditional and
 # indirect branches, and the locked read-modify-write instructions executed (of the binary's
 # own code: `Arc` clones and drops, mutexes, atomics, wake-ups; scripts/callgrind-footprint.py,
 # whose meaning scripts/callgrind-stack.sh's header explains). With TOP=N, the N functions with
@@ -46,6 +56,11 @@ SETTLE="${SETTLE:-2}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PROXY_BIN="${PROXY_BIN:-}"
 PROXY_CONFIGS="${PROXY_CONFIGS:-off:--cache-mode off;memory-all:--cache-mode all --cache-path memory;disk-all:--cache-mode all}"
+WORKERS="${WORKERS:-1}"
+if [ "$WORKERS" != auto ] && ! [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "WORKERS must be a positive number or auto, not \`$WORKERS\`" >&2
+  exit 2
+fi
 
 TOP="${TOP:-0}"
 SIM_FLAGS=()
@@ -70,7 +85,13 @@ bench_setup
 start_upstream 1200
 
 echo "claude-proxy: $PROXY_BIN; $WARMUP warm-up + $COUNT counted distinct requests per row"
-printf '%-24s %14s %10s\n' config instr/request x_first
+if [ "$WORKERS" = auto ]; then
+  echo "WORKERS=auto: Tokio's default threads"
+else
+  echo "WORKERS=$WORKERS: --worker-threads $WORKERS (TOKIO_WORKER_THREADS=$WORKERS without the option)"
+fi
+echo "instructions per request: the busiest thread (x_first: / the first row's), the others, the process"
+printf '%-24s %14s %10s %12s %14s %8s\n' config busiest x_first others process threads
 first=""
 IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
@@ -78,11 +99,24 @@ for entry in "${configs[@]}"; do
   port=$(free_port)
   dir="$work/proxy-$name"
   mkdir -p "$dir"
+  # Its threads, as scripts/bench-proxy.sh sets them: --worker-threads WORKERS, or
+  # TOKIO_WORKER_THREADS for a build without the option (the floor); none with `auto` or when
+  # its flags set --worker-threads themselves.
+  opt_threads=()
+  thread_env=(-u TOKIO_WORKER_THREADS)
+  if [ "$WORKERS" != auto ] && [[ " $flags " != *" --worker-threads "* ]]; then
+    if "$bin" --help 2>/dev/null | grep -q -- '--worker-threads'; then
+      opt_threads=(--worker-threads "$WORKERS")
+    else
+      thread_env=(TOKIO_WORKER_THREADS="$WORKERS")
+    fi
+  fi
   # shellcheck disable=SC2086
-  (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG=warn \
-      valgrind --tool=callgrind "${SIM_FLAGS[@]}" --callgrind-out-file="$dir/callgrind.out" \
-      "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" $flags \
-      >"$dir/log" 2>&1) &
+  (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS "${thread_env[@]}" RUST_LOG=warn \
+      valgrind --tool=callgrind --separate-threads=yes "${SIM_FLAGS[@]}" \
+      --callgrind-out-file="$dir/callgrind.out" \
+      "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" \
+      "${opt_threads[@]}" $flags >"$dir/log" 2>&1) &
   pid=$!
   pids+=("$pid")
   wait_port "$port" 1200
@@ -95,12 +129,26 @@ for entry in "${configs[@]}"; do
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill -TERM "$pid"
   wait "$pid" || true
-  dump=$(ls "$dir"/callgrind.out.* 2>/dev/null | head -1)
-  total=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$dump" | tail -1)
-  [ -n "$total" ] || total=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$dump" | tail -1)
-  per=$((total / COUNT))
+  # One file per thread for the dump (callgrind.out.N-TT); the busiest is the headline.
+  busiest=0 all=0 threads=0 dump=""
+  for f in "$dir"/callgrind.out.*; do
+    [ -e "$f" ] || continue
+    t=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$f" | tail -1)
+    [ -n "$t" ] || t=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$f" | tail -1)
+    [ -n "$t" ] || continue
+    all=$((all + t))
+    threads=$((threads + 1))
+    if [ "$t" -gt "$busiest" ]; then busiest=$t dump=$f; fi
+  done
+  if [ "$threads" = 0 ]; then
+    echo "$name: no callgrind dump in $dir" >&2
+    exit 1
+  fi
+  per=$((busiest / COUNT))
   [ -z "$first" ] && first=$per
-  printf '%-24s %14d %10s\n' "$name" "$per" "$(awk -v a="$per" -v b="$first" 'BEGIN{printf "%.3f", a/b}')"
+  printf '%-24s %14d %10s %12d %14d %8d\n' "$name" "$per" \
+    "$(awk -v a="$per" -v b="$first" 'BEGIN{printf "%.3f", a/b}')" \
+    $(((all - busiest) / COUNT)) $((all / COUNT)) "$threads"
   if [ -n "${SIM:-}" ]; then
     python3 scripts/callgrind-footprint.py "$dump" "$bin" "$COUNT" "$TOP"
     if [ "$TOP" -gt 0 ]; then

@@ -479,9 +479,17 @@ impl KeyBase {
         // The length and the digests in one buffer (the same bytes as several updates: the
         // same key); a body of more than `STACK_CHUNKS` chunks is hashed as it goes.
         const STACK_CHUNKS: usize = 8;
-        let mut all = [0u8; 8 + 32 * STACK_CHUNKS];
-        all[..8].copy_from_slice(&(canonical.len() as u64).to_le_bytes());
+        let len = (canonical.len() as u64).to_le_bytes();
         let chunks = canonical.len().div_ceil(NH_CHUNK);
+        if chunks == 1 {
+            // The usual body (up to 4 KiB): its 40 bytes, not a zeroed buffer of eight digests.
+            let mut one = [0u8; 8 + 32];
+            one[..8].copy_from_slice(&len);
+            one[8..].copy_from_slice(&keys.nh(canonical));
+            return CacheKey(*blake3::keyed_hash(&self.line, &one).as_bytes());
+        }
+        let mut all = [0u8; 8 + 32 * STACK_CHUNKS];
+        all[..8].copy_from_slice(&len);
         if chunks <= STACK_CHUNKS {
             for (i, chunk) in canonical.chunks(NH_CHUNK).enumerate() {
                 all[8 + 32 * i..8 + 32 * (i + 1)].copy_from_slice(&keys.nh(chunk));

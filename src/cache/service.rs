@@ -277,12 +277,18 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     }
     // The scan the layers below reuse; a body it cannot read is passed through (upstream
     // answers 400).
-    // Usually scanned already by a layer above: then one lookup of the extension here and one
-    // below (`get_or_scan` looks it up twice).
-    if req.extensions().get::<RequestMeta>().is_none() && RequestMeta::get_or_scan(req).is_err() {
-        take_directive(req.headers_mut());
-        return None;
-    }
+    // Usually scanned already by a layer above: then the extension is looked up once, here,
+    // and the meta kept (a scan here looks it up again, as does a directive taken out).
+    let mut meta = match req.extensions().get::<RequestMeta>() {
+        Some(meta) => meta,
+        None => {
+            if RequestMeta::get_or_scan(req).is_err() {
+                take_directive(req.headers_mut());
+                return None;
+            }
+            req.extensions().get::<RequestMeta>()?
+        }
+    };
     // What the cache reads from the headers, in one pass (read once); the directive is
     // taken out when there is one, and the headers looked at again then.
     let mut seen = RequestHeaders::of(req.headers());
@@ -290,6 +296,7 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
     if seen.directive {
         directive = take_directive(req.headers_mut());
         seen = RequestHeaders::of(req.headers());
+        meta = req.extensions().get::<RequestMeta>()?;
     }
     if directive == Some(Directive::Bypass) {
         return None;
@@ -310,7 +317,6 @@ fn plan(config: &Config, req: &mut Request<RequestBody>) -> Option<Plan> {
             }
         }
     }
-    let meta = req.extensions().get::<RequestMeta>()?;
     if config.mode == CacheMode::Deterministic {
         let keyed = directive == Some(Directive::Use) || is_deterministic(meta);
         hints::on_decision(keyed);

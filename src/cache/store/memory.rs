@@ -63,7 +63,9 @@ struct Shard {
 }
 
 impl Shard {
-    /// The slot of `key` (`h`: its [`hash32`]).
+    /// The slot of `key` (`h`: its [`hash32`]). In line: asked on every lookup and every
+    /// put (a call was ~40 instructions of a memory-store miss, mk18).
+    #[inline]
     fn find(&self, key: &CacheKey, h: u32) -> Option<usize> {
         let slots = &self.slots;
         self.index
