@@ -13,7 +13,7 @@ use super::config::Config;
 use super::future::{ResponseFuture, Walk};
 use super::policy;
 use crate::BoxError;
-use crate::anthropic::{KeyId, ModelEntry, RequestMeta, is_messages_call, parsed_names};
+use crate::anthropic::{KeyId, ModelEntry, RequestMeta, is_messages_request, parsed_names};
 use crate::body::RequestBody;
 use crate::quota::QuotaBoard;
 use crate::retry::Spare;
@@ -177,7 +177,7 @@ where
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         let opted_out = take_opt_out(req.headers_mut());
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
@@ -200,10 +200,8 @@ where
         }
         .unwrap_or_else(KeyId::anonymous);
         // The walk reads the `RequestMeta` that `get_or_scan` left in the request.
-        let Some(cost) = req
-            .extensions()
-            .get::<RequestMeta>()
-            .map(|meta| config.cost(&key, meta))
+        let Some(cost) =
+            RequestMeta::in_extensions(req.extensions()).map(|meta| config.cost(&key, meta))
         else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };
