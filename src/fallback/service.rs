@@ -139,6 +139,14 @@ fn take_opt_out(headers: &mut HeaderMap) -> bool {
     if !parsed_names::contains(headers, &parsed_names::X_TOWER_CLAUDE_FALLBACK) {
         return false;
     }
+    take_opt_out_present(headers)
+}
+
+/// [`take_opt_out`] of a request that carries the header: out of line, as rare (the read and
+/// the removal sat in `call`, between the lines every request runs).
+#[cold]
+#[inline(never)]
+fn take_opt_out_present(headers: &mut HeaderMap) -> bool {
     let off = opted_out(headers);
     headers.remove(&parsed_names::X_TOWER_CLAUDE_FALLBACK);
     off

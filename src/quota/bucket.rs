@@ -232,6 +232,18 @@ impl TokenBucket {
         if n > self.capacity {
             return None;
         }
+        // Refilled at `now` already and holding `n` (a board checks the buckets it has just
+        // refilled): the answer without the refill's and the wait's arithmetic, which stay out
+        // of line (a board's check runs this for each of an entry's buckets, in line).
+        if now <= self.updated && self.scaled(n) <= self.level {
+            return Some(Duration::ZERO);
+        }
+        self.time_until_refilled(n, now)
+    }
+
+    /// [`time_until`](Self::time_until) past its first answers: the level refilled to `now`.
+    #[inline(never)]
+    fn time_until_refilled(&self, n: u64, now: Instant) -> Option<Duration> {
         let mut level = self.level;
         if now > self.updated {
             level = (level + self.added(now.duration_since(self.updated))).min(self.full);

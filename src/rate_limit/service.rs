@@ -179,7 +179,8 @@ where
             Scope::Tenant => None,
         };
         if let Some((reservation, waited)) = admitted {
-            tracing::debug!(
+            event_out_of_line!(
+                tracing::Level::DEBUG,
                 key = %reservation.key(),
                 group = %reservation.group(),
                 waited_ms = waited.as_millis() as u64,
@@ -200,7 +201,12 @@ where
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
-                tracing::debug!(key = %key, group = %group, "rate limit: admitted at once");
+                event_out_of_line!(
+                    tracing::Level::DEBUG,
+                    key = %key,
+                    group = %group,
+                    "rate limit: admitted at once"
+                );
                 // Taken on the layer's board: the answer is read with the reservation's
                 // board, no handle on the layer's configuration kept per request.
                 let reservation = config.board.reservation(key, group, cost, grant);
