@@ -28,10 +28,10 @@
 # instruction counts alone do not predict the wall time any more. A model, not the machine
 # (no prefetchers): compare rows, not absolute cycles. With TOP, the functions with the most
 # I1 and D1 misses and locked instructions per request follow.
-# Then (scripts/callgrind-lines.py) the bytes of the code run every request, the 64-byte lines
-# they touch and the fewest lines they could fill: hot code beyond the 32 KiB L1i misses once
-# a line a request, so lines touched ~ I1 misses. Count enough requests: on a loaded host the
-# profile may hold a few dozen (PROFILE_TIME=40), and one-off costs then weigh per request.
+# Then ("lines:", scripts/callgrind-footprint.py) the bytes of the code run every request, the
+# 64-byte lines they touch and the fewest lines they could fill: hot code beyond the 32 KiB L1i
+# misses once a line a request, so lines touched ~ I1 misses. Count enough requests (printed):
+# on a loaded host a profile may hold a few dozen, and one-off costs then weigh per request.
 #
 # Keep a "before" binary for a comparison: `cargo bench --all-features --bench rate_limit
 # --no-run` prints the executable's path; copy it out of target/ before changing the code.
@@ -146,9 +146,6 @@ for round in $(seq 1 "$RUNS"); do
         "$bin" --bench "$BENCH" --profile-time "$PROFILE_TIME" >"$sim.log" 2>&1 ||
         { cat "$sim.log" >&2; exit 1; }
       footprint "$sim" "$bin" "$(calls "$sim" "rate_limit::request")" "$TOP"
-      # The hot code's bytes and the instruction-cache lines it touches (its layout's waste):
-      # scripts/callgrind-lines.py; with TOP, by function.
-      python3 scripts/callgrind-lines.py "$sim" "$(calls "$sim" "rate_limit::request")" "$TOP"
       if [ "$TOP" -gt 0 ]; then
         for ev in I1mr D1mw D1mr; do
           echo "    by $ev, per request (exclusive):"
