@@ -218,9 +218,6 @@ impl RequestMeta {
         matches!(&self.entry.0, Some(e) if e.is_of(catalog) && e.id() == model)
     }
 
-    /// [`get_or_scan`](Self::get_or_scan), the model's entry in `catalog` remembered in the
-    /// extension ([`model_entry`](Self::model_entry) then reads it): the layers of the stack
-    /// take the request's meta this way, so that the first one resolves the model for all.
     /// The `RequestMeta` among `extensions`, out of line: the layers look it up in several
     /// places for every request, and each look-up in line was a copy of the map's probe (~3
     /// lines of the instruction cache, all run); out of line they share one.
@@ -235,6 +232,9 @@ impl RequestMeta {
         extensions.get_mut::<RequestMeta>()
     }
 
+    /// [`get_or_scan`](Self::get_or_scan), the model's entry in `catalog` remembered in the
+    /// extension ([`model_entry`](Self::model_entry) then reads it): the layers of the stack
+    /// take the request's meta this way, so that the first one resolves the model for all.
     pub(crate) fn get_or_scan_in<'r, B>(
         req: &'r mut http::Request<B>,
         catalog: &ModelCatalog,
