@@ -28,6 +28,10 @@
 # instruction counts alone do not predict the wall time any more. A model, not the machine
 # (no prefetchers): compare rows, not absolute cycles. With TOP, the functions with the most
 # I1 and D1 misses and locked instructions per request follow.
+# Then ("lines:", scripts/callgrind-footprint.py) the bytes of the code run every request, the
+# 64-byte lines they touch and the fewest lines they could fill: hot code beyond the 32 KiB L1i
+# misses once a line a request, so lines touched ~ I1 misses. Count enough requests (printed):
+# on a loaded host a profile may hold a few dozen, and one-off costs then weigh per request.
 #
 # Keep a "before" binary for a comparison: `cargo bench --all-features --bench rate_limit
 # --no-run` prints the executable's path; copy it out of target/ before changing the code.

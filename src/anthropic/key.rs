@@ -329,7 +329,7 @@ impl KeyIdMemo {
     /// The memo `req` carries: in its [`RequestMeta`], else in an extension of its own.
     fn of<B>(req: &http::Request<B>) -> Option<&Self> {
         let extensions = req.extensions();
-        match extensions.get::<RequestMeta>() {
+        match RequestMeta::in_extensions(extensions) {
             Some(meta) => match meta.key_memo() {
                 Some(memo) => Some(memo),
                 // The meta is the map's one entry: no memo beside it to look for (the first
@@ -345,7 +345,7 @@ impl KeyIdMemo {
     /// extension.
     fn keep<B>(self, req: &mut http::Request<B>) {
         let extensions = req.extensions_mut();
-        match extensions.get_mut::<RequestMeta>() {
+        match RequestMeta::in_extensions_mut(extensions) {
             Some(meta) => meta.set_key_memo(self),
             None => {
                 extensions.insert(self);

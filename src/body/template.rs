@@ -41,7 +41,7 @@ impl RequestTemplate {
         copy.version = req.version();
         copy.headers = req.headers().clone();
         let extensions = req.extensions();
-        let meta = match extensions.get::<RequestMeta>() {
+        let meta = match RequestMeta::in_extensions(extensions) {
             // Most requests carry nothing else: no map is copied. The key id's memo is
             // left out (a reference count taken and dropped per request for nothing: the
             // layer keeping the copy holds the key id, and a request rebuilt from the copy
@@ -88,7 +88,7 @@ impl RequestTemplate {
     pub(crate) fn meta(&self) -> Option<&RequestMeta> {
         self.meta
             .as_deref()
-            .or_else(|| self.parts.extensions.get::<RequestMeta>())
+            .or_else(|| RequestMeta::in_extensions(&self.parts.extensions))
     }
 
     /// The request's body.

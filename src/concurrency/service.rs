@@ -11,7 +11,7 @@ use super::body::ConcurrencyBody;
 use super::future::ResponseFuture;
 use super::limiter::{ConcurrencyHandle, Limiter};
 use crate::BoxError;
-use crate::anthropic::is_messages_call;
+use crate::anthropic::is_messages_request;
 use crate::body::RequestBody;
 
 /// Caps in-flight Messages API requests; see [`ConcurrencyLayer`](super::ConcurrencyLayer).
@@ -68,7 +68,7 @@ where
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         // A fixed cap never moves: no clock read, no lock.

@@ -13,7 +13,7 @@ use super::config::Config;
 use super::future::{ResponseFuture, Walk};
 use super::policy;
 use crate::BoxError;
-use crate::anthropic::{KeyId, ModelEntry, RequestMeta, is_messages_call, parsed_names};
+use crate::anthropic::{KeyId, ModelEntry, RequestMeta, is_messages_request, parsed_names};
 use crate::body::RequestBody;
 use crate::quota::QuotaBoard;
 use crate::retry::Spare;
@@ -139,6 +139,14 @@ fn take_opt_out(headers: &mut HeaderMap) -> bool {
     if !parsed_names::contains(headers, &parsed_names::X_TOWER_CLAUDE_FALLBACK) {
         return false;
     }
+    take_opt_out_present(headers)
+}
+
+/// [`take_opt_out`] of a request that carries the header: out of line, as rare (the read and
+/// the removal sat in `call`, between the lines every request runs).
+#[cold]
+#[inline(never)]
+fn take_opt_out_present(headers: &mut HeaderMap) -> bool {
     let off = opted_out(headers);
     headers.remove(&parsed_names::X_TOWER_CLAUDE_FALLBACK);
     off
@@ -177,7 +185,7 @@ where
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         let opted_out = take_opt_out(req.headers_mut());
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let disabled = opted_out || req.extensions().get::<NoFallback>().is_some();
@@ -200,10 +208,8 @@ where
         }
         .unwrap_or_else(KeyId::anonymous);
         // The walk reads the `RequestMeta` that `get_or_scan` left in the request.
-        let Some(cost) = req
-            .extensions()
-            .get::<RequestMeta>()
-            .map(|meta| config.cost(&key, meta))
+        let Some(cost) =
+            RequestMeta::in_extensions(req.extensions()).map(|meta| config.cost(&key, meta))
         else {
             return ResponseFuture::passthrough(self.inner.call(req));
         };

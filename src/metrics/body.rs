@@ -170,7 +170,8 @@ impl Finish {
             forecaster.record(group, 0, 0, usage.output_tokens);
         }
         let _entered = self.span.enter();
-        tracing::debug!(
+        event_out_of_line!(
+            tracing::Level::DEBUG,
             outcome = self.outcome,
             elapsed_ms = elapsed.as_millis() as u64,
             input_tokens = usage.map(|u| u.counted_input_tokens()),

@@ -198,6 +198,15 @@ impl Handles {
                 return use_handle(gauge);
             }
         }
+        self.in_flight_registered(recorder, use_handle);
+    }
+
+    /// [`in_flight`](Self::in_flight) without its handle (the first request, or one under
+    /// another recorder): registered and kept. Out of line: the registration (the macro, the
+    /// write lock) sat between the lines of every request's call and end.
+    #[cold]
+    #[inline(never)]
+    fn in_flight_registered(&self, recorder: usize, use_handle: impl FnOnce(&Gauge)) {
         let gauge = metrics::gauge!(names::IN_FLIGHT_REQUESTS);
         use_handle(&gauge);
         let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);

@@ -12,7 +12,7 @@ use super::body::MetricsBody;
 use super::future::{Requested, ResponseFuture};
 use super::shared::{Label, RequestInfo, Shared};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_request};
 use crate::body::RequestBody;
 
 /// Records metrics and a tracing span for every Messages API request; see
@@ -60,7 +60,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         // The outermost layer: the request's map gets room for what the layers below add

@@ -232,6 +232,18 @@ impl TokenBucket {
         if n > self.capacity {
             return None;
         }
+        // Refilled at `now` already and holding `n` (a board checks the buckets it has just
+        // refilled): the answer without the refill's and the wait's arithmetic, which stay out
+        // of line (a board's check runs this for each of an entry's buckets, in line).
+        if now <= self.updated && self.scaled(n) <= self.level {
+            return Some(Duration::ZERO);
+        }
+        self.time_until_refilled(n, now)
+    }
+
+    /// [`time_until`](Self::time_until) past its first answers: the level refilled to `now`.
+    #[inline(never)]
+    fn time_until_refilled(&self, n: u64, now: Instant) -> Option<Duration> {
         let mut level = self.level;
         if now > self.updated {
             level = (level + self.added(now.duration_since(self.updated))).min(self.full);
@@ -431,6 +443,39 @@ mod tests {
         b.try_take(600, t0).unwrap();
         assert_eq!(b.level(t0 + Duration::from_secs(1)), 10.0);
         assert_eq!(b.level(t0 + Duration::from_secs(3600)), 600.0);
+    }
+
+    /// `time_until`'s in-line answer (a bucket refilled at `now` that holds `n`) is the one
+    /// the whole computation gives, and every other state goes to the whole computation:
+    /// levels full, partly taken, empty and in debt, asked at, before and after the last
+    /// refill, for amounts within, at and beyond the level and the capacity.
+    #[test]
+    fn the_in_line_wait_is_the_computed_one() {
+        let t0 = Instant::now();
+        for taken in [0, 1, 30, 59, 60, 90] {
+            let mut b = TokenBucket::per_minute(60, t0);
+            b.force_take(taken, t0);
+            for at in [0, 1, 999, 1_000, 30_000, 120_000] {
+                let now = t0 + Duration::from_millis(at);
+                for n in [0, 1, 2, 29, 30, 31, 59, 60, 61] {
+                    assert_eq!(
+                        b.time_until(n, now),
+                        (n <= 60).then(|| b.time_until_refilled(n, now)).flatten(),
+                        "taken {taken}, at {at} ms, n {n}"
+                    );
+                }
+            }
+            // Asked before the last refill (another request's `now`, a moment earlier).
+            let later = t0 + Duration::from_secs(2);
+            b.force_take(0, later);
+            for n in [0, 1, 30, 60] {
+                assert_eq!(
+                    b.time_until(n, t0),
+                    b.time_until_refilled(n, t0),
+                    "taken {taken}, n {n}"
+                );
+            }
+        }
     }
 
     #[test]

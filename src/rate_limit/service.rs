@@ -14,7 +14,7 @@ use super::body::{PromptNote, RateLimitBody};
 use super::config::{Config, Scope};
 use super::future::ResponseFuture;
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_request};
 use crate::body::RequestBody;
 use crate::quota::{AcquireError, AcquireErrorKind, Admission, Cost, QuotaBoard};
 use crate::retry::Deadline;
@@ -72,7 +72,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let config = &self.config;
@@ -108,9 +108,7 @@ where
         };
         // A meta a layer above scanned and resolved in this catalogue is read as it is (one
         // look-up of the extension); else scanned or resolved here.
-        let fields = match req
-            .extensions()
-            .get::<RequestMeta>()
+        let fields = match RequestMeta::in_extensions(req.extensions())
             .filter(|meta| meta.is_resolved_in(&config.catalog))
         {
             Some(meta) => read(meta),
@@ -152,9 +150,7 @@ where
         // this model within its TTL (for the models whose cache reads do not count).
         let memory = config.board.prompt_cache();
         let estimate = match config.cache_aware && breakpoints {
-            true => req
-                .extensions()
-                .get::<RequestMeta>()
+            true => RequestMeta::in_extensions(req.extensions())
                 .map(|meta| memory.estimate(&key, meta, reads_count)),
             false => None,
         };
@@ -183,7 +179,8 @@ where
             Scope::Tenant => None,
         };
         if let Some((reservation, waited)) = admitted {
-            tracing::debug!(
+            event_out_of_line!(
+                tracing::Level::DEBUG,
                 key = %reservation.key(),
                 group = %reservation.group(),
                 waited_ms = waited.as_millis() as u64,
@@ -204,7 +201,12 @@ where
 
         match config.board.try_acquire_inner(&key, &group, &cost) {
             Ok(grant) => {
-                tracing::debug!(key = %key, group = %group, "rate limit: admitted at once");
+                event_out_of_line!(
+                    tracing::Level::DEBUG,
+                    key = %key,
+                    group = %group,
+                    "rate limit: admitted at once"
+                );
                 // Taken on the layer's board: the answer is read with the reservation's
                 // board, no handle on the layer's configuration kept per request.
                 let reservation = config.board.reservation(key, group, cost, grant);

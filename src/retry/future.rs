@@ -461,7 +461,13 @@ impl Template {
         let meta = self.meta().unwrap_or(&NO_META);
         let attempt = what(meta).with_request_headers(self.headers());
         let action = shared.config.policy.0.classify(&attempt);
-        tracing::trace!(attempt = attempt.number(), status = ?attempt.status(), ?action, "retry policy decided");
+        event_out_of_line!(
+            tracing::Level::TRACE,
+            attempt = attempt.number(),
+            status = ?attempt.status(),
+            ?action,
+            "retry policy decided"
+        );
         action
     }
 

@@ -16,7 +16,7 @@ use super::future::{Attempts, ResponseFuture, Template, described_key, group_of,
 use super::layer::Shared;
 use super::{Deadline, MaxServerWait, Resend, RetryBody};
 use crate::BoxError;
-use crate::anthropic::{KeyId, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, RequestMeta, is_messages_request};
 use crate::body::RequestBody;
 
 /// Retries transient failures of Messages API calls. Built by
@@ -95,7 +95,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let config = &self.shared.config;

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use crate::BoxError;
-use crate::anthropic::{KeyId, ModelCatalog, RateLimitGroup, RequestMeta, is_messages_call};
+use crate::anthropic::{KeyId, ModelCatalog, RateLimitGroup, RequestMeta, is_messages_request};
 use crate::body::RequestBody;
 use crate::metrics::forecast::{Forecast, Forecaster};
 use crate::metrics::names;
@@ -287,7 +287,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        if !is_messages_call(req.method(), req.uri().path()) {
+        if !is_messages_request(req.method(), req.uri()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         // The request's catalogue entry, looked up once per request.
