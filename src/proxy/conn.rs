@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -484,7 +484,9 @@ where
 /// any queue), and the connection's slot gets a `fresh` clone; a copy whose `poll_ready`
 /// failed is dropped for a `fresh` clone and the error is the answer, as `Oneshot` gives it.
 /// A lock poisoned by a call that panicked (the edge answered the panic) gets a `fresh` copy
-/// too: the old one may be half-updated.
+/// too: the old one may be half-updated. A copy another request is calling at that moment
+/// (HTTP/2 streams of one connection, polled on other threads) is not waited for: a `fresh`
+/// clone serves the request, driven by `Oneshot`, as every request was before.
 pub(crate) fn call_copy<S, R>(
     copy: &Mutex<S>,
     fresh: impl Fn() -> S,
@@ -497,14 +499,17 @@ where
     S::Error: Send + 'static,
     R: Send + 'static,
 {
-    let mut service = match copy.lock() {
+    let mut service = match copy.try_lock() {
         Ok(service) => service,
-        Err(poisoned) => {
+        Err(TryLockError::Poisoned(poisoned)) => {
             let mut service = poisoned.into_inner();
             *service = fresh();
             copy.clear_poison();
             service
         }
+        // Another request of the connection is calling it (HTTP/2 streams polled on other
+        // threads): never waited for, a clone serves this one.
+        Err(TryLockError::WouldBlock) => return Either::Right(Box::pin(fresh().oneshot(req))),
     };
     // Asked with a waker that does nothing: a copy that is not ready at once gets no wake-up
     // from it, and is polled again with the task's waker by its `Oneshot` below.
@@ -803,6 +808,21 @@ mod tests {
         call_copy(&copy, fresh, Request::new(())).await.unwrap();
         assert_eq!(made.load(Ordering::SeqCst), 2);
         assert!(!copy.is_poisoned());
+    }
+
+    #[tokio::test]
+    async fn a_copy_in_use_is_not_waited_for_a_clone_serves() {
+        let (copy, template, fresh) = slot(Gate::new(0));
+        let held = copy.lock().unwrap();
+        let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        assert!(matches!(fut, Either::Right(_)));
+        fut.await.unwrap();
+        assert_eq!(fresh.load(Ordering::SeqCst), 1, "a clone served it");
+        drop(held);
+        let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        assert!(matches!(fut, Either::Left(_)), "the copy again once free");
+        fut.await.unwrap();
+        assert_eq!(fresh.load(Ordering::SeqCst), 1);
     }
 
     #[test]

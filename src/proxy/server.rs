@@ -603,7 +603,8 @@ pub(crate) struct Handle {
 /// Cloning the service for every request (tower's `clone_box`: a box, every layer's state and
 /// its `Arc`s, and their drop after the answer) and driving the clone with `Oneshot` (the
 /// request carried in the handler's future until the first poll) cost more than the lock of
-/// a mutex nobody else holds (one request at a time on an HTTP/1 connection).
+/// a mutex nobody else holds (one request at a time on an HTTP/1 connection; a copy in use by
+/// another stream of an HTTP/2 connection is not waited for, a clone serves).
 struct Serving {
     state: Arc<State>,
     service: std::sync::Mutex<ProxyService>,
