@@ -475,6 +475,12 @@ where
     }
 }
 
+/// The future of [`call_copy`]: the copy's own, or a boxed one (its `Oneshot`, or its error).
+pub(crate) type CopyCall<S, R> = Either<
+    <S as tower::Service<R>>::Future,
+    BoxFuture<'static, Result<<S as tower::Service<R>>::Response, <S as tower::Service<R>>::Error>>,
+>;
+
 /// Calls `copy`, a connection's own copy of a service, with `req`, as `Oneshot` would call a
 /// clone of it: once it is ready.
 ///
@@ -487,11 +493,7 @@ where
 /// too: the old one may be half-updated. A copy another request is calling at that moment
 /// (HTTP/2 streams of one connection, polled on other threads) is not waited for: a `fresh`
 /// clone serves the request, driven by `Oneshot`, as every request was before.
-pub(crate) fn call_copy<S, R>(
-    copy: &Mutex<S>,
-    fresh: impl Fn() -> S,
-    req: R,
-) -> Either<S::Future, BoxFuture<'static, Result<S::Response, S::Error>>>
+pub(crate) fn call_copy<S, R>(copy: &Mutex<S>, fresh: impl Fn() -> S, req: R) -> CopyCall<S, R>
 where
     S: tower::Service<R> + Send + 'static,
     S::Future: Send + 'static,
@@ -815,10 +817,10 @@ mod tests {
         let (copy, template, fresh) = slot(Gate::new(0));
         let held = copy.lock().unwrap();
         let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        drop(held);
         assert!(matches!(fut, Either::Right(_)));
         fut.await.unwrap();
         assert_eq!(fresh.load(Ordering::SeqCst), 1, "a clone served it");
-        drop(held);
         let fut = call_copy(&copy, || template.clone(), Request::new(()));
         assert!(matches!(fut, Either::Left(_)), "the copy again once free");
         fut.await.unwrap();
