@@ -590,7 +590,7 @@ impl tower_service::Service<Request<RequestBody>> for HttpClient {
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         // Edited in place: taking the request apart and putting it back together moved its
-        // head (264 bytes) twice.
+        // head (264 bytes) once more.
         let uri = match &self.inner.route {
             Route::Plain(_) => self.path_and_query(req.uri()).map(Uri::from),
             Route::Tls(_) => self.target(req.uri()),
