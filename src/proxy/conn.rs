@@ -28,11 +28,12 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, Either};
 use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -474,6 +475,59 @@ where
     }
 }
 
+/// The future of [`call_copy`]: the copy's own, or a boxed one (its `Oneshot`, or its error).
+pub(crate) type CopyCall<S, R> = Either<
+    <S as tower::Service<R>>::Future,
+    BoxFuture<'static, Result<<S as tower::Service<R>>::Response, <S as tower::Service<R>>::Error>>,
+>;
+
+/// Calls `copy`, a connection's own copy of a service, with `req`, as `Oneshot` would call a
+/// clone of it: once it is ready.
+///
+/// A copy ready at once is called in place, under the lock (`poll_ready` then `call`, nothing
+/// awaited in between), with no clone. A copy that is not ready is driven to readiness and
+/// called by a boxed `Oneshot` (it keeps whatever its `poll_ready` reserved, and its place in
+/// any queue), and the connection's slot gets a `fresh` clone; a copy whose `poll_ready`
+/// failed is dropped for a `fresh` clone and the error is the answer, as `Oneshot` gives it.
+/// A lock poisoned by a call that panicked (the edge answered the panic) gets a `fresh` copy
+/// too: the old one may be half-updated. A copy another request is calling at that moment
+/// (HTTP/2 streams of one connection, polled on other threads) is not waited for: a `fresh`
+/// clone serves the request, driven by `Oneshot`, as every request was before.
+pub(crate) fn call_copy<S, R>(copy: &Mutex<S>, fresh: impl Fn() -> S, req: R) -> CopyCall<S, R>
+where
+    S: tower::Service<R> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    let mut service = match copy.try_lock() {
+        Ok(service) => service,
+        Err(TryLockError::Poisoned(poisoned)) => {
+            let mut service = poisoned.into_inner();
+            *service = fresh();
+            copy.clear_poison();
+            service
+        }
+        // Another request of the connection is calling it (HTTP/2 streams polled on other
+        // threads): never waited for, a clone serves this one.
+        Err(TryLockError::WouldBlock) => return Either::Right(Box::pin(fresh().oneshot(req))),
+    };
+    // Asked with a waker that does nothing: a copy that is not ready at once gets no wake-up
+    // from it, and is polled again with the task's waker by its `Oneshot` below.
+    match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Either::Left(service.call(req)),
+        Poll::Ready(Err(err)) => {
+            *service = fresh();
+            Either::Right(Box::pin(std::future::ready(Err(err))))
+        }
+        Poll::Pending => {
+            let waiting = std::mem::replace(&mut *service, fresh());
+            Either::Right(Box::pin(waiting.oneshot(req)))
+        }
+    }
+}
+
 /// The response future of [`ConnService`].
 #[pin_project]
 pub(crate) struct ConnFuture<S, B, R>
@@ -657,6 +711,120 @@ mod tests {
         // Ready now: in place again.
         drop(svc.call(Request::new(())).await.unwrap());
         assert_eq!(clones.load(Ordering::SeqCst), 1);
+    }
+
+    /// A connection's copy of a `Gate`, and the fresh copies `call_copy` made (clones of
+    /// `template`, counted).
+    fn slot(gate: Gate) -> (Mutex<Gate>, Gate, Arc<AtomicU32>) {
+        let template = Gate {
+            pending: gate.pending.clone(),
+            clones: Arc::new(AtomicU32::new(0)),
+            readied: false,
+        };
+        let fresh = template.clones.clone();
+        (Mutex::new(gate), template, fresh)
+    }
+
+    #[tokio::test]
+    async fn a_ready_copy_is_called_in_place_and_kept() {
+        let (copy, template, fresh) = slot(Gate::new(0));
+        let clones = copy.lock().unwrap().clones.clone();
+        for _ in 0..3 {
+            let fut = call_copy(&copy, || template.clone(), Request::new(()));
+            assert!(matches!(fut, Either::Left(_)), "called in place");
+            fut.await.unwrap();
+        }
+        assert_eq!(clones.load(Ordering::SeqCst), 0, "never cloned");
+        assert_eq!(fresh.load(Ordering::SeqCst), 0, "never replaced");
+    }
+
+    #[tokio::test]
+    async fn a_copy_not_ready_at_once_is_driven_until_ready_and_replaced() {
+        let (copy, template, fresh) = slot(Gate::new(2));
+        let clones = copy.lock().unwrap().clones.clone();
+        // The copy itself waits (one more poll, with the task's waker) and is called: the
+        // test's `Gate` panics on a call without a `Ready` before it.
+        let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        assert!(matches!(fut, Either::Right(_)));
+        fut.await.unwrap();
+        assert_eq!(
+            clones.load(Ordering::SeqCst),
+            0,
+            "the copy waited, not a clone"
+        );
+        assert_eq!(fresh.load(Ordering::SeqCst), 1, "the slot got a fresh copy");
+        // The fresh copy is ready now: in place.
+        let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        assert!(matches!(fut, Either::Left(_)));
+        fut.await.unwrap();
+        assert_eq!(fresh.load(Ordering::SeqCst), 1);
+    }
+
+    /// A service whose `poll_ready` fails once (shared by its clones), then is ready.
+    #[derive(Clone)]
+    struct FailsOnce(Arc<AtomicBool>);
+
+    impl tower::Service<Request<()>> for FailsOnce {
+        type Response = Response<()>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Response<()>, &'static str>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.0.swap(false, Ordering::SeqCst) {
+                return Poll::Ready(Err("down"));
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_copy_answers_its_error_and_is_replaced_and_a_poisoned_one_too() {
+        let fails = FailsOnce(Arc::new(AtomicBool::new(true)));
+        let made = AtomicU32::new(0);
+        let fresh = || {
+            made.fetch_add(1, Ordering::SeqCst);
+            fails.clone()
+        };
+        let copy = Mutex::new(fails.clone());
+        assert_eq!(
+            call_copy(&copy, fresh, Request::new(())).await.unwrap_err(),
+            "down"
+        );
+        assert_eq!(made.load(Ordering::SeqCst), 1, "a failed copy is replaced");
+        call_copy(&copy, fresh, Request::new(())).await.unwrap();
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+        // A call that panicked under the lock poisons it: the next call gets a fresh copy,
+        // and the lock is clear again.
+        std::thread::scope(|s| {
+            let poisoner = s.spawn(|| {
+                let _held = copy.lock().unwrap();
+                panic!("a panicking call");
+            });
+            assert!(poisoner.join().is_err());
+        });
+        assert!(copy.is_poisoned());
+        call_copy(&copy, fresh, Request::new(())).await.unwrap();
+        assert_eq!(made.load(Ordering::SeqCst), 2);
+        assert!(!copy.is_poisoned());
+    }
+
+    #[tokio::test]
+    async fn a_copy_in_use_is_not_waited_for_a_clone_serves() {
+        let (copy, template, fresh) = slot(Gate::new(0));
+        let held = copy.lock().unwrap();
+        let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        drop(held);
+        assert!(matches!(fut, Either::Right(_)));
+        fut.await.unwrap();
+        assert_eq!(fresh.load(Ordering::SeqCst), 1, "a clone served it");
+        let fut = call_copy(&copy, || template.clone(), Request::new(()));
+        assert!(matches!(fut, Either::Left(_)), "the copy again once free");
+        fut.await.unwrap();
+        assert_eq!(fresh.load(Ordering::SeqCst), 1);
     }
 
     #[test]

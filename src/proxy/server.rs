@@ -17,7 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -409,9 +408,7 @@ impl Proxy {
         let stack = edge::stack(
             config.body_limit,
             remember_keys,
-            Handle {
-                state: self.state.clone(),
-            },
+            Handle::new(self.state.clone()),
         );
         // hyper's HTTP/1 header-read timeout stays off (no timer is set): it would also close
         // keep-alive connections after the header timeout; `conn::watch` does both jobs.
@@ -589,9 +586,61 @@ fn reload_keys(state: &State) -> Result<KeysReload, BoxError> {
 /// The innermost service of the proxy's HTTP stack: routing, authentication, buffering, and
 /// the call into the `ClaudeStack`. A named type keeps the future's type concrete, which
 /// hyper-util's auto builder needs to prove `Send`.
-#[derive(Clone)]
+///
+/// Each clone has its own copy of the proxy's service ([`Serving`]): the edge stack is cloned
+/// once per connection, so a connection calls its own copy for every request instead of
+/// cloning the service for each one.
 pub(crate) struct Handle {
+    serving: Arc<Serving>,
+}
+
+/// What a connection's requests are served with: the proxy's state and the connection's own
+/// copy of its service.
+///
+/// The handler calls the service after an `.await` (the body read) from a `'static` future,
+/// which cannot borrow the connection's copy: it holds this `Arc` instead and takes the copy
+/// for the call alone (`poll_ready`, then `call`, under the lock; no `.await` in between).
+/// Cloning the service for every request (tower's `clone_box`: a box, every layer's state and
+/// its `Arc`s, and their drop after the answer) and driving the clone with `Oneshot` (the
+/// request carried in the handler's future until the first poll) cost more than the lock of
+/// a mutex nobody else holds (one request at a time on an HTTP/1 connection; a copy in use by
+/// another stream of an HTTP/2 connection is not waited for, a clone serves).
+struct Serving {
     state: Arc<State>,
+    service: std::sync::Mutex<ProxyService>,
+}
+
+impl Handle {
+    fn new(state: Arc<State>) -> Self {
+        Self {
+            serving: Arc::new(Serving {
+                service: std::sync::Mutex::new(state.service.clone()),
+                state,
+            }),
+        }
+    }
+}
+
+impl Clone for Handle {
+    /// A handle with a copy of the service of its own (see [`Handle`]).
+    fn clone(&self) -> Self {
+        Self::new(self.serving.state.clone())
+    }
+}
+
+/// The future of a call of the proxy's service (boxed by `BoxCloneSyncService`).
+type ProxyFuture = <ProxyService as tower::Service<Request<RequestBody>>>::Future;
+
+impl Serving {
+    /// Calls the connection's copy of the service with `req` ([`conn::call_copy`]: in place
+    /// when it is ready at once, which the proxy's stack always is: every layer forwards
+    /// `poll_ready` to the upstream client, which is always ready).
+    fn call(
+        &self,
+        req: Request<RequestBody>,
+    ) -> futures_util::future::Either<ProxyFuture, ProxyFuture> {
+        conn::call_copy(&self.service, || self.state.service.clone(), req)
+    }
 }
 
 type HandleFuture =
@@ -610,8 +659,8 @@ impl tower::Service<Request<EdgeBody>> for Handle {
     }
 
     fn call(&mut self, req: Request<EdgeBody>) -> Self::Future {
-        let state = self.state.clone();
-        Box::pin(async move { Ok(handle(state, req).await) })
+        let serving = self.serving.clone();
+        Box::pin(async move { Ok(handle(serving, req).await) })
     }
 }
 
@@ -1114,13 +1163,14 @@ async fn read_rest(
     }))
 }
 
-async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<ProxyBody> {
+async fn handle(serving: Arc<Serving>, mut req: Request<EdgeBody>) -> Response<ProxyBody> {
+    let state: &State = &serving.state;
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => {
             return json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"));
         }
-        (&Method::GET, "/metrics") => return metrics_page(&state),
+        (&Method::GET, "/metrics") => return metrics_page(state),
         _ if path.starts_with("/v1/") => {}
         _ => {
             let shown: String = path.chars().take(200).collect();
@@ -1157,10 +1207,10 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     if req.method() == Method::GET && path == "/v1/proxy/status" {
         // Boxed: the status page's future (with the budget store's reads) would otherwise
         // widen every forwarded request's future.
-        return Box::pin(status_page(&state, tenant.as_ref())).await;
+        return Box::pin(status_page(state, tenant.as_ref())).await;
     }
     if req.method() == Method::POST && path == "/v1/proxy/reload" {
-        return reload_route(&state, tenant.as_ref());
+        return reload_route(state, tenant.as_ref());
     }
     if path == "/v1/proxy" || path.starts_with("/v1/proxy/") {
         // The proxy's own namespace: never forwarded upstream (with the proxy's key).
@@ -1243,7 +1293,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
     if let Some(tenant) = &tenant {
         tenant.stats().record_request();
     }
-    match state.service.clone().oneshot(req).await {
+    match serving.call(req).await {
         Ok(mut resp) => {
             crate::client::remove_hop_by_hop(resp.headers_mut());
             let counter = match resp.extensions().get::<CacheStatus>() {
@@ -1257,7 +1307,7 @@ async fn handle(state: Arc<State>, mut req: Request<EdgeBody>) -> Response<Proxy
             }
             resp
         }
-        Err(err) => failed(&state, &err, request_id),
+        Err(err) => failed(state, &err, request_id),
     }
 }
 
