@@ -12,6 +12,8 @@
 #   up      the upstream nginx worker
 #   kthr    kernel threads (children of kthreadd: kworkers, ksoftirqd, writeback, kdamond;
 #           one that exits during the row is not counted)
+#   sum     serve + other + wrk + up + kthr: what the row's own processes cost the machine (on a
+#           saturated host, throughput goes as its inverse)
 #   busy    the machine's busy time (/proc/stat: every CPU, all but idle and iowait), which
 #           also counts whatever else runs on the host (compare rounds of one run)
 #   idle    the machine's idle + iowait time; irq, steal, iowait: parts of busy and idle
@@ -189,7 +191,7 @@ for name, pid, port in targets:
     wrk(port, warmup)
 
 hz = os.sysconf("SC_CLK_TCK")
-cols = ["req/s", "serve", "other", "wait", "wrk", "up", "kthr", "busy", "idle", "irq", "steal", "iowait", "vcsw", "icsw", "flt",
+cols = ["req/s", "serve", "other", "wait", "wrk", "up", "kthr", "sum", "busy", "idle", "irq", "steal", "iowait", "vcsw", "icsw", "flt",
         "dirtied", "written", "pgfault", "thp", "ipi-res", "ipi-cal", "tlb", "blk-irq"]
 rows = {name: [] for name, _, _ in targets}
 print(f"{'round':>5} {'target':10} " + " ".join(f"{c:>8}" for c in cols))
@@ -205,6 +207,7 @@ for r in range(rounds):
         k = 1000 / n
         row = [n / el, us(b["serve"] - a["serve"]), us(b["other"] - a["other"]), us(b["wait"] - a["wait"]),
                us(wrk_ns), us(b["up"] - a["up"]), us(b["kthr"] - a["kthr"]),
+               us(b["serve"] - a["serve"] + b["other"] - a["other"] + b["up"] - a["up"] + b["kthr"] - a["kthr"] + wrk_ns),
                (b["cpu"][0] - a["cpu"][0]) / hz * 1e6 / n, (b["cpu"][1] - a["cpu"][1]) / hz * 1e6 / n,
                (b["cpu"][2] - a["cpu"][2]) / hz * 1e6 / n, (b["cpu"][3] - a["cpu"][3]) / hz * 1e6 / n,
                (b["cpu"][4] - a["cpu"][4]) / hz * 1e6 / n,
