@@ -43,11 +43,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bench-upstream.sh
 . scripts/bench-upstream.sh
 
-DURATION="${DURATION:-3}"
-CONNS="${CONNS:-32}"
-ROUNDS="${ROUNDS:-5}"
-WARMUP="${WARMUP:-1}"
-GAP="${GAP:-0}"
+# DURATION (3), CONNS (32), ROUNDS (5), WARMUP (1) and GAP (0) are read by the driver below.
 PROXY_CONFIGS="${PROXY_CONFIGS:-off:--cache-mode off;memory:--cache-mode all --cache-path memory;disk:--cache-mode all}"
 need_tools nginx wrk python3
 proxy_bin
@@ -58,10 +54,7 @@ up_master="${pids[-1]}"
 targets=()
 IFS=';' read -r -a configs <<<"$PROXY_CONFIGS"
 for entry in "${configs[@]}"; do
-  parse_config "$entry"
-  port=$(free_port)
-  dir="$work/proxy-$name"
-  mkdir -p "$dir"
+  config_dir "$entry"
   # shellcheck disable=SC2086 # flags are words
   (cd "$dir" && exec env -u ANTHROPIC_API_KEY -u ANTHROPIC_API_KEYS RUST_LOG="${PROXY_LOG:-warn}" \
       "$bin" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up_port" --worker-threads 1 \
@@ -71,15 +64,16 @@ for entry in "${configs[@]}"; do
   targets+=("$name=$!=$port")
 done
 echo "claude-proxy: $PROXY_BIN; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, ${WARMUP}s warm-up per target, ${GAP}s idle before each row"
 
-python3 - "$work" "$DURATION" "$CONNS" "$ROUNDS" "$WARMUP" "$up_master" "$GAP" "${targets[@]}" <<'PY'
+python3 - "$up_master" "${targets[@]}" <<'PY'
 import os, statistics, subprocess, sys, time
 
-work, duration, conns, rounds, warmup = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+env = os.environ.get
+duration, conns, rounds = env("DURATION", "3"), env("CONNS", "32"), int(env("ROUNDS", "5"))
+warmup, gap = env("WARMUP", "1"), float(env("GAP", "0"))
+print(f"wrk -t1 -c{conns} -d{duration}s, {rounds} rounds, {warmup}s warm-up per target, {gap:g}s idle before each row")
 targets = []
-gap = float(sys.argv[7])
-for t in sys.argv[8:]:
+for t in sys.argv[2:]:
     name, pid, port = t.split("=")
     targets.append((name, int(pid), port))
 lua = os.path.abspath("benches/proxy/distinct.lua")
@@ -99,7 +93,7 @@ def children(pid):
 
 def upstream_workers():
     # The upstream's nginx workers: the children of its master process.
-    return children(int(sys.argv[6]))
+    return children(int(sys.argv[1]))
 
 def schedstat(path):
     try:
