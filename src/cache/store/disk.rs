@@ -248,7 +248,8 @@ impl Drop for Inner {
 /// free space, which redb reuses); when it grows past twice the entries plus 4 MiB (after
 /// evictions, expiries, or reopening with a smaller bound) it is compacted
 /// ([`Database::compact`], at most once a minute, or on demand with
-/// [`compact`](DiskStore::compact)), so the file shrinks back.
+/// [`compact`](DiskStore::compact)), so the file shrinks back. A file that only grew, with
+/// nothing removed since it was last compacted or opened, is not: it cannot shrink.
 ///
 /// Batches ([`CacheStore::put_batch`], what the [`CacheLayer`](crate::cache::CacheLayer)'s
 /// write-behind task uses) are written in one transaction, committed durably, as one row
@@ -484,9 +485,10 @@ impl Inner {
     /// it when its free pages are used up, by doubling it, so right after a growth the file is
     /// about twice the pages in use, and (the pages of a row rounded up to a power of two, redb's
     /// own pages besides) above twice the accounted entries plus [`COMPACT_SLACK`] once they
-    /// pass ~40 MiB; a compaction then moved nothing and left the file as it was, after five
-    /// durable commits (nine `fdatasync`s) with lookups turned into misses meanwhile and the
-    /// writer's queue filling (`docs/benchmarks.md`, issue 13, dk20).
+    /// pass a few tens of MiB (in the proxy's benchmark, at the growths to 64 and 128 MiB); a
+    /// compaction then moved nothing and left the file as it was, after five durable commits
+    /// (nine `fdatasync`s) with lookups turned into misses meanwhile and the writer's queue
+    /// filling (`docs/benchmarks.md`, issue 13, dk20).
     fn compaction_wanted(&self) -> bool {
         self.freed.load(Ordering::Relaxed) && self.oversized()
     }
