@@ -466,10 +466,18 @@ impl Inner {
             // What is removed from now on counts for the next compaction (writes wait for the
             // lock, which this holds).
             self.freed.store(false, Ordering::Relaxed);
-            while db
-                .compact()
-                .map_err(|e| StoreError::new(StoreErrorKind::Backend, e.to_string()))?
-            {}
+            let compacted = loop {
+                match db.compact() {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = compacted {
+                // Not compacted: what was removed before still counts.
+                self.freed.store(true, Ordering::Relaxed);
+                return Err(StoreError::new(StoreErrorKind::Backend, e.to_string()));
+            }
         }
         *self
             .last_compaction
