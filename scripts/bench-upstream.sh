@@ -1,8 +1,8 @@
 # Shared by scripts/bench-proxy.sh, scripts/cache-rss.sh, scripts/callgrind-proxy.sh,
-# scripts/callgrind-miss.sh, scripts/latency-split.sh and scripts/pgo-train.sh (sourced, not
-# run): free loopback ports, waiting for a listener, and the nginx upstream that answers
-# POST /v1/messages at once with a static Anthropic answer and `anthropic-ratelimit-*`
-# headers (limits that never bind).
+# scripts/callgrind-miss.sh, scripts/latency-split.sh, scripts/machine-split.sh and
+# scripts/pgo-train.sh (sourced, not run): free loopback ports, waiting for a listener, and the
+# nginx upstream that answers POST /v1/messages at once with a static Anthropic answer and
+# `anthropic-ratelimit-*` headers (limits that never bind).
 
 # need_tools TOOL...: stops the script with "needs TOOL" when a tool is not on PATH.
 need_tools() {
@@ -35,6 +35,15 @@ parse_config() {
     bin="$(realpath "${name#*@}")"
     name="${name%%@*}"
   fi
+}
+
+# config_dir "NAME:FLAGS" (or "NAME@BINARY:FLAGS"): parse_config, then a free port in $port and
+# an empty directory $dir ($work/proxy-NAME, after bench_setup) to start that proxy in.
+config_dir() {
+  parse_config "$1"
+  port=$(free_port)
+  dir="$work/proxy-$name"
+  mkdir -p "$dir"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -3,7 +3,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -174,6 +174,10 @@ struct Inner {
     max_bytes: u64,
     /// When the file was last compacted (or opened).
     last_compaction: Mutex<std::time::Instant>,
+    /// Rows were removed or rewritten (eviction, a replaced or removed entry) since the file was
+    /// last compacted (or opened): only then can a compaction shrink it (see
+    /// [`Inner::compaction_wanted`]).
+    freed: AtomicBool,
     clock: Clock,
     /// Commits since the last durable one.
     unsynced: AtomicU32,
@@ -207,7 +211,8 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// to one row each, which the kernel's page cache keeps anyway.
 const REDB_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
-/// The file is compacted when it is larger than twice the accounted entries plus this...
+/// The file is compacted when it is larger than twice the accounted entries plus this (and
+/// rows were removed since the last compaction: [`Inner::compaction_wanted`])...
 const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
 /// ...at most this often (compaction rewrites the file and blocks lookups meanwhile: they
 /// are misses).
@@ -243,7 +248,8 @@ impl Drop for Inner {
 /// free space, which redb reuses); when it grows past twice the entries plus 4 MiB (after
 /// evictions, expiries, or reopening with a smaller bound) it is compacted
 /// ([`Database::compact`], at most once a minute, or on demand with
-/// [`compact`](DiskStore::compact)), so the file shrinks back.
+/// [`compact`](DiskStore::compact)), so the file shrinks back. A file that only grew, with
+/// nothing removed since it was last compacted or opened, is not: it cannot shrink.
 ///
 /// Batches ([`CacheStore::put_batch`], what the [`CacheLayer`](crate::cache::CacheLayer)'s
 /// write-behind task uses) are written in one transaction, committed durably, as one row
@@ -316,6 +322,7 @@ impl DiskStore {
                 path: path.as_ref().to_path_buf(),
                 max_bytes,
                 last_compaction: Mutex::new(std::time::Instant::now()),
+                freed: AtomicBool::new(false),
                 clock: Arc::new(SystemTime::now),
                 unsynced: AtomicU32::new(0),
                 last_sync: Mutex::new(std::time::Instant::now()),
@@ -456,10 +463,21 @@ impl Inner {
             txn.set_durability(Durability::Immediate);
             txn.commit().map_err(backend)?;
             self.unsynced.store(0, Ordering::Relaxed);
-            while db
-                .compact()
-                .map_err(|e| StoreError::new(StoreErrorKind::Backend, e.to_string()))?
-            {}
+            // What is removed from now on counts for the next compaction (writes wait for the
+            // lock, which this holds).
+            self.freed.store(false, Ordering::Relaxed);
+            let compacted = loop {
+                match db.compact() {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = compacted {
+                // Not compacted: what was removed before still counts.
+                self.freed.store(true, Ordering::Relaxed);
+                return Err(StoreError::new(StoreErrorKind::Backend, e.to_string()));
+            }
         }
         *self
             .last_compaction
@@ -470,7 +488,21 @@ impl Inner {
         Ok(after)
     }
 
-    /// Compacts when the file is oversized and the last compaction is old enough.
+    /// Whether a compaction would shrink the file: it is [oversized](Inner::oversized) and rows
+    /// were removed since the last compaction. A file that only grew cannot shrink: redb grows
+    /// it when its free pages are used up, by doubling it, so right after a growth the file is
+    /// about twice the pages in use, and (the pages of a row rounded up to a power of two, redb's
+    /// own pages besides) above twice the accounted entries plus [`COMPACT_SLACK`] once they
+    /// pass a few tens of MiB (in the proxy's benchmark, at the growths to 64 and 128 MiB); a
+    /// compaction then moved nothing and left the file as it was, after five durable commits
+    /// (nine `fdatasync`s) with lookups turned into misses meanwhile and the writer's queue
+    /// filling (`docs/benchmarks.md`, issue 13, dk20).
+    fn compaction_wanted(&self) -> bool {
+        self.freed.load(Ordering::Relaxed) && self.oversized()
+    }
+
+    /// Compacts when it would shrink the file ([`compaction_wanted`](Inner::compaction_wanted))
+    /// and the last compaction is old enough.
     fn maybe_compact(&self) {
         let due = self
             .last_compaction
@@ -478,7 +510,7 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner())
             .elapsed()
             >= COMPACT_EVERY;
-        if due && self.oversized() {
+        if due && self.compaction_wanted() {
             if let Err(e) = self.compact() {
                 tracing::warn!(error = %e, "disk cache compaction failed");
             }
@@ -677,6 +709,7 @@ impl<'t> Tables<'t> {
         else {
             return Ok(());
         };
+        self.inner.freed.store(true, Ordering::Relaxed);
         self.total = self.total.saturating_sub((SEQ_LEN + old.len()) as u64);
         let Some(row) = Row::parse(&old) else {
             Self::unindex(self.inner, slot.row, &old);
@@ -703,6 +736,7 @@ impl<'t> Tables<'t> {
             let Some((seq, value)) = self.rows.pop_first().map_err(backend)? else {
                 break;
             };
+            self.inner.freed.store(true, Ordering::Relaxed);
             let value = value.value();
             self.total = self.total.saturating_sub((SEQ_LEN + value.len()) as u64);
             Self::unindex(self.inner, seq.value(), value);
@@ -1094,6 +1128,40 @@ mod tests {
         let after = store.compact().unwrap();
         assert!(after < (2 << 20) * 2 + COMPACT_SLACK, "{after}");
         assert!(store.get(&k(59)).await.unwrap().is_some());
+    }
+
+    /// A file that only grew is not compacted, even past twice its entries plus the slack
+    /// (right after redb doubled it): a compaction could not shrink it. Once rows are removed,
+    /// it is. (Each entry here takes a leaf of 64 KiB for its ~40 KB, so the file passes that
+    /// mark after about a hundred entries.)
+    #[tokio::test]
+    async fn a_file_that_only_grew_is_not_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path().join("c.redb"), 256 << 20).unwrap();
+        let mut n = 0u8;
+        while !store.inner.oversized() {
+            assert!(n < 240, "not past twice the entries after {n} entries");
+            let batch = (n..n + 16).map(|i| (k(i), resp(40_000), HOUR)).collect();
+            store.put_batch(batch).await.unwrap();
+            n += 16;
+        }
+        assert!(!store.inner.compaction_wanted());
+        let before = store.file_bytes().unwrap();
+        assert_eq!(
+            store.compact().unwrap(),
+            before,
+            "compaction would not shrink it"
+        );
+        // A replaced entry (its row removed) makes it worth trying.
+        store
+            .put_batch(vec![(k(0), resp(40_000), HOUR)])
+            .await
+            .unwrap();
+        assert!(store.inner.oversized());
+        assert!(store.inner.compaction_wanted());
+        store.compact().unwrap();
+        assert!(!store.inner.compaction_wanted());
+        assert_eq!(store.entry_count().unwrap(), u64::from(n));
     }
 
     /// A file written by the previous layouts (rows keyed by cache key, an order table, a
